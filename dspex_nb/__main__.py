@@ -1,0 +1,28 @@
+"""``python -m dspex_nb demo | doctor [--python EXE]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dspex_nb")
+    commands = parser.add_subparsers(dest="command", required=True)
+    doctor_cmd = commands.add_parser("doctor", help="report whether grpcio, protobuf and dspy are usable")
+    doctor_cmd.add_argument("--python", help="also check this worker interpreter")
+    demo_cmd = commands.add_parser("demo", help="stream a batch and a token stream from a pool on the demo LM")
+    demo_cmd.add_argument("-n", "--workers", type=int, default=2)
+    demo_cmd.add_argument("--items", type=int, default=20)
+    args = parser.parse_args(argv)
+    if args.command == "doctor":
+        from dspex_nb.doctor import doctor
+
+        return 0 if doctor(args.python) else 1
+    from dspex_nb.demo import run_demo
+
+    return run_demo(workers=args.workers, items=args.items)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Exceptions shared by the kernel side and the workers (standard library only)."""
+
+from __future__ import annotations
+
+
+class DspexError(Exception):
+    """Base class of every dspex_nb error."""
+
+
+class ToolError(DspexError):
+    """A tool failed on its worker; ``type`` and ``remote_traceback`` come from there."""
+
+    def __init__(self, tool: str, type: str, message: str, remote_traceback: str = "",
+                 worker: str = "") -> None:
+        self.tool = tool
+        self.type = type
+        self.message = message
+        self.remote_traceback = remote_traceback
+        self.worker = worker
+        where = f" on worker {worker}" if worker else ""
+        super().__init__(f"tool '{tool}' failed{where}: {type}: {message}")
+
+
+class UnknownTool(ToolError):
+    """The tool name is not registered on the worker; the message lists the tools."""
+
+
+class ArgumentError(ToolError, TypeError):
+    """An argument is missing, unexpected, of the wrong type or has a bad value."""
+
+
+REMOTE_ERROR_TYPES: dict[str, type[ToolError]] = {
+    "UnknownTool": UnknownTool,
+    "ArgumentError": ArgumentError,
+}
+
+
+def remote_error(tool: str, type: str, message: str, remote_traceback: str = "",
+                 worker: str = "") -> ToolError:
+    """The most specific ToolError subclass for an error the worker reported."""
+    cls = REMOTE_ERROR_TYPES.get(type, ToolError)
+    return cls(tool, type, message, remote_traceback, worker)
+
+
+class WorkerDied(DspexError):
+    """The worker running a call died or was replaced before the call finished."""
+
+
+class WorkerStartError(DspexError):
+    """A worker process could not be started or did not become ready."""
+
+
+class MessageTooLarge(DspexError, ValueError):
+    """A request or reply is over the gRPC message limit."""
+
+
+class CallTimeout(DspexError, TimeoutError):
+    """A call did not finish within its ``timeout=``; the remote work was cancelled."""
+
+
+class PoolClosed(DspexError):
+    """The pool was shut down (or never started)."""
+
+
+class Cancelled(DspexError):
+    """The call was cancelled (``run.cancel()``, a callback that returned False, or Ctrl-C)."""

@@ -1,0 +1,1 @@
+"""Client side of the pool, in the kernel process: worker processes and their supervision."""

@@ -1,0 +1,224 @@
+"""One call on one worker, seen from the kernel: ``Chunk``, the streaming ``Run`` handle,
+and the translation of gRPC failures into dspex_nb errors.
+
+A Run reads its gRPC stream in a background thread and keeps every chunk, so it can be
+iterated (even several times), awaited with ``result()`` and cancelled at any point;
+blocking waits happen in short slices so Ctrl-C cancels the remote work.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from dspex_nb.errors import ArgumentError, CallTimeout, Cancelled, DspexError, MessageTooLarge, ToolError, remote_error
+
+WAIT_SLICE = 0.1  # seconds a blocking wait sleeps before it lets KeyboardInterrupt through
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of a stream; ``chunk["k"]`` reads ``chunk.data["k"]``."""
+
+    kind: str  # token | item | status | error | final
+    seq: int
+    data: Any
+    is_final: bool = False
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default) if isinstance(self.data, dict) else default
+
+
+def encode_args(tool: str, args: dict[str, Any] | None, limit: int) -> bytes:
+    """JSON-encode a call's arguments, naming the argument that cannot be encoded."""
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ArgumentError(tool, "ArgumentError", f"arguments must be a dict, got {type(args).__name__}")
+    try:
+        data = json.dumps(args).encode()
+    except (TypeError, ValueError) as exc:
+        for key, value in args.items():
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                raise ArgumentError(tool, "ArgumentError",
+                                    f"argument {key!r} is not JSON-serialisable: {exc}") from None
+        raise ArgumentError(tool, "ArgumentError", f"arguments are not JSON-serialisable: {exc}") from None
+    if len(data) > limit:
+        raise MessageTooLarge(f"the arguments of '{tool}' are {len(data) / 2**20:.1f} MiB, over the "
+                              f"{limit / 2**20:.0f} MiB message limit; raise it with Pool(max_message_mb=...)")
+    return data
+
+
+def translate(err: grpc.RpcError, tool: str, timeout: float | None,
+              worker_died: Callable[[], DspexError | None]) -> DspexError:
+    """The dspex_nb error for a failed gRPC call (``worker_died`` says whether its worker is gone)."""
+    code = err.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return CallTimeout(f"tool '{tool}' did not finish within its timeout of {timeout} s; "
+                           "the remote work was cancelled")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return MessageTooLarge(f"a message of '{tool}' is over the gRPC size limit ({err.details()}); "
+                               "raise it with Pool(max_message_mb=...)")
+    died = worker_died()
+    if died is not None:
+        return died
+    return DspexError(f"tool '{tool}': gRPC error {code.name}: {err.details()}")
+
+
+def wait_interruptibly(event: threading.Event, timeout: float | None, on_interrupt: Callable[[], None]) -> bool:
+    """Wait for ``event`` in short slices; on KeyboardInterrupt call ``on_interrupt`` and re-raise."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while not event.wait(WAIT_SLICE):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+    except KeyboardInterrupt:
+        on_interrupt()
+        raise
+    return True
+
+
+class Run:
+    """A streaming call in progress: iterate it, ``result()`` it, ``cancel()`` it.
+
+    ``on_chunk`` runs in the reader thread for every chunk; returning False cancels the call.
+    """
+
+    def __init__(self, tool: str, worker: str, call: Any, *, timeout: float | None,
+                 on_chunk: Callable[[Chunk], Any] | None,
+                 worker_died: Callable[[], DspexError | None], on_done: Callable[[Run], None]) -> None:
+        self.tool = tool
+        self.worker = worker
+        self.chunks: list[Chunk] = []
+        self._call = call
+        self._timeout = timeout
+        self._on_chunk = on_chunk
+        self._worker_died = worker_died
+        self._on_done = on_done
+        self._final: Any = None
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._cond = threading.Condition()
+        self._done = threading.Event()
+        self.started = time.monotonic()
+        self.finished: float | None = None
+        threading.Thread(target=self._read, name=f"run-{tool}", daemon=True).start()
+
+    # -- reader thread ---------------------------------------------------------------
+    def _read(self) -> None:
+        try:
+            for batch in self._call:
+                for message in batch.chunks:
+                    chunk = Chunk(message.kind, message.seq, json.loads(message.data_json), message.is_final)
+                    self._add(chunk)
+                    if self._on_chunk is not None and not self._cancelled and self._on_chunk(chunk) is False:
+                        self.cancel()
+        except grpc.RpcError as err:
+            if not self._cancelled:
+                self._error = translate(err, self.tool, self._timeout, self._worker_died)
+        except Exception as exc:  # the on_chunk callback failed: stop the remote work, keep its error
+            self._error = exc
+            self._call.cancel()
+        finally:
+            self.finished = time.monotonic()
+            with self._cond:
+                self._done.set()
+                self._cond.notify_all()
+            self._on_done(self)
+
+    def _add(self, chunk: Chunk) -> None:
+        if chunk.kind == "final":
+            self._final = chunk.data
+        elif chunk.kind == "error" and chunk.is_final:
+            self._error = remote_error(self.tool, chunk.data["type"], chunk.data["message"],
+                                       chunk.data.get("traceback", ""), self.worker)
+        with self._cond:
+            self.chunks.append(chunk)
+            self._cond.notify_all()
+
+    # -- caller side -----------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    @property
+    def status(self) -> str:
+        if not self.done:
+            return "running"
+        if self._cancelled:
+            return "cancelled"
+        return "failed" if self._error is not None else "done"
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+    def cancel(self) -> None:
+        """Cancel the call; the worker stops the tool (no further LM calls for it)."""
+        if not self.done:
+            self._cancelled = True
+            self._call.cancel()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the stream ends; Ctrl-C cancels it. False when ``timeout`` passed first."""
+        return wait_interruptibly(self._done, timeout, self.cancel)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The final result (the data of the ``final`` chunk); raises the call's error."""
+        if not self.wait(timeout):
+            raise TimeoutError(f"'{self.tool}' is still running after {timeout} s (the call goes on)")
+        if self._cancelled:
+            raise Cancelled(f"tool '{self.tool}' on worker {self.worker} was cancelled")
+        if self._error is not None:
+            raise self._error
+        return self._final
+
+    def __iter__(self) -> Iterator[Chunk]:
+        """Every chunk, from the first, as it arrives; ends with the stream. Ctrl-C cancels."""
+        index = 0
+        while True:
+            with self._cond:
+                while index >= len(self.chunks) and not self.done:
+                    try:
+                        self._cond.wait(WAIT_SLICE)
+                    except KeyboardInterrupt:
+                        self.cancel()
+                        raise
+                if index >= len(self.chunks):
+                    return
+                chunk = self.chunks[index]
+            index += 1
+            yield chunk
+
+    def __repr__(self) -> str:
+        return f"<Run {self.tool!r} on {self.worker}: {self.status}, {len(self.chunks)} chunks>"
+
+
+def unary_result(reply: Any, tool: str, worker: str) -> Any:
+    """The decoded result of an ExecuteReply, or its ToolError raised."""
+    if reply.HasField("error"):
+        e = reply.error
+        raise remote_error(tool, e.type, e.message, e.traceback, worker)
+    return json.loads(reply.result_json)
+
+
+__all__ = ["Chunk", "Run", "ToolError", "encode_args", "translate", "unary_result", "wait_interruptibly"]

@@ -1,0 +1,386 @@
+"""``Pool``: N supervised worker processes behind one API.
+
+Start them concurrently, wait until each answers a ping, route each call to the least busy
+ready worker (or to a session's worker), check health every ``health_interval`` seconds,
+and replace a worker that died or stopped answering; calls in flight on it fail with
+``WorkerDied``. ``shutdown()`` (also at interpreter exit) ends every process it started.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import json
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
+from dspex_nb.errors import DspexError, PoolClosed, WorkerDied, WorkerStartError
+from dspex_nb.pool.calls import Chunk, Run, encode_args, translate, unary_result, wait_interruptibly
+from dspex_nb.pool.process import WorkerProcess, describe_exit, interpreter, worker_env
+
+STARTING, READY, RESTARTING, FAILED, STOPPED = "starting", "ready", "restarting", "failed", "stopped"
+HUNG_AFTER_FAILED_PINGS = 2
+
+
+@dataclass
+class Worker:
+    """One slot of the pool: its current process, channel and counters."""
+
+    id: str
+    process: WorkerProcess
+    channel: grpc.Channel
+    stub: bridge_pb2_grpc.BridgeStub
+    generation: int = 0
+    state: str = STARTING
+    in_flight: int = 0
+    done: int = 0
+    errors: int = 0
+    restarts: int = 0
+    failed_pings: int = 0
+    ready_at: float = 0.0
+    last_error: str = ""
+    history: list[str] = field(default_factory=list)
+
+    def status(self) -> dict[str, Any]:
+        return {"worker": self.id, "pid": self.process.pid, "state": self.state, "in_flight": self.in_flight,
+                "done": self.done, "errors": self.errors, "restarts": self.restarts,
+                "uptime": time.monotonic() - self.ready_at if self.state == READY else 0.0,
+                "last_error": self.last_error}
+
+
+class Pool:
+    """A pool of DSPy worker processes.
+
+    >>> with Pool(workers=2, lm="demo") as pool:
+    ...     pool.execute("echo", {"x": 1})
+    {'x': 1}
+    """
+
+    def __init__(self, workers: int = 2, *, lm: str = "demo", lm_kwargs: dict[str, Any] | None = None,
+                 python: str | None = None, max_message_mb: int = 64, health_interval: float = 0.5,
+                 ping_timeout: float = 5.0, start_timeout: float = 60.0,
+                 env: dict[str, str] | None = None) -> None:
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        if not isinstance(max_message_mb, int) or max_message_mb < 1:
+            raise ValueError(f"max_message_mb must be an int >= 1, got {max_message_mb!r}")
+        self.size = workers
+        self.lm = lm
+        self.lm_kwargs = dict(lm_kwargs or {})
+        self.python = interpreter(python)
+        self.max_message_bytes = max_message_mb * 2**20
+        self.health_interval = health_interval
+        self.ping_timeout = ping_timeout
+        self.start_timeout = start_timeout
+        self.env = env
+        self.run_id = uuid.uuid4().hex[:12]
+        self.workers: list[Worker] = []
+        self._dir: Path | None = None
+        self._lock = threading.Condition()
+        self._closing = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._rr = itertools.count()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> Pool:
+        """Start every worker concurrently and wait until all answer a ping (or raise why not)."""
+        if self.workers:
+            return self
+        self._closing.clear()
+        self._dir = Path(tempfile.mkdtemp(prefix="dspex-"))  # mode 0700
+        try:
+            self.workers = [self._spawn(f"w{i}", 0) for i in range(self.size)]
+            deadline = time.monotonic() + self.start_timeout
+            for worker in self.workers:
+                self._wait_ready(worker, deadline)
+        except BaseException:
+            self.shutdown()
+            raise
+        _live_pools.add(self)
+        self._monitor = threading.Thread(target=self._watch, name="dspex-health", daemon=True)
+        self._monitor.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Stop every worker process and remove the socket directory. Idempotent."""
+        self._closing.set()
+        with self._lock:
+            workers, self.workers = self.workers, []
+            self._lock.notify_all()
+        for worker in workers:
+            worker.state = STOPPED
+            worker.channel.close()
+        for worker in workers:
+            worker.process.kill()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join()
+        self._monitor = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        _live_pools.discard(self)
+
+    def __enter__(self) -> Pool:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    @property
+    def running(self) -> bool:
+        return bool(self.workers) and not self._closing.is_set()
+
+    def _spawn(self, worker_id: str, generation: int) -> Worker:
+        assert self._dir is not None
+        address = f"unix:{self._dir}/{worker_id}-{generation}.sock"
+        args = ["--worker-id", worker_id, "--run-id", self.run_id, "--lm", self.lm,
+                "--lm-kwargs", json.dumps(self.lm_kwargs), "--max-message-mb", str(self.max_message_bytes // 2**20)]
+        process = WorkerProcess(self.python, address, self._dir / f"{worker_id}-{generation}.log",
+                                worker_env(self.env, self._dir / "dspy-cache"), args)
+        limit = self.max_message_bytes
+        channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+            ("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
+            ("grpc.max_reconnect_backoff_ms", 500)])
+        return Worker(worker_id, process, channel, bridge_pb2_grpc.BridgeStub(channel), generation)
+
+    def _wait_ready(self, worker: Worker, deadline: float) -> None:
+        socket_path = Path(worker.process.address.removeprefix("unix:"))
+        while True:
+            if worker.process.exit_code() is not None:
+                raise worker.process.start_failure(worker.id)
+            if time.monotonic() > deadline:
+                raise WorkerStartError(
+                    f"worker {worker.id} (pid {worker.process.pid}) was not ready within "
+                    f"{self.start_timeout} s (Pool(start_timeout=...)); its output:\n{worker.process.log_tail()}")
+            if socket_path.exists():
+                try:
+                    worker.stub.Ping(bridge_pb2.PingRequest(), timeout=0.5, wait_for_ready=True)
+                    break
+                except grpc.RpcError:
+                    pass
+            else:
+                time.sleep(0.01)
+        with self._lock:
+            worker.state, worker.ready_at, worker.failed_pings = READY, time.monotonic(), 0
+            self._lock.notify_all()
+
+    # -- health -------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._closing.wait(self.health_interval):
+            pings = []
+            for worker in list(self.workers):
+                if worker.state != READY:
+                    continue
+                code = worker.process.exit_code()
+                if code is not None:
+                    self._replace(worker, f"died ({describe_exit(code)})")
+                else:
+                    pings.append((worker, worker.stub.Ping.future(bridge_pb2.PingRequest(),
+                                                                  timeout=self.ping_timeout)))
+            for worker, ping in pings:
+                try:
+                    ping.result()
+                    worker.failed_pings = 0
+                except grpc.RpcError:
+                    worker.failed_pings += 1
+                    if worker.failed_pings >= HUNG_AFTER_FAILED_PINGS and worker.state == READY:
+                        self._replace(worker, f"stopped answering pings ({worker.failed_pings} missed)")
+
+    def _replace(self, worker: Worker, reason: str) -> None:
+        """Kill ``worker``'s process and start a new one in its slot, in a background thread."""
+        with self._lock:
+            if worker.state != READY or self._closing.is_set():
+                return
+            worker.state = RESTARTING
+            worker.last_error = f"{worker.id} (pid {worker.process.pid}) {reason}"
+            worker.history.append(worker.last_error)
+        threading.Thread(target=self._restart, args=(worker,), name=f"dspex-restart-{worker.id}",
+                         daemon=True).start()
+
+    def _restart(self, old: Worker) -> None:
+        old.channel.close()
+        old.process.kill(grace=0)
+        try:
+            new = self._spawn(old.id, old.generation + 1)
+        except DspexError as exc:
+            old.state, old.last_error = FAILED, str(exc)
+            return
+        new.restarts, new.done, new.errors = old.restarts + 1, old.done, old.errors
+        new.history, new.last_error = old.history, old.last_error
+        with self._lock:
+            if self._closing.is_set() or old not in self.workers:
+                new.channel.close()
+                new.process.kill(grace=0)
+                return
+            self.workers[self.workers.index(old)] = new
+        try:
+            self._wait_ready(new, time.monotonic() + self.start_timeout)
+        except Exception as exc:
+            new.state, new.last_error = FAILED, str(exc)
+            new.process.kill(grace=0)
+
+    def _death_of(self, worker: Worker) -> Callable[[], DspexError | None]:
+        """A check, for a failed call, of whether ``worker`` died (waiting briefly for its exit)."""
+        def check() -> DspexError | None:
+            if worker.state == READY:
+                try:
+                    worker.process.proc.wait(2.0)
+                except Exception:
+                    return None
+            code = worker.process.exit_code()
+            how = describe_exit(code) if code is not None else worker.last_error or "was replaced"
+            return WorkerDied(f"worker {worker.id} (pid {worker.process.pid}) died during the call: {how}; "
+                              "the pool is replacing it")
+        return check
+
+    # -- routing ------------------------------------------------------------------------
+    def _choose(self, worker_id: str | None, count: bool) -> Worker:
+        """The least busy ready worker (or the slot ``worker_id``), waiting while none is ready.
+
+        With ``count`` the call is counted in flight on it until ``_release``.
+        """
+        deadline = time.monotonic() + self.start_timeout
+        with self._lock:
+            while True:
+                if not self.workers or self._closing.is_set():
+                    raise PoolClosed("the pool is not running: start it with Pool.start() or `with Pool(...)`")
+                if worker_id is not None and worker_id not in {w.id for w in self.workers}:
+                    raise ValueError(f"no worker {worker_id!r} in this pool: {[w.id for w in self.workers]}")
+                ready = [w for w in self.workers if w.state == READY and worker_id in (None, w.id)]
+                if ready:
+                    tie = next(self._rr)
+                    worker = min(ready, key=lambda w: (w.in_flight, (self.workers.index(w) - tie) % self.size))
+                    worker.in_flight += count
+                    return worker
+                if time.monotonic() > deadline:
+                    raise WorkerStartError(f"no ready worker within {self.start_timeout} s: {self.status()}")
+                self._lock.wait(0.1)
+
+    def _release(self, worker: Worker, ok: bool) -> None:
+        with self._lock:
+            worker.in_flight -= 1
+            worker.done += ok
+            worker.errors += not ok
+            self._lock.notify_all()
+
+    # -- calls --------------------------------------------------------------------------
+    def execute(self, tool: str, args: dict[str, Any] | None = None, *, timeout: float | None = None,
+                worker: str | None = None, session_id: str = "") -> Any:
+        """Run ``tool`` on a worker and return its result; Ctrl-C cancels the remote work."""
+        request = bridge_pb2.ExecuteRequest(tool=tool, args_json=encode_args(tool, args, self.max_message_bytes),
+                                            session_id=session_id)
+        chosen = self._choose(worker, count=True)
+        ok = False
+        try:
+            future = chosen.stub.Execute.future(request, timeout=timeout)
+            done = threading.Event()
+            future.add_done_callback(lambda _: done.set())
+            wait_interruptibly(done, None, future.cancel)
+            try:
+                reply = future.result()
+            except grpc.RpcError as err:
+                raise translate(err, tool, timeout, self._death_of(chosen)) from None
+            result = unary_result(reply, tool, chosen.id)
+            ok = True
+            return result
+        finally:
+            self._release(chosen, ok)
+
+    def execute_stream(self, tool: str, args: dict[str, Any] | None = None, *,
+                       on_chunk: Callable[[Chunk], Any] | None = None, timeout: float | None = None,
+                       worker: str | None = None, session_id: str = "") -> Run:
+        """Start ``tool`` as a stream and return its ``Run`` at once; chunks arrive in order."""
+        request = bridge_pb2.ExecuteRequest(tool=tool, args_json=encode_args(tool, args, self.max_message_bytes),
+                                            session_id=session_id)
+        chosen = self._choose(worker, count=True)
+        try:
+            call = chosen.stub.ExecuteStream(request, timeout=timeout)
+        except BaseException:
+            self._release(chosen, False)
+            raise
+        return Run(tool, chosen.id, call, timeout=timeout, on_chunk=on_chunk,
+                   worker_died=self._death_of(chosen),
+                   on_done=lambda run: self._release(chosen, run.status == "done"))
+
+    def session(self, worker: str | None = None) -> Session:
+        """A Session whose calls all go to one worker (the least busy one, or ``worker``)."""
+        return Session(self, worker or self._choose(None, count=False).id)
+
+    # -- information and control --------------------------------------------------------
+    def status(self) -> list[dict[str, Any]]:
+        """Per worker: id, pid, state, in_flight, done, errors, restarts, uptime, last_error."""
+        return [w.status() for w in list(self.workers)]
+
+    def describe(self, worker: str | None = None) -> dict[str, Any]:
+        """A worker's self-description: tools with argument schemas, versions, LM, counters."""
+        chosen = self._choose(worker, count=True)
+        try:
+            reply = chosen.stub.Describe(bridge_pb2.DescribeRequest(), timeout=self.ping_timeout)
+        finally:
+            self._release(chosen, True)
+            chosen.done -= 1
+        return json.loads(reply.json)
+
+    def tools(self) -> list[dict[str, Any]]:
+        return self.describe()["tools"]
+
+    def configure_lm(self, model: str, **kwargs: Any) -> None:
+        """Switch every worker (and any started later) to ``model`` ("demo" or a dspy.LM model string)."""
+        for worker in list(self.workers):
+            self.execute("configure_lm", {"model": model, "kwargs": kwargs}, worker=worker.id)
+        self.lm, self.lm_kwargs = model, kwargs
+
+    def kill_worker(self, worker: str, signal_number: int) -> int:
+        """Send a signal to one worker process (for fault tests and demos); returns its pid."""
+        chosen = next(w for w in self.workers if w.id == worker)
+        chosen.process.signal(signal_number)
+        return chosen.process.pid
+
+    def __repr__(self) -> str:
+        states = ", ".join(f"{w.id}:{w.state}" for w in self.workers) or "not running"
+        return f"<Pool {self.size} workers, lm={self.lm!r}: {states}>"
+
+
+class Session:
+    """Calls pinned to one worker of a pool (affinity); same ``execute`` / ``execute_stream``."""
+
+    def __init__(self, pool: Pool, worker: str) -> None:
+        self.pool = pool
+        self.worker = worker
+        self.id = uuid.uuid4().hex[:12]
+
+    def execute(self, tool: str, args: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        return self.pool.execute(tool, args, worker=self.worker, session_id=self.id, **kwargs)
+
+    def execute_stream(self, tool: str, args: dict[str, Any] | None = None, **kwargs: Any) -> Run:
+        return self.pool.execute_stream(tool, args, worker=self.worker, session_id=self.id, **kwargs)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} on {self.worker}>"
+
+
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for pool in list(_live_pools):
+        pool.shutdown()

@@ -1,0 +1,104 @@
+"""Spawn, watch and end one worker process.
+
+Workers are started with subprocess (never fork: gRPC and fork do not mix), in their own
+session (Ctrl-C in the kernel does not reach them), with a pipe on stdin: the worker exits
+when that pipe closes, so even a SIGKILLed kernel leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from dspex_nb import deps
+from dspex_nb.errors import WorkerStartError
+
+PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+
+
+def worker_env(extra: dict[str, str] | None, cache_dir: Path) -> dict[str, str]:
+    """The environment of a worker: the kernel's (API keys included), made offline-safe."""
+    env = dict(os.environ)
+    env.update(extra or {})
+    # The worker's Python may be another interpreter: let it import this very dspex_nb.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    env.setdefault("DSPY_CACHEDIR", str(cache_dir))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class WorkerProcess:
+    """One worker OS process; ``log_path`` collects its stdout and stderr."""
+
+    def __init__(self, python: str, address: str, log_path: Path, env: dict[str, str], args: list[str]) -> None:
+        self.address = address
+        self.log_path = log_path
+        self.python = python
+        with open(log_path, "wb") as log:
+            try:
+                self.proc = subprocess.Popen(
+                    [python, "-m", "dspex_nb.worker", "--address", address, *args],
+                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True, close_fds=True)
+            except FileNotFoundError:
+                raise WorkerStartError(f"the worker Python {python!r} does not exist (Pool(python=...))") from None
+            except PermissionError:
+                raise WorkerStartError(f"the worker Python {python!r} is not executable (Pool(python=...))") from None
+        self.pid = self.proc.pid
+
+    def exit_code(self) -> int | None:
+        return self.proc.poll()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def start_failure(self, worker_id: str) -> Exception:
+        """The error for a worker that exited before it was ready."""
+        code = self.exit_code()
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        for line in text.splitlines():
+            if line.startswith(deps.MISSING_MARKER):
+                python, statuses = deps.from_json(line[len(deps.MISSING_MARKER):])
+                return deps.MissingDependency(f"the worker Python {python}", statuses)
+        return WorkerStartError(f"worker {worker_id} (pid {self.pid}, {self.python}) exited with code {code} "
+                                f"before it was ready; its output:\n{self.log_tail()}")
+
+    def kill(self, grace: float = 2.0) -> None:
+        """Close stdin, SIGTERM, then SIGKILL after ``grace`` seconds; reap the process."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+        self.proc.wait()
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def interpreter(python: str | None) -> str:
+    return python or sys.executable
+
+
+def describe_exit(code: Any) -> str:
+    if isinstance(code, int) and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"

@@ -1,0 +1,47 @@
+"""Entry point of a worker process: ``python -m dspex_nb.worker --address unix:/path/w0.sock``.
+
+Dependencies are checked before anything imports them: a missing one is printed as a
+machine-readable report on stderr and the process exits with code 3.
+The worker exits by itself when its stdin closes (its parent died, even by SIGKILL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dspex_nb import deps
+
+EXIT_MISSING_DEPENDENCIES = 3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m dspex_nb.worker")
+    parser.add_argument("--address", required=True, help="unix:/path/to.sock")
+    parser.add_argument("--worker-id", default="w0")
+    parser.add_argument("--run-id", default="")
+    parser.add_argument("--lm", default="demo", help="'demo' or any dspy.LM model string")
+    parser.add_argument("--lm-kwargs", default="{}", help="JSON object of dspy.LM keyword arguments")
+    parser.add_argument("--max-message-mb", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=32, help="gRPC server threads")
+    parser.add_argument("--no-parent-watch", action="store_true",
+                        help="do not exit when stdin closes (for running a worker by hand)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    statuses = deps.report()
+    if not all(s.ok for s in statuses):
+        print(deps.MISSING_MARKER + deps.as_json(statuses), file=sys.stderr, flush=True)
+        return EXIT_MISSING_DEPENDENCIES
+    from dspex_nb.worker.main import serve
+
+    return serve(args.address, worker_id=args.worker_id, run_id=args.run_id, lm=args.lm,
+                 lm_kwargs=json.loads(args.lm_kwargs), max_message_mb=args.max_message_mb,
+                 threads=args.threads, watch_parent=not args.no_parent_watch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

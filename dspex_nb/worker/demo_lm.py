@@ -1,0 +1,204 @@
+"""Embedded, offline, deterministic demo LM for DSPy.
+
+``DemoEngine`` is a custom dspy 3.4 engine (``dspy.LM("demo/demo", engine=DemoEngine(), cache=False)``)
+that answers any DSPy signature in ChatAdapter format without network access. It reads the output
+fields and their types from the ChatAdapter system prompt and the input values from the last user
+message, and derives every answer from a SHA-256 hash of those, so equal inputs give equal text in any
+process. ``stream()`` emits the full formatted text word by word, so DSPy's real streaming path and
+``StreamListener`` work. Knobs simulate latency, long answers and HTTP 429 rate limiting.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import dspy
+from dspy.lm15 import (
+    Message,
+    RateLimitError,
+    Request,
+    Response,
+    StreamDeltaEvent,
+    StreamEndEvent,
+    StreamStartEvent,
+    TextDelta,
+    TextPart,
+    Usage,
+)
+
+__all__ = ["DemoEngine", "make_demo_lm"]
+
+_OUTPUT_FIELD = re.compile(r"^\d+\. `(\w+)` \((.*?)\):", re.MULTILINE)
+_SECTION = re.compile(r"\[\[ ## (\w+) ## \]\]\n")
+_TOKEN = re.compile(r"\S+\s*|\s+")
+_RESPOND = "\n\nRespond with the corresponding output fields"
+_WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "sigma", "omega", "river",
+          "stone", "cloud", "ember", "lantern", "meadow", "harbor", "signal", "orbit", "quartz", "willow")
+
+
+def _digest(*parts: str) -> int:
+    return int.from_bytes(hashlib.sha256("\x1f".join(parts).encode()).digest()[:8], "big")
+
+
+def _words(seed: int, n: int) -> str:
+    return " ".join(_WORDS[_digest(str(seed), str(i)) % len(_WORDS)] for i in range(n))
+
+
+def _short(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split()).replace("[[", "[ [")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _split_args(inner: str) -> list[str]:
+    """Split ``"str, list[int]"`` at top-level commas."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(inner):
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(inner[start:i].strip())
+            start = i + 1
+    return [*parts, inner[start:].strip()]
+
+
+class DemoEngine:
+    """Deterministic offline engine; thread-safe ``calls`` and ``tokens_streamed`` counters."""
+
+    def __init__(
+        self,
+        *,
+        ttft: float = 0.0,
+        per_token: float = 0.0,
+        answer_tokens: int | None = None,
+        rate_limit_first: int = 0,
+    ) -> None:
+        self.ttft = ttft
+        self.per_token = per_token
+        self.answer_tokens = answer_tokens
+        self.rate_limit_first = rate_limit_first
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._tokens_streamed = 0
+
+    @property
+    def calls(self) -> int:
+        with self._lock:
+            return self._calls
+
+    @property
+    def tokens_streamed(self) -> int:
+        with self._lock:
+            return self._tokens_streamed
+
+    # -- engine contract -------------------------------------------------------------------------
+    def complete(self, request: Request) -> Response:
+        self._start_call()
+        text = self.answer(request)
+        tokens = _TOKEN.findall(text)
+        time.sleep(self.ttft + self.per_token * len(tokens))
+        message = Message.assistant([TextPart(text=text)])
+        return Response(id=None, model="demo", message=message, finish_reason="stop",
+                        usage=self._usage(request, len(tokens)))
+
+    def stream(self, request: Request) -> Iterator[Any]:
+        self._start_call()
+        tokens = _TOKEN.findall(self.answer(request))
+        yield StreamStartEvent(id=None, model="demo")
+        time.sleep(self.ttft)
+        for i, token in enumerate(tokens):
+            if i and self.per_token:
+                time.sleep(self.per_token)
+            with self._lock:
+                self._tokens_streamed += 1
+            yield StreamDeltaEvent(delta=TextDelta(text=token, part_index=0))  # GeneratorExit stops here
+        yield StreamEndEvent(finish_reason="stop", usage=self._usage(request, len(tokens)))
+
+    def close(self) -> None:
+        pass
+
+    # -- answer construction ---------------------------------------------------------------------
+    def answer(self, request: Request) -> str:
+        """The full ChatAdapter-formatted answer text for ``request``."""
+        system = request.system if isinstance(request.system, str) else "".join(
+            p.text for p in request.system or ())
+        user = next((m.text for m in reversed(request.messages) if m.role == "user"), "") or ""
+        block = system.split("Your output fields are:", 1)[-1].split("All interactions will be", 1)[0]
+        outputs = _OUTPUT_FIELD.findall(block) if "Your output fields are:" in system else []
+        chunks = _SECTION.split(user.split(_RESPOND, 1)[0])
+        inputs = {k: v.strip() for k, v in zip(chunks[1::2], chunks[2::2], strict=False)} or {
+            "prompt": user.strip()}
+        key = json.dumps([sorted(inputs.items()), outputs])
+        topic = _short(next(iter(inputs.values()), ""))
+        if not outputs:
+            return self._text("answer", topic, _digest(key, "answer"))
+        sections = [f"[[ ## {name} ## ]]\n{self._format(type_, name, topic, _digest(key, name))}"
+                    for name, type_ in outputs]
+        return "\n\n".join([*sections, "[[ ## completed ## ]]"])
+
+    def _format(self, type_: str, name: str, topic: str, seed: int) -> str:
+        value = self._value(type_.strip(), name, topic, seed)
+        return value if isinstance(value, str) else json.dumps(value)
+
+    def _text(self, name: str, topic: str, seed: int) -> str:
+        if name == "reasoning":
+            return f"Demo LM reasoning about '{topic}': {_words(seed, 12)}."
+        head = f"Demo LM answer to '{topic}':"
+        n = 8 if self.answer_tokens is None else max(1, self.answer_tokens - len(head.split()))
+        return f"{head} {_words(seed, n)}."
+
+    def _value(self, type_: str, name: str, topic: str, seed: int) -> Any:
+        base, _, inner = type_.partition("[")
+        inner = inner[:-1]
+        if base in ("Optional", "Union") or " | " in type_:
+            alts = _split_args(inner) if base in ("Optional", "Union") else type_.split(" | ")
+            item = next((a for a in alts if a not in ("None", "NoneType")), "str")
+            return self._value(item, name, topic, seed)
+        if base == "bool":
+            return bool(seed & 1)
+        if base == "int":
+            return seed % 100
+        if base == "float":
+            return round(seed % 10_000 / 100, 2)
+        if base in ("list", "tuple", "set", "List", "Tuple", "Set"):
+            item = _split_args(inner)[0] if inner else "str"
+            return [self._value(item, "item", topic, _digest(str(seed), str(i))) for i in range(3)]
+        if base in ("dict", "Dict"):
+            value_type = _split_args(inner)[-1] if inner else "str"
+            value_type = "str" if value_type == "Any" else value_type
+            return {f"key_{i}": self._value(value_type, "item", topic, _digest(str(seed), str(i)))
+                    for i in range(2)}
+        if base == "Literal":
+            options = ast.literal_eval(f"[{inner}]")
+            return str(options[seed % len(options)])
+        if name == "item":
+            return _words(seed, 1)
+        return self._text(name, topic, seed)
+
+    def _start_call(self) -> None:
+        with self._lock:
+            self._calls += 1
+            limited = self._calls <= self.rate_limit_first
+        if limited:
+            raise RateLimitError("Demo LM rate limit (simulated HTTP 429)", provider="demo", status=429)
+
+    @staticmethod
+    def _usage(request: Request, output_tokens: int) -> Usage:
+        system = request.system if isinstance(request.system, str) else ""
+        input_tokens = len(system.split()) + sum(len((m.text or "").split()) for m in request.messages)
+        return Usage(input_tokens=input_tokens, output_tokens=output_tokens,
+                     total_tokens=input_tokens + output_tokens)
+
+
+def make_demo_lm(*, num_retries: int = 0, **knobs: Any) -> tuple[dspy.LM, DemoEngine]:
+    """Return ``(dspy.LM("demo/demo", engine=engine, cache=False), engine)``; knobs go to DemoEngine."""
+    engine = DemoEngine(**knobs)
+    return dspy.LM("demo/demo", engine=engine, cache=False, num_retries=num_retries), engine

@@ -1,0 +1,46 @@
+"""Start the gRPC server of one worker and keep it until stdin closes or SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from dspex_nb._proto import bridge_pb2_grpc
+from dspex_nb.worker import dspy_tools, tools  # noqa: F401  (importing registers the tools)
+from dspex_nb.worker.server import Bridge
+from dspex_nb.worker.state import WorkerState
+
+
+def message_options(max_message_mb: int) -> list[tuple[str, int]]:
+    limit = max_message_mb * 2**20
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+def _exit_when_stdin_closes() -> None:
+    try:
+        while sys.stdin.buffer.read(65536):
+            pass
+    finally:
+        os._exit(0)
+
+
+def serve(address: str, *, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any],
+          max_message_mb: int, threads: int, watch_parent: bool) -> int:
+    state = WorkerState(worker_id=worker_id, run_id=run_id, max_message_bytes=max_message_mb * 2**20)
+    dspy_tools.set_lm(state, lm, lm_kwargs)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
+                         options=message_options(max_message_mb))
+    bridge_pb2_grpc.add_BridgeServicer_to_server(Bridge(state), server)
+    server.add_insecure_port(address)
+    server.start()
+    if watch_parent:
+        threading.Thread(target=_exit_when_stdin_closes, name="parent-watch", daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: server.stop(grace=1))
+    server.wait_for_termination()
+    return 0

@@ -1,0 +1,52 @@
+"""What one worker process knows about itself: identity, LM, counters."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+
+@dataclass
+class WorkerState:
+    worker_id: str
+    run_id: str
+    max_message_bytes: int
+    lm: Any = None  # a dspy.LM
+    lm_model: str = ""
+    lm_kwargs: dict[str, Any] = field(default_factory=dict)
+    demo_engine: Any = None  # the DemoEngine when lm_model == "demo": its counters are exposed
+    started: float = field(default_factory=time.time)
+    active: int = 0
+    total: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        """Count one request as active while the block runs."""
+        with self._lock:
+            self.active += 1
+            self.total += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def describe(self) -> dict[str, Any]:
+        versions = {"python": platform.python_version()}
+        for dist in ("dspy", "grpcio", "protobuf"):
+            versions[dist] = metadata.version(dist)
+        counters: dict[str, Any] = {"active_requests": self.active, "total_requests": self.total}
+        if self.demo_engine is not None:
+            counters["lm_calls"] = self.demo_engine.calls
+            counters["tokens_streamed"] = self.demo_engine.tokens_streamed
+        return {"worker_id": self.worker_id, "run_id": self.run_id, "pid": os.getpid(),
+                "uptime": time.time() - self.started, "versions": versions,
+                "lm": {"model": self.lm_model, "kwargs": self.lm_kwargs}, "counters": counters}

@@ -1,0 +1,193 @@
+"""The tool registry: a tool is a plain function (unary) or a generator (streaming).
+
+Register one with ``@tool``. Its argument schema is derived from the signature and
+type hints, and every call is validated against it before the tool runs. A tool that
+takes a parameter named ``ctx`` receives the :class:`ToolContext` of the call.
+
+A generator tool yields :class:`Emit` values (tokens, items, status lines) and
+``return``s its final result; a plain function just returns it. Either kind can be
+called through ``Execute`` (only the final result comes back) or ``ExecuteStream``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import os
+import threading
+import types
+import typing
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from dspex_nb.errors import ArgumentError, UnknownTool
+
+CHUNK_KINDS = ("token", "item", "status", "error", "final")
+
+
+@dataclass(frozen=True)
+class Emit:
+    """One chunk a generator tool sends before its final result."""
+
+    kind: str
+    data: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.kind not in CHUNK_KINDS[:3]:
+            raise ValueError(f"a tool emits token, item or status chunks, not {self.kind!r}")
+
+
+@dataclass
+class ToolContext:
+    """What a running tool may know about its call."""
+
+    streaming: bool
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    session_id: str = ""
+    worker: Any = None  # the WorkerState: LM, counters
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True when the call was cancelled meanwhile."""
+        return self.cancelled.wait(seconds)
+
+
+_JSON_TYPES: dict[Any, tuple[type, ...]] = {
+    str: (str,), int: (int,), float: (int, float), bool: (bool,),
+    list: (list,), dict: (dict,),
+}
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _accepts(annotation: Any, value: Any) -> bool:
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    accepted = _JSON_TYPES.get(origin or annotation)
+    if accepted is None:
+        return True
+    if isinstance(value, bool) and bool not in accepted:
+        return False  # JSON true is not an int here
+    return isinstance(value, accepted)
+
+
+@dataclass
+class Tool:
+    name: str
+    func: Callable[..., Any]
+    description: str
+    params: dict[str, inspect.Parameter]
+    hints: dict[str, Any]
+    wants_ctx: bool
+    streaming: bool
+    open_ended: bool  # takes **kwargs: any extra argument is accepted
+
+    def schema(self) -> dict[str, Any]:
+        args = {}
+        for name, param in self.params.items():
+            spec: dict[str, Any] = {"type": _type_name(self.hints.get(name, Any))}
+            if param.default is inspect.Parameter.empty:
+                spec["required"] = True
+            else:
+                spec["default"] = param.default
+            args[name] = spec
+        return {"name": self.name, "description": self.description, "streaming": self.streaming,
+                "args": args}
+
+    def validate(self, args: Any) -> None:
+        if not isinstance(args, dict):
+            raise ArgumentError(self.name, "ArgumentError",
+                                f"arguments must be a JSON object (a dict), got {type(args).__name__}")
+        unexpected = sorted(set(args) - set(self.params))
+        if unexpected and not self.open_ended:
+            raise ArgumentError(self.name, "ArgumentError",
+                                f"unexpected argument(s) {unexpected}; '{self.name}' takes {list(self.params)}")
+        for name, param in self.params.items():
+            if name not in args:
+                if param.default is inspect.Parameter.empty:
+                    raise ArgumentError(self.name, "ArgumentError", f"missing required argument '{name}'")
+                continue
+            annotation = self.hints.get(name, Any)
+            if not _accepts(annotation, args[name]):
+                raise ArgumentError(
+                    self.name, "ArgumentError",
+                    f"argument '{name}' must be {_type_name(annotation)}, got "
+                    f"{type(args[name]).__name__} ({args[name]!r:.80})")
+
+    def run(self, args: dict[str, Any], ctx: ToolContext) -> Generator[Emit, None, Any]:
+        """Validate ``args``, then yield the tool's Emits and return its final result."""
+        self.validate(args)
+        kwargs = dict(args, ctx=ctx) if self.wants_ctx else args
+        if self.streaming:
+            return (yield from self.func(**kwargs))
+        return self.func(**kwargs)
+
+
+REGISTRY: dict[str, Tool] = {}
+
+
+def tool(func: Callable[..., Any] | None = None, *, name: str | None = None,
+         description: str | None = None) -> Any:
+    """Register ``func`` as a tool (usable bare, ``@tool``, or as ``@tool(name=...)``)."""
+    def register(f: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(f)
+        hints = typing.get_type_hints(f)
+        params = {n: p for n, p in signature.parameters.items()
+                  if n != "ctx" and p.kind is not inspect.Parameter.VAR_KEYWORD}
+        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+        doc = description or (inspect.getdoc(f) or "").split("\n\n")[0]
+        tool_name = name or f.__name__
+        REGISTRY[tool_name] = Tool(tool_name, f, doc, params, hints, "ctx" in signature.parameters,
+                                   inspect.isgeneratorfunction(f), open_ended)
+        return f
+    return register(func) if func is not None else register
+
+
+def get_tool(name: str) -> Tool:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownTool(name, "UnknownTool",
+                          f"no tool named {name!r}; available tools: {', '.join(sorted(REGISTRY))}") from None
+
+
+@tool
+def echo(**kwargs: Any) -> dict[str, Any]:
+    """Return the arguments unchanged."""
+    return kwargs
+
+
+@tool
+def whoami(ctx: ToolContext) -> dict[str, Any]:
+    """This worker's id, pid and the session id of the call."""
+    return {"worker": ctx.worker.worker_id, "pid": os.getpid(), "session": ctx.session_id}
+
+
+@tool
+def fail(message: str, type: str = "RuntimeError") -> None:
+    """Raise a built-in exception (``type``) with ``message``: exercises error reporting."""
+    raise getattr(builtins, type, RuntimeError)(message)
+
+
+@tool
+def sleep(ctx: ToolContext, seconds: float) -> dict[str, Any]:
+    """Wait ``seconds``, or less when the call is cancelled."""
+    cancelled = ctx.wait(seconds)
+    return {"slept": seconds, "cancelled": cancelled}
+
+
+@tool
+def count(ctx: ToolContext, n: int, delay: float = 0.0) -> Iterator[Emit]:
+    """Stream ``n`` item chunks {"index": i} (``delay`` seconds apart); the final result is {"count": n}."""
+    for i in range(n):
+        if delay and ctx.wait(delay):
+            return {"count": i}
+        yield Emit("item", {"index": i})
+    return {"count": n}

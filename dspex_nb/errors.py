@@ -29,9 +29,18 @@ class ArgumentError(ToolError, TypeError):
     """An argument is missing, unexpected, of the wrong type or has a bad value."""
 
 
+class MessageTooLarge(DspexError, ValueError):
+    """A request or reply is over the gRPC message limit."""
+
+
+class ResultTooLarge(ToolError, MessageTooLarge):
+    """The worker's reply would be over the message limit."""
+
+
 REMOTE_ERROR_TYPES: dict[str, type[ToolError]] = {
     "UnknownTool": UnknownTool,
     "ArgumentError": ArgumentError,
+    "ResultTooLarge": ResultTooLarge,
 }
 
 
@@ -48,10 +57,6 @@ class WorkerDied(DspexError):
 
 class WorkerStartError(DspexError):
     """A worker process could not be started or did not become ready."""
-
-
-class MessageTooLarge(DspexError, ValueError):
-    """A request or reply is over the gRPC message limit."""
 
 
 class CallTimeout(DspexError, TimeoutError):

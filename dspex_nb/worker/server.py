@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
-from dspex_nb.errors import ToolError
+from dspex_nb.errors import ResultTooLarge, ToolError
 from dspex_nb.worker import tools
 from dspex_nb.worker.state import WorkerState
 
@@ -81,7 +81,7 @@ class Bridge(bridge_pb2_grpc.BridgeServicer):
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{what} is not JSON-serialisable: {exc}") from None
         if len(data) > self.state.max_message_bytes:
-            raise ValueError(f"{what} is {len(data) / 2**20:.1f} MiB, over the "
+            raise ResultTooLarge("", "ResultTooLarge", f"{what} is {len(data) / 2**20:.1f} MiB, over the "
                              f"{self.state.max_message_bytes / 2**20:.0f} MiB message limit; raise it "
                              "with Pool(max_message_mb=...)")
         return data
@@ -104,7 +104,7 @@ class Bridge(bridge_pb2_grpc.BridgeServicer):
         def chunk(kind: str, value: Any, is_final: bool = False) -> bridge_pb2.Chunk:
             try:
                 data = self._encode(value, f"a {kind} chunk")
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ResultTooLarge) as exc:
                 kind, is_final = "error", True
                 data = json.dumps(error_info(exc)).encode()
             return bridge_pb2.Chunk(seq=next(seq), kind=kind, data_json=data, is_final=is_final)

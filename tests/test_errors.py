@@ -1,0 +1,125 @@
+"""Bad input gets a clear error naming what is wrong, and the pool stays usable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dspex_nb import Pool
+from dspex_nb.errors import ArgumentError, MessageTooLarge, ToolError, UnknownTool, WorkerStartError
+
+
+@pytest.fixture(autouse=True)
+def pool_still_serves(pool: Pool):
+    yield
+    assert pool.execute("echo", {"still": "alive"}) == {"still": "alive"}
+    assert [r["state"] for r in pool.status()] == ["ready", "ready"]
+
+
+def test_unknown_tool_lists_the_tools(pool: Pool) -> None:
+    with pytest.raises(UnknownTool, match="no tool named 'nope'; available tools: .*batch_inference.*echo"):
+        pool.execute("nope")
+    run = pool.execute_stream("nope")
+    with pytest.raises(UnknownTool):
+        run.result()
+
+
+def test_missing_argument_is_named(pool: Pool) -> None:
+    with pytest.raises(ArgumentError, match="missing required argument 'seconds'"):
+        pool.execute("sleep", {})
+
+
+def test_wrongly_typed_argument_is_named(pool: Pool) -> None:
+    with pytest.raises(ArgumentError, match="argument 'seconds' must be float, got str"):
+        pool.execute("sleep", {"seconds": "soon"})
+    with pytest.raises(ArgumentError, match="argument 'batch_items' must be list, got dict"):
+        pool.execute("batch_inference", {"signature": "q -> a", "batch_items": {"q": "x"}})
+
+
+def test_unexpected_argument_is_named(pool: Pool) -> None:
+    with pytest.raises(ArgumentError, match=r"unexpected argument\(s\) \['secs'\]"):
+        pool.execute("sleep", {"seconds": 0, "secs": 1})
+
+
+def test_bad_signature_string(pool: Pool) -> None:
+    with pytest.raises(ArgumentError, match="'question answer' is not a valid DSPy signature"):
+        pool.execute("predict", {"signature": "question answer", "inputs": {"question": "x"}})
+
+
+def test_inputs_that_do_not_match_the_signature(pool: Pool) -> None:
+    with pytest.raises(ArgumentError, match=r"argument 'inputs' must have exactly the input fields \['question'\]"):
+        pool.execute("predict", {"signature": "question -> answer", "inputs": {"q": "x"}})
+    with pytest.raises(ArgumentError, match=r"batch_items\[1\] must have exactly .*missing \['question'\]"):
+        pool.execute("batch_inference", {"signature": "question -> answer",
+                                         "batch_items": [{"question": "a"}, {"text": "b"}]})
+
+
+def test_non_json_argument_is_named(pool: Pool) -> None:
+    with pytest.raises(ArgumentError, match="argument 'x' is not JSON-serialisable"):
+        pool.execute("echo", {"ok": 1, "x": {1, 2}})
+    with pytest.raises(ArgumentError, match="arguments must be a dict, got list"):
+        pool.execute("echo", [1, 2])  # type: ignore[arg-type]
+
+
+def test_tool_exception_is_structured_and_the_worker_survives(pool: Pool) -> None:
+    with pytest.raises(ToolError) as info:
+        pool.execute("fail", {"message": "boom", "type": "ValueError"}, worker="w0")
+    err = info.value
+    assert (err.tool, err.type, err.message, err.worker) == ("fail", "ValueError", "boom", "w0")
+    assert "Traceback" in err.remote_traceback and "ValueError: boom" in err.remote_traceback
+    run = pool.execute_stream("fail", {"message": "boom in a stream"})
+    with pytest.raises(ToolError, match="boom in a stream"):
+        run.result()
+    assert run.status == "failed" and run.chunks[-1].kind == "error"
+    assert pool.execute("whoami", worker="w0")["worker"] == "w0"
+
+
+def test_message_over_the_limit_says_the_limit_and_how_to_raise_it() -> None:
+    with Pool(workers=1, max_message_mb=1) as small:
+        with pytest.raises(MessageTooLarge, match=r"over the 1 MiB message limit; raise it with Pool\(max_message_mb"):
+            small.execute("echo", {"blob": "x" * (2 * 2**20)})
+        small.configure_lm("demo", answer_tokens=300_000)  # an answer of about 2 MiB
+        args = {"signature": "q -> a", "inputs": {"q": "x"}}
+        with pytest.raises(MessageTooLarge, match=r"the result is 1\.\d MiB, over the 1 MiB .*max_message_mb"):
+            small.execute("predict", args)
+        small.configure_lm("demo", answer_tokens=2000)  # 150 answers of ~14 KiB: the final chunk is too large
+        run = small.execute_stream("batch_inference", {"signature": "q -> a", "batch_items": ["x"] * 150})
+        with pytest.raises(MessageTooLarge, match=r"a final chunk is 1\.\d MiB, over the 1 MiB .*max_message_mb"):
+            run.result()
+        assert sum(c.kind == "item" for c in run.chunks) == 150  # what was streamed before is kept
+        assert small.execute("echo", {"small": True}) == {"small": True}
+
+
+def test_worker_python_that_does_not_exist() -> None:
+    with pytest.raises(WorkerStartError, match="the worker Python '/no/such/python' does not exist"):
+        Pool(workers=1, python="/no/such/python").start()
+
+
+def test_worker_python_without_dependencies_fails_fast(bare_python: str) -> None:
+    from dspex_nb import MissingDependency
+
+    with pytest.raises(MissingDependency) as info:
+        Pool(workers=2, python=bare_python).start()
+    text = str(info.value)
+    assert bare_python in text
+    for name in ("grpcio", "protobuf", "dspy"):
+        assert f"{name}>=" in text and "not installed" in text
+
+
+def test_bad_pool_arguments() -> None:
+    with pytest.raises(ValueError, match="workers must be an int >= 1, got 0"):
+        Pool(workers=0)
+    with pytest.raises(ValueError, match="max_message_mb must be an int >= 1"):
+        Pool(max_message_mb=0)
+
+
+def test_doctor_command_reports_versions(bare_python: str) -> None:
+    ok = subprocess.run([sys.executable, "-m", "dspex_nb", "doctor"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "[ok ] grpcio" in ok.stdout and "[ok ] dspy" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "dspex_nb", "doctor", "--python", bare_python],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "[BAD] dspy      not installed" in bad.stdout

@@ -1,0 +1,179 @@
+"""The Python API on a real pool: unary calls, streams, DSPy tools, routing, sessions, status."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import wait_until
+
+from dspex_nb import Chunk, Pool
+
+
+def test_execute_round_trips_json(pool: Pool) -> None:
+    args = {"x": 1, "f": 2.5, "s": "é", "l": [1, None, True], "d": {"k": [1, 2]}}
+    assert pool.execute("echo", args) == args
+
+
+def test_stream_order_and_completeness(pool: Pool) -> None:
+    run = pool.execute_stream("count", {"n": 20000})
+    assert run.result() == {"count": 20000}
+    items = [c for c in run.chunks if c.kind == "item"]
+    assert [c["index"] for c in items] == list(range(20000))
+    assert [c.seq for c in run.chunks] == list(range(20001))
+    assert run.chunks[-1].kind == "final" and run.chunks[-1].is_final
+    assert run.status == "done"
+
+
+def test_on_chunk_sees_every_chunk_in_order(pool: Pool) -> None:
+    seen: list[Chunk] = []
+    run = pool.execute_stream("count", {"n": 300}, on_chunk=seen.append)
+    run.result()
+    assert seen == run.chunks
+    assert [c.seq for c in seen] == list(range(301))
+
+
+def test_iterator_form_yields_as_chunks_arrive(pool: Pool) -> None:
+    run = pool.execute_stream("count", {"n": 5, "delay": 0.01})
+    kinds = [chunk.kind for chunk in run]
+    assert kinds == ["item"] * 5 + ["final"]
+    assert [c.kind for c in run] == kinds  # a finished run can be iterated again
+
+
+def test_batch_inference_streams_one_item_per_input(pool: Pool) -> None:
+    questions = [f"question {i}?" for i in range(30)]
+    items: list[Chunk] = []
+    run = pool.execute_stream(
+        "batch_inference",
+        {"signature": "question -> answer", "batch_items": [{"question": q} for q in questions], "concurrency": 4},
+        on_chunk=lambda c: items.append(c) if c.kind == "item" else None)
+    result = run.result()
+    assert sorted(c["index"] for c in items) == list(range(30))
+    assert result["ok"] == 30 and result["failed"] == 0
+    assert [r["index"] for r in result["results"]] == list(range(30))
+    for q, r in zip(questions, result["results"], strict=True):
+        assert r["ok"] and r["result"]["answer"].startswith(f"Demo LM answer to '{q}'")
+
+
+def test_batch_inference_accepts_strings_for_a_single_input_field(pool: Pool) -> None:
+    result = pool.execute("batch_inference", {"signature": "question -> answer", "batch_items": ["a?", "b?"]})
+    answers = [r["result"]["answer"] for r in result["results"]]
+    assert answers[0].startswith("Demo LM answer to 'a?':") and answers[1].startswith("Demo LM answer to 'b?':")
+
+
+def test_chain_of_thought_streams_tokens_per_field(pool: Pool) -> None:
+    run = pool.execute_stream("chain_of_thought", {"signature": "question -> answer",
+                                                   "inputs": {"question": "Why is the sky blue?"}})
+    final = run.result()
+    text: dict[str, str] = {}
+    for chunk in run.chunks:
+        if chunk.kind == "token":
+            text[chunk["field"]] = text.get(chunk["field"], "") + chunk["text"]
+    assert list(text) == ["reasoning", "answer"]
+    assert text == {"reasoning": final["reasoning"], "answer": final["answer"]}
+    assert sum(c.kind == "token" for c in run.chunks) > 10
+
+
+def test_predict_unary_gives_typed_fields(pool: Pool) -> None:
+    out = pool.execute("predict", {"signature": "text -> positive: bool, keywords: list[str], score: float",
+                                   "inputs": {"text": "I love it"}})
+    assert isinstance(out["positive"], bool)
+    assert isinstance(out["keywords"], list) and all(isinstance(k, str) for k in out["keywords"])
+    assert isinstance(out["score"], float)
+
+
+def test_predict_is_deterministic_on_the_demo_lm(pool: Pool) -> None:
+    args = {"signature": "question -> answer", "inputs": {"question": "same?"}}
+    assert pool.execute("predict", args, worker="w0") == pool.execute("predict", args, worker="w1")
+
+
+def test_configure_lm_switches_every_worker(pool: Pool) -> None:
+    pool.configure_lm("demo", answer_tokens=7)
+    try:
+        for worker in ("w0", "w1"):
+            out = pool.execute("predict", {"signature": "q -> a", "inputs": {"q": "x"}}, worker=worker)
+            assert len(out["a"].split()) == 7
+            assert pool.describe(worker)["lm"] == {"model": "demo", "kwargs": {"answer_tokens": 7}}
+    finally:
+        pool.configure_lm("demo")
+
+
+def test_least_busy_routing(pool: Pool) -> None:
+    busy = pool.execute_stream("sleep", {"seconds": 30})
+    try:
+        wait_until(lambda: any(row["in_flight"] for row in pool.status()), what="the sleep to be in flight")
+        for _ in range(4):
+            assert pool.execute("whoami")["worker"] != busy.worker
+    finally:
+        busy.cancel()
+    assert busy.wait(10) and busy.status == "cancelled"
+
+
+def test_session_pins_calls_to_one_worker(pool: Pool) -> None:
+    session = pool.session()
+    seen = {session.execute("whoami")["worker"] for _ in range(6)}
+    assert seen == {session.worker}
+    assert session.execute("whoami")["session"] == session.id
+    assert session.execute_stream("count", {"n": 2}).worker == session.worker
+
+
+def test_concurrent_callers(pool: Pool) -> None:
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def call(i: int) -> None:
+        out = pool.execute("echo", {"i": i})
+        with lock:
+            results.append(out)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r["i"] for r in results) == list(range(40))
+
+
+def test_status_reports_every_worker(pool: Pool) -> None:
+    rows = pool.status()
+    assert [r["worker"] for r in rows] == ["w0", "w1"]
+    for row in rows:
+        assert set(row) >= {"pid", "state", "in_flight", "done", "errors", "restarts", "uptime"}
+        assert row["state"] == "ready" and row["pid"] > 0
+    assert sum(r["done"] for r in rows) > 0
+
+
+def test_describe_lists_tools_with_schemas_and_versions(pool: Pool) -> None:
+    info = pool.describe()
+    tools = {t["name"]: t for t in info["tools"]}
+    assert {"echo", "sleep", "configure_lm", "predict", "chain_of_thought", "batch_inference"} <= set(tools)
+    assert tools["sleep"]["args"]["seconds"] == {"type": "float", "required": True}
+    assert tools["batch_inference"]["streaming"] is True
+    assert set(info["versions"]) == {"python", "dspy", "grpcio", "protobuf"}
+    assert info["lm"]["model"] == "demo"
+
+
+def test_worker_env_is_private_and_offline(pool: Pool) -> None:
+    import os
+    import stat
+
+    socket_dir = pool._dir
+    assert socket_dir is not None
+    assert stat.S_IMODE(os.stat(socket_dir).st_mode) == 0o700
+    assert pool.workers[0].process.address.startswith(f"unix:{socket_dir}/")
+
+
+def test_pool_of_four_starts_all_workers() -> None:
+    with Pool(workers=4) as four:
+        rows = four.status()
+        assert [r["state"] for r in rows] == ["ready"] * 4
+        assert len({r["pid"] for r in rows}) == 4
+        assert {four.execute("whoami", worker=f"w{i}")["worker"] for i in range(4)} == {"w0", "w1", "w2", "w3"}
+
+
+def test_calls_after_shutdown_raise_pool_closed() -> None:
+    from dspex_nb.errors import PoolClosed
+
+    p = Pool(workers=1)
+    with pytest.raises(PoolClosed, match="not running"):
+        p.execute("echo")

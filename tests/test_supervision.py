@@ -1,0 +1,177 @@
+"""Cancellation, timeouts, dead and hung workers, and no orphans: real processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+from conftest import ROOT, pid_alive, wait_until
+
+from dspex_nb import Chunk, Pool
+from dspex_nb.errors import CallTimeout, Cancelled, WorkerDied
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[Pool]:
+    """A pool on a slow demo LM (20 ms to first token, 2 ms a token) with fast health checks."""
+    with Pool(workers=2, lm="demo", lm_kwargs={"ttft": 0.02, "per_token": 0.002}, health_interval=0.2,
+              ping_timeout=1.0) as p:
+        yield p
+
+
+def idle(pool: Pool, worker: str) -> dict:
+    """Wait until ``worker`` runs no request; return its counters."""
+    def counters() -> dict | None:
+        c = pool.describe(worker)["counters"]
+        return c if c["active_requests"] == 0 else None
+    return wait_until(counters, what=f"{worker} to finish its requests")  # type: ignore[return-value]
+
+
+def ready_again(pool: Pool, worker: str, restarts: int) -> dict:
+    def row() -> dict | None:
+        r = next(r for r in pool.status() if r["worker"] == worker)
+        return r if r["state"] == "ready" and r["restarts"] == restarts else None
+    return wait_until(row, timeout=30, what=f"{worker} to be replaced")  # type: ignore[return-value]
+
+
+BATCH = {"signature": "question -> answer", "batch_items": [{"question": f"q{i}"} for i in range(60)],
+         "concurrency": 2}
+
+
+def test_cancel_mid_batch_stops_lm_calls(pool: Pool) -> None:
+    before = idle(pool, "w0")["lm_calls"]
+    first = threading.Event()
+    run = pool.execute_stream("batch_inference", BATCH, worker="w0",
+                              on_chunk=lambda c: first.set() if c.kind == "item" else None)
+    assert first.wait(20)
+    run.cancel()
+    assert run.wait(20)
+    with pytest.raises(Cancelled, match="batch_inference"):
+        run.result()
+    calls = idle(pool, "w0")["lm_calls"] - before
+    received = sum(c.kind == "item" for c in run.chunks)
+    assert 1 <= received < 60
+    assert calls <= received + 2 * BATCH["concurrency"], (calls, received)  # only the calls in flight finish
+    assert run.status == "cancelled"
+
+
+def test_on_chunk_returning_false_cancels(pool: Pool) -> None:
+    before = idle(pool, "w1")["lm_calls"]
+    run = pool.execute_stream("batch_inference", BATCH, worker="w1", on_chunk=lambda c: c.kind != "item")
+    assert run.wait(20) and run.status == "cancelled"
+    assert sum(c.kind == "item" for c in run.chunks) >= 1
+    assert idle(pool, "w1")["lm_calls"] - before < 60
+
+
+def test_on_chunk_exception_stops_the_stream_and_is_raised(pool: Pool) -> None:
+    def broken(chunk: Chunk) -> None:
+        raise KeyError("my callback broke")
+
+    run = pool.execute_stream("count", {"n": 10_000, "delay": 0.001}, on_chunk=broken)
+    with pytest.raises(KeyError, match="my callback broke"):
+        run.result(20)
+    assert len(run.chunks) < 10_000
+
+
+def test_cancel_token_stream_stops_generation(pool: Pool) -> None:
+    pool.execute("configure_lm", {"model": "demo", "kwargs": {"per_token": 0.002, "answer_tokens": 3000}},
+                  worker="w0")
+    try:
+        before = idle(pool, "w0")["tokens_streamed"]
+        tokens = threading.Event()
+        run = pool.execute_stream("predict", {"signature": "question -> answer", "inputs": {"question": "long?"}},
+                                  worker="w0", on_chunk=lambda c: tokens.set() if c.kind == "token" else None)
+        assert tokens.wait(20)
+        run.cancel()
+        assert run.wait(20) and run.status == "cancelled"
+        streamed = idle(pool, "w0")["tokens_streamed"] - before
+        assert 0 < streamed < 3000
+    finally:
+        pool.execute("configure_lm", {"model": "demo", "kwargs": {"ttft": 0.02, "per_token": 0.002}}, worker="w0")
+
+
+def test_timeout_names_tool_and_limit_and_cancels_remote_work(pool: Pool) -> None:
+    with pytest.raises(CallTimeout, match=r"tool 'sleep' did not finish within its timeout of 0.3 s"):
+        pool.execute("sleep", {"seconds": 60}, timeout=0.3, worker="w1")
+    run = pool.execute_stream("sleep", {"seconds": 60}, timeout=0.3, worker="w1")
+    with pytest.raises(TimeoutError, match="0.3 s"):
+        run.result()
+    assert idle(pool, "w1")["active_requests"] == 0  # the remote sleeps ended well before 60 s
+
+
+def test_ctrl_c_during_a_blocking_wait_cancels_the_call(pool: Pool) -> None:
+    run = pool.execute_stream("sleep", {"seconds": 60}, worker="w1")
+    timer = threading.Timer(0.3, os.kill, args=(os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        run.result()
+    assert run.wait(20) and run.status == "cancelled"
+    assert idle(pool, "w1")["active_requests"] == 0
+
+
+def test_workers_run_in_their_own_session(pool: Pool) -> None:
+    for row in pool.status():
+        assert os.getsid(row["pid"]) == row["pid"] != os.getsid(0)
+
+
+def test_sigkill_worker_mid_call_is_reported_and_replaced(pool: Pool) -> None:
+    old = next(r for r in pool.status() if r["worker"] == "w1")
+    run = pool.execute_stream("sleep", {"seconds": 60}, worker="w1")
+    wait_until(lambda: idle_count(pool, "w1") == 1, what="the sleep to start")
+    pool.kill_worker("w1", signal.SIGKILL)
+    with pytest.raises(WorkerDied, match=rf"worker w1 \(pid {old['pid']}\) died during the call: killed by SIGKILL"):
+        run.result(30)
+    row = ready_again(pool, "w1", old["restarts"] + 1)
+    assert row["pid"] != old["pid"] and not pid_alive(old["pid"])
+    assert pool.execute("whoami", worker="w1") == {"worker": "w1", "pid": row["pid"], "session": ""}
+    assert "killed by SIGKILL" in row["last_error"]
+
+
+def test_hung_worker_is_replaced(pool: Pool) -> None:
+    old = next(r for r in pool.status() if r["worker"] == "w0")
+    run = pool.execute_stream("sleep", {"seconds": 60}, worker="w0")
+    wait_until(lambda: idle_count(pool, "w0") == 1, what="the sleep to start")
+    pool.kill_worker("w0", signal.SIGSTOP)
+    with pytest.raises(WorkerDied, match="worker w0"):
+        run.result(60)
+    row = ready_again(pool, "w0", old["restarts"] + 1)
+    assert "stopped answering pings" in row["last_error"]
+    wait_until(lambda: not pid_alive(old["pid"]), what="the hung process to be killed")
+    assert pool.execute("whoami", worker="w0")["worker"] == "w0"
+
+
+def idle_count(pool: Pool, worker: str) -> int:
+    return pool.describe(worker)["counters"]["active_requests"]
+
+
+CHILD = """
+import json, sys
+from dspex_nb import Pool
+pool = Pool(workers=2).start()
+print(json.dumps({"pids": [row["pid"] for row in pool.status()], "dir": str(pool._dir)}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_sigkill_of_the_pool_owner_leaves_no_worker() -> None:
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             cwd=ROOT, text=True)
+    try:
+        started = json.loads(child.stdout.readline())  # type: ignore[union-attr]
+        pids, socket_dir = started["pids"], started["dir"]
+        assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+        child.kill()
+        child.wait()
+        wait_until(lambda: not any(pid_alive(p) for p in pids), what="the orphaned workers to exit")
+    finally:
+        child.kill()
+        child.wait()
+        if "socket_dir" in locals():
+            shutil.rmtree(socket_dir, ignore_errors=True)

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
+from dspex_nb.batch import BatchRun
 from dspex_nb.errors import DspexError, PoolClosed, WorkerDied, WorkerStartError
 from dspex_nb.pool.calls import Chunk, Run, encode_args, translate, unary_result, wait_interruptibly
 from dspex_nb.pool.process import WorkerProcess, describe_exit, interpreter, worker_env
@@ -85,6 +86,7 @@ class Pool:
         self.start_timeout = start_timeout
         self.env = env
         self.run_id = uuid.uuid4().hex[:12]
+        self.definitions: dict[str, str] = {}  # name -> source, replayed on every new worker
         self.workers: list[Worker] = []
         self._dir: Path | None = None
         self._lock = threading.Condition()
@@ -172,9 +174,16 @@ class Pool:
                     pass
             else:
                 time.sleep(0.01)
+        for name, source in list(self.definitions.items()):
+            self._define_on(worker, name, source)
         with self._lock:
             worker.state, worker.ready_at, worker.failed_pings = READY, time.monotonic(), 0
             self._lock.notify_all()
+
+    def _define_on(self, worker: Worker, name: str, source: str) -> dict[str, Any]:
+        request = bridge_pb2.ExecuteRequest(tool="define", args_json=encode_args(
+            "define", {"name": name, "source": source}, self.max_message_bytes))
+        return unary_result(worker.stub.Execute(request, timeout=self.start_timeout), "define", worker.id)
 
     # -- health -------------------------------------------------------------------------
     def _watch(self) -> None:
@@ -232,17 +241,19 @@ class Pool:
             new.process.kill(grace=0)
 
     def _death_of(self, worker: Worker) -> Callable[[], DspexError | None]:
-        """A check, for a failed call, of whether ``worker`` died (waiting briefly for its exit)."""
+        """A check, for a failed call, of whether ``worker`` died (waiting briefly for its exit).
+
+        A dead worker is taken out of routing at once, not at the next health check.
+        """
         def check() -> DspexError | None:
             if worker.state == READY:
                 try:
-                    worker.process.proc.wait(2.0)
+                    code = worker.process.proc.wait(2.0)
                 except Exception:
                     return None
-            code = worker.process.exit_code()
-            how = describe_exit(code) if code is not None else worker.last_error or "was replaced"
-            return WorkerDied(f"worker {worker.id} (pid {worker.process.pid}) died during the call: {how}; "
-                              "the pool is replacing it")
+                self._replace(worker, f"died ({describe_exit(code)})")
+            what = worker.last_error or f"{worker.id} (pid {worker.process.pid}) was replaced"
+            return WorkerDied(f"worker {what} during the call; the pool is replacing it")
         return check
 
     # -- routing ------------------------------------------------------------------------
@@ -313,6 +324,32 @@ class Pool:
         return Run(tool, chosen.id, call, timeout=timeout, on_chunk=on_chunk,
                    worker_died=self._death_of(chosen),
                    on_done=lambda run: self._release(chosen, run.status == "done"))
+
+    def define(self, name: str, source: str) -> dict[str, Any]:
+        """Define a DSPy module from Python ``source`` on every worker, now and on any started later.
+
+        ``source`` must define ``name``: a dspy.Module subclass or instance, or a function (``dspy`` is
+        imported). Run it with ``execute_stream("run_module", {"name": name, "inputs": {...}})`` or
+        ``batch(items, module=name)``. Returns what the worker found (kind, input names).
+        """
+        compile(source, f"<dspex define {name}>", "exec")  # a syntax error is reported here, with its line
+        info: dict[str, Any] = {}
+        for worker in list(self.workers):
+            if worker.state == READY:
+                info = self._define_on(worker, name, source)
+        self.definitions[name] = source
+        return info
+
+    def batch(self, items: Sequence[Any], signature: str = "", *, module: str = "predict", concurrency: int = 4,
+              on_item: Callable[[dict[str, Any]], Any] | None = None, timeout: float | None = None,
+              shard_size: int | None = None, max_retries: int = 2) -> BatchRun:
+        """Fan ``items`` (input dicts, or strings for a one-input signature) out over every worker.
+
+        ``module`` is "predict", "chain_of_thought" (both need ``signature``) or a defined module;
+        ``concurrency`` is items at a time per worker. Returns a ``BatchRun`` at once.
+        """
+        return BatchRun(self, items, signature=signature, module=module, concurrency=concurrency,
+                        shard_size=shard_size, max_retries=max_retries, timeout=timeout, on_item=on_item)
 
     def session(self, worker: str | None = None) -> Session:
         """A Session whose calls all go to one worker (the least busy one, or ``worker``)."""

@@ -7,10 +7,13 @@ of each output field arrive as ``token`` chunks: {"field", "text", "last"}.
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from concurrent import futures
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import dspy
@@ -83,23 +86,32 @@ def _jsonable(value: Any) -> Any:
         return dump(mode="json") if dump else repr(value)
 
 
-def prediction_dict(prediction: dspy.Prediction) -> dict[str, Any]:
-    return {name: _jsonable(value) for name, value in prediction.items()}
+def output_dict(output: Any) -> dict[str, Any]:
+    """A program's output as a JSON object: a Prediction's fields, a dict, or {"output": value}."""
+    if isinstance(output, dspy.Prediction):
+        return {name: _jsonable(value) for name, value in output.items()}
+    if isinstance(output, dict):
+        return {str(k): _jsonable(v) for k, v in output.items()}
+    return {"output": _jsonable(output)}
 
 
-def _run(tool_name: str, module: str, signature: str, inputs: Any,
-         ctx: ToolContext) -> Generator[Emit, None, dict[str, Any]]:
-    sig = _signature(tool_name, signature)
-    inputs = _check_inputs(tool_name, sig, inputs, "argument 'inputs'")
-    program = MODULES[module](sig)
+def _listeners(program: Any) -> list[StreamListener]:
+    """New listeners (they keep state) for every str output field of every predictor of ``program``."""
+    if not isinstance(program, dspy.Module):
+        return []
+    return [StreamListener(signature_field_name=field, predict=predictor, predict_name=name, allow_reuse=True)
+            for name, predictor in program.named_predictors()
+            for field, info in predictor.signature.output_fields.items() if info.annotation is str]
+
+
+def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[Emit, None, dict[str, Any]]:
+    """Run ``program`` on ``inputs`` under the worker's LM; streamed calls yield token chunks."""
     lm = ctx.worker.lm
-    if not ctx.streaming:
+    listeners = _listeners(program) if ctx.streaming else []
+    if not listeners:
         with dspy.context(lm=lm):
-            return prediction_dict(program(**inputs))
-    fields = (["reasoning"] if module == "chain_of_thought" else []) + [
-        name for name, f in sig.output_fields.items() if f.annotation is str]
-    streamed = dspy.streamify(program, stream_listeners=[StreamListener(signature_field_name=n) for n in fields],
-                              async_streaming=False)
+            return output_dict(program(**inputs))
+    streamed = dspy.streamify(program, stream_listeners=listeners, async_streaming=False)
     final: dict[str, Any] = {}
     with dspy.context(lm=lm):
         stream = streamed(**inputs)
@@ -107,50 +119,130 @@ def _run(tool_name: str, module: str, signature: str, inputs: Any,
             for value in stream:
                 if isinstance(value, StreamResponse):
                     yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
-                                         "last": value.is_last_chunk})
+                                         "last": value.is_last_chunk, "predictor": value.predict_name})
                 elif isinstance(value, StatusMessage):
                     yield Emit("status", {"message": value.message})
                 elif isinstance(value, dspy.Prediction):
-                    final = prediction_dict(value)
+                    final = output_dict(value)
         finally:
             stream.close()
     return final
 
 
+def _builtin(tool_name: str, module: str, signature: str, inputs: Any) -> tuple[dspy.Module, dict[str, Any]]:
+    sig = _signature(tool_name, signature)
+    return MODULES[module](sig), _check_inputs(tool_name, sig, inputs, "argument 'inputs'")
+
+
 @tool
 def predict(ctx: ToolContext, signature: str, inputs: dict | str) -> Generator[Emit, None, dict[str, Any]]:
     """Run dspy.Predict(signature) on ``inputs``; streamed calls stream the tokens of each str output field."""
-    return (yield from _run("predict", "predict", signature, inputs, ctx))
+    return (yield from _call(*_builtin("predict", "predict", signature, inputs), ctx))
 
 
 @tool
 def chain_of_thought(ctx: ToolContext, signature: str,
                      inputs: dict | str) -> Generator[Emit, None, dict[str, Any]]:
     """Run dspy.ChainOfThought(signature); streamed calls stream reasoning and each str output field."""
-    return (yield from _run("chain_of_thought", "chain_of_thought", signature, inputs, ctx))
+    return (yield from _call(*_builtin("chain_of_thought", "chain_of_thought", signature, inputs), ctx))
+
+
+@dataclass
+class DefinedModule:
+    name: str
+    factory: Callable[[], Any]
+    params: list[inspect.Parameter]
+
+    def check(self, tool_name: str, inputs: Any, where: str) -> dict[str, Any]:
+        names = [p.name for p in self.params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if isinstance(inputs, str) and len(names) == 1:
+            return {names[0]: inputs}
+        if not isinstance(inputs, dict):
+            raise ArgumentError(tool_name, "ArgumentError",
+                                f"{where} must be a dict of {self.name}'s inputs {names}, got {type(inputs).__name__}")
+        missing = [p.name for p in self.params if p.name not in inputs and p.default is p.empty
+                   and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if missing:
+            raise ArgumentError(tool_name, "ArgumentError", f"{where} lacks {self.name}'s input(s) {missing}")
+        return inputs
 
 
 @tool
-def batch_inference(ctx: ToolContext, signature: str, batch_items: list, module: str = "predict",
-                    concurrency: int = 4, index_offset: int = 0) -> Generator[Emit, None, dict[str, Any]]:
-    """Run ``module`` on every item, ``concurrency`` at a time; one item chunk per item as it completes.
+def define(ctx: ToolContext, name: str, source: str) -> dict[str, Any]:
+    """Run ``source`` (Python; ``dspy`` is imported) and keep its ``name``: a dspy.Module subclass or instance,
+    or a function, as a module that ``run_module`` and ``batch_inference(module=name)`` can run."""
+    if not name.isidentifier():
+        raise ArgumentError("define", "ArgumentError", f"argument 'name' must be a Python identifier, got {name!r}")
+    try:
+        code = compile(source, f"<dspex define {name}>", "exec")
+    except SyntaxError as exc:
+        raise ArgumentError("define", "ArgumentError", f"the source of {name!r} has a syntax error: {exc}") from None
+    namespace: dict[str, Any] = {"dspy": dspy, "__name__": f"dspex_defined_{name}"}
+    exec(code, namespace)
+    if name not in namespace:
+        defined = sorted(k for k in namespace if not k.startswith("__") and k != "dspy")
+        raise ArgumentError("define", "ArgumentError", f"the source defines no {name!r} (it defines {defined})")
+    obj = namespace[name]
+    if isinstance(obj, type) and issubclass(obj, dspy.Module):
+        factory, kind, call = obj, "module class", obj.forward
+    elif isinstance(obj, dspy.Module):
+        factory, kind, call = (lambda: obj), "module instance", type(obj).forward
+    elif callable(obj):
+        factory, kind, call = (lambda: obj), "function", obj
+    else:
+        raise ArgumentError("define", "ArgumentError",
+                            f"{name!r} must be a dspy.Module subclass or instance, or a function; "
+                            f"got {type(obj).__name__}")
+    params = [p for p in inspect.signature(call).parameters.values() if p.name != "self"]
+    ctx.worker.modules[name] = DefinedModule(name, factory, params)
+    return {"name": name, "kind": kind, "inputs": [p.name for p in params]}
 
-    Item chunks are {"index", "ok", "result"} or {"index", "ok": false, "error"}; ``index`` is the
-    item's position plus ``index_offset`` (for a batch split over several workers).
+
+def _defined(ctx: ToolContext, tool_name: str, name: str) -> DefinedModule:
+    try:
+        return ctx.worker.modules[name]
+    except KeyError:
+        known = sorted(ctx.worker.modules) or "none yet; define one with %%dspex define or pool.define"
+        raise ArgumentError(tool_name, "ArgumentError", f"no module named {name!r} on this worker "
+                            f"(defined: {known})") from None
+
+
+@tool
+def run_module(ctx: ToolContext, name: str, inputs: dict | str) -> Generator[Emit, None, dict[str, Any]]:
+    """Run a module kept by ``define`` on ``inputs``; streamed calls stream the tokens of its predictors."""
+    module = _defined(ctx, "run_module", name)
+    inputs = module.check("run_module", inputs, "argument 'inputs'")
+    return (yield from _call(module.factory(), inputs, ctx))
+
+
+@tool
+def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", module: str = "predict",
+                    concurrency: int = 4) -> Generator[Emit, None, dict[str, Any]]:
+    """Run ``module`` (predict, chain_of_thought on ``signature``, or a defined module) on every item,
+    ``concurrency`` at a time; one item chunk per item as it completes.
+
+    Item chunks are {"index", "ok", "result", "worker"} or {"index", "ok": false, "error", "worker"}.
     """
-    if module not in MODULES:
-        raise ArgumentError("batch_inference", "ArgumentError",
-                            f"argument 'module' must be one of {sorted(MODULES)}, got {module!r}")
     if concurrency < 1:
         raise ArgumentError("batch_inference", "ArgumentError",
                             f"argument 'concurrency' must be >= 1, got {concurrency}")
-    sig = _signature("batch_inference", signature)
-    items = [_check_inputs("batch_inference", sig, item, f"batch_items[{i}]") for i, item in enumerate(batch_items)]
-    program_class, lm = MODULES[module], ctx.worker.lm
+    where = [f"batch_items[{i}]" for i in range(len(batch_items))]
+    if module in MODULES:
+        if not signature:
+            raise ArgumentError("batch_inference", "ArgumentError",
+                                f"argument 'signature' is required with module {module!r}")
+        sig = _signature("batch_inference", signature)
+        items = [_check_inputs("batch_inference", sig, item, w) for item, w in zip(batch_items, where, strict=True)]
+        make = partial(MODULES[module], sig)
+    else:
+        defined = _defined(ctx, "batch_inference", module)
+        items = [defined.check("batch_inference", item, w) for item, w in zip(batch_items, where, strict=True)]
+        make = defined.factory
+    lm, worker = ctx.worker.lm, ctx.worker.worker_id
 
     def run_one(inputs: dict[str, Any]) -> dict[str, Any]:
         with dspy.context(lm=lm):
-            return prediction_dict(program_class(sig)(**inputs))
+            return output_dict(make()(**inputs))
 
     results: list[dict[str, Any] | None] = [None] * len(items)
     with futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="item") as pool:
@@ -163,9 +255,9 @@ def batch_inference(ctx: ToolContext, signature: str, batch_items: list, module:
                 for fut in done:
                     i = pending.pop(fut)
                     try:
-                        data = {"index": i + index_offset, "ok": True, "result": fut.result()}
+                        data = {"index": i, "ok": True, "result": fut.result(), "worker": worker}
                     except Exception as exc:
-                        data = {"index": i + index_offset, "ok": False,
+                        data = {"index": i, "ok": False, "worker": worker,
                                 "error": {"type": type(exc).__name__, "message": str(exc)}}
                     results[i] = data
                     yield Emit("item", data)

@@ -22,6 +22,7 @@ class WorkerState:
     lm_model: str = ""
     lm_kwargs: dict[str, Any] = field(default_factory=dict)
     demo_engine: Any = None  # the DemoEngine when lm_model == "demo": its counters are exposed
+    modules: dict[str, Any] = field(default_factory=dict)  # name -> DefinedModule, kept by the define tool
     started: float = field(default_factory=time.time)
     active: int = 0
     total: int = 0
@@ -49,4 +50,5 @@ class WorkerState:
             counters["tokens_streamed"] = self.demo_engine.tokens_streamed
         return {"worker_id": self.worker_id, "run_id": self.run_id, "pid": os.getpid(),
                 "uptime": time.time() - self.started, "versions": versions,
-                "lm": {"model": self.lm_model, "kwargs": self.lm_kwargs}, "counters": counters}
+                "lm": {"model": self.lm_model, "kwargs": self.lm_kwargs}, "modules": sorted(self.modules),
+                "counters": counters}

@@ -1,0 +1,102 @@
+"""Pool-level batches (fanned out over every worker) and modules defined from source."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from conftest import wait_until
+
+from dspex_nb import Pool
+from dspex_nb.errors import ArgumentError, ToolError
+
+TWO_STEP = '''
+class TwoStep(dspy.Module):
+    """Find the topic with reasoning, then answer with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.topic = dspy.ChainOfThought("question -> topic")
+        self.answer = dspy.Predict("question, topic -> answer")
+
+    def forward(self, question):
+        topic = self.topic(question=question).topic
+        return self.answer(question=question, topic=topic)
+'''
+
+
+def test_batch_fans_out_over_every_worker_in_input_order(pool: Pool) -> None:
+    seen: list[dict] = []
+    batch = pool.batch([f"question {i}?" for i in range(50)], "question -> answer", on_item=seen.append)
+    out = batch.result()
+    assert len(out) == 50 and len(seen) == 50
+    for i, row in enumerate(out):
+        assert row["answer"].startswith(f"Demo LM answer to 'question {i}?'")
+    snap = batch.snapshot()
+    assert (snap["ok"], snap["failed"], snap["running"], snap["queued"], snap["status"]) == (50, 0, 0, 0, "done")
+    assert set(snap["by_worker"]) == {"w0", "w1"} and sum(snap["by_worker"].values()) == 50
+
+
+def test_batch_of_nothing_is_done_at_once(pool: Pool) -> None:
+    assert pool.batch([], "question -> answer").result() == []
+
+
+def test_batch_with_bad_items_names_the_item(pool: Pool) -> None:
+    batch = pool.batch([{"question": "a"}, {"text": "b"}], "question -> answer", shard_size=1)
+    with pytest.raises(ArgumentError, match=r"batch_items\[0\] must have exactly the input fields \['question'\]"):
+        batch.result()
+    with pytest.raises(ArgumentError, match="items must be a list"):
+        pool.batch("not a list", "question -> answer")
+
+
+def test_define_then_run_streams_every_predictor(pool: Pool) -> None:
+    info = pool.define("TwoStep", TWO_STEP)
+    assert info == {"name": "TwoStep", "kind": "module class", "inputs": ["question"]}
+    run = pool.execute_stream("run_module", {"name": "TwoStep", "inputs": {"question": "Why?"}})
+    final = run.result()
+    assert final["answer"].startswith("Demo LM answer to 'Why?'")
+    streamed = {(c["predictor"], c["field"]) for c in run.chunks if c.kind == "token"}
+    assert streamed == {("topic.predict", "reasoning"), ("topic.predict", "topic"), ("answer", "answer")}
+
+
+def test_defined_module_in_a_batch(pool: Pool) -> None:
+    pool.define("TwoStep", TWO_STEP)
+    out = pool.batch([{"question": f"q{i}"} for i in range(12)], module="TwoStep").result()
+    assert [o["answer"].split(":")[0] for o in out] == [f"Demo LM answer to 'q{i}'" for i in range(12)]
+
+
+def test_define_errors_are_clear(pool: Pool) -> None:
+    with pytest.raises(SyntaxError):
+        pool.define("Broken", "class Broken(:\n")
+    with pytest.raises(ArgumentError, match=r"the source defines no 'Missing' \(it defines \['Other'\]\)"):
+        pool.define("Missing", "class Other: pass\n")
+    with pytest.raises(ToolError, match="ZeroDivisionError"):
+        pool.define("Boom", "x = 1 / 0\n")
+    with pytest.raises(ArgumentError, match="no module named 'Nope' on this worker"):
+        pool.execute("run_module", {"name": "Nope", "inputs": {}})
+    assert "Broken" not in pool.definitions and "Missing" not in pool.definitions
+
+
+def test_definitions_reach_a_restarted_worker(pool: Pool) -> None:
+    pool.define("Shout", "def Shout(text):\n    return {'loud': text.upper()}\n")
+    old = next(r for r in pool.status() if r["worker"] == "w1")
+    pool.kill_worker("w1", signal.SIGKILL)
+    wait_until(lambda: any(r["worker"] == "w1" and r["state"] == "ready" and r["restarts"] == old["restarts"] + 1
+                           for r in pool.status()), timeout=30, what="w1 to be replaced")
+    assert pool.execute("run_module", {"name": "Shout", "inputs": "hey"}, worker="w1") == {"loud": "HEY"}
+
+
+def test_batch_survives_a_killed_worker(pool: Pool) -> None:
+    pool.configure_lm("demo", ttft=0.01)
+    try:
+        first = []
+        batch = pool.batch([f"q{i}" for i in range(120)], "question -> answer", shard_size=10, concurrency=2,
+                           on_item=first.append)
+        wait_until(lambda: len(first) >= 10, what="the batch to be under way")
+        pool.kill_worker("w0", signal.SIGKILL)
+        out = batch.result()
+        assert len(out) == 120 and not any("error" in o for o in out)
+        assert batch.retries >= 1  # the killed worker's unfinished items ran again elsewhere
+        assert [o["answer"].split(":")[0] for o in out] == [f"Demo LM answer to 'q{i}'" for i in range(120)]
+    finally:
+        pool.configure_lm("demo")

@@ -1,6 +1,6 @@
 """Core performance figures of dspex_nb, each measured against a peer in the same run.
 
-Run ``python bench/core.py`` (about 1-2 minutes) or ``python bench/core.py --quick`` (a smoke test, < 30 s).
+Run ``python bench/core.py`` (about 15 s on 2 CPUs) or ``python bench/core.py --quick`` (a smoke test, < 30 s).
 
 What is compared, and why:
 
@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -158,6 +159,10 @@ class Row:
 def bench_unary(pool: Any, n: int, warmup: int) -> list[Row]:
     import grpc
 
+    from dspex_nb._proto import bridge_pb2
+
+    stub = pool.workers[0].stub
+    request = bridge_pb2.ExecuteRequest(tool="echo", args_json=PAYLOAD)
     with tempfile.TemporaryDirectory(prefix="dspex-bench-") as directory, raw_server_process(directory) as address:
         channel = grpc.insecure_channel(address)
         try:
@@ -170,18 +175,21 @@ def bench_unary(pool: Any, n: int, warmup: int) -> list[Row]:
             def ours() -> None:
                 pool.execute("echo", {"x": 1})
 
+            def direct() -> None:  # diagnostic: the worker's Execute called blocking, bypassing Pool.execute
+                stub.Execute(request, timeout=10)
+
             assert pool.execute("echo", {"x": 1}) == {"x": 1} and raw_ping(PAYLOAD) == PAYLOAD
-            timed_calls(ours, warmup)
-            timed_calls(raw, warmup)
-            # interleave blocks so drift (CPU frequency, other load) hits both sides alike
-            ours_us: list[float] = []
-            raw_us: list[float] = []
+            series: dict[Callable[[], None], list[float]] = {ours: [], raw: [], direct: []}
+            for call in series:
+                timed_calls(call, warmup)
+            # interleave blocks so drift (CPU frequency, other load) hits every series alike
             block = max(1, n // 8)
             for _ in range(0, n, block):
-                ours_us += timed_calls(ours, block)
-                raw_us += timed_calls(raw, block)
+                for call, samples in series.items():
+                    samples += timed_calls(call, block)
         finally:
             channel.close()
+    ours_us, raw_us, direct_us = series[ours], series[raw], series[direct]
     rows = []
     for q in (50, 99):
         a, b = percentile(ours_us, q), percentile(raw_us, q)
@@ -189,6 +197,8 @@ def bench_unary(pool: Any, n: int, warmup: int) -> list[Row]:
     print(f"  unary: {len(ours_us)} calls each; ours p50 {rows[0].ours:.0f} us p99 {rows[1].ours:.0f} us, "
           f"raw p50 {rows[0].peer:.0f} us p99 {rows[1].peer:.0f} us; "
           f"means {statistics.fmean(ours_us):.0f} / {statistics.fmean(raw_us):.0f} us")
+    print(f"  unary, diagnostic: blocking stub.Execute('echo') without Pool.execute: p50 "
+          f"{percentile(direct_us, 50):.0f} us p99 {percentile(direct_us, 99):.0f} us")
     return rows
 
 
@@ -244,16 +254,28 @@ def bench_token_stream(pool: Any, answer_tokens: int) -> Row:
 def bench_pool_start(repeats: int) -> Row:
     from dspex_nb import Pool
 
+    def children_cpu() -> float:  # CPU seconds of reaped child processes (workers are reaped on shutdown)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
     times: dict[int, list[float]] = {1: [], 4: []}
+    cpu: dict[int, list[float]] = {1: [], 4: []}
     for _ in range(repeats):
         for size in (1, 4):
+            cpu_before = children_cpu()
             t0 = time.perf_counter()
             with Pool(workers=size) as pool:
                 times[size].append(time.perf_counter() - t0)
                 assert len(pool.status()) == size
+            cpu[size].append(children_cpu() - cpu_before)
     one, four = statistics.median(times[1]), statistics.median(times[4])
+    cpus = os.cpu_count() or 1
+    per_worker = statistics.median(cpu[1])
     print(f"  pool ready: 1 worker {', '.join(f'{t:.2f}' for t in times[1])} s; "
-          f"4 workers {', '.join(f'{t:.2f}' for t in times[4])} s (CPUs: {os.cpu_count()})")
+          f"4 workers {', '.join(f'{t:.2f}' for t in times[4])} s")
+    print(f"  pool ready: one worker's life costs {per_worker:.2f} CPU-s (mostly importing dspy); "
+          f"4 workers {statistics.median(cpu[4]):.2f} CPU-s on {cpus} CPUs -> CPU-bound floor for 4 workers "
+          f"~{4 * per_worker / min(4, cpus):.2f} s ({4 * per_worker / min(4, cpus) / one:.1f}x one worker)")
     return Row("pool ready, 4 vs 1 workers (s)", four, one, "Pool(workers=1)", "<= 1.3x", four <= 1.3 * one, "s")
 
 

@@ -34,6 +34,7 @@ class BatchRun:
         self.pool = pool
         self.total = len(items)
         self.records: list[dict[str, Any] | None] = [None] * self.total
+        self.arrived: list[int] = []  # indices of records in the order they arrived
         self._args = {"signature": signature, "module": module, "concurrency": concurrency}
         self._items = list(items)
         self._timeout = timeout
@@ -127,6 +128,7 @@ class BatchRun:
             if self.records[index] is not None:
                 return
             self.records[index] = record
+            self.arrived.append(index)
             if record["ok"]:
                 self.ok += 1
             else:
@@ -203,6 +205,11 @@ class BatchRun:
 def outputs(record: dict[str, Any]) -> dict[str, Any]:
     if record["ok"]:
         return record["result"]
-    return {"error": f"{record['error']['type']}: {record['error']['message']}"}
+    return {"error": error_line(record)}
+
+
+def error_line(record: dict[str, Any]) -> str:
+    """The error of a failed item record, as one line."""
+    return f"{record['error']['type']}: {record['error']['message']}"
 
 

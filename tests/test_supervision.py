@@ -116,6 +116,15 @@ def test_ctrl_c_during_a_blocking_wait_cancels_the_call(pool: Pool) -> None:
     assert idle(pool, "w1")["active_requests"] == 0
 
 
+def test_ctrl_c_during_a_blocking_execute_cancels_the_call(pool: Pool) -> None:
+    timer = threading.Timer(0.3, os.kill, args=(os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        pool.execute("sleep", {"seconds": 60}, worker="w0")
+    assert idle(pool, "w0")["active_requests"] == 0
+    assert pool.execute("whoami", worker="w0")["worker"] == "w0"
+
+
 def test_workers_run_in_their_own_session(pool: Pool) -> None:
     for row in pool.status():
         assert os.getsid(row["pid"]) == row["pid"] != os.getsid(0)

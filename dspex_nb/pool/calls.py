@@ -118,11 +118,13 @@ class Run:
     # -- reader thread ---------------------------------------------------------------
     def _read(self) -> None:
         try:
-            for batch in self._call:
-                for message in batch.chunks:
-                    chunk = Chunk(message.kind, message.seq, json.loads(message.data_json), message.is_final)
-                    self._add(chunk)
-                    if self._on_chunk is not None and not self._cancelled and self._on_chunk(chunk) is False:
+            for message in self._call:
+                chunks = [Chunk(c.kind, c.seq, json.loads(c.data_json), c.is_final) for c in message.chunks]
+                self._add(chunks)
+                for chunk in chunks if self._on_chunk is not None else ():
+                    if self._cancelled:
+                        break
+                    if self._on_chunk(chunk) is False:
                         self.cancel()
         except grpc.RpcError as err:
             if not self._cancelled:
@@ -137,14 +139,16 @@ class Run:
                 self._cond.notify_all()
             self._on_done(self)
 
-    def _add(self, chunk: Chunk) -> None:
-        if chunk.kind == "final":
-            self._final = chunk.data
-        elif chunk.kind == "error" and chunk.is_final:
-            self._error = remote_error(self.tool, chunk.data["type"], chunk.data["message"],
-                                       chunk.data.get("traceback", ""), self.worker)
+    def _add(self, chunks: list[Chunk]) -> None:
+        """Keep the chunks of one message (one lock, one wake-up); note the final result or error."""
+        last = chunks[-1]
+        if last.kind == "final":
+            self._final = last.data
+        elif last.kind == "error" and last.is_final:
+            self._error = remote_error(self.tool, last.data["type"], last.data["message"],
+                                       last.data.get("traceback", ""), self.worker)
         with self._cond:
-            self.chunks.append(chunk)
+            self.chunks.extend(chunks)
             self._cond.notify_all()
 
     # -- caller side -----------------------------------------------------------------

@@ -27,7 +27,7 @@ import grpc
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.batch import BatchRun
 from dspex_nb.errors import DspexError, PoolClosed, WorkerDied, WorkerStartError
-from dspex_nb.pool.calls import Chunk, Run, encode_args, translate, unary_result, wait_interruptibly
+from dspex_nb.pool.calls import Chunk, Run, encode_args, translate, unary_result
 from dspex_nb.pool.process import WorkerProcess, describe_exit, interpreter, worker_env
 
 STARTING, READY, RESTARTING, FAILED, STOPPED = "starting", "ready", "restarting", "failed", "stopped"
@@ -295,12 +295,9 @@ class Pool:
         chosen = self._choose(worker, count=True)
         ok = False
         try:
-            future = chosen.stub.Execute.future(request, timeout=timeout)
-            done = threading.Event()
-            future.add_done_callback(lambda _: done.set())
-            wait_interruptibly(done, None, future.cancel)
             try:
-                reply = future.result()
+                # A blocking call: gRPC turns Ctrl-C into KeyboardInterrupt and cancels the RPC.
+                reply = chosen.stub.Execute(request, timeout=timeout)
             except grpc.RpcError as err:
                 raise translate(err, tool, timeout, self._death_of(chosen)) from None
             result = unary_result(reply, tool, chosen.id)

@@ -1,0 +1,27 @@
+"""Views of runs, batches and pools: ipywidgets in a live notebook, plain text elsewhere.
+
+The models are the API's own objects (``Run``, ``BatchRun``, ``Pool``); ``progress`` turns them
+into numbers and lines that both renderers use, and one ``pump`` thread refreshes live views.
+"""
+
+from __future__ import annotations
+
+import os
+
+MODES = ("auto", "widgets", "text")
+
+
+def live_frontend(mode: str = "auto") -> bool:
+    """Whether to render widgets: in an IPython kernel, unless DSPEX_NONINTERACTIVE=1 or mode says."""
+    if mode not in MODES:
+        raise ValueError(f"display mode must be one of {MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode == "widgets"
+    if os.environ.get("DSPEX_NONINTERACTIVE", "") not in ("", "0"):
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None

@@ -1,0 +1,86 @@
+"""What both renderers show, computed once: stream text per field, batch and pool lines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dspex_nb.batch import error_line
+from dspex_nb.pool.calls import Run
+
+__all__ = ["StreamText", "batch_line", "batch_summary", "error_line", "error_text", "pool_rows", "text_table"]
+
+
+@dataclass
+class StreamText:
+    """The text of each output field of a streaming run, read incrementally from ``run.chunks``."""
+
+    run: Run
+    fields: dict[str, str] = field(default_factory=dict)
+    tokens: int = 0
+    status: str = ""
+    _read: int = 0
+
+    def update(self) -> bool:
+        """Read the chunks that arrived since the last call; True when anything changed."""
+        chunks = self.run.chunks[self._read:]
+        self._read += len(chunks)
+        for chunk in chunks:
+            if chunk.kind == "token":
+                self.fields[chunk["field"]] = self.fields.get(chunk["field"], "") + chunk["text"]
+                self.tokens += bool(chunk["text"])
+            elif chunk.kind == "status":
+                self.status = chunk["message"]
+            elif chunk.kind == "final" and isinstance(chunk.data, dict):
+                for name, value in chunk.data.items():  # fields that were not streamed (typed ones)
+                    self.fields[name] = value if isinstance(value, str) else repr(value)
+        return bool(chunks)
+
+    def summary(self) -> str:
+        run = self.run
+        state = {"running": "streaming", "done": "done", "failed": "failed", "cancelled": "cancelled"}[run.status]
+        line = f"{state} · {run.tool} on {run.worker} · {self.tokens} tokens · {run.elapsed:.2f} s"
+        if run.status == "failed":
+            line += f" · {error_text(run.error)}"
+        elif run.status == "running" and self.status:
+            line += f" · {self.status}"
+        return line
+
+
+def error_text(error: BaseException | None) -> str:
+    if error is None:
+        return ""
+    message = getattr(error, "message", None) or str(error)
+    return f"{getattr(error, 'type', None) or type(error).__name__}: {message}"
+
+
+def batch_line(snap: dict[str, Any]) -> str:
+    done = snap["ok"] + snap["failed"]
+    line = (f"{done}/{snap['total']} items · ok {snap['ok']} · failed {snap['failed']} · running {snap['running']}"
+            f" · queued {snap['queued']} · {snap['rate']:.1f} items/s · {snap['elapsed']:.2f} s")
+    if snap["status"] == "running" and snap["eta"]:
+        line += f" · ETA {snap['eta']:.1f} s"
+    if snap["retries"]:
+        line += f" · {snap['retries']} retried"
+    return line
+
+
+def batch_summary(snap: dict[str, Any]) -> str:
+    """The one deterministic line a finished batch prints outside a live notebook."""
+    workers = len(snap["by_worker"])
+    return (f"batch {snap['status']}: {snap['total']} items, {snap['ok']} ok, {snap['failed']} failed "
+            f"on {workers} worker{'s' * (workers != 1)} in {snap['elapsed']:.2f} s")
+
+
+POOL_COLUMNS = ("worker", "pid", "state", "in_flight", "done", "errors", "restarts", "uptime")
+
+
+def pool_rows(status: list[dict[str, Any]]) -> list[list[str]]:
+    return [[str(row[c]) if c != "uptime" else f"{row[c]:.0f} s" for c in POOL_COLUMNS] for row in status]
+
+
+def text_table(columns: tuple[str, ...], rows: list[list[str]]) -> str:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,71 @@
+"""One UI pump thread: refreshes every live view at most ``1 / interval`` times a second.
+
+However fast chunks arrive, a view costs at most one update per tick, so a 5,000-token stream
+sends a few dozen widget messages, not thousands (jupyter_server drops iopub output beyond
+about 1,000 messages/s). The thread runs only while there are views to refresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Refreshable(Protocol):
+    def refresh(self) -> bool: ...
+
+
+class Pump:
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self._views: list[Refreshable] = []
+        self._lock = threading.Lock()
+        self._refreshing = threading.Lock()  # one refresh at a time: views are not thread-safe
+        self._thread: threading.Thread | None = None
+
+    def add(self, view: Refreshable) -> None:
+        """Refresh ``view`` now and on every tick until its ``refresh()`` returns False."""
+        if not self._refresh(view):
+            return
+        with self._lock:
+            self._views.append(view)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="dspex-ui-pump", daemon=True)
+                self._thread.start()
+
+    def remove(self, view: Refreshable) -> None:
+        with self._lock:
+            if view in self._views:
+                self._views.remove(view)
+
+    def flush(self, view: Refreshable) -> None:
+        """Refresh ``view`` once more now (e.g. when its run just ended) and stop tracking it if final."""
+        if not self._refresh(view):
+            self.remove(view)
+
+    def _refresh(self, view: Refreshable) -> bool:
+        try:
+            with self._refreshing:
+                return view.refresh()
+        except Exception:  # a broken view must not stop the others
+            log.exception("dspex_nb: a view failed to refresh and was dropped")
+            return False
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self._lock:
+                views = list(self._views)
+                if not views:
+                    self._thread = None
+                    return
+            for view in views:
+                if not self._refresh(view):
+                    self.remove(view)
+
+
+PUMP = Pump()

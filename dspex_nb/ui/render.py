@@ -1,0 +1,88 @@
+"""Show a run, a batch or a pool: live widgets in a notebook, deterministic text elsewhere.
+
+Blocking shows wait in short slices (Ctrl-C cancels the remote work), then print or refresh
+the final state once; background (``block=False``) shows return at once and the pump keeps
+the widgets current.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from dspex_nb.batch import BatchRun
+from dspex_nb.pool.calls import Run
+from dspex_nb.pool.pool import Pool
+from dspex_nb.ui import live_frontend, progress
+from dspex_nb.ui.pump import PUMP
+
+
+def _display(view: object) -> None:
+    from IPython.display import display
+
+    display(view)
+
+
+def show_run(run: Run, title: str, *, mode: str = "auto", block: bool = True, out: TextIO | None = None) -> None:
+    """Stream ``run``'s tokens into a StreamView, or print its fields and a summary when it ends."""
+    if live_frontend(mode):
+        from dspex_nb.ui.widgets import StreamView
+
+        view = StreamView(run, title)
+        _display(view)
+        PUMP.add(view)
+        if block:
+            run.wait()
+            PUMP.flush(view)
+        return
+    if block:
+        run.wait()
+        text = progress.StreamText(run)
+        text.update()
+        out = out or sys.stdout
+        for name, value in text.fields.items():
+            out.write(f"{name}: {value}\n")
+        out.write(text.summary() + "\n")
+
+
+def show_batch(batch: BatchRun, title: str, *, mode: str = "auto", block: bool = True,
+               out: TextIO | None = None) -> None:
+    """A BatchDashboard, or (outside a live notebook) one summary line and the errors when it ends."""
+    if live_frontend(mode):
+        from dspex_nb.ui.widgets import BatchDashboard
+
+        view = BatchDashboard(batch, title)
+        _display(view)
+        PUMP.add(view)
+        if block:
+            batch.wait()
+            PUMP.flush(view)
+        return
+    if block:
+        batch.wait()
+        out = out or sys.stdout
+        out.write(progress.batch_summary(batch.snapshot()) + "\n")
+        for record in batch.records:
+            if record is not None and not record["ok"]:
+                out.write(f"  item {record['index']}: {progress.error_line(record)}\n")
+
+
+_pool_view: object | None = None
+
+
+def show_pool(pool: Pool, *, mode: str = "auto", out: TextIO | None = None) -> None:
+    """A PoolDashboard that refreshes while the pool runs (only the newest one), or a text table."""
+    global _pool_view
+    if live_frontend(mode):
+        from dspex_nb.ui.widgets import PoolDashboard
+
+        if _pool_view is not None:
+            PUMP.remove(_pool_view)  # type: ignore[arg-type]
+        _pool_view = view = PoolDashboard(pool)
+        _display(view)
+        PUMP.add(view)
+        return
+    out = out or sys.stdout
+    state = "running" if pool.running else "stopped"
+    out.write(f"pool: {pool.size} workers, lm={pool.lm}, {state}\n")
+    out.write(progress.text_table(progress.POOL_COLUMNS, progress.pool_rows(pool.status())) + "\n")

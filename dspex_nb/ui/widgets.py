@@ -1,0 +1,149 @@
+"""ipywidgets views: a token stream view, a batch dashboard, a pool dashboard.
+
+Views know nothing of gRPC: they read a ``Run``, a ``BatchRun`` or a ``Pool``. ``refresh()`` is
+called by the pump (at most ~10 times a second) and sends only the values that changed, in one
+``hold_sync`` message per widget. Token text lives in one HTML value per field.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import ipywidgets as w
+
+from dspex_nb.batch import BatchRun
+from dspex_nb.pool.calls import Run
+from dspex_nb.pool.pool import Pool
+from dspex_nb.ui import progress
+
+LATEST_ROWS = 8
+
+
+def _set(widget: w.Widget, **values: Any) -> None:
+    """Assign only the traits that changed, so an unchanged view sends nothing."""
+    changed = {k: v for k, v in values.items() if getattr(widget, k) != v}
+    if changed:
+        with widget.hold_sync():
+            for key, value in changed.items():
+                setattr(widget, key, value)
+
+
+def _table(columns: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th style='text-align:left;padding-right:1em'>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td style='padding-right:1em'>{html.escape(v)}</td>" for v in row) + "</tr>"
+                   for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class View:
+    """A widget tree with a stable text/plain repr (what nbval and terminals see)."""
+
+    root: w.Widget
+    plain: str
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        bundle = self.root._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = self.plain
+        return bundle
+
+    def refresh(self) -> bool:
+        """Bring the widgets up to date; False once the view is final (the pump then drops it)."""
+        raise NotImplementedError
+
+
+class StreamView(View):
+    """Live text per output field (reasoning and answer apart), a status line and a Stop button."""
+
+    def __init__(self, run: Run, title: str) -> None:
+        self.text = progress.StreamText(run)
+        self.plain = f"<dspex stream: {title}>"
+        self.title = w.HTML(f"<b>{html.escape(title)}</b>")
+        self.fields = w.VBox()
+        self.status = w.HTML()
+        self.stop = w.Button(description="Stop", icon="stop", button_style="warning", layout={"width": "7em"})
+        self.stop.on_click(lambda _: run.cancel())
+        self.field_views: dict[str, w.HTML] = {}
+        self.root = w.VBox([self.title, self.fields, w.HBox([self.stop, self.status])])
+
+    def refresh(self) -> bool:
+        run = self.text.run
+        done = run.done  # read before the chunks, so the last chunks are always shown
+        self.text.update()
+        for name, value in self.text.fields.items():
+            view = self.field_views.get(name)
+            if view is None:
+                view = self.field_views[name] = w.HTML()
+                self.fields.children = (*self.fields.children, view)
+            _set(view, value=f"<b>{html.escape(name)}</b><pre style='white-space:pre-wrap;margin:0'>"
+                             f"{html.escape(value)}</pre>")
+        _set(self.status, value=html.escape(self.text.summary()))
+        if done:
+            _set(self.stop, disabled=True)
+        return not done
+
+
+class BatchDashboard(View):
+    """Progress bar, counts, items/s, ETA, per-worker activity, latest results and errors, Stop."""
+
+    def __init__(self, batch: BatchRun, title: str) -> None:
+        self.batch = batch
+        self.plain = f"<dspex batch: {title}, {batch.total} items>"
+        self.bar = w.IntProgress(value=0, min=0, max=max(batch.total, 1), bar_style="info",
+                                 layout={"width": "60%"})
+        self.counts = w.HTML()
+        self.workers = w.HTML()
+        self.latest = w.HTML()
+        self.errors = w.HTML()
+        self.error_box = w.Accordion(children=[self.errors], titles=("errors (0)",))
+        self.stop = w.Button(description="Stop", icon="stop", button_style="warning", layout={"width": "7em"})
+        self.stop.on_click(lambda _: batch.cancel())
+        self.root = w.VBox([w.HTML(f"<b>{html.escape(title)}</b>"), w.HBox([self.bar, self.stop]), self.counts,
+                            self.workers, self.latest, self.error_box])
+
+    def refresh(self) -> bool:
+        batch = self.batch
+        snap = batch.snapshot()
+        done = snap["ok"] + snap["failed"]
+        style = "danger" if snap["failed"] else ("success" if snap["status"] == "done" else "info")
+        _set(self.bar, value=done, bar_style=style)
+        _set(self.counts, value=html.escape(progress.batch_line(snap)))
+        workers = sorted(set(snap["by_worker"]) | set(snap["active"]))
+        _set(self.workers, value=_table(["worker", "running", "done"], [
+            [wid, str(snap["active"].get(wid, 0)), str(snap["by_worker"].get(wid, 0))] for wid in workers]))
+        arrived = batch.arrived[:]
+        latest = [batch.records[i] for i in arrived[-LATEST_ROWS:]]
+        _set(self.latest, value=_table(["#", "worker", "result"], [
+            [str(r["index"]), str(r.get("worker", "")), _short(r)] for r in reversed(latest) if r]))
+        failed = [r for i in arrived if (r := batch.records[i]) and not r["ok"]]
+        _set(self.errors, value="<br>".join(f"#{r['index']}: {html.escape(progress.error_line(r))}"
+                                            for r in failed[:200]))
+        self.error_box.set_title(0, f"errors ({len(failed)})")
+        if batch.done:
+            _set(self.stop, disabled=True)
+        return not batch.done
+
+
+def _short(record: dict[str, Any], width: int = 90) -> str:
+    if not record["ok"]:
+        return "✗ " + progress.error_line(record)
+    text = "; ".join(f"{k}: {v}" for k, v in record["result"].items())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+class PoolDashboard(View):
+    """Each worker's pid, state, in-flight, done, errors, restarts, uptime; refreshed while the pool runs."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.plain = f"<dspex pool: {pool.size} workers, lm={pool.lm}>"
+        self.header = w.HTML()
+        self.table = w.HTML()
+        self.root = w.VBox([self.header, self.table])
+
+    def refresh(self) -> bool:
+        running = self.pool.running
+        state = "running" if running else "stopped"
+        _set(self.header, value=f"<b>pool</b> · {self.pool.size} workers · lm={html.escape(self.pool.lm)} · {state}")
+        _set(self.table, value=_table(progress.POOL_COLUMNS, progress.pool_rows(self.pool.status())))
+        return running

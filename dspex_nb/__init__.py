@@ -33,3 +33,17 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'dspex_nb' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)
+
+
+def load_ipython_extension(shell: Any) -> None:
+    """``%load_ext dspex_nb``: register %dspex / %%dspex (the pool starts on first use)."""
+    from dspex_nb.magics import load
+
+    load(shell)
+
+
+def unload_ipython_extension(shell: Any) -> None:
+    """``%unload_ext dspex_nb``: stop the pool and remove the magics."""
+    from dspex_nb.magics import unload
+
+    unload(shell)

@@ -86,7 +86,7 @@ class Pool:
         self.start_timeout = start_timeout
         self.env = env
         self.run_id = uuid.uuid4().hex[:12]
-        self.definitions: dict[str, str] = {}  # name -> source, replayed on every new worker
+        self.definitions: dict[str, dict[str, Any]] = {}  # name -> source, kind, inputs; replayed on new workers
         self.workers: list[Worker] = []
         self._dir: Path | None = None
         self._lock = threading.Condition()
@@ -174,8 +174,8 @@ class Pool:
                     pass
             else:
                 time.sleep(0.01)
-        for name, source in list(self.definitions.items()):
-            self._define_on(worker, name, source)
+        for name, definition in list(self.definitions.items()):
+            self._define_on(worker, name, definition["source"])
         with self._lock:
             worker.state, worker.ready_at, worker.failed_pings = READY, time.monotonic(), 0
             self._lock.notify_all()
@@ -334,7 +334,7 @@ class Pool:
         for worker in list(self.workers):
             if worker.state == READY:
                 info = self._define_on(worker, name, source)
-        self.definitions[name] = source
+        self.definitions[name] = dict(info, source=source)
         return info
 
     def batch(self, items: Sequence[Any], signature: str = "", *, module: str = "predict", concurrency: int = 4,

@@ -1,0 +1,375 @@
+"""``%dspex`` (pool control, status, LM, config) and ``%%dspex`` (predict, batch, define, run).
+
+A thin layer over the Python API, as ipyparallel's ``%px`` is over its ``View``: parse arguments,
+turn the cell into inputs, call ``Pool``, hand the handle to a renderer. Defaults are traitlets
+(``%config Dspex.workers = 4``, or ``c.Dspex.workers = 4`` in ipython_config.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import string
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import MagicArgumentParser
+from traitlets import Enum, Integer, Unicode
+
+from dspex_nb.api import Pool
+from dspex_nb.batch import BatchRun
+from dspex_nb.errors import Cancelled, DspexError, ToolError
+from dspex_nb.pool.calls import Run
+from dspex_nb.ui import MODES
+from dspex_nb.ui.render import show_batch, show_pool, show_run
+
+# -- argument parsers, one per sub-command ------------------------------------------------------
+PARSERS: dict[str, MagicArgumentParser] = {}
+CELL_COMMANDS = ("predict", "batch", "define", "run")
+
+
+def _parser(command: str, description: str) -> MagicArgumentParser:
+    parser = MagicArgumentParser(prog=f"%dspex {command}" if command not in CELL_COMMANDS else f"%%dspex {command}",
+                                 description=description, add_help=False)
+    PARSERS[command] = parser
+    return parser
+
+
+def _run_options(parser: MagicArgumentParser) -> None:
+    parser.add_argument("-o", "--output", metavar="VAR", help="store the result (or, with -a, the handle) in VAR")
+    parser.add_argument("-a", "--async", dest="background", action="store_true",
+                        help="return a handle at once; the view keeps updating while other cells run")
+    parser.add_argument("--timeout", type=float, metavar="S", help="cancel the call after S seconds")
+    parser.add_argument("--no-interpolate", action="store_true", help="keep {name} in the cell as it is")
+
+
+_p = _parser("start", "Start the pool (defaults from %config Dspex).")
+_p.add_argument("-n", "--workers", type=int, help="number of worker processes")
+_p.add_argument("--lm", help="'demo' or a dspy.LM model string, e.g. openai/gpt-4o-mini")
+_p.add_argument("--python", metavar="EXE", help="the workers' Python interpreter")
+_parser("stop", "Stop the pool and every worker process.")
+_parser("restart", "Stop the pool and start it again with the same settings and defined modules.")
+_parser("status", "Show the pool dashboard (refreshes while shown).")
+_parser("config", "Show the magics' defaults and the running pool's settings.")
+_p = _parser("lm", "Switch the LM on every worker (and on workers started later).")
+_p.add_argument("model", help="'demo' or a dspy.LM model string")
+_p.add_argument("--temperature", type=float)
+_p.add_argument("--max-tokens", type=int)
+_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                help="any other dspy.LM (or demo LM) setting; VALUE is JSON or a string")
+_p = _parser("predict", "Run a DSPy signature on the cell: the cell is the input (one input field) or "
+                        "`field: value` lines; tokens of each output field stream live.")
+_p.add_argument("signature", help='e.g. "question -> answer"')
+_p.add_argument("--cot", action="store_true", help="use dspy.ChainOfThought (streams its reasoning too)")
+_p.add_argument("--no-stream", action="store_true", help="wait for the whole answer instead of streaming tokens")
+_run_options(_p)
+_p = _parser("run", "Run a module defined with %%dspex define on the cell's input, streaming.")
+_p.add_argument("name", help="the module's name")
+_p.add_argument("--no-stream", action="store_true", help="wait for the whole answer instead of streaming tokens")
+_run_options(_p)
+_p = _parser("batch", "Fan items out over the pool; OUT gets one result per item, in input order. "
+                      "With --items and nothing else in the cell, use one %: %dspex batch ... --items VAR.")
+_p.add_argument("signature", nargs="?", default="", help='e.g. "question -> answer" (not with --module)')
+_p.add_argument("--items", metavar="VAR", help="a list of strings or dicts, or a pandas DataFrame "
+                                              "(default: the cell's non-empty lines)")
+_p.add_argument("--module", metavar="NAME", help="a module defined with %%dspex define")
+_p.add_argument("--cot", action="store_true", help="use dspy.ChainOfThought")
+_p.add_argument("--concurrency", type=int, default=4, metavar="K", help="items at a time per worker")
+_run_options(_p)
+_p = _parser("define", "Define a DSPy module (a dspy.Module subclass or a function) on every worker, "
+                       "including workers started later; `dspy` is imported.")
+_p.add_argument("name", help="the name the cell defines")
+
+HELP = "\n".join(["Run DSPy on a pool of background workers.", ""] + [p.format_help() for p in PARSERS.values()])
+
+
+# -- turning a cell into inputs -----------------------------------------------------------------
+def interpolate(text: str, namespace: dict[str, Any]) -> str:
+    """Replace {name} (also {name.attr}, {name[key]}, with format specs) by kernel variables."""
+    formatter = string.Formatter()
+    parts = []
+    for literal, field, spec, conversion in formatter.parse(text):
+        parts.append(literal)
+        if field is None:
+            continue
+        try:
+            value, _ = formatter.get_field(field, (), namespace)
+        except (KeyError, AttributeError, IndexError) as exc:
+            root = re.split(r"[.\[]", field, maxsplit=1)[0]
+            what = f"no variable named {root!r} in the kernel" if root not in namespace else f"{exc!r}"
+            raise UsageError(f"{{{field}}}: {what} (use --no-interpolate to keep braces as they are)") from None
+        parts.append(format(formatter.convert_field(value, conversion), spec or ""))
+    return "".join(parts)
+
+
+def signature_inputs(signature: str) -> list[str]:
+    """The input field names of a signature string such as 'question, context: list[str] -> answer'."""
+    if signature.count("->") != 1:
+        raise UsageError(f"{signature!r} is not a DSPy signature: expected 'inputs -> outputs', "
+                         "e.g. 'question -> answer'")
+    names = [part.split(":")[0].strip() for part in signature.split("->")[0].split(",")]
+    return [n for n in names if n]
+
+
+def cell_inputs(body: str, names: list[str] | None) -> dict[str, str] | str:
+    """The cell as inputs: all of it for one input field, else one `field: value` line per field."""
+    text = body.strip("\n")
+    if names is None:
+        return text
+    if len(names) == 1:
+        return {names[0]: text.strip()}
+    values: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        match = re.match(r"^(\w+)\s*:\s?(.*)$", line)
+        if match and match.group(1) in names:
+            current = match.group(1)
+            values[current] = [match.group(2)]
+        elif current is None:
+            if line.strip():
+                raise UsageError(f"write one `field: value` line per input field {names}; got {line!r}")
+        else:
+            values[current].append(line)
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise UsageError(f"the cell gives no value for input field(s) {missing}: write one `field: value` "
+                         f"line per input field {names}")
+    return {name: "\n".join(lines).strip() for name, lines in values.items()}
+
+
+def as_items(value: Any, name: str) -> list[Any]:
+    if type(value).__name__ == "DataFrame" and hasattr(value, "to_dict"):
+        return value.to_dict("records")
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise UsageError(f"--items {name} must be a list of strings or dicts, or a pandas DataFrame; "
+                     f"got {type(value).__name__}")
+
+
+def prediction(fields: dict[str, Any]) -> Any:
+    """A dspy.Prediction of the fields, as a DSPy user expects."""
+    import dspy
+
+    return dspy.Prediction(**fields)
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--set takes KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+# -- the magics ---------------------------------------------------------------------------------
+@magics_class
+class Dspex(Magics):
+    workers = Integer(2, help="Workers in a pool the magics start.").tag(config=True)
+    lm = Unicode("demo", help="LM of a pool the magics start: 'demo' or a dspy.LM model string.").tag(config=True)
+    python = Unicode("", help="The workers' Python interpreter (default: the kernel's).").tag(config=True)
+    display = Enum(MODES, "auto", help="'widgets', 'text', or 'auto' (widgets in a kernel unless "
+                                       "DSPEX_NONINTERACTIVE=1).").tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self.pool: Pool | None = None
+
+    @line_cell_magic
+    def dspex(self, line: str, cell: str | None = None) -> None:
+        try:
+            argv = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"%dspex: {exc} in {line!r}") from None
+        if not argv or argv[0] not in PARSERS:
+            raise UsageError(f"%dspex: expected one of {', '.join(PARSERS)}; see %dspex?")
+        command = argv[0]
+        if command == "batch" and cell is None:  # `%dspex batch ... --items VAR`: IPython refuses empty cells
+            cell = ""
+        if (cell is None) != (command not in CELL_COMMANDS):
+            raise UsageError(f"use %%dspex {command} as a cell magic" if cell is None
+                             else f"%dspex {command} is a line magic: use one %, not %%")
+        args = PARSERS[command].parse_args(argv[1:])
+        handler: Callable[..., None] = getattr(self, f"_{command}")
+        try:
+            handler(args, cell) if cell is not None else handler(args)
+        except KeyboardInterrupt:
+            print("dspex: interrupted; the remote work was cancelled", file=sys.stderr)
+        except (DspexError, SyntaxError) as exc:
+            print(f"dspex: {exc}", file=sys.stderr)
+
+    dspex.__doc__ = HELP
+
+    # -- pool control ---------------------------------------------------------------------------
+    def _require_pool(self) -> Pool:
+        if self.pool is None or not self.pool.running:
+            print(f"dspex: no pool yet; starting {self.workers} workers with lm={self.lm!r} "
+                  "(%dspex start to choose)")
+            self._start_pool(self.workers, self.lm, self.python)
+        assert self.pool is not None
+        return self.pool
+
+    def _start_pool(self, workers: int, lm: str, python: str, definitions: dict | None = None) -> None:
+        started = time.monotonic()
+        pool = Pool(workers=workers, lm=lm, python=python or None)
+        pool.definitions.update(definitions or {})
+        pool.start()
+        self.pool = pool
+        print(f"dspex: pool of {workers} workers ready (lm={lm!r}) in {time.monotonic() - started:.1f} s")
+
+    def _start(self, args: argparse.Namespace) -> None:
+        if self.pool is not None and self.pool.running:
+            print(f"dspex: a pool is already running ({self.pool!r}); use %dspex restart to change it")
+            return
+        self._start_pool(args.workers or self.workers, args.lm or self.lm, args.python or self.python)
+
+    def _stop(self, args: argparse.Namespace | None = None) -> None:
+        if self.pool is None:
+            print("dspex: no pool is running")
+            return
+        self.pool.shutdown()
+        self.pool = None
+        print("dspex: pool stopped")
+
+    def _restart(self, args: argparse.Namespace) -> None:
+        old = self.pool
+        if old is None:
+            self._start_pool(self.workers, self.lm, self.python)
+            return
+        old.shutdown()
+        self.pool = None
+        python = "" if old.python == sys.executable else old.python
+        self._start_pool(old.size, old.lm, python, old.definitions)
+        if old.lm_kwargs:
+            self.pool.configure_lm(old.lm, **old.lm_kwargs)  # type: ignore[union-attr]
+
+    def _status(self, args: argparse.Namespace) -> None:
+        if self.pool is None:
+            print("dspex: no pool is running (%dspex start)")
+            return
+        show_pool(self.pool, mode=self.display)
+
+    def _config(self, args: argparse.Namespace) -> None:
+        for name in ("workers", "lm", "python", "display"):
+            print(f"Dspex.{name} = {getattr(self, name)!r}")
+        if self.pool is not None:
+            print(f"running pool: {self.pool!r}, lm_kwargs={self.pool.lm_kwargs}, "
+                  f"modules={sorted(self.pool.definitions)}")
+
+    def _lm(self, args: argparse.Namespace) -> None:
+        settings = dict(_setting(s) for s in args.set)
+        if args.temperature is not None:
+            settings["temperature"] = args.temperature
+        if args.max_tokens is not None:
+            settings["max_tokens"] = args.max_tokens
+        pool = self._require_pool()
+        pool.configure_lm(args.model, **settings)
+        print(f"dspex: LM {args.model!r} {settings or ''} on {pool.size} workers")
+
+    # -- cells ----------------------------------------------------------------------------------
+    def _body(self, cell: str, args: argparse.Namespace) -> str:
+        return cell if args.no_interpolate else interpolate(cell, self.shell.user_ns)
+
+    def _predict(self, args: argparse.Namespace, cell: str) -> None:
+        inputs = cell_inputs(self._body(cell, args), signature_inputs(args.signature))
+        tool = "chain_of_thought" if args.cot else "predict"
+        self._stream(tool, {"signature": args.signature, "inputs": inputs}, f"{tool} {args.signature!r}", args)
+
+    def _run(self, args: argparse.Namespace, cell: str) -> None:
+        pool = self._require_pool()
+        definition = pool.definitions.get(args.name)
+        if definition is None:
+            raise UsageError(f"no module named {args.name!r}: define it first with %%dspex define {args.name}"
+                             f" (defined: {sorted(pool.definitions) or 'none'})")
+        inputs = cell_inputs(self._body(cell, args), definition.get("inputs"))
+        self._stream("run_module", {"name": args.name, "inputs": inputs}, f"run {args.name}", args)
+
+    def _stream(self, tool: str, call_args: dict[str, Any], title: str, args: argparse.Namespace) -> None:
+        if args.no_stream and args.background:
+            raise UsageError("--no-stream waits for the whole answer: use it without -a")
+        pool = self._require_pool()
+        if args.no_stream:
+            self._store(args.output, prediction(pool.execute(tool, call_args, timeout=args.timeout)))
+            return
+        run = pool.execute_stream(tool, call_args, timeout=args.timeout)
+        show_run(run, title, mode=self.display, block=not args.background)
+        self._finish(run, args)
+
+    def _batch(self, args: argparse.Namespace, cell: str) -> None:
+        if bool(args.signature) == bool(args.module):
+            raise UsageError("%%dspex batch takes a signature or --module NAME (one of them)")
+        if args.signature:
+            signature_inputs(args.signature)
+        if args.items:
+            if args.items not in self.shell.user_ns:
+                raise UsageError(f"--items {args.items}: no variable named {args.items!r} in the kernel")
+            items = as_items(self.shell.user_ns[args.items], args.items)
+        else:
+            items = [line.strip() for line in self._body(cell, args).splitlines() if line.strip()]
+            if not items:
+                raise UsageError("%%dspex batch needs --items VAR or one item per line in the cell")
+        module = args.module or ("chain_of_thought" if args.cot else "predict")
+        pool = self._require_pool()
+        batch = pool.batch(items, args.signature, module=module, concurrency=args.concurrency, timeout=args.timeout)
+        show_batch(batch, f"batch {args.module or args.signature!r}", mode=self.display, block=not args.background)
+        self._finish(batch, args)
+
+    def _define(self, args: argparse.Namespace, cell: str) -> None:
+        pool = self._require_pool()
+        try:
+            info = pool.define(args.name, cell)
+        except ToolError as exc:
+            print(f"dspex: define {args.name} failed: {exc}\n{exc.remote_traceback}", file=sys.stderr)
+            return
+        inputs = ", ".join(info.get("inputs", [])) or "none"
+        print(f"dspex: defined {args.name} ({info.get('kind')}; inputs: {inputs}) on {pool.size} workers; "
+              f"run it with %%dspex run {args.name}")
+
+    def _finish(self, handle: Run | BatchRun, args: argparse.Namespace) -> None:
+        """Store the result of a finished call (or the handle of a background one) and report errors."""
+        if args.background:
+            self._store(args.output, handle)
+            name = args.output or "_"
+            print(f"dspex: running in the background; {name}.result() waits for it, {name}.cancel() stops it")
+            return
+        try:
+            result = handle.result()
+        except Cancelled as exc:
+            print(f"dspex: {exc}", file=sys.stderr)
+            return
+        except DspexError as exc:  # an LM or tool error: the view shows it too
+            print(f"dspex: {exc}", file=sys.stderr)
+            return
+        if isinstance(handle, BatchRun):
+            self._store(args.output, [prediction(fields) for fields in result])
+        else:
+            self._store(args.output, prediction(result))
+
+    def _store(self, name: str | None, value: Any) -> None:
+        if name:
+            self.shell.user_ns[name] = value
+        self.shell.user_ns["_"] = value
+
+
+def load(shell: Any) -> Dspex:
+    magics = Dspex(shell=shell)
+    shell.register_magics(magics)
+    shell.configurables.append(magics)
+    return magics
+
+
+def unload(shell: Any) -> None:
+    for magics in [c for c in shell.configurables if isinstance(c, Dspex)]:
+        if magics.pool is not None:
+            magics.pool.shutdown()
+            magics.pool = None
+        shell.configurables.remove(magics)
+    shell.magics_manager.magics["line"].pop("dspex", None)
+    shell.magics_manager.magics["cell"].pop("dspex", None)

@@ -271,7 +271,8 @@ class Dspex(Magics):
             settings["max_tokens"] = args.max_tokens
         pool = self._require_pool()
         pool.configure_lm(args.model, **settings)
-        print(f"dspex: LM {args.model!r} {settings or ''} on {pool.size} workers")
+        extra = f" with {settings}" if settings else ""
+        print(f"dspex: LM {args.model!r}{extra} on {pool.size} workers")
 
     # -- cells ----------------------------------------------------------------------------------
     def _body(self, cell: str, args: argparse.Namespace) -> str:

@@ -1,0 +1,139 @@
+"""The magics in a real Jupyter kernel (jupyter_client): live widgets, the comm-message budget,
+background handles, and Ctrl-C (a kernel interrupt) during a streaming cell."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from jupyter_client.manager import KernelManager
+
+
+@dataclass
+class Cell:
+    counts: dict[str, int] = field(default_factory=dict)
+    stdout: str = ""
+    stderr: str = ""
+    plain: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+class Kernel:
+    def __init__(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "DSPEX_NONINTERACTIVE"}
+        self.km = KernelManager(kernel_name="python3")
+        self.km.start_kernel(env=env)
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+
+    def submit(self, code: str) -> str:
+        return self.kc.execute(code)
+
+    def collect(self, msg_id: str, timeout: float = 120, on_message=None) -> Cell:
+        """Read iopub until the cell ``msg_id`` goes idle; count messages by type."""
+        cell = Cell()
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            cell.counts[kind] = cell.counts.get(kind, 0) + 1
+            if on_message is not None:
+                on_message(kind, content)
+            if kind == "stream":
+                setattr(cell, content["name"], getattr(cell, content["name"]) + content["text"])
+            elif kind in ("display_data", "execute_result"):
+                cell.plain.append(content["data"].get("text/plain", ""))
+            elif kind == "error":
+                cell.error = f"{content['ename']}: {content['evalue']}"
+            elif kind == "status" and content["execution_state"] == "idle":
+                return cell
+
+    def run(self, code: str, timeout: float = 120) -> Cell:
+        cell = self.collect(self.submit(code), timeout)
+        assert not cell.error, cell.error
+        return cell
+
+    def value(self, expression: str) -> str:
+        return self.run(expression).plain[-1]
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=False)
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Iterator[Kernel]:
+    k = Kernel()
+    try:
+        k.run("%load_ext dspex_nb\n%dspex start -n 2")
+        yield k
+    finally:
+        k.close()
+
+
+def test_a_5000_token_stream_sends_few_widget_messages(kernel: Kernel) -> None:
+    kernel.run("%dspex lm demo --set answer_tokens=5000 --set per_token=0.0002")
+    cell = kernel.run('%%dspex predict "question -> answer" -o p\nA long answer, please.')
+    assert cell.plain == ["<dspex stream: predict 'question -> answer'>"]
+    assert cell.counts["display_data"] == 1
+    assert 3 <= cell.counts["comm_msg"] <= 200, cell.counts  # not one message per token
+    assert kernel.value("len(p.answer.split())") == "5000"
+    kernel.run("%dspex lm demo")
+
+
+def test_batch_dashboard_and_headline_batch(kernel: Kernel) -> None:
+    cell = kernel.run('qs = [f"question {i}?" for i in range(50)]\n'
+                      '%dspex batch "question -> answer" --items qs -o OUT')
+    assert cell.plain == ["<dspex batch: batch 'question -> answer', 50 items>"]
+    assert kernel.value("len(OUT), all(p.answer.startswith(f\"Demo LM answer to 'question {i}?'\") "
+                        "for i, p in enumerate(OUT))") == "(50, True)"
+
+
+def test_pool_dashboard(kernel: Kernel) -> None:
+    cell = kernel.run("%dspex status")
+    assert cell.plain == ["<dspex pool: 2 workers, lm=demo>"]
+    assert cell.counts.get("comm_open", 0) >= 1
+
+
+def test_background_handle_keeps_updating_after_the_cell_returns(kernel: Kernel) -> None:
+    kernel.run("%dspex lm demo --set answer_tokens=300 --set per_token=0.005")
+    cell = kernel.run('%%dspex predict "question -> answer" -a -o h\nin the background')
+    assert "running in the background; h.result() waits for it" in cell.stdout
+    assert kernel.value("h.done") == "False"
+    later = kernel.run("h.wait(); import time; time.sleep(0.3)")  # the pump's last refresh lands here
+    assert later.counts.get("comm_msg", 0) >= 1  # widget updates kept coming after -a returned
+    assert kernel.value("h.status") == "'done'"
+    kernel.run("%dspex lm demo")
+
+
+def test_interrupt_during_a_stream_cancels_it_and_the_kernel_goes_on(kernel: Kernel) -> None:
+    kernel.run("%dspex lm demo --set answer_tokens=20000 --set per_token=0.005")  # about 100 s if not stopped
+    started = []
+    msg_id = kernel.submit('%%dspex predict "question -> answer"\nnever finished')
+
+    def interrupt_once_streaming(kind: str, content: dict) -> None:
+        if kind == "comm_msg" and not started:
+            started.append(True)
+            kernel.km.interrupt_kernel()
+
+    cell = kernel.collect(msg_id, timeout=60, on_message=interrupt_once_streaming)
+    assert started and "dspex: interrupted; the remote work was cancelled" in cell.stderr
+    assert not cell.error
+    # the worker stops generating: poll (with a deadline) until no request is active there
+    remote = kernel.value(
+        "import time\n"
+        "pool = get_ipython().find_line_magic('dspex').__self__.pool\n"
+        "def active(): return [pool.describe(w)['counters'] for w in ('w0', 'w1')]\n"
+        "deadline = time.monotonic() + 20\n"
+        "while any(c['active_requests'] for c in active()) and time.monotonic() < deadline: time.sleep(0.05)\n"
+        "[(c['active_requests'], c['tokens_streamed'] < 20000) for c in active()]")
+    assert remote == "[(0, True), (0, True)]"
+    kernel.run("%dspex lm demo")
+    kernel.run('%%dspex predict "question -> answer" -o n\nnext')
+    assert kernel.value("n.answer.startswith(\"Demo LM answer to 'next'\")") == "True"

@@ -1,0 +1,249 @@
+"""%dspex / %%dspex in a real IPython shell (terminal-like: the text renderer), on a real pool."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import pytest
+from conftest import pid_alive, wait_until
+from IPython.core.interactiveshell import InteractiveShell
+
+from dspex_nb import Pool
+from dspex_nb.magics import Dspex
+
+
+class Shell:
+    """Runs cells and returns (stdout, stderr); raises on an unexpected Python error."""
+
+    def __init__(self, ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
+        self.ip = ip
+        self.capsys = capsys
+
+    def __call__(self, source: str) -> tuple[str, str]:
+        self.capsys.readouterr()
+        result = self.ip.run_cell(source)
+        out, err = self.capsys.readouterr()
+        if result.error_in_exec is not None:
+            raise result.error_in_exec
+        return out, err
+
+    def usage_error(self, source: str) -> str:
+        """Run a cell that must fail with a UsageError (shown without a traceback); return its text."""
+        result = self.ip.run_cell(source)
+        out, err = self.capsys.readouterr()
+        from IPython.core.error import UsageError
+
+        error = result.error_in_exec or result.error_before_exec
+        assert isinstance(error, UsageError), (error, out, err)
+        assert "Traceback" not in out + err
+        return str(error)
+
+    @property
+    def ns(self) -> dict:
+        return self.ip.user_ns
+
+    @property
+    def magics(self) -> Dspex:
+        return next(c for c in self.ip.configurables if isinstance(c, Dspex))
+
+    @property
+    def pool(self) -> Pool:
+        assert self.magics.pool is not None
+        return self.magics.pool
+
+
+@pytest.fixture(scope="module")
+def ipython() -> Iterator[InteractiveShell]:
+    ip = InteractiveShell.instance()
+    ip.run_cell("%load_ext dspex_nb")
+    ip.run_cell("%dspex start -n 2")
+    yield ip
+    ip.run_cell("%unload_ext dspex_nb")
+
+
+@pytest.fixture
+def sh(ipython: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> Shell:
+    return Shell(ipython, capsys)
+
+
+def test_help_lists_every_subcommand(sh: Shell) -> None:
+    doc = sh.ip.find_line_magic("dspex").__doc__
+    for usage in ("%dspex start", "%dspex status", "%dspex lm", "%%dspex predict", "%%dspex batch",
+                  "%%dspex define", "%%dspex run", "--items VAR", "--cot"):
+        assert usage in doc
+
+
+def test_status_and_config(sh: Shell) -> None:
+    out, _ = sh("%dspex status")
+    assert out.startswith("pool: 2 workers, lm=demo, running\nworker  pid")
+    assert out.count(" ready ") == 2
+    out, _ = sh("%config Dspex.workers = 3\n%dspex config")
+    assert "Dspex.workers = 3" in out and "running pool: <Pool 2 workers" in out
+    sh("%config Dspex.workers = 2")
+
+
+def test_predict_prints_the_answer_and_stores_a_prediction(sh: Shell) -> None:
+    out, _ = sh('%%dspex predict "question -> answer" -o p\nWhy is the sky blue?')
+    lines = out.splitlines()
+    assert lines[0].startswith("answer: Demo LM answer to 'Why is the sky blue?': ")
+    assert lines[1].startswith("done · predict on w") and " tokens · " in lines[1]
+    assert len(lines) == 2  # no progress spam outside a live notebook
+    assert sh.ns["p"].answer == lines[0].removeprefix("answer: ")
+    assert sh.ns["_"] is sh.ns["p"]
+
+
+def test_text_output_is_deterministic(sh: Shell) -> None:
+    cell = '%%dspex predict "question -> answer"\nSame question?'
+    first, second = sh(cell)[0].splitlines()[0], sh(cell)[0].splitlines()[0]
+    assert first == second
+
+
+def test_cot_shows_reasoning_then_answer(sh: Shell) -> None:
+    out, _ = sh('%%dspex predict "question -> answer" --cot -o r\nWhat is DSPy?')
+    assert out.index("reasoning: Demo LM reasoning") < out.index("answer: Demo LM answer")
+    assert sh.ns["r"].reasoning.startswith("Demo LM reasoning about 'What is DSPy?'")
+
+
+def test_several_input_fields_and_interpolation(sh: Shell) -> None:
+    sh("topic = 'tides'")
+    sh('%%dspex predict "question, context -> answer" -o r\nquestion: Why {topic}?\ncontext: the moon\n  and sun')
+    assert sh.ns["r"].answer.startswith("Demo LM answer to 'Why tides?'")
+    sh('%%dspex predict "question -> answer" --no-interpolate -o r\nkeep {braces}')
+    assert sh.ns["r"].answer.startswith("Demo LM answer to 'keep {braces}'")
+
+
+def test_no_stream_waits_for_the_whole_answer(sh: Shell) -> None:
+    out, _ = sh('%%dspex predict "question -> answer" --no-stream -o r\nplain')
+    assert out == "" and sh.ns["r"].answer.startswith("Demo LM answer to 'plain'")
+
+
+def test_batch_of_50_on_2_workers_fills_out_in_input_order(sh: Shell) -> None:
+    sh("qs = [f'question {i}?' for i in range(50)]")
+    out, _ = sh('%dspex batch "question -> answer" --items qs -o OUT')
+    assert out.startswith("batch done: 50 items, 50 ok, 0 failed on 2 workers in ")
+    answers = [p.answer for p in sh.ns["OUT"]]
+    assert len(answers) == 50
+    assert all(a.startswith(f"Demo LM answer to 'question {i}?'") for i, a in enumerate(answers))
+
+
+def test_batch_of_dicts_and_of_cell_lines(sh: Shell) -> None:
+    sh("rows = [{'question': 'a?', 'context': 'x'}, {'question': 'b?', 'context': 'y'}]")
+    sh('%dspex batch "question, context -> answer" --items rows -o OUT --cot')
+    assert [p.answer[:22] for p in sh.ns["OUT"]] == ["Demo LM answer to 'a?'", "Demo LM answer to 'b?'"]
+    assert all(p.reasoning for p in sh.ns["OUT"])
+    sh('%%dspex batch "question -> answer" -o OUT\nfirst?\n\nsecond?\n')
+    first, second = (p.answer for p in sh.ns["OUT"])
+    assert first.startswith("Demo LM answer to 'first?'") and second.startswith("Demo LM answer to 'second?'")
+
+
+def test_pandas_dataframe_items(sh: Shell) -> None:
+    pd = pytest.importorskip("pandas")
+    sh.ns["df"] = pd.DataFrame({"question": ["x?", "y?"]})
+    sh('%dspex batch "question -> answer" --items df -o OUT')
+    assert len(sh.ns["OUT"]) == 2
+
+
+TWO_STEP = '''%%dspex define TwoStep
+class TwoStep(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.topic = dspy.ChainOfThought("question -> topic")
+        self.answer = dspy.Predict("question, topic -> answer")
+
+    def forward(self, question):
+        return self.answer(question=question, topic=self.topic(question=question).topic)
+'''
+
+
+def test_define_then_run_and_batch_with_the_module(sh: Shell) -> None:
+    out, _ = sh(TWO_STEP)
+    assert out == ("dspex: defined TwoStep (module class; inputs: question) on 2 workers; "
+                   "run it with %%dspex run TwoStep\n")
+    out, _ = sh("%%dspex run TwoStep -o r\nWhy?")
+    lines = out.splitlines()  # every predictor's streamed fields, then the module's output
+    assert [line.split(":")[0] for line in lines[:3]] == ["reasoning", "topic", "answer"]
+    assert lines[2] == f"answer: {sh.ns['r'].answer}" and sh.ns["r"].answer.startswith("Demo LM answer to 'Why?'")
+    sh("%dspex batch --module TwoStep --items qs -o OUT")
+    assert len(sh.ns["OUT"]) == 50 and sh.ns["OUT"][7].answer.startswith("Demo LM answer to 'question 7?'")
+
+
+def test_defined_module_survives_a_worker_restart(sh: Shell) -> None:
+    sh('%%dspex define Shout\ndef Shout(text):\n    return {"loud": text.upper()}')
+    pool = sh.pool
+    old = pool.status()[0]
+    pool.kill_worker("w0", signal.SIGKILL)
+    wait_until(lambda: pool.status()[0]["restarts"] == old["restarts"] + 1 and pool.status()[0]["state"] == "ready",
+               timeout=30, what="w0 to be replaced")
+    assert pool.execute("run_module", {"name": "Shout", "inputs": "hi"}, worker="w0") == {"loud": "HI"}
+    sh("%%dspex run Shout -o r\nhey")
+    assert sh.ns["r"].loud == "HEY"
+
+
+def test_define_errors(sh: Shell) -> None:
+    _, err = sh("%%dspex define Broken\nclass Broken(:\n    pass")
+    assert "dspex: " in err and "invalid syntax" in err
+    _, err = sh("%%dspex define Boom\nraise ValueError('bad module')")
+    assert "define Boom failed" in err and "ValueError: bad module" in err
+    assert "no module named 'Nope'" in sh.usage_error("%%dspex run Nope\nx")
+
+
+def test_background_run_returns_a_handle(sh: Shell) -> None:
+    out, _ = sh('%%dspex predict "question -> answer" -a -o h\nlater?')
+    assert "running in the background; h.result() waits for it" in out
+    from dspex_nb import Run
+
+    assert isinstance(sh.ns["h"], Run)
+    assert sh.ns["h"].result()["answer"].startswith("Demo LM answer to 'later?'")
+    sh('%dspex batch "question -> answer" --items qs -a -o hb')
+    assert len(sh.ns["hb"].result()) == 50
+
+
+def test_lm_switch_and_an_lm_error_is_shown(sh: Shell) -> None:
+    out, _ = sh("%dspex lm demo --set answer_tokens=12")
+    assert out == "dspex: LM 'demo' with {'answer_tokens': 12} on 2 workers\n"
+    sh('%%dspex predict "question -> answer" -o r\nshort?')
+    assert len(sh.ns["r"].answer.split()) == 12
+    sh("%dspex lm demo --set rate_limit_first=2")
+    _, err = sh('%%dspex predict "question -> answer"\nlimited?')
+    assert "RateLimitError" in err and "429" in err
+    sh("%dspex lm demo")
+
+
+@pytest.mark.parametrize("cell, message", [
+    ("%dspex", "expected one of start, stop"),
+    ("%dspex bogus", "expected one of start, stop"),
+    ("%dspex start --bad", "unrecognized arguments: --bad"),
+    ("%dspex start -n many", "argument -n/--workers: invalid int value: 'many'"),
+    ('%dspex predict "q -> a"', "use %%dspex predict as a cell magic"),
+    ("%%dspex status\nx", "%dspex status is a line magic"),
+    ('%%dspex predict "q -> a\nx', "No closing quotation"),
+    ('%%dspex predict "question answer"\nx', "'question answer' is not a DSPy signature"),
+    ('%%dspex predict "a, b -> c"\na: 1', "no value for input field(s) ['b']"),
+    ('%%dspex predict "q -> a"\n{undefined_var}', "{undefined_var}: no variable named 'undefined_var' in the kernel"),
+    ('%%dspex predict "q -> a" -a --no-stream\nx', "--no-stream waits for the whole answer"),
+    ('%dspex batch "q -> a" --items no_such_var', "--items no_such_var: no variable named 'no_such_var'"),
+    ('%dspex batch "q -> a" --items not_a_list', "--items not_a_list must be a list of strings or dicts"),
+    ("%dspex batch --items qs", "takes a signature or --module NAME"),
+    ('%dspex lm demo --set novalue', "--set takes KEY=VALUE"),
+])
+def test_argument_errors_are_usage_errors(sh: Shell, cell: str, message: str) -> None:
+    sh.ns["not_a_list"] = 5
+    assert message in sh.usage_error(cell)
+    assert sh.pool.execute("echo", {"ok": 1}) == {"ok": 1}
+
+
+def test_restart_keeps_settings_and_modules_and_unload_stops_workers(sh: Shell) -> None:
+    old = [r["pid"] for r in sh.pool.status()]
+    out, _ = sh("%dspex restart")
+    assert "pool of 2 workers ready" in out
+    assert not any(pid_alive(p) for p in old)
+    assert "TwoStep" in sh.pool.definitions
+    sh("%%dspex run TwoStep -o r\nagain?")
+    assert sh.ns["r"].answer.startswith("Demo LM answer to 'again?'")
+    pids = [r["pid"] for r in sh.pool.status()]
+    sh("%unload_ext dspex_nb")
+    wait_until(lambda: not any(pid_alive(p) for p in pids), what="the workers to stop")
+    sh("%load_ext dspex_nb")
+    out, _ = sh('%%dspex predict "q -> a"\nx')
+    assert out.startswith("dspex: no pool yet; starting 2 workers with lm='demo'")

@@ -1,44 +1,16 @@
-"""Shared fixtures: one real pool per test module, and process-cleanup checks."""
+"""Shared fixtures: one real pool per test module, checked to leave no worker behind."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
+from helpers import pid_alive, wait_until, worker_pids
 
 from dspex_nb import Pool
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> object:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
-def worker_pids(pool: Pool) -> list[int]:
-    return [row["pid"] for row in pool.status()]
 
 
 @pytest.fixture(scope="module")

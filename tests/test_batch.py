@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from conftest import wait_until
+from helpers import wait_until
 
 from dspex_nb import Pool
 from dspex_nb.errors import ArgumentError, ToolError

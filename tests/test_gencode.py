@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 def load_generator():

@@ -6,7 +6,7 @@ import signal
 from collections.abc import Iterator
 
 import pytest
-from conftest import pid_alive, wait_until
+from helpers import pid_alive, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import wait_until
+from helpers import wait_until
 
 from dspex_nb import Chunk, Pool
 

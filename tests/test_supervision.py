@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from conftest import ROOT, pid_alive, wait_until
+from helpers import ROOT, pid_alive, wait_until
 
 from dspex_nb import Chunk, Pool
 from dspex_nb.errors import CallTimeout, Cancelled, WorkerDied
@@ -91,7 +91,10 @@ def test_cancel_token_stream_stops_generation(pool: Pool) -> None:
         assert tokens.wait(20)
         run.cancel()
         assert run.wait(20) and run.status == "cancelled"
-        streamed = idle(pool, "w0")["tokens_streamed"] - before
+        idle(pool, "w0")
+        wait_until(lambda: pool.describe("w0")["counters"]["lm_streams_open"] == 0,
+                   what="the LM stream to stop")  # an abandoned stream would go on to its 3000th token
+        streamed = pool.describe("w0")["counters"]["tokens_streamed"] - before
         assert 0 < streamed < 3000
     finally:
         pool.execute("configure_lm", {"model": "demo", "kwargs": {"ttft": 0.02, "per_token": 0.002}}, worker="w0")

@@ -8,13 +8,14 @@ the widgets current.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 from dspex_nb.batch import BatchRun
 from dspex_nb.pool.calls import Run
 from dspex_nb.pool.pool import Pool
 from dspex_nb.ui import live_frontend, progress
-from dspex_nb.ui.pump import PUMP
+from dspex_nb.ui.pump import PUMP, Refreshable
 
 
 def _display(view: object) -> None:
@@ -24,47 +25,55 @@ def _display(view: object) -> None:
 
 
 def show_run(run: Run, title: str, *, mode: str = "auto", block: bool = True, out: TextIO | None = None) -> None:
-    """Stream ``run``'s tokens into a StreamView, or print its fields and a summary when it ends."""
-    if live_frontend(mode):
-        from dspex_nb.ui.widgets import StreamView
+    """Stream ``run``'s tokens into a StreamView, or print its fields and a summary when it ends.
 
-        view = StreamView(run, title)
-        _display(view)
-        PUMP.add(view)
-        if block:
+    Ctrl-C while it blocks (wherever it lands) cancels the run.
+    """
+    try:
+        if live_frontend(mode):
+            from dspex_nb.ui.widgets import StreamView
+
+            _show_live(StreamView(run, title), run.wait if block else None)
+        elif block:
             run.wait()
-            PUMP.flush(view)
-        return
-    if block:
-        run.wait()
-        text = progress.StreamText(run)
-        text.update()
-        out = out or sys.stdout
-        for name, value in text.fields.items():
-            out.write(f"{name}: {value}\n")
-        out.write(text.summary() + "\n")
+            text = progress.StreamText(run)
+            text.update()
+            out = out or sys.stdout
+            for name, value in text.fields.items():
+                out.write(f"{name}: {value}\n")
+            out.write(text.summary() + "\n")
+    except KeyboardInterrupt:
+        run.cancel()
+        raise
 
 
 def show_batch(batch: BatchRun, title: str, *, mode: str = "auto", block: bool = True,
                out: TextIO | None = None) -> None:
     """A BatchDashboard, or (outside a live notebook) one summary line and the errors when it ends."""
-    if live_frontend(mode):
-        from dspex_nb.ui.widgets import BatchDashboard
+    try:
+        if live_frontend(mode):
+            from dspex_nb.ui.widgets import BatchDashboard
 
-        view = BatchDashboard(batch, title)
-        _display(view)
-        PUMP.add(view)
-        if block:
+            _show_live(BatchDashboard(batch, title), batch.wait if block else None)
+        elif block:
             batch.wait()
-            PUMP.flush(view)
-        return
-    if block:
-        batch.wait()
-        out = out or sys.stdout
-        out.write(progress.batch_summary(batch.snapshot()) + "\n")
-        for record in batch.records:
-            if record is not None and not record["ok"]:
-                out.write(f"  item {record['index']}: {progress.error_line(record)}\n")
+            out = out or sys.stdout
+            out.write(progress.batch_summary(batch.snapshot()) + "\n")
+            for record in batch.records:
+                if record is not None and not record["ok"]:
+                    out.write(f"  item {record['index']}: {progress.error_line(record)}\n")
+    except KeyboardInterrupt:
+        batch.cancel()
+        raise
+
+
+def _show_live(view: Refreshable, wait: Callable[[], object] | None) -> None:
+    """Display ``view``, let the pump refresh it, and (when ``wait`` is given) block until it is final."""
+    _display(view)
+    PUMP.add(view)
+    if wait is not None:
+        wait()
+        PUMP.flush(view)
 
 
 _pool_view: object | None = None
@@ -79,8 +88,7 @@ def show_pool(pool: Pool, *, mode: str = "auto", out: TextIO | None = None) -> N
         if _pool_view is not None:
             PUMP.remove(_pool_view)  # type: ignore[arg-type]
         _pool_view = view = PoolDashboard(pool)
-        _display(view)
-        PUMP.add(view)
+        _show_live(view, None)
         return
     out = out or sys.stdout
     state = "running" if pool.running else "stopped"

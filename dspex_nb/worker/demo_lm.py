@@ -88,6 +88,7 @@ class DemoEngine:
         self._lock = threading.Lock()
         self._calls = 0
         self._tokens_streamed = 0
+        self._streaming = 0
 
     @property
     def calls(self) -> int:
@@ -98,6 +99,12 @@ class DemoEngine:
     def tokens_streamed(self) -> int:
         with self._lock:
             return self._tokens_streamed
+
+    @property
+    def streaming(self) -> int:
+        """Streams in progress: one that was abandoned but not stopped would stay here."""
+        with self._lock:
+            return self._streaming
 
     # -- engine contract -------------------------------------------------------------------------
     def complete(self, request: Request) -> Response:
@@ -112,15 +119,21 @@ class DemoEngine:
     def stream(self, request: Request) -> Iterator[Any]:
         self._start_call()
         tokens = _TOKEN.findall(self.answer(request))
-        yield StreamStartEvent(id=None, model="demo")
-        time.sleep(self.ttft)
-        for i, token in enumerate(tokens):
-            if i and self.per_token:
-                time.sleep(self.per_token)
+        with self._lock:
+            self._streaming += 1
+        try:
+            yield StreamStartEvent(id=None, model="demo")
+            time.sleep(self.ttft)
+            for i, token in enumerate(tokens):
+                if i and self.per_token:
+                    time.sleep(self.per_token)
+                with self._lock:
+                    self._tokens_streamed += 1
+                yield StreamDeltaEvent(delta=TextDelta(text=token, part_index=0))  # GeneratorExit stops here
+            yield StreamEndEvent(finish_reason="stop", usage=self._usage(request, len(tokens)))
+        finally:
             with self._lock:
-                self._tokens_streamed += 1
-            yield StreamDeltaEvent(delta=TextDelta(text=token, part_index=0))  # GeneratorExit stops here
-        yield StreamEndEvent(finish_reason="stop", usage=self._usage(request, len(tokens)))
+                self._streaming -= 1
 
     def close(self) -> None:
         pass

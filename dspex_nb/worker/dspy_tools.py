@@ -7,10 +7,14 @@ of each output field arrive as ``token`` chunks: {"field", "text", "last"}.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import inspect
 import json
+import queue
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from concurrent import futures
 from dataclasses import dataclass
 from functools import partial
@@ -104,6 +108,54 @@ def _listeners(program: Any) -> list[StreamListener]:
             for field, info in predictor.signature.output_fields.items() if info.annotation is str]
 
 
+def _async_items(make: Callable[[], AsyncIterator[Any]]) -> Generator[Any, None, None]:
+    """Iterate an async generator from sync code, on an event loop in a thread of its own.
+
+    Unlike ``streamify(async_streaming=False)``, closing this generator cancels the async task,
+    which stops the program and its LM stream instead of letting them run to the end unseen.
+    """
+    items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    end = object()
+
+    async def forward() -> None:
+        try:
+            async for value in make():
+                items.put(value)
+        except Exception as exc:
+            items.put(_Failure(exc))
+        finally:
+            items.put(end)
+
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(forward())
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(run,), name="dspy-stream", daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not end:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        if thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to cancel
+                loop.call_soon_threadsafe(task.cancel)
+        thread.join()
+
+
+@dataclass
+class _Failure:
+    error: Exception
+
+
 def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[Emit, None, dict[str, Any]]:
     """Run ``program`` on ``inputs`` under the worker's LM; streamed calls yield token chunks."""
     lm = ctx.worker.lm
@@ -111,21 +163,17 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[E
     if not listeners:
         with dspy.context(lm=lm):
             return output_dict(program(**inputs))
-    streamed = dspy.streamify(program, stream_listeners=listeners, async_streaming=False)
+    streamed = dspy.streamify(program, stream_listeners=listeners)
     final: dict[str, Any] = {}
     with dspy.context(lm=lm):
-        stream = streamed(**inputs)
-        try:
-            for value in stream:
-                if isinstance(value, StreamResponse):
-                    yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
-                                         "last": value.is_last_chunk, "predictor": value.predict_name})
-                elif isinstance(value, StatusMessage):
-                    yield Emit("status", {"message": value.message})
-                elif isinstance(value, dspy.Prediction):
-                    final = output_dict(value)
-        finally:
-            stream.close()
+        for value in _async_items(lambda: streamed(**inputs)):
+            if isinstance(value, StreamResponse):
+                yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
+                                     "last": value.is_last_chunk, "predictor": value.predict_name})
+            elif isinstance(value, StatusMessage):
+                yield Emit("status", {"message": value.message})
+            elif isinstance(value, dspy.Prediction):
+                final = output_dict(value)
     return final
 
 

@@ -48,6 +48,7 @@ class WorkerState:
         if self.demo_engine is not None:
             counters["lm_calls"] = self.demo_engine.calls
             counters["tokens_streamed"] = self.demo_engine.tokens_streamed
+            counters["lm_streams_open"] = self.demo_engine.streaming
         return {"worker_id": self.worker_id, "run_id": self.run_id, "pid": os.getpid(),
                 "uptime": time.time() - self.started, "versions": versions,
                 "lm": {"model": self.lm_model, "kwargs": self.lm_kwargs}, "modules": sorted(self.modules),

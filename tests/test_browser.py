@@ -1,0 +1,123 @@
+"""A real browser: JupyterLab on 127.0.0.1, headless Debian Chromium driven by Playwright.
+
+Opens 02-batch-dashboard.ipynb, runs it down to the batch cell, and reads the live dashboard from
+the page: the progress bar must rise over several reads and end at 100 % with the right count.
+A screenshot goes to test-artifacts/. Needs Debian's chromium (`apt-get install chromium`, as
+.ci/run does); when it cannot start, the test fails and says why.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import ROOT
+from playwright.sync_api import Page, sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+CELLS_UP_TO_BATCH = 6  # Shift+Enter presses from the first cell through the `%dspex batch` cell
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A JupyterLab server on a copy of notebooks/ (so autosave never touches the repository)."""
+    root = tmp_path_factory.mktemp("lab")
+    shutil.copytree(ROOT / "notebooks", root / "notebooks")
+    port, token = free_port(), secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items() if k != "DSPEX_NONINTERACTIVE"}  # live widgets, please
+    env.update(JUPYTER_CONFIG_DIR=str(root / "config"), JUPYTER_RUNTIME_DIR=str(root / "runtime"),
+               JUPYTER_DATA_DIR=str(root / "data"), IPYTHONDIR=str(root / "ipython"))
+    log = open(root / "lab.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root / 'notebooks'}",
+         "--allow-root", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2).read()
+                break
+            except OSError as exc:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log_text = (root / "lab.log").read_text()[-3000:]
+                    raise AssertionError(f"JupyterLab did not start: {log_text}") from exc
+                time.sleep(0.2)
+        yield f"{base}/lab/tree/02-batch-dashboard.ipynb?token={token}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def test_batch_dashboard_progress_rises_to_100_percent_in_chromium(lab: str) -> None:
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        try:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        except Exception as exc:
+            pytest.fail(f"headless Chromium could not start: {exc}")
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            try:
+                reads, text = run_batch_cell(page, lab)
+            except Exception:
+                page.screenshot(path=str(ARTIFACTS / "browser-failure.png"), full_page=True)
+                raise
+        finally:
+            browser.close()
+    assert reads == sorted(reads), f"the progress bar went back: {reads}"
+    assert len([r for r in reads if 0 < r < 100]) >= 2, f"too few intermediate reads: {reads}"
+    assert reads[-1] == 100, reads
+    assert text.startswith("100/100 items · ok 100 · failed 0 · running 0 · queued 0"), text
+
+
+def run_batch_cell(page: Page, url: str) -> tuple[list[float], str]:
+    """Run the notebook down to the batch cell; return the bar's distinct widths and the counts line."""
+    page.goto(url)
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+    page.locator(".jp-Notebook .jp-Cell").first.click()
+    page.keyboard.press("Escape")
+    for _ in range(CELLS_UP_TO_BATCH):
+        page.keyboard.press("Shift+Enter")
+    bar = page.locator(".jp-OutputArea .progress .progress-bar").first
+    bar.wait_for(timeout=30_000)
+    counts = page.locator(".widget-html-content", has_text="items · ok").first
+    reads: list[float] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        width = bar.evaluate("el => parseFloat(el.style.width) || 0")
+        if not reads or width != reads[-1]:
+            reads.append(width)
+        if width >= 100 and "100/100 items" in counts.inner_text():
+            break
+        time.sleep(0.05)
+    page.screenshot(path=str(ARTIFACTS / "browser-batch-dashboard.png"), full_page=True)
+    return reads, counts.inner_text()

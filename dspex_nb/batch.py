@@ -1,9 +1,13 @@
-"""``BatchRun``: a batch fanned out over the whole pool, results kept in input order.
+"""``BatchRun``: a batch fanned out over the whole pool that loses nothing.
 
 The items are cut into shards; one feeder thread per worker slot takes the next shard and runs it
 as a ``batch_inference`` stream (the worker runs ``concurrency`` items of it at a time and streams
-one item chunk per item). When a worker dies mid-shard, the items it had not finished go back in
-the queue, up to ``max_retries`` times each; then they fail with the reason.
+one item chunk per item, waiting out LM rate limits). Finished items go to the journal as they
+arrive, and a batch that ran before takes them from there instead of calling the LM again.
+
+When a worker dies (or a shard yields nothing for ``item_timeout`` seconds), the items it had not
+finished go back in the queue one by one, so an item that kills every worker it touches ("poison")
+only takes itself down; after ``max_retries`` retries an item fails with the reason.
 """
 
 from __future__ import annotations
@@ -15,19 +19,25 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from dspex_nb.errors import ArgumentError, Cancelled, PoolClosed, WorkerDied
+from dspex_nb.errors import ArgumentError, Cancelled, DspexError, PoolClosed, WorkerDied
+from dspex_nb.journal import Journal, digest
 from dspex_nb.pool.calls import Chunk, Run, wait_interruptibly
 
 if TYPE_CHECKING:
     from dspex_nb.pool.pool import Pool
 
 
-class BatchRun:
-    """A running batch: ``result()``, ``cancel()``, ``snapshot()`` for progress, ``items`` as they arrive."""
+class ItemTimeout(DspexError):
+    """A shard of a batch produced no item within ``item_timeout`` seconds."""
 
-    def __init__(self, pool: Pool, items: Sequence[Any], *, signature: str = "", module: str = "predict",
-                 concurrency: int = 4, shard_size: int | None = None, max_retries: int = 2,
-                 timeout: float | None = None, on_item: Callable[[dict[str, Any]], Any] | None = None) -> None:
+
+class BatchRun:
+    """A running batch: ``result()``, ``cancel()``, ``snapshot()`` for progress, ``records`` as they arrive."""
+
+    def __init__(self, pool: Pool, items: Sequence[Any], *, signature: str, module: str, concurrency: int,
+                 shard_size: int | None, max_retries: int, timeout: float | None, item_timeout: float | None,
+                 on_item: Callable[[dict[str, Any]], Any] | None, journal: Journal | None,
+                 program: dict[str, Any]) -> None:
         if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
             raise ArgumentError("batch", "ArgumentError",
                                 f"items must be a list of input dicts or strings, got {type(items).__name__}")
@@ -38,28 +48,39 @@ class BatchRun:
         self._args = {"signature": signature, "module": module, "concurrency": concurrency}
         self._items = list(items)
         self._timeout = timeout
+        self._item_timeout = item_timeout
         self._on_item = on_item
         self._max_retries = max_retries
         self._tries = [0] * self.total
-        size = shard_size or max(1, min(50, math.ceil(self.total / (pool.size * 4))))
-        self._queue: deque[list[int]] = deque(
-            list(range(start, min(start + size, self.total))) for start in range(0, self.total, size))
         self._lock = threading.Lock()
         self._runs: dict[Run, set[int]] = {}  # running shard -> its items not yet back
-        self._done_by: dict[str, int] = {}
-        self.retries = 0
-        self.ok = self.failed = 0
+        self.retries = self.from_journal = self.ok = self.failed = 0
         self.started = time.monotonic()
         self.finished: float | None = None
+        self._restarts_before = self._restarts()
         self._cancelled = False
         self._error: BaseException | None = None
         self._done = threading.Event()
-        self._feeders = [threading.Thread(target=self._feed, name=f"dspex-batch-{i}", daemon=True)
-                         for i in range(min(pool.size, len(self._queue)))]
-        self._live = len(self._feeders)
-        for feeder in self._feeders:
+
+        self._journal = journal
+        self.key = digest(program)
+        self._item_keys = [digest(item) for item in self._items]
+        todo = list(range(self.total))
+        if journal is not None:
+            kept = journal.open_batch(self.key, f"{module} {signature}".strip())
+            for index in todo:
+                if self._item_keys[index] in kept:
+                    self._record(index, {"index": index, "ok": True, "result": kept[self._item_keys[index]],
+                                         "journal": True})
+            todo = [i for i in todo if self.records[i] is None]
+        size = shard_size or max(1, min(50, math.ceil(len(todo) / (pool.size * 4))))
+        self._queue: deque[list[int]] = deque(todo[start:start + size] for start in range(0, len(todo), size))
+        feeders = [threading.Thread(target=self._feed, name=f"dspex-batch-{i}", daemon=True)
+                   for i in range(min(pool.size, len(self._queue)))]
+        self._live = len(feeders)
+        for feeder in feeders:
             feeder.start()
-        if not self._feeders:
+        if not feeders:
             self._finish()
 
     # -- feeders --------------------------------------------------------------------------
@@ -83,45 +104,59 @@ class BatchRun:
 
     def _run_shard(self, shard: list[int]) -> None:
         pending = set(shard)
+        progress = [time.monotonic()]
 
         def on_chunk(chunk: Chunk) -> None:
             if chunk.kind == "item":
                 index = shard[chunk["index"]]
                 with self._lock:
                     pending.discard(index)
+                progress[0] = time.monotonic()
                 self._record(index, dict(chunk.data, index=index, tries=self._tries[index] + 1))
 
         args = dict(self._args, batch_items=[self._items[i] for i in shard])
         run = self.pool.execute_stream("batch_inference", args, on_chunk=on_chunk, timeout=self._timeout)
         with self._lock:
             self._runs[run] = pending
+        timed_out = False
         try:
-            run.wait()
+            while not run.wait(1.0 if self._item_timeout is None else min(1.0, self._item_timeout)):
+                if self._item_timeout is not None and time.monotonic() - progress[0] > self._item_timeout:
+                    timed_out = True
+                    run.cancel()
+                    run.wait()
         finally:
             with self._lock:
                 del self._runs[run]
-        if run.cancelled or not pending:
+        if not pending or (run.cancelled and not timed_out):
             return
-        error = run.error
+        if timed_out:
+            error: BaseException | None = ItemTimeout(
+                f"no item of its shard finished within item_timeout={self._item_timeout} s on worker {run.worker}")
+        else:
+            error = run.error
         if isinstance(error, (ArgumentError, PoolClosed)):
             raise error
         self._requeue(sorted(pending), error)
 
     def _requeue(self, indices: list[int], error: BaseException | None) -> None:
-        """Send unfinished items of a failed shard back to the queue, or fail them when out of retries."""
+        """Send the unfinished items of a failed shard back one by one, or fail those out of retries."""
+        retriable = isinstance(error, (WorkerDied, ItemTimeout))
         again = []
         for index in indices:
             self._tries[index] += 1
-            if isinstance(error, WorkerDied) and self._tries[index] <= self._max_retries:
-                again.append(index)
+            if retriable and self._tries[index] <= self._max_retries:
+                again.append([index])
             else:
-                reason = f"{type(error).__name__}: {error}" if error else "the shard ended without this item"
+                reason = str(error) if error else "the shard ended without this item"
+                if retriable:
+                    reason += f" (tried {self._tries[index]} times)"
                 self._record(index, {"index": index, "ok": False, "tries": self._tries[index],
                                      "error": {"type": type(error).__name__, "message": reason}})
         if again:
             with self._lock:
                 self.retries += len(again)
-                self._queue.append(again)
+                self._queue.extend(again)
 
     def _record(self, index: int, record: dict[str, Any]) -> None:
         with self._lock:
@@ -133,15 +168,19 @@ class BatchRun:
                 self.ok += 1
             else:
                 self.failed += 1
-            worker = record.get("worker")
-            if worker:
-                self._done_by[worker] = self._done_by.get(worker, 0) + 1
+            if record.get("journal"):
+                self.from_journal += 1
+        if record["ok"] and self._journal is not None and not record.get("journal"):
+            self._journal.record(self.key, self._item_keys[index], record["result"])
         if self._on_item is not None:
             self._on_item(record)
 
     def _finish(self) -> None:
         self.finished = time.monotonic()
         self._done.set()
+
+    def _restarts(self) -> int:
+        return sum(row["restarts"] for row in self.pool.status())
 
     # -- caller side ----------------------------------------------------------------------
     @property
@@ -179,24 +218,31 @@ class BatchRun:
             raise self._error
         if self._cancelled:
             raise Cancelled(f"the batch was cancelled after {self.ok + self.failed} of {self.total} items "
-                            "(batch.records keeps them)")
+                            "(batch.records keeps them; run it again to resume from the journal)")
         return [outputs(r) for r in self.records]  # type: ignore[arg-type]
 
     def snapshot(self) -> dict[str, Any]:
         """Counts and rates for a progress view (one model, several renderers)."""
+        replaced = self._restarts() - self._restarts_before
         with self._lock:
             finished = self.ok + self.failed
             active: dict[str, int] = {}
             for run, pending in self._runs.items():
                 active[run.worker] = active.get(run.worker, 0) + len(pending)
+            by_worker: dict[str, int] = {}
+            for index in self.arrived:
+                worker = self.records[index].get("worker")  # type: ignore[union-attr]
+                if worker:
+                    by_worker[worker] = by_worker.get(worker, 0) + 1
             running = sum(active.values())
             elapsed = self.elapsed
-            rate = finished / elapsed if elapsed > 0 else 0.0
+            computed = finished - self.from_journal
+            rate = computed / elapsed if elapsed > 0 else 0.0
             return {"total": self.total, "ok": self.ok, "failed": self.failed, "running": running,
                     "queued": self.total - finished - running, "retries": self.retries,
-                    "elapsed": elapsed, "rate": rate,
+                    "from_journal": self.from_journal, "replaced": replaced, "elapsed": elapsed, "rate": rate,
                     "eta": (self.total - finished) / rate if rate and not self.done else 0.0,
-                    "status": self.status, "by_worker": dict(self._done_by), "active": active}
+                    "status": self.status, "by_worker": by_worker, "active": active}
 
     def __repr__(self) -> str:
         return f"<BatchRun {self.ok + self.failed}/{self.total} ({self.failed} failed): {self.status}>"
@@ -211,5 +257,3 @@ def outputs(record: dict[str, Any]) -> dict[str, Any]:
 def error_line(record: dict[str, Any]) -> str:
     """The error of a failed item record, as one line."""
     return f"{record['error']['type']}: {record['error']['message']}"
-
-

@@ -27,6 +27,7 @@ from dspex_nb.batch import BatchRun
 from dspex_nb.errors import Cancelled, DspexError, ToolError
 from dspex_nb.pool.calls import Run
 from dspex_nb.ui import MODES
+from dspex_nb.ui.progress import text_table
 from dspex_nb.ui.render import show_batch, show_pool, show_run
 
 # -- argument parsers, one per sub-command ------------------------------------------------------
@@ -80,8 +81,15 @@ _p.add_argument("--items", metavar="VAR", help="a list of strings or dicts, or a
                                               "(default: the cell's non-empty lines)")
 _p.add_argument("--module", metavar="NAME", help="a module defined with %%dspex define")
 _p.add_argument("--cot", action="store_true", help="use dspy.ChainOfThought")
-_p.add_argument("--concurrency", type=int, default=4, metavar="K", help="items at a time per worker")
+_p.add_argument("--concurrency", type=int, metavar="K", help="items at a time per worker (default: the pool's)")
+_p.add_argument("--item-timeout", type=float, metavar="S", help="retry items of a shard silent for S seconds")
+_p.add_argument("--no-journal", action="store_true",
+                help="neither take finished items from the journal nor write them to it")
 _run_options(_p)
+_p = _parser("journal", "List the batch journal (finished items that a re-run takes instead of calling the "
+                        "LM), or clear it: all of it, or one batch by its key (or a key prefix).")
+_p.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
+_p.add_argument("key", nargs="?", help="with clear: the batch key (or prefix) to forget")
 _p = _parser("define", "Define a DSPy module (a dspy.Module subclass or a function) on every worker, "
                        "including workers started later; `dspy` is imported.")
 _p.add_argument("name", help="the name the cell defines")
@@ -318,9 +326,26 @@ class Dspex(Magics):
                 raise UsageError("%%dspex batch needs --items VAR or one item per line in the cell")
         module = args.module or ("chain_of_thought" if args.cot else "predict")
         pool = self._require_pool()
-        batch = pool.batch(items, args.signature, module=module, concurrency=args.concurrency, timeout=args.timeout)
+        batch = pool.batch(items, args.signature, module=module, concurrency=args.concurrency, timeout=args.timeout,
+                           item_timeout=args.item_timeout, journal=not args.no_journal)
         show_batch(batch, f"batch {args.module or args.signature!r}", mode=self.display, block=not args.background)
         self._finish(batch, args)
+
+    def _journal(self, args: argparse.Namespace) -> None:
+        journal = self._require_pool().journal
+        if journal is None:
+            print("dspex: this pool keeps no journal (Pool(journal=False))")
+            return
+        if args.action == "clear":
+            removed = journal.clear(args.key)
+            print(f"dspex: cleared {removed} batch{'es' * (removed != 1)} from {journal.path}")
+            return
+        batches = journal.batches()
+        print(f"journal {journal.path}: {len(batches)} batch{'es' * (len(batches) != 1)}")
+        rows = [[b["key"][:12], str(b["items"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(b["updated"])),
+                 b["description"]] for b in batches]
+        if rows:
+            print(text_table(("key", "items", "updated", "program"), rows))
 
     def _define(self, args: argparse.Namespace, cell: str) -> None:
         pool = self._require_pool()

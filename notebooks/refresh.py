@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -26,5 +27,7 @@ def refresh(path: Path) -> None:
 
 if __name__ == "__main__":
     os.environ["DSPEX_NONINTERACTIVE"] = "1"
-    for name in sys.argv[1:] or sorted(p.name for p in HERE.glob("*.ipynb")):
-        refresh(HERE / name)
+    with tempfile.TemporaryDirectory() as journals:
+        for name in sys.argv[1:] or sorted(p.name for p in HERE.glob("*.ipynb")):
+            os.environ["DSPEX_JOURNAL"] = os.path.join(journals, f"{name}.sqlite3")  # as nbval runs them
+            refresh(HERE / name)

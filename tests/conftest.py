@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +15,10 @@ from helpers import pid_alive, wait_until, worker_pids
 
 from dspex_nb import Pool
 
+# Every pool (and every kernel the tests start) journals into a file of this test run only.
+_journal_dir = tempfile.mkdtemp(prefix="dspex-test-journal-")
+atexit.register(shutil.rmtree, _journal_dir, ignore_errors=True)
+os.environ["DSPEX_JOURNAL"] = os.path.join(_journal_dir, "journal.sqlite3")
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[Pool]:

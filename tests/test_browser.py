@@ -44,7 +44,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port, token = free_port(), secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k != "DSPEX_NONINTERACTIVE"}  # live widgets, please
     env.update(JUPYTER_CONFIG_DIR=str(root / "config"), JUPYTER_RUNTIME_DIR=str(root / "runtime"),
-               JUPYTER_DATA_DIR=str(root / "data"), IPYTHONDIR=str(root / "ipython"))
+               JUPYTER_DATA_DIR=str(root / "data"), IPYTHONDIR=str(root / "ipython"),
+               DSPEX_JOURNAL=str(root / "journal.sqlite3"))
     log = open(root / "lab.log", "wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
@@ -102,11 +103,13 @@ def run_batch_cell(page: Page, url: str) -> tuple[list[float], str]:
     """Run the notebook down to the batch cell; return the bar's distinct widths and the counts line."""
     page.goto(url)
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+    # the kernel is connected once the status bar names it as idle (the toolbar may say idle earlier)
+    page.locator(".jp-StatusBar-Widget", has_text="Python 3 (ipykernel) | Idle").wait_for(timeout=90_000)
     page.locator(".jp-Notebook .jp-Cell").first.click()
     page.keyboard.press("Escape")
     for _ in range(CELLS_UP_TO_BATCH):
         page.keyboard.press("Shift+Enter")
+    page.locator(".jp-OutputArea", has_text="pool of 2 workers ready").wait_for(timeout=60_000)
     bar = page.locator(".jp-OutputArea .progress .progress-bar").first
     bar.wait_for(timeout=30_000)
     counts = page.locator(".widget-html-content", has_text="items · ok").first

@@ -120,7 +120,7 @@ def test_no_stream_waits_for_the_whole_answer(sh: Shell) -> None:
 
 def test_batch_of_50_on_2_workers_fills_out_in_input_order(sh: Shell) -> None:
     sh("qs = [f'question {i}?' for i in range(50)]")
-    out, _ = sh('%dspex batch "question -> answer" --items qs -o OUT')
+    out, _ = sh('%dspex batch "question -> answer" --items qs -o OUT --no-journal')
     assert out.startswith("batch done: 50 items, 50 ok, 0 failed on 2 workers in ")
     answers = [p.answer for p in sh.ns["OUT"]]
     assert len(answers) == 50

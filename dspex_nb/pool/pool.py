@@ -27,6 +27,7 @@ import grpc
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.batch import BatchRun
 from dspex_nb.errors import DspexError, PoolClosed, WorkerDied, WorkerStartError
+from dspex_nb.journal import Journal
 from dspex_nb.pool.calls import Chunk, Run, encode_args, translate, unary_result
 from dspex_nb.pool.process import WorkerProcess, describe_exit, interpreter, worker_env
 
@@ -70,12 +71,15 @@ class Pool:
 
     def __init__(self, workers: int = 2, *, lm: str = "demo", lm_kwargs: dict[str, Any] | None = None,
                  python: str | None = None, max_message_mb: int = 64, health_interval: float = 0.5,
-                 ping_timeout: float = 5.0, start_timeout: float = 60.0,
-                 env: dict[str, str] | None = None) -> None:
+                 ping_timeout: float = 5.0, start_timeout: float = 60.0, env: dict[str, str] | None = None,
+                 concurrency: int = 4, rate_limit: float | None = None,
+                 journal: Journal | str | Path | bool = True) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         if not isinstance(max_message_mb, int) or max_message_mb < 1:
             raise ValueError(f"max_message_mb must be an int >= 1, got {max_message_mb!r}")
+        if rate_limit is not None and rate_limit <= 0:
+            raise ValueError(f"rate_limit must be > 0 LM requests per minute, got {rate_limit!r}")
         self.size = workers
         self.lm = lm
         self.lm_kwargs = dict(lm_kwargs or {})
@@ -85,6 +89,10 @@ class Pool:
         self.ping_timeout = ping_timeout
         self.start_timeout = start_timeout
         self.env = env
+        self.concurrency = concurrency
+        self.rate_limit = rate_limit
+        self._journal_setting = journal
+        self._journal: Journal | None = None
         self.run_id = uuid.uuid4().hex[:12]
         self.definitions: dict[str, dict[str, Any]] = {}  # name -> source, kind, inputs; replayed on new workers
         self.workers: list[Worker] = []
@@ -131,6 +139,9 @@ class Pool:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+        if self._journal is not None and self._journal_setting is not self._journal:
+            self._journal.close()
+            self._journal = None
         _live_pools.discard(self)
 
     def __enter__(self) -> Pool:
@@ -148,6 +159,8 @@ class Pool:
         address = f"unix:{self._dir}/{worker_id}-{generation}.sock"
         args = ["--worker-id", worker_id, "--run-id", self.run_id, "--lm", self.lm,
                 "--lm-kwargs", json.dumps(self.lm_kwargs), "--max-message-mb", str(self.max_message_bytes // 2**20)]
+        if self.rate_limit:
+            args += ["--rate-limit", str(self.rate_limit / self.size)]  # the pool's limit, split evenly
         process = WorkerProcess(self.python, address, self._dir / f"{worker_id}-{generation}.log",
                                 worker_env(self.env, self._dir / "dspy-cache"), args)
         limit = self.max_message_bytes
@@ -337,16 +350,32 @@ class Pool:
         self.definitions[name] = dict(info, source=source)
         return info
 
-    def batch(self, items: Sequence[Any], signature: str = "", *, module: str = "predict", concurrency: int = 4,
-              on_item: Callable[[dict[str, Any]], Any] | None = None, timeout: float | None = None,
-              shard_size: int | None = None, max_retries: int = 2) -> BatchRun:
+    @property
+    def journal(self) -> Journal | None:
+        """The batch journal (opened on first use), or None when this pool was made with journal=False."""
+        if self._journal is None and self._journal_setting is not False:
+            setting = self._journal_setting
+            self._journal = setting if isinstance(setting, Journal) else Journal(None if setting is True else setting)
+        return self._journal
+
+    def batch(self, items: Sequence[Any], signature: str = "", *, module: str = "predict",
+              concurrency: int | None = None, on_item: Callable[[dict[str, Any]], Any] | None = None,
+              timeout: float | None = None, item_timeout: float | None = None, shard_size: int | None = None,
+              max_retries: int = 2, journal: bool = True) -> BatchRun:
         """Fan ``items`` (input dicts, or strings for a one-input signature) out over every worker.
 
         ``module`` is "predict", "chain_of_thought" (both need ``signature``) or a defined module;
-        ``concurrency`` is items at a time per worker. Returns a ``BatchRun`` at once.
+        ``concurrency`` is items at a time per worker (default: the pool's). Finished items are kept
+        in the journal and taken from it when the same batch runs again (``journal=False``: neither).
+        A shard that yields no item for ``item_timeout`` seconds is cancelled and its items retried.
+        Returns a ``BatchRun`` at once.
         """
-        return BatchRun(self, items, signature=signature, module=module, concurrency=concurrency,
-                        shard_size=shard_size, max_retries=max_retries, timeout=timeout, on_item=on_item)
+        program = {"module": module, "signature": signature, "lm": self.lm, "lm_kwargs": self.lm_kwargs,
+                   "source": self.definitions.get(module, {}).get("source")}
+        return BatchRun(self, items, signature=signature, module=module,
+                        concurrency=concurrency or self.concurrency, shard_size=shard_size,
+                        max_retries=max_retries, timeout=timeout, item_timeout=item_timeout, on_item=on_item,
+                        journal=self.journal if journal else None, program=program)
 
     def session(self, worker: str | None = None) -> Session:
         """A Session whose calls all go to one worker (the least busy one, or ``worker``)."""

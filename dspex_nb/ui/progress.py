@@ -60,16 +60,30 @@ def batch_line(snap: dict[str, Any]) -> str:
             f" · queued {snap['queued']} · {snap['rate']:.1f} items/s · {snap['elapsed']:.2f} s")
     if snap["status"] == "running" and snap["eta"]:
         line += f" · ETA {snap['eta']:.1f} s"
+    extras = recovery(snap)
+    return f"{line} · {extras}" if extras else line
+
+
+def recovery(snap: dict[str, Any]) -> str:
+    """Retries, replaced workers and journal hits, when there were any."""
+    parts = []
     if snap["retries"]:
-        line += f" · {snap['retries']} retried"
-    return line
+        parts.append(f"{snap['retries']} retried")
+    if snap["replaced"]:
+        parts.append(f"{snap['replaced']} worker{'s' * (snap['replaced'] != 1)} replaced")
+    if snap["from_journal"]:
+        parts.append(f"{snap['from_journal']} from the journal")
+    return ", ".join(parts)
 
 
 def batch_summary(snap: dict[str, Any]) -> str:
     """The one deterministic line a finished batch prints outside a live notebook."""
     workers = len(snap["by_worker"])
-    return (f"batch {snap['status']}: {snap['total']} items, {snap['ok']} ok, {snap['failed']} failed "
-            f"on {workers} worker{'s' * (workers != 1)} in {snap['elapsed']:.2f} s")
+    where = f" on {workers} worker{'s' * (workers != 1)}" if workers else ""
+    line = (f"batch {snap['status']}: {snap['total']} items, {snap['ok']} ok, {snap['failed']} failed"
+            f"{where} in {snap['elapsed']:.2f} s")
+    extras = recovery(snap)
+    return f"{line} ({extras})" if extras else line
 
 
 POOL_COLUMNS = ("worker", "pid", "state", "in_flight", "done", "errors", "restarts", "uptime")

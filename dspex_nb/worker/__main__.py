@@ -24,6 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lm", default="demo", help="'demo' or any dspy.LM model string")
     parser.add_argument("--lm-kwargs", default="{}", help="JSON object of dspy.LM keyword arguments")
     parser.add_argument("--max-message-mb", type=int, default=64)
+    parser.add_argument("--rate-limit", type=float, default=None, help="LM requests per minute, at most")
     parser.add_argument("--threads", type=int, default=32, help="gRPC server threads")
     parser.add_argument("--no-parent-watch", action="store_true",
                         help="do not exit when stdin closes (for running a worker by hand)")
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from dspex_nb.worker.main import serve
 
     return serve(args.address, worker_id=args.worker_id, run_id=args.run_id, lm=args.lm,
-                 lm_kwargs=json.loads(args.lm_kwargs), max_message_mb=args.max_message_mb,
+                 lm_kwargs=json.loads(args.lm_kwargs), max_message_mb=args.max_message_mb, rate_limit=args.rate_limit,
                  threads=args.threads, watch_parent=not args.no_parent_watch)
 
 

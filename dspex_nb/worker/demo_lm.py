@@ -13,7 +13,9 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -80,11 +82,13 @@ class DemoEngine:
         per_token: float = 0.0,
         answer_tokens: int | None = None,
         rate_limit_first: int = 0,
+        kill_on: str | None = None,
     ) -> None:
         self.ttft = ttft
         self.per_token = per_token
         self.answer_tokens = answer_tokens
         self.rate_limit_first = rate_limit_first
+        self.kill_on = kill_on
         self._lock = threading.Lock()
         self._calls = 0
         self._tokens_streamed = 0
@@ -108,7 +112,7 @@ class DemoEngine:
 
     # -- engine contract -------------------------------------------------------------------------
     def complete(self, request: Request) -> Response:
-        self._start_call()
+        self._start_call(request)
         text = self.answer(request)
         tokens = _TOKEN.findall(text)
         time.sleep(self.ttft + self.per_token * len(tokens))
@@ -117,7 +121,7 @@ class DemoEngine:
                         usage=self._usage(request, len(tokens)))
 
     def stream(self, request: Request) -> Iterator[Any]:
-        self._start_call()
+        self._start_call(request)
         tokens = _TOKEN.findall(self.answer(request))
         with self._lock:
             self._streaming += 1
@@ -196,7 +200,9 @@ class DemoEngine:
             return _words(seed, 1)
         return self._text(name, topic, seed)
 
-    def _start_call(self) -> None:
+    def _start_call(self, request: Request) -> None:
+        if self.kill_on and any(self.kill_on in (m.text or "") for m in request.messages):
+            os.kill(os.getpid(), signal.SIGKILL)  # a "poison" input: fault tests
         with self._lock:
             self._calls += 1
             limited = self._calls <= self.rate_limit_first

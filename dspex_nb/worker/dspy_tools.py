@@ -22,9 +22,11 @@ from typing import Any
 
 import dspy
 from dspy.streaming import StatusMessage, StreamListener, StreamResponse
+from dspy.utils.exceptions import LMRateLimitError
 
-from dspex_nb.errors import ArgumentError
+from dspex_nb.errors import ArgumentError, Cancelled
 from dspex_nb.worker.demo_lm import make_demo_lm
+from dspex_nb.worker.limits import backoff_delays
 from dspex_nb.worker.state import WorkerState
 from dspex_nb.worker.tools import Emit, ToolContext, tool
 
@@ -158,14 +160,14 @@ class _Failure:
 
 def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[Emit, None, dict[str, Any]]:
     """Run ``program`` on ``inputs`` under the worker's LM; streamed calls yield token chunks."""
-    lm = ctx.worker.lm
+    settings = ctx.worker.dspy_settings()
     listeners = _listeners(program) if ctx.streaming else []
     if not listeners:
-        with dspy.context(lm=lm):
+        with dspy.context(**settings):
             return output_dict(program(**inputs))
     streamed = dspy.streamify(program, stream_listeners=listeners)
     final: dict[str, Any] = {}
-    with dspy.context(lm=lm):
+    with dspy.context(**settings):
         for value in _async_items(lambda: streamed(**inputs)):
             if isinstance(value, StreamResponse):
                 yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
@@ -286,11 +288,21 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         defined = _defined(ctx, "batch_inference", module)
         items = [defined.check("batch_inference", item, w) for item, w in zip(batch_items, where, strict=True)]
         make = defined.factory
-    lm, worker = ctx.worker.lm, ctx.worker.worker_id
+    settings, worker = ctx.worker.dspy_settings(), ctx.worker.worker_id
 
     def run_one(inputs: dict[str, Any]) -> dict[str, Any]:
-        with dspy.context(lm=lm):
-            return output_dict(make()(**inputs))
+        """One item; an LM rate limit (HTTP 429) is waited out with exponential backoff, not failed."""
+        delays = backoff_delays()
+        with dspy.context(**settings):
+            while not ctx.cancelled.is_set():  # a cancelled batch starts no further LM calls
+                try:
+                    return output_dict(make()(**inputs))
+                except LMRateLimitError:
+                    delay = next(delays, None)
+                    if delay is None or ctx.wait(delay):
+                        raise
+                    ctx.worker.count("rate_limit_retries")
+        raise Cancelled("the batch was cancelled before this item started")
 
     results: list[dict[str, Any] | None] = [None] * len(items)
     with futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="item") as pool:

@@ -13,6 +13,7 @@ import grpc
 
 from dspex_nb._proto import bridge_pb2_grpc
 from dspex_nb.worker import dspy_tools, tools  # noqa: F401  (importing registers the tools)
+from dspex_nb.worker.limits import LimitLMCalls, RateLimiter
 from dspex_nb.worker.server import Bridge
 from dspex_nb.worker.state import WorkerState
 
@@ -31,8 +32,10 @@ def _exit_when_stdin_closes() -> None:
 
 
 def serve(address: str, *, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any],
-          max_message_mb: int, threads: int, watch_parent: bool) -> int:
+          max_message_mb: int, rate_limit: float | None, threads: int, watch_parent: bool) -> int:
     state = WorkerState(worker_id=worker_id, run_id=run_id, max_message_bytes=max_message_mb * 2**20)
+    if rate_limit:
+        state.callbacks.append(LimitLMCalls(RateLimiter(rate_limit)))
     dspy_tools.set_lm(state, lm, lm_kwargs)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
                          options=message_options(max_message_mb))

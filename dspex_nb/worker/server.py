@@ -67,7 +67,8 @@ class Bridge(bridge_pb2_grpc.BridgeServicer):
     def _start(self, request: bridge_pb2.ExecuteRequest, context: grpc.ServicerContext,
                streaming: bool) -> tuple[Iterator[tools.Emit], tools.ToolContext]:
         ctx = tools.ToolContext(streaming=streaming, session_id=request.session_id, worker=self.state)
-        context.add_callback(ctx.cancelled.set)
+        if not context.add_callback(ctx.cancelled.set):  # the call ended (cancelled) before it got here
+            ctx.cancelled.set()
         tool = tools.get_tool(request.tool)
         try:
             args = json.loads(request.args_json) if request.args_json else {}

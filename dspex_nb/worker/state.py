@@ -22,6 +22,8 @@ class WorkerState:
     lm_model: str = ""
     lm_kwargs: dict[str, Any] = field(default_factory=dict)
     demo_engine: Any = None  # the DemoEngine when lm_model == "demo": its counters are exposed
+    callbacks: list[Any] = field(default_factory=list)  # DSPy callbacks of every request (rate limit)
+    counters: dict[str, int] = field(default_factory=dict)
     modules: dict[str, Any] = field(default_factory=dict)  # name -> DefinedModule, kept by the define tool
     started: float = field(default_factory=time.time)
     active: int = 0
@@ -40,11 +42,19 @@ class WorkerState:
             with self._lock:
                 self.active -= 1
 
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] = self.counters.get(name, 0) + n
+
+    def dspy_settings(self) -> dict[str, Any]:
+        """What every request runs under: ``with dspy.context(**state.dspy_settings())``."""
+        return {"lm": self.lm, "callbacks": self.callbacks}
+
     def describe(self) -> dict[str, Any]:
         versions = {"python": platform.python_version()}
         for dist in ("dspy", "grpcio", "protobuf"):
             versions[dist] = metadata.version(dist)
-        counters: dict[str, Any] = {"active_requests": self.active, "total_requests": self.total}
+        counters: dict[str, Any] = {"active_requests": self.active, "total_requests": self.total, **self.counters}
         if self.demo_engine is not None:
             counters["lm_calls"] = self.demo_engine.calls
             counters["tokens_streamed"] = self.demo_engine.tokens_streamed

@@ -1,0 +1,62 @@
+"""Keeping a worker's LM calls within limits: a requests-per-minute bucket, and 429 backoff.
+
+``RateLimiter`` is a token bucket enforced in DSPy's ``on_lm_start`` callback, so it counts real LM
+calls (a multi-step module makes several per item). A Pool's ``rate_limit`` is split evenly over
+its workers. ``backoff_delays`` is the schedule on which a rate-limited (HTTP 429) item is retried.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from dspy.utils.callback import BaseCallback
+
+RATE_LIMIT_RETRIES = 8
+FIRST_BACKOFF = 0.05  # seconds; doubles each time, capped at MAX_BACKOFF
+MAX_BACKOFF = 5.0
+
+
+def backoff_delays() -> Iterator[float]:
+    """0.05, 0.1, 0.2, ... seconds (capped), RATE_LIMIT_RETRIES of them."""
+    delay = FIRST_BACKOFF
+    for _ in range(RATE_LIMIT_RETRIES):
+        yield delay
+        delay = min(delay * 2, MAX_BACKOFF)
+
+
+class RateLimiter:
+    """At most ``per_minute`` acquisitions in any minute, spread evenly (token bucket of one minute)."""
+
+    def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Any] = time.sleep) -> None:
+        if per_minute <= 0:
+            raise ValueError(f"rate_limit must be > 0 requests/min, got {per_minute}")
+        self.interval = 60.0 / per_minute
+        self._clock = clock
+        self._sleep = sleep
+        self._next = clock()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Wait for the next slot; return how long it waited."""
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        wait = start - now
+        if wait > 0:
+            self._sleep(wait)
+        return wait
+
+
+class LimitLMCalls(BaseCallback):
+    """A DSPy callback that takes a slot of ``limiter`` before every LM call."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.limiter.acquire()

@@ -54,6 +54,7 @@ class BatchRun:
         self._tries = [0] * self.total
         self._lock = threading.Lock()
         self._runs: dict[Run, set[int]] = {}  # running shard -> its items not yet back
+        self._placed: dict[str, list[bool]] = {}  # worker -> its shards of this batch (True: a retry, alone)
         self.retries = self.from_journal = self.ok = self.failed = 0
         self.started = time.monotonic()
         self.finished: float | None = None
@@ -92,6 +93,8 @@ class BatchRun:
                         return
                     shard = self._queue.popleft()
                 self._run_shard(shard)
+        except Cancelled:
+            pass
         except BaseException as exc:  # the pool closed under us, or a bad argument for every shard
             self._error = self._error or exc
             self.cancel()
@@ -102,7 +105,33 @@ class BatchRun:
             if last:
                 self._finish()
 
+    def _place(self, retry: bool) -> str:
+        """Reserve a ready worker for a shard. A retried item runs alone on its worker, so an item that
+        kills its worker ("poison") takes no other item down with it; no shard joins a retry's worker."""
+        while not self._cancelled:
+            ready = [r for r in self.pool.status() if r["state"] == "ready"]
+            with self._lock:
+                free = [r for r in ready if not any(self._placed.get(r["worker"], ()))
+                        and not (retry and self._placed.get(r["worker"]))]
+                if free:
+                    row = min(free, key=lambda r: (len(self._placed.get(r["worker"], ())), r["in_flight"]))
+                    self._placed.setdefault(row["worker"], []).append(retry)
+                    return row["worker"]
+            if not self.pool.running:
+                raise PoolClosed("the pool was shut down during the batch")
+            time.sleep(0.05)
+        raise Cancelled("the batch was cancelled")
+
     def _run_shard(self, shard: list[int]) -> None:
+        retry = any(self._tries[i] for i in shard)
+        worker = self._place(retry)
+        try:
+            self._run_shard_on(worker, shard)
+        finally:
+            with self._lock:
+                self._placed[worker].remove(retry)
+
+    def _run_shard_on(self, worker: str, shard: list[int]) -> None:
         pending = set(shard)
         progress = [time.monotonic()]
 
@@ -115,7 +144,8 @@ class BatchRun:
                 self._record(index, dict(chunk.data, index=index, tries=self._tries[index] + 1))
 
         args = dict(self._args, batch_items=[self._items[i] for i in shard])
-        run = self.pool.execute_stream("batch_inference", args, on_chunk=on_chunk, timeout=self._timeout)
+        run = self.pool.execute_stream("batch_inference", args, on_chunk=on_chunk, timeout=self._timeout,
+                                       worker=worker)
         with self._lock:
             self._runs[run] = pending
         timed_out = False
@@ -133,6 +163,7 @@ class BatchRun:
         if timed_out:
             error: BaseException | None = ItemTimeout(
                 f"no item of its shard finished within item_timeout={self._item_timeout} s on worker {run.worker}")
+            self.pool.check_worker(run.worker, "an item timeout")  # a hung worker is replaced, not fed again
         else:
             error = run.error
         if isinstance(error, (ArgumentError, PoolClosed)):

@@ -220,12 +220,25 @@ class Pool:
                     if worker.failed_pings >= HUNG_AFTER_FAILED_PINGS and worker.state == READY:
                         self._replace(worker, f"stopped answering pings ({worker.failed_pings} missed)")
 
+    def check_worker(self, worker_id: str, why: str) -> bool:
+        """Ping one worker now; replace it when it does not answer within ``ping_timeout``."""
+        worker = next((w for w in self.workers if w.id == worker_id), None)
+        if worker is None or worker.state != READY:
+            return False
+        try:
+            worker.stub.Ping(bridge_pb2.PingRequest(), timeout=self.ping_timeout)
+            return True
+        except grpc.RpcError:
+            self._replace(worker, f"did not answer a ping after {why}")
+            return False
+
     def _replace(self, worker: Worker, reason: str) -> None:
         """Kill ``worker``'s process and start a new one in its slot, in a background thread."""
         with self._lock:
             if worker.state != READY or self._closing.is_set():
                 return
             worker.state = RESTARTING
+            worker.restarts += 1  # counted now, so a caller sees the replacement as soon as it is decided
             worker.last_error = f"{worker.id} (pid {worker.process.pid}) {reason}"
             worker.history.append(worker.last_error)
         threading.Thread(target=self._restart, args=(worker,), name=f"dspex-restart-{worker.id}",
@@ -239,7 +252,7 @@ class Pool:
         except DspexError as exc:
             old.state, old.last_error = FAILED, str(exc)
             return
-        new.restarts, new.done, new.errors = old.restarts + 1, old.done, old.errors
+        new.restarts, new.done, new.errors = old.restarts, old.done, old.errors
         new.history, new.last_error = old.history, old.last_error
         with self._lock:
             if self._closing.is_set() or old not in self.workers:

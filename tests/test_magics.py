@@ -127,6 +127,20 @@ def test_batch_of_50_on_2_workers_fills_out_in_input_order(sh: Shell) -> None:
     assert all(a.startswith(f"Demo LM answer to 'question {i}?'") for i, a in enumerate(answers))
 
 
+def test_journal_magic_and_a_rerun_from_the_journal(sh: Shell) -> None:
+    sh("jq = [f'journaled {i}?' for i in range(12)]")
+    sh('%dspex journal clear')
+    first, _ = sh('%dspex batch "question -> answer" --items jq -o J1')
+    assert "from the journal" not in first
+    second, _ = sh('%dspex batch "question -> answer" --items jq -o J2')
+    assert second.startswith("batch done: 12 items, 12 ok, 0 failed in ") and "(12 from the journal)" in second
+    assert [p.answer for p in sh.ns["J1"]] == [p.answer for p in sh.ns["J2"]]
+    out, _ = sh("%dspex journal")
+    assert "1 batch\n" in out and "predict question -> answer" in out
+    out, _ = sh("%dspex journal clear")
+    assert out.startswith("dspex: cleared 1 batch from ")
+
+
 def test_batch_of_dicts_and_of_cell_lines(sh: Shell) -> None:
     sh("rows = [{'question': 'a?', 'context': 'x'}, {'question': 'b?', 'context': 'y'}]")
     sh('%dspex batch "question, context -> answer" --items rows -o OUT --cot')

@@ -22,6 +22,7 @@ class WorkerState:
     lm_model: str = ""
     lm_kwargs: dict[str, Any] = field(default_factory=dict)
     demo_engine: Any = None  # the DemoEngine when lm_model == "demo": its counters are exposed
+    rate_limit: float | None = None  # LM requests per minute on this worker
     callbacks: list[Any] = field(default_factory=list)  # DSPy callbacks of every request (rate limit)
     counters: dict[str, int] = field(default_factory=dict)
     modules: dict[str, Any] = field(default_factory=dict)  # name -> DefinedModule, kept by the define tool
@@ -61,5 +62,6 @@ class WorkerState:
             counters["lm_streams_open"] = self.demo_engine.streaming
         return {"worker_id": self.worker_id, "run_id": self.run_id, "pid": os.getpid(),
                 "uptime": time.time() - self.started, "versions": versions,
-                "lm": {"model": self.lm_model, "kwargs": self.lm_kwargs}, "modules": sorted(self.modules),
+                "lm": {"model": self.lm_model, "kwargs": self.lm_kwargs}, "rate_limit": self.rate_limit,
+                "modules": sorted(self.modules),
                 "counters": counters}

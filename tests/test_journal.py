@@ -1,0 +1,81 @@
+"""The batch journal on its own, the rate limiter, and the journal through the magics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dspex_nb import Pool
+from dspex_nb.journal import Journal, digest
+from dspex_nb.worker.limits import RateLimiter, backoff_delays
+
+
+def test_journal_keeps_results_across_connections(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    assert journal.open_batch("b1", "predict q -> a") == {}
+    journal.record("b1", digest("x"), {"a": "1"})
+    journal.record("b1", digest({"q": "y"}), {"a": "2"})
+    journal.close()
+    again = Journal(path)
+    assert again.open_batch("b1", "predict q -> a") == {digest("x"): {"a": "1"}, digest({"q": "y"}): {"a": "2"}}
+    [batch] = again.batches()
+    assert (batch["key"], batch["description"], batch["items"]) == ("b1", "predict q -> a", 2)
+    again.open_batch("b2", "other")
+    assert again.clear("b1") == 1
+    assert [b["key"] for b in again.batches()] == ["b2"]
+    assert again.clear() == 1 and again.batches() == []
+
+
+def test_digest_is_stable_and_order_free() -> None:
+    assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})
+    assert digest("x") != digest("y")
+
+
+def test_a_batch_rerun_takes_finished_items_from_the_journal(tmp_path: Path) -> None:
+    with Pool(workers=2, journal=tmp_path / "j.sqlite3") as pool:
+        items = [f"journal {i}?" for i in range(30)]
+        first = pool.batch(items, "question -> answer")
+        out = first.result()
+        calls = sum(pool.describe(w)["counters"]["lm_calls"] for w in ("w0", "w1"))
+        assert calls == 30 and first.from_journal == 0
+        second = pool.batch(items + ["one more?"], "question -> answer")
+        assert second.result()[:30] == out
+        assert second.from_journal == 30
+        assert sum(pool.describe(w)["counters"]["lm_calls"] for w in ("w0", "w1")) == 31
+        other_program = pool.batch(items, "question -> answer", module="chain_of_thought")
+        assert other_program.result() and other_program.from_journal == 0  # another program, another key
+        not_journaled = pool.batch(items, "question -> answer", journal=False)
+        assert not_journaled.result() == out and not_journaled.from_journal == 0
+
+
+def test_rate_limiter_spreads_acquisitions() -> None:
+    now = [100.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    limiter = RateLimiter(120, clock=lambda: now[0], sleep=sleep)  # one every 0.5 s
+    waits = [limiter.acquire() for _ in range(5)]
+    assert waits == [0.0, 0.5, 0.5, 0.5, 0.5]
+    now[0] += 10  # idle time does not pile up into a burst
+    assert [limiter.acquire() for _ in range(2)] == [0.0, 0.5]
+    with pytest.raises(ValueError, match="rate_limit must be > 0"):
+        RateLimiter(0)
+
+
+def test_backoff_doubles_up_to_a_cap() -> None:
+    delays = list(backoff_delays())
+    assert delays[:4] == [0.05, 0.1, 0.2, 0.4] and max(delays) <= 5.0 and len(delays) == 8
+
+
+def test_pool_rate_limit_is_split_over_workers(tmp_path: Path) -> None:
+    with Pool(workers=2, rate_limit=6000, journal=False) as pool:
+        assert [pool.describe(w)["rate_limit"] for w in ("w0", "w1")] == [3000.0, 3000.0]
+        assert pool.batch(["a?", "b?", "c?"], "question -> answer").result()[2]["answer"].startswith(
+            "Demo LM answer to 'c?'")
+    with pytest.raises(ValueError, match="rate_limit must be > 0"):
+        Pool(rate_limit=-1)

@@ -21,9 +21,30 @@ def pool_still_serves(pool: Pool):
 def test_unknown_tool_lists_the_tools(pool: Pool) -> None:
     with pytest.raises(UnknownTool, match="no tool named 'nope'; available tools: .*batch_inference.*echo"):
         pool.execute("nope")
-    run = pool.execute_stream("nope")
     with pytest.raises(UnknownTool):
-        run.result()
+        pool.execute_stream("nope")
+
+
+def test_bad_calls_are_refused_before_they_are_sent(pool: Pool) -> None:
+    before = [pool.describe(w)["counters"]["total_requests"] for w in ("w0", "w1")]
+    for tool, args in [("nope", {}), ("sleep", {}), ("sleep", {"seconds": "soon"}), ("echo", {"x": {1}})]:
+        with pytest.raises((UnknownTool, ArgumentError)):
+            pool.execute(tool, args)
+        with pytest.raises((UnknownTool, ArgumentError)):
+            pool.execute_stream(tool, args)
+    assert [pool.describe(w)["counters"]["total_requests"] for w in ("w0", "w1")] == before
+    assert pool.schemas["sleep"]["args"]["seconds"] == {"type": "float", "required": True}
+
+
+def test_the_worker_checks_arguments_too(pool: Pool) -> None:
+    from dspex_nb._proto import bridge_pb2
+
+    stub = pool.workers[0].stub  # a client that skips the pool's own check
+    reply = stub.Execute(bridge_pb2.ExecuteRequest(tool="sleep", args_json=b'{"seconds": "soon"}'), timeout=10)
+    assert reply.error.type == "ArgumentError"
+    assert reply.error.message == "argument 'seconds' must be float, got str ('soon')"
+    reply = stub.Execute(bridge_pb2.ExecuteRequest(tool="nope"), timeout=10)
+    assert reply.error.type == "UnknownTool" and "available tools" in reply.error.message
 
 
 def test_missing_argument_is_named(pool: Pool) -> None:

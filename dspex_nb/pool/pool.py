@@ -26,10 +26,11 @@ import grpc
 
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.batch import BatchRun
-from dspex_nb.errors import DspexError, PoolClosed, WorkerDied, WorkerStartError
+from dspex_nb.errors import DspexError, PoolClosed, UnknownTool, WorkerDied, WorkerStartError
 from dspex_nb.journal import Journal
 from dspex_nb.pool.calls import Chunk, Run, encode_args, translate, unary_result
 from dspex_nb.pool.process import WorkerProcess, describe_exit, interpreter, worker_env
+from dspex_nb.schema import validate
 
 STARTING, READY, RESTARTING, FAILED, STOPPED = "starting", "ready", "restarting", "failed", "stopped"
 HUNG_AFTER_FAILED_PINGS = 2
@@ -94,6 +95,7 @@ class Pool:
         self._journal_setting = journal
         self._journal: Journal | None = None
         self.run_id = uuid.uuid4().hex[:12]
+        self.schemas: dict[str, dict[str, Any]] = {}  # tool name -> argument schema, from Describe at start
         self.definitions: dict[str, dict[str, Any]] = {}  # name -> source, kind, inputs; replayed on new workers
         self.workers: list[Worker] = []
         self._dir: Path | None = None
@@ -114,6 +116,8 @@ class Pool:
             deadline = time.monotonic() + self.start_timeout
             for worker in self.workers:
                 self._wait_ready(worker, deadline)
+            described = self.workers[0].stub.Describe(bridge_pb2.DescribeRequest(), timeout=self.start_timeout)
+            self.schemas = {t["name"]: t for t in json.loads(described.json)["tools"]}
         except BaseException:
             self.shutdown()
             raise
@@ -194,8 +198,7 @@ class Pool:
             self._lock.notify_all()
 
     def _define_on(self, worker: Worker, name: str, source: str) -> dict[str, Any]:
-        request = bridge_pb2.ExecuteRequest(tool="define", args_json=encode_args(
-            "define", {"name": name, "source": source}, self.max_message_bytes))
+        request = self._request("define", {"name": name, "source": source}, "")
         return unary_result(worker.stub.Execute(request, timeout=self.start_timeout), "define", worker.id)
 
     # -- health -------------------------------------------------------------------------
@@ -313,11 +316,20 @@ class Pool:
             self._lock.notify_all()
 
     # -- calls --------------------------------------------------------------------------
+    def _request(self, tool: str, args: dict[str, Any] | None, session_id: str) -> bridge_pb2.ExecuteRequest:
+        """The request for a call, checked against the tool's schema before anything is sent."""
+        if self.schemas and tool not in self.schemas:
+            raise UnknownTool(tool, "UnknownTool",
+                              f"no tool named {tool!r}; available tools: {', '.join(sorted(self.schemas))}")
+        if tool in self.schemas:
+            validate(self.schemas[tool], {} if args is None else args)
+        return bridge_pb2.ExecuteRequest(tool=tool, args_json=encode_args(tool, args, self.max_message_bytes),
+                                         session_id=session_id)
+
     def execute(self, tool: str, args: dict[str, Any] | None = None, *, timeout: float | None = None,
                 worker: str | None = None, session_id: str = "") -> Any:
         """Run ``tool`` on a worker and return its result; Ctrl-C cancels the remote work."""
-        request = bridge_pb2.ExecuteRequest(tool=tool, args_json=encode_args(tool, args, self.max_message_bytes),
-                                            session_id=session_id)
+        request = self._request(tool, args, session_id)
         chosen = self._choose(worker, count=True)
         ok = False
         try:
@@ -336,8 +348,7 @@ class Pool:
                        on_chunk: Callable[[Chunk], Any] | None = None, timeout: float | None = None,
                        worker: str | None = None, session_id: str = "") -> Run:
         """Start ``tool`` as a stream and return its ``Run`` at once; chunks arrive in order."""
-        request = bridge_pb2.ExecuteRequest(tool=tool, args_json=encode_args(tool, args, self.max_message_bytes),
-                                            session_id=session_id)
+        request = self._request(tool, args, session_id)
         chosen = self._choose(worker, count=True)
         try:
             call = chosen.stub.ExecuteStream(request, timeout=timeout)

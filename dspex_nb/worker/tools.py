@@ -15,13 +15,13 @@ import builtins
 import inspect
 import os
 import threading
-import types
 import typing
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dspex_nb.errors import ArgumentError, UnknownTool
+from dspex_nb.errors import UnknownTool
+from dspex_nb.schema import type_name, validate
 
 CHUNK_KINDS = ("token", "item", "status", "error", "final")
 
@@ -52,32 +52,6 @@ class ToolContext:
         return self.cancelled.wait(seconds)
 
 
-_JSON_TYPES: dict[Any, tuple[type, ...]] = {
-    str: (str,), int: (int,), float: (int, float), bool: (bool,),
-    list: (list,), dict: (dict,),
-}
-
-
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
-def _accepts(annotation: Any, value: Any) -> bool:
-    if annotation is Any or annotation is inspect.Parameter.empty:
-        return True
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_accepts(arg, value) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    accepted = _JSON_TYPES.get(origin or annotation)
-    if accepted is None:
-        return True
-    if isinstance(value, bool) and bool not in accepted:
-        return False  # JSON true is not an int here
-    return isinstance(value, accepted)
-
-
 @dataclass
 class Tool:
     name: str
@@ -90,40 +64,21 @@ class Tool:
     open_ended: bool  # takes **kwargs: any extra argument is accepted
 
     def schema(self) -> dict[str, Any]:
+        """Name, description, whether it streams, and each argument's type and required/default."""
         args = {}
         for name, param in self.params.items():
-            spec: dict[str, Any] = {"type": _type_name(self.hints.get(name, Any))}
+            spec: dict[str, Any] = {"type": type_name(self.hints.get(name, Any))}
             if param.default is inspect.Parameter.empty:
                 spec["required"] = True
             else:
                 spec["default"] = param.default
             args[name] = spec
         return {"name": self.name, "description": self.description, "streaming": self.streaming,
-                "args": args}
-
-    def validate(self, args: Any) -> None:
-        if not isinstance(args, dict):
-            raise ArgumentError(self.name, "ArgumentError",
-                                f"arguments must be a JSON object (a dict), got {type(args).__name__}")
-        unexpected = sorted(set(args) - set(self.params))
-        if unexpected and not self.open_ended:
-            raise ArgumentError(self.name, "ArgumentError",
-                                f"unexpected argument(s) {unexpected}; '{self.name}' takes {list(self.params)}")
-        for name, param in self.params.items():
-            if name not in args:
-                if param.default is inspect.Parameter.empty:
-                    raise ArgumentError(self.name, "ArgumentError", f"missing required argument '{name}'")
-                continue
-            annotation = self.hints.get(name, Any)
-            if not _accepts(annotation, args[name]):
-                raise ArgumentError(
-                    self.name, "ArgumentError",
-                    f"argument '{name}' must be {_type_name(annotation)}, got "
-                    f"{type(args[name]).__name__} ({args[name]!r:.80})")
+                "open": self.open_ended, "args": args}
 
     def run(self, args: dict[str, Any], ctx: ToolContext) -> Generator[Emit, None, Any]:
         """Validate ``args``, then yield the tool's Emits and return its final result."""
-        self.validate(args)
+        validate(self.schema(), args)
         kwargs = dict(args, ctx=ctx) if self.wants_ctx else args
         if self.streaming:
             return (yield from self.func(**kwargs))

@@ -69,3 +69,7 @@ class PoolClosed(DspexError):
 
 class Cancelled(DspexError):
     """The call was cancelled (``run.cancel()``, a callback that returned False, or Ctrl-C)."""
+
+
+class StopStream(Exception):
+    """Raise it in an ``on_chunk`` callback to cancel the stream (as returning False does)."""

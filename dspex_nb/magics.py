@@ -56,7 +56,8 @@ _p.add_argument("--lm", help="'demo' or a dspy.LM model string, e.g. openai/gpt-
 _p.add_argument("--python", metavar="EXE", help="the workers' Python interpreter")
 _parser("stop", "Stop the pool and every worker process.")
 _parser("restart", "Stop the pool and start it again with the same settings and defined modules.")
-_parser("status", "Show the pool dashboard (refreshes while shown).")
+_p = _parser("status", "Show the pool dashboard (refreshes while shown), with per-tool call timings.")
+_p.add_argument("--stats", action="store_true", help="outside a live notebook, also print the call timings")
 _parser("config", "Show the magics' defaults and the running pool's settings.")
 _p = _parser("lm", "Switch the LM on every worker (and on workers started later).")
 _p.add_argument("model", help="'demo' or a dspy.LM model string")
@@ -262,7 +263,7 @@ class Dspex(Magics):
         if self.pool is None:
             print("dspex: no pool is running (%dspex start)")
             return
-        show_pool(self.pool, mode=self.display)
+        show_pool(self.pool, mode=self.display, show_stats=args.stats)
 
     def _config(self, args: argparse.Namespace) -> None:
         for name in ("workers", "lm", "python", "display"):

@@ -78,6 +78,9 @@ def test_status_and_config(sh: Shell) -> None:
     out, _ = sh("%dspex status")
     assert out.startswith("pool: 2 workers, lm=demo, running\nworker  pid")
     assert out.count(" ready ") == 2
+    sh.pool.execute("echo", {"x": 1})
+    out, _ = sh("%dspex status --stats")
+    assert "tool" in out and "exec p50" in out and "\necho " in out
     out, _ = sh("%config Dspex.workers = 3\n%dspex config")
     assert "Dspex.workers = 3" in out and "running pool: <Pool 2 workers" in out
     sh("%config Dspex.workers = 2")

@@ -177,3 +177,28 @@ def test_calls_after_shutdown_raise_pool_closed() -> None:
     p = Pool(workers=1)
     with pytest.raises(PoolClosed, match="not running"):
         p.execute("echo")
+
+
+def test_stats_keep_per_call_timings(pool: Pool) -> None:
+    before = pool.stats()["tools"].get("count", {"calls": 0, "chunks": 0})
+    pool.execute_stream("count", {"n": 10}).result()
+    pool.execute("count", {"n": 3})
+    stats = pool.stats()["tools"]["count"]
+    assert stats["calls"] == before["calls"] + 2
+    assert stats["chunks"] == before["chunks"] + 11  # the unary call has no chunks
+    for timing in ("queue_wait", "execution", "first_chunk"):
+        assert set(stats[timing]) == {"p50_ms", "p95_ms", "max_ms"}
+        assert 0 <= stats[timing]["p50_ms"] <= stats[timing]["p95_ms"] <= stats[timing]["max_ms"]
+    assert pool.stats()["calls"] >= 2
+
+
+def test_stop_stream_from_the_callback(pool: Pool) -> None:
+    from dspex_nb.errors import StopStream
+
+    def stop_at_five(chunk: Chunk) -> None:
+        if chunk.kind == "item" and chunk["index"] == 5:
+            raise StopStream
+
+    run = pool.execute_stream("count", {"n": 100_000, "delay": 0.001}, on_chunk=stop_at_five)
+    assert run.wait(20) and run.status == "cancelled" and run.error is None
+    assert len(run.chunks) < 100_000

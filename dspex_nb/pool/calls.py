@@ -17,7 +17,16 @@ from typing import Any
 
 import grpc
 
-from dspex_nb.errors import ArgumentError, CallTimeout, Cancelled, DspexError, MessageTooLarge, ToolError, remote_error
+from dspex_nb.errors import (
+    ArgumentError,
+    CallTimeout,
+    Cancelled,
+    DspexError,
+    MessageTooLarge,
+    StopStream,
+    ToolError,
+    remote_error,
+)
 
 WAIT_SLICE = 0.1  # seconds a blocking wait sleeps before it lets KeyboardInterrupt through
 
@@ -92,7 +101,8 @@ def wait_interruptibly(event: threading.Event, timeout: float | None, on_interru
 class Run:
     """A streaming call in progress: iterate it, ``result()`` it, ``cancel()`` it.
 
-    ``on_chunk`` runs in the reader thread for every chunk; returning False cancels the call.
+    ``on_chunk`` runs in the reader thread for every chunk; returning False (or raising StopStream)
+    cancels the call, like ``cancel()``.
     """
 
     def __init__(self, tool: str, worker: str, call: Any, *, timeout: float | None,
@@ -112,6 +122,7 @@ class Run:
         self._cond = threading.Condition()
         self._done = threading.Event()
         self.started = time.monotonic()
+        self.first_chunk_at: float | None = None
         self.finished: float | None = None
         threading.Thread(target=self._read, name=f"run-{tool}", daemon=True).start()
 
@@ -129,6 +140,8 @@ class Run:
         except grpc.RpcError as err:
             if not self._cancelled:
                 self._error = translate(err, self.tool, self._timeout, self._worker_died)
+        except StopStream:
+            self.cancel()
         except Exception as exc:  # the on_chunk callback failed: stop the remote work, keep its error
             self._error = exc
             self._call.cancel()
@@ -141,6 +154,8 @@ class Run:
 
     def _add(self, chunks: list[Chunk]) -> None:
         """Keep the chunks of one message (one lock, one wake-up); note the final result or error."""
+        if self.first_chunk_at is None:
+            self.first_chunk_at = time.monotonic()
         last = chunks[-1]
         if last.kind == "final":
             self._final = last.data

@@ -30,6 +30,7 @@ from dspex_nb.errors import DspexError, PoolClosed, UnknownTool, WorkerDied, Wor
 from dspex_nb.journal import Journal
 from dspex_nb.pool.calls import Chunk, Run, encode_args, translate, unary_result
 from dspex_nb.pool.process import WorkerProcess, describe_exit, interpreter, worker_env
+from dspex_nb.pool.telemetry import CallRecord, Telemetry
 from dspex_nb.schema import validate
 
 STARTING, READY, RESTARTING, FAILED, STOPPED = "starting", "ready", "restarting", "failed", "stopped"
@@ -74,7 +75,7 @@ class Pool:
                  python: str | None = None, max_message_mb: int = 64, health_interval: float = 0.5,
                  ping_timeout: float = 5.0, start_timeout: float = 60.0, env: dict[str, str] | None = None,
                  concurrency: int = 4, rate_limit: float | None = None,
-                 journal: Journal | str | Path | bool = True) -> None:
+                 journal: Journal | str | Path | bool = True, otel: bool = False) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         if not isinstance(max_message_mb, int) or max_message_mb < 1:
@@ -94,6 +95,7 @@ class Pool:
         self.rate_limit = rate_limit
         self._journal_setting = journal
         self._journal: Journal | None = None
+        self.telemetry = Telemetry(otel)
         self.run_id = uuid.uuid4().hex[:12]
         self.schemas: dict[str, dict[str, Any]] = {}  # tool name -> argument schema, from Describe at start
         self.definitions: dict[str, dict[str, Any]] = {}  # name -> source, kind, inputs; replayed on new workers
@@ -330,7 +332,9 @@ class Pool:
                 worker: str | None = None, session_id: str = "") -> Any:
         """Run ``tool`` on a worker and return its result; Ctrl-C cancels the remote work."""
         request = self._request(tool, args, session_id)
+        queued, wall = time.monotonic(), time.time_ns()
         chosen = self._choose(worker, count=True)
+        sent = time.monotonic()
         ok = False
         try:
             try:
@@ -343,21 +347,31 @@ class Pool:
             return result
         finally:
             self._release(chosen, ok)
+            self.telemetry.add(CallRecord(tool, chosen.id, ok, sent - queued, time.monotonic() - sent,
+                                          started_ns=wall))
 
     def execute_stream(self, tool: str, args: dict[str, Any] | None = None, *,
                        on_chunk: Callable[[Chunk], Any] | None = None, timeout: float | None = None,
                        worker: str | None = None, session_id: str = "") -> Run:
         """Start ``tool`` as a stream and return its ``Run`` at once; chunks arrive in order."""
         request = self._request(tool, args, session_id)
+        queued, wall = time.monotonic(), time.time_ns()
         chosen = self._choose(worker, count=True)
         try:
             call = chosen.stub.ExecuteStream(request, timeout=timeout)
         except BaseException:
             self._release(chosen, False)
             raise
-        return Run(tool, chosen.id, call, timeout=timeout, on_chunk=on_chunk,
-                   worker_died=self._death_of(chosen),
-                   on_done=lambda run: self._release(chosen, run.status == "done"))
+
+        def done(run: Run) -> None:
+            ok = run.status == "done"
+            self._release(chosen, ok)
+            first = None if run.first_chunk_at is None else run.first_chunk_at - run.started
+            self.telemetry.add(CallRecord(tool, chosen.id, ok, run.started - queued, run.elapsed, first,
+                                          len(run.chunks), wall))
+
+        return Run(tool, chosen.id, call, timeout=timeout, on_chunk=on_chunk, worker_died=self._death_of(chosen),
+                   on_done=done)
 
     def define(self, name: str, source: str) -> dict[str, Any]:
         """Define a DSPy module from Python ``source`` on every worker, now and on any started later.
@@ -409,6 +423,10 @@ class Pool:
     def status(self) -> list[dict[str, Any]]:
         """Per worker: id, pid, state, in_flight, done, errors, restarts, uptime, last_error."""
         return [w.status() for w in list(self.workers)]
+
+    def stats(self) -> dict[str, Any]:
+        """Per tool: calls, errors, chunks, and p50 / p95 / max of queue wait, execution and first chunk."""
+        return self.telemetry.summary()
 
     def describe(self, worker: str | None = None) -> dict[str, Any]:
         """A worker's self-description: tools with argument schemas, versions, LM, counters."""

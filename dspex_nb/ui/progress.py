@@ -8,7 +8,8 @@ from typing import Any
 from dspex_nb.batch import error_line
 from dspex_nb.pool.calls import Run
 
-__all__ = ["StreamText", "batch_line", "batch_summary", "error_line", "error_text", "pool_rows", "text_table"]
+__all__ = ["StreamText", "batch_line", "batch_summary", "error_line", "error_text", "pool_rows", "stats_rows",
+           "text_table"]
 
 
 @dataclass
@@ -91,6 +92,19 @@ POOL_COLUMNS = ("worker", "pid", "state", "in_flight", "done", "errors", "restar
 
 def pool_rows(status: list[dict[str, Any]]) -> list[list[str]]:
     return [[str(row[c]) if c != "uptime" else f"{row[c]:.0f} s" for c in POOL_COLUMNS] for row in status]
+
+
+STATS_COLUMNS = ("tool", "calls", "errors", "chunks", "queue p50", "exec p50", "exec p95", "1st chunk p50")
+
+
+def stats_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """One row per tool of ``pool.stats()``: counts and timings in milliseconds."""
+    def ms(timing: dict[str, float], key: str) -> str:
+        return f"{timing[key]:.1f} ms" if timing else "-"
+
+    return [[tool, str(t["calls"]), str(t["errors"]), str(t["chunks"]), ms(t["queue_wait"], "p50_ms"),
+             ms(t["execution"], "p50_ms"), ms(t["execution"], "p95_ms"), ms(t["first_chunk"], "p50_ms")]
+            for tool, t in summary["tools"].items()]
 
 
 def text_table(columns: tuple[str, ...], rows: list[list[str]]) -> str:

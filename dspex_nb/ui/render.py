@@ -79,8 +79,9 @@ def _show_live(view: Refreshable, wait: Callable[[], object] | None) -> None:
 _pool_view: object | None = None
 
 
-def show_pool(pool: Pool, *, mode: str = "auto", out: TextIO | None = None) -> None:
-    """A PoolDashboard that refreshes while the pool runs (only the newest one), or a text table."""
+def show_pool(pool: Pool, *, mode: str = "auto", out: TextIO | None = None, show_stats: bool = False) -> None:
+    """A PoolDashboard that refreshes while the pool runs (only the newest one), or text tables:
+    the workers, then (``show_stats``) per-tool call timings."""
     global _pool_view
     if live_frontend(mode):
         from dspex_nb.ui.widgets import PoolDashboard
@@ -94,3 +95,7 @@ def show_pool(pool: Pool, *, mode: str = "auto", out: TextIO | None = None) -> N
     state = "running" if pool.running else "stopped"
     out.write(f"pool: {pool.size} workers, lm={pool.lm}, {state}\n")
     out.write(progress.text_table(progress.POOL_COLUMNS, progress.pool_rows(pool.status())) + "\n")
+    if show_stats:
+        rows = progress.stats_rows(pool.stats())
+        if rows:
+            out.write(progress.text_table(progress.STATS_COLUMNS, rows) + "\n")

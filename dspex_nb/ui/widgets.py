@@ -139,11 +139,14 @@ class PoolDashboard(View):
         self.plain = f"<dspex pool: {pool.size} workers, lm={pool.lm}>"
         self.header = w.HTML()
         self.table = w.HTML()
-        self.root = w.VBox([self.header, self.table])
+        self.stats = w.HTML()
+        self.root = w.VBox([self.header, self.table, self.stats])
 
     def refresh(self) -> bool:
         running = self.pool.running
         state = "running" if running else "stopped"
         _set(self.header, value=f"<b>pool</b> · {self.pool.size} workers · lm={html.escape(self.pool.lm)} · {state}")
         _set(self.table, value=_table(progress.POOL_COLUMNS, progress.pool_rows(self.pool.status())))
+        rows = progress.stats_rows(self.pool.stats())
+        _set(self.stats, value=_table(progress.STATS_COLUMNS, rows) if rows else "")
         return running

@@ -1,0 +1,83 @@
+"""Per-call timings kept by the pool: queue wait, execution, time to first chunk, chunk count.
+
+``Telemetry.summary()`` is what ``pool.stats()`` returns and the pool dashboard shows. With
+``otel=True`` (extra ``otel``: opentelemetry-api) every call also becomes an OpenTelemetry span,
+with the same timings as attributes; it is off by default.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+KEEP = 2000  # calls remembered for percentiles
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    tool: str
+    worker: str
+    ok: bool
+    queue_wait: float  # seconds waiting for a worker
+    duration: float  # seconds from sending the call to its end
+    first_chunk: float | None = None  # seconds from sending to the first chunk (streams)
+    chunks: int = 0
+    started_ns: int = 0  # wall clock, for spans
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50_ms": pick(0.5) * 1e3, "p95_ms": pick(0.95) * 1e3, "max_ms": ordered[-1] * 1e3}
+
+
+class Telemetry:
+    def __init__(self, otel: bool = False) -> None:
+        self._records: deque[CallRecord] = deque(maxlen=KEEP)
+        self._totals: dict[str, list[int]] = {}  # tool -> [calls, errors, chunks], over the pool's life
+        self._lock = threading.Lock()
+        self._tracer = _tracer() if otel else None
+
+    def add(self, record: CallRecord) -> None:
+        with self._lock:
+            self._records.append(record)
+            totals = self._totals.setdefault(record.tool, [0, 0, 0])
+            totals[0] += 1
+            totals[1] += not record.ok
+            totals[2] += record.chunks
+        if self._tracer is not None:
+            self._span(record)
+
+    def summary(self) -> dict[str, Any]:
+        """Per tool: calls, errors, chunks (all time) and percentiles of the recent calls' timings."""
+        with self._lock:
+            records = list(self._records)
+            totals = {tool: list(t) for tool, t in self._totals.items()}
+        tools = {}
+        for tool, (calls, errors, chunks) in sorted(totals.items()):
+            mine = [r for r in records if r.tool == tool]
+            tools[tool] = {"calls": calls, "errors": errors, "chunks": chunks,
+                           "queue_wait": _percentiles([r.queue_wait for r in mine]),
+                           "execution": _percentiles([r.duration for r in mine]),
+                           "first_chunk": _percentiles([r.first_chunk for r in mine if r.first_chunk is not None])}
+        return {"calls": sum(t["calls"] for t in tools.values()), "tools": tools}
+
+    def _span(self, record: CallRecord) -> None:
+        end_ns = record.started_ns + int((record.queue_wait + record.duration) * 1e9)
+        span = self._tracer.start_span(f"dspex {record.tool}", start_time=record.started_ns, attributes={
+            "dspex.tool": record.tool, "dspex.worker": record.worker, "dspex.ok": record.ok,
+            "dspex.queue_wait_s": record.queue_wait, "dspex.duration_s": record.duration,
+            "dspex.chunks": record.chunks, "dspex.first_chunk_s": record.first_chunk or 0.0})
+        span.end(end_time=end_ns)
+
+
+def _tracer() -> Any:
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        raise ImportError("Pool(otel=True) needs opentelemetry-api: pip install 'dspex_nb[otel]'") from None
+    return trace.get_tracer("dspex_nb")

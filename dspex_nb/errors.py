@@ -73,3 +73,15 @@ class Cancelled(DspexError):
 
 class StopStream(Exception):
     """Raise it in an ``on_chunk`` callback to cancel the stream (as returning False does)."""
+
+
+class PoolSaturated(DspexError):
+    """The pool's queue of waiting calls is full (``max_queue``)."""
+
+
+class QueueTimeout(DspexError, TimeoutError):
+    """No worker had room for the call within ``queue_timeout`` seconds."""
+
+
+class WorkerBusy(DspexError):
+    """A session's worker is busy and its affinity is ``strict_fail_fast``."""

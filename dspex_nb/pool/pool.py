@@ -9,6 +9,7 @@ and replace a worker that died or stopped answering; calls in flight on it fail 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import json
 import shutil
@@ -26,7 +27,16 @@ import grpc
 
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.batch import BatchRun
-from dspex_nb.errors import DspexError, PoolClosed, UnknownTool, WorkerDied, WorkerStartError
+from dspex_nb.errors import (
+    DspexError,
+    PoolClosed,
+    PoolSaturated,
+    QueueTimeout,
+    UnknownTool,
+    WorkerBusy,
+    WorkerDied,
+    WorkerStartError,
+)
 from dspex_nb.journal import Journal
 from dspex_nb.pool.calls import Chunk, Run, encode_args, translate, unary_result
 from dspex_nb.pool.process import WorkerProcess, describe_exit, interpreter, worker_env
@@ -34,6 +44,7 @@ from dspex_nb.pool.telemetry import CallRecord, Telemetry
 from dspex_nb.schema import validate
 
 STARTING, READY, RESTARTING, FAILED, STOPPED = "starting", "ready", "restarting", "failed", "stopped"
+AFFINITIES = ("hint", "strict_queue", "strict_fail_fast")
 HUNG_AFTER_FAILED_PINGS = 2
 
 
@@ -75,7 +86,8 @@ class Pool:
                  python: str | None = None, max_message_mb: int = 64, health_interval: float = 0.5,
                  ping_timeout: float = 5.0, start_timeout: float = 60.0, env: dict[str, str] | None = None,
                  concurrency: int = 4, rate_limit: float | None = None,
-                 journal: Journal | str | Path | bool = True, otel: bool = False) -> None:
+                 journal: Journal | str | Path | bool = True, otel: bool = False, max_in_flight: int = 8,
+                 max_queue: int = 1000, queue_timeout: float = 60.0, session_ttl: float = 3600.0) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         if not isinstance(max_message_mb, int) or max_message_mb < 1:
@@ -96,6 +108,11 @@ class Pool:
         self._journal_setting = journal
         self._journal: Journal | None = None
         self.telemetry = Telemetry(otel)
+        self.max_in_flight = max_in_flight
+        self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+        self.session_ttl = session_ttl
+        self._queued = 0
         self.run_id = uuid.uuid4().hex[:12]
         self.schemas: dict[str, dict[str, Any]] = {}  # tool name -> argument schema, from Describe at start
         self.definitions: dict[str, dict[str, Any]] = {}  # name -> source, kind, inputs; replayed on new workers
@@ -165,6 +182,7 @@ class Pool:
         address = f"unix:{self._dir}/{worker_id}-{generation}.sock"
         args = ["--worker-id", worker_id, "--run-id", self.run_id, "--lm", self.lm,
                 "--lm-kwargs", json.dumps(self.lm_kwargs), "--max-message-mb", str(self.max_message_bytes // 2**20)]
+        args += ["--session-ttl", str(self.session_ttl)]
         if self.rate_limit:
             args += ["--rate-limit", str(self.rate_limit / self.size)]  # the pool's limit, split evenly
         process = WorkerProcess(self.python, address, self._dir / f"{worker_id}-{generation}.log",
@@ -288,27 +306,64 @@ class Pool:
         return check
 
     # -- routing ------------------------------------------------------------------------
-    def _choose(self, worker_id: str | None, count: bool) -> Worker:
-        """The least busy ready worker (or the slot ``worker_id``), waiting while none is ready.
+    def _choose(self, worker_id: str | None, count: bool, affinity: str = "strict_queue") -> Worker:
+        """The least busy ready worker with room (or the slot ``worker_id``, per ``affinity``).
 
-        With ``count`` the call is counted in flight on it until ``_release``.
+        With ``count`` the call takes one of the worker's ``max_in_flight`` places until ``_release``;
+        while no worker has room it waits in the pool's queue (at most ``max_queue`` callers, each for
+        at most ``queue_timeout`` seconds). Without ``count`` (describe, sessions) room does not matter.
         """
-        deadline = time.monotonic() + self.start_timeout
+        if affinity not in AFFINITIES:
+            raise ValueError(f"affinity must be one of {AFFINITIES}, got {affinity!r}")
+        deadline = time.monotonic() + self.queue_timeout
+        queued = False
         with self._lock:
-            while True:
-                if not self.workers or self._closing.is_set():
-                    raise PoolClosed("the pool is not running: start it with Pool.start() or `with Pool(...)`")
-                if worker_id is not None and worker_id not in {w.id for w in self.workers}:
-                    raise ValueError(f"no worker {worker_id!r} in this pool: {[w.id for w in self.workers]}")
-                ready = [w for w in self.workers if w.state == READY and worker_id in (None, w.id)]
-                if ready:
-                    tie = next(self._rr)
-                    worker = min(ready, key=lambda w: (w.in_flight, (self.workers.index(w) - tie) % self.size))
-                    worker.in_flight += count
-                    return worker
-                if time.monotonic() > deadline:
-                    raise WorkerStartError(f"no ready worker within {self.start_timeout} s: {self.status()}")
-                self._lock.wait(0.1)
+            try:
+                while (worker := self._pick(worker_id, count, affinity)) is None:
+                    if not queued:
+                        if self._queued >= self.max_queue:
+                            raise PoolSaturated(
+                                f"the pool's queue is full: {self._queued} calls wait for a worker "
+                                f"(max_queue={self.max_queue}); raise Pool(max_queue=...) or add workers")
+                        queued = True
+                        self._queued += 1
+                    if time.monotonic() > deadline:
+                        raise QueueTimeout(
+                            f"no worker had room within queue_timeout={self.queue_timeout} s ({self._queued} calls "
+                            f"waiting, max_in_flight={self.max_in_flight}); states: {self._states()}")
+                    self._lock.wait(0.1)
+                worker.in_flight += count
+                return worker
+            finally:
+                if queued:
+                    self._queued -= 1
+
+    def _pick(self, worker_id: str | None, count: bool, affinity: str) -> Worker | None:
+        """The worker for a call now, or None when it must wait (call with the lock held)."""
+        if not self.workers or self._closing.is_set():
+            raise PoolClosed("the pool is not running: start it with Pool.start() or `with Pool(...)`")
+        if worker_id is not None and worker_id not in {w.id for w in self.workers}:
+            raise ValueError(f"no worker {worker_id!r} in this pool: {[w.id for w in self.workers]}")
+        free = [w for w in self.workers if w.state == READY and not (count and w.in_flight >= self.max_in_flight)]
+        if worker_id is not None:
+            mine = [w for w in free if w.id == worker_id]
+            if not mine and affinity == "strict_fail_fast":
+                raise WorkerBusy(f"worker {worker_id} has no room or is not ready (affinity='strict_fail_fast'); "
+                                 f"states: {self._states()}")
+            if mine or affinity == "strict_queue":
+                free = mine
+        if not free:
+            return None
+        tie = next(self._rr)
+        return min(free, key=lambda w: (w.in_flight, (self.workers.index(w) - tie) % self.size))
+
+    def _states(self) -> dict[str, str]:
+        return {w.id: f"{w.state}, {w.in_flight} in flight" for w in self.workers}
+
+    @property
+    def queue_length(self) -> int:
+        """Calls waiting for a worker with room."""
+        return self._queued
 
     def _release(self, worker: Worker, ok: bool) -> None:
         with self._lock:
@@ -329,11 +384,11 @@ class Pool:
                                          session_id=session_id)
 
     def execute(self, tool: str, args: dict[str, Any] | None = None, *, timeout: float | None = None,
-                worker: str | None = None, session_id: str = "") -> Any:
+                worker: str | None = None, session_id: str = "", affinity: str = "strict_queue") -> Any:
         """Run ``tool`` on a worker and return its result; Ctrl-C cancels the remote work."""
         request = self._request(tool, args, session_id)
         queued, wall = time.monotonic(), time.time_ns()
-        chosen = self._choose(worker, count=True)
+        chosen = self._choose(worker, count=True, affinity=affinity)
         sent = time.monotonic()
         ok = False
         try:
@@ -352,11 +407,11 @@ class Pool:
 
     def execute_stream(self, tool: str, args: dict[str, Any] | None = None, *,
                        on_chunk: Callable[[Chunk], Any] | None = None, timeout: float | None = None,
-                       worker: str | None = None, session_id: str = "") -> Run:
+                       worker: str | None = None, session_id: str = "", affinity: str = "strict_queue") -> Run:
         """Start ``tool`` as a stream and return its ``Run`` at once; chunks arrive in order."""
         request = self._request(tool, args, session_id)
         queued, wall = time.monotonic(), time.time_ns()
-        chosen = self._choose(worker, count=True)
+        chosen = self._choose(worker, count=True, affinity=affinity)
         try:
             call = chosen.stub.ExecuteStream(request, timeout=timeout)
         except BaseException:
@@ -415,9 +470,13 @@ class Pool:
                         max_retries=max_retries, timeout=timeout, item_timeout=item_timeout, on_item=on_item,
                         journal=self.journal if journal else None, program=program)
 
-    def session(self, worker: str | None = None) -> Session:
-        """A Session whose calls all go to one worker (the least busy one, or ``worker``)."""
-        return Session(self, worker or self._choose(None, count=False).id)
+    def session(self, worker: str | None = None, affinity: str = "hint") -> Session:
+        """A Session: calls go to one worker (the least busy now, or ``worker``) and share the objects
+        its tools keep. ``affinity``: "hint" (prefer that worker, else another), "strict_queue" (wait for
+        it), "strict_fail_fast" (raise WorkerBusy when it has no room)."""
+        if affinity not in AFFINITIES:
+            raise ValueError(f"affinity must be one of {AFFINITIES}, got {affinity!r}")
+        return Session(self, worker or self._choose(None, count=False).id, affinity)
 
     # -- information and control --------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
@@ -430,12 +489,8 @@ class Pool:
 
     def describe(self, worker: str | None = None) -> dict[str, Any]:
         """A worker's self-description: tools with argument schemas, versions, LM, counters."""
-        chosen = self._choose(worker, count=True)
-        try:
-            reply = chosen.stub.Describe(bridge_pb2.DescribeRequest(), timeout=self.ping_timeout)
-        finally:
-            self._release(chosen, True)
-            chosen.done -= 1
+        chosen = self._choose(worker, count=False)
+        reply = chosen.stub.Describe(bridge_pb2.DescribeRequest(), timeout=self.ping_timeout)
         return json.loads(reply.json)
 
     def tools(self) -> list[dict[str, Any]]:
@@ -459,27 +514,39 @@ class Pool:
 
 
 class Session:
-    """Calls pinned to one worker of a pool (affinity); same ``execute`` / ``execute_stream``."""
+    """Calls pinned to one worker of a pool (per ``affinity``); tools keep objects across its calls.
 
-    def __init__(self, pool: Pool, worker: str) -> None:
+    ``with pool.session() as s:`` closes it at the end: its objects are dropped on the worker.
+    """
+
+    def __init__(self, pool: Pool, worker: str, affinity: str = "hint") -> None:
         self.pool = pool
         self.worker = worker
+        self.affinity = affinity
         self.id = uuid.uuid4().hex[:12]
 
     def execute(self, tool: str, args: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        return self.pool.execute(tool, args, worker=self.worker, session_id=self.id, **kwargs)
+        return self.pool.execute(tool, args, worker=self.worker, session_id=self.id, affinity=self.affinity,
+                                 **kwargs)
 
     def execute_stream(self, tool: str, args: dict[str, Any] | None = None, **kwargs: Any) -> Run:
-        return self.pool.execute_stream(tool, args, worker=self.worker, session_id=self.id, **kwargs)
+        return self.pool.execute_stream(tool, args, worker=self.worker, session_id=self.id,
+                                        affinity=self.affinity, **kwargs)
+
+    def close(self) -> None:
+        """Drop the session's objects on its worker (a replaced worker has lost them already)."""
+        if self.pool.running:
+            with contextlib.suppress(DspexError):
+                self.pool.execute("close_session", worker=self.worker, session_id=self.id)
 
     def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        pass
+        self.close()
 
     def __repr__(self) -> str:
-        return f"<Session {self.id} on {self.worker}>"
+        return f"<Session {self.id} on {self.worker} ({self.affinity})>"
 
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()

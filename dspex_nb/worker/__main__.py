@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lm-kwargs", default="{}", help="JSON object of dspy.LM keyword arguments")
     parser.add_argument("--max-message-mb", type=int, default=64)
     parser.add_argument("--rate-limit", type=float, default=None, help="LM requests per minute, at most")
+    parser.add_argument("--session-ttl", type=float, default=3600.0,
+                        help="seconds a session's objects live unused")
     parser.add_argument("--threads", type=int, default=32, help="gRPC server threads")
     parser.add_argument("--no-parent-watch", action="store_true",
                         help="do not exit when stdin closes (for running a worker by hand)")
@@ -40,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     from dspex_nb.worker.main import serve
 
     return serve(args.address, worker_id=args.worker_id, run_id=args.run_id, lm=args.lm,
-                 lm_kwargs=json.loads(args.lm_kwargs), max_message_mb=args.max_message_mb, rate_limit=args.rate_limit,
-                 threads=args.threads, watch_parent=not args.no_parent_watch)
+                 lm_kwargs=json.loads(args.lm_kwargs), max_message_mb=args.max_message_mb,
+                 rate_limit=args.rate_limit, session_ttl=args.session_ttl, threads=args.threads,
+                 watch_parent=not args.no_parent_watch)
 
 
 if __name__ == "__main__":

@@ -259,10 +259,23 @@ def _defined(ctx: ToolContext, tool_name: str, name: str) -> DefinedModule:
 
 @tool
 def run_module(ctx: ToolContext, name: str, inputs: dict | str) -> Generator[Emit, None, dict[str, Any]]:
-    """Run a module kept by ``define`` on ``inputs``; streamed calls stream the tokens of its predictors."""
-    module = _defined(ctx, "run_module", name)
-    inputs = module.check("run_module", inputs, "argument 'inputs'")
-    return (yield from _call(module.factory(), inputs, ctx))
+    """Run a module kept by ``define`` (or, given a handle from ``load_module``, that very instance) on
+    ``inputs``; streamed calls stream the tokens of its predictors."""
+    if name.startswith("h:"):
+        defined, program = ctx.resolve("run_module", name)
+    else:
+        defined = _defined(ctx, "run_module", name)
+        program = defined.factory()
+    inputs = defined.check("run_module", inputs, "argument 'inputs'")
+    return (yield from _call(program, inputs, ctx))
+
+
+@tool
+def load_module(ctx: ToolContext, name: str) -> dict[str, str]:
+    """Make an instance of a defined module and keep it in the session (e.g. to compile or tune it and
+    run that same instance later); returns its handle, which ``run_module`` takes as ``name``."""
+    defined = _defined(ctx, "load_module", name)
+    return {"handle": ctx.keep("load_module", (defined, defined.factory()))}
 
 
 @tool

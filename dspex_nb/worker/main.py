@@ -32,9 +32,10 @@ def _exit_when_stdin_closes() -> None:
 
 
 def serve(address: str, *, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any],
-          max_message_mb: int, rate_limit: float | None, threads: int, watch_parent: bool) -> int:
+          max_message_mb: int, rate_limit: float | None, session_ttl: float, threads: int,
+          watch_parent: bool) -> int:
     state = WorkerState(worker_id=worker_id, run_id=run_id, max_message_bytes=max_message_mb * 2**20,
-                        rate_limit=rate_limit)
+                        rate_limit=rate_limit, session_ttl=session_ttl)
     if rate_limit:
         state.callbacks.append(LimitLMCalls(RateLimiter(rate_limit)))
     dspy_tools.set_lm(state, lm, lm_kwargs)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
+from dspex_nb.worker.sessions import Sessions
+
 
 @dataclass
 class WorkerState:
@@ -25,11 +27,16 @@ class WorkerState:
     rate_limit: float | None = None  # LM requests per minute on this worker
     callbacks: list[Any] = field(default_factory=list)  # DSPy callbacks of every request (rate limit)
     counters: dict[str, int] = field(default_factory=dict)
+    session_ttl: float = 3600.0
+    sessions: Sessions = field(init=False)  # objects kept across calls of a session
     modules: dict[str, Any] = field(default_factory=dict)  # name -> DefinedModule, kept by the define tool
     started: float = field(default_factory=time.time)
     active: int = 0
     total: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.sessions = Sessions(self.worker_id, self.session_ttl)
 
     @contextmanager
     def track(self) -> Iterator[None]:
@@ -55,7 +62,8 @@ class WorkerState:
         versions = {"python": platform.python_version()}
         for dist in ("dspy", "grpcio", "protobuf"):
             versions[dist] = metadata.version(dist)
-        counters: dict[str, Any] = {"active_requests": self.active, "total_requests": self.total, **self.counters}
+        counters: dict[str, Any] = {"active_requests": self.active, "total_requests": self.total,
+                                    "session_objects": self.sessions.count(), **self.counters}
         if self.demo_engine is not None:
             counters["lm_calls"] = self.demo_engine.calls
             counters["tokens_streamed"] = self.demo_engine.tokens_streamed

@@ -51,6 +51,14 @@ class ToolContext:
         """Sleep up to ``seconds``; True when the call was cancelled meanwhile."""
         return self.cancelled.wait(seconds)
 
+    def keep(self, tool: str, obj: Any) -> str:
+        """Keep ``obj`` on this worker for the call's session; return the handle that finds it again."""
+        return self.worker.sessions.keep(tool, self.session_id, obj)
+
+    def resolve(self, tool: str, handle: str) -> Any:
+        """The object a handle of this session stands for (a clear ArgumentError when it is gone)."""
+        return self.worker.sessions.resolve(tool, self.session_id, handle)
+
 
 @dataclass
 class Tool:
@@ -129,6 +137,24 @@ def whoami(ctx: ToolContext) -> dict[str, Any]:
 def fail(message: str, type: str = "RuntimeError") -> None:
     """Raise a built-in exception (``type``) with ``message``: exercises error reporting."""
     raise getattr(builtins, type, RuntimeError)(message)
+
+
+@tool
+def session_put(ctx: ToolContext, value: Any) -> dict[str, str]:
+    """Keep a JSON value (e.g. a loaded dataset) on this worker for the session; returns its handle."""
+    return {"handle": ctx.keep("session_put", value)}
+
+
+@tool
+def session_get(ctx: ToolContext, handle: str) -> dict[str, Any]:
+    """The value behind a handle of this session."""
+    return {"value": ctx.resolve("session_get", handle)}
+
+
+@tool
+def close_session(ctx: ToolContext) -> dict[str, int]:
+    """End the call's session: its objects are dropped and its handles stop working."""
+    return {"dropped": ctx.worker.sessions.close(ctx.session_id)}
 
 
 @tool

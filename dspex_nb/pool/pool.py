@@ -38,12 +38,14 @@ from dspex_nb.errors import (
     WorkerStartError,
 )
 from dspex_nb.journal import Journal
+from dspex_nb.pool import stale
 from dspex_nb.pool.calls import Chunk, Run, encode_args, translate, unary_result
 from dspex_nb.pool.process import WorkerProcess, describe_exit, interpreter, worker_env
 from dspex_nb.pool.telemetry import CallRecord, Telemetry
 from dspex_nb.schema import validate
 
-STARTING, READY, RESTARTING, FAILED, STOPPED = "starting", "ready", "restarting", "failed", "stopped"
+STARTING, READY, DRAINING, RESTARTING, FAILED, STOPPED = (
+    "starting", "ready", "draining", "restarting", "failed", "stopped")
 AFFINITIES = ("hint", "strict_queue", "strict_fail_fast")
 HUNG_AFTER_FAILED_PINGS = 2
 
@@ -61,7 +63,10 @@ class Worker:
     in_flight: int = 0
     done: int = 0
     errors: int = 0
-    restarts: int = 0
+    restarts: int = 0  # replaced after dying or hanging
+    recycles: int = 0  # replaced on purpose (max_requests, ttl, max_memory_mb)
+    served: int = 0  # calls this process finished
+    rss: int = 0  # resident bytes, as the worker last reported
     failed_pings: int = 0
     ready_at: float = 0.0
     last_error: str = ""
@@ -69,8 +74,9 @@ class Worker:
 
     def status(self) -> dict[str, Any]:
         return {"worker": self.id, "pid": self.process.pid, "state": self.state, "in_flight": self.in_flight,
-                "done": self.done, "errors": self.errors, "restarts": self.restarts,
-                "uptime": time.monotonic() - self.ready_at if self.state == READY else 0.0,
+                "done": self.done, "errors": self.errors, "restarts": self.restarts, "recycles": self.recycles,
+                "rss_mb": round(self.rss / 2**20, 1),
+                "uptime": time.monotonic() - self.ready_at if self.state in (READY, DRAINING) else 0.0,
                 "last_error": self.last_error}
 
 
@@ -87,7 +93,9 @@ class Pool:
                  ping_timeout: float = 5.0, start_timeout: float = 60.0, env: dict[str, str] | None = None,
                  concurrency: int = 4, rate_limit: float | None = None,
                  journal: Journal | str | Path | bool = True, otel: bool = False, max_in_flight: int = 8,
-                 max_queue: int = 1000, queue_timeout: float = 60.0, session_ttl: float = 3600.0) -> None:
+                 max_queue: int = 1000, queue_timeout: float = 60.0, session_ttl: float = 3600.0,
+                 max_requests: int | None = None, ttl: float | None = None,
+                 max_memory_mb: float | None = None) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         if not isinstance(max_message_mb, int) or max_message_mb < 1:
@@ -112,7 +120,12 @@ class Pool:
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.session_ttl = session_ttl
+        self.max_requests = max_requests
+        self.ttl = ttl
+        self.max_memory_mb = max_memory_mb
         self._queued = 0
+        self._spawned: list[int] = []  # pids of this pool's live workers (for stale cleanup by a later pool)
+        self.cleaned: list[dict[str, Any]] = []  # what stale cleanup did when this pool started
         self.run_id = uuid.uuid4().hex[:12]
         self.schemas: dict[str, dict[str, Any]] = {}  # tool name -> argument schema, from Describe at start
         self.definitions: dict[str, dict[str, Any]] = {}  # name -> source, kind, inputs; replayed on new workers
@@ -129,7 +142,8 @@ class Pool:
         if self.workers:
             return self
         self._closing.clear()
-        self._dir = Path(tempfile.mkdtemp(prefix="dspex-"))  # mode 0700
+        self.cleaned = stale.cleanup()
+        self._dir = Path(tempfile.mkdtemp(prefix=stale.PREFIX))  # mode 0700
         try:
             self.workers = [self._spawn(f"w{i}", 0) for i in range(self.size)]
             deadline = time.monotonic() + self.start_timeout
@@ -187,6 +201,8 @@ class Pool:
             args += ["--rate-limit", str(self.rate_limit / self.size)]  # the pool's limit, split evenly
         process = WorkerProcess(self.python, address, self._dir / f"{worker_id}-{generation}.log",
                                 worker_env(self.env, self._dir / "dspy-cache"), args)
+        self._spawned = [pid for pid in self._spawned if stale.start_time(pid)] + [process.pid]
+        stale.write_owner(self._dir, self.run_id, self._spawned)
         limit = self.max_message_bytes
         channel = grpc.insecure_channel(address, options=[
             ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
@@ -226,6 +242,8 @@ class Pool:
         while not self._closing.wait(self.health_interval):
             pings = []
             for worker in list(self.workers):
+                if worker.state == DRAINING and worker.in_flight == 0:
+                    self._replace(worker, worker.last_error, expected=DRAINING)
                 if worker.state != READY:
                     continue
                 code = worker.process.exit_code()
@@ -236,12 +254,35 @@ class Pool:
                                                                   timeout=self.ping_timeout)))
             for worker, ping in pings:
                 try:
-                    ping.result()
+                    worker.rss = ping.result().rss_bytes
                     worker.failed_pings = 0
                 except grpc.RpcError:
                     worker.failed_pings += 1
                     if worker.failed_pings >= HUNG_AFTER_FAILED_PINGS and worker.state == READY:
                         self._replace(worker, f"stopped answering pings ({worker.failed_pings} missed)")
+                    continue
+                reason = self._recycle_reason(worker)
+                if reason:
+                    self._drain(worker, reason)
+
+    def _recycle_reason(self, worker: Worker) -> str:
+        """Why ``worker`` is due to be replaced on purpose (empty when it is not)."""
+        if self.max_requests is not None and worker.served >= self.max_requests:
+            return f"served {worker.served} calls (max_requests={self.max_requests})"
+        if self.ttl is not None and time.monotonic() - worker.ready_at >= self.ttl:
+            return f"lived {time.monotonic() - worker.ready_at:.0f} s (ttl={self.ttl:g} s)"
+        if self.max_memory_mb is not None and worker.rss / 2**20 >= self.max_memory_mb:
+            return f"resident memory {worker.rss / 2**20:.0f} MB passed max_memory_mb={self.max_memory_mb:g}"
+        return ""
+
+    def _drain(self, worker: Worker, reason: str) -> None:
+        """Route no new call to ``worker``; the health thread recycles it once its calls have finished."""
+        with self._lock:
+            if worker.state == READY:
+                worker.state = DRAINING
+                worker.recycles += 1
+                worker.last_error = f"{worker.id} (pid {worker.process.pid}) recycled: {reason}"
+                worker.history.append(worker.last_error)
 
     def check_worker(self, worker_id: str, why: str) -> bool:
         """Ping one worker now; replace it when it does not answer within ``ping_timeout``."""
@@ -255,27 +296,32 @@ class Pool:
             self._replace(worker, f"did not answer a ping after {why}")
             return False
 
-    def _replace(self, worker: Worker, reason: str) -> None:
-        """Kill ``worker``'s process and start a new one in its slot, in a background thread."""
+    def _replace(self, worker: Worker, reason: str, expected: str = READY) -> None:
+        """Kill ``worker``'s process and start a new one in its slot, in a background thread.
+
+        A drained worker (``expected=DRAINING``) was recycled on purpose: it gets SIGTERM and a moment
+        to exit; a dead or hung one was a failure: it counts as a restart and is killed at once.
+        """
         with self._lock:
-            if worker.state != READY or self._closing.is_set():
+            if worker.state != expected or self._closing.is_set():
                 return
             worker.state = RESTARTING
-            worker.restarts += 1  # counted now, so a caller sees the replacement as soon as it is decided
-            worker.last_error = f"{worker.id} (pid {worker.process.pid}) {reason}"
-            worker.history.append(worker.last_error)
-        threading.Thread(target=self._restart, args=(worker,), name=f"dspex-restart-{worker.id}",
-                         daemon=True).start()
+            if expected == READY:
+                worker.restarts += 1  # counted now, so a caller sees the replacement as soon as it is decided
+                worker.last_error = f"{worker.id} (pid {worker.process.pid}) {reason}"
+                worker.history.append(worker.last_error)
+        threading.Thread(target=self._restart, args=(worker, 2.0 if expected == DRAINING else 0.0),
+                         name=f"dspex-restart-{worker.id}", daemon=True).start()
 
-    def _restart(self, old: Worker) -> None:
+    def _restart(self, old: Worker, grace: float) -> None:
         old.channel.close()
-        old.process.kill(grace=0)
+        old.process.kill(grace=grace)
         try:
             new = self._spawn(old.id, old.generation + 1)
         except DspexError as exc:
             old.state, old.last_error = FAILED, str(exc)
             return
-        new.restarts, new.done, new.errors = old.restarts, old.done, old.errors
+        new.restarts, new.recycles, new.done, new.errors = old.restarts, old.recycles, old.done, old.errors
         new.history, new.last_error = old.history, old.last_error
         with self._lock:
             if self._closing.is_set() or old not in self.workers:
@@ -368,6 +414,7 @@ class Pool:
     def _release(self, worker: Worker, ok: bool) -> None:
         with self._lock:
             worker.in_flight -= 1
+            worker.served += 1
             worker.done += ok
             worker.errors += not ok
             self._lock.notify_all()

@@ -87,7 +87,7 @@ def batch_summary(snap: dict[str, Any]) -> str:
     return f"{line} ({extras})" if extras else line
 
 
-POOL_COLUMNS = ("worker", "pid", "state", "in_flight", "done", "errors", "restarts", "uptime")
+POOL_COLUMNS = ("worker", "pid", "state", "in_flight", "done", "errors", "restarts", "recycles", "rss_mb", "uptime")
 
 
 def pool_rows(status: list[dict[str, Any]]) -> list[list[str]]:

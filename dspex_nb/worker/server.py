@@ -22,7 +22,7 @@ import grpc
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.errors import ResultTooLarge, ToolError
 from dspex_nb.worker import tools
-from dspex_nb.worker.state import WorkerState
+from dspex_nb.worker.state import WorkerState, rss_bytes
 
 MAX_CHUNKS_PER_MESSAGE = 512
 _DONE = object()
@@ -56,7 +56,8 @@ class Bridge(bridge_pb2_grpc.BridgeServicer):
         self.state = state
 
     def Ping(self, request: bridge_pb2.PingRequest, context: grpc.ServicerContext) -> bridge_pb2.PingReply:
-        return bridge_pb2.PingReply(pid=os.getpid(), worker_id=self.state.worker_id, run_id=self.state.run_id)
+        return bridge_pb2.PingReply(pid=os.getpid(), worker_id=self.state.worker_id, run_id=self.state.run_id,
+                                    rss_bytes=rss_bytes())
 
     def Describe(self, request: bridge_pb2.DescribeRequest,
                  context: grpc.ServicerContext) -> bridge_pb2.DescribeReply:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,18 @@ from importlib import metadata
 from typing import Any
 
 from dspex_nb.worker.sessions import Sessions
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc), else its peak (getrusage)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 @dataclass
@@ -68,7 +81,7 @@ class WorkerState:
             counters["lm_calls"] = self.demo_engine.calls
             counters["tokens_streamed"] = self.demo_engine.tokens_streamed
             counters["lm_streams_open"] = self.demo_engine.streaming
-        return {"worker_id": self.worker_id, "run_id": self.run_id, "pid": os.getpid(),
+        return {"worker_id": self.worker_id, "run_id": self.run_id, "pid": os.getpid(), "rss_bytes": rss_bytes(),
                 "uptime": time.time() - self.started, "versions": versions,
                 "lm": {"model": self.lm_model, "kwargs": self.lm_kwargs}, "rate_limit": self.rate_limit,
                 "modules": sorted(self.modules),

@@ -1,0 +1,47 @@
+"""Recycling: a worker is replaced after max_requests calls, after ttl seconds, or when the resident
+memory it reports passes max_memory_mb; work in flight on it finishes first."""
+
+from __future__ import annotations
+
+from helpers import wait_until
+
+from dspex_nb import Pool
+
+
+def recycled(pool: Pool, worker: str, times: int) -> dict | None:
+    row = next(r for r in pool.status() if r["worker"] == worker)
+    return row if row["recycles"] >= times and row["state"] == "ready" else None
+
+
+def test_max_requests() -> None:
+    with Pool(workers=2, max_requests=3, health_interval=0.1, journal=False) as pool:
+        first = pool.status()[0]
+        for i in range(3):
+            assert pool.execute("echo", {"i": i}, worker="w0") == {"i": i}
+        row = wait_until(lambda: recycled(pool, "w0", 1), what="w0 to be recycled")
+        assert row["pid"] != first["pid"] and row["restarts"] == 0
+        assert "served 3 calls (max_requests=3)" in row["last_error"]
+        assert pool.status()[1]["recycles"] == 0  # w1 served nothing
+        assert pool.execute("whoami", worker="w0")["pid"] == row["pid"]
+
+
+def test_ttl_lets_work_in_flight_finish_first() -> None:
+    with Pool(workers=1, ttl=0.5, health_interval=0.1, journal=False) as pool:
+        pid = pool.status()[0]["pid"]
+        run = pool.execute_stream("sleep", {"seconds": 1.5})
+        wait_until(lambda: pool.status()[0]["state"] == "draining", what="w0 to start draining")
+        assert run.result(30) == {"slept": 1.5, "cancelled": False}  # not cut short by the recycle
+        row = wait_until(lambda: recycled(pool, "w0", 1), what="w0 to be recycled")
+        assert row["pid"] != pid and "(ttl=0.5 s)" in row["last_error"]
+
+
+def test_max_memory_is_measured_by_the_worker() -> None:
+    with Pool(workers=1, health_interval=0.1, journal=False) as pool:
+        baseline = wait_until(lambda: pool.status()[0]["rss_mb"], what="a first memory reading")
+        assert baseline > 20  # a Python process with dspy imported, as the worker measured it
+        pool.max_memory_mb = baseline + 30
+        session = pool.session()
+        session.execute("session_put", {"value": "x" * (50 * 2**20)})  # about 50 MB more on the worker
+        row = wait_until(lambda: recycled(pool, "w0", 1), what="w0 to be recycled for its memory")
+        assert f"passed max_memory_mb={baseline + 30:g}" in row["last_error"]
+        assert wait_until(lambda: pool.status()[0]["rss_mb"], what="a reading of the new process") < baseline + 30

@@ -95,6 +95,12 @@ _p = _parser("define", "Define a DSPy module (a dspy.Module subclass or a functi
                        "including workers started later; `dspy` is imported.")
 _p.add_argument("name", help="the name the cell defines")
 
+DEFAULT_POOL = "default"
+for _parser_of_command in PARSERS.values():
+    _parser_of_command.add_argument("--pool", default=DEFAULT_POOL, metavar="NAME",
+                                    help="which of the kernel's pools (default: 'default'); each has its own "
+                                         "settings and dashboard")
+
 HELP = "\n".join(["Run DSPy on a pool of background workers.", ""] + [p.format_help() for p in PARSERS.values()])
 
 
@@ -189,7 +195,12 @@ class Dspex(Magics):
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
-        self.pool: Pool | None = None
+        self.pools: dict[str, Pool] = {}  # by name (--pool NAME); the magics' own pools
+
+    @property
+    def pool(self) -> Pool | None:
+        """The pool named "default" (the one used without --pool)."""
+        return self.pools.get(DEFAULT_POOL)
 
     @line_cell_magic
     def dspex(self, line: str, cell: str | None = None) -> None:
@@ -217,60 +228,63 @@ class Dspex(Magics):
     dspex.__doc__ = HELP
 
     # -- pool control ---------------------------------------------------------------------------
-    def _require_pool(self) -> Pool:
-        if self.pool is None or not self.pool.running:
-            print(f"dspex: no pool yet; starting {self.workers} workers with lm={self.lm!r} "
+    def _require_pool(self, name: str) -> Pool:
+        pool = self.pools.get(name)
+        if pool is None or not pool.running:
+            label = "" if name == DEFAULT_POOL else f" {name!r}"
+            print(f"dspex: no pool{label} yet; starting {self.workers} workers with lm={self.lm!r} "
                   "(%dspex start to choose)")
-            self._start_pool(self.workers, self.lm, self.python)
-        assert self.pool is not None
-        return self.pool
+            pool = self._start_pool(name, self.workers, self.lm, self.python)
+        return pool
 
-    def _start_pool(self, workers: int, lm: str, python: str, definitions: dict | None = None) -> None:
+    def _start_pool(self, name: str, workers: int, lm: str, python: str, definitions: dict | None = None) -> Pool:
         started = time.monotonic()
         pool = Pool(workers=workers, lm=lm, python=python or None)
         pool.definitions.update(definitions or {})
         pool.start()
-        self.pool = pool
-        print(f"dspex: pool of {workers} workers ready (lm={lm!r}) in {time.monotonic() - started:.1f} s")
+        self.pools[name] = pool
+        label = "" if name == DEFAULT_POOL else f" {name!r}"
+        print(f"dspex: pool{label} of {workers} workers ready (lm={lm!r}) in {time.monotonic() - started:.1f} s")
+        return pool
 
     def _start(self, args: argparse.Namespace) -> None:
-        if self.pool is not None and self.pool.running:
-            print(f"dspex: a pool is already running ({self.pool!r}); use %dspex restart to change it")
+        pool = self.pools.get(args.pool)
+        if pool is not None and pool.running:
+            print(f"dspex: pool {args.pool!r} is already running ({pool!r}); use %dspex restart to change it")
             return
-        self._start_pool(args.workers or self.workers, args.lm or self.lm, args.python or self.python)
+        self._start_pool(args.pool, args.workers or self.workers, args.lm or self.lm, args.python or self.python)
 
-    def _stop(self, args: argparse.Namespace | None = None) -> None:
-        if self.pool is None:
-            print("dspex: no pool is running")
+    def _stop(self, args: argparse.Namespace) -> None:
+        pool = self.pools.pop(args.pool, None)
+        if pool is None:
+            print(f"dspex: no pool {args.pool!r} is running")
             return
-        self.pool.shutdown()
-        self.pool = None
-        print("dspex: pool stopped")
+        pool.shutdown()
+        print("dspex: pool stopped" if args.pool == DEFAULT_POOL else f"dspex: pool {args.pool!r} stopped")
 
     def _restart(self, args: argparse.Namespace) -> None:
-        old = self.pool
+        old = self.pools.pop(args.pool, None)
         if old is None:
-            self._start_pool(self.workers, self.lm, self.python)
+            self._start_pool(args.pool, self.workers, self.lm, self.python)
             return
         old.shutdown()
-        self.pool = None
         python = "" if old.python == sys.executable else old.python
-        self._start_pool(old.size, old.lm, python, old.definitions)
+        pool = self._start_pool(args.pool, old.size, old.lm, python, old.definitions)
         if old.lm_kwargs:
-            self.pool.configure_lm(old.lm, **old.lm_kwargs)  # type: ignore[union-attr]
+            pool.configure_lm(old.lm, **old.lm_kwargs)
 
     def _status(self, args: argparse.Namespace) -> None:
-        if self.pool is None:
-            print("dspex: no pool is running (%dspex start)")
+        pool = self.pools.get(args.pool)
+        if pool is None:
+            print(f"dspex: no pool {args.pool!r} is running (%dspex start)")
             return
-        show_pool(self.pool, mode=self.display, show_stats=args.stats)
+        show_pool(pool, mode=self.display, show_stats=args.stats)
 
     def _config(self, args: argparse.Namespace) -> None:
         for name in ("workers", "lm", "python", "display"):
             print(f"Dspex.{name} = {getattr(self, name)!r}")
-        if self.pool is not None:
-            print(f"running pool: {self.pool!r}, lm_kwargs={self.pool.lm_kwargs}, "
-                  f"modules={sorted(self.pool.definitions)}")
+        for name, pool in self.pools.items():
+            print(f"pool {name!r}: {pool!r}, lm_kwargs={pool.lm_kwargs}, modules={sorted(pool.definitions)}")
 
     def _lm(self, args: argparse.Namespace) -> None:
         settings = dict(_setting(s) for s in args.set)
@@ -278,7 +292,7 @@ class Dspex(Magics):
             settings["temperature"] = args.temperature
         if args.max_tokens is not None:
             settings["max_tokens"] = args.max_tokens
-        pool = self._require_pool()
+        pool = self._require_pool(args.pool)
         pool.configure_lm(args.model, **settings)
         extra = f" with {settings}" if settings else ""
         print(f"dspex: LM {args.model!r}{extra} on {pool.size} workers")
@@ -293,7 +307,7 @@ class Dspex(Magics):
         self._stream(tool, {"signature": args.signature, "inputs": inputs}, f"{tool} {args.signature!r}", args)
 
     def _run(self, args: argparse.Namespace, cell: str) -> None:
-        pool = self._require_pool()
+        pool = self._require_pool(args.pool)
         definition = pool.definitions.get(args.name)
         if definition is None:
             raise UsageError(f"no module named {args.name!r}: define it first with %%dspex define {args.name}"
@@ -304,7 +318,7 @@ class Dspex(Magics):
     def _stream(self, tool: str, call_args: dict[str, Any], title: str, args: argparse.Namespace) -> None:
         if args.no_stream and args.background:
             raise UsageError("--no-stream waits for the whole answer: use it without -a")
-        pool = self._require_pool()
+        pool = self._require_pool(args.pool)
         if args.no_stream:
             self._store(args.output, prediction(pool.execute(tool, call_args, timeout=args.timeout)))
             return
@@ -326,14 +340,14 @@ class Dspex(Magics):
             if not items:
                 raise UsageError("%%dspex batch needs --items VAR or one item per line in the cell")
         module = args.module or ("chain_of_thought" if args.cot else "predict")
-        pool = self._require_pool()
+        pool = self._require_pool(args.pool)
         batch = pool.batch(items, args.signature, module=module, concurrency=args.concurrency, timeout=args.timeout,
                            item_timeout=args.item_timeout, journal=not args.no_journal)
         show_batch(batch, f"batch {args.module or args.signature!r}", mode=self.display, block=not args.background)
         self._finish(batch, args)
 
     def _journal(self, args: argparse.Namespace) -> None:
-        journal = self._require_pool().journal
+        journal = self._require_pool(args.pool).journal
         if journal is None:
             print("dspex: this pool keeps no journal (Pool(journal=False))")
             return
@@ -349,7 +363,7 @@ class Dspex(Magics):
             print(text_table(("key", "items", "updated", "program"), rows))
 
     def _define(self, args: argparse.Namespace, cell: str) -> None:
-        pool = self._require_pool()
+        pool = self._require_pool(args.pool)
         try:
             info = pool.define(args.name, cell)
         except ToolError as exc:
@@ -394,9 +408,9 @@ def load(shell: Any) -> Dspex:
 
 def unload(shell: Any) -> None:
     for magics in [c for c in shell.configurables if isinstance(c, Dspex)]:
-        if magics.pool is not None:
-            magics.pool.shutdown()
-            magics.pool = None
+        for pool in magics.pools.values():
+            pool.shutdown()
+        magics.pools.clear()
         shell.configurables.remove(magics)
     shell.magics_manager.magics["line"].pop("dspex", None)
     shell.magics_manager.magics["cell"].pop("dspex", None)

@@ -82,7 +82,7 @@ def test_status_and_config(sh: Shell) -> None:
     out, _ = sh("%dspex status --stats")
     assert "tool" in out and "exec p50" in out and "\necho " in out
     out, _ = sh("%config Dspex.workers = 3\n%dspex config")
-    assert "Dspex.workers = 3" in out and "running pool: <Pool 2 workers" in out
+    assert "Dspex.workers = 3" in out and "pool 'default': <Pool 2 workers" in out
     sh("%config Dspex.workers = 2")
 
 
@@ -248,6 +248,21 @@ def test_argument_errors_are_usage_errors(sh: Shell, cell: str, message: str) ->
     sh.ns["not_a_list"] = 5
     assert message in sh.usage_error(cell)
     assert sh.pool.execute("echo", {"ok": 1}) == {"ok": 1}
+
+
+def test_named_pools_have_their_own_settings(sh: Shell) -> None:
+    out, _ = sh("%dspex start --pool small -n 1 --lm demo")
+    assert out.startswith("dspex: pool 'small' of 1 workers ready")
+    sh("%dspex lm demo --set answer_tokens=9 --pool small")
+    sh('%%dspex predict "question -> answer" --pool small -o small_answer\nhow big?')
+    sh('%%dspex predict "question -> answer" -o default_answer\nhow big?')
+    assert len(sh.ns["small_answer"].answer.split()) == 9
+    assert sh.ns["default_answer"].answer != sh.ns["small_answer"].answer
+    out, _ = sh("%dspex status --pool small")
+    assert out.startswith("pool: 1 workers, lm=demo, running")
+    assert set(sh.magics.pools) == {"default", "small"}
+    out, _ = sh("%dspex stop --pool small")
+    assert out == "dspex: pool 'small' stopped\n" and set(sh.magics.pools) == {"default"}
 
 
 def test_restart_keeps_settings_and_modules_and_unload_stops_workers(sh: Shell) -> None:

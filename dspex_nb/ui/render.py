@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from dspex_nb.batch import BatchRun
 from dspex_nb.pool.calls import Run
 from dspex_nb.pool.pool import Pool
 from dspex_nb.ui import live_frontend, progress
 from dspex_nb.ui.pump import PUMP, Refreshable
+
+if TYPE_CHECKING:
+    from dspex_nb.ui.widgets import PoolDashboard
 
 
 def _display(view: object) -> None:
@@ -76,19 +79,18 @@ def _show_live(view: Refreshable, wait: Callable[[], object] | None) -> None:
         PUMP.flush(view)
 
 
-_pool_view: object | None = None
+_pool_views: dict[int, PoolDashboard] = {}  # the live dashboard of each running pool (by id), the newest one
 
 
 def show_pool(pool: Pool, *, mode: str = "auto", out: TextIO | None = None, show_stats: bool = False) -> None:
-    """A PoolDashboard that refreshes while the pool runs (only the newest one), or text tables:
+    """A PoolDashboard that refreshes while the pool runs (the newest one per pool), or text tables:
     the workers, then (``show_stats``) per-tool call timings."""
-    global _pool_view
     if live_frontend(mode):
         from dspex_nb.ui.widgets import PoolDashboard
 
-        if _pool_view is not None:
-            PUMP.remove(_pool_view)  # type: ignore[arg-type]
-        _pool_view = view = PoolDashboard(pool)
+        for key in [key for key, old in _pool_views.items() if key == id(pool) or not old.pool.running]:
+            PUMP.remove(_pool_views.pop(key))
+        _pool_views[id(pool)] = view = PoolDashboard(pool)
         _show_live(view, None)
         return
     out = out or sys.stdout

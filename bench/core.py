@@ -21,6 +21,9 @@ What is compared, and why:
    interleaved): workers are started concurrently, so four should take barely longer than one. Target: <= 1.3x.
 5. **Batch** -- items/s of one 200-item ``batch_inference`` (concurrency 8) on the demo LM with a 10 ms
    time-to-first-token; the peer is the ideal ``concurrency / ttft`` items/s. No target.
+6. **Throughput** -- unary ``echo`` calls/s across a pool of 2 workers with 8 concurrent callers (threads in
+   this process), against 1 caller on the same pool: how far concurrency carries before the kernel-side client
+   (one Python process, the GIL) is the bound. No target.
 
 Every process the benchmark starts is ended before it exits (pools via ``with Pool(...)``, the raw server and
 the in-process peer by their own ``Popen`` handle). The exit code is 0 whether or not targets are met.
@@ -294,6 +297,31 @@ def bench_batch(pool: Any, items: int, concurrency: int, ttft: float) -> Row:
     return Row(f"batch {items} items, c={concurrency} (items/s)", ours, ideal, "concurrency / ttft")
 
 
+def bench_throughput(callers: int, calls_each: int) -> Row:
+    import threading
+
+    from dspex_nb import Pool
+
+    def rate(pool: Any, threads: int) -> float:
+        def work() -> None:
+            for i in range(calls_each):
+                pool.execute("echo", {"i": i})
+
+        workers = [threading.Thread(target=work) for _ in range(threads)]
+        t0 = time.perf_counter()
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+        return threads * calls_each / (time.perf_counter() - t0)
+
+    with Pool(workers=2, journal=False) as pool:
+        rate(pool, callers)  # warm-up
+        single, many = rate(pool, 1), rate(pool, callers)
+    print(f"  throughput: pool of 2, echo: 1 caller {single:,.0f} calls/s, {callers} callers {many:,.0f} calls/s")
+    return Row(f"throughput, {callers} callers (calls/s)", many, single, "1 caller, same pool")
+
+
 # -- report --------------------------------------------------------------------------------------------------------
 def fmt(value: float | None, unit: str = "") -> str:
     if value is None:
@@ -344,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bench_count_stream(pool, count_n))
         rows.append(bench_token_stream(pool, answer_tokens))
         batch = bench_batch(pool, batch_items, 8, 0.01)
-    rows += [bench_pool_start(repeats), batch]
+    rows += [bench_pool_start(repeats), batch, bench_throughput(8, 100 if quick else 500)]
     print(f"\ntotal {time.perf_counter() - started:.1f} s\n")
     print(table(rows))
     return 0

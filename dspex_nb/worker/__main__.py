@@ -35,7 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    statuses = deps.report()
+    # dspy imports jsonschema, which builds an IRI grammar at import when rfc3987-syntax is installed (as
+    # JupyterLab installs it): about 0.8 s of every worker start, for a format check DSPy never uses.
+    sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
+    statuses = deps.report()  # imports grpc, protobuf and dspy
     if not all(s.ok for s in statuses):
         print(deps.MISSING_MARKER + deps.as_json(statuses), file=sys.stderr, flush=True)
         return EXIT_MISSING_DEPENDENCIES

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from dspex_nb.errors import ArgumentError, Cancelled, DspexError, PoolClosed, WorkerDied
 from dspex_nb.journal import Journal, digest
-from dspex_nb.pool.calls import Chunk, Run, wait_interruptibly
+from dspex_nb.pool.calls import Chunk, Handle, Run
 
 if TYPE_CHECKING:
     from dspex_nb.pool.pool import Pool
@@ -31,7 +31,7 @@ class ItemTimeout(DspexError):
     """A shard of a batch produced no item within ``item_timeout`` seconds."""
 
 
-class BatchRun:
+class BatchRun(Handle):
     """A running batch: ``result()``, ``cancel()``, ``snapshot()`` for progress, ``records`` as they arrive."""
 
     def __init__(self, pool: Pool, items: Sequence[Any], *, signature: str, module: str, concurrency: int,
@@ -41,6 +41,7 @@ class BatchRun:
         if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
             raise ArgumentError("batch", "ArgumentError",
                                 f"items must be a list of input dicts or strings, got {type(items).__name__}")
+        super().__init__()
         self.pool = pool
         self.total = len(items)
         self.records: list[dict[str, Any] | None] = [None] * self.total
@@ -56,12 +57,7 @@ class BatchRun:
         self._runs: dict[Run, set[int]] = {}  # running shard -> its items not yet back
         self._placed: dict[str, list[bool]] = {}  # worker -> its shards of this batch (True: a retry, alone)
         self.retries = self.from_journal = self.ok = self.failed = 0
-        self.started = time.monotonic()
-        self.finished: float | None = None
         self._restarts_before = self._restarts()
-        self._cancelled = False
-        self._error: BaseException | None = None
-        self._done = threading.Event()
 
         self._journal = journal
         self.key = digest(program)
@@ -214,22 +210,6 @@ class BatchRun:
         return sum(row["restarts"] for row in self.pool.status())
 
     # -- caller side ----------------------------------------------------------------------
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def status(self) -> str:
-        if not self.done:
-            return "running"
-        if self._cancelled:
-            return "cancelled"
-        return "failed" if self._error is not None else "done"
-
-    @property
-    def elapsed(self) -> float:
-        return (self.finished or time.monotonic()) - self.started
-
     def cancel(self) -> None:
         """Stop the batch: running shards are cancelled on their workers, queued ones never start."""
         self._cancelled = True
@@ -237,9 +217,6 @@ class BatchRun:
             runs = list(self._runs)
         for run in runs:
             run.cancel()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return wait_interruptibly(self._done, timeout, self.cancel)
 
     def result(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """Outputs in input order: each item's output fields, or {"error": "Type: message"} if it failed."""

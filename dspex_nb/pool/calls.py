@@ -98,7 +98,53 @@ def wait_interruptibly(event: threading.Event, timeout: float | None, on_interru
     return True
 
 
-class Run:
+class Handle:
+    """What a streaming ``Run`` and a ``BatchRun`` share: done, status, error, elapsed, wait.
+
+    A subclass sets ``finished`` and then ``_done`` when it ends, and implements ``cancel()``.
+    """
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._cancelled = False
+        self._error: BaseException | None = None
+        self.started = time.monotonic()
+        self.finished: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    @property
+    def status(self) -> str:
+        """running, done, failed or cancelled."""
+        if not self.done:
+            return "running"
+        if self._cancelled:
+            return "cancelled"
+        return "failed" if self._error is not None else "done"
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+    def cancel(self) -> None:
+        raise NotImplementedError
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until it ends; Ctrl-C cancels it. False when ``timeout`` passed first."""
+        return wait_interruptibly(self._done, timeout, self.cancel)
+
+
+class Run(Handle):
     """A streaming call in progress: iterate it, ``result()`` it, ``cancel()`` it.
 
     ``on_chunk`` runs in the reader thread for every chunk; returning False (or raising StopStream)
@@ -108,6 +154,7 @@ class Run:
     def __init__(self, tool: str, worker: str, call: Any, *, timeout: float | None,
                  on_chunk: Callable[[Chunk], Any] | None,
                  worker_died: Callable[[], DspexError | None], on_done: Callable[[Run], None]) -> None:
+        super().__init__()
         self.tool = tool
         self.worker = worker
         self.chunks: list[Chunk] = []
@@ -117,13 +164,8 @@ class Run:
         self._worker_died = worker_died
         self._on_done = on_done
         self._final: Any = None
-        self._error: BaseException | None = None
-        self._cancelled = False
         self._cond = threading.Condition()
-        self._done = threading.Event()
-        self.started = time.monotonic()
         self.first_chunk_at: float | None = None
-        self.finished: float | None = None
         threading.Thread(target=self._read, name=f"run-{tool}", daemon=True).start()
 
     # -- reader thread ---------------------------------------------------------------
@@ -167,39 +209,11 @@ class Run:
             self._cond.notify_all()
 
     # -- caller side -----------------------------------------------------------------
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    @property
-    def status(self) -> str:
-        if not self.done:
-            return "running"
-        if self._cancelled:
-            return "cancelled"
-        return "failed" if self._error is not None else "done"
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error
-
-    @property
-    def elapsed(self) -> float:
-        return (self.finished or time.monotonic()) - self.started
-
     def cancel(self) -> None:
         """Cancel the call; the worker stops the tool (no further LM calls for it)."""
         if not self.done:
             self._cancelled = True
             self._call.cancel()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the stream ends; Ctrl-C cancels it. False when ``timeout`` passed first."""
-        return wait_interruptibly(self._done, timeout, self.cancel)
 
     def result(self, timeout: float | None = None) -> Any:
         """The final result (the data of the ``final`` chunk); raises the call's error."""

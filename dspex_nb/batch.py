@@ -19,16 +19,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from dspex_nb.errors import ArgumentError, Cancelled, DspexError, PoolClosed, WorkerDied
+from dspex_nb.errors import ArgumentError, Cancelled, DspexError, ItemTimeout, PoolClosed, WorkerDied
 from dspex_nb.journal import Journal, digest
 from dspex_nb.pool.calls import Chunk, Handle, Run
 
 if TYPE_CHECKING:
     from dspex_nb.pool.pool import Pool
-
-
-class ItemTimeout(DspexError):
-    """A shard of a batch produced no item within ``item_timeout`` seconds."""
 
 
 class BatchRun(Handle):
@@ -58,6 +54,7 @@ class BatchRun(Handle):
         self._placed: dict[str, list[bool]] = {}  # worker -> its shards of this batch (True: a retry, alone)
         self.retries = self.from_journal = self.ok = self.failed = 0
         self._restarts_before = self._restarts()
+        self._stopping = False  # set by cancel() and by a fatal error: no further shard starts
 
         self._journal = journal
         self.key = digest(program)
@@ -83,7 +80,7 @@ class BatchRun(Handle):
     # -- feeders --------------------------------------------------------------------------
     def _feed(self) -> None:
         try:
-            while not self._cancelled:
+            while not self._stopping:
                 with self._lock:
                     if not self._queue:
                         return
@@ -92,8 +89,7 @@ class BatchRun(Handle):
         except Cancelled:
             pass
         except BaseException as exc:  # the pool closed under us, or a bad argument for every shard
-            self._error = self._error or exc
-            self.cancel()
+            self._fail(exc)
         finally:
             with self._lock:
                 self._live -= 1
@@ -104,7 +100,7 @@ class BatchRun(Handle):
     def _place(self, retry: bool) -> str:
         """Reserve a ready worker for a shard. A retried item runs alone on its worker, so an item that
         kills its worker ("poison") takes no other item down with it; no shard joins a retry's worker."""
-        while not self._cancelled:
+        while not self._stopping:
             ready = [r for r in self.pool.status() if r["state"] == "ready"]
             with self._lock:
                 free = [r for r in ready if not any(self._placed.get(r["worker"], ()))
@@ -140,10 +136,18 @@ class BatchRun(Handle):
                 self._record(index, dict(chunk.data, index=index, tries=self._tries[index] + 1))
 
         args = dict(self._args, batch_items=[self._items[i] for i in shard])
-        run = self.pool.execute_stream("batch_inference", args, on_chunk=on_chunk, timeout=self._timeout,
-                                       worker=worker)
+        try:
+            run = self.pool.execute_stream("batch_inference", args, on_chunk=on_chunk, timeout=self._timeout,
+                                           worker=worker)
+        except (PoolClosed, ArgumentError):
+            raise
+        except DspexError as exc:  # the worker went away (or stayed full) before the shard reached it
+            self._requeue(shard, WorkerDied(f"the shard could not be sent to worker {worker}: {exc}"))
+            return
         with self._lock:
             self._runs[run] = pending
+        if self._stopping:  # cancelled while the shard was being sent
+            run.cancel()
         timed_out = False
         try:
             while not run.wait(1.0 if self._item_timeout is None else min(1.0, self._item_timeout)):
@@ -200,7 +204,22 @@ class BatchRun(Handle):
         if record["ok"] and self._journal is not None and not record.get("journal"):
             self._journal.record(self.key, self._item_keys[index], record["result"])
         if self._on_item is not None:
-            self._on_item(record)
+            try:
+                self._on_item(record)
+            except Exception as exc:  # the caller's callback broke: stop the batch, keep what arrived
+                self._fail(exc)
+
+    def _fail(self, error: BaseException) -> None:
+        """Stop the batch because of ``error`` (``result()`` raises it; finished records are kept)."""
+        self._error = self._error or error
+        self._stop_runs()
+
+    def _stop_runs(self) -> None:
+        self._stopping = True
+        with self._lock:
+            runs = list(self._runs)
+        for run in runs:
+            run.cancel()
 
     def _finish(self) -> None:
         self.finished = time.monotonic()
@@ -213,10 +232,7 @@ class BatchRun(Handle):
     def cancel(self) -> None:
         """Stop the batch: running shards are cancelled on their workers, queued ones never start."""
         self._cancelled = True
-        with self._lock:
-            runs = list(self._runs)
-        for run in runs:
-            run.cancel()
+        self._stop_runs()
 
     def result(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """Outputs in input order: each item's output fields, or {"error": "Type: message"} if it failed."""
@@ -235,8 +251,8 @@ class BatchRun(Handle):
         with self._lock:
             finished = self.ok + self.failed
             active: dict[str, int] = {}
-            for run, pending in self._runs.items():
-                active[run.worker] = active.get(run.worker, 0) + len(pending)
+            for run, pending in self._runs.items():  # a worker runs at most `concurrency` items of a shard at once
+                active[run.worker] = active.get(run.worker, 0) + min(len(pending), self._args["concurrency"])
             by_worker: dict[str, int] = {}
             for index in self.arrived:
                 worker = self.records[index].get("worker")  # type: ignore[union-attr]

@@ -85,3 +85,7 @@ class QueueTimeout(DspexError, TimeoutError):
 
 class WorkerBusy(DspexError):
     """A session's worker is busy and its affinity is ``strict_fail_fast``."""
+
+
+class ItemTimeout(DspexError):
+    """A shard of a batch produced no item within ``item_timeout`` seconds."""

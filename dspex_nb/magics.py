@@ -24,7 +24,8 @@ from traitlets import Enum, Integer, Unicode
 
 from dspex_nb.api import Pool
 from dspex_nb.batch import BatchRun
-from dspex_nb.errors import Cancelled, DspexError, ToolError
+from dspex_nb.errors import DspexError, ToolError
+from dspex_nb.journal import Journal
 from dspex_nb.pool.calls import Run
 from dspex_nb.ui import MODES
 from dspex_nb.ui.progress import text_table
@@ -237,9 +238,10 @@ class Dspex(Magics):
             pool = self._start_pool(name, self.workers, self.lm, self.python)
         return pool
 
-    def _start_pool(self, name: str, workers: int, lm: str, python: str, definitions: dict | None = None) -> Pool:
+    def _start_pool(self, name: str, workers: int, lm: str, python: str, definitions: dict | None = None,
+                    lm_kwargs: dict | None = None) -> Pool:
         started = time.monotonic()
-        pool = Pool(workers=workers, lm=lm, python=python or None)
+        pool = Pool(workers=workers, lm=lm, lm_kwargs=lm_kwargs, python=python or None)
         pool.definitions.update(definitions or {})
         pool.start()
         self.pools[name] = pool
@@ -269,9 +271,7 @@ class Dspex(Magics):
             return
         old.shutdown()
         python = "" if old.python == sys.executable else old.python
-        pool = self._start_pool(args.pool, old.size, old.lm, python, old.definitions)
-        if old.lm_kwargs:
-            pool.configure_lm(old.lm, **old.lm_kwargs)
+        self._start_pool(args.pool, old.size, old.lm, python, old.definitions, old.lm_kwargs)
 
     def _status(self, args: argparse.Namespace) -> None:
         pool = self.pools.get(args.pool)
@@ -347,15 +347,20 @@ class Dspex(Magics):
         self._finish(batch, args)
 
     def _journal(self, args: argparse.Namespace) -> None:
-        journal = self._require_pool(args.pool).journal
-        if journal is None:
-            print("dspex: this pool keeps no journal (Pool(journal=False))")
+        pool = self.pools.get(args.pool)
+        if pool is not None and pool.journal is None:
+            print(f"dspex: pool {args.pool!r} keeps no journal (Pool(journal=False))")
             return
-        if args.action == "clear":
-            removed = journal.clear(args.key)
-            print(f"dspex: cleared {removed} batch{'es' * (removed != 1)} from {journal.path}")
-            return
-        batches = journal.batches()
+        journal = pool.journal if pool is not None else Journal()  # no need to start workers to read a file
+        try:
+            if args.action == "clear":
+                removed = journal.clear(args.key)
+                print(f"dspex: cleared {removed} batch{'es' * (removed != 1)} from {journal.path}")
+                return
+            batches = journal.batches()
+        finally:
+            if pool is None:
+                journal.close()
         print(f"journal {journal.path}: {len(batches)} batch{'es' * (len(batches) != 1)}")
         rows = [[b["key"][:12], str(b["items"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(b["updated"])),
                  b["description"]] for b in batches]
@@ -382,10 +387,7 @@ class Dspex(Magics):
             return
         try:
             result = handle.result()
-        except Cancelled as exc:
-            print(f"dspex: {exc}", file=sys.stderr)
-            return
-        except DspexError as exc:  # an LM or tool error: the view shows it too
+        except DspexError as exc:  # cancelled, or an LM or tool error (the view shows it too)
             print(f"dspex: {exc}", file=sys.stderr)
             return
         if isinstance(handle, BatchRun):

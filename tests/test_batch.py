@@ -45,8 +45,26 @@ def test_batch_with_bad_items_names_the_item(pool: Pool) -> None:
     batch = pool.batch([{"question": "a"}, {"text": "b"}], "question -> answer", shard_size=1)
     with pytest.raises(ArgumentError, match=r"batch_items\[0\] must have exactly the input fields \['question'\]"):
         batch.result()
+    assert batch.status == "failed"
     with pytest.raises(ArgumentError, match="items must be a list"):
         pool.batch("not a list", "question -> answer")
+
+
+def test_an_on_item_callback_that_raises_stops_the_batch_and_keeps_what_arrived(pool: Pool) -> None:
+    seen: list[dict] = []
+
+    def on_item(record: dict) -> None:
+        seen.append(record)
+        if len(seen) == 3:
+            raise KeyError("my callback broke")
+
+    batch = pool.batch([f"cb {i}?" for i in range(40)], "question -> answer", shard_size=5, on_item=on_item,
+                       journal=False)
+    with pytest.raises(KeyError, match="my callback broke"):
+        batch.result(60)
+    assert batch.status == "failed"
+    kept = [r for r in batch.records if r is not None]
+    assert len(kept) >= 3 and all(r["ok"] for r in kept)  # nothing received was turned into a failure
 
 
 def test_define_then_run_streams_every_predictor(pool: Pool) -> None:

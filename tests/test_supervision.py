@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from helpers import ROOT, pid_alive, wait_until
@@ -195,3 +196,32 @@ def test_sigkill_of_the_pool_owner_leaves_no_worker() -> None:
         child.wait()
         if "socket_dir" in locals():
             shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def test_a_slot_that_fails_to_restart_is_tried_again() -> None:
+    with Pool(workers=1, health_interval=0.1, journal=False) as p:
+        python, p.python = p.python, "/no/such/python"  # the next start of a worker fails
+        p.kill_worker("w0", signal.SIGKILL)
+        row = wait_until(lambda: p.status()[0]["state"] == "failed" and p.status()[0], what="the restart to fail")
+        assert "could not be restarted" in row["last_error"] and "/no/such/python" in row["last_error"]
+        p.python = python
+        wait_until(lambda: p.status()[0]["state"] == "ready", timeout=30, what="the slot to be tried again")
+        assert p.execute("echo", {"back": True}) == {"back": True}
+
+
+def test_shutdown_during_a_call_says_so() -> None:
+    from dspex_nb.errors import PoolClosed
+
+    p = Pool(workers=1, journal=False).start()
+    run = p.execute_stream("sleep", {"seconds": 60})
+    wait_until(lambda: p.describe()["counters"]["active_requests"] == 1, what="the sleep to start")
+    p.shutdown()
+    with pytest.raises(PoolClosed, match="shut down during the call"):
+        run.result(30)
+
+
+def test_lm_settings_stay_off_the_command_line() -> None:
+    with Pool(workers=1, lm_kwargs={"answer_tokens": 31337}, journal=False) as p:
+        pid = p.status()[0]["pid"]
+        assert b"31337" not in Path(f"/proc/{pid}/cmdline").read_bytes()  # any local user can read argv
+        assert p.describe()["lm"]["kwargs"] == {"answer_tokens": 31337}

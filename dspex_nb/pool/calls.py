@@ -121,12 +121,12 @@ class Handle:
 
     @property
     def status(self) -> str:
-        """running, done, failed or cancelled."""
+        """running, done, failed or cancelled (a failure by the caller's callback counts as failed)."""
         if not self.done:
             return "running"
-        if self._cancelled:
-            return "cancelled"
-        return "failed" if self._error is not None else "done"
+        if self._error is not None:
+            return "failed"
+        return "cancelled" if self._cancelled else "done"
 
     @property
     def error(self) -> BaseException | None:

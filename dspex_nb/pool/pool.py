@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import itertools
 import json
+import logging
 import shutil
 import tempfile
 import threading
@@ -19,7 +20,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from dspex_nb.errors import (
 from dspex_nb.journal import Journal
 from dspex_nb.pool import stale
 from dspex_nb.pool.calls import Chunk, Run, encode_args, translate, unary_result
-from dspex_nb.pool.process import WorkerProcess, describe_exit, interpreter, worker_env
+from dspex_nb.pool.process import LM_KWARGS_ENV, WorkerProcess, describe_exit, interpreter, worker_env
 from dspex_nb.pool.telemetry import CallRecord, Telemetry
 from dspex_nb.schema import validate
 
@@ -48,6 +49,8 @@ STARTING, READY, DRAINING, RESTARTING, FAILED, STOPPED = (
     "starting", "ready", "draining", "restarting", "failed", "stopped")
 AFFINITIES = ("hint", "strict_queue", "strict_fail_fast")
 HUNG_AFTER_FAILED_PINGS = 2
+RETRY_FAILED_AFTER = 5.0  # seconds before the health thread tries a slot that failed to restart again
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,7 +73,6 @@ class Worker:
     failed_pings: int = 0
     ready_at: float = 0.0
     last_error: str = ""
-    history: list[str] = field(default_factory=list)
 
     def status(self) -> dict[str, Any]:
         return {"worker": self.id, "pid": self.process.pid, "state": self.state, "in_flight": self.in_flight,
@@ -124,6 +126,7 @@ class Pool:
         self.ttl = ttl
         self.max_memory_mb = max_memory_mb
         self._queued = 0
+        self._restarting: list[threading.Thread] = []  # restart threads, joined by shutdown()
         self._spawned: list[int] = []  # pids of this pool's live workers (for stale cleanup by a later pool)
         self.cleaned: list[dict[str, Any]] = []  # what stale cleanup did when this pool started
         self.run_id = uuid.uuid4().hex[:12]
@@ -162,6 +165,10 @@ class Pool:
     def shutdown(self) -> None:
         """Stop every worker process and remove the socket directory. Idempotent."""
         self._closing.set()
+        for thread in [self._monitor, *self._restarting]:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()
+        self._monitor, self._restarting = None, []
         with self._lock:
             workers, self.workers = self.workers, []
             self._lock.notify_all()
@@ -170,9 +177,6 @@ class Pool:
             worker.channel.close()
         for worker in workers:
             worker.process.kill()
-        if self._monitor is not None and self._monitor is not threading.current_thread():
-            self._monitor.join()
-        self._monitor = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
@@ -195,12 +199,13 @@ class Pool:
         assert self._dir is not None
         address = f"unix:{self._dir}/{worker_id}-{generation}.sock"
         args = ["--worker-id", worker_id, "--run-id", self.run_id, "--lm", self.lm,
-                "--lm-kwargs", json.dumps(self.lm_kwargs), "--max-message-mb", str(self.max_message_bytes // 2**20)]
+                "--max-message-mb", str(self.max_message_bytes // 2**20)]
         args += ["--session-ttl", str(self.session_ttl)]
         if self.rate_limit:
             args += ["--rate-limit", str(self.rate_limit / self.size)]  # the pool's limit, split evenly
-        process = WorkerProcess(self.python, address, self._dir / f"{worker_id}-{generation}.log",
-                                worker_env(self.env, self._dir / "dspy-cache"), args)
+        env = worker_env(self.env, self._dir / "dspy-cache")
+        env[LM_KWARGS_ENV] = json.dumps(self.lm_kwargs)  # not on argv: it may hold an API key
+        process = WorkerProcess(self.python, address, self._dir / f"{worker_id}-{generation}.log", env, args)
         self._spawned = [pid for pid in self._spawned if stale.start_time(pid)] + [process.pid]
         stale.write_owner(self._dir, self.run_id, self._spawned)
         limit = self.max_message_bytes
@@ -240,30 +245,39 @@ class Pool:
     # -- health -------------------------------------------------------------------------
     def _watch(self) -> None:
         while not self._closing.wait(self.health_interval):
-            pings = []
-            for worker in list(self.workers):
-                if worker.state == DRAINING and worker.in_flight == 0:
-                    self._replace(worker, worker.last_error, expected=DRAINING)
-                if worker.state != READY:
-                    continue
-                code = worker.process.exit_code()
-                if code is not None:
-                    self._replace(worker, f"died ({describe_exit(code)})")
-                else:
-                    pings.append((worker, worker.stub.Ping.future(bridge_pb2.PingRequest(),
-                                                                  timeout=self.ping_timeout)))
-            for worker, ping in pings:
-                try:
-                    worker.rss = ping.result().rss_bytes
-                    worker.failed_pings = 0
-                except grpc.RpcError:
-                    worker.failed_pings += 1
-                    if worker.failed_pings >= HUNG_AFTER_FAILED_PINGS and worker.state == READY:
-                        self._replace(worker, f"stopped answering pings ({worker.failed_pings} missed)")
-                    continue
-                reason = self._recycle_reason(worker)
-                if reason:
-                    self._drain(worker, reason)
+            try:
+                self._check_all()
+            except Exception:  # the health thread must outlive any one bad check
+                log.exception("dspex_nb: health check failed")
+
+    def _check_all(self) -> None:
+        """One health round: replace the dead, hung and failed, recycle the due, finish draining."""
+        pings = []
+        for worker in list(self.workers):
+            if worker.state == FAILED and time.monotonic() - worker.ready_at > RETRY_FAILED_AFTER:
+                self._replace(worker, worker.last_error, expected=FAILED)
+            if worker.state == DRAINING and worker.in_flight == 0:
+                self._replace(worker, worker.last_error, expected=DRAINING, recycle=True)
+            if worker.state not in (READY, DRAINING):
+                continue
+            code = worker.process.exit_code()
+            if code is not None:
+                self._replace(worker, f"died ({describe_exit(code)})", expected=worker.state)
+            else:
+                pings.append((worker, worker.stub.Ping.future(bridge_pb2.PingRequest(), timeout=self.ping_timeout)))
+        for worker, ping in pings:
+            try:
+                worker.rss = ping.result().rss_bytes
+                worker.failed_pings = 0
+            except (grpc.RpcError, ValueError):  # ValueError: its channel was closed meanwhile
+                worker.failed_pings += 1
+                if worker.failed_pings >= HUNG_AFTER_FAILED_PINGS:
+                    self._replace(worker, f"stopped answering pings ({worker.failed_pings} missed)",
+                                  expected=worker.state)
+                continue
+            reason = self._recycle_reason(worker) if worker.state == READY else ""
+            if reason:
+                self._drain(worker, reason)
 
     def _recycle_reason(self, worker: Worker) -> str:
         """Why ``worker`` is due to be replaced on purpose (empty when it is not)."""
@@ -282,7 +296,6 @@ class Pool:
                 worker.state = DRAINING
                 worker.recycles += 1
                 worker.last_error = f"{worker.id} (pid {worker.process.pid}) recycled: {reason}"
-                worker.history.append(worker.last_error)
 
     def check_worker(self, worker_id: str, why: str) -> bool:
         """Ping one worker now; replace it when it does not answer within ``ping_timeout``."""
@@ -296,33 +309,36 @@ class Pool:
             self._replace(worker, f"did not answer a ping after {why}")
             return False
 
-    def _replace(self, worker: Worker, reason: str, expected: str = READY) -> None:
+    def _replace(self, worker: Worker, reason: str, expected: str = READY, recycle: bool = False) -> None:
         """Kill ``worker``'s process and start a new one in its slot, in a background thread.
 
-        A drained worker (``expected=DRAINING``) was recycled on purpose: it gets SIGTERM and a moment
-        to exit; a dead or hung one was a failure: it counts as a restart and is killed at once.
+        A recycled worker (drained on purpose) gets SIGTERM and a moment to exit; a dead, hung or
+        failed one counts as a restart, with ``reason`` as its last error, and is killed at once.
         """
         with self._lock:
             if worker.state != expected or self._closing.is_set():
                 return
             worker.state = RESTARTING
-            if expected == READY:
+            if not recycle:
                 worker.restarts += 1  # counted now, so a caller sees the replacement as soon as it is decided
-                worker.last_error = f"{worker.id} (pid {worker.process.pid}) {reason}"
-                worker.history.append(worker.last_error)
-        threading.Thread(target=self._restart, args=(worker, 2.0 if expected == DRAINING else 0.0),
-                         name=f"dspex-restart-{worker.id}", daemon=True).start()
+                worker.last_error = reason if expected == FAILED else f"{worker.id} (pid {worker.process.pid}) {reason}"
+            thread = threading.Thread(target=self._restart, args=(worker, 2.0 if recycle else 0.0),
+                                      name=f"dspex-restart-{worker.id}", daemon=True)
+            self._restarting = [t for t in self._restarting if t.is_alive()] + [thread]
+        thread.start()
 
     def _restart(self, old: Worker, grace: float) -> None:
         old.channel.close()
         old.process.kill(grace=grace)
+        if self._closing.is_set():
+            return
         try:
             new = self._spawn(old.id, old.generation + 1)
-        except DspexError as exc:
-            old.state, old.last_error = FAILED, str(exc)
+        except Exception as exc:  # the health thread tries the slot again later
+            self._failed(old, exc)
             return
         new.restarts, new.recycles, new.done, new.errors = old.restarts, old.recycles, old.done, old.errors
-        new.history, new.last_error = old.history, old.last_error
+        new.last_error = old.last_error
         with self._lock:
             if self._closing.is_set() or old not in self.workers:
                 new.channel.close()
@@ -332,8 +348,15 @@ class Pool:
         try:
             self._wait_ready(new, time.monotonic() + self.start_timeout)
         except Exception as exc:
-            new.state, new.last_error = FAILED, str(exc)
+            self._failed(new, exc)
             new.process.kill(grace=0)
+
+    @staticmethod
+    def _failed(worker: Worker, exc: Exception) -> None:
+        """Mark a slot whose restart failed; ``ready_at`` times the health thread's next try."""
+        worker.state = FAILED
+        worker.last_error = f"{worker.id} could not be restarted: {exc}"
+        worker.ready_at = time.monotonic()
 
     def _death_of(self, worker: Worker) -> Callable[[], DspexError | None]:
         """A check, for a failed call, of whether ``worker`` died (waiting briefly for its exit).
@@ -341,6 +364,8 @@ class Pool:
         A dead worker is taken out of routing at once, not at the next health check.
         """
         def check() -> DspexError | None:
+            if self._closing.is_set():
+                return PoolClosed("the pool was shut down during the call")
             if worker.state == READY:
                 try:
                     code = worker.process.proc.wait(2.0)
@@ -350,6 +375,10 @@ class Pool:
             what = worker.last_error or f"{worker.id} (pid {worker.process.pid}) was replaced"
             return WorkerDied(f"worker {what} during the call; the pool is replacing it")
         return check
+
+    def _gone(self, worker: Worker) -> DspexError:
+        """The error for a call on a worker whose channel is already closed."""
+        return self._death_of(worker)() or WorkerDied(f"worker {worker.id} is being replaced")
 
     # -- routing ------------------------------------------------------------------------
     def _choose(self, worker_id: str | None, count: bool, affinity: str = "strict_queue") -> Worker:
@@ -444,6 +473,8 @@ class Pool:
                 reply = chosen.stub.Execute(request, timeout=timeout)
             except grpc.RpcError as err:
                 raise translate(err, tool, timeout, self._death_of(chosen)) from None
+            except ValueError:  # its channel was closed: the worker is being replaced, or the pool shut down
+                raise self._gone(chosen) from None
             result = unary_result(reply, tool, chosen.id)
             ok = True
             return result
@@ -461,9 +492,9 @@ class Pool:
         chosen = self._choose(worker, count=True, affinity=affinity)
         try:
             call = chosen.stub.ExecuteStream(request, timeout=timeout)
-        except BaseException:
+        except ValueError:  # its channel was closed: the worker is being replaced, or the pool shut down
             self._release(chosen, False)
-            raise
+            raise self._gone(chosen) from None
 
         def done(run: Run) -> None:
             ok = run.status == "done"
@@ -483,10 +514,18 @@ class Pool:
         ``batch(items, module=name)``. Returns what the worker found (kind, input names).
         """
         compile(source, f"<dspex define {name}>", "exec")  # a syntax error is reported here, with its line
+        previous = self.definitions.get(name)
+        self.definitions[name] = {"source": source}  # first: a worker starting now replays it
         info: dict[str, Any] = {}
-        for worker in list(self.workers):
-            if worker.state == READY:
-                info = self._define_on(worker, name, source)
+        try:
+            for worker in list(self.workers):
+                info = self.execute("define", {"name": name, "source": source}, worker=worker.id)
+        except BaseException:
+            if previous is None:
+                del self.definitions[name]
+            else:
+                self.definitions[name] = previous
+            raise
         self.definitions[name] = dict(info, source=source)
         return info
 
@@ -527,7 +566,7 @@ class Pool:
 
     # -- information and control --------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
-        """Per worker: id, pid, state, in_flight, done, errors, restarts, uptime, last_error."""
+        """Per worker: id, pid, state, in_flight, done, errors, restarts, recycles, rss_mb, uptime, last_error."""
         return [w.status() for w in list(self.workers)]
 
     def stats(self) -> dict[str, Any]:
@@ -537,7 +576,12 @@ class Pool:
     def describe(self, worker: str | None = None) -> dict[str, Any]:
         """A worker's self-description: tools with argument schemas, versions, LM, counters."""
         chosen = self._choose(worker, count=False)
-        reply = chosen.stub.Describe(bridge_pb2.DescribeRequest(), timeout=self.ping_timeout)
+        try:
+            reply = chosen.stub.Describe(bridge_pb2.DescribeRequest(), timeout=self.ping_timeout)
+        except grpc.RpcError as err:
+            raise translate(err, "Describe", self.ping_timeout, self._death_of(chosen)) from None
+        except ValueError:
+            raise self._gone(chosen) from None
         return json.loads(reply.json)
 
     def tools(self) -> list[dict[str, Any]]:
@@ -545,9 +589,14 @@ class Pool:
 
     def configure_lm(self, model: str, **kwargs: Any) -> None:
         """Switch every worker (and any started later) to ``model`` ("demo" or a dspy.LM model string)."""
-        for worker in list(self.workers):
-            self.execute("configure_lm", {"model": model, "kwargs": kwargs}, worker=worker.id)
-        self.lm, self.lm_kwargs = model, kwargs
+        previous = self.lm, self.lm_kwargs
+        self.lm, self.lm_kwargs = model, kwargs  # first: a worker starting now starts with it
+        try:
+            for worker in list(self.workers):
+                self.execute("configure_lm", {"model": model, "kwargs": kwargs}, worker=worker.id)
+        except BaseException:
+            self.lm, self.lm_kwargs = previous
+            raise
 
     def kill_worker(self, worker: str, signal_number: int) -> int:
         """Send a signal to one worker process (for fault tests and demos); returns its pid."""

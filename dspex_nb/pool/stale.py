@@ -10,6 +10,7 @@ still run ``dspex_nb.worker`` with that run id, then removes the directory. A li
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -57,14 +58,15 @@ def cleanup(root: Path | None = None) -> list[dict[str, Any]]:
             if directory.stat().st_uid != os.getuid() or not directory.is_dir():
                 continue
             record = json.loads((directory / OWNER_FILE).read_text())
-        except (OSError, ValueError):
+            owner_start = start_time(int(record["owner_pid"]))
+            if owner_start is not None and owner_start == record["owner_start"]:
+                continue  # a live pool: another kernel's
+            killed = [pid for pid in record["workers"] if _runs_worker(int(pid), str(record["run_id"]))]
+        except (OSError, ValueError, KeyError, TypeError):  # not a pool's directory, or not readable: leave it
             continue
-        owner_start = start_time(record["owner_pid"])
-        if owner_start is not None and owner_start == record["owner_start"]:
-            continue  # a live pool: another kernel's
-        killed = [pid for pid in record["workers"] if _runs_worker(pid, record["run_id"])]
         for pid in killed:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it may have exited meanwhile
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(directory, ignore_errors=True)
         log.info("dspex_nb: removed %s of dead pool %s, killed workers %s", directory, record["run_id"], killed)
         cleaned.append({"dir": str(directory), "run_id": record["run_id"], "killed": killed})

@@ -103,10 +103,10 @@ class BatchDashboard(View):
 
     def refresh(self) -> bool:
         batch = self.batch
+        done = batch.done  # read before the snapshot, so the last refresh always shows the final counts
         snap = batch.snapshot()
-        done = snap["ok"] + snap["failed"]
         style = "danger" if snap["failed"] else ("success" if snap["status"] == "done" else "info")
-        _set(self.bar, value=done, bar_style=style)
+        _set(self.bar, value=snap["ok"] + snap["failed"], bar_style=style)
         _set(self.counts, value=html.escape(progress.batch_line(snap)))
         workers = sorted(set(snap["by_worker"]) | set(snap["active"]))
         _set(self.workers, value=_table(["worker", "running", "done"], [
@@ -119,9 +119,9 @@ class BatchDashboard(View):
         _set(self.errors, value="<br>".join(f"#{r['index']}: {html.escape(progress.error_line(r))}"
                                             for r in failed[:200]))
         self.error_box.set_title(0, f"errors ({len(failed)})")
-        if batch.done:
+        if done:
             _set(self.stop, disabled=True)
-        return not batch.done
+        return not done
 
 
 def _short(record: dict[str, Any], width: int = 90) -> str:

@@ -2,16 +2,19 @@
 
 Dependencies are checked before anything imports them: a missing one is printed as a
 machine-readable report on stderr and the process exits with code 3.
-The worker exits by itself when its stdin closes (its parent died, even by SIGKILL).
+The worker exits by itself when its stdin closes (its parent died, even by SIGKILL). Its LM settings
+come as JSON in $DSPEX_LM_KWARGS, not on the command line, which any local user can read.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from dspex_nb import deps
+from dspex_nb.pool.process import LM_KWARGS_ENV
 
 EXIT_MISSING_DEPENDENCIES = 3
 
@@ -22,7 +25,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker-id", default="w0")
     parser.add_argument("--run-id", default="")
     parser.add_argument("--lm", default="demo", help="'demo' or any dspy.LM model string")
-    parser.add_argument("--lm-kwargs", default="{}", help="JSON object of dspy.LM keyword arguments")
     parser.add_argument("--max-message-mb", type=int, default=64)
     parser.add_argument("--rate-limit", type=float, default=None, help="LM requests per minute, at most")
     parser.add_argument("--session-ttl", type=float, default=3600.0,
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from dspex_nb.worker.main import serve
 
     return serve(args.address, worker_id=args.worker_id, run_id=args.run_id, lm=args.lm,
-                 lm_kwargs=json.loads(args.lm_kwargs), max_message_mb=args.max_message_mb,
+                 lm_kwargs=json.loads(os.environ.get(LM_KWARGS_ENV) or "{}"), max_message_mb=args.max_message_mb,
                  rate_limit=args.rate_limit, session_ttl=args.session_ttl, threads=args.threads,
                  watch_parent=not args.no_parent_watch)
 

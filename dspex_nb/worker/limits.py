@@ -1,6 +1,6 @@
 """Keeping a worker's LM calls within limits: a requests-per-minute bucket, and 429 backoff.
 
-``RateLimiter`` is a token bucket enforced in DSPy's ``on_lm_start`` callback, so it counts real LM
+``RateLimiter`` spaces calls evenly (no bursts), enforced in DSPy's ``on_lm_start`` callback, so it counts real LM
 calls (a multi-step module makes several per item). A Pool's ``rate_limit`` is split evenly over
 its workers. ``backoff_delays`` is the schedule on which a rate-limited (HTTP 429) item is retried.
 """
@@ -28,7 +28,7 @@ def backoff_delays() -> Iterator[float]:
 
 
 class RateLimiter:
-    """At most ``per_minute`` acquisitions in any minute, spread evenly (token bucket of one minute)."""
+    """At most ``per_minute`` acquisitions a minute, spaced ``60 / per_minute`` seconds apart (no bursts)."""
 
     def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Any] = time.sleep) -> None:

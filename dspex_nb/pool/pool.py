@@ -9,10 +9,8 @@ and replace a worker that died or stopped answering; calls in flight on it fail 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import itertools
 import json
-import logging
 import shutil
 import tempfile
 import threading
@@ -20,7 +18,6 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,60 +26,27 @@ import grpc
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.batch import BatchRun
 from dspex_nb.errors import (
-    DspexError,
     PoolClosed,
     PoolSaturated,
     QueueTimeout,
     UnknownTool,
     WorkerBusy,
-    WorkerDied,
     WorkerStartError,
 )
 from dspex_nb.journal import Journal
 from dspex_nb.pool import stale
 from dspex_nb.pool.calls import Chunk, Run, encode_args, translate, unary_result
-from dspex_nb.pool.process import LM_KWARGS_ENV, WorkerProcess, describe_exit, interpreter, worker_env
+from dspex_nb.pool.process import LM_KWARGS_ENV, WorkerProcess, interpreter, worker_env
+from dspex_nb.pool.session import Session
+from dspex_nb.pool.supervision import Supervision
 from dspex_nb.pool.telemetry import CallRecord, Telemetry
+from dspex_nb.pool.worker import READY, STOPPED, Worker
 from dspex_nb.schema import validate
 
-STARTING, READY, DRAINING, RESTARTING, FAILED, STOPPED = (
-    "starting", "ready", "draining", "restarting", "failed", "stopped")
 AFFINITIES = ("hint", "strict_queue", "strict_fail_fast")
-HUNG_AFTER_FAILED_PINGS = 2
-RETRY_FAILED_AFTER = 5.0  # seconds before the health thread tries a slot that failed to restart again
-log = logging.getLogger(__name__)
 
 
-@dataclass
-class Worker:
-    """One slot of the pool: its current process, channel and counters."""
-
-    id: str
-    process: WorkerProcess
-    channel: grpc.Channel
-    stub: bridge_pb2_grpc.BridgeStub
-    generation: int = 0
-    state: str = STARTING
-    in_flight: int = 0
-    done: int = 0
-    errors: int = 0
-    restarts: int = 0  # replaced after dying or hanging
-    recycles: int = 0  # replaced on purpose (max_requests, ttl, max_memory_mb)
-    served: int = 0  # calls this process finished
-    rss: int = 0  # resident bytes, as the worker last reported
-    failed_pings: int = 0
-    ready_at: float = 0.0
-    last_error: str = ""
-
-    def status(self) -> dict[str, Any]:
-        return {"worker": self.id, "pid": self.process.pid, "state": self.state, "in_flight": self.in_flight,
-                "done": self.done, "errors": self.errors, "restarts": self.restarts, "recycles": self.recycles,
-                "rss_mb": round(self.rss / 2**20, 1),
-                "uptime": time.monotonic() - self.ready_at if self.state in (READY, DRAINING) else 0.0,
-                "last_error": self.last_error}
-
-
-class Pool:
+class Pool(Supervision):
     """A pool of DSPy worker processes.
 
     >>> with Pool(workers=2, lm="demo") as pool:
@@ -241,144 +205,6 @@ class Pool:
     def _define_on(self, worker: Worker, name: str, source: str) -> dict[str, Any]:
         request = self._request("define", {"name": name, "source": source}, "")
         return unary_result(worker.stub.Execute(request, timeout=self.start_timeout), "define", worker.id)
-
-    # -- health -------------------------------------------------------------------------
-    def _watch(self) -> None:
-        while not self._closing.wait(self.health_interval):
-            try:
-                self._check_all()
-            except Exception:  # the health thread must outlive any one bad check
-                log.exception("dspex_nb: health check failed")
-
-    def _check_all(self) -> None:
-        """One health round: replace the dead, hung and failed, recycle the due, finish draining."""
-        pings = []
-        for worker in list(self.workers):
-            if worker.state == FAILED and time.monotonic() - worker.ready_at > RETRY_FAILED_AFTER:
-                self._replace(worker, worker.last_error, expected=FAILED)
-            if worker.state == DRAINING and worker.in_flight == 0:
-                self._replace(worker, worker.last_error, expected=DRAINING, recycle=True)
-            if worker.state not in (READY, DRAINING):
-                continue
-            code = worker.process.exit_code()
-            if code is not None:
-                self._replace(worker, f"died ({describe_exit(code)})", expected=worker.state)
-            else:
-                pings.append((worker, worker.stub.Ping.future(bridge_pb2.PingRequest(), timeout=self.ping_timeout)))
-        for worker, ping in pings:
-            try:
-                worker.rss = ping.result().rss_bytes
-                worker.failed_pings = 0
-            except (grpc.RpcError, ValueError):  # ValueError: its channel was closed meanwhile
-                worker.failed_pings += 1
-                if worker.failed_pings >= HUNG_AFTER_FAILED_PINGS:
-                    self._replace(worker, f"stopped answering pings ({worker.failed_pings} missed)",
-                                  expected=worker.state)
-                continue
-            reason = self._recycle_reason(worker) if worker.state == READY else ""
-            if reason:
-                self._drain(worker, reason)
-
-    def _recycle_reason(self, worker: Worker) -> str:
-        """Why ``worker`` is due to be replaced on purpose (empty when it is not)."""
-        if self.max_requests is not None and worker.served >= self.max_requests:
-            return f"served {worker.served} calls (max_requests={self.max_requests})"
-        if self.ttl is not None and time.monotonic() - worker.ready_at >= self.ttl:
-            return f"lived {time.monotonic() - worker.ready_at:.0f} s (ttl={self.ttl:g} s)"
-        if self.max_memory_mb is not None and worker.rss / 2**20 >= self.max_memory_mb:
-            return f"resident memory {worker.rss / 2**20:.0f} MB passed max_memory_mb={self.max_memory_mb:g}"
-        return ""
-
-    def _drain(self, worker: Worker, reason: str) -> None:
-        """Route no new call to ``worker``; the health thread recycles it once its calls have finished."""
-        with self._lock:
-            if worker.state == READY:
-                worker.state = DRAINING
-                worker.recycles += 1
-                worker.last_error = f"{worker.id} (pid {worker.process.pid}) recycled: {reason}"
-
-    def check_worker(self, worker_id: str, why: str) -> bool:
-        """Ping one worker now; replace it when it does not answer within ``ping_timeout``."""
-        worker = next((w for w in self.workers if w.id == worker_id), None)
-        if worker is None or worker.state != READY:
-            return False
-        try:
-            worker.stub.Ping(bridge_pb2.PingRequest(), timeout=self.ping_timeout)
-            return True
-        except grpc.RpcError:
-            self._replace(worker, f"did not answer a ping after {why}")
-            return False
-
-    def _replace(self, worker: Worker, reason: str, expected: str = READY, recycle: bool = False) -> None:
-        """Kill ``worker``'s process and start a new one in its slot, in a background thread.
-
-        A recycled worker (drained on purpose) gets SIGTERM and a moment to exit; a dead, hung or
-        failed one counts as a restart, with ``reason`` as its last error, and is killed at once.
-        """
-        with self._lock:
-            if worker.state != expected or self._closing.is_set():
-                return
-            worker.state = RESTARTING
-            if not recycle:
-                worker.restarts += 1  # counted now, so a caller sees the replacement as soon as it is decided
-                worker.last_error = reason if expected == FAILED else f"{worker.id} (pid {worker.process.pid}) {reason}"
-            thread = threading.Thread(target=self._restart, args=(worker, 2.0 if recycle else 0.0),
-                                      name=f"dspex-restart-{worker.id}", daemon=True)
-            self._restarting = [t for t in self._restarting if t.is_alive()] + [thread]
-        thread.start()
-
-    def _restart(self, old: Worker, grace: float) -> None:
-        old.channel.close()
-        old.process.kill(grace=grace)
-        if self._closing.is_set():
-            return
-        try:
-            new = self._spawn(old.id, old.generation + 1)
-        except Exception as exc:  # the health thread tries the slot again later
-            self._failed(old, exc)
-            return
-        new.restarts, new.recycles, new.done, new.errors = old.restarts, old.recycles, old.done, old.errors
-        new.last_error = old.last_error
-        with self._lock:
-            if self._closing.is_set() or old not in self.workers:
-                new.channel.close()
-                new.process.kill(grace=0)
-                return
-            self.workers[self.workers.index(old)] = new
-        try:
-            self._wait_ready(new, time.monotonic() + self.start_timeout)
-        except Exception as exc:
-            self._failed(new, exc)
-            new.process.kill(grace=0)
-
-    @staticmethod
-    def _failed(worker: Worker, exc: Exception) -> None:
-        """Mark a slot whose restart failed; ``ready_at`` times the health thread's next try."""
-        worker.state = FAILED
-        worker.last_error = f"{worker.id} could not be restarted: {exc}"
-        worker.ready_at = time.monotonic()
-
-    def _death_of(self, worker: Worker) -> Callable[[], DspexError | None]:
-        """A check, for a failed call, of whether ``worker`` died (waiting briefly for its exit).
-
-        A dead worker is taken out of routing at once, not at the next health check.
-        """
-        def check() -> DspexError | None:
-            if self._closing.is_set():
-                return PoolClosed("the pool was shut down during the call")
-            if worker.state == READY:
-                try:
-                    code = worker.process.proc.wait(2.0)
-                except Exception:
-                    return None
-                self._replace(worker, f"died ({describe_exit(code)})")
-            what = worker.last_error or f"{worker.id} (pid {worker.process.pid}) was replaced"
-            return WorkerDied(f"worker {what} during the call; the pool is replacing it")
-        return check
-
-    def _gone(self, worker: Worker) -> DspexError:
-        """The error for a call on a worker whose channel is already closed."""
-        return self._death_of(worker)() or WorkerDied(f"worker {worker.id} is being replaced")
 
     # -- routing ------------------------------------------------------------------------
     def _choose(self, worker_id: str | None, count: bool, affinity: str = "strict_queue") -> Worker:
@@ -607,42 +433,6 @@ class Pool:
     def __repr__(self) -> str:
         states = ", ".join(f"{w.id}:{w.state}" for w in self.workers) or "not running"
         return f"<Pool {self.size} workers, lm={self.lm!r}: {states}>"
-
-
-class Session:
-    """Calls pinned to one worker of a pool (per ``affinity``); tools keep objects across its calls.
-
-    ``with pool.session() as s:`` closes it at the end: its objects are dropped on the worker.
-    """
-
-    def __init__(self, pool: Pool, worker: str, affinity: str = "hint") -> None:
-        self.pool = pool
-        self.worker = worker
-        self.affinity = affinity
-        self.id = uuid.uuid4().hex[:12]
-
-    def execute(self, tool: str, args: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        return self.pool.execute(tool, args, worker=self.worker, session_id=self.id, affinity=self.affinity,
-                                 **kwargs)
-
-    def execute_stream(self, tool: str, args: dict[str, Any] | None = None, **kwargs: Any) -> Run:
-        return self.pool.execute_stream(tool, args, worker=self.worker, session_id=self.id,
-                                        affinity=self.affinity, **kwargs)
-
-    def close(self) -> None:
-        """Drop the session's objects on its worker (a replaced worker has lost them already)."""
-        if self.pool.running:
-            with contextlib.suppress(DspexError):
-                self.pool.execute("close_session", worker=self.worker, session_id=self.id)
-
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<Session {self.id} on {self.worker} ({self.affinity})>"
 
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()

@@ -1,0 +1,44 @@
+"""One slot of a pool: its current worker process, gRPC channel, state and counters."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from dspex_nb._proto import bridge_pb2_grpc
+from dspex_nb.pool.process import WorkerProcess
+
+STARTING, READY, DRAINING, RESTARTING, FAILED, STOPPED = (
+    "starting", "ready", "draining", "restarting", "failed", "stopped")
+
+
+@dataclass
+class Worker:
+    """One slot of the pool: its current process, channel and counters."""
+
+    id: str
+    process: WorkerProcess
+    channel: grpc.Channel
+    stub: bridge_pb2_grpc.BridgeStub
+    generation: int = 0
+    state: str = STARTING
+    in_flight: int = 0
+    done: int = 0
+    errors: int = 0
+    restarts: int = 0  # replaced after dying or hanging
+    recycles: int = 0  # replaced on purpose (max_requests, ttl, max_memory_mb)
+    served: int = 0  # calls this process finished
+    rss: int = 0  # resident bytes, as the worker last reported
+    failed_pings: int = 0
+    ready_at: float = 0.0
+    last_error: str = ""
+
+    def status(self) -> dict[str, Any]:
+        return {"worker": self.id, "pid": self.process.pid, "state": self.state, "in_flight": self.in_flight,
+                "done": self.done, "errors": self.errors, "restarts": self.restarts, "recycles": self.recycles,
+                "rss_mb": round(self.rss / 2**20, 1),
+                "uptime": time.monotonic() - self.ready_at if self.state in (READY, DRAINING) else 0.0,
+                "last_error": self.last_error}

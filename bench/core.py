@@ -19,6 +19,8 @@ What is compared, and why:
    in a subprocess without gRPC (``--inprocess-tokens N``), i.e. what DSPy alone costs. No target.
 4. **Pool ready time** -- ``Pool(workers=4).start()`` against ``Pool(workers=1).start()`` (median of 3 each,
    interleaved): workers are started concurrently, so four should take barely longer than one. Target: <= 1.3x.
+   Measured for both start methods: ``template`` (the default on Linux: workers forked from one process that
+   imported dspy) and ``spawn`` (a new interpreter per worker, each importing dspy: CPU-bound on 2 cores).
 5. **Batch** -- items/s of one 200-item ``batch_inference`` (concurrency 8) on the demo LM with a 10 ms
    time-to-first-token; the peer is the ideal ``concurrency / ttft`` items/s. No target.
 6. **Throughput** -- unary ``echo`` calls/s across a pool of 2 workers with 8 concurrent callers (threads in
@@ -254,7 +256,7 @@ def bench_token_stream(pool: Any, answer_tokens: int) -> Row:
     return Row("token stream (tokens/s)", ours, peer["tokens"] / peer["seconds"], "tool without gRPC")
 
 
-def bench_pool_start(repeats: int) -> Row:
+def bench_pool_start(repeats: int, start: str) -> Row:
     from dspex_nb import Pool
 
     def children_cpu() -> float:  # CPU seconds of reaped child processes (workers are reaped on shutdown)
@@ -267,19 +269,20 @@ def bench_pool_start(repeats: int) -> Row:
         for size in (1, 4):
             cpu_before = children_cpu()
             t0 = time.perf_counter()
-            with Pool(workers=size) as pool:
+            with Pool(workers=size, start=start) as pool:
                 times[size].append(time.perf_counter() - t0)
                 assert len(pool.status()) == size
             cpu[size].append(children_cpu() - cpu_before)
     one, four = statistics.median(times[1]), statistics.median(times[4])
     cpus = os.cpu_count() or 1
     per_worker = statistics.median(cpu[1])
-    print(f"  pool ready: 1 worker {', '.join(f'{t:.2f}' for t in times[1])} s; "
+    print(f"  pool ready ({start}): 1 worker {', '.join(f'{t:.2f}' for t in times[1])} s; "
           f"4 workers {', '.join(f'{t:.2f}' for t in times[4])} s")
-    print(f"  pool ready: one worker's life costs {per_worker:.2f} CPU-s (mostly importing dspy); "
+    print(f"  pool ready ({start}): one worker's life costs {per_worker:.2f} CPU-s (mostly importing dspy); "
           f"4 workers {statistics.median(cpu[4]):.2f} CPU-s on {cpus} CPUs -> CPU-bound floor for 4 workers "
           f"~{4 * per_worker / min(4, cpus):.2f} s ({4 * per_worker / min(4, cpus) / one:.1f}x one worker)")
-    return Row("pool ready, 4 vs 1 workers (s)", four, one, "Pool(workers=1)", "<= 1.3x", four <= 1.3 * one, "s")
+    return Row(f"pool ready, 4 vs 1 workers, {start} (s)", four, one, "Pool(workers=1)", "<= 1.3x",
+               four <= 1.3 * one, "s")
 
 
 def bench_batch(pool: Any, items: int, concurrency: int, ttft: float) -> Row:
@@ -372,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bench_count_stream(pool, count_n))
         rows.append(bench_token_stream(pool, answer_tokens))
         batch = bench_batch(pool, batch_items, 8, 0.01)
-    rows += [bench_pool_start(repeats), batch, bench_throughput(8, 100 if quick else 500)]
+    rows += [bench_pool_start(repeats, "template"), bench_pool_start(repeats, "spawn"), batch,
+             bench_throughput(8, 100 if quick else 500)]
     print(f"\ntotal {time.perf_counter() - started:.1f} s\n")
     print(table(rows))
     return 0

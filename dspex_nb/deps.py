@@ -56,24 +56,34 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def check(name: str, module: str, minimum: str) -> DepStatus:
-    """Import ``module`` and compare its distribution's version with ``minimum``."""
+def installed(name: str, minimum: str) -> DepStatus:
+    """Whether distribution ``name`` is installed at ``minimum`` or newer, without importing it."""
     try:
         version = metadata.version(name)
     except metadata.PackageNotFoundError:
         return DepStatus(name, minimum, None, False, "not installed")
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # an installed but broken package is as unusable as a missing one
-        return DepStatus(name, minimum, version, False, f"import {module} failed: {exc!r}")
     if _version_tuple(version) < _version_tuple(minimum):
         return DepStatus(name, minimum, version, False, f"version {version} is older than {minimum}")
     return DepStatus(name, minimum, version, True)
 
 
-def report(names: tuple[str, ...] | None = None) -> list[DepStatus]:
-    """Status of every required package (or of ``names`` only) in this interpreter."""
-    return [check(*dep) for dep in REQUIRED if names is None or dep[0] in names]
+def check(name: str, module: str, minimum: str) -> DepStatus:
+    """``installed``, and ``module`` imports: an installed but broken package is as unusable as a missing one."""
+    status = installed(name, minimum)
+    if status.version is None:
+        return status
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        return DepStatus(name, minimum, status.version, False, f"import {module} failed: {exc!r}")
+    return status
+
+
+def report(names: tuple[str, ...] | None = None, *, import_: bool = True) -> list[DepStatus]:
+    """Status of every required package (or of ``names`` only) in this interpreter; with
+    ``import_=False`` from installed versions alone."""
+    return [check(*dep) if import_ else installed(dep[0], dep[2]) for dep in REQUIRED
+            if names is None or dep[0] in names]
 
 
 def require(*names: str, where: str | None = None) -> None:

@@ -16,7 +16,7 @@ from dspex_nb import Pool
 CHILD = """
 import json, sys
 from dspex_nb import Pool
-pool = Pool(workers=2).start()
+pool = Pool(workers=2, start="spawn").start()  # with a template, the template itself ends a wedged worker
 print(json.dumps({"pids": [r["pid"] for r in pool.status()], "dir": str(pool._dir), "run": pool.run_id}), flush=True)
 sys.stdin.read()
 """

@@ -199,7 +199,7 @@ def test_sigkill_of_the_pool_owner_leaves_no_worker() -> None:
 
 
 def test_a_slot_that_fails_to_restart_is_tried_again() -> None:
-    with Pool(workers=1, health_interval=0.1, journal=False) as p:
+    with Pool(workers=1, health_interval=0.1, journal=False, start="spawn") as p:
         python, p.python = p.python, "/no/such/python"  # the next start of a worker fails
         p.kill_worker("w0", signal.SIGKILL)
         row = wait_until(lambda: p.status()[0]["state"] == "failed" and p.status()[0], what="the restart to fail")
@@ -225,3 +225,26 @@ def test_lm_settings_stay_off_the_command_line() -> None:
         pid = p.status()[0]["pid"]
         assert b"31337" not in Path(f"/proc/{pid}/cmdline").read_bytes()  # any local user can read argv
         assert p.describe()["lm"]["kwargs"] == {"answer_tokens": 31337}
+
+
+def test_a_killed_template_takes_its_workers_and_is_replaced() -> None:
+    with Pool(workers=2, health_interval=0.1, journal=False, start="template") as p:
+        template = p._template.proc.pid
+        workers = [r["pid"] for r in p.status()]
+        assert all(os.getsid(w) == w for w in workers)  # forked, yet each in its own session
+        os.kill(template, signal.SIGKILL)
+        wait_until(lambda: not any(pid_alive(w) for w in workers), what="the forked workers to exit with it")
+        wait_until(lambda: [r["state"] for r in p.status()] == ["ready", "ready"] and
+                   all(r["restarts"] == 1 for r in p.status()), timeout=30, what="both workers to be replaced")
+        assert p._template.proc.pid != template
+        assert p.execute("predict", {"signature": "q -> a", "inputs": "again"})["a"].startswith("Demo LM answer")
+
+
+def test_both_start_methods_serve_the_same_answers() -> None:
+    answers = []
+    for start in ("spawn", "template"):
+        with Pool(workers=1, journal=False, start=start) as p:
+            answers.append(p.execute("predict", {"signature": "q -> a", "inputs": "same"}))
+    assert answers[0] == answers[1]
+    with pytest.raises(ValueError, match="start must be one of"):
+        Pool(start="fork")

@@ -12,6 +12,7 @@ import atexit
 import itertools
 import json
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -36,14 +37,17 @@ from dspex_nb.errors import (
 from dspex_nb.journal import Journal
 from dspex_nb.pool import stale
 from dspex_nb.pool.calls import Chunk, Run, encode_args, translate, unary_result
-from dspex_nb.pool.process import LM_KWARGS_ENV, WorkerProcess, interpreter, worker_env
+from dspex_nb.pool.process import LM_KWARGS_ENV, ProcessHandle, WorkerProcess, interpreter, worker_env
 from dspex_nb.pool.session import Session
 from dspex_nb.pool.supervision import Supervision
 from dspex_nb.pool.telemetry import CallRecord, Telemetry
+from dspex_nb.pool.template import Template
 from dspex_nb.pool.worker import READY, STOPPED, Worker
 from dspex_nb.schema import validate
 
 AFFINITIES = ("hint", "strict_queue", "strict_fail_fast")
+START_METHODS = ("spawn", "template")  # a new interpreter per worker, or forks of one that imported dspy
+DEFAULT_START = "template" if sys.platform == "linux" else "spawn"
 
 
 class Pool(Supervision):
@@ -61,11 +65,13 @@ class Pool(Supervision):
                  journal: Journal | str | Path | bool = True, otel: bool = False, max_in_flight: int = 8,
                  max_queue: int = 1000, queue_timeout: float = 60.0, session_ttl: float = 3600.0,
                  max_requests: int | None = None, ttl: float | None = None,
-                 max_memory_mb: float | None = None) -> None:
+                 max_memory_mb: float | None = None, start: str = DEFAULT_START) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         if not isinstance(max_message_mb, int) or max_message_mb < 1:
             raise ValueError(f"max_message_mb must be an int >= 1, got {max_message_mb!r}")
+        if start not in START_METHODS:
+            raise ValueError(f"start must be one of {START_METHODS}, got {start!r}")
         if rate_limit is not None and rate_limit <= 0:
             raise ValueError(f"rate_limit must be > 0 LM requests per minute, got {rate_limit!r}")
         self.size = workers
@@ -89,6 +95,8 @@ class Pool(Supervision):
         self.max_requests = max_requests
         self.ttl = ttl
         self.max_memory_mb = max_memory_mb
+        self.start_method = start
+        self._template: Template | None = None
         self._queued = 0
         self._restarting: list[threading.Thread] = []  # restart threads, joined by shutdown()
         self._spawned: list[int] = []  # pids of this pool's live workers (for stale cleanup by a later pool)
@@ -141,6 +149,9 @@ class Pool(Supervision):
             worker.channel.close()
         for worker in workers:
             worker.process.kill()
+        if self._template is not None:
+            self._template.close()
+            self._template = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
@@ -168,8 +179,15 @@ class Pool(Supervision):
         if self.rate_limit:
             args += ["--rate-limit", str(self.rate_limit / self.size)]  # the pool's limit, split evenly
         env = worker_env(self.env, self._dir / "dspy-cache")
-        env[LM_KWARGS_ENV] = json.dumps(self.lm_kwargs)  # not on argv: it may hold an API key
-        process = WorkerProcess(self.python, address, self._dir / f"{worker_id}-{generation}.log", env, args)
+        lm_env = {LM_KWARGS_ENV: json.dumps(self.lm_kwargs)}  # not on argv: it may hold an API key
+        log_path = self._dir / f"{worker_id}-{generation}.log"
+        if self.start_method == "template":
+            if self._template is None or not self._template.alive:
+                self._template = Template(self.python, env, self._dir / "template.log", self.run_id)
+                self._spawned.append(self._template.proc.pid)
+            process: ProcessHandle = self._template.spawn(["--address", address, *args], lm_env, log_path, address)
+        else:
+            process = WorkerProcess(self.python, address, log_path, {**env, **lm_env}, args)
         self._spawned = [pid for pid in self._spawned if stale.start_time(pid)] + [process.pid]
         stale.write_owner(self._dir, self.run_id, self._spawned)
         limit = self.max_message_bytes

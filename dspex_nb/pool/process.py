@@ -7,10 +7,12 @@ when that pipe closes, so even a SIGKILLed kernel leaves no orphans.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +35,62 @@ def worker_env(extra: dict[str, str] | None, cache_dir: Path) -> dict[str, str]:
     return env
 
 
-class WorkerProcess:
-    """One worker OS process; ``log_path`` collects its stdout and stderr."""
+class ProcessHandle:
+    """What the pool needs of a worker process, however it was started; ``log_path`` has its output."""
+
+    pid: int
+    address: str
+    log_path: Path
+    python: str
+
+    def exit_code(self) -> int | None:
+        """None while it runs; else its exit code (negative: killed by that signal)."""
+        raise NotImplementedError
+
+    def wait(self, timeout: float) -> int:
+        """Its exit code, waiting at most ``timeout`` seconds (TimeoutError after that)."""
+        deadline = time.monotonic() + timeout
+        while (code := self.exit_code()) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker pid {self.pid} still runs after {timeout} s")
+            time.sleep(0.01)
+        return code
+
+    def kill(self, grace: float = 2.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; wait until it has ended."""
+        if self.exit_code() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.wait(grace)
+            except TimeoutError:
+                self.signal(signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            self.wait(10.0)
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def start_failure(self, worker_id: str) -> Exception:
+        """The error for a worker that exited before it was ready."""
+        code = self.exit_code()
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        for line in text.splitlines():
+            if line.startswith(deps.MISSING_MARKER):
+                python, statuses = deps.from_json(line[len(deps.MISSING_MARKER):])
+                return deps.MissingDependency(f"the worker Python {python}", statuses)
+        return WorkerStartError(f"worker {worker_id} (pid {self.pid}, {self.python}) exited with code {code} "
+                                f"before it was ready; its output:\n{self.log_tail()}")
+
+
+class WorkerProcess(ProcessHandle):
+    """A worker started as its own interpreter: ``python -m dspex_nb.worker``."""
 
     def __init__(self, python: str, address: str, log_path: Path, env: dict[str, str], args: list[str]) -> None:
         self.address = address
@@ -55,44 +111,11 @@ class WorkerProcess:
     def exit_code(self) -> int | None:
         return self.proc.poll()
 
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def start_failure(self, worker_id: str) -> Exception:
-        """The error for a worker that exited before it was ready."""
-        code = self.exit_code()
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        for line in text.splitlines():
-            if line.startswith(deps.MISSING_MARKER):
-                python, statuses = deps.from_json(line[len(deps.MISSING_MARKER):])
-                return deps.MissingDependency(f"the worker Python {python}", statuses)
-        return WorkerStartError(f"worker {worker_id} (pid {self.pid}, {self.python}) exited with code {code} "
-                                f"before it was ready; its output:\n{self.log_tail()}")
-
     def kill(self, grace: float = 2.0) -> None:
-        """Close stdin, SIGTERM, then SIGKILL after ``grace`` seconds; reap the process."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()  # type: ignore[union-attr]
-            except OSError:
-                pass
-            self.signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.signal(signal.SIGKILL)
-        self.proc.wait()
         if self.proc.stdin and not self.proc.stdin.closed:
-            self.proc.stdin.close()
-
-    def signal(self, sig: int) -> None:
-        try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()  # the worker's parent watch sees EOF
+        super().kill(grace)
 
 
 def interpreter(python: str | None) -> str:

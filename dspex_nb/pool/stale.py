@@ -46,7 +46,8 @@ def _runs_worker(pid: int, run_id: str) -> bool:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"dspex_nb.worker" in argv and run_id.encode() in argv
+    runs_ours = b"dspex_nb.worker" in argv or b"dspex_nb.worker.template" in argv  # a template's forks keep its argv
+    return runs_ours and run_id.encode() in argv
 
 
 def cleanup(root: Path | None = None) -> list[dict[str, Any]]:

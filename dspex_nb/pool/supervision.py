@@ -154,7 +154,7 @@ class Supervision:
                 return PoolClosed("the pool was shut down during the call")
             if worker.state == READY:
                 try:
-                    code = worker.process.proc.wait(2.0)
+                    code = worker.process.wait(2.0)
                 except Exception:
                     return None
                 self._replace(worker, f"died ({describe_exit(code)})")

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from dspex_nb._proto import bridge_pb2_grpc
-from dspex_nb.pool.process import WorkerProcess
+from dspex_nb.pool.process import ProcessHandle
 
 STARTING, READY, DRAINING, RESTARTING, FAILED, STOPPED = (
     "starting", "ready", "draining", "restarting", "failed", "stopped")
@@ -20,7 +20,7 @@ class Worker:
     """One slot of the pool: its current process, channel and counters."""
 
     id: str
-    process: WorkerProcess
+    process: ProcessHandle
     channel: grpc.Channel
     stub: bridge_pb2_grpc.BridgeStub
     generation: int = 0

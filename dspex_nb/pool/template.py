@@ -1,0 +1,102 @@
+"""The kernel's side of a template process (``Pool(start="template")``): ask it for workers,
+learn their pids and, since they are its children and not ours, their exit codes from it.
+See ``dspex_nb.worker.template`` for why forking from a template is safe and fast.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from pathlib import Path
+
+from dspex_nb.errors import WorkerStartError
+from dspex_nb.pool.process import ProcessHandle
+from dspex_nb.pool.stale import start_time
+
+SPAWN_TIMEOUT = 60.0
+UNKNOWN_EXIT = 255
+
+
+class Template:
+    def __init__(self, python: str, env: dict[str, str], log_path: Path, run_id: str) -> None:
+        self.python = python
+        self.log_path = log_path
+        self.exits: dict[int, int] = {}  # worker pid -> exit code, as the template reported
+        self._replies: list[int] = []
+        self._cond = threading.Condition()
+        with open(log_path, "wb") as log:
+            try:
+                self.proc = subprocess.Popen(
+                    [python, "-m", "dspex_nb.worker.template", "--run-id", run_id], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True, close_fds=True)
+            except FileNotFoundError:
+                raise WorkerStartError(f"the worker Python {python!r} does not exist (Pool(python=...))") from None
+        threading.Thread(target=self._read, name="dspex-template", daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            with self._cond:
+                if "pid" in message:
+                    self._replies.append(message["pid"])
+                else:
+                    self.exits[message["exited"]] = message["status"]
+                self._cond.notify_all()
+        with self._cond:  # the template ended: so did every worker it forked
+            self._cond.notify_all()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, address: str) -> ForkedProcess:
+        """Fork a worker running ``python -m dspex_nb.worker <argv>`` with ``env`` added to its environment."""
+        request = json.dumps({"argv": argv, "env": env, "log": str(log_path)}) + "\n"
+        with self._cond:
+            try:
+                self.proc.stdin.write(request.encode())  # type: ignore[union-attr]
+                self.proc.stdin.flush()  # type: ignore[union-attr]
+            except (BrokenPipeError, ValueError):
+                raise self.failure() from None
+            if not self._cond.wait_for(lambda: self._replies or not self.alive, SPAWN_TIMEOUT):
+                raise WorkerStartError(f"the template process did not fork a worker within {SPAWN_TIMEOUT} s")
+            if not self._replies:
+                raise self.failure()
+            pid = self._replies.pop(0)
+        return ForkedProcess(self, pid, address, log_path)
+
+    def failure(self) -> Exception:
+        """Why the template cannot fork (it exited): its missing dependencies, or its output."""
+        self.proc.wait()
+        return ForkedProcess(self, self.proc.pid, "", self.log_path).start_failure("template")
+
+    def close(self) -> None:
+        """End the template; its workers see their watch pipes close and exit too."""
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class ForkedProcess(ProcessHandle):
+    """A worker forked by the template."""
+
+    def __init__(self, template: Template, pid: int, address: str, log_path: Path) -> None:
+        self.template = template
+        self.pid = pid
+        self.address = address
+        self.log_path = log_path
+        self.python = template.python
+
+    def exit_code(self) -> int | None:
+        if self.pid == self.template.proc.pid:  # the template itself (for its start failure)
+            return self.template.proc.poll()
+        code = self.template.exits.get(self.pid)
+        if code is None and not self.template.alive and start_time(self.pid) is None:
+            return UNKNOWN_EXIT  # gone, but its template (the only process that could reap it) is gone too
+        return code

@@ -6,6 +6,7 @@ See ``dspex_nb.worker.template`` for why forking from a template is safe and fas
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import threading
 from pathlib import Path
@@ -15,6 +16,7 @@ from dspex_nb.pool.process import ProcessHandle
 from dspex_nb.pool.stale import start_time
 
 SPAWN_TIMEOUT = 60.0
+log = logging.getLogger(__name__)
 UNKNOWN_EXIT = 255
 
 
@@ -37,7 +39,11 @@ class Template:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            message = json.loads(line)
+            try:
+                message = json.loads(line)
+            except ValueError:  # something the template imported printed to stdout: not for us
+                log.warning("dspex_nb template: %s", line.decode(errors="replace").rstrip())
+                continue
             with self._cond:
                 if "pid" in message:
                     self._replies.append(message["pid"])

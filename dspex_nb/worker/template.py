@@ -21,6 +21,7 @@ import select
 import signal
 import sys
 import time
+import traceback
 
 from dspex_nb import deps
 
@@ -42,6 +43,8 @@ def _child(request: dict, watch: int, other_watches: list[int]) -> None:
         from dspex_nb.worker.__main__ import main
 
         code = main(request["argv"])
+    except BaseException:  # into the worker's log, where the pool looks when a start fails
+        traceback.print_exc()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -388,7 +388,9 @@ class Dspex(Magics):
         try:
             result = handle.result()
         except DspexError as exc:  # cancelled, or an LM or tool error (the view shows it too)
-            print(f"dspex: {exc}", file=sys.stderr)
+            self._store(None, handle)  # nothing computed is lost: `_` keeps what arrived
+            kept = "_.records" if isinstance(handle, BatchRun) else "_.chunks"
+            print(f"dspex: {exc}\ndspex: what arrived before is in {kept}", file=sys.stderr)
             return
         if isinstance(handle, BatchRun):
             self._store(args.output, [prediction(fields) for fields in result])

@@ -223,7 +223,10 @@ def test_lm_switch_and_an_lm_error_is_shown(sh: Shell) -> None:
     assert len(sh.ns["r"].answer.split()) == 12
     sh("%dspex lm demo --set rate_limit_first=2")
     _, err = sh('%%dspex predict "question -> answer"\nlimited?')
-    assert "RateLimitError" in err and "429" in err
+    assert "RateLimitError" in err and "429" in err and "what arrived before is in _.chunks" in err
+    from dspex_nb import Run
+
+    assert isinstance(sh.ns["_"], Run) and sh.ns["_"].status == "failed"
     sh("%dspex lm demo")
 
 

@@ -248,3 +248,32 @@ def test_both_start_methods_serve_the_same_answers() -> None:
     assert answers[0] == answers[1]
     with pytest.raises(ValueError, match="start must be one of"):
         Pool(start="fork")
+
+
+def test_concurrent_restarts_keep_one_template_and_the_right_pids() -> None:
+    def templates(run_id: str) -> list[int]:
+        """This process's live template processes of the pool ``run_id``."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if b"dspex_nb.worker.template" in argv and run_id.encode() in argv and ppid == os.getpid() \
+                    and pid_alive(int(proc.name)):
+                found.append(int(proc.name))  # a template (its forked workers keep its argv, not its parent)
+        return found
+
+    with Pool(workers=4, health_interval=0.1, ping_timeout=1.0, journal=False, start="template") as p:
+        for round_ in range(3):
+            for row in p.status():
+                os.kill(row["pid"], signal.SIGKILL)
+            wait_until(lambda r=round_: all(row["state"] == "ready" and row["restarts"] == r + 1
+                                            for row in p.status()), timeout=30, what="all four to be replaced")
+            for row in p.status():  # each slot supervises the process that answers for it
+                assert p.execute("whoami", worker=row["worker"])["pid"] == row["pid"]
+        os.kill(p._template.proc.pid, signal.SIGKILL)
+        wait_until(lambda: all(row["state"] == "ready" and row["restarts"] == 4 for row in p.status()),
+                   timeout=30, what="all four to be replaced after the template died")
+        assert templates(p.run_id) == [p._template.proc.pid]  # one new template, not one per slot

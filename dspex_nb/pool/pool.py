@@ -97,6 +97,7 @@ class Pool(Supervision):
         self.max_memory_mb = max_memory_mb
         self.start_method = start
         self._template: Template | None = None
+        self._spawn_lock = threading.RLock()
         self._queued = 0
         self._restarting: list[threading.Thread] = []  # restart threads, joined by shutdown()
         self._spawned: list[int] = []  # pids of this pool's live workers (for stale cleanup by a later pool)
@@ -119,6 +120,7 @@ class Pool(Supervision):
         self._closing.clear()
         self.cleaned = stale.cleanup()
         self._dir = Path(tempfile.mkdtemp(prefix=stale.PREFIX))  # mode 0700
+        self._record_owner()  # at once: a start killed midway leaves a directory stale cleanup can claim
         try:
             self.workers = [self._spawn(f"w{i}", 0) for i in range(self.size)]
             deadline = time.monotonic() + self.start_timeout
@@ -178,24 +180,43 @@ class Pool(Supervision):
         args += ["--session-ttl", str(self.session_ttl)]
         if self.rate_limit:
             args += ["--rate-limit", str(self.rate_limit / self.size)]  # the pool's limit, split evenly
-        env = worker_env(self.env, self._dir / "dspy-cache")
-        lm_env = {LM_KWARGS_ENV: json.dumps(self.lm_kwargs)}  # not on argv: it may hold an API key
-        log_path = self._dir / f"{worker_id}-{generation}.log"
-        if self.start_method == "template":
-            if self._template is None or not self._template.alive:
-                self._template = Template(self.python, env, self._dir / "template.log", self.run_id)
-                self._spawned.append(self._template.proc.pid)
-            process: ProcessHandle = self._template.spawn(["--address", address, *args], lm_env, log_path, address)
-        else:
-            process = WorkerProcess(self.python, address, log_path, {**env, **lm_env}, args)
-        self._spawned = [pid for pid in self._spawned if stale.start_time(pid)] + [process.pid]
-        stale.write_owner(self._dir, self.run_id, self._spawned)
+        process = self._start_process(address, args, self._dir / f"{worker_id}-{generation}.log")
         limit = self.max_message_bytes
         channel = grpc.insecure_channel(address, options=[
             ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
             ("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
             ("grpc.max_reconnect_backoff_ms", 500)])
         return Worker(worker_id, process, channel, bridge_pb2_grpc.BridgeStub(channel), generation)
+
+    def _start_process(self, address: str, args: list[str], log_path: Path) -> ProcessHandle:
+        """A worker process, forked by the template or spawned, and recorded in pool.json."""
+        assert self._dir is not None
+        env = worker_env(self.env, self._dir / "dspy-cache")
+        lm_env = {LM_KWARGS_ENV: json.dumps(self.lm_kwargs)}  # not on argv: it may hold an API key
+        if self.start_method == "template":
+            with self._spawn_lock:  # restarts run in parallel threads: one template for all of them
+                if self._template is None or not self._template.alive:
+                    if self._template is not None:
+                        self._template.close()
+                    self._template = Template(self.python, env, self._dir / "template.log", self.run_id)
+                    self._record_owner(self._template.proc.pid)
+                template = self._template
+            process: ProcessHandle = template.spawn(["--address", address, *args], lm_env, log_path, address)
+        else:
+            process = WorkerProcess(self.python, address, log_path, {**env, **lm_env}, args)
+        try:
+            self._record_owner(process.pid)
+        except BaseException:
+            process.kill(grace=0)  # a worker nobody supervises must not serve the slot
+            raise
+        return process
+
+    def _record_owner(self, pid: int | None = None) -> None:
+        """Keep pool.json current (for a later pool's stale cleanup): this owner, its live children."""
+        assert self._dir is not None
+        with self._spawn_lock:
+            self._spawned = [p for p in self._spawned if stale.start_time(p)] + ([pid] if pid else [])
+            stale.write_owner(self._dir, self.run_id, self._spawned)
 
     def _wait_ready(self, worker: Worker, deadline: float) -> None:
         socket_path = Path(worker.process.address.removeprefix("unix:"))

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def start_time(pid: int) -> str | None:
 def write_owner(directory: Path, run_id: str, workers: list[int]) -> None:
     """Record (atomically) who owns ``directory`` and which worker pids it started."""
     record = {"owner_pid": os.getpid(), "owner_start": start_time(os.getpid()), "run_id": run_id, "workers": workers}
-    tmp = directory / f".{OWNER_FILE}.tmp"
+    tmp = directory / f".{OWNER_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
     tmp.write_text(json.dumps(record))
     tmp.replace(directory / OWNER_FILE)
 

@@ -5,6 +5,8 @@ See ``dspex_nb.worker.template`` for why forking from a template is safe and fas
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import subprocess
@@ -25,7 +27,8 @@ class Template:
         self.python = python
         self.log_path = log_path
         self.exits: dict[int, int] = {}  # worker pid -> exit code, as the template reported
-        self._replies: list[int] = []
+        self._replies: dict[int, int] = {}  # request id -> the pid forked for it
+        self._ids = itertools.count()
         self._cond = threading.Condition()
         with open(log_path, "wb") as log:
             try:
@@ -34,6 +37,8 @@ class Template:
                     stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True, close_fds=True)
             except FileNotFoundError:
                 raise WorkerStartError(f"the worker Python {python!r} does not exist (Pool(python=...))") from None
+            except PermissionError:
+                raise WorkerStartError(f"the worker Python {python!r} is not executable (Pool(python=...))") from None
         threading.Thread(target=self._read, name="dspex-template", daemon=True).start()
 
     def _read(self) -> None:
@@ -46,7 +51,7 @@ class Template:
                 continue
             with self._cond:
                 if "pid" in message:
-                    self._replies.append(message["pid"])
+                    self._replies[message["id"]] = message["pid"]
                 else:
                     self.exits[message["exited"]] = message["status"]
                 self._cond.notify_all()
@@ -59,18 +64,19 @@ class Template:
 
     def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, address: str) -> ForkedProcess:
         """Fork a worker running ``python -m dspex_nb.worker <argv>`` with ``env`` added to its environment."""
-        request = json.dumps({"argv": argv, "env": env, "log": str(log_path)}) + "\n"
+        request_id = next(self._ids)
+        request = json.dumps({"id": request_id, "argv": argv, "env": env, "log": str(log_path)}) + "\n"
         with self._cond:
             try:
                 self.proc.stdin.write(request.encode())  # type: ignore[union-attr]
                 self.proc.stdin.flush()  # type: ignore[union-attr]
             except (BrokenPipeError, ValueError):
                 raise self.failure() from None
-            if not self._cond.wait_for(lambda: self._replies or not self.alive, SPAWN_TIMEOUT):
+            if not self._cond.wait_for(lambda: request_id in self._replies or not self.alive, SPAWN_TIMEOUT):
                 raise WorkerStartError(f"the template process did not fork a worker within {SPAWN_TIMEOUT} s")
-            if not self._replies:
+            if request_id not in self._replies:
                 raise self.failure()
-            pid = self._replies.pop(0)
+            pid = self._replies.pop(request_id)
         return ForkedProcess(self, pid, address, log_path)
 
     def failure(self) -> Exception:
@@ -81,7 +87,8 @@ class Template:
     def close(self) -> None:
         """End the template; its workers see their watch pipes close and exit too."""
         if self.proc.stdin and not self.proc.stdin.closed:
-            self.proc.stdin.close()
+            with contextlib.suppress(BrokenPipeError, OSError):  # a template that already exited
+                self.proc.stdin.close()
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:

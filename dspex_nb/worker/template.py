@@ -5,9 +5,9 @@ costs a few milliseconds, and the imported modules are shared copy-on-write betw
 Forking is safe because nothing here has started a thread or touched gRPC: each child imports
 gRPC itself, after the fork, and then runs exactly what ``python -m dspex_nb.worker`` runs.
 
-Protocol (one JSON object a line): on stdin ``{"argv": [...], "env": {...}, "log": path}`` asks
-for a worker; on stdout ``{"pid": n}`` answers it and ``{"exited": pid, "status": code}`` reports a
-worker's end (a negative code: killed by that signal). Each child's stdin is a pipe whose other
+Protocol (one JSON object a line): on stdin ``{"id": n, "argv": [...], "env": {...}, "log": path}``
+asks for a worker; on stdout ``{"id": n, "pid": p}`` answers it and ``{"exited": p, "status": code}``
+reports a worker's end (a negative code: killed by that signal). Each child's stdin is a pipe whose other
 end only this process holds, so when this process dies, however it dies, its workers exit too;
 and this process exits when its own stdin (from the kernel) closes.
 """
@@ -55,6 +55,12 @@ def _status(raw: int) -> int:
     return -os.WTERMSIG(raw) if os.WIFSIGNALED(raw) else os.WEXITSTATUS(raw)
 
 
+def _say(message: dict) -> None:
+    """Tell the kernel; if it is gone (a broken pipe), there is no one to tell: go on regardless."""
+    with contextlib.suppress(BrokenPipeError, OSError):
+        print(json.dumps(message), flush=True)
+
+
 def _end_all(watches: dict[int, int]) -> None:
     """Close every watch pipe (each worker exits on its own), wait for them a moment, kill the rest."""
     for fd in watches.values():
@@ -69,7 +75,7 @@ def _end_all(watches: dict[int, int]) -> None:
             time.sleep(0.01)
             continue
         watches.pop(pid, None)
-        print(json.dumps({"exited": pid, "status": _status(raw)}), flush=True)
+        _say({"exited": pid, "status": _status(raw)})
     for pid in watches:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -95,7 +101,7 @@ def serve() -> int:
             if pid == 0:
                 break
             os.close(watches.pop(pid))
-            print(json.dumps({"exited": pid, "status": _status(raw)}), flush=True)
+            _say({"exited": pid, "status": _status(raw)})
         if not readable:
             continue
         data = os.read(0, 65536)
@@ -107,14 +113,15 @@ def serve() -> int:
             line, pending = pending.split(b"\n", 1)
             request = json.loads(line)
             read_end, write_end = os.pipe()
-            sys.stdout.flush()
+            with contextlib.suppress(BrokenPipeError, OSError):
+                sys.stdout.flush()
             pid = os.fork()
             if pid == 0:
                 os.close(write_end)
                 _child(request, read_end, list(watches.values()))
             os.close(read_end)
             watches[pid] = write_end
-            print(json.dumps({"pid": pid}), flush=True)
+            _say({"id": request["id"], "pid": pid})
 
 
 if __name__ == "__main__":

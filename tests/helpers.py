@@ -34,3 +34,18 @@ def pid_alive(pid: int) -> bool:
 
 def worker_pids(pool: Pool) -> list[int]:
     return [row["pid"] for row in pool.status()]
+
+
+TWO_STEP = '''
+class TwoStep(dspy.Module):
+    """Find the topic with reasoning, then answer with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.topic = dspy.ChainOfThought("question -> topic")
+        self.answer = dspy.Predict("question, topic -> answer")
+
+    def forward(self, question):
+        topic = self.topic(question=question).topic
+        return self.answer(question=question, topic=topic)
+'''

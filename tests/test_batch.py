@@ -5,24 +5,10 @@ from __future__ import annotations
 import signal
 
 import pytest
-from helpers import wait_until
+from helpers import TWO_STEP, wait_until
 
 from dspex_nb import Pool
 from dspex_nb.errors import ArgumentError, ToolError
-
-TWO_STEP = '''
-class TwoStep(dspy.Module):
-    """Find the topic with reasoning, then answer with it."""
-
-    def __init__(self):
-        super().__init__()
-        self.topic = dspy.ChainOfThought("question -> topic")
-        self.answer = dspy.Predict("question, topic -> answer")
-
-    def forward(self, question):
-        topic = self.topic(question=question).topic
-        return self.answer(question=question, topic=topic)
-'''
 
 
 def test_batch_fans_out_over_every_worker_in_input_order(pool: Pool) -> None:

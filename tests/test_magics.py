@@ -6,7 +6,7 @@ import signal
 from collections.abc import Iterator
 
 import pytest
-from helpers import pid_alive, wait_until
+from helpers import TWO_STEP, pid_alive, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool
@@ -161,20 +161,10 @@ def test_pandas_dataframe_items(sh: Shell) -> None:
     assert len(sh.ns["OUT"]) == 2
 
 
-TWO_STEP = '''%%dspex define TwoStep
-class TwoStep(dspy.Module):
-    def __init__(self):
-        super().__init__()
-        self.topic = dspy.ChainOfThought("question -> topic")
-        self.answer = dspy.Predict("question, topic -> answer")
-
-    def forward(self, question):
-        return self.answer(question=question, topic=self.topic(question=question).topic)
-'''
 
 
 def test_define_then_run_and_batch_with_the_module(sh: Shell) -> None:
-    out, _ = sh(TWO_STEP)
+    out, _ = sh("%%dspex define TwoStep" + TWO_STEP)
     assert out == ("dspex: defined TwoStep (module class; inputs: question) on 2 workers; "
                    "run it with %%dspex run TwoStep\n")
     out, _ = sh("%%dspex run TwoStep -o r\nWhy?")

@@ -35,6 +35,18 @@ def worker_env(extra: dict[str, str] | None, cache_dir: Path) -> dict[str, str]:
     return env
 
 
+def start_module(python: str, module: str, args: list[str], env: dict[str, str], **io: Any) -> subprocess.Popen:
+    """``python -m module args`` in a session of its own, with a pipe on stdin; a clear error when
+    ``python`` cannot be run."""
+    try:
+        return subprocess.Popen([python, "-m", module, *args], stdin=subprocess.PIPE, env=env,
+                                start_new_session=True, close_fds=True, **io)
+    except FileNotFoundError:
+        raise WorkerStartError(f"the worker Python {python!r} does not exist (Pool(python=...))") from None
+    except PermissionError:
+        raise WorkerStartError(f"the worker Python {python!r} is not executable (Pool(python=...))") from None
+
+
 class ProcessHandle:
     """What the pool needs of a worker process, however it was started; ``log_path`` has its output."""
 
@@ -97,15 +109,8 @@ class WorkerProcess(ProcessHandle):
         self.log_path = log_path
         self.python = python
         with open(log_path, "wb") as log:
-            try:
-                self.proc = subprocess.Popen(
-                    [python, "-m", "dspex_nb.worker", "--address", address, *args],
-                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True, close_fds=True)
-            except FileNotFoundError:
-                raise WorkerStartError(f"the worker Python {python!r} does not exist (Pool(python=...))") from None
-            except PermissionError:
-                raise WorkerStartError(f"the worker Python {python!r} is not executable (Pool(python=...))") from None
+            self.proc = start_module(python, "dspex_nb.worker", ["--address", address, *args], env,
+                                     stdout=log, stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
 
     def exit_code(self) -> int | None:

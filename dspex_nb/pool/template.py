@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from dspex_nb.errors import WorkerStartError
-from dspex_nb.pool.process import ProcessHandle
+from dspex_nb.pool.process import ProcessHandle, start_module
 from dspex_nb.pool.stale import start_time
 
 SPAWN_TIMEOUT = 60.0
@@ -31,14 +31,8 @@ class Template:
         self._ids = itertools.count()
         self._cond = threading.Condition()
         with open(log_path, "wb") as log:
-            try:
-                self.proc = subprocess.Popen(
-                    [python, "-m", "dspex_nb.worker.template", "--run-id", run_id], stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True, close_fds=True)
-            except FileNotFoundError:
-                raise WorkerStartError(f"the worker Python {python!r} does not exist (Pool(python=...))") from None
-            except PermissionError:
-                raise WorkerStartError(f"the worker Python {python!r} is not executable (Pool(python=...))") from None
+            self.proc = start_module(python, "dspex_nb.worker.template", ["--run-id", run_id], env,
+                                     stdout=subprocess.PIPE, stderr=log)
         threading.Thread(target=self._read, name="dspex-template", daemon=True).start()
 
     def _read(self) -> None:

@@ -54,6 +54,7 @@ class BatchRun(Handle):
         self._placed: dict[str, list[bool]] = {}  # worker -> its shards of this batch (True: a retry, alone)
         self.retries = self.from_journal = self.ok = self.failed = 0
         self._restarts_before = self._restarts()
+        self.decode: Callable[[Any], Any] | None = None  # set by Pool.map: each item's output as the program's value
         self._stopping = False  # set by cancel() and by a fatal error: no further shard starts
 
         self._journal = journal
@@ -234,8 +235,9 @@ class BatchRun(Handle):
         self._cancelled = True
         self._stop_runs()
 
-    def result(self, timeout: float | None = None) -> list[dict[str, Any]]:
-        """Outputs in input order: each item's output fields, or {"error": "Type: message"} if it failed."""
+    def result(self, timeout: float | None = None) -> list[Any]:
+        """Outputs in input order: each item's output fields, or {"error": "Type: message"} if it failed
+        (from ``Pool.map``: what the program returned, or None if it failed)."""
         if not self.wait(timeout):
             raise TimeoutError(f"the batch is still running after {timeout} s (it goes on)")
         if self._error is not None:
@@ -243,6 +245,8 @@ class BatchRun(Handle):
         if self._cancelled:
             raise Cancelled(f"the batch was cancelled after {self.ok + self.failed} of {self.total} items "
                             "(batch.records keeps them; run it again to resume from the journal)")
+        if self.decode is not None:
+            return [self.decode(r["result"]) if r and r["ok"] else None for r in self.records]
         return [outputs(r) for r in self.records]  # type: ignore[arg-type]
 
     def snapshot(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
 from traitlets import Enum, Integer, Unicode
 
+from dspex_nb import programs, typed
 from dspex_nb.api import Pool
 from dspex_nb.batch import BatchRun
 from dspex_nb.errors import DspexError, ToolError
@@ -124,20 +125,19 @@ def interpolate(text: str, namespace: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def signature_inputs(signature: str) -> list[str]:
-    """The input field names of a signature string such as 'question, context: list[str] -> answer'."""
-    if signature.count("->") != 1:
-        raise UsageError(f"{signature!r} is not a DSPy signature: expected 'inputs -> outputs', "
-                         "e.g. 'question -> answer'")
-    names = [part.split(":")[0].strip() for part in signature.split("->")[0].split(",")]
-    return [n for n in names if n]
+def signature_inputs(signature: Any) -> list[str]:
+    """The input field names of a signature (class or string), parsed by DSPy itself (so types with commas,
+    such as ``scores: dict[str, int]``, work)."""
+    try:
+        return programs.input_names(signature) or []
+    except Exception as exc:
+        raise UsageError(f"{signature!r} is not a DSPy signature: expected 'inputs -> outputs', e.g. "
+                         f"'question -> answer' ({exc})") from None
 
 
-def cell_inputs(body: str, names: list[str] | None) -> dict[str, str] | str:
+def cell_inputs(body: str, names: list[str]) -> dict[str, str]:
     """The cell as inputs: all of it for one input field, else one `field: value` line per field."""
     text = body.strip("\n")
-    if names is None:
-        return text
     if len(names) == 1:
         return {names[0]: text.strip()}
     values: dict[str, list[str]] = {}
@@ -159,20 +159,25 @@ def cell_inputs(body: str, names: list[str] | None) -> dict[str, str] | str:
     return {name: "\n".join(lines).strip() for name, lines in values.items()}
 
 
+def typed_value(text: str, namespace: dict[str, Any]) -> Any:
+    """A field's value: the kernel object itself when the value is one ``{name}`` (a list stays a list),
+    else the text with every {name} interpolated."""
+    match = re.fullmatch(r"\s*\{([^{}!:]+)\}\s*", text)
+    if match is None:
+        return interpolate(text, namespace)
+    try:
+        return string.Formatter().get_field(match.group(1), (), namespace)[0]
+    except (KeyError, AttributeError, IndexError):
+        return interpolate(text, namespace)  # raises the clear error
+
+
 def as_items(value: Any, name: str) -> list[Any]:
     if type(value).__name__ == "DataFrame" and hasattr(value, "to_dict"):
         return value.to_dict("records")
     if isinstance(value, (list, tuple)):
         return list(value)
-    raise UsageError(f"--items {name} must be a list of strings or dicts, or a pandas DataFrame; "
+    raise UsageError(f"--items {name} must be a list of strings, dicts or dspy.Examples, or a pandas DataFrame; "
                      f"got {type(value).__name__}")
-
-
-def prediction(fields: dict[str, Any]) -> Any:
-    """A dspy.Prediction of the fields, as a DSPy user expects."""
-    import dspy
-
-    return dspy.Prediction(**fields)
 
 
 def _setting(text: str) -> tuple[str, Any]:
@@ -301,36 +306,65 @@ class Dspex(Magics):
     def _body(self, cell: str, args: argparse.Namespace) -> str:
         return cell if args.no_interpolate else interpolate(cell, self.shell.user_ns)
 
+    def _program(self, name: str) -> Any:
+        """The kernel variable ``name`` when it holds a DSPy module, signature class or function, else None."""
+        import dspy
+
+        value = self.shell.user_ns.get(name) if name.isidentifier() else None
+        if isinstance(value, dspy.Module) or callable(value) and not isinstance(value, type) or (
+                isinstance(value, type) and issubclass(value, (dspy.Module, dspy.Signature))):
+            return value
+        return None
+
+    def _inputs(self, cell: str, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+        values = cell_inputs(cell, names)
+        if args.no_interpolate:
+            return values
+        return {name: typed_value(text, self.shell.user_ns) for name, text in values.items()}
+
     def _predict(self, args: argparse.Namespace, cell: str) -> None:
-        inputs = cell_inputs(self._body(cell, args), signature_inputs(args.signature))
-        tool = "chain_of_thought" if args.cot else "predict"
-        self._stream(tool, {"signature": args.signature, "inputs": inputs}, f"{tool} {args.signature!r}", args)
+        signature = self._program(args.signature) or args.signature
+        inputs = self._inputs(cell, signature_inputs(signature), args)
+        if isinstance(signature, str) and typed.encode(inputs) == inputs:  # plain JSON: the built-in tools
+            tool = "chain_of_thought" if args.cot else "predict"
+            self._stream(lambda pool: (tool, {"signature": signature, "inputs": inputs}, typed.Resolver()),
+                         f"{tool} {signature!r}", args)
+            return
+        program = programs.as_program(signature, cot=args.cot)
+        self._stream(lambda pool: self._run_args(pool, program, inputs), f"predict {args.signature}", args)
 
     def _run(self, args: argparse.Namespace, cell: str) -> None:
         pool = self._require_pool(args.pool)
-        definition = pool.definitions.get(args.name)
-        if definition is None:
-            raise UsageError(f"no module named {args.name!r}: define it first with %%dspex define {args.name}"
-                             f" (defined: {sorted(pool.definitions) or 'none'})")
-        inputs = cell_inputs(self._body(cell, args), definition.get("inputs"))
-        self._stream("run_module", {"name": args.name, "inputs": inputs}, f"run {args.name}", args)
+        program = args.name if args.name in pool.definitions else self._program(args.name)
+        if program is None:
+            raise UsageError(f"no module named {args.name!r}: define it with %%dspex define {args.name}, or make "
+                             f"{args.name} a dspy.Module in the kernel (defined: {sorted(pool.definitions) or 'none'})")
+        name = pool.ensure_defined(program)
+        inputs = self._inputs(cell, pool.definitions[name]["inputs"], args)
+        self._stream(lambda pool: self._run_args(pool, name, inputs), f"run {args.name}", args)
 
-    def _stream(self, tool: str, call_args: dict[str, Any], title: str, args: argparse.Namespace) -> None:
+    @staticmethod
+    def _run_args(pool: Pool, program: Any, inputs: dict[str, Any]) -> tuple[str, dict[str, Any], typed.Resolver]:
+        name = pool.ensure_defined(program)
+        return "run_module", {"name": name, "inputs": typed.encode(inputs)}, pool.definitions[name]["resolver"]
+
+    def _stream(self, call: Callable[[Pool], tuple[str, dict[str, Any], typed.Resolver]], title: str,
+                args: argparse.Namespace) -> None:
         if args.no_stream and args.background:
             raise UsageError("--no-stream waits for the whole answer: use it without -a")
         pool = self._require_pool(args.pool)
+        tool, call_args, resolver = call(pool)
         if args.no_stream:
-            self._store(args.output, prediction(pool.execute(tool, call_args, timeout=args.timeout)))
+            self._store(args.output, programs.to_output(pool.execute(tool, call_args, timeout=args.timeout), resolver))
             return
         run = pool.execute_stream(tool, call_args, timeout=args.timeout)
+        run.decode = lambda result: programs.to_output(result, resolver)
         show_run(run, title, mode=self.display, block=not args.background)
         self._finish(run, args)
 
     def _batch(self, args: argparse.Namespace, cell: str) -> None:
         if bool(args.signature) == bool(args.module):
             raise UsageError("%%dspex batch takes a signature or --module NAME (one of them)")
-        if args.signature:
-            signature_inputs(args.signature)
         if args.items:
             if args.items not in self.shell.user_ns:
                 raise UsageError(f"--items {args.items}: no variable named {args.items!r} in the kernel")
@@ -339,10 +373,22 @@ class Dspex(Magics):
             items = [line.strip() for line in self._body(cell, args).splitlines() if line.strip()]
             if not items:
                 raise UsageError("%%dspex batch needs --items VAR or one item per line in the cell")
-        module = args.module or ("chain_of_thought" if args.cot else "predict")
         pool = self._require_pool(args.pool)
-        batch = pool.batch(items, args.signature, module=module, concurrency=args.concurrency, timeout=args.timeout,
-                           item_timeout=args.item_timeout, journal=not args.no_journal)
+        options = {"concurrency": args.concurrency, "timeout": args.timeout, "item_timeout": args.item_timeout,
+                   "journal": not args.no_journal}
+        signature = self._program(args.signature) if args.signature else None
+        if args.module and args.module not in pool.definitions and self._program(args.module) is None:
+            raise UsageError(f"--module {args.module}: no module of that name is defined (%%dspex define) or in "
+                             f"the kernel (defined: {sorted(pool.definitions) or 'none'})")
+        if args.signature and signature is None:  # a signature string: the built-in tools
+            signature_inputs(args.signature)
+            batch = pool.batch(items, args.signature, module="chain_of_thought" if args.cot else "predict",
+                               **options)
+            batch.decode = lambda result: programs.to_output(result, typed.Resolver())
+        else:
+            program = programs.as_program(signature, cot=args.cot) if signature is not None else (
+                args.module if args.module in pool.definitions else self._program(args.module))
+            batch = pool.map(program, items, **options)
         show_batch(batch, f"batch {args.module or args.signature!r}", mode=self.display, block=not args.background)
         self._finish(batch, args)
 
@@ -368,9 +414,22 @@ class Dspex(Magics):
             print(text_table(("key", "items", "updated", "program"), rows))
 
     def _define(self, args: argparse.Namespace, cell: str) -> None:
+        """Run the cell here, as any cell, then ship what it defines under ``name`` to every worker, by value
+        (with the names it uses from earlier cells, and its source for inspect.getsource)."""
+        import dspy
+
         pool = self._require_pool(args.pool)
+        lm_before = dspy.settings.lm
+        filename = self.shell.compile.cache(cell)
+        self.shell.user_ns.setdefault("dspy", dspy)  # as documented: `dspy` is imported in a define cell
+        exec(compile(cell, filename, "exec", dont_inherit=True), self.shell.user_ns)
+        if dspy.settings.lm is not lm_before:
+            print("dspex: dspy.configure(lm=...) in this cell set the kernel's LM; the workers' LM is set with "
+                  "%dspex lm MODEL (or pool.configure_lm)", file=sys.stderr)
+        if args.name not in self.shell.user_ns:
+            raise UsageError(f"the cell defines no {args.name!r}")
         try:
-            info = pool.define(args.name, cell)
+            info = pool.define(args.name, self.shell.user_ns[args.name])
         except ToolError as exc:
             print(f"dspex: define {args.name} failed: {exc}\n{exc.remote_traceback}", file=sys.stderr)
             return
@@ -392,10 +451,7 @@ class Dspex(Magics):
             kept = "_.records" if isinstance(handle, BatchRun) else "_.chunks"
             print(f"dspex: {exc}\ndspex: what arrived before is in {kept}", file=sys.stderr)
             return
-        if isinstance(handle, BatchRun):
-            self._store(args.output, [prediction(fields) for fields in result])
-        else:
-            self._store(args.output, prediction(result))
+        self._store(args.output, result)
 
     def _store(self, name: str | None, value: Any) -> None:
         if name:

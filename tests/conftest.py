@@ -15,10 +15,13 @@ from helpers import pid_alive, wait_until, worker_pids
 
 from dspex_nb import Pool
 
-# Every pool (and every kernel the tests start) journals into a file of this test run only.
-_journal_dir = tempfile.mkdtemp(prefix="dspex-test-journal-")
-atexit.register(shutil.rmtree, _journal_dir, ignore_errors=True)
-os.environ["DSPEX_JOURNAL"] = os.path.join(_journal_dir, "journal.sqlite3")
+# Every pool (and every kernel the tests start) journals into a file of this test run only, and makes
+# its socket directory under a directory of this run only: two runs of the suite cannot disturb each other.
+_run_dir = tempfile.mkdtemp(prefix="dspex-test-run-")
+atexit.register(shutil.rmtree, _run_dir, ignore_errors=True)
+os.environ["DSPEX_JOURNAL"] = os.path.join(_run_dir, "journal.sqlite3")
+os.environ["DSPEX_RUNTIME_DIR"] = os.path.join(_run_dir, "run")
+os.makedirs(os.environ["DSPEX_RUNTIME_DIR"], mode=0o700)
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[Pool]:

@@ -9,6 +9,8 @@ from helpers import TWO_STEP, wait_until
 
 from dspex_nb import Pool
 from dspex_nb.errors import ArgumentError, ToolError
+from dspex_nb.programs import to_output
+from dspex_nb.typed import Resolver
 
 
 def test_batch_fans_out_over_every_worker_in_input_order(pool: Pool) -> None:
@@ -55,7 +57,7 @@ def test_an_on_item_callback_that_raises_stops_the_batch_and_keeps_what_arrived(
 
 def test_define_then_run_streams_every_predictor(pool: Pool) -> None:
     info = pool.define("TwoStep", TWO_STEP)
-    assert info == {"name": "TwoStep", "kind": "module class", "inputs": ["question"]}
+    assert info == {"name": "TwoStep", "kind": "module class", "inputs": ["question"], "required": ["question"]}
     run = pool.execute_stream("run_module", {"name": "TwoStep", "inputs": {"question": "Why?"}})
     final = run.result()
     assert final["answer"].startswith("Demo LM answer to 'Why?'")
@@ -87,7 +89,8 @@ def test_definitions_reach_a_restarted_worker(pool: Pool) -> None:
     pool.kill_worker("w1", signal.SIGKILL)
     wait_until(lambda: any(r["worker"] == "w1" and r["state"] == "ready" and r["restarts"] == old["restarts"] + 1
                            for r in pool.status()), timeout=30, what="w1 to be replaced")
-    assert pool.execute("run_module", {"name": "Shout", "inputs": "hey"}, worker="w1") == {"loud": "HEY"}
+    result = pool.execute("run_module", {"name": "Shout", "inputs": "hey"}, worker="w1")
+    assert to_output(result, Resolver()) == {"loud": "HEY"}  # what the function returned: a dict
 
 
 def test_batch_survives_a_killed_worker(pool: Pool) -> None:

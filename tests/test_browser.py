@@ -3,7 +3,8 @@
 Opens 02-batch-dashboard.ipynb, runs it down to the batch cell, and reads the live dashboard from
 the page: the progress bar must rise over several reads and end at 100 % with the right count.
 A screenshot goes to test-artifacts/. Needs Debian's chromium (`apt-get install chromium`, as
-.ci/run does); when it cannot start, the test fails and says why.
+.ci/run does): without it the test skips and says why, unless DSPEX_REQUIRE_BROWSER=1 (set by
+.ci/run), where a missing or broken browser fails the test.
 """
 
 from __future__ import annotations
@@ -75,8 +76,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
-def test_batch_dashboard_progress_rises_to_100_percent_in_chromium(lab: str) -> None:
+REQUIRED = os.environ.get("DSPEX_REQUIRE_BROWSER") == "1"
+pytestmark = pytest.mark.skipif(
+    not REQUIRED and not Path(CHROMIUM).exists(),
+    reason=f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium) to run the browser test")
 
+
+def test_batch_dashboard_progress_rises_to_100_percent_in_chromium(lab: str) -> None:
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)"
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:

@@ -19,7 +19,7 @@ class Echo(dspy.Module):
 
     def forward(self, text):
         self.calls += 1
-        return {"text": text, "calls": self.calls}
+        return dspy.Prediction(text=text, calls=self.calls)
 '''
 
 

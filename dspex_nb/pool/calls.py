@@ -164,6 +164,7 @@ class Run(Handle):
         self._worker_died = worker_died
         self._on_done = on_done
         self._final: Any = None
+        self.decode: Callable[[Any], Any] | None = None  # turns the final result into the caller's value
         self._cond = threading.Condition()
         self.first_chunk_at: float | None = None
         threading.Thread(target=self._read, name=f"run-{tool}", daemon=True).start()
@@ -223,7 +224,7 @@ class Run(Handle):
             raise Cancelled(f"tool '{self.tool}' on worker {self.worker} was cancelled")
         if self._error is not None:
             raise self._error
-        return self._final
+        return self._final if self.decode is None else self.decode(self._final)
 
     def __iter__(self) -> Iterator[Chunk]:
         """Every chunk, from the first, as it arrives; ends with the stream. Ctrl-C cancels."""

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from dspex_nb import programs, typed
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.batch import BatchRun
 from dspex_nb.errors import (
@@ -119,7 +120,7 @@ class Pool(Supervision):
             return self
         self._closing.clear()
         self.cleaned = stale.cleanup()
-        self._dir = Path(tempfile.mkdtemp(prefix=stale.PREFIX))  # mode 0700
+        self._dir = Path(tempfile.mkdtemp(prefix=stale.PREFIX, dir=stale.runtime_dir()))  # mode 0700
         self._record_owner()  # at once: a start killed midway leaves a directory stale cleanup can claim
         try:
             self.workers = [self._spawn(f"w{i}", 0) for i in range(self.size)]
@@ -235,15 +236,15 @@ class Pool(Supervision):
                     pass
             else:
                 time.sleep(0.01)
-        for name, definition in list(self.definitions.items()):
-            self._define_on(worker, name, definition["source"])
+        for definition in list(self.definitions.values()):
+            self._define_on(worker, definition)
         with self._lock:
             worker.state, worker.ready_at, worker.failed_pings = READY, time.monotonic(), 0
             self._lock.notify_all()
 
-    def _define_on(self, worker: Worker, name: str, source: str) -> dict[str, Any]:
-        request = self._request("define", {"name": name, "source": source}, "")
-        return unary_result(worker.stub.Execute(request, timeout=self.start_timeout), "define", worker.id)
+    def _define_on(self, worker: Worker, definition: dict[str, Any]) -> dict[str, Any]:
+        request = self._request(definition["tool"], definition["args"], "")
+        return unary_result(worker.stub.Execute(request, timeout=self.start_timeout), definition["tool"], worker.id)
 
     # -- routing ------------------------------------------------------------------------
     def _choose(self, worker_id: str | None, count: bool, affinity: str = "strict_queue") -> Worker:
@@ -371,28 +372,108 @@ class Pool(Supervision):
         return Run(tool, chosen.id, call, timeout=timeout, on_chunk=on_chunk, worker_died=self._death_of(chosen),
                    on_done=done)
 
-    def define(self, name: str, source: str) -> dict[str, Any]:
-        """Define a DSPy module from Python ``source`` on every worker, now and on any started later.
+    def define(self, name: str, program: Any) -> dict[str, Any]:
+        """Define a DSPy program on every worker, now and on any started later; returns its kind and inputs.
 
-        ``source`` must define ``name``: a dspy.Module subclass or instance, or a function (``dspy`` is
-        imported). Run it with ``execute_stream("run_module", {"name": name, "inputs": {...}})`` or
-        ``batch(items, module=name)``. Returns what the worker found (kind, input names).
+        ``program`` is a ``dspy.Module`` class or instance (a compiled one keeps its demos and instructions),
+        a ``dspy.Signature`` class (run as ``dspy.Predict``) or a function; it travels by value, with the
+        notebook code and classes it uses (see ``dspex_nb.programs``). Or Python ``source`` that defines
+        ``name`` on the workers only (``dspy`` is imported there). Run it with ``run(name, ...)``,
+        ``map(name, items)`` or the ``run_module`` tool.
         """
-        compile(source, f"<dspex define {name}>", "exec")  # a syntax error is reported here, with its line
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"name must be a Python identifier, got {name!r}")
+        if isinstance(program, str):
+            compile(program, f"<dspex define {name}>", "exec", dont_inherit=True)  # a syntax error, with its line
+            definition: dict[str, Any] = {"tool": "define", "args": {"name": name, "source": program},
+                                          "key": program}
+            resolver = typed.Resolver()
+        else:
+            shipped = programs.ship(program)
+            definition = {"tool": "define_object", "args": {"name": name, "payload": shipped.payload},
+                          "key": shipped.key}
+            resolver = typed.Resolver(shipped.types)
         previous = self.definitions.get(name)
-        self.definitions[name] = {"source": source}  # first: a worker starting now replays it
+        self.definitions[name] = definition  # first: a worker starting now replays it
         info: dict[str, Any] = {}
         try:
             for worker in list(self.workers):
-                info = self.execute("define", {"name": name, "source": source}, worker=worker.id)
+                info = self.execute(definition["tool"], definition["args"], worker=worker.id)
         except BaseException:
             if previous is None:
                 del self.definitions[name]
             else:
                 self.definitions[name] = previous
             raise
-        self.definitions[name] = dict(info, source=source)
+        self.definitions[name] = {**definition, **info, "resolver": resolver}
         return info
+
+    def ensure_defined(self, program: Any) -> str:
+        """The name ``program`` runs under: a defined name as it is, else the program is shipped under a name
+        of its own (again only when it changed, e.g. after compiling it)."""
+        if isinstance(program, str):
+            if program not in self.definitions:
+                raise ValueError(f"no program named {program!r} on this pool (defined: "
+                                 f"{sorted(self.definitions) or 'none'}); pass the program itself or pool.define it")
+            return program
+        program = programs.as_program(program)
+        shipped = programs.ship(program)
+        name = f"_{type(program).__name__}_{shipped.key[:12]}"
+        if name not in self.definitions:
+            self.define(name, program)
+        return name
+
+    def run(self, program: Any, /, **inputs: Any) -> Any:
+        """Run a DSPy program (object, signature, or defined name) on a worker; returns what it returns in the
+        kernel: a ``dspy.Prediction`` with the fields' own types (pydantic models, enums, datetimes...)."""
+        return self.call(program, inputs)
+
+    def run_stream(self, program: Any, /, **inputs: Any) -> Run:
+        """``run`` as a stream: a ``Run`` whose chunks are the tokens of each field, and whose ``result()`` is
+        the same value ``run`` returns."""
+        return self.call(program, inputs, stream=True)
+
+    def call(self, program: Any, inputs: dict[str, Any], *, stream: bool = False, timeout: float | None = None,
+             on_chunk: Callable[[Chunk], Any] | None = None) -> Any:
+        """``run`` (or with ``stream``, ``run_stream``) with options, the inputs given as a dict."""
+        name = self.ensure_defined(program)
+        resolver = self.definitions[name]["resolver"]
+        args = {"name": name, "inputs": typed.encode(inputs)}
+        if not stream:
+            return programs.to_output(self.execute("run_module", args, timeout=timeout), resolver)
+        run = self.execute_stream("run_module", args, timeout=timeout, on_chunk=on_chunk)
+        run.decode = lambda result: programs.to_output(result, resolver)
+        return run
+
+    def map(self, program: Any, items: Any, *, concurrency: int | None = None,
+            on_item: Callable[[dict[str, Any]], Any] | None = None, timeout: float | None = None,
+            item_timeout: float | None = None, max_retries: int = 2, journal: bool = True) -> BatchRun:
+        """Run ``program`` on every item over the whole pool; returns a ``BatchRun`` at once, whose ``result()``
+        is a list of what the program returned for each item, in input order (None where an item failed, as
+        ``Module.batch``; ``records`` say why). Items: strings (one-input programs), dicts, ``dspy.Example``s
+        (their ``inputs()``), or a DataFrame."""
+        name = self.ensure_defined(program)
+        resolver = self.definitions[name]["resolver"]
+        batch = self.batch(programs.item_inputs(items), module=name, concurrency=concurrency, on_item=on_item,
+                           timeout=timeout, item_timeout=item_timeout, max_retries=max_retries, journal=journal)
+        batch.decode = lambda result: programs.to_output(result, resolver)
+        return batch
+
+    def evaluate(self, program: Any, devset: Sequence[Any], metric: Callable[..., Any], *,
+                 display: bool = False, failure_score: float = 0.0, **map_options: Any) -> Any:
+        """``dspy.Evaluate(devset=devset, metric=metric)(program)``, with the program run on the pool (``map``);
+        the metric runs here and DSPy's Evaluate computes the score, so it is the same as in the kernel."""
+        import dspy
+
+        batch = self.map(program, devset, **map_options)
+        if display:
+            from dspex_nb.ui.render import show_batch
+
+            show_batch(batch, f"evaluate {type(program).__name__}", block=True)
+        batch.wait()
+        replay = programs.Replay(devset, batch)
+        return dspy.Evaluate(devset=list(devset), metric=metric, num_threads=1, display_progress=False,
+                             failure_score=failure_score)(replay)
 
     @property
     def journal(self) -> Journal | None:
@@ -415,7 +496,7 @@ class Pool(Supervision):
         Returns a ``BatchRun`` at once.
         """
         program = {"module": module, "signature": signature, "lm": self.lm, "lm_kwargs": self.lm_kwargs,
-                   "source": self.definitions.get(module, {}).get("source")}
+                   "source": self.definitions.get(module, {}).get("key")}
         return BatchRun(self, items, signature=signature, module=module,
                         concurrency=concurrency or self.concurrency, shard_size=shard_size,
                         max_retries=max_retries, timeout=timeout, item_timeout=item_timeout, on_item=on_item,

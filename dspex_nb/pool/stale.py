@@ -24,6 +24,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 PREFIX = "dspex-"
 OWNER_FILE = "pool.json"
+RUNTIME_DIR_ENV = "DSPEX_RUNTIME_DIR"  # where pools make their socket directories (default: the temp dir)
+
+
+def runtime_dir() -> Path:
+    """The directory under which pools make their private socket directories, and cleanup looks."""
+    return Path(os.environ.get(RUNTIME_DIR_ENV) or tempfile.gettempdir())
 
 
 def start_time(pid: int) -> str | None:
@@ -52,8 +58,8 @@ def _runs_worker(pid: int, run_id: str) -> bool:
 
 
 def cleanup(root: Path | None = None) -> list[dict[str, Any]]:
-    """End the leftovers of this user's dead pools under ``root`` (the temp dir); return what was done."""
-    root = root or Path(tempfile.gettempdir())
+    """End the leftovers of this user's dead pools under ``root`` (``runtime_dir()``); return what was done."""
+    root = root or runtime_dir()
     cleaned = []
     for directory in root.glob(f"{PREFIX}*"):
         try:

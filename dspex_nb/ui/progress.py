@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dspex_nb import typed
 from dspex_nb.batch import error_line
 from dspex_nb.pool.calls import Run
 
@@ -33,7 +34,7 @@ class StreamText:
             elif chunk.kind == "status":
                 self.status = chunk["message"]
             elif chunk.kind == "final" and isinstance(chunk.data, dict):
-                for name, value in chunk.data.items():  # fields that were not streamed (typed ones)
+                for name, value in shown_fields(chunk.data).items():  # fields that were not streamed (typed ones)
                     self.fields[name] = value if isinstance(value, str) else repr(value)
         return bool(chunks)
 
@@ -46,6 +47,21 @@ class StreamText:
         elif run.status == "running" and self.status:
             line += f" · {self.status}"
         return line
+
+
+def shown_fields(result: dict[str, Any]) -> dict[str, Any]:
+    """A DSPy tool's result as fields to show: a Prediction's fields, a returned dict's items, or "output"."""
+    if result.get(typed.TAG) != "output":
+        return {name: _shown(value) for name, value in result.items()}
+    value = _shown(result["value"])
+    return value if isinstance(value, dict) and all(isinstance(k, str) for k in value) else {"output": value}
+
+
+def _shown(value: Any) -> Any:
+    try:
+        return typed.decode(value)
+    except typed.NotPortable:  # a class only the program knows: show its JSON
+        return value
 
 
 def error_text(error: BaseException | None) -> str:

@@ -127,7 +127,7 @@ class BatchDashboard(View):
 def _short(record: dict[str, Any], width: int = 90) -> str:
     if not record["ok"]:
         return "✗ " + progress.error_line(record)
-    text = "; ".join(f"{k}: {v}" for k, v in record["result"].items())
+    text = "; ".join(f"{k}: {v}" for k, v in progress.shown_fields(record["result"]).items())
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

@@ -11,6 +11,7 @@ process. ``stream()`` emits the full formatted text word by word, so DSPy's real
 from __future__ import annotations
 
 import ast
+import datetime as dt
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import re
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +40,10 @@ from dspy.lm15 import (
 __all__ = ["DemoEngine", "make_demo_lm"]
 
 _OUTPUT_FIELD = re.compile(r"^\d+\. `(\w+)` \((.*?)\):", re.MULTILINE)
+_NOTE = re.compile(r"^\{(\w+)\} +# note: the value you produce (.*)$", re.MULTILINE)
+_SCHEMA_NOTE = "must adhere to the JSON schema: "
+_ONE_OF_NOTE = "must be one of: "
+_EPOCH = 1_700_000_000  # demo datetimes lie within a year of 2023-11-14
 _SECTION = re.compile(r"\[\[ ## (\w+) ## \]\]\n")
 _TOKEN = re.compile(r"\S+\s*|\s+")
 _RESPOND = "\n\nRespond with the corresponding output fields"
@@ -157,13 +163,70 @@ class DemoEngine:
         topic = _short(next(iter(inputs.values()), ""))
         if not outputs:
             return self._text("answer", topic, _digest(key, "answer"))
-        sections = [f"[[ ## {name} ## ]]\n{self._format(type_, name, topic, _digest(key, name))}"
+        notes = dict(_NOTE.findall(system))
+        sections = [f"[[ ## {name} ## ]]\n{self._format(type_, notes.get(name, ''), name, topic, _digest(key, name))}"
                     for name, type_ in outputs]
         return "\n\n".join([*sections, "[[ ## completed ## ]]"])
 
-    def _format(self, type_: str, name: str, topic: str, seed: int) -> str:
+    def _format(self, type_: str, note: str, name: str, topic: str, seed: int) -> str:
+        """The text of one output field, following the adapter's note on its type where there is one."""
+        if note.startswith(_ONE_OF_NOTE):  # an Enum: the adapter lists its values
+            options = note[len(_ONE_OF_NOTE):].split("; ")
+            return options[seed % len(options)]
+        if note.startswith(_SCHEMA_NOTE):  # JSON, as the adapter asks
+            schema = json.loads(note[len(_SCHEMA_NOTE):])
+            return json.dumps(self._from_schema(schema, schema.get("$defs", {}), name, topic, seed, type_.strip()))
         value = self._value(type_.strip(), name, topic, seed)
         return value if isinstance(value, str) else json.dumps(value)
+
+    def _from_schema(self, schema: dict[str, Any], defs: dict[str, Any], name: str, topic: str, seed: int,
+                     type_: str = "") -> Any:
+        """A value that satisfies a (pydantic-made) JSON schema, derived from ``seed``."""
+        if "$ref" in schema:
+            schema = defs[schema["$ref"].rsplit("/", 1)[-1]]
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                options = [o for o in schema[key] if o.get("type") != "null"] or schema[key]
+                return self._from_schema(options[0], defs, name, topic, seed)
+        if "enum" in schema:
+            return schema["enum"][seed % len(schema["enum"])]
+        if "const" in schema:
+            return schema["const"]
+        kind = schema.get("type", "string")
+        kind = next((k for k in kind if k != "null"), "string") if isinstance(kind, list) else kind
+        child = lambda sub, i, label="item": self._from_schema(sub, defs, label, topic, _digest(str(seed), str(i)))  # noqa: E731
+        if kind == "object":
+            properties = schema.get("properties", {})
+            if properties:
+                return {prop: child(sub, prop, prop) for prop, sub in properties.items()}
+            extra = schema.get("additionalProperties")
+            int_keys = type_.replace(" ", "").startswith(("dict[int,", "Dict[int,"))
+            return {(str(i) if int_keys else f"key_{i}"): child(extra if isinstance(extra, dict) else {}, i)
+                    for i in range(2)}
+        if kind == "array":
+            if "prefixItems" in schema:
+                return [child(sub, i) for i, sub in enumerate(schema["prefixItems"])]
+            count = max(schema.get("minItems", 0), min(3, schema.get("maxItems", 3)))
+            items = [child(schema.get("items", {}), i) for i in range(count)]
+            if schema.get("uniqueItems"):
+                items = [f"{v} {i}" if isinstance(v, str) else v for i, v in enumerate(items)]
+            return items
+        if kind == "integer":
+            low = schema.get("minimum", 0)
+            return low + seed % max(1, schema.get("maximum", low + 99) - low + 1)
+        if kind == "number":
+            return round(seed % 10_000 / 100, 2)
+        if kind == "boolean":
+            return bool(seed & 1)
+        if kind == "null":
+            return None
+        stamp = dt.datetime.fromtimestamp(_EPOCH + seed % 31_536_000, dt.timezone.utc).replace(tzinfo=None)
+        formats = {"date-time": stamp.isoformat(), "date": stamp.date().isoformat(),
+                   "time": stamp.time().isoformat(), "duration": f"PT{seed % 3600}S",
+                   "uuid": str(uuid.UUID(int=seed << 64 | seed))}
+        if schema.get("format") in formats:
+            return formats[schema["format"]]
+        return self._text(name, topic, seed) if name != "item" else _words(seed, 1)
 
     def _text(self, name: str, topic: str, seed: int) -> str:
         if name == "reasoning":

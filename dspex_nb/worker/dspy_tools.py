@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
-import json
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Generator
@@ -20,11 +19,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import anyio
 import dspy
 from dspy.streaming import StatusMessage, StreamListener, StreamResponse
 from dspy.utils.exceptions import LMRateLimitError
 
+from dspex_nb import typed
 from dspex_nb.errors import ArgumentError, Cancelled
+from dspex_nb.worker import programs
 from dspex_nb.worker.demo_lm import make_demo_lm
 from dspex_nb.worker.limits import backoff_delays
 from dspex_nb.worker.state import WorkerState
@@ -82,23 +84,11 @@ def _check_inputs(tool_name: str, sig: type[dspy.Signature], inputs: Any, where:
     return inputs
 
 
-def _jsonable(value: Any) -> Any:
-    """A prediction field as JSON: pydantic models are dumped; other objects become their repr."""
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        dump = getattr(value, "model_dump", None)
-        return dump(mode="json") if dump else repr(value)
-
-
-def output_dict(output: Any) -> dict[str, Any]:
-    """A program's output as a JSON object: a Prediction's fields, a dict, or {"output": value}."""
+def output_json(output: Any) -> Any:
+    """A program's output as typed JSON: a Prediction as its fields, anything else wrapped as an output."""
     if isinstance(output, dspy.Prediction):
-        return {name: _jsonable(value) for name, value in output.items()}
-    if isinstance(output, dict):
-        return {str(k): _jsonable(v) for k, v in output.items()}
-    return {"output": _jsonable(output)}
+        return {name: typed.encode(value) for name, value in output.items()}
+    return {typed.TAG: "output", "value": typed.encode(output)}
 
 
 def _listeners(program: Any) -> list[StreamListener]:
@@ -158,25 +148,104 @@ class _Failure:
     error: Exception
 
 
-def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[Emit, None, dict[str, Any]]:
-    """Run ``program`` on ``inputs`` under the worker's LM; streamed calls yield token chunks."""
-    settings = ctx.worker.dspy_settings()
+def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[Emit, None, Any]:
+    """Run ``program`` on ``inputs`` under the worker's LM; streamed calls yield token chunks per field.
+
+    A program with nothing to stream (no str output field) says so in a status chunk and returns its
+    result; a program that returns a stream (a ``dspy.streamify``'d one) is run to its end, its tokens
+    passed on.
+    """
     listeners = _listeners(program) if ctx.streaming else []
-    if not listeners:
-        with dspy.context(**settings):
-            return output_dict(program(**inputs))
-    streamed = dspy.streamify(program, stream_listeners=listeners)
-    final: dict[str, Any] = {}
-    with dspy.context(**settings):
-        for value in _async_items(lambda: streamed(**inputs)):
+    final: Any = None
+    with dspy.context(**ctx.worker.dspy_settings()):
+        if listeners:
+            streamed = dspy.streamify(_AlwaysPrediction(program), stream_listeners=listeners)
+            values = _async_items(lambda: streamed(**inputs))
+        else:
+            if ctx.streaming:
+                yield Emit("status", {"message": f"running {_label(program)} (no str output field to stream)"})
+            output = program(**inputs)
+            if not inspect.isasyncgen(output):
+                return output_json(output)
+            values = _async_items(lambda: output)
+        for value in values:
             if isinstance(value, StreamResponse):
                 yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
                                      "last": value.is_last_chunk, "predictor": value.predict_name})
             elif isinstance(value, StatusMessage):
                 yield Emit("status", {"message": value.message})
-            elif isinstance(value, dspy.Prediction):
-                final = output_dict(value)
+            else:
+                final = value
+    return output_json(final.value if isinstance(final, _Boxed) else final)
+
+
+class _Boxed(dspy.Prediction):
+    """A program's non-Prediction result (e.g. dspy.Parallel's list) on its way through streamify."""
+
+
+class _AlwaysPrediction(dspy.Module):
+    """``program``, returning a Prediction: streamify waits forever for one after any other result."""
+
+    def __init__(self, program: dspy.Module) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, **inputs: Any) -> dspy.Prediction:
+        output = self.program(**inputs)
+        return output if isinstance(output, dspy.Prediction) else _Boxed(value=output)
+
+
+def _run_to_end(output: Any) -> Any:
+    """A program's result; a stream (a ``dspy.streamify``'d program's) is run to its final value."""
+    if not inspect.isasyncgen(output):
+        return output
+    final = None
+    for value in _async_items(lambda: output):
+        final = value
     return final
+
+
+def _parallel_without_streams() -> None:
+    """Let ``dspy.Parallel`` / ``Module.batch`` / ``dspy.Evaluate`` run inside a streamed call.
+
+    DSPy's sync LM stream hands each chunk to the stream with ``anyio.from_thread.run``, which works only
+    in the AnyIO thread that ``dspy.streamify`` runs the program in; the executor's own threads inherit the
+    stream and fail (their items error, the call hangs). Here they run without it: the parallel part says
+    so in a status chunk, streams no tokens and returns its results.
+    """
+    from dspy.utils.parallelizer import ParallelExecutor
+
+    original = ParallelExecutor.execute
+    if getattr(original, "dspex_nb", False):
+        return
+
+    def execute(self: ParallelExecutor, function: Callable[..., Any], data: Any) -> Any:
+        stream = dspy.settings.send_stream
+        if stream is None:
+            return original(self, function, data)
+        count = f"{len(data)} " if hasattr(data, "__len__") else ""
+        with contextlib.suppress(Exception):  # a status line is not worth failing the call for
+            anyio.from_thread.run(stream.send, StatusMessage(f"running {count}calls in parallel "
+                                                             "(their tokens are not streamed)"))
+        with dspy.context(send_stream=None):
+            return original(self, function, data)
+
+    execute.dspex_nb = True  # type: ignore[attr-defined]
+    ParallelExecutor.execute = execute  # type: ignore[method-assign]
+
+
+_parallel_without_streams()
+
+
+def _label(program: Any) -> str:
+    return type(program).__name__ if isinstance(program, dspy.Module) else getattr(program, "__name__", "program")
+
+
+def _decode(program: programs.Program, value: Any, where: str) -> Any:
+    try:
+        return typed.decode(value, typed.Resolver(program.types), where)
+    except typed.NotPortable as exc:
+        raise ArgumentError("run_module", "ArgumentError", str(exc)) from None
 
 
 def _builtin(tool_name: str, module: str, signature: str, inputs: Any) -> tuple[dspy.Module, dict[str, Any]]:
@@ -197,58 +266,31 @@ def chain_of_thought(ctx: ToolContext, signature: str,
     return (yield from _call(*_builtin("chain_of_thought", "chain_of_thought", signature, inputs), ctx))
 
 
-@dataclass
-class DefinedModule:
-    name: str
-    factory: Callable[[], Any]
-    params: list[inspect.Parameter]
-
-    def check(self, tool_name: str, inputs: Any, where: str) -> dict[str, Any]:
-        names = [p.name for p in self.params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        if isinstance(inputs, str) and len(names) == 1:
-            return {names[0]: inputs}
-        if not isinstance(inputs, dict):
-            raise ArgumentError(tool_name, "ArgumentError",
-                                f"{where} must be a dict of {self.name}'s inputs {names}, got {type(inputs).__name__}")
-        missing = [p.name for p in self.params if p.name not in inputs and p.default is p.empty
-                   and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        if missing:
-            raise ArgumentError(tool_name, "ArgumentError", f"{where} lacks {self.name}'s input(s) {missing}")
-        return inputs
-
-
 @tool
 def define(ctx: ToolContext, name: str, source: str) -> dict[str, Any]:
     """Run ``source`` (Python; ``dspy`` is imported) and keep its ``name``: a dspy.Module subclass or instance,
-    or a function, as a module that ``run_module`` and ``batch_inference(module=name)`` can run."""
+    a signature class or a function, as a program that ``run_module`` and ``batch_inference(module=name)`` run."""
+    _check_name(name)
+    program = programs.from_source(name, source)
+    ctx.worker.modules[name] = program
+    return program.info()
+
+
+@tool
+def define_object(ctx: ToolContext, name: str, payload: str) -> dict[str, Any]:
+    """Keep a program shipped by value from the kernel (``payload``: base64 cloudpickle, as Pool.define sends)."""
+    _check_name(name)
+    program = programs.from_pickle(name, payload)
+    ctx.worker.modules[name] = program
+    return program.info()
+
+
+def _check_name(name: str) -> None:
     if not name.isidentifier():
         raise ArgumentError("define", "ArgumentError", f"argument 'name' must be a Python identifier, got {name!r}")
-    try:
-        code = compile(source, f"<dspex define {name}>", "exec")
-    except SyntaxError as exc:
-        raise ArgumentError("define", "ArgumentError", f"the source of {name!r} has a syntax error: {exc}") from None
-    namespace: dict[str, Any] = {"dspy": dspy, "__name__": f"dspex_defined_{name}"}
-    exec(code, namespace)
-    if name not in namespace:
-        defined = sorted(k for k in namespace if not k.startswith("__") and k != "dspy")
-        raise ArgumentError("define", "ArgumentError", f"the source defines no {name!r} (it defines {defined})")
-    obj = namespace[name]
-    if isinstance(obj, type) and issubclass(obj, dspy.Module):
-        factory, kind, call = obj, "module class", obj.forward
-    elif isinstance(obj, dspy.Module):
-        factory, kind, call = (lambda: obj), "module instance", type(obj).forward
-    elif callable(obj):
-        factory, kind, call = (lambda: obj), "function", obj
-    else:
-        raise ArgumentError("define", "ArgumentError",
-                            f"{name!r} must be a dspy.Module subclass or instance, or a function; "
-                            f"got {type(obj).__name__}")
-    params = [p for p in inspect.signature(call).parameters.values() if p.name != "self"]
-    ctx.worker.modules[name] = DefinedModule(name, factory, params)
-    return {"name": name, "kind": kind, "inputs": [p.name for p in params]}
 
 
-def _defined(ctx: ToolContext, tool_name: str, name: str) -> DefinedModule:
+def _defined(ctx: ToolContext, tool_name: str, name: str) -> programs.Program:
     try:
         return ctx.worker.modules[name]
     except KeyError:
@@ -266,7 +308,7 @@ def run_module(ctx: ToolContext, name: str, inputs: dict | str) -> Generator[Emi
     else:
         defined = _defined(ctx, "run_module", name)
         program = defined.factory()
-    inputs = defined.check("run_module", inputs, "argument 'inputs'")
+    inputs = defined.check("run_module", _decode(defined, inputs, "inputs"), "argument 'inputs'")
     return (yield from _call(program, inputs, ctx))
 
 
@@ -299,7 +341,8 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         make = partial(MODULES[module], sig)
     else:
         defined = _defined(ctx, "batch_inference", module)
-        items = [defined.check("batch_inference", item, w) for item, w in zip(batch_items, where, strict=True)]
+        items = [defined.check("batch_inference", _decode(defined, item, w), w)
+                 for item, w in zip(batch_items, where, strict=True)]
         make = defined.factory
     settings, worker = ctx.worker.dspy_settings(), ctx.worker.worker_id
 
@@ -309,7 +352,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         with dspy.context(**settings):
             while not ctx.cancelled.is_set():  # a cancelled batch starts no further LM calls
                 try:
-                    return output_dict(make()(**inputs))
+                    return output_json(_run_to_end(make()(**inputs)))
                 except LMRateLimitError:
                     delay = next(delays, None)
                     if delay is None or ctx.wait(delay):

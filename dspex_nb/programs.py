@@ -1,0 +1,156 @@
+"""DSPy programs from the kernel to the pool and their results back, the same as in the kernel.
+
+How code travels: **by value with cloudpickle**, as Ray, Dask and ipyparallel ship notebook code,
+and as DSPy itself saves a whole program (``save_program=True``). A module instance arrives with its
+state (a compiled program's demos and instructions, its signatures and their types), classes and
+functions defined in the notebook arrive by value with the names they use from earlier cells, and
+the cells' source goes along so ``inspect.getsource`` works on the workers. Source plus
+``dump_state()`` would lose notebook-defined types and helper functions. Pickles only go from the
+kernel (which owns the pool) to its workers; nothing from a worker is unpickled or executed here:
+results come back as typed JSON (``dspex_nb.typed``) and are rebuilt with the classes the program
+was shipped with.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import enum
+import hashlib
+import io
+import json
+import linecache
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import cloudpickle
+
+from dspex_nb import typed
+from dspex_nb.errors import ArgumentError
+
+
+@dataclasses.dataclass
+class Shipped:
+    """A program ready for ``define_object``: the payload, the classes that travel in it, and a key that
+    stays the same for the same program in a later session (its code and DSPy state: the journal's key)."""
+
+    payload: str
+    key: str
+    types: set[type]
+
+
+class _Collector(cloudpickle.Pickler):
+    """A pickler that notes the classes and the code files it meets (a first pass over the program)."""
+
+    def __init__(self) -> None:
+        super().__init__(io.BytesIO())
+        self.types: set[type] = set()
+        self.files: set[str] = set()
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, type) and _portable_class(obj):
+            self.types.add(obj)
+        elif isinstance(obj, types.FunctionType):
+            self.files.add(obj.__code__.co_filename)
+        return super().reducer_override(obj)
+
+
+def _portable_class(cls: type) -> bool:
+    return issubclass(cls, enum.Enum) or dataclasses.is_dataclass(cls) or (
+        hasattr(cls, "model_validate") and hasattr(cls, "model_fields"))
+
+
+def ship(program: Any) -> Shipped:
+    """Pickle ``program`` by value, with the classes it uses and the source of its notebook code."""
+    collector = _Collector()
+    try:
+        collector.dump(program)
+    except Exception as exc:
+        raise ArgumentError("define", type(exc).__name__,
+                            f"{type(program).__name__} cannot be sent to the workers: {type(exc).__name__}: {exc} "
+                            "(it holds something that cannot be pickled, e.g. an open file, a lock or a client; "
+                            "create that inside the module's forward or __init__ instead)") from None
+    sources = {name: linecache.cache[name][2] for name in collector.files
+               if name in linecache.cache and len(linecache.cache[name]) == 4}
+    data = cloudpickle.dumps({"program": program, "types": collector.types, "sources": sources})
+    try:
+        state = program.dump_state() if hasattr(program, "dump_state") else None
+        key = json.dumps([typed.class_path(type(program)), sorted(sources.items()), state], sort_keys=True,
+                         default=repr)
+    except Exception:  # a state DSPy cannot dump: the pickle itself is the key
+        key = data.hex()
+    return Shipped(base64.b64encode(data).decode(), hashlib.sha256(key.encode()).hexdigest(), collector.types)
+
+
+def as_program(obj: Any, cot: bool = False) -> Any:
+    """A signature (class or string) as a dspy.Predict (dspy.ChainOfThought with ``cot``); else ``obj``."""
+    import dspy
+
+    if isinstance(obj, str) or (isinstance(obj, type) and issubclass(obj, dspy.Signature)):
+        return (dspy.ChainOfThought if cot else dspy.Predict)(obj)
+    return obj
+
+
+def input_names(program: Any) -> list[str] | None:
+    """The input field names of a signature class or string, or of a module's signature; None if unknown."""
+    import dspy
+
+    if isinstance(program, str) or (isinstance(program, type) and issubclass(program, dspy.Signature)):
+        return list(dspy.ensure_signature(program).input_fields)
+    return None
+
+
+def to_output(result: Any, resolve: typed.Resolver) -> Any:
+    """A DSPy tool's result as the program gave it: a dspy.Prediction of its fields, or its own value."""
+    import dspy
+
+    if isinstance(result, dict) and result.get(typed.TAG) == "output":
+        return typed.decode(result["value"], resolve, "output")
+    return dspy.Prediction(**{name: typed.decode(value, resolve, name) for name, value in result.items()})
+
+
+def item_inputs(items: Any) -> list[Any]:
+    """Batch items as typed JSON inputs: strings, dicts, dspy.Examples (their inputs()), or a DataFrame's rows."""
+    import dspy
+
+    if type(items).__name__ == "DataFrame" and hasattr(items, "to_dict"):
+        items = items.to_dict("records")
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
+        raise ArgumentError("map", "ArgumentError", "items must be a list of strings, dicts or dspy.Examples, or a "
+                            f"pandas DataFrame; got {type(items).__name__}")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, dspy.Example):
+            if item._input_keys is None:
+                raise ArgumentError("map", "ArgumentError", f"items[{i}] is a dspy.Example without input keys: "
+                                    "mark them with .with_inputs('question', ...), as dspy.Evaluate needs too")
+            item = dict(item.inputs())
+        out.append(typed.encode(item))
+    return out
+
+
+class Replay:
+    """A stand-in program for ``dspy.Evaluate``: it answers each devset example with what the pool's batch
+    returned for it (raising that item's error where it failed), so DSPy scores the pool's outputs."""
+
+    def __init__(self, devset: Sequence[Any], batch: Any) -> None:
+        self._answers: dict[str, list[Any]] = {}
+        for example, record in zip(devset, batch.records, strict=True):
+            self._answers.setdefault(_inputs_key(dict(example.inputs())), []).append(record)
+        self._decode = batch.decode
+
+    def __call__(self, **inputs: Any) -> Any:
+        queue = self._answers.get(_inputs_key(inputs))
+        if not queue:
+            raise RuntimeError(f"the pool returned nothing for {inputs!r}")
+        record = queue.pop(0)
+        if record is None:
+            raise RuntimeError("the batch stopped before this example ran")
+        if not record["ok"]:
+            raise RuntimeError(f"{record['error']['type']}: {record['error']['message']}")
+        return self._decode(record["result"])
+
+
+def _inputs_key(inputs: dict[str, Any]) -> str:
+    return json.dumps(typed.encode(inputs), sort_keys=True)

@@ -1,0 +1,236 @@
+"""Typed JSON: Python values on the wire as JSON that says what they were, so they come back the same.
+
+Both sides use it: a worker encodes a program's outputs, the kernel decodes them (and the other way
+round for inputs). Plain JSON values (str, int, float, bool, None, lists, dicts with str keys) are
+sent as they are; every other value is a small tagged object ``{"__dspex__": kind, ...}``:
+
+- ``tuple``, ``set``, ``frozenset``, a dict with non-str keys, ``datetime``/``date``/``time``/
+  ``timedelta``, ``Decimal``, ``UUID``, ``bytes``: rebuilt exactly, with no code of anyone's run;
+- an ``Enum`` member, a pydantic model (DSPy's own types included), a dataclass: sent with the class's
+  path (``module:qualname``) and rebuilt with the class that a *resolver* finds for that path on the
+  receiving side. Nothing is imported or unpickled to find it: see ``Resolver``.
+- ``dspy.Prediction`` / ``dspy.Example``: their fields (and the Example's input keys).
+
+A value with no faithful JSON form is encoded as ``opaque`` (its type and repr); decoding it raises
+``NotPortable``, which keeps the raw JSON, so nothing arrives silently changed.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import enum
+import sys
+import uuid
+from collections.abc import Callable, Iterable
+from decimal import Decimal
+from typing import Any
+
+from dspex_nb.errors import DspexError
+
+TAG = "__dspex__"
+_OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
+
+
+class NotPortable(DspexError):
+    """A value that cannot travel as itself; ``raw`` keeps what arrived."""
+
+    def __init__(self, message: str, raw: Any = None) -> None:
+        super().__init__(message)
+        self.raw = raw
+
+
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+# -- encoding --------------------------------------------------------------------------------------
+def encode(value: Any) -> Any:
+    """``value`` as typed JSON (see the module's docstring)."""
+    if value is None or isinstance(value, (bool, int, float, str)) and not isinstance(value, enum.Enum):
+        return value
+    if isinstance(value, list):
+        return [encode(v) for v in value]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value) and TAG not in value:
+            return {k: encode(v) for k, v in value.items()}
+        return {TAG: "dict", "items": [[encode(k), encode(v)] for k, v in value.items()]}
+    if isinstance(value, enum.Enum):
+        return {TAG: "enum", "class": class_path(type(value)), "value": encode(value.value)}
+    if isinstance(value, (tuple, set, frozenset)) and not hasattr(value, "_fields"):
+        kind = "tuple" if isinstance(value, tuple) else type(value).__name__ if type(value) in (set, frozenset) \
+            else None
+        if kind is not None:
+            return {TAG: kind, "items": [encode(v) for v in _ordered(value, kind)]}
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return {TAG: type(value).__name__, "iso": value.isoformat()} if type(value) in _TIMES else _opaque(value)
+    if isinstance(value, dt.timedelta):
+        return {TAG: "timedelta", "seconds": value.total_seconds()}
+    if isinstance(value, Decimal):
+        return {TAG: "decimal", "text": str(value)}
+    if isinstance(value, uuid.UUID):
+        return {TAG: "uuid", "text": str(value)}
+    if isinstance(value, bytes):
+        return {TAG: "bytes", "b64": base64.b64encode(value).decode()}
+    dspy = sys.modules.get("dspy")
+    if dspy is not None and isinstance(value, dspy.Example):  # Prediction is an Example
+        kind = "prediction" if isinstance(value, dspy.Prediction) else "example"
+        out = {TAG: kind, "fields": {k: encode(v) for k, v in value.items()}}
+        if kind == "example" and value._input_keys is not None:
+            out["inputs"] = sorted(value._input_keys)
+        return out
+    if _is_pydantic(value):
+        data = {name: getattr(value, name) for name in type(value).model_fields}
+        return {TAG: "model", "class": class_path(type(value)), "fields": encode(data)}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        data = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return {TAG: "dataclass", "class": class_path(type(value)), "fields": encode(data)}
+    return _opaque(value)
+
+
+_TIMES = {dt.datetime, dt.date, dt.time}
+
+
+def _ordered(items: Iterable[Any], kind: str) -> list[Any]:
+    if kind == "tuple":
+        return list(items)
+    try:
+        return sorted(items)  # a set's order does not matter; sorted makes the JSON stable (journal keys)
+    except TypeError:
+        return list(items)
+
+
+def _is_pydantic(value: Any) -> bool:
+    pydantic = sys.modules.get("pydantic")
+    return pydantic is not None and isinstance(value, pydantic.BaseModel)
+
+
+def _opaque(value: Any) -> dict[str, Any]:
+    text = repr(value)
+    return {TAG: "opaque", "class": class_path(type(value)), "repr": text[:_OPAQUE_REPR]}
+
+
+# -- decoding --------------------------------------------------------------------------------------
+class Resolver:
+    """Finds the class for a path on the receiving side, without importing or executing anything.
+
+    It looks first among ``known`` classes (those of the program being run: its signatures' types),
+    then in modules already imported here (``sys.modules``: dspy's own types, a library's models,
+    classes of the notebook's ``__main__``).
+    """
+
+    def __init__(self, known: Iterable[type] = ()) -> None:
+        self.known = {class_path(cls): cls for cls in known}
+
+    def add(self, classes: Iterable[type]) -> None:
+        self.known.update({class_path(cls): cls for cls in classes})
+
+    def __call__(self, path: str) -> type | None:
+        if path in self.known:
+            return self.known[path]
+        module_name, _, qualname = path.partition(":")
+        obj: Any = sys.modules.get(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part, None) if obj is not None and part != "<locals>" else None
+        return obj if isinstance(obj, type) else None
+
+
+def decode(value: Any, resolve: Callable[[str], type | None] | None = None, where: str = "value") -> Any:
+    """The Python value of typed JSON; ``NotPortable`` (holding the raw JSON) where it cannot be rebuilt."""
+    resolve = resolve or Resolver()
+    if isinstance(value, list):
+        return [decode(v, resolve, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, dict):
+        return value
+    kind = value.get(TAG)
+    if kind is None:
+        return {k: decode(v, resolve, f"{where}[{k!r}]") for k, v in value.items()}
+    try:
+        return _DECODERS[kind](value, resolve, where)
+    except NotPortable:
+        raise
+    except KeyError:
+        raise NotPortable(f"{where}: unknown typed value {kind!r} (a newer dspex_nb on the other side?)",
+                          value) from None
+    except Exception as exc:
+        raise NotPortable(f"{where}: could not rebuild the {kind} value: {type(exc).__name__}: {exc}",
+                          value) from None
+
+
+def _items(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> list[Any]:
+    return [decode(v, resolve, f"{where}[{i}]") for i, v in enumerate(value["items"])]
+
+
+def _cls(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> type:
+    cls = resolve(value["class"])
+    if cls is None:
+        raise NotPortable(
+            f"{where} is a {value['class']} but that class is not known here: define it in the kernel (or import "
+            "its module) and pass the program object, e.g. pool.define(name, program), so it travels with it",
+            value)
+    return cls
+
+
+def _fields(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> dict[str, Any]:
+    return {k: decode(v, resolve, f"{where}.{k}") for k, v in value["fields"].items()}
+
+
+def _example(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
+    import dspy
+
+    if value[TAG] == "prediction":
+        return dspy.Prediction(**_fields(value, resolve, where))
+    example = dspy.Example(**_fields(value, resolve, where))
+    return example.with_inputs(*value["inputs"]) if "inputs" in value else example
+
+
+def _opaque_error(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
+    raise NotPortable(f"{where} is a {value['class']}, which has no JSON form, so it cannot come back as "
+                      f"itself (its repr: {value['repr'][:200]}); return JSON-able values, pydantic models, "
+                      "enums or dataclasses from the program", value)
+
+
+_DECODERS: dict[str, Callable[[dict[str, Any], Callable[[str], type | None], str], Any]] = {
+    "dict": lambda v, r, w: {decode(k, r, w): decode(x, r, f"{w}[{k!r}]") for k, x in v["items"]},
+    "tuple": lambda v, r, w: tuple(_items(v, r, w)),
+    "set": lambda v, r, w: set(_items(v, r, w)),
+    "frozenset": lambda v, r, w: frozenset(_items(v, r, w)),
+    "datetime": lambda v, r, w: dt.datetime.fromisoformat(v["iso"]),
+    "date": lambda v, r, w: dt.date.fromisoformat(v["iso"]),
+    "time": lambda v, r, w: dt.time.fromisoformat(v["iso"]),
+    "timedelta": lambda v, r, w: dt.timedelta(seconds=v["seconds"]),
+    "decimal": lambda v, r, w: Decimal(v["text"]),
+    "uuid": lambda v, r, w: uuid.UUID(v["text"]),
+    "bytes": lambda v, r, w: base64.b64decode(v["b64"]),
+    "enum": lambda v, r, w: _cls(v, r, w)(decode(v["value"], r, w)),
+    "model": lambda v, r, w: _cls(v, r, w).model_validate(_fields(v, r, w)),
+    "dataclass": lambda v, r, w: _cls(v, r, w)(**_fields(v, r, w)),
+    "prediction": _example,
+    "example": _example,
+    "opaque": _opaque_error,
+}
+
+
+def types_in(annotation: Any) -> set[type]:
+    """The Enum, pydantic and dataclass classes an annotation names (inside list[...], Optional[...], fields)."""
+    import typing
+
+    found: set[type] = set()
+    stack, seen = [annotation], set()
+    while stack:
+        ann = stack.pop()
+        if id(ann) in seen:
+            continue
+        seen.add(id(ann))
+        stack.extend(typing.get_args(ann))
+        if not isinstance(ann, type):
+            continue
+        if issubclass(ann, enum.Enum) or dataclasses.is_dataclass(ann):
+            found.add(ann)
+            if dataclasses.is_dataclass(ann):
+                stack.extend(f.type for f in dataclasses.fields(ann) if not isinstance(f.type, str))
+        elif hasattr(ann, "model_fields") and hasattr(ann, "model_validate"):
+            found.add(ann)
+            stack.extend(f.annotation for f in ann.model_fields.values())
+    return found

@@ -1,0 +1,151 @@
+"""Programs a worker keeps by name: defined from Python source, or shipped from the kernel by value.
+
+A program is a ``dspy.Module`` class (a new instance per call) or instance (that very object, e.g. a
+compiled program with its demos), a signature class (run as ``dspy.Predict``), or a plain function.
+Its input names come from what it really takes: ``forward``'s (or a ``__call__``-only module's)
+named parameters, and, where those are only ``**kwargs`` (``dspy.Predict``, ``ChainOfThought``, any
+compiled module of those), the input fields of its signature. Defined source is kept in ``linecache``
+so ``inspect.getsource`` (``dspy.Refine``) finds it, as IPython does for cells.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import linecache
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+import dspy
+
+from dspex_nb import typed
+from dspex_nb.errors import ArgumentError
+
+
+@dataclass
+class Program:
+    name: str
+    kind: str
+    factory: Callable[[], Any]
+    inputs: list[str]  # every named input, in order
+    required: list[str]
+    open_ended: bool  # takes **kwargs: other inputs are passed on
+    types: set[type] = field(default_factory=set)  # Enum / pydantic / dataclass types it was shipped with
+
+    def check(self, tool_name: str, inputs: Any, where: str) -> dict[str, Any]:
+        """``inputs`` as keyword arguments: a dict with every required input, or a bare value for one input."""
+        if not isinstance(inputs, dict) or (len(self.inputs) == 1 and self.inputs[0] not in inputs
+                                            and not self.open_ended):
+            if len(self.inputs) == 1:
+                return {self.inputs[0]: inputs}
+            raise ArgumentError(tool_name, "ArgumentError",
+                                f"{where} must be a dict of {self.name}'s inputs {self.inputs}, "
+                                f"got {type(inputs).__name__}")
+        missing = [n for n in self.required if n not in inputs]
+        if missing:
+            raise ArgumentError(tool_name, "ArgumentError",
+                                f"{where} lacks {self.name}'s input(s) {missing} (its inputs: {self.inputs})")
+        unexpected = [n for n in inputs if n not in self.inputs]
+        if unexpected and not self.open_ended:
+            raise ArgumentError(tool_name, "ArgumentError",
+                                f"{where} has input(s) {unexpected} that {self.name} does not take "
+                                f"(its inputs: {self.inputs})")
+        return inputs
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "inputs": self.inputs, "required": self.required}
+
+
+def signature_of(program: Any) -> type[dspy.Signature] | None:
+    """The signature whose input fields a ``**kwargs`` program takes: its own, or its first predictor's."""
+    own = getattr(program, "signature", None)
+    if isinstance(own, type) and issubclass(own, dspy.Signature):
+        return own
+    if isinstance(program, dspy.Module):
+        predictors = program.predictors()
+        if predictors:
+            return predictors[0].signature
+    return None
+
+
+def _entry_point(program: Any) -> Callable[..., Any]:
+    """What a call runs: a module's ``forward`` (or its own ``__call__`` where it has no forward), a function."""
+    if isinstance(program, dspy.Module):
+        return getattr(type(program), "forward", type(program).__call__)
+    return program
+
+
+def describe_inputs(program: Any) -> tuple[list[str], list[str], bool]:
+    """(inputs, required, open_ended) of a program instance or function."""
+    try:
+        params = list(inspect.signature(_entry_point(program)).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    params = [p for p in params if p.name != "self" and p.kind is not p.VAR_POSITIONAL]
+    named = [p for p in params if p.kind is not p.VAR_KEYWORD]
+    open_ended = len(named) < len(params)
+    if not named and open_ended and (sig := signature_of(program)) is not None:
+        names = list(sig.input_fields)
+        return names, names, True
+    return [p.name for p in named], [p.name for p in named if p.default is p.empty], open_ended
+
+
+def make(name: str, obj: Any, types: set[type] | None = None) -> Program:
+    """A Program of ``obj``; an ArgumentError says what ``obj`` must be."""
+    kind = ""
+    if isinstance(obj, type) and issubclass(obj, dspy.Signature):
+        obj, kind = dspy.Predict(obj), "signature (dspy.Predict)"
+    if isinstance(obj, type) and issubclass(obj, dspy.Module):
+        try:
+            sample = obj()
+        except TypeError as exc:
+            raise ArgumentError("define", "ArgumentError",
+                                f"{name!r} is a module class whose constructor needs arguments ({exc}); "
+                                "define an instance instead, e.g. qa = MyModule(...)") from None
+        factory, kind = obj, "module class"
+    elif isinstance(obj, dspy.Module):
+        sample, factory, kind = obj, (lambda: obj), kind or "module instance"
+    elif callable(obj):
+        sample, factory, kind = obj, (lambda: obj), "function"
+    else:
+        raise ArgumentError("define", "ArgumentError",
+                            f"{name!r} must be a dspy.Module subclass or instance, a dspy.Signature class, or a "
+                            f"function; got {type(obj).__name__}")
+    inputs, required, open_ended = describe_inputs(sample)
+    all_types = set(types or ())
+    if isinstance(sample, dspy.Module):
+        for predictor in sample.predictors():
+            for info in predictor.signature.model_fields.values():
+                all_types |= typed.types_in(info.annotation)
+    return Program(name, kind, factory, inputs, required, open_ended, all_types)
+
+
+def from_source(name: str, source: str) -> Program:
+    """Run ``source`` (``dspy`` is imported; no future imports of ours leak in) and keep its ``name``."""
+    filename = f"<dspex define {name}>"
+    try:
+        code = compile(source, filename, "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        raise ArgumentError("define", "ArgumentError", f"the source of {name!r} has a syntax error: {exc}") from None
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict[str, Any] = {"dspy": dspy, "__name__": f"dspex_defined_{name}"}
+    exec(code, namespace)
+    if name not in namespace:
+        defined = sorted(k for k in namespace if not k.startswith("__") and k != "dspy")
+        raise ArgumentError("define", "ArgumentError", f"the source defines no {name!r} (it defines {defined})")
+    return make(name, namespace[name])
+
+
+def from_pickle(name: str, payload: str) -> Program:
+    """A program shipped by value from the kernel (cloudpickle of {"program", "types", "sources"})."""
+    try:
+        shipped = cloudpickle.loads(base64.b64decode(payload))
+    except Exception as exc:
+        raise ArgumentError("define", type(exc).__name__,
+                            f"{name!r} could not be loaded on the worker: {type(exc).__name__}: {exc} (the worker's "
+                            "Python must be able to import every module the program uses by reference)") from None
+    for filename, lines in shipped.get("sources", {}).items():  # so inspect.getsource finds notebook code
+        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+    return make(name, shipped["program"], set(shipped.get("types", ())))

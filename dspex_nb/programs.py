@@ -17,9 +17,12 @@ import base64
 import dataclasses
 import enum
 import hashlib
+import importlib
 import io
 import json
 import linecache
+import sys
+import threading
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -32,15 +35,35 @@ from dspex_nb.errors import ArgumentError
 
 @dataclasses.dataclass
 class Shipped:
-    """A program ready for ``define_object``: the payload, the classes that travel in it, and a key that
-    stays the same for the same program in a later session (its code and DSPy state: the journal's key)."""
+    """A program ready for ``define_object``: the payload, the classes that travel in it, and its key (the
+    digest of the payload: equal keys are the same program, with the same code, state and types).
+
+    The key also names the program's batches in the journal. Pickles of the same notebook code differ
+    between Python processes (hash randomisation reorders sets inside classes), so a batch of a shipped
+    program resumes from the journal within a kernel session, while one of source defined with
+    ``pool.define(name, source)`` resumes in a later session too."""
 
     payload: str
     key: str
     types: set[type]
 
 
-class _Collector(cloudpickle.Pickler):
+_LOCKS = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threading.RLock}
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, plus what DSPy programs hold that it cannot pickle: a lock (e.g. in a ``dspy.Parallel``
+    made in ``__init__``) travels as a new one, and a lazily loaded module (``streamify``) by its name."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) in _LOCKS:
+            return _LOCKS[type(obj)], ()
+        if isinstance(obj, types.ModuleType) and type(obj) is not types.ModuleType and obj.__name__ in sys.modules:
+            return importlib.import_module, (obj.__name__,)
+        return super().reducer_override(obj)
+
+
+class _Collector(_Pickler):
     """A pickler that notes the classes and the code files it meets (a first pass over the program)."""
 
     def __init__(self) -> None:
@@ -73,14 +96,10 @@ def ship(program: Any) -> Shipped:
                             "create that inside the module's forward or __init__ instead)") from None
     sources = {name: linecache.cache[name][2] for name in collector.files
                if name in linecache.cache and len(linecache.cache[name]) == 4}
-    data = cloudpickle.dumps({"program": program, "types": collector.types, "sources": sources})
-    try:
-        state = program.dump_state() if hasattr(program, "dump_state") else None
-        key = json.dumps([typed.class_path(type(program)), sorted(sources.items()), state], sort_keys=True,
-                         default=repr)
-    except Exception:  # a state DSPy cannot dump: the pickle itself is the key
-        key = data.hex()
-    return Shipped(base64.b64encode(data).decode(), hashlib.sha256(key.encode()).hexdigest(), collector.types)
+    buffer = io.BytesIO()
+    _Pickler(buffer).dump({"program": program, "types": collector.types, "sources": sources})
+    data = buffer.getvalue()
+    return Shipped(base64.b64encode(data).decode(), hashlib.sha256(data).hexdigest(), collector.types)
 
 
 def as_program(obj: Any, cot: bool = False) -> Any:

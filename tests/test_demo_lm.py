@@ -91,7 +91,7 @@ def test_typed_fields_parse_into_python_types() -> None:
     assert isinstance(pred.score, float)
     assert isinstance(pred.n, int) and not isinstance(pred.n, bool)
     assert pred.label in ("a", "b")
-    assert isinstance(meta.meta, dict) and meta.meta
+    assert meta.meta == {}  # an open object (dict[str, Any]) needs no keys
     assert isinstance(meta.maybe, int)
 
 
@@ -141,6 +141,13 @@ def test_rate_limit_first_calls_raise_then_succeed() -> None:
             assert engine.calls == expected_calls
         assert dspy.Predict("question -> answer")(question="q").answer.startswith("Demo LM answer")
     assert engine.calls == 3
+
+
+def test_rate_limits_are_retried_by_dspy_lm_after_retry_after() -> None:
+    lm, engine = make_demo_lm(rate_limit_first=2, retry_after=0.01, num_retries=3)
+    with dspy.context(lm=lm):
+        assert dspy.Predict("question -> answer")(question="q").answer.startswith("Demo LM answer")
+    assert (engine.calls, engine.rate_limited) == (3, 2)  # two 429s, each retried once by dspy.LM
 
 
 def test_calls_are_counted_under_concurrency() -> None:

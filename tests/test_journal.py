@@ -8,7 +8,7 @@ import pytest
 
 from dspex_nb import Pool
 from dspex_nb.journal import Journal, digest
-from dspex_nb.worker.limits import RateLimiter, backoff_delays
+from dspex_nb.worker.limits import RateLimiter
 
 
 def test_journal_keeps_results_across_connections(tmp_path: Path) -> None:
@@ -65,11 +65,6 @@ def test_rate_limiter_spreads_acquisitions() -> None:
     assert [limiter.acquire() for _ in range(2)] == [0.0, 0.5]
     with pytest.raises(ValueError, match="rate_limit must be > 0"):
         RateLimiter(0)
-
-
-def test_backoff_doubles_up_to_a_cap() -> None:
-    delays = list(backoff_delays())
-    assert delays[:4] == [0.05, 0.1, 0.2, 0.4] and max(delays) <= 5.0 and len(delays) == 8
 
 
 def test_pool_rate_limit_is_split_over_workers(tmp_path: Path) -> None:

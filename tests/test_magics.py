@@ -211,7 +211,7 @@ def test_lm_switch_and_an_lm_error_is_shown(sh: Shell) -> None:
     assert out == "dspex: LM 'demo' with {'answer_tokens': 12} on 2 workers\n"
     sh('%%dspex predict "question -> answer" -o r\nshort?')
     assert len(sh.ns["r"].answer.split()) == 12
-    sh("%dspex lm demo --set rate_limit_first=2")
+    sh("%dspex lm demo --set rate_limit_first=2 --set num_retries=0")  # dspy.LM retries a 429 unless told not to
     _, err = sh('%%dspex predict "question -> answer"\nlimited?')
     assert "RateLimitError" in err and "429" in err and "what arrived before is in _.chunks" in err
     from dspex_nb import Run
@@ -272,3 +272,51 @@ def test_restart_keeps_settings_and_modules_and_unload_stops_workers(sh: Shell) 
     sh("%load_ext dspex_nb")
     out, _ = sh('%%dspex predict "q -> a"\nx')
     assert out.startswith("dspex: no pool yet; starting 2 workers with lm='demo'")
+
+
+def kernel_run(program: object, **inputs: object) -> object:
+    """``program`` run in the kernel on the demo LM the workers use (its answers depend on the whole prompt)."""
+    import dspy
+
+    from dspex_nb.worker.demo_lm import make_demo_lm
+
+    with dspy.context(lm=make_demo_lm()[0]):
+        return program(**inputs)  # type: ignore[operator]
+
+
+def test_predict_and_batch_take_a_signature_class_from_the_kernel(sh: Shell) -> None:
+    sh('''
+import dspy
+from typing import Literal
+
+class Emotion(dspy.Signature):
+    """Classify emotion."""
+    sentence: str = dspy.InputField()
+    sentiment: Literal["sadness", "joy", "anger"] = dspy.OutputField()
+    intensity: float = dspy.OutputField()
+''')
+    import dspy
+
+    sh("%%dspex predict Emotion -o r\ni am so happy today")
+    expected = kernel_run(dspy.Predict(sh.ns["Emotion"]), sentence="i am so happy today")
+    assert sh.ns["r"] == expected and isinstance(sh.ns["r"].intensity, float)
+    sh('feelings = ["i lost my keys", "what a lovely day"]')
+    sh("%dspex batch Emotion --items feelings --no-journal -o OUT")
+    assert sh.ns["OUT"] == [kernel_run(dspy.Predict(sh.ns["Emotion"]), sentence=s) for s in sh.ns["feelings"]]
+
+
+def test_a_lone_placeholder_passes_the_object_itself(sh: Shell) -> None:
+    import dspy
+
+    sh('docs = ["one page", "two pages"]')
+    sh('%%dspex predict "docs: list[str], question -> count: int" -o r\ndocs: {docs}\nquestion: how many {docs[0]}?')
+    expected = kernel_run(dspy.Predict("docs: list[str], question -> count: int"), docs=["one page", "two pages"],
+                          question="how many one page?")
+    assert sh.ns["r"] == expected  # the prompt held the list, not its repr (the demo LM's answer shows the prompt)
+
+
+def test_run_a_module_instance_from_the_kernel_fills_its_input_field(sh: Shell) -> None:
+    sh('import dspy\nqa = dspy.ChainOfThought("question -> answer")')
+    out, _ = sh("%%dspex run qa -o r\nWhat is DSPy?")
+    assert out.startswith("reasoning: ")
+    assert sh.ns["r"] == kernel_run(sh.ns["qa"], question="What is DSPy?")

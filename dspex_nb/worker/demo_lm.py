@@ -3,8 +3,9 @@
 ``DemoEngine`` is a custom dspy 3.4 engine (``dspy.LM("demo/demo", engine=DemoEngine(), cache=False)``)
 that answers any DSPy signature in ChatAdapter format without network access. It reads the output
 fields and their types from the ChatAdapter system prompt and the input values from the last user
-message, and derives every answer from a SHA-256 hash of those, so equal inputs give equal text in any
-process. ``stream()`` emits the full formatted text word by word, so DSPy's real streaming path and
+message, and derives every answer from a SHA-256 hash of those and of the whole prompt (so a program's
+demos and instructions show in its answers), so equal requests give equal text in any process.
+``stream()`` emits the full formatted text word by word, so DSPy's real streaming path and
 ``StreamListener`` work. Knobs simulate latency, long answers and HTTP 429 rate limiting.
 """
 
@@ -88,12 +89,14 @@ class DemoEngine:
         per_token: float = 0.0,
         answer_tokens: int | None = None,
         rate_limit_first: int = 0,
+        retry_after: float = 0.05,
         kill_on: str | None = None,
     ) -> None:
         self.ttft = ttft
         self.per_token = per_token
         self.answer_tokens = answer_tokens
         self.rate_limit_first = rate_limit_first
+        self.retry_after = retry_after
         self.kill_on = kill_on
         self._lock = threading.Lock()
         self._calls = 0
@@ -104,6 +107,12 @@ class DemoEngine:
     def calls(self) -> int:
         with self._lock:
             return self._calls
+
+    @property
+    def rate_limited(self) -> int:
+        """Calls answered with a (simulated) HTTP 429."""
+        with self._lock:
+            return min(self._calls, self.rate_limit_first)
 
     @property
     def tokens_streamed(self) -> int:
@@ -159,7 +168,8 @@ class DemoEngine:
         chunks = _SECTION.split(user.split(_RESPOND, 1)[0])
         inputs = {k: v.strip() for k, v in zip(chunks[1::2], chunks[2::2], strict=False)} or {
             "prompt": user.strip()}
-        key = json.dumps([sorted(inputs.items()), outputs])
+        prompt = _digest(system, *(m.text or "" for m in request.messages))  # demos, instructions: all of it
+        key = json.dumps([sorted(inputs.items()), outputs, prompt])
         topic = _short(next(iter(inputs.values()), ""))
         if not outputs:
             return self._text("answer", topic, _digest(key, "answer"))
@@ -200,8 +210,10 @@ class DemoEngine:
             if properties:
                 return {prop: child(sub, prop, prop) for prop, sub in properties.items()}
             extra = schema.get("additionalProperties")
+            if not isinstance(extra, dict):  # an open object (dict[str, Any], e.g. ReAct's tool args): none needed
+                return {}
             int_keys = type_.replace(" ", "").startswith(("dict[int,", "Dict[int,"))
-            return {(str(i) if int_keys else f"key_{i}"): child(extra if isinstance(extra, dict) else {}, i)
+            return {(str(i) if int_keys else f"key_{i}"): child(extra, i)
                     for i in range(2)}
         if kind == "array":
             if "prefixItems" in schema:
@@ -270,7 +282,8 @@ class DemoEngine:
             self._calls += 1
             limited = self._calls <= self.rate_limit_first
         if limited:
-            raise RateLimitError("Demo LM rate limit (simulated HTTP 429)", provider="demo", status=429)
+            raise RateLimitError("Demo LM rate limit (simulated HTTP 429)", provider="demo", status=429,
+                                 retry_after=self.retry_after)
 
     @staticmethod
     def _usage(request: Request, output_tokens: int) -> Usage:

@@ -22,24 +22,23 @@ from typing import Any
 import anyio
 import dspy
 from dspy.streaming import StatusMessage, StreamListener, StreamResponse
-from dspy.utils.exceptions import LMRateLimitError
 
 from dspex_nb import typed
 from dspex_nb.errors import ArgumentError, Cancelled
 from dspex_nb.worker import programs
 from dspex_nb.worker.demo_lm import make_demo_lm
-from dspex_nb.worker.limits import backoff_delays
 from dspex_nb.worker.state import WorkerState
 from dspex_nb.worker.tools import Emit, ToolContext, tool
 
 _lm_lock = threading.Lock()
+DEMO_RETRIES = 8  # dspy.LM's num_retries for the demo LM (a real LM gets dspy.LM's default, or its own setting)
 MODULES = {"predict": dspy.Predict, "chain_of_thought": dspy.ChainOfThought}
 
 
 def set_lm(state: WorkerState, model: str, kwargs: dict[str, Any]) -> None:
     """Build the LM (``"demo"`` is the embedded demo LM; anything else goes to dspy.LM)."""
-    if model == "demo":
-        lm, engine = make_demo_lm(**kwargs)
+    if model == "demo":  # retried by dspy.LM itself, as a real LM is (num_retries, honouring retry_after)
+        lm, engine = make_demo_lm(**{"num_retries": DEMO_RETRIES, **kwargs})
     else:
         lm, engine = dspy.LM(model, **kwargs), None
     with _lm_lock:
@@ -165,9 +164,9 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[E
             if ctx.streaming:
                 yield Emit("status", {"message": f"running {_label(program)} (no str output field to stream)"})
             output = program(**inputs)
-            if not inspect.isasyncgen(output):
+            if not (inspect.isasyncgen(output) or inspect.isgenerator(output)):
                 return output_json(output)
-            values = _async_items(lambda: output)
+            values = _async_items(lambda: output) if inspect.isasyncgen(output) else output
         for value in values:
             if isinstance(value, StreamResponse):
                 yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
@@ -197,10 +196,10 @@ class _AlwaysPrediction(dspy.Module):
 
 def _run_to_end(output: Any) -> Any:
     """A program's result; a stream (a ``dspy.streamify``'d program's) is run to its final value."""
-    if not inspect.isasyncgen(output):
+    if not (inspect.isasyncgen(output) or inspect.isgenerator(output)):
         return output
     final = None
-    for value in _async_items(lambda: output):
+    for value in _async_items(lambda: output) if inspect.isasyncgen(output) else output:
         final = value
     return final
 
@@ -346,19 +345,12 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         make = defined.factory
     settings, worker = ctx.worker.dspy_settings(), ctx.worker.worker_id
 
-    def run_one(inputs: dict[str, Any]) -> dict[str, Any]:
-        """One item; an LM rate limit (HTTP 429) is waited out with exponential backoff, not failed."""
-        delays = backoff_delays()
+    def run_one(inputs: dict[str, Any]) -> Any:
+        """One item. LM errors such as HTTP 429 are retried by dspy.LM itself (its ``num_retries``)."""
+        if ctx.cancelled.is_set():  # a cancelled batch starts no further LM calls
+            raise Cancelled("the batch was cancelled before this item started")
         with dspy.context(**settings):
-            while not ctx.cancelled.is_set():  # a cancelled batch starts no further LM calls
-                try:
-                    return output_json(_run_to_end(make()(**inputs)))
-                except LMRateLimitError:
-                    delay = next(delays, None)
-                    if delay is None or ctx.wait(delay):
-                        raise
-                    ctx.worker.count("rate_limit_retries")
-        raise Cancelled("the batch was cancelled before this item started")
+            return output_json(_run_to_end(make()(**inputs)))
 
     results: list[dict[str, Any] | None] = [None] * len(items)
     with futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="item") as pool:

@@ -1,30 +1,18 @@
-"""Keeping a worker's LM calls within limits: a requests-per-minute bucket, and 429 backoff.
+"""Keeping a worker's LM calls within limits: a requests-per-minute bucket.
 
 ``RateLimiter`` spaces calls evenly (no bursts), enforced in DSPy's ``on_lm_start`` callback, so it counts real LM
 calls (a multi-step module makes several per item). A Pool's ``rate_limit`` is split evenly over
-its workers. ``backoff_delays`` is the schedule on which a rate-limited (HTTP 429) item is retried.
+its workers. HTTP 429 answers are retried by ``dspy.LM`` itself (``num_retries``, honouring ``retry_after``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from dspy.utils.callback import BaseCallback
-
-RATE_LIMIT_RETRIES = 8
-FIRST_BACKOFF = 0.05  # seconds; doubles each time, capped at MAX_BACKOFF
-MAX_BACKOFF = 5.0
-
-
-def backoff_delays() -> Iterator[float]:
-    """0.05, 0.1, 0.2, ... seconds (capped), RATE_LIMIT_RETRIES of them."""
-    delay = FIRST_BACKOFF
-    for _ in range(RATE_LIMIT_RETRIES):
-        yield delay
-        delay = min(delay * 2, MAX_BACKOFF)
 
 
 class RateLimiter:

@@ -79,6 +79,7 @@ class WorkerState:
                                     "session_objects": self.sessions.count(), **self.counters}
         if self.demo_engine is not None:
             counters["lm_calls"] = self.demo_engine.calls
+            counters["lm_rate_limited"] = self.demo_engine.rate_limited
             counters["tokens_streamed"] = self.demo_engine.tokens_streamed
             counters["lm_streams_open"] = self.demo_engine.streaming
         return {"worker_id": self.worker_id, "run_id": self.run_id, "pid": os.getpid(), "rss_bytes": rss_bytes(),

@@ -183,5 +183,5 @@ def test_6_rate_limited_lm_is_waited_out() -> None:
         check_complete(batch.result(120), items, seen)
         counters = [pool.describe(w)["counters"] for w in ("w0", "w1")]
         used = [c for c in counters if c["lm_calls"] > 0]
-        assert [c.get("rate_limit_retries", 0) for c in used] == [5] * len(used)  # each 429 retried, none failed
+        assert [c["lm_rate_limited"] for c in used] == [5] * len(used)  # each 429 retried by dspy.LM, none failed
         assert sum(c["lm_calls"] for c in counters) == 40 + 5 * len(used)

@@ -1,0 +1,377 @@
+"""A DSPy program gives the same outputs in the kernel and on the pool: same fields, same types, same values.
+
+Each program below is written as in DSPy's documentation and defined the way a notebook user defines it:
+in cells of a real IPython shell (``__main__``), then run in the kernel on the demo LM and on the pool
+(``run``, ``run_stream``, ``map``). The demo LM's answers depend on the whole prompt, so equal outputs
+also mean equal prompts (demos and instructions included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import dspy
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+from dspex_nb import Pool
+from dspex_nb.worker.demo_lm import make_demo_lm
+
+SETUP = '''
+import datetime, enum
+from typing import Literal, Optional
+import dspy
+from pydantic import BaseModel
+'''
+
+PROGRAMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "literal": ('''
+class Emotion(dspy.Signature):
+    """Classify emotion."""
+    sentence: str = dspy.InputField()
+    sentiment: Literal["sadness", "joy", "love", "anger", "fear", "surprise"] = dspy.OutputField()
+
+program = dspy.Predict(Emotion)
+''', {"sentence": "i started feeling a little vulnerable when the giant spotlight started blinding me"}),
+    "enum_and_models": ('''
+class Sentiment(enum.Enum):
+    POSITIVE = "positive"
+    NEGATIVE = "negative"
+
+class Address(BaseModel):
+    city: str
+    zip_code: int
+
+class Person(BaseModel):
+    name: str
+    age: int
+    address: Address
+
+class ExtractPeople(dspy.Signature):
+    """Extract the people mentioned in the text and the overall sentiment."""
+    text: str = dspy.InputField()
+    people: list[Person] = dspy.OutputField()
+    lead: Person = dspy.OutputField()
+    sentiment: Sentiment = dspy.OutputField()
+
+program = dspy.Predict(ExtractPeople)
+''', {"text": "Ada, 36, from London, met Alan."}),
+    "datetime_optional_collections": ('''
+class Schedule(dspy.Signature):
+    """Plan a meeting."""
+    request: str = dspy.InputField()
+    when: datetime.datetime = dspy.OutputField()
+    day: datetime.date = dspy.OutputField()
+    room: Optional[int] = dspy.OutputField()
+    tags: set[str] = dspy.OutputField()
+    seats: dict[int, str] = dspy.OutputField()
+    slot: tuple[int, str] = dspy.OutputField()
+    confirmed: bool = dspy.OutputField()
+    cost: float = dspy.OutputField()
+
+program = dspy.ChainOfThought(Schedule)
+''', {"request": "A sync with the data team next week"}),
+    "typed_inputs": ('''
+class Item(BaseModel):
+    name: str
+    price: float
+
+class Total(dspy.Signature):
+    """Add up the order."""
+    items: list[Item] = dspy.InputField()
+    scores: dict[str, int] = dspy.InputField()
+    total: float = dspy.OutputField()
+
+program = dspy.Predict(Total)
+inputs = {"items": [Item(name="tea", price=2.5), Item(name="cake", price=4.0)], "scores": {"a": 1}}
+''', {}),
+    "string_signature_with_commas": ('''
+program = dspy.Predict("scores: dict[str, int], question -> answer: float")
+''', {"scores": {"alice": 3, "bob": 5}, "question": "What is the mean score?"}),
+    "rag_with_earlier_cell_names": ('''
+CORPUS = ["Bees find flowers by scent and colour.", "Cats purr when content.", "Yeast makes bread rise."]
+
+def search(query: str, k: int = 2) -> list[str]:
+    words = set(query.lower().split())
+    return sorted(CORPUS, key=lambda p: -len(words & set(p.lower().split())))[:k]
+
+class RAG(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.respond = dspy.ChainOfThought("context: list[str], question -> response")
+
+    def forward(self, question):
+        return self.respond(context=search(question), question=question)
+
+program = RAG()
+''', {"question": "How do bees find flowers?"}),
+    "multi_hop": ('''
+class Hop(dspy.Module):
+    def __init__(self, num_hops=2):
+        super().__init__()
+        self.num_hops = num_hops
+        self.generate_query = dspy.ChainOfThought("claim, notes: list[str] -> query")
+        self.append_notes = dspy.ChainOfThought("claim, notes: list[str], context -> new_notes: list[str]")
+
+    def forward(self, claim: str) -> dspy.Prediction:
+        notes = []
+        for _ in range(self.num_hops):
+            query = self.generate_query(claim=claim, notes=notes).query
+            notes.extend(self.append_notes(claim=claim, notes=notes, context=query).new_notes)
+        return dspy.Prediction(notes=notes)
+
+program = Hop()
+''', {"claim": "The Eiffel Tower is taller than the Statue of Liberty."}),
+    "react_with_tools": ('''
+def evaluate_math(expression: str = "1") -> float:
+    """Evaluate a math expression."""
+    return float(len(expression))
+
+def search_wikipedia(query: str = "") -> list[str]:
+    """Search Wikipedia."""
+    return [f"An article about {query}"]
+
+program = dspy.ReAct("question -> answer: float", tools=[evaluate_math, search_wikipedia], max_iters=3)
+''', {"question": "What is 9362158 divided by the year of birth of David Gregory of Kinnairdy castle?"}),
+    "refine_with_reward": ('''
+def one_word_answer(args, pred):
+    return 1.0 if len(pred.answer.split()) == 1 else 0.0
+
+program = dspy.Refine(module=dspy.ChainOfThought("question -> answer"), N=2, reward_fn=one_word_answer,
+                      threshold=1.0)
+''', {"question": "What is the capital of Belgium?"}),
+    "best_of_n": ('''
+def short(args, pred):
+    return 1.0 / len(pred.answer)
+
+program = dspy.BestOfN(module=dspy.Predict("question -> answer"), N=2, reward_fn=short, threshold=1.0)
+''', {"question": "Name a colour."}),
+    "parallel_returns_a_list": ('''
+class Fan(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, questions: list[str]):
+        return dspy.Parallel(num_threads=2)([(self.qa, {"question": q}) for q in questions])
+
+program = Fan()
+''', {"questions": ["Why is the sky blue?", "What is rain?"]}),
+    "parallel_made_in_init": ('''
+class FanOut(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+        self.parallel = dspy.Parallel(num_threads=2)  # holds a lock: it travels as a new one
+
+    def forward(self, questions: list[str]):
+        return self.parallel([(self.qa, {"question": q}) for q in questions])
+
+program = FanOut()
+''', {"questions": ["Why is the sky blue?", "What is rain?"]}),
+    "module_batch_inside": ('''
+class Summaries(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.summarize = dspy.Predict("document -> summary")
+
+    def forward(self, documents: list[str]):
+        examples = [dspy.Example(document=d).with_inputs("document") for d in documents]
+        results = self.summarize.batch(examples, num_threads=2)
+        return dspy.Prediction(summaries=[r.summary for r in results])
+
+program = Summaries()
+''', {"documents": ["One long text.", "Another long text."]}),
+    "call_only_module": ('''
+class Shout(dspy.Module):
+    def __call__(self, text):
+        return dspy.Prediction(loud=text.upper(), length=len(text))
+
+program = Shout()
+''', {"text": "quiet please"}),
+    "forward_with_kwargs": ('''
+class Answer(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question, **kwargs):
+        return self.qa(question=question, **kwargs)
+
+program = Answer()
+''', {"question": "What is DSPy?"}),
+    "function_returning_a_dataclass": ('''
+import dataclasses
+
+@dataclasses.dataclass
+class Stats:
+    words: int
+    first: str
+
+def program(text: str) -> Stats:
+    return Stats(words=len(text.split()), first=text.split()[0])
+''', {"text": "programming not prompting"}),
+}
+
+
+@pytest.fixture(scope="module")
+def shell() -> Iterator[InteractiveShell]:
+    ip = InteractiveShell.instance()
+    ip.run_cell(SETUP)
+    yield ip
+
+
+@pytest.fixture(scope="module")
+def demo_lm() -> dspy.LM:
+    return make_demo_lm()[0]
+
+
+def define(shell: InteractiveShell, source: str) -> tuple[Any, dict[str, Any]]:
+    result = shell.run_cell(source)
+    result.raise_error()
+    ns = shell.user_ns
+    return ns["program"], ns.pop("inputs", None)
+
+
+def assert_same(kernel: Any, pool: Any, where: str = "output") -> None:
+    """Equal values of the same types, all the way down."""
+    assert type(pool) is type(kernel), f"{where}: {type(pool)} on the pool, {type(kernel)} in the kernel"
+    if isinstance(kernel, dspy.Example):
+        assert_same(dict(kernel.items()), dict(pool.items()), where)
+    elif isinstance(kernel, dict):
+        assert list(pool) == list(kernel), f"{where}: keys {list(pool)} != {list(kernel)}"
+        for key in kernel:
+            assert_same(kernel[key], pool[key], f"{where}[{key!r}]")
+    elif isinstance(kernel, (list, tuple)):
+        assert len(pool) == len(kernel), f"{where}: {len(pool)} items != {len(kernel)}"
+        for i, (a, b) in enumerate(zip(kernel, pool, strict=True)):
+            assert_same(a, b, f"{where}[{i}]")
+    elif hasattr(type(kernel), "model_fields"):
+        assert_same(dict(kernel), dict(pool), where)
+    elif dataclasses.is_dataclass(kernel):
+        assert_same(dataclasses.asdict(kernel), dataclasses.asdict(pool), where)
+    else:
+        assert pool == kernel, f"{where}: {pool!r} on the pool, {kernel!r} in the kernel"
+
+
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_program_gives_the_same_outputs_on_the_pool(name: str, shell: InteractiveShell, pool: Pool,
+                                                    demo_lm: dspy.LM) -> None:
+    source, inputs = PROGRAMS[name]
+    program, cell_inputs = define(shell, source)
+    inputs = cell_inputs or inputs
+    with dspy.context(lm=demo_lm):
+        expected = program(**inputs)
+    assert_same(expected, pool.run(program, **inputs), "run")
+    assert_same(expected, pool.run_stream(program, **inputs).result(60), "run_stream")
+    assert_same([expected, expected], pool.map(program, [inputs, inputs], journal=False).result(60), "map")
+
+
+def test_a_compiled_program_travels_with_its_demos(shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    program, _ = define(shell, '''
+trainset = [dspy.Example(question=q, answer=a).with_inputs("question")
+            for q, a in [("What is 2+2?", "4"), ("Capital of France?", "Paris"), ("Colour of the sky?", "blue")]]
+program = dspy.LabeledFewShot(k=2).compile(dspy.ChainOfThought("question -> answer"), trainset=trainset)
+''')
+    question = {"question": "Capital of Italy?"}
+    with dspy.context(lm=demo_lm):
+        expected = program(**question)
+        plain = dspy.ChainOfThought("question -> answer")(**question)
+    assert expected.answer != plain.answer  # the demos are in the prompt, and the demo LM's answer shows it
+    assert_same(expected, pool.run(program, **question))
+
+
+def test_programs_that_differ_only_in_types_or_attributes_stay_apart(shell: InteractiveShell, pool: Pool,
+                                                                    demo_lm: dspy.LM) -> None:
+    as_int, _ = define(shell, 'program = dspy.Predict("question -> answer: int")')
+    as_float, _ = define(shell, 'program = dspy.Predict("question -> answer: float")')
+    with dspy.context(lm=demo_lm):
+        expected = [as_int(question="q"), as_float(question="q")]
+    assert_same(expected, [pool.run(as_int, question="q"), pool.run(as_float, question="q")])
+    assert_same(expected, [pool.map(p, ["q"]).result(60)[0] for p in (as_int, as_float)])  # journal keys differ too
+
+
+def test_a_streamified_program_returns_its_final_prediction(shell: InteractiveShell, pool: Pool,
+                                                           demo_lm: dspy.LM) -> None:
+    program, _ = define(shell, '''
+program = dspy.streamify(dspy.Predict("question -> answer"), async_streaming=False)
+''')
+    with dspy.context(lm=demo_lm):
+        expected = list(program(question="What is DSPy?"))[-1]
+    assert_same(expected, pool.run(program, question="What is DSPy?"))
+
+
+def test_evaluate_on_the_pool_scores_as_dspy_evaluate(shell: InteractiveShell, pool: Pool,
+                                                     demo_lm: dspy.LM) -> None:
+    program, _ = define(shell, '''
+devset = [dspy.Example(question=f"question {i}?", answer="x").with_inputs("question") for i in range(12)]
+
+def metric(example, pred, trace=None):
+    return len(pred.answer) % 3 == 0
+
+program = dspy.Predict("question -> answer")
+''')
+    devset, metric = shell.user_ns["devset"], shell.user_ns["metric"]
+    with dspy.context(lm=demo_lm):
+        expected = dspy.Evaluate(devset=devset, metric=metric, display_progress=False)(program)
+    got = pool.evaluate(program, devset, metric, display=False, journal=False)
+    assert 0 < expected.score < 100  # a score that tells outputs apart
+    assert got.score == expected.score
+    assert [r[2] for r in got.results] == [r[2] for r in expected.results]
+
+
+def test_a_program_from_source_runs_with_its_types_and_source(pool: Pool) -> None:
+    info = pool.define("Rated", '''
+from __future__ import annotations  # the user's own: annotations stay strings, resolved by DSPy
+from typing import Literal
+import inspect
+
+def reward(args, pred):
+    return 1.0
+
+class Rated(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.rate = dspy.Predict("review -> rating: Literal['good', 'bad']")
+        self.source_lines = len(inspect.getsource(reward).splitlines())  # defined source is findable
+
+    def forward(self, review):
+        return dspy.Prediction(rating=self.rate(review=review).rating, lines=self.source_lines)
+''')
+    assert info["inputs"] == ["review"]
+    out = pool.run("Rated", review="Loved it")
+    assert out.rating in ("good", "bad") and out.lines == 2
+
+
+def test_values_that_cannot_travel_raise_a_clear_error(shell: InteractiveShell, pool: Pool) -> None:
+    program, _ = define(shell, '''
+import threading
+
+def program(text):
+    return threading.Lock()
+''')
+    with pytest.raises(Exception, match="has no JSON form, so it cannot come back as itself"):
+        pool.run(program, text="x")
+
+
+def test_a_cancelled_stream_ends_its_request_on_the_worker(shell: InteractiveShell, pool: Pool) -> None:
+    program, _ = define(shell, '''
+class Slow(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, questions: list[str]):
+        return dspy.Parallel(num_threads=2)([(self.qa, {"question": q}) for q in questions])
+
+program = Slow()
+''')
+    run = pool.run_stream(program, questions=[f"q{i}" for i in range(400)])
+    run.cancel()
+    assert run.wait(30) and run.status == "cancelled"
+    from helpers import wait_until
+
+    wait_until(lambda: all(pool.describe(r["worker"])["counters"]["active_requests"] == 0 for r in pool.status()),
+               timeout=60, what="the worker's requests to end")

@@ -6,7 +6,8 @@ one item chunk per item, waiting out LM rate limits). Finished items go to the j
 arrive, and a batch that ran before takes them from there instead of calling the LM again.
 
 When a worker dies (or a shard yields nothing for ``item_timeout`` seconds), the items it had not
-finished go back in the queue one by one, so an item that kills every worker it touches ("poison")
+finished go back in the queue one by one (so does an item whose LM call failed in a way that may pass,
+``TRANSIENT_LM_ERRORS``), so an item that kills every worker it touches ("poison")
 only takes itself down; after ``max_retries`` retries an item fails with the reason.
 """
 
@@ -19,9 +20,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from dspex_nb import typed
 from dspex_nb.errors import ArgumentError, Cancelled, DspexError, ItemTimeout, PoolClosed, WorkerDied
 from dspex_nb.journal import Journal, digest
 from dspex_nb.pool.calls import Chunk, Handle, Run
+
+# LM errors that may pass (a dropped connection, a 5xx, a timeout, a 429): after dspy.LM's own retries,
+# the batch tries such an item again later, up to max_retries times.
+TRANSIENT_LM_ERRORS = frozenset({"LMTransportError", "LMTimeoutError", "LMServerError", "LMRateLimitError"})
 
 if TYPE_CHECKING:
     from dspex_nb.pool.pool import Pool
@@ -53,6 +59,7 @@ class BatchRun(Handle):
         self._runs: dict[Run, set[int]] = {}  # running shard -> its items not yet back
         self._placed: dict[str, list[bool]] = {}  # worker -> its shards of this batch (True: a retry, alone)
         self.retries = self.from_journal = self.ok = self.failed = 0
+        self.tokens_in = self.tokens_out = 0  # LM tokens of the items computed in this run (not the journal's)
         self._restarts_before = self._restarts()
         self.decode: Callable[[Any], Any] | None = None  # set by Pool.map: each item's output as the program's value
         self._stopping = False  # set by cancel() and by a fatal error: no further shard starts
@@ -134,6 +141,10 @@ class BatchRun(Handle):
                 with self._lock:
                     pending.discard(index)
                 progress[0] = time.monotonic()
+                if (not chunk["ok"] and chunk["error"]["type"] in TRANSIENT_LM_ERRORS
+                        and self._tries[index] < self._max_retries):
+                    self._requeue([index], None, retriable=True)  # dspy.LM's own retries did not get through
+                    return
                 self._record(index, dict(chunk.data, index=index, tries=self._tries[index] + 1))
 
         args = dict(self._args, batch_items=[self._items[i] for i in shard])
@@ -171,9 +182,9 @@ class BatchRun(Handle):
             raise error
         self._requeue(sorted(pending), error)
 
-    def _requeue(self, indices: list[int], error: BaseException | None) -> None:
+    def _requeue(self, indices: list[int], error: BaseException | None, retriable: bool = False) -> None:
         """Send the unfinished items of a failed shard back one by one, or fail those out of retries."""
-        retriable = isinstance(error, (WorkerDied, ItemTimeout))
+        retriable = retriable or isinstance(error, (WorkerDied, ItemTimeout))
         again = []
         for index in indices:
             self._tries[index] += 1
@@ -202,6 +213,10 @@ class BatchRun(Handle):
                 self.failed += 1
             if record.get("journal"):
                 self.from_journal += 1
+            elif record["ok"]:
+                tokens_in, tokens_out = typed.tokens(record["result"])
+                self.tokens_in += tokens_in
+                self.tokens_out += tokens_out
         if record["ok"] and self._journal is not None and not record.get("journal"):
             self._journal.record(self.key, self._item_keys[index], record["result"])
         if self._on_item is not None:
@@ -270,7 +285,8 @@ class BatchRun(Handle):
                     "queued": self.total - finished - running, "retries": self.retries,
                     "from_journal": self.from_journal, "replaced": replaced, "elapsed": elapsed, "rate": rate,
                     "eta": (self.total - finished) / rate if rate and not self.done else 0.0,
-                    "status": self.status, "by_worker": by_worker, "active": active}
+                    "status": self.status, "by_worker": by_worker, "active": active,
+                    "tokens_in": self.tokens_in, "tokens_out": self.tokens_out}
 
     def __repr__(self) -> str:
         return f"<BatchRun {self.ok + self.failed}/{self.total} ({self.failed} failed): {self.status}>"

@@ -126,7 +126,11 @@ def to_output(result: Any, resolve: typed.Resolver) -> Any:
 
     if isinstance(result, dict) and result.get(typed.TAG) == "output":
         return typed.decode(result["value"], resolve, "output")
-    return dspy.Prediction(**{name: typed.decode(value, resolve, name) for name, value in result.items()})
+    prediction = dspy.Prediction(**{name: typed.decode(value, resolve, name) for name, value in result.items()
+                                    if name != typed.USAGE})
+    if typed.USAGE in result:  # as with dspy.configure(track_usage=True): prediction.get_lm_usage()
+        prediction.set_lm_usage(result[typed.USAGE])
+    return prediction
 
 
 def item_inputs(items: Any) -> list[Any]:

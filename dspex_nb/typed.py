@@ -30,6 +30,7 @@ from typing import Any
 from dspex_nb.errors import DspexError
 
 TAG = "__dspex__"
+USAGE = "__dspex_usage__"  # beside a program's output: its LM usage per model, as dspy.track_usage counts it
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
 
 
@@ -234,3 +235,22 @@ def types_in(annotation: Any) -> set[type]:
             found.add(ann)
             stack.extend(f.annotation for f in ann.model_fields.values())
     return found
+
+
+def tokens(result: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens of a DSPy tool's result, from the usage beside its output (0, 0 if none)."""
+    usage = result.get(USAGE) if isinstance(result, dict) else None
+    if not isinstance(usage, dict):
+        return 0, 0
+    models = [u for u in usage.values() if isinstance(u, dict)]
+    return (sum(int(u.get("prompt_tokens") or 0) for u in models),
+            sum(int(u.get("completion_tokens") or 0) for u in models))
+
+
+def add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
+    """Add one call's usage (per model: prompt_tokens, completion_tokens, total_tokens) into ``total``."""
+    for model, counts in usage.items():
+        mine = total.setdefault(model, {})
+        for key, value in counts.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                mine[key] = mine.get(key, 0) + value

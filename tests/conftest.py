@@ -22,6 +22,7 @@ atexit.register(shutil.rmtree, _run_dir, ignore_errors=True)
 os.environ["DSPEX_JOURNAL"] = os.path.join(_run_dir, "journal.sqlite3")
 os.environ["DSPEX_RUNTIME_DIR"] = os.path.join(_run_dir, "run")
 os.makedirs(os.environ["DSPEX_RUNTIME_DIR"], mode=0o700)
+os.environ["DSPY_CACHEDIR"] = os.path.join(_run_dir, "dspy-cache")  # DSPy's cache, which workers share
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[Pool]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from dspex_nb import typed
 from dspex_nb.errors import (
     ArgumentError,
     CallTimeout,
@@ -215,6 +216,11 @@ class Run(Handle):
         if not self.done:
             self._cancelled = True
             self._call.cancel()
+
+    @property
+    def tokens(self) -> tuple[int, int]:
+        """LM (prompt, completion) tokens the call used, once it has finished (0, 0 before, or without LM)."""
+        return typed.tokens(self._final)
 
     def result(self, timeout: float | None = None) -> Any:
         """The final result (the data of the ``final`` chunk); raises the call's error."""

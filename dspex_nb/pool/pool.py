@@ -192,7 +192,7 @@ class Pool(Supervision):
     def _start_process(self, address: str, args: list[str], log_path: Path) -> ProcessHandle:
         """A worker process, forked by the template or spawned, and recorded in pool.json."""
         assert self._dir is not None
-        env = worker_env(self.env, self._dir / "dspy-cache")
+        env = worker_env(self.env)
         lm_env = {LM_KWARGS_ENV: json.dumps(self.lm_kwargs)}  # not on argv: it may hold an API key
         if self.start_method == "template":
             with self._spawn_lock:  # restarts run in parallel threads: one template for all of them
@@ -332,7 +332,7 @@ class Pool(Supervision):
         queued, wall = time.monotonic(), time.time_ns()
         chosen = self._choose(worker, count=True, affinity=affinity)
         sent = time.monotonic()
-        ok = False
+        ok, result = False, None
         try:
             try:
                 # A blocking call: gRPC turns Ctrl-C into KeyboardInterrupt and cancels the RPC.
@@ -346,8 +346,9 @@ class Pool(Supervision):
             return result
         finally:
             self._release(chosen, ok)
+            tokens_in, tokens_out = typed.tokens(result) if ok else (0, 0)
             self.telemetry.add(CallRecord(tool, chosen.id, ok, sent - queued, time.monotonic() - sent,
-                                          started_ns=wall))
+                                          started_ns=wall, tokens_in=tokens_in, tokens_out=tokens_out))
 
     def execute_stream(self, tool: str, args: dict[str, Any] | None = None, *,
                        on_chunk: Callable[[Chunk], Any] | None = None, timeout: float | None = None,
@@ -367,7 +368,7 @@ class Pool(Supervision):
             self._release(chosen, ok)
             first = None if run.first_chunk_at is None else run.first_chunk_at - run.started
             self.telemetry.add(CallRecord(tool, chosen.id, ok, run.started - queued, run.elapsed, first,
-                                          len(run.chunks), wall))
+                                          len(run.chunks), wall, *run.tokens))
 
         return Run(tool, chosen.id, call, timeout=timeout, on_chunk=on_chunk, worker_died=self._death_of(chosen),
                    on_done=done)

@@ -23,14 +23,15 @@ PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 LM_KWARGS_ENV = "DSPEX_LM_KWARGS"  # the worker's dspy.LM settings, as JSON
 
 
-def worker_env(extra: dict[str, str] | None, cache_dir: Path) -> dict[str, str]:
-    """The environment of a worker: the kernel's (API keys included), made offline-safe."""
+def worker_env(extra: dict[str, str] | None) -> dict[str, str]:
+    """The environment of a worker: the kernel's (API keys included), made offline-safe. DSPy's persistent
+    cache is the user's own (``DSPY_CACHEDIR``, else DSPy's default), shared by the workers and kept
+    between sessions."""
     env = dict(os.environ)
     env.update(extra or {})
     # The worker's Python may be another interpreter: let it import this very dspex_nb.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    env.setdefault("DSPY_CACHEDIR", str(cache_dir))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

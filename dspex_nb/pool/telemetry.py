@@ -1,4 +1,4 @@
-"""Per-call timings kept by the pool: queue wait, execution, time to first chunk, chunk count.
+"""Per-call timings kept by the pool: queue wait, execution, time to first chunk, chunk count, LM tokens.
 
 ``Telemetry.summary()`` is what ``pool.stats()`` returns and the pool dashboard shows. With
 ``otel=True`` (extra ``otel``: opentelemetry-api) every call also becomes an OpenTelemetry span,
@@ -25,6 +25,8 @@ class CallRecord:
     first_chunk: float | None = None  # seconds from sending to the first chunk (streams)
     chunks: int = 0
     started_ns: int = 0  # wall clock, for spans
+    tokens_in: int = 0  # LM prompt tokens the call used (dspy.track_usage on the worker)
+    tokens_out: int = 0  # LM completion tokens
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -38,33 +40,39 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 class Telemetry:
     def __init__(self, otel: bool = False) -> None:
         self._records: deque[CallRecord] = deque(maxlen=KEEP)
-        self._totals: dict[str, list[int]] = {}  # tool -> [calls, errors, chunks], over the pool's life
+        self._totals: dict[str, list[int]] = {}  # tool -> [calls, errors, chunks, tokens in, out], pool's life
         self._lock = threading.Lock()
         self._tracer = _tracer() if otel else None
 
     def add(self, record: CallRecord) -> None:
         with self._lock:
             self._records.append(record)
-            totals = self._totals.setdefault(record.tool, [0, 0, 0])
+            totals = self._totals.setdefault(record.tool, [0, 0, 0, 0, 0])
             totals[0] += 1
             totals[1] += not record.ok
             totals[2] += record.chunks
+            totals[3] += record.tokens_in
+            totals[4] += record.tokens_out
         if self._tracer is not None:
             self._span(record)
 
     def summary(self) -> dict[str, Any]:
-        """Per tool: calls, errors, chunks (all time) and percentiles of the recent calls' timings."""
+        """Per tool: calls, errors, chunks, LM tokens in and out (all time) and percentiles of the recent calls'
+        timings; and the totals."""
         with self._lock:
             records = list(self._records)
             totals = {tool: list(t) for tool, t in self._totals.items()}
         tools = {}
-        for tool, (calls, errors, chunks) in sorted(totals.items()):
+        for tool, (calls, errors, chunks, tokens_in, tokens_out) in sorted(totals.items()):
             mine = [r for r in records if r.tool == tool]
-            tools[tool] = {"calls": calls, "errors": errors, "chunks": chunks,
+            tools[tool] = {"calls": calls, "errors": errors, "chunks": chunks, "tokens_in": tokens_in,
+                           "tokens_out": tokens_out,
                            "queue_wait": _percentiles([r.queue_wait for r in mine]),
                            "execution": _percentiles([r.duration for r in mine]),
                            "first_chunk": _percentiles([r.first_chunk for r in mine if r.first_chunk is not None])}
-        return {"calls": sum(t["calls"] for t in tools.values()), "tools": tools}
+        return {"calls": sum(t["calls"] for t in tools.values()),
+                "tokens_in": sum(t["tokens_in"] for t in tools.values()),
+                "tokens_out": sum(t["tokens_out"] for t in tools.values()), "tools": tools}
 
     def _span(self, record: CallRecord) -> None:
         end_ns = record.started_ns + int((record.queue_wait + record.duration) * 1e9)

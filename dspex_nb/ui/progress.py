@@ -42,6 +42,8 @@ class StreamText:
         run = self.run
         state = {"running": "streaming", "done": "done", "failed": "failed", "cancelled": "cancelled"}[run.status]
         line = f"{state} · {run.tool} on {run.worker} · {self.tokens} tokens · {run.elapsed:.2f} s"
+        if any(run.tokens):
+            line += f" · LM {usage_text(*run.tokens)}"
         if run.status == "failed":
             line += f" · {error_text(run.error)}"
         elif run.status == "running" and self.status:
@@ -52,7 +54,7 @@ class StreamText:
 def shown_fields(result: dict[str, Any]) -> dict[str, Any]:
     """A DSPy tool's result as fields to show: a Prediction's fields, a returned dict's items, or "output"."""
     if result.get(typed.TAG) != "output":
-        return {name: _shown(value) for name, value in result.items()}
+        return {name: _shown(value) for name, value in result.items() if name != typed.USAGE}
     value = _shown(result["value"])
     return value if isinstance(value, dict) and all(isinstance(k, str) for k in value) else {"output": value}
 
@@ -77,8 +79,14 @@ def batch_line(snap: dict[str, Any]) -> str:
             f" · queued {snap['queued']} · {snap['rate']:.1f} items/s · {snap['elapsed']:.2f} s")
     if snap["status"] == "running" and snap["eta"]:
         line += f" · ETA {snap['eta']:.1f} s"
+    if snap["tokens_in"] or snap["tokens_out"]:
+        line += f" · {usage_text(snap['tokens_in'], snap['tokens_out'])}"
     extras = recovery(snap)
     return f"{line} · {extras}" if extras else line
+
+
+def usage_text(tokens_in: int, tokens_out: int) -> str:
+    return f"{tokens_in:,} tokens in / {tokens_out:,} out"
 
 
 def recovery(snap: dict[str, Any]) -> str:
@@ -99,6 +107,8 @@ def batch_summary(snap: dict[str, Any]) -> str:
     where = f" on {workers} worker{'s' * (workers != 1)}" if workers else ""
     line = (f"batch {snap['status']}: {snap['total']} items, {snap['ok']} ok, {snap['failed']} failed"
             f"{where} in {snap['elapsed']:.2f} s")
+    if snap["tokens_in"] or snap["tokens_out"]:
+        line += f", {usage_text(snap['tokens_in'], snap['tokens_out'])}"
     extras = recovery(snap)
     return f"{line} ({extras})" if extras else line
 
@@ -110,7 +120,8 @@ def pool_rows(status: list[dict[str, Any]]) -> list[list[str]]:
     return [[str(row[c]) if c != "uptime" else f"{row[c]:.0f} s" for c in POOL_COLUMNS] for row in status]
 
 
-STATS_COLUMNS = ("tool", "calls", "errors", "chunks", "queue p50", "exec p50", "exec p95", "1st chunk p50")
+STATS_COLUMNS = ("tool", "calls", "errors", "chunks", "tokens in", "tokens out", "queue p50", "exec p50", "exec p95",
+                 "1st chunk p50")
 
 
 def stats_rows(summary: dict[str, Any]) -> list[list[str]]:
@@ -118,7 +129,8 @@ def stats_rows(summary: dict[str, Any]) -> list[list[str]]:
     def ms(timing: dict[str, float], key: str) -> str:
         return f"{timing[key]:.1f} ms" if timing else "-"
 
-    return [[tool, str(t["calls"]), str(t["errors"]), str(t["chunks"]), ms(t["queue_wait"], "p50_ms"),
+    return [[tool, str(t["calls"]), str(t["errors"]), str(t["chunks"]), f"{t['tokens_in']:,}", f"{t['tokens_out']:,}",
+             ms(t["queue_wait"], "p50_ms"),
              ms(t["execution"], "p50_ms"), ms(t["execution"], "p95_ms"), ms(t["first_chunk"], "p50_ms")]
             for tool, t in summary["tools"].items()]
 

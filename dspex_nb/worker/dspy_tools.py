@@ -83,11 +83,16 @@ def _check_inputs(tool_name: str, sig: type[dspy.Signature], inputs: Any, where:
     return inputs
 
 
-def output_json(output: Any) -> Any:
-    """A program's output as typed JSON: a Prediction as its fields, anything else wrapped as an output."""
+def output_json(output: Any, usage: dict[str, Any] | None = None) -> Any:
+    """A program's output as typed JSON: a Prediction as its fields, anything else wrapped as an output;
+    with its LM usage (``typed.USAGE``) where it made LM calls."""
     if isinstance(output, dspy.Prediction):
-        return {name: typed.encode(value) for name, value in output.items()}
-    return {typed.TAG: "output", "value": typed.encode(output)}
+        result = {name: typed.encode(value) for name, value in output.items()}
+    else:
+        result = {typed.TAG: "output", "value": typed.encode(output)}
+    if usage:
+        result[typed.USAGE] = usage
+    return result
 
 
 def _listeners(program: Any) -> list[StreamListener]:
@@ -156,7 +161,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[E
     """
     listeners = _listeners(program) if ctx.streaming else []
     final: Any = None
-    with dspy.context(**ctx.worker.dspy_settings()):
+    with dspy.context(**ctx.worker.dspy_settings()), dspy.track_usage() as usage:
         if listeners:
             streamed = dspy.streamify(_AlwaysPrediction(program), stream_listeners=listeners)
             values = _async_items(lambda: streamed(**inputs))
@@ -165,7 +170,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[E
                 yield Emit("status", {"message": f"running {_label(program)} (no str output field to stream)"})
             output = program(**inputs)
             if not (inspect.isasyncgen(output) or inspect.isgenerator(output)):
-                return output_json(output)
+                return output_json(output, usage.get_total_tokens())
             values = _async_items(lambda: output) if inspect.isasyncgen(output) else output
         for value in values:
             if isinstance(value, StreamResponse):
@@ -175,7 +180,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[E
                 yield Emit("status", {"message": value.message})
             else:
                 final = value
-    return output_json(final.value if isinstance(final, _Boxed) else final)
+    return output_json(final.value if isinstance(final, _Boxed) else final, usage.get_total_tokens())
 
 
 class _Boxed(dspy.Prediction):
@@ -349,8 +354,9 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         """One item. LM errors such as HTTP 429 are retried by dspy.LM itself (its ``num_retries``)."""
         if ctx.cancelled.is_set():  # a cancelled batch starts no further LM calls
             raise Cancelled("the batch was cancelled before this item started")
-        with dspy.context(**settings):
-            return output_json(_run_to_end(make()(**inputs)))
+        with dspy.context(**settings), dspy.track_usage() as usage:
+            output = _run_to_end(make()(**inputs))
+        return output_json(output, usage.get_total_tokens())
 
     results: list[dict[str, Any] | None] = [None] * len(items)
     with futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="item") as pool:
@@ -373,4 +379,8 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
             for fut in pending:
                 fut.cancel()
     ok = sum(1 for r in results if r and r["ok"])
-    return {"results": results, "ok": ok, "failed": len(items) - ok}
+    total: dict[str, Any] = {}
+    for r in results:
+        if r and r["ok"]:
+            typed.add_usage(total, r["result"].get(typed.USAGE, {}))
+    return {"results": results, "ok": ok, "failed": len(items) - ok, typed.USAGE: total}

@@ -1,0 +1,154 @@
+"""An OpenAI-compatible chat-completions server on loopback, for testing a real LM's path without a key.
+
+It answers like the demo LM (every output field of a DSPy signature, deterministic), streamed as
+server-sent events with ``usage`` or as one JSON reply. A marker in the last user message picks a fault:
+
+- ``[429]``: the first request with that message gets HTTP 429 with ``Retry-After: 0.2``;
+- ``[500]``: every such request gets HTTP 500;
+- ``[stall]``: the reply never comes (the connection stays open until the server stops);
+- ``[drop]``: the first such request is cut off mid-reply (the connection closes).
+
+``requests`` counts the requests per user message, so a test can tell how often one was retried.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from dspex_nb.worker.demo_lm import DemoEngine
+
+
+@dataclass
+class _Text:
+    role: str
+    text: str
+
+
+@dataclass
+class _Request:
+    system: str
+    messages: list[_Text]
+
+
+class OpenAIServer:
+    def __init__(self) -> None:
+        self.requests: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._engine = DemoEngine()
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._http.daemon_threads = True
+        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._http.server_address[1]}/v1"
+
+    def __enter__(self) -> OpenAIServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._http.shutdown()
+        self._http.server_close()
+
+    def count(self, marker: str) -> int:
+        """Requests whose user message contains ``marker``."""
+        with self._lock:
+            return sum(n for message, n in self.requests.items() if marker in message)
+
+    def _answer(self, body: dict[str, Any]) -> tuple[str, str]:
+        system = "".join(m["content"] for m in body["messages"] if m["role"] == "system")
+        messages = [_Text(m["role"], m["content"] if isinstance(m["content"], str) else "")
+                    for m in body["messages"] if m["role"] != "system"]
+        user = next((m.text for m in reversed(messages) if m.role == "user"), "")
+        return user, self._engine.answer(_Request(system, messages))  # type: ignore[arg-type]
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                user, text = server._answer(body)
+                with server._lock:
+                    server.requests[user] += 1
+                    attempt = server.requests[user]
+                if "[429]" in user and attempt == 1:
+                    return self._error(429, {"Retry-After": "0.2"})
+                if "[500]" in user:
+                    return self._error(500, {})
+                if "[stall]" in user:
+                    server._stop.wait()
+                    return None
+                tokens = text.split(" ")
+                usage = {"prompt_tokens": len(json.dumps(body["messages"]).split()),
+                         "completion_tokens": len(tokens), "total_tokens": 0}
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                if "[drop]" in user and attempt == 1:
+                    return self._drop(body.get("stream", False))
+                if not body.get("stream"):
+                    return self._json(200, {
+                        "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
+                        "model": body["model"], "usage": usage,
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": text}}]})
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                pieces = [t + " " for t in tokens[:-1]] + tokens[-1:]
+                for piece in pieces:
+                    self._event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}, body)
+                self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, body)
+                self._event({"choices": [], "usage": usage}, body)
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+                self.close_connection = True
+                return None
+
+            def _drop(self, stream: bool) -> None:
+                """Headers and the start of a reply, then the connection closes."""
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream" if stream else "application/json")
+                if not stream:
+                    self.send_header("Content-Length", "4096")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(b'data: {"id": "chatcmpl-test", "choices": [{"index": 0, "delta": ' if stream
+                                 else b'{"id": "chatcmpl-test", "choices": [')
+                self.wfile.flush()
+                self.close_connection = True
+
+            def _event(self, data: dict[str, Any], body: dict[str, Any]) -> None:
+                data = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": int(time.time()),
+                        "model": body["model"], **data}
+                self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
+                self.wfile.flush()
+
+            def _json(self, status: int, data: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+                payload = json.dumps(data).encode()
+                self.send_response(status)
+                for key, value in {"Content-Type": "application/json", **(headers or {})}.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def _error(self, status: int, headers: dict[str, str]) -> None:
+                self._json(status, {"error": {"message": f"simulated HTTP {status}", "type": "test",
+                                              "code": status}}, headers)
+
+        return Handler

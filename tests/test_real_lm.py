@@ -1,0 +1,98 @@
+"""A real LM's path without a paid key: workers reach an OpenAI-compatible server on loopback through an
+ordinary ``dspy.LM("openai/...", api_base=...)``. DSPy's own retries, usage tracking and cache are used."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dspy
+import pytest
+from openai_server import OpenAIServer
+
+from dspex_nb import Pool
+
+MODEL = "openai/test-model"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[OpenAIServer]:
+    with OpenAIServer() as s:
+        yield s
+
+
+def settings(server: OpenAIServer, **extra: Any) -> dict[str, Any]:
+    return {"api_base": server.url, "api_key": "sk-test", "cache": False, **extra}
+
+
+@pytest.fixture(scope="module")
+def lm_pool(server: OpenAIServer) -> Iterator[Pool]:
+    with Pool(workers=2, lm=MODEL, lm_kwargs=settings(server), journal=False) as p:
+        yield p
+
+
+def test_tokens_stream_per_field_and_usage_is_counted(server: OpenAIServer, lm_pool: Pool) -> None:
+    program = dspy.ChainOfThought("question -> answer")
+    run = lm_pool.run_stream(program, question="How do tides work?")
+    result = run.result(60)
+    fields = {c["field"] for c in run.chunks if c.kind == "token"}
+    assert fields == {"reasoning", "answer"}
+    assert "".join(c["text"] for c in run.chunks if c.kind == "token" and c["field"] == "answer") == result.answer
+    with dspy.context(lm=dspy.LM(MODEL, **settings(server)), track_usage=True):
+        expected = program(question="How do tides work?")
+    assert result == expected
+    assert result.get_lm_usage() == expected.get_lm_usage() and expected.get_lm_usage()[MODEL]["prompt_tokens"] > 0
+    usage = expected.get_lm_usage()[MODEL]
+    assert run.tokens == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert lm_pool.stats()["tools"]["run_module"]["tokens_out"] >= usage["completion_tokens"]
+
+
+def test_a_429_is_retried_once_after_its_retry_after(server: OpenAIServer, lm_pool: Pool) -> None:
+    answer = lm_pool.run(dspy.Predict("question -> answer"), question="rate limited [429]")
+    assert answer.answer.startswith("Demo LM answer to 'rate limited [429]'")
+    assert server.count("rate limited [429]") == 2  # one 429, one retry by dspy.LM: not stacked retries
+
+
+def test_a_batch_retries_a_dropped_connection(server: OpenAIServer, lm_pool: Pool) -> None:
+    lm_pool.configure_lm(MODEL, **settings(server, num_retries=0))  # dspy.LM gives up at once: the batch retries
+    try:
+        batch = lm_pool.map(dspy.Predict("question -> answer"), ["first?", "cut [drop]", "third?"])
+        answers = batch.result(60)
+    finally:
+        lm_pool.configure_lm(MODEL, **settings(server))
+    assert [a.answer.split(":")[0] for a in answers] == [
+        "Demo LM answer to 'first?'", "Demo LM answer to 'cut [drop]'", "Demo LM answer to 'third?'"]
+    assert server.count("cut [drop]") == 2 and batch.retries == 1
+    assert batch.snapshot()["tokens_out"] > 0
+
+
+def test_stalls_and_server_errors_fail_their_items_and_the_journal_keeps_the_rest(
+        server: OpenAIServer, tmp_path: Path) -> None:
+    journal = tmp_path / "journal.sqlite3"
+    items = ["fine?", "slow [stall]", "broken [500]"]
+    with Pool(workers=2, lm=MODEL, lm_kwargs=settings(server, num_retries=1), journal=journal) as pool:
+        program = dspy.Predict("question -> answer")
+        batch = pool.map(program, items, item_timeout=3, max_retries=1)
+        batch.wait(120)
+        records = batch.records
+        assert records[0]["ok"]
+        assert records[1]["error"]["type"] == "ItemTimeout"
+        assert records[2]["error"]["type"] == "LMServerError" and "simulated HTTP 500" in records[2]["error"]["message"]
+        assert server.count("broken [500]") == 4  # 2 tries of the batch, each with 1 retry of dspy.LM
+        assert batch.result()[0].answer.startswith("Demo LM answer to 'fine?'")
+
+        again = pool.map(program, items[:1])
+        assert again.result(60) == batch.result()[:1] and again.from_journal == 1
+
+
+def test_workers_share_the_users_dspy_cache_across_sessions(server: OpenAIServer) -> None:
+    cache_dir = Path(os.environ["DSPY_CACHEDIR"])  # the test run's own (conftest), as a user's DSPY_CACHEDIR
+    question = f"cached {os.getpid()}?"
+    for _ in range(2):  # two pools: two sessions of worker processes
+        with Pool(workers=1, lm=MODEL, lm_kwargs=settings(server, cache=True), journal=False) as pool:
+            assert pool.run(dspy.Predict("question -> answer"), question=question).answer.startswith(
+                f"Demo LM answer to '{question}'")
+    assert server.count(question) == 1  # the second session's call came from DSPy's cache on disk
+    assert any(cache_dir.rglob("*")), f"nothing in {cache_dir}"

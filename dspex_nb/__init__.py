@@ -23,6 +23,9 @@ _LAZY = {
     "MessageTooLarge": "dspex_nb.errors",
     "MissingDependency": "dspex_nb.deps",
     "doctor": "dspex_nb.doctor",
+    "demo_lm": "dspex_nb.worker.demo_lm",
+    "notebook_pool": "dspex_nb.magics",
+    "NotPortable": "dspex_nb.typed",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -459,6 +459,18 @@ class Dspex(Magics):
         self.shell.user_ns["_"] = value
 
 
+def notebook_pool(name: str = DEFAULT_POOL) -> Pool:
+    """The pool the magics use in this IPython session (started with ``%dspex start``, or now), so that
+    ``pool.run`` / ``pool.map`` / ``pool.evaluate`` share its workers and dashboard."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    magics = next((c for c in getattr(shell, "configurables", ()) if isinstance(c, Dspex)), None)
+    if magics is None:
+        raise RuntimeError("the dspex_nb magics are not loaded here: %load_ext dspex_nb first (or use Pool(...))")
+    return magics._require_pool(name)
+
+
 def load(shell: Any) -> Dspex:
     magics = Dspex(shell=shell)
     shell.register_magics(magics)

@@ -461,7 +461,7 @@ class Pool(Supervision):
         return batch
 
     def evaluate(self, program: Any, devset: Sequence[Any], metric: Callable[..., Any], *,
-                 display: bool = False, failure_score: float = 0.0, **map_options: Any) -> Any:
+                 display: bool = True, failure_score: float = 0.0, **map_options: Any) -> Any:
         """``dspy.Evaluate(devset=devset, metric=metric)(program)``, with the program run on the pool (``map``);
         the metric runs here and DSPy's Evaluate computes the score, so it is the same as in the kernel."""
         import dspy

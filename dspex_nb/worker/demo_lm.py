@@ -38,7 +38,7 @@ from dspy.lm15 import (
     Usage,
 )
 
-__all__ = ["DemoEngine", "make_demo_lm"]
+__all__ = ["DemoEngine", "demo_lm", "make_demo_lm"]
 
 _OUTPUT_FIELD = re.compile(r"^\d+\. `(\w+)` \((.*?)\):", re.MULTILINE)
 _NOTE = re.compile(r"^\{(\w+)\} +# note: the value you produce (.*)$", re.MULTILINE)
@@ -297,3 +297,9 @@ def make_demo_lm(*, num_retries: int = 0, **knobs: Any) -> tuple[dspy.LM, DemoEn
     """Return ``(dspy.LM("demo/demo", engine=engine, cache=False), engine)``; knobs go to DemoEngine."""
     engine = DemoEngine(**knobs)
     return dspy.LM("demo/demo", engine=engine, cache=False, num_retries=num_retries), engine
+
+
+def demo_lm(**knobs: Any) -> dspy.LM:
+    """The demo LM for the kernel (``dspy.configure(lm=demo_lm())``): the same answers as a pool's workers give
+    with ``lm="demo"``, so a program can be compared in both places."""
+    return make_demo_lm(**knobs)[0]

@@ -264,6 +264,11 @@ class BatchRun(Handle):
             return [self.decode(r["result"]) if r and r["ok"] else None for r in self.records]
         return [outputs(r) for r in self.records]  # type: ignore[arg-type]
 
+    @property
+    def warning(self) -> str | None:
+        """What went wrong beside the items (the journal could not be written), or None."""
+        return self._journal.problem if self._journal is not None else None
+
     def snapshot(self) -> dict[str, Any]:
         """Counts and rates for a progress view (one model, several renderers)."""
         replaced = self._restarts() - self._restarts_before
@@ -286,7 +291,7 @@ class BatchRun(Handle):
                     "from_journal": self.from_journal, "replaced": replaced, "elapsed": elapsed, "rate": rate,
                     "eta": (self.total - finished) / rate if rate and not self.done else 0.0,
                     "status": self.status, "by_worker": by_worker, "active": active,
-                    "tokens_in": self.tokens_in, "tokens_out": self.tokens_out}
+                    "tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "warning": self.warning}
 
     def __repr__(self) -> str:
         return f"<BatchRun {self.ok + self.failed}/{self.total} ({self.failed} failed): {self.status}>"

@@ -7,6 +7,12 @@ from here without calling the LM and runs only the rest. Only successful items a
 item runs again next time.
 
 Location: ``Journal(path)``, else ``$DSPEX_JOURNAL``, else ``~/.cache/dspex_nb/journal.sqlite3``.
+The file is private (0600; its default directory 0700): it holds the items and the answers.
+
+The journal never costs a result: a write that fails (a full disk, a read-only file) is reported once
+(``Journal.problem``, shown by the batch) and the batch goes on with every result in memory; a file
+that is not a journal (corrupt, truncated) is moved aside, with a warning naming both files, and a
+fresh one started; a row that cannot be read is skipped (that item runs again).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import sqlite3
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,33 +53,86 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
+class JournalWarning(UserWarning):
+    """The journal could not keep something (the batch's results are not affected)."""
+
+
 class Journal:
     """One SQLite file of batch results, safe to use from several threads of one process and from
     several processes at once (WAL)."""
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.problem: str | None = None  # the first write that failed, if one did
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed row survives a process kill
-        self._db.executescript(SCHEMA)
+        if path is None and not os.environ.get("DSPEX_JOURNAL"):
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.path.parent, 0o700)  # our own directory: private, as the file
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as exc:  # not a journal: keep it aside for the user, start afresh
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.path.replace(aside)
+            warnings.warn(f"the batch journal {self.path} could not be read ({exc}); it was moved to {aside} "
+                          "and a new journal started", JournalWarning, stacklevel=2)
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # private from the start (WAL files follow)
+        if self.path.stat().st_uid == os.getuid():
+            os.chmod(self.path, 0o600)
+        db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed row survives a process kill
+            db.executescript(SCHEMA)
+            db.execute("SELECT COUNT(*) FROM items").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
 
     def open_batch(self, key: str, description: str) -> dict[str, dict[str, Any]]:
-        """Register batch ``key``; return its finished results by item key."""
+        """Register batch ``key``; return its finished results by item key (none when the journal fails)."""
         now = time.time()
-        with self._lock:
-            self._db.execute("INSERT INTO batches VALUES (?, ?, ?, ?) ON CONFLICT(batch_key) DO UPDATE SET "
-                             "updated = excluded.updated", (key, description, now, now))
-            rows = self._db.execute("SELECT item_key, result FROM items WHERE batch_key = ?", (key,)).fetchall()
-        return {item_key: json.loads(result) for item_key, result in rows}
+        try:
+            with self._lock:
+                self._db.execute("INSERT INTO batches VALUES (?, ?, ?, ?) ON CONFLICT(batch_key) DO UPDATE SET "
+                                 "updated = excluded.updated", (key, description, now, now))
+                rows = self._db.execute("SELECT item_key, result FROM items WHERE batch_key = ?", (key,)).fetchall()
+        except sqlite3.Error as exc:
+            self._failed("read", exc)
+            return {}
+        kept = {}
+        for item_key, result in rows:
+            try:
+                kept[item_key] = json.loads(result)
+            except ValueError:  # a damaged row: that item runs again
+                self._failed("read a row of", ValueError(f"item {item_key} is not JSON"))
+        return kept
 
-    def record(self, batch_key: str, item_key: str, result: dict[str, Any]) -> None:
-        """Keep one finished item (committed at once)."""
+    def record(self, batch_key: str, item_key: str, result: dict[str, Any]) -> bool:
+        """Keep one finished item (committed at once); False (and ``problem`` set) when it could not."""
+        try:
+            with self._lock:
+                self._db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?)",
+                                 (batch_key, item_key, json.dumps(result), time.time()))
+        except sqlite3.Error as exc:
+            self._failed("write to", exc)
+            return False
+        return True
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        """Report the first failure once; the batch keeps its results in memory and goes on."""
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?)",
-                             (batch_key, item_key, json.dumps(result), time.time()))
+            first = self.problem is None
+            if first:
+                self.problem = (f"could not {what} the batch journal {self.path} ({type(exc).__name__}: {exc}); "
+                                "results are kept in memory (batch.records), but a re-run cannot take them from it")
+        if first:
+            warnings.warn(self.problem, JournalWarning, stacklevel=3)
 
     def batches(self) -> list[dict[str, Any]]:
         """Every journaled batch: key, description, items kept, created, updated."""

@@ -62,6 +62,8 @@ def show_batch(batch: BatchRun, title: str, *, mode: str = "auto", block: bool =
             batch.wait()
             out = out or sys.stdout
             out.write(progress.batch_summary(batch.snapshot()) + "\n")
+            if batch.warning:
+                out.write(f"  warning: {batch.warning}\n")
             for record in batch.records:
                 if record is not None and not record["ok"]:
                     out.write(f"  item {record['index']}: {progress.error_line(record)}\n")

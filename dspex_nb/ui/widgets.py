@@ -107,7 +107,8 @@ class BatchDashboard(View):
         snap = batch.snapshot()
         style = "danger" if snap["failed"] else ("success" if snap["status"] == "done" else "info")
         _set(self.bar, value=snap["ok"] + snap["failed"], bar_style=style)
-        _set(self.counts, value=html.escape(progress.batch_line(snap)))
+        warning = f"<br><b>warning:</b> {html.escape(snap['warning'])}" if snap["warning"] else ""
+        _set(self.counts, value=html.escape(progress.batch_line(snap)) + warning)
         workers = sorted(set(snap["by_worker"]) | set(snap["active"]))
         _set(self.workers, value=_table(["worker", "running", "done"], [
             [wid, str(snap["active"].get(wid, 0)), str(snap["by_worker"].get(wid, 0))] for wid in workers]))

@@ -1,0 +1,81 @@
+"""The journal never costs a result and keeps what it holds private: a full disk, a corrupt file or a
+damaged row is reported (naming the file) and the batch goes on; the file is 0600, its directory 0700."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from dspex_nb import Pool
+from dspex_nb.journal import Journal, JournalWarning
+
+
+def full(journal: Journal, pages: int = 8) -> Journal:
+    """A journal whose disk is full after a few pages (SQLite's own cap gives the same SQLITE_FULL error)."""
+    journal._db.execute(f"PRAGMA max_page_count = {pages}")
+    return journal
+
+
+def test_a_batch_on_a_full_disk_keeps_every_result_and_says_so(tmp_path: Path) -> None:
+    journal = full(Journal(tmp_path / "journal.sqlite3"))
+    items = [f"a long question number {i} " + "x" * 500 for i in range(60)]
+    with Pool(workers=2, journal=journal) as pool, pytest.warns(JournalWarning, match="database or disk is full"):
+        batch = pool.batch(items, "question -> answer")
+        results = batch.result(120)
+    assert batch.ok == 60 and batch.failed == 0
+    assert all(r["answer"].startswith(f"Demo LM answer to 'a long question number {i} ") for i, r in enumerate(results))
+    assert "database or disk is full" in batch.warning and str(journal.path) in batch.warning
+
+
+def test_journal_files_are_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = Journal(tmp_path / "mine.sqlite3")
+    journal.record("b", "i", {"answer": "secret"})
+    assert stat.S_IMODE(os.stat(journal.path).st_mode) == 0o600
+    for suffix in ("-wal", "-shm"):
+        side = journal.path.with_name(journal.path.name + suffix)
+        if side.exists():
+            assert stat.S_IMODE(os.stat(side).st_mode) & 0o077 == 0
+    journal.close()
+
+    monkeypatch.delenv("DSPEX_JOURNAL", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    default = Journal()
+    assert default.path == tmp_path / "home" / ".cache" / "dspex_nb" / "journal.sqlite3"
+    assert stat.S_IMODE(os.stat(default.path.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(default.path).st_mode) == 0o600
+    default.close()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_journal_is_moved_aside_and_a_new_one_started(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "journal.sqlite3"
+    if damage == "garbage":
+        path.write_bytes(b"this is not a database at all" * 100)
+    else:
+        journal = Journal(path)
+        for i in range(200):
+            journal.record("b", str(i), {"answer": "x" * 200})
+        journal._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        journal.close()
+        path.write_bytes(path.read_bytes()[:4096 + 100])
+    with pytest.warns(JournalWarning, match=f"{path}.*moved to .*corrupt"):
+        journal = Journal(path)
+    assert journal.open_batch("b", "again") == {} and journal.record("b", "i", {"answer": "ok"})
+    assert list(tmp_path.glob("journal.sqlite3.corrupt-*"))
+
+
+def test_a_damaged_row_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.open_batch("b", "desc")
+    journal.record("b", "good", {"answer": "kept"})
+    raw = sqlite3.connect(journal.path)
+    raw.execute("INSERT INTO items VALUES ('b', 'bad', '{not json', 0)")
+    raw.commit()
+    raw.close()
+    with pytest.warns(JournalWarning, match=str(journal.path)):
+        kept = journal.open_batch("b", "desc")
+    assert kept == {"good": {"answer": "kept"}}

@@ -1,11 +1,13 @@
 """Stale cleanup: find and end worker processes that an earlier pool of this user left behind.
 
-Every pool writes ``pool.json`` in its private socket directory: its owner's pid and start time,
-its run id, and its workers' pids. Workers normally exit when their owner dies (their stdin closes),
-but a stopped or wedged one cannot. A new pool looks at the directories of *this user* whose owner
-is gone (no such pid, or a pid reused by another process) and SIGKILLs the workers listed there that
-still run ``dspex_nb.worker`` with that run id, then removes the directory. A live owner's pool
-(another kernel) and another user's directories are never touched.
+Every pool writes ``pool.json`` (0600) in its private socket directory (0700): its owner's pid and
+start time, its run id, and its workers' pids with their start times. Workers normally exit when
+their owner dies (their stdin closes), but a stopped or wedged one cannot. A new pool looks at the
+directories of *this user* whose owner is gone (no such pid, or a pid reused by another process)
+and SIGKILLs the workers listed there that still run ``dspex_nb.worker`` with that run id, then
+removes the directory. A live owner's pool (another kernel), another user's directories, links, and
+anything a forged ``pool.json`` points at (a pid of another user, one not started at the recorded
+time, or one without the run id) are never touched.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -24,6 +28,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 PREFIX = "dspex-"
 OWNER_FILE = "pool.json"
+RUN_ID = re.compile(r"[0-9a-f]{12}")  # uuid4().hex[:12], as Pool makes them
 RUNTIME_DIR_ENV = "DSPEX_RUNTIME_DIR"  # where pools make their socket directories (default: the temp dir)
 
 
@@ -41,15 +46,28 @@ def start_time(pid: int) -> str | None:
 
 
 def write_owner(directory: Path, run_id: str, workers: list[int]) -> None:
-    """Record (atomically) who owns ``directory`` and which worker pids it started."""
-    record = {"owner_pid": os.getpid(), "owner_start": start_time(os.getpid()), "run_id": run_id, "workers": workers}
+    """Record (atomically, mode 0600) who owns ``directory`` and which worker pids it started, each with
+    its start time (so a reused pid is never taken for one of ours)."""
+    record = {"owner_pid": os.getpid(), "owner_start": start_time(os.getpid()), "run_id": run_id,
+              "workers": [{"pid": pid, "start": start_time(pid)} for pid in workers]}
     tmp = directory / f".{OWNER_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
-    tmp.write_text(json.dumps(record))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(record, out)
     tmp.replace(directory / OWNER_FILE)
 
 
-def _runs_worker(pid: int, run_id: str) -> bool:
+def _private(path: Path, kind: int) -> bool:
+    """``path`` itself (not a link) is a ``kind`` (S_IFDIR / S_IFREG) of this user that no one else may use."""
+    info = os.lstat(path)
+    return stat.S_IFMT(info.st_mode) == kind and info.st_uid == os.getuid() and not info.st_mode & 0o077
+
+
+def _ours(pid: int, started: str, run_id: str) -> bool:
+    """``pid`` is still the worker (or template) of run ``run_id`` that this user started at ``started``."""
     try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid() or start_time(pid) != started:
+            return False
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
@@ -57,25 +75,50 @@ def _runs_worker(pid: int, run_id: str) -> bool:
     return runs_ours and run_id.encode() in argv
 
 
+def _leftovers(directory: Path) -> tuple[str, list[int]] | None:
+    """(run id, pids to end) of a dead pool's directory that this user provably owns, else None."""
+    if not (_private(directory, stat.S_IFDIR) and _private(directory / OWNER_FILE, stat.S_IFREG)):
+        return None
+    fd = os.open(directory / OWNER_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as source:
+        record = json.load(source)
+    run_id = record["run_id"]
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        return None
+    owner_start = start_time(int(record["owner_pid"]))
+    if owner_start is not None and owner_start == record["owner_start"]:
+        return None  # a live pool: another kernel's
+    workers = [(w["pid"], w["start"]) for w in record["workers"]
+               if isinstance(w, dict) and isinstance(w.get("pid"), int) and isinstance(w.get("start"), str)]
+    return run_id, [pid for pid, started in workers if _ours(pid, started, run_id)]
+
+
 def cleanup(root: Path | None = None) -> list[dict[str, Any]]:
-    """End the leftovers of this user's dead pools under ``root`` (``runtime_dir()``); return what was done."""
+    """End the leftovers of this user's dead pools under ``root`` (``runtime_dir()``); return what was done.
+
+    Only what this user provably owns is touched: directories and ``pool.json`` files that are not links,
+    belong to this user and are private to it (0700 / 0600), an exact run id, and processes of this user
+    whose start time is the one recorded and whose command line carries that run id.
+    """
     root = root or runtime_dir()
     cleaned = []
-    for directory in root.glob(f"{PREFIX}*"):
+    try:
+        entries = [e for e in os.scandir(root) if e.name.startswith(PREFIX)]
+    except OSError:
+        return []
+    for entry in entries:
+        directory = Path(entry.path)
         try:
-            if directory.stat().st_uid != os.getuid() or not directory.is_dir():
-                continue
-            record = json.loads((directory / OWNER_FILE).read_text())
-            owner_start = start_time(int(record["owner_pid"]))
-            if owner_start is not None and owner_start == record["owner_start"]:
-                continue  # a live pool: another kernel's
-            killed = [pid for pid in record["workers"] if _runs_worker(int(pid), str(record["run_id"]))]
+            found = _leftovers(directory)
         except (OSError, ValueError, KeyError, TypeError):  # not a pool's directory, or not readable: leave it
             continue
+        if found is None:
+            continue
+        run_id, killed = found
         for pid in killed:
             with contextlib.suppress(ProcessLookupError):  # it may have exited meanwhile
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(directory, ignore_errors=True)
-        log.info("dspex_nb: removed %s of dead pool %s, killed workers %s", directory, record["run_id"], killed)
-        cleaned.append({"dir": str(directory), "run_id": record["run_id"], "killed": killed})
+        log.info("dspex_nb: removed %s of dead pool %s, killed workers %s", directory, run_id, killed)
+        cleaned.append({"dir": str(directory), "run_id": run_id, "killed": killed})
     return cleaned

@@ -1,0 +1,86 @@
+"""Stale cleanup touches only what this user provably owns: forged, linked, shared or foreign pool
+directories that point at a live pool's workers never cost that pool a worker."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import pid_alive
+
+from dspex_nb import Pool
+from dspex_nb.pool import stale
+
+
+def forged_record(pool: Pool, **changes: object) -> dict:
+    """A pool.json that names ``pool``'s live workers, its run id and their start times, from a dead owner."""
+    pids = [row["pid"] for row in pool.status()]
+    record = {"owner_pid": 2**22 + 1, "owner_start": "0", "run_id": pool.run_id,
+              "workers": [{"pid": pid, "start": stale.start_time(pid)} for pid in pids]}
+    record.update(changes)
+    return record
+
+
+def write(directory: Path, record: dict, mode: int = 0o600, dir_mode: int = 0o700) -> Path:
+    directory.mkdir()
+    (directory / stale.OWNER_FILE).write_text(json.dumps(record))
+    os.chmod(directory / stale.OWNER_FILE, mode)
+    os.chmod(directory, dir_mode)
+    return directory
+
+
+def linked(root: Path, pool: Pool) -> None:
+    target = write(root / "elsewhere", forged_record(pool), dir_mode=0o777)
+    (root / "dspex-evil").symlink_to(target)
+
+
+def shared_dir(root: Path, pool: Pool) -> None:
+    write(root / "dspex-shared", forged_record(pool), dir_mode=0o755)
+
+
+def readable_file(root: Path, pool: Pool) -> None:
+    write(root / "dspex-readable", forged_record(pool), mode=0o644)
+
+
+def empty_run_id(root: Path, pool: Pool) -> None:
+    write(root / "dspex-empty", forged_record(pool, run_id=""))
+
+
+def wrong_start_times(root: Path, pool: Pool) -> None:
+    record = forged_record(pool)
+    record["workers"] = [{"pid": w["pid"], "start": "1"} for w in record["workers"]]
+    write(root / "dspex-reused", record)
+
+
+def bare_pids(root: Path, pool: Pool) -> None:  # the old format: pids without start times
+    write(root / "dspex-old", forged_record(pool, workers=[row["pid"] for row in pool.status()]))
+
+
+def other_users_dir(root: Path, pool: Pool) -> None:
+    if os.getuid() != 0:
+        pytest.skip("a directory of another user needs root to make (chown)")
+    directory = write(root / "dspex-other", forged_record(pool))
+    os.chown(directory / stale.OWNER_FILE, 65534, 65534)
+    os.chown(directory, 65534, 65534)
+
+
+@pytest.mark.parametrize("forge", [linked, shared_dir, readable_file, empty_run_id, wrong_start_times, bare_pids,
+                                   other_users_dir])
+def test_a_forged_pool_directory_cannot_end_a_live_pool(forge: Callable[[Path, Pool], None], pool: Pool,
+                                                        tmp_path: Path) -> None:
+    root = tmp_path / "runtime"
+    root.mkdir(mode=0o1777)
+    forge(root, pool)
+    pids = [row["pid"] for row in pool.status()]
+    stale.cleanup(root)
+    assert all(pid_alive(pid) for pid in pids)
+    assert [row["pid"] for row in pool.status()] == pids and pool.execute("echo", {"ok": 1}) == {"ok": 1}
+    assert (root / "elsewhere").exists() or forge is not linked  # nothing behind a link is removed
+
+
+def test_pool_json_is_private(pool: Pool) -> None:
+    assert pool._dir is not None
+    assert oct(os.stat(pool._dir / stale.OWNER_FILE).st_mode & 0o777) == oct(0o600)

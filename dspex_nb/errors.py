@@ -47,8 +47,10 @@ REMOTE_ERROR_TYPES: dict[str, type[ToolError]] = {
 def remote_error(tool: str, type: str, message: str, remote_traceback: str = "",
                  worker: str = "") -> ToolError:
     """The most specific ToolError subclass for an error the worker reported."""
+    from dspex_nb import redact  # the kernel masks too: its environment is the workers'
+
     cls = REMOTE_ERROR_TYPES.get(type, ToolError)
-    return cls(tool, type, message, remote_traceback, worker)
+    return cls(tool, type, redact.text(message), redact.text(remote_traceback, limit=None), worker)
 
 
 class WorkerDied(DspexError):

@@ -22,7 +22,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
 from traitlets import Enum, Integer, Unicode
 
-from dspex_nb import programs, typed
+from dspex_nb import programs, redact, typed
 from dspex_nb.api import Pool
 from dspex_nb.batch import BatchRun
 from dspex_nb.errors import DspexError, ToolError
@@ -289,7 +289,8 @@ class Dspex(Magics):
         for name in ("workers", "lm", "python", "display"):
             print(f"Dspex.{name} = {getattr(self, name)!r}")
         for name, pool in self.pools.items():
-            print(f"pool {name!r}: {pool!r}, lm_kwargs={pool.lm_kwargs}, modules={sorted(pool.definitions)}")
+            print(f"pool {name!r}: {pool!r}, lm_kwargs={redact.mapping(pool.lm_kwargs)}, "
+                  f"modules={sorted(pool.definitions)}")
 
     def _lm(self, args: argparse.Namespace) -> None:
         settings = dict(_setting(s) for s in args.set)
@@ -299,7 +300,7 @@ class Dspex(Magics):
             settings["max_tokens"] = args.max_tokens
         pool = self._require_pool(args.pool)
         pool.configure_lm(args.model, **settings)
-        extra = f" with {settings}" if settings else ""
+        extra = f" with {redact.mapping(settings)}" if settings else ""
         print(f"dspex: LM {args.model!r}{extra} on {pool.size} workers")
 
     # -- cells ----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dspex_nb import deps
+from dspex_nb import deps, redact
 from dspex_nb.errors import WorkerStartError
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
@@ -86,7 +86,7 @@ class ProcessHandle:
 
     def log_tail(self, lines: int = 30) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return redact.text("\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]), None)
         except OSError:
             return ""
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from dspex_nb import redact
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.errors import ResultTooLarge, ToolError
 from dspex_nb.worker import tools
@@ -31,9 +32,9 @@ _DONE = object()
 def error_info(exc: BaseException) -> dict[str, str]:
     """type / message / traceback of an exception, as the client will see them."""
     if isinstance(exc, ToolError):
-        return {"type": exc.type, "message": exc.message, "traceback": ""}
-    return {"type": type(exc).__name__, "message": str(exc),
-            "traceback": "".join(traceback.format_exception(exc))}
+        return {"type": exc.type, "message": redact.text(exc.message), "traceback": ""}
+    return {"type": type(exc).__name__, "message": redact.text(str(exc)),
+            "traceback": redact.text("".join(traceback.format_exception(exc)), limit=None)}
 
 
 def drive(gen: Iterator[tools.Emit], ctx: tools.ToolContext, on_emit: Callable[[tools.Emit], None]) -> Any:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
+from dspex_nb import redact
 from dspex_nb.worker.sessions import Sessions
 
 
@@ -84,6 +85,6 @@ class WorkerState:
             counters["lm_streams_open"] = self.demo_engine.streaming
         return {"worker_id": self.worker_id, "run_id": self.run_id, "pid": os.getpid(), "rss_bytes": rss_bytes(),
                 "uptime": time.time() - self.started, "versions": versions,
-                "lm": {"model": self.lm_model, "kwargs": self.lm_kwargs}, "rate_limit": self.rate_limit,
+                "lm": {"model": self.lm_model, "kwargs": redact.mapping(self.lm_kwargs)}, "rate_limit": self.rate_limit,
                 "modules": sorted(self.modules),
                 "counters": counters}

@@ -1,0 +1,52 @@
+"""One redaction rule for everything dspex_nb shows or sends back: errors, ``describe``, ``status``,
+dashboards, magic output and logs.
+
+A secret is a setting whose name looks like one (``*key*``, ``*token*``, ``*secret*``, ``*password*``,
+``authorization``, ``*credential*``, ``cookie``) and the value of every environment variable so named.
+Values are replaced by ``***`` wherever they appear in text; settings so named are masked whole.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+MASK = "***"
+MAX_MESSAGE = 4000  # characters of an error message kept (a repr of a large object says little more)
+_SECRET_NAME = re.compile(r"key|token|secret|passw|authorization|credential|cookie", re.IGNORECASE)
+_ASSIGNED = re.compile(  # api_key='sk-...', "token": "...", Authorization: Bearer ...
+    r"""(?i)((?:api[_-]?key|token|secret|password|authorization)['"]?\s*[:=]\s*['"]?(?:bearer\s+)?)"""
+    r"""([^'"\s,}\])]{4,})""")
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.search(name))
+
+
+def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
+    """The values of secret-named environment variables (longest first, so none hides part of another)."""
+    env = os.environ if env is None else env
+    return sorted({v for k, v in env.items() if is_secret_name(k) and len(v) >= 6}, key=len, reverse=True)
+
+
+def text(value: str, limit: int | None = MAX_MESSAGE) -> str:
+    """``value`` with every secret masked (and, with ``limit``, shortened)."""
+    for secret in secret_values():
+        value = value.replace(secret, MASK)
+    value = _ASSIGNED.sub(lambda m: m.group(1) + MASK, value)
+    if limit is not None and len(value) > limit:
+        value = value[:limit] + f"… ({len(value) - limit} more characters)"
+    return value
+
+
+def mapping(value: Any) -> Any:
+    """A JSON-like value with secret-named keys masked and secret values masked in every string."""
+    if isinstance(value, Mapping):
+        return {k: MASK if isinstance(k, str) and is_secret_name(k) else mapping(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [mapping(v) for v in value]
+    if isinstance(value, str):
+        return text(value, limit=None)
+    return value

@@ -1,0 +1,61 @@
+"""Secrets never reach the user's screen or a saved notebook: errors, describe(), magic output and
+dashboards mask keys and the values of secret-named environment variables."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+from dspex_nb import Pool, ToolError
+from dspex_nb.redact import text
+
+SECRET = "sk-proj-very-secret-4711"
+
+
+@pytest.fixture(scope="module")
+def secret_pool(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[Pool]:
+    monkeypatch_module.setenv("MY_SERVICE_API_KEY", SECRET)  # in the kernel's environment, as a user's key is
+    with Pool(workers=1, lm="openai/gpt-4o-mini", lm_kwargs={"api_key": SECRET}, journal=False) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_an_error_naming_the_environment_does_not_show_it(secret_pool: Pool) -> None:
+    secret_pool.define("leak", "import os\ndef leak(x):\n    raise KeyError(dict(os.environ))\n")
+    with pytest.raises(ToolError) as caught:
+        secret_pool.run("leak", x=1)
+    shown = str(caught.value) + caught.value.remote_traceback
+    assert SECRET not in shown and "MY_SERVICE_API_KEY" in shown and "***" in shown
+
+
+def test_describe_and_status_mask_the_lm_key(secret_pool: Pool) -> None:
+    described = secret_pool.describe()
+    assert described["lm"]["kwargs"] == {"api_key": "***"}
+    assert SECRET not in repr(described) + repr(secret_pool.status()) + repr(secret_pool)
+
+
+def test_magics_do_not_print_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    ip = InteractiveShell.instance()
+    ip.run_cell("%load_ext dspex_nb")
+    try:
+        ip.run_cell("%dspex start -n 1 --pool secrets")
+        ip.run_cell(f"%dspex lm openai/gpt-4o-mini --set api_key={SECRET} --set token=abcdefgh --pool secrets")
+        ip.run_cell("%dspex config")
+        out, err = capsys.readouterr()
+        assert "api_key" in out and "***" in out
+        assert SECRET not in out + err and "abcdefgh" not in out + err
+    finally:
+        ip.run_cell("%dspex stop --pool secrets")
+        ip.run_cell("%unload_ext dspex_nb")
+
+
+@pytest.mark.parametrize("leak", [f"api_key='{SECRET}'", f'"token": "{SECRET}"', f"Authorization: Bearer {SECRET}"])
+def test_assigned_secrets_are_masked_in_text(leak: str) -> None:
+    assert SECRET not in text(f"failed with {leak} and more")

@@ -50,7 +50,8 @@ def default_path() -> Path:
 
 def digest(value: Any) -> str:
     """A stable key for a JSON-able value (dict keys sorted)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]  # a lone surrogate is data too
 
 
 class JournalWarning(UserWarning):

@@ -1,8 +1,9 @@
 """One redaction rule for everything dspex_nb shows or sends back: errors, ``describe``, ``status``,
 dashboards, magic output and logs.
 
-A secret is a setting whose name looks like one (``*key*``, ``*token*``, ``*secret*``, ``*password*``,
-``authorization``, ``*credential*``, ``cookie``) and the value of every environment variable so named.
+A secret is a setting whose name looks like one (``*key*``, ``*token*`` but not a count of tokens such
+as ``max_tokens``, ``*secret*``, ``*password*``, ``authorization``, ``*credential*``, ``cookie``) and the
+value of every environment variable so named.
 Values are replaced by ``***`` wherever they appear in text; settings so named are masked whole.
 """
 
@@ -15,7 +16,8 @@ from typing import Any
 
 MASK = "***"
 MAX_MESSAGE = 4000  # characters of an error message kept (a repr of a large object says little more)
-_SECRET_NAME = re.compile(r"key|token|secret|passw|authorization|credential|cookie", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"key(?!word)|token(?!s\b|s_|_count|izer)|secret|passw|authoriz|credential|cookie",
+                          re.IGNORECASE)  # not counts: max_tokens, answer_tokens
 _ASSIGNED = re.compile(  # api_key='sk-...', "token": "...", Authorization: Bearer ...
     r"""(?i)((?:api[_-]?key|token|secret|password|authorization)['"]?\s*[:=]\s*['"]?(?:bearer\s+)?)"""
     r"""([^'"\s,}\])]{4,})""")

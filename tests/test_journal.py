@@ -72,5 +72,5 @@ def test_pool_rate_limit_is_split_over_workers(tmp_path: Path) -> None:
         assert [pool.describe(w)["rate_limit"] for w in ("w0", "w1")] == [3000.0, 3000.0]
         assert pool.batch(["a?", "b?", "c?"], "question -> answer").result()[2]["answer"].startswith(
             "Demo LM answer to 'c?'")
-    with pytest.raises(ValueError, match="rate_limit must be > 0"):
+    with pytest.raises(ValueError, match=r"rate_limit=...\) must be a finite number > 0"):
         Pool(rate_limit=-1)

@@ -246,7 +246,7 @@ def test_both_start_methods_serve_the_same_answers() -> None:
         with Pool(workers=1, journal=False, start=start) as p:
             answers.append(p.execute("predict", {"signature": "q -> a", "inputs": "same"}))
     assert answers[0] == answers[1]
-    with pytest.raises(ValueError, match="start must be one of"):
+    with pytest.raises(ValueError, match=r"start=...\) must be one of"):
         Pool(start="fork")
 
 

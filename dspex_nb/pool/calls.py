@@ -56,11 +56,11 @@ def encode_args(tool: str, args: dict[str, Any] | None, limit: int) -> bytes:
         raise ArgumentError(tool, "ArgumentError", f"arguments must be a dict, got {type(args).__name__}")
     try:
         data = json.dumps(args).encode()
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         for key, value in args.items():
             try:
                 json.dumps(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, RecursionError):
                 raise ArgumentError(tool, "ArgumentError",
                                     f"argument {key!r} is not JSON-serialisable: {exc}") from None
         raise ArgumentError(tool, "ArgumentError", f"arguments are not JSON-serialisable: {exc}") from None

@@ -36,7 +36,7 @@ from dspex_nb.errors import (
     WorkerStartError,
 )
 from dspex_nb.journal import Journal
-from dspex_nb.pool import stale
+from dspex_nb.pool import settings, stale
 from dspex_nb.pool.calls import Chunk, Run, encode_args, translate, unary_result
 from dspex_nb.pool.process import LM_KWARGS_ENV, ProcessHandle, WorkerProcess, interpreter, worker_env
 from dspex_nb.pool.session import Session
@@ -67,14 +67,25 @@ class Pool(Supervision):
                  max_queue: int = 1000, queue_timeout: float = 60.0, session_ttl: float = 3600.0,
                  max_requests: int | None = None, ttl: float | None = None,
                  max_memory_mb: float | None = None, start: str = DEFAULT_START) -> None:
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-        if not isinstance(max_message_mb, int) or max_message_mb < 1:
-            raise ValueError(f"max_message_mb must be an int >= 1, got {max_message_mb!r}")
-        if start not in START_METHODS:
-            raise ValueError(f"start must be one of {START_METHODS}, got {start!r}")
-        if rate_limit is not None and rate_limit <= 0:
-            raise ValueError(f"rate_limit must be > 0 LM requests per minute, got {rate_limit!r}")
+        check = settings.Checker("Pool")
+        check.integer("workers", workers, 1)
+        check.integer("max_message_mb", max_message_mb, 1, 2047)  # gRPC's limit is a signed 32-bit byte count
+        check.integer("concurrency", concurrency, 1)
+        check.integer("max_in_flight", max_in_flight, 1)
+        check.integer("max_queue", max_queue, 0)
+        check.integer("max_requests", max_requests, 1, optional=True)
+        for name, value in (("health_interval", health_interval), ("ping_timeout", ping_timeout),
+                            ("start_timeout", start_timeout), ("queue_timeout", queue_timeout),
+                            ("session_ttl", session_ttl)):
+            check.seconds(name, value)
+        check.seconds("ttl", ttl, optional=True)
+        check.positive("rate_limit", rate_limit, "LM requests per minute")
+        check.positive("max_memory_mb", max_memory_mb, "MB")
+        check.choice("start", start, START_METHODS)
+        check.mapping("lm_kwargs", lm_kwargs)
+        check.mapping("env", env, values=str)
+        if not isinstance(lm, str) or not lm:
+            raise ValueError(f"Pool(lm=...) must be 'demo' or a dspy.LM model string, got {lm!r}")
         self.size = workers
         self.lm = lm
         self.lm_kwargs = dict(lm_kwargs or {})
@@ -247,16 +258,19 @@ class Pool(Supervision):
         return unary_result(worker.stub.Execute(request, timeout=self.start_timeout), definition["tool"], worker.id)
 
     # -- routing ------------------------------------------------------------------------
-    def _choose(self, worker_id: str | None, count: bool, affinity: str = "strict_queue") -> Worker:
+    def _choose(self, worker_id: str | None, count: bool, affinity: str = "strict_queue",
+                timeout: float | None = None) -> Worker:
         """The least busy ready worker with room (or the slot ``worker_id``, per ``affinity``).
 
         With ``count`` the call takes one of the worker's ``max_in_flight`` places until ``_release``;
         while no worker has room it waits in the pool's queue (at most ``max_queue`` callers, each for
-        at most ``queue_timeout`` seconds). Without ``count`` (describe, sessions) room does not matter.
+        at most ``queue_timeout`` seconds, or the call's ``timeout`` if shorter). Without ``count``
+        (describe, sessions) room does not matter.
         """
         if affinity not in AFFINITIES:
             raise ValueError(f"affinity must be one of {AFFINITIES}, got {affinity!r}")
-        deadline = time.monotonic() + self.queue_timeout
+        wait = self.queue_timeout if timeout is None else min(self.queue_timeout, timeout)
+        deadline = time.monotonic() + wait
         queued = False
         with self._lock:
             try:
@@ -270,7 +284,8 @@ class Pool(Supervision):
                         self._queued += 1
                     if time.monotonic() > deadline:
                         raise QueueTimeout(
-                            f"no worker had room within queue_timeout={self.queue_timeout} s ({self._queued} calls "
+                            f"no worker had room within {wait} s (queue_timeout={self.queue_timeout}, the call's "
+                            f"timeout={timeout}; {self._queued} calls "
                             f"waiting, max_in_flight={self.max_in_flight}); states: {self._states()}")
                     self._lock.wait(0.1)
                 worker.in_flight += count
@@ -330,13 +345,13 @@ class Pool(Supervision):
         """Run ``tool`` on a worker and return its result; Ctrl-C cancels the remote work."""
         request = self._request(tool, args, session_id)
         queued, wall = time.monotonic(), time.time_ns()
-        chosen = self._choose(worker, count=True, affinity=affinity)
+        chosen = self._choose(worker, count=True, affinity=affinity, timeout=timeout)
         sent = time.monotonic()
         ok, result = False, None
         try:
             try:
                 # A blocking call: gRPC turns Ctrl-C into KeyboardInterrupt and cancels the RPC.
-                reply = chosen.stub.Execute(request, timeout=timeout)
+                reply = chosen.stub.Execute(request, timeout=_left(timeout, queued))
             except grpc.RpcError as err:
                 raise translate(err, tool, timeout, self._death_of(chosen)) from None
             except ValueError:  # its channel was closed: the worker is being replaced, or the pool shut down
@@ -356,9 +371,9 @@ class Pool(Supervision):
         """Start ``tool`` as a stream and return its ``Run`` at once; chunks arrive in order."""
         request = self._request(tool, args, session_id)
         queued, wall = time.monotonic(), time.time_ns()
-        chosen = self._choose(worker, count=True, affinity=affinity)
+        chosen = self._choose(worker, count=True, affinity=affinity, timeout=timeout)
         try:
-            call = chosen.stub.ExecuteStream(request, timeout=timeout)
+            call = chosen.stub.ExecuteStream(request, timeout=_left(timeout, queued))
         except ValueError:  # its channel was closed: the worker is being replaced, or the pool shut down
             self._release(chosen, False)
             raise self._gone(chosen) from None
@@ -496,6 +511,12 @@ class Pool(Supervision):
         A shard that yields no item for ``item_timeout`` seconds is cancelled and its items retried.
         Returns a ``BatchRun`` at once.
         """
+        check = settings.Checker("batch")
+        check.integer("concurrency", concurrency, 1, optional=True)
+        check.integer("shard_size", shard_size, 1, optional=True)
+        check.integer("max_retries", max_retries, 0)
+        check.seconds("timeout", timeout, optional=True)
+        check.seconds("item_timeout", item_timeout, optional=True)
         program = {"module": module, "signature": signature, "lm": self.lm, "lm_kwargs": self.lm_kwargs,
                    "source": self.definitions.get(module, {}).get("key")}
         return BatchRun(self, items, signature=signature, module=module,
@@ -554,6 +575,11 @@ class Pool(Supervision):
     def __repr__(self) -> str:
         states = ", ".join(f"{w.id}:{w.state}" for w in self.workers) or "not running"
         return f"<Pool {self.size} workers, lm={self.lm!r}: {states}>"
+
+
+def _left(timeout: float | None, since: float) -> float | None:
+    """What is left of a call's ``timeout`` after waiting in the queue since ``since``."""
+    return None if timeout is None else max(0.001, timeout - (time.monotonic() - since))
 
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()

@@ -23,7 +23,7 @@ import anyio
 import dspy
 from dspy.streaming import StatusMessage, StreamListener, StreamResponse
 
-from dspex_nb import typed
+from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError, Cancelled
 from dspex_nb.worker import programs
 from dspex_nb.worker.demo_lm import make_demo_lm
@@ -117,7 +117,9 @@ def _async_items(make: Callable[[], AsyncIterator[Any]]) -> Generator[Any, None,
         try:
             async for value in make():
                 items.put(value)
-        except Exception as exc:
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: the call's error
             items.put(_Failure(exc))
         finally:
             items.put(end)
@@ -149,7 +151,7 @@ def _async_items(make: Callable[[], AsyncIterator[Any]]) -> Generator[Any, None,
 
 @dataclass
 class _Failure:
-    error: Exception
+    error: BaseException
 
 
 def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[Emit, None, Any]:
@@ -370,9 +372,9 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
                     i = pending.pop(fut)
                     try:
                         data = {"index": i, "ok": True, "result": fut.result(), "worker": worker}
-                    except Exception as exc:
+                    except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: this item's error
                         data = {"index": i, "ok": False, "worker": worker,
-                                "error": {"type": type(exc).__name__, "message": str(exc)}}
+                                "error": {"type": type(exc).__name__, "message": redact.text(str(exc))}}
                     results[i] = data
                     yield Emit("item", data)
         finally:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dspex_nb.errors import UnknownTool
+from dspex_nb.errors import ArgumentError, UnknownTool
 from dspex_nb.schema import type_name, validate
 
 CHUNK_KINDS = ("token", "item", "status", "error", "final")
@@ -135,8 +135,11 @@ def whoami(ctx: ToolContext) -> dict[str, Any]:
 
 @tool
 def fail(message: str, type: str = "RuntimeError") -> None:
-    """Raise a built-in exception (``type``) with ``message``: exercises error reporting."""
-    raise getattr(builtins, type, RuntimeError)(message)
+    """Raise a built-in exception class (``type``, e.g. "ValueError") with ``message``: exercises error reporting."""
+    cls = vars(builtins).get(type)
+    if not (isinstance(cls, builtins.type) and issubclass(cls, BaseException)):
+        raise ArgumentError("fail", "ArgumentError", f"argument 'type' must name a built-in exception, got {type!r}")
+    raise cls(message)
 
 
 @tool

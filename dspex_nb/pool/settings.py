@@ -1,0 +1,45 @@
+"""Checks for settings, made when they are given, with a message that names the setting and its range."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+class Checker:
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+
+    def _fail(self, name: str, expected: str, value: Any) -> None:
+        raise ValueError(f"{self.owner}({name}=...) must be {expected}, got {value!r}")
+
+    def integer(self, name: str, value: Any, low: int, high: int | None = None, optional: bool = False) -> None:
+        if optional and value is None:
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+            self._fail(name, f"an int from {low} to {high}" if high is not None else f"an int >= {low}", value)
+
+    def seconds(self, name: str, value: Any, optional: bool = False) -> None:
+        """A finite number of seconds > 0."""
+        self.positive(name, value, "seconds", optional)
+
+    def positive(self, name: str, value: Any, unit: str, optional: bool = True) -> None:
+        if optional and value is None:
+            return
+        if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                or value <= 0):
+            self._fail(name, f"a finite number > 0 ({unit})" + (" or None" if optional else ""), value)
+
+    def choice(self, name: str, value: Any, choices: Sequence[str]) -> None:
+        if value not in choices:
+            self._fail(name, f"one of {tuple(choices)}", value)
+
+    def mapping(self, name: str, value: Any, values: type | None = None) -> None:
+        """None or a dict with str keys (and, with ``values``, values of that type)."""
+        if value is None:
+            return
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value) or (
+                values is not None and not all(isinstance(v, values) for v in value.values())):
+            kind = f"a dict[str, {values.__name__}]" if values else "a dict with str keys"
+            self._fail(name, f"None or {kind}", value)

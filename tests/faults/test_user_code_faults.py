@@ -1,0 +1,62 @@
+"""Odd exceptions from user code, slow consumers and large chunks never cost a result or a worker."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from helpers import wait_until
+
+from dspex_nb import Pool
+from dspex_nb.errors import ArgumentError, ToolError
+
+ODD = ["SystemExit", "KeyboardInterrupt", "GeneratorExit"]
+
+
+@pytest.mark.parametrize("kind", ODD)
+def test_base_exceptions_from_user_code_are_errors_and_the_worker_lives(pool: Pool, kind: str) -> None:
+    with pytest.raises(ToolError, match=f"{kind}: from user code"):
+        pool.execute("fail", {"message": "from user code", "type": kind}, timeout=30)
+    run = pool.execute_stream("fail", {"message": "from user code", "type": kind}, timeout=30)
+    with pytest.raises(ToolError, match=f"{kind}: from user code"):
+        run.result(30)
+    assert run.status == "failed"
+    assert pool.execute("echo", {"alive": True}) == {"alive": True}
+
+
+@pytest.mark.parametrize("kind", ODD)
+def test_a_batch_item_raising_a_base_exception_fails_alone(pool: Pool, kind: str) -> None:
+    pool.define(f"odd_{kind}", f"def odd_{kind}(text):\n    if text == 'bad':\n        raise {kind}('odd')\n"
+                               "    return dspy.Prediction(text=text)\n")
+    batch = pool.batch(["a", "bad", "b"], module=f"odd_{kind}", journal=False)
+    batch.wait(60)
+    assert [r["ok"] for r in batch.records] == [True, False, True]
+    assert batch.records[1]["error"]["type"] == kind and batch.records[1]["tries"] == 1
+
+
+def test_fail_takes_only_exception_names(pool: Pool) -> None:
+    with pytest.raises(ArgumentError, match="must name a built-in exception, got 'eval'"):
+        pool.execute("fail", {"message": "print('pwned')", "type": "eval"})
+
+
+def test_a_slow_consumer_makes_the_producer_wait(pool: Pool) -> None:
+    gate = threading.Event()
+    before = pool.describe("w0")
+    run = pool.execute_stream("count", {"n": 5_000_000}, worker="w0", on_chunk=lambda chunk: gate.wait(60))
+    try:
+        wait_until(lambda: pool.describe("w0")["counters"].get("stream_producer_waits", 0) >
+                   before["counters"].get("stream_producer_waits", 0), timeout=60, what="the producer to wait")
+        grown = pool.describe("w0")["rss_bytes"] - before["rss_bytes"]
+        assert grown < 200 * 2**20, f"the worker grew {grown / 2**20:.0f} MB for a reader that does not read"
+    finally:
+        run.cancel()
+        gate.set()
+    assert run.wait(30) and run.status == "cancelled"
+
+
+def test_chunks_that_each_fit_are_never_joined_into_a_message_that_does_not() -> None:
+    with Pool(workers=1, max_message_mb=2, journal=False) as small:
+        small.define("big", "def big(text):\n    return dspy.Prediction(text=text * (700 * 1024))\n")
+        batch = small.batch(["a", "b", "c", "d", "e", "f"], module="big", concurrency=6, shard_size=6, journal=False)
+        results = batch.result(60)
+    assert [len(r["text"]) for r in results] == [700 * 1024] * 6

@@ -1,0 +1,56 @@
+"""Every setting is checked when it is given, with a message that names it and its range."""
+
+from __future__ import annotations
+
+import pytest
+
+from dspex_nb import Pool
+from dspex_nb.errors import ArgumentError, QueueTimeout
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("workers", 0, "workers=...) must be an int >= 1"),
+    ("health_interval", -1, "health_interval=...) must be a finite number > 0"),
+    ("max_in_flight", 0, "max_in_flight=...) must be an int >= 1"),
+    ("concurrency", 0, "concurrency=...) must be an int >= 1"),
+    ("queue_timeout", float("nan"), "queue_timeout=...) must be a finite number > 0"),
+    ("max_message_mb", 4096, "max_message_mb=...) must be an int from 1 to 2047"),
+    ("lm_kwargs", "x", "lm_kwargs=...) must be None or a dict with str keys"),
+    ("env", {"A": 1}, "env=...) must be None or a dict[str, str]"),
+    ("rate_limit", 0, "rate_limit=...) must be a finite number > 0"),
+    ("max_memory_mb", -5, "max_memory_mb=...) must be a finite number > 0"),
+    ("ttl", float("inf"), "ttl=...) must be a finite number > 0"),
+    ("start", "fork", "start=...) must be one of ('spawn', 'template')"),
+])
+def test_bad_pool_settings_are_named(setting: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        Pool(**{setting: value})
+
+
+@pytest.mark.parametrize("option, value", [("concurrency", 0), ("item_timeout", -1.0), ("max_retries", -1),
+                                           ("shard_size", 0)])
+def test_bad_batch_settings_are_named(pool: Pool, option: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"batch\\({option}=...\\)"):
+        pool.batch(["q"], "question -> answer", **{option: value})
+
+
+def test_deep_nesting_and_lone_surrogates_get_clear_errors_or_results(pool: Pool) -> None:
+    deep: list = []
+    for _ in range(20_000):
+        deep = [deep]
+    with pytest.raises(ArgumentError, match="argument 'x' is not JSON-serialisable"):
+        pool.execute("echo", {"x": deep})
+    batch = pool.batch(["fine", "bad \ud800 surrogate"], "question -> answer", journal=True)
+    batch.wait(60)
+    assert batch.records[0]["ok"] and batch.records[1] is not None  # the item ran (or failed) on its own
+
+
+def test_a_call_timeout_bounds_its_wait_in_the_queue() -> None:
+    with Pool(workers=1, max_in_flight=1, queue_timeout=60, journal=False) as busy:
+        run = busy.execute_stream("sleep", {"seconds": 30})
+        try:
+            with pytest.raises(QueueTimeout, match="no worker had room within 0.5 s"):  # not queue_timeout's 60
+                busy.execute("echo", {"x": 1}, timeout=0.5)
+        finally:
+            run.cancel()

@@ -45,3 +45,13 @@ def test_max_memory_is_measured_by_the_worker() -> None:
         row = wait_until(lambda: recycled(pool, "w0", 1), what="w0 to be recycled for its memory")
         assert f"passed max_memory_mb={baseline + 30:g}" in row["last_error"]
         assert wait_until(lambda: pool.status()[0]["rss_mb"], what="a reading of the new process") < baseline + 30
+
+
+def test_a_memory_limit_below_a_fresh_worker_is_reported_not_recycled_forever() -> None:
+    with Pool(workers=1, max_memory_mb=1, health_interval=0.05, journal=False) as pool:
+        row = wait_until(lambda: (r := pool.status()[0])["last_error"] and r, what="the limit to be reported")
+        assert "more than max_memory_mb=1: not recycled for memory (raise max_memory_mb)" in row["last_error"]
+        pid = row["pid"]
+        for _ in range(20):  # calls, and health rounds meanwhile: the worker stays
+            assert pool.execute("echo", {"x": 1}) == {"x": 1}
+        assert pool.status()[0]["recycles"] == 0 and pool.status()[0]["pid"] == pid

@@ -28,6 +28,7 @@ from dspex_nb import programs, typed
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.batch import BatchRun
 from dspex_nb.errors import (
+    DspexError,
     PoolClosed,
     PoolSaturated,
     QueueTimeout,
@@ -412,17 +413,30 @@ class Pool(Supervision):
         previous = self.definitions.get(name)
         self.definitions[name] = definition  # first: a worker starting now replays it
         info: dict[str, Any] = {}
+        done: list[str] = []
         try:
             for worker in list(self.workers):
                 info = self.execute(definition["tool"], definition["args"], worker=worker.id)
+                done.append(worker.id)
         except BaseException:
             if previous is None:
                 del self.definitions[name]
             else:
                 self.definitions[name] = previous
+            self._undo_define(name, previous, done)  # the workers agree again: all old, or none
             raise
         self.definitions[name] = {**definition, **info, "resolver": resolver}
         return info
+
+    def _undo_define(self, name: str, previous: dict[str, Any] | None, workers: list[str]) -> None:
+        for worker in workers:
+            try:
+                if previous is None:
+                    self.execute("undefine", {"name": name}, worker=worker)
+                else:
+                    self.execute(previous["tool"], previous["args"], worker=worker)
+            except DspexError:  # that worker is going away too: its replacement replays the definitions
+                continue
 
     def ensure_defined(self, program: Any) -> str:
         """The name ``program`` runs under: a defined name as it is, else the program is shipped under a name

@@ -54,6 +54,7 @@ class Supervision:
         for worker, ping in pings:
             try:
                 worker.rss = ping.result().rss_bytes
+                worker.start_rss = worker.start_rss or worker.rss
                 worker.failed_pings = 0
             except (grpc.RpcError, ValueError):  # ValueError: its channel was closed meanwhile
                 worker.failed_pings += 1
@@ -72,6 +73,13 @@ class Supervision:
         if self.ttl is not None and time.monotonic() - worker.ready_at >= self.ttl:
             return f"lived {time.monotonic() - worker.ready_at:.0f} s (ttl={self.ttl:g} s)"
         if self.max_memory_mb is not None and worker.rss / 2**20 >= self.max_memory_mb:
+            if worker.start_rss / 2**20 >= self.max_memory_mb:  # a new worker would be over it too: say so, once
+                note = (f"{worker.id} needs {worker.start_rss / 2**20:.0f} MB when it starts, more than "
+                        f"max_memory_mb={self.max_memory_mb:g}: not recycled for memory (raise max_memory_mb)")
+                if worker.last_error != note:
+                    worker.last_error = note
+                    log.warning("dspex_nb: %s", note)
+                return ""
             return f"resident memory {worker.rss / 2**20:.0f} MB passed max_memory_mb={self.max_memory_mb:g}"
         return ""
 

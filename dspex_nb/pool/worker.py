@@ -32,6 +32,7 @@ class Worker:
     recycles: int = 0  # replaced on purpose (max_requests, ttl, max_memory_mb)
     served: int = 0  # calls this process finished
     rss: int = 0  # resident bytes, as the worker last reported
+    start_rss: int = 0  # resident bytes at its first health ping (what a fresh worker needs)
     failed_pings: int = 0
     ready_at: float = 0.0
     last_error: str = ""

@@ -291,6 +291,12 @@ def define_object(ctx: ToolContext, name: str, payload: str) -> dict[str, Any]:
     return program.info()
 
 
+@tool
+def undefine(ctx: ToolContext, name: str) -> dict[str, bool]:
+    """Forget the program ``name`` (a define that failed on another worker is undone this way)."""
+    return {"removed": ctx.worker.modules.pop(name, None) is not None}
+
+
 def _check_name(name: str) -> None:
     if not name.isidentifier():
         raise ArgumentError("define", "ArgumentError", f"argument 'name' must be a Python identifier, got {name!r}")

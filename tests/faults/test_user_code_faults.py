@@ -60,3 +60,20 @@ def test_chunks_that_each_fit_are_never_joined_into_a_message_that_does_not() ->
         batch = small.batch(["a", "b", "c", "d", "e", "f"], module="big", concurrency=6, shard_size=6, journal=False)
         results = batch.result(60)
     assert [len(r["text"]) for r in results] == [700 * 1024] * 6
+
+
+def test_a_define_that_fails_on_one_worker_is_undone_on_the_others(pool: Pool) -> None:
+    pids = {row["worker"]: row["pid"] for row in pool.status()}
+    broken_on_w1 = (f"import os\nif os.getpid() == {pids['w1']}:\n    raise RuntimeError('broken here')\n"
+                    "def Flaky(x):\n    return 'v2'\n")
+    with pytest.raises(ToolError, match="broken here"):
+        pool.define("Flaky", broken_on_w1)
+    assert "Flaky" not in pool.definitions
+    with pytest.raises(ArgumentError, match="no module named 'Flaky'"):
+        pool.execute("run_module", {"name": "Flaky", "inputs": "x"}, worker="w0")
+
+    pool.define("Flaky", "def Flaky(x):\n    return 'v1'\n")
+    with pytest.raises(ToolError, match="broken here"):
+        pool.define("Flaky", broken_on_w1)
+    assert [pool.execute("run_module", {"name": "Flaky", "inputs": "x"}, worker=w)["value"] for w in pids] == \
+        ["v1", "v1"]  # every worker has the definition the pool replays

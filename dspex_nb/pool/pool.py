@@ -39,13 +39,14 @@ from dspex_nb.errors import (
 from dspex_nb.journal import Journal
 from dspex_nb.pool import settings, stale
 from dspex_nb.pool.calls import Chunk, Run, encode_args, translate, unary_result
-from dspex_nb.pool.process import LM_KWARGS_ENV, ProcessHandle, WorkerProcess, interpreter, worker_env
+from dspex_nb.pool.process import ProcessHandle, WorkerProcess, interpreter, worker_env
 from dspex_nb.pool.session import Session
 from dspex_nb.pool.supervision import Supervision
 from dspex_nb.pool.telemetry import CallRecord, Telemetry
 from dspex_nb.pool.template import Template
 from dspex_nb.pool.worker import READY, STOPPED, Worker
 from dspex_nb.schema import validate
+from dspex_nb.wire import LM_KWARGS_ENV, health_address
 
 AFFINITIES = ("hint", "strict_queue", "strict_fail_fast")
 START_METHODS = ("spawn", "template")  # a new interpreter per worker, or forks of one that imported dspy
@@ -161,7 +162,7 @@ class Pool(Supervision):
             self._lock.notify_all()
         for worker in workers:
             worker.state = STOPPED
-            worker.channel.close()
+            worker.close()
         for worker in workers:
             worker.process.kill()
         if self._template is not None:
@@ -199,7 +200,10 @@ class Pool(Supervision):
             ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
             ("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
             ("grpc.max_reconnect_backoff_ms", 500)])
-        return Worker(worker_id, process, channel, bridge_pb2_grpc.BridgeStub(channel), generation)
+        health = grpc.insecure_channel(health_address(address), options=[
+            ("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
+            ("grpc.max_reconnect_backoff_ms", 500)])
+        return Worker(worker_id, process, channel, bridge_pb2_grpc.BridgeStub(channel), health, generation)
 
     def _start_process(self, address: str, args: list[str], log_path: Path) -> ProcessHandle:
         """A worker process, forked by the template or spawned, and recorded in pool.json."""

@@ -20,7 +20,6 @@ from dspex_nb import deps, redact
 from dspex_nb.errors import WorkerStartError
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
-LM_KWARGS_ENV = "DSPEX_LM_KWARGS"  # the worker's dspy.LM settings, as JSON
 
 
 def worker_env(extra: dict[str, str] | None) -> dict[str, str]:

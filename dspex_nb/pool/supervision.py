@@ -50,7 +50,7 @@ class Supervision:
             if code is not None:
                 self._replace(worker, f"died ({describe_exit(code)})", expected=worker.state)
             else:
-                pings.append((worker, worker.stub.Ping.future(bridge_pb2.PingRequest(), timeout=self.ping_timeout)))
+                pings.append((worker, worker.health.Ping.future(bridge_pb2.PingRequest(), timeout=self.ping_timeout)))
         for worker, ping in pings:
             try:
                 worker.rss = ping.result().rss_bytes
@@ -97,7 +97,7 @@ class Supervision:
         if worker is None or worker.state != READY:
             return False
         try:
-            worker.stub.Ping(bridge_pb2.PingRequest(), timeout=self.ping_timeout)
+            worker.health.Ping(bridge_pb2.PingRequest(), timeout=self.ping_timeout)
             return True
         except grpc.RpcError:
             self._replace(worker, f"did not answer a ping after {why}")
@@ -122,7 +122,7 @@ class Supervision:
         thread.start()
 
     def _restart(self: Pool, old: Worker, grace: float) -> None:
-        old.channel.close()
+        old.close()
         old.process.kill(grace=grace)
         if self._closing.is_set():
             return
@@ -135,7 +135,7 @@ class Supervision:
         new.last_error = old.last_error
         with self._lock:
             if self._closing.is_set() or old not in self.workers:
-                new.channel.close()
+                new.close()
                 new.process.kill(grace=0)
                 return
             self.workers[self.workers.index(old)] = new

@@ -23,6 +23,7 @@ class Worker:
     process: ProcessHandle
     channel: grpc.Channel
     stub: bridge_pb2_grpc.BridgeStub
+    health_channel: grpc.Channel  # to the worker's health server: pings never wait behind work
     generation: int = 0
     state: str = STARTING
     in_flight: int = 0
@@ -36,6 +37,15 @@ class Worker:
     failed_pings: int = 0
     ready_at: float = 0.0
     last_error: str = ""
+
+    @property
+    def health(self) -> bridge_pb2_grpc.BridgeStub:
+        return bridge_pb2_grpc.BridgeStub(self.health_channel)
+
+    def close(self) -> None:
+        """Close both channels (calls in flight on them end with an error)."""
+        self.channel.close()
+        self.health_channel.close()
 
     def status(self) -> dict[str, Any]:
         return {"worker": self.id, "pid": self.process.pid, "state": self.state, "in_flight": self.in_flight,

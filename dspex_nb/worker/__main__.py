@@ -14,7 +14,7 @@ import os
 import sys
 
 from dspex_nb import deps
-from dspex_nb.pool.process import LM_KWARGS_ENV
+from dspex_nb.wire import LM_KWARGS_ENV
 
 EXIT_MISSING_DEPENDENCIES = 3
 

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from dspex_nb._proto import bridge_pb2_grpc
+from dspex_nb.wire import health_address
 from dspex_nb.worker import dspy_tools, tools  # noqa: F401  (importing registers the tools)
 from dspex_nb.worker.limits import LimitLMCalls, RateLimiter
 from dspex_nb.worker.server import Bridge
@@ -41,11 +42,16 @@ def serve(address: str, *, worker_id: str, run_id: str, lm: str, lm_kwargs: dict
     dspy_tools.set_lm(state, lm, lm_kwargs)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
                          options=message_options(max_message_mb))
-    bridge_pb2_grpc.add_BridgeServicer_to_server(Bridge(state), server)
+    bridge = Bridge(state)
+    bridge_pb2_grpc.add_BridgeServicer_to_server(bridge, server)
     server.add_insecure_port(address)
+    health = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    bridge_pb2_grpc.add_BridgeServicer_to_server(bridge, health)  # the pool only pings it: never busy with work
+    health.add_insecure_port(health_address(address))
+    health.start()
     server.start()
     if watch_parent:
         threading.Thread(target=_exit_when_stdin_closes, name="parent-watch", daemon=True).start()
-    signal.signal(signal.SIGTERM, lambda *_: server.stop(grace=1))
+    signal.signal(signal.SIGTERM, lambda *_: (health.stop(grace=0), server.stop(grace=1)))
     server.wait_for_termination()
     return 0

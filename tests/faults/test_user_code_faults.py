@@ -77,3 +77,11 @@ def test_a_define_that_fails_on_one_worker_is_undone_on_the_others(pool: Pool) -
         pool.define("Flaky", broken_on_w1)
     assert [pool.execute("run_module", {"name": "Flaky", "inputs": "x"}, worker=w)["value"] for w in pids] == \
         ["v1", "v1"]  # every worker has the definition the pool replays
+
+
+def test_a_busy_worker_is_never_taken_for_a_hung_one() -> None:
+    with Pool(workers=1, max_in_flight=48, health_interval=0.1, ping_timeout=0.5, journal=False) as busy:
+        runs = [busy.execute_stream("sleep", {"seconds": 1.5}) for _ in range(40)]  # more than its 32 RPC threads
+        assert all(run.result(60) == {"slept": 1.5, "cancelled": False} for run in runs)
+        row = busy.status()[0]
+        assert row["restarts"] == 0 and row["state"] == "ready", row

@@ -104,7 +104,8 @@ def _listeners(program: Any) -> list[StreamListener]:
             for field, info in predictor.signature.output_fields.items() if info.annotation is str]
 
 
-def _async_items(make: Callable[[], AsyncIterator[Any]]) -> Generator[Any, None, None]:
+def _async_items(make: Callable[[], AsyncIterator[Any]],
+                 settled: Callable[[], bool] = lambda: True) -> Generator[Any, None, None]:
     """Iterate an async generator from sync code, on an event loop in a thread of its own.
 
     Unlike ``streamify(async_streaming=False)``, closing this generator cancels the async task,
@@ -133,6 +134,10 @@ def _async_items(make: Callable[[], AsyncIterator[Any]]) -> Generator[Any, None,
         except asyncio.CancelledError:
             pass
         finally:
+            # A program thread that streamify abandoned on cancel may still be in anyio.from_thread.run:
+            # serve the loop until it has returned, else close() drops its call and it waits forever.
+            while not settled():
+                loop.run_until_complete(asyncio.sleep(0.01))
             loop.close()
 
     thread = threading.Thread(target=contextvars.copy_context().run, args=(run,), name="dspy-stream", daemon=True)
@@ -165,8 +170,9 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[E
     final: Any = None
     with dspy.context(**ctx.worker.dspy_settings()), dspy.track_usage() as usage:
         if listeners:
-            streamed = dspy.streamify(_AlwaysPrediction(program), stream_listeners=listeners)
-            values = _async_items(lambda: streamed(**inputs))
+            always = _AlwaysPrediction(program)
+            streamed = dspy.streamify(always, stream_listeners=listeners)
+            values = _async_items(lambda: streamed(**inputs), always.settled)
         else:
             if ctx.streaming:
                 yield Emit("status", {"message": f"running {_label(program)} (no str output field to stream)"})
@@ -195,9 +201,26 @@ class _AlwaysPrediction(dspy.Module):
     def __init__(self, program: dspy.Module) -> None:
         super().__init__()
         self.program = program
+        self._lock = threading.Lock()
+        self._running = 0
+        self._closed = False
+
+    def settled(self) -> bool:
+        """True (and no call starts from now on) once no call runs: its event loop may close."""
+        with self._lock:
+            self._closed = self._running == 0
+            return self._closed
 
     def forward(self, **inputs: Any) -> dspy.Prediction:
-        output = self.program(**inputs)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the stream was closed before the program started")
+            self._running += 1
+        try:
+            output = self.program(**inputs)
+        finally:
+            with self._lock:
+                self._running -= 1
         return output if isinstance(output, dspy.Prediction) else _Boxed(value=output)
 
 

@@ -2,10 +2,44 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 LM_KWARGS_ENV = "DSPEX_LM_KWARGS"  # the worker's dspy.LM settings, as JSON (not on argv: they may hold a key)
+KERNEL_ENV = "DSPEX_KERNEL"  # "pid:start time" of the kernel that owns a template and its workers
 
 
 def health_address(address: str) -> str:
     """Where a worker answers health pings: a server of its own beside the one that does the work, so that
     a worker busy with calls is never taken for a hung one."""
     return address.removesuffix(".sock") + ".health.sock"
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of ``pid`` (R, S, T for stopped, Z for a zombie...), or None if it is gone."""
+    fields = _stat(pid)
+    return fields[0] if fields else None
+
+
+def start_time(pid: int) -> str | None:
+    """The start time of ``pid`` (to tell a reused pid apart), or None if it is gone or a zombie."""
+    fields = _stat(pid)
+    return None if not fields or fields[0] == "Z" else fields[19]
+
+
+def kernel_spec() -> str:
+    """This process as the owning kernel, for KERNEL_ENV."""
+    return f"{os.getpid()}:{start_time(os.getpid())}"
+
+
+def kernel_gone(spec: str) -> bool:
+    """True when the kernel that KERNEL_ENV names has ended (its pid gone, or reused by another process)."""
+    pid, _, started = spec.partition(":")
+    return pid.isdigit() and start_time(int(pid)) != started

@@ -43,7 +43,7 @@ from dspex_nb.pool.process import ProcessHandle, WorkerProcess, interpreter, wor
 from dspex_nb.pool.session import Session
 from dspex_nb.pool.supervision import Supervision
 from dspex_nb.pool.telemetry import CallRecord, Telemetry
-from dspex_nb.pool.template import Template
+from dspex_nb.pool.template import FORK_TIMEOUT, Template
 from dspex_nb.pool.worker import READY, STOPPED, Worker
 from dspex_nb.schema import validate
 from dspex_nb.wire import LM_KWARGS_ENV, health_address
@@ -215,7 +215,8 @@ class Pool(Supervision):
                 if self._template is None or not self._template.alive:
                     if self._template is not None:
                         self._template.close()
-                    self._template = Template(self.python, env, self._dir / "template.log", self.run_id)
+                    self._template = Template(self.python, env, self._dir / "template.log", self.run_id,
+                                              fork_timeout=min(FORK_TIMEOUT, self.start_timeout))
                     self._record_owner(self._template.proc.pid)
                 template = self._template
             process: ProcessHandle = template.spawn(["--address", address, *args], lm_env, log_path, address)

@@ -18,6 +18,7 @@ from typing import Any
 
 from dspex_nb import deps, redact
 from dspex_nb.errors import WorkerStartError
+from dspex_nb.wire import KERNEL_ENV, kernel_spec
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
@@ -32,6 +33,7 @@ def worker_env(extra: dict[str, str] | None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     env["PYTHONUNBUFFERED"] = "1"
+    env[KERNEL_ENV] = kernel_spec()  # workers and the template end when this process does, however it ends
     return env
 
 

@@ -25,6 +25,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from dspex_nb.wire import start_time
+
 log = logging.getLogger(__name__)
 PREFIX = "dspex-"
 OWNER_FILE = "pool.json"
@@ -35,14 +37,6 @@ RUNTIME_DIR_ENV = "DSPEX_RUNTIME_DIR"  # where pools make their socket directori
 def runtime_dir() -> Path:
     """The directory under which pools make their private socket directories, and cleanup looks."""
     return Path(os.environ.get(RUNTIME_DIR_ENV) or tempfile.gettempdir())
-
-
-def start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (to tell a reused pid apart), or None if it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 def write_owner(directory: Path, run_id: str, workers: list[int]) -> None:

@@ -15,16 +15,18 @@ from pathlib import Path
 
 from dspex_nb.errors import WorkerStartError
 from dspex_nb.pool.process import ProcessHandle, start_module
-from dspex_nb.pool.stale import start_time
+from dspex_nb.wire import process_state, start_time
 
-SPAWN_TIMEOUT = 60.0
+FORK_TIMEOUT = 10.0  # seconds a template may take to answer a fork request before it counts as hung
 log = logging.getLogger(__name__)
 UNKNOWN_EXIT = 255
 
 
 class Template:
-    def __init__(self, python: str, env: dict[str, str], log_path: Path, run_id: str) -> None:
+    def __init__(self, python: str, env: dict[str, str], log_path: Path, run_id: str,
+                 fork_timeout: float = FORK_TIMEOUT) -> None:
         self.python = python
+        self.fork_timeout = fork_timeout
         self.log_path = log_path
         self.exits: dict[int, int] = {}  # worker pid -> exit code, as the template reported
         self._replies: dict[int, int] = {}  # request id -> the pid forked for it
@@ -56,6 +58,11 @@ class Template:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    @property
+    def answering(self) -> bool:
+        """Alive and not stopped: it reaps its workers and reports their exits."""
+        return self.alive and process_state(self.proc.pid) not in ("T", "t", None)
+
     def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, address: str) -> ForkedProcess:
         """Fork a worker running ``python -m dspex_nb.worker <argv>`` with ``env`` added to its environment."""
         request_id = next(self._ids)
@@ -66,8 +73,10 @@ class Template:
                 self.proc.stdin.flush()  # type: ignore[union-attr]
             except (BrokenPipeError, ValueError):
                 raise self.failure() from None
-            if not self._cond.wait_for(lambda: request_id in self._replies or not self.alive, SPAWN_TIMEOUT):
-                raise WorkerStartError(f"the template process did not fork a worker within {SPAWN_TIMEOUT} s")
+            if not self._cond.wait_for(lambda: request_id in self._replies or not self.alive, self.fork_timeout):
+                self.proc.kill()  # hung (e.g. stopped): the pool starts a new template for the next worker
+                raise WorkerStartError(f"the template process (pid {self.proc.pid}) did not fork a worker within "
+                                       f"{self.fork_timeout:g} s; it was killed, and a new one starts the next worker")
             if request_id not in self._replies:
                 raise self.failure()
             pid = self._replies.pop(request_id)
@@ -104,6 +113,6 @@ class ForkedProcess(ProcessHandle):
         if self.pid == self.template.proc.pid:  # the template itself (for its start failure)
             return self.template.proc.poll()
         code = self.template.exits.get(self.pid)
-        if code is None and not self.template.alive and start_time(self.pid) is None:
-            return UNKNOWN_EXIT  # gone, but its template (the only process that could reap it) is gone too
+        if code is None and start_time(self.pid) is None and not self.template.answering:
+            return UNKNOWN_EXIT  # gone, but its template (the only process that could say how) cannot say
         return code

@@ -6,17 +6,21 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from dspex_nb._proto import bridge_pb2_grpc
-from dspex_nb.wire import health_address
+from dspex_nb.wire import KERNEL_ENV, health_address, kernel_gone
 from dspex_nb.worker import dspy_tools, tools  # noqa: F401  (importing registers the tools)
 from dspex_nb.worker.limits import LimitLMCalls, RateLimiter
 from dspex_nb.worker.server import Bridge
 from dspex_nb.worker.state import WorkerState
+
+KERNEL_POLL = 0.5  # seconds between checks that the owning kernel still runs
 
 
 def message_options(max_message_mb: int) -> list[tuple[str, int]]:
@@ -30,6 +34,20 @@ def _exit_when_stdin_closes() -> None:
             pass
     finally:
         os._exit(0)
+
+
+def _exit_when_kernel_ends(kernel: str) -> None:
+    """Exit when the owning kernel is gone, even if the pipe from our parent stays open (a stopped template
+    holds it): end that template too, then this worker."""
+    while not kernel_gone(kernel):
+        time.sleep(KERNEL_POLL)
+    parent = os.getppid()
+    try:
+        if b"dspex_nb.worker.template" in Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0"):
+            os.kill(parent, signal.SIGKILL)
+    except OSError:
+        pass
+    os._exit(0)
 
 
 def serve(address: str, *, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any],
@@ -52,6 +70,9 @@ def serve(address: str, *, worker_id: str, run_id: str, lm: str, lm_kwargs: dict
     server.start()
     if watch_parent:
         threading.Thread(target=_exit_when_stdin_closes, name="parent-watch", daemon=True).start()
+        if os.environ.get(KERNEL_ENV):
+            threading.Thread(target=_exit_when_kernel_ends, args=(os.environ[KERNEL_ENV],), name="kernel-watch",
+                             daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: (health.stop(grace=0), server.stop(grace=1)))
     server.wait_for_termination()
     return 0

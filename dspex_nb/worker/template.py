@@ -24,6 +24,7 @@ import time
 import traceback
 
 from dspex_nb import deps
+from dspex_nb.wire import KERNEL_ENV, kernel_gone
 
 EXIT_MISSING_DEPENDENCIES = 3
 
@@ -91,8 +92,12 @@ def serve() -> int:
 
     watches: dict[int, int] = {}  # child pid -> write end of its watch pipe
     pending = b""
+    kernel = os.environ.get(KERNEL_ENV, "")
     while True:
         readable, _, _ = select.select([0], [], [], 0.2)
+        if kernel and kernel_gone(kernel):  # the kernel ended without closing our stdin (its pipe is shared)
+            _end_all(watches)
+            return 0
         while True:  # reap every child that ended, and say so
             try:
                 pid, raw = os.waitpid(-1, os.WNOHANG)

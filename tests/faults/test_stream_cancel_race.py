@@ -29,7 +29,12 @@ def test_cancel_at_any_moment_closes_the_lm_stream() -> None:
         ctx = tools.ToolContext(streaming=True, worker=_Worker(lm))
         gen = dspy_tools._call(dspy.Predict("question -> answer"), {"question": f"long? {i}"}, ctx)
         first = threading.Event()
-        runner = threading.Thread(target=drive, args=(gen, ctx, lambda e: e.kind == "token" and first.set()))
+
+        def on_emit(emit: tools.Emit, first: threading.Event = first) -> None:
+            if emit.kind == "token":
+                first.set()
+
+        runner = threading.Thread(target=drive, args=(gen, ctx, on_emit))
         runner.start()
         assert first.wait(20)
         time.sleep((i % 30) / 1000)  # cancel 0-29 ms after the first token: every phase of a token's hand-off

@@ -6,6 +6,7 @@ into numbers and lines that both renderers use, and one ``pump`` thread refreshe
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 MODES = ("auto", "widgets", "text")
@@ -15,9 +16,13 @@ def live_frontend(mode: str = "auto") -> bool:
     """Whether to render widgets: in an IPython kernel, unless DSPEX_NONINTERACTIVE=1 or mode says."""
     if mode not in MODES:
         raise ValueError(f"display mode must be one of {MODES}, got {mode!r}")
+    if mode == "widgets" and not _have_widgets():
+        raise ImportError("display mode 'widgets' needs ipywidgets: pip install 'dspex_nb[widgets]'")
     if mode != "auto":
         return mode == "widgets"
     if os.environ.get("DSPEX_NONINTERACTIVE", "") not in ("", "0"):
+        return False
+    if not _have_widgets():  # the text views: pip install 'dspex_nb[widgets]' for live ones
         return False
     try:
         from IPython import get_ipython
@@ -25,3 +30,10 @@ def live_frontend(mode: str = "auto") -> bool:
         return False
     shell = get_ipython()
     return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _have_widgets() -> bool:
+    try:
+        return importlib.util.find_spec("ipywidgets") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["ipywidgets"] is None (blocked)
+        return False

@@ -145,20 +145,29 @@ class Handle:
         return wait_interruptibly(self._done, timeout, self.cancel)
 
 
+KEEP_CHUNKS = 100_000  # chunks a Run keeps by default (the latest); Run.received counts them all
+
+
 class Run(Handle):
     """A streaming call in progress: iterate it, ``result()`` it, ``cancel()`` it.
 
     ``on_chunk`` runs in the reader thread for every chunk; returning False (or raising StopStream)
     cancels the call, like ``cancel()``.
+
+    ``chunks`` holds the latest ``keep_chunks`` chunks (None: all of them), so memory stays flat however
+    long a stream runs; ``received`` counts every chunk, and ``read(since)`` / iteration go by that count.
     """
 
     def __init__(self, tool: str, worker: str, call: Any, *, timeout: float | None,
                  on_chunk: Callable[[Chunk], Any] | None,
-                 worker_died: Callable[[], DspexError | None], on_done: Callable[[Run], None]) -> None:
+                 worker_died: Callable[[], DspexError | None], on_done: Callable[[Run], None],
+                 keep_chunks: int | None = KEEP_CHUNKS) -> None:
         super().__init__()
         self.tool = tool
         self.worker = worker
         self.chunks: list[Chunk] = []
+        self.keep_chunks = keep_chunks
+        self.dropped = 0  # chunks no longer in ``chunks`` (the oldest, beyond keep_chunks)
         self._call = call
         self._timeout = timeout
         self._on_chunk = on_chunk
@@ -208,7 +217,22 @@ class Run(Handle):
                                        last.data.get("traceback", ""), self.worker)
         with self._cond:
             self.chunks.extend(chunks)
+            if self.keep_chunks is not None and len(self.chunks) > 2 * self.keep_chunks:  # trim now and then
+                drop = len(self.chunks) - self.keep_chunks
+                del self.chunks[:drop]
+                self.dropped += drop
             self._cond.notify_all()
+
+    @property
+    def received(self) -> int:
+        """Chunks received so far (kept or not)."""
+        return self.dropped + len(self.chunks)
+
+    def read(self, since: int) -> tuple[list[Chunk], int]:
+        """The chunks received after the first ``since`` (those still kept) and the count to read from next."""
+        with self._cond:
+            start = max(since - self.dropped, 0)
+            return self.chunks[start:], self.received
 
     # -- caller side -----------------------------------------------------------------
     def cancel(self) -> None:
@@ -237,20 +261,21 @@ class Run(Handle):
         index = 0
         while True:
             with self._cond:
-                while index >= len(self.chunks) and not self.done:
+                while index >= self.received and not self.done:
                     try:
                         self._cond.wait(WAIT_SLICE)
                     except KeyboardInterrupt:
                         self.cancel()
                         raise
-                if index >= len(self.chunks):
+                if index >= self.received:
                     return
-                chunk = self.chunks[index]
+                index = max(index, self.dropped)  # a reader slower than keep_chunks skips what was dropped
+                chunk = self.chunks[index - self.dropped]
             index += 1
             yield chunk
 
     def __repr__(self) -> str:
-        return f"<Run {self.tool!r} on {self.worker}: {self.status}, {len(self.chunks)} chunks>"
+        return f"<Run {self.tool!r} on {self.worker}: {self.status}, {self.received} chunks>"
 
 
 def unary_result(reply: Any, tool: str, worker: str) -> Any:

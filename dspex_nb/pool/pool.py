@@ -38,7 +38,7 @@ from dspex_nb.errors import (
 )
 from dspex_nb.journal import Journal
 from dspex_nb.pool import settings, stale
-from dspex_nb.pool.calls import Chunk, Run, encode_args, translate, unary_result
+from dspex_nb.pool.calls import KEEP_CHUNKS, Chunk, Run, encode_args, translate, unary_result
 from dspex_nb.pool.process import ProcessHandle, WorkerProcess, interpreter, worker_env
 from dspex_nb.pool.session import Session
 from dspex_nb.pool.supervision import Supervision
@@ -373,8 +373,10 @@ class Pool(Supervision):
 
     def execute_stream(self, tool: str, args: dict[str, Any] | None = None, *,
                        on_chunk: Callable[[Chunk], Any] | None = None, timeout: float | None = None,
-                       worker: str | None = None, session_id: str = "", affinity: str = "strict_queue") -> Run:
-        """Start ``tool`` as a stream and return its ``Run`` at once; chunks arrive in order."""
+                       worker: str | None = None, session_id: str = "", affinity: str = "strict_queue",
+                       keep_chunks: int | None = KEEP_CHUNKS) -> Run:
+        """Start ``tool`` as a stream and return its ``Run`` at once; chunks arrive in order. The Run keeps
+        the latest ``keep_chunks`` chunks (None: every one)."""
         request = self._request(tool, args, session_id)
         queued, wall = time.monotonic(), time.time_ns()
         chosen = self._choose(worker, count=True, affinity=affinity, timeout=timeout)
@@ -389,10 +391,10 @@ class Pool(Supervision):
             self._release(chosen, ok)
             first = None if run.first_chunk_at is None else run.first_chunk_at - run.started
             self.telemetry.add(CallRecord(tool, chosen.id, ok, run.started - queued, run.elapsed, first,
-                                          len(run.chunks), wall, *run.tokens))
+                                          run.received, wall, *run.tokens))
 
         return Run(tool, chosen.id, call, timeout=timeout, on_chunk=on_chunk, worker_died=self._death_of(chosen),
-                   on_done=done)
+                   on_done=done, keep_chunks=keep_chunks)
 
     def define(self, name: str, program: Any) -> dict[str, Any]:
         """Define a DSPy program on every worker, now and on any started later; returns its kind and inputs.

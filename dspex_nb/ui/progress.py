@@ -15,7 +15,7 @@ __all__ = ["StreamText", "batch_line", "batch_summary", "error_line", "error_tex
 
 @dataclass
 class StreamText:
-    """The text of each output field of a streaming run, read incrementally from ``run.chunks``."""
+    """The text of each output field of a streaming run, read incrementally from the run's chunks."""
 
     run: Run
     fields: dict[str, str] = field(default_factory=dict)
@@ -25,8 +25,7 @@ class StreamText:
 
     def update(self) -> bool:
         """Read the chunks that arrived since the last call; True when anything changed."""
-        chunks = self.run.chunks[self._read:]
-        self._read += len(chunks)
+        chunks, self._read = self.run.read(self._read)
         for chunk in chunks:
             if chunk.kind == "token":
                 self.fields[chunk["field"]] = self.fields.get(chunk["field"], "") + chunk["text"]

@@ -85,3 +85,13 @@ def test_a_busy_worker_is_never_taken_for_a_hung_one() -> None:
         assert all(run.result(60) == {"slept": 1.5, "cancelled": False} for run in runs)
         row = busy.status()[0]
         assert row["restarts"] == 0 and row["state"] == "ready", row
+
+
+def test_a_long_stream_keeps_memory_flat_in_the_kernel(pool: Pool) -> None:
+    run = pool.execute_stream("count", {"n": 50_000}, keep_chunks=1000)
+    seen = sum(1 for _ in run)  # a reader as fast as the stream sees every chunk
+    assert run.result(60) == {"count": 50_000}
+    assert run.received == 50_001 and len(run.chunks) <= 2000 and run.chunks[-1].kind == "final"
+    assert seen >= 1000
+    everything = pool.execute_stream("count", {"n": 5000}, keep_chunks=None)
+    assert everything.result(60) == {"count": 5000} and len(everything.chunks) == 5001

@@ -137,3 +137,48 @@ def test_interrupt_during_a_stream_cancels_it_and_the_kernel_goes_on(kernel: Ker
     kernel.run("%dspex lm demo")
     kernel.run('%%dspex predict "question -> answer" -o n\nnext')
     assert kernel.value("n.answer.startswith(\"Demo LM answer to 'next'\")") == "True"
+
+
+def click_stop_while_blocked(kernel: Kernel, code: str) -> Cell:
+    """Run ``code`` (a blocking cell with a live view) and, once its Stop button exists and the view has
+    updated, send the button's click as the frontend does: a comm message on the shell channel."""
+    buttons: dict[str, str] = {}
+    clicked: list[str] = []
+
+    def on_message(kind: str, content: dict) -> None:
+        state = content.get("data", {}).get("state", {}) if kind == "comm_open" else {}
+        if state.get("_model_name") == "ButtonModel" and state.get("description") == "Stop":
+            buttons[content["comm_id"]] = "stop"
+        elif kind == "comm_msg" and buttons and not clicked:
+            comm_id = next(iter(buttons))
+            clicked.append(comm_id)
+            msg = kernel.kc.session.msg("comm_msg", {"comm_id": comm_id,
+                                                     "data": {"method": "custom", "content": {"event": "click"}}})
+            kernel.kc.shell_channel.send(msg)
+
+    cell = kernel.collect(kernel.submit(code), timeout=120, on_message=on_message)
+    assert clicked, "the Stop button was never shown"
+    return cell
+
+
+def test_stop_stops_a_blocking_stream(kernel: Kernel) -> None:
+    kernel.run("%dspex lm demo --set answer_tokens=20000 --set per_token=0.005")  # about 100 s if not stopped
+    try:
+        cell = click_stop_while_blocked(kernel, '%%dspex predict "question -> answer"\nstop me')
+        assert "cancelled" in cell.stderr, cell.stderr
+        assert kernel.value("_.status") == "'cancelled'"
+        assert kernel.value("sum(c.kind == 'token' for c in _.chunks) < 20000") == "True"
+    finally:
+        kernel.run("%dspex lm demo")
+
+
+def test_stop_stops_a_blocking_batch(kernel: Kernel) -> None:
+    kernel.run("%dspex lm demo --set ttft=0.2")
+    try:
+        cell = click_stop_while_blocked(
+            kernel, 'many = [f"slow {i}?" for i in range(300)]\n'
+                    '%dspex batch "question -> answer" --items many --concurrency 1 --no-journal')
+        assert "cancelled" in cell.stderr, cell.stderr
+        assert kernel.value("_.status, _.ok + _.failed < 300") == "('cancelled', True)"
+    finally:
+        kernel.run("%dspex lm demo")

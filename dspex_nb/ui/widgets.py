@@ -7,7 +7,9 @@ called by the pump (at most ~10 times a second) and sends only the values that c
 
 from __future__ import annotations
 
+import contextlib
 import html
+from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as w
@@ -36,6 +38,31 @@ def _table(columns: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def stop_button(action: Callable[[], Any]) -> w.Button:
+    """A Stop button that works while the cell that made it still blocks the kernel.
+
+    A click is a comm message on the shell channel, which the kernel's main thread only reads once the
+    running cell has finished. ipykernel 7 reads every shell message first in its shell-channel thread
+    and asks the comm there where to route it (``_reply_subshell_for``, for subshells): this view answers
+    a click at that moment, in that thread, so the remote work stops within a round trip. Where the hook
+    is missing, the click acts when the kernel reads it, as before.
+    """
+    button = w.Button(description="Stop", icon="stop", button_style="warning", layout={"width": "7em"})
+    button.on_click(lambda _: action())
+    comm = getattr(button, "comm", None)
+    route = getattr(comm, "_reply_subshell_for", None)
+    if route is not None:
+        def early(data: Any, default: Any) -> Any:
+            content = data.get("content") if isinstance(data, dict) else None
+            if isinstance(content, dict) and data.get("method") == "custom" and content.get("event") == "click":
+                with contextlib.suppress(Exception):  # never lose the message itself
+                    action()  # cancelling is idempotent: the later on_click does nothing more
+            return route(data, default)
+
+        comm._reply_subshell_for = early  # type: ignore[union-attr]
+    return button
+
+
 class View:
     """A widget tree with a stable text/plain repr (what nbval and terminals see)."""
 
@@ -61,8 +88,7 @@ class StreamView(View):
         self.title = w.HTML(f"<b>{html.escape(title)}</b>")
         self.fields = w.VBox()
         self.status = w.HTML()
-        self.stop = w.Button(description="Stop", icon="stop", button_style="warning", layout={"width": "7em"})
-        self.stop.on_click(lambda _: run.cancel())
+        self.stop = stop_button(run.cancel)
         self.field_views: dict[str, w.HTML] = {}
         self.root = w.VBox([self.title, self.fields, w.HBox([self.stop, self.status])])
 
@@ -96,8 +122,7 @@ class BatchDashboard(View):
         self.latest = w.HTML()
         self.errors = w.HTML()
         self.error_box = w.Accordion(children=[self.errors], titles=("errors (0)",))
-        self.stop = w.Button(description="Stop", icon="stop", button_style="warning", layout={"width": "7em"})
-        self.stop.on_click(lambda _: batch.cancel())
+        self.stop = stop_button(batch.cancel)
         self.root = w.VBox([w.HTML(f"<b>{html.escape(title)}</b>"), w.HBox([self.bar, self.stop]), self.counts,
                             self.workers, self.latest, self.error_box])
 

@@ -360,8 +360,7 @@ class Dspex(Magics):
             return
         run = pool.execute_stream(tool, call_args, timeout=args.timeout)
         run.decode = lambda result: programs.to_output(result, resolver)
-        show_run(run, title, mode=self.display, block=not args.background)
-        self._finish(run, args)
+        self._show(run, lambda: show_run(run, title, mode=self.display, block=not args.background), args)
 
     def _batch(self, args: argparse.Namespace, cell: str) -> None:
         if bool(args.signature) == bool(args.module):
@@ -390,8 +389,8 @@ class Dspex(Magics):
             program = programs.as_program(signature, cot=args.cot) if signature is not None else (
                 args.module if args.module in pool.definitions else self._program(args.module))
             batch = pool.map(program, items, **options)
-        show_batch(batch, f"batch {args.module or args.signature!r}", mode=self.display, block=not args.background)
-        self._finish(batch, args)
+        title = f"batch {args.module or args.signature!r}"
+        self._show(batch, lambda: show_batch(batch, title, mode=self.display, block=not args.background), args)
 
     def _journal(self, args: argparse.Namespace) -> None:
         pool = self.pools.get(args.pool)
@@ -437,6 +436,18 @@ class Dspex(Magics):
         inputs = ", ".join(info.get("inputs", [])) or "none"
         print(f"dspex: defined {args.name} ({info.get('kind')}; inputs: {inputs}) on {pool.size} workers; "
               f"run it with %%dspex run {args.name}")
+
+    def _show(self, handle: Run | BatchRun, show: Callable[[], None], args: argparse.Namespace) -> None:
+        """Show ``handle`` (blocking unless -a), then store its result; interrupted, keep what arrived."""
+        try:
+            show()
+        except KeyboardInterrupt:
+            self._store(args.output, handle)  # nothing computed is lost: `_` (and -o VAR) hold the partial run
+            kept = "_.records" if isinstance(handle, BatchRun) else "_.chunks"
+            print(f"dspex: what arrived before the interrupt is in {kept}" +
+                  (f" (and {args.output})" if args.output else ""), file=sys.stderr)
+            raise
+        self._finish(handle, args)
 
     def _finish(self, handle: Run | BatchRun, args: argparse.Namespace) -> None:
         """Store the result of a finished call (or the handle of a background one) and report errors."""

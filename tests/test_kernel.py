@@ -124,7 +124,9 @@ def test_interrupt_during_a_stream_cancels_it_and_the_kernel_goes_on(kernel: Ker
 
     cell = kernel.collect(msg_id, timeout=60, on_message=interrupt_once_streaming)
     assert started and "dspex: interrupted; the remote work was cancelled" in cell.stderr
+    assert "what arrived before the interrupt is in _.chunks" in cell.stderr
     assert not cell.error
+    assert kernel.value("type(_).__name__, _.status") == "('Run', 'cancelled')"
     # the worker stops generating: poll (with a deadline) until no request is active there
     remote = kernel.value(
         "import time\n"
@@ -180,5 +182,26 @@ def test_stop_stops_a_blocking_batch(kernel: Kernel) -> None:
                     '%dspex batch "question -> answer" --items many --concurrency 1 --no-journal')
         assert "cancelled" in cell.stderr, cell.stderr
         assert kernel.value("_.status, _.ok + _.failed < 300") == "('cancelled', True)"
+    finally:
+        kernel.run("%dspex lm demo")
+
+
+def test_an_interrupted_blocking_batch_keeps_its_finished_items(kernel: Kernel) -> None:
+    kernel.run("%dspex lm demo --set ttft=0.05")
+    try:
+        msg_id = kernel.submit('many = [f"interrupted {i}?" for i in range(400)]\n'
+                               '%dspex batch "question -> answer" --items many --no-journal -o PART')
+        updates: list[str] = []
+
+        def interrupt_after_progress(kind: str, content: dict) -> None:
+            updates.append(kind)
+            if updates.count("comm_msg") == 20:  # the dashboard has moved on a few times
+                kernel.km.interrupt_kernel()
+
+        cell = kernel.collect(msg_id, timeout=120, on_message=interrupt_after_progress)
+        assert "what arrived before the interrupt is in _.records (and PART)" in cell.stderr, cell.stderr
+        done = kernel.value("sum(r is not None and r['ok'] for r in PART.records), PART.status")
+        finished, status = done.strip("()").split(", ")
+        assert 0 < int(finished) < 400 and status == "'cancelled'"
     finally:
         kernel.run("%dspex lm demo")

@@ -3,6 +3,7 @@ background handles, and Ctrl-C (a kernel interrupt) during a streaming cell."""
 
 from __future__ import annotations
 
+import html
 import os
 import time
 from collections.abc import Iterator
@@ -205,3 +206,28 @@ def test_an_interrupted_blocking_batch_keeps_its_finished_items(kernel: Kernel) 
         assert 0 < int(finished) < 400 and status == "'cancelled'"
     finally:
         kernel.run("%dspex lm demo")
+
+
+def final_rendering(kernel: Kernel, code: str) -> dict:
+    """Run ``code`` and return the last update of its display: what a saved notebook keeps."""
+    updates: list[dict] = []
+    kernel.collect(kernel.submit(code), on_message=lambda kind, content: updates.append(content["data"])
+                   if kind == "update_display_data" else None)
+    assert updates, "the view was not replaced by a static rendering"
+    return updates[-1]
+
+
+def test_a_finished_stream_leaves_its_answer_in_the_saved_output(kernel: Kernel) -> None:
+    data = final_rendering(kernel, '%%dspex predict "question -> answer" --cot -o p\nWill it be saved?')
+    answer = kernel.value("p.answer").strip("'\"")
+    assert "application/vnd.jupyter.widget-view+json" not in data  # live widgets only while live
+    assert f"answer: {answer}" in data["text/plain"] and "reasoning: " in data["text/plain"]
+    assert html.escape(answer) in data["text/html"] and "done · " in data["text/html"]
+
+
+def test_a_finished_batch_leaves_its_summary_in_the_saved_output(kernel: Kernel) -> None:
+    data = final_rendering(kernel, 'few = ["one?", "two?", "three?"]\n'
+                                   '%dspex batch "question -> answer" --items few --no-journal')
+    assert "application/vnd.jupyter.widget-view+json" not in data
+    assert data["text/plain"].startswith("batch done: 3 items, 3 ok, 0 failed")
+    assert "dspex-bar-ok" in data["text/html"] and "batch done: 3 items" in data["text/html"]

@@ -50,7 +50,12 @@ class Pump:
     def _refresh(self, view: Refreshable) -> bool:
         try:
             with self._refreshing:
-                return view.refresh()
+                live = view.refresh()
+                if not live:
+                    finish = getattr(view, "finish", None)
+                    if finish is not None:
+                        finish()  # the final, static rendering (a view makes it once)
+                return live
         except Exception:  # a broken view must not stop the others
             log.exception("dspex_nb: a view failed to refresh and was dropped")
             return False

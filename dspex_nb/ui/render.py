@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dspex_nb.batch import BatchRun
 from dspex_nb.pool.calls import Run
@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     from dspex_nb.ui.widgets import PoolDashboard
 
 
-def _display(view: object) -> None:
+def _display(view: Any) -> None:
     from IPython.display import display
 
-    display(view)
+    view.handle = display(view, display_id=True)  # finish() replaces it with the static rendering
 
 
 def show_run(run: Run, title: str, *, mode: str = "auto", block: bool = True, out: TextIO | None = None) -> None:

@@ -63,11 +63,28 @@ def stop_button(action: Callable[[], Any]) -> w.Button:
     return button
 
 
+class _Static:
+    """A finished view's rendering: HTML with a text/plain twin, which a saved notebook keeps."""
+
+    def __init__(self, bundle: dict[str, str]) -> None:
+        self.bundle = bundle
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, str]:
+        return self.bundle
+
+
 class View:
-    """A widget tree with a stable text/plain repr (what nbval and terminals see)."""
+    """A widget tree with a stable text/plain repr (what nbval and terminals see).
+
+    Live widgets only while live: when the view is final, ``finish()`` replaces its output (by display
+    id) with ``static()``, so a saved notebook, one reopened without a kernel, nbconvert's HTML and
+    GitHub's viewer all show the result rather than "model not found".
+    """
 
     root: w.Widget
     plain: str
+    handle: Any = None  # the DisplayHandle it was shown with
+    _finished = False
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         bundle = self.root._repr_mimebundle_(**kwargs)
@@ -77,6 +94,18 @@ class View:
     def refresh(self) -> bool:
         """Bring the widgets up to date; False once the view is final (the pump then drops it)."""
         raise NotImplementedError
+
+    def static(self) -> dict[str, str]:
+        """The final rendering: {"text/html": ..., "text/plain": ...}."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Replace the live widgets with the static rendering (once)."""
+        if self._finished or self.handle is None:
+            return
+        self._finished = True
+        self.handle.update(_Static(self.static()))
+        self.root.close()  # its models are not needed any more
 
 
 class StreamView(View):
@@ -107,6 +136,18 @@ class StreamView(View):
         if done:
             _set(self.stop, disabled=True)
         return not done
+
+    def static(self) -> dict[str, str]:
+        fields = "".join(f"<div><b>{html.escape(name)}</b><div style='{PROSE}'>{html.escape(value)}</div></div>"
+                         for name, value in self.text.fields.items())
+        summary = self.text.summary()
+        plain = "\n".join([*(f"{name}: {value}" for name, value in self.text.fields.items()), summary])
+        return {"text/html": f"<div class='dspex-run'>{self.title.value}{fields}<div style='{MUTED}'>"
+                             f"{html.escape(summary)}</div></div>", "text/plain": plain}
+
+
+PROSE = "white-space:pre-wrap;word-break:normal;overflow-wrap:anywhere;max-height:24em;overflow-y:auto"
+MUTED = "opacity:0.75;font-size:0.9em"
 
 
 class BatchDashboard(View):
@@ -149,6 +190,25 @@ class BatchDashboard(View):
             _set(self.stop, disabled=True)
         return not done
 
+    def static(self) -> dict[str, str]:
+        snap = self.batch.snapshot()
+        summary = progress.batch_summary(snap)
+        total = max(snap["total"], 1)
+        cancelled = snap["total"] - snap["ok"] - snap["failed"]
+        bar = "".join(f"<div class='dspex-bar-{kind}' title='{n} {kind}' style='width:{100 * n / total:.2f}%;"
+                      f"background:{color};height:100%'></div>"
+                      for kind, n, color in (("ok", snap["ok"], "#2e7d32"), ("failed", snap["failed"], "#c62828"),
+                                             ("cancelled", cancelled, "#9e9e9e")) if n)
+        failed = [r for r in self.batch.records if r is not None and not r["ok"]]
+        errors = "".join(f"<li>#{r['index']}: {html.escape(progress.error_line(r)[:300])}</li>" for r in failed[:50])
+        details = (f"<details><summary>errors ({len(failed)})</summary><ul style='max-height:16em;overflow-y:auto'>"
+                   f"{errors}</ul></details>" if failed else "")
+        warning = f"<div>warning: {html.escape(snap['warning'])}</div>" if snap["warning"] else ""
+        plain = "\n".join([summary, *(f"  item {r['index']}: {progress.error_line(r)}" for r in failed[:50])])
+        return {"text/html": f"<div class='dspex-batch'><div style='display:flex;height:6px;width:60%;"
+                             f"background:#eee'>{bar}</div><div>{html.escape(summary)}</div>{warning}{details}</div>",
+                "text/plain": plain}
+
 
 def _short(record: dict[str, Any], width: int = 90) -> str:
     if not record["ok"]:
@@ -176,3 +236,10 @@ class PoolDashboard(View):
         rows = progress.stats_rows(self.pool.stats())
         _set(self.stats, value=_table(progress.STATS_COLUMNS, rows) if rows else "")
         return running
+
+    def static(self) -> dict[str, str]:
+        rows = progress.stats_rows(self.pool.stats())
+        plain = f"pool: {self.pool.size} workers, lm={self.pool.lm}, stopped"
+        if rows:
+            plain += "\n" + progress.text_table(progress.STATS_COLUMNS, rows)
+        return {"text/html": self.header.value + self.stats.value, "text/plain": plain}

@@ -231,3 +231,14 @@ def test_a_finished_batch_leaves_its_summary_in_the_saved_output(kernel: Kernel)
     assert "application/vnd.jupyter.widget-view+json" not in data
     assert data["text/plain"].startswith("batch done: 3 items, 3 ok, 0 failed")
     assert "dspex-bar-ok" in data["text/html"] and "batch done: 3 items" in data["text/html"]
+
+
+def test_a_two_step_module_shows_one_group_per_step(kernel: Kernel) -> None:
+    from helpers import TWO_STEP
+
+    kernel.run("%%dspex define TwoStep" + TWO_STEP)
+    data = final_rendering(kernel, "%%dspex run TwoStep -o two\nWhy do leaves fall?")
+    plain = data["text/plain"].splitlines()
+    assert plain[0] == "[topic]" and plain[1].startswith("  reasoning: ") and plain[2].startswith("  topic: ")
+    assert plain[3] == "[answer]" and plain[4] == "  answer: " + kernel.value("two.answer").strip("'\"")
+    assert data["text/html"].count("<div><b>topic</b></div>") == 1 and "<div><b>answer</b></div>" in data["text/html"]

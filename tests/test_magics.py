@@ -168,9 +168,10 @@ def test_define_then_run_and_batch_with_the_module(sh: Shell) -> None:
     assert out == ("dspex: defined TwoStep (module class; inputs: question) on 2 workers; "
                    "run it with %%dspex run TwoStep\n")
     out, _ = sh("%%dspex run TwoStep -o r\nWhy?")
-    lines = out.splitlines()  # every predictor's streamed fields, then the module's output
-    assert [line.split(":")[0] for line in lines[:3]] == ["reasoning", "topic", "answer"]
-    assert lines[2] == f"answer: {sh.ns['r'].answer}" and sh.ns["r"].answer.startswith("Demo LM answer to 'Why?'")
+    lines = out.splitlines()  # one group per step (predictor), each with its own streamed fields
+    assert [line.split(":")[0] for line in lines[:5]] == ["[topic]", "  reasoning", "  topic", "[answer]", "  answer"]
+    assert lines[2].startswith("  topic: Demo LM answer to 'Why?'")  # the first step's field, kept in its group
+    assert lines[4] == f"  answer: {sh.ns['r'].answer}" and sh.ns["r"].answer.startswith("Demo LM answer to 'Why?'")
     sh("%dspex batch --module TwoStep --items qs -o OUT")
     assert len(sh.ns["OUT"]) == 50 and sh.ns["OUT"][7].answer.startswith("Demo LM answer to 'question 7?'")
 

@@ -15,10 +15,11 @@ __all__ = ["StreamText", "batch_line", "batch_summary", "error_line", "error_tex
 
 @dataclass
 class StreamText:
-    """The text of each output field of a streaming run, read incrementally from the run's chunks."""
+    """The text of each output field of a streaming run, one group per predictor (a multi-step module's
+    steps apart, each titled by its predictor's name), read incrementally from the run's chunks."""
 
     run: Run
-    fields: dict[str, str] = field(default_factory=dict)
+    groups: dict[str, dict[str, str]] = field(default_factory=dict)  # predictor -> field -> text
     tokens: int = 0
     status: str = ""
     _read: int = 0
@@ -28,14 +29,37 @@ class StreamText:
         chunks, self._read = self.run.read(self._read)
         for chunk in chunks:
             if chunk.kind == "token":
-                self.fields[chunk["field"]] = self.fields.get(chunk["field"], "") + chunk["text"]
+                group = self.groups.setdefault(predictor_label(chunk.data.get("predictor") or ""), {})
+                group[chunk["field"]] = group.get(chunk["field"], "") + chunk["text"]
                 self.tokens += bool(chunk["text"])
             elif chunk.kind == "status":
                 self.status = chunk["message"]
             elif chunk.kind == "final" and isinstance(chunk.data, dict):
-                for name, value in shown_fields(chunk.data).items():  # fields that were not streamed (typed ones)
-                    self.fields[name] = value if isinstance(value, str) else repr(value)
+                self._final(shown_fields(chunk.data))
         return bool(chunks)
+
+    def _final(self, fields: dict[str, Any]) -> None:
+        """The program's output: its fields in the last step's group (streamed ones are the same text), and
+        fields that no step streamed (typed ones) there too; an earlier step keeps its own text."""
+        last = self.groups.setdefault(next(reversed(self.groups), ""), {})
+        streamed = {name for group in self.groups.values() for name in group}
+        for name, value in fields.items():
+            if name in last or name not in streamed:
+                last[name] = value if isinstance(value, str) else repr(value)
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """Every field's text; with several steps, named ``step.field``."""
+        if len(self.groups) <= 1:
+            return dict(next(iter(self.groups.values()), {}))
+        return {f"{step}.{name}": text for step, group in self.groups.items() for name, text in group.items()}
+
+    def lines(self) -> list[str]:
+        """The text fallback: ``field: text`` lines, under a ``[step]`` line per step when there are several."""
+        if len(self.groups) <= 1:
+            return [f"{name}: {text}" for name, text in self.fields.items()]
+        return [line for step, group in self.groups.items()
+                for line in [f"[{step}]", *(f"  {name}: {text}" for name, text in group.items())]]
 
     def summary(self) -> str:
         run = self.run
@@ -48,6 +72,11 @@ class StreamText:
         elif run.status == "running" and self.status:
             line += f" · {self.status}"
         return line
+
+
+def predictor_label(name: str) -> str:
+    """A predictor's name as a step title: "topic.predict" (a ChainOfThought's inner Predict) is "topic"."""
+    return name.removesuffix(".predict") if name != "predict" else name
 
 
 def shown_fields(result: dict[str, Any]) -> dict[str, Any]:

@@ -42,8 +42,8 @@ def show_run(run: Run, title: str, *, mode: str = "auto", block: bool = True, ou
             text = progress.StreamText(run)
             text.update()
             out = out or sys.stdout
-            for name, value in text.fields.items():
-                out.write(f"{name}: {value}\n")
+            for line in text.lines():
+                out.write(line + "\n")
             out.write(text.summary() + "\n")
     except KeyboardInterrupt:
         run.cancel()

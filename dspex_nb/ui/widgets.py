@@ -109,7 +109,8 @@ class View:
 
 
 class StreamView(View):
-    """Live text per output field (reasoning and answer apart), a status line and a Stop button."""
+    """Live text per output field, one group per predictor (a multi-step module's steps apart, titled by
+    the step), a status line and a Stop button."""
 
     def __init__(self, run: Run, title: str) -> None:
         self.text = progress.StreamText(run)
@@ -118,32 +119,45 @@ class StreamView(View):
         self.fields = w.VBox()
         self.status = w.HTML()
         self.stop = stop_button(run.cancel)
-        self.field_views: dict[str, w.HTML] = {}
-        self.root = w.VBox([self.title, self.fields, w.HBox([self.stop, self.status])])
+        self.step_views: dict[str, tuple[w.HTML, w.VBox]] = {}  # step -> (its title, its fields)
+        self.field_views: dict[tuple[str, str], w.HTML] = {}
+        self.root = w.VBox([self.title, w.HBox([self.stop, self.status]), self.fields])
 
     def refresh(self) -> bool:
         run = self.text.run
         done = run.done  # read before the chunks, so the last chunks are always shown
         self.text.update()
-        for name, value in self.text.fields.items():
-            view = self.field_views.get(name)
-            if view is None:
-                view = self.field_views[name] = w.HTML()
-                self.fields.children = (*self.fields.children, view)
-            _set(view, value=f"<b>{html.escape(name)}</b><pre style='white-space:pre-wrap;margin:0'>"
-                             f"{html.escape(value)}</pre>")
+        several = len(self.text.groups) > 1
+        for step, group in self.text.groups.items():
+            if step not in self.step_views:
+                self.step_views[step] = (w.HTML(), w.VBox())
+                self.fields.children = (*self.fields.children, w.VBox(list(self.step_views[step])))
+            heading, box = self.step_views[step]
+            _set(heading, value=f"<b>{html.escape(step)}</b>" if several else "")
+            for name, value in group.items():
+                view = self.field_views.get((step, name))
+                if view is None:
+                    view = self.field_views[(step, name)] = w.HTML()
+                    box.children = (*box.children, view)
+                _set(view, value=_field_html(name, value))
         _set(self.status, value=html.escape(self.text.summary()))
         if done:
             _set(self.stop, disabled=True)
         return not done
 
     def static(self) -> dict[str, str]:
-        fields = "".join(f"<div><b>{html.escape(name)}</b><div style='{PROSE}'>{html.escape(value)}</div></div>"
-                         for name, value in self.text.fields.items())
+        several = len(self.text.groups) > 1
+        steps = "".join((f"<div><b>{html.escape(step)}</b></div>" if several else "")
+                        + "".join(_field_html(name, value) for name, value in group.items())
+                        for step, group in self.text.groups.items())
         summary = self.text.summary()
-        plain = "\n".join([*(f"{name}: {value}" for name, value in self.text.fields.items()), summary])
-        return {"text/html": f"<div class='dspex-run'>{self.title.value}{fields}<div style='{MUTED}'>"
-                             f"{html.escape(summary)}</div></div>", "text/plain": plain}
+        return {"text/html": f"<div class='dspex-run'>{self.title.value}{steps}<div style='{MUTED}'>"
+                             f"{html.escape(summary)}</div></div>",
+                "text/plain": "\n".join([*self.text.lines(), summary])}
+
+
+def _field_html(name: str, value: str) -> str:
+    return f"<div><b>{html.escape(name)}</b><div style='{PROSE}'>{html.escape(value)}</div></div>"
 
 
 PROSE = "white-space:pre-wrap;word-break:normal;overflow-wrap:anywhere;max-height:24em;overflow-y:auto"

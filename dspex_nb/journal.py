@@ -81,9 +81,15 @@ class Journal:
             self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # private from the start (WAL files follow)
-        if self.path.stat().st_uid == os.getuid():
-            os.chmod(self.path, 0o600)
+        # private from the start (WAL files follow); never through a link, never a file of another user
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            if os.fstat(fd).st_uid != os.getuid():
+                raise PermissionError(f"the batch journal {self.path} belongs to another user: refusing to use it "
+                                      "(Pool(journal=path) or DSPEX_JOURNAL with a file of your own)")
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
         db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")

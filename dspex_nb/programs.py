@@ -126,27 +126,37 @@ def to_output(result: Any, resolve: typed.Resolver) -> Any:
 
     if isinstance(result, dict) and result.get(typed.TAG) == "output":
         return typed.decode(result["value"], resolve, "output")
-    prediction = dspy.Prediction(**{name: typed.decode(value, resolve, name) for name, value in result.items()
-                                    if name != typed.USAGE})
+    if typed.COMPLETIONS in result:
+        prediction = typed.decode({typed.TAG: "prediction", "fields": {}, "completions": result[typed.COMPLETIONS]},
+                                  resolve, "output")
+    else:
+        prediction = dspy.Prediction(**{name: typed.decode(value, resolve, name) for name, value in result.items()
+                                        if name not in typed.RESERVED})
     if typed.USAGE in result:  # as with dspy.configure(track_usage=True): prediction.get_lm_usage()
         prediction.set_lm_usage(result[typed.USAGE])
     return prediction
 
 
-def item_inputs(items: Any) -> list[Any]:
+def is_signature(value: Any) -> bool:
+    """A one-line DSPy signature string ("question -> answer: float"), not Python source or a name."""
+    return isinstance(value, str) and "->" in value and "\n" not in value.strip() and not value.strip().startswith(
+        ("def ", "class ", "import ", "from "))
+
+
+def item_inputs(items: Any, tool: str = "map") -> list[Any]:
     """Batch items as typed JSON inputs: strings, dicts, dspy.Examples (their inputs()), or a DataFrame's rows."""
     import dspy
 
     if type(items).__name__ == "DataFrame" and hasattr(items, "to_dict"):
         items = items.to_dict("records")
     if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
-        raise ArgumentError("map", "ArgumentError", "items must be a list of strings, dicts or dspy.Examples, or a "
+        raise ArgumentError(tool, "ArgumentError", "items must be a list of strings, dicts or dspy.Examples, or a "
                             f"pandas DataFrame; got {type(items).__name__}")
     out = []
     for i, item in enumerate(items):
         if isinstance(item, dspy.Example):
             if item._input_keys is None:
-                raise ArgumentError("map", "ArgumentError", f"items[{i}] is a dspy.Example without input keys: "
+                raise ArgumentError(tool, "ArgumentError", f"items[{i}] is a dspy.Example without input keys: "
                                     "mark them with .with_inputs('question', ...), as dspy.Evaluate needs too")
             item = dict(item.inputs())
         out.append(typed.encode(item))

@@ -18,9 +18,26 @@ MASK = "***"
 MAX_MESSAGE = 4000  # characters of an error message kept (a repr of a large object says little more)
 _SECRET_NAME = re.compile(r"key(?!word)|token(?!s\b|s_|_count|izer)|secret|passw|authoriz|credential|cookie",
                           re.IGNORECASE)  # not counts: max_tokens, answer_tokens
-_ASSIGNED = re.compile(  # api_key='sk-...', "token": "...", Authorization: Bearer ...
-    r"""(?i)((?:api[_-]?key|token|secret|password|authorization)['"]?\s*[:=]\s*['"]?(?:bearer\s+)?)"""
-    r"""([^'"\s,}\])]{4,})""")
+_ASSIGNED = re.compile(  # api_key='sk-...', "aws_secret_access_key": "...", ?key=..., Authorization: Bearer ...
+    r"""(?i)([\w-]*(?:key(?!word)|token(?!s\b|s_|_count|izer)|secret|passw(?:or)?d|authoriz\w*|credential)"""
+    r"""[\w-]*['"]?\s*[:=]\s*['"]?"""
+    r"""(?:bearer\s+)?)([^'"\s,;&}\])]{4,})""")
+_BEARER = re.compile(r"(?i)(bearer\s+)([^\s'\",;]{8,})")
+_registered: set[str] = set()  # secret values given in settings (an LM's api_key), not in the environment
+
+
+def register(settings: Any) -> None:
+    """Remember the values of secret-named settings (e.g. ``lm_kwargs={"api_key": ...}``) so that text
+    quoting them (a provider's "Incorrect API key provided: sk-...") is masked too."""
+    if isinstance(settings, Mapping):
+        for key, value in settings.items():
+            if isinstance(key, str) and is_secret_name(key) and isinstance(value, str) and len(value) >= 6:
+                _registered.add(value)
+            else:
+                register(value)
+    elif isinstance(settings, (list, tuple)):
+        for value in settings:
+            register(value)
 
 
 def is_secret_name(name: str) -> bool:
@@ -30,7 +47,8 @@ def is_secret_name(name: str) -> bool:
 def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
     """The values of secret-named environment variables (longest first, so none hides part of another)."""
     env = os.environ if env is None else env
-    return sorted({v for k, v in env.items() if is_secret_name(k) and len(v) >= 6}, key=len, reverse=True)
+    found = {v for k, v in env.items() if is_secret_name(k) and len(v) >= 6} | _registered
+    return sorted(found, key=len, reverse=True)
 
 
 def text(value: str, limit: int | None = MAX_MESSAGE) -> str:
@@ -38,6 +56,7 @@ def text(value: str, limit: int | None = MAX_MESSAGE) -> str:
     for secret in secret_values():
         value = value.replace(secret, MASK)
     value = _ASSIGNED.sub(lambda m: m.group(1) + MASK, value)
+    value = _BEARER.sub(lambda m: m.group(1) + MASK, value)
     if limit is not None and len(value) > limit:
         value = value[:limit] + f"… ({len(value) - limit} more characters)"
     return value

@@ -31,6 +31,8 @@ from dspex_nb.errors import DspexError
 
 TAG = "__dspex__"
 USAGE = "__dspex_usage__"  # beside a program's output: its LM usage per model, as dspy.track_usage counts it
+COMPLETIONS = "__dspex_completions__"  # beside a Prediction's fields: all its completions, when it has several
+RESERVED = (USAGE, COMPLETIONS)
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
 
 
@@ -67,7 +69,7 @@ def encode(value: Any) -> Any:
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return {TAG: type(value).__name__, "iso": value.isoformat()} if type(value) in _TIMES else _opaque(value)
     if isinstance(value, dt.timedelta):
-        return {TAG: "timedelta", "seconds": value.total_seconds()}
+        return {TAG: "timedelta", "days": value.days, "seconds": value.seconds, "microseconds": value.microseconds}
     if isinstance(value, Decimal):
         return {TAG: "decimal", "text": str(value)}
     if isinstance(value, uuid.UUID):
@@ -80,10 +82,12 @@ def encode(value: Any) -> Any:
         out = {TAG: kind, "fields": {k: encode(v) for k, v in value.items()}}
         if kind == "example" and value._input_keys is not None:
             out["inputs"] = sorted(value._input_keys)
+        if kind == "prediction" and (completions := completions_of(value)) is not None:
+            out["completions"] = completions
         return out
-    if _is_pydantic(value):
-        data = {name: getattr(value, name) for name in type(value).model_fields}
-        return {TAG: "model", "class": class_path(type(value)), "fields": encode(data)}
+    if _is_pydantic(value):  # pydantic's own round trip: aliases, extra fields, its own types (URLs...)
+        return {TAG: "model", "class": class_path(type(value)),
+                "json": value.model_dump_json(by_alias=True, round_trip=True)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         data = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         return {TAG: "dataclass", "class": class_path(type(value)), "fields": encode(data)}
@@ -107,6 +111,14 @@ def _is_pydantic(value: Any) -> bool:
     return pydantic is not None and isinstance(value, pydantic.BaseModel)
 
 
+def completions_of(prediction: Any) -> list[dict[str, Any]] | None:
+    """A Prediction's several completions (``n`` > 1) as typed JSON field dicts, or None when it has one."""
+    completions = getattr(prediction, "_completions", None)
+    if completions is None or len(completions) < 2:
+        return None
+    return [{k: encode(v) for k, v in completions[i].items()} for i in range(len(completions))]
+
+
 def _opaque(value: Any) -> dict[str, Any]:
     text = repr(value)
     return {TAG: "opaque", "class": class_path(type(value)), "repr": text[:_OPAQUE_REPR]}
@@ -116,21 +128,21 @@ def _opaque(value: Any) -> dict[str, Any]:
 class Resolver:
     """Finds the class for a path on the receiving side, without importing or executing anything.
 
-    It looks first among ``known`` classes (those of the program being run: its signatures' types),
-    then in modules already imported here (``sys.modules``: dspy's own types, a library's models,
-    classes of the notebook's ``__main__``).
+    Only classes the receiver trusts qualify: the ``known`` ones (those shipped with the program being
+    run: its signatures' types, the classes in its pickle) and DSPy's own types (``dspy.*``, already
+    imported). Data naming any other class (``subprocess:Popen``) is refused, so a value from a worker
+    or the journal can never make the kernel call arbitrary code.
     """
 
     def __init__(self, known: Iterable[type] = ()) -> None:
         self.known = {class_path(cls): cls for cls in known}
 
-    def add(self, classes: Iterable[type]) -> None:
-        self.known.update({class_path(cls): cls for cls in classes})
-
     def __call__(self, path: str) -> type | None:
         if path in self.known:
             return self.known[path]
         module_name, _, qualname = path.partition(":")
+        if module_name != "dspy" and not module_name.startswith("dspy."):
+            return None
         obj: Any = sys.modules.get(module_name)
         for part in qualname.split("."):
             obj = getattr(obj, part, None) if obj is not None and part != "<locals>" else None
@@ -163,12 +175,21 @@ def _items(value: dict[str, Any], resolve: Callable[[str], type | None], where: 
     return [decode(v, resolve, f"{where}[{i}]") for i, v in enumerate(value["items"])]
 
 
+_KINDS: dict[str, Callable[[type], bool]] = {
+    "enum": lambda cls: issubclass(cls, enum.Enum),
+    "model": lambda cls: hasattr(cls, "model_validate_json") and hasattr(cls, "model_fields"),
+    "dataclass": lambda cls: dataclasses.is_dataclass(cls),
+}
+
+
 def _cls(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> type:
     cls = resolve(value["class"])
+    if cls is not None and not _KINDS[value[TAG]](cls):
+        raise NotPortable(f"{where}: {value['class']} is not a{'n' * (value[TAG] == 'enum')} {value[TAG]} class", value)
     if cls is None:
         raise NotPortable(
-            f"{where} is a {value['class']} but that class is not known here: define it in the kernel (or import "
-            "its module) and pass the program object, e.g. pool.define(name, program), so it travels with it",
+            f"{where} is a {value['class']}, a class that did not travel with the program: define the program "
+            "(and its types) in the kernel and pass the object, e.g. pool.run(program, ...), so they travel together",
             value)
     return cls
 
@@ -181,9 +202,22 @@ def _example(value: dict[str, Any], resolve: Callable[[str], type | None], where
     import dspy
 
     if value[TAG] == "prediction":
+        if "completions" in value:
+            completions = [{k: decode(v, resolve, f"{where}.completions[{i}].{k}") for k, v in c.items()}
+                           for i, c in enumerate(value["completions"])]
+            return dspy.Prediction.from_completions(completions)
         return dspy.Prediction(**_fields(value, resolve, where))
     example = dspy.Example(**_fields(value, resolve, where))
     return example.with_inputs(*value["inputs"]) if "inputs" in value else example
+
+
+def _dataclass(cls: type, fields: dict[str, Any]) -> Any:
+    """The instance with exactly these field values, as it was (neither ``__init__`` nor ``__post_init__``
+    runs again: a field with ``init=False`` or a derived value comes back as it was)."""
+    obj = cls.__new__(cls)
+    for name, value in fields.items():
+        object.__setattr__(obj, name, value)
+    return obj
 
 
 def _opaque_error(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
@@ -200,13 +234,13 @@ _DECODERS: dict[str, Callable[[dict[str, Any], Callable[[str], type | None], str
     "datetime": lambda v, r, w: dt.datetime.fromisoformat(v["iso"]),
     "date": lambda v, r, w: dt.date.fromisoformat(v["iso"]),
     "time": lambda v, r, w: dt.time.fromisoformat(v["iso"]),
-    "timedelta": lambda v, r, w: dt.timedelta(seconds=v["seconds"]),
+    "timedelta": lambda v, r, w: dt.timedelta(days=v["days"], seconds=v["seconds"], microseconds=v["microseconds"]),
     "decimal": lambda v, r, w: Decimal(v["text"]),
     "uuid": lambda v, r, w: uuid.UUID(v["text"]),
     "bytes": lambda v, r, w: base64.b64decode(v["b64"]),
     "enum": lambda v, r, w: _cls(v, r, w)(decode(v["value"], r, w)),
-    "model": lambda v, r, w: _cls(v, r, w).model_validate(_fields(v, r, w)),
-    "dataclass": lambda v, r, w: _cls(v, r, w)(**_fields(v, r, w)),
+    "model": lambda v, r, w: _cls(v, r, w).model_validate_json(v["json"]),
+    "dataclass": lambda v, r, w: _dataclass(_cls(v, r, w), _fields(v, r, w)),
     "prediction": _example,
     "example": _example,
     "opaque": _opaque_error,

@@ -202,6 +202,36 @@ class Answer(dspy.Module):
 
 program = Answer()
 ''', {"question": "What is DSPy?"}),
+    "pydantic_round_trip": ('''
+from pydantic import ConfigDict, Field, HttpUrl
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    user_name: str = Field(alias="userName")
+    homepage: HttpUrl
+
+def program(name: str):
+    return dspy.Prediction(profile=Profile(userName=name, homepage="https://example.org/x", team="core"),
+                           wait=datetime.timedelta(days=100_000, microseconds=1))
+''', {"name": "ada"}),
+    "dataclass_with_derived_fields": ('''
+import dataclasses
+
+@dataclasses.dataclass
+class Tally:
+    items: list[str]
+    count: int = dataclasses.field(init=False, default=0)
+
+    def __post_init__(self):
+        self.items = [*self.items, "seen"]
+        self.count = len(self.items)
+
+def program(text: str):
+    return Tally(items=text.split())
+''', {"text": "a b"}),
+    "several_completions": ('''
+program = dspy.Predict("question -> answer", n=3)
+''', {"question": "Pick a colour"}),
     "function_returning_a_dataclass": ('''
 import dataclasses
 
@@ -236,8 +266,12 @@ def define(shell: InteractiveShell, source: str) -> tuple[Any, dict[str, Any]]:
 
 
 def assert_same(kernel: Any, pool: Any, where: str = "output") -> None:
-    """Equal values of the same types, all the way down."""
+    """Equal values of the same types, all the way down (a Prediction's completions too)."""
     assert type(pool) is type(kernel), f"{where}: {type(pool)} on the pool, {type(kernel)} in the kernel"
+    if isinstance(kernel, dspy.Prediction) and kernel.completions is not None and len(kernel.completions) > 1:
+        assert pool.completions is not None, f"{where}: the completions were lost"
+        assert_same([dict(c.items()) for c in kernel.completions], [dict(c.items()) for c in pool.completions],
+                    f"{where}.completions")
     if isinstance(kernel, dspy.Example):
         assert_same(dict(kernel.items()), dict(pool.items()), where)
     elif isinstance(kernel, dict):
@@ -250,6 +284,7 @@ def assert_same(kernel: Any, pool: Any, where: str = "output") -> None:
             assert_same(a, b, f"{where}[{i}]")
     elif hasattr(type(kernel), "model_fields"):
         assert_same(dict(kernel), dict(pool), where)
+        assert pool.model_extra == kernel.model_extra, f"{where}: extra fields {pool.model_extra}"
     elif dataclasses.is_dataclass(kernel):
         assert_same(dataclasses.asdict(kernel), dataclasses.asdict(pool), where)
     else:
@@ -375,3 +410,23 @@ program = Slow()
 
     wait_until(lambda: all(pool.describe(r["worker"])["counters"]["active_requests"] == 0 for r in pool.status()),
                timeout=60, what="the worker's requests to end")
+
+
+def test_a_program_changed_and_run_again_replaces_its_old_version(shell: InteractiveShell, pool: Pool) -> None:
+    program, _ = define(shell, 'program = dspy.Predict("question -> answer")')
+    names = set()
+    for i in range(3):
+        program.demos = [dspy.Example(question=f"q{i}", answer=f"a{i}")]
+        pool.run(program, question="q")
+        names.add(pool.ensure_defined(program))
+    shipped = [n for n in pool.definitions if n.startswith("_Predict_") and n in names]
+    assert len(names) == 3 and len(shipped) == 1  # the latest version only, on the pool and its workers
+    assert set(pool.describe("w0")["modules"]) & names == set(shipped)
+
+
+def test_signature_strings_are_programs(pool: Pool, demo_lm: dspy.LM) -> None:
+    with dspy.context(lm=demo_lm):
+        expected = dspy.Predict("question -> answer: int")(question="How many?")
+    assert_same(expected, pool.run("question -> answer: int", question="How many?"))
+    assert pool.define("count_it", "question -> answer: int")["inputs"] == ["question"]
+    assert_same(expected, pool.run("count_it", question="How many?"))

@@ -321,3 +321,9 @@ def test_run_a_module_instance_from_the_kernel_fills_its_input_field(sh: Shell) 
     out, _ = sh("%%dspex run qa -o r\nWhat is DSPy?")
     assert out.startswith("reasoning: ")
     assert sh.ns["r"] == kernel_run(sh.ns["qa"], question="What is DSPy?")
+
+
+def test_batch_takes_dspy_examples_with_a_signature_string(sh: Shell) -> None:
+    sh('import dspy\ndevset = [dspy.Example(question=f"q{i}?", answer="x").with_inputs("question") for i in range(3)]')
+    sh('%dspex batch "question -> answer" --items devset --no-journal -o OUT')
+    assert [p.answer.split(":")[0] for p in sh.ns["OUT"]] == [f"Demo LM answer to 'q{i}?'" for i in range(3)]

@@ -9,6 +9,7 @@ and replace a worker that died or stopped answering; calls in flight on it fail 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import json
 import shutil
@@ -24,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from dspex_nb import programs, typed
+from dspex_nb import programs, redact, typed
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.batch import BatchRun
 from dspex_nb.errors import (
@@ -91,6 +92,7 @@ class Pool(Supervision):
         self.size = workers
         self.lm = lm
         self.lm_kwargs = dict(lm_kwargs or {})
+        redact.register(self.lm_kwargs)  # an api_key given here is masked wherever it shows up
         self.python = interpreter(python)
         self.max_message_bytes = max_message_mb * 2**20
         self.health_interval = health_interval
@@ -119,6 +121,7 @@ class Pool(Supervision):
         self.run_id = uuid.uuid4().hex[:12]
         self.schemas: dict[str, dict[str, Any]] = {}  # tool name -> argument schema, from Describe at start
         self.definitions: dict[str, dict[str, Any]] = {}  # name -> source, kind, inputs; replayed on new workers
+        self._shipped: dict[int, tuple[Any, str]] = {}  # id(program) -> (a weak reference to it, its shipped name)
         self.workers: list[Worker] = []
         self._dir: Path | None = None
         self._lock = threading.Condition()
@@ -407,6 +410,8 @@ class Pool(Supervision):
         """
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"name must be a Python identifier, got {name!r}")
+        if programs.is_signature(program):  # "question -> answer": run as dspy.Predict
+            program = programs.as_program(program)
         if isinstance(program, str):
             compile(program, f"<dspex define {name}>", "exec", dont_inherit=True)  # a syntax error, with its line
             definition: dict[str, Any] = {"tool": "define", "args": {"name": name, "source": program},
@@ -448,17 +453,32 @@ class Pool(Supervision):
     def ensure_defined(self, program: Any) -> str:
         """The name ``program`` runs under: a defined name as it is, else the program is shipped under a name
         of its own (again only when it changed, e.g. after compiling it)."""
-        if isinstance(program, str):
+        if isinstance(program, str) and not programs.is_signature(program):
             if program not in self.definitions:
                 raise ValueError(f"no program named {program!r} on this pool (defined: "
                                  f"{sorted(self.definitions) or 'none'}); pass the program itself or pool.define it")
             return program
+        original = program
         program = programs.as_program(program)
         shipped = programs.ship(program)
         name = f"_{type(program).__name__}_{shipped.key[:12]}"
         if name not in self.definitions:
             self.define(name, program)
+        if not isinstance(original, str):  # the same object shipped before, and changed since: drop that version
+            key = id(original)
+            ref, old = self._shipped.get(key, (None, None))
+            if old is not None and old != name and ref is not None and ref() is original:
+                self._forget(old)
+            with contextlib.suppress(TypeError):  # an object without weak references is not tracked
+                self._shipped[key] = (weakref.ref(original), name)
         return name
+
+    def _forget(self, name: str) -> None:
+        """Drop a shipped program's old version from every worker (and from what new workers replay)."""
+        self.definitions.pop(name, None)
+        for worker in list(self.workers):
+            with contextlib.suppress(DspexError):
+                self.execute("undefine", {"name": name}, worker=worker.id)
 
     def run(self, program: Any, /, **inputs: Any) -> Any:
         """Run a DSPy program (object, signature, or defined name) on a worker; returns what it returns in the
@@ -491,7 +511,7 @@ class Pool(Supervision):
         (their ``inputs()``), or a DataFrame."""
         name = self.ensure_defined(program)
         resolver = self.definitions[name]["resolver"]
-        batch = self.batch(programs.item_inputs(items), module=name, concurrency=concurrency, on_item=on_item,
+        batch = self.batch(items, module=name, concurrency=concurrency, on_item=on_item,
                            timeout=timeout, item_timeout=item_timeout, max_retries=max_retries, journal=journal)
         batch.decode = lambda result: programs.to_output(result, resolver)
         return batch
@@ -538,6 +558,7 @@ class Pool(Supervision):
         check.integer("max_retries", max_retries, 0)
         check.seconds("timeout", timeout, optional=True)
         check.seconds("item_timeout", item_timeout, optional=True)
+        items = programs.item_inputs(items, "batch")  # strings, dicts, dspy.Examples or a DataFrame, as typed JSON
         program = {"module": module, "signature": signature, "lm": self.lm, "lm_kwargs": self.lm_kwargs,
                    "source": self.definitions.get(module, {}).get("key")}
         return BatchRun(self, items, signature=signature, module=module,
@@ -579,6 +600,7 @@ class Pool(Supervision):
     def configure_lm(self, model: str, **kwargs: Any) -> None:
         """Switch every worker (and any started later) to ``model`` ("demo" or a dspy.LM model string)."""
         previous = self.lm, self.lm_kwargs
+        redact.register(kwargs)
         self.lm, self.lm_kwargs = model, kwargs  # first: a worker starting now starts with it
         try:
             for worker in list(self.workers):

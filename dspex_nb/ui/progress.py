@@ -82,7 +82,7 @@ def predictor_label(name: str) -> str:
 def shown_fields(result: dict[str, Any]) -> dict[str, Any]:
     """A DSPy tool's result as fields to show: a Prediction's fields, a returned dict's items, or "output"."""
     if result.get(typed.TAG) != "output":
-        return {name: _shown(value) for name, value in result.items() if name != typed.USAGE}
+        return {name: _shown(value) for name, value in result.items() if name not in typed.RESERVED}
     value = _shown(result["value"])
     return value if isinstance(value, dict) and all(isinstance(k, str) for k in value) else {"output": value}
 

@@ -41,6 +41,7 @@ def set_lm(state: WorkerState, model: str, kwargs: dict[str, Any]) -> None:
         lm, engine = make_demo_lm(**{"num_retries": DEMO_RETRIES, **kwargs})
     else:
         lm, engine = dspy.LM(model, **kwargs), None
+    redact.register(kwargs)  # errors quoting the key (a provider's 401 message) are masked
     with _lm_lock:
         state.lm, state.lm_model, state.lm_kwargs, state.demo_engine = lm, model, kwargs, engine
 
@@ -66,7 +67,11 @@ def _signature(tool_name: str, signature: str) -> type[dspy.Signature]:
 
 
 def _check_inputs(tool_name: str, sig: type[dspy.Signature], inputs: Any, where: str) -> dict[str, Any]:
-    """The inputs as a dict of the signature's input fields; a bare string fills a single input field."""
+    """The inputs (typed JSON) as a dict of the signature's input fields; a bare string fills a single one."""
+    try:
+        inputs = typed.decode(inputs, typed.Resolver(), where)
+    except typed.NotPortable as exc:
+        raise ArgumentError(tool_name, "ArgumentError", str(exc)) from None
     names = list(sig.input_fields)
     if isinstance(inputs, str) and len(names) == 1:
         return {names[0]: inputs}
@@ -88,6 +93,8 @@ def output_json(output: Any, usage: dict[str, Any] | None = None) -> Any:
     with its LM usage (``typed.USAGE``) where it made LM calls."""
     if isinstance(output, dspy.Prediction):
         result = {name: typed.encode(value) for name, value in output.items()}
+        if (completions := typed.completions_of(output)) is not None:  # n > 1: dspy.majority and co need them
+            result[typed.COMPLETIONS] = completions
     else:
         result = {typed.TAG: "output", "value": typed.encode(output)}
     if usage:

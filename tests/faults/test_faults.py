@@ -71,7 +71,9 @@ def test_1_sigkill_a_worker_mid_batch(pool4: Pool) -> None:
     items, before = questions(200, "kill"), restarts_of(pool4)
     batch, seen = start_batch(pool4, items)
     wait_until(lambda: len(seen) >= 40, what="the batch to be under way")
-    pool4.kill_worker("w2", signal.SIGKILL)
+    busy = wait_until(lambda: next((w for w, n in batch.snapshot()["active"].items() if n), None),
+                      what="a worker with items in flight")
+    pool4.kill_worker(busy, signal.SIGKILL)  # one that has items in flight: they must come back
     check_complete(batch.result(120), items, seen)
     assert batch.snapshot()["retries"] >= 1
     wait_until(lambda: all_ready(pool4, before + 1), timeout=30, what="the pool to be back to 4 workers")

@@ -59,3 +59,13 @@ def test_magics_do_not_print_keys(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("leak", [f"api_key='{SECRET}'", f'"token": "{SECRET}"', f"Authorization: Bearer {SECRET}"])
 def test_assigned_secrets_are_masked_in_text(leak: str) -> None:
     assert SECRET not in text(f"failed with {leak} and more")
+
+
+def test_a_key_given_in_lm_kwargs_is_masked_where_an_error_quotes_it(secret_pool: Pool) -> None:
+    secret_pool.define("quote", f"def quote(x):\n    raise PermissionError('Incorrect API key provided: {SECRET}')\n")
+    with pytest.raises(ToolError) as caught:
+        secret_pool.run("quote", x=1)
+    batch = secret_pool.batch(["a"], module="quote", journal=False)
+    batch.wait(60)
+    shown = str(caught.value) + caught.value.remote_traceback + repr(batch.records)
+    assert SECRET not in shown and "Incorrect API key provided: ***" in shown

@@ -103,8 +103,10 @@ def error_text(error: BaseException | None) -> str:
 
 def batch_line(snap: dict[str, Any]) -> str:
     done = snap["ok"] + snap["failed"]
-    line = (f"{done}/{snap['total']} items · ok {snap['ok']} · failed {snap['failed']} · running {snap['running']}"
-            f" · queued {snap['queued']} · {snap['rate']:.1f} items/s · {snap['elapsed']:.2f} s")
+    stopped = f"{snap['status']} · " if snap["status"] in ("cancelled", "failed") else ""
+    line = (f"{stopped}{done}/{snap['total']} items · ok {snap['ok']} · failed {snap['failed']} · "
+            f"running {snap['running']} · queued {snap['queued']} · {snap['rate']:.1f} items/s · "
+            f"{snap['elapsed']:.2f} s")
     if snap["status"] == "running" and snap["eta"]:
         line += f" · ETA {snap['eta']:.1f} s"
     if snap["tokens_in"] or snap["tokens_out"]:

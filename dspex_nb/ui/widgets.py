@@ -185,7 +185,7 @@ class BatchDashboard(View):
         batch = self.batch
         done = batch.done  # read before the snapshot, so the last refresh always shows the final counts
         snap = batch.snapshot()
-        style = "danger" if snap["failed"] else ("success" if snap["status"] == "done" else "info")
+        style = _bar_style(snap)
         _set(self.bar, value=snap["ok"] + snap["failed"], bar_style=style)
         warning = f"<br><b>warning:</b> {html.escape(snap['warning'])}" if snap["warning"] else ""
         _set(self.counts, value=html.escape(progress.batch_line(snap)) + warning)
@@ -222,6 +222,15 @@ class BatchDashboard(View):
         return {"text/html": f"<div class='dspex-batch'><div style='display:flex;height:6px;width:60%;"
                              f"background:#eee'>{bar}</div><div>{html.escape(summary)}</div>{warning}{details}</div>",
                 "text/plain": plain}
+
+
+def _bar_style(snap: dict[str, Any]) -> str:
+    """The live bar's colour: a few failures are a warning, not the whole bar in red; cancelled is grey."""
+    if snap["status"] in ("cancelled", "failed") and snap["ok"] + snap["failed"] < snap["total"]:
+        return ""
+    if snap["failed"]:
+        return "danger" if snap["failed"] == snap["ok"] + snap["failed"] else "warning"
+    return "success" if snap["status"] == "done" else "info"
 
 
 def _short(record: dict[str, Any], width: int = 90) -> str:

@@ -36,8 +36,7 @@ class Program:
 
     def check(self, tool_name: str, inputs: Any, where: str) -> dict[str, Any]:
         """``inputs`` as keyword arguments: a dict with every required input, or a bare value for one input."""
-        if not isinstance(inputs, dict) or (len(self.inputs) == 1 and self.inputs[0] not in inputs
-                                            and not self.open_ended):
+        if not isinstance(inputs, dict):
             if len(self.inputs) == 1:
                 return {self.inputs[0]: inputs}
             raise ArgumentError(tool_name, "ArgumentError",

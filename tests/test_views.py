@@ -1,0 +1,27 @@
+"""The views' colour and wording rules: a few failures are not a red bar, cancelled says so."""
+
+from __future__ import annotations
+
+import pytest
+
+from dspex_nb.ui.progress import batch_line
+from dspex_nb.ui.widgets import _bar_style
+
+
+def snap(status: str, ok: int, failed: int, total: int = 120) -> dict:
+    return {"status": status, "ok": ok, "failed": failed, "total": total, "running": 0, "rate": 1.0,
+            "queued": total - ok - failed, "elapsed": 1.0, "eta": 0.0, "retries": 0, "replaced": 0,
+            "from_journal": 0, "tokens_in": 0, "tokens_out": 0}
+
+
+@pytest.mark.parametrize("status, ok, failed, style", [
+    ("running", 10, 0, "info"), ("done", 120, 0, "success"), ("done", 117, 3, "warning"),
+    ("running", 7, 3, "warning"), ("done", 0, 120, "danger"), ("cancelled", 48, 0, ""), ("cancelled", 40, 2, ""),
+])
+def test_the_bar_colour_follows_the_shares(status: str, ok: int, failed: int, style: str) -> None:
+    assert _bar_style(snap(status, ok, failed)) == style
+
+
+def test_a_cancelled_batch_says_so() -> None:
+    assert batch_line(snap("cancelled", 48, 0)).startswith("cancelled · 48/120 items")
+    assert batch_line(snap("running", 48, 0)).startswith("48/120 items")

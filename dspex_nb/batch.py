@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,9 @@ from dspex_nb import typed
 from dspex_nb.errors import ArgumentError, Cancelled, DspexError, ItemTimeout, PoolClosed, WorkerDied
 from dspex_nb.journal import Journal, digest
 from dspex_nb.pool.calls import Chunk, Handle, Run
+
+CLAIM_LEASE = 30.0  # seconds a run's claim on its items lasts without renewal (a dead kernel's lapse)
+CLAIM_POLL = 0.5  # seconds between looks at the journal for items another run computes
 
 # LM errors that may pass (a dropped connection, a 5xx, a timeout, a 429): after dspy.LM's own retries,
 # the batch tries such an item again later, up to max_retries times.
@@ -63,6 +67,7 @@ class BatchRun(Handle):
         self._restarts_before = self._restarts()
         self.decode: Callable[[Any], Any] | None = None  # set by Pool.map: each item's output as the program's value
         self._stopping = False  # set by cancel() and by a fatal error: no further shard starts
+        self._changed = threading.Event()  # an item was recorded, or the batch is stopping
 
         self._journal = journal
         self.key = digest(program)
@@ -75,10 +80,20 @@ class BatchRun(Handle):
                     self._record(index, {"index": index, "ok": True, "result": kept[self._item_keys[index]],
                                          "journal": True})
             todo = [i for i in todo if self.records[i] is None]
-        size = shard_size or max(1, min(50, math.ceil(len(todo) / (pool.size * 4))))
-        self._queue: deque[list[int]] = deque(todo[start:start + size] for start in range(0, len(todo), size))
+        self._owner = uuid.uuid4().hex
+        waiting: list[int] = []  # items another run of this batch (another kernel) is computing now
+        if journal is not None and todo:
+            mine = journal.claim(self.key, [self._item_keys[i] for i in todo], self._owner, CLAIM_LEASE)
+            waiting = [i for i in todo if self._item_keys[i] not in mine]
+            todo = [i for i in todo if self._item_keys[i] in mine]
+        self._size = shard_size or max(1, min(50, math.ceil(len(todo) / (pool.size * 4))))
+        self._queue: deque[list[int]] = deque(todo[start:start + self._size]
+                                              for start in range(0, len(todo), self._size))
         feeders = [threading.Thread(target=self._feed, name=f"dspex-batch-{i}", daemon=True)
                    for i in range(min(pool.size, len(self._queue)))]
+        if journal is not None and (todo or waiting):
+            feeders.append(threading.Thread(target=self._watch, args=(waiting,), name="dspex-batch-claims",
+                                            daemon=True))
         self._live = len(feeders)
         for feeder in feeders:
             feeder.start()
@@ -99,6 +114,44 @@ class BatchRun(Handle):
         except BaseException as exc:  # the pool closed under us, or a bad argument for every shard
             self._fail(exc)
         finally:
+            with self._lock:
+                self._live -= 1
+                last = self._live == 0
+            if last:
+                self._finish()
+
+    def _watch(self, waiting: list[int]) -> None:
+        """Keep this run's claims on its items alive, take the items another run computes from the journal
+        as they arrive, and compute those whose claim lapsed (that run ended); ends with the batch."""
+        assert self._journal is not None
+        renewed = time.monotonic()
+        try:
+            while not self._stopping and any(r is None for r in self.records):
+                self._changed.wait(CLAIM_POLL)
+                self._changed.clear()
+                if time.monotonic() - renewed > CLAIM_LEASE / 3:
+                    pending = [self._item_keys[i] for i, r in enumerate(self.records) if r is None]
+                    self._journal.claim(self.key, pending, self._owner, CLAIM_LEASE)
+                    renewed = time.monotonic()
+                if not waiting:
+                    continue
+                keys = {self._item_keys[i] for i in waiting}
+                found = self._journal.results(self.key, keys)
+                for index in [i for i in waiting if self._item_keys[i] in found]:
+                    self._record(index, {"index": index, "ok": True, "result": found[self._item_keys[index]],
+                                         "journal": True})
+                waiting = [i for i in waiting if self.records[i] is None]
+                mine = self._journal.claim(self.key, [self._item_keys[i] for i in waiting], self._owner, CLAIM_LEASE)
+                lapsed = [i for i in waiting if self._item_keys[i] in mine]
+                waiting = [i for i in waiting if i not in lapsed]
+                for start in range(0, len(lapsed), self._size):  # that run is gone: compute them here
+                    self._run_shard(lapsed[start:start + self._size])
+        except Cancelled:
+            pass
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self._journal.release(self.key, self._owner)
             with self._lock:
                 self._live -= 1
                 last = self._live == 0
@@ -219,6 +272,7 @@ class BatchRun(Handle):
                 self.tokens_out += tokens_out
         if record["ok"] and self._journal is not None and not record.get("journal"):
             self._journal.record(self.key, self._item_keys[index], record["result"])
+        self._changed.set()
         if self._on_item is not None:
             try:
                 self._on_item(record)
@@ -232,6 +286,7 @@ class BatchRun(Handle):
 
     def _stop_runs(self) -> None:
         self._stopping = True
+        self._changed.set()
         with self._lock:
             runs = list(self._runs)
         for run in runs:

@@ -17,6 +17,7 @@ fresh one started; a row that cannot be read is skipped (that item runs again).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,6 +34,13 @@ CREATE TABLE IF NOT EXISTS batches (
     description TEXT NOT NULL,
     created REAL NOT NULL,
     updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS claims (
+    batch_key TEXT NOT NULL,
+    item_key TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (batch_key, item_key)
 );
 CREATE TABLE IF NOT EXISTS items (
     batch_key TEXT NOT NULL,
@@ -140,6 +148,56 @@ class Journal:
                                 "results are kept in memory (batch.records), but a re-run cannot take them from it")
         if first:
             warnings.warn(self.problem, JournalWarning, stacklevel=3)
+
+    def claim(self, batch_key: str, item_keys: list[str], owner: str, lease: float) -> set[str]:
+        """Claim the items no other live run of this batch holds (for ``lease`` seconds; renew by claiming
+        again); return the keys that are ``owner``'s now. Two kernels running the same batch on one journal
+        so pay for each item once: the other waits for its result here. On a journal error: all of them."""
+        now = time.time()
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(
+                        "INSERT INTO claims VALUES (?, ?, ?, ?) ON CONFLICT(batch_key, item_key) DO UPDATE SET "
+                        "owner = excluded.owner, expires = excluded.expires "
+                        "WHERE claims.owner = excluded.owner OR claims.expires < ?",
+                        [(batch_key, key, owner, now + lease, now) for key in set(item_keys)])
+                    rows = self._db.execute("SELECT item_key FROM claims WHERE batch_key = ? AND owner = ?",
+                                            (batch_key, owner)).fetchall()
+                except sqlite3.Error:
+                    if self._db.in_transaction:  # SQLite may have rolled back already (a full disk)
+                        self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._failed("claim items in", exc)
+            return set(item_keys)
+        return {key for (key,) in rows} & set(item_keys)
+
+    def release(self, batch_key: str, owner: str) -> None:
+        """Give up ``owner``'s claims (its run ended)."""
+        try:
+            with self._lock:
+                self._db.execute("DELETE FROM claims WHERE batch_key = ? AND owner = ?", (batch_key, owner))
+        except sqlite3.Error as exc:
+            self._failed("release claims in", exc)
+
+    def results(self, batch_key: str, item_keys: set[str]) -> dict[str, dict[str, Any]]:
+        """The finished results of these items (another run's, as they arrive)."""
+        try:
+            with self._lock:
+                rows = self._db.execute("SELECT item_key, result FROM items WHERE batch_key = ?",
+                                        (batch_key,)).fetchall()
+        except sqlite3.Error as exc:
+            self._failed("read", exc)
+            return {}
+        found = {}
+        for key, result in rows:
+            if key in item_keys:
+                with contextlib.suppress(ValueError):  # a damaged row: that item is waited for (or run) again
+                    found[key] = json.loads(result)
+        return found
 
     def batches(self) -> list[dict[str, Any]]:
         """Every journaled batch: key, description, items kept, created, updated."""

@@ -210,11 +210,20 @@ def test_an_interrupted_blocking_batch_keeps_its_finished_items(kernel: Kernel) 
 
 def final_rendering(kernel: Kernel, code: str) -> dict:
     """Run ``code`` and return the last update of its display: what a saved notebook keeps."""
-    updates: list[dict] = []
-    kernel.collect(kernel.submit(code), on_message=lambda kind, content: updates.append(content["data"])
-                   if kind == "update_display_data" else None)
-    assert updates, "the view was not replaced by a static rendering"
-    return updates[-1]
+    shown: list[str] = []
+    updates: list[tuple[str, dict]] = []
+
+    def on_message(kind: str, content: dict) -> None:
+        display_id = content.get("transient", {}).get("display_id")
+        if kind == "display_data" and display_id:
+            shown.append(display_id)
+        elif kind == "update_display_data":
+            updates.append((display_id, content["data"]))
+
+    kernel.collect(kernel.submit(code), on_message=on_message)
+    mine = [data for display_id, data in updates if display_id in shown]  # not an earlier cell's late view
+    assert mine, "the view was not replaced by a static rendering"
+    return mine[-1]
 
 
 def test_a_finished_stream_leaves_its_answer_in_the_saved_output(kernel: Kernel) -> None:

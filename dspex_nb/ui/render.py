@@ -7,6 +7,7 @@ the widgets current.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
@@ -38,16 +39,50 @@ def show_run(run: Run, title: str, *, mode: str = "auto", block: bool = True, ou
 
             _show_live(StreamView(run, title), run.wait if block else None)
         elif block:
+            out = out or sys.stdout
+            if _terminal(out):
+                _tokens_as_they_come(run, out)
+                return
             run.wait()
             text = progress.StreamText(run)
             text.update()
-            out = out or sys.stdout
             for line in text.lines():
                 out.write(line + "\n")
             out.write(text.summary() + "\n")
     except KeyboardInterrupt:
         run.cancel()
         raise
+
+
+def _terminal(out: TextIO) -> bool:
+    """A terminal (terminal IPython, a TTY): live text; elsewhere (CI, nbval, a pipe) plain final lines."""
+    isatty = getattr(out, "isatty", None)
+    return bool(isatty and isatty()) and os.environ.get("DSPEX_NONINTERACTIVE", "") in ("", "0")
+
+
+def _tokens_as_they_come(run: Run, out: TextIO) -> None:
+    """Print each field's tokens as they arrive (a ``[step] field:`` line where a new one starts), then the
+    fields no step streamed and the summary. Ctrl-C stops the run; what arrived stays on the screen."""
+    streamed: set[tuple[str, str]] = set()
+    current: tuple[str, str] | None = None
+    first_step = None
+    for chunk in run:
+        if chunk.kind != "token":
+            continue
+        where = (progress.predictor_label(chunk.data.get("predictor") or ""), chunk["field"])
+        first_step = where[0] if first_step is None else first_step
+        if where != current:  # a later step of a multi-step module is named
+            label = f"[{where[0]}] " if where[0] != first_step else ""
+            out.write(("\n" if current else "") + f"{label}{where[1]}: ")
+            current = where
+            streamed.add(where)
+        out.write(chunk["text"])
+        out.flush()
+    text = progress.StreamText(run)
+    text.update()
+    rest = [f"{name}: {value}" for step, group in text.groups.items() for name, value in group.items()
+            if (step, name) not in streamed and not any(name == field for _, field in streamed)]
+    out.write(("\n" if current else "") + "".join(f"{line}\n" for line in rest) + text.summary() + "\n")
 
 
 def show_batch(batch: BatchRun, title: str, *, mode: str = "auto", block: bool = True,
@@ -59,8 +94,17 @@ def show_batch(batch: BatchRun, title: str, *, mode: str = "auto", block: bool =
 
             _show_live(BatchDashboard(batch, title), batch.wait if block else None)
         elif block:
-            batch.wait()
             out = out or sys.stdout
+            if _terminal(out):  # one status line, rewritten in place at most 10 times a second
+                width = 0
+                while not batch.wait(0.1):
+                    line = progress.batch_line(batch.snapshot())
+                    out.write("\r" + line.ljust(width))
+                    out.flush()
+                    width = len(line)
+                out.write("\r" + " " * width + "\r")
+            else:
+                batch.wait()
             out.write(progress.batch_summary(batch.snapshot()) + "\n")
             if batch.warning:
                 out.write(f"  warning: {batch.warning}\n")

@@ -1,0 +1,45 @@
+"""Terminal IPython: tokens appear as they come and a batch shows one live status line, updated in place;
+outside a terminal (a pipe, CI, nbval) the output stays the plain final lines."""
+
+from __future__ import annotations
+
+import io
+
+from dspex_nb import Pool
+from dspex_nb.ui.render import show_batch, show_run
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_tokens_are_printed_as_they_come_in_a_terminal(pool: Pool) -> None:
+    screen = Terminal()
+    run = pool.execute_stream("chain_of_thought", {"signature": "question -> answer", "inputs": "Why?"})
+    show_run(run, "cot", mode="text", out=screen)
+    text = screen.getvalue()
+    answer = run.result()["answer"]
+    assert text.startswith("reasoning: Demo LM reasoning about 'Why?'")
+    assert f"\nanswer: {answer}\n" in text and text.rstrip().splitlines()[-1].startswith("done · ")
+    assert text.count("answer: ") == 1  # streamed once, not printed again at the end
+
+
+def test_a_batch_shows_one_live_line_in_a_terminal(pool: Pool) -> None:
+    pool.configure_lm("demo", ttft=0.02)
+    try:
+        screen = Terminal()
+        batch = pool.batch([f"live {i}?" for i in range(60)], "question -> answer", concurrency=1, journal=False)
+        show_batch(batch, "b", mode="text", out=screen)
+    finally:
+        pool.configure_lm("demo")
+    text = screen.getvalue()
+    assert text.count("\r") >= 3 and "items · ok" in text  # the status line, rewritten in place
+    assert text.splitlines()[-1].startswith("batch done: 60 items, 60 ok, 0 failed")
+
+
+def test_outside_a_terminal_the_output_is_the_final_lines(pool: Pool) -> None:
+    pipe = io.StringIO()
+    run = pool.execute_stream("predict", {"signature": "question -> answer", "inputs": "Why?"})
+    show_run(run, "p", mode="text", out=pipe)
+    assert "\r" not in pipe.getvalue() and pipe.getvalue().startswith("answer: Demo LM answer to 'Why?'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import subprocess
 import sys
@@ -175,3 +176,26 @@ def test_calls_are_counted_under_concurrency() -> None:
     assert engine.calls == 40
     assert len(errors) == 3 and len(answers) == 37
     assert all(a.startswith("Demo LM answer") for a in answers)
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+class Rate(dspy.Signature):
+    """Rate it."""
+
+    text: str = dspy.InputField()
+    level: Level = dspy.OutputField()  # ChatAdapter cannot parse "2" as an IntEnum: DSPy falls back to JSON
+    ok: bool = dspy.OutputField()
+
+
+def test_the_json_adapter_and_int_enums_are_answered() -> None:
+    lm, _ = make_demo_lm()
+    with dspy.context(lm=lm):
+        rated = dspy.Predict(Rate)(text="fine")
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        answered = dspy.ChainOfThought("question -> answer: float")(question="Why?")
+    assert isinstance(rated.level, Level) and isinstance(rated.ok, bool)
+    assert isinstance(answered.answer, float) and answered.reasoning.startswith("Demo LM reasoning about 'Why?'")

@@ -42,12 +42,14 @@ __all__ = ["DemoEngine", "demo_lm", "make_demo_lm"]
 
 _OUTPUT_FIELD = re.compile(r"^\d+\. `(\w+)` \((.*?)\):", re.MULTILINE)
 _NOTE = re.compile(r"^\{(\w+)\} +# note: the value you produce (.*)$", re.MULTILINE)
+_JSON_NOTE = re.compile(r'^\s*"(\w+)": "\{\w+\} +# note: the value you produce (.*?)",?$', re.MULTILINE)
+_JSON_MODE = "Outputs will be a JSON object"  # JSONAdapter (DSPy falls back to it when ChatAdapter fails)
 _SCHEMA_NOTE = "must adhere to the JSON schema: "
 _ONE_OF_NOTE = "must be one of: "
 _EPOCH = 1_700_000_000  # demo datetimes lie within a year of 2023-11-14
 _SECTION = re.compile(r"\[\[ ## (\w+) ## \]\]\n")
 _TOKEN = re.compile(r"\S+\s*|\s+")
-_RESPOND = "\n\nRespond with the corresponding output fields"
+_RESPOND = "\n\nRespond with"  # ChatAdapter: "... the corresponding output fields"; JSONAdapter: "... a JSON object"
 _WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "sigma", "omega", "river",
           "stone", "cloud", "ember", "lantern", "meadow", "harbor", "signal", "orbit", "quartz", "willow")
 
@@ -174,6 +176,10 @@ class DemoEngine:
         if not outputs:
             return self._text("answer", topic, _digest(key, "answer"))
         notes = dict(_NOTE.findall(system))
+        if _JSON_MODE in system:
+            notes = {k: v.replace('\\"', '"') for k, v in _JSON_NOTE.findall(system)}
+            return json.dumps({name: self._json_value(type_, notes.get(name, ""), name, topic, _digest(key, name))
+                               for name, type_ in outputs})
         sections = [f"[[ ## {name} ## ]]\n{self._format(type_, notes.get(name, ''), name, topic, _digest(key, name))}"
                     for name, type_ in outputs]
         return "\n\n".join([*sections, "[[ ## completed ## ]]"])
@@ -188,6 +194,16 @@ class DemoEngine:
             return json.dumps(self._from_schema(schema, schema.get("$defs", {}), name, topic, seed, type_.strip()))
         value = self._value(type_.strip(), name, topic, seed)
         return value if isinstance(value, str) else json.dumps(value)
+
+    def _json_value(self, type_: str, note: str, name: str, topic: str, seed: int) -> Any:
+        """One output field as a JSON value (JSONAdapter); an enum of int values as an int."""
+        if note.startswith(_ONE_OF_NOTE):
+            option = note[len(_ONE_OF_NOTE):].split("; ")[seed % len(note[len(_ONE_OF_NOTE):].split("; "))]
+            return int(option) if option.lstrip("-").isdigit() else option
+        if note.startswith(_SCHEMA_NOTE):
+            schema = json.loads(note[len(_SCHEMA_NOTE):])
+            return self._from_schema(schema, schema.get("$defs", {}), name, topic, seed, type_.strip())
+        return self._value(type_.strip(), name, topic, seed)
 
     def _from_schema(self, schema: dict[str, Any], defs: dict[str, Any], name: str, topic: str, seed: int,
                      type_: str = "") -> Any:
@@ -212,7 +228,8 @@ class DemoEngine:
             extra = schema.get("additionalProperties")
             if not isinstance(extra, dict):  # an open object (dict[str, Any], e.g. ReAct's tool args): none needed
                 return {}
-            int_keys = type_.replace(" ", "").startswith(("dict[int,", "Dict[int,"))
+            # keys that parse as int or str: a nested dict's schema does not say which (a top-level one's type does)
+            int_keys = not type_ or type_.replace(" ", "").startswith(("dict[int,", "Dict[int,"))
             return {(str(i) if int_keys else f"key_{i}"): child(extra, i)
                     for i in range(2)}
         if kind == "array":

@@ -9,9 +9,11 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT, pid_alive, wait_until
 
 from dspex_nb import Pool
+from dspex_nb.errors import WorkerDied
 
 KERNEL = """
 import json, sys
@@ -47,7 +49,10 @@ def test_a_stopped_template_is_replaced_and_its_worker_reported_dead() -> None:
         template = pool._template.proc.pid  # type: ignore[union-attr]
         os.kill(template, signal.SIGSTOP)
         try:
+            in_flight = pool.execute_stream("sleep", {"seconds": 30})
             pool.kill_worker("w0", signal.SIGKILL)
+            with pytest.raises(WorkerDied):  # its stopped template cannot say so, yet it is known dead
+                in_flight.result(30)
             row = wait_until(lambda: (r := pool.status()[0])["state"] == "ready" and r["restarts"] >= 1 and r,
                              timeout=60, what="w0 to be back, from a new template")
             assert pool._template is not None and pool._template.proc.pid != template

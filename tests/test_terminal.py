@@ -5,13 +5,28 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from dspex_nb import Pool
 from dspex_nb.ui.render import show_batch, show_run
 
 
 class Terminal(io.StringIO):
+    """A TTY that counts writes (tokens as they come are many small writes)."""
+
+    writes = 0
+
     def isatty(self) -> bool:
         return True
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@pytest.fixture(autouse=True)
+def interactive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DSPEX_NONINTERACTIVE", raising=False)  # nbval's conftest sets it for the whole run
 
 
 def test_tokens_are_printed_as_they_come_in_a_terminal(pool: Pool) -> None:
@@ -23,6 +38,7 @@ def test_tokens_are_printed_as_they_come_in_a_terminal(pool: Pool) -> None:
     assert text.startswith("reasoning: Demo LM reasoning about 'Why?'")
     assert f"\nanswer: {answer}\n" in text and text.rstrip().splitlines()[-1].startswith("done · ")
     assert text.count("answer: ") == 1  # streamed once, not printed again at the end
+    assert screen.writes > 20  # token by token, not line by line
 
 
 def test_a_batch_shows_one_live_line_in_a_terminal(pool: Pool) -> None:

@@ -87,8 +87,7 @@ class BatchRun(Handle):
             waiting = [i for i in todo if self._item_keys[i] not in mine]
             todo = [i for i in todo if self._item_keys[i] in mine]
         self._size = shard_size or max(1, min(50, math.ceil(len(todo) / (pool.size * 4))))
-        self._queue: deque[list[int]] = deque(todo[start:start + self._size]
-                                              for start in range(0, len(todo), self._size))
+        self._queue: deque[list[int]] = deque(self._shards(todo))
         feeders = [threading.Thread(target=self._feed, name=f"dspex-batch-{i}", daemon=True)
                    for i in range(min(pool.size, len(self._queue)))]
         if journal is not None and (todo or waiting):
@@ -120,6 +119,9 @@ class BatchRun(Handle):
             if last:
                 self._finish()
 
+    def _shards(self, indices: list[int]) -> list[list[int]]:
+        return [indices[start:start + self._size] for start in range(0, len(indices), self._size)]
+
     def _watch(self, waiting: list[int]) -> None:
         """Keep this run's claims on its items alive, take the items another run computes from the journal
         as they arrive, and compute those whose claim lapsed (that run ended); ends with the batch."""
@@ -144,8 +146,8 @@ class BatchRun(Handle):
                 mine = self._journal.claim(self.key, [self._item_keys[i] for i in waiting], self._owner, CLAIM_LEASE)
                 lapsed = [i for i in waiting if self._item_keys[i] in mine]
                 waiting = [i for i in waiting if i not in lapsed]
-                for start in range(0, len(lapsed), self._size):  # that run is gone: compute them here
-                    self._run_shard(lapsed[start:start + self._size])
+                for shard in self._shards(lapsed):  # that run is gone: compute them here
+                    self._run_shard(shard)
         except Cancelled:
             pass
         except BaseException as exc:

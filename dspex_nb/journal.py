@@ -17,7 +17,6 @@ fresh one started; a row that cannot be read is skipped (that item runs again).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -116,7 +115,17 @@ class Journal:
             with self._lock:
                 self._db.execute("INSERT INTO batches VALUES (?, ?, ?, ?) ON CONFLICT(batch_key) DO UPDATE SET "
                                  "updated = excluded.updated", (key, description, now, now))
-                rows = self._db.execute("SELECT item_key, result FROM items WHERE batch_key = ?", (key,)).fetchall()
+        except sqlite3.Error as exc:
+            self._failed("read", exc)
+            return {}
+        return self._finished(key)
+
+    def _finished(self, batch_key: str) -> dict[str, dict[str, Any]]:
+        """The results kept for a batch, by item key; a damaged row is skipped (that item runs again)."""
+        try:
+            with self._lock:
+                rows = self._db.execute("SELECT item_key, result FROM items WHERE batch_key = ?",
+                                        (batch_key,)).fetchall()
         except sqlite3.Error as exc:
             self._failed("read", exc)
             return {}
@@ -124,7 +133,7 @@ class Journal:
         for item_key, result in rows:
             try:
                 kept[item_key] = json.loads(result)
-            except ValueError:  # a damaged row: that item runs again
+            except ValueError:
                 self._failed("read a row of", ValueError(f"item {item_key} is not JSON"))
         return kept
 
@@ -185,19 +194,7 @@ class Journal:
 
     def results(self, batch_key: str, item_keys: set[str]) -> dict[str, dict[str, Any]]:
         """The finished results of these items (another run's, as they arrive)."""
-        try:
-            with self._lock:
-                rows = self._db.execute("SELECT item_key, result FROM items WHERE batch_key = ?",
-                                        (batch_key,)).fetchall()
-        except sqlite3.Error as exc:
-            self._failed("read", exc)
-            return {}
-        found = {}
-        for key, result in rows:
-            if key in item_keys:
-                with contextlib.suppress(ValueError):  # a damaged row: that item is waited for (or run) again
-                    found[key] = json.loads(result)
-        return found
+        return {key: value for key, value in self._finished(batch_key).items() if key in item_keys}
 
     def batches(self) -> list[dict[str, Any]]:
         """Every journaled batch: key, description, items kept, created, updated."""

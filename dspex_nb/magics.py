@@ -15,6 +15,7 @@ import string
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -328,11 +329,13 @@ class Dspex(Magics):
         inputs = self._inputs(cell, signature_inputs(signature), args)
         if isinstance(signature, str) and typed.encode(inputs) == inputs:  # plain JSON: the built-in tools
             tool = "chain_of_thought" if args.cot else "predict"
-            self._stream(lambda pool: (tool, {"signature": signature, "inputs": inputs}, typed.Resolver()),
+            self._stream(lambda pool, stream: pool.call_tool(tool, {"signature": signature, "inputs": inputs},
+                                                             stream=stream, timeout=args.timeout),
                          f"{tool} {signature!r}", args)
             return
         program = programs.as_program(signature, cot=args.cot)
-        self._stream(lambda pool: self._run_args(pool, program, inputs), f"predict {args.signature}", args)
+        self._stream(lambda pool, stream: pool.call(program, inputs, stream=stream, timeout=args.timeout),
+                     f"predict {args.signature}", args)
 
     def _run(self, args: argparse.Namespace, cell: str) -> None:
         pool = self._require_pool(args.pool)
@@ -342,24 +345,18 @@ class Dspex(Magics):
                              f"{args.name} a dspy.Module in the kernel (defined: {sorted(pool.definitions) or 'none'})")
         name = pool.ensure_defined(program)
         inputs = self._inputs(cell, pool.definitions[name]["inputs"], args)
-        self._stream(lambda pool: self._run_args(pool, name, inputs), f"run {args.name}", args)
+        self._stream(lambda pool, stream: pool.call(name, inputs, stream=stream, timeout=args.timeout),
+                     f"run {args.name}", args)
 
-    @staticmethod
-    def _run_args(pool: Pool, program: Any, inputs: dict[str, Any]) -> tuple[str, dict[str, Any], typed.Resolver]:
-        name = pool.ensure_defined(program)
-        return "run_module", {"name": name, "inputs": typed.encode(inputs)}, pool.definitions[name]["resolver"]
-
-    def _stream(self, call: Callable[[Pool], tuple[str, dict[str, Any], typed.Resolver]], title: str,
-                args: argparse.Namespace) -> None:
+    def _stream(self, call: Callable[[Pool, bool], Any], title: str, args: argparse.Namespace) -> None:
+        """``call(pool, stream)``: the program's value, or (streaming) its Run, shown live."""
         if args.no_stream and args.background:
             raise UsageError("--no-stream waits for the whole answer: use it without -a")
         pool = self._require_pool(args.pool)
-        tool, call_args, resolver = call(pool)
         if args.no_stream:
-            self._store(args.output, programs.to_output(pool.execute(tool, call_args, timeout=args.timeout), resolver))
+            self._store(args.output, call(pool, False))
             return
-        run = pool.execute_stream(tool, call_args, timeout=args.timeout)
-        run.decode = lambda result: programs.to_output(result, resolver)
+        run = call(pool, True)
         self._show(run, lambda: show_run(run, title, mode=self.display, block=not args.background), args)
 
     def _batch(self, args: argparse.Namespace, cell: str) -> None:
@@ -384,7 +381,7 @@ class Dspex(Magics):
             signature_inputs(args.signature)
             batch = pool.batch(items, args.signature, module="chain_of_thought" if args.cot else "predict",
                                **options)
-            batch.decode = lambda result: programs.to_output(result, typed.Resolver())
+            batch.decode = partial(programs.to_output, resolve=typed.Resolver())
         else:
             program = programs.as_program(signature, cot=args.cot) if signature is not None else (
                 args.module if args.module in pool.definitions else self._program(args.module))

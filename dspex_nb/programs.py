@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import enum
 import hashlib
 import importlib
 import io
@@ -72,16 +71,11 @@ class _Collector(_Pickler):
         self.files: set[str] = set()
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, type) and _portable_class(obj):
+        if isinstance(obj, type) and typed.portable_kind(obj):
             self.types.add(obj)
         elif isinstance(obj, types.FunctionType):
             self.files.add(obj.__code__.co_filename)
         return super().reducer_override(obj)
-
-
-def _portable_class(cls: type) -> bool:
-    return issubclass(cls, enum.Enum) or dataclasses.is_dataclass(cls) or (
-        hasattr(cls, "model_validate") and hasattr(cls, "model_fields"))
 
 
 def ship(program: Any) -> Shipped:
@@ -122,16 +116,13 @@ def input_names(program: Any) -> list[str] | None:
 
 def to_output(result: Any, resolve: typed.Resolver) -> Any:
     """A DSPy tool's result as the program gave it: a dspy.Prediction of its fields, or its own value."""
-    import dspy
 
     if isinstance(result, dict) and result.get(typed.TAG) == "output":
         return typed.decode(result["value"], resolve, "output")
+    tagged = {typed.TAG: "prediction", "fields": {k: v for k, v in result.items() if k not in typed.RESERVED}}
     if typed.COMPLETIONS in result:
-        prediction = typed.decode({typed.TAG: "prediction", "fields": {}, "completions": result[typed.COMPLETIONS]},
-                                  resolve, "output")
-    else:
-        prediction = dspy.Prediction(**{name: typed.decode(value, resolve, name) for name, value in result.items()
-                                        if name not in typed.RESERVED})
+        tagged["completions"] = result[typed.COMPLETIONS]
+    prediction = typed.decode(tagged, resolve, "output")
     if typed.USAGE in result:  # as with dspy.configure(track_usage=True): prediction.get_lm_usage()
         prediction.set_lm_usage(result[typed.USAGE])
     return prediction

@@ -82,7 +82,7 @@ def encode(value: Any) -> Any:
         out = {TAG: kind, "fields": {k: encode(v) for k, v in value.items()}}
         if kind == "example" and value._input_keys is not None:
             out["inputs"] = sorted(value._input_keys)
-        if kind == "prediction" and (completions := completions_of(value)) is not None:
+        if kind == "prediction" and (completions := _completions_of(value)) is not None:
             out["completions"] = completions
         return out
     if _is_pydantic(value):  # pydantic's own round trip: aliases, extra fields, its own types (URLs...)
@@ -111,7 +111,7 @@ def _is_pydantic(value: Any) -> bool:
     return pydantic is not None and isinstance(value, pydantic.BaseModel)
 
 
-def completions_of(prediction: Any) -> list[dict[str, Any]] | None:
+def _completions_of(prediction: Any) -> list[dict[str, Any]] | None:
     """A Prediction's several completions (``n`` > 1) as typed JSON field dicts, or None when it has one."""
     completions = getattr(prediction, "_completions", None)
     if completions is None or len(completions) < 2:
@@ -175,16 +175,18 @@ def _items(value: dict[str, Any], resolve: Callable[[str], type | None], where: 
     return [decode(v, resolve, f"{where}[{i}]") for i, v in enumerate(value["items"])]
 
 
-_KINDS: dict[str, Callable[[type], bool]] = {
-    "enum": lambda cls: issubclass(cls, enum.Enum),
-    "model": lambda cls: hasattr(cls, "model_validate_json") and hasattr(cls, "model_fields"),
-    "dataclass": lambda cls: dataclasses.is_dataclass(cls),
-}
+def portable_kind(cls: type) -> str | None:
+    """How a class's instances travel by class path: "enum", "model" (pydantic) or "dataclass"; else None."""
+    if issubclass(cls, enum.Enum):
+        return "enum"
+    if hasattr(cls, "model_validate_json") and hasattr(cls, "model_fields"):
+        return "model"
+    return "dataclass" if dataclasses.is_dataclass(cls) else None
 
 
 def _cls(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> type:
     cls = resolve(value["class"])
-    if cls is not None and not _KINDS[value[TAG]](cls):
+    if cls is not None and portable_kind(cls) != value[TAG]:
         raise NotPortable(f"{where}: {value['class']} is not a{'n' * (value[TAG] == 'enum')} {value[TAG]} class", value)
     if cls is None:
         raise NotPortable(
@@ -259,14 +261,13 @@ def types_in(annotation: Any) -> set[type]:
             continue
         seen.add(id(ann))
         stack.extend(typing.get_args(ann))
-        if not isinstance(ann, type):
+        kind = portable_kind(ann) if isinstance(ann, type) else None
+        if kind is None:
             continue
-        if issubclass(ann, enum.Enum) or dataclasses.is_dataclass(ann):
-            found.add(ann)
-            if dataclasses.is_dataclass(ann):
-                stack.extend(f.type for f in dataclasses.fields(ann) if not isinstance(f.type, str))
-        elif hasattr(ann, "model_fields") and hasattr(ann, "model_validate"):
-            found.add(ann)
+        found.add(ann)
+        if kind == "dataclass":
+            stack.extend(f.type for f in dataclasses.fields(ann) if not isinstance(f.type, str))
+        elif kind == "model":
             stack.extend(f.annotation for f in ann.model_fields.values())
     return found
 

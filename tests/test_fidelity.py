@@ -392,17 +392,7 @@ def program(text):
 
 
 def test_a_cancelled_stream_ends_its_request_on_the_worker(shell: InteractiveShell, pool: Pool) -> None:
-    program, _ = define(shell, '''
-class Slow(dspy.Module):
-    def __init__(self):
-        super().__init__()
-        self.qa = dspy.Predict("question -> answer")
-
-    def forward(self, questions: list[str]):
-        return dspy.Parallel(num_threads=2)([(self.qa, {"question": q}) for q in questions])
-
-program = Slow()
-''')
+    program, _ = define(shell, PROGRAMS["parallel_returns_a_list"][0])
     run = pool.run_stream(program, questions=[f"q{i}" for i in range(400)])
     run.cancel()
     assert run.wait(30) and run.status == "cancelled"

@@ -3,6 +3,7 @@ background handles, and Ctrl-C (a kernel interrupt) during a streaming cell."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import time
@@ -62,6 +63,15 @@ class Kernel:
 
     def value(self, expression: str) -> str:
         return self.run(expression).plain[-1]
+
+    @contextlib.contextmanager
+    def demo_lm(self, settings: str) -> Iterator[None]:
+        """The demo LM with ``settings`` (e.g. "--set ttft=0.2") on every worker, the plain one after."""
+        self.run(f"%dspex lm demo {settings}")
+        try:
+            yield
+        finally:
+            self.run("%dspex lm demo")
 
     def close(self) -> None:
         self.kc.stop_channels()
@@ -165,31 +175,24 @@ def click_stop_while_blocked(kernel: Kernel, code: str) -> Cell:
 
 
 def test_stop_stops_a_blocking_stream(kernel: Kernel) -> None:
-    kernel.run("%dspex lm demo --set answer_tokens=20000 --set per_token=0.005")  # about 100 s if not stopped
-    try:
+    with kernel.demo_lm("--set answer_tokens=20000 --set per_token=0.005"):  # about 100 s if not stopped
         cell = click_stop_while_blocked(kernel, '%%dspex predict "question -> answer"\nstop me')
         assert "cancelled" in cell.stderr, cell.stderr
         assert kernel.value("_.status") == "'cancelled'"
         assert kernel.value("sum(c.kind == 'token' for c in _.chunks) < 20000") == "True"
-    finally:
-        kernel.run("%dspex lm demo")
 
 
 def test_stop_stops_a_blocking_batch(kernel: Kernel) -> None:
-    kernel.run("%dspex lm demo --set ttft=0.2")
-    try:
+    with kernel.demo_lm("--set ttft=0.2"):
         cell = click_stop_while_blocked(
             kernel, 'many = [f"slow {i}?" for i in range(300)]\n'
                     '%dspex batch "question -> answer" --items many --concurrency 1 --no-journal')
         assert "cancelled" in cell.stderr, cell.stderr
         assert kernel.value("_.status, _.ok + _.failed < 300") == "('cancelled', True)"
-    finally:
-        kernel.run("%dspex lm demo")
 
 
 def test_an_interrupted_blocking_batch_keeps_its_finished_items(kernel: Kernel) -> None:
-    kernel.run("%dspex lm demo --set ttft=0.05")
-    try:
+    with kernel.demo_lm("--set ttft=0.05"):
         msg_id = kernel.submit('many = [f"interrupted {i}?" for i in range(400)]\n'
                                '%dspex batch "question -> answer" --items many --no-journal -o PART')
         updates: list[str] = []
@@ -204,8 +207,6 @@ def test_an_interrupted_blocking_batch_keeps_its_finished_items(kernel: Kernel) 
         done = kernel.value("sum(r is not None and r['ok'] for r in PART.records), PART.status")
         finished, status = done.strip("()").split(", ")
         assert 0 < int(finished) < 400 and status == "'cancelled'"
-    finally:
-        kernel.run("%dspex lm demo")
 
 
 def final_rendering(kernel: Kernel, code: str) -> dict:

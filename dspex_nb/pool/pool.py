@@ -20,6 +20,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,8 @@ from dspex_nb.wire import LM_KWARGS_ENV, health_address
 AFFINITIES = ("hint", "strict_queue", "strict_fail_fast")
 START_METHODS = ("spawn", "template")  # a new interpreter per worker, or forks of one that imported dspy
 DEFAULT_START = "template" if sys.platform == "linux" else "spawn"
+RECONNECT = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
+             ("grpc.max_reconnect_backoff_ms", 500)]  # a replaced worker's socket is back within ms
 
 
 class Pool(Supervision):
@@ -200,12 +203,8 @@ class Pool(Supervision):
         process = self._start_process(address, args, self._dir / f"{worker_id}-{generation}.log")
         limit = self.max_message_bytes
         channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
-            ("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
-            ("grpc.max_reconnect_backoff_ms", 500)])
-        health = grpc.insecure_channel(health_address(address), options=[
-            ("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
-            ("grpc.max_reconnect_backoff_ms", 500)])
+            ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit), *RECONNECT])
+        health = grpc.insecure_channel(health_address(address), options=RECONNECT)
         return Worker(worker_id, process, channel, bridge_pb2_grpc.BridgeStub(channel), health, generation)
 
     def _start_process(self, address: str, args: list[str], log_path: Path) -> ProcessHandle:
@@ -412,16 +411,19 @@ class Pool(Supervision):
             raise ValueError(f"name must be a Python identifier, got {name!r}")
         if programs.is_signature(program):  # "question -> answer": run as dspy.Predict
             program = programs.as_program(program)
-        if isinstance(program, str):
-            compile(program, f"<dspex define {name}>", "exec", dont_inherit=True)  # a syntax error, with its line
-            definition: dict[str, Any] = {"tool": "define", "args": {"name": name, "source": program},
-                                          "key": program}
-            resolver = typed.Resolver()
-        else:
-            shipped = programs.ship(program)
-            definition = {"tool": "define_object", "args": {"name": name, "payload": shipped.payload},
-                          "key": shipped.key}
-            resolver = typed.Resolver(shipped.types)
+        if not isinstance(program, str):
+            return self._install(name, programs.ship(program))
+        compile(program, f"<dspex define {name}>", "exec", dont_inherit=True)  # a syntax error, with its line
+        return self._install(name, {"tool": "define", "args": {"name": name, "source": program}, "key": program},
+                             typed.Resolver())
+
+    def _install(self, name: str, definition: dict[str, Any] | programs.Shipped,
+                 resolver: typed.Resolver | None = None) -> dict[str, Any]:
+        """Define ``name`` on every worker (and for any started later); undone everywhere if one fails."""
+        if isinstance(definition, programs.Shipped):
+            resolver = typed.Resolver(definition.types)
+            definition = {"tool": "define_object", "args": {"name": name, "payload": definition.payload},
+                          "key": definition.key}
         previous = self.definitions.get(name)
         self.definitions[name] = definition  # first: a worker starting now replays it
         info: dict[str, Any] = {}
@@ -433,22 +435,20 @@ class Pool(Supervision):
         except BaseException:
             if previous is None:
                 del self.definitions[name]
+                self._try_on(done, "undefine", {"name": name})  # the workers agree again: all old, or none
             else:
                 self.definitions[name] = previous
-            self._undo_define(name, previous, done)  # the workers agree again: all old, or none
+                self._try_on(done, previous["tool"], previous["args"])
             raise
         self.definitions[name] = {**definition, **info, "resolver": resolver}
         return info
 
-    def _undo_define(self, name: str, previous: dict[str, Any] | None, workers: list[str]) -> None:
+    def _try_on(self, workers: list[str], tool: str, args: dict[str, Any]) -> None:
+        """Call ``tool`` on each of ``workers``, best effort: a worker going away meanwhile is replaced, and
+        its replacement replays the definitions."""
         for worker in workers:
-            try:
-                if previous is None:
-                    self.execute("undefine", {"name": name}, worker=worker)
-                else:
-                    self.execute(previous["tool"], previous["args"], worker=worker)
-            except DspexError:  # that worker is going away too: its replacement replays the definitions
-                continue
+            with contextlib.suppress(DspexError):
+                self.execute(tool, args, worker=worker)
 
     def ensure_defined(self, program: Any) -> str:
         """The name ``program`` runs under: a defined name as it is, else the program is shipped under a name
@@ -463,22 +463,16 @@ class Pool(Supervision):
         shipped = programs.ship(program)
         name = f"_{type(program).__name__}_{shipped.key[:12]}"
         if name not in self.definitions:
-            self.define(name, program)
+            self._install(name, shipped)
         if not isinstance(original, str):  # the same object shipped before, and changed since: drop that version
             key = id(original)
             ref, old = self._shipped.get(key, (None, None))
             if old is not None and old != name and ref is not None and ref() is original:
-                self._forget(old)
+                self.definitions.pop(old, None)  # new workers do not replay it; the current ones forget it
+                self._try_on([w.id for w in self.workers], "undefine", {"name": old})
             with contextlib.suppress(TypeError):  # an object without weak references is not tracked
                 self._shipped[key] = (weakref.ref(original), name)
         return name
-
-    def _forget(self, name: str) -> None:
-        """Drop a shipped program's old version from every worker (and from what new workers replay)."""
-        self.definitions.pop(name, None)
-        for worker in list(self.workers):
-            with contextlib.suppress(DspexError):
-                self.execute("undefine", {"name": name}, worker=worker.id)
 
     def run(self, program: Any, /, **inputs: Any) -> Any:
         """Run a DSPy program (object, signature, or defined name) on a worker; returns what it returns in the
@@ -494,12 +488,19 @@ class Pool(Supervision):
              on_chunk: Callable[[Chunk], Any] | None = None) -> Any:
         """``run`` (or with ``stream``, ``run_stream``) with options, the inputs given as a dict."""
         name = self.ensure_defined(program)
-        resolver = self.definitions[name]["resolver"]
-        args = {"name": name, "inputs": typed.encode(inputs)}
+        return self.call_tool("run_module", {"name": name, "inputs": typed.encode(inputs)},
+                              self.definitions[name]["resolver"], stream=stream, timeout=timeout, on_chunk=on_chunk)
+
+    def call_tool(self, tool: str, args: dict[str, Any], resolver: typed.Resolver | None = None, *,
+                  stream: bool = False, timeout: float | None = None,
+                  on_chunk: Callable[[Chunk], Any] | None = None) -> Any:
+        """A DSPy tool (``predict``, ``chain_of_thought``, ``run_module``) whose result is what the program
+        returned (rebuilt with ``resolver``'s classes); with ``stream``, a ``Run`` whose ``result()`` is that."""
+        decode = partial(programs.to_output, resolve=resolver or typed.Resolver())
         if not stream:
-            return programs.to_output(self.execute("run_module", args, timeout=timeout), resolver)
-        run = self.execute_stream("run_module", args, timeout=timeout, on_chunk=on_chunk)
-        run.decode = lambda result: programs.to_output(result, resolver)
+            return decode(self.execute(tool, args, timeout=timeout))
+        run = self.execute_stream(tool, args, timeout=timeout, on_chunk=on_chunk)
+        run.decode = decode
         return run
 
     def map(self, program: Any, items: Any, *, concurrency: int | None = None,
@@ -510,10 +511,9 @@ class Pool(Supervision):
         ``Module.batch``; ``records`` say why). Items: strings (one-input programs), dicts, ``dspy.Example``s
         (their ``inputs()``), or a DataFrame."""
         name = self.ensure_defined(program)
-        resolver = self.definitions[name]["resolver"]
         batch = self.batch(items, module=name, concurrency=concurrency, on_item=on_item,
                            timeout=timeout, item_timeout=item_timeout, max_retries=max_retries, journal=journal)
-        batch.decode = lambda result: programs.to_output(result, resolver)
+        batch.decode = partial(programs.to_output, resolve=self.definitions[name]["resolver"])
         return batch
 
     def evaluate(self, program: Any, devset: Sequence[Any], metric: Callable[..., Any], *,

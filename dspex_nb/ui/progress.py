@@ -47,17 +47,10 @@ class StreamText:
             if name in last or name not in streamed:
                 last[name] = value if isinstance(value, str) else repr(value)
 
-    @property
-    def fields(self) -> dict[str, str]:
-        """Every field's text; with several steps, named ``step.field``."""
-        if len(self.groups) <= 1:
-            return dict(next(iter(self.groups.values()), {}))
-        return {f"{step}.{name}": text for step, group in self.groups.items() for name, text in group.items()}
-
     def lines(self) -> list[str]:
         """The text fallback: ``field: text`` lines, under a ``[step]`` line per step when there are several."""
         if len(self.groups) <= 1:
-            return [f"{name}: {text}" for name, text in self.fields.items()]
+            return [f"{name}: {text}" for group in self.groups.values() for name, text in group.items()]
         return [line for step, group in self.groups.items()
                 for line in [f"[{step}]", *(f"  {name}: {text}" for name, text in group.items())]]
 

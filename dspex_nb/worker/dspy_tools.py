@@ -13,7 +13,7 @@ import contextvars
 import inspect
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
 from concurrent import futures
 from dataclasses import dataclass
 from functools import partial
@@ -68,10 +68,7 @@ def _signature(tool_name: str, signature: str) -> type[dspy.Signature]:
 
 def _check_inputs(tool_name: str, sig: type[dspy.Signature], inputs: Any, where: str) -> dict[str, Any]:
     """The inputs (typed JSON) as a dict of the signature's input fields; a bare string fills a single one."""
-    try:
-        inputs = typed.decode(inputs, typed.Resolver(), where)
-    except typed.NotPortable as exc:
-        raise ArgumentError(tool_name, "ArgumentError", str(exc)) from None
+    inputs = _decode(tool_name, inputs, where)
     names = list(sig.input_fields)
     if isinstance(inputs, str) and len(names) == 1:
         return {names[0]: inputs}
@@ -91,10 +88,11 @@ def _check_inputs(tool_name: str, sig: type[dspy.Signature], inputs: Any, where:
 def output_json(output: Any, usage: dict[str, Any] | None = None) -> Any:
     """A program's output as typed JSON: a Prediction as its fields, anything else wrapped as an output;
     with its LM usage (``typed.USAGE``) where it made LM calls."""
-    if isinstance(output, dspy.Prediction):
-        result = {name: typed.encode(value) for name, value in output.items()}
-        if (completions := typed.completions_of(output)) is not None:  # n > 1: dspy.majority and co need them
-            result[typed.COMPLETIONS] = completions
+    if isinstance(output, dspy.Prediction):  # its fields at the top (and all its completions where n > 1)
+        encoded = typed.encode(output)
+        result = dict(encoded["fields"])
+        if "completions" in encoded:
+            result[typed.COMPLETIONS] = encoded["completions"]
     else:
         result = {typed.TAG: "output", "value": typed.encode(output)}
     if usage:
@@ -184,9 +182,9 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[E
             if ctx.streaming:
                 yield Emit("status", {"message": f"running {_label(program)} (no str output field to stream)"})
             output = program(**inputs)
-            if not (inspect.isasyncgen(output) or inspect.isgenerator(output)):
+            values = _values_of(output)
+            if values is None:
                 return output_json(output, usage.get_total_tokens())
-            values = _async_items(lambda: output) if inspect.isasyncgen(output) else output
         for value in values:
             if isinstance(value, StreamResponse):
                 yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
@@ -231,12 +229,20 @@ class _AlwaysPrediction(dspy.Module):
         return output if isinstance(output, dspy.Prediction) else _Boxed(value=output)
 
 
+def _values_of(output: Any) -> Iterable[Any] | None:
+    """The values of a program's stream (a ``dspy.streamify``'d program returns one), or None for a result."""
+    if inspect.isasyncgen(output):
+        return _async_items(lambda: output)
+    return output if inspect.isgenerator(output) else None
+
+
 def _run_to_end(output: Any) -> Any:
-    """A program's result; a stream (a ``dspy.streamify``'d program's) is run to its final value."""
-    if not (inspect.isasyncgen(output) or inspect.isgenerator(output)):
+    """A program's result; a stream is run to its final value."""
+    values = _values_of(output)
+    if values is None:
         return output
     final = None
-    for value in _async_items(lambda: output) if inspect.isasyncgen(output) else output:
+    for value in values:
         final = value
     return final
 
@@ -277,11 +283,12 @@ def _label(program: Any) -> str:
     return type(program).__name__ if isinstance(program, dspy.Module) else getattr(program, "__name__", "program")
 
 
-def _decode(program: programs.Program, value: Any, where: str) -> Any:
+def _decode(tool_name: str, value: Any, where: str, types: set[type] | None = None) -> Any:
+    """Inputs sent as typed JSON, rebuilt with the program's own ``types``; a clear ArgumentError if they cannot."""
     try:
-        return typed.decode(value, typed.Resolver(program.types), where)
+        return typed.decode(value, typed.Resolver(types or ()), where)
     except typed.NotPortable as exc:
-        raise ArgumentError("run_module", "ArgumentError", str(exc)) from None
+        raise ArgumentError(tool_name, "ArgumentError", str(exc)) from None
 
 
 def _builtin(tool_name: str, module: str, signature: str, inputs: Any) -> tuple[dspy.Module, dict[str, Any]]:
@@ -350,7 +357,7 @@ def run_module(ctx: ToolContext, name: str, inputs: dict | str) -> Generator[Emi
     else:
         defined = _defined(ctx, "run_module", name)
         program = defined.factory()
-    inputs = defined.check("run_module", _decode(defined, inputs, "inputs"), "argument 'inputs'")
+    inputs = defined.check("run_module", _decode("run_module", inputs, "inputs", defined.types), "argument 'inputs'")
     return (yield from _call(program, inputs, ctx))
 
 
@@ -383,7 +390,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         make = partial(MODULES[module], sig)
     else:
         defined = _defined(ctx, "batch_inference", module)
-        items = [defined.check("batch_inference", _decode(defined, item, w), w)
+        items = [defined.check("batch_inference", _decode("batch_inference", item, w, defined.types), w)
                  for item, w in zip(batch_items, where, strict=True)]
         make = defined.factory
     settings, worker = ctx.worker.dspy_settings(), ctx.worker.worker_id

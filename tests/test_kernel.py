@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -96,6 +97,24 @@ def test_a_5000_token_stream_sends_few_widget_messages(kernel: Kernel) -> None:
     assert 3 <= cell.counts["comm_msg"] <= 200, cell.counts  # not one message per token
     assert kernel.value("len(p.answer.split())") == "5000"
     kernel.run("%dspex lm demo")
+
+
+def test_a_long_stream_sends_its_text_once_not_every_tick(kernel: Kernel) -> None:
+    """Widget bytes grow linearly with the answer: each tick carries the new text (plus rare checkpoints),
+    where resending the whole field each tick would send ~40 times the answer here."""
+    sent: list[int] = []
+
+    def on_message(kind: str, content: dict) -> None:
+        if kind == "comm_msg":
+            sent.append(len(json.dumps(content)))
+
+    with kernel.demo_lm("--set answer_tokens=20000 --set per_token=0.0002"):
+        cell = kernel.collect(kernel.submit('%%dspex predict "question -> answer" -o p\nA very long answer.'),
+                              on_message=on_message)
+        assert not cell.error, cell.error
+        answer = int(kernel.value("len(p.answer)"))
+    assert answer > 100_000 and len(sent) >= 10, (answer, len(sent))  # a long stream, over many ticks
+    assert sum(sent) < 4 * answer + 400 * len(sent), (sum(sent), answer, len(sent))
 
 
 def test_batch_dashboard_and_headline_batch(kernel: Kernel) -> None:

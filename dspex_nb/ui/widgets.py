@@ -2,7 +2,7 @@
 
 Views know nothing of gRPC: they read a ``Run``, a ``BatchRun`` or a ``Pool``. ``refresh()`` is
 called by the pump (at most ~10 times a second) and sends only the values that changed, in one
-``hold_sync`` message per widget. Token text lives in one HTML value per field.
+``hold_sync`` message per widget; a field's token text travels as deltas (``append.AppendText``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dspex_nb.batch import BatchRun
 from dspex_nb.pool.calls import Run
 from dspex_nb.pool.pool import Pool
 from dspex_nb.ui import progress
+from dspex_nb.ui.append import AppendText
 
 LATEST_ROWS = 8
 
@@ -120,7 +121,7 @@ class StreamView(View):
         self.status = w.HTML()
         self.stop = stop_button(run.cancel)
         self.step_views: dict[str, tuple[w.HTML, w.VBox]] = {}  # step -> (its title, its fields)
-        self.field_views: dict[tuple[str, str], w.HTML] = {}
+        self.field_views: dict[tuple[str, str], AppendText] = {}
         self.root = w.VBox([self.title, w.HBox([self.stop, self.status]), self.fields])
 
     def refresh(self) -> bool:
@@ -137,9 +138,9 @@ class StreamView(View):
             for name, value in group.items():
                 view = self.field_views.get((step, name))
                 if view is None:
-                    view = self.field_views[(step, name)] = w.HTML()
+                    view = self.field_views[(step, name)] = AppendText(name, PROSE)
                     box.children = (*box.children, view)
-                _set(view, value=_field_html(name, value))
+                view.show(value)  # only the new end of the text travels
         _set(self.status, value=html.escape(self.text.summary()))
         if done:
             _set(self.stop, disabled=True)

@@ -64,6 +64,7 @@ class BatchRun(Handle):
         self._placed: dict[str, list[bool]] = {}  # worker -> its shards of this batch (True: a retry, alone)
         self.retries = self.from_journal = self.ok = self.failed = 0
         self.tokens_in = self.tokens_out = 0  # LM tokens of the items computed in this run (not the journal's)
+        self.cost: float | None = None  # their USD cost, where an LM reported one
         self._restarts_before = self._restarts()
         self.decode: Callable[[Any], Any] | None = None  # set by Pool.map: each item's output as the program's value
         self._stopping = False  # set by cancel() and by a fatal error: no further shard starts
@@ -272,6 +273,7 @@ class BatchRun(Handle):
                 tokens_in, tokens_out = typed.tokens(record["result"])
                 self.tokens_in += tokens_in
                 self.tokens_out += tokens_out
+                self.cost = typed.add_cost(self.cost, typed.cost(record["result"]))
         if record["ok"] and self._journal is not None and not record.get("journal"):
             self._journal.record(self.key, self._item_keys[index], record["result"])
         self._changed.set()
@@ -315,8 +317,9 @@ class BatchRun(Handle):
         if self._error is not None:
             raise self._error
         if self._cancelled:
+            resume = "; run it again to resume from the journal" if self._journal is not None else ""
             raise Cancelled(f"the batch was cancelled after {self.ok + self.failed} of {self.total} items "
-                            "(batch.records keeps them; run it again to resume from the journal)")
+                            f"(batch.records keeps them{resume})")
         if self.decode is not None:
             return [self.decode(r["result"]) if r and r["ok"] else None for r in self.records]
         return [outputs(r) for r in self.records]  # type: ignore[arg-type]
@@ -348,7 +351,8 @@ class BatchRun(Handle):
                     "from_journal": self.from_journal, "replaced": replaced, "elapsed": elapsed, "rate": rate,
                     "eta": (self.total - finished) / rate if rate and not self.done else 0.0,
                     "status": self.status, "by_worker": by_worker, "active": active,
-                    "tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "warning": self.warning}
+                    "tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "cost": self.cost,
+                    "warning": self.warning}
 
     def __repr__(self) -> str:
         return f"<BatchRun {self.ok + self.failed}/{self.total} ({self.failed} failed): {self.status}>"

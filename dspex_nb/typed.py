@@ -32,7 +32,8 @@ from dspex_nb.errors import DspexError
 TAG = "__dspex__"
 USAGE = "__dspex_usage__"  # beside a program's output: its LM usage per model, as dspy.track_usage counts it
 COMPLETIONS = "__dspex_completions__"  # beside a Prediction's fields: all its completions, when it has several
-RESERVED = (USAGE, COMPLETIONS)
+COST = "__dspex_cost__"  # beside a program's output: the USD cost of its LM calls, where an LM reported one
+RESERVED = (USAGE, COMPLETIONS, COST)
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
 
 
@@ -280,6 +281,17 @@ def tokens(result: Any) -> tuple[int, int]:
     models = [u for u in usage.values() if isinstance(u, dict)]
     return (sum(int(u.get("prompt_tokens") or 0) for u in models),
             sum(int(u.get("completion_tokens") or 0) for u in models))
+
+
+def cost(result: Any) -> float | None:
+    """The USD cost of a DSPy tool's LM calls, from beside its output; None where no LM reported one."""
+    value = result.get(COST) if isinstance(result, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def add_cost(total: float | None, cost: float | None) -> float | None:
+    """``total`` plus ``cost``, where None is "no cost reported" (not zero): None only when both are."""
+    return total if cost is None else (total or 0.0) + cost
 
 
 def add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:

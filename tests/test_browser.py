@@ -10,7 +10,11 @@ A screenshot goes to test-artifacts/. Needs Debian's chromium (`apt-get install 
 
 from __future__ import annotations
 
+import contextlib
+import html
+import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -19,11 +23,13 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import nbformat
 import pytest
-from helpers import ROOT
-from playwright.sync_api import Page, sync_playwright
+from helpers import ROOT, TWO_STEP
+from playwright.sync_api import Browser, Page, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -38,11 +44,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Lab:
+    base: str
+    token: str
+    root: Path  # the notebooks it serves
+
+    def url(self, notebook: str, workspace: str = "") -> str:
+        """The notebook's page; with ``workspace``, in a workspace of its own that opens only it."""
+        where = f"workspaces/{workspace}/tree/{notebook}?reset&" if workspace else f"tree/{notebook}?"
+        return f"{self.base}/lab/{where}token={self.token}"
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """A JupyterLab server on a copy of notebooks/ (so autosave never touches the repository)."""
     root = tmp_path_factory.mktemp("lab")
     shutil.copytree(ROOT / "notebooks", root / "notebooks")
+    settings = root / "config" / "lab" / "user-settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')  # no news toast
     port, token = free_port(), secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k != "DSPEX_NONINTERACTIVE"}  # live widgets, please
     env.update(JUPYTER_CONFIG_DIR=str(root / "config"), JUPYTER_RUNTIME_DIR=str(root / "runtime"),
@@ -66,7 +87,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                     log_text = (root / "lab.log").read_text()[-3000:]
                     raise AssertionError(f"JupyterLab did not start: {log_text}") from exc
                 time.sleep(0.2)
-        yield f"{base}/lab/tree/02-batch-dashboard.ipynb?token={token}"
+        yield Lab(base, token, root / "notebooks")
     finally:
         server.terminate()
         try:
@@ -83,23 +104,37 @@ pytestmark = pytest.mark.skipif(
     reason=f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium) to run the browser test")
 
 
-def test_batch_dashboard_progress_rises_to_100_percent_in_chromium(lab: str) -> None:
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)"
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
         try:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         except Exception as exc:
             pytest.fail(f"headless Chromium could not start: {exc}")
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            try:
-                reads, text = run_batch_cell(page, lab)
-            except Exception:
-                page.screenshot(path=str(ARTIFACTS / "browser-failure.png"), full_page=True)
-                raise
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+@contextlib.contextmanager
+def new_page(browser: Browser, name: str, width: int = 1400) -> Iterator[Page]:
+    """A page; on failure its screenshot goes to test-artifacts/<name>-failure.png."""
+    page = browser.new_page(viewport={"width": width, "height": 1000})
+    try:
+        yield page
+    except BaseException:
+        page.screenshot(path=str(ARTIFACTS / f"{name}-failure.png"), full_page=True)
+        raise
+    finally:
+        page.close()
+
+
+def test_batch_dashboard_progress_rises_to_100_percent_in_chromium(lab: Lab, browser: Browser) -> None:
+    with new_page(browser, "batch-dashboard") as page:
+        reads, text = run_batch_cell(page, lab.url("02-batch-dashboard.ipynb"))
     assert reads == sorted(reads), f"the progress bar went back: {reads}"
     assert len([r for r in reads if 0 < r < 100]) >= 2, f"too few intermediate reads: {reads}"
     assert reads[-1] == 100, reads
@@ -134,3 +169,176 @@ def run_batch_cell(page: Page, url: str) -> tuple[list[float], str]:
     reads.append(finished.locator(".dspex-bar-ok").evaluate("el => parseFloat(el.style.width)"))
     page.screenshot(path=str(ARTIFACTS / "browser-batch-dashboard.png"), full_page=True)
     return reads, finished.inner_text()
+
+
+VIEWS_NOTEBOOK = [
+    "%load_ext dspex_nb\n%dspex start -n 2 --lm demo",
+    "%dspex lm demo --set answer_tokens=20000 --set per_token=0.0002",
+    '%%dspex predict "question -> answer" -o long\nA very long answer, please.',
+    "%dspex lm demo --set answer_tokens=4000 --set per_token=0.01",  # 40 s unless stopped
+    '%%dspex predict "question -> answer"\nStop me.',
+    "%dspex lm demo --set ttft=1",  # 300 items on 16 places: about 20 s unless stopped
+    'qs = [f"question {i}?" for i in range(300)]\n%dspex batch "question -> answer" --items qs --no-journal',
+    "%dspex lm demo",
+    "%%dspex define TwoStep" + TWO_STEP,
+    "%%dspex run TwoStep -o two\nWhy do leaves fall?",
+    "%dspex status",
+    "%dspex stop",
+]
+
+
+def test_views_in_a_browser_stop_steps_saving_reopening_html_and_dark_theme(lab: Lab, browser: Browser) -> None:
+    """Stop on a blocking stream and a blocking batch, a two-step module's groups, a 20,000-token stream's
+    bytes, then save, reload, reopen with a new kernel, export to HTML and switch to the dark theme: the
+    answers stay, no "model not found". Screenshots of each view go to test-artifacts/."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code) for code in VIEWS_NOTEBOOK])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nbformat.write(nb, lab.root / "views.ipynb")
+    frames: list[int] = []
+    with new_page(browser, "views") as page:
+        page.on("websocket", lambda ws: ws.on("framereceived", lambda payload: frames.append(len(payload))))
+        open_notebook(page, lab.url("views.ipynb", "views"))
+        run(page, 0)
+        output(page, 0).locator("text=pool of 2 workers ready").wait_for(timeout=60_000)
+
+        # a 20,000-token stream: the text grows in the page, and the bytes it costs stay linear in its length
+        run(page, 1)
+        page.evaluate("""() => { window.lag = 0; let last = performance.now();
+            setInterval(() => { const now = performance.now(); lag = Math.max(lag, now - last - 50); last = now; }, 50);
+        }""")
+        before = len(frames)
+        run(page, 2)
+        live = output(page, 2).locator(".dspex-field-text").first
+        lengths = [wait_for(lambda: live.count() and len(live.inner_text()), "the first tokens")]
+        lengths.append(wait_for(lambda: n if (n := len(live.inner_text())) > lengths[0] else 0, "the text to grow"))
+        output(page, 2).screenshot(path=str(ARTIFACTS / "view-stream-live.png"))
+        final = output(page, 2).locator(".dspex-run")
+        final.wait_for(timeout=120_000)
+        answer = len(final.inner_text())
+        output(page, 2).screenshot(path=str(ARTIFACTS / "view-stream-finished.png"))
+        wire = sum(frames[before:])
+        lag = page.evaluate("() => lag")
+        (ARTIFACTS / "stream-20k.txt").write_text(f"answer {answer} chars, {wire} bytes received, max timer lag "
+                                                  f"{lag:.0f} ms\n")
+        assert 0 < lengths[0] < lengths[1] and answer > 100_000, (lengths, answer)
+        assert wire < 8 * answer, f"{wire} bytes on the websocket for a {answer}-character answer"
+
+        # Stop on a blocking stream
+        run(page, 3)
+        run(page, 4)
+        tokens = output(page, 4).locator(".dspex-field-text").first
+        wait_for(lambda: tokens.count() and tokens.inner_text(), "the first tokens")
+        output(page, 4).locator("button", has_text="Stop").click()
+        stopped = output(page, 4).locator(".dspex-run")
+        stopped.wait_for(timeout=30_000)
+        assert "cancelled" in stopped.inner_text(), stopped.inner_text()
+
+        # Stop on a blocking batch
+        run(page, 5)
+        run(page, 6)
+        bar = output(page, 6).locator(".progress .progress-bar")
+        wait_for(lambda: bar.evaluate("el => parseFloat(el.style.width) || 0") > 0, "the batch to make progress")
+        output(page, 6).screenshot(path=str(ARTIFACTS / "view-batch-live.png"))
+        output(page, 6).locator("button", has_text="Stop").click()
+        batch = output(page, 6).locator(".dspex-batch")
+        batch.wait_for(timeout=30_000)
+        summary = batch.inner_text()
+        assert summary.startswith("batch cancelled: 300 items") and ", 300 ok" not in summary, summary
+        output(page, 6).screenshot(path=str(ARTIFACTS / "view-batch-finished.png"))
+
+        # a two-step module: one group per step, each titled by its predictor
+        for cell in (7, 8, 9):
+            run(page, cell)
+        steps = output(page, 9).locator(".dspex-run")
+        steps.wait_for(timeout=60_000)
+        bold = steps.locator("b").all_inner_texts()
+        assert bold.count("topic") == 2 and bold.count("answer") == 2 and "reasoning" in bold, bold
+        output(page, 9).screenshot(path=str(ARTIFACTS / "view-two-steps.png"))
+
+        run(page, 10)
+        dashboard = output(page, 10)
+        dashboard.locator("caption", has_text="workers").wait_for(timeout=30_000)
+        assert {"calls done", "batch items", "memory"} <= set(dashboard.locator("th").all_inner_texts())
+        dashboard.screenshot(path=str(ARTIFACTS / "view-pool.png"))
+        run(page, 11)
+        dashboard.locator("caption", has_text="as last seen before the pool stopped").wait_for(timeout=30_000)
+        page.keyboard.press("Control+s")
+        wait_for(lambda: "dspex-run" in (lab.root / "views.ipynb").read_text(), "the notebook to be saved")
+        wanted = [steps.inner_text().splitlines()[-2], summary.splitlines()[0]]  # the two-step answer, the batch
+
+        # reload the page, then reopen the notebook on a new kernel: the answers are there, no widget errors
+        page.reload()
+        open_notebook(page, lab.url("views.ipynb", "views"))
+        shows_answers(page, wanted)
+        page.goto("about:blank")
+        restart_kernel(lab)
+        open_notebook(page, lab.url("views.ipynb", "views"))
+        shows_answers(page, wanted)
+
+        # the dark theme: the answers take the theme's text colour
+        page.locator(".lm-MenuBar-itemLabel", has_text="Settings").click()
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile("^Theme$")).hover()
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile("^JupyterLab Dark$")).click()
+        page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
+        page.locator("#jupyterlab-splash").wait_for(state="detached", timeout=30_000)
+        colour = page.locator(".dspex-run").last.evaluate("el => getComputedStyle(el).color")
+        assert luminance(colour) > 0.5, f"dark theme, dark text: {colour}"
+        page.screenshot(path=str(ARTIFACTS / "view-dark-theme.png"), full_page=True)
+
+    html_out = lab.root / "views.html"
+    subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", str(lab.root / "views.ipynb")], check=True,
+                   capture_output=True, timeout=120)
+    exported = html.unescape(html_out.read_text())
+    assert all(text in exported for text in wanted) and "<dspex stream" not in exported
+
+
+CELLS = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell"  # the open tab's (others may be restored)
+
+
+def open_notebook(page: Page, url: str) -> None:
+    page.goto(url)
+    page.wait_for_selector(CELLS, timeout=90_000)
+    page.locator(".jp-StatusBar-Widget", has_text="Python 3 (ipykernel) | Idle").wait_for(timeout=90_000)
+
+
+def run(page: Page, cell: int) -> None:
+    """Select cell ``cell`` by its prompt (command mode) and run it."""
+    page.locator(CELLS).nth(cell).locator(".jp-InputPrompt").click()
+    page.keyboard.press("Control+Enter")
+
+
+def output(page: Page, cell: int):
+    return page.locator(CELLS).nth(cell).locator(".jp-OutputArea")
+
+
+def wait_for(predicate, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
+def shows_answers(page: Page, wanted: list[str]) -> None:
+    outputs = page.locator(CELLS).locator(".jp-OutputArea")
+    for text in wanted:
+        outputs.filter(has_text=text).first.wait_for(timeout=30_000)
+    assert not outputs.filter(has_text="Error displaying widget").count()
+    assert not outputs.filter(has_text="<dspex stream:").count()
+
+
+def restart_kernel(lab: Lab) -> None:
+    """End the notebook's kernel (its widgets' models go with it); opening the notebook starts a new one."""
+    sessions = json.loads(urllib.request.urlopen(f"{lab.base}/api/sessions?token={lab.token}", timeout=10).read())
+    for session in sessions:
+        if session["path"].endswith("views.ipynb"):
+            request = urllib.request.Request(f"{lab.base}/api/sessions/{session['id']}?token={lab.token}",
+                                             method="DELETE")
+            urllib.request.urlopen(request, timeout=30).read()
+
+
+def luminance(css: str) -> float:
+    """0 (black) to 1 (white), from a computed "rgb(r, g, b)" colour."""
+    r, g, b = (int(v) for v in css[css.index("(") + 1: css.index(")")].split(",")[:3])
+    return (0.2126 * r + 0.7152 * g + 0.0722 * b) / 255

@@ -80,7 +80,7 @@ def test_status_and_config(sh: Shell) -> None:
     assert out.count(" ready ") == 2
     sh.pool.execute("echo", {"x": 1})
     out, _ = sh("%dspex status --stats")
-    assert "tool" in out and "exec p50" in out and "\necho " in out
+    assert "tool" in out and "time p50" in out and "\necho " in out
     out, _ = sh("%config Dspex.workers = 3\n%dspex config")
     assert "Dspex.workers = 3" in out and "pool 'default': <Pool 2 workers" in out
     sh("%config Dspex.workers = 2")

@@ -43,11 +43,13 @@ def test_iterator_form_yields_as_chunks_arrive(pool: Pool) -> None:
 def test_batch_inference_streams_one_item_per_input(pool: Pool) -> None:
     questions = [f"question {i}?" for i in range(30)]
     items: list[Chunk] = []
+    before = sum(row["items"] for row in pool.status())
     run = pool.execute_stream(
         "batch_inference",
         {"signature": "question -> answer", "batch_items": [{"question": q} for q in questions], "concurrency": 4},
         on_chunk=lambda c: items.append(c) if c.kind == "item" else None)
     result = run.result()
+    wait_until(lambda: sum(row["items"] for row in pool.status()) == before + 30, what="the items in the status")
     assert sorted(c["index"] for c in items) == list(range(30))
     assert result["ok"] == 30 and result["failed"] == 0
     assert [r["index"] for r in result["results"]] == list(range(30))
@@ -105,8 +107,14 @@ def test_least_busy_routing(pool: Pool) -> None:
         for _ in range(4):
             assert pool.execute("whoami")["worker"] != busy.worker
     finally:
+        before = {row["worker"]: row for row in pool.status()}[busy.worker]
+        failed_sleeps = pool.stats()["tools"].get("sleep", {}).get("errors", 0)
         busy.cancel()
     assert busy.wait(10) and busy.status == "cancelled"
+    after = wait_until(lambda: [r for r in pool.status() if r["worker"] == busy.worker and not r["in_flight"]],
+                       what="the cancelled call to be released")[0]
+    assert (after["cancelled"], after["errors"]) == (before["cancelled"] + 1, before["errors"])  # not an error
+    assert pool.stats()["tools"]["sleep"]["errors"] == failed_sleeps
 
 
 def test_session_pins_calls_to_one_worker(pool: Pool) -> None:
@@ -138,7 +146,7 @@ def test_status_reports_every_worker(pool: Pool) -> None:
     rows = pool.status()
     assert [r["worker"] for r in rows] == ["w0", "w1"]
     for row in rows:
-        assert set(row) >= {"pid", "state", "in_flight", "done", "errors", "restarts", "uptime"}
+        assert set(row) >= {"pid", "state", "in_flight", "done", "errors", "cancelled", "items", "restarts", "uptime"}
         assert row["state"] == "ready" and row["pid"] > 0
     assert sum(r["done"] for r in rows) > 0
 

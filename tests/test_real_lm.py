@@ -13,8 +13,10 @@ import pytest
 from openai_server import OpenAIServer
 
 from dspex_nb import Pool
+from dspex_nb.ui.progress import STATS_COLUMNS, StreamText, batch_summary, cost_text, stats_rows
 
-MODEL = "openai/test-model"
+MODEL = "openai/test-model"  # not in DSPy's price list: its calls have no cost
+PRICED = "openai/gpt-4o-mini"  # in DSPy's price list (the server answers under any model name)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,7 @@ def test_tokens_stream_per_field_and_usage_is_counted(server: OpenAIServer, lm_p
     assert result.get_lm_usage() == expected.get_lm_usage() and expected.get_lm_usage()[MODEL]["prompt_tokens"] > 0
     usage = expected.get_lm_usage()[MODEL]
     assert run.tokens == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert run.cost is None and "$" not in StreamText(run).summary()  # an unpriced model is not free
     assert lm_pool.stats()["tools"]["run_module"]["tokens_out"] >= usage["completion_tokens"]
 
 
@@ -96,3 +99,79 @@ def test_workers_share_the_users_dspy_cache_across_sessions(server: OpenAIServer
                 f"Demo LM answer to '{question}'")
     assert server.count(question) == 1  # the second session's call came from DSPy's cache on disk
     assert any(cache_dir.rglob("*")), f"nothing in {cache_dir}"
+
+
+def billed(lm: dspy.LM) -> float:
+    """The cost of an LM's calls by in-kernel DSPy's history (a cache hit keeps its cost, but bills no usage)."""
+    return sum(entry["cost"] for entry in lm.history if entry["usage"])
+
+
+def test_cost_where_dspy_prices_the_model(server: OpenAIServer, lm_pool: Pool,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "true")  # DSPy's bundled prices, as the workers use them
+    program = dspy.ChainOfThought("question -> answer")
+    questions = ["What does it cost?", "And this?", "And that?"]
+    before = lm_pool.stats()
+    lm_pool.configure_lm(PRICED, **settings(server))
+    try:
+        run = lm_pool.run_stream(program, question=questions[0])
+        run.result(60)
+        batch = lm_pool.map(program, questions[1:])
+        batch.result(60)
+    finally:
+        lm_pool.configure_lm(MODEL, **settings(server))
+    after = lm_pool.stats()
+    lm = dspy.LM(PRICED, **settings(server))
+    with dspy.context(lm=lm):
+        program(question=questions[0])
+        call_cost = billed(lm)
+        for question in questions[1:]:
+            program(question=question)
+    batch_cost = billed(lm) - call_cost
+    assert call_cost > 0 and run.cost == pytest.approx(call_cost)
+    assert batch.snapshot()["cost"] == pytest.approx(batch_cost)
+    assert after["cost"] - (before["cost"] or 0) == pytest.approx(call_cost + batch_cost)
+    assert after["tools"]["batch_inference"]["cost"] - (before["tools"].get("batch_inference", {}).get("cost") or 0) \
+        == pytest.approx(batch_cost)
+    assert StreamText(run).summary().endswith(f"out · {cost_text(run.cost)}")
+    assert f"out · {cost_text(batch.snapshot()['cost'])}" in batch_summary(batch.snapshot())
+    column = STATS_COLUMNS.index("cost")
+    assert cost_text(after["tools"]["run_module"]["cost"]) in {row[column] for row in stats_rows(after)}
+
+
+def test_a_cache_hit_costs_nothing(server: OpenAIServer, lm_pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "true")
+    program = dspy.Predict("question -> answer")
+    question = f"cached cost {os.getpid()}?"
+    lm_pool.configure_lm(PRICED, **settings(server, cache=True))
+    try:
+        first = lm_pool.run_stream(program, question=question)
+        first.result(60)
+        hit = lm_pool.run_stream(program, question=question)  # from DSPy's cache, which the workers share
+        hit.result(60)
+    finally:
+        lm_pool.configure_lm(MODEL, **settings(server))
+    lm = dspy.LM(PRICED, **settings(server))
+    with dspy.context(lm=lm):
+        program(question=question)
+    assert first.cost == pytest.approx(billed(lm)) and (hit.tokens, hit.cost) == ((0, 0), None)
+    assert server.count(question) == 2  # the worker's first call and the kernel's, not the cache hit
+
+    cached = dspy.LM(PRICED, **settings(server, cache=True))
+    with dspy.context(lm=cached):
+        program(question=f"{question} again")
+        program(question=f"{question} again")
+    billed_call, cache_hit = cached.history
+    assert cache_hit["cost"] == billed_call["cost"] > 0 and not cache_hit["usage"]  # what the workers rely on
+    assert billed(cached) == billed_call["cost"]
+
+
+def test_no_cost_is_shown_for_an_lm_that_reports_none(server: OpenAIServer, lm_pool: Pool) -> None:
+    lm_pool.configure_lm("demo")
+    try:
+        run = lm_pool.run_stream(dspy.Predict("question -> answer"), question="Is it free?")
+        run.result(60)
+    finally:
+        lm_pool.configure_lm(MODEL, **settings(server))
+    summary = StreamText(run).summary()
+    assert run.cost is None and "tokens in" in summary and "$" not in summary

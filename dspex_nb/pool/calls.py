@@ -168,6 +168,7 @@ class Run(Handle):
         self.chunks: list[Chunk] = []
         self.keep_chunks = keep_chunks
         self.dropped = 0  # chunks no longer in ``chunks`` (the oldest, beyond keep_chunks)
+        self.items = 0  # "item" chunks (batch items) received
         self._call = call
         self._timeout = timeout
         self._on_chunk = on_chunk
@@ -209,6 +210,7 @@ class Run(Handle):
         """Keep the chunks of one message (one lock, one wake-up); note the final result or error."""
         if self.first_chunk_at is None:
             self.first_chunk_at = time.monotonic()
+        self.items += sum(chunk.kind == "item" for chunk in chunks)
         last = chunks[-1]
         if last.kind == "final":
             self._final = last.data
@@ -245,6 +247,11 @@ class Run(Handle):
     def tokens(self) -> tuple[int, int]:
         """LM (prompt, completion) tokens the call used, once it has finished (0, 0 before, or without LM)."""
         return typed.tokens(self._final)
+
+    @property
+    def cost(self) -> float | None:
+        """USD cost of the call's LM calls, once it has finished; None where no LM reported one."""
+        return typed.cost(self._final)
 
     def result(self, timeout: float | None = None) -> Any:
         """The final result (the data of the ``final`` chunk); raises the call's error."""

@@ -329,12 +329,15 @@ class Pool(Supervision):
         """Calls waiting for a worker with room."""
         return self._queued
 
-    def _release(self, worker: Worker, ok: bool) -> None:
+    def _release(self, worker: Worker, outcome: str, items: int = 0) -> None:
+        """A call on ``worker`` ended: "done", "failed" or "cancelled" (by its caller: not an error)."""
         with self._lock:
             worker.in_flight -= 1
             worker.served += 1
-            worker.done += ok
-            worker.errors += not ok
+            worker.done += outcome == "done"
+            worker.errors += outcome == "failed"
+            worker.cancelled += outcome == "cancelled"
+            worker.items += items
             self._lock.notify_all()
 
     # -- calls --------------------------------------------------------------------------
@@ -355,7 +358,7 @@ class Pool(Supervision):
         queued, wall = time.monotonic(), time.time_ns()
         chosen = self._choose(worker, count=True, affinity=affinity, timeout=timeout)
         sent = time.monotonic()
-        ok, result = False, None
+        ok, result, outcome = False, None, "failed"
         try:
             try:
                 # A blocking call: gRPC turns Ctrl-C into KeyboardInterrupt and cancels the RPC.
@@ -365,13 +368,17 @@ class Pool(Supervision):
             except ValueError:  # its channel was closed: the worker is being replaced, or the pool shut down
                 raise self._gone(chosen) from None
             result = unary_result(reply, tool, chosen.id)
-            ok = True
+            ok, outcome = True, "done"
             return result
+        except KeyboardInterrupt:
+            outcome = "cancelled"
+            raise
         finally:
-            self._release(chosen, ok)
+            self._release(chosen, outcome)
             tokens_in, tokens_out = typed.tokens(result) if ok else (0, 0)
             self.telemetry.add(CallRecord(tool, chosen.id, ok, sent - queued, time.monotonic() - sent,
-                                          started_ns=wall, tokens_in=tokens_in, tokens_out=tokens_out))
+                                          started_ns=wall, tokens_in=tokens_in, tokens_out=tokens_out,
+                                          cost=typed.cost(result), cancelled=outcome == "cancelled"))
 
     def execute_stream(self, tool: str, args: dict[str, Any] | None = None, *,
                        on_chunk: Callable[[Chunk], Any] | None = None, timeout: float | None = None,
@@ -385,15 +392,15 @@ class Pool(Supervision):
         try:
             call = chosen.stub.ExecuteStream(request, timeout=_left(timeout, queued))
         except ValueError:  # its channel was closed: the worker is being replaced, or the pool shut down
-            self._release(chosen, False)
+            self._release(chosen, "failed")
             raise self._gone(chosen) from None
 
         def done(run: Run) -> None:
             ok = run.status == "done"
-            self._release(chosen, ok)
+            self._release(chosen, run.status, run.items)
             first = None if run.first_chunk_at is None else run.first_chunk_at - run.started
             self.telemetry.add(CallRecord(tool, chosen.id, ok, run.started - queued, run.elapsed, first,
-                                          run.received, wall, *run.tokens))
+                                          run.received, wall, *run.tokens, run.cost, run.status == "cancelled"))
 
         return Run(tool, chosen.id, call, timeout=timeout, on_chunk=on_chunk, worker_died=self._death_of(chosen),
                    on_done=done, keep_chunks=keep_chunks)

@@ -131,7 +131,8 @@ class Supervision:
         except Exception as exc:  # the health thread tries the slot again later
             self._failed(old, exc)
             return
-        new.restarts, new.recycles, new.done, new.errors = old.restarts, old.recycles, old.done, old.errors
+        for counter in ("restarts", "recycles", "done", "errors", "cancelled", "items"):
+            setattr(new, counter, getattr(old, counter))
         new.last_error = old.last_error
         with self._lock:
             if self._closing.is_set() or old not in self.workers:

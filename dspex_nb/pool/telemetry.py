@@ -1,4 +1,4 @@
-"""Per-call timings kept by the pool: queue wait, execution, time to first chunk, chunk count, LM tokens.
+"""Per-call timings kept by the pool: queue wait, execution, time to first chunk, chunk count, LM tokens and cost.
 
 ``Telemetry.summary()`` is what ``pool.stats()`` returns and the pool dashboard shows. With
 ``otel=True`` (extra ``otel``: opentelemetry-api) every call also becomes an OpenTelemetry span,
@@ -27,6 +27,8 @@ class CallRecord:
     started_ns: int = 0  # wall clock, for spans
     tokens_in: int = 0  # LM prompt tokens the call used (dspy.track_usage on the worker)
     tokens_out: int = 0  # LM completion tokens
+    cost: float | None = None  # USD cost of its LM calls, where an LM reported one
+    cancelled: bool = False  # by its caller: not ok, and not an error either
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -41,6 +43,7 @@ class Telemetry:
     def __init__(self, otel: bool = False) -> None:
         self._records: deque[CallRecord] = deque(maxlen=KEEP)
         self._totals: dict[str, list[int]] = {}  # tool -> [calls, errors, chunks, tokens in, out], pool's life
+        self._costs: dict[str, float] = {}  # tool -> USD cost, for the tools whose LM reported a cost
         self._lock = threading.Lock()
         self._tracer = _tracer() if otel else None
 
@@ -49,30 +52,34 @@ class Telemetry:
             self._records.append(record)
             totals = self._totals.setdefault(record.tool, [0, 0, 0, 0, 0])
             totals[0] += 1
-            totals[1] += not record.ok
+            totals[1] += not record.ok and not record.cancelled
             totals[2] += record.chunks
             totals[3] += record.tokens_in
             totals[4] += record.tokens_out
+            if record.cost is not None:
+                self._costs[record.tool] = self._costs.get(record.tool, 0.0) + record.cost
         if self._tracer is not None:
             self._span(record)
 
     def summary(self) -> dict[str, Any]:
-        """Per tool: calls, errors, chunks, LM tokens in and out (all time) and percentiles of the recent calls'
-        timings; and the totals."""
+        """Per tool: calls, errors, chunks, LM tokens in and out, LM cost (USD; None where no LM reported one)
+        (all time) and percentiles of the recent calls' timings; and the totals."""
         with self._lock:
             records = list(self._records)
             totals = {tool: list(t) for tool, t in self._totals.items()}
+            costs = dict(self._costs)
         tools = {}
         for tool, (calls, errors, chunks, tokens_in, tokens_out) in sorted(totals.items()):
             mine = [r for r in records if r.tool == tool]
             tools[tool] = {"calls": calls, "errors": errors, "chunks": chunks, "tokens_in": tokens_in,
-                           "tokens_out": tokens_out,
+                           "tokens_out": tokens_out, "cost": costs.get(tool),
                            "queue_wait": _percentiles([r.queue_wait for r in mine]),
                            "execution": _percentiles([r.duration for r in mine]),
                            "first_chunk": _percentiles([r.first_chunk for r in mine if r.first_chunk is not None])}
         return {"calls": sum(t["calls"] for t in tools.values()),
                 "tokens_in": sum(t["tokens_in"] for t in tools.values()),
-                "tokens_out": sum(t["tokens_out"] for t in tools.values()), "tools": tools}
+                "tokens_out": sum(t["tokens_out"] for t in tools.values()),
+                "cost": sum(costs.values()) if costs else None, "tools": tools}
 
     def _span(self, record: CallRecord) -> None:
         end_ns = record.started_ns + int((record.queue_wait + record.duration) * 1e9)

@@ -27,8 +27,10 @@ class Worker:
     generation: int = 0
     state: str = STARTING
     in_flight: int = 0
-    done: int = 0
-    errors: int = 0
+    done: int = 0  # calls that finished
+    errors: int = 0  # calls that failed
+    cancelled: int = 0  # calls cancelled by their caller (not errors)
+    items: int = 0  # batch items it returned (ok or failed)
     restarts: int = 0  # replaced after dying or hanging
     recycles: int = 0  # replaced on purpose (max_requests, ttl, max_memory_mb)
     served: int = 0  # calls this process finished
@@ -49,7 +51,8 @@ class Worker:
 
     def status(self) -> dict[str, Any]:
         return {"worker": self.id, "pid": self.process.pid, "state": self.state, "in_flight": self.in_flight,
-                "done": self.done, "errors": self.errors, "restarts": self.restarts, "recycles": self.recycles,
+                "done": self.done, "errors": self.errors, "cancelled": self.cancelled, "items": self.items,
+                "restarts": self.restarts, "recycles": self.recycles,
                 "rss_mb": round(self.rss / 2**20, 1),
                 "uptime": time.monotonic() - self.ready_at if self.state in (READY, DRAINING) else 0.0,
                 "last_error": self.last_error}

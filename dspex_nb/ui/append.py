@@ -10,6 +10,8 @@ most twice the text's size in all), which also repairs a view that missed messag
 
 from __future__ import annotations
 
+import uuid
+
 import anywidget
 import traitlets
 
@@ -76,8 +78,7 @@ class AppendText(anywidget.AnyWidget):
     seq = traitlets.Int(0).tag(sync=True)
 
     def __init__(self, label: str, style: str) -> None:
-        super().__init__(label=label, style=style)
-        self.key = self.model_id
+        super().__init__(key=uuid.uuid4().hex, label=label, style=style)  # the key is in the model from the start
         self.text = ""  # everything so far
         self._sent = 0  # messages sent
 

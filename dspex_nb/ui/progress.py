@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +59,8 @@ class StreamText:
         run = self.run
         state = {"running": "streaming", "done": "done", "failed": "failed", "cancelled": "cancelled"}[run.status]
         line = f"{state} · {run.tool} on {run.worker} · {self.tokens} tokens · {run.elapsed:.2f} s"
-        if any(run.tokens):
-            line += f" · LM {usage_text(*run.tokens)}"
+        if any(run.tokens) or run.cost is not None:  # dspy.Parallel's calls have a cost, not tokens
+            line += f" · LM {usage_text(*run.tokens, run.cost)}"
         if run.status == "failed":
             line += f" · {error_text(run.error)}"
         elif run.status == "running" and self.status:
@@ -102,14 +103,23 @@ def batch_line(snap: dict[str, Any]) -> str:
             f"{snap['elapsed']:.2f} s")
     if snap["status"] == "running" and snap["eta"]:
         line += f" · ETA {snap['eta']:.1f} s"
-    if snap["tokens_in"] or snap["tokens_out"]:
-        line += f" · {usage_text(snap['tokens_in'], snap['tokens_out'])}"
+    if snap["tokens_in"] or snap["tokens_out"] or snap.get("cost") is not None:
+        line += f" · {usage_text(snap['tokens_in'], snap['tokens_out'], snap.get('cost'))}"
     extras = recovery(snap)
     return f"{line} · {extras}" if extras else line
 
 
-def usage_text(tokens_in: int, tokens_out: int) -> str:
-    return f"{tokens_in:,} tokens in / {tokens_out:,} out"
+def usage_text(tokens_in: int, tokens_out: int, cost: float | None = None) -> str:
+    """LM tokens, and their cost where an LM reported one: "1,234 tokens in / 56 out · $0.0012"."""
+    text = f"{tokens_in:,} tokens in / {tokens_out:,} out"
+    return text if cost is None else f"{text} · {cost_text(cost)}"
+
+
+def cost_text(cost: float) -> str:
+    """US dollars: in cents from a cent up, else to two significant digits ($0.0012, $0.000026)."""
+    if cost >= 0.01 or cost <= 0:
+        return f"${cost:,.2f}"
+    return f"${cost:.{1 - math.floor(math.log10(cost))}f}"
 
 
 def recovery(snap: dict[str, Any]) -> str:
@@ -130,29 +140,47 @@ def batch_summary(snap: dict[str, Any]) -> str:
     where = f" on {workers} worker{'s' * (workers != 1)}" if workers else ""
     line = (f"batch {snap['status']}: {snap['total']} items, {snap['ok']} ok, {snap['failed']} failed"
             f"{where} in {snap['elapsed']:.2f} s")
-    if snap["tokens_in"] or snap["tokens_out"]:
-        line += f", {usage_text(snap['tokens_in'], snap['tokens_out'])}"
+    if snap["tokens_in"] or snap["tokens_out"] or snap.get("cost") is not None:
+        line += f", {usage_text(snap['tokens_in'], snap['tokens_out'], snap.get('cost'))}"
     extras = recovery(snap)
     return f"{line} ({extras})" if extras else line
 
 
-POOL_COLUMNS = ("worker", "pid", "state", "in_flight", "done", "errors", "restarts", "recycles", "rss_mb", "uptime")
+POOL_COLUMNS = ("worker", "pid", "state", "running", "calls done", "failed", "cancelled", "batch items", "restarts",
+                "recycles", "memory", "uptime")
 
 
 def pool_rows(status: list[dict[str, Any]]) -> list[list[str]]:
-    return [[str(row[c]) if c != "uptime" else f"{row[c]:.0f} s" for c in POOL_COLUMNS] for row in status]
+    """One row per worker of ``pool.status()``: calls (a batch shard is one call) and the batch items they
+    returned are counted apart; a call its caller cancelled is not a failure."""
+    return [[row["worker"], str(row["pid"]), row["state"], str(row["in_flight"]), str(row["done"]), str(row["errors"]),
+             str(row["cancelled"]), str(row["items"]), str(row["restarts"]), str(row["recycles"]),
+             f"{row['rss_mb']:.0f} MB", duration(row["uptime"]) if row["uptime"] else "-"] for row in status]
 
 
-STATS_COLUMNS = ("tool", "calls", "errors", "chunks", "tokens in", "tokens out", "queue p50", "exec p50", "exec p95",
-                 "1st chunk p50")
+def duration(seconds: float) -> str:
+    """A human duration: "850 ms", "12.3 s", "4 min 05 s", "2 h 03 min"."""
+    if seconds < 1:
+        return f"{seconds * 1e3:.0f} ms" if seconds >= 0.01 else f"{seconds * 1e3:.1f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+STATS_COLUMNS = ("tool", "calls", "failed", "chunks", "tokens in", "tokens out", "cost", "queue wait p50",
+                 "time p50", "time p95", "first chunk p50")
 
 
 def stats_rows(summary: dict[str, Any]) -> list[list[str]]:
     """One row per tool of ``pool.stats()``: counts and timings in milliseconds."""
     def ms(timing: dict[str, float], key: str) -> str:
-        return f"{timing[key]:.1f} ms" if timing else "-"
+        return duration(timing[key] / 1e3) if timing else "-"
 
     return [[tool, str(t["calls"]), str(t["errors"]), str(t["chunks"]), f"{t['tokens_in']:,}", f"{t['tokens_out']:,}",
+             "-" if t["cost"] is None else cost_text(t["cost"]),
              ms(t["queue_wait"], "p50_ms"),
              ms(t["execution"], "p50_ms"), ms(t["execution"], "p95_ms"), ms(t["first_chunk"], "p50_ms")]
             for tool, t in summary["tools"].items()]

@@ -32,11 +32,14 @@ def _set(widget: w.Widget, **values: Any) -> None:
                 setattr(widget, key, value)
 
 
-def _table(columns: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
+def _table(columns: tuple[str, ...] | list[str], rows: list[list[str]], title: str = "") -> str:
+    """A titled HTML table that scrolls sideways in a narrow window rather than clipping its columns."""
+    caption = f"<caption style='text-align:left;font-weight:bold'>{html.escape(title)}</caption>" if title else ""
     head = "".join(f"<th style='text-align:left;padding-right:1em'>{html.escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td style='padding-right:1em'>{html.escape(v)}</td>" for v in row) + "</tr>"
                    for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f"<div style='overflow-x:auto'><table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
+            "</table></div>")
 
 
 def stop_button(action: Callable[[], Any]) -> w.Button:
@@ -177,7 +180,7 @@ class BatchDashboard(View):
         self.workers = w.HTML()
         self.latest = w.HTML()
         self.errors = w.HTML()
-        self.error_box = w.Accordion(children=[self.errors], titles=("errors (0)",))
+        self.error_box = w.Accordion(children=[self.errors], titles=("errors (0)",), layout={"display": "none"})
         self.stop = stop_button(batch.cancel)
         self.root = w.VBox([w.HTML(f"<b>{html.escape(title)}</b>"), w.HBox([self.bar, self.stop]), self.counts,
                             self.workers, self.latest, self.error_box])
@@ -191,16 +194,18 @@ class BatchDashboard(View):
         warning = f"<br><b>warning:</b> {html.escape(snap['warning'])}" if snap["warning"] else ""
         _set(self.counts, value=html.escape(progress.batch_line(snap)) + warning)
         workers = sorted(set(snap["by_worker"]) | set(snap["active"]))
-        _set(self.workers, value=_table(["worker", "running", "done"], [
-            [wid, str(snap["active"].get(wid, 0)), str(snap["by_worker"].get(wid, 0))] for wid in workers]))
+        _set(self.workers, value=_table(["worker", "running shards", "items done"], [
+            [wid, str(snap["active"].get(wid, 0)), str(snap["by_worker"].get(wid, 0))] for wid in workers],
+            "per worker"))
         arrived = batch.arrived[:]
         latest = [batch.records[i] for i in arrived[-LATEST_ROWS:]]
-        _set(self.latest, value=_table(["#", "worker", "result"], [
-            [str(r["index"]), str(r.get("worker", "")), _short(r)] for r in reversed(latest) if r]))
+        _set(self.latest, value=_table(["item", "worker", "result"], [
+            [str(r["index"]), str(r.get("worker", "")), _short(r)] for r in reversed(latest) if r], "latest results"))
         failed = [r for i in arrived if (r := batch.records[i]) and not r["ok"]]
         _set(self.errors, value="<br>".join(f"#{r['index']}: {html.escape(progress.error_line(r))}"
                                             for r in failed[:200]))
         self.error_box.set_title(0, f"errors ({len(failed)})")
+        _set(self.error_box.layout, display="" if failed else "none")  # no "errors (0)"
         if done:
             _set(self.stop, disabled=True)
         return not done
@@ -242,7 +247,8 @@ def _short(record: dict[str, Any], width: int = 90) -> str:
 
 
 class PoolDashboard(View):
-    """Each worker's pid, state, in-flight, done, errors, restarts, uptime; refreshed while the pool runs."""
+    """Each worker's pid, state, calls and batch items, restarts, memory, uptime, and the calls by tool;
+    refreshed while the pool runs. When it stops, the last table seen stays, saying so."""
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -251,19 +257,27 @@ class PoolDashboard(View):
         self.table = w.HTML()
         self.stats = w.HTML()
         self.root = w.VBox([self.header, self.table, self.stats])
+        self.last_rows: list[list[str]] = []  # the workers as last seen running
 
     def refresh(self) -> bool:
         running = self.pool.running
         state = "running" if running else "stopped"
         _set(self.header, value=f"<b>pool</b> · {self.pool.size} workers · lm={html.escape(self.pool.lm)} · {state}")
-        _set(self.table, value=_table(progress.POOL_COLUMNS, progress.pool_rows(self.pool.status())))
+        if running:
+            self.last_rows = progress.pool_rows(self.pool.status())
+            _set(self.table, value=_table(progress.POOL_COLUMNS, self.last_rows, "workers"))
         rows = progress.stats_rows(self.pool.stats())
-        _set(self.stats, value=_table(progress.STATS_COLUMNS, rows) if rows else "")
+        _set(self.stats, value=_table(progress.STATS_COLUMNS, rows, "calls by tool") if rows else "")
         return running
 
     def static(self) -> dict[str, str]:
         rows = progress.stats_rows(self.pool.stats())
-        plain = f"pool: {self.pool.size} workers, lm={self.pool.lm}, stopped"
+        header = f"pool: {self.pool.size} workers, lm={self.pool.lm}, stopped"
+        parts, plain = [self.header.value], [header]
+        if self.last_rows:
+            parts.append(_table(progress.POOL_COLUMNS, self.last_rows, "workers, as last seen before the pool stopped"))
+            plain.append(progress.text_table(progress.POOL_COLUMNS, self.last_rows))
         if rows:
-            plain += "\n" + progress.text_table(progress.STATS_COLUMNS, rows)
-        return {"text/html": self.header.value + self.stats.value, "text/plain": plain}
+            parts.append(_table(progress.STATS_COLUMNS, rows, "calls by tool"))
+            plain.append(progress.text_table(progress.STATS_COLUMNS, rows))
+        return {"text/html": "".join(parts), "text/plain": "\n".join(plain)}

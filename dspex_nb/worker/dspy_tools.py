@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import dspy
 from dspy.streaming import StatusMessage, StreamListener, StreamResponse
+from dspy.utils.usage_tracker import UsageTracker
 
 from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError, Cancelled
@@ -85,9 +86,10 @@ def _check_inputs(tool_name: str, sig: type[dspy.Signature], inputs: Any, where:
     return inputs
 
 
-def output_json(output: Any, usage: dict[str, Any] | None = None) -> Any:
+def output_json(output: Any, usage: dict[str, Any] | None = None, cost: float | None = None) -> Any:
     """A program's output as typed JSON: a Prediction as its fields, anything else wrapped as an output;
-    with its LM usage (``typed.USAGE``) where it made LM calls."""
+    with its LM usage (``typed.USAGE``) where it made LM calls, and their cost (``typed.COST``) where an LM
+    reported one."""
     if isinstance(output, dspy.Prediction):  # its fields at the top (and all its completions where n > 1)
         encoded = typed.encode(output)
         result = dict(encoded["fields"])
@@ -97,7 +99,40 @@ def output_json(output: Any, usage: dict[str, Any] | None = None) -> Any:
         result = {typed.TAG: "output", "value": typed.encode(output)}
     if usage:
         result[typed.USAGE] = usage
+    if cost is not None:
+        result[typed.COST] = cost
     return result
+
+
+class _Costs:
+    """The cost of one call's LM calls, from DSPy's own history: DSPy appends the history entry of every LM
+    call to the ``history`` of each object in ``settings.caller_modules`` (the modules it runs in), and
+    this one, put there first, keeps only the sum of their costs (so it has no size limit to reach)."""
+
+    def __init__(self) -> None:
+        self.history = self
+        self.total: float | None = None  # None until an LM reports a cost (an unpriced model is not free)
+        self._lock = threading.Lock()  # dspy.Parallel's threads append at once
+
+    def __len__(self) -> int:
+        return 0  # never full: DSPy drops no entry
+
+    def append(self, entry: dict[str, Any]) -> None:
+        # A cache hit keeps the cost of the call that filled the cache, but nothing was billed: DSPy empties
+        # its usage (its usage tracker skips it), and so does this.
+        cost = entry.get("cost")
+        if isinstance(cost, (int, float)) and entry.get("usage"):
+            with self._lock:
+                self.total = (self.total or 0.0) + cost
+
+
+@contextlib.contextmanager
+def _tracked(settings: dict[str, Any]) -> Generator[tuple[UsageTracker, _Costs], None, None]:
+    """Run under ``settings``, counting the LM usage (``dspy.track_usage``) and the cost of the calls."""
+    costs = _Costs()
+    with dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]), \
+            dspy.track_usage() as usage:
+        yield usage, costs
 
 
 def _listeners(program: Any) -> list[StreamListener]:
@@ -173,7 +208,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[E
     """
     listeners = _listeners(program) if ctx.streaming else []
     final: Any = None
-    with dspy.context(**ctx.worker.dspy_settings()), dspy.track_usage() as usage:
+    with _tracked(ctx.worker.dspy_settings()) as (usage, costs):
         if listeners:
             always = _AlwaysPrediction(program)
             streamed = dspy.streamify(always, stream_listeners=listeners)
@@ -184,7 +219,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[E
             output = program(**inputs)
             values = _values_of(output)
             if values is None:
-                return output_json(output, usage.get_total_tokens())
+                return output_json(output, usage.get_total_tokens(), costs.total)
         for value in values:
             if isinstance(value, StreamResponse):
                 yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
@@ -193,7 +228,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[E
                 yield Emit("status", {"message": value.message})
             else:
                 final = value
-    return output_json(final.value if isinstance(final, _Boxed) else final, usage.get_total_tokens())
+    return output_json(final.value if isinstance(final, _Boxed) else final, usage.get_total_tokens(), costs.total)
 
 
 class _Boxed(dspy.Prediction):
@@ -399,9 +434,9 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         """One item. LM errors such as HTTP 429 are retried by dspy.LM itself (its ``num_retries``)."""
         if ctx.cancelled.is_set():  # a cancelled batch starts no further LM calls
             raise Cancelled("the batch was cancelled before this item started")
-        with dspy.context(**settings), dspy.track_usage() as usage:
+        with _tracked(settings) as (usage, costs):
             output = _run_to_end(make()(**inputs))
-        return output_json(output, usage.get_total_tokens())
+        return output_json(output, usage.get_total_tokens(), costs.total)
 
     results: list[dict[str, Any] | None] = [None] * len(items)
     with futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="item") as pool:
@@ -425,7 +460,10 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
                 fut.cancel()
     ok = sum(1 for r in results if r and r["ok"])
     total: dict[str, Any] = {}
+    cost: float | None = None
     for r in results:
         if r and r["ok"]:
             typed.add_usage(total, r["result"].get(typed.USAGE, {}))
-    return {"results": results, "ok": ok, "failed": len(items) - ok, typed.USAGE: total}
+            cost = typed.add_cost(cost, typed.cost(r["result"]))
+    return {"results": results, "ok": ok, "failed": len(items) - ok, typed.USAGE: total,
+            **({typed.COST: cost} if cost is not None else {})}

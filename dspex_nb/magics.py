@@ -276,7 +276,8 @@ class Dspex(Magics):
             self._start_pool(args.pool, self.workers, self.lm, self.python)
             return
         old.shutdown()
-        python = "" if old.python == sys.executable else old.python
+        python = getattr(old.backend, "python", sys.executable)
+        python = "" if python == sys.executable else python
         self._start_pool(args.pool, old.size, old.lm, python, old.definitions, old.lm_kwargs)
 
     def _status(self, args: argparse.Namespace) -> None:

@@ -39,7 +39,7 @@ def test_bad_calls_are_refused_before_they_are_sent(pool: Pool) -> None:
 def test_the_worker_checks_arguments_too(pool: Pool) -> None:
     from dspex_nb._proto import bridge_pb2
 
-    stub = pool.workers[0].stub  # a client that skips the pool's own check
+    stub = pool.workers[0].conn.stub  # a client that skips the pool's own check
     reply = stub.Execute(bridge_pb2.ExecuteRequest(tool="sleep", args_json=b'{"seconds": "soon"}'), timeout=10)
     assert reply.error.type == "ArgumentError"
     assert reply.error.message == "argument 'seconds' must be float, got str ('soon')"

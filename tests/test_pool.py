@@ -165,7 +165,7 @@ def test_worker_env_is_private_and_offline(pool: Pool) -> None:
     import os
     import stat
 
-    socket_dir = pool._dir
+    socket_dir = pool.backend.dir
     assert socket_dir is not None
     assert stat.S_IMODE(os.stat(socket_dir).st_mode) == 0o700
     assert pool.workers[0].process.address.startswith(f"unix:{socket_dir}/")

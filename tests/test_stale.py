@@ -17,7 +17,8 @@ CHILD = """
 import json, sys
 from dspex_nb import Pool
 pool = Pool(workers=2, start="spawn").start()  # with a template, the template itself ends a wedged worker
-print(json.dumps({"pids": [r["pid"] for r in pool.status()], "dir": str(pool._dir), "run": pool.run_id}), flush=True)
+pids = [r["pid"] for r in pool.status()]
+print(json.dumps({"pids": pids, "dir": str(pool.backend.dir), "run": pool.run_id}), flush=True)
 sys.stdin.read()
 """
 
@@ -39,8 +40,8 @@ def test_a_new_pool_ends_what_a_dead_pool_left(pool: Pool) -> None:
             assert {"dir": dead["dir"], "run_id": dead["run"], "killed": [wedged]} in fresh.cleaned
             wait_until(lambda: not pid_alive(wedged), what="the wedged worker to be killed")
             assert not Path(dead["dir"]).exists()
-            assert all(c["dir"] != str(pool._dir) for c in fresh.cleaned)  # a live pool is left alone
-            assert all(pid_alive(p) for p in live) and pool._dir.exists()
+            assert all(c["dir"] != str(pool.backend.dir) for c in fresh.cleaned)  # a live pool is left alone
+            assert all(pid_alive(p) for p in live) and pool.backend.dir.exists()
             assert pool.execute("echo", {"ok": 1}) == {"ok": 1}
     finally:
         child.kill()

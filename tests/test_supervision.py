@@ -176,7 +176,7 @@ CHILD = """
 import json, sys
 from dspex_nb import Pool
 pool = Pool(workers=2).start()
-print(json.dumps({"pids": [row["pid"] for row in pool.status()], "dir": str(pool._dir)}), flush=True)
+print(json.dumps({"pids": [row["pid"] for row in pool.status()], "dir": str(pool.backend.dir)}), flush=True)
 sys.stdin.read()
 """
 
@@ -200,11 +200,11 @@ def test_sigkill_of_the_pool_owner_leaves_no_worker() -> None:
 
 def test_a_slot_that_fails_to_restart_is_tried_again() -> None:
     with Pool(workers=1, health_interval=0.1, journal=False, start="spawn") as p:
-        python, p.python = p.python, "/no/such/python"  # the next start of a worker fails
+        python, p.backend.python = p.backend.python, "/no/such/python"  # the next start of a worker fails
         p.kill_worker("w0", signal.SIGKILL)
         row = wait_until(lambda: p.status()[0]["state"] == "failed" and p.status()[0], what="the restart to fail")
         assert "could not be restarted" in row["last_error"] and "/no/such/python" in row["last_error"]
-        p.python = python
+        p.backend.python = python
         wait_until(lambda: p.status()[0]["state"] == "ready", timeout=30, what="the slot to be tried again")
         assert p.execute("echo", {"back": True}) == {"back": True}
 
@@ -229,14 +229,14 @@ def test_lm_settings_stay_off_the_command_line() -> None:
 
 def test_a_killed_template_takes_its_workers_and_is_replaced() -> None:
     with Pool(workers=2, health_interval=0.1, journal=False, start="template") as p:
-        template = p._template.proc.pid
+        template = p.backend.template.proc.pid
         workers = [r["pid"] for r in p.status()]
         assert all(os.getsid(w) == w for w in workers)  # forked, yet each in its own session
         os.kill(template, signal.SIGKILL)
         wait_until(lambda: not any(pid_alive(w) for w in workers), what="the forked workers to exit with it")
         wait_until(lambda: [r["state"] for r in p.status()] == ["ready", "ready"] and
                    all(r["restarts"] == 1 for r in p.status()), timeout=30, what="both workers to be replaced")
-        assert p._template.proc.pid != template
+        assert p.backend.template.proc.pid != template
         assert p.execute("predict", {"signature": "q -> a", "inputs": "again"})["a"].startswith("Demo LM answer")
 
 
@@ -273,7 +273,7 @@ def test_concurrent_restarts_keep_one_template_and_the_right_pids() -> None:
                                             for row in p.status()), timeout=30, what="all four to be replaced")
             for row in p.status():  # each slot supervises the process that answers for it
                 assert p.execute("whoami", worker=row["worker"])["pid"] == row["pid"]
-        os.kill(p._template.proc.pid, signal.SIGKILL)
+        os.kill(p.backend.template.proc.pid, signal.SIGKILL)
         wait_until(lambda: all(row["state"] == "ready" and row["restarts"] == 4 for row in p.status()),
                    timeout=30, what="all four to be replaced after the template died")
-        assert templates(p.run_id) == [p._template.proc.pid]  # one new template, not one per slot
+        assert templates(p.run_id) == [p.backend.template.proc.pid]  # one new template, not one per slot

@@ -1,9 +1,8 @@
-"""One call on one worker, seen from the kernel: ``Chunk``, the streaming ``Run`` handle,
-and the translation of gRPC failures into dspex_nb errors.
+"""One call on one worker, seen from the kernel: ``Chunk`` and the streaming ``Run`` handle.
 
-A Run reads its gRPC stream in a background thread and keeps every chunk, so it can be
-iterated (even several times), awaited with ``result()`` and cancelled at any point;
-blocking waits happen in short slices so Ctrl-C cancels the remote work.
+A Run reads its chunk source (a transport's stream: see ``connection.ChunkSource``) in a background
+thread and keeps every chunk, so it can be iterated (even several times), awaited with ``result()``
+and cancelled at any point; blocking waits happen in short slices so Ctrl-C cancels the remote work.
 """
 
 from __future__ import annotations
@@ -13,14 +12,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
-
-import grpc
+from typing import TYPE_CHECKING, Any
 
 from dspex_nb import typed
 from dspex_nb.errors import (
     ArgumentError,
-    CallTimeout,
     Cancelled,
     DspexError,
     MessageTooLarge,
@@ -28,6 +24,9 @@ from dspex_nb.errors import (
     ToolError,
     remote_error,
 )
+
+if TYPE_CHECKING:
+    from dspex_nb.pool.connection import ChunkSource
 
 WAIT_SLICE = 0.1  # seconds a blocking wait sleeps before it lets KeyboardInterrupt through
 
@@ -68,22 +67,6 @@ def encode_args(tool: str, args: dict[str, Any] | None, limit: int) -> bytes:
         raise MessageTooLarge(f"the arguments of '{tool}' are {len(data) / 2**20:.1f} MiB, over the "
                               f"{limit / 2**20:.0f} MiB message limit; raise it with Pool(max_message_mb=...)")
     return data
-
-
-def translate(err: grpc.RpcError, tool: str, timeout: float | None,
-              worker_died: Callable[[], DspexError | None]) -> DspexError:
-    """The dspex_nb error for a failed gRPC call (``worker_died`` says whether its worker is gone)."""
-    code = err.code()
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return CallTimeout(f"tool '{tool}' did not finish within its timeout of {timeout} s; "
-                           "the remote work was cancelled")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return MessageTooLarge(f"a message of '{tool}' is over the gRPC size limit ({err.details()}); "
-                               "raise it with Pool(max_message_mb=...)")
-    died = worker_died()
-    if died is not None:
-        return died
-    return DspexError(f"tool '{tool}': gRPC error {code.name}: {err.details()}")
 
 
 def wait_interruptibly(event: threading.Event, timeout: float | None, on_interrupt: Callable[[], None]) -> bool:
@@ -158,10 +141,8 @@ class Run(Handle):
     long a stream runs; ``received`` counts every chunk, and ``read(since)`` / iteration go by that count.
     """
 
-    def __init__(self, tool: str, worker: str, call: Any, *, timeout: float | None,
-                 on_chunk: Callable[[Chunk], Any] | None,
-                 worker_died: Callable[[], DspexError | None], on_done: Callable[[Run], None],
-                 keep_chunks: int | None = KEEP_CHUNKS) -> None:
+    def __init__(self, tool: str, worker: str, source: ChunkSource, *, on_chunk: Callable[[Chunk], Any] | None,
+                 on_done: Callable[[Run], None], keep_chunks: int | None = KEEP_CHUNKS) -> None:
         super().__init__()
         self.tool = tool
         self.worker = worker
@@ -169,10 +150,8 @@ class Run(Handle):
         self.keep_chunks = keep_chunks
         self.dropped = 0  # chunks no longer in ``chunks`` (the oldest, beyond keep_chunks)
         self.items = 0  # "item" chunks (batch items) received
-        self._call = call
-        self._timeout = timeout
+        self._source = source  # the transport's chunks (a gRPC stream, a Ray generator), errors translated
         self._on_chunk = on_chunk
-        self._worker_died = worker_died
         self._on_done = on_done
         self._final: Any = None
         self.decode: Callable[[Any], Any] | None = None  # turns the final result into the caller's value
@@ -183,22 +162,21 @@ class Run(Handle):
     # -- reader thread ---------------------------------------------------------------
     def _read(self) -> None:
         try:
-            for message in self._call:
-                chunks = [Chunk(c.kind, c.seq, json.loads(c.data_json), c.is_final) for c in message.chunks]
+            for chunks in self._source:
                 self._add(chunks)
                 for chunk in chunks if self._on_chunk is not None else ():
                     if self._cancelled:
                         break
                     if self._on_chunk(chunk) is False:
                         self.cancel()
-        except grpc.RpcError as err:
+        except DspexError as err:  # the transport failed (the worker died, a timeout...)
             if not self._cancelled:
-                self._error = translate(err, self.tool, self._timeout, self._worker_died)
+                self._error = err
         except StopStream:
             self.cancel()
         except Exception as exc:  # the on_chunk callback failed: stop the remote work, keep its error
             self._error = exc
-            self._call.cancel()
+            self._source.cancel()
         finally:
             self.finished = time.monotonic()
             with self._cond:
@@ -241,7 +219,7 @@ class Run(Handle):
         """Cancel the call; the worker stops the tool (no further LM calls for it)."""
         if not self.done:
             self._cancelled = True
-            self._call.cancel()
+            self._source.cancel()
 
     @property
     def tokens(self) -> tuple[int, int]:
@@ -285,12 +263,4 @@ class Run(Handle):
         return f"<Run {self.tool!r} on {self.worker}: {self.status}, {self.received} chunks>"
 
 
-def unary_result(reply: Any, tool: str, worker: str) -> Any:
-    """The decoded result of an ExecuteReply, or its ToolError raised."""
-    if reply.HasField("error"):
-        e = reply.error
-        raise remote_error(tool, e.type, e.message, e.traceback, worker)
-    return json.loads(reply.result_json)
-
-
-__all__ = ["Chunk", "Run", "ToolError", "encode_args", "translate", "unary_result", "wait_interruptibly"]
+__all__ = ["Chunk", "Run", "ToolError", "encode_args", "wait_interruptibly"]

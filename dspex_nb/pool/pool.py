@@ -11,10 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
-import json
-import shutil
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -24,10 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from dspex_nb import programs, redact, typed
-from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.batch import BatchRun
 from dspex_nb.errors import (
     DspexError,
@@ -39,22 +33,20 @@ from dspex_nb.errors import (
     WorkerStartError,
 )
 from dspex_nb.journal import Journal
-from dspex_nb.pool import settings, stale
-from dspex_nb.pool.calls import KEEP_CHUNKS, Chunk, Run, encode_args, translate, unary_result
-from dspex_nb.pool.process import ProcessHandle, WorkerProcess, interpreter, worker_env
+from dspex_nb.pool import settings
+from dspex_nb.pool.calls import KEEP_CHUNKS, Chunk, Run, encode_args
+from dspex_nb.pool.connection import Backend, ConnectionClosed, WorkerSpec
+from dspex_nb.pool.local import LocalBackend
 from dspex_nb.pool.session import Session
 from dspex_nb.pool.supervision import Supervision
 from dspex_nb.pool.telemetry import CallRecord, Telemetry
-from dspex_nb.pool.template import FORK_TIMEOUT, Template
 from dspex_nb.pool.worker import READY, STOPPED, Worker
 from dspex_nb.schema import validate
-from dspex_nb.wire import LM_KWARGS_ENV, health_address
 
 AFFINITIES = ("hint", "strict_queue", "strict_fail_fast")
 START_METHODS = ("spawn", "template")  # a new interpreter per worker, or forks of one that imported dspy
 DEFAULT_START = "template" if sys.platform == "linux" else "spawn"
-RECONNECT = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
-             ("grpc.max_reconnect_backoff_ms", 500)]  # a replaced worker's socket is back within ms
+BACKENDS = ("local", "ray")
 
 
 class Pool(Supervision):
@@ -72,7 +64,8 @@ class Pool(Supervision):
                  journal: Journal | str | Path | bool = True, otel: bool = False, max_in_flight: int = 8,
                  max_queue: int = 1000, queue_timeout: float = 60.0, session_ttl: float = 3600.0,
                  max_requests: int | None = None, ttl: float | None = None,
-                 max_memory_mb: float | None = None, start: str = DEFAULT_START) -> None:
+                 max_memory_mb: float | None = None, start: str = DEFAULT_START, backend: str = "local",
+                 address: str | None = None, resources: dict[str, float] | None = None) -> None:
         check = settings.Checker("Pool")
         check.integer("workers", workers, 1)
         check.integer("max_message_mb", max_message_mb, 1, 2047)  # gRPC's limit is a signed 32-bit byte count
@@ -88,6 +81,8 @@ class Pool(Supervision):
         check.positive("rate_limit", rate_limit, "LM requests per minute")
         check.positive("max_memory_mb", max_memory_mb, "MB")
         check.choice("start", start, START_METHODS)
+        check.choice("backend", backend, BACKENDS)
+        check.mapping("resources", resources)
         check.mapping("lm_kwargs", lm_kwargs)
         check.mapping("env", env, values=str)
         if not isinstance(lm, str) or not lm:
@@ -96,7 +91,6 @@ class Pool(Supervision):
         self.lm = lm
         self.lm_kwargs = dict(lm_kwargs or {})
         redact.register(self.lm_kwargs)  # an api_key given here is masked wherever it shows up
-        self.python = interpreter(python)
         self.max_message_bytes = max_message_mb * 2**20
         self.health_interval = health_interval
         self.ping_timeout = ping_timeout
@@ -114,19 +108,21 @@ class Pool(Supervision):
         self.max_requests = max_requests
         self.ttl = ttl
         self.max_memory_mb = max_memory_mb
-        self.start_method = start
-        self._template: Template | None = None
-        self._spawn_lock = threading.RLock()
+        self.backend: Backend
+        if backend == "ray":
+            from dspex_nb.pool.ray_backend import RayBackend  # the ray extra, imported only when asked for
+
+            self.backend = RayBackend(address, resources, env)
+        else:
+            self.backend = LocalBackend(python, start, env)
         self._queued = 0
         self._restarting: list[threading.Thread] = []  # restart threads, joined by shutdown()
-        self._spawned: list[int] = []  # pids of this pool's live workers (for stale cleanup by a later pool)
         self.cleaned: list[dict[str, Any]] = []  # what stale cleanup did when this pool started
         self.run_id = uuid.uuid4().hex[:12]
         self.schemas: dict[str, dict[str, Any]] = {}  # tool name -> argument schema, from Describe at start
         self.definitions: dict[str, dict[str, Any]] = {}  # name -> source, kind, inputs; replayed on new workers
         self._shipped: dict[int, tuple[Any, str]] = {}  # id(program) -> (a weak reference to it, its shipped name)
         self.workers: list[Worker] = []
-        self._dir: Path | None = None
         self._lock = threading.Condition()
         self._closing = threading.Event()
         self._monitor: threading.Thread | None = None
@@ -138,16 +134,15 @@ class Pool(Supervision):
         if self.workers:
             return self
         self._closing.clear()
-        self.cleaned = stale.cleanup()
-        self._dir = Path(tempfile.mkdtemp(prefix=stale.PREFIX, dir=stale.runtime_dir()))  # mode 0700
-        self._record_owner()  # at once: a start killed midway leaves a directory stale cleanup can claim
         try:
+            self.cleaned = self.backend.open()
             self.workers = [self._spawn(f"w{i}", 0) for i in range(self.size)]
             deadline = time.monotonic() + self.start_timeout
             for worker in self.workers:
                 self._wait_ready(worker, deadline)
-            described = self.workers[0].stub.Describe(bridge_pb2.DescribeRequest(), timeout=self.start_timeout)
-            self.schemas = {t["name"]: t for t in json.loads(described.json)["tools"]}
+            first = self.workers[0]
+            described = first.conn.describe(self.start_timeout, self._death_of(first))
+            self.schemas = {t["name"]: t for t in described["tools"]}
         except BaseException:
             self.shutdown()
             raise
@@ -171,12 +166,7 @@ class Pool(Supervision):
             worker.close()
         for worker in workers:
             worker.process.kill()
-        if self._template is not None:
-            self._template.close()
-            self._template = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self.backend.close()
         if self._journal is not None and self._journal_setting is not self._journal:
             self._journal.close()
             self._journal = None
@@ -193,68 +183,20 @@ class Pool(Supervision):
         return bool(self.workers) and not self._closing.is_set()
 
     def _spawn(self, worker_id: str, generation: int) -> Worker:
-        assert self._dir is not None
-        address = f"unix:{self._dir}/{worker_id}-{generation}.sock"
-        args = ["--worker-id", worker_id, "--run-id", self.run_id, "--lm", self.lm,
-                "--max-message-mb", str(self.max_message_bytes // 2**20)]
-        args += ["--session-ttl", str(self.session_ttl)]
-        if self.rate_limit:
-            args += ["--rate-limit", str(self.rate_limit / self.size)]  # the pool's limit, split evenly
-        process = self._start_process(address, args, self._dir / f"{worker_id}-{generation}.log")
-        limit = self.max_message_bytes
-        channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit), *RECONNECT])
-        health = grpc.insecure_channel(health_address(address), options=RECONNECT)
-        return Worker(worker_id, process, channel, bridge_pb2_grpc.BridgeStub(channel), health, generation)
-
-    def _start_process(self, address: str, args: list[str], log_path: Path) -> ProcessHandle:
-        """A worker process, forked by the template or spawned, and recorded in pool.json."""
-        assert self._dir is not None
-        env = worker_env(self.env)
-        lm_env = {LM_KWARGS_ENV: json.dumps(self.lm_kwargs)}  # not on argv: it may hold an API key
-        if self.start_method == "template":
-            with self._spawn_lock:  # restarts run in parallel threads: one template for all of them
-                if self._template is None or not self._template.alive:
-                    if self._template is not None:
-                        self._template.close()
-                    self._template = Template(self.python, env, self._dir / "template.log", self.run_id,
-                                              fork_timeout=min(FORK_TIMEOUT, self.start_timeout))
-                    self._record_owner(self._template.proc.pid)
-                template = self._template
-            process: ProcessHandle = template.spawn(["--address", address, *args], lm_env, log_path, address)
-        else:
-            process = WorkerProcess(self.python, address, log_path, {**env, **lm_env}, args)
-        try:
-            self._record_owner(process.pid)
-        except BaseException:
-            process.kill(grace=0)  # a worker nobody supervises must not serve the slot
-            raise
-        return process
-
-    def _record_owner(self, pid: int | None = None) -> None:
-        """Keep pool.json current (for a later pool's stale cleanup): this owner, its live children."""
-        assert self._dir is not None
-        with self._spawn_lock:
-            self._spawned = [p for p in self._spawned if stale.start_time(p)] + ([pid] if pid else [])
-            stale.write_owner(self._dir, self.run_id, self._spawned)
+        spec = WorkerSpec(self.run_id, self.lm, self.lm_kwargs, self.max_message_bytes, self.session_ttl,
+                          self.rate_limit / self.size if self.rate_limit else None,  # the pool's limit, split evenly
+                          self.start_timeout, dict(self.env or {}))
+        return Worker(worker_id, self.backend.spawn(worker_id, generation, spec), generation)
 
     def _wait_ready(self, worker: Worker, deadline: float) -> None:
-        socket_path = Path(worker.process.address.removeprefix("unix:"))
-        while True:
+        while not worker.conn.ready():
             if worker.process.exit_code() is not None:
                 raise worker.process.start_failure(worker.id)
             if time.monotonic() > deadline:
                 raise WorkerStartError(
                     f"worker {worker.id} (pid {worker.process.pid}) was not ready within "
                     f"{self.start_timeout} s (Pool(start_timeout=...)); its output:\n{worker.process.log_tail()}")
-            if socket_path.exists():
-                try:
-                    worker.stub.Ping(bridge_pb2.PingRequest(), timeout=0.5, wait_for_ready=True)
-                    break
-                except grpc.RpcError:
-                    pass
-            else:
-                time.sleep(0.01)
+            time.sleep(0.01)
         for definition in list(self.definitions.values()):
             self._define_on(worker, definition)
         with self._lock:
@@ -262,8 +204,9 @@ class Pool(Supervision):
             self._lock.notify_all()
 
     def _define_on(self, worker: Worker, definition: dict[str, Any]) -> dict[str, Any]:
-        request = self._request(definition["tool"], definition["args"], "")
-        return unary_result(worker.stub.Execute(request, timeout=self.start_timeout), definition["tool"], worker.id)
+        tool = definition["tool"]
+        return worker.conn.execute(tool, self._args_json(tool, definition["args"]), "", self.start_timeout, 0.0,
+                                   self._death_of(worker))
 
     # -- routing ------------------------------------------------------------------------
     def _choose(self, worker_id: str | None, count: bool, affinity: str = "strict_queue",
@@ -341,33 +284,29 @@ class Pool(Supervision):
             self._lock.notify_all()
 
     # -- calls --------------------------------------------------------------------------
-    def _request(self, tool: str, args: dict[str, Any] | None, session_id: str) -> bridge_pb2.ExecuteRequest:
-        """The request for a call, checked against the tool's schema before anything is sent."""
+    def _args_json(self, tool: str, args: dict[str, Any] | None) -> bytes:
+        """A call's arguments as JSON, checked against the tool's schema before anything is sent."""
         if self.schemas and tool not in self.schemas:
             raise UnknownTool(tool, "UnknownTool",
                               f"no tool named {tool!r}; available tools: {', '.join(sorted(self.schemas))}")
         if tool in self.schemas:
             validate(self.schemas[tool], {} if args is None else args)
-        return bridge_pb2.ExecuteRequest(tool=tool, args_json=encode_args(tool, args, self.max_message_bytes),
-                                         session_id=session_id)
+        return encode_args(tool, args, self.max_message_bytes)
 
     def execute(self, tool: str, args: dict[str, Any] | None = None, *, timeout: float | None = None,
                 worker: str | None = None, session_id: str = "", affinity: str = "strict_queue") -> Any:
         """Run ``tool`` on a worker and return its result; Ctrl-C cancels the remote work."""
-        request = self._request(tool, args, session_id)
+        args_json = self._args_json(tool, args)
         queued, wall = time.monotonic(), time.time_ns()
         chosen = self._choose(worker, count=True, affinity=affinity, timeout=timeout)
         sent = time.monotonic()
         ok, result, outcome = False, None, "failed"
         try:
-            try:
-                # A blocking call: gRPC turns Ctrl-C into KeyboardInterrupt and cancels the RPC.
-                reply = chosen.stub.Execute(request, timeout=_left(timeout, queued))
-            except grpc.RpcError as err:
-                raise translate(err, tool, timeout, self._death_of(chosen)) from None
-            except ValueError:  # its channel was closed: the worker is being replaced, or the pool shut down
+            try:  # Ctrl-C during the call cancels the remote work
+                result = chosen.conn.execute(tool, args_json, session_id, timeout, time.monotonic() - queued,
+                                             self._death_of(chosen))
+            except ConnectionClosed:  # the worker is being replaced, or the pool shut down
                 raise self._gone(chosen) from None
-            result = unary_result(reply, tool, chosen.id)
             ok, outcome = True, "done"
             return result
         except KeyboardInterrupt:
@@ -386,12 +325,13 @@ class Pool(Supervision):
                        keep_chunks: int | None = KEEP_CHUNKS) -> Run:
         """Start ``tool`` as a stream and return its ``Run`` at once; chunks arrive in order. The Run keeps
         the latest ``keep_chunks`` chunks (None: every one)."""
-        request = self._request(tool, args, session_id)
+        args_json = self._args_json(tool, args)
         queued, wall = time.monotonic(), time.time_ns()
         chosen = self._choose(worker, count=True, affinity=affinity, timeout=timeout)
         try:
-            call = chosen.stub.ExecuteStream(request, timeout=_left(timeout, queued))
-        except ValueError:  # its channel was closed: the worker is being replaced, or the pool shut down
+            source = chosen.conn.stream(tool, args_json, session_id, timeout, time.monotonic() - queued,
+                                        self._death_of(chosen))
+        except ConnectionClosed:  # the worker is being replaced, or the pool shut down
             self._release(chosen, "failed")
             raise self._gone(chosen) from None
 
@@ -402,8 +342,7 @@ class Pool(Supervision):
             self.telemetry.add(CallRecord(tool, chosen.id, ok, run.started - queued, run.elapsed, first,
                                           run.received, wall, *run.tokens, run.cost, run.status == "cancelled"))
 
-        return Run(tool, chosen.id, call, timeout=timeout, on_chunk=on_chunk, worker_died=self._death_of(chosen),
-                   on_done=done, keep_chunks=keep_chunks)
+        return Run(tool, chosen.id, source, on_chunk=on_chunk, on_done=done, keep_chunks=keep_chunks)
 
     def define(self, name: str, program: Any) -> dict[str, Any]:
         """Define a DSPy program on every worker, now and on any started later; returns its kind and inputs.
@@ -594,12 +533,9 @@ class Pool(Supervision):
         """A worker's self-description: tools with argument schemas, versions, LM, counters."""
         chosen = self._choose(worker, count=False)
         try:
-            reply = chosen.stub.Describe(bridge_pb2.DescribeRequest(), timeout=self.ping_timeout)
-        except grpc.RpcError as err:
-            raise translate(err, "Describe", self.ping_timeout, self._death_of(chosen)) from None
-        except ValueError:
+            return chosen.conn.describe(self.ping_timeout, self._death_of(chosen))
+        except ConnectionClosed:
             raise self._gone(chosen) from None
-        return json.loads(reply.json)
 
     def tools(self) -> list[dict[str, Any]]:
         return self.describe()["tools"]
@@ -625,11 +561,6 @@ class Pool(Supervision):
     def __repr__(self) -> str:
         states = ", ".join(f"{w.id}:{w.state}" for w in self.workers) or "not running"
         return f"<Pool {self.size} workers, lm={self.lm!r}: {states}>"
-
-
-def _left(timeout: float | None, since: float) -> float | None:
-    """What is left of a call's ``timeout`` after waiting in the queue since ``since``."""
-    return None if timeout is None else max(0.001, timeout - (time.monotonic() - since))
 
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()

@@ -5,16 +5,15 @@ workers, lock and settings, and its ``_spawn`` / ``_wait_ready``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import grpc
-
-from dspex_nb._proto import bridge_pb2
 from dspex_nb.errors import DspexError, PoolClosed, WorkerDied
+from dspex_nb.pool.connection import ConnectionClosed
 from dspex_nb.pool.process import describe_exit
 from dspex_nb.pool.worker import DRAINING, FAILED, READY, RESTARTING, Worker
 
@@ -50,13 +49,14 @@ class Supervision:
             if code is not None:
                 self._replace(worker, f"died ({describe_exit(code)})", expected=worker.state)
             else:
-                pings.append((worker, worker.health.Ping.future(bridge_pb2.PingRequest(), timeout=self.ping_timeout)))
+                with contextlib.suppress(ConnectionClosed):  # replaced meanwhile
+                    pings.append((worker, worker.conn.ping(self.ping_timeout)))
         for worker, ping in pings:
             try:
-                worker.rss = ping.result().rss_bytes
+                worker.rss = ping.result()
                 worker.start_rss = worker.start_rss or worker.rss
                 worker.failed_pings = 0
-            except (grpc.RpcError, ValueError):  # ValueError: its channel was closed meanwhile
+            except ConnectionClosed:
                 worker.failed_pings += 1
                 if worker.failed_pings >= HUNG_AFTER_FAILED_PINGS:
                     self._replace(worker, f"stopped answering pings ({worker.failed_pings} missed)",
@@ -97,9 +97,9 @@ class Supervision:
         if worker is None or worker.state != READY:
             return False
         try:
-            worker.health.Ping(bridge_pb2.PingRequest(), timeout=self.ping_timeout)
+            worker.conn.ping(self.ping_timeout).result()
             return True
-        except grpc.RpcError:
+        except ConnectionClosed:
             self._replace(worker, f"did not answer a ping after {why}")
             return False
 

@@ -1,4 +1,4 @@
-"""One slot of a pool: its current worker process, gRPC channel, state and counters."""
+"""One slot of a pool: its current worker (reached through its backend's ``Connection``), state and counters."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
-from dspex_nb._proto import bridge_pb2_grpc
+from dspex_nb.pool.connection import Connection
 from dspex_nb.pool.process import ProcessHandle
 
 STARTING, READY, DRAINING, RESTARTING, FAILED, STOPPED = (
@@ -17,13 +15,10 @@ STARTING, READY, DRAINING, RESTARTING, FAILED, STOPPED = (
 
 @dataclass
 class Worker:
-    """One slot of the pool: its current process, channel and counters."""
+    """One slot of the pool: its current worker and counters."""
 
     id: str
-    process: ProcessHandle
-    channel: grpc.Channel
-    stub: bridge_pb2_grpc.BridgeStub
-    health_channel: grpc.Channel  # to the worker's health server: pings never wait behind work
+    conn: Connection
     generation: int = 0
     state: str = STARTING
     in_flight: int = 0
@@ -41,13 +36,12 @@ class Worker:
     last_error: str = ""
 
     @property
-    def health(self) -> bridge_pb2_grpc.BridgeStub:
-        return bridge_pb2_grpc.BridgeStub(self.health_channel)
+    def process(self) -> ProcessHandle:
+        return self.conn.process
 
     def close(self) -> None:
-        """Close both channels (calls in flight on them end with an error)."""
-        self.channel.close()
-        self.health_channel.close()
+        """Close its connection (calls in flight on it end with an error)."""
+        self.conn.close()
 
     def status(self) -> dict[str, Any]:
         return {"worker": self.id, "pid": self.process.pid, "state": self.state, "in_flight": self.in_flight,

@@ -1,4 +1,5 @@
-"""Start the gRPC server of one worker and keep it until stdin closes or SIGTERM."""
+"""A worker's state (``new_state``), and the gRPC server of a local worker, kept until stdin closes or
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -50,14 +51,22 @@ def _exit_when_kernel_ends(kernel: str) -> None:
     os._exit(0)
 
 
-def serve(address: str, *, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any],
-          max_message_mb: int, rate_limit: float | None, session_ttl: float, threads: int,
-          watch_parent: bool) -> int:
-    state = WorkerState(worker_id=worker_id, run_id=run_id, max_message_bytes=max_message_mb * 2**20,
+def new_state(*, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any], max_message_bytes: int,
+              rate_limit: float | None, session_ttl: float) -> WorkerState:
+    """A worker's state with its LM set, however the worker is reached (gRPC here, a Ray actor there)."""
+    state = WorkerState(worker_id=worker_id, run_id=run_id, max_message_bytes=max_message_bytes,
                         rate_limit=rate_limit, session_ttl=session_ttl)
     if rate_limit:
         state.callbacks.append(LimitLMCalls(RateLimiter(rate_limit)))
     dspy_tools.set_lm(state, lm, lm_kwargs)
+    return state
+
+
+def serve(address: str, *, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any],
+          max_message_mb: int, rate_limit: float | None, session_ttl: float, threads: int,
+          watch_parent: bool) -> int:
+    state = new_state(worker_id=worker_id, run_id=run_id, lm=lm, lm_kwargs=lm_kwargs,
+                      max_message_bytes=max_message_mb * 2**20, rate_limit=rate_limit, session_ttl=session_ttl)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
                          options=message_options(max_message_mb))
     bridge = Bridge(state)

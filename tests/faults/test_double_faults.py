@@ -19,7 +19,8 @@ KERNEL = """
 import json, sys
 from dspex_nb import Pool
 pool = Pool(workers=2, start="template", journal=False).start()
-print(json.dumps({"workers": [r["pid"] for r in pool.status()], "template": pool._template.proc.pid}), flush=True)
+template = pool.backend.template.proc.pid
+print(json.dumps({"workers": [r["pid"] for r in pool.status()], "template": template}), flush=True)
 sys.stdin.read()
 """
 
@@ -46,7 +47,7 @@ def test_a_stopped_template_and_a_killed_kernel_leave_nothing_behind() -> None:
 
 def test_a_stopped_template_is_replaced_and_its_worker_reported_dead() -> None:
     with Pool(workers=1, start="template", start_timeout=2, health_interval=0.1, journal=False) as pool:
-        template = pool._template.proc.pid  # type: ignore[union-attr]
+        template = pool.backend.template.proc.pid  # type: ignore[union-attr]
         os.kill(template, signal.SIGSTOP)
         try:
             in_flight = pool.execute_stream("sleep", {"seconds": 30})
@@ -55,7 +56,7 @@ def test_a_stopped_template_is_replaced_and_its_worker_reported_dead() -> None:
                 in_flight.result(30)
             row = wait_until(lambda: (r := pool.status()[0])["state"] == "ready" and r["restarts"] >= 1 and r,
                              timeout=60, what="w0 to be back, from a new template")
-            assert pool._template is not None and pool._template.proc.pid != template
+            assert pool.backend.template is not None and pool.backend.template.proc.pid != template
             assert "died" in row["last_error"] or "template" in row["last_error"]
             assert pool.execute("echo", {"ok": 1}) == {"ok": 1}
         finally:

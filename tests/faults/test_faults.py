@@ -121,7 +121,7 @@ CHILD = """
 import json, sys
 from dspex_nb import Pool
 pool = Pool(workers=2, lm="demo", lm_kwargs={"ttft": 0.02}, journal=sys.argv[1]).start()
-print(json.dumps({"pids": [r["pid"] for r in pool.status()], "dir": str(pool._dir)}), flush=True)
+print(json.dumps({"pids": [r["pid"] for r in pool.status()], "dir": str(pool.backend.dir)}), flush=True)
 done = []
 def on_item(record):
     done.append(record)

@@ -11,8 +11,8 @@ import dspy
 from helpers import wait_until
 
 from dspex_nb.worker import dspy_tools, tools
+from dspex_nb.worker.calls import drive
 from dspex_nb.worker.demo_lm import make_demo_lm
-from dspex_nb.worker.server import drive
 
 
 class _Worker:

@@ -91,7 +91,7 @@ def test_the_servicer_answers_random_bytes_with_an_error(tool: str, payload: byt
 @given(payload=st.binary(max_size=300))
 def test_a_worker_survives_raw_garbage_on_its_socket(pool: Pool, payload: bytes) -> None:
     worker = pool.workers[0]
-    raw = worker.channel.unary_unary("/dspex.v1.Bridge/Execute")  # bytes in, bytes out: no (de)serializer
+    raw = worker.conn.channel.unary_unary("/dspex.v1.Bridge/Execute")  # bytes in, bytes out: no (de)serializer
     try:
         raw(payload, timeout=10)
     except grpc.RpcError as err:

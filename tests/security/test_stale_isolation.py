@@ -82,5 +82,5 @@ def test_a_forged_pool_directory_cannot_end_a_live_pool(forge: Callable[[Path, P
 
 
 def test_pool_json_is_private(pool: Pool) -> None:
-    assert pool._dir is not None
-    assert oct(os.stat(pool._dir / stale.OWNER_FILE).st_mode & 0o777) == oct(0o600)
+    assert pool.backend.dir is not None
+    assert oct(os.stat(pool.backend.dir / stale.OWNER_FILE).st_mode & 0o777) == oct(0o600)

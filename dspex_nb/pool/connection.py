@@ -1,0 +1,95 @@
+"""The seam between the pool and its workers: a ``Backend`` starts workers, a ``Connection`` reaches one.
+
+The pool (scheduling, supervision, retries, the journal and everything above it) speaks only these;
+the local backend (``local.py``: processes on this machine over gRPC on Unix sockets) and the Ray
+backend (``ray_backend.py``: Ray actors, over Ray's own transport) implement them. A call's failure
+arrives as a ``DspexError`` already translated (``died`` says whether the worker is gone), or as
+``ConnectionClosed`` when the connection was closed before the call reached it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dspex_nb.errors import DspexError
+from dspex_nb.pool.calls import Chunk
+from dspex_nb.pool.process import ProcessHandle
+
+Died = Callable[[], DspexError | None]  # for a failed call: the error saying its worker died, or None
+
+
+def left(timeout: float | None, waited: float) -> float | None:
+    """What is left of a call's ``timeout`` after ``waited`` seconds in the queue."""
+    return None if timeout is None else max(0.001, timeout - waited)
+
+
+class ConnectionClosed(Exception):
+    """The connection was closed (its worker is being replaced, or the pool shut down)."""
+
+
+class ChunkSource(Protocol):
+    """A streamed call's chunks as they arrive, a batch at a time; raises a ``DspexError`` if it fails."""
+
+    def __iter__(self) -> Iterator[list[Chunk]]: ...
+
+    def cancel(self) -> None:
+        """Stop the remote work (the iteration then ends)."""
+
+
+class Pending(Protocol):
+    def result(self) -> int:
+        """The worker's resident bytes; raises if the ping failed or timed out."""
+
+
+class Connection(Protocol):
+    """One worker as the pool reaches it."""
+
+    process: ProcessHandle  # pid, exit_code(), wait(), kill(), signal(), log_tail(), start_failure()
+
+    def ready(self) -> bool:
+        """Whether it answers now (polled while it starts)."""
+
+    def ping(self, timeout: float) -> Pending:
+        """A health ping, on a path that never waits behind work."""
+
+    def execute(self, tool: str, args_json: bytes, session_id: str, timeout: float | None, waited: float,
+                died: Died) -> Any:
+        """Run ``tool`` and return its decoded result; ``timeout`` is the call's, of which it already spent
+        ``waited`` seconds in the pool's queue."""
+
+    def stream(self, tool: str, args_json: bytes, session_id: str, timeout: float | None, waited: float,
+               died: Died) -> ChunkSource: ...
+
+    def describe(self, timeout: float, died: Died) -> dict[str, Any]: ...
+
+    def close(self) -> None:
+        """Close the transport; calls in flight on it end with an error."""
+
+
+@dataclass
+class WorkerSpec:
+    """What every worker of a pool starts with."""
+
+    run_id: str
+    lm: str
+    lm_kwargs: dict[str, Any]
+    max_message_bytes: int
+    session_ttl: float
+    rate_limit: float | None  # this worker's share of the pool's LM requests per minute
+    start_timeout: float
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """Starts a pool's workers somewhere: ``open`` once, ``spawn`` per slot and generation, ``close`` once."""
+
+    name: str
+
+    def open(self) -> list[dict[str, Any]]:
+        """Prepare (returns what stale cleanup did, if anything)."""
+
+    def spawn(self, worker_id: str, generation: int, spec: WorkerSpec) -> Connection: ...
+
+    def close(self) -> None: ...

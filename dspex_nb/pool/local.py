@@ -1,0 +1,220 @@
+"""The local backend: worker processes on this machine, reached over gRPC on Unix sockets.
+
+Workers are forked by a template process that imported DSPy once (``start="template"``) or started as
+interpreters of their own (``"spawn"``), in a private 0700 directory that holds their sockets, logs and
+``pool.json`` (the owner record a later pool's stale cleanup reads).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
+from dspex_nb.errors import CallTimeout, DspexError, MessageTooLarge, remote_error
+from dspex_nb.pool import stale
+from dspex_nb.pool.calls import Chunk
+from dspex_nb.pool.connection import ConnectionClosed, Died, WorkerSpec, left
+from dspex_nb.pool.process import ProcessHandle, WorkerProcess, interpreter, worker_env
+from dspex_nb.pool.template import FORK_TIMEOUT, Template
+from dspex_nb.wire import LM_KWARGS_ENV, health_address
+
+RECONNECT = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
+             ("grpc.max_reconnect_backoff_ms", 500)]  # a replaced worker's socket is back within ms
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, python: str | None, start: str, env: dict[str, str] | None) -> None:
+        self.python = interpreter(python)
+        self.start_method = start
+        self.env = env
+        self.dir: Path | None = None
+        self.template: Template | None = None
+        self._lock = threading.RLock()  # restarts run in parallel threads: one template for all of them
+        self._spawned: list[int] = []  # pids of the live workers (for stale cleanup by a later pool)
+        self._run_id = ""
+
+    def open(self) -> list[dict[str, Any]]:
+        cleaned = stale.cleanup()
+        self.dir = Path(tempfile.mkdtemp(prefix=stale.PREFIX, dir=stale.runtime_dir()))  # mode 0700
+        return cleaned
+
+    def spawn(self, worker_id: str, generation: int, spec: WorkerSpec) -> GrpcConnection:
+        assert self.dir is not None
+        if not self._run_id:
+            self._run_id = spec.run_id
+            self._record_owner()  # at once: a start killed midway leaves a directory stale cleanup can claim
+        address = f"unix:{self.dir}/{worker_id}-{generation}.sock"
+        args = ["--worker-id", worker_id, "--run-id", spec.run_id, "--lm", spec.lm,
+                "--max-message-mb", str(spec.max_message_bytes // 2**20), "--session-ttl", str(spec.session_ttl)]
+        if spec.rate_limit:
+            args += ["--rate-limit", str(spec.rate_limit)]
+        process = self._start_process(address, args, self.dir / f"{worker_id}-{generation}.log", spec)
+        return GrpcConnection(worker_id, process, address, spec.max_message_bytes)
+
+    def _start_process(self, address: str, args: list[str], log_path: Path, spec: WorkerSpec) -> ProcessHandle:
+        """A worker process, forked by the template or spawned, and recorded in pool.json."""
+        assert self.dir is not None
+        env = worker_env(self.env)
+        lm_env = {LM_KWARGS_ENV: json.dumps(spec.lm_kwargs)}  # not on argv: it may hold an API key
+        if self.start_method == "template":
+            with self._lock:
+                if self.template is None or not self.template.alive:
+                    if self.template is not None:
+                        self.template.close()
+                    self.template = Template(self.python, env, self.dir / "template.log", spec.run_id,
+                                              fork_timeout=min(FORK_TIMEOUT, spec.start_timeout))
+                    self._record_owner(self.template.proc.pid)
+                template = self.template
+            process: ProcessHandle = template.spawn(["--address", address, *args], lm_env, log_path, address)
+        else:
+            process = WorkerProcess(self.python, address, log_path, {**env, **lm_env}, args)
+        try:
+            self._record_owner(process.pid)
+        except BaseException:
+            process.kill(grace=0)  # a worker nobody supervises must not serve the slot
+            raise
+        return process
+
+    def _record_owner(self, pid: int | None = None) -> None:
+        """Keep pool.json current (for a later pool's stale cleanup): this owner, its live children."""
+        assert self.dir is not None
+        with self._lock:
+            self._spawned = [p for p in self._spawned if stale.start_time(p)] + ([pid] if pid else [])
+            stale.write_owner(self.dir, self._run_id, self._spawned)
+
+    def close(self) -> None:
+        if self.template is not None:
+            self.template.close()
+            self.template = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        self._run_id = ""
+
+
+class GrpcConnection:
+    """A local worker: one channel for work, one to its health server (pings never wait behind work)."""
+
+    def __init__(self, worker_id: str, process: ProcessHandle, address: str, max_message_bytes: int) -> None:
+        self.worker_id = worker_id
+        self.process = process
+        self.address = address
+        limit = max_message_bytes
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit), *RECONNECT])
+        self.stub = bridge_pb2_grpc.BridgeStub(self.channel)
+        self.health_channel = grpc.insecure_channel(health_address(address), options=RECONNECT)
+        self.health = bridge_pb2_grpc.BridgeStub(self.health_channel)
+
+    def ready(self) -> bool:
+        if not Path(self.address.removeprefix("unix:")).exists():
+            return False
+        try:
+            self.stub.Ping(bridge_pb2.PingRequest(), timeout=0.5, wait_for_ready=True)
+            return True
+        except grpc.RpcError:
+            return False
+
+    def ping(self, timeout: float) -> _Ping:
+        try:
+            return _Ping(self.health.Ping.future(bridge_pb2.PingRequest(), timeout=timeout))
+        except ValueError:  # its channel was closed meanwhile
+            raise ConnectionClosed() from None
+
+    def execute(self, tool: str, args_json: bytes, session_id: str, timeout: float | None, waited: float,
+                died: Died) -> Any:
+        request = bridge_pb2.ExecuteRequest(tool=tool, args_json=args_json, session_id=session_id)
+        try:
+            # A blocking call: gRPC turns Ctrl-C into KeyboardInterrupt and cancels the RPC.
+            reply = self.stub.Execute(request, timeout=left(timeout, waited))
+        except grpc.RpcError as err:
+            raise translate(err, tool, timeout, died) from None
+        except ValueError:  # its channel was closed: the worker is being replaced, or the pool shut down
+            raise ConnectionClosed() from None
+        return unary_result(reply, tool, self.worker_id)
+
+    def stream(self, tool: str, args_json: bytes, session_id: str, timeout: float | None, waited: float,
+               died: Died) -> _Stream:
+        request = bridge_pb2.ExecuteRequest(tool=tool, args_json=args_json, session_id=session_id)
+        try:
+            return _Stream(self.stub.ExecuteStream(request, timeout=left(timeout, waited)), tool, timeout, died)
+        except ValueError:
+            raise ConnectionClosed() from None
+
+    def describe(self, timeout: float, died: Died) -> dict[str, Any]:
+        try:
+            reply = self.stub.Describe(bridge_pb2.DescribeRequest(), timeout=timeout)
+        except grpc.RpcError as err:
+            raise translate(err, "Describe", timeout, died) from None
+        except ValueError:
+            raise ConnectionClosed() from None
+        return json.loads(reply.json)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.health_channel.close()
+
+
+def translate(err: grpc.RpcError, tool: str, timeout: float | None,
+              worker_died: Died) -> DspexError:
+    """The dspex_nb error for a failed gRPC call (``worker_died`` says whether its worker is gone)."""
+    code = err.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return CallTimeout(f"tool '{tool}' did not finish within its timeout of {timeout} s; "
+                           "the remote work was cancelled")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return MessageTooLarge(f"a message of '{tool}' is over the gRPC size limit ({err.details()}); "
+                               "raise it with Pool(max_message_mb=...)")
+    died = worker_died()
+    if died is not None:
+        return died
+    return DspexError(f"tool '{tool}': gRPC error {code.name}: {err.details()}")
+
+
+def unary_result(reply: Any, tool: str, worker: str) -> Any:
+    """The decoded result of an ExecuteReply, or its ToolError raised."""
+    if reply.HasField("error"):
+        e = reply.error
+        raise remote_error(tool, e.type, e.message, e.traceback, worker)
+    return json.loads(reply.result_json)
+
+
+class _Ping:
+    def __init__(self, future: Any) -> None:
+        self._future = future
+
+    def result(self) -> int:
+        try:
+            return self._future.result().rss_bytes
+        except (grpc.RpcError, ValueError) as err:  # ValueError: its channel was closed meanwhile
+            raise ConnectionClosed(str(err)) from None
+
+
+class _Stream:
+    """A gRPC response stream as batches of chunks, its failures translated."""
+
+    def __init__(self, call: Any, tool: str, timeout: float | None, died: Died) -> None:
+        self._call, self._tool, self._timeout, self._died = call, tool, timeout, died
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[list[Chunk]]:
+        try:
+            for message in self._call:
+                yield [Chunk(c.kind, c.seq, json.loads(c.data_json), c.is_final) for c in message.chunks]
+        except grpc.RpcError as err:
+            if not self._cancelled:
+                raise translate(err, self._tool, self._timeout, self._died) from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()

@@ -1,0 +1,254 @@
+"""The Ray backend: each worker is a Ray actor (``dspex_nb.worker.ray_actor.RayWorker``) on a Ray cluster.
+
+``Pool(backend="ray", address=None | "auto" | "ray://host:port", resources={...})``. With no address the
+pool starts a local Ray instance and ends it with the pool; with one, it joins that cluster and leaves it
+running. Calls travel over Ray's own transport (a streamed call is an actor generator method), so the
+pool opens no port of its own. Everything above the connection is the pool's, as for local workers:
+scheduling, health pings, replacing a dead actor (a new actor in the slot, rather than Ray's restarts,
+so calls in flight fail at once with ``WorkerDied`` and batches retry their items), define and
+configure_lm broadcast to actors started later, the journal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from dspex_nb.errors import CallTimeout, DspexError, WorkerDied, WorkerStartError, remote_error
+from dspex_nb.pool.calls import Chunk
+from dspex_nb.pool.connection import ConnectionClosed, Died, WorkerSpec, left
+
+try:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+except ImportError as exc:  # reported at Pool(backend="ray"), never deep in a call
+    raise ImportError(f"Pool(backend='ray') needs Ray in the kernel's Python ({exc}): "
+                      "pip install 'dspex_nb[ray]'") from exc
+
+SLICE = 0.2  # seconds a stream's reader waits before it checks its deadline and cancellation
+DEAD = -int(signal.SIGKILL)  # the exit code reported for an actor Ray says is dead
+
+
+class RayBackend:
+    name = "ray"
+
+    def __init__(self, address: str | None, resources: dict[str, float] | None, env: dict[str, str] | None) -> None:
+        self.address = address
+        self.resources = dict(resources or {})
+        self.env = env
+        self._started_ray = False
+        self._actor = ray.remote(max_concurrency=64)(_worker_class())
+        self._ids = itertools.count()
+
+    def open(self) -> list[dict[str, Any]]:
+        if not ray.is_initialized():
+            ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False,
+                     runtime_env={"env_vars": self.env} if self.env else None)
+            self._started_ray = True
+        return []
+
+    def spawn(self, worker_id: str, generation: int, spec: WorkerSpec) -> RayConnection:
+        resources = dict(self.resources)
+        options: dict[str, Any] = {"num_cpus": resources.pop("CPU", 1), "scheduling_strategy": "SPREAD"}
+        if "GPU" in resources:
+            options["num_gpus"] = resources.pop("GPU")
+        if resources:
+            options["resources"] = resources
+        actor = self._actor.options(**options).remote(
+            worker_id, spec.run_id, spec.lm, spec.lm_kwargs, spec.max_message_bytes, spec.rate_limit,
+            spec.session_ttl)
+        return RayConnection(worker_id, actor, f"{spec.run_id}-{worker_id}-{generation}", self._ids)
+
+    def close(self) -> None:
+        if self._started_ray:
+            ray.shutdown()  # the instance this pool started (a cluster it joined keeps running)
+            self._started_ray = False
+
+
+def _worker_class() -> type:
+    from dspex_nb.worker.ray_actor import RayWorker
+
+    return RayWorker
+
+
+class ActorProcess:
+    """What the pool needs of a worker process, for an actor: its pid, whether it is dead, how to end it."""
+
+    def __init__(self, actor: Any, worker_id: str) -> None:
+        self.actor = actor
+        self.worker_id = worker_id
+        self.pid = 0  # known from its first ping
+        self.node = ""
+        self.python = "ray actor"
+        self.dead: str = ""  # why Ray says it is dead
+
+    def exit_code(self) -> int | None:
+        return DEAD if self.dead else None
+
+    def wait(self, timeout: float) -> int:
+        """Its exit code, once a ping within ``timeout`` says it is dead (TimeoutError while it answers)."""
+        if not self.dead:
+            with contextlib.suppress(GetTimeoutError):
+                try:
+                    ray.get(self.actor.ping.remote(), timeout=timeout)
+                except RayActorError as err:
+                    self.dead = str(err).splitlines()[0]
+        if not self.dead:
+            raise TimeoutError(f"actor {self.worker_id} still answers")
+        return DEAD
+
+    def kill(self, grace: float = 2.0) -> None:
+        with contextlib.suppress(Exception):
+            ray.kill(self.actor, no_restart=True)
+        self.dead = self.dead or "killed by the pool"
+
+    def signal(self, sig: int) -> None:
+        """A signal to the actor's process (only where it runs on this machine: fault tests and demos)."""
+        if self.pid and self.node in _local_addresses():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "(the actor's output is in Ray's logs: `ray logs` or the Ray dashboard)"
+
+    def start_failure(self, worker_id: str) -> Exception:
+        return WorkerStartError(f"Ray actor {worker_id} could not start: {self.dead}")
+
+
+def _local_addresses() -> set[str]:
+    return {"127.0.0.1", socket.gethostbyname(socket.gethostname()), ray.util.get_node_ip_address()}
+
+
+class RayConnection:
+    """One actor, reached with Ray calls; a Ray ``RayActorError`` marks it dead."""
+
+    def __init__(self, worker_id: str, actor: Any, prefix: str, ids: Iterator[int]) -> None:
+        self.worker_id = worker_id
+        self.actor = actor
+        self.process = ActorProcess(actor, worker_id)
+        self._prefix = prefix
+        self._ids = ids
+        self._closed = False
+
+    def _call_id(self) -> str:
+        return f"{self._prefix}-{next(self._ids)}"
+
+    def _lost(self, err: Exception, died: Died) -> DspexError:
+        self.process.dead = self.process.dead or str(err).splitlines()[0]
+        return died() or WorkerDied(f"worker {self.worker_id} (Ray actor) died during the call")
+
+    def ready(self) -> bool:
+        try:
+            self.process.pid, _, self.process.node = ray.get(self.actor.ping.remote(), timeout=0.5)
+            return True
+        except GetTimeoutError:
+            return False
+        except (RayActorError, RayTaskError) as err:
+            self.process.dead = str(err).splitlines()[0]
+            return False
+
+    def ping(self, timeout: float) -> _Ping:
+        if self._closed:
+            raise ConnectionClosed()
+        return _Ping(self, self.actor.ping.remote(), timeout)
+
+    def execute(self, tool: str, args_json: bytes, session_id: str, timeout: float | None, waited: float,
+                died: Died) -> Any:
+        if self._closed:
+            raise ConnectionClosed()
+        call_id = self._call_id()
+        ref = self.actor.execute.remote(call_id, tool, args_json, session_id)
+        try:
+            result, error = ray.get(ref, timeout=left(timeout, waited))
+        except GetTimeoutError:
+            self.actor.cancel.remote(call_id)
+            raise CallTimeout(f"tool '{tool}' did not finish within its timeout of {timeout} s; "
+                              "the remote work was cancelled") from None
+        except KeyboardInterrupt:
+            self.actor.cancel.remote(call_id)
+            raise
+        except RayActorError as err:
+            raise self._lost(err, died) from None
+        if error is not None:
+            raise remote_error(tool, error["type"], error["message"], error["traceback"], self.worker_id)
+        return json.loads(result)
+
+    def stream(self, tool: str, args_json: bytes, session_id: str, timeout: float | None, waited: float,
+               died: Died) -> _Stream:
+        if self._closed:
+            raise ConnectionClosed()
+        call_id = self._call_id()
+        generator = self.actor.stream.options(num_returns="streaming").remote(call_id, tool, args_json, session_id)
+        return _Stream(self, generator, call_id, tool, left(timeout, waited), timeout, died)
+
+    def describe(self, timeout: float, died: Died) -> dict[str, Any]:
+        try:
+            return ray.get(self.actor.describe.remote(), timeout=timeout)
+        except GetTimeoutError:
+            raise CallTimeout(f"worker {self.worker_id} did not describe itself within {timeout} s") from None
+        except RayActorError as err:
+            raise self._lost(err, died) from None
+
+    def close(self) -> None:
+        self._closed = True
+
+
+class _Ping:
+    def __init__(self, conn: RayConnection, ref: Any, timeout: float) -> None:
+        self._conn, self._ref, self._timeout = conn, ref, timeout
+
+    def result(self) -> int:
+        try:
+            _, rss, _ = ray.get(self._ref, timeout=self._timeout)
+            return rss
+        except RayActorError as err:
+            self._conn.process.dead = self._conn.process.dead or str(err).splitlines()[0]
+            raise ConnectionClosed(str(err)) from None
+        except (GetTimeoutError, RayTaskError) as err:
+            raise ConnectionClosed(str(err)) from None
+
+
+class _Stream:
+    """An actor generator's items (batches of chunks) as they come; a deadline, cancel, and death checked
+    between them."""
+
+    def __init__(self, conn: RayConnection, generator: Any, call_id: str, tool: str, remaining: float | None,
+                 timeout: float | None, died: Died) -> None:
+        self._conn, self._generator, self._call_id, self._tool = conn, generator, call_id, tool
+        self._deadline = None if remaining is None else time.monotonic() + remaining
+        self._timeout, self._died = timeout, died
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[list[Chunk]]:
+        try:
+            while True:
+                ready, _ = ray.wait([self._generator], timeout=SLICE)
+                if not ready:
+                    if self._deadline is not None and time.monotonic() > self._deadline and not self._cancelled:
+                        self.cancel()
+                        raise CallTimeout(f"tool '{self._tool}' did not finish within its timeout of "
+                                          f"{self._timeout} s; the remote work was cancelled")
+                    continue
+                try:
+                    ref = next(self._generator)
+                except StopIteration:
+                    return
+                yield [Chunk(kind, seq, json.loads(data), is_final) for seq, kind, data, is_final in ray.get(ref)]
+        except RayActorError as err:
+            if not self._cancelled:
+                raise self._conn._lost(err, self._died) from None
+        except RayTaskError as err:
+            if not self._cancelled:
+                raise DspexError(f"tool '{self._tool}' on worker {self._conn.worker_id}: {err}") from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        with contextlib.suppress(Exception):
+            self._conn.actor.cancel.remote(self._call_id)

@@ -1,0 +1,185 @@
+"""One tool call on a worker, whatever carries it (gRPC here, a Ray actor method there).
+
+``Call.batches`` runs the tool in a producer thread that puts chunks on a bounded queue and hands out
+whatever has accumulated as one batch, so a fast producer costs one message per batch rather than per
+chunk. Cancelling sets the tool's ``ctx.cancelled``; the producer then closes the tool's generator.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+from dspex_nb import redact
+from dspex_nb.errors import ResultTooLarge, ToolError
+from dspex_nb.worker import tools
+from dspex_nb.worker.state import WorkerState
+
+
+class RawChunk(NamedTuple):
+    """A chunk as it travels: the fields of the proto's ``Chunk``."""
+
+    seq: int
+    kind: str
+    data_json: bytes
+    is_final: bool
+
+
+MAX_CHUNKS_PER_MESSAGE = 512
+MESSAGE_OVERHEAD = 64 * 1024  # bytes kept free in every message for protobuf framing
+QUEUE_BYTES = 8 * 2**20  # chunks a stream may have waiting for a slow consumer before its tool waits
+_DONE = object()
+
+
+class ChunkQueue:
+    """The chunks of one stream between the tool (producer) and the RPC (consumer), bounded in bytes.
+
+    When the consumer is slower than the tool (a client that does not read, or reads slowly), ``put``
+    waits once ``limit`` bytes are queued, so the tool pauses instead of the worker's memory growing;
+    ``take`` hands out what fits in one message (by count and by bytes).
+    """
+
+    def __init__(self, limit: int, on_wait: Callable[[], None] = lambda: None) -> None:
+        self.limit = limit
+        self._on_wait = on_wait  # called each time the producer has to wait (counted in Describe)
+        self._items: collections.deque[Any] = collections.deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+
+    @staticmethod
+    def _size(item: Any) -> int:
+        return 0 if item is _DONE else len(item.data_json) + 32
+
+    def put(self, item: Any, ended: threading.Event) -> None:
+        """Queue ``item``, waiting while the queue is full (until it has room, or the RPC has ended)."""
+        with self._cond:
+            if self._bytes >= self.limit and item is not _DONE:
+                self._on_wait()
+            while self._bytes >= self.limit and item is not _DONE and not ended.is_set():
+                self._cond.wait(0.2)
+            self._items.append(item)
+            self._bytes += self._size(item)
+            self._cond.notify_all()
+
+    def take(self, count: int, budget: int, timeout: float) -> list[Any]:
+        """Up to ``count`` chunks whose sizes add up to at most ``budget`` (at least one); [] after ``timeout``."""
+        with self._cond:
+            if not self._items and not self._cond.wait_for(lambda: self._items, timeout):
+                return []
+            batch = [self._items.popleft()]
+            size = self._size(batch[0])
+            while self._items and len(batch) < count and batch[-1] is not _DONE:
+                nxt = self._size(self._items[0])
+                if size + nxt > budget:
+                    break
+                batch.append(self._items.popleft())
+                size += nxt
+            self._bytes -= size
+            self._cond.notify_all()
+            return batch
+
+
+def error_info(exc: BaseException) -> dict[str, str]:
+    """type / message / traceback of an exception, as the client will see them."""
+    if isinstance(exc, ToolError):
+        return {"type": exc.type, "message": redact.text(exc.message), "traceback": ""}
+    return {"type": type(exc).__name__, "message": redact.text(str(exc)),
+            "traceback": redact.text("".join(traceback.format_exception(exc)), limit=None)}
+
+
+def drive(gen: Iterator[tools.Emit], ctx: tools.ToolContext, on_emit: Callable[[tools.Emit], None]) -> Any:
+    """Run a tool generator to its end (or until cancelled); return its final result."""
+    try:
+        while True:
+            try:
+                emit = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if ctx.cancelled.is_set():
+                return None
+            on_emit(emit)
+    finally:
+        gen.close()
+
+
+class Call:
+    """A tool call: its context (``ctx.cancelled``) and how to run it unary or as batches of chunks."""
+
+    def __init__(self, state: WorkerState, tool: str, args_json: bytes, session_id: str, streaming: bool) -> None:
+        self.state = state
+        self.tool = tool
+        self.args_json = args_json
+        self.ctx = tools.ToolContext(streaming=streaming, session_id=session_id, worker=state)
+
+    def _start(self) -> Iterator[tools.Emit]:
+        tool = tools.get_tool(self.tool)
+        try:
+            args = json.loads(self.args_json) if self.args_json else {}
+        except ValueError as exc:
+            raise ToolError(self.tool, "ArgumentError", f"arguments are not valid JSON: {exc}") from None
+        return tool.run(args, self.ctx)
+
+    def encode(self, value: Any, what: str) -> bytes:
+        try:
+            data = json.dumps(value).encode()
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{what} is not JSON-serialisable: {exc}") from None
+        if len(data) > self.state.max_message_bytes - MESSAGE_OVERHEAD:
+            raise ResultTooLarge("", "ResultTooLarge", f"{what} is {len(data) / 2**20:.1f} MiB, over the "
+                                 f"{self.state.max_message_bytes / 2**20:.0f} MiB message limit; raise it "
+                                 "with Pool(max_message_mb=...)")
+        return data
+
+    def unary(self) -> tuple[bytes, None] | tuple[None, dict[str, str]]:
+        """(the result as JSON, None), or (None, the error's type / message / traceback)."""
+        with self.state.track():
+            try:
+                return self.encode(drive(self._start(), self.ctx, lambda emit: None), "the result"), None
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: an error, not our end
+                return None, error_info(exc)
+
+    def batches(self, ended: threading.Event, active: Callable[[], bool]) -> Iterator[list[RawChunk]]:
+        """The chunks, a batch at a time, until the final (or error) chunk; ``ended`` is set by the carrier
+        when the call is over on its side (read to the end, cancelled, or the caller went away), and
+        ``active()`` says whether the caller is still there."""
+        chunks = ChunkQueue(QUEUE_BYTES, lambda: self.state.count("stream_producer_waits"))
+        seq = iter(range(2**63))
+
+        def chunk(kind: str, value: Any, is_final: bool = False) -> RawChunk:
+            try:
+                data = self.encode(value, f"a {kind} chunk")
+            except (TypeError, ResultTooLarge) as exc:
+                kind, is_final = "error", True
+                data = json.dumps(error_info(exc)).encode()
+            return RawChunk(next(seq), kind, data, is_final)
+
+        def produce() -> None:
+            with self.state.track():
+                try:
+                    final = drive(self._start(), self.ctx, lambda emit: chunks.put(chunk(emit.kind, emit.data), ended))
+                    if not self.ctx.cancelled.is_set():
+                        chunks.put(chunk("final", final, is_final=True), ended)
+                except BaseException as exc:  # SystemExit, GeneratorExit... from user code: an error chunk
+                    chunks.put(chunk("error", error_info(exc), is_final=True), ended)
+                finally:
+                    chunks.put(_DONE, ended)
+
+        threading.Thread(target=produce, name=f"tool-{self.tool}", daemon=True).start()
+        budget = self.state.max_message_bytes - MESSAGE_OVERHEAD
+        while True:
+            batch = chunks.take(MAX_CHUNKS_PER_MESSAGE, budget, timeout=0.5)
+            if not batch:
+                if not active():
+                    return
+                continue
+            done = batch[-1] is _DONE
+            if done:
+                batch.pop()
+            if batch:
+                yield batch
+            if done:
+                return

@@ -1,0 +1,73 @@
+"""A worker as a Ray actor: the same tools and DSPy code as a local worker, reached over Ray's transport.
+
+The Ray backend (``dspex_nb.pool.ray_backend``) wraps ``RayWorker`` with ``ray.remote``; this module does
+not import Ray. A streamed call is an actor generator method: each item is one batch of chunks, made by
+the same ``Call.batches`` as the gRPC stream's. ``cancel`` runs beside the call (a threaded actor) and sets
+the call's ``ctx.cancelled``, as gRPC's cancellation callback does.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from dspex_nb.worker.calls import Call
+from dspex_nb.worker.main import new_state
+from dspex_nb.worker.server import describe
+from dspex_nb.worker.state import rss_bytes
+
+
+class RayWorker:
+    def __init__(self, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any], max_message_bytes: int,
+                 rate_limit: float | None, session_ttl: float) -> None:
+        self.state = new_state(worker_id=worker_id, run_id=run_id, lm=lm, lm_kwargs=lm_kwargs,
+                               max_message_bytes=max_message_bytes, rate_limit=rate_limit, session_ttl=session_ttl)
+        self._calls: dict[str, tuple[Call, threading.Event]] = {}  # call id -> the call, and "it is over"
+        self._lock = threading.Lock()
+
+    def ping(self) -> tuple[int, int, str]:
+        """pid, resident bytes, and the node's IP address."""
+        import ray
+
+        return os.getpid(), rss_bytes(), ray.util.get_node_ip_address()
+
+    def describe(self) -> dict[str, Any]:
+        return describe(self.state)
+
+    def execute(self, call_id: str, tool: str, args_json: bytes, session_id: str) -> tuple[Any, Any]:
+        """(result JSON, None) or (None, error info), as ``Call.unary``."""
+        call = self._open(call_id, Call(self.state, tool, args_json, session_id, streaming=False))
+        try:
+            return call.unary()
+        finally:
+            self._close(call_id)
+
+    def stream(self, call_id: str, tool: str, args_json: bytes, session_id: str) -> Iterator[list[tuple]]:
+        call = self._open(call_id, Call(self.state, tool, args_json, session_id, streaming=True))
+        ended = self._calls[call_id][1]
+        try:
+            for batch in call.batches(ended, lambda: not ended.is_set()):
+                yield [tuple(chunk) for chunk in batch]
+        finally:
+            self._close(call_id)
+
+    def cancel(self, call_id: str) -> None:
+        with self._lock:
+            call, ended = self._calls.get(call_id, (None, None))
+        if call is not None and ended is not None:
+            call.ctx.cancelled.set()
+            ended.set()
+
+    def _open(self, call_id: str, call: Call) -> Call:
+        with self._lock:
+            self._calls[call_id] = (call, threading.Event())
+        return call
+
+    def _close(self, call_id: str) -> None:
+        with self._lock:
+            call, ended = self._calls.pop(call_id, (None, None))
+        if call is not None and ended is not None:
+            ended.set()
+            call.ctx.cancelled.set()  # a caller that went away stops the tool too

@@ -57,6 +57,9 @@ _p = _parser("start", "Start the pool (defaults from %config Dspex).")
 _p.add_argument("-n", "--workers", type=int, help="number of worker processes")
 _p.add_argument("--lm", help="'demo' or a dspy.LM model string, e.g. openai/gpt-4o-mini")
 _p.add_argument("--python", metavar="EXE", help="the workers' Python interpreter")
+_p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                help="run the workers as Ray actors: on the cluster at ADDRESS ('auto', 'ray://host:port'), "
+                     "or without one on a local Ray instance the pool starts")
 _parser("stop", "Stop the pool and every worker process.")
 _parser("restart", "Stop the pool and start it again with the same settings and defined modules.")
 _p = _parser("status", "Show the pool dashboard (refreshes while shown), with per-tool call timings.")
@@ -245,14 +248,18 @@ class Dspex(Magics):
         return pool
 
     def _start_pool(self, name: str, workers: int, lm: str, python: str, definitions: dict | None = None,
-                    lm_kwargs: dict | None = None) -> Pool:
+                    lm_kwargs: dict | None = None, ray: str | None = None) -> Pool:
+        """Start a pool: local worker processes, or (``ray`` not None) Ray actors on the cluster at that
+        address ("" for a local Ray instance)."""
         started = time.monotonic()
-        pool = Pool(workers=workers, lm=lm, lm_kwargs=lm_kwargs, python=python or None)
+        where = {} if ray is None else {"backend": "ray", "address": ray or None}
+        pool = Pool(workers=workers, lm=lm, lm_kwargs=lm_kwargs, python=python or None, **where)
         pool.definitions.update(definitions or {})
         pool.start()
         self.pools[name] = pool
         label = "" if name == DEFAULT_POOL else f" {name!r}"
-        print(f"dspex: pool{label} of {workers} workers ready (lm={lm!r}) in {time.monotonic() - started:.1f} s")
+        on = "" if ray is None else f", Ray actors at {ray or 'a local Ray instance'}"
+        print(f"dspex: pool{label} of {workers} workers ready (lm={lm!r}{on}) in {time.monotonic() - started:.1f} s")
         return pool
 
     def _start(self, args: argparse.Namespace) -> None:
@@ -260,7 +267,8 @@ class Dspex(Magics):
         if pool is not None and pool.running:
             print(f"dspex: pool {args.pool!r} is already running ({pool!r}); use %dspex restart to change it")
             return
-        self._start_pool(args.pool, args.workers or self.workers, args.lm or self.lm, args.python or self.python)
+        self._start_pool(args.pool, args.workers or self.workers, args.lm or self.lm, args.python or self.python,
+                         ray=args.ray)
 
     def _stop(self, args: argparse.Namespace) -> None:
         pool = self.pools.pop(args.pool, None)
@@ -278,7 +286,8 @@ class Dspex(Magics):
         old.shutdown()
         python = getattr(old.backend, "python", sys.executable)
         python = "" if python == sys.executable else python
-        self._start_pool(args.pool, old.size, old.lm, python, old.definitions, old.lm_kwargs)
+        ray = (old.backend.address or "") if old.backend.name == "ray" else None
+        self._start_pool(args.pool, old.size, old.lm, python, old.definitions, old.lm_kwargs, ray)
 
     def _status(self, args: argparse.Namespace) -> None:
         pool = self.pools.get(args.pool)

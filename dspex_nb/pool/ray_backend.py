@@ -85,7 +85,8 @@ class ActorProcess:
         self.actor = actor
         self.worker_id = worker_id
         self.pid = 0  # known from its first ping
-        self.node = ""
+        self.node = ""  # its node's IP address
+        self.node_id = ""  # and Ray's id of that node
         self.python = "ray actor"
         self.dead: str = ""  # why Ray says it is dead
 
@@ -146,7 +147,8 @@ class RayConnection:
 
     def ready(self) -> bool:
         try:
-            self.process.pid, _, self.process.node = ray.get(self.actor.ping.remote(), timeout=0.5)
+            self.process.pid, _, self.process.node, self.process.node_id = ray.get(self.actor.ping.remote(),
+                                                                                   timeout=0.5)
             return True
         except GetTimeoutError:
             return False
@@ -206,7 +208,7 @@ class _Ping:
 
     def result(self) -> int:
         try:
-            _, rss, _ = ray.get(self._ref, timeout=self._timeout)
+            _, rss, _, _ = ray.get(self._ref, timeout=self._timeout)
             return rss
         except RayActorError as err:
             self._conn.process.dead = self._conn.process.dead or str(err).splitlines()[0]

@@ -27,11 +27,11 @@ class RayWorker:
         self._calls: dict[str, tuple[Call, threading.Event]] = {}  # call id -> the call, and "it is over"
         self._lock = threading.Lock()
 
-    def ping(self) -> tuple[int, int, str]:
-        """pid, resident bytes, and the node's IP address."""
+    def ping(self) -> tuple[int, int, str, str]:
+        """pid, resident bytes, and its node: IP address and Ray node id."""
         import ray
 
-        return os.getpid(), rss_bytes(), ray.util.get_node_ip_address()
+        return os.getpid(), rss_bytes(), ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
 
     def describe(self) -> dict[str, Any]:
         return describe(self.state)

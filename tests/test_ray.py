@@ -1,0 +1,173 @@
+"""The Ray backend on a real two-node Ray cluster on this machine: `ray start --head` and a second
+`ray start --address` with resources of its own, each a process of this test (`--block`), ended by pid.
+
+A batch runs on actors of both nodes; an actor SIGKILLed mid-batch loses no item and returns none twice;
+tokens stream from an actor; a define reaches the actor that replaces a dead one; `%dspex start --ray`
+in a real IPython shell. Needs Ray (`pip install 'dspex_nb[ray]'`): without it the module skips and
+says why, unless DSPEX_REQUIRE_RAY=1 (set by .ci/run, which installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import TWO_STEP, wait_until
+
+REQUIRED = os.environ.get("DSPEX_REQUIRE_RAY") == "1"
+if not REQUIRED:
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'dspex_nb[ray]' to run the Ray tests")
+import ray  # noqa: E402
+
+from dspex_nb import Pool  # noqa: E402
+
+RAY = str(Path(sys.executable).with_name("ray"))
+# A loopback-only test cluster. Ray's token authentication is off for it: in this environment a cluster
+# started with `ray start` refused the driver's token (the same token, from RAY_AUTH_TOKEN or ~/.ray).
+LOOPBACK_CLUSTER = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_node(args: list[str], log: Path) -> subprocess.Popen:
+    """One Ray node, its daemons the children of this `ray start --block` (so one pid ends them all)."""
+    ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+             "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port"]
+    own = [f"{flag}={free_port()}" for flag in ports]  # two nodes on one machine: no shared default port
+    with open(log, "wb") as out:
+        return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--num-cpus=2",
+                                 "--node-ip-address=127.0.0.1", *own, *args],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **LOOPBACK_CLUSTER})
+
+
+def stop_node(node: subprocess.Popen) -> None:
+    node.send_signal(signal.SIGTERM)  # `ray start --block` ends its node's processes on the way out
+    try:
+        node.wait(30)
+    except subprocess.TimeoutExpired:
+        node.kill()
+        node.wait()
+    try:
+        os.killpg(node.pid, signal.SIGKILL)  # its session: whatever of that node is left
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """The address of a two-node cluster; this process is connected to it as a driver."""
+    temp = Path(tempfile.mkdtemp(prefix="dspex-ray-", dir="/tmp"))  # Ray's socket paths must stay short
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    saved = {name: os.environ.get(name) for name in LOOPBACK_CLUSTER}
+    os.environ.update(LOOPBACK_CLUSTER)  # this driver's
+    nodes = [start_node(["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}",
+                         f"--ray-client-server-port={free_port()}", '--resources={"head": 4}'], temp / "head.log")]
+    try:
+        wait_until(lambda: _connect(address), timeout=90, what="the Ray head to accept a driver")
+        nodes.append(start_node([f"--address={address}", '--resources={"second": 4}'], temp / "second.log"))
+        wait_until(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, timeout=90,
+                   what="the second Ray node to join")
+        yield address
+    finally:
+        ray.shutdown()
+        for node in reversed(nodes):
+            stop_node(node)
+        shutil.rmtree(temp, ignore_errors=True)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _connect(address: str) -> bool:
+    try:
+        ray.init(address=address, log_to_driver=False)
+        return True
+    except ConnectionError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def pool(cluster: str) -> Iterator[Pool]:
+    with Pool(workers=2, backend="ray", address=cluster, journal=False, health_interval=0.3) as p:
+        yield p
+
+
+def test_a_batch_runs_on_actors_of_both_nodes(pool: Pool) -> None:
+    nodes = {w.process.node_id for w in pool.workers}
+    assert nodes == {n["NodeID"] for n in ray.nodes() if n["Alive"]}, nodes  # one actor on each node
+    batch = pool.batch([f"question {i}?" for i in range(40)], "question -> answer")
+    outputs = batch.result(120)
+    assert [o["answer"].startswith(f"Demo LM answer to 'question {i}?'") for i, o in enumerate(outputs)] == [True] * 40
+    assert set(batch.snapshot()["by_worker"]) == {"w0", "w1"}  # items ran on both actors
+
+
+def test_tokens_stream_from_an_actor(pool: Pool) -> None:
+    pool.configure_lm("demo", answer_tokens=200)
+    try:
+        run = pool.run_stream("question -> answer", question="stream me")
+        tokens = [c for c in run if c.kind == "token"]
+        assert len(tokens) >= 100 and run.result().answer == "".join(c["text"] for c in tokens).strip()
+    finally:
+        pool.configure_lm("demo")
+
+
+def test_an_actor_killed_mid_batch_loses_no_item(pool: Pool) -> None:
+    pool.configure_lm("demo", ttft=0.2)
+    try:
+        batch = pool.batch([f"item {i}?" for i in range(60)], "question -> answer")
+        wait_until(lambda: batch.snapshot()["ok"] >= 5, timeout=60, what="the batch to make progress")
+        victim = next(w for w in pool.workers if w.id == "w0")
+        old_pid = victim.process.pid
+        pool.kill_worker("w0", signal.SIGKILL)
+        outputs = batch.result(180)
+        records = [r for r in batch.records if r is not None]
+        assert sorted(r["index"] for r in records) == list(range(60))  # every item, each once
+        assert all(r["ok"] for r in records) and len(outputs) == 60
+        replaced = wait_until(lambda: [w for w in pool.workers if w.id == "w0" and w.state == "ready"
+                                       and w.process.pid != old_pid], timeout=120, what="w0 to be replaced")
+        assert replaced[0].restarts >= 1
+    finally:
+        pool.configure_lm("demo")
+
+
+def test_a_define_reaches_the_actor_that_replaces_a_dead_one(pool: Pool) -> None:
+    pool.define("TwoStep", TWO_STEP)
+    old_pid = next(w for w in pool.workers if w.id == "w1").process.pid
+    pool.kill_worker("w1", signal.SIGKILL)
+    wait_until(lambda: [w for w in pool.workers if w.id == "w1" and w.state == "ready" and w.process.pid != old_pid],
+               timeout=120, what="w1 to be replaced")
+    out = pool.execute("run_module", {"name": "TwoStep", "inputs": {"question": "Why?"}}, worker="w1")
+    assert out["answer"].startswith("Demo LM answer to")
+
+
+def test_dspex_start_ray_in_an_ipython_shell(cluster: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_cell("%load_ext dspex_nb")
+    try:
+        ip.run_cell(f"%dspex start --ray {cluster} -n 2 --pool onray")
+        ip.run_cell('%%dspex predict "question -> answer" --pool onray -o ans\nWhere does it run?')
+        out = capsys.readouterr().out
+        assert f"dspex: pool 'onray' of 2 workers ready (lm='demo', Ray actors at {cluster})" in out
+        assert ip.user_ns["ans"].answer.startswith("Demo LM answer to 'Where does it run?'")
+    finally:
+        ip.run_cell("%dspex stop --pool onray")
+        ip.run_cell("%unload_ext dspex_nb")

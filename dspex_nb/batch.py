@@ -298,13 +298,13 @@ class BatchRun(Handle):
 
     def _finish(self) -> None:
         self.finished = time.monotonic()
-        self._done.set()
+        self._settle()
 
     def _restarts(self) -> int:
         return sum(row["restarts"] for row in self.pool.status())
 
     # -- caller side ----------------------------------------------------------------------
-    def cancel(self) -> None:
+    def _cancel(self) -> None:
         """Stop the batch: running shards are cancelled on their workers, queued ones never start."""
         self._cancelled = True
         self._stop_runs()

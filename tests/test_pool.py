@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import threading
 
 import pytest
@@ -210,3 +212,33 @@ def test_stop_stream_from_the_callback(pool: Pool) -> None:
     run = pool.execute_stream("count", {"n": 100_000, "delay": 0.001}, on_chunk=stop_at_five)
     assert run.wait(20) and run.status == "cancelled" and run.error is None
     assert len(run.chunks) < 100_000
+
+
+def test_runs_and_batches_are_futures(pool: Pool) -> None:
+    """concurrent.futures.wait / as_completed, done callbacks, and Future.cancel stopping the remote work."""
+    runs = [pool.execute_stream("count", {"n": 3}) for _ in range(4)]
+    called: list = []
+    runs[0].add_done_callback(called.append)
+    done, not_done = concurrent.futures.wait(runs, timeout=60)
+    assert set(done) == set(runs) and not not_done
+    assert called == [runs[0]] and all(r.done() and r.done and not r.cancelled() for r in runs)
+    assert {r.result()["count"] for r in concurrent.futures.as_completed(runs, timeout=60)} == {3}
+    batch = pool.batch(["a?", "b?"], "question -> answer")
+    assert next(concurrent.futures.as_completed([batch], timeout=60)) is batch and len(batch.result()) == 2
+    sleeping = pool.execute_stream("sleep", {"seconds": 60})
+    assert sleeping.cancel() is True
+    concurrent.futures.wait([sleeping], timeout=20)
+    assert sleeping.cancelled() and sleeping.status == "cancelled" and sleeping.cancel() is False
+
+
+def test_runs_and_batches_can_be_awaited(pool: Pool) -> None:
+    async def main() -> tuple[list, list[str], list]:
+        answers = await asyncio.gather(*(pool.run_async("question -> answer", question=f"q{i}?") for i in range(3)))
+        kinds = [chunk.kind async for chunk in pool.execute_stream("count", {"n": 2})]
+        outputs = await pool.batch(["x?", "y?"], "question -> answer")
+        return answers, kinds, outputs
+
+    answers, kinds, outputs = asyncio.run(main())
+    assert [a.answer.startswith(f"Demo LM answer to 'q{i}?'") for i, a in enumerate(answers)] == [True] * 3
+    assert kinds == ["item", "item", "final"]
+    assert [o["answer"][:22] for o in outputs] == ["Demo LM answer to 'x?'", "Demo LM answer to 'y?'"]

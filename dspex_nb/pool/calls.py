@@ -7,10 +7,12 @@ and cancelled at any point; blocking waits happen in short slices so Ctrl-C canc
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -82,26 +84,87 @@ def wait_interruptibly(event: threading.Event, timeout: float | None, on_interru
     return True
 
 
-class Handle:
-    """What a streaming ``Run`` and a ``BatchRun`` share: done, status, error, elapsed, wait.
+class Flag:
+    """A bool that can also be called, so ``run.done`` and a Future's ``run.done()`` both read it."""
 
-    A subclass sets ``finished`` and then ``_done`` when it ends, and implements ``cancel()``.
+    __slots__ = ("value",)
+
+    def __init__(self, value: bool) -> None:
+        self.value = value
+
+    def __bool__(self) -> bool:
+        return self.value
+
+    def __call__(self) -> bool:
+        return self.value
+
+    def __eq__(self, other: object) -> bool:
+        return self.value == other
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class Handle(concurrent.futures.Future):
+    """What a streaming ``Run`` and a ``BatchRun`` share: done, status, error, elapsed, wait; and, as a
+    ``concurrent.futures.Future``, ``concurrent.futures.wait`` / ``as_completed``, ``add_done_callback``
+    and ``await`` (``asyncio.wrap_future``). ``cancel()`` stops the remote work.
+
+    A subclass sets ``finished``, then calls ``_settle()`` when it ends, and implements ``_cancel()``.
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self._done = threading.Event()
         self._cancelled = False
         self._error: BaseException | None = None
         self.started = time.monotonic()
         self.finished: float | None = None
 
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
+    @property  # type: ignore[override]
+    def done(self) -> Flag:
+        return Flag(self._done.is_set())
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
+    @property  # type: ignore[override]
+    def cancelled(self) -> Flag:
+        """Whether it was cancelled (it may still be ending)."""
+        return Flag(self._cancelled)
+
+    def running(self) -> bool:
+        return not self._done.is_set()
+
+    def _settle(self) -> None:
+        """It has ended: wake its waiters, then settle the Future (callbacks, ``wait``, ``as_completed``)."""
+        self._done.set()
+        if self._cancelled and self._error is None:
+            concurrent.futures.Future.cancel(self)
+            self.set_running_or_notify_cancel()
+        elif self._error is not None:
+            self.set_exception(self._error)
+        else:
+            self.set_result(None)  # the value is this handle's own ``result()``
+
+    def cancel(self) -> bool:
+        """Stop the remote work; False when it had already ended."""
+        if self._done.is_set():
+            return False
+        self._cancel()
+        return True
+
+    def _cancel(self) -> None:
+        raise NotImplementedError
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self.wait(timeout):
+            raise TimeoutError(f"still running after {timeout} s")
+        return self._error
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        """``await run`` (or ``await batch``): its ``result()``, without blocking the event loop."""
+        return asyncio.wrap_future(self).__await__()
 
     @property
     def status(self) -> str:
@@ -119,9 +182,6 @@ class Handle:
     @property
     def elapsed(self) -> float:
         return (self.finished or time.monotonic()) - self.started
-
-    def cancel(self) -> None:
-        raise NotImplementedError
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until it ends; Ctrl-C cancels it. False when ``timeout`` passed first."""
@@ -183,6 +243,7 @@ class Run(Handle):
                 self._done.set()
                 self._cond.notify_all()
             self._on_done(self)
+            self._settle()
 
     def _add(self, chunks: list[Chunk]) -> None:
         """Keep the chunks of one message (one lock, one wake-up); note the final result or error."""
@@ -215,11 +276,10 @@ class Run(Handle):
             return self.chunks[start:], self.received
 
     # -- caller side -----------------------------------------------------------------
-    def cancel(self) -> None:
+    def _cancel(self) -> None:
         """Cancel the call; the worker stops the tool (no further LM calls for it)."""
-        if not self.done:
-            self._cancelled = True
-            self._source.cancel()
+        self._cancelled = True
+        self._source.cancel()
 
     @property
     def tokens(self) -> tuple[int, int]:
@@ -240,6 +300,23 @@ class Run(Handle):
         if self._error is not None:
             raise self._error
         return self._final if self.decode is None else self.decode(self._final)
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        """``async for chunk in run``: every chunk, from the first, without blocking the event loop."""
+        index = 0
+        while True:
+            done = self.done  # read before the chunks, so the last ones are always seen
+            chunks, index = self.read(index)
+            for chunk in chunks:
+                yield chunk
+            if done and not chunks:
+                return
+            if not chunks:
+                await asyncio.to_thread(self._wait_for, index)
+
+    def _wait_for(self, index: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.received > index or self.done, timeout=WAIT_SLICE * 5)
 
     def __iter__(self) -> Iterator[Chunk]:
         """Every chunk, from the first, as it arrives; ends with the stream. Ctrl-C cancels."""

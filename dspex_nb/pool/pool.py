@@ -425,6 +425,11 @@ class Pool(Supervision):
         kernel: a ``dspy.Prediction`` with the fields' own types (pydantic models, enums, datetimes...)."""
         return self.call(program, inputs)
 
+    async def run_async(self, program: Any, /, **inputs: Any) -> Any:
+        """``run`` for asyncio: the same value, awaited without blocking the event loop, so that
+        ``asyncio.gather`` runs several at once on the pool."""
+        return await self.run_stream(program, **inputs)
+
     def run_stream(self, program: Any, /, **inputs: Any) -> Run:
         """``run`` as a stream: a ``Run`` whose chunks are the tokens of each field, and whose ``result()`` is
         the same value ``run`` returns."""

@@ -175,7 +175,7 @@ class BatchRun(Handle):
                     return row["worker"]
             if not self.pool.running:
                 raise PoolClosed("the pool was shut down during the batch")
-            time.sleep(0.05)
+            self.pool.wait_for_change(0.5)  # a call ended or a worker changed state
         raise Cancelled("the batch was cancelled")
 
     def _run_shard(self, shard: list[int]) -> None:
@@ -186,6 +186,7 @@ class BatchRun(Handle):
         finally:
             with self._lock:
                 self._placed[worker].remove(retry)
+            self.pool.notify_change()  # a shard waiting for this worker may go
 
     def _run_shard_on(self, worker: str, shard: list[int]) -> None:
         pending = set(shard)

@@ -267,6 +267,16 @@ class Pool(Supervision):
     def _states(self) -> dict[str, str]:
         return {w.id: f"{w.state}, {w.in_flight} in flight" for w in self.workers}
 
+    def wait_for_change(self, timeout: float) -> None:
+        """Wait until a call ends, a worker changes state or ``notify_change()`` is called (or ``timeout``
+        passes): for a caller that places work itself, instead of polling."""
+        with self._lock:
+            self._lock.wait(timeout)
+
+    def notify_change(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
     @property
     def queue_length(self) -> int:
         """Calls waiting for a worker with room."""

@@ -34,13 +34,13 @@ CLAIM_POLL = 0.5  # seconds between looks at the journal for items another run c
 TRANSIENT_LM_ERRORS = frozenset({"LMTransportError", "LMTimeoutError", "LMServerError", "LMRateLimitError"})
 
 if TYPE_CHECKING:
-    from dspex_nb.pool.pool import Pool
+    from dspex_nb.pool.executor import Executor
 
 
 class BatchRun(Handle):
     """A running batch: ``result()``, ``cancel()``, ``snapshot()`` for progress, ``records`` as they arrive."""
 
-    def __init__(self, pool: Pool, items: Sequence[Any], *, signature: str, module: str, concurrency: int,
+    def __init__(self, pool: Executor, items: Sequence[Any], *, signature: str, module: str, concurrency: int,
                  shard_size: int | None, max_retries: int, timeout: float | None, item_timeout: float | None,
                  on_item: Callable[[dict[str, Any]], Any] | None, journal: Journal | None,
                  program: dict[str, Any]) -> None:

@@ -56,7 +56,9 @@ class RayBackend:
 
     def spawn(self, worker_id: str, generation: int, spec: WorkerSpec) -> RayConnection:
         resources = dict(self.resources)
-        options: dict[str, Any] = {"num_cpus": resources.pop("CPU", 1), "scheduling_strategy": "SPREAD"}
+        options: dict[str, Any] = {"scheduling_strategy": "SPREAD"}  # Ray's default: a CPU to place it, none held
+        if "CPU" in resources:
+            options["num_cpus"] = resources.pop("CPU")
         if "GPU" in resources:
             options["num_gpus"] = resources.pop("GPU")
         if resources:
@@ -117,7 +119,8 @@ class ActorProcess:
                 os.kill(self.pid, sig)
 
     def log_tail(self, lines: int = 30) -> str:
-        return "(the actor's output is in Ray's logs: `ray logs` or the Ray dashboard)"
+        return ("(the actor's output is in Ray's logs: `ray logs` or the Ray dashboard; an actor that never starts "
+                "may be waiting for the resources it asks for: `ray status`)")
 
     def start_failure(self, worker_id: str) -> Exception:
         return WorkerStartError(f"Ray actor {worker_id} could not start: {self.dead}")

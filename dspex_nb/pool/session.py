@@ -10,7 +10,7 @@ from dspex_nb.errors import DspexError
 from dspex_nb.pool.calls import Run
 
 if TYPE_CHECKING:
-    from dspex_nb.pool.pool import Pool
+    from dspex_nb.pool.executor import Executor
 
 
 class Session:
@@ -19,7 +19,7 @@ class Session:
     ``with pool.session() as s:`` closes it at the end: its objects are dropped on the worker.
     """
 
-    def __init__(self, pool: Pool, worker: str, affinity: str = "hint") -> None:
+    def __init__(self, pool: Executor, worker: str, affinity: str = "hint") -> None:
         self.pool = pool
         self.worker = worker
         self.affinity = affinity

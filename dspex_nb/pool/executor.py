@@ -1,0 +1,38 @@
+"""What the layers above the pool (batches, sessions, the UI) need of it: the ``Executor`` protocol.
+
+``Pool`` implements it, whatever its backend (local processes or Ray actors); ``BatchRun`` and ``Session``
+are written against this protocol, not against ``Pool``, so nothing in ``pool/`` depends on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from dspex_nb.pool.calls import Chunk, Run
+
+
+class Executor(Protocol):
+    size: int  # worker slots
+
+    @property
+    def running(self) -> bool: ...
+
+    def status(self) -> list[dict[str, Any]]:
+        """Per worker slot: id ("worker"), state, in_flight, counters."""
+
+    def execute(self, tool: str, args: dict[str, Any] | None = None, *, timeout: float | None = None,
+                worker: str | None = None, session_id: str = "", affinity: str = "strict_queue") -> Any: ...
+
+    def execute_stream(self, tool: str, args: dict[str, Any] | None = None, *,
+                       on_chunk: Callable[[Chunk], Any] | None = None, timeout: float | None = None,
+                       worker: str | None = None, session_id: str = "", affinity: str = "strict_queue",
+                       keep_chunks: int | None = ...) -> Run: ...
+
+    def check_worker(self, worker_id: str, why: str) -> bool:
+        """Ping one worker now; replace it when it does not answer."""
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Wait until a call ends or a worker changes state (or ``timeout`` passes)."""
+
+    def notify_change(self) -> None: ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dspex_nb.ui.progress import batch_line
-from dspex_nb.ui.widgets import _bar_style
+from dspex_nb.ui.widgets import _bar_style, _table
 
 
 def snap(status: str, ok: int, failed: int, total: int = 120) -> dict:
@@ -25,3 +25,11 @@ def test_the_bar_colour_follows_the_shares(status: str, ok: int, failed: int, st
 def test_a_cancelled_batch_says_so() -> None:
     assert batch_line(snap("cancelled", 48, 0)).startswith("cancelled · 48/120 items")
     assert batch_line(snap("running", 48, 0)).startswith("48/120 items")
+
+
+def test_a_long_row_is_shortened_with_the_whole_text_one_click_away() -> None:
+    long = "Demo LM answer: " + "word " * 200
+    table = _table(["item", "result"], [["1", "short"], ["2", long]], "latest results")
+    assert "<caption" in table and ">latest results</caption>" in table
+    assert "<td style='padding-right:1em'>short</td>" in table
+    assert f"<summary>{long[:89]}…</summary>" in table and f">{long}</div></details>" in table

@@ -36,10 +36,18 @@ def _table(columns: tuple[str, ...] | list[str], rows: list[list[str]], title: s
     """A titled HTML table that scrolls sideways in a narrow window rather than clipping its columns."""
     caption = f"<caption style='text-align:left;font-weight:bold'>{html.escape(title)}</caption>" if title else ""
     head = "".join(f"<th style='text-align:left;padding-right:1em'>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td style='padding-right:1em'>{html.escape(v)}</td>" for v in row) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td style='padding-right:1em'>{_cell(v)}</td>" for v in row) + "</tr>"
                    for row in rows)
     return (f"<div style='overflow-x:auto'><table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
             "</table></div>")
+
+
+def _cell(text: str, width: int = 90) -> str:
+    """A table cell: short text as it is; longer text shortened, the whole of it one click away."""
+    if len(text) <= width:
+        return html.escape(text)
+    return (f"<details><summary>{html.escape(text[:width - 1])}…</summary>"
+            f"<div style='{PROSE}'>{html.escape(text)}</div></details>")
 
 
 def stop_button(action: Callable[[], Any]) -> w.Button:
@@ -179,7 +187,7 @@ class BatchDashboard(View):
         self.counts = w.HTML()
         self.workers = w.HTML()
         self.latest = w.HTML()
-        self.errors = w.HTML()
+        self.errors = w.HTML(layout={"max_height": "16em", "overflow_y": "auto"})
         self.error_box = w.Accordion(children=[self.errors], titles=("errors (0)",), layout={"display": "none"})
         self.stop = stop_button(batch.cancel)
         self.root = w.VBox([w.HTML(f"<b>{html.escape(title)}</b>"), w.HBox([self.bar, self.stop]), self.counts,
@@ -200,10 +208,11 @@ class BatchDashboard(View):
         arrived = batch.arrived[:]
         latest = [batch.records[i] for i in arrived[-LATEST_ROWS:]]
         _set(self.latest, value=_table(["item", "worker", "result"], [
-            [str(r["index"]), str(r.get("worker", "")), _short(r)] for r in reversed(latest) if r], "latest results"))
+            [str(r["index"]), str(r.get("worker", "")), _result_text(r)] for r in reversed(latest) if r],
+            "latest results"))
         failed = [r for i in arrived if (r := batch.records[i]) and not r["ok"]]
-        _set(self.errors, value="<br>".join(f"#{r['index']}: {html.escape(progress.error_line(r))}"
-                                            for r in failed[:200]))
+        _set(self.errors, value=_table(["item", "error"], [[str(r["index"]), progress.error_line(r)]
+                                                           for r in failed[:200]]))
         self.error_box.set_title(0, f"errors ({len(failed)})")
         _set(self.error_box.layout, display="" if failed else "none")  # no "errors (0)"
         if done:
@@ -220,7 +229,7 @@ class BatchDashboard(View):
                       for kind, n, color in (("ok", snap["ok"], "#2e7d32"), ("failed", snap["failed"], "#c62828"),
                                              ("cancelled", cancelled, "#9e9e9e")) if n)
         failed = [r for r in self.batch.records if r is not None and not r["ok"]]
-        errors = "".join(f"<li>#{r['index']}: {html.escape(progress.error_line(r)[:300])}</li>" for r in failed[:50])
+        errors = "".join(f"<li>#{r['index']}: {_cell(progress.error_line(r), 300)}</li>" for r in failed[:50])
         details = (f"<details><summary>errors ({len(failed)})</summary><ul style='max-height:16em;overflow-y:auto'>"
                    f"{errors}</ul></details>" if failed else "")
         warning = f"<div>warning: {html.escape(snap['warning'])}</div>" if snap["warning"] else ""
@@ -239,11 +248,10 @@ def _bar_style(snap: dict[str, Any]) -> str:
     return "success" if snap["status"] == "done" else "info"
 
 
-def _short(record: dict[str, Any], width: int = 90) -> str:
+def _result_text(record: dict[str, Any]) -> str:
     if not record["ok"]:
         return "✗ " + progress.error_line(record)
-    text = "; ".join(f"{k}: {v}" for k, v in progress.shown_fields(record["result"]).items())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return "; ".join(f"{k}: {v}" for k, v in progress.shown_fields(record["result"]).items())
 
 
 class PoolDashboard(View):

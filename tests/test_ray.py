@@ -76,10 +76,11 @@ def cluster() -> Iterator[str]:
     saved = {name: os.environ.get(name) for name in LOOPBACK_CLUSTER}
     os.environ.update(LOOPBACK_CLUSTER)  # this driver's
     nodes = [start_node(["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}",
-                         f"--ray-client-server-port={free_port()}", '--resources={"head": 4}'], temp / "head.log")]
+                         f"--ray-client-server-port={free_port()}", '--resources={"head": 4, "slot": 1}'],
+                        temp / "head.log")]
     try:
         wait_until(lambda: _connect(address), timeout=90, what="the Ray head to accept a driver")
-        nodes.append(start_node([f"--address={address}", '--resources={"second": 4}'], temp / "second.log"))
+        nodes.append(start_node([f"--address={address}", '--resources={"second": 4, "slot": 1}'], temp / "second.log"))
         wait_until(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, timeout=90,
                    what="the second Ray node to join")
         yield address
@@ -105,7 +106,9 @@ def _connect(address: str) -> bool:
 
 @pytest.fixture(scope="module")
 def pool(cluster: str) -> Iterator[Pool]:
-    with Pool(workers=2, backend="ray", address=cluster, journal=False, health_interval=0.3) as p:
+    # each node has one "slot": one actor on each, whatever Ray's SPREAD would have done
+    with Pool(workers=2, backend="ray", address=cluster, journal=False, health_interval=0.3,
+              resources={"slot": 1}) as p:
         yield p
 
 
@@ -171,3 +174,32 @@ def test_dspex_start_ray_in_an_ipython_shell(cluster: str, capsys: pytest.Captur
     finally:
         ip.run_cell("%dspex stop --pool onray")
         ip.run_cell("%unload_ext dspex_nb")
+
+
+def test_a_pool_starts_a_local_ray_of_its_own_and_ends_it() -> None:
+    """Without an address the pool starts a Ray instance, and shutting the pool down ends it: nothing is
+    left in the session of the process that used it."""
+    code = ("from dspex_nb import Pool\n"
+            "with Pool(workers=1, backend='ray', journal=False) as p:\n"
+            "    print(p.execute('echo', {'x': 1}), flush=True)\n"
+            "import ray\n"
+            "print(ray.is_initialized())\n")
+    env = {**os.environ, **LOOPBACK_CLUSTER}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert out == "{'x': 1}\nFalse\n", err[-3000:]
+
+    def session_empty() -> bool:
+        try:
+            os.killpg(proc.pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+
+    wait_until(session_empty, timeout=30, what="the pool's Ray instance to end")

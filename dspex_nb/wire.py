@@ -7,6 +7,12 @@ from pathlib import Path
 
 LM_KWARGS_ENV = "DSPEX_LM_KWARGS"  # the worker's dspy.LM settings, as JSON (not on argv: they may hold a key)
 KERNEL_ENV = "DSPEX_KERNEL"  # "pid:start time" of the kernel that owns a template and its workers
+EXIT_MISSING_DEPENDENCIES = 3  # a worker (or template) that cannot import what it needs exits with this
+
+
+def message_options(limit: int) -> list[tuple[str, int]]:
+    """gRPC channel and server options: messages of up to ``limit`` bytes, both ways."""
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
 def health_address(address: str) -> str:

@@ -24,7 +24,7 @@ from dspex_nb.pool.calls import Chunk
 from dspex_nb.pool.connection import ConnectionClosed, Died, WorkerSpec, left
 from dspex_nb.pool.process import ProcessHandle, WorkerProcess, interpreter, worker_env
 from dspex_nb.pool.template import FORK_TIMEOUT, Template
-from dspex_nb.wire import LM_KWARGS_ENV, health_address
+from dspex_nb.wire import LM_KWARGS_ENV, health_address, message_options
 
 RECONNECT = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
              ("grpc.max_reconnect_backoff_ms", 500)]  # a replaced worker's socket is back within ms
@@ -109,9 +109,7 @@ class GrpcConnection:
         self.worker_id = worker_id
         self.process = process
         self.address = address
-        limit = max_message_bytes
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit), *RECONNECT])
+        self.channel = grpc.insecure_channel(address, options=[*message_options(max_message_bytes), *RECONNECT])
         self.stub = bridge_pb2_grpc.BridgeStub(self.channel)
         self.health_channel = grpc.insecure_channel(health_address(address), options=RECONNECT)
         self.health = bridge_pb2_grpc.BridgeStub(self.health_channel)

@@ -14,9 +14,7 @@ import os
 import sys
 
 from dspex_nb import deps
-from dspex_nb.wire import LM_KWARGS_ENV
-
-EXIT_MISSING_DEPENDENCIES = 3
+from dspex_nb.wire import EXIT_MISSING_DEPENDENCIES, LM_KWARGS_ENV
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,18 +15,13 @@ from typing import Any
 import grpc
 
 from dspex_nb._proto import bridge_pb2_grpc
-from dspex_nb.wire import KERNEL_ENV, health_address, kernel_gone
+from dspex_nb.wire import KERNEL_ENV, health_address, kernel_gone, message_options
 from dspex_nb.worker import dspy_tools, tools  # noqa: F401  (importing registers the tools)
 from dspex_nb.worker.limits import LimitLMCalls, RateLimiter
 from dspex_nb.worker.server import Bridge
 from dspex_nb.worker.state import WorkerState
 
 KERNEL_POLL = 0.5  # seconds between checks that the owning kernel still runs
-
-
-def message_options(max_message_mb: int) -> list[tuple[str, int]]:
-    limit = max_message_mb * 2**20
-    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
 def _exit_when_stdin_closes() -> None:
@@ -68,7 +63,7 @@ def serve(address: str, *, worker_id: str, run_id: str, lm: str, lm_kwargs: dict
     state = new_state(worker_id=worker_id, run_id=run_id, lm=lm, lm_kwargs=lm_kwargs,
                       max_message_bytes=max_message_mb * 2**20, rate_limit=rate_limit, session_ttl=session_ttl)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-                         options=message_options(max_message_mb))
+                         options=message_options(max_message_mb * 2**20))
     bridge = Bridge(state)
     bridge_pb2_grpc.add_BridgeServicer_to_server(bridge, server)
     server.add_insecure_port(address)

@@ -24,9 +24,7 @@ import time
 import traceback
 
 from dspex_nb import deps
-from dspex_nb.wire import KERNEL_ENV, kernel_gone
-
-EXIT_MISSING_DEPENDENCIES = 3
+from dspex_nb.wire import EXIT_MISSING_DEPENDENCIES, KERNEL_ENV, kernel_gone
 
 
 def _child(request: dict, watch: int, other_watches: list[int]) -> None:

@@ -251,7 +251,7 @@ def test_a_finished_stream_leaves_its_answer_in_the_saved_output(kernel: Kernel)
     answer = kernel.value("p.answer").strip("'\"")
     assert "application/vnd.jupyter.widget-view+json" not in data  # live widgets only while live
     assert f"answer: {answer}" in data["text/plain"] and "reasoning: " in data["text/plain"]
-    assert html.escape(answer) in data["text/html"] and "done · " in data["text/html"]
+    assert answer in html.unescape(data["text/html"]) and "done · " in data["text/html"]
 
 
 def test_a_finished_batch_leaves_its_summary_in_the_saved_output(kernel: Kernel) -> None:

@@ -45,6 +45,6 @@ with Pool(workers=1, journal=False) as pool:
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    assert ("refused: display mode 'widgets' needs ipywidgets and anywidget: "
+    assert ("refused: display mode 'widgets' needs ipywidgets, anywidget and markdown-it-py: "
             "pip install 'dspex_nb[widgets]'") in done.stdout
     assert "batch done: 2 items, 2 ok, 0 failed" in done.stdout

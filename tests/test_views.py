@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dspex_nb.ui.progress import batch_line
-from dspex_nb.ui.widgets import _bar_style, _table
+from dspex_nb.ui.widgets import _bar_style, _field_html, _table
 
 
 def snap(status: str, ok: int, failed: int, total: int = 120) -> dict:
@@ -33,3 +33,9 @@ def test_a_long_row_is_shortened_with_the_whole_text_one_click_away() -> None:
     assert "<caption" in table and ">latest results</caption>" in table
     assert "<td style='padding-right:1em'>short</td>" in table
     assert f"<summary>{long[:89]}…</summary>" in table and f">{long}</div></details>" in table
+
+
+def test_a_finished_answer_is_markdown_and_its_html_stays_text() -> None:
+    shown = _field_html("answer", "A **bold** claim <script>alert(1)</script>\n\n```python\nprint(1)\n```")
+    assert "<strong>bold</strong>" in shown and '<pre><code class="language-python">print(1)' in shown
+    assert "<script>" not in shown and "&lt;script&gt;alert(1)&lt;/script&gt;" in shown

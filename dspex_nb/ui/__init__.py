@@ -17,7 +17,8 @@ def live_frontend(mode: str = "auto") -> bool:
     if mode not in MODES:
         raise ValueError(f"display mode must be one of {MODES}, got {mode!r}")
     if mode == "widgets" and not _have_widgets():
-        raise ImportError("display mode 'widgets' needs ipywidgets and anywidget: pip install 'dspex_nb[widgets]'")
+        raise ImportError("display mode 'widgets' needs ipywidgets, anywidget and markdown-it-py: "
+                          "pip install 'dspex_nb[widgets]'")
     if mode != "auto":
         return mode == "widgets"
     if os.environ.get("DSPEX_NONINTERACTIVE", "") not in ("", "0"):
@@ -34,6 +35,6 @@ def live_frontend(mode: str = "auto") -> bool:
 
 def _have_widgets() -> bool:
     try:
-        return all(importlib.util.find_spec(name) is not None for name in ("ipywidgets", "anywidget"))
+        return all(importlib.util.find_spec(name) is not None for name in ("ipywidgets", "anywidget", "markdown_it"))
     except (ImportError, ValueError):  # ValueError: sys.modules["ipywidgets"] is None (blocked)
         return False

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as w
+from markdown_it import MarkdownIt
 
 from dspex_nb.batch import BatchRun
 from dspex_nb.pool.calls import Run
@@ -169,10 +170,14 @@ class StreamView(View):
 
 
 def _field_html(name: str, value: str) -> str:
-    return f"<div><b>{html.escape(name)}</b><div style='{PROSE}'>{html.escape(value)}</div></div>"
+    """A finished field: its text as markdown (prose wraps, code stays monospace; raw HTML in the text is
+    shown as text, never run), in a box of bounded height."""
+    return f"<div><b>{html.escape(name)}</b><div class='dspex-prose' style='{BOX}'>{MARKDOWN.render(value)}</div></div>"
 
 
-PROSE = "white-space:pre-wrap;word-break:normal;overflow-wrap:anywhere;max-height:24em;overflow-y:auto"
+BOX = "overflow-wrap:anywhere;max-height:24em;overflow-y:auto"
+PROSE = f"white-space:pre-wrap;word-break:normal;{BOX}"  # live text, as it streams
+MARKDOWN = MarkdownIt("commonmark", {"html": False})
 MUTED = "opacity:0.75;font-size:0.9em"
 
 

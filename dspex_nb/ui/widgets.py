@@ -146,7 +146,7 @@ class StreamView(View):
                 self.step_views[step] = (w.HTML(), w.VBox())
                 self.fields.children = (*self.fields.children, w.VBox(list(self.step_views[step])))
             heading, box = self.step_views[step]
-            _set(heading, value=f"<b>{html.escape(step)}</b>" if several else "")
+            _set(heading, value=_step_html(step) if several else "")
             for name, value in group.items():
                 view = self.field_views.get((step, name))
                 if view is None:
@@ -160,13 +160,18 @@ class StreamView(View):
 
     def static(self) -> dict[str, str]:
         several = len(self.text.groups) > 1
-        steps = "".join((f"<div><b>{html.escape(step)}</b></div>" if several else "")
+        steps = "".join((_step_html(step) if several else "")
                         + "".join(_field_html(name, value) for name, value in group.items())
                         for step, group in self.text.groups.items())
         summary = self.text.summary()
         return {"text/html": f"<div class='dspex-run'>{self.title.value}{steps}<div style='{MUTED}'>"
                              f"{html.escape(summary)}</div></div>",
                 "text/plain": "\n".join([*self.text.lines(), summary])}
+
+
+def _step_html(step: str) -> str:
+    """A step's title (a multi-step module's predictor), set apart from the field names under it."""
+    return f"<div class='dspex-step' style='{STEP}'>step <b>{html.escape(step)}</b></div>"
 
 
 def _field_html(name: str, value: str) -> str:
@@ -176,6 +181,7 @@ def _field_html(name: str, value: str) -> str:
 
 
 BOX = "overflow-wrap:anywhere;max-height:24em;overflow-y:auto"
+STEP = "margin-top:0.6em;border-bottom:1px solid rgba(128,128,128,0.4);opacity:0.85"
 PROSE = f"white-space:pre-wrap;word-break:normal;{BOX}"  # live text, as it streams
 MARKDOWN = MarkdownIt("commonmark", {"html": False})
 MUTED = "opacity:0.75;font-size:0.9em"

@@ -12,8 +12,8 @@ from dspex_nb import deps
 
 deps.require("grpcio", "protobuf", where=f"this kernel's Python ({sys.executable})")
 
+from dspex_nb.client import Pool  # noqa: E402
 from dspex_nb.pool.calls import Chunk, Run  # noqa: E402
-from dspex_nb.pool.pool import Pool  # noqa: E402
 from dspex_nb.pool.session import Session  # noqa: E402
 
 __all__ = ["Chunk", "Pool", "Run", "Session"]

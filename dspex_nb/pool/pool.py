@@ -16,13 +16,10 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
-from functools import partial
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from dspex_nb import programs, redact, typed
-from dspex_nb.batch import BatchRun
+from dspex_nb import redact, typed
 from dspex_nb.errors import (
     DspexError,
     PoolClosed,
@@ -32,7 +29,6 @@ from dspex_nb.errors import (
     WorkerBusy,
     WorkerStartError,
 )
-from dspex_nb.journal import Journal
 from dspex_nb.pool import settings
 from dspex_nb.pool.calls import KEEP_CHUNKS, Chunk, Run, encode_args
 from dspex_nb.pool.connection import Backend, ConnectionClosed, WorkerSpec
@@ -49,19 +45,15 @@ DEFAULT_START = "template" if sys.platform == "linux" else "spawn"
 BACKENDS = ("local", "ray")
 
 
-class Pool(Supervision):
-    """A pool of DSPy worker processes.
-
-    >>> with Pool(workers=2, lm="demo") as pool:
-    ...     pool.execute("echo", {"x": 1})
-    {'x': 1}
-    """
+class WorkerPool(Supervision):
+    """The executor: N supervised workers (on a backend) behind calls to their tools. ``dspex_nb.Pool`` adds
+    DSPy programs, batches and the journal on top of it."""
 
     def __init__(self, workers: int = 2, *, lm: str = "demo", lm_kwargs: dict[str, Any] | None = None,
                  python: str | None = None, max_message_mb: int = 64, health_interval: float = 0.5,
                  ping_timeout: float = 5.0, start_timeout: float = 60.0, env: dict[str, str] | None = None,
                  concurrency: int = 4, rate_limit: float | None = None,
-                 journal: Journal | str | Path | bool = True, otel: bool = False, max_in_flight: int = 8,
+                 otel: bool = False, max_in_flight: int = 8,
                  max_queue: int = 1000, queue_timeout: float = 60.0, session_ttl: float = 3600.0,
                  max_requests: int | None = None, ttl: float | None = None,
                  max_memory_mb: float | None = None, start: str = DEFAULT_START, backend: str = "local",
@@ -98,8 +90,6 @@ class Pool(Supervision):
         self.env = env
         self.concurrency = concurrency
         self.rate_limit = rate_limit
-        self._journal_setting = journal
-        self._journal: Journal | None = None
         self.telemetry = Telemetry(otel)
         self.max_in_flight = max_in_flight
         self.max_queue = max_queue
@@ -121,7 +111,6 @@ class Pool(Supervision):
         self.run_id = uuid.uuid4().hex[:12]
         self.schemas: dict[str, dict[str, Any]] = {}  # tool name -> argument schema, from Describe at start
         self.definitions: dict[str, dict[str, Any]] = {}  # name -> source, kind, inputs; replayed on new workers
-        self._shipped: dict[int, tuple[Any, str]] = {}  # id(program) -> (a weak reference to it, its shipped name)
         self.workers: list[Worker] = []
         self._lock = threading.Condition()
         self._closing = threading.Event()
@@ -129,7 +118,7 @@ class Pool(Supervision):
         self._rr = itertools.count()
 
     # -- lifecycle ----------------------------------------------------------------------
-    def start(self) -> Pool:
+    def start(self) -> WorkerPool:
         """Start every worker concurrently and wait until all answer a ping (or raise why not)."""
         if self.workers:
             return self
@@ -167,12 +156,9 @@ class Pool(Supervision):
         for worker in workers:
             worker.process.kill()
         self.backend.close()
-        if self._journal is not None and self._journal_setting is not self._journal:
-            self._journal.close()
-            self._journal = None
         _live_pools.discard(self)
 
-    def __enter__(self) -> Pool:
+    def __enter__(self) -> WorkerPool:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -354,32 +340,10 @@ class Pool(Supervision):
 
         return Run(tool, chosen.id, source, on_chunk=on_chunk, on_done=done, keep_chunks=keep_chunks)
 
-    def define(self, name: str, program: Any) -> dict[str, Any]:
-        """Define a DSPy program on every worker, now and on any started later; returns its kind and inputs.
-
-        ``program`` is a ``dspy.Module`` class or instance (a compiled one keeps its demos and instructions),
-        a ``dspy.Signature`` class (run as ``dspy.Predict``) or a function; it travels by value, with the
-        notebook code and classes it uses (see ``dspex_nb.programs``). Or Python ``source`` that defines
-        ``name`` on the workers only (``dspy`` is imported there). Run it with ``run(name, ...)``,
-        ``map(name, items)`` or the ``run_module`` tool.
-        """
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"name must be a Python identifier, got {name!r}")
-        if programs.is_signature(program):  # "question -> answer": run as dspy.Predict
-            program = programs.as_program(program)
-        if not isinstance(program, str):
-            return self._install(name, programs.ship(program))
-        compile(program, f"<dspex define {name}>", "exec", dont_inherit=True)  # a syntax error, with its line
-        return self._install(name, {"tool": "define", "args": {"name": name, "source": program}, "key": program},
-                             typed.Resolver())
-
-    def _install(self, name: str, definition: dict[str, Any] | programs.Shipped,
-                 resolver: typed.Resolver | None = None) -> dict[str, Any]:
-        """Define ``name`` on every worker (and for any started later); undone everywhere if one fails."""
-        if isinstance(definition, programs.Shipped):
-            resolver = typed.Resolver(definition.types)
-            definition = {"tool": "define_object", "args": {"name": name, "payload": definition.payload},
-                          "key": definition.key}
+    def broadcast(self, name: str, definition: dict[str, Any], **keep: Any) -> dict[str, Any]:
+        """Call ``definition["tool"]`` with ``definition["args"]`` on every worker, now and on any started later
+        (kept as ``definitions[name]``, with ``keep``); undone everywhere if one fails. Returns the tool's
+        answer."""
         previous = self.definitions.get(name)
         self.definitions[name] = definition  # first: a worker starting now replays it
         info: dict[str, Any] = {}
@@ -396,7 +360,7 @@ class Pool(Supervision):
                 self.definitions[name] = previous
                 self._try_on(done, previous["tool"], previous["args"])
             raise
-        self.definitions[name] = {**definition, **info, "resolver": resolver}
+        self.definitions[name] = {**definition, **info, **keep}
         return info
 
     def _try_on(self, workers: list[str], tool: str, args: dict[str, Any]) -> None:
@@ -405,127 +369,6 @@ class Pool(Supervision):
         for worker in workers:
             with contextlib.suppress(DspexError):
                 self.execute(tool, args, worker=worker)
-
-    def ensure_defined(self, program: Any) -> str:
-        """The name ``program`` runs under: a defined name as it is, else the program is shipped under a name
-        of its own (again only when it changed, e.g. after compiling it)."""
-        if isinstance(program, str) and not programs.is_signature(program):
-            if program not in self.definitions:
-                raise ValueError(f"no program named {program!r} on this pool (defined: "
-                                 f"{sorted(self.definitions) or 'none'}); pass the program itself or pool.define it")
-            return program
-        original = program
-        program = programs.as_program(program)
-        shipped = programs.ship(program)
-        name = f"_{type(program).__name__}_{shipped.key[:12]}"
-        if name not in self.definitions:
-            self._install(name, shipped)
-        if not isinstance(original, str):  # the same object shipped before, and changed since: drop that version
-            key = id(original)
-            ref, old = self._shipped.get(key, (None, None))
-            if old is not None and old != name and ref is not None and ref() is original:
-                self.definitions.pop(old, None)  # new workers do not replay it; the current ones forget it
-                self._try_on([w.id for w in self.workers], "undefine", {"name": old})
-            with contextlib.suppress(TypeError):  # an object without weak references is not tracked
-                self._shipped[key] = (weakref.ref(original), name)
-        return name
-
-    def run(self, program: Any, /, **inputs: Any) -> Any:
-        """Run a DSPy program (object, signature, or defined name) on a worker; returns what it returns in the
-        kernel: a ``dspy.Prediction`` with the fields' own types (pydantic models, enums, datetimes...)."""
-        return self.call(program, inputs)
-
-    async def run_async(self, program: Any, /, **inputs: Any) -> Any:
-        """``run`` for asyncio: the same value, awaited without blocking the event loop, so that
-        ``asyncio.gather`` runs several at once on the pool."""
-        return await self.run_stream(program, **inputs)
-
-    def run_stream(self, program: Any, /, **inputs: Any) -> Run:
-        """``run`` as a stream: a ``Run`` whose chunks are the tokens of each field, and whose ``result()`` is
-        the same value ``run`` returns."""
-        return self.call(program, inputs, stream=True)
-
-    def call(self, program: Any, inputs: dict[str, Any], *, stream: bool = False, timeout: float | None = None,
-             on_chunk: Callable[[Chunk], Any] | None = None) -> Any:
-        """``run`` (or with ``stream``, ``run_stream``) with options, the inputs given as a dict."""
-        name = self.ensure_defined(program)
-        return self.call_tool("run_module", {"name": name, "inputs": typed.encode(inputs)},
-                              self.definitions[name]["resolver"], stream=stream, timeout=timeout, on_chunk=on_chunk)
-
-    def call_tool(self, tool: str, args: dict[str, Any], resolver: typed.Resolver | None = None, *,
-                  stream: bool = False, timeout: float | None = None,
-                  on_chunk: Callable[[Chunk], Any] | None = None) -> Any:
-        """A DSPy tool (``predict``, ``chain_of_thought``, ``run_module``) whose result is what the program
-        returned (rebuilt with ``resolver``'s classes); with ``stream``, a ``Run`` whose ``result()`` is that."""
-        decode = partial(programs.to_output, resolve=resolver or typed.Resolver())
-        if not stream:
-            return decode(self.execute(tool, args, timeout=timeout))
-        run = self.execute_stream(tool, args, timeout=timeout, on_chunk=on_chunk)
-        run.decode = decode
-        return run
-
-    def map(self, program: Any, items: Any, *, concurrency: int | None = None,
-            on_item: Callable[[dict[str, Any]], Any] | None = None, timeout: float | None = None,
-            item_timeout: float | None = None, max_retries: int = 2, journal: bool = True) -> BatchRun:
-        """Run ``program`` on every item over the whole pool; returns a ``BatchRun`` at once, whose ``result()``
-        is a list of what the program returned for each item, in input order (None where an item failed, as
-        ``Module.batch``; ``records`` say why). Items: strings (one-input programs), dicts, ``dspy.Example``s
-        (their ``inputs()``), or a DataFrame."""
-        name = self.ensure_defined(program)
-        batch = self.batch(items, module=name, concurrency=concurrency, on_item=on_item,
-                           timeout=timeout, item_timeout=item_timeout, max_retries=max_retries, journal=journal)
-        batch.decode = partial(programs.to_output, resolve=self.definitions[name]["resolver"])
-        return batch
-
-    def evaluate(self, program: Any, devset: Sequence[Any], metric: Callable[..., Any], *,
-                 display: bool = True, failure_score: float = 0.0, **map_options: Any) -> Any:
-        """``dspy.Evaluate(devset=devset, metric=metric)(program)``, with the program run on the pool (``map``);
-        the metric runs here and DSPy's Evaluate computes the score, so it is the same as in the kernel."""
-        import dspy
-
-        batch = self.map(program, devset, **map_options)
-        if display:
-            from dspex_nb.ui.render import show_batch
-
-            show_batch(batch, f"evaluate {type(program).__name__}", block=True)
-        batch.wait()
-        replay = programs.Replay(devset, batch)
-        return dspy.Evaluate(devset=list(devset), metric=metric, num_threads=1, display_progress=False,
-                             failure_score=failure_score)(replay)
-
-    @property
-    def journal(self) -> Journal | None:
-        """The batch journal (opened on first use), or None when this pool was made with journal=False."""
-        if self._journal is None and self._journal_setting is not False:
-            setting = self._journal_setting
-            self._journal = setting if isinstance(setting, Journal) else Journal(None if setting is True else setting)
-        return self._journal
-
-    def batch(self, items: Sequence[Any], signature: str = "", *, module: str = "predict",
-              concurrency: int | None = None, on_item: Callable[[dict[str, Any]], Any] | None = None,
-              timeout: float | None = None, item_timeout: float | None = None, shard_size: int | None = None,
-              max_retries: int = 2, journal: bool = True) -> BatchRun:
-        """Fan ``items`` (input dicts, or strings for a one-input signature) out over every worker.
-
-        ``module`` is "predict", "chain_of_thought" (both need ``signature``) or a defined module;
-        ``concurrency`` is items at a time per worker (default: the pool's). Finished items are kept
-        in the journal and taken from it when the same batch runs again (``journal=False``: neither).
-        A shard that yields no item for ``item_timeout`` seconds is cancelled and its items retried.
-        Returns a ``BatchRun`` at once.
-        """
-        check = settings.Checker("batch")
-        check.integer("concurrency", concurrency, 1, optional=True)
-        check.integer("shard_size", shard_size, 1, optional=True)
-        check.integer("max_retries", max_retries, 0)
-        check.seconds("timeout", timeout, optional=True)
-        check.seconds("item_timeout", item_timeout, optional=True)
-        items = programs.item_inputs(items, "batch")  # strings, dicts, dspy.Examples or a DataFrame, as typed JSON
-        program = {"module": module, "signature": signature, "lm": self.lm, "lm_kwargs": self.lm_kwargs,
-                   "source": self.definitions.get(module, {}).get("key")}
-        return BatchRun(self, items, signature=signature, module=module,
-                        concurrency=concurrency or self.concurrency, shard_size=shard_size,
-                        max_retries=max_retries, timeout=timeout, item_timeout=item_timeout, on_item=on_item,
-                        journal=self.journal if journal else None, program=program)
 
     def session(self, worker: str | None = None, affinity: str = "hint") -> Session:
         """A Session: calls go to one worker (the least busy now, or ``worker``) and share the objects
@@ -578,7 +421,7 @@ class Pool(Supervision):
         return f"<Pool {self.size} workers, lm={self.lm!r}: {states}>"
 
 
-_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+_live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 
 
 @atexit.register

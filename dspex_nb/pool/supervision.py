@@ -18,7 +18,7 @@ from dspex_nb.pool.process import describe_exit
 from dspex_nb.pool.worker import DRAINING, FAILED, READY, RESTARTING, Worker
 
 if TYPE_CHECKING:
-    from dspex_nb.pool.pool import Pool
+    from dspex_nb.pool.pool import WorkerPool as Pool
 
 HUNG_AFTER_FAILED_PINGS = 2
 RETRY_FAILED_AFTER = 5.0  # seconds before the health thread tries a slot that failed to restart again

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dspex_nb.batch import BatchRun
+from dspex_nb.client import Pool
 from dspex_nb.pool.calls import Run
-from dspex_nb.pool.pool import Pool
 from dspex_nb.ui import live_frontend, progress
 from dspex_nb.ui.pump import PUMP, Refreshable
 

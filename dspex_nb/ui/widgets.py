@@ -16,8 +16,8 @@ import ipywidgets as w
 from markdown_it import MarkdownIt
 
 from dspex_nb.batch import BatchRun
+from dspex_nb.client import Pool
 from dspex_nb.pool.calls import Run
-from dspex_nb.pool.pool import Pool
 from dspex_nb.ui import progress
 from dspex_nb.ui.append import AppendText
 

@@ -1,0 +1,195 @@
+"""``Pool``: DSPy programs on a pool of workers, the user's API. The executor it builds on
+(``pool.pool.WorkerPool``: workers on a backend, calls to their tools) knows nothing of programs, batches or
+the journal; this layer ships programs (``programs``), fans batches out (``batch.BatchRun``) and keeps the
+journal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from dspex_nb import programs, typed
+from dspex_nb.batch import BatchRun
+from dspex_nb.journal import Journal
+from dspex_nb.pool import settings
+from dspex_nb.pool.calls import Chunk, Run
+from dspex_nb.pool.pool import WorkerPool
+
+
+class Pool(WorkerPool):
+    """A pool of DSPy workers: local processes, or Ray actors with ``backend="ray"``.
+
+    >>> with Pool(workers=2, lm="demo") as pool:
+    ...     pool.execute("echo", {"x": 1})
+    {'x': 1}
+    """
+
+    def __init__(self, workers: int = 2, *, journal: Journal | str | Path | bool = True, **options: Any) -> None:
+        super().__init__(workers, **options)
+        self._journal_setting = journal
+        self._journal: Journal | None = None
+        self._shipped: dict[int, tuple[Any, str]] = {}  # id(program) -> (a weak reference to it, its shipped name)
+
+    def start(self) -> Pool:
+        super().start()
+        return self
+
+    def __enter__(self) -> Pool:
+        return self.start()
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self._journal is not None and self._journal_setting is not self._journal:
+            self._journal.close()
+            self._journal = None
+
+    def define(self, name: str, program: Any) -> dict[str, Any]:
+        """Define a DSPy program on every worker, now and on any started later; returns its kind and inputs.
+
+        ``program`` is a ``dspy.Module`` class or instance (a compiled one keeps its demos and instructions),
+        a ``dspy.Signature`` class (run as ``dspy.Predict``) or a function; it travels by value, with the
+        notebook code and classes it uses (see ``dspex_nb.programs``). Or Python ``source`` that defines
+        ``name`` on the workers only (``dspy`` is imported there). Run it with ``run(name, ...)``,
+        ``map(name, items)`` or the ``run_module`` tool.
+        """
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"name must be a Python identifier, got {name!r}")
+        if programs.is_signature(program):  # "question -> answer": run as dspy.Predict
+            program = programs.as_program(program)
+        if not isinstance(program, str):
+            return self._install(name, programs.ship(program))
+        compile(program, f"<dspex define {name}>", "exec", dont_inherit=True)  # a syntax error, with its line
+        return self.broadcast(name, {"tool": "define", "args": {"name": name, "source": program}, "key": program},
+                              resolver=typed.Resolver())
+
+    def _install(self, name: str, shipped: programs.Shipped) -> dict[str, Any]:
+        """A shipped program defined under ``name`` on every worker, and on any started later."""
+        return self.broadcast(name, {"tool": "define_object", "args": {"name": name, "payload": shipped.payload},
+                                     "key": shipped.key}, resolver=typed.Resolver(shipped.types))
+
+    def ensure_defined(self, program: Any) -> str:
+        """The name ``program`` runs under: a defined name as it is, else the program is shipped under a name
+        of its own (again only when it changed, e.g. after compiling it)."""
+        if isinstance(program, str) and not programs.is_signature(program):
+            if program not in self.definitions:
+                raise ValueError(f"no program named {program!r} on this pool (defined: "
+                                 f"{sorted(self.definitions) or 'none'}); pass the program itself or pool.define it")
+            return program
+        original = program
+        program = programs.as_program(program)
+        shipped = programs.ship(program)
+        name = f"_{type(program).__name__}_{shipped.key[:12]}"
+        if name not in self.definitions:
+            self._install(name, shipped)
+        if not isinstance(original, str):  # the same object shipped before, and changed since: drop that version
+            key = id(original)
+            ref, old = self._shipped.get(key, (None, None))
+            if old is not None and old != name and ref is not None and ref() is original:
+                self.definitions.pop(old, None)  # new workers do not replay it; the current ones forget it
+                self._try_on([w.id for w in self.workers], "undefine", {"name": old})
+            with contextlib.suppress(TypeError):  # an object without weak references is not tracked
+                self._shipped[key] = (weakref.ref(original), name)
+        return name
+
+    def run(self, program: Any, /, **inputs: Any) -> Any:
+        """Run a DSPy program (object, signature, or defined name) on a worker; returns what it returns in the
+        kernel: a ``dspy.Prediction`` with the fields' own types (pydantic models, enums, datetimes...)."""
+        return self.call(program, inputs)
+
+    async def run_async(self, program: Any, /, **inputs: Any) -> Any:
+        """``run`` for asyncio: the same value, awaited without blocking the event loop, so that
+        ``asyncio.gather`` runs several at once on the pool."""
+        return await self.run_stream(program, **inputs)
+
+    def run_stream(self, program: Any, /, **inputs: Any) -> Run:
+        """``run`` as a stream: a ``Run`` whose chunks are the tokens of each field, and whose ``result()`` is
+        the same value ``run`` returns."""
+        return self.call(program, inputs, stream=True)
+
+    def call(self, program: Any, inputs: dict[str, Any], *, stream: bool = False, timeout: float | None = None,
+             on_chunk: Callable[[Chunk], Any] | None = None) -> Any:
+        """``run`` (or with ``stream``, ``run_stream``) with options, the inputs given as a dict."""
+        name = self.ensure_defined(program)
+        return self.call_tool("run_module", {"name": name, "inputs": typed.encode(inputs)},
+                              self.definitions[name]["resolver"], stream=stream, timeout=timeout, on_chunk=on_chunk)
+
+    def call_tool(self, tool: str, args: dict[str, Any], resolver: typed.Resolver | None = None, *,
+                  stream: bool = False, timeout: float | None = None,
+                  on_chunk: Callable[[Chunk], Any] | None = None) -> Any:
+        """A DSPy tool (``predict``, ``chain_of_thought``, ``run_module``) whose result is what the program
+        returned (rebuilt with ``resolver``'s classes); with ``stream``, a ``Run`` whose ``result()`` is that."""
+        decode = partial(programs.to_output, resolve=resolver or typed.Resolver())
+        if not stream:
+            return decode(self.execute(tool, args, timeout=timeout))
+        run = self.execute_stream(tool, args, timeout=timeout, on_chunk=on_chunk)
+        run.decode = decode
+        return run
+
+    def map(self, program: Any, items: Any, *, concurrency: int | None = None,
+            on_item: Callable[[dict[str, Any]], Any] | None = None, timeout: float | None = None,
+            item_timeout: float | None = None, max_retries: int = 2, journal: bool = True) -> BatchRun:
+        """Run ``program`` on every item over the whole pool; returns a ``BatchRun`` at once, whose ``result()``
+        is a list of what the program returned for each item, in input order (None where an item failed, as
+        ``Module.batch``; ``records`` say why). Items: strings (one-input programs), dicts, ``dspy.Example``s
+        (their ``inputs()``), or a DataFrame."""
+        name = self.ensure_defined(program)
+        batch = self.batch(items, module=name, concurrency=concurrency, on_item=on_item,
+                           timeout=timeout, item_timeout=item_timeout, max_retries=max_retries, journal=journal)
+        batch.decode = partial(programs.to_output, resolve=self.definitions[name]["resolver"])
+        return batch
+
+    def evaluate(self, program: Any, devset: Sequence[Any], metric: Callable[..., Any], *,
+                 display: bool = True, failure_score: float = 0.0, **map_options: Any) -> Any:
+        """``dspy.Evaluate(devset=devset, metric=metric)(program)``, with the program run on the pool (``map``);
+        the metric runs here and DSPy's Evaluate computes the score, so it is the same as in the kernel."""
+        import dspy
+
+        batch = self.map(program, devset, **map_options)
+        if display:
+            from dspex_nb.ui.render import show_batch
+
+            show_batch(batch, f"evaluate {type(program).__name__}", block=True)
+        batch.wait()
+        replay = programs.Replay(devset, batch)
+        return dspy.Evaluate(devset=list(devset), metric=metric, num_threads=1, display_progress=False,
+                             failure_score=failure_score)(replay)
+
+    @property
+    def journal(self) -> Journal | None:
+        """The batch journal (opened on first use), or None when this pool was made with journal=False."""
+        if self._journal is None and self._journal_setting is not False:
+            setting = self._journal_setting
+            self._journal = setting if isinstance(setting, Journal) else Journal(None if setting is True else setting)
+        return self._journal
+
+    def batch(self, items: Sequence[Any], signature: str = "", *, module: str = "predict",
+              concurrency: int | None = None, on_item: Callable[[dict[str, Any]], Any] | None = None,
+              timeout: float | None = None, item_timeout: float | None = None, shard_size: int | None = None,
+              max_retries: int = 2, journal: bool = True) -> BatchRun:
+        """Fan ``items`` (input dicts, or strings for a one-input signature) out over every worker.
+
+        ``module`` is "predict", "chain_of_thought" (both need ``signature``) or a defined module;
+        ``concurrency`` is items at a time per worker (default: the pool's). Finished items are kept
+        in the journal and taken from it when the same batch runs again (``journal=False``: neither).
+        A shard that yields no item for ``item_timeout`` seconds is cancelled and its items retried.
+        Returns a ``BatchRun`` at once.
+        """
+        check = settings.Checker("batch")
+        check.integer("concurrency", concurrency, 1, optional=True)
+        check.integer("shard_size", shard_size, 1, optional=True)
+        check.integer("max_retries", max_retries, 0)
+        check.seconds("timeout", timeout, optional=True)
+        check.seconds("item_timeout", item_timeout, optional=True)
+        items = programs.item_inputs(items, "batch")  # strings, dicts, dspy.Examples or a DataFrame, as typed JSON
+        program = {"module": module, "signature": signature, "lm": self.lm, "lm_kwargs": self.lm_kwargs,
+                   "source": self.definitions.get(module, {}).get("key")}
+        return BatchRun(self, items, signature=signature, module=module,
+                        concurrency=concurrency or self.concurrency, shard_size=shard_size,
+                        max_retries=max_retries, timeout=timeout, item_timeout=item_timeout, on_item=on_item,
+                        journal=self.journal if journal else None, program=program)
+

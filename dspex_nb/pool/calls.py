@@ -1,6 +1,6 @@
 """One call on one worker, seen from the kernel: ``Chunk`` and the streaming ``Run`` handle.
 
-A Run reads its chunk source (a transport's stream: see ``connection.ChunkSource``) in a background
+A Run reads its chunk source (``ChunkSource``: a backend transport's stream) in a background
 thread and keeps every chunk, so it can be iterated (even several times), awaited with ``result()``
 and cancelled at any point; blocking waits happen in short slices so Ctrl-C cancels the remote work.
 """
@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from dspex_nb import typed
 from dspex_nb.errors import (
@@ -26,9 +26,6 @@ from dspex_nb.errors import (
     ToolError,
     remote_error,
 )
-
-if TYPE_CHECKING:
-    from dspex_nb.pool.connection import ChunkSource
 
 WAIT_SLICE = 0.1  # seconds a blocking wait sleeps before it lets KeyboardInterrupt through
 
@@ -82,6 +79,16 @@ def wait_interruptibly(event: threading.Event, timeout: float | None, on_interru
         on_interrupt()
         raise
     return True
+
+
+class ChunkSource(Protocol):
+    """A streamed call's chunks as they arrive, a batch at a time, from a backend's transport (see
+    ``connection.Connection.stream``); raises a ``DspexError`` if it fails."""
+
+    def __iter__(self) -> Iterator[list[Chunk]]: ...
+
+    def cancel(self) -> None:
+        """Stop the remote work (the iteration then ends)."""
 
 
 class Flag:

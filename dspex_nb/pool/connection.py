@@ -9,12 +9,12 @@ arrives as a ``DspexError`` already translated (``died`` says whether the worker
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dspex_nb.errors import DspexError
-from dspex_nb.pool.calls import Chunk
+from dspex_nb.pool.calls import ChunkSource
 from dspex_nb.pool.process import ProcessHandle
 
 Died = Callable[[], DspexError | None]  # for a failed call: the error saying its worker died, or None
@@ -27,15 +27,6 @@ def left(timeout: float | None, waited: float) -> float | None:
 
 class ConnectionClosed(Exception):
     """The connection was closed (its worker is being replaced, or the pool shut down)."""
-
-
-class ChunkSource(Protocol):
-    """A streamed call's chunks as they arrive, a batch at a time; raises a ``DspexError`` if it fails."""
-
-    def __iter__(self) -> Iterator[list[Chunk]]: ...
-
-    def cancel(self) -> None:
-        """Stop the remote work (the iteration then ends)."""
 
 
 class Pending(Protocol):

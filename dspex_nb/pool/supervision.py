@@ -10,15 +10,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from dspex_nb.errors import DspexError, PoolClosed, WorkerDied
 from dspex_nb.pool.connection import ConnectionClosed
 from dspex_nb.pool.process import describe_exit
 from dspex_nb.pool.worker import DRAINING, FAILED, READY, RESTARTING, Worker
-
-if TYPE_CHECKING:
-    from dspex_nb.pool.pool import WorkerPool as Pool
 
 HUNG_AFTER_FAILED_PINGS = 2
 RETRY_FAILED_AFTER = 5.0  # seconds before the health thread tries a slot that failed to restart again
@@ -28,14 +24,14 @@ log = logging.getLogger(__name__)
 class Supervision:
     """The health thread (``_watch``) and everything it does to a pool's workers."""
 
-    def _watch(self: Pool) -> None:
+    def _watch(self) -> None:
         while not self._closing.wait(self.health_interval):
             try:
                 self._check_all()
             except Exception:  # the health thread must outlive any one bad check
                 log.exception("dspex_nb: health check failed")
 
-    def _check_all(self: Pool) -> None:
+    def _check_all(self) -> None:
         """One health round: replace the dead, hung and failed, recycle the due, finish draining."""
         pings = []
         for worker in list(self.workers):
@@ -66,7 +62,7 @@ class Supervision:
             if reason:
                 self._drain(worker, reason)
 
-    def _recycle_reason(self: Pool, worker: Worker) -> str:
+    def _recycle_reason(self, worker: Worker) -> str:
         """Why ``worker`` is due to be replaced on purpose (empty when it is not)."""
         if self.max_requests is not None and worker.served >= self.max_requests:
             return f"served {worker.served} calls (max_requests={self.max_requests})"
@@ -83,7 +79,7 @@ class Supervision:
             return f"resident memory {worker.rss / 2**20:.0f} MB passed max_memory_mb={self.max_memory_mb:g}"
         return ""
 
-    def _drain(self: Pool, worker: Worker, reason: str) -> None:
+    def _drain(self, worker: Worker, reason: str) -> None:
         """Route no new call to ``worker``; the health thread recycles it once its calls have finished."""
         with self._lock:
             if worker.state == READY:
@@ -91,7 +87,7 @@ class Supervision:
                 worker.recycles += 1
                 worker.last_error = f"{worker.id} (pid {worker.process.pid}) recycled: {reason}"
 
-    def check_worker(self: Pool, worker_id: str, why: str) -> bool:
+    def check_worker(self, worker_id: str, why: str) -> bool:
         """Ping one worker now; replace it when it does not answer within ``ping_timeout``."""
         worker = next((w for w in self.workers if w.id == worker_id), None)
         if worker is None or worker.state != READY:
@@ -103,7 +99,7 @@ class Supervision:
             self._replace(worker, f"did not answer a ping after {why}")
             return False
 
-    def _replace(self: Pool, worker: Worker, reason: str, expected: str = READY, recycle: bool = False) -> None:
+    def _replace(self, worker: Worker, reason: str, expected: str = READY, recycle: bool = False) -> None:
         """Kill ``worker``'s process and start a new one in its slot, in a background thread.
 
         A recycled worker (drained on purpose) gets SIGTERM and a moment to exit; a dead, hung or
@@ -121,7 +117,7 @@ class Supervision:
             self._restarting = [t for t in self._restarting if t.is_alive()] + [thread]
         thread.start()
 
-    def _restart(self: Pool, old: Worker, grace: float) -> None:
+    def _restart(self, old: Worker, grace: float) -> None:
         old.close()
         old.process.kill(grace=grace)
         if self._closing.is_set():
@@ -153,7 +149,7 @@ class Supervision:
         worker.last_error = f"{worker.id} could not be restarted: {exc}"
         worker.ready_at = time.monotonic()
 
-    def _death_of(self: Pool, worker: Worker) -> Callable[[], DspexError | None]:
+    def _death_of(self, worker: Worker) -> Callable[[], DspexError | None]:
         """A check, for a failed call, of whether ``worker`` died (waiting briefly for its exit).
 
         A dead worker is taken out of routing at once, not at the next health check.
@@ -171,6 +167,6 @@ class Supervision:
             return WorkerDied(f"worker {what} during the call; the pool is replacing it")
         return check
 
-    def _gone(self: Pool, worker: Worker) -> DspexError:
+    def _gone(self, worker: Worker) -> DspexError:
         """The error for a call on a worker whose channel is already closed."""
         return self._death_of(worker)() or WorkerDied(f"worker {worker.id} is being replaced")

@@ -6,6 +6,7 @@ journal.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import weakref
 from collections.abc import Callable, Sequence
@@ -104,7 +105,8 @@ class Pool(WorkerPool):
     async def run_async(self, program: Any, /, **inputs: Any) -> Any:
         """``run`` for asyncio: the same value, awaited without blocking the event loop, so that
         ``asyncio.gather`` runs several at once on the pool."""
-        return await self.run_stream(program, **inputs)
+        run = await asyncio.to_thread(self.run_stream, program, **inputs)  # shipping, waiting for a free slot
+        return await run
 
     def run_stream(self, program: Any, /, **inputs: Any) -> Run:
         """``run`` as a stream: a ``Run`` whose chunks are the tokens of each field, and whose ``result()`` is

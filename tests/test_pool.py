@@ -242,3 +242,14 @@ def test_runs_and_batches_can_be_awaited(pool: Pool) -> None:
     assert [a.answer.startswith(f"Demo LM answer to 'q{i}?'") for i, a in enumerate(answers)] == [True] * 3
     assert kinds == ["item", "item", "final"]
     assert [o["answer"][:22] for o in outputs] == ["Demo LM answer to 'x?'", "Demo LM answer to 'y?'"]
+
+
+def test_awaiting_a_run_whose_value_cannot_be_made_raises_instead_of_hanging(pool: Pool) -> None:
+    run = pool.execute_stream("count", {"n": 1})
+    run.decode = lambda final: 1 / 0  # e.g. a result the kernel cannot rebuild
+
+    async def main() -> object:
+        return await asyncio.wait_for(run, 30)
+
+    with pytest.raises(ZeroDivisionError):
+        asyncio.run(main())

@@ -203,3 +203,20 @@ def test_a_pool_starts_a_local_ray_of_its_own_and_ends_it() -> None:
             return True
 
     wait_until(session_empty, timeout=30, what="the pool's Ray instance to end")
+
+
+def test_a_ray_stream_keeps_its_timeout_and_its_cancel(pool: Pool) -> None:
+    """A stream whose chunks keep coming still ends at its timeout; a cancel ends the call at once and the
+    actor stops the tool (also a cancel sent before the call reached the actor)."""
+    from dspex_nb.errors import CallTimeout
+
+    steady = pool.execute_stream("count", {"n": 100, "delay": 0.1}, timeout=1.0)
+    with pytest.raises(CallTimeout):
+        steady.result(30)
+    assert steady.received < 50
+    for _ in range(5):
+        run = pool.execute_stream("sleep", {"seconds": 60}, worker="w0")
+        run.cancel()  # at once: often before the actor has the call
+        assert run.wait(10) and run.status == "cancelled"
+    wait_until(lambda: pool.describe("w0")["counters"]["active_requests"] == 0, timeout=30,
+               what="the actor to stop the cancelled sleeps")

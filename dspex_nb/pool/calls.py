@@ -144,13 +144,14 @@ class Handle(concurrent.futures.Future):
         return not self._done.is_set()
 
     def _settle(self) -> None:
-        """It has ended: wake its waiters, then settle the Future (callbacks, ``wait``, ``as_completed``)."""
+        """It has ended: wake its waiters, then settle the Future (callbacks, ``wait``, ``as_completed``).
+        An error wins over a cancel, as in ``status``."""
         self._done.set()
-        if self._cancelled and self._error is None:
+        if self._error is not None:
+            self.set_exception(self._error)
+        elif self._cancelled:
             concurrent.futures.Future.cancel(self)
             self.set_running_or_notify_cancel()
-        elif self._error is not None:
-            self.set_exception(self._error)
         else:
             self.set_result(None)  # the value is this handle's own ``result()``
 
@@ -170,8 +171,19 @@ class Handle(concurrent.futures.Future):
         return self._error
 
     def __await__(self) -> Generator[Any, None, Any]:
-        """``await run`` (or ``await batch``): its ``result()``, without blocking the event loop."""
-        return asyncio.wrap_future(self).__await__()
+        """``await run`` (or ``await batch``): its ``result()`` (or its error), without blocking the event loop."""
+        return self._awaited().__await__()
+
+    async def _awaited(self) -> Any:
+        try:
+            await asyncio.wrap_future(self)
+        except asyncio.CancelledError:
+            if not self.done:  # the awaiting task was cancelled: so is the remote work
+                self.cancel()
+                raise
+        except Exception:  # noqa: S110 - result() below raises it, as a blocking caller would see it
+            pass
+        return self.result()  # it has ended: this does not block
 
     @property
     def status(self) -> str:

@@ -102,7 +102,7 @@ class WorkerPool(Supervision):
         if backend == "ray":
             from dspex_nb.pool.ray_backend import RayBackend  # the ray extra, imported only when asked for
 
-            self.backend = RayBackend(address, resources, env)
+            self.backend = RayBackend(address, resources, env, max_in_flight)
         else:
             self.backend = LocalBackend(python, start, env)
         self._queued = 0
@@ -330,6 +330,9 @@ class WorkerPool(Supervision):
         except ConnectionClosed:  # the worker is being replaced, or the pool shut down
             self._release(chosen, "failed")
             raise self._gone(chosen) from None
+        except BaseException:
+            self._release(chosen, "failed")
+            raise
 
         def done(run: Run) -> None:
             ok = run.status == "done"

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,29 +35,38 @@ except ImportError as exc:  # reported at Pool(backend="ray"), never deep in a c
 
 SLICE = 0.2  # seconds a stream's reader waits before it checks its deadline and cancellation
 DEAD = -int(signal.SIGKILL)  # the exit code reported for an actor Ray says is dead
+CONTROL = {"concurrency_group": "control"}  # pings, cancels, describe: never behind the work
+_owners: set[RayBackend] = set()  # the pools using the Ray instance that one of them started
+_owned = threading.Lock()
 
 
 class RayBackend:
     name = "ray"
 
-    def __init__(self, address: str | None, resources: dict[str, float] | None, env: dict[str, str] | None) -> None:
+    def __init__(self, address: str | None, resources: dict[str, float] | None, env: dict[str, str] | None,
+                 max_in_flight: int) -> None:
         self.address = address
         self.resources = dict(resources or {})
         self.env = env
-        self._started_ray = False
-        self._actor = ray.remote(max_concurrency=64)(_worker_class())
+        self._actor = ray.remote(max_concurrency=max_in_flight + 8,  # every call a pool may send, and spare
+                                 concurrency_groups={"control": 4})(_worker_class())
         self._ids = itertools.count()
 
     def open(self) -> list[dict[str, Any]]:
-        if not ray.is_initialized():
-            ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False,
-                     runtime_env={"env_vars": self.env} if self.env else None)
-            self._started_ray = True
+        with _owned:
+            if not ray.is_initialized():
+                ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
+                _owners.clear()
+                _owners.add(self)  # a Ray instance started here: ended when its last pool closes
+            elif _owners:
+                _owners.add(self)
         return []
 
     def spawn(self, worker_id: str, generation: int, spec: WorkerSpec) -> RayConnection:
         resources = dict(self.resources)
         options: dict[str, Any] = {"scheduling_strategy": "SPREAD"}  # Ray's default: a CPU to place it, none held
+        if spec.env:
+            options["runtime_env"] = {"env_vars": spec.env}
         if "CPU" in resources:
             options["num_cpus"] = resources.pop("CPU")
         if "GPU" in resources:
@@ -69,9 +79,11 @@ class RayBackend:
         return RayConnection(worker_id, actor, f"{spec.run_id}-{worker_id}-{generation}", self._ids)
 
     def close(self) -> None:
-        if self._started_ray:
-            ray.shutdown()  # the instance this pool started (a cluster it joined keeps running)
-            self._started_ray = False
+        with _owned:
+            if self in _owners:
+                _owners.discard(self)
+                if not _owners:
+                    ray.shutdown()  # the instance a pool started, now unused (a cluster it joined keeps running)
 
 
 def _worker_class() -> type:
@@ -98,11 +110,12 @@ class ActorProcess:
     def wait(self, timeout: float) -> int:
         """Its exit code, once a ping within ``timeout`` says it is dead (TimeoutError while it answers)."""
         if not self.dead:
-            with contextlib.suppress(GetTimeoutError):
-                try:
-                    ray.get(self.actor.ping.remote(), timeout=timeout)
-                except RayActorError as err:
-                    self.dead = str(err).splitlines()[0]
+            try:
+                ray.get(self.actor.ping.options(**CONTROL).remote(), timeout=timeout)
+            except GetTimeoutError:
+                pass
+            except Exception as err:  # RayActorError, or an actor Ray no longer knows
+                self.dead = str(err).splitlines()[0] or type(err).__name__
         if not self.dead:
             raise TimeoutError(f"actor {self.worker_id} still answers")
         return DEAD
@@ -148,36 +161,42 @@ class RayConnection:
         self.process.dead = self.process.dead or str(err).splitlines()[0]
         return died() or WorkerDied(f"worker {self.worker_id} (Ray actor) died during the call")
 
-    def ready(self) -> bool:
-        try:
-            self.process.pid, _, self.process.node, self.process.node_id = ray.get(self.actor.ping.remote(),
-                                                                                   timeout=0.5)
-            return True
-        except GetTimeoutError:
-            return False
-        except (RayActorError, RayTaskError) as err:
-            self.process.dead = str(err).splitlines()[0]
-            return False
-
-    def ping(self, timeout: float) -> _Ping:
+    def _submit(self, method: Any, *args: Any) -> Any:
+        """``method.remote(*args)``; a connection closed, or an actor Ray no longer knows, is ConnectionClosed."""
         if self._closed:
             raise ConnectionClosed()
-        return _Ping(self, self.actor.ping.remote(), timeout)
+        try:
+            return method.remote(*args)
+        except Exception as err:  # e.g. "Can't find actor" once the Ray instance is gone
+            self.process.dead = self.process.dead or str(err).splitlines()[0]
+            raise ConnectionClosed(str(err)) from None
+
+    def ready(self) -> bool:
+        try:
+            pinged = ray.get(self._submit(self.actor.ping.options(**CONTROL)), timeout=0.5)
+        except GetTimeoutError:
+            return False
+        except (RayActorError, RayTaskError, ConnectionClosed) as err:
+            self.process.dead = self.process.dead or str(err).splitlines()[0] or "gone"
+            return False
+        self.process.pid, _, self.process.node, self.process.node_id = pinged
+        return True
+
+    def ping(self, timeout: float) -> _Ping:
+        return _Ping(self, self._submit(self.actor.ping.options(**CONTROL)), timeout)
 
     def execute(self, tool: str, args_json: bytes, session_id: str, timeout: float | None, waited: float,
                 died: Died) -> Any:
-        if self._closed:
-            raise ConnectionClosed()
         call_id = self._call_id()
-        ref = self.actor.execute.remote(call_id, tool, args_json, session_id)
+        ref = self._submit(self.actor.execute, call_id, tool, args_json, session_id)
         try:
             result, error = ray.get(ref, timeout=left(timeout, waited))
         except GetTimeoutError:
-            self.actor.cancel.remote(call_id)
+            self.actor.cancel.options(**CONTROL).remote(call_id)
             raise CallTimeout(f"tool '{tool}' did not finish within its timeout of {timeout} s; "
                               "the remote work was cancelled") from None
         except KeyboardInterrupt:
-            self.actor.cancel.remote(call_id)
+            self.actor.cancel.options(**CONTROL).remote(call_id)
             raise
         except RayActorError as err:
             raise self._lost(err, died) from None
@@ -187,15 +206,14 @@ class RayConnection:
 
     def stream(self, tool: str, args_json: bytes, session_id: str, timeout: float | None, waited: float,
                died: Died) -> _Stream:
-        if self._closed:
-            raise ConnectionClosed()
         call_id = self._call_id()
-        generator = self.actor.stream.options(num_returns="streaming").remote(call_id, tool, args_json, session_id)
+        generator = self._submit(self.actor.stream.options(num_returns="streaming"), call_id, tool, args_json,
+                                 session_id)
         return _Stream(self, generator, call_id, tool, left(timeout, waited), timeout, died)
 
     def describe(self, timeout: float, died: Died) -> dict[str, Any]:
         try:
-            return ray.get(self.actor.describe.remote(), timeout=timeout)
+            return ray.get(self._submit(self.actor.describe.options(**CONTROL)), timeout=timeout)
         except GetTimeoutError:
             raise CallTimeout(f"worker {self.worker_id} did not describe itself within {timeout} s") from None
         except RayActorError as err:
@@ -233,13 +251,14 @@ class _Stream:
 
     def __iter__(self) -> Iterator[list[Chunk]]:
         try:
-            while True:
-                ready, _ = ray.wait([self._generator], timeout=SLICE)
+            while not self._cancelled:  # a cancelled call ends here at once; the actor stops the tool
+                if self._deadline is not None and time.monotonic() > self._deadline:
+                    self.cancel()
+                    raise CallTimeout(f"tool '{self._tool}' did not finish within its timeout of "
+                                      f"{self._timeout} s; the remote work was cancelled")
+                wait = SLICE if self._deadline is None else max(0.0, min(SLICE, self._deadline - time.monotonic()))
+                ready, _ = ray.wait([self._generator], timeout=wait)
                 if not ready:
-                    if self._deadline is not None and time.monotonic() > self._deadline and not self._cancelled:
-                        self.cancel()
-                        raise CallTimeout(f"tool '{self._tool}' did not finish within its timeout of "
-                                          f"{self._timeout} s; the remote work was cancelled")
                     continue
                 try:
                     ref = next(self._generator)
@@ -256,4 +275,4 @@ class _Stream:
     def cancel(self) -> None:
         self._cancelled = True
         with contextlib.suppress(Exception):
-            self._conn.actor.cancel.remote(self._call_id)
+            self._conn.actor.cancel.options(**CONTROL).remote(self._call_id)

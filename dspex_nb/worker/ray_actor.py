@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,8 @@ from dspex_nb.worker.main import new_state
 from dspex_nb.worker.server import describe
 from dspex_nb.worker.state import rss_bytes
 
+EARLY_CANCEL_KEPT = 600.0  # seconds a cancel waits for its call to arrive
+
 
 class RayWorker:
     def __init__(self, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any], max_message_bytes: int,
@@ -25,6 +28,7 @@ class RayWorker:
         self.state = new_state(worker_id=worker_id, run_id=run_id, lm=lm, lm_kwargs=lm_kwargs,
                                max_message_bytes=max_message_bytes, rate_limit=rate_limit, session_ttl=session_ttl)
         self._calls: dict[str, tuple[Call, threading.Event]] = {}  # call id -> the call, and "it is over"
+        self._early: dict[str, float] = {}  # ids cancelled before their call got here -> when
         self._lock = threading.Lock()
 
     def ping(self) -> tuple[int, int, str, str]:
@@ -54,15 +58,24 @@ class RayWorker:
             self._close(call_id)
 
     def cancel(self, call_id: str) -> None:
+        """Cancel a call, also one that has not reached this actor yet (methods run in several threads)."""
         with self._lock:
             call, ended = self._calls.get(call_id, (None, None))
+            if call is None:
+                now = time.monotonic()
+                self._early = {k: t for k, t in self._early.items() if now - t < EARLY_CANCEL_KEPT}
+                self._early[call_id] = now
         if call is not None and ended is not None:
             call.ctx.cancelled.set()
             ended.set()
 
     def _open(self, call_id: str, call: Call) -> Call:
+        ended = threading.Event()
         with self._lock:
-            self._calls[call_id] = (call, threading.Event())
+            self._calls[call_id] = (call, ended)
+            if self._early.pop(call_id, None) is not None:
+                call.ctx.cancelled.set()
+                ended.set()
         return call
 
     def _close(self, call_id: str) -> None:

@@ -1,7 +1,8 @@
-"""What the layers above the pool (batches, sessions, the UI) need of it: the ``Executor`` protocol.
+"""What the layers above the pool (batches, sessions, the views) need of it: the ``Executor`` protocol.
 
-``Pool`` implements it, whatever its backend (local processes or Ray actors); ``BatchRun`` and ``Session``
-are written against this protocol, not against ``Pool``, so nothing in ``pool/`` depends on them.
+``WorkerPool`` (and so ``Pool``) implements it, whatever its backend (local processes or Ray actors);
+``BatchRun``, ``Session`` and the views are written against this protocol, not against ``Pool``, so nothing
+in ``pool/`` depends on them.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ from dspex_nb.pool.calls import Chunk, Run
 
 class Executor(Protocol):
     size: int  # worker slots
+    lm: str  # the workers' LM ("demo" or a dspy.LM model string)
 
     @property
     def running(self) -> bool: ...
 
     def status(self) -> list[dict[str, Any]]:
         """Per worker slot: id ("worker"), state, in_flight, counters."""
+
+    def stats(self) -> dict[str, Any]:
+        """Per tool: calls, failures, tokens, cost, timings."""
 
     def execute(self, tool: str, args: dict[str, Any] | None = None, *, timeout: float | None = None,
                 worker: str | None = None, session_id: str = "", affinity: str = "strict_queue") -> Any: ...

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from dspex_nb.batch import BatchRun
 from dspex_nb.pool.calls import Run
-from dspex_nb.pool.pool import WorkerPool
+from dspex_nb.pool.executor import Executor
 from dspex_nb.ui import live_frontend, progress
 from dspex_nb.ui.pump import PUMP, Refreshable
 
@@ -128,7 +128,7 @@ def _show_live(view: Refreshable, wait: Callable[[], object] | None) -> None:
 _pool_views: dict[int, PoolDashboard] = {}  # the live dashboard of each running pool (by id), the newest one
 
 
-def show_pool(pool: WorkerPool, *, mode: str = "auto", out: TextIO | None = None, show_stats: bool = False) -> None:
+def show_pool(pool: Executor, *, mode: str = "auto", out: TextIO | None = None, show_stats: bool = False) -> None:
     """A PoolDashboard that refreshes while the pool runs (the newest one per pool), or text tables:
     the workers, then (``show_stats``) per-tool call timings."""
     if live_frontend(mode):

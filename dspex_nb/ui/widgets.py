@@ -17,7 +17,7 @@ from markdown_it import MarkdownIt
 
 from dspex_nb.batch import BatchRun
 from dspex_nb.pool.calls import Run
-from dspex_nb.pool.pool import WorkerPool
+from dspex_nb.pool.executor import Executor
 from dspex_nb.ui import progress
 from dspex_nb.ui.append import AppendText
 
@@ -269,7 +269,7 @@ class PoolDashboard(View):
     """Each worker's pid, state, calls and batch items, restarts, memory, uptime, and the calls by tool;
     refreshed while the pool runs. When it stops, the last table seen stays, saying so."""
 
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: Executor) -> None:
         self.pool = pool
         self.plain = f"<dspex pool: {pool.size} workers, lm={pool.lm}>"
         self.header = w.HTML()

@@ -19,12 +19,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dspex_nb import typed
 from dspex_nb.errors import ArgumentError, Cancelled, DspexError, ItemTimeout, PoolClosed, WorkerDied
 from dspex_nb.journal import Journal, digest
 from dspex_nb.pool.calls import Chunk, Handle, Run
+from dspex_nb.pool.executor import Executor, Placement
 
 CLAIM_LEASE = 30.0  # seconds a run's claim on its items lasts without renewal (a dead kernel's lapse)
 CLAIM_POLL = 0.5  # seconds between looks at the journal for items another run computes
@@ -32,9 +33,6 @@ CLAIM_POLL = 0.5  # seconds between looks at the journal for items another run c
 # LM errors that may pass (a dropped connection, a 5xx, a timeout, a 429): after dspy.LM's own retries,
 # the batch tries such an item again later, up to max_retries times.
 TRANSIENT_LM_ERRORS = frozenset({"LMTransportError", "LMTimeoutError", "LMServerError", "LMRateLimitError"})
-
-if TYPE_CHECKING:
-    from dspex_nb.pool.executor import Executor
 
 
 class BatchRun(Handle):
@@ -161,34 +159,33 @@ class BatchRun(Handle):
             if last:
                 self._finish()
 
-    def _place(self, retry: bool) -> str:
-        """Reserve a ready worker for a shard. A retried item runs alone on its worker, so an item that
-        kills its worker ("poison") takes no other item down with it; no shard joins a retry's worker."""
-        while not self._stopping:
-            ready = [r for r in self.pool.status() if r["state"] == "ready"]
+    def _placement(self, retry: bool, placed: list[str]) -> Placement:
+        """Where a shard may run, for the pool's scheduler: on a worker with no other shard of this batch (the
+        shards spread), and a retried item alone, so an item that kills its worker ("poison") takes no other
+        item down with it. ``placed`` receives the worker the scheduler gives it."""
+        def accept(worker: str) -> bool:
             with self._lock:
-                free = [r for r in ready if not any(self._placed.get(r["worker"], ()))
-                        and not (retry and self._placed.get(r["worker"]))]
-                if free:
-                    row = min(free, key=lambda r: (len(self._placed.get(r["worker"], ())), r["in_flight"]))
-                    self._placed.setdefault(row["worker"], []).append(retry)
-                    return row["worker"]
-            if not self.pool.running:
-                raise PoolClosed("the pool was shut down during the batch")
-            self.pool.wait_for_change(0.5)  # a call ended or a worker changed state
-        raise Cancelled("the batch was cancelled")
+                return not self._placed.get(worker)
+
+        def claim(worker: str) -> None:
+            with self._lock:
+                self._placed.setdefault(worker, []).append(retry)
+            placed.append(worker)
+
+        return Placement(accept, claim, lambda: self._stopping)
 
     def _run_shard(self, shard: list[int]) -> None:
         retry = any(self._tries[i] for i in shard)
-        worker = self._place(retry)
+        placed: list[str] = []
         try:
-            self._run_shard_on(worker, shard)
+            self._run_shard_on(shard, self._placement(retry, placed))
         finally:
-            with self._lock:
-                self._placed[worker].remove(retry)
-            self.pool.notify_change()  # a shard waiting for this worker may go
+            if placed:
+                with self._lock:
+                    self._placed[placed[0]].remove(retry)
+                self.pool.notify_change()  # a shard waiting for this worker may go
 
-    def _run_shard_on(self, worker: str, shard: list[int]) -> None:
+    def _run_shard_on(self, shard: list[int], placement: Placement) -> None:
         pending = set(shard)
         progress = [time.monotonic()]
 
@@ -207,11 +204,11 @@ class BatchRun(Handle):
         args = dict(self._args, batch_items=[self._items[i] for i in shard])
         try:
             run = self.pool.execute_stream("batch_inference", args, on_chunk=on_chunk, timeout=self._timeout,
-                                           worker=worker)
-        except (PoolClosed, ArgumentError):
+                                           placement=placement)
+        except (PoolClosed, ArgumentError, Cancelled):
             raise
-        except DspexError as exc:  # the worker went away (or stayed full) before the shard reached it
-            self._requeue(shard, WorkerDied(f"the shard could not be sent to worker {worker}: {exc}"))
+        except DspexError as exc:  # the worker went away before the shard reached it
+            self._requeue(shard, WorkerDied(f"the shard could not be sent to its worker: {exc}"))
             return
         with self._lock:
             self._runs[run] = pending

@@ -21,6 +21,7 @@ from typing import Any
 
 from dspex_nb import redact, typed
 from dspex_nb.errors import (
+    Cancelled,
     DspexError,
     PoolClosed,
     PoolSaturated,
@@ -32,6 +33,7 @@ from dspex_nb.errors import (
 from dspex_nb.pool import settings
 from dspex_nb.pool.calls import KEEP_CHUNKS, Chunk, Run, encode_args
 from dspex_nb.pool.connection import Backend, ConnectionClosed, WorkerSpec
+from dspex_nb.pool.executor import Placement
 from dspex_nb.pool.local import LocalBackend
 from dspex_nb.pool.session import Session
 from dspex_nb.pool.supervision import Supervision
@@ -196,13 +198,15 @@ class WorkerPool(Supervision):
 
     # -- routing ------------------------------------------------------------------------
     def _choose(self, worker_id: str | None, count: bool, affinity: str = "strict_queue",
-                timeout: float | None = None) -> Worker:
+                timeout: float | None = None, placement: Placement | None = None) -> Worker:
         """The least busy ready worker with room (or the slot ``worker_id``, per ``affinity``).
 
         With ``count`` the call takes one of the worker's ``max_in_flight`` places until ``_release``;
         while no worker has room it waits in the pool's queue (at most ``max_queue`` callers, each for
         at most ``queue_timeout`` seconds, or the call's ``timeout`` if shorter). Without ``count``
-        (describe, sessions) room does not matter.
+        (describe, sessions) room does not matter. With a ``placement`` (a batch's shard) only the workers it
+        accepts are candidates, the one chosen is claimed for it under the lock, and it waits until
+        ``placement.stopped()`` rather than in the queue.
         """
         if affinity not in AFFINITIES:
             raise ValueError(f"affinity must be one of {AFFINITIES}, got {affinity!r}")
@@ -211,7 +215,12 @@ class WorkerPool(Supervision):
         queued = False
         with self._lock:
             try:
-                while (worker := self._pick(worker_id, count, affinity)) is None:
+                while (worker := self._pick(worker_id, count, affinity, placement)) is None:
+                    if placement is not None:
+                        if placement.stopped():
+                            raise Cancelled("the call was cancelled while it waited for a worker")
+                        self._lock.wait(0.5)
+                        continue
                     if not queued:
                         if self._queued >= self.max_queue:
                             raise PoolSaturated(
@@ -226,12 +235,15 @@ class WorkerPool(Supervision):
                             f"waiting, max_in_flight={self.max_in_flight}); states: {self._states()}")
                     self._lock.wait(0.1)
                 worker.in_flight += count
+                if placement is not None:
+                    placement.claim(worker.id)
                 return worker
             finally:
                 if queued:
                     self._queued -= 1
 
-    def _pick(self, worker_id: str | None, count: bool, affinity: str) -> Worker | None:
+    def _pick(self, worker_id: str | None, count: bool, affinity: str,
+              placement: Placement | None = None) -> Worker | None:
         """The worker for a call now, or None when it must wait (call with the lock held)."""
         if not self.workers or self._closing.is_set():
             raise PoolClosed("the pool is not running: start it with Pool.start() or `with Pool(...)`")
@@ -245,6 +257,8 @@ class WorkerPool(Supervision):
                                  f"states: {self._states()}")
             if mine or affinity == "strict_queue":
                 free = mine
+        if placement is not None:
+            free = [w for w in free if placement.accept(w.id)]
         if not free:
             return None
         tie = next(self._rr)
@@ -253,13 +267,8 @@ class WorkerPool(Supervision):
     def _states(self) -> dict[str, str]:
         return {w.id: f"{w.state}, {w.in_flight} in flight" for w in self.workers}
 
-    def wait_for_change(self, timeout: float) -> None:
-        """Wait until a call ends, a worker changes state or ``notify_change()`` is called (or ``timeout``
-        passes): for a caller that places work itself, instead of polling."""
-        with self._lock:
-            self._lock.wait(timeout)
-
     def notify_change(self) -> None:
+        """Something a ``Placement`` accepts may have changed: the scheduler looks again."""
         with self._lock:
             self._lock.notify_all()
 
@@ -318,12 +327,12 @@ class WorkerPool(Supervision):
     def execute_stream(self, tool: str, args: dict[str, Any] | None = None, *,
                        on_chunk: Callable[[Chunk], Any] | None = None, timeout: float | None = None,
                        worker: str | None = None, session_id: str = "", affinity: str = "strict_queue",
-                       keep_chunks: int | None = KEEP_CHUNKS) -> Run:
+                       keep_chunks: int | None = KEEP_CHUNKS, placement: Placement | None = None) -> Run:
         """Start ``tool`` as a stream and return its ``Run`` at once; chunks arrive in order. The Run keeps
         the latest ``keep_chunks`` chunks (None: every one)."""
         args_json = self._args_json(tool, args)
         queued, wall = time.monotonic(), time.time_ns()
-        chosen = self._choose(worker, count=True, affinity=affinity, timeout=timeout)
+        chosen = self._choose(worker, count=True, affinity=affinity, timeout=timeout, placement=placement)
         try:
             source = chosen.conn.stream(tool, args_json, session_id, timeout, time.monotonic() - queued,
                                         self._death_of(chosen))

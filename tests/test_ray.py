@@ -3,7 +3,7 @@
 
 A batch runs on actors of both nodes; an actor SIGKILLed mid-batch loses no item and returns none twice;
 tokens stream from an actor; a define reaches the actor that replaces a dead one; `%dspex start --ray`
-in a real IPython shell. Needs Ray (`pip install 'dspex_nb[ray]'`): without it the module skips and
+in a notebook run by a real kernel. Needs Ray (`pip install 'dspex_nb[ray]'`): without it the module skips and
 says why, unless DSPEX_REQUIRE_RAY=1 (set by .ci/run, which installs it).
 """
 
@@ -160,20 +160,31 @@ def test_a_define_reaches_the_actor_that_replaces_a_dead_one(pool: Pool) -> None
     assert out["answer"].startswith("Demo LM answer to")
 
 
-def test_dspex_start_ray_in_an_ipython_shell(cluster: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from IPython.core.interactiveshell import InteractiveShell
+def test_a_notebook_cell_starts_a_pool_on_ray(cluster: str) -> None:
+    """`%dspex start --ray ADDRESS` in a notebook run by a real Jupyter kernel (nbclient), then a cell that
+    streams an answer from the actors."""
+    import nbclient
+    import nbformat
 
-    ip = InteractiveShell.instance()
-    ip.run_cell("%load_ext dspex_nb")
-    try:
-        ip.run_cell(f"%dspex start --ray {cluster} -n 2 --pool onray")
-        ip.run_cell('%%dspex predict "question -> answer" --pool onray -o ans\nWhere does it run?')
-        out = capsys.readouterr().out
-        assert f"dspex: pool 'onray' of 2 workers ready (lm='demo', Ray actors at {cluster})" in out
-        assert ip.user_ns["ans"].answer.startswith("Demo LM answer to 'Where does it run?'")
-    finally:
-        ip.run_cell("%dspex stop --pool onray")
-        ip.run_cell("%unload_ext dspex_nb")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code) for code in (
+        f"%load_ext dspex_nb\n%dspex start --ray {cluster} -n 2",
+        '%%dspex predict "question -> answer" -o ans\nWhere does it run?',
+        "print(ans.answer)",
+        "%dspex stop",
+    )])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["DSPEX_NONINTERACTIVE"] = "1"  # the text views: deterministic output to read
+    client = nbclient.NotebookClient(nb, timeout=180, kernel_name="python3")
+    with client.setup_kernel(env=env):  # the kernel is shut down on the way out, whatever happened
+        for index, cell in enumerate(nb.cells):
+            client.execute_cell(cell, index)
+
+    def text(cell: int) -> str:
+        return "".join(o.get("text", "") for o in nb.cells[cell].outputs if o.output_type == "stream")
+
+    assert f"dspex: pool of 2 workers ready (lm='demo', Ray actors at {cluster})" in text(0)
+    assert text(2).startswith("Demo LM answer to 'Where does it run?'")
+    assert "dspex: pool stopped" in text(3)
 
 
 def test_a_pool_starts_a_local_ray_of_its_own_and_ends_it() -> None:

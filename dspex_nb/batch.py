@@ -59,7 +59,7 @@ class BatchRun(Handle):
         self._tries = [0] * self.total
         self._lock = threading.Lock()
         self._runs: dict[Run, set[int]] = {}  # running shard -> its items not yet back
-        self._placed: dict[str, list[bool]] = {}  # worker -> its shards of this batch (True: a retry, alone)
+        self._placed: set[str] = set()  # the workers running a shard of this batch (one each)
         self.retries = self.from_journal = self.ok = self.failed = 0
         self.tokens_in = self.tokens_out = 0  # LM tokens of the items computed in this run (not the journal's)
         self.cost: float | None = None  # their USD cost, where an LM reported one
@@ -159,30 +159,29 @@ class BatchRun(Handle):
             if last:
                 self._finish()
 
-    def _placement(self, retry: bool, placed: list[str]) -> Placement:
-        """Where a shard may run, for the pool's scheduler: on a worker with no other shard of this batch (the
-        shards spread), and a retried item alone, so an item that kills its worker ("poison") takes no other
-        item down with it. ``placed`` receives the worker the scheduler gives it."""
+    def _placement(self, placed: list[str]) -> Placement:
+        """Where a shard may run, for the pool's scheduler: on a worker with no other shard of this batch, so
+        the shards spread and a retried item (a shard of one) runs alone: an item that kills its worker
+        ("poison") takes no other item down with it. ``placed`` receives the worker the scheduler gives it."""
         def accept(worker: str) -> bool:
             with self._lock:
-                return not self._placed.get(worker)
+                return worker not in self._placed
 
         def claim(worker: str) -> None:
             with self._lock:
-                self._placed.setdefault(worker, []).append(retry)
+                self._placed.add(worker)
             placed.append(worker)
 
         return Placement(accept, claim, lambda: self._stopping)
 
     def _run_shard(self, shard: list[int]) -> None:
-        retry = any(self._tries[i] for i in shard)
         placed: list[str] = []
         try:
-            self._run_shard_on(shard, self._placement(retry, placed))
+            self._run_shard_on(shard, self._placement(placed))
         finally:
             if placed:
                 with self._lock:
-                    self._placed[placed[0]].remove(retry)
+                    self._placed.discard(placed[0])
                 self.pool.notify_change()  # a shard waiting for this worker may go
 
     def _run_shard_on(self, shard: list[int], placement: Placement) -> None:

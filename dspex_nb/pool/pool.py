@@ -104,7 +104,7 @@ class WorkerPool(Supervision):
         if backend == "ray":
             from dspex_nb.pool.ray_backend import RayBackend  # the ray extra, imported only when asked for
 
-            self.backend = RayBackend(address, resources, env, max_in_flight)
+            self.backend = RayBackend(address, resources, max_in_flight)
         else:
             self.backend = LocalBackend(python, start, env)
         self._queued = 0
@@ -305,20 +305,21 @@ class WorkerPool(Supervision):
         queued, wall = time.monotonic(), time.time_ns()
         chosen = self._choose(worker, count=True, affinity=affinity, timeout=timeout)
         sent = time.monotonic()
-        ok, result, outcome = False, None, "failed"
+        result, outcome = None, "failed"
         try:
             try:  # Ctrl-C during the call cancels the remote work
                 result = chosen.conn.execute(tool, args_json, session_id, timeout, time.monotonic() - queued,
                                              self._death_of(chosen))
             except ConnectionClosed:  # the worker is being replaced, or the pool shut down
                 raise self._gone(chosen) from None
-            ok, outcome = True, "done"
+            outcome = "done"
             return result
         except KeyboardInterrupt:
             outcome = "cancelled"
             raise
         finally:
             self._release(chosen, outcome)
+            ok = outcome == "done"
             tokens_in, tokens_out = typed.tokens(result) if ok else (0, 0)
             self.telemetry.add(CallRecord(tool, chosen.id, ok, sent - queued, time.monotonic() - sent,
                                           started_ns=wall, tokens_in=tokens_in, tokens_out=tokens_out,

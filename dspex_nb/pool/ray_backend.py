@@ -43,11 +43,9 @@ _owned = threading.Lock()
 class RayBackend:
     name = "ray"
 
-    def __init__(self, address: str | None, resources: dict[str, float] | None, env: dict[str, str] | None,
-                 max_in_flight: int) -> None:
+    def __init__(self, address: str | None, resources: dict[str, float] | None, max_in_flight: int) -> None:
         self.address = address
         self.resources = dict(resources or {})
-        self.env = env
         self._actor = ray.remote(max_concurrency=max_in_flight + 8,  # every call a pool may send, and spare
                                  concurrency_groups={"control": 4})(_worker_class())
         self._ids = itertools.count()
@@ -107,6 +105,10 @@ class ActorProcess:
     def exit_code(self) -> int | None:
         return DEAD if self.dead else None
 
+    def died(self, err: BaseException) -> None:
+        """Ray says the actor is gone (``err``): the first reason is kept."""
+        self.dead = self.dead or str(err).splitlines()[0] or type(err).__name__
+
     def wait(self, timeout: float) -> int:
         """Its exit code, once a ping within ``timeout`` says it is dead (TimeoutError while it answers)."""
         if not self.dead:
@@ -115,7 +117,7 @@ class ActorProcess:
             except GetTimeoutError:
                 pass
             except Exception as err:  # RayActorError, or an actor Ray no longer knows
-                self.dead = str(err).splitlines()[0] or type(err).__name__
+                self.died(err)
         if not self.dead:
             raise TimeoutError(f"actor {self.worker_id} still answers")
         return DEAD
@@ -158,7 +160,7 @@ class RayConnection:
         return f"{self._prefix}-{next(self._ids)}"
 
     def _lost(self, err: Exception, died: Died) -> DspexError:
-        self.process.dead = self.process.dead or str(err).splitlines()[0]
+        self.process.died(err)
         return died() or WorkerDied(f"worker {self.worker_id} (Ray actor) died during the call")
 
     def _submit(self, method: Any, *args: Any) -> Any:
@@ -168,7 +170,7 @@ class RayConnection:
         try:
             return method.remote(*args)
         except Exception as err:  # e.g. "Can't find actor" once the Ray instance is gone
-            self.process.dead = self.process.dead or str(err).splitlines()[0]
+            self.process.died(err)
             raise ConnectionClosed(str(err)) from None
 
     def ready(self) -> bool:
@@ -177,7 +179,7 @@ class RayConnection:
         except GetTimeoutError:
             return False
         except (RayActorError, RayTaskError, ConnectionClosed) as err:
-            self.process.dead = self.process.dead or str(err).splitlines()[0] or "gone"
+            self.process.died(err)
             return False
         self.process.pid, _, self.process.node, self.process.node_id = pinged
         return True
@@ -232,7 +234,7 @@ class _Ping:
             _, rss, _, _ = ray.get(self._ref, timeout=self._timeout)
             return rss
         except RayActorError as err:
-            self._conn.process.dead = self._conn.process.dead or str(err).splitlines()[0]
+            self._conn.process.died(err)
             raise ConnectionClosed(str(err)) from None
         except (GetTimeoutError, RayTaskError) as err:
             raise ConnectionClosed(str(err)) from None

@@ -1,8 +1,10 @@
 """``BatchRun``: a batch fanned out over the whole pool that loses nothing.
 
-The items are cut into shards; one feeder thread per worker slot takes the next shard and runs it
+The items are cut into shards; two feeder threads per worker slot take the next shard and run it
 as a ``batch_inference`` stream (the worker runs ``concurrency`` items of it at a time and streams
-one item chunk per item, waiting out LM rate limits). Finished items go to the journal as they
+one item chunk per item, waiting out LM rate limits). A worker holds up to two shards of a batch, which
+share its ``concurrency`` (their ``group``): the next shard is there when the current one runs its last
+items, so no slot waits for a round trip. Finished items go to the journal as they
 arrive, and a batch that ran before takes them from there instead of calling the LM again.
 
 When a worker dies (or a shard yields nothing for ``item_timeout`` seconds), the items it had not
@@ -27,6 +29,7 @@ from dspex_nb.journal import Journal, digest
 from dspex_nb.pool.calls import Chunk, Handle, Run
 from dspex_nb.pool.executor import Executor, Placement
 
+SHARDS_PER_WORKER = 2  # shards of one batch a worker holds at once: the one running and the next
 CLAIM_LEASE = 30.0  # seconds a run's claim on its items lasts without renewal (a dead kernel's lapse)
 CLAIM_POLL = 0.5  # seconds between looks at the journal for items another run computes
 
@@ -50,7 +53,8 @@ class BatchRun(Handle):
         self.total = len(items)
         self.records: list[dict[str, Any] | None] = [None] * self.total
         self.arrived: list[int] = []  # indices of records in the order they arrived
-        self._args = {"signature": signature, "module": module, "concurrency": concurrency}
+        self._owner = uuid.uuid4().hex
+        self._args = {"signature": signature, "module": module, "concurrency": concurrency, "group": self._owner}
         self._items = list(items)
         self._timeout = timeout
         self._item_timeout = item_timeout
@@ -59,7 +63,9 @@ class BatchRun(Handle):
         self._tries = [0] * self.total
         self._lock = threading.Lock()
         self._runs: dict[Run, set[int]] = {}  # running shard -> its items not yet back
-        self._placed: set[str] = set()  # the workers running a shard of this batch (one each)
+        self._placed: dict[str, int] = {}  # worker -> shards of this batch it runs (at most SHARDS_PER_WORKER)
+        self._alone: set[str] = set()  # workers running a retried item, which runs alone
+        self._progress: dict[str, float] = {}  # worker -> when an item of this batch last came back from it
         self.retries = self.from_journal = self.ok = self.failed = 0
         self.tokens_in = self.tokens_out = 0  # LM tokens of the items computed in this run (not the journal's)
         self.cost: float | None = None  # their USD cost, where an LM reported one
@@ -79,16 +85,15 @@ class BatchRun(Handle):
                     self._record(index, {"index": index, "ok": True, "result": kept[self._item_keys[index]],
                                          "journal": True})
             todo = [i for i in todo if self.records[i] is None]
-        self._owner = uuid.uuid4().hex
         waiting: list[int] = []  # items another run of this batch (another kernel) is computing now
         if journal is not None and todo:
             mine = journal.claim(self.key, [self._item_keys[i] for i in todo], self._owner, CLAIM_LEASE)
             waiting = [i for i in todo if self._item_keys[i] not in mine]
             todo = [i for i in todo if self._item_keys[i] in mine]
         self._size = shard_size or max(1, min(50, math.ceil(len(todo) / (pool.size * 4))))
-        self._queue: deque[list[int]] = deque(self._shards(todo))
+        self._queue: deque[tuple[list[int], bool]] = deque((shard, False) for shard in self._shards(todo))
         feeders = [threading.Thread(target=self._feed, name=f"dspex-batch-{i}", daemon=True)
-                   for i in range(min(pool.size, len(self._queue)))]
+                   for i in range(min(SHARDS_PER_WORKER * pool.size, len(self._queue)))]
         if journal is not None and (todo or waiting):
             feeders.append(threading.Thread(target=self._watch, args=(waiting,), name="dspex-batch-claims",
                                             daemon=True))
@@ -105,8 +110,8 @@ class BatchRun(Handle):
                 with self._lock:
                     if not self._queue:
                         return
-                    shard = self._queue.popleft()
-                self._run_shard(shard)
+                    shard, alone = self._queue.popleft()
+                self._run_shard(shard, alone)
         except Cancelled:
             pass
         except BaseException as exc:  # the pool closed under us, or a bad argument for every shard
@@ -159,41 +164,49 @@ class BatchRun(Handle):
             if last:
                 self._finish()
 
-    def _placement(self, placed: list[str]) -> Placement:
-        """Where a shard may run, for the pool's scheduler: on a worker with no other shard of this batch, so
-        the shards spread and a retried item (a shard of one) runs alone: an item that kills its worker
-        ("poison") takes no other item down with it. ``placed`` receives the worker the scheduler gives it."""
+    def _placement(self, placed: list[str], alone: bool) -> Placement:
+        """Where a shard may run, for the pool's scheduler: on a worker with fewer than SHARDS_PER_WORKER
+        shards of this batch, so the shards spread; a retried item runs ``alone``, on a worker with no other
+        shard of this batch: an item that kills its worker ("poison") takes no other item down with it.
+        ``placed`` receives the worker the scheduler gives it."""
         def accept(worker: str) -> bool:
             with self._lock:
-                return worker not in self._placed
+                held = self._placed.get(worker, 0)
+                return held == 0 if alone else held < SHARDS_PER_WORKER and worker not in self._alone
 
         def claim(worker: str) -> None:
             with self._lock:
-                self._placed.add(worker)
+                self._progress[worker] = time.monotonic()  # its item timeout counts from here at the latest
+                self._placed[worker] = self._placed.get(worker, 0) + 1
+                if alone:
+                    self._alone.add(worker)
             placed.append(worker)
 
         return Placement(accept, claim, lambda: self._stopping)
 
-    def _run_shard(self, shard: list[int]) -> None:
+    def _run_shard(self, shard: list[int], alone: bool = False) -> None:
         placed: list[str] = []
         try:
-            self._run_shard_on(shard, self._placement(placed))
+            self._run_shard_on(shard, self._placement(placed, alone), placed)
         finally:
             if placed:
                 with self._lock:
-                    self._placed.discard(placed[0])
+                    self._placed[placed[0]] -= 1
+                    if not self._placed[placed[0]]:
+                        del self._placed[placed[0]]
+                    if alone:
+                        self._alone.discard(placed[0])
                 self.pool.notify_change()  # a shard waiting for this worker may go
 
-    def _run_shard_on(self, shard: list[int], placement: Placement) -> None:
+    def _run_shard_on(self, shard: list[int], placement: Placement, placed: list[str]) -> None:
         pending = set(shard)
-        progress = [time.monotonic()]
 
         def on_chunk(chunk: Chunk) -> None:
             if chunk.kind == "item":
                 index = shard[chunk["index"]]
                 with self._lock:
                     pending.discard(index)
-                progress[0] = time.monotonic()
+                    self._progress[placed[0]] = time.monotonic()
                 if (not chunk["ok"] and chunk["error"]["type"] in TRANSIENT_LM_ERRORS
                         and self._tries[index] < self._max_retries):
                     self._requeue([index], None, retriable=True)  # dspy.LM's own retries did not get through
@@ -216,7 +229,7 @@ class BatchRun(Handle):
         timed_out = False
         try:
             while not run.wait(1.0 if self._item_timeout is None else min(1.0, self._item_timeout)):
-                if self._item_timeout is not None and time.monotonic() - progress[0] > self._item_timeout:
+                if self._item_timeout is not None and self._stalled(placed[0]):
                     timed_out = True
                     run.cancel()
                     run.wait()
@@ -227,13 +240,19 @@ class BatchRun(Handle):
             return
         if timed_out:
             error: BaseException | None = ItemTimeout(
-                f"no item of its shard finished within item_timeout={self._item_timeout} s on worker {run.worker}")
+                f"no item of this batch finished within item_timeout={self._item_timeout} s on worker {run.worker}")
             self.pool.check_worker(run.worker, "an item timeout")  # a hung worker is replaced, not fed again
         else:
             error = run.error
         if isinstance(error, (ArgumentError, PoolClosed)):
             raise error
         self._requeue(sorted(pending), error)
+
+    def _stalled(self, worker: str) -> bool:
+        """No item of this batch came back from ``worker`` for ``item_timeout`` seconds (its shards share
+        its slots, so a shard waiting behind another is not stalled while the other one moves)."""
+        with self._lock:
+            return time.monotonic() - self._progress.get(worker, 0.0) > self._item_timeout  # type: ignore[operator]
 
     def _requeue(self, indices: list[int], error: BaseException | None, retriable: bool = False) -> None:
         """Send the unfinished items of a failed shard back one by one, or fail those out of retries."""
@@ -252,7 +271,7 @@ class BatchRun(Handle):
         if again:
             with self._lock:
                 self.retries += len(again)
-                self._queue.extend(again)
+                self._queue.extend((shard, True) for shard in again)
 
     def _record(self, index: int, record: dict[str, Any]) -> None:
         with self._lock:
@@ -332,8 +351,8 @@ class BatchRun(Handle):
         with self._lock:
             finished = self.ok + self.failed
             active: dict[str, int] = {}
-            for run, pending in self._runs.items():  # a worker runs at most `concurrency` items of a shard at once
-                active[run.worker] = active.get(run.worker, 0) + min(len(pending), self._args["concurrency"])
+            for run, pending in self._runs.items():  # a worker runs at most `concurrency` items of a batch at once
+                active[run.worker] = min(active.get(run.worker, 0) + len(pending), self._args["concurrency"])
             by_worker: dict[str, int] = {}
             for index in self.arrived:
                 worker = self.records[index].get("worker")  # type: ignore[union-attr]

@@ -56,6 +56,31 @@ def test_an_on_item_callback_that_raises_stops_the_batch_and_keeps_what_arrived(
     assert len(kept) >= 3 and all(r["ok"] for r in kept)  # nothing received was turned into a failure
 
 
+PROBE = """
+import threading, time
+_lock = threading.Lock()
+_running = [0]
+def Probe(question):
+    with _lock:
+        _running[0] += 1
+        now = _running[0]
+    time.sleep(0.05)
+    with _lock:
+        _running[0] -= 1
+    return {"running": now}
+"""
+
+
+def test_a_worker_holds_the_next_shard_and_the_two_share_its_concurrency(pool: Pool) -> None:
+    pool.define("Probe", PROBE)
+    batch = pool.batch([f"p{i}" for i in range(48)], module="Probe", shard_size=3, concurrency=2, journal=False)
+    seen = wait_until(lambda: "two shards" if any(r["in_flight"] == 2 for r in pool.status()) else batch.done,
+                      what="a worker holding two shards, or the batch's end")
+    out = batch.result()
+    assert seen == "two shards"  # the next shard was on its worker before the current one ended
+    assert max(to_output(o, Resolver())["running"] for o in out) == 2  # and the two never ran over concurrency=2
+
+
 def test_define_then_run_streams_every_predictor(pool: Pool) -> None:
     info = pool.define("TwoStep", TWO_STEP)
     assert info == {"name": "TwoStep", "kind": "module class", "inputs": ["question"], "required": ["question"]}

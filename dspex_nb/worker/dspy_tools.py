@@ -406,9 +406,10 @@ def load_module(ctx: ToolContext, name: str) -> dict[str, str]:
 
 @tool
 def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", module: str = "predict",
-                    concurrency: int = 4) -> Generator[Emit, None, dict[str, Any]]:
+                    concurrency: int = 4, group: str = "") -> Generator[Emit, None, dict[str, Any]]:
     """Run ``module`` (predict, chain_of_thought on ``signature``, or a defined module) on every item,
-    ``concurrency`` at a time; one item chunk per item as it completes.
+    ``concurrency`` at a time; one item chunk per item as it completes. Calls with the same ``group`` (the
+    shards of one batch) share their ``concurrency`` on this worker.
 
     Item chunks are {"index", "ok", "result", "worker"} or {"index", "ok": false, "error", "worker"}.
     """
@@ -432,14 +433,16 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
 
     def run_one(inputs: dict[str, Any]) -> Any:
         """One item. LM errors such as HTTP 429 are retried by dspy.LM itself (its ``num_retries``)."""
-        if ctx.cancelled.is_set():  # a cancelled batch starts no further LM calls
-            raise Cancelled("the batch was cancelled before this item started")
-        with _tracked(settings) as (usage, costs):
-            output = _run_to_end(make()(**inputs))
-        return output_json(output, usage.get_total_tokens(), costs.total)
+        with slots:
+            if ctx.cancelled.is_set():  # a cancelled batch starts no further LM calls
+                raise Cancelled("the batch was cancelled before this item started")
+            with _tracked(settings) as (usage, costs):
+                output = _run_to_end(make()(**inputs))
+            return output_json(output, usage.get_total_tokens(), costs.total)
 
     results: list[dict[str, Any] | None] = [None] * len(items)
-    with futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="item") as pool:
+    with ctx.worker.slots(group, concurrency) as slots, \
+            futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="item") as pool:
         pending = {pool.submit(run_one, inputs): i for i, inputs in enumerate(items)}
         try:
             while pending:

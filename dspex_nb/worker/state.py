@@ -48,6 +48,7 @@ class WorkerState:
     active: int = 0
     total: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _slots: dict[str, list[Any]] = field(default_factory=dict)  # group -> [semaphore, calls using it]
 
     def __post_init__(self) -> None:
         self.sessions = Sessions(self.worker_id, self.session_ttl)
@@ -63,6 +64,26 @@ class WorkerState:
         finally:
             with self._lock:
                 self.active -= 1
+
+    @contextmanager
+    def slots(self, group: str, size: int) -> Iterator[threading.Semaphore]:
+        """``size`` slots for the items of a call; calls of the same non-empty ``group`` share them (the
+        first one's ``size``). A batch sends a worker its next shard before the current one ends, so no
+        slot idles while a shard finishes its last items, and still no more than ``size`` run at once."""
+        with self._lock:
+            entry = self._slots.get(group) if group else None
+            if entry is None:
+                entry = [threading.Semaphore(size), 0]
+                if group:
+                    self._slots[group] = entry
+            entry[1] += 1
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if group and not entry[1]:
+                    del self._slots[group]
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:

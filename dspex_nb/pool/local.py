@@ -7,10 +7,13 @@ interpreters of their own (``"spawn"``), in a private 0700 directory that holds 
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
+import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,33 +29,43 @@ from dspex_nb.pool.process import ProcessHandle, WorkerProcess, interpreter, wor
 from dspex_nb.pool.template import FORK_TIMEOUT, Template
 from dspex_nb.wire import LM_KWARGS_ENV, health_address, message_options
 
+DEFAULT_START = "template" if sys.platform == "linux" else "spawn"
 RECONNECT = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
              ("grpc.max_reconnect_backoff_ms", 500)]  # a replaced worker's socket is back within ms
 
 
 class LocalBackend:
+    """Worker processes of one pool (``run_id`` marks them for stale cleanup)."""
+
     name = "local"
 
     def __init__(self, python: str | None, start: str, env: dict[str, str] | None) -> None:
         self.python = interpreter(python)
         self.start_method = start
         self.env = env
+        self.run_id = uuid.uuid4().hex[:12]
         self.dir: Path | None = None
         self.template: Template | None = None
+        self.template_env: dict[str, str] = {}  # the environment the template started with
         self._lock = threading.RLock()  # restarts run in parallel threads: one template for all of them
         self._spawned: list[int] = []  # pids of the live workers (for stale cleanup by a later pool)
-        self._run_id = ""
+        self._cleaned: list[dict[str, Any]] = []
 
     def open(self) -> list[dict[str, Any]]:
-        cleaned = stale.cleanup()
-        self.dir = Path(tempfile.mkdtemp(prefix=stale.PREFIX, dir=stale.runtime_dir()))  # mode 0700
-        return cleaned
+        if self.dir is None:
+            self._cleaned = stale.cleanup()
+            self.dir = Path(tempfile.mkdtemp(prefix=stale.PREFIX, dir=stale.runtime_dir()))  # mode 0700
+            self._record_owner()  # at once: a start killed midway leaves a directory stale cleanup can claim
+        return self._cleaned
+
+    def warm(self) -> None:
+        """Start the template now, so that it has imported DSPy when the pool asks it for workers."""
+        self.open()
+        with self._lock:
+            self._template(FORK_TIMEOUT)
 
     def spawn(self, worker_id: str, generation: int, spec: WorkerSpec) -> GrpcConnection:
         assert self.dir is not None
-        if not self._run_id:
-            self._run_id = spec.run_id
-            self._record_owner()  # at once: a start killed midway leaves a directory stale cleanup can claim
         address = f"unix:{self.dir}/{worker_id}-{generation}.sock"
         args = ["--worker-id", worker_id, "--run-id", spec.run_id, "--lm", spec.lm,
                 "--max-message-mb", str(spec.max_message_bytes // 2**20), "--session-ttl", str(spec.session_ttl)]
@@ -68,13 +81,7 @@ class LocalBackend:
         lm_env = {LM_KWARGS_ENV: json.dumps(spec.lm_kwargs)}  # not on argv: it may hold an API key
         if self.start_method == "template":
             with self._lock:
-                if self.template is None or not self.template.alive:
-                    if self.template is not None:
-                        self.template.close()
-                    self.template = Template(self.python, env, self.dir / "template.log", spec.run_id,
-                                              fork_timeout=min(FORK_TIMEOUT, spec.start_timeout))
-                    self._record_owner(self.template.proc.pid)
-                template = self.template
+                template = self._template(min(FORK_TIMEOUT, spec.start_timeout))
             process: ProcessHandle = template.spawn(["--address", address, *args], lm_env, log_path, address)
         else:
             process = WorkerProcess(self.python, address, log_path, {**env, **lm_env}, args)
@@ -85,12 +92,24 @@ class LocalBackend:
             raise
         return process
 
+    def _template(self, fork_timeout: float) -> Template:
+        """The live template (a new one if there is none or it died); called under the lock."""
+        assert self.dir is not None
+        if self.template is None or not self.template.alive:
+            if self.template is not None:
+                self.template.close()
+            self.template_env = worker_env(self.env)
+            self.template = Template(self.python, self.template_env, self.dir / "template.log", self.run_id)
+            self._record_owner(self.template.proc.pid)
+        self.template.fork_timeout = fork_timeout
+        return self.template
+
     def _record_owner(self, pid: int | None = None) -> None:
         """Keep pool.json current (for a later pool's stale cleanup): this owner, its live children."""
         assert self.dir is not None
         with self._lock:
             self._spawned = [p for p in self._spawned if stale.start_time(p)] + ([pid] if pid else [])
-            stale.write_owner(self.dir, self._run_id, self._spawned)
+            stale.write_owner(self.dir, self.run_id, self._spawned)
 
     def close(self) -> None:
         if self.template is not None:
@@ -99,7 +118,44 @@ class LocalBackend:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
-        self._run_id = ""
+        self._spawned, self._cleaned = [], []
+
+
+_spare: LocalBackend | None = None  # warmed by warm(), taken by the next local pool that matches it
+_spare_lock = threading.Lock()
+
+
+def warm(python: str | None = None) -> None:
+    """Start a template process now (``%load_ext dspex_nb`` does), so that the first local pool forks its
+    workers from a process that has already imported DSPy (about 1.5 s on 2 cores). One at a time; it ends
+    with the kernel, or is closed by ``take`` when a pool starts with other settings."""
+    global _spare
+    with _spare_lock:
+        if _spare is None and DEFAULT_START == "template":
+            _spare = LocalBackend(python, "template", None)
+            _spare.warm()
+
+
+def take(python: str | None, start: str, env: dict[str, str] | None) -> LocalBackend:
+    """The warmed backend when it matches these settings and the environment has not changed since it
+    started (DSPy reads some of it at import, e.g. DSPY_CACHEDIR), else a new one (the warmed one is closed)."""
+    global _spare
+    with _spare_lock:
+        spare, _spare = _spare, None
+    if spare is not None:
+        if (spare.python, spare.start_method, spare.template_env) == (interpreter(python), start, worker_env(env)):
+            return spare
+        spare.close()
+    return LocalBackend(python, start, env)
+
+
+@atexit.register
+def close_spare() -> None:
+    global _spare
+    with _spare_lock:
+        spare, _spare = _spare, None
+    if spare is not None:
+        spare.close()
 
 
 class GrpcConnection:

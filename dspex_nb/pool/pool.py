@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
-import sys
 import threading
 import time
 import uuid
@@ -30,11 +29,11 @@ from dspex_nb.errors import (
     WorkerBusy,
     WorkerStartError,
 )
-from dspex_nb.pool import settings
+from dspex_nb.pool import local, settings
 from dspex_nb.pool.calls import KEEP_CHUNKS, Chunk, Run, encode_args
 from dspex_nb.pool.connection import Backend, ConnectionClosed, WorkerSpec
 from dspex_nb.pool.executor import Placement
-from dspex_nb.pool.local import LocalBackend
+from dspex_nb.pool.local import DEFAULT_START
 from dspex_nb.pool.session import Session
 from dspex_nb.pool.supervision import Supervision
 from dspex_nb.pool.telemetry import CallRecord, Telemetry
@@ -43,7 +42,6 @@ from dspex_nb.schema import validate
 
 AFFINITIES = ("hint", "strict_queue", "strict_fail_fast")
 START_METHODS = ("spawn", "template")  # a new interpreter per worker, or forks of one that imported dspy
-DEFAULT_START = "template" if sys.platform == "linux" else "spawn"
 BACKENDS = ("local", "ray")
 
 
@@ -105,12 +103,13 @@ class WorkerPool(Supervision):
             from dspex_nb.pool.ray_backend import RayBackend  # the ray extra, imported only when asked for
 
             self.backend = RayBackend(address, resources, max_in_flight)
+            self.run_id = uuid.uuid4().hex[:12]
         else:
-            self.backend = LocalBackend(python, start, env)
+            self.backend = local.take(python, start, env)  # the template %load_ext started, if it matches
+            self.run_id = self.backend.run_id
         self._queued = 0
         self._restarting: list[threading.Thread] = []  # restart threads, joined by shutdown()
         self.cleaned: list[dict[str, Any]] = []  # what stale cleanup did when this pool started
-        self.run_id = uuid.uuid4().hex[:12]
         self.schemas: dict[str, dict[str, Any]] = {}  # tool name -> argument schema, from Describe at start
         self.definitions: dict[str, dict[str, Any]] = {}  # name -> source, kind, inputs; replayed on new workers
         self.workers: list[Worker] = []

@@ -345,6 +345,16 @@ def chain_of_thought(ctx: ToolContext, signature: str,
 
 
 @tool
+def signature_fields(signature: str) -> dict[str, list[str]]:
+    """The input and output field names of a signature string, as DSPy parses it (or DSPy's reason why not)."""
+    try:
+        sig = dspy.ensure_signature(signature)
+    except Exception as exc:
+        raise ArgumentError("signature_fields", "ArgumentError", str(exc)) from None
+    return {"inputs": list(sig.input_fields), "outputs": list(sig.output_fields)}
+
+
+@tool
 def define(ctx: ToolContext, name: str, source: str) -> dict[str, Any]:
     """Run ``source`` (Python; ``dspy`` is imported) and keep its ``name``: a dspy.Module subclass or instance,
     a signature class or a function, as a program that ``run_module`` and ``batch_inference(module=name)`` run."""

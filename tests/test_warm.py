@@ -1,0 +1,67 @@
+"""``%load_ext dspex_nb`` starts a template process at once; the first local pool forks its workers from it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from helpers import wait_until
+from IPython.core.interactiveshell import InteractiveShell
+
+from dspex_nb import Pool
+from dspex_nb.pool import local
+
+pytestmark = pytest.mark.skipif(local.DEFAULT_START != "template", reason="templates are for Linux (fork)")
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.fixture
+def spare() -> Iterator[Callable[[], local.LocalBackend]]:
+    """Warms a template when called (in the test itself: pytest sets PYTEST_CURRENT_TEST anew for each phase,
+    and a template is used only by a pool started in the environment it started in)."""
+    def warm() -> local.LocalBackend:
+        local.warm()
+        assert local._spare is not None and local._spare.template is not None
+        return local._spare
+
+    yield warm
+    local.close_spare()
+
+
+def test_the_first_pool_forks_its_workers_from_the_warmed_template(
+        spare: Callable[[], local.LocalBackend]) -> None:
+    spare = spare()
+    template = spare.template
+    with Pool(workers=2, journal=False) as pool:
+        assert pool.backend is spare and local._spare is None  # taken, not shared with a later pool
+        assert {parent_of(row["pid"]) for row in pool.status()} == {template.proc.pid}
+        assert pool.execute("echo", {"x": 1}) == {"x": 1}
+    assert template.proc.poll() is not None  # it ended with the pool
+
+
+def test_a_warmed_template_is_not_used_once_the_environment_changed(
+        spare: Callable[[], local.LocalBackend], monkeypatch: pytest.MonkeyPatch) -> None:
+    spare = spare()
+    template = spare.template.proc
+    monkeypatch.setenv("DSPEX_TEST_CHANGED", "1")  # e.g. an API key or DSPY_CACHEDIR set after %load_ext
+    with Pool(workers=1, journal=False) as pool:
+        assert pool.backend is not spare
+        assert parent_of(pool.status()[0]["pid"]) != template.pid
+    wait_until(lambda: template.poll() is not None, what="the unused template to end")
+
+
+def test_load_ext_warms_a_template_and_unload_ext_ends_it() -> None:
+    ip = InteractiveShell.instance()
+    ip.run_cell("%load_ext dspex_nb")
+    try:
+        assert local._spare is not None
+        template = local._spare.template.proc
+        assert template.poll() is None
+    finally:
+        ip.run_cell("%unload_ext dspex_nb")
+    assert local._spare is None
+    wait_until(lambda: template.poll() is not None, what="the template to end")

@@ -2,7 +2,9 @@
 
 ``Call.batches`` runs the tool in a producer thread that puts chunks on a bounded queue and hands out
 whatever has accumulated as one batch, so a fast producer costs one message per batch rather than per
-chunk. Cancelling sets the tool's ``ctx.cancelled``; the producer then closes the tool's generator.
+chunk; after the first message, each waits ``LINGER`` (2 ms) for chunks to join it, which halves the
+kernel's CPU per token of a fast stream and adds at most 2 ms to a token's way (none to the first).
+Cancelling sets the tool's ``ctx.cancelled``; the producer then closes the tool's generator.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import collections
 import json
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -30,6 +33,7 @@ class RawChunk(NamedTuple):
 
 
 MAX_CHUNKS_PER_MESSAGE = 512
+LINGER = 0.002  # seconds a stream's message waits for more chunks to join it (not the first message)
 MESSAGE_OVERHEAD = 64 * 1024  # bytes kept free in every message for protobuf framing
 QUEUE_BYTES = 8 * 2**20  # chunks a stream may have waiting for a slow consumer before its tool waits
 _DONE = object()
@@ -65,11 +69,16 @@ class ChunkQueue:
             self._bytes += self._size(item)
             self._cond.notify_all()
 
-    def take(self, count: int, budget: int, timeout: float) -> list[Any]:
-        """Up to ``count`` chunks whose sizes add up to at most ``budget`` (at least one); [] after ``timeout``."""
+    def take(self, count: int, budget: int, timeout: float, linger: float = 0.0) -> list[Any]:
+        """Up to ``count`` chunks whose sizes add up to at most ``budget`` (at least one); [] after ``timeout``.
+        Having found fewer than ``count``, it waits up to ``linger`` seconds for more to join them."""
         with self._cond:
             if not self._items and not self._cond.wait_for(lambda: self._items, timeout):
                 return []
+            more = linger and len(self._items) < count and self._items[-1] is not _DONE
+        if more:  # a sleep, not a wait on the condition: the producer's puts do not wake this thread each time
+            time.sleep(linger)
+        with self._cond:
             batch = [self._items.popleft()]
             size = self._size(batch[0])
             while self._items and len(batch) < count and batch[-1] is not _DONE:
@@ -170,8 +179,9 @@ class Call:
 
         threading.Thread(target=produce, name=f"tool-{self.tool}", daemon=True).start()
         budget = self.state.max_message_bytes - MESSAGE_OVERHEAD
+        linger = 0.0  # the first chunk (a first token) goes at once
         while True:
-            batch = chunks.take(MAX_CHUNKS_PER_MESSAGE, budget, timeout=0.5)
+            batch = chunks.take(MAX_CHUNKS_PER_MESSAGE, budget, timeout=0.5, linger=linger)
             if not batch:
                 if not active():
                     return
@@ -181,5 +191,6 @@ class Call:
                 batch.pop()
             if batch:
                 yield batch
+                linger = LINGER
             if done:
                 return

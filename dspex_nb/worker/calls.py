@@ -52,7 +52,7 @@ class ChunkQueue:
         self._on_wait = on_wait  # called each time the producer has to wait (counted in Describe)
         self._items: collections.deque[Any] = collections.deque()
         self._bytes = 0
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # not re-entered: a Lock is cheaper than an RLock
 
     @staticmethod
     def _size(item: Any) -> int:

@@ -149,7 +149,9 @@ def test_interrupt_during_a_stream_cancels_it_and_the_kernel_goes_on(kernel: Ker
     msg_id = kernel.submit('%%dspex predict "question -> answer"\nnever finished')
 
     def interrupt_once_streaming(kind: str, content: dict) -> None:
-        if kind == "comm_msg" and not started:
+        # a token's delta to the stream view (not a late refresh of an earlier cell's view)
+        delta = content.get("data", {}).get("content", {}) if kind == "comm_msg" else {}
+        if isinstance(delta, dict) and "text" in delta and "seq" in delta and not started:
             started.append(True)
             kernel.km.interrupt_kernel()
 

@@ -39,9 +39,10 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--latency", type=float, default=0.02, help="the demo LM's time to first token, s")
     parser.add_argument("--concurrency", type=int, default=8, help="items in flight per worker")
+    parser.add_argument("--max-workers", type=int, default=os.cpu_count() or 1, help="default: the core count")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= cores] or [1]
+    counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= min(cores, args.max_workers)] or [1]
     print(f"{cores} cores; {args.items} items; demo LM ttft {args.latency} s; {args.concurrency} in flight per worker")
     print(f"{'workers':>8}{'pool items/s':>14}{'threads items/s':>17}{'ideal':>9}{'vs threads':>12}{'vs ideal':>10}")
     for n in counts:

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from dspex_nb import typed
@@ -62,7 +63,7 @@ class BatchRun(Handle):
         self._max_retries = max_retries
         self._tries = [0] * self.total
         self._lock = threading.Lock()
-        self._runs: dict[Run, set[int]] = {}  # running shard -> its items not yet back
+        self._runs: dict[Run, _Shard] = {}  # running shards
         self._placed: dict[str, int] = {}  # worker -> shards of this batch it runs (at most SHARDS_PER_WORKER)
         self._alone: set[str] = set()  # workers running a retried item, which runs alone
         self._progress: dict[str, float] = {}  # worker -> when an item of this batch last came back from it
@@ -199,13 +200,17 @@ class BatchRun(Handle):
                 self.pool.notify_change()  # a shard waiting for this worker may go
 
     def _run_shard_on(self, shard: list[int], placement: Placement, placed: list[str]) -> None:
-        pending = set(shard)
+        state = _Shard(set(shard))
 
         def on_chunk(chunk: Chunk) -> None:
-            if chunk.kind == "item":
+            if chunk.kind == "started":  # the item took one of the worker's slots: its LM calls begin
+                with self._lock:
+                    state.started[shard[chunk["index"]]] = self._progress[placed[0]] = time.monotonic()
+            elif chunk.kind == "item":
                 index = shard[chunk["index"]]
                 with self._lock:
-                    pending.discard(index)
+                    state.pending.discard(index)
+                    state.started.pop(index, None)
                     self._progress[placed[0]] = time.monotonic()
                 if (not chunk["ok"] and chunk["error"]["type"] in TRANSIENT_LM_ERRORS
                         and self._tries[index] < self._max_retries):
@@ -223,36 +228,51 @@ class BatchRun(Handle):
             self._requeue(shard, WorkerDied(f"the shard could not be sent to its worker: {exc}"))
             return
         with self._lock:
-            self._runs[run] = pending
+            self._runs[run] = state
         if self._stopping:  # cancelled while the shard was being sent
             run.cancel()
-        timed_out = False
+        timed_out: list[int] | None = None  # the items that ran past item_timeout
         try:
             while not run.wait(1.0 if self._item_timeout is None else min(1.0, self._item_timeout)):
-                if self._item_timeout is not None and self._stalled(placed[0]):
-                    timed_out = True
+                if self._item_timeout is not None and (timed_out := self._timed_out(placed[0], state)) is not None:
                     run.cancel()
                     run.wait()
         finally:
             with self._lock:
                 del self._runs[run]
-        if not pending or (run.cancelled and not timed_out):
+        if not state.pending or (run.cancelled and timed_out is None):
             return
-        if timed_out:
+        if timed_out is not None:
             error: BaseException | None = ItemTimeout(
-                f"no item of this batch finished within item_timeout={self._item_timeout} s on worker {run.worker}")
+                f"the item ran past item_timeout={self._item_timeout} s on worker {run.worker}")
             self.pool.check_worker(run.worker, "an item timeout")  # a hung worker is replaced, not fed again
-        else:
+            suspects = timed_out
+        else:  # the worker died: any item not back may have done it (a "started" chunk may die with it)
             error = run.error
+            suspects = list(state.pending)
         if isinstance(error, (ArgumentError, PoolClosed)):
             raise error
-        self._requeue(sorted(pending), error)
+        self._put_back(sorted(state.pending - set(suspects)))  # not to blame: back in the queue, no try spent
+        self._requeue(sorted(suspects), error)
 
-    def _stalled(self, worker: str) -> bool:
-        """No item of this batch came back from ``worker`` for ``item_timeout`` seconds (its shards share
-        its slots, so a shard waiting behind another is not stalled while the other one moves)."""
+    def _timed_out(self, worker: str, shard: _Shard) -> list[int] | None:
+        """The items of ``shard`` that ran for ``item_timeout`` seconds (all its running ones, maybe none, when
+        nothing of this batch started or came back on ``worker`` for that long: a hung worker); None if the
+        shard goes on."""
+        now = time.monotonic()
+        limit = self._item_timeout
+        assert limit is not None
         with self._lock:
-            return time.monotonic() - self._progress.get(worker, 0.0) > self._item_timeout  # type: ignore[operator]
+            if now - self._progress.get(worker, 0.0) > limit:
+                return list(shard.started)
+            late = [index for index, since in shard.started.items() if now - since > limit]
+            return late or None
+
+    def _put_back(self, indices: list[int]) -> None:
+        """Items a failed shard had not started: back in the queue as a shard of their own, no try spent."""
+        if indices:
+            with self._lock:
+                self._queue.append((indices, False))
 
     def _requeue(self, indices: list[int], error: BaseException | None, retriable: bool = False) -> None:
         """Send the unfinished items of a failed shard back one by one, or fail those out of retries."""
@@ -351,8 +371,8 @@ class BatchRun(Handle):
         with self._lock:
             finished = self.ok + self.failed
             active: dict[str, int] = {}
-            for run, pending in self._runs.items():  # a worker runs at most `concurrency` items of a batch at once
-                active[run.worker] = min(active.get(run.worker, 0) + len(pending), self._args["concurrency"])
+            for run, shard in self._runs.items():
+                active[run.worker] = active.get(run.worker, 0) + len(shard.started)
             by_worker: dict[str, int] = {}
             for index in self.arrived:
                 worker = self.records[index].get("worker")  # type: ignore[union-attr]
@@ -372,6 +392,14 @@ class BatchRun(Handle):
 
     def __repr__(self) -> str:
         return f"<BatchRun {self.ok + self.failed}/{self.total} ({self.failed} failed): {self.status}>"
+
+
+@dataclass
+class _Shard:
+    """A shard as it runs: its items not yet back, and those running on the worker, since when."""
+
+    pending: set[int]
+    started: dict[int, float] = field(default_factory=dict)
 
 
 def outputs(record: dict[str, Any]) -> dict[str, Any]:

@@ -8,14 +8,11 @@ turn the cell into inputs, call ``Pool``, hand the handle to a renderer. Default
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import json
 import re
 import shlex
 import string
 import sys
-import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -133,17 +130,22 @@ def interpolate(text: str, namespace: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+SIGNATURE_TIMEOUT = 30.0  # seconds a worker may take to parse a signature (it waits for a free worker first)
+
+
 def signature_inputs(signature: Any, pool: Pool) -> list[str]:
     """The input field names of a signature (class or string), parsed by DSPy itself (so types with commas,
     such as ``scores: dict[str, int]``, work): a string by a worker, where DSPy is imported already, so the
     kernel need not import it (about 1.5 s) before a first answer."""
     try:
         if isinstance(signature, str):
-            return pool.execute("signature_fields", {"signature": signature})["inputs"]
+            return pool.execute("signature_fields", {"signature": signature}, timeout=SIGNATURE_TIMEOUT)["inputs"]
         return programs.input_names(signature) or []
     except ArgumentError as exc:  # DSPy's reason, from the worker
         raise UsageError(f"{signature!r} is not a DSPy signature: expected 'inputs -> outputs', e.g. "
                          f"'question -> answer' ({exc.message})") from None
+    except DspexError:  # the pool's own trouble (a worker died, a full queue): not the signature's
+        raise
     except Exception as exc:
         raise UsageError(f"{signature!r} is not a DSPy signature: expected 'inputs -> outputs', e.g. "
                          f"'question -> answer' ({exc})") from None
@@ -213,8 +215,7 @@ class Dspex(Magics):
     display = Enum(MODES, "auto", help="'widgets', 'text', or 'auto' (widgets in a kernel unless "
                                        "DSPEX_NONINTERACTIVE=1).").tag(config=True)
     warm = Bool(True, help="At %load_ext, start a template process (one idle process that imports DSPy) so "
-                           "that the first pool's workers start at once, and import DSPy in the kernel in the "
-                           "background.").tag(config=True)
+                           "that the first pool's workers start at once.").tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -338,7 +339,7 @@ class Dspex(Magics):
             return value
         if not isinstance(value, type) or "dspy" not in sys.modules:  # no DSPy class before DSPy is imported
             return None
-        import dspy  # imported, or being imported in the background (this waits for it)
+        import dspy
 
         return value if issubclass(value, (dspy.Module, dspy.Signature)) else None
 
@@ -509,16 +510,11 @@ def load(shell: Any) -> Dspex:
     shell.register_magics(magics)
     shell.configurables.append(magics)
     if magics.warm:
-        local.warm(magics.python or None)
-        threading.Thread(target=_import_dspy, name="dspex-import-dspy", daemon=True).start()
+        try:
+            local.warm(magics.python or None)
+        except Exception as exc:  # the first pool starts its own template, and says what is wrong with it
+            print(f"dspex: could not start a template process ahead of the first pool: {exc}", file=sys.stderr)
     return magics
-
-
-def _import_dspy() -> None:
-    """Import DSPy in the kernel meanwhile: a first answer becomes a dspy.Prediction (the first token does
-    not wait for it). Should it fail, the import where it is needed says why."""
-    with contextlib.suppress(Exception):
-        importlib.import_module("dspy")
 
 
 def unload(shell: Any) -> None:

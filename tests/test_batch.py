@@ -81,6 +81,38 @@ def test_a_worker_holds_the_next_shard_and_the_two_share_its_concurrency(pool: P
     assert max(to_output(o, Resolver())["running"] for o in out) == 2  # and the two never ran over concurrency=2
 
 
+SLOW = """
+import time
+def Slow(question):
+    time.sleep(30 if question == "HANG" else 0.05)
+    return {"answer": question.upper()}
+"""
+
+
+def test_a_hung_item_times_out_and_gives_its_slot_back_to_the_items_after_it() -> None:
+    """concurrency=1: the hung item holds the worker's one slot; once it times out, the items after it on that
+    same (live) worker run in that slot, and spend no try: they never started."""
+    with Pool(workers=1, journal=False) as pool:
+        pool.define("Slow", SLOW)
+        items = ["HANG", "a", "b", "c", "d", "e"]
+        batch = pool.batch(items, module="Slow", shard_size=2, concurrency=1, item_timeout=1.5, max_retries=1)
+        batch.wait(60)
+        first, rest = batch.records[0], batch.records[1:]
+        assert not first["ok"] and first["error"]["type"] == "ItemTimeout" and first["tries"] == 2
+        assert all(r["ok"] and r["tries"] == 1 for r in rest), [r for r in rest if not r["ok"] or r["tries"] != 1]
+
+
+def test_a_hung_item_times_out_while_its_workers_other_shard_moves() -> None:
+    with Pool(workers=1, journal=False) as pool:
+        pool.define("Slow", SLOW)
+        items = ["HANG"] + [f"q{i}" for i in range(60)]  # 3 s of work at least, in the one slot left
+        batch = pool.batch(items, module="Slow", shard_size=3, concurrency=2, item_timeout=1.5, max_retries=0)
+        batch.wait(60)
+        assert batch.records[0]["error"]["type"] == "ItemTimeout"
+        assert batch.arrived.index(0) < len(items) - 10  # it failed while the others went on, not at the end
+        assert all(r["ok"] and r["tries"] == 1 for r in batch.records[1:])
+
+
 def test_define_then_run_streams_every_predictor(pool: Pool) -> None:
     info = pool.define("TwoStep", TWO_STEP)
     assert info == {"name": "TwoStep", "kind": "module class", "inputs": ["question"], "required": ["question"]}

@@ -65,3 +65,25 @@ def test_load_ext_warms_a_template_and_unload_ext_ends_it() -> None:
         ip.run_cell("%unload_ext dspex_nb")
     assert local._spare is None
     wait_until(lambda: template.poll() is not None, what="the template to end")
+
+
+def test_a_warmed_template_is_not_used_from_another_working_directory(
+        spare: Callable[[], local.LocalBackend], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    spare = spare()
+    monkeypatch.chdir(tmp_path)  # %cd into a project after %load_ext: its workers must start there
+    with Pool(workers=1, journal=False) as pool:
+        assert pool.backend is not spare
+        assert Path(f"/proc/{pool.status()[0]['pid']}/cwd").resolve() == tmp_path.resolve()
+
+
+def test_load_ext_warns_and_loads_when_no_template_can_start(capsys: pytest.CaptureFixture[str]) -> None:
+    ip = InteractiveShell.instance()
+    ip.config.Dspex.python = "/nonexistent/python3"
+    try:
+        ip.run_cell("%load_ext dspex_nb")
+        assert "dspex: could not start a template process ahead of the first pool" in capsys.readouterr().err
+        assert local._spare is None
+        assert ip.find_line_magic("dspex") is not None
+    finally:
+        ip.run_cell("%unload_ext dspex_nb")
+        del ip.config.Dspex["python"]

@@ -34,7 +34,7 @@ WAIT_SLICE = 0.1  # seconds a blocking wait sleeps before it lets KeyboardInterr
 class Chunk:
     """One chunk of a stream; ``chunk["k"]`` reads ``chunk.data["k"]``."""
 
-    kind: str  # token | item | status | error | final
+    kind: str  # token | item | started | status | error | final
     seq: int
     data: Any
     is_final: bool = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -47,6 +48,7 @@ class LocalBackend:
         self.dir: Path | None = None
         self.template: Template | None = None
         self.template_env: dict[str, str] = {}  # the environment the template started with
+        self.template_cwd = ""  # and its working directory (forked workers inherit it)
         self._lock = threading.RLock()  # restarts run in parallel threads: one template for all of them
         self._spawned: list[int] = []  # pids of the live workers (for stale cleanup by a later pool)
         self._cleaned: list[dict[str, Any]] = []
@@ -98,7 +100,7 @@ class LocalBackend:
         if self.template is None or not self.template.alive:
             if self.template is not None:
                 self.template.close()
-            self.template_env = worker_env(self.env)
+            self.template_env, self.template_cwd = worker_env(self.env), os.getcwd()
             self.template = Template(self.python, self.template_env, self.dir / "template.log", self.run_id)
             self._record_owner(self.template.proc.pid)
         self.template.fork_timeout = fork_timeout
@@ -132,18 +134,25 @@ def warm(python: str | None = None) -> None:
     global _spare
     with _spare_lock:
         if _spare is None and DEFAULT_START == "template":
-            _spare = LocalBackend(python, "template", None)
-            _spare.warm()
+            spare = LocalBackend(python, "template", None)
+            try:
+                spare.warm()
+            except BaseException:
+                spare.close()
+                raise
+            _spare = spare
 
 
 def take(python: str | None, start: str, env: dict[str, str] | None) -> LocalBackend:
-    """The warmed backend when it matches these settings and the environment has not changed since it
-    started (DSPy reads some of it at import, e.g. DSPY_CACHEDIR), else a new one (the warmed one is closed)."""
+    """The warmed backend when it matches these settings and neither the environment (DSPy reads some of
+    it at import, e.g. DSPY_CACHEDIR) nor the working directory (its workers inherit it) changed since it
+    started, else a new one (the warmed one is closed)."""
     global _spare
     with _spare_lock:
         spare, _spare = _spare, None
     if spare is not None:
-        if (spare.python, spare.start_method, spare.template_env) == (interpreter(python), start, worker_env(env)):
+        if ((spare.python, spare.start_method, spare.template_env, spare.template_cwd)
+                == (interpreter(python), start, worker_env(env), os.getcwd())):
             return spare
         spare.close()
     return LocalBackend(python, start, env)

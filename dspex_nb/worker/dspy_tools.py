@@ -418,8 +418,9 @@ def load_module(ctx: ToolContext, name: str) -> dict[str, str]:
 def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", module: str = "predict",
                     concurrency: int = 4, group: str = "") -> Generator[Emit, None, dict[str, Any]]:
     """Run ``module`` (predict, chain_of_thought on ``signature``, or a defined module) on every item,
-    ``concurrency`` at a time; one item chunk per item as it completes. Calls with the same ``group`` (the
-    shards of one batch) share their ``concurrency`` on this worker.
+    ``concurrency`` at a time; a "started" chunk {"index"} when an item takes its slot and one item chunk
+    per item as it completes. Calls with the same ``group`` (the shards of one batch) share their
+    ``concurrency`` on this worker.
 
     Item chunks are {"index", "ok", "result", "worker"} or {"index", "ok": false, "error", "worker"}.
     """
@@ -441,36 +442,49 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         make = defined.factory
     settings, worker = ctx.worker.dspy_settings(), ctx.worker.worker_id
 
-    def run_one(inputs: dict[str, Any]) -> Any:
+    events: queue.SimpleQueue[tuple[int, futures.Future | None]] = queue.SimpleQueue()  # started / done
+
+    def run_one(index: int, inputs: dict[str, Any]) -> Any:
         """One item. LM errors such as HTTP 429 are retried by dspy.LM itself (its ``num_retries``)."""
-        with slots:
-            if ctx.cancelled.is_set():  # a cancelled batch starts no further LM calls
-                raise Cancelled("the batch was cancelled before this item started")
+        if not slots.take():  # a cancelled batch starts no further LM calls
+            raise Cancelled("the batch was cancelled before this item started")
+        try:
+            events.put((index, None))
             with _tracked(settings) as (usage, costs):
                 output = _run_to_end(make()(**inputs))
             return output_json(output, usage.get_total_tokens(), costs.total)
+        finally:
+            slots.release()
 
     results: list[dict[str, Any] | None] = [None] * len(items)
-    with ctx.worker.slots(group, concurrency) as slots, \
-            futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="item") as pool:
-        pending = {pool.submit(run_one, inputs): i for i, inputs in enumerate(items)}
+    with ctx.worker.slots(group, concurrency, ctx.cancelled) as slots:
+        pool = futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="item")
         try:
-            while pending:
-                done, _ = futures.wait(pending, timeout=0.2, return_when=futures.FIRST_COMPLETED)
+            for i, inputs in enumerate(items):
+                pool.submit(run_one, i, inputs).add_done_callback(partial(lambda i, fut: events.put((i, fut)), i))
+            left = len(items)
+            while left:
+                try:
+                    i, fut = events.get(timeout=0.2)
+                except queue.Empty:
+                    i, fut = -1, None
                 if ctx.cancelled.is_set():
                     break
-                for fut in done:
-                    i = pending.pop(fut)
-                    try:
-                        data = {"index": i, "ok": True, "result": fut.result(), "worker": worker}
-                    except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: this item's error
-                        data = {"index": i, "ok": False, "worker": worker,
-                                "error": {"type": type(exc).__name__, "message": redact.text(str(exc))}}
-                    results[i] = data
-                    yield Emit("item", data)
-        finally:
-            for fut in pending:
-                fut.cancel()
+                if i < 0:
+                    continue
+                if fut is None:
+                    yield Emit("started", {"index": i})
+                    continue
+                left -= 1
+                try:
+                    data = {"index": i, "ok": True, "result": fut.result(), "worker": worker}
+                except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: this item's error
+                    data = {"index": i, "ok": False, "worker": worker,
+                            "error": {"type": type(exc).__name__, "message": redact.text(str(exc))}}
+                results[i] = data
+                yield Emit("item", data)
+        finally:  # a cancelled call does not wait for its items still running (their slots are given back)
+            pool.shutdown(wait=False, cancel_futures=True)
     ok = sum(1 for r in results if r and r["ok"])
     total: dict[str, Any] = {}
     cost: float | None = None

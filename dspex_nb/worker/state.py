@@ -29,6 +29,44 @@ def rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+class Slots:
+    """One call's use of a (maybe shared) semaphore: each item thread ``take``s a slot and ``release``s it;
+    ``give_back`` returns those still held when the call ends, so an item that hangs past its call's end
+    (threads cannot be stopped) does not keep the slot from the calls after it."""
+
+    def __init__(self, semaphore: threading.Semaphore, cancelled: threading.Event) -> None:
+        self._semaphore = semaphore
+        self._cancelled = cancelled
+        self._held: set[int] = set()  # threads holding a slot
+        self._ended = False
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """Wait for a slot; False (and no slot) once the call is cancelled or over."""
+        while not self._semaphore.acquire(timeout=0.2):
+            if self._cancelled.is_set():
+                return False
+        with self._lock:
+            if self._ended or self._cancelled.is_set():
+                self._semaphore.release()
+                return False
+            self._held.add(threading.get_ident())
+        return True
+
+    def release(self) -> None:
+        with self._lock:
+            if threading.get_ident() in self._held:  # not given back already
+                self._held.discard(threading.get_ident())
+                self._semaphore.release()
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._ended = True
+            for _ in self._held:
+                self._semaphore.release()
+            self._held.clear()
+
+
 @dataclass
 class WorkerState:
     worker_id: str
@@ -66,10 +104,11 @@ class WorkerState:
                 self.active -= 1
 
     @contextmanager
-    def slots(self, group: str, size: int) -> Iterator[threading.Semaphore]:
+    def slots(self, group: str, size: int, cancelled: threading.Event) -> Iterator[Slots]:
         """``size`` slots for the items of a call; calls of the same non-empty ``group`` share them (the
         first one's ``size``). A batch sends a worker its next shard before the current one ends, so no
-        slot idles while a shard finishes its last items, and still no more than ``size`` run at once."""
+        slot idles while a shard finishes its last items, and still no more than ``size`` run at once.
+        When the call ends, slots its items still hold (a cancelled call's hung item) are given back."""
         with self._lock:
             entry = self._slots.get(group) if group else None
             if entry is None:
@@ -77,9 +116,11 @@ class WorkerState:
                 if group:
                     self._slots[group] = entry
             entry[1] += 1
+        slots = Slots(entry[0], cancelled)
         try:
-            yield entry[0]
+            yield slots
         finally:
+            slots.give_back()
             with self._lock:
                 entry[1] -= 1
                 if group and not entry[1]:

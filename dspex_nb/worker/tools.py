@@ -23,7 +23,7 @@ from typing import Any
 from dspex_nb.errors import ArgumentError, UnknownTool
 from dspex_nb.schema import type_name, validate
 
-CHUNK_KINDS = ("token", "item", "status", "error", "final")
+CHUNK_KINDS = ("token", "item", "started", "status", "error", "final")  # a tool emits the first four
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ class Emit:
     data: dict[str, Any]
 
     def __post_init__(self) -> None:
-        if self.kind not in CHUNK_KINDS[:3]:
-            raise ValueError(f"a tool emits token, item or status chunks, not {self.kind!r}")
+        if self.kind not in CHUNK_KINDS[:4]:
+            raise ValueError(f"a tool emits token, item, started or status chunks, not {self.kind!r}")
 
 
 @dataclass

@@ -8,13 +8,16 @@ turn the cell into inputs, call ``Pool``, hand the handle to a renderer. Default
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import re
 import shlex
 import string
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -243,7 +246,8 @@ class Dspex(Magics):
         args = PARSERS[command].parse_args(argv[1:])
         handler: Callable[..., None] = getattr(self, f"_{command}")
         try:
-            handler(args, cell) if cell is not None else handler(args)
+            with _dspy_meanwhile(command in ("predict", "run", "batch") and not getattr(args, "background", False)):
+                handler(args, cell) if cell is not None else handler(args)
         except KeyboardInterrupt:
             print("dspex: interrupted; the remote work was cancelled", file=sys.stderr)
         except (DspexError, SyntaxError) as exc:
@@ -503,6 +507,30 @@ def notebook_pool(name: str = DEFAULT_POOL) -> Pool:
     if magics is None:
         raise RuntimeError("the dspex_nb magics are not loaded here: %load_ext dspex_nb first (or use Pool(...))")
     return magics._require_pool(name)
+
+
+@contextlib.contextmanager
+def _dspy_meanwhile(blocking: bool) -> Iterator[None]:
+    """In a first blocking cell, import DSPy in a thread while the pool starts and the answer streams (the
+    result is a dspy.Prediction; the import takes about 1.5 s on 2 cores), joined before the cell ends. No
+    user code runs meanwhile, and ours imports only ``dspy`` itself (which waits for the import to finish),
+    so nothing reaches a half-imported part of DSPy. A background cell (-a) does not: the next cell could."""
+    if not blocking or "dspy" in sys.modules:
+        yield
+        return
+    thread = threading.Thread(target=_import_dspy, name="dspex-import-dspy", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        while thread.is_alive():  # not even Ctrl-C leaves it importing when the next cell runs
+            with contextlib.suppress(KeyboardInterrupt):
+                thread.join()
+
+
+def _import_dspy() -> None:
+    with contextlib.suppress(Exception):  # should it fail, the import where DSPy is needed says why
+        importlib.import_module("dspy")
 
 
 def load(shell: Any) -> Dspex:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -87,3 +90,23 @@ def test_load_ext_warns_and_loads_when_no_template_can_start(capsys: pytest.Capt
     finally:
         ip.run_cell("%unload_ext dspex_nb")
         del ip.config.Dspex["python"]
+
+
+CELLS = """
+from IPython.testing.globalipapp import start_ipython
+shell = start_ipython()
+for cell in ["%load_ext dspex_nb", "from dspy.teleprompt import BootstrapFewShot",
+             '%%dspex predict "question -> answer" -o pred\\nWhy?', "print(type(pred).__name__)",
+             "%unload_ext dspex_nb"]:
+    result = shell.run_cell(cell)
+    assert result.success, (cell, result.error_in_exec or result.error_before_exec)
+"""
+
+
+def test_dspy_imports_right_after_load_ext_and_a_first_cell_stores_a_prediction() -> None:
+    """In a fresh kernel-like process: nothing imports DSPy behind the user's back (a cell importing a part
+    of it meanwhile got half-built modules), and the first cell's answer is a dspy.Prediction."""
+    out = subprocess.run([sys.executable, "-c", CELLS], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "DSPEX_NONINTERACTIVE": "1"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().endswith("Prediction"), out.stdout

@@ -70,6 +70,16 @@ def test_load_ext_warms_a_template_and_unload_ext_ends_it() -> None:
     wait_until(lambda: template.poll() is not None, what="the template to end")
 
 
+def test_a_warmed_template_is_matched_when_the_pool_starts_not_when_it_is_made(
+        spare: Callable[[], local.LocalBackend], monkeypatch: pytest.MonkeyPatch) -> None:
+    spare = spare()
+    pool = Pool(workers=1, journal=False)
+    monkeypatch.setenv("DSPEX_TEST_CHANGED", "1")  # set between Pool() and start(): the workers must see it
+    with pool:
+        assert pool.backend is not spare
+        assert "DSPEX_TEST_CHANGED" in Path(f"/proc/{pool.status()[0]['pid']}/environ").read_bytes().decode()
+
+
 def test_a_warmed_template_is_not_used_from_another_working_directory(
         spare: Callable[[], local.LocalBackend], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     spare = spare()

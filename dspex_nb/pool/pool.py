@@ -105,7 +105,7 @@ class WorkerPool(Supervision):
             self.backend = RayBackend(address, resources, max_in_flight)
             self.run_id = uuid.uuid4().hex[:12]
         else:
-            self.backend = local.take(python, start, env)  # the template %load_ext started, if it matches
+            self.backend = local.LocalBackend(python, start, env)  # start() may swap in a warmed one
             self.run_id = self.backend.run_id
         self._queued = 0
         self._restarting: list[threading.Thread] = []  # restart threads, joined by shutdown()
@@ -124,6 +124,10 @@ class WorkerPool(Supervision):
         if self.workers:
             return self
         self._closing.clear()
+        if isinstance(self.backend, local.LocalBackend) and self.backend.dir is None:
+            # the template %load_ext started, if it matches the settings, environment and directory of now
+            self.backend = local.take(self.backend.python, self.backend.start_method, self.backend.env)
+            self.run_id = self.backend.run_id
         try:
             self.cleaned = self.backend.open()
             self.workers = [self._spawn(f"w{i}", 0) for i in range(self.size)]

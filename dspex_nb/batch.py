@@ -7,10 +7,11 @@ share its ``concurrency`` (their ``group``): the next shard is there when the cu
 items, so no slot waits for a round trip. Finished items go to the journal as they
 arrive, and a batch that ran before takes them from there instead of calling the LM again.
 
-When a worker dies (or a shard yields nothing for ``item_timeout`` seconds), the items it had not
-finished go back in the queue one by one (so does an item whose LM call failed in a way that may pass,
-``TRANSIENT_LM_ERRORS``), so an item that kills every worker it touches ("poison")
-only takes itself down; after ``max_retries`` retries an item fails with the reason.
+When a worker dies, the items it had not finished go back in the queue one by one (so does an item that
+ran for ``item_timeout`` seconds, and one whose LM call failed in a way that may pass,
+``TRANSIENT_LM_ERRORS``), so an item that kills every worker it touches ("poison") only takes itself
+down; after ``max_retries`` retries an item fails with the reason. Items of a cancelled shard that are
+not to blame (not started when another item timed out) go back as a shard, without spending a try.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class BatchRun(Handle):
         self._runs: dict[Run, _Shard] = {}  # running shards
         self._placed: dict[str, int] = {}  # worker -> shards of this batch it runs (at most SHARDS_PER_WORKER)
         self._alone: set[str] = set()  # workers running a retried item, which runs alone
-        self._progress: dict[str, float] = {}  # worker -> when an item of this batch last came back from it
+        self._progress: dict[str, float] = {}  # worker -> when a shard of this batch was placed, or an item
+        # of it started or came back there, last
         self.retries = self.from_journal = self.ok = self.failed = 0
         self.tokens_in = self.tokens_out = 0  # LM tokens of the items computed in this run (not the journal's)
         self.cost: float | None = None  # their USD cost, where an LM reported one

@@ -178,7 +178,7 @@ class Pool(WorkerPool):
         ``module`` is "predict", "chain_of_thought" (both need ``signature``) or a defined module;
         ``concurrency`` is items at a time per worker (default: the pool's). Finished items are kept
         in the journal and taken from it when the same batch runs again (``journal=False``: neither).
-        A shard that yields no item for ``item_timeout`` seconds is cancelled and its items retried.
+        An item that runs for ``item_timeout`` seconds is retried (or fails with ``ItemTimeout``).
         Returns a ``BatchRun`` at once.
         """
         check = settings.Checker("batch")

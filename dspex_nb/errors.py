@@ -90,4 +90,4 @@ class WorkerBusy(DspexError):
 
 
 class ItemTimeout(DspexError):
-    """A shard of a batch produced no item within ``item_timeout`` seconds."""
+    """An item of a batch ran for ``item_timeout`` seconds (or its worker did nothing for that long)."""

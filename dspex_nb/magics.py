@@ -93,7 +93,7 @@ _p.add_argument("--items", metavar="VAR", help="a list of strings or dicts, or a
 _p.add_argument("--module", metavar="NAME", help="a module defined with %%dspex define")
 _p.add_argument("--cot", action="store_true", help="use dspy.ChainOfThought")
 _p.add_argument("--concurrency", type=int, metavar="K", help="items at a time per worker (default: the pool's)")
-_p.add_argument("--item-timeout", type=float, metavar="S", help="retry items of a shard silent for S seconds")
+_p.add_argument("--item-timeout", type=float, metavar="S", help="retry an item that runs for S seconds")
 _p.add_argument("--no-journal", action="store_true",
                 help="neither take finished items from the journal nor write them to it")
 _run_options(_p)

@@ -71,7 +71,7 @@ class ChunkQueue:
 
     def take(self, count: int, budget: int, timeout: float, linger: float = 0.0) -> list[Any]:
         """Up to ``count`` chunks whose sizes add up to at most ``budget`` (at least one); [] after ``timeout``.
-        Having found fewer than ``count``, it waits up to ``linger`` seconds for more to join them."""
+        Having found fewer than ``count``, it first sleeps ``linger`` seconds for more to join them."""
         with self._cond:
             if not self._items and not self._cond.wait_for(lambda: self._items, timeout):
                 return []

@@ -11,7 +11,7 @@ What is compared, and why:
    everything dspex_nb adds on top of gRPC itself: routing, JSON, protobuf, the tool registry, the worker's
    request tracking and the interruptible wait in the kernel. Target (issue #14): p50 within 1.2x of raw gRPC.
 2. **Stream throughput** -- chunks/s of ``execute_stream("count", {"n": 200000}).result()``. The peer reads the
-   very same stream from the worker's stub directly (no ``Run``, no JSON decoding, no ``Chunk`` objects), which
+   very same stream from the worker's stub directly (no ``Run``, no ``Chunk`` objects: one ``json.loads`` each), which
    also tells how many gRPC messages carried the chunks; the ratio shows what the kernel-side ``Run`` costs.
    The kernel's CPU per 1,000 chunks is reported too. Target: >= 250k chunks/s.
 3. **Token stream** -- ``execute_stream("predict", ...)`` with the demo LM answering 5000 tokens: the DSPy
@@ -227,7 +227,7 @@ def bench_count_stream(pool: Any, n: int) -> list[Row]:
     messages = raw_chunks = 0
     for batch in stub.ExecuteStream(request):
         messages += 1
-        raw_chunks += len(batch.chunks)
+        raw_chunks += len(json.loads(batch.chunks_json))
     raw_seconds = time.perf_counter() - t0
     per_1000 = cpu / chunks * 1000 * 1000  # ms of kernel CPU per 1,000 chunks
     print(f"  count stream: {chunks} chunks (expected {n + 1}) in {seconds:.2f} s = {ours:,.0f} chunks/s, kernel "

@@ -27,6 +27,16 @@ def test_stream_order_and_completeness(pool: Pool) -> None:
     assert run.status == "done"
 
 
+def test_a_stream_carries_any_json_value_unchanged(pool: Pool) -> None:
+    # chunks travel packed in one JSON array per message: brackets, quotes and escapes inside a value must not
+    # leak into the framing
+    args = {"s": 'a "quoted" ], [0,"final",{}] \\ \u2028 é 😀', "big": 2**70, "f": -0.0, "inf": float("inf"),
+            "nested": [[[]], {"": None}], "": [1.5e-300, True]}
+    run = pool.execute_stream("echo", args)
+    assert run.result() == args
+    assert [(c.kind, c.seq, c.is_final) for c in run.chunks] == [("final", 0, True)]
+
+
 def test_on_chunk_sees_every_chunk_in_order(pool: Pool) -> None:
     seen: list[Chunk] = []
     run = pool.execute_stream("count", {"n": 300}, on_chunk=seen.append)

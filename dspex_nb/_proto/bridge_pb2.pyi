@@ -1,7 +1,6 @@
-from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from collections.abc import Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -60,20 +59,8 @@ class ExecuteReply(_message.Message):
     error: ToolError
     def __init__(self, result_json: _Optional[bytes] = ..., error: _Optional[_Union[ToolError, _Mapping]] = ...) -> None: ...
 
-class Chunk(_message.Message):
-    __slots__ = ("seq", "kind", "data_json", "is_final")
-    SEQ_FIELD_NUMBER: _ClassVar[int]
-    KIND_FIELD_NUMBER: _ClassVar[int]
-    DATA_JSON_FIELD_NUMBER: _ClassVar[int]
-    IS_FINAL_FIELD_NUMBER: _ClassVar[int]
-    seq: int
-    kind: str
-    data_json: bytes
-    is_final: bool
-    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., data_json: _Optional[bytes] = ..., is_final: _Optional[bool] = ...) -> None: ...
-
 class ChunkBatch(_message.Message):
-    __slots__ = ("chunks",)
-    CHUNKS_FIELD_NUMBER: _ClassVar[int]
-    chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
-    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ...) -> None: ...
+    __slots__ = ("chunks_json",)
+    CHUNKS_JSON_FIELD_NUMBER: _ClassVar[int]
+    chunks_json: bytes
+    def __init__(self, chunks_json: _Optional[bytes] = ...) -> None: ...

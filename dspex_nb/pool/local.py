@@ -24,7 +24,7 @@ import grpc
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.errors import CallTimeout, DspexError, MessageTooLarge, remote_error
 from dspex_nb.pool import stale
-from dspex_nb.pool.calls import Chunk
+from dspex_nb.pool.calls import Chunk, decode_chunks
 from dspex_nb.pool.connection import ConnectionClosed, Died, WorkerSpec, left
 from dspex_nb.pool.process import ProcessHandle, WorkerProcess, interpreter, worker_env
 from dspex_nb.pool.template import FORK_TIMEOUT, Template
@@ -273,9 +273,7 @@ class _Stream:
     def __iter__(self) -> Iterator[list[Chunk]]:
         try:
             for message in self._call:
-                chunks = message.chunks  # one json.loads for all of them: a fifth of the CPU of one per chunk
-                data = json.loads(b"[" + b",".join(c.data_json for c in chunks) + b"]")
-                yield [Chunk(c.kind, c.seq, value, c.is_final) for c, value in zip(chunks, data, strict=True)]
+                yield decode_chunks(message.chunks_json)
         except grpc.RpcError as err:
             if not self._cancelled:
                 raise translate(err, self._tool, self._timeout, self._died) from None

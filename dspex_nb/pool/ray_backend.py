@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from dspex_nb.errors import CallTimeout, DspexError, WorkerDied, WorkerStartError, remote_error
-from dspex_nb.pool.calls import Chunk
+from dspex_nb.pool.calls import Chunk, decode_chunks
 from dspex_nb.pool.connection import ConnectionClosed, Died, WorkerSpec, left
 
 try:
@@ -266,7 +266,7 @@ class _Stream:
                     ref = next(self._generator)
                 except StopIteration:
                     return
-                yield [Chunk(kind, seq, json.loads(data), is_final) for seq, kind, data, is_final in ray.get(ref)]
+                yield decode_chunks(ray.get(ref))
         except RayActorError as err:
             if not self._cancelled:
                 raise self._conn._lost(err, self._died) from None

@@ -1,9 +1,9 @@
 """A worker as a Ray actor: the same tools and DSPy code as a local worker, reached over Ray's transport.
 
 The Ray backend (``dspex_nb.pool.ray_backend``) wraps ``RayWorker`` with ``ray.remote``; this module does
-not import Ray. A streamed call is an actor generator method: each item is one batch of chunks, made by
-the same ``Call.batches`` as the gRPC stream's. ``cancel`` runs beside the call (a threaded actor) and sets
-the call's ``ctx.cancelled``, as gRPC's cancellation callback does.
+not import Ray. A streamed call is an actor generator method: each item is one message of chunks (a JSON
+array), made by the same ``Call.batches`` as the gRPC stream's. ``cancel`` runs beside the call (a threaded
+actor) and sets the call's ``ctx.cancelled``, as gRPC's cancellation callback does.
 """
 
 from __future__ import annotations
@@ -48,12 +48,11 @@ class RayWorker:
         finally:
             self._close(call_id)
 
-    def stream(self, call_id: str, tool: str, args_json: bytes, session_id: str) -> Iterator[list[tuple]]:
+    def stream(self, call_id: str, tool: str, args_json: bytes, session_id: str) -> Iterator[bytes]:
         call = self._open(call_id, Call(self.state, tool, args_json, session_id, streaming=True))
         ended = self._calls[call_id][1]
         try:
-            for batch in call.batches(ended, lambda: not ended.is_set()):
-                yield [tuple(chunk) for chunk in batch]
+            yield from call.batches(ended, lambda: not ended.is_set())
         finally:
             self._close(call_id)
 

@@ -48,9 +48,8 @@ class Bridge(bridge_pb2_grpc.BridgeServicer):
         call = self._call(request, context, streaming=True)
         ended = threading.Event()  # the RPC is over (read to the end, cancelled, or the client went away)
         context.add_callback(ended.set)
-        for batch in call.batches(ended, context.is_active):
-            yield bridge_pb2.ChunkBatch(chunks=[bridge_pb2.Chunk(seq=seq, kind=kind, data_json=data, is_final=final)
-                                                for seq, kind, data, final in batch])
+        for message in call.batches(ended, context.is_active):
+            yield bridge_pb2.ChunkBatch(chunks_json=message)
 
 
 def describe(state: WorkerState) -> dict:

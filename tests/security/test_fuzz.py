@@ -17,6 +17,7 @@ from dspex_nb import Pool
 from dspex_nb._proto import bridge_pb2
 from dspex_nb.errors import DspexError
 from dspex_nb.magics import PARSERS
+from dspex_nb.pool.calls import decode_chunks
 from dspex_nb.worker import dspy_tools, tools  # noqa: F401  (registers the tools)
 from dspex_nb.worker.server import Bridge
 from dspex_nb.worker.state import WorkerState
@@ -83,7 +84,7 @@ def test_the_servicer_answers_random_bytes_with_an_error(tool: str, payload: byt
     request = bridge_pb2.ExecuteRequest(tool=tool, args_json=payload)
     reply = bridge.Execute(request, _Context())
     assert reply.HasField("error") or json.loads(reply.result_json) is not None or reply.result_json == b"null"
-    chunks = [c for batch in bridge.ExecuteStream(request, _Context()) for c in batch.chunks]
+    chunks = [c for batch in bridge.ExecuteStream(request, _Context()) for c in decode_chunks(batch.chunks_json)]
     assert chunks and chunks[-1].is_final
 
 

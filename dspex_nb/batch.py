@@ -43,7 +43,8 @@ TRANSIENT_LM_ERRORS = frozenset({"LMTransportError", "LMTimeoutError", "LMServer
 class BatchRun(Handle):
     """A running batch: ``result()``, ``cancel()``, ``snapshot()`` for progress, ``records`` as they arrive."""
 
-    def __init__(self, pool: Executor, items: Sequence[Any], *, signature: str, module: str, concurrency: int,
+    def __init__(self, pool: Executor, items: Sequence[Any], *, signature: str, module: str, settings: str,
+                 concurrency: int,
                  shard_size: int | None, max_retries: int, timeout: float | None, item_timeout: float | None,
                  on_item: Callable[[dict[str, Any]], Any] | None, journal: Journal | None,
                  program: dict[str, Any]) -> None:
@@ -56,7 +57,8 @@ class BatchRun(Handle):
         self.records: list[dict[str, Any] | None] = [None] * self.total
         self.arrived: list[int] = []  # indices of records in the order they arrived
         self._owner = uuid.uuid4().hex
-        self._args = {"signature": signature, "module": module, "concurrency": concurrency, "group": self._owner}
+        self._args = {"signature": signature, "module": module, "concurrency": concurrency, "group": self._owner,
+                      **({"settings": settings} if settings else {})}
         self._items = list(items)
         self._timeout = timeout
         self._item_timeout = item_timeout

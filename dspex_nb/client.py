@@ -126,6 +126,9 @@ class Pool(WorkerPool):
         """A DSPy tool (``predict``, ``chain_of_thought``, ``run_module``) whose result is what the program
         returned (rebuilt with ``resolver``'s classes); with ``stream``, a ``Run`` whose ``result()`` is that."""
         decode = partial(programs.to_output, resolve=resolver or typed.Resolver())
+        settings = programs.kernel_settings()  # e.g. dspy.configure(adapter=dspy.JSONAdapter()): the same there
+        if settings:
+            args = {**args, "settings": settings}
         if not stream:
             return decode(self.execute(tool, args, timeout=timeout))
         run = self.execute_stream(tool, args, timeout=timeout, on_chunk=on_chunk)
@@ -190,7 +193,10 @@ class Pool(WorkerPool):
         items = programs.item_inputs(items, "batch")  # strings, dicts, dspy.Examples or a DataFrame, as typed JSON
         program = {"module": module, "signature": signature, "lm": self.lm, "lm_kwargs": self.lm_kwargs,
                    "source": self.definitions.get(module, {}).get("key")}
-        return BatchRun(self, items, signature=signature, module=module,
+        kernel = programs.kernel_settings()
+        if kernel:  # another adapter is another program: the journal keeps their results apart
+            program["settings"] = kernel
+        return BatchRun(self, items, signature=signature, module=module, settings=kernel,
                         concurrency=concurrency or self.concurrency, shard_size=shard_size,
                         max_retries=max_retries, timeout=timeout, item_timeout=item_timeout, on_item=on_item,
                         journal=self.journal if journal else None, program=program)

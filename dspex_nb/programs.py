@@ -96,6 +96,27 @@ def ship(program: Any) -> Shipped:
     return Shipped(base64.b64encode(data).decode(), hashlib.sha256(data).hexdigest(), collector.types)
 
 
+SHIPPED_SETTINGS = ("adapter", "rm")  # the kernel's DSPy settings that a call on the pool runs under (the LM is
+# the pool's own: Pool(lm=...))
+
+
+def kernel_settings() -> str:
+    """The kernel's DSPy settings of SHIPPED_SETTINGS that are set now (by ``dspy.configure`` or inside
+    ``dspy.context``), pickled for the workers as a program is; "" when none is, or DSPy is not imported."""
+    dspy = sys.modules.get("dspy")
+    values = {name: getattr(dspy.settings, name, None) for name in SHIPPED_SETTINGS} if dspy else {}
+    values = {name: value for name, value in values.items() if value is not None}
+    if not values:
+        return ""
+    buffer = io.BytesIO()
+    try:
+        _Pickler(buffer).dump(values)
+    except Exception as exc:
+        raise ArgumentError("run", type(exc).__name__, f"the kernel's DSPy settings {sorted(values)} cannot be "
+                            f"sent to the workers: {type(exc).__name__}: {exc}") from None
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def as_program(obj: Any, cot: bool = False) -> Any:
     """A signature (class or string) as a dspy.Predict (dspy.ChainOfThought with ``cot``); else ``obj``."""
     import dspy

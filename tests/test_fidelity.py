@@ -338,6 +338,29 @@ program = dspy.streamify(dspy.Predict("question -> answer"), async_streaming=Fal
     assert_same(expected, pool.run(program, question="What is DSPy?"))
 
 
+@pytest.mark.parametrize("adapter", ["dspy.JSONAdapter()", "dspy.XMLAdapter()", "NotebookAdapter()"])
+def test_the_kernels_adapter_applies_on_the_pool(adapter: str, shell: InteractiveShell, pool: Pool,
+                                                 demo_lm: dspy.LM) -> None:
+    program, _ = define(shell, f'''
+class NotebookAdapter(dspy.JSONAdapter):
+    """An adapter of the notebook's own: it travels by value."""
+
+adapter = {adapter}
+program = dspy.Predict("question -> answer: int, tags: list[str]")
+''')
+    question = {"question": "How many?"}
+    with dspy.context(lm=demo_lm):
+        plain = program(**question)
+        with dspy.context(adapter=shell.user_ns["adapter"]):
+            expected = program(**question)
+            assert expected.toDict() != plain.toDict()  # the adapter shapes the prompt, so the demo LM's answer
+            assert_same(expected, pool.run(program, **question), "run")
+            assert_same(expected, pool.run_stream(program, **question).result(60), "run_stream")
+            assert_same([expected], pool.map(program, [question]).result(60), "map")  # journal key differs
+        assert_same(plain, pool.run(program, **question), "run without the adapter")
+        assert_same([plain], pool.map(program, [question]).result(60), "map without the adapter")
+
+
 def test_evaluate_on_the_pool_scores_as_dspy_evaluate(shell: InteractiveShell, pool: Pool,
                                                      demo_lm: dspy.LM) -> None:
     program, _ = define(shell, '''

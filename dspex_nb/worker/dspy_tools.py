@@ -199,8 +199,14 @@ class _Failure:
     error: BaseException
 
 
-def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[Emit, None, Any]:
-    """Run ``program`` on ``inputs`` under the worker's LM; streamed calls yield token chunks per field.
+def _settings(ctx: ToolContext, kernel: str) -> dict[str, Any]:
+    """What a call runs under: the worker's LM and callbacks, and the kernel's settings (its adapter...)."""
+    return {**ctx.worker.dspy_settings(), **programs.kernel_settings(kernel)}
+
+
+def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str) -> Generator[Emit, None, Any]:
+    """Run ``program`` on ``inputs`` under the worker's LM and the kernel's ``settings``; streamed calls yield
+    token chunks per field.
 
     A program with nothing to stream (no str output field) says so in a status chunk and returns its
     result; a program that returns a stream (a ``dspy.streamify``'d one) is run to its end, its tokens
@@ -208,7 +214,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[E
     """
     listeners = _listeners(program) if ctx.streaming else []
     final: Any = None
-    with _tracked(ctx.worker.dspy_settings()) as (usage, costs):
+    with _tracked(_settings(ctx, settings)) as (usage, costs):
         if listeners:
             always = _AlwaysPrediction(program)
             streamed = dspy.streamify(always, stream_listeners=listeners)
@@ -331,17 +337,21 @@ def _builtin(tool_name: str, module: str, signature: str, inputs: Any) -> tuple[
     return MODULES[module](sig), _check_inputs(tool_name, sig, inputs, "argument 'inputs'")
 
 
+# A DSPy tool's ``settings``: the kernel's DSPy settings (its adapter...), as ``Pool`` sends them; "" for none.
+
+
 @tool
-def predict(ctx: ToolContext, signature: str, inputs: dict | str) -> Generator[Emit, None, dict[str, Any]]:
+def predict(ctx: ToolContext, signature: str, inputs: dict | str,
+            settings: str = "") -> Generator[Emit, None, dict[str, Any]]:
     """Run dspy.Predict(signature) on ``inputs``; streamed calls stream the tokens of each str output field."""
-    return (yield from _call(*_builtin("predict", "predict", signature, inputs), ctx))
+    return (yield from _call(*_builtin("predict", "predict", signature, inputs), ctx, settings))
 
 
 @tool
-def chain_of_thought(ctx: ToolContext, signature: str,
-                     inputs: dict | str) -> Generator[Emit, None, dict[str, Any]]:
+def chain_of_thought(ctx: ToolContext, signature: str, inputs: dict | str,
+                     settings: str = "") -> Generator[Emit, None, dict[str, Any]]:
     """Run dspy.ChainOfThought(signature); streamed calls stream reasoning and each str output field."""
-    return (yield from _call(*_builtin("chain_of_thought", "chain_of_thought", signature, inputs), ctx))
+    return (yield from _call(*_builtin("chain_of_thought", "chain_of_thought", signature, inputs), ctx, settings))
 
 
 @tool
@@ -394,7 +404,8 @@ def _defined(ctx: ToolContext, tool_name: str, name: str) -> programs.Program:
 
 
 @tool
-def run_module(ctx: ToolContext, name: str, inputs: dict | str) -> Generator[Emit, None, dict[str, Any]]:
+def run_module(ctx: ToolContext, name: str, inputs: dict | str,
+               settings: str = "") -> Generator[Emit, None, dict[str, Any]]:
     """Run a module kept by ``define`` (or, given a handle from ``load_module``, that very instance) on
     ``inputs``; streamed calls stream the tokens of its predictors."""
     if name.startswith("h:"):
@@ -403,7 +414,7 @@ def run_module(ctx: ToolContext, name: str, inputs: dict | str) -> Generator[Emi
         defined = _defined(ctx, "run_module", name)
         program = defined.factory()
     inputs = defined.check("run_module", _decode("run_module", inputs, "inputs", defined.types), "argument 'inputs'")
-    return (yield from _call(program, inputs, ctx))
+    return (yield from _call(program, inputs, ctx, settings))
 
 
 @tool
@@ -416,7 +427,7 @@ def load_module(ctx: ToolContext, name: str) -> dict[str, str]:
 
 @tool
 def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", module: str = "predict",
-                    concurrency: int = 4, group: str = "") -> Generator[Emit, None, dict[str, Any]]:
+                    concurrency: int = 4, group: str = "", settings: str = "") -> Generator[Emit, None, dict[str, Any]]:
     """Run ``module`` (predict, chain_of_thought on ``signature``, or a defined module) on every item,
     ``concurrency`` at a time; a "started" chunk {"index"} when an item takes its slot and one item chunk
     per item as it completes. Calls with the same ``group`` (the shards of one batch) share their
@@ -440,7 +451,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         items = [defined.check("batch_inference", _decode("batch_inference", item, w, defined.types), w)
                  for item, w in zip(batch_items, where, strict=True)]
         make = defined.factory
-    settings, worker = ctx.worker.dspy_settings(), ctx.worker.worker_id
+    settings, worker = _settings(ctx, settings), ctx.worker.worker_id
 
     events: queue.SimpleQueue[tuple[int, futures.Future | None]] = queue.SimpleQueue()  # started / done
 

@@ -11,6 +11,7 @@ so ``inspect.getsource`` (``dspy.Refine``) finds it, as IPython does for cells.
 from __future__ import annotations
 
 import base64
+import functools
 import inspect
 import linecache
 from collections.abc import Callable
@@ -55,6 +56,12 @@ class Program:
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "inputs": self.inputs, "required": self.required}
+
+
+@functools.lru_cache(maxsize=16)
+def kernel_settings(payload: str) -> dict[str, Any]:
+    """The kernel's DSPy settings a call came with (``dspex_nb.programs.kernel_settings``); not to be changed."""
+    return cloudpickle.loads(base64.b64decode(payload)) if payload else {}
 
 
 def signature_of(program: Any) -> type[dspy.Signature] | None:

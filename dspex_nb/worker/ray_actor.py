@@ -9,13 +9,14 @@ actor) and sets the call's ``ctx.cancelled``, as gRPC's cancellation callback do
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from dspex_nb.worker.calls import Call
-from dspex_nb.worker.main import new_state
+from dspex_nb.worker.main import NoInput, new_state
 from dspex_nb.worker.server import describe
 from dspex_nb.worker.state import rss_bytes
 
@@ -25,6 +26,7 @@ EARLY_CANCEL_KEPT = 600.0  # seconds a cancel waits for its call to arrive
 class RayWorker:
     def __init__(self, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any], max_message_bytes: int,
                  rate_limit: float | None, session_ttl: float) -> None:
+        sys.stdin = NoInput()  # input() in a program fails at once, saying why
         self.state = new_state(worker_id=worker_id, run_id=run_id, lm=lm, lm_kwargs=lm_kwargs,
                                max_message_bytes=max_message_bytes, rate_limit=rate_limit, session_ttl=session_ttl)
         self._calls: dict[str, tuple[Call, threading.Event]] = {}  # call id -> the call, and "it is over"

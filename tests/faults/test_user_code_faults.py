@@ -34,6 +34,18 @@ def test_a_batch_item_raising_a_base_exception_fails_alone(pool: Pool, kind: str
     assert batch.records[1]["error"]["type"] == kind and batch.records[1]["tries"] == 1
 
 
+def test_input_in_a_program_fails_at_once_and_the_worker_lives(pool: Pool) -> None:
+    # a human-in-the-loop tool calls input(): nobody can answer it on a worker, and its stdin is the pipe it
+    # watches for its parent's end
+    pool.define("ask", "def ask(question):\n    return dspy.Prediction(answer=input(question))\n")
+    with pytest.raises(ToolError, match="EOFError: input\\(\\) has no one to answer it"):
+        pool.call("ask", {"question": "Name? "}, timeout=30)  # without the fix: CallTimeout after 30 s
+    batch = pool.map("ask", ["Name? "], journal=False, item_timeout=30, max_retries=0)
+    batch.wait(60)
+    assert batch.records[0]["error"]["type"] == "EOFError"
+    assert pool.execute("echo", {"alive": True}) == {"alive": True}
+
+
 def test_fail_takes_only_exception_names(pool: Pool) -> None:
     with pytest.raises(ArgumentError, match="must name a built-in exception, got 'eval'"):
         pool.execute("fail", {"message": "print('pwned')", "type": "eval"})

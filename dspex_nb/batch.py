@@ -361,8 +361,23 @@ class BatchRun(Handle):
             raise Cancelled(f"the batch was cancelled after {self.ok + self.failed} of {self.total} items "
                             f"(batch.records keeps them{resume})")
         if self.decode is not None:
-            return [self.decode(r["result"]) if r and r["ok"] else None for r in self.records]
+            return [self._decoded(r) for r in self.records]
         return [outputs(r) for r in self.records]  # type: ignore[arg-type]
+
+    def _decoded(self, record: dict[str, Any] | None) -> Any:
+        """An item's output as the program's own value; None if the item failed, or if its output cannot be
+        rebuilt here: its record then says why, as for an item that failed, and the other items keep theirs."""
+        if not (record and record["ok"]):
+            return None
+        assert self.decode is not None
+        try:
+            return self.decode(record["result"])
+        except typed.NotPortable as exc:
+            with self._lock:
+                record.update(ok=False, error={"type": "NotPortable", "message": str(exc)})
+                self.ok -= 1
+                self.failed += 1
+            return None
 
     @property
     def warning(self) -> str | None:

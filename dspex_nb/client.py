@@ -140,8 +140,8 @@ class Pool(WorkerPool):
             item_timeout: float | None = None, max_retries: int = 2, journal: bool = True) -> BatchRun:
         """Run ``program`` on every item over the whole pool; returns a ``BatchRun`` at once, whose ``result()``
         is a list of what the program returned for each item, in input order (None where an item failed, as
-        ``Module.batch``; ``records`` say why). Items: strings (one-input programs), dicts, ``dspy.Example``s
-        (their ``inputs()``), or a DataFrame."""
+        ``Module.batch``, or where its output cannot be rebuilt in the kernel; ``records`` say why). Items:
+        strings (one-input programs), dicts, ``dspy.Example``s (their ``inputs()``), or a DataFrame."""
         name = self.ensure_defined(program)
         batch = self.batch(items, module=name, concurrency=concurrency, on_item=on_item,
                            timeout=timeout, item_timeout=item_timeout, max_retries=max_retries, journal=journal)

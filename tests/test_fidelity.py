@@ -408,10 +408,13 @@ def test_values_that_cannot_travel_raise_a_clear_error(shell: InteractiveShell, 
 import threading
 
 def program(text):
-    return threading.Lock()
+    return threading.Lock() if text == "lock" else dspy.Prediction(text=text)
 ''')
     with pytest.raises(Exception, match="has no JSON form, so it cannot come back as itself"):
-        pool.run(program, text="x")
+        pool.run(program, text="lock")
+    batch = pool.map(program, ["a", "lock", "b"], journal=False)  # one such item costs the others nothing
+    assert [r and r.text for r in batch.result(60)] == ["a", None, "b"]
+    assert batch.records[1]["error"]["type"] == "NotPortable" and (batch.ok, batch.failed) == (2, 1)
 
 
 def test_a_cancelled_stream_ends_its_request_on_the_worker(shell: InteractiveShell, pool: Pool) -> None:

@@ -306,6 +306,30 @@ class Emotion(dspy.Signature):
     assert sh.ns["OUT"] == [kernel_run(dspy.Predict(sh.ns["Emotion"]), sentence=s) for s in sh.ns["feelings"]]
 
 
+def test_the_text_view_shows_typed_outputs_as_the_prediction_holds_them(sh: Shell) -> None:
+    sh('''
+import dspy, enum
+from pydantic import BaseModel
+
+class Mood(enum.Enum):
+    HAPPY = "happy"
+    SAD = "sad"
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+class Feeling(dspy.Signature):
+    """Classify the mood and describe the person."""
+    sentence: str = dspy.InputField()
+    mood: Mood = dspy.OutputField()
+    who: Person = dspy.OutputField()
+''')
+    out, _ = sh("%%dspex predict Feeling -o r\nI am so happy today")
+    assert f"mood: {sh.ns['r'].mood!r}" in out and f"who: {sh.ns['r'].who!r}" in out
+    assert "__dspex__" not in out
+
+
 def test_a_lone_placeholder_passes_the_object_itself(sh: Shell) -> None:
     import dspy
 

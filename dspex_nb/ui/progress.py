@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,7 @@ class StreamText:
             elif chunk.kind == "status":
                 self.status = chunk["message"]
             elif chunk.kind == "final" and isinstance(chunk.data, dict):
-                self._final(shown_fields(chunk.data))
+                self._final(shown_fields(chunk.data, self.run.decode))
         return bool(chunks)
 
     def _final(self, fields: dict[str, Any]) -> None:
@@ -73,8 +74,17 @@ def predictor_label(name: str) -> str:
     return name.removesuffix(".predict") if name != "predict" else name
 
 
-def shown_fields(result: dict[str, Any]) -> dict[str, Any]:
-    """A DSPy tool's result as fields to show: a Prediction's fields, a returned dict's items, or "output"."""
+def shown_fields(result: dict[str, Any], decode: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """A DSPy tool's result as fields to show: a Prediction's fields, a returned dict's items, or "output".
+    ``decode`` (a run's, from ``Pool.run``/``map``) rebuilds it with the program's own classes, as its result."""
+    if decode is not None:
+        try:
+            value = decode(result)
+        except typed.NotPortable:
+            pass  # shown as JSON below, as far as it goes
+        else:  # a Prediction, or what the program returned
+            items = dict(value.items()) if callable(getattr(value, "items", None)) else {}
+            return items if items and all(isinstance(k, str) for k in items) else {"output": value}
     if result.get(typed.TAG) != "output":
         return {name: _shown(value) for name, value in result.items() if name not in typed.RESERVED}
     value = _shown(result["value"])

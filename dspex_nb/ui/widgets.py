@@ -219,7 +219,7 @@ class BatchDashboard(View):
         arrived = batch.arrived[:]
         latest = [batch.records[i] for i in arrived[-LATEST_ROWS:]]
         _set(self.latest, value=_table(["item", "worker", "result"], [
-            [str(r["index"]), str(r.get("worker", "")), _result_text(r)] for r in reversed(latest) if r],
+            [str(r["index"]), str(r.get("worker", "")), _result_text(r, batch.decode)] for r in reversed(latest) if r],
             "latest results"))
         failed = [r for i in arrived if (r := batch.records[i]) and not r["ok"]]
         _set(self.errors, value=_table(["item", "error"], [[str(r["index"]), progress.error_line(r)]
@@ -259,10 +259,10 @@ def _bar_style(snap: dict[str, Any]) -> str:
     return "success" if snap["status"] == "done" else "info"
 
 
-def _result_text(record: dict[str, Any]) -> str:
+def _result_text(record: dict[str, Any], decode: Callable[[Any], Any] | None) -> str:
     if not record["ok"]:
         return "✗ " + progress.error_line(record)
-    return "; ".join(f"{k}: {v}" for k, v in progress.shown_fields(record["result"]).items())
+    return "; ".join(f"{k}: {v}" for k, v in progress.shown_fields(record["result"], decode).items())
 
 
 class PoolDashboard(View):

@@ -103,8 +103,9 @@ SHIPPED_SETTINGS = ("adapter", "rm")  # the kernel's DSPy settings that a call o
 def kernel_settings() -> str:
     """The kernel's DSPy settings of SHIPPED_SETTINGS that are set now (by ``dspy.configure`` or inside
     ``dspy.context``), pickled for the workers as a program is; "" when none is, or DSPy is not imported."""
-    dspy = sys.modules.get("dspy")
-    values = {name: getattr(dspy.settings, name, None) for name in SHIPPED_SETTINGS} if dspy else {}
+    dspy_settings = getattr(sys.modules.get("dspy"), "settings", None)  # None while DSPy is still importing
+    values = {name: getattr(dspy_settings, name, None) for name in SHIPPED_SETTINGS} \
+        if dspy_settings is not None else {}
     values = {name: value for name, value in values.items() if value is not None}
     if not values:
         return ""

@@ -27,7 +27,7 @@ def test_cancel_at_any_moment_closes_the_lm_stream() -> None:
     lm, engine = make_demo_lm(per_token=0.002, answer_tokens=3000)
     for i in range(60):
         ctx = tools.ToolContext(streaming=True, worker=_Worker(lm))
-        gen = dspy_tools._call(dspy.Predict("question -> answer"), {"question": f"long? {i}"}, ctx)
+        gen = dspy_tools._call(dspy.Predict("question -> answer"), {"question": f"long? {i}"}, ctx, settings="")
         first = threading.Event()
 
         def on_emit(emit: tools.Emit, first: threading.Event = first) -> None:

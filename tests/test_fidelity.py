@@ -148,6 +148,33 @@ def short(args, pred):
 
 program = dspy.BestOfN(module=dspy.Predict("question -> answer"), N=2, reward_fn=short, threshold=1.0)
 ''', {"question": "Name a colour."}),
+    "refine_wrapping_a_module": ('''
+class Verify(dspy.Module):  # its input is claim, not its first predictor's (claim, notes)
+    def __init__(self):
+        super().__init__()
+        self.generate_query = dspy.ChainOfThought("claim, notes: list[str] -> query")
+        self.verdict = dspy.Predict("claim, context -> verdict: bool")
+
+    def forward(self, claim):
+        query = self.generate_query(claim=claim, notes=[]).query
+        return self.verdict(claim=claim, context=query)
+
+def any_verdict(args, pred):
+    return 1.0
+
+program = dspy.Refine(module=Verify(), N=2, reward_fn=any_verdict, threshold=1.0)
+''', {"claim": "The sky is green."}),
+    "best_of_n_wrapping_a_module": ('''
+class Shorten(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.shorten = dspy.Predict("text, style -> short")
+
+    def forward(self, text):
+        return self.shorten(text=text, style="terse")
+
+program = dspy.BestOfN(module=Shorten(), N=2, reward_fn=lambda args, pred: 1.0, threshold=1.0)
+''', {"text": "A long sentence about nothing in particular."}),
     "parallel_returns_a_list": ('''
 class Fan(dspy.Module):
     def __init__(self):

@@ -175,6 +175,9 @@ class Shorten(dspy.Module):
 
 program = dspy.BestOfN(module=Shorten(), N=2, reward_fn=lambda args, pred: 1.0, threshold=1.0)
 ''', {"text": "A long sentence about nothing in particular."}),
+    "predict_with_an_input_missing": ('''
+program = dspy.Predict("question, context -> answer")  # DSPy warns of the missing context and answers
+''', {"question": "Why?"}),
     "parallel_returns_a_list": ('''
 class Fan(dspy.Module):
     def __init__(self):

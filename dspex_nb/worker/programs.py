@@ -5,8 +5,9 @@ compiled program with its demos), a signature class (run as ``dspy.Predict``), o
 Its input names come from what it really takes: ``forward``'s (or a ``__call__``-only module's)
 named parameters, checked as Python checks them; where those are only ``**kwargs``, the inputs of the
 module it wraps (``dspy.Refine``'s and ``dspy.BestOfN``'s ``module``), or else the input fields of its
-signature (``dspy.Predict``, ``ChainOfThought``, any compiled module of those). Defined source is kept
-in ``linecache`` so ``inspect.getsource`` (``dspy.Refine``) finds it, as IPython does for cells.
+signature (``dspy.Predict``, ``ChainOfThought``, any compiled module of those), none of them required:
+DSPy runs a predictor with a field missing or extra (it logs a warning), and so does the pool. Defined
+source is kept in ``linecache`` so ``inspect.getsource`` (``dspy.Refine``) finds it, as IPython does for cells.
 """
 
 from __future__ import annotations
@@ -90,9 +91,8 @@ def describe_inputs(program: Any) -> tuple[list[str], list[str], bool]:
         wrapped = getattr(program, "module", None)
         if isinstance(program, dspy.Module) and isinstance(wrapped, dspy.Module):  # dspy.Refine, dspy.BestOfN
             return describe_inputs(wrapped)
-        if (sig := signature_of(program)) is not None:
-            names = list(sig.input_fields)
-            return names, names, True
+        sig = signature_of(program)
+        return list(sig.input_fields) if sig is not None else [], [], True
     return [p.name for p in named], [p.name for p in named if p.default is p.empty], open_ended
 
 

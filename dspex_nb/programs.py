@@ -52,12 +52,14 @@ _LOCKS = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threa
 
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle, plus what DSPy programs hold that it cannot pickle: a lock (e.g. in a ``dspy.Parallel``
-    made in ``__init__``) travels as a new one, and a lazily loaded module (``streamify``) by its name."""
+    made in ``__init__``) travels as a new one, and a lazily loaded module (``streamify``'s and ``asyncify``'s
+    ``anyio``), loaded yet or not, by its name."""
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) in _LOCKS:
             return _LOCKS[type(obj)], ()
-        if isinstance(obj, types.ModuleType) and type(obj) is not types.ModuleType and obj.__name__ in sys.modules:
+        if isinstance(obj, types.ModuleType) and type(obj) is not types.ModuleType and (
+                obj.__name__ in sys.modules or obj.__spec__ is not None):
             return importlib.import_module, (obj.__name__,)
         return super().reducer_override(obj)
 

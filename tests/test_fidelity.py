@@ -9,6 +9,7 @@ also mean equal prompts (demos and instructions included).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -246,6 +247,7 @@ def program(name: str):
 ''', {"name": "ada"}),
     "dataclass_with_derived_fields": ('''
 import dataclasses
+import sys
 
 @dataclasses.dataclass
 class Tally:
@@ -264,6 +266,7 @@ program = dspy.Predict("question -> answer", n=3)
 ''', {"question": "Pick a colour"}),
     "function_returning_a_dataclass": ('''
 import dataclasses
+import sys
 
 @dataclasses.dataclass
 class Stats:
@@ -450,3 +453,19 @@ def test_signature_strings_are_programs(pool: Pool, demo_lm: dspy.LM) -> None:
     assert_same(expected, pool.run("question -> answer: int", question="How many?"))
     assert pool.define("count_it", "question -> answer: int")["inputs"] == ["question"]
     assert_same(expected, pool.run("count_it", question="How many?"))
+
+
+def test_a_lazily_loaded_module_travels_before_it_is_loaded(shell: InteractiveShell, pool: Pool,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # As dspy.streamify's and dspy.asyncify's anyio, in a kernel that has not imported anyio yet
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    program, _ = define(shell, '''
+from dspy.utils.lazy_import import require
+
+colorsys = require("colorsys")
+
+def program(red: float):
+    return colorsys.rgb_to_hsv(red, 0.0, 0.0)
+''')
+    on_pool = pool.run(program, red=0.5)  # shipped before the kernel loads colorsys
+    assert_same(program(red=0.5), on_pool)

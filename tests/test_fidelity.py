@@ -8,6 +8,7 @@ also mean equal prompts (demos and instructions included).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sys
 from collections.abc import Iterator
@@ -246,6 +247,7 @@ def program(name: str):
                            wait=datetime.timedelta(days=100_000, microseconds=1))
 ''', {"name": "ada"}),
     "dataclass_with_derived_fields": ('''
+import asyncio
 import dataclasses
 import sys
 
@@ -265,6 +267,7 @@ def program(text: str):
 program = dspy.Predict("question -> answer", n=3)
 ''', {"question": "Pick a colour"}),
     "function_returning_a_dataclass": ('''
+import asyncio
 import dataclasses
 import sys
 
@@ -469,3 +472,23 @@ def program(red: float):
 ''')
     on_pool = pool.run(program, red=0.5)  # shipped before the kernel loads colorsys
     assert_same(program(red=0.5), on_pool)
+
+
+def test_an_async_program_is_awaited_on_the_pool(shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    program, _ = define(shell, '''
+import asyncio
+
+qa = dspy.Predict("question -> answer")
+
+async def program(question):
+    await asyncio.sleep(0)
+    return qa(question=question)
+''')
+    for name, async_program in [("async def", program),
+                                ("asyncify", dspy.asyncify(dspy.Predict("question -> answer: int")))]:
+        inputs = {"question": "How many?"}
+        with dspy.context(lm=demo_lm):
+            expected = asyncio.run(async_program(**inputs))  # as the kernel awaits it
+        assert_same(expected, pool.run(async_program, **inputs), f"{name} run")
+        assert_same(expected, pool.run_stream(async_program, **inputs).result(60), f"{name} run_stream")
+        assert_same([expected], pool.map(async_program, [inputs], journal=False).result(60), f"{name} map")

@@ -216,7 +216,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext) -> Generator[E
         else:
             if ctx.streaming:
                 yield Emit("status", {"message": f"running {_label(program)} (no str output field to stream)"})
-            output = program(**inputs)
+            output = _awaited(program(**inputs))
             values = _values_of(output)
             if values is None:
                 return output_json(output, usage.get_total_tokens(), costs.total)
@@ -262,6 +262,12 @@ class _AlwaysPrediction(dspy.Module):
             with self._lock:
                 self._running -= 1
         return output if isinstance(output, dspy.Prediction) else _Boxed(value=output)
+
+
+def _awaited(output: Any) -> Any:
+    """A program's result: what a coroutine returns (an ``async def`` program's or a ``dspy.asyncify``'d one's,
+    which the kernel awaits), run to its end on an event loop of this thread; any other output as it is."""
+    return asyncio.run(output) if inspect.iscoroutine(output) else output
 
 
 def _values_of(output: Any) -> Iterable[Any] | None:
@@ -451,7 +457,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         try:
             events.put((index, None))
             with _tracked(settings) as (usage, costs):
-                output = _run_to_end(make()(**inputs))
+                output = _run_to_end(_awaited(make()(**inputs)))
             return output_json(output, usage.get_total_tokens(), costs.total)
         finally:
             slots.release()

@@ -492,3 +492,17 @@ async def program(question):
         assert_same(expected, pool.run(async_program, **inputs), f"{name} run")
         assert_same(expected, pool.run_stream(async_program, **inputs).result(60), f"{name} run_stream")
         assert_same([expected], pool.map(async_program, [inputs], journal=False).result(60), f"{name} map")
+
+
+def test_a_program_that_returns_a_generator_raises_a_clear_error(shell: InteractiveShell, pool: Pool) -> None:
+    # In the kernel the program gives a generator; it cannot travel, and its last value must not stand in for it
+    for source in ("def program(text):\n    yield from text.split()",
+                   "async def program(text):\n    yield text"):
+        program, _ = define(shell, source)
+        error = "returned an? (async )?generator .*cannot travel from the worker"
+        with pytest.raises(Exception, match=error):
+            pool.run(program, text="a b")
+        with pytest.raises(Exception, match=error):
+            pool.run_stream(program, text="a b").result(60)
+        batch = pool.map(program, [{"text": "a b"}], journal=False)
+        assert batch.result(60) == [None] and "cannot travel" in batch.records[0]["error"]["message"]

@@ -271,10 +271,19 @@ def _awaited(output: Any) -> Any:
 
 
 def _values_of(output: Any) -> Iterable[Any] | None:
-    """The values of a program's stream (a ``dspy.streamify``'d program returns one), or None for a result."""
-    if inspect.isasyncgen(output):
-        return _async_items(lambda: output)
-    return output if inspect.isgenerator(output) else None
+    """The values of a DSPy stream (a ``dspy.streamify``'d program returns one), or None for a result.
+
+    A generator of the program's own is refused: it cannot travel to the kernel, where the program gives
+    the generator itself, and its last value would silently stand in for it."""
+    asynchronous = inspect.isasyncgen(output)
+    if not (asynchronous or inspect.isgenerator(output)):
+        return None
+    frame = output.ag_frame if asynchronous else output.gi_frame
+    if frame is None or frame.f_globals.get("__name__", "").partition(".")[0] != "dspy":
+        raise typed.NotPortable(f"the program returned {'an async' if asynchronous else 'a'} generator "
+                                f"({output.__qualname__}), which cannot travel from the worker: return what it "
+                                "yields instead, e.g. as a list or a dspy.Prediction")
+    return _async_items(lambda: output) if asynchronous else output
 
 
 def _run_to_end(output: Any) -> Any:

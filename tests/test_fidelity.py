@@ -506,3 +506,32 @@ def test_a_program_that_returns_a_generator_raises_a_clear_error(shell: Interact
             pool.run_stream(program, text="a b").result(60)
         batch = pool.map(program, [{"text": "a b"}], journal=False)
         assert batch.result(60) == [None] and "cannot travel" in batch.records[0]["error"]["message"]
+
+
+def test_a_string_signature_naming_a_notebook_type(shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # DSPy finds Mood in the globals of the code that makes the signature, which runs again on the workers:
+    # a module class's __init__ (run, define), a function's body
+    program, _ = define(shell, '''
+class Mood(enum.Enum):
+    HAPPY = "happy"
+    SAD = "sad"
+
+class Feel(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.answer = dspy.Predict("question -> answer, mood: Mood")
+
+    def forward(self, question):
+        return self.answer(question=question)
+
+def program(question):
+    return dspy.Predict("question -> mood: Mood")(question=question)
+''')
+    feel, inputs = shell.user_ns["Feel"], {"question": "Why?"}
+    with dspy.context(lm=demo_lm):
+        expected = [feel()(**inputs), program(**inputs)]
+    assert isinstance(expected[1].mood, shell.user_ns["Mood"])
+    assert_same(expected, [pool.run(feel, **inputs), pool.run(program, **inputs)], "run")
+    assert_same(expected, [pool.map(p, [inputs], journal=False).result(60)[0] for p in (feel, program)], "map")
+    pool.define("Feel", feel)
+    assert_same(expected[0], pool.run("Feel", **inputs), "define")

@@ -152,4 +152,7 @@ def from_pickle(name: str, payload: str) -> Program:
                             "Python must be able to import every module the program uses by reference)") from None
     for filename, lines in shipped.get("sources", {}).items():  # so inspect.getsource finds notebook code
         linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+    for function, names in shipped.get("names", ()):  # what its signature strings name, as DSPy finds it there
+        for key, value in names.items():
+            function.__globals__.setdefault(key, value)
     return make(name, shipped["program"], set(shipped.get("types", ())))

@@ -20,10 +20,12 @@ import importlib
 import io
 import json
 import linecache
+import re
 import sys
 import threading
 import types
-from collections.abc import Sequence
+import typing
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import cloudpickle
@@ -52,37 +54,74 @@ _LOCKS = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threa
 
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle, plus what DSPy programs hold that it cannot pickle: a lock (e.g. in a ``dspy.Parallel``
-    made in ``__init__``) travels as a new one, and a lazily loaded module (``streamify``) by its name."""
+    made in ``__init__``) travels as a new one, and a lazily loaded module (``streamify``'s and ``asyncify``'s
+    ``anyio``), loaded yet or not, by its name."""
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) in _LOCKS:
             return _LOCKS[type(obj)], ()
-        if isinstance(obj, types.ModuleType) and type(obj) is not types.ModuleType and obj.__name__ in sys.modules:
+        if isinstance(obj, types.ModuleType) and type(obj) is not types.ModuleType and (
+                obj.__name__ in sys.modules or obj.__spec__ is not None):
             return importlib.import_module, (obj.__name__,)
         return super().reducer_override(obj)
 
 
 class _Collector(_Pickler):
-    """A pickler that notes the classes and the code files it meets (a first pass over the program)."""
+    """A pickler that notes the classes, the code files and the signature names it meets (a first pass)."""
 
     def __init__(self) -> None:
         super().__init__(io.BytesIO())
         self.types: set[type] = set()
         self.files: set[str] = set()
+        self.names: dict[types.FunctionType, dict[str, Any]] = {}
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, type) and typed.portable_kind(obj):
             self.types.add(obj)
         elif isinstance(obj, types.FunctionType):
             self.files.add(obj.__code__.co_filename)
+            if names := _signature_names(obj):
+                self.names[obj] = names
         return super().reducer_override(obj)
+
+
+def _signature_names(function: types.FunctionType) -> dict[str, Any]:
+    """The types of notebook code's globals that its signature strings name (and modules, as in "np.ndarray").
+
+    DSPy resolves a type named in a signature string ("question -> mood: Mood") from the globals of the
+    code that makes the signature (the caller's frame), while cloudpickle ships only the globals the code
+    names itself: these go along, so that ``__init__`` or a function re-run on a worker finds them too."""
+    module = sys.modules.get(function.__module__ or "")
+    if module is not None and function.__module__ != "__main__" and function.__globals__ is vars(module):
+        return {}  # code of an imported module: it travels by reference, with its module's globals
+
+    def strings(code: types.CodeType) -> Iterator[str]:
+        for const in code.co_consts:
+            if isinstance(const, str):
+                yield const
+            elif isinstance(const, types.CodeType):
+                yield from strings(const)
+
+    found: dict[str, Any] = {}
+    for text in strings(function.__code__):
+        if "->" in text:
+            for name, dot in re.findall(r"([A-Za-z_]\w*)(\.?)", text):
+                value = function.__globals__.get(name)
+                if isinstance(value, type) or typing.get_origin(value) is not None or (
+                        dot and isinstance(value, types.ModuleType)):
+                    found[name] = value
+    return found
 
 
 def ship(program: Any) -> Shipped:
     """Pickle ``program`` by value, with the classes it uses and the source of its notebook code."""
     collector = _Collector()
     try:
-        collector.dump(program)
+        pending: list[Any] = [program]
+        while pending:  # the program, then the names its signature strings use (and theirs)
+            known = len(collector.names)
+            collector.dump(pending)
+            pending = list(collector.names.values())[known:]
     except Exception as exc:
         raise ArgumentError("define", type(exc).__name__,
                             f"{type(program).__name__} cannot be sent to the workers: {type(exc).__name__}: {exc} "
@@ -91,7 +130,8 @@ def ship(program: Any) -> Shipped:
     sources = {name: linecache.cache[name][2] for name in collector.files
                if name in linecache.cache and len(linecache.cache[name]) == 4}
     buffer = io.BytesIO()
-    _Pickler(buffer).dump({"program": program, "types": collector.types, "sources": sources})
+    _Pickler(buffer).dump({"program": program, "types": collector.types, "sources": sources,
+                           "names": list(collector.names.items())})
     data = buffer.getvalue()
     return Shipped(base64.b64encode(data).decode(), hashlib.sha256(data).hexdigest(), collector.types)
 

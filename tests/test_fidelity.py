@@ -8,7 +8,9 @@ also mean equal prompts (demos and instructions included).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -148,6 +150,36 @@ def short(args, pred):
 
 program = dspy.BestOfN(module=dspy.Predict("question -> answer"), N=2, reward_fn=short, threshold=1.0)
 ''', {"question": "Name a colour."}),
+    "refine_wrapping_a_module": ('''
+class Verify(dspy.Module):  # its input is claim, not its first predictor's (claim, notes)
+    def __init__(self):
+        super().__init__()
+        self.generate_query = dspy.ChainOfThought("claim, notes: list[str] -> query")
+        self.verdict = dspy.Predict("claim, context -> verdict: bool")
+
+    def forward(self, claim):
+        query = self.generate_query(claim=claim, notes=[]).query
+        return self.verdict(claim=claim, context=query)
+
+def any_verdict(args, pred):
+    return 1.0
+
+program = dspy.Refine(module=Verify(), N=2, reward_fn=any_verdict, threshold=1.0)
+''', {"claim": "The sky is green."}),
+    "best_of_n_wrapping_a_module": ('''
+class Shorten(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.shorten = dspy.Predict("text, style -> short")
+
+    def forward(self, text):
+        return self.shorten(text=text, style="terse")
+
+program = dspy.BestOfN(module=Shorten(), N=2, reward_fn=lambda args, pred: 1.0, threshold=1.0)
+''', {"text": "A long sentence about nothing in particular."}),
+    "predict_with_an_input_missing": ('''
+program = dspy.Predict("question, context -> answer")  # DSPy warns of the missing context and answers
+''', {"question": "Why?"}),
     "parallel_returns_a_list": ('''
 class Fan(dspy.Module):
     def __init__(self):
@@ -215,7 +247,9 @@ def program(name: str):
                            wait=datetime.timedelta(days=100_000, microseconds=1))
 ''', {"name": "ada"}),
     "dataclass_with_derived_fields": ('''
+import asyncio
 import dataclasses
+import sys
 
 @dataclasses.dataclass
 class Tally:
@@ -233,7 +267,9 @@ def program(text: str):
 program = dspy.Predict("question -> answer", n=3)
 ''', {"question": "Pick a colour"}),
     "function_returning_a_dataclass": ('''
+import asyncio
 import dataclasses
+import sys
 
 @dataclasses.dataclass
 class Stats:
@@ -446,3 +482,82 @@ def test_signature_strings_are_programs(pool: Pool, demo_lm: dspy.LM) -> None:
     assert_same(expected, pool.run("question -> answer: int", question="How many?"))
     assert pool.define("count_it", "question -> answer: int")["inputs"] == ["question"]
     assert_same(expected, pool.run("count_it", question="How many?"))
+
+
+def test_a_lazily_loaded_module_travels_before_it_is_loaded(shell: InteractiveShell, pool: Pool,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # As dspy.streamify's and dspy.asyncify's anyio, in a kernel that has not imported anyio yet
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    program, _ = define(shell, '''
+from dspy.utils.lazy_import import require
+
+colorsys = require("colorsys")
+
+def program(red: float):
+    return colorsys.rgb_to_hsv(red, 0.0, 0.0)
+''')
+    on_pool = pool.run(program, red=0.5)  # shipped before the kernel loads colorsys
+    assert_same(program(red=0.5), on_pool)
+
+
+def test_an_async_program_is_awaited_on_the_pool(shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    program, _ = define(shell, '''
+import asyncio
+
+qa = dspy.Predict("question -> answer")
+
+async def program(question):
+    await asyncio.sleep(0)
+    return qa(question=question)
+''')
+    for name, async_program in [("async def", program),
+                                ("asyncify", dspy.asyncify(dspy.Predict("question -> answer: int")))]:
+        inputs = {"question": "How many?"}
+        with dspy.context(lm=demo_lm):
+            expected = asyncio.run(async_program(**inputs))  # as the kernel awaits it
+        assert_same(expected, pool.run(async_program, **inputs), f"{name} run")
+        assert_same(expected, pool.run_stream(async_program, **inputs).result(60), f"{name} run_stream")
+        assert_same([expected], pool.map(async_program, [inputs], journal=False).result(60), f"{name} map")
+
+
+def test_a_program_that_returns_a_generator_raises_a_clear_error(shell: InteractiveShell, pool: Pool) -> None:
+    # In the kernel the program gives a generator; it cannot travel, and its last value must not stand in for it
+    for source in ("def program(text):\n    yield from text.split()",
+                   "async def program(text):\n    yield text"):
+        program, _ = define(shell, source)
+        error = "returned an? (async )?generator .*cannot travel from the worker"
+        with pytest.raises(Exception, match=error):
+            pool.run(program, text="a b")
+        with pytest.raises(Exception, match=error):
+            pool.run_stream(program, text="a b").result(60)
+        batch = pool.map(program, [{"text": "a b"}], journal=False)
+        assert batch.result(60) == [None] and "cannot travel" in batch.records[0]["error"]["message"]
+
+
+def test_a_string_signature_naming_a_notebook_type(shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # DSPy finds Mood in the globals of the code that makes the signature, which runs again on the workers:
+    # a module class's __init__ (run, define), a function's body
+    program, _ = define(shell, '''
+class Mood(enum.Enum):
+    HAPPY = "happy"
+    SAD = "sad"
+
+class Feel(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.answer = dspy.Predict("question -> answer, mood: Mood")
+
+    def forward(self, question):
+        return self.answer(question=question)
+
+def program(question):
+    return dspy.Predict("question -> mood: Mood")(question=question)
+''')
+    feel, inputs = shell.user_ns["Feel"], {"question": "Why?"}
+    with dspy.context(lm=demo_lm):
+        expected = [feel()(**inputs), program(**inputs)]
+    assert isinstance(expected[1].mood, shell.user_ns["Mood"])
+    assert_same(expected, [pool.run(feel, **inputs), pool.run(program, **inputs)], "run")
+    assert_same(expected, [pool.map(p, [inputs], journal=False).result(60)[0] for p in (feel, program)], "map")
+    pool.define("Feel", feel)
+    assert_same(expected[0], pool.run("Feel", **inputs), "define")

@@ -176,6 +176,21 @@ def test_define_then_run_and_batch_with_the_module(sh: Shell) -> None:
     assert len(sh.ns["OUT"]) == 50 and sh.ns["OUT"][7].answer.startswith("Demo LM answer to 'question 7?'")
 
 
+def test_define_a_module_whose_string_signature_names_a_type_of_an_earlier_cell(sh: Shell) -> None:
+    sh("import enum\nclass Mood(enum.Enum):\n    HAPPY = 'happy'\n    SAD = 'sad'")
+    sh('''%%dspex define Feel
+class Feel(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.answer = dspy.Predict("question -> answer, mood: Mood")  # DSPy finds Mood in this cell's globals
+
+    def forward(self, question):
+        return self.answer(question=question)
+''')
+    sh("%%dspex run Feel -o r\nWhy?")
+    assert isinstance(sh.ns["r"].mood, sh.ns["Mood"])
+
+
 def test_defined_module_survives_a_worker_restart(sh: Shell) -> None:
     sh('%%dspex define Shout\ndef Shout(text):\n    return {"loud": text.upper()}')
     pool = sh.pool

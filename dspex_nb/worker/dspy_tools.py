@@ -222,7 +222,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str)
         else:
             if ctx.streaming:
                 yield Emit("status", {"message": f"running {_label(program)} (no str output field to stream)"})
-            output = program(**inputs)
+            output = _awaited(program(**inputs))
             values = _values_of(output)
             if values is None:
                 return output_json(output, usage.get_total_tokens(), costs.total)
@@ -270,11 +270,26 @@ class _AlwaysPrediction(dspy.Module):
         return output if isinstance(output, dspy.Prediction) else _Boxed(value=output)
 
 
+def _awaited(output: Any) -> Any:
+    """A program's result: what a coroutine returns (an ``async def`` program's or a ``dspy.asyncify``'d one's,
+    which the kernel awaits), run to its end on an event loop of this thread; any other output as it is."""
+    return asyncio.run(output) if inspect.iscoroutine(output) else output
+
+
 def _values_of(output: Any) -> Iterable[Any] | None:
-    """The values of a program's stream (a ``dspy.streamify``'d program returns one), or None for a result."""
-    if inspect.isasyncgen(output):
-        return _async_items(lambda: output)
-    return output if inspect.isgenerator(output) else None
+    """The values of a DSPy stream (a ``dspy.streamify``'d program returns one), or None for a result.
+
+    A generator of the program's own is refused: it cannot travel to the kernel, where the program gives
+    the generator itself, and its last value would silently stand in for it."""
+    asynchronous = inspect.isasyncgen(output)
+    if not (asynchronous or inspect.isgenerator(output)):
+        return None
+    frame = output.ag_frame if asynchronous else output.gi_frame
+    if frame is None or frame.f_globals.get("__name__", "").partition(".")[0] != "dspy":
+        raise typed.NotPortable(f"the program returned {'an async' if asynchronous else 'a'} generator "
+                                f"({output.__qualname__}), which cannot travel from the worker: return what it "
+                                "yields instead, e.g. as a list or a dspy.Prediction")
+    return _async_items(lambda: output) if asynchronous else output
 
 
 def _run_to_end(output: Any) -> Any:
@@ -462,7 +477,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         try:
             events.put((index, None))
             with _tracked(settings) as (usage, costs):
-                output = _run_to_end(make()(**inputs))
+                output = _run_to_end(_awaited(make()(**inputs)))
             return output_json(output, usage.get_total_tokens(), costs.total)
         finally:
             slots.release()

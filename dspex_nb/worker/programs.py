@@ -3,9 +3,11 @@
 A program is a ``dspy.Module`` class (a new instance per call) or instance (that very object, e.g. a
 compiled program with its demos), a signature class (run as ``dspy.Predict``), or a plain function.
 Its input names come from what it really takes: ``forward``'s (or a ``__call__``-only module's)
-named parameters, and, where those are only ``**kwargs`` (``dspy.Predict``, ``ChainOfThought``, any
-compiled module of those), the input fields of its signature. Defined source is kept in ``linecache``
-so ``inspect.getsource`` (``dspy.Refine``) finds it, as IPython does for cells.
+named parameters, checked as Python checks them; where those are only ``**kwargs``, the inputs of the
+module it wraps (``dspy.Refine``'s and ``dspy.BestOfN``'s ``module``), or else the input fields of its
+signature (``dspy.Predict``, ``ChainOfThought``, any compiled module of those), none of them required:
+DSPy runs a predictor with a field missing or extra (it logs a warning), and so does the pool. Defined
+source is kept in ``linecache`` so ``inspect.getsource`` (``dspy.Refine``) finds it, as IPython does for cells.
 """
 
 from __future__ import annotations
@@ -92,9 +94,12 @@ def describe_inputs(program: Any) -> tuple[list[str], list[str], bool]:
     params = [p for p in params if p.name != "self" and p.kind is not p.VAR_POSITIONAL]
     named = [p for p in params if p.kind is not p.VAR_KEYWORD]
     open_ended = len(named) < len(params)
-    if not named and open_ended and (sig := signature_of(program)) is not None:
-        names = list(sig.input_fields)
-        return names, names, True
+    if not named and open_ended:
+        wrapped = getattr(program, "module", None)
+        if isinstance(program, dspy.Module) and isinstance(wrapped, dspy.Module):  # dspy.Refine, dspy.BestOfN
+            return describe_inputs(wrapped)
+        sig = signature_of(program)
+        return list(sig.input_fields) if sig is not None else [], [], True
     return [p.name for p in named], [p.name for p in named if p.default is p.empty], open_ended
 
 
@@ -154,4 +159,7 @@ def from_pickle(name: str, payload: str) -> Program:
                             "Python must be able to import every module the program uses by reference)") from None
     for filename, lines in shipped.get("sources", {}).items():  # so inspect.getsource finds notebook code
         linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+    for function, names in shipped.get("names", ()):  # what its signature strings name, as DSPy finds it there
+        for key, value in names.items():
+            function.__globals__.setdefault(key, value)
     return make(name, shipped["program"], set(shipped.get("types", ())))

@@ -1,5 +1,7 @@
 """How a batch scales with the pool: 1, 2, 4, ... workers up to the machine's cores, each next to in-kernel
-DSPy threads (``Module.batch``) at the same total concurrency and to the ideal rate of the LM, in one run.
+DSPy threads (``Module.batch``) at the same total concurrency, to an ipyparallel cluster of as many engines
+(a load-balanced ``map`` of 50-item chunks, each run with ``Module.batch`` at the same concurrency, as
+``bench/peers.py`` does; skipped when ipyparallel is not installed) and to the ideal rate of the LM, in one run.
 
 Run ``python bench/scale.py [--items N] [--latency S] [--concurrency K]``. Every LM is the demo LM with a
 fixed time to first token, so the figures measure the machinery, not a provider.
@@ -9,13 +11,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 import dspy
+from peers import _engine_batch
 
 from dspex_nb import Pool, demo_lm
 
 SIGNATURE = "question -> answer"
+CHUNK = 50  # items per ipyparallel task
 
 
 def pool_rate(workers: int, questions: list[str], latency: float, concurrency: int) -> float:
@@ -34,6 +40,36 @@ def threads_rate(threads: int, questions: list[str], latency: float) -> float:
         return len(questions) / (time.perf_counter() - started)
 
 
+def _importable(directory: str) -> None:
+    """On an engine: make bench/ importable, so that ``peers._engine_batch`` travels by reference."""
+    import sys
+
+    sys.path.insert(0, directory)
+
+
+def ipyparallel_rate(engines: int, questions: list[str], latency: float, concurrency: int) -> float | None:
+    """Items/s of ipyparallel's map over a local cluster of ``engines``; None when it is not installed."""
+    try:
+        import ipyparallel as ipp
+    except ImportError:
+        return None
+    cluster = ipp.Cluster(n=engines, log_level=40)
+    client = cluster.start_and_connect_sync()
+    try:
+        client.wait_for_engines(engines, timeout=120)
+        client[:].apply_sync(_importable, str(Path(__file__).resolve().parent))
+        view = client.load_balanced_view()
+        view.map_sync(_engine_batch, [[f"warm {i}"] for i in range(engines)], [latency] * engines,
+                      [concurrency] * engines)  # each engine imports DSPy
+        chunks = [questions[i:i + CHUNK] for i in range(0, len(questions), CHUNK)]
+        started = time.perf_counter()
+        view.map_sync(_engine_batch, chunks, [latency] * len(chunks), [concurrency] * len(chunks))
+        return len(questions) / (time.perf_counter() - started)
+    finally:
+        client.close()
+        cluster.stop_cluster_sync()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1000)
@@ -44,13 +80,19 @@ def main() -> None:
     cores = os.cpu_count() or 1
     counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= min(cores, args.max_workers)] or [1]
     print(f"{cores} cores; {args.items} items; demo LM ttft {args.latency} s; {args.concurrency} in flight per worker")
-    print(f"{'workers':>8}{'pool items/s':>14}{'threads items/s':>17}{'ideal':>9}{'vs threads':>12}{'vs ideal':>10}")
+    print(f"{'workers':>8}{'pool items/s':>14}{'threads items/s':>17}{'ipp items/s':>13}{'ideal':>9}"
+          f"{'vs threads':>12}{'vs ipp':>9}{'vs ideal':>10}")
     for n in counts:
         questions = [f"scale {n} question {i}?" for i in range(args.items)]  # new prompts: no cache hit
         ours = pool_rate(n, questions, args.latency, args.concurrency)
         threads = threads_rate(n * args.concurrency, [f"threads {q}" for q in questions], args.latency)
+        ipp = ipyparallel_rate(n, [f"ipp {q}" for q in questions], args.latency, args.concurrency)
         ideal = n * args.concurrency / args.latency
-        print(f"{n:>8}{ours:>14.0f}{threads:>17.0f}{ideal:>9.0f}{ours / threads:>11.2f}x{ours / ideal:>9.2f}x")
+        ipp_cells = (f"{ipp:>13.0f}", f"{ours / ipp:>8.2f}x") if ipp else (f"{'-':>13}", f"{'-':>9}")
+        print(f"{n:>8}{ours:>14.0f}{threads:>17.0f}{ipp_cells[0]}{ideal:>9.0f}{ours / threads:>11.2f}x"
+              f"{ipp_cells[1]}{ours / ideal:>9.2f}x")
+    if ipp is None:
+        print("ipyparallel is not installed (pip install 'dspex_nb[bench]'): its column is empty", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def test_core_prints_every_figure_with_its_peer() -> None:
 def test_scale_prints_a_row_per_pool_size() -> None:
     rows = run("scale.py", "--items", "32", "--latency", "0.01", "--max-workers", "2").splitlines()[2:]
     assert [row.split()[0] for row in rows] == (["1", "2"] if (os.cpu_count() or 1) >= 2 else ["1"])
+    assert all(len(row.split()) == 8 for row in rows)  # ipyparallel's column: a figure, or "-" without it
 
 
 def test_first_token_compares_with_in_kernel_dspy() -> None:

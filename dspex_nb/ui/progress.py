@@ -77,7 +77,8 @@ def shown_fields(result: dict[str, Any]) -> dict[str, Any]:
     """A DSPy tool's result as fields to show: a Prediction's fields, a returned dict's items, or "output"."""
     if result.get(typed.TAG) != "output":
         return {name: _shown(value) for name, value in result.items() if name not in typed.RESERVED}
-    value = _shown(result["value"])
+    value = result["value"]
+    value = _shown(value["fields"] if isinstance(value, dict) and value.get(typed.TAG) == "prediction" else value)
     return value if isinstance(value, dict) and all(isinstance(k, str) for k in value) else {"output": value}
 
 

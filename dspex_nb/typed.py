@@ -40,7 +40,8 @@ from dspex_nb.errors import DspexError
 TAG = "__dspex__"
 FORMAT = 2  # this encoding's version, in the journal's batch keys: results kept in an older one are not read
 USAGE = "__dspex_usage__"  # beside a program's output: its LM usage per model, as dspy.track_usage counts it
-COMPLETIONS = "__dspex_completions__"  # beside a Prediction's fields: all its completions, when it has several
+COMPLETIONS = "__dspex_completions__"  # beside a Prediction's fields: its completions (field -> values)
+ONE_COMPLETION = "fields"  # as the completions: one, that is the fields themselves (n=1)
 COST = "__dspex_cost__"  # beside a program's output: the USD cost of its LM calls, where an LM reported one
 RESERVED = (USAGE, COMPLETIONS, COST)
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
@@ -156,8 +157,15 @@ def _example_json(value: Any, dspy: Any, ship: Shipment | None) -> dict[str, Any
     if kind == "example" and value._input_keys is not None:
         out["inputs"] = sorted(value._input_keys)
     if kind == "prediction" and value._completions is not None:
-        out["completions"] = encode({k: list(v) for k, v in value._completions.items()}, ship)  # field -> values
+        completions = {k: list(v) for k, v in value._completions.items()}
+        one = _only_the_fields(completions, value._store)
+        out["completions"] = ONE_COMPLETION if one else encode(completions, ship)
     return out
+
+
+def _only_the_fields(completions: dict[str, list[Any]], store: dict[str, Any]) -> bool:
+    """Whether the completions are one, made of the fields themselves (n=1): the same objects, not sent twice."""
+    return list(completions) == list(store) and all(len(v) == 1 and v[0] is store[k] for k, v in completions.items())
 
 
 _TIMES = {dt.datetime, dt.date, dt.time}
@@ -283,7 +291,9 @@ def _example(value: dict[str, Any], resolve: Callable[[str], type | None], where
     if "inputs" in value:
         obj._input_keys = set(value["inputs"])
     if "completions" in value:
-        obj._completions = Completions(decode(value["completions"], resolve, f"{where}.completions"))
+        completions = value["completions"]
+        obj._completions = Completions({k: [v] for k, v in obj._store.items()} if completions == ONE_COMPLETION
+                                       else decode(completions, resolve, f"{where}.completions"))
     for name, attr in decode(value.get("attrs", {}), resolve, where).items():
         object.__setattr__(obj, name, attr)
     return obj

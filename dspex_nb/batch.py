@@ -47,7 +47,7 @@ class BatchRun(Handle):
                  concurrency: int,
                  shard_size: int | None, max_retries: int, timeout: float | None, item_timeout: float | None,
                  on_item: Callable[[dict[str, Any]], Any] | None, journal: Journal | None,
-                 program: dict[str, Any]) -> None:
+                 program: dict[str, Any], shipped: str = "", resolver: typed.Resolver | None = None) -> None:
         if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
             raise ArgumentError("batch", "ArgumentError",
                                 f"items must be a list of input dicts or strings, got {type(items).__name__}")
@@ -58,7 +58,9 @@ class BatchRun(Handle):
         self.arrived: list[int] = []  # indices of records in the order they arrived
         self._owner = uuid.uuid4().hex
         self._args = {"signature": signature, "module": module, "concurrency": concurrency, "group": self._owner,
-                      **({"settings": settings} if settings else {})}
+                      **({"settings": settings} if settings else {}),
+                      **({"shipped": shipped} if shipped else {})}  # the items' classes and code, by value
+        self.resolver = resolver or typed.Resolver()  # the classes of the program and of its items
         self._items = list(items)
         self._timeout = timeout
         self._item_timeout = item_timeout

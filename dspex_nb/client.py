@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -117,8 +118,12 @@ class Pool(WorkerPool):
              on_chunk: Callable[[Chunk], Any] | None = None) -> Any:
         """``run`` (or with ``stream``, ``run_stream``) with options, the inputs given as a dict."""
         name = self.ensure_defined(program)
-        return self.call_tool("run_module", {"name": name, "inputs": typed.encode(inputs)},
-                              self.definitions[name]["resolver"], stream=stream, timeout=timeout, on_chunk=on_chunk)
+        ship = typed.Shipment()
+        args = {"name": name, "inputs": typed.encode(inputs, ship)}
+        shipped, resolver = programs.shipment(ship, self.definitions[name]["resolver"])
+        if shipped:
+            args["shipped"] = shipped
+        return self.call_tool("run_module", args, resolver, stream=stream, timeout=timeout, on_chunk=on_chunk)
 
     def call_tool(self, tool: str, args: dict[str, Any], resolver: typed.Resolver | None = None, *,
                   stream: bool = False, timeout: float | None = None,
@@ -145,7 +150,7 @@ class Pool(WorkerPool):
         name = self.ensure_defined(program)
         batch = self.batch(items, module=name, concurrency=concurrency, on_item=on_item,
                            timeout=timeout, item_timeout=item_timeout, max_retries=max_retries, journal=journal)
-        batch.decode = partial(programs.to_output, resolve=self.definitions[name]["resolver"])
+        batch.decode = partial(programs.to_output, resolve=batch.resolver)
         return batch
 
     def evaluate(self, program: Any, devset: Sequence[Any], metric: Callable[..., Any], *,
@@ -190,14 +195,18 @@ class Pool(WorkerPool):
         check.integer("max_retries", max_retries, 0)
         check.seconds("timeout", timeout, optional=True)
         check.seconds("item_timeout", item_timeout, optional=True)
-        items = programs.item_inputs(items, "batch")  # strings, dicts, dspy.Examples or a DataFrame, as typed JSON
+        ship = typed.Shipment()
+        items = programs.item_inputs(items, "batch", ship)  # strings, dicts, dspy.Examples or a DataFrame
+        defined = self.definitions.get(module, {})
+        shipped, resolver = programs.shipment(ship, defined.get("resolver") or typed.Resolver())
         program = {"module": module, "signature": signature, "lm": self.lm, "lm_kwargs": self.lm_kwargs,
-                   "source": self.definitions.get(module, {}).get("key")}
+                   "source": defined.get("key"), "format": typed.FORMAT,
+                   **({"shipped": hashlib.sha256(shipped.encode()).hexdigest()} if shipped else {})}
         kernel = programs.kernel_settings()
         if kernel:  # another adapter is another program: the journal keeps their results apart
             program["settings"] = kernel
         return BatchRun(self, items, signature=signature, module=module, settings=kernel,
                         concurrency=concurrency or self.concurrency, shard_size=shard_size,
                         max_retries=max_retries, timeout=timeout, item_timeout=item_timeout, on_item=on_item,
-                        journal=self.journal if journal else None, program=program)
+                        journal=self.journal if journal else None, program=program, shipped=shipped, resolver=resolver)
 

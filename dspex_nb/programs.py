@@ -158,6 +158,24 @@ def kernel_settings() -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def shipment(ship: typed.Shipment, resolver: typed.Resolver) -> tuple[str, typed.Resolver]:
+    """What inputs' encoding collected in ``ship`` that must travel by value beside them (their code, their
+    classes that ``resolver``, the program's, does not know as themselves), as the ``shipped`` argument of
+    ``run_module`` / ``batch_inference`` ("" when nothing must); and the resolver for the call's result,
+    which knows those classes too (a program may return its inputs)."""
+    types = {cls for cls in ship.types if resolver(typed.class_path(cls)) is not cls}
+    if not types and not ship.objects:
+        return "", resolver
+    buffer = io.BytesIO()
+    try:
+        _Pickler(buffer).dump(typed.Shipment(types, ship.objects))
+    except Exception as exc:
+        raise ArgumentError("run", type(exc).__name__,
+                            f"the inputs cannot be sent to the workers: {type(exc).__name__}: {exc} (code in them, "
+                            "e.g. a dspy.Tool's function, travels by value and must be picklable)") from None
+    return base64.b64encode(buffer.getvalue()).decode(), typed.Resolver([*resolver.known.values(), *types])
+
+
 def as_program(obj: Any, cot: bool = False) -> Any:
     """A signature (class or string) as a dspy.Predict (dspy.ChainOfThought with ``cot``); else ``obj``."""
     import dspy
@@ -178,16 +196,18 @@ def input_names(program: Any) -> list[str] | None:
 
 def to_output(result: Any, resolve: typed.Resolver) -> Any:
     """A DSPy tool's result as the program gave it: a dspy.Prediction of its fields, or its own value."""
+    import dspy
 
     if isinstance(result, dict) and result.get(typed.TAG) == "output":
-        return typed.decode(result["value"], resolve, "output")
-    tagged = {typed.TAG: "prediction", "fields": {k: v for k, v in result.items() if k not in typed.RESERVED}}
-    if typed.COMPLETIONS in result:
-        tagged["completions"] = result[typed.COMPLETIONS]
-    prediction = typed.decode(tagged, resolve, "output")
-    if typed.USAGE in result:  # as with dspy.configure(track_usage=True): prediction.get_lm_usage()
-        prediction.set_lm_usage(result[typed.USAGE])
-    return prediction
+        output = typed.decode(result["value"], resolve, "output")
+    else:
+        tagged = {typed.TAG: "prediction", "fields": {k: v for k, v in result.items() if k not in typed.RESERVED}}
+        if typed.COMPLETIONS in result:
+            tagged["completions"] = result[typed.COMPLETIONS]
+        output = typed.decode(tagged, resolve, "output")
+    if isinstance(output, dspy.Prediction) and typed.USAGE in result:  # as with dspy.configure(track_usage=True)
+        output.set_lm_usage(result[typed.USAGE])
+    return output
 
 
 def is_signature(value: Any) -> bool:
@@ -196,8 +216,9 @@ def is_signature(value: Any) -> bool:
         ("def ", "class ", "import ", "from "))
 
 
-def item_inputs(items: Any, tool: str = "map") -> list[Any]:
-    """Batch items as typed JSON inputs: strings, dicts, dspy.Examples (their inputs()), or a DataFrame's rows."""
+def item_inputs(items: Any, tool: str = "map", ship: typed.Shipment | None = None) -> list[Any]:
+    """Batch items as typed JSON inputs: strings, dicts, dspy.Examples (their inputs()), or a DataFrame's rows
+    (with ``ship``, their classes and code collected there, see ``typed.encode``)."""
     import dspy
 
     if type(items).__name__ == "DataFrame" and hasattr(items, "to_dict"):
@@ -212,7 +233,7 @@ def item_inputs(items: Any, tool: str = "map") -> list[Any]:
                 raise ArgumentError(tool, "ArgumentError", f"items[{i}] is a dspy.Example without input keys: "
                                     "mark them with .with_inputs('question', ...), as dspy.Evaluate needs too")
             item = dict(item.inputs())
-        out.append(typed.encode(item))
+        out.append(typed.encode(item, ship))
     return out
 
 

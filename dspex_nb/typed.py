@@ -6,10 +6,17 @@ sent as they are; every other value is a small tagged object ``{"__dspex__": kin
 
 - ``tuple``, ``set``, ``frozenset``, a dict with non-str keys, ``datetime``/``date``/``time``/
   ``timedelta``, ``Decimal``, ``UUID``, ``bytes``: rebuilt exactly, with no code of anyone's run;
+- a value of one of pydantic's own types (``HttpUrl``...): pydantic's JSON of it, where that validates
+  back to an equal value;
 - an ``Enum`` member, a pydantic model (DSPy's own types included), a dataclass: sent with the class's
   path (``module:qualname``) and rebuilt with the class that a *resolver* finds for that path on the
-  receiving side. Nothing is imported or unpickled to find it: see ``Resolver``.
-- ``dspy.Prediction`` / ``dspy.Example``: their fields (and the Example's input keys).
+  receiving side. Nothing is imported or unpickled to find it: see ``Resolver``. A pydantic model travels
+  as its state (what pydantic's own ``__getstate__`` holds: field values, fields set, extra and private
+  attributes) and is rebuilt as ``__setstate__`` does, without validating again, so it is the same model;
+- ``dspy.Prediction`` / ``dspy.Example`` (and their subclasses, by class path): their fields, the
+  Example's input keys, the Prediction's completions;
+- in the kernel only, code (a function, a class, a ``dspy.Tool``'s function...) is put in a ``Shipment``
+  that travels by value with cloudpickle, as programs do, and is referred to by its index.
 
 A value with no faithful JSON form is encoded as ``opaque`` (its type and repr); decoding it raises
 ``NotPortable``, which keeps the raw JSON, so nothing arrives silently changed.
@@ -21,17 +28,20 @@ import base64
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import sys
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
 from dspex_nb.errors import DspexError
 
 TAG = "__dspex__"
+FORMAT = 2  # this encoding's version, in the journal's batch keys: results kept in an older one are not read
 USAGE = "__dspex_usage__"  # beside a program's output: its LM usage per model, as dspy.track_usage counts it
-COMPLETIONS = "__dspex_completions__"  # beside a Prediction's fields: all its completions, when it has several
+COMPLETIONS = "__dspex_completions__"  # beside a Prediction's fields: its completions (field -> values)
+ONE_COMPLETION = "fields"  # as the completions: one, that is the fields themselves (n=1)
 COST = "__dspex_cost__"  # beside a program's output: the USD cost of its LM calls, where an LM reported one
 RESERVED = (USAGE, COMPLETIONS, COST)
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
@@ -49,24 +59,34 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+@dataclasses.dataclass
+class Shipment:
+    """What a kernel's inputs send beside their typed JSON, by value: the classes of their values (so that the
+    worker rebuilds a value whose class the program does not name) and their code (``objects``)."""
+
+    types: set[type] = dataclasses.field(default_factory=set)
+    objects: list[Any] = dataclasses.field(default_factory=list)
+
+
 # -- encoding --------------------------------------------------------------------------------------
-def encode(value: Any) -> Any:
-    """``value`` as typed JSON (see the module's docstring)."""
+def encode(value: Any, ship: Shipment | None = None) -> Any:
+    """``value`` as typed JSON (see the module's docstring); in the kernel, ``ship`` collects what travels by
+    value beside it (without it, code has no JSON form)."""
     if value is None or isinstance(value, (bool, int, float, str)) and not isinstance(value, enum.Enum):
         return value
     if isinstance(value, list):
-        return [encode(v) for v in value]
+        return [encode(v, ship) for v in value]
     if isinstance(value, dict):
         if all(isinstance(k, str) for k in value) and TAG not in value:
-            return {k: encode(v) for k, v in value.items()}
-        return {TAG: "dict", "items": [[encode(k), encode(v)] for k, v in value.items()]}
+            return {k: encode(v, ship) for k, v in value.items()}
+        return {TAG: "dict", "items": [[encode(k, ship), encode(v, ship)] for k, v in value.items()]}
     if isinstance(value, enum.Enum):
-        return {TAG: "enum", "class": class_path(type(value)), "value": encode(value.value)}
+        return {TAG: "enum", "class": _path(type(value), ship), "value": encode(value.value, ship)}
     if isinstance(value, (tuple, set, frozenset)) and not hasattr(value, "_fields"):
         kind = "tuple" if isinstance(value, tuple) else type(value).__name__ if type(value) in (set, frozenset) \
             else None
         if kind is not None:
-            return {TAG: kind, "items": [encode(v) for v in _ordered(value, kind)]}
+            return {TAG: kind, "items": [encode(v, ship) for v in _ordered(value, kind)]}
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return {TAG: type(value).__name__, "iso": value.isoformat()} if type(value) in _TIMES else _opaque(value)
     if isinstance(value, dt.timedelta):
@@ -79,20 +99,73 @@ def encode(value: Any) -> Any:
         return {TAG: "bytes", "b64": base64.b64encode(value).decode()}
     dspy = sys.modules.get("dspy")
     if dspy is not None and isinstance(value, dspy.Example):  # Prediction is an Example
-        kind = "prediction" if isinstance(value, dspy.Prediction) else "example"
-        out = {TAG: kind, "fields": {k: encode(v) for k, v in value.items()}}
-        if kind == "example" and value._input_keys is not None:
-            out["inputs"] = sorted(value._input_keys)
-        if kind == "prediction" and (completions := _completions_of(value)) is not None:
-            out["completions"] = completions
-        return out
-    if _is_pydantic(value):  # pydantic's own round trip: aliases, extra fields, its own types (URLs...)
-        return {TAG: "model", "class": class_path(type(value)),
-                "json": value.model_dump_json(by_alias=True, round_trip=True)}
+        return _example_json(value, dspy, ship)
+    if _is_pydantic(value):  # its state, as pydantic pickles it (see the module's docstring)
+        state = value.__getstate__()
+        return {TAG: "model", "class": _path(type(value), ship), "fields": encode(state["__dict__"], ship),
+                "set": sorted(state["__pydantic_fields_set__"]), "extra": encode(state["__pydantic_extra__"], ship),
+                "private": encode(state["__pydantic_private__"], ship)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         data = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return {TAG: "dataclass", "class": class_path(type(value)), "fields": encode(data)}
+        return {TAG: "dataclass", "class": _path(type(value), ship), "fields": encode(data, ship)}
+    if type(value).__module__.partition(".")[0] in _PYDANTIC and (text := _pydantic_json(value)) is not None:
+        return {TAG: "pydantic", "class": class_path(type(value)), "json": text}  # HttpUrl...
+    if ship is not None and callable(value):  # code: by value, as programs travel
+        ship.objects.append(value)
+        return {TAG: "code", "index": len(ship.objects) - 1, "class": class_path(type(value))}
     return _opaque(value)
+
+
+_PYDANTIC = ("pydantic", "pydantic_core")
+
+
+@functools.lru_cache(maxsize=64)
+def _adapter(cls: type) -> Any:
+    import pydantic
+
+    return pydantic.TypeAdapter(cls)
+
+
+def _pydantic_json(value: Any) -> str | None:
+    """A pydantic type's value (``HttpUrl``...) as pydantic's JSON, where that gives the same value back."""
+    try:
+        adapter = _adapter(type(value))
+        text = adapter.dump_json(value).decode()
+        return text if adapter.validate_json(text) == value else None  # not a SecretStr's "**********"
+    except Exception:
+        return None
+
+
+def _path(cls: type, ship: Shipment | None) -> str:
+    """``cls``'s path, with ``cls`` noted in ``ship`` so that it travels too."""
+    if ship is not None:
+        ship.types.add(cls)
+    return class_path(cls)
+
+
+_EXAMPLE_STATE = {"_store", "_demos", "_input_keys", "_completions", "_lm_usage"}
+
+
+def _example_json(value: Any, dspy: Any, ship: Shipment | None) -> dict[str, Any]:
+    """A dspy.Example or Prediction: its fields, input keys or completions, a subclass's class and attributes."""
+    kind = "prediction" if isinstance(value, dspy.Prediction) else "example"
+    out: dict[str, Any] = {TAG: kind, "fields": {k: encode(v, ship) for k, v in value.items()}}
+    if type(value) not in (dspy.Prediction, dspy.Example):
+        out["class"] = _path(type(value), ship)
+        if attrs := {k: v for k, v in vars(value).items() if k not in _EXAMPLE_STATE}:
+            out["attrs"] = encode(attrs, ship)
+    if kind == "example" and value._input_keys is not None:
+        out["inputs"] = sorted(value._input_keys)
+    if kind == "prediction" and value._completions is not None:
+        completions = {k: list(v) for k, v in value._completions.items()}
+        one = _only_the_fields(completions, value._store)
+        out["completions"] = ONE_COMPLETION if one else encode(completions, ship)
+    return out
+
+
+def _only_the_fields(completions: dict[str, list[Any]], store: dict[str, Any]) -> bool:
+    """Whether the completions are one, made of the fields themselves (n=1): the same objects, not sent twice."""
+    return list(completions) == list(store) and all(len(v) == 1 and v[0] is store[k] for k, v in completions.items())
 
 
 _TIMES = {dt.datetime, dt.date, dt.time}
@@ -112,14 +185,6 @@ def _is_pydantic(value: Any) -> bool:
     return pydantic is not None and isinstance(value, pydantic.BaseModel)
 
 
-def _completions_of(prediction: Any) -> list[dict[str, Any]] | None:
-    """A Prediction's several completions (``n`` > 1) as typed JSON field dicts, or None when it has one."""
-    completions = getattr(prediction, "_completions", None)
-    if completions is None or len(completions) < 2:
-        return None
-    return [{k: encode(v) for k, v in completions[i].items()} for i in range(len(completions))]
-
-
 def _opaque(value: Any) -> dict[str, Any]:
     text = repr(value)
     return {TAG: "opaque", "class": class_path(type(value)), "repr": text[:_OPAQUE_REPR]}
@@ -132,22 +197,29 @@ class Resolver:
     Only classes the receiver trusts qualify: the ``known`` ones (those shipped with the program being
     run: its signatures' types, the classes in its pickle) and DSPy's own types (``dspy.*``, already
     imported). Data naming any other class (``subprocess:Popen``) is refused, so a value from a worker
-    or the journal can never make the kernel call arbitrary code.
+    or the journal can never make the kernel call arbitrary code. On a worker, ``objects`` are the code
+    that came by value from the kernel with the inputs (a ``Shipment``'s); elsewhere code is refused.
     """
 
-    def __init__(self, known: Iterable[type] = ()) -> None:
+    def __init__(self, known: Iterable[type] = (), objects: Sequence[Any] = ()) -> None:
         self.known = {class_path(cls): cls for cls in known}
+        self.objects = objects
 
     def __call__(self, path: str) -> type | None:
         if path in self.known:
             return self.known[path]
-        module_name, _, qualname = path.partition(":")
-        if module_name != "dspy" and not module_name.startswith("dspy."):
-            return None
-        obj: Any = sys.modules.get(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part, None) if obj is not None and part != "<locals>" else None
-        return obj if isinstance(obj, type) else None
+        return _imported(path, ("dspy",))
+
+
+def _imported(path: str, packages: tuple[str, ...]) -> type | None:
+    """The class at ``path`` in a module of ``packages`` that is already imported (nothing is imported)."""
+    module_name, _, qualname = path.partition(":")
+    if module_name.partition(".")[0] not in packages:
+        return None
+    obj: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None) if obj is not None and part != "<locals>" else None
+    return obj if isinstance(obj, type) else None
 
 
 def decode(value: Any, resolve: Callable[[str], type | None] | None = None, where: str = "value") -> Any:
@@ -177,9 +249,13 @@ def _items(value: dict[str, Any], resolve: Callable[[str], type | None], where: 
 
 
 def portable_kind(cls: type) -> str | None:
-    """How a class's instances travel by class path: "enum", "model" (pydantic) or "dataclass"; else None."""
+    """How a class's instances travel by class path: "enum", "model" (pydantic), "dataclass", "prediction" or
+    "example" (dspy's and their subclasses); else None."""
     if issubclass(cls, enum.Enum):
         return "enum"
+    dspy = sys.modules.get("dspy")
+    if dspy is not None and issubclass(cls, dspy.Example):
+        return "prediction" if issubclass(cls, dspy.Prediction) else "example"
     if hasattr(cls, "model_validate_json") and hasattr(cls, "model_fields"):
         return "model"
     return "dataclass" if dataclasses.is_dataclass(cls) else None
@@ -202,16 +278,50 @@ def _fields(value: dict[str, Any], resolve: Callable[[str], type | None], where:
 
 
 def _example(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
+    """The Example or Prediction (or subclass) with exactly these fields, input keys and completions (its
+    class's ``__init__`` does not run again, as for a dataclass)."""
     import dspy
+    from dspy.primitives.prediction import Completions
 
-    if value[TAG] == "prediction":
-        if "completions" in value:
-            completions = [{k: decode(v, resolve, f"{where}.completions[{i}].{k}") for k, v in c.items()}
-                           for i, c in enumerate(value["completions"])]
-            return dspy.Prediction.from_completions(completions)
-        return dspy.Prediction(**_fields(value, resolve, where))
-    example = dspy.Example(**_fields(value, resolve, where))
-    return example.with_inputs(*value["inputs"]) if "inputs" in value else example
+    base = dspy.Prediction if value[TAG] == "prediction" else dspy.Example
+    cls = _cls(value, resolve, where) if "class" in value else base
+    obj = cls.__new__(cls)
+    base.__init__(obj)
+    obj._store = _fields(value, resolve, where)
+    if "inputs" in value:
+        obj._input_keys = set(value["inputs"])
+    if "completions" in value:
+        completions = value["completions"]
+        obj._completions = Completions({k: [v] for k, v in obj._store.items()} if completions == ONE_COMPLETION
+                                       else decode(completions, resolve, f"{where}.completions"))
+    for name, attr in decode(value.get("attrs", {}), resolve, where).items():
+        object.__setattr__(obj, name, attr)
+    return obj
+
+
+def _model(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
+    """The pydantic model with exactly this state, set as pydantic's ``__setstate__`` does (no validation)."""
+    cls = _cls(value, resolve, where)
+    obj = cls.__new__(cls)
+    obj.__setstate__({"__dict__": _fields(value, resolve, where), "__pydantic_fields_set__": set(value["set"]),
+                      "__pydantic_extra__": decode(value["extra"], resolve, f"{where}.extra"),
+                      "__pydantic_private__": decode(value["private"], resolve, f"{where}.private")})
+    return obj
+
+
+def _pydantic_type(value: dict[str, Any], where: str) -> type:
+    cls = _imported(value["class"], _PYDANTIC)
+    if cls is None:
+        raise NotPortable(f"{where}: {value['class']} is not one of pydantic's types", value)
+    return cls
+
+
+def _code(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
+    objects = getattr(resolve, "objects", ())
+    if not 0 <= value["index"] < len(objects):
+        raise NotPortable(f"{where} is code (a {value['class']}), which travels only from the kernel to the "
+                          "workers, by value", value)
+    return objects[value["index"]]
 
 
 def _dataclass(cls: type, fields: dict[str, Any]) -> Any:
@@ -242,10 +352,12 @@ _DECODERS: dict[str, Callable[[dict[str, Any], Callable[[str], type | None], str
     "uuid": lambda v, r, w: uuid.UUID(v["text"]),
     "bytes": lambda v, r, w: base64.b64decode(v["b64"]),
     "enum": lambda v, r, w: _cls(v, r, w)(decode(v["value"], r, w)),
-    "model": lambda v, r, w: _cls(v, r, w).model_validate_json(v["json"]),
+    "model": _model,
     "dataclass": lambda v, r, w: _dataclass(_cls(v, r, w), _fields(v, r, w)),
     "prediction": _example,
     "example": _example,
+    "pydantic": lambda v, r, w: _adapter(_pydantic_type(v, w)).validate_json(v["json"]),
+    "code": _code,
     "opaque": _opaque_error,
 }
 

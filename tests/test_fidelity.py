@@ -279,6 +279,81 @@ class Stats:
 def program(text: str) -> Stats:
     return Stats(words=len(text.split()), first=text.split()[0])
 ''', {"text": "programming not prompting"}),
+    "pydantic_state_as_it_was": ('''
+from pydantic import Field, PrivateAttr, field_serializer, field_validator
+
+class Tag(BaseModel):
+    name: str
+    secret: str = Field(default="default", exclude=True)
+    _hits: int = PrivateAttr(default=0)
+
+    @field_validator("name")
+    @classmethod
+    def bang(cls, v):
+        return v + "!"  # runs once, when the program makes the model
+
+class Event(BaseModel):
+    when: datetime.datetime
+
+    @field_serializer("when")
+    def as_day(self, v):
+        return v.strftime("%d/%m/%Y")  # a dump that does not validate back
+
+def program(name: str):
+    tag = Tag(name=name, secret="s3cret")
+    tag._hits = 7
+    return dspy.Prediction(tag=tag, event=Event(when=datetime.datetime(2024, 5, 17, 9, 30)))
+''', {"name": "hi"}),
+    "dspy_multimodal_types_in_and_out": ('''
+class Describe(dspy.Signature):
+    """Describe the image."""
+    image: dspy.Image = dspy.InputField()
+    caption: str = dspy.OutputField()
+
+describe = dspy.Predict(Describe)
+
+def program(image: dspy.Image, audio: dspy.Audio, file: dspy.File):
+    return dspy.Prediction(caption=describe(image=image).caption, image=image, audio=audio, file=file)
+
+inputs = {"image": dspy.Image("https://example.org/cat.png"), "audio": dspy.Audio(data="AAAA", audio_format="wav"),
+          "file": dspy.File(file_data="aGVsbG8=", filename="a.txt")}
+''', {}),
+    "prediction_subclass": ('''
+class Scored(dspy.Prediction):
+    def best(self):
+        return max(self.scores)
+
+def program(text: str):
+    scored = Scored(scores=[1, 3, 2], text=text)
+    scored._seen = True  # an attribute of its own, besides the fields
+    return scored
+''', {"text": "x"}),
+    "prediction_with_our_tag_as_a_field": ('''
+def program(x):
+    return dspy.Prediction(value=x, __dspex__="output", __dspex_usage__={})
+''', {"x": 1}),
+    "input_of_a_class_the_program_does_not_name": ('''
+class Doc(BaseModel):
+    title: str
+    body: str
+
+program = dspy.Predict("doc -> summary")  # DSPy formats any input: the worker needs Doc to rebuild it
+inputs = {"doc": Doc(title="DSPy", body="Programming, not prompting.")}
+''', {}),
+    "tools_as_an_input": ('''
+def get_weather(city: str) -> str:
+    """Get the weather for a city."""
+    return f"The weather in {city} is sunny"
+
+class ToolSignature(dspy.Signature):
+    """Call tools."""
+    question: str = dspy.InputField()
+    tools: list[dspy.Tool] = dspy.InputField()
+    outputs: dspy.ToolCalls = dspy.OutputField()
+
+program = dspy.Predict(ToolSignature)
+inputs = {"question": "Weather in Paris?", "tools": [dspy.Tool(get_weather)]}  # a function: it travels by value
+''', {}),
 }
 
 
@@ -304,12 +379,15 @@ def define(shell: InteractiveShell, source: str) -> tuple[Any, dict[str, Any]]:
 def assert_same(kernel: Any, pool: Any, where: str = "output") -> None:
     """Equal values of the same types, all the way down (a Prediction's completions too)."""
     assert type(pool) is type(kernel), f"{where}: {type(pool)} on the pool, {type(kernel)} in the kernel"
-    if isinstance(kernel, dspy.Prediction) and kernel.completions is not None and len(kernel.completions) > 1:
-        assert pool.completions is not None, f"{where}: the completions were lost"
-        assert_same([dict(c.items()) for c in kernel.completions], [dict(c.items()) for c in pool.completions],
-                    f"{where}.completions")
+    if isinstance(kernel, dspy.Prediction):  # one completion (n=1) too, or none for a Prediction made by hand
+        assert (pool.completions is None) == (kernel.completions is None), f"{where}: completions {pool.completions}"
+        if kernel.completions is not None:
+            assert_same(dict(kernel.completions.items()), dict(pool.completions.items()), f"{where}.completions")
     if isinstance(kernel, dspy.Example):
         assert_same(dict(kernel.items()), dict(pool.items()), where)
+        assert_same({k: v for k, v in vars(kernel).items() if k not in ("_store", "_completions", "_lm_usage")},
+                    {k: v for k, v in vars(pool).items() if k not in ("_store", "_completions", "_lm_usage")},
+                    f"{where} attributes")
     elif isinstance(kernel, dict):
         assert list(pool) == list(kernel), f"{where}: keys {list(pool)} != {list(kernel)}"
         for key in kernel:
@@ -321,6 +399,8 @@ def assert_same(kernel: Any, pool: Any, where: str = "output") -> None:
     elif hasattr(type(kernel), "model_fields"):
         assert_same(dict(kernel), dict(pool), where)
         assert pool.model_extra == kernel.model_extra, f"{where}: extra fields {pool.model_extra}"
+        assert pool.__pydantic_private__ == kernel.__pydantic_private__, f"{where}: {pool.__pydantic_private__}"
+        assert pool.model_fields_set == kernel.model_fields_set, f"{where}: fields set {pool.model_fields_set}"
     elif dataclasses.is_dataclass(kernel):
         assert_same(dataclasses.asdict(kernel), dataclasses.asdict(pool), where)
     else:

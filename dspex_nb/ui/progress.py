@@ -87,7 +87,8 @@ def shown_fields(result: dict[str, Any], decode: Callable[[Any], Any] | None = N
             return items if items and all(isinstance(k, str) for k in items) else {"output": value}
     if result.get(typed.TAG) != "output":
         return {name: _shown(value) for name, value in result.items() if name not in typed.RESERVED}
-    value = _shown(result["value"])
+    value = result["value"]
+    value = _shown(value["fields"] if isinstance(value, dict) and value.get(typed.TAG) == "prediction" else value)
     return value if isinstance(value, dict) and all(isinstance(k, str) for k in value) else {"output": value}
 
 

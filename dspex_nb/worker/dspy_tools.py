@@ -67,9 +67,10 @@ def _signature(tool_name: str, signature: str) -> type[dspy.Signature]:
                             f"(expected 'inputs -> outputs', e.g. 'question -> answer'): {exc}") from None
 
 
-def _check_inputs(tool_name: str, sig: type[dspy.Signature], inputs: Any, where: str) -> dict[str, Any]:
+def _check_inputs(tool_name: str, sig: type[dspy.Signature], inputs: Any, where: str,
+                  resolver: typed.Resolver | None = None) -> dict[str, Any]:
     """The inputs (typed JSON) as a dict of the signature's input fields; a bare string fills a single one."""
-    inputs = _decode(tool_name, inputs, where)
+    inputs = _decode(tool_name, inputs, where, resolver)
     names = list(sig.input_fields)
     if isinstance(inputs, str) and len(names) == 1:
         return {names[0]: inputs}
@@ -90,12 +91,12 @@ def output_json(output: Any, usage: dict[str, Any] | None = None, cost: float | 
     """A program's output as typed JSON: a Prediction as its fields, anything else wrapped as an output;
     with its LM usage (``typed.USAGE``) where it made LM calls, and their cost (``typed.COST``) where an LM
     reported one."""
-    if isinstance(output, dspy.Prediction):  # its fields at the top (and all its completions where n > 1)
-        encoded = typed.encode(output)
+    if type(output) is dspy.Prediction and typed.TAG not in output and not any(k in output for k in typed.RESERVED):
+        encoded = typed.encode(output)  # its fields at the top (and its completions)
         result = dict(encoded["fields"])
         if "completions" in encoded:
             result[typed.COMPLETIONS] = encoded["completions"]
-    else:
+    else:  # a subclass, or fields that would read as ours, stay inside
         result = {typed.TAG: "output", "value": typed.encode(output)}
     if usage:
         result[typed.USAGE] = usage
@@ -339,12 +340,22 @@ def _label(program: Any) -> str:
     return type(program).__name__ if isinstance(program, dspy.Module) else getattr(program, "__name__", "program")
 
 
-def _decode(tool_name: str, value: Any, where: str, types: set[type] | None = None) -> Any:
-    """Inputs sent as typed JSON, rebuilt with the program's own ``types``; a clear ArgumentError if they cannot."""
+def _decode(tool_name: str, value: Any, where: str, resolver: typed.Resolver | None = None) -> Any:
+    """Inputs sent as typed JSON, rebuilt with ``resolver`` (the program's own types and what came with the
+    inputs, see ``_resolver``); a clear ArgumentError if they cannot."""
     try:
-        return typed.decode(value, typed.Resolver(types or ()), where)
+        return typed.decode(value, resolver or typed.Resolver(), where)
     except typed.NotPortable as exc:
         raise ArgumentError(tool_name, "ArgumentError", str(exc)) from None
+
+
+def _resolver(tool_name: str, types: set[type], shipped: str) -> typed.Resolver:
+    """The program's ``types`` and the classes and code ``shipped`` by value with the inputs (whose classes
+    win: an input is an instance of the kernel's class of now, even where the program was shipped earlier)."""
+    if not shipped:
+        return typed.Resolver(types)
+    shipment = programs.load_shipment(tool_name, shipped)
+    return typed.Resolver([*types, *shipment.types], shipment.objects)
 
 
 def _builtin(tool_name: str, module: str, signature: str, inputs: Any) -> tuple[dspy.Module, dict[str, Any]]:
@@ -420,15 +431,17 @@ def _defined(ctx: ToolContext, tool_name: str, name: str) -> programs.Program:
 
 @tool
 def run_module(ctx: ToolContext, name: str, inputs: dict | str,
-               settings: str = "") -> Generator[Emit, None, dict[str, Any]]:
+               settings: str = "", shipped: str = "") -> Generator[Emit, None, dict[str, Any]]:
     """Run a module kept by ``define`` (or, given a handle from ``load_module``, that very instance) on
-    ``inputs``; streamed calls stream the tokens of its predictors."""
+    ``inputs``; streamed calls stream the tokens of its predictors. ``shipped``: the classes and code of the
+    inputs, by value (base64 cloudpickle of a ``typed.Shipment``, as ``Pool.run`` sends where needed)."""
     if name.startswith("h:"):
         defined, program = ctx.resolve("run_module", name)
     else:
         defined = _defined(ctx, "run_module", name)
         program = defined.factory()
-    inputs = defined.check("run_module", _decode("run_module", inputs, "inputs", defined.types), "argument 'inputs'")
+    resolver = _resolver("run_module", defined.types, shipped)
+    inputs = defined.check("run_module", _decode("run_module", inputs, "inputs", resolver), "argument 'inputs'")
     return (yield from _call(program, inputs, ctx, settings))
 
 
@@ -442,11 +455,12 @@ def load_module(ctx: ToolContext, name: str) -> dict[str, str]:
 
 @tool
 def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", module: str = "predict",
-                    concurrency: int = 4, group: str = "", settings: str = "") -> Generator[Emit, None, dict[str, Any]]:
+                    concurrency: int = 4, group: str = "", settings: str = "",
+                    shipped: str = "") -> Generator[Emit, None, dict[str, Any]]:
     """Run ``module`` (predict, chain_of_thought on ``signature``, or a defined module) on every item,
     ``concurrency`` at a time; a "started" chunk {"index"} when an item takes its slot and one item chunk
     per item as it completes. Calls with the same ``group`` (the shards of one batch) share their
-    ``concurrency`` on this worker.
+    ``concurrency`` on this worker. ``shipped``: the items' classes and code, as for ``run_module``.
 
     Item chunks are {"index", "ok", "result", "worker"} or {"index", "ok": false, "error", "worker"}.
     """
@@ -459,11 +473,14 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
             raise ArgumentError("batch_inference", "ArgumentError",
                                 f"argument 'signature' is required with module {module!r}")
         sig = _signature("batch_inference", signature)
-        items = [_check_inputs("batch_inference", sig, item, w) for item, w in zip(batch_items, where, strict=True)]
+        resolver = _resolver("batch_inference", set(), shipped)
+        items = [_check_inputs("batch_inference", sig, item, w, resolver)
+                 for item, w in zip(batch_items, where, strict=True)]
         make = partial(MODULES[module], sig)
     else:
         defined = _defined(ctx, "batch_inference", module)
-        items = [defined.check("batch_inference", _decode("batch_inference", item, w, defined.types), w)
+        resolver = _resolver("batch_inference", defined.types, shipped)
+        items = [defined.check("batch_inference", _decode("batch_inference", item, w, resolver), w)
                  for item, w in zip(batch_items, where, strict=True)]
         make = defined.factory
     settings, worker = _settings(ctx, settings), ctx.worker.worker_id

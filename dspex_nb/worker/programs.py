@@ -163,3 +163,14 @@ def from_pickle(name: str, payload: str) -> Program:
         for key, value in names.items():
             function.__globals__.setdefault(key, value)
     return make(name, shipped["program"], set(shipped.get("types", ())))
+
+
+def load_shipment(tool_name: str, payload: str) -> typed.Shipment:
+    """The classes and code that came by value with a call's inputs (``programs.shipment`` in the kernel)."""
+    try:
+        return cloudpickle.loads(base64.b64decode(payload))
+    except Exception as exc:
+        raise ArgumentError(tool_name, "ArgumentError",
+                            f"the inputs' classes and code could not be loaded on the worker: {type(exc).__name__}: "
+                            f"{exc} (the worker's Python must be able to import every module they use by "
+                            "reference)") from None

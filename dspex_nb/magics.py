@@ -347,6 +347,13 @@ class Dspex(Magics):
 
         return value if issubclass(value, (dspy.Module, dspy.Signature)) else None
 
+    def _module(self, name: str, pool: Pool) -> Any:
+        """What ``%%dspex run NAME`` and ``--module NAME`` run: the kernel's ``NAME`` as it is now (what
+        ``NAME(...)`` runs here, also after it was compiled or changed since ``%%dspex define``), else the
+        module defined on the pool under that name; None if neither is there."""
+        program = self._program(name)
+        return program if program is not None else name if name in pool.definitions else None
+
     def _inputs(self, cell: str, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
         values = cell_inputs(cell, names)
         if args.no_interpolate:
@@ -368,7 +375,7 @@ class Dspex(Magics):
 
     def _run(self, args: argparse.Namespace, cell: str) -> None:
         pool = self._require_pool(args.pool)
-        program = args.name if args.name in pool.definitions else self._program(args.name)
+        program = self._module(args.name, pool)
         if program is None:
             raise UsageError(f"no module named {args.name!r}: define it with %%dspex define {args.name}, or make "
                              f"{args.name} a dspy.Module in the kernel (defined: {sorted(pool.definitions) or 'none'})")
@@ -403,7 +410,7 @@ class Dspex(Magics):
         options = {"concurrency": args.concurrency, "timeout": args.timeout, "item_timeout": args.item_timeout,
                    "journal": not args.no_journal}
         signature = self._program(args.signature) if args.signature else None
-        if args.module and args.module not in pool.definitions and self._program(args.module) is None:
+        if args.module and self._module(args.module, pool) is None:
             raise UsageError(f"--module {args.module}: no module of that name is defined (%%dspex define) or in "
                              f"the kernel (defined: {sorted(pool.definitions) or 'none'})")
         if args.signature and signature is None:  # a signature string: the built-in tools
@@ -412,8 +419,8 @@ class Dspex(Magics):
                                **options)
             batch.decode = partial(programs.to_output, resolve=typed.Resolver())
         else:
-            program = programs.as_program(signature, cot=args.cot) if signature is not None else (
-                args.module if args.module in pool.definitions else self._program(args.module))
+            program = programs.as_program(signature, cot=args.cot) if signature is not None else \
+                self._module(args.module, pool)
             batch = pool.map(program, items, **options)
         title = f"batch {args.module or args.signature!r}"
         self._show(batch, lambda: show_batch(batch, title, mode=self.display, block=not args.background), args)

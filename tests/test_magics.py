@@ -176,6 +176,21 @@ def test_define_then_run_and_batch_with_the_module(sh: Shell) -> None:
     assert len(sh.ns["OUT"]) == 50 and sh.ns["OUT"][7].answer.startswith("Demo LM answer to 'question 7?'")
 
 
+def test_run_and_batch_take_the_kernels_module_as_it_is_now_not_as_defined(sh: Shell) -> None:
+    sh('%%dspex define qa_later\nqa_later = dspy.ChainOfThought("question -> answer")')
+    sh('''
+trainset = [dspy.Example(question=f"q{i}", answer=f"a{i}").with_inputs("question") for i in range(3)]
+qa_later.load_state(dspy.LabeledFewShot(k=2).compile(qa_later, trainset=trainset).dump_state())  # in place
+''')
+    expected = kernel_run(sh.ns["qa_later"], question="Why?")
+    assert expected.answer != kernel_run(sh.ns["dspy"].ChainOfThought("question -> answer"), question="Why?").answer
+    sh("%%dspex run qa_later -o r\nWhy?")
+    assert sh.ns["r"] == expected  # the demos loaded since the define are in the prompt
+    sh("later = ['Why?']")
+    sh("%dspex batch --module qa_later --items later --no-journal -o OUT")
+    assert sh.ns["OUT"] == [expected]
+
+
 def test_define_a_module_whose_string_signature_names_a_type_of_an_earlier_cell(sh: Shell) -> None:
     sh("import enum\nclass Mood(enum.Enum):\n    HAPPY = 'happy'\n    SAD = 'sad'")
     sh('''%%dspex define Feel

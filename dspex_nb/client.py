@@ -22,6 +22,10 @@ from dspex_nb.pool import settings
 from dspex_nb.pool.calls import Chunk, Run
 from dspex_nb.pool.pool import WorkerPool
 
+EVALUATE_OPTIONS = frozenset({"display_table", "max_errors", "provide_traceback", "save_as_csv", "save_as_json",
+                              "callback_metadata"})  # dspy.Evaluate's, passed on to it as they are
+MAP_OPTIONS = frozenset({"concurrency", "on_item", "timeout", "item_timeout", "max_retries", "journal"})
+
 
 class Pool(WorkerPool):
     """A pool of DSPy workers: local processes, or Ray actors with ``backend="ray"``.
@@ -154,20 +158,38 @@ class Pool(WorkerPool):
         return batch
 
     def evaluate(self, program: Any, devset: Sequence[Any], metric: Callable[..., Any], *,
-                 display: bool = True, failure_score: float = 0.0, **map_options: Any) -> Any:
-        """``dspy.Evaluate(devset=devset, metric=metric)(program)``, with the program run on the pool (``map``);
-        the metric runs here and DSPy's Evaluate computes the score, so it is the same as in the kernel."""
+                 display: bool = True, failure_score: float = 0.0, num_threads: int | None = None,
+                 display_progress: bool | None = None, **options: Any) -> Any:
+        """``dspy.Evaluate(devset=devset, metric=metric, ...)(program)``, with the program run on the pool
+        (``map``); the metric runs here and DSPy's Evaluate computes the score, so it is the same as in the
+        kernel.
+
+        Evaluate's own options act as there (``display_table``, ``max_errors``, ``provide_traceback``,
+        ``save_as_csv``, ``save_as_json``, ``callback_metadata``); ``num_threads`` is the items in flight
+        over the whole pool, ``display_progress`` is ``display`` (the batch view); the others are ``map``'s
+        (``concurrency``, ``timeout``, ``item_timeout``, ``max_retries``, ``journal``).
+        """
         import dspy
 
-        batch = self.map(program, devset, **map_options)
-        if display:
+        evaluate = {k: options.pop(k) for k in EVALUATE_OPTIONS if k in options}
+        unknown = sorted(set(options) - MAP_OPTIONS)
+        if unknown:
+            raise TypeError(f"Pool.evaluate() got unexpected keyword argument(s) {unknown}; it takes "
+                            f"dspy.Evaluate's options {sorted(EVALUATE_OPTIONS | {'num_threads', 'display_progress'})}"
+                            f" and Pool.map's {sorted(MAP_OPTIONS)}")
+        if num_threads is not None and "concurrency" not in options:
+            settings.Checker("evaluate").integer("num_threads", num_threads, 1)
+            options["concurrency"] = -(-num_threads // self.size)  # per worker
+        batch = self.map(program, devset, **options)
+        if display if display_progress is None else display_progress:
             from dspex_nb.ui.render import show_batch
 
             show_batch(batch, f"evaluate {type(program).__name__}", block=True)
         batch.wait()
         replay = programs.Replay(devset, batch)
+        metadata = evaluate.pop("callback_metadata", None)
         return dspy.Evaluate(devset=list(devset), metric=metric, num_threads=1, display_progress=False,
-                             failure_score=failure_score)(replay)
+                             failure_score=failure_score, **evaluate)(replay, callback_metadata=metadata)
 
     @property
     def journal(self) -> Journal | None:

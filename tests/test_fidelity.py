@@ -494,6 +494,13 @@ program = dspy.Predict("question -> answer")
     assert 0 < expected.score < 100  # a score that tells outputs apart
     assert got.score == expected.score
     assert [r[2] for r in got.results] == [r[2] for r in expected.results]
+    options = {"num_threads": 4, "display_progress": False, "max_errors": 5, "provide_traceback": True}
+    with dspy.context(lm=demo_lm):  # dspy.Evaluate's own options, as a user passes them there
+        expected = dspy.Evaluate(devset=devset, metric=metric, **options)(program)
+    got = pool.evaluate(program, devset, metric, journal=False, **options)
+    assert got.score == expected.score
+    with pytest.raises(TypeError, match=r"Pool.evaluate\(\) got unexpected keyword argument\(s\) \['num_thread'\]"):
+        pool.evaluate(program, devset, metric, num_thread=4)
 
 
 def test_a_program_from_source_runs_with_its_types_and_source(pool: Pool) -> None:

@@ -477,6 +477,32 @@ program = dspy.Predict("question -> answer: int, tags: list[str]")
         assert_same([plain], pool.map(program, [question]).result(60), "map without the adapter")
 
 
+def test_a_predictor_with_its_own_lm_keeps_it_and_its_key_stays_masked(shell: InteractiveShell, pool: Pool,
+                                                                         demo_lm: dspy.LM) -> None:
+    program, _ = define(shell, '''
+from dspex_nb import demo_lm as _demo_lm
+
+short = dspy.Predict("question -> answer")
+short.set_lm(_demo_lm(answer_tokens=2))  # DSPy's rule: a predictor's own LM wins over the configured one
+
+class Leaky(dspy.Module):
+    def __init__(self):
+        self.p = dspy.Predict("question -> answer")
+        self.p.set_lm(dspy.LM("openai/gpt-4o-mini", api_key="sk-own-predictor-key-123"))
+
+    def forward(self, question):
+        raise ValueError("the key is " + self.p.lm.kwargs["api_key"])
+
+program = short
+''')
+    with dspy.context(lm=demo_lm):
+        expected = program(question="Why?")
+    assert_same(expected, pool.run(program, question="Why?"))
+    with pytest.raises(Exception, match=r"the key is \*\*\*") as caught:
+        pool.run(shell.user_ns["Leaky"](), question="Why?")
+    assert "sk-own-predictor-key-123" not in str(caught.value)
+
+
 def test_evaluate_on_the_pool_scores_as_dspy_evaluate(shell: InteractiveShell, pool: Pool,
                                                      demo_lm: dspy.LM) -> None:
     program, _ = define(shell, '''

@@ -23,7 +23,7 @@ from typing import Any
 import cloudpickle
 import dspy
 
-from dspex_nb import typed
+from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError
 
 
@@ -162,7 +162,11 @@ def from_pickle(name: str, payload: str) -> Program:
     for function, names in shipped.get("names", ()):  # what its signature strings name, as DSPy finds it there
         for key, value in names.items():
             function.__globals__.setdefault(key, value)
-    return make(name, shipped["program"], set(shipped.get("types", ())))
+    program = shipped["program"]
+    if isinstance(program, dspy.Module):  # a predictor's own LM came along (set_lm): its key is masked too
+        for _, predictor in program.named_predictors():
+            redact.register(getattr(getattr(predictor, "lm", None), "kwargs", None))
+    return make(name, program, set(shipped.get("types", ())))
 
 
 def load_shipment(tool_name: str, payload: str) -> typed.Shipment:

@@ -17,6 +17,7 @@ from typing import Any
 
 from dspex_nb import programs, typed
 from dspex_nb.batch import BatchRun
+from dspex_nb.errors import ArgumentError
 from dspex_nb.journal import Journal
 from dspex_nb.pool import settings
 from dspex_nb.pool.calls import Chunk, Run
@@ -88,6 +89,10 @@ class Pool(WorkerPool):
             return program
         original = program
         program = programs.as_program(program)
+        if not callable(program):
+            raise ArgumentError("run", "ArgumentError", "the program must be a dspy.Module (class or instance), a "
+                                "signature (class or string), a function or a defined name; got "
+                                f"{type(program).__name__}")
         shipped = programs.ship(program)
         name = f"_{type(program).__name__}_{shipped.key[:12]}"
         if name not in self.definitions:
@@ -102,9 +107,10 @@ class Pool(WorkerPool):
                 self._shipped[key] = (weakref.ref(original), name)
         return name
 
-    def run(self, program: Any, /, **inputs: Any) -> Any:
+    def run(self, program: Any, /, *args: Any, **inputs: Any) -> Any:
         """Run a DSPy program (object, signature, or defined name) on a worker; returns what it returns in the
         kernel: a ``dspy.Prediction`` with the fields' own types (pydantic models, enums, datetimes...)."""
+        _by_keyword("run", args)
         return self.call(program, inputs)
 
     async def run_async(self, program: Any, /, **inputs: Any) -> Any:
@@ -113,9 +119,10 @@ class Pool(WorkerPool):
         run = await asyncio.to_thread(self.run_stream, program, **inputs)  # shipping, waiting for a free slot
         return await run
 
-    def run_stream(self, program: Any, /, **inputs: Any) -> Run:
+    def run_stream(self, program: Any, /, *args: Any, **inputs: Any) -> Run:
         """``run`` as a stream: a ``Run`` whose chunks are the tokens of each field, and whose ``result()`` is
         the same value ``run`` returns."""
+        _by_keyword("run_stream", args)
         return self.call(program, inputs, stream=True)
 
     def call(self, program: Any, inputs: dict[str, Any], *, stream: bool = False, timeout: float | None = None,
@@ -232,3 +239,8 @@ class Pool(WorkerPool):
                         max_retries=max_retries, timeout=timeout, item_timeout=item_timeout, on_item=on_item,
                         journal=self.journal if journal else None, program=program, shipped=shipped, resolver=resolver)
 
+
+def _by_keyword(method: str, args: tuple[Any, ...]) -> None:
+    if args:
+        raise TypeError(f"Pool.{method}() takes the program's inputs by keyword, as dspy.Predict does: "
+                        f"pool.{method}(program, question=...), not {len(args)} positional input(s)")

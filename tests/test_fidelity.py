@@ -19,6 +19,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool
+from dspex_nb.errors import ArgumentError
 from dspex_nb.worker.demo_lm import make_demo_lm
 
 SETUP = '''
@@ -564,6 +565,26 @@ def program(text):
     batch = pool.map(program, ["a", "lock", "b"], journal=False)  # one such item costs the others nothing
     assert [r and r.text for r in batch.result(60)] == ["a", None, "b"]
     assert batch.records[1]["error"]["type"] == "NotPortable" and (batch.ok, batch.failed) == (2, 1)
+
+
+def test_wrong_inputs_and_programs_get_errors_that_name_them(shell: InteractiveShell, pool: Pool) -> None:
+    program, _ = define(shell, '''
+class QA(dspy.Module):
+    def __init__(self):
+        self.answer = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        return self.answer(question=question)
+
+program = QA()
+''')
+    with pytest.raises(ArgumentError, match=r"lacks QA's input\(s\) \['question'\] and has input\(s\) \['q'\] "
+                                            r"that QA does not take"):
+        pool.run(program, q="Why?")
+    with pytest.raises(TypeError, match=r"takes the program's inputs by keyword"):
+        pool.run(program, "Why?")
+    with pytest.raises(ArgumentError, match="the program must be a dspy.Module .* got NoneType"):
+        pool.run(None, question="Why?")
 
 
 def test_a_cancelled_stream_ends_its_request_on_the_worker(shell: InteractiveShell, pool: Pool) -> None:

@@ -36,24 +36,24 @@ class Program:
     required: list[str]
     open_ended: bool  # takes **kwargs: other inputs are passed on
     types: set[type] = field(default_factory=set)  # Enum / pydantic / dataclass types it was shipped with
+    label: str = ""  # what the user calls it (a program shipped from the kernel has a name of digests)
 
     def check(self, tool_name: str, inputs: Any, where: str) -> dict[str, Any]:
         """``inputs`` as keyword arguments: a dict with every required input, or a bare value for one input."""
+        label = self.label or self.name
         if not isinstance(inputs, dict):
             if len(self.inputs) == 1:
                 return {self.inputs[0]: inputs}
             raise ArgumentError(tool_name, "ArgumentError",
-                                f"{where} must be a dict of {self.name}'s inputs {self.inputs}, "
+                                f"{where} must be a dict of {label}'s inputs {self.inputs}, "
                                 f"got {type(inputs).__name__}")
         missing = [n for n in self.required if n not in inputs]
-        if missing:
+        unexpected = [] if self.open_ended else [n for n in inputs if n not in self.inputs]
+        problems = ([f"lacks {label}'s input(s) {missing}"] if missing else []) + (
+            [f"has input(s) {unexpected} that {label} does not take"] if unexpected else [])
+        if problems:
             raise ArgumentError(tool_name, "ArgumentError",
-                                f"{where} lacks {self.name}'s input(s) {missing} (its inputs: {self.inputs})")
-        unexpected = [n for n in inputs if n not in self.inputs]
-        if unexpected and not self.open_ended:
-            raise ArgumentError(tool_name, "ArgumentError",
-                                f"{where} has input(s) {unexpected} that {self.name} does not take "
-                                f"(its inputs: {self.inputs})")
+                                f"{where} {' and '.join(problems)} (its inputs: {self.inputs})")
         return inputs
 
     def info(self) -> dict[str, Any]:
@@ -125,12 +125,13 @@ def make(name: str, obj: Any, types: set[type] | None = None) -> Program:
                             f"{name!r} must be a dspy.Module subclass or instance, a dspy.Signature class, or a "
                             f"function; got {type(obj).__name__}")
     inputs, required, open_ended = describe_inputs(sample)
+    label = (getattr(sample, "__name__", None) or type(sample).__name__) if name.startswith("_") else name
     all_types = set(types or ())
     if isinstance(sample, dspy.Module):
         for predictor in sample.predictors():
             for info in predictor.signature.model_fields.values():
                 all_types |= typed.types_in(info.annotation)
-    return Program(name, kind, factory, inputs, required, open_ended, all_types)
+    return Program(name, kind, factory, inputs, required, open_ended, all_types, label)
 
 
 def from_source(name: str, source: str) -> Program:

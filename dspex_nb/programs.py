@@ -202,8 +202,9 @@ def to_output(result: Any, resolve: typed.Resolver) -> Any:
         output = typed.decode(result["value"], resolve, "output")
     else:
         tagged = {typed.TAG: "prediction", "fields": {k: v for k, v in result.items() if k not in typed.RESERVED}}
-        if typed.COMPLETIONS in result:
-            tagged["completions"] = result[typed.COMPLETIONS]
+        completions = result.get(typed.COMPLETIONS, typed.ONE_COMPLETION)  # no key: the fields are its one answer
+        if completions is not None:
+            tagged["completions"] = completions
         output = typed.decode(tagged, resolve, "output")
     if isinstance(output, dspy.Prediction) and typed.USAGE in result:  # as with dspy.configure(track_usage=True)
         output.set_lm_usage(result[typed.USAGE])

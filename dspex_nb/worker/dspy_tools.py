@@ -92,10 +92,11 @@ def output_json(output: Any, usage: dict[str, Any] | None = None, cost: float | 
     with its LM usage (``typed.USAGE``) where it made LM calls, and their cost (``typed.COST``) where an LM
     reported one."""
     if type(output) is dspy.Prediction and typed.TAG not in output and not any(k in output for k in typed.RESERVED):
-        encoded = typed.encode(output)  # its fields at the top (and its completions)
-        result = dict(encoded["fields"])
-        if "completions" in encoded:
-            result[typed.COMPLETIONS] = encoded["completions"]
+        encoded = typed.encode(output)  # its fields at the top, and its completions where they are not just
+        result = dict(encoded["fields"])  # those fields (an LM's one answer: the common case, said by no key)
+        completions = encoded.get("completions")
+        if completions != typed.ONE_COMPLETION:
+            result[typed.COMPLETIONS] = completions  # None: a Prediction made without an LM has none
     else:  # a subclass, or fields that would read as ours, stay inside
         result = {typed.TAG: "output", "value": typed.encode(output)}
     if usage:

@@ -295,6 +295,8 @@ def _example(value: dict[str, Any], resolve: Callable[[str], type | None], where
         obj._completions = Completions({k: [v] for k, v in obj._store.items()} if completions == ONE_COMPLETION
                                        else decode(completions, resolve, f"{where}.completions"))
     for name, attr in decode(value.get("attrs", {}), resolve, where).items():
+        if not isinstance(name, str) or name.startswith("__"):  # data sets attributes, never the object's make-up
+            raise NotPortable(f"{where}: {name!r} is not an attribute a {cls.__name__} can get from data", value)
         object.__setattr__(obj, name, attr)
     return obj
 

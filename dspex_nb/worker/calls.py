@@ -42,7 +42,7 @@ def dumps(value: Any) -> bytes:
     return ("".join(_ENCODE(value, 0)) if _ENCODE else json.dumps(value)).encode()
 
 
-MAX_CHUNKS_PER_MESSAGE = 512
+MAX_CHUNKS_PER_MESSAGE = 2048
 LINGER = 0.002  # seconds a stream's message waits for more chunks to join it (not the first message)
 MESSAGE_OVERHEAD = 64 * 1024  # bytes kept free in every message for protobuf framing
 QUEUE_BYTES = 8 * 2**20  # chunks a stream may have waiting for a slow consumer before its tool waits

@@ -26,7 +26,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dspex_nb import typed
-from dspex_nb.errors import ArgumentError, Cancelled, DspexError, ItemTimeout, PoolClosed, WorkerDied
+from dspex_nb.errors import (
+    ArgumentError,
+    Cancelled,
+    DspexError,
+    ItemTimeout,
+    MessageTooLarge,
+    PoolClosed,
+    WorkerDied,
+)
 from dspex_nb.journal import Journal, digest
 from dspex_nb.pool.calls import Chunk, Handle, Run
 from dspex_nb.pool.executor import Executor, Placement
@@ -228,7 +236,7 @@ class BatchRun(Handle):
         try:
             run = self.pool.execute_stream("batch_inference", args, on_chunk=on_chunk, timeout=self._timeout,
                                            placement=placement)
-        except (PoolClosed, ArgumentError, Cancelled):
+        except (PoolClosed, ArgumentError, MessageTooLarge, Cancelled):  # the same for every try: the batch fails
             raise
         except DspexError as exc:  # the worker went away before the shard reached it
             self._requeue(shard, WorkerDied(f"the shard could not be sent to its worker: {exc}"))
@@ -374,9 +382,10 @@ class BatchRun(Handle):
         assert self.decode is not None
         try:
             return self.decode(record["result"])
-        except typed.NotPortable as exc:
+        except Exception as exc:  # NotPortable, or a damaged journal row of another shape
             with self._lock:
-                record.update(ok=False, error={"type": "NotPortable", "message": str(exc)})
+                record.update(ok=False, error={"type": "NotPortable", "message": str(exc) if isinstance(
+                    exc, typed.NotPortable) else f"its result cannot be read: {type(exc).__name__}: {exc}"})
                 self.ok -= 1
                 self.failed += 1
             return None

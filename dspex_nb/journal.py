@@ -135,6 +135,10 @@ class Journal:
                 kept[item_key] = json.loads(result)
             except ValueError:
                 self._failed("read a row of", ValueError(f"item {item_key} is not JSON"))
+                continue
+            if not isinstance(kept[item_key], dict):  # every result we keep is a dict: another shape is damage
+                self._failed("read a row of", ValueError(f"item {item_key} is not a result"))
+                del kept[item_key]
         return kept
 
     def record(self, batch_key: str, item_key: str, result: dict[str, Any]) -> bool:

@@ -136,8 +136,8 @@ def ship(program: Any) -> Shipped:
     return Shipped(base64.b64encode(data).decode(), hashlib.sha256(data).hexdigest(), collector.types)
 
 
-SHIPPED_SETTINGS = ("adapter", "rm")  # the kernel's DSPy settings that a call on the pool runs under (the LM is
-# the pool's own: Pool(lm=...))
+SHIPPED_SETTINGS = ("adapter",)  # the kernel's DSPy settings that a call on the pool runs under (the LM is the
+# pool's own: Pool(lm=...)); small objects, sent with each call
 
 
 def kernel_settings() -> str:

@@ -29,6 +29,7 @@ import dataclasses
 import datetime as dt
 import enum
 import functools
+import inspect
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -108,7 +109,7 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         data = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         return {TAG: "dataclass", "class": _path(type(value), ship), "fields": encode(data, ship)}
-    if type(value).__module__.partition(".")[0] in _PYDANTIC and (text := _pydantic_json(value)) is not None:
+    if isinstance(value, _pydantic_values()) and (text := _pydantic_json(value)) is not None:
         return {TAG: "pydantic", "class": class_path(type(value)), "json": text}  # HttpUrl...
     if ship is not None and callable(value):  # code: by value, as programs travel
         ship.objects.append(value)
@@ -117,6 +118,16 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
 
 
 _PYDANTIC = ("pydantic", "pydantic_core")
+
+
+def _pydantic_values() -> tuple[type, ...]:
+    """pydantic's own value types that travel as their JSON: its URLs (``HttpUrl``...), and only these. A class
+    that data names is never just any class of pydantic's: ``ImportString`` imports whatever it is given."""
+    found: list[type] = []
+    for module, names in (("pydantic_core", ("Url", "MultiHostUrl")),
+                          ("pydantic.networks", ("_BaseUrl", "_BaseMultiHostUrl"))):
+        found += [cls for name in names if isinstance(cls := getattr(sys.modules.get(module), name, None), type)]
+    return tuple(found)
 
 
 @functools.lru_cache(maxsize=64)
@@ -294,8 +305,11 @@ def _example(value: dict[str, Any], resolve: Callable[[str], type | None], where
         completions = value["completions"]
         obj._completions = Completions({k: [v] for k, v in obj._store.items()} if completions == ONE_COMPLETION
                                        else decode(completions, resolve, f"{where}.completions"))
-    for name, attr in decode(value.get("attrs", {}), resolve, where).items():
-        if not isinstance(name, str) or name.startswith("__"):  # data sets attributes, never the object's make-up
+    attrs = decode(value["attrs"], resolve, f"{where}.attrs") if "class" in value and "attrs" in value else {}
+    for name, attr in attrs.items():  # a subclass's own attributes: never its state, methods, properties, fields
+        static = inspect.getattr_static(cls, name, None) if isinstance(name, str) else None
+        if (not isinstance(name, str) or name in _EXAMPLE_STATE or name.startswith("__") or name in obj._store
+                or callable(static) or hasattr(static, "__get__")):
             raise NotPortable(f"{where}: {name!r} is not an attribute a {cls.__name__} can get from data", value)
         object.__setattr__(obj, name, attr)
     return obj
@@ -304,17 +318,23 @@ def _example(value: dict[str, Any], resolve: Callable[[str], type | None], where
 def _model(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
     """The pydantic model with exactly this state, set as pydantic's ``__setstate__`` does (no validation)."""
     cls = _cls(value, resolve, where)
+    fields, extra = _fields(value, resolve, where), decode(value["extra"], resolve, f"{where}.extra")
+    private = decode(value["private"], resolve, f"{where}.private")
+    declared, privates = set(cls.model_fields), set(getattr(cls, "__private_attributes__", {}))
+    if not (set(fields) <= declared and set(value["set"]) <= declared | set(extra or {})
+            and isinstance(extra, dict | None) and isinstance(private, dict | None)
+            and set(private or {}) <= privates and all(isinstance(k, str) for k in extra or {})):
+        raise NotPortable(f"{where}: the state of a {cls.__name__} has names it does not declare", value)
     obj = cls.__new__(cls)
-    obj.__setstate__({"__dict__": _fields(value, resolve, where), "__pydantic_fields_set__": set(value["set"]),
-                      "__pydantic_extra__": decode(value["extra"], resolve, f"{where}.extra"),
-                      "__pydantic_private__": decode(value["private"], resolve, f"{where}.private")})
+    obj.__setstate__({"__dict__": fields, "__pydantic_fields_set__": set(value["set"]),
+                      "__pydantic_extra__": extra, "__pydantic_private__": private})
     return obj
 
 
 def _pydantic_type(value: dict[str, Any], where: str) -> type:
     cls = _imported(value["class"], _PYDANTIC)
-    if cls is None:
-        raise NotPortable(f"{where}: {value['class']} is not one of pydantic's types", value)
+    if cls is None or not issubclass(cls, _pydantic_values()):
+        raise NotPortable(f"{where}: {value['class']} is not one of pydantic's URL types", value)
     return cls
 
 
@@ -329,6 +349,9 @@ def _code(value: dict[str, Any], resolve: Callable[[str], type | None], where: s
 def _dataclass(cls: type, fields: dict[str, Any]) -> Any:
     """The instance with exactly these field values, as it was (neither ``__init__`` nor ``__post_init__``
     runs again: a field with ``init=False`` or a derived value comes back as it was)."""
+    unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        raise NotPortable(f"a {cls.__name__} has no field(s) {sorted(unknown)}", fields)
     obj = cls.__new__(cls)
     for name, value in fields.items():
         object.__setattr__(obj, name, value)

@@ -502,6 +502,14 @@ program = short
     with pytest.raises(Exception, match=r"the key is \*\*\*") as caught:
         pool.run(shell.user_ns["Leaky"](), question="Why?")
     assert "sk-own-predictor-key-123" not in str(caught.value)
+    define(shell, '''
+def program(question):  # the key of an LM inside the kernel's adapter, which travels with the call
+    raise ValueError("the key is " + dspy.settings.adapter.extraction_model.kwargs["api_key"])
+''')
+    adapter = dspy.TwoStepAdapter(extraction_model=dspy.LM("openai/gpt-4o-mini", api_key="sk-adapter-lm-key-456"))
+    with dspy.context(adapter=adapter), pytest.raises(Exception, match=r"the key is \*\*\*") as caught:
+        pool.run(shell.user_ns["program"], question="Why?")
+    assert "sk-adapter-lm-key-456" not in str(caught.value)
 
 
 def test_evaluate_on_the_pool_scores_as_dspy_evaluate(shell: InteractiveShell, pool: Pool,
@@ -644,7 +652,17 @@ async def program(question):
     await asyncio.sleep(0)
     return qa(question=question)
 ''')
-    for name, async_program in [("async def", program),
+    module, _ = define(shell, '''
+class AsyncQA(dspy.Module):
+    def __init__(self):
+        self.qa = dspy.Predict("question -> answer")
+
+    async def forward(self, question):
+        return self.qa(question=question)
+
+program = AsyncQA()
+''')
+    for name, async_program in [("async def", program), ("async forward", module),
                                 ("asyncify", dspy.asyncify(dspy.Predict("question -> answer: int")))]:
         inputs = {"question": "How many?"}
         with dspy.context(lm=demo_lm):

@@ -15,6 +15,7 @@ import sys
 
 from dspex_nb import deps
 from dspex_nb.wire import EXIT_MISSING_DEPENDENCIES, LM_KWARGS_ENV
+from dspex_nb.worker.stdin import take_stdin
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    parent = take_stdin()  # first: before anything opens a file that could become file 0
     # dspy imports jsonschema, which builds an IRI grammar at import when rfc3987-syntax is installed (as
     # JupyterLab installs it): about 0.8 s of every worker start, for a format check DSPy never uses.
     sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     return serve(args.address, worker_id=args.worker_id, run_id=args.run_id, lm=args.lm,
                  lm_kwargs=json.loads(os.environ.get(LM_KWARGS_ENV) or "{}"), max_message_mb=args.max_message_mb,
                  rate_limit=args.rate_limit, session_ttl=args.session_ttl, threads=args.threads,
-                 watch_parent=not args.no_parent_watch)
+                 parent=parent, watch_parent=not args.no_parent_watch)
 
 
 if __name__ == "__main__":

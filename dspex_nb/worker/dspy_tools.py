@@ -265,7 +265,7 @@ class _AlwaysPrediction(dspy.Module):
                 raise RuntimeError("the stream was closed before the program started")
             self._running += 1
         try:
-            output = self.program(**inputs)
+            output = _awaited(self.program(**inputs))  # an async forward's coroutine runs to its end here
         finally:
             with self._lock:
                 self._running -= 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import sys
 import threading
 import time
 from concurrent import futures
@@ -25,34 +24,9 @@ from dspex_nb.worker.state import WorkerState
 KERNEL_POLL = 0.5  # seconds between checks that the owning kernel still runs
 
 
-class NoInput(io.TextIOBase):
-    """A worker's ``sys.stdin``: nobody can answer ``input()`` on a worker, so reading fails at once, saying
-    why, rather than waiting forever (a human-in-the-loop tool, say)."""
-
-    def readable(self) -> bool:
-        return True
-
-    def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
-        raise EOFError("input() has no one to answer it on a dspex_nb worker (a program on the pool cannot read "
-                       "from the notebook); run the program in the kernel, or pass the answer as an input")
-
-    read = readline  # type: ignore[assignment]
-
-
-def take_stdin() -> io.BufferedReader:
-    """This process's stdin (the pipe from its parent, which it watches), leaving /dev/null as file 0 and
-    ``NoInput`` as ``sys.stdin`` for the programs it runs."""
-    pipe = os.fdopen(os.dup(0), "rb")
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    sys.stdin = NoInput()
-    return pipe
-
-
-def _exit_when_stdin_closes(pipe: io.BufferedReader) -> None:
+def _exit_when_stdin_closes(pipe: io.BufferedReader | None) -> None:
     try:
-        while pipe.read(65536):
+        while pipe is not None and pipe.read(65536):
             pass
     finally:
         os._exit(0)
@@ -85,7 +59,9 @@ def new_state(*, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any]
 
 def serve(address: str, *, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any],
           max_message_mb: int, rate_limit: float | None, session_ttl: float, threads: int,
-          watch_parent: bool) -> int:
+          parent: io.BufferedReader | None, watch_parent: bool) -> int:
+    """Serve until SIGTERM; with ``watch_parent``, exit when ``parent`` (the pipe from the process that
+    started this one, see ``stdin.take_stdin``) closes, or the owning kernel ends."""
     state = new_state(worker_id=worker_id, run_id=run_id, lm=lm, lm_kwargs=lm_kwargs,
                       max_message_bytes=max_message_mb * 2**20, rate_limit=rate_limit, session_ttl=session_ttl)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
@@ -98,9 +74,8 @@ def serve(address: str, *, worker_id: str, run_id: str, lm: str, lm_kwargs: dict
     health.add_insecure_port(health_address(address))
     health.start()
     server.start()
-    pipe = take_stdin()
     if watch_parent:
-        threading.Thread(target=_exit_when_stdin_closes, args=(pipe,), name="parent-watch", daemon=True).start()
+        threading.Thread(target=_exit_when_stdin_closes, args=(parent,), name="parent-watch", daemon=True).start()
         if os.environ.get(KERNEL_ENV):
             threading.Thread(target=_exit_when_kernel_ends, args=(os.environ[KERNEL_ENV],), name="kernel-watch",
                              daemon=True).start()

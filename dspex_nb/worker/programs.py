@@ -62,8 +62,14 @@ class Program:
 
 @functools.lru_cache(maxsize=16)
 def kernel_settings(payload: str) -> dict[str, Any]:
-    """The kernel's DSPy settings a call came with (``dspex_nb.programs.kernel_settings``); not to be changed."""
-    return cloudpickle.loads(base64.b64decode(payload)) if payload else {}
+    """The kernel's DSPy settings a call came with (``dspex_nb.programs.kernel_settings``); not to be changed.
+    An LM inside them (a ``TwoStepAdapter``'s extraction model) has its key masked, as the pool's LM has."""
+    settings = cloudpickle.loads(base64.b64decode(payload)) if payload else {}
+    for value in settings.values():
+        for attr in vars(value).values() if hasattr(value, "__dict__") else ():
+            if isinstance(attr, dspy.BaseLM):
+                redact.register(attr.kwargs)
+    return settings
 
 
 def signature_of(program: Any) -> type[dspy.Signature] | None:

@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from dspex_nb.worker.calls import Call
-from dspex_nb.worker.main import NoInput, new_state
+from dspex_nb.worker.main import new_state
 from dspex_nb.worker.server import describe
 from dspex_nb.worker.state import rss_bytes
+from dspex_nb.worker.stdin import NoInput
 
 EARLY_CANCEL_KEPT = 600.0  # seconds a cancel waits for its call to arrive
 

@@ -31,6 +31,50 @@ def test_a_class_that_did_not_travel_with_the_program_is_refused(gadget: dict, t
     assert not mark.exists()
 
 
+def test_pydantic_types_other_than_urls_are_refused() -> None:
+    import pydantic.networks  # noqa: F401  (imported, as wherever a value of its types exists)
+
+    # ImportString would import (and run) any module named in the data
+    with pytest.raises(NotPortable, match="not one of pydantic's URL types"):
+        decode({"__dspex__": "pydantic", "class": "pydantic:ImportString", "json": '"this"'}, Resolver())
+    url = {"__dspex__": "pydantic", "class": "pydantic.networks:HttpUrl", "json": '"https://dspy.ai/"'}
+    assert str(decode(url, Resolver())) == "https://dspy.ai/"
+
+
+def test_data_sets_only_the_names_a_class_declares() -> None:
+    import dataclasses
+
+    import dspy
+    import pydantic
+
+    @dataclasses.dataclass
+    class Point:
+        x: int
+
+    class Person(pydantic.BaseModel):
+        name: str
+
+    class Scored(dspy.Prediction):
+        def best(self) -> str:
+            return "best"
+
+    known = Resolver([Point, Person, Scored])
+    swap = {"__dspex__": "dataclass", "class": f"{__name__}:{Point.__qualname__}", "fields": {"__class__": 1}}
+    with pytest.raises(NotPortable, match=r"has no field\(s\) \['__class__'\]"):
+        decode(swap, known)
+    model = {"__dspex__": "model", "class": f"{__name__}:{Person.__qualname__}", "fields": {"name": "a", "age": 1},
+             "set": ["name"], "extra": None, "private": None}
+    with pytest.raises(NotPortable, match="names it does not declare"):
+        decode(model, known)
+    for name in ("best", "_store", "__class__", "answer"):  # a method, its state, a dunder, a field
+        forged = {"__dspex__": "prediction", "class": f"{__name__}:{Scored.__qualname__}",
+                  "fields": {"answer": "4"}, "attrs": {name: "forged"}}
+        with pytest.raises(NotPortable, match="can get from data"):
+            decode(forged, known)
+    plain = decode({"__dspex__": "prediction", "fields": {"answer": "4"}, "attrs": {"answer": "forged"}}, known)
+    assert plain.answer == "4" and type(plain) is dspy.Prediction  # a plain Prediction takes no attributes
+
+
 def test_a_known_class_of_the_wrong_kind_is_refused() -> None:
     import enum
 

@@ -349,10 +349,14 @@ class Dspex(Magics):
 
     def _module(self, name: str, pool: Pool) -> Any:
         """What ``%%dspex run NAME`` and ``--module NAME`` run: the kernel's ``NAME`` as it is now (what
-        ``NAME(...)`` runs here, also after it was compiled or changed since ``%%dspex define``), else the
-        module defined on the pool under that name; None if neither is there."""
+        ``NAME(...)`` runs here, also after it was compiled or changed since ``%%dspex define``), unless NAME
+        was defined on the pool from source (``pool.define(name, source)``), which runs as defined; None if
+        neither is there."""
+        defined = pool.definitions.get(name)
         program = self._program(name)
-        return program if program is not None else name if name in pool.definitions else None
+        if program is not None and (defined is None or defined["tool"] == "define_object"):
+            return program
+        return name if defined is not None else None
 
     def _inputs(self, cell: str, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
         values = cell_inputs(cell, names)

@@ -64,7 +64,12 @@ class Program:
 def kernel_settings(payload: str) -> dict[str, Any]:
     """The kernel's DSPy settings a call came with (``dspex_nb.programs.kernel_settings``); not to be changed.
     An LM inside them (a ``TwoStepAdapter``'s extraction model) has its key masked, as the pool's LM has."""
-    settings = cloudpickle.loads(base64.b64decode(payload)) if payload else {}
+    try:
+        settings = cloudpickle.loads(base64.b64decode(payload)) if payload else {}
+    except Exception as exc:
+        raise ArgumentError("run", "ArgumentError", f"the kernel's DSPy settings (its adapter) could not be loaded "
+                            f"on the worker: {type(exc).__name__}: {exc} (the worker's Python must be able to "
+                            "import every module they use by reference)") from None
     for value in settings.values():
         for attr in vars(value).values() if hasattr(value, "__dict__") else ():
             if isinstance(attr, dspy.BaseLM):

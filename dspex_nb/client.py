@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -41,6 +42,7 @@ class Pool(WorkerPool):
         self._journal_setting = journal
         self._journal: Journal | None = None
         self._shipped: dict[int, tuple[Any, str]] = {}  # id(program) -> (a weak reference to it, its shipped name)
+        self._installing = threading.Lock()  # a program's first calls at once: one ships it, the others wait
 
     def start(self) -> Pool:
         super().start()
@@ -95,8 +97,10 @@ class Pool(WorkerPool):
                                 f"{type(program).__name__}")
         shipped = programs.ship(program)
         name = f"_{type(program).__name__}_{shipped.key[:12]}"
-        if name not in self.definitions:
-            self._install(name, shipped)
+        if "resolver" not in self.definitions.get(name, {}):  # not defined yet, or still being defined
+            with self._installing:
+                if "resolver" not in self.definitions.get(name, {}):
+                    self._install(name, shipped)
         if not isinstance(original, str):  # the same object shipped before, and changed since: drop that version
             key = id(original)
             ref, old = self._shipped.get(key, (None, None))

@@ -575,6 +575,17 @@ def program(text):
     assert batch.records[1]["error"]["type"] == "NotPortable" and (batch.ok, batch.failed) == (2, 1)
 
 
+def test_first_calls_of_a_program_at_once_all_get_its_answer(pool: Pool, demo_lm: dspy.LM) -> None:
+    program = dspy.Predict("question -> answer, first: bool")  # not shipped before: the calls race to ship it
+
+    async def together() -> list[Any]:
+        return await asyncio.gather(*(pool.run_async(program, question=q) for q in "abcd"))
+
+    with dspy.context(lm=demo_lm):
+        expected = [program(question=q) for q in "abcd"]
+    assert_same(expected, asyncio.run(together()))
+
+
 def test_wrong_inputs_and_programs_get_errors_that_name_them(shell: InteractiveShell, pool: Pool) -> None:
     program, _ = define(shell, '''
 class QA(dspy.Module):

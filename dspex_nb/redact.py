@@ -16,10 +16,10 @@ from typing import Any
 
 MASK = "***"
 MAX_MESSAGE = 4000  # characters of an error message kept (a repr of a large object says little more)
-_SECRET_NAME = re.compile(r"key(?!word)|token(?!s\b|s_|_count|izer)|secret|passw|authoriz|credential|cookie",
-                          re.IGNORECASE)  # not counts: max_tokens, answer_tokens
+_SECRET_NAME = re.compile(r"key(?!word)|(?<!per_)token(?!s\b|s_|_count|izer)|secret|passw|authoriz|credential|cookie",
+                          re.IGNORECASE)  # not counts (max_tokens, answer_tokens), nor the demo LM's per_token delay
 _ASSIGNED = re.compile(  # api_key='sk-...', "aws_secret_access_key": "...", ?key=..., Authorization: Bearer ...
-    r"""(?i)([\w-]*(?:key(?!word)|token(?!s\b|s_|_count|izer)|secret|passw(?:or)?d|authoriz\w*|credential)"""
+    r"""(?i)([\w-]*(?:key(?!word)|(?<!per_)token(?!s\b|s_|_count|izer)|secret|passw(?:or)?d|authoriz\w*|credential)"""
     r"""[\w-]*['"]?\s*[:=]\s*['"]?"""
     r"""(?:bearer\s+)?)([^'"\s,;&}\])]{4,})""")
 _BEARER = re.compile(r"(?i)(bearer\s+)([^\s'\",;]{8,})")

@@ -199,3 +199,11 @@ def test_the_json_adapter_and_int_enums_are_answered() -> None:
         answered = dspy.ChainOfThought("question -> answer: float")(question="Why?")
     assert isinstance(rated.level, Level) and isinstance(rated.ok, bool)
     assert isinstance(answered.answer, float) and answered.reasoning.startswith("Demo LM reasoning about 'Why?'")
+
+
+def test_the_demo_lm_takes_a_real_lms_settings_and_answers_the_same() -> None:
+    tuned, _ = make_demo_lm(temperature=0.5, max_tokens=100, ttft=0.0)  # as %dspex lm demo --temperature 0.5
+    plain, _ = make_demo_lm()
+    assert tuned.kwargs == {"temperature": 0.5, "max_tokens": 100}
+    predict = dspy.Predict("question -> answer")
+    assert predict(question="Why?", lm=tuned).answer == predict(question="Why?", lm=plain).answer

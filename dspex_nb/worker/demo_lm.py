@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import datetime as dt
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -310,10 +311,16 @@ class DemoEngine:
                      total_tokens=input_tokens + output_tokens)
 
 
+_KNOBS = frozenset(inspect.signature(DemoEngine.__init__).parameters) - {"self"}
+
+
 def make_demo_lm(*, num_retries: int = 0, **knobs: Any) -> tuple[dspy.LM, DemoEngine]:
-    """Return ``(dspy.LM("demo/demo", engine=engine, cache=False), engine)``; knobs go to DemoEngine."""
-    engine = DemoEngine(**knobs)
-    return dspy.LM("demo/demo", engine=engine, cache=False, num_retries=num_retries), engine
+    """Return ``(dspy.LM("demo/demo", engine=engine, cache=False), engine)``; the demo's knobs (``ttft``,
+    ``answer_tokens``...) go to DemoEngine, any other setting (``temperature``, ``max_tokens``...) to
+    dspy.LM as for a real model (the demo's answers do not depend on them)."""
+    engine = DemoEngine(**{k: v for k, v in knobs.items() if k in _KNOBS})
+    settings = {k: v for k, v in knobs.items() if k not in _KNOBS}
+    return dspy.LM("demo/demo", engine=engine, cache=False, num_retries=num_retries, **settings), engine
 
 
 def demo_lm(**knobs: Any) -> dspy.LM:

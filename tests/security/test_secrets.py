@@ -69,3 +69,10 @@ def test_a_key_given_in_lm_kwargs_is_masked_where_an_error_quotes_it(secret_pool
     batch.wait(60)
     shown = str(caught.value) + caught.value.remote_traceback + repr(batch.records)
     assert SECRET not in shown and "Incorrect API key provided: ***" in shown
+
+
+def test_settings_named_like_counts_or_delays_are_shown() -> None:
+    from dspex_nb import redact
+
+    assert [redact.is_secret_name(n) for n in ("per_token", "max_tokens", "answer_tokens")] == [False] * 3
+    assert [redact.is_secret_name(n) for n in ("token", "api_token", "hf_token", "api_key")] == [True] * 4

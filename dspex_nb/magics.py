@@ -33,6 +33,7 @@ from dspex_nb.errors import ArgumentError, DspexError, ToolError
 from dspex_nb.journal import Journal
 from dspex_nb.pool import local
 from dspex_nb.pool.calls import Run
+from dspex_nb.pool.settings import SettingError
 from dspex_nb.ui import MODES
 from dspex_nb.ui.progress import text_table
 from dspex_nb.ui.render import show_batch, show_pool, show_run
@@ -250,6 +251,8 @@ class Dspex(Magics):
                 handler(args, cell) if cell is not None else handler(args)
         except KeyboardInterrupt:
             print("dspex: interrupted; the remote work was cancelled", file=sys.stderr)
+        except SettingError as exc:  # -n 0, --concurrency 0, --timeout -1: named, without a traceback
+            raise UsageError(f"%dspex {command}: {exc}") from None
         except (DspexError, SyntaxError) as exc:
             print(f"dspex: {exc}", file=sys.stderr)
 
@@ -285,8 +288,8 @@ class Dspex(Magics):
         if pool is not None and pool.running:
             print(f"dspex: pool {args.pool!r} is already running ({pool!r}); use %dspex restart to change it")
             return
-        self._start_pool(args.pool, args.workers or self.workers, args.lm or self.lm, args.python or self.python,
-                         ray=args.ray)
+        workers = self.workers if args.workers is None else args.workers
+        self._start_pool(args.pool, workers, args.lm or self.lm, args.python or self.python, ray=args.ray)
 
     def _stop(self, args: argparse.Namespace) -> None:
         pool = self.pools.pop(args.pool, None)

@@ -267,6 +267,9 @@ def test_lm_switch_and_an_lm_error_is_shown(sh: Shell) -> None:
     ('%dspex batch "q -> a" --items not_a_list', "--items not_a_list must be a list of strings, dicts"),
     ("%dspex batch --items qs", "takes a signature or --module NAME"),
     ('%dspex lm demo --set novalue', "--set takes KEY=VALUE"),
+    ("%dspex start -n 0 --pool zero", r"Pool(workers=...) must be an int >= 1, got 0"),
+    ('%%dspex predict "q -> a" --timeout -1\nx', "predict(timeout=...) must be a finite number > 0"),
+    ('%dspex batch "q -> a" --items qs --concurrency 0', "batch(concurrency=...) must be an int >= 1, got 0"),
 ])
 def test_argument_errors_are_usage_errors(sh: Shell, cell: str, message: str) -> None:
     sh.ns["not_a_list"] = 5

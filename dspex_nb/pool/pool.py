@@ -196,7 +196,7 @@ class WorkerPool(Supervision):
 
     def _define_on(self, worker: Worker, definition: dict[str, Any]) -> dict[str, Any]:
         tool = definition["tool"]
-        return worker.conn.execute(tool, self._args_json(tool, definition["args"]), "", self.start_timeout, 0.0,
+        return worker.conn.execute(tool, self._args_json(tool, definition["args"], None), "", self.start_timeout, 0.0,
                                    self._death_of(worker))
 
     # -- routing ------------------------------------------------------------------------
@@ -292,8 +292,10 @@ class WorkerPool(Supervision):
             self._lock.notify_all()
 
     # -- calls --------------------------------------------------------------------------
-    def _args_json(self, tool: str, args: dict[str, Any] | None) -> bytes:
-        """A call's arguments as JSON, checked against the tool's schema before anything is sent."""
+    def _args_json(self, tool: str, args: dict[str, Any] | None, timeout: float | None) -> bytes:
+        """A call's arguments as JSON, checked against the tool's schema (and its timeout) before anything is
+        sent."""
+        settings.Checker(tool).seconds("timeout", timeout, optional=True)
         if self.schemas and tool not in self.schemas:
             raise UnknownTool(tool, "UnknownTool",
                               f"no tool named {tool!r}; available tools: {', '.join(sorted(self.schemas))}")
@@ -304,7 +306,7 @@ class WorkerPool(Supervision):
     def execute(self, tool: str, args: dict[str, Any] | None = None, *, timeout: float | None = None,
                 worker: str | None = None, session_id: str = "", affinity: str = "strict_queue") -> Any:
         """Run ``tool`` on a worker and return its result; Ctrl-C cancels the remote work."""
-        args_json = self._args_json(tool, args)
+        args_json = self._args_json(tool, args, timeout)
         queued, wall = time.monotonic(), time.time_ns()
         chosen = self._choose(worker, count=True, affinity=affinity, timeout=timeout)
         sent = time.monotonic()
@@ -334,7 +336,7 @@ class WorkerPool(Supervision):
                        keep_chunks: int | None = KEEP_CHUNKS, placement: Placement | None = None) -> Run:
         """Start ``tool`` as a stream and return its ``Run`` at once; chunks arrive in order. The Run keeps
         the latest ``keep_chunks`` chunks (None: every one)."""
-        args_json = self._args_json(tool, args)
+        args_json = self._args_json(tool, args, timeout)
         queued, wall = time.monotonic(), time.time_ns()
         chosen = self._choose(worker, count=True, affinity=affinity, timeout=timeout, placement=placement)
         try:

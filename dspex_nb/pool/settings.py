@@ -7,12 +7,16 @@ from collections.abc import Sequence
 from typing import Any
 
 
+class SettingError(ValueError):
+    """A setting out of its range or of the wrong type; the message names it."""
+
+
 class Checker:
     def __init__(self, owner: str) -> None:
         self.owner = owner
 
     def _fail(self, name: str, expected: str, value: Any) -> None:
-        raise ValueError(f"{self.owner}({name}=...) must be {expected}, got {value!r}")
+        raise SettingError(f"{self.owner}({name}=...) must be {expected}, got {value!r}")
 
     def integer(self, name: str, value: Any, low: int, high: int | None = None, optional: bool = False) -> None:
         if optional and value is None:

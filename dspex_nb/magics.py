@@ -116,13 +116,25 @@ HELP = "\n".join(["Run DSPy on a pool of background workers.", ""] + [p.format_h
 
 
 # -- turning a cell into inputs -----------------------------------------------------------------
+_PLACEHOLDER = re.compile(r"[A-Za-z_]\w*(?:[.\[].*)?")  # {name}, {name.attr}, {name[key]}
+
+
 def interpolate(text: str, namespace: dict[str, Any]) -> str:
-    """Replace {name} (also {name.attr}, {name[key]}, with format specs) by kernel variables."""
+    """Replace {name} (also {name.attr}, {name[key]}, with format specs) by kernel variables; braces around
+    anything else (a dict literal such as {"a": 1}, or {x: 1}) stay as they are."""
     formatter = string.Formatter()
     parts = []
-    for literal, field, spec, conversion in formatter.parse(text):
+    try:
+        fields = list(formatter.parse(text))
+    except ValueError as exc:
+        raise UsageError(f"{exc} in the cell: write {{{{ and }}}} for literal braces, or use --no-interpolate") \
+            from None
+    for literal, field, spec, conversion in fields:
         parts.append(literal)
         if field is None:
+            continue
+        if not _PLACEHOLDER.fullmatch(field) or spec[:1].isspace():  # not a name: the text as it was
+            parts.append("{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
             continue
         try:
             value, _ = formatter.get_field(field, (), namespace)

@@ -384,3 +384,12 @@ def test_batch_takes_dspy_examples_with_a_signature_string(sh: Shell) -> None:
     sh('import dspy\ndevset = [dspy.Example(question=f"q{i}?", answer="x").with_inputs("question") for i in range(3)]')
     sh('%dspex batch "question -> answer" --items devset --no-journal -o OUT')
     assert [p.answer.split(":")[0] for p in sh.ns["OUT"]] == [f"Demo LM answer to 'q{i}?'" for i in range(3)]
+
+
+def test_only_names_in_braces_are_kernel_variables() -> None:
+    from dspex_nb.magics import interpolate
+
+    ns = {"name": "Ada", "xs": [1, 2]}
+    assert interpolate('{name} {xs[1]} {{kept}}', ns) == "Ada 2 {kept}"
+    for text in ('scores: {"a": 1}', "What does {x: 1} mean?", '{"a": {"b": 2}}', "{}"):  # not names: as written
+        assert interpolate(text, ns) == text

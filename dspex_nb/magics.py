@@ -409,7 +409,9 @@ class Dspex(Magics):
             raise UsageError("--no-stream waits for the whole answer: use it without -a")
         pool = self._require_pool(args.pool)
         if args.no_stream:
-            self._store(args.output, call(pool, False))
+            value = call(pool, False)
+            self._store(args.output, value)
+            print("\n".join(_field_lines(value)))
             return
         run = call(pool, True)
         self._show(run, lambda: show_run(run, title, mode=self.display, block=not args.background), args)
@@ -521,6 +523,14 @@ class Dspex(Magics):
         if name:
             self.shell.user_ns[name] = value
         self.shell.user_ns["_"] = value
+
+
+def _field_lines(value: Any) -> list[str]:
+    """A whole answer as the text view ends a stream: ``field: value`` per field, or the value itself."""
+    items = dict(value.items()) if callable(getattr(value, "items", None)) else None
+    if not items or not all(isinstance(k, str) for k in items):
+        return [repr(value)]
+    return [f"{name}: {v if isinstance(v, str) else repr(v)}" for name, v in items.items()]
 
 
 def notebook_pool(name: str = DEFAULT_POOL) -> Pool:

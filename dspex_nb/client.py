@@ -38,6 +38,8 @@ class Pool(WorkerPool):
     """
 
     def __init__(self, workers: int = 2, *, journal: Journal | str | Path | bool = True, **options: Any) -> None:
+        settings.Checker("Pool").instance("journal", journal, (Journal, str, Path, bool),
+                                          "True, False, a path or a Journal")
         super().__init__(workers, **options)
         self._journal_setting = journal
         self._journal: Journal | None = None
@@ -228,6 +230,8 @@ class Pool(WorkerPool):
         check.integer("max_retries", max_retries, 0)
         check.seconds("timeout", timeout, optional=True)
         check.seconds("item_timeout", item_timeout, optional=True)
+        if on_item is not None and not callable(on_item):
+            check.instance("on_item", on_item, (), "None or a function of an item record")
         ship = typed.Shipment()
         items = programs.item_inputs(items, "batch", ship)  # strings, dicts, dspy.Examples or a DataFrame
         defined = self.definitions.get(module, {})

@@ -134,6 +134,20 @@ def test_bad_pool_arguments() -> None:
         Pool(workers=0)
     with pytest.raises(ValueError, match=r"Pool\(max_message_mb=...\) must be an int from 1 to 2047"):
         Pool(max_message_mb=0)
+    with pytest.raises(ValueError, match=r"Pool\(journal=...\) must be True, False, a path or a Journal, got 5"):
+        Pool(journal=5)
+    with pytest.raises(ValueError, match=r"Pool\(python=...\) must be None or the path of a Python interpreter"):
+        Pool(python=123)
+
+
+def test_bad_call_arguments_name_themselves(pool: Pool) -> None:
+    with pytest.raises(ValueError, match=r"echo\(timeout=...\) must be a finite number > 0"):
+        pool.execute("echo", {}, timeout="x")
+    with pytest.raises(ValueError, match=r"count\(timeout=...\) must be a finite number > 0"):
+        pool.execute_stream("count", {"n": 1}, timeout=-1)
+    with pytest.raises(ValueError, match=r"batch\(on_item=...\) must be None or a function"):
+        pool.batch(["a"], "question -> answer", on_item=5)
+    assert pool.execute("echo", {"alive": 1}) == {"alive": 1}
 
 
 def test_doctor_command_reports_versions(bare_python: str) -> None:

@@ -77,6 +77,7 @@ class WorkerPool(Supervision):
         check.mapping("resources", resources)
         check.mapping("lm_kwargs", lm_kwargs)
         check.mapping("env", env, values=str)
+        check.instance("python", python, (str, type(None)), "None or the path of a Python interpreter")
         if not isinstance(lm, str) or not lm:
             raise ValueError(f"Pool(lm=...) must be 'demo' or a dspy.LM model string, got {lm!r}")
         self.size = workers

@@ -35,6 +35,10 @@ class Checker:
                 or value <= 0):
             self._fail(name, f"a finite number > 0 ({unit})" + (" or None" if optional else ""), value)
 
+    def instance(self, name: str, value: Any, kinds: type | tuple[type, ...], expected: str) -> None:
+        if not isinstance(value, kinds):
+            self._fail(name, expected, value)
+
     def choice(self, name: str, value: Any, choices: Sequence[str]) -> None:
         if value not in choices:
             self._fail(name, f"one of {tuple(choices)}", value)

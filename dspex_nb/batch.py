@@ -52,8 +52,8 @@ class BatchRun(Handle):
     """A running batch: ``result()``, ``cancel()``, ``snapshot()`` for progress, ``records`` as they arrive."""
 
     def __init__(self, pool: Executor, items: Sequence[Any], *, signature: str, module: str, settings: str,
-                 concurrency: int,
-                 shard_size: int | None, max_retries: int, timeout: float | None, item_timeout: float | None,
+                 concurrency: int, shard_size: int | None, max_retries: int, timeout: float | None,
+                 item_timeout: float | None,
                  on_item: Callable[[dict[str, Any]], Any] | None, journal: Journal | None,
                  program: dict[str, Any], shipped: str = "", resolver: typed.Resolver | None = None) -> None:
         if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):

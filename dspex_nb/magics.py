@@ -35,7 +35,7 @@ from dspex_nb.pool import local
 from dspex_nb.pool.calls import Run
 from dspex_nb.pool.settings import SettingError
 from dspex_nb.ui import MODES
-from dspex_nb.ui.progress import text_table
+from dspex_nb.ui.progress import field_text, fields_of, text_table
 from dspex_nb.ui.render import show_batch, show_pool, show_run
 
 # -- argument parsers, one per sub-command ------------------------------------------------------
@@ -527,10 +527,10 @@ class Dspex(Magics):
 
 def _field_lines(value: Any) -> list[str]:
     """A whole answer as the text view ends a stream: ``field: value`` per field, or the value itself."""
-    items = dict(value.items()) if callable(getattr(value, "items", None)) else None
-    if not items or not all(isinstance(k, str) for k in items):
+    fields = fields_of(value)
+    if fields is None:
         return [repr(value)]
-    return [f"{name}: {v if isinstance(v, str) else repr(v)}" for name, v in items.items()]
+    return [f"{name}: {field_text(v)}" for name, v in fields.items()]
 
 
 def notebook_pool(name: str = DEFAULT_POOL) -> Pool:

@@ -147,14 +147,18 @@ def kernel_settings() -> str:
     values = {name: getattr(dspy_settings, name, None) for name in SHIPPED_SETTINGS} \
         if dspy_settings is not None else {}
     values = {name: value for name, value in values.items() if value is not None}
-    if not values:
-        return ""
+    return _by_value(values, f"the kernel's DSPy settings {sorted(values)}") if values else ""
+
+
+def _by_value(value: Any, what: str, hint: str = "") -> str:
+    """``value`` pickled by value for the workers (base64, as a call's argument); an ArgumentError naming
+    ``what`` if it cannot be."""
     buffer = io.BytesIO()
     try:
-        _Pickler(buffer).dump(values)
+        _Pickler(buffer).dump(value)
     except Exception as exc:
-        raise ArgumentError("run", type(exc).__name__, f"the kernel's DSPy settings {sorted(values)} cannot be "
-                            f"sent to the workers: {type(exc).__name__}: {exc}") from None
+        raise ArgumentError("run", type(exc).__name__,
+                            f"{what} cannot be sent to the workers: {type(exc).__name__}: {exc}{hint}") from None
     return base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -166,14 +170,9 @@ def shipment(ship: typed.Shipment, resolver: typed.Resolver) -> tuple[str, typed
     types = {cls for cls in ship.types if resolver(typed.class_path(cls)) is not cls}
     if not types and not ship.objects:
         return "", resolver
-    buffer = io.BytesIO()
-    try:
-        _Pickler(buffer).dump(typed.Shipment(types, ship.objects))
-    except Exception as exc:
-        raise ArgumentError("run", type(exc).__name__,
-                            f"the inputs cannot be sent to the workers: {type(exc).__name__}: {exc} (code in them, "
-                            "e.g. a dspy.Tool's function, travels by value and must be picklable)") from None
-    return base64.b64encode(buffer.getvalue()).decode(), typed.Resolver([*resolver.known.values(), *types])
+    payload = _by_value(typed.Shipment(types, ship.objects), "the inputs",
+                        " (code in them, e.g. a dspy.Tool's function, travels by value and must be picklable)")
+    return payload, typed.Resolver([*resolver.known.values(), *types])
 
 
 def as_program(obj: Any, cot: bool = False) -> Any:

@@ -47,7 +47,7 @@ class StreamText:
         streamed = {name for group in self.groups.values() for name in group}
         for name, value in fields.items():
             if name in last or name not in streamed:
-                last[name] = value if isinstance(value, str) else repr(value)
+                last[name] = field_text(value)
 
     def lines(self) -> list[str]:
         """The text fallback: ``field: text`` lines, under a ``[step]`` line per step when there are several."""
@@ -83,13 +83,23 @@ def shown_fields(result: dict[str, Any], decode: Callable[[Any], Any] | None = N
         except typed.NotPortable:
             pass  # shown as JSON below, as far as it goes
         else:  # a Prediction, or what the program returned
-            items = dict(value.items()) if callable(getattr(value, "items", None)) else {}
-            return items if items and all(isinstance(k, str) for k in items) else {"output": value}
+            return fields_of(value) or {"output": value}
     if result.get(typed.TAG) != "output":
         return {name: _shown(value) for name, value in result.items() if name not in typed.RESERVED}
     value = result["value"]
     value = _shown(value["fields"] if isinstance(value, dict) and value.get(typed.TAG) == "prediction" else value)
     return value if isinstance(value, dict) and all(isinstance(k, str) for k in value) else {"output": value}
+
+
+def fields_of(value: Any) -> dict[str, Any] | None:
+    """A value's fields to show: a Prediction's or a dict's (str keys); None for any other value."""
+    items = dict(value.items()) if callable(getattr(value, "items", None)) else None
+    return items if items and all(isinstance(k, str) for k in items) else None
+
+
+def field_text(value: Any) -> str:
+    """A field's value as its line shows it: text as it is, anything else as its repr."""
+    return value if isinstance(value, str) else repr(value)
 
 
 def _shown(value: Any) -> Any:

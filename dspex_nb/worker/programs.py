@@ -64,12 +64,7 @@ class Program:
 def kernel_settings(payload: str) -> dict[str, Any]:
     """The kernel's DSPy settings a call came with (``dspex_nb.programs.kernel_settings``); not to be changed.
     An LM inside them (a ``TwoStepAdapter``'s extraction model) has its key masked, as the pool's LM has."""
-    try:
-        settings = cloudpickle.loads(base64.b64decode(payload)) if payload else {}
-    except Exception as exc:
-        raise ArgumentError("run", "ArgumentError", f"the kernel's DSPy settings (its adapter) could not be loaded "
-                            f"on the worker: {type(exc).__name__}: {exc} (the worker's Python must be able to "
-                            "import every module they use by reference)") from None
+    settings = _loaded("run", payload, "the kernel's DSPy settings (its adapter)") if payload else {}
     for value in settings.values():
         for attr in vars(value).values() if hasattr(value, "__dict__") else ():
             if isinstance(attr, dspy.BaseLM):
@@ -183,10 +178,15 @@ def from_pickle(name: str, payload: str) -> Program:
 
 def load_shipment(tool_name: str, payload: str) -> typed.Shipment:
     """The classes and code that came by value with a call's inputs (``programs.shipment`` in the kernel)."""
+    return _loaded(tool_name, payload, "the inputs' classes and code")
+
+
+def _loaded(tool_name: str, payload: str, what: str) -> Any:
+    """A call's by-value argument (base64 cloudpickle from the kernel, ``programs._by_value``), unpickled; an
+    ArgumentError naming ``what`` if it cannot be."""
     try:
         return cloudpickle.loads(base64.b64decode(payload))
     except Exception as exc:
         raise ArgumentError(tool_name, "ArgumentError",
-                            f"the inputs' classes and code could not be loaded on the worker: {type(exc).__name__}: "
-                            f"{exc} (the worker's Python must be able to import every module they use by "
-                            "reference)") from None
+                            f"{what} could not be loaded on the worker: {type(exc).__name__}: {exc} (the worker's "
+                            "Python must be able to import every module they use by reference)") from None

@@ -433,8 +433,12 @@ class _Shard:
 
 
 def outputs(record: dict[str, Any]) -> dict[str, Any]:
+    """A tool-level item's output fields (its LM usage and cost stay in its record), or its error."""
     if record["ok"]:
-        return record["result"]
+        result = record["result"]
+        if isinstance(result, dict):
+            return {k: v for k, v in result.items() if k not in (typed.USAGE, typed.COST)}
+        return result
     return {"error": error_line(record)}
 
 

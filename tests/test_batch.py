@@ -20,7 +20,9 @@ def test_batch_fans_out_over_every_worker_in_input_order(pool: Pool) -> None:
     out = batch.result()
     assert len(out) == 50 and len(seen) == 50
     for i, row in enumerate(out):
+        assert list(row) == ["answer"]  # the output fields; the LM usage stays in the record, counted below
         assert row["answer"].startswith(f"Demo LM answer to 'question {i}?'")
+    assert batch.tokens_in > 0 and batch.tokens_out > 0
     snap = batch.snapshot()
     assert (snap["ok"], snap["failed"], snap["running"], snap["queued"], snap["status"]) == (50, 0, 0, 0, "done")
     assert set(snap["by_worker"]) == {"w0", "w1"} and sum(snap["by_worker"].values()) == 50

@@ -352,8 +352,11 @@ class Dspex(Magics):
         return cell if args.no_interpolate else interpolate(cell, self.shell.user_ns)
 
     def _program(self, name: str) -> Any:
-        """The kernel variable ``name`` when it holds a DSPy module, signature class or function, else None."""
-        value = self.shell.user_ns.get(name) if name.isidentifier() else None
+        """The kernel variable ``name`` when it holds a DSPy module, signature class or function, or a signature
+        string naming kernel types made here, else None."""
+        if not name.isidentifier():
+            return self._typed_signature(name)
+        value = self.shell.user_ns.get(name)
         if callable(value) and not isinstance(value, type):  # a function, or a module instance
             return value
         if not isinstance(value, type) or "dspy" not in sys.modules:  # no DSPy class before DSPy is imported
@@ -361,6 +364,21 @@ class Dspex(Magics):
         import dspy
 
         return value if issubclass(value, (dspy.Module, dspy.Signature)) else None
+
+    def _typed_signature(self, text: str) -> Any:
+        """A signature string that names kernel types ("person: Person -> greeting") as a signature class, made
+        as DSPy makes it in a cell (the types found in the notebook's namespace); None for any other string,
+        which a worker parses (so a plain first cell need not import DSPy here)."""
+        names = programs.signature_types(text, self.shell.user_ns)
+        if not names:
+            return None
+        import dspy
+
+        try:
+            return dspy.Signature(text, custom_types=names)
+        except Exception as exc:
+            raise UsageError(f"{text!r} is not a DSPy signature: expected 'inputs -> outputs', e.g. "
+                             f"'question -> answer' ({exc})") from None
 
     def _module(self, name: str, pool: Pool) -> Any:
         """What ``%%dspex run NAME`` and ``--module NAME`` run: the kernel's ``NAME`` as it is now (what

@@ -104,12 +104,20 @@ def _signature_names(function: types.FunctionType) -> dict[str, Any]:
 
     found: dict[str, Any] = {}
     for text in strings(function.__code__):
-        if "->" in text:
-            for name, dot in re.findall(r"([A-Za-z_]\w*)(\.?)", text):
-                value = function.__globals__.get(name)
-                if isinstance(value, type) or typing.get_origin(value) is not None or (
-                        dot and isinstance(value, types.ModuleType)):
-                    found[name] = value
+        found.update(signature_types(text, function.__globals__))
+    return found
+
+
+def signature_types(text: str, namespace: dict[str, Any]) -> dict[str, Any]:
+    """The types (and modules, as in "np.ndarray") of ``namespace`` that a signature string names: what DSPy
+    finds in the caller's globals when a cell makes ``dspy.Signature(text)``."""
+    found: dict[str, Any] = {}
+    if "->" in text:
+        for name, dot in re.findall(r"([A-Za-z_]\w*)(\.?)", text):
+            value = namespace.get(name)
+            if isinstance(value, type) or typing.get_origin(value) is not None or (
+                    dot and isinstance(value, types.ModuleType)):
+                found[name] = value
     return found
 
 

@@ -339,6 +339,29 @@ class Emotion(dspy.Signature):
     assert sh.ns["OUT"] == [kernel_run(dspy.Predict(sh.ns["Emotion"]), sentence=s) for s in sh.ns["feelings"]]
 
 
+def test_a_signature_string_naming_kernel_types_works_as_in_a_cell(sh: Shell) -> None:
+    sh('''
+import dspy
+from pydantic import BaseModel
+
+class Guest(BaseModel):
+    name: str
+    age: int
+
+ada = Guest(name="Ada", age=36)
+guests = [ada, Guest(name="Bob", age=5)]
+''')
+    import dspy
+
+    signature = "guest: Guest -> greeting, next: Guest"
+    greet = dspy.Predict(dspy.Signature(signature, custom_types={"Guest": sh.ns["Guest"]}))
+    sh('%%dspex predict "guest: Guest -> greeting, next: Guest" -o r\n{ada}')
+    assert sh.ns["r"] == kernel_run(greet, guest=sh.ns["ada"]) and isinstance(sh.ns["r"].next, sh.ns["Guest"])
+    sh('%dspex batch "guest: Guest -> greeting, next: Guest" --items guests --no-journal -o OUT')
+    assert sh.ns["OUT"] == [kernel_run(greet, guest=g) for g in sh.ns["guests"]]
+    assert "Unknown name: Gest" in sh.usage_error('%%dspex predict "guest: Gest -> greeting"\n{ada}')
+
+
 def test_the_text_view_shows_typed_outputs_as_the_prediction_holds_them(sh: Shell) -> None:
     sh('''
 import dspy, enum

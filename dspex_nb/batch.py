@@ -36,7 +36,7 @@ from dspex_nb.errors import (
     WorkerDied,
 )
 from dspex_nb.journal import Journal, digest
-from dspex_nb.pool.calls import Chunk, Handle, Run
+from dspex_nb.pool.calls import OWN_THREADS, Chunk, Handle, Run
 from dspex_nb.pool.executor import Executor, Placement
 
 SHARDS_PER_WORKER = 2  # shards of one batch a worker holds at once: the one running and the next
@@ -120,6 +120,7 @@ class BatchRun(Handle):
 
     # -- feeders --------------------------------------------------------------------------
     def _feed(self) -> None:
+        OWN_THREADS.handle = True
         try:
             while not self._stopping:
                 with self._lock:
@@ -145,6 +146,7 @@ class BatchRun(Handle):
         """Keep this run's claims on its items alive, take the items another run computes from the journal
         as they arrive, and compute those whose claim lapsed (that run ended); ends with the batch."""
         assert self._journal is not None
+        OWN_THREADS.handle = True
         renewed = time.monotonic()
         try:
             while not self._stopping and any(r is None for r in self.records):

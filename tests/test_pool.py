@@ -237,8 +237,10 @@ def test_runs_and_batches_are_futures(pool: Pool) -> None:
     assert next(concurrent.futures.as_completed([batch], timeout=60)) is batch and len(batch.result()) == 2
     sleeping = pool.execute_stream("sleep", {"seconds": 60})
     assert sleeping.cancel() is True
-    concurrent.futures.wait([sleeping], timeout=20)
-    assert sleeping.cancelled() and sleeping.status == "cancelled" and sleeping.cancel() is False
+    assert sleeping.done() and sleeping.cancelled() and sleeping.status == "cancelled"  # at once, as a Future
+    assert sleeping.cancel() is False
+    slow = pool.batch([f"{i}?" for i in range(400)], "question -> answer", concurrency=1, journal=False)
+    assert slow.cancel() is True and slow.done() and slow.cancelled() and slow.status == "cancelled"
 
 
 def test_runs_and_batches_can_be_awaited(pool: Pool) -> None:

@@ -28,6 +28,8 @@ from dspex_nb.errors import (
 )
 
 WAIT_SLICE = 0.1  # seconds a blocking wait sleeps before it lets KeyboardInterrupt through
+CANCEL_WAIT = 5.0  # seconds cancel() waits for the remote work to confirm it stopped (it needs milliseconds)
+OWN_THREADS = threading.local()  # ``.handle`` is True in the threads that carry handles (readers, feeders)
 
 
 @dataclass(slots=True)
@@ -163,10 +165,15 @@ class Handle(concurrent.futures.Future):
             self.set_result(None)  # the value is this handle's own ``result()``
 
     def cancel(self) -> bool:
-        """Stop the remote work; False when it had already ended."""
+        """Stop the remote work; False when it had already ended. As with a ``concurrent.futures.Future``,
+        once it returns True the handle is ``done()`` and ``cancelled()`` (it waits the few milliseconds the
+        remote work takes to stop, except in a thread that carries handles, such as an ``on_chunk`` callback,
+        which must not wait for itself)."""
         if self._done.is_set():
             return False
         self._cancel()
+        if not getattr(OWN_THREADS, "handle", False):
+            self._done.wait(CANCEL_WAIT)
         return True
 
     def _cancel(self) -> None:
@@ -185,8 +192,8 @@ class Handle(concurrent.futures.Future):
         try:
             await asyncio.wrap_future(self)
         except asyncio.CancelledError:
-            if not self.done:  # the awaiting task was cancelled: so is the remote work
-                self.cancel()
+            if not self.done:  # the awaiting task was cancelled: so is the remote work (the loop does not wait)
+                self._cancel()
                 raise
         except Exception:  # noqa: S110 - result() below raises it, as a blocking caller would see it
             pass
@@ -247,6 +254,7 @@ class Run(Handle):
 
     # -- reader thread ---------------------------------------------------------------
     def _read(self) -> None:
+        OWN_THREADS.handle = True
         try:
             for chunks in self._source:
                 self._add(chunks)

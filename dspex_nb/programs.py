@@ -20,6 +20,8 @@ import importlib
 import io
 import json
 import linecache
+import os
+import pickle
 import re
 import sys
 import threading
@@ -141,7 +143,15 @@ def ship(program: Any) -> Shipped:
     _Pickler(buffer).dump({"program": program, "types": collector.types, "sources": sources,
                            "names": list(collector.names.items())})
     data = buffer.getvalue()
-    return Shipped(base64.b64encode(data).decode(), hashlib.sha256(data).hexdigest(), collector.types)
+    return Shipped(_payload(data), hashlib.sha256(data).hexdigest(), collector.types)
+
+
+def _payload(data: bytes) -> str:
+    """A pickle for the workers (base64, as a call's argument), with the kernel's import path beside it: a
+    module the pickle names by reference is imported there from where the kernel imports it (such as a
+    folder the notebook added to ``sys.path``, or the directory it ``%cd``-ed to)."""
+    path = list(dict.fromkeys(os.path.abspath(entry or os.curdir) for entry in sys.path if isinstance(entry, str)))
+    return base64.b64encode(pickle.dumps((path, data), protocol=pickle.HIGHEST_PROTOCOL)).decode()
 
 
 SHIPPED_SETTINGS = ("adapter",)  # the kernel's DSPy settings that a call on the pool runs under (the LM is the
@@ -167,7 +177,7 @@ def _by_value(value: Any, what: str, hint: str = "") -> str:
     except Exception as exc:
         raise ArgumentError("run", type(exc).__name__,
                             f"{what} cannot be sent to the workers: {type(exc).__name__}: {exc}{hint}") from None
-    return base64.b64encode(buffer.getvalue()).decode()
+    return _payload(buffer.getvalue())
 
 
 def shipment(ship: typed.Shipment, resolver: typed.Resolver) -> tuple[str, typed.Resolver]:

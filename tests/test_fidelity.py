@@ -724,3 +724,29 @@ def program(question):
     assert_same(expected, [pool.map(p, [inputs], journal=False).result(60)[0] for p in (feel, program)], "map")
     pool.define("Feel", feel)
     assert_same(expected[0], pool.run("Feel", **inputs), "define")
+
+
+def test_code_imported_from_the_notebooks_own_folders_runs_on_the_pool(
+        shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A package in a folder the notebook put on sys.path, and a module in the folder it %cd-ed to later
+    name = f"notebook_lib_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / "src" / name).mkdir(parents=True)
+    (tmp_path / "src" / name / "__init__.py").write_text(
+        'import dspy\n\nclass Asker(dspy.Module):\n    def __init__(self):\n        super().__init__()\n'
+        '        self.ask = dspy.ChainOfThought("question -> answer: int")\n\n'
+        '    def forward(self, question):\n        return self.ask(question=question)\n')
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / f"{name}_here.py").write_text('def shout(text: str) -> str:\n    return text.upper()\n')
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.syspath_prepend("")  # as a kernel's sys.path starts
+    program, _ = define(shell, f'''
+import sys
+sys.path.append({str(tmp_path / "src")!r})
+from {name} import Asker
+from {name}_here import shout
+program = Asker()
+''')
+    with dspy.context(lm=demo_lm):
+        assert_same(program(question="How many?"), pool.run(program, question="How many?"))
+    assert pool.run(shell.user_ns["shout"], text="hi") == "HI"

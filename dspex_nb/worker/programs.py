@@ -16,6 +16,9 @@ import base64
 import functools
 import inspect
 import linecache
+import os
+import pickle
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,7 +162,7 @@ def from_source(name: str, source: str) -> Program:
 def from_pickle(name: str, payload: str) -> Program:
     """A program shipped by value from the kernel (cloudpickle of {"program", "types", "sources"})."""
     try:
-        shipped = cloudpickle.loads(base64.b64decode(payload))
+        shipped = unpickled(payload)
     except Exception as exc:
         raise ArgumentError("define", type(exc).__name__,
                             f"{name!r} could not be loaded on the worker: {type(exc).__name__}: {exc} (the worker's "
@@ -176,6 +179,14 @@ def from_pickle(name: str, payload: str) -> Program:
     return make(name, program, set(shipped.get("types", ())))
 
 
+def unpickled(payload: str) -> Any:
+    """What the kernel pickled (``programs._payload``), its modules imported from where the kernel imports
+    them: the directories of the kernel's ``sys.path`` that this worker's lacks are added (at the end)."""
+    path, data = pickle.loads(base64.b64decode(payload))
+    sys.path.extend(entry for entry in path if entry not in sys.path and os.path.exists(entry))
+    return cloudpickle.loads(data)
+
+
 def load_shipment(tool_name: str, payload: str) -> typed.Shipment:
     """The classes and code that came by value with a call's inputs (``programs.shipment`` in the kernel)."""
     return _loaded(tool_name, payload, "the inputs' classes and code")
@@ -185,7 +196,7 @@ def _loaded(tool_name: str, payload: str, what: str) -> Any:
     """A call's by-value argument (base64 cloudpickle from the kernel, ``programs._by_value``), unpickled; an
     ArgumentError naming ``what`` if it cannot be."""
     try:
-        return cloudpickle.loads(base64.b64decode(payload))
+        return unpickled(payload)
     except Exception as exc:
         raise ArgumentError(tool_name, "ArgumentError",
                             f"{what} could not be loaded on the worker: {type(exc).__name__}: {exc} (the worker's "

@@ -32,7 +32,7 @@ from typing import Any
 
 import cloudpickle
 
-from dspex_nb import typed
+from dspex_nb import code_digest, typed
 from dspex_nb.errors import ArgumentError
 
 
@@ -59,9 +59,16 @@ class _Pickler(cloudpickle.Pickler):
     made in ``__init__``) travels as a new one, and a lazily loaded module (``streamify``'s and ``asyncify``'s
     ``anyio``), loaded yet or not, by its name."""
 
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self.buffer = file
+        self.modules: set[str] = set()  # the user's modules from files whose code the pickle names
+
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) in _LOCKS:
             return _LOCKS[type(obj)], ()
+        if isinstance(obj, (type, types.FunctionType)) and code_digest.local_module(getattr(obj, "__module__", "")):
+            self.modules.add(obj.__module__)
         if isinstance(obj, types.ModuleType) and type(obj) is not types.ModuleType and (
                 obj.__name__ in sys.modules or obj.__spec__ is not None):
             return importlib.import_module, (obj.__name__,)
@@ -139,19 +146,40 @@ def ship(program: Any) -> Shipped:
                             "create that inside the module's forward or __init__ instead)") from None
     sources = {name: linecache.cache[name][2] for name in collector.files
                if name in linecache.cache and len(linecache.cache[name]) == 4}
-    buffer = io.BytesIO()
-    _Pickler(buffer).dump({"program": program, "types": collector.types, "sources": sources,
-                           "names": list(collector.names.items())})
-    data = buffer.getvalue()
-    return Shipped(_payload(data), hashlib.sha256(data).hexdigest(), collector.types)
+    pickler = _Pickler(io.BytesIO())
+    pickler.dump({"program": program, "types": collector.types, "sources": sources,
+                  "names": list(collector.names.items())})
+    payload, key = _payload(pickler)
+    return Shipped(payload, key, collector.types | _referenced_types(program, pickler.modules))
 
 
-def _payload(data: bytes) -> str:
-    """A pickle for the workers (base64, as a call's argument), with the kernel's import path beside it: a
-    module the pickle names by reference is imported there from where the kernel imports it (such as a
-    folder the notebook added to ``sys.path``, or the directory it ``%cd``-ed to)."""
+def _referenced_types(program: Any, modules: set[str]) -> set[type]:
+    """The classes a program's results may hold that its pickle names only by reference, so that they are
+    known when its results are read: its predictors' field types (a signature class of an imported module
+    travels by reference, its fields with it), and the classes of the user's modules that it uses."""
+    found: set[type] = set()
+    predictors = getattr(program, "predictors", None)
+    for predictor in predictors() if callable(predictors) and not isinstance(program, type) else ():
+        for info in predictor.signature.model_fields.values():
+            found |= typed.types_in(info.annotation)
+    for name in modules:
+        found.update(value for value in vars(sys.modules[name]).values()
+                     if isinstance(value, type) and value.__module__ == name and typed.portable_kind(value))
+    return found
+
+
+def _payload(pickler: _Pickler) -> tuple[str, str]:
+    """What ``pickler`` pickled, for the workers (base64, as a call's argument), and its key (a digest).
+
+    Beside the pickle go the kernel's import path, so that a module it names by reference is imported
+    there from where the kernel imports it (such as a folder the notebook added to ``sys.path``, or the
+    directory it ``%cd``-ed to), and the digests of the user's modules among those (``code_digest``), so that
+    a worker runs their code as the kernel has it now; an edited module makes another key."""
+    data = pickler.buffer.getvalue()
     path = list(dict.fromkeys(os.path.abspath(entry or os.curdir) for entry in sys.path if isinstance(entry, str)))
-    return base64.b64encode(pickle.dumps((path, data), protocol=pickle.HIGHEST_PROTOCOL)).decode()
+    modules = code_digest.digests(pickler.modules)
+    key = hashlib.sha256(data + json.dumps(modules).encode()).hexdigest()
+    return base64.b64encode(pickle.dumps((path, modules, data), protocol=pickle.HIGHEST_PROTOCOL)).decode(), key
 
 
 SHIPPED_SETTINGS = ("adapter",)  # the kernel's DSPy settings that a call on the pool runs under (the LM is the
@@ -171,13 +199,13 @@ def kernel_settings() -> str:
 def _by_value(value: Any, what: str, hint: str = "") -> str:
     """``value`` pickled by value for the workers (base64, as a call's argument); an ArgumentError naming
     ``what`` if it cannot be."""
-    buffer = io.BytesIO()
+    pickler = _Pickler(io.BytesIO())
     try:
-        _Pickler(buffer).dump(value)
+        pickler.dump(value)
     except Exception as exc:
         raise ArgumentError("run", type(exc).__name__,
                             f"{what} cannot be sent to the workers: {type(exc).__name__}: {exc}{hint}") from None
-    return _payload(buffer.getvalue())
+    return _payload(pickler)[0]
 
 
 def shipment(ship: typed.Shipment, resolver: typed.Resolver) -> tuple[str, typed.Resolver]:

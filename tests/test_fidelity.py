@@ -19,7 +19,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool
-from dspex_nb.errors import ArgumentError
+from dspex_nb.errors import ArgumentError, ToolError
 from dspex_nb.worker.demo_lm import make_demo_lm
 
 SETUP = '''
@@ -750,3 +750,61 @@ program = Asker()
     with dspy.context(lm=demo_lm):
         assert_same(program(question="How many?"), pool.run(program, question="How many?"))
     assert pool.run(shell.user_ns["shout"], text="hi") == "HI"
+
+
+NOTEBOOK_MODULE = '''
+import dataclasses, enum
+import dspy
+from pydantic import BaseModel
+
+PROMPT = "Answer briefly."
+KINDS = frozenset({"a", "b", "c"})
+
+class Tone(enum.Enum):
+    CALM = "calm"
+    LOUD = "loud"
+
+class Reply(BaseModel):
+    text: str
+    tone: Tone
+
+@dataclasses.dataclass
+class Note:
+    body: str = "x"
+
+class Ask(dspy.Signature):
+    """Answer the question."""
+    question: str = dspy.InputField(desc="a question")
+    reply: Reply = dspy.OutputField()
+
+def helper(x, default=Note(), kinds=KINDS):
+    return [k for k in sorted(kinds) if k != x]
+
+class Program(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.ask = dspy.Predict(Ask)
+
+    def forward(self, question):
+        return self.ask(question=question)
+'''
+
+
+def test_a_module_edited_and_reloaded_in_the_kernel_runs_as_reloaded_on_the_pool(
+        shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"notebook_program_{tmp_path.name.replace('-', '_')}"
+    file = tmp_path / f"{name}.py"
+    file.write_text(NOTEBOOK_MODULE)
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
+    define(shell, f"import importlib\nimport {name}\nprogram = {name}.Program()")
+    with dspy.context(lm=demo_lm):
+        before = pool.run(shell.user_ns["program"], question="Why?")
+        assert_same(shell.user_ns["program"](question="Why?"), before)
+        file.write_text(NOTEBOOK_MODULE.replace("Answer the question.", "Answer the question in one word."))
+        program, _ = define(shell, f"importlib.reload({name})\nprogram = {name}.Program()")  # as %autoreload does
+        after = pool.run(program, question="Why?")
+        assert_same(program(question="Why?"), after)
+        assert after != before  # the demo LM's answer depends on the whole prompt: the new instructions count
+        file.write_text(NOTEBOOK_MODULE.replace("Answer the question.", "Answer at length."))  # not reloaded here
+        with Pool(workers=1, lm="demo") as fresh, pytest.raises(ToolError, match=f"other code of {name}"):
+            fresh.run(program, question="Why?")  # its worker imports the file as it is now: not the kernel's code

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import importlib
 import inspect
 import linecache
 import os
@@ -26,7 +27,7 @@ from typing import Any
 import cloudpickle
 import dspy
 
-from dspex_nb import redact, typed
+from dspex_nb import code_digest, redact, typed
 from dspex_nb.errors import ArgumentError
 
 
@@ -181,10 +182,22 @@ def from_pickle(name: str, payload: str) -> Program:
 
 def unpickled(payload: str) -> Any:
     """What the kernel pickled (``programs._payload``), its modules imported from where the kernel imports
-    them: the directories of the kernel's ``sys.path`` that this worker's lacks are added (at the end)."""
-    path, data = pickle.loads(base64.b64decode(payload))
+    them (the directories of the kernel's ``sys.path`` that this worker's lacks are added, at the end), with
+    their code as the kernel has it: a module whose code differs (``code_digest``) is reloaded from its file,
+    and if that is not the kernel's code either (edited since the kernel imported it), this says so."""
+    path, modules, data = pickle.loads(base64.b64decode(payload))
     sys.path.extend(entry for entry in path if entry not in sys.path and os.path.exists(entry))
-    return cloudpickle.loads(data)
+    value = cloudpickle.loads(data)
+    stale = code_digest.stale(modules)
+    if stale:
+        for name in stale:
+            importlib.reload(sys.modules[name])
+        value = cloudpickle.loads(data)
+        if stale := code_digest.stale(modules):
+            raise ImportError(f"the kernel runs other code of {', '.join(stale)} than its file has now (edited "
+                              "since the kernel imported it?): reload it in the kernel (importlib.reload, "
+                              "%autoreload) or restart the kernel, so that the pool runs the code the kernel runs")
+    return value
 
 
 def load_shipment(tool_name: str, payload: str) -> typed.Shipment:

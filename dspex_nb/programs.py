@@ -25,6 +25,7 @@ import sys
 import threading
 import types
 import typing
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -54,16 +55,37 @@ _LOCKS = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threa
 
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle, plus what DSPy programs hold that it cannot pickle: a lock (e.g. in a ``dspy.Parallel``
-    made in ``__init__``) travels as a new one, and a lazily loaded module (``streamify``'s and ``asyncify``'s
-    ``anyio``), loaded yet or not, by its name."""
+    made in ``__init__``) travels as a new one, a lazily loaded module (``streamify``'s and ``asyncify``'s
+    ``anyio``), loaded yet or not, by its name, and ``streamify``'s stream listeners keyed by their predictors'
+    ids, keyed again by the ids those predictors have where they arrive."""
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) in _LOCKS:
             return _LOCKS[type(obj)], ()
+        if type(obj) is defaultdict and _keyed_by_predictor(obj):
+            return _by_predictor, ([listener for listeners in obj.values() for listener in listeners],)
         if isinstance(obj, types.ModuleType) and type(obj) is not types.ModuleType and (
                 obj.__name__ in sys.modules or obj.__spec__ is not None):
             return importlib.import_module, (obj.__name__,)
         return super().reducer_override(obj)
+
+
+def _keyed_by_predictor(mapping: defaultdict[Any, Any]) -> bool:
+    """Whether ``mapping`` is ``dspy.streamify``'s stream listeners by the id of the predictor each listens to."""
+    listener_class = getattr(sys.modules.get("dspy.streaming.streaming_listener"), "StreamListener", None)
+    return bool(mapping) and listener_class is not None and all(
+        isinstance(listeners, list) and all(isinstance(listener, listener_class) and id(listener.predict) == key
+                                            for listener in listeners)
+        for key, listeners in mapping.items())
+
+
+def _by_predictor(listeners: list[Any]) -> defaultdict[int, list[Any]]:
+    """Stream listeners by the id of their predictor in this process, as ``dspy.streamify`` keys them (each has
+    its predictor already, so DSPy looks none up in the module it is given)."""
+    import dspy
+    from dspy.streaming.streaming_listener import find_predictor_for_stream_listeners
+
+    return find_predictor_for_stream_listeners(dspy.Module(), listeners)
 
 
 class _Collector(_Pickler):

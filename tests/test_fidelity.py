@@ -455,6 +455,33 @@ program = dspy.streamify(dspy.Predict("question -> answer"), async_streaming=Fal
     assert_same(expected, pool.run(program, question="What is DSPy?"))
 
 
+def test_a_streamified_program_streams_its_listeners_fields(shell: InteractiveShell, pool: Pool,
+                                                           demo_lm: dspy.LM) -> None:
+    # streamify keys its listeners by their predictors' ids, which differ on the workers
+    define(shell, '''
+from dspy.streaming import StreamListener
+
+cot = dspy.ChainOfThought("question -> answer")
+
+def streaming():  # a listener streams once (allow_reuse=False): one program for the kernel, one for the pool
+    return dspy.streamify(cot, stream_listeners=[StreamListener(signature_field_name="answer")])
+
+program = streaming()
+''')
+    inputs = {"question": "Why is the sky blue?"}
+
+    async def kernel_stream() -> list[Any]:
+        return [value async for value in shell.user_ns["program"](**inputs)]
+
+    with dspy.context(lm=demo_lm):
+        values = asyncio.run(kernel_stream())
+    run = pool.run_stream(shell.user_ns["streaming"](), **inputs)
+    tokens = [(c["predictor"], c["field"], c["text"], c["last"]) for c in run if c.kind == "token"]
+    expected = [(v.predict_name, v.signature_field_name, v.chunk, v.is_last_chunk) for v in values[:-1]]
+    assert expected and tokens == expected
+    assert_same(values[-1], run.result(60))
+
+
 @pytest.mark.parametrize("adapter", ["dspy.JSONAdapter()", "dspy.XMLAdapter()", "NotebookAdapter()"])
 def test_the_kernels_adapter_applies_on_the_pool(adapter: str, shell: InteractiveShell, pool: Pool,
                                                  demo_lm: dspy.LM) -> None:

@@ -158,17 +158,22 @@ def ship(program: Any) -> Shipped:
     return Shipped(base64.b64encode(data).decode(), hashlib.sha256(data).hexdigest(), collector.types)
 
 
-SHIPPED_SETTINGS = ("adapter",)  # the kernel's DSPy settings that a call on the pool runs under (the LM is the
-# pool's own: Pool(lm=...)); small objects, sent with each call
+SHIPPED_SETTINGS = ("adapter", "allow_tool_async_sync_conversion", "max_errors", "num_threads", "rm",
+                    "interpreter_factory")  # the kernel's DSPy settings that a call on the pool runs under where
+# they are not DSPy's defaults (the LM is the pool's own: Pool(lm=...)); small objects, sent with each call
 
 
 def kernel_settings() -> str:
-    """The kernel's DSPy settings of SHIPPED_SETTINGS that are set now (by ``dspy.configure`` or inside
-    ``dspy.context``), pickled for the workers as a program is; "" when none is, or DSPy is not imported."""
+    """The kernel's DSPy settings of SHIPPED_SETTINGS that are set now to other than DSPy's defaults (by
+    ``dspy.configure`` or inside ``dspy.context``), pickled for the workers as a program is; "" when none is,
+    or DSPy is not imported."""
     dspy_settings = getattr(sys.modules.get("dspy"), "settings", None)  # None while DSPy is still importing
-    values = {name: getattr(dspy_settings, name, None) for name in SHIPPED_SETTINGS} \
-        if dspy_settings is not None else {}
-    values = {name: value for name, value in values.items() if value is not None}
+    if dspy_settings is None:
+        return ""
+    from dspy.dsp.utils.settings import DEFAULT_CONFIG
+
+    values = {name: value for name in SHIPPED_SETTINGS
+              if (value := getattr(dspy_settings, name, None)) != DEFAULT_CONFIG.get(name)}
     return _by_value(values, f"the kernel's DSPy settings {sorted(values)}") if values else ""
 
 

@@ -505,6 +505,27 @@ program = dspy.Predict("question -> answer: int, tags: list[str]")
         assert_same([plain], pool.map(program, [question]).result(60), "map without the adapter")
 
 
+def test_the_kernels_dspy_settings_apply_on_the_pool(shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    program, _ = define(shell, '''
+import asyncio
+
+async def lookup(query: str = "DSPy") -> str:
+    """Look something up."""
+    await asyncio.sleep(0)
+    return f"Result for {query}"
+
+program = dspy.ReAct("question -> answer", tools=[lookup], max_iters=2)
+''')
+    inputs = {"question": "What is DSPy?"}
+    with dspy.context(lm=demo_lm, allow_tool_async_sync_conversion=True):  # as DSPy's tools tutorial has it
+        expected = program(**inputs)
+        assert expected.trajectory["observation_0"] == "Result for DSPy"  # the async tool ran, synchronously
+        assert_same(expected, pool.run(program, **inputs), "run")
+        assert_same(expected, pool.run_stream(program, **inputs).result(60), "run_stream")
+        assert_same([expected], pool.map(program, [inputs]).result(60), "map")
+    assert "async tool" in pool.run(program, **inputs).trajectory["observation_0"]  # without it: DSPy's error
+
+
 def test_a_predictor_with_its_own_lm_keeps_it_and_its_key_stays_masked(shell: InteractiveShell, pool: Pool,
                                                                          demo_lm: dspy.LM) -> None:
     program, _ = define(shell, '''

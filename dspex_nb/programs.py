@@ -25,6 +25,7 @@ import sys
 import threading
 import types
 import typing
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import cloudpickle
 
 from dspex_nb import typed
-from dspex_nb.errors import ArgumentError
+from dspex_nb.errors import ArgumentError, CallbacksNotRun
 
 
 @dataclasses.dataclass
@@ -172,9 +173,22 @@ def kernel_settings() -> str:
         return ""
     from dspy.dsp.utils.settings import DEFAULT_CONFIG
 
+    if dspy_settings.callbacks:  # said once per set of callbacks (the default warning filter)
+        names = sorted({type(callback).__name__ for callback in dspy_settings.callbacks})
+        warnings.warn(f"the kernel's DSPy callbacks {names} (dspy.configure or dspy.context) do not run on the pool: "
+                      "its calls run in the worker processes, out of their sight; run the program in the kernel "
+                      "to have them called", CallbacksNotRun, stacklevel=_callers_level())
     values = {name: value for name in SHIPPED_SETTINGS
               if (value := getattr(dspy_settings, name, None)) != DEFAULT_CONFIG.get(name)}
     return _by_value(values, f"the kernel's DSPy settings {sorted(values)}") if values else ""
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` of a warning issued here that names the first caller outside dspex_nb (the user's line)."""
+    level, frame = 2, sys._getframe(2)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "dspex_nb":
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def _by_value(value: Any, what: str, hint: str = "") -> str:

@@ -19,7 +19,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool
-from dspex_nb.errors import ArgumentError
+from dspex_nb.errors import ArgumentError, CallbacksNotRun
 from dspex_nb.worker.demo_lm import make_demo_lm
 
 SETUP = '''
@@ -524,6 +524,33 @@ program = dspy.ReAct("question -> answer", tools=[lookup], max_iters=2)
         assert_same(expected, pool.run_stream(program, **inputs).result(60), "run_stream")
         assert_same([expected], pool.map(program, [inputs]).result(60), "map")
     assert "async tool" in pool.run(program, **inputs).trajectory["observation_0"]  # without it: DSPy's error
+
+
+def test_the_kernels_callbacks_are_said_not_to_run_on_the_pool(shell: InteractiveShell, pool: Pool,
+                                                               demo_lm: dspy.LM) -> None:
+    program, _ = define(shell, '''
+from dspy.utils.callback import BaseCallback
+
+class AgentLoggingCallback(BaseCallback):
+    def __init__(self):
+        self.started = []
+
+    def on_module_start(self, call_id, instance, inputs):
+        self.started.append(type(instance).__name__)
+
+program = dspy.ChainOfThought("question -> answer")
+''')
+    callback = shell.user_ns["AgentLoggingCallback"]()
+    with dspy.context(lm=demo_lm, callbacks=[callback]):
+        expected = program(question="Why?")
+        assert callback.started == ["ChainOfThought", "Predict"]
+        warning = r"the kernel's DSPy callbacks \['AgentLoggingCallback'\] .* do not run on the pool"
+        with pytest.warns(CallbacksNotRun, match=warning) as caught:
+            assert_same(expected, pool.run(program, question="Why?"))
+        assert caught[0].filename == __file__  # it names the user's line
+        with pytest.warns(CallbacksNotRun, match=warning):
+            assert_same([expected], pool.map(program, ["Why?"]).result(60))
+    assert callback.started == ["ChainOfThought", "Predict"]
 
 
 def test_a_predictor_with_its_own_lm_keeps_it_and_its_key_stays_masked(shell: InteractiveShell, pool: Pool,

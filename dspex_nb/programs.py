@@ -90,17 +90,21 @@ def _by_predictor(listeners: list[Any]) -> defaultdict[int, list[Any]]:
 
 
 class _Collector(_Pickler):
-    """A pickler that notes the classes, the code files and the signature names it meets (a first pass)."""
+    """A pickler that notes the classes, the code files, the signature names and the modules' callbacks it meets
+    (a first pass)."""
 
     def __init__(self) -> None:
         super().__init__(io.BytesIO())
         self.types: set[type] = set()
         self.files: set[str] = set()
         self.names: dict[types.FunctionType, dict[str, Any]] = {}
+        self.callbacks: list[Any] = []  # DSPy pickles a module without its callbacks: they stay behind
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, type) and typed.portable_kind(obj):
             self.types.add(obj)
+        elif isinstance(obj, getattr(sys.modules.get("dspy"), "Module", ())) and obj.callbacks:
+            self.callbacks += obj.callbacks
         elif isinstance(obj, types.FunctionType):
             self.files.add(obj.__code__.co_filename)
             if names := _signature_names(obj):
@@ -150,6 +154,9 @@ def ship(program: Any) -> Shipped:
                             f"{type(program).__name__} cannot be sent to the workers: {type(exc).__name__}: {exc} "
                             "(it holds something that cannot be pickled, e.g. an open file, a lock or a client; "
                             "create that inside the module's forward or __init__ instead)") from None
+    if collector.callbacks:
+        _callbacks_not_run(collector.callbacks, "of the program's modules (callbacks=[...]), which DSPy does not "
+                           "pickle,")
     sources = {name: linecache.cache[name][2] for name in collector.files
                if name in linecache.cache and len(linecache.cache[name]) == 4}
     buffer = io.BytesIO()
@@ -173,14 +180,20 @@ def kernel_settings() -> str:
         return ""
     from dspy.dsp.utils.settings import DEFAULT_CONFIG
 
-    if dspy_settings.callbacks:  # said once per set of callbacks (the default warning filter)
-        names = sorted({type(callback).__name__ for callback in dspy_settings.callbacks})
-        warnings.warn(f"the kernel's DSPy callbacks {names} (dspy.configure or dspy.context) do not run on the pool: "
-                      "its calls run in the worker processes, out of their sight; run the program in the kernel "
-                      "to have them called", CallbacksNotRun, stacklevel=_callers_level())
+    if dspy_settings.callbacks:
+        _callbacks_not_run(dspy_settings.callbacks, "of the kernel (dspy.configure or dspy.context)")
     values = {name: value for name in SHIPPED_SETTINGS
               if (value := getattr(dspy_settings, name, None)) != DEFAULT_CONFIG.get(name)}
     return _by_value(values, f"the kernel's DSPy settings {sorted(values)}") if values else ""
+
+
+def _callbacks_not_run(callbacks: list[Any], which: str) -> None:
+    """Say that these DSPy callbacks are not called for the pool's calls: once per set and line of the user's
+    (the default warning filter)."""
+    names = sorted({type(callback).__name__ for callback in callbacks})
+    warnings.warn(f"the DSPy callbacks {names} {which} do not run on the pool: its calls run in the worker "
+                  "processes, out of their sight; run the program in the kernel to have them called",
+                  CallbacksNotRun, stacklevel=_callers_level())
 
 
 def _callers_level() -> int:

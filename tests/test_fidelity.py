@@ -526,8 +526,7 @@ program = dspy.ReAct("question -> answer", tools=[lookup], max_iters=2)
     assert "async tool" in pool.run(program, **inputs).trajectory["observation_0"]  # without it: DSPy's error
 
 
-def test_the_kernels_callbacks_are_said_not_to_run_on_the_pool(shell: InteractiveShell, pool: Pool,
-                                                               demo_lm: dspy.LM) -> None:
+def test_callbacks_are_said_not_to_run_on_the_pool(shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
     program, _ = define(shell, '''
 from dspy.utils.callback import BaseCallback
 
@@ -541,15 +540,19 @@ class AgentLoggingCallback(BaseCallback):
 program = dspy.ChainOfThought("question -> answer")
 ''')
     callback = shell.user_ns["AgentLoggingCallback"]()
+    warning = r"the DSPy callbacks \['AgentLoggingCallback'\] of the {}.* do not run on the pool"
     with dspy.context(lm=demo_lm, callbacks=[callback]):
         expected = program(question="Why?")
         assert callback.started == ["ChainOfThought", "Predict"]
-        warning = r"the kernel's DSPy callbacks \['AgentLoggingCallback'\] .* do not run on the pool"
-        with pytest.warns(CallbacksNotRun, match=warning) as caught:
+        with pytest.warns(CallbacksNotRun, match=warning.format("kernel")) as caught:
             assert_same(expected, pool.run(program, question="Why?"))
         assert caught[0].filename == __file__  # it names the user's line
-        with pytest.warns(CallbacksNotRun, match=warning):
+        with pytest.warns(CallbacksNotRun, match=warning.format("kernel")):
             assert_same([expected], pool.map(program, ["Why?"]).result(60))
+    assert callback.started == ["ChainOfThought", "Predict"]
+    program.callbacks = [callback]  # a module's own: DSPy pickles a module without them
+    with pytest.warns(CallbacksNotRun, match=warning.format("program's modules")):
+        assert_same(expected, pool.run(program, question="Why?"))
     assert callback.started == ["ChainOfThought", "Predict"]
 
 

@@ -73,6 +73,10 @@ class Cancelled(DspexError):
     """The call was cancelled (``run.cancel()``, a callback that returned False, or Ctrl-C)."""
 
 
+class CallbacksNotRun(UserWarning):
+    """The kernel's DSPy callbacks do not see a call that runs on the pool."""
+
+
 class StopStream(Exception):
     """Raise it in an ``on_chunk`` callback to cancel the stream (as returning False does)."""
 

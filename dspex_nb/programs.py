@@ -27,13 +27,15 @@ import sys
 import threading
 import types
 import typing
+import warnings
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import cloudpickle
 
 from dspex_nb import code_digest, typed
-from dspex_nb.errors import ArgumentError
+from dspex_nb.errors import ArgumentError, CallbacksNotRun
 
 
 @dataclasses.dataclass
@@ -56,8 +58,9 @@ _LOCKS = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threa
 
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle, plus what DSPy programs hold that it cannot pickle: a lock (e.g. in a ``dspy.Parallel``
-    made in ``__init__``) travels as a new one, and a lazily loaded module (``streamify``'s and ``asyncify``'s
-    ``anyio``), loaded yet or not, by its name."""
+    made in ``__init__``) travels as a new one, a lazily loaded module (``streamify``'s and ``asyncify``'s
+    ``anyio``), loaded yet or not, by its name, and ``streamify``'s stream listeners keyed by their predictors'
+    ids, keyed again by the ids those predictors have where they arrive."""
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file)
@@ -69,24 +72,48 @@ class _Pickler(cloudpickle.Pickler):
             return _LOCKS[type(obj)], ()
         if isinstance(obj, (type, types.FunctionType)) and code_digest.local_module(getattr(obj, "__module__", "")):
             self.modules.add(obj.__module__)
+        if type(obj) is defaultdict and _keyed_by_predictor(obj):
+            return _by_predictor, ([listener for listeners in obj.values() for listener in listeners],)
         if isinstance(obj, types.ModuleType) and type(obj) is not types.ModuleType and (
                 obj.__name__ in sys.modules or obj.__spec__ is not None):
             return importlib.import_module, (obj.__name__,)
         return super().reducer_override(obj)
 
 
+def _keyed_by_predictor(mapping: defaultdict[Any, Any]) -> bool:
+    """Whether ``mapping`` is ``dspy.streamify``'s stream listeners by the id of the predictor each listens to."""
+    listener_class = getattr(sys.modules.get("dspy.streaming.streaming_listener"), "StreamListener", None)
+    return bool(mapping) and listener_class is not None and all(
+        isinstance(listeners, list) and all(isinstance(listener, listener_class) and id(listener.predict) == key
+                                            for listener in listeners)
+        for key, listeners in mapping.items())
+
+
+def _by_predictor(listeners: list[Any]) -> defaultdict[int, list[Any]]:
+    """Stream listeners by the id of their predictor in this process, as ``dspy.streamify`` keys them (each has
+    its predictor already, so DSPy looks none up in the module it is given)."""
+    import dspy
+    from dspy.streaming.streaming_listener import find_predictor_for_stream_listeners
+
+    return find_predictor_for_stream_listeners(dspy.Module(), listeners)
+
+
 class _Collector(_Pickler):
-    """A pickler that notes the classes, the code files and the signature names it meets (a first pass)."""
+    """A pickler that notes the classes, the code files, the signature names and the modules' callbacks it meets
+    (a first pass)."""
 
     def __init__(self) -> None:
         super().__init__(io.BytesIO())
         self.types: set[type] = set()
         self.files: set[str] = set()
         self.names: dict[types.FunctionType, dict[str, Any]] = {}
+        self.callbacks: list[Any] = []  # DSPy pickles a module without its callbacks: they stay behind
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, type) and typed.portable_kind(obj):
             self.types.add(obj)
+        elif isinstance(obj, getattr(sys.modules.get("dspy"), "Module", ())) and obj.callbacks:
+            self.callbacks += obj.callbacks
         elif isinstance(obj, types.FunctionType):
             self.files.add(obj.__code__.co_filename)
             if names := _signature_names(obj):
@@ -144,6 +171,9 @@ def ship(program: Any) -> Shipped:
                             f"{type(program).__name__} cannot be sent to the workers: {type(exc).__name__}: {exc} "
                             "(it holds something that cannot be pickled, e.g. an open file, a lock or a client; "
                             "create that inside the module's forward or __init__ instead)") from None
+    if collector.callbacks:
+        _callbacks_not_run(collector.callbacks, "of the program's modules (callbacks=[...]), which DSPy does not "
+                           "pickle,")
     sources = {name: linecache.cache[name][2] for name in collector.files
                if name in linecache.cache and len(linecache.cache[name]) == 4}
     pickler = _Pickler(io.BytesIO())
@@ -182,18 +212,44 @@ def _payload(pickler: _Pickler) -> tuple[str, str]:
     return base64.b64encode(pickle.dumps((path, modules, data), protocol=pickle.HIGHEST_PROTOCOL)).decode(), key
 
 
-SHIPPED_SETTINGS = ("adapter",)  # the kernel's DSPy settings that a call on the pool runs under (the LM is the
-# pool's own: Pool(lm=...)); small objects, sent with each call
+SHIPPED_SETTINGS = ("adapter", "allow_tool_async_sync_conversion", "max_errors", "num_threads", "rm",
+                    "interpreter_factory")  # the kernel's DSPy settings that a call on the pool runs under where
+# they are not DSPy's defaults (the LM is the pool's own: Pool(lm=...)); small objects, sent with each call
 
 
 def kernel_settings() -> str:
-    """The kernel's DSPy settings of SHIPPED_SETTINGS that are set now (by ``dspy.configure`` or inside
-    ``dspy.context``), pickled for the workers as a program is; "" when none is, or DSPy is not imported."""
+    """The kernel's DSPy settings of SHIPPED_SETTINGS that are set now to other than DSPy's defaults (by
+    ``dspy.configure`` or inside ``dspy.context``), pickled for the workers as a program is; "" when none is,
+    or DSPy is not imported."""
     dspy_settings = getattr(sys.modules.get("dspy"), "settings", None)  # None while DSPy is still importing
-    values = {name: getattr(dspy_settings, name, None) for name in SHIPPED_SETTINGS} \
-        if dspy_settings is not None else {}
-    values = {name: value for name, value in values.items() if value is not None}
-    return _by_value(values, f"the kernel's DSPy settings {sorted(values)}") if values else ""
+    if dspy_settings is None:
+        return ""
+    from dspy.dsp.utils.settings import DEFAULT_CONFIG
+
+    if dspy_settings.callbacks:
+        _callbacks_not_run(dspy_settings.callbacks, "of the kernel (dspy.configure or dspy.context)")
+    values = {name: value for name in SHIPPED_SETTINGS
+              if (value := getattr(dspy_settings, name, None)) != DEFAULT_CONFIG.get(name)}
+    return _by_value(values, f"the kernel's DSPy settings {sorted(values)}",
+                     " (a call on the pool runs under them, as it would in the kernel: give them values that can "
+                     "be pickled, or set them to None around the pool's calls with dspy.context)") if values else ""
+
+
+def _callbacks_not_run(callbacks: list[Any], which: str) -> None:
+    """Say that these DSPy callbacks are not called for the pool's calls: once per set and line of the user's
+    (the default warning filter)."""
+    names = sorted({type(callback).__name__ for callback in callbacks})
+    warnings.warn(f"the DSPy callbacks {names} {which} do not run on the pool: its calls run in the worker "
+                  "processes, out of their sight; run the program in the kernel to have them called",
+                  CallbacksNotRun, stacklevel=_callers_level())
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` of a warning issued here that names the first caller outside dspex_nb (the user's line)."""
+    level, frame = 2, sys._getframe(2)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "dspex_nb":
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def _by_value(value: Any, what: str, hint: str = "") -> str:

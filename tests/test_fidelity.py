@@ -19,7 +19,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool
-from dspex_nb.errors import ArgumentError, ToolError
+from dspex_nb.errors import ArgumentError, CallbacksNotRun, ToolError
 from dspex_nb.worker.demo_lm import make_demo_lm
 
 SETUP = '''
@@ -455,6 +455,33 @@ program = dspy.streamify(dspy.Predict("question -> answer"), async_streaming=Fal
     assert_same(expected, pool.run(program, question="What is DSPy?"))
 
 
+def test_a_streamified_program_streams_its_listeners_fields(shell: InteractiveShell, pool: Pool,
+                                                           demo_lm: dspy.LM) -> None:
+    # streamify keys its listeners by their predictors' ids, which differ on the workers
+    define(shell, '''
+from dspy.streaming import StreamListener
+
+cot = dspy.ChainOfThought("question -> answer")
+
+def streaming():  # a listener streams once (allow_reuse=False): one program for the kernel, one for the pool
+    return dspy.streamify(cot, stream_listeners=[StreamListener(signature_field_name="answer")])
+
+program = streaming()
+''')
+    inputs = {"question": "Why is the sky blue?"}
+
+    async def kernel_stream() -> list[Any]:
+        return [value async for value in shell.user_ns["program"](**inputs)]
+
+    with dspy.context(lm=demo_lm):
+        values = asyncio.run(kernel_stream())
+    run = pool.run_stream(shell.user_ns["streaming"](), **inputs)
+    tokens = [(c["predictor"], c["field"], c["text"], c["last"]) for c in run if c.kind == "token"]
+    expected = [(v.predict_name, v.signature_field_name, v.chunk, v.is_last_chunk) for v in values[:-1]]
+    assert expected and tokens == expected
+    assert_same(values[-1], run.result(60))
+
+
 @pytest.mark.parametrize("adapter", ["dspy.JSONAdapter()", "dspy.XMLAdapter()", "NotebookAdapter()"])
 def test_the_kernels_adapter_applies_on_the_pool(adapter: str, shell: InteractiveShell, pool: Pool,
                                                  demo_lm: dspy.LM) -> None:
@@ -476,6 +503,59 @@ program = dspy.Predict("question -> answer: int, tags: list[str]")
             assert_same([expected], pool.map(program, [question]).result(60), "map")  # journal key differs
         assert_same(plain, pool.run(program, **question), "run without the adapter")
         assert_same([plain], pool.map(program, [question]).result(60), "map without the adapter")
+
+
+def test_the_kernels_dspy_settings_apply_on_the_pool(shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    program, _ = define(shell, '''
+import asyncio
+
+async def lookup(query: str = "DSPy") -> str:
+    """Look something up."""
+    await asyncio.sleep(0)
+    return f"Result for {query}"
+
+program = dspy.ReAct("question -> answer", tools=[lookup], max_iters=2)
+''')
+    inputs = {"question": "What is DSPy?"}
+    with dspy.context(lm=demo_lm, allow_tool_async_sync_conversion=True):  # as DSPy's tools tutorial has it
+        expected = program(**inputs)
+        assert expected.trajectory["observation_0"] == "Result for DSPy"  # the async tool ran, synchronously
+        assert_same(expected, pool.run(program, **inputs), "run")
+        assert_same(expected, pool.run_stream(program, **inputs).result(60), "run_stream")
+        assert_same([expected], pool.map(program, [inputs]).result(60), "map")
+    assert "async tool" in pool.run(program, **inputs).trajectory["observation_0"]  # without it: DSPy's error
+    with dspy.context(rm=(x for x in ())), pytest.raises(ArgumentError, match=r"DSPy settings \['rm'\] cannot"):
+        pool.run(program, **inputs)  # a setting that cannot travel is named, not dropped
+
+
+def test_callbacks_are_said_not_to_run_on_the_pool(shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    program, _ = define(shell, '''
+from dspy.utils.callback import BaseCallback
+
+class AgentLoggingCallback(BaseCallback):
+    def __init__(self):
+        self.started = []
+
+    def on_module_start(self, call_id, instance, inputs):
+        self.started.append(type(instance).__name__)
+
+program = dspy.ChainOfThought("question -> answer")
+''')
+    callback = shell.user_ns["AgentLoggingCallback"]()
+    warning = r"the DSPy callbacks \['AgentLoggingCallback'\] of the {}.* do not run on the pool"
+    with dspy.context(lm=demo_lm, callbacks=[callback]):
+        expected = program(question="Why?")
+        assert callback.started == ["ChainOfThought", "Predict"]
+        with pytest.warns(CallbacksNotRun, match=warning.format("kernel")) as caught:
+            assert_same(expected, pool.run(program, question="Why?"))
+        assert caught[0].filename == __file__  # it names the user's line
+        with pytest.warns(CallbacksNotRun, match=warning.format("kernel")):
+            assert_same([expected], pool.map(program, ["Why?"]).result(60))
+    assert callback.started == ["ChainOfThought", "Predict"]
+    program.callbacks = [callback]  # a module's own: DSPy pickles a module without them
+    with pytest.warns(CallbacksNotRun, match=warning.format("program's modules")):
+        assert_same(expected, pool.run(program, question="Why?"))
+    assert callback.started == ["ChainOfThought", "Predict"]
 
 
 def test_a_predictor_with_its_own_lm_keeps_it_and_its_key_stays_masked(shell: InteractiveShell, pool: Pool,

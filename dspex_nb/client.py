@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -18,7 +19,7 @@ from typing import Any
 
 from dspex_nb import programs, typed
 from dspex_nb.batch import BatchRun
-from dspex_nb.errors import ArgumentError
+from dspex_nb.errors import ArgumentError, PoolLMDiffers
 from dspex_nb.journal import Journal
 from dspex_nb.pool import settings
 from dspex_nb.pool.calls import Chunk, Run
@@ -37,10 +38,16 @@ class Pool(WorkerPool):
     {'x': 1}
     """
 
-    def __init__(self, workers: int = 2, *, journal: Journal | str | Path | bool = True, **options: Any) -> None:
+    def __init__(self, workers: int = 2, *, lm: str | None = None, lm_kwargs: dict[str, Any] | None = None,
+                 journal: Journal | str | Path | bool = True, **options: Any) -> None:
         settings.Checker("Pool").instance("journal", journal, (Journal, str, Path, bool),
                                           "True, False, a path or a Journal")
-        super().__init__(workers, **options)
+        if lm is None:  # the kernel's DSPy LM, as a program run here would use; without one, the demo LM
+            lm, kernel_kwargs = programs.kernel_lm() or ("demo", {})
+            if lm_kwargs is None or isinstance(lm_kwargs, dict):  # another value: refused below, named
+                lm_kwargs = {**kernel_kwargs, **(lm_kwargs or {})}
+        super().__init__(workers, lm=lm, lm_kwargs=lm_kwargs, **options)
+        self._lms_warned: set[str] = set()
         self._journal_setting = journal
         self._journal: Journal | None = None
         self._shipped: dict[int, tuple[Any, str]] = {}  # id(program) -> (a weak reference to it, its shipped name)
@@ -148,6 +155,7 @@ class Pool(WorkerPool):
         """A DSPy tool (``predict``, ``chain_of_thought``, ``run_module``) whose result is what the program
         returned (rebuilt with ``resolver``'s classes); with ``stream``, a ``Run`` whose ``result()`` is that."""
         decode = partial(programs.to_output, resolve=resolver or typed.Resolver())
+        self._check_lm()
         settings = programs.kernel_settings()  # e.g. dspy.configure(adapter=dspy.JSONAdapter()): the same there
         if settings:
             args = {**args, "settings": settings}
@@ -239,6 +247,7 @@ class Pool(WorkerPool):
         program = {"module": module, "signature": signature, "lm": self.lm, "lm_kwargs": self.lm_kwargs,
                    "source": defined.get("key"), "format": typed.FORMAT,
                    **({"shipped": hashlib.sha256(shipped.encode()).hexdigest()} if shipped else {})}
+        self._check_lm()
         kernel = programs.kernel_settings()
         if kernel:  # another adapter is another program: the journal keeps their results apart
             program["settings"] = kernel
@@ -246,6 +255,25 @@ class Pool(WorkerPool):
                         concurrency=concurrency or self.concurrency, shard_size=shard_size,
                         max_retries=max_retries, timeout=timeout, item_timeout=item_timeout, on_item=on_item,
                         journal=self.journal if journal else None, program=program, shipped=shipped, resolver=resolver)
+
+
+    def _check_lm(self) -> None:
+        """Warn, once per LM, when the kernel's DSPy LM is not the pool's: the call runs on the pool's."""
+        try:
+            kernel = programs.kernel_lm()
+        except ValueError as exc:
+            kernel, which = ("", {}), str(exc)
+        else:
+            which = f"the kernel's DSPy LM {kernel[0]!r} (dspy.configure / dspy.context)" if kernel else ""
+        if kernel is None or kernel == (self.lm, self.lm_kwargs):
+            return
+        seen = repr(sorted(kernel[1].items(), key=str)) + kernel[0]
+        if seen in self._lms_warned:
+            return
+        self._lms_warned.add(seen)
+        warnings.warn(f"this call runs on the pool's LM {self.lm!r}, not on {which}: pool.configure_lm(model, "
+                      "**settings) (%dspex lm ...) switches the pool's workers", PoolLMDiffers,
+                      stacklevel=programs.callers_level())
 
 
 def _by_keyword(method: str, args: tuple[Any, ...]) -> None:

@@ -77,6 +77,10 @@ class CallbacksNotRun(UserWarning):
     """The kernel's DSPy callbacks do not see a call that runs on the pool."""
 
 
+class PoolLMDiffers(UserWarning):
+    """The kernel's DSPy LM is not the pool's: a call on the pool runs on the pool's LM (``Pool(lm=...)``)."""
+
+
 class StopStream(Exception):
     """Raise it in an ``on_chunk`` callback to cancel the stream (as returning False does)."""
 

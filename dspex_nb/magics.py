@@ -226,7 +226,8 @@ def _setting(text: str) -> tuple[str, Any]:
 @magics_class
 class Dspex(Magics):
     workers = Integer(2, help="Workers in a pool the magics start.").tag(config=True)
-    lm = Unicode("demo", help="LM of a pool the magics start: 'demo' or a dspy.LM model string.").tag(config=True)
+    lm = Unicode("", help="LM of a pool the magics start: 'demo' or a dspy.LM model string; empty: the kernel's "
+                          "DSPy LM (dspy.configure(lm=...)) where one is set, else 'demo'.").tag(config=True)
     python = Unicode("", help="The workers' Python interpreter (default: the kernel's).").tag(config=True)
     display = Enum(MODES, "auto", help="'widgets', 'text', or 'auto' (widgets in a kernel unless "
                                        "DSPEX_NONINTERACTIVE=1).").tag(config=True)
@@ -274,25 +275,29 @@ class Dspex(Magics):
     def _require_pool(self, name: str) -> Pool:
         pool = self.pools.get(name)
         if pool is None or not pool.running:
-            label = "" if name == DEFAULT_POOL else f" {name!r}"
-            print(f"dspex: no pool{label} yet; starting {self.workers} workers with lm={self.lm!r} "
-                  "(%dspex start to choose)")
-            pool = self._start_pool(name, self.workers, self.lm, self.python)
+            pool = self._start_pool(name, self.workers, self.lm, self.python, first_use=True)
         return pool
 
     def _start_pool(self, name: str, workers: int, lm: str, python: str, definitions: dict | None = None,
-                    lm_kwargs: dict | None = None, ray: str | None = None) -> Pool:
+                    lm_kwargs: dict | None = None, ray: str | None = None, first_use: bool = False) -> Pool:
         """Start a pool: local worker processes, or (``ray`` not None) Ray actors on the cluster at that
-        address ("" for a local Ray instance)."""
+        address ("" for a local Ray instance). ``lm`` "": the kernel's DSPy LM, else the demo LM."""
         started = time.monotonic()
         where = {} if ray is None else {"backend": "ray", "address": ray or None}
-        pool = Pool(workers=workers, lm=lm, lm_kwargs=lm_kwargs, python=python or None, **where)
+        try:
+            pool = Pool(workers=workers, lm=lm or None, lm_kwargs=lm_kwargs, python=python or None, **where)
+        except ValueError as exc:  # e.g. the kernel's LM is not a dspy.LM
+            raise UsageError(str(exc)) from None
+        label = "" if name == DEFAULT_POOL else f" {name!r}"
+        if first_use:
+            print(f"dspex: no pool{label} yet; starting {workers} workers with lm={pool.lm!r} "
+                  "(%dspex start to choose)")
         pool.definitions.update(definitions or {})
         pool.start()
         self.pools[name] = pool
-        label = "" if name == DEFAULT_POOL else f" {name!r}"
         on = "" if ray is None else f", Ray actors at {ray or 'a local Ray instance'}"
-        print(f"dspex: pool{label} of {workers} workers ready (lm={lm!r}{on}) in {time.monotonic() - started:.1f} s")
+        print(f"dspex: pool{label} of {workers} workers ready (lm={pool.lm!r}{on}) in "
+              f"{time.monotonic() - started:.1f} s")
         return pool
 
     def _start(self, args: argparse.Namespace) -> None:

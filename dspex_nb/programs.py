@@ -241,10 +241,36 @@ def _callbacks_not_run(callbacks: list[Any], which: str) -> None:
     names = sorted({type(callback).__name__ for callback in callbacks})
     warnings.warn(f"the DSPy callbacks {names} {which} do not run on the pool: its calls run in the worker "
                   "processes, out of their sight; run the program in the kernel to have them called",
-                  CallbacksNotRun, stacklevel=_callers_level())
+                  CallbacksNotRun, stacklevel=callers_level())
 
 
-def _callers_level() -> int:
+_LM_DEFAULTS = {"model_type": "chat", "cache": True, "num_retries": 3}  # dspy.LM's, left out of a pool's settings
+
+
+def kernel_lm() -> tuple[str, dict[str, Any]] | None:
+    """The kernel's DSPy LM now (``dspy.configure(lm=...)``, or inside ``dspy.context(lm=...)``) as a pool's
+    LM: ``(model, settings)`` ("demo" with its knobs for the demo LM); None when none is set or DSPy is not
+    imported. A ValueError for an LM that is not a ``dspy.LM``, which a pool cannot start from a model string."""
+    dspy = sys.modules.get("dspy")
+    lm = getattr(getattr(dspy, "settings", None), "lm", None)
+    if lm is None:
+        return None
+    if not isinstance(lm, dspy.LM):  # type: ignore[union-attr]
+        raise ValueError(f"the kernel's DSPy LM is a {type(lm).__name__}, not a dspy.LM, so a pool cannot run "
+                         "it: give the pool 'demo' or a dspy.LM model string (Pool(lm=...), %dspex lm ...)")
+    kwargs = {key: value for key, value in lm.kwargs.items() if value is not None}
+    if lm.model == "demo/demo":
+        from dspex_nb.worker.demo_lm import DemoEngine
+
+        engine, default = lm._engine_spec, DemoEngine()
+        knobs = {key: value for key, value in vars(engine).items() if not key.startswith("_")
+                 and value != getattr(default, key)} if isinstance(engine, DemoEngine) else {}
+        return "demo", {**knobs, **kwargs}
+    settings = {key: getattr(lm, key) for key, default in _LM_DEFAULTS.items() if getattr(lm, key) != default}
+    return lm.model, {**settings, **kwargs}
+
+
+def callers_level() -> int:
     """The ``stacklevel`` of a warning issued here that names the first caller outside dspex_nb (the user's line)."""
     level, frame = 2, sys._getframe(2)
     while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "dspex_nb":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import warnings
 
 import pytest
 from helpers import wait_until
@@ -265,3 +266,35 @@ def test_awaiting_a_run_whose_value_cannot_be_made_raises_instead_of_hanging(poo
 
     with pytest.raises(ZeroDivisionError):
         asyncio.run(main())
+
+
+def test_a_pool_takes_the_kernels_dspy_lm_and_says_when_a_call_runs_on_another(pool: Pool) -> None:
+    import dspy
+
+    from dspex_nb import demo_lm
+    from dspex_nb.errors import PoolLMDiffers
+
+    assert Pool(workers=1).lm == "demo"  # no LM in the kernel: the demo LM
+    with dspy.context(lm=demo_lm(ttft=0.01, temperature=0.5)):
+        assert (Pool(workers=1).lm, Pool(workers=1).lm_kwargs) == ("demo", {"ttft": 0.01, "temperature": 0.5})
+    real = dspy.LM("openai/gpt-4o-mini", temperature=0.2, api_key="sk-kernel-key", cache=False)
+    with dspy.context(lm=real):
+        chosen = Pool(workers=1, lm_kwargs={"temperature": 0.0})
+        assert (chosen.lm, chosen.lm_kwargs) == ("openai/gpt-4o-mini",
+                                                 {"cache": False, "temperature": 0.0, "api_key": "sk-kernel-key"})
+        with pytest.warns(PoolLMDiffers, match="runs on the pool's LM 'demo', not on the kernel's DSPy LM "
+                                               "'openai/gpt-4o-mini'"):
+            assert pool.run("question -> answer", question="Which LM?").answer.startswith("Demo LM answer")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once per LM
+            pool.run("question -> answer", question="Which LM again?")
+    with dspy.context(lm=demo_lm()), warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same LM: nothing to say
+        pool.run("question -> answer", question="Which LM?")
+
+    class Custom(dspy.BaseLM):
+        def forward(self, prompt=None, messages=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
+            raise NotImplementedError
+
+    with dspy.context(lm=Custom("custom")), pytest.raises(ValueError, match="kernel's DSPy LM is a Custom"):
+        Pool(workers=1)

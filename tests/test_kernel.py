@@ -275,3 +275,66 @@ def test_a_two_step_module_shows_one_group_per_step(kernel: Kernel) -> None:
     assert plain[3] == "[answer]" and plain[4] == "  answer: " + kernel.value("two.answer").strip("'\"")
     titles = re.findall(r"<div class='dspex-step'[^>]*>step <b>(\w+)</b></div>", data["text/html"])
     assert titles == ["topic", "answer"]
+
+
+MANY_CALLS = '''
+import threading, time
+import dspy
+class TenCalls(dspy.Module):
+    """Ten LM calls in a row: a program that a cancel can stop half-way."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        for i in range(10):
+            answer = self.step(question=f"{question} {i}")
+        return answer
+
+ten_calls = TenCalls()
+magics = get_ipython().find_line_magic('dspex').__self__
+def counters(): return [magics.pool.describe(w.id)['counters'] for w in magics.pool.workers]
+def lm_calls(): return sum(c['lm_calls'] for c in counters())
+def say_when_the_lm_is_called(text):
+    """Print ``text`` (to this cell) once the workers have started one more LM call."""
+    start = lm_calls()
+    def watch():
+        while lm_calls() == start:
+            time.sleep(0.02)
+        print(text, flush=True)
+    threading.Thread(target=watch, daemon=True).start()
+def lm_calls_once_idle(since):
+    deadline = time.monotonic() + 30
+    while any(c['active_requests'] for c in counters()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return lm_calls() - since
+'''
+
+
+def interrupt_on_output(kernel: Kernel, code: str, text: str) -> Cell:
+    """Run ``code`` and interrupt the kernel (the Stop button) once the cell prints ``text``."""
+    interrupted: list[bool] = []
+
+    def on_message(kind: str, content: dict) -> None:
+        if kind == "stream" and text in content["text"] and not interrupted:
+            interrupted.append(True)
+            kernel.km.interrupt_kernel()
+
+    cell = kernel.collect(kernel.submit(code), timeout=120, on_message=on_message)
+    assert interrupted, f"{text!r} never came"
+    return cell
+
+
+def test_stop_during_a_call_that_does_not_stream_stops_its_program_on_the_worker(kernel: Kernel) -> None:
+    """Stop on ``--no-stream`` (and pool.run, pool.execute: the same unary call) ends the program at its next
+    LM call, as it does for a stream, instead of letting the worker make every call unseen."""
+    kernel.run(MANY_CALLS)
+    with kernel.demo_lm("--set ttft=0.5"):  # 5 s of LM calls unless stopped
+        before = kernel.value("lm_calls()")
+        cell = interrupt_on_output(kernel, 'say_when_the_lm_is_called("called")\n'
+                                           'get_ipython().run_cell_magic("dspex", "run ten_calls --no-stream", "why?")',
+                                   "called")
+        assert "dspex: interrupted; the remote work was cancelled" in cell.stderr, cell.stderr
+        made = int(kernel.value(f"lm_calls_once_idle({before})"))
+    assert 1 <= made < 10, made

@@ -338,3 +338,16 @@ def test_stop_during_a_call_that_does_not_stream_stops_its_program_on_the_worker
         assert "dspex: interrupted; the remote work was cancelled" in cell.stderr, cell.stderr
         made = int(kernel.value(f"lm_calls_once_idle({before})"))
     assert 1 <= made < 10, made
+
+
+def test_stop_during_an_awaited_run_cancels_it_at_once(kernel: Kernel) -> None:
+    """``await pool.run_async(...)``: ipykernel cancels an async cell on Stop only once it has ended by itself
+    (ipython/ipykernel#881); the awaited run is cancelled at once instead of running to its end."""
+    kernel.run(MANY_CALLS)
+    with kernel.demo_lm("--set ttft=0.5"):  # 5 s of LM calls unless stopped
+        before = kernel.value("lm_calls()")
+        cell = interrupt_on_output(kernel, 'say_when_the_lm_is_called("called")\n'
+                                           'await magics.pool.run_async(ten_calls, question="why?")', "called")
+        assert cell.error.startswith("Cancelled: "), cell.error
+        made = int(kernel.value(f"lm_calls_once_idle({before})"))
+    assert 1 <= made < 10, made

@@ -126,10 +126,23 @@ def test_batch_dashboard_and_headline_batch(kernel: Kernel) -> None:
                         "for i, p in enumerate(OUT))") == "(50, True)"
 
 
-def test_pool_dashboard(kernel: Kernel) -> None:
-    cell = kernel.run("%dspex status")
-    assert cell.plain == ["<dspex pool: 2 workers, lm=demo>"]
-    assert cell.counts.get("comm_open", 0) >= 1
+def test_pool_dashboard_is_saved_with_the_status_it_shows(kernel: Kernel) -> None:
+    """The pool dashboard lives as long as the pool: what a notebook saved meanwhile keeps is its status
+    as last shown (HTML and text), never a widget that a reopened notebook cannot show."""
+    shown: list[dict] = []
+
+    def on_message(kind: str, content: dict) -> None:
+        if kind == "display_data":
+            shown.append(content["data"])
+
+    cell = kernel.collect(kernel.submit("%dspex status"), on_message=on_message)
+    assert not cell.error and len(shown) == 1, (cell.error, shown)
+    data = shown[0]
+    assert "application/vnd.jupyter.widget-view+json" not in data
+    plain = data["text/plain"].splitlines()
+    assert plain[0] == "pool · 2 workers · lm=demo · running" and plain[1].startswith("worker  pid")
+    assert [line.split()[0] for line in plain[2:4]] == ["w0", "w1"]
+    assert ">workers</caption>" in data["text/html"] and "<td style='padding-right:1em'>w1</td>" in data["text/html"]
 
 
 def test_background_handle_keeps_updating_after_the_cell_returns(kernel: Kernel) -> None:

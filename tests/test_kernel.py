@@ -8,6 +8,7 @@ import html
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -364,3 +365,22 @@ def test_stop_during_an_awaited_run_cancels_it_at_once(kernel: Kernel) -> None:
         assert cell.error.startswith("Cancelled: "), cell.error
         made = int(kernel.value(f"lm_calls_once_idle({before})"))
     assert 1 <= made < 10, made
+
+
+def test_stop_pressed_twice_while_a_cell_waits_still_cancels_and_reads_as_an_interrupt() -> None:
+    """A second Ctrl-C that lands while ``Event.wait`` takes its lock back after the first makes the wait fail
+    with "release unlocked lock" (seen on a blocking batch, Stop pressed twice): the work is cancelled all
+    the same, and the cell reads it as an interrupt, not a RuntimeError (the timing is forced here)."""
+    from dspex_nb.pool.calls import wait_interruptibly
+
+    class StoppedTwice(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise RuntimeError("release unlocked lock") from None
+
+    cancelled: list[bool] = []
+    with pytest.raises(KeyboardInterrupt):
+        wait_interruptibly(StoppedTwice(), None, lambda: cancelled.append(True))
+    assert cancelled == [True]

@@ -78,7 +78,10 @@ def encode_args(tool: str, args: dict[str, Any] | None, limit: int) -> bytes:
 
 
 def wait_interruptibly(event: threading.Event, timeout: float | None, on_interrupt: Callable[[], None]) -> bool:
-    """Wait for ``event`` in short slices; on KeyboardInterrupt call ``on_interrupt`` and re-raise."""
+    """Wait for ``event`` in short slices; on KeyboardInterrupt call ``on_interrupt`` and re-raise.
+
+    A second Ctrl-C that lands while ``Event.wait`` takes its lock back after the first one makes it fail
+    with "release unlocked lock": that is an interrupt too."""
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while not event.wait(WAIT_SLICE):
@@ -87,6 +90,11 @@ def wait_interruptibly(event: threading.Event, timeout: float | None, on_interru
     except KeyboardInterrupt:
         on_interrupt()
         raise
+    except RuntimeError as exc:
+        if not isinstance(exc.__context__, KeyboardInterrupt):
+            raise
+        on_interrupt()
+        raise KeyboardInterrupt from None
     return True
 
 

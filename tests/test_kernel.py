@@ -7,6 +7,7 @@ import contextlib
 import html
 import json
 import os
+import queue
 import re
 import threading
 import time
@@ -384,3 +385,38 @@ def test_stop_pressed_twice_while_a_cell_waits_still_cancels_and_reads_as_an_int
     with pytest.raises(KeyboardInterrupt):
         wait_interruptibly(StoppedTwice(), None, lambda: cancelled.append(True))
     assert cancelled == [True]
+
+
+def test_stop_landing_while_the_view_draws_itself_still_leaves_the_answer_in_the_saved_output(
+        kernel: Kernel) -> None:
+    """Ctrl-C that lands in the view's first refresh (here forced: the refresh raises it) stops the run, and
+    the pump still replaces the live view by its static rendering, so the saved notebook shows the cancelled
+    run, not a widget that cannot be shown once reopened."""
+    kernel.run("from dspex_nb.ui import widgets\n"
+               "drawn = widgets.StreamView.refresh\n"
+               "def interrupted_once(view):\n"
+               "    widgets.StreamView.refresh = drawn\n"
+               "    raise KeyboardInterrupt\n"
+               "widgets.StreamView.refresh = interrupted_once")
+    with kernel.demo_lm("--set answer_tokens=20000 --set per_token=0.005"):  # about 100 s if not stopped
+        shown: list[str] = []
+        final: list[dict] = []
+
+        def on_message(kind: str, content: dict) -> None:
+            display_id = content.get("transient", {}).get("display_id")
+            if kind == "display_data" and display_id:
+                shown.append(display_id)
+            elif kind == "update_display_data" and display_id in shown:
+                final.append(content["data"])
+
+        cell = kernel.collect(kernel.submit('%%dspex predict "question -> answer"\nstopped at once'),
+                              on_message=on_message)
+        assert "dspex: interrupted; the remote work was cancelled" in cell.stderr, cell.stderr
+        deadline = time.monotonic() + 30
+        while not final and time.monotonic() < deadline:  # the pump's update comes after the cell ended
+            with contextlib.suppress(queue.Empty):
+                msg = kernel.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+                on_message(msg["msg_type"], msg["content"])
+    assert final, "the live view was never replaced by its static rendering"
+    assert "application/vnd.jupyter.widget-view+json" not in final[-1]
+    assert final[-1]["text/plain"].splitlines()[-1].startswith("cancelled · predict on w")

@@ -117,8 +117,8 @@ class View:
         """Replace the live widgets with the static rendering (once)."""
         if self._finished or self.handle is None:
             return
-        self._finished = True
         self.handle.update(_Static(self.static()))
+        self._finished = True  # only now: a Ctrl-C that stopped the update leaves it to the pump's next tick
         self.root.close()  # its models are not needed any more
 
 

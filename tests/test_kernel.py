@@ -7,7 +7,9 @@ import contextlib
 import html
 import json
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -126,10 +128,23 @@ def test_batch_dashboard_and_headline_batch(kernel: Kernel) -> None:
                         "for i, p in enumerate(OUT))") == "(50, True)"
 
 
-def test_pool_dashboard(kernel: Kernel) -> None:
-    cell = kernel.run("%dspex status")
-    assert cell.plain == ["<dspex pool: 2 workers, lm=demo>"]
-    assert cell.counts.get("comm_open", 0) >= 1
+def test_pool_dashboard_is_saved_with_the_status_it_shows(kernel: Kernel) -> None:
+    """The pool dashboard lives as long as the pool: what a notebook saved meanwhile keeps is its status
+    as last shown (HTML and text), never a widget that a reopened notebook cannot show."""
+    shown: list[dict] = []
+
+    def on_message(kind: str, content: dict) -> None:
+        if kind == "display_data":
+            shown.append(content["data"])
+
+    cell = kernel.collect(kernel.submit("%dspex status"), on_message=on_message)
+    assert not cell.error and len(shown) == 1, (cell.error, shown)
+    data = shown[0]
+    assert "application/vnd.jupyter.widget-view+json" not in data
+    plain = data["text/plain"].splitlines()
+    assert plain[0] == "pool · 2 workers · lm=demo · running" and plain[1].startswith("worker  pid")
+    assert [line.split()[0] for line in plain[2:4]] == ["w0", "w1"]
+    assert ">workers</caption>" in data["text/html"] and "<td style='padding-right:1em'>w1</td>" in data["text/html"]
 
 
 def test_background_handle_keeps_updating_after_the_cell_returns(kernel: Kernel) -> None:
@@ -275,3 +290,133 @@ def test_a_two_step_module_shows_one_group_per_step(kernel: Kernel) -> None:
     assert plain[3] == "[answer]" and plain[4] == "  answer: " + kernel.value("two.answer").strip("'\"")
     titles = re.findall(r"<div class='dspex-step'[^>]*>step <b>(\w+)</b></div>", data["text/html"])
     assert titles == ["topic", "answer"]
+
+
+MANY_CALLS = '''
+import threading, time
+import dspy
+class TenCalls(dspy.Module):
+    """Ten LM calls in a row: a program that a cancel can stop half-way."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        for i in range(10):
+            answer = self.step(question=f"{question} {i}")
+        return answer
+
+ten_calls = TenCalls()
+magics = get_ipython().find_line_magic('dspex').__self__
+def counters(): return [magics.pool.describe(w.id)['counters'] for w in magics.pool.workers]
+def lm_calls(): return sum(c['lm_calls'] for c in counters())
+def say_when_the_lm_is_called(text):
+    """Print ``text`` (to this cell) once the workers have started one more LM call."""
+    start = lm_calls()
+    def watch():
+        while lm_calls() == start:
+            time.sleep(0.02)
+        print(text, flush=True)
+    threading.Thread(target=watch, daemon=True).start()
+def lm_calls_once_idle(since):
+    deadline = time.monotonic() + 30
+    while any(c['active_requests'] for c in counters()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return lm_calls() - since
+'''
+
+
+def interrupt_on_output(kernel: Kernel, code: str, text: str) -> Cell:
+    """Run ``code`` and interrupt the kernel (the Stop button) once the cell prints ``text``."""
+    interrupted: list[bool] = []
+
+    def on_message(kind: str, content: dict) -> None:
+        if kind == "stream" and text in content["text"] and not interrupted:
+            interrupted.append(True)
+            kernel.km.interrupt_kernel()
+
+    cell = kernel.collect(kernel.submit(code), timeout=120, on_message=on_message)
+    assert interrupted, f"{text!r} never came"
+    return cell
+
+
+def test_stop_during_a_call_that_does_not_stream_stops_its_program_on_the_worker(kernel: Kernel) -> None:
+    """Stop on ``--no-stream`` (and pool.run, pool.execute: the same unary call) ends the program at its next
+    LM call, as it does for a stream, instead of letting the worker make every call unseen."""
+    kernel.run(MANY_CALLS)
+    with kernel.demo_lm("--set ttft=0.5"):  # 5 s of LM calls unless stopped
+        before = kernel.value("lm_calls()")
+        cell = interrupt_on_output(kernel, 'say_when_the_lm_is_called("called")\n'
+                                           'get_ipython().run_cell_magic("dspex", "run ten_calls --no-stream", "why?")',
+                                   "called")
+        assert "dspex: interrupted; the remote work was cancelled" in cell.stderr, cell.stderr
+        made = int(kernel.value(f"lm_calls_once_idle({before})"))
+    assert 1 <= made < 10, made
+
+
+def test_stop_during_an_awaited_run_cancels_it_at_once(kernel: Kernel) -> None:
+    """``await pool.run_async(...)``: ipykernel cancels an async cell on Stop only once it has ended by itself
+    (ipython/ipykernel#881); the awaited run is cancelled at once instead of running to its end."""
+    kernel.run(MANY_CALLS)
+    with kernel.demo_lm("--set ttft=0.5"):  # 5 s of LM calls unless stopped
+        before = kernel.value("lm_calls()")
+        cell = interrupt_on_output(kernel, 'say_when_the_lm_is_called("called")\n'
+                                           'await magics.pool.run_async(ten_calls, question="why?")', "called")
+        assert cell.error.startswith("Cancelled: "), cell.error
+        made = int(kernel.value(f"lm_calls_once_idle({before})"))
+    assert 1 <= made < 10, made
+
+
+def test_stop_pressed_twice_while_a_cell_waits_still_cancels_and_reads_as_an_interrupt() -> None:
+    """A second Ctrl-C that lands while ``Event.wait`` takes its lock back after the first makes the wait fail
+    with "release unlocked lock" (seen on a blocking batch, Stop pressed twice): the work is cancelled all
+    the same, and the cell reads it as an interrupt, not a RuntimeError (the timing is forced here)."""
+    from dspex_nb.pool.calls import wait_interruptibly
+
+    class StoppedTwice(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise RuntimeError("release unlocked lock") from None
+
+    cancelled: list[bool] = []
+    with pytest.raises(KeyboardInterrupt):
+        wait_interruptibly(StoppedTwice(), None, lambda: cancelled.append(True))
+    assert cancelled == [True]
+
+
+def test_stop_landing_while_the_view_draws_itself_still_leaves_the_answer_in_the_saved_output(
+        kernel: Kernel) -> None:
+    """Ctrl-C that lands in the view's first refresh (here forced: the refresh raises it) stops the run, and
+    the pump still replaces the live view by its static rendering, so the saved notebook shows the cancelled
+    run, not a widget that cannot be shown once reopened."""
+    kernel.run("from dspex_nb.ui import widgets\n"
+               "drawn = widgets.StreamView.refresh\n"
+               "def interrupted_once(view):\n"
+               "    widgets.StreamView.refresh = drawn\n"
+               "    raise KeyboardInterrupt\n"
+               "widgets.StreamView.refresh = interrupted_once")
+    with kernel.demo_lm("--set answer_tokens=20000 --set per_token=0.005"):  # about 100 s if not stopped
+        shown: list[str] = []
+        final: list[dict] = []
+
+        def on_message(kind: str, content: dict) -> None:
+            display_id = content.get("transient", {}).get("display_id")
+            if kind == "display_data" and display_id:
+                shown.append(display_id)
+            elif kind == "update_display_data" and display_id in shown:
+                final.append(content["data"])
+
+        cell = kernel.collect(kernel.submit('%%dspex predict "question -> answer"\nstopped at once'),
+                              on_message=on_message)
+        assert "dspex: interrupted; the remote work was cancelled" in cell.stderr, cell.stderr
+        deadline = time.monotonic() + 30
+        while not final and time.monotonic() < deadline:  # the pump's update comes after the cell ended
+            with contextlib.suppress(queue.Empty):
+                msg = kernel.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+                on_message(msg["msg_type"], msg["content"])
+    assert final, "the live view was never replaced by its static rendering"
+    assert "application/vnd.jupyter.widget-view+json" not in final[-1]
+    assert final[-1]["text/plain"].splitlines()[-1].startswith("cancelled · predict on w")

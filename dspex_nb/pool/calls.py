@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
@@ -78,7 +80,10 @@ def encode_args(tool: str, args: dict[str, Any] | None, limit: int) -> bytes:
 
 
 def wait_interruptibly(event: threading.Event, timeout: float | None, on_interrupt: Callable[[], None]) -> bool:
-    """Wait for ``event`` in short slices; on KeyboardInterrupt call ``on_interrupt`` and re-raise."""
+    """Wait for ``event`` in short slices; on KeyboardInterrupt call ``on_interrupt`` and re-raise.
+
+    A second Ctrl-C that lands while ``Event.wait`` takes its lock back after the first one makes it fail
+    with "release unlocked lock": that is an interrupt too."""
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while not event.wait(WAIT_SLICE):
@@ -87,6 +92,11 @@ def wait_interruptibly(event: threading.Event, timeout: float | None, on_interru
     except KeyboardInterrupt:
         on_interrupt()
         raise
+    except RuntimeError as exc:
+        if not isinstance(exc.__context__, KeyboardInterrupt):
+            raise
+        on_interrupt()
+        raise KeyboardInterrupt from None
     return True
 
 
@@ -190,7 +200,8 @@ class Handle(concurrent.futures.Future):
 
     async def _awaited(self) -> Any:
         try:
-            await asyncio.wrap_future(self)
+            with _stopped_by_sigint(self):
+                await asyncio.wrap_future(self)
         except asyncio.CancelledError:
             if not self.done:  # the awaiting task was cancelled: so is the remote work (the loop does not wait)
                 self._cancel()
@@ -219,6 +230,37 @@ class Handle(concurrent.futures.Future):
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until it ends; Ctrl-C cancels it. False when ``timeout`` passed first."""
         return wait_interruptibly(self._done, timeout, self.cancel)
+
+
+_awaiting: set[Handle] = set()  # handles awaited in the main thread now: Ctrl-C cancels them
+_sigint_before: Any = None  # the SIGINT handler while none is
+
+
+@contextlib.contextmanager
+def _stopped_by_sigint(handle: Handle) -> Iterator[None]:
+    """While the main thread awaits ``handle``, Ctrl-C (a kernel interrupt) cancels it at once, then goes on to
+    the handler there was. ipykernel's handler cancels an async cell only once the cell has ended by itself
+    (ipython/ipykernel#881), so ``await pool.run_async(...)`` would run to its end."""
+    global _sigint_before
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if not _awaiting:
+        _sigint_before = signal.signal(signal.SIGINT, _cancel_awaited)
+    _awaiting.add(handle)
+    try:
+        yield
+    finally:
+        _awaiting.discard(handle)
+        if not _awaiting:
+            signal.signal(signal.SIGINT, _sigint_before)
+
+
+def _cancel_awaited(signum: int, frame: Any) -> None:
+    for handle in list(_awaiting):  # in a thread: this handler may run while the main thread holds a lock
+        threading.Thread(target=handle.cancel, name="dspex-sigint", daemon=True).start()
+    if callable(_sigint_before):
+        _sigint_before(signum, frame)
 
 
 KEEP_CHUNKS = 100_000  # chunks a Run keeps by default (the latest); Run.received counts them all

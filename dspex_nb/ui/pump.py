@@ -28,14 +28,14 @@ class Pump:
         self._thread: threading.Thread | None = None
 
     def add(self, view: Refreshable) -> None:
-        """Refresh ``view`` now and on every tick until its ``refresh()`` returns False."""
-        if not self._refresh(view):
-            return
+        """Refresh ``view`` now and on every tick until its ``refresh()`` returns False. It is tracked first, so
+        that a Ctrl-C landing in this first refresh still leaves it to the pump, which makes it final."""
         with self._lock:
             self._views.append(view)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="dspex-ui-pump", daemon=True)
                 self._thread.start()
+        self.flush(view)
 
     def remove(self, view: Refreshable) -> None:
         with self._lock:

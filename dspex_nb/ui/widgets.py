@@ -1,4 +1,4 @@
-"""ipywidgets views: a token stream view, a batch dashboard, a pool dashboard.
+"""Live views: a token stream view and a batch dashboard (ipywidgets), a pool dashboard (HTML updated in place).
 
 Views know nothing of gRPC: they read a ``Run``, a ``BatchRun`` or a ``Pool``. ``refresh()`` is
 called by the pump (at most ~10 times a second) and sends only the values that changed, in one
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -116,8 +117,8 @@ class View:
         """Replace the live widgets with the static rendering (once)."""
         if self._finished or self.handle is None:
             return
-        self._finished = True
         self.handle.update(_Static(self.static()))
+        self._finished = True  # only now: a Ctrl-C that stopped the update leaves it to the pump's next tick
         self.root.close()  # its models are not needed any more
 
 
@@ -265,38 +266,51 @@ def _result_text(record: dict[str, Any], decode: Callable[[Any], Any] | None) ->
     return "; ".join(f"{k}: {v}" for k, v in progress.shown_fields(record["result"], decode).items())
 
 
-class PoolDashboard(View):
-    """Each worker's pid, state, calls and batch items, restarts, memory, uptime, and the calls by tool;
-    refreshed while the pool runs. When it stops, the last table seen stays, saying so."""
+class PoolDashboard:
+    """Each worker's pid, state, calls and batch items, restarts, memory, uptime, and the calls by tool.
+
+    Not a widget (it has nothing to click): while the pool runs, its display is replaced, at most once every
+    ``interval`` seconds and only when it changed, by HTML with a text/plain twin, so a notebook saved at any
+    moment holds the status as last shown, as a widget's output would not. When the pool stops, the last
+    table seen stays, saying so."""
+
+    interval = 1.0
 
     def __init__(self, pool: Executor) -> None:
         self.pool = pool
-        self.plain = f"<dspex pool: {pool.size} workers, lm={pool.lm}>"
-        self.header = w.HTML()
-        self.table = w.HTML()
-        self.stats = w.HTML()
-        self.root = w.VBox([self.header, self.table, self.stats])
+        self.handle: Any = None  # the DisplayHandle it was shown with
         self.last_rows: list[list[str]] = []  # the workers as last seen running
+        self.shown: dict[str, str] = {}
+        self._shown_at = 0.0
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, str]:
+        self.shown, self._shown_at = self.rendering(), time.monotonic()
+        return self.shown
 
     def refresh(self) -> bool:
         running = self.pool.running
-        state = "running" if running else "stopped"
-        _set(self.header, value=f"<b>pool</b> · {self.pool.size} workers · lm={html.escape(self.pool.lm)} · {state}")
-        if running:
-            self.last_rows = progress.pool_rows(self.pool.status())
-            _set(self.table, value=_table(progress.POOL_COLUMNS, self.last_rows, "workers"))
-        rows = progress.stats_rows(self.pool.stats())
-        _set(self.stats, value=_table(progress.STATS_COLUMNS, rows, "calls by tool") if rows else "")
+        if running and time.monotonic() - self._shown_at < self.interval:
+            return True
+        bundle = self.rendering()
+        if bundle != self.shown and self.handle is not None:
+            self.handle.update(_Static(bundle))
+        self.shown, self._shown_at = bundle, time.monotonic()
         return running
 
-    def static(self) -> dict[str, str]:
-        rows = progress.stats_rows(self.pool.stats())
-        header = f"pool: {self.pool.size} workers, lm={self.pool.lm}, stopped"
-        parts, plain = [self.header.value], [header]
+    def rendering(self) -> dict[str, str]:
+        """The dashboard now: {"text/html": ..., "text/plain": ...}."""
+        running = self.pool.running
+        if running:
+            self.last_rows = progress.pool_rows(self.pool.status())
+        state = "running" if running else "stopped"
+        header = f"pool · {self.pool.size} workers · lm={self.pool.lm} · {state}"
+        parts, plain = [f"<b>pool</b>{html.escape(header[4:])}"], [header]
         if self.last_rows:
-            parts.append(_table(progress.POOL_COLUMNS, self.last_rows, "workers, as last seen before the pool stopped"))
+            caption = "workers" if running else "workers, as last seen before the pool stopped"
+            parts.append(_table(progress.POOL_COLUMNS, self.last_rows, caption))
             plain.append(progress.text_table(progress.POOL_COLUMNS, self.last_rows))
+        rows = progress.stats_rows(self.pool.stats())
         if rows:
             parts.append(_table(progress.STATS_COLUMNS, rows, "calls by tool"))
             plain.append(progress.text_table(progress.STATS_COLUMNS, rows))
-        return {"text/html": "".join(parts), "text/plain": "\n".join(plain)}
+        return {"text/html": f"<div class='dspex-pool'>{''.join(parts)}</div>", "text/plain": "\n".join(plain)}

@@ -28,6 +28,7 @@ from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError, Cancelled
 from dspex_nb.worker import programs
 from dspex_nb.worker.demo_lm import make_demo_lm
+from dspex_nb.worker.limits import StopWhenCancelled
 from dspex_nb.worker.state import WorkerState
 from dspex_nb.worker.tools import Emit, ToolContext, tool
 
@@ -202,8 +203,10 @@ class _Failure:
 
 
 def _settings(ctx: ToolContext, kernel: str) -> dict[str, Any]:
-    """What a call runs under: the worker's LM and callbacks, and the kernel's settings (its adapter...)."""
-    return {**ctx.worker.dspy_settings(), **programs.kernel_settings(kernel)}
+    """What a call runs under: the worker's LM and callbacks, and the kernel's settings (its adapter...); once
+    the call is cancelled, its program makes no further LM call."""
+    settings = {**ctx.worker.dspy_settings(), **programs.kernel_settings(kernel)}
+    return {**settings, "callbacks": [StopWhenCancelled(ctx.cancelled), *settings["callbacks"]]}
 
 
 def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str) -> Generator[Emit, None, Any]:

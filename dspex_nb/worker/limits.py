@@ -1,8 +1,10 @@
-"""Keeping a worker's LM calls within limits: a requests-per-minute bucket.
+"""Keeping a worker's LM calls within limits: a requests-per-minute bucket, and none for a cancelled call.
 
 ``RateLimiter`` spaces calls evenly (no bursts), enforced in DSPy's ``on_lm_start`` callback, so it counts real LM
 calls (a multi-step module makes several per item). A Pool's ``rate_limit`` is split evenly over
 its workers. HTTP 429 answers are retried by ``dspy.LM`` itself (``num_retries``, honouring ``retry_after``).
+``StopWhenCancelled`` ends a cancelled call's program at its next LM call, also where nothing else would stop
+it: a call that does not stream, a batch's items already running.
 """
 
 from __future__ import annotations
@@ -48,3 +50,20 @@ class LimitLMCalls(BaseCallback):
 
     def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
         self.limiter.acquire()
+
+
+class CallCancelled(BaseException):
+    """Raised at an LM call of a cancelled call. Not an ``Exception``, so that neither DSPy (which logs and
+    ignores a callback's ``Exception``, and retries a failed parse with another adapter) nor the program's
+    own ``except Exception`` goes on with the call."""
+
+
+class StopWhenCancelled(BaseCallback):
+    """A DSPy callback that refuses every LM call once ``cancelled`` (the call's) is set."""
+
+    def __init__(self, cancelled: threading.Event) -> None:
+        self.cancelled = cancelled
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        if self.cancelled.is_set():
+            raise CallCancelled("the call was cancelled: no further LM calls")

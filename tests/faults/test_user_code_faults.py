@@ -107,3 +107,22 @@ def test_a_long_stream_keeps_memory_flat_in_the_kernel(pool: Pool) -> None:
     assert seen >= 1000
     everything = pool.execute_stream("count", {"n": 5000}, keep_chunks=None)
     assert everything.result(60) == {"count": 5000} and len(everything.chunks) == 5001
+
+
+def restarts(pool: Pool) -> int:
+    return sum(row["restarts"] for row in pool.status())
+
+
+def test_an_error_quoting_a_long_blob_is_reported_and_the_worker_lives(pool: Pool) -> None:
+    # a provider's error quoting an input image as base64: masking secrets in it must not take the worker's GIL
+    # for long enough that it misses its pings (the pattern was quadratic in a word's length: 10 KB took 5 s)
+    before = restarts(pool)
+    pool.define("blob", "def blob(text):\n"
+                        "    raise ValueError('bad image: data:image/png;base64,' + 'QUJD' * 50_000)\n")
+    with pytest.raises(ToolError, match="ValueError: bad image: data:image/png;base64,QUJD") as caught:
+        pool.call("blob", {"text": "a"}, timeout=60)
+    assert len(caught.value.message) < 5000  # shortened, with how much was left out
+    batch = pool.map("blob", ["a"], journal=False, max_retries=0)
+    batch.wait(60)
+    assert batch.records[0]["error"]["type"] == "ValueError"
+    assert restarts(pool) == before

@@ -102,11 +102,21 @@ class ChunkQueue:
             return batch
 
 
+def message_of(exc: BaseException) -> str:
+    """``str(exc)``, masked and shortened; where user code's ``__str__`` fails, a line that says so (as a
+    traceback does), so that the error is still reported with its type."""
+    try:
+        message = str(exc)
+    except BaseException as failure:  # anything user code raises there
+        message = f"<the exception's str() failed: {type(failure).__name__}>"
+    return redact.text(message)
+
+
 def error_info(exc: BaseException) -> dict[str, str]:
     """type / message / traceback of an exception, as the client will see them."""
     if isinstance(exc, ToolError):
         return {"type": exc.type, "message": redact.text(exc.message), "traceback": ""}
-    return {"type": type(exc).__name__, "message": redact.text(str(exc)),
+    return {"type": type(exc).__name__, "message": message_of(exc),
             "traceback": redact.text("".join(traceback.format_exception(exc)), limit=None)}
 
 

@@ -126,3 +126,29 @@ def test_an_error_quoting_a_long_blob_is_reported_and_the_worker_lives(pool: Poo
     batch.wait(60)
     assert batch.records[0]["error"]["type"] == "ValueError"
     assert restarts(pool) == before
+
+
+BROKEN_STR = '''
+class BrokenStr(Exception):
+    def __str__(self):
+        raise RuntimeError("str() is broken too")
+
+def broken(text):
+    if text == "bad":
+        raise BrokenStr("x")
+    return dspy.Prediction(text=text)
+'''
+
+
+def test_an_exception_whose_str_fails_is_still_reported_with_its_type(pool: Pool) -> None:
+    pool.define("broken", BROKEN_STR)
+    run = pool.run_stream("broken", text="bad")
+    for call in (lambda: pool.run("broken", text="bad"), lambda: run.result(60)):
+        # was: a bare gRPC UNKNOWN error, and a stream that ended "done" without a result
+        with pytest.raises(ToolError, match="BrokenStr: <the exception's str\\(\\) failed: RuntimeError>") as caught:
+            call()
+        assert "BrokenStr" in caught.value.remote_traceback
+    batch = pool.map("broken", ["a", "bad", "b"], journal=False, max_retries=0)
+    batch.wait(60)
+    assert [r["ok"] for r in batch.records] == [True, False, True]
+    assert batch.records[1]["error"]["type"] == "BrokenStr"  # was: the shard's error, for this item and the rest

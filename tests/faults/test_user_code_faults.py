@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import pytest
 from helpers import wait_until
 
 from dspex_nb import Pool
-from dspex_nb.errors import ArgumentError, ToolError
+from dspex_nb.errors import ArgumentError, DspexError, ToolError
+from dspex_nb.pool.calls import Chunk, Run
 
 ODD = ["SystemExit", "KeyboardInterrupt", "GeneratorExit"]
 
@@ -152,3 +154,20 @@ def test_an_exception_whose_str_fails_is_still_reported_with_its_type(pool: Pool
     batch.wait(60)
     assert [r["ok"] for r in batch.records] == [True, False, True]
     assert batch.records[1]["error"]["type"] == "BrokenStr"  # was: the shard's error, for this item and the rest
+
+
+class CutStream:
+    """A transport whose stream ends after a token, without the final chunk (a worker-side fault)."""
+
+    def __iter__(self) -> Iterator[list[Chunk]]:
+        yield [Chunk("token", 0, {"field": "answer", "text": "par", "last": False})]
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_a_stream_that_ends_without_its_result_fails_instead_of_returning_none() -> None:
+    run = Run("predict", "w0", CutStream(), on_chunk=None, on_done=lambda run: None)
+    with pytest.raises(DspexError, match="ended without its result or error"):
+        run.result(30)
+    assert run.status == "failed" and len(run.chunks) == 1  # what arrived is kept

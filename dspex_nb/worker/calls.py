@@ -46,6 +46,8 @@ MAX_CHUNKS_PER_MESSAGE = 2048
 LINGER = 0.002  # seconds a stream's message waits for more chunks to join it (not the first message)
 MESSAGE_OVERHEAD = 64 * 1024  # bytes kept free in every message for protobuf framing
 QUEUE_BYTES = 8 * 2**20  # chunks a stream may have waiting for a slow consumer before its tool waits
+MAX_TRACEBACK = 100_000  # characters of an error's traceback kept: one that quotes a huge message must not make
+# the error itself too large to send (it was a MessageTooLarge instead of the program's error)
 _DONE = object()
 
 
@@ -117,7 +119,7 @@ def error_info(exc: BaseException) -> dict[str, str]:
     if isinstance(exc, ToolError):
         return {"type": exc.type, "message": redact.text(exc.message), "traceback": ""}
     return {"type": type(exc).__name__, "message": message_of(exc),
-            "traceback": redact.text("".join(traceback.format_exception(exc)), limit=None)}
+            "traceback": redact.text("".join(traceback.format_exception(exc)), limit=MAX_TRACEBACK)}
 
 
 def drive(gen: Iterator[tools.Emit], ctx: tools.ToolContext, on_emit: Callable[[tools.Emit], None]) -> Any:

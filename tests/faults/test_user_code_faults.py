@@ -171,3 +171,14 @@ def test_a_stream_that_ends_without_its_result_fails_instead_of_returning_none()
     with pytest.raises(DspexError, match="ended without its result or error"):
         run.result(30)
     assert run.status == "failed" and len(run.chunks) == 1  # what arrived is kept
+
+
+def test_an_error_with_a_message_over_the_message_limit_is_still_that_error() -> None:
+    with Pool(workers=1, max_message_mb=2, journal=False) as small:
+        small.define("huge", "def huge(text):\n    raise ValueError('too much: ' + 'x' * (3 * 2**20))\n")
+        run = small.run_stream("huge", text="a")
+        for call in (lambda: small.run("huge", text="a"), lambda: run.result(60)):
+            # was: MessageTooLarge / ResultTooLarge ("raise max_message_mb"), the program's error lost
+            with pytest.raises(ToolError, match="ValueError: too much: xxx") as caught:
+                call()
+            assert caught.value.type == "ValueError" and len(caught.value.remote_traceback) < 2**20

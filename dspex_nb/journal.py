@@ -7,7 +7,8 @@ from here without calling the LM and runs only the rest. Only successful items a
 item runs again next time.
 
 Location: ``Journal(path)``, else ``$DSPEX_JOURNAL``, else ``~/.cache/dspex_nb/journal.sqlite3``.
-The file is private (0600; its default directory 0700): it holds the items and the answers.
+The file is private (0600; its default directory 0700): it holds the items and the answers. A place where
+another user could read or change it (a directory anyone may write to, their -wal file) is refused.
 
 The journal never costs a result: a write that fails (a full disk, a read-only file) is reported once
 (``Journal.problem``, shown by the batch) and the batch goes on with every result in memory; a file
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
 import warnings
@@ -87,8 +89,27 @@ class Journal:
                           "and a new journal started", JournalWarning, stacklevel=2)
             self._db = self._open()
 
+    def _check_place(self) -> None:
+        """Refuse a place where another user could read or change the journal: a directory anyone may write to
+        (they could make its -wal or -shm file first, which SQLite would then use: world-readable, theirs), or
+        such a file already there that is a link or another user's."""
+        advice = "use a directory of your own (Pool(journal=path) or DSPEX_JOURNAL)"
+        if os.stat(self.path.parent).st_mode & stat.S_IWOTH:
+            raise PermissionError(f"the batch journal {self.path} is in {self.path.parent}, which every user may "
+                                  f"write to: another user could read or change it there; {advice}")
+        for suffix in ("-wal", "-shm", "-journal"):
+            side = self.path.with_name(self.path.name + suffix)
+            try:
+                info = os.lstat(side)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+                raise PermissionError(f"the batch journal's file {side} is a link or another user's: refusing to "
+                                      f"use the journal; {advice}")
+
     def _open(self) -> sqlite3.Connection:
         # private from the start (WAL files follow); never through a link, never a file of another user
+        self._check_place()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             if os.fstat(fd).st_uid != os.getuid():

@@ -80,3 +80,30 @@ def test_a_damaged_row_is_skipped_with_a_warning(tmp_path: Path) -> None:
     with pytest.warns(JournalWarning, match=str(journal.path)):
         kept = journal.open_batch("b", "desc")
     assert kept == {"good": {"answer": "kept"}}
+
+
+def test_a_journal_where_another_user_could_read_or_change_it_is_refused(tmp_path: Path) -> None:
+    # SQLite uses a -wal / -shm file it finds beside the journal: one another user made first (mode 0666)
+    # would get every item and answer, and could forge rows
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # as /tmp, /dev/shm
+    with pytest.raises(PermissionError, match="which every user may write to"):
+        Journal(shared / "journal.sqlite3")
+    assert not (shared / "journal.sqlite3").exists()
+
+    group = tmp_path / "group"
+    group.mkdir()
+    os.chmod(group, 0o2775)  # a project directory its group may write to
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious")
+    (group / "journal.sqlite3-wal").symlink_to(victim)
+    with pytest.raises(PermissionError, match="journal.sqlite3-wal is a link or another user's"):
+        Journal(group / "journal.sqlite3")
+    assert victim.read_text() == "precious" and not list(group.glob("*.corrupt-*"))  # not moved aside as corrupt
+    if os.getuid() == 0:  # a file of another user needs root to make (chown)
+        (group / "journal.sqlite3-wal").unlink()
+        (group / "journal.sqlite3-shm").touch(mode=0o666)
+        os.chown(group / "journal.sqlite3-shm", 65534, 65534)
+        with pytest.raises(PermissionError, match="journal.sqlite3-shm is a link or another user's"):
+            Journal(group / "journal.sqlite3")

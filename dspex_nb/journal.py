@@ -53,6 +53,9 @@ CREATE TABLE IF NOT EXISTS items (
 """
 
 
+NOT_A_JOURNAL = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}  # errors that say the file itself is damaged
+
+
 def default_path() -> Path:
     return Path(os.environ.get("DSPEX_JOURNAL") or Path.home() / ".cache" / "dspex_nb" / "journal.sqlite3")
 
@@ -83,6 +86,8 @@ class Journal:
         try:
             self._db = self._open()
         except sqlite3.DatabaseError as exc:  # not a journal: keep it aside for the user, start afresh
+            if (exc.sqlite_errorcode & 0xFF) not in NOT_A_JOURNAL:  # a full disk, an I/O error: the file may be fine
+                raise
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
             self.path.replace(aside)
             warnings.warn(f"the batch journal {self.path} could not be read ({exc}); it was moved to {aside} "

@@ -3,9 +3,13 @@ damaged row is reported (naming the file) and the batch goes on; the file is 060
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import signal
 import sqlite3
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,3 +111,26 @@ def test_a_journal_where_another_user_could_read_or_change_it_is_refused(tmp_pat
         os.chown(group / "journal.sqlite3-shm", 65534, 65534)
         with pytest.raises(PermissionError, match="journal.sqlite3-shm is a link or another user's"):
             Journal(group / "journal.sqlite3")
+
+
+@contextlib.contextmanager
+def no_room_to_write() -> Iterator[None]:
+    """No file of this process may grow (as on a full disk): RLIMIT_FSIZE 0, its signal ignored."""
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_full_disk_when_opening_does_not_move_a_good_journal_aside(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.record("batch", "item", {"answer": "paid for"})
+    journal.close()
+    with no_room_to_write(), pytest.raises(sqlite3.OperationalError):  # SQLite cannot make the -shm file
+        Journal(path)
+    assert not list(tmp_path.glob("*.corrupt-*"))  # was: moved aside as corrupt, so a re-run paid again
+    assert Journal(path).results("batch", {"item"}) == {"item": {"answer": "paid for"}}

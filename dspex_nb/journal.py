@@ -75,9 +75,7 @@ class Journal:
     several processes at once (WAL)."""
 
     def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path is not None else default_path()
-        self.problem: str | None = None  # the first write that failed, if one did
-        self._lock = threading.Lock()
+        self._start(path)
         if path is None and not os.environ.get("DSPEX_JOURNAL"):
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.path.parent, 0o700)  # our own directory: private, as the file
@@ -93,6 +91,24 @@ class Journal:
             warnings.warn(f"the batch journal {self.path} could not be read ({exc}); it was moved to {aside} "
                           "and a new journal started", JournalWarning, stacklevel=2)
             self._db = self._open()
+
+    def _start(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path is not None else default_path()
+        self.problem: str | None = None  # the first write that failed, if one did
+        self._lock = threading.Lock()
+
+    @classmethod
+    def in_memory(cls, path: str | Path | None, reason: Exception) -> Journal:
+        """A journal in memory standing in for ``path``, which could not be opened (``reason``, reported once as
+        its ``problem``): batches run, and a re-run in this process takes their results from it."""
+        journal = cls.__new__(cls)
+        journal._start(path)
+        journal._db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        journal._db.executescript(SCHEMA)
+        journal.problem = (f"could not open the batch journal {journal.path} ({type(reason).__name__}: {reason}); "
+                           "batch results are kept in memory: a re-run in this kernel takes them, a later one cannot")
+        warnings.warn(journal.problem, JournalWarning, stacklevel=3)
+        return journal
 
     def _check_place(self) -> None:
         """Refuse a place where another user could read or change the journal: a directory anyone may write to

@@ -134,3 +134,17 @@ def test_a_full_disk_when_opening_does_not_move_a_good_journal_aside(tmp_path: P
         Journal(path)
     assert not list(tmp_path.glob("*.corrupt-*"))  # was: moved aside as corrupt, so a re-run paid again
     assert Journal(path).results("batch", {"item"}) == {"item": {"answer": "paid for"}}
+
+
+def test_a_journal_that_cannot_be_opened_costs_no_batch(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")  # as an unwritable or missing directory: the journal cannot be made
+    items = ["a", "b", "c"]
+    with Pool(workers=1, journal=blocked / "journal.sqlite3") as pool, \
+            pytest.warns(JournalWarning, match="could not open the batch journal"):
+        batch = pool.batch(items, "question -> answer")  # was: NotADirectoryError, and no batch ran
+        results = batch.result(60)
+        again = pool.batch(items, "question -> answer")
+        assert again.result(60) == results and again.from_journal == 3  # kept in memory for this kernel
+    assert all(r["answer"].startswith(f"Demo LM answer to '{q}'") for r, q in zip(results, items, strict=True))
+    assert str(blocked) in batch.warning and "kept in memory" in batch.warning

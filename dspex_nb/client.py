@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import sqlite3
 import threading
 import warnings
 import weakref
@@ -214,10 +215,19 @@ class Pool(WorkerPool):
 
     @property
     def journal(self) -> Journal | None:
-        """The batch journal (opened on first use), or None when this pool was made with journal=False."""
+        """The batch journal (opened on first use), or None when this pool was made with journal=False. One that
+        cannot be opened (an unwritable directory, a full disk, a place other users could read) costs no batch:
+        a journal in memory stands in for it, and the batches say why."""
         if self._journal is None and self._journal_setting is not False:
             setting = self._journal_setting
-            self._journal = setting if isinstance(setting, Journal) else Journal(None if setting is True else setting)
+            if isinstance(setting, Journal):
+                self._journal = setting
+            else:
+                path = None if setting is True else setting
+                try:
+                    self._journal = Journal(path)
+                except (OSError, sqlite3.Error) as exc:
+                    self._journal = Journal.in_memory(path, exc)
         return self._journal
 
     def batch(self, items: Sequence[Any], signature: str = "", *, module: str = "predict",

@@ -7,7 +7,8 @@ from here without calling the LM and runs only the rest. Only successful items a
 item runs again next time.
 
 Location: ``Journal(path)``, else ``$DSPEX_JOURNAL``, else ``~/.cache/dspex_nb/journal.sqlite3``.
-The file is private (0600; its default directory 0700): it holds the items and the answers.
+The file is private (0600; its default directory 0700): it holds the items and the answers. A place where
+another user could read or change it (a directory anyone may write to, their -wal file) is refused.
 
 The journal never costs a result: a write that fails (a full disk, a read-only file) is reported once
 (``Journal.problem``, shown by the batch) and the batch goes on with every result in memory; a file
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
 import warnings
@@ -51,6 +53,9 @@ CREATE TABLE IF NOT EXISTS items (
 """
 
 
+NOT_A_JOURNAL = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}  # errors that say the file itself is damaged
+
+
 def default_path() -> Path:
     return Path(os.environ.get("DSPEX_JOURNAL") or Path.home() / ".cache" / "dspex_nb" / "journal.sqlite3")
 
@@ -70,9 +75,7 @@ class Journal:
     several processes at once (WAL)."""
 
     def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path is not None else default_path()
-        self.problem: str | None = None  # the first write that failed, if one did
-        self._lock = threading.Lock()
+        self._start(path)
         if path is None and not os.environ.get("DSPEX_JOURNAL"):
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.path.parent, 0o700)  # our own directory: private, as the file
@@ -81,14 +84,53 @@ class Journal:
         try:
             self._db = self._open()
         except sqlite3.DatabaseError as exc:  # not a journal: keep it aside for the user, start afresh
+            if (exc.sqlite_errorcode & 0xFF) not in NOT_A_JOURNAL:  # a full disk, an I/O error: the file may be fine
+                raise
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
             self.path.replace(aside)
             warnings.warn(f"the batch journal {self.path} could not be read ({exc}); it was moved to {aside} "
                           "and a new journal started", JournalWarning, stacklevel=2)
             self._db = self._open()
 
+    def _start(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path is not None else default_path()
+        self.problem: str | None = None  # the first write that failed, if one did
+        self._lock = threading.Lock()
+
+    @classmethod
+    def in_memory(cls, path: str | Path | None, reason: Exception) -> Journal:
+        """A journal in memory standing in for ``path``, which could not be opened (``reason``, reported once as
+        its ``problem``): batches run, and a re-run in this process takes their results from it."""
+        journal = cls.__new__(cls)
+        journal._start(path)
+        journal._db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        journal._db.executescript(SCHEMA)
+        journal.problem = (f"could not open the batch journal {journal.path} ({type(reason).__name__}: {reason}); "
+                           "batch results are kept in memory: a re-run in this kernel takes them, a later one cannot")
+        warnings.warn(journal.problem, JournalWarning, stacklevel=3)
+        return journal
+
+    def _check_place(self) -> None:
+        """Refuse a place where another user could read or change the journal: a directory anyone may write to
+        (they could make its -wal or -shm file first, which SQLite would then use: world-readable, theirs), or
+        such a file already there that is a link or another user's."""
+        advice = "use a directory of your own (Pool(journal=path) or DSPEX_JOURNAL)"
+        if os.stat(self.path.parent).st_mode & stat.S_IWOTH:
+            raise PermissionError(f"the batch journal {self.path} is in {self.path.parent}, which every user may "
+                                  f"write to: another user could read or change it there; {advice}")
+        for suffix in ("-wal", "-shm", "-journal"):
+            side = self.path.with_name(self.path.name + suffix)
+            try:
+                info = os.lstat(side)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+                raise PermissionError(f"the batch journal's file {side} is a link or another user's: refusing to "
+                                      f"use the journal; {advice}")
+
     def _open(self) -> sqlite3.Connection:
         # private from the start (WAL files follow); never through a link, never a file of another user
+        self._check_place()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             if os.fstat(fd).st_uid != os.getuid():

@@ -18,9 +18,13 @@ MASK = "***"
 MAX_MESSAGE = 4000  # characters of an error message kept (a repr of a large object says little more)
 _SECRET_NAME = re.compile(r"key(?!word)|(?<!per_)token(?!s\b|s_|_count|izer)|secret|passw|authoriz|credential|cookie",
                           re.IGNORECASE)  # not counts (max_tokens, answer_tokens), nor the demo LM's per_token delay
-_ASSIGNED = re.compile(  # api_key='sk-...', "aws_secret_access_key": "...", ?key=..., Authorization: Bearer ...
-    r"""(?i)([\w-]*(?:key(?!word)|(?<!per_)token(?!s\b|s_|_count|izer)|secret|passw(?:or)?d|authoriz\w*|credential)"""
-    r"""[\w-]*['"]?\s*[:=]\s*['"]?"""
+# api_key='sk-...', "aws_secret_access_key": "...", ?key=..., Authorization: Bearer ... The match starts at the
+# secret-like part of the name (what comes before it is kept as it is anyway) and the rest of the name is
+# bounded: a pattern that scans a word in both directions takes quadratic time on a long one (a base64 blob
+# in an error message: 10 KB took 5 s, with the GIL held, so a worker missed its pings and was killed).
+_ASSIGNED = re.compile(
+    r"""(?i)((?:key(?!word)|(?<!per_)token(?!s\b|s_|_count|izer)|secret|passw(?:or)?d|authoriz\w{0,64}|credential)"""
+    r"""[\w-]{0,64}['"]?\s*[:=]\s*['"]?"""
     r"""(?:bearer\s+)?)([^'"\s,;&}\])]{4,})""")
 _BEARER = re.compile(r"(?i)(bearer\s+)([^\s'\",;]{8,})")
 _registered: set[str] = set()  # secret values given in settings (an LM's api_key), not in the environment

@@ -289,6 +289,7 @@ class Run(Handle):
         self._on_chunk = on_chunk
         self._on_done = on_done
         self._final: Any = None
+        self._ended = False  # a final chunk (result or error) arrived: a stream that ends without one failed
         self.decode: Callable[[Any], Any] | None = None  # turns the final result into the caller's value
         self._cond = threading.Condition()
         self.first_chunk_at: float | None = None
@@ -305,6 +306,9 @@ class Run(Handle):
                         break
                     if self._on_chunk(chunk) is False:
                         self.cancel()
+            if not self._ended:
+                raise DspexError(f"the stream of tool '{self.tool}' on worker {self.worker} ended without its "
+                                 "result or error")
         except DspexError as err:  # the transport failed (the worker died, a timeout...)
             if not self._cancelled:
                 self._error = err
@@ -328,8 +332,9 @@ class Run(Handle):
         self.items += sum(chunk.kind == "item" for chunk in chunks)
         last = chunks[-1]
         if last.kind == "final":
-            self._final = last.data
+            self._final, self._ended = last.data, True
         elif last.kind == "error" and last.is_final:
+            self._ended = True
             self._error = remote_error(self.tool, last.data["type"], last.data["message"],
                                        last.data.get("traceback", ""), self.worker)
         with self._cond:

@@ -35,8 +35,23 @@ RUNTIME_DIR_ENV = "DSPEX_RUNTIME_DIR"  # where pools make their socket directori
 
 
 def runtime_dir() -> Path:
-    """The directory under which pools make their private socket directories, and cleanup looks."""
-    return Path(os.environ.get(RUNTIME_DIR_ENV) or tempfile.gettempdir())
+    """The directory under which pools make their private socket directories, and cleanup looks.
+
+    It must be this user's or root's, and sticky if others may write to it (as /tmp is): in another user's
+    directory, or one without the sticky bit, another user could move a pool's directory away and put sockets
+    of their own in its place, which the kernel would then send programs, inputs and LM keys to.
+    """
+    path = Path(os.environ.get(RUNTIME_DIR_ENV) or tempfile.gettempdir())
+    info = os.stat(path)
+    if info.st_uid not in (os.getuid(), 0):
+        why = "belongs to another user"
+    elif info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        why = "may be written to by others but is not sticky"
+    else:
+        return path
+    raise PermissionError(f"the runtime directory {path} (${RUNTIME_DIR_ENV}, else the temp directory) {why}: "
+                          f"another user could replace a pool's sockets there; set ${RUNTIME_DIR_ENV} to a directory "
+                          "of your own")
 
 
 def write_owner(directory: Path, run_id: str, workers: list[int]) -> None:

@@ -46,6 +46,8 @@ MAX_CHUNKS_PER_MESSAGE = 2048
 LINGER = 0.002  # seconds a stream's message waits for more chunks to join it (not the first message)
 MESSAGE_OVERHEAD = 64 * 1024  # bytes kept free in every message for protobuf framing
 QUEUE_BYTES = 8 * 2**20  # chunks a stream may have waiting for a slow consumer before its tool waits
+MAX_TRACEBACK = 100_000  # characters of an error's traceback kept: one that quotes a huge message must not make
+# the error itself too large to send (it was a MessageTooLarge instead of the program's error)
 _DONE = object()
 
 
@@ -102,12 +104,22 @@ class ChunkQueue:
             return batch
 
 
+def message_of(exc: BaseException) -> str:
+    """``str(exc)``, masked and shortened; where user code's ``__str__`` fails, a line that says so (as a
+    traceback does), so that the error is still reported with its type."""
+    try:
+        message = str(exc)
+    except BaseException as failure:  # anything user code raises there
+        message = f"<the exception's str() failed: {type(failure).__name__}>"
+    return redact.text(message)
+
+
 def error_info(exc: BaseException) -> dict[str, str]:
     """type / message / traceback of an exception, as the client will see them."""
     if isinstance(exc, ToolError):
         return {"type": exc.type, "message": redact.text(exc.message), "traceback": ""}
-    return {"type": type(exc).__name__, "message": redact.text(str(exc)),
-            "traceback": redact.text("".join(traceback.format_exception(exc)), limit=None)}
+    return {"type": type(exc).__name__, "message": message_of(exc),
+            "traceback": redact.text("".join(traceback.format_exception(exc)), limit=MAX_TRACEBACK)}
 
 
 def drive(gen: Iterator[tools.Emit], ctx: tools.ToolContext, on_emit: Callable[[tools.Emit], None]) -> Any:

@@ -27,6 +27,7 @@ from dspy.utils.usage_tracker import UsageTracker
 from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError, Cancelled
 from dspex_nb.worker import programs
+from dspex_nb.worker.calls import message_of
 from dspex_nb.worker.demo_lm import make_demo_lm
 from dspex_nb.worker.limits import StopWhenCancelled
 from dspex_nb.worker.state import WorkerState
@@ -527,7 +528,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
                     data = {"index": i, "ok": True, "result": fut.result(), "worker": worker}
                 except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: this item's error
                     data = {"index": i, "ok": False, "worker": worker,
-                            "error": {"type": type(exc).__name__, "message": redact.text(str(exc))}}
+                            "error": {"type": type(exc).__name__, "message": message_of(exc)}}
                 results[i] = data
                 yield Emit("item", data)
         finally:  # a cancelled call does not wait for its items still running (their slots are given back)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import pytest
 from helpers import wait_until
 
 from dspex_nb import Pool
-from dspex_nb.errors import ArgumentError, ToolError
+from dspex_nb.errors import ArgumentError, DspexError, ToolError
+from dspex_nb.pool.calls import Chunk, Run
 
 ODD = ["SystemExit", "KeyboardInterrupt", "GeneratorExit"]
 
@@ -107,3 +109,76 @@ def test_a_long_stream_keeps_memory_flat_in_the_kernel(pool: Pool) -> None:
     assert seen >= 1000
     everything = pool.execute_stream("count", {"n": 5000}, keep_chunks=None)
     assert everything.result(60) == {"count": 5000} and len(everything.chunks) == 5001
+
+
+def restarts(pool: Pool) -> int:
+    return sum(row["restarts"] for row in pool.status())
+
+
+def test_an_error_quoting_a_long_blob_is_reported_and_the_worker_lives(pool: Pool) -> None:
+    # a provider's error quoting an input image as base64: masking secrets in it must not take the worker's GIL
+    # for long enough that it misses its pings (the pattern was quadratic in a word's length: 10 KB took 5 s)
+    before = restarts(pool)
+    pool.define("blob", "def blob(text):\n"
+                        "    raise ValueError('bad image: data:image/png;base64,' + 'QUJD' * 50_000)\n")
+    with pytest.raises(ToolError, match="ValueError: bad image: data:image/png;base64,QUJD") as caught:
+        pool.call("blob", {"text": "a"}, timeout=60)
+    assert len(caught.value.message) < 5000  # shortened, with how much was left out
+    batch = pool.map("blob", ["a"], journal=False, max_retries=0)
+    batch.wait(60)
+    assert batch.records[0]["error"]["type"] == "ValueError"
+    assert restarts(pool) == before
+
+
+BROKEN_STR = '''
+class BrokenStr(Exception):
+    def __str__(self):
+        raise RuntimeError("str() is broken too")
+
+def broken(text):
+    if text == "bad":
+        raise BrokenStr("x")
+    return dspy.Prediction(text=text)
+'''
+
+
+def test_an_exception_whose_str_fails_is_still_reported_with_its_type(pool: Pool) -> None:
+    pool.define("broken", BROKEN_STR)
+    run = pool.run_stream("broken", text="bad")
+    for call in (lambda: pool.run("broken", text="bad"), lambda: run.result(60)):
+        # was: a bare gRPC UNKNOWN error, and a stream that ended "done" without a result
+        with pytest.raises(ToolError, match="BrokenStr: <the exception's str\\(\\) failed: RuntimeError>") as caught:
+            call()
+        assert "BrokenStr" in caught.value.remote_traceback
+    batch = pool.map("broken", ["a", "bad", "b"], journal=False, max_retries=0)
+    batch.wait(60)
+    assert [r["ok"] for r in batch.records] == [True, False, True]
+    assert batch.records[1]["error"]["type"] == "BrokenStr"  # was: the shard's error, for this item and the rest
+
+
+class CutStream:
+    """A transport whose stream ends after a token, without the final chunk (a worker-side fault)."""
+
+    def __iter__(self) -> Iterator[list[Chunk]]:
+        yield [Chunk("token", 0, {"field": "answer", "text": "par", "last": False})]
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_a_stream_that_ends_without_its_result_fails_instead_of_returning_none() -> None:
+    run = Run("predict", "w0", CutStream(), on_chunk=None, on_done=lambda run: None)
+    with pytest.raises(DspexError, match="ended without its result or error"):
+        run.result(30)
+    assert run.status == "failed" and len(run.chunks) == 1  # what arrived is kept
+
+
+def test_an_error_with_a_message_over_the_message_limit_is_still_that_error() -> None:
+    with Pool(workers=1, max_message_mb=2, journal=False) as small:
+        small.define("huge", "def huge(text):\n    raise ValueError('too much: ' + 'x' * (3 * 2**20))\n")
+        run = small.run_stream("huge", text="a")
+        for call in (lambda: small.run("huge", text="a"), lambda: run.result(60)):
+            # was: MessageTooLarge / ResultTooLarge ("raise max_message_mb"), the program's error lost
+            with pytest.raises(ToolError, match="ValueError: too much: xxx") as caught:
+                call()
+            assert caught.value.type == "ValueError" and len(caught.value.remote_traceback) < 2**20

@@ -3,9 +3,13 @@ damaged row is reported (naming the file) and the batch goes on; the file is 060
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import signal
 import sqlite3
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,3 +84,67 @@ def test_a_damaged_row_is_skipped_with_a_warning(tmp_path: Path) -> None:
     with pytest.warns(JournalWarning, match=str(journal.path)):
         kept = journal.open_batch("b", "desc")
     assert kept == {"good": {"answer": "kept"}}
+
+
+def test_a_journal_where_another_user_could_read_or_change_it_is_refused(tmp_path: Path) -> None:
+    # SQLite uses a -wal / -shm file it finds beside the journal: one another user made first (mode 0666)
+    # would get every item and answer, and could forge rows
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # as /tmp, /dev/shm
+    with pytest.raises(PermissionError, match="which every user may write to"):
+        Journal(shared / "journal.sqlite3")
+    assert not (shared / "journal.sqlite3").exists()
+
+    group = tmp_path / "group"
+    group.mkdir()
+    os.chmod(group, 0o2775)  # a project directory its group may write to
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious")
+    (group / "journal.sqlite3-wal").symlink_to(victim)
+    with pytest.raises(PermissionError, match="journal.sqlite3-wal is a link or another user's"):
+        Journal(group / "journal.sqlite3")
+    assert victim.read_text() == "precious" and not list(group.glob("*.corrupt-*"))  # not moved aside as corrupt
+    if os.getuid() == 0:  # a file of another user needs root to make (chown)
+        (group / "journal.sqlite3-wal").unlink()
+        (group / "journal.sqlite3-shm").touch(mode=0o666)
+        os.chown(group / "journal.sqlite3-shm", 65534, 65534)
+        with pytest.raises(PermissionError, match="journal.sqlite3-shm is a link or another user's"):
+            Journal(group / "journal.sqlite3")
+
+
+@contextlib.contextmanager
+def no_room_to_write() -> Iterator[None]:
+    """No file of this process may grow (as on a full disk): RLIMIT_FSIZE 0, its signal ignored."""
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_full_disk_when_opening_does_not_move_a_good_journal_aside(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.record("batch", "item", {"answer": "paid for"})
+    journal.close()
+    with no_room_to_write(), pytest.raises(sqlite3.OperationalError):  # SQLite cannot make the -shm file
+        Journal(path)
+    assert not list(tmp_path.glob("*.corrupt-*"))  # was: moved aside as corrupt, so a re-run paid again
+    assert Journal(path).results("batch", {"item"}) == {"item": {"answer": "paid for"}}
+
+
+def test_a_journal_that_cannot_be_opened_costs_no_batch(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")  # as an unwritable or missing directory: the journal cannot be made
+    items = ["a", "b", "c"]
+    with Pool(workers=1, journal=blocked / "journal.sqlite3") as pool, \
+            pytest.warns(JournalWarning, match="could not open the batch journal"):
+        batch = pool.batch(items, "question -> answer")  # was: NotADirectoryError, and no batch ran
+        results = batch.result(60)
+        again = pool.batch(items, "question -> answer")
+        assert again.result(60) == results and again.from_journal == 3  # kept in memory for this kernel
+    assert all(r["answer"].startswith(f"Demo LM answer to '{q}'") for r, q in zip(results, items, strict=True))
+    assert str(blocked) in batch.warning and "kept in memory" in batch.warning

@@ -84,3 +84,25 @@ def test_a_forged_pool_directory_cannot_end_a_live_pool(forge: Callable[[Path, P
 def test_pool_json_is_private(pool: Pool) -> None:
     assert pool.backend.dir is not None
     assert oct(os.stat(pool.backend.dir / stale.OWNER_FILE).st_mode & 0o777) == oct(0o600)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775])
+def test_a_runtime_dir_where_others_could_replace_sockets_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     mode: int) -> None:
+    # there another user could move a pool's directory away and put sockets of their own in its place: the
+    # kernel would send them its programs, inputs and LM keys
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, mode)
+    monkeypatch.setenv(stale.RUNTIME_DIR_ENV, str(shared))
+    with pytest.raises(PermissionError, match=f"runtime directory {shared} .* may be written to by others but is not "
+                                              "sticky"):
+        Pool(workers=1, journal=False).start()
+    assert not list(shared.iterdir())  # no socket directory made, no worker started
+    os.chmod(shared, 0o1777)  # sticky, as /tmp is: others cannot move what is not theirs
+    assert stale.runtime_dir() == shared
+    if os.getuid() == 0:  # a directory of another user needs root to make (chown)
+        os.chmod(shared, 0o755)
+        os.chown(shared, 65534, 65534)
+        with pytest.raises(PermissionError, match="belongs to another user"):
+            stale.runtime_dir()

@@ -7,16 +7,19 @@ module from the same file. After the file is edited and reloaded in the kernel (
 run that. So the kernel sends a digest of each such module's code with the program; a worker whose copy
 differs reloads it, and if the kernel's code is not the file's either, the call fails saying so.
 
-The digest covers what the module defines itself: its functions' and classes' code (bytecode, constants,
-names, primitive defaults), class attributes and field declarations (a ``dspy.Signature``'s instructions and
-fields), and its primitive constants (prompts). It is the same in every process of the same interpreter:
-only primitives are written out, never an object's ``repr`` (which may hold its address).
+The digest covers the code the module defines, as compiled from its source: its functions' and classes'
+bytecode, constants and names, their docstrings, and the field declarations of its pydantic models and
+``dspy.Signature``s (types, descriptions, instructions). Not values that change as the program runs
+(module globals, class attributes, mutable defaults), so a digest is the same in every process that
+imported the same source. Only modules loaded by Python's own source loader qualify: one an import hook
+rewrote (pytest's assertions) is not the file's plain compilation anywhere else.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.machinery
 import os
 import site
 import sys
@@ -24,7 +27,7 @@ import sysconfig
 import types
 from typing import Any
 
-_PRIMITIVES = (str, bytes, int, float, bool, type(None))
+_IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), type(Ellipsis))
 
 
 @functools.cache
@@ -42,23 +45,23 @@ def _is_local_file(file: str) -> bool:
 
 
 def local_module(name: str) -> bool:
-    """Whether module ``name`` is the user's own code from a file (not installed, not ``__main__``, not ours)."""
-    module = sys.modules.get(name)
+    """Whether module ``name`` is the user's own code from a source file: not installed, not ``__main__``, not
+    ours, and loaded by Python's source loader."""
+    module = sys.modules.get(name) if name else None
     file = getattr(module, "__file__", None)
+    loader = getattr(getattr(module, "__spec__", None), "loader", None)
     if not file or name == "__main__" or name.partition(".")[0] == "dspex_nb":
         return False
-    return _is_local_file(file)
+    return type(loader) is importlib.machinery.SourceFileLoader and _is_local_file(file)
 
 
 def digest(module: types.ModuleType) -> str:
-    """The digest of what ``module`` defines (see the module's docstring)."""
+    """The digest of the code ``module`` defines (see the module's docstring)."""
     out = hashlib.sha256()
     for key, value in sorted(vars(module).items()):
         if isinstance(value, (type, types.FunctionType)) and getattr(value, "__module__", None) == module.__name__:
             out.update(f"\0{key}:".encode())
-            _feed(out, value, {}, module.__name__)
-        elif isinstance(value, _PRIMITIVES) and not key.startswith("__"):
-            out.update(f"\0{key}={value!r}".encode())
+            _code(out, value, module.__name__, set())
     return out.hexdigest()
 
 
@@ -72,63 +75,47 @@ def stale(expected: dict[str, str]) -> list[str]:
     return [name for name, value in expected.items() if name in sys.modules and digest(sys.modules[name]) != value]
 
 
-def _declared(key: str, value: Any) -> bool:
-    """Whether a class attribute is the class's own declaration: its code, docstring and plain attributes, not
-    what Python or a library made for it (``__dict__``, pydantic's ``__pydantic_core_schema__``, ``_abc_impl``)."""
-    if isinstance(value, (types.FunctionType, staticmethod, classmethod, property)):
-        return True
-    return key == "__doc__" or not (key.startswith("__") and key.endswith("__") or key == "_abc_impl")
-
-
-def _feed(out: Any, value: Any, seen: dict[int, Any], module: str) -> None:
-    """Write ``value`` into ``out``: primitives, and the code of ``module``'s functions and classes, as they are;
-    a class or function of another module by its name; anything else by its type's name."""
-    if isinstance(value, (type, types.FunctionType)) and getattr(value, "__module__", None) != module:
+def _code(out: Any, value: Any, module: str, seen: set[str]) -> None:
+    """Write the code of a function or class of ``module`` into ``out``; another module's by its name."""
+    if getattr(value, "__module__", None) != module or value.__qualname__ in seen:
         out.update(f"<{getattr(value, '__module__', '?')}.{value.__qualname__}>".encode())
         return
-    if id(value) in seen:
-        out.update(b"<again>")
+    seen.add(value.__qualname__)
+    if isinstance(value, types.FunctionType):
+        _compiled(out, value.__code__)
+        out.update(repr(tuple(d for d in value.__defaults__ or () if isinstance(d, _IMMUTABLE))).encode())
         return
-    if isinstance(value, _PRIMITIVES):
-        out.update(repr(value).encode())
-    elif isinstance(value, (tuple, list)):
-        seen[id(value)] = value  # kept alive: an id is not reused meanwhile
+    out.update(f"class {value.__qualname__}{[b.__qualname__ for b in value.__bases__]}".encode())
+    out.update(repr(value.__doc__).encode())  # a Signature's instructions
+    for key, item in sorted(vars(value).items()):
+        function = item.__func__ if isinstance(item, (staticmethod, classmethod)) else item
+        if isinstance(function, property):
+            function = function.fget
+        if isinstance(function, (types.FunctionType, type)):
+            out.update(f"\0{key}:".encode())
+            _code(out, function, module, seen)
+    for name, info in sorted((getattr(value, "model_fields", None) or {}).items()):  # pydantic, dspy.Signature
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        out.update(f"\0field {name}: {info.annotation!r} {info.description!r} {sorted(extra.items())!r}".encode())
+
+
+def _compiled(out: Any, code: types.CodeType) -> None:
+    out.update(code.co_code)
+    out.update(repr(code.co_names).encode())
+    _constant(out, code.co_consts)
+
+
+def _constant(out: Any, const: Any) -> None:
+    """A compile-time constant: nested code, a literal, a tuple or frozenset of those."""
+    if isinstance(const, types.CodeType):
+        _compiled(out, const)
+    elif isinstance(const, tuple):
         out.update(b"(")
-        for item in value:
-            _feed(out, item, seen, module)
+        for item in const:
+            _constant(out, item)
             out.update(b",")
         out.update(b")")
-    elif isinstance(value, (frozenset, set)):  # order differs between processes: sorted by what each writes
-        out.update(b"{" + b",".join(sorted(repr(v).encode() for v in value if isinstance(v, _PRIMITIVES))) + b"}")
-    elif isinstance(value, dict):
-        seen[id(value)] = value  # kept alive: an id is not reused meanwhile
-        out.update(b"{")
-        for key, item in value.items():
-            out.update(f"{key!r}:".encode() if isinstance(key, _PRIMITIVES) else b"?:")
-            _feed(out, item, seen, module)
-        out.update(b"}")
-    elif isinstance(value, types.CodeType):
-        out.update(value.co_code)
-        out.update(repr(value.co_names).encode())
-        _feed(out, value.co_consts, seen, module)
-    elif isinstance(value, types.FunctionType):
-        seen[id(value)] = value  # kept alive: an id is not reused meanwhile
-        _feed(out, value.__code__, seen, module)
-        _feed(out, value.__defaults__, seen, module)
-        _feed(out, value.__kwdefaults__, seen, module)
-    elif isinstance(value, (staticmethod, classmethod)):
-        _feed(out, value.__func__, seen, module)
-    elif isinstance(value, property):
-        _feed(out, (value.fget, value.fset, value.fdel), seen, module)
-    elif isinstance(value, type):
-        seen[id(value)] = value  # kept alive: an id is not reused meanwhile
-        out.update(f"class {value.__qualname__}({[b.__qualname__ for b in value.__bases__]})".encode())
-        for key, item in sorted(vars(value).items()):
-            if _declared(key, item):
-                out.update(f"\0{key}:".encode())
-                _feed(out, item, seen, module)
-        for name, info in sorted((getattr(value, "model_fields", None) or {}).items()):  # pydantic, dspy.Signature
-            out.update(f"\0field {name}: {info.annotation!r}".encode())
-            _feed(out, (info.default, info.json_schema_extra, info.description), seen, module)
+    elif isinstance(const, frozenset):  # its order differs between processes
+        out.update(repr(sorted(map(repr, const))).encode())
     else:
-        out.update(f"<{type(value).__module__}.{type(value).__qualname__}>".encode())
+        out.update(repr(const).encode())

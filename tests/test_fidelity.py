@@ -833,12 +833,13 @@ program = Asker()
 
 
 NOTEBOOK_MODULE = '''
-import dataclasses, enum
+import dataclasses, enum, time, uuid
 import dspy
 from pydantic import BaseModel
 
 PROMPT = "Answer briefly."
 KINDS = frozenset({"a", "b", "c"})
+LOADED_AT, RUN = time.time(), uuid.uuid4().hex  # values of this process: not the module's code
 
 class Tone(enum.Enum):
     CALM = "calm"
@@ -861,11 +862,14 @@ def helper(x, default=Note(), kinds=KINDS):
     return [k for k in sorted(kinds) if k != x]
 
 class Program(dspy.Module):
+    calls = 0  # a class attribute that the program changes as it runs
+
     def __init__(self):
         super().__init__()
         self.ask = dspy.Predict(Ask)
 
     def forward(self, question):
+        Program.calls += 1
         return self.ask(question=question)
 '''
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
+import sys
+from collections.abc import Sequence
+from typing import Any
+
 
 class DspexError(Exception):
     """Base class of every dspex_nb error."""
@@ -18,7 +23,12 @@ class ToolError(DspexError):
         self.remote_traceback = remote_traceback
         self.worker = worker
         where = f" on worker {worker}" if worker else ""
-        super().__init__(f"tool '{tool}' failed{where}: {type}: {message}")
+        # Exception's own, not super()'s: a ToolError that is also the program's exception class (see
+        # ``remote_error``) must not call that class's constructor, which takes other arguments
+        Exception.__init__(self, f"tool '{tool}' failed{where}: {type}: {message}")
+
+    def __str__(self) -> str:  # not the other class's (KeyError quotes its message)
+        return str(self.args[0]) if self.args else ""
 
 
 class UnknownTool(ToolError):
@@ -45,12 +55,40 @@ REMOTE_ERROR_TYPES: dict[str, type[ToolError]] = {
 
 
 def remote_error(tool: str, type: str, message: str, remote_traceback: str = "",
-                 worker: str = "") -> ToolError:
-    """The most specific ToolError subclass for an error the worker reported."""
+                 worker: str = "", bases: Sequence[str] = ()) -> ToolError:
+    """The most specific ToolError subclass for an error the worker reported: for an exception of the program,
+    a ToolError that is also the first of its classes (``bases``, "module:qualname") that the kernel has
+    imported, so ``except ValueError`` or ``except dspy.utils.exceptions.AdapterParseError`` catches it as in
+    the kernel (the other class's own attributes are not there)."""
     from dspex_nb import redact  # the kernel masks too: its environment is the workers'
 
-    cls = REMOTE_ERROR_TYPES.get(type, ToolError)
+    cls = REMOTE_ERROR_TYPES.get(type) or next(filter(None, map(_as_tool_error, bases)), ToolError)
     return cls(tool, type, redact.text(message), redact.text(remote_traceback, limit=None), worker)
+
+
+_NOT_RAISED_AS = (StopIteration, StopAsyncIteration, Warning)  # classes that mean something else when raised
+_AS_TOOL_ERROR: dict[type, type[ToolError] | None] = {}
+
+
+def _as_tool_error(path: str) -> type[ToolError] | None:
+    """A ToolError that is also the exception class at ``path`` ("module:qualname"), where it is an Exception
+    class of a module imported here; None otherwise. Nothing is imported and no code runs: modules' and
+    classes' own namespaces are read, not their attributes."""
+    module_name, _, qualname = path.partition(":")
+    module = builtins if module_name == "builtins" else sys.modules.get(module_name)
+    base: Any = None
+    namespace: Any = vars(module) if module is not None else {}
+    for part in qualname.split("."):
+        base = namespace.get(part)
+        namespace = vars(base) if isinstance(base, type) else {}
+    if not isinstance(base, type) or not issubclass(base, Exception) or issubclass(base, (ToolError, *_NOT_RAISED_AS)):
+        return None
+    if base not in _AS_TOOL_ERROR:
+        try:
+            _AS_TOOL_ERROR[base] = type("ToolError", (ToolError, base), {"__module__": __name__})
+        except TypeError:  # a class that cannot be combined (its instance layout, a final class)
+            _AS_TOOL_ERROR[base] = None
+    return _AS_TOOL_ERROR[base]
 
 
 class WorkerDied(DspexError):

@@ -97,6 +97,33 @@ def test_tool_exception_is_structured_and_the_worker_survives(pool: Pool) -> Non
     assert pool.execute("whoami", worker="w0")["worker"] == "w0"
 
 
+class NotebookError(ValueError):
+    """An exception class of the user's, defined where the program is (here: a test module, as a notebook)."""
+
+
+def test_a_programs_exception_is_caught_as_its_own_class_as_in_the_kernel(pool: Pool) -> None:
+    import dspy
+
+    def program(kind: str) -> None:
+        raise {"key": KeyError("missing"), "value": ValueError("bad value"), "ours": NotebookError("ours"),
+               "dspy": dspy.utils.exceptions.AdapterParseError("ChatAdapter", dspy.Signature("a -> b"), "x"),
+               "exit": SystemExit(3)}[kind]
+
+    for kind, expected in [("key", KeyError), ("value", ValueError), ("ours", NotebookError),
+                           ("dspy", dspy.utils.exceptions.AdapterParseError)]:
+        for call in (pool.run, lambda p, **kw: pool.run_stream(p, **kw).result()):
+            with pytest.raises(expected) as info:
+                call(program, kind=kind)
+            assert isinstance(info.value, ToolError) and info.value.type == expected.__name__
+            assert str(info.value).startswith("tool 'run_module' failed on worker w")  # the message, as it was
+    with pytest.raises(ToolError) as info:  # a BaseException of the program: an error, not the kernel's exit
+        pool.run(program, kind="exit")
+    assert not isinstance(info.value, SystemExit) and info.value.type == "SystemExit"
+    with pytest.raises(dspy.LMError, match="LMRateLimitError"):  # an LM's error, as dspy.LM raises it
+        with Pool(workers=1, lm="demo", lm_kwargs={"rate_limit_first": 10, "num_retries": 0}) as limited:
+            limited.run("question -> answer", question="Too many?")
+
+
 def test_message_over_the_limit_says_the_limit_and_how_to_raise_it() -> None:
     with Pool(workers=1, max_message_mb=1) as small:
         with pytest.raises(MessageTooLarge, match=r"over the 1 MiB message limit; raise it with Pool\(max_message_mb"):

@@ -114,12 +114,14 @@ def message_of(exc: BaseException) -> str:
     return redact.text(message)
 
 
-def error_info(exc: BaseException) -> dict[str, str]:
-    """type / message / traceback of an exception, as the client will see them."""
+def error_info(exc: BaseException) -> dict[str, Any]:
+    """type / message / traceback of an exception, as the client will see them, and its classes (``bases``: the
+    kernel raises it as the first of them it has, see ``errors.remote_error``)."""
     if isinstance(exc, ToolError):
         return {"type": exc.type, "message": redact.text(exc.message), "traceback": ""}
     return {"type": type(exc).__name__, "message": message_of(exc),
-            "traceback": redact.text("".join(traceback.format_exception(exc)), limit=MAX_TRACEBACK)}
+            "traceback": redact.text("".join(traceback.format_exception(exc)), limit=MAX_TRACEBACK),
+            "bases": [f"{cls.__module__}:{cls.__qualname__}" for cls in type(exc).__mro__[:-2]]}
 
 
 def drive(gen: Iterator[tools.Emit], ctx: tools.ToolContext, on_emit: Callable[[tools.Emit], None]) -> Any:

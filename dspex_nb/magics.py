@@ -146,6 +146,11 @@ def interpolate(text: str, namespace: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+INTERRUPTED = {  # what an interrupted command leaves, where it is not a call's remote work cancelled
+    "start": "the pool was not started",
+    "restart": "the pool is stopped; the next dspex command starts it again as it was",
+    "define": "the module is defined on no worker",
+}
 SIGNATURE_TIMEOUT = 30.0  # seconds a worker may take to parse a signature (it waits for a free worker first)
 
 
@@ -263,7 +268,7 @@ class Dspex(Magics):
             with _dspy_meanwhile(command in ("predict", "run", "batch") and not getattr(args, "background", False)):
                 handler(args, cell) if cell is not None else handler(args)
         except KeyboardInterrupt:
-            print("dspex: interrupted; the remote work was cancelled", file=sys.stderr)
+            print(f"dspex: interrupted; {INTERRUPTED.get(command, 'the remote work was cancelled')}", file=sys.stderr)
         except SettingError as exc:  # -n 0, --concurrency 0, --timeout -1: named, without a traceback
             raise UsageError(f"%dspex {command}: {exc}") from None
         except (DspexError, SyntaxError) as exc:
@@ -274,9 +279,18 @@ class Dspex(Magics):
     # -- pool control ---------------------------------------------------------------------------
     def _require_pool(self, name: str) -> Pool:
         pool = self.pools.get(name)
-        if pool is None or not pool.running:
+        if pool is None:
             pool = self._start_pool(name, self.workers, self.lm, self.python, first_use=True)
+        elif not pool.running:  # stopped under it (an interrupted %dspex restart, pool.shutdown()): as it was
+            pool = self._again(name, pool)
         return pool
+
+    def _again(self, name: str, old: Pool) -> Pool:
+        """Start pool ``name`` anew with ``old``'s settings and definitions (``old`` is stopped)."""
+        python = getattr(old.backend, "python", sys.executable)
+        python = "" if python == sys.executable else python
+        ray = (old.backend.address or "") if old.backend.name == "ray" else None
+        return self._start_pool(name, old.size, old.lm, python, old.definitions, old.lm_kwargs, ray)
 
     def _start_pool(self, name: str, workers: int, lm: str, python: str, definitions: dict | None = None,
                     lm_kwargs: dict | None = None, ray: str | None = None, first_use: bool = False) -> Pool:
@@ -317,15 +331,12 @@ class Dspex(Magics):
         print("dspex: pool stopped" if args.pool == DEFAULT_POOL else f"dspex: pool {args.pool!r} stopped")
 
     def _restart(self, args: argparse.Namespace) -> None:
-        old = self.pools.pop(args.pool, None)
+        old = self.pools.get(args.pool)
         if old is None:
             self._start_pool(args.pool, self.workers, self.lm, self.python)
             return
-        old.shutdown()
-        python = getattr(old.backend, "python", sys.executable)
-        python = "" if python == sys.executable else python
-        ray = (old.backend.address or "") if old.backend.name == "ray" else None
-        self._start_pool(args.pool, old.size, old.lm, python, old.definitions, old.lm_kwargs, ray)
+        old.shutdown()  # it stays in self.pools until its successor is ready: interrupted, it starts again later
+        self._again(args.pool, old)
 
     def _status(self, args: argparse.Namespace) -> None:
         pool = self.pools.get(args.pool)

@@ -288,6 +288,10 @@ def test_named_pools_have_their_own_settings(sh: Shell) -> None:
     out, _ = sh("%dspex status --pool small")
     assert out.startswith("pool: 1 workers, lm=demo, running")
     assert set(sh.magics.pools) == {"default", "small"}
+    sh.magics.pools["small"].shutdown()  # stopped under the magics (as by an interrupted %dspex restart)
+    sh('%%dspex predict "question -> answer" --pool small -o again\nhow big?')
+    assert sh.ns["again"] == sh.ns["small_answer"]  # started again as it was: one worker, its LM settings
+    assert sh.magics.pools["small"].size == 1 and sh.magics.pools["small"].running
     out, _ = sh("%dspex stop --pool small")
     assert out == "dspex: pool 'small' stopped\n" and set(sh.magics.pools) == {"default"}
 

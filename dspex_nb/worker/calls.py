@@ -4,8 +4,9 @@
 ``[seq, kind, data, is_final]``), puts it on a bounded queue, and hands out whatever has accumulated as one
 message: the JSON array of those chunks (the proto's ``ChunkBatch.chunks_json``). A fast producer thus
 costs one message, and one JSON decode in the kernel, per batch rather than per chunk. After the first
-message, each waits ``LINGER`` (2 ms) for chunks to join it, which halves the kernel's CPU per token of a
-fast stream and adds at most 2 ms to a token's way (none to the first).
+message, each waits ``LINGER`` (10 ms) for chunks to join it: a fast stream of tokens then costs the worker's
+threads, which DSPy's streaming keeps busy, one wake-up per message rather than per token, and the kernel
+one decode; a token's way is at most 10 ms longer (none for the first, nor for the end of a stream).
 Cancelling sets the tool's ``ctx.cancelled``; the producer then closes the tool's generator.
 """
 
@@ -43,7 +44,7 @@ def dumps(value: Any) -> bytes:
 
 
 MAX_CHUNKS_PER_MESSAGE = 2048
-LINGER = 0.002  # seconds a stream's message waits for more chunks to join it (not the first message)
+LINGER = 0.01  # seconds a stream's message waits for more chunks to join it (not the first message)
 MESSAGE_OVERHEAD = 64 * 1024  # bytes kept free in every message for protobuf framing
 QUEUE_BYTES = 8 * 2**20  # chunks a stream may have waiting for a slow consumer before its tool waits
 MAX_TRACEBACK = 100_000  # characters of an error's traceback kept: one that quotes a huge message must not make

@@ -88,10 +88,24 @@ def signature_of(program: Any) -> type[dspy.Signature] | None:
     return None
 
 
+def _async_only(program: Any) -> bool:
+    """A module with an ``aforward`` and no ``forward`` (DSPy's async module), which the kernel runs with
+    ``await module.acall(...)``: calling it runs no ``forward``."""
+    return isinstance(program, dspy.Module) and hasattr(program, "aforward") and not hasattr(program, "forward")
+
+
+def invoke(program: Any, inputs: dict[str, Any]) -> Any:
+    """Call ``program`` on ``inputs`` as the kernel runs it: an async-only module by ``acall`` (a coroutine, as
+    an ``async def`` program's call gives), anything else by calling it."""
+    return program.acall(**inputs) if _async_only(program) else program(**inputs)
+
+
 def _entry_point(program: Any) -> Callable[..., Any]:
-    """What a call runs: a module's ``forward`` (or its own ``__call__`` where it has no forward), a function."""
+    """What a call runs: a module's ``forward`` (its ``aforward`` where it has only that, or its own ``__call__``
+    where it has neither), a function."""
     if isinstance(program, dspy.Module):
-        return getattr(type(program), "forward", type(program).__call__)
+        return type(program).aforward if _async_only(program) else getattr(  # type: ignore[attr-defined]
+            type(program), "forward", type(program).__call__)
     return program
 
 

@@ -207,6 +207,7 @@ def _settings(ctx: ToolContext, kernel: str) -> dict[str, Any]:
     """What a call runs under: the worker's LM and callbacks, and the kernel's settings (its adapter...); once
     the call is cancelled, its program makes no further LM call."""
     settings = {**ctx.worker.dspy_settings(), **programs.kernel_settings(kernel)}
+    programs.use_cache(settings.pop(programs.CACHE_OFF, []))
     return {**settings, "callbacks": [StopWhenCancelled(ctx.cancelled), *settings["callbacks"]]}
 
 

@@ -20,6 +20,7 @@ import linecache
 import os
 import pickle
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,23 @@ class Program:
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "inputs": self.inputs, "required": self.required}
+
+
+CACHE_TIERS = ("enable_disk_cache", "enable_memory_cache")  # dspy.configure_cache's, on by default
+CACHE_OFF = "dspex_cache_off"  # in the kernel's settings: the tiers of its DSPy cache that are off
+_cache_lock = threading.Lock()
+_cache_off: list[str] = []  # what this worker's DSPy cache has off, as the kernel asked (none: DSPy's own)
+
+
+def use_cache(off: list[str]) -> None:
+    """Give this worker's DSPy cache the kernel's tiers: those in ``off`` off (``dspy.configure_cache``), the
+    others on. One kernel owns the worker, so its latest call's cache holds for all (DSPy's cache is global);
+    a worker whose kernel never turned a tier off keeps the cache DSPy made."""
+    global _cache_off
+    with _cache_lock:
+        if off != _cache_off:
+            dspy.configure_cache(**{tier: tier not in off for tier in CACHE_TIERS})
+            _cache_off = off
 
 
 @functools.lru_cache(maxsize=16)

@@ -219,8 +219,9 @@ SHIPPED_SETTINGS = ("adapter", "allow_tool_async_sync_conversion", "max_errors",
 
 def kernel_settings() -> str:
     """The kernel's DSPy settings of SHIPPED_SETTINGS that are set now to other than DSPy's defaults (by
-    ``dspy.configure`` or inside ``dspy.context``), pickled for the workers as a program is; "" when none is,
-    or DSPy is not imported."""
+    ``dspy.configure`` or inside ``dspy.context``), and the tiers of its DSPy cache that are off
+    (``dspy.configure_cache``), pickled for the workers as a program is; "" when none is, or DSPy is not
+    imported."""
     dspy_settings = getattr(sys.modules.get("dspy"), "settings", None)  # None while DSPy is still importing
     if dspy_settings is None:
         return ""
@@ -228,8 +229,13 @@ def kernel_settings() -> str:
 
     if dspy_settings.callbacks:
         _callbacks_not_run(dspy_settings.callbacks, "of the kernel (dspy.configure or dspy.context)")
+    from dspex_nb.worker.programs import CACHE_OFF, CACHE_TIERS
+
     values = {name: value for name in SHIPPED_SETTINGS
               if (value := getattr(dspy_settings, name, None)) != DEFAULT_CONFIG.get(name)}
+    cache = vars(sys.modules["dspy"]).get("cache")  # DSPy builds its default cache (both tiers on) when first read
+    if off := [tier for tier in CACHE_TIERS if cache is not None and not getattr(cache, tier, True)]:
+        values[CACHE_OFF] = off  # dspy.configure_cache(enable_disk_cache=False, ...): the pool's calls skip them too
     return _by_value(values, f"the kernel's DSPy settings {sorted(values)}",
                      " (a call on the pool runs under them, as it would in the kernel: give them values that can "
                      "be pickled, or set them to None around the pool's calls with dspy.context)") if values else ""

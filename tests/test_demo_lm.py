@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 import subprocess
@@ -106,6 +107,30 @@ def test_streaming_chunks_match_final_prediction() -> None:
     assert engine.calls == 1 and engine.tokens_streamed > len(chunks["reasoning"]) + len(chunks["answer"])
     chunks2, final2 = _stream_cot(lm, "what is streaming?")  # fresh listeners work on a second call
     assert final2.answer == final.answer and "".join(chunks2["answer"]) == final.answer
+
+
+def test_async_calls_get_the_same_answers_and_stream() -> None:
+    # DSPy's async tutorial: ``await predict.acall(...)``, an async module's ``aforward``, and async streams
+    lm, engine = make_demo_lm()
+    program = dspy.ChainOfThought("question -> answer")
+    streamed = dspy.streamify(program, stream_listeners=_listeners(), is_async_program=True)
+
+    async def main() -> tuple[dspy.Prediction, dict[str, list[str]], dspy.Prediction]:
+        chunks: dict[str, list[str]] = {}
+        final = None
+        async for item in streamed(question="Why?"):
+            if isinstance(item, dspy.streaming.StreamResponse):
+                chunks.setdefault(item.signature_field_name, []).append(item.chunk)
+            elif isinstance(item, dspy.Prediction):
+                final = item
+        return await program.acall(question="Why?"), chunks, final
+
+    with dspy.context(lm=lm):
+        expected = program(question="Why?")
+        answered, chunks, final = asyncio.run(main())
+    assert answered == final == expected
+    assert "".join(chunks["reasoning"]) == expected.reasoning and "".join(chunks["answer"]) == expected.answer
+    assert engine.calls == 3 and engine.streaming == 0
 
 
 def test_answer_tokens_gives_long_stream() -> None:

@@ -753,11 +753,35 @@ class AsyncQA(dspy.Module):
 
 program = AsyncQA()
 ''')
-    for name, async_program in [("async def", program), ("async forward", module),
-                                ("asyncify", dspy.asyncify(dspy.Predict("question -> answer: int")))]:
+    awaits, _ = define(shell, '''
+class AwaitsLM(dspy.Module):
+    def __init__(self):
+        self.qa = dspy.ChainOfThought("question -> answer")
+
+    async def forward(self, question):
+        return await self.qa.acall(question=question)
+
+program = AwaitsLM()
+''')
+    async_only, _ = define(shell, '''
+class MyModule(dspy.Module):  # DSPy's Async tutorial: only an aforward, run with await module.acall(...)
+    def __init__(self):
+        self.predict1 = dspy.ChainOfThought("question->answer")
+        self.predict2 = dspy.ChainOfThought("answer->simplified_answer")
+
+    async def aforward(self, question, **kwargs):
+        answer = await self.predict1.acall(question=question)
+        return await self.predict2.acall(answer=answer)
+
+program = MyModule()
+''')
+    for name, async_program, call in [
+            ("async def", program, program), ("async forward", module, module),
+            ("asyncify", *[dspy.asyncify(dspy.Predict("question -> answer: int"))] * 2),
+            ("async forward awaiting the LM", awaits, awaits), ("aforward only", async_only, async_only.acall)]:
         inputs = {"question": "How many?"}
         with dspy.context(lm=demo_lm):
-            expected = asyncio.run(async_program(**inputs))  # as the kernel awaits it
+            expected = asyncio.run(call(**inputs))  # as the kernel awaits it
         assert_same(expected, pool.run(async_program, **inputs), f"{name} run")
         assert_same(expected, pool.run_stream(async_program, **inputs).result(60), f"{name} run_stream")
         assert_same([expected], pool.map(async_program, [inputs], journal=False).result(60), f"{name} map")

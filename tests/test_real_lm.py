@@ -101,6 +101,22 @@ def test_workers_share_the_users_dspy_cache_across_sessions(server: OpenAIServer
     assert any(cache_dir.rglob("*")), f"nothing in {cache_dir}"
 
 
+def test_the_kernels_dspy_cache_turned_off_is_off_on_the_pool(server: OpenAIServer,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # DSPy's cache tutorial: dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False) in the
+    # kernel, e.g. for fresh samples; the workers' cache (shared on disk) answered the repeated calls instead
+    monkeypatch.setattr(dspy, "cache", dspy.cache)  # the kernel's cache is put back after the test
+    program = dspy.Predict("question -> answer")
+    with Pool(workers=1, lm=MODEL, lm_kwargs=settings(server, cache=True), journal=False) as pool:
+        for tiers, calls in [({"enable_disk_cache": False, "enable_memory_cache": False}, 2),
+                             ({"enable_memory_cache": False}, 1)]:  # on disk only
+            dspy.configure_cache(**tiers)
+            question = f"fresh {sorted(tiers)} {os.getpid()}?"
+            for _ in range(2):
+                pool.run(program, question=question)
+            assert server.count(question) == calls, tiers
+
+
 def billed(lm: dspy.LM) -> float:
     """The cost of an LM's calls by in-kernel DSPy's history (a cache hit keeps its cost, but bills no usage)."""
     return sum(entry["cost"] for entry in lm.history if entry["usage"])

@@ -6,12 +6,14 @@ fields and their types from the ChatAdapter system prompt and the input values f
 message, and derives every answer from a SHA-256 hash of those and of the whole prompt (so a program's
 demos and instructions show in its answers), so equal requests give equal text in any process.
 ``stream()`` emits the full formatted text word by word, so DSPy's real streaming path and
-``StreamListener`` work. Knobs simulate latency, long answers and HTTP 429 rate limiting.
+``StreamListener`` work; ``AsyncDemoEngine`` gives the same answers to DSPy's async calls (``acall``,
+``aforward``). Knobs simulate latency, long answers and HTTP 429 rate limiting.
 """
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import datetime as dt
 import hashlib
 import inspect
@@ -22,7 +24,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import dspy
@@ -39,7 +41,7 @@ from dspy.lm15 import (
     Usage,
 )
 
-__all__ = ["DemoEngine", "demo_lm", "make_demo_lm"]
+__all__ = ["AsyncDemoEngine", "DemoEngine", "demo_lm", "make_demo_lm"]
 
 _OUTPUT_FIELD = re.compile(r"^\d+\. `(\w+)` \((.*?)\):", re.MULTILINE)
 _NOTE = re.compile(r"^\{(\w+)\} +# note: the value you produce (.*)$", re.MULTILINE)
@@ -130,35 +132,47 @@ class DemoEngine:
 
     # -- engine contract -------------------------------------------------------------------------
     def complete(self, request: Request) -> Response:
+        text, tokens = self._begin(request)
+        time.sleep(self.ttft + self.per_token * len(tokens))
+        return self._response(request, text, tokens)
+
+    def stream(self, request: Request) -> Iterator[Any]:
+        for delay, event in self._events(request):
+            if delay:
+                time.sleep(delay)
+            yield event  # GeneratorExit stops here
+
+    def close(self) -> None:
+        pass
+
+    def _begin(self, request: Request) -> tuple[str, list[str]]:
+        """A call starts: its answer and the answer's tokens."""
         self._start_call(request)
         text = self.answer(request)
-        tokens = _TOKEN.findall(text)
-        time.sleep(self.ttft + self.per_token * len(tokens))
+        return text, _TOKEN.findall(text)
+
+    def _response(self, request: Request, text: str, tokens: list[str]) -> Response:
         message = Message.assistant([TextPart(text=text)])
         return Response(id=None, model="demo", message=message, finish_reason="stop",
                         usage=self._usage(request, len(tokens)))
 
-    def stream(self, request: Request) -> Iterator[Any]:
-        self._start_call(request)
-        tokens = _TOKEN.findall(self.answer(request))
+    def _events(self, request: Request) -> Iterator[tuple[float, Any]]:
+        """A streamed answer: (seconds to wait first, event) pairs, the tokens counted as they go."""
+        tokens = self._begin(request)[1]
         with self._lock:
             self._streaming += 1
         try:
-            yield StreamStartEvent(id=None, model="demo")
-            time.sleep(self.ttft)
+            yield 0.0, StreamStartEvent(id=None, model="demo")
             for i, token in enumerate(tokens):
-                if i and self.per_token:
-                    time.sleep(self.per_token)
                 with self._lock:
                     self._tokens_streamed += 1
-                yield StreamDeltaEvent(delta=TextDelta(text=token, part_index=0))  # GeneratorExit stops here
-            yield StreamEndEvent(finish_reason="stop", usage=self._usage(request, len(tokens)))
+                yield self.ttft if i == 0 else self.per_token, StreamDeltaEvent(delta=TextDelta(text=token,
+                                                                                               part_index=0))
+            yield self.ttft if not tokens else 0.0, StreamEndEvent(finish_reason="stop",
+                                                                    usage=self._usage(request, len(tokens)))
         finally:
             with self._lock:
                 self._streaming -= 1
-
-    def close(self) -> None:
-        pass
 
     # -- answer construction ---------------------------------------------------------------------
     def answer(self, request: Request) -> str:
@@ -311,6 +325,32 @@ class DemoEngine:
                      total_tokens=input_tokens + output_tokens)
 
 
+class AsyncDemoEngine:
+    """``engine``'s async counterpart, for DSPy's async calls (``acall``, a module's ``aforward``): the same
+    answers, knobs and counters, waiting with asyncio."""
+
+    def __init__(self, engine: DemoEngine) -> None:
+        self.engine = engine
+
+    async def complete(self, request: Request) -> Response:
+        text, tokens = self.engine._begin(request)
+        await asyncio.sleep(self.engine.ttft + self.engine.per_token * len(tokens))
+        return self.engine._response(request, text, tokens)
+
+    async def stream(self, request: Request) -> AsyncIterator[Any]:
+        events = self.engine._events(request)
+        try:
+            for delay, event in events:
+                if delay:
+                    await asyncio.sleep(delay)
+                yield event
+        finally:
+            events.close()  # a stream stopped early is no longer counted as streaming
+
+    async def aclose(self) -> None:
+        pass
+
+
 _KNOBS = frozenset(inspect.signature(DemoEngine.__init__).parameters) - {"self"}
 
 
@@ -320,7 +360,8 @@ def make_demo_lm(*, num_retries: int = 0, **knobs: Any) -> tuple[dspy.LM, DemoEn
     dspy.LM as for a real model (the demo's answers do not depend on them)."""
     engine = DemoEngine(**{k: v for k, v in knobs.items() if k in _KNOBS})
     settings = {k: v for k, v in knobs.items() if k not in _KNOBS}
-    return dspy.LM("demo/demo", engine=engine, cache=False, num_retries=num_retries, **settings), engine
+    return dspy.LM("demo/demo", engine=engine, async_engine=AsyncDemoEngine(engine), cache=False,
+                   num_retries=num_retries, **settings), engine
 
 
 def demo_lm(**knobs: Any) -> dspy.LM:

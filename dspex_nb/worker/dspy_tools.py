@@ -207,6 +207,7 @@ def _settings(ctx: ToolContext, kernel: str) -> dict[str, Any]:
     """What a call runs under: the worker's LM and callbacks, and the kernel's settings (its adapter...); once
     the call is cancelled, its program makes no further LM call."""
     settings = {**ctx.worker.dspy_settings(), **programs.kernel_settings(kernel)}
+    programs.use_cache(settings.pop(programs.CACHE_OFF, []))
     return {**settings, "callbacks": [StopWhenCancelled(ctx.cancelled), *settings["callbacks"]]}
 
 
@@ -228,7 +229,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str)
         else:
             if ctx.streaming:
                 yield Emit("status", {"message": f"running {_label(program)} (no str output field to stream)"})
-            output = _awaited(program(**inputs))
+            output = _awaited(programs.invoke(program, inputs))
             values = _values_of(output)
             if values is None:
                 return output_json(output, usage.get_total_tokens(), costs.total)
@@ -269,11 +270,28 @@ class _AlwaysPrediction(dspy.Module):
                 raise RuntimeError("the stream was closed before the program started")
             self._running += 1
         try:
-            output = _awaited(self.program(**inputs))  # an async forward's coroutine runs to its end here
+            with dspy.context(send_stream=_FromThisThread(dspy.settings.send_stream)):
+                output = _awaited(programs.invoke(self.program, inputs))  # an async program runs to its end here
         finally:
             with self._lock:
                 self._running -= 1
         return output if isinstance(output, dspy.Prediction) else _Boxed(value=output)
+
+
+class _FromThisThread:
+    """streamify's send stream, for a program run in streamify's worker thread, an async one on an event loop
+    of its own there (as the kernel awaits it): DSPy's async LM calls ``await send(...)`` on that loop, which
+    hands the chunk to streamify's loop as its sync calls do (``anyio.from_thread.run``)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.thread = threading.get_ident()
+
+    async def send(self, item: Any) -> None:
+        if threading.get_ident() == self.thread:
+            anyio.from_thread.run(self.stream.send, item)
+        else:  # on streamify's loop (a sync call's anyio.from_thread.run) or another thread's loop
+            await self.stream.send(item)
 
 
 def _awaited(output: Any) -> Any:
@@ -499,7 +517,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         try:
             events.put((index, None))
             with _tracked(settings) as (usage, costs):
-                output = _run_to_end(_awaited(make()(**inputs)))
+                output = _run_to_end(_awaited(programs.invoke(make(), inputs)))
             return output_json(output, usage.get_total_tokens(), costs.total)
         finally:
             slots.release()

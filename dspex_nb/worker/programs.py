@@ -20,6 +20,7 @@ import linecache
 import os
 import pickle
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,23 @@ class Program:
         return {"name": self.name, "kind": self.kind, "inputs": self.inputs, "required": self.required}
 
 
+CACHE_TIERS = ("enable_disk_cache", "enable_memory_cache")  # dspy.configure_cache's, on by default
+CACHE_OFF = "dspex_cache_off"  # in the kernel's settings: the tiers of its DSPy cache that are off
+_cache_lock = threading.Lock()
+_cache_off: list[str] = []  # what this worker's DSPy cache has off, as the kernel asked (none: DSPy's own)
+
+
+def use_cache(off: list[str]) -> None:
+    """Give this worker's DSPy cache the kernel's tiers: those in ``off`` off (``dspy.configure_cache``), the
+    others on. One kernel owns the worker, so its latest call's cache holds for all (DSPy's cache is global);
+    a worker whose kernel never turned a tier off keeps the cache DSPy made."""
+    global _cache_off
+    with _cache_lock:
+        if off != _cache_off:
+            dspy.configure_cache(**{tier: tier not in off for tier in CACHE_TIERS})
+            _cache_off = off
+
+
 @functools.lru_cache(maxsize=16)
 def kernel_settings(payload: str) -> dict[str, Any]:
     """The kernel's DSPy settings a call came with (``dspex_nb.programs.kernel_settings``); not to be changed.
@@ -88,10 +106,24 @@ def signature_of(program: Any) -> type[dspy.Signature] | None:
     return None
 
 
+def _async_only(program: Any) -> bool:
+    """A module with an ``aforward`` and no ``forward`` (DSPy's async module), which the kernel runs with
+    ``await module.acall(...)``: calling it runs no ``forward``."""
+    return isinstance(program, dspy.Module) and hasattr(program, "aforward") and not hasattr(program, "forward")
+
+
+def invoke(program: Any, inputs: dict[str, Any]) -> Any:
+    """Call ``program`` on ``inputs`` as the kernel runs it: an async-only module by ``acall`` (a coroutine, as
+    an ``async def`` program's call gives), anything else by calling it."""
+    return program.acall(**inputs) if _async_only(program) else program(**inputs)
+
+
 def _entry_point(program: Any) -> Callable[..., Any]:
-    """What a call runs: a module's ``forward`` (or its own ``__call__`` where it has no forward), a function."""
+    """What a call runs: a module's ``forward`` (its ``aforward`` where it has only that, or its own ``__call__``
+    where it has neither), a function."""
     if isinstance(program, dspy.Module):
-        return getattr(type(program), "forward", type(program).__call__)
+        return type(program).aforward if _async_only(program) else getattr(  # type: ignore[attr-defined]
+            type(program), "forward", type(program).__call__)
     return program
 
 

@@ -298,3 +298,13 @@ def test_a_pool_takes_the_kernels_dspy_lm_and_says_when_a_call_runs_on_another(p
 
     with dspy.context(lm=Custom("custom")), pytest.raises(ValueError, match="kernel's DSPy LM is a Custom"):
         Pool(workers=1)
+
+
+def test_a_pool_takes_the_kernels_reasoning_model_as_dspy_lm_took_it() -> None:
+    import dspy
+
+    # dspy.LM keeps a reasoning model's max_tokens as max_completion_tokens, which it does not take back
+    with dspy.context(lm=dspy.LM("openai/gpt-5", temperature=1.0, max_tokens=16000)):
+        with Pool(workers=1, journal=False) as reasoning:
+            assert reasoning.lm_kwargs == {"temperature": 1.0, "max_tokens": 16000}
+            assert reasoning.running

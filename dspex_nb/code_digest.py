@@ -21,6 +21,7 @@ import functools
 import hashlib
 import importlib.machinery
 import os
+import re
 import site
 import sys
 import sysconfig
@@ -28,6 +29,7 @@ import types
 from typing import Any
 
 _IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), type(Ellipsis))
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # in a repr (a validator's function in a field type): this process's
 
 
 @functools.cache
@@ -96,7 +98,8 @@ def _code(out: Any, value: Any, module: str, seen: set[str]) -> None:
             _code(out, function, module, seen)
     for name, info in sorted((getattr(value, "model_fields", None) or {}).items()):  # pydantic, dspy.Signature
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        out.update(f"\0field {name}: {info.annotation!r} {info.description!r} {sorted(extra.items())!r}".encode())
+        field = f"\0field {name}: {info.annotation!r} {info.description!r} {sorted(extra.items())!r}"
+        out.update(_ADDRESS.sub("", field).encode())
 
 
 def _compiled(out: Any, code: types.CodeType) -> None:

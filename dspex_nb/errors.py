@@ -66,7 +66,8 @@ def remote_error(tool: str, type: str, message: str, remote_traceback: str = "",
     return cls(tool, type, redact.text(message), redact.text(remote_traceback, limit=None), worker)
 
 
-_NOT_RAISED_AS = (StopIteration, StopAsyncIteration, Warning)  # classes that mean something else when raised
+_NOT_RAISED_AS = (StopIteration, StopAsyncIteration, Warning,  # classes that mean something else when raised
+                  *(vars(builtins).get("BaseExceptionGroup", ()),))  # a group is its exceptions (Python 3.11+)
 _AS_TOOL_ERROR: dict[type, type[ToolError] | None] = {}
 
 
@@ -83,6 +84,8 @@ def _as_tool_error(path: str) -> type[ToolError] | None:
         namespace = vars(base) if isinstance(base, type) else {}
     if not isinstance(base, type) or not issubclass(base, Exception) or issubclass(base, (ToolError, *_NOT_RAISED_AS)):
         return None
+    if any("__new__" in vars(cls) and cls.__module__ != "builtins" for cls in base.__mro__):
+        return None  # its own __new__ takes its own arguments, not a ToolError's
     if base not in _AS_TOOL_ERROR:
         try:
             _AS_TOOL_ERROR[base] = type("ToolError", (ToolError, base), {"__module__": __name__})

@@ -272,6 +272,8 @@ def kernel_lm() -> tuple[str, dict[str, Any]] | None:
         knobs = {key: value for key, value in vars(engine).items() if not key.startswith("_")
                  and value != getattr(default, key)} if isinstance(engine, DemoEngine) else {}
         return "demo", {**knobs, **kwargs}
+    if "max_completion_tokens" in kwargs and "max_completion_tokens" not in lm.dump_state():
+        kwargs["max_tokens"] = kwargs.pop("max_completion_tokens")  # a reasoning model's: dspy.LM takes max_tokens
     settings = {key: getattr(lm, key) for key, default in _LM_DEFAULTS.items() if getattr(lm, key) != default}
     return lm.model, {**settings, **kwargs}
 

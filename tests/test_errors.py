@@ -124,6 +124,29 @@ def test_a_programs_exception_is_caught_as_its_own_class_as_in_the_kernel(pool: 
             limited.run("question -> answer", question="Too many?")
 
 
+class CodedError(ValueError):
+    """An exception class whose own ``__new__`` takes other arguments than a ToolError's."""
+
+    def __new__(cls, code: int) -> CodedError:
+        error = super().__new__(cls, code)
+        error.code = code
+        return error
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="ExceptionGroup is Python 3.11's")
+def test_a_programs_exception_of_a_class_made_otherwise_is_still_its_error(pool: Pool) -> None:
+    def program(kind: str) -> None:
+        group = ExceptionGroup("several", [ValueError("a"), KeyError("b")])  # noqa: F821
+        raise {"group": group, "coded": CodedError(7)}[kind]
+
+    with pytest.raises(ToolError, match=r"ExceptionGroup: several \(2 sub-exceptions\)") as info:
+        pool.run(program, kind="group")
+    assert info.value.type == "ExceptionGroup" and not isinstance(info.value, BaseExceptionGroup)  # noqa: F821
+    with pytest.raises(ValueError, match="CodedError: 7") as info:  # its next class, that takes them
+        pool.run(program, kind="coded")
+    assert isinstance(info.value, ToolError) and not isinstance(info.value, CodedError)
+
+
 def test_message_over_the_limit_says_the_limit_and_how_to_raise_it() -> None:
     with Pool(workers=1, max_message_mb=1) as small:
         with pytest.raises(MessageTooLarge, match=r"over the 1 MiB message limit; raise it with Pool\(max_message_mb"):

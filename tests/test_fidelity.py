@@ -916,3 +916,32 @@ def test_a_module_edited_and_reloaded_in_the_kernel_runs_as_reloaded_on_the_pool
         file.write_text(NOTEBOOK_MODULE.replace("Answer the question.", "Answer at length."))  # not reloaded here
         with Pool(workers=1, lm="demo") as fresh, pytest.raises(ToolError, match=f"other code of {name}"):
             fresh.run(program, question="Why?")  # its worker imports the file as it is now: not the kernel's code
+
+
+VALIDATED_MODULE = '''
+from typing import Annotated
+import dspy
+from pydantic import AfterValidator, BaseModel
+
+def tidy(text: str) -> str:
+    return text.strip().lower()
+
+class Tagged(BaseModel):
+    tags: list[Annotated[str, AfterValidator(tidy)]]
+
+class Tag(dspy.Signature):
+    """Tag the text."""
+    text: str = dspy.InputField()
+    tagged: Tagged = dspy.OutputField()
+'''
+
+
+def test_a_module_whose_field_types_hold_functions_runs_on_the_pool(
+        shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the field type's repr names its validator's address, which differs in every process: not the module's code
+    name = f"validated_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(VALIDATED_MODULE)
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
+    program, _ = define(shell, f"import dspy\nfrom {name} import Tag\nprogram = dspy.Predict(Tag)")
+    with dspy.context(lm=demo_lm):
+        assert_same(program(text="Hi there"), pool.run(program, text="Hi there"))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import signal
 import threading
+import time
 import warnings
+from typing import Any
 
 import pytest
 from helpers import wait_until
@@ -298,3 +301,44 @@ def test_a_pool_takes_the_kernels_dspy_lm_and_says_when_a_call_runs_on_another(p
 
     with dspy.context(lm=Custom("custom")), pytest.raises(ValueError, match="kernel's DSPy LM is a Custom"):
         Pool(workers=1)
+
+
+def test_a_pool_takes_the_kernels_reasoning_model_as_dspy_lm_took_it() -> None:
+    import dspy
+
+    # dspy.LM keeps a reasoning model's max_tokens as max_completion_tokens, which it does not take back
+    with dspy.context(lm=dspy.LM("openai/gpt-5", temperature=1.0, max_tokens=16000)):
+        with Pool(workers=1, journal=False) as reasoning:
+            assert reasoning.lm_kwargs == {"temperature": 1.0, "max_tokens": 16000}
+            assert reasoning.running
+
+
+def test_an_awaited_call_leaves_a_sigint_handler_installed_after_it_as_it_is(pool: Pool) -> None:
+    # a later cell's handler (ipykernel's, for an async cell) installed while a call is awaited stays
+    from dspex_nb.errors import Cancelled
+    from dspex_nb.pool import calls
+
+    def later_cells(signum: int, frame: Any) -> None:
+        pass
+
+    async def main() -> None:
+        run = pool.execute_stream("sleep", {"seconds": 60})
+        async def awaited() -> Any:
+            return await run
+
+        task = asyncio.ensure_future(awaited())
+        deadline = time.monotonic() + 30
+        while signal.getsignal(signal.SIGINT) is not calls._cancel_awaited:
+            assert time.monotonic() < deadline, "the awaited call did not take SIGINT"
+            await asyncio.sleep(0.01)
+        signal.signal(signal.SIGINT, later_cells)
+        run.cancel()
+        with pytest.raises(Cancelled):
+            await task
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        asyncio.run(main())
+        assert signal.getsignal(signal.SIGINT) is later_cells
+    finally:
+        signal.signal(signal.SIGINT, before)

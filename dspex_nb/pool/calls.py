@@ -245,14 +245,14 @@ def _stopped_by_sigint(handle: Handle) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    if not _awaiting:
+    if signal.getsignal(signal.SIGINT) is not _cancel_awaited:
         _sigint_before = signal.signal(signal.SIGINT, _cancel_awaited)
     _awaiting.add(handle)
     try:
         yield
     finally:
         _awaiting.discard(handle)
-        if not _awaiting:
+        if not _awaiting and signal.getsignal(signal.SIGINT) is _cancel_awaited:  # not one installed since: kept
             signal.signal(signal.SIGINT, _sigint_before)
 
 

@@ -13,9 +13,11 @@ time, or one without the run id) are never touched.
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import logging
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -37,21 +39,33 @@ RUNTIME_DIR_ENV = "DSPEX_RUNTIME_DIR"  # where pools make their socket directori
 def runtime_dir() -> Path:
     """The directory under which pools make their private socket directories, and cleanup looks.
 
-    It must be this user's or root's, and sticky if others may write to it (as /tmp is): in another user's
-    directory, or one without the sticky bit, another user could move a pool's directory away and put sockets
-    of their own in its place, which the kernel would then send programs, inputs and LM keys to.
+    It must be this user's or root's, and sticky if others may write to it (as /tmp is; a group of the user's
+    own may): in another user's directory, or one without the sticky bit, another user could move a pool's
+    directory away and put sockets of their own in its place, which the kernel would then send programs,
+    inputs and LM keys to.
     """
     path = Path(os.environ.get(RUNTIME_DIR_ENV) or tempfile.gettempdir())
     info = os.stat(path)
     if info.st_uid not in (os.getuid(), 0):
         why = "belongs to another user"
-    elif info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+    elif (info.st_mode & stat.S_IWOTH or info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid)) \
+            and not info.st_mode & stat.S_ISVTX:
         why = "may be written to by others but is not sticky"
     else:
         return path
     raise PermissionError(f"the runtime directory {path} (${RUNTIME_DIR_ENV}, else the temp directory) {why}: "
                           f"another user could replace a pool's sockets there; set ${RUNTIME_DIR_ENV} to a directory "
                           "of your own")
+
+
+def _private_group(gid: int) -> bool:
+    """Whether group ``gid`` is this user's own (a user private group, named as the user and their primary group,
+    as Debian, Ubuntu and Fedora make one for each user, whose umask 002 makes directories group-writable)."""
+    try:
+        user, group = pwd.getpwuid(os.getuid()), grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return gid == user.pw_gid and group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
 
 
 def write_owner(directory: Path, run_id: str, workers: list[int]) -> None:

@@ -3,8 +3,10 @@ directories that point at a live pool's workers never cost that pool a worker.""
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,6 +96,10 @@ def test_a_runtime_dir_where_others_could_replace_sockets_is_refused(tmp_path: P
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, mode)
+    if mode & 0o020:  # writable by a group of other users
+        if os.getuid() != 0:
+            pytest.skip("a directory of another group needs root to make (chown)")
+        os.chown(shared, -1, 65534)
     monkeypatch.setenv(stale.RUNTIME_DIR_ENV, str(shared))
     with pytest.raises(PermissionError, match=f"runtime directory {shared} .* may be written to by others but is not "
                                               "sticky"):
@@ -106,3 +112,17 @@ def test_a_runtime_dir_where_others_could_replace_sockets_is_refused(tmp_path: P
         os.chown(shared, 65534, 65534)
         with pytest.raises(PermissionError, match="belongs to another user"):
             stale.runtime_dir()
+
+
+def test_a_runtime_dir_writable_by_the_users_own_group_is_theirs(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # Debian, Ubuntu, Fedora: each user has a group of their own, and umask 002 makes directories 0775
+    user = pwd.getpwuid(os.getuid())
+    if grp.getgrgid(user.pw_gid).gr_name != user.pw_name:
+        pytest.skip("this user has no group of their own")
+    own = tmp_path / "own"
+    own.mkdir()
+    os.chown(own, -1, user.pw_gid)
+    os.chmod(own, 0o775)
+    monkeypatch.setenv(stale.RUNTIME_DIR_ENV, str(own))
+    assert stale.runtime_dir() == own

@@ -39,12 +39,36 @@ class Emit:
             raise ValueError(f"a tool emits token, item, started or status chunks, not {self.kind!r}")
 
 
+class CancelEvent(threading.Event):
+    """A call's cancellation: an Event that also runs, once it is set, what was registered with ``on_set``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hooks: list[Callable[[], Any]] = []
+        self._hooks_lock = threading.Lock()
+
+    def on_set(self, hook: Callable[[], Any]) -> None:
+        """Run ``hook`` when the call is cancelled (now, if it already is)."""
+        with self._hooks_lock:
+            if not self.is_set():
+                self._hooks.append(hook)
+                return
+        hook()
+
+    def set(self) -> None:
+        with self._hooks_lock:
+            super().set()
+            hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook()
+
+
 @dataclass
 class ToolContext:
     """What a running tool may know about its call."""
 
     streaming: bool
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: CancelEvent = field(default_factory=CancelEvent)
     session_id: str = ""
     worker: Any = None  # the WorkerState: LM, counters
 

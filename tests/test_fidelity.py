@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -250,6 +251,7 @@ def program(name: str):
     "dataclass_with_derived_fields": ('''
 import asyncio
 import dataclasses
+import logging
 import sys
 
 @dataclasses.dataclass
@@ -270,6 +272,7 @@ program = dspy.Predict("question -> answer", n=3)
     "function_returning_a_dataclass": ('''
 import asyncio
 import dataclasses
+import logging
 import sys
 
 @dataclasses.dataclass
@@ -945,3 +948,19 @@ def test_a_module_whose_field_types_hold_functions_runs_on_the_pool(
     program, _ = define(shell, f"import dspy\nfrom {name} import Tag\nprogram = dspy.Predict(Tag)")
     with dspy.context(lm=demo_lm):
         assert_same(program(text="Hi there"), pool.run(program, text="Hi there"))
+
+
+def test_a_worker_runs_a_program_as_dspy_does_without_its_warnings(demo_lm: dspy.LM) -> None:
+    from dspex_nb.worker import programs as on_worker
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("dspy")
+    logger.addHandler(handler)
+    try:
+        with dspy.context(lm=demo_lm):
+            on_worker.invoke(dspy.Predict("question -> answer"), {"question": "Why?"})
+    finally:
+        logger.removeHandler(handler)
+    assert not [message for message in seen if "discouraged" in message], seen

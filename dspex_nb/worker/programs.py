@@ -109,7 +109,8 @@ def signature_of(program: Any) -> type[dspy.Signature] | None:
 def _async_only(program: Any) -> bool:
     """A module with an ``aforward`` and no ``forward`` (DSPy's async module), which the kernel runs with
     ``await module.acall(...)``: calling it runs no ``forward``."""
-    return isinstance(program, dspy.Module) and hasattr(program, "aforward") and not hasattr(program, "forward")
+    cls = type(program)  # not the instance: DSPy logs a warning whenever code other than __call__ reads its forward
+    return isinstance(program, dspy.Module) and hasattr(cls, "aforward") and not hasattr(cls, "forward")
 
 
 def invoke(program: Any, inputs: dict[str, Any]) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import inspect
 import queue
 import threading
@@ -60,9 +61,16 @@ def configure_lm(ctx: ToolContext, model: str, kwargs: dict | None = None) -> di
     return {"model": model, "kwargs": kwargs}
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed(signature: str) -> type[dspy.Signature]:
+    """A signature string as DSPy parses it, once per string: parsing makes a pydantic model (a millisecond or
+    two), and a magic's or a batch's calls send the same string again and again."""
+    return dspy.ensure_signature(signature)
+
+
 def _signature(tool_name: str, signature: str) -> type[dspy.Signature]:
     try:
-        return dspy.ensure_signature(signature)
+        return _parsed(signature)
     except Exception as exc:
         raise ArgumentError(tool_name, "ArgumentError",
                             f"argument 'signature': {signature!r} is not a valid DSPy signature "
@@ -411,7 +419,7 @@ def chain_of_thought(ctx: ToolContext, signature: str, inputs: dict | str,
 def signature_fields(signature: str) -> dict[str, list[str]]:
     """The input and output field names of a signature string, as DSPy parses it (or DSPy's reason why not)."""
     try:
-        sig = dspy.ensure_signature(signature)
+        sig = _parsed(signature)
     except Exception as exc:
         raise ArgumentError("signature_fields", "ArgumentError", str(exc)) from None
     return {"inputs": list(sig.input_fields), "outputs": list(sig.output_fields)}

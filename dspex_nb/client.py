@@ -148,14 +148,19 @@ class Pool(WorkerPool):
         shipped, resolver = programs.shipment(ship, self.definitions[name]["resolver"])
         if shipped:
             args["shipped"] = shipped
-        return self.call_tool("run_module", args, resolver, stream=stream, timeout=timeout, on_chunk=on_chunk)
+        trace = programs.open_trace()  # e.g. BootstrapFewShot's: the program's predictor calls join it, as here
+        if trace is not None:
+            args["trace"] = True
+        return self.call_tool("run_module", args, resolver, stream=stream, timeout=timeout, on_chunk=on_chunk,
+                              trace=None if trace is None else (trace, program))
 
     def call_tool(self, tool: str, args: dict[str, Any], resolver: typed.Resolver | None = None, *,
-                  stream: bool = False, timeout: float | None = None,
-                  on_chunk: Callable[[Chunk], Any] | None = None) -> Any:
+                  stream: bool = False, timeout: float | None = None, on_chunk: Callable[[Chunk], Any] | None = None,
+                  trace: tuple[list[Any], Any] | None = None) -> Any:
         """A DSPy tool (``predict``, ``chain_of_thought``, ``run_module``) whose result is what the program
-        returned (rebuilt with ``resolver``'s classes); with ``stream``, a ``Run`` whose ``result()`` is that."""
-        decode = partial(programs.to_output, resolve=resolver or typed.Resolver())
+        returned (rebuilt with ``resolver``'s classes); with ``stream``, a ``Run`` whose ``result()`` is that.
+        ``trace``: the DSPy trace that its predictor calls join, and the kernel's program (``programs.to_output``)."""
+        decode = partial(programs.to_output, resolve=resolver or typed.Resolver(), trace=trace)
         self._check_lm()
         settings = programs.kernel_settings()  # e.g. dspy.configure(adapter=dspy.JSONAdapter()): the same there
         if settings:

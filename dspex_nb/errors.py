@@ -118,6 +118,10 @@ class CallbacksNotRun(UserWarning):
     """The kernel's DSPy callbacks do not see a call that runs on the pool."""
 
 
+class TraceIncomplete(UserWarning):
+    """Predictor calls of a program on the pool that cannot join the kernel's DSPy trace (``dspy.settings.trace``)."""
+
+
 class PoolLMDiffers(UserWarning):
     """The kernel's DSPy LM is not the pool's: a call on the pool runs on the pool's LM (``Pool(lm=...)``)."""
 

@@ -35,7 +35,7 @@ from typing import Any
 import cloudpickle
 
 from dspex_nb import code_digest, typed
-from dspex_nb.errors import ArgumentError, CallbacksNotRun
+from dspex_nb.errors import ArgumentError, CallbacksNotRun, TraceIncomplete
 
 
 @dataclasses.dataclass
@@ -329,9 +329,49 @@ def input_names(program: Any) -> list[str] | None:
     return None
 
 
-def to_output(result: Any, resolve: typed.Resolver) -> Any:
-    """A DSPy tool's result as the program gave it: a dspy.Prediction of its fields, or its own value."""
+def open_trace() -> list[Any] | None:
+    """The DSPy trace opened around this call (``dspy.context(trace=[])``, where BootstrapFewShot, SIMBA, GEPA and
+    ``dspy.Refine`` read the predictor calls of a program), which a call on the pool adds its program's predictor
+    calls to, as DSPy adds them in the kernel; None where none is open (the kernel's global trace, which they do
+    not read, is left out, so that a call need not bring its predictor calls back)."""
+    dspy_settings = getattr(sys.modules.get("dspy"), "settings", None)
+    trace = getattr(dspy_settings, "trace", None)
+    if trace is None or dspy_settings.max_trace_size <= 0:  # type: ignore[union-attr]
+        return None
+    from dspy.dsp.utils.settings import main_thread_config
+
+    return None if trace is main_thread_config.get("trace") else trace
+
+
+def add_to_trace(trace: list[Any], program: Any, steps: list[Any], resolve: typed.Resolver) -> None:
+    """A call's predictor calls on the pool (``typed.TRACE``: ``[name, inputs, prediction]``) added to ``trace``
+    with the kernel's own predictors of ``program`` (by their names), as DSPy's ``Predict`` adds its calls; a
+    ``TraceIncomplete`` warning for those whose predictor the kernel's program does not hold as its own."""
     import dspy
+
+    predictors = dict(program.named_predictors()) if isinstance(program, dspy.Module) else {}
+    if missing := [name for name, _, _ in steps if name not in predictors]:
+        warnings.warn(f"{len(missing)} predictor call(s) of the program on the pool are not in the kernel's DSPy "
+                      "trace (dspy.settings.trace), which optimizers read: their predictors are not the program's "
+                      "own (named_predictors), so the kernel has no object for them; run a dspy.Module instance "
+                      "that holds them as attributes", TraceIncomplete, stacklevel=callers_level())
+    for name, inputs, outputs in steps:
+        if name in predictors:
+            if len(trace) >= dspy.settings.max_trace_size:
+                trace.pop(0)
+            trace.append((predictors[name], typed.decode(inputs, resolve, "trace"),
+                          typed.decode(outputs, resolve, "trace")))
+
+
+def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any] | None = None) -> Any:
+    """A DSPy tool's result as the program gave it: a dspy.Prediction of its fields, or its own value; with
+    ``trace`` (``open_trace()`` and the kernel's program), its predictor calls are added there, once (a stream's
+    ``result()`` may be read again)."""
+    import dspy
+
+    steps = result.pop(typed.TRACE, None) if isinstance(result, dict) else None
+    if trace is not None and steps is not None:
+        add_to_trace(*trace, steps, resolve)
 
     if isinstance(result, dict) and result.get(typed.TAG) == "output":
         output = typed.decode(result["value"], resolve, "output")

@@ -44,7 +44,8 @@ USAGE = "__dspex_usage__"  # beside a program's output: its LM usage per model, 
 COMPLETIONS = "__dspex_completions__"  # beside a Prediction's fields: its completions (field -> values)
 ONE_COMPLETION = "fields"  # as the completions: one, that is the fields themselves (n=1)
 COST = "__dspex_cost__"  # beside a program's output: the USD cost of its LM calls, where an LM reported one
-RESERVED = (USAGE, COMPLETIONS, COST)
+TRACE = "__dspex_trace__"  # beside a program's output, where the kernel asked: its predictor calls (DSPy's trace)
+RESERVED = (USAGE, COMPLETIONS, COST, TRACE)
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
 
 

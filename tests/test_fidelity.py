@@ -20,7 +20,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool
-from dspex_nb.errors import ArgumentError, CallbacksNotRun, ToolError
+from dspex_nb.errors import ArgumentError, CallbacksNotRun, ToolError, TraceIncomplete
 from dspex_nb.worker.demo_lm import make_demo_lm
 
 SETUP = '''
@@ -964,3 +964,55 @@ def test_a_worker_runs_a_program_as_dspy_does_without_its_warnings(demo_lm: dspy
     finally:
         logger.removeHandler(handler)
     assert not [message for message in seen if "discouraged" in message], seen
+
+
+def test_the_kernels_dspy_trace_gets_the_predictor_calls_of_a_program_on_the_pool(
+        shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # DSPy's optimizers (BootstrapFewShot's demos, GEPA's and SIMBA's reflections) and Refine read the predictor
+    # calls that a program makes from dspy.settings.trace: a module whose forward runs its predictor on the pool
+    # compiles to the same demos as the one that runs it in the kernel
+    shell.user_ns["pool"] = pool
+    define(shell, '''
+trainset = [dspy.Example(question=f"What is {i} plus {i}?", answer=str(2 * i)).with_inputs("question")
+            for i in range(6)]
+
+def metric(example, pred, trace=None):
+    return sum(map(ord, pred.answer)) % 2 == 0
+
+class InKernel(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.ChainOfThought("question -> answer")
+
+    def forward(self, question):
+        return self.qa(question=question)
+
+class OnPool(InKernel):
+    def forward(self, question):
+        return pool.run(self.qa, question=question)
+
+program = None
+''')
+    ns = shell.user_ns
+    with dspy.context(lm=demo_lm):
+        expected, got = (dspy.BootstrapFewShot(metric=ns["metric"], max_bootstrapped_demos=2, max_labeled_demos=0)
+                         .compile(ns[cls](), trainset=ns["trainset"]) for cls in ("InKernel", "OnPool"))
+        assert len(expected.qa.predict.demos) == 2
+        assert got.dump_state() == expected.dump_state()
+        traces = []
+        for program in (expected, got):
+            with dspy.context(trace=[]):
+                program(question="Why?")
+                traces.append(dspy.settings.trace)
+    (kernel_step,), (pool_step,) = traces
+    assert kernel_step[0] is expected.qa.predict and pool_step[0] is got.qa.predict
+    assert_same(kernel_step[1:], pool_step[1:], "trace")
+    with dspy.context(trace=[]):
+        run = pool.run_stream(got.qa, question="Why?")
+        assert_same(run.result(60), run.result(60))
+        assert [step[0] for step in dspy.settings.trace] == [got.qa.predict]  # once, however often it is read
+    # a predictor that the program does not hold as its own: the kernel has no object for it, and says so
+    function, _ = define(shell, 'qa = dspy.Predict("question -> answer")\n\n'
+                                'def program(question):\n    return qa(question=question)')
+    with dspy.context(trace=[]), pytest.warns(TraceIncomplete, match="1 predictor call"):
+        pool.run(function, question="Why?")

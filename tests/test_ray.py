@@ -231,3 +231,17 @@ def test_a_ray_stream_keeps_its_timeout_and_its_cancel(pool: Pool) -> None:
         assert run.wait(10) and run.status == "cancelled"
     wait_until(lambda: pool.describe("w0")["counters"]["active_requests"] == 0, timeout=30,
                what="the actor to stop the cancelled sleeps")
+
+
+def _provider_key() -> str:
+    import os
+
+    return os.environ.get("DSPEX_PROBE_API_KEY", "<unset>")
+
+
+def test_the_kernels_api_keys_reach_the_actors(cluster: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API key a notebook puts in its environment after the cluster started (`os.environ["OPENAI_API_KEY"] =
+    ...`, as DSPy's tutorials do) reaches the actors, as it reaches local workers: else their LM calls fail."""
+    monkeypatch.setenv("DSPEX_PROBE_API_KEY", "sk-set-in-the-notebook")
+    with Pool(workers=1, backend="ray", address=cluster, journal=False, resources={"head": 1}) as p:
+        assert p.run(_provider_key) == "sk-set-in-the-notebook"

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from dspex_nb import redact
 from dspex_nb.errors import CallTimeout, DspexError, WorkerDied, WorkerStartError, remote_error
 from dspex_nb.pool.calls import Chunk, decode_chunks
 from dspex_nb.pool.connection import ConnectionClosed, Died, WorkerSpec, left
@@ -73,7 +74,7 @@ class RayBackend:
             options["resources"] = resources
         actor = self._actor.options(**options).remote(
             worker_id, spec.run_id, spec.lm, spec.lm_kwargs, spec.max_message_bytes, spec.rate_limit,
-            spec.session_ttl)
+            spec.session_ttl, _kernel_secrets())
         return RayConnection(worker_id, actor, f"{spec.run_id}-{worker_id}-{generation}", self._ids)
 
     def close(self) -> None:
@@ -82,6 +83,15 @@ class RayBackend:
                 _owners.discard(self)
                 if not _owners:
                     ray.shutdown()  # the instance a pool started, now unused (a cluster it joined keeps running)
+
+
+def _kernel_secrets() -> dict[str, str]:
+    """The kernel's environment variables named as secrets (``redact``'s rule: ``OPENAI_API_KEY``, ``HF_TOKEN``...),
+    as they are now: a local worker has the kernel's environment, and an actor gets these (an API key a notebook
+    set in ``os.environ``), as an argument rather than in its ``runtime_env``, which Ray's dashboard shows. Ray's
+    own (``RAY_AUTH_TOKEN``) stay as each node has them."""
+    return {name: value for name, value in os.environ.items()
+            if redact.is_secret_name(name) and not name.startswith("RAY_")}
 
 
 def _worker_class() -> type:

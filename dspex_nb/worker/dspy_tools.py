@@ -223,9 +223,10 @@ def _settings(ctx: ToolContext, kernel: str) -> dict[str, Any]:
     return {**settings, "callbacks": callbacks}
 
 
-def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str) -> Generator[Emit, None, Any]:
+def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
+          trace: bool = False) -> Generator[Emit, None, Any]:
     """Run ``program`` on ``inputs`` under the worker's LM and the kernel's ``settings``; streamed calls yield
-    token chunks per field.
+    token chunks per field. With ``trace``, the result has the program's predictor calls too (``_trace_json``).
 
     A program with nothing to stream (no str output field) says so in a status chunk and returns its
     result; a program that returns a stream (a ``dspy.streamify``'d one) is run to its end, its tokens
@@ -233,7 +234,9 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str)
     """
     listeners = _listeners(program) if ctx.streaming else []
     final: Any = None
-    with _tracked(_settings(ctx, settings)) as (usage, costs):
+    steps: list[Any] = []
+    traced = {"trace": steps} if trace else {}
+    with _tracked({**_settings(ctx, settings), **traced}) as (usage, costs):
         if listeners:
             always = _AlwaysPrediction(program)
             streamed = dspy.streamify(always, stream_listeners=listeners)
@@ -244,7 +247,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str)
             output = _awaited(programs.invoke(program, inputs))
             values = _values_of(output)
             if values is None:
-                return output_json(output, usage.get_total_tokens(), costs.total)
+                return _traced(program, steps, trace, output_json(output, usage.get_total_tokens(), costs.total))
         for value in values:
             if isinstance(value, StreamResponse):
                 yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
@@ -253,7 +256,20 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str)
                 yield Emit("status", {"message": value.message})
             else:
                 final = value
-    return output_json(final.value if isinstance(final, _Boxed) else final, usage.get_total_tokens(), costs.total)
+    return _traced(program, steps, trace, output_json(final.value if isinstance(final, _Boxed) else final,
+                                                      usage.get_total_tokens(), costs.total))
+
+
+def _traced(program: Any, steps: list[Any], trace: bool, result: Any) -> Any:
+    """``result`` (a program's output as ``output_json`` makes it), with ``typed.TRACE`` where ``trace`` is asked:
+    the predictor calls DSPy recorded in ``steps`` (``dspy.settings.trace``) as ``[name, inputs, prediction]``,
+    each predictor by its name in ``program.named_predictors()`` (None for one the program does not hold)."""
+    if trace:
+        names = {id(predictor): name for name, predictor in program.named_predictors()} \
+            if isinstance(program, dspy.Module) else {}
+        result[typed.TRACE] = [[names.get(id(predictor)), typed.encode(inputs), typed.encode(outputs)]
+                               for predictor, inputs, outputs in steps]
+    return result
 
 
 class _Boxed(dspy.Prediction):
@@ -465,11 +481,12 @@ def _defined(ctx: ToolContext, tool_name: str, name: str) -> programs.Program:
 
 
 @tool
-def run_module(ctx: ToolContext, name: str, inputs: dict | str,
-               settings: str = "", shipped: str = "") -> Generator[Emit, None, dict[str, Any]]:
+def run_module(ctx: ToolContext, name: str, inputs: dict | str, settings: str = "", shipped: str = "",
+               trace: bool = False) -> Generator[Emit, None, dict[str, Any]]:
     """Run a module kept by ``define`` (or, given a handle from ``load_module``, that very instance) on
     ``inputs``; streamed calls stream the tokens of its predictors. ``shipped``: the classes and code of the
-    inputs, by value (base64 cloudpickle of a ``typed.Shipment``, as ``Pool.run`` sends where needed)."""
+    inputs, by value (base64 cloudpickle of a ``typed.Shipment``, as ``Pool.run`` sends where needed).
+    ``trace``: return its predictor calls too (DSPy's trace), for the kernel's trace."""
     if name.startswith("h:"):
         defined, program = ctx.resolve("run_module", name)
     else:
@@ -477,7 +494,7 @@ def run_module(ctx: ToolContext, name: str, inputs: dict | str,
         program = defined.factory()
     resolver = _resolver("run_module", defined.types, shipped)
     inputs = defined.check("run_module", _decode("run_module", inputs, "inputs", resolver), "argument 'inputs'")
-    return (yield from _call(program, inputs, ctx, settings))
+    return (yield from _call(program, inputs, ctx, settings, trace))
 
 
 @tool

@@ -286,7 +286,9 @@ class Dspex(Magics):
         return pool
 
     def _again(self, name: str, old: Pool) -> Pool:
-        """Start pool ``name`` anew with ``old``'s settings and definitions (``old`` is stopped)."""
+        """Stop ``old`` (again: a stop that was interrupted left its workers running) and start pool ``name``
+        anew with its settings and definitions."""
+        old.shutdown()
         python = getattr(old.backend, "python", sys.executable)
         python = "" if python == sys.executable else python
         ray = (old.backend.address or "") if old.backend.name == "ray" else None
@@ -335,7 +337,7 @@ class Dspex(Magics):
         if old is None:
             self._start_pool(args.pool, self.workers, self.lm, self.python)
             return
-        old.shutdown()  # it stays in self.pools until its successor is ready: interrupted, it starts again later
+        # old stays in self.pools until its successor is ready: interrupted, the next command starts it again
         self._again(args.pool, old)
 
     def _status(self, args: argparse.Namespace) -> None:

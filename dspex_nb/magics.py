@@ -321,6 +321,8 @@ class Dspex(Magics):
         if pool is not None and pool.running:
             print(f"dspex: pool {args.pool!r} is already running ({pool!r}); use %dspex restart to change it")
             return
+        if pool is not None:  # stopped under the magics: a stop that was interrupted left its workers running
+            pool.shutdown()
         workers = self.workers if args.workers is None else args.workers
         self._start_pool(args.pool, workers, args.lm or self.lm, args.python or self.python, ray=args.ray)
 

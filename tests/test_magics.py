@@ -308,14 +308,16 @@ class InterruptedJoin:
             raise KeyboardInterrupt
 
 
-def test_a_restart_interrupted_while_stopping_leaves_no_worker_behind(sh: Shell) -> None:
+@pytest.mark.parametrize("then", ['%%dspex predict "question -> answer" --pool stopping\nwhy?',
+                                  "%dspex start --pool stopping -n 1 --lm demo"])
+def test_a_restart_interrupted_while_stopping_leaves_no_worker_behind(sh: Shell, then: str) -> None:
     sh("%dspex start --pool stopping -n 1 --lm demo")
     old = sh.magics.pools["stopping"]
     pids = [r["pid"] for r in old.status()]
     old._restarting.append(InterruptedJoin())  # type: ignore[arg-type]
     _, err = sh("%dspex restart --pool stopping")
     assert "interrupted; the pool is stopped" in err
-    sh('%%dspex predict "question -> answer" --pool stopping -o stopping_answer\nwhy?')  # it starts again
+    sh(then)  # it starts again
     assert sh.magics.pools["stopping"] is not old and sh.magics.pools["stopping"].running
     wait_until(lambda: not any(pid_alive(p) for p in pids), what="the old pool's workers to stop")
     sh("%dspex stop --pool stopping")

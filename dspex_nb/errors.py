@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,7 +74,7 @@ _AS_TOOL_ERROR: dict[type, type[ToolError] | None] = {}
 
 def _as_tool_error(path: str) -> type[ToolError] | None:
     """A ToolError that is also the exception class at ``path`` ("module:qualname"), where it is an Exception
-    class of a module imported here; None otherwise. Nothing is imported and no code runs: modules' and
+    class of a module imported here; None otherwise. Nothing is imported: modules' and
     classes' own namespaces are read, not their attributes."""
     module_name, _, qualname = path.partition(":")
     module = builtins if module_name == "builtins" else sys.modules.get(module_name)
@@ -87,11 +88,22 @@ def _as_tool_error(path: str) -> type[ToolError] | None:
     if any("__new__" in vars(cls) and cls.__module__ != "builtins" for cls in base.__mro__):
         return None  # its own __new__ takes its own arguments, not a ToolError's
     if base not in _AS_TOOL_ERROR:
-        try:
-            _AS_TOOL_ERROR[base] = type("ToolError", (ToolError, base), {"__module__": __name__})
-        except TypeError:  # a class that cannot be combined (its instance layout, a final class)
-            _AS_TOOL_ERROR[base] = None
+        _AS_TOOL_ERROR[base] = _combined(base)
     return _AS_TOOL_ERROR[base]
+
+
+def _combined(base: type) -> type[ToolError] | None:
+    """A ToolError that is also ``base``, where one can be made, shown and formatted as any ToolError; None for
+    a class that cannot be combined (its instance layout, a final class, one refusing subclasses or attributes,
+    a repr or attribute lookup that needs what its own constructor sets: urllib's HTTPError)."""
+    try:
+        combined = type("ToolError", (ToolError, base), {"__module__": __name__})
+        probe = combined("", "", "")
+        repr(probe)
+        traceback.format_exception(probe)
+    except Exception:
+        return None
+    return combined
 
 
 class WorkerDied(DspexError):

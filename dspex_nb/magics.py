@@ -286,7 +286,9 @@ class Dspex(Magics):
         return pool
 
     def _again(self, name: str, old: Pool) -> Pool:
-        """Start pool ``name`` anew with ``old``'s settings and definitions (``old`` is stopped)."""
+        """Stop ``old`` (again: a stop that was interrupted left its workers running) and start pool ``name``
+        anew with its settings and definitions."""
+        old.shutdown()
         python = getattr(old.backend, "python", sys.executable)
         python = "" if python == sys.executable else python
         ray = (old.backend.address or "") if old.backend.name == "ray" else None
@@ -319,6 +321,8 @@ class Dspex(Magics):
         if pool is not None and pool.running:
             print(f"dspex: pool {args.pool!r} is already running ({pool!r}); use %dspex restart to change it")
             return
+        if pool is not None:  # stopped under the magics: a stop that was interrupted left its workers running
+            pool.shutdown()
         workers = self.workers if args.workers is None else args.workers
         self._start_pool(args.pool, workers, args.lm or self.lm, args.python or self.python, ray=args.ray)
 
@@ -335,7 +339,7 @@ class Dspex(Magics):
         if old is None:
             self._start_pool(args.pool, self.workers, self.lm, self.python)
             return
-        old.shutdown()  # it stays in self.pools until its successor is ready: interrupted, it starts again later
+        # old stays in self.pools until its successor is ready: interrupted, the next command starts it again
         self._again(args.pool, old)
 
     def _status(self, args: argparse.Namespace) -> None:

@@ -147,6 +147,39 @@ def test_a_programs_exception_of_a_class_made_otherwise_is_still_its_error(pool:
     assert isinstance(info.value, ToolError) and not isinstance(info.value, CodedError)
 
 
+class FrozenError(ValueError):
+    """An exception class whose instances take no new attributes (as attrs' frozen classes, e.g. referencing's)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if not name.startswith("__"):  # Python's own (__traceback__, __cause__...) it takes, as attrs' do
+            raise AttributeError(f"{type(self).__name__} is frozen")
+        super().__setattr__(name, value)
+
+
+class FinalError(ValueError):
+    """An exception class that refuses subclasses with an error of its own (as referencing's do)."""
+
+    def __init_subclass__(cls) -> None:
+        raise RuntimeError("no subclasses of FinalError")
+
+
+def test_a_programs_exception_whose_class_cannot_be_a_tool_error_is_still_its_error(pool: Pool) -> None:
+    import traceback
+    import urllib.error
+
+    def program(kind: str) -> None:
+        raise {"frozen": FrozenError("cold"), "final": FinalError("last"),  # HTTPError reads its response's file
+               "http": urllib.error.HTTPError("http://x", 404, "Not Found", {}, None)}[kind]  # type: ignore[arg-type]
+
+    for kind, expected in [("frozen", "FrozenError: cold"), ("final", "FinalError: last"),
+                           ("http", "HTTPError: HTTP Error 404: Not Found")]:
+        for call in (pool.run, lambda p, **kw: pool.run_stream(p, **kw).result()):
+            with pytest.raises(ToolError, match=expected) as info:
+                call(program, kind=kind)
+            assert isinstance(info.value, ValueError if kind != "http" else urllib.error.URLError)  # its next class
+            assert expected in "".join(traceback.format_exception(info.value)) and repr(info.value)
+
+
 def test_message_over_the_limit_says_the_limit_and_how_to_raise_it() -> None:
     with Pool(workers=1, max_message_mb=1) as small:
         with pytest.raises(MessageTooLarge, match=r"over the 1 MiB message limit; raise it with Pool\(max_message_mb"):

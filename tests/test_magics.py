@@ -296,6 +296,33 @@ def test_named_pools_have_their_own_settings(sh: Shell) -> None:
     assert out == "dspex: pool 'small' stopped\n" and set(sh.magics.pools) == {"default"}
 
 
+class InterruptedJoin:
+    """A pool's worker-restart thread whose first join is interrupted (Ctrl-C while %dspex restart waits)."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+
+    def join(self) -> None:
+        if not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("then", ['%%dspex predict "question -> answer" --pool stopping\nwhy?',
+                                  "%dspex start --pool stopping -n 1 --lm demo"])
+def test_a_restart_interrupted_while_stopping_leaves_no_worker_behind(sh: Shell, then: str) -> None:
+    sh("%dspex start --pool stopping -n 1 --lm demo")
+    old = sh.magics.pools["stopping"]
+    pids = [r["pid"] for r in old.status()]
+    old._restarting.append(InterruptedJoin())  # type: ignore[arg-type]
+    _, err = sh("%dspex restart --pool stopping")
+    assert "interrupted; the pool is stopped" in err
+    sh(then)  # it starts again
+    assert sh.magics.pools["stopping"] is not old and sh.magics.pools["stopping"].running
+    wait_until(lambda: not any(pid_alive(p) for p in pids), what="the old pool's workers to stop")
+    sh("%dspex stop --pool stopping")
+
+
 def test_restart_keeps_settings_and_modules_and_unload_stops_workers(sh: Shell) -> None:
     old = [r["pid"] for r in sh.pool.status()]
     out, _ = sh("%dspex restart")

@@ -89,6 +89,31 @@ def test_on_chunk_exception_stops_the_stream_and_is_raised(pool: Pool) -> None:
     assert len(run.chunks) < 10_000
 
 
+LOOP = """
+class Loop(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.count = dspy.Predict("question -> n: int")  # no str output: its LM calls do not stream
+        self.answer = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        for _ in range(200):
+            self.count(question=question)
+        return self.answer(question=question)
+"""
+
+
+def test_cancel_stream_stops_lm_calls_that_do_not_stream(pool: Pool) -> None:
+    # streamify runs the program under its own copy of the call's callbacks: a cancel must reach that copy
+    pool.execute("define", {"name": "Loop", "source": LOOP}, worker="w1")
+    before = idle(pool, "w1")["lm_calls"]
+    run = pool.execute_stream("run_module", {"name": "Loop", "inputs": {"question": "q"}}, worker="w1")
+    wait_until(lambda: pool.describe("w1")["counters"]["lm_calls"] > before, what="the program's first LM call")
+    run.cancel()
+    assert run.wait(20) and run.status == "cancelled"
+    assert idle(pool, "w1")["lm_calls"] - before < 100  # 201 if the program went on after the cancel
+
+
 def test_cancel_token_stream_stops_generation(pool: Pool) -> None:
     pool.execute("configure_lm", {"model": "demo", "kwargs": {"per_token": 0.002, "answer_tokens": 3000}},
                   worker="w0")

@@ -32,7 +32,7 @@ from dspex_nb.worker.calls import message_of
 from dspex_nb.worker.demo_lm import make_demo_lm
 from dspex_nb.worker.limits import StopWhenCancelled
 from dspex_nb.worker.state import WorkerState
-from dspex_nb.worker.tools import Emit, ToolContext, tool
+from dspex_nb.worker.tools import CancelEvent, Emit, ToolContext, tool
 
 _lm_lock = threading.Lock()
 DEMO_RETRIES = 8  # dspy.LM's num_retries for the demo LM (a real LM gets dspy.LM's default, or its own setting)
@@ -216,17 +216,22 @@ def _settings(ctx: ToolContext, kernel: str) -> dict[str, Any]:
     the call is cancelled, its program makes no further LM call."""
     settings = {**ctx.worker.dspy_settings(), **programs.kernel_settings(kernel)}
     programs.use_cache(settings.pop(programs.CACHE_OFF, []))
-    # This call's own list, which DSPy reads at each step: the callback joins it only once the call is
-    # cancelled, as DSPy skips its callback machinery (a third of a small call's time) while the list is empty.
-    callbacks = list(settings["callbacks"])
-    ctx.cancelled.on_set(lambda: callbacks.insert(0, StopWhenCancelled(ctx.cancelled)))
+    callbacks = list(settings["callbacks"])  # this call's own list
+    _stop_when(ctx.cancelled, callbacks)
     return {**settings, "callbacks": callbacks}
+
+
+def _stop_when(cancelled: CancelEvent, callbacks: list[Any]) -> None:
+    """Once ``cancelled`` is set, ``callbacks`` (a list DSPy reads at each step) refuse further LM calls. The
+    callback joins them only then: DSPy skips its callback machinery (a third of a small call's time) while
+    the list is empty."""
+    cancelled.on_set(lambda: callbacks.insert(0, StopWhenCancelled(cancelled)))
 
 
 def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
           trace: bool = False) -> Generator[Emit, None, Any]:
     """Run ``program`` on ``inputs`` under the worker's LM and the kernel's ``settings``; streamed calls yield
-    token chunks per field. With ``trace``, the result has the program's predictor calls too (``_trace_json``).
+    token chunks per field. With ``trace``, the result has the program's predictor calls too (``_traced``).
 
     A program with nothing to stream (no str output field) says so in a status chunk and returns its
     result; a program that returns a stream (a ``dspy.streamify``'d one) is run to its end, its tokens
@@ -238,7 +243,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
     traced = {"trace": steps} if trace else {}
     with _tracked({**_settings(ctx, settings), **traced}) as (usage, costs):
         if listeners:
-            always = _AlwaysPrediction(program)
+            always = _AlwaysPrediction(program, ctx.cancelled)
             streamed = dspy.streamify(always, stream_listeners=listeners)
             values = _async_items(lambda: streamed(**inputs), always.settled)
         else:
@@ -279,9 +284,10 @@ class _Boxed(dspy.Prediction):
 class _AlwaysPrediction(dspy.Module):
     """``program``, returning a Prediction: streamify waits forever for one after any other result."""
 
-    def __init__(self, program: dspy.Module) -> None:
+    def __init__(self, program: dspy.Module, cancelled: CancelEvent) -> None:
         super().__init__()
         self.program = program
+        self.cancelled = cancelled
         self._lock = threading.Lock()
         self._running = 0
         self._closed = False
@@ -297,6 +303,7 @@ class _AlwaysPrediction(dspy.Module):
             if self._closed:
                 raise RuntimeError("the stream was closed before the program started")
             self._running += 1
+        _stop_when(self.cancelled, dspy.settings.callbacks)  # streamify runs it under its own copy of the list
         try:
             with dspy.context(send_stream=_FromThisThread(dspy.settings.send_stream)):
                 output = _awaited(programs.invoke(self.program, inputs))  # an async program runs to its end here

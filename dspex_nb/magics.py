@@ -149,7 +149,7 @@ def interpolate(text: str, namespace: dict[str, Any]) -> str:
 INTERRUPTED = {  # what an interrupted command leaves, where it is not a call's remote work cancelled
     "start": "the pool was not started",
     "restart": "the pool is stopped; the next dspex command starts it again as it was",
-    "define": "the module is defined on no worker",
+    "define": "every worker keeps what it had before under that name (nothing, for a new one)",
 }
 SIGNATURE_TIMEOUT = 30.0  # seconds a worker may take to parse a signature (it waits for a free worker first)
 

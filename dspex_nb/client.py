@@ -152,15 +152,18 @@ class Pool(WorkerPool):
         if trace is not None:
             args["trace"] = True
         return self.call_tool("run_module", args, resolver, stream=stream, timeout=timeout, on_chunk=on_chunk,
-                              trace=None if trace is None else (trace, program))
+                              trace=None if trace is None else (trace, program), program=program)
 
     def call_tool(self, tool: str, args: dict[str, Any], resolver: typed.Resolver | None = None, *,
                   stream: bool = False, timeout: float | None = None, on_chunk: Callable[[Chunk], Any] | None = None,
-                  trace: tuple[list[Any], Any] | None = None) -> Any:
+                  trace: tuple[list[Any], Any] | None = None, program: Any = None) -> Any:
         """A DSPy tool (``predict``, ``chain_of_thought``, ``run_module``) whose result is what the program
         returned (rebuilt with ``resolver``'s classes); with ``stream``, a ``Run`` whose ``result()`` is that.
-        ``trace``: the DSPy trace that its predictor calls join, and the kernel's program (``programs.to_output``)."""
-        decode = partial(programs.to_output, resolve=resolver or typed.Resolver(), trace=trace)
+        ``trace``: the DSPy trace that its predictor calls join, and the kernel's program (``programs.to_output``).
+        Its LM calls join the kernel's DSPy history (``dspy.inspect_history()``; ``program``'s own history too)."""
+        decode = partial(programs.to_output, resolve=resolver or typed.Resolver(), trace=trace, program=program)
+        if programs.wants_history():
+            args = {**args, "history": True}
         self._check_lm()
         settings = programs.kernel_settings()  # e.g. dspy.configure(adapter=dspy.JSONAdapter()): the same there
         if settings:

@@ -363,15 +363,33 @@ def add_to_trace(trace: list[Any], program: Any, steps: list[Any], resolve: type
                           typed.decode(outputs, resolve, "trace")))
 
 
-def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any] | None = None) -> Any:
+def wants_history() -> bool:
+    """Whether a call should bring its LM calls' DSPy history back (DSPy is imported here, history not off)."""
+    dspy_settings = getattr(sys.modules.get("dspy"), "settings", None)
+    return dspy_settings is not None and not dspy_settings.disable_history
+
+
+class _History:
+    """Stands for the LM in DSPy's ``record_history`` (which also keeps each entry in its client's history):
+    the pool's LM has no object here."""
+
+    history: list[Any] = []
+
+
+def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any] | None = None,
+              program: Any = None) -> Any:
     """A DSPy tool's result as the program gave it: a dspy.Prediction of its fields, or its own value; with
-    ``trace`` (``open_trace()`` and the kernel's program), its predictor calls are added there, once (a stream's
-    ``result()`` may be read again)."""
+    ``trace`` (``open_trace()`` and the kernel's program), its predictor calls are added there, and its LM
+    calls' history entries go to DSPy's history (``dspy.inspect_history``, and ``program``'s own where it keeps
+    one), as in the kernel; each once (a stream's ``result()`` may be read again)."""
     import dspy
+    from dspy.clients.base_lm import record_history
 
     steps = result.pop(typed.TRACE, None) if isinstance(result, dict) else None
     if trace is not None and steps is not None:
         add_to_trace(*trace, steps, resolve)
+    for entry in result.pop(typed.HISTORY, ()) if isinstance(result, dict) else ():
+        record_history(program if isinstance(getattr(program, "history", None), list) else _History, entry)
 
     if isinstance(result, dict) and result.get(typed.TAG) == "output":
         output = typed.decode(result["value"], resolve, "output")

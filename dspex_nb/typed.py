@@ -45,7 +45,8 @@ COMPLETIONS = "__dspex_completions__"  # beside a Prediction's fields: its compl
 ONE_COMPLETION = "fields"  # as the completions: one, that is the fields themselves (n=1)
 COST = "__dspex_cost__"  # beside a program's output: the USD cost of its LM calls, where an LM reported one
 TRACE = "__dspex_trace__"  # beside a program's output, where the kernel asked: its predictor calls (DSPy's trace)
-RESERVED = (USAGE, COMPLETIONS, COST, TRACE)
+HISTORY = "__dspex_history__"  # beside a program's output, where the kernel asked: its LM calls' history entries
+RESERVED = (USAGE, COMPLETIONS, COST, TRACE, HISTORY)
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
 
 

@@ -1016,3 +1016,27 @@ program = None
                                 'def program(question):\n    return qa(question=question)')
     with dspy.context(trace=[]), pytest.warns(TraceIncomplete, match="1 predictor call"):
         pool.run(function, question="Why?")
+
+
+def test_dspy_inspect_history_shows_the_pools_calls_as_the_kernels(pool: Pool, demo_lm: dspy.LM) -> None:
+    import io
+    import re
+
+    def last_call() -> str:
+        shown = io.StringIO()
+        dspy.inspect_history(n=1, file=shown)
+        return re.sub(r"\[\d{4}-\d\d-\d\dT[\d:.]+\]", "[time]", shown.getvalue())
+
+    qa = dspy.ChainOfThought("question -> answer")
+    with dspy.context(lm=demo_lm):
+        qa(question="Where is the history?")
+        in_kernel = last_call()
+        for run in (lambda: pool.run(qa, question="Where is the history?"),
+                    lambda: pool.run_stream(qa, question="Where is the history?").result(60)):
+            before = len(qa.history)
+            run()
+            assert last_call() == in_kernel and "Where is the history?" in in_kernel
+            assert len(qa.history) == before + 1  # the program's own history too, as DSPy keeps it
+        with dspy.context(disable_history=True):
+            pool.run(qa, question="Not kept?")
+        assert "Not kept?" not in last_call()

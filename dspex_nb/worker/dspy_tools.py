@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import json
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterable
@@ -116,14 +117,19 @@ def output_json(output: Any, usage: dict[str, Any] | None = None, cost: float | 
     return result
 
 
+MAX_HISTORY = 100  # LM history entries a call brings back to the kernel (its dspy.inspect_history)
+
+
 class _Costs:
     """The cost of one call's LM calls, from DSPy's own history: DSPy appends the history entry of every LM
     call to the ``history`` of each object in ``settings.caller_modules`` (the modules it runs in), and
-    this one, put there first, keeps only the sum of their costs (so it has no size limit to reach)."""
+    this one, put there first, keeps only the sum of their costs (so it has no size limit to reach); with
+    ``keep``, also the entries themselves as JSON (``history_json``), for the kernel's DSPy history."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = False) -> None:
         self.history = self
         self.total: float | None = None  # None until an LM reports a cost (an unpriced model is not free)
+        self.entries: list[Any] | None = [] if keep else None
         self._lock = threading.Lock()  # dspy.Parallel's threads append at once
 
     def __len__(self) -> int:
@@ -133,15 +139,26 @@ class _Costs:
         # A cache hit keeps the cost of the call that filled the cache, but nothing was billed: DSPy empties
         # its usage (its usage tracker skips it), and so does this.
         cost = entry.get("cost")
-        if isinstance(cost, (int, float)) and entry.get("usage"):
-            with self._lock:
+        with self._lock:
+            if isinstance(cost, (int, float)) and entry.get("usage"):
                 self.total = (self.total or 0.0) + cost
+            if self.entries is not None and len(self.entries) < MAX_HISTORY:
+                self.entries.append(entry)
+
+    def history_json(self) -> list[dict[str, Any]]:
+        """The kept entries as JSON, as DSPy's ``inspect_history`` reads them (the provider's raw ``response``
+        object stays here; values that are not JSON, such as a response format's class, as their repr)."""
+        with self._lock:
+            entries = list(self.entries or ())
+        return [json.loads(json.dumps({k: v for k, v in entry.items() if k != "response"}, default=repr))
+                for entry in entries]
 
 
 @contextlib.contextmanager
-def _tracked(settings: dict[str, Any]) -> Generator[tuple[UsageTracker, _Costs], None, None]:
-    """Run under ``settings``, counting the LM usage (``dspy.track_usage``) and the cost of the calls."""
-    costs = _Costs()
+def _tracked(settings: dict[str, Any], history: bool = False) -> Generator[tuple[UsageTracker, _Costs], None, None]:
+    """Run under ``settings``, counting the LM usage (``dspy.track_usage``) and the cost of the calls (and with
+    ``history``, keeping their DSPy history entries)."""
+    costs = _Costs(keep=history)
     with dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]), \
             dspy.track_usage() as usage:
         yield usage, costs
@@ -229,9 +246,10 @@ def _stop_when(cancelled: CancelEvent, callbacks: list[Any]) -> None:
 
 
 def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
-          trace: bool = False) -> Generator[Emit, None, Any]:
+          trace: bool = False, history: bool = False) -> Generator[Emit, None, Any]:
     """Run ``program`` on ``inputs`` under the worker's LM and the kernel's ``settings``; streamed calls yield
-    token chunks per field. With ``trace``, the result has the program's predictor calls too (``_traced``).
+    token chunks per field. With ``trace``, the result has the program's predictor calls too (``_traced``);
+    with ``history``, its LM calls' DSPy history entries (``typed.HISTORY``), for the kernel's inspect_history.
 
     A program with nothing to stream (no str output field) says so in a status chunk and returns its
     result; a program that returns a stream (a ``dspy.streamify``'d one) is run to its end, its tokens
@@ -241,7 +259,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
     final: Any = None
     steps: list[Any] = []
     traced = {"trace": steps} if trace else {}
-    with _tracked({**_settings(ctx, settings), **traced}) as (usage, costs):
+    with _tracked({**_settings(ctx, settings), **traced}, history) as (usage, costs):
         if listeners:
             always = _AlwaysPrediction(program, ctx.cancelled)
             streamed = dspy.streamify(always, stream_listeners=listeners)
@@ -252,7 +270,8 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             output = _awaited(programs.invoke(program, inputs))
             values = _values_of(output)
             if values is None:
-                return _traced(program, steps, trace, output_json(output, usage.get_total_tokens(), costs.total))
+                return _traced(program, steps, trace, output_json(output, usage.get_total_tokens(), costs.total),
+                               costs)
         for value in values:
             if isinstance(value, StreamResponse):
                 yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
@@ -262,10 +281,10 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             else:
                 final = value
     return _traced(program, steps, trace, output_json(final.value if isinstance(final, _Boxed) else final,
-                                                      usage.get_total_tokens(), costs.total))
+                                                      usage.get_total_tokens(), costs.total), costs)
 
 
-def _traced(program: Any, steps: list[Any], trace: bool, result: Any) -> Any:
+def _traced(program: Any, steps: list[Any], trace: bool, result: Any, costs: _Costs) -> Any:
     """``result`` (a program's output as ``output_json`` makes it), with ``typed.TRACE`` where ``trace`` is asked:
     the predictor calls DSPy recorded in ``steps`` (``dspy.settings.trace``) as ``[name, inputs, prediction]``,
     each predictor by its name in ``program.named_predictors()`` (None for one the program does not hold)."""
@@ -274,6 +293,8 @@ def _traced(program: Any, steps: list[Any], trace: bool, result: Any) -> Any:
             if isinstance(program, dspy.Module) else {}
         result[typed.TRACE] = [[names.get(id(predictor)), typed.encode(inputs), typed.encode(outputs)]
                                for predictor, inputs, outputs in steps]
+    if costs.entries:
+        result[typed.HISTORY] = costs.history_json()
     return result
 
 
@@ -425,17 +446,20 @@ def _builtin(tool_name: str, module: str, signature: str, inputs: Any) -> tuple[
 
 
 @tool
-def predict(ctx: ToolContext, signature: str, inputs: dict | str,
-            settings: str = "") -> Generator[Emit, None, dict[str, Any]]:
-    """Run dspy.Predict(signature) on ``inputs``; streamed calls stream the tokens of each str output field."""
-    return (yield from _call(*_builtin("predict", "predict", signature, inputs), ctx, settings))
+def predict(ctx: ToolContext, signature: str, inputs: dict | str, settings: str = "",
+            history: bool = False) -> Generator[Emit, None, dict[str, Any]]:
+    """Run dspy.Predict(signature) on ``inputs``; streamed calls stream the tokens of each str output field.
+    ``history``: return its LM calls' DSPy history entries too, for the kernel's ``dspy.inspect_history``."""
+    return (yield from _call(*_builtin("predict", "predict", signature, inputs), ctx, settings, history=history))
 
 
 @tool
-def chain_of_thought(ctx: ToolContext, signature: str, inputs: dict | str,
-                     settings: str = "") -> Generator[Emit, None, dict[str, Any]]:
-    """Run dspy.ChainOfThought(signature); streamed calls stream reasoning and each str output field."""
-    return (yield from _call(*_builtin("chain_of_thought", "chain_of_thought", signature, inputs), ctx, settings))
+def chain_of_thought(ctx: ToolContext, signature: str, inputs: dict | str, settings: str = "",
+                     history: bool = False) -> Generator[Emit, None, dict[str, Any]]:
+    """Run dspy.ChainOfThought(signature); streamed calls stream reasoning and each str output field.
+    ``history``: as ``predict``'s."""
+    return (yield from _call(*_builtin("chain_of_thought", "chain_of_thought", signature, inputs), ctx, settings,
+                             history=history))
 
 
 @tool
@@ -489,11 +513,12 @@ def _defined(ctx: ToolContext, tool_name: str, name: str) -> programs.Program:
 
 @tool
 def run_module(ctx: ToolContext, name: str, inputs: dict | str, settings: str = "", shipped: str = "",
-               trace: bool = False) -> Generator[Emit, None, dict[str, Any]]:
+               trace: bool = False, history: bool = False) -> Generator[Emit, None, dict[str, Any]]:
     """Run a module kept by ``define`` (or, given a handle from ``load_module``, that very instance) on
     ``inputs``; streamed calls stream the tokens of its predictors. ``shipped``: the classes and code of the
     inputs, by value (base64 cloudpickle of a ``typed.Shipment``, as ``Pool.run`` sends where needed).
-    ``trace``: return its predictor calls too (DSPy's trace), for the kernel's trace."""
+    ``trace``: return its predictor calls too (DSPy's trace), for the kernel's trace; ``history``: its LM
+    calls' DSPy history entries, for the kernel's ``dspy.inspect_history``."""
     if name.startswith("h:"):
         defined, program = ctx.resolve("run_module", name)
     else:
@@ -501,7 +526,7 @@ def run_module(ctx: ToolContext, name: str, inputs: dict | str, settings: str = 
         program = defined.factory()
     resolver = _resolver("run_module", defined.types, shipped)
     inputs = defined.check("run_module", _decode("run_module", inputs, "inputs", resolver), "argument 'inputs'")
-    return (yield from _call(program, inputs, ctx, settings, trace))
+    return (yield from _call(program, inputs, ctx, settings, trace, history))
 
 
 @tool

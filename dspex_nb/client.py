@@ -279,8 +279,8 @@ class Pool(WorkerPool):
         """Warn, once per LM, when the kernel's DSPy LM is not the pool's: the call runs on the pool's."""
         try:
             kernel = programs.kernel_lm()
-        except ValueError as exc:
-            kernel, which = ("", {}), str(exc)
+        except ValueError:  # an LM of another kind than dspy.LM
+            kernel, which = ("", {}), "the kernel's DSPy LM, which is not a dspy.LM (a pool runs a model string)"
         else:
             which = f"the kernel's DSPy LM {kernel[0]!r} (dspy.configure / dspy.context)" if kernel else ""
         if kernel is None or kernel == (self.lm, self.lm_kwargs):

@@ -1040,3 +1040,27 @@ def test_dspy_inspect_history_shows_the_pools_calls_as_the_kernels(pool: Pool, d
         with dspy.context(disable_history=True):
             pool.run(qa, question="Not kept?")
         assert "Not kept?" not in last_call()
+
+
+def _last_lm_call() -> str:
+    import io
+
+    shown = io.StringIO()
+    dspy.inspect_history(n=1, file=shown)
+    return shown.getvalue()
+
+
+def test_inspect_history_shows_the_last_lm_call_of_a_program_that_makes_many(
+        shell: InteractiveShell, pool: Pool) -> None:
+    # a call brings back at most its newest 100 entries: the last call is the one inspect_history(n=1) shows
+    program, _ = define(shell, '''
+qa = dspy.Predict("question -> answer")
+
+def program(question):
+    for i in range(105):
+        answer = qa(question=f"{question} number {i}")
+    return answer
+''')
+    assert pool.run(program, question="Many calls").answer.startswith("Demo LM answer to 'Many calls number 104'")
+    assert "Many calls number 104" in _last_lm_call()
+

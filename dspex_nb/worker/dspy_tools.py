@@ -8,6 +8,7 @@ of each output field arrive as ``token`` chunks: {"field", "text", "last"}.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import functools
@@ -117,7 +118,7 @@ def output_json(output: Any, usage: dict[str, Any] | None = None, cost: float | 
     return result
 
 
-MAX_HISTORY = 100  # LM history entries a call brings back to the kernel (its dspy.inspect_history)
+MAX_HISTORY = 100  # the newest LM history entries a call brings back to the kernel (its dspy.inspect_history)
 
 
 class _Costs:
@@ -129,7 +130,7 @@ class _Costs:
     def __init__(self, keep: bool = False) -> None:
         self.history = self
         self.total: float | None = None  # None until an LM reports a cost (an unpriced model is not free)
-        self.entries: list[Any] | None = [] if keep else None
+        self.entries: collections.deque[Any] | None = collections.deque(maxlen=MAX_HISTORY) if keep else None
         self._lock = threading.Lock()  # dspy.Parallel's threads append at once
 
     def __len__(self) -> int:
@@ -142,7 +143,7 @@ class _Costs:
         with self._lock:
             if isinstance(cost, (int, float)) and entry.get("usage"):
                 self.total = (self.total or 0.0) + cost
-            if self.entries is not None and len(self.entries) < MAX_HISTORY:
+            if self.entries is not None:  # the newest: inspect_history shows the last calls
                 self.entries.append(entry)
 
     def history_json(self) -> list[dict[str, Any]]:

@@ -1064,3 +1064,25 @@ def program(question):
     assert pool.run(program, question="Many calls").answer.startswith("Demo LM answer to 'Many calls number 104'")
     assert "Many calls number 104" in _last_lm_call()
 
+
+def test_history_entries_that_are_not_plain_json_come_back_readable(shell: InteractiveShell, pool: Pool) -> None:
+    # an LM's tool calls are the provider's objects (litellm's, pydantic models): inspect_history reads their
+    # fields; a dict key that JSON has no form for is left out rather than failing the call
+    program, _ = define(shell, '''
+def program(question):
+    from litellm import ModelResponse
+    from litellm.types.utils import ChatCompletionMessageToolCall, Choices, Function, Message
+
+    class ToolLM(dspy.BaseLM):
+        def forward(self, prompt=None, messages=None, **kwargs):
+            call = ChatCompletionMessageToolCall(id="c1", type="function",
+                                                 function=Function(name="search", arguments='{"q": "tides"}'))
+            return ModelResponse(model="tool-lm", choices=[Choices(message=Message(content="hi", tool_calls=[call]))])
+
+    outputs = ToolLM("tool-lm")(messages=[{"role": "user", "content": question}], metadata={("a", 1): "x"})
+    return outputs[0]["text"]
+''')
+    assert pool.run(program, question="Which tool?") == "hi"
+    shown = _last_lm_call()
+    assert "Which tool?" in shown and 'search: {"q": "tides"}' in shown
+

@@ -148,11 +148,27 @@ class _Costs:
 
     def history_json(self) -> list[dict[str, Any]]:
         """The kept entries as JSON, as DSPy's ``inspect_history`` reads them (the provider's raw ``response``
-        object stays here; values that are not JSON, such as a response format's class, as their repr)."""
+        object stays here; a provider's objects, such as litellm's tool calls, as their fields; other values
+        that are not JSON, such as a response format's class, as their repr; keys JSON has no form for are
+        left out, and an entry that contains itself)."""
         with self._lock:
             entries = list(self.entries or ())
-        return [json.loads(json.dumps({k: v for k, v in entry.items() if k != "response"}, default=repr))
-                for entry in entries]
+        kept = []
+        for entry in entries:
+            try:
+                kept.append(json.loads(json.dumps({k: v for k, v in entry.items() if k != "response"},
+                                                  default=_as_json, skipkeys=True)))
+            except (ValueError, RecursionError):  # a circular reference
+                continue
+        return kept
+
+
+def _as_json(value: Any) -> Any:
+    """A history entry's value that JSON has no form for: a pydantic model (litellm's tool calls, which
+    ``inspect_history`` reads as dicts) as its fields, anything else as its repr."""
+    from pydantic import BaseModel
+
+    return dict(value) if isinstance(value, BaseModel) else repr(value)
 
 
 @contextlib.contextmanager

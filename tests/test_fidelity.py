@@ -1086,3 +1086,25 @@ def program(question):
     shown = _last_lm_call()
     assert "Which tool?" in shown and 'search: {"q": "tides"}' in shown
 
+
+@pytest.fixture(scope="module")
+def small_pool() -> Iterator[Pool]:
+    with Pool(workers=1, lm="demo", max_message_mb=1, journal=False) as p:
+        yield p
+
+
+def test_a_programs_history_never_makes_its_result_too_large(shell: InteractiveShell, small_pool: Pool) -> None:
+    # each entry holds the whole prompt: six calls over a 240 KB document are over a 1 MiB message, the
+    # program's own output is not; the newest entries that fit come back
+    program, _ = define(shell, '''
+qa = dspy.Predict("document, question -> answer")
+
+def program(document, question):
+    for i in range(6):
+        answer = qa(document=document, question=f"{question} {i}")
+    return answer
+''')
+    for run in (small_pool.run, lambda *a, **kw: small_pool.run_stream(*a, **kw).result(60)):
+        result = run(program, document="lorem ipsum " * 20_000, question="Large history")
+        assert result.answer.startswith("Demo LM answer")
+        assert "Large history 5" in _last_lm_call()

@@ -1040,3 +1040,71 @@ def test_dspy_inspect_history_shows_the_pools_calls_as_the_kernels(pool: Pool, d
         with dspy.context(disable_history=True):
             pool.run(qa, question="Not kept?")
         assert "Not kept?" not in last_call()
+
+
+def _last_lm_call() -> str:
+    import io
+
+    shown = io.StringIO()
+    dspy.inspect_history(n=1, file=shown)
+    return shown.getvalue()
+
+
+def test_inspect_history_shows_the_last_lm_call_of_a_program_that_makes_many(
+        shell: InteractiveShell, pool: Pool) -> None:
+    # a call brings back at most its newest 100 entries: the last call is the one inspect_history(n=1) shows
+    program, _ = define(shell, '''
+qa = dspy.Predict("question -> answer")
+
+def program(question):
+    for i in range(105):
+        answer = qa(question=f"{question} number {i}")
+    return answer
+''')
+    assert pool.run(program, question="Many calls").answer.startswith("Demo LM answer to 'Many calls number 104'")
+    assert "Many calls number 104" in _last_lm_call()
+
+
+def test_history_entries_that_are_not_plain_json_come_back_readable(shell: InteractiveShell, pool: Pool) -> None:
+    # an LM's tool calls are the provider's objects (litellm's, pydantic models): inspect_history reads their
+    # fields; a dict key that JSON has no form for is left out rather than failing the call
+    program, _ = define(shell, '''
+def program(question):
+    from litellm import ModelResponse
+    from litellm.types.utils import ChatCompletionMessageToolCall, Choices, Function, Message
+
+    class ToolLM(dspy.BaseLM):
+        def forward(self, prompt=None, messages=None, **kwargs):
+            call = ChatCompletionMessageToolCall(id="c1", type="function",
+                                                 function=Function(name="search", arguments='{"q": "tides"}'))
+            return ModelResponse(model="tool-lm", choices=[Choices(message=Message(content="hi", tool_calls=[call]))])
+
+    outputs = ToolLM("tool-lm")(messages=[{"role": "user", "content": question}], metadata={("a", 1): "x"})
+    return outputs[0]["text"]
+''')
+    assert pool.run(program, question="Which tool?") == "hi"
+    shown = _last_lm_call()
+    assert "Which tool?" in shown and 'search: {"q": "tides"}' in shown
+
+
+@pytest.fixture(scope="module")
+def small_pool() -> Iterator[Pool]:
+    with Pool(workers=1, lm="demo", max_message_mb=1, journal=False) as p:
+        yield p
+
+
+def test_a_programs_history_never_makes_its_result_too_large(shell: InteractiveShell, small_pool: Pool) -> None:
+    # each entry holds the whole prompt: six calls over a 240 KB document are over a 1 MiB message, the
+    # program's own output is not; the newest entries that fit come back
+    program, _ = define(shell, '''
+qa = dspy.Predict("document, question -> answer")
+
+def program(document, question):
+    for i in range(6):
+        answer = qa(document=document, question=f"{question} {i}")
+    return answer
+''')
+    for run in (small_pool.run, lambda *a, **kw: small_pool.run_stream(*a, **kw).result(60)):
+        result = run(program, document="lorem ipsum " * 20_000, question="Large history")
+        assert result.answer.startswith("Demo LM answer")
+        assert "Large history 5" in _last_lm_call()

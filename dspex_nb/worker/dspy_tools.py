@@ -8,6 +8,7 @@ of each output field arrive as ``token`` chunks: {"field", "text", "last"}.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import functools
@@ -29,7 +30,7 @@ from dspy.utils.usage_tracker import UsageTracker
 from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError, Cancelled
 from dspex_nb.worker import programs
-from dspex_nb.worker.calls import message_of
+from dspex_nb.worker.calls import MESSAGE_OVERHEAD, dumps, message_of
 from dspex_nb.worker.demo_lm import make_demo_lm
 from dspex_nb.worker.limits import StopWhenCancelled
 from dspex_nb.worker.state import WorkerState
@@ -117,7 +118,8 @@ def output_json(output: Any, usage: dict[str, Any] | None = None, cost: float | 
     return result
 
 
-MAX_HISTORY = 100  # LM history entries a call brings back to the kernel (its dspy.inspect_history)
+MAX_HISTORY = 100  # the newest LM history entries a call brings back to the kernel (its dspy.inspect_history)
+HISTORY_FRAME = 1024  # bytes of a result's message kept for the history's key and a stream's chunk framing
 
 
 class _Costs:
@@ -129,7 +131,7 @@ class _Costs:
     def __init__(self, keep: bool = False) -> None:
         self.history = self
         self.total: float | None = None  # None until an LM reports a cost (an unpriced model is not free)
-        self.entries: list[Any] | None = [] if keep else None
+        self.entries: collections.deque[Any] | None = collections.deque(maxlen=MAX_HISTORY) if keep else None
         self._lock = threading.Lock()  # dspy.Parallel's threads append at once
 
     def __len__(self) -> int:
@@ -142,16 +144,38 @@ class _Costs:
         with self._lock:
             if isinstance(cost, (int, float)) and entry.get("usage"):
                 self.total = (self.total or 0.0) + cost
-            if self.entries is not None and len(self.entries) < MAX_HISTORY:
+            if self.entries is not None:  # the newest: inspect_history shows the last calls
                 self.entries.append(entry)
 
-    def history_json(self) -> list[dict[str, Any]]:
-        """The kept entries as JSON, as DSPy's ``inspect_history`` reads them (the provider's raw ``response``
-        object stays here; values that are not JSON, such as a response format's class, as their repr)."""
+    def history_json(self, budget: int) -> list[dict[str, Any]]:
+        """The kept entries as JSON, as DSPy's ``inspect_history`` reads them: the newest whose JSON fits in
+        ``budget`` bytes (each holds its whole prompt: a long document's calls fill a message). The provider's
+        raw ``response`` object stays here; a provider's objects, such as litellm's tool calls, come as their
+        fields; other values that are not JSON, such as a response format's class, as their repr; keys JSON has
+        no form for are left out, and an entry that contains itself."""
         with self._lock:
             entries = list(self.entries or ())
-        return [json.loads(json.dumps({k: v for k, v in entry.items() if k != "response"}, default=repr))
-                for entry in entries]
+        kept = []
+        for entry in reversed(entries):
+            try:
+                text = json.dumps({k: v for k, v in entry.items() if k != "response"}, default=_as_json,
+                                  skipkeys=True)
+            except (ValueError, RecursionError):  # a circular reference
+                continue
+            budget -= len(text) + 2  # ASCII, as the worker's encoder writes it, and its separator
+            if budget < 0:
+                break
+            kept.append(json.loads(text))
+        kept.reverse()
+        return kept
+
+
+def _as_json(value: Any) -> Any:
+    """A history entry's value that JSON has no form for: a pydantic model (litellm's tool calls, which
+    ``inspect_history`` reads as dicts) as its fields, anything else as its repr."""
+    from pydantic import BaseModel
+
+    return dict(value) if isinstance(value, BaseModel) else repr(value)
 
 
 @contextlib.contextmanager
@@ -271,7 +295,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             values = _values_of(output)
             if values is None:
                 return _traced(program, steps, trace, output_json(output, usage.get_total_tokens(), costs.total),
-                               costs)
+                               costs, ctx)
         for value in values:
             if isinstance(value, StreamResponse):
                 yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
@@ -281,20 +305,26 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             else:
                 final = value
     return _traced(program, steps, trace, output_json(final.value if isinstance(final, _Boxed) else final,
-                                                      usage.get_total_tokens(), costs.total), costs)
+                                                      usage.get_total_tokens(), costs.total), costs, ctx)
 
 
-def _traced(program: Any, steps: list[Any], trace: bool, result: Any, costs: _Costs) -> Any:
+def _traced(program: Any, steps: list[Any], trace: bool, result: Any, costs: _Costs, ctx: ToolContext) -> Any:
     """``result`` (a program's output as ``output_json`` makes it), with ``typed.TRACE`` where ``trace`` is asked:
     the predictor calls DSPy recorded in ``steps`` (``dspy.settings.trace``) as ``[name, inputs, prediction]``,
-    each predictor by its name in ``program.named_predictors()`` (None for one the program does not hold)."""
+    each predictor by its name in ``program.named_predictors()`` (None for one the program does not hold); and
+    ``typed.HISTORY``, the LM calls' history entries kept by ``costs``, the newest that fit in the message."""
     if trace:
         names = {id(predictor): name for name, predictor in program.named_predictors()} \
             if isinstance(program, dspy.Module) else {}
         result[typed.TRACE] = [[names.get(id(predictor)), typed.encode(inputs), typed.encode(outputs)]
                                for predictor, inputs, outputs in steps]
-    if costs.entries:
-        result[typed.HISTORY] = costs.history_json()
+    if costs.entries:  # what the result leaves of its message: the history must not make it too large
+        try:
+            size = len(dumps(result))
+        except (TypeError, ValueError, RecursionError):  # sending it fails, saying why
+            size = 0
+        if history := costs.history_json(ctx.worker.max_message_bytes - MESSAGE_OVERHEAD - size - HISTORY_FRAME):
+            result[typed.HISTORY] = history
     return result
 
 

@@ -6,7 +6,8 @@ message: the JSON array of those chunks (the proto's ``ChunkBatch.chunks_json``)
 costs one message, and one JSON decode in the kernel, per batch rather than per chunk. After the first
 message, each waits ``LINGER`` (10 ms) for chunks to join it: a fast stream of tokens then costs the worker's
 threads, which DSPy's streaming keeps busy, one wake-up per message rather than per token, and the kernel
-one decode; a token's way is at most 10 ms longer (none for the first, nor for the end of a stream).
+one decode; a token's way is at most 10 ms longer (none for the first, nor for the end of a stream: the
+final chunk cuts the wait short).
 Cancelling sets the tool's ``ctx.cancelled``; the producer then closes the tool's generator.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import collections
 import json
 import threading
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from json import encoder
@@ -66,6 +66,7 @@ class ChunkQueue:
         self._items: collections.deque[Any] = collections.deque()
         self._bytes = 0
         self._cond = threading.Condition(threading.Lock())  # not re-entered: a Lock is cheaper than an RLock
+        self._ended = threading.Event()  # the last item is queued: a lingering ``take`` goes at once
 
     @staticmethod
     def _size(item: Any) -> int:
@@ -81,16 +82,19 @@ class ChunkQueue:
             self._items.append(item)
             self._bytes += self._size(item)
             self._cond.notify_all()
+        if item is _DONE:
+            self._ended.set()
 
     def take(self, count: int, budget: int, timeout: float, linger: float = 0.0) -> list[Any]:
         """Up to ``count`` chunks whose sizes add up to at most ``budget`` (at least one); [] after ``timeout``.
-        Having found fewer than ``count``, it first sleeps ``linger`` seconds for more to join them."""
+        Having found fewer than ``count``, it first waits ``linger`` seconds for more to join them, or until the
+        stream's end is queued."""
         with self._cond:
             if not self._items and not self._cond.wait_for(lambda: self._items, timeout):
                 return []
             more = linger and len(self._items) < count and self._items[-1] is not _DONE
-        if more:  # a sleep, not a wait on the condition: the producer's puts do not wake this thread each time
-            time.sleep(linger)
+        if more:  # not a wait on the condition: the producer's puts do not wake this thread each time
+            self._ended.wait(linger)
         with self._cond:
             batch = [self._items.popleft()]
             size = self._size(batch[0])

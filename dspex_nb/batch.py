@@ -91,7 +91,7 @@ class BatchRun(Handle):
 
         self._journal = journal
         self.key = digest(program)
-        self._item_keys = [digest(item) for item in self._items]
+        self._item_keys = [digest(item) for item in self._items] if journal is not None else []  # journal rows
         todo = list(range(self.total))
         if journal is not None:
             kept = journal.open_batch(self.key, f"{module} {signature}".strip())
@@ -360,6 +360,21 @@ class BatchRun(Handle):
         """Stop the batch: running shards are cancelled on their workers, queued ones never start."""
         self._cancelled = True
         self._stop_runs()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the batch ends; Ctrl-C (Stop) cancels it, and the KeyboardInterrupt says where its finished
+        items are: ``pool.map(...).result()`` keeps no handle to them."""
+        try:
+            return super().wait(timeout)
+        except KeyboardInterrupt as stop:
+            stop.add_note(self._kept())
+            raise
+
+    def _kept(self) -> str:
+        where = ("run the same batch again: they come from the journal, only the rest is computed"
+                 if self._journal is not None else
+                 "its handle keeps them (batch = pool.map(...); batch.records), or run it with the journal on")
+        return f"the batch was stopped after {self.ok + self.failed} of {self.total} items; {where}"
 
     def result(self, timeout: float | None = None) -> list[Any]:
         """Outputs in input order: each item's output fields, or {"error": "Type: message"} if it failed

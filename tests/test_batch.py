@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 
 import pytest
 from helpers import TWO_STEP, wait_until
@@ -113,6 +115,30 @@ def test_a_hung_item_times_out_while_its_workers_other_shard_moves() -> None:
         assert batch.records[0]["error"]["type"] == "ItemTimeout"
         assert batch.arrived.index(0) < len(items) - 10  # it failed while the others went on, not at the end
         assert all(r["ok"] and r["tries"] == 1 for r in batch.records[1:])
+
+
+def test_stop_says_where_the_finished_items_are(pool: Pool) -> None:
+    """``pool.batch(...).result()`` (or ``pool.map``'s) keeps no handle: Stop's KeyboardInterrupt says that
+    running it again takes the finished items from the journal, which it then does."""
+    pool.define("Slow", SLOW)
+    items = ["stop-a", "stop-b", "HANG", "HANG"]
+    batch = pool.batch(items, module="Slow", shard_size=1, concurrency=1)
+
+    def stop() -> None:
+        wait_until(lambda: batch.ok == 2, what="the two quick items")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=stop, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        batch.result(60)
+    assert stopped.value.__notes__ == ["the batch was stopped after 2 of 4 items; run the same batch again: they "
+                                       "come from the journal, only the rest is computed"]
+    again = pool.batch(items, module="Slow", shard_size=1, concurrency=1)
+    try:
+        assert again.from_journal == 2
+        assert [to_output(r["result"], Resolver())["answer"] for r in again.records[:2]] == ["STOP-A", "STOP-B"]
+    finally:
+        again.cancel()
 
 
 def test_define_then_run_streams_every_predictor(pool: Pool) -> None:

@@ -233,15 +233,21 @@ def test_a_ray_stream_keeps_its_timeout_and_its_cancel(pool: Pool) -> None:
                what="the actor to stop the cancelled sleeps")
 
 
-def _provider_key() -> str:
+def _provider_settings() -> list[str]:
     import os
 
-    return os.environ.get("DSPEX_PROBE_API_KEY", "<unset>")
+    return [os.environ.get(name, "<unset>") for name in ("DSPEX_PROBE_API_KEY", "DSPEX_PROBE_CREDENTIALS",
+                                                         "DSPEX_PROBE_CREDENTIALS_FILE")]
 
 
-def test_the_kernels_api_keys_reach_the_actors(cluster: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_kernels_api_keys_reach_the_actors(cluster: str, monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
     """An API key a notebook puts in its environment after the cluster started (`os.environ["OPENAI_API_KEY"] =
-    ...`, as DSPy's tutorials do) reaches the actors, as it reaches local workers: else their LM calls fail."""
+    ...`, as DSPy's tutorials do) reaches the actors, as it reaches local workers: else their LM calls fail. A
+    credential file's path reaches them only where their node has that file."""
     monkeypatch.setenv("DSPEX_PROBE_API_KEY", "sk-set-in-the-notebook")
+    monkeypatch.setenv("DSPEX_PROBE_CREDENTIALS", str(tmp_path / "only-on-the-kernels-machine.json"))
+    (tmp_path / "here.json").write_text("{}")
+    monkeypatch.setenv("DSPEX_PROBE_CREDENTIALS_FILE", str(tmp_path / "here.json"))
     with Pool(workers=1, backend="ray", address=cluster, journal=False, resources={"head": 1}) as p:
-        assert p.run(_provider_key) == "sk-set-in-the-notebook"
+        assert p.run(_provider_settings) == ["sk-set-in-the-notebook", "<unset>", str(tmp_path / "here.json")]

@@ -24,11 +24,20 @@ from dspex_nb.worker.stdin import NoInput
 EARLY_CANCEL_KEPT = 600.0  # seconds a cancel waits for its call to arrive
 
 
+def _use(secrets: dict[str, str]) -> None:
+    """Take the kernel's secret-named variables (its API keys, as a local worker has them; masked as there:
+    ``redact``), except a path to a file this node does not have (``GOOGLE_APPLICATION_CREDENTIALS`` on the
+    kernel's machine): there the node's own setting stays."""
+    for name, value in secrets.items():
+        if not (os.path.isabs(value) and not os.path.exists(value)):
+            os.environ[name] = value
+
+
 class RayWorker:
     def __init__(self, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any], max_message_bytes: int,
                  rate_limit: float | None, session_ttl: float, secrets: dict[str, str]) -> None:
         sys.stdin = NoInput()  # input() in a program fails at once, saying why
-        os.environ.update(secrets)  # the kernel's API keys, as a local worker has them (masked as there: redact)
+        _use(secrets)
         self.state = new_state(worker_id=worker_id, run_id=run_id, lm=lm, lm_kwargs=lm_kwargs,
                                max_message_bytes=max_message_bytes, rate_limit=rate_limit, session_ttl=session_ttl)
         self._calls: dict[str, tuple[Call, threading.Event]] = {}  # call id -> the call, and "it is over"

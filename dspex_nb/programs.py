@@ -59,7 +59,8 @@ _DYNAMIC_CODE = "<dynamic-code>"  # the file name cloudpickle gives all code it 
 
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle, plus what DSPy programs hold that it cannot pickle: a lock (e.g. in a ``dspy.Parallel``
-    made in ``__init__``) travels as a new one, a lazily loaded module (``streamify``'s and ``asyncify``'s
+    made in ``__init__``) travels as a new one, as does DSPy's ``Unbatchify`` (``dspy.retrievers.Embeddings``'
+    search, whose thread runs where it arrives), a lazily loaded module (``streamify``'s and ``asyncify``'s
     ``anyio``), loaded yet or not, by its name, ``streamify``'s stream listeners keyed by their predictors'
     ids, keyed again by the ids those predictors have where they arrive, and code with the file name it has in
     the kernel (a cell's), which cloudpickle drops: ``inspect.getsource`` of a notebook function (``dspy.CodeAct``
@@ -74,6 +75,8 @@ class _Pickler(cloudpickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) in _LOCKS:
             return _LOCKS[type(obj)], ()
+        if type(obj) is getattr(sys.modules.get("dspy.utils.unbatchify"), "Unbatchify", None):
+            return type(obj), (obj.batch_fn, obj.max_batch_size, obj.max_wait_time)
         if type(obj) is types.CodeType and obj.co_filename != _DYNAMIC_CODE:
             return _in_file, (obj.replace(co_filename=_DYNAMIC_CODE), obj.co_filename)
         if isinstance(obj, (type, types.FunctionType)) and code_digest.local_module(getattr(obj, "__module__", "")):

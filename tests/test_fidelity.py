@@ -368,6 +368,25 @@ def add(a: int, b: int) -> int:
 # CodeAct sends each tool's source (inspect.getsource) to its interpreter in forward: on the worker too
 program = dspy.CodeAct("question -> answer", tools=[add], max_iters=2, interpreter_factory=LocalInterpreter)
 ''', {"question": "What is 1 + 2?"}),
+    "rag_with_dspy_retrievers_embeddings": ('''
+import numpy as np
+
+def embed(texts: list[str]) -> np.ndarray:  # dspy.Embedder takes a function of your own
+    return np.array([[len(t), sum(map(ord, t)) % 97, t.count("e")] for t in texts], dtype=np.float32)
+
+corpus = ["Bees find flowers by scent.", "Cats purr.", "Yeast makes bread rise.", "Rain is water."]
+search = dspy.retrievers.Embeddings(embedder=dspy.Embedder(embed), corpus=corpus, k=2)  # as DSPy's RAG tutorial
+
+class RAG(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.respond = dspy.ChainOfThought("context, question -> response")
+
+    def forward(self, question):
+        return self.respond(context=search(question).passages, question=question)
+
+program = RAG()
+''', {"question": "How do bees find flowers?"}),
     "function_reading_a_helpers_source": ('''
 import inspect
 

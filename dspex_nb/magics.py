@@ -172,8 +172,9 @@ def signature_inputs(signature: Any, pool: Pool) -> list[str]:
                          f"'question -> answer' ({exc})") from None
 
 
-def cell_inputs(body: str, names: list[str]) -> dict[str, str]:
-    """The cell as inputs: all of it for one input field, else one `field: value` line per field."""
+def cell_inputs(body: str, names: list[str], required: list[str] | None = None) -> dict[str, str]:
+    """The cell as inputs: all of it for one input field, else one `field: value` line per field; the lines of
+    fields not in ``required`` (a module's inputs with defaults) may be left out, as in a call in the kernel."""
     text = body.strip("\n")
     if len(names) == 1:
         return {names[0]: text.strip()}
@@ -189,7 +190,7 @@ def cell_inputs(body: str, names: list[str]) -> dict[str, str]:
                 raise UsageError(f"write one `field: value` line per input field {names}; got {line!r}")
         else:
             values[current].append(line)
-    missing = [n for n in names if n not in values]
+    missing = [n for n in (names if required is None else required) if n not in values]
     if missing:
         raise UsageError(f"the cell gives no value for input field(s) {missing}: write one `field: value` "
                          f"line per input field {names}")
@@ -411,8 +412,9 @@ class Dspex(Magics):
             return program
         return name if defined is not None else None
 
-    def _inputs(self, cell: str, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
-        values = cell_inputs(cell, names)
+    def _inputs(self, cell: str, names: list[str], args: argparse.Namespace,
+                required: list[str] | None = None) -> dict[str, Any]:
+        values = cell_inputs(cell, names, required)
         if args.no_interpolate:
             return values
         return {name: typed_value(text, self.shell.user_ns) for name, text in values.items()}
@@ -437,7 +439,9 @@ class Dspex(Magics):
             raise UsageError(f"no module named {args.name!r}: define it with %%dspex define {args.name}, or make "
                              f"{args.name} a dspy.Module in the kernel (defined: {sorted(pool.definitions) or 'none'})")
         name = pool.ensure_defined(program)
-        inputs = self._inputs(cell, pool.definitions[name]["inputs"], args)
+        definition = pool.definitions[name]
+        # a forward's parameters with defaults may be left out; a predictor's inputs (none named required) may not
+        inputs = self._inputs(cell, definition["inputs"], args, definition.get("required") or None)
         self._stream(lambda pool, stream: pool.call(name, inputs, stream=stream, timeout=args.timeout),
                      f"run {args.name}", args)
 

@@ -54,13 +54,18 @@ class Shipped:
 
 
 _LOCKS = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threading.RLock}
+_DYNAMIC_CODE = "<dynamic-code>"  # the file name cloudpickle gives all code it pickles by value
 
 
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle, plus what DSPy programs hold that it cannot pickle: a lock (e.g. in a ``dspy.Parallel``
-    made in ``__init__``) travels as a new one, a lazily loaded module (``streamify``'s and ``asyncify``'s
-    ``anyio``), loaded yet or not, by its name, and ``streamify``'s stream listeners keyed by their predictors'
-    ids, keyed again by the ids those predictors have where they arrive."""
+    made in ``__init__``) travels as a new one, as does DSPy's ``Unbatchify`` (``dspy.retrievers.Embeddings``'
+    search, whose thread runs where it arrives), a lazily loaded module (``streamify``'s and ``asyncify``'s
+    ``anyio``), loaded yet or not, by its name, ``streamify``'s stream listeners keyed by their predictors'
+    ids, keyed again by the ids those predictors have where they arrive, and code with the file name it has in
+    the kernel (a cell's), which cloudpickle drops: ``inspect.getsource`` of a notebook function (``dspy.CodeAct``
+    sends its tools' source to its interpreter) finds the cell's source that travels with the program, and a
+    traceback shows the cell's lines (``dspy.ReAct`` puts a failed tool's traceback in its trajectory)."""
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file)
@@ -70,6 +75,10 @@ class _Pickler(cloudpickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) in _LOCKS:
             return _LOCKS[type(obj)], ()
+        if type(obj) is getattr(sys.modules.get("dspy.utils.unbatchify"), "Unbatchify", None):
+            return type(obj), (obj.batch_fn, obj.max_batch_size, obj.max_wait_time)
+        if type(obj) is types.CodeType and obj.co_filename != _DYNAMIC_CODE:
+            return _in_file, (obj.replace(co_filename=_DYNAMIC_CODE), obj.co_filename)
         if isinstance(obj, (type, types.FunctionType)) and code_digest.local_module(getattr(obj, "__module__", "")):
             self.modules.add(obj.__module__)
         if type(obj) is defaultdict and _keyed_by_predictor(obj):
@@ -78,6 +87,11 @@ class _Pickler(cloudpickle.Pickler):
                 obj.__name__ in sys.modules or obj.__spec__ is not None):
             return importlib.import_module, (obj.__name__,)
         return super().reducer_override(obj)
+
+
+def _in_file(code: types.CodeType, filename: str) -> types.CodeType:
+    """``code`` as cloudpickle rebuilt it, with its file name in the kernel again."""
+    return code.replace(co_filename=filename)
 
 
 def _keyed_by_predictor(mapping: defaultdict[Any, Any]) -> bool:

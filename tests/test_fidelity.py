@@ -358,6 +358,45 @@ class ToolSignature(dspy.Signature):
 program = dspy.Predict(ToolSignature)
 inputs = {"question": "Weather in Paris?", "tools": [dspy.Tool(get_weather)]}  # a function: it travels by value
 ''', {}),
+    "codeact_with_notebook_tools": ('''
+from dspy.primitives import LocalInterpreter
+
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+
+# CodeAct sends each tool's source (inspect.getsource) to its interpreter in forward: on the worker too
+program = dspy.CodeAct("question -> answer", tools=[add], max_iters=2, interpreter_factory=LocalInterpreter)
+''', {"question": "What is 1 + 2?"}),
+    "rag_with_dspy_retrievers_embeddings": ('''
+import numpy as np
+
+def embed(texts: list[str]) -> np.ndarray:  # dspy.Embedder takes a function of your own
+    return np.array([[len(t), sum(map(ord, t)) % 97, t.count("e")] for t in texts], dtype=np.float32)
+
+corpus = ["Bees find flowers by scent.", "Cats purr.", "Yeast makes bread rise.", "Rain is water."]
+search = dspy.retrievers.Embeddings(embedder=dspy.Embedder(embed), corpus=corpus, k=2)  # as DSPy's RAG tutorial
+
+class RAG(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.respond = dspy.ChainOfThought("context, question -> response")
+
+    def forward(self, question):
+        return self.respond(context=search(question).passages, question=question)
+
+program = RAG()
+''', {"question": "How do bees find flowers?"}),
+    "function_reading_a_helpers_source": ('''
+import inspect
+
+def helper(x: int) -> int:
+    """Double x."""
+    return 2 * x
+
+def program(name: str):
+    return dspy.Prediction(source=inspect.getsource(helper), file=helper.__code__.co_filename)
+''', {"name": "helper"}),
 }
 
 
@@ -422,6 +461,26 @@ def test_program_gives_the_same_outputs_on_the_pool(name: str, shell: Interactiv
     assert_same(expected, pool.run(program, **inputs), "run")
     assert_same(expected, pool.run_stream(program, **inputs).result(60), "run_stream")
     assert_same([expected, expected], pool.map(program, [inputs, inputs], journal=False).result(60), "map")
+
+
+def test_a_tools_traceback_in_react_shows_the_notebooks_cell(shell: InteractiveShell, pool: Pool,
+                                                             demo_lm: dspy.LM) -> None:
+    # ReAct puts a failed tool's traceback in its trajectory, so the LM's next prompt holds it: the tool's frame
+    # names the cell and its line, as in the kernel (a streamed call differs in a frame of DSPy's own: streamify
+    # calls the tool through DSPy's callback wrapper's other branch)
+    program, _ = define(shell, '''
+def lookup(query: str = "x") -> str:
+    """Look something up."""
+    raise ValueError("no such page: " + query)
+
+program = dspy.ReAct("question -> answer", tools=[lookup], max_iters=2)
+''')
+    inputs = {"question": "What is on the page?"}
+    with dspy.context(lm=demo_lm):
+        expected = program(**inputs)
+    assert 'raise ValueError("no such page: " + query)' in expected.trajectory["observation_0"]
+    assert_same(expected, pool.run(program, **inputs), "run")
+    assert_same([expected], pool.map(program, [inputs], journal=False).result(60), "map")
 
 
 def test_a_compiled_program_travels_with_its_demos(shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:

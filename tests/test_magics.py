@@ -434,6 +434,25 @@ def test_run_a_module_instance_from_the_kernel_fills_its_input_field(sh: Shell) 
     assert sh.ns["r"] == kernel_run(sh.ns["qa"], question="What is DSPy?")
 
 
+def test_run_leaves_out_the_inputs_a_modules_forward_gives_defaults(sh: Shell) -> None:
+    sh('''
+import dspy
+
+class Answers(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question: str, n: int = 2):
+        return dspy.Prediction(answers=[self.qa(question=f"{question} {i}").answer for i in range(n)])
+
+answers = Answers()
+''')
+    sh("%%dspex run answers -o r\nquestion: Why?")  # as answers(question="Why?") in the kernel
+    assert sh.ns["r"] == kernel_run(sh.ns["answers"], question="Why?")
+    assert "no value for input field(s) ['question']" in sh.usage_error("%%dspex run answers\nn: {len('ab')}")
+
+
 def test_batch_takes_dspy_examples_with_a_signature_string(sh: Shell) -> None:
     sh('import dspy\ndevset = [dspy.Example(question=f"q{i}?", answer="x").with_inputs("question") for i in range(3)]')
     sh('%dspex batch "question -> answer" --items devset --no-journal -o OUT')

@@ -36,6 +36,7 @@ import cloudpickle
 
 from dspex_nb import code_digest, typed
 from dspex_nb.errors import ArgumentError, CallbacksNotRun, TraceIncomplete
+from dspex_nb.wire import CACHE_OFF, CACHE_TIERS
 
 
 @dataclasses.dataclass
@@ -243,8 +244,6 @@ def kernel_settings() -> str:
 
     if dspy_settings.callbacks:
         _callbacks_not_run(dspy_settings.callbacks, "of the kernel (dspy.configure or dspy.context)")
-    from dspex_nb.worker.programs import CACHE_OFF, CACHE_TIERS
-
     values = {name: value for name in SHIPPED_SETTINGS
               if (value := getattr(dspy_settings, name, None)) != DEFAULT_CONFIG.get(name)}
     cache = vars(sys.modules["dspy"]).get("cache")  # DSPy builds its default cache (both tiers on) when first read

@@ -8,6 +8,8 @@ from pathlib import Path
 LM_KWARGS_ENV = "DSPEX_LM_KWARGS"  # the worker's dspy.LM settings, as JSON (not on argv: they may hold a key)
 KERNEL_ENV = "DSPEX_KERNEL"  # "pid:start time" of the kernel that owns a template and its workers
 EXIT_MISSING_DEPENDENCIES = 3  # a worker (or template) that cannot import what it needs exits with this
+CACHE_TIERS = ("enable_disk_cache", "enable_memory_cache")  # dspy.configure_cache's, on by default
+CACHE_OFF = "dspex_cache_off"  # in the kernel's settings a call carries: the tiers of its DSPy cache that are off
 
 
 def message_options(limit: int) -> list[tuple[str, int]]:

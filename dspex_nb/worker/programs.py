@@ -30,6 +30,7 @@ import dspy
 
 from dspex_nb import code_digest, redact, typed
 from dspex_nb.errors import ArgumentError
+from dspex_nb.wire import CACHE_TIERS
 
 
 @dataclass
@@ -65,8 +66,6 @@ class Program:
         return {"name": self.name, "kind": self.kind, "inputs": self.inputs, "required": self.required}
 
 
-CACHE_TIERS = ("enable_disk_cache", "enable_memory_cache")  # dspy.configure_cache's, on by default
-CACHE_OFF = "dspex_cache_off"  # in the kernel's settings: the tiers of its DSPy cache that are off
 _cache_lock = threading.Lock()
 _cache_off: list[str] = []  # what this worker's DSPy cache has off, as the kernel asked (none: DSPy's own)
 

@@ -173,7 +173,11 @@ def signature_types(text: str, namespace: dict[str, Any]) -> dict[str, Any]:
 
 
 def ship(program: Any) -> Shipped:
-    """Pickle ``program`` by value, with the classes it uses and the source of its notebook code."""
+    """Pickle ``program`` by value, with the classes it uses and the source of its notebook code.
+
+    One pickler does it all: the program (and the names its signature strings use) first, noting what it meets,
+    then the whole shipment, whose program and classes are only references to the first pickles in the
+    pickler's memo; the worker loads them in order (``worker.programs.unpickled``)."""
     collector = _Collector()
     try:
         pending: list[Any] = [program]
@@ -191,11 +195,10 @@ def ship(program: Any) -> Shipped:
                            "pickle,")
     sources = {name: linecache.cache[name][2] for name in collector.files
                if name in linecache.cache and len(linecache.cache[name]) == 4}
-    pickler = _Pickler(io.BytesIO())
-    pickler.dump({"program": program, "types": collector.types, "sources": sources,
-                  "names": list(collector.names.items())})
-    payload, key = _payload(pickler)
-    return Shipped(payload, key, collector.types | _referenced_types(program, pickler.modules))
+    collector.dump({"program": program, "types": collector.types, "sources": sources,
+                    "names": list(collector.names.items())})
+    payload, key = _payload(collector)
+    return Shipped(payload, key, collector.types | _referenced_types(program, collector.modules))
 
 
 def _referenced_types(program: Any, modules: set[str]) -> set[type]:

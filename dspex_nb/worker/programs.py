@@ -16,6 +16,7 @@ import base64
 import functools
 import importlib
 import inspect
+import io
 import linecache
 import os
 import pickle
@@ -25,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import cloudpickle
 import dspy
 
 from dspex_nb import code_digest, redact, typed
@@ -219,16 +219,27 @@ def unpickled(payload: str) -> Any:
     and if that is not the kernel's code either (edited since the kernel imported it), this says so."""
     path, modules, data = pickle.loads(base64.b64decode(payload))
     sys.path.extend(entry for entry in path if entry not in sys.path and os.path.exists(entry))
-    value = cloudpickle.loads(data)
+    value = _last_of(data)
     stale = code_digest.stale(modules)
     if stale:
         for name in stale:
             importlib.reload(sys.modules[name])
-        value = cloudpickle.loads(data)
+        value = _last_of(data)
         if stale := code_digest.stale(modules):
             raise ImportError(f"the kernel runs other code of {', '.join(stale)} than its file has now (edited "
                               "since the kernel imported it?): reload it in the kernel (importlib.reload, "
                               "%autoreload) or restart the kernel, so that the pool runs the code the kernel runs")
+    return value
+
+
+def _last_of(data: bytes) -> Any:
+    """The last of the pickles one pickler made in a row (``programs.ship``): those before it fill the memo it
+    refers to."""
+    stream = io.BytesIO(data)
+    unpickler = pickle.Unpickler(stream)
+    value = None
+    while stream.tell() < len(data):
+        value = unpickler.load()
     return value
 
 

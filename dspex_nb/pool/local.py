@@ -52,9 +52,11 @@ class LocalBackend:
         self._lock = threading.RLock()  # restarts run in parallel threads: one template for all of them
         self._spawned: list[int] = []  # pids of the live workers (for stale cleanup by a later pool)
         self._cleaned: list[dict[str, Any]] = []
+        self._owner = os.getpid()  # the process that opened it; a forked child's copy leaves it alone
 
     def open(self) -> list[dict[str, Any]]:
         if self.dir is None:
+            self._owner = os.getpid()
             self._cleaned = stale.cleanup()
             self.dir = Path(tempfile.mkdtemp(prefix=stale.PREFIX, dir=stale.runtime_dir()))  # mode 0700
             self._record_owner()  # at once: a start killed midway leaves a directory stale cleanup can claim
@@ -114,6 +116,11 @@ class LocalBackend:
             stale.write_owner(self.dir, self.run_id, self._spawned)
 
     def close(self) -> None:
+        """End the template and remove the directory; in a child forked from the process that opened it, only
+        forget them (they are the parent's: its pool, or the template warmed for its first one)."""
+        if os.getpid() != self._owner:
+            self.template, self.dir, self._spawned, self._cleaned = None, None, [], []
+            return
         if self.template is not None:
             self.template.close()
             self.template = None

@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import itertools
 import os
+import signal
 import threading
 import time
 import uuid
@@ -170,8 +171,14 @@ class WorkerPool(Supervision):
         for worker in workers:
             worker.state = STOPPED
             worker.close()
-        for worker in workers:
-            worker.process.kill()
+        try:
+            for worker in workers:
+                worker.process.kill()  # SIGTERM, and up to its grace period for it to end
+        except BaseException:  # Ctrl-C meanwhile: the others are out of self.workers, so no later call ends them
+            for worker in workers:
+                if worker.process.exit_code() is None:  # not one that ended (its pid may be another's by now)
+                    worker.process.signal(signal.SIGKILL)
+            raise
         self.backend.close()
         _live_pools.discard(self)
 

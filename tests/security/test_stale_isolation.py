@@ -159,3 +159,14 @@ def test_a_runtime_dir_too_long_for_socket_paths_is_refused_by_name(monkeypatch:
             assert pool.execute("echo", {"x": 1}) == {"x": 1}
     finally:
         shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_runtime_dir_that_is_not_a_directory_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        kind: str) -> None:
+    path = tmp_path / "runtime"
+    if kind == "file":
+        path.write_text("")
+    monkeypatch.setenv(stale.RUNTIME_DIR_ENV, str(path))
+    with pytest.raises(OSError, match=rf"runtime directory {path} \(\$DSPEX_RUNTIME_DIR.* set \$DSPEX_RUNTIME_DIR"):
+        Pool(workers=1, journal=False).start()

@@ -62,8 +62,9 @@ class Pool(WorkerPool):
         return self.start()
 
     def shutdown(self) -> None:
+        forked = self.forked  # a forked child's copy: the journal's connection is the parent's too
         super().shutdown()
-        if self._journal is not None and self._journal_setting is not self._journal:
+        if not forked and self._journal is not None and self._journal_setting is not self._journal:
             self._journal.close()
             self._journal = None
 

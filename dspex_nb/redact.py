@@ -75,3 +75,9 @@ def mapping(value: Any) -> Any:
     if isinstance(value, str):
         return text(value, limit=None)
     return value
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` as an error may quote a setting it refuses: secret-named keys of a dict (or of one in a
+    list) masked whole, secrets masked in the rest, and shortened."""
+    return text(repr(mapping(value) if isinstance(value, (Mapping, list, tuple)) else value))

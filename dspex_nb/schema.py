@@ -13,6 +13,7 @@ import types
 import typing
 from typing import Any
 
+from dspex_nb import redact
 from dspex_nb.errors import ArgumentError
 
 _CHECKS: dict[str, tuple[type, ...]] = {
@@ -62,4 +63,4 @@ def validate(schema: dict[str, Any], args: Any) -> None:
                 raise ArgumentError(tool, "ArgumentError", f"missing required argument '{name}'")
         elif not accepts(spec["type"], args[name]):
             raise ArgumentError(tool, "ArgumentError", f"argument '{name}' must be {spec['type']}, got "
-                                f"{type(args[name]).__name__} ({args[name]!r:.80})")
+                                f"{type(args[name]).__name__} ({redact.shown(args[name]):.80})")

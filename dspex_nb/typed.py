@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
+from dspex_nb import redact
 from dspex_nb.errors import DspexError
 
 TAG = "__dspex__"
@@ -199,7 +200,10 @@ def _is_pydantic(value: Any) -> bool:
 
 
 def _opaque(value: Any) -> dict[str, Any]:
-    text = repr(value)
+    """A value with no JSON form: its class and its repr, with secrets masked (a client holding its key,
+    ``os.environ``), before the repr is shortened (so no part of one is left); it is shown in errors and
+    dashboards, and kept in the journal."""
+    text = redact.text(repr(value), limit=None)
     return {TAG: "opaque", "class": class_path(type(value)), "repr": text[:_OPAQUE_REPR]}
 
 

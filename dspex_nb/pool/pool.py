@@ -11,6 +11,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
+import os
+import signal
 import threading
 import time
 import uuid
@@ -118,12 +120,14 @@ class WorkerPool(Supervision):
         self._closing = threading.Event()
         self._monitor: threading.Thread | None = None
         self._rr = itertools.count()
+        self._owner = os.getpid()  # the process whose workers these are (a forked child holds a copy)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> WorkerPool:
         """Start every worker concurrently and wait until all answer a ping (or raise why not)."""
         if self.workers:
             return self
+        self._owner = os.getpid()
         self._closing.clear()
         if isinstance(self.backend, local.LocalBackend) and self.backend.dir is None:
             # the template %load_ext started, if it matches the settings, environment and directory of now
@@ -147,7 +151,15 @@ class WorkerPool(Supervision):
         return self
 
     def shutdown(self) -> None:
-        """Stop every worker process and remove the socket directory. Idempotent."""
+        """Stop every worker process and remove the socket directory. Idempotent.
+
+        In a child forked from the process that started the pool (``os.fork``, multiprocessing's "fork"), the
+        pool is a copy: there ``shutdown()`` (also the child's exit, and ``with Pool()`` left in the child) only
+        forgets it, and the parent's workers, directory and template go on serving the parent.
+        """
+        if self.forked:
+            self._forget()
+            return
         self._closing.set()
         for thread in [self._monitor, *self._restarting]:
             if thread is not None and thread is not threading.current_thread():
@@ -159,9 +171,28 @@ class WorkerPool(Supervision):
         for worker in workers:
             worker.state = STOPPED
             worker.close()
-        for worker in workers:
-            worker.process.kill()
+        try:
+            for worker in workers:
+                worker.process.kill()  # SIGTERM, and up to its grace period for it to end
+        except BaseException:  # Ctrl-C meanwhile: the others are out of self.workers, so no later call ends them
+            for worker in workers:
+                if worker.process.exit_code() is None:  # not one that ended (its pid may be another's by now)
+                    worker.process.signal(signal.SIGKILL)
+            raise
         self.backend.close()
+        _live_pools.discard(self)
+
+    @property
+    def forked(self) -> bool:
+        """True in a child forked from the process that started this pool: its workers are the parent's."""
+        return os.getpid() != self._owner
+
+    def _forget(self) -> None:
+        """Drop a forked child's copy of the pool without touching the parent's processes or files. No lock is
+        taken: a thread of the parent may have held one at the fork, and that thread does not exist here."""
+        self._closing = threading.Event()
+        self._closing.set()
+        self.workers, self._monitor, self._restarting = [], None, []
         _live_pools.discard(self)
 
     def __enter__(self) -> WorkerPool:
@@ -172,7 +203,8 @@ class WorkerPool(Supervision):
 
     @property
     def running(self) -> bool:
-        return bool(self.workers) and not self._closing.is_set()
+        """Started and not stopped (a forked child's copy of a pool does not run there)."""
+        return bool(self.workers) and not self._closing.is_set() and not self.forked
 
     def _spawn(self, worker_id: str, generation: int) -> Worker:
         spec = WorkerSpec(self.run_id, self.lm, self.lm_kwargs, self.max_message_bytes, self.session_ttl,
@@ -249,6 +281,10 @@ class WorkerPool(Supervision):
     def _pick(self, worker_id: str | None, count: bool, affinity: str,
               placement: Placement | None = None) -> Worker | None:
         """The worker for a call now, or None when it must wait (call with the lock held)."""
+        if self.forked:
+            raise PoolClosed(f"this pool belongs to process {self._owner}, and this is a child forked from it "
+                             f"(pid {os.getpid()}): gRPC connections do not survive a fork; start a Pool of its "
+                             "own here")
         if not self.workers or self._closing.is_set():
             raise PoolClosed("the pool is not running: start it with Pool.start() or `with Pool(...)`")
         if worker_id is not None and worker_id not in {w.id for w in self.workers}:

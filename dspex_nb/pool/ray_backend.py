@@ -64,8 +64,9 @@ class RayBackend:
     def spawn(self, worker_id: str, generation: int, spec: WorkerSpec) -> RayConnection:
         resources = dict(self.resources)
         options: dict[str, Any] = {"scheduling_strategy": "SPREAD"}  # Ray's default: a CPU to place it, none held
-        if spec.env:
-            options["runtime_env"] = {"env_vars": spec.env}
+        secrets, plain = _actor_env(spec.env)
+        if plain:
+            options["runtime_env"] = {"env_vars": plain}
         if "CPU" in resources:
             options["num_cpus"] = resources.pop("CPU")
         if "GPU" in resources:
@@ -74,7 +75,7 @@ class RayBackend:
             options["resources"] = resources
         actor = self._actor.options(**options).remote(
             worker_id, spec.run_id, spec.lm, spec.lm_kwargs, spec.max_message_bytes, spec.rate_limit,
-            spec.session_ttl, _kernel_secrets())
+            spec.session_ttl, secrets)
         return RayConnection(worker_id, actor, f"{spec.run_id}-{worker_id}-{generation}", self._ids)
 
     def close(self) -> None:
@@ -85,11 +86,20 @@ class RayBackend:
                     ray.shutdown()  # the instance a pool started, now unused (a cluster it joined keeps running)
 
 
+def _actor_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """An actor's environment as (secrets, the rest): the kernel's secret-named variables with ``Pool(env=...)``'s
+    (which win), passed to its constructor; the rest of ``Pool(env=...)``, for its ``runtime_env``, which Ray's
+    dashboard shows to whoever can open it."""
+    secret = {k: v for k, v in env.items() if redact.is_secret_name(k) and not k.startswith("RAY_")}
+    return {**_kernel_secrets(), **secret}, {k: v for k, v in env.items() if k not in secret}
+
+
 def _kernel_secrets() -> dict[str, str]:
     """The kernel's environment variables named as secrets (``redact``'s rule: ``OPENAI_API_KEY``, ``HF_TOKEN``...),
     as they are now: a local worker has the kernel's environment, and an actor gets these (an API key a notebook
     set in ``os.environ``), as an argument rather than in its ``runtime_env``, which Ray's dashboard shows. Ray's
-    own (``RAY_AUTH_TOKEN``) stay as each node has them."""
+    own (``RAY_AUTH_TOKEN``) stay as each node has them. ``Pool(env=...)``'s secret-named variables travel the same
+    way (``_actor_env``), never in the ``runtime_env``."""
     return {name: value for name, value in os.environ.items()
             if redact.is_secret_name(name) and not name.startswith("RAY_")}
 

@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from dspex_nb import redact
+
 
 class SettingError(ValueError):
     """A setting out of its range or of the wrong type; the message names it."""
@@ -16,7 +18,9 @@ class Checker:
         self.owner = owner
 
     def _fail(self, name: str, expected: str, value: Any) -> None:
-        raise SettingError(f"{self.owner}({name}=...) must be {expected}, got {value!r}")
+        """Refuse ``value``, quoted with its secrets masked (``env`` or ``lm_kwargs`` with one wrong entry hold
+        API keys, and the error is shown, and saved, in the notebook)."""
+        raise SettingError(f"{self.owner}({name}=...) must be {expected}, got {redact.shown(value)}")
 
     def integer(self, name: str, value: Any, low: int, high: int | None = None, optional: bool = False) -> None:
         if optional and value is None:

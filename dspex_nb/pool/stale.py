@@ -13,6 +13,7 @@ time, or one without the run id) are never touched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import json
 import logging
@@ -45,7 +46,15 @@ def runtime_dir() -> Path:
     inputs and LM keys to.
     """
     path = Path(os.environ.get(RUNTIME_DIR_ENV) or tempfile.gettempdir())
-    info = os.stat(path)
+    where = f"the runtime directory {path} (${RUNTIME_DIR_ENV}, else the temp directory)"
+    try:
+        info = os.stat(path)
+    except OSError as exc:  # named: "No such file or directory: '/x'" does not say which setting to change
+        raise type(exc)(exc.errno, f"{where} cannot be used ({exc.strerror}); set ${RUNTIME_DIR_ENV} to a "
+                                   "directory of your own") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, f"{where} is not a directory; set ${RUNTIME_DIR_ENV} to a "
+                                                "directory of your own")
     if info.st_uid not in (os.getuid(), 0):
         why = "belongs to another user"
     elif (info.st_mode & stat.S_IWOTH or info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid)) \
@@ -53,7 +62,7 @@ def runtime_dir() -> Path:
         why = "may be written to by others but is not sticky"
     else:
         return path
-    raise PermissionError(f"the runtime directory {path} (${RUNTIME_DIR_ENV}, else the temp directory) {why}: "
+    raise PermissionError(f"{where} {why}: "
                           f"another user could replace a pool's sockets there; set ${RUNTIME_DIR_ENV} to a directory "
                           "of your own")
 

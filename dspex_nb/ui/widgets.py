@@ -177,14 +177,16 @@ def _step_html(step: str) -> str:
 
 def _field_html(name: str, value: str) -> str:
     """A finished field: its text as markdown (prose wraps, code stays monospace; raw HTML in the text is
-    shown as text, never run), in a box of bounded height."""
+    shown as text, never run; an image is shown as its link, never fetched), in a box of bounded height."""
     return f"<div><b>{html.escape(name)}</b><div class='dspex-prose' style='{BOX}'>{MARKDOWN.render(value)}</div></div>"
 
 
 BOX = "overflow-wrap:anywhere;max-height:24em;overflow-y:auto"
 STEP = "margin-top:0.6em;border-bottom:1px solid rgba(128,128,128,0.4);opacity:0.85"
 PROSE = f"white-space:pre-wrap;word-break:normal;{BOX}"  # live text, as it streams
-MARKDOWN = MarkdownIt("commonmark", {"html": False})
+# No raw HTML, and no images: an image in an LM's answer would be fetched by every browser that shows the output,
+# the notebook's readers' too, with whatever its URL carries (a prompt injection's way to send data out).
+MARKDOWN = MarkdownIt("commonmark", {"html": False}).disable("image")
 MUTED = "opacity:0.75;font-size:0.9em"
 
 

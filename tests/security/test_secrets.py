@@ -10,6 +10,7 @@ from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool, ToolError
 from dspex_nb.redact import text
+from dspex_nb.typed import NotPortable
 
 SECRET = "sk-proj-very-secret-4711"
 
@@ -76,3 +77,16 @@ def test_settings_named_like_counts_or_delays_are_shown() -> None:
 
     assert [redact.is_secret_name(n) for n in ("per_token", "max_tokens", "answer_tokens")] == [False] * 3
     assert [redact.is_secret_name(n) for n in ("token", "api_token", "hf_token", "api_key")] == [True] * 4
+
+
+def test_a_result_without_json_form_comes_back_without_the_keys_in_its_repr(secret_pool: Pool) -> None:
+    # a value with no JSON form comes back as its repr: in the error, the batch's records (and so the dashboard
+    # and the journal); an object holding a key, or os.environ, shows it there
+    secret_pool.define("holder", "import os, types\ndef holder(x):\n    return types.SimpleNamespace("
+                                 "key=os.environ['MY_SERVICE_API_KEY'], env=os.environ)\n")
+    with pytest.raises(NotPortable) as caught:
+        secret_pool.run("holder", x=1)
+    batch = secret_pool.batch(["a"], module="holder", journal=False)
+    batch.wait(60)
+    shown = str(caught.value) + repr(caught.value.raw) + repr(batch.records)
+    assert "namespace(key='***'" in shown and SECRET not in shown

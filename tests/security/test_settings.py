@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import pytest
 
 from dspex_nb import Pool
@@ -54,3 +56,23 @@ def test_a_call_timeout_bounds_its_wait_in_the_queue() -> None:
                 busy.execute("echo", {"x": 1}, timeout=0.5)
         finally:
             run.cancel()
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("env", {"OPENAI_API_KEY": "sk-live-0123456789abcdef", "PORT": 8080}),  # one value not a str
+    ("lm_kwargs", {"api_key": "sk-live-0123456789abcdef", 1: "x"}),  # one key not a str
+    ("lm_kwargs", {"extra_headers": {"Cookie": "sk-live-0123456789abcdef"}, 2: 2}),
+    ("env", MappingProxyType({"HF_TOKEN": "sk-live-0123456789abcdef"})),  # not a dict (as os.environ is not)
+])
+def test_a_refused_setting_is_quoted_without_its_secrets(setting: str, value: object) -> None:
+    """The error quotes what it refuses, and a notebook shows (and saves) it: the keys in it are masked."""
+    with pytest.raises(ValueError, match=f"{setting}=...") as caught:
+        Pool(**{setting: value})
+    assert "sk-live-0123456789abcdef" not in str(caught.value)
+    assert "***" in str(caught.value)
+
+
+def test_an_argument_of_the_wrong_type_is_quoted_without_its_secrets(pool: Pool) -> None:
+    with pytest.raises(ArgumentError, match="argument 'kwargs' must be") as caught:
+        pool.execute("configure_lm", {"model": "demo", "kwargs": [{"api_key": "sk-live-0123456789abcdef"}]})
+    assert "sk-live-0123456789abcdef" not in str(caught.value)

@@ -7,6 +7,8 @@ import grp
 import json
 import os
 import pwd
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 from helpers import pid_alive
 
 from dspex_nb import Pool
+from dspex_nb.errors import WorkerStartError
 from dspex_nb.pool import stale
 
 
@@ -126,3 +129,44 @@ def test_a_runtime_dir_writable_by_the_users_own_group_is_theirs(tmp_path: Path,
     os.chmod(own, 0o775)
     monkeypatch.setenv(stale.RUNTIME_DIR_ENV, str(own))
     assert stale.runtime_dir() == own
+
+
+
+def _dir_of_length(base: Path, length: int) -> Path:
+    """A private directory under ``base`` whose path is ``length`` bytes long."""
+    path = base / ("d" * (length - len(os.fsencode(base)) - 1))
+    path.mkdir(mode=0o700)
+    assert len(os.fsencode(path)) == length
+    return path
+
+
+@pytest.mark.parametrize("length", [75, 81])
+def test_a_runtime_dir_too_long_for_socket_paths_is_refused_by_name(monkeypatch: pytest.MonkeyPatch,
+                                                                    length: int) -> None:
+    # A Unix socket's path holds at most 107 bytes, and a worker's grows with its restarts (w0-10.health.sock): in a
+    # directory of 75 bytes the first sockets just fit, and the eleventh restart of a worker could never bind its
+    # socket; at 81 bytes the first worker fails with gRPC's message, which does not say what to change.
+    base = Path(tempfile.mkdtemp(prefix="dx-", dir=os.environ[stale.RUNTIME_DIR_ENV]))
+    try:
+        too_long = _dir_of_length(base, length)
+        monkeypatch.setenv(stale.RUNTIME_DIR_ENV, str(too_long))
+        with pytest.raises(WorkerStartError, match=r"\$DSPEX_RUNTIME_DIR.* at most 69 bytes"):
+            Pool(workers=1, journal=False).start()
+        assert not list(too_long.iterdir())  # no socket directory made, no worker started
+        longest = _dir_of_length(base, 69)  # room for 1,000 workers and 100,000 restarts of each
+        monkeypatch.setenv(stale.RUNTIME_DIR_ENV, str(longest))
+        with Pool(workers=1, journal=False) as pool:
+            assert pool.execute("echo", {"x": 1}) == {"x": 1}
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_runtime_dir_that_is_not_a_directory_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        kind: str) -> None:
+    path = tmp_path / "runtime"
+    if kind == "file":
+        path.write_text("")
+    monkeypatch.setenv(stale.RUNTIME_DIR_ENV, str(path))
+    with pytest.raises(OSError, match=rf"runtime directory {path} \(\$DSPEX_RUNTIME_DIR.* set \$DSPEX_RUNTIME_DIR"):
+        Pool(workers=1, journal=False).start()

@@ -64,6 +64,9 @@ class BatchRun(Handle):
         self.total = len(items)
         self.records: list[dict[str, Any] | None] = [None] * self.total
         self.arrived: list[int] = []  # indices of records in the order they arrived
+        self.failures: list[int] = []  # those of the failed items, in the same order
+        self._by_worker: dict[str, int] = {}  # worker -> items it computed (kept as they arrive: a view's refresh
+        # must not go through a million records)
         self._owner = uuid.uuid4().hex
         self._args = {"signature": signature, "module": module, "concurrency": concurrency, "group": self._owner,
                       **({"settings": settings} if settings else {}),
@@ -315,10 +318,13 @@ class BatchRun(Handle):
                 return
             self.records[index] = record
             self.arrived.append(index)
+            if worker := record.get("worker"):
+                self._by_worker[worker] = self._by_worker.get(worker, 0) + 1
             if record["ok"]:
                 self.ok += 1
             else:
                 self.failed += 1
+                self.failures.append(index)
             if record.get("journal"):
                 self.from_journal += 1
             elif record["ok"]:
@@ -405,6 +411,7 @@ class BatchRun(Handle):
                     exc, typed.NotPortable) else f"its result cannot be read: {type(exc).__name__}: {exc}"})
                 self.ok -= 1
                 self.failed += 1
+                self.failures.append(record["index"])
             return None
 
     @property
@@ -420,11 +427,7 @@ class BatchRun(Handle):
             active: dict[str, int] = {}
             for run, shard in self._runs.items():
                 active[run.worker] = active.get(run.worker, 0) + len(shard.started)
-            by_worker: dict[str, int] = {}
-            for index in self.arrived:
-                worker = self.records[index].get("worker")  # type: ignore[union-attr]
-                if worker:
-                    by_worker[worker] = by_worker.get(worker, 0) + 1
+            by_worker = dict(self._by_worker)
             running = sum(active.values())
             elapsed = self.elapsed
             computed = finished - self.from_journal

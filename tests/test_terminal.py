@@ -8,7 +8,7 @@ import io
 import pytest
 
 from dspex_nb import Pool
-from dspex_nb.ui.render import show_batch, show_run
+from dspex_nb.ui.render import _terminal, show_batch, show_run
 
 
 class Terminal(io.StringIO):
@@ -59,3 +59,10 @@ def test_outside_a_terminal_the_output_is_the_final_lines(pool: Pool) -> None:
     run = pool.execute_stream("predict", {"signature": "question -> answer", "inputs": "Why?"})
     show_run(run, "p", mode="text", out=pipe)
     assert "\r" not in pipe.getvalue() and pipe.getvalue().startswith("answer: Demo LM answer to 'Why?'")
+
+
+@pytest.mark.parametrize(("value", "live"), [("0", True), ("false", True), ("No", True), ("off", True),
+                                             ("1", False), ("true", False), ("yes", False)])
+def test_dspex_noninteractive_reads_as_a_flag(monkeypatch: pytest.MonkeyPatch, value: str, live: bool) -> None:
+    monkeypatch.setenv("DSPEX_NONINTERACTIVE", value)
+    assert _terminal(Terminal()) is live

@@ -12,6 +12,11 @@ import os
 MODES = ("auto", "widgets", "text")
 
 
+def noninteractive() -> bool:
+    """Whether DSPEX_NONINTERACTIVE asks for plain final output (1, true, yes, on; not 0, false, no, off, or unset)."""
+    return os.environ.get("DSPEX_NONINTERACTIVE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def live_frontend(mode: str = "auto") -> bool:
     """Whether to render widgets: in an IPython kernel, unless DSPEX_NONINTERACTIVE=1 or mode says."""
     if mode not in MODES:
@@ -21,7 +26,7 @@ def live_frontend(mode: str = "auto") -> bool:
                           "pip install 'dspex_nb[widgets]'")
     if mode != "auto":
         return mode == "widgets"
-    if os.environ.get("DSPEX_NONINTERACTIVE", "") not in ("", "0"):
+    if noninteractive():
         return False
     if not _have_widgets():  # the text views: pip install 'dspex_nb[widgets]' for live ones
         return False

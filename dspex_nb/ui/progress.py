@@ -29,16 +29,27 @@ class StreamText:
     def update(self) -> bool:
         """Read the chunks that arrived since the last call; True when anything changed."""
         chunks, self._read = self.run.read(self._read)
-        for chunk in chunks:
+        new: dict[tuple[str, str], list[str]] = {}  # each field's tokens of this read, joined once: a long stream
+        for chunk in chunks:  # read at once must not cost a copy of the field's text per token
             if chunk.kind == "token":
-                group = self.groups.setdefault(predictor_label(chunk.data.get("predictor") or ""), {})
-                group[chunk["field"]] = group.get(chunk["field"], "") + chunk["text"]
+                new.setdefault((predictor_label(chunk.data.get("predictor") or ""), chunk["field"]), []).append(
+                    chunk["text"])
                 self.tokens += bool(chunk["text"])
-            elif chunk.kind == "status":
+                continue
+            self._join(new)
+            if chunk.kind == "status":
                 self.status = chunk["message"]
             elif chunk.kind == "final" and isinstance(chunk.data, dict):
                 self._final(shown_fields(chunk.data, self.run.decode))
+        self._join(new)
         return bool(chunks)
+
+    def _join(self, new: dict[tuple[str, str], list[str]]) -> None:
+        """Add the tokens read to their fields' text (in the order their steps began), and forget them."""
+        for (step, name), texts in new.items():
+            group = self.groups.setdefault(step, {})
+            group[name] = group.get(name, "") + "".join(texts)
+        new.clear()
 
     def _final(self, fields: dict[str, Any]) -> None:
         """The program's output: its fields in the last step's group (streamed ones are the same text), and

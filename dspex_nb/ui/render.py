@@ -7,7 +7,6 @@ the widgets current.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from dspex_nb.batch import BatchRun
 from dspex_nb.pool.calls import Run
 from dspex_nb.pool.executor import Executor
-from dspex_nb.ui import live_frontend, progress
+from dspex_nb.ui import live_frontend, noninteractive, progress
 from dspex_nb.ui.pump import PUMP, Refreshable
 
 if TYPE_CHECKING:
@@ -57,7 +56,7 @@ def show_run(run: Run, title: str, *, mode: str = "auto", block: bool = True, ou
 def _terminal(out: TextIO) -> bool:
     """A terminal (terminal IPython, a TTY): live text; elsewhere (CI, nbval, a pipe) plain final lines."""
     isatty = getattr(out, "isatty", None)
-    return bool(isatty and isatty()) and os.environ.get("DSPEX_NONINTERACTIVE", "") in ("", "0")
+    return bool(isatty and isatty()) and not noninteractive()
 
 
 def _tokens_as_they_come(run: Run, out: TextIO) -> None:

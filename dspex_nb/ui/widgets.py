@@ -219,14 +219,13 @@ class BatchDashboard(View):
         _set(self.workers, value=_table(["worker", "running shards", "items done"], [
             [wid, str(snap["active"].get(wid, 0)), str(snap["by_worker"].get(wid, 0))] for wid in workers],
             "per worker"))
-        arrived = batch.arrived[:]
-        latest = [batch.records[i] for i in arrived[-LATEST_ROWS:]]
+        latest = [batch.records[i] for i in batch.arrived[-LATEST_ROWS:]]
         _set(self.latest, value=_table(["item", "worker", "result"], [
             [str(r["index"]), str(r.get("worker", "")), _result_text(r, batch.decode)] for r in reversed(latest) if r],
             "latest results"))
-        failed = [r for i in arrived if (r := batch.records[i]) and not r["ok"]]
-        _set(self.errors, value=_table(["item", "error"], [[str(r["index"]), progress.error_line(r)]
-                                                           for r in failed[:200]]))
+        failed = batch.failures[:]
+        _set(self.errors, value=_table(["item", "error"], [[str(i), progress.error_line(batch.records[i])]
+                                                           for i in failed[:200]]))  # type: ignore[arg-type]
         self.error_box.set_title(0, f"errors ({len(failed)})")
         _set(self.error_box.layout, display="" if failed else "none")  # no "errors (0)"
         if done:
@@ -242,7 +241,7 @@ class BatchDashboard(View):
                       f"background:{color};height:100%'></div>"
                       for kind, n, color in (("ok", snap["ok"], "#2e7d32"), ("failed", snap["failed"], "#c62828"),
                                              ("cancelled", cancelled, "#9e9e9e")) if n)
-        failed = [r for r in self.batch.records if r is not None and not r["ok"]]
+        failed = [self.batch.records[i] for i in sorted(self.batch.failures)]
         errors = "".join(f"<li>#{r['index']}: {_cell(progress.error_line(r), 300)}</li>" for r in failed[:50])
         details = (f"<details><summary>errors ({len(failed)})</summary><ul style='max-height:16em;overflow-y:auto'>"
                    f"{errors}</ul></details>" if failed else "")

@@ -466,8 +466,8 @@ def test_program_gives_the_same_outputs_on_the_pool(name: str, shell: Interactiv
 def test_a_tools_traceback_in_react_shows_the_notebooks_cell(shell: InteractiveShell, pool: Pool,
                                                              demo_lm: dspy.LM) -> None:
     # ReAct puts a failed tool's traceback in its trajectory, so the LM's next prompt holds it: the tool's frame
-    # names the cell and its line, as in the kernel (a streamed call differs in a frame of DSPy's own: streamify
-    # calls the tool through DSPy's callback wrapper's other branch)
+    # names the cell and its line, as in the kernel, and DSPy's own frames are the kernel's too (a streamed call
+    # runs without the status callback streamify adds, which takes DSPy's callback wrapper's other branch)
     program, _ = define(shell, '''
 def lookup(query: str = "x") -> str:
     """Look something up."""
@@ -480,6 +480,7 @@ program = dspy.ReAct("question -> answer", tools=[lookup], max_iters=2)
         expected = program(**inputs)
     assert 'raise ValueError("no such page: " + query)' in expected.trajectory["observation_0"]
     assert_same(expected, pool.run(program, **inputs), "run")
+    assert_same(expected, pool.run_stream(program, **inputs).result(60), "run_stream")
     assert_same([expected], pool.map(program, [inputs], journal=False).result(60), "map")
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 import dspy
 from dspy.streaming import StatusMessage, StreamListener, StreamResponse
+from dspy.streaming.messages import StatusStreamingCallback
 from dspy.utils.usage_tracker import UsageTracker
 
 from dspex_nb import redact, typed
@@ -355,9 +356,13 @@ class _AlwaysPrediction(dspy.Module):
             if self._closed:
                 raise RuntimeError("the stream was closed before the program started")
             self._running += 1
-        _stop_when(self.cancelled, dspy.settings.callbacks)  # streamify runs it under its own copy of the list
+        # streamify's copy of the callbacks, less the StatusStreamingCallback it adds: with a callback, DSPy calls
+        # the program's modules and tools down another path, whose stack frames a ReAct's failed tool shows in
+        # its trajectory (its next prompt): the answers would differ from a call of the program
+        callbacks = [c for c in dspy.settings.callbacks if not isinstance(c, StatusStreamingCallback)]
+        _stop_when(self.cancelled, callbacks)
         try:
-            with dspy.context(send_stream=_FromThisThread(dspy.settings.send_stream)):
+            with dspy.context(send_stream=_FromThisThread(dspy.settings.send_stream), callbacks=callbacks):
                 output = _awaited(programs.invoke(self.program, inputs))  # an async program runs to its end here
         finally:
             with self._lock:

@@ -14,7 +14,7 @@ sent as they are; every other value is a small tagged object ``{"__dspex__": kin
   as its state (what pydantic's own ``__getstate__`` holds: field values, fields set, extra and private
   attributes) and is rebuilt as ``__setstate__`` does, without validating again, so it is the same model;
 - ``dspy.Prediction`` / ``dspy.Example`` (and their subclasses, by class path): their fields, the
-  Example's input keys, the Prediction's completions;
+  Example's input keys, the Prediction's completions and LM usage (``get_lm_usage()``);
 - in the kernel only, code (a function, a class, a ``dspy.Tool``'s function...) is put in a ``Shipment``
   that travels by value with cloudpickle, as programs do, and is referred to by its index.
 
@@ -43,10 +43,11 @@ FORMAT = 2  # this encoding's version, in the journal's batch keys: results kept
 USAGE = "__dspex_usage__"  # beside a program's output: its LM usage per model, as dspy.track_usage counts it
 COMPLETIONS = "__dspex_completions__"  # beside a Prediction's fields: its completions (field -> values)
 ONE_COMPLETION = "fields"  # as the completions: one, that is the fields themselves (n=1)
+LM_USAGE = "__dspex_lm_usage__"  # beside a Prediction's fields: its own get_lm_usage(), where DSPy set one
 COST = "__dspex_cost__"  # beside a program's output: the USD cost of its LM calls, where an LM reported one
 TRACE = "__dspex_trace__"  # beside a program's output, where the kernel asked: its predictor calls (DSPy's trace)
 HISTORY = "__dspex_history__"  # beside a program's output, where the kernel asked: its LM calls' history entries
-RESERVED = (USAGE, COMPLETIONS, COST, TRACE, HISTORY)
+RESERVED = (USAGE, COMPLETIONS, LM_USAGE, COST, TRACE, HISTORY)
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
 
 
@@ -173,6 +174,8 @@ def _example_json(value: Any, dspy: Any, ship: Shipment | None) -> dict[str, Any
         completions = {k: list(v) for k, v in value._completions.items()}
         one = _only_the_fields(completions, value._store)
         out["completions"] = ONE_COMPLETION if one else encode(completions, ship)
+    if kind == "prediction" and value._lm_usage is not None:  # set by DSPy with track_usage on
+        out["usage"] = encode(value._lm_usage, ship)
     return out
 
 
@@ -291,8 +294,8 @@ def _fields(value: dict[str, Any], resolve: Callable[[str], type | None], where:
 
 
 def _example(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
-    """The Example or Prediction (or subclass) with exactly these fields, input keys and completions (its
-    class's ``__init__`` does not run again, as for a dataclass)."""
+    """The Example or Prediction (or subclass) with exactly these fields, input keys, completions and LM usage
+    (its class's ``__init__`` does not run again, as for a dataclass)."""
     import dspy
     from dspy.primitives.prediction import Completions
 
@@ -307,6 +310,8 @@ def _example(value: dict[str, Any], resolve: Callable[[str], type | None], where
         completions = value["completions"]
         obj._completions = Completions({k: [v] for k, v in obj._store.items()} if completions == ONE_COMPLETION
                                        else decode(completions, resolve, f"{where}.completions"))
+    if "usage" in value:
+        obj.set_lm_usage(decode(value["usage"], resolve, f"{where}.usage"))
     attrs = decode(value["attrs"], resolve, f"{where}.attrs") if "class" in value and "attrs" in value else {}
     for name, attr in attrs.items():  # a subclass's own attributes: never its state, methods, properties, fields
         static = inspect.getattr_static(cls, name, None) if isinstance(name, str) else None

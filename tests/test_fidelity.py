@@ -1167,3 +1167,52 @@ def program(document, question):
         result = run(program, document="lorem ipsum " * 20_000, question="Large history")
         assert result.answer.startswith("Demo LM answer")
         assert "Large history 5" in _last_lm_call()
+
+
+
+@pytest.mark.parametrize("track_usage", [True, False])
+def test_predictions_get_their_lm_usage_as_in_the_kernel(track_usage: bool, shell: InteractiveShell, pool: Pool,
+                                                         demo_lm: dspy.LM) -> None:
+    # DSPy sets a module's usage on its prediction when track_usage is on and no tracker is open yet: the
+    # kernel's setting (dspy.configure / dspy.context) or the program's own dspy.context holds on the pool too
+    function, _ = define(shell, '''
+qa = dspy.Predict("question -> answer")
+
+def program(question):
+    first, second = qa(question=question), qa(question=question + "?")
+    return dspy.Prediction(first=first.get_lm_usage(), answer=second.answer, second=second.get_lm_usage())
+''')
+    module, _ = define(shell, '''
+class Tracked(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        with dspy.context(track_usage=True):
+            return dspy.Prediction(inner=self.qa(question=question).get_lm_usage(), top=self.qa(question=question))
+
+program = Tracked()
+''')
+    returned, _ = define(shell, 'qa = dspy.Predict("question -> answer")\n\ndef program(question):\n'
+                                '    qa(question=question + "!")\n    return qa(question=question)')
+    with dspy.context(lm=demo_lm, track_usage=track_usage):
+        for program in (function, module, returned):
+            expected = program(question="Whose usage?")
+            for result in (pool.run(program, question="Whose usage?"),
+                           pool.run_stream(program, question="Whose usage?").result(60),
+                           *pool.map(program, ["Whose usage?"], journal=False).result(60)):
+                assert_same(expected, result)
+                if "top" in expected:
+                    assert result.top.get_lm_usage() == expected.top.get_lm_usage()
+                if track_usage:
+                    assert result.get_lm_usage() == expected.get_lm_usage()
+                else:  # the kernel's prediction has none: the pool's has the call's usage (README, "Usage")
+                    assert result.get_lm_usage()["demo/demo"]["prompt_tokens"] > 0
+        assert (expected.get_lm_usage() is not None) is track_usage  # returned: its last call's usage
+        assert (function(question="Whose usage?").first is not None) is track_usage
+        assert (module(question="Whose usage?").inner is not None) is not track_usage  # a tracker was open
+        total = pool.run(module, question="Whose usage?").get_lm_usage()["demo/demo"]["prompt_tokens"]
+        batch = pool.map(module, ["Whose usage?", "Whose usage?"], journal=False)
+        batch.result(60)
+        assert batch.tokens_in == 2 * total > 0

@@ -21,6 +21,7 @@ from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool
 from dspex_nb.errors import ArgumentError, CallbacksNotRun, ToolError, TraceIncomplete
+from dspex_nb.typed import NotPortable
 from dspex_nb.worker.demo_lm import make_demo_lm
 
 SETUP = '''
@@ -387,6 +388,16 @@ class RAG(dspy.Module):
 
 program = RAG()
 ''', {"question": "How do bees find flowers?"}),
+    "numpy_values": ('''
+import numpy as np
+
+def program(query: np.ndarray, documents: np.ndarray):  # a similarity computed with numpy, its values as numpy's
+    scores = documents @ query / (np.linalg.norm(documents, axis=1) * np.linalg.norm(query))
+    return dspy.Prediction(scores=scores, best=np.argmax(scores), top=scores.max(), mean=np.float32(scores.mean()),
+                           ok=scores.max() > 0.5, shape=scores.shape, names=np.array(["a", "bc", "d"]))
+
+inputs = {"query": np.array([0.1, 0.2, 0.7]), "documents": np.arange(9.0).reshape(3, 3) / 7}
+''', {}),
     "function_reading_a_helpers_source": ('''
 import inspect
 
@@ -444,6 +455,8 @@ def assert_same(kernel: Any, pool: Any, where: str = "output") -> None:
         assert pool.model_extra == kernel.model_extra, f"{where}: extra fields {pool.model_extra}"
         assert pool.__pydantic_private__ == kernel.__pydantic_private__, f"{where}: {pool.__pydantic_private__}"
         assert pool.model_fields_set == kernel.model_fields_set, f"{where}: fields set {pool.model_fields_set}"
+    elif type(kernel).__module__ == "numpy" and hasattr(kernel, "tobytes"):  # an array or scalar: bit for bit
+        assert (pool.dtype, pool.shape, pool.tobytes()) == (kernel.dtype, kernel.shape, kernel.tobytes()), where
     elif dataclasses.is_dataclass(kernel):
         assert_same(dataclasses.asdict(kernel), dataclasses.asdict(pool), where)
     else:
@@ -715,6 +728,20 @@ def program(text):
     batch = pool.map(program, ["a", "lock", "b"], journal=False)  # one such item costs the others nothing
     assert [r and r.text for r in batch.result(60)] == ["a", None, "b"]
     assert batch.records[1]["error"]["type"] == "NotPortable" and (batch.ok, batch.failed) == (2, 1)
+
+
+def test_numpy_values_that_cannot_travel_raise_a_clear_error(shell: InteractiveShell, pool: Pool) -> None:
+    program, _ = define(shell, '''
+import numpy as np
+
+def program(kind):
+    return {"objects": np.array([1, "x"], dtype=object), "records": np.zeros(2, dtype=[("a", "i4")]),
+            "masked": np.ma.masked_array([1, 2], mask=[0, 1])}[kind]
+''')
+    for kind, message in [("objects", "an array of dtype object"), ("records", r"an array of dtype \[\('a'"),
+                          ("masked", "a subclass of numpy's ndarray")]:
+        with pytest.raises(NotPortable, match=message):
+            pool.run(program, kind=kind)
 
 
 def test_first_calls_of_a_program_at_once_all_get_its_answer(pool: Pool, demo_lm: dspy.LM) -> None:

@@ -457,7 +457,7 @@ def outputs(record: dict[str, Any]) -> dict[str, Any]:
     if record["ok"]:
         result = record["result"]
         if isinstance(result, dict):
-            return {k: v for k, v in result.items() if k not in (typed.USAGE, typed.COST)}
+            return {k: v for k, v in result.items() if k not in (typed.USAGE, typed.LM_USAGE, typed.COST)}
         return result
     return {"error": error_line(record)}
 

@@ -162,7 +162,8 @@ class Pool(WorkerPool):
         returned (rebuilt with ``resolver``'s classes); with ``stream``, a ``Run`` whose ``result()`` is that.
         ``trace``: the DSPy trace that its predictor calls join, and the kernel's program (``programs.to_output``).
         Its LM calls join the kernel's DSPy history (``dspy.inspect_history()``; ``program``'s own history too)."""
-        decode = partial(programs.to_output, resolve=resolver or typed.Resolver(), trace=trace, program=program)
+        decode = partial(programs.to_output, resolve=resolver or typed.Resolver(), trace=trace, program=program,
+                         fill_usage=not programs.usage_tracked())
         if programs.wants_history():
             args = {**args, "history": True}
         self._check_lm()
@@ -185,7 +186,7 @@ class Pool(WorkerPool):
         name = self.ensure_defined(program)
         batch = self.batch(items, module=name, concurrency=concurrency, on_item=on_item,
                            timeout=timeout, item_timeout=item_timeout, max_retries=max_retries, journal=journal)
-        batch.decode = partial(programs.to_output, resolve=batch.resolver)
+        batch.decode = partial(programs.to_output, resolve=batch.resolver, fill_usage=not programs.usage_tracked())
         return batch
 
     def evaluate(self, program: Any, devset: Sequence[Any], metric: Callable[..., Any], *,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
+import inspect
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -56,17 +58,41 @@ REMOTE_ERROR_TYPES: dict[str, type[ToolError]] = {
 
 
 def remote_error(tool: str, type: str, message: str, remote_traceback: str = "",
-                 worker: str = "", bases: Sequence[str] = ()) -> ToolError:
+                 worker: str = "", bases: Sequence[str] = (), attributes: Mapping[str, Any] | None = None) -> ToolError:
     """The most specific ToolError subclass for an error the worker reported: for an exception of the program,
     a ToolError that is also the first of its classes (``bases``, "module:qualname") that the kernel has
     imported, so ``except ValueError`` or ``except dspy.utils.exceptions.AdapterParseError`` catches it as in
-    the kernel (the other class's own attributes are not there)."""
+    the kernel, with the exception's plain ``attributes`` (``e.code``, an AdapterParseError's ``lm_response``,
+    an LM error's ``status_code``) where they do not clash with the ToolError's own (``tool``, ``message``...).
+    A class whose repr or traceback needs what its own constructor sets, and the attributes do not give, is
+    passed over for the next (urllib's HTTPError without its response)."""
     from dspex_nb import redact  # the kernel masks too: its environment is the workers'
 
-    cls = REMOTE_ERROR_TYPES.get(type) or next(filter(None, map(_as_tool_error, bases)), ToolError)
-    return cls(tool, type, redact.text(message), redact.text(remote_traceback, limit=None), worker)
+    args = (tool, type, redact.text(message), redact.text(remote_traceback, limit=None), worker)
+    attributes = redact.mapping(dict(attributes or {}))
+    if type in REMOTE_ERROR_TYPES:
+        return REMOTE_ERROR_TYPES[type](*args)
+    for cls in filter(None, map(_as_tool_error, bases)):
+        error = _with_attributes(cls(*args), attributes)
+        try:
+            repr(error)
+            traceback.format_exception(error)
+        except Exception:
+            continue
+        return error
+    return _with_attributes(ToolError(*args), attributes)
 
 
+def _with_attributes(error: ToolError, attributes: dict[str, Any]) -> ToolError:
+    """``error`` with ``attributes`` set, except those with private names or that it has already."""
+    for name, value in attributes.items():
+        if name.isidentifier() and not name.startswith("_") and inspect.getattr_static(error, name, _NONE) is _NONE:
+            with contextlib.suppress(AttributeError, TypeError):  # a class that takes no new attributes
+                setattr(error, name, value)
+    return error
+
+
+_NONE = object()
 _NOT_RAISED_AS = (StopIteration, StopAsyncIteration, Warning,  # classes that mean something else when raised
                   *(vars(builtins).get("BaseExceptionGroup", ()),))  # a group is its exceptions (Python 3.11+)
 _AS_TOOL_ERROR: dict[type, type[ToolError] | None] = {}
@@ -93,14 +119,11 @@ def _as_tool_error(path: str) -> type[ToolError] | None:
 
 
 def _combined(base: type) -> type[ToolError] | None:
-    """A ToolError that is also ``base``, where one can be made, shown and formatted as any ToolError; None for
-    a class that cannot be combined (its instance layout, a final class, one refusing subclasses or attributes,
-    a repr or attribute lookup that needs what its own constructor sets: urllib's HTTPError)."""
+    """A ToolError that is also ``base``, where one can be made as any ToolError; None for a class that cannot
+    be combined (its instance layout, a final class, one refusing subclasses or attributes)."""
     try:
         combined = type("ToolError", (ToolError, base), {"__module__": __name__})
-        probe = combined("", "", "")
-        repr(probe)
-        traceback.format_exception(probe)
+        combined("", "", "")
     except Exception:
         return None
     return combined

@@ -231,8 +231,8 @@ def _payload(pickler: _Pickler) -> tuple[str, str]:
 
 
 SHIPPED_SETTINGS = ("adapter", "allow_tool_async_sync_conversion", "max_errors", "num_threads", "rm",
-                    "interpreter_factory")  # the kernel's DSPy settings that a call on the pool runs under where
-# they are not DSPy's defaults (the LM is the pool's own: Pool(lm=...)); small objects, sent with each call
+                    "interpreter_factory", "track_usage")  # the kernel's DSPy settings that a call on the pool runs
+# under where they are not DSPy's defaults (the LM is the pool's own: Pool(lm=...)); small objects, sent with each call
 
 
 def kernel_settings() -> str:
@@ -392,12 +392,19 @@ class _History:
     history: list[Any] = []
 
 
+def usage_tracked() -> bool:
+    """Whether the kernel's DSPy tracks LM usage now (``dspy.configure(track_usage=True)``, or in a context)."""
+    return bool(getattr(getattr(sys.modules.get("dspy"), "settings", None), "track_usage", False))
+
+
 def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any] | None = None,
-              program: Any = None) -> Any:
+              program: Any = None, fill_usage: bool = True) -> Any:
     """A DSPy tool's result as the program gave it: a dspy.Prediction of its fields, or its own value; with
     ``trace`` (``open_trace()`` and the kernel's program), its predictor calls are added there, and its LM
     calls' history entries go to DSPy's history (``dspy.inspect_history``, and ``program``'s own where it keeps
-    one), as in the kernel; each once (a stream's ``result()`` may be read again)."""
+    one), as in the kernel; each once (a stream's ``result()`` may be read again). A Prediction has the LM
+    usage DSPy set on it; with ``fill_usage`` (for a call made while the kernel did not track usage, in which
+    DSPy sets none), the call's usage where it has none."""
     import dspy
     from dspy.clients.base_lm import record_history
 
@@ -414,8 +421,10 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
         completions = result.get(typed.COMPLETIONS, typed.ONE_COMPLETION)  # no key: the fields are its one answer
         if completions is not None:
             tagged["completions"] = completions
+        if typed.LM_USAGE in result:
+            tagged["usage"] = result[typed.LM_USAGE]
         output = typed.decode(tagged, resolve, "output")
-    if isinstance(output, dspy.Prediction) and typed.USAGE in result:  # as with dspy.configure(track_usage=True)
+    if fill_usage and isinstance(output, dspy.Prediction) and output.get_lm_usage() is None and typed.USAGE in result:
         output.set_lm_usage(result[typed.USAGE])
     return output
 

@@ -6,6 +6,9 @@ sent as they are; every other value is a small tagged object ``{"__dspex__": kin
 
 - ``tuple``, ``set``, ``frozenset``, a dict with non-str keys, ``datetime``/``date``/``time``/
   ``timedelta``, ``Decimal``, ``UUID``, ``bytes``: rebuilt exactly, with no code of anyone's run;
+- a numpy array or scalar (``np.float64``, ``np.int64``, ``np.ndarray``...): its dtype, shape and raw bytes,
+  rebuilt as the same numpy type with the same values, bit for bit (an array of Python objects, or of a
+  structured dtype, has no such form: ``NotPortable`` says so);
 - a value of one of pydantic's own types (``HttpUrl``...): pydantic's JSON of it, where that validates
   back to an equal value;
 - an ``Enum`` member, a pydantic model (DSPy's own types included), a dataclass: sent with the class's
@@ -14,7 +17,7 @@ sent as they are; every other value is a small tagged object ``{"__dspex__": kin
   as its state (what pydantic's own ``__getstate__`` holds: field values, fields set, extra and private
   attributes) and is rebuilt as ``__setstate__`` does, without validating again, so it is the same model;
 - ``dspy.Prediction`` / ``dspy.Example`` (and their subclasses, by class path): their fields, the
-  Example's input keys, the Prediction's completions;
+  Example's input keys, the Prediction's completions and LM usage (``get_lm_usage()``);
 - in the kernel only, code (a function, a class, a ``dspy.Tool``'s function...) is put in a ``Shipment``
   that travels by value with cloudpickle, as programs do, and is referred to by its index.
 
@@ -40,14 +43,15 @@ from dspex_nb import redact
 from dspex_nb.errors import DspexError
 
 TAG = "__dspex__"
-FORMAT = 2  # this encoding's version, in the journal's batch keys: results kept in an older one are not read
+FORMAT = 3  # this encoding's version, in the journal's batch keys: results kept in an older one are not read
 USAGE = "__dspex_usage__"  # beside a program's output: its LM usage per model, as dspy.track_usage counts it
 COMPLETIONS = "__dspex_completions__"  # beside a Prediction's fields: its completions (field -> values)
 ONE_COMPLETION = "fields"  # as the completions: one, that is the fields themselves (n=1)
+LM_USAGE = "__dspex_lm_usage__"  # beside a Prediction's fields: its own get_lm_usage(), where DSPy set one
 COST = "__dspex_cost__"  # beside a program's output: the USD cost of its LM calls, where an LM reported one
 TRACE = "__dspex_trace__"  # beside a program's output, where the kernel asked: its predictor calls (DSPy's trace)
 HISTORY = "__dspex_history__"  # beside a program's output, where the kernel asked: its LM calls' history entries
-RESERVED = (USAGE, COMPLETIONS, COST, TRACE, HISTORY)
+RESERVED = (USAGE, COMPLETIONS, LM_USAGE, COST, TRACE, HISTORY)
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
 
 
@@ -76,7 +80,12 @@ class Shipment:
 def encode(value: Any, ship: Shipment | None = None) -> Any:
     """``value`` as typed JSON (see the module's docstring); in the kernel, ``ship`` collects what travels by
     value beside it (without it, code has no JSON form)."""
-    if value is None or isinstance(value, (bool, int, float, str)) and not isinstance(value, enum.Enum):
+    if value is None or type(value) in _JSON_SCALARS:
+        return value
+    numpy = sys.modules.get("numpy")  # before the plain values: np.float64 is a float, np.str_ a str
+    if numpy is not None and isinstance(value, (numpy.ndarray, numpy.generic)):
+        return _numpy_json(value, numpy)
+    if isinstance(value, (bool, int, float, str)) and not isinstance(value, enum.Enum):
         return value
     if isinstance(value, list):
         return [encode(v, ship) for v in value]
@@ -118,6 +127,24 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
         ship.objects.append(value)
         return {TAG: "code", "index": len(ship.objects) - 1, "class": class_path(type(value))}
     return _opaque(value)
+
+
+_JSON_SCALARS = {bool, int, float, str}
+
+
+def _numpy_json(value: Any, numpy: Any) -> dict[str, Any]:
+    """A numpy array or scalar as its dtype (with its byte order), shape and bytes (C order), where its values
+    are plain data: not an array of objects, nor of a structured dtype, nor a subclass (a masked array)."""
+    array = numpy.asarray(value)
+    scalar = isinstance(value, numpy.generic)
+    if array.dtype.hasobject or array.dtype.fields is not None:
+        return _opaque(value, f"an array of dtype {array.dtype}, whose items are Python objects or records, not "
+                              "plain numbers: return a plain dtype's array, or its items as a list")
+    if not scalar and type(value) is not numpy.ndarray:
+        return _opaque(value, f"a subclass of numpy's ndarray ({type(value).__name__}), which would come back "
+                              "as a plain ndarray: return a plain array")
+    return {TAG: "numpy", "dtype": array.dtype.str, "shape": list(array.shape), "scalar": scalar,
+            "b64": base64.b64encode(numpy.ascontiguousarray(array).tobytes()).decode()}
 
 
 _PYDANTIC = ("pydantic", "pydantic_core")
@@ -174,6 +201,8 @@ def _example_json(value: Any, dspy: Any, ship: Shipment | None) -> dict[str, Any
         completions = {k: list(v) for k, v in value._completions.items()}
         one = _only_the_fields(completions, value._store)
         out["completions"] = ONE_COMPLETION if one else encode(completions, ship)
+    if kind == "prediction" and value._lm_usage is not None:  # set by DSPy with track_usage on
+        out["usage"] = encode(value._lm_usage, ship)
     return out
 
 
@@ -199,12 +228,13 @@ def _is_pydantic(value: Any) -> bool:
     return pydantic is not None and isinstance(value, pydantic.BaseModel)
 
 
-def _opaque(value: Any) -> dict[str, Any]:
-    """A value with no JSON form: its class and its repr, with secrets masked (a client holding its key,
-    ``os.environ``), before the repr is shortened (so no part of one is left); it is shown in errors and
-    dashboards, and kept in the journal."""
+def _opaque(value: Any, reason: str = "") -> dict[str, Any]:
+    """``value`` as its class and its repr, and ``reason``: why it has no JSON form, where that is not plain. The
+    repr has its secrets masked (a client holding its key, ``os.environ``) before it is shortened (so no part of
+    one is left): it is shown in errors and dashboards, and kept in the journal."""
     text = redact.text(repr(value), limit=None)
-    return {TAG: "opaque", "class": class_path(type(value)), "repr": text[:_OPAQUE_REPR]}
+    return {TAG: "opaque", "class": class_path(type(value)), "repr": text[:_OPAQUE_REPR],
+            **({"reason": reason} if reason else {})}
 
 
 # -- decoding --------------------------------------------------------------------------------------
@@ -295,8 +325,8 @@ def _fields(value: dict[str, Any], resolve: Callable[[str], type | None], where:
 
 
 def _example(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
-    """The Example or Prediction (or subclass) with exactly these fields, input keys and completions (its
-    class's ``__init__`` does not run again, as for a dataclass)."""
+    """The Example or Prediction (or subclass) with exactly these fields, input keys, completions and LM usage
+    (its class's ``__init__`` does not run again, as for a dataclass)."""
     import dspy
     from dspy.primitives.prediction import Completions
 
@@ -311,6 +341,8 @@ def _example(value: dict[str, Any], resolve: Callable[[str], type | None], where
         completions = value["completions"]
         obj._completions = Completions({k: [v] for k, v in obj._store.items()} if completions == ONE_COMPLETION
                                        else decode(completions, resolve, f"{where}.completions"))
+    if "usage" in value:
+        obj.set_lm_usage(decode(value["usage"], resolve, f"{where}.usage"))
     attrs = decode(value["attrs"], resolve, f"{where}.attrs") if "class" in value and "attrs" in value else {}
     for name, attr in attrs.items():  # a subclass's own attributes: never its state, methods, properties, fields
         static = inspect.getattr_static(cls, name, None) if isinstance(name, str) else None
@@ -365,9 +397,24 @@ def _dataclass(cls: type, fields: dict[str, Any]) -> Any:
 
 
 def _opaque_error(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
+    if "reason" in value:
+        raise NotPortable(f"{where} is {value['reason']} (its repr: {value['repr'][:200]})", value)
     raise NotPortable(f"{where} is a {value['class']}, which has no JSON form, so it cannot come back as "
                       f"itself (its repr: {value['repr'][:200]}); return JSON-able values, pydantic models, "
                       "enums or dataclasses from the program", value)
+
+
+def _numpy(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
+    """The numpy array (or scalar) of these dtype, shape and bytes; a dtype of objects or records is refused."""
+    try:
+        import numpy
+    except ImportError:
+        raise NotPortable(f"{where} is a numpy value, and numpy is not installed here", value) from None
+    dtype = numpy.dtype(value["dtype"])
+    if dtype.hasobject or dtype.fields is not None:
+        raise NotPortable(f"{where}: a numpy dtype of objects or records ({dtype}) does not come from data", value)
+    array = numpy.frombuffer(base64.b64decode(value["b64"]), dtype=dtype).reshape(value["shape"]).copy()
+    return array[()] if value["scalar"] else array
 
 
 _DECODERS: dict[str, Callable[[dict[str, Any], Callable[[str], type | None], str], Any]] = {
@@ -389,6 +436,7 @@ _DECODERS: dict[str, Callable[[dict[str, Any], Callable[[str], type | None], str
     "example": _example,
     "pydantic": lambda v, r, w: _adapter(_pydantic_type(v, w)).validate_json(v["json"]),
     "code": _code,
+    "numpy": _numpy,
     "opaque": _opaque_error,
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -122,6 +123,47 @@ def test_a_programs_exception_is_caught_as_its_own_class_as_in_the_kernel(pool: 
     with pytest.raises(dspy.LMError, match="LMRateLimitError"):  # an LM's error, as dspy.LM raises it
         with Pool(workers=1, lm="demo", lm_kwargs={"rate_limit_first": 10, "num_retries": 0}) as limited:
             limited.run("question -> answer", question="Too many?")
+
+
+class ErrorWithAttributes(Exception):
+    """A user's exception class with attributes of its own, set in its constructor."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"failed with {code}")
+        self.code = code
+        self.details = {"retry": [1, 2.5, None], "ok": False}
+        self.tool = "shadowed"  # a ToolError's own attribute: the ToolError's stays
+        self.api_key = "sk-secret-value"  # a secret-named attribute: masked, as in messages
+        self.hint = "use api_key=sk-secret-value"
+        self.lock = threading.Lock()  # not JSON: left out
+        self.pair = (1, 2)  # a tuple would come back as a list: left out
+        self._private = 1
+
+
+def test_a_programs_exception_keeps_its_own_attributes(pool: Pool) -> None:
+    import dspy
+    import litellm
+
+    def program(kind: str) -> None:
+        raise {"ours": ErrorWithAttributes(7),
+               "dspy": dspy.utils.exceptions.AdapterParseError("ChatAdapter", dspy.Signature("a -> b"), "resp",
+                                                               parsed_result={"a": "1"}),
+               "litellm": litellm.RateLimitError("slow down", llm_provider="openai", model="gpt-x")}[kind]
+
+    for call in (pool.run, lambda p, **kw: pool.run_stream(p, **kw).result()):
+        with pytest.raises(ErrorWithAttributes) as info:
+            call(program, kind="ours")
+        error = info.value
+        assert (error.code, error.details) == (7, {"retry": [1, 2.5, None], "ok": False})
+        assert error.tool == "run_module" and error.api_key == "***" and "sk-secret-value" not in error.hint
+        assert not any(hasattr(error, name) for name in ("lock", "pair", "_private"))
+        with pytest.raises(dspy.utils.exceptions.AdapterParseError) as info:
+            call(program, kind="dspy")
+        assert (info.value.adapter_name, info.value.lm_response, info.value.parsed_result) == \
+            ("ChatAdapter", "resp", {"a": "1"})
+        with pytest.raises(litellm.RateLimitError) as info:
+            call(program, kind="litellm")
+        assert (info.value.status_code, info.value.llm_provider, info.value.model) == (429, "openai", "gpt-x")
 
 
 class CodedError(ValueError):

@@ -21,6 +21,7 @@ from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool
 from dspex_nb.errors import ArgumentError, CallbacksNotRun, ToolError, TraceIncomplete
+from dspex_nb.typed import NotPortable
 from dspex_nb.worker.demo_lm import make_demo_lm
 
 SETUP = '''
@@ -387,6 +388,16 @@ class RAG(dspy.Module):
 
 program = RAG()
 ''', {"question": "How do bees find flowers?"}),
+    "numpy_values": ('''
+import numpy as np
+
+def program(query: np.ndarray, documents: np.ndarray):  # a similarity computed with numpy, its values as numpy's
+    scores = documents @ query / (np.linalg.norm(documents, axis=1) * np.linalg.norm(query))
+    return dspy.Prediction(scores=scores, best=np.argmax(scores), top=scores.max(), mean=np.float32(scores.mean()),
+                           ok=scores.max() > 0.5, shape=scores.shape, names=np.array(["a", "bc", "d"]))
+
+inputs = {"query": np.array([0.1, 0.2, 0.7]), "documents": np.arange(9.0).reshape(3, 3) / 7}
+''', {}),
     "function_reading_a_helpers_source": ('''
 import inspect
 
@@ -444,6 +455,8 @@ def assert_same(kernel: Any, pool: Any, where: str = "output") -> None:
         assert pool.model_extra == kernel.model_extra, f"{where}: extra fields {pool.model_extra}"
         assert pool.__pydantic_private__ == kernel.__pydantic_private__, f"{where}: {pool.__pydantic_private__}"
         assert pool.model_fields_set == kernel.model_fields_set, f"{where}: fields set {pool.model_fields_set}"
+    elif type(kernel).__module__ == "numpy" and hasattr(kernel, "tobytes"):  # an array or scalar: bit for bit
+        assert (pool.dtype, pool.shape, pool.tobytes()) == (kernel.dtype, kernel.shape, kernel.tobytes()), where
     elif dataclasses.is_dataclass(kernel):
         assert_same(dataclasses.asdict(kernel), dataclasses.asdict(pool), where)
     else:
@@ -716,6 +729,20 @@ def program(text):
     batch = pool.map(program, ["a", "lock", "b"], journal=False)  # one such item costs the others nothing
     assert [r and r.text for r in batch.result(60)] == ["a", None, "b"]
     assert batch.records[1]["error"]["type"] == "NotPortable" and (batch.ok, batch.failed) == (2, 1)
+
+
+def test_numpy_values_that_cannot_travel_raise_a_clear_error(shell: InteractiveShell, pool: Pool) -> None:
+    program, _ = define(shell, '''
+import numpy as np
+
+def program(kind):
+    return {"objects": np.array([1, "x"], dtype=object), "records": np.zeros(2, dtype=[("a", "i4")]),
+            "masked": np.ma.masked_array([1, 2], mask=[0, 1])}[kind]
+''')
+    for kind, message in [("objects", "an array of dtype object"), ("records", r"an array of dtype \[\('a'"),
+                          ("masked", "a subclass of numpy's ndarray")]:
+        with pytest.raises(NotPortable, match=message):
+            pool.run(program, kind=kind)
 
 
 def test_first_calls_of_a_program_at_once_all_get_its_answer(pool: Pool, demo_lm: dspy.LM) -> None:
@@ -1168,3 +1195,52 @@ def program(document, question):
         result = run(program, document="lorem ipsum " * 20_000, question="Large history")
         assert result.answer.startswith("Demo LM answer")
         assert "Large history 5" in _last_lm_call()
+
+
+
+@pytest.mark.parametrize("track_usage", [True, False])
+def test_predictions_get_their_lm_usage_as_in_the_kernel(track_usage: bool, shell: InteractiveShell, pool: Pool,
+                                                         demo_lm: dspy.LM) -> None:
+    # DSPy sets a module's usage on its prediction when track_usage is on and no tracker is open yet: the
+    # kernel's setting (dspy.configure / dspy.context) or the program's own dspy.context holds on the pool too
+    function, _ = define(shell, '''
+qa = dspy.Predict("question -> answer")
+
+def program(question):
+    first, second = qa(question=question), qa(question=question + "?")
+    return dspy.Prediction(first=first.get_lm_usage(), answer=second.answer, second=second.get_lm_usage())
+''')
+    module, _ = define(shell, '''
+class Tracked(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        with dspy.context(track_usage=True):
+            return dspy.Prediction(inner=self.qa(question=question).get_lm_usage(), top=self.qa(question=question))
+
+program = Tracked()
+''')
+    returned, _ = define(shell, 'qa = dspy.Predict("question -> answer")\n\ndef program(question):\n'
+                                '    qa(question=question + "!")\n    return qa(question=question)')
+    with dspy.context(lm=demo_lm, track_usage=track_usage):
+        for program in (function, module, returned):
+            expected = program(question="Whose usage?")
+            for result in (pool.run(program, question="Whose usage?"),
+                           pool.run_stream(program, question="Whose usage?").result(60),
+                           *pool.map(program, ["Whose usage?"], journal=False).result(60)):
+                assert_same(expected, result)
+                if "top" in expected:
+                    assert result.top.get_lm_usage() == expected.top.get_lm_usage()
+                if track_usage:
+                    assert result.get_lm_usage() == expected.get_lm_usage()
+                else:  # the kernel's prediction has none: the pool's has the call's usage (README, "Usage")
+                    assert result.get_lm_usage()["demo/demo"]["prompt_tokens"] > 0
+        assert (expected.get_lm_usage() is not None) is track_usage  # returned: its last call's usage
+        assert (function(question="Whose usage?").first is not None) is track_usage
+        assert (module(question="Whose usage?").inner is not None) is not track_usage  # a tracker was open
+        total = pool.run(module, question="Whose usage?").get_lm_usage()["demo/demo"]["prompt_tokens"]
+        batch = pool.map(module, ["Whose usage?", "Whose usage?"], journal=False)
+        batch.result(60)
+        assert batch.tokens_in == 2 * total > 0

@@ -27,6 +27,7 @@ if not REQUIRED:
 import ray  # noqa: E402
 
 from dspex_nb import Pool  # noqa: E402
+from dspex_nb.errors import ToolError  # noqa: E402
 
 RAY = str(Path(sys.executable).with_name("ray"))
 # A loopback-only test cluster. Ray's token authentication is off for it: in this environment a cluster
@@ -251,3 +252,19 @@ def test_the_kernels_api_keys_reach_the_actors(cluster: str, monkeypatch: pytest
     monkeypatch.setenv("DSPEX_PROBE_CREDENTIALS_FILE", str(tmp_path / "here.json"))
     with Pool(workers=1, backend="ray", address=cluster, journal=False, resources={"head": 1}) as p:
         assert p.run(_provider_settings) == ["sk-set-in-the-notebook", "<unset>", str(tmp_path / "here.json")]
+
+
+class CodedError(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(f"failed with {code}")
+        self.code = code
+
+
+def test_a_programs_exception_keeps_its_attributes_from_an_actor(pool: Pool) -> None:
+    def program(code: int) -> None:
+        raise CodedError(code)
+
+    for call in (pool.run, lambda p, **kw: pool.run_stream(p, **kw).result(60)):
+        with pytest.raises(CodedError) as info:
+            call(program, code=7)
+        assert info.value.code == 7 and isinstance(info.value, ToolError)

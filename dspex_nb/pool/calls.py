@@ -336,7 +336,8 @@ class Run(Handle):
         elif last.kind == "error" and last.is_final:
             self._ended = True
             self._error = remote_error(self.tool, last.data["type"], last.data["message"],
-                                       last.data.get("traceback", ""), self.worker, last.data.get("bases", ()))
+                                       last.data.get("traceback", ""), self.worker, last.data.get("bases", ()),
+                                       last.data.get("attributes"))
         with self._cond:
             self.chunks.extend(chunks)
             if self.keep_chunks is not None and len(self.chunks) > 2 * self.keep_chunks:  # trim now and then

@@ -273,7 +273,8 @@ def unary_result(reply: Any, tool: str, worker: str) -> Any:
     """The decoded result of an ExecuteReply, or its ToolError raised."""
     if reply.HasField("error"):
         e = reply.error
-        raise remote_error(tool, e.type, e.message, e.traceback, worker, e.bases)
+        raise remote_error(tool, e.type, e.message, e.traceback, worker, e.bases,
+                           json.loads(e.attributes_json) if e.attributes_json else None)
     return json.loads(reply.result_json)
 
 

@@ -224,7 +224,7 @@ class RayConnection:
             raise self._lost(err, died) from None
         if error is not None:
             raise remote_error(tool, error["type"], error["message"], error["traceback"], self.worker_id,
-                               error.get("bases", ()))
+                               error.get("bases", ()), error.get("attributes"))
         return json.loads(result)
 
     def stream(self, tool: str, args_json: bytes, session_id: str, timeout: float | None, waited: float,

@@ -47,6 +47,7 @@ MAX_CHUNKS_PER_MESSAGE = 2048
 LINGER = 0.01  # seconds a stream's message waits for more chunks to join it (not the first message)
 MESSAGE_OVERHEAD = 64 * 1024  # bytes kept free in every message for protobuf framing
 QUEUE_BYTES = 8 * 2**20  # chunks a stream may have waiting for a slow consumer before its tool waits
+MAX_ATTRIBUTES = 64_000  # characters of an error's attributes (as JSON) kept: those that do not fit are left out
 MAX_TRACEBACK = 100_000  # characters of an error's traceback kept: one that quotes a huge message must not make
 # the error itself too large to send (it was a MessageTooLarge instead of the program's error)
 _DONE = object()
@@ -120,13 +121,50 @@ def message_of(exc: BaseException) -> str:
 
 
 def error_info(exc: BaseException) -> dict[str, Any]:
-    """type / message / traceback of an exception, as the client will see them, and its classes (``bases``: the
-    kernel raises it as the first of them it has, see ``errors.remote_error``)."""
+    """type / message / traceback of an exception, as the client will see them, its classes (``bases``: the
+    kernel raises it as the first of them it has, see ``errors.remote_error``) and its plain ``attributes``."""
     if isinstance(exc, ToolError):
         return {"type": exc.type, "message": redact.text(exc.message), "traceback": ""}
-    return {"type": type(exc).__name__, "message": message_of(exc),
+    info = {"type": type(exc).__name__, "message": message_of(exc),
             "traceback": redact.text("".join(traceback.format_exception(exc)), limit=MAX_TRACEBACK),
             "bases": [f"{cls.__module__}:{cls.__qualname__}" for cls in type(exc).__mro__[:-2]]}
+    if attributes := _attributes(exc):
+        info["attributes"] = attributes
+    return info
+
+
+def _attributes(exc: BaseException) -> dict[str, Any]:
+    """The exception's own attributes that are plain JSON values (``_plain``), public names only, masked as its
+    message is (an LM's error may quote a key); in order, as many as fit in ``MAX_ATTRIBUTES`` characters."""
+    try:
+        items = list(vars(exc).items())
+    except TypeError:  # no __dict__
+        return {}
+    kept: dict[str, Any] = {}
+    budget = MAX_ATTRIBUTES
+    for name, value in items:
+        if not isinstance(name, str) or name.startswith("_") or not _plain(value):
+            continue
+        masked = redact.mapping({name: value})
+        size = len(dumps(masked))
+        if size <= budget:
+            kept.update(masked)
+            budget -= size
+    return kept
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` comes back from JSON as itself: str, int, float, bool, None, and lists and dicts (with
+    str keys) of those, not their subclasses (an IntEnum, a tuple would come back changed), nor too deep."""
+    if type(value) in (str, int, float, bool, type(None)):
+        return True
+    if depth > 20:
+        return False
+    if type(value) is list:
+        return all(_plain(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _plain(v, depth + 1) for k, v in value.items())
+    return False
 
 
 def drive(gen: Iterator[tools.Emit], ctx: tools.ToolContext, on_emit: Callable[[tools.Emit], None]) -> Any:

@@ -102,8 +102,9 @@ def _check_inputs(tool_name: str, sig: type[dspy.Signature], inputs: Any, where:
 
 
 def output_json(output: Any, usage: dict[str, Any] | None = None, cost: float | None = None) -> Any:
-    """A program's output as typed JSON: a Prediction as its fields, anything else wrapped as an output;
-    with its LM usage (``typed.USAGE``) where it made LM calls, and their cost (``typed.COST``) where an LM
+    """A program's output as typed JSON: a Prediction as its fields (and its own LM usage, ``typed.LM_USAGE``,
+    where DSPy set one), anything else wrapped as an output; with the call's LM usage (``typed.USAGE``) where it
+    made LM calls, and their cost (``typed.COST``) where an LM
     reported one."""
     if type(output) is dspy.Prediction and typed.TAG not in output and not any(k in output for k in typed.RESERVED):
         encoded = typed.encode(output)  # its fields at the top, and its completions where they are not just
@@ -111,6 +112,8 @@ def output_json(output: Any, usage: dict[str, Any] | None = None, cost: float | 
         completions = encoded.get("completions")
         if completions != typed.ONE_COMPLETION:
             result[typed.COMPLETIONS] = completions  # None: a Prediction made without an LM has none
+        if "usage" in encoded:
+            result[typed.LM_USAGE] = encoded["usage"]
     else:  # a subclass, or fields that would read as ours, stay inside
         result = {typed.TAG: "output", "value": typed.encode(output)}
     if usage:
@@ -125,14 +128,20 @@ HISTORY_FRAME = 1024  # bytes of a result's message kept for the history's key a
 
 
 class _Costs:
-    """The cost of one call's LM calls, from DSPy's own history: DSPy appends the history entry of every LM
-    call to the ``history`` of each object in ``settings.caller_modules`` (the modules it runs in), and
-    this one, put there first, keeps only the sum of their costs (so it has no size limit to reach); with
-    ``keep``, also the entries themselves as JSON (``history_json``), for the kernel's DSPy history."""
+    """The cost and the usage of one call's LM calls, from DSPy's own history: DSPy appends the history entry of
+    every LM call to the ``history`` of each object in ``settings.caller_modules`` (the modules it runs in), and
+    this one, put there first, keeps only the sum of their costs (so it has no size limit to reach) and their
+    usage, counted by DSPy's ``UsageTracker`` as ``dspy.track_usage`` counts it; with ``keep``, also the entries
+    themselves as JSON (``history_json``), for the kernel's DSPy history.
+
+    Counting from the history, not under a ``dspy.track_usage`` of the worker's own, leaves DSPy's usage
+    tracking as it is in the kernel: with ``track_usage`` on, a module that finds no tracker opens one and sets
+    its usage on its prediction (``get_lm_usage()``)."""
 
     def __init__(self, keep: bool = False) -> None:
         self.history = self
         self.total: float | None = None  # None until an LM reports a cost (an unpriced model is not free)
+        self.usage = UsageTracker()
         self.entries: collections.deque[Any] | None = collections.deque(maxlen=MAX_HISTORY) if keep else None
         self._lock = threading.Lock()  # dspy.Parallel's threads append at once
 
@@ -146,8 +155,15 @@ class _Costs:
         with self._lock:
             if isinstance(cost, (int, float)) and entry.get("usage"):
                 self.total = (self.total or 0.0) + cost
+            if entry.get("usage"):  # keyed by the LM's model, as DSPy's LMs report it to a tracker
+                self.usage.add_usage(entry.get("model") or _response_model(entry), entry["usage"])
             if self.entries is not None:  # the newest: inspect_history shows the last calls
                 self.entries.append(entry)
+
+    def tokens(self) -> dict[str, Any]:
+        """The usage per model, as ``UsageTracker.get_total_tokens`` gives it."""
+        with self._lock:
+            return self.usage.get_total_tokens()
 
     def history_json(self, budget: int) -> list[dict[str, Any]]:
         """The kept entries as JSON, as DSPy's ``inspect_history`` reads them: the newest whose JSON fits in
@@ -172,6 +188,12 @@ class _Costs:
         return kept
 
 
+def _response_model(entry: dict[str, Any]) -> str:
+    """The model of a history entry without one of its own (DSPy's ``TypesafeLM``), as its response names it."""
+    response = entry.get("response")
+    return str(response.get("model", "")) if isinstance(response, dict) else ""
+
+
 def _as_json(value: Any) -> Any:
     """A history entry's value that JSON has no form for: a pydantic model (litellm's tool calls, which
     ``inspect_history`` reads as dicts) as its fields, anything else as its repr."""
@@ -181,13 +203,12 @@ def _as_json(value: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _tracked(settings: dict[str, Any], history: bool = False) -> Generator[tuple[UsageTracker, _Costs], None, None]:
-    """Run under ``settings``, counting the LM usage (``dspy.track_usage``) and the cost of the calls (and with
-    ``history``, keeping their DSPy history entries)."""
+def _tracked(settings: dict[str, Any], history: bool = False) -> Generator[_Costs, None, None]:
+    """Run under ``settings``, counting the LM usage and the cost of the calls (and with ``history``, keeping
+    their DSPy history entries)."""
     costs = _Costs(keep=history)
-    with dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]), \
-            dspy.track_usage() as usage:
-        yield usage, costs
+    with dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]):
+        yield costs
 
 
 def _listeners(program: Any) -> list[StreamListener]:
@@ -285,7 +306,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
     final: Any = None
     steps: list[Any] = []
     traced = {"trace": steps} if trace else {}
-    with _tracked({**_settings(ctx, settings), **traced}, history) as (usage, costs):
+    with _tracked({**_settings(ctx, settings), **traced}, history) as costs:
         if listeners:
             always = _AlwaysPrediction(program, ctx.cancelled)
             streamed = dspy.streamify(always, stream_listeners=listeners)
@@ -296,7 +317,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             output = _awaited(programs.invoke(program, inputs))
             values = _values_of(output)
             if values is None:
-                return _traced(program, steps, trace, output_json(output, usage.get_total_tokens(), costs.total),
+                return _traced(program, steps, trace, output_json(output, costs.tokens(), costs.total),
                                costs, ctx)
         for value in values:
             if isinstance(value, StreamResponse):
@@ -307,7 +328,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             else:
                 final = value
     return _traced(program, steps, trace, output_json(final.value if isinstance(final, _Boxed) else final,
-                                                      usage.get_total_tokens(), costs.total), costs, ctx)
+                                                      costs.tokens(), costs.total), costs, ctx)
 
 
 def _traced(program: Any, steps: list[Any], trace: bool, result: Any, costs: _Costs, ctx: ToolContext) -> Any:
@@ -350,6 +371,11 @@ class _AlwaysPrediction(dspy.Module):
         with self._lock:
             self._closed = self._running == 0
             return self._closed
+
+    def __call__(self, **inputs: Any) -> dspy.Prediction:  # type: ignore[override]
+        """``forward``, without ``Module.__call__``'s usage tracker, which would stand in for the program's own
+        (with ``track_usage`` on, a program's modules set their usage as in the kernel, where nothing wraps it)."""
+        return self.forward(**inputs)
 
     def forward(self, **inputs: Any) -> dspy.Prediction:
         with self._lock:
@@ -613,9 +639,9 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
             raise Cancelled("the batch was cancelled before this item started")
         try:
             events.put((index, None))
-            with _tracked(settings) as (usage, costs):
+            with _tracked(settings) as costs:
                 output = _run_to_end(_awaited(programs.invoke(make(), inputs)))
-            return output_json(output, usage.get_total_tokens(), costs.total)
+            return output_json(output, costs.tokens(), costs.total)
         finally:
             slots.release()
 

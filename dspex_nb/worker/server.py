@@ -40,7 +40,9 @@ class Bridge(bridge_pb2_grpc.BridgeServicer):
                 context: grpc.ServicerContext) -> bridge_pb2.ExecuteReply:
         result, error = self._call(request, context, streaming=False).unary()
         if error is not None:
-            return bridge_pb2.ExecuteReply(error=bridge_pb2.ToolError(**error))
+            attributes = error.pop("attributes", None)
+            return bridge_pb2.ExecuteReply(error=bridge_pb2.ToolError(
+                **error, attributes_json=json.dumps(attributes) if attributes else ""))
         return bridge_pb2.ExecuteReply(result_json=result)
 
     def ExecuteStream(self, request: bridge_pb2.ExecuteRequest,

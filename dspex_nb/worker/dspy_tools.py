@@ -295,7 +295,7 @@ def _stop_when(cancelled: CancelEvent, callbacks: list[Any]) -> None:
 def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
           trace: bool = False, history: bool = False) -> Generator[Emit, None, Any]:
     """Run ``program`` on ``inputs`` under the worker's LM and the kernel's ``settings``; streamed calls yield
-    token chunks per field. With ``trace``, the result has the program's predictor calls too (``_traced``);
+    token chunks per field. With ``trace``, the result has the program's predictor calls too (``_with_extras``);
     with ``history``, its LM calls' DSPy history entries (``typed.HISTORY``), for the kernel's inspect_history.
 
     A program with nothing to stream (no str output field) says so in a status chunk and returns its
@@ -317,7 +317,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             output = _awaited(programs.invoke(program, inputs))
             values = _values_of(output)
             if values is None:
-                return _traced(program, steps, trace, output_json(output, costs.tokens(), costs.total),
+                return _with_extras(program, steps, trace, output_json(output, costs.tokens(), costs.total),
                                costs, ctx)
         for value in values:
             if isinstance(value, StreamResponse):
@@ -327,11 +327,11 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
                 yield Emit("status", {"message": value.message})
             else:
                 final = value
-    return _traced(program, steps, trace, output_json(final.value if isinstance(final, _Boxed) else final,
+    return _with_extras(program, steps, trace, output_json(final.value if isinstance(final, _Boxed) else final,
                                                       costs.tokens(), costs.total), costs, ctx)
 
 
-def _traced(program: Any, steps: list[Any], trace: bool, result: Any, costs: _Costs, ctx: ToolContext) -> Any:
+def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs: _Costs, ctx: ToolContext) -> Any:
     """``result`` (a program's output as ``output_json`` makes it), with ``typed.TRACE`` where ``trace`` is asked:
     the predictor calls DSPy recorded in ``steps`` (``dspy.settings.trace``) as ``[name, inputs, prediction]``,
     each predictor by its name in ``program.named_predictors()`` (None for one the program does not hold); and

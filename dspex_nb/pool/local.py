@@ -91,7 +91,8 @@ class LocalBackend:
         if self.start_method == "template":
             with self._lock:
                 template = self._template(min(FORK_TIMEOUT, spec.start_timeout))
-            process: ProcessHandle = template.spawn(["--address", address, *args], lm_env, log_path, address)
+            process: ProcessHandle = template.spawn(["--address", address, *args], lm_env, log_path, address,
+                                                    spec.start_timeout)
         else:
             process = WorkerProcess(self.python, address, log_path, {**env, **lm_env}, args)
         try:

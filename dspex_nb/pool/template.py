@@ -17,7 +17,7 @@ from dspex_nb.errors import WorkerStartError
 from dspex_nb.pool.process import ProcessHandle, start_module
 from dspex_nb.wire import process_state, start_time
 
-FORK_TIMEOUT = 10.0  # seconds a template may take to answer a fork request before it counts as hung
+FORK_TIMEOUT = 10.0  # seconds a template that has imported DSPy may take to fork before it counts as hung
 log = logging.getLogger(__name__)
 UNKNOWN_EXIT = 255
 
@@ -30,6 +30,7 @@ class Template:
         self.log_path = log_path
         self.exits: dict[int, int] = {}  # worker pid -> exit code, as the template reported
         self._replies: dict[int, int] = {}  # request id -> the pid forked for it
+        self.ready = False  # it has imported DSPy (which takes seconds, many more on a busy machine)
         self._ids = itertools.count()
         self._cond = threading.Condition()
         with open(log_path, "wb") as log:
@@ -48,6 +49,8 @@ class Template:
             with self._cond:
                 if "pid" in message:
                     self._replies[message["id"]] = message["pid"]
+                elif "ready" in message:
+                    self.ready = True
                 else:
                     self.exits[message["exited"]] = message["status"]
                 self._cond.notify_all()
@@ -63,8 +66,10 @@ class Template:
         """Alive and not stopped: it reaps its workers and reports their exits."""
         return self.alive and process_state(self.proc.pid) not in ("T", "t", None)
 
-    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, address: str) -> ForkedProcess:
-        """Fork a worker running ``python -m dspex_nb.worker <argv>`` with ``env`` added to its environment."""
+    def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, address: str,
+              ready_timeout: float) -> ForkedProcess:
+        """Fork a worker running ``python -m dspex_nb.worker <argv>`` with ``env`` added to its environment, once
+        the template has imported DSPy (within ``ready_timeout`` seconds: the pool's start timeout)."""
         request_id = next(self._ids)
         request = json.dumps({"id": request_id, "argv": argv, "env": env, "log": str(log_path)}) + "\n"
         with self._cond:
@@ -73,6 +78,10 @@ class Template:
                 self.proc.stdin.flush()  # type: ignore[union-attr]
             except (BrokenPipeError, ValueError):
                 raise self.failure() from None
+            if not self._cond.wait_for(lambda: self.ready or not self.alive, ready_timeout):
+                self.proc.kill()
+                raise WorkerStartError(f"the template process (pid {self.proc.pid}) did not import DSPy within "
+                                       f"{ready_timeout:g} s (the pool's start_timeout); it was killed")
             if not self._cond.wait_for(lambda: request_id in self._replies or not self.alive, self.fork_timeout):
                 self.proc.kill()  # hung (e.g. stopped): the pool starts a new template for the next worker
                 raise WorkerStartError(f"the template process (pid {self.proc.pid}) did not fork a worker within "

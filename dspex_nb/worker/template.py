@@ -88,6 +88,7 @@ def serve() -> int:
         return EXIT_MISSING_DEPENDENCIES
     import dspex_nb.worker.dspy_tools  # noqa: F401  (dspy and the tools: what every worker shares)
 
+    _say({"ready": True})  # from now on a fork takes milliseconds: the kernel's fork timeout counts from here
     watches: dict[int, int] = {}  # child pid -> write end of its watch pipe
     pending = b""
     kernel = os.environ.get(KERNEL_ENV, "")

@@ -1244,3 +1244,32 @@ program = Tracked()
         batch = pool.map(module, ["Whose usage?", "Whose usage?"], journal=False)
         batch.result(60)
         assert batch.tokens_in == 2 * total > 0
+
+
+def test_threads_a_program_starts_call_the_lm_as_in_the_kernel(shell: InteractiveShell, pool: Pool,
+                                                                demo_lm: dspy.LM) -> None:
+    # DSPy: "user threads work", seeing what dspy.configure set; on a worker they found no LM
+    program, _ = define(shell, '''
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+qa = dspy.Predict("question -> answer")
+
+def program(questions: list[str]):
+    with ThreadPoolExecutor(2) as executor:
+        answers = list(executor.map(lambda q: qa(question=q).answer, questions))
+    thread = threading.Thread(target=lambda: answers.append(qa(question="And then?").answer))
+    thread.start()
+    thread.join()
+    return answers
+''')
+    inputs = {"questions": ["Why?", "How?"]}
+    before = dspy.settings.lm
+    dspy.configure(lm=demo_lm)
+    try:
+        expected = program(**inputs)
+    finally:
+        dspy.configure(lm=before)
+    assert_same(expected, pool.run(program, **inputs), "run")
+    assert_same(expected, pool.run_stream(program, **inputs).result(60), "run_stream")
+    assert_same([expected], pool.map(program, [inputs], journal=False).result(60), "map")

@@ -476,6 +476,45 @@ def _parallel_without_streams() -> None:
 
 _parallel_without_streams()
 
+# What a call's own threads do not get of its DSPy settings: what the kernel sets with ``dspy.context``, not
+# ``dspy.configure``, so its threads do not see it either (a trace, a usage tracker), and the call's stream
+# (see ``_parallel_without_streams``).
+NOT_FOR_THREADS = frozenset({"send_stream", "trace", "usage_tracker"})
+
+
+def _threads_see_the_calls_settings() -> None:
+    """Let the threads a program starts itself (``threading.Thread``, a ``ThreadPoolExecutor``) call its LM.
+
+    In the kernel they see what ``dspy.configure`` set (DSPy: "user threads work"); a worker sets nothing
+    globally and runs each call under ``dspy.context``, which DSPy keeps per thread, so there a thread found
+    no LM. Here a thread started during a call gets the call's settings, as ``dspy.Parallel`` hands them on,
+    less ``NOT_FOR_THREADS``.
+    """
+    from dspy.dsp.utils import dotdict
+    from dspy.dsp.utils.settings import thread_local_overrides
+
+    original = threading.Thread.start
+    if getattr(original, "dspex_nb", False):
+        return
+
+    def start(self: threading.Thread) -> None:
+        overrides = {k: v for k, v in thread_local_overrides.get().items() if k not in NOT_FOR_THREADS}
+        if overrides:
+            run = self.run
+
+            def run_with_settings() -> None:
+                thread_local_overrides.set(dotdict(overrides))  # this thread's own variable
+                run()
+
+            self.run = run_with_settings  # type: ignore[method-assign]
+        original(self)
+
+    start.dspex_nb = True  # type: ignore[attr-defined]
+    threading.Thread.start = start  # type: ignore[method-assign]
+
+
+_threads_see_the_calls_settings()
+
 
 def _label(program: Any) -> str:
     return type(program).__name__ if isinstance(program, dspy.Module) else getattr(program, "__name__", "program")

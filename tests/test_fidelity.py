@@ -1273,3 +1273,30 @@ def program(questions: list[str]):
     assert_same(expected, pool.run(program, **inputs), "run")
     assert_same(expected, pool.run_stream(program, **inputs).result(60), "run_stream")
     assert_same([expected], pool.map(program, [inputs], journal=False).result(60), "map")
+
+
+def test_a_streamed_call_under_the_xml_adapter_gives_the_kernels_answer(shell: InteractiveShell, pool: Pool,
+                                                                        demo_lm: dspy.LM) -> None:
+    # DSPy retries with JSONAdapter where a reply does not parse, but not once a stream showed some of it: the
+    # demo LM answered in ChatAdapter's format only, so run_stream (and the magics, which stream) failed with an
+    # AdapterParseError where the kernel's call answered
+    program, _ = define(shell, '''
+class Pirate(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.ChainOfThought("question -> answer, tags: list[str], score: float")
+
+    def forward(self, question):
+        with dspy.context(adapter=dspy.XMLAdapter()):  # a program's own adapter
+            return self.qa(question=question)
+
+program = Pirate()
+''')
+    qa = program.qa
+    with dspy.context(lm=demo_lm):
+        for run, inputs in ((program, {"question": "Why <so> & how?"}),
+                            (qa, {"question": "Why?"})):  # the kernel's adapter, which travels with the call
+            with dspy.context(adapter=dspy.XMLAdapter()):
+                expected = run(**inputs)
+                assert_same(expected, pool.run(run, **inputs), "run")
+                assert_same(expected, pool.run_stream(run, **inputs).result(60), "run_stream")

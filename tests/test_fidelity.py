@@ -1300,3 +1300,27 @@ program = Pirate()
                 expected = run(**inputs)
                 assert_same(expected, pool.run(run, **inputs), "run")
                 assert_same(expected, pool.run_stream(run, **inputs).result(60), "run_stream")
+
+
+@pytest.mark.parametrize("adapter", ["NotebookAdapter()", "dspy.TwoStepAdapter(extraction_model)"])
+def test_a_streamed_call_under_an_adapter_dspy_cannot_stream_gives_the_kernels_answer(
+        adapter: str, shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # DSPy's StreamListener reads ChatAdapter's, JSONAdapter's and XMLAdapter's replies only, by class name:
+    # under another adapter run_stream (and the magics) failed with "Unsupported adapter for streaming"
+    program, _ = define(shell, f'''
+import dspex_nb
+
+class NotebookAdapter(dspy.JSONAdapter):
+    """An adapter of the notebook's own."""
+
+extraction_model = dspex_nb.demo_lm()
+adapter = {adapter}
+program = dspy.ChainOfThought("question -> answer")
+''')
+    with dspy.context(lm=demo_lm, adapter=shell.user_ns["adapter"]):
+        expected = program(question="Why?")
+        assert_same(expected, pool.run(program, question="Why?"), "run")
+        run = pool.run_stream(program, question="Why?")
+        assert_same(expected, run.result(60), "run_stream")
+    assert any("cannot read the fields of" in chunk.get("message", "")
+               for chunk in run.chunks if chunk.kind == "status")

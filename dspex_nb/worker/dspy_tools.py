@@ -26,6 +26,7 @@ import anyio
 import dspy
 from dspy.streaming import StatusMessage, StreamListener, StreamResponse
 from dspy.streaming.messages import StatusStreamingCallback
+from dspy.streaming.streaming_listener import ADAPTER_SUPPORT_STREAMING
 from dspy.utils.usage_tracker import UsageTracker
 
 from dspex_nb import redact, typed
@@ -220,6 +221,15 @@ def _listeners(program: Any) -> list[StreamListener]:
             for field, info in predictor.signature.output_fields.items() if info.annotation is str]
 
 
+def _adapter_not_streamed() -> str | None:
+    """The name of the adapter in use where DSPy's ``StreamListener`` cannot read its replies (it knows
+    ChatAdapter, JSONAdapter and XMLAdapter by name, and fails the call under any other: ``TwoStepAdapter``, a
+    subclass of the notebook's own), else None."""
+    adapter = dspy.settings.adapter
+    name = type(adapter).__name__
+    return None if adapter is None or name in {a.__name__ for a in ADAPTER_SUPPORT_STREAMING} else name
+
+
 def _async_items(make: Callable[[], AsyncIterator[Any]],
                  settled: Callable[[], bool] = lambda: True) -> Generator[Any, None, None]:
     """Iterate an async generator from sync code, on an event loop in a thread of its own.
@@ -307,12 +317,17 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
     steps: list[Any] = []
     traced = {"trace": steps} if trace else {}
     with _tracked({**_settings(ctx, settings), **traced}, history) as costs:
+        unread = _adapter_not_streamed() if listeners else None
+        if unread:
+            listeners = []
+            yield Emit("status", {"message": f"running {_label(program)} (its tokens are not streamed: DSPy's "
+                                             f"StreamListener cannot read the fields of {unread})"})
         if listeners:
             always = _AlwaysPrediction(program, ctx.cancelled)
             streamed = dspy.streamify(always, stream_listeners=listeners)
             values = _async_items(lambda: streamed(**inputs), always.settled)
         else:
-            if ctx.streaming:
+            if ctx.streaming and not unread:
                 yield Emit("status", {"message": f"running {_label(program)} (no str output field to stream)"})
             output = _awaited(programs.invoke(program, inputs))
             values = _values_of(output)

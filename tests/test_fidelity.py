@@ -1244,3 +1244,83 @@ program = Tracked()
         batch = pool.map(module, ["Whose usage?", "Whose usage?"], journal=False)
         batch.result(60)
         assert batch.tokens_in == 2 * total > 0
+
+
+def test_threads_a_program_starts_call_the_lm_as_in_the_kernel(shell: InteractiveShell, pool: Pool,
+                                                                demo_lm: dspy.LM) -> None:
+    # DSPy: "user threads work", seeing what dspy.configure set; on a worker they found no LM
+    program, _ = define(shell, '''
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+qa = dspy.Predict("question -> answer")
+
+def program(questions: list[str]):
+    with ThreadPoolExecutor(2) as executor:
+        answers = list(executor.map(lambda q: qa(question=q).answer, questions))
+    thread = threading.Thread(target=lambda: answers.append(qa(question="And then?").answer))
+    thread.start()
+    thread.join()
+    return answers
+''')
+    inputs = {"questions": ["Why?", "How?"]}
+    before = dspy.settings.lm
+    dspy.configure(lm=demo_lm)
+    try:
+        expected = program(**inputs)
+    finally:
+        dspy.configure(lm=before)
+    assert_same(expected, pool.run(program, **inputs), "run")
+    assert_same(expected, pool.run_stream(program, **inputs).result(60), "run_stream")
+    assert_same([expected], pool.map(program, [inputs], journal=False).result(60), "map")
+
+
+def test_a_streamed_call_under_the_xml_adapter_gives_the_kernels_answer(shell: InteractiveShell, pool: Pool,
+                                                                        demo_lm: dspy.LM) -> None:
+    # DSPy retries with JSONAdapter where a reply does not parse, but not once a stream showed some of it: the
+    # demo LM answered in ChatAdapter's format only, so run_stream (and the magics, which stream) failed with an
+    # AdapterParseError where the kernel's call answered
+    program, _ = define(shell, '''
+class Pirate(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.ChainOfThought("question -> answer, tags: list[str], score: float")
+
+    def forward(self, question):
+        with dspy.context(adapter=dspy.XMLAdapter()):  # a program's own adapter
+            return self.qa(question=question)
+
+program = Pirate()
+''')
+    qa = program.qa
+    with dspy.context(lm=demo_lm):
+        for run, inputs in ((program, {"question": "Why <so> & how?"}),
+                            (qa, {"question": "Why?"})):  # the kernel's adapter, which travels with the call
+            with dspy.context(adapter=dspy.XMLAdapter()):
+                expected = run(**inputs)
+                assert_same(expected, pool.run(run, **inputs), "run")
+                assert_same(expected, pool.run_stream(run, **inputs).result(60), "run_stream")
+
+
+@pytest.mark.parametrize("adapter", ["NotebookAdapter()", "dspy.TwoStepAdapter(extraction_model)"])
+def test_a_streamed_call_under_an_adapter_dspy_cannot_stream_gives_the_kernels_answer(
+        adapter: str, shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # DSPy's StreamListener reads ChatAdapter's, JSONAdapter's and XMLAdapter's replies only, by class name:
+    # under another adapter run_stream (and the magics) failed with "Unsupported adapter for streaming"
+    program, _ = define(shell, f'''
+import dspex_nb
+
+class NotebookAdapter(dspy.JSONAdapter):
+    """An adapter of the notebook's own."""
+
+extraction_model = dspex_nb.demo_lm()
+adapter = {adapter}
+program = dspy.ChainOfThought("question -> answer")
+''')
+    with dspy.context(lm=demo_lm, adapter=shell.user_ns["adapter"]):
+        expected = program(question="Why?")
+        assert_same(expected, pool.run(program, question="Why?"), "run")
+        run = pool.run_stream(program, question="Why?")
+        assert_same(expected, run.result(60), "run_stream")
+    assert any("cannot read the fields of" in chunk.get("message", "")
+               for chunk in run.chunks if chunk.kind == "status")

@@ -466,3 +466,25 @@ def test_only_names_in_braces_are_kernel_variables() -> None:
     assert interpolate('{name} {xs[1]} {{kept}}', ns) == "Ada 2 {kept}"
     for text in ('scores: {"a": 1}', "What does {x: 1} mean?", '{"a": {"b": 2}}', "{}"):  # not names: as written
         assert interpolate(text, ns) == text
+
+
+def test_run_and_batch_give_a_code_modules_cell_and_items_to_its_signatures_inputs(sh: Shell) -> None:
+    # dspy.RLM's forward(*, interpreter_factory=None, **input_args) and dspy.CodeAct's
+    # forward(interpreter=None, /, **kwargs) take their signature's inputs, not those call options
+    sh('''
+import dspy
+
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+
+rlm = dspy.RLM("context, query -> answer", max_iters=1, interpreter_factory=dspy.LocalInterpreter)
+act = dspy.CodeAct("question -> answer", tools=[add], max_iters=1, interpreter_factory=dspy.LocalInterpreter)
+questions = ["What is 2+2?", "What is 3+3?"]
+''')
+    sh("%%dspex run rlm -o r\ncontext: Bees dance.\nquery: What do bees do?")
+    assert sh.ns["r"] == kernel_run(sh.ns["rlm"], context="Bees dance.", query="What do bees do?")
+    sh("%%dspex run act -o r\nWhat is 2+2?")
+    assert sh.ns["r"] == kernel_run(sh.ns["act"], question="What is 2+2?")
+    sh("%dspex batch --module act --items questions --no-journal -o OUT")
+    assert sh.ns["OUT"] == [kernel_run(sh.ns["act"], question=q) for q in sh.ns["questions"]]

@@ -1,10 +1,11 @@
 """Embedded, offline, deterministic demo LM for DSPy.
 
 ``DemoEngine`` is a custom dspy 3.4 engine (``dspy.LM("demo/demo", engine=DemoEngine(), cache=False)``)
-that answers any DSPy signature in ChatAdapter format without network access. It reads the output
-fields and their types from the ChatAdapter system prompt and the input values from the last user
-message, and derives every answer from a SHA-256 hash of those and of the whole prompt (so a program's
-demos and instructions show in its answers), so equal requests give equal text in any process.
+that answers any DSPy signature in ChatAdapter format (in JSONAdapter's or XMLAdapter's where the prompt asks
+for it) without network access. It reads the output fields and their types from the system prompt and the
+input values from the last user message, and derives every answer from a SHA-256 hash of those and of the
+whole prompt (so a program's demos and instructions show in its answers), so equal requests give equal text
+in any process.
 ``stream()`` emits the full formatted text word by word, so DSPy's real streaming path and
 ``StreamListener`` work; ``AsyncDemoEngine`` gives the same answers to DSPy's async calls (``acall``,
 ``aforward``). Knobs simulate latency, long answers and HTTP 429 rate limiting.
@@ -47,6 +48,8 @@ _OUTPUT_FIELD = re.compile(r"^\d+\. `(\w+)` \((.*?)\):", re.MULTILINE)
 _NOTE = re.compile(r"^\{(\w+)\} +# note: the value you produce (.*)$", re.MULTILINE)
 _JSON_NOTE = re.compile(r'^\s*"(\w+)": "\{\w+\} +# note: the value you produce (.*?)",?$', re.MULTILINE)
 _JSON_MODE = "Outputs will be a JSON object"  # JSONAdapter (DSPy falls back to it when ChatAdapter fails)
+_XML_MODE = "output fields wrapped in XML tags"  # XMLAdapter's request, at the end of the user message
+_XML_INPUT = re.compile(r"^<(\w+)>\n(.*?)\n</\1>$", re.MULTILINE | re.DOTALL)
 _SCHEMA_NOTE = "must adhere to the JSON schema: "
 _ONE_OF_NOTE = "must be one of: "
 _EPOCH = 1_700_000_000  # demo datetimes lie within a year of 2023-11-14
@@ -182,9 +185,11 @@ class DemoEngine:
         user = next((m.text for m in reversed(request.messages) if m.role == "user"), "") or ""
         block = system.split("Your output fields are:", 1)[-1].split("All interactions will be", 1)[0]
         outputs = _OUTPUT_FIELD.findall(block) if "Your output fields are:" in system else []
-        chunks = _SECTION.split(user.split(_RESPOND, 1)[0])
-        inputs = {k: v.strip() for k, v in zip(chunks[1::2], chunks[2::2], strict=False)} or {
-            "prompt": user.strip()}
+        xml = _XML_MODE in user
+        request_part = user.split(_RESPOND, 1)[0]
+        chunks = _SECTION.split(request_part)
+        found = _XML_INPUT.findall(request_part) if xml else zip(chunks[1::2], chunks[2::2], strict=False)
+        inputs = {k: v.strip() for k, v in found} or {"prompt": user.strip()}
         prompt = _digest(system, *(m.text or "" for m in request.messages))  # demos, instructions: all of it
         key = json.dumps([sorted(inputs.items()), outputs, prompt])
         topic = _short(next(iter(inputs.values()), ""))
@@ -195,6 +200,9 @@ class DemoEngine:
             notes = {k: v.replace('\\"', '"') for k, v in _JSON_NOTE.findall(system)}
             return json.dumps({name: self._json_value(type_, notes.get(name, ""), name, topic, _digest(key, name))
                                for name, type_ in outputs})
+        if xml:
+            return "\n\n".join(self._xml(type_, notes.get(name, ""), name, topic, _digest(key, name))
+                               for name, type_ in outputs)
         sections = [f"[[ ## {name} ## ]]\n{self._format(type_, notes.get(name, ''), name, topic, _digest(key, name))}"
                     for name, type_ in outputs]
         return "\n\n".join([*sections, "[[ ## completed ## ]]"])
@@ -209,6 +217,15 @@ class DemoEngine:
             return json.dumps(self._from_schema(schema, schema.get("$defs", {}), name, topic, seed, type_.strip()))
         value = self._value(type_.strip(), name, topic, seed)
         return value if isinstance(value, str) else json.dumps(value)
+
+    def _xml(self, type_: str, note: str, name: str, topic: str, seed: int) -> str:
+        """One output field as XMLAdapter asks for it: a list or dict as nested XML elements (DSPy's own
+        ``XMLAdapter._value_to_xml``), anything else as the element's text."""
+        value = self._json_value(type_, note, name, topic, seed)
+        if isinstance(value, (list, dict)):
+            return dspy.XMLAdapter._value_to_xml(value, name)
+        text = value if isinstance(value, str) else json.dumps(value)
+        return f"<{name}>\n{text.replace('&', '&amp;').replace('<', '&lt;')}\n</{name}>"
 
     def _json_value(self, type_: str, note: str, name: str, topic: str, seed: int) -> Any:
         """One output field as a JSON value (JSONAdapter); an enum of int values as an int."""

@@ -26,6 +26,7 @@ import anyio
 import dspy
 from dspy.streaming import StatusMessage, StreamListener, StreamResponse
 from dspy.streaming.messages import StatusStreamingCallback
+from dspy.streaming.streaming_listener import ADAPTER_SUPPORT_STREAMING
 from dspy.utils.usage_tracker import UsageTracker
 
 from dspex_nb import redact, typed
@@ -220,6 +221,15 @@ def _listeners(program: Any) -> list[StreamListener]:
             for field, info in predictor.signature.output_fields.items() if info.annotation is str]
 
 
+def _adapter_not_streamed() -> str | None:
+    """The name of the adapter in use where DSPy's ``StreamListener`` cannot read its replies (it knows
+    ChatAdapter, JSONAdapter and XMLAdapter by name, and fails the call under any other: ``TwoStepAdapter``, a
+    subclass of the notebook's own), else None."""
+    adapter = dspy.settings.adapter
+    name = type(adapter).__name__
+    return None if adapter is None or name in {a.__name__ for a in ADAPTER_SUPPORT_STREAMING} else name
+
+
 def _async_items(make: Callable[[], AsyncIterator[Any]],
                  settled: Callable[[], bool] = lambda: True) -> Generator[Any, None, None]:
     """Iterate an async generator from sync code, on an event loop in a thread of its own.
@@ -307,12 +317,17 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
     steps: list[Any] = []
     traced = {"trace": steps} if trace else {}
     with _tracked({**_settings(ctx, settings), **traced}, history) as costs:
+        unread = _adapter_not_streamed() if listeners else None
+        if unread:
+            listeners = []
+            yield Emit("status", {"message": f"running {_label(program)} (its tokens are not streamed: DSPy's "
+                                             f"StreamListener cannot read the fields of {unread})"})
         if listeners:
             always = _AlwaysPrediction(program, ctx.cancelled)
             streamed = dspy.streamify(always, stream_listeners=listeners)
             values = _async_items(lambda: streamed(**inputs), always.settled)
         else:
-            if ctx.streaming:
+            if ctx.streaming and not unread:
                 yield Emit("status", {"message": f"running {_label(program)} (no str output field to stream)"})
             output = _awaited(programs.invoke(program, inputs))
             values = _values_of(output)
@@ -475,6 +490,45 @@ def _parallel_without_streams() -> None:
 
 
 _parallel_without_streams()
+
+# What a call's own threads do not get of its DSPy settings: what the kernel sets with ``dspy.context``, not
+# ``dspy.configure``, so its threads do not see it either (a trace, a usage tracker), and the call's stream
+# (see ``_parallel_without_streams``).
+NOT_FOR_THREADS = frozenset({"send_stream", "trace", "usage_tracker"})
+
+
+def _threads_see_the_calls_settings() -> None:
+    """Let the threads a program starts itself (``threading.Thread``, a ``ThreadPoolExecutor``) call its LM.
+
+    In the kernel they see what ``dspy.configure`` set (DSPy: "user threads work"); a worker sets nothing
+    globally and runs each call under ``dspy.context``, which DSPy keeps per thread, so there a thread found
+    no LM. Here a thread started during a call gets the call's settings, as ``dspy.Parallel`` hands them on,
+    less ``NOT_FOR_THREADS``.
+    """
+    from dspy.dsp.utils import dotdict
+    from dspy.dsp.utils.settings import thread_local_overrides
+
+    original = threading.Thread.start
+    if getattr(original, "dspex_nb", False):
+        return
+
+    def start(self: threading.Thread) -> None:
+        overrides = {k: v for k, v in thread_local_overrides.get().items() if k not in NOT_FOR_THREADS}
+        if overrides:
+            run = self.run
+
+            def run_with_settings() -> None:
+                thread_local_overrides.set(dotdict(overrides))  # this thread's own variable
+                run()
+
+            self.run = run_with_settings  # type: ignore[method-assign]
+        original(self)
+
+    start.dspex_nb = True  # type: ignore[attr-defined]
+    threading.Thread.start = start  # type: ignore[method-assign]
+
+
+_threads_see_the_calls_settings()
 
 
 def _label(program: Any) -> str:

@@ -3,7 +3,9 @@
 A program is a ``dspy.Module`` class (a new instance per call) or instance (that very object, e.g. a
 compiled program with its demos), a signature class (run as ``dspy.Predict``), or a plain function.
 Its input names come from what it really takes: ``forward``'s (or a ``__call__``-only module's)
-named parameters, checked as Python checks them; where those are only ``**kwargs``, the inputs of the
+named parameters, checked as Python checks them (not a positional-only one with a default, which no
+input can name: ``dspy.CodeAct``'s ``interpreter``); where those are only ``**kwargs`` (and keyword-only
+call options with defaults: ``dspy.RLM``'s ``interpreter_factory``), the inputs of the
 module it wraps (``dspy.Refine``'s and ``dspy.BestOfN``'s ``module``), or else the input fields of its
 signature (``dspy.Predict``, ``ChainOfThought``, any compiled module of those), none of them required:
 DSPy runs a predictor with a field missing or extra (it logs a warning), and so does the pool. Defined
@@ -133,15 +135,18 @@ def describe_inputs(program: Any) -> tuple[list[str], list[str], bool]:
         params = list(inspect.signature(_entry_point(program)).parameters.values())
     except (TypeError, ValueError):
         params = []
-    params = [p for p in params if p.name != "self" and p.kind is not p.VAR_POSITIONAL]
+    params = [p for p in params if p.name != "self" and p.kind is not p.VAR_POSITIONAL
+              and not (p.kind is p.POSITIONAL_ONLY and p.default is not p.empty)]  # never given by name
     named = [p for p in params if p.kind is not p.VAR_KEYWORD]
     open_ended = len(named) < len(params)
-    if not named and open_ended:
+    if open_ended and all(p.kind is p.KEYWORD_ONLY and p.default is not p.empty for p in named):
+        # only call options besides **kwargs (dspy.RLM's interpreter_factory): the inputs are what kwargs take
         wrapped = getattr(program, "module", None)
         if isinstance(program, dspy.Module) and isinstance(wrapped, dspy.Module):  # dspy.Refine, dspy.BestOfN
             return describe_inputs(wrapped)
         sig = signature_of(program)
-        return list(sig.input_fields) if sig is not None else [], [], True
+        if sig is not None or not named:
+            return list(sig.input_fields) if sig is not None else [], [], True
     return [p.name for p in named], [p.name for p in named if p.default is p.empty], open_ended
 
 

@@ -440,8 +440,11 @@ class Dspex(Magics):
                              f"{args.name} a dspy.Module in the kernel (defined: {sorted(pool.definitions) or 'none'})")
         name = pool.ensure_defined(program)
         definition = pool.definitions[name]
-        # a forward's parameters with defaults may be left out; a predictor's inputs (none named required) may not
-        inputs = self._inputs(cell, definition["inputs"], args, definition.get("required") or None)
+        # a forward's parameters with defaults may be left out (all of them, where each has one); a predictor's
+        # inputs, which DSPy does not require either, may not
+        optional = definition.get("optional") or []
+        required = [n for n in definition["inputs"] if n not in optional]
+        inputs = self._inputs(cell, definition["inputs"], args, required)
         self._stream(lambda pool, stream: pool.call(name, inputs, stream=stream, timeout=args.timeout),
                      f"run {args.name}", args)
 

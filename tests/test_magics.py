@@ -466,3 +466,22 @@ def test_only_names_in_braces_are_kernel_variables() -> None:
     assert interpolate('{name} {xs[1]} {{kept}}', ns) == "Ada 2 {kept}"
     for text in ('scores: {"a": 1}', "What does {x: 1} mean?", '{"a": {"b": 2}}', "{}"):  # not names: as written
         assert interpolate(text, ns) == text
+
+
+def test_run_leaves_out_inputs_when_every_forward_parameter_has_a_default(sh: Shell) -> None:
+    sh('''
+import dspy
+
+class Styled(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question: str = "What?", style: str = "short"):
+        return dspy.Prediction(answer=self.qa(question=f"{question} ({style})").answer)
+
+styled = Styled()
+''')
+    sh("%%dspex run styled -o r\nquestion: Why?\nstyle: long")  # two lines: the cell is one line per input
+    sh("%%dspex run styled -o s\nquestion: Why?")  # as styled(question="Why?") in the kernel
+    assert sh.ns["s"] == kernel_run(sh.ns["styled"], question="Why?")

@@ -81,7 +81,7 @@ class WorkerPool(Supervision):
         check.mapping("env", env, values=str)
         check.instance("python", python, (str, type(None)), "None or the path of a Python interpreter")
         if not isinstance(lm, str) or not lm:
-            raise ValueError(f"Pool(lm=...) must be 'demo' or a dspy.LM model string, got {lm!r}")
+            raise ValueError(f"Pool(lm=...) must be 'demo' or a dspy.LM model string, got {redact.shown(lm)}")
         self.size = workers
         self.lm = lm
         self.lm_kwargs = dict(lm_kwargs or {})

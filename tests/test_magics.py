@@ -485,3 +485,10 @@ styled = Styled()
     sh("%%dspex run styled -o r\nquestion: Why?\nstyle: long")  # two lines: the cell is one line per input
     sh("%%dspex run styled -o s\nquestion: Why?")  # as styled(question="Why?") in the kernel
     assert sh.ns["s"] == kernel_run(sh.ns["styled"], question="Why?")
+
+
+def test_predict_takes_a_numpy_array_of_the_kernel_as_an_input(sh: Shell) -> None:
+    # numpy values travel as themselves: one given as a cell's {name} reaches the program as the array it is
+    sh('import numpy as np\nscores = np.array([0.25, 0.5, 0.75])')
+    sh('%%dspex predict "question, scores -> answer" -o r\nquestion: Which is best?\nscores: {scores}')
+    assert sh.ns["r"].answer.startswith("Demo LM answer to 'Which is best?'")

@@ -109,6 +109,7 @@ class Pool(WorkerPool):
         shipped = programs.ship(program)
         name = f"_{type(program).__name__}_{shipped.key[:12]}"
         if "resolver" not in self.definitions.get(name, {}):  # not defined yet, or still being defined
+            self._refuse_if_forked()  # before the lock, which a thread of the parent may have held at a fork
             with self._installing:
                 if "resolver" not in self.definitions.get(name, {}):
                     self._install(name, shipped)

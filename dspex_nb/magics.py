@@ -209,6 +209,18 @@ def typed_value(text: str, namespace: dict[str, Any]) -> Any:
         return interpolate(text, namespace)  # raises the clear error
 
 
+def _plain_json(value: Any) -> bool:
+    """Whether ``value`` is JSON as it is (``typed.encode`` leaves it so): str, int, float, bool, None, and lists
+    and str-keyed dicts of those; not a numpy array (nor another value whose ``==`` is not a plain bool)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return True
+    if type(value) is list:
+        return all(map(_plain_json, value))
+    if type(value) is dict:
+        return typed.TAG not in value and all(type(k) is str and _plain_json(v) for k, v in value.items())
+    return False
+
+
 def as_items(value: Any, name: str) -> list[Any]:
     if type(value).__name__ == "DataFrame" and hasattr(value, "to_dict"):
         return value.to_dict("records")
@@ -422,7 +434,7 @@ class Dspex(Magics):
     def _predict(self, args: argparse.Namespace, cell: str) -> None:
         signature = self._program(args.signature) or args.signature
         inputs = self._inputs(cell, signature_inputs(signature, self._require_pool(args.pool)), args)
-        if isinstance(signature, str) and typed.encode(inputs) == inputs:  # plain JSON: the built-in tools
+        if isinstance(signature, str) and _plain_json(inputs):  # the built-in tools take JSON as it is
             tool = "chain_of_thought" if args.cot else "predict"
             self._stream(lambda pool, stream: pool.call_tool(tool, {"signature": signature, "inputs": inputs},
                                                              stream=stream, timeout=args.timeout),
@@ -440,8 +452,11 @@ class Dspex(Magics):
                              f"{args.name} a dspy.Module in the kernel (defined: {sorted(pool.definitions) or 'none'})")
         name = pool.ensure_defined(program)
         definition = pool.definitions[name]
-        # a forward's parameters with defaults may be left out; a predictor's inputs (none named required) may not
-        inputs = self._inputs(cell, definition["inputs"], args, definition.get("required") or None)
+        # a forward's parameters with defaults may be left out (all of them, where each has one); a predictor's
+        # inputs, which DSPy does not require either, may not
+        optional = definition.get("optional") or []
+        required = [n for n in definition["inputs"] if n not in optional]
+        inputs = self._inputs(cell, definition["inputs"], args, required)
         self._stream(lambda pool, stream: pool.call(name, inputs, stream=stream, timeout=args.timeout),
                      f"run {args.name}", args)
 

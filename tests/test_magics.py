@@ -488,3 +488,29 @@ questions = ["What is 2+2?", "What is 3+3?"]
     assert sh.ns["r"] == kernel_run(sh.ns["act"], question="What is 2+2?")
     sh("%dspex batch --module act --items questions --no-journal -o OUT")
     assert sh.ns["OUT"] == [kernel_run(sh.ns["act"], question=q) for q in sh.ns["questions"]]
+
+
+def test_run_leaves_out_inputs_when_every_forward_parameter_has_a_default(sh: Shell) -> None:
+    sh('''
+import dspy
+
+class Styled(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question: str = "What?", style: str = "short"):
+        return dspy.Prediction(answer=self.qa(question=f"{question} ({style})").answer)
+
+styled = Styled()
+''')
+    sh("%%dspex run styled -o r\nquestion: Why?\nstyle: long")  # two lines: the cell is one line per input
+    sh("%%dspex run styled -o s\nquestion: Why?")  # as styled(question="Why?") in the kernel
+    assert sh.ns["s"] == kernel_run(sh.ns["styled"], question="Why?")
+
+
+def test_predict_takes_a_numpy_array_of_the_kernel_as_an_input(sh: Shell) -> None:
+    # numpy values travel as themselves: one given as a cell's {name} reaches the program as the array it is
+    sh('import numpy as np\nscores = np.array([0.25, 0.5, 0.75])')
+    sh('%%dspex predict "question, scores -> answer" -o r\nquestion: Which is best?\nscores: {scores}')
+    assert sh.ns["r"].answer.startswith("Demo LM answer to 'Which is best?'")

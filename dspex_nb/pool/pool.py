@@ -81,7 +81,7 @@ class WorkerPool(Supervision):
         check.mapping("env", env, values=str)
         check.instance("python", python, (str, type(None)), "None or the path of a Python interpreter")
         if not isinstance(lm, str) or not lm:
-            raise ValueError(f"Pool(lm=...) must be 'demo' or a dspy.LM model string, got {lm!r}")
+            raise ValueError(f"Pool(lm=...) must be 'demo' or a dspy.LM model string, got {redact.shown(lm)}")
         self.size = workers
         self.lm = lm
         self.lm_kwargs = dict(lm_kwargs or {})
@@ -187,6 +187,14 @@ class WorkerPool(Supervision):
         """True in a child forked from the process that started this pool: its workers are the parent's."""
         return os.getpid() != self._owner
 
+    def _refuse_if_forked(self) -> None:
+        """PoolClosed in a child forked from the process that started the pool (checked before any lock is
+        taken: one that a thread of the parent held at the fork stays held here, and a call would wait forever)."""
+        if self.forked:
+            raise PoolClosed(f"this pool belongs to process {self._owner}, and this is a child forked from it "
+                             f"(pid {os.getpid()}): gRPC connections do not survive a fork; start a Pool of its "
+                             "own here")
+
     def _forget(self) -> None:
         """Drop a forked child's copy of the pool without touching the parent's processes or files. No lock is
         taken: a thread of the parent may have held one at the fork, and that thread does not exist here."""
@@ -246,6 +254,7 @@ class WorkerPool(Supervision):
         """
         if affinity not in AFFINITIES:
             raise ValueError(f"affinity must be one of {AFFINITIES}, got {affinity!r}")
+        self._refuse_if_forked()  # before the lock: a thread of the parent may have held it at the fork
         wait = self.queue_timeout if timeout is None else min(self.queue_timeout, timeout)
         deadline = time.monotonic() + wait
         queued = False
@@ -281,10 +290,7 @@ class WorkerPool(Supervision):
     def _pick(self, worker_id: str | None, count: bool, affinity: str,
               placement: Placement | None = None) -> Worker | None:
         """The worker for a call now, or None when it must wait (call with the lock held)."""
-        if self.forked:
-            raise PoolClosed(f"this pool belongs to process {self._owner}, and this is a child forked from it "
-                             f"(pid {os.getpid()}): gRPC connections do not survive a fork; start a Pool of its "
-                             "own here")
+        self._refuse_if_forked()
         if not self.workers or self._closing.is_set():
             raise PoolClosed("the pool is not running: start it with Pool.start() or `with Pool(...)`")
         if worker_id is not None and worker_id not in {w.id for w in self.workers}:

@@ -45,6 +45,8 @@ class Program:
     open_ended: bool  # takes **kwargs: other inputs are passed on
     types: set[type] = field(default_factory=set)  # Enum / pydantic / dataclass types it was shipped with
     label: str = ""  # what the user calls it (a program shipped from the kernel has a name of digests)
+    optional: list[str] = field(default_factory=list)  # the inputs its own parameters give defaults (not a
+    # predictor's fields, which DSPy does not require either, but a %%dspex run cell must give)
 
     def check(self, tool_name: str, inputs: Any, where: str) -> dict[str, Any]:
         """``inputs`` as keyword arguments: a dict with every required input, or a bare value for one input."""
@@ -65,7 +67,8 @@ class Program:
         return inputs
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "inputs": self.inputs, "required": self.required}
+        return {"name": self.name, "kind": self.kind, "inputs": self.inputs, "required": self.required,
+                "optional": self.optional}
 
 
 _cache_lock = threading.Lock()
@@ -129,8 +132,9 @@ def _entry_point(program: Any) -> Callable[..., Any]:
     return program
 
 
-def describe_inputs(program: Any) -> tuple[list[str], list[str], bool]:
-    """(inputs, required, open_ended) of a program instance or function."""
+def describe_inputs(program: Any) -> tuple[list[str], list[str], bool, list[str]]:
+    """(inputs, required, open_ended, optional) of a program instance or function: ``optional`` are the named
+    parameters with defaults (none where the inputs are its signature's fields)."""
     try:
         params = list(inspect.signature(_entry_point(program)).parameters.values())
     except (TypeError, ValueError):
@@ -146,8 +150,9 @@ def describe_inputs(program: Any) -> tuple[list[str], list[str], bool]:
             return describe_inputs(wrapped)
         sig = signature_of(program)
         if sig is not None or not named:
-            return list(sig.input_fields) if sig is not None else [], [], True
-    return [p.name for p in named], [p.name for p in named if p.default is p.empty], open_ended
+            return list(sig.input_fields) if sig is not None else [], [], True, []
+    return ([p.name for p in named], [p.name for p in named if p.default is p.empty], open_ended,
+            [p.name for p in named if p.default is not p.empty])
 
 
 def make(name: str, obj: Any, types: set[type] | None = None) -> Program:
@@ -171,14 +176,14 @@ def make(name: str, obj: Any, types: set[type] | None = None) -> Program:
         raise ArgumentError("define", "ArgumentError",
                             f"{name!r} must be a dspy.Module subclass or instance, a dspy.Signature class, or a "
                             f"function; got {type(obj).__name__}")
-    inputs, required, open_ended = describe_inputs(sample)
+    inputs, required, open_ended, optional = describe_inputs(sample)
     label = (getattr(sample, "__name__", None) or type(sample).__name__) if name.startswith("_") else name
     all_types = set(types or ())
     if isinstance(sample, dspy.Module):
         for predictor in sample.predictors():
             for info in predictor.signature.model_fields.values():
                 all_types |= typed.types_in(info.annotation)
-    return Program(name, kind, factory, inputs, required, open_ended, all_types, label)
+    return Program(name, kind, factory, inputs, required, open_ended, all_types, label, optional)
 
 
 def from_source(name: str, source: str) -> Program:

@@ -60,3 +60,51 @@ def test_a_forked_child_leaves_the_parents_pool_alone(how: str) -> None:
         assert report["echo"] == {"x": "parent"}
     finally:  # the script's own exit ends them all; none is left behind
         wait_until(lambda: not any(pid_alive(pid) for pid in report["pids"]), what="the script's processes to exit")
+
+
+# A thread of the parent holds one of the pool's locks when the kernel forks (a call choosing its worker, a program
+# being installed): in the child that lock stays held, its holder gone, so a call must refuse before taking it.
+HELD = r"""
+import os, sys, threading
+import dspy
+from dspex_nb import Pool
+from dspex_nb.errors import PoolClosed
+
+pool = Pool(workers=1, lm="demo", journal=False, health_interval=60).start()
+lock = {"scheduler": pool._lock, "install": pool._installing}[sys.argv[1]]
+held, release = threading.Event(), threading.Event()
+
+def hold():
+    with lock:
+        held.set()
+        release.wait()
+
+threading.Thread(target=hold, daemon=True).start()
+held.wait()
+child = os.fork()
+if child == 0:
+    answered = threading.Event()
+    threading.Thread(target=lambda: answered.wait(20) or os._exit(3), daemon=True).start()  # it hung
+    try:
+        if sys.argv[1] == "scheduler":
+            pool.execute("echo", {"x": "child"}, timeout=5)
+        else:
+            pool.run(dspy.Predict("question -> answer"), question="Never shipped before?")
+    except PoolClosed as exc:
+        answered.set()
+        os._exit(0 if "forked" in str(exc) else 4)
+    os._exit(5)
+release.set()
+_, status = os.waitpid(child, 0)
+pool.shutdown()
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("lock", ["scheduler", "install"])
+def test_a_call_in_a_forked_child_refuses_even_where_the_parent_held_a_lock(lock: str) -> None:
+    done = subprocess.run([sys.executable, "-c", HELD, lock], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "0", "the call in the child hung on the parent's held lock"

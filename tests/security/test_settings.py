@@ -63,6 +63,7 @@ def test_a_call_timeout_bounds_its_wait_in_the_queue() -> None:
     ("lm_kwargs", {"api_key": "sk-live-0123456789abcdef", 1: "x"}),  # one key not a str
     ("lm_kwargs", {"extra_headers": {"Cookie": "sk-live-0123456789abcdef"}, 2: 2}),
     ("env", MappingProxyType({"HF_TOKEN": "sk-live-0123456789abcdef"})),  # not a dict (as os.environ is not)
+    ("lm", {"model": "openai/gpt-4o-mini", "api_key": "sk-live-0123456789abcdef"}),  # an LM's settings, not its name
 ])
 def test_a_refused_setting_is_quoted_without_its_secrets(setting: str, value: object) -> None:
     """The error quotes what it refuses, and a notebook shows (and saves) it: the keys in it are masked."""

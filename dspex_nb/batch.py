@@ -378,7 +378,7 @@ class BatchRun(Handle):
 
     def _kept(self) -> str:
         where = ("run the same batch again: they come from the journal, only the rest is computed"
-                 if self._journal is not None else
+                 if self._journal is not None and not self._journal.problem else
                  "its handle keeps them (batch = pool.map(...); batch.records), or run it with the journal on")
         return f"the batch was stopped after {self.ok + self.failed} of {self.total} items; {where}"
 

@@ -31,7 +31,8 @@ from dspex_nb.pool.template import FORK_TIMEOUT, Template
 from dspex_nb.wire import LM_KWARGS_ENV, health_address, message_options
 
 DEFAULT_START = "template" if sys.platform == "linux" else "spawn"
-MAX_SOCKET_PATH = 107  # bytes of a Unix socket's path (sun_path holds 108, its NUL included)
+MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107  # bytes of a Unix socket's path (sun_path, its NUL
+# included, holds 104 on macOS, 108 on Linux)
 SOCKET_ROOM = len(f"/{stale.PREFIX}12345678/w999-99999.health.sock")  # a pool's directory and its longest socket
 # name (1,000 workers, 100,000 restarts of one): a name grows with each restart, and one that no longer fits
 # could not be bound, so the slot would fail for good

@@ -135,7 +135,9 @@ def error_info(exc: BaseException) -> dict[str, Any]:
 
 def _attributes(exc: BaseException) -> dict[str, Any]:
     """The exception's own attributes that are plain JSON values (``_plain``), public names only, masked as its
-    message is (an LM's error may quote a key); in order, as many as fit in ``MAX_ATTRIBUTES`` characters."""
+    message is (an LM's error may quote a key); in order, as many as fit in ``MAX_ATTRIBUTES`` characters. One
+    named as a secret (``api_key``, but also a ``key`` of a lookup) is left out: in the kernel it is missing
+    (AttributeError), never there with another value."""
     try:
         items = list(vars(exc).items())
     except TypeError:  # no __dict__
@@ -143,9 +145,9 @@ def _attributes(exc: BaseException) -> dict[str, Any]:
     kept: dict[str, Any] = {}
     budget = MAX_ATTRIBUTES
     for name, value in items:
-        if not isinstance(name, str) or name.startswith("_") or not _plain(value):
+        if not isinstance(name, str) or name.startswith("_") or redact.is_secret_name(name) or not _plain(value):
             continue
-        masked = redact.mapping({name: value})
+        masked = {name: redact.mapping(value)}
         size = len(dumps(masked))
         if size <= budget:
             kept.update(masked)

@@ -90,3 +90,16 @@ def test_a_result_without_json_form_comes_back_without_the_keys_in_its_repr(secr
     batch.wait(60)
     shown = str(caught.value) + repr(caught.value.raw) + repr(batch.records)
     assert "namespace(key='***'" in shown and SECRET not in shown
+
+
+class _LongRepr:
+    def __repr__(self) -> str:  # a key that the 2,000 characters kept of a repr would cut in two
+        return "x" * 1990 + SECRET + "y" * 100_000
+
+
+def test_a_key_cut_by_the_end_of_a_kept_repr_is_masked_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dspex_nb import typed
+
+    monkeypatch.setenv("MY_SERVICE_API_KEY", SECRET)
+    kept = typed.encode(_LongRepr())["repr"]
+    assert len(kept) == 2000 and kept.startswith("x" * 1990) and SECRET[:10] not in kept

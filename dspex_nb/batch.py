@@ -17,6 +17,7 @@ not to blame (not started when another item timed out) go back as a shard, witho
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 import uuid
@@ -269,7 +270,9 @@ class BatchRun(Handle):
         else:  # the worker died: any item not back may have done it (a "started" chunk may die with it)
             error = run.error
             suspects = list(state.pending)
-        if isinstance(error, (ArgumentError, PoolClosed)):
+        if isinstance(error, ArgumentError):
+            raise _named_as_input(error, shard)
+        if isinstance(error, PoolClosed):
             raise error
         self._put_back(sorted(state.pending - set(suspects)))  # not to blame: back in the queue, no try spent
         self._requeue(sorted(suspects), error)
@@ -442,6 +445,21 @@ class BatchRun(Handle):
 
     def __repr__(self) -> str:
         return f"<BatchRun {self.ok + self.failed}/{self.total} ({self.failed} failed): {self.status}>"
+
+
+_SHARD_ITEM = re.compile(r"\bbatch_items\[(\d+)\]")  # how a worker names an item: by its place in the shard
+
+
+def _named_as_input(error: ArgumentError, shard: list[int]) -> ArgumentError:
+    """A shard's ArgumentError with each item it names called as the caller knows it, by its index in the batch's
+    input (``items[7]``), not by its place in the shard the worker got (``batch_items[0]``, the same for every
+    shard's first item)."""
+    def as_input(match: re.Match[str]) -> str:
+        place = int(match.group(1))
+        return f"items[{shard[place]}]" if place < len(shard) else match.group(0)
+
+    return ArgumentError(error.tool, error.type, _SHARD_ITEM.sub(as_input, error.message), error.remote_traceback,
+                         error.worker)
 
 
 @dataclass

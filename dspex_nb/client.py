@@ -146,6 +146,8 @@ class Pool(WorkerPool):
         name = self.ensure_defined(program)
         ship = typed.Shipment()
         args = {"name": name, "inputs": typed.encode(inputs, ship)}
+        if problem := typed.unsendable(args["inputs"], "inputs"):
+            raise ArgumentError("run_module", "ArgumentError", problem)
         shipped, resolver = programs.shipment(ship, self.definitions[name]["resolver"])
         if shipped:
             args["shipped"] = shipped

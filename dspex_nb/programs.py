@@ -444,6 +444,8 @@ def item_inputs(items: Any, tool: str = "map", ship: typed.Shipment | None = Non
                                     "mark them with .with_inputs('question', ...), as dspy.Evaluate needs too")
             item = dict(item.inputs())
         out.append(typed.encode(item, ship))
+        if problem := typed.unsendable(out[-1], f"items[{i}]"):
+            raise ArgumentError(tool, "ArgumentError", problem)
     return out
 
 

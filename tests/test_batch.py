@@ -6,6 +6,8 @@ import os
 import signal
 import threading
 
+import dspy
+import pandas as pd
 import pytest
 from helpers import TWO_STEP, wait_until
 
@@ -35,12 +37,30 @@ def test_batch_of_nothing_is_done_at_once(pool: Pool) -> None:
 
 
 def test_batch_with_bad_items_names_the_item(pool: Pool) -> None:
+    """By its index in the batch's items, not by its place in the shard its worker got (there 0)."""
     batch = pool.batch([{"question": "a"}, {"text": "b"}], "question -> answer", shard_size=1)
-    with pytest.raises(ArgumentError, match=r"batch_items\[0\] must have exactly the input fields \['question'\]"):
+    with pytest.raises(ArgumentError, match=r"\bitems\[1\] must have exactly the input fields \['question'\]"):
         batch.result()
     assert batch.status == "failed"
+    batch = pool.batch([f"q{i}" for i in range(7)] + [{"text": "b"}], "question -> answer", shard_size=3)
+    with pytest.raises(ArgumentError, match=r"\bitems\[7\] must be a dict|\bitems\[7\] must have exactly"):
+        batch.result(60)
     with pytest.raises(ArgumentError, match="items must be a list"):
         pool.batch("not a list", "question -> answer")
+
+
+@pytest.mark.parametrize("bad", [1j, object(), pd.Timestamp("2020-01-01")], ids=["complex", "object", "Timestamp"])
+def test_an_item_with_no_json_form_is_named_before_anything_runs(pool: Pool, bad: object) -> None:
+    """Refused in the kernel, by its index in the items, as an input: not by a worker, as the first item of its
+    shard, with advice about what a program returns."""
+    items: list[object] = [{"question": f"fine {i}"} for i in range(5)] + [{"question": bad}]
+    with pytest.raises(ArgumentError, match=r"items\[5\]\['question'\] is a .*cannot be sent to the workers"):
+        pool.batch(items, "question -> answer", journal=False)
+    frame = pd.DataFrame({"question": ["a", "b"], "when": [pd.Timestamp("2020-01-01"), bad]})
+    with pytest.raises(ArgumentError, match=r"items\[0\]\['when'\] is a pandas.*Timestamp.*\.astype\(str\)"):
+        pool.map(dspy.Predict("question, when -> answer"), frame, journal=False)
+    with pytest.raises(ArgumentError, match=r"inputs\['question'\] is a .*cannot be sent to the workers"):
+        pool.run(dspy.Predict("question -> answer"), question=bad)
 
 
 def test_an_on_item_callback_that_raises_stops_the_batch_and_keeps_what_arrived(pool: Pool) -> None:

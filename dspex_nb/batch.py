@@ -109,10 +109,11 @@ class BatchRun(Handle):
             mine = journal.claim(self.key, [self._item_keys[i] for i in todo], self._owner, CLAIM_LEASE)
             waiting = [i for i in todo if self._item_keys[i] not in mine]
             todo = [i for i in todo if self._item_keys[i] in mine]
-        self._size = shard_size or max(1, min(50, math.ceil(len(todo) / (pool.size * 4))))
+        self._shard_size = shard_size
         self._queue: deque[tuple[list[int], bool]] = deque((shard, False) for shard in self._shards(todo))
+        self._feeding = min(SHARDS_PER_WORKER * pool.size, len(self._queue))  # feeders that may take a shard
         feeders = [threading.Thread(target=self._feed, name=f"dspex-batch-{i}", daemon=True)
-                   for i in range(min(SHARDS_PER_WORKER * pool.size, len(self._queue)))]
+                   for i in range(self._feeding)]
         if journal is not None and (todo or waiting):
             feeders.append(threading.Thread(target=self._watch, args=(waiting,), name="dspex-batch-claims",
                                             daemon=True))
@@ -125,10 +126,13 @@ class BatchRun(Handle):
     # -- feeders --------------------------------------------------------------------------
     def _feed(self) -> None:
         OWN_THREADS.handle = True
+        idle = False  # found the queue empty: no longer counted in _feeding
         try:
             while not self._stopping:
                 with self._lock:
                     if not self._queue:
+                        idle = True
+                        self._feeding -= 1
                         return
                     shard, alone = self._queue.popleft()
                 self._run_shard(shard, alone)
@@ -138,13 +142,28 @@ class BatchRun(Handle):
             self._fail(exc)
         finally:
             with self._lock:
+                self._feeding -= not idle
                 self._live -= 1
                 last = self._live == 0
             if last:
                 self._finish()
 
+    def _add_feeders(self) -> None:
+        """Start feeders for shards queued after the first ones ended (up to SHARDS_PER_WORKER per worker, with
+        those still running): items that another kernel's run had claimed and left run over the whole pool, as
+        the batch's own do. Called by a thread of the batch that is live, so the batch cannot finish meanwhile."""
+        with self._lock:
+            more = max(0, min(SHARDS_PER_WORKER * self.pool.size, self._feeding + len(self._queue)) - self._feeding)
+            self._feeding += more
+            self._live += more
+        for _ in range(more):
+            threading.Thread(target=self._feed, name="dspex-batch-feeder", daemon=True).start()
+
     def _shards(self, indices: list[int]) -> list[list[int]]:
-        return [indices[start:start + self._size] for start in range(0, len(indices), self._size)]
+        """``indices`` cut into shards: ``shard_size`` items each, else about four shards per worker (at most 50
+        items each)."""
+        size = self._shard_size or max(1, min(50, math.ceil(len(indices) / (self.pool.size * 4))))
+        return [indices[start:start + size] for start in range(0, len(indices), size)]
 
     def _watch(self, waiting: list[int]) -> None:
         """Keep this run's claims on its items alive, take the items another run computes from the journal
@@ -170,9 +189,11 @@ class BatchRun(Handle):
                 waiting = [i for i in waiting if self.records[i] is None]
                 mine = self._journal.claim(self.key, [self._item_keys[i] for i in waiting], self._owner, CLAIM_LEASE)
                 lapsed = [i for i in waiting if self._item_keys[i] in mine]
-                waiting = [i for i in waiting if i not in lapsed]
-                for shard in self._shards(lapsed):  # that run is gone: compute them here
-                    self._run_shard(shard)
+                if lapsed:  # that run is gone: compute them here, over the whole pool
+                    waiting = [i for i in waiting if self._item_keys[i] not in mine]
+                    with self._lock:
+                        self._queue.extend((shard, False) for shard in self._shards(lapsed))
+                    self._add_feeders()
         except Cancelled:
             pass
         except BaseException as exc:

@@ -11,6 +11,7 @@ from helpers import wait_until
 from dspex_nb import Pool
 from dspex_nb.errors import ArgumentError, DspexError, ToolError
 from dspex_nb.pool.calls import Chunk, Run
+from dspex_nb.pool.process import LOG_LIMIT
 
 ODD = ["SystemExit", "KeyboardInterrupt", "GeneratorExit"]
 
@@ -182,3 +183,31 @@ def test_an_error_with_a_message_over_the_message_limit_is_still_that_error() ->
             with pytest.raises(ToolError, match="ValueError: too much: xxx") as caught:
                 call()
             assert caught.value.type == "ValueError" and len(caught.value.remote_traceback) < 2**20
+
+
+FLOOD = """import sys
+
+def flood(n):
+    line = "y" * 999 + "\\n"
+    for _ in range(n):
+        sys.stdout.write(line)
+    print("the last line", flush=True)
+    return dspy.Prediction(n=n)
+"""
+
+
+@pytest.mark.parametrize("start", ["spawn", "template"])
+def test_a_program_printing_without_end_fills_no_disk(start: str) -> None:
+    """A worker's log (in the runtime directory, often a tmpfs: memory) is cut to its end once it passes
+    LOG_LIMIT, keeping the last lines, and what the worker prints later goes on at its end (no hole)."""
+    with Pool(workers=1, start=start, journal=False) as pool:
+        pool.define("flood", FLOOD)
+        log = pool.workers[0].process.log_path
+        assert pool.run("flood", n=3 * LOG_LIMIT // 1000).n == 3 * LOG_LIMIT // 1000
+        wait_until(lambda: log.stat().st_size <= LOG_LIMIT, what="the worker's log to be cut")
+        text = log.read_bytes()
+        assert b"bytes of output cut here" in text and text.endswith(b"the last line\n")
+        pool.run("flood", n=10)
+        text = log.read_bytes()
+        assert b"\0" not in text and text.endswith(b"y\nthe last line\n") and len(text) <= LOG_LIMIT + 20_000
+        assert pool.workers[0].restarts == 0

@@ -213,7 +213,7 @@ def test_worker_python_without_dependencies_fails_fast(bare_python: str) -> None
 
 
 def test_bad_pool_arguments() -> None:
-    with pytest.raises(ValueError, match=r"Pool\(workers=...\) must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"Pool\(workers=...\) must be an int from 1 to \d+, got 0"):
         Pool(workers=0)
     with pytest.raises(ValueError, match=r"Pool\(max_message_mb=...\) must be an int from 1 to 2047"):
         Pool(max_message_mb=0)

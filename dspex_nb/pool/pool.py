@@ -45,6 +45,10 @@ from dspex_nb.schema import validate
 AFFINITIES = ("hint", "strict_queue", "strict_fail_fast")
 START_METHODS = ("spawn", "template")  # a new interpreter per worker, or forks of one that imported dspy
 BACKENDS = ("local", "ray")
+# processes a local pool may start: each is an interpreter with DSPy (tens of MB), and more than a few per core
+# only share the cores (a worker's ``concurrency`` is what runs many LM calls at once); workers=10**6 forked
+# until the machine ran out of processes or memory
+MAX_LOCAL_WORKERS = max(64, 8 * (os.cpu_count() or 1))
 
 
 class WorkerPool(Supervision):
@@ -61,7 +65,7 @@ class WorkerPool(Supervision):
                  max_memory_mb: float | None = None, start: str = DEFAULT_START, backend: str = "local",
                  address: str | None = None, resources: dict[str, float] | None = None) -> None:
         check = settings.Checker("Pool")
-        check.integer("workers", workers, 1)
+        check.integer("workers", workers, 1, MAX_LOCAL_WORKERS if backend == "local" else None)
         check.integer("max_message_mb", max_message_mb, 1, 2047)  # gRPC's limit is a signed 32-bit byte count
         check.integer("concurrency", concurrency, 1)
         check.integer("max_in_flight", max_in_flight, 1)

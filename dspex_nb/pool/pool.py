@@ -218,6 +218,7 @@ class WorkerPool(Supervision):
 
     def _wait_ready(self, worker: Worker, deadline: float) -> None:
         while not worker.conn.ready():
+            worker.process.trim_log()  # before the health thread runs: Pool(python=...) of a program that floods
             if worker.process.exit_code() is not None:
                 raise worker.process.start_failure(worker.id)
             if time.monotonic() > deadline:

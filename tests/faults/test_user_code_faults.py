@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from helpers import wait_until
 
 from dspex_nb import Pool
-from dspex_nb.errors import ArgumentError, DspexError, ToolError
+from dspex_nb.errors import ArgumentError, DspexError, ToolError, WorkerStartError
 from dspex_nb.pool.calls import Chunk, Run
 from dspex_nb.pool.process import LOG_LIMIT
 
@@ -211,3 +215,29 @@ def test_a_program_printing_without_end_fills_no_disk(start: str) -> None:
         text = log.read_bytes()
         assert b"\0" not in text and text.endswith(b"y\nthe last line\n") and len(text) <= LOG_LIMIT + 20_000
         assert pool.workers[0].restarts == 0
+
+
+def test_a_worker_python_that_prints_without_end_while_starting_fills_no_disk(tmp_path: Path) -> None:
+    """Before the health thread runs (a pool's start), the start's own wait keeps the log bounded: a worker Python
+    that floods its output wrote gigabytes there until start_timeout."""
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\nexec yes "a worker Python that prints without end"\n')
+    python.chmod(0o755)
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            Pool(workers=1, python=str(python), start="spawn", start_timeout=2, journal=False).start()
+        except BaseException as exc:
+            failed.append(exc)
+
+    starting = threading.Thread(target=start)
+    starting.start()
+    peak = 0
+    while starting.is_alive():
+        for log in Path(os.environ["DSPEX_RUNTIME_DIR"]).glob("dspex-*/w0-0.log"):
+            with contextlib.suppress(OSError):
+                peak = max(peak, log.stat().st_size)
+        time.sleep(0.005)
+    assert isinstance(failed[0], WorkerStartError) and "prints without end" in str(failed[0])
+    assert peak < 16 * LOG_LIMIT, f"the log reached {peak / 2**20:.0f} MB"

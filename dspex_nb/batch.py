@@ -263,7 +263,10 @@ class BatchRun(Handle):
         try:
             run = self.pool.execute_stream("batch_inference", args, on_chunk=on_chunk, timeout=self._timeout,
                                            placement=placement)
-        except (PoolClosed, ArgumentError, MessageTooLarge, Cancelled):  # the same for every try: the batch fails
+        except MessageTooLarge as exc:  # its items together, or one of them alone: that one fails, not the batch
+            self._too_large(shard, exc)
+            return
+        except (PoolClosed, ArgumentError, Cancelled):  # the same for every try: the batch fails
             raise
         except DspexError as exc:  # the worker went away before the shard reached it
             self._requeue(shard, WorkerDied(f"the shard could not be sent to its worker: {exc}"))
@@ -297,6 +300,17 @@ class BatchRun(Handle):
             raise error
         self._put_back(sorted(state.pending - set(suspects)))  # not to blame: back in the queue, no try spent
         self._requeue(sorted(suspects), error)
+
+    def _too_large(self, shard: list[int], error: MessageTooLarge) -> None:
+        """A shard whose arguments are over the message limit goes back as two halves (no try spent), each sent on
+        its own; an item over the limit alone fails, named by its index, and the other items go on."""
+        if len(shard) > 1:
+            self._put_back(shard[:len(shard) // 2])
+            self._put_back(shard[len(shard) // 2:])
+            return
+        self._tries[shard[0]] += 1
+        self._record(shard[0], {"index": shard[0], "ok": False, "tries": self._tries[shard[0]],
+                                "error": {"type": "MessageTooLarge", "message": f"items[{shard[0]}]: {error}"}})
 
     def _timed_out(self, worker: str, shard: _Shard) -> list[int] | None:
         """The items of ``shard`` that ran for ``item_timeout`` seconds (all its running ones, maybe none, when

@@ -63,6 +63,30 @@ def test_an_item_with_no_json_form_is_named_before_anything_runs(pool: Pool, bad
         pool.run(dspy.Predict("question -> answer"), question=bad)
 
 
+def test_an_item_over_the_message_limit_fails_alone_and_named() -> None:
+    """A shard over the limit is sent as halves; an item over it alone fails by its index, the others are answered
+    (the whole batch failed, with the items of every other shard not computed, and no item named)."""
+    items = [f"small {i}?" for i in range(12)]
+    items[7] = "x" * (2 * 2**20)
+    with Pool(workers=1, max_message_mb=1, journal=False) as small:
+        batch = small.batch(items, "question -> answer", shard_size=6, journal=False)
+        results = batch.result(60)
+    assert [r["ok"] for r in batch.records] == [i != 7 for i in range(12)]
+    assert results[7] == {"error": "MessageTooLarge: items[7]: the arguments of 'batch_inference' are 2.0 MiB, over "
+                                   "the 1 MiB message limit; raise it with Pool(max_message_mb=...)"}
+    assert all(results[i]["answer"].startswith(f"Demo LM answer to 'small {i}?'") for i in range(12) if i != 7)
+
+
+def test_items_nested_too_deeply_are_named(pool: Pool) -> None:
+    deep: list = ["x"]
+    for _ in range(5_000):
+        deep = [deep]
+    with pytest.raises(ArgumentError, match=r"items\[1\] is nested too deeply to be sent to the workers"):
+        pool.map(dspy.Predict("question -> answer"), ["fine", {"question": deep}], journal=False)
+    with pytest.raises(ArgumentError, match="the inputs are nested too deeply to be sent to the workers"):
+        pool.run(dspy.Predict("question -> answer"), question=deep)
+
+
 def test_an_on_item_callback_that_raises_stops_the_batch_and_keeps_what_arrived(pool: Pool) -> None:
     seen: list[dict] = []
 

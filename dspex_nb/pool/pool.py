@@ -49,6 +49,9 @@ BACKENDS = ("local", "ray")
 # only share the cores (a worker's ``concurrency`` is what runs many LM calls at once); workers=10**6 forked
 # until the machine ran out of processes or memory
 MAX_LOCAL_WORKERS = max(64, 8 * (os.cpu_count() or 1))
+MIN_HEALTH_INTERVAL = 0.05  # seconds between health rounds: health_interval=1e-6 kept a core of the kernel busy
+MIN_PING_TIMEOUT = 0.1  # seconds a ping may take: ping_timeout=1e-4 took every worker for a hung one each second
+# and replaced it, failing the calls in flight there with WorkerDied, without end
 
 
 class WorkerPool(Supervision):
@@ -71,10 +74,11 @@ class WorkerPool(Supervision):
         check.integer("max_in_flight", max_in_flight, 1)
         check.integer("max_queue", max_queue, 0)
         check.integer("max_requests", max_requests, 1, optional=True)
-        for name, value in (("health_interval", health_interval), ("ping_timeout", ping_timeout),
-                            ("start_timeout", start_timeout), ("queue_timeout", queue_timeout),
+        for name, value in (("start_timeout", start_timeout), ("queue_timeout", queue_timeout),
                             ("session_ttl", session_ttl)):
             check.seconds(name, value)
+        check.seconds("health_interval", health_interval, minimum=MIN_HEALTH_INTERVAL)
+        check.seconds("ping_timeout", ping_timeout, minimum=MIN_PING_TIMEOUT)
         check.seconds("ttl", ttl, optional=True)
         check.positive("rate_limit", rate_limit, "LM requests per minute")
         check.positive("max_memory_mb", max_memory_mb, "MB")

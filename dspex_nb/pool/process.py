@@ -36,19 +36,22 @@ def open_log(path: str | os.PathLike[str]) -> int:
 def trim_log(path: Path, limit: int = LOG_LIMIT, keep: int = LOG_KEEP) -> bool:
     """Cut the log at ``path`` to its last ``keep`` bytes (from a line's start, after a line saying how much went)
     when it is over ``limit``: a program that prints without end fills neither the runtime directory (often a
-    tmpfs, that is memory) nor the disk. True if it was cut."""
+    tmpfs, that is memory) nor the disk. The end is written over the start, then the file shortened, so a reader
+    never finds it empty. True if it was cut."""
     try:
         with open(path, "r+b") as log:
             size = os.fstat(log.fileno()).st_size
             if size <= limit:
                 return False
             log.seek(size - keep)
-            tail = log.read(keep)
-            tail = tail[tail.find(b"\n") + 1:] if b"\n" in tail[:-1] else tail
-            log.truncate(0)
+            tail = log.read(2 * keep)  # with what the worker appended meanwhile (bounded: it may append faster)
+            start = tail.find(b"\n") + 1 if b"\n" in tail[:-1] else 0
+            text = b"[dspex: %d bytes of output cut here: a worker's log keeps its last %d]\n" % (
+                size - keep + start, keep) + tail[start:]
             log.seek(0)
-            cut = b"[dspex: %d bytes of output cut here: a worker's log keeps its last %d]\n" % (size - len(tail), keep)
-            log.write(cut + tail)
+            log.write(text)
+            log.flush()
+            log.truncate(len(text))
     except OSError:  # gone (the pool stopped), or not ours to cut: the next round tries again
         return False
     return True
@@ -111,6 +114,17 @@ class ProcessHandle:
                 self.signal(signal.SIGKILL)
         with contextlib.suppress(TimeoutError):
             self.wait(10.0)
+        self.end_group()
+
+    def end_group(self) -> None:
+        """SIGKILL what is left of its process group once it ended: the processes its programs started (a
+        ``subprocess``, DSPy's ``PythonInterpreter``), which a worker killed outright could not end and which
+        otherwise live on after the pool. A worker leads a session of its own, so its group's id is its pid, and
+        that id stays taken while the group has a member: only a group with a process of this user in it is
+        signalled, which is the worker's, never a newer process's that got the pid again."""
+        if self.pid > 0 and group_members(self.pid):
+            with contextlib.suppress(OSError):
+                os.killpg(self.pid, signal.SIGKILL)
 
     def signal(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -169,6 +183,22 @@ class WorkerProcess(ProcessHandle):
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()  # the worker's parent watch sees EOF
         super().kill(grace)
+
+
+def group_members(group: int) -> list[int]:
+    """The pids of this user's processes in process group ``group`` (from /proc; none where it cannot be read)."""
+    members = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == group and entry.stat().st_uid == os.getuid():
+                    members.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return members
 
 
 def interpreter(python: str | None) -> str:

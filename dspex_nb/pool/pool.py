@@ -476,7 +476,9 @@ class WorkerPool(Supervision):
 
     def kill_worker(self, worker: str, signal_number: int) -> int:
         """Send a signal to one worker process (for fault tests and demos); returns its pid."""
-        chosen = next(w for w in self.workers if w.id == worker)
+        chosen = next((w for w in self.workers if w.id == worker), None)
+        if chosen is None:  # not a bare StopIteration, which says nothing (and ends a generator that calls this)
+            raise ValueError(f"no worker {worker!r} in this pool: {[w.id for w in self.workers]}")
         chosen.process.signal(signal_number)
         return chosen.process.pid
 

@@ -17,6 +17,7 @@ not to blame (not started when another item timed out) go back as a shard, witho
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 import uuid
@@ -108,10 +109,11 @@ class BatchRun(Handle):
             mine = journal.claim(self.key, [self._item_keys[i] for i in todo], self._owner, CLAIM_LEASE)
             waiting = [i for i in todo if self._item_keys[i] not in mine]
             todo = [i for i in todo if self._item_keys[i] in mine]
-        self._size = shard_size or max(1, min(50, math.ceil(len(todo) / (pool.size * 4))))
+        self._shard_size = shard_size
         self._queue: deque[tuple[list[int], bool]] = deque((shard, False) for shard in self._shards(todo))
+        self._feeding = min(SHARDS_PER_WORKER * pool.size, len(self._queue))  # feeders that may take a shard
         feeders = [threading.Thread(target=self._feed, name=f"dspex-batch-{i}", daemon=True)
-                   for i in range(min(SHARDS_PER_WORKER * pool.size, len(self._queue)))]
+                   for i in range(self._feeding)]
         if journal is not None and (todo or waiting):
             feeders.append(threading.Thread(target=self._watch, args=(waiting,), name="dspex-batch-claims",
                                             daemon=True))
@@ -124,10 +126,13 @@ class BatchRun(Handle):
     # -- feeders --------------------------------------------------------------------------
     def _feed(self) -> None:
         OWN_THREADS.handle = True
+        idle = False  # found the queue empty: no longer counted in _feeding
         try:
             while not self._stopping:
                 with self._lock:
                     if not self._queue:
+                        idle = True
+                        self._feeding -= 1
                         return
                     shard, alone = self._queue.popleft()
                 self._run_shard(shard, alone)
@@ -137,13 +142,28 @@ class BatchRun(Handle):
             self._fail(exc)
         finally:
             with self._lock:
+                self._feeding -= not idle
                 self._live -= 1
                 last = self._live == 0
             if last:
                 self._finish()
 
+    def _add_feeders(self) -> None:
+        """Start feeders for shards queued after the first ones ended (up to SHARDS_PER_WORKER per worker, with
+        those still running): items that another kernel's run had claimed and left run over the whole pool, as
+        the batch's own do. Called by a thread of the batch that is live, so the batch cannot finish meanwhile."""
+        with self._lock:
+            more = max(0, min(SHARDS_PER_WORKER * self.pool.size, self._feeding + len(self._queue)) - self._feeding)
+            self._feeding += more
+            self._live += more
+        for _ in range(more):
+            threading.Thread(target=self._feed, name="dspex-batch-feeder", daemon=True).start()
+
     def _shards(self, indices: list[int]) -> list[list[int]]:
-        return [indices[start:start + self._size] for start in range(0, len(indices), self._size)]
+        """``indices`` cut into shards: ``shard_size`` items each, else about four shards per worker (at most 50
+        items each)."""
+        size = self._shard_size or max(1, min(50, math.ceil(len(indices) / (self.pool.size * 4))))
+        return [indices[start:start + size] for start in range(0, len(indices), size)]
 
     def _watch(self, waiting: list[int]) -> None:
         """Keep this run's claims on its items alive, take the items another run computes from the journal
@@ -169,9 +189,11 @@ class BatchRun(Handle):
                 waiting = [i for i in waiting if self.records[i] is None]
                 mine = self._journal.claim(self.key, [self._item_keys[i] for i in waiting], self._owner, CLAIM_LEASE)
                 lapsed = [i for i in waiting if self._item_keys[i] in mine]
-                waiting = [i for i in waiting if i not in lapsed]
-                for shard in self._shards(lapsed):  # that run is gone: compute them here
-                    self._run_shard(shard)
+                if lapsed:  # that run is gone: compute them here, over the whole pool
+                    waiting = [i for i in waiting if self._item_keys[i] not in mine]
+                    with self._lock:
+                        self._queue.extend((shard, False) for shard in self._shards(lapsed))
+                    self._add_feeders()
         except Cancelled:
             pass
         except BaseException as exc:
@@ -241,7 +263,10 @@ class BatchRun(Handle):
         try:
             run = self.pool.execute_stream("batch_inference", args, on_chunk=on_chunk, timeout=self._timeout,
                                            placement=placement)
-        except (PoolClosed, ArgumentError, MessageTooLarge, Cancelled):  # the same for every try: the batch fails
+        except MessageTooLarge as exc:  # its items together, or one of them alone: that one fails, not the batch
+            self._too_large(shard, exc)
+            return
+        except (PoolClosed, ArgumentError, Cancelled):  # the same for every try: the batch fails
             raise
         except DspexError as exc:  # the worker went away before the shard reached it
             self._requeue(shard, WorkerDied(f"the shard could not be sent to its worker: {exc}"))
@@ -269,10 +294,23 @@ class BatchRun(Handle):
         else:  # the worker died: any item not back may have done it (a "started" chunk may die with it)
             error = run.error
             suspects = list(state.pending)
-        if isinstance(error, (ArgumentError, PoolClosed)):
+        if isinstance(error, ArgumentError):
+            raise _named_as_input(error, shard)
+        if isinstance(error, PoolClosed):
             raise error
         self._put_back(sorted(state.pending - set(suspects)))  # not to blame: back in the queue, no try spent
         self._requeue(sorted(suspects), error)
+
+    def _too_large(self, shard: list[int], error: MessageTooLarge) -> None:
+        """A shard whose arguments are over the message limit goes back as two halves (no try spent), each sent on
+        its own; an item over the limit alone fails, named by its index, and the other items go on."""
+        if len(shard) > 1:
+            self._put_back(shard[:len(shard) // 2])
+            self._put_back(shard[len(shard) // 2:])
+            return
+        self._tries[shard[0]] += 1
+        self._record(shard[0], {"index": shard[0], "ok": False, "tries": self._tries[shard[0]],
+                                "error": {"type": "MessageTooLarge", "message": f"items[{shard[0]}]: {error}"}})
 
     def _timed_out(self, worker: str, shard: _Shard) -> list[int] | None:
         """The items of ``shard`` that ran for ``item_timeout`` seconds (all its running ones, maybe none, when
@@ -442,6 +480,21 @@ class BatchRun(Handle):
 
     def __repr__(self) -> str:
         return f"<BatchRun {self.ok + self.failed}/{self.total} ({self.failed} failed): {self.status}>"
+
+
+_SHARD_ITEM = re.compile(r"\bbatch_items\[(\d+)\]")  # how a worker names an item: by its place in the shard
+
+
+def _named_as_input(error: ArgumentError, shard: list[int]) -> ArgumentError:
+    """A shard's ArgumentError with each item it names called as the caller knows it, by its index in the batch's
+    input (``items[7]``), not by its place in the shard the worker got (``batch_items[0]``, the same for every
+    shard's first item)."""
+    def as_input(match: re.Match[str]) -> str:
+        place = int(match.group(1))
+        return f"items[{shard[place]}]" if place < len(shard) else match.group(0)
+
+    return ArgumentError(error.tool, error.type, _SHARD_ITEM.sub(as_input, error.message), error.remote_traceback,
+                         error.worker)
 
 
 @dataclass

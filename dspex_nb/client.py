@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import sqlite3
+import sys
 import threading
 import warnings
 import weakref
@@ -146,7 +147,13 @@ class Pool(WorkerPool):
         """``run`` (or with ``stream``, ``run_stream``) with options, the inputs given as a dict."""
         name = self.ensure_defined(program)
         ship = typed.Shipment()
-        args = {"name": name, "inputs": typed.encode(inputs, ship)}
+        try:
+            args = {"name": name, "inputs": typed.encode(inputs, ship)}
+        except RecursionError:
+            raise ArgumentError("run_module", "ArgumentError", "the inputs are nested too deeply to be sent to the "
+                                f"workers (over {sys.getrecursionlimit()} levels)") from None
+        if problem := typed.unsendable(args["inputs"], "inputs"):
+            raise ArgumentError("run_module", "ArgumentError", problem)
         shipped, resolver = programs.shipment(ship, self.definitions[name]["resolver"])
         if shipped:
             args["shipped"] = shipped

@@ -251,11 +251,13 @@ class Journal:
         return [{"key": k, "description": d, "items": n, "created": c, "updated": u} for k, d, n, c, u in rows]
 
     def clear(self, key: str | None = None) -> int:
-        """Forget one batch (by key or key prefix), or every batch; returns how many were removed."""
-        pattern = f"{key}%" if key else "%"
+        """Forget one batch (by key or key prefix, compared as it is: ``_`` and ``%`` are no wildcards here), or
+        every batch (no key); returns how many were removed."""
+        prefix = key or ""
         with self._lock:
-            removed = self._db.execute("DELETE FROM batches WHERE batch_key LIKE ?", (pattern,)).rowcount
-            self._db.execute("DELETE FROM items WHERE batch_key LIKE ?", (pattern,))
+            removed = self._db.execute("DELETE FROM batches WHERE substr(batch_key, 1, ?) = ?",
+                                       (len(prefix), prefix)).rowcount
+            self._db.execute("DELETE FROM items WHERE substr(batch_key, 1, ?) = ?", (len(prefix), prefix))
         return removed
 
     def close(self) -> None:

@@ -8,9 +8,11 @@ turn the cell into inputs, call ``Pool``, hand the handle to a renderer. Default
 from __future__ import annotations
 
 import argparse
+import builtins
 import contextlib
 import importlib
 import json
+import keyword
 import re
 import shlex
 import string
@@ -138,11 +140,15 @@ def interpolate(text: str, namespace: dict[str, Any]) -> str:
             continue
         try:
             value, _ = formatter.get_field(field, (), namespace)
-        except (KeyError, AttributeError, IndexError) as exc:
+        except (KeyError, AttributeError, IndexError, TypeError, ValueError) as exc:  # {xs[name]} of a list: TypeError
             root = re.split(r"[.\[]", field, maxsplit=1)[0]
             what = f"no variable named {root!r} in the kernel" if root not in namespace else f"{exc!r}"
             raise UsageError(f"{{{field}}}: {what} (use --no-interpolate to keep braces as they are)") from None
-        parts.append(format(formatter.convert_field(value, conversion), spec or ""))
+        try:
+            parts.append(format(formatter.convert_field(value, conversion), spec or ""))
+        except (TypeError, ValueError) as exc:  # {x!z}, {x:zz}: a conversion or format spec the value does not take
+            shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise UsageError(f"{shown}: {exc} (use --no-interpolate to keep braces as they are)") from None
     return "".join(parts)
 
 
@@ -205,7 +211,7 @@ def typed_value(text: str, namespace: dict[str, Any]) -> Any:
         return interpolate(text, namespace)
     try:
         return string.Formatter().get_field(match.group(1), (), namespace)[0]
-    except (KeyError, AttributeError, IndexError):
+    except (KeyError, AttributeError, IndexError, TypeError, ValueError):
         return interpolate(text, namespace)  # raises the clear error
 
 
@@ -228,6 +234,20 @@ def as_items(value: Any, name: str) -> list[Any]:
         return list(value)
     raise UsageError(f"--items {name} must be a list of strings, dicts or dspy.Examples, or a pandas DataFrame; "
                      f"got {type(value).__name__}")
+
+
+def check_output_name(name: str, shell: Any) -> None:
+    """Refuse, before anything runs, an ``-o`` name the result could not be used under: not an identifier
+    (``1x``, ``a b``) or a keyword (``class``), which only ``globals()[...]`` reaches; or a builtin (``print``,
+    ``list``) or IPython's own name (``In``, ``get_ipython``) that the result would hide, where the kernel has not
+    given that name a value of its own already."""
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise UsageError(f"-o {name!r}: expected a Python identifier to store the result in, e.g. -o pred")
+    hidden = getattr(shell, "user_ns_hidden", {})
+    if name in hidden or (hasattr(builtins, name) and name not in shell.user_ns):
+        owner = "IPython's" if name in hidden else "Python's builtin"
+        raise UsageError(f"-o {name}: the result would hide {owner} {name}; store it under another name, e.g. "
+                         f"-o {name}_result")
 
 
 def _setting(text: str) -> tuple[str, Any]:
@@ -276,6 +296,8 @@ class Dspex(Magics):
             raise UsageError(f"use %%dspex {command} as a cell magic" if cell is None
                              else f"%dspex {command} is a line magic: use one %, not %%")
         args = PARSERS[command].parse_args(argv[1:])
+        if getattr(args, "output", None):
+            check_output_name(args.output, self.shell)
         handler: Callable[..., None] = getattr(self, f"_{command}")
         try:
             with _dspy_meanwhile(command in ("predict", "run", "batch") and not getattr(args, "background", False)):

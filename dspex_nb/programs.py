@@ -452,7 +452,13 @@ def item_inputs(items: Any, tool: str = "map", ship: typed.Shipment | None = Non
                 raise ArgumentError(tool, "ArgumentError", f"items[{i}] is a dspy.Example without input keys: "
                                     "mark them with .with_inputs('question', ...), as dspy.Evaluate needs too")
             item = dict(item.inputs())
-        out.append(typed.encode(item, ship))
+        try:
+            out.append(typed.encode(item, ship))
+        except RecursionError:
+            raise ArgumentError(tool, "ArgumentError", f"items[{i}] is nested too deeply to be sent to the workers "
+                                f"(over {sys.getrecursionlimit()} levels)") from None
+        if problem := typed.unsendable(out[-1], f"items[{i}]"):
+            raise ArgumentError(tool, "ArgumentError", problem)
     return out
 
 

@@ -238,6 +238,26 @@ def _opaque(value: Any, reason: str = "") -> dict[str, Any]:
             **({"reason": reason} if reason else {})}
 
 
+def unsendable(value: Any, where: str) -> str | None:
+    """Why encoded ``value`` (typed JSON, see ``encode``) cannot be sent to the workers as an input, naming the
+    part that cannot (``items[3]['when']``, as ``decode`` names parts), or None when all of it can. A value with
+    no JSON form (a ``complex``, a ``pandas.Timestamp``) is found here, in the kernel, before anything is sent:
+    a worker would refuse it anyway, calling it by its place in its own message (a shard's ``batch_items[0]``)."""
+    stack = [(value, where)]
+    while stack:
+        part, at = stack.pop()
+        if isinstance(part, list):
+            stack.extend((v, f"{at}[{i}]") for i, v in reversed(list(enumerate(part))))
+        elif isinstance(part, dict):
+            if part.get(TAG) == "opaque":
+                return (f"{at} is a {part.get('class')}, which has no JSON form, so it cannot be sent to the workers "
+                        f"as itself (its repr: {str(part.get('repr'))[:200]}); pass str, numbers, lists, dicts, "
+                        "datetimes, pydantic models, enums or dataclasses (a DataFrame's column of another type "
+                        "converted first, e.g. with .astype(str))")
+            stack.extend((v, f"{at}[{k!r}]") for k, v in reversed(list(part.items())))
+    return None
+
+
 # -- decoding --------------------------------------------------------------------------------------
 class Resolver:
     """Finds the class for a path on the receiving side, without importing or executing anything.

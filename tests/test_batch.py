@@ -6,6 +6,8 @@ import os
 import signal
 import threading
 
+import dspy
+import pandas as pd
 import pytest
 from helpers import TWO_STEP, wait_until
 
@@ -35,12 +37,54 @@ def test_batch_of_nothing_is_done_at_once(pool: Pool) -> None:
 
 
 def test_batch_with_bad_items_names_the_item(pool: Pool) -> None:
+    """By its index in the batch's items, not by its place in the shard its worker got (there 0)."""
     batch = pool.batch([{"question": "a"}, {"text": "b"}], "question -> answer", shard_size=1)
-    with pytest.raises(ArgumentError, match=r"batch_items\[0\] must have exactly the input fields \['question'\]"):
+    with pytest.raises(ArgumentError, match=r"\bitems\[1\] must have exactly the input fields \['question'\]"):
         batch.result()
     assert batch.status == "failed"
+    batch = pool.batch([f"q{i}" for i in range(7)] + [{"text": "b"}], "question -> answer", shard_size=3)
+    with pytest.raises(ArgumentError, match=r"\bitems\[7\] must be a dict|\bitems\[7\] must have exactly"):
+        batch.result(60)
     with pytest.raises(ArgumentError, match="items must be a list"):
         pool.batch("not a list", "question -> answer")
+
+
+@pytest.mark.parametrize("bad", [1j, object(), pd.Timestamp("2020-01-01")], ids=["complex", "object", "Timestamp"])
+def test_an_item_with_no_json_form_is_named_before_anything_runs(pool: Pool, bad: object) -> None:
+    """Refused in the kernel, by its index in the items, as an input: not by a worker, as the first item of its
+    shard, with advice about what a program returns."""
+    items: list[object] = [{"question": f"fine {i}"} for i in range(5)] + [{"question": bad}]
+    with pytest.raises(ArgumentError, match=r"items\[5\]\['question'\] is a .*cannot be sent to the workers"):
+        pool.batch(items, "question -> answer", journal=False)
+    frame = pd.DataFrame({"question": ["a", "b"], "when": [pd.Timestamp("2020-01-01"), bad]})
+    with pytest.raises(ArgumentError, match=r"items\[0\]\['when'\] is a pandas.*Timestamp.*\.astype\(str\)"):
+        pool.map(dspy.Predict("question, when -> answer"), frame, journal=False)
+    with pytest.raises(ArgumentError, match=r"inputs\['question'\] is a .*cannot be sent to the workers"):
+        pool.run(dspy.Predict("question -> answer"), question=bad)
+
+
+def test_an_item_over_the_message_limit_fails_alone_and_named() -> None:
+    """A shard over the limit is sent as halves; an item over it alone fails by its index, the others are answered
+    (the whole batch failed, with the items of every other shard not computed, and no item named)."""
+    items = [f"small {i}?" for i in range(12)]
+    items[7] = "x" * (2 * 2**20)
+    with Pool(workers=1, max_message_mb=1, journal=False) as small:
+        batch = small.batch(items, "question -> answer", shard_size=6, journal=False)
+        results = batch.result(60)
+    assert [r["ok"] for r in batch.records] == [i != 7 for i in range(12)]
+    assert results[7] == {"error": "MessageTooLarge: items[7]: the arguments of 'batch_inference' are 2.0 MiB, over "
+                                   "the 1 MiB message limit; raise it with Pool(max_message_mb=...)"}
+    assert all(results[i]["answer"].startswith(f"Demo LM answer to 'small {i}?'") for i in range(12) if i != 7)
+
+
+def test_items_nested_too_deeply_are_named(pool: Pool) -> None:
+    deep: list = ["x"]
+    for _ in range(5_000):
+        deep = [deep]
+    with pytest.raises(ArgumentError, match=r"items\[1\] is nested too deeply to be sent to the workers"):
+        pool.map(dspy.Predict("question -> answer"), ["fine", {"question": deep}], journal=False)
+    with pytest.raises(ArgumentError, match="the inputs are nested too deeply to be sent to the workers"):
+        pool.run(dspy.Predict("question -> answer"), question=deep)
 
 
 def test_an_on_item_callback_that_raises_stops_the_batch_and_keeps_what_arrived(pool: Pool) -> None:

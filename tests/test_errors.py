@@ -255,7 +255,7 @@ def test_worker_python_without_dependencies_fails_fast(bare_python: str) -> None
 
 
 def test_bad_pool_arguments() -> None:
-    with pytest.raises(ValueError, match=r"Pool\(workers=...\) must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"Pool\(workers=...\) must be an int from 1 to \d+, got 0"):
         Pool(workers=0)
     with pytest.raises(ValueError, match=r"Pool\(max_message_mb=...\) must be an int from 1 to 2047"):
         Pool(max_message_mb=0)
@@ -272,6 +272,8 @@ def test_bad_call_arguments_name_themselves(pool: Pool) -> None:
         pool.execute_stream("count", {"n": 1}, timeout=-1)
     with pytest.raises(ValueError, match=r"batch\(on_item=...\) must be None or a function"):
         pool.batch(["a"], "question -> answer", on_item=5)
+    with pytest.raises(ValueError, match=r"no worker 'w9' in this pool: \['w0', 'w1'\]"):
+        pool.kill_worker("w9", 9)
     assert pool.execute("echo", {"alive": 1}) == {"alive": 1}
 
 

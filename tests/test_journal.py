@@ -28,6 +28,20 @@ def test_journal_keeps_results_across_connections(tmp_path: Path) -> None:
     assert again.clear() == 1 and again.batches() == []
 
 
+def test_clear_takes_a_key_prefix_as_it_is(tmp_path: Path) -> None:
+    """``_`` and ``%`` in a key are characters, not SQL LIKE's wildcards: clear("_") forgot every batch."""
+    journal = Journal(tmp_path / "j.sqlite3")
+    for key in (digest("one"), digest("two"), "ab_c%"):
+        journal.open_batch(key, "predict q -> a")
+        journal.record(key, digest("x"), {"a": "1"})
+    assert journal.clear("_") == 0 and journal.clear("%") == 0 and journal.clear("a_") == 0
+    assert len(journal.batches()) == 3
+    assert journal.clear("ab_c%") == 1 and journal.clear(digest("one")[:6]) == 1
+    assert [b["key"] for b in journal.batches()] == [digest("two")]
+    assert journal.open_batch(digest("two"), "predict q -> a") == {digest("x"): {"a": "1"}}
+    journal.close()
+
+
 def test_digest_is_stable_and_order_free() -> None:
     assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})
     assert digest("x") != digest("y")

@@ -267,14 +267,35 @@ def test_lm_switch_and_an_lm_error_is_shown(sh: Shell) -> None:
     ('%dspex batch "q -> a" --items not_a_list', "--items not_a_list must be a list of strings, dicts"),
     ("%dspex batch --items qs", "takes a signature or --module NAME"),
     ('%dspex lm demo --set novalue', "--set takes KEY=VALUE"),
-    ("%dspex start -n 0 --pool zero", r"Pool(workers=...) must be an int >= 1, got 0"),
+    ("%dspex start -n 0 --pool zero", r"Pool(workers=...) must be an int from 1 to"),
+    ("%dspex start -n 1000000 --pool huge", r"Pool(workers=...) must be an int from 1 to"),
     ('%%dspex predict "q -> a" --timeout -1\nx', "predict(timeout=...) must be a finite number > 0"),
     ('%dspex batch "q -> a" --items qs --concurrency 0', "batch(concurrency=...) must be an int >= 1, got 0"),
+    ('%%dspex predict "q -> a" -o 1x\nx', "-o '1x': expected a Python identifier"),
+    ('%%dspex predict "q -> a" -o "a b"\nx', "-o 'a b': expected a Python identifier"),
+    ('%%dspex predict "q -> a" -o class\nx', "-o 'class': expected a Python identifier"),
+    ('%%dspex predict "q -> a" -o print\nx', "-o print: the result would hide Python's builtin print"),
+    ('%dspex batch "q -> a" --items qs -o Out', "-o Out: the result would hide IPython's Out"),
+    ('%%dspex predict "q -> a"\n{qs[first]}', "{qs[first]}: TypeError("),
+    ('%%dspex predict "q -> a"\nsay {qs[first]}', "{qs[first]}: TypeError("),
+    ('%%dspex predict "q -> a"\nsay {qs!z}', "{qs!z}: Unknown conversion specifier z"),
+    ('%%dspex predict "q -> a"\nsay {qs:zz}', "{qs:zz}: unsupported format string"),
 ])
 def test_argument_errors_are_usage_errors(sh: Shell, cell: str, message: str) -> None:
     sh.ns["not_a_list"] = 5
+    sh.ns.setdefault("qs", ["a", "b"])
     assert message in sh.usage_error(cell)
     assert sh.pool.execute("echo", {"ok": 1}) == {"ok": 1}
+    assert "print" not in sh.ns and not any(name in sh.ns for name in ("1x", "a b", "class"))
+
+
+def test_an_output_name_the_kernel_gave_a_value_may_be_used_again(sh: Shell) -> None:
+    sh("list = 'mine'")
+    try:
+        sh('%%dspex predict "question -> answer" -o list --no-stream\nWhy?')
+        assert sh.ns["list"].answer.startswith("Demo LM answer to 'Why?'")
+    finally:
+        del sh.ns["list"]
 
 
 def test_named_pools_have_their_own_settings(sh: Shell) -> None:

@@ -37,7 +37,7 @@ class Pending(Protocol):
 class Connection(Protocol):
     """One worker as the pool reaches it."""
 
-    process: ProcessHandle  # pid, exit_code(), wait(), kill(), signal(), log_tail(), start_failure()
+    process: ProcessHandle  # pid, exit_code(), wait(), kill(), signal(), log_tail(), trim_log(), start_failure()
 
     def ready(self) -> bool:
         """Whether it answers now (polled while it starts)."""

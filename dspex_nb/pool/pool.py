@@ -45,6 +45,13 @@ from dspex_nb.schema import validate
 AFFINITIES = ("hint", "strict_queue", "strict_fail_fast")
 START_METHODS = ("spawn", "template")  # a new interpreter per worker, or forks of one that imported dspy
 BACKENDS = ("local", "ray")
+# processes a local pool may start: each is an interpreter with DSPy (tens of MB), and more than a few per core
+# only share the cores (a worker's ``concurrency`` is what runs many LM calls at once); workers=10**6 forked
+# until the machine ran out of processes or memory
+MAX_LOCAL_WORKERS = max(64, 8 * (os.cpu_count() or 1))
+MIN_HEALTH_INTERVAL = 0.05  # seconds between health rounds: health_interval=1e-6 kept a core of the kernel busy
+MIN_PING_TIMEOUT = 0.1  # seconds a ping may take: ping_timeout=1e-4 took every worker for a hung one each second
+# and replaced it, failing the calls in flight there with WorkerDied, without end
 
 
 class WorkerPool(Supervision):
@@ -61,16 +68,17 @@ class WorkerPool(Supervision):
                  max_memory_mb: float | None = None, start: str = DEFAULT_START, backend: str = "local",
                  address: str | None = None, resources: dict[str, float] | None = None) -> None:
         check = settings.Checker("Pool")
-        check.integer("workers", workers, 1)
+        check.integer("workers", workers, 1, MAX_LOCAL_WORKERS if backend == "local" else None)
         check.integer("max_message_mb", max_message_mb, 1, 2047)  # gRPC's limit is a signed 32-bit byte count
         check.integer("concurrency", concurrency, 1)
         check.integer("max_in_flight", max_in_flight, 1)
         check.integer("max_queue", max_queue, 0)
         check.integer("max_requests", max_requests, 1, optional=True)
-        for name, value in (("health_interval", health_interval), ("ping_timeout", ping_timeout),
-                            ("start_timeout", start_timeout), ("queue_timeout", queue_timeout),
+        for name, value in (("start_timeout", start_timeout), ("queue_timeout", queue_timeout),
                             ("session_ttl", session_ttl)):
             check.seconds(name, value)
+        check.seconds("health_interval", health_interval, minimum=MIN_HEALTH_INTERVAL)
+        check.seconds("ping_timeout", ping_timeout, minimum=MIN_PING_TIMEOUT)
         check.seconds("ttl", ttl, optional=True)
         check.positive("rate_limit", rate_limit, "LM requests per minute")
         check.positive("max_memory_mb", max_memory_mb, "MB")
@@ -222,6 +230,7 @@ class WorkerPool(Supervision):
 
     def _wait_ready(self, worker: Worker, deadline: float) -> None:
         while not worker.conn.ready():
+            worker.process.trim_log()  # before the health thread runs: Pool(python=...) of a program that floods
             if worker.process.exit_code() is not None:
                 raise worker.process.start_failure(worker.id)
             if time.monotonic() > deadline:
@@ -473,7 +482,9 @@ class WorkerPool(Supervision):
 
     def kill_worker(self, worker: str, signal_number: int) -> int:
         """Send a signal to one worker process (for fault tests and demos); returns its pid."""
-        chosen = next(w for w in self.workers if w.id == worker)
+        chosen = next((w for w in self.workers if w.id == worker), None)
+        if chosen is None:  # not a bare StopIteration, which says nothing (and ends a generator that calls this)
+            raise ValueError(f"no worker {worker!r} in this pool: {[w.id for w in self.workers]}")
         chosen.process.signal(signal_number)
         return chosen.process.pid
 

@@ -21,6 +21,40 @@ from dspex_nb.errors import WorkerStartError
 from dspex_nb.wire import KERNEL_ENV, kernel_spec
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+LOG_LIMIT = 8 * 2**20  # bytes a worker's log may reach before the pool cuts it to its end (its last LOG_KEEP)
+LOG_KEEP = 2**20
+TAIL_READ = 64 * 2**10  # bytes of a log's end read for the lines an error quotes
+
+
+def open_log(path: str | os.PathLike[str]) -> int:
+    """A new private log file for a process's output, opened for appending: each write goes to its end, also
+    after ``trim_log`` cut it shorter meanwhile (a plain offset would write on past the cut, leaving a hole of
+    that size)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+
+
+def trim_log(path: Path, limit: int = LOG_LIMIT, keep: int = LOG_KEEP) -> bool:
+    """Cut the log at ``path`` to its last ``keep`` bytes (from a line's start, after a line saying how much went)
+    when it is over ``limit``: a program that prints without end fills neither the runtime directory (often a
+    tmpfs, that is memory) nor the disk. The end is written over the start, then the file shortened, so a reader
+    never finds it empty. True if it was cut."""
+    try:
+        with open(path, "r+b") as log:
+            size = os.fstat(log.fileno()).st_size
+            if size <= limit:
+                return False
+            log.seek(size - keep)
+            tail = log.read(2 * keep)  # with what the worker appended meanwhile (bounded: it may append faster)
+            start = tail.find(b"\n") + 1 if b"\n" in tail[:-1] else 0
+            text = b"[dspex: %d bytes of output cut here: a worker's log keeps its last %d]\n" % (
+                size - keep + start, keep) + tail[start:]
+            log.seek(0)
+            log.write(text)
+            log.flush()
+            log.truncate(len(text))
+    except OSError:  # gone (the pool stopped), or not ours to cut: the next round tries again
+        return False
+    return True
 
 
 def worker_env(extra: dict[str, str] | None) -> dict[str, str]:
@@ -80,21 +114,44 @@ class ProcessHandle:
                 self.signal(signal.SIGKILL)
         with contextlib.suppress(TimeoutError):
             self.wait(10.0)
+        self.end_group()
+
+    def end_group(self) -> None:
+        """SIGKILL what is left of its process group once it ended: the processes its programs started (a
+        ``subprocess``, DSPy's ``PythonInterpreter``), which a worker killed outright could not end and which
+        otherwise live on after the pool. A worker leads a session of its own, so its group's id is its pid, and
+        that id stays taken while the group has a member: only a group with a process of this user in it is
+        signalled, which is the worker's, never a newer process's that got the pid again."""
+        if self.pid > 0 and group_members(self.pid):
+            with contextlib.suppress(OSError):
+                os.killpg(self.pid, signal.SIGKILL)
 
     def signal(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, sig)
 
     def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of its output (read from the log's end only), secrets masked."""
         try:
-            return redact.text("\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]), None)
+            with open(self.log_path, "rb") as log:
+                log.seek(max(0, os.fstat(log.fileno()).st_size - TAIL_READ))
+                text = log.read(TAIL_READ).decode(errors="replace")
         except OSError:
             return ""
+        return redact.text("\n".join(text.splitlines()[-lines:]), None)
+
+    def trim_log(self) -> None:
+        """Keep its log within ``LOG_LIMIT`` bytes (see ``trim_log``)."""
+        trim_log(self.log_path)
 
     def start_failure(self, worker_id: str) -> Exception:
         """The error for a worker that exited before it was ready."""
         code = self.exit_code()
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        try:  # a missing dependency is said at its start: its first lines
+            with open(self.log_path, "rb") as log:
+                text = log.read(TAIL_READ).decode(errors="replace")
+        except OSError:
+            text = ""
         for line in text.splitlines():
             if line.startswith(deps.MISSING_MARKER):
                 python, statuses = deps.from_json(line[len(deps.MISSING_MARKER):])
@@ -110,9 +167,12 @@ class WorkerProcess(ProcessHandle):
         self.address = address
         self.log_path = log_path
         self.python = python
-        with open(log_path, "wb") as log:
+        log = open_log(log_path)
+        try:
             self.proc = start_module(python, "dspex_nb.worker", ["--address", address, *args], env,
                                      stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            os.close(log)
         self.pid = self.proc.pid
 
     def exit_code(self) -> int | None:
@@ -123,6 +183,22 @@ class WorkerProcess(ProcessHandle):
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()  # the worker's parent watch sees EOF
         super().kill(grace)
+
+
+def group_members(group: int) -> list[int]:
+    """The pids of this user's processes in process group ``group`` (from /proc; none where it cannot be read)."""
+    members = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == group and entry.stat().st_uid == os.getuid():
+                    members.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return members
 
 
 def interpreter(python: str | None) -> str:

@@ -157,6 +157,9 @@ class ActorProcess:
         return ("(the actor's output is in Ray's logs: `ray logs` or the Ray dashboard; an actor that never starts "
                 "may be waiting for the resources it asks for: `ray status`)")
 
+    def trim_log(self) -> None:
+        """Nothing to do: Ray keeps an actor's output (and rotates it)."""
+
     def start_failure(self, worker_id: str) -> Exception:
         return WorkerStartError(f"Ray actor {worker_id} could not start: {self.dead}")
 

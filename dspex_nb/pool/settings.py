@@ -28,16 +28,18 @@ class Checker:
         if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
             self._fail(name, f"an int from {low} to {high}" if high is not None else f"an int >= {low}", value)
 
-    def seconds(self, name: str, value: Any, optional: bool = False) -> None:
-        """A finite number of seconds > 0."""
-        self.positive(name, value, "seconds", optional)
+    def seconds(self, name: str, value: Any, optional: bool = False, minimum: float = 0.0) -> None:
+        """A finite number of seconds > 0 (and at least ``minimum``, where a smaller one would make the pool
+        spin or take every worker for a hung one)."""
+        self.positive(name, value, "seconds", optional, minimum)
 
-    def positive(self, name: str, value: Any, unit: str, optional: bool = True) -> None:
+    def positive(self, name: str, value: Any, unit: str, optional: bool = True, minimum: float = 0.0) -> None:
         if optional and value is None:
             return
         if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
-                or value <= 0):
-            self._fail(name, f"a finite number > 0 ({unit})" + (" or None" if optional else ""), value)
+                or value <= 0 or value < minimum):
+            low = f">= {minimum:g}" if minimum else "> 0"
+            self._fail(name, f"a finite number {low} ({unit})" + (" or None" if optional else ""), value)
 
     def instance(self, name: str, value: Any, kinds: type | tuple[type, ...], expected: str) -> None:
         if not isinstance(value, kinds):

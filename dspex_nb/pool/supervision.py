@@ -35,6 +35,7 @@ class Supervision:
         """One health round: replace the dead, hung and failed, recycle the due, finish draining."""
         pings = []
         for worker in list(self.workers):
+            worker.process.trim_log()  # a program printing without end fills no disk (nor the tmpfs it may be)
             if worker.state == FAILED and time.monotonic() - worker.ready_at > RETRY_FAILED_AFTER:
                 self._replace(worker, worker.last_error, expected=FAILED)
             if worker.state == DRAINING and worker.in_flight == 0:
@@ -120,6 +121,7 @@ class Supervision:
     def _restart(self, old: Worker, grace: float) -> None:
         old.close()
         old.process.kill(grace=grace)
+        old.process.trim_log()  # what it printed since the last health round: its log stays, for the reader
         if self._closing.is_set():
             return
         try:

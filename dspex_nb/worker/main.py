@@ -3,6 +3,7 @@ SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -24,11 +25,21 @@ from dspex_nb.worker.state import WorkerState
 KERNEL_POLL = 0.5  # seconds between checks that the owning kernel still runs
 
 
+def end_started_processes() -> None:
+    """SIGTERM the processes that programs on this worker started (a ``subprocess``, DSPy's ``PythonInterpreter``),
+    so that none outlives the worker: they are in its process group, which it leads (a session of its own). Not
+    where it leads none: the group would be its starter's."""
+    with contextlib.suppress(Exception):  # nothing here may keep the worker from exiting
+        if os.getpgid(0) == os.getpid():
+            os.killpg(0, signal.SIGTERM)  # this worker too: its handler stops the server, and it is ending anyway
+
+
 def _exit_when_stdin_closes(pipe: io.BufferedReader | None) -> None:
     try:
         while pipe is not None and pipe.read(65536):
             pass
     finally:
+        end_started_processes()
         os._exit(0)
 
 
@@ -43,6 +54,7 @@ def _exit_when_kernel_ends(kernel: str) -> None:
             os.kill(parent, signal.SIGKILL)
     except OSError:
         pass
+    end_started_processes()
     os._exit(0)
 
 
@@ -81,4 +93,5 @@ def serve(address: str, *, worker_id: str, run_id: str, lm: str, lm_kwargs: dict
                              daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: (health.stop(grace=0), server.stop(grace=1)))
     server.wait_for_termination()
+    end_started_processes()
     return 0

@@ -34,7 +34,7 @@ def _child(request: dict, watch: int, other_watches: list[int]) -> None:
         os.setsid()
         for fd in other_watches:
             os.close(fd)
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)  # see trim_log
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.dup2(watch, 0)  # the worker's parent watch reads its stdin: this pipe

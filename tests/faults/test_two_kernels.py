@@ -10,6 +10,7 @@ import pytest
 from helpers import wait_until
 
 from dspex_nb import Pool
+from dspex_nb.journal import digest
 
 ITEMS = [f"shared question {i}?" for i in range(60)]
 
@@ -45,3 +46,23 @@ def test_what_a_stopped_kernel_leaves_is_computed_by_the_other(kernels: tuple[Po
     results = second.result(120)
     assert all(r["answer"].startswith(f"Demo LM answer to 'left over {i}?'") for i, r in enumerate(results))
     assert 0 < second.from_journal < len(items)
+
+
+def test_what_a_killed_kernel_claimed_runs_over_the_whole_pool_once_its_claim_lapses(
+        kernels: tuple[Pool, Pool]) -> None:
+    """A SIGKILLed kernel releases nothing: its claims lapse. The items it held then run as the batch's own do,
+    several at a time on every worker, not one by one in the thread that watches the claims (a kernel that died
+    with 1,000 items claimed cost the other 1,000 LM calls' time in a row)."""
+    _, two = kernels
+    items = [f"orphaned {i}?" for i in range(60)]
+    key = two.batch([], "question -> answer").key  # the batch's key in the journal: the program's, not the items'
+    assert two.journal is not None
+    two.journal.claim(key, [digest(item) for item in items], "a-kernel-killed-mid-batch", 1.0)
+    batch = two.batch(items, "question -> answer")
+    peak = 0
+    while not batch.wait(0.005):
+        peak = max(peak, batch.snapshot()["running"])
+    results = batch.result()
+    assert all(r["answer"].startswith(f"Demo LM answer to 'orphaned {i}?'") for i, r in enumerate(results))
+    assert batch.from_journal == 0 and batch.ok == len(items)
+    assert peak > 1, "the lapsed items ran one at a time"

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import pid_alive, wait_until
 
 from dspex_nb import Pool
-from dspex_nb.errors import ArgumentError, DspexError, ToolError
+from dspex_nb.errors import ArgumentError, DspexError, ToolError, WorkerStartError
 from dspex_nb.pool.calls import Chunk, Run
+from dspex_nb.pool.process import LOG_LIMIT
 
 ODD = ["SystemExit", "KeyboardInterrupt", "GeneratorExit"]
 
@@ -182,3 +190,114 @@ def test_an_error_with_a_message_over_the_message_limit_is_still_that_error() ->
             with pytest.raises(ToolError, match="ValueError: too much: xxx") as caught:
                 call()
             assert caught.value.type == "ValueError" and len(caught.value.remote_traceback) < 2**20
+
+
+FLOOD = """import sys
+
+def flood(n):
+    line = "y" * 999 + "\\n"
+    for _ in range(n):
+        sys.stdout.write(line)
+    print("the last line", flush=True)
+    return dspy.Prediction(n=n)
+"""
+
+
+@pytest.mark.parametrize("start", ["spawn", "template"])
+def test_a_program_printing_without_end_fills_no_disk(start: str) -> None:
+    """A worker's log (in the runtime directory, often a tmpfs: memory) is cut to its end once it passes
+    LOG_LIMIT, keeping the last lines, and what the worker prints later goes on at its end (no hole)."""
+    with Pool(workers=1, start=start, journal=False) as pool:
+        pool.define("flood", FLOOD)
+        log = pool.workers[0].process.log_path
+        assert pool.run("flood", n=3 * LOG_LIMIT // 1000).n == 3 * LOG_LIMIT // 1000
+        wait_until(lambda: log.stat().st_size <= LOG_LIMIT, what="the worker's log to be cut")
+        text = log.read_bytes()
+        assert b"bytes of output cut here" in text and text.endswith(b"the last line\n")
+        pool.run("flood", n=10)
+        text = log.read_bytes()
+        assert b"\0" not in text and text.endswith(b"y\nthe last line\n") and len(text) <= LOG_LIMIT + 20_000
+        assert pool.workers[0].restarts == 0
+
+
+def test_a_worker_python_that_prints_without_end_while_starting_fills_no_disk(tmp_path: Path) -> None:
+    """Before the health thread runs (a pool's start), the start's own wait keeps the log bounded: a worker Python
+    that floods its output wrote gigabytes there until start_timeout."""
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\nexec yes "a worker Python that prints without end"\n')
+    python.chmod(0o755)
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            Pool(workers=1, python=str(python), start="spawn", start_timeout=3, journal=False).start()
+        except BaseException as exc:
+            failed.append(exc)
+
+    starting = threading.Thread(target=start)
+    starting.start()
+    peak = 0
+    while starting.is_alive():
+        for log in Path(os.environ["DSPEX_RUNTIME_DIR"]).glob("dspex-*/w0-0.log"):
+            with contextlib.suppress(OSError):
+                peak = max(peak, log.stat().st_size)
+        time.sleep(0.005)
+    assert isinstance(failed[0], WorkerStartError) and "prints without end" in str(failed[0])
+    assert peak < 64 * LOG_LIMIT, f"the log reached {peak / 2**20:.0f} MB"
+
+
+STARTS_A_PROCESS = """import subprocess
+
+def starts_a_process(text):
+    return dspy.Prediction(pid=subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL).pid)
+"""
+
+
+@pytest.mark.parametrize("start", ["spawn", "template"])
+def test_processes_a_program_started_end_with_its_worker(start: str) -> None:
+    """A program's subprocess (DSPy's PythonInterpreter starts Deno) lived on, reparented to init, after its worker
+    was killed and replaced, and after the pool stopped."""
+    started: list[int] = []
+    try:
+        with Pool(workers=1, start=start, journal=False) as pool:
+            pool.define("starts_a_process", STARTS_A_PROCESS)
+            started.append(pool.run("starts_a_process", text="a").pid)
+            pool.kill_worker("w0", signal.SIGKILL)
+            wait_until(lambda: not pid_alive(started[0]), what="the killed worker's subprocess to end")
+            wait_until(lambda: pool.workers[0].state == "ready", what="the worker's replacement")
+            started.append(pool.run("starts_a_process", text="b").pid)
+            assert pid_alive(started[1])
+        wait_until(lambda: not pid_alive(started[1]), what="the subprocess to end with the pool")
+    finally:
+        _end(started)
+
+
+def _end(pids: list[int]) -> None:
+    """End the test's subprocesses that are still there (where the fault under test left them)."""
+    for pid in pids:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+KERNEL = """import sys
+from dspex_nb import Pool
+pool = Pool(workers=1, start=sys.argv[1], journal=False).start()
+pool.define("starts_a_process", sys.argv[2])
+print(pool.run("starts_a_process", text="a").pid, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("start", ["spawn", "template"])
+def test_processes_a_program_started_end_with_a_sigkilled_kernel(start: str) -> None:
+    kernel = subprocess.Popen([sys.executable, "-c", KERNEL, start, STARTS_A_PROCESS], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        started = int(kernel.stdout.readline())  # type: ignore[union-attr]
+    finally:
+        kernel.kill()
+        kernel.wait()
+    try:
+        wait_until(lambda: not pid_alive(started), what="the subprocess to end with its worker")
+    finally:
+        _end([started])

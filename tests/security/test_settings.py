@@ -8,11 +8,15 @@ import pytest
 
 from dspex_nb import Pool
 from dspex_nb.errors import ArgumentError, QueueTimeout
+from dspex_nb.pool.pool import MAX_LOCAL_WORKERS
 
 
 @pytest.mark.parametrize("setting, value, message", [
-    ("workers", 0, "workers=...) must be an int >= 1"),
-    ("health_interval", -1, "health_interval=...) must be a finite number > 0"),
+    ("workers", 0, f"workers=...) must be an int from 1 to {MAX_LOCAL_WORKERS}"),
+    ("workers", 10**6, f"workers=...) must be an int from 1 to {MAX_LOCAL_WORKERS}, got 1000000"),
+    ("health_interval", -1, "health_interval=...) must be a finite number >= 0.05 (seconds)"),
+    ("health_interval", 1e-6, "health_interval=...) must be a finite number >= 0.05 (seconds), got 1e-06"),
+    ("ping_timeout", 1e-4, "ping_timeout=...) must be a finite number >= 0.1 (seconds), got 0.0001"),
     ("max_in_flight", 0, "max_in_flight=...) must be an int >= 1"),
     ("concurrency", 0, "concurrency=...) must be an int >= 1"),
     ("queue_timeout", float("nan"), "queue_timeout=...) must be a finite number > 0"),

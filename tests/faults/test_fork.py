@@ -46,12 +46,18 @@ print(json.dumps(report))
 """
 
 
+def _run(script: str, arg: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` with ``arg`` in a Python process of its own (this checkout's dspex_nb); it must succeed."""
+    done = subprocess.run([sys.executable, "-c", script, arg], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.parametrize("how", ["exit", "shutdown"])
 def test_a_forked_child_leaves_the_parents_pool_alone(how: str) -> None:
-    done = subprocess.run([sys.executable, "-c", SCRIPT, how], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run(SCRIPT, how)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     try:
         assert report["child_status"] == 0, done.stderr[-3000:]
@@ -104,7 +110,5 @@ print(os.waitstatus_to_exitcode(status))
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.parametrize("lock", ["scheduler", "install"])
 def test_a_call_in_a_forked_child_refuses_even_where_the_parent_held_a_lock(lock: str) -> None:
-    done = subprocess.run([sys.executable, "-c", HELD, lock], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run(HELD, lock)
     assert done.stdout.strip().splitlines()[-1] == "0", "the call in the child hung on the parent's held lock"

@@ -101,9 +101,9 @@ _p.add_argument("--no-journal", action="store_true",
                 help="neither take finished items from the journal nor write them to it")
 _run_options(_p)
 _p = _parser("journal", "List the batch journal (finished items that a re-run takes instead of calling the "
-                        "LM), or clear it: all of it, or one batch by its key (or a key prefix).")
+                        "LM), or clear it: all of it, or the batches of a key (or a key prefix).")
 _p.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
-_p.add_argument("key", nargs="?", help="with clear: the batch key (or prefix) to forget")
+_p.add_argument("key", nargs="?", help="the batch key (or prefix) to list or to forget")
 _p = _parser("define", "Define a DSPy module (a dspy.Module subclass or a function) on every worker, "
                        "including workers started later; `dspy` is imported.")
 _p.add_argument("name", help="the name the cell defines")
@@ -537,7 +537,7 @@ class Dspex(Magics):
                 removed = journal.clear(args.key)
                 print(f"dspex: cleared {removed} batch{'es' * (removed != 1)} from {journal.path}")
                 return
-            batches = journal.batches()
+            batches = [b for b in journal.batches() if b["key"].startswith(args.key or "")]
         finally:
             if pool is None:
                 journal.close()

@@ -140,6 +140,11 @@ def test_journal_magic_and_a_rerun_from_the_journal(sh: Shell) -> None:
     assert [p.answer for p in sh.ns["J1"]] == [p.answer for p in sh.ns["J2"]]
     out, _ = sh("%dspex journal")
     assert "1 batch\n" in out and "predict question -> answer" in out
+    key = out.split("predict question -> answer")[0].splitlines()[-1].split()[0]  # the table's key column
+    out, _ = sh(f"%dspex journal list {key}")
+    assert "1 batch\n" in out and key in out
+    out, _ = sh("%dspex journal list no-such-key")
+    assert "0 batches\n" in out
     out, _ = sh("%dspex journal clear")
     assert out.startswith("dspex: cleared 1 batch from ")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import signal
 import threading
 import time
@@ -342,3 +343,14 @@ def test_an_awaited_call_leaves_a_sigint_handler_installed_after_it_as_it_is(poo
         assert signal.getsignal(signal.SIGINT) is later_cells
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_stopped_pool_leaves_no_file_open() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with Pool(workers=1, lm="demo", start="template", journal=False) as own:
+            own.execute("echo", {"x": 1})
+        del own
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not unclosed, unclosed  # the template's stdout pipe was left to the garbage collector

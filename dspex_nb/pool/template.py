@@ -36,7 +36,8 @@ class Template:
         with open(log_path, "wb") as log:
             self.proc = start_module(python, "dspex_nb.worker.template", ["--run-id", run_id], env,
                                      stdout=subprocess.PIPE, stderr=log)
-        threading.Thread(target=self._read, name="dspex-template", daemon=True).start()
+        self._reader = threading.Thread(target=self._read, name="dspex-template", daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -106,6 +107,9 @@ class Template:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self._reader.join(5)  # it reads the template's last words (its workers' exits), then the pipe's end
+        if not self._reader.is_alive() and self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 class ForkedProcess(ProcessHandle):

@@ -215,18 +215,6 @@ def typed_value(text: str, namespace: dict[str, Any]) -> Any:
         return interpolate(text, namespace)  # raises the clear error
 
 
-def _plain_json(value: Any) -> bool:
-    """Whether ``value`` is JSON as it is (``typed.encode`` leaves it so): str, int, float, bool, None, and lists
-    and str-keyed dicts of those; not a numpy array (nor another value whose ``==`` is not a plain bool)."""
-    if value is None or type(value) in (str, int, float, bool):
-        return True
-    if type(value) is list:
-        return all(map(_plain_json, value))
-    if type(value) is dict:
-        return typed.TAG not in value and all(type(k) is str and _plain_json(v) for k, v in value.items())
-    return False
-
-
 def as_items(value: Any, name: str) -> list[Any]:
     if type(value).__name__ == "DataFrame" and hasattr(value, "to_dict"):
         return value.to_dict("records")
@@ -456,7 +444,7 @@ class Dspex(Magics):
     def _predict(self, args: argparse.Namespace, cell: str) -> None:
         signature = self._program(args.signature) or args.signature
         inputs = self._inputs(cell, signature_inputs(signature, self._require_pool(args.pool)), args)
-        if isinstance(signature, str) and _plain_json(inputs):  # the built-in tools take JSON as it is
+        if isinstance(signature, str) and typed.plain(inputs):  # the built-in tools take JSON as it is
             tool = "chain_of_thought" if args.cot else "predict"
             self._stream(lambda pool, stream: pool.call_tool(tool, {"signature": signature, "inputs": inputs},
                                                              stream=stream, timeout=args.timeout),

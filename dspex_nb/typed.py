@@ -133,6 +133,22 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
 _JSON_SCALARS = {bool, int, float, str}
 
 
+def plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is JSON as it is and comes back from JSON as itself (``encode`` leaves it so): str, int,
+    float, bool, None, and lists and str-keyed dicts of those, not too deep; not their subclasses (an IntEnum, a
+    tuple would come back changed), nor a numpy array (whose ``==`` is not a plain bool), nor a dict holding
+    ``TAG`` (it would be read as typed JSON)."""
+    if value is None or type(value) in _JSON_SCALARS:
+        return True
+    if depth > 20:
+        return False
+    if type(value) is list:
+        return all(plain(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return TAG not in value and all(type(k) is str and plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
 def _numpy_json(value: Any, numpy: Any) -> dict[str, Any]:
     """A numpy array or scalar as its dtype (with its byte order), shape and bytes (C order), where its values
     are plain data: not an array of objects, nor of a structured dtype, nor a subclass (a masked array)."""

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from json import encoder
 from typing import Any
 
-from dspex_nb import redact
+from dspex_nb import redact, typed
 from dspex_nb.errors import ResultTooLarge, ToolError
 from dspex_nb.worker import tools
 from dspex_nb.worker.state import WorkerState
@@ -134,7 +134,7 @@ def error_info(exc: BaseException) -> dict[str, Any]:
 
 
 def _attributes(exc: BaseException) -> dict[str, Any]:
-    """The exception's own attributes that are plain JSON values (``_plain``), public names only, masked as its
+    """The exception's own attributes that are plain JSON values (``typed.plain``), public names only, masked as its
     message is (an LM's error may quote a key); in order, as many as fit in ``MAX_ATTRIBUTES`` characters. One
     named as a secret (``api_key``, but also a ``key`` of a lookup) is left out: in the kernel it is missing
     (AttributeError), never there with another value."""
@@ -145,7 +145,7 @@ def _attributes(exc: BaseException) -> dict[str, Any]:
     kept: dict[str, Any] = {}
     budget = MAX_ATTRIBUTES
     for name, value in items:
-        if not isinstance(name, str) or name.startswith("_") or redact.is_secret_name(name) or not _plain(value):
+        if not isinstance(name, str) or name.startswith("_") or redact.is_secret_name(name) or not typed.plain(value):
             continue
         masked = {name: redact.mapping(value)}
         size = len(dumps(masked))
@@ -153,20 +153,6 @@ def _attributes(exc: BaseException) -> dict[str, Any]:
             kept.update(masked)
             budget -= size
     return kept
-
-
-def _plain(value: Any, depth: int = 0) -> bool:
-    """Whether ``value`` comes back from JSON as itself: str, int, float, bool, None, and lists and dicts (with
-    str keys) of those, not their subclasses (an IntEnum, a tuple would come back changed), nor too deep."""
-    if type(value) in (str, int, float, bool, type(None)):
-        return True
-    if depth > 20:
-        return False
-    if type(value) is list:
-        return all(_plain(v, depth + 1) for v in value)
-    if type(value) is dict:
-        return all(type(k) is str and _plain(v, depth + 1) for k, v in value.items())
-    return False
 
 
 def drive(gen: Iterator[tools.Emit], ctx: tools.ToolContext, on_emit: Callable[[tools.Emit], None]) -> Any:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import hashlib
 import sqlite3
-import sys
 import threading
 import warnings
 import weakref
@@ -147,13 +146,7 @@ class Pool(WorkerPool):
         """``run`` (or with ``stream``, ``run_stream``) with options, the inputs given as a dict."""
         name = self.ensure_defined(program)
         ship = typed.Shipment()
-        try:
-            args = {"name": name, "inputs": typed.encode(inputs, ship)}
-        except RecursionError:
-            raise ArgumentError("run_module", "ArgumentError", "the inputs are nested too deeply to be sent to the "
-                                f"workers (over {sys.getrecursionlimit()} levels)") from None
-        if problem := typed.unsendable(args["inputs"], "inputs"):
-            raise ArgumentError("run_module", "ArgumentError", problem)
+        args = {"name": name, "inputs": programs.sendable(inputs, ship, "run_module", "inputs", "the inputs are")}
         shipped, resolver = programs.shipment(ship, self.definitions[name]["resolver"])
         if shipped:
             args["shipped"] = shipped

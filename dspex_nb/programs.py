@@ -452,14 +452,21 @@ def item_inputs(items: Any, tool: str = "map", ship: typed.Shipment | None = Non
                 raise ArgumentError(tool, "ArgumentError", f"items[{i}] is a dspy.Example without input keys: "
                                     "mark them with .with_inputs('question', ...), as dspy.Evaluate needs too")
             item = dict(item.inputs())
-        try:
-            out.append(typed.encode(item, ship))
-        except RecursionError:
-            raise ArgumentError(tool, "ArgumentError", f"items[{i}] is nested too deeply to be sent to the workers "
-                                f"(over {sys.getrecursionlimit()} levels)") from None
-        if problem := typed.unsendable(out[-1], f"items[{i}]"):
-            raise ArgumentError(tool, "ArgumentError", problem)
+        out.append(sendable(item, ship, tool, f"items[{i}]", f"items[{i}] is"))
     return out
+
+
+def sendable(value: Any, ship: typed.Shipment | None, tool: str, where: str, subject: str) -> Any:
+    """``value`` as typed JSON for the workers (an input, an item), or an ArgumentError naming the part of it that
+    cannot go (``where``: ``items[3]['when']``), or saying that it is too deep (``subject``: "items[3] is")."""
+    try:
+        encoded = typed.encode(value, ship)
+    except RecursionError:
+        raise ArgumentError(tool, "ArgumentError", f"{subject} nested too deeply to be sent to the workers "
+                            f"(over {sys.getrecursionlimit()} levels)") from None
+    if problem := typed.unsendable(encoded, where):
+        raise ArgumentError(tool, "ArgumentError", problem)
+    return encoded
 
 
 class Replay:

@@ -36,6 +36,12 @@ def process_state(pid: int) -> str | None:
     return fields[0] if fields else None
 
 
+def process_group(pid: int) -> int | None:
+    """The process group of ``pid``, or None if it is gone."""
+    fields = _stat(pid)
+    return int(fields[2]) if fields else None
+
+
 def start_time(pid: int) -> str | None:
     """The start time of ``pid`` (to tell a reused pid apart), or None if it is gone or a zombie."""
     fields = _stat(pid)

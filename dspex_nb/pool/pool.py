@@ -298,8 +298,8 @@ class WorkerPool(Supervision):
 
     def _pick(self, worker_id: str | None, count: bool, affinity: str,
               placement: Placement | None = None) -> Worker | None:
-        """The worker for a call now, or None when it must wait (call with the lock held)."""
-        self._refuse_if_forked()
+        """The worker for a call now, or None when it must wait (call with the lock held, after
+        ``_refuse_if_forked``)."""
         if not self.workers or self._closing.is_set():
             raise PoolClosed("the pool is not running: start it with Pool.start() or `with Pool(...)`")
         if worker_id is not None and worker_id not in {w.id for w in self.workers}:

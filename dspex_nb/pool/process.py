@@ -18,7 +18,7 @@ from typing import Any
 
 from dspex_nb import deps, redact
 from dspex_nb.errors import WorkerStartError
-from dspex_nb.wire import KERNEL_ENV, kernel_spec
+from dspex_nb.wire import KERNEL_ENV, kernel_spec, process_group
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 LOG_LIMIT = 8 * 2**20  # bytes a worker's log may reach before the pool cuts it to its end (its last LOG_KEEP)
@@ -190,14 +190,11 @@ def group_members(group: int) -> list[int]:
     members = []
     with contextlib.suppress(OSError):
         for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
+            if not entry.name.isdigit() or process_group(int(entry.name)) != group:
                 continue
-            try:
-                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == group and entry.stat().st_uid == os.getuid():
+            with contextlib.suppress(OSError):  # it ended meanwhile
+                if entry.stat().st_uid == os.getuid():
                     members.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
     return members
 
 

@@ -90,8 +90,13 @@ def _actor_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """An actor's environment as (secrets, the rest): the kernel's secret-named variables with ``Pool(env=...)``'s
     (which win), passed to its constructor; the rest of ``Pool(env=...)``, for its ``runtime_env``, which Ray's
     dashboard shows to whoever can open it."""
-    secret = {k: v for k, v in env.items() if redact.is_secret_name(k) and not k.startswith("RAY_")}
+    secret = {k: v for k, v in env.items() if _secret(k)}
     return {**_kernel_secrets(), **secret}, {k: v for k, v in env.items() if k not in secret}
+
+
+def _secret(name: str) -> bool:
+    """Named as a secret (``redact``'s rule), and not one of Ray's own (``RAY_AUTH_TOKEN``: each node has its own)."""
+    return redact.is_secret_name(name) and not name.startswith("RAY_")
 
 
 def _kernel_secrets() -> dict[str, str]:
@@ -100,8 +105,7 @@ def _kernel_secrets() -> dict[str, str]:
     set in ``os.environ``), as an argument rather than in its ``runtime_env``, which Ray's dashboard shows. Ray's
     own (``RAY_AUTH_TOKEN``) stay as each node has them. ``Pool(env=...)``'s secret-named variables travel the same
     way (``_actor_env``), never in the ``runtime_env``."""
-    return {name: value for name, value in os.environ.items()
-            if redact.is_secret_name(name) and not name.startswith("RAY_")}
+    return {name: value for name, value in os.environ.items() if _secret(name)}
 
 
 def _worker_class() -> type:

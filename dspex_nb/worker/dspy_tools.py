@@ -333,7 +333,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             values = _values_of(output)
             if values is None:
                 return _with_extras(program, steps, trace, output_json(output, costs.tokens(), costs.total),
-                               costs, ctx)
+                                    costs, ctx)
         for value in values:
             if isinstance(value, StreamResponse):
                 yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
@@ -343,7 +343,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             else:
                 final = value
     return _with_extras(program, steps, trace, output_json(final.value if isinstance(final, _Boxed) else final,
-                                                      costs.tokens(), costs.total), costs, ctx)
+                                                           costs.tokens(), costs.total), costs, ctx)
 
 
 def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs: _Costs, ctx: ToolContext) -> Any:

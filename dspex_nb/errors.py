@@ -7,7 +7,7 @@ import contextlib
 import inspect
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -29,9 +29,16 @@ class ToolError(DspexError):
         # Exception's own, not super()'s: a ToolError that is also the program's exception class (see
         # ``remote_error``) must not call that class's constructor, which takes other arguments
         Exception.__init__(self, f"tool '{tool}' failed{where}: {type}: {message}")
+        self._shown = self.args[0]  # what str() gives; the program's message where it is raised as its own class
 
     def __str__(self) -> str:  # not the other class's (KeyError quotes its message)
-        return str(self.args[0]) if self.args else ""
+        return self._shown
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Copies and pickles as the error it is, with its args, attributes and notes; one that is also the
+        program's class (``remote_error``) refers to that class, and is made again from it where it is loaded."""
+        fields = (self.tool, self.type, self.message, self.remote_traceback, self.worker)
+        return _restored, (getattr(type(self), "_program_class", type(self)), fields, self.args, dict(vars(self)))
 
 
 class UnknownTool(ToolError):
@@ -57,30 +64,50 @@ REMOTE_ERROR_TYPES: dict[str, type[ToolError]] = {
 }
 
 
-def remote_error(tool: str, type: str, message: str, remote_traceback: str = "",
-                 worker: str = "", bases: Sequence[str] = (), attributes: Mapping[str, Any] | None = None) -> ToolError:
-    """The most specific ToolError subclass for an error the worker reported: for an exception of the program,
-    a ToolError that is also the first of its classes (``bases``, "module:qualname") that the kernel has
-    imported, so ``except ValueError`` or ``except dspy.utils.exceptions.AdapterParseError`` catches it as in
-    the kernel, with the exception's plain ``attributes`` (``e.code``, an AdapterParseError's ``lm_response``,
-    an LM error's ``status_code``) where they do not clash with the ToolError's own (``tool``, ``message``...).
-    A class whose repr or traceback needs what its own constructor sets, and the attributes do not give, is
-    passed over for the next (urllib's HTTPError without its response)."""
+def remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolError:
+    """The error the worker reported (``info``: its ``type``, ``message``, ``traceback``, ``bases``,
+    ``attributes`` and ``args``, as the worker's ``error_info`` gives them), as the most specific ToolError.
+
+    An exception of the program comes back as a ToolError that is also the first of its classes (``bases``,
+    "module:qualname") that the kernel has imported, so ``except ValueError`` or ``except
+    dspy.utils.exceptions.AdapterParseError`` catches it as in the kernel. Where that is its own class, it reads
+    as the kernel's would: its class's name, ``str(e)``, ``e.args`` (where they are plain JSON values); raised as a
+    class it derives from, its message names its class (``tool 'run_module' failed on worker w0: CodedError: 7``).
+    Either way it has the exception's plain ``attributes``
+    (``e.code``, an AdapterParseError's ``lm_response``, an LM error's ``status_code``) where they do not clash
+    with the ToolError's own (``tool``, ``message``...); a note (shown under its traceback) names the worker
+    and gives the traceback there. A class whose repr or traceback needs what its own constructor sets, and
+    the attributes do not give, is passed over for the next (urllib's HTTPError without its response)."""
     from dspex_nb import redact  # the kernel masks too: its environment is the workers'
 
-    args = (tool, type, redact.text(message), redact.text(remote_traceback, limit=None), worker)
-    attributes = redact.mapping(dict(attributes or {}))
-    if type in REMOTE_ERROR_TYPES:
-        return REMOTE_ERROR_TYPES[type](*args)
+    type_ = info["type"]
+    fields = (tool, type_, redact.text(info["message"]), redact.text(info.get("traceback", ""), limit=None), worker)
+    if type_ in REMOTE_ERROR_TYPES:
+        return REMOTE_ERROR_TYPES[type_](*fields)
+    attributes = redact.mapping(dict(info.get("attributes") or {}))
+    bases = list(info.get("bases", ()))
     for cls in filter(None, map(_as_tool_error, bases)):
-        error = _with_attributes(cls(*args), attributes)
+        error = _with_attributes(cls(*fields), attributes)
+        if cls is _as_tool_error(bases[0]):  # its own class: as it reads where it was raised
+            error._shown = error.message
+            error.args = tuple(redact.mapping(info["args"])) if info.get("args") is not None else (error.message,)
         try:
             repr(error)
             traceback.format_exception(error)
         except Exception:
             continue
-        return error
-    return _with_attributes(ToolError(*args), attributes)
+        return _noted(error)
+    return _noted(_with_attributes(ToolError(*fields), attributes))
+
+
+def _noted(error: ToolError) -> ToolError:
+    """``error`` with a note that names its worker and tool, and gives the worker's traceback."""
+    where = f"on worker {error.worker}" if error.worker else "on the pool"
+    note = f"raised {where} (dspex_nb tool '{error.tool}')"
+    if error.remote_traceback:
+        note += "; the traceback there:\n" + error.remote_traceback.rstrip("\n")
+    error.__notes__ = [*getattr(error, "__notes__", ()), note]  # BaseException.add_note, before Python 3.11
+    return error
 
 
 def _with_attributes(error: ToolError, attributes: dict[str, Any]) -> ToolError:
@@ -113,16 +140,31 @@ def _as_tool_error(path: str) -> type[ToolError] | None:
         return None
     if any("__new__" in vars(cls) and cls.__module__ != "builtins" for cls in base.__mro__):
         return None  # its own __new__ takes its own arguments, not a ToolError's
+    return _tool_error_for(base)
+
+
+def _tool_error_for(base: type) -> type[ToolError] | None:
     if base not in _AS_TOOL_ERROR:
         _AS_TOOL_ERROR[base] = _combined(base)
     return _AS_TOOL_ERROR[base]
+
+
+def _restored(cls: type, fields: tuple[str, ...], args: tuple[Any, ...], state: dict[str, Any]) -> ToolError:
+    """A copied or unpickled ToolError (``ToolError.__reduce__``): ``cls`` is a ToolError class, or the
+    program's exception class it was also."""
+    made = cls if issubclass(cls, ToolError) else _tool_error_for(cls) or ToolError
+    error = made(*fields)
+    error.args = args
+    vars(error).update(state)
+    return error
 
 
 def _combined(base: type) -> type[ToolError] | None:
     """A ToolError that is also ``base``, where one can be made as any ToolError; None for a class that cannot
     be combined (its instance layout, a final class, one refusing subclasses or attributes)."""
     try:
-        combined = type("ToolError", (ToolError, base), {"__module__": __name__})
+        combined = type(base.__name__, (ToolError, base), {
+            "__module__": base.__module__, "__qualname__": base.__qualname__, "_program_class": base})
         combined("", "", "")
     except Exception:
         return None

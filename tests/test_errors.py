@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import subprocess
 import sys
 import threading
+import traceback
 
 import pytest
 
@@ -116,13 +119,35 @@ def test_a_programs_exception_is_caught_as_its_own_class_as_in_the_kernel(pool: 
             with pytest.raises(expected) as info:
                 call(program, kind=kind)
             assert isinstance(info.value, ToolError) and info.value.type == expected.__name__
-            assert str(info.value).startswith("tool 'run_module' failed on worker w")  # the message, as it was
+            assert info.value.worker.startswith("w") and "raised on worker w" in info.value.__notes__[-1]
     with pytest.raises(ToolError) as info:  # a BaseException of the program: an error, not the kernel's exit
         pool.run(program, kind="exit")
     assert not isinstance(info.value, SystemExit) and info.value.type == "SystemExit"
     with pytest.raises(dspy.LMError, match="LMRateLimitError"):  # an LM's error, as dspy.LM raises it
         with Pool(workers=1, lm="demo", lm_kwargs={"rate_limit_first": 10, "num_retries": 0}) as limited:
             limited.run("question -> answer", question="Too many?")
+
+
+def test_a_programs_exception_reads_as_in_the_kernel_with_the_workers_traceback_in_a_note(pool: Pool) -> None:
+    def program(kind: str) -> None:
+        raise {"key": KeyError("missing"), "args": ValueError("boom", 3),
+               "ours": NotebookError("ours", {"a": [1]})}[kind]
+
+    for kind in ("key", "args", "ours"):
+        with pytest.raises(Exception) as local:
+            program(kind)
+        for call in (pool.run, lambda p, **kw: pool.run_stream(p, **kw).result()):
+            with pytest.raises(local.type) as info:
+                call(program, kind=kind)
+            error, expected = info.value, local.value
+            assert (str(error), repr(error), error.args) == (str(expected), repr(expected), expected.args)
+            assert traceback.format_exception_only(error)[0] == traceback.format_exception_only(expected)[0]
+            note = error.__notes__[-1]  # the worker's traceback starts at the program's call, as the kernel's does
+            assert note.startswith(f"raised on worker {error.worker} (dspex_nb tool 'run_module')"), note
+            assert note.splitlines()[2].endswith(", in program") and "dspex_nb" not in note.split("\n", 1)[1]
+            for copied in (copy.deepcopy(error), pickle.loads(pickle.dumps(error))):
+                assert isinstance(copied, local.type) and isinstance(copied, ToolError)
+                assert (repr(copied), copied.worker, copied.__notes__) == (repr(error), error.worker, error.__notes__)
 
 
 class ErrorWithAttributes(Exception):

@@ -335,9 +335,7 @@ class Run(Handle):
             self._final, self._ended = last.data, True
         elif last.kind == "error" and last.is_final:
             self._ended = True
-            self._error = remote_error(self.tool, last.data["type"], last.data["message"],
-                                       last.data.get("traceback", ""), self.worker, last.data.get("bases", ()),
-                                       last.data.get("attributes"))
+            self._error = remote_error(self.tool, last.data, self.worker)
         with self._cond:
             self.chunks.extend(chunks)
             if self.keep_chunks is not None and len(self.chunks) > 2 * self.keep_chunks:  # trim now and then

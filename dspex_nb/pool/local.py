@@ -275,8 +275,9 @@ def unary_result(reply: Any, tool: str, worker: str) -> Any:
     """The decoded result of an ExecuteReply, or its ToolError raised."""
     if reply.HasField("error"):
         e = reply.error
-        raise remote_error(tool, e.type, e.message, e.traceback, worker, e.bases,
-                           json.loads(e.attributes_json) if e.attributes_json else None)
+        raise remote_error(tool, {"type": e.type, "message": e.message, "traceback": e.traceback, "bases": e.bases,
+                                  "attributes": json.loads(e.attributes_json) if e.attributes_json else None,
+                                  "args": json.loads(e.args_json) if e.args_json else None}, worker)
     return json.loads(reply.result_json)
 
 

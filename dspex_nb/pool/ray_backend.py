@@ -230,8 +230,7 @@ class RayConnection:
         except RayActorError as err:
             raise self._lost(err, died) from None
         if error is not None:
-            raise remote_error(tool, error["type"], error["message"], error["traceback"], self.worker_id,
-                               error.get("bases", ()), error.get("attributes"))
+            raise remote_error(tool, error, self.worker_id)
         return json.loads(result)
 
     def stream(self, tool: str, args_json: bytes, session_id: str, timeout: float | None, waited: float,

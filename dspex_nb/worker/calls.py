@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import threading
 import traceback
 from collections.abc import Callable, Iterator
 from json import encoder
+from types import TracebackType
 from typing import Any
 
 from dspex_nb import redact, typed
@@ -126,11 +128,36 @@ def error_info(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, ToolError):
         return {"type": exc.type, "message": redact.text(exc.message), "traceback": ""}
     info = {"type": type(exc).__name__, "message": message_of(exc),
-            "traceback": redact.text("".join(traceback.format_exception(exc)), limit=MAX_TRACEBACK),
+            "traceback": redact.text("".join(traceback.format_exception(type(exc), exc, _from_the_program(exc))),
+                                     limit=MAX_TRACEBACK),
             "bases": [f"{cls.__module__}:{cls.__qualname__}" for cls in type(exc).__mro__[:-2]]}
     if attributes := _attributes(exc):
         info["attributes"] = attributes
+    if (args := _args(exc)) is not None:
+        info["args"] = args
     return info
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # dspex_nb's own directory
+
+
+def _from_the_program(exc: BaseException) -> TracebackType | None:
+    """The exception's traceback from its first frame outside dspex_nb (the program's call, as a traceback in the
+    kernel starts there); all of it where every frame is dspex_nb's (an error of a tool itself)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+        tb = tb.tb_next
+    return exc.__traceback__ if tb is None or tb.tb_frame.f_code.co_filename.startswith(_PACKAGE) else tb
+
+
+def _args(exc: BaseException) -> list[Any] | None:
+    """The exception's ``args`` where each is a plain JSON value (``typed.plain``), masked, and they fit in
+    ``MAX_ATTRIBUTES`` characters; None otherwise (the kernel's error then has the message as its one arg)."""
+    args = list(exc.args)
+    if not typed.plain(args):
+        return None
+    masked = redact.mapping(args)
+    return masked if len(dumps(masked)) <= MAX_ATTRIBUTES else None
 
 
 def _attributes(exc: BaseException) -> dict[str, Any]:

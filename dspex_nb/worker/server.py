@@ -40,9 +40,10 @@ class Bridge(bridge_pb2_grpc.BridgeServicer):
                 context: grpc.ServicerContext) -> bridge_pb2.ExecuteReply:
         result, error = self._call(request, context, streaming=False).unary()
         if error is not None:
-            attributes = error.pop("attributes", None)
+            attributes, args = error.pop("attributes", None), error.pop("args", None)
             return bridge_pb2.ExecuteReply(error=bridge_pb2.ToolError(
-                **error, attributes_json=json.dumps(attributes) if attributes else ""))
+                **error, attributes_json=json.dumps(attributes) if attributes else "",
+                args_json=json.dumps(args) if args is not None else ""))
         return bridge_pb2.ExecuteReply(result_json=result)
 
     def ExecuteStream(self, request: bridge_pb2.ExecuteRequest,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import inspect
 import sys
 import traceback
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -110,10 +112,21 @@ def _noted(error: ToolError) -> ToolError:
     return error
 
 
+@functools.cache
+def builtin_fields(cls: type) -> tuple[str, ...]:
+    """The public fields that Python's own exception classes among ``cls``'s define in C, rather than in the
+    instance's ``__dict__`` (an OSError's ``errno`` and ``filename``, an ImportError's ``name``), ``args`` aside."""
+    return tuple(name for base in cls.__mro__ if base.__module__ == "builtins" for name, attr in vars(base).items()
+                 if not name.startswith("_") and name != "args"
+                 and isinstance(attr, (types.MemberDescriptorType, types.GetSetDescriptorType)))
+
+
 def _with_attributes(error: ToolError, attributes: dict[str, Any]) -> ToolError:
-    """``error`` with ``attributes`` set, except those with private names or that it has already."""
+    """``error`` with ``attributes`` set, except those with private names or that it has already (other than the
+    fields of its built-in classes, ``builtin_fields``)."""
     for name, value in attributes.items():
-        if name.isidentifier() and not name.startswith("_") and inspect.getattr_static(error, name, _NONE) is _NONE:
+        if name.isidentifier() and not name.startswith("_") and (
+                inspect.getattr_static(error, name, _NONE) is _NONE or name in builtin_fields(type(error))):
             with contextlib.suppress(AttributeError, TypeError):  # a class that takes no new attributes
                 setattr(error, name, value)
     return error

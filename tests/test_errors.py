@@ -130,10 +130,14 @@ def test_a_programs_exception_is_caught_as_its_own_class_as_in_the_kernel(pool: 
 
 def test_a_programs_exception_reads_as_in_the_kernel_with_the_workers_traceback_in_a_note(pool: Pool) -> None:
     def program(kind: str) -> None:
+        if kind == "file":
+            open("/nonexistent/dspex-test")  # noqa: SIM115 -- its errno and filename are an OSError's fields in C
+        if kind == "import":
+            import dspex_no_such_module  # noqa: F401 -- ModuleNotFoundError's name
         raise {"key": KeyError("missing"), "args": ValueError("boom", 3),
                "ours": NotebookError("ours", {"a": [1]})}[kind]
 
-    for kind in ("key", "args", "ours"):
+    for kind in ("key", "args", "ours", "file", "import"):
         with pytest.raises(Exception) as local:
             program(kind)
         for call in (pool.run, lambda p, **kw: pool.run_stream(p, **kw).result()):
@@ -142,6 +146,8 @@ def test_a_programs_exception_reads_as_in_the_kernel_with_the_workers_traceback_
             error, expected = info.value, local.value
             assert (str(error), repr(error), error.args) == (str(expected), repr(expected), expected.args)
             assert traceback.format_exception_only(error)[0] == traceback.format_exception_only(expected)[0]
+            fields = ("errno", "strerror", "filename", "name")
+            assert [getattr(error, f, None) for f in fields] == [getattr(expected, f, None) for f in fields]
             note = error.__notes__[-1]  # the worker's traceback starts at the program's call, as the kernel's does
             assert note.startswith(f"raised on worker {error.worker} (dspex_nb tool 'run_module')"), note
             assert note.splitlines()[2].endswith(", in program") and "dspex_nb" not in note.split("\n", 1)[1]

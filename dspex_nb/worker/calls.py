@@ -14,6 +14,7 @@ Cancelling sets the tool's ``ctx.cancelled``; the producer then closes the tool'
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import threading
@@ -24,7 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from dspex_nb import redact, typed
-from dspex_nb.errors import ResultTooLarge, ToolError
+from dspex_nb.errors import ResultTooLarge, ToolError, builtin_fields
 from dspex_nb.worker import tools
 from dspex_nb.worker.state import WorkerState
 
@@ -161,14 +162,14 @@ def _args(exc: BaseException) -> list[Any] | None:
 
 
 def _attributes(exc: BaseException) -> dict[str, Any]:
-    """The exception's own attributes that are plain JSON values (``typed.plain``), public names only, masked as its
-    message is (an LM's error may quote a key); in order, as many as fit in ``MAX_ATTRIBUTES`` characters. One
-    named as a secret (``api_key``, but also a ``key`` of a lookup) is left out: in the kernel it is missing
-    (AttributeError), never there with another value."""
-    try:
-        items = list(vars(exc).items())
-    except TypeError:  # no __dict__
-        return {}
+    """The exception's own attributes (its built-in classes' fields, ``builtin_fields``, then its ``__dict__``'s)
+    that are plain JSON values (``typed.plain``), public names only, masked as its message is (an LM's error may
+    quote a key); in order, as many as fit in ``MAX_ATTRIBUTES`` characters. One named as a secret
+    (``api_key``, but also a ``key`` of a lookup) is left out: in the kernel it is missing (AttributeError),
+    never there with another value."""
+    items = [(name, getattr(exc, name, None)) for name in builtin_fields(type(exc))]
+    with contextlib.suppress(TypeError):  # no __dict__
+        items += vars(exc).items()
     kept: dict[str, Any] = {}
     budget = MAX_ATTRIBUTES
     for name, value in items:

@@ -102,6 +102,14 @@ def remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolEr
     return _noted(_with_attributes(ToolError(*fields), attributes))
 
 
+def one_line(error: BaseException) -> str:
+    """``error`` as the last line of its traceback reads (``ValueError: boom``); a dspex_nb error that is not
+    also a program's exception class, as its message alone, which says what failed."""
+    if isinstance(error, DspexError) and not hasattr(type(error), "_program_class"):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
 def _noted(error: ToolError) -> ToolError:
     """``error`` with a note that names its worker and tool, and gives the worker's traceback."""
     where = f"on worker {error.worker}" if error.worker else "on the pool"

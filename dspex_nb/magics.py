@@ -31,7 +31,7 @@ from traitlets import Bool, Enum, Integer, Unicode
 from dspex_nb import programs, redact, typed
 from dspex_nb.api import Pool
 from dspex_nb.batch import BatchRun
-from dspex_nb.errors import ArgumentError, DspexError, ToolError
+from dspex_nb.errors import ArgumentError, DspexError, ToolError, one_line
 from dspex_nb.journal import Journal
 from dspex_nb.pool import local
 from dspex_nb.pool.calls import Run
@@ -295,7 +295,7 @@ class Dspex(Magics):
         except SettingError as exc:  # -n 0, --concurrency 0, --timeout -1: named, without a traceback
             raise UsageError(f"%dspex {command}: {exc}") from None
         except (DspexError, SyntaxError) as exc:
-            print(f"dspex: {exc}", file=sys.stderr)
+            print(f"dspex: {one_line(exc) if isinstance(exc, DspexError) else exc}", file=sys.stderr)
 
     dspex.__doc__ = HELP
 
@@ -553,7 +553,7 @@ class Dspex(Magics):
         try:
             info = pool.define(args.name, self.shell.user_ns[args.name])
         except ToolError as exc:
-            print(f"dspex: define {args.name} failed: {exc}\n{exc.remote_traceback}", file=sys.stderr)
+            print(f"dspex: define {args.name} failed: {one_line(exc)}\n{exc.remote_traceback}", file=sys.stderr)
             return
         inputs = ", ".join(info.get("inputs", [])) or "none"
         print(f"dspex: defined {args.name} ({info.get('kind')}; inputs: {inputs}) on {pool.size} workers; "
@@ -583,7 +583,7 @@ class Dspex(Magics):
         except DspexError as exc:  # cancelled, or an LM or tool error (the view shows it too)
             self._store(None, handle)  # nothing computed is lost: `_` keeps what arrived
             kept = "_.records" if isinstance(handle, BatchRun) else "_.chunks"
-            print(f"dspex: {exc}\ndspex: what arrived before is in {kept}", file=sys.stderr)
+            print(f"dspex: {one_line(exc)}\ndspex: what arrived before is in {kept}", file=sys.stderr)
             return
         self._store(args.output, result)
 

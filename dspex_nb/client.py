@@ -211,7 +211,7 @@ class Pool(WorkerPool):
                             f"dspy.Evaluate's options {sorted(EVALUATE_OPTIONS | {'num_threads', 'display_progress'})}"
                             f" and Pool.map's {sorted(MAP_OPTIONS)}")
         if num_threads is not None and "concurrency" not in options:
-            settings.Checker("evaluate").integer("num_threads", num_threads, 1)
+            settings.Checker("evaluate").integer("num_threads", num_threads, 1, settings.MAX_CONCURRENCY * self.size)
             options["concurrency"] = -(-num_threads // self.size)  # per worker
         batch = self.map(program, devset, **options)
         if display if display_progress is None else display_progress:
@@ -254,7 +254,7 @@ class Pool(WorkerPool):
         Returns a ``BatchRun`` at once.
         """
         check = settings.Checker("batch")
-        check.integer("concurrency", concurrency, 1, optional=True)
+        check.integer("concurrency", concurrency, 1, settings.MAX_CONCURRENCY, optional=True)
         check.integer("shard_size", shard_size, 1, optional=True)
         check.integer("max_retries", max_retries, 0)
         check.seconds("timeout", timeout, optional=True)

@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import json
 import keyword
+import math
 import re
 import shlex
 import string
@@ -381,6 +382,10 @@ class Dspex(Magics):
 
     def _lm(self, args: argparse.Namespace) -> None:
         settings = dict(_setting(s) for s in args.set)
+        if args.temperature is not None and not 0 <= args.temperature < math.inf:  # nan too
+            raise UsageError(f"%dspex lm: --temperature must be a finite number >= 0, got {args.temperature}")
+        if args.max_tokens is not None and args.max_tokens < 1:
+            raise UsageError(f"%dspex lm: --max-tokens must be >= 1, got {args.max_tokens}")
         if args.temperature is not None:
             settings["temperature"] = args.temperature
         if args.max_tokens is not None:

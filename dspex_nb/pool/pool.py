@@ -70,7 +70,7 @@ class WorkerPool(Supervision):
         check = settings.Checker("Pool")
         check.integer("workers", workers, 1, MAX_LOCAL_WORKERS if backend == "local" else None)
         check.integer("max_message_mb", max_message_mb, 1, 2047)  # gRPC's limit is a signed 32-bit byte count
-        check.integer("concurrency", concurrency, 1)
+        check.integer("concurrency", concurrency, 1, settings.MAX_CONCURRENCY)
         check.integer("max_in_flight", max_in_flight, 1)
         check.integer("max_queue", max_queue, 0)
         check.integer("max_requests", max_requests, 1, optional=True)

@@ -8,6 +8,9 @@ from typing import Any
 
 from dspex_nb import redact
 
+MAX_CONCURRENCY = 1024  # items (threads) at a time on one worker: concurrency=10**6 started a thread per item of a
+# shard until the worker ran out of threads or memory
+
 
 class SettingError(ValueError):
     """A setting out of its range or of the wrong type; the message names it."""

@@ -18,7 +18,8 @@ from dspex_nb.pool.pool import MAX_LOCAL_WORKERS
     ("health_interval", 1e-6, "health_interval=...) must be a finite number >= 0.05 (seconds), got 1e-06"),
     ("ping_timeout", 1e-4, "ping_timeout=...) must be a finite number >= 0.1 (seconds), got 0.0001"),
     ("max_in_flight", 0, "max_in_flight=...) must be an int >= 1"),
-    ("concurrency", 0, "concurrency=...) must be an int >= 1"),
+    ("concurrency", 0, "concurrency=...) must be an int from 1 to 1024"),
+    ("concurrency", 10**6, "concurrency=...) must be an int from 1 to 1024, got 1000000"),
     ("queue_timeout", float("nan"), "queue_timeout=...) must be a finite number > 0"),
     ("max_message_mb", 4096, "max_message_mb=...) must be an int from 1 to 2047"),
     ("lm_kwargs", "x", "lm_kwargs=...) must be None or a dict with str keys"),
@@ -34,8 +35,8 @@ def test_bad_pool_settings_are_named(setting: str, value: object, message: str) 
         Pool(**{setting: value})
 
 
-@pytest.mark.parametrize("option, value", [("concurrency", 0), ("item_timeout", -1.0), ("max_retries", -1),
-                                           ("shard_size", 0)])
+@pytest.mark.parametrize("option, value", [("concurrency", 0), ("concurrency", 2000), ("item_timeout", -1.0),
+                                           ("max_retries", -1), ("shard_size", 0)])
 def test_bad_batch_settings_are_named(pool: Pool, option: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"batch\\({option}=...\\)"):
         pool.batch(["q"], "question -> answer", **{option: value})

@@ -268,3 +268,5 @@ def test_a_programs_exception_keeps_its_attributes_from_an_actor(pool: Pool) -> 
         with pytest.raises(CodedError) as info:
             call(program, code=7)
         assert info.value.code == 7 and isinstance(info.value, ToolError)
+        assert (str(info.value), info.value.args) == ("failed with 7", ("failed with 7",))  # as in the kernel
+        assert "raised on worker" in info.value.__notes__[-1] and "in program" in info.value.__notes__[-1]

@@ -3,9 +3,16 @@ memory it reports passes max_memory_mb; work in flight on it finishes first."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
 from helpers import wait_until
 
 from dspex_nb import Pool
+from dspex_nb.pool import supervision
 
 
 def recycled(pool: Pool, worker: str, times: int) -> dict | None:
@@ -55,3 +62,33 @@ def test_a_memory_limit_below_a_fresh_worker_is_reported_not_recycled_forever() 
         for _ in range(20):  # calls, and health rounds meanwhile: the worker stays
             assert pool.execute("echo", {"x": 1}) == {"x": 1}
         assert pool.status()[0]["recycles"] == 0 and pool.status()[0]["pid"] == pid
+
+
+def spin(started: str) -> str:
+    """A program stuck in its own code (it makes no LM call, where a cancelled program stops)."""
+    Path(started).touch()
+    while True:
+        pass
+
+
+def block(started: str) -> str:
+    """A program stuck in a blocking call of its own (a tool that waits forever)."""
+    Path(started).touch()
+    threading.Event().wait()
+    return started
+
+
+@pytest.mark.parametrize("program", [spin, block])
+def test_a_cancelled_program_that_goes_on_running_is_ended_by_a_recycle(
+        program: Callable[[str], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(supervision, "CANCEL_GRACE", 1.0)
+    started = tmp_path / "started"
+    with Pool(workers=1, health_interval=0.1, journal=False) as pool:
+        pid = pool.status()[0]["pid"]
+        run = pool.run_stream(program, started=str(started))
+        wait_until(started.exists, what="the program to start")
+        run.cancel()
+        row = wait_until(lambda: recycled(pool, "w0", 1), what="its worker to be recycled")
+        assert row["pid"] != pid and "a cancelled call's program went on running" in row["last_error"]
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert pool.run("question -> answer", question="after?").answer.startswith("Demo LM answer to 'after?'")

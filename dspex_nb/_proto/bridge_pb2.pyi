@@ -11,16 +11,18 @@ class PingRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PingReply(_message.Message):
-    __slots__ = ("pid", "worker_id", "run_id", "rss_bytes")
+    __slots__ = ("pid", "worker_id", "run_id", "rss_bytes", "cancelled_running_s")
     PID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_RUNNING_S_FIELD_NUMBER: _ClassVar[int]
     pid: int
     worker_id: str
     run_id: str
     rss_bytes: int
-    def __init__(self, pid: _Optional[int] = ..., worker_id: _Optional[str] = ..., run_id: _Optional[str] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
+    cancelled_running_s: float
+    def __init__(self, pid: _Optional[int] = ..., worker_id: _Optional[str] = ..., run_id: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., cancelled_running_s: _Optional[float] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()

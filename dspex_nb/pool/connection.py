@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from dspex_nb.errors import DspexError
 from dspex_nb.pool.calls import ChunkSource
@@ -29,9 +29,16 @@ class ConnectionClosed(Exception):
     """The connection was closed (its worker is being replaced, or the pool shut down)."""
 
 
+class Health(NamedTuple):
+    """What a ping says of a worker."""
+
+    rss: int  # its resident bytes
+    cancelled_running: float  # seconds the program of a cancelled call has gone on running since (0: none)
+
+
 class Pending(Protocol):
-    def result(self) -> int:
-        """The worker's resident bytes; raises if the ping failed or timed out."""
+    def result(self) -> Health:
+        """Raises if the ping failed or timed out."""
 
 
 class Connection(Protocol):

@@ -25,7 +25,7 @@ from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.errors import CallTimeout, DspexError, MessageTooLarge, WorkerStartError, remote_error
 from dspex_nb.pool import stale
 from dspex_nb.pool.calls import Chunk, decode_chunks
-from dspex_nb.pool.connection import ConnectionClosed, Died, WorkerSpec, left
+from dspex_nb.pool.connection import ConnectionClosed, Died, Health, WorkerSpec, left
 from dspex_nb.pool.process import ProcessHandle, WorkerProcess, interpreter, worker_env
 from dspex_nb.pool.template import FORK_TIMEOUT, Template
 from dspex_nb.wire import LM_KWARGS_ENV, health_address, message_options
@@ -285,9 +285,10 @@ class _Ping:
     def __init__(self, future: Any) -> None:
         self._future = future
 
-    def result(self) -> int:
+    def result(self) -> Health:
         try:
-            return self._future.result().rss_bytes
+            reply = self._future.result()
+            return Health(reply.rss_bytes, reply.cancelled_running_s)
         except (grpc.RpcError, ValueError) as err:  # ValueError: its channel was closed meanwhile
             raise ConnectionClosed(str(err)) from None
 

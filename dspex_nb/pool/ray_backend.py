@@ -25,7 +25,7 @@ from typing import Any
 from dspex_nb import redact
 from dspex_nb.errors import CallTimeout, DspexError, WorkerDied, WorkerStartError, remote_error
 from dspex_nb.pool.calls import Chunk, decode_chunks
-from dspex_nb.pool.connection import ConnectionClosed, Died, WorkerSpec, left
+from dspex_nb.pool.connection import ConnectionClosed, Died, Health, WorkerSpec, left
 
 try:
     import ray
@@ -208,7 +208,7 @@ class RayConnection:
         except (RayActorError, RayTaskError, ConnectionClosed) as err:
             self.process.died(err)
             return False
-        self.process.pid, _, self.process.node, self.process.node_id = pinged
+        self.process.pid, _, self.process.node, self.process.node_id, _ = pinged
         return True
 
     def ping(self, timeout: float) -> _Ping:
@@ -256,10 +256,10 @@ class _Ping:
     def __init__(self, conn: RayConnection, ref: Any, timeout: float) -> None:
         self._conn, self._ref, self._timeout = conn, ref, timeout
 
-    def result(self) -> int:
+    def result(self) -> Health:
         try:
-            _, rss, _, _ = ray.get(self._ref, timeout=self._timeout)
-            return rss
+            _, rss, _, _, cancelled_running = ray.get(self._ref, timeout=self._timeout)
+            return Health(rss, cancelled_running)
         except RayActorError as err:
             self._conn.process.died(err)
             raise ConnectionClosed(str(err)) from None

@@ -17,6 +17,8 @@ from dspex_nb.pool.process import describe_exit
 from dspex_nb.pool.worker import DRAINING, FAILED, READY, RESTARTING, Worker
 
 HUNG_AFTER_FAILED_PINGS = 2
+CANCEL_GRACE = 10.0  # seconds a cancelled call's program may go on running (it stops at its next LM call) before
+# its worker is recycled: a loop or a blocking tool of the program would otherwise keep a core or a thread forever
 RETRY_FAILED_AFTER = 5.0  # seconds before the health thread tries a slot that failed to restart again
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ class Supervision:
                     pings.append((worker, worker.conn.ping(self.ping_timeout)))
         for worker, ping in pings:
             try:
-                worker.rss = ping.result()
+                worker.rss, cancelled_running = ping.result()
                 worker.start_rss = worker.start_rss or worker.rss
                 worker.failed_pings = 0
             except ConnectionClosed:
@@ -59,12 +61,15 @@ class Supervision:
                     self._replace(worker, f"stopped answering pings ({worker.failed_pings} missed)",
                                   expected=worker.state)
                 continue
-            reason = self._recycle_reason(worker) if worker.state == READY else ""
+            reason = self._recycle_reason(worker, cancelled_running) if worker.state == READY else ""
             if reason:
                 self._drain(worker, reason)
 
-    def _recycle_reason(self, worker: Worker) -> str:
+    def _recycle_reason(self, worker: Worker, cancelled_running: float) -> str:
         """Why ``worker`` is due to be replaced on purpose (empty when it is not)."""
+        if cancelled_running >= CANCEL_GRACE:
+            return (f"a cancelled call's program went on running {cancelled_running:.0f} s after its cancel (code "
+                    "that does not return to DSPy, such as a loop or a blocking tool): recycled to end it")
         if self.max_requests is not None and worker.served >= self.max_requests:
             return f"served {worker.served} calls (max_requests={self.max_requests})"
         if self.ttl is not None and time.monotonic() - worker.ready_at >= self.ttl:

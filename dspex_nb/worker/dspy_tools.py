@@ -323,13 +323,14 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             yield Emit("status", {"message": f"running {_label(program)} (its tokens are not streamed: DSPy's "
                                              f"StreamListener cannot read the fields of {unread})"})
         if listeners:
-            always = _AlwaysPrediction(program, ctx.cancelled)
+            always = _AlwaysPrediction(program, ctx)
             streamed = dspy.streamify(always, stream_listeners=listeners)
             values = _async_items(lambda: streamed(**inputs), always.settled)
         else:
             if ctx.streaming and not unread:
                 yield Emit("status", {"message": f"running {_label(program)} (no str output field to stream)"})
-            output = _awaited(programs.invoke(program, inputs))
+            with ctx.program_running():
+                output = _awaited(programs.invoke(program, inputs))
             values = _values_of(output)
             if values is None:
                 return _with_extras(program, steps, trace, output_json(output, costs.tokens(), costs.total),
@@ -373,10 +374,10 @@ class _Boxed(dspy.Prediction):
 class _AlwaysPrediction(dspy.Module):
     """``program``, returning a Prediction: streamify waits forever for one after any other result."""
 
-    def __init__(self, program: dspy.Module, cancelled: CancelEvent) -> None:
+    def __init__(self, program: dspy.Module, ctx: ToolContext) -> None:
         super().__init__()
         self.program = program
-        self.cancelled = cancelled
+        self.ctx = ctx
         self._lock = threading.Lock()
         self._running = 0
         self._closed = False
@@ -401,9 +402,10 @@ class _AlwaysPrediction(dspy.Module):
         # the program's modules and tools down another path, whose stack frames a ReAct's failed tool shows in
         # its trajectory (its next prompt): the answers would differ from a call of the program
         callbacks = [c for c in dspy.settings.callbacks if not isinstance(c, StatusStreamingCallback)]
-        _stop_when(self.cancelled, callbacks)
+        _stop_when(self.ctx.cancelled, callbacks)
         try:
-            with dspy.context(send_stream=_FromThisThread(dspy.settings.send_stream), callbacks=callbacks):
+            with dspy.context(send_stream=_FromThisThread(dspy.settings.send_stream), callbacks=callbacks), \
+                    self.ctx.program_running():
                 output = _awaited(programs.invoke(self.program, inputs))  # an async program runs to its end here
         finally:
             with self._lock:
@@ -693,7 +695,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
             raise Cancelled("the batch was cancelled before this item started")
         try:
             events.put((index, None))
-            with _tracked(settings) as costs:
+            with _tracked(settings) as costs, ctx.program_running():
                 output = _run_to_end(_awaited(programs.invoke(make(), inputs)))
             return output_json(output, costs.tokens(), costs.total)
         finally:

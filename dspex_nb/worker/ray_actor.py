@@ -44,11 +44,13 @@ class RayWorker:
         self._early: dict[str, float] = {}  # ids cancelled before their call got here -> when
         self._lock = threading.Lock()
 
-    def ping(self) -> tuple[int, int, str, str]:
-        """pid, resident bytes, and its node: IP address and Ray node id."""
+    def ping(self) -> tuple[int, int, str, str, float]:
+        """pid, resident bytes, its node (IP address and Ray node id), and the seconds the program of a cancelled
+        call has gone on running since its cancel (``WorkerState.cancelled_running``)."""
         import ray
 
-        return os.getpid(), rss_bytes(), ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
+        return (os.getpid(), rss_bytes(), ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id(),
+                self.state.cancelled_running())
 
     def describe(self) -> dict[str, Any]:
         return describe(self.state)

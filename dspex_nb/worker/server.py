@@ -24,7 +24,7 @@ class Bridge(bridge_pb2_grpc.BridgeServicer):
 
     def Ping(self, request: bridge_pb2.PingRequest, context: grpc.ServicerContext) -> bridge_pb2.PingReply:
         return bridge_pb2.PingReply(pid=os.getpid(), worker_id=self.state.worker_id, run_id=self.state.run_id,
-                                    rss_bytes=rss_bytes())
+                                    rss_bytes=rss_bytes(), cancelled_running_s=self.state.cancelled_running())
 
     def Describe(self, request: bridge_pb2.DescribeRequest,
                  context: grpc.ServicerContext) -> bridge_pb2.DescribeReply:

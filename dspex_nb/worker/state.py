@@ -87,6 +87,7 @@ class WorkerState:
     total: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _slots: dict[str, list[Any]] = field(default_factory=dict)  # group -> [semaphore, calls using it]
+    _programs: dict[Any, int] = field(default_factory=dict)  # a call's cancel event -> its programs running
 
     def __post_init__(self) -> None:
         self.sessions = Sessions(self.worker_id, self.session_ttl)
@@ -102,6 +103,25 @@ class WorkerState:
         finally:
             with self._lock:
                 self.active -= 1
+
+    @contextmanager
+    def running(self, cancelled: Any) -> Iterator[None]:
+        """Count a program of the call that ``cancelled`` (its ``CancelEvent``) cancels as running in the block."""
+        with self._lock:
+            self._programs[cancelled] = self._programs.get(cancelled, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._programs[cancelled] -= 1
+                if not self._programs[cancelled]:
+                    del self._programs[cancelled]
+
+    def cancelled_running(self) -> float:
+        """Seconds the program of a cancelled call has gone on running since its cancel (the longest; 0: none)."""
+        with self._lock:
+            cancels = [event.set_at for event in self._programs if event.set_at is not None]
+        return time.monotonic() - min(cancels) if cancels else 0.0
 
     @contextmanager
     def slots(self, group: str, size: int, cancelled: threading.Event) -> Iterator[Slots]:

@@ -12,9 +12,11 @@ called through ``Execute`` (only the final result comes back) or ``ExecuteStream
 from __future__ import annotations
 
 import builtins
+import contextlib
 import inspect
 import os
 import threading
+import time
 import typing
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ class CancelEvent(threading.Event):
 
     def __init__(self) -> None:
         super().__init__()
+        self.set_at: float | None = None  # time.monotonic() of the cancel
         self._hooks: list[Callable[[], Any]] = []
         self._hooks_lock = threading.Lock()
 
@@ -57,6 +60,8 @@ class CancelEvent(threading.Event):
 
     def set(self) -> None:
         with self._hooks_lock:
+            if self.set_at is None:
+                self.set_at = time.monotonic()
             super().set()
             hooks, self._hooks = self._hooks, []
         for hook in hooks:
@@ -71,6 +76,10 @@ class ToolContext:
     cancelled: CancelEvent = field(default_factory=CancelEvent)
     session_id: str = ""
     worker: Any = None  # the WorkerState: LM, counters
+
+    def program_running(self) -> contextlib.AbstractContextManager[None]:
+        """Around code of the program's: the worker counts it as running, and after a cancel, as going on."""
+        return self.worker.running(self.cancelled)
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True when the call was cancelled meanwhile."""

@@ -376,8 +376,8 @@ class BatchRun(Handle):
         if self._on_item is not None:
             try:
                 self._on_item(record)
-            except Exception as exc:  # the caller's callback broke: stop the batch, keep what arrived
-                self._fail(exc)
+            except BaseException as exc:  # the caller's callback broke (SystemExit too): stop the batch, keep
+                self._fail(exc)  # what arrived; result() raises it
 
     def _fail(self, error: BaseException) -> None:
         """Stop the batch because of ``error`` (``result()`` raises it; finished records are kept)."""

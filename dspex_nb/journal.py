@@ -131,9 +131,13 @@ class Journal:
     def _open(self) -> sqlite3.Connection:
         # private from the start (WAL files follow); never through a link, never a file of another user
         self._check_place()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)  # a FIFO: no wait
         try:
-            if os.fstat(fd).st_uid != os.getuid():
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):  # /dev/null: made 0600 (root may), every other user's writes failed
+                raise PermissionError(f"the batch journal {self.path} is not a file (a device, a pipe, a socket): "
+                                      "refusing to use it (Pool(journal=False) keeps no journal)")
+            if info.st_uid != os.getuid():
                 raise PermissionError(f"the batch journal {self.path} belongs to another user: refusing to use it "
                                       "(Pool(journal=path) or DSPEX_JOURNAL with a file of your own)")
             os.fchmod(fd, 0o600)

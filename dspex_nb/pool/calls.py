@@ -314,7 +314,8 @@ class Run(Handle):
                 self._error = err
         except StopStream:
             self.cancel()
-        except Exception as exc:  # the on_chunk callback failed: stop the remote work, keep its error
+        except BaseException as exc:  # the on_chunk callback failed (SystemExit, asyncio.CancelledError too):
+            # stop the remote work, keep its error for result()
             self._error = exc
             self._source.cancel()
         finally:

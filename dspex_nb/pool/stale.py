@@ -1,13 +1,14 @@
 """Stale cleanup: find and end worker processes that an earlier pool of this user left behind.
 
 Every pool writes ``pool.json`` (0600) in its private socket directory (0700): its owner's pid and
-start time, its run id, and its workers' pids with their start times. Workers normally exit when
-their owner dies (their stdin closes), but a stopped or wedged one cannot. A new pool looks at the
-directories of *this user* whose owner is gone (no such pid, or a pid reused by another process)
-and SIGKILLs the workers listed there that still run ``dspex_nb.worker`` with that run id, then
-removes the directory. A live owner's pool (another kernel), another user's directories, links, and
-anything a forged ``pool.json`` points at (a pid of another user, one not started at the recorded
-time, or one without the run id) are never touched.
+start time, its run id, where those pids mean something (host and PID namespace), and its workers' pids
+with their start times. Workers normally exit when their owner dies (their stdin closes), but a stopped
+or wedged one cannot. A new pool looks at the directories of *this user* whose owner is gone (no such
+pid, or a pid reused by another process) and SIGKILLs the workers listed there that still run
+``dspex_nb.worker`` with that run id, then removes the directory. A live owner's pool (another kernel),
+a pool of another host or PID namespace (a container sharing the directory), another user's
+directories, links, and anything a forged ``pool.json`` points at (a pid of another user, one not
+started at the recorded time, or one without the run id) are never touched.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grp
 import json
 import logging
 import os
+import platform
 import pwd
 import re
 import shutil
@@ -81,12 +83,23 @@ def write_owner(directory: Path, run_id: str, workers: list[int]) -> None:
     """Record (atomically, mode 0600) who owns ``directory`` and which worker pids it started, each with
     its start time (so a reused pid is never taken for one of ours)."""
     record = {"owner_pid": os.getpid(), "owner_start": start_time(os.getpid()), "run_id": run_id,
-              "workers": [{"pid": pid, "start": start_time(pid)} for pid in workers]}
+              "pid_space": pid_space(), "workers": [{"pid": pid, "start": start_time(pid)} for pid in workers]}
     tmp = directory / f".{OWNER_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as out:
         json.dump(record, out)
     tmp.replace(directory / OWNER_FILE)
+
+
+def pid_space() -> str:
+    """Where this process's pids mean what they say: its host and PID namespace. A runtime directory may be shared
+    with a container (pids of its own) or another host (a network file system); a pool there must not be judged
+    dead because its owner's pid is no process here."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # no /proc (macOS): the host alone
+        namespace = ""
+    return f"{platform.node()} {namespace}"
 
 
 def _private(path: Path, kind: int) -> bool:
@@ -116,6 +129,8 @@ def _leftovers(directory: Path) -> tuple[str, list[int]] | None:
         record = json.load(source)
     run_id = record["run_id"]
     if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        return None
+    if record.get("pid_space", pid_space()) != pid_space():  # its pids are another machine's: alive or not, unknown
         return None
     owner_start = start_time(int(record["owner_pid"]))
     if owner_start is not None and owner_start == record["owner_start"]:

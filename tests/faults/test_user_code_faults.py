@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -59,6 +60,34 @@ def test_input_in_a_program_fails_at_once_and_the_worker_lives(pool: Pool) -> No
 def test_fail_takes_only_exception_names(pool: Pool) -> None:
     with pytest.raises(ArgumentError, match="must name a built-in exception, got 'eval'"):
         pool.execute("fail", {"message": "print('pwned')", "type": "eval"})
+
+
+CALLBACK_EXITS = [SystemExit(3), asyncio.CancelledError()]  # BaseExceptions a callback may raise
+
+
+@pytest.mark.parametrize("exit_", CALLBACK_EXITS, ids=lambda exc: type(exc).__name__)
+def test_an_on_chunk_callback_raising_a_base_exception_fails_the_run(pool: Pool, exit_: BaseException) -> None:
+    def on_chunk(chunk: Chunk) -> None:
+        if chunk.seq > 10:
+            raise exit_
+
+    run = pool.execute_stream("count", {"n": 1_000_000}, on_chunk=on_chunk, timeout=60)
+    with pytest.raises(type(exit_)):  # without the fix: result() returned None, the status "done"
+        run.result(60)
+    assert run.status == "failed" and run.error is exit_
+    assert pool.execute("echo", {"alive": True}) == {"alive": True}
+
+
+@pytest.mark.parametrize("exit_", CALLBACK_EXITS, ids=lambda exc: type(exc).__name__)
+def test_an_on_item_callback_raising_a_base_exception_fails_the_batch(pool: Pool, exit_: BaseException) -> None:
+    def on_item(record: dict) -> None:
+        if record["index"] == 1:
+            raise exit_
+
+    batch = pool.batch(["a", "b", "c", "d"], "question -> answer", on_item=on_item, shard_size=1, journal=False)
+    with pytest.raises(type(exit_)):  # without the fix: items the pool computed failed ("the shard ended
+        batch.result(60)  # without this item") and the batch was "done"
+    assert batch.status == "failed" and batch.records[1]["ok"]
 
 
 def test_a_slow_consumer_makes_the_producer_wait(pool: Pool) -> None:

@@ -148,3 +148,22 @@ def test_a_journal_that_cannot_be_opened_costs_no_batch(tmp_path: Path) -> None:
         assert again.result(60) == results and again.from_journal == 3  # kept in memory for this kernel
     assert all(r["answer"].startswith(f"Demo LM answer to '{q}'") for r, q in zip(results, items, strict=True))
     assert str(blocked) in batch.warning and "kept in memory" in batch.warning
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_journal_path_that_is_not_a_file_is_refused_untouched(tmp_path: Path, kind: str) -> None:
+    # DSPEX_JOURNAL=/dev/null, to turn the journal off: as root, it was made 0600 (every other user's writes to
+    # /dev/null failed) and SQLite put a /dev/null-journal beside it
+    path = tmp_path / "null"
+    if kind == "fifo":
+        os.mkfifo(path, 0o666)
+    elif os.getuid() == 0:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # the same device as /dev/null
+    else:
+        pytest.skip("making a device node needs root")
+    os.chmod(path, 0o666)
+    with pytest.raises(PermissionError, match="is not a file"):
+        Journal(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 and os.listdir(tmp_path) == ["null"]
+    with pytest.warns(JournalWarning, match="is not a file"):  # a batch runs with a journal in memory instead
+        assert Pool(workers=1, journal=path).journal is not None

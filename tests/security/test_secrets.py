@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import dspy
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
@@ -103,3 +104,20 @@ def test_a_key_cut_by_the_end_of_a_kept_repr_is_masked_whole(monkeypatch: pytest
     monkeypatch.setenv("MY_SERVICE_API_KEY", SECRET)
     kept = typed.encode(_LongRepr())["repr"]
     assert len(kept) == 2000 and kept.startswith("x" * 1990) and SECRET[:10] not in kept
+
+
+def test_a_password_in_a_url_is_masked_in_text() -> None:
+    shown = text("ProxyError: https://me:p%40ss-unseen@proxy.example:8080 refused; see ftp://anon@host, mailto:a@b")
+    assert shown == "ProxyError: https://me:***@proxy.example:8080 refused; see ftp://anon@host, mailto:a@b"
+
+
+def test_a_password_in_an_lm_url_is_masked_where_it_shows() -> None:
+    # a LiteLLM proxy or Ollama behind basic auth: api_base="http://user:password@host/v1". describe() showed the
+    # URL whole, and an LM error quoted it without its scheme ("failed to connect to bob:...@127.0.0.1:9")
+    settings = {"api_key": SECRET, "api_base": "http://bob:url-password-0815@127.0.0.1:9/v1", "num_retries": 0}
+    with Pool(workers=1, lm="openai/gpt-4o-mini", lm_kwargs=settings, journal=False) as pool:
+        described = pool.describe()
+        with pytest.raises(ToolError) as caught:  # nothing listens on port 9: connection refused
+            pool.run(dspy.Predict("question -> answer"), question="hi")
+    shown = repr(described) + str(caught.value) + caught.value.remote_traceback + "".join(caught.value.__notes__)
+    assert "127.0.0.1:9" in shown and "url-password-0815" not in shown

@@ -86,6 +86,19 @@ def test_a_forged_pool_directory_cannot_end_a_live_pool(forge: Callable[[Path, P
     assert (root / "elsewhere").exists() or forge is not linked  # nothing behind a link is removed
 
 
+def test_a_pool_of_another_host_or_pid_namespace_is_left_alone(pool: Pool, tmp_path: Path) -> None:
+    # a runtime directory shared with a container (a pod's shared /tmp) or another host (a network file system):
+    # its owner's pid is no process here, or another one. Was: the directory was removed, and the live pool's
+    # calls then failed ("no worker had room"), its sockets gone
+    root = tmp_path / "runtime"
+    root.mkdir(mode=0o700)
+    directory = write(root / "dspex-elsewhere", forged_record(pool, pid_space="another-host pid:[4026532000]"))
+    pids = [row["pid"] for row in pool.status()]  # as pids there that happen to be in use here
+    assert stale.cleanup(root) == []
+    assert (directory / stale.OWNER_FILE).exists() and all(pid_alive(pid) for pid in pids)
+    assert json.loads((pool.backend.dir / stale.OWNER_FILE).read_text())["pid_space"] == stale.pid_space()
+
+
 def test_pool_json_is_private(pool: Pool) -> None:
     assert pool.backend.dir is not None
     assert oct(os.stat(pool.backend.dir / stale.OWNER_FILE).st_mode & 0o777) == oct(0o600)

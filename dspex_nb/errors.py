@@ -83,7 +83,8 @@ def remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolEr
     from dspex_nb import redact  # the kernel masks too: its environment is the workers'
 
     type_ = info["type"]
-    fields = (tool, type_, redact.text(info["message"]), redact.text(info.get("traceback", ""), limit=None), worker)
+    fields = (tool, type_, redact.text(info["message"], limit=None), redact.text(info.get("traceback", ""), limit=None),
+              worker)  # the worker cut them
     if type_ in REMOTE_ERROR_TYPES:
         return REMOTE_ERROR_TYPES[type_](*fields)
     attributes = redact.mapping(dict(info.get("attributes") or {}))

@@ -16,6 +16,7 @@ import keyword
 import math
 import re
 import shlex
+import sqlite3
 import string
 import sys
 import threading
@@ -524,13 +525,18 @@ class Dspex(Magics):
         if pool is not None and pool.journal is None:
             print(f"dspex: pool {args.pool!r} keeps no journal (Pool(journal=False))")
             return
-        journal = pool.journal if pool is not None else Journal()  # no need to start workers to read a file
+        try:
+            journal = pool.journal if pool is not None else Journal()  # no need to start workers to read a file
+        except (OSError, sqlite3.Error) as exc:  # a pipe, a place other users may write to, a disk error
+            raise UsageError(f"%dspex journal: {exc}") from None
         try:
             if args.action == "clear":
                 removed = journal.clear(args.key)
                 print(f"dspex: cleared {removed} batch{'es' * (removed != 1)} from {journal.path}")
                 return
             batches = [b for b in journal.batches() if b["key"].startswith(args.key or "")]
+        except sqlite3.Error as exc:  # locked by another kernel's long write, a disk error...
+            raise UsageError(f"%dspex journal: the batch journal {journal.path} cannot be used now: {exc}") from None
         finally:
             if pool is None:
                 journal.close()

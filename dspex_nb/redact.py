@@ -18,6 +18,7 @@ from typing import Any
 
 MASK = "***"
 MAX_MESSAGE = 4000  # characters of an error message kept (a repr of a large object says little more)
+SECRET_ROOM = 4096  # characters after those kept that are masked too: a secret cut by the end is masked whole
 _SECRET_NAME = re.compile(r"key(?!word)|(?<!per_)token(?!s\b|s_|_count|izer)|secret|passw|authoriz|credential|cookie",
                           re.IGNORECASE)  # not counts (max_tokens, answer_tokens), nor the demo LM's per_token delay
 # api_key='sk-...', "aws_secret_access_key": "...", ?key=..., Authorization: Bearer ... The match starts at the
@@ -73,14 +74,18 @@ def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
 
 
 def text(value: str, limit: int | None = MAX_MESSAGE) -> str:
-    """``value`` with every secret masked (and, with ``limit``, shortened)."""
+    """``value`` with every secret masked (and, with ``limit``, shortened: what is cut is not searched, so a 50 MB
+    message costs no more than a short one)."""
+    cut = 0
+    if limit is not None and len(value) > limit + SECRET_ROOM:
+        cut, value = len(value) - limit - SECRET_ROOM, value[:limit + SECRET_ROOM]
     for secret in secret_values():
         value = value.replace(secret, MASK)
     value = _ASSIGNED.sub(lambda m: m.group(1) + MASK, value)
     value = _BEARER.sub(lambda m: m.group(1) + MASK, value)
     value = _USERINFO.sub(lambda m: m.group(1) + MASK, value)
     if limit is not None and len(value) > limit:
-        value = value[:limit] + f"… ({len(value) - limit} more characters)"
+        value = value[:limit] + f"… ({len(value) - limit + cut} more characters)"
     return value
 
 

@@ -53,7 +53,6 @@ TRACE = "__dspex_trace__"  # beside a program's output, where the kernel asked: 
 HISTORY = "__dspex_history__"  # beside a program's output, where the kernel asked: its LM calls' history entries
 RESERVED = (USAGE, COMPLETIONS, LM_USAGE, COST, TRACE, HISTORY)
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
-_SECRET_ROOM = 4096  # characters after those masked too: a secret cut by the end of the repr kept is masked whole
 
 
 class NotPortable(DspexError):
@@ -249,7 +248,7 @@ def _opaque(value: Any, reason: str = "") -> dict[str, Any]:
     """``value`` as its class and its repr, and ``reason``: why it has no JSON form, where that is not plain. The
     repr has its secrets masked (a client holding its key, ``os.environ``) before it is shortened (so no part of
     one is left): it is shown in errors and dashboards, and kept in the journal."""
-    text = redact.text(repr(value)[:_OPAQUE_REPR + _SECRET_ROOM], limit=None)  # not all of a 26 MB repr
+    text = redact.text(repr(value)[:_OPAQUE_REPR + redact.SECRET_ROOM], limit=None)  # not all of a 26 MB repr
     return {TAG: "opaque", "class": class_path(type(value)), "repr": text[:_OPAQUE_REPR],
             **({"reason": reason} if reason else {})}
 

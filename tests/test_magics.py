@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from helpers import TWO_STEP, pid_alive, wait_until
@@ -147,6 +149,16 @@ def test_journal_magic_and_a_rerun_from_the_journal(sh: Shell) -> None:
     assert "0 batches\n" in out
     out, _ = sh("%dspex journal clear")
     assert out.startswith("dspex: cleared 1 batch from ")
+
+
+def test_a_journal_that_cannot_be_used_is_a_usage_error(sh: Shell, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    monkeypatch.setenv("DSPEX_JOURNAL", str(tmp_path / "pipe"))  # read without a pool: DSPEX_JOURNAL's journal
+    assert "is not a file (a device, a pipe, a socket)" in sh.usage_error("%dspex journal list --pool nopool")
+    (tmp_path / "dir").mkdir()
+    monkeypatch.setenv("DSPEX_JOURNAL", str(tmp_path / "dir"))
+    assert "Is a directory" in sh.usage_error("%dspex journal clear --pool nopool")
 
 
 def test_batch_of_dicts_and_of_cell_lines(sh: Shell) -> None:

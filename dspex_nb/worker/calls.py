@@ -155,7 +155,7 @@ def _args(exc: BaseException) -> list[Any] | None:
     """The exception's ``args`` where each is a plain JSON value (``typed.plain``), masked, and they fit in
     ``MAX_ATTRIBUTES`` characters; None otherwise (the kernel's error then has the message as its one arg)."""
     args = list(exc.args)
-    if not typed.plain(args):
+    if not typed.plain(args) or len(dumps(args)) > MAX_ATTRIBUTES:  # measured first: masking 50 MB takes seconds
         return None
     masked = redact.mapping(args)
     return masked if len(dumps(masked)) <= MAX_ATTRIBUTES else None
@@ -174,6 +174,8 @@ def _attributes(exc: BaseException) -> dict[str, Any]:
     budget = MAX_ATTRIBUTES
     for name, value in items:
         if not isinstance(name, str) or name.startswith("_") or redact.is_secret_name(name) or not typed.plain(value):
+            continue
+        if len(dumps(value)) > budget:  # measured first: masking 50 MB takes seconds
             continue
         masked = {name: redact.mapping(value)}
         size = len(dumps(masked))

@@ -213,6 +213,10 @@ class Cancelled(DspexError):
     """The call was cancelled (``run.cancel()``, a callback that returned False, or Ctrl-C)."""
 
 
+class ChunksDropped(UserWarning):
+    """An iteration of a ``Run`` fell more than its ``keep_chunks`` behind: the oldest of those were dropped."""
+
+
 class CallbacksNotRun(UserWarning):
     """The kernel's DSPy callbacks do not see a call that runs on the pool."""
 

@@ -14,6 +14,7 @@ import json
 import signal
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,6 +23,7 @@ from dspex_nb import typed
 from dspex_nb.errors import (
     ArgumentError,
     Cancelled,
+    ChunksDropped,
     DspexError,
     MessageTooLarge,
     StopStream,
@@ -401,7 +403,7 @@ class Run(Handle):
 
     def __iter__(self) -> Iterator[Chunk]:
         """Every chunk, from the first, as it arrives; ends with the stream. Ctrl-C cancels."""
-        index = 0
+        index, warned = 0, False
         while True:
             with self._cond:
                 while index >= self.received and not self.done:
@@ -412,7 +414,12 @@ class Run(Handle):
                         raise
                 if index >= self.received:
                     return
-                index = max(index, self.dropped)  # a reader slower than keep_chunks skips what was dropped
+                if index < self.dropped:  # a reader slower than keep_chunks skips what was dropped: says so, once
+                    if not warned:
+                        warnings.warn(f"this iteration of {self!r} fell {self.dropped - index} chunks behind; they "
+                                      f"were dropped (keep_chunks={self.keep_chunks}: execute_stream(..., "
+                                      "keep_chunks=None) keeps all)", ChunksDropped, stacklevel=2)
+                    index, warned = self.dropped, True
                 chunk = self.chunks[index - self.dropped]
             index += 1
             yield chunk

@@ -17,7 +17,7 @@ import pytest
 from helpers import pid_alive, wait_until
 
 from dspex_nb import Pool
-from dspex_nb.errors import ArgumentError, DspexError, ToolError, WorkerStartError
+from dspex_nb.errors import ArgumentError, ChunksDropped, DspexError, ToolError, WorkerStartError
 from dspex_nb.pool.calls import Chunk, Run
 from dspex_nb.pool.process import LOG_LIMIT
 
@@ -146,6 +146,14 @@ def test_a_long_stream_keeps_memory_flat_in_the_kernel(pool: Pool) -> None:
     assert seen >= 1000
     everything = pool.execute_stream("count", {"n": 5000}, keep_chunks=None)
     assert everything.result(60) == {"count": 5000} and len(everything.chunks) == 5001
+
+
+def test_a_reader_that_falls_behind_the_kept_chunks_is_told_what_it_missed(pool: Pool) -> None:
+    run = pool.execute_stream("count", {"n": 5000}, keep_chunks=1000)
+    assert run.result(60) == {"count": 5000}  # the reader starts only now: the first chunks are gone
+    with pytest.warns(ChunksDropped, match=f"fell {run.dropped} chunks behind; they were dropped") as caught:
+        seen = list(run)
+    assert len(caught) == 1 and run.dropped > 0 and len(seen) == 5001 - run.dropped and seen[-1].kind == "final"
 
 
 def restarts(pool: Pool) -> int:

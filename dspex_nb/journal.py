@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS items (
 """
 
 
+JOURNAL_TABLES = {"batches", "claims", "items"}
 NOT_A_JOURNAL = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}  # errors that say the file itself is damaged
 
 
@@ -129,9 +130,11 @@ class Journal:
                                       f"use the journal; {advice}")
 
     def _open(self) -> sqlite3.Connection:
-        # private from the start (WAL files follow); never through a link, never a file of another user
+        # private from the start (WAL files follow); never through a link, never a file of another user, nor a
+        # database of another application
         self._check_place()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)  # a FIFO: no wait
+        db = None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):  # /dev/null: made 0600 (root may), every other user's writes failed
@@ -140,18 +143,22 @@ class Journal:
             if info.st_uid != os.getuid():
                 raise PermissionError(f"the batch journal {self.path} belongs to another user: refusing to use it "
                                       "(Pool(journal=path) or DSPEX_JOURNAL with a file of your own)")
+            db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables - JOURNAL_TABLES:  # its mode, tables and WAL mode would change under the application
+                raise PermissionError(f"the batch journal {self.path} is another SQLite database (its tables: "
+                                      f"{sorted(tables)}): refusing to change it; give the journal a file of its own")
             os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
-        db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
-        try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed row survives a process kill
             db.executescript(SCHEMA)
             db.execute("SELECT COUNT(*) FROM items").fetchone()
-        except sqlite3.DatabaseError:
-            db.close()
+        except BaseException:
+            if db is not None:
+                db.close()
             raise
+        finally:
+            os.close(fd)
         return db
 
     def open_batch(self, key: str, description: str) -> dict[str, dict[str, Any]]:

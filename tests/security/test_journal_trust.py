@@ -167,3 +167,16 @@ def test_a_journal_path_that_is_not_a_file_is_refused_untouched(tmp_path: Path, 
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 and os.listdir(tmp_path) == ["null"]
     with pytest.warns(JournalWarning, match="is not a file"):  # a batch runs with a journal in memory instead
         assert Pool(workers=1, journal=path).journal is not None
+
+
+def test_another_applications_sqlite_database_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(path)) as app:
+        app.execute("CREATE TABLE users (name TEXT)")
+        app.commit()
+    os.chmod(path, 0o644)
+    before = path.read_bytes()
+    with pytest.raises(PermissionError, match=r"is another SQLite database \(its tables: \['users'\]\)"):
+        Journal(path)
+    assert path.read_bytes() == before and stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]  # no -wal, -shm, nor a file moved aside

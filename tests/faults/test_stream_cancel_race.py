@@ -13,20 +13,14 @@ from helpers import wait_until
 from dspex_nb.worker import dspy_tools, tools
 from dspex_nb.worker.calls import drive
 from dspex_nb.worker.demo_lm import make_demo_lm
-
-
-class _Worker:
-    def __init__(self, lm: dspy.LM) -> None:
-        self.lm = lm
-
-    def dspy_settings(self) -> dict:
-        return {"lm": self.lm, "callbacks": []}
+from dspex_nb.worker.state import WorkerState
 
 
 def test_cancel_at_any_moment_closes_the_lm_stream() -> None:
     lm, engine = make_demo_lm(per_token=0.002, answer_tokens=3000)
+    worker = WorkerState("w0", "run", 2**20, lm=lm)
     for i in range(60):
-        ctx = tools.ToolContext(streaming=True, worker=_Worker(lm))
+        ctx = tools.ToolContext(streaming=True, worker=worker)
         gen = dspy_tools._call(dspy.Predict("question -> answer"), {"question": f"long? {i}"}, ctx, settings="")
         first = threading.Event()
 

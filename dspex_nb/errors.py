@@ -75,11 +75,11 @@ def remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolEr
     dspy.utils.exceptions.AdapterParseError`` catches it as in the kernel. Where that is its own class, it reads
     as the kernel's would: its class's name, ``str(e)``, ``e.args`` (where they are plain JSON values); raised as a
     class it derives from, its message names its class (``tool 'run_module' failed on worker w0: CodedError: 7``).
-    Either way it has the exception's plain ``attributes``
-    (``e.code``, an AdapterParseError's ``lm_response``, an LM error's ``status_code``) where they do not clash
-    with the ToolError's own (``tool``, ``message``...); a note (shown under its traceback) names the worker
-    and gives the traceback there. A class whose repr or traceback needs what its own constructor sets, and
-    the attributes do not give, is passed over for the next (urllib's HTTPError without its response)."""
+    Either way it has the exception's plain ``attributes`` (``e.code``, an AdapterParseError's ``lm_response``, an
+    LM error's ``status_code``, an OSError's ``errno``) where they do not clash with the ToolError's own (``tool``,
+    ``message``...), and a note (shown under its traceback) that names the worker and gives the traceback there.
+    A class whose repr or traceback needs what its own constructor sets, and the attributes do not give, is
+    passed over for the next (urllib's HTTPError without its response)."""
     from dspex_nb import redact  # the kernel masks too: its environment is the workers'
 
     type_ = info["type"]

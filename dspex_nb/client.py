@@ -219,6 +219,8 @@ class Pool(WorkerPool):
 
             show_batch(batch, f"evaluate {type(program).__name__}", block=True)
         batch.wait()
+        if batch.status != "done":  # stopped (the view's Stop) or failed: no score of the examples that never ran
+            batch.result()  # raises Cancelled, or the batch's error
         replay = programs.Replay(devset, batch)
         metadata = evaluate.pop("callback_metadata", None)
         return dspy.Evaluate(devset=list(devset), metric=metric, num_threads=1, display_progress=False,

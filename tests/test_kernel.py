@@ -420,3 +420,20 @@ def test_stop_landing_while_the_view_draws_itself_still_leaves_the_answer_in_the
     assert final, "the live view was never replaced by its static rendering"
     assert "application/vnd.jupyter.widget-view+json" not in final[-1]
     assert final[-1]["text/plain"].splitlines()[-1].startswith("cancelled · predict on w")
+
+
+API = ("import dspy\n"
+       "qa = dspy.Predict('question -> answer')\n"
+       "pool = get_ipython().find_line_magic('dspex').__self__.pool\n")
+
+
+def test_stop_during_evaluate_raises_cancelled_rather_than_scoring_what_never_ran(kernel: Kernel) -> None:
+    """Stop on ``pool.evaluate``'s view stops its batch; the examples that never ran are not scored as failures
+    (which gave a low score, or DSPy's 'Execution cancelled due to errors' after ten error lines)."""
+    kernel.run(API)
+    with kernel.demo_lm("--set ttft=0.2"):
+        cell = click_stop_while_blocked(
+            kernel, "devset = [dspy.Example(question=f'q{i}?', answer='a').with_inputs('question') for i in range(300)]\n"
+                    "pool.evaluate(qa, devset, lambda example, pred, trace=None: 1.0, journal=False)")
+    assert cell.error.startswith("Cancelled: the batch was cancelled after "), cell.error
+    assert "Average Metric" not in cell.stderr and "Error for Example" not in cell.stderr, cell.stderr

@@ -168,7 +168,7 @@ def run_batch_cell(page: Page, url: str) -> tuple[list[float], str]:
     finished.wait_for(timeout=30_000)
     reads.append(finished.locator(".dspex-bar-ok").evaluate("el => parseFloat(el.style.width)"))
     page.screenshot(path=str(ARTIFACTS / "browser-batch-dashboard.png"), full_page=True)
-    return reads, finished.inner_text()
+    return reads, finished.locator(".dspex-summary").inner_text()
 
 
 VIEWS_NOTEBOOK = [
@@ -250,7 +250,7 @@ def test_views_in_a_browser_stop_steps_saving_reopening_html_and_dark_theme(lab:
         output(page, 6).locator("button", has_text="Stop").click()
         batch = output(page, 6).locator(".dspex-batch")
         batch.wait_for(timeout=30_000)
-        summary = batch.inner_text()
+        summary = batch.locator(".dspex-summary").inner_text()
         assert summary.startswith("batch cancelled: 300 items") and ", 300 ok" not in summary, summary
         output(page, 6).screenshot(path=str(ARTIFACTS / "view-batch-finished.png"))
 
@@ -281,7 +281,8 @@ def test_views_in_a_browser_stop_steps_saving_reopening_html_and_dark_theme(lab:
         output(page, 14).locator("button", has_text="Stop").click()
         mapped = output(page, 14).locator(".dspex-batch")
         mapped.wait_for(timeout=30_000)
-        assert mapped.inner_text().startswith("batch cancelled: 300 items"), mapped.inner_text()
+        assert mapped.inner_text().startswith("map Predict('question -> answer')\nbatch cancelled: 300 items"), \
+            mapped.inner_text()
         output(page, 14).locator("text=Cancelled: the batch was cancelled after").wait_for(timeout=30_000)
         output(page, 14).screenshot(path=str(ARTIFACTS / "view-map-stopped.png"))
         run(page, 15)
@@ -297,7 +298,7 @@ def test_views_in_a_browser_stop_steps_saving_reopening_html_and_dark_theme(lab:
         page.keyboard.press("Control+s")
         wait_for(lambda: "dspex-run" in (lab.root / "views.ipynb").read_text(), "the notebook to be saved")
         wanted = [steps.inner_text().splitlines()[-2], summary.splitlines()[0],  # the two-step answer, the batch
-                  mapped.inner_text().splitlines()[0]]
+                  mapped.locator(".dspex-summary").inner_text()]
         saved_views_show_without_widgets(lab.root / "views.ipynb")
 
         # reload the page, then reopen the notebook on a new kernel: the answers are there, no widget errors

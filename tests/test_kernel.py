@@ -277,6 +277,7 @@ def test_a_finished_batch_leaves_its_summary_in_the_saved_output(kernel: Kernel)
     assert "application/vnd.jupyter.widget-view+json" not in data
     assert data["text/plain"].startswith("batch done: 3 items, 3 ok, 0 failed")
     assert "dspex-bar-ok" in data["text/html"] and "batch done: 3 items" in data["text/html"]
+    assert "<b>batch &#x27;question -&gt; answer&#x27;</b>" in data["text/html"]  # which batch, as the live view said
 
 
 def test_a_two_step_module_shows_one_group_per_step(kernel: Kernel) -> None:

@@ -62,6 +62,7 @@ class BatchRun(Handle):
                                 f"items must be a list of input dicts or strings, got {type(items).__name__}")
         super().__init__()
         self.pool = pool
+        self.label = f"batch {module} {signature}".strip()
         self.total = len(items)
         self.records: list[dict[str, Any] | None] = [None] * self.total
         self.arrived: list[int] = []  # indices of records in the order they arrived
@@ -423,6 +424,7 @@ class BatchRun(Handle):
     def result(self, timeout: float | None = None) -> list[Any]:
         """Outputs in input order: each item's output fields, or {"error": "Type: message"} if it failed
         (from ``Pool.map``: what the program returned, or None if it failed)."""
+        self._view_while_waiting(timeout)
         if not self.wait(timeout):
             raise TimeoutError(f"the batch is still running after {timeout} s (it goes on)")
         if self._error is not None:

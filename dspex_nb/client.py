@@ -153,8 +153,11 @@ class Pool(WorkerPool):
         trace = programs.open_trace()  # e.g. BootstrapFewShot's: the program's predictor calls join it, as here
         if trace is not None:
             args["trace"] = True
-        return self.call_tool("run_module", args, resolver, stream=stream, timeout=timeout, on_chunk=on_chunk,
-                              trace=None if trace is None else (trace, program), program=program)
+        run = self.call_tool("run_module", args, resolver, stream=stream, timeout=timeout, on_chunk=on_chunk,
+                             trace=None if trace is None else (trace, program), program=program)
+        if stream:
+            run.label = f"run {programs.title(program)}"
+        return run
 
     def call_tool(self, tool: str, args: dict[str, Any], resolver: typed.Resolver | None = None, *,
                   stream: bool = False, timeout: float | None = None, on_chunk: Callable[[Chunk], Any] | None = None,
@@ -188,6 +191,7 @@ class Pool(WorkerPool):
         batch = self.batch(items, module=name, concurrency=concurrency, on_item=on_item,
                            timeout=timeout, item_timeout=item_timeout, max_retries=max_retries, journal=journal)
         batch.decode = partial(programs.to_output, resolve=batch.resolver, fill_usage=not programs.usage_tracked())
+        batch.label = f"map {programs.title(program)}"
         return batch
 
     def evaluate(self, program: Any, devset: Sequence[Any], metric: Callable[..., Any], *,
@@ -217,8 +221,10 @@ class Pool(WorkerPool):
         if display if display_progress is None else display_progress:
             from dspex_nb.ui.render import show_batch
 
-            show_batch(batch, f"evaluate {type(program).__name__}", block=True)
+            show_batch(batch, f"evaluate {programs.title(program)}", block=True)
         batch.wait()
+        if batch.status != "done":  # stopped (the view's Stop) or failed: no score of the examples that never ran
+            batch.result()  # raises Cancelled, or the batch's error
         replay = programs.Replay(devset, batch)
         metadata = evaluate.pop("callback_metadata", None)
         return dspy.Evaluate(devset=list(devset), metric=metric, num_threads=1, display_progress=False,

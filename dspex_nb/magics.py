@@ -599,9 +599,13 @@ class Dspex(Magics):
         self._store(args.output, result)
 
     def _store(self, name: str | None, value: Any) -> None:
+        """``value`` in ``name`` and in ``_``, as a cell's value is: IPython's ``__`` and ``___`` move on, and so
+        does ``_`` at the next cell's value (it stops updating ``_`` for good once a cell assigns it)."""
         if name:
             self.shell.user_ns[name] = value
-        self.shell.user_ns["_"] = value
+        hook = self.shell.displayhook
+        hook.___, hook.__, hook._ = hook.__, hook._, value
+        self.shell.push({"_": hook._, "__": hook.__, "___": hook.___}, interactive=False)
 
 
 def _field_lines(value: Any) -> list[str]:

@@ -336,6 +336,21 @@ def as_program(obj: Any, cot: bool = False) -> Any:
     return obj
 
 
+def title(program: Any) -> str:
+    """How a view names a program: a defined name or signature string as it is, a class (a module or signature
+    class, a function) by its name, an instance by its class's ("Predict('question -> answer')" for a
+    predictor of a signature)."""
+    if isinstance(program, str):
+        return repr(program) if is_signature(program) else program
+    name = getattr(program, "__name__", None) if isinstance(program, type) or callable(program) else None
+    if isinstance(name, str):
+        return name
+    signature = getattr(program, "signature", None)
+    text = getattr(signature, "signature", None)  # a predictor's "question -> answer"
+    kind = type(program).__name__
+    return f"{kind}({text!r})" if isinstance(text, str) else kind
+
+
 def input_names(program: Any) -> list[str] | None:
     """The input field names of a signature class or string, or of a module's signature; None if unknown."""
     import dspy

@@ -168,7 +168,7 @@ def run_batch_cell(page: Page, url: str) -> tuple[list[float], str]:
     finished.wait_for(timeout=30_000)
     reads.append(finished.locator(".dspex-bar-ok").evaluate("el => parseFloat(el.style.width)"))
     page.screenshot(path=str(ARTIFACTS / "browser-batch-dashboard.png"), full_page=True)
-    return reads, finished.inner_text()
+    return reads, finished.locator(".dspex-summary").inner_text()
 
 
 VIEWS_NOTEBOOK = [
@@ -182,6 +182,14 @@ VIEWS_NOTEBOOK = [
     "%dspex lm demo",
     "%%dspex define TwoStep" + TWO_STEP,
     "%%dspex run TwoStep -o two\nWhy do leaves fall?",
+    "%dspex lm demo --set answer_tokens=4000 --set per_token=0.01",
+    '%%dspex predict "question -> answer" -a -o bg\nIn the background.',
+    "import time\nwhile not bg.done and bg.elapsed < 60: time.sleep(0.05)\nbg.status",  # blocks while bg runs
+    "%dspex lm demo --set ttft=1",
+    "import dspy\npool = get_ipython().find_line_magic('dspex').__self__.pool\n"
+    "pool.map(dspy.Predict('question -> answer'), qs, journal=False).result()",
+    "%dspex lm demo\nwhile any(w['in_flight'] for w in pool.status()) and time.sleep(0.05) is None: pass\n"
+    "[w['in_flight'] for w in pool.status()]",  # the workers go idle
     "%dspex status",
     "%dspex stop",
 ]
@@ -242,7 +250,7 @@ def test_views_in_a_browser_stop_steps_saving_reopening_html_and_dark_theme(lab:
         output(page, 6).locator("button", has_text="Stop").click()
         batch = output(page, 6).locator(".dspex-batch")
         batch.wait_for(timeout=30_000)
-        summary = batch.inner_text()
+        summary = batch.locator(".dspex-summary").inner_text()
         assert summary.startswith("batch cancelled: 300 items") and ", 300 ok" not in summary, summary
         output(page, 6).screenshot(path=str(ARTIFACTS / "view-batch-finished.png"))
 
@@ -255,16 +263,43 @@ def test_views_in_a_browser_stop_steps_saving_reopening_html_and_dark_theme(lab:
         assert bold.count("topic") == 2 and bold.count("answer") == 2 and "reasoning" in bold, bold
         output(page, 9).screenshot(path=str(ARTIFACTS / "view-two-steps.png"))
 
+        # Stop on a background run's view while another cell blocks the kernel
         run(page, 10)
-        dashboard = output(page, 10)
+        run(page, 11)
+        background = output(page, 11).locator(".dspex-field-text").first
+        wait_for(lambda: background.count() and background.inner_text(), "the background run's first tokens")
+        run(page, 12)
+        output(page, 11).locator("button", has_text="Stop").click()
+        output(page, 12).locator("pre", has_text="'cancelled'").wait_for(timeout=30_000)
+        output(page, 11).locator(".dspex-run", has_text="cancelled").wait_for(timeout=30_000)
+
+        # pool.map(...).result() blocks the cell: it shows the batch's view, whose Stop cancels the batch
+        run(page, 13)
+        run(page, 14)
+        bar = output(page, 14).locator(".progress .progress-bar")
+        wait_for(lambda: bar.evaluate("el => parseFloat(el.style.width) || 0") > 0, "the mapped batch to make progress")
+        output(page, 14).locator("button", has_text="Stop").click()
+        mapped = output(page, 14).locator(".dspex-batch")
+        mapped.wait_for(timeout=30_000)
+        assert mapped.inner_text().startswith("map Predict('question -> answer')\nbatch cancelled: 300 items"), \
+            mapped.inner_text()
+        output(page, 14).locator("text=Cancelled: the batch was cancelled after").wait_for(timeout=30_000)
+        output(page, 14).screenshot(path=str(ARTIFACTS / "view-map-stopped.png"))
+        run(page, 15)
+        output(page, 15).locator("pre", has_text="[0, 0]").wait_for(timeout=30_000)
+
+        run(page, 16)
+        dashboard = output(page, 16)
         dashboard.locator("caption", has_text="workers").wait_for(timeout=30_000)
         assert {"calls done", "batch items", "memory"} <= set(dashboard.locator("th").all_inner_texts())
         dashboard.screenshot(path=str(ARTIFACTS / "view-pool.png"))
-        run(page, 11)
+        run(page, 17)
         dashboard.locator("caption", has_text="as last seen before the pool stopped").wait_for(timeout=30_000)
         page.keyboard.press("Control+s")
         wait_for(lambda: "dspex-run" in (lab.root / "views.ipynb").read_text(), "the notebook to be saved")
-        wanted = [steps.inner_text().splitlines()[-2], summary.splitlines()[0]]  # the two-step answer, the batch
+        wanted = [steps.inner_text().splitlines()[-2], summary.splitlines()[0],  # the two-step answer, the batch
+                  mapped.locator(".dspex-summary").inner_text()]
+        saved_views_show_without_widgets(lab.root / "views.ipynb")
 
         # reload the page, then reopen the notebook on a new kernel: the answers are there, no widget errors
         page.reload()
@@ -326,6 +361,21 @@ def shows_answers(page: Page, wanted: list[str]) -> None:
         outputs.filter(has_text=text).first.wait_for(timeout=30_000)
     assert not outputs.filter(has_text="Error displaying widget").count()
     assert not outputs.filter(has_text="<dspex stream:").count()
+
+
+def saved_views_show_without_widgets(path: Path) -> None:
+    """Every view's final state is in the saved notebook as HTML with a text twin, which shows without the
+    kernel and the widgets' JavaScript; the stopped runs say so."""
+    outputs = {i: cell.outputs for i, cell in enumerate(nbformat.read(path, as_version=4).cells)}
+    views = {i: [o for o in shown if "text/html" in o.get("data", {})] for i, shown in outputs.items()}
+    assert not [i for i, shown in outputs.items() for o in shown
+                if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    for cell in (2, 4, 6, 9, 11, 14, 16):
+        assert len(views[cell]) == 1 and views[cell][0]["data"]["text/plain"], (cell, outputs[cell])
+    assert views[4][0]["data"]["text/plain"].splitlines()[-1].startswith("cancelled · predict on w")
+    assert views[11][0]["data"]["text/plain"].startswith("answer: Demo LM answer to 'In the background.'")
+    assert views[11][0]["data"]["text/plain"].splitlines()[-1].startswith("cancelled · predict on w")
+    assert views[14][0]["data"]["text/plain"].startswith("batch cancelled: 300 items")
 
 
 def restart_kernel(lab: Lab) -> None:

@@ -98,6 +98,15 @@ def test_predict_prints_the_answer_and_stores_a_prediction(sh: Shell) -> None:
     assert sh.ns["_"] is sh.ns["p"]
 
 
+def test_a_later_cells_value_still_reaches_underscore(sh: Shell) -> None:
+    """The magics' ``_`` is a cell's value as IPython keeps it: the next value replaces it (IPython stopped
+    updating ``_`` for good once a magic had assigned it, so ``_`` kept the magic's result)."""
+    sh('%%dspex predict "question -> answer" -o p\nFirst?')
+    assert sh.ns["_"] is sh.ns["p"]
+    sh("6 * 7")
+    assert sh.ns["_"] == 42 and sh.ns["__"] is sh.ns["p"]
+
+
 def test_text_output_is_deterministic(sh: Shell) -> None:
     cell = '%%dspex predict "question -> answer"\nSame question?'
     first, second = sh(cell)[0].splitlines()[0], sh(cell)[0].splitlines()[0]

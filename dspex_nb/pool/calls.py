@@ -144,6 +144,8 @@ class Handle(concurrent.futures.Future):
     A subclass sets ``finished``, then calls ``_settle()`` when it ends, and implements ``_cancel()``.
     """
 
+    label = ""  # what its view is titled: the program it runs
+
     def __init__(self) -> None:
         super().__init__()
         self._done = threading.Event()
@@ -190,6 +192,21 @@ class Handle(concurrent.futures.Future):
 
     def _cancel(self) -> None:
         raise NotImplementedError
+
+    def _ipython_display_(self) -> None:
+        """A handle as a cell's value: in a live notebook, a live view of it (its answer or progress as it
+        comes, a Stop button) that the pump keeps current; elsewhere its repr."""
+        from dspex_nb.ui.render import show_handle
+
+        show_handle(self)
+
+    def _view_while_waiting(self, timeout: float | None) -> None:
+        """Before ``result()`` blocks the notebook's main thread on a handle that no view shows yet, show one,
+        so the wait has a Stop button and shows what arrives (as ``Module.batch``'s progress bar does there)."""
+        if timeout is None and not self._done.is_set() and threading.current_thread() is threading.main_thread():
+            from dspex_nb.ui.render import view_while_waiting
+
+            view_while_waiting(self)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.wait(timeout):
@@ -282,6 +299,7 @@ class Run(Handle):
                  on_done: Callable[[Run], None], keep_chunks: int | None = KEEP_CHUNKS) -> None:
         super().__init__()
         self.tool = tool
+        self.label = tool
         self.worker = worker
         self.chunks: list[Chunk] = []
         self.keep_chunks = keep_chunks
@@ -376,6 +394,7 @@ class Run(Handle):
 
     def result(self, timeout: float | None = None) -> Any:
         """The final result (the data of the ``final`` chunk); raises the call's error."""
+        self._view_while_waiting(timeout)
         if not self.wait(timeout):
             raise TimeoutError(f"'{self.tool}' is still running after {timeout} s (the call goes on)")
         if self._cancelled:

@@ -8,11 +8,12 @@ the widgets current.
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dspex_nb.batch import BatchRun
-from dspex_nb.pool.calls import Run
+from dspex_nb.pool.calls import Handle, Run
 from dspex_nb.pool.executor import Executor
 from dspex_nb.ui import live_frontend, noninteractive, progress
 from dspex_nb.ui.pump import PUMP, Refreshable
@@ -27,6 +28,9 @@ def _display(view: Any) -> None:
     view.handle = display(view, display_id=True)  # finish() replaces it with the static rendering
 
 
+_viewed: weakref.WeakSet[Handle] = weakref.WeakSet()  # the handles a live view shows (or showed)
+
+
 def show_run(run: Run, title: str, *, mode: str = "auto", block: bool = True, out: TextIO | None = None) -> None:
     """Stream ``run``'s tokens into a StreamView, or print its fields and a summary when it ends.
 
@@ -36,6 +40,7 @@ def show_run(run: Run, title: str, *, mode: str = "auto", block: bool = True, ou
         if live_frontend(mode):
             from dspex_nb.ui.widgets import StreamView
 
+            _viewed.add(run)
             _show_live(StreamView(run, title), run.wait if block else None)
         elif block:
             out = out or sys.stdout
@@ -91,6 +96,7 @@ def show_batch(batch: BatchRun, title: str, *, mode: str = "auto", block: bool =
         if live_frontend(mode):
             from dspex_nb.ui.widgets import BatchDashboard
 
+            _viewed.add(batch)
             _show_live(BatchDashboard(batch, title), batch.wait if block else None)
         elif block:
             out = out or sys.stdout
@@ -113,6 +119,31 @@ def show_batch(batch: BatchRun, title: str, *, mode: str = "auto", block: bool =
     except KeyboardInterrupt:
         batch.cancel()
         raise
+
+
+def show_handle(handle: Handle) -> None:
+    """A ``Run`` or ``BatchRun`` as a cell's value: a new live view of it in a notebook (the cell does not wait),
+    its repr elsewhere (as the cell's text/plain)."""
+    if live_frontend():
+        _show(handle, block=False)
+        return
+    from IPython.display import display
+
+    display({"text/plain": repr(handle)}, raw=True)
+
+
+def view_while_waiting(handle: Handle) -> None:
+    """In a live notebook, show ``handle`` while the cell waits for it, unless a view shows it already (the
+    magics', one of an earlier cell): Stop and the kernel's interrupt then both cancel it."""
+    if handle not in _viewed and live_frontend():
+        _show(handle, block=True)
+
+
+def _show(handle: Handle, *, block: bool) -> None:
+    if isinstance(handle, BatchRun):
+        show_batch(handle, handle.label, block=block)
+    elif isinstance(handle, Run):
+        show_run(handle, handle.label, block=block)
 
 
 def _show_live(view: Refreshable, wait: Callable[[], object] | None) -> None:

@@ -204,7 +204,8 @@ class BatchDashboard(View):
         self.errors = w.HTML(layout={"max_height": "16em", "overflow_y": "auto"})
         self.error_box = w.Accordion(children=[self.errors], titles=("errors (0)",), layout={"display": "none"})
         self.stop = stop_button(batch.cancel)
-        self.root = w.VBox([w.HTML(f"<b>{html.escape(title)}</b>"), w.HBox([self.bar, self.stop]), self.counts,
+        self.title = f"<b>{html.escape(title)}</b>"
+        self.root = w.VBox([w.HTML(self.title), w.HBox([self.bar, self.stop]), self.counts,
                             self.workers, self.latest, self.error_box])
 
     def refresh(self) -> bool:
@@ -247,8 +248,9 @@ class BatchDashboard(View):
                    f"{errors}</ul></details>" if failed else "")
         warning = f"<div>warning: {html.escape(snap['warning'])}</div>" if snap["warning"] else ""
         plain = "\n".join([summary, *(f"  item {r['index']}: {progress.error_line(r)}" for r in failed[:50])])
-        return {"text/html": f"<div class='dspex-batch'><div style='display:flex;height:6px;width:60%;"
-                             f"background:#eee'>{bar}</div><div>{html.escape(summary)}</div>{warning}{details}</div>",
+        return {"text/html": f"<div class='dspex-batch'>{self.title}<div style='display:flex;height:6px;width:60%;"
+                             f"background:#eee'>{bar}</div><div class='dspex-summary'>{html.escape(summary)}</div>"
+                             f"{warning}{details}</div>",
                 "text/plain": plain}
 
 

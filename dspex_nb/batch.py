@@ -78,6 +78,7 @@ class BatchRun(Handle):
         self._timeout = timeout
         self._item_timeout = item_timeout
         self._on_item = on_item
+        self.watched = on_item is not None
         self._max_retries = max_retries
         self._tries = [0] * self.total
         self._lock = threading.Lock()

@@ -494,3 +494,6 @@ def test_stop_on_a_blocking_map_result_cancels_it_and_the_workers_go_idle(kernel
     kernel.run('%%dspex predict "question -> answer" -a -o h\nin the background')
     later = kernel.run("h.result().answer")
     assert "display_data" not in later.counts and "in the background" in later.plain[-1]
+    watched = kernel.run("seen = []\nlen(pool.map(qa, ['a?', 'b?'], on_item=seen.append, journal=False).result()), "
+                         "len(seen)")  # a caller's callback takes the items: no view of its own
+    assert "display_data" not in watched.counts and watched.plain[-1] == "(2, 2)", watched.plain

@@ -145,6 +145,7 @@ class Handle(concurrent.futures.Future):
     """
 
     label = ""  # what its view is titled: the program it runs
+    watched = False  # a callback of the caller's takes what arrives: result() shows no view of its own
 
     def __init__(self) -> None:
         super().__init__()
@@ -203,7 +204,8 @@ class Handle(concurrent.futures.Future):
     def _view_while_waiting(self, timeout: float | None) -> None:
         """Before ``result()`` blocks the notebook's main thread on a handle that no view shows yet, show one,
         so the wait has a Stop button and shows what arrives (as ``Module.batch``'s progress bar does there)."""
-        if timeout is None and not self._done.is_set() and threading.current_thread() is threading.main_thread():
+        if (timeout is None and not self.watched and not self._done.is_set()
+                and threading.current_thread() is threading.main_thread()):
             from dspex_nb.ui.render import view_while_waiting
 
             view_while_waiting(self)
@@ -307,6 +309,7 @@ class Run(Handle):
         self.items = 0  # "item" chunks (batch items) received
         self._source = source  # the transport's chunks (a gRPC stream, a Ray generator), errors translated
         self._on_chunk = on_chunk
+        self.watched = on_chunk is not None
         self._on_done = on_done
         self._final: Any = None
         self._ended = False  # a final chunk (result or error) arrived: a stream that ends without one failed

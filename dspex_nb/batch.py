@@ -413,14 +413,14 @@ class BatchRun(Handle):
         try:
             return super().wait(timeout)
         except KeyboardInterrupt as stop:
-            stop.add_note(self._kept())
+            stop.add_note(f"the batch was stopped after {self.ok + self.failed} of {self.total} items; {self._kept()}")
             raise
 
     def _kept(self) -> str:
-        where = ("run the same batch again: they come from the journal, only the rest is computed"
-                 if self._journal is not None and not self._journal.problem else
-                 "its handle keeps them (batch = pool.map(...); batch.records), or run it with the journal on")
-        return f"the batch was stopped after {self.ok + self.failed} of {self.total} items; {where}"
+        """Where the finished items of a stopped batch are (``pool.map(...).result()`` keeps no handle)."""
+        return ("run the same batch again: they come from the journal, only the rest is computed"
+                if self._journal is not None and not self._journal.problem else
+                "its handle keeps them (batch = pool.map(...); batch.records), or run it with the journal on")
 
     def result(self, timeout: float | None = None) -> list[Any]:
         """Outputs in input order: each item's output fields, or {"error": "Type: message"} if it failed
@@ -431,9 +431,8 @@ class BatchRun(Handle):
         if self._error is not None:
             raise self._error
         if self._cancelled:
-            resume = "; run it again to resume from the journal" if self._journal is not None else ""
-            raise Cancelled(f"the batch was cancelled after {self.ok + self.failed} of {self.total} items "
-                            f"(batch.records keeps them{resume})")
+            raise Cancelled(f"the batch was cancelled after {self.ok + self.failed} of {self.total} items; "
+                            f"{self._kept()}")
         if self.decode is not None:
             return [self._decoded(r) for r in self.records]
         return [outputs(r) for r in self.records]  # type: ignore[arg-type]

@@ -28,9 +28,9 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
-from traitlets import Bool, Enum, Integer, Unicode
+from traitlets import Bool, Enum, Integer, Unicode, observe
 
-from dspex_nb import programs, redact, typed
+from dspex_nb import programs, redact, typed, ui
 from dspex_nb.api import Pool
 from dspex_nb.batch import BatchRun
 from dspex_nb.errors import ArgumentError, DspexError, ToolError, one_line
@@ -265,6 +265,12 @@ class Dspex(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self.pools: dict[str, Pool] = {}  # by name (--pool NAME); the magics' own pools
+        ui.default_mode = self.display
+
+    @observe("display")
+    def _display_changed(self, change: dict[str, Any]) -> None:
+        """The Python API's views follow ``%config Dspex.display`` too."""
+        ui.default_mode = change["new"]
 
     @property
     def pool(self) -> Pool | None:

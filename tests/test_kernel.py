@@ -474,6 +474,12 @@ def test_a_run_as_a_cells_value_is_a_live_view_whose_answer_is_saved(kernel: Ker
     assert "answer: Demo LM answer to 'Shown?'" in data["text/plain"], data["text/plain"]
     assert "run Predict(&#x27;question -&gt; answer&#x27;)" in data["text/html"]
     assert kernel.value("type(_).__name__, _.status") == "('Run', 'done')"
+    kernel.run("%config Dspex.display = 'text'")  # the API's views follow the magics' setting
+    try:
+        text = kernel.run("pool.map(qa, ['Plain?'], journal=False).result()[0].answer")
+        assert "display_data" not in text.counts and "Demo LM answer to 'Plain?'" in text.plain[-1], text.plain
+    finally:
+        kernel.run("%config Dspex.display = 'auto'")
 
 
 def test_stop_on_a_blocking_map_result_cancels_it_and_the_workers_go_idle(kernel: Kernel) -> None:

@@ -10,6 +10,7 @@ import importlib.util
 import os
 
 MODES = ("auto", "widgets", "text")
+default_mode = "auto"  # the views' mode where a caller names none (the Python API's): %config Dspex.display sets it
 
 
 def noninteractive() -> bool:
@@ -17,8 +18,10 @@ def noninteractive() -> bool:
     return os.environ.get("DSPEX_NONINTERACTIVE", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def live_frontend(mode: str = "auto") -> bool:
-    """Whether to render widgets: in an IPython kernel, unless DSPEX_NONINTERACTIVE=1 or mode says."""
+def live_frontend(mode: str | None = None) -> bool:
+    """Whether to render widgets: in an IPython kernel, unless DSPEX_NONINTERACTIVE=1 or mode (by default
+    ``default_mode``) says."""
+    mode = default_mode if mode is None else mode
     if mode not in MODES:
         raise ValueError(f"display mode must be one of {MODES}, got {mode!r}")
     if mode == "widgets" and not _have_widgets():

@@ -31,7 +31,7 @@ def _display(view: Any) -> None:
 _viewed: weakref.WeakSet[Handle] = weakref.WeakSet()  # the handles a live view shows (or showed)
 
 
-def show_run(run: Run, title: str, *, mode: str = "auto", block: bool = True, out: TextIO | None = None) -> None:
+def show_run(run: Run, title: str, *, mode: str | None = None, block: bool = True, out: TextIO | None = None) -> None:
     """Stream ``run``'s tokens into a StreamView, or print its fields and a summary when it ends.
 
     Ctrl-C while it blocks (wherever it lands) cancels the run.
@@ -89,7 +89,7 @@ def _tokens_as_they_come(run: Run, out: TextIO) -> None:
     out.write(("\n" if current else "") + "".join(f"{line}\n" for line in rest) + text.summary() + "\n")
 
 
-def show_batch(batch: BatchRun, title: str, *, mode: str = "auto", block: bool = True,
+def show_batch(batch: BatchRun, title: str, *, mode: str | None = None, block: bool = True,
                out: TextIO | None = None) -> None:
     """A BatchDashboard, or (outside a live notebook) one summary line and the errors when it ends."""
     try:
@@ -158,7 +158,7 @@ def _show_live(view: Refreshable, wait: Callable[[], object] | None) -> None:
 _pool_views: dict[int, PoolDashboard] = {}  # the live dashboard of each running pool (by id), the newest one
 
 
-def show_pool(pool: Executor, *, mode: str = "auto", out: TextIO | None = None, show_stats: bool = False) -> None:
+def show_pool(pool: Executor, *, mode: str | None = None, out: TextIO | None = None, show_stats: bool = False) -> None:
     """A PoolDashboard that refreshes while the pool runs (the newest one per pool), or text tables:
     the workers, then (``show_stats``) per-tool call timings."""
     if live_frontend(mode):

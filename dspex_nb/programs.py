@@ -62,11 +62,13 @@ class _Pickler(cloudpickle.Pickler):
     """cloudpickle, plus what DSPy programs hold that it cannot pickle: a lock (e.g. in a ``dspy.Parallel``
     made in ``__init__``) travels as a new one, as does DSPy's ``Unbatchify`` (``dspy.retrievers.Embeddings``'
     search, whose thread runs where it arrives), a lazily loaded module (``streamify``'s and ``asyncify``'s
-    ``anyio``), loaded yet or not, by its name, ``streamify``'s stream listeners keyed by their predictors'
-    ids, keyed again by the ids those predictors have where they arrive, and code with the file name it has in
-    the kernel (a cell's), which cloudpickle drops: ``inspect.getsource`` of a notebook function (``dspy.CodeAct``
-    sends its tools' source to its interpreter) finds the cell's source that travels with the program, and a
-    traceback shows the cell's lines (``dspy.ReAct`` puts a failed tool's traceback in its trajectory)."""
+    ``anyio``), loaded yet or not, by its name, ``dataclasses.MISSING`` (a dataclass field's default where it has
+    none) as itself, which pydantic checks by identity to make a schema of the class, ``streamify``'s stream
+    listeners keyed by their predictors' ids, keyed again by the ids those predictors have where they arrive, and
+    code with the file name it has in the kernel (a cell's), which cloudpickle drops: ``inspect.getsource`` of a
+    notebook function (``dspy.CodeAct`` sends its tools' source to its interpreter) finds the cell's source that
+    travels with the program, and a traceback shows the cell's lines (``dspy.ReAct`` puts a failed tool's
+    traceback in its trajectory)."""
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file)
@@ -74,6 +76,8 @@ class _Pickler(cloudpickle.Pickler):
         self.modules: set[str] = set()  # the user's modules from files whose code the pickle names
 
     def reducer_override(self, obj: Any) -> Any:
+        if obj is dataclasses.MISSING:  # by reference: cloudpickle would make a new one, which is not MISSING there
+            return getattr, (dataclasses, "MISSING")
         if type(obj) in _LOCKS:
             return _LOCKS[type(obj)], ()
         if type(obj) is getattr(sys.modules.get("dspy.utils.unbatchify"), "Unbatchify", None):

@@ -284,6 +284,24 @@ class Stats:
 def program(text: str) -> Stats:
     return Stats(words=len(text.split()), first=text.split()[0])
 ''', {"text": "programming not prompting"}),
+    "dataclass_as_a_signatures_field_types": ('''
+import dataclasses
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: float = 0.0
+    tags: list[str] = dataclasses.field(default_factory=list)
+
+class Locate(dspy.Signature):
+    """Locate the place."""
+    place: str = dspy.InputField()
+    near: Point = dspy.InputField()
+    point: Point = dspy.OutputField()
+
+program = dspy.ChainOfThought(Locate)
+inputs = {"place": "the harbour", "near": Point(1, 2.5)}
+''', {}),
     "pydantic_state_as_it_was": ('''
 from pydantic import Field, PrivateAttr, field_serializer, field_validator
 

@@ -54,7 +54,7 @@ class BatchRun(Handle):
 
     def __init__(self, pool: Executor, items: Sequence[Any], *, signature: str, module: str, settings: str,
                  concurrency: int, shard_size: int | None, max_retries: int, timeout: float | None,
-                 item_timeout: float | None,
+                 item_timeout: float | None, max_errors: int | None = None,
                  on_item: Callable[[dict[str, Any]], Any] | None, journal: Journal | None,
                  program: dict[str, Any], shipped: str = "", resolver: typed.Resolver | None = None) -> None:
         if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
@@ -80,6 +80,7 @@ class BatchRun(Handle):
         self._on_item = on_item
         self.watched = on_item is not None
         self._max_retries = max_retries
+        self._max_errors = max_errors  # failed items that stop the batch, as DSPy's ParallelExecutor; None: never
         self._tries = [0] * self.total
         self._lock = threading.Lock()
         self._runs: dict[Run, _Shard] = {}  # running shards
@@ -365,6 +366,7 @@ class BatchRun(Handle):
             else:
                 self.failed += 1
                 self.failures.append(index)
+            too_many = self._max_errors is not None and self.failed >= self._max_errors
             if record.get("journal"):
                 self.from_journal += 1
             elif record["ok"]:
@@ -374,6 +376,10 @@ class BatchRun(Handle):
                 self.cost = typed.add_cost(self.cost, typed.cost(record["result"]))
         if record["ok"] and self._journal is not None and not record.get("journal"):
             self._journal.record(self.key, self._item_keys[index], record["result"])
+        if too_many and not record["ok"]:  # DSPy's error, as Module.batch raises it, with what it does not say
+            self._fail(Exception(f"Execution cancelled due to errors or interruption: {self.failed} items failed "
+                                 f"(max_errors={self._max_errors}), the last with {error_line(record)}; for the "
+                                 f"{self.ok} of {self.total} items that finished, {self._kept()}"))
         self._changed.set()
         if self._on_item is not None:
             try:

@@ -182,14 +182,23 @@ class Pool(WorkerPool):
 
     def map(self, program: Any, items: Any, *, concurrency: int | None = None,
             on_item: Callable[[dict[str, Any]], Any] | None = None, timeout: float | None = None,
-            item_timeout: float | None = None, max_retries: int = 2, journal: bool = True) -> BatchRun:
+            item_timeout: float | None = None, max_retries: int = 2, journal: bool = True,
+            max_errors: int | None = None) -> BatchRun:
         """Run ``program`` on every item over the whole pool; returns a ``BatchRun`` at once, whose ``result()``
         is a list of what the program returned for each item, in input order (None where an item failed, as
         ``Module.batch``, or where its output cannot be rebuilt in the kernel; ``records`` say why). Items:
-        strings (one-input programs), dicts, ``dspy.Example``s (their ``inputs()``), or a DataFrame."""
+        strings (one-input programs), dicts, ``dspy.Example``s (their ``inputs()``), or a DataFrame.
+
+        As ``Module.batch``, the batch stops once ``max_errors`` items failed (None: ``dspy.settings.max_errors``,
+        the kernel's, 10 unless set), and ``result()`` raises DSPy's "Execution cancelled" error."""
+        import dspy
+
+        if max_errors is None:
+            max_errors = dspy.settings.max_errors
+        settings.Checker("map").integer("max_errors", max_errors, 0)
         name = self.ensure_defined(program)
-        batch = self.batch(items, module=name, concurrency=concurrency, on_item=on_item,
-                           timeout=timeout, item_timeout=item_timeout, max_retries=max_retries, journal=journal)
+        batch = self.batch(items, module=name, concurrency=concurrency, on_item=on_item, timeout=timeout,
+                           item_timeout=item_timeout, max_retries=max_retries, journal=journal, max_errors=max_errors)
         batch.decode = partial(programs.to_output, resolve=batch.resolver, fill_usage=not programs.usage_tracked())
         batch.label = f"map {programs.title(program)}"
         return batch
@@ -217,7 +226,7 @@ class Pool(WorkerPool):
         if num_threads is not None and "concurrency" not in options:
             settings.Checker("evaluate").integer("num_threads", num_threads, 1, settings.MAX_CONCURRENCY * self.size)
             options["concurrency"] = -(-num_threads // self.size)  # per worker
-        batch = self.map(program, devset, **options)
+        batch = self.map(program, devset, max_errors=evaluate.get("max_errors"), **options)
         if display if display_progress is None else display_progress:
             from dspex_nb.ui.render import show_batch
 
@@ -250,19 +259,21 @@ class Pool(WorkerPool):
     def batch(self, items: Sequence[Any], signature: str = "", *, module: str = "predict",
               concurrency: int | None = None, on_item: Callable[[dict[str, Any]], Any] | None = None,
               timeout: float | None = None, item_timeout: float | None = None, shard_size: int | None = None,
-              max_retries: int = 2, journal: bool = True) -> BatchRun:
+              max_retries: int = 2, journal: bool = True, max_errors: int | None = None) -> BatchRun:
         """Fan ``items`` (input dicts, or strings for a one-input signature) out over every worker.
 
         ``module`` is "predict", "chain_of_thought" (both need ``signature``) or a defined module;
         ``concurrency`` is items at a time per worker (default: the pool's). Finished items are kept
         in the journal and taken from it when the same batch runs again (``journal=False``: neither).
-        An item that runs for ``item_timeout`` seconds is retried (or fails with ``ItemTimeout``).
+        An item that runs for ``item_timeout`` seconds is retried (or fails with ``ItemTimeout``). With
+        ``max_errors``, the batch stops once that many items failed (``result()`` raises); without, it runs them all.
         Returns a ``BatchRun`` at once.
         """
         check = settings.Checker("batch")
         check.integer("concurrency", concurrency, 1, settings.MAX_CONCURRENCY, optional=True)
         check.integer("shard_size", shard_size, 1, optional=True)
         check.integer("max_retries", max_retries, 0)
+        check.integer("max_errors", max_errors, 0, optional=True)
         check.seconds("timeout", timeout, optional=True)
         check.seconds("item_timeout", item_timeout, optional=True)
         if on_item is not None and not callable(on_item):
@@ -280,7 +291,8 @@ class Pool(WorkerPool):
             program["settings"] = kernel
         return BatchRun(self, items, signature=signature, module=module, settings=kernel,
                         concurrency=concurrency or self.concurrency, shard_size=shard_size,
-                        max_retries=max_retries, timeout=timeout, item_timeout=item_timeout, on_item=on_item,
+                        max_retries=max_retries, max_errors=max_errors, timeout=timeout, item_timeout=item_timeout,
+                        on_item=on_item,
                         journal=self.journal if journal else None, program=program, shipped=shipped, resolver=resolver)
 
 

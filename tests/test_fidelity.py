@@ -712,6 +712,44 @@ program = dspy.Predict("question -> answer")
         pool.evaluate(program, devset, metric, num_thread=4)
 
 
+def test_map_and_evaluate_stop_at_max_errors_failed_items_as_dspy_does(shell: InteractiveShell, pool: Pool,
+                                                                       demo_lm: dspy.LM) -> None:
+    program, _ = define(shell, '''
+class Picky(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        if question.startswith("bad"):
+            raise ValueError(f"cannot answer {question}")
+        return self.qa(question=question)
+
+devset = [dspy.Example(question=q, answer="x").with_inputs("question") for q in ["a?", "bad 1", "b?", "bad 2", "c?"]]
+
+def metric(example, pred, trace=None):
+    return len(pred.answer) % 2
+
+program = Picky()
+''')
+    devset, metric = shell.user_ns["devset"], shell.user_ns["metric"]
+    with dspy.context(lm=demo_lm):  # 2 failed items, under DSPy's max_errors (10): None for each
+        expected = program.batch(devset, disable_progress_bar=True)
+    assert expected[1] is None and expected[3] is None
+    assert_same(expected, pool.map(program, devset, journal=False).result(60), "map")
+    stopped = "Execution cancelled due to errors or interruption"
+    with dspy.context(lm=demo_lm), pytest.raises(Exception, match=stopped):  # as Module.batch, which stops
+        program.batch(devset, max_errors=2, disable_progress_bar=True)
+    with pytest.raises(Exception, match=stopped):
+        pool.map(program, devset, max_errors=2, journal=False).result(60)
+    with dspy.context(max_errors=2):  # the kernel's DSPy setting, which Module.batch and dspy.Evaluate take
+        with pytest.raises(Exception, match=stopped):
+            pool.map(program, devset, journal=False).result(60)
+        with pytest.raises(Exception, match=stopped):
+            pool.evaluate(program, devset, metric, display=False, journal=False)
+    assert len(pool.map(program, devset, max_errors=3, journal=False).result(60)) == 5
+
+
 def test_a_program_from_source_runs_with_its_types_and_source(pool: Pool) -> None:
     info = pool.define("Rated", '''
 from __future__ import annotations  # the user's own: annotations stay strings, resolved by DSPy

@@ -202,6 +202,23 @@ def test_define_then_run_and_batch_with_the_module(sh: Shell) -> None:
     assert len(sh.ns["OUT"]) == 50 and sh.ns["OUT"][7].answer.startswith("Demo LM answer to 'question 7?'")
 
 
+def test_a_batch_of_a_module_runs_every_item_past_dspys_max_errors(sh: Shell) -> None:
+    """The dashboard's batch shows every item, failed or not (pool.map stops at max_errors, as Module.batch)."""
+    sh('''
+import dspy
+
+def picky(question):
+    if question.startswith("bad"):
+        raise ValueError("no")
+    return dspy.Prediction(answer=question.upper())
+
+mixed = ["a", "bad 1", "bad 2", "b"]
+''')
+    with sh.ns["dspy"].context(max_errors=1):
+        sh("%dspex batch --module picky --items mixed --no-journal -o OUT")
+    assert [p and p.answer for p in sh.ns["OUT"]] == ["A", None, None, "B"]
+
+
 def test_run_and_batch_take_the_kernels_module_as_it_is_now_not_as_defined(sh: Shell) -> None:
     sh('%%dspex define qa_later\nqa_later = dspy.ChainOfThought("question -> answer")')
     sh('''

@@ -74,9 +74,10 @@ def test_bad_signature_string(pool: Pool) -> None:
 
 
 def test_inputs_that_do_not_match_the_signature(pool: Pool) -> None:
-    with pytest.raises(ArgumentError, match=r"argument 'inputs' must have exactly the input fields \['question'\]"):
+    with pytest.raises(ArgumentError, match=r"'inputs' must have the input fields \['question'\]; missing "
+                                            r"\['question'\]; it has \['q'\], which are not input fields"):
         pool.execute("predict", {"signature": "question -> answer", "inputs": {"q": "x"}})
-    with pytest.raises(ArgumentError, match=r"batch_items\[1\] must have exactly .*missing \['question'\]"):
+    with pytest.raises(ArgumentError, match=r"batch_items\[1\] must have the input fields .*missing \['question'\]"):
         pool.execute("batch_inference", {"signature": "question -> answer",
                                          "batch_items": [{"question": "a"}, {"text": "b"}]})
 

@@ -11,7 +11,7 @@ import pytest
 from helpers import TWO_STEP, pid_alive, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
-from dspex_nb import Pool
+from dspex_nb import Pool, demo_lm
 from dspex_nb.magics import Dspex
 
 
@@ -182,9 +182,13 @@ def test_batch_of_dicts_and_of_cell_lines(sh: Shell) -> None:
 
 def test_pandas_dataframe_items(sh: Shell) -> None:
     pd = pytest.importorskip("pandas")
-    sh.ns["df"] = pd.DataFrame({"question": ["x?", "y?"]})
-    sh('%dspex batch "question -> answer" --items df -o OUT')
-    assert len(sh.ns["OUT"]) == 2
+    sh.ns["df"] = pd.DataFrame({"question": ["x?", "y?"], "answer": ["gold x", "gold y"]})  # a label column
+    sh('%dspex batch "question -> answer" --items df -o OUT')  # ignored, as dspy.Predict(...)(**row) ignores it
+    import dspy
+
+    with dspy.context(lm=demo_lm()):
+        expected = [dspy.Predict("question -> answer")(**row).answer for row in sh.ns["df"].to_dict("records")]
+    assert [p.answer for p in sh.ns["OUT"]] == expected and not any(p.get("error") for p in sh.ns["OUT"])
 
 
 

@@ -84,7 +84,8 @@ def _signature(tool_name: str, signature: str) -> type[dspy.Signature]:
 
 def _check_inputs(tool_name: str, sig: type[dspy.Signature], inputs: Any, where: str,
                   resolver: typed.Resolver | None = None) -> dict[str, Any]:
-    """The inputs (typed JSON) as a dict of the signature's input fields; a bare string fills a single one."""
+    """The inputs (typed JSON) as a dict with the signature's input fields; a bare string fills a single one. Other
+    keys stay, as a call in the kernel passes them: DSPy logs that it ignores them (a DataFrame's label column)."""
     inputs = _decode(tool_name, inputs, where, resolver)
     names = list(sig.input_fields)
     if isinstance(inputs, str) and len(names) == 1:
@@ -93,12 +94,10 @@ def _check_inputs(tool_name: str, sig: type[dspy.Signature], inputs: Any, where:
         raise ArgumentError(tool_name, "ArgumentError",
                             f"{where} must be a dict of the input fields {names}, got {type(inputs).__name__}")
     missing = [n for n in names if n not in inputs]
-    unexpected = [n for n in inputs if n not in names]
-    if missing or unexpected:
-        raise ArgumentError(tool_name, "ArgumentError",
-                            f"{where} must have exactly the input fields {names}"
-                            + (f"; missing {missing}" if missing else "")
-                            + (f"; unexpected {unexpected}" if unexpected else ""))
+    if missing:
+        unexpected = [n for n in inputs if n not in names]
+        raise ArgumentError(tool_name, "ArgumentError", f"{where} must have the input fields {names}; missing "
+                            f"{missing}" + (f"; it has {unexpected}, which are not input fields" if unexpected else ""))
     return inputs
 
 

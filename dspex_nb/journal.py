@@ -145,7 +145,7 @@ class Journal:
                                       "(Pool(journal=path) or DSPEX_JOURNAL with a file of your own)")
             db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
             tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if tables - JOURNAL_TABLES:  # its mode, tables and WAL mode would change under the application
+            if {t for t in tables if not t.startswith("sqlite_")} - JOURNAL_TABLES:  # sqlite_stat1: ANALYZE's own
                 raise PermissionError(f"the batch journal {self.path} is another SQLite database (its tables: "
                                       f"{sorted(tables)}): refusing to change it; give the journal a file of its own")
             os.fchmod(fd, 0o600)

@@ -17,7 +17,8 @@ from dspex_nb.pool.process import describe_exit
 from dspex_nb.pool.worker import DRAINING, FAILED, READY, RESTARTING, Worker
 
 HUNG_AFTER_FAILED_PINGS = 2
-CANCEL_GRACE = 10.0  # seconds a cancelled call's program may go on running (it stops at its next LM call) before
+CANCEL_GRACE = 600.0  # seconds a cancelled call's program may go on running (it stops at its next LM call; one in
+# flight (a long generation, an LM's retries) runs to its end; a recycle loses the worker's session objects) before
 # its worker is recycled: a loop or a blocking tool of the program would otherwise keep a core or a thread forever
 RETRY_FAILED_AFTER = 5.0  # seconds before the health thread tries a slot that failed to restart again
 log = logging.getLogger(__name__)

@@ -35,6 +35,7 @@ from dspex_nb.errors import (
     MessageTooLarge,
     PoolClosed,
     WorkerDied,
+    add_note,
 )
 from dspex_nb.journal import Journal, digest
 from dspex_nb.pool.calls import OWN_THREADS, Chunk, Handle, Run
@@ -419,7 +420,7 @@ class BatchRun(Handle):
         try:
             return super().wait(timeout)
         except KeyboardInterrupt as stop:
-            stop.add_note(f"the batch was stopped after {self.ok + self.failed} of {self.total} items; {self._kept()}")
+            add_note(stop, f"the batch was stopped after {self.ok + self.failed} of {self.total} items; {self._kept()}")
             raise
 
     def _kept(self) -> str:

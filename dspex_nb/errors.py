@@ -117,8 +117,13 @@ def _noted(error: ToolError) -> ToolError:
     note = f"raised {where} (dspex_nb tool '{error.tool}')"
     if error.remote_traceback:
         note += "; the traceback there:\n" + error.remote_traceback.rstrip("\n")
-    error.__notes__ = [*getattr(error, "__notes__", ()), note]  # BaseException.add_note, before Python 3.11
+    add_note(error, note)
     return error
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)``, also before Python 3.11 (which shows no note, but keeps it in ``__notes__``)."""
+    error.__notes__ = [*getattr(error, "__notes__", ()), note]
 
 
 @functools.cache

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+from json import encoder
 from pathlib import Path
+from typing import Any
 
 LM_KWARGS_ENV = "DSPEX_LM_KWARGS"  # the worker's dspy.LM settings, as JSON (not on argv: they may hold a key)
 KERNEL_ENV = "DSPEX_KERNEL"  # "pid:start time" of the kernel that owns a template and its workers
@@ -57,3 +60,19 @@ def kernel_gone(spec: str) -> bool:
     """True when the kernel that KERNEL_ENV names has ended (its pid gone, or reused by another process)."""
     pid, _, started = spec.partition(":")
     return pid.isdigit() and start_time(int(pid)) != started
+
+
+def _not_serialisable(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# json.dumps's own C encoder with json.dumps's settings, made once: json.dumps makes one per call, which is
+# two thirds of its time for a small chunk. Without its circular check, a value that contains itself ends
+# in RecursionError, reported as not serialisable like any other.
+_ENCODE = encoder.c_make_encoder(None, _not_serialisable, encoder.encode_basestring_ascii, None, ": ", ", ",
+                                 False, False, True) if encoder.c_make_encoder else None
+
+
+def dumps(value: Any) -> bytes:
+    """``json.dumps(value).encode()``, faster."""
+    return ("".join(_ENCODE(value, 0)) if _ENCODE else json.dumps(value)).encode()

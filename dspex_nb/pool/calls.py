@@ -30,6 +30,7 @@ from dspex_nb.errors import (
     ToolError,
     remote_error,
 )
+from dspex_nb.wire import dumps
 
 WAIT_SLICE = 0.1  # seconds a blocking wait sleeps before it lets KeyboardInterrupt through
 CANCEL_WAIT = 5.0  # seconds cancel() waits for the remote work to confirm it stopped (it needs milliseconds)
@@ -66,7 +67,7 @@ def encode_args(tool: str, args: dict[str, Any] | None, limit: int) -> bytes:
     if not isinstance(args, dict):
         raise ArgumentError(tool, "ArgumentError", f"arguments must be a dict, got {type(args).__name__}")
     try:
-        data = json.dumps(args).encode()
+        data = dumps(args)
     except (TypeError, ValueError, RecursionError) as exc:
         for key, value in args.items():
             try:

@@ -278,7 +278,7 @@ def unary_result(reply: Any, tool: str, worker: str) -> Any:
         raise remote_error(tool, {"type": e.type, "message": e.message, "traceback": e.traceback, "bases": e.bases,
                                   "attributes": json.loads(e.attributes_json) if e.attributes_json else None,
                                   "args": json.loads(e.args_json) if e.args_json else None}, worker)
-    return json.loads(reply.result_json)
+    return json.loads(reply.result_json.decode())  # ASCII, as the worker writes it: no encoding to detect
 
 
 class _Ping:

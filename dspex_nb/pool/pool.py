@@ -347,7 +347,8 @@ class WorkerPool(Supervision):
     def _args_json(self, tool: str, args: dict[str, Any] | None, timeout: float | None) -> bytes:
         """A call's arguments as JSON, checked against the tool's schema (and its timeout) before anything is
         sent."""
-        settings.Checker(tool).seconds("timeout", timeout, optional=True)
+        if timeout is not None:
+            settings.Checker(tool).seconds("timeout", timeout)
         if self.schemas and tool not in self.schemas:
             raise UnknownTool(tool, "UnknownTool",
                               f"no tool named {tool!r}; available tools: {', '.join(sorted(self.schemas))}")

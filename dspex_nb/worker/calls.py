@@ -20,31 +20,14 @@ import os
 import threading
 import traceback
 from collections.abc import Callable, Iterator
-from json import encoder
 from types import TracebackType
 from typing import Any
 
 from dspex_nb import redact, typed
 from dspex_nb.errors import ResultTooLarge, ToolError, builtin_fields
+from dspex_nb.wire import dumps
 from dspex_nb.worker import tools
 from dspex_nb.worker.state import WorkerState
-
-
-def _not_serialisable(value: Any) -> Any:
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-# json.dumps's own C encoder with json.dumps's settings, made once: json.dumps makes one per call, which is
-# two thirds of its time for a small chunk. Without its circular check, a value that contains itself ends
-# in RecursionError, reported as not serialisable like any other.
-_ENCODE = encoder.c_make_encoder(None, _not_serialisable, encoder.encode_basestring_ascii, None, ": ", ", ",
-                                 False, False, True) if encoder.c_make_encoder else None
-
-
-def dumps(value: Any) -> bytes:
-    """``json.dumps(value).encode()``, faster."""
-    return ("".join(_ENCODE(value, 0)) if _ENCODE else json.dumps(value)).encode()
-
 
 MAX_CHUNKS_PER_MESSAGE = 2048
 LINGER = 0.01  # seconds a stream's message waits for more chunks to join it (not the first message)
@@ -209,12 +192,15 @@ class Call:
         self.args_json = args_json
         self.ctx = tools.ToolContext(streaming=streaming, session_id=session_id, worker=state)
 
-    def _start(self) -> Iterator[tools.Emit]:
+    def _args(self) -> tuple[tools.Tool, Any]:
         tool = tools.get_tool(self.tool)
         try:
-            args = json.loads(self.args_json) if self.args_json else {}
+            return tool, json.loads(self.args_json.decode()) if self.args_json else {}  # str: no encoding to detect
         except ValueError as exc:
             raise ToolError(self.tool, "ArgumentError", f"arguments are not valid JSON: {exc}") from None
+
+    def _start(self) -> Iterator[tools.Emit]:
+        tool, args = self._args()
         return tool.run(args, self.ctx)
 
     def encode(self, value: Any, what: str) -> bytes:
@@ -232,7 +218,10 @@ class Call:
         """(the result as JSON, None), or (None, the error's type / message / traceback)."""
         with self.state.track():
             try:
-                return self.encode(drive(self._start(), self.ctx, lambda emit: None), "the result"), None
+                tool, args = self._args()
+                result = drive(tool.run(args, self.ctx), self.ctx, lambda emit: None) if tool.streaming \
+                    else tool.call(args, self.ctx)  # a plain function: no generator to drive
+                return self.encode(result, "the result"), None
             except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: an error, not our end
                 return None, error_info(exc)
 

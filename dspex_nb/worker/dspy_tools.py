@@ -31,9 +31,9 @@ from dspy.utils.usage_tracker import UsageTracker
 
 from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError, Cancelled
-from dspex_nb.wire import CACHE_OFF
+from dspex_nb.wire import CACHE_OFF, dumps
 from dspex_nb.worker import programs
-from dspex_nb.worker.calls import MESSAGE_OVERHEAD, dumps, message_of
+from dspex_nb.worker.calls import MESSAGE_OVERHEAD, message_of
 from dspex_nb.worker.demo_lm import make_demo_lm
 from dspex_nb.worker.limits import StopWhenCancelled
 from dspex_nb.worker.state import WorkerState

@@ -41,29 +41,46 @@ class Emit:
             raise ValueError(f"a tool emits token, item, started or status chunks, not {self.kind!r}")
 
 
-class CancelEvent(threading.Event):
-    """A call's cancellation: an Event that also runs, once it is set, what was registered with ``on_set``."""
+class CancelEvent:
+    """A call's cancellation: ``is_set`` / ``set`` / ``wait`` as a ``threading.Event``'s, and what was registered
+    with ``on_set`` runs once it is set. Every call has one, and few wait on it: the Event behind ``wait`` is
+    made by the first that does (a threading.Event is a good part of a small call's time on the worker)."""
+
+    __slots__ = ("set_at", "_hooks", "_lock", "_event")
 
     def __init__(self) -> None:
-        super().__init__()
         self.set_at: float | None = None  # time.monotonic() of the cancel
         self._hooks: list[Callable[[], Any]] = []
-        self._hooks_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._event: threading.Event | None = None
+
+    def is_set(self) -> bool:
+        return self.set_at is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._lock:
+            if self.set_at is not None:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     def on_set(self, hook: Callable[[], Any]) -> None:
         """Run ``hook`` when the call is cancelled (now, if it already is)."""
-        with self._hooks_lock:
-            if not self.is_set():
+        with self._lock:
+            if self.set_at is None:
                 self._hooks.append(hook)
                 return
         hook()
 
     def set(self) -> None:
-        with self._hooks_lock:
+        with self._lock:
             if self.set_at is None:
                 self.set_at = time.monotonic()
-            super().set()
-            hooks, self._hooks = self._hooks, []
+            event, hooks, self._hooks = self._event, self._hooks, []
+        if event is not None:
+            event.set()
         for hook in hooks:
             hook()
 
@@ -104,9 +121,16 @@ class Tool:
     wants_ctx: bool
     streaming: bool
     open_ended: bool  # takes **kwargs: any extra argument is accepted
+    _schema: dict[str, Any] | None = field(default=None, repr=False)
 
     def schema(self) -> dict[str, Any]:
-        """Name, description, whether it streams, and each argument's type and required/default."""
+        """Name, description, whether it streams, and each argument's type and required/default (made once:
+        every call is checked against it)."""
+        if self._schema is None:
+            self._schema = self._make_schema()
+        return self._schema
+
+    def _make_schema(self) -> dict[str, Any]:
         args = {}
         for name, param in self.params.items():
             spec: dict[str, Any] = {"type": type_name(self.hints.get(name, Any))}
@@ -120,11 +144,15 @@ class Tool:
 
     def run(self, args: dict[str, Any], ctx: ToolContext) -> Generator[Emit, None, Any]:
         """Validate ``args``, then yield the tool's Emits and return its final result."""
+        if not self.streaming:
+            return self.call(args, ctx)
         validate(self.schema(), args)
-        kwargs = dict(args, ctx=ctx) if self.wants_ctx else args
-        if self.streaming:
-            return (yield from self.func(**kwargs))
-        return self.func(**kwargs)
+        return (yield from self.func(**(dict(args, ctx=ctx) if self.wants_ctx else args)))
+
+    def call(self, args: dict[str, Any], ctx: ToolContext) -> Any:
+        """Validate ``args`` and return what a plain (not a generator) tool returns."""
+        validate(self.schema(), args)
+        return self.func(**(dict(args, ctx=ctx) if self.wants_ctx else args))
 
 
 REGISTRY: dict[str, Tool] = {}

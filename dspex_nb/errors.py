@@ -79,7 +79,8 @@ def remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolEr
     LM error's ``status_code``, an OSError's ``errno``) where they do not clash with the ToolError's own (``tool``,
     ``message``...), and a note (shown under its traceback) that names the worker and gives the traceback there.
     A class whose repr or traceback needs what its own constructor sets, and the attributes do not give, is
-    passed over for the next (urllib's HTTPError without its response)."""
+    passed over for the next (urllib's HTTPError without its response), as is one that refuses its args (a read-only
+    ``args``, a ``__setattr__`` of its own); one that refuses the note is raised without it."""
     from dspex_nb import redact  # the kernel masks too: its environment is the workers'
 
     type_ = info["type"]
@@ -89,12 +90,13 @@ def remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolEr
         return REMOTE_ERROR_TYPES[type_](*fields)
     attributes = redact.mapping(dict(info.get("attributes") or {}))
     bases = list(info.get("bases", ()))
+    own = _as_tool_error(bases[0]) if bases else None
     for cls in filter(None, map(_as_tool_error, bases)):
-        error = _with_attributes(cls(*fields), attributes)
-        if cls is _as_tool_error(bases[0]):  # its own class: as it reads where it was raised
-            error._shown = error.message
-            error.args = tuple(redact.mapping(info["args"])) if info.get("args") is not None else (error.message,)
-        try:
+        try:  # the class's own code runs here (a read-only args, a __setattr__ that refuses): then the next class
+            error = _with_attributes(cls(*fields), attributes)
+            if cls is own:  # its own class: as it reads where it was raised
+                error._shown = error.message
+                error.args = tuple(redact.mapping(info["args"])) if info.get("args") is not None else (error.message,)
             repr(error)
             traceback.format_exception(error)
         except Exception:
@@ -122,8 +124,10 @@ def _noted(error: ToolError) -> ToolError:
 
 
 def add_note(error: BaseException, note: str) -> None:
-    """``error.add_note(note)``, also before Python 3.11 (which shows no note, but keeps it in ``__notes__``)."""
-    error.__notes__ = [*getattr(error, "__notes__", ()), note]
+    """``error.add_note(note)``, also before Python 3.11 (which shows no note, but keeps it in ``__notes__``); none
+    where the error's class refuses it (a ``__notes__`` or ``__setattr__`` of its own): the error is still raised."""
+    with contextlib.suppress(Exception):  # whatever that code raises
+        error.__notes__ = [*getattr(error, "__notes__", ()), note]
 
 
 @functools.cache
@@ -180,8 +184,12 @@ def _restored(cls: type, fields: tuple[str, ...], args: tuple[Any, ...], state: 
     """A copied or unpickled ToolError (``ToolError.__reduce__``): ``cls`` is a ToolError class, or the
     program's exception class it was also."""
     made = cls if issubclass(cls, ToolError) else _tool_error_for(cls) or ToolError
-    error = made(*fields)
-    error.args = args
+    try:  # the class's own code runs here (a read-only args, a __setattr__ that refuses)
+        error = made(*fields)
+        error.args = args
+    except Exception:
+        error = ToolError(*fields)
+        error.args = args
     vars(error).update(state)
     return error
 

@@ -254,6 +254,48 @@ def test_a_programs_exception_whose_class_cannot_be_a_tool_error_is_still_its_er
             assert expected in "".join(traceback.format_exception(info.value)) and repr(info.value)
 
 
+class ReadOnlyArgsError(ValueError):
+    """An exception class whose ``args`` is a property without a setter."""
+
+    @property
+    def args(self) -> tuple:  # type: ignore[override]
+        return ("read-only",)
+
+
+class NoNotesError(ValueError):
+    """An exception class whose ``__notes__`` is a property without a setter: it takes no note."""
+
+    @property
+    def __notes__(self) -> list[str]:  # type: ignore[override]
+        return []
+
+
+class SealedError(KeyError):
+    """An exception class whose ``__setattr__`` refuses its ``args`` and notes once it is made."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in ("args", "__notes__"):
+            raise TypeError(f"{type(self).__name__} is sealed")
+        super().__setattr__(name, value)
+
+
+def test_a_programs_exception_whose_class_refuses_its_args_or_a_note_is_still_its_error(pool: Pool) -> None:
+    """Setting the args or the note ran outside any try: the kernel raised AttributeError or TypeError of our
+    own instead of the program's error."""
+    def program(kind: str) -> None:
+        raise {"args": ReadOnlyArgsError("given"), "notes": NoNotesError("unnoted"), "sealed": SealedError("k")}[kind]
+
+    for kind, expected, shown in [("args", ValueError, "ReadOnlyArgsError: given"),  # its next class, that takes them
+                                  ("notes", NoNotesError, "unnoted"), ("sealed", KeyError, "SealedError: 'k'")]:
+        for call in (pool.run, lambda p, **kw: pool.run_stream(p, **kw).result()):
+            with pytest.raises(expected) as info:
+                call(program, kind=kind)
+            assert isinstance(info.value, ToolError) and shown in str(info.value)
+            assert "Traceback" in info.value.remote_traceback
+            for copied in (copy.copy(info.value), pickle.loads(pickle.dumps(info.value))):
+                assert isinstance(copied, ToolError) and str(copied) == str(info.value)
+
+
 def test_message_over_the_limit_says_the_limit_and_how_to_raise_it() -> None:
     with Pool(workers=1, max_message_mb=1) as small:
         with pytest.raises(MessageTooLarge, match=r"over the 1 MiB message limit; raise it with Pool\(max_message_mb"):

@@ -73,8 +73,9 @@ def remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolEr
     An exception of the program comes back as a ToolError that is also the first of its classes (``bases``,
     "module:qualname") that the kernel has imported, so ``except ValueError`` or ``except
     dspy.utils.exceptions.AdapterParseError`` catches it as in the kernel. Where that is its own class, it reads
-    as the kernel's would: its class's name, ``str(e)``, ``e.args`` (where they are plain JSON values); raised as a
-    class it derives from, its message names its class (``tool 'run_module' failed on worker w0: CodedError: 7``).
+    as the kernel's would: its class's name, ``str(e)``, ``e.args`` (where they are plain JSON values its str()
+    shows); raised as a class it derives from, its message names its class (``tool 'run_module' failed on worker
+    w0: CodedError: 7``).
     Either way it has the exception's plain ``attributes`` (``e.code``, an AdapterParseError's ``lm_response``, an
     LM error's ``status_code``, an OSError's ``errno``) where they do not clash with the ToolError's own (``tool``,
     ``message``...), and a note (shown under its traceback) that names the worker and gives the traceback there.

@@ -145,6 +145,18 @@ def test_a_password_in_a_url_is_masked_in_text() -> None:
     assert shown == "ProxyError: https://me:***@proxy.example:8080 refused; see ftp://anon@host, mailto:a@b"
 
 
+def test_a_percent_encoded_url_password_is_masked_as_written_and_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the decoded form was a secret: an error quoting the URL without its scheme, or the password alone,
+    showed the percent-encoded one."""
+    from dspex_nb import redact
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:p%40ss-proxy-0815@proxy.example/v1")
+    redact.register({"api_base": "http://bob:lm%2Fpass-4711@127.0.0.1:9/v1"})
+    for password in ("p%40ss-proxy-0815", "p@ss-proxy-0815", "lm%2Fpass-4711", "lm/pass-4711"):
+        assert text(f"failed to connect to user:{password}@host") == "failed to connect to user:***@host"
+        assert text(f"bad password {password}") == "bad password ***"
+
+
 def test_a_password_in_an_lm_url_is_masked_where_it_shows() -> None:
     # a LiteLLM proxy or Ollama behind basic auth: api_base="http://user:password@host/v1". describe() showed the
     # URL whole, and an LM error quoted it without its scheme ("failed to connect to bob:...@127.0.0.1:9")

@@ -131,10 +131,10 @@ def add_note(error: BaseException, note: str) -> None:
         error.__notes__ = [*getattr(error, "__notes__", ()), note]
 
 
-@functools.cache
 def builtin_fields(cls: type) -> tuple[str, ...]:
     """The public fields that Python's own exception classes among ``cls``'s define in C, rather than in the
-    instance's ``__dict__`` (an OSError's ``errno`` and ``filename``, an ImportError's ``name``), ``args`` aside."""
+    instance's ``__dict__`` (an OSError's ``errno`` and ``filename``, an ImportError's ``name``), ``args`` aside.
+    Not cached (a few microseconds): a cache by class kept every class of the user's, and its module, alive."""
     return tuple(name for base in cls.__mro__ if base.__module__ == "builtins" for name, attr in vars(base).items()
                  if not name.startswith("_") and name != "args"
                  and isinstance(attr, (types.MemberDescriptorType, types.GetSetDescriptorType)))
@@ -154,7 +154,6 @@ def _with_attributes(error: ToolError, attributes: dict[str, Any]) -> ToolError:
 _NONE = object()
 _NOT_RAISED_AS = (StopIteration, StopAsyncIteration, Warning,  # classes that mean something else when raised
                   *(vars(builtins).get("BaseExceptionGroup", ()),))  # a group is its exceptions (Python 3.11+)
-_AS_TOOL_ERROR: dict[type, type[ToolError] | None] = {}
 
 
 def _as_tool_error(path: str) -> type[ToolError] | None:
@@ -175,23 +174,28 @@ def _as_tool_error(path: str) -> type[ToolError] | None:
     return _tool_error_for(base)
 
 
+@functools.lru_cache(maxsize=256)  # bounded: each holds its program's class (and module) alive
 def _tool_error_for(base: type) -> type[ToolError] | None:
-    if base not in _AS_TOOL_ERROR:
-        _AS_TOOL_ERROR[base] = _combined(base)
-    return _AS_TOOL_ERROR[base]
+    """``_combined(base)``, the same class each time ``base``'s errors come back (while it is among the last 256)."""
+    return _combined(base)
 
 
 def _restored(cls: type, fields: tuple[str, ...], args: tuple[Any, ...], state: dict[str, Any]) -> ToolError:
     """A copied or unpickled ToolError (``ToolError.__reduce__``): ``cls`` is a ToolError class, or the
-    program's exception class it was also."""
-    made = cls if issubclass(cls, ToolError) else _tool_error_for(cls) or ToolError
-    try:  # the class's own code runs here (a read-only args, a __setattr__ that refuses)
-        error = made(*fields)
-        error.args = args
-    except Exception:
-        error = ToolError(*fields)
-        error.args = args
-    vars(error).update(state)
+    program's exception class it was also; where that cannot be made again, the plain ToolError that
+    ``remote_error`` gives for such a class, with the attributes and notes."""
+    made = cls if issubclass(cls, ToolError) else _tool_error_for(cls)
+    if made is not None:
+        try:  # the class's own code runs here (a read-only args, a __setattr__ that refuses)
+            error = made(*fields)
+            error.args = args
+        except Exception:
+            pass
+        else:
+            vars(error).update(state)
+            return error
+    error = ToolError(*fields)  # not the program's class, so its message names that class, as remote_error's does
+    vars(error).update({name: value for name, value in state.items() if name != "_shown"})
     return error
 
 

@@ -73,13 +73,15 @@ def remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolEr
     An exception of the program comes back as a ToolError that is also the first of its classes (``bases``,
     "module:qualname") that the kernel has imported, so ``except ValueError`` or ``except
     dspy.utils.exceptions.AdapterParseError`` catches it as in the kernel. Where that is its own class, it reads
-    as the kernel's would: its class's name, ``str(e)``, ``e.args`` (where they are plain JSON values); raised as a
-    class it derives from, its message names its class (``tool 'run_module' failed on worker w0: CodedError: 7``).
+    as the kernel's would: its class's name, ``str(e)``, ``e.args`` (where they are plain JSON values its str()
+    shows); raised as a class it derives from, its message names its class (``tool 'run_module' failed on worker
+    w0: CodedError: 7``).
     Either way it has the exception's plain ``attributes`` (``e.code``, an AdapterParseError's ``lm_response``, an
     LM error's ``status_code``, an OSError's ``errno``) where they do not clash with the ToolError's own (``tool``,
     ``message``...), and a note (shown under its traceback) that names the worker and gives the traceback there.
     A class whose repr or traceback needs what its own constructor sets, and the attributes do not give, is
-    passed over for the next (urllib's HTTPError without its response)."""
+    passed over for the next (urllib's HTTPError without its response), as is one that refuses its args (a read-only
+    ``args``, a ``__setattr__`` of its own); one that refuses the note is raised without it."""
     from dspex_nb import redact  # the kernel masks too: its environment is the workers'
 
     type_ = info["type"]
@@ -89,12 +91,13 @@ def remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolEr
         return REMOTE_ERROR_TYPES[type_](*fields)
     attributes = redact.mapping(dict(info.get("attributes") or {}))
     bases = list(info.get("bases", ()))
+    own = _as_tool_error(bases[0]) if bases else None
     for cls in filter(None, map(_as_tool_error, bases)):
-        error = _with_attributes(cls(*fields), attributes)
-        if cls is _as_tool_error(bases[0]):  # its own class: as it reads where it was raised
-            error._shown = error.message
-            error.args = tuple(redact.mapping(info["args"])) if info.get("args") is not None else (error.message,)
-        try:
+        try:  # the class's own code runs here (a read-only args, a __setattr__ that refuses): then the next class
+            error = _with_attributes(cls(*fields), attributes)
+            if cls is own:  # its own class: as it reads where it was raised
+                error._shown = error.message
+                error.args = tuple(redact.mapping(info["args"])) if info.get("args") is not None else (error.message,)
             repr(error)
             traceback.format_exception(error)
         except Exception:
@@ -122,14 +125,16 @@ def _noted(error: ToolError) -> ToolError:
 
 
 def add_note(error: BaseException, note: str) -> None:
-    """``error.add_note(note)``, also before Python 3.11 (which shows no note, but keeps it in ``__notes__``)."""
-    error.__notes__ = [*getattr(error, "__notes__", ()), note]
+    """``error.add_note(note)``, also before Python 3.11 (which shows no note, but keeps it in ``__notes__``); none
+    where the error's class refuses it (a ``__notes__`` or ``__setattr__`` of its own): the error is still raised."""
+    with contextlib.suppress(Exception):  # whatever that code raises
+        error.__notes__ = [*getattr(error, "__notes__", ()), note]
 
 
-@functools.cache
 def builtin_fields(cls: type) -> tuple[str, ...]:
     """The public fields that Python's own exception classes among ``cls``'s define in C, rather than in the
-    instance's ``__dict__`` (an OSError's ``errno`` and ``filename``, an ImportError's ``name``), ``args`` aside."""
+    instance's ``__dict__`` (an OSError's ``errno`` and ``filename``, an ImportError's ``name``), ``args`` aside.
+    Not cached (a few microseconds): a cache by class kept every class of the user's, and its module, alive."""
     return tuple(name for base in cls.__mro__ if base.__module__ == "builtins" for name, attr in vars(base).items()
                  if not name.startswith("_") and name != "args"
                  and isinstance(attr, (types.MemberDescriptorType, types.GetSetDescriptorType)))
@@ -149,7 +154,6 @@ def _with_attributes(error: ToolError, attributes: dict[str, Any]) -> ToolError:
 _NONE = object()
 _NOT_RAISED_AS = (StopIteration, StopAsyncIteration, Warning,  # classes that mean something else when raised
                   *(vars(builtins).get("BaseExceptionGroup", ()),))  # a group is its exceptions (Python 3.11+)
-_AS_TOOL_ERROR: dict[type, type[ToolError] | None] = {}
 
 
 def _as_tool_error(path: str) -> type[ToolError] | None:
@@ -170,19 +174,28 @@ def _as_tool_error(path: str) -> type[ToolError] | None:
     return _tool_error_for(base)
 
 
+@functools.lru_cache(maxsize=256)  # bounded: each holds its program's class (and module) alive
 def _tool_error_for(base: type) -> type[ToolError] | None:
-    if base not in _AS_TOOL_ERROR:
-        _AS_TOOL_ERROR[base] = _combined(base)
-    return _AS_TOOL_ERROR[base]
+    """``_combined(base)``, the same class each time ``base``'s errors come back (while it is among the last 256)."""
+    return _combined(base)
 
 
 def _restored(cls: type, fields: tuple[str, ...], args: tuple[Any, ...], state: dict[str, Any]) -> ToolError:
     """A copied or unpickled ToolError (``ToolError.__reduce__``): ``cls`` is a ToolError class, or the
-    program's exception class it was also."""
-    made = cls if issubclass(cls, ToolError) else _tool_error_for(cls) or ToolError
-    error = made(*fields)
-    error.args = args
-    vars(error).update(state)
+    program's exception class it was also; where that cannot be made again, the plain ToolError that
+    ``remote_error`` gives for such a class, with the attributes and notes."""
+    made = cls if issubclass(cls, ToolError) else _tool_error_for(cls)
+    if made is not None:
+        try:  # the class's own code runs here (a read-only args, a __setattr__ that refuses)
+            error = made(*fields)
+            error.args = args
+        except Exception:
+            pass
+        else:
+            vars(error).update(state)
+            return error
+    error = ToolError(*fields)  # not the program's class, so its message names that class, as remote_error's does
+    vars(error).update({name: value for name, value in state.items() if name != "_shown"})
     return error
 
 

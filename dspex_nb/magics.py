@@ -606,12 +606,30 @@ class Dspex(Magics):
 
     def _store(self, name: str | None, value: Any) -> None:
         """``value`` in ``name`` and in ``_``, as a cell's value is: IPython's ``__`` and ``___`` move on, and so
-        does ``_`` at the next cell's value (it stops updating ``_`` for good once a cell assigns it)."""
+        does ``_`` at the next cell's value (it stops updating ``_`` for good once a cell assigns it). By IPython's
+        rules (``DisplayHook.update_user_ns``): not with its output cache off, and ``_`` and the others are left
+        as they are where the user assigned one of them, or ``_`` is a builtin (gettext's)."""
         if name:
             self.shell.user_ns[name] = value
         hook = self.shell.displayhook
+        if not hook.cache_size:
+            return
+        ours = _unders_are_ipythons(self.shell)
         hook.___, hook.__, hook._ = hook.__, hook._, value
-        self.shell.push({"_": hook._, "__": hook.__, "___": hook.___}, interactive=False)
+        if ours and "_" not in vars(builtins):
+            self.shell.push({"_": hook._, "__": hook.__, "___": hook.___}, interactive=False)
+
+
+def _unders_are_ipythons(shell: Any) -> bool:
+    """Whether none of ``_``, ``__``, ``___`` in the user's namespace was assigned by the user, as IPython's
+    ``DisplayHook.update_user_ns`` tells: each is missing, or what IPython (or ``_store``) last put there."""
+    for name in ("_", "__", "___"):
+        if name not in shell.user_ns:
+            continue
+        ours = shell.user_ns_hidden[name] if name in shell.user_ns_hidden else getattr(shell.displayhook, name)
+        if shell.user_ns[name] is not ours:
+            return False
+    return True
 
 
 def _field_lines(value: Any) -> list[str]:

@@ -4,7 +4,8 @@ dashboards, magic output and logs.
 A secret is a setting whose name looks like one (``*key*``, ``*token*`` but not a count of tokens such
 as ``max_tokens``, ``*secret*``, ``*password*``, ``authorization``, ``*credential*``, ``cookie``) and the
 value of every environment variable so named, and the password of a URL (``api_base="https://user:pw@host"``,
-``HTTPS_PROXY``), which an error may quote without its scheme (``failed to connect to user:pw@host``).
+``HTTPS_PROXY``; as written and percent-decoded), which an error may quote without its scheme (``failed to connect
+to user:pw@host``).
 Values are replaced by ``***`` wherever they appear in text; settings so named are masked whole.
 """
 
@@ -47,18 +48,20 @@ def register(settings: Any) -> None:
     elif isinstance(settings, (list, tuple)):
         for value in settings:
             register(value)
-    elif isinstance(settings, str) and len(password := url_password(settings)) >= 6:
-        _registered.add(password)
+    elif isinstance(settings, str):
+        _registered.update(url_passwords(settings))
 
 
-def url_password(value: str) -> str:
-    """The password of ``value`` if it is a URL with one (``https://user:pw@host``), else ''."""
+def url_passwords(value: str) -> set[str]:
+    """The password of ``value`` if it is a URL with one (``https://user:p%40ss@host``), as written and decoded
+    (``p%40ss`` and ``p@ss``: text may quote either), those of at least 6 characters; else none."""
     if "://" not in value:
-        return ""
+        return set()
     try:
-        return urllib.parse.unquote(urllib.parse.urlsplit(value).password or "")
+        raw = urllib.parse.urlsplit(value).password or ""
     except ValueError:  # not a URL after all (an invalid port, brackets)
-        return ""
+        return set()
+    return {password for password in (raw, urllib.parse.unquote(raw)) if len(password) >= 6}
 
 
 def is_secret_name(name: str) -> bool:
@@ -69,7 +72,7 @@ def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
     """The values of secret-named environment variables (longest first, so none hides part of another)."""
     env = os.environ if env is None else env
     found = {v for k, v in env.items() if is_secret_name(k) and len(v) >= 6} | _registered
-    found |= {password for v in env.values() if len(password := url_password(v)) >= 6}  # HTTPS_PROXY's
+    found |= {password for v in env.values() for password in url_passwords(v)}  # HTTPS_PROXY's
     return sorted(found, key=len, reverse=True)
 
 

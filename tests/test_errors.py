@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 import subprocess
 import sys
 import threading
 import traceback
+import types
+import weakref
 
 import pytest
 
@@ -252,6 +255,88 @@ def test_a_programs_exception_whose_class_cannot_be_a_tool_error_is_still_its_er
                 call(program, kind=kind)
             assert isinstance(info.value, ValueError if kind != "http" else urllib.error.URLError)  # its next class
             assert expected in "".join(traceback.format_exception(info.value)) and repr(info.value)
+
+
+class ReadOnlyArgsError(ValueError):
+    """An exception class whose ``args`` is a property without a setter."""
+
+    @property
+    def args(self) -> tuple:  # type: ignore[override]
+        return ("read-only",)
+
+
+class NoNotesError(ValueError):
+    """An exception class whose ``__notes__`` is a property without a setter: it takes no note."""
+
+    @property
+    def __notes__(self) -> list[str]:  # type: ignore[override]
+        return []
+
+
+class SealedError(KeyError):
+    """An exception class whose ``__setattr__`` refuses its ``args`` and notes once it is made."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in ("args", "__notes__"):
+            raise TypeError(f"{type(self).__name__} is sealed")
+        super().__setattr__(name, value)
+
+
+def test_a_programs_exception_whose_class_refuses_its_args_or_a_note_is_still_its_error(pool: Pool) -> None:
+    """Setting the args or the note ran outside any try: the kernel raised AttributeError or TypeError of our
+    own instead of the program's error."""
+    def program(kind: str) -> None:
+        raise {"args": ReadOnlyArgsError("given"), "notes": NoNotesError("unnoted"), "sealed": SealedError("k")}[kind]
+
+    for kind, expected, shown in [("args", ValueError, "ReadOnlyArgsError: given"),  # its next class, that takes them
+                                  ("notes", NoNotesError, "unnoted"), ("sealed", KeyError, "SealedError: 'k'")]:
+        for call in (pool.run, lambda p, **kw: pool.run_stream(p, **kw).result()):
+            with pytest.raises(expected) as info:
+                call(program, kind=kind)
+            assert isinstance(info.value, ToolError) and shown in str(info.value)
+            assert "Traceback" in info.value.remote_traceback
+            for copied in (copy.copy(info.value), pickle.loads(pickle.dumps(info.value))):
+                assert isinstance(copied, ToolError) and str(copied) == str(info.value)
+
+
+def _cell_error(number: int) -> tuple[type, dict]:
+    """An exception class of a module of its own (as a notebook cell's), and the error info a worker gives for it."""
+    module = types.ModuleType(f"dspex_test_cell_{number}")
+    exec("class CellError(ValueError):\n    pass\n", vars(module))
+    sys.modules[module.__name__] = module
+    info = {"type": "CellError", "message": "cell", "args": ["cell"], "attributes": {"code": 7},
+            "bases": [f"{module.__name__}:CellError", "builtins:ValueError"]}
+    return module.CellError, info
+
+
+def test_an_exception_class_is_not_kept_alive_by_its_errors_that_came_back() -> None:
+    """builtin_fields and the ToolError classes made for a program's classes kept every class (and module) alive."""
+    from dspex_nb import errors
+
+    cls, info = _cell_error(0)
+    error = errors.remote_error("run_module", info, "w0")
+    assert isinstance(error, cls) and errors.builtin_fields(type(error)) == ()
+    gone = weakref.ref(cls)
+    del cls, error, sys.modules["dspex_test_cell_0"]
+    for number in range(1, 300):  # more classes than the 256 kept since: they push it out
+        errors.remote_error("run_module", _cell_error(number)[1], "w0")
+        del sys.modules[f"dspex_test_cell_{number}"]
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_copy_that_cannot_be_the_programs_class_reads_as_the_plain_tool_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """It read as the program's error (its message alone, its args), though it was not of the program's class."""
+    from dspex_nb import errors
+
+    cls, info = _cell_error(0)
+    error = errors.remote_error("run_module", info, "w0")
+    monkeypatch.setattr(errors, "_tool_error_for", lambda base: None)  # where the class cannot be a ToolError
+    for copied in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert type(copied) is ToolError and str(copied) == "tool 'run_module' failed on worker w0: CellError: cell"
+        assert copied.args == (str(copied),) and (copied.code, copied.__notes__) == (7, error.__notes__)
+    del sys.modules["dspex_test_cell_0"]
 
 
 def test_message_over_the_limit_says_the_limit_and_how_to_raise_it() -> None:

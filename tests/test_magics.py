@@ -107,6 +107,18 @@ def test_a_later_cells_value_still_reaches_underscore(sh: Shell) -> None:
     assert sh.ns["_"] == 42 and sh.ns["__"] is sh.ns["p"]
 
 
+def test_a_magic_leaves_an_underscore_the_user_assigned(sh: Shell) -> None:
+    """As a cell's value leaves it (IPython's ``DisplayHook.update_user_ns``): the magics overwrote it."""
+    try:
+        sh("_ = 5")
+        sh('%%dspex predict "question -> answer" -o p\nMine?')
+        assert sh.ns["_"] == 5 and sh.ns["p"].answer.startswith("Demo LM answer to 'Mine?'")
+    finally:
+        sh("del _")
+    sh('%%dspex predict "question -> answer" -o p\nYours again?')  # once it is gone, `_` is IPython's again
+    assert sh.ns["_"] is sh.ns["p"]
+
+
 def test_text_output_is_deterministic(sh: Shell) -> None:
     cell = '%%dspex predict "question -> answer"\nSame question?'
     first, second = sh(cell)[0].splitlines()[0], sh(cell)[0].splitlines()[0]

@@ -135,13 +135,34 @@ def _from_the_program(exc: BaseException) -> TracebackType | None:
 
 
 def _args(exc: BaseException) -> list[Any] | None:
-    """The exception's ``args`` where each is a plain JSON value (``typed.plain``), masked, and they fit in
-    ``MAX_ATTRIBUTES`` characters; None otherwise (the kernel's error then has the message as its one arg)."""
+    """The exception's ``args`` where its str() shows them (``_shows_its_args``), each is a plain JSON value
+    (``typed.plain``), masked, and they fit in ``MAX_ATTRIBUTES`` characters; None otherwise (the kernel's error
+    then has the message as its one arg)."""
+    if not _shows_its_args(exc):
+        return None
     args = list(exc.args)
     if not typed.plain(args) or len(dumps(args)) > MAX_ATTRIBUTES:  # measured first: masking 50 MB takes seconds
         return None
     masked = redact.mapping(args)
     return masked if len(dumps(masked)) <= MAX_ATTRIBUTES else None
+
+
+_SHOW_EVERY_ARG = (KeyError, OSError, ImportError)  # Python's classes whose own str() shows all args, reworded
+
+
+def _shows_its_args(exc: BaseException) -> bool:
+    """Whether ``str(exc)`` shows all of ``exc.args``, as ``BaseException.__str__`` does; not where a class of the
+    program's words them otherwise (``AuthError("sk-...")`` showing "auth failed"): args it keeps from str() must
+    not reach the kernel's repr, where the worker showed only str()."""
+    if type(exc).args is not BaseException.args:  # a property of its own
+        return False
+    shows = next(cls for cls in type(exc).__mro__ if "__str__" in vars(cls))
+    if shows in _SHOW_EVERY_ARG:
+        return True
+    try:
+        return str(exc) == BaseException.__str__(exc)
+    except Exception:  # its __str__ failed
+        return False
 
 
 def _attributes(exc: BaseException) -> dict[str, Any]:

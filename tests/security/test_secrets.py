@@ -73,6 +73,40 @@ def test_a_key_given_in_lm_kwargs_is_masked_where_an_error_quotes_it(secret_pool
     assert SECRET not in shown and "Incorrect API key provided: ***" in shown
 
 
+class AuthError(Exception):
+    """A program's exception class whose str() keeps its argument (a token) from view."""
+
+    def __str__(self) -> str:
+        return "auth failed"
+
+
+class PlainWordedError(Exception):
+    """A program's exception class with a str() of its own that shows its one argument as Python's does."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def test_an_exceptions_args_that_its_str_does_not_show_stay_on_the_worker(secret_pool: Pool) -> None:
+    """The args travel to the kernel, where repr(e) shows them: a token that str() hid in the worker showed there."""
+    def program(kind: str) -> None:
+        token = "-".join(["tok", "0815", "hidden"])  # not in the source line, which the traceback quotes
+        raise {"auth": AuthError(token), "plain": PlainWordedError("shown"),
+               "known": ValueError(f"Incorrect API key provided: {SECRET}", 401)}[kind]
+
+    with pytest.raises(AuthError) as caught:
+        secret_pool.run(program, kind="auth")
+    error = caught.value
+    assert (str(error), repr(error), error.args) == ("auth failed", "AuthError('auth failed')", ("auth failed",))
+    assert "tok-0815-hidden" not in repr(vars(error))
+    with pytest.raises(PlainWordedError) as caught:  # one whose str() shows its args keeps them
+        secret_pool.run(program, kind="plain")
+    assert (str(caught.value), caught.value.args) == ("shown", ("shown",))
+    with pytest.raises(ValueError) as caught:  # a known secret is masked in the args too
+        secret_pool.run(program, kind="known")
+    assert caught.value.args == ("Incorrect API key provided: ***", 401) and SECRET not in repr(caught.value)
+
+
 def test_settings_named_like_counts_or_delays_are_shown() -> None:
     from dspex_nb import redact
 
@@ -109,6 +143,18 @@ def test_a_key_cut_by_the_end_of_a_kept_repr_is_masked_whole(monkeypatch: pytest
 def test_a_password_in_a_url_is_masked_in_text() -> None:
     shown = text("ProxyError: https://me:p%40ss-unseen@proxy.example:8080 refused; see ftp://anon@host, mailto:a@b")
     assert shown == "ProxyError: https://me:***@proxy.example:8080 refused; see ftp://anon@host, mailto:a@b"
+
+
+def test_a_percent_encoded_url_password_is_masked_as_written_and_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the decoded form was a secret: an error quoting the URL without its scheme, or the password alone,
+    showed the percent-encoded one."""
+    from dspex_nb import redact
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:p%40ss-proxy-0815@proxy.example/v1")
+    redact.register({"api_base": "http://bob:lm%2Fpass-4711@127.0.0.1:9/v1"})
+    for password in ("p%40ss-proxy-0815", "p@ss-proxy-0815", "lm%2Fpass-4711", "lm/pass-4711"):
+        assert text(f"failed to connect to user:{password}@host") == "failed to connect to user:***@host"
+        assert text(f"bad password {password}") == "bad password ***"
 
 
 def test_a_password_in_an_lm_url_is_masked_where_it_shows() -> None:

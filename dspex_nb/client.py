@@ -142,11 +142,14 @@ class Pool(WorkerPool):
         return self.call(program, inputs, stream=True)
 
     def call(self, program: Any, inputs: dict[str, Any], *, stream: bool = False, timeout: float | None = None,
-             on_chunk: Callable[[Chunk], Any] | None = None) -> Any:
-        """``run`` (or with ``stream``, ``run_stream``) with options, the inputs given as a dict."""
+             on_chunk: Callable[[Chunk], Any] | None = None, tokens: bool = True) -> Any:
+        """``run`` (or with ``stream``, ``run_stream``) with options, the inputs given as a dict. A stream without
+        ``tokens`` runs the program as ``run`` does (without DSPy's streaming) and streams only its status and end:
+        a view of it still has Stop."""
         name = self.ensure_defined(program)
         ship = typed.Shipment()
-        args = {"name": name, "inputs": programs.sendable(inputs, ship, "run_module", "inputs", "the inputs are")}
+        args = {"name": name, "inputs": programs.sendable(inputs, ship, "run_module", "inputs", "the inputs are"),
+                **({} if tokens else {"tokens": False})}
         shipped, resolver = programs.shipment(ship, self.definitions[name]["resolver"])
         if shipped:
             args["shipped"] = shipped

@@ -458,13 +458,14 @@ class Dspex(Magics):
         inputs = self._inputs(cell, signature_inputs(signature, self._require_pool(args.pool)), args)
         if isinstance(signature, str) and typed.plain(inputs):  # the built-in tools take JSON as it is
             tool = "chain_of_thought" if args.cot else "predict"
-            self._stream(lambda pool, stream: pool.call_tool(tool, {"signature": signature, "inputs": inputs},
-                                                             stream=stream, timeout=args.timeout),
+            tokens = {} if not args.no_stream else {"tokens": False}
+            self._stream(lambda pool, stream: pool.call_tool(tool, {"signature": signature, "inputs": inputs,
+                                                                    **tokens}, stream=stream, timeout=args.timeout),
                          f"{tool} {signature!r}", args)
             return
         program = programs.as_program(signature, cot=args.cot)
-        self._stream(lambda pool, stream: pool.call(program, inputs, stream=stream, timeout=args.timeout),
-                     f"predict {args.signature}", args)
+        self._stream(lambda pool, stream: pool.call(program, inputs, stream=stream, timeout=args.timeout,
+                                                    tokens=not args.no_stream), f"predict {args.signature}", args)
 
     def _run(self, args: argparse.Namespace, cell: str) -> None:
         pool = self._require_pool(args.pool)
@@ -479,15 +480,17 @@ class Dspex(Magics):
         optional = definition.get("optional") or []
         required = [n for n in definition["inputs"] if n not in optional]
         inputs = self._inputs(cell, definition["inputs"], args, required)
-        self._stream(lambda pool, stream: pool.call(name, inputs, stream=stream, timeout=args.timeout),
-                     f"run {args.name}", args)
+        self._stream(lambda pool, stream: pool.call(name, inputs, stream=stream, timeout=args.timeout,
+                                                    tokens=not args.no_stream), f"run {args.name}", args)
 
     def _stream(self, call: Callable[[Pool, bool], Any], title: str, args: argparse.Namespace) -> None:
-        """``call(pool, stream)``: the program's value, or (streaming) its Run, shown live."""
+        """``call(pool, stream)``: the program's value, or (streaming) its Run, shown live. With --no-stream the
+        program runs without DSPy's streaming: in a notebook its view has no tokens but still its Stop; as text
+        the whole answer is printed once."""
         if args.no_stream and args.background:
             raise UsageError("--no-stream waits for the whole answer: use it without -a")
         pool = self._require_pool(args.pool)
-        if args.no_stream:
+        if args.no_stream and not ui.live_frontend(self.display):
             value = call(pool, False)
             self._store(args.output, value)
             print("\n".join(_field_lines(value)))

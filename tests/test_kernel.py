@@ -355,6 +355,26 @@ def test_stop_during_a_call_that_does_not_stream_stops_its_program_on_the_worker
     assert 1 <= made < 10, made
 
 
+def test_a_no_stream_cell_has_a_view_whose_stop_stops_its_program(kernel: Kernel) -> None:
+    """``--no-stream`` in a notebook: its view has a Stop button (it had no view: only the kernel's interrupt
+    stopped it), which ends the program at its next LM call; the program runs without DSPy's streaming (no
+    token chunk), and a finished cell's view ends as its answer."""
+    kernel.run(MANY_CALLS)
+    with kernel.demo_lm("--set ttft=0.5"):  # 5 s of LM calls unless stopped
+        before = kernel.value("lm_calls()")
+        cell = click_stop_while_blocked(kernel, '%%dspex run ten_calls --no-stream\nwhy?')
+        assert "cancelled" in cell.stderr, cell.stderr
+        made = int(kernel.value(f"lm_calls_once_idle({before})"))
+        assert 1 <= made < 10, made
+    kernel.run('%%dspex predict "question -> answer" --no-stream -o r\nwhole?')
+    assert kernel.value("type(r).__name__, r.answer.startswith(\"Demo LM answer to 'whole?'\")") \
+        == "('Prediction', True)"
+    kernel.run("whole = magics.pool.call(dspy.Predict('question -> answer'), {'question': 'whole?'}, stream=True, "
+               "tokens=False)")
+    assert kernel.value("whole.result().answer == r.answer, [c.kind for c in whole.chunks]") \
+        == "(True, ['status', 'final'])"
+
+
 def test_stop_during_an_awaited_run_cancels_it_at_once(kernel: Kernel) -> None:
     """``await pool.run_async(...)``: ipykernel cancels an async cell on Stop only once it has ended by itself
     (ipython/ipykernel#881); the awaited run is cancelled at once instead of running to its end."""

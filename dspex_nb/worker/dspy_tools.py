@@ -302,16 +302,18 @@ def _stop_when(cancelled: CancelEvent, callbacks: list[Any]) -> None:
 
 
 def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
-          trace: bool = False, history: bool = False) -> Generator[Emit, None, Any]:
+          trace: bool = False, history: bool = False, tokens: bool = True) -> Generator[Emit, None, Any]:
     """Run ``program`` on ``inputs`` under the worker's LM and the kernel's ``settings``; streamed calls yield
-    token chunks per field. With ``trace``, the result has the program's predictor calls too (``_with_extras``);
+    token chunks per field (without ``tokens``, only a status chunk: the program runs as a unary call runs it,
+    without DSPy's streaming, and the stream carries its end and its cancel).
+    With ``trace``, the result has the program's predictor calls too (``_with_extras``);
     with ``history``, its LM calls' DSPy history entries (``typed.HISTORY``), for the kernel's inspect_history.
 
     A program with nothing to stream (no str output field) says so in a status chunk and returns its
     result; a program that returns a stream (a ``dspy.streamify``'d one) is run to its end, its tokens
     passed on.
     """
-    listeners = _listeners(program) if ctx.streaming else []
+    listeners = _listeners(program) if ctx.streaming and tokens else []
     final: Any = None
     steps: list[Any] = []
     traced = {"trace": steps} if trace else {}
@@ -327,7 +329,8 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             values = _async_items(lambda: streamed(**inputs), always.settled)
         else:
             if ctx.streaming and not unread:
-                yield Emit("status", {"message": f"running {_label(program)} (no str output field to stream)"})
+                why = "no str output field to stream" if tokens else "its tokens are not streamed, as asked"
+                yield Emit("status", {"message": f"running {_label(program)} ({why})"})
             with ctx.program_running():
                 output = _awaited(programs.invoke(program, inputs))
             values = _values_of(output)
@@ -564,19 +567,21 @@ def _builtin(tool_name: str, module: str, signature: str, inputs: Any) -> tuple[
 
 @tool
 def predict(ctx: ToolContext, signature: str, inputs: dict | str, settings: str = "",
-            history: bool = False) -> Generator[Emit, None, dict[str, Any]]:
-    """Run dspy.Predict(signature) on ``inputs``; streamed calls stream the tokens of each str output field.
-    ``history``: return its LM calls' DSPy history entries too, for the kernel's ``dspy.inspect_history``."""
-    return (yield from _call(*_builtin("predict", "predict", signature, inputs), ctx, settings, history=history))
+            history: bool = False, tokens: bool = True) -> Generator[Emit, None, dict[str, Any]]:
+    """Run dspy.Predict(signature) on ``inputs``; streamed calls stream the tokens of each str output field
+    (with ``tokens``). ``history``: return its LM calls' DSPy history entries too, for the kernel's
+    ``dspy.inspect_history``."""
+    return (yield from _call(*_builtin("predict", "predict", signature, inputs), ctx, settings, history=history,
+                             tokens=tokens))
 
 
 @tool
 def chain_of_thought(ctx: ToolContext, signature: str, inputs: dict | str, settings: str = "",
-                     history: bool = False) -> Generator[Emit, None, dict[str, Any]]:
-    """Run dspy.ChainOfThought(signature); streamed calls stream reasoning and each str output field.
-    ``history``: as ``predict``'s."""
+                     history: bool = False, tokens: bool = True) -> Generator[Emit, None, dict[str, Any]]:
+    """Run dspy.ChainOfThought(signature); streamed calls stream reasoning and each str output field (with
+    ``tokens``). ``history``: as ``predict``'s."""
     return (yield from _call(*_builtin("chain_of_thought", "chain_of_thought", signature, inputs), ctx, settings,
-                             history=history))
+                             history=history, tokens=tokens))
 
 
 @tool
@@ -630,12 +635,14 @@ def _defined(ctx: ToolContext, tool_name: str, name: str) -> programs.Program:
 
 @tool
 def run_module(ctx: ToolContext, name: str, inputs: dict | str, settings: str = "", shipped: str = "",
-               trace: bool = False, history: bool = False) -> Generator[Emit, None, dict[str, Any]]:
+               trace: bool = False, history: bool = False,
+               tokens: bool = True) -> Generator[Emit, None, dict[str, Any]]:
     """Run a module kept by ``define`` (or, given a handle from ``load_module``, that very instance) on
     ``inputs``; streamed calls stream the tokens of its predictors. ``shipped``: the classes and code of the
     inputs, by value (base64 cloudpickle of a ``typed.Shipment``, as ``Pool.run`` sends where needed).
     ``trace``: return its predictor calls too (DSPy's trace), for the kernel's trace; ``history``: its LM
-    calls' DSPy history entries, for the kernel's ``dspy.inspect_history``."""
+    calls' DSPy history entries, for the kernel's ``dspy.inspect_history``; ``tokens``: stream its tokens (a
+    streamed call)."""
     if name.startswith("h:"):
         defined, program = ctx.resolve("run_module", name)
     else:
@@ -643,7 +650,7 @@ def run_module(ctx: ToolContext, name: str, inputs: dict | str, settings: str = 
         program = defined.factory()
     resolver = _resolver("run_module", defined.types, shipped)
     inputs = defined.check("run_module", _decode("run_module", inputs, "inputs", resolver), "argument 'inputs'")
-    return (yield from _call(program, inputs, ctx, settings, trace, history))
+    return (yield from _call(program, inputs, ctx, settings, trace, history, tokens))
 
 
 @tool

@@ -12,7 +12,6 @@ import pytest
 from helpers import wait_until
 
 from dspex_nb import Pool
-from dspex_nb.pool import supervision
 
 
 def recycled(pool: Pool, worker: str, times: int) -> dict | None:
@@ -80,10 +79,9 @@ def block(started: str) -> str:
 
 @pytest.mark.parametrize("program", [spin, block])
 def test_a_cancelled_program_that_goes_on_running_is_ended_by_a_recycle(
-        program: Callable[[str], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(supervision, "CANCEL_GRACE", 1.0)
+        program: Callable[[str], str], tmp_path: Path) -> None:
     started = tmp_path / "started"
-    with Pool(workers=1, health_interval=0.1, journal=False) as pool:
+    with Pool(workers=1, health_interval=0.1, journal=False, cancel_grace=1.0) as pool:
         pid = pool.status()[0]["pid"]
         run = pool.run_stream(program, started=str(started))
         wait_until(started.exists, what="the program to start")
@@ -92,3 +90,19 @@ def test_a_cancelled_program_that_goes_on_running_is_ended_by_a_recycle(
         assert row["pid"] != pid and "a cancelled call's program went on running" in row["last_error"]
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         assert pool.run("question -> answer", question="after?").answer.startswith("Demo LM answer to 'after?'")
+
+
+def test_with_cancel_grace_none_a_cancelled_program_that_goes_on_is_shown_not_recycled(tmp_path: Path) -> None:
+    """``cancel_grace=None`` keeps the worker (and its session objects); ``status()`` shows how long the cancelled
+    program has gone on, so a stuck one is seen."""
+    started = tmp_path / "started"
+    with Pool(workers=1, health_interval=0.1, journal=False, cancel_grace=None) as pool:
+        pid = pool.status()[0]["pid"]
+        run = pool.run_stream(block, started=str(started))
+        wait_until(started.exists, what="the program to start")
+        run.cancel()
+        row = wait_until(lambda: next((r for r in pool.status() if r["cancelled_running_s"] >= 2.0), None),
+                         what="a health ping to report the program going on 2 s after its cancel")
+        assert row["pid"] == pid and row["recycles"] == 0 and row["state"] == "ready", row
+    with pytest.raises(ValueError, match=r"Pool\(cancel_grace=...\) must be a finite number > 0 \(seconds\) or None"):
+        Pool(cancel_grace=0)

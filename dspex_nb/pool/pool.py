@@ -37,7 +37,7 @@ from dspex_nb.pool.connection import Backend, ConnectionClosed, WorkerSpec
 from dspex_nb.pool.executor import Placement
 from dspex_nb.pool.local import DEFAULT_START
 from dspex_nb.pool.session import Session
-from dspex_nb.pool.supervision import Supervision
+from dspex_nb.pool.supervision import CANCEL_GRACE, Supervision
 from dspex_nb.pool.telemetry import CallRecord, Telemetry
 from dspex_nb.pool.worker import READY, STOPPED, Worker
 from dspex_nb.schema import validate
@@ -65,7 +65,8 @@ class WorkerPool(Supervision):
                  otel: bool = False, max_in_flight: int = 8,
                  max_queue: int = 1000, queue_timeout: float = 60.0, session_ttl: float = 3600.0,
                  max_requests: int | None = None, ttl: float | None = None,
-                 max_memory_mb: float | None = None, start: str = DEFAULT_START, backend: str = "local",
+                 max_memory_mb: float | None = None, cancel_grace: float | None = CANCEL_GRACE,
+                 start: str = DEFAULT_START, backend: str = "local",
                  address: str | None = None, resources: dict[str, float] | None = None) -> None:
         check = settings.Checker("Pool")
         check.integer("workers", workers, 1, MAX_LOCAL_WORKERS if backend == "local" else None)
@@ -80,6 +81,7 @@ class WorkerPool(Supervision):
         check.seconds("health_interval", health_interval, minimum=MIN_HEALTH_INTERVAL)
         check.seconds("ping_timeout", ping_timeout, minimum=MIN_PING_TIMEOUT)
         check.seconds("ttl", ttl, optional=True)
+        check.seconds("cancel_grace", cancel_grace, optional=True)
         check.positive("rate_limit", rate_limit, "LM requests per minute")
         check.positive("max_memory_mb", max_memory_mb, "MB")
         check.choice("start", start, START_METHODS)
@@ -109,6 +111,7 @@ class WorkerPool(Supervision):
         self.max_requests = max_requests
         self.ttl = ttl
         self.max_memory_mb = max_memory_mb
+        self.cancel_grace = cancel_grace
         self.backend: Backend
         if backend == "ray":
             from dspex_nb.pool.ray_backend import RayBackend  # the ray extra, imported only when asked for

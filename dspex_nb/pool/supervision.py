@@ -17,9 +17,10 @@ from dspex_nb.pool.process import describe_exit
 from dspex_nb.pool.worker import DRAINING, FAILED, READY, RESTARTING, Worker
 
 HUNG_AFTER_FAILED_PINGS = 2
-CANCEL_GRACE = 600.0  # seconds a cancelled call's program may go on running (it stops at its next LM call; one in
-# flight (a long generation, an LM's retries) runs to its end; a recycle loses the worker's session objects) before
-# its worker is recycled: a loop or a blocking tool of the program would otherwise keep a core or a thread forever
+CANCEL_GRACE = 600.0  # Pool(cancel_grace=...)'s default: seconds a cancelled call's program may go on running (it
+# stops at its next LM call; one in flight (a long generation, an LM's retries) runs to its end; a recycle loses the
+# worker's session objects) before its worker is recycled: a loop or a blocking tool of the program would otherwise
+# keep a core or a thread forever
 RETRY_FAILED_AFTER = 5.0  # seconds before the health thread tries a slot that failed to restart again
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class Supervision:
                     pings.append((worker, worker.conn.ping(self.ping_timeout)))
         for worker, ping in pings:
             try:
-                worker.rss, cancelled_running = ping.result()
+                worker.rss, worker.cancelled_running = ping.result()
                 worker.start_rss = worker.start_rss or worker.rss
                 worker.failed_pings = 0
             except ConnectionClosed:
@@ -62,15 +63,17 @@ class Supervision:
                     self._replace(worker, f"stopped answering pings ({worker.failed_pings} missed)",
                                   expected=worker.state)
                 continue
-            reason = self._recycle_reason(worker, cancelled_running) if worker.state == READY else ""
+            reason = self._recycle_reason(worker) if worker.state == READY else ""
             if reason:
                 self._drain(worker, reason)
 
-    def _recycle_reason(self, worker: Worker, cancelled_running: float) -> str:
+    def _recycle_reason(self, worker: Worker) -> str:
         """Why ``worker`` is due to be replaced on purpose (empty when it is not)."""
-        if cancelled_running >= CANCEL_GRACE:
-            return (f"a cancelled call's program went on running {cancelled_running:.0f} s after its cancel (code "
-                    "that does not return to DSPy, such as a loop or a blocking tool): recycled to end it")
+        if self.cancel_grace is not None and worker.cancelled_running >= self.cancel_grace:
+            return (f"a cancelled call's program went on running {worker.cancelled_running:.0f} s after its cancel "
+                    f"(cancel_grace={self.cancel_grace:g} s; a cancelled program stops at its next LM call, and this "
+                    "one made none: a loop or a blocking call of its own, or one LM call that long): recycled to "
+                    "end it, with the worker's session objects")
         if self.max_requests is not None and worker.served >= self.max_requests:
             return f"served {worker.served} calls (max_requests={self.max_requests})"
         if self.ttl is not None and time.monotonic() - worker.ready_at >= self.ttl:

@@ -31,6 +31,7 @@ class Worker:
     served: int = 0  # calls this process finished
     rss: int = 0  # resident bytes, as the worker last reported
     start_rss: int = 0  # resident bytes at its first health ping (what a fresh worker needs)
+    cancelled_running: float = 0.0  # seconds the program of a cancelled call has gone on running, as last pinged
     failed_pings: int = 0
     ready_at: float = 0.0
     last_error: str = ""
@@ -47,6 +48,6 @@ class Worker:
         return {"worker": self.id, "pid": self.process.pid, "state": self.state, "in_flight": self.in_flight,
                 "done": self.done, "errors": self.errors, "cancelled": self.cancelled, "items": self.items,
                 "restarts": self.restarts, "recycles": self.recycles,
-                "rss_mb": round(self.rss / 2**20, 1),
+                "rss_mb": round(self.rss / 2**20, 1), "cancelled_running_s": round(self.cancelled_running, 1),
                 "uptime": time.monotonic() - self.ready_at if self.state in (READY, DRAINING) else 0.0,
                 "last_error": self.last_error}

@@ -20,7 +20,7 @@ from typing import Any
 
 from dspex_nb import programs, typed
 from dspex_nb.batch import BatchRun
-from dspex_nb.errors import ArgumentError, PoolLMDiffers
+from dspex_nb.errors import ArgumentError, PoolLMDiffers, program_errors_raised_here
 from dspex_nb.journal import Journal
 from dspex_nb.pool import settings
 from dspex_nb.pool.calls import Chunk, Run
@@ -123,6 +123,7 @@ class Pool(WorkerPool):
                 self._shipped[key] = (weakref.ref(original), name)
         return name
 
+    @program_errors_raised_here
     def run(self, program: Any, /, *args: Any, **inputs: Any) -> Any:
         """Run a DSPy program (object, signature, or defined name) on a worker; returns what it returns in the
         kernel: a ``dspy.Prediction`` with the fields' own types (pydantic models, enums, datetimes...)."""
@@ -141,6 +142,7 @@ class Pool(WorkerPool):
         _by_keyword("run_stream", args)
         return self.call(program, inputs, stream=True)
 
+    @program_errors_raised_here
     def call(self, program: Any, inputs: dict[str, Any], *, stream: bool = False, timeout: float | None = None,
              on_chunk: Callable[[Chunk], Any] | None = None, tokens: bool = True) -> Any:
         """``run`` (or with ``stream``, ``run_stream``) with options, the inputs given as a dict. A stream without
@@ -162,6 +164,7 @@ class Pool(WorkerPool):
             run.label = f"run {programs.title(program)}"
         return run
 
+    @program_errors_raised_here
     def call_tool(self, tool: str, args: dict[str, Any], resolver: typed.Resolver | None = None, *,
                   stream: bool = False, timeout: float | None = None, on_chunk: Callable[[Chunk], Any] | None = None,
                   trace: tuple[list[Any], Any] | None = None, program: Any = None) -> Any:

@@ -9,8 +9,8 @@ import inspect
 import sys
 import traceback
 import types
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 
 class DspexError(Exception):
@@ -41,6 +41,25 @@ class ToolError(DspexError):
         program's class (``remote_error``) refers to that class, and is made again from it where it is loaded."""
         fields = (self.tool, self.type, self.message, self.remote_traceback, self.worker)
         return _restored, (getattr(type(self), "_program_class", type(self)), fields, self.args, dict(vars(self)))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def program_errors_raised_here(method: F) -> F:
+    """A program's error (a ToolError that came back from a worker, with its traceback there) leaves ``method``
+    without dspex_nb's own frames below it: the kernel's traceback then reads as the program's would where it ran,
+    the caller's code and then the note with the worker's traceback, not the pool's machinery. Any other error
+    (one of dspex_nb's own) keeps its whole traceback."""
+    @functools.wraps(method)
+    def raised_here(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except ToolError as error:
+            if not error.remote_traceback:
+                raise
+            raise error.with_traceback(None)  # noqa: B904 -- the program's error: its traceback there is in the note
+    return raised_here  # type: ignore[return-value]
 
 
 class UnknownTool(ToolError):

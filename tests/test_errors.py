@@ -11,9 +11,11 @@ import threading
 import traceback
 import types
 import weakref
+from pathlib import Path
 
 import pytest
 
+import dspex_nb
 from dspex_nb import Pool
 from dspex_nb.errors import ArgumentError, MessageTooLarge, ToolError, UnknownTool, WorkerStartError
 
@@ -402,3 +404,26 @@ def test_doctor_command_reports_versions(bare_python: str) -> None:
                          capture_output=True, text=True)
     assert bad.returncode == 1
     assert "[BAD] dspy      not installed" in bad.stdout
+
+
+def failing_program(question: str) -> str:
+    raise ValueError(f"boom {question}")
+
+
+def test_a_programs_error_has_none_of_the_pools_frames_in_its_kernel_traceback(pool: Pool) -> None:
+    """The traceback in the kernel reads as the program's would where it ran: the caller's code, then (in the
+    note) the worker's; not the six frames of the pool's machinery the error came back through. An error of
+    dspex_nb's own keeps its whole traceback."""
+    package = str(Path(dspex_nb.__file__).parent)
+    for call in (lambda: pool.run(failing_program, question="q"),
+                 lambda: pool.run_stream(failing_program, question="q").result(),
+                 lambda: pool.execute("fail", {"message": "m", "type": "KeyError"})):
+        with pytest.raises((ValueError, KeyError)) as caught:
+            call()
+        ours = [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)
+                if frame.filename.startswith(package)]
+        assert ours == ["raised_here"], ours
+        assert "raise" in caught.value.remote_traceback
+    with pytest.raises(UnknownTool) as caught:
+        pool.execute("nope")
+    assert "_args_json" in [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]

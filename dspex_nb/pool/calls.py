@@ -28,6 +28,7 @@ from dspex_nb.errors import (
     MessageTooLarge,
     StopStream,
     ToolError,
+    program_errors_raised_here,
     remote_error,
 )
 from dspex_nb.wire import dumps
@@ -396,6 +397,7 @@ class Run(Handle):
         """USD cost of the call's LM calls, once it has finished; None where no LM reported one."""
         return typed.cost(self._final)
 
+    @program_errors_raised_here
     def result(self, timeout: float | None = None) -> Any:
         """The final result (the data of the ``final`` chunk); raises the call's error."""
         self._view_while_waiting(timeout)

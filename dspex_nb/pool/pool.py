@@ -30,6 +30,7 @@ from dspex_nb.errors import (
     UnknownTool,
     WorkerBusy,
     WorkerStartError,
+    program_errors_raised_here,
 )
 from dspex_nb.pool import local, settings
 from dspex_nb.pool.calls import KEEP_CHUNKS, Chunk, Run, encode_args
@@ -359,6 +360,7 @@ class WorkerPool(Supervision):
             validate(self.schemas[tool], {} if args is None else args)
         return encode_args(tool, args, self.max_message_bytes)
 
+    @program_errors_raised_here
     def execute(self, tool: str, args: dict[str, Any] | None = None, *, timeout: float | None = None,
                 worker: str | None = None, session_id: str = "", affinity: str = "strict_queue") -> Any:
         """Run ``tool`` on a worker and return its result; Ctrl-C cancels the remote work."""

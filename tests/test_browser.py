@@ -247,6 +247,8 @@ def test_views_in_a_browser_stop_steps_saving_reopening_html_and_dark_theme(lab:
         bar = output(page, 6).locator(".progress .progress-bar")
         wait_for(lambda: bar.evaluate("el => parseFloat(el.style.width) || 0") > 0, "the batch to make progress")
         output(page, 6).screenshot(path=str(ARTIFACTS / "view-batch-live.png"))
+        live = output(page, 6).inner_text()
+        assert "items running" in live and "shards" not in live, live  # per worker: its items, not its shards
         output(page, 6).locator("button", has_text="Stop").click()
         batch = output(page, 6).locator(".dspex-batch")
         batch.wait_for(timeout=30_000)

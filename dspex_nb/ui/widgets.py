@@ -217,7 +217,7 @@ class BatchDashboard(View):
         warning = f"<br><b>warning:</b> {html.escape(snap['warning'])}" if snap["warning"] else ""
         _set(self.counts, value=html.escape(progress.batch_line(snap)) + warning)
         workers = sorted(set(snap["by_worker"]) | set(snap["active"]))
-        _set(self.workers, value=_table(["worker", "running shards", "items done"], [
+        _set(self.workers, value=_table(["worker", "items running", "items done"], [
             [wid, str(snap["active"].get(wid, 0)), str(snap["by_worker"].get(wid, 0))] for wid in workers],
             "per worker"))
         latest = [batch.records[i] for i in batch.arrived[-LATEST_ROWS:]]

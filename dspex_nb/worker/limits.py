@@ -12,9 +12,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dspy.utils.callback import BaseCallback
+
+if TYPE_CHECKING:
+    from dspex_nb.worker.tools import CancelEvent
 
 
 class RateLimiter:
@@ -61,7 +64,7 @@ class CallCancelled(BaseException):
 class StopWhenCancelled(BaseCallback):
     """A DSPy callback that refuses every LM call once ``cancelled`` (the call's) is set."""
 
-    def __init__(self, cancelled: threading.Event) -> None:
+    def __init__(self, cancelled: CancelEvent) -> None:
         self.cancelled = cancelled
 
     def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:

@@ -11,10 +11,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dspex_nb import redact
 from dspex_nb.worker.sessions import Sessions
+
+if TYPE_CHECKING:
+    from dspex_nb.worker.tools import CancelEvent
 
 
 def rss_bytes() -> int:
@@ -34,7 +37,7 @@ class Slots:
     ``give_back`` returns those still held when the call ends, so an item that hangs past its call's end
     (threads cannot be stopped) does not keep the slot from the calls after it."""
 
-    def __init__(self, semaphore: threading.Semaphore, cancelled: threading.Event) -> None:
+    def __init__(self, semaphore: threading.Semaphore, cancelled: CancelEvent) -> None:
         self._semaphore = semaphore
         self._cancelled = cancelled
         self._held: set[int] = set()  # threads holding a slot
@@ -87,7 +90,7 @@ class WorkerState:
     total: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _slots: dict[str, list[Any]] = field(default_factory=dict)  # group -> [semaphore, calls using it]
-    _programs: dict[Any, int] = field(default_factory=dict)  # a call's cancel event -> its programs running
+    _programs: dict[CancelEvent, int] = field(default_factory=dict)  # a call's cancel event -> its programs running
 
     def __post_init__(self) -> None:
         self.sessions = Sessions(self.worker_id, self.session_ttl)
@@ -105,7 +108,7 @@ class WorkerState:
                 self.active -= 1
 
     @contextmanager
-    def running(self, cancelled: Any) -> Iterator[None]:
+    def running(self, cancelled: CancelEvent) -> Iterator[None]:
         """Count a program of the call that ``cancelled`` (its ``CancelEvent``) cancels as running in the block."""
         with self._lock:
             self._programs[cancelled] = self._programs.get(cancelled, 0) + 1
@@ -124,7 +127,7 @@ class WorkerState:
         return time.monotonic() - min(cancels) if cancels else 0.0
 
     @contextmanager
-    def slots(self, group: str, size: int, cancelled: threading.Event) -> Iterator[Slots]:
+    def slots(self, group: str, size: int, cancelled: CancelEvent) -> Iterator[Slots]:
         """``size`` slots for the items of a call; calls of the same non-empty ``group`` share them (the
         first one's ``size``). A batch sends a worker its next shard before the current one ends, so no
         slot idles while a shard finishes its last items, and still no more than ``size`` run at once.

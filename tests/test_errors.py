@@ -90,6 +90,10 @@ def test_inputs_that_do_not_match_the_signature(pool: Pool) -> None:
 def test_non_json_argument_is_named(pool: Pool) -> None:
     with pytest.raises(ArgumentError, match="argument 'x' is not JSON-serialisable"):
         pool.execute("echo", {"ok": 1, "x": {1, 2}})
+    circular: list = []
+    circular.append(circular)
+    with pytest.raises(ArgumentError, match="argument 'x' is not JSON-serialisable: Circular reference detected"):
+        pool.execute("echo", {"x": circular})
     with pytest.raises(ArgumentError, match="arguments must be a dict, got list"):
         pool.execute("echo", [1, 2])  # type: ignore[arg-type]
 

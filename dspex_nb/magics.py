@@ -486,11 +486,12 @@ class Dspex(Magics):
     def _stream(self, call: Callable[[Pool, bool], Any], title: str, args: argparse.Namespace) -> None:
         """``call(pool, stream)``: the program's value, or (streaming) its Run, shown live. With --no-stream the
         program runs without DSPy's streaming: in a notebook its view has no tokens but still its Stop; as text
-        the whole answer is printed once."""
-        if args.no_stream and args.background:
-            raise UsageError("--no-stream waits for the whole answer: use it without -a")
+        the whole answer is printed once (so not with -a)."""
+        live = ui.live_frontend(self.display)
+        if args.no_stream and args.background and not live:
+            raise UsageError("--no-stream waits for the whole answer: use it without -a (outside a notebook)")
         pool = self._require_pool(args.pool)
-        if args.no_stream and not ui.live_frontend(self.display):
+        if args.no_stream and not live:
             value = call(pool, False)
             self._store(args.output, value)
             print("\n".join(_field_lines(value)))

@@ -356,9 +356,9 @@ def test_stop_during_a_call_that_does_not_stream_stops_its_program_on_the_worker
 
 
 def test_a_no_stream_cell_has_a_view_whose_stop_stops_its_program(kernel: Kernel) -> None:
-    """``--no-stream`` in a notebook: its view has a Stop button (it had no view: only the kernel's interrupt
-    stopped it), which ends the program at its next LM call; the program runs without DSPy's streaming (no
-    token chunk), and a finished cell's view ends as its answer."""
+    """``--no-stream`` in a notebook: its view (blocking, or with -a) has a Stop button (it had no view: only the
+    kernel's interrupt stopped it), which ends the program at its next LM call; the program runs without DSPy's
+    streaming (no token chunk), and a finished cell's view ends as its answer."""
     kernel.run(MANY_CALLS)
     with kernel.demo_lm("--set ttft=0.5"):  # 5 s of LM calls unless stopped
         before = kernel.value("lm_calls()")
@@ -373,6 +373,8 @@ def test_a_no_stream_cell_has_a_view_whose_stop_stops_its_program(kernel: Kernel
                "tokens=False)")
     assert kernel.value("whole.result().answer == r.answer, [c.kind for c in whole.chunks]") \
         == "(True, ['status', 'final'])"
+    kernel.run('%%dspex predict "question -> answer" --no-stream -a -o h\nlater?')  # a view: -a works too
+    assert kernel.value("h.result().answer.startswith(\"Demo LM answer to 'later?'\")") == "True"
 
 
 def test_stop_during_an_awaited_run_cancels_it_at_once(kernel: Kernel) -> None:

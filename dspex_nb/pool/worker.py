@@ -27,7 +27,7 @@ class Worker:
     cancelled: int = 0  # calls cancelled by their caller (not errors)
     items: int = 0  # batch items it returned (ok or failed)
     restarts: int = 0  # replaced after dying or hanging
-    recycles: int = 0  # replaced on purpose (max_requests, ttl, max_memory_mb)
+    recycles: int = 0  # replaced on purpose (max_requests, ttl, max_memory_mb, cancel_grace)
     served: int = 0  # calls this process finished
     rss: int = 0  # resident bytes, as the worker last reported
     start_rss: int = 0  # resident bytes at its first health ping (what a fresh worker needs)

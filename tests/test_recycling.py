@@ -12,6 +12,7 @@ import pytest
 from helpers import wait_until
 
 from dspex_nb import Pool
+from dspex_nb.ui import progress
 
 
 def recycled(pool: Pool, worker: str, times: int) -> dict | None:
@@ -104,5 +105,7 @@ def test_with_cancel_grace_none_a_cancelled_program_that_goes_on_is_shown_not_re
         row = wait_until(lambda: next((r for r in pool.status() if r["cancelled_running_s"] >= 2.0), None),
                          what="a health ping to report the program going on 2 s after its cancel")
         assert row["pid"] == pid and row["recycles"] == 0 and row["state"] == "ready", row
+        shown = progress.pool_rows(pool.status())[0][2]  # %dspex status and the pool dashboard say so too
+        assert shown.startswith("ready (a cancelled program still running, "), shown
     with pytest.raises(ValueError, match=r"Pool\(cancel_grace=...\) must be a finite number > 0 \(seconds\) or None"):
         Pool(cancel_grace=0)

@@ -301,6 +301,37 @@ def test_a_programs_exception_whose_class_refuses_its_args_or_a_note_is_still_it
                 assert isinstance(copied, ToolError) and str(copied) == str(info.value)
 
 
+class UnlistedError(ValueError):
+    """An exception class whose ``__dict__`` raises (a proxy, a lazy object): its attributes cannot be listed."""
+
+    @property
+    def __dict__(self) -> dict:  # type: ignore[override]
+        raise RuntimeError("no listing")
+
+
+class UnprintableError(ValueError):
+    """An exception class whose ``__notes__`` raises: Python's traceback module cannot format it."""
+
+    @property
+    def __notes__(self) -> list[str]:  # type: ignore[override]
+        raise RuntimeError("no notes")
+
+
+def test_a_programs_exception_whose_attributes_or_traceback_cannot_be_read_is_still_its_error(pool: Pool) -> None:
+    """The worker's report of the error raised: a unary call failed with gRPC's 'Exception calling application',
+    a streamed one with 'ended without its result or error', neither naming the program's exception."""
+    def program(kind: str) -> None:
+        raise {"unlisted": UnlistedError("hidden"), "unprintable": UnprintableError("shy")}[kind]
+
+    for kind, shown, traceback_shows in [("unlisted", "hidden", 'raise {"unlisted"'),
+                                         ("unprintable", "UnprintableError: shy", "could not be formatted")]:
+        for call in (pool.run, lambda p, **kw: pool.run_stream(p, **kw).result()):
+            with pytest.raises(ValueError) as info:
+                call(program, kind=kind)
+            assert isinstance(info.value, ToolError) and shown in str(info.value)
+            assert traceback_shows in info.value.remote_traceback
+
+
 def _cell_error(number: int) -> tuple[type, dict]:
     """An exception class of a module of its own (as a notebook cell's), and the error info a worker gives for it."""
     module = types.ModuleType(f"dspex_test_cell_{number}")

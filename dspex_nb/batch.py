@@ -95,7 +95,7 @@ class BatchRun(Handle):
         self._restarts_before = self._restarts()
         self.decode: Callable[[Any], Any] | None = None  # set by Pool.map: each item's output as the program's value
         self._stopping = False  # set by cancel() and by a fatal error: no further shard starts
-        self._changed = threading.Event()  # an item was recorded, or the batch is stopping
+        self._changed = threading.Event()  # the last item was recorded, or the batch is stopping
 
         self._journal = journal
         self.key = digest(program)
@@ -176,7 +176,8 @@ class BatchRun(Handle):
         OWN_THREADS.handle = True
         renewed = time.monotonic()
         try:
-            while not self._stopping and any(r is None for r in self.records):
+            while not self._stopping and len(self.arrived) < self.total:  # not a scan of the records (each
+                # round held the GIL for milliseconds in a batch of 100,000 items)
                 self._changed.wait(CLAIM_POLL)
                 self._changed.clear()
                 if time.monotonic() - renewed > CLAIM_LEASE / 3:
@@ -360,6 +361,7 @@ class BatchRun(Handle):
                 return
             self.records[index] = record
             self.arrived.append(index)
+            last = len(self.arrived) == self.total
             if worker := record.get("worker"):
                 self._by_worker[worker] = self._by_worker.get(worker, 0) + 1
             if record["ok"]:
@@ -381,7 +383,8 @@ class BatchRun(Handle):
             self._fail(Exception(f"Execution cancelled due to errors or interruption: {self.failed} items failed "
                                  f"(max_errors={self._max_errors}), the last with {error_line(record)}; for the "
                                  f"{self.ok} of {self.total} items that finished, {self._kept()}"))
-        self._changed.set()
+        if last:  # the claims' watcher ends now, not at its next poll; it does nothing for each item: woken for
+            self._changed.set()  # every one, it renewed every claim and re-read the journal per item (12x slower)
         if self._on_item is not None:
             try:
                 self._on_item(record)

@@ -33,6 +33,13 @@ class ToolError(DspexError):
         Exception.__init__(self, f"tool '{tool}' failed{where}: {type}: {message}")
         self._shown = self.args[0]  # what str() gives; the program's message where it is raised as its own class
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A ToolError made for a program's exception class (``_combined``) is not a subclass of the program's: its
+        class's ``__init_subclass__`` (one that registers each subclass by name, or refuses them) does not run, so
+        an error that came back changes nothing of the kernel's classes."""
+        if "_program_class" not in vars(cls):
+            super().__init_subclass__(**kwargs)
+
     def __str__(self) -> str:  # not the other class's (KeyError quotes its message)
         return self._shown
 
@@ -100,7 +107,9 @@ def remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolEr
     ``message``...), and a note (shown under its traceback) that names the worker and gives the traceback there.
     A class whose repr or traceback needs what its own constructor sets, and the attributes do not give, is
     passed over for the next (urllib's HTTPError without its response), as is one that refuses its args (a read-only
-    ``args``, a ``__setattr__`` of its own); one that refuses the note is raised without it."""
+    ``args``, a ``__setattr__`` of its own), or has a metaclass of its own (whose code would run for the ToolError
+    class); one that refuses the note is raised without it. The class's ``__init_subclass__`` does not run for the
+    ToolError class, so no registry of its subclasses changes."""
     from dspex_nb import redact  # the kernel masks too: its environment is the workers'
 
     type_ = info["type"]
@@ -171,6 +180,7 @@ def _with_attributes(error: ToolError, attributes: dict[str, Any]) -> ToolError:
 
 
 _NONE = object()
+_PLAIN_METACLASSES = ("builtins", "abc")  # modules of metaclasses that make classes and nothing else (type, ABCMeta)
 _NOT_RAISED_AS = (StopIteration, StopAsyncIteration, Warning,  # classes that mean something else when raised
                   *(vars(builtins).get("BaseExceptionGroup", ()),))  # a group is its exceptions (Python 3.11+)
 
@@ -190,6 +200,9 @@ def _as_tool_error(path: str) -> type[ToolError] | None:
         return None
     if any("__new__" in vars(cls) and cls.__module__ != "builtins" for cls in base.__mro__):
         return None  # its own __new__ takes its own arguments, not a ToolError's
+    if any(name in vars(meta) for meta in type(base).__mro__ if meta.__module__ not in _PLAIN_METACLASSES
+           for name in ("__new__", "__init__", "__call__")):
+        return None  # a metaclass of its own: its code (a registry of classes) would run for the ToolError class
     return _tool_error_for(base)
 
 
@@ -220,7 +233,7 @@ def _restored(cls: type, fields: tuple[str, ...], args: tuple[Any, ...], state: 
 
 def _combined(base: type) -> type[ToolError] | None:
     """A ToolError that is also ``base``, where one can be made as any ToolError; None for a class that cannot
-    be combined (its instance layout, a final class, one refusing subclasses or attributes)."""
+    be combined (its instance layout, a final class, one refusing attributes)."""
     try:
         combined = type(base.__name__, (ToolError, base), {
             "__module__": base.__module__, "__qualname__": base.__qualname__, "_program_class": base})

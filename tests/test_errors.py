@@ -239,28 +239,72 @@ class FrozenError(ValueError):
         super().__setattr__(name, value)
 
 
-class FinalError(ValueError):
-    """An exception class that refuses subclasses with an error of its own (as referencing's do)."""
-
-    def __init_subclass__(cls) -> None:
-        raise RuntimeError("no subclasses of FinalError")
-
-
 def test_a_programs_exception_whose_class_cannot_be_a_tool_error_is_still_its_error(pool: Pool) -> None:
     import traceback
     import urllib.error
 
     def program(kind: str) -> None:
-        raise {"frozen": FrozenError("cold"), "final": FinalError("last"),  # HTTPError reads its response's file
+        raise {"frozen": FrozenError("cold"),  # HTTPError reads its response's file
                "http": urllib.error.HTTPError("http://x", 404, "Not Found", {}, None)}[kind]  # type: ignore[arg-type]
 
-    for kind, expected in [("frozen", "FrozenError: cold"), ("final", "FinalError: last"),
+    for kind, expected in [("frozen", "FrozenError: cold"),
                            ("http", "HTTPError: HTTP Error 404: Not Found")]:
         for call in (pool.run, lambda p, **kw: pool.run_stream(p, **kw).result()):
             with pytest.raises(ToolError, match=expected) as info:
                 call(program, kind=kind)
             assert isinstance(info.value, ValueError if kind != "http" else urllib.error.URLError)  # its next class
             assert expected in "".join(traceback.format_exception(info.value)) and repr(info.value)
+
+
+class FinalError(ValueError):
+    """An exception class that refuses subclasses with an error of its own."""
+
+    def __init_subclass__(cls) -> None:
+        raise RuntimeError("no subclasses of FinalError")
+
+
+class PluginError(ValueError):
+    """An exception class that registers its subclasses by name (a plugin's or an API's error codes)."""
+
+    by_name: dict[str, type] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        PluginError.by_name[cls.__name__] = cls
+
+
+class NotFound(PluginError):
+    pass
+
+
+class Registering(type):
+    """A metaclass that registers every class it makes."""
+
+    made: list[type] = []
+
+    def __init__(cls, name: str, bases: tuple[type, ...], namespace: dict) -> None:
+        super().__init__(name, bases, namespace)
+        Registering.made.append(cls)
+
+
+class RegisteredError(ValueError, metaclass=Registering):
+    pass
+
+
+def test_a_programs_exception_changes_nothing_of_its_classes_in_the_kernel(pool: Pool) -> None:
+    """The ToolError class made for a program's exception class ran that class's __init_subclass__ and its
+    metaclass in the kernel: it replaced NotFound in the notebook's registry of error classes (whose lookups then
+    made ToolErrors, TypeError for want of their arguments) and was listed by the metaclass's registry."""
+    def program(kind: str) -> None:
+        raise {"final": FinalError("last"), "plugin": NotFound("gone"), "meta": RegisteredError("listed")}[kind]
+
+    for kind, expected, shown in [("final", FinalError, "last"), ("plugin", NotFound, "gone"),
+                                  ("meta", ValueError, "RegisteredError: listed")]:  # its next class: no metaclass
+        with pytest.raises(expected) as info:
+            pool.run(program, kind=kind)
+        assert isinstance(info.value, ToolError) and shown in str(info.value)
+    assert PluginError.by_name == {"NotFound": NotFound}
+    assert Registering.made == [RegisteredError]
 
 
 class ReadOnlyArgsError(ValueError):
@@ -303,6 +347,37 @@ def test_a_programs_exception_whose_class_refuses_its_args_or_a_note_is_still_it
             assert "Traceback" in info.value.remote_traceback
             for copied in (copy.copy(info.value), pickle.loads(pickle.dumps(info.value))):
                 assert isinstance(copied, ToolError) and str(copied) == str(info.value)
+
+
+class UnlistedError(ValueError):
+    """An exception class whose ``__dict__`` raises (a proxy, a lazy object): its attributes cannot be listed."""
+
+    @property
+    def __dict__(self) -> dict:  # type: ignore[override]
+        raise RuntimeError("no listing")
+
+
+class UnprintableError(ValueError):
+    """An exception class whose ``__notes__`` raises: Python's traceback module cannot format it."""
+
+    @property
+    def __notes__(self) -> list[str]:  # type: ignore[override]
+        raise RuntimeError("no notes")
+
+
+def test_a_programs_exception_whose_attributes_or_traceback_cannot_be_read_is_still_its_error(pool: Pool) -> None:
+    """The worker's report of the error raised: a unary call failed with gRPC's 'Exception calling application',
+    a streamed one with 'ended without its result or error', neither naming the program's exception."""
+    def program(kind: str) -> None:
+        raise {"unlisted": UnlistedError("hidden"), "unprintable": UnprintableError("shy")}[kind]
+
+    for kind, shown, traceback_shows in [("unlisted", "hidden", 'raise {"unlisted"'),
+                                         ("unprintable", "UnprintableError: shy", "could not be formatted")]:
+        for call in (pool.run, lambda p, **kw: pool.run_stream(p, **kw).result()):
+            with pytest.raises(ValueError) as info:
+                call(program, kind=kind)
+            assert isinstance(info.value, ToolError) and shown in str(info.value)
+            assert traceback_shows in info.value.remote_traceback
 
 
 def _cell_error(number: int) -> tuple[type, dict]:

@@ -109,17 +109,33 @@ def message_of(exc: BaseException) -> str:
 def error_info(exc: BaseException) -> dict[str, Any]:
     """type / message / traceback of an exception, as the client will see them, its classes (``bases``: the
     kernel raises it as the first of them it has, see ``errors.remote_error``) and its plain ``attributes``."""
-    if isinstance(exc, ToolError):
+    if issubclass(type(exc), ToolError):  # not isinstance: that reads the exception's __class__, user code
         return {"type": exc.type, "message": redact.text(exc.message), "traceback": ""}
-    info = {"type": type(exc).__name__, "message": message_of(exc),
-            "traceback": redact.text("".join(traceback.format_exception(type(exc), exc, _from_the_program(exc))),
-                                     limit=MAX_TRACEBACK),
-            "bases": [f"{cls.__module__}:{cls.__qualname__}" for cls in type(exc).__mro__[:-2]]}
-    if attributes := _attributes(exc):
-        info["attributes"] = attributes
-    if (args := _args(exc)) is not None:
-        info["args"] = args
+    info: dict[str, Any] = {"type": type(exc).__name__, "message": message_of(exc), "traceback": _traceback_of(exc)}
+    for key, part in (("bases", _bases), ("attributes", _attributes), ("args", _args)):
+        try:  # the program's classes' code runs there (a __dict__ or __module__ that raises): it goes without them
+            value = part(exc)
+        except Exception:
+            continue
+        if value is not None and value != {}:  # no args is [], which is kept: the kernel's error then has none
+            info[key] = value
     return info
+
+
+def _traceback_of(exc: BaseException) -> str:
+    """The exception's traceback as Python prints it, from the program's call on, masked and shortened; where
+    user code makes formatting it fail (a ``__notes__`` or ``__cause__`` property that raises), a line that says
+    so, as ``message_of`` does for its str()."""
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, _from_the_program(exc)))
+    except Exception as failure:
+        text = f"<the exception's traceback could not be formatted: {type(failure).__name__}>\n"
+    return redact.text(text, limit=MAX_TRACEBACK)
+
+
+def _bases(exc: BaseException) -> list[str]:
+    """The exception's classes as "module:qualname", its own first, up to BaseException (not included)."""
+    return [f"{cls.__module__}:{cls.__qualname__}" for cls in type(exc).__mro__[:-2]]
 
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # dspex_nb's own directory

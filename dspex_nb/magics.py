@@ -389,14 +389,17 @@ class Dspex(Magics):
 
     def _lm(self, args: argparse.Namespace) -> None:
         settings = dict(_setting(s) for s in args.set)
-        if args.temperature is not None and not 0 <= args.temperature < math.inf:  # nan too
-            raise UsageError(f"%dspex lm: --temperature must be a finite number >= 0, got {args.temperature}")
-        if args.max_tokens is not None and args.max_tokens < 1:
-            raise UsageError(f"%dspex lm: --max-tokens must be >= 1, got {args.max_tokens}")
         if args.temperature is not None:
             settings["temperature"] = args.temperature
         if args.max_tokens is not None:
             settings["max_tokens"] = args.max_tokens
+        temperature, max_tokens = settings.get("temperature"), settings.get("max_tokens")  # --set ones too
+        if temperature is not None and not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+                                            and 0 <= temperature < math.inf):  # nan too
+            raise UsageError(f"%dspex lm: temperature must be a finite number >= 0, got {temperature!r}")
+        if max_tokens is not None and not (isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
+                                           and max_tokens >= 1):
+            raise UsageError(f"%dspex lm: max_tokens must be an int >= 1, got {max_tokens!r}")
         pool = self._require_pool(args.pool)
         pool.configure_lm(args.model, **settings)
         extra = f" with {redact.mapping(settings)}" if settings else ""

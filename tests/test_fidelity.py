@@ -1185,6 +1185,44 @@ def test_dspy_inspect_history_shows_the_pools_calls_as_the_kernels(pool: Pool, d
         assert "Not kept?" not in last_call()
 
 
+def test_the_pools_lm_calls_join_the_histories_of_the_modules_and_lm_that_made_them(
+        shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # DSPy keeps each LM call in the history of every module it ran in and of its LM: lm.history is where DSPy's
+    # docs sum the cost, sub-module.inspect_history() shows a step's prompt; the pool's calls land in the same ones
+    program, _ = define(shell, '''
+from dspex_nb import demo_lm
+
+class TwoSteps(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.topic = dspy.ChainOfThought("question -> topic")
+        self.answer = dspy.Predict("question, topic -> answer")
+        self.answer.set_lm(demo_lm())  # a predictor with an LM of its own: its calls are in that LM's history
+
+    def forward(self, question):
+        return self.answer(question=question, topic=self.topic(question=question).topic)
+
+program = TwoSteps()
+''')
+
+    def histories() -> dict[str, int]:
+        return {name: len(module.history) for name, module in program.named_sub_modules()} | {
+            "lm": len(demo_lm.history), "own lm": len(program.answer.lm.history)}
+
+    with dspy.context(lm=demo_lm):
+        before = histories()
+        program(question="Whose history?")
+        in_kernel = {name: count - before[name] for name, count in histories().items()}
+        assert in_kernel == {"self": 2, "self.topic": 1, "self.topic.predict": 1, "self.answer": 1, "lm": 1,
+                             "own lm": 1}
+        for run in (lambda: pool.run(program, question="Whose history?"),
+                    lambda: pool.run_stream(program, question="Whose history?").result(60)):
+            before = histories()
+            run()
+            assert {name: count - before[name] for name, count in histories().items()} == in_kernel
+        assert demo_lm.history[-1]["messages"] == program.topic.predict.history[-1]["messages"]
+
+
 def _last_lm_call() -> str:
     import io
 

@@ -576,6 +576,30 @@ program = streaming()
     assert_same(values[-1], run.result(60))
 
 
+@pytest.mark.parametrize("async_streaming", [True, False])
+def test_a_stream_without_its_final_prediction_raises_a_clear_error(async_streaming: bool, shell: InteractiveShell,
+                                                                    pool: Pool) -> None:
+    # in the kernel the stream is all there is; the pool returns a stream's final Prediction, and has none to give
+    shell.run_cell(f'''
+from dspy.streaming import StreamListener
+
+def no_final(signature):  # a listener streams once: a program for each call
+    return dspy.streamify(dspy.ChainOfThought(signature), async_streaming={async_streaming},
+                          stream_listeners=[StreamListener(signature_field_name="answer")],
+                          include_final_prediction_in_output_stream=False)
+''').raise_error()
+    no_final = shell.user_ns["no_final"]
+    with pytest.raises(NotPortable, match="ended without its final Prediction"):
+        pool.run(no_final("question -> answer"), question="Why?")
+    run = pool.run_stream(no_final("topic -> answer"), topic="tides")
+    assert any(chunk.kind == "token" for chunk in run)
+    with pytest.raises(NotPortable, match="ended without its final Prediction"):
+        run.result(60)
+    batch = pool.map(no_final("text -> answer"), [{"text": "tides"}], journal=False)
+    assert batch.result(60) == [None]
+    assert "ended without its final Prediction" in batch.records[0]["error"]["message"]
+
+
 @pytest.mark.parametrize("adapter", ["dspy.JSONAdapter()", "dspy.XMLAdapter()", "NotebookAdapter()"])
 def test_the_kernels_adapter_applies_on_the_pool(adapter: str, shell: InteractiveShell, pool: Pool,
                                                  demo_lm: dspy.LM) -> None:

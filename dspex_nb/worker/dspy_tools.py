@@ -351,6 +351,8 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
                 yield Emit("status", {"message": value.message})
             else:
                 final = value
+        if final is None:
+            raise _no_final()
     return _with_extras(program, steps, trace, output_json(final.value if isinstance(final, _Boxed) else final,
                                                            costs.tokens(), costs.total), costs, ctx)
 
@@ -467,7 +469,18 @@ def _run_to_end(output: Any) -> Any:
     final = None
     for value in values:
         final = value
+    if isinstance(final, (StreamResponse, StatusMessage)) or final is None:
+        raise _no_final()
     return final
+
+
+def _no_final() -> typed.NotPortable:
+    """The error of a program whose ``dspy.streamify`` stream ends without its final Prediction, which is what the
+    pool gives for it: the kernel has the stream's chunks alone."""
+    return typed.NotPortable("the program's dspy.streamify stream ended without its final Prediction "
+                             "(include_final_prediction_in_output_stream=False), which is what the pool returns for "
+                             "a stream: streamify it without that option (pool.run_stream streams its listeners' "
+                             "tokens all the same), or run it in the kernel")
 
 
 def _parallel_without_streams() -> None:

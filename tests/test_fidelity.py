@@ -570,7 +570,9 @@ program = streaming()
     with dspy.context(lm=demo_lm):
         values = asyncio.run(kernel_stream())
     run = pool.run_stream(shell.user_ns["streaming"](), **inputs)
-    tokens = [(c["predictor"], c["field"], c["text"], c["last"]) for c in run if c.kind == "token"]
+    chunks = list(run)
+    assert [c["message"] for c in chunks if c.kind == "status"] == []  # not "no str output field to stream"
+    tokens = [(c["predictor"], c["field"], c["text"], c["last"]) for c in chunks if c.kind == "token"]
     expected = [(v.predict_name, v.signature_field_name, v.chunk, v.is_last_chunk) for v in values[:-1]]
     assert expected and tokens == expected
     assert_same(values[-1], run.result(60))

@@ -578,6 +578,26 @@ program = streaming()
     assert_same(values[-1], run.result(60))
 
 
+def test_a_streamified_program_made_again_streams_again(shell: InteractiveShell, pool: Pool,
+                                                       demo_lm: dspy.LM) -> None:
+    # a cell re-run makes the streamify'd program of an earlier cell's predictor anew, with a new listener, which
+    # streams in the kernel: on the pool it was the same shipped program, whose listener had streamed once and ended
+    shell.run_cell('''
+from dspy.streaming import StreamListener
+
+answers = dspy.Predict("topic -> answer")
+
+def streaming():
+    return dspy.streamify(answers, async_streaming=False,
+                          stream_listeners=[StreamListener(signature_field_name="answer")])
+''').raise_error()
+    with dspy.context(lm=demo_lm):
+        expected = [value.chunk for value in list(shell.user_ns["streaming"]()(topic="tides"))[:-1]]
+    for _ in range(pool.size + 1):  # one worker runs it twice at least
+        run = pool.run_stream(shell.user_ns["streaming"](), topic="tides")
+        assert expected and [chunk["text"] for chunk in run if chunk.kind == "token"] == expected
+
+
 @pytest.mark.parametrize("async_streaming", [True, False])
 def test_a_stream_without_its_final_prediction_raises_a_clear_error(async_streaming: bool, shell: InteractiveShell,
                                                                     pool: Pool) -> None:

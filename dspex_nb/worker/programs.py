@@ -219,7 +219,12 @@ def from_pickle(name: str, payload: str) -> Program:
     if isinstance(program, dspy.Module):  # a predictor's own LM came along (set_lm): its key is masked too
         for _, predictor in program.named_predictors():
             redact.register(getattr(getattr(predictor, "lm", None), "kwargs", None))
-    return make(name, program, set(shipped.get("types", ())))
+    made = make(name, program, set(shipped.get("types", ())))
+    if getattr(program, "__module__", None) == dspy.streamify.__module__:
+        # a dspy.streamify'd program: its listeners keep each stream's state (one without allow_reuse streams once),
+        # which the kernel's object, run here, never has: each call runs a copy as it was shipped
+        made.factory = lambda: unpickled(payload)["program"]
+    return made
 
 
 def unpickled(payload: str) -> Any:

@@ -171,12 +171,12 @@ class Pool(WorkerPool):
         """A DSPy tool (``predict``, ``chain_of_thought``, ``run_module``) whose result is what the program
         returned (rebuilt with ``resolver``'s classes); with ``stream``, a ``Run`` whose ``result()`` is that.
         ``trace``: the DSPy trace that its predictor calls join, and the kernel's program (``programs.to_output``).
-        Its LM calls join the kernel's DSPy history (``dspy.inspect_history()``; ``program``'s own history too)."""
+        Its LM calls join the kernel's DSPy history (``dspy.inspect_history()``; ``program``'s modules' and the kernel
+        LM's own histories too, see ``programs.record_history``)."""
         decode = partial(programs.to_output, resolve=resolver or typed.Resolver(), trace=trace, program=program,
-                         fill_usage=not programs.usage_tracked())
+                         fill_usage=not programs.usage_tracked(), lm=self._check_lm())
         if programs.wants_history():
             args = {**args, "history": True}
-        self._check_lm()
         settings = programs.kernel_settings()  # e.g. dspy.configure(adapter=dspy.JSONAdapter()): the same there
         if settings:
             args = {**args, "settings": settings}
@@ -302,23 +302,29 @@ class Pool(WorkerPool):
                         journal=self.journal if journal else None, program=program, shipped=shipped, resolver=resolver)
 
 
-    def _check_lm(self) -> None:
-        """Warn, once per LM, when the kernel's DSPy LM is not the pool's: the call runs on the pool's."""
+    def _check_lm(self) -> Any:
+        """Warn, once per LM, when the kernel's DSPy LM is not the pool's: the call runs on the pool's. Returns the
+        kernel's DSPy LM where it is the pool's (the object that stands for it here), else None."""
         try:
             kernel = programs.kernel_lm()
         except ValueError:  # an LM of another kind than dspy.LM
             kernel, which = ("", {}), "the kernel's DSPy LM, which is not a dspy.LM (a pool runs a model string)"
         else:
             which = f"the kernel's DSPy LM {kernel[0]!r} (dspy.configure / dspy.context)" if kernel else ""
-        if kernel is None or kernel == (self.lm, self.lm_kwargs):
-            return
+        if kernel == (self.lm, self.lm_kwargs):
+            import dspy
+
+            return dspy.settings.lm
+        if kernel is None:
+            return None
         seen = repr(sorted(kernel[1].items(), key=str)) + kernel[0]
         if seen in self._lms_warned:
-            return
+            return None
         self._lms_warned.add(seen)
         warnings.warn(f"this call runs on the pool's LM {self.lm!r}, not on {which}: pool.configure_lm(model, "
                       "**settings) (%dspex lm ...) switches the pool's workers", PoolLMDiffers,
                       stacklevel=programs.callers_level())
+        return None
 
 
 def _by_keyword(method: str, args: tuple[Any, ...]) -> None:

@@ -405,10 +405,30 @@ def wants_history() -> bool:
 
 
 class _History:
-    """Stands for the LM in DSPy's ``record_history`` (which also keeps each entry in its client's history):
-    the pool's LM has no object here."""
+    """Stands for the LM in DSPy's ``record_history`` (which also keeps each entry in its client's history)
+    where the pool's LM has no object here."""
 
     history: list[Any] = []
+
+
+def record_history(entries: list[dict[str, Any]], program: Any, lm: Any) -> None:
+    """A call's LM history entries recorded as DSPy records them in the kernel: in DSPy's history
+    (``dspy.inspect_history``), in that of each of ``program``'s modules that made the call (by the names
+    ``typed.HISTORY_MODULES`` gives, with the kernel's modules around the call), and in the history of the kernel's
+    LM that stands for the one that ran it: the predictor's own LM (``set_lm``), else ``lm`` (the kernel's DSPy LM,
+    where it is the pool's); of the same model only."""
+    import dspy
+    from dspy.clients.base_lm import record_history as record
+
+    modules = dict(program.named_sub_modules()) if isinstance(program, dspy.Module) else {}
+    outer = list(dspy.settings.caller_modules or [])
+    for entry in entries:
+        callers = [modules[name] for name in entry.pop(typed.HISTORY_MODULES, ()) if name in modules]
+        own = next((module.lm for module in reversed(callers) if getattr(module, "lm", None) is not None), lm)
+        client = own if isinstance(getattr(own, "history", None), list) and getattr(
+            own, "model", None) == entry.get("model") else _History
+        with dspy.context(caller_modules=[*outer, *callers]):
+            record(client, entry)
 
 
 def usage_tracked() -> bool:
@@ -417,21 +437,21 @@ def usage_tracked() -> bool:
 
 
 def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any] | None = None,
-              program: Any = None, fill_usage: bool = True) -> Any:
+              program: Any = None, fill_usage: bool = True, lm: Any = None) -> Any:
     """A DSPy tool's result as the program gave it: a dspy.Prediction of its fields, or its own value; with
     ``trace`` (``open_trace()`` and the kernel's program), its predictor calls are added there, and its LM
     calls' history entries go to DSPy's history (``dspy.inspect_history``, and ``program``'s own where it keeps
-    one), as in the kernel; each once (a stream's ``result()`` may be read again). A Prediction has the LM
+    one, ``lm``'s where it ran them: ``record_history``), as in the kernel; each once (a stream's ``result()`` may
+    be read again). A Prediction has the LM
     usage DSPy set on it; with ``fill_usage`` (for a call made while the kernel did not track usage, in which
     DSPy sets none), the call's usage where it has none."""
     import dspy
-    from dspy.clients.base_lm import record_history
 
     steps = result.pop(typed.TRACE, None) if isinstance(result, dict) else None
     if trace is not None and steps is not None:
         add_to_trace(*trace, steps, resolve)
-    for entry in result.pop(typed.HISTORY, ()) if isinstance(result, dict) else ():
-        record_history(program if isinstance(getattr(program, "history", None), list) else _History, entry)
+    if isinstance(result, dict) and typed.HISTORY in result:
+        record_history(result.pop(typed.HISTORY), program, lm)
 
     if isinstance(result, dict) and result.get(typed.TAG) == "output":
         output = typed.decode(result["value"], resolve, "output")

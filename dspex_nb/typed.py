@@ -51,6 +51,7 @@ LM_USAGE = "__dspex_lm_usage__"  # beside a Prediction's fields: its own get_lm_
 COST = "__dspex_cost__"  # beside a program's output: the USD cost of its LM calls, where an LM reported one
 TRACE = "__dspex_trace__"  # beside a program's output, where the kernel asked: its predictor calls (DSPy's trace)
 HISTORY = "__dspex_history__"  # beside a program's output, where the kernel asked: its LM calls' history entries
+HISTORY_MODULES = "__dspex_modules__"  # in such an entry: the names of the program's modules that made it
 RESERVED = (USAGE, COMPLETIONS, LM_USAGE, COST, TRACE, HISTORY)
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
 

@@ -570,10 +570,56 @@ program = streaming()
     with dspy.context(lm=demo_lm):
         values = asyncio.run(kernel_stream())
     run = pool.run_stream(shell.user_ns["streaming"](), **inputs)
-    tokens = [(c["predictor"], c["field"], c["text"], c["last"]) for c in run if c.kind == "token"]
+    chunks = list(run)
+    assert [c["message"] for c in chunks if c.kind == "status"] == []  # not "no str output field to stream"
+    tokens = [(c["predictor"], c["field"], c["text"], c["last"]) for c in chunks if c.kind == "token"]
     expected = [(v.predict_name, v.signature_field_name, v.chunk, v.is_last_chunk) for v in values[:-1]]
     assert expected and tokens == expected
     assert_same(values[-1], run.result(60))
+
+
+def test_a_streamified_program_made_again_streams_again(shell: InteractiveShell, pool: Pool,
+                                                       demo_lm: dspy.LM) -> None:
+    # a cell re-run makes the streamify'd program of an earlier cell's predictor anew, with a new listener, which
+    # streams in the kernel: on the pool it was the same shipped program, whose listener had streamed once and ended
+    shell.run_cell('''
+from dspy.streaming import StreamListener
+
+answers = dspy.Predict("topic -> answer")
+
+def streaming():
+    return dspy.streamify(answers, async_streaming=False,
+                          stream_listeners=[StreamListener(signature_field_name="answer")])
+''').raise_error()
+    with dspy.context(lm=demo_lm):
+        expected = [value.chunk for value in list(shell.user_ns["streaming"]()(topic="tides"))[:-1]]
+    for _ in range(pool.size + 1):  # one worker runs it twice at least
+        run = pool.run_stream(shell.user_ns["streaming"](), topic="tides")
+        assert expected and [chunk["text"] for chunk in run if chunk.kind == "token"] == expected
+
+
+@pytest.mark.parametrize("async_streaming", [True, False])
+def test_a_stream_without_its_final_prediction_raises_a_clear_error(async_streaming: bool, shell: InteractiveShell,
+                                                                    pool: Pool) -> None:
+    # in the kernel the stream is all there is; the pool returns a stream's final Prediction, and has none to give
+    shell.run_cell(f'''
+from dspy.streaming import StreamListener
+
+def no_final(signature):  # a listener streams once: a program for each call
+    return dspy.streamify(dspy.ChainOfThought(signature), async_streaming={async_streaming},
+                          stream_listeners=[StreamListener(signature_field_name="answer")],
+                          include_final_prediction_in_output_stream=False)
+''').raise_error()
+    no_final = shell.user_ns["no_final"]
+    with pytest.raises(NotPortable, match="ended without its final Prediction"):
+        pool.run(no_final("question -> answer"), question="Why?")
+    run = pool.run_stream(no_final("topic -> answer"), topic="tides")
+    assert any(chunk.kind == "token" for chunk in run)
+    with pytest.raises(NotPortable, match="ended without its final Prediction"):
+        run.result(60)
+    batch = pool.map(no_final("text -> answer"), [{"text": "tides"}], journal=False)
+    assert batch.result(60) == [None]
+    assert "ended without its final Prediction" in batch.records[0]["error"]["message"]
 
 
 @pytest.mark.parametrize("adapter", ["dspy.JSONAdapter()", "dspy.XMLAdapter()", "NotebookAdapter()"])
@@ -1183,6 +1229,44 @@ def test_dspy_inspect_history_shows_the_pools_calls_as_the_kernels(pool: Pool, d
         with dspy.context(disable_history=True):
             pool.run(qa, question="Not kept?")
         assert "Not kept?" not in last_call()
+
+
+def test_the_pools_lm_calls_join_the_histories_of_the_modules_and_lm_that_made_them(
+        shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # DSPy keeps each LM call in the history of every module it ran in and of its LM: lm.history is where DSPy's
+    # docs sum the cost, sub-module.inspect_history() shows a step's prompt; the pool's calls land in the same ones
+    program, _ = define(shell, '''
+from dspex_nb import demo_lm
+
+class TwoSteps(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.topic = dspy.ChainOfThought("question -> topic")
+        self.answer = dspy.Predict("question, topic -> answer")
+        self.answer.set_lm(demo_lm())  # a predictor with an LM of its own: its calls are in that LM's history
+
+    def forward(self, question):
+        return self.answer(question=question, topic=self.topic(question=question).topic)
+
+program = TwoSteps()
+''')
+
+    def histories() -> dict[str, int]:
+        return {name: len(module.history) for name, module in program.named_sub_modules()} | {
+            "lm": len(demo_lm.history), "own lm": len(program.answer.lm.history)}
+
+    with dspy.context(lm=demo_lm):
+        before = histories()
+        program(question="Whose history?")
+        in_kernel = {name: count - before[name] for name, count in histories().items()}
+        assert in_kernel == {"self": 2, "self.topic": 1, "self.topic.predict": 1, "self.answer": 1, "lm": 1,
+                             "own lm": 1}
+        for run in (lambda: pool.run(program, question="Whose history?"),
+                    lambda: pool.run_stream(program, question="Whose history?").result(60)):
+            before = histories()
+            run()
+            assert {name: count - before[name] for name, count in histories().items()} == in_kernel
+        assert demo_lm.history[-1]["messages"] == program.topic.predict.history[-1]["messages"]
 
 
 def _last_lm_call() -> str:

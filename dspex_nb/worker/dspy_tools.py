@@ -138,11 +138,13 @@ class _Costs:
     tracking as it is in the kernel: with ``track_usage`` on, a module that finds no tracker opens one and sets
     its usage on its prediction (``get_lm_usage()``)."""
 
-    def __init__(self, keep: bool = False) -> None:
+    def __init__(self, keep: bool = False, modules: dict[int, str] | None = None) -> None:
         self.history = self
         self.total: float | None = None  # None until an LM reports a cost (an unpriced model is not free)
         self.usage = UsageTracker()
         self.entries: collections.deque[Any] | None = collections.deque(maxlen=MAX_HISTORY) if keep else None
+        self.modules = modules or {}  # id -> name of the program's modules (named_sub_modules), whose histories
+        # DSPy also appends the entry to: the kernel appends it to its own modules of those names
         self._lock = threading.Lock()  # dspy.Parallel's threads append at once
 
     def __len__(self) -> int:
@@ -158,7 +160,8 @@ class _Costs:
             if entry.get("usage"):  # keyed by the LM's model, as DSPy's LMs report it to a tracker
                 self.usage.add_usage(entry.get("model") or _response_model(entry), entry["usage"])
             if self.entries is not None:  # the newest: inspect_history shows the last calls
-                self.entries.append(entry)
+                callers = [self.modules[id(m)] for m in dspy.settings.caller_modules or () if id(m) in self.modules]
+                self.entries.append((entry, callers))
 
     def tokens(self) -> dict[str, Any]:
         """The usage per model, as ``UsageTracker.get_total_tokens`` gives it."""
@@ -167,17 +170,18 @@ class _Costs:
 
     def history_json(self, budget: int) -> list[dict[str, Any]]:
         """The kept entries as JSON, as DSPy's ``inspect_history`` reads them: the newest whose JSON fits in
-        ``budget`` bytes (each holds its whole prompt: a long document's calls fill a message). The provider's
+        ``budget`` bytes (each holds its whole prompt: a long document's calls fill a message), each with the
+        names of the program's modules that made it (``typed.HISTORY_MODULES``). The provider's
         raw ``response`` object stays here; a provider's objects, such as litellm's tool calls, come as their
         fields; other values that are not JSON, such as a response format's class, as their repr; keys JSON has
         no form for are left out, and an entry that contains itself."""
         with self._lock:
             entries = list(self.entries or ())
         kept = []
-        for entry in reversed(entries):
+        for entry, callers in reversed(entries):
             try:
-                text = json.dumps({k: v for k, v in entry.items() if k != "response"}, default=_as_json,
-                                  skipkeys=True)
+                text = json.dumps({**{k: v for k, v in entry.items() if k != "response"},
+                                   typed.HISTORY_MODULES: callers}, default=_as_json, skipkeys=True)
             except (ValueError, RecursionError):  # a circular reference
                 continue
             budget -= len(text) + 2  # ASCII, as the worker's encoder writes it, and its separator
@@ -203,10 +207,12 @@ def _as_json(value: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _tracked(settings: dict[str, Any], history: bool = False) -> Generator[_Costs, None, None]:
+def _tracked(settings: dict[str, Any], history: bool = False, program: Any = None) -> Generator[_Costs, None, None]:
     """Run under ``settings``, counting the LM usage and the cost of the calls (and with ``history``, keeping
-    their DSPy history entries)."""
-    costs = _Costs(keep=history)
+    their DSPy history entries, with the names of ``program``'s modules that made each)."""
+    modules = {id(module): name for name, module in program.named_sub_modules()} \
+        if history and isinstance(program, dspy.Module) else None
+    costs = _Costs(keep=history, modules=modules)
     with dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]):
         yield costs
 
@@ -317,7 +323,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
     final: Any = None
     steps: list[Any] = []
     traced = {"trace": steps} if trace else {}
-    with _tracked({**_settings(ctx, settings), **traced}, history) as costs:
+    with _tracked({**_settings(ctx, settings), **traced}, history, program) as costs:
         unread = _adapter_not_streamed() if listeners else None
         if unread:
             listeners = []
@@ -328,7 +334,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             streamed = dspy.streamify(always, stream_listeners=listeners)
             values = _async_items(lambda: streamed(**inputs), always.settled)
         else:
-            if ctx.streaming and not unread:
+            if ctx.streaming and not unread and not _streamified(program):  # that one streams as it was made to
                 why = "no str output field to stream" if tokens else "its tokens are not streamed, as asked"
                 yield Emit("status", {"message": f"running {_label(program)} ({why})"})
             with ctx.program_running():
@@ -345,6 +351,8 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
                 yield Emit("status", {"message": value.message})
             else:
                 final = value
+        if final is None:
+            raise _no_final()
     return _with_extras(program, steps, trace, output_json(final.value if isinstance(final, _Boxed) else final,
                                                            costs.tokens(), costs.total), costs, ctx)
 
@@ -453,6 +461,11 @@ def _values_of(output: Any) -> Iterable[Any] | None:
     return _async_items(lambda: output) if asynchronous else output
 
 
+def _streamified(program: Any) -> bool:
+    """Whether ``program`` was made by ``dspy.streamify``: it returns a stream of its listeners' tokens."""
+    return getattr(program, "__module__", None) == dspy.streamify.__module__
+
+
 def _run_to_end(output: Any) -> Any:
     """A program's result; a stream is run to its final value."""
     values = _values_of(output)
@@ -461,7 +474,18 @@ def _run_to_end(output: Any) -> Any:
     final = None
     for value in values:
         final = value
+    if isinstance(final, (StreamResponse, StatusMessage)) or final is None:
+        raise _no_final()
     return final
+
+
+def _no_final() -> typed.NotPortable:
+    """The error of a program whose ``dspy.streamify`` stream ends without its final Prediction, which is what the
+    pool gives for it: the kernel has the stream's chunks alone."""
+    return typed.NotPortable("the program's dspy.streamify stream ended without its final Prediction "
+                             "(include_final_prediction_in_output_stream=False), which is what the pool returns for "
+                             "a stream: streamify it without that option (pool.run_stream streams its listeners' "
+                             "tokens all the same), or run it in the kernel")
 
 
 def _parallel_without_streams() -> None:

@@ -212,14 +212,24 @@ def from_pickle(name: str, payload: str) -> Program:
                             "Python must be able to import every module the program uses by reference)") from None
     for filename, lines in shipped.get("sources", {}).items():  # so inspect.getsource finds notebook code
         linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
-    for function, names in shipped.get("names", ()):  # what its signature strings name, as DSPy finds it there
-        for key, value in names.items():
-            function.__globals__.setdefault(key, value)
-    program = shipped["program"]
+    program = _program_of(shipped)
     if isinstance(program, dspy.Module):  # a predictor's own LM came along (set_lm): its key is masked too
         for _, predictor in program.named_predictors():
             redact.register(getattr(getattr(predictor, "lm", None), "kwargs", None))
-    return make(name, program, set(shipped.get("types", ())))
+    made = make(name, program, set(shipped.get("types", ())))
+    if getattr(program, "__module__", None) == dspy.streamify.__module__:
+        # a dspy.streamify'd program: its listeners keep each stream's state (one without allow_reuse streams once),
+        # which the kernel's object, run here, never has: each call runs a copy as it was shipped
+        made.factory = lambda: _program_of(unpickled(payload))
+    return made
+
+
+def _program_of(shipped: dict[str, Any]) -> Any:
+    """The program of a shipment, its code given the names its signature strings use, as DSPy finds them there."""
+    for function, names in shipped.get("names", ()):
+        for key, value in names.items():
+            function.__globals__.setdefault(key, value)
+    return shipped["program"]
 
 
 def unpickled(payload: str) -> Any:

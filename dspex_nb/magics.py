@@ -181,10 +181,11 @@ def signature_inputs(signature: Any, pool: Pool) -> list[str]:
 
 
 def cell_inputs(body: str, names: list[str], required: list[str] | None = None) -> dict[str, str]:
-    """The cell as inputs: all of it for one input field, else one `field: value` line per field; the lines of
-    fields not in ``required`` (a module's inputs with defaults) may be left out, as in a call in the kernel."""
+    """The cell as inputs: one `field: value` line per field, or for one input field all of it (unless it starts
+    as that field's line, `question: ...`); the lines of fields not in ``required`` (a module's inputs with
+    defaults) may be left out, as in a call in the kernel."""
     text = body.strip("\n")
-    if len(names) == 1:
+    if len(names) == 1 and not re.match(rf"\s*{re.escape(names[0])}\s*:", text):
         return {names[0]: text.strip()}
     values: dict[str, list[str]] = {}
     current = None

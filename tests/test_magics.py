@@ -139,6 +139,15 @@ def test_several_input_fields_and_interpolation(sh: Shell) -> None:
     assert sh.ns["r"].answer.startswith("Demo LM answer to 'keep {braces}'")
 
 
+def test_a_one_input_cell_may_be_its_field_line(sh: Shell) -> None:
+    """`question: Why?` for a one-input program is the question 'Why?', as for several inputs (it was the whole
+    text, 'question: Why?'); a cell that does not start so is the value as it is."""
+    sh('%%dspex predict "question -> answer" -o r\nquestion: Why so?')
+    assert sh.ns["r"].answer.startswith("Demo LM answer to 'Why so?'"), sh.ns["r"].answer
+    sh('%%dspex predict "question -> answer" -o r\nquestions: many')
+    assert sh.ns["r"].answer.startswith("Demo LM answer to 'questions: many'"), sh.ns["r"].answer
+
+
 def test_no_stream_waits_for_the_whole_answer(sh: Shell) -> None:
     out, _ = sh('%%dspex predict "question -> answer: int" --no-stream -o r\nplain')
     assert out == f"answer: {sh.ns['r'].answer}\n" and isinstance(sh.ns["r"].answer, int)  # shown once, whole

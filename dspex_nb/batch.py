@@ -356,6 +356,10 @@ class BatchRun(Handle):
                 self._queue.extend((shard, True) for shard in again)
 
     def _record(self, index: int, record: dict[str, Any]) -> None:
+        if self.records[index] is not None:  # it came back before (again under the lock below)
+            return
+        if record["ok"] and self._journal is not None and not record.get("journal"):  # first: an item counted as
+            self._journal.record(self.key, self._item_keys[index], record["result"])  # finished is in the journal
         with self._lock:
             if self.records[index] is not None:
                 return
@@ -377,8 +381,6 @@ class BatchRun(Handle):
                 self.tokens_in += tokens_in
                 self.tokens_out += tokens_out
                 self.cost = typed.add_cost(self.cost, typed.cost(record["result"]))
-        if record["ok"] and self._journal is not None and not record.get("journal"):
-            self._journal.record(self.key, self._item_keys[index], record["result"])
         if too_many and not record["ok"]:  # DSPy's error, as Module.batch raises it, with what it does not say
             self._fail(Exception(f"Execution cancelled due to errors or interruption: {self.failed} items failed "
                                  f"(max_errors={self._max_errors}), the last with {error_line(record)}; for the "

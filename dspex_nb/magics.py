@@ -48,7 +48,8 @@ CELL_COMMANDS = ("predict", "batch", "define", "run")
 
 
 def _parser(command: str, description: str) -> MagicArgumentParser:
-    parser = MagicArgumentParser(prog=f"%dspex {command}" if command not in CELL_COMMANDS else f"%%dspex {command}",
+    """A sub-command's parser; its usage line gets one ``%`` from IPython's formatter, so ``prog`` has one less."""
+    parser = MagicArgumentParser(prog=f"dspex {command}" if command not in CELL_COMMANDS else f"%dspex {command}",
                                  description=description, add_help=False)
     PARSERS[command] = parser
     return parser

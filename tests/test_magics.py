@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from helpers import TWO_STEP, pid_alive, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool, demo_lm
-from dspex_nb.magics import Dspex
+from dspex_nb.magics import CELL_COMMANDS, PARSERS, Dspex
 
 
 class Shell:
@@ -74,6 +75,8 @@ def test_help_lists_every_subcommand(sh: Shell) -> None:
     for usage in ("%dspex start", "%dspex status", "%dspex lm", "%%dspex predict", "%%dspex batch",
                   "%%dspex define", "%%dspex run", "--items VAR", "--cot"):
         assert usage in doc
+    usages = re.findall(r"^  (%+dspex \w+)", doc, re.MULTILINE)  # IPython's usage prefix adds one % itself
+    assert sorted(usages) == sorted(f"%%dspex {c}" if c in CELL_COMMANDS else f"%dspex {c}" for c in PARSERS)
 
 
 def test_status_and_config(sh: Shell) -> None:

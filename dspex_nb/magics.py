@@ -382,7 +382,7 @@ class Dspex(Magics):
         show_pool(pool, mode=self.display, show_stats=args.stats)
 
     def _config(self, args: argparse.Namespace) -> None:
-        for name in ("workers", "lm", "python", "display"):
+        for name in ("workers", "lm", "python", "display", "warm"):
             print(f"Dspex.{name} = {getattr(self, name)!r}")
         for name, pool in self.pools.items():
             print(f"pool {name!r}: {pool!r}, lm_kwargs={redact.mapping(pool.lm_kwargs)}, "

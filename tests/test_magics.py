@@ -88,6 +88,7 @@ def test_status_and_config(sh: Shell) -> None:
     assert "tool" in out and "time p50" in out and "\necho " in out
     out, _ = sh("%config Dspex.workers = 3\n%dspex config")
     assert "Dspex.workers = 3" in out and "pool 'default': <Pool 2 workers" in out
+    assert all(f"Dspex.{name} = " in out for name in Dspex.class_own_traits(config=True))  # warm too
     sh("%config Dspex.workers = 2")
 
 

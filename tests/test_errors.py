@@ -450,6 +450,8 @@ def test_worker_python_without_dependencies_fails_fast(bare_python: str) -> None
     assert bare_python in text
     for name in ("grpcio", "protobuf", "dspy"):
         assert f"{name}>=" in text and "not installed" in text
+    assert f": {bare_python} -m pip install '" in text  # commands to paste into a shell
+    assert f"python -m dspex_nb doctor --python {bare_python}`" in text
 
 
 def test_bad_pool_arguments() -> None:

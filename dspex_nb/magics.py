@@ -105,8 +105,10 @@ _p.add_argument("--no-journal", action="store_true",
 _run_options(_p)
 _p = _parser("journal", "List the batch journal (finished items that a re-run takes instead of calling the "
                         "LM), or clear it: all of it, or the batches of a key (or a key prefix).")
-_p.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
+_p.add_argument("action", nargs="?", default="list", metavar="list|clear",
+                help="list (the default: a KEY alone lists its batches) or clear")
 _p.add_argument("key", nargs="?", help="the batch key (or prefix) to list or to forget")
+JOURNAL_ACTIONS = ("list", "clear")
 _p = _parser("define", "Define a DSPy module (a dspy.Module subclass or a function) on every worker, "
                        "including workers started later; `dspy` is imported.")
 _p.add_argument("name", help="the name the cell defines")
@@ -535,6 +537,10 @@ class Dspex(Magics):
         self._show(batch, lambda: show_batch(batch, title, mode=self.display, block=not args.background), args)
 
     def _journal(self, args: argparse.Namespace) -> None:
+        action, key = ((args.action, args.key) if args.action in JOURNAL_ACTIONS or args.key is not None
+                       else ("list", args.action))  # a KEY alone: its batches
+        if action not in JOURNAL_ACTIONS:
+            raise UsageError(f"%dspex journal: {action!r} is not list or clear")
         pool = self.pools.get(args.pool)
         if pool is not None and pool.journal is None:
             print(f"dspex: pool {args.pool!r} keeps no journal (Pool(journal=False))")
@@ -544,11 +550,11 @@ class Dspex(Magics):
         except (OSError, sqlite3.Error) as exc:  # a pipe, a place other users may write to, a disk error
             raise UsageError(f"%dspex journal: {exc}") from None
         try:
-            if args.action == "clear":
-                removed = journal.clear(args.key)
+            if action == "clear":
+                removed = journal.clear(key)
                 print(f"dspex: cleared {removed} batch{'es' * (removed != 1)} from {journal.path}")
                 return
-            batches = [b for b in journal.batches() if b["key"].startswith(args.key or "")]
+            batches = [b for b in journal.batches() if b["key"].startswith(key or "")]
         except sqlite3.Error as exc:  # locked by another kernel's long write, a disk error...
             raise UsageError(f"%dspex journal: the batch journal {journal.path} cannot be used now: {exc}") from None
         finally:

@@ -170,6 +170,7 @@ def test_journal_magic_and_a_rerun_from_the_journal(sh: Shell) -> None:
     key = out.split("predict question -> answer")[0].splitlines()[-1].split()[0]  # the table's key column
     out, _ = sh(f"%dspex journal list {key}")
     assert "1 batch\n" in out and key in out
+    assert sh(f"%dspex journal {key}") == (out, "")  # list is the default action, with a key too
     out, _ = sh("%dspex journal list no-such-key")
     assert "0 batches\n" in out
     out, _ = sh("%dspex journal clear")
@@ -330,6 +331,7 @@ def test_lm_switch_and_an_lm_error_is_shown(sh: Shell) -> None:
     ('%dspex batch "q -> a" --items not_a_list', "--items not_a_list must be a list of strings, dicts"),
     ("%dspex batch --items qs", "takes a signature or --module NAME"),
     ('%dspex lm demo --set novalue', "--set takes KEY=VALUE"),
+    ("%dspex journal drop some-key", "%dspex journal: 'drop' is not list or clear"),
     ("%dspex start -n 0 --pool zero", r"Pool(workers=...) must be an int from 1 to"),
     ("%dspex start -n 1000000 --pool huge", r"Pool(workers=...) must be an int from 1 to"),
     ('%%dspex predict "q -> a" --timeout -1\nx', "predict(timeout=...) must be a finite number > 0"),

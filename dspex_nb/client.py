@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from dspex_nb import programs, typed
+from dspex_nb import programs, redact, typed
 from dspex_nb.batch import BatchRun
 from dspex_nb.errors import ArgumentError, PoolLMDiffers, program_errors_raised_here
 from dspex_nb.journal import Journal
@@ -310,7 +310,8 @@ class Pool(WorkerPool):
         except ValueError:  # an LM of another kind than dspy.LM
             kernel, which = ("", {}), "the kernel's DSPy LM, which is not a dspy.LM (a pool runs a model string)"
         else:
-            which = f"the kernel's DSPy LM {kernel[0]!r} (dspy.configure / dspy.context)" if kernel else ""
+            which = f"the kernel's DSPy LM {_lm_named(*kernel, self.lm)} (dspy.configure / dspy.context)" \
+                if kernel else ""
         if kernel == (self.lm, self.lm_kwargs):
             import dspy
 
@@ -321,10 +322,15 @@ class Pool(WorkerPool):
         if seen in self._lms_warned:
             return None
         self._lms_warned.add(seen)
-        warnings.warn(f"this call runs on the pool's LM {self.lm!r}, not on {which}: pool.configure_lm(model, "
-                      "**settings) (%dspex lm ...) switches the pool's workers", PoolLMDiffers,
-                      stacklevel=programs.callers_level())
+        warnings.warn(f"this call runs on the pool's LM {_lm_named(self.lm, self.lm_kwargs, kernel[0])}, not on "
+                      f"{which}: pool.configure_lm(model, **settings) (%dspex lm ...) switches the pool's workers",
+                      PoolLMDiffers, stacklevel=programs.callers_level())
         return None
+
+
+def _lm_named(model: str, settings: dict[str, Any], other: str) -> str:
+    """An LM as a warning names it: its model, and its settings (masked) where ``other`` is the same model."""
+    return f"{model!r} with {redact.mapping(settings)}" if model == other else repr(model)
 
 
 def _by_keyword(method: str, args: tuple[Any, ...]) -> None:

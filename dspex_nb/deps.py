@@ -34,15 +34,19 @@ class DepStatus:
 class MissingDependency(ImportError):
     """A package dspex_nb needs cannot be imported (or is too old) in some interpreter."""
 
-    def __init__(self, where: str, statuses: list[DepStatus]) -> None:
+    def __init__(self, where: str, statuses: list[DepStatus], worker_python: str | None = None) -> None:
+        """``where`` names the interpreter in prose; ``worker_python``, where it is a pool's worker Python, is its
+        path, so that the commands the message gives run as they are written."""
         self.where = where
         self.statuses = statuses
         bad = [s for s in statuses if not s.ok]
+        python = worker_python or sys.executable
         lines = [f"dspex_nb cannot run in {where}: missing or unusable dependencies:"]
         lines += [f"  - {s.name}>={s.required}: {s.problem}" for s in bad]
         names = " ".join(f"'{s.name}>={s.required}'" for s in bad)
-        lines.append(f"Install them into that interpreter: {where} -m pip install {names}")
-        lines.append("Run `python -m dspex_nb doctor` for the full report.")
+        lines.append(f"Install them into that interpreter: {python} -m pip install {names}")
+        doctor = f"python -m dspex_nb doctor --python {worker_python}" if worker_python else "python -m dspex_nb doctor"
+        lines.append(f"Run `{doctor}` for the full report.")
         super().__init__("\n".join(lines))
 
 

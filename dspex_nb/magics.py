@@ -48,7 +48,8 @@ CELL_COMMANDS = ("predict", "batch", "define", "run")
 
 
 def _parser(command: str, description: str) -> MagicArgumentParser:
-    parser = MagicArgumentParser(prog=f"%dspex {command}" if command not in CELL_COMMANDS else f"%%dspex {command}",
+    """A sub-command's parser; its usage line gets one ``%`` from IPython's formatter, so ``prog`` has one less."""
+    parser = MagicArgumentParser(prog=f"dspex {command}" if command not in CELL_COMMANDS else f"%dspex {command}",
                                  description=description, add_help=False)
     PARSERS[command] = parser
     return parser
@@ -104,8 +105,10 @@ _p.add_argument("--no-journal", action="store_true",
 _run_options(_p)
 _p = _parser("journal", "List the batch journal (finished items that a re-run takes instead of calling the "
                         "LM), or clear it: all of it, or the batches of a key (or a key prefix).")
-_p.add_argument("action", nargs="?", choices=["list", "clear"], default="list")
+_p.add_argument("action", nargs="?", default="list", metavar="list|clear",
+                help="list (the default: a KEY alone lists its batches) or clear")
 _p.add_argument("key", nargs="?", help="the batch key (or prefix) to list or to forget")
+JOURNAL_ACTIONS = ("list", "clear")
 _p = _parser("define", "Define a DSPy module (a dspy.Module subclass or a function) on every worker, "
                        "including workers started later; `dspy` is imported.")
 _p.add_argument("name", help="the name the cell defines")
@@ -382,7 +385,7 @@ class Dspex(Magics):
         show_pool(pool, mode=self.display, show_stats=args.stats)
 
     def _config(self, args: argparse.Namespace) -> None:
-        for name in ("workers", "lm", "python", "display"):
+        for name in ("workers", "lm", "python", "display", "warm"):
             print(f"Dspex.{name} = {getattr(self, name)!r}")
         for name, pool in self.pools.items():
             print(f"pool {name!r}: {pool!r}, lm_kwargs={redact.mapping(pool.lm_kwargs)}, "
@@ -535,6 +538,10 @@ class Dspex(Magics):
         self._show(batch, lambda: show_batch(batch, title, mode=self.display, block=not args.background), args)
 
     def _journal(self, args: argparse.Namespace) -> None:
+        action, key = ((args.action, args.key) if args.action in JOURNAL_ACTIONS or args.key is not None
+                       else ("list", args.action))  # a KEY alone: its batches
+        if action not in JOURNAL_ACTIONS:
+            raise UsageError(f"%dspex journal: {action!r} is not list or clear")
         pool = self.pools.get(args.pool)
         if pool is not None and pool.journal is None:
             print(f"dspex: pool {args.pool!r} keeps no journal (Pool(journal=False))")
@@ -544,11 +551,11 @@ class Dspex(Magics):
         except (OSError, sqlite3.Error) as exc:  # a pipe, a place other users may write to, a disk error
             raise UsageError(f"%dspex journal: {exc}") from None
         try:
-            if args.action == "clear":
-                removed = journal.clear(args.key)
+            if action == "clear":
+                removed = journal.clear(key)
                 print(f"dspex: cleared {removed} batch{'es' * (removed != 1)} from {journal.path}")
                 return
-            batches = [b for b in journal.batches() if b["key"].startswith(args.key or "")]
+            batches = [b for b in journal.batches() if b["key"].startswith(key or "")]
         except sqlite3.Error as exc:  # locked by another kernel's long write, a disk error...
             raise UsageError(f"%dspex journal: the batch journal {journal.path} cannot be used now: {exc}") from None
         finally:

@@ -441,6 +441,22 @@ def test_worker_python_that_does_not_exist() -> None:
         Pool(workers=1, python="/no/such/python").start()
 
 
+def test_a_template_that_closes_its_output_before_it_exits_fails_with_its_output(tmp_path: Path) -> None:
+    """A template that cannot start (a worker Python without DSPy) ends its stdout a moment before it can be
+    reaped; the pool waited its whole start_timeout (60 s) for an answer that could no longer come."""
+    from dspex_nb.pool.template import Template
+
+    python = tmp_path / "python"  # an interpreter that says why it cannot serve, then exits a moment later
+    python.write_text("#!/bin/sh\necho 'no dspy in this interpreter' >&2\nexec 1>&-\nsleep 2\nexit 3\n")
+    python.chmod(0o755)
+    template = Template(str(python), {}, tmp_path / "template.log", "run")
+    try:
+        with pytest.raises(WorkerStartError, match="no dspy in this interpreter"):
+            template.spawn([], {}, tmp_path / "w0.log", "", ready_timeout=0.5)  # < the 2 s it takes to exit
+    finally:
+        template.close()
+
+
 def test_worker_python_without_dependencies_fails_fast(bare_python: str) -> None:
     from dspex_nb import MissingDependency
 
@@ -450,6 +466,8 @@ def test_worker_python_without_dependencies_fails_fast(bare_python: str) -> None
     assert bare_python in text
     for name in ("grpcio", "protobuf", "dspy"):
         assert f"{name}>=" in text and "not installed" in text
+    assert f": {bare_python} -m pip install '" in text  # commands to paste into a shell
+    assert f"python -m dspex_nb doctor --python {bare_python}`" in text
 
 
 def test_bad_pool_arguments() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from helpers import TWO_STEP, pid_alive, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool, demo_lm
-from dspex_nb.magics import Dspex
+from dspex_nb.magics import CELL_COMMANDS, PARSERS, Dspex
 
 
 class Shell:
@@ -74,6 +75,8 @@ def test_help_lists_every_subcommand(sh: Shell) -> None:
     for usage in ("%dspex start", "%dspex status", "%dspex lm", "%%dspex predict", "%%dspex batch",
                   "%%dspex define", "%%dspex run", "--items VAR", "--cot"):
         assert usage in doc
+    usages = re.findall(r"^  (%+dspex \w+)", doc, re.MULTILINE)  # IPython's usage prefix adds one % itself
+    assert sorted(usages) == sorted(f"%%dspex {c}" if c in CELL_COMMANDS else f"%dspex {c}" for c in PARSERS)
 
 
 def test_status_and_config(sh: Shell) -> None:
@@ -85,6 +88,7 @@ def test_status_and_config(sh: Shell) -> None:
     assert "tool" in out and "time p50" in out and "\necho " in out
     out, _ = sh("%config Dspex.workers = 3\n%dspex config")
     assert "Dspex.workers = 3" in out and "pool 'default': <Pool 2 workers" in out
+    assert all(f"Dspex.{name} = " in out for name in Dspex.class_own_traits(config=True))  # warm too
     sh("%config Dspex.workers = 2")
 
 
@@ -175,6 +179,7 @@ def test_journal_magic_and_a_rerun_from_the_journal(sh: Shell) -> None:
     key = out.split("predict question -> answer")[0].splitlines()[-1].split()[0]  # the table's key column
     out, _ = sh(f"%dspex journal list {key}")
     assert "1 batch\n" in out and key in out
+    assert sh(f"%dspex journal {key}") == (out, "")  # list is the default action, with a key too
     out, _ = sh("%dspex journal list no-such-key")
     assert "0 batches\n" in out
     out, _ = sh("%dspex journal clear")
@@ -335,6 +340,7 @@ def test_lm_switch_and_an_lm_error_is_shown(sh: Shell) -> None:
     ('%dspex batch "q -> a" --items not_a_list', "--items not_a_list must be a list of strings, dicts"),
     ("%dspex batch --items qs", "takes a signature or --module NAME"),
     ('%dspex lm demo --set novalue', "--set takes KEY=VALUE"),
+    ("%dspex journal drop some-key", "%dspex journal: 'drop' is not list or clear"),
     ("%dspex start -n 0 --pool zero", r"Pool(workers=...) must be an int from 1 to"),
     ("%dspex start -n 1000000 --pool huge", r"Pool(workers=...) must be an int from 1 to"),
     ('%%dspex predict "q -> a" --timeout -1\nx', "predict(timeout=...) must be a finite number > 0"),

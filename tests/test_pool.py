@@ -295,6 +295,10 @@ def test_a_pool_takes_the_kernels_dspy_lm_and_says_when_a_call_runs_on_another(p
     with dspy.context(lm=demo_lm()), warnings.catch_warnings():
         warnings.simplefilter("error")  # the same LM: nothing to say
         pool.run("question -> answer", question="Which LM?")
+    with dspy.context(lm=demo_lm(temperature=0.5)), pytest.warns(  # the same model: the settings tell them apart
+            PoolLMDiffers, match=r"the pool's LM 'demo' with \{\}, not on the kernel's DSPy LM 'demo' with "
+                                 r"\{'temperature': 0.5\}"):
+        pool.run("question -> answer", question="Which LM?")
 
     class Custom(dspy.BaseLM):
         def forward(self, prompt=None, messages=None, **kwargs):  # noqa: ANN001, ANN003, ANN202

@@ -456,7 +456,8 @@ class WorkerPool(Supervision):
 
     # -- information and control --------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
-        """Per worker: id, pid, state, in_flight, done, errors, restarts, recycles, rss_mb, uptime, last_error."""
+        """Per worker (``Worker.status``): worker, pid, state, in_flight, done, errors, cancelled, items, restarts,
+        recycles, rss_mb, cancelled_running_s, uptime, last_error."""
         return [w.status() for w in list(self.workers)]
 
     def stats(self) -> dict[str, Any]:

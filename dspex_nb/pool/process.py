@@ -155,7 +155,7 @@ class ProcessHandle:
         for line in text.splitlines():
             if line.startswith(deps.MISSING_MARKER):
                 python, statuses = deps.from_json(line[len(deps.MISSING_MARKER):])
-                return deps.MissingDependency(f"the worker Python {python}", statuses)
+                return deps.MissingDependency(f"the worker Python {python}", statuses, worker_python=python)
         return WorkerStartError(f"worker {worker_id} (pid {self.pid}, {self.python}) exited with code {code} "
                                 f"before it was ready; its output:\n{self.log_tail()}")
 

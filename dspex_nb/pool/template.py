@@ -31,6 +31,7 @@ class Template:
         self.exits: dict[int, int] = {}  # worker pid -> exit code, as the template reported
         self._replies: dict[int, int] = {}  # request id -> the pid forked for it
         self.ready = False  # it has imported DSPy (which takes seconds, many more on a busy machine)
+        self.ended = False  # its stdout ended: it answers nothing more, though it may not have exited yet
         self._ids = itertools.count()
         self._cond = threading.Condition()
         with open(log_path, "wb") as log:
@@ -56,11 +57,18 @@ class Template:
                     self.exits[message["exited"]] = message["status"]
                 self._cond.notify_all()
         with self._cond:  # the template ended: so did every worker it forked
+            self.ended = True
             self._cond.notify_all()
 
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    @property
+    def _gone(self) -> bool:
+        """It cannot answer: it exited, or is exiting (its stdout ended a moment before it can be reaped, and
+        nothing would wake a waiter on ``alive`` alone)."""
+        return self.ended or not self.alive
 
     @property
     def answering(self) -> bool:
@@ -79,11 +87,11 @@ class Template:
                 self.proc.stdin.flush()  # type: ignore[union-attr]
             except (BrokenPipeError, ValueError):
                 raise self.failure() from None
-            if not self._cond.wait_for(lambda: self.ready or not self.alive, ready_timeout):
+            if not self._cond.wait_for(lambda: self.ready or self._gone, ready_timeout):
                 self.proc.kill()
                 raise WorkerStartError(f"the template process (pid {self.proc.pid}) did not import DSPy within "
                                        f"{ready_timeout:g} s (the pool's start_timeout); it was killed")
-            if not self._cond.wait_for(lambda: request_id in self._replies or not self.alive, self.fork_timeout):
+            if not self._cond.wait_for(lambda: request_id in self._replies or self._gone, self.fork_timeout):
                 self.proc.kill()  # hung (e.g. stopped): the pool starts a new template for the next worker
                 raise WorkerStartError(f"the template process (pid {self.proc.pid}) did not fork a worker within "
                                        f"{self.fork_timeout:g} s; it was killed, and a new one starts the next worker")

@@ -166,7 +166,8 @@ def test_stop_says_where_the_finished_items_are(pool: Pool) -> None:
     running it again takes the finished items from the journal, which it then does."""
     pool.define("Slow", SLOW)
     items = ["stop-a", "stop-b", "HANG", "HANG"]
-    batch = pool.batch(items, module="Slow", shard_size=1, concurrency=1)
+    # concurrency 2: a worker holding a quick shard and a HANG one runs both (with 1, the HANG could take the slot)
+    batch = pool.batch(items, module="Slow", shard_size=1, concurrency=2)
 
     def stop() -> None:
         wait_until(lambda: batch.ok == 2, what="the two quick items")
@@ -177,7 +178,7 @@ def test_stop_says_where_the_finished_items_are(pool: Pool) -> None:
         batch.result(60)
     assert stopped.value.__notes__ == ["the batch was stopped after 2 of 4 items; run the same batch again: they "
                                        "come from the journal, only the rest is computed"]
-    again = pool.batch(items, module="Slow", shard_size=1, concurrency=1)
+    again = pool.batch(items, module="Slow", shard_size=1, concurrency=2)
     try:
         assert again.from_journal == 2
         assert [to_output(r["result"], Resolver())["answer"] for r in again.records[:2]] == ["STOP-A", "STOP-B"]

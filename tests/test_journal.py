@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from dspex_nb import Pool
 from dspex_nb.journal import Journal, digest
@@ -106,3 +107,32 @@ def test_the_claims_watcher_does_nothing_for_each_item_that_arrives(
     run = pool.batch(items, "question -> answer")
     assert len(run.result(timeout=120)) == 300 and run.ok == 300
     assert renewals[0] == 300 and len(renewals) <= 2, renewals  # the first claim; the wake at the end
+
+
+GATED = '''
+import os, time
+class Gated(dspy.Module):
+    def forward(self, question):
+        deadline = time.monotonic() + 60
+        while question.startswith("late") and not os.path.exists({gate!r}) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return dspy.Prediction(answer={version!r} + question)
+'''
+
+
+def test_a_redefinition_while_a_batch_runs_is_not_journaled_as_the_old_version(pool: Pool, tmp_path: Path) -> None:
+    """The shards sent after ``define`` of a new version run it; their items were journaled under the batch's key,
+    that of the old version: redefining the old one again and re-running took the new one's answers."""
+    gate = tmp_path / "gate"
+    items = [f"early {i}" for i in range(4)] + [f"late {i}" for i in range(8)]
+    pool.define("Gated", GATED.format(gate=str(gate), version="v1:"))
+    batch = pool.batch(items, module="Gated", shard_size=1, concurrency=1)
+    wait_until(lambda: batch.ok == 4, what="the early items")  # the late ones wait at the gate, with v1's code
+    pool.define("Gated", GATED.format(gate=str(gate), version="v2:"))
+    gate.touch()
+    versions = [r["answer"][:2] for r in batch.result(timeout=60)]
+    assert versions.count("v2") == batch.other_version > 0 and "redefined while the batch ran" in batch.warning
+    pool.define("Gated", GATED.format(gate=str(gate), version="v1:"))
+    again = pool.batch(items, module="Gated")
+    assert [r["answer"] for r in again.result(timeout=60)] == [f"v1:{item}" for item in items]
+    assert again.from_journal == versions.count("v1") and again.warning is None

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 
 import pytest
 from helpers import wait_until
 
 from dspex_nb import Pool
-from dspex_nb.journal import Journal, digest
+from dspex_nb.journal import Journal, JournalWarning, digest
 from dspex_nb.worker.limits import RateLimiter
 
 
@@ -136,3 +138,24 @@ def test_a_redefinition_while_a_batch_runs_is_not_journaled_as_the_old_version(p
     again = pool.batch(items, module="Gated")
     assert [r["answer"] for r in again.result(timeout=60)] == [f"v1:{item}" for item in items]
     assert again.from_journal == versions.count("v1") and again.warning is None
+
+
+@pytest.mark.parametrize("items", [
+    "batch_key TEXT NOT NULL, item_key TEXT NOT NULL, result TEXT NOT NULL, created REAL NOT NULL, model TEXT, "
+    "PRIMARY KEY (batch_key, item_key)",  # a newer version's column: each write failed
+    "batch_key TEXT NOT NULL, item_key TEXT NOT NULL, created REAL NOT NULL, result TEXT NOT NULL, "
+    "PRIMARY KEY (batch_key, item_key)",  # the same columns, in another order: each answer went into `created`
+    "batch_key TEXT, item_key TEXT, result, created REAL, PRIMARY KEY (batch_key, item_key)",  # an untyped result:
+])  # a number there raised TypeError from pool.batch
+def test_a_journal_of_another_layout_is_refused_untouched(tmp_path: Path, items: str) -> None:
+    path = tmp_path / "journal.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        other.execute(f"CREATE TABLE items ({items})")
+        other.execute("INSERT INTO items (batch_key, item_key, result, created) VALUES ('b', 'i', 5, 0)")
+        other.commit()
+    before = path.read_bytes()
+    with pytest.raises(PermissionError, match=r"has tables \['items'\] of another layout"):
+        Journal(path)
+    assert path.read_bytes() == before
+    with pytest.warns(JournalWarning, match="of another layout"):  # a batch runs with a journal in memory instead
+        assert Pool(workers=1, journal=path).journal is not None

@@ -57,7 +57,8 @@ class BatchRun(Handle):
                  concurrency: int, shard_size: int | None, max_retries: int, timeout: float | None,
                  item_timeout: float | None, max_errors: int | None = None,
                  on_item: Callable[[dict[str, Any]], Any] | None, journal: Journal | None,
-                 program: dict[str, Any], shipped: str = "", resolver: typed.Resolver | None = None) -> None:
+                 program: dict[str, Any], shipped: str = "", resolver: typed.Resolver | None = None,
+                 version: str = "") -> None:
         if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
             raise ArgumentError("batch", "ArgumentError",
                                 f"items must be a list of input dicts or strings, got {type(items).__name__}")
@@ -98,6 +99,8 @@ class BatchRun(Handle):
         self._changed = threading.Event()  # the last item was recorded, or the batch is stopping
 
         self._journal = journal
+        self._version = version  # of the defined module the batch is keyed by (wire.definition_version), or ""
+        self.other_version = 0  # items a redefinition of the module computed while the batch ran: not journaled
         self.key = digest(program)
         self._item_keys = [digest(item) for item in self._items] if journal is not None else []  # journal rows
         todo = list(range(self.total))
@@ -358,8 +361,9 @@ class BatchRun(Handle):
     def _record(self, index: int, record: dict[str, Any]) -> None:
         if self.records[index] is not None:  # it came back before (again under the lock below)
             return
-        if record["ok"] and self._journal is not None and not record.get("journal"):  # first: an item counted as
-            self._journal.record(self.key, self._item_keys[index], record["result"])  # finished is in the journal
+        ours = record.get("version", self._version) == self._version  # not another definition's, under our key
+        if record["ok"] and ours and self._journal is not None and not record.get("journal"):  # first: an item
+            self._journal.record(self.key, self._item_keys[index], record["result"])  # counted as finished is kept
         with self._lock:
             if self.records[index] is not None:
                 return
@@ -370,6 +374,7 @@ class BatchRun(Handle):
                 self._by_worker[worker] = self._by_worker.get(worker, 0) + 1
             if record["ok"]:
                 self.ok += 1
+                self.other_version += not ours
             else:
                 self.failed += 1
                 self.failures.append(index)
@@ -468,8 +473,14 @@ class BatchRun(Handle):
 
     @property
     def warning(self) -> str | None:
-        """What went wrong beside the items (the journal could not be written), or None."""
-        return self._journal.problem if self._journal is not None else None
+        """What went wrong beside the items (the journal could not be written, the module was redefined while the
+        batch ran), or None."""
+        problems = [self._journal.problem] if self._journal is not None and self._journal.problem else []
+        if self.other_version:
+            problems.append(f"{self._args['module']} was redefined while the batch ran: {self.other_version} items "
+                            "ran the new definition (batch.records: their \"version\"), and are not kept in the "
+                            "journal under the old one")
+        return "; ".join(problems) or None
 
     def snapshot(self) -> dict[str, Any]:
         """Counts and rates for a progress view (one model, several renderers)."""

@@ -25,6 +25,7 @@ from dspex_nb.journal import Journal
 from dspex_nb.pool import settings
 from dspex_nb.pool.calls import Chunk, Run
 from dspex_nb.pool.pool import WorkerPool
+from dspex_nb.wire import definition_version
 
 EVALUATE_OPTIONS = frozenset({"display_table", "max_errors", "provide_traceback", "save_as_csv", "save_as_json",
                               "callback_metadata"})  # dspy.Evaluate's, passed on to it as they are
@@ -299,7 +300,8 @@ class Pool(WorkerPool):
                         concurrency=concurrency or self.concurrency, shard_size=shard_size,
                         max_retries=max_retries, max_errors=max_errors, timeout=timeout, item_timeout=item_timeout,
                         on_item=on_item,
-                        journal=self.journal if journal else None, program=program, shipped=shipped, resolver=resolver)
+                        journal=self.journal if journal else None, program=program, shipped=shipped, resolver=resolver,
+                        version=_version(defined))
 
 
     def _check_lm(self) -> Any:
@@ -331,6 +333,13 @@ class Pool(WorkerPool):
 def _lm_named(model: str, settings: dict[str, Any], other: str) -> str:
     """An LM as a warning names it: its model, and its settings (masked) where ``other`` is the same model."""
     return f"{model!r} with {redact.mapping(settings)}" if model == other else repr(model)
+
+
+def _version(defined: dict[str, Any]) -> str:
+    """The version of a defined program that a worker reports (``wire.definition_version``); "" for none."""
+    args = defined.get("args", {})
+    definition = args.get("source", args.get("payload"))
+    return "" if definition is None else definition_version(definition)
 
 
 def _by_keyword(method: str, args: tuple[Any, ...]) -> None:

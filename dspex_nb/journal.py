@@ -18,6 +18,7 @@ fresh one started; a row that cannot be read is skipped (that item runs again).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -55,6 +56,20 @@ CREATE TABLE IF NOT EXISTS items (
 
 JOURNAL_TABLES = {"batches", "claims", "items"}
 NOT_A_JOURNAL = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}  # errors that say the file itself is damaged
+
+
+def _layout(db: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    """The columns of each journal table in ``db`` (SQLite's table_info rows; none for a table not there)."""
+    return {table: db.execute(f"PRAGMA table_info({table})").fetchall() for table in sorted(JOURNAL_TABLES)}
+
+
+def _schema_layout() -> dict[str, list[tuple[Any, ...]]]:
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        db.executescript(SCHEMA)
+        return _layout(db)
+
+
+LAYOUT = _schema_layout()  # what a journal's tables must be: another layout is another version's journal
 
 
 def default_path() -> Path:
@@ -148,6 +163,11 @@ class Journal:
             if {t for t in tables if not t.startswith("sqlite_")} - JOURNAL_TABLES:  # sqlite_stat1: ANALYZE's own
                 raise PermissionError(f"the batch journal {self.path} is another SQLite database (its tables: "
                                       f"{sorted(tables)}): refusing to change it; give the journal a file of its own")
+            other = sorted(t for t, columns in _layout(db).items() if columns and columns != LAYOUT[t])
+            if other:  # rows written in another layout, or ours written into it, could be read as wrong results
+                raise PermissionError(f"the batch journal {self.path} has tables {other} of another layout (a "
+                                      "journal of another dspex_nb version?): refusing to use it; give the journal "
+                                      "a file of its own (Pool(journal=path) or DSPEX_JOURNAL), or move it aside")
             os.fchmod(fd, 0o600)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed row survives a process kill

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from json import encoder
@@ -81,3 +82,10 @@ def dumps(value: Any) -> bytes:
         except RecursionError:  # a value that contains itself, or one nested too deeply: json.dumps tells which
             pass
     return json.dumps(value).encode()
+
+
+def definition_version(definition: str) -> str:
+    """Which version of a defined program a worker holds: a digest of the source or payload it was defined
+    from, as the kernel and the worker both compute it (a batch's items computed by another version, defined
+    while it ran, are told apart by it)."""
+    return hashlib.sha256(definition.encode("utf-8", "surrogatepass")).hexdigest()[:16]

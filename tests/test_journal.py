@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from dspex_nb import Pool
-from dspex_nb.journal import Journal, digest
+from dspex_nb.journal import Journal, JournalWarning, digest
 from dspex_nb.worker.limits import RateLimiter
 
 
@@ -106,3 +109,53 @@ def test_the_claims_watcher_does_nothing_for_each_item_that_arrives(
     run = pool.batch(items, "question -> answer")
     assert len(run.result(timeout=120)) == 300 and run.ok == 300
     assert renewals[0] == 300 and len(renewals) <= 2, renewals  # the first claim; the wake at the end
+
+
+GATED = '''
+import os, time
+class Gated(dspy.Module):
+    def forward(self, question):
+        deadline = time.monotonic() + 60
+        while question.startswith("late") and not os.path.exists({gate!r}) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return dspy.Prediction(answer={version!r} + question)
+'''
+
+
+def test_a_redefinition_while_a_batch_runs_is_not_journaled_as_the_old_version(pool: Pool, tmp_path: Path) -> None:
+    """The shards sent after ``define`` of a new version run it; their items were journaled under the batch's key,
+    that of the old version: redefining the old one again and re-running took the new one's answers."""
+    gate = tmp_path / "gate"
+    items = [f"early {i}" for i in range(4)] + [f"late {i}" for i in range(8)]
+    pool.define("Gated", GATED.format(gate=str(gate), version="v1:"))
+    batch = pool.batch(items, module="Gated", shard_size=1, concurrency=1)
+    wait_until(lambda: batch.ok == 4, what="the early items")  # the late ones wait at the gate, with v1's code
+    pool.define("Gated", GATED.format(gate=str(gate), version="v2:"))
+    gate.touch()
+    versions = [r["answer"][:2] for r in batch.result(timeout=60)]
+    assert versions.count("v2") == batch.other_version > 0 and "redefined while the batch ran" in batch.warning
+    pool.define("Gated", GATED.format(gate=str(gate), version="v1:"))
+    again = pool.batch(items, module="Gated")
+    assert [r["answer"] for r in again.result(timeout=60)] == [f"v1:{item}" for item in items]
+    assert again.from_journal == versions.count("v1") and again.warning is None
+
+
+@pytest.mark.parametrize("items", [
+    "batch_key TEXT NOT NULL, item_key TEXT NOT NULL, result TEXT NOT NULL, created REAL NOT NULL, model TEXT, "
+    "PRIMARY KEY (batch_key, item_key)",  # a newer version's column: each write failed
+    "batch_key TEXT NOT NULL, item_key TEXT NOT NULL, created REAL NOT NULL, result TEXT NOT NULL, "
+    "PRIMARY KEY (batch_key, item_key)",  # the same columns, in another order: each answer went into `created`
+    "batch_key TEXT, item_key TEXT, result, created REAL, PRIMARY KEY (batch_key, item_key)",  # an untyped result:
+])  # a number there raised TypeError from pool.batch
+def test_a_journal_of_another_layout_is_refused_untouched(tmp_path: Path, items: str) -> None:
+    path = tmp_path / "journal.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        other.execute(f"CREATE TABLE items ({items})")
+        other.execute("INSERT INTO items (batch_key, item_key, result, created) VALUES ('b', 'i', 5, 0)")
+        other.commit()
+    before = path.read_bytes()
+    with pytest.raises(PermissionError, match=r"has tables \['items'\] of another layout"):
+        Journal(path)
+    assert path.read_bytes() == before
+    with pytest.warns(JournalWarning, match="of another layout"):  # a batch runs with a journal in memory instead
+        assert Pool(workers=1, journal=path).journal is not None

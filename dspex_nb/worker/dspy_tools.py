@@ -31,7 +31,7 @@ from dspy.utils.usage_tracker import UsageTracker
 
 from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError, Cancelled
-from dspex_nb.wire import CACHE_OFF, dumps
+from dspex_nb.wire import CACHE_OFF, definition_version, dumps
 from dspex_nb.worker import programs
 from dspex_nb.worker.calls import MESSAGE_OVERHEAD, message_of
 from dspex_nb.worker.demo_lm import make_demo_lm
@@ -624,6 +624,7 @@ def define(ctx: ToolContext, name: str, source: str) -> dict[str, Any]:
     a signature class or a function, as a program that ``run_module`` and ``batch_inference(module=name)`` run."""
     _check_name(name)
     program = programs.from_source(name, source)
+    program.version = definition_version(source)
     ctx.worker.modules[name] = program
     return program.info()
 
@@ -633,6 +634,7 @@ def define_object(ctx: ToolContext, name: str, payload: str) -> dict[str, Any]:
     """Keep a program shipped by value from the kernel (``payload``: base64 cloudpickle, as Pool.define sends)."""
     _check_name(name)
     program = programs.from_pickle(name, payload)
+    program.version = definition_version(payload)
     ctx.worker.modules[name] = program
     return program.info()
 
@@ -694,12 +696,14 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
     per item as it completes. Calls with the same ``group`` (the shards of one batch) share their
     ``concurrency`` on this worker. ``shipped``: the items' classes and code, as for ``run_module``.
 
-    Item chunks are {"index", "ok", "result", "worker"} or {"index", "ok": false, "error", "worker"}.
+    Item chunks are {"index", "ok", "result", "worker"} or {"index", "ok": false, "error", "worker"}; of a
+    defined module, with the "version" of its definition that ran them (it may be redefined while a batch runs).
     """
     if concurrency < 1:
         raise ArgumentError("batch_inference", "ArgumentError",
                             f"argument 'concurrency' must be >= 1, got {concurrency}")
     where = [f"batch_items[{i}]" for i in range(len(batch_items))]
+    version: dict[str, str] = {}
     if module in MODULES:
         if not signature:
             raise ArgumentError("batch_inference", "ArgumentError",
@@ -715,6 +719,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         items = [defined.check("batch_inference", _decode("batch_inference", item, w, resolver), w)
                  for item, w in zip(batch_items, where, strict=True)]
         make = defined.factory
+        version = {"version": defined.version}
     settings, worker = _settings(ctx, settings), ctx.worker.worker_id
 
     events: queue.SimpleQueue[tuple[int, futures.Future | None]] = queue.SimpleQueue()  # started / done
@@ -752,7 +757,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
                     continue
                 left -= 1
                 try:
-                    data = {"index": i, "ok": True, "result": fut.result(), "worker": worker}
+                    data = {"index": i, "ok": True, "result": fut.result(), "worker": worker, **version}
                 except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: this item's error
                     data = {"index": i, "ok": False, "worker": worker,
                             "error": {"type": type(exc).__name__, "message": message_of(exc)}}

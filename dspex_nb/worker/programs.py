@@ -47,6 +47,7 @@ class Program:
     label: str = ""  # what the user calls it (a program shipped from the kernel has a name of digests)
     optional: list[str] = field(default_factory=list)  # the inputs its own parameters give defaults (not a
     # predictor's fields, which DSPy does not require either, but a %%dspex run cell must give)
+    version: str = ""  # wire.definition_version of what ``define`` / ``define_object`` got
 
     def check(self, tool_name: str, inputs: Any, where: str) -> dict[str, Any]:
         """``inputs`` as keyword arguments: a dict with every required input, or a bare value for one input."""

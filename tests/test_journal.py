@@ -128,7 +128,8 @@ def test_a_redefinition_while_a_batch_runs_is_not_journaled_as_the_old_version(p
     gate = tmp_path / "gate"
     items = [f"early {i}" for i in range(4)] + [f"late {i}" for i in range(8)]
     pool.define("Gated", GATED.format(gate=str(gate), version="v1:"))
-    batch = pool.batch(items, module="Gated", shard_size=1, concurrency=1)
+    # concurrency 2: a worker runs both shards it holds (with 1, a late one could take the slot from an early one)
+    batch = pool.batch(items, module="Gated", shard_size=1, concurrency=2)
     wait_until(lambda: batch.ok == 4, what="the early items")  # the late ones wait at the gate, with v1's code
     pool.define("Gated", GATED.format(gate=str(gate), version="v2:"))
     gate.touch()

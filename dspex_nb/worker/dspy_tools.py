@@ -334,7 +334,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             streamed = dspy.streamify(always, stream_listeners=listeners)
             values = _async_items(lambda: streamed(**inputs), always.settled)
         else:
-            if ctx.streaming and not unread and not _streamified(program):  # that one streams as it was made to
+            if ctx.streaming and not unread and not programs.streamified(program):  # that one streams as it was made to
                 why = "no str output field to stream" if tokens else "its tokens are not streamed, as asked"
                 yield Emit("status", {"message": f"running {_label(program)} ({why})"})
             with ctx.program_running():
@@ -459,11 +459,6 @@ def _values_of(output: Any) -> Iterable[Any] | None:
                                 f"({output.__qualname__}), which cannot travel from the worker: return what it "
                                 "yields instead, e.g. as a list or a dspy.Prediction")
     return _async_items(lambda: output) if asynchronous else output
-
-
-def _streamified(program: Any) -> bool:
-    """Whether ``program`` was made by ``dspy.streamify``: it returns a stream of its listeners' tokens."""
-    return getattr(program, "__module__", None) == dspy.streamify.__module__
 
 
 def _run_to_end(output: Any) -> Any:

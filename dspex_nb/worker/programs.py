@@ -218,11 +218,16 @@ def from_pickle(name: str, payload: str) -> Program:
         for _, predictor in program.named_predictors():
             redact.register(getattr(getattr(predictor, "lm", None), "kwargs", None))
     made = make(name, program, set(shipped.get("types", ())))
-    if getattr(program, "__module__", None) == dspy.streamify.__module__:
+    if streamified(program):
         # a dspy.streamify'd program: its listeners keep each stream's state (one without allow_reuse streams once),
         # which the kernel's object, run here, never has: each call runs a copy as it was shipped
         made.factory = lambda: _program_of(unpickled(payload))
     return made
+
+
+def streamified(program: Any) -> bool:
+    """Whether ``program`` was made by ``dspy.streamify``: it returns a stream of its listeners' tokens."""
+    return getattr(program, "__module__", None) == dspy.streamify.__module__
 
 
 def _program_of(shipped: dict[str, Any]) -> Any:

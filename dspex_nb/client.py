@@ -85,13 +85,14 @@ class Pool(WorkerPool):
         if not isinstance(program, str):
             return self._install(name, programs.ship(program))
         compile(program, f"<dspex define {name}>", "exec", dont_inherit=True)  # a syntax error, with its line
-        return self.broadcast(name, {"tool": "define", "args": {"name": name, "source": program}, "key": program},
-                              resolver=typed.Resolver())
+        return self.broadcast(name, {"tool": "define", "args": {"name": name, "source": program}, "key": program,
+                                     "version": definition_version(program)}, resolver=typed.Resolver())
 
     def _install(self, name: str, shipped: programs.Shipped) -> dict[str, Any]:
         """A shipped program defined under ``name`` on every worker, and on any started later."""
         return self.broadcast(name, {"tool": "define_object", "args": {"name": name, "payload": shipped.payload},
-                                     "key": shipped.key}, resolver=typed.Resolver(shipped.types))
+                                     "key": shipped.key, "version": definition_version(shipped.payload)},
+                              resolver=typed.Resolver(shipped.types))
 
     def ensure_defined(self, program: Any) -> str:
         """The name ``program`` runs under: a defined name as it is, else the program is shipped under a name
@@ -301,7 +302,7 @@ class Pool(WorkerPool):
                         max_retries=max_retries, max_errors=max_errors, timeout=timeout, item_timeout=item_timeout,
                         on_item=on_item,
                         journal=self.journal if journal else None, program=program, shipped=shipped, resolver=resolver,
-                        version=_version(defined))
+                        version=defined.get("version", ""))
 
 
     def _check_lm(self) -> Any:
@@ -333,13 +334,6 @@ class Pool(WorkerPool):
 def _lm_named(model: str, settings: dict[str, Any], other: str) -> str:
     """An LM as a warning names it: its model, and its settings (masked) where ``other`` is the same model."""
     return f"{model!r} with {redact.mapping(settings)}" if model == other else repr(model)
-
-
-def _version(defined: dict[str, Any]) -> str:
-    """The version of a defined program that a worker reports (``wire.definition_version``); "" for none."""
-    args = defined.get("args", {})
-    definition = args.get("source", args.get("payload"))
-    return "" if definition is None else definition_version(definition)
 
 
 def _by_keyword(method: str, args: tuple[Any, ...]) -> None:

@@ -40,6 +40,7 @@ from dspex_nb.errors import (
 from dspex_nb.journal import Journal, digest
 from dspex_nb.pool.calls import OWN_THREADS, Chunk, Handle, Run
 from dspex_nb.pool.executor import Executor, Placement
+from dspex_nb.words import count
 
 SHARDS_PER_WORKER = 2  # shards of one batch a worker holds at once: the one running and the next
 CLAIM_LEASE = 30.0  # seconds a run's claim on its items lasts without renewal (a dead kernel's lapse)
@@ -387,8 +388,9 @@ class BatchRun(Handle):
                 self.tokens_out += tokens_out
                 self.cost = typed.add_cost(self.cost, typed.cost(record["result"]))
         if too_many and not record["ok"]:  # DSPy's error, as Module.batch raises it, with what it does not say
-            self._fail(Exception(f"Execution cancelled due to errors or interruption: {self.failed} items failed "
-                                 f"(max_errors={self._max_errors}), the last with {error_line(record)}; for the "
+            self._fail(Exception("Execution cancelled due to errors or interruption: "
+                                 f"{count(self.failed, 'item')} failed (max_errors={self._max_errors}), the last "
+                                 f"with {error_line(record)}; for the "
                                  f"{self.ok} of {self.total} items that finished, {self._kept()}"))
         if last:  # the claims' watcher ends now, not at its next poll; it does nothing for each item: woken for
             self._changed.set()  # every one, it renewed every claim and re-read the journal per item (12x slower)
@@ -477,9 +479,9 @@ class BatchRun(Handle):
         batch ran), or None."""
         problems = [self._journal.problem] if self._journal is not None and self._journal.problem else []
         if self.other_version:
-            problems.append(f"{self._args['module']} was redefined while the batch ran: {self.other_version} items "
-                            "ran the new definition (batch.records: their \"version\"), and are not kept in the "
-                            "journal under the old one")
+            problems.append(f"{self._args['module']} was redefined while the batch ran: "
+                            f"{count(self.other_version, 'item')} ran the new definition (their "
+                            "\"version\" in batch.records), not kept in the journal under the old one")
         return "; ".join(problems) or None
 
     def snapshot(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import sys
 import time
 
 from dspex_nb.api import Chunk, Pool
+from dspex_nb.words import count
 
 QUESTIONS = ["What is DSPy?", "Why stream tokens?", "How does gRPC stream?", "What is a worker pool?",
              "Why use Unix sockets?"]
@@ -14,7 +15,7 @@ QUESTIONS = ["What is DSPy?", "Why stream tokens?", "How does gRPC stream?", "Wh
 def run_demo(workers: int = 2, items: int = 20, out=sys.stdout) -> int:
     start = time.monotonic()
     with Pool(workers=workers, lm="demo", lm_kwargs={"per_token": 0.002}) as pool:
-        out.write(f"pool of {workers} workers ready in {time.monotonic() - start:.2f} s\n")
+        out.write(f"pool of {count(workers, 'worker')} ready in {time.monotonic() - start:.2f} s\n")
 
         out.write("\n-- token stream: chain_of_thought('question -> answer') --\n")
         field = None
@@ -32,7 +33,7 @@ def run_demo(workers: int = 2, items: int = 20, out=sys.stdout) -> int:
                                                  "inputs": {"question": "What makes a good pool?"}},
                             on_chunk=show_token).result()
 
-        out.write(f"\n\n-- batch_inference: {items} items --\n")
+        out.write(f"\n\n-- batch_inference: {count(items, 'item')} --\n")
         batch = [{"question": f"{QUESTIONS[i % len(QUESTIONS)]} (#{i})"} for i in range(items)]
         seen = 0
 

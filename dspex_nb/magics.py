@@ -41,6 +41,7 @@ from dspex_nb.pool.settings import SettingError
 from dspex_nb.ui import MODES
 from dspex_nb.ui.progress import field_text, fields_of, text_table
 from dspex_nb.ui.render import show_batch, show_pool, show_run
+from dspex_nb.words import count
 
 # -- argument parsers, one per sub-command ------------------------------------------------------
 PARSERS: dict[str, MagicArgumentParser] = {}
@@ -341,13 +342,13 @@ class Dspex(Magics):
             raise UsageError(str(exc)) from None
         label = "" if name == DEFAULT_POOL else f" {name!r}"
         if first_use:
-            print(f"dspex: no pool{label} yet; starting {workers} workers with lm={pool.lm!r} "
+            print(f"dspex: no pool{label} yet; starting {count(workers, 'worker')} with lm={pool.lm!r} "
                   "(%dspex start to choose)")
         pool.definitions.update(definitions or {})
         pool.start()
         self.pools[name] = pool
         on = "" if ray is None else f", Ray actors at {ray or 'a local Ray instance'}"
-        print(f"dspex: pool{label} of {workers} workers ready (lm={pool.lm!r}{on}) in "
+        print(f"dspex: pool{label} of {count(workers, 'worker')} ready (lm={pool.lm!r}{on}) in "
               f"{time.monotonic() - started:.1f} s")
         return pool
 
@@ -407,7 +408,7 @@ class Dspex(Magics):
         pool = self._require_pool(args.pool)
         pool.configure_lm(args.model, **settings)
         extra = f" with {redact.mapping(settings)}" if settings else ""
-        print(f"dspex: LM {args.model!r}{extra} on {pool.size} workers")
+        print(f"dspex: LM {args.model!r}{extra} on {count(pool.size, 'worker')}")
 
     # -- cells ----------------------------------------------------------------------------------
     def _body(self, cell: str, args: argparse.Namespace) -> str:
@@ -588,7 +589,7 @@ class Dspex(Magics):
             print(f"dspex: define {args.name} failed: {one_line(exc)}\n{exc.remote_traceback}", file=sys.stderr)
             return
         inputs = ", ".join(info.get("inputs", [])) or "none"
-        print(f"dspex: defined {args.name} ({info.get('kind')}; inputs: {inputs}) on {pool.size} workers; "
+        print(f"dspex: defined {args.name} ({info.get('kind')}; inputs: {inputs}) on {count(pool.size, 'worker')}; "
               f"run it with %%dspex run {args.name}")
 
     def _show(self, handle: Run | BatchRun, show: Callable[[], None], args: argparse.Namespace) -> None:

@@ -380,14 +380,14 @@ def test_an_output_name_the_kernel_gave_a_value_may_be_used_again(sh: Shell) -> 
 
 def test_named_pools_have_their_own_settings(sh: Shell) -> None:
     out, _ = sh("%dspex start --pool small -n 1 --lm demo")
-    assert out.startswith("dspex: pool 'small' of 1 workers ready")
+    assert out.startswith("dspex: pool 'small' of 1 worker ready")
     sh("%dspex lm demo --set answer_tokens=9 --pool small")
     sh('%%dspex predict "question -> answer" --pool small -o small_answer\nhow big?')
     sh('%%dspex predict "question -> answer" -o default_answer\nhow big?')
     assert len(sh.ns["small_answer"].answer.split()) == 9
     assert sh.ns["default_answer"].answer != sh.ns["small_answer"].answer
     out, _ = sh("%dspex status --pool small")
-    assert out.startswith("pool: 1 workers, lm=demo, running")
+    assert out.startswith("pool: 1 worker, lm=demo, running")
     assert set(sh.magics.pools) == {"default", "small"}
     sh.magics.pools["small"].shutdown()  # stopped under the magics (as by an interrupted %dspex restart)
     sh('%%dspex predict "question -> answer" --pool small -o again\nhow big?')

@@ -32,6 +32,7 @@ from dspex_nb.errors import (
     remote_error,
 )
 from dspex_nb.wire import dumps
+from dspex_nb.words import count
 
 WAIT_SLICE = 0.1  # seconds a blocking wait sleeps before it lets KeyboardInterrupt through
 CANCEL_WAIT = 5.0  # seconds cancel() waits for the remote work to confirm it stopped (it needs milliseconds)
@@ -450,7 +451,7 @@ class Run(Handle):
             yield chunk
 
     def __repr__(self) -> str:
-        return f"<Run {self.tool!r} on {self.worker}: {self.status}, {self.received} chunks>"
+        return f"<Run {self.tool!r} on {self.worker}: {self.status}, {count(self.received, 'chunk')}>"
 
 
 __all__ = ["Chunk", "Run", "ToolError", "encode_args", "wait_interruptibly"]

@@ -42,6 +42,7 @@ from dspex_nb.pool.supervision import CANCEL_GRACE, Supervision
 from dspex_nb.pool.telemetry import CallRecord, Telemetry
 from dspex_nb.pool.worker import READY, STOPPED, Worker
 from dspex_nb.schema import validate
+from dspex_nb.words import count
 
 AFFINITIES = ("hint", "strict_queue", "strict_fail_fast")
 START_METHODS = ("spawn", "template")  # a new interpreter per worker, or forks of one that imported dspy
@@ -497,7 +498,7 @@ class WorkerPool(Supervision):
 
     def __repr__(self) -> str:
         states = ", ".join(f"{w.id}:{w.state}" for w in self.workers) or "not running"
-        return f"<Pool {self.size} workers, lm={self.lm!r}: {states}>"
+        return f"<Pool {count(self.size, 'worker')}, lm={self.lm!r}: {states}>"
 
 
 _live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()

@@ -15,6 +15,7 @@ from dspex_nb.errors import DspexError, PoolClosed, WorkerDied
 from dspex_nb.pool.connection import ConnectionClosed
 from dspex_nb.pool.process import describe_exit
 from dspex_nb.pool.worker import DRAINING, FAILED, READY, RESTARTING, Worker
+from dspex_nb.words import count
 
 HUNG_AFTER_FAILED_PINGS = 2
 CANCEL_GRACE = 600.0  # Pool(cancel_grace=...)'s default: seconds a cancelled call's program may go on running (it
@@ -75,7 +76,7 @@ class Supervision:
                     "one made none: a loop or a blocking call of its own, or one LM call that long): recycled to "
                     "end it, with the worker's session objects")
         if self.max_requests is not None and worker.served >= self.max_requests:
-            return f"served {worker.served} calls (max_requests={self.max_requests})"
+            return f"served {count(worker.served, 'call')} (max_requests={self.max_requests})"
         if self.ttl is not None and time.monotonic() - worker.ready_at >= self.ttl:
             return f"lived {time.monotonic() - worker.ready_at:.0f} s (ttl={self.ttl:g} s)"
         if self.max_memory_mb is not None and worker.rss / 2**20 >= self.max_memory_mb:

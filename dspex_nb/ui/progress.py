@@ -10,6 +10,7 @@ from typing import Any
 from dspex_nb import typed
 from dspex_nb.batch import error_line
 from dspex_nb.pool.calls import Run
+from dspex_nb.words import count
 
 __all__ = ["StreamText", "batch_line", "batch_summary", "error_line", "error_text", "pool_rows", "stats_rows",
            "text_table"]
@@ -70,7 +71,7 @@ class StreamText:
     def summary(self) -> str:
         run = self.run
         state = {"running": "streaming", "done": "done", "failed": "failed", "cancelled": "cancelled"}[run.status]
-        line = f"{state} · {run.tool} on {run.worker} · {self.tokens} tokens · {run.elapsed:.2f} s"
+        line = f"{state} · {run.tool} on {run.worker} · {count(self.tokens, 'token')} · {run.elapsed:.2f} s"
         if any(run.tokens) or run.cost is not None:  # dspy.Parallel's calls have a cost, not tokens
             line += f" · LM {usage_text(*run.tokens, run.cost)}"
         if run.status == "failed":
@@ -160,7 +161,7 @@ def recovery(snap: dict[str, Any]) -> str:
     if snap["retries"]:
         parts.append(f"{snap['retries']} retried")
     if snap["replaced"]:
-        parts.append(f"{snap['replaced']} worker{'s' * (snap['replaced'] != 1)} replaced")
+        parts.append(f"{count(snap['replaced'], 'worker')} replaced")
     if snap["from_journal"]:
         parts.append(f"{snap['from_journal']} from the journal")
     return ", ".join(parts)
@@ -169,8 +170,8 @@ def recovery(snap: dict[str, Any]) -> str:
 def batch_summary(snap: dict[str, Any]) -> str:
     """The one deterministic line a finished batch prints outside a live notebook."""
     workers = len(snap["by_worker"])
-    where = f" on {workers} worker{'s' * (workers != 1)}" if workers else ""
-    line = (f"batch {snap['status']}: {snap['total']} items, {snap['ok']} ok, {snap['failed']} failed"
+    where = f" on {count(workers, 'worker')}" if workers else ""
+    line = (f"batch {snap['status']}: {count(snap['total'], 'item')}, {snap['ok']} ok, {snap['failed']} failed"
             f"{where} in {snap['elapsed']:.2f} s")
     if snap["tokens_in"] or snap["tokens_out"] or snap.get("cost") is not None:
         line += f", {usage_text(snap['tokens_in'], snap['tokens_out'], snap.get('cost'))}"

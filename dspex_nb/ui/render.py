@@ -17,6 +17,7 @@ from dspex_nb.pool.calls import Handle, Run
 from dspex_nb.pool.executor import Executor
 from dspex_nb.ui import live_frontend, noninteractive, progress
 from dspex_nb.ui.pump import PUMP, Refreshable
+from dspex_nb.words import count
 
 if TYPE_CHECKING:
     from dspex_nb.ui.widgets import PoolDashboard
@@ -171,7 +172,7 @@ def show_pool(pool: Executor, *, mode: str | None = None, out: TextIO | None = N
         return
     out = out or sys.stdout
     state = "running" if pool.running else "stopped"
-    out.write(f"pool: {pool.size} workers, lm={pool.lm}, {state}\n")
+    out.write(f"pool: {count(pool.size, 'worker')}, lm={pool.lm}, {state}\n")
     out.write(progress.text_table(progress.POOL_COLUMNS, progress.pool_rows(pool.status())) + "\n")
     if show_stats:
         rows = progress.stats_rows(pool.stats())

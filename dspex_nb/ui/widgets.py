@@ -21,6 +21,7 @@ from dspex_nb.pool.calls import Run
 from dspex_nb.pool.executor import Executor
 from dspex_nb.ui import progress
 from dspex_nb.ui.append import AppendText
+from dspex_nb.words import count
 
 LATEST_ROWS = 8
 
@@ -195,7 +196,7 @@ class BatchDashboard(View):
 
     def __init__(self, batch: BatchRun, title: str) -> None:
         self.batch = batch
-        self.plain = f"<dspex batch: {title}, {batch.total} items>"
+        self.plain = f"<dspex batch: {title}, {count(batch.total, 'item')}>"
         self.bar = w.IntProgress(value=0, min=0, max=max(batch.total, 1), bar_style="info",
                                  layout={"width": "60%"})
         self.counts = w.HTML()
@@ -306,7 +307,7 @@ class PoolDashboard:
         if running:
             self.last_rows = progress.pool_rows(self.pool.status())
         state = "running" if running else "stopped"
-        header = f"pool · {self.pool.size} workers · lm={self.pool.lm} · {state}"
+        header = f"pool · {count(self.pool.size, 'worker')} · lm={self.pool.lm} · {state}"
         parts, plain = [f"<b>pool</b>{html.escape(header[4:])}"], [header]
         if self.last_rows:
             caption = "workers" if running else "workers, as last seen before the pool stopped"

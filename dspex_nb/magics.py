@@ -13,7 +13,6 @@ import contextlib
 import importlib
 import json
 import keyword
-import math
 import re
 import shlex
 import sqlite3
@@ -398,13 +397,6 @@ class Dspex(Magics):
             settings["temperature"] = args.temperature
         if args.max_tokens is not None:
             settings["max_tokens"] = args.max_tokens
-        temperature, max_tokens = settings.get("temperature"), settings.get("max_tokens")  # --set ones too
-        if temperature is not None and not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-                                            and 0 <= temperature < math.inf):  # nan too
-            raise UsageError(f"%dspex lm: temperature must be a finite number >= 0, got {temperature!r}")
-        if max_tokens is not None and not (isinstance(max_tokens, int) and not isinstance(max_tokens, bool)
-                                           and max_tokens >= 1):
-            raise UsageError(f"%dspex lm: max_tokens must be an int >= 1, got {max_tokens!r}")
         pool = self._require_pool(args.pool)
         pool.configure_lm(args.model, **settings)
         extra = f" with {redact.mapping(settings)}" if settings else ""

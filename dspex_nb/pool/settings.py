@@ -44,6 +44,21 @@ class Checker:
             low = f">= {minimum:g}" if minimum else "> 0"
             self._fail(name, f"a finite number {low} ({unit})" + (" or None" if optional else ""), value)
 
+    def lm_kwargs(self, value: Any, name: str = "") -> None:
+        """None or a dict of dspy.LM settings (``name``: the argument that holds them; none where they are the
+        call's own keywords), with the two that every LM reads checked: a NaN temperature would reach the
+        provider as invalid JSON, a max_tokens of 0 as a request that cannot be answered."""
+        if name:
+            self.mapping(name, value)
+        kwargs = value or {}
+        key = (lambda k: f"{name}[{k!r}]") if name else str
+        temperature = kwargs.get("temperature")
+        if temperature is not None and (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+                                        or not 0 <= temperature < math.inf):  # NaN fails the comparison
+            self._fail(key("temperature"), "a finite number >= 0", temperature)
+        if kwargs.get("max_tokens") is not None:
+            self.integer(key("max_tokens"), kwargs["max_tokens"], 1)
+
     def instance(self, name: str, value: Any, kinds: type | tuple[type, ...], expected: str) -> None:
         if not isinstance(value, kinds):
             self._fail(name, expected, value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import MappingProxyType
 
 import pytest
@@ -23,6 +24,8 @@ from dspex_nb.pool.pool import MAX_LOCAL_WORKERS
     ("queue_timeout", float("nan"), "queue_timeout=...) must be a finite number > 0"),
     ("max_message_mb", 4096, "max_message_mb=...) must be an int from 1 to 2047"),
     ("lm_kwargs", "x", "lm_kwargs=...) must be None or a dict with str keys"),
+    ("lm_kwargs", {"temperature": float("nan")}, "lm_kwargs['temperature']=...) must be a finite number >= 0"),
+    ("lm_kwargs", {"max_tokens": 0}, "lm_kwargs['max_tokens']=...) must be an int >= 1, got 0"),
     ("env", {"A": 1}, "env=...) must be None or a dict[str, str]"),
     ("rate_limit", 0, "rate_limit=...) must be a finite number > 0"),
     ("max_memory_mb", -5, "max_memory_mb=...) must be a finite number > 0"),
@@ -51,6 +54,14 @@ def test_deep_nesting_and_lone_surrogates_get_clear_errors_or_results(pool: Pool
     batch = pool.batch(["fine", "bad \ud800 surrogate"], "question -> answer", journal=True)
     batch.wait(60)
     assert batch.records[0]["ok"] and batch.records[1] is not None  # the item ran (or failed) on its own
+
+
+@pytest.mark.parametrize("settings, message", [({"temperature": float("inf")}, "temperature=...) must be a finite"),
+                                               ({"max_tokens": True}, "max_tokens=...) must be an int >= 1")])
+def test_a_new_lm_setting_is_checked_before_any_worker_gets_it(pool: Pool, settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"configure_lm({message}")):
+        pool.configure_lm("demo", **settings)
+    assert pool.lm_kwargs == {}  # the pool keeps the LM it had
 
 
 def test_a_call_timeout_bounds_its_wait_in_the_queue() -> None:

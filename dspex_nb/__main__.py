@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dspex_nb")
+    called = Path(sys.argv[0]).name  # "dspex-nb" from the console script
+    parser = argparse.ArgumentParser(prog="python -m dspex_nb" if called == "__main__.py" else called)
     commands = parser.add_subparsers(dest="command", required=True)
     doctor_cmd = commands.add_parser("doctor", help="report whether grpcio, protobuf and dspy are usable")
     doctor_cmd.add_argument("--python", help="also check this worker interpreter")
@@ -20,8 +22,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return 0 if doctor(args.python) else 1
     from dspex_nb.demo import run_demo
+    from dspex_nb.pool.settings import SettingError
 
-    return run_demo(workers=args.workers, items=args.items)
+    try:
+        return run_demo(workers=args.workers, items=args.items)
+    except SettingError as exc:  # -n 0: a usage error, not a traceback
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

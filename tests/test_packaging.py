@@ -24,6 +24,13 @@ def test_the_console_script_runs_doctor() -> None:
     assert done.returncode == 0 and "[ok ] dspy" in done.stdout, done.stdout + done.stderr
 
 
+def test_the_console_script_names_itself_and_refuses_a_bad_setting_in_one_line() -> None:
+    script = Path(sys.executable).parent / "dspex-nb"
+    done = subprocess.run([str(script), "demo", "-n", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("usage: dspex-nb ") and "Pool(workers=...) must be an int from 1" in done.stderr
+
+
 def test_type_information_and_licence_ship() -> None:
     assert (Path(dspex_nb.__file__).parent / "py.typed").exists()
     assert "MIT License" in (ROOT / "LICENSE").read_text()

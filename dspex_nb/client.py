@@ -132,6 +132,7 @@ class Pool(WorkerPool):
         _by_keyword("run", args)
         return self.call(program, inputs)
 
+    @program_errors_raised_here
     async def run_async(self, program: Any, /, **inputs: Any) -> Any:
         """``run`` for asyncio: the same value, awaited without blocking the event loop, so that
         ``asyncio.gather`` runs several at once on the pool."""

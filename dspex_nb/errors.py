@@ -58,15 +58,27 @@ def program_errors_raised_here(method: F) -> F:
     without dspex_nb's own frames below it: the kernel's traceback then reads as the program's would where it ran,
     the caller's code and then the note with the worker's traceback, not the pool's machinery. Any other error
     (one of dspex_nb's own) keeps its whole traceback."""
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def awaited_here(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await method(*args, **kwargs)
+            except ToolError as error:
+                raise _without_our_frames(error)  # noqa: B904
+        return awaited_here  # type: ignore[return-value]
+
     @functools.wraps(method)
     def raised_here(*args: Any, **kwargs: Any) -> Any:
         try:
             return method(*args, **kwargs)
         except ToolError as error:
-            if not error.remote_traceback:
-                raise
-            raise error.with_traceback(None)  # noqa: B904 -- the program's error: its traceback there is in the note
+            raise _without_our_frames(error)  # noqa: B904
     return raised_here  # type: ignore[return-value]
+
+
+def _without_our_frames(error: ToolError) -> ToolError:
+    """A program's error (its traceback there is in the note) without a traceback; any other, as it is."""
+    return error.with_traceback(None) if error.remote_traceback else error
 
 
 class UnknownTool(ToolError):

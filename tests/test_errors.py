@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import gc
 import pickle
@@ -12,6 +13,7 @@ import traceback
 import types
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -507,6 +509,10 @@ def failing_program(question: str) -> str:
     raise ValueError(f"boom {question}")
 
 
+async def _awaited(run: Any) -> Any:
+    return await run
+
+
 def test_a_programs_error_has_none_of_the_pools_frames_in_its_kernel_traceback(pool: Pool) -> None:
     """The traceback in the kernel reads as the program's would where it ran: the caller's code, then (in the
     note) the worker's; not the six frames of the pool's machinery the error came back through. An error of
@@ -521,6 +527,13 @@ def test_a_programs_error_has_none_of_the_pools_frames_in_its_kernel_traceback(p
                 if frame.filename.startswith(package)]
         assert ours == ["raised_here"], ours
         assert "raise" in caught.value.remote_traceback
+    for awaited in (lambda: pool.run_async(failing_program, question="q"),
+                    lambda: _awaited(pool.run_stream(failing_program, question="q"))):
+        with pytest.raises(ValueError) as caught:
+            asyncio.run(awaited())
+        ours = [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)
+                if frame.filename.startswith(package)]
+        assert ours == ["awaited_here"], ours
     with pytest.raises(UnknownTool) as caught:
         pool.execute("nope")
     assert "_args_json" in [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]

@@ -222,6 +222,7 @@ class Handle(concurrent.futures.Future):
         """``await run`` (or ``await batch``): its ``result()`` (or its error), without blocking the event loop."""
         return self._awaited().__await__()
 
+    @program_errors_raised_here
     async def _awaited(self) -> Any:
         try:
             with _stopped_by_sigint(self):

@@ -176,7 +176,8 @@ class Pool(WorkerPool):
         Its LM calls join the kernel's DSPy history (``dspy.inspect_history()``; ``program``'s modules' and the kernel
         LM's own histories too, see ``programs.record_history``)."""
         decode = partial(programs.to_output, resolve=resolver or typed.Resolver(), trace=trace, program=program,
-                         fill_usage=not programs.usage_tracked(), lm=self._check_lm())
+                         fill_usage=not programs.usage_tracked(), lm=self._check_lm(),
+                         tracker=programs.open_usage_tracker())  # with dspy.track_usage() as usage: its calls count
         if programs.wants_history():
             args = {**args, "history": True}
         settings = programs.kernel_settings()  # e.g. dspy.configure(adapter=dspy.JSONAdapter()): the same there

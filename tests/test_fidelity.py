@@ -1415,6 +1415,40 @@ program = Tracked()
         assert batch.tokens_in == 2 * total > 0
 
 
+def test_dspy_track_usage_counts_the_pools_calls_as_the_kernels(shell: InteractiveShell, pool: Pool,
+                                                                demo_lm: dspy.LM) -> None:
+    # DSPy's docs read a program's usage with `with dspy.track_usage() as usage: ...; usage.get_total_tokens()`;
+    # and with track_usage on, a kernel module whose forward runs its predictor on the pool gets that usage too
+    shell.user_ns["pool"] = pool
+    program, _ = define(shell, '''
+program = dspy.ChainOfThought("question -> answer")
+
+class OnPool(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        return dspy.Prediction(answer=pool.run(self.qa, question=question).answer)
+''')
+    totals = {}
+    with dspy.context(lm=demo_lm):
+        for where, call in {"kernel": lambda: program(question="Why?"),
+                            "run": lambda: pool.run(program, question="Why?"),
+                            "run_stream": lambda: pool.run_stream(program, question="Why?")}.items():
+            with dspy.track_usage() as usage:
+                result = call()
+            if where == "run_stream":
+                result.result(60), result.result(60)  # read twice, counted once
+            totals[where] = usage.get_total_tokens()
+        with dspy.context(track_usage=True):
+            expected = dspy.Predict("question -> answer")(question="Why?").get_lm_usage()
+            on_pool = shell.user_ns["OnPool"]()(question="Why?").get_lm_usage()
+    assert totals["kernel"]["demo/demo"]["prompt_tokens"] > 0
+    assert totals["run"] == totals["run_stream"] == totals["kernel"]
+    assert on_pool == expected
+
+
 def test_threads_a_program_starts_call_the_lm_as_in_the_kernel(shell: InteractiveShell, pool: Pool,
                                                                 demo_lm: dspy.LM) -> None:
     # DSPy: "user threads work", seeing what dspy.configure set; on a worker they found no LM

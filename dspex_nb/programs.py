@@ -36,7 +36,7 @@ import cloudpickle
 
 from dspex_nb import code_digest, typed
 from dspex_nb.errors import ArgumentError, CallbacksNotRun, TraceIncomplete
-from dspex_nb.wire import CACHE_OFF, CACHE_TIERS
+from dspex_nb.wire import CACHE_DIR, CACHE_OFF, CACHE_TIERS
 
 
 @dataclasses.dataclass
@@ -256,9 +256,18 @@ def kernel_settings() -> str:
     cache = vars(sys.modules["dspy"]).get("cache")  # DSPy builds its default cache (both tiers on) when first read
     if off := [tier for tier in CACHE_TIERS if cache is not None and not getattr(cache, tier, True)]:
         values[CACHE_OFF] = off  # dspy.configure_cache(enable_disk_cache=False, ...): the pool's calls skip them too
+    if cache is not None and cache.enable_disk_cache and cache.disk_cache_dir != _default_disk_cache_dir():
+        values[CACHE_DIR] = cache.disk_cache_dir  # configure_cache(disk_cache_dir=...): the pool's calls share it
     return _by_value(values, f"the kernel's DSPy settings {sorted(values)}",
                      " (a call on the pool runs under them, as it would in the kernel: give them values that can "
                      "be pickled, or set them to None around the pool's calls with dspy.context)") if values else ""
+
+
+def _default_disk_cache_dir() -> str:
+    """The folder of DSPy's default disk cache (``DSPY_CACHEDIR``, which the workers get from the kernel)."""
+    from dspy.clients import DISK_CACHE_DIR
+
+    return os.fspath(DISK_CACHE_DIR)
 
 
 def _callbacks_not_run(callbacks: list[Any], which: str) -> None:

@@ -124,9 +124,8 @@ def test_the_kernels_dspy_cache_folder_is_the_pools(server: OpenAIServer, tmp_pa
     monkeypatch.setattr(dspy, "cache", dspy.cache)  # the kernel's cache is put back after the test
     dspy.configure_cache(disk_cache_dir=str(tmp_path), enable_memory_cache=False)
     program = dspy.Predict("question -> answer")
-    lm = dspy.LM(MODEL, **settings(server, cache=True))
-    with Pool(workers=1, lm=MODEL, lm_kwargs=settings(server, cache=True), journal=False) as pool, \
-            dspy.context(lm=lm):
+    cached = {k: v for k, v in settings(server).items() if k != "cache"}  # DSPy's default: cached
+    with Pool(workers=1, lm=MODEL, lm_kwargs=cached, journal=False) as pool, dspy.context(lm=dspy.LM(MODEL, **cached)):
         kernel_first, pool_first = f"kernel first {os.getpid()}?", f"pool first {os.getpid()}?"
         in_kernel = program(question=kernel_first)
         assert pool.run(program, question=kernel_first) == in_kernel

@@ -59,7 +59,7 @@ class BatchRun(Handle):
                  item_timeout: float | None, max_errors: int | None = None,
                  on_item: Callable[[dict[str, Any]], Any] | None, journal: Journal | None,
                  program: dict[str, Any], shipped: str = "", resolver: typed.Resolver | None = None,
-                 version: str = "") -> None:
+                 version: str = "", trace: bool = False) -> None:
         if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
             raise ArgumentError("batch", "ArgumentError",
                                 f"items must be a list of input dicts or strings, got {type(items).__name__}")
@@ -75,7 +75,8 @@ class BatchRun(Handle):
         self._owner = uuid.uuid4().hex
         self._args = {"signature": signature, "module": module, "concurrency": concurrency, "group": self._owner,
                       **({"settings": settings} if settings else {}),
-                      **({"shipped": shipped} if shipped else {})}  # the items' classes and code, by value
+                      **({"shipped": shipped} if shipped else {}),  # the items' classes and code, by value
+                      **({"trace": True} if trace else {})}  # each item's predictor calls, for the kernel's trace
         self.resolver = resolver or typed.Resolver()  # the classes of the program and of its items
         self._items = list(items)
         self._timeout = timeout
@@ -537,7 +538,7 @@ def outputs(record: dict[str, Any]) -> dict[str, Any]:
     if record["ok"]:
         result = record["result"]
         if isinstance(result, dict):
-            return {k: v for k, v in result.items() if k not in (typed.USAGE, typed.LM_USAGE, typed.COST)}
+            return {k: v for k, v in result.items() if k not in (typed.USAGE, typed.LM_USAGE, typed.COST, typed.TRACE)}
         return result
     return {"error": error_line(record)}
 

@@ -177,7 +177,8 @@ class Pool(WorkerPool):
         Its LM calls join the kernel's DSPy history (``dspy.inspect_history()``; ``program``'s modules' and the kernel
         LM's own histories too, see ``programs.record_history``)."""
         decode = partial(programs.to_output, resolve=resolver or typed.Resolver(), trace=trace, program=program,
-                         fill_usage=not programs.usage_tracked(), lm=self._check_lm())
+                         fill_usage=not programs.usage_tracked(), lm=self._check_lm(),
+                         tracker=programs.open_usage_tracker())  # with dspy.track_usage() as usage: its calls count
         if programs.wants_history():
             args = {**args, "history": True}
         settings = programs.kernel_settings()  # e.g. dspy.configure(adapter=dspy.JSONAdapter()): the same there
@@ -206,9 +207,12 @@ class Pool(WorkerPool):
             max_errors = dspy.settings.max_errors
         settings.Checker("map").integer("max_errors", max_errors, 0)
         name = self.ensure_defined(program)
+        trace = programs.open_trace()  # as Module.batch's items, they add their predictor calls there
         batch = self.batch(items, module=name, concurrency=concurrency, on_item=on_item, timeout=timeout,
-                           item_timeout=item_timeout, max_retries=max_retries, journal=journal, max_errors=max_errors)
-        batch.decode = partial(programs.to_output, resolve=batch.resolver, fill_usage=not programs.usage_tracked())
+                           item_timeout=item_timeout, max_retries=max_retries, journal=journal, max_errors=max_errors,
+                           trace=trace is not None)
+        batch.decode = partial(programs.to_output, resolve=batch.resolver, fill_usage=not programs.usage_tracked(),
+                               trace=None if trace is None else (trace, program))
         batch.label = f"map {programs.title(program)}"
         return batch
 
@@ -268,7 +272,8 @@ class Pool(WorkerPool):
     def batch(self, items: Sequence[Any], signature: str = "", *, module: str = "predict",
               concurrency: int | None = None, on_item: Callable[[dict[str, Any]], Any] | None = None,
               timeout: float | None = None, item_timeout: float | None = None, shard_size: int | None = None,
-              max_retries: int = 2, journal: bool = True, max_errors: int | None = None) -> BatchRun:
+              max_retries: int = 2, journal: bool = True, max_errors: int | None = None,
+              trace: bool = False) -> BatchRun:
         """Fan ``items`` (input dicts, or strings for a one-input signature) out over every worker.
 
         ``module`` is "predict", "chain_of_thought" (both need ``signature``) or a defined module;
@@ -276,7 +281,8 @@ class Pool(WorkerPool):
         in the journal and taken from it when the same batch runs again (``journal=False``: neither).
         An item that runs for ``item_timeout`` seconds is retried (or fails with ``ItemTimeout``). With
         ``max_errors``, the batch stops once that many items failed (``result()`` raises); without, it runs them all.
-        Returns a ``BatchRun`` at once.
+        With ``trace``, each item's result also holds the predictor calls it made (``Pool.map`` asks for them inside
+        a DSPy trace, to add them there). Returns a ``BatchRun`` at once.
         """
         check = settings.Checker("batch")
         check.integer("concurrency", concurrency, 1, settings.MAX_CONCURRENCY, optional=True)
@@ -298,12 +304,14 @@ class Pool(WorkerPool):
         kernel = programs.kernel_settings()
         if kernel:  # another adapter is another program: the journal keeps their results apart
             program["settings"] = kernel
+        if trace:  # results with their predictor calls are kept apart from those without
+            program["trace"] = True
         return BatchRun(self, items, signature=signature, module=module, settings=kernel,
                         concurrency=concurrency or self.concurrency, shard_size=shard_size,
                         max_retries=max_retries, max_errors=max_errors, timeout=timeout, item_timeout=item_timeout,
                         on_item=on_item,
                         journal=self.journal if journal else None, program=program, shipped=shipped, resolver=resolver,
-                        version=defined.get("version", ""))
+                        version=defined.get("version", ""), trace=trace)
 
 
     def _check_lm(self) -> Any:

@@ -36,7 +36,7 @@ import cloudpickle
 
 from dspex_nb import code_digest, typed
 from dspex_nb.errors import ArgumentError, CallbacksNotRun, TraceIncomplete
-from dspex_nb.wire import CACHE_OFF, CACHE_TIERS
+from dspex_nb.wire import CACHE_DIR, CACHE_OFF, CACHE_TIERS
 
 
 @dataclasses.dataclass
@@ -256,9 +256,18 @@ def kernel_settings() -> str:
     cache = vars(sys.modules["dspy"]).get("cache")  # DSPy builds its default cache (both tiers on) when first read
     if off := [tier for tier in CACHE_TIERS if cache is not None and not getattr(cache, tier, True)]:
         values[CACHE_OFF] = off  # dspy.configure_cache(enable_disk_cache=False, ...): the pool's calls skip them too
+    if cache is not None and cache.enable_disk_cache and cache.disk_cache_dir != _default_disk_cache_dir():
+        values[CACHE_DIR] = cache.disk_cache_dir  # configure_cache(disk_cache_dir=...): the pool's calls share it
     return _by_value(values, f"the kernel's DSPy settings {sorted(values)}",
                      " (a call on the pool runs under them, as it would in the kernel: give them values that can "
                      "be pickled, or set them to None around the pool's calls with dspy.context)") if values else ""
+
+
+def _default_disk_cache_dir() -> str:
+    """The folder of DSPy's default disk cache (``DSPY_CACHEDIR``, which the workers get from the kernel)."""
+    from dspy.clients import DISK_CACHE_DIR
+
+    return os.fspath(DISK_CACHE_DIR)
 
 
 def _callbacks_not_run(callbacks: list[Any], which: str) -> None:
@@ -436,17 +445,30 @@ def usage_tracked() -> bool:
     return bool(getattr(getattr(sys.modules.get("dspy"), "settings", None), "track_usage", False))
 
 
+def open_usage_tracker() -> list[Any]:
+    """The usage tracker that the kernel's DSPy has open around this call (``with dspy.track_usage()``, or the one
+    a module opens with ``track_usage`` on), in a list that ``to_output`` empties when it adds the call's LM usage
+    there, so that it is added once however often a stream's result is read; empty where none is open."""
+    tracker = getattr(getattr(sys.modules.get("dspy"), "settings", None), "usage_tracker", None)
+    return [] if tracker is None else [tracker]
+
+
 def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any] | None = None,
-              program: Any = None, fill_usage: bool = True, lm: Any = None) -> Any:
+              program: Any = None, fill_usage: bool = True, lm: Any = None, tracker: list[Any] | None = None) -> Any:
     """A DSPy tool's result as the program gave it: a dspy.Prediction of its fields, or its own value; with
     ``trace`` (``open_trace()`` and the kernel's program), its predictor calls are added there, and its LM
     calls' history entries go to DSPy's history (``dspy.inspect_history``, and ``program``'s own where it keeps
     one, ``lm``'s where it ran them: ``record_history``), as in the kernel; each once (a stream's ``result()`` may
     be read again). A Prediction has the LM
     usage DSPy set on it; with ``fill_usage`` (for a call made while the kernel did not track usage, in which
-    DSPy sets none), the call's usage where it has none."""
+    DSPy sets none), the call's usage where it has none. With ``tracker`` (``open_usage_tracker()``), the call's
+    usage joins that tracker, as its LM calls add theirs in the kernel (one entry per model, with their sums)."""
     import dspy
 
+    if tracker and isinstance(result, dict) and isinstance(result.get(typed.USAGE), dict):
+        usage_tracker = tracker.pop()
+        for model, counts in result[typed.USAGE].items():
+            usage_tracker.add_usage(model, counts)
     steps = result.pop(typed.TRACE, None) if isinstance(result, dict) else None
     if trace is not None and steps is not None:
         add_to_trace(*trace, steps, resolve)

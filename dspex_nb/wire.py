@@ -14,6 +14,7 @@ KERNEL_ENV = "DSPEX_KERNEL"  # "pid:start time" of the kernel that owns a templa
 EXIT_MISSING_DEPENDENCIES = 3  # a worker (or template) that cannot import what it needs exits with this
 CACHE_TIERS = ("enable_disk_cache", "enable_memory_cache")  # dspy.configure_cache's, on by default
 CACHE_OFF = "dspex_cache_off"  # in the kernel's settings a call carries: the tiers of its DSPy cache that are off
+CACHE_DIR = "dspex_cache_dir"  # and there, its disk cache's folder where it is not DSPy's default (configure_cache)
 
 
 def message_options(limit: int) -> list[tuple[str, int]]:

@@ -1207,6 +1207,35 @@ program = None
         pool.run(function, question="Why?")
 
 
+def test_map_and_evaluate_add_their_predictor_calls_to_the_kernels_trace(shell: InteractiveShell, pool: Pool,
+                                                                         demo_lm: dspy.LM) -> None:
+    # Module.batch and dspy.Evaluate inside dspy.context(trace=[]) add every item's predictor calls to that trace,
+    # so a metric that reads dspy.settings.trace sees each example's calls when it scores it
+    program, _ = define(shell, 'program = dspy.ChainOfThought("question -> answer")')
+    devset = [dspy.Example(question=q, answer="x").with_inputs("question") for q in ("Why?", "How?", "What?")]
+    seen: dict[str, list[Any]] = {}
+
+    def metric(example: dspy.Example, pred: dspy.Prediction, trace: Any = None) -> bool:
+        seen.setdefault(where, []).append([(step[0], step[1]) for step in dspy.settings.trace])
+        return len(pred.answer) % 3 == 0
+
+    traces, scores = {}, {}
+    for where in ("kernel", "pool"):
+        with dspy.context(lm=demo_lm, trace=[]):
+            if where == "kernel":
+                program.batch(devset, num_threads=2, disable_progress_bar=True)
+            else:
+                pool.map(program, devset, journal=False).result(60)
+            traces[where] = sorted((str(step[1]), step[2].answer, step[0] is program.predict)
+                                   for step in dspy.settings.trace)  # in the order the items ended
+        with dspy.context(lm=demo_lm, trace=[]):
+            scores[where] = (dspy.Evaluate(devset=devset, metric=metric, num_threads=1)(program) if where == "kernel"
+                             else pool.evaluate(program, devset, metric, num_threads=1, display=False)).score
+    assert traces["pool"] == traces["kernel"] and len(traces["kernel"]) == 3
+    assert scores["pool"] == scores["kernel"]
+    assert seen["pool"] == seen["kernel"] and [len(steps) for steps in seen["kernel"]] == [1, 2, 3]
+
+
 def test_dspy_inspect_history_shows_the_pools_calls_as_the_kernels(pool: Pool, demo_lm: dspy.LM) -> None:
     import io
     import re
@@ -1384,6 +1413,40 @@ program = Tracked()
         batch = pool.map(module, ["Whose usage?", "Whose usage?"], journal=False)
         batch.result(60)
         assert batch.tokens_in == 2 * total > 0
+
+
+def test_dspy_track_usage_counts_the_pools_calls_as_the_kernels(shell: InteractiveShell, pool: Pool,
+                                                                demo_lm: dspy.LM) -> None:
+    # DSPy's docs read a program's usage with `with dspy.track_usage() as usage: ...; usage.get_total_tokens()`;
+    # and with track_usage on, a kernel module whose forward runs its predictor on the pool gets that usage too
+    shell.user_ns["pool"] = pool
+    program, _ = define(shell, '''
+program = dspy.ChainOfThought("question -> answer")
+
+class OnPool(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        return dspy.Prediction(answer=pool.run(self.qa, question=question).answer)
+''')
+    totals = {}
+    with dspy.context(lm=demo_lm):
+        for where, call in {"kernel": lambda: program(question="Why?"),
+                            "run": lambda: pool.run(program, question="Why?"),
+                            "run_stream": lambda: pool.run_stream(program, question="Why?")}.items():
+            with dspy.track_usage() as usage:
+                result = call()
+            if where == "run_stream":
+                result.result(60), result.result(60)  # read twice, counted once
+            totals[where] = usage.get_total_tokens()
+        with dspy.context(track_usage=True):
+            expected = dspy.Predict("question -> answer")(question="Why?").get_lm_usage()
+            on_pool = shell.user_ns["OnPool"]()(question="Why?").get_lm_usage()
+    assert totals["kernel"]["demo/demo"]["prompt_tokens"] > 0
+    assert totals["run"] == totals["run_stream"] == totals["kernel"]
+    assert on_pool == expected
 
 
 def test_threads_a_program_starts_call_the_lm_as_in_the_kernel(shell: InteractiveShell, pool: Pool,

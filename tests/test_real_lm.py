@@ -117,6 +117,24 @@ def test_the_kernels_dspy_cache_turned_off_is_off_on_the_pool(server: OpenAIServ
             assert server.count(question) == calls, tiers
 
 
+def test_the_kernels_dspy_cache_folder_is_the_pools(server: OpenAIServer, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # dspy.configure_cache(disk_cache_dir=...) in the kernel: a call the kernel made is answered from that folder
+    # on the pool too (the same answer, no second LM call), and the pool's calls fill it for the kernel
+    monkeypatch.setattr(dspy, "cache", dspy.cache)  # the kernel's cache is put back after the test
+    dspy.configure_cache(disk_cache_dir=str(tmp_path), enable_memory_cache=False)
+    program = dspy.Predict("question -> answer")
+    cached = {k: v for k, v in settings(server).items() if k != "cache"}  # DSPy's default: cached
+    with Pool(workers=1, lm=MODEL, lm_kwargs=cached, journal=False) as pool, dspy.context(lm=dspy.LM(MODEL, **cached)):
+        kernel_first, pool_first = f"kernel first {os.getpid()}?", f"pool first {os.getpid()}?"
+        in_kernel = program(question=kernel_first)
+        assert pool.run(program, question=kernel_first) == in_kernel
+        on_pool = pool.run(program, question=pool_first)
+        assert program(question=pool_first) == on_pool
+        assert server.count(kernel_first) == server.count(pool_first) == 1
+    assert any(tmp_path.rglob("*")), f"nothing in {tmp_path}"
+
+
 def billed(lm: dspy.LM) -> float:
     """The cost of an LM's calls by in-kernel DSPy's history (a cache hit keeps its cost, but bills no usage)."""
     return sum(entry["cost"] for entry in lm.history if entry["usage"])

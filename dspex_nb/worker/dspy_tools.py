@@ -31,7 +31,7 @@ from dspy.utils.usage_tracker import UsageTracker
 
 from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError, Cancelled
-from dspex_nb.wire import CACHE_OFF, definition_version, dumps
+from dspex_nb.wire import CACHE_DIR, CACHE_OFF, definition_version, dumps
 from dspex_nb.worker import programs
 from dspex_nb.worker.calls import MESSAGE_OVERHEAD, message_of
 from dspex_nb.worker.demo_lm import make_demo_lm
@@ -294,7 +294,7 @@ def _settings(ctx: ToolContext, kernel: str) -> dict[str, Any]:
     """What a call runs under: the worker's LM and callbacks, and the kernel's settings (its adapter...); once
     the call is cancelled, its program makes no further LM call."""
     settings = {**ctx.worker.dspy_settings(), **programs.kernel_settings(kernel)}
-    programs.use_cache(settings.pop(CACHE_OFF, []))
+    programs.use_cache(settings.pop(CACHE_OFF, []), settings.pop(CACHE_DIR, None))
     callbacks = list(settings["callbacks"])  # this call's own list
     _stop_when(ctx.cancelled, callbacks)
     return {**settings, "callbacks": callbacks}
@@ -363,10 +363,7 @@ def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs
     each predictor by its name in ``program.named_predictors()`` (None for one the program does not hold); and
     ``typed.HISTORY``, the LM calls' history entries kept by ``costs``, the newest that fit in the message."""
     if trace:
-        names = {id(predictor): name for name, predictor in program.named_predictors()} \
-            if isinstance(program, dspy.Module) else {}
-        result[typed.TRACE] = [[names.get(id(predictor)), typed.encode(inputs), typed.encode(outputs)]
-                               for predictor, inputs, outputs in steps]
+        result[typed.TRACE] = _trace_json(program, steps)
     if costs.entries:  # what the result leaves of its message: the history must not make it too large
         try:
             size = len(dumps(result))
@@ -375,6 +372,15 @@ def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs
         if history := costs.history_json(ctx.worker.max_message_bytes - MESSAGE_OVERHEAD - size - HISTORY_FRAME):
             result[typed.HISTORY] = history
     return result
+
+
+def _trace_json(program: Any, steps: list[Any]) -> list[list[Any]]:
+    """The predictor calls DSPy recorded in ``steps`` as ``[name, inputs, prediction]``, each predictor by its
+    name in ``program.named_predictors()`` (None for one the program does not hold)."""
+    names = {id(predictor): name for name, predictor in program.named_predictors()} \
+        if isinstance(program, dspy.Module) else {}
+    return [[names.get(id(predictor)), typed.encode(inputs), typed.encode(outputs)]
+            for predictor, inputs, outputs in steps]
 
 
 class _Boxed(dspy.Prediction):
@@ -685,11 +691,12 @@ def load_module(ctx: ToolContext, name: str) -> dict[str, str]:
 @tool
 def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", module: str = "predict",
                     concurrency: int = 4, group: str = "", settings: str = "",
-                    shipped: str = "") -> Generator[Emit, None, dict[str, Any]]:
+                    shipped: str = "", trace: bool = False) -> Generator[Emit, None, dict[str, Any]]:
     """Run ``module`` (predict, chain_of_thought on ``signature``, or a defined module) on every item,
     ``concurrency`` at a time; a "started" chunk {"index"} when an item takes its slot and one item chunk
     per item as it completes. Calls with the same ``group`` (the shards of one batch) share their
-    ``concurrency`` on this worker. ``shipped``: the items' classes and code, as for ``run_module``.
+    ``concurrency`` on this worker. ``shipped``: the items' classes and code, as for ``run_module``;
+    ``trace``: each item's result has its predictor calls too (``typed.TRACE``), for the kernel's DSPy trace.
 
     Item chunks are {"index", "ok", "result", "worker"} or {"index", "ok": false, "error", "worker"}; of a
     defined module, with the "version" of its definition that ran them (it may be redefined while a batch runs).
@@ -725,9 +732,13 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
             raise Cancelled("the batch was cancelled before this item started")
         try:
             events.put((index, None))
-            with _tracked(settings) as costs, ctx.program_running():
-                output = _run_to_end(_awaited(programs.invoke(make(), inputs)))
-            return output_json(output, costs.tokens(), costs.total)
+            program, steps = make(), []
+            with _tracked({**settings, "trace": steps} if trace else settings) as costs, ctx.program_running():
+                output = _run_to_end(_awaited(programs.invoke(program, inputs)))
+            result = output_json(output, costs.tokens(), costs.total)
+            if trace:
+                result[typed.TRACE] = _trace_json(program, steps)
+            return result
         finally:
             slots.release()
 

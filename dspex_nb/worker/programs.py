@@ -73,18 +73,23 @@ class Program:
 
 
 _cache_lock = threading.Lock()
-_cache_off: list[str] = []  # what this worker's DSPy cache has off, as the kernel asked (none: DSPy's own)
+_cache: tuple[list[str], str | None] = ([], None)  # the tiers this worker's DSPy cache has off and its disk
+# folder (None: DSPy's default), as the kernel asked (neither: the cache DSPy made)
 
 
-def use_cache(off: list[str]) -> None:
+def use_cache(off: list[str], disk_dir: str | None = None) -> None:
     """Give this worker's DSPy cache the kernel's tiers: those in ``off`` off (``dspy.configure_cache``), the
-    others on. One kernel owns the worker, so its latest call's cache holds for all (DSPy's cache is global);
-    a worker whose kernel never turned a tier off keeps the cache DSPy made."""
-    global _cache_off
+    others on, its disk tier in ``disk_dir`` (None: DSPy's default). One kernel owns the worker, so its latest
+    call's cache holds for all (DSPy's cache is global); a worker whose kernel never changed it keeps the cache
+    DSPy made."""
+    global _cache
+    from dspy.clients import DISK_CACHE_DIR
+
     with _cache_lock:
-        if off != _cache_off:
-            dspy.configure_cache(**{tier: tier not in off for tier in CACHE_TIERS})
-            _cache_off = off
+        if (off, disk_dir) != _cache:
+            dspy.configure_cache(**{tier: tier not in off for tier in CACHE_TIERS},
+                                 disk_cache_dir=disk_dir or DISK_CACHE_DIR)
+            _cache = (off, disk_dir)
 
 
 @functools.lru_cache(maxsize=16)

@@ -96,9 +96,14 @@ def write_owner(directory: Path, run_id: str, workers: list[int]) -> None:
               "pid_space": pid_space(), "workers": [{"pid": pid, "start": start_time(pid)} for pid in workers]}
     tmp = directory / f".{OWNER_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump(record, out)
-    tmp.replace(directory / OWNER_FILE)
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(record, out)
+        tmp.replace(directory / OWNER_FILE)
+    except BaseException:  # a full disk: what was written of it goes, the last complete record stays
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def pid_space() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import shutil
 import sys
@@ -36,6 +37,7 @@ MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107  # bytes of a Unix so
 SOCKET_ROOM = len(f"/{stale.PREFIX}12345678/w999-99999.health.sock")  # a pool's directory and its longest socket
 # name (1,000 workers, 100,000 restarts of one): a name grows with each restart, and one that no longer fits
 # could not be bound, so the slot would fail for good
+log = logging.getLogger(__name__)
 RECONNECT = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
              ("grpc.max_reconnect_backoff_ms", 500)]  # a replaced worker's socket is back within ms
 
@@ -116,11 +118,17 @@ class LocalBackend:
         return self.template
 
     def _record_owner(self, pid: int | None = None) -> None:
-        """Keep pool.json current (for a later pool's stale cleanup): this owner, its live children."""
+        """Keep pool.json current (for a later pool's stale cleanup): this owner, its live children. Where it
+        cannot be written (the runtime directory's disk is full), the workers run all the same, logged: a worker
+        ends with its kernel by itself, and the record only helps a later pool end those of a stopped one."""
         assert self.dir is not None
         with self._lock:
             self._spawned = [p for p in self._spawned if stale.start_time(p)] + ([pid] if pid else [])
-            stale.write_owner(self.dir, self.run_id, self._spawned)
+            try:
+                stale.write_owner(self.dir, self.run_id, self._spawned)
+            except OSError as exc:
+                log.warning("dspex_nb: could not record the pool's workers in %s (%s); they run all the same",
+                            self.dir / stale.OWNER_FILE, exc)
 
     def close(self) -> None:
         """End the template and remove the directory; in a child forked from the process that opened it, only

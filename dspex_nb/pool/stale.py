@@ -40,16 +40,18 @@ RUNTIME_DIR_ENV = "DSPEX_RUNTIME_DIR"  # where pools make their socket directori
 
 
 def runtime_dir() -> Path:
-    """The directory under which pools make their private socket directories, and cleanup looks.
+    """The directory under which pools make their private socket directories, and cleanup looks, as its real path.
 
-    It must be this user's or root's, and sticky if others may write to it (as /tmp is; a group of the user's
-    own may): in another user's directory, or one without the sticky bit, another user could move a pool's
-    directory away and put sockets of their own in its place, which the kernel would then send programs,
-    inputs and LM keys to.
+    It and every directory above it must be this user's or root's, and sticky if others may write to it (as /tmp
+    is; a group of the user's own may): in another user's directory, or one without the sticky bit, another user
+    could move a pool's directory away and put sockets of their own in its place, which the kernel would then send
+    programs, inputs and LM keys to. Links are followed once, here: a link another user owns (one made in /tmp
+    before the user's ``$DSPEX_RUNTIME_DIR`` was) could be pointed elsewhere while the pool runs.
     """
-    path = Path(os.environ.get(RUNTIME_DIR_ENV) or tempfile.gettempdir())
-    where = f"the runtime directory {path} (${RUNTIME_DIR_ENV}, else the temp directory)"
+    given = Path(os.environ.get(RUNTIME_DIR_ENV) or tempfile.gettempdir())
+    where = f"the runtime directory {given} (${RUNTIME_DIR_ENV}, else the temp directory)"
     try:
+        path = given.resolve(strict=True)
         info = os.stat(path)
     except OSError as exc:  # named: "No such file or directory: '/x'" does not say which setting to change
         raise type(exc)(exc.errno, f"{where} cannot be used ({exc.strerror}); set ${RUNTIME_DIR_ENV} to a "
@@ -57,16 +59,24 @@ def runtime_dir() -> Path:
     if not stat.S_ISDIR(info.st_mode):
         raise NotADirectoryError(errno.ENOTDIR, f"{where} is not a directory; set ${RUNTIME_DIR_ENV} to a "
                                                 "directory of your own")
+    for directory in (path, *path.parents):
+        why = _unsafe(os.stat(directory))
+        if why:
+            if directory != given:
+                why = f"{'leads to' if directory == path else 'is under'} {directory}, which {why}"
+            raise PermissionError(f"{where} {why}: another user could replace a pool's sockets there; "
+                                  f"set ${RUNTIME_DIR_ENV} to a directory of your own")
+    return path
+
+
+def _unsafe(info: os.stat_result) -> str | None:
+    """Why another user could change what a directory of ``info`` holds, or None."""
     if info.st_uid not in (os.getuid(), 0):
-        why = "belongs to another user"
-    elif (info.st_mode & stat.S_IWOTH or info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid)) \
+        return "belongs to another user"
+    if (info.st_mode & stat.S_IWOTH or info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid)) \
             and not info.st_mode & stat.S_ISVTX:
-        why = "may be written to by others but is not sticky"
-    else:
-        return path
-    raise PermissionError(f"{where} {why}: "
-                          f"another user could replace a pool's sockets there; set ${RUNTIME_DIR_ENV} to a directory "
-                          "of your own")
+        return "may be written to by others but is not sticky"
+    return None
 
 
 def _private_group(gid: int) -> bool:
@@ -86,9 +96,14 @@ def write_owner(directory: Path, run_id: str, workers: list[int]) -> None:
               "pid_space": pid_space(), "workers": [{"pid": pid, "start": start_time(pid)} for pid in workers]}
     tmp = directory / f".{OWNER_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump(record, out)
-    tmp.replace(directory / OWNER_FILE)
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(record, out)
+        tmp.replace(directory / OWNER_FILE)
+    except BaseException:  # a full disk: what was written of it goes, the last complete record stays
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def pid_space() -> str:

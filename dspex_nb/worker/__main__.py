@@ -15,6 +15,7 @@ import sys
 
 from dspex_nb import deps
 from dspex_nb.wire import EXIT_MISSING_DEPENDENCIES, LM_KWARGS_ENV
+from dspex_nb.worker.output import spare_output
 from dspex_nb.worker.stdin import take_stdin
 
 
@@ -37,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     parent = take_stdin()  # first: before anything opens a file that could become file 0
+    spare_output()  # a print to a log on a full disk fails no call
     # dspy imports jsonschema, which builds an IRI grammar at import when rfc3987-syntax is installed (as
     # JupyterLab installs it): about 0.8 s of every worker start, for a format check DSPy never uses.
     sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]

@@ -4,11 +4,14 @@ timings; every wait is a poll with a deadline."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,3 +190,39 @@ def test_6_rate_limited_lm_is_waited_out() -> None:
         used = [c for c in counters if c["lm_calls"] > 0]
         assert [c["lm_rate_limited"] for c in used] == [5] * len(used)  # each 429 retried by dspy.LM, none failed
         assert sum(c["lm_calls"] for c in counters) == 40 + 5 * len(used)
+
+
+@pytest.fixture()
+def full_runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """$DSPEX_RUNTIME_DIR on a small tmpfs of its own (root only: it is mounted), filled by ``fill``."""
+    if os.getuid() != 0 or not shutil.which("mount"):
+        pytest.skip("a small full file system needs root to mount (a 64 KB tmpfs)")
+    base = Path(tempfile.mkdtemp(prefix="full-", dir=os.environ["DSPEX_RUNTIME_DIR"]))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(base)], check=True)
+    try:
+        monkeypatch.setenv("DSPEX_RUNTIME_DIR", str(base))
+        yield base
+    finally:
+        subprocess.run(["umount", "-l", str(base)], check=True)
+        base.rmdir()
+
+
+def fill(directory: Path) -> None:
+    """Write into ``directory`` until its file system is full."""
+    with contextlib.suppress(OSError), open(directory / "filler", "wb", buffering=0) as out:
+        while True:
+            out.write(b"\0" * 4096)
+
+
+def test_a_full_runtime_dir_costs_no_worker(full_runtime_dir: Path) -> None:
+    # Was: once the disk of the runtime directory was full, every recycle or restart of a worker failed writing
+    # pool.json ("w0 could not be restarted: [Errno 28] No space left on device"), so the pool lost its workers and
+    # every later call failed with QueueTimeout
+    with Pool(workers=1, max_requests=1, health_interval=0.1, journal=False) as pool:
+        fill(full_runtime_dir)
+        for recycles in (1, 2):
+            assert pool.execute("echo", {"i": recycles}, timeout=30) == {"i": recycles}
+            wait_until(lambda n=recycles: (row := pool.status()[0])["recycles"] >= n and row["state"] == "ready",
+                       what=f"w0 recycled {recycles} times, on a full disk")
+        assert pool.execute("echo", {"i": 3}, timeout=30) == {"i": 3}
+    assert not list(full_runtime_dir.glob("dspex-*"))  # the pool's directory went with it

@@ -285,6 +285,36 @@ def test_a_worker_python_that_prints_without_end_while_starting_fills_no_disk(tm
     assert peak < 64 * LOG_LIMIT, f"the log reached {peak / 2**20:.0f} MB"
 
 
+def prints_on_a_full_disk(question: str) -> str:
+    """Prints while its log cannot be written (its output sent to /dev/full, where every write fails as on a full
+    disk), then once it can again."""
+    kept = os.dup(1), os.dup(2)
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        os.dup2(full, 1)
+        os.dup2(full, 2)
+        print("lost", question)
+        print("lost too", question, file=sys.stderr, flush=True)
+    finally:
+        os.dup2(kept[0], 1)
+        os.dup2(kept[1], 2)
+        for fd in (full, *kept):
+            os.close(fd)
+    print("kept", question, flush=True)
+    return f"answered {question}"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to make a write fail as on a full "
+                                                            "disk")
+def test_a_program_printing_to_a_log_on_a_full_disk_still_gives_its_result(pool: Pool) -> None:
+    # Was: the program failed with "OSError: [Errno 28] No space left on device" (its print's), where the same print
+    # in the kernel goes to the notebook: a full runtime directory (a tmpfs) cost every printing call its result
+    assert pool.run(prints_on_a_full_disk, question="q1") == "answered q1"
+    logs = "".join(worker.process.log_path.read_text() for worker in pool.workers)
+    assert "kept q1" in logs
+    assert "characters of output lost here: the log could not be written (No space left on device)" in logs
+
+
 STARTS_A_PROCESS = """import subprocess
 
 def starts_a_process(text):

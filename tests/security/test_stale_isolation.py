@@ -8,12 +8,13 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import pid_alive
+from helpers import pid_alive, wait_until
 
 from dspex_nb import Pool
 from dspex_nb.errors import WorkerStartError
@@ -128,6 +129,60 @@ def test_a_runtime_dir_where_others_could_replace_sockets_is_refused(tmp_path: P
         os.chown(shared, 65534, 65534)
         with pytest.raises(PermissionError, match="belongs to another user"):
             stale.runtime_dir()
+
+
+@pytest.fixture()
+def short_path() -> Iterator[Path]:
+    """A directory of this test whose path leaves room for sockets (a pytest ``tmp_path`` may be too long)."""
+    base = Path(tempfile.mkdtemp(prefix="dx-", dir=os.environ[stale.RUNTIME_DIR_ENV]))
+    yield base
+    shutil.rmtree(base)
+
+
+def test_a_runtime_dir_given_as_a_link_is_used_where_the_link_led_at_the_start(short_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # A link another user made in /tmp before the user's $DSPEX_RUNTIME_DIR was (to /dev/shm, sticky: it passed the
+    # checks) is theirs to repoint. Was: the pool kept the link in its paths, so a worker started after the link
+    # was pointed at the other user's directory logged there (a planted w0-1.log link truncated ~/.profile) and the
+    # kernel sent its calls, shipped programs and their LM keys to that user's socket there
+    led, elsewhere = short_path / "led", short_path / "elsewhere"
+    led.mkdir(mode=0o700)
+    elsewhere.mkdir(mode=0o777)
+    link = short_path / "run"
+    link.symlink_to(led)
+    monkeypatch.setenv(stale.RUNTIME_DIR_ENV, str(link))
+    with Pool(workers=1, journal=False) as pool:
+        first = pool.workers[0].process.pid
+        link.unlink()
+        link.symlink_to(elsewhere)  # "repointed by its owner"
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: pool.status()[0]["pid"] != first and pool.status()[0]["state"] == "ready",
+                   what="the killed worker to be replaced")
+        assert pool.execute("echo", {"x": 1}) == {"x": 1}
+        assert pool.workers[0].process.log_path.parent.parent == led
+    assert not list(elsewhere.iterdir())
+
+
+@pytest.mark.parametrize("owner", ["others may write", "another user"])
+def test_a_runtime_dir_under_a_directory_others_could_change_is_refused(short_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         owner: str) -> None:
+    # who may rename a directory above the runtime directory may put one of their own, with their sockets, there
+    above = short_path / "above"
+    above.mkdir(mode=0o755)
+    (above / "run").mkdir(mode=0o700)
+    if owner == "another user":
+        if os.getuid() != 0:
+            pytest.skip("a directory of another user needs root to make (chown)")
+        os.chown(above, 65534, 65534)
+        why = "belongs to another user"
+    else:
+        os.chmod(above, 0o777)
+        why = "may be written to by others but is not sticky"
+    monkeypatch.setenv(stale.RUNTIME_DIR_ENV, str(above / "run"))
+    with pytest.raises(PermissionError, match=f"is under {above}, which {why}"):
+        Pool(workers=1, journal=False).start()
+    assert not list((above / "run").iterdir())
 
 
 def test_a_runtime_dir_writable_by_the_users_own_group_is_theirs(tmp_path: Path,

@@ -426,6 +426,34 @@ def helper(x: int) -> int:
 def program(name: str):
     return dspy.Prediction(source=inspect.getsource(helper), file=helper.__code__.co_filename)
 ''', {"name": "helper"}),
+    "types_nested_in_a_class": ('''
+import pydantic
+
+class MyContainer:  # as DSPy's signatures page: a signature string names classes nested in a class
+    class Query(pydantic.BaseModel):
+        text: str
+    class Score(pydantic.BaseModel):
+        score: float
+
+program = dspy.Predict(dspy.Signature("query: MyContainer.Query -> score: MyContainer.Score"))
+inputs = {"query": MyContainer.Query(text="hi")}
+''', {}),
+    "types_made_in_a_function": ('''
+def make_classifier():
+    class Label(BaseModel):
+        label: str
+        weight: int
+
+    class Classify(dspy.Signature):
+        """Label the text."""
+        text: str = dspy.InputField()
+        label: Label = dspy.OutputField()
+
+    return dspy.Predict(Classify), Label
+
+program, Label = make_classifier()
+inputs = {"text": "hello"}
+''', {}),
 }
 
 

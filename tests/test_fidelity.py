@@ -454,6 +454,17 @@ def make_classifier():
 program, Label = make_classifier()
 inputs = {"text": "hello"}
 ''', {}),
+    "tool_calls_executed_by_name": ('''
+def weather(city: str) -> str:
+    """Get weather information for a city."""
+    return f"The weather in {city} is sunny"
+
+tools = {"weather": dspy.Tool(weather)}
+
+def program(city: str):  # as DSPy's tools page: call.execute() finds the tool in its caller's globals by name
+    calls = dspy.ToolCalls.from_dict_list([{"name": name, "args": {"city": city}} for name in tools])
+    return [call.execute() for call in calls.tool_calls]
+''', {"city": "Paris"}),
 }
 
 

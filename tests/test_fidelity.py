@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -253,6 +255,8 @@ def program(name: str):
 import asyncio
 import dataclasses
 import logging
+import os
+import subprocess
 import sys
 
 @dataclasses.dataclass
@@ -274,6 +278,8 @@ program = dspy.Predict("question -> answer", n=3)
 import asyncio
 import dataclasses
 import logging
+import os
+import subprocess
 import sys
 
 @dataclasses.dataclass
@@ -1566,3 +1572,22 @@ program = dspy.ChainOfThought("question -> answer")
         assert_same(expected, run.result(60), "run_stream")
     assert any("cannot read the fields of" in chunk.get("message", "")
                for chunk in run.chunks if chunk.kind == "status")
+
+
+def test_a_kernel_with_a_hash_seed_orders_sets_of_strings_as_its_workers(shell: InteractiveShell,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # list(set(...)) follows Python's per-process string hash (DSPy's modules page's Hop returns one): the README
+    # says to set PYTHONHASHSEED in the kernel's environment, which its workers inherit
+    monkeypatch.setenv("PYTHONHASHSEED", "1234")
+    program, _ = define(shell, '''
+def program(words: list[str]):
+    import os
+    return dspy.Prediction(seed=os.environ.get("PYTHONHASHSEED"), order=list(set(words)))
+''')
+    words = [f"word{i}" for i in range(20)]
+    with Pool(workers=1, lm="demo") as pool:
+        result = pool.run(program, words=words)
+    assert result.seed == "1234"
+    kernel = subprocess.run([sys.executable, "-c", f"print(list(set({words!r})))"], capture_output=True, text=True,
+                            check=True, env={**os.environ, "PYTHONHASHSEED": "1234"}).stdout  # a kernel with that seed
+    assert str(result.order) == kernel.strip()

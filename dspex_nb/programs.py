@@ -68,7 +68,10 @@ class _Pickler(cloudpickle.Pickler):
     code with the file name it has in the kernel (a cell's), which cloudpickle drops: ``inspect.getsource`` of a
     notebook function (``dspy.CodeAct`` sends its tools' source to its interpreter) finds the cell's source that
     travels with the program, and a traceback shows the cell's lines (``dspy.ReAct`` puts a failed tool's
-    traceback in its trajectory)."""
+    traceback in its trajectory), and a class with its qualified name (``Outer.Inner``, ``make.<locals>.Out``),
+    which cloudpickle drops, so that its path, by which its values travel, is the kernel's; a notebook function
+    that travels is bound under its name in the globals it arrives with, as in the notebook, so code that finds a
+    function by its name finds it there too (``ToolCall.execute()`` looks the tool up in its caller's globals)."""
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file)
@@ -91,7 +94,23 @@ class _Pickler(cloudpickle.Pickler):
         if isinstance(obj, types.ModuleType) and type(obj) is not types.ModuleType and (
                 obj.__name__ in sys.modules or obj.__spec__ is not None):
             return importlib.import_module, (obj.__name__,)
-        return super().reducer_override(obj)
+        reduced = super().reducer_override(obj)
+        if isinstance(obj, type) and obj.__qualname__ != obj.__name__ and _class_by_value(reduced):
+            reduced[2][0]["__qualname__"] = obj.__qualname__  # which cloudpickle drops: the class's path is its key
+        if isinstance(obj, types.FunctionType) and _function_by_value(reduced) and \
+                obj.__globals__.get(obj.__name__) is obj:
+            reduced[2][1]["__globals__"][obj.__name__] = obj
+        return reduced
+
+
+def _function_by_value(reduced: Any) -> bool:
+    """Whether ``reduced`` is cloudpickle's reduction of a function by value (with the globals its code names)."""
+    return type(reduced) is tuple and len(reduced) == 6 and reduced[0] is cloudpickle.cloudpickle._make_function
+
+
+def _class_by_value(reduced: Any) -> bool:
+    """Whether ``reduced`` is cloudpickle's reduction of a class by value (its dict set again where it arrives)."""
+    return type(reduced) is tuple and len(reduced) == 6 and reduced[0] is cloudpickle.cloudpickle._make_skeleton_class
 
 
 def _in_file(code: types.CodeType, filename: str) -> types.CodeType:

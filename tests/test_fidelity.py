@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -253,6 +255,8 @@ def program(name: str):
 import asyncio
 import dataclasses
 import logging
+import os
+import subprocess
 import sys
 
 @dataclasses.dataclass
@@ -274,6 +278,8 @@ program = dspy.Predict("question -> answer", n=3)
 import asyncio
 import dataclasses
 import logging
+import os
+import subprocess
 import sys
 
 @dataclasses.dataclass
@@ -426,6 +432,45 @@ def helper(x: int) -> int:
 def program(name: str):
     return dspy.Prediction(source=inspect.getsource(helper), file=helper.__code__.co_filename)
 ''', {"name": "helper"}),
+    "types_nested_in_a_class": ('''
+import pydantic
+
+class MyContainer:  # as DSPy's signatures page: a signature string names classes nested in a class
+    class Query(pydantic.BaseModel):
+        text: str
+    class Score(pydantic.BaseModel):
+        score: float
+
+program = dspy.Predict(dspy.Signature("query: MyContainer.Query -> score: MyContainer.Score"))
+inputs = {"query": MyContainer.Query(text="hi")}
+''', {}),
+    "types_made_in_a_function": ('''
+def make_classifier():
+    class Label(BaseModel):
+        label: str
+        weight: int
+
+    class Classify(dspy.Signature):
+        """Label the text."""
+        text: str = dspy.InputField()
+        label: Label = dspy.OutputField()
+
+    return dspy.Predict(Classify), Label
+
+program, Label = make_classifier()
+inputs = {"text": "hello"}
+''', {}),
+    "tool_calls_executed_by_name": ('''
+def weather(city: str) -> str:
+    """Get weather information for a city."""
+    return f"The weather in {city} is sunny"
+
+tools = {"weather": dspy.Tool(weather)}
+
+def program(city: str):  # as DSPy's tools page: call.execute() finds the tool in its caller's globals by name
+    calls = dspy.ToolCalls.from_dict_list([{"name": name, "args": {"city": city}} for name in tools])
+    return [call.execute() for call in calls.tool_calls]
+''', {"city": "Paris"}),
 }
 
 
@@ -1527,3 +1572,22 @@ program = dspy.ChainOfThought("question -> answer")
         assert_same(expected, run.result(60), "run_stream")
     assert any("cannot read the fields of" in chunk.get("message", "")
                for chunk in run.chunks if chunk.kind == "status")
+
+
+def test_a_kernel_with_a_hash_seed_orders_sets_of_strings_as_its_workers(shell: InteractiveShell,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # list(set(...)) follows Python's per-process string hash (DSPy's modules page's Hop returns one): the README
+    # says to set PYTHONHASHSEED in the kernel's environment, which its workers inherit
+    monkeypatch.setenv("PYTHONHASHSEED", "1234")
+    program, _ = define(shell, '''
+def program(words: list[str]):
+    import os
+    return dspy.Prediction(seed=os.environ.get("PYTHONHASHSEED"), order=list(set(words)))
+''')
+    words = [f"word{i}" for i in range(20)]
+    with Pool(workers=1, lm="demo") as pool:
+        result = pool.run(program, words=words)
+    assert result.seed == "1234"
+    kernel = subprocess.run([sys.executable, "-c", f"print(list(set({words!r})))"], capture_output=True, text=True,
+                            check=True, env={**os.environ, "PYTHONHASHSEED": "1234"}).stdout  # a kernel with that seed
+    assert str(result.order) == kernel.strip()

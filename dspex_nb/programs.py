@@ -105,12 +105,15 @@ class _Pickler(cloudpickle.Pickler):
 
 def _function_by_value(reduced: Any) -> bool:
     """Whether ``reduced`` is cloudpickle's reduction of a function by value (with the globals its code names)."""
-    return type(reduced) is tuple and len(reduced) == 6 and reduced[0] is cloudpickle.cloudpickle._make_function
+    return type(reduced) is tuple and len(reduced) == 6 and reduced[0] is cloudpickle.cloudpickle._make_function \
+        and isinstance(reduced[2], tuple) and len(reduced[2]) == 2 and isinstance(reduced[2][1], dict) \
+        and isinstance(reduced[2][1].get("__globals__"), dict)  # (state, slotstate): cloudpickle 3's layout
 
 
 def _class_by_value(reduced: Any) -> bool:
     """Whether ``reduced`` is cloudpickle's reduction of a class by value (its dict set again where it arrives)."""
-    return type(reduced) is tuple and len(reduced) == 6 and reduced[0] is cloudpickle.cloudpickle._make_skeleton_class
+    return type(reduced) is tuple and len(reduced) == 6 and reduced[0] is cloudpickle.cloudpickle._make_skeleton_class \
+        and isinstance(reduced[2], tuple) and len(reduced[2]) == 2 and isinstance(reduced[2][0], dict)
 
 
 def _in_file(code: types.CodeType, filename: str) -> types.CodeType:

@@ -32,6 +32,17 @@ def test_max_requests() -> None:
         assert pool.execute("whoami", worker="w0")["pid"] == row["pid"]
 
 
+def test_max_requests_bounds_the_calls_a_process_takes_not_only_those_it_finished() -> None:
+    # Was: a worker was recycled at the health round after its max_requests-th call finished, so calls made
+    # meanwhile (or while the first ran) went to it too: max_requests=1 gave no fresh process per call
+    with Pool(workers=2, max_requests=1, health_interval=0.1, journal=False) as pool:
+        first = {row["pid"] for row in pool.status()}
+        running = [pool.execute_stream("sleep", {"seconds": 1.0}) for _ in range(2)]
+        assert pool.execute("whoami", timeout=60)["pid"] not in first  # both have had their call
+        for run in running:
+            assert run.result(30)["slept"] == 1.0
+
+
 def test_ttl_lets_work_in_flight_finish_first() -> None:
     with Pool(workers=1, ttl=0.5, health_interval=0.1, journal=False) as pool:
         pid = pool.status()[0]["pid"]

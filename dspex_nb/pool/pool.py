@@ -294,6 +294,7 @@ class WorkerPool(Supervision):
                             f"waiting, max_in_flight={self.max_in_flight}); states: {self._states()}")
                     self._lock.wait(0.1)
                 worker.in_flight += count
+                worker.taken += count
                 if placement is not None:
                     placement.claim(worker.id)
                 return worker
@@ -309,7 +310,8 @@ class WorkerPool(Supervision):
             raise PoolClosed("the pool is not running: start it with Pool.start() or `with Pool(...)`")
         if worker_id is not None and worker_id not in {w.id for w in self.workers}:
             raise ValueError(f"no worker {worker_id!r} in this pool: {[w.id for w in self.workers]}")
-        free = [w for w in self.workers if w.state == READY and not (count and w.in_flight >= self.max_in_flight)]
+        free = [w for w in self.workers if w.state == READY and not (count and (
+            w.in_flight >= self.max_in_flight or self.max_requests is not None and w.taken >= self.max_requests))]
         if worker_id is not None:
             mine = [w for w in free if w.id == worker_id]
             if not mine and affinity == "strict_fail_fast":

@@ -29,6 +29,7 @@ class Worker:
     restarts: int = 0  # replaced after dying or hanging
     recycles: int = 0  # replaced on purpose (max_requests, ttl, max_memory_mb, cancel_grace)
     served: int = 0  # calls this process finished
+    taken: int = 0  # calls routed to this process (max_requests bounds them, not only those finished)
     rss: int = 0  # resident bytes, as the worker last reported
     start_rss: int = 0  # resident bytes at its first health ping (what a fresh worker needs)
     cancelled_running: float = 0.0  # seconds the program of a cancelled call has gone on running, as last pinged

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dspex_nb.ui.progress import batch_line
+from dspex_nb.ui.progress import batch_line, batch_summary
 from dspex_nb.ui.widgets import _bar_style, _field_html, _table
 
 
@@ -25,6 +25,22 @@ def test_the_bar_colour_follows_the_shares(status: str, ok: int, failed: int, st
 def test_a_cancelled_batch_says_so() -> None:
     assert batch_line(snap("cancelled", 48, 0)).startswith("cancelled · 48/120 items")
     assert batch_line(snap("running", 48, 0)).startswith("48/120 items")
+
+
+def test_a_finished_batch_says_its_rate_and_how_many_items_never_ran() -> None:
+    # what tqdm's last line says (n/total, it/s), the saved summary says too, and a stopped batch's unfinished part
+    stopped = snap("cancelled", 1200, 34, total=10_000) | {"by_worker": {"w0": 617, "w1": 617}, "rate": 0.3314,
+                                                             "elapsed": 3725.1}
+    assert batch_summary(stopped) == ("batch cancelled: 10,000 items, 1,200 ok, 34 failed, 8,766 not run on 2 workers "
+                                      "in 1 h 02 min, 0.3 items/s")
+    done = snap("done", 100, 0, total=100) | {"by_worker": {"w0": 100}, "rate": 70.92, "elapsed": 1.41}
+    assert batch_summary(done) == "batch done: 100 items, 100 ok, 0 failed on 1 worker in 1.41 s, 70.9 items/s"
+
+
+def test_a_long_batch_counts_and_times_read_as_tqdm_s() -> None:
+    line = batch_line(snap("running", 1200, 34, total=10_000) | {"elapsed": 125.0, "eta": 7384.0})
+    assert line.startswith("1,234/10,000 items · ok 1,200 · failed 34 · running 0 · queued 8,766 · 1.0 items/s · "
+                           "2 min 05 s · ETA 2 h 03 min"), line
 
 
 def test_a_long_row_is_shortened_with_the_whole_text_one_click_away() -> None:
@@ -52,3 +68,4 @@ def test_an_image_in_an_answer_is_a_link_never_fetched(text: str, link: str) -> 
     # its URL what a prompt injection had the LM put in it
     shown = _field_html("answer", text)
     assert "<img" not in shown and f'<a href="{link}">chart</a>' in shown
+

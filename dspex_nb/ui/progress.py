@@ -131,11 +131,11 @@ def error_text(error: BaseException | None) -> str:
 def batch_line(snap: dict[str, Any]) -> str:
     done = snap["ok"] + snap["failed"]
     stopped = f"{snap['status']} · " if snap["status"] in ("cancelled", "failed") else ""
-    line = (f"{stopped}{done}/{snap['total']} items · ok {snap['ok']} · failed {snap['failed']} · "
-            f"running {snap['running']} · queued {snap['queued']} · {snap['rate']:.1f} items/s · "
-            f"{snap['elapsed']:.2f} s")
+    line = (f"{stopped}{done:,}/{snap['total']:,} items · ok {snap['ok']:,} · failed {snap['failed']:,} · "
+            f"running {snap['running']:,} · queued {snap['queued']:,} · {snap['rate']:.1f} items/s · "
+            f"{seconds(snap['elapsed'])}")
     if snap["status"] == "running" and snap["eta"]:
-        line += f" · ETA {snap['eta']:.1f} s"
+        line += f" · ETA {seconds(snap['eta'], 1)}"
     if snap["tokens_in"] or snap["tokens_out"] or snap.get("cost") is not None:
         line += f" · {usage_text(snap['tokens_in'], snap['tokens_out'], snap.get('cost'))}"
     extras = recovery(snap)
@@ -171,8 +171,11 @@ def batch_summary(snap: dict[str, Any]) -> str:
     """The one deterministic line a finished batch prints outside a live notebook."""
     workers = len(snap["by_worker"])
     where = f" on {count(workers, 'worker')}" if workers else ""
-    line = (f"batch {snap['status']}: {count(snap['total'], 'item')}, {snap['ok']} ok, {snap['failed']} failed"
-            f"{where} in {snap['elapsed']:.2f} s")
+    never = snap["total"] - snap["ok"] - snap["failed"]  # a stopped batch's items that never finished
+    line = (f"batch {snap['status']}: {count(snap['total'], 'item')}, {snap['ok']:,} ok, {snap['failed']:,} failed"
+            f"{f', {never:,} not run' if never else ''}{where} in {seconds(snap['elapsed'])}")
+    if snap["rate"]:  # items computed per second (none when all came from the journal)
+        line += f", {snap['rate']:.1f} items/s"
     if snap["tokens_in"] or snap["tokens_out"] or snap.get("cost") is not None:
         line += f", {usage_text(snap['tokens_in'], snap['tokens_out'], snap.get('cost'))}"
     extras = recovery(snap)
@@ -195,6 +198,12 @@ def pool_rows(status: list[dict[str, Any]]) -> list[list[str]]:
 def _state(row: dict[str, Any]) -> str:
     going_on = row.get("cancelled_running_s") or 0
     return f"{row['state']} (a cancelled program still running, {duration(going_on)})" if going_on else row["state"]
+
+
+def seconds(value: float, digits: int = 2) -> str:
+    """A batch's elapsed time or ETA: "12.34 s" under a minute, then as ``duration`` ("4 min 05 s", "2 h 03 min"),
+    not "7384.12 s"."""
+    return f"{value:.{digits}f} s" if value < 60 else duration(value)
 
 
 def duration(seconds: float) -> str:

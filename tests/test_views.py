@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dspex_nb.ui.progress import batch_line, batch_summary
-from dspex_nb.ui.widgets import _bar_style, _field_html, _table
+from dspex_nb.ui.widgets import BatchDashboard, _bar_style, _field_html, _table
 
 
 def snap(status: str, ok: int, failed: int, total: int = 120) -> dict:
@@ -69,3 +69,19 @@ def test_an_image_in_an_answer_is_a_link_never_fetched(text: str, link: str) -> 
     shown = _field_html("answer", text)
     assert "<img" not in shown and f'<a href="{link}">chart</a>' in shown
 
+
+class HalfDoneBatch:
+    """What a BatchDashboard reads of a batch: 412 of 1,000 items finished, none failed."""
+
+    total, records, arrived, failures, done, decode = 1000, [], [], [], False, None
+
+    def snapshot(self) -> dict:
+        return snap("running", 412, 0, total=1000) | {"by_worker": {}, "active": {}, "warning": ""}
+
+    def cancel(self) -> None: ...
+
+
+def test_the_live_bar_says_its_percentage_as_tqdm_does() -> None:
+    dashboard = BatchDashboard(HalfDoneBatch(), "batch")  # type: ignore[arg-type]
+    dashboard.refresh()
+    assert (dashboard.bar.value, dashboard.bar.description) == (412, "41%")

@@ -197,8 +197,8 @@ class BatchDashboard(View):
     def __init__(self, batch: BatchRun, title: str) -> None:
         self.batch = batch
         self.plain = f"<dspex batch: {title}, {count(batch.total, 'item')}>"
-        self.bar = w.IntProgress(value=0, min=0, max=max(batch.total, 1), bar_style="info",
-                                 layout={"width": "60%"})
+        self.bar = w.IntProgress(value=0, min=0, max=max(batch.total, 1), bar_style="info", description="0%",
+                                 style={"description_width": "3.5em"}, layout={"width": "60%"})
         self.counts = w.HTML()
         self.workers = w.HTML()
         self.latest = w.HTML()
@@ -214,7 +214,8 @@ class BatchDashboard(View):
         done = batch.done  # read before the snapshot, so the last refresh always shows the final counts
         snap = batch.snapshot()
         style = _bar_style(snap)
-        _set(self.bar, value=snap["ok"] + snap["failed"], bar_style=style)
+        finished = snap["ok"] + snap["failed"]
+        _set(self.bar, value=finished, bar_style=style, description=f"{100 * finished // max(snap['total'], 1)}%")
         warning = f"<br><b>warning:</b> {html.escape(snap['warning'])}" if snap["warning"] else ""
         _set(self.counts, value=html.escape(progress.batch_line(snap)) + warning)
         workers = sorted(set(snap["by_worker"]) | set(snap["active"]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from dspex_nb.ui.progress import batch_line, batch_summary
@@ -85,3 +87,11 @@ def test_the_live_bar_says_its_percentage_as_tqdm_does() -> None:
     dashboard = BatchDashboard(HalfDoneBatch(), "batch")  # type: ignore[arg-type]
     dashboard.refresh()
     assert (dashboard.bar.value, dashboard.bar.description) == (412, "41%")
+
+
+def test_the_error_list_scrolls_within_its_height_rather_than_spilling_over_the_cells_below() -> None:
+    # ipywidgets 8's Layout has no overflow_y: given one, it warns and drops it, and 200 errors overflowed their 16em
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        dashboard = BatchDashboard(HalfDoneBatch(), "batch")  # type: ignore[arg-type]
+    assert (dashboard.errors.layout.max_height, dashboard.errors.layout.overflow) == ("16em", "auto")

@@ -202,7 +202,7 @@ class BatchDashboard(View):
         self.counts = w.HTML()
         self.workers = w.HTML()
         self.latest = w.HTML()
-        self.errors = w.HTML(layout={"max_height": "16em", "overflow_y": "auto"})
+        self.errors = w.HTML(layout={"max_height": "16em", "overflow": "auto"})
         self.error_box = w.Accordion(children=[self.errors], titles=("errors (0)",), layout={"display": "none"})
         self.stop = stop_button(batch.cancel)
         self.title = f"<b>{html.escape(title)}</b>"

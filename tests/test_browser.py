@@ -249,11 +249,13 @@ def test_views_in_a_browser_stop_steps_saving_reopening_html_and_dark_theme(lab:
         output(page, 6).screenshot(path=str(ARTIFACTS / "view-batch-live.png"))
         live = output(page, 6).inner_text()
         assert "items running" in live and "shards" not in live, live  # per worker: its items, not its shards
+        assert re.search(r"^\d+%$", live, re.MULTILINE) and " items/s · " in live, live  # tqdm's percentage and rate
         output(page, 6).locator("button", has_text="Stop").click()
         batch = output(page, 6).locator(".dspex-batch")
         batch.wait_for(timeout=30_000)
         summary = batch.locator(".dspex-summary").inner_text()
         assert summary.startswith("batch cancelled: 300 items") and ", 300 ok" not in summary, summary
+        assert re.search(r"failed, \d+ not run on 2 workers in .* items/s", summary), summary  # what a Stop left
         output(page, 6).screenshot(path=str(ARTIFACTS / "view-batch-finished.png"))
 
         # a two-step module: one group per step, each titled by its predictor

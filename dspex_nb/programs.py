@@ -36,7 +36,7 @@ import cloudpickle
 
 from dspex_nb import code_digest, typed
 from dspex_nb.errors import ArgumentError, CallbacksNotRun, TraceIncomplete
-from dspex_nb.wire import CACHE_DIR, CACHE_OFF, CACHE_TIERS
+from dspex_nb.wire import CACHE_DIR, CACHE_OFF, CACHE_SAFE, CACHE_TIERS
 
 
 @dataclasses.dataclass
@@ -280,6 +280,8 @@ def kernel_settings() -> str:
         values[CACHE_OFF] = off  # dspy.configure_cache(enable_disk_cache=False, ...): the pool's calls skip them too
     if cache is not None and cache.enable_disk_cache and cache.disk_cache_dir != _default_disk_cache_dir():
         values[CACHE_DIR] = cache.disk_cache_dir  # configure_cache(disk_cache_dir=...): the pool's calls share it
+    if cache is not None and (safe := _unpickled_only(cache)) is not None:
+        values[CACHE_SAFE] = safe  # configure_cache(restrict_pickle=True): the workers read the same folder so too
     return _by_value(values, f"the kernel's DSPy settings {sorted(values)}",
                      " (a call on the pool runs under them, as it would in the kernel: give them values that can "
                      "be pickled, or set them to None around the pool's calls with dspy.context)") if values else ""
@@ -290,6 +292,16 @@ def _default_disk_cache_dir() -> str:
     from dspy.clients import DISK_CACHE_DIR
 
     return os.fspath(DISK_CACHE_DIR)
+
+
+def _unpickled_only(cache: Any) -> list[tuple[str, str]] | None:
+    """The (module, qualname) pairs of the ``safe_types`` that ``cache``'s disk tier unpickles besides DSPy's own
+    where it was made with ``restrict_pickle=True`` (it then refuses any other entry, as one planted in a shared
+    folder), else None. DSPy keeps them only on the disk class it made for them."""
+    from dspy.clients.disk_serialization import _RestrictedDisk
+
+    disk = getattr(getattr(cache, "disk_cache", None), "_disk", None)
+    return sorted(disk._allowed) if isinstance(disk, type) and issubclass(disk, _RestrictedDisk) else None
 
 
 def _callbacks_not_run(callbacks: list[Any], which: str) -> None:

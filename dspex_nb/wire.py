@@ -15,6 +15,7 @@ EXIT_MISSING_DEPENDENCIES = 3  # a worker (or template) that cannot import what 
 CACHE_TIERS = ("enable_disk_cache", "enable_memory_cache")  # dspy.configure_cache's, on by default
 CACHE_OFF = "dspex_cache_off"  # in the kernel's settings a call carries: the tiers of its DSPy cache that are off
 CACHE_DIR = "dspex_cache_dir"  # and there, its disk cache's folder where it is not DSPy's default (configure_cache)
+CACHE_SAFE = "dspex_cache_safe"  # and the (module, qualname) pairs its disk cache unpickles, where it restricts them
 
 
 def message_options(limit: int) -> list[tuple[str, int]]:

@@ -135,6 +135,39 @@ def test_the_kernels_dspy_cache_folder_is_the_pools(server: OpenAIServer, tmp_pa
     assert any(tmp_path.rglob("*")), f"nothing in {tmp_path}"
 
 
+class _Planted:
+    """A cache entry planted by another user of a shared cache folder: unpickling it touches ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Path.touch, (self.marker,)
+
+
+def test_the_kernels_restricted_dspy_cache_is_restricted_on_the_pool(server: OpenAIServer, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # dspy.configure_cache(disk_cache_dir=..., restrict_pickle=True): a folder others may write to, read without
+    # unpickling what they put there; the workers read that folder too, and unpickled an entry planted there
+    import diskcache
+
+    monkeypatch.setattr(dspy, "cache", dspy.cache)  # the kernel's cache is put back after the test
+    folder, marker = tmp_path / "cache", tmp_path / "unpickled"
+    dspy.configure_cache(disk_cache_dir=str(folder), enable_memory_cache=False, restrict_pickle=True)
+    program = dspy.Predict("question -> answer")
+    cached = {k: v for k, v in settings(server).items() if k != "cache"}  # DSPy's default: cached
+    question = f"planted {os.getpid()}?"
+    with Pool(workers=1, lm=MODEL, lm_kwargs=cached, journal=False) as pool:
+        pool.run(program, question=question)
+        shared = diskcache.FanoutCache(str(folder), shards=16)
+        for key in list(shared):
+            shared[key] = _Planted(marker)
+        shared.close()
+        pool.run(program, question=question)
+    assert not marker.exists(), "the worker unpickled a planted cache entry"
+    assert server.count(question) == 2  # the planted entry was refused, as in the kernel, and the LM asked again
+
+
 def billed(lm: dspy.LM) -> float:
     """The cost of an LM's calls by in-kernel DSPy's history (a cache hit keeps its cost, but bills no usage)."""
     return sum(entry["cost"] for entry in lm.history if entry["usage"])

@@ -73,23 +73,42 @@ class Program:
 
 
 _cache_lock = threading.Lock()
-_cache: tuple[list[str], str | None] = ([], None)  # the tiers this worker's DSPy cache has off and its disk
-# folder (None: DSPy's default), as the kernel asked (neither: the cache DSPy made)
+_cache: tuple[list[str], str | None, list[tuple[str, str]] | None] = ([], None, None)  # the tiers this worker's
+# DSPy cache has off, its disk folder (None: DSPy's default) and what its disk tier unpickles (None: anything), as
+# the kernel asked (none of them: the cache DSPy made)
 
 
-def use_cache(off: list[str], disk_dir: str | None = None) -> None:
+def use_cache(off: list[str], disk_dir: str | None = None, safe: list[tuple[str, str]] | None = None) -> None:
     """Give this worker's DSPy cache the kernel's tiers: those in ``off`` off (``dspy.configure_cache``), the
-    others on, its disk tier in ``disk_dir`` (None: DSPy's default). One kernel owns the worker, so its latest
-    call's cache holds for all (DSPy's cache is global); a worker whose kernel never changed it keeps the cache
-    DSPy made."""
+    others on, its disk tier in ``disk_dir`` (None: DSPy's default), unpickling only DSPy's own types and those
+    named in ``safe`` where the kernel's restricts them (``restrict_pickle=True``: a folder others may write to). One
+    kernel owns the worker, so its latest call's cache holds for all (DSPy's cache is global); a worker whose kernel
+    never changed it keeps the cache DSPy made."""
     global _cache
     from dspy.clients import DISK_CACHE_DIR
 
     with _cache_lock:
-        if (off, disk_dir) != _cache:
+        if (off, disk_dir, safe) != _cache:
+            restricted = {} if safe is None else {"restrict_pickle": True, "safe_types": _types(safe)}
             dspy.configure_cache(**{tier: tier not in off for tier in CACHE_TIERS},
-                                 disk_cache_dir=disk_dir or DISK_CACHE_DIR)
-            _cache = (off, disk_dir)
+                                 disk_cache_dir=disk_dir or DISK_CACHE_DIR, **restricted)
+            _cache = (off, disk_dir, safe)
+
+
+def _types(names: list[tuple[str, str]]) -> list[type]:
+    """The classes of these (module, qualname) pairs that this worker can import; one it cannot (a notebook's
+    class) is left out: an entry of it could not be unpickled here anyway."""
+    found = []
+    for module, qualname in names:
+        try:
+            value: Any = importlib.import_module(module)
+            for part in qualname.split("."):
+                value = getattr(value, part)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(value, type):
+            found.append(value)
+    return found
 
 
 @functools.lru_cache(maxsize=16)

@@ -878,6 +878,25 @@ def program(text):
     assert batch.records[1]["error"]["type"] == "NotPortable" and (batch.ok, batch.failed) == (2, 1)
 
 
+def test_an_output_that_contains_itself_is_not_blamed_on_the_program(shell: InteractiveShell, pool: Pool) -> None:
+    # its encoding on the worker recursed: the call raised "RecursionError: maximum recursion depth exceeded", as if
+    # the program had recursed, while the program returned normally
+    program, _ = define(shell, '''
+def program(kind):
+    loop = []
+    loop.append(loop)
+    deep = {}
+    for _ in range(5000):
+        deep = {"a": deep}
+    return {"loop": loop, "deep": deep}[kind]
+''')
+    for kind in ("loop", "deep"):
+        with pytest.raises(NotPortable, match="the program's output contains itself, or is nested over"):
+            pool.run(program, kind=kind)
+    batch = pool.map(program, ["loop"], journal=False)
+    assert batch.result(60) == [None] and batch.records[0]["error"]["type"] == "NotPortable"
+
+
 def test_numpy_values_that_cannot_travel_raise_a_clear_error(shell: InteractiveShell, pool: Pool) -> None:
     program, _ = define(shell, '''
 import numpy as np

@@ -38,7 +38,7 @@ from dspex_nb.pool import local
 from dspex_nb.pool.calls import Run
 from dspex_nb.pool.settings import SettingError
 from dspex_nb.ui import MODES
-from dspex_nb.ui.progress import field_text, fields_of, text_table
+from dspex_nb.ui.progress import field_text, fields_of, printable, text_table
 from dspex_nb.ui.render import show_batch, show_pool, show_run
 from dspex_nb.words import count
 
@@ -641,11 +641,11 @@ def _unders_are_ipythons(shell: Any) -> bool:
 
 
 def _field_lines(value: Any) -> list[str]:
-    """A whole answer as the text view ends a stream: ``field: value`` per field, or the value itself."""
+    """A whole answer as the text view ends a stream: ``field: value`` per field, or the value itself; printable."""
     fields = fields_of(value)
     if fields is None:
-        return [repr(value)]
-    return [f"{name}: {field_text(v)}" for name, v in fields.items()]
+        return [printable(repr(value))]
+    return [printable(f"{name}: {field_text(v)}") for name, v in fields.items()]
 
 
 def notebook_pool(name: str = DEFAULT_POOL) -> Pool:

@@ -11,6 +11,10 @@ sent as they are; every other value is a small tagged object ``{"__dspex__": kin
   structured dtype, has no such form: ``NotPortable`` says so);
 - a value of one of pydantic's own types (``HttpUrl``...): pydantic's JSON of it, where that validates
   back to an equal value;
+- a subclass of ``list`` or ``dict`` (DSPy's ``dotdict``, ``Counter``, ``OrderedDict``, the notebook's own): its
+  items with its class's path, rebuilt as that class (found as below) with its base class's own methods; one that
+  holds more than its items (attributes, a ``defaultdict``'s factory), or a subclass of str, int or float, has no
+  faithful form (see ``opaque``): it would come back as the plain value;
 - an ``Enum`` member, a pydantic model (DSPy's own types included), a dataclass: sent with the class's
   path (``module:qualname``) and rebuilt with the class that a *resolver* finds for that path on the
   receiving side. Nothing is imported or unpickled to find it: see ``Resolver``. A pydantic model travels
@@ -28,6 +32,7 @@ A value with no faithful JSON form is encoded as ``opaque`` (its type and repr);
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import datetime as dt
 import enum
@@ -87,13 +92,16 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
     if numpy is not None and isinstance(value, (numpy.ndarray, numpy.generic)):
         return _numpy_json(value, numpy)
     if isinstance(value, (bool, int, float, str)) and not isinstance(value, enum.Enum):
-        return value
-    if isinstance(value, list):
+        base = next(cls for cls in (int, float, str) if isinstance(value, cls))  # a subclass (bool has none)
+        return _opaque(value, _NOT_ITSELF.format(type(value).__name__, base.__name__))
+    if type(value) is list:
         return [encode(v, ship) for v in value]
-    if isinstance(value, dict):
+    if type(value) is dict:
         if all(isinstance(k, str) for k in value) and TAG not in value:
             return {k: encode(v, ship) for k, v in value.items()}
         return {TAG: "dict", "items": [[encode(k, ship), encode(v, ship)] for k, v in value.items()]}
+    if isinstance(value, (list, dict)):
+        return _collection_json(value, ship)
     if isinstance(value, enum.Enum):
         return {TAG: "enum", "class": _path(type(value), ship), "value": encode(value.value, ship)}
     if isinstance(value, (tuple, set, frozenset)) and not hasattr(value, "_fields"):
@@ -131,6 +139,19 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
 
 
 _JSON_SCALARS = {bool, int, float, str}
+_NOT_ITSELF = "a {0}, a subclass of {1}, which would come back as a plain {1}: return {1}(value)"
+
+
+def _collection_json(value: list[Any] | dict[Any, Any], ship: Shipment | None) -> dict[str, Any]:
+    """A subclass of list or dict (DSPy's ``dotdict`` of a retriever's passages, a ``Counter``) as its class and
+    items, so that it comes back as that class (with its items only: one with state of its own, attributes or a
+    ``defaultdict``'s factory, has no such form)."""
+    base = "list" if isinstance(value, list) else "dict"
+    if getattr(value, "__dict__", None) or getattr(value, "default_factory", None) is not None:
+        return _opaque(value, _NOT_ITSELF.format(type(value).__name__, base) + " (it holds more than its items)")
+    items = [encode(v, ship) for v in value] if base == "list" else \
+        [[encode(k, ship), encode(v, ship)] for k, v in value.items()]  # type: ignore[union-attr]
+    return {TAG: base, "class": _path(type(value), ship), "items": items}
 
 
 def plain(value: Any, depth: int = 0) -> bool:
@@ -292,7 +313,10 @@ class Resolver:
     def __call__(self, path: str) -> type | None:
         if path in self.known:
             return self.known[path]
-        return _imported(path, ("dspy",))
+        return _STDLIB.get(path) or _imported(path, ("dspy",))
+
+
+_STDLIB = {class_path(cls): cls for cls in (collections.Counter, collections.OrderedDict)}  # rebuilt from items alone
 
 
 def _imported(path: str, packages: tuple[str, ...]) -> type | None:
@@ -333,10 +357,12 @@ def _items(value: dict[str, Any], resolve: Callable[[str], type | None], where: 
 
 
 def portable_kind(cls: type) -> str | None:
-    """How a class's instances travel by class path: "enum", "model" (pydantic), "dataclass", "prediction" or
-    "example" (dspy's and their subclasses); else None."""
+    """How a class's instances travel by class path: "enum", "list" or "dict" (a subclass of those), "model"
+    (pydantic), "dataclass", "prediction" or "example" (dspy's and their subclasses); else None."""
     if issubclass(cls, enum.Enum):
         return "enum"
+    if issubclass(cls, (list, dict)) and cls not in (list, dict):
+        return "list" if issubclass(cls, list) else "dict"
     dspy = sys.modules.get("dspy")
     if dspy is not None and issubclass(cls, dspy.Example):
         return "prediction" if issubclass(cls, dspy.Prediction) else "example"
@@ -454,8 +480,27 @@ def _numpy(value: dict[str, Any], resolve: Callable[[str], type | None], where: 
     return array[()] if value["scalar"] else array
 
 
+def _dict(items: list[list[Any]], resolve: Callable[[str], type | None], where: str) -> dict[Any, Any]:
+    return {decode(k, resolve, where): decode(x, resolve, f"{where}[{k!r}]") for k, x in items}
+
+
+def _collection(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
+    """The list or dict subclass's instance with these items, put in as its base class puts them (none of the
+    subclass's code runs, as for a dataclass)."""
+    cls = _cls(value, resolve, where)
+    obj = cls.__new__(cls)
+    if value[TAG] == "list":
+        list.extend(obj, _items(value, resolve, where))
+    else:  # an OrderedDict keeps its order apart from the dict's: filled through its own methods
+        setitem = collections.OrderedDict.__setitem__ if isinstance(obj, collections.OrderedDict) else dict.__setitem__
+        for key, item in _dict(value["items"], resolve, where).items():
+            setitem(obj, key, item)
+    return obj
+
+
 _DECODERS: dict[str, Callable[[dict[str, Any], Callable[[str], type | None], str], Any]] = {
-    "dict": lambda v, r, w: {decode(k, r, w): decode(x, r, f"{w}[{k!r}]") for k, x in v["items"]},
+    "dict": lambda v, r, w: _collection(v, r, w) if "class" in v else _dict(v["items"], r, w),
+    "list": lambda v, r, w: _collection(v, r, w),
     "tuple": lambda v, r, w: tuple(_items(v, r, w)),
     "set": lambda v, r, w: set(_items(v, r, w)),
     "frozenset": lambda v, r, w: frozenset(_items(v, r, w)),

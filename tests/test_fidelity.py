@@ -878,6 +878,25 @@ def program(text):
     assert batch.records[1]["error"]["type"] == "NotPortable" and (batch.ok, batch.failed) == (2, 1)
 
 
+def test_an_output_that_contains_itself_is_not_blamed_on_the_program(shell: InteractiveShell, pool: Pool) -> None:
+    # its encoding on the worker recursed: the call raised "RecursionError: maximum recursion depth exceeded", as if
+    # the program had recursed, while the program returned normally
+    program, _ = define(shell, '''
+def program(kind):
+    loop = []
+    loop.append(loop)
+    deep = {}
+    for _ in range(5000):
+        deep = {"a": deep}
+    return {"loop": loop, "deep": deep}[kind]
+''')
+    for kind in ("loop", "deep"):
+        with pytest.raises(NotPortable, match="the program's output contains itself, or is nested over"):
+            pool.run(program, kind=kind)
+    batch = pool.map(program, ["loop"], journal=False)
+    assert batch.result(60) == [None] and batch.records[0]["error"]["type"] == "NotPortable"
+
+
 def test_numpy_values_that_cannot_travel_raise_a_clear_error(shell: InteractiveShell, pool: Pool) -> None:
     program, _ = define(shell, '''
 import numpy as np
@@ -890,6 +909,36 @@ def program(kind):
                           ("masked", "a subclass of numpy's ndarray")]:
         with pytest.raises(NotPortable, match=message):
             pool.run(program, kind=kind)
+
+
+def test_list_and_dict_subclasses_come_back_as_their_class(shell: InteractiveShell, pool: Pool) -> None:
+    # a retriever's passages are DSPy dotdicts, read as passage.long_text: as plain dicts they raised AttributeError
+    program, _ = define(shell, '''
+import collections
+from dspy.dsp.utils import dotdict
+
+class Hits(list):
+    pass
+
+class Text(str):
+    pass
+
+def program(kind, given=None):
+    return {"passages": lambda: dspy.Prediction(passages=[dotdict(long_text="p1", score=0.5)]),
+            "counter": lambda: collections.Counter("hello"), "hits": lambda: Hits(["a"]),
+            "ordered": lambda: collections.OrderedDict([("b", 1), ("a", 2)]), "given": lambda: type(given).__name__,
+            "factory": lambda: collections.defaultdict(list, a=[1]), "text": lambda: Text("x")}[kind]()
+''')
+    assert pool.run(program, kind="passages").passages[0].long_text == "p1"
+    counter = pool.run(program, kind="counter")
+    assert type(counter).__name__ == "Counter" and counter["absent"] == 0 and counter == program(kind="counter")
+    assert type(pool.run(program, kind="hits")) is shell.user_ns["Hits"]
+    assert pool.run(program, kind="ordered").popitem(last=False) == ("b", 1)
+    assert pool.run(program, kind="given", given=shell.user_ns["Hits"]([1])) == "Hits"  # as an input too
+    with pytest.raises(NotPortable, match="a defaultdict, a subclass of dict, which would come back as a plain dict"):
+        pool.run(program, kind="factory")
+    with pytest.raises(NotPortable, match="a Text, a subclass of str, which would come back as a plain str"):
+        pool.run(program, kind="text")
 
 
 def test_first_calls_of_a_program_at_once_all_get_its_answer(pool: Pool, demo_lm: dspy.LM) -> None:

@@ -66,3 +66,27 @@ def test_outside_a_terminal_the_output_is_the_final_lines(pool: Pool) -> None:
 def test_dspex_noninteractive_reads_as_a_flag(monkeypatch: pytest.MonkeyPatch, value: str, live: bool) -> None:
     monkeypatch.setenv("DSPEX_NONINTERACTIVE", value)
     assert _terminal(Terminal()) is live
+
+
+HOSTILE = "\x1b[1A\x1b[2K\rdone · all fine\x1b]0;owned\x07\x9b2J"  # up a line, erase it, retitle the terminal
+
+
+@pytest.mark.parametrize("screen", [Terminal(), io.StringIO()], ids=["terminal", "pipe"])
+def test_an_answers_control_characters_are_printed_as_escapes(pool: Pool, screen: io.StringIO) -> None:
+    # the demo LM echoes the question: an answer holding an ANSI sequence or a carriage return could rewrite the
+    # lines above it, the summary, or the terminal's title; it is shown as its escapes instead
+    run = pool.execute_stream("predict", {"signature": "question -> answer", "inputs": HOSTILE})
+    show_run(run, "p", mode="text", out=screen)
+    text = screen.getvalue()
+    assert not any(c in text for c in "\x1b\r\x07\x9b"), repr(text)
+    assert "\\x1b[1A\\x1b[2K" in text and "fine\\x1b]0;owned\\x07\\x9b2J" in text
+    assert "\x1b[1A\x1b[2K" in run.result()["answer"]  # the value itself is as the LM gave it
+
+
+def test_a_failed_items_control_characters_are_printed_as_escapes(pool: Pool) -> None:
+    def fails(question: str) -> str:
+        raise ValueError(question)
+
+    pipe = io.StringIO()
+    show_batch(pool.map(fails, [HOSTILE]), "b", mode="text", out=pipe)
+    assert "\x1b" not in pipe.getvalue() and "ValueError: \\x1b[1A" in pipe.getvalue(), repr(pipe.getvalue())

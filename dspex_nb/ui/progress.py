@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dspex_nb import typed
-from dspex_nb.batch import error_line
+from dspex_nb import batch, typed
 from dspex_nb.pool.calls import Run
 from dspex_nb.words import count
 
-__all__ = ["StreamText", "batch_line", "batch_summary", "error_line", "error_text", "pool_rows", "stats_rows",
-           "text_table"]
+__all__ = ["StreamText", "batch_line", "batch_summary", "error_line", "error_text", "pool_rows", "printable",
+           "stats_rows", "text_table"]
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 control characters but tab and newline
+
+
+def printable(text: str) -> str:
+    """``text`` to print as text: its control characters, other than tab and newline, written as escapes (``\\x1b``,
+    ``\\r``), so that what an LM answered or a program raised (an ANSI escape sequence, a carriage return) cannot
+    move a terminal's cursor to rewrite earlier lines or the summary, set its title or its clipboard, or hide text."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def error_line(record: dict[str, Any]) -> str:
+    """The error of a failed item record, as one line of text (``printable``)."""
+    return printable(batch.error_line(record))
 
 
 @dataclass
@@ -64,8 +78,8 @@ class StreamText:
     def lines(self) -> list[str]:
         """The text fallback: ``field: text`` lines, under a ``[step]`` line per step when there are several."""
         if len(self.groups) <= 1:
-            return [f"{name}: {text}" for group in self.groups.values() for name, text in group.items()]
-        return [line for step, group in self.groups.items()
+            return [printable(f"{name}: {text}") for group in self.groups.values() for name, text in group.items()]
+        return [printable(line) for step, group in self.groups.items()
                 for line in [f"[{step}]", *(f"  {name}: {text}" for name, text in group.items())]]
 
     def summary(self) -> str:
@@ -78,7 +92,7 @@ class StreamText:
             line += f" · {error_text(run.error)}"
         elif run.status == "running" and self.status:
             line += f" · {self.status}"
-        return line
+        return printable(line)
 
 
 def predictor_label(name: str) -> str:

@@ -78,14 +78,15 @@ def _tokens_as_they_come(run: Run, out: TextIO) -> None:
         first_step = where[0] if first_step is None else first_step
         if where != current:  # a later step of a multi-step module is named
             label = f"[{where[0]}] " if where[0] != first_step else ""
-            out.write(("\n" if current else "") + f"{label}{where[1]}: ")
+            out.write(("\n" if current else "") + progress.printable(f"{label}{where[1]}: "))
             current = where
             streamed.add(where)
-        out.write(chunk["text"])
+        out.write(progress.printable(chunk["text"]))
         out.flush()
     text = progress.StreamText(run)
     text.update()
-    rest = [f"{name}: {value}" for step, group in text.groups.items() for name, value in group.items()
+    rest = [progress.printable(f"{name}: {value}") for step, group in text.groups.items()
+            for name, value in group.items()
             if (step, name) not in streamed and not any(name == field for _, field in streamed)]
     out.write(("\n" if current else "") + "".join(f"{line}\n" for line in rest) + text.summary() + "\n")
 
@@ -113,7 +114,7 @@ def show_batch(batch: BatchRun, title: str, *, mode: str | None = None, block: b
                 batch.wait()
             out.write(progress.batch_summary(batch.snapshot()) + "\n")
             if batch.warning:
-                out.write(f"  warning: {batch.warning}\n")
+                out.write(f"  warning: {progress.printable(batch.warning)}\n")
             for record in batch.records:
                 if record is not None and not record["ok"]:
                     out.write(f"  item {record['index']}: {progress.error_line(record)}\n")

@@ -15,6 +15,7 @@ import functools
 import inspect
 import json
 import queue
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterable
 from concurrent import futures
@@ -107,7 +108,7 @@ def output_json(output: Any, usage: dict[str, Any] | None = None, cost: float | 
     made LM calls, and their cost (``typed.COST``) where an LM
     reported one."""
     if type(output) is dspy.Prediction and typed.TAG not in output and not any(k in output for k in typed.RESERVED):
-        encoded = typed.encode(output)  # its fields at the top, and its completions where they are not just
+        encoded = _encoded(output)  # its fields at the top, and its completions where they are not just
         result = dict(encoded["fields"])  # those fields (an LM's one answer: the common case, said by no key)
         completions = encoded.get("completions")
         if completions != typed.ONE_COMPLETION:
@@ -115,12 +116,22 @@ def output_json(output: Any, usage: dict[str, Any] | None = None, cost: float | 
         if "usage" in encoded:
             result[typed.LM_USAGE] = encoded["usage"]
     else:  # a subclass, or fields that would read as ours, stay inside
-        result = {typed.TAG: "output", "value": typed.encode(output)}
+        result = {typed.TAG: "output", "value": _encoded(output)}
     if usage:
         result[typed.USAGE] = usage
     if cost is not None:
         result[typed.COST] = cost
     return result
+
+
+def _encoded(output: Any) -> Any:
+    """``typed.encode(output)``; ``NotPortable`` for an output that contains itself or is nested deeper than
+    Python recurses, which a RecursionError would have blamed on the program."""
+    try:
+        return typed.encode(output)
+    except RecursionError:
+        raise typed.NotPortable(f"the program's output contains itself, or is nested over {sys.getrecursionlimit()} "
+                                "levels deep, so it cannot be sent back: return a value without such nesting") from None
 
 
 MAX_HISTORY = 100  # the newest LM history entries a call brings back to the kernel (its dspy.inspect_history)

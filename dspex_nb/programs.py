@@ -17,6 +17,7 @@ import base64
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import io
 import json
 import linecache
@@ -36,7 +37,7 @@ import cloudpickle
 
 from dspex_nb import code_digest, typed
 from dspex_nb.errors import ArgumentError, CallbacksNotRun, TraceIncomplete
-from dspex_nb.wire import CACHE_DIR, CACHE_OFF, CACHE_SAFE, CACHE_TIERS
+from dspex_nb.wire import CACHE
 
 
 @dataclasses.dataclass
@@ -275,23 +276,36 @@ def kernel_settings() -> str:
         _callbacks_not_run(dspy_settings.callbacks, "of the kernel (dspy.configure or dspy.context)")
     values = {name: value for name in SHIPPED_SETTINGS
               if (value := getattr(dspy_settings, name, None)) != DEFAULT_CONFIG.get(name)}
-    cache = vars(sys.modules["dspy"]).get("cache")  # DSPy builds its default cache (both tiers on) when first read
-    if off := [tier for tier in CACHE_TIERS if cache is not None and not getattr(cache, tier, True)]:
-        values[CACHE_OFF] = off  # dspy.configure_cache(enable_disk_cache=False, ...): the pool's calls skip them too
-    if cache is not None and cache.enable_disk_cache and cache.disk_cache_dir != _default_disk_cache_dir():
-        values[CACHE_DIR] = cache.disk_cache_dir  # configure_cache(disk_cache_dir=...): the pool's calls share it
-    if cache is not None and (safe := _unpickled_only(cache)) is not None:
-        values[CACHE_SAFE] = safe  # configure_cache(restrict_pickle=True): the workers read the same folder so too
+    if cache := cache_settings():
+        values[CACHE] = cache  # dspy.configure_cache(...): the pool's calls use a cache made the same way
     return _by_value(values, f"the kernel's DSPy settings {sorted(values)}",
                      " (a call on the pool runs under them, as it would in the kernel: give them values that can "
                      "be pickled, or set them to None around the pool's calls with dspy.context)") if values else ""
 
 
-def _default_disk_cache_dir() -> str:
-    """The folder of DSPy's default disk cache (``DSPY_CACHEDIR``, which the workers get from the kernel)."""
-    from dspy.clients import DISK_CACHE_DIR
+def cache_settings() -> dict[str, Any]:
+    """The arguments of ``dspy.configure_cache`` that made the kernel's DSPy cache, those that differ from DSPy's
+    defaults: its tiers, disk folder and limits (diskcache keeps a folder's size limit in it, and whoever opens it
+    last sets it), and the types it unpickles where it restricts them (``restrict_pickle=True``: a folder others
+    may write to). Empty while DSPy has not made a cache yet (it makes its default one when first read)."""
+    import dspy
 
-    return os.fspath(DISK_CACHE_DIR)
+    cache = vars(dspy).get("cache")
+    if cache is None:
+        return {}
+    made = {"enable_disk_cache": cache.enable_disk_cache, "enable_memory_cache": cache.enable_memory_cache,
+            "disk_cache_dir": cache.disk_cache_dir,
+            "memory_max_entries": getattr(cache.memory_cache, "maxsize", None)}
+    disk = cache.disk_cache if cache.enable_disk_cache else None
+    if disk is not None and hasattr(disk, "size_limit") and hasattr(disk, "_count"):  # diskcache's FanoutCache
+        made["disk_size_limit_bytes"] = round(disk.size_limit * disk._count)  # its shards share the limit
+    if (safe := _unpickled_only(cache)) is not None:
+        made.update(restrict_pickle=True, safe_types=safe)
+    defaults = {name: parameter.default
+                for name, parameter in inspect.signature(dspy.configure_cache).parameters.items()}
+    defaults["disk_cache_dir"] = os.fspath(defaults["disk_cache_dir"])
+    return {name: value for name, value in made.items()
+            if value is not None and name in defaults and value != defaults[name]}
 
 
 def _unpickled_only(cache: Any) -> list[tuple[str, str]] | None:

@@ -12,10 +12,8 @@ from typing import Any
 LM_KWARGS_ENV = "DSPEX_LM_KWARGS"  # the worker's dspy.LM settings, as JSON (not on argv: they may hold a key)
 KERNEL_ENV = "DSPEX_KERNEL"  # "pid:start time" of the kernel that owns a template and its workers
 EXIT_MISSING_DEPENDENCIES = 3  # a worker (or template) that cannot import what it needs exits with this
-CACHE_TIERS = ("enable_disk_cache", "enable_memory_cache")  # dspy.configure_cache's, on by default
-CACHE_OFF = "dspex_cache_off"  # in the kernel's settings a call carries: the tiers of its DSPy cache that are off
-CACHE_DIR = "dspex_cache_dir"  # and there, its disk cache's folder where it is not DSPy's default (configure_cache)
-CACHE_SAFE = "dspex_cache_safe"  # and the (module, qualname) pairs its disk cache unpickles, where it restricts them
+CACHE = "dspex_cache"  # in the kernel's settings a call carries: its dspy.configure_cache arguments that differ
+# from DSPy's defaults (safe_types as (module, qualname) pairs), so that the workers' DSPy cache is made as the kernel's
 
 
 def message_options(limit: int) -> list[tuple[str, int]]:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import diskcache
 import dspy
 import pytest
 from openai_server import OpenAIServer
@@ -122,7 +123,7 @@ def test_the_kernels_dspy_cache_folder_is_the_pools(server: OpenAIServer, tmp_pa
     # dspy.configure_cache(disk_cache_dir=...) in the kernel: a call the kernel made is answered from that folder
     # on the pool too (the same answer, no second LM call), and the pool's calls fill it for the kernel
     monkeypatch.setattr(dspy, "cache", dspy.cache)  # the kernel's cache is put back after the test
-    dspy.configure_cache(disk_cache_dir=str(tmp_path), enable_memory_cache=False)
+    dspy.configure_cache(disk_cache_dir=str(tmp_path), enable_memory_cache=False, disk_size_limit_bytes=2**25)
     program = dspy.Predict("question -> answer")
     cached = {k: v for k, v in settings(server).items() if k != "cache"}  # DSPy's default: cached
     with Pool(workers=1, lm=MODEL, lm_kwargs=cached, journal=False) as pool, dspy.context(lm=dspy.LM(MODEL, **cached)):
@@ -132,7 +133,20 @@ def test_the_kernels_dspy_cache_folder_is_the_pools(server: OpenAIServer, tmp_pa
         on_pool = pool.run(program, question=pool_first)
         assert program(question=pool_first) == on_pool
         assert server.count(kernel_first) == server.count(pool_first) == 1
+        assert pool.run(cache_made_as) == {"disk": str(tmp_path), "memory": False, "limit": 2**25}
     assert any(tmp_path.rglob("*")), f"nothing in {tmp_path}"
+    # diskcache keeps a folder's size limit in it, and whoever opens it last sets it: the workers kept the kernel's
+    with diskcache.Cache(str(tmp_path / "000")) as shard:  # opened without a limit: the one kept in the folder
+        assert shard.size_limit == 2**25 / 16
+
+
+def cache_made_as() -> dict:
+    """The worker's DSPy cache, as a call finds it."""
+    import dspy
+
+    disk = dspy.cache.disk_cache
+    return {"disk": dspy.cache.disk_cache_dir, "memory": dspy.cache.enable_memory_cache,
+            "limit": round(disk.size_limit * disk._count)}
 
 
 class _Planted:

@@ -32,7 +32,6 @@ import dspy
 
 from dspex_nb import code_digest, redact, typed
 from dspex_nb.errors import ArgumentError
-from dspex_nb.wire import CACHE_TIERS
 
 
 @dataclass
@@ -73,26 +72,21 @@ class Program:
 
 
 _cache_lock = threading.Lock()
-_cache: tuple[list[str], str | None, list[tuple[str, str]] | None] = ([], None, None)  # the tiers this worker's
-# DSPy cache has off, its disk folder (None: DSPy's default) and what its disk tier unpickles (None: anything), as
-# the kernel asked (none of them: the cache DSPy made)
+_cache: dict[str, Any] = {}  # the dspy.configure_cache arguments this worker's DSPy cache was made with, as the
+# kernel asked ({}: the cache DSPy made)
 
 
-def use_cache(off: list[str], disk_dir: str | None = None, safe: list[tuple[str, str]] | None = None) -> None:
-    """Give this worker's DSPy cache the kernel's tiers: those in ``off`` off (``dspy.configure_cache``), the
-    others on, its disk tier in ``disk_dir`` (None: DSPy's default), unpickling only DSPy's own types and those
-    named in ``safe`` where the kernel's restricts them (``restrict_pickle=True``: a folder others may write to). One
-    kernel owns the worker, so its latest call's cache holds for all (DSPy's cache is global); a worker whose kernel
-    never changed it keeps the cache DSPy made."""
+def use_cache(settings: dict[str, Any]) -> None:
+    """Make this worker's DSPy cache as the kernel's was made: ``settings`` are the ``dspy.configure_cache``
+    arguments that differ from DSPy's defaults (``programs.cache_settings`` in the kernel; ``safe_types`` as
+    (module, qualname) pairs). One kernel owns the worker, so its latest call's cache holds for all (DSPy's cache is
+    global); a worker whose kernel never changed it keeps the cache DSPy made."""
     global _cache
-    from dspy.clients import DISK_CACHE_DIR
-
     with _cache_lock:
-        if (off, disk_dir, safe) != _cache:
-            restricted = {} if safe is None else {"restrict_pickle": True, "safe_types": _types(safe)}
-            dspy.configure_cache(**{tier: tier not in off for tier in CACHE_TIERS},
-                                 disk_cache_dir=disk_dir or DISK_CACHE_DIR, **restricted)
-            _cache = (off, disk_dir, safe)
+        if settings != _cache:
+            made = {**settings, "safe_types": _types(settings["safe_types"])} if "safe_types" in settings else settings
+            dspy.configure_cache(**made)
+            _cache = settings
 
 
 def _types(names: list[tuple[str, str]]) -> list[type]:

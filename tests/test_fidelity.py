@@ -1343,6 +1343,40 @@ program = TwoSteps()
         assert demo_lm.history[-1]["messages"] == program.topic.predict.history[-1]["messages"]
 
 
+def test_the_pools_calls_of_an_lm_a_module_holds_join_that_lms_history(
+        shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # DSPy's PAPILLON tutorial: a module keeps an "untrusted" LM and calls it itself; that call is in the held LM's
+    # history, the predictor's in the kernel's LM's, also where both LMs are of one model
+    program, _ = define(shell, '''
+from dspex_nb import demo_lm
+
+class Papillon(dspy.Module):
+    def __init__(self, untrusted_model):
+        self.craft = dspy.Predict("user_query -> llm_request")
+        self.untrusted_model = untrusted_model
+
+    def forward(self, user_query):
+        llm_request = self.craft(user_query=user_query).llm_request
+        return dspy.Prediction(llm_request=llm_request, llm_response=self.untrusted_model(llm_request)[0])
+
+program = Papillon(untrusted_model=demo_lm())
+''')
+
+    def histories() -> tuple[int, int]:
+        return len(demo_lm.history), len(program.untrusted_model.history)
+
+    with dspy.context(lm=demo_lm):
+        before = histories()
+        program(user_query="My name is Ann; write my cover letter")
+        assert [after - count for after, count in zip(histories(), before, strict=True)] == [1, 1]
+        for run in (lambda: pool.run(program, user_query="My name is Ann; write my cover letter"),
+                    lambda: pool.run_stream(program, user_query="My name is Ann; write my cover letter").result(60)):
+            before = histories()
+            run()
+            assert [after - count for after, count in zip(histories(), before, strict=True)] == [1, 1]
+            assert program.untrusted_model.history[-1]["prompt"].startswith("Demo LM answer")
+
+
 def _last_lm_call() -> str:
     import io
 

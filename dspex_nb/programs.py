@@ -39,6 +39,11 @@ from dspex_nb.errors import ArgumentError, CallbacksNotRun, TraceIncomplete
 from dspex_nb.wire import CACHE_DIR, CACHE_OFF, CACHE_TIERS
 
 
+class KernelOnly(TypeError):
+    """Raised by an object that cannot leave the kernel (a ``Pool``) when a program to ship reaches it; its
+    message says what to do instead, so no pickling hint is added."""
+
+
 @dataclasses.dataclass
 class Shipped:
     """A program ready for ``define_object``: the payload, the classes that travel in it, and its key (the
@@ -212,10 +217,11 @@ def ship(program: Any) -> Shipped:
             collector.dump(pending)
             pending = list(collector.names.values())[known:]
     except Exception as exc:
-        raise ArgumentError("define", type(exc).__name__,
-                            f"{type(program).__name__} cannot be sent to the workers: {type(exc).__name__}: {exc} "
-                            "(it holds something that cannot be pickled, e.g. an open file, a lock or a client; "
-                            "create that inside the module's forward or __init__ instead)") from None
+        hint = "" if isinstance(exc, KernelOnly) else (
+            " (it holds something that cannot be pickled, e.g. an open file, a lock or a client; create that inside "
+            "the module's forward or __init__ instead)")
+        raise ArgumentError("define", type(exc).__name__, f"{type(program).__name__} cannot be sent to the workers: "
+                            f"{type(exc).__name__}: {exc}{hint}") from None
     if collector.callbacks:
         _callbacks_not_run(collector.callbacks, "of the program's modules (callbacks=[...]), which DSPy does not "
                            "pickle,")

@@ -878,6 +878,33 @@ def program(text):
     assert batch.records[1]["error"]["type"] == "NotPortable" and (batch.ok, batch.failed) == (2, 1)
 
 
+def test_a_program_that_calls_the_pool_itself_gets_a_clear_error_on_the_pool(shell: InteractiveShell,
+                                                                             pool: Pool) -> None:
+    # a module whose forward runs its predictor with pool.run compiles in the kernel; sent to the pool itself (to
+    # evaluate the compiled program there) it cannot travel: the error says why and what to do, not "an open file"
+    shell.user_ns["pool"] = pool
+    program, _ = define(shell, '''
+class Remote(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.prog = dspy.ChainOfThought("question -> answer")
+        self.pool = pool
+
+    def forward(self, question):
+        return pool.run(self.prog, question=question)
+
+program = Remote()
+''')
+    for send in (lambda: pool.run(program, question="Why?"),
+                 lambda: pool.evaluate(program, [dspy.Example(question="Why?").with_inputs("question")],
+                                       lambda example, pred, trace=None: 1.0)):
+        with pytest.raises(ArgumentError, match=r"Remote cannot be sent to the workers: KernelOnly: it uses a "
+                                                r"dspex_nb Pool .* run that program in the kernel") as caught:
+            send()
+        assert "open file" not in str(caught.value)
+    assert program.deepcopy().pool is pool  # as DSPy's optimizers copy a student: the copy shares the pool
+
+
 def test_numpy_values_that_cannot_travel_raise_a_clear_error(shell: InteractiveShell, pool: Pool) -> None:
     program, _ = define(shell, '''
 import numpy as np

@@ -59,6 +59,17 @@ class Pool(WorkerPool):
         super().start()
         return self
 
+    def __copy__(self) -> Pool:
+        return self  # one set of workers: a copy of a module that holds the pool (Module.deepcopy) shares it
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Pool:
+        return self
+
+    def __reduce__(self) -> Any:
+        raise programs.KernelOnly(
+            "it uses a dspex_nb Pool (a forward that calls pool.run(...)), which stays in the kernel: run that "
+            "program in the kernel (dspy.Evaluate, Module.batch), or give the pool the predictors it calls")
+
     def __enter__(self) -> Pool:
         return self.start()
 

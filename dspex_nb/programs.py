@@ -40,6 +40,11 @@ from dspex_nb.errors import ArgumentError, CallbacksNotRun, TraceIncomplete
 from dspex_nb.wire import CACHE
 
 
+class KernelOnly(TypeError):
+    """Raised by an object that cannot leave the kernel (a ``Pool``) when a program to ship reaches it; its
+    message says what to do instead, so no pickling hint is added."""
+
+
 @dataclasses.dataclass
 class Shipped:
     """A program ready for ``define_object``: the payload, the classes that travel in it, and its key (the
@@ -213,10 +218,11 @@ def ship(program: Any) -> Shipped:
             collector.dump(pending)
             pending = list(collector.names.values())[known:]
     except Exception as exc:
-        raise ArgumentError("define", type(exc).__name__,
-                            f"{type(program).__name__} cannot be sent to the workers: {type(exc).__name__}: {exc} "
-                            "(it holds something that cannot be pickled, e.g. an open file, a lock or a client; "
-                            "create that inside the module's forward or __init__ instead)") from None
+        hint = "" if isinstance(exc, KernelOnly) else (
+            " (it holds something that cannot be pickled, e.g. an open file, a lock or a client; create that inside "
+            "the module's forward or __init__ instead)")
+        raise ArgumentError("define", type(exc).__name__, f"{type(program).__name__} cannot be sent to the workers: "
+                            f"{type(exc).__name__}: {exc}{hint}") from None
     if collector.callbacks:
         _callbacks_not_run(collector.callbacks, "of the program's modules (callbacks=[...]), which DSPy does not "
                            "pickle,")
@@ -472,8 +478,9 @@ def record_history(entries: list[dict[str, Any]], program: Any, lm: Any) -> None
     """A call's LM history entries recorded as DSPy records them in the kernel: in DSPy's history
     (``dspy.inspect_history``), in that of each of ``program``'s modules that made the call (by the names
     ``typed.HISTORY_MODULES`` gives, with the kernel's modules around the call), and in the history of the kernel's
-    LM that stands for the one that ran it: the predictor's own LM (``set_lm``), else ``lm`` (the kernel's DSPy LM,
-    where it is the pool's); of the same model only."""
+    LM that stands for the one that ran it: the program's LM of the name that made it (a predictor's ``set_lm`` one,
+    or one a module holds and calls itself, ``self.untrusted_model``), else the LM of the nearest module around the
+    call that has one, else ``lm`` (the kernel's DSPy LM, where it is the pool's); of the same model only."""
     import dspy
     from dspy.clients.base_lm import record_history as record
 
@@ -481,11 +488,23 @@ def record_history(entries: list[dict[str, Any]], program: Any, lm: Any) -> None
     outer = list(dspy.settings.caller_modules or [])
     for entry in entries:
         callers = [modules[name] for name in entry.pop(typed.HISTORY_MODULES, ()) if name in modules]
-        own = next((module.lm for module in reversed(callers) if getattr(module, "lm", None) is not None), lm)
+        held = _held_lm(modules, entry.pop(typed.HISTORY_LM, None))
+        own = held or next((module.lm for module in reversed(callers) if getattr(module, "lm", None) is not None), lm)
         client = own if isinstance(getattr(own, "history", None), list) and getattr(
             own, "model", None) == entry.get("model") else _History
         with dspy.context(caller_modules=[*outer, *callers]):
             record(client, entry)
+
+
+def _held_lm(modules: dict[str, Any], where: Any) -> Any:
+    """The LM that the module of ``modules`` named by ``where`` (``[module name, attribute]``, as the worker found
+    the LM that made a call) holds in the kernel, or None."""
+    import dspy
+
+    if not (isinstance(where, list) and len(where) == 2 and where[0] in modules and isinstance(where[1], str)):
+        return None
+    value = vars(modules[where[0]]).get(where[1])
+    return value if isinstance(value, dspy.BaseLM) else None
 
 
 def usage_tracked() -> bool:

@@ -57,6 +57,7 @@ COST = "__dspex_cost__"  # beside a program's output: the USD cost of its LM cal
 TRACE = "__dspex_trace__"  # beside a program's output, where the kernel asked: its predictor calls (DSPy's trace)
 HISTORY = "__dspex_history__"  # beside a program's output, where the kernel asked: its LM calls' history entries
 HISTORY_MODULES = "__dspex_modules__"  # in such an entry: the names of the program's modules that made it
+HISTORY_LM = "__dspex_lm__"  # and the program's LM that made it: [its module's name, the attribute holding it]
 RESERVED = (USAGE, COMPLETIONS, LM_USAGE, COST, TRACE, HISTORY)
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
 

@@ -232,3 +232,16 @@ def test_the_demo_lm_takes_a_real_lms_settings_and_answers_the_same() -> None:
     assert tuned.kwargs == {"temperature": 0.5, "max_tokens": 100}
     predict = dspy.Predict("question -> answer")
     assert predict(question="Why?", lm=tuned).answer == predict(question="Why?", lm=plain).answer
+
+
+def test_a_program_with_the_demo_lm_of_its_own_saves_and_loads(tmp_path: Path) -> None:
+    # DSPy's trusted-monitor tutorial saves a predictor given its LM with set_lm, and loads it again; a custom
+    # engine is saved with its knobs, and loaded where the file is trusted (allow_unsafe_lm_state=True)
+    predictor = dspy.ChainOfThought("code -> suspicion_score: int")
+    predictor.set_lm(make_demo_lm(answer_tokens=5)[0])
+    predictor.save(tmp_path / "monitor.json")
+    loaded = dspy.ChainOfThought("code -> suspicion_score: int")
+    loaded.load(tmp_path / "monitor.json", allow_unsafe_lm_state=True)
+    assert loaded.predict.lm._engine_spec.answer_tokens == 5
+    assert loaded(code="print(1)") == predictor(code="print(1)")
+    assert asyncio.run(loaded.acall(code="print(1)")) == predictor(code="print(1)")

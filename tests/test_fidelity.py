@@ -897,6 +897,33 @@ def program(kind):
     assert batch.result(60) == [None] and batch.records[0]["error"]["type"] == "NotPortable"
 
 
+def test_a_program_that_calls_the_pool_itself_gets_a_clear_error_on_the_pool(shell: InteractiveShell,
+                                                                             pool: Pool) -> None:
+    # a module whose forward runs its predictor with pool.run compiles in the kernel; sent to the pool itself (to
+    # evaluate the compiled program there) it cannot travel: the error says why and what to do, not "an open file"
+    shell.user_ns["pool"] = pool
+    program, _ = define(shell, '''
+class Remote(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.prog = dspy.ChainOfThought("question -> answer")
+        self.pool = pool
+
+    def forward(self, question):
+        return pool.run(self.prog, question=question)
+
+program = Remote()
+''')
+    for send in (lambda: pool.run(program, question="Why?"),
+                 lambda: pool.evaluate(program, [dspy.Example(question="Why?").with_inputs("question")],
+                                       lambda example, pred, trace=None: 1.0)):
+        with pytest.raises(ArgumentError, match=r"Remote cannot be sent to the workers: KernelOnly: it uses a "
+                                                r"dspex_nb Pool .* run that program in the kernel") as caught:
+            send()
+        assert "open file" not in str(caught.value)
+    assert program.deepcopy().pool is pool  # as DSPy's optimizers copy a student: the copy shares the pool
+
+
 def test_numpy_values_that_cannot_travel_raise_a_clear_error(shell: InteractiveShell, pool: Pool) -> None:
     program, _ = define(shell, '''
 import numpy as np
@@ -1390,6 +1417,40 @@ program = TwoSteps()
             run()
             assert {name: count - before[name] for name, count in histories().items()} == in_kernel
         assert demo_lm.history[-1]["messages"] == program.topic.predict.history[-1]["messages"]
+
+
+def test_the_pools_calls_of_an_lm_a_module_holds_join_that_lms_history(
+        shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # DSPy's PAPILLON tutorial: a module keeps an "untrusted" LM and calls it itself; that call is in the held LM's
+    # history, the predictor's in the kernel's LM's, also where both LMs are of one model
+    program, _ = define(shell, '''
+from dspex_nb import demo_lm
+
+class Papillon(dspy.Module):
+    def __init__(self, untrusted_model):
+        self.craft = dspy.Predict("user_query -> llm_request")
+        self.untrusted_model = untrusted_model
+
+    def forward(self, user_query):
+        llm_request = self.craft(user_query=user_query).llm_request
+        return dspy.Prediction(llm_request=llm_request, llm_response=self.untrusted_model(llm_request)[0])
+
+program = Papillon(untrusted_model=demo_lm())
+''')
+
+    def histories() -> tuple[int, int]:
+        return len(demo_lm.history), len(program.untrusted_model.history)
+
+    with dspy.context(lm=demo_lm):
+        before = histories()
+        program(user_query="My name is Ann; write my cover letter")
+        assert [after - count for after, count in zip(histories(), before, strict=True)] == [1, 1]
+        for run in (lambda: pool.run(program, user_query="My name is Ann; write my cover letter"),
+                    lambda: pool.run_stream(program, user_query="My name is Ann; write my cover letter").result(60)):
+            before = histories()
+            run()
+            assert [after - count for after, count in zip(histories(), before, strict=True)] == [1, 1]
+            assert program.untrusted_model.history[-1]["prompt"].startswith("Demo LM answer")
 
 
 def _last_lm_call() -> str:

@@ -134,6 +134,16 @@ class DemoEngine:
             return self._streaming
 
     # -- engine contract -------------------------------------------------------------------------
+    def dump_state(self) -> dict[str, Any]:
+        """The knobs, as DSPy saves a custom engine with a program whose predictor has this LM (``set_lm``)."""
+        return {knob: getattr(self, knob) for knob in _KNOBS}
+
+    @classmethod
+    def load_state(cls, state: dict[str, Any]) -> DemoEngine:
+        """An engine with the saved knobs (DSPy loads it where the program is loaded with
+        ``allow_unsafe_lm_state=True``, as any custom engine)."""
+        return cls(**{knob: value for knob, value in state.items() if knob in _KNOBS})
+
     def complete(self, request: Request) -> Response:
         text, tokens = self._begin(request)
         time.sleep(self.ttft + self.per_token * len(tokens))
@@ -348,6 +358,13 @@ class AsyncDemoEngine:
 
     def __init__(self, engine: DemoEngine) -> None:
         self.engine = engine
+
+    def dump_state(self) -> dict[str, Any]:
+        return self.engine.dump_state()
+
+    @classmethod
+    def load_state(cls, state: dict[str, Any]) -> AsyncDemoEngine:
+        return cls(DemoEngine.load_state(state))
 
     async def complete(self, request: Request) -> Response:
         text, tokens = self.engine._begin(request)

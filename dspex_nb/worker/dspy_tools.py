@@ -135,6 +135,7 @@ def _encoded(output: Any) -> Any:
 
 
 MAX_HISTORY = 100  # the newest LM history entries a call brings back to the kernel (its dspy.inspect_history)
+RECENT_ENTRIES = 64  # the newest entries of an LM's history in which a call's entry is looked for
 HISTORY_FRAME = 1024  # bytes of a result's message kept for the history's key and a stream's chunk framing
 
 
@@ -149,13 +150,17 @@ class _Costs:
     tracking as it is in the kernel: with ``track_usage`` on, a module that finds no tracker opens one and sets
     its usage on its prediction (``get_lm_usage()``)."""
 
-    def __init__(self, keep: bool = False, modules: dict[int, str] | None = None) -> None:
+    def __init__(self, keep: bool = False, modules: dict[int, str] | None = None,
+                 lms: dict[tuple[str, str], Any] | None = None) -> None:
         self.history = self
         self.total: float | None = None  # None until an LM reports a cost (an unpriced model is not free)
         self.usage = UsageTracker()
         self.entries: collections.deque[Any] | None = collections.deque(maxlen=MAX_HISTORY) if keep else None
         self.modules = modules or {}  # id -> name of the program's modules (named_sub_modules), whose histories
         # DSPy also appends the entry to: the kernel appends it to its own modules of those names
+        self.lms = lms or {}  # (module name, attribute) -> an LM the program holds (a predictor's set_lm one, or
+        # one its forward calls itself), whose history DSPy appends the entry to first: the kernel's object of that
+        # name gets it in the kernel, not the kernel's DSPy LM
         self._lock = threading.Lock()  # dspy.Parallel's threads append at once
 
     def __len__(self) -> int:
@@ -172,7 +177,13 @@ class _Costs:
                 self.usage.add_usage(entry.get("model") or _response_model(entry), entry["usage"])
             if self.entries is not None:  # the newest: inspect_history shows the last calls
                 callers = [self.modules[id(m)] for m in dspy.settings.caller_modules or () if id(m) in self.modules]
-                self.entries.append((entry, callers))
+                self.entries.append((entry, callers, self._lm_of(entry)))
+
+    def _lm_of(self, entry: dict[str, Any]) -> list[str] | None:
+        """Where the program holds the LM that made ``entry`` (DSPy appended it to that LM's history just before
+        this one's; other threads' calls may have come between), or None for an LM it does not hold."""
+        return next((list(where) for where, lm in self.lms.items()
+                     if any(seen is entry for seen in getattr(lm, "history", [])[-RECENT_ENTRIES:])), None)
 
     def tokens(self) -> dict[str, Any]:
         """The usage per model, as ``UsageTracker.get_total_tokens`` gives it."""
@@ -189,10 +200,11 @@ class _Costs:
         with self._lock:
             entries = list(self.entries or ())
         kept = []
-        for entry, callers in reversed(entries):
+        for entry, callers, lm in reversed(entries):
             try:
                 text = json.dumps({**{k: v for k, v in entry.items() if k != "response"},
-                                   typed.HISTORY_MODULES: callers}, default=_as_json, skipkeys=True)
+                                   typed.HISTORY_MODULES: callers, typed.HISTORY_LM: lm},
+                                  default=_as_json, skipkeys=True)
             except (ValueError, RecursionError):  # a circular reference
                 continue
             budget -= len(text) + 2  # ASCII, as the worker's encoder writes it, and its separator
@@ -221,11 +233,17 @@ def _as_json(value: Any) -> Any:
 def _tracked(settings: dict[str, Any], history: bool = False, program: Any = None) -> Generator[_Costs, None, None]:
     """Run under ``settings``, counting the LM usage and the cost of the calls (and with ``history``, keeping
     their DSPy history entries, with the names of ``program``'s modules that made each)."""
-    modules = {id(module): name for name, module in program.named_sub_modules()} \
-        if history and isinstance(program, dspy.Module) else None
-    costs = _Costs(keep=history, modules=modules)
+    named = list(program.named_sub_modules()) if history and isinstance(program, dspy.Module) else []
+    costs = _Costs(keep=history, modules={id(module): name for name, module in named}, lms=_held_lms(named))
     with dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]):
         yield costs
+
+
+def _held_lms(modules: list[tuple[str, Any]]) -> dict[tuple[str, str], Any]:
+    """The LMs that ``modules`` (a program's ``named_sub_modules``) hold in their own attributes, by module name and
+    attribute: a predictor's ``lm`` (``set_lm``), or one a module keeps to call itself (``self.untrusted_model``)."""
+    return {(name, attribute): value for name, module in modules
+            for attribute, value in vars(module).items() if isinstance(value, dspy.BaseLM)}
 
 
 def _listeners(program: Any) -> list[StreamListener]:

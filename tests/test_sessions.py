@@ -98,8 +98,13 @@ def test_objects_live_in_their_session(pool: Pool) -> None:
             elsewhere.execute("session_get", {"handle": handle})
         with pytest.raises(ArgumentError, match="handles live in a session"):
             pool.execute("session_put", {"value": 1}, worker="w1")
-    with pytest.raises(ArgumentError, match=f"its session {session.id} ended \\(it was closed\\)"):
+    closed = f"handle {handle} is gone: its session {session.id} ended \\(it was closed\\)"
+    with pytest.raises(ArgumentError, match=closed):
         session.execute("session_get", {"handle": handle})
+    with pytest.raises(ArgumentError, match=closed):  # also used in another session, or in none
+        pool.session("w1", affinity="strict_queue").execute("session_get", {"handle": handle})
+    with pytest.raises(ArgumentError, match=closed):
+        pool.execute("session_get", {"handle": handle}, worker="w1")
     assert pool.describe("w1")["counters"]["session_objects"] == 0
 
 
@@ -119,6 +124,8 @@ def test_sessions_expire_after_their_ttl() -> None:
         wait_until(lambda: short.describe()["counters"]["session_objects"] == 0, what="the session to expire")
         with pytest.raises(ArgumentError, match=r"ended \(it expired after 0.2 s unused\)"):
             session.execute("session_get", {"handle": handle})
+        with pytest.raises(ArgumentError, match=rf"{handle} is gone: its session {session.id} ended \(it expired"):
+            short.session().execute("session_get", {"handle": handle})
 
 
 def test_a_handle_from_a_replaced_worker_says_so(pool: Pool) -> None:

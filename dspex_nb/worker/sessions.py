@@ -17,6 +17,7 @@ from typing import Any
 from dspex_nb.errors import ArgumentError
 
 FORGET_AFTER = 1000  # ended sessions remembered for error messages
+FORGET_HANDLES = 100_000  # and handles of ended sessions (a handle used after its session ended, in another one)
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Sessions:
         self.ttl = ttl
         self._live: dict[str, _Session] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()  # session id -> why it ended
+        self._ended_handles: OrderedDict[str, str] = OrderedDict()  # handle -> the id of its ended session
         self._count = 0
         self._lock = threading.Lock()
 
@@ -61,7 +63,7 @@ class Sessions:
         """End a session; return how many objects it held."""
         with self._lock:
             session = self._live.pop(session_id, None)
-            self._end(session_id, "it was closed")
+            self._end(session_id, session, "it was closed")
             return len(session.objects) if session else 0
 
     def count(self) -> int:
@@ -80,8 +82,9 @@ class Sessions:
         if pid != str(os.getpid()):
             return (f"handle {handle} was made by an earlier process of worker {worker} (pid {pid}); that process was "
                     "replaced and its objects are gone")
-        if session_id in self._ended:
-            return f"handle {handle} is gone: its session {session_id} ended ({self._ended[session_id]})"
+        ended = session_id if session_id in self._ended else self._ended_handles.get(handle)
+        if ended in self._ended:
+            return f"handle {handle} is gone: its session {ended} ended ({self._ended[ended]})"
         owner = next((sid for sid, s in self._live.items() if handle in s.objects), None)
         if owner is not None:
             return f"handle {handle} belongs to session {owner}, not to this call's session {session_id or '(none)'}"
@@ -90,10 +93,14 @@ class Sessions:
     def _sweep(self) -> None:
         now = time.monotonic()
         for sid in [sid for sid, s in self._live.items() if now - s.used > self.ttl]:
-            del self._live[sid]
-            self._end(sid, f"it expired after {self.ttl:g} s unused")
+            self._end(sid, self._live.pop(sid), f"it expired after {self.ttl:g} s unused")
 
-    def _end(self, session_id: str, why: str) -> None:
+    def _end(self, session_id: str, session: _Session | None, why: str) -> None:
+        """Remember why the session ended, and which session its handles were of (for a call of another)."""
         self._ended[session_id] = why
         while len(self._ended) > FORGET_AFTER:
             self._ended.popitem(last=False)
+        for handle in session.objects if session else ():
+            self._ended_handles[handle] = session_id
+        while len(self._ended_handles) > FORGET_HANDLES:
+            self._ended_handles.popitem(last=False)

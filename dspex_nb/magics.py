@@ -87,8 +87,9 @@ _p.add_argument("signature", help='e.g. "question -> answer"')
 _p.add_argument("--cot", action="store_true", help="use dspy.ChainOfThought (streams its reasoning too)")
 _p.add_argument("--no-stream", action="store_true", help="wait for the whole answer instead of streaming tokens")
 _run_options(_p)
-_p = _parser("run", "Run a module defined with %%dspex define on the cell's input, streaming.")
-_p.add_argument("name", help="the module's name")
+_p = _parser("run", "Run a module on the cell's input, streaming: one defined with %%dspex define, or a "
+                    "dspy.Module of the kernel (a compiled program).")
+_p.add_argument("name", help="the module's name, or the kernel's variable that holds it")
 _p.add_argument("--no-stream", action="store_true", help="wait for the whole answer instead of streaming tokens")
 _run_options(_p)
 _p = _parser("batch", "Fan items out over the pool; OUT gets one result per item, in input order. "
@@ -96,7 +97,8 @@ _p = _parser("batch", "Fan items out over the pool; OUT gets one result per item
 _p.add_argument("signature", nargs="?", default="", help='e.g. "question -> answer" (not with --module)')
 _p.add_argument("--items", metavar="VAR", help="a list of strings or dicts, or a pandas DataFrame "
                                               "(default: the cell's non-empty lines)")
-_p.add_argument("--module", metavar="NAME", help="a module defined with %%dspex define")
+_p.add_argument("--module", metavar="NAME", help="a module defined with %%%%dspex define, or a dspy.Module of "
+                                                "the kernel")  # argparse reads %% in a help as %
 _p.add_argument("--cot", action="store_true", help="use dspy.ChainOfThought")
 _p.add_argument("--concurrency", type=int, metavar="K", help="items at a time per worker (default: the pool's)")
 _p.add_argument("--item-timeout", type=float, metavar="S", help="retry an item that runs for S seconds")

@@ -77,6 +77,7 @@ def test_help_lists_every_subcommand(sh: Shell) -> None:
         assert usage in doc
     usages = re.findall(r"^  (%+dspex \w+)", doc, re.MULTILINE)  # IPython's usage prefix adds one % itself
     assert sorted(usages) == sorted(f"%%dspex {c}" if c in CELL_COMMANDS else f"%dspex {c}" for c in PARSERS)
+    assert "%dspex define" not in doc.replace("%%dspex define", "")  # a cell magic, as every help names it
 
 
 def test_status_and_config(sh: Shell) -> None:

@@ -275,8 +275,11 @@ class Dspex(Magics):
 
     @observe("display")
     def _display_changed(self, change: dict[str, Any]) -> None:
-        """The Python API's views follow ``%config Dspex.display`` too."""
+        """The Python API's views follow ``%config Dspex.display`` too. 'widgets' where they are not installed says
+        so at once (a view refuses it when it shows)."""
         ui.default_mode = change["new"]
+        if change["new"] == "widgets" and not ui.have_widgets():
+            print(f"dspex: {ui.WIDGETS_MISSING}", file=sys.stderr)
 
     @property
     def pool(self) -> Pool | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,6 +92,16 @@ def test_status_and_config(sh: Shell) -> None:
     assert "Dspex.workers = 3" in out and "pool 'default': <Pool 2 workers" in out
     assert all(f"Dspex.{name} = " in out for name in Dspex.class_own_traits(config=True))  # warm too
     sh("%config Dspex.workers = 2")
+
+
+def test_config_display_widgets_says_what_is_missing(sh: Shell, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "anywidget", None)  # as if it were not installed
+    try:
+        _, err = sh('%config Dspex.display = "widgets"')
+        assert err == ("dspex: display mode 'widgets' needs ipywidgets, anywidget and markdown-it-py: "
+                       "pip install 'dspex_nb[widgets]'\n")
+    finally:
+        sh('%config Dspex.display = "auto"')
 
 
 def test_predict_prints_the_answer_and_stores_a_prediction(sh: Shell) -> None:

@@ -11,6 +11,8 @@ import os
 
 MODES = ("auto", "widgets", "text")
 default_mode = "auto"  # the views' mode where a caller names none (the Python API's): %config Dspex.display sets it
+WIDGETS_MISSING = ("display mode 'widgets' needs ipywidgets, anywidget and markdown-it-py: "
+                   "pip install 'dspex_nb[widgets]'")
 
 
 def noninteractive() -> bool:
@@ -24,14 +26,13 @@ def live_frontend(mode: str | None = None) -> bool:
     mode = default_mode if mode is None else mode
     if mode not in MODES:
         raise ValueError(f"display mode must be one of {MODES}, got {mode!r}")
-    if mode == "widgets" and not _have_widgets():
-        raise ImportError("display mode 'widgets' needs ipywidgets, anywidget and markdown-it-py: "
-                          "pip install 'dspex_nb[widgets]'")
+    if mode == "widgets" and not have_widgets():
+        raise ImportError(WIDGETS_MISSING)
     if mode != "auto":
         return mode == "widgets"
     if noninteractive():
         return False
-    if not _have_widgets():  # the text views: pip install 'dspex_nb[widgets]' for live ones
+    if not have_widgets():  # the text views: pip install 'dspex_nb[widgets]' for live ones
         return False
     try:
         from IPython import get_ipython
@@ -41,7 +42,7 @@ def live_frontend(mode: str | None = None) -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def _have_widgets() -> bool:
+def have_widgets() -> bool:
     try:
         return all(importlib.util.find_spec(name) is not None for name in ("ipywidgets", "anywidget", "markdown_it"))
     except (ImportError, ValueError):  # ValueError: sys.modules["ipywidgets"] is None (blocked)

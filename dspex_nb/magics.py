@@ -342,14 +342,17 @@ class Dspex(Magics):
         where = {} if ray is None else {"backend": "ray", "address": ray or None}
         try:
             pool = Pool(workers=workers, lm=lm or None, lm_kwargs=lm_kwargs, python=python or None, **where)
-        except ValueError as exc:  # e.g. the kernel's LM is not a dspy.LM
+        except (ValueError, ImportError) as exc:  # the kernel's LM is not a dspy.LM; Ray is not installed
             raise UsageError(str(exc)) from None
         label = "" if name == DEFAULT_POOL else f" {name!r}"
         if first_use:
             print(f"dspex: no pool{label} yet; starting {count(workers, 'worker')} with lm={pool.lm!r} "
                   "(%dspex start to choose)")
         pool.definitions.update(definitions or {})
-        pool.start()
+        try:
+            pool.start()
+        except ImportError as exc:  # MissingDependency: the workers' Python lacks dspy (its message says what to run)
+            raise UsageError(str(exc)) from None
         self.pools[name] = pool
         on = "" if ray is None else f", Ray actors at {ray or 'a local Ray instance'}"
         print(f"dspex: pool{label} of {count(workers, 'worker')} ready (lm={pool.lm!r}{on}) in "

@@ -381,6 +381,12 @@ def test_argument_errors_are_usage_errors(sh: Shell, cell: str, message: str) ->
     assert "print" not in sh.ns and not any(name in sh.ns for name in ("1x", "a b", "class"))
 
 
+def test_a_worker_python_without_dspy_is_said_without_a_traceback(sh: Shell, bare_python: str) -> None:
+    message = sh.usage_error(f"%dspex start --pool bare -n 1 --python {bare_python}")
+    assert "dspy" in message and "not installed" in message and f"{bare_python} -m pip install" in message
+    assert "bare" not in sh.magics.pools
+
+
 def test_an_output_name_the_kernel_gave_a_value_may_be_used_again(sh: Shell) -> None:
     sh("list = 'mine'")
     try:

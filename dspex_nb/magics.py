@@ -312,7 +312,7 @@ class Dspex(Magics):
         except SettingError as exc:  # -n 0, --concurrency 0, --timeout -1: named, without a traceback
             raise UsageError(f"%dspex {command}: {exc}") from None
         except (DspexError, SyntaxError) as exc:
-            print(f"dspex: {one_line(exc) if isinstance(exc, DspexError) else exc}", file=sys.stderr)
+            print(f"dspex: {_said(exc)}", file=sys.stderr)
 
     dspex.__doc__ = HELP
 
@@ -586,7 +586,7 @@ class Dspex(Magics):
         try:
             info = pool.define(args.name, self.shell.user_ns[args.name])
         except ToolError as exc:
-            print(f"dspex: define {args.name} failed: {one_line(exc)}\n{exc.remote_traceback}", file=sys.stderr)
+            print(f"dspex: define {args.name} failed: {_said(exc)}\n{printable(exc.remote_traceback)}", file=sys.stderr)
             return
         inputs = ", ".join(info.get("inputs", [])) or "none"
         print(f"dspex: defined {args.name} ({info.get('kind')}; inputs: {inputs}) on {count(pool.size, 'worker')}; "
@@ -616,7 +616,7 @@ class Dspex(Magics):
         except DspexError as exc:  # cancelled, or an LM or tool error (the view shows it too)
             self._store(None, handle)  # nothing computed is lost: `_` keeps what arrived
             kept = "_.records" if isinstance(handle, BatchRun) else "_.chunks"
-            print(f"dspex: {one_line(exc)}\ndspex: what arrived before is in {kept}", file=sys.stderr)
+            print(f"dspex: {_said(exc)}\ndspex: what arrived before is in {kept}", file=sys.stderr)
             return
         self._store(args.output, result)
 
@@ -646,6 +646,12 @@ def _unders_are_ipythons(shell: Any) -> bool:
         if shell.user_ns[name] is not ours:
             return False
     return True
+
+
+def _said(error: BaseException) -> str:
+    """``error`` as a magic prints it (``one_line``), ``printable``: a program's error often quotes what the LM
+    answered (DSPy's parse errors do), which may hold escape sequences that rewrite the lines above."""
+    return printable(one_line(error) if isinstance(error, DspexError) else str(error))
 
 
 def _field_lines(value: Any) -> list[str]:

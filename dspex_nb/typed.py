@@ -12,9 +12,10 @@ sent as they are; every other value is a small tagged object ``{"__dspex__": kin
 - a value of one of pydantic's own types (``HttpUrl``...): pydantic's JSON of it, where that validates
   back to an equal value;
 - a subclass of ``list`` or ``dict`` (DSPy's ``dotdict``, ``Counter``, ``OrderedDict``, the notebook's own): its
-  items with its class's path, rebuilt as that class (found as below) with its base class's own methods; one that
-  holds more than its items (attributes, a ``defaultdict``'s factory), or a subclass of str, int or float, has no
-  faithful form (see ``opaque``): it would come back as the plain value;
+  items with its class's path, rebuilt as that class (found as below) with its base class's own methods, and a
+  ``defaultdict`` with its factory where that is a plain type (``defaultdict(list)``); one that holds more than its
+  items (attributes, a factory that is code), or a subclass of str, int or float, has no faithful form (see
+  ``opaque``): it would come back as the plain value;
 - an ``Enum`` member, a pydantic model (DSPy's own types included), a dataclass: sent with the class's
   path (``module:qualname``) and rebuilt with the class that a *resolver* finds for that path on the
   receiving side. Nothing is imported or unpickled to find it: see ``Resolver``. A pydantic model travels
@@ -148,11 +149,13 @@ def _collection_json(value: list[Any] | dict[Any, Any], ship: Shipment | None) -
     items, so that it comes back as that class (with its items only: one with state of its own, attributes or a
     ``defaultdict``'s factory, has no such form)."""
     base = "list" if isinstance(value, list) else "dict"
-    if getattr(value, "__dict__", None) or getattr(value, "default_factory", None) is not None:
+    factory = value.default_factory if isinstance(value, collections.defaultdict) else None
+    if getattr(value, "__dict__", None) or (factory is not None and class_path(factory) not in _FACTORIES):
         return _opaque(value, _NOT_ITSELF.format(type(value).__name__, base) + " (it holds more than its items)")
     items = [encode(v, ship) for v in value] if base == "list" else \
         [[encode(k, ship), encode(v, ship)] for k, v in value.items()]  # type: ignore[union-attr]
-    return {TAG: base, "class": _path(type(value), ship), "items": items}
+    made = {TAG: base, "class": _path(type(value), ship), "items": items}
+    return made if factory is None else {**made, "factory": class_path(factory)}
 
 
 def plain(value: Any, depth: int = 0) -> bool:
@@ -317,7 +320,11 @@ class Resolver:
         return _STDLIB.get(path) or _imported(path, ("dspy",))
 
 
-_STDLIB = {class_path(cls): cls for cls in (collections.Counter, collections.OrderedDict)}  # rebuilt from items alone
+_STDLIB = {class_path(cls): cls for cls in (collections.Counter, collections.OrderedDict, collections.defaultdict)}
+# rebuilt from items alone (a defaultdict with its factory, one of _FACTORIES)
+_FACTORIES = {class_path(cls): cls for cls in (list, dict, set, int, float, str, tuple, frozenset, bool,
+                                              collections.Counter, collections.OrderedDict)}  # defaultdict(list)...:
+# a factory is called on a missing key, so only these plain types come from data, never a class it names
 
 
 def _imported(path: str, packages: tuple[str, ...]) -> type | None:
@@ -496,6 +503,10 @@ def _collection(value: dict[str, Any], resolve: Callable[[str], type | None], wh
         setitem = collections.OrderedDict.__setitem__ if isinstance(obj, collections.OrderedDict) else dict.__setitem__
         for key, item in _dict(value["items"], resolve, where).items():
             setitem(obj, key, item)
+    if "factory" in value:
+        if not isinstance(obj, collections.defaultdict) or value["factory"] not in _FACTORIES:
+            raise NotPortable(f"{where}: {value['factory']!r} is not a factory a defaultdict gets from data", value)
+        obj.default_factory = _FACTORIES[value["factory"]]
     return obj
 
 

@@ -9,6 +9,7 @@ also mean equal prompts (demos and instructions included).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import os
@@ -21,7 +22,7 @@ import dspy
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
-from dspex_nb import Pool
+from dspex_nb import Pool, typed
 from dspex_nb.errors import ArgumentError, CallbacksNotRun, ToolError, TraceIncomplete
 from dspex_nb.typed import NotPortable
 from dspex_nb.worker.demo_lm import make_demo_lm
@@ -954,7 +955,8 @@ def program(kind, given=None):
     return {"passages": lambda: dspy.Prediction(passages=[dotdict(long_text="p1", score=0.5)]),
             "counter": lambda: collections.Counter("hello"), "hits": lambda: Hits(["a"]),
             "ordered": lambda: collections.OrderedDict([("b", 1), ("a", 2)]), "given": lambda: type(given).__name__,
-            "factory": lambda: collections.defaultdict(list, a=[1]), "text": lambda: Text("x")}[kind]()
+            "factory": lambda: collections.defaultdict(list, a=[1]), "text": lambda: Text("x"),
+            "code": lambda: collections.defaultdict(lambda: 0), "keyed": lambda: dotdict(default_factory="f")}[kind]()
 ''')
     assert pool.run(program, kind="passages").passages[0].long_text == "p1"
     counter = pool.run(program, kind="counter")
@@ -962,10 +964,22 @@ def program(kind, given=None):
     assert type(pool.run(program, kind="hits")) is shell.user_ns["Hits"]
     assert pool.run(program, kind="ordered").popitem(last=False) == ("b", 1)
     assert pool.run(program, kind="given", given=shell.user_ns["Hits"]([1])) == "Hits"  # as an input too
+    grouped = pool.run(program, kind="factory")  # a common way to group: it comes back with its factory
+    grouped["b"].append(2)
+    assert type(grouped) is collections.defaultdict and grouped == {"a": [1], "b": [2]}
+    assert pool.run(program, kind="keyed").default_factory == "f"  # a dotdict's key, not a defaultdict's factory
     with pytest.raises(NotPortable, match="a defaultdict, a subclass of dict, which would come back as a plain dict"):
-        pool.run(program, kind="factory")
+        pool.run(program, kind="code")  # a factory that is code does not come from data
     with pytest.raises(NotPortable, match="a Text, a subclass of str, which would come back as a plain str"):
         pool.run(program, kind="text")
+
+
+def test_a_defaultdicts_factory_from_data_is_only_a_plain_type() -> None:
+    # the factory is called on a missing key: data (a worker's answer, the journal) never names another class for it
+    for factory in ("subprocess:Popen", "dspy.clients.lm:LM"):
+        raw = {typed.TAG: "dict", "class": "collections:defaultdict", "items": [], "factory": factory}
+        with pytest.raises(NotPortable, match="is not a factory a defaultdict gets from data"):
+            typed.decode(raw)
 
 
 def test_first_calls_of_a_program_at_once_all_get_its_answer(pool: Pool, demo_lm: dspy.LM) -> None:

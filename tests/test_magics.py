@@ -311,6 +311,15 @@ def test_define_errors(sh: Shell) -> None:
     assert "no module named 'Nope'" in sh.usage_error("%%dspex run Nope\nx")
 
 
+def test_a_failed_runs_control_characters_are_printed_as_escapes(sh: Shell) -> None:
+    # a program's error often quotes the LM's answer (DSPy's parse errors do): the view's summary line showed it
+    # escaped, the magic's own "dspex: ValueError: ..." line raw, which could erase lines above or retitle a terminal
+    sh("def fails(question):\n    raise ValueError(question)")
+    _, err = sh("%%dspex run fails\n\x1b[1A\x1b[2Kall fine\x1b]0;owned\x07")
+    assert "\x1b" not in err and "\x07" not in err, repr(err)
+    assert "dspex: ValueError: \\x1b[1A\\x1b[2Kall fine\\x1b]0;owned\\x07" in err, repr(err)
+
+
 def test_background_run_returns_a_handle(sh: Shell) -> None:
     out, _ = sh('%%dspex predict "question -> answer" -a -o h\nlater?')
     assert "running in the background; h.result() waits for it" in out

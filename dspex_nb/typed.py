@@ -11,11 +11,11 @@ sent as they are; every other value is a small tagged object ``{"__dspex__": kin
   structured dtype, has no such form: ``NotPortable`` says so);
 - a value of one of pydantic's own types (``HttpUrl``...): pydantic's JSON of it, where that validates
   back to an equal value;
-- a subclass of ``list`` or ``dict`` (DSPy's ``dotdict``, ``Counter``, ``OrderedDict``, the notebook's own): its
-  items with its class's path, rebuilt as that class (found as below) with its base class's own methods, and a
-  ``defaultdict`` with its factory where that is a plain type (``defaultdict(list)``); one that holds more than its
-  items (attributes, a factory that is code), or a subclass of str, int or float, has no faithful form (see
-  ``opaque``): it would come back as the plain value;
+- a subclass of ``list``, ``dict``, ``str``, ``int`` or ``float`` (DSPy's ``dotdict``, ``Counter``, ``OrderedDict``,
+  bs4's ``NavigableString``, the notebook's own): its items or value with its class's path, rebuilt as that class
+  (found as below) with its base class's own methods, and a ``defaultdict`` with its factory where that is a plain
+  type (``defaultdict(list)``); one that holds more than its items or value (attributes, slots, a factory that is
+  code) has no faithful form (see ``opaque``): it would come back as the plain value;
 - an ``Enum`` member, a pydantic model (DSPy's own types included), a dataclass: sent with the class's
   path (``module:qualname``) and rebuilt with the class that a *resolver* finds for that path on the
   receiving side. Nothing is imported or unpickled to find it: see ``Resolver``. A pydantic model travels
@@ -93,9 +93,8 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
     numpy = sys.modules.get("numpy")  # before the plain values: np.float64 is a float, np.str_ a str
     if numpy is not None and isinstance(value, (numpy.ndarray, numpy.generic)):
         return _numpy_json(value, numpy)
-    if isinstance(value, (bool, int, float, str)) and not isinstance(value, enum.Enum):
-        base = next(cls for cls in (int, float, str) if isinstance(value, cls))  # a subclass (bool has none)
-        return _opaque(value, _NOT_ITSELF.format(type(value).__name__, base.__name__))
+    if isinstance(value, (int, float, str)) and not isinstance(value, enum.Enum):  # a subclass (bool has none)
+        return _scalar_json(value, ship)
     if type(value) is list:
         return [encode(v, ship) for v in value]
     if type(value) is dict:
@@ -141,7 +140,32 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
 
 
 _JSON_SCALARS = {bool, int, float, str}
-_NOT_ITSELF = "a {0}, a subclass of {1}, which would come back as a plain {1}: return {1}(value)"
+_NOT_ITSELF = ("a {0}, a subclass of {1} that holds more than its {2}, which would come back as a plain {1}: "
+               "use {1}(value)")
+
+
+_SCALARS = {"str": str, "int": int, "float": float}
+_AS_BASE = {str: str.__str__, int: int.__int__, float: float.__float__}  # the value itself: not the subclass's own
+# __str__ / __int__ / __float__, whose result need not be its value
+
+
+def _scalar_json(value: str | int | float, ship: Shipment | None) -> dict[str, Any]:
+    """A subclass of str, int or float (bs4's ``NavigableString``, a notebook's own) as its class and value, so that
+    it comes back as that class (with its value only: one with state of its own, attributes or slots, has no such
+    form)."""
+    base = next(cls for cls in (str, int, float) if isinstance(value, cls))
+    if _own_state(value):
+        return _opaque(value, _NOT_ITSELF.format(type(value).__name__, base.__name__, "value"))
+    return {TAG: base.__name__, "class": _path(type(value), ship), "value": _AS_BASE[base](value)}
+
+
+def _own_state(value: Any) -> bool:
+    """Whether ``value`` holds attributes of its own (in its ``__dict__`` or its class's ``__slots__``)."""
+    if getattr(value, "__dict__", None):
+        return True
+    slots = (slot for cls in type(value).__mro__ for slot in
+             ((lambda names: [names] if isinstance(names, str) else names)(vars(cls).get("__slots__", ()))))
+    return any(slot not in ("__dict__", "__weakref__") and hasattr(value, slot) for slot in slots)
 
 
 def _collection_json(value: list[Any] | dict[Any, Any], ship: Shipment | None) -> dict[str, Any]:
@@ -150,8 +174,8 @@ def _collection_json(value: list[Any] | dict[Any, Any], ship: Shipment | None) -
     ``defaultdict``'s factory, has no such form)."""
     base = "list" if isinstance(value, list) else "dict"
     factory = value.default_factory if isinstance(value, collections.defaultdict) else None
-    if getattr(value, "__dict__", None) or (factory is not None and class_path(factory) not in _FACTORIES):
-        return _opaque(value, _NOT_ITSELF.format(type(value).__name__, base) + " (it holds more than its items)")
+    if _own_state(value) or (factory is not None and class_path(factory) not in _FACTORIES):
+        return _opaque(value, _NOT_ITSELF.format(type(value).__name__, base, "items"))
     items = [encode(v, ship) for v in value] if base == "list" else \
         [[encode(k, ship), encode(v, ship)] for k, v in value.items()]  # type: ignore[union-attr]
     made = {TAG: base, "class": _path(type(value), ship), "items": items}
@@ -371,6 +395,10 @@ def portable_kind(cls: type) -> str | None:
         return "enum"
     if issubclass(cls, (list, dict)) and cls not in (list, dict):
         return "list" if issubclass(cls, list) else "dict"
+    numpy = sys.modules.get("numpy")
+    if issubclass(cls, (str, int, float)) and cls not in (str, int, float, bool) and not (
+            numpy is not None and issubclass(cls, numpy.generic)):  # np.float64 travels as numpy
+        return next(name for name, base in _SCALARS.items() if issubclass(cls, base))
     dspy = sys.modules.get("dspy")
     if dspy is not None and issubclass(cls, dspy.Example):
         return "prediction" if issubclass(cls, dspy.Prediction) else "example"
@@ -513,6 +541,7 @@ def _collection(value: dict[str, Any], resolve: Callable[[str], type | None], wh
 _DECODERS: dict[str, Callable[[dict[str, Any], Callable[[str], type | None], str], Any]] = {
     "dict": lambda v, r, w: _collection(v, r, w) if "class" in v else _dict(v["items"], r, w),
     "list": lambda v, r, w: _collection(v, r, w),
+    **dict.fromkeys(_SCALARS, lambda v, r, w: _SCALARS[v[TAG]].__new__(_cls(v, r, w), v["value"])),  # none of its code
     "tuple": lambda v, r, w: tuple(_items(v, r, w)),
     "set": lambda v, r, w: set(_items(v, r, w)),
     "frozenset": lambda v, r, w: frozenset(_items(v, r, w)),

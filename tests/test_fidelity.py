@@ -951,11 +951,19 @@ class Hits(list):
 class Text(str):
     pass
 
+class Count(int):
+    def __int__(self):
+        return 0  # its own conversion is not its value
+
+class Tagged(str):
+    __slots__ = ("tag",)
+
 def program(kind, given=None):
     return {"passages": lambda: dspy.Prediction(passages=[dotdict(long_text="p1", score=0.5)]),
             "counter": lambda: collections.Counter("hello"), "hits": lambda: Hits(["a"]),
             "ordered": lambda: collections.OrderedDict([("b", 1), ("a", 2)]), "given": lambda: type(given).__name__,
             "factory": lambda: collections.defaultdict(list, a=[1]), "text": lambda: Text("x"),
+            "count": lambda: Count(3), "tagged": lambda: (tagged := Tagged("t"), setattr(tagged, "tag", 1))[0],
             "code": lambda: collections.defaultdict(lambda: 0), "keyed": lambda: dotdict(default_factory="f")}[kind]()
 ''')
     assert pool.run(program, kind="passages").passages[0].long_text == "p1"
@@ -968,10 +976,13 @@ def program(kind, given=None):
     grouped["b"].append(2)
     assert type(grouped) is collections.defaultdict and grouped == {"a": [1], "b": [2]}
     assert pool.run(program, kind="keyed").default_factory == "f"  # a dotdict's key, not a defaultdict's factory
-    with pytest.raises(NotPortable, match="a defaultdict, a subclass of dict, which would come back as a plain dict"):
+    with pytest.raises(NotPortable, match="a defaultdict, a subclass of dict that holds more than its items"):
         pool.run(program, kind="code")  # a factory that is code does not come from data
-    with pytest.raises(NotPortable, match="a Text, a subclass of str, which would come back as a plain str"):
-        pool.run(program, kind="text")
+    text, number = pool.run(program, kind="text"), pool.run(program, kind="count")
+    assert type(text) is shell.user_ns["Text"] and text == "x" and type(number) is shell.user_ns["Count"]
+    assert number == 3 and pool.run(program, kind="given", given=shell.user_ns["Text"]("y")) == "Text"
+    with pytest.raises(NotPortable, match="a Tagged, a subclass of str that holds more than its value"):
+        pool.run(program, kind="tagged")
 
 
 def test_a_defaultdicts_factory_from_data_is_only_a_plain_type() -> None:

@@ -49,7 +49,8 @@ from dspex_nb import redact
 from dspex_nb.errors import DspexError
 
 TAG = "__dspex__"
-FORMAT = 3  # this encoding's version, in the journal's batch keys: results kept in an older one are not read
+FORMAT = 4  # this encoding's version, in the journal's batch keys: results kept in an older one are not read
+# (4: subclasses of list, dict, str, int and float travel as their class; in 3 they came as the plain value)
 USAGE = "__dspex_usage__"  # beside a program's output: its LM usage per model, as dspy.track_usage counts it
 COMPLETIONS = "__dspex_completions__"  # beside a Prediction's fields: its completions (field -> values)
 ONE_COMPLETION = "fields"  # as the completions: one, that is the fields themselves (n=1)

@@ -294,11 +294,23 @@ def cache_settings() -> dict[str, Any]:
     defaults: its tiers, disk folder and limits (diskcache keeps a folder's size limit in it, and whoever opens it
     last sets it), and the types it unpickles where it restricts them (``restrict_pickle=True``: a folder others
     may write to). Empty while DSPy has not made a cache yet (it makes its default one when first read)."""
+    global _made
     import dspy
 
     cache = vars(dspy).get("cache")
     if cache is None:
         return {}
+    if _made[0] is not cache:  # read once per cache (configure_cache makes a new one): every call sends them
+        _made = (cache, _made_with(cache))
+    return _made[1]
+
+
+_made: tuple[Any, dict[str, Any]] = (None, {})  # the kernel's DSPy cache last seen, and its cache_settings
+
+
+def _made_with(cache: Any) -> dict[str, Any]:
+    import dspy
+
     made = {"enable_disk_cache": cache.enable_disk_cache, "enable_memory_cache": cache.enable_memory_cache,
             "disk_cache_dir": cache.disk_cache_dir,
             "memory_max_entries": getattr(cache.memory_cache, "maxsize", None)}

@@ -241,17 +241,31 @@ def _provider_settings() -> list[str]:
                                                          "DSPEX_PROBE_CREDENTIALS_FILE")]
 
 
+def _process_settings(words: list[str]) -> list[str]:
+    import dspy
+
+    return [str(list(set(words))), str(dspy.cache.disk_cache_dir)]
+
+
 def test_the_kernels_api_keys_reach_the_actors(cluster: str, monkeypatch: pytest.MonkeyPatch,
                                                tmp_path: Path) -> None:
     """An API key a notebook puts in its environment after the cluster started (`os.environ["OPENAI_API_KEY"] =
     ...`, as DSPy's tutorials do) reaches the actors, as it reaches local workers: else their LM calls fail. A
-    credential file's path reaches them only where their node has that file."""
+    credential file's path reaches them only where their node has that file. The kernel's PYTHONHASHSEED (the
+    order of a set of strings) and DSPy's cache folder (DSPY_CACHEDIR) reach them too, as local workers inherit
+    them: the cluster's nodes were started with others."""
     monkeypatch.setenv("DSPEX_PROBE_API_KEY", "sk-set-in-the-notebook")
     monkeypatch.setenv("DSPEX_PROBE_CREDENTIALS", str(tmp_path / "only-on-the-kernels-machine.json"))
     (tmp_path / "here.json").write_text("{}")
     monkeypatch.setenv("DSPEX_PROBE_CREDENTIALS_FILE", str(tmp_path / "here.json"))
+    monkeypatch.setenv("PYTHONHASHSEED", "1234")
+    monkeypatch.setenv("DSPY_CACHEDIR", str(tmp_path / "dspy-cache"))
+    words = [f"word{i}" for i in range(20)]
+    kernel = subprocess.run([sys.executable, "-c", f"print(list(set({words!r})))"], capture_output=True, text=True,
+                            check=True, env={**os.environ, "PYTHONHASHSEED": "1234"}).stdout.strip()  # a kernel so
     with Pool(workers=1, backend="ray", address=cluster, journal=False, resources={"head": 1}) as p:
         assert p.run(_provider_settings) == ["sk-set-in-the-notebook", "<unset>", str(tmp_path / "here.json")]
+        assert p.run(_process_settings, words=words) == [kernel, str(tmp_path / "dspy-cache")]
 
 
 class CodedError(Exception):

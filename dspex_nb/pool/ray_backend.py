@@ -37,6 +37,8 @@ except ImportError as exc:  # reported at Pool(backend="ray"), never deep in a c
 SLICE = 0.2  # seconds a stream's reader waits before it checks its deadline and cancellation
 DEAD = -int(signal.SIGKILL)  # the exit code reported for an actor Ray says is dead
 CONTROL = {"concurrency_group": "control"}  # pings, cancels, describe: never behind the work
+KERNEL_VARIABLES = ("PYTHONHASHSEED", "DSPY_CACHEDIR", "DSPY_CACHE_LIMIT")  # read as a process starts (its
+# string hashes, DSPy's default cache): a local worker inherits the kernel's, and what a program gives depends on them
 _owners: set[RayBackend] = set()  # the pools using the Ray instance that one of them started
 _owned = threading.Lock()
 
@@ -88,10 +90,12 @@ class RayBackend:
 
 def _actor_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """An actor's environment as (secrets, the rest): the kernel's secret-named variables with ``Pool(env=...)``'s
-    (which win), passed to its constructor; the rest of ``Pool(env=...)``, for its ``runtime_env``, which Ray's
-    dashboard shows to whoever can open it."""
+    (which win), passed to its constructor; the kernel's ``KERNEL_VARIABLES`` with the rest of ``Pool(env=...)``
+    (which wins), for its ``runtime_env``, which Ray's dashboard shows to whoever can open it, and which Ray sets
+    before the actor's Python starts."""
     secret = {k: v for k, v in env.items() if _secret(k)}
-    return {**_kernel_secrets(), **secret}, {k: v for k, v in env.items() if k not in secret}
+    kernel = {name: os.environ[name] for name in KERNEL_VARIABLES if name in os.environ}
+    return {**_kernel_secrets(), **secret}, {**kernel, **{k: v for k, v in env.items() if k not in secret}}
 
 
 def _secret(name: str) -> bool:

@@ -242,9 +242,11 @@ def _provider_settings() -> list[str]:
 
 
 def _process_settings(words: list[str]) -> list[str]:
+    import os
+
     import dspy
 
-    return [str(list(set(words))), str(dspy.cache.disk_cache_dir)]
+    return [str(list(set(words))), str(dspy.cache.disk_cache_dir), open("notes.txt").read(), os.getcwd()]
 
 
 def test_the_kernels_api_keys_reach_the_actors(cluster: str, monkeypatch: pytest.MonkeyPatch,
@@ -253,7 +255,8 @@ def test_the_kernels_api_keys_reach_the_actors(cluster: str, monkeypatch: pytest
     ...`, as DSPy's tutorials do) reaches the actors, as it reaches local workers: else their LM calls fail. A
     credential file's path reaches them only where their node has that file. The kernel's PYTHONHASHSEED (the
     order of a set of strings) and DSPy's cache folder (DSPY_CACHEDIR) reach them too, as local workers inherit
-    them: the cluster's nodes were started with others."""
+    them: the cluster's nodes were started with others; and so does the kernel's working directory (a program
+    opens a relative path as in the kernel)."""
     monkeypatch.setenv("DSPEX_PROBE_API_KEY", "sk-set-in-the-notebook")
     monkeypatch.setenv("DSPEX_PROBE_CREDENTIALS", str(tmp_path / "only-on-the-kernels-machine.json"))
     (tmp_path / "here.json").write_text("{}")
@@ -263,9 +266,12 @@ def test_the_kernels_api_keys_reach_the_actors(cluster: str, monkeypatch: pytest
     words = [f"word{i}" for i in range(20)]
     kernel = subprocess.run([sys.executable, "-c", f"print(list(set({words!r})))"], capture_output=True, text=True,
                             check=True, env={**os.environ, "PYTHONHASHSEED": "1234"}).stdout.strip()  # a kernel so
+    (tmp_path / "notes.txt").write_text("the notebook's notes")
+    monkeypatch.chdir(tmp_path)
     with Pool(workers=1, backend="ray", address=cluster, journal=False, resources={"head": 1}) as p:
         assert p.run(_provider_settings) == ["sk-set-in-the-notebook", "<unset>", str(tmp_path / "here.json")]
-        assert p.run(_process_settings, words=words) == [kernel, str(tmp_path / "dspy-cache")]
+        assert p.run(_process_settings, words=words) == [kernel, str(tmp_path / "dspy-cache"), "the notebook's notes",
+                                                          str(tmp_path)]
 
 
 class CodedError(Exception):

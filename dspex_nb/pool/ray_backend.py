@@ -52,8 +52,10 @@ class RayBackend:
         self._actor = ray.remote(max_concurrency=max_in_flight + 8,  # every call a pool may send, and spare
                                  concurrency_groups={"control": 4})(_worker_class())
         self._ids = itertools.count()
+        self.cwd = os.getcwd()  # the actors' too, where their node has it, as local workers have the kernel's
 
     def open(self) -> list[dict[str, Any]]:
+        self.cwd = os.getcwd()
         with _owned:
             if not ray.is_initialized():
                 ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
@@ -77,7 +79,7 @@ class RayBackend:
             options["resources"] = resources
         actor = self._actor.options(**options).remote(
             worker_id, spec.run_id, spec.lm, spec.lm_kwargs, spec.max_message_bytes, spec.rate_limit,
-            spec.session_ttl, secrets)
+            spec.session_ttl, secrets, self.cwd)
         return RayConnection(worker_id, actor, f"{spec.run_id}-{worker_id}-{generation}", self._ids)
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ actor) and sets the call's ``ctx.cancelled``, as gRPC's cancellation callback do
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -33,11 +34,19 @@ def _use(secrets: dict[str, str]) -> None:
             os.environ[name] = value
 
 
+def _enter(cwd: str) -> None:
+    """Work in the kernel's working directory (where the pool started), as a local worker does, so that a program
+    opens a relative path as in the kernel; where this node has no such directory, Ray's stays."""
+    with contextlib.suppress(OSError):
+        os.chdir(cwd)
+
+
 class RayWorker:
     def __init__(self, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any], max_message_bytes: int,
-                 rate_limit: float | None, session_ttl: float, secrets: dict[str, str]) -> None:
+                 rate_limit: float | None, session_ttl: float, secrets: dict[str, str], cwd: str) -> None:
         sys.stdin = NoInput()  # input() in a program fails at once, saying why
         _use(secrets)
+        _enter(cwd)
         self.state = new_state(worker_id=worker_id, run_id=run_id, lm=lm, lm_kwargs=lm_kwargs,
                                max_message_bytes=max_message_bytes, rate_limit=rate_limit, session_ttl=session_ttl)
         self._calls: dict[str, tuple[Call, threading.Event]] = {}  # call id -> the call, and "it is over"

@@ -161,6 +161,24 @@ def test_a_define_reaches_the_actor_that_replaces_a_dead_one(pool: Pool) -> None
     assert out["answer"].startswith("Demo LM answer to")
 
 
+def _exits_by_itself() -> None:
+    import os
+
+    os._exit(7)
+
+
+def test_an_actor_that_ends_by_itself_is_not_said_to_be_killed(pool: Pool) -> None:
+    """A program that ends its actor's process (os._exit, a crash) is not reported as killed by SIGKILL, which Ray
+    cannot know and which reads as the OOM killer: the error gives Ray's own reason."""
+    from dspex_nb.errors import WorkerDied
+
+    with pytest.raises(WorkerDied) as info:
+        pool.run(_exits_by_itself)
+    assert "SIGKILL" not in str(info.value) and "its process ended; Ray says SYSTEM_ERROR" in str(info.value)
+    wait_until(lambda: [w.state for w in pool.workers] == ["ready", "ready"], timeout=120,
+               what="the actor to be replaced")
+
+
 def test_a_notebook_cell_starts_a_pool_on_ray(cluster: str) -> None:
     """`%dspex start --ray ADDRESS` in a notebook run by a real Jupyter kernel (nbclient), then a cell that
     streams an answer from the actors."""

@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -35,7 +36,8 @@ except ImportError as exc:  # reported at Pool(backend="ray"), never deep in a c
                       "pip install 'dspex_nb[ray]'") from exc
 
 SLICE = 0.2  # seconds a stream's reader waits before it checks its deadline and cancellation
-DEAD = -int(signal.SIGKILL)  # the exit code reported for an actor Ray says is dead
+DEAD = -int(signal.SIGKILL)  # the exit code reported for an actor Ray says is dead (``ended`` says how it ended)
+RAY_EXIT = re.compile(r"Worker exit type: (\w+) Worker exit detail: ([^.]*)")  # in Ray's error for a dead actor
 CONTROL = {"concurrency_group": "control"}  # pings, cancels, describe: never behind the work
 KERNEL_VARIABLES = ("PYTHONHASHSEED", "DSPY_CACHEDIR", "DSPY_CACHE_LIMIT")  # read as a process starts (its
 # string hashes, DSPy's default cache): a local worker inherits the kernel's, and what a program gives depends on them
@@ -131,13 +133,24 @@ class ActorProcess:
         self.node_id = ""  # and Ray's id of that node
         self.python = "ray actor"
         self.dead: str = ""  # why Ray says it is dead
+        self.signalled = ""  # the signal the pool sent to end it
 
     def exit_code(self) -> int | None:
         return DEAD if self.dead else None
 
     def died(self, err: BaseException) -> None:
-        """Ray says the actor is gone (``err``): the first reason is kept."""
-        self.dead = self.dead or str(err).splitlines()[0] or type(err).__name__
+        """Ray says the actor is gone (``err``): the first reason is kept, as Ray gives it (its exit type and
+        detail: ``NODE_OUT_OF_MEMORY``, ``SYSTEM_ERROR``...), or the first line of its error."""
+        if not self.dead:
+            text = str(err)
+            found = RAY_EXIT.search(text)
+            self.dead = (f"its process ended; Ray says {found[1]}: {found[2].strip()}" if found
+                         else text.splitlines()[0] if text else type(err).__name__)
+
+    def ended(self) -> str:
+        """How it ended: Ray knows no exit code, so the signal the pool sent it, else Ray's reason (a process that
+        ended by itself, with ``os._exit`` or a crash, is Ray's ``SYSTEM_ERROR``)."""
+        return self.signalled or self.dead or "ended"
 
     def wait(self, timeout: float) -> int:
         """Its exit code, once a ping within ``timeout`` says it is dead (TimeoutError while it answers)."""
@@ -162,6 +175,8 @@ class ActorProcess:
         if self.pid and self.node in _local_addresses():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
+                if sig in (signal.SIGKILL, signal.SIGTERM):
+                    self.signalled = f"killed by {signal.Signals(sig).name}"
 
     def log_tail(self, lines: int = 30) -> str:
         return ("(the actor's output is in Ray's logs: `ray logs` or the Ray dashboard; an actor that never starts "

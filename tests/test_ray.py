@@ -179,6 +179,21 @@ def test_an_actor_that_ends_by_itself_is_not_said_to_be_killed(pool: Pool) -> No
                what="the actor to be replaced")
 
 
+def test_an_actor_that_cannot_start_says_why(cluster: str) -> None:
+    """An actor whose start raises (the LM's settings refused by dspy.LM) gives that error, as a local worker's start
+    does, not only Ray's first line ('an error raised in its creation task, ray::RayWorker.__init__()'), colours
+    and all."""
+    from dspex_nb.errors import WorkerStartError
+
+    pool = Pool(workers=1, backend="ray", address=cluster, journal=False, resources={"head": 1}, lm="openai/o1",
+                lm_kwargs={"api_key": "sk-not-to-be-shown", "temperature": 0.5, "max_tokens": 10})
+    with pytest.raises(WorkerStartError) as info, pool:
+        pass
+    message = str(info.value)
+    assert "LMConfigurationError: [openai/o1] OpenAI's reasoning models require passing temperature=1.0" in message
+    assert "\x1b" not in message and "sk-not-to-be-shown" not in message
+
+
 def test_a_notebook_cell_starts_a_pool_on_ray(cluster: str) -> None:
     """`%dspex start --ray ADDRESS` in a notebook run by a real Jupyter kernel (nbclient), then a cell that
     streams an answer from the actors."""

@@ -37,6 +37,8 @@ except ImportError as exc:  # reported at Pool(backend="ray"), never deep in a c
 
 SLICE = 0.2  # seconds a stream's reader waits before it checks its deadline and cancellation
 DEAD = -int(signal.SIGKILL)  # the exit code reported for an actor Ray says is dead (``ended`` says how it ended)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the colours of Ray's messages
+FRAME = re.compile(r'\s+File ".*", line \d+')  # a traceback's frame line
 RAY_EXIT = re.compile(r"Worker exit type: (\w+) Worker exit detail: ([^.]*)")  # in Ray's error for a dead actor
 CONTROL = {"concurrency_group": "control"}  # pings, cancels, describe: never behind the work
 KERNEL_VARIABLES = ("PYTHONHASHSEED", "DSPY_CACHEDIR", "DSPY_CACHE_LIMIT")  # read as a process starts (its
@@ -142,10 +144,14 @@ class ActorProcess:
         """Ray says the actor is gone (``err``): the first reason is kept, as Ray gives it (its exit type and
         detail: ``NODE_OUT_OF_MEMORY``, ``SYSTEM_ERROR``...), or the first line of its error."""
         if not self.dead:
-            text = str(err)
+            text = ANSI.sub("", str(err))
             found = RAY_EXIT.search(text)
-            self.dead = (f"its process ended; Ray says {found[1]}: {found[2].strip()}" if found
-                         else text.splitlines()[0] if text else type(err).__name__)
+            if getattr(err, "actor_init_failed", False):  # Ray's first line names only __init__; the error is last
+                self.dead = redact.text(_raised(text))
+            elif found:
+                self.dead = f"its process ended; Ray says {found[1]}: {found[2].strip()}"
+            else:
+                self.dead = text.splitlines()[0] if text else type(err).__name__
 
     def ended(self) -> str:
         """How it ended: Ray knows no exit code, so the signal the pool sent it, else Ray's reason (a process that
@@ -187,6 +193,14 @@ class ActorProcess:
 
     def start_failure(self, worker_id: str) -> Exception:
         return WorkerStartError(f"Ray actor {worker_id} could not start: {self.dead}")
+
+
+def _raised(traceback: str) -> str:
+    """The exception a traceback ends with (its message may span lines): what follows its last frame."""
+    lines = traceback.splitlines()
+    frames = [i for i, line in enumerate(lines) if FRAME.match(line)]
+    rest = lines[frames[-1] + 1:] if frames else lines[-1:]
+    return "\n".join(itertools.dropwhile(lambda line: line[:1].isspace(), rest)).strip() or lines[-1]
 
 
 def _local_addresses() -> set[str]:

@@ -282,6 +282,15 @@ def _process_settings(words: list[str]) -> list[str]:
     return [str(list(set(words))), str(dspy.cache.disk_cache_dir), open("notes.txt").read(), os.getcwd()]
 
 
+def _pool_env() -> list[str]:
+    import os
+
+    import ray
+
+    return [os.environ["DSPEX_PROBE_PROXY"], os.environ["DSPEX_PROBE_PLAIN"],
+            ray.get_runtime_context().get_runtime_env_string()]
+
+
 def test_the_kernels_api_keys_reach_the_actors(cluster: str, monkeypatch: pytest.MonkeyPatch,
                                                tmp_path: Path) -> None:
     """An API key a notebook puts in its environment after the cluster started (`os.environ["OPENAI_API_KEY"] =
@@ -301,10 +310,15 @@ def test_the_kernels_api_keys_reach_the_actors(cluster: str, monkeypatch: pytest
                             check=True, env={**os.environ, "PYTHONHASHSEED": "1234"}).stdout.strip()  # a kernel so
     (tmp_path / "notes.txt").write_text("the notebook's notes")
     monkeypatch.chdir(tmp_path)
-    with Pool(workers=1, backend="ray", address=cluster, journal=False, resources={"head": 1}) as p:
+    proxy = "http://user:hunter2-proxy@proxy.invalid:3128"  # Pool(env=...)'s: its password stays out of runtime_env
+    with Pool(workers=1, backend="ray", address=cluster, journal=False, resources={"head": 1},
+              env={"DSPEX_PROBE_PROXY": proxy, "DSPEX_PROBE_PLAIN": "plain-value"}) as p:
         assert p.run(_provider_settings) == ["sk-set-in-the-notebook", "<unset>", str(tmp_path / "here.json")]
         assert p.run(_process_settings, words=words) == [kernel, str(tmp_path / "dspy-cache"), "the notebook's notes",
                                                           str(tmp_path)]
+        reached, plain, runtime_env = p.run(_pool_env)
+        assert (reached, plain) == (proxy, "plain-value") and "plain-value" in runtime_env
+        assert "hunter2-proxy" not in runtime_env and "sk-set-in-the-notebook" not in runtime_env
 
 
 class CodedError(Exception):

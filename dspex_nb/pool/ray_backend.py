@@ -96,10 +96,10 @@ class RayBackend:
 
 def _actor_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """An actor's environment as (secrets, the rest): the kernel's secret-named variables with ``Pool(env=...)``'s
-    (which win), passed to its constructor; the kernel's ``KERNEL_VARIABLES`` with the rest of ``Pool(env=...)``
-    (which wins), for its ``runtime_env``, which Ray's dashboard shows to whoever can open it, and which Ray sets
-    before the actor's Python starts."""
-    secret = {k: v for k, v in env.items() if _secret(k)}
+    and those of its variables whose value holds a URL's password (which win), passed to its constructor; the
+    kernel's ``KERNEL_VARIABLES`` with the rest of ``Pool(env=...)`` (which wins), for its ``runtime_env``, which
+    Ray's dashboard shows to whoever can open it, and which Ray sets before the actor's Python starts."""
+    secret = {k: v for k, v in env.items() if _secret(k) or redact.url_passwords(v)}  # HTTPS_PROXY's password
     kernel = {name: os.environ[name] for name in KERNEL_VARIABLES if name in os.environ}
     return {**_kernel_secrets(), **secret}, {**kernel, **{k: v for k, v in env.items() if k not in secret}}
 

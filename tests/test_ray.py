@@ -279,7 +279,8 @@ def _process_settings(words: list[str]) -> list[str]:
 
     import dspy
 
-    return [str(list(set(words))), str(dspy.cache.disk_cache_dir), open("notes.txt").read(), os.getcwd()]
+    return [str(list(set(words))), str(dspy.cache.disk_cache_dir), open("notes.txt").read(), os.getcwd(),
+            os.environ.get("LITELLM_LOCAL_MODEL_COST_MAP", "<unset>")]
 
 
 def _pool_env() -> list[str]:
@@ -298,7 +299,7 @@ def test_the_kernels_api_keys_reach_the_actors(cluster: str, monkeypatch: pytest
     credential file's path reaches them only where their node has that file. The kernel's PYTHONHASHSEED (the
     order of a set of strings) and DSPy's cache folder (DSPY_CACHEDIR) reach them too, as local workers inherit
     them: the cluster's nodes were started with others; and so does the kernel's working directory (a program
-    opens a relative path as in the kernel)."""
+    opens a relative path as in the kernel). Like local workers, actors read the LMs' prices offline."""
     monkeypatch.setenv("DSPEX_PROBE_API_KEY", "sk-set-in-the-notebook")
     monkeypatch.setenv("DSPEX_PROBE_CREDENTIALS", str(tmp_path / "only-on-the-kernels-machine.json"))
     (tmp_path / "here.json").write_text("{}")
@@ -315,7 +316,7 @@ def test_the_kernels_api_keys_reach_the_actors(cluster: str, monkeypatch: pytest
               env={"DSPEX_PROBE_PROXY": proxy, "DSPEX_PROBE_PLAIN": "plain-value"}) as p:
         assert p.run(_provider_settings) == ["sk-set-in-the-notebook", "<unset>", str(tmp_path / "here.json")]
         assert p.run(_process_settings, words=words) == [kernel, str(tmp_path / "dspy-cache"), "the notebook's notes",
-                                                          str(tmp_path)]
+                                                          str(tmp_path), "True"]  # prices as local workers read them
         reached, plain, runtime_env = p.run(_pool_env)
         assert (reached, plain) == (proxy, "plain-value") and "plain-value" in runtime_env
         assert "hunter2-proxy" not in runtime_env and "sk-set-in-the-notebook" not in runtime_env

@@ -41,8 +41,9 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the colours of Ray's messages
 FRAME = re.compile(r'\s+File ".*", line \d+')  # a traceback's frame line
 RAY_EXIT = re.compile(r"Worker exit type: (\w+) Worker exit detail: ([^.]*)")  # in Ray's error for a dead actor
 CONTROL = {"concurrency_group": "control"}  # pings, cancels, describe: never behind the work
-KERNEL_VARIABLES = ("PYTHONHASHSEED", "DSPY_CACHEDIR", "DSPY_CACHE_LIMIT")  # read as a process starts (its
-# string hashes, DSPy's default cache): a local worker inherits the kernel's, and what a program gives depends on them
+KERNEL_VARIABLES = ("PYTHONHASHSEED", "DSPY_CACHEDIR", "DSPY_CACHE_LIMIT", "LITELLM_LOCAL_MODEL_COST_MAP")  # a
+# local worker inherits the kernel's, and what a program gives depends on them (its string hashes, DSPy's default
+# cache, the prices its LM costs come from); some are read as a process starts
 _owners: set[RayBackend] = set()  # the pools using the Ray instance that one of them started
 _owned = threading.Lock()
 

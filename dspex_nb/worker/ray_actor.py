@@ -23,6 +23,7 @@ from dspex_nb.worker.state import rss_bytes
 from dspex_nb.worker.stdin import NoInput
 
 EARLY_CANCEL_KEPT = 600.0  # seconds a cancel waits for its call to arrive
+LOCAL_PRICES = "LITELLM_LOCAL_MODEL_COST_MAP"  # DSPy's LM prices from its own copy, not fetched from the internet
 
 
 def _use(secrets: dict[str, str]) -> None:
@@ -47,6 +48,7 @@ class RayWorker:
         sys.stdin = NoInput()  # input() in a program fails at once, saying why
         _use(secrets)
         _enter(cwd)
+        os.environ.setdefault(LOCAL_PRICES, "True")  # offline-safe, as a local worker (``process.worker_env``)
         self.state = new_state(worker_id=worker_id, run_id=run_id, lm=lm, lm_kwargs=lm_kwargs,
                                max_message_bytes=max_message_bytes, rate_limit=rate_limit, session_ttl=session_ttl)
         self._calls: dict[str, tuple[Call, threading.Event]] = {}  # call id -> the call, and "it is over"

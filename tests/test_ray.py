@@ -194,6 +194,16 @@ def test_an_actor_that_cannot_start_says_why(cluster: str) -> None:
     assert "\x1b" not in message and "sk-not-to-be-shown" not in message
 
 
+def test_an_actor_asking_for_resources_no_node_has_says_so(cluster: str) -> None:
+    from dspex_nb.errors import WorkerStartError
+
+    pool = Pool(workers=1, backend="ray", address=cluster, journal=False, resources={"unicorn": 1, "head": 1},
+                start_timeout=4)
+    with pytest.raises(WorkerStartError, match=r"no live node of the Ray cluster has the resources it asks for "
+                                               r"\(Pool\(resources=...\)\): \{'unicorn': 1\}"), pool:
+        pass
+
+
 def test_a_notebook_cell_starts_a_pool_on_ray(cluster: str) -> None:
     """`%dspex start --ray ADDRESS` in a notebook run by a real Jupyter kernel (nbclient), then a cell that
     streams an answer from the actors."""

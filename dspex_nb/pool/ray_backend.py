@@ -85,7 +85,9 @@ class RayBackend:
         actor = self._actor.options(**options).remote(
             worker_id, spec.run_id, spec.lm, spec.lm_kwargs, spec.max_message_bytes, spec.rate_limit,
             spec.session_ttl, secrets, self.cwd)
-        return RayConnection(worker_id, actor, f"{spec.run_id}-{worker_id}-{generation}", self._ids)
+        connection = RayConnection(worker_id, actor, f"{spec.run_id}-{worker_id}-{generation}", self._ids)
+        connection.process.wanted = self.resources
+        return connection
 
     def close(self) -> None:
         with _owned:
@@ -137,6 +139,7 @@ class ActorProcess:
         self.python = "ray actor"
         self.dead: str = ""  # why Ray says it is dead
         self.signalled = ""  # the signal the pool sent to end it
+        self.wanted: dict[str, float] = {}  # the resources it asks for (Pool(resources=...))
 
     def exit_code(self) -> int | None:
         return DEAD if self.dead else None
@@ -186,14 +189,27 @@ class ActorProcess:
                     self.signalled = f"killed by {signal.Signals(sig).name}"
 
     def log_tail(self, lines: int = 30) -> str:
+        lacking = _lacking(self.wanted)
         return ("(the actor's output is in Ray's logs: `ray logs` or the Ray dashboard; an actor that never starts "
-                "may be waiting for the resources it asks for: `ray status`)")
+                "may be waiting for the resources it asks for: `ray status`)"
+                + (f"\nno live node of the Ray cluster has the resources it asks for (Pool(resources=...)): "
+                   f"{lacking}; an autoscaling cluster may yet add one" if lacking else ""))
 
     def trim_log(self) -> None:
         """Nothing to do: Ray keeps an actor's output (and rotates it)."""
 
     def start_failure(self, worker_id: str) -> Exception:
         return WorkerStartError(f"Ray actor {worker_id} could not start: {self.dead}")
+
+
+def _lacking(wanted: dict[str, float]) -> dict[str, float]:
+    """Those of the ``wanted`` resources that no live node of the cluster has as much of (an actor asking for them
+    waits until one joins)."""
+    with contextlib.suppress(Exception):  # a cluster gone meanwhile: nothing to say
+        nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+        return {name: amount for name, amount in wanted.items()
+                if not any(have.get(name, 0) >= amount for have in nodes)}
+    return {}
 
 
 def _raised(traceback: str) -> str:

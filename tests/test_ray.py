@@ -204,6 +204,18 @@ def test_an_actor_asking_for_resources_no_node_has_says_so(cluster: str) -> None
         pass
 
 
+def test_a_setting_the_backend_would_not_use_is_refused() -> None:
+    """Pool(python=...) on Ray (an actor runs its node's Python), address or resources without backend='ray': each
+    was dropped without a word, so the pool ran elsewhere or otherwise than asked."""
+    from dspex_nb.pool.settings import SettingError
+
+    with pytest.raises(SettingError, match=r"Pool\(python='/opt/py/bin/python'\) chooses the local workers' Python"):
+        Pool(backend="ray", python="/opt/py/bin/python")
+    for where in ({"address": "auto"}, {"resources": {"GPU": 1}}):
+        with pytest.raises(SettingError, match=rf"Pool\({next(iter(where))}=...\) places Ray actors"):
+            Pool(**where)
+
+
 def test_a_notebook_cell_starts_a_pool_on_ray(cluster: str) -> None:
     """`%dspex start --ray ADDRESS` in a notebook run by a real Jupyter kernel (nbclient), then a cell that
     streams an answer from the actors."""

@@ -216,6 +216,25 @@ def test_a_setting_the_backend_would_not_use_is_refused() -> None:
             Pool(**where)
 
 
+def _prints_on_a_full_disk() -> str:
+    import os
+
+    full, saved = os.open("/dev/full", os.O_WRONLY), os.dup(1)
+    os.dup2(full, 1)  # the actor's output, as on a node whose log disk is full: every write fails with ENOSPC
+    try:
+        print("x" * 100_000, flush=True)
+        return "printed"
+    finally:
+        os.dup2(saved, 1)
+        os.close(full)
+        os.close(saved)
+
+
+def test_a_print_on_a_full_log_disk_fails_no_call_on_an_actor(pool: Pool) -> None:
+    # as on a local worker, and as the same print in the kernel succeeds
+    assert pool.run(_prints_on_a_full_disk) == "printed"
+
+
 def test_a_notebook_cell_starts_a_pool_on_ray(cluster: str) -> None:
     """`%dspex start --ray ADDRESS` in a notebook run by a real Jupyter kernel (nbclient), then a cell that
     streams an answer from the actors."""

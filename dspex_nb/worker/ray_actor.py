@@ -18,6 +18,7 @@ from typing import Any
 
 from dspex_nb.worker.calls import Call
 from dspex_nb.worker.main import new_state
+from dspex_nb.worker.output import spare_output
 from dspex_nb.worker.server import describe
 from dspex_nb.worker.state import rss_bytes
 from dspex_nb.worker.stdin import NoInput
@@ -46,6 +47,7 @@ class RayWorker:
     def __init__(self, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any], max_message_bytes: int,
                  rate_limit: float | None, session_ttl: float, secrets: dict[str, str], cwd: str) -> None:
         sys.stdin = NoInput()  # input() in a program fails at once, saying why
+        spare_output()  # a print to a log on a full disk (Ray's, on the node) fails no call
         _use(secrets)
         _enter(cwd)
         os.environ.setdefault(LOCAL_PRICES, "True")  # offline-safe, as a local worker (``process.worker_env``)

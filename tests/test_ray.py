@@ -216,6 +216,16 @@ def test_a_setting_the_backend_would_not_use_is_refused() -> None:
             Pool(**where)
 
 
+def test_a_ray_client_address_is_refused_saying_why() -> None:
+    """Ray Client cannot stream from an actor, as every run_stream, map and batch does: its address failed at the
+    first ping with Ray's "Invalid option keyword: 'concurrency_group'"."""
+    from dspex_nb.pool.settings import SettingError
+
+    with pytest.raises(SettingError, match=r"Pool\(address='ray://head:10001'\) is a Ray Client address: Ray Client "
+                                           r"cannot run the pool's streamed calls"):
+        Pool(backend="ray", address="ray://head:10001")
+
+
 def _prints_on_a_full_disk() -> str:
     import os
 

@@ -1,6 +1,6 @@
 """The Ray backend: each worker is a Ray actor (``dspex_nb.worker.ray_actor.RayWorker``) on a Ray cluster.
 
-``Pool(backend="ray", address=None | "auto" | "ray://host:port", resources={...})``. With no address the
+``Pool(backend="ray", address=None | "auto" | "host:port", resources={...})``. With no address the
 pool starts a local Ray instance and ends it with the pool; with one, it joins that cluster and leaves it
 running. Calls travel over Ray's own transport (a streamed call is an actor generator method), so the
 pool opens no port of its own. Everything above the connection is the pool's, as for local workers:
@@ -27,10 +27,12 @@ from dspex_nb import redact
 from dspex_nb.errors import CallTimeout, DspexError, WorkerDied, WorkerStartError, remote_error
 from dspex_nb.pool.calls import Chunk, decode_chunks
 from dspex_nb.pool.connection import ConnectionClosed, Died, Health, WorkerSpec, left
+from dspex_nb.pool.settings import SettingError
 
 try:
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    from ray.util.client import ray as ray_client
 except ImportError as exc:  # reported at Pool(backend="ray"), never deep in a call
     raise ImportError(f"Pool(backend='ray') needs Ray in the kernel's Python ({exc}): "
                       "pip install 'dspex_nb[ray]'") from exc
@@ -44,6 +46,10 @@ CONTROL = {"concurrency_group": "control"}  # pings, cancels, describe: never be
 KERNEL_VARIABLES = ("PYTHONHASHSEED", "DSPY_CACHEDIR", "DSPY_CACHE_LIMIT", "LITELLM_LOCAL_MODEL_COST_MAP")  # a
 # local worker inherits the kernel's, and what a program gives depends on them (its string hashes, DSPy's default
 # cache, the prices its LM costs come from); some are read as a process starts
+CLIENT_SCHEME = "ray://"
+NO_CLIENT = ("Ray Client cannot run the pool's streamed calls (Ray: 'Streaming actor methods are not currently "
+             "supported when using Ray Client'); run the kernel on a node of the cluster and give the head's GCS "
+             "address (address='auto', or 'HEAD_IP:6379')")
 _owners: set[RayBackend] = set()  # the pools using the Ray instance that one of them started
 _owned = threading.Lock()
 
@@ -52,6 +58,8 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, address: str | None, resources: dict[str, float] | None, max_in_flight: int) -> None:
+        if isinstance(address, str) and address.startswith(CLIENT_SCHEME):
+            raise SettingError(f"Pool(address={address!r}) is a Ray Client address: {NO_CLIENT}")
         self.address = address
         self.resources = dict(resources or {})
         self._actor = ray.remote(max_concurrency=max_in_flight + 8,  # every call a pool may send, and spare
@@ -61,6 +69,8 @@ class RayBackend:
 
     def open(self) -> list[dict[str, Any]]:
         self.cwd = os.getcwd()
+        if ray_client.is_connected():  # the kernel's own ray.init("ray://...")
+            raise WorkerStartError(f"this kernel is connected to Ray through Ray Client: {NO_CLIENT}")
         with _owned:
             if not ray.is_initialized():
                 ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)

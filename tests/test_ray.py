@@ -216,6 +216,17 @@ def test_a_setting_the_backend_would_not_use_is_refused() -> None:
             Pool(**where)
 
 
+def test_an_address_other_than_the_connected_clusters_is_refused(cluster: str) -> None:
+    """This test process is connected to the module's cluster: a pool given another cluster's address would have
+    run its actors here, without a word."""
+    from dspex_nb.errors import WorkerStartError
+
+    elsewhere = Pool(workers=1, backend="ray", address="10.9.8.7:6390", journal=False)
+    with pytest.raises(WorkerStartError, match=r"Pool\(address='10.9.8.7:6390'\): this kernel is connected to the "
+                                               r"Ray cluster at .*:\d+ already"), elsewhere:
+        pass
+
+
 def test_a_ray_client_address_is_refused_saying_why() -> None:
     """Ray Client cannot stream from an actor, as every run_stream, map and batch does: its address failed at the
     first ping with Ray's "Invalid option keyword: 'concurrency_group'"."""

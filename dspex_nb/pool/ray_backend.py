@@ -76,8 +76,10 @@ class RayBackend:
                 ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
                 _owners.clear()
                 _owners.add(self)  # a Ray instance started here: ended when its last pool closes
-            elif _owners:
-                _owners.add(self)
+            else:
+                _same_cluster(self.address)
+                if _owners:
+                    _owners.add(self)
         return []
 
     def spawn(self, worker_id: str, generation: int, spec: WorkerSpec) -> RayConnection:
@@ -105,6 +107,19 @@ class RayBackend:
                 _owners.discard(self)
                 if not _owners:
                     ray.shutdown()  # the instance a pool started, now unused (a cluster it joined keeps running)
+
+
+def _same_cluster(address: str | None) -> None:
+    """Refuse an ``address`` (``host:port``) whose port is not that of the cluster this kernel is connected to
+    already (by ``ray.init`` or an earlier pool): Ray keeps one connection, so the pool would run there instead."""
+    port = (address or "").rpartition(":")[2]
+    if port.isdigit():
+        connected = ray.get_runtime_context().gcs_address
+        if connected.rpartition(":")[2] != port:
+            raise WorkerStartError(f"Pool(address={address!r}): this kernel is connected to the Ray cluster at "
+                                   f"{connected} already (ray.init, or another pool), and Ray keeps one connection: "
+                                   "give that address or 'auto', or end that connection first (ray.shutdown(), "
+                                   "after closing its pools)")
 
 
 def _actor_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:

@@ -98,7 +98,7 @@ class RayBackend:
             worker_id, spec.run_id, spec.lm, spec.lm_kwargs, spec.max_message_bytes, spec.rate_limit,
             spec.session_ttl, secrets, self.cwd)
         connection = RayConnection(worker_id, actor, f"{spec.run_id}-{worker_id}-{generation}", self._ids)
-        connection.process.wanted = self.resources
+        connection.process.wanted = self.resources  # named where it cannot start for want of them
         return connection
 
     def close(self) -> None:
@@ -242,7 +242,7 @@ def _raised(traceback: str) -> str:
     lines = traceback.splitlines()
     frames = [i for i, line in enumerate(lines) if FRAME.match(line)]
     rest = lines[frames[-1] + 1:] if frames else lines[-1:]
-    return "\n".join(itertools.dropwhile(lambda line: line[:1].isspace(), rest)).strip() or lines[-1]
+    return "\n".join(itertools.dropwhile(lambda line: line[:1].isspace(), rest)).strip() or traceback.strip()
 
 
 def _local_addresses() -> set[str]:

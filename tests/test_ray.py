@@ -256,6 +256,20 @@ def test_a_print_on_a_full_log_disk_fails_no_call_on_an_actor(pool: Pool) -> Non
     assert pool.run(_prints_on_a_full_disk) == "printed"
 
 
+def test_kill_worker_reaches_an_actor_on_another_node(pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pool.kill_worker on an actor of another node did nothing, silently: SIGKILL now ends it through Ray, and
+    another signal is refused saying why."""
+    from dspex_nb.pool import ray_backend
+
+    monkeypatch.setattr(ray_backend, "_local_addresses", set)  # as if every node were another machine
+    with pytest.raises(ValueError, match="cannot send SIGUSR1 to worker w0: its actor runs on another node"):
+        pool.kill_worker("w0", signal.SIGUSR1)
+    old_pid = pool.kill_worker("w1", signal.SIGKILL)
+    replaced = wait_until(lambda: [w for w in pool.workers if w.id == "w1" and w.state == "ready"
+                                   and w.process.pid != old_pid], timeout=120, what="w1 to be replaced")
+    assert replaced[0].restarts >= 1 and "died (killed by SIGKILL)" in replaced[0].last_error, replaced[0].last_error
+
+
 def test_a_notebook_cell_starts_a_pool_on_ray(cluster: str) -> None:
     """`%dspex start --ray ADDRESS` in a notebook run by a real Jupyter kernel (nbclient), then a cell that
     streams an answer from the actors."""

@@ -206,12 +206,19 @@ class ActorProcess:
         self.dead = self.dead or "killed by the pool"
 
     def signal(self, sig: int) -> None:
-        """A signal to the actor's process (only where it runs on this machine: fault tests and demos)."""
+        """A signal to the actor's process (fault tests and demos): sent where it runs on this machine; on another
+        node, SIGKILL is Ray's ``ray.kill`` and any other signal an error (it was dropped without a word)."""
         if self.pid and self.node in _local_addresses():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
-                if sig in (signal.SIGKILL, signal.SIGTERM):
-                    self.signalled = f"killed by {signal.Signals(sig).name}"
+        elif sig == signal.SIGKILL:
+            with contextlib.suppress(Exception):  # gone already
+                ray.kill(self.actor, no_restart=True)
+        else:
+            raise ValueError(f"cannot send {signal.Signals(sig).name} to worker {self.worker_id}: its actor runs on "
+                             f"another node ({self.node or 'not placed yet'}); only SIGKILL reaches it (ray.kill)")
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            self.signalled = f"killed by {signal.Signals(sig).name}"
 
     def log_tail(self, lines: int = 30) -> str:
         lacking = _lacking(self.wanted)

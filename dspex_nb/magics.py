@@ -68,7 +68,7 @@ _p.add_argument("-n", "--workers", type=int, help="number of worker processes")
 _p.add_argument("--lm", help="'demo' or a dspy.LM model string, e.g. openai/gpt-4o-mini")
 _p.add_argument("--python", metavar="EXE", help="the workers' Python interpreter")
 _p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                help="run the workers as Ray actors: on the cluster at ADDRESS ('auto', 'ray://host:port'), "
+                help="run the workers as Ray actors: on the cluster at ADDRESS ('auto', 'HEAD_IP:6379'), "
                      "or without one on a local Ray instance the pool starts")
 _parser("stop", "Stop the pool and every worker process.")
 _parser("restart", "Stop the pool and start it again with the same settings and defined modules.")

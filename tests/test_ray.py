@@ -161,6 +161,115 @@ def test_a_define_reaches_the_actor_that_replaces_a_dead_one(pool: Pool) -> None
     assert out["answer"].startswith("Demo LM answer to")
 
 
+def _exits_by_itself() -> None:
+    import os
+
+    os._exit(7)
+
+
+def test_an_actor_that_ends_by_itself_is_not_said_to_be_killed(pool: Pool) -> None:
+    """A program that ends its actor's process (os._exit, a crash) is not reported as killed by SIGKILL, which Ray
+    cannot know and which reads as the OOM killer: the error gives Ray's own reason."""
+    from dspex_nb.errors import WorkerDied
+
+    with pytest.raises(WorkerDied) as info:
+        pool.run(_exits_by_itself)
+    assert "SIGKILL" not in str(info.value) and "its process ended; Ray says SYSTEM_ERROR" in str(info.value)
+    wait_until(lambda: [w.state for w in pool.workers] == ["ready", "ready"], timeout=120,
+               what="the actor to be replaced")
+
+
+def test_an_actor_that_cannot_start_says_why(cluster: str) -> None:
+    """An actor whose start raises (the LM's settings refused by dspy.LM) gives that error, as a local worker's start
+    does, not only Ray's first line ('an error raised in its creation task, ray::RayWorker.__init__()'), colours
+    and all."""
+    from dspex_nb.errors import WorkerStartError
+
+    pool = Pool(workers=1, backend="ray", address=cluster, journal=False, resources={"head": 1}, lm="openai/o1",
+                lm_kwargs={"api_key": "sk-not-to-be-shown", "temperature": 0.5, "max_tokens": 10})
+    with pytest.raises(WorkerStartError) as info, pool:
+        pass
+    message = str(info.value)
+    assert "LMConfigurationError: [openai/o1] OpenAI's reasoning models require passing temperature=1.0" in message
+    assert "\x1b" not in message and "sk-not-to-be-shown" not in message
+
+
+def test_an_actor_asking_for_resources_no_node_has_says_so(cluster: str) -> None:
+    from dspex_nb.errors import WorkerStartError
+
+    pool = Pool(workers=1, backend="ray", address=cluster, journal=False, resources={"unicorn": 1, "head": 1},
+                start_timeout=4)
+    with pytest.raises(WorkerStartError, match=r"no live node of the Ray cluster has the resources it asks for "
+                                               r"\(Pool\(resources=...\)\): \{'unicorn': 1\}"), pool:
+        pass
+
+
+def test_a_setting_the_backend_would_not_use_is_refused() -> None:
+    """Pool(python=...) on Ray (an actor runs its node's Python), address or resources without backend='ray': each
+    was dropped without a word, so the pool ran elsewhere or otherwise than asked."""
+    from dspex_nb.pool.settings import SettingError
+
+    with pytest.raises(SettingError, match=r"Pool\(python='/opt/py/bin/python'\) chooses the local workers' Python"):
+        Pool(backend="ray", python="/opt/py/bin/python")
+    for where in ({"address": "auto"}, {"resources": {"GPU": 1}}):
+        with pytest.raises(SettingError, match=rf"Pool\({next(iter(where))}=...\) places Ray actors"):
+            Pool(**where)
+
+
+def test_an_address_other_than_the_connected_clusters_is_refused(cluster: str) -> None:
+    """This test process is connected to the module's cluster: a pool given another cluster's address would have
+    run its actors here, without a word."""
+    from dspex_nb.errors import WorkerStartError
+
+    elsewhere = Pool(workers=1, backend="ray", address="10.9.8.7:6390", journal=False)
+    with pytest.raises(WorkerStartError, match=r"Pool\(address='10.9.8.7:6390'\): this kernel is connected to the "
+                                               r"Ray cluster at .*:\d+ already"), elsewhere:
+        pass
+
+
+def test_a_ray_client_address_is_refused_saying_why() -> None:
+    """Ray Client cannot stream from an actor, as every run_stream, map and batch does: its address failed at the
+    first ping with Ray's "Invalid option keyword: 'concurrency_group'"."""
+    from dspex_nb.pool.settings import SettingError
+
+    with pytest.raises(SettingError, match=r"Pool\(address='ray://head:10001'\) is a Ray Client address: Ray Client "
+                                           r"cannot run the pool's streamed calls"):
+        Pool(backend="ray", address="ray://head:10001")
+
+
+def _prints_on_a_full_disk() -> str:
+    import os
+
+    full, saved = os.open("/dev/full", os.O_WRONLY), os.dup(1)
+    os.dup2(full, 1)  # the actor's output, as on a node whose log disk is full: every write fails with ENOSPC
+    try:
+        print("x" * 100_000, flush=True)
+        return "printed"
+    finally:
+        os.dup2(saved, 1)
+        os.close(full)
+        os.close(saved)
+
+
+def test_a_print_on_a_full_log_disk_fails_no_call_on_an_actor(pool: Pool) -> None:
+    # as on a local worker, and as the same print in the kernel succeeds
+    assert pool.run(_prints_on_a_full_disk) == "printed"
+
+
+def test_kill_worker_reaches_an_actor_on_another_node(pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pool.kill_worker on an actor of another node did nothing, silently: SIGKILL now ends it through Ray, and
+    another signal is refused saying why."""
+    from dspex_nb.pool import ray_backend
+
+    monkeypatch.setattr(ray_backend, "_local_addresses", set)  # as if every node were another machine
+    with pytest.raises(ValueError, match="cannot send SIGUSR1 to worker w0: its actor runs on another node"):
+        pool.kill_worker("w0", signal.SIGUSR1)
+    old_pid = pool.kill_worker("w1", signal.SIGKILL)
+    replaced = wait_until(lambda: [w for w in pool.workers if w.id == "w1" and w.state == "ready"
+                                   and w.process.pid != old_pid], timeout=120, what="w1 to be replaced")
+    assert replaced[0].restarts >= 1 and "died (killed by SIGKILL)" in replaced[0].last_error, replaced[0].last_error
+
+
 def test_a_notebook_cell_starts_a_pool_on_ray(cluster: str) -> None:
     """`%dspex start --ray ADDRESS` in a notebook run by a real Jupyter kernel (nbclient), then a cell that
     streams an answer from the actors."""
@@ -241,17 +350,52 @@ def _provider_settings() -> list[str]:
                                                          "DSPEX_PROBE_CREDENTIALS_FILE")]
 
 
+def _process_settings(words: list[str]) -> list[str]:
+    import os
+
+    import dspy
+
+    return [str(list(set(words))), str(dspy.cache.disk_cache_dir), open("notes.txt").read(), os.getcwd(),
+            os.environ.get("LITELLM_LOCAL_MODEL_COST_MAP", "<unset>")]
+
+
+def _pool_env() -> list[str]:
+    import os
+
+    import ray
+
+    return [os.environ["DSPEX_PROBE_PROXY"], os.environ["DSPEX_PROBE_PLAIN"],
+            ray.get_runtime_context().get_runtime_env_string()]
+
+
 def test_the_kernels_api_keys_reach_the_actors(cluster: str, monkeypatch: pytest.MonkeyPatch,
                                                tmp_path: Path) -> None:
     """An API key a notebook puts in its environment after the cluster started (`os.environ["OPENAI_API_KEY"] =
     ...`, as DSPy's tutorials do) reaches the actors, as it reaches local workers: else their LM calls fail. A
-    credential file's path reaches them only where their node has that file."""
+    credential file's path reaches them only where their node has that file. The kernel's PYTHONHASHSEED (the
+    order of a set of strings) and DSPy's cache folder (DSPY_CACHEDIR) reach them too, as local workers inherit
+    them: the cluster's nodes were started with others; and so does the kernel's working directory (a program
+    opens a relative path as in the kernel). Like local workers, actors read the LMs' prices offline."""
     monkeypatch.setenv("DSPEX_PROBE_API_KEY", "sk-set-in-the-notebook")
     monkeypatch.setenv("DSPEX_PROBE_CREDENTIALS", str(tmp_path / "only-on-the-kernels-machine.json"))
     (tmp_path / "here.json").write_text("{}")
     monkeypatch.setenv("DSPEX_PROBE_CREDENTIALS_FILE", str(tmp_path / "here.json"))
-    with Pool(workers=1, backend="ray", address=cluster, journal=False, resources={"head": 1}) as p:
+    monkeypatch.setenv("PYTHONHASHSEED", "1234")
+    monkeypatch.setenv("DSPY_CACHEDIR", str(tmp_path / "dspy-cache"))
+    words = [f"word{i}" for i in range(20)]
+    kernel = subprocess.run([sys.executable, "-c", f"print(list(set({words!r})))"], capture_output=True, text=True,
+                            check=True, env={**os.environ, "PYTHONHASHSEED": "1234"}).stdout.strip()  # a kernel so
+    (tmp_path / "notes.txt").write_text("the notebook's notes")
+    monkeypatch.chdir(tmp_path)
+    proxy = "http://user:hunter2-proxy@proxy.invalid:3128"  # Pool(env=...)'s: its password stays out of runtime_env
+    with Pool(workers=1, backend="ray", address=cluster, journal=False, resources={"head": 1},
+              env={"DSPEX_PROBE_PROXY": proxy, "DSPEX_PROBE_PLAIN": "plain-value"}) as p:
         assert p.run(_provider_settings) == ["sk-set-in-the-notebook", "<unset>", str(tmp_path / "here.json")]
+        assert p.run(_process_settings, words=words) == [kernel, str(tmp_path / "dspy-cache"), "the notebook's notes",
+                                                          str(tmp_path), "True"]  # prices as local workers read them
+        reached, plain, runtime_env = p.run(_pool_env)
+        assert (reached, plain) == (proxy, "plain-value") and "plain-value" in runtime_env
+        assert "hunter2-proxy" not in runtime_env and "sk-set-in-the-notebook" not in runtime_env
 
 
 class CodedError(Exception):

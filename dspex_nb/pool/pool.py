@@ -56,6 +56,18 @@ MIN_PING_TIMEOUT = 0.1  # seconds a ping may take: ping_timeout=1e-4 took every 
 # and replaced it, failing the calls in flight there with WorkerDied, without end
 
 
+def _backends_own(backend: str, python: str | None, address: str | None, resources: dict[str, float] | None) -> None:
+    """Refuse a setting the chosen backend would not use, rather than run without it: ``python`` is the local
+    workers' interpreter (an actor runs its node's), ``address`` and ``resources`` place Ray actors."""
+    if backend == "ray" and python is not None:
+        raise settings.SettingError(
+            f"Pool(python={python!r}) chooses the local workers' Python; a Ray actor runs its node's Python (the one "
+            "`ray start` runs there): install dspex_nb[ray] in it, or leave backend='ray' out")
+    if backend == "local" and (address is not None or resources):
+        given = ", ".join(name for name, value in (("address", address), ("resources", resources)) if value)
+        raise settings.SettingError(f"Pool({given}=...) places Ray actors: pass backend='ray' with it")
+
+
 class WorkerPool(Supervision):
     """The executor: N supervised workers (on a backend) behind calls to their tools. ``dspex_nb.Pool`` adds
     DSPy programs, batches and the journal on top of it."""
@@ -92,6 +104,7 @@ class WorkerPool(Supervision):
         check.lm_kwargs(lm_kwargs, "lm_kwargs")
         check.mapping("env", env, values=str)
         check.instance("python", python, (str, type(None)), "None or the path of a Python interpreter")
+        _backends_own(backend, python, address, resources)
         if not isinstance(lm, str) or not lm:
             raise ValueError(f"Pool(lm=...) must be 'demo' or a dspy.LM model string, got {redact.shown(lm)}")
         self.size = workers

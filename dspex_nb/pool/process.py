@@ -95,6 +95,10 @@ class ProcessHandle:
         """None while it runs; else its exit code (negative: killed by that signal)."""
         raise NotImplementedError
 
+    def ended(self) -> str:
+        """How it ended, once it has: "exit code 7", "killed by SIGKILL"."""
+        return describe_exit(self.exit_code())
+
     def wait(self, timeout: float) -> int:
         """Its exit code, waiting at most ``timeout`` seconds (TimeoutError after that)."""
         deadline = time.monotonic() + timeout

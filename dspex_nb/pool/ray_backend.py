@@ -1,6 +1,6 @@
 """The Ray backend: each worker is a Ray actor (``dspex_nb.worker.ray_actor.RayWorker``) on a Ray cluster.
 
-``Pool(backend="ray", address=None | "auto" | "ray://host:port", resources={...})``. With no address the
+``Pool(backend="ray", address=None | "auto" | "host:port", resources={...})``. With no address the
 pool starts a local Ray instance and ends it with the pool; with one, it joins that cluster and leaves it
 running. Calls travel over Ray's own transport (a streamed call is an actor generator method), so the
 pool opens no port of its own. Everything above the connection is the pool's, as for local workers:
@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -26,17 +27,29 @@ from dspex_nb import redact
 from dspex_nb.errors import CallTimeout, DspexError, WorkerDied, WorkerStartError, remote_error
 from dspex_nb.pool.calls import Chunk, decode_chunks
 from dspex_nb.pool.connection import ConnectionClosed, Died, Health, WorkerSpec, left
+from dspex_nb.pool.settings import SettingError
 
 try:
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    from ray.util.client import ray as ray_client
 except ImportError as exc:  # reported at Pool(backend="ray"), never deep in a call
     raise ImportError(f"Pool(backend='ray') needs Ray in the kernel's Python ({exc}): "
                       "pip install 'dspex_nb[ray]'") from exc
 
 SLICE = 0.2  # seconds a stream's reader waits before it checks its deadline and cancellation
-DEAD = -int(signal.SIGKILL)  # the exit code reported for an actor Ray says is dead
+DEAD = -int(signal.SIGKILL)  # the exit code reported for an actor Ray says is dead (``ended`` says how it ended)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the colours of Ray's messages
+FRAME = re.compile(r'\s+File ".*", line \d+')  # a traceback's frame line
+RAY_EXIT = re.compile(r"Worker exit type: (\w+) Worker exit detail: ([^.]*)")  # in Ray's error for a dead actor
 CONTROL = {"concurrency_group": "control"}  # pings, cancels, describe: never behind the work
+KERNEL_VARIABLES = ("PYTHONHASHSEED", "DSPY_CACHEDIR", "DSPY_CACHE_LIMIT", "LITELLM_LOCAL_MODEL_COST_MAP")  # a
+# local worker inherits the kernel's, and what a program gives depends on them (its string hashes, DSPy's default
+# cache, the prices its LM costs come from); some are read as a process starts
+CLIENT_SCHEME = "ray://"
+NO_CLIENT = ("Ray Client cannot run the pool's streamed calls (Ray: 'Streaming actor methods are not currently "
+             "supported when using Ray Client'); run the kernel on a node of the cluster and give the head's GCS "
+             "address (address='auto', or 'HEAD_IP:6379')")
 _owners: set[RayBackend] = set()  # the pools using the Ray instance that one of them started
 _owned = threading.Lock()
 
@@ -45,20 +58,28 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, address: str | None, resources: dict[str, float] | None, max_in_flight: int) -> None:
+        if isinstance(address, str) and address.startswith(CLIENT_SCHEME):
+            raise SettingError(f"Pool(address={address!r}) is a Ray Client address: {NO_CLIENT}")
         self.address = address
         self.resources = dict(resources or {})
         self._actor = ray.remote(max_concurrency=max_in_flight + 8,  # every call a pool may send, and spare
                                  concurrency_groups={"control": 4})(_worker_class())
         self._ids = itertools.count()
+        self.cwd = os.getcwd()  # the actors' too, where their node has it, as local workers have the kernel's
 
     def open(self) -> list[dict[str, Any]]:
+        self.cwd = os.getcwd()
+        if ray_client.is_connected():  # the kernel's own ray.init("ray://...")
+            raise WorkerStartError(f"this kernel is connected to Ray through Ray Client: {NO_CLIENT}")
         with _owned:
             if not ray.is_initialized():
                 ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
                 _owners.clear()
                 _owners.add(self)  # a Ray instance started here: ended when its last pool closes
-            elif _owners:
-                _owners.add(self)
+            else:
+                _same_cluster(self.address)
+                if _owners:
+                    _owners.add(self)
         return []
 
     def spawn(self, worker_id: str, generation: int, spec: WorkerSpec) -> RayConnection:
@@ -75,8 +96,10 @@ class RayBackend:
             options["resources"] = resources
         actor = self._actor.options(**options).remote(
             worker_id, spec.run_id, spec.lm, spec.lm_kwargs, spec.max_message_bytes, spec.rate_limit,
-            spec.session_ttl, secrets)
-        return RayConnection(worker_id, actor, f"{spec.run_id}-{worker_id}-{generation}", self._ids)
+            spec.session_ttl, secrets, self.cwd)
+        connection = RayConnection(worker_id, actor, f"{spec.run_id}-{worker_id}-{generation}", self._ids)
+        connection.process.wanted = self.resources  # named where it cannot start for want of them
+        return connection
 
     def close(self) -> None:
         with _owned:
@@ -86,12 +109,27 @@ class RayBackend:
                     ray.shutdown()  # the instance a pool started, now unused (a cluster it joined keeps running)
 
 
+def _same_cluster(address: str | None) -> None:
+    """Refuse an ``address`` (``host:port``) whose port is not that of the cluster this kernel is connected to
+    already (by ``ray.init`` or an earlier pool): Ray keeps one connection, so the pool would run there instead."""
+    port = (address or "").rpartition(":")[2]
+    if port.isdigit():
+        connected = ray.get_runtime_context().gcs_address
+        if connected.rpartition(":")[2] != port:
+            raise WorkerStartError(f"Pool(address={address!r}): this kernel is connected to the Ray cluster at "
+                                   f"{connected} already (ray.init, or another pool), and Ray keeps one connection: "
+                                   "give that address or 'auto', or end that connection first (ray.shutdown(), "
+                                   "after closing its pools)")
+
+
 def _actor_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """An actor's environment as (secrets, the rest): the kernel's secret-named variables with ``Pool(env=...)``'s
-    (which win), passed to its constructor; the rest of ``Pool(env=...)``, for its ``runtime_env``, which Ray's
-    dashboard shows to whoever can open it."""
-    secret = {k: v for k, v in env.items() if _secret(k)}
-    return {**_kernel_secrets(), **secret}, {k: v for k, v in env.items() if k not in secret}
+    and those of its variables whose value holds a URL's password (which win), passed to its constructor; the
+    kernel's ``KERNEL_VARIABLES`` with the rest of ``Pool(env=...)`` (which wins), for its ``runtime_env``, which
+    Ray's dashboard shows to whoever can open it, and which Ray sets before the actor's Python starts."""
+    secret = {k: v for k, v in env.items() if _secret(k) or redact.url_passwords(v)}  # HTTPS_PROXY's password
+    kernel = {name: os.environ[name] for name in KERNEL_VARIABLES if name in os.environ}
+    return {**_kernel_secrets(), **secret}, {**kernel, **{k: v for k, v in env.items() if k not in secret}}
 
 
 def _secret(name: str) -> bool:
@@ -125,13 +163,29 @@ class ActorProcess:
         self.node_id = ""  # and Ray's id of that node
         self.python = "ray actor"
         self.dead: str = ""  # why Ray says it is dead
+        self.signalled = ""  # the signal the pool sent to end it
+        self.wanted: dict[str, float] = {}  # the resources it asks for (Pool(resources=...))
 
     def exit_code(self) -> int | None:
         return DEAD if self.dead else None
 
     def died(self, err: BaseException) -> None:
-        """Ray says the actor is gone (``err``): the first reason is kept."""
-        self.dead = self.dead or str(err).splitlines()[0] or type(err).__name__
+        """Ray says the actor is gone (``err``): the first reason is kept, as Ray gives it (its exit type and
+        detail: ``NODE_OUT_OF_MEMORY``, ``SYSTEM_ERROR``...), or the first line of its error."""
+        if not self.dead:
+            text = ANSI.sub("", str(err))
+            found = RAY_EXIT.search(text)
+            if getattr(err, "actor_init_failed", False):  # Ray's first line names only __init__; the error is last
+                self.dead = redact.text(_raised(text))
+            elif found:
+                self.dead = f"its process ended; Ray says {found[1]}: {found[2].strip()}"
+            else:
+                self.dead = text.splitlines()[0] if text else type(err).__name__
+
+    def ended(self) -> str:
+        """How it ended: Ray knows no exit code, so the signal the pool sent it, else Ray's reason (a process that
+        ended by itself, with ``os._exit`` or a crash, is Ray's ``SYSTEM_ERROR``)."""
+        return self.signalled or self.dead or "ended"
 
     def wait(self, timeout: float) -> int:
         """Its exit code, once a ping within ``timeout`` says it is dead (TimeoutError while it answers)."""
@@ -152,20 +206,50 @@ class ActorProcess:
         self.dead = self.dead or "killed by the pool"
 
     def signal(self, sig: int) -> None:
-        """A signal to the actor's process (only where it runs on this machine: fault tests and demos)."""
+        """A signal to the actor's process (fault tests and demos): sent where it runs on this machine; on another
+        node, SIGKILL is Ray's ``ray.kill`` and any other signal an error (it was dropped without a word)."""
         if self.pid and self.node in _local_addresses():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
+        elif sig == signal.SIGKILL:
+            with contextlib.suppress(Exception):  # gone already
+                ray.kill(self.actor, no_restart=True)
+        else:
+            raise ValueError(f"cannot send {signal.Signals(sig).name} to worker {self.worker_id}: its actor runs on "
+                             f"another node ({self.node or 'not placed yet'}); only SIGKILL reaches it (ray.kill)")
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            self.signalled = f"killed by {signal.Signals(sig).name}"
 
     def log_tail(self, lines: int = 30) -> str:
+        lacking = _lacking(self.wanted)
         return ("(the actor's output is in Ray's logs: `ray logs` or the Ray dashboard; an actor that never starts "
-                "may be waiting for the resources it asks for: `ray status`)")
+                "may be waiting for the resources it asks for: `ray status`)"
+                + (f"\nno live node of the Ray cluster has the resources it asks for (Pool(resources=...)): "
+                   f"{lacking}; an autoscaling cluster may yet add one" if lacking else ""))
 
     def trim_log(self) -> None:
         """Nothing to do: Ray keeps an actor's output (and rotates it)."""
 
     def start_failure(self, worker_id: str) -> Exception:
         return WorkerStartError(f"Ray actor {worker_id} could not start: {self.dead}")
+
+
+def _lacking(wanted: dict[str, float]) -> dict[str, float]:
+    """Those of the ``wanted`` resources that no live node of the cluster has as much of (an actor asking for them
+    waits until one joins)."""
+    with contextlib.suppress(Exception):  # a cluster gone meanwhile: nothing to say
+        nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+        return {name: amount for name, amount in wanted.items()
+                if not any(have.get(name, 0) >= amount for have in nodes)}
+    return {}
+
+
+def _raised(traceback: str) -> str:
+    """The exception a traceback ends with (its message may span lines): what follows its last frame."""
+    lines = traceback.splitlines()
+    frames = [i for i, line in enumerate(lines) if FRAME.match(line)]
+    rest = lines[frames[-1] + 1:] if frames else lines[-1:]
+    return "\n".join(itertools.dropwhile(lambda line: line[:1].isspace(), rest)).strip() or traceback.strip()
 
 
 def _local_addresses() -> set[str]:

@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 from dspex_nb.errors import DspexError, PoolClosed, WorkerDied
 from dspex_nb.pool.connection import ConnectionClosed
-from dspex_nb.pool.process import describe_exit
 from dspex_nb.pool.worker import DRAINING, FAILED, READY, RESTARTING, Worker
 from dspex_nb.words import count
 
@@ -47,9 +46,8 @@ class Supervision:
                 self._replace(worker, worker.last_error, expected=DRAINING, recycle=True)
             if worker.state not in (READY, DRAINING):
                 continue
-            code = worker.process.exit_code()
-            if code is not None:
-                self._replace(worker, f"died ({describe_exit(code)})", expected=worker.state)
+            if worker.process.exit_code() is not None:
+                self._replace(worker, f"died ({worker.process.ended()})", expected=worker.state)
             else:
                 with contextlib.suppress(ConnectionClosed):  # replaced meanwhile
                     pings.append((worker, worker.conn.ping(self.ping_timeout)))
@@ -171,10 +169,10 @@ class Supervision:
                 return PoolClosed("the pool was shut down during the call")
             if worker.state == READY:
                 try:
-                    code = worker.process.wait(2.0)
+                    worker.process.wait(2.0)
                 except Exception:
                     return None
-                self._replace(worker, f"died ({describe_exit(code)})")
+                self._replace(worker, f"died ({worker.process.ended()})")
             what = worker.last_error or f"{worker.id} (pid {worker.process.pid}) was replaced"
             return WorkerDied(f"worker {what} during the call; the pool is replacing it")
         return check

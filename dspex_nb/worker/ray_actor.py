@@ -8,6 +8,7 @@ actor) and sets the call's ``ctx.cancelled``, as gRPC's cancellation callback do
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -17,11 +18,13 @@ from typing import Any
 
 from dspex_nb.worker.calls import Call
 from dspex_nb.worker.main import new_state
+from dspex_nb.worker.output import spare_output
 from dspex_nb.worker.server import describe
 from dspex_nb.worker.state import rss_bytes
 from dspex_nb.worker.stdin import NoInput
 
 EARLY_CANCEL_KEPT = 600.0  # seconds a cancel waits for its call to arrive
+LOCAL_PRICES = "LITELLM_LOCAL_MODEL_COST_MAP"  # DSPy's LM prices from its own copy, not fetched from the internet
 
 
 def _use(secrets: dict[str, str]) -> None:
@@ -33,11 +36,21 @@ def _use(secrets: dict[str, str]) -> None:
             os.environ[name] = value
 
 
+def _enter(cwd: str) -> None:
+    """Work in the kernel's working directory (where the pool started), as a local worker does, so that a program
+    opens a relative path as in the kernel; where this node has no such directory, Ray's stays."""
+    with contextlib.suppress(OSError):
+        os.chdir(cwd)
+
+
 class RayWorker:
     def __init__(self, worker_id: str, run_id: str, lm: str, lm_kwargs: dict[str, Any], max_message_bytes: int,
-                 rate_limit: float | None, session_ttl: float, secrets: dict[str, str]) -> None:
+                 rate_limit: float | None, session_ttl: float, secrets: dict[str, str], cwd: str) -> None:
         sys.stdin = NoInput()  # input() in a program fails at once, saying why
+        spare_output()  # a print to a log on a full disk (Ray's, on the node) fails no call
         _use(secrets)
+        _enter(cwd)
+        os.environ.setdefault(LOCAL_PRICES, "True")  # offline-safe, as a local worker (``process.worker_env``)
         self.state = new_state(worker_id=worker_id, run_id=run_id, lm=lm, lm_kwargs=lm_kwargs,
                                max_message_bytes=max_message_bytes, rate_limit=rate_limit, session_ttl=session_ttl)
         self._calls: dict[str, tuple[Call, threading.Event]] = {}  # call id -> the call, and "it is over"

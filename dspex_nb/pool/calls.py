@@ -224,11 +224,14 @@ class Handle(concurrent.futures.Future):
 
     @program_errors_raised_here
     async def _awaited(self) -> Any:
+        ended = asyncio.wrap_future(self)
         try:
             with _stopped_by_sigint(self):
-                await asyncio.wrap_future(self)
+                # shielded: a cancel of the awaiting task must not reach ``cancel()``, which waits for the remote
+                # work to stop (in the loop) and then ends the handle, so the task raised Cancelled, not CancelledError
+                await asyncio.shield(ended)
         except asyncio.CancelledError:
-            if not self.done:  # the awaiting task was cancelled: so is the remote work (the loop does not wait)
+            if not ended.done():  # the awaiting task was cancelled (not the handle): so is the remote work
                 self._cancel()
                 raise
         except Exception:  # noqa: S110 - result() below raises it, as a blocking caller would see it

@@ -36,3 +36,18 @@ def test_wait_for_timeout_is_a_timeout_and_stops_the_call(slow_pool: Pool) -> No
     with pytest.raises(TimeoutError):  # was dspex_nb's Cancelled: wait_for saw no CancelledError to turn into it
         asyncio.run(main())
     wait_until(lambda: idle(slow_pool), timeout=10, what="the timed-out call to stop on its worker")
+
+
+@pytest.mark.parametrize("after", [0.0, 0.05, 0.3])
+def test_cancelled_gather_stops_every_call(slow_pool: Pool, after: float) -> None:
+    async def main() -> None:
+        gathering = asyncio.gather(*(slow_pool.run_async(QA, question=f"q{i}?") for i in range(30)))
+        await asyncio.sleep(after)
+        gathering.cancel()
+        await gathering
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(main())
+    # calls that a worker took just as the task was cancelled were left running to their end (20 s here)
+    wait_until(lambda: idle(slow_pool), timeout=10, what="every cancelled call to stop on its worker")
+    assert slow_pool.execute("echo", {"x": 1}) == {"x": 1}

@@ -323,7 +323,11 @@ class Run(Handle):
         self.decode: Callable[[Any], Any] | None = None  # turns the final result into the caller's value
         self._cond = threading.Condition()
         self.first_chunk_at: float | None = None
-        threading.Thread(target=self._read, name=f"run-{tool}", daemon=True).start()
+        try:
+            threading.Thread(target=self._read, name=f"run-{tool}", daemon=True).start()
+        except BaseException:  # Ctrl-C while it starts (start() waits for the thread): the caller never gets the
+            self._cancel()  # handle that would stop the remote work, so it stops here
+            raise
 
     # -- reader thread ---------------------------------------------------------------
     def _read(self) -> None:

@@ -51,3 +51,11 @@ def test_ctrl_c_while_a_batch_starts_stops_it(slow_pool: Pool, monkeypatch: pyte
         assert slow_pool.journal._db.execute("SELECT COUNT(*) FROM claims").fetchone()[0] == 0
     assert slow_pool.execute("echo", {"x": 1}) == {"x": 1}
 
+
+def test_ctrl_c_while_a_stream_starts_stops_it(slow_pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    interrupt_starting(monkeypatch, "run-run_module")
+    with pytest.raises(KeyboardInterrupt):
+        slow_pool.run_stream(QA, question="Why?").result()
+    monkeypatch.undo()
+    wait_until(lambda: idle(slow_pool), timeout=10, what="the interrupted call to stop")
+    assert slow_pool.execute("echo", {"x": 1}) == {"x": 1}

@@ -211,7 +211,11 @@ class Handle(concurrent.futures.Future):
                 and threading.current_thread() is threading.main_thread()):
             from dspex_nb.ui.render import view_while_waiting
 
-            view_while_waiting(self)
+            try:
+                view_while_waiting(self)
+            except KeyboardInterrupt:  # Ctrl-C before the wait began (a view takes a moment): it cancels all the same
+                self.cancel()
+                raise
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.wait(timeout):

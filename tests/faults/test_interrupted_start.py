@@ -1,6 +1,7 @@
 """Ctrl-C that lands while a ``Run`` or a ``BatchRun`` starts its threads (``Thread.start`` waits for each,
-so a KeyboardInterrupt lands there) stops the work it started: the caller never got the handle to stop it
-with, and it would run to its end on the workers (a whole batch), its journal claims kept."""
+so a KeyboardInterrupt lands there), or while ``result()`` shows its view before it waits, stops the work it
+started: the caller never got the handle to stop it with, and it would run to its end on the workers (a whole
+batch), its journal claims kept."""
 
 from __future__ import annotations
 
@@ -59,3 +60,13 @@ def test_ctrl_c_while_a_stream_starts_stops_it(slow_pool: Pool, monkeypatch: pyt
     monkeypatch.undo()
     wait_until(lambda: idle(slow_pool), timeout=10, what="the interrupted call to stop")
     assert slow_pool.execute("echo", {"x": 1}) == {"x": 1}
+
+
+def test_ctrl_c_before_result_waits_stops_the_batch(slow_pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(handle: object) -> None:  # Ctrl-C while result() looks for a live notebook to show it in
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dspex_nb.ui.render.view_while_waiting", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        slow_pool.map(QA, [f"r{i}?" for i in range(8)]).result()
+    wait_until(lambda: idle(slow_pool), timeout=10, what="the interrupted batch's shards to stop")

@@ -105,9 +105,20 @@ class BatchRun(Handle):
         self.other_version = 0  # items a redefinition of the module computed while the batch ran: not journaled
         self.key = digest(program)
         self._item_keys = [digest(item) for item in self._items] if journal is not None else []  # journal rows
+        self._shard_size = shard_size
+        try:
+            self._start(journal, f"{module} {signature}".strip())
+        except BaseException:  # Ctrl-C meanwhile (a thread's start waits): the caller never gets the handle that
+            self._cancel()  # would stop the batch, and the items it claimed would keep a rerun waiting for the lease
+            if journal is not None:
+                journal.release(self.key, self._owner)
+            raise
+
+    def _start(self, journal: Journal | None, title: str) -> None:
+        """Take the items the journal has, claim the others, and start the feeders (and the claims' watcher)."""
         todo = list(range(self.total))
         if journal is not None:
-            kept = journal.open_batch(self.key, f"{module} {signature}".strip())
+            kept = journal.open_batch(self.key, title)
             for index in todo:
                 if self._item_keys[index] in kept:
                     self._record(index, {"index": index, "ok": True, "result": kept[self._item_keys[index]],
@@ -118,9 +129,8 @@ class BatchRun(Handle):
             mine = journal.claim(self.key, [self._item_keys[i] for i in todo], self._owner, CLAIM_LEASE)
             waiting = [i for i in todo if self._item_keys[i] not in mine]
             todo = [i for i in todo if self._item_keys[i] in mine]
-        self._shard_size = shard_size
         self._queue: deque[tuple[list[int], bool]] = deque((shard, False) for shard in self._shards(todo))
-        self._feeding = min(SHARDS_PER_WORKER * pool.size, len(self._queue))  # feeders that may take a shard
+        self._feeding = min(SHARDS_PER_WORKER * self.pool.size, len(self._queue))  # feeders that may take a shard
         feeders = [threading.Thread(target=self._feed, name=f"dspex-batch-{i}", daemon=True)
                    for i in range(self._feeding)]
         if journal is not None and (todo or waiting):

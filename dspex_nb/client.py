@@ -147,7 +147,23 @@ class Pool(WorkerPool):
     async def run_async(self, program: Any, /, **inputs: Any) -> Any:
         """``run`` for asyncio: the same value, awaited without blocking the event loop, so that
         ``asyncio.gather`` runs several at once on the pool."""
-        run = await asyncio.to_thread(self.run_stream, program, **inputs)  # shipping, waiting for a free slot
+        started: list[Run] = []  # the call, once a worker took it
+        abandoned = threading.Event()  # the awaiting task was cancelled
+
+        def start() -> Run:  # in a thread: shipping, waiting for a free slot
+            run = self.run_stream(program, **inputs)
+            started.append(run)
+            if abandoned.is_set():  # its caller gave up while it started: nobody awaits it, so it stops
+                run.cancel()
+            return run
+
+        try:
+            run = await asyncio.to_thread(start)
+        except asyncio.CancelledError:
+            abandoned.set()
+            for run in started:  # started as the task was cancelled (it did not take the Run): it stops
+                run._cancel()  # not cancel(), which waits for the remote work to stop, here in the loop
+            raise
         return await run
 
     def run_stream(self, program: Any, /, *args: Any, **inputs: Any) -> Run:

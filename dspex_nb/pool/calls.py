@@ -211,7 +211,11 @@ class Handle(concurrent.futures.Future):
                 and threading.current_thread() is threading.main_thread()):
             from dspex_nb.ui.render import view_while_waiting
 
-            view_while_waiting(self)
+            try:
+                view_while_waiting(self)
+            except KeyboardInterrupt:  # Ctrl-C before the wait began (a view takes a moment): it cancels all the same
+                self.cancel()
+                raise
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.wait(timeout):
@@ -224,11 +228,14 @@ class Handle(concurrent.futures.Future):
 
     @program_errors_raised_here
     async def _awaited(self) -> Any:
+        ended = asyncio.wrap_future(self)
         try:
             with _stopped_by_sigint(self):
-                await asyncio.wrap_future(self)
+                # shielded: a cancel of the awaiting task must not reach ``cancel()``, which waits for the remote
+                # work to stop (in the loop) and then ends the handle, so the task raised Cancelled, not CancelledError
+                await asyncio.shield(ended)
         except asyncio.CancelledError:
-            if not self.done:  # the awaiting task was cancelled: so is the remote work (the loop does not wait)
+            if not ended.done():  # the awaiting task was cancelled (not the handle): so is the remote work
                 self._cancel()
                 raise
         except Exception:  # noqa: S110 - result() below raises it, as a blocking caller would see it
@@ -320,7 +327,11 @@ class Run(Handle):
         self.decode: Callable[[Any], Any] | None = None  # turns the final result into the caller's value
         self._cond = threading.Condition()
         self.first_chunk_at: float | None = None
-        threading.Thread(target=self._read, name=f"run-{tool}", daemon=True).start()
+        try:
+            threading.Thread(target=self._read, name=f"run-{tool}", daemon=True).start()
+        except BaseException:  # Ctrl-C while it starts (start() waits for the thread): the caller never gets the
+            self._cancel()  # handle that would stop the remote work, so it stops here
+            raise
 
     # -- reader thread ---------------------------------------------------------------
     def _read(self) -> None:

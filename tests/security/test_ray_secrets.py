@@ -4,6 +4,7 @@ cluster starts)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'dspex_nb[ray]'")
 
 from dspex_nb.pool.connection import WorkerSpec  # noqa: E402
-from dspex_nb.pool.ray_backend import RayBackend  # noqa: E402
+from dspex_nb.pool.ray_backend import KERNEL_VARIABLES, RayBackend  # noqa: E402
 
 
 class ActorClass:
@@ -34,7 +35,8 @@ def test_keys_given_in_pool_env_are_not_in_the_runtime_env(monkeypatch: pytest.M
            "RAY_AUTH_TOKEN": "ray-own-token"}
     backend.spawn("w0", 0, WorkerSpec("0123456789ab", "demo", {}, 2**20, 60.0, None, 10.0, env))
     shown = actor.given["runtime_env"]["env_vars"]
-    assert shown == {"MODE": "fast", "RAY_AUTH_TOKEN": "ray-own-token"}  # Ray's own stay as Ray reads them
-    secrets = actor.args[-1]
+    kernel = {name: os.environ[name] for name in KERNEL_VARIABLES if name in os.environ}  # DSPY_CACHEDIR...
+    assert shown == {"MODE": "fast", "RAY_AUTH_TOKEN": "ray-own-token", **kernel}  # Ray's own stay as Ray reads them
+    secrets = actor.args[-2]  # (the last: the kernel's working directory)
     assert secrets["ANTHROPIC_API_KEY"] == "sk-ant-0123456789"
     assert secrets["OPENAI_API_KEY"] == "sk-pool-0123456789"  # Pool(env=...) wins over the kernel's, as it says

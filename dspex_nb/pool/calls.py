@@ -228,19 +228,30 @@ class Handle(concurrent.futures.Future):
 
     @program_errors_raised_here
     async def _awaited(self) -> Any:
-        ended = asyncio.wrap_future(self)
+        ended = self._ended_in(asyncio.get_running_loop())
         try:
             with _stopped_by_sigint(self):
-                # shielded: a cancel of the awaiting task must not reach ``cancel()``, which waits for the remote
-                # work to stop (in the loop) and then ends the handle, so the task raised Cancelled, not CancelledError
+                # shielded: a cancel of the awaiting task leaves ``ended`` pending, and the remote work is cancelled
+                # below without ``cancel()``, which would wait for it in the loop (the task raised Cancelled, not
+                # CancelledError)
                 await asyncio.shield(ended)
         except asyncio.CancelledError:
             if not ended.done():  # the awaiting task was cancelled (not the handle): so is the remote work
                 self._cancel()
                 raise
-        except Exception:  # noqa: S110 - result() below raises it, as a blocking caller would see it
-            pass
         return self.result()  # it has ended: this does not block
+
+    def _ended_in(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """A future of ``loop`` done when this handle ends, its value unread (``asyncio.wrap_future`` copies
+        ``result()``, which decodes, in a callback of the loop, where an error left the future pending for ever)."""
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def done_in_loop(_: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody awaits it
+                loop.call_soon_threadsafe(lambda: ended.done() or ended.set_result(None))
+
+        self.add_done_callback(done_in_loop)
+        return ended
 
     @property
     def status(self) -> str:

@@ -101,25 +101,24 @@ class _Pickler(cloudpickle.Pickler):
                 obj.__name__ in sys.modules or obj.__spec__ is not None):
             return importlib.import_module, (obj.__name__,)
         reduced = super().reducer_override(obj)
-        if isinstance(obj, type) and obj.__qualname__ != obj.__name__ and _class_by_value(reduced):
-            reduced[2][0]["__qualname__"] = obj.__qualname__  # which cloudpickle drops: the class's path is its key
-        if isinstance(obj, types.FunctionType) and _function_by_value(reduced) and \
-                obj.__globals__.get(obj.__name__) is obj:
-            reduced[2][1]["__globals__"][obj.__name__] = obj
+        if isinstance(obj, type) and obj.__qualname__ != obj.__name__ and (
+                state := _reduced_state(reduced, cloudpickle.cloudpickle._make_skeleton_class, 0)) is not None:
+            state["__qualname__"] = obj.__qualname__  # which cloudpickle drops: the class's path is its key
+        if isinstance(obj, types.FunctionType) and obj.__globals__.get(obj.__name__) is obj:
+            slots = _reduced_state(reduced, cloudpickle.cloudpickle._make_function, 1) or {}
+            if isinstance(names := slots.get("__globals__"), dict):  # the globals its code names, a copy
+                names[obj.__name__] = obj
         return reduced
 
 
-def _function_by_value(reduced: Any) -> bool:
-    """Whether ``reduced`` is cloudpickle's reduction of a function by value (with the globals its code names)."""
-    return type(reduced) is tuple and len(reduced) == 6 and reduced[0] is cloudpickle.cloudpickle._make_function \
-        and isinstance(reduced[2], tuple) and len(reduced[2]) == 2 and isinstance(reduced[2][1], dict) \
-        and isinstance(reduced[2][1].get("__globals__"), dict)  # (state, slotstate): cloudpickle 3's layout
-
-
-def _class_by_value(reduced: Any) -> bool:
-    """Whether ``reduced`` is cloudpickle's reduction of a class by value (its dict set again where it arrives)."""
-    return type(reduced) is tuple and len(reduced) == 6 and reduced[0] is cloudpickle.cloudpickle._make_skeleton_class \
-        and isinstance(reduced[2], tuple) and len(reduced[2]) == 2 and isinstance(reduced[2][0], dict)
+def _reduced_state(reduced: Any, maker: Any, part: int) -> dict[str, Any] | None:
+    """Of cloudpickle's reduction of a class or function by value (made again by ``maker``), its state (``part``
+    0) or slot state (1), the dicts it sets where it arrives; None for another reduction, or another layout than
+    cloudpickle 3's (state, slotstate)."""
+    if not (type(reduced) is tuple and len(reduced) == 6 and reduced[0] is maker):
+        return None
+    state = reduced[2]
+    return state[part] if isinstance(state, tuple) and len(state) == 2 and isinstance(state[part], dict) else None
 
 
 def _in_file(code: types.CodeType, filename: str) -> types.CodeType:

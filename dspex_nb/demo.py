@@ -50,5 +50,6 @@ def run_demo(workers: int = 2, items: int = 20, out=sys.stdout) -> int:
         out.write(f"done: {result['ok']} ok, {result['failed']} failed in {run.elapsed:.2f} s\n")
         out.write(f"first answer: {result['results'][0]['result']['answer']}\n")
         for row in pool.status():
-            out.write(f"  {row['worker']}: pid {row['pid']} {row['state']}, done {row['done']}\n")
+            out.write(f"  {row['worker']}: pid {row['pid']} {row['state']}, {count(row['done'], 'call')} done,"
+                      f" {count(row['items'], 'batch item')}\n")
     return 0 if result["failed"] == 0 else 1

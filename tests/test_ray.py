@@ -27,7 +27,7 @@ if not REQUIRED:
 import ray  # noqa: E402
 
 from dspex_nb import Pool  # noqa: E402
-from dspex_nb.errors import ToolError  # noqa: E402
+from dspex_nb.errors import ToolError, WorkerStartError  # noqa: E402
 
 RAY = str(Path(sys.executable).with_name("ray"))
 # A loopback-only test cluster. Ray's token authentication is off for it: in this environment a cluster
@@ -297,15 +297,22 @@ def test_a_notebook_cell_starts_a_pool_on_ray(cluster: str) -> None:
     assert "dspex: pool stopped" in text(3)
 
 
-def test_a_pool_starts_a_local_ray_of_its_own_and_ends_it() -> None:
-    """Without an address the pool starts a Ray instance, and shutting the pool down ends it: nothing is
-    left in the session of the process that used it."""
-    code = ("from dspex_nb import Pool\n"
+def test_a_pool_starts_a_local_ray_of_its_own_and_ends_it(cluster: str) -> None:
+    """Without an address the pool starts a Ray instance in a directory of this user's own, not joining the
+    cluster the last `ray start` recorded in Ray's shared directory (any user may write there: another user's
+    cluster would get the programs and keys), and shutting the pool down ends it and removes its directory."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dr", dir="/tmp"))  # Ray's socket paths must stay short
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(cluster)  # as `ray start` records the latest cluster
+    code = ("import glob, os, ray\n"
+            "from dspex_nb import Pool\n"
             "with Pool(workers=1, backend='ray', journal=False) as p:\n"
             "    print(p.execute('echo', {'x': 1}), flush=True)\n"
-            "import ray\n"
-            "print(ray.is_initialized())\n")
-    env = {**os.environ, **LOOPBACK_CLUSTER}
+            "    print(ray.get_runtime_context().gcs_address)\n"
+            "    own = glob.glob(os.path.join(os.environ['RAY_TMPDIR'], 'dspex-ray-*'))\n"
+            "    print([oct(os.stat(d).st_mode & 0o777) for d in own])\n"
+            "print(ray.is_initialized(), glob.glob(os.path.join(os.environ['RAY_TMPDIR'], 'dspex-ray-*')))\n")
+    env = {**os.environ, **LOOPBACK_CLUSTER, "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=env)
@@ -314,7 +321,12 @@ def test_a_pool_starts_a_local_ray_of_its_own_and_ends_it() -> None:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert out == "{'x': 1}\nFalse\n", err[-3000:]
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    lines = out.splitlines()
+    assert len(lines) == 4 and lines[0] == "{'x': 1}", err[-3000:]
+    assert lines[1].rpartition(":")[2] != cluster.rpartition(":")[2]  # not the recorded cluster
+    assert lines[2] == "['0o700']"
+    assert lines[3] == "False []"
 
     def session_empty() -> bool:
         try:
@@ -324,6 +336,21 @@ def test_a_pool_starts_a_local_ray_of_its_own_and_ends_it() -> None:
             return True
 
     wait_until(session_empty, timeout=30, what="the pool's Ray instance to end")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
+def test_auto_refuses_the_latest_cluster_another_user_recorded(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from dspex_nb.pool.ray_backend import _refuse_anothers_cluster
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()
+    latest = tmp_path / "ray" / "ray_current_cluster"
+    latest.write_text("127.0.0.1:6379")
+    _refuse_anothers_cluster()  # this user's own: used
+    os.chown(latest, 4321, 4321)
+    with pytest.raises(WorkerStartError, match=r"address='auto'.*another user \(uid 4321\)"):
+        _refuse_anothers_cluster()
 
 
 def test_a_ray_stream_keeps_its_timeout_and_its_cancel(pool: Pool) -> None:

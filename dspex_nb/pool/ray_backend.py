@@ -16,8 +16,10 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +54,7 @@ NO_CLIENT = ("Ray Client cannot run the pool's streamed calls (Ray: 'Streaming a
              "address (address='auto', or 'HEAD_IP:6379')")
 _owners: set[RayBackend] = set()  # the pools using the Ray instance that one of them started
 _owned = threading.Lock()
+_private_dir: list[str] = []  # that instance's directory, of this user only, removed when the instance ends
 
 
 class RayBackend:
@@ -73,7 +76,7 @@ class RayBackend:
             raise WorkerStartError(f"this kernel is connected to Ray through Ray Client: {NO_CLIENT}")
         with _owned:
             if not ray.is_initialized():
-                ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
+                _init(self.address or os.environ.get("RAY_ADDRESS") or None)
                 _owners.clear()
                 _owners.add(self)  # a Ray instance started here: ended when its last pool closes
             else:
@@ -107,6 +110,54 @@ class RayBackend:
                 _owners.discard(self)
                 if not _owners:
                     ray.shutdown()  # the instance a pool started, now unused (a cluster it joined keeps running)
+                    _remove_private_dir()
+
+
+def _init(address: str | None) -> None:
+    """Connect this kernel to the cluster at ``address``, or (None) start a Ray instance of its own.
+
+    Ray's own default for None joins the cluster whose address the last `ray start` on this machine wrote to
+    /tmp/ray/ray_current_cluster, a directory any user may write to (Ray makes its directories 0777, and its
+    logs, which hold what actors print, world-readable): another user's cluster would get the programs and
+    the LM keys. So None starts a local instance ("local") in a directory of this user's own, and "auto" is
+    refused where that file is another user's.
+    """
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
+    if address is None:
+        _private_dir.append(tempfile.mkdtemp(prefix="dspex-ray-", dir=_ray_temp_root()))  # mode 0700
+        kwargs.update(address="local", _temp_dir=os.path.join(_private_dir[-1], "ray"))  # Ray chmods that 0777
+    else:
+        if address == "auto":
+            _refuse_anothers_cluster()
+        kwargs["address"] = address
+    try:
+        ray.init(**kwargs)
+    except BaseException:
+        _remove_private_dir()
+        raise
+
+
+def _remove_private_dir() -> None:
+    while _private_dir:
+        shutil.rmtree(_private_dir.pop(), ignore_errors=True)
+
+
+def _ray_temp_root() -> str:
+    """Where Ray makes its ``ray`` directory on Linux: $RAY_TMPDIR, else $TMPDIR, else /tmp."""
+    return os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+
+
+def _refuse_anothers_cluster() -> None:
+    latest = os.path.join(_ray_temp_root(), "ray", "ray_current_cluster")
+    try:
+        owner = os.stat(latest).st_uid
+    except OSError:
+        return  # no `ray start` recorded one: Ray looks for a running cluster, or says it found none
+    if owner not in (os.getuid(), 0):
+        raise WorkerStartError(f"Pool(address='auto'): the latest Ray cluster on this machine was recorded in "
+                               f"{latest} by another user (uid {owner}), who could then run the pool's programs "
+                               "and read its LM keys; give the address of your own cluster (HEAD_IP:6379), or "
+                               "None for a Ray instance of the pool's own")
 
 
 def _same_cluster(address: str | None) -> None:

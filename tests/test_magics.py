@@ -680,3 +680,21 @@ def shout(text: str, times: int = 2):
     assert sh.ns["r"] == sh.ns["shout"]("hey")
     sh('words = ["hi", "ho"]\n%dspex batch --module shout --items words --no-journal -o OUT')
     assert sh.ns["OUT"] == [sh.ns["shout"](w) for w in sh.ns["words"]]
+
+
+def test_a_signature_without_output_fields_gives_the_kernels_empty_prediction(sh: Shell) -> None:
+    # DSPy answers it with a Prediction of no fields, whose repr raises StopIteration: the view showed that repr
+    sh('''
+import dspy
+
+class Silent(dspy.Signature):
+    """Read the note."""
+    note: str = dspy.InputField()
+''')
+    import dspy
+
+    for options in ("", " --no-stream"):
+        out, _ = sh(f"%%dspex predict Silent -o r{options}\nHello")
+        expected = kernel_run(dspy.Predict(sh.ns["Silent"]), note="Hello")
+        assert type(sh.ns["r"]) is type(expected) and dict(sh.ns["r"].items()) == dict(expected.items()) == {}
+        assert "StopIteration" not in out

@@ -186,12 +186,15 @@ def signature_inputs(signature: Any, pool: Pool) -> list[str]:
 
 
 def cell_inputs(body: str, names: list[str], required: list[str] | None = None) -> dict[str, str]:
-    """The cell as inputs: one `field: value` line per field, or for one input field all of it (unless it starts
-    as that field's line, `question: ...`); the lines of fields not in ``required`` (a module's inputs with
-    defaults) may be left out, as in a call in the kernel."""
+    """The cell as inputs: one `field: value` line per field, or all of it for the one input field, or for the one
+    in ``required`` (unless it starts as a field's line, `question: ...`); the lines of fields not in ``required``
+    (a module's inputs with defaults) may be left out, as in a call in the kernel."""
     text = body.strip("\n")
-    if len(names) == 1 and not re.match(rf"\s*{re.escape(names[0])}\s*:", text):
-        return {names[0]: text.strip()}
+    needed = names if required is None else required
+    sole = names[0] if len(names) == 1 else needed[0] if len(needed) == 1 else None
+    first = re.match(r"\s*(\w+)\s*:", text)
+    if sole is not None and not (first and first.group(1) in names):
+        return {sole: text.strip()}
     values: dict[str, list[str]] = {}
     current = None
     for line in text.splitlines():

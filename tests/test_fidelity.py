@@ -472,6 +472,62 @@ def program(city: str):  # as DSPy's tools page: call.execute() finds the tool i
     calls = dspy.ToolCalls.from_dict_list([{"name": name, "args": {"city": city}} for name in tools])
     return [call.execute() for call in calls.tool_calls]
 ''', {"city": "Paris"}),
+    "history_as_an_input": ('''
+class QA(dspy.Signature):  # as DSPy's conversation history tutorial
+    question: str = dspy.InputField()
+    history: dspy.History = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+program = dspy.Predict(QA)
+inputs = {"question": "And of Italy?", "history": dspy.History(messages=[
+    {"question": "What is the capital of France?", "answer": "Paris"},
+    {"question": "What is the capital of Germany?", "answer": "Berlin"}])}
+''', {}),
+    "code_and_reasoning_types": ('''
+class Refactor(dspy.Signature):
+    """Rewrite the code."""
+    code: dspy.Code["python"] = dspy.InputField()
+    reasoning: dspy.Reasoning = dspy.OutputField()
+    better: dspy.Code["python"] = dspy.OutputField()
+
+program = dspy.Predict(Refactor)
+inputs = {"code": dspy.Code(code="def f(x):\\n    return x + 1", language="python")}
+''', {}),
+    "multi_chain_comparison": ('''
+program = dspy.MultiChainComparison("question -> answer", M=2)
+inputs = {"completions": [dspy.Prediction(reasoning="It scatters blue.", answer="blue"),
+                          dspy.Prediction(reasoning="Clouds.", answer="grey")], "question": "What colour is the sky?"}
+''', {}),
+    "knn_few_shot_compiled": ('''
+import numpy as np
+
+def embed(texts: list[str]) -> np.ndarray:
+    return np.array([[len(t), sum(map(ord, t)) % 97, t.count("e")] for t in texts], dtype=np.float32)
+
+trainset = [dspy.Example(question=q, answer=a).with_inputs("question") for q, a in
+            [("What is 1+1?", "2"), ("Capital of France?", "Paris"), ("Colour of the sky?", "blue")]]
+# KNNFewShot's compiled program runs a forward bound to the instance, with the optimizer in its closure
+program = dspy.KNNFewShot(k=2, trainset=trainset, vectorizer=dspy.Embedder(embed)).compile(
+    dspy.ChainOfThought("question -> answer"))
+''', {"question": "Capital of Spain?"}),
+    "saved_and_loaded_whole_program": ('''
+import tempfile
+
+class Rewrite(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.rewrite = dspy.Predict("question -> query")
+        self.respond = dspy.ChainOfThought("question, query -> answer: Literal['yes', 'no']")
+
+    def forward(self, question):
+        return self.respond(question=question, query=self.rewrite(question=question).query)
+
+compiled = dspy.LabeledFewShot(k=1).compile(
+    Rewrite(), trainset=[dspy.Example(question="Is it?", query="it", answer="yes").with_inputs("question")])
+folder = tempfile.mkdtemp()
+compiled.save(folder, save_program=True)
+program = dspy.load(folder, allow_pickle=True)
+''', {"question": "Is the sky blue?"}),
 }
 
 
@@ -514,8 +570,9 @@ def assert_same(kernel: Any, pool: Any, where: str = "output") -> None:
         assert len(pool) == len(kernel), f"{where}: {len(pool)} items != {len(kernel)}"
         for i, (a, b) in enumerate(zip(kernel, pool, strict=True)):
             assert_same(a, b, f"{where}[{i}]")
-    elif hasattr(type(kernel), "model_fields"):
-        assert_same(dict(kernel), dict(pool), where)
+    elif hasattr(type(kernel), "model_fields"):  # its fields (dspy.Reasoning iterates as the str it stands for)
+        assert_same({name: getattr(kernel, name) for name in type(kernel).model_fields},
+                    {name: getattr(pool, name) for name in type(pool).model_fields}, where)
         assert pool.model_extra == kernel.model_extra, f"{where}: extra fields {pool.model_extra}"
         assert pool.__pydantic_private__ == kernel.__pydantic_private__, f"{where}: {pool.__pydantic_private__}"
         assert pool.model_fields_set == kernel.model_fields_set, f"{where}: fields set {pool.model_fields_set}"

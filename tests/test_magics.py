@@ -642,3 +642,59 @@ def test_predict_takes_a_numpy_array_of_the_kernel_as_an_input(sh: Shell) -> Non
     sh('import numpy as np\nscores = np.array([0.25, 0.5, 0.75])')
     sh('%%dspex predict "question, scores -> answer" -o r\nquestion: Which is best?\nscores: {scores}')
     assert sh.ns["r"].answer.startswith("Demo LM answer to 'Which is best?'")
+
+
+def test_run_gives_each_line_to_the_field_a_forwards_kwargs_pass_on(sh: Shell) -> None:
+    # forward(self, question, **kwargs) and dspy.MultiChainComparison's forward(self, completions, **kwargs): the
+    # `context:` / `question:` line went into the first input's text, as if the cell were one value
+    sh('''
+import dspy
+
+class Answer(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question, context -> answer")
+
+    def forward(self, question, **kwargs):
+        return self.qa(question=question, **kwargs)
+
+answer = Answer()
+mcc = dspy.MultiChainComparison("question -> answer", M=2)
+attempts = [dspy.Prediction(reasoning="It is blue.", answer="blue"), dspy.Prediction(reasoning="Grey.", answer="grey")]
+''')
+    sh("%%dspex run answer -o r\nquestion: Why?\ncontext: The sky scatters blue light.")
+    assert sh.ns["r"] == kernel_run(sh.ns["answer"], question="Why?", context="The sky scatters blue light.")
+    sh('questions = ["Why?", "How?"]\n%dspex batch --module answer --items questions --no-journal -o OUT')
+    assert sh.ns["OUT"] == [kernel_run(sh.ns["answer"], question=q) for q in sh.ns["questions"]]  # context: optional
+    sh("%%dspex run mcc -o r\ncompletions: {attempts}\nquestion: What colour is the sky?")
+    assert sh.ns["r"] == kernel_run(sh.ns["mcc"], completions=sh.ns["attempts"], question="What colour is the sky?")
+
+
+def test_run_and_batch_give_the_cell_or_item_to_the_one_input_a_call_must_give(sh: Shell) -> None:
+    sh('''
+%%dspex define shout
+def shout(text: str, times: int = 2):
+    return dspy.Prediction(loud=" ".join([text.upper()] * times))
+''')
+    sh("%%dspex run shout -o r\nhey")  # as shout("hey") in the kernel
+    assert sh.ns["r"] == sh.ns["shout"]("hey")
+    sh('words = ["hi", "ho"]\n%dspex batch --module shout --items words --no-journal -o OUT')
+    assert sh.ns["OUT"] == [sh.ns["shout"](w) for w in sh.ns["words"]]
+
+
+def test_a_signature_without_output_fields_gives_the_kernels_empty_prediction(sh: Shell) -> None:
+    # DSPy answers it with a Prediction of no fields, whose repr raises StopIteration: the view showed that repr
+    sh('''
+import dspy
+
+class Silent(dspy.Signature):
+    """Read the note."""
+    note: str = dspy.InputField()
+''')
+    import dspy
+
+    for options in ("", " --no-stream"):
+        out, _ = sh(f"%%dspex predict Silent -o r{options}\nHello")
+        expected = kernel_run(dspy.Predict(sh.ns["Silent"]), note="Hello")
+        assert type(sh.ns["r"]) is type(expected) and dict(sh.ns["r"].items()) == dict(expected.items()) == {}
+        assert "StopIteration" not in out

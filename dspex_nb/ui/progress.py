@@ -109,7 +109,8 @@ def shown_fields(result: dict[str, Any], decode: Callable[[Any], Any] | None = N
         except typed.NotPortable:
             pass  # shown as JSON below, as far as it goes
         else:  # a Prediction, or what the program returned
-            return fields_of(value) or {"output": value}
+            fields = fields_of(value)
+            return {"output": value} if fields is None else fields
     if result.get(typed.TAG) != "output":
         return {name: _shown(value) for name, value in result.items() if name not in typed.RESERVED}
     value = result["value"]
@@ -118,9 +119,12 @@ def shown_fields(result: dict[str, Any], decode: Callable[[Any], Any] | None = N
 
 
 def fields_of(value: Any) -> dict[str, Any] | None:
-    """A value's fields to show: a Prediction's or a dict's (str keys); None for any other value."""
+    """A value's fields to show: a Prediction's (none, for a signature without output fields, whose repr DSPy cannot
+    make) or a non-empty dict's (str keys); None for any other value."""
     items = dict(value.items()) if callable(getattr(value, "items", None)) else None
-    return items if items and all(isinstance(k, str) for k in items) else None
+    if items is None or (not items and isinstance(value, dict)):
+        return None
+    return items if all(isinstance(k, str) for k in items) else None
 
 
 def field_text(value: Any) -> str:

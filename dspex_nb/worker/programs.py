@@ -44,16 +44,17 @@ class Program:
     open_ended: bool  # takes **kwargs: other inputs are passed on
     types: set[type] = field(default_factory=set)  # Enum / pydantic / dataclass types it was shipped with
     label: str = ""  # what the user calls it (a program shipped from the kernel has a name of digests)
-    optional: list[str] = field(default_factory=list)  # the inputs its own parameters give defaults (not a
-    # predictor's fields, which DSPy does not require either, but a %%dspex run cell must give)
+    optional: list[str] = field(default_factory=list)  # the inputs its own parameters give defaults, and those its
+    # **kwargs pass on besides them (not a signature program's fields, which DSPy does not require either, but a
+    # %%dspex run cell must give)
     version: str = ""  # wire.definition_version of what ``define`` / ``define_object`` got
 
     def check(self, tool_name: str, inputs: Any, where: str) -> dict[str, Any]:
         """``inputs`` as keyword arguments: a dict with every required input, or a bare value for one input."""
         label = self.label or self.name
         if not isinstance(inputs, dict):
-            if len(self.inputs) == 1:
-                return {self.inputs[0]: inputs}
+            if (sole := self.sole_input()) is not None:
+                return {sole: inputs}
             raise ArgumentError(tool_name, "ArgumentError",
                                 f"{where} must be a dict of {label}'s inputs {self.inputs}, "
                                 f"got {type(inputs).__name__}")
@@ -65,6 +66,11 @@ class Program:
             raise ArgumentError(tool_name, "ArgumentError",
                                 f"{where} {' and '.join(problems)} (its inputs: {self.inputs})")
         return inputs
+
+    def sole_input(self) -> str | None:
+        """The input a bare value fills: the only one, or the only one the call must give (the others optional)."""
+        needed = [n for n in self.inputs if n not in self.optional]
+        return self.inputs[0] if len(self.inputs) == 1 else needed[0] if len(needed) == 1 else None
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "inputs": self.inputs, "required": self.required,
@@ -153,7 +159,8 @@ def _entry_point(program: Any) -> Callable[..., Any]:
 
 def describe_inputs(program: Any) -> tuple[list[str], list[str], bool, list[str]]:
     """(inputs, required, open_ended, optional) of a program instance or function: ``optional`` are the named
-    parameters with defaults (none where the inputs are its signature's fields)."""
+    parameters with defaults and the signature's fields a ``**kwargs`` passes on besides them (none where the inputs
+    are its signature's fields)."""
     try:
         params = list(inspect.signature(_entry_point(program)).parameters.values())
     except (TypeError, ValueError):
@@ -170,8 +177,17 @@ def describe_inputs(program: Any) -> tuple[list[str], list[str], bool, list[str]
         sig = signature_of(program)
         if sig is not None or not named:
             return list(sig.input_fields) if sig is not None else [], [], True, []
-    return ([p.name for p in named], [p.name for p in named if p.default is p.empty], open_ended,
-            [p.name for p in named if p.default is not p.empty])
+    names = [p.name for p in named]
+    passed_on = _passed_on(program, names) if open_ended else []
+    return (names + passed_on, [p.name for p in named if p.default is p.empty], open_ended,
+            [p.name for p in named if p.default is not p.empty] + passed_on)
+
+
+def _passed_on(program: Any, named: list[str]) -> list[str]:
+    """The input fields that a ``forward(self, question, **kwargs)`` passes on to its signature besides its named
+    parameters (dspy.MultiChainComparison's ``question`` beside its ``completions``)."""
+    sig = signature_of(program)
+    return [n for n in sig.input_fields if n not in named] if sig is not None else []
 
 
 def make(name: str, obj: Any, types: set[type] | None = None) -> Program:

@@ -32,7 +32,7 @@ from traitlets import Bool, Enum, Integer, Unicode, observe
 from dspex_nb import programs, redact, typed, ui
 from dspex_nb.api import Pool
 from dspex_nb.batch import BatchRun
-from dspex_nb.errors import ArgumentError, DspexError, ToolError, one_line
+from dspex_nb.errors import ArgumentError, Cancelled, DspexError, ToolError, one_line
 from dspex_nb.journal import Journal
 from dspex_nb.pool import local
 from dspex_nb.pool.calls import Run
@@ -310,12 +310,15 @@ class Dspex(Magics):
         try:
             with _dspy_meanwhile(command in ("predict", "run", "batch") and not getattr(args, "background", False)):
                 handler(args, cell) if cell is not None else handler(args)
+        except (CellFailed, CellInterrupted):
+            raise
         except KeyboardInterrupt:
-            print(f"dspex: interrupted; {INTERRUPTED.get(command, 'the remote work was cancelled')}", file=sys.stderr)
+            raise CellInterrupted(f"interrupted; {INTERRUPTED.get(command, 'the remote work was cancelled')}") \
+                from None
         except SettingError as exc:  # -n 0, --concurrency 0, --timeout -1: named, without a traceback
             raise UsageError(f"%dspex {command}: {exc}") from None
         except (DspexError, SyntaxError) as exc:
-            print(f"dspex: {_said(exc)}", file=sys.stderr)
+            raise CellFailed(_said(exc)) from exc
 
     dspex.__doc__ = HELP
 
@@ -589,8 +592,7 @@ class Dspex(Magics):
         try:
             info = pool.define(args.name, self.shell.user_ns[args.name])
         except ToolError as exc:
-            print(f"dspex: define {args.name} failed: {_said(exc)}\n{printable(exc.remote_traceback)}", file=sys.stderr)
-            return
+            raise CellFailed(f"define {args.name} failed: {_said(exc)}\n{printable(exc.remote_traceback)}") from exc
         inputs = ", ".join(info.get("inputs", [])) or "none"
         print(f"dspex: defined {args.name} ({info.get('kind')}; inputs: {inputs}) on {count(pool.size, 'worker')}; "
               f"run it with %%dspex run {args.name}")
@@ -602,9 +604,8 @@ class Dspex(Magics):
         except KeyboardInterrupt:
             self._store(args.output, handle)  # nothing computed is lost: `_` (and -o VAR) hold the partial run
             kept = "_.records" if isinstance(handle, BatchRun) else "_.chunks"
-            print(f"dspex: what arrived before the interrupt is in {kept}" +
-                  (f" (and {args.output})" if args.output else ""), file=sys.stderr)
-            raise
+            raise CellInterrupted("interrupted; the remote work was cancelled; what arrived before the interrupt is "
+                                  f"in {kept}" + (f" (and {args.output})" if args.output else "")) from None
         self._finish(handle, args)
 
     def _finish(self, handle: Run | BatchRun, args: argparse.Namespace) -> None:
@@ -616,11 +617,13 @@ class Dspex(Magics):
             return
         try:
             result = handle.result()
-        except DspexError as exc:  # cancelled, or an LM or tool error (the view shows it too)
+        except DspexError as exc:  # stopped (the view's Stop), or an LM or tool error (the view shows it too)
             self._store(None, handle)  # nothing computed is lost: `_` keeps what arrived
             kept = "_.records" if isinstance(handle, BatchRun) else "_.chunks"
-            print(f"dspex: {_said(exc)}\ndspex: what arrived before is in {kept}", file=sys.stderr)
-            return
+            if isinstance(exc, Cancelled):  # the user's own choice, as a batch's failed items: the cell goes on
+                print(f"dspex: {_said(exc)}; what arrived before is in {kept}", file=sys.stderr)
+                return
+            raise CellFailed(f"{_said(exc)}\ndspex: what arrived before is in {kept}") from exc
         self._store(args.output, result)
 
     def _store(self, name: str | None, value: Any) -> None:
@@ -649,6 +652,21 @@ def _unders_are_ipythons(shell: Any) -> bool:
         if shell.user_ns[name] is not ours:
             return False
     return True
+
+
+class CellFailed(Exception):
+    """Why a dspex command failed, shown as its lines (``dspex: ...``) in place of a traceback (IPython's
+    ``_render_traceback_``), failing the cell: Run All, nbval and papermill stop there, as they do where the same
+    call fails in plain Python. Its ``__cause__`` is the error itself."""
+
+    def _render_traceback_(self) -> list[str]:
+        return f"dspex: {self}".split("\n")
+
+
+class CellInterrupted(KeyboardInterrupt):
+    """An interrupt (Jupyter's ■) of a dspex command, said as what it left: the cell fails as an interrupted one."""
+
+    _render_traceback_ = CellFailed._render_traceback_
 
 
 def _said(error: BaseException) -> str:

@@ -43,6 +43,19 @@ class Shell:
         assert "Traceback" not in out + err
         return str(error)
 
+    def fails(self, source: str) -> str:
+        """Run a cell that must fail as a dspex command does (its ``dspex: ...`` lines, no traceback): a failed
+        cell, so Run All and nbval stop at it; return those lines."""
+        result = self.ip.run_cell(source)
+        out, err = self.capsys.readouterr()
+        from dspex_nb.magics import CellFailed, CellInterrupted
+
+        assert isinstance(result.error_in_exec, (CellFailed, CellInterrupted)), (result.error_in_exec, out, err)
+        assert "Traceback" not in out + err
+        shown = "\n".join(result.error_in_exec._render_traceback_())
+        assert shown in out + err  # IPython printed those lines
+        return shown
+
     @property
     def ns(self) -> dict:
         return self.ip.user_ns
@@ -304,8 +317,8 @@ def test_defined_module_survives_a_worker_restart(sh: Shell) -> None:
 
 
 def test_define_errors(sh: Shell) -> None:
-    _, err = sh("%%dspex define Broken\nclass Broken(:\n    pass")
-    assert "dspex: " in err and "invalid syntax" in err
+    err = sh.fails("%%dspex define Broken\nclass Broken(:\n    pass")
+    assert err.startswith("dspex: ") and "invalid syntax" in err
     with pytest.raises(ValueError, match="bad module"):  # the cell runs in the kernel first, as any cell
         sh("%%dspex define Boom\nraise ValueError('bad module')")
     assert "no module named 'Nope'" in sh.usage_error("%%dspex run Nope\nx")
@@ -315,7 +328,7 @@ def test_a_failed_runs_control_characters_are_printed_as_escapes(sh: Shell) -> N
     # a program's error often quotes the LM's answer (DSPy's parse errors do): the view's summary line showed it
     # escaped, the magic's own "dspex: ValueError: ..." line raw, which could erase lines above or retitle a terminal
     sh("def fails(question):\n    raise ValueError(question)")
-    _, err = sh("%%dspex run fails\n\x1b[1A\x1b[2Kall fine\x1b]0;owned\x07")
+    err = sh.fails("%%dspex run fails\n\x1b[1A\x1b[2Kall fine\x1b]0;owned\x07")
     assert "\x1b" not in err and "\x07" not in err, repr(err)
     assert "dspex: ValueError: \\x1b[1A\\x1b[2Kall fine\\x1b]0;owned\\x07" in err, repr(err)
 
@@ -337,7 +350,7 @@ def test_lm_switch_and_an_lm_error_is_shown(sh: Shell) -> None:
     sh('%%dspex predict "question -> answer" -o r\nshort?')
     assert len(sh.ns["r"].answer.split()) == 12
     sh("%dspex lm demo --set rate_limit_first=2 --set num_retries=0")  # dspy.LM retries a 429 unless told not to
-    _, err = sh('%%dspex predict "question -> answer"\nlimited?')
+    err = sh.fails('%%dspex predict "question -> answer"\nlimited?')
     assert "RateLimitError" in err and "429" in err and "what arrived before is in _.chunks" in err
     from dspex_nb import Run
 
@@ -443,7 +456,7 @@ def test_a_restart_interrupted_while_stopping_leaves_no_worker_behind(sh: Shell,
     old = sh.magics.pools["stopping"]
     pids = [r["pid"] for r in old.status()]
     old._restarting.append(InterruptedJoin())  # type: ignore[arg-type]
-    _, err = sh("%dspex restart --pool stopping")
+    err = sh.fails("%dspex restart --pool stopping")
     assert "interrupted; the pool is stopped" in err
     sh(then)  # it starts again
     assert sh.magics.pools["stopping"] is not old and sh.magics.pools["stopping"].running

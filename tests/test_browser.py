@@ -250,6 +250,8 @@ def test_views_in_a_browser_stop_steps_saving_reopening_html_and_dark_theme(lab:
         live = output(page, 6).inner_text()
         assert "items running" in live and "shards" not in live, live  # per worker: its items, not its shards
         assert re.search(r"^\d+%$", live, re.MULTILINE) and " items/s · " in live, live  # tqdm's percentage and rate
+        opened = latest_row_opened_across_a_redraw(output(page, 6))
+        assert opened == {"present": True, "open": True}, opened
         output(page, 6).locator("button", has_text="Stop").click()
         batch = output(page, 6).locator(".dspex-batch")
         batch.wait_for(timeout=30_000)
@@ -329,6 +331,22 @@ def test_views_in_a_browser_stop_steps_saving_reopening_html_and_dark_theme(lab:
                    capture_output=True, timeout=120)
     exported = html.unescape(html_out.read_text())
     assert all(text in exported for text in wanted) and "<dspex stream" not in exported
+
+
+def latest_row_opened_across_a_redraw(view) -> dict[str, bool]:
+    """Open the first long row of a running batch's latest results by a click and read it after the table's next
+    redraw (at most a tick later, while the row is still among the latest)."""
+    table = view.locator("caption", has_text="latest results").locator("xpath=ancestor::table")
+    return table.evaluate("""(table) => new Promise((resolve) => {
+        const view = table.parentElement.parentElement;
+        const row = view.querySelector("details[data-key]");
+        row.querySelector("summary").click();
+        new MutationObserver((_, observer) => {
+            observer.disconnect();
+            const now = view.querySelector(`details[data-key="${row.dataset.key}"]`);
+            resolve({present: !!now, open: !!now && now.open});
+        }).observe(view, {childList: true});
+    })""", timeout=10_000)
 
 
 CELLS = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell"  # the open tab's (others may be restored)

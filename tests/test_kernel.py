@@ -160,6 +160,28 @@ def test_background_handle_keeps_updating_after_the_cell_returns(kernel: Kernel)
     kernel.run("%dspex lm demo")
 
 
+def test_interrupt_while_idle_stops_the_views_no_cell_waits_for(kernel: Kernel) -> None:
+    """The toolbar's interrupt with the kernel idle (ipykernel ignores SIGINT then) stops a displayed run_stream, a
+    displayed pool.map and an -a cell, as it stops a cell that waits; the workers go idle and the kernel goes on."""
+    with kernel.demo_lm("--set answer_tokens=20000 --set per_token=0.005 --set ttft=0.5"):  # minutes if not stopped
+        kernel.run("import dspy, time\npool = get_ipython().find_line_magic('dspex').__self__.pool\n"
+                   "shown = pool.run_stream(dspy.Predict('question -> answer'), question='shown')\nshown")
+        kernel.run('%%dspex predict "question -> answer" -a -o bg\nin the background')
+        kernel.run("mapped = pool.map(dspy.Predict('question -> answer'), [f'{i}?' for i in range(50)], "
+                   "journal=False)\nmapped")
+        assert kernel.value("shown.done, bg.done, mapped.done") == "(False, False, False)"
+        kernel.km.interrupt_kernel()
+        ended = kernel.value("deadline = time.monotonic() + 20\n"
+                             "while not (shown.done and bg.done and mapped.done) and time.monotonic() < deadline:\n"
+                             "    time.sleep(0.05)\n"
+                             "while any(w['in_flight'] for w in pool.status()) and time.monotonic() < deadline:\n"
+                             "    time.sleep(0.05)\n"
+                             "shown.status, bg.status, mapped.status, [w['in_flight'] for w in pool.status()]")
+    assert ended == "('cancelled', 'cancelled', 'cancelled', [0, 0])", ended
+    assert kernel.value("pool.run(dspy.Predict('question -> answer'), question='next').answer[:14]") == \
+        "'Demo LM answer'"
+
+
 def test_interrupt_during_a_stream_cancels_it_and_the_kernel_goes_on(kernel: Kernel) -> None:
     kernel.run("%dspex lm demo --set answer_tokens=20000 --set per_token=0.005")  # about 100 s if not stopped
     started = []

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,8 +157,10 @@ def test_ctrl_c_during_a_blocking_wait_cancels_the_call(pool: Pool) -> None:
 def test_ctrl_c_during_a_blocking_execute_cancels_the_call(pool: Pool) -> None:
     timer = threading.Timer(0.3, os.kill, args=(os.getpid(), signal.SIGINT))
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         pool.execute("sleep", {"seconds": 60}, worker="w0")
+    assert stopped.value.__notes__ == ["interrupted; 'sleep' on worker w0 was cancelled"]
+    assert "grpc" not in "".join(traceback.format_tb(stopped.tb))  # not gRPC's frames, which tell nothing
     assert idle(pool, "w0")["active_requests"] == 0
     assert pool.execute("whoami", worker="w0")["worker"] == "w0"
 

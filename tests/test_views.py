@@ -51,6 +51,7 @@ def test_a_long_row_is_shortened_with_the_whole_text_one_click_away() -> None:
     assert "<caption" in table and ">latest results</caption>" in table
     assert "<td style='padding-right:1em'>short</td>" in table
     assert f"<summary>{long[:89]}…</summary>" in table and f">{long}</div></details>" in table
+    assert "<details data-key='2/1'>" in table  # its row's first value and its column: it stays open as rows move
 
 
 def test_a_finished_answer_is_markdown_and_its_html_stays_text() -> None:

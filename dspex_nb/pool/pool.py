@@ -30,6 +30,7 @@ from dspex_nb.errors import (
     UnknownTool,
     WorkerBusy,
     WorkerStartError,
+    add_note,
     program_errors_raised_here,
 )
 from dspex_nb.pool import local, settings
@@ -393,9 +394,10 @@ class WorkerPool(Supervision):
                 raise self._gone(chosen) from None
             outcome = "done"
             return result
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:  # from inside gRPC's blocking call, whose frames tell nothing
             outcome = "cancelled"
-            raise
+            add_note(stop, f"interrupted; '{tool}' on worker {chosen.id} was cancelled")
+            raise stop.with_traceback(None) from None
         finally:
             self._release(chosen, outcome)
             ok = outcome == "done"

@@ -8,8 +8,10 @@ the widgets current.
 from __future__ import annotations
 
 import sys
+import threading
 import weakref
 from collections.abc import Callable
+from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dspex_nb.batch import BatchRun
@@ -42,7 +44,7 @@ def show_run(run: Run, title: str, *, mode: str | None = None, block: bool = Tru
             from dspex_nb.ui.widgets import StreamView
 
             _viewed.add(run)
-            _show_live(StreamView(run, title), run.wait if block else None)
+            _show_live(StreamView(run, title), run.wait if block else None, run)
         elif block:
             out = out or sys.stdout
             if _terminal(out):
@@ -99,7 +101,7 @@ def show_batch(batch: BatchRun, title: str, *, mode: str | None = None, block: b
             from dspex_nb.ui.widgets import BatchDashboard
 
             _viewed.add(batch)
-            _show_live(BatchDashboard(batch, title), batch.wait if block else None)
+            _show_live(BatchDashboard(batch, title), batch.wait if block else None, batch)
         elif block:
             out = out or sys.stdout
             if _terminal(out):  # one status line, rewritten in place at most 10 times a second
@@ -148,13 +150,48 @@ def _show(handle: Handle, *, block: bool) -> None:
         show_run(handle, handle.label, block=block)
 
 
-def _show_live(view: Refreshable, wait: Callable[[], object] | None) -> None:
-    """Display ``view``, let the pump refresh it, and (when ``wait`` is given) block until it is final."""
+def _show_live(view: Refreshable, wait: Callable[[], object] | None, handle: Handle | None = None) -> None:
+    """Display ``view``, let the pump refresh it, and (when ``wait`` is given) block until it is final; a view of
+    ``handle`` that no cell waits for is stopped by the kernel's interrupt while the kernel is idle."""
     _display(view)
     PUMP.add(view)
     if wait is not None:
         wait()
         PUMP.flush(view)
+    elif handle is not None:
+        _stop_on_idle_interrupt(handle)
+
+
+_background: weakref.WeakSet[Handle] = weakref.WeakSet()  # live views' handles that no cell waits for
+_idle_sigint: list[Any] = []  # the kernel's own handler of SIGINT while it is idle, once ours stands in for it
+
+
+def _stop_on_idle_interrupt(handle: Handle) -> None:
+    """Jupyter's interrupt (the toolbar's ■, Kernel > Interrupt) while the kernel is idle stops ``handle``, as it
+    would stop a cell that waits for it. ipykernel ignores SIGINT while idle: it sets its own handler only while it
+    handles a message, and puts back ``kernel.saved_sigint_handler`` after, so ours stands in for that one."""
+    from IPython import get_ipython
+
+    kernel = getattr(get_ipython(), "kernel", None)
+    if not hasattr(kernel, "saved_sigint_handler") or threading.current_thread() is not threading.main_thread():
+        return
+    _background.add(handle)
+    if kernel.saved_sigint_handler is not _interrupted_while_idle:
+        _idle_sigint[:] = [kernel.saved_sigint_handler]
+        kernel.saved_sigint_handler = _interrupted_while_idle
+
+
+def _interrupted_while_idle(signum: int, frame: FrameType | None) -> None:
+    """Stop the work of every background view still running (in a thread: a signal handler must not wait on locks
+    that the code it interrupted may hold), then do what the kernel did with SIGINT while idle."""
+    running = [handle for handle in _background if not handle.done]
+    _background.clear()
+    if running:
+        threading.Thread(target=lambda: [handle.cancel() for handle in running], name="dspex-interrupt",
+                         daemon=True).start()
+    previous = _idle_sigint[0] if _idle_sigint else None
+    if callable(previous):
+        previous(signum, frame)
 
 
 _pool_views: dict[int, PoolDashboard] = {}  # the live dashboard of each running pool (by id), the newest one

@@ -21,6 +21,7 @@ from dspex_nb.pool.calls import Run
 from dspex_nb.pool.executor import Executor
 from dspex_nb.ui import progress
 from dspex_nb.ui.append import AppendText
+from dspex_nb.ui.keep_open import KeepOpenHTML
 from dspex_nb.words import count
 
 LATEST_ROWS = 8
@@ -36,20 +37,24 @@ def _set(widget: w.Widget, **values: Any) -> None:
 
 
 def _table(columns: tuple[str, ...] | list[str], rows: list[list[str]], title: str = "") -> str:
-    """A titled HTML table that scrolls sideways in a narrow window rather than clipping its columns."""
+    """A titled HTML table that scrolls sideways in a narrow window rather than clipping its columns. A long cell's
+    key is its row's first value (an item's index, a worker) and its column, so the cell opened stays open as the
+    rows move down (``KeepOpenHTML``)."""
     caption = f"<caption style='text-align:left;font-weight:bold'>{html.escape(title)}</caption>" if title else ""
     head = "".join(f"<th style='text-align:left;padding-right:1em'>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td style='padding-right:1em'>{_cell(v)}</td>" for v in row) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td style='padding-right:1em'>{_cell(v, key=f'{row[0]}/{i}')}</td>"
+                                    for i, v in enumerate(row)) + "</tr>"
                    for row in rows)
     return (f"<div style='overflow-x:auto'><table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
             "</table></div>")
 
 
-def _cell(text: str, width: int = 90) -> str:
+def _cell(text: str, width: int = 90, key: str = "") -> str:
     """A table cell: short text as it is; longer text shortened, the whole of it one click away."""
     if len(text) <= width:
         return html.escape(text)
-    return (f"<details><summary>{html.escape(text[:width - 1])}…</summary>"
+    keyed = f" data-key='{html.escape(key)}'" if key else ""
+    return (f"<details{keyed}><summary>{html.escape(text[:width - 1])}…</summary>"
             f"<div style='{PROSE}'>{html.escape(text)}</div></details>")
 
 
@@ -201,8 +206,8 @@ class BatchDashboard(View):
                                  style={"description_width": "3.5em"}, layout={"width": "60%"})
         self.counts = w.HTML()
         self.workers = w.HTML()
-        self.latest = w.HTML()
-        self.errors = w.HTML(layout={"max_height": "16em", "overflow": "auto"})
+        self.latest = KeepOpenHTML()  # a row opened by a click stays open as the rows are redrawn
+        self.errors = KeepOpenHTML(layout={"max_height": "16em", "overflow": "auto"})
         self.error_box = w.Accordion(children=[self.errors], titles=("errors (0)",), layout={"display": "none"})
         self.stop = stop_button(batch.cancel)
         self.title = f"<b>{html.escape(title)}</b>"

@@ -101,7 +101,7 @@ class WorkerPool(Supervision):
         check.choice("start", start, START_METHODS)
         check.choice("backend", backend, BACKENDS)
         check.mapping("resources", resources)
-        check.lm_kwargs(lm_kwargs, "lm_kwargs")
+        check.lm_kwargs(lm_kwargs, "lm_kwargs", lm)
         check.mapping("env", env, values=str)
         check.instance("python", python, (str, type(None)), "None or the path of a Python interpreter")
         _backends_own(backend, python, address, resources)
@@ -493,7 +493,7 @@ class WorkerPool(Supervision):
 
     def configure_lm(self, model: str, **kwargs: Any) -> None:
         """Switch every worker (and any started later) to ``model`` ("demo" or a dspy.LM model string)."""
-        settings.Checker("configure_lm").lm_kwargs(kwargs)
+        settings.Checker("configure_lm").lm_kwargs(kwargs, model=model)
         previous = self.lm, self.lm_kwargs
         redact.register(kwargs)
         self.lm, self.lm_kwargs = model, kwargs  # first: a worker starting now starts with it

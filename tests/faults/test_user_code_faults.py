@@ -130,6 +130,16 @@ def test_a_callback_that_never_returns_does_not_hold_a_cancelled_run(pool: Pool)
         hang.set()
 
 
+def test_a_recursion_limit_a_program_lowered_does_not_fail_the_programs_after_it(pool: Pool) -> None:
+    pool.define("shallow", "import sys\ndef shallow(text):\n    sys.setrecursionlimit(60)\n"
+                           "    return dspy.Prediction(text=text)\n")
+    assert pool.execute("run_module", {"name": "shallow", "inputs": {"text": "a"}}, worker="w0")["text"] == "a"
+    # was: RecursionError, in every call on that worker from then on
+    answer = pool.execute("chain_of_thought", {"signature": "question -> answer", "inputs": {"question": "Why?"}},
+                          worker="w0")
+    assert answer["answer"].startswith("Demo LM answer to 'Why?'")
+
+
 def test_chunks_that_each_fit_are_never_joined_into_a_message_that_does_not() -> None:
     with Pool(workers=1, max_message_mb=2, journal=False) as small:
         small.define("big", "def big(text):\n    return dspy.Prediction(text=text * (700 * 1024))\n")

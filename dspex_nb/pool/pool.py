@@ -509,6 +509,10 @@ class WorkerPool(Supervision):
         chosen = next((w for w in self.workers if w.id == worker), None)
         if chosen is None:  # not a bare StopIteration, which says nothing (and ends a generator that calls this)
             raise ValueError(f"no worker {worker!r} in this pool: {[w.id for w in self.workers]}")
+        if not isinstance(signal_number, int) or isinstance(signal_number, bool) \
+                or signal_number not in signal.valid_signals():  # was: a bare OSError "[Errno 22] Invalid argument"
+            raise ValueError(f"kill_worker(signal_number=...) must be a signal (signal.SIGKILL...), got "
+                             f"{signal_number!r}")
         chosen.process.signal(signal_number)
         return chosen.process.pid
 

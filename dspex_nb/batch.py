@@ -421,6 +421,8 @@ class BatchRun(Handle):
         self._changed.set()
         with self._lock:
             runs = list(self._runs)
+        for run in runs:  # all at once first: a callback that hangs in each is waited for once, not once per run
+            run._cancel()
         for run in runs:
             run.cancel()
 

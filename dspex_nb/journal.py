@@ -206,7 +206,7 @@ class Journal:
         for item_key, result in rows:
             try:
                 kept[item_key] = json.loads(result)
-            except ValueError:
+            except (ValueError, RecursionError):  # nested deeper than the parser recurses: not one of our rows
                 self._failed("read a row of", ValueError(f"item {item_key} is not JSON"))
                 continue
             if not isinstance(kept[item_key], dict):  # every result we keep is a dict: another shape is damage

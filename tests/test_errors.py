@@ -492,6 +492,9 @@ def test_bad_call_arguments_name_themselves(pool: Pool) -> None:
         pool.batch(["a"], "question -> answer", on_item=5)
     with pytest.raises(ValueError, match=r"no worker 'w9' in this pool: \['w0', 'w1'\]"):
         pool.kill_worker("w9", 9)
+    for bad in (999, 9.0, True):  # was: OSError "[Errno 22] Invalid argument", a TypeError, a SIGHUP
+        with pytest.raises(ValueError, match=rf"kill_worker\(signal_number=...\) must be a signal .*, got {bad}"):
+            pool.kill_worker("w0", bad)  # type: ignore[arg-type]
     assert pool.execute("echo", {"alive": 1}) == {"alive": 1}
 
 

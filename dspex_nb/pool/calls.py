@@ -338,8 +338,13 @@ class Run(Handle):
         self.decode: Callable[[Any], Any] | None = None  # turns the final result into the caller's value
         self._cond = threading.Condition()
         self.first_chunk_at: float | None = None
+        self._stop_by: float | None = None  # when a cancel() stops waiting for the reader (see ``cancel``)
+        self._in_callback = False  # the reader is in the caller's on_chunk
+        self._ending = threading.Lock()
+        self._over = False  # it has ended (``_end`` ran), by its reader or by a cancel that did not wait for it
+        self._reader = threading.Thread(target=self._read, name=f"run-{tool}", daemon=True)
         try:
-            threading.Thread(target=self._read, name=f"run-{tool}", daemon=True).start()
+            self._reader.start()
         except BaseException:  # Ctrl-C while it starts (start() waits for the thread): the caller never gets the
             self._cancel()  # handle that would stop the remote work, so it stops here
             raise
@@ -353,8 +358,15 @@ class Run(Handle):
                 for chunk in chunks if self._on_chunk is not None else ():
                     if self._cancelled:
                         break
-                    if self._on_chunk(chunk) is False:
+                    self._in_callback = True
+                    try:
+                        stop = self._on_chunk(chunk) is False
+                    finally:
+                        self._in_callback = False
+                    if stop:
                         self.cancel()
+                if self._over:  # a cancel() ended it while the callback ran: what comes after is not its
+                    return
             if not self._ended:
                 raise DspexError(f"the stream of tool '{self.tool}' on worker {self.worker} ended without its "
                                  "result or error")
@@ -365,15 +377,24 @@ class Run(Handle):
             self.cancel()
         except BaseException as exc:  # the on_chunk callback failed (SystemExit, asyncio.CancelledError too):
             # stop the remote work, keep its error for result()
-            self._error = exc
+            if not self._over:
+                self._error = exc
             self._source.cancel()
         finally:
-            self.finished = time.monotonic()
-            with self._cond:
-                self._done.set()
-                self._cond.notify_all()
-            self._on_done(self)
-            self._settle()
+            self._end()
+
+    def _end(self) -> None:
+        """It has ended: free its worker's place (``on_done``) and wake its waiters; once, whoever comes first."""
+        with self._ending:
+            if self._over:
+                return
+            self._over = True
+        self.finished = time.monotonic()
+        with self._cond:
+            self._done.set()
+            self._cond.notify_all()
+        self._on_done(self)
+        self._settle()
 
     def _add(self, chunks: list[Chunk]) -> None:
         """Keep the chunks of one message (one lock, one wake-up); note the final result or error."""
@@ -409,7 +430,24 @@ class Run(Handle):
     def _cancel(self) -> None:
         """Cancel the call; the worker stops the tool (no further LM calls for it)."""
         self._cancelled = True
+        if self._stop_by is None:
+            self._stop_by = time.monotonic() + CANCEL_WAIT
         self._source.cancel()
+
+    def cancel(self) -> bool:
+        """As ``Handle.cancel``; where the caller's ``on_chunk`` is still running after ``CANCEL_WAIT`` seconds
+        (a callback that waits for something that never comes), the run ends as cancelled without it: the remote
+        work has stopped, its worker's place is free for other calls, and ``wait()`` and ``result()`` return.
+        Runs cancelled together (``_cancel`` on each first, as a batch does) wait those seconds once, not each."""
+        if self._done.is_set():
+            return False
+        self._cancel()
+        if getattr(OWN_THREADS, "handle", False):  # a thread that carries handles must not wait for itself
+            return True
+        assert self._stop_by is not None
+        if not self._done.wait(max(0.0, self._stop_by - time.monotonic())) and self._in_callback:
+            self._end()
+        return True
 
     @property
     def tokens(self) -> tuple[int, int]:

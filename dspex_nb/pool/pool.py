@@ -102,7 +102,7 @@ class WorkerPool(Supervision):
         check.choice("start", start, START_METHODS)
         check.choice("backend", backend, BACKENDS)
         check.mapping("resources", resources)
-        check.lm_kwargs(lm_kwargs, "lm_kwargs")
+        check.lm_kwargs(lm_kwargs, "lm_kwargs", lm)
         check.mapping("env", env, values=str)
         check.instance("python", python, (str, type(None)), "None or the path of a Python interpreter")
         _backends_own(backend, python, address, resources)
@@ -495,7 +495,7 @@ class WorkerPool(Supervision):
 
     def configure_lm(self, model: str, **kwargs: Any) -> None:
         """Switch every worker (and any started later) to ``model`` ("demo" or a dspy.LM model string)."""
-        settings.Checker("configure_lm").lm_kwargs(kwargs)
+        settings.Checker("configure_lm").lm_kwargs(kwargs, model=model)
         previous = self.lm, self.lm_kwargs
         redact.register(kwargs)
         self.lm, self.lm_kwargs = model, kwargs  # first: a worker starting now starts with it
@@ -511,6 +511,10 @@ class WorkerPool(Supervision):
         chosen = next((w for w in self.workers if w.id == worker), None)
         if chosen is None:  # not a bare StopIteration, which says nothing (and ends a generator that calls this)
             raise ValueError(f"no worker {worker!r} in this pool: {[w.id for w in self.workers]}")
+        if not isinstance(signal_number, int) or isinstance(signal_number, bool) \
+                or signal_number not in signal.valid_signals():  # was: a bare OSError "[Errno 22] Invalid argument"
+            raise ValueError(f"kill_worker(signal_number=...) must be a signal (signal.SIGKILL...), got "
+                             f"{signal_number!r}")
         chosen.process.signal(signal_number)
         return chosen.process.pid
 

@@ -12,6 +12,9 @@ MAX_CONCURRENCY = 1024  # items (threads) at a time on one worker: concurrency=1
 # shard until the worker ran out of threads or memory
 
 
+DEMO_DELAYS = ("ttft", "per_token", "retry_after")  # the demo LM's knobs that are seconds (see worker.demo_lm)
+
+
 class SettingError(ValueError):
     """A setting out of its range or of the wrong type; the message names it."""
 
@@ -44,20 +47,31 @@ class Checker:
             low = f">= {minimum:g}" if minimum else "> 0"
             self._fail(name, f"a finite number {low} ({unit})" + (" or None" if optional else ""), value)
 
-    def lm_kwargs(self, value: Any, name: str = "") -> None:
+    def lm_kwargs(self, value: Any, name: str = "", model: str = "") -> None:
         """None or a dict of dspy.LM settings (``name``: the argument that holds them; none where they are the
         call's own keywords), with the two that every LM reads checked: a NaN temperature would reach the
-        provider as invalid JSON, a max_tokens of 0 as a request that cannot be answered."""
+        provider as invalid JSON, a max_tokens of 0 as a request that cannot be answered. For the demo LM
+        (``model="demo"``), its knobs too: a per_token of -1 failed each call with "sleep length must be
+        non-negative", which named no setting."""
         if name:
             self.mapping(name, value)
         kwargs = value or {}
         key = (lambda k: f"{name}[{k!r}]") if name else str
-        temperature = kwargs.get("temperature")
-        if temperature is not None and (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
-                                        or not 0 <= temperature < math.inf):  # NaN fails the comparison
-            self._fail(key("temperature"), "a finite number >= 0", temperature)
+        self.non_negative(key("temperature"), kwargs.get("temperature"))
         if kwargs.get("max_tokens") is not None:
             self.integer(key("max_tokens"), kwargs["max_tokens"], 1)
+        if model == "demo":
+            for delay in DEMO_DELAYS:
+                self.non_negative(key(delay), kwargs.get(delay), "seconds")
+            self.integer(key("answer_tokens"), kwargs.get("answer_tokens"), 1, optional=True)
+            self.integer(key("rate_limit_first"), kwargs.get("rate_limit_first", 0), 0)
+            self.instance(key("kill_on"), kwargs.get("kill_on"), (str, type(None)), "None or a text to die on")
+
+    def non_negative(self, name: str, value: Any, unit: str = "") -> None:
+        """None or a finite number >= 0."""
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not 0 <= value < math.inf):  # NaN fails the comparison
+            self._fail(name, "a finite number >= 0" + (f" ({unit})" if unit else ""), value)
 
     def instance(self, name: str, value: Any, kinds: type | tuple[type, ...], expected: str) -> None:
         if not isinstance(value, kinds):

@@ -172,8 +172,8 @@ def cleanup(root: Path | None = None) -> list[dict[str, Any]]:
         directory = Path(entry.path)
         try:
             found = _leftovers(directory)
-        except (OSError, ValueError, KeyError, TypeError):  # not a pool's directory, or not readable: leave it
-            continue
+        except Exception:  # not a pool's directory, or a record that cannot be read (damaged, of another version:
+            continue  # a pid of 1e999, nesting deeper than the parser's recursion): leave it, start the pool
         if found is None:
             continue
         run_id, killed = found

@@ -88,6 +88,7 @@ class WorkerState:
     started: float = field(default_factory=time.time)
     active: int = 0
     total: int = 0
+    recursion_limit: int = field(default_factory=sys.getrecursionlimit)  # the least a call starts with (``track``)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _slots: dict[str, list[Any]] = field(default_factory=dict)  # group -> [semaphore, calls using it]
     _programs: dict[CancelEvent, int] = field(default_factory=dict)  # a call's cancel event -> its programs running
@@ -97,7 +98,11 @@ class WorkerState:
 
     @contextmanager
     def track(self) -> Iterator[None]:
-        """Count one request as active while the block runs."""
+        """Count one request as active while the block runs. A recursion limit that a program lowered
+        (``sys.setrecursionlimit(50)``) is raised back to the worker's first: it outlived the call and failed
+        every later program on the worker with RecursionError (a limit raised stays, as a deep program needs)."""
+        if sys.getrecursionlimit() < self.recursion_limit:
+            sys.setrecursionlimit(self.recursion_limit)
         with self._lock:
             self.active += 1
             self.total += 1

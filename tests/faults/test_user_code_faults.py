@@ -17,7 +17,7 @@ import pytest
 from helpers import pid_alive, wait_until
 
 from dspex_nb import Pool
-from dspex_nb.errors import ArgumentError, ChunksDropped, DspexError, ToolError, WorkerStartError
+from dspex_nb.errors import ArgumentError, Cancelled, ChunksDropped, DspexError, ToolError, WorkerStartError
 from dspex_nb.pool.calls import Chunk, Run
 from dspex_nb.pool.process import LOG_LIMIT
 
@@ -103,6 +103,41 @@ def test_a_slow_consumer_makes_the_producer_wait(pool: Pool) -> None:
         run.cancel()
         gate.set()
     assert run.wait(30) and run.status == "cancelled"
+
+
+def test_a_callback_that_never_returns_does_not_hold_a_cancelled_run(pool: Pool) -> None:
+    # was: cancel() gave up after 5 s and the run stayed "running" for as long as the callback hung: wait() and
+    # result() never returned, and its worker's place stayed taken (a few such runs and the pool refused every call
+    # with QueueTimeout, its workers idle)
+    hang = threading.Event()
+    try:
+        run = pool.execute_stream("count", {"n": 1_000_000}, worker="w0", on_chunk=lambda chunk: hang.wait(120))
+        wait_until(lambda: run.received > 0, what="the first chunk")
+        assert run.cancel()
+        assert run.wait(30) and run.status == "cancelled"
+        with pytest.raises(Cancelled):
+            run.result(30)
+        assert next(row["in_flight"] for row in pool.status() if row["worker"] == "w0") == 0
+        assert pool.execute("echo", {"alive": True}, worker="w0") == {"alive": True}
+
+        batch = pool.batch(["a", "b", "c", "d"], "question -> answer", on_item=lambda record: hang.wait(120),
+                           shard_size=1, journal=False)
+        wait_until(lambda: batch.ok > 0, what="the first item")
+        assert batch.cancel()
+        assert batch.wait(30) and batch.status == "cancelled" and batch.ok >= 1  # what arrived is kept
+        assert all(row["in_flight"] == 0 for row in pool.status())
+    finally:
+        hang.set()
+
+
+def test_a_recursion_limit_a_program_lowered_does_not_fail_the_programs_after_it(pool: Pool) -> None:
+    pool.define("shallow", "import sys\ndef shallow(text):\n    sys.setrecursionlimit(60)\n"
+                           "    return dspy.Prediction(text=text)\n")
+    assert pool.execute("run_module", {"name": "shallow", "inputs": {"text": "a"}}, worker="w0")["text"] == "a"
+    # was: RecursionError, in every call on that worker from then on
+    answer = pool.execute("chain_of_thought", {"signature": "question -> answer", "inputs": {"question": "Why?"}},
+                          worker="w0")
+    assert answer["answer"].startswith("Demo LM answer to 'Why?'")
 
 
 def test_chunks_that_each_fit_are_never_joined_into_a_message_that_does_not() -> None:

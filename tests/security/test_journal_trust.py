@@ -79,6 +79,7 @@ def test_a_damaged_row_is_skipped_with_a_warning(tmp_path: Path) -> None:
     raw = sqlite3.connect(journal.path)
     raw.execute("INSERT INTO items VALUES ('b', 'bad', '{not json', 0)")
     raw.execute("INSERT INTO items VALUES ('b', 'null', 'null', 0)")  # JSON, but not a result
+    raw.execute("INSERT INTO items VALUES ('b', 'deep', ?, 0)", ("[" * 100_000 + "]" * 100_000,))  # was: RecursionError
     raw.commit()
     raw.close()
     with pytest.warns(JournalWarning, match=str(journal.path)):

@@ -38,6 +38,18 @@ def test_bad_pool_settings_are_named(setting: str, value: object, message: str) 
         Pool(**{setting: value})
 
 
+@pytest.mark.parametrize("knobs, message", [
+    ({"per_token": -1}, "lm_kwargs['per_token']=...) must be a finite number >= 0 (seconds), got -1"),
+    ({"ttft": float("inf")}, "lm_kwargs['ttft']=...) must be a finite number >= 0 (seconds), got inf"),
+    ({"answer_tokens": 0}, "lm_kwargs['answer_tokens']=...) must be an int >= 1, got 0"),
+])
+def test_bad_demo_lm_knobs_are_named(knobs: dict, message: str) -> None:
+    # was: accepted, then every call failed with "[demo/demo] sleep length must be non-negative" (or gave an answer
+    # of one token), which names no setting
+    with pytest.raises(ValueError, match=re.escape(f"Pool({message}")):
+        Pool(lm="demo", lm_kwargs=knobs)
+
+
 @pytest.mark.parametrize("option, value", [("concurrency", 0), ("concurrency", 2000), ("item_timeout", -1.0),
                                            ("max_retries", -1), ("shard_size", 0)])
 def test_bad_batch_settings_are_named(pool: Pool, option: str, value: object) -> None:
@@ -57,7 +69,8 @@ def test_deep_nesting_and_lone_surrogates_get_clear_errors_or_results(pool: Pool
 
 
 @pytest.mark.parametrize("settings, message", [({"temperature": float("inf")}, "temperature=...) must be a finite"),
-                                               ({"max_tokens": True}, "max_tokens=...) must be an int >= 1")])
+                                               ({"max_tokens": True}, "max_tokens=...) must be an int >= 1"),
+                                               ({"per_token": -1}, "per_token=...) must be a finite number >= 0")])
 def test_a_new_lm_setting_is_checked_before_any_worker_gets_it(pool: Pool, settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(f"configure_lm({message}")):
         pool.configure_lm("demo", **settings)

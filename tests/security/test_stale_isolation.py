@@ -100,6 +100,26 @@ def test_a_pool_of_another_host_or_pid_namespace_is_left_alone(pool: Pool, tmp_p
     assert json.loads((pool.backend.dir / stale.OWNER_FILE).read_text())["pid_space"] == stale.pid_space()
 
 
+DAMAGED_RECORDS = {  # a pool.json of this user that is JSON, but not one that cleanup can read
+    "pid_of_1e999": '{"owner_pid": 1e999, "owner_start": "1", "run_id": "0123456789ab", "workers": []}',
+    "nested_too_deep": '{"owner_pid": ' + "[" * 100_000 + "]" * 100_000 + "}",
+}
+
+
+@pytest.mark.parametrize("damaged", DAMAGED_RECORDS)
+def test_a_damaged_pool_json_is_left_and_the_pool_starts(damaged: str, tmp_path: Path) -> None:
+    # was: OverflowError / RecursionError out of cleanup(), so that every Pool().start() of this user failed until
+    # they found and removed the directory
+    root = tmp_path / "runtime"
+    root.mkdir(mode=0o700)
+    directory = root / "dspex-damaged"
+    directory.mkdir(mode=0o700)
+    (directory / stale.OWNER_FILE).write_text(DAMAGED_RECORDS[damaged])
+    os.chmod(directory / stale.OWNER_FILE, 0o600)
+    assert stale.cleanup(root) == []
+    assert (directory / stale.OWNER_FILE).exists()
+
+
 def test_pool_json_is_private(pool: Pool) -> None:
     assert pool.backend.dir is not None
     assert oct(os.stat(pool.backend.dir / stale.OWNER_FILE).st_mode & 0o777) == oct(0o600)

@@ -778,8 +778,8 @@ def program(question):  # the key of an LM inside the kernel's adapter, which tr
     assert "sk-adapter-lm-key-456" not in str(caught.value)
 
 
-def test_evaluate_on_the_pool_scores_as_dspy_evaluate(shell: InteractiveShell, pool: Pool,
-                                                     demo_lm: dspy.LM) -> None:
+def test_evaluate_on_the_pool_scores_as_dspy_evaluate(shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     program, _ = define(shell, '''
 devset = [dspy.Example(question=f"question {i}?", answer="x").with_inputs("question") for i in range(12)]
 
@@ -790,16 +790,20 @@ program = dspy.Predict("question -> answer")
 ''')
     devset, metric = shell.user_ns["devset"], shell.user_ns["metric"]
     with dspy.context(lm=demo_lm):
-        expected = dspy.Evaluate(devset=devset, metric=metric, display_progress=False)(program)
-    got = pool.evaluate(program, devset, metric, display=False, journal=False)
+        expected = dspy.Evaluate(devset=devset, metric=metric)(program)
+    printed = capsys.readouterr().out
+    got = pool.evaluate(program, devset, metric, journal=False)
+    assert capsys.readouterr().out == printed == ""  # was: the batch's summary line, which DSPy's default shows not
     assert 0 < expected.score < 100  # a score that tells outputs apart
     assert got.score == expected.score
     assert [r[2] for r in got.results] == [r[2] for r in expected.results]
-    options = {"num_threads": 4, "display_progress": False, "max_errors": 5, "provide_traceback": True}
+    options = {"num_threads": 4, "display_progress": True, "max_errors": 5, "provide_traceback": True}
     with dspy.context(lm=demo_lm):  # dspy.Evaluate's own options, as a user passes them there
         expected = dspy.Evaluate(devset=devset, metric=metric, **options)(program)
+    capsys.readouterr()
     got = pool.evaluate(program, devset, metric, journal=False, **options)
     assert got.score == expected.score
+    assert capsys.readouterr().out.startswith("batch done: 12 items, 12 ok")  # its progress: the batch's view
     with pytest.raises(TypeError, match=r"Pool.evaluate\(\) got unexpected keyword argument\(s\) \['num_thread'\]"):
         pool.evaluate(program, devset, metric, num_thread=4)
 
@@ -838,7 +842,7 @@ program = Picky()
         with pytest.raises(Exception, match=stopped):
             pool.map(program, devset, journal=False).result(60)
         with pytest.raises(Exception, match=stopped):
-            pool.evaluate(program, devset, metric, display=False, journal=False)
+            pool.evaluate(program, devset, metric, journal=False)
     assert len(pool.map(program, devset, max_errors=3, journal=False).result(60)) == 5
 
 
@@ -1376,7 +1380,7 @@ def test_map_and_evaluate_add_their_predictor_calls_to_the_kernels_trace(shell: 
                                    for step in dspy.settings.trace)  # in the order the items ended
         with dspy.context(lm=demo_lm, trace=[]):
             scores[where] = (dspy.Evaluate(devset=devset, metric=metric, num_threads=1)(program) if where == "kernel"
-                             else pool.evaluate(program, devset, metric, num_threads=1, display=False)).score
+                             else pool.evaluate(program, devset, metric, num_threads=1)).score
     assert traces["pool"] == traces["kernel"] and len(traces["kernel"]) == 3
     assert scores["pool"] == scores["kernel"]
     assert seen["pool"] == seen["kernel"] and [len(steps) for steps in seen["kernel"]] == [1, 2, 3]

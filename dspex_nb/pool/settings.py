@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,20 +45,27 @@ class Checker:
             low = f">= {minimum:g}" if minimum else "> 0"
             self._fail(name, f"a finite number {low} ({unit})" + (" or None" if optional else ""), value)
 
-    def lm_kwargs(self, value: Any, name: str = "") -> None:
-        """None or a dict of dspy.LM settings (``name``: the argument that holds them; none where they are the
-        call's own keywords), with the two that every LM reads checked: a NaN temperature would reach the
-        provider as invalid JSON, a max_tokens of 0 as a request that cannot be answered."""
+    def lm_kwargs(self, value: Any, name: str = "") -> dict[str, Any]:
+        """A dict of dspy.LM settings from None or a dict (``name``: the argument that holds them; none where they
+        are the call's own keywords), its numbers as Python's own: a numpy scalar (``np.float32(0.7)``, ``np.int64``)
+        or another ``numbers.Real``, which dspy.LM takes, is its ``int`` or ``float`` value, as the workers get
+        them in JSON. Every number must be finite (a NaN or infinity would reach the provider as invalid JSON),
+        and the two settings every LM reads are checked: a negative temperature, a max_tokens of 0 (a request
+        that cannot be answered)."""
         if name:
             self.mapping(name, value)
-        kwargs = value or {}
         key = (lambda k: f"{name}[{k!r}]") if name else str
+        kwargs = {k: _python_number(v) for k, v in (value or {}).items()}
         temperature = kwargs.get("temperature")
         if temperature is not None and (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
                                         or not 0 <= temperature < math.inf):  # NaN fails the comparison
-            self._fail(key("temperature"), "a finite number >= 0", temperature)
+            self._fail(key("temperature"), "a finite number >= 0", value["temperature"])
         if kwargs.get("max_tokens") is not None:
             self.integer(key("max_tokens"), kwargs["max_tokens"], 1)
+        for k, v in kwargs.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                self._fail(key(k), "a finite number", value[k])
+        return kwargs
 
     def instance(self, name: str, value: Any, kinds: type | tuple[type, ...], expected: str) -> None:
         if not isinstance(value, kinds):
@@ -75,3 +83,11 @@ class Checker:
                 values is not None and not all(isinstance(v, values) for v in value.values())):
             kind = f"a dict[str, {values.__name__}]" if values else "a dict with str keys"
             self._fail(name, f"None or {kind}", value)
+
+
+def _python_number(value: Any) -> Any:
+    """A number of another type than bool, int or float (a numpy scalar, a ``Fraction``) as its int or float value;
+    anything else as it is."""
+    if type(value) in (bool, int, float) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)

@@ -1482,6 +1482,54 @@ program = Papillon(untrusted_model=demo_lm())
             assert program.untrusted_model.history[-1]["prompt"].startswith("Demo LM answer")
 
 
+def test_the_pools_calls_of_lms_a_module_holds_in_a_list_or_dict_join_their_histories(
+        shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # was: only an LM held in an attribute itself got its calls; those in self.lms[1] went to the kernel's DSPy LM
+    program, _ = define(shell, '''
+from dspex_nb import demo_lm
+
+class Panel(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+        self.lms = [demo_lm(), demo_lm()]
+        self.judges = {"strict": demo_lm()}
+
+    def forward(self, question):
+        with dspy.context(lm=self.lms[1]):
+            answer = self.qa(question=question).answer
+        return dspy.Prediction(answer=answer, verdict=self.judges["strict"](answer)[0])
+
+program = Panel()
+''')
+
+    def histories() -> list[int]:
+        return [len(lm.history) for lm in (demo_lm, *program.lms, program.judges["strict"])]
+
+    with dspy.context(lm=demo_lm):
+        before = histories()
+        program(question="Who judges?")
+        in_kernel = [after - count for after, count in zip(histories(), before, strict=True)]
+        assert in_kernel == [0, 0, 1, 1]
+        before = histories()
+        pool.run(program, question="Who judges?")
+        assert [after - count for after, count in zip(histories(), before, strict=True)] == in_kernel
+
+
+def test_history_entries_made_on_the_pool_have_dspys_keys_and_its_response(pool: Pool, demo_lm: dspy.LM) -> None:
+    # was: no "response" key (lm.history[-1]["response"] raised KeyError after a pool call)
+    qa = dspy.Predict("question -> answer")
+    with dspy.context(lm=demo_lm):
+        qa(question="Which keys?")
+        in_kernel = demo_lm.history[-1]
+        pool.run(qa, question="Which keys?")
+        on_pool = demo_lm.history[-1]
+    assert on_pool is not in_kernel and on_pool.keys() == in_kernel.keys()
+    response, expected = on_pool["response"], in_kernel["response"]
+    assert type(response) is type(expected)  # the object DSPy's LM made (an lm15 Response), rebuilt
+    assert (response.text, response.model, response.usage) == (expected.text, expected.model, expected.usage)
+
+
 def _last_lm_call() -> str:
     import io
 
@@ -1525,6 +1573,11 @@ def program(question):
     assert pool.run(program, question="Which tool?") == "hi"
     shown = _last_lm_call()
     assert "Which tool?" in shown and 'search: {"q": "tides"}' in shown
+    from dspy.clients.base_lm import GLOBAL_HISTORY
+
+    response = GLOBAL_HISTORY[-1]["response"]  # litellm's ModelResponse, which the kernel does not rebuild: its fields
+    assert response["model"] == "tool-lm" and response["choices"][0]["message"]["content"] == "hi"
+    assert response["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "search"
 
 
 @pytest.fixture(scope="module")

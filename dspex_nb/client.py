@@ -244,16 +244,18 @@ class Pool(WorkerPool):
         return batch
 
     def evaluate(self, program: Any, devset: Sequence[Any], metric: Callable[..., Any], *,
-                 display: bool = True, failure_score: float = 0.0, num_threads: int | None = None,
-                 display_progress: bool | None = None, **options: Any) -> Any:
+                 failure_score: float = 0.0, num_threads: int | None = None, display_progress: bool = False,
+                 **options: Any) -> Any:
         """``dspy.Evaluate(devset=devset, metric=metric, ...)(program)``, with the program run on the pool
         (``map``); the metric runs here and DSPy's Evaluate computes the score, so it is the same as in the
         kernel.
 
-        Evaluate's own options act as there (``display_table``, ``max_errors``, ``provide_traceback``,
-        ``save_as_csv``, ``save_as_json``, ``callback_metadata``); ``num_threads`` is the items in flight
-        over the whole pool, ``display_progress`` is ``display`` (the batch view); the others are ``map``'s
-        (``concurrency``, ``timeout``, ``item_timeout``, ``max_retries``, ``journal``).
+        Evaluate's own options act as there, with its defaults (``display_table``, ``max_errors``,
+        ``provide_traceback``, ``save_as_csv``, ``save_as_json``, ``callback_metadata``); ``num_threads`` is the
+        items in flight over the whole pool; ``display_progress`` shows the batch's view where DSPy shows its
+        progress bar (a live dashboard with Stop in a notebook, the batch's summary line elsewhere), off by
+        default as there; the others are ``map``'s (``concurrency``, ``timeout``, ``item_timeout``,
+        ``max_retries``, ``journal``).
         """
         import dspy
 
@@ -267,7 +269,7 @@ class Pool(WorkerPool):
             settings.Checker("evaluate").integer("num_threads", num_threads, 1, settings.MAX_CONCURRENCY * self.size)
             options["concurrency"] = -(-num_threads // self.size)  # per worker
         batch = self.map(program, devset, max_errors=evaluate.get("max_errors"), **options)
-        if display if display_progress is None else display_progress:
+        if display_progress:
             from dspex_nb.ui.render import show_batch
 
             show_batch(batch, f"evaluate {programs.title(program)}", block=True)

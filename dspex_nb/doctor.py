@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from dspex_nb import deps
-from dspex_nb.pool.process import PACKAGE_PARENT
+from dspex_nb.pool.process import PACKAGE_PARENT, module_argv
 
 TITLE = "dspex_nb doctor"
 
@@ -17,7 +17,7 @@ def worker_report(python: str) -> tuple[str, list[deps.DepStatus]] | str:
     if not Path(python).exists():
         return f"{python} does not exist"
     try:
-        out = subprocess.run([python, "-m", "dspex_nb.deps"], capture_output=True, text=True, timeout=120,
+        out = subprocess.run(module_argv(python, "dspex_nb.deps"), capture_output=True, text=True, timeout=120,
                              env={"PYTHONPATH": PACKAGE_PARENT, "PATH": "/usr/bin:/bin"})
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{python} could not be run: {exc}"

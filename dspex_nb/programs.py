@@ -485,19 +485,26 @@ class _History:
     history: list[Any] = []
 
 
-def record_history(entries: list[dict[str, Any]], program: Any, lm: Any) -> None:
+def record_history(entries: list[dict[str, Any]], program: Any, lm: Any, resolve: typed.Resolver) -> None:
     """A call's LM history entries recorded as DSPy records them in the kernel: in DSPy's history
     (``dspy.inspect_history``), in that of each of ``program``'s modules that made the call (by the names
     ``typed.HISTORY_MODULES`` gives, with the kernel's modules around the call), and in the history of the kernel's
     LM that stands for the one that ran it: the program's LM of the name that made it (a predictor's ``set_lm`` one,
-    or one a module holds and calls itself, ``self.untrusted_model``), else the LM of the nearest module around the
-    call that has one, else ``lm`` (the kernel's DSPy LM, where it is the pool's); of the same model only."""
+    or one a module holds and calls itself, ``self.untrusted_model``, also in a list or dict, ``self.lms[1]``), else
+    the LM of the nearest module around the call that has one, else ``lm`` (the kernel's DSPy LM, where it is the
+    pool's); of the same model only. An entry's ``response`` is the object DSPy's LM made (an lm15 ``Response``),
+    rebuilt with ``resolve``; one of another class (litellm's ``ModelResponse``) is a dict of its fields."""
     import dspy
     from dspy.clients.base_lm import record_history as record
 
     modules = dict(program.named_sub_modules()) if isinstance(program, dspy.Module) else {}
     outer = list(dspy.settings.caller_modules or [])
     for entry in entries:
+        if "response" in entry:
+            try:
+                entry["response"] = typed.decode(entry["response"], resolve, "response")
+            except typed.NotPortable:  # a class this kernel's DSPy lacks: its typed JSON, readable as it is
+                pass
         callers = [modules[name] for name in entry.pop(typed.HISTORY_MODULES, ()) if name in modules]
         held = _held_lm(modules, entry.pop(typed.HISTORY_LM, None))
         own = held or next((module.lm for module in reversed(callers) if getattr(module, "lm", None) is not None), lm)
@@ -508,13 +515,22 @@ def record_history(entries: list[dict[str, Any]], program: Any, lm: Any) -> None
 
 
 def _held_lm(modules: dict[str, Any], where: Any) -> Any:
-    """The LM that the module of ``modules`` named by ``where`` (``[module name, attribute]``, as the worker found
-    the LM that made a call) holds in the kernel, or None."""
+    """The LM that the module of ``modules`` named by ``where`` (``[module name, attribute]``, and the index or key
+    where the attribute is a list, tuple or dict of LMs, as the worker found the LM that made a call) holds in the
+    kernel, or None."""
     import dspy
 
-    if not (isinstance(where, list) and len(where) == 2 and where[0] in modules and isinstance(where[1], str)):
+    if not (isinstance(where, list) and len(where) in (2, 3) and where[0] in modules and isinstance(where[1], str)):
         return None
     value = vars(modules[where[0]]).get(where[1])
+    if len(where) == 3:
+        key = where[2]
+        if isinstance(value, (list, tuple)) and isinstance(key, int) and -len(value) <= key < len(value):
+            value = value[key]
+        elif isinstance(value, dict) and isinstance(key, str):
+            value = value.get(key)
+        else:
+            return None
     return value if isinstance(value, dspy.BaseLM) else None
 
 
@@ -551,7 +567,7 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
     if trace is not None and steps is not None:
         add_to_trace(*trace, steps, resolve)
     if isinstance(result, dict) and typed.HISTORY in result:
-        record_history(result.pop(typed.HISTORY), program, lm)
+        record_history(result.pop(typed.HISTORY), program, lm, resolve)
 
     if isinstance(result, dict) and result.get(typed.TAG) == "output":
         output = typed.decode(result["value"], resolve, "output")

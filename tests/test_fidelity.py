@@ -835,8 +835,8 @@ def program(question):  # the key of an LM inside the kernel's adapter, which tr
     assert "sk-adapter-lm-key-456" not in str(caught.value)
 
 
-def test_evaluate_on_the_pool_scores_as_dspy_evaluate(shell: InteractiveShell, pool: Pool,
-                                                     demo_lm: dspy.LM) -> None:
+def test_evaluate_on_the_pool_scores_as_dspy_evaluate(shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     program, _ = define(shell, '''
 devset = [dspy.Example(question=f"question {i}?", answer="x").with_inputs("question") for i in range(12)]
 
@@ -847,16 +847,20 @@ program = dspy.Predict("question -> answer")
 ''')
     devset, metric = shell.user_ns["devset"], shell.user_ns["metric"]
     with dspy.context(lm=demo_lm):
-        expected = dspy.Evaluate(devset=devset, metric=metric, display_progress=False)(program)
-    got = pool.evaluate(program, devset, metric, display=False, journal=False)
+        expected = dspy.Evaluate(devset=devset, metric=metric)(program)
+    printed = capsys.readouterr().out
+    got = pool.evaluate(program, devset, metric, journal=False)
+    assert capsys.readouterr().out == printed == ""  # was: the batch's summary line, which DSPy's default shows not
     assert 0 < expected.score < 100  # a score that tells outputs apart
     assert got.score == expected.score
     assert [r[2] for r in got.results] == [r[2] for r in expected.results]
-    options = {"num_threads": 4, "display_progress": False, "max_errors": 5, "provide_traceback": True}
+    options = {"num_threads": 4, "display_progress": True, "max_errors": 5, "provide_traceback": True}
     with dspy.context(lm=demo_lm):  # dspy.Evaluate's own options, as a user passes them there
         expected = dspy.Evaluate(devset=devset, metric=metric, **options)(program)
+    capsys.readouterr()
     got = pool.evaluate(program, devset, metric, journal=False, **options)
     assert got.score == expected.score
+    assert capsys.readouterr().out.startswith("batch done: 12 items, 12 ok")  # its progress: the batch's view
     with pytest.raises(TypeError, match=r"Pool.evaluate\(\) got unexpected keyword argument\(s\) \['num_thread'\]"):
         pool.evaluate(program, devset, metric, num_thread=4)
 
@@ -895,7 +899,7 @@ program = Picky()
         with pytest.raises(Exception, match=stopped):
             pool.map(program, devset, journal=False).result(60)
         with pytest.raises(Exception, match=stopped):
-            pool.evaluate(program, devset, metric, display=False, journal=False)
+            pool.evaluate(program, devset, metric, journal=False)
     assert len(pool.map(program, devset, max_errors=3, journal=False).result(60)) == 5
 
 
@@ -1433,7 +1437,7 @@ def test_map_and_evaluate_add_their_predictor_calls_to_the_kernels_trace(shell: 
                                    for step in dspy.settings.trace)  # in the order the items ended
         with dspy.context(lm=demo_lm, trace=[]):
             scores[where] = (dspy.Evaluate(devset=devset, metric=metric, num_threads=1)(program) if where == "kernel"
-                             else pool.evaluate(program, devset, metric, num_threads=1, display=False)).score
+                             else pool.evaluate(program, devset, metric, num_threads=1)).score
     assert traces["pool"] == traces["kernel"] and len(traces["kernel"]) == 3
     assert scores["pool"] == scores["kernel"]
     assert seen["pool"] == seen["kernel"] and [len(steps) for steps in seen["kernel"]] == [1, 2, 3]
@@ -1535,6 +1539,54 @@ program = Papillon(untrusted_model=demo_lm())
             assert program.untrusted_model.history[-1]["prompt"].startswith("Demo LM answer")
 
 
+def test_the_pools_calls_of_lms_a_module_holds_in_a_list_or_dict_join_their_histories(
+        shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # was: only an LM held in an attribute itself got its calls; those in self.lms[1] went to the kernel's DSPy LM
+    program, _ = define(shell, '''
+from dspex_nb import demo_lm
+
+class Panel(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+        self.lms = [demo_lm(), demo_lm()]
+        self.judges = {"strict": demo_lm()}
+
+    def forward(self, question):
+        with dspy.context(lm=self.lms[1]):
+            answer = self.qa(question=question).answer
+        return dspy.Prediction(answer=answer, verdict=self.judges["strict"](answer)[0])
+
+program = Panel()
+''')
+
+    def histories() -> list[int]:
+        return [len(lm.history) for lm in (demo_lm, *program.lms, program.judges["strict"])]
+
+    with dspy.context(lm=demo_lm):
+        before = histories()
+        program(question="Who judges?")
+        in_kernel = [after - count for after, count in zip(histories(), before, strict=True)]
+        assert in_kernel == [0, 0, 1, 1]
+        before = histories()
+        pool.run(program, question="Who judges?")
+        assert [after - count for after, count in zip(histories(), before, strict=True)] == in_kernel
+
+
+def test_history_entries_made_on_the_pool_have_dspys_keys_and_its_response(pool: Pool, demo_lm: dspy.LM) -> None:
+    # was: no "response" key (lm.history[-1]["response"] raised KeyError after a pool call)
+    qa = dspy.Predict("question -> answer")
+    with dspy.context(lm=demo_lm):
+        qa(question="Which keys?")
+        in_kernel = demo_lm.history[-1]
+        pool.run(qa, question="Which keys?")
+        on_pool = demo_lm.history[-1]
+    assert on_pool is not in_kernel and on_pool.keys() == in_kernel.keys()
+    response, expected = on_pool["response"], in_kernel["response"]
+    assert type(response) is type(expected)  # the object DSPy's LM made (an lm15 Response), rebuilt
+    assert (response.text, response.model, response.usage) == (expected.text, expected.model, expected.usage)
+
+
 def _last_lm_call() -> str:
     import io
 
@@ -1578,6 +1630,11 @@ def program(question):
     assert pool.run(program, question="Which tool?") == "hi"
     shown = _last_lm_call()
     assert "Which tool?" in shown and 'search: {"q": "tides"}' in shown
+    from dspy.clients.base_lm import GLOBAL_HISTORY
+
+    response = GLOBAL_HISTORY[-1]["response"]  # litellm's ModelResponse, which the kernel does not rebuild: its fields
+    assert response["model"] == "tool-lm" and response["choices"][0]["message"]["content"] == "hi"
+    assert response["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "search"
 
 
 @pytest.fixture(scope="module")

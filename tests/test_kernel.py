@@ -481,7 +481,8 @@ def test_stop_during_evaluate_raises_cancelled_rather_than_scoring_what_never_ra
         cell = click_stop_while_blocked(
             kernel, "devset = [dspy.Example(question=f'q{i}?', answer='a').with_inputs('question')\n"
                     "          for i in range(300)]\n"
-                    "pool.evaluate(qa, devset, lambda example, pred, trace=None: 1.0, journal=False)")
+                    "pool.evaluate(qa, devset, lambda example, pred, trace=None: 1.0, journal=False,\n"
+                    "              display_progress=True)")
     assert cell.error.startswith("Cancelled: the batch was cancelled after "), cell.error
     assert "Average Metric" not in cell.stderr and "Error for Example" not in cell.stderr, cell.stderr
 

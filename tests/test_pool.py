@@ -6,9 +6,11 @@ import asyncio
 import concurrent.futures
 import gc
 import signal
+import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -194,6 +196,34 @@ def test_pool_of_four_starts_all_workers() -> None:
         assert [r["state"] for r in rows] == ["ready"] * 4
         assert len({r["pid"] for r in rows}) == 4
         assert {four.execute("whoami", worker=f"w{i}")["worker"] for i in range(4)} == {"w0", "w1", "w2", "w3"}
+
+
+WHERE = """
+def where(name):
+    import sys
+    import {module}
+    return dspy.Prediction(files={{m: sys.modules[m].__file__ for m in ("dspex_nb", "dspy", "grpc")}},
+                           value={module}.VALUE)
+"""
+
+
+@pytest.mark.parametrize("start", ["spawn", "template"])
+def test_packages_in_the_notebooks_folder_do_not_shadow_the_workers_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start: str) -> None:
+    # Was: a worker is started with ``-m`` in the kernel's directory, which Python puts first on its sys.path, so a
+    # folder there named dspex_nb, dspy or grpc was imported in place of the kernel's packages (the worker failed
+    # to start), while the kernel had imported the installed ones
+    for package in ("dspex_nb", "dspy", "grpc"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text(f"raise ImportError('the notebook folder\\'s {package}')\n")
+    module = f"notebook_module_{start}"
+    (tmp_path / f"{module}.py").write_text("VALUE = 42\n")
+    monkeypatch.chdir(tmp_path)
+    with Pool(workers=1, lm="demo", start=start, journal=False) as here:
+        here.define("where", WHERE.format(module=module))
+        found = here.run("where", name="a")
+    assert found.files == {name: sys.modules[name].__file__ for name in ("dspex_nb", "dspy", "grpc")}
+    assert found.value == 42  # the notebook's own modules are still importable there
 
 
 def test_calls_after_shutdown_raise_pool_closed() -> None:

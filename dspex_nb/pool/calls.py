@@ -471,8 +471,16 @@ class Run(Handle):
             raise self._error
         return self._final if self.decode is None else self.decode(self._final)
 
+    def _raise_if_cut(self) -> None:
+        """Raise the error that ended the stream before its final chunk (its worker died, a timeout, the
+        ``on_chunk`` callback failed), so an iteration does not end quietly on a truncated answer; a stream
+        that ended with its result or error chunk, or was cancelled, ends the iteration as it is."""
+        if self._error is not None and not self._ended and not self._cancelled:
+            raise self._error
+
     async def __aiter__(self) -> AsyncIterator[Chunk]:
-        """``async for chunk in run``: every chunk, from the first, without blocking the event loop."""
+        """``async for chunk in run``: every chunk, from the first, without blocking the event loop; raises the
+        call's error where the stream was cut short (``WorkerDied``...)."""
         index = 0
         while True:
             done = self.done  # read before the chunks, so the last ones are always seen
@@ -480,6 +488,7 @@ class Run(Handle):
             for chunk in chunks:
                 yield chunk
             if done and not chunks:
+                self._raise_if_cut()
                 return
             if not chunks:
                 await asyncio.to_thread(self._wait_for, index)
@@ -489,7 +498,14 @@ class Run(Handle):
             self._cond.wait_for(lambda: self.received > index or self.done, timeout=WAIT_SLICE * 5)
 
     def __iter__(self) -> Iterator[Chunk]:
-        """Every chunk, from the first, as it arrives; ends with the stream. Ctrl-C cancels."""
+        """Every chunk, from the first, as it arrives; ends with the stream, raising the call's error where the
+        stream was cut short (``WorkerDied``...). Ctrl-C cancels."""
+        yield from self.arrivals(stacklevel=3)
+        self._raise_if_cut()
+
+    def arrivals(self, stacklevel: int = 2) -> Iterator[Chunk]:
+        """Every chunk, from the first, as it arrives; ends quietly with the stream, however it ended
+        (``result()`` says how). Ctrl-C cancels."""
         index, warned = 0, False
         while True:
             with self._cond:
@@ -505,7 +521,7 @@ class Run(Handle):
                     if not warned:
                         warnings.warn(f"this iteration of {self!r} fell {self.dropped - index} chunks behind; they "
                                       f"were dropped (keep_chunks={self.keep_chunks}: execute_stream(..., "
-                                      "keep_chunks=None) keeps all)", ChunksDropped, stacklevel=2)
+                                      "keep_chunks=None) keeps all)", ChunksDropped, stacklevel=stacklevel)
                     index, warned = self.dropped, True
                 chunk = self.chunks[index - self.dropped]
             index += 1

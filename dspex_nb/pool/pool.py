@@ -102,7 +102,7 @@ class WorkerPool(Supervision):
         check.choice("start", start, START_METHODS)
         check.choice("backend", backend, BACKENDS)
         check.mapping("resources", resources)
-        check.lm_kwargs(lm_kwargs, "lm_kwargs", lm)
+        lm_kwargs = check.lm_kwargs(lm_kwargs, "lm_kwargs", lm)  # its numpy numbers as Python's
         check.mapping("env", env, values=str)
         check.instance("python", python, (str, type(None)), "None or the path of a Python interpreter")
         _backends_own(backend, python, address, resources)
@@ -110,7 +110,7 @@ class WorkerPool(Supervision):
             raise ValueError(f"Pool(lm=...) must be 'demo' or a dspy.LM model string, got {redact.shown(lm)}")
         self.size = workers
         self.lm = lm
-        self.lm_kwargs = dict(lm_kwargs or {})
+        self.lm_kwargs = lm_kwargs
         redact.register(self.lm_kwargs)  # an api_key given here is masked wherever it shows up
         self.max_message_bytes = max_message_mb * 2**20
         self.health_interval = health_interval
@@ -495,7 +495,7 @@ class WorkerPool(Supervision):
 
     def configure_lm(self, model: str, **kwargs: Any) -> None:
         """Switch every worker (and any started later) to ``model`` ("demo" or a dspy.LM model string)."""
-        settings.Checker("configure_lm").lm_kwargs(kwargs, model=model)
+        kwargs = settings.Checker("configure_lm").lm_kwargs(kwargs, model=model)
         previous = self.lm, self.lm_kwargs
         redact.register(kwargs)
         self.lm, self.lm_kwargs = model, kwargs  # first: a worker starting now starts with it

@@ -71,11 +71,28 @@ def worker_env(extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
+# ``python -m module`` with the current directory moved from the front of sys.path to its end: first there, a
+# folder of the notebook's named dspex_nb, dspy or grpc would be imported in place of the installed package the
+# kernel runs; at the end, the notebook's own modules are still found. (A bootstrap, not ``-P``, which Python 3.10
+# lacks; the module stays an argument of its own, which stale cleanup and a worker's parent check look for.
+# Under PYTHONSAFEPATH the directory is not on sys.path at all, and stays off.)
+RUN_MODULE = ("import sys\n"
+              "if not getattr(sys.flags, 'safe_path', False):\n"
+              "    sys.path.append(sys.path.pop(0))\n"
+              "import runpy\n"
+              "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)\n")
+
+
+def module_argv(python: str, module: str, *args: str) -> list[str]:
+    """The command that runs ``python -m module args``, the current directory last on its sys.path."""
+    return [python, "-c", RUN_MODULE, module, *args]
+
+
 def start_module(python: str, module: str, args: list[str], env: dict[str, str], **io: Any) -> subprocess.Popen:
-    """``python -m module args`` in a session of its own, with a pipe on stdin; a clear error when
-    ``python`` cannot be run."""
+    """``python -m module args`` (``module_argv``) in a session of its own, with a pipe on stdin; a clear error
+    when ``python`` cannot be run."""
     try:
-        return subprocess.Popen([python, "-m", module, *args], stdin=subprocess.PIPE, env=env,
+        return subprocess.Popen(module_argv(python, module, *args), stdin=subprocess.PIPE, env=env,
                                 start_new_session=True, close_fds=True, **io)
     except FileNotFoundError:
         raise WorkerStartError(f"the worker Python {python!r} does not exist (Pool(python=...))") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,16 +48,18 @@ class Checker:
             low = f">= {minimum:g}" if minimum else "> 0"
             self._fail(name, f"a finite number {low} ({unit})" + (" or None" if optional else ""), value)
 
-    def lm_kwargs(self, value: Any, name: str = "", model: str = "") -> None:
-        """None or a dict of dspy.LM settings (``name``: the argument that holds them; none where they are the
-        call's own keywords), with the two that every LM reads checked: a NaN temperature would reach the
-        provider as invalid JSON, a max_tokens of 0 as a request that cannot be answered. For the demo LM
-        (``model="demo"``), its knobs too: a per_token of -1 failed each call with "sleep length must be
-        non-negative", which named no setting."""
+    def lm_kwargs(self, value: Any, name: str = "", model: str = "") -> dict[str, Any]:
+        """A dict of dspy.LM settings from None or a dict (``name``: the argument that holds them; none where they
+        are the call's own keywords), its numbers as Python's own: a numpy scalar (``np.float32(0.7)``, ``np.int64``)
+        or another ``numbers.Real``, which dspy.LM takes, is its ``int`` or ``float`` value, as the workers get
+        them in JSON. Every number must be finite (a NaN or infinity would reach the provider as invalid JSON),
+        and the two settings every LM reads are checked: a negative temperature, a max_tokens of 0 (a request
+        that cannot be answered). For the demo LM (``model="demo"``), its knobs too: a per_token of -1 failed
+        each call with "sleep length must be non-negative", which named no setting."""
         if name:
             self.mapping(name, value)
-        kwargs = value or {}
         key = (lambda k: f"{name}[{k!r}]") if name else str
+        kwargs = {k: _python_number(v) for k, v in (value or {}).items()}
         self.non_negative(key("temperature"), kwargs.get("temperature"))
         if kwargs.get("max_tokens") is not None:
             self.integer(key("max_tokens"), kwargs["max_tokens"], 1)
@@ -66,6 +69,10 @@ class Checker:
             self.integer(key("answer_tokens"), kwargs.get("answer_tokens"), 1, optional=True)
             self.integer(key("rate_limit_first"), kwargs.get("rate_limit_first", 0), 0)
             self.instance(key("kill_on"), kwargs.get("kill_on"), (str, type(None)), "None or a text to die on")
+        for k, v in kwargs.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                self._fail(key(k), "a finite number", value[k])
+        return kwargs
 
     def non_negative(self, name: str, value: Any, unit: str = "") -> None:
         """None or a finite number >= 0."""
@@ -89,3 +96,11 @@ class Checker:
                 values is not None and not all(isinstance(v, values) for v in value.values())):
             kind = f"a dict[str, {values.__name__}]" if values else "a dict with str keys"
             self._fail(name, f"None or {kind}", value)
+
+
+def _python_number(value: Any) -> Any:
+    """A number of another type than bool, int or float (a numpy scalar, a ``Fraction``) as its int or float value;
+    anything else as it is."""
+    if type(value) in (bool, int, float) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)

@@ -73,7 +73,7 @@ def _tokens_as_they_come(run: Run, out: TextIO) -> None:
     streamed: set[tuple[str, str]] = set()
     current: tuple[str, str] | None = None
     first_step = None
-    for chunk in run:
+    for chunk in run.arrivals():  # the summary line says how it ended
         if chunk.kind != "token":
             continue
         where = (progress.predictor_label(chunk.data.get("predictor") or ""), chunk["field"])

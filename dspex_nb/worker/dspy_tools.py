@@ -151,16 +151,16 @@ class _Costs:
     its usage on its prediction (``get_lm_usage()``)."""
 
     def __init__(self, keep: bool = False, modules: dict[int, str] | None = None,
-                 lms: dict[tuple[str, str], Any] | None = None) -> None:
+                 lms: dict[tuple[Any, ...], Any] | None = None) -> None:
         self.history = self
         self.total: float | None = None  # None until an LM reports a cost (an unpriced model is not free)
         self.usage = UsageTracker()
         self.entries: collections.deque[Any] | None = collections.deque(maxlen=MAX_HISTORY) if keep else None
         self.modules = modules or {}  # id -> name of the program's modules (named_sub_modules), whose histories
         # DSPy also appends the entry to: the kernel appends it to its own modules of those names
-        self.lms = lms or {}  # (module name, attribute) -> an LM the program holds (a predictor's set_lm one, or
-        # one its forward calls itself), whose history DSPy appends the entry to first: the kernel's object of that
-        # name gets it in the kernel, not the kernel's DSPy LM
+        self.lms = lms or {}  # (module name, attribute[, index or key]) -> an LM the program holds (a predictor's
+        # set_lm one, or one its forward calls itself), whose history DSPy appends the entry to first: the kernel's
+        # object of that name gets it in the kernel, not the kernel's DSPy LM
         self._lock = threading.Lock()  # dspy.Parallel's threads append at once
 
     def __len__(self) -> int:
@@ -193,8 +193,8 @@ class _Costs:
     def history_json(self, budget: int) -> list[dict[str, Any]]:
         """The kept entries as JSON, as DSPy's ``inspect_history`` reads them: the newest whose JSON fits in
         ``budget`` bytes (each holds its whole prompt: a long document's calls fill a message), each with the
-        names of the program's modules that made it (``typed.HISTORY_MODULES``). The provider's
-        raw ``response`` object stays here; a provider's objects, such as litellm's tool calls, come as their
+        names of the program's modules that made it (``typed.HISTORY_MODULES``). Its ``response`` comes as
+        ``_response_json`` gives it; a provider's objects, such as litellm's tool calls, come as their
         fields; other values that are not JSON, such as a response format's class, as their repr; keys JSON has
         no form for are left out, and an entry that contains itself."""
         with self._lock:
@@ -202,8 +202,8 @@ class _Costs:
         kept = []
         for entry, callers, lm in reversed(entries):
             try:
-                text = json.dumps({**{k: v for k, v in entry.items() if k != "response"},
-                                   typed.HISTORY_MODULES: callers, typed.HISTORY_LM: lm},
+                text = json.dumps({**entry, **({"response": _response_json(entry["response"])} if "response" in entry
+                                               else {}), typed.HISTORY_MODULES: callers, typed.HISTORY_LM: lm},
                                   default=_as_json, skipkeys=True)
             except (ValueError, RecursionError):  # a circular reference
                 continue
@@ -219,6 +219,18 @@ def _response_model(entry: dict[str, Any]) -> str:
     """The model of a history entry without one of its own (DSPy's ``TypesafeLM``), as its response names it."""
     response = entry.get("response")
     return str(response.get("model", "")) if isinstance(response, dict) else ""
+
+
+def _response_json(response: Any) -> Any:
+    """An LM call's ``response`` as the kernel can have it: one of DSPy's own classes (the lm15 ``Response`` of a
+    ``dspy.LM``) as typed JSON, which the kernel rebuilds as that object (``programs.record_history``); another (the
+    litellm ``ModelResponse`` an LM of one's own returns, which the kernel would not rebuild from data) as its
+    fields, a dict, as ``_as_json`` gives them."""
+    if type(response).__module__.partition(".")[0] == "dspy":
+        encoded = typed.encode(response)
+        if typed.unsendable(encoded, "response") is None:  # no part of it without a JSON form
+            return encoded
+    return response
 
 
 def _as_json(value: Any) -> Any:
@@ -239,11 +251,22 @@ def _tracked(settings: dict[str, Any], history: bool = False, program: Any = Non
         yield costs
 
 
-def _held_lms(modules: list[tuple[str, Any]]) -> dict[tuple[str, str], Any]:
+def _held_lms(modules: list[tuple[str, Any]]) -> dict[tuple[Any, ...], Any]:
     """The LMs that ``modules`` (a program's ``named_sub_modules``) hold in their own attributes, by module name and
-    attribute: a predictor's ``lm`` (``set_lm``), or one a module keeps to call itself (``self.untrusted_model``)."""
-    return {(name, attribute): value for name, module in modules
-            for attribute, value in vars(module).items() if isinstance(value, dspy.BaseLM)}
+    attribute: a predictor's ``lm`` (``set_lm``), or one a module keeps to call itself (``self.untrusted_model``);
+    and those in a list, tuple or dict there (``self.lms = [lm1, lm2]``), by its index or key too."""
+    return {(name, attribute, *key): lm for name, module in modules for attribute, value in vars(module).items()
+            for key, lm in _members(value) if isinstance(lm, dspy.BaseLM)}
+
+
+def _members(value: Any) -> list[tuple[tuple[Any, ...], Any]]:
+    """``value`` itself (key ``()``), and the items of a list or tuple (key ``(index,)``) or of a dict (``(key,)``,
+    its str keys)."""
+    if isinstance(value, (list, tuple)):
+        return [((), value), *(((i,), item) for i, item in enumerate(value))]
+    if isinstance(value, dict):
+        return [((), value), *(((k,), item) for k, item in value.items() if isinstance(k, str))]
+    return [((), value)]
 
 
 def _listeners(program: Any) -> list[StreamListener]:

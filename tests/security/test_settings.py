@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from types import MappingProxyType
 
+import numpy as np
 import pytest
 
 from dspex_nb import Pool
@@ -26,6 +28,9 @@ from dspex_nb.pool.pool import MAX_LOCAL_WORKERS
     ("lm_kwargs", "x", "lm_kwargs=...) must be None or a dict with str keys"),
     ("lm_kwargs", {"temperature": float("nan")}, "lm_kwargs['temperature']=...) must be a finite number >= 0"),
     ("lm_kwargs", {"max_tokens": 0}, "lm_kwargs['max_tokens']=...) must be an int >= 1, got 0"),
+    ("lm_kwargs", {"temperature": np.float64("nan")}, "lm_kwargs['temperature']=...) must be a finite number >= 0"),
+    ("lm_kwargs", {"temperature": np.float32("inf")}, "lm_kwargs['temperature']=...) must be a finite number >= 0"),
+    ("lm_kwargs", {"top_p": np.float32("nan")}, "lm_kwargs['top_p']=...) must be a finite number, got np.float32(nan)"),
     ("env", {"A": 1}, "env=...) must be None or a dict[str, str]"),
     ("rate_limit", 0, "rate_limit=...) must be a finite number > 0"),
     ("max_memory_mb", -5, "max_memory_mb=...) must be a finite number > 0"),
@@ -75,6 +80,25 @@ def test_a_new_lm_setting_is_checked_before_any_worker_gets_it(pool: Pool, setti
     with pytest.raises(ValueError, match=re.escape(f"configure_lm({message}")):
         pool.configure_lm("demo", **settings)
     assert pool.lm_kwargs == {}  # the pool keeps the LM it had
+
+
+NUMPY_SETTINGS = {"temperature": np.float32(0.5), "max_tokens": np.int64(100), "top_p": Fraction(9, 10),
+                  "n": np.int8(1), "seed": 7, "logprobs": True}  # numbers dspy.LM takes, from NumPy or a Fraction
+AS_PYTHON = {"temperature": 0.5, "max_tokens": 100, "top_p": 0.9, "n": 1, "seed": 7, "logprobs": True}
+
+
+def test_numpy_and_other_real_lm_settings_are_their_python_numbers(pool: Pool) -> None:
+    # was: "must be a finite number >= 0, got np.float32(0.5)" (and an int64 max_tokens refused), which dspy.LM takes
+    assert Pool(lm_kwargs=NUMPY_SETTINGS).lm_kwargs == AS_PYTHON
+    try:
+        pool.configure_lm("demo", **NUMPY_SETTINGS)
+        assert pool.lm_kwargs == AS_PYTHON
+        for row in pool.status():
+            kwargs = pool.describe(row["worker"])["lm"]["kwargs"]
+            assert kwargs == AS_PYTHON and {k: type(v) for k, v in kwargs.items()} == {
+                k: type(v) for k, v in AS_PYTHON.items()}
+    finally:
+        pool.configure_lm("demo")
 
 
 def test_a_call_timeout_bounds_its_wait_in_the_queue() -> None:

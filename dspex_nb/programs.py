@@ -57,7 +57,7 @@ class Shipped:
 
     payload: str
     key: str
-    types: set[type]
+    types: list[type]  # where two share a path (``dspy.Code["python"]`` makes a class per use), the last wins
 
 
 _LOCKS = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threading.RLock}
@@ -230,21 +230,25 @@ def ship(program: Any) -> Shipped:
     collector.dump({"program": program, "types": collector.types, "sources": sources,
                     "names": list(collector.names.items())})
     payload, key = _payload(collector)
-    return Shipped(payload, key, collector.types | _referenced_types(program, collector.modules))
+    return Shipped(payload, key, [*collector.types, *_referenced_types(program, collector.modules)])
 
 
-def _referenced_types(program: Any, modules: set[str]) -> set[type]:
+def _referenced_types(program: Any, modules: set[str]) -> list[type]:
     """The classes a program's results may hold that its pickle names only by reference, so that they are
-    known when its results are read: its predictors' field types (a signature class of an imported module
-    travels by reference, its fields with it), and the classes of the user's modules that it uses."""
-    found: set[type] = set()
+    known when its results are read: the classes of the user's modules that it uses, and its predictors' field
+    types (a signature class of an imported module travels by reference, its fields with it), output fields
+    last: where an input and an output field have two classes of one path (``dspy.Code["python"]`` twice), a
+    result's value is the output field's class, as DSPy parses it in the kernel."""
+    found: list[type] = []
+    for name in modules:
+        found.extend(value for value in vars(sys.modules[name]).values()
+                     if isinstance(value, type) and value.__module__ == name and typed.portable_kind(value))
     predictors = getattr(program, "predictors", None)
     for predictor in predictors() if callable(predictors) and not isinstance(program, type) else ():
-        for info in predictor.signature.model_fields.values():
-            found |= typed.types_in(info.annotation)
-    for name in modules:
-        found.update(value for value in vars(sys.modules[name]).values()
-                     if isinstance(value, type) and value.__module__ == name and typed.portable_kind(value))
+        signature = predictor.signature
+        for fields in (signature.input_fields, signature.output_fields):
+            for info in fields.values():
+                found.extend(typed.types_in(info.annotation))
     return found
 
 

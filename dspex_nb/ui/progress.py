@@ -86,6 +86,8 @@ class StreamText:
         run = self.run
         state = {"running": "streaming", "done": "done", "failed": "failed", "cancelled": "cancelled"}[run.status]
         line = f"{state} · {run.tool} on {run.worker} · {count(self.tokens, 'token')} · {run.elapsed:.2f} s"
+        if self.tokens and run.elapsed > 0:  # tqdm's rate, for the tokens this view shows
+            line += f" · {self.tokens / run.elapsed:.1f} tokens/s"
         if any(run.tokens) or run.cost is not None:  # dspy.Parallel's calls have a cost, not tokens
             line += f" · LM {usage_text(*run.tokens, run.cost)}"
         if run.status == "failed":

@@ -53,10 +53,9 @@ def validate(schema: dict[str, Any], args: Any) -> None:
     if not isinstance(args, dict):
         raise ArgumentError(tool, "ArgumentError", f"arguments must be a dict, got {type(args).__name__}")
     params = schema["args"]
-    unexpected = sorted(set(args) - set(params))
-    if unexpected and not schema.get("open"):
+    if not schema.get("open") and (unexpected := args.keys() - params.keys()):
         raise ArgumentError(tool, "ArgumentError",
-                            f"unexpected argument(s) {unexpected}; '{tool}' takes {list(params)}")
+                            f"unexpected argument(s) {sorted(unexpected)}; '{tool}' takes {list(params)}")
     for name, spec in params.items():
         if name not in args:
             if spec.get("required"):

@@ -84,6 +84,22 @@ def dumps(value: Any) -> bytes:
     return json.dumps(value).encode()
 
 
+_SCAN = json.JSONDecoder().scan_once  # json.loads's C scanner, with its settings
+
+
+def loads(data: bytes) -> Any:
+    """``json.loads(data)``, faster for what ``dumps`` wrote (no whitespace around the value): the C scanner is
+    called directly, without json.loads's layers of Python (encoding detection, two regular expressions), which
+    cost a small message more than the scan itself. Anything else goes to json.loads, which raises its errors."""
+    try:
+        value, end = _SCAN(data.decode(), 0)
+        if end == len(data):  # ASCII: as many characters as bytes
+            return value
+    except (StopIteration, ValueError):  # no JSON value at the start (json.loads says why), or not UTF-8
+        pass
+    return json.loads(data)
+
+
 def definition_version(definition: str) -> str:
     """Which version of a defined program a worker holds: a digest of the source or payload it was defined
     from, as the kernel and the worker both compute it (a batch's items computed by another version, defined

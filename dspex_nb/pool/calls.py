@@ -31,7 +31,7 @@ from dspex_nb.errors import (
     program_errors_raised_here,
     remote_error,
 )
-from dspex_nb.wire import dumps
+from dspex_nb.wire import dumps, loads
 from dspex_nb.words import count
 
 WAIT_SLICE = 0.1  # seconds a blocking wait sleeps before it lets KeyboardInterrupt through
@@ -58,8 +58,8 @@ class Chunk:
 
 def decode_chunks(message: bytes) -> list[Chunk]:
     """The chunks of one stream message: a JSON array of [seq, kind, data, is_final] (see the proto's
-    ``ChunkBatch``), decoded with one ``json.loads``."""
-    return [Chunk(kind, seq, data, is_final) for seq, kind, data, is_final in json.loads(message)]
+    ``ChunkBatch``), decoded at once."""
+    return [Chunk(kind, seq, data, is_final) for seq, kind, data, is_final in loads(message)]
 
 
 def encode_args(tool: str, args: dict[str, Any] | None, limit: int) -> bytes:

@@ -29,7 +29,7 @@ from dspex_nb.pool.calls import Chunk, decode_chunks
 from dspex_nb.pool.connection import ConnectionClosed, Died, Health, WorkerSpec, left
 from dspex_nb.pool.process import ProcessHandle, WorkerProcess, interpreter, worker_env
 from dspex_nb.pool.template import FORK_TIMEOUT, Template
-from dspex_nb.wire import LM_KWARGS_ENV, health_address, message_options
+from dspex_nb.wire import LM_KWARGS_ENV, health_address, loads, message_options
 
 DEFAULT_START = "template" if sys.platform == "linux" else "spawn"
 MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107  # bytes of a Unix socket's path (sun_path, its NUL
@@ -286,7 +286,7 @@ def unary_result(reply: Any, tool: str, worker: str) -> Any:
         raise remote_error(tool, {"type": e.type, "message": e.message, "traceback": e.traceback, "bases": e.bases,
                                   "attributes": json.loads(e.attributes_json) if e.attributes_json else None,
                                   "args": json.loads(e.args_json) if e.args_json else None}, worker)
-    return json.loads(reply.result_json.decode())  # ASCII, as the worker writes it: no encoding to detect
+    return loads(reply.result_json)
 
 
 class _Ping:

@@ -338,6 +338,8 @@ class WorkerPool(Supervision):
         if not free:
             return None
         tie = next(self._rr)
+        if len(free) == 1:
+            return free[0]
         return min(free, key=lambda w: (w.in_flight, (self.workers.index(w) - tie) % self.size))
 
     def _states(self) -> dict[str, str]:

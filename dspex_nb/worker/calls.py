@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
 import threading
 import traceback
@@ -25,7 +24,7 @@ from typing import Any
 
 from dspex_nb import redact, typed
 from dspex_nb.errors import ResultTooLarge, ToolError, builtin_fields
-from dspex_nb.wire import dumps
+from dspex_nb.wire import dumps, loads
 from dspex_nb.worker import tools
 from dspex_nb.worker.state import WorkerState
 
@@ -232,7 +231,7 @@ class Call:
     def _args(self) -> tuple[tools.Tool, Any]:
         tool = tools.get_tool(self.tool)
         try:
-            return tool, json.loads(self.args_json.decode()) if self.args_json else {}  # str: no encoding to detect
+            return tool, loads(self.args_json) if self.args_json else {}
         except ValueError as exc:
             raise ToolError(self.tool, "ArgumentError", f"arguments are not valid JSON: {exc}") from None
 

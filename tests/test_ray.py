@@ -364,6 +364,7 @@ def test_auto_refuses_the_latest_cluster_another_user_recorded(tmp_path: Path,
     from dspex_nb.pool.ray_backend import _refuse_anothers_cluster
 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     (tmp_path / "ray").mkdir()
     latest = tmp_path / "ray" / "ray_current_cluster"
     latest.write_text("127.0.0.1:6379")
@@ -371,6 +372,11 @@ def test_auto_refuses_the_latest_cluster_another_user_recorded(tmp_path: Path,
     os.chown(latest, 4321, 4321)
     with pytest.raises(WorkerStartError, match=r"address='auto'.*another user \(uid 4321\)"):
         _refuse_anothers_cluster()
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    with pytest.raises(WorkerStartError):
+        _refuse_anothers_cluster()
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # was refused: Ray's 'auto' is RAY_ADDRESS then, not the record
+    _refuse_anothers_cluster()
 
 
 def test_a_ray_stream_keeps_its_timeout_and_its_cancel(pool: Pool) -> None:

@@ -154,6 +154,8 @@ def _ray_temp_root() -> str:
 
 
 def _refuse_anothers_cluster() -> None:
+    if (os.environ.get("RAY_ADDRESS") or "auto") != "auto":  # Ray's "auto" is that address then, not the record
+        return
     latest = os.path.join(_ray_temp_root(), "ray", "ray_current_cluster")
     try:
         owner = os.stat(latest).st_uid

@@ -711,3 +711,16 @@ class Silent(dspy.Signature):
         expected = kernel_run(dspy.Predict(sh.ns["Silent"]), note="Hello")
         assert type(sh.ns["r"]) is type(expected) and dict(sh.ns["r"].items()) == dict(expected.items()) == {}
         assert "StopIteration" not in out
+
+
+def test_the_real_lm_notebooks_error_cell_goes_on_with_a_key(sh: Shell, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 05-real-lms shows an LM's error where OPENAI_API_KEY is set (nbval runs it without one): since a failed command
+    # fails its cell, that cell failed there, stopping Run All and nbval, and left the pool on openai/no-such-model
+    import nbformat
+
+    notebook = nbformat.read(Path(__file__).parents[1] / "notebooks" / "05-real-lms.ipynb", as_version=4)
+    cell = next(c.source for c in notebook.cells if "no-such-model" in c.source)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # the LM fails at once, without the network
+    sh("HAVE_KEY = True\nMODEL = 'demo'")
+    out, _ = sh(cell)
+    assert "the cell failed with the LM's error" in out and sh.pool.lm == "demo"

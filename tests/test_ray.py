@@ -338,12 +338,33 @@ def test_a_pool_starts_a_local_ray_of_its_own_and_ends_it(cluster: str) -> None:
     wait_until(session_empty, timeout=30, what="the pool's Ray instance to end")
 
 
+@pytest.mark.parametrize("platform", ["linux", "darwin"])
+@pytest.mark.parametrize("variables", [{}, {"TMPDIR": "/var/folders/zz/zyxvpxvq6csfxvn_n0000000000000/T/"},
+                                       {"TMPDIR": "/a", "RAY_TMPDIR": "/b"}])
+def test_the_pools_ray_directory_is_where_ray_looks(platform: str, variables: dict[str, str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # was: $TMPDIR on macOS too, where Ray uses /tmp: the Ray instance of a pool without an address failed to start
+    # on every Mac (its socket paths under /var/folders/.../T/dspex-ray-*/ray/session_*/ passed Ray's 103 bytes), and
+    # address='auto' read no record of the latest cluster, so it refused none
+    from ray._common.utils import get_default_system_temp_dir
+
+    from dspex_nb.pool.ray_backend import _ray_temp_root
+
+    for name in ("TMPDIR", "RAY_TMPDIR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "platform", platform)
+    assert _ray_temp_root() == get_default_system_temp_dir()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
 def test_auto_refuses_the_latest_cluster_another_user_recorded(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from dspex_nb.pool.ray_backend import _refuse_anothers_cluster
 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     (tmp_path / "ray").mkdir()
     latest = tmp_path / "ray" / "ray_current_cluster"
     latest.write_text("127.0.0.1:6379")
@@ -351,6 +372,11 @@ def test_auto_refuses_the_latest_cluster_another_user_recorded(tmp_path: Path,
     os.chown(latest, 4321, 4321)
     with pytest.raises(WorkerStartError, match=r"address='auto'.*another user \(uid 4321\)"):
         _refuse_anothers_cluster()
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    with pytest.raises(WorkerStartError):
+        _refuse_anothers_cluster()
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # was refused: Ray's 'auto' is RAY_ADDRESS then, not the record
+    _refuse_anothers_cluster()
 
 
 def test_a_ray_stream_keeps_its_timeout_and_its_cancel(pool: Pool) -> None:

@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -143,11 +144,18 @@ def _remove_private_dir() -> None:
 
 
 def _ray_temp_root() -> str:
-    """Where Ray makes its ``ray`` directory on Linux: $RAY_TMPDIR, else $TMPDIR, else /tmp."""
-    return os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    """Where Ray makes its ``ray`` directory: $RAY_TMPDIR, else $TMPDIR on Linux, else /tmp (on macOS too, whose
+    $TMPDIR under /var/folders is too long for the socket paths Ray makes there), as Ray's own rule is."""
+    if os.environ.get("RAY_TMPDIR"):
+        return os.environ["RAY_TMPDIR"]
+    if sys.platform.startswith("linux") and os.environ.get("TMPDIR"):
+        return os.environ["TMPDIR"]
+    return "/tmp" if sys.platform.startswith(("linux", "darwin")) else tempfile.gettempdir()
 
 
 def _refuse_anothers_cluster() -> None:
+    if (os.environ.get("RAY_ADDRESS") or "auto") != "auto":  # Ray's "auto" is that address then, not the record
+        return
     latest = os.path.join(_ray_temp_root(), "ray", "ray_current_cluster")
     try:
         owner = os.stat(latest).st_uid

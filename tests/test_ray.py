@@ -358,6 +358,16 @@ def test_the_pools_ray_directory_is_where_ray_looks(platform: str, variables: di
     assert _ray_temp_root() == get_default_system_temp_dir()
 
 
+def test_auto_without_a_recorded_cluster_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: Ray then joins any cluster it sees running on the machine (its processes), whoever started it."""
+    from dspex_nb.pool.ray_backend import _refuse_anothers_cluster
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(WorkerStartError, match=r"address='auto'\): no `ray start` on this machine recorded a cluster"):
+        _refuse_anothers_cluster()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
 def test_auto_refuses_the_latest_cluster_another_user_recorded(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:

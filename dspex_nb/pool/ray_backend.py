@@ -120,11 +120,12 @@ def _init(address: str | None) -> None:
     Ray's own default for None joins the cluster whose address the last `ray start` on this machine wrote to
     /tmp/ray/ray_current_cluster, a directory any user may write to (Ray makes its directories 0777, and its
     logs, which hold what actors print, world-readable): another user's cluster would get the programs and
-    the LM keys. So None starts a local instance ("local") in a directory of this user's own, and "auto" is
-    refused where that file is another user's.
+    the LM keys. So None (and "local") starts a local instance in a directory of this user's own, and "auto" is
+    refused where that file is another user's, or where there is none (Ray would join any cluster it sees
+    running on the machine, whoever started it).
     """
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
-    if address is None:
+    if address in (None, "local"):
         _private_dir.append(tempfile.mkdtemp(prefix="dspex-ray-", dir=_ray_temp_root()))  # mode 0700
         kwargs.update(address="local", _temp_dir=os.path.join(_private_dir[-1], "ray"))  # Ray chmods that 0777
     else:
@@ -159,8 +160,11 @@ def _refuse_anothers_cluster() -> None:
     latest = os.path.join(_ray_temp_root(), "ray", "ray_current_cluster")
     try:
         owner = os.stat(latest).st_uid
-    except OSError:
-        return  # no `ray start` recorded one: Ray looks for a running cluster, or says it found none
+    except FileNotFoundError:
+        raise WorkerStartError(f"Pool(address='auto'): no `ray start` on this machine recorded a cluster in {latest}"
+                               " (Ray would then join any cluster it sees running here, whoever started it); give "
+                               "your cluster's address (HEAD_IP:6379), or None for a Ray instance of the pool's own") \
+            from None
     if owner not in (os.getuid(), 0):
         raise WorkerStartError(f"Pool(address='auto'): the latest Ray cluster on this machine was recorded in "
                                f"{latest} by another user (uid {owner}), who could then run the pool's programs "

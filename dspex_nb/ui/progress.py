@@ -124,7 +124,7 @@ def fields_of(value: Any) -> dict[str, Any] | None:
     """A value's fields to show: a Prediction's (none, for a signature without output fields, whose repr DSPy cannot
     make) or a non-empty dict's (str keys); None for any other value."""
     items = dict(value.items()) if callable(getattr(value, "items", None)) else None
-    if items is None or (not items and isinstance(value, dict)):
+    if items is None or (not items and not hasattr(value, "_store")):  # an empty dict or DataFrame: as itself
         return None
     return items if all(isinstance(k, str) for k in items) else None
 

@@ -96,3 +96,16 @@ def test_the_error_list_scrolls_within_its_height_rather_than_spilling_over_the_
         warnings.simplefilter("error", DeprecationWarning)
         dashboard = BatchDashboard(HalfDoneBatch(), "batch")  # type: ignore[arg-type]
     assert (dashboard.errors.layout.max_height, dashboard.errors.layout.overflow) == ("16em", "auto")
+
+
+def test_only_a_prediction_shows_as_no_fields_when_empty() -> None:
+    """An empty Prediction (a signature without outputs) has no fields to show; an empty DataFrame, dict or
+    list a program returned shows as itself (a DataFrame has ``items()`` too: it showed as nothing)."""
+    import dspy
+    import pandas as pd
+
+    from dspex_nb.ui.progress import fields_of
+
+    assert fields_of(dspy.Prediction()) == {}
+    assert fields_of(pd.DataFrame()) is None and fields_of({}) is None and fields_of([]) is None
+    assert fields_of(dspy.Prediction(answer="x")) == {"answer": "x"}

@@ -358,6 +358,16 @@ def test_the_pools_ray_directory_is_where_ray_looks(platform: str, variables: di
     assert _ray_temp_root() == get_default_system_temp_dir()
 
 
+def test_a_temp_directory_too_long_for_rays_sockets_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: Ray's own "AF_UNIX path length cannot exceed 107 bytes" from deep inside ray.init."""
+    from dspex_nb.pool.ray_backend import _init
+
+    monkeypatch.setenv("RAY_TMPDIR", "/tmp/" + "d" * 40)
+    with pytest.raises(WorkerStartError, match=r"set RAY_TMPDIR to a short directory"):
+        _init(None)
+    assert not Path("/tmp/" + "d" * 40).exists()  # nothing made there
+
+
 def test_auto_without_a_recorded_cluster_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Was: Ray then joins any cluster it sees running on the machine (its processes), whoever started it."""
     from dspex_nb.pool.ray_backend import _refuse_anothers_cluster

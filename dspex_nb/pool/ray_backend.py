@@ -30,6 +30,7 @@ from dspex_nb import redact
 from dspex_nb.errors import CallTimeout, DspexError, WorkerDied, WorkerStartError, remote_error
 from dspex_nb.pool.calls import Chunk, decode_chunks
 from dspex_nb.pool.connection import ConnectionClosed, Died, Health, WorkerSpec, left
+from dspex_nb.pool.local import MAX_SOCKET_PATH
 from dspex_nb.pool.settings import SettingError
 
 try:
@@ -55,8 +56,8 @@ NO_CLIENT = ("Ray Client cannot run the pool's streamed calls (Ray: 'Streaming a
              "address (address='auto', or 'HEAD_IP:6379')")
 _owners: set[RayBackend] = set()  # the pools using the Ray instance that one of them started
 _owned = threading.Lock()
-SOCKET_PATH_MAX = 107  # bytes of a Unix socket's path (Linux)
-RAY_SOCKET = "session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store"  # the longest Ray makes there
+RAY_SOCKET_ROOM = len("/dspex-ray-12345678/ray/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")  # a
+# pool's private directory and the longest socket path Ray makes in it
 _private_dir: list[str] = []  # that instance's directory, of this user only, removed when the instance ends
 
 
@@ -129,9 +130,9 @@ def _init(address: str | None) -> None:
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
     if address in (None, "local"):
         root = _ray_temp_root()
-        if len(os.path.join(root, "dspex-ray-xxxxxxxx", "ray", RAY_SOCKET)) > SOCKET_PATH_MAX:
+        if len(os.fsencode(root)) + RAY_SOCKET_ROOM > MAX_SOCKET_PATH:
             raise WorkerStartError(f"Pool(backend='ray'): Ray's socket paths under {root} ($RAY_TMPDIR, else "
-                                   f"$TMPDIR) would be longer than the {SOCKET_PATH_MAX} bytes a Unix socket's "
+                                   f"$TMPDIR) would be longer than the {MAX_SOCKET_PATH} bytes a Unix socket's "
                                    "path may have; set RAY_TMPDIR to a short directory of your own (e.g. /tmp)")
         _private_dir.append(tempfile.mkdtemp(prefix="dspex-ray-", dir=root))  # mode 0700
         kwargs.update(address="local", _temp_dir=os.path.join(_private_dir[-1], "ray"))  # Ray chmods that 0777

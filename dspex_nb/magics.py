@@ -40,6 +40,7 @@ from dspex_nb.pool.settings import SettingError
 from dspex_nb.ui import MODES
 from dspex_nb.ui.progress import field_text, fields_of, printable, text_table
 from dspex_nb.ui.render import show_batch, show_pool, show_run
+from dspex_nb.wire import sole_input
 from dspex_nb.words import count
 
 # -- argument parsers, one per sub-command ------------------------------------------------------
@@ -190,8 +191,7 @@ def cell_inputs(body: str, names: list[str], required: list[str] | None = None) 
     in ``required`` (unless it starts as a field's line, `question: ...`); the lines of fields not in ``required``
     (a module's inputs with defaults) may be left out, as in a call in the kernel."""
     text = body.strip("\n")
-    needed = names if required is None else required
-    sole = names[0] if len(names) == 1 else needed[0] if len(needed) == 1 else None
+    sole = sole_input(names, names if required is None else required)
     first = re.match(r"\s*(\w+)\s*:", text)
     if sole is not None and not (first and first.group(1) in names):
         return {sole: text.strip()}

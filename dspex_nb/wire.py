@@ -105,3 +105,10 @@ def definition_version(definition: str) -> str:
     from, as the kernel and the worker both compute it (a batch's items computed by another version, defined
     while it ran, are told apart by it)."""
     return hashlib.sha256(definition.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def sole_input(inputs: list[str], needed: list[str]) -> str | None:
+    """The input a bare value (a plain ``%%dspex run`` cell, a string item) fills, as the kernel's magics and the
+    worker both decide it: the only one, or the only one of ``needed``, those a call must give (the others
+    optional); None where it is not clear which."""
+    return inputs[0] if len(inputs) == 1 else needed[0] if len(needed) == 1 else None

@@ -32,6 +32,7 @@ import dspy
 
 from dspex_nb import code_digest, redact, typed
 from dspex_nb.errors import ArgumentError
+from dspex_nb.wire import sole_input
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Program:
         """``inputs`` as keyword arguments: a dict with every required input, or a bare value for one input."""
         label = self.label or self.name
         if not isinstance(inputs, dict):
-            if (sole := self.sole_input()) is not None:
+            if (sole := sole_input(self.inputs, [n for n in self.inputs if n not in self.optional])) is not None:
                 return {sole: inputs}
             raise ArgumentError(tool_name, "ArgumentError",
                                 f"{where} must be a dict of {label}'s inputs {self.inputs}, "
@@ -66,11 +67,6 @@ class Program:
             raise ArgumentError(tool_name, "ArgumentError",
                                 f"{where} {' and '.join(problems)} (its inputs: {self.inputs})")
         return inputs
-
-    def sole_input(self) -> str | None:
-        """The input a bare value fills: the only one, or the only one the call must give (the others optional)."""
-        needed = [n for n in self.inputs if n not in self.optional]
-        return self.inputs[0] if len(self.inputs) == 1 else needed[0] if len(needed) == 1 else None
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "inputs": self.inputs, "required": self.required,

@@ -203,12 +203,13 @@ class Pool(WorkerPool):
         ``trace``: the DSPy trace that its predictor calls join, and the kernel's program (``programs.to_output``).
         Its LM calls join the kernel's DSPy history (``dspy.inspect_history()``; ``program``'s modules' and the kernel
         LM's own histories too, see ``programs.record_history``)."""
+        lm, shipped_lm = self._call_lm()
         decode = partial(programs.to_output, resolve=resolver or typed.Resolver(), trace=trace, program=program,
-                         fill_usage=not programs.usage_tracked(), lm=self._check_lm(),
+                         fill_usage=not programs.usage_tracked(), lm=lm,
                          tracker=programs.open_usage_tracker())  # with dspy.track_usage() as usage: its calls count
         if programs.wants_history():
             args = {**args, "history": True}
-        settings = programs.kernel_settings()  # e.g. dspy.configure(adapter=dspy.JSONAdapter()): the same there
+        settings = programs.kernel_settings(lm=shipped_lm)  # e.g. dspy.configure(adapter=...): the same there
         if settings:
             args = {**args, "settings": settings}
         if not stream:
@@ -329,9 +330,8 @@ class Pool(WorkerPool):
         program = {"module": module, "signature": signature, "lm": self.lm, "lm_kwargs": self.lm_kwargs,
                    "source": defined.get("key"), "format": typed.FORMAT,
                    **({"shipped": hashlib.sha256(shipped.encode()).hexdigest()} if shipped else {})}
-        self._check_lm()
-        kernel = programs.kernel_settings()
-        if kernel:  # another adapter is another program: the journal keeps their results apart
+        kernel = programs.kernel_settings(lm=self._call_lm()[1])
+        if kernel:  # another adapter or LM is another program: the journal keeps their results apart
             program["settings"] = kernel
         if trace:  # results with their predictor calls are kept apart from those without
             program["trace"] = True
@@ -343,30 +343,33 @@ class Pool(WorkerPool):
                         version=defined.get("version", ""), trace=trace)
 
 
-    def _check_lm(self) -> Any:
-        """Warn, once per LM, when the kernel's DSPy LM is not the pool's: the call runs on the pool's. Returns the
-        kernel's DSPy LM where it is the pool's (the object that stands for it here), else None."""
+    def _call_lm(self) -> tuple[Any, Any]:
+        """The LM a call made now runs on, as DSPy picks it: the one ``dspy.context(lm=...)`` sets around it where
+        that is not the pool's (it wins over the configured one, here the pool's), which then travels with the
+        call; else the pool's. Returns ``(the kernel's LM object that stands for it, for its history, or None;
+        the LM to send with the call, or None)``. Where the kernel's configured LM (``dspy.configure``) is another
+        than the pool's, the call runs on the pool's, and a ``PoolLMDiffers`` warning says so, once per LM."""
+        import dspy
+
         try:
             kernel = programs.kernel_lm()
         except ValueError:  # an LM of another kind than dspy.LM
             kernel, which = ("", {}), "the kernel's DSPy LM, which is not a dspy.LM (a pool runs a model string)"
         else:
-            which = f"the kernel's DSPy LM {_lm_named(*kernel, self.lm)} (dspy.configure / dspy.context)" \
-                if kernel else ""
+            which = f"the kernel's DSPy LM {_lm_named(*kernel, self.lm)} (dspy.configure)" if kernel else ""
         if kernel == (self.lm, self.lm_kwargs):
-            import dspy
-
-            return dspy.settings.lm
+            return dspy.settings.lm, None
+        if (context := programs.context_lm()) is not None:
+            return context, context
         if kernel is None:
-            return None
+            return None, None
         seen = repr(sorted(kernel[1].items(), key=str)) + kernel[0]
-        if seen in self._lms_warned:
-            return None
-        self._lms_warned.add(seen)
-        warnings.warn(f"this call runs on the pool's LM {_lm_named(self.lm, self.lm_kwargs, kernel[0])}, not on "
-                      f"{which}: pool.configure_lm(model, **settings) (%dspex lm ...) switches the pool's workers",
-                      PoolLMDiffers, stacklevel=programs.callers_level())
-        return None
+        if seen not in self._lms_warned:
+            self._lms_warned.add(seen)
+            warnings.warn(f"this call runs on the pool's LM {_lm_named(self.lm, self.lm_kwargs, kernel[0])}, not on "
+                          f"{which}: pool.configure_lm(model, **settings) (%dspex lm ...) switches the pool's "
+                          "workers", PoolLMDiffers, stacklevel=programs.callers_level())
+        return None, None
 
 
 def _lm_named(model: str, settings: dict[str, Any], other: str) -> str:

@@ -288,7 +288,8 @@ class TraceIncomplete(UserWarning):
 
 
 class PoolLMDiffers(UserWarning):
-    """The kernel's DSPy LM is not the pool's: a call on the pool runs on the pool's LM (``Pool(lm=...)``)."""
+    """The kernel's configured DSPy LM (``dspy.configure``) is not the pool's: a call on the pool runs on the pool's
+    LM (``Pool(lm=...)``). One that ``dspy.context(lm=...)`` sets travels with the call instead."""
 
 
 class StopStream(Exception):

@@ -14,6 +14,7 @@ was shipped with.
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import hashlib
 import importlib
@@ -268,14 +269,15 @@ def _payload(pickler: _Pickler) -> tuple[str, str]:
 
 SHIPPED_SETTINGS = ("adapter", "allow_tool_async_sync_conversion", "max_errors", "num_threads", "rm",
                     "interpreter_factory", "track_usage")  # the kernel's DSPy settings that a call on the pool runs
-# under where they are not DSPy's defaults (the LM is the pool's own: Pool(lm=...)); small objects, sent with each call
+# under where they are not DSPy's defaults (the LM is the pool's own, or one dspy.context sets: context_lm);
+# small objects, sent with each call
 
 
-def kernel_settings() -> str:
+def kernel_settings(lm: Any = None) -> str:
     """The kernel's DSPy settings of SHIPPED_SETTINGS that are set now to other than DSPy's defaults (by
-    ``dspy.configure`` or inside ``dspy.context``), and the tiers of its DSPy cache that are off
-    (``dspy.configure_cache``), pickled for the workers as a program is; "" when none is, or DSPy is not
-    imported."""
+    ``dspy.configure`` or inside ``dspy.context``), the tiers of its DSPy cache that are off
+    (``dspy.configure_cache``), and ``lm`` where given (one ``dspy.context`` sets: ``context_lm``, sent without
+    its history), pickled for the workers as a program is; "" when there are none, or DSPy is not imported."""
     dspy_settings = getattr(sys.modules.get("dspy"), "settings", None)  # None while DSPy is still importing
     if dspy_settings is None:
         return ""
@@ -287,9 +289,24 @@ def kernel_settings() -> str:
               if (value := getattr(dspy_settings, name, None)) != DEFAULT_CONFIG.get(name)}
     if cache := cache_settings():
         values[CACHE] = cache  # dspy.configure_cache(...): the pool's calls use a cache made the same way
+    if lm is not None:
+        if getattr(lm, "callbacks", None):
+            _callbacks_not_run(lm.callbacks, f"of the LM {getattr(lm, 'model', '')!r} (dspy.context)")
+        values["lm"] = copy.copy(lm)
+        values["lm"].history, values["lm"].callbacks = [], []  # its calls there come back with the call
     return _by_value(values, f"the kernel's DSPy settings {sorted(values)}",
                      " (a call on the pool runs under them, as it would in the kernel: give them values that can "
                      "be pickled, or set them to None around the pool's calls with dspy.context)") if values else ""
+
+
+def context_lm() -> Any:
+    """The LM that ``dspy.context(lm=...)`` sets around a call made now (which DSPy runs the call on rather than
+    the configured one), or None where none is set."""
+    if "dspy" not in sys.modules:
+        return None
+    from dspy.dsp.utils.settings import thread_local_overrides
+
+    return thread_local_overrides.get().get("lm")
 
 
 def cache_settings() -> dict[str, Any]:

@@ -316,19 +316,26 @@ def test_a_pool_takes_the_kernels_dspy_lm_and_says_when_a_call_runs_on_another(p
         chosen = Pool(workers=1, lm_kwargs={"temperature": 0.0})
         assert (chosen.lm, chosen.lm_kwargs) == ("openai/gpt-4o-mini",
                                                  {"cache": False, "temperature": 0.0, "api_key": "sk-kernel-key"})
+    before = dspy.settings.lm
+    try:  # the kernel's configured LM is another than the pool's: the call runs on the pool's, and says so
+        dspy.configure(lm=real)
         with pytest.warns(PoolLMDiffers, match="runs on the pool's LM 'demo', not on the kernel's DSPy LM "
                                                "'openai/gpt-4o-mini'"):
             assert pool.run("question -> answer", question="Which LM?").answer.startswith("Demo LM answer")
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # said once per LM
             pool.run("question -> answer", question="Which LM again?")
-    with dspy.context(lm=demo_lm()), warnings.catch_warnings():
-        warnings.simplefilter("error")  # the same LM: nothing to say
-        pool.run("question -> answer", question="Which LM?")
-    with dspy.context(lm=demo_lm(temperature=0.5)), pytest.warns(  # the same model: the settings tell them apart
-            PoolLMDiffers, match=r"the pool's LM 'demo' with \{\}, not on the kernel's DSPy LM 'demo' with "
-                                 r"\{'temperature': 0.5\}"):
-        pool.run("question -> answer", question="Which LM?")
+        dspy.configure(lm=demo_lm())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the same LM: nothing to say
+            pool.run("question -> answer", question="Which LM?")
+        dspy.configure(lm=demo_lm(temperature=0.5))
+        with pytest.warns(  # the same model: the settings tell them apart
+                PoolLMDiffers, match=r"the pool's LM 'demo' with \{\}, not on the kernel's DSPy LM 'demo' with "
+                                     r"\{'temperature': 0.5\}"):
+            pool.run("question -> answer", question="Which LM?")
+    finally:
+        dspy.configure(lm=before)
 
     class Custom(dspy.BaseLM):
         def forward(self, prompt=None, messages=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
@@ -338,6 +345,24 @@ def test_a_pool_takes_the_kernels_dspy_lm_and_says_when_a_call_runs_on_another(p
         Pool(workers=1)
 
 
+def test_a_call_runs_on_the_lm_dspy_context_sets_as_in_the_kernel(pool: Pool) -> None:
+    import dspy
+
+    from dspex_nb import demo_lm
+
+    qa = dspy.ChainOfThought("question -> answer")
+    short = demo_lm(answer_tokens=3)  # the pool's LM is demo_lm(): this one gives other answers
+    with dspy.context(lm=short), warnings.catch_warnings():
+        warnings.simplefilter("error")  # DSPy's rule, a context's LM wins: nothing to warn about
+        expected = qa(question="How many floors?")
+        assert len(short.history) == 1
+        ran = pool.run(qa, question="How many floors?")
+        streamed = pool.run_stream(qa, question="How many floors?").result(60)
+        mapped = pool.map(qa, ["How many floors?"], journal=False).result(60)
+    assert [ran.answer, streamed.answer, mapped[0].answer] == [expected.answer] * 3
+    assert ran.reasoning == expected.reasoning
+    assert len(short.history) == 3 and short.history[-1]["model"] == "demo/demo"  # the pool's calls joined it
+    assert pool.run(qa, question="How many floors?").answer != expected.answer  # outside it: the pool's LM
 def test_a_pool_takes_the_kernels_reasoning_model_as_dspy_lm_took_it() -> None:
     import dspy
 

@@ -110,12 +110,13 @@ def _types(names: list[tuple[str, str]]) -> list[type]:
 @functools.lru_cache(maxsize=16)
 def kernel_settings(payload: str) -> dict[str, Any]:
     """The kernel's DSPy settings a call came with (``dspex_nb.programs.kernel_settings``); not to be changed.
-    An LM inside them (a ``TwoStepAdapter``'s extraction model) has its key masked, as the pool's LM has."""
+    An LM among them (one ``dspy.context`` set) or inside them (a ``TwoStepAdapter``'s extraction model) has its
+    key masked, as the pool's LM has."""
     settings = _loaded("run", payload, "the kernel's DSPy settings (its adapter)") if payload else {}
     for value in settings.values():
-        for attr in vars(value).values() if hasattr(value, "__dict__") else ():
+        for attr in [value, *(vars(value).values() if hasattr(value, "__dict__") else ())]:
             if isinstance(attr, dspy.BaseLM):
-                redact.register(attr.kwargs)
+                redact.register(getattr(attr, "kwargs", {}))
     return settings
 
 

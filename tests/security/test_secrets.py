@@ -167,3 +167,17 @@ def test_a_password_in_an_lm_url_is_masked_where_it_shows() -> None:
             pool.run(dspy.Predict("question -> answer"), question="hi")
     shown = repr(described) + str(caught.value) + caught.value.remote_traceback + "".join(caught.value.__notes__)
     assert "127.0.0.1:9" in shown and "url-password-0815" not in shown
+
+
+def test_the_key_of_an_lm_a_dspy_context_sends_with_a_call_is_masked() -> None:
+    # dspy.context(lm=...) around a pool call sends that LM with the call (DSPy runs the call on it): its key
+    # and URL password must be masked in what comes back, as the pool's own LM's are
+    lm = dspy.LM("openai/gpt-4o-mini", api_key=SECRET, api_base="http://bob:url-password-0815@127.0.0.1:9/v1",
+                 num_retries=0, cache=False)
+    with Pool(workers=1, lm="demo", journal=False) as pool, dspy.context(lm=lm):
+        with pytest.raises(ToolError) as caught:  # nothing listens on port 9: the call ran on the context's LM
+            pool.run(dspy.Predict("question -> answer"), question="hi")
+        described = pool.describe()
+    shown = repr(described) + str(caught.value) + caught.value.remote_traceback + "".join(caught.value.__notes__)
+    assert "127.0.0.1:9" in shown
+    assert SECRET not in shown and "url-password-0815" not in shown

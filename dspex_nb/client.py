@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import sqlite3
+import sys
 import threading
 import warnings
 import weakref
@@ -349,16 +350,14 @@ class Pool(WorkerPool):
         call; else the pool's. Returns ``(the kernel's LM object that stands for it, for its history, or None;
         the LM to send with the call, or None)``. Where the kernel's configured LM (``dspy.configure``) is another
         than the pool's, the call runs on the pool's, and a ``PoolLMDiffers`` warning says so, once per LM."""
-        import dspy
-
         try:
             kernel = programs.kernel_lm()
         except ValueError:  # an LM of another kind than dspy.LM
             kernel, which = ("", {}), "the kernel's DSPy LM, which is not a dspy.LM (a pool runs a model string)"
         else:
             which = f"the kernel's DSPy LM {_lm_named(*kernel, self.lm)} (dspy.configure)" if kernel else ""
-        if kernel == (self.lm, self.lm_kwargs):
-            return dspy.settings.lm, None
+        if kernel == (self.lm, self.lm_kwargs):  # DSPy is imported: the kernel has an LM
+            return sys.modules["dspy"].settings.lm, None
         if (context := programs.context_lm()) is not None:
             return context, context
         if kernel is None:

@@ -301,12 +301,10 @@ def kernel_settings(lm: Any = None) -> str:
 
 def context_lm() -> Any:
     """The LM that ``dspy.context(lm=...)`` sets around a call made now (which DSPy runs the call on rather than
-    the configured one), or None where none is set."""
-    if "dspy" not in sys.modules:
-        return None
-    from dspy.dsp.utils.settings import thread_local_overrides
-
-    return thread_local_overrides.get().get("lm")
+    the configured one), or None where none is set, or DSPy is not imported (or still importing: a first cell's
+    thread may be importing it)."""
+    overrides = getattr(sys.modules.get("dspy.dsp.utils.settings"), "thread_local_overrides", None)
+    return None if overrides is None else overrides.get().get("lm")
 
 
 def cache_settings() -> dict[str, Any]:

@@ -120,3 +120,55 @@ def test_dspy_imports_right_after_load_ext_and_a_first_cell_stores_a_prediction(
                          env={**os.environ, "DSPEX_NONINTERACTIVE": "1"})
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().endswith("Prediction"), out.stdout
+
+
+HELD_IMPORT = """
+import importlib.abc, importlib.machinery, sys, threading
+released = threading.Event()
+
+class Hold(importlib.abc.MetaPathFinder):
+    # DSPy's import, begun by the first cell's thread, stops at dspy.predict until released: in the module's
+    # execution, which holds only that module's lock (Python calls finders under its global import lock)
+    def find_spec(self, name, path, target=None):
+        if name != "dspy.predict":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            if not released.wait(30):  # the call waited for DSPy: its first token comes after the import
+                released.set()
+            execute(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, Hold())
+from IPython.testing.globalipapp import start_ipython
+from dspex_nb.pool import calls
+
+before_dspy = []
+add = calls.Run._add
+
+def _add(self, chunks):
+    if not before_dspy and any(chunk.kind == "token" for chunk in chunks):
+        before_dspy.append(not released.is_set())
+        released.set()
+    add(self, chunks)
+
+calls.Run._add = _add
+shell = start_ipython()
+shell.run_line_magic("load_ext", "dspex_nb")
+shell.run_cell_magic("dspex", 'predict "question -> answer"', "Why?")
+shell.run_line_magic("unload_ext", "dspex_nb")
+print(before_dspy)
+"""
+
+
+def test_a_first_cell_streams_its_answer_while_dspy_is_still_importing() -> None:
+    """The first cell imports DSPy in a thread while its answer streams: nothing on the call's path may wait for
+    that import (a first token 1.5-3 s late on 2 cores). Here the import is held until the first token comes."""
+    out = subprocess.run([sys.executable, "-c", HELD_IMPORT], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "DSPEX_NONINTERACTIVE": "1"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[True]", out.stdout + out.stderr

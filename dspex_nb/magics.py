@@ -127,11 +127,26 @@ HELP = "\n".join(["Run DSPy on a pool of background workers.", ""] + [p.format_h
 
 # -- turning a cell into inputs -----------------------------------------------------------------
 _PLACEHOLDER = re.compile(r"[A-Za-z_]\w*(?:[.\[].*)?")  # {name}, {name.attr}, {name[key]}
+_QUOTED_KEY = re.compile(r"""\[(['"])([^'"\]]*)\1\]""")  # ['key'] or ["key"], as Python writes a key
+
+
+def lookup(field: str, namespace: dict[str, Any]) -> Any:
+    """The kernel value a placeholder names, as ``str.format`` finds it; a key in quotes, as Python writes it
+    (``{row['text']}``, which IPython's own ``{}`` takes), is the key without them where ``str.format``'s reading
+    (the quotes as part of the key) finds none."""
+    formatter = string.Formatter()
+    try:
+        return formatter.get_field(field, (), namespace)[0]
+    except KeyError:
+        unquoted = _QUOTED_KEY.sub(r"[\2]", field)
+        if unquoted == field:
+            raise
+        return formatter.get_field(unquoted, (), namespace)[0]
 
 
 def interpolate(text: str, namespace: dict[str, Any]) -> str:
-    """Replace {name} (also {name.attr}, {name[key]}, with format specs) by kernel variables; braces around
-    anything else (a dict literal such as {"a": 1}, or {x: 1}) stay as they are."""
+    """Replace {name} (also {name.attr}, {name[key]}, {name['key']}, with format specs) by kernel variables; braces
+    around anything else (a dict literal such as {"a": 1}, or {x: 1}) stay as they are."""
     formatter = string.Formatter()
     parts = []
     try:
@@ -147,7 +162,7 @@ def interpolate(text: str, namespace: dict[str, Any]) -> str:
             parts.append("{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}")
             continue
         try:
-            value, _ = formatter.get_field(field, (), namespace)
+            value = lookup(field, namespace)
         except (KeyError, AttributeError, IndexError, TypeError, ValueError) as exc:  # {xs[name]} of a list: TypeError
             root = re.split(r"[.\[]", field, maxsplit=1)[0]
             what = f"no variable named {root!r} in the kernel" if root not in namespace else f"{exc!r}"
@@ -221,7 +236,7 @@ def typed_value(text: str, namespace: dict[str, Any]) -> Any:
     if match is None:
         return interpolate(text, namespace)
     try:
-        return string.Formatter().get_field(match.group(1), (), namespace)[0]
+        return lookup(match.group(1), namespace)
     except (KeyError, AttributeError, IndexError, TypeError, ValueError):
         return interpolate(text, namespace)  # raises the clear error
 

@@ -11,8 +11,9 @@ sent as they are; every other value is a small tagged object ``{"__dspex__": kin
   structured dtype, has no such form: ``NotPortable`` says so);
 - a value of one of pydantic's own types (``HttpUrl``...): pydantic's JSON of it, where that validates
   back to an equal value;
-- a subclass of ``list``, ``dict``, ``str``, ``int`` or ``float`` (DSPy's ``dotdict``, ``Counter``, ``OrderedDict``,
-  bs4's ``NavigableString``, the notebook's own): its items or value with its class's path, rebuilt as that class
+- a subclass of ``list``, ``dict``, ``tuple``, ``str``, ``int`` or ``float`` (DSPy's ``dotdict``, ``Counter``,
+  ``OrderedDict``, a ``NamedTuple``, bs4's ``NavigableString``, the notebook's own): its items or value with its class's
+  path, rebuilt as that class
   (found as below) with its base class's own methods, and a ``defaultdict`` with its factory where that is a plain
   type (``defaultdict(list)``); one that holds more than its items or value (attributes, slots, a factory that is
   code) has no faithful form (see ``opaque``): it would come back as the plain value;
@@ -49,8 +50,9 @@ from dspex_nb import redact
 from dspex_nb.errors import DspexError
 
 TAG = "__dspex__"
-FORMAT = 4  # this encoding's version, in the journal's batch keys: results kept in an older one are not read
-# (4: subclasses of list, dict, str, int and float travel as their class; in 3 they came as the plain value)
+FORMAT = 5  # this encoding's version, in the journal's batch keys: results kept in an older one are not read
+# (5: subclasses of tuple, a NamedTuple, travel as their class, where 4 had no form for them; 4: subclasses of list,
+# dict, str, int and float travel as their class; in 3 they came as the plain value)
 USAGE = "__dspex_usage__"  # beside a program's output: its LM usage per model, as dspy.track_usage counts it
 COMPLETIONS = "__dspex_completions__"  # beside a Prediction's fields: its completions (field -> values)
 ONE_COMPLETION = "fields"  # as the completions: one, that is the fields themselves (n=1)
@@ -102,15 +104,13 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
         if all(isinstance(k, str) for k in value) and TAG not in value:
             return {k: encode(v, ship) for k, v in value.items()}
         return {TAG: "dict", "items": [[encode(k, ship), encode(v, ship)] for k, v in value.items()]}
-    if isinstance(value, (list, dict)):
+    if isinstance(value, (list, dict, tuple)) and type(value) is not tuple:
         return _collection_json(value, ship)
     if isinstance(value, enum.Enum):
         return {TAG: "enum", "class": _path(type(value), ship), "value": encode(value.value, ship)}
-    if isinstance(value, (tuple, set, frozenset)) and not hasattr(value, "_fields"):
-        kind = "tuple" if isinstance(value, tuple) else type(value).__name__ if type(value) in (set, frozenset) \
-            else None
-        if kind is not None:
-            return {TAG: kind, "items": [encode(v, ship) for v in _ordered(value, kind)]}
+    if type(value) in (tuple, set, frozenset):
+        kind = type(value).__name__
+        return {TAG: kind, "items": [encode(v, ship) for v in _ordered(value, kind)]}
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return {TAG: type(value).__name__, "iso": value.isoformat()} if type(value) in _TIMES else _opaque(value)
     if isinstance(value, dt.timedelta):
@@ -169,15 +169,15 @@ def _own_state(value: Any) -> bool:
     return any(slot not in ("__dict__", "__weakref__") and hasattr(value, slot) for slot in slots)
 
 
-def _collection_json(value: list[Any] | dict[Any, Any], ship: Shipment | None) -> dict[str, Any]:
-    """A subclass of list or dict (DSPy's ``dotdict`` of a retriever's passages, a ``Counter``) as its class and
-    items, so that it comes back as that class (with its items only: one with state of its own, attributes or a
-    ``defaultdict``'s factory, has no such form)."""
-    base = "list" if isinstance(value, list) else "dict"
+def _collection_json(value: list[Any] | dict[Any, Any] | tuple[Any, ...], ship: Shipment | None) -> dict[str, Any]:
+    """A subclass of list, dict or tuple (DSPy's ``dotdict`` of a retriever's passages, a ``Counter``, a
+    ``NamedTuple``) as its class and items, so that it comes back as that class (with its items only: one with state
+    of its own, attributes or a ``defaultdict``'s factory, has no such form)."""
+    base = "dict" if isinstance(value, dict) else "list" if isinstance(value, list) else "tuple"
     factory = value.default_factory if isinstance(value, collections.defaultdict) else None
     if _own_state(value) or (factory is not None and class_path(factory) not in _FACTORIES):
         return _opaque(value, _NOT_ITSELF.format(type(value).__name__, base, "items"))
-    items = [encode(v, ship) for v in value] if base == "list" else \
+    items = [encode(v, ship) for v in value] if base != "dict" else \
         [[encode(k, ship), encode(v, ship)] for k, v in value.items()]  # type: ignore[union-attr]
     made = {TAG: base, "class": _path(type(value), ship), "items": items}
     return made if factory is None else {**made, "factory": class_path(factory)}
@@ -390,12 +390,12 @@ def _items(value: dict[str, Any], resolve: Callable[[str], type | None], where: 
 
 
 def portable_kind(cls: type) -> str | None:
-    """How a class's instances travel by class path: "enum", "list" or "dict" (a subclass of those), "model"
-    (pydantic), "dataclass", "prediction" or "example" (dspy's and their subclasses); else None."""
+    """How a class's instances travel by class path: "enum", "list", "dict" or "tuple" (a subclass of those),
+    "model" (pydantic), "dataclass", "prediction" or "example" (dspy's and their subclasses); else None."""
     if issubclass(cls, enum.Enum):
         return "enum"
-    if issubclass(cls, (list, dict)) and cls not in (list, dict):
-        return "list" if issubclass(cls, list) else "dict"
+    if issubclass(cls, (list, dict, tuple)) and cls not in (list, dict, tuple):
+        return "dict" if issubclass(cls, dict) else "list" if issubclass(cls, list) else "tuple"
     numpy = sys.modules.get("numpy")
     if issubclass(cls, (str, int, float)) and cls not in (str, int, float, bool) and not (
             numpy is not None and issubclass(cls, numpy.generic)):  # np.float64 travels as numpy
@@ -522,9 +522,14 @@ def _dict(items: list[list[Any]], resolve: Callable[[str], type | None], where: 
 
 
 def _collection(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
-    """The list or dict subclass's instance with these items, put in as its base class puts them (none of the
-    subclass's code runs, as for a dataclass)."""
+    """The list, dict or tuple subclass's instance with these items, put in as its base class puts them (none of
+    the subclass's code runs, as for a dataclass)."""
     cls = _cls(value, resolve, where)
+    if value[TAG] == "tuple":  # as a namedtuple's own _make makes one, with as many items as it has fields
+        items = _items(value, resolve, where)
+        if len(items) != len(getattr(cls, "_fields", items)):
+            raise NotPortable(f"{where}: a {cls.__name__} has {len(cls._fields)} fields, not {len(items)}", value)
+        return tuple.__new__(cls, items)
     obj = cls.__new__(cls)
     if value[TAG] == "list":
         list.extend(obj, _items(value, resolve, where))
@@ -543,7 +548,7 @@ _DECODERS: dict[str, Callable[[dict[str, Any], Callable[[str], type | None], str
     "dict": lambda v, r, w: _collection(v, r, w) if "class" in v else _dict(v["items"], r, w),
     "list": lambda v, r, w: _collection(v, r, w),
     **dict.fromkeys(_SCALARS, lambda v, r, w: _SCALARS[v[TAG]].__new__(_cls(v, r, w), v["value"])),  # none of its code
-    "tuple": lambda v, r, w: tuple(_items(v, r, w)),
+    "tuple": lambda v, r, w: _collection(v, r, w) if "class" in v else tuple(_items(v, r, w)),
     "set": lambda v, r, w: set(_items(v, r, w)),
     "frozenset": lambda v, r, w: frozenset(_items(v, r, w)),
     "datetime": lambda v, r, w: dt.datetime.fromisoformat(v["iso"]),
@@ -583,6 +588,8 @@ def types_in(annotation: Any) -> set[type]:
         found.add(ann)
         if kind == "dataclass":
             stack.extend(f.type for f in dataclasses.fields(ann) if not isinstance(f.type, str))
+        elif kind == "tuple":  # a NamedTuple's fields
+            stack.extend(t for t in getattr(ann, "__annotations__", {}).values() if not isinstance(t, str))
         elif kind == "model":
             stack.extend(f.annotation for f in ann.model_fields.values())
     return found

@@ -510,6 +510,34 @@ trainset = [dspy.Example(question=q, answer=a).with_inputs("question") for q, a 
 program = dspy.KNNFewShot(k=2, trainset=trainset, vectorizer=dspy.Embedder(embed)).compile(
     dspy.ChainOfThought("question -> answer"))
 ''', {"question": "Capital of Spain?"}),
+    "named_tuples_in_and_out": ('''
+import collections
+import typing
+
+class Item(BaseModel):
+    name: str
+    qty: int
+
+class Pick(typing.NamedTuple):  # pydantic parses a NamedTuple field: it came back as NotPortable
+    label: str
+    item: Item
+
+Point = collections.namedtuple("Point", "x y")
+
+class Choose(dspy.Signature):
+    """Pick one item."""
+    where: Point = dspy.InputField()
+    pick: Pick = dspy.OutputField()
+    picks: list[Pick] = dspy.OutputField()
+
+choose = dspy.Predict(Choose)
+
+def program(where):
+    pred = choose(where=where)
+    return dspy.Prediction(pick=pred.pick, picks=pred.picks, where=where, row=Point(*where))
+
+inputs = {"where": Point(1, 2)}
+''', {}),
     "saved_and_loaded_whole_program": ('''
 import tempfile
 
@@ -1052,6 +1080,14 @@ def test_a_defaultdicts_factory_from_data_is_only_a_plain_type() -> None:
         raw = {typed.TAG: "dict", "class": "collections:defaultdict", "items": [], "factory": factory}
         with pytest.raises(NotPortable, match="is not a factory a defaultdict gets from data"):
             typed.decode(raw)
+
+
+def test_a_named_tuple_from_data_has_as_many_items_as_fields() -> None:
+    point = collections.namedtuple("point", "x y")
+    raw = typed.encode(point(1, 2))
+    assert typed.decode(raw, typed.Resolver([point])) == point(1, 2)
+    with pytest.raises(NotPortable, match="a point has 2 fields, not 3"):
+        typed.decode({**raw, "items": [1, 2, 3]}, typed.Resolver([point]))
 
 
 def test_first_calls_of_a_program_at_once_all_get_its_answer(pool: Pool, demo_lm: dspy.LM) -> None:

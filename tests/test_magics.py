@@ -566,6 +566,10 @@ def test_a_lone_placeholder_passes_the_object_itself(sh: Shell) -> None:
     expected = kernel_run(dspy.Predict("docs: list[str], question -> count: int"), docs=["one page", "two pages"],
                           question="how many one page?")
     assert sh.ns["r"] == expected  # the prompt held the list, not its repr (the demo LM's answer shows the prompt)
+    sh('row = {"docs": docs}')  # a key in quotes, as Python (and IPython's own {}) writes it: was a KeyError
+    sh('%%dspex predict "docs: list[str], question -> count: int" -o r2\ndocs: {row[\'docs\']}\n'
+       'question: how many {row["docs"][0]}?')
+    assert sh.ns["r2"] == expected
 
 
 def test_run_a_module_instance_from_the_kernel_fills_its_input_field(sh: Shell) -> None:
@@ -605,6 +609,9 @@ def test_only_names_in_braces_are_kernel_variables() -> None:
 
     ns = {"name": "Ada", "xs": [1, 2]}
     assert interpolate('{name} {xs[1]} {{kept}}', ns) == "Ada 2 {kept}"
+    rows = {"rows": [{"text": "hi", "'q'": "a key with quotes"}]}  # a key as Python writes it, as IPython's {} takes
+    assert interpolate("""{rows[0]['text']} {rows[0]["text"]} {rows[0][text]} {rows[0]['q']}""", rows) == \
+        "hi hi hi a key with quotes"
     for text in ('scores: {"a": 1}', "What does {x: 1} mean?", '{"a": {"b": 2}}', "{}"):  # not names: as written
         assert interpolate(text, ns) == text
 

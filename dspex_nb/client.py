@@ -210,7 +210,7 @@ class Pool(WorkerPool):
                          tracker=programs.open_usage_tracker())  # with dspy.track_usage() as usage: its calls count
         if programs.wants_history():
             args = {**args, "history": True}
-        settings = programs.kernel_settings(lm=shipped_lm)  # e.g. dspy.configure(adapter=...): the same there
+        settings = programs.kernel_settings(shipped_lm, self.env_changes.now())  # e.g. dspy.configure(adapter=...)
         if settings:
             args = {**args, "settings": settings}
         if not stream:
@@ -331,9 +331,12 @@ class Pool(WorkerPool):
         program = {"module": module, "signature": signature, "lm": self.lm, "lm_kwargs": self.lm_kwargs,
                    "source": defined.get("key"), "format": typed.FORMAT,
                    **({"shipped": hashlib.sha256(shipped.encode()).hexdigest()} if shipped else {})}
-        kernel = programs.kernel_settings(lm=self._call_lm()[1])
+        lm = self._call_lm()[1]
+        kernel = programs.kernel_settings(lm)
         if kernel:  # another adapter or LM is another program: the journal keeps their results apart
             program["settings"] = kernel
+        if env := self.env_changes.now():  # not in the batch's key: a key set after the start gives the same answers
+            kernel = programs.kernel_settings(lm, env)
         if trace:  # results with their predictor calls are kept apart from those without
             program["trace"] = True
         return BatchRun(self, items, signature=signature, module=module, settings=kernel,

@@ -38,7 +38,7 @@ import cloudpickle
 
 from dspex_nb import code_digest, typed
 from dspex_nb.errors import ArgumentError, CallbacksNotRun, TraceIncomplete
-from dspex_nb.wire import CACHE
+from dspex_nb.wire import CACHE, ENV
 
 
 class KernelOnly(TypeError):
@@ -273,14 +273,15 @@ SHIPPED_SETTINGS = ("adapter", "allow_tool_async_sync_conversion", "max_errors",
 # small objects, sent with each call
 
 
-def kernel_settings(lm: Any = None) -> str:
+def kernel_settings(lm: Any = None, env: dict[str, str | None] | None = None) -> str:
     """The kernel's DSPy settings of SHIPPED_SETTINGS that are set now to other than DSPy's defaults (by
     ``dspy.configure`` or inside ``dspy.context``), the tiers of its DSPy cache that are off
     (``dspy.configure_cache``), and ``lm`` where given (one ``dspy.context`` sets: ``context_lm``, sent without
-    its history), pickled for the workers as a program is; "" when there are none, or DSPy is not imported."""
+    its history), pickled for the workers as a program is, with ``env`` (the kernel's environment variables
+    changed since the pool started: ``environment.Changes``); "" when there are none."""
     dspy_settings = getattr(sys.modules.get("dspy"), "settings", None)  # None while DSPy is still importing
     if dspy_settings is None:
-        return ""
+        return _by_value({ENV: env}, "the kernel's environment") if env else ""
     from dspy.dsp.utils.settings import DEFAULT_CONFIG
 
     if dspy_settings.callbacks:
@@ -294,6 +295,8 @@ def kernel_settings(lm: Any = None) -> str:
             _callbacks_not_run(lm.callbacks, f"of the LM {getattr(lm, 'model', '')!r} (dspy.context)")
         values["lm"] = copy.copy(lm)
         values["lm"].history, values["lm"].callbacks = [], []  # its calls there come back with the call
+    if env:
+        values[ENV] = env
     return _by_value(values, f"the kernel's DSPy settings {sorted(values)}",
                      " (a call on the pool runs under them, as it would in the kernel: give them values that can "
                      "be pickled, or set them to None around the pool's calls with dspy.context)") if values else ""

@@ -14,6 +14,8 @@ KERNEL_ENV = "DSPEX_KERNEL"  # "pid:start time" of the kernel that owns a templa
 EXIT_MISSING_DEPENDENCIES = 3  # a worker (or template) that cannot import what it needs exits with this
 CACHE = "dspex_cache"  # in the kernel's settings a call carries: its dspy.configure_cache arguments that differ
 # from DSPy's defaults (safe_types as (module, qualname) pairs), so that the workers' DSPy cache is made as the kernel's
+ENV = "dspex_env"  # in the kernel's settings a call carries: its environment variables changed since the pool
+# started ({name: value, or None where deleted}), set on the worker before the program runs
 
 
 def message_options(limit: int) -> list[tuple[str, int]]:

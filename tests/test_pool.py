@@ -413,3 +413,35 @@ def test_a_stopped_pool_leaves_no_file_open() -> None:
         gc.collect()
     unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert not unclosed, unclosed  # the template's stdout pipe was left to the garbage collector
+
+
+def read_variable(name: str) -> str | None:
+    import os
+
+    return os.environ.get(name)
+
+
+def test_a_variable_the_kernel_sets_after_the_start_reaches_the_workers(pool: Pool,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # DSPy's tutorials set os.environ["OPENAI_API_KEY"] in a cell: one set after %dspex start reached no worker
+    monkeypatch.setenv("DSPEX_TEST_SET_LATER", "later")
+    assert pool.run(read_variable, name="DSPEX_TEST_SET_LATER") == "later"
+    assert pool.run_stream(read_variable, name="DSPEX_TEST_SET_LATER").result(60) == "later"
+    assert pool.map(read_variable, [{"name": "DSPEX_TEST_SET_LATER"}] * 4, journal=False).result(60) == ["later"] * 4
+    monkeypatch.delenv("DSPEX_TEST_SET_LATER")  # deleted in the kernel: deleted there too
+    assert pool.map(read_variable, [{"name": "DSPEX_TEST_SET_LATER"}] * 4, journal=False).result(60) == [None] * 4
+
+
+def test_the_variables_a_call_brings_leave_out_those_the_pool_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dspex_nb.pool.environment import Changes
+    from dspex_nb.pool.local import LocalBackend
+
+    monkeypatch.setenv("DSPEX_TEST_CHANGED", "before")
+    changes = Changes(LocalBackend.follows, pinned=["DSPEX_TEST_PINNED"])
+    assert changes.now() == {}
+    monkeypatch.setenv("DSPEX_TEST_PINNED", "kernel")  # Pool(env=...) wins
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")  # a worker's own, to import this dspex_nb
+    monkeypatch.setenv("DSPEX_TEST_CHANGED", "after")
+    assert changes.now() == {"DSPEX_TEST_CHANGED": "after"}
+    monkeypatch.setenv("DSPEX_TEST_CHANGED", "before")  # back as it was: the workers are told so
+    assert changes.now() == {"DSPEX_TEST_CHANGED": "before"}

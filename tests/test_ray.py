@@ -487,3 +487,14 @@ def test_a_programs_exception_keeps_its_attributes_from_an_actor(pool: Pool) -> 
         assert info.value.code == 7 and isinstance(info.value, ToolError)
         assert (str(info.value), info.value.args) == ("failed with 7", ("failed with 7",))  # as in the kernel
         assert "raised on worker" in info.value.__notes__[-1] and "in program" in info.value.__notes__[-1]
+
+
+def _read_variables() -> list[str | None]:
+    return [os.environ.get("DSPEX_TEST_LATER_API_KEY"), os.environ.get("DSPEX_TEST_LATER_PLAIN")]
+
+
+def test_a_key_the_kernel_sets_after_the_start_reaches_the_actors(pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # as the kernel's secret-named variables reach an actor when it starts; other variables are each node's own
+    monkeypatch.setenv("DSPEX_TEST_LATER_API_KEY", "sk-set-later-4711")
+    monkeypatch.setenv("DSPEX_TEST_LATER_PLAIN", "kernel's")
+    assert pool.map(_read_variables, [{}] * 4, journal=False).result(60) == [["sk-set-later-4711", None]] * 4

@@ -91,3 +91,7 @@ class Backend(Protocol):
     def spawn(self, worker_id: str, generation: int, spec: WorkerSpec) -> Connection: ...
 
     def close(self) -> None: ...
+
+    def follows(self, name: str, value: str) -> bool:
+        """Whether its workers take the kernel's environment variable ``name`` as it changes after they started
+        (``environment.Changes``)."""

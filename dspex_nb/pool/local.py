@@ -27,7 +27,7 @@ from dspex_nb.errors import CallTimeout, DspexError, MessageTooLarge, WorkerStar
 from dspex_nb.pool import stale
 from dspex_nb.pool.calls import Chunk, decode_chunks
 from dspex_nb.pool.connection import ConnectionClosed, Died, Health, WorkerSpec, left
-from dspex_nb.pool.process import ProcessHandle, WorkerProcess, interpreter, worker_env
+from dspex_nb.pool.process import WORKER_SET, ProcessHandle, WorkerProcess, interpreter, worker_env
 from dspex_nb.pool.template import FORK_TIMEOUT, Template
 from dspex_nb.wire import LM_KWARGS_ENV, health_address, loads, message_options
 
@@ -69,6 +69,12 @@ class LocalBackend:
             self.dir = Path(tempfile.mkdtemp(prefix=stale.PREFIX, dir=root))  # mode 0700
             self._record_owner()  # at once: a start killed midway leaves a directory stale cleanup can claim
         return self._cleaned
+
+    @staticmethod
+    def follows(name: str, value: str) -> bool:
+        """Whether a worker takes the kernel's variable ``name`` as it changes (``environment.Changes``): as it
+        got the kernel's environment, all but those it sets itself."""
+        return name not in WORKER_SET
 
     def warm(self) -> None:
         """Start the template now, so that it has imported DSPy when the pool asks it for workers."""

@@ -33,7 +33,7 @@ from dspex_nb.errors import (
     add_note,
     program_errors_raised_here,
 )
-from dspex_nb.pool import local, settings
+from dspex_nb.pool import environment, local, settings
 from dspex_nb.pool.calls import KEEP_CHUNKS, Chunk, Run, encode_args
 from dspex_nb.pool.connection import Backend, ConnectionClosed, WorkerSpec
 from dspex_nb.pool.executor import Placement
@@ -148,6 +148,7 @@ class WorkerPool(Supervision):
         self._monitor: threading.Thread | None = None
         self._rr = itertools.count()
         self._owner = os.getpid()  # the process whose workers these are (a forked child holds a copy)
+        self.env_changes = environment.Changes(self.backend.follows, env or {})  # made again at start()
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> WorkerPool:
@@ -162,6 +163,7 @@ class WorkerPool(Supervision):
             self.run_id = self.backend.run_id
         try:
             self.cleaned = self.backend.open()
+            self.env_changes = environment.Changes(self.backend.follows, self.env or {})  # before any worker starts
             self.workers = [self._spawn(f"w{i}", 0) for i in range(self.size)]
             deadline = time.monotonic() + self.start_timeout
             for worker in self.workers:

@@ -71,6 +71,9 @@ def worker_env(extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
+WORKER_SET = frozenset({"PYTHONPATH", "PYTHONUNBUFFERED", KERNEL_ENV})  # what worker_env sets of its own
+
+
 # ``python -m module`` with the current directory moved from the front of sys.path to its end: first there, a
 # folder of the notebook's named dspex_nb, dspy or grpc would be imported in place of the installed package the
 # kernel runs; at the end, the notebook's own modules are still found. (A bootstrap, not ``-P``, which Python 3.10

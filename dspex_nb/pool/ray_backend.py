@@ -89,6 +89,12 @@ class RayBackend:
                     _owners.add(self)
         return []
 
+    @staticmethod
+    def follows(name: str, value: str) -> bool:
+        """Whether an actor takes the kernel's variable ``name`` as it changes (``environment.Changes``): as it got
+        them, those named as secrets or holding a URL's password; other variables are each node's own."""
+        return _secret(name) or bool(redact.url_passwords(value))
+
     def spawn(self, worker_id: str, generation: int, spec: WorkerSpec) -> RayConnection:
         resources = dict(self.resources)
         options: dict[str, Any] = {"scheduling_strategy": "SPREAD"}  # Ray's default: a CPU to place it, none held

@@ -32,7 +32,7 @@ from dspy.utils.usage_tracker import UsageTracker
 
 from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError, Cancelled
-from dspex_nb.wire import CACHE, definition_version, dumps
+from dspex_nb.wire import CACHE, ENV, definition_version, dumps
 from dspex_nb.worker import programs
 from dspex_nb.worker.calls import MESSAGE_OVERHEAD, message_of
 from dspex_nb.worker.demo_lm import make_demo_lm
@@ -343,9 +343,11 @@ class _Failure:
 
 
 def _settings(ctx: ToolContext, kernel: str) -> dict[str, Any]:
-    """What a call runs under: the worker's LM and callbacks, and the kernel's settings (its adapter...); once
-    the call is cancelled, its program makes no further LM call."""
+    """What a call runs under: the worker's LM and callbacks, and the kernel's settings (its adapter..., and its
+    environment variables changed since the pool started, set here); once the call is cancelled, its program
+    makes no further LM call."""
     settings = {**ctx.worker.dspy_settings(), **programs.kernel_settings(kernel)}
+    programs.use_environment(settings.pop(ENV, {}))
     programs.use_cache(settings.pop(CACHE, {}))
     callbacks = list(settings["callbacks"])  # this call's own list
     _stop_when(ctx.cancelled, callbacks)

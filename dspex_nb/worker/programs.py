@@ -91,6 +91,17 @@ def use_cache(settings: dict[str, Any]) -> None:
             _cache = settings
 
 
+def use_environment(changes: dict[str, str | None]) -> None:
+    """Set the kernel's environment variables changed since the pool started (``environment.Changes``; None:
+    deleted) here, as the call's program would find them in the kernel. One kernel owns the worker, so its
+    latest call's environment holds for all; a secret-named one is masked in what comes back (``redact``)."""
+    for name, value in changes.items():
+        if value is None:
+            os.environ.pop(name, None)
+        elif os.environ.get(name) != value:
+            os.environ[name] = value
+
+
 def _types(names: list[tuple[str, str]]) -> list[type]:
     """The classes of these (module, qualname) pairs that this worker can import; one it cannot (a notebook's
     class) is left out: an entry of it could not be unpickled here anyway."""

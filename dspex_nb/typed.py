@@ -299,7 +299,11 @@ def _opaque(value: Any, reason: str = "") -> dict[str, Any]:
     """``value`` as its class and its repr, and ``reason``: why it has no JSON form, where that is not plain. The
     repr has its secrets masked (a client holding its key, ``os.environ``) before it is shortened (so no part of
     one is left): it is shown in errors and dashboards, and kept in the journal."""
-    text = redact.text(repr(value)[:_OPAQUE_REPR + redact.SECRET_ROOM], limit=None)  # not all of a 26 MB repr
+    try:
+        shown = repr(value)[:_OPAQUE_REPR + redact.SECRET_ROOM]  # not all of a 26 MB repr
+    except Exception as failure:  # the class's own __repr__ failed: the value still has no JSON form, and says so
+        shown = f"<{type(value).__qualname__} object; its repr() failed: {type(failure).__name__}>"
+    text = redact.text(shown, limit=None)
     return {TAG: "opaque", "class": class_path(type(value)), "repr": text[:_OPAQUE_REPR],
             **({"reason": reason} if reason else {})}
 

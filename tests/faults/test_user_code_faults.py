@@ -263,6 +263,18 @@ def test_a_value_whose_repr_fails_is_named_as_one_without_a_json_form(pool: Pool
         pool.run(echo_value, value=BrokenRepr())
 
 
+def powers(base: int) -> list[int]:
+    return [base**50_000, -(base**3_000), base]
+
+
+def test_an_int_too_long_for_python_to_write_in_decimal_travels_both_ways(pool: Pool) -> None:
+    # was: "not JSON-serialisable: Exceeds the limit (4300 digits) for integer string conversion; use
+    # sys.set_int_max_str_digits()", which the kernel's own setting could not change on the workers; in a batch, a
+    # ValueError naming no item; the same program in the kernel returns it
+    assert pool.run(powers, base=10) == powers(10)
+    assert pool.map(echo_value, [10**5_000, 3], journal=True).result(60) == [10**5_000, 3]
+
+
 class CutStream:
     """A transport whose stream ends after a token, without the final chunk (a worker-side fault)."""
 

@@ -92,7 +92,8 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
     """``value`` as typed JSON (see the module's docstring); in the kernel, ``ship`` collects what travels by
     value beside it (without it, code has no JSON form)."""
     if value is None or type(value) in _JSON_SCALARS:
-        return value
+        return value if type(value) is not int or value.bit_length() <= JSON_INT_BITS else \
+            {TAG: "bigint", "hex": format(value, "x")}
     numpy = sys.modules.get("numpy")  # before the plain values: np.float64 is a float, np.str_ a str
     if numpy is not None and isinstance(value, (numpy.ndarray, numpy.generic)):
         return _numpy_json(value, numpy)
@@ -141,6 +142,8 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
 
 
 _JSON_SCALARS = {bool, int, float, str}
+JSON_INT_BITS = 13_000  # an int longer (3,900 digits) goes as its hex digits: Python refuses to write or read one of
+# more than 4,300 decimal digits (sys.get_int_max_str_digits), as the program's own value 10**5000 is in the kernel
 _NOT_ITSELF = ("a {0}, a subclass of {1} that holds more than its {2}, which would come back as a plain {1}: "
                "use {1}(value)")
 
@@ -189,7 +192,7 @@ def plain(value: Any, depth: int = 0) -> bool:
     tuple would come back changed), nor a numpy array (whose ``==`` is not a plain bool), nor a dict holding
     ``TAG`` (it would be read as typed JSON)."""
     if value is None or type(value) in _JSON_SCALARS:
-        return True
+        return type(value) is not int or value.bit_length() <= JSON_INT_BITS
     if depth > 20:
         return False
     if type(value) is list:
@@ -299,7 +302,11 @@ def _opaque(value: Any, reason: str = "") -> dict[str, Any]:
     """``value`` as its class and its repr, and ``reason``: why it has no JSON form, where that is not plain. The
     repr has its secrets masked (a client holding its key, ``os.environ``) before it is shortened (so no part of
     one is left): it is shown in errors and dashboards, and kept in the journal."""
-    text = redact.text(repr(value)[:_OPAQUE_REPR + redact.SECRET_ROOM], limit=None)  # not all of a 26 MB repr
+    try:
+        shown = repr(value)[:_OPAQUE_REPR + redact.SECRET_ROOM]  # not all of a 26 MB repr
+    except Exception as failure:  # the class's own __repr__ failed: the value still has no JSON form, and says so
+        shown = f"<{type(value).__qualname__} object; its repr() failed: {type(failure).__name__}>"
+    text = redact.text(shown, limit=None)
     return {TAG: "opaque", "class": class_path(type(value)), "repr": text[:_OPAQUE_REPR],
             **({"reason": reason} if reason else {})}
 
@@ -556,6 +563,7 @@ _DECODERS: dict[str, Callable[[dict[str, Any], Callable[[str], type | None], str
     "time": lambda v, r, w: dt.time.fromisoformat(v["iso"]),
     "timedelta": lambda v, r, w: dt.timedelta(days=v["days"], seconds=v["seconds"], microseconds=v["microseconds"]),
     "decimal": lambda v, r, w: Decimal(v["text"]),
+    "bigint": lambda v, r, w: int(v["hex"], 16),
     "uuid": lambda v, r, w: uuid.UUID(v["text"]),
     "bytes": lambda v, r, w: base64.b64decode(v["b64"]),
     "enum": lambda v, r, w: _cls(v, r, w)(decode(v["value"], r, w)),

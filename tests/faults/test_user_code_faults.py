@@ -20,6 +20,7 @@ from dspex_nb import Pool
 from dspex_nb.errors import ArgumentError, Cancelled, ChunksDropped, DspexError, ToolError, WorkerStartError
 from dspex_nb.pool.calls import Chunk, Run
 from dspex_nb.pool.process import LOG_LIMIT
+from dspex_nb.typed import NotPortable
 
 ODD = ["SystemExit", "KeyboardInterrupt", "GeneratorExit"]
 
@@ -234,6 +235,44 @@ def test_an_exception_whose_str_fails_is_still_reported_with_its_type(pool: Pool
     batch.wait(60)
     assert [r["ok"] for r in batch.records] == [True, False, True]
     assert batch.records[1]["error"]["type"] == "BrokenStr"  # was: the shard's error, for this item and the rest
+
+
+class BrokenRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("repr of user code")
+
+
+def broken_repr(text: str) -> BrokenRepr:
+    return BrokenRepr()
+
+
+def echo_value(value: object) -> object:
+    return value
+
+
+def test_a_value_whose_repr_fails_is_named_as_one_without_a_json_form(pool: Pool) -> None:
+    # was: the RuntimeError of its __repr__, as though the program had raised it (on the worker, for every item)
+    said = r"is a .*BrokenRepr, which has no JSON form.*<BrokenRepr object; its repr\(\) failed: RuntimeError>"
+    with pytest.raises(NotPortable, match=f"output {said}"):
+        pool.run(broken_repr, text="a")
+    batch = pool.map(broken_repr, ["a", "b"], journal=False, max_errors=10)
+    assert batch.result(60) == [None, None]  # as a value with no JSON form is (NotPortable), not a program's error
+    assert [r["result"]["value"]["repr"] for r in batch.records] == ["<BrokenRepr object; its repr() failed: "
+                                                                      "RuntimeError>"] * 2
+    with pytest.raises(ArgumentError, match=rf"inputs\['value'\] {said}"):
+        pool.run(echo_value, value=BrokenRepr())
+
+
+def powers(base: int) -> list[int]:
+    return [base**50_000, -(base**3_000), base]
+
+
+def test_an_int_too_long_for_python_to_write_in_decimal_travels_both_ways(pool: Pool) -> None:
+    # was: "not JSON-serialisable: Exceeds the limit (4300 digits) for integer string conversion; use
+    # sys.set_int_max_str_digits()", which the kernel's own setting could not change on the workers; in a batch, a
+    # ValueError naming no item; the same program in the kernel returns it
+    assert pool.run(powers, base=10) == powers(10)
+    assert pool.map(echo_value, [10**5_000, 3], journal=True).result(60) == [10**5_000, 3]
 
 
 class CutStream:

@@ -9,6 +9,7 @@ import resource
 import signal
 import sqlite3
 import stat
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,24 @@ def test_a_batch_on_a_full_disk_keeps_every_result_and_says_so(tmp_path: Path) -
     assert batch.ok == 60 and batch.failed == 0
     assert all(r["answer"].startswith(f"Demo LM answer to 'a long question number {i} ") for i, r in enumerate(results))
     assert "database or disk is full" in batch.warning and str(journal.path) in batch.warning
+
+
+def test_a_full_disk_under_a_filter_that_makes_warnings_errors_costs_no_result(tmp_path: Path) -> None:
+    # pytest's -W error, or warnings.simplefilter("error") in the kernel: the journal's warning was raised in the
+    # batch thread keeping an item, which lost that item and left result() waiting for it for ever
+    journal = Journal(tmp_path / "journal.sqlite3")
+
+    def disk_full_from_now(record: dict[str, object]) -> None:  # after the first item is kept
+        journal._db.execute(f"PRAGMA max_page_count = {journal._db.execute('PRAGMA page_count').fetchone()[0]}")
+
+    items = [f"question {i} " + "x" * 500 for i in range(30)]
+    with Pool(workers=1, journal=journal) as pool, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = pool.batch(items, "question -> answer", on_item=disk_full_from_now)
+        results = batch.result(30)
+    assert batch.ok == 30 and all(r["answer"].startswith(f"Demo LM answer to 'question {i} ")
+                                  for i, r in enumerate(results))
+    assert "database or disk is full" in batch.warning
 
 
 def test_journal_files_are_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

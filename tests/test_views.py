@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import warnings
 
+import ipywidgets as w
 import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.display import display
 
+from dspex_nb import Pool
+from dspex_nb.ui.append import AppendText
 from dspex_nb.ui.progress import batch_line, batch_summary
-from dspex_nb.ui.widgets import BatchDashboard, _bar_style, _field_html, _table
+from dspex_nb.ui.pump import PUMP
+from dspex_nb.ui.widgets import BatchDashboard, StreamView, _bar_style, _field_html, _table
 
 
 def snap(status: str, ok: int, failed: int, total: int = 120) -> dict:
@@ -109,3 +115,30 @@ def test_only_a_prediction_shows_as_no_fields_when_empty() -> None:
     assert fields_of(dspy.Prediction()) == {}
     assert fields_of(pd.DataFrame()) is None and fields_of({}) is None and fields_of([]) is None
     assert fields_of(dspy.Prediction(answer="x")) == {"answer": "x"}
+
+
+def every_widget(widget: w.Widget) -> list[w.Widget]:
+    found = [widget]
+    for name in widget.keys:
+        value = getattr(widget, name)
+        for child in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(child, w.Widget):
+                found += every_widget(child)
+    return found
+
+
+def test_a_finished_view_closes_every_widget_it_made_and_keeps_no_text_in_them(pool: Pool) -> None:
+    # only the root was closed: its fields, tables, buttons, layouts and styles stayed open in the kernel and the
+    # browser for as long as they ran, and a notebook run by nbconvert or papermill (which saves every model's last
+    # state) kept a 50,000-token answer a third time in its widget state
+    InteractiveShell.instance()  # a display with an id, which the finished view replaces
+    run = pool.execute_stream("chain_of_thought", {"signature": "question -> answer", "inputs": "Kept?"})
+    view = StreamView(run, "cot")
+    view.handle = display(view, display_id=True)
+    PUMP.add(view)
+    run.wait()
+    PUMP.flush(view)
+    tree = every_widget(view.root)
+    assert len(tree) > 10 and any(isinstance(widget, AppendText) for widget in tree)
+    assert [widget for widget in tree if widget.comm is not None] == []
+    assert [widget for widget in tree if isinstance(getattr(widget, "value", None), str) and widget.value] == []

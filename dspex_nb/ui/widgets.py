@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import html
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ipywidgets as w
@@ -125,7 +125,27 @@ class View:
             return
         self.handle.update(_Static(self.static()))
         self._finished = True  # only now: a Ctrl-C that stopped the update leaves it to the pump's next tick
-        self.root.close()  # its models are not needed any more
+        _close(self.root)
+
+
+def _close(root: w.Widget) -> None:
+    """Close ``root`` and every widget it holds (children, layouts, styles): each open one stays in the kernel and
+    in the browser for as long as they run. Their text is emptied first, as a notebook executed by nbconvert or
+    papermill saves the last state of every model it saw, closed or not: it would keep a streamed answer twice."""
+    for widget in _tree(root):
+        if isinstance(getattr(widget, "value", None), str) and widget.value:
+            widget.value = ""
+        widget.close()
+
+
+def _tree(widget: w.Widget) -> Iterator[w.Widget]:
+    """``widget`` and the widgets its synced traits hold, at any depth."""
+    yield widget
+    for name in widget.keys:
+        value = getattr(widget, name)
+        for child in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(child, w.Widget):
+                yield from _tree(child)
 
 
 class StreamView(View):

@@ -142,3 +142,26 @@ def test_a_finished_view_closes_every_widget_it_made_and_keeps_no_text_in_them(p
     assert len(tree) > 10 and any(isinstance(widget, AppendText) for widget in tree)
     assert [widget for widget in tree if widget.comm is not None] == []
     assert [widget for widget in tree if isinstance(getattr(widget, "value", None), str) and widget.value] == []
+
+
+def each_fails(question: str) -> str:
+    if int(question) < 30:
+        raise ValueError(f"item {question} is bad")  # an error of its own
+    raise ValueError("rate limited")
+
+
+def test_the_dashboard_lists_each_error_once_with_its_items(pool: Pool) -> None:
+    # 200 rows of the same error, item by item, hid that 970 items failed alike and 30 each their own way
+    batch = pool.map(each_fails, [str(i) for i in range(1000)], max_errors=1000, journal=False)
+    batch.wait()
+    dashboard = BatchDashboard(batch, "b")
+    dashboard.refresh()
+    assert dashboard.error_box.titles == ("errors (1,000 items, 31 errors)",)
+    assert dashboard.errors.value.count("<tr>") == 1 + 31
+    assert "<td style='padding-right:1em'>970 items (30, 31, 32, 33, 34, …)</td>" in dashboard.errors.value
+    shown = dashboard.static()
+    assert shown["text/plain"].splitlines()[1:] == [
+        *(f"  item {i}: ValueError: item {i} is bad" for i in range(20)),
+        "  … 980 more failed items, with 11 other errors"]
+    assert shown["text/html"].count("<li>") == 31  # all 31 errors: the HTML lists up to 50
+    assert "<li>970 items (30, 31, 32, 33, 34, …): ValueError: rate limited</li>" in shown["text/html"]

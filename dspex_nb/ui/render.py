@@ -117,9 +117,8 @@ def show_batch(batch: BatchRun, title: str, *, mode: str | None = None, block: b
             out.write(progress.batch_summary(batch.snapshot()) + "\n")
             if batch.warning:
                 out.write(f"  warning: {progress.printable(batch.warning)}\n")
-            for record in batch.records:
-                if record is not None and not record["ok"]:
-                    out.write(f"  item {record['index']}: {progress.error_line(record)}\n")
+            for line in progress.error_lines(progress.error_groups(batch.records, sorted(batch.failures))):
+                out.write(f"  {line}\n")
     except KeyboardInterrupt:
         batch.cancel()
         raise

@@ -106,3 +106,20 @@ def test_items_that_failed_alike_are_one_line_not_one_line_each(pool: Pool) -> N
                out=pipe)
     assert pipe.getvalue().splitlines()[1:] == ["  1,000 items (1, 3, 5, 7, 9, …): ValueError: odd item",
                                                 "  item 8: KeyError: '8'"], pipe.getvalue()
+
+
+def test_the_live_line_fits_the_terminal_so_rewriting_it_leaves_no_rows_behind(pool: Pool,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # a line wider than the terminal wraps, and "\r" goes back to the start of its last row only: each refresh of
+    # the ~110-character line left a row behind in an 80-column terminal, a flood where tqdm keeps one line
+    monkeypatch.setenv("COLUMNS", "60")
+    pool.configure_lm("demo", ttft=0.03)
+    try:
+        screen = Terminal()
+        show_batch(pool.batch([f"narrow {i}?" for i in range(40)], "question -> answer", concurrency=1,
+                              journal=False), "b", mode="text", out=screen)
+    finally:
+        pool.configure_lm("demo")
+    *live, summary = screen.getvalue().split("\r")
+    assert len(live) >= 3 and all(len(line) < 60 for line in live), live
+    assert any(line.endswith("…") for line in live) and summary.startswith("batch done: 40 items")

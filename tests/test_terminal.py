@@ -90,3 +90,36 @@ def test_a_failed_items_control_characters_are_printed_as_escapes(pool: Pool) ->
     pipe = io.StringIO()
     show_batch(pool.map(fails, [HOSTILE]), "b", mode="text", out=pipe)
     assert "\x1b" not in pipe.getvalue() and "ValueError: \\x1b[1A" in pipe.getvalue(), repr(pipe.getvalue())
+
+
+def test_items_that_failed_alike_are_one_line_not_one_line_each(pool: Pool) -> None:
+    # a batch of 2,000 where every odd item failed with the same error printed 1,000 identical lines
+    def odd_fails(question: str) -> str:
+        if int(question) % 2:
+            raise ValueError("odd item")
+        if question == "8":
+            raise KeyError(question)
+        return question
+
+    pipe = io.StringIO()
+    show_batch(pool.map(odd_fails, [str(i) for i in range(2000)], max_errors=2000, journal=False), "b", mode="text",
+               out=pipe)
+    assert pipe.getvalue().splitlines()[1:] == ["  1,000 items (1, 3, 5, 7, 9, …): ValueError: odd item",
+                                                "  item 8: KeyError: '8'"], pipe.getvalue()
+
+
+def test_the_live_line_fits_the_terminal_so_rewriting_it_leaves_no_rows_behind(pool: Pool,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # a line wider than the terminal wraps, and "\r" goes back to the start of its last row only: each refresh of
+    # the ~110-character line left a row behind in an 80-column terminal, a flood where tqdm keeps one line
+    monkeypatch.setenv("COLUMNS", "60")
+    pool.configure_lm("demo", ttft=0.03)
+    try:
+        screen = Terminal()
+        show_batch(pool.batch([f"narrow {i}?" for i in range(40)], "question -> answer", concurrency=1,
+                              journal=False), "b", mode="text", out=screen)
+    finally:
+        pool.configure_lm("demo")
+    *live, summary = screen.getvalue().split("\r")
+    assert len(live) >= 3 and all(len(line) < 60 for line in live), live
+    assert any(line.endswith("…") for line in live) and summary.startswith("batch done: 40 items")

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import warnings
 
+import ipywidgets as w
 import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.display import display
 
+from dspex_nb import Pool
+from dspex_nb.ui.append import AppendText
 from dspex_nb.ui.progress import batch_line, batch_summary
-from dspex_nb.ui.widgets import BatchDashboard, _bar_style, _field_html, _table
+from dspex_nb.ui.pump import PUMP
+from dspex_nb.ui.widgets import BatchDashboard, StreamView, _bar_style, _field_html, _table
 
 
 def snap(status: str, ok: int, failed: int, total: int = 120) -> dict:
@@ -109,3 +115,53 @@ def test_only_a_prediction_shows_as_no_fields_when_empty() -> None:
     assert fields_of(dspy.Prediction()) == {}
     assert fields_of(pd.DataFrame()) is None and fields_of({}) is None and fields_of([]) is None
     assert fields_of(dspy.Prediction(answer="x")) == {"answer": "x"}
+
+
+def every_widget(widget: w.Widget) -> list[w.Widget]:
+    found = [widget]
+    for name in widget.keys:
+        value = getattr(widget, name)
+        for child in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(child, w.Widget):
+                found += every_widget(child)
+    return found
+
+
+def test_a_finished_view_closes_every_widget_it_made_and_keeps_no_text_in_them(pool: Pool) -> None:
+    # only the root was closed: its fields, tables, buttons, layouts and styles stayed open in the kernel and the
+    # browser for as long as they ran, and a notebook run by nbconvert or papermill (which saves every model's last
+    # state) kept a 50,000-token answer a third time in its widget state
+    InteractiveShell.instance()  # a display with an id, which the finished view replaces
+    run = pool.execute_stream("chain_of_thought", {"signature": "question -> answer", "inputs": "Kept?"})
+    view = StreamView(run, "cot")
+    view.handle = display(view, display_id=True)
+    PUMP.add(view)
+    run.wait()
+    PUMP.flush(view)
+    tree = every_widget(view.root)
+    assert len(tree) > 10 and any(isinstance(widget, AppendText) for widget in tree)
+    assert [widget for widget in tree if widget.comm is not None] == []
+    assert [widget for widget in tree if isinstance(getattr(widget, "value", None), str) and widget.value] == []
+
+
+def each_fails(question: str) -> str:
+    if int(question) < 30:
+        raise ValueError(f"item {question} is bad")  # an error of its own
+    raise ValueError("rate limited")
+
+
+def test_the_dashboard_lists_each_error_once_with_its_items(pool: Pool) -> None:
+    # 200 rows of the same error, item by item, hid that 970 items failed alike and 30 each their own way
+    batch = pool.map(each_fails, [str(i) for i in range(1000)], max_errors=1000, journal=False)
+    batch.wait()
+    dashboard = BatchDashboard(batch, "b")
+    dashboard.refresh()
+    assert dashboard.error_box.titles == ("errors (1,000 items, 31 errors)",)
+    assert dashboard.errors.value.count("<tr>") == 1 + 31
+    assert "<td style='padding-right:1em'>970 items (30, 31, 32, 33, 34, …)</td>" in dashboard.errors.value
+    shown = dashboard.static()
+    assert shown["text/plain"].splitlines()[1:] == [
+        *(f"  item {i}: ValueError: item {i} is bad" for i in range(20)),
+        "  … 980 more failed items, with 11 other errors"]
+    assert shown["text/html"].count("<li>") == 31  # all 31 errors: the HTML lists up to 50
+    assert "<li>970 items (30, 31, 32, 33, 34, …): ValueError: rate limited</li>" in shown["text/html"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 from collections.abc import Callable
@@ -12,8 +13,8 @@ from dspex_nb import batch, typed
 from dspex_nb.pool.calls import Run
 from dspex_nb.words import count
 
-__all__ = ["StreamText", "batch_line", "batch_summary", "error_line", "error_text", "pool_rows", "printable",
-           "stats_rows", "text_table"]
+__all__ = ["StreamText", "batch_line", "batch_summary", "error_groups", "error_line", "error_lines", "error_text",
+           "items_text", "pool_rows", "printable", "stats_rows", "text_table"]
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 control characters but tab and newline
 
@@ -28,6 +29,35 @@ def printable(text: str) -> str:
 def error_line(record: dict[str, Any]) -> str:
     """The error of a failed item record, as one line of text (``printable``)."""
     return printable(batch.error_line(record))
+
+
+def error_groups(records: list[dict[str, Any] | None], indices: list[int],
+                 groups: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """The failed items ``indices`` grouped by their error (``error_line``), each group in the order given, added to
+    ``groups`` where given: ten thousand items that failed alike are one error, not ten thousand lines."""
+    groups = {} if groups is None else groups
+    for index in indices:
+        groups.setdefault(error_line(records[index]), []).append(index)  # type: ignore[arg-type]
+    return groups
+
+
+def items_text(indices: list[int], shown: int = 5) -> str:
+    """Which items, the first of them by index: "item 7", "3 items (1, 4, 9)", "10,000 items (1, 3, 5, 7, 9, …)"."""
+    if len(indices) == 1:
+        return f"item {indices[0]}"
+    listed = ", ".join(map(str, heapq.nsmallest(shown, indices))) + (", …" if len(indices) > shown else "")
+    return f"{count(len(indices), 'item')} ({listed})"
+
+
+def error_lines(groups: dict[str, list[int]], limit: int = 20) -> list[str]:
+    """One line per error, "which items: the error", the first ``limit`` errors, then how many items failed
+    otherwise."""
+    listed = list(groups.items())
+    lines = [f"{items_text(indices)}: {error}" for error, indices in listed[:limit]]
+    rest = sum(len(indices) for _, indices in listed[limit:])
+    if rest:
+        lines.append(f"… {count(rest, 'more failed item')}, with {count(len(listed) - limit, 'other error')}")
+    return lines
 
 
 @dataclass

@@ -7,6 +7,8 @@ the widgets current.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import threading
 import weakref
@@ -107,7 +109,7 @@ def show_batch(batch: BatchRun, title: str, *, mode: str | None = None, block: b
             if _terminal(out):  # one status line, rewritten in place at most 10 times a second
                 width = 0
                 while not batch.wait(0.1):
-                    line = progress.batch_line(batch.snapshot())
+                    line = _fit(progress.batch_line(batch.snapshot()), _columns(out))
                     out.write("\r" + line.ljust(width))
                     out.flush()
                     width = len(line)
@@ -117,12 +119,25 @@ def show_batch(batch: BatchRun, title: str, *, mode: str | None = None, block: b
             out.write(progress.batch_summary(batch.snapshot()) + "\n")
             if batch.warning:
                 out.write(f"  warning: {progress.printable(batch.warning)}\n")
-            for record in batch.records:
-                if record is not None and not record["ok"]:
-                    out.write(f"  item {record['index']}: {progress.error_line(record)}\n")
+            for line in progress.error_lines(progress.error_groups(batch.records, sorted(batch.failures))):
+                out.write(f"  {line}\n")
     except KeyboardInterrupt:
         batch.cancel()
         raise
+
+
+def _columns(out: TextIO) -> int:
+    """The width of the terminal ``out`` writes to (``COLUMNS``, or 80, where it cannot say)."""
+    try:
+        return os.get_terminal_size(out.fileno()).columns
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return shutil.get_terminal_size().columns
+
+
+def _fit(line: str, columns: int) -> str:
+    """``line`` cut to less than ``columns`` characters: a line the terminal wraps is not rewritten by ``\r``, which
+    goes back to the start of its last row only, so each refresh would leave a row behind."""
+    return line if len(line) < columns else line[:max(columns - 2, 0)] + "…"
 
 
 def show_handle(handle: Handle) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import html
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ipywidgets as w
@@ -125,7 +125,27 @@ class View:
             return
         self.handle.update(_Static(self.static()))
         self._finished = True  # only now: a Ctrl-C that stopped the update leaves it to the pump's next tick
-        self.root.close()  # its models are not needed any more
+        _close(self.root)
+
+
+def _close(root: w.Widget) -> None:
+    """Close ``root`` and every widget it holds (children, layouts, styles): each open one stays in the kernel and
+    in the browser for as long as they run. Their text is emptied first, as a notebook executed by nbconvert or
+    papermill saves the last state of every model it saw, closed or not: it would keep a streamed answer twice."""
+    for widget in _tree(root):
+        if isinstance(getattr(widget, "value", None), str) and widget.value:
+            widget.value = ""
+        widget.close()
+
+
+def _tree(widget: w.Widget) -> Iterator[w.Widget]:
+    """``widget`` and the widgets its synced traits hold, at any depth."""
+    yield widget
+    for name in widget.keys:
+        value = getattr(widget, name)
+        for child in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(child, w.Widget):
+                yield from _tree(child)
 
 
 class StreamView(View):
@@ -207,7 +227,9 @@ class BatchDashboard(View):
         self.counts = w.HTML()
         self.workers = w.HTML()
         self.latest = KeepOpenHTML()  # a row opened by a click stays open as the rows are redrawn
-        self.errors = KeepOpenHTML(layout={"max_height": "16em", "overflow": "auto"})
+        self.errors = KeepOpenHTML(layout={"max_height": "16em", "overflow": "auto"})  # one row per error
+        self.error_groups: dict[str, list[int]] = {}  # error -> the items that failed with it, as they came
+        self._failures_read = 0
         self.error_box = w.Accordion(children=[self.errors], titles=("errors (0)",), layout={"display": "none"})
         self.stop = stop_button(batch.cancel)
         self.title = f"<b>{html.escape(title)}</b>"
@@ -231,11 +253,14 @@ class BatchDashboard(View):
         _set(self.latest, value=_table(["item", "worker", "result"], [
             [str(r["index"]), str(r.get("worker", "")), _result_text(r, batch.decode)] for r in reversed(latest) if r],
             "latest results"))
-        failed = batch.failures[:]
-        _set(self.errors, value=_table(["item", "error"], [[str(i), progress.error_line(batch.records[i])]
-                                                           for i in failed[:200]]))  # type: ignore[arg-type]
-        self.error_box.set_title(0, f"errors ({len(failed)})")
-        _set(self.error_box.layout, display="" if failed else "none")  # no "errors (0)"
+        new = batch.failures[self._failures_read:]
+        if new:
+            self._failures_read += len(new)
+            progress.error_groups(batch.records, new, self.error_groups)
+            rows = [[error, progress.items_text(indices)] for error, indices in list(self.error_groups.items())[:200]]
+            _set(self.errors, value=_table(["error", "items"], rows))
+            self.error_box.set_title(0, _errors_title(self.error_groups))
+            _set(self.error_box.layout, display="")  # no "errors (0)"
         if done:
             _set(self.stop, disabled=True)
         return not done
@@ -249,16 +274,24 @@ class BatchDashboard(View):
                       f"background:{color};height:100%'></div>"
                       for kind, n, color in (("ok", snap["ok"], "#2e7d32"), ("failed", snap["failed"], "#c62828"),
                                              ("cancelled", cancelled, "#9e9e9e")) if n)
-        failed = [self.batch.records[i] for i in sorted(self.batch.failures)]
-        errors = "".join(f"<li>#{r['index']}: {_cell(progress.error_line(r), 300)}</li>" for r in failed[:50])
-        details = (f"<details><summary>errors ({len(failed)})</summary><ul style='max-height:16em;overflow-y:auto'>"
-                   f"{errors}</ul></details>" if failed else "")
+        groups = progress.error_groups(self.batch.records, sorted(self.batch.failures))
+        errors = "".join(f"<li>{_cell(line, 300)}</li>" for line in progress.error_lines(groups, 50))
+        details = (f"<details><summary>{_errors_title(groups)}</summary><ul style='max-height:16em;overflow-y:auto'>"
+                   f"{errors}</ul></details>" if groups else "")
         warning = f"<div>warning: {html.escape(snap['warning'])}</div>" if snap["warning"] else ""
-        plain = "\n".join([summary, *(f"  item {r['index']}: {progress.error_line(r)}" for r in failed[:50])])
+        plain = "\n".join([summary, *(f"  {line}" for line in progress.error_lines(groups))])
         return {"text/html": f"<div class='dspex-batch'>{self.title}<div style='display:flex;height:6px;width:60%;"
                              f"background:#eee'>{bar}</div><div class='dspex-summary'>{html.escape(summary)}</div>"
                              f"{warning}{details}</div>",
                 "text/plain": plain}
+
+
+def _errors_title(groups: dict[str, list[int]]) -> str:
+    """"errors (3)", or, where items failed alike, "errors (10,000 items, 2 errors)"."""
+    failed = sum(len(indices) for indices in groups.values())
+    if failed == len(groups):
+        return f"errors ({failed:,})"
+    return f"errors ({count(failed, 'item')}, {count(len(groups), 'error')})"
 
 
 def _bar_style(snap: dict[str, Any]) -> str:

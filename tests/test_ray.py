@@ -498,3 +498,14 @@ def test_a_key_the_kernel_sets_after_the_start_reaches_the_actors(pool: Pool, mo
     monkeypatch.setenv("DSPEX_TEST_LATER_API_KEY", "sk-set-later-4711")
     monkeypatch.setenv("DSPEX_TEST_LATER_PLAIN", "kernel's")
     assert pool.map(_read_variables, [{}] * 4, journal=False).result(60) == [["sk-set-later-4711", None]] * 4
+
+
+def test_a_call_inside_dspy_context_runs_on_its_lm_on_an_actor(pool: Pool) -> None:
+    import dspy
+
+    from dspex_nb import demo_lm
+
+    qa = dspy.Predict("question -> answer")
+    with dspy.context(lm=demo_lm(answer_tokens=2)):  # the pool's LM is demo_lm(): this one answers shorter
+        expected = qa(question="Which LM?")
+        assert pool.run(qa, question="Which LM?").answer == expected.answer

@@ -355,8 +355,8 @@ class Pool(WorkerPool):
         than the pool's, the call runs on the pool's, and a ``PoolLMDiffers`` warning says so, once per LM."""
         try:
             kernel = programs.kernel_lm()
-        except ValueError:  # an LM of another kind than dspy.LM
-            kernel, which = ("", {}), "the kernel's DSPy LM, which is not a dspy.LM (a pool runs a model string)"
+        except ValueError:  # an LM a model string does not make (not a dspy.LM, or with an engine of its own)
+            kernel, which = ("", {}), "the kernel's DSPy LM, which a pool cannot start from a model string"
         else:
             which = f"the kernel's DSPy LM {_lm_named(*kernel, self.lm)} (dspy.configure)" if kernel else ""
         if kernel == (self.lm, self.lm_kwargs):  # DSPy is imported: the kernel has an LM

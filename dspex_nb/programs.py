@@ -378,8 +378,10 @@ def kernel_lm() -> tuple[str, dict[str, Any]] | None:
     if lm is None:
         return None
     if not isinstance(lm, dspy.LM):  # type: ignore[union-attr]
-        raise ValueError(f"the kernel's DSPy LM is a {type(lm).__name__}, not a dspy.LM, so a pool cannot run "
-                         "it: give the pool 'demo' or a dspy.LM model string (Pool(lm=...), %dspex lm ...)")
+        raise ValueError(f"the kernel's DSPy LM is a {type(lm).__name__}, not a dspy.LM, so a pool cannot start "
+                         "it from a model string: give the pool 'demo' or a dspy.LM model string (Pool(lm=...), "
+                         "%dspex lm ...), or set this one around the pool's calls with dspy.context(lm=...), with "
+                         "which it travels")
     kwargs = {key: value for key, value in lm.kwargs.items() if value is not None}
     if lm.model == "demo/demo":
         from dspex_nb.worker.demo_lm import DemoEngine
@@ -388,6 +390,14 @@ def kernel_lm() -> tuple[str, dict[str, Any]] | None:
         knobs = {key: value for key, value in vars(engine).items() if not key.startswith("_")
                  and value != getattr(default, key)} if isinstance(engine, DemoEngine) else {}
         return "demo", {**knobs, **kwargs}
+    engine = getattr(lm, "_engine_spec", "auto")  # dspy.LM(model, engine=...): DSPy's "auto", "litellm", "lm15"
+    if not isinstance(engine, str):  # or an object of the user's, which a model string does not make again
+        raise ValueError(f"the kernel's DSPy LM {lm.model!r} runs an engine of its own ({type(engine).__name__}), "
+                         "so a pool cannot start it from its model string: give the pool another LM (Pool(lm=...), "
+                         "%dspex lm ...), or set this one around the pool's calls with dspy.context(lm=...), "
+                         "with which it travels")
+    if engine != "auto":
+        kwargs["engine"] = engine
     if "max_completion_tokens" in kwargs and "max_completion_tokens" not in lm.dump_state():
         kwargs["max_tokens"] = kwargs.pop("max_completion_tokens")  # a reasoning model's: dspy.LM takes max_tokens
     settings = {key: getattr(lm, key) for key, default in _LM_DEFAULTS.items() if getattr(lm, key) != default}

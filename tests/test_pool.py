@@ -343,6 +343,13 @@ def test_a_pool_takes_the_kernels_dspy_lm_and_says_when_a_call_runs_on_another(p
 
     with dspy.context(lm=Custom("custom")), pytest.raises(ValueError, match="kernel's DSPy LM is a Custom"):
         Pool(workers=1)
+    from dspex_nb.worker.demo_lm import DemoEngine
+
+    with dspy.context(lm=dspy.LM("custom/echo", engine=DemoEngine())), pytest.raises(
+            ValueError, match="'custom/echo' runs an engine of its own .DemoEngine."):  # not dspy.LM("custom/echo")
+        Pool(workers=1)
+    with dspy.context(lm=dspy.LM("openai/gpt-4o-mini", engine="litellm")):  # one of DSPy's, by name: kept
+        assert Pool(workers=1).lm_kwargs == {"engine": "litellm"}
 
 
 def test_a_call_runs_on_the_lm_dspy_context_sets_as_in_the_kernel(pool: Pool) -> None:
@@ -363,6 +370,12 @@ def test_a_call_runs_on_the_lm_dspy_context_sets_as_in_the_kernel(pool: Pool) ->
     assert ran.reasoning == expected.reasoning
     assert len(short.history) == 3 and short.history[-1]["model"] == "demo/demo"  # the pool's calls joined it
     assert pool.run(qa, question="How many floors?").answer != expected.answer  # outside it: the pool's LM
+
+    from dspex_nb.worker.demo_lm import DemoEngine
+
+    own = dspy.LM("custom/echo", engine=DemoEngine(answer_tokens=2))  # an engine of the user's travels too
+    with dspy.context(lm=own):
+        assert pool.run(qa, question="Q?").answer == qa(question="Q?").answer
 def test_a_pool_takes_the_kernels_reasoning_model_as_dspy_lm_took_it() -> None:
     import dspy
 

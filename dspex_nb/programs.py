@@ -297,7 +297,7 @@ def kernel_settings(lm: Any = None, env: dict[str, str | None] | None = None) ->
         values["lm"].history, values["lm"].callbacks = [], []  # its calls there come back with the call
     if env:
         values[ENV] = env
-    return _by_value(values, f"the kernel's DSPy settings {sorted(values)}",
+    return _by_value(values, f"the kernel's DSPy settings {sorted(set(values) - {ENV})}",
                      " (a call on the pool runs under them, as it would in the kernel: give them values that can "
                      "be pickled, or set them to None around the pool's calls with dspy.context)") if values else ""
 

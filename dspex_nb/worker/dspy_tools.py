@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+import cloudpickle
 import dspy
 from dspy.streaming import StatusMessage, StreamListener, StreamResponse
 from dspy.streaming.messages import StatusStreamingCallback
@@ -245,9 +246,11 @@ def _as_json(value: Any) -> Any:
 def _tracked(settings: dict[str, Any], history: bool = False, program: Any = None) -> Generator[_Costs, None, None]:
     """Run under ``settings``, counting the LM usage and the cost of the calls (and with ``history``, keeping
     their DSPy history entries, with the names of ``program``'s modules that made each)."""
+    settings = dict(settings)
+    shipped = settings.pop(_SHIPPED_LM, None)
     named = list(program.named_sub_modules()) if history and isinstance(program, dspy.Module) else []
     costs = _Costs(keep=history, modules={id(module): name for name, module in named}, lms=_held_lms(named))
-    with dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]):
+    with _unchanged(shipped), dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]):
         yield costs
 
 
@@ -346,12 +349,47 @@ def _settings(ctx: ToolContext, kernel: str) -> dict[str, Any]:
     """What a call runs under: the worker's LM and callbacks, and the kernel's settings (its adapter..., and its
     environment variables changed since the pool started, set here); once the call is cancelled, its program
     makes no further LM call."""
-    settings = {**ctx.worker.dspy_settings(), **programs.kernel_settings(kernel)}
+    kernel_settings = programs.kernel_settings(kernel)
+    settings = {**ctx.worker.dspy_settings(), **kernel_settings}
     programs.use_environment(settings.pop(ENV, {}))
     programs.use_cache(settings.pop(CACHE, {}))
     callbacks = list(settings["callbacks"])  # this call's own list
     _stop_when(ctx.cancelled, callbacks)
-    return {**settings, "callbacks": callbacks}
+    return {**settings, "callbacks": callbacks, _SHIPPED_LM: kernel_settings.get("lm")}
+
+
+_SHIPPED_LM = "dspex_shipped_lm"  # in _settings: the LM dspy.context set around the call in the kernel, or None
+
+
+@contextlib.contextmanager
+def _unchanged(lm: Any) -> Generator[None, None, None]:
+    """Raise NotPortable where the kernel's ``lm`` (a copy of the one ``dspy.context`` set there) changes its own
+    attributes during the call (other than its history, which comes back with the call), as DSPy's ``DummyLM``
+    does with a list of answers, which gives the next one at each call: the change stays on this worker, so the
+    kernel's LM would give its next call the answer this one got."""
+    before = _public_state(lm)
+    yield
+    after = _public_state(lm)
+    if before is None or after is None:
+        return
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    if changed:
+        raise typed.NotPortable(
+            f"the LM {type(lm).__name__} {getattr(lm, 'model', '')!r} that dspy.context set around this call changed "
+            f"its attribute(s) {changed} as it answered (the next answer of a DummyLM given a list): a change made on "
+            "a worker does not come back to the kernel's LM, so its next call would not answer as in the kernel; run "
+            "calls on such an LM in the kernel")
+
+
+def _public_state(lm: Any) -> dict[str, bytes] | None:
+    """Each attribute of ``lm`` but its history and private ones, pickled; None for no LM, or one that cannot be."""
+    if lm is None:
+        return None
+    try:
+        return {name: cloudpickle.dumps(value) for name, value in vars(lm).items()
+                if not name.startswith("_") and name != "history"}
+    except Exception:  # an attribute that cannot be pickled (a client): what it holds is not compared
+        return None
 
 
 def _stop_when(cancelled: CancelEvent, callbacks: list[Any]) -> None:

@@ -1894,3 +1894,7 @@ def test_an_lm_that_changes_itself_as_it_answers_raises_a_clear_error(pool: Pool
         assert batch.result(60) == [None] and batch.records[0]["error"]["type"] == "NotPortable"
     with dspy.context(lm=DummyLM({"What color is the sky?": {"answer": "blue"}})):  # by the question: unchanged
         assert pool.run(program, question="What color is the sky?").answer == "blue"
+    program.set_lm(DummyLM([{"answer": "red"}, {"answer": "blue"}]))  # the program's own: 'red' at every call
+    with pytest.raises(NotPortable, match="DummyLM 'dummy' that the program holds in self.lm changed"):
+        pool.run(program, question="What color is the sky?")
+    assert pool.map(program, ["What color is the sky?"], journal=False).result(60) == [None]

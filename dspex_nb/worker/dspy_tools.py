@@ -14,6 +14,7 @@ import contextvars
 import functools
 import inspect
 import json
+import pickle
 import queue
 import sys
 import threading
@@ -24,7 +25,6 @@ from functools import partial
 from typing import Any
 
 import anyio
-import cloudpickle
 import dspy
 from dspy.streaming import StatusMessage, StreamListener, StreamResponse
 from dspy.streaming.messages import StatusStreamingCallback
@@ -248,9 +248,14 @@ def _tracked(settings: dict[str, Any], history: bool = False, program: Any = Non
     their DSPy history entries, with the names of ``program``'s modules that made each)."""
     settings = dict(settings)
     shipped = settings.pop(_SHIPPED_LM, None)
-    named = list(program.named_sub_modules()) if history and isinstance(program, dspy.Module) else []
-    costs = _Costs(keep=history, modules={id(module): name for name, module in named}, lms=_held_lms(named))
-    with _unchanged(shipped), dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]):
+    modules = list(program.named_sub_modules()) if isinstance(program, dspy.Module) else []
+    held = _held_lms(modules)
+    named = modules if history else []
+    costs = _Costs(keep=history, modules={id(module): name for name, module in named}, lms=held if history else {})
+    watched = {f"the program holds in {'.'.join(map(str, where))}": lm for where, lm in held.items()}
+    if shipped is not None:
+        watched["dspy.context set around this call"] = shipped
+    with _unchanged(watched), dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]):
         yield costs
 
 
@@ -362,33 +367,32 @@ _SHIPPED_LM = "dspex_shipped_lm"  # in _settings: the LM dspy.context set around
 
 
 @contextlib.contextmanager
-def _unchanged(lm: Any) -> Generator[None, None, None]:
-    """Raise NotPortable where the kernel's ``lm`` (a copy of the one ``dspy.context`` set there) changes its own
-    attributes during the call (other than its history, which comes back with the call), as DSPy's ``DummyLM``
-    does with a list of answers, which gives the next one at each call: the change stays on this worker, so the
-    kernel's LM would give its next call the answer this one got."""
-    before = _public_state(lm)
+def _unchanged(lms: dict[str, Any]) -> Generator[None, None, None]:
+    """Raise NotPortable where one of ``lms`` (by what holds it: a copy of the kernel's LM that ``dspy.context`` set,
+    or one the program holds, ``set_lm``) changes its own attributes during the call (other than its history,
+    which comes back with the call), as DSPy's ``DummyLM`` does with a list of answers, which gives the next one at
+    each call: the change does not come back to the kernel's LM, which would give its next call this answer again."""
+    before = {where: _public_state(lm) for where, lm in lms.items()}
     yield
-    after = _public_state(lm)
-    if before is None or after is None:
-        return
-    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
-    if changed:
-        raise typed.NotPortable(
-            f"the LM {type(lm).__name__} {getattr(lm, 'model', '')!r} that dspy.context set around this call changed "
-            f"its attribute(s) {changed} as it answered (the next answer of a DummyLM given a list): a change made on "
-            "a worker does not come back to the kernel's LM, so its next call would not answer as in the kernel; run "
-            "calls on such an LM in the kernel")
+    for where, lm in lms.items():
+        was, now = before[where], _public_state(lm)
+        if was is None or now is None:
+            continue
+        changed = sorted(name for name in was.keys() | now.keys() if was.get(name) != now.get(name))
+        if changed:
+            raise typed.NotPortable(
+                f"the LM {type(lm).__name__} {getattr(lm, 'model', '')!r} that {where} changed its attribute(s) "
+                f"{changed} as it answered (the next answer of a DummyLM given a list): a change made on a worker "
+                "does not come back to the kernel's LM, so its next call would not answer as in the kernel; run "
+                "calls on such an LM in the kernel")
 
 
 def _public_state(lm: Any) -> dict[str, bytes] | None:
-    """Each attribute of ``lm`` but its history and private ones, pickled; None for no LM, or one that cannot be."""
-    if lm is None:
-        return None
+    """Each attribute of ``lm`` but its history and private ones, pickled; None for one that cannot be."""
     try:
-        return {name: cloudpickle.dumps(value) for name, value in vars(lm).items()
+        return {name: pickle.dumps(value) for name, value in vars(lm).items()
                 if not name.startswith("_") and name != "history"}
-    except Exception:  # an attribute that cannot be pickled (a client): what it holds is not compared
+    except Exception:  # an attribute that cannot be pickled (a client, a notebook's object): not compared
         return None
 
 
@@ -825,7 +829,8 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         try:
             events.put((index, None))
             program, steps = make(), []
-            with _tracked({**settings, "trace": steps} if trace else settings) as costs, ctx.program_running():
+            with _tracked({**settings, "trace": steps} if trace else settings, program=program) as costs, \
+                    ctx.program_running():
                 output = _run_to_end(_awaited(programs.invoke(program, inputs)))
             result = output_json(output, costs.tokens(), costs.total)
             if trace:

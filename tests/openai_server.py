@@ -8,6 +8,9 @@ server-sent events with ``usage`` or as one JSON reply. A marker in the last use
 - ``[stall]``: the reply never comes (the connection stays open until the server stops);
 - ``[drop]``: the first such request is cut off mid-reply (the connection closes).
 
+A request that offers ``tools`` (native function calling) gets a call of its first tool, each of the tool's
+parameters given the last user message, as the reply's ``tool_calls``.
+
 ``requests`` counts the requests per user message, so a test can tell how often one was retried.
 """
 
@@ -34,6 +37,16 @@ class _Text:
 class _Request:
     system: str
     messages: list[_Text]
+
+
+def _tool_calls(body: dict[str, Any], user: str) -> list[dict[str, Any]]:
+    """A call of the request's first tool, each of its parameters given ``user``; none without tools."""
+    if not body.get("tools"):
+        return []
+    function = body["tools"][0]["function"]
+    arguments = {name: user for name in function.get("parameters", {}).get("properties", {})}
+    return [{"id": "call_0", "type": "function",
+             "function": {"name": function["name"], "arguments": json.dumps(arguments)}}]
 
 
 class OpenAIServer:
@@ -99,12 +112,14 @@ class OpenAIServer:
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                 if "[drop]" in user and attempt == 1:
                     return self._drop(body.get("stream", False))
+                calls = _tool_calls(body, user)
                 if not body.get("stream"):
                     return self._json(200, {
                         "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
                         "model": body["model"], "usage": usage,
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": text}}]})
+                        "choices": [{"index": 0, "finish_reason": "tool_calls" if calls else "stop",
+                                     "message": {"role": "assistant", "content": text,
+                                                 **({"tool_calls": calls} if calls else {})}}]})
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")
@@ -112,7 +127,11 @@ class OpenAIServer:
                 pieces = [t + " " for t in tokens[:-1]] + tokens[-1:]
                 for piece in pieces:
                     self._event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}, body)
-                self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, body)
+                if calls:
+                    self._event({"choices": [{"index": 0, "finish_reason": None, "delta": {
+                        "tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}}]}, body)
+                self._event({"choices": [{"index": 0, "delta": {},
+                                          "finish_reason": "tool_calls" if calls else "stop"}]}, body)
                 self._event({"choices": [], "usage": usage}, body)
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()

@@ -1876,3 +1876,25 @@ def program(words: list[str]):
     kernel = subprocess.run([sys.executable, "-c", f"print(list(set({words!r})))"], capture_output=True, text=True,
                             check=True, env={**os.environ, "PYTHONHASHSEED": "1234"}).stdout  # a kernel with that seed
     assert str(result.order) == kernel.strip()
+
+
+def test_an_lm_that_changes_itself_as_it_answers_raises_a_clear_error(pool: Pool) -> None:
+    # DSPy's DummyLM given a list gives its next answer at each call; a call on the pool took the next answer of the
+    # worker's copy only, so the kernel's LM gave its next call the first answer again: 'red', 'red'
+    from dspy.utils import DummyLM
+
+    program = dspy.Predict("question -> answer")
+    changes = "DummyLM 'dummy' that dspy.context set around this call changed its attribute\\(s\\) \\['answers'\\]"
+    with dspy.context(lm=DummyLM([{"answer": "red"}, {"answer": "blue"}])):
+        with pytest.raises(NotPortable, match=changes):
+            pool.run(program, question="What color is the sky?")
+        with pytest.raises(NotPortable, match=changes):
+            pool.run_stream(program, question="What color is the sky?").result(60)
+        batch = pool.map(program, ["What color is the sky?"], journal=False)
+        assert batch.result(60) == [None] and batch.records[0]["error"]["type"] == "NotPortable"
+    with dspy.context(lm=DummyLM({"What color is the sky?": {"answer": "blue"}})):  # by the question: unchanged
+        assert pool.run(program, question="What color is the sky?").answer == "blue"
+    program.set_lm(DummyLM([{"answer": "red"}, {"answer": "blue"}]))  # the program's own: 'red' at every call
+    with pytest.raises(NotPortable, match="DummyLM 'dummy' that the program holds in self.lm changed"):
+        pool.run(program, question="What color is the sky?")
+    assert pool.map(program, ["What color is the sky?"], journal=False).result(60) == [None]

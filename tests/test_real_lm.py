@@ -256,3 +256,28 @@ def test_no_cost_is_shown_for_an_lm_that_reports_none(server: OpenAIServer, lm_p
         lm_pool.configure_lm(MODEL, **settings(server))
     summary = StreamText(run).summary()
     assert run.cost is None and "tokens in" in summary and "$" not in summary
+
+
+def get_weather(city: str) -> str:
+    """Get the weather for a city."""
+    return f"The weather in {city} is sunny."
+
+
+def test_native_function_calls_come_back_as_in_the_kernel(server: OpenAIServer, lm_pool: Pool) -> None:
+    # DSPy's tools page: ChatAdapter(use_native_function_calling=True), the LM's tool_calls read as dspy.ToolCalls
+    class ToolSignature(dspy.Signature):
+        """Answer using tools."""
+
+        question: str = dspy.InputField()
+        tools: list[dspy.Tool] = dspy.InputField()
+        outputs: dspy.ToolCalls = dspy.OutputField()
+
+    predict, tools = dspy.Predict(ToolSignature), [dspy.Tool(get_weather)]
+    native = dspy.ChatAdapter(use_native_function_calling=True)  # for a model DSPy knows to call functions
+    with dspy.context(lm=dspy.LM(PRICED, **settings(server)), adapter=native):
+        expected = predict(question="Weather in Paris?", tools=tools)
+        ran = lm_pool.run(predict, question="Weather in Paris?", tools=tools)
+        streamed = lm_pool.run_stream(predict, question="Weather in Paris?", tools=tools).result(60)
+    assert [call.name for call in expected.outputs.tool_calls] == ["get_weather"]
+    assert ran == streamed == expected and isinstance(ran.outputs, dspy.ToolCalls)
+    assert ran.outputs.tool_calls[0].execute() == expected.outputs.tool_calls[0].execute()

@@ -14,6 +14,7 @@ import contextvars
 import functools
 import inspect
 import json
+import pickle
 import queue
 import sys
 import threading
@@ -245,9 +246,16 @@ def _as_json(value: Any) -> Any:
 def _tracked(settings: dict[str, Any], history: bool = False, program: Any = None) -> Generator[_Costs, None, None]:
     """Run under ``settings``, counting the LM usage and the cost of the calls (and with ``history``, keeping
     their DSPy history entries, with the names of ``program``'s modules that made each)."""
-    named = list(program.named_sub_modules()) if history and isinstance(program, dspy.Module) else []
-    costs = _Costs(keep=history, modules={id(module): name for name, module in named}, lms=_held_lms(named))
-    with dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]):
+    settings = dict(settings)
+    shipped = settings.pop(_SHIPPED_LM, None)
+    modules = list(program.named_sub_modules()) if isinstance(program, dspy.Module) else []
+    held = _held_lms(modules)
+    named = modules if history else []
+    costs = _Costs(keep=history, modules={id(module): name for name, module in named}, lms=held if history else {})
+    watched = {f"the program holds in {'.'.join(map(str, where))}": lm for where, lm in held.items()}
+    if shipped is not None:
+        watched["dspy.context set around this call"] = shipped
+    with _unchanged(watched), dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]):
         yield costs
 
 
@@ -346,12 +354,46 @@ def _settings(ctx: ToolContext, kernel: str) -> dict[str, Any]:
     """What a call runs under: the worker's LM and callbacks, and the kernel's settings (its adapter..., and its
     environment variables changed since the pool started, set here); once the call is cancelled, its program
     makes no further LM call."""
-    settings = {**ctx.worker.dspy_settings(), **programs.kernel_settings(kernel)}
+    kernel_settings = programs.kernel_settings(kernel)
+    settings = {**ctx.worker.dspy_settings(), **kernel_settings}
     programs.use_environment(settings.pop(ENV, {}))
     programs.use_cache(settings.pop(CACHE, {}))
     callbacks = list(settings["callbacks"])  # this call's own list
     _stop_when(ctx.cancelled, callbacks)
-    return {**settings, "callbacks": callbacks}
+    return {**settings, "callbacks": callbacks, _SHIPPED_LM: kernel_settings.get("lm")}
+
+
+_SHIPPED_LM = "dspex_shipped_lm"  # in _settings: the LM dspy.context set around the call in the kernel, or None
+
+
+@contextlib.contextmanager
+def _unchanged(lms: dict[str, Any]) -> Generator[None, None, None]:
+    """Raise NotPortable where one of ``lms`` (by what holds it: a copy of the kernel's LM that ``dspy.context`` set,
+    or one the program holds, ``set_lm``) changes its own attributes during the call (other than its history,
+    which comes back with the call), as DSPy's ``DummyLM`` does with a list of answers, which gives the next one at
+    each call: the change does not come back to the kernel's LM, which would give its next call this answer again."""
+    before = {where: _public_state(lm) for where, lm in lms.items()}
+    yield
+    for where, lm in lms.items():
+        was, now = before[where], _public_state(lm)
+        if was is None or now is None:
+            continue
+        changed = sorted(name for name in was.keys() | now.keys() if was.get(name) != now.get(name))
+        if changed:
+            raise typed.NotPortable(
+                f"the LM {type(lm).__name__} {getattr(lm, 'model', '')!r} that {where} changed its attribute(s) "
+                f"{changed} as it answered (the next answer of a DummyLM given a list): a change made on a worker "
+                "does not come back to the kernel's LM, so its next call would not answer as in the kernel; run "
+                "calls on such an LM in the kernel")
+
+
+def _public_state(lm: Any) -> dict[str, bytes] | None:
+    """Each attribute of ``lm`` but its history and private ones, pickled; None for one that cannot be."""
+    try:
+        return {name: pickle.dumps(value) for name, value in vars(lm).items()
+                if not name.startswith("_") and name != "history"}
+    except Exception:  # an attribute that cannot be pickled (a client, a notebook's object): not compared
+        return None
 
 
 def _stop_when(cancelled: CancelEvent, callbacks: list[Any]) -> None:
@@ -787,7 +829,8 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         try:
             events.put((index, None))
             program, steps = make(), []
-            with _tracked({**settings, "trace": steps} if trace else settings) as costs, ctx.program_running():
+            with _tracked({**settings, "trace": steps} if trace else settings, program=program) as costs, \
+                    ctx.program_running():
                 output = _run_to_end(_awaited(programs.invoke(program, inputs)))
             result = output_json(output, costs.tokens(), costs.total)
             if trace:

@@ -282,7 +282,7 @@ class Call:
 
     def unary(self) -> tuple[bytes, None] | tuple[None, dict[str, str]]:
         """(the result as JSON, None), or (None, the error's type / message / traceback)."""
-        with self.state.track():
+        with self.state.track(self.ctx.cancelled):
             try:
                 tool, args = self._args()
                 result = drive(tool.run(args, self.ctx), self.ctx, lambda emit: None) if tool.streaming \
@@ -307,7 +307,7 @@ class Call:
             return b'[%d,"%s",%s,%s]' % (next(seq), kind.encode(), data, b"true" if is_final else b"false")
 
         def produce() -> None:
-            with self.state.track():
+            with self.state.track(self.ctx.cancelled):
                 try:
                     final = drive(self._start(), self.ctx, lambda emit: chunks.put(chunk(emit.kind, emit.data), ended))
                     if not self.ctx.cancelled.is_set():

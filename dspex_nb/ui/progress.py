@@ -239,10 +239,12 @@ POOL_COLUMNS = ("worker", "pid", "state", "running", "calls done", "failed", "ca
 def pool_rows(status: list[dict[str, Any]]) -> list[list[str]]:
     """One row per worker of ``pool.status()``: calls (a batch shard is one call) and the batch items they
     returned are counted apart; a call its caller cancelled is not a failure. A worker where a cancelled call's
-    program goes on running (see ``Pool(cancel_grace=...)``) says so in its state."""
+    program goes on running (see ``Pool(cancel_grace=...)``) says so in its state. The memory of a worker not
+    measured yet (just started or replaced: its first health ping is to come, ``rss_mb`` 0) is "-", not 0 MB."""
     return [[row["worker"], str(row["pid"]), _state(row), str(row["in_flight"]), str(row["done"]), str(row["errors"]),
              str(row["cancelled"]), str(row["items"]), str(row["restarts"]), str(row["recycles"]),
-             f"{row['rss_mb']:.0f} MB", duration(row["uptime"]) if row["uptime"] else "-"] for row in status]
+             f"{row['rss_mb']:.0f} MB" if row["rss_mb"] else "-", duration(row["uptime"]) if row["uptime"] else "-"]
+            for row in status]
 
 
 def _state(row: dict[str, Any]) -> str:

@@ -131,6 +131,9 @@ def remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolEr
         return REMOTE_ERROR_TYPES[type_](*fields)
     attributes = redact.mapping(dict(info.get("attributes") or {}))
     bases = list(info.get("bases", ()))
+    if info.get("group") and _ToolErrorGroup is not None:
+        return _noted(_with_attributes(_group_error(fields, info["group"], bases[:1] == ["builtins:ExceptionGroup"]),
+                                       attributes))
     own = _as_tool_error(bases[0]) if bases else None
     for cls in filter(None, map(_as_tool_error, bases)):
         try:  # the class's own code runs here (a read-only args, a __setattr__ that refuses): then the next class
@@ -144,6 +147,20 @@ def remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolEr
             continue
         return _noted(error)
     return _noted(_with_attributes(ToolError(*fields), attributes))
+
+
+def _group_error(fields: tuple[str, ...], group: Mapping[str, Any], own: bool) -> ToolError:
+    """The program's exception group (``group``: its ``message`` and its ``exceptions``' infos), as an ExceptionGroup
+    that is also a ToolError, its sub-exceptions rebuilt as ``remote_error`` rebuilds any (a BaseException among them
+    as a ToolError, so the group is an ExceptionGroup, as ``BaseExceptionGroup(...)`` of Exceptions is). Not its own
+    class (a BaseExceptionGroup, a subclass of the program's), its message names that class, as other errors' do."""
+    from dspex_nb import redact  # the kernel masks too: its environment is the workers'
+
+    tool, type_, _, _, worker = fields
+    exceptions = [remote_error(tool, sub, worker) for sub in group["exceptions"]]
+    message = redact.text(group["message"], limit=None)
+    where = f" on worker {worker}" if worker else ""
+    return _ToolErrorGroup(fields, message if own else f"tool '{tool}' failed{where}: {type_}: {message}", exceptions)
 
 
 def one_line(error: BaseException) -> str:
@@ -253,6 +270,46 @@ def _combined(base: type) -> type[ToolError] | None:
     except Exception:
         return None
     return combined
+
+
+_EXCEPTION_GROUP: Any = vars(builtins).get("ExceptionGroup")  # Python 3.11+
+_ToolErrorGroup: Any = None
+if _EXCEPTION_GROUP is not None:
+    class _ToolErrorGroup(ToolError, _EXCEPTION_GROUP):  # type: ignore[no-redef]
+        """A program's exception group (``_group_error``): ``except* ValueError`` catches its sub-exceptions as in
+        the kernel. Its ``message`` is the group's (as an ExceptionGroup's), and the groups ``split``, ``subgroup``
+        and ``except*`` derive from it are such groups too (with its fields)."""
+
+        _program_class = _EXCEPTION_GROUP
+
+        def __new__(cls, fields: tuple[str, ...], message: str, exceptions: list[BaseException]) -> Any:
+            return super().__new__(cls, message, exceptions)
+
+        def __init__(self, fields: tuple[str, ...], message: str, exceptions: list[BaseException]) -> None:
+            # not ToolError's: an ExceptionGroup's ``message`` and ``args`` are its own (read-only)
+            self.tool, self.type, _, self.remote_traceback, self.worker = fields
+
+        __str__ = _EXCEPTION_GROUP.__str__
+
+        def _fields(self) -> tuple[str, ...]:
+            return self.tool, self.type, self.message, self.remote_traceback, self.worker
+
+        def derive(self, excs: Any) -> Any:
+            return _ToolErrorGroup(self._fields(), self.message, list(excs))
+
+        def __reduce__(self) -> tuple[Any, ...]:
+            return _group_restored, (self._fields(), self.message, list(self.exceptions), dict(vars(self)))
+
+    _ToolErrorGroup.__name__ = _ToolErrorGroup.__qualname__ = "ExceptionGroup"  # as tracebacks name its class
+    _ToolErrorGroup.__module__ = "builtins"
+
+
+def _group_restored(fields: tuple[str, ...], message: str, exceptions: list[BaseException],
+                    state: dict[str, Any]) -> ToolError:
+    """A copied or unpickled ``_ToolErrorGroup``."""
+    error = _ToolErrorGroup(fields, message, exceptions)
+    vars(error).update(state)
+    return error
 
 
 class WorkerDied(DspexError):

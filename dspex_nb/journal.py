@@ -102,11 +102,9 @@ class Journal:
 
     def __init__(self, path: str | Path | None = None) -> None:
         self._start(path)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # one made here: private, as the file
         if path is None and not os.environ.get("DSPEX_JOURNAL"):
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.path.parent, 0o700)  # our own directory: private, as the file
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.path.parent, 0o700)  # our own directory, made private where it was made otherwise
         try:
             self._db = self._open()
         except sqlite3.DatabaseError as exc:  # not a journal: keep it aside for the user, start afresh

@@ -218,18 +218,63 @@ class CodedError(ValueError):
         return error
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="ExceptionGroup is Python 3.11's")
 def test_a_programs_exception_of_a_class_made_otherwise_is_still_its_error(pool: Pool) -> None:
-    def program(kind: str) -> None:
-        group = ExceptionGroup("several", [ValueError("a"), KeyError("b")])  # noqa: F821
-        raise {"group": group, "coded": CodedError(7)}[kind]
+    def program() -> None:
+        raise CodedError(7)
 
-    with pytest.raises(ToolError, match=r"ExceptionGroup: several \(2 sub-exceptions\)") as info:
-        pool.run(program, kind="group")
-    assert info.value.type == "ExceptionGroup" and not isinstance(info.value, BaseExceptionGroup)  # noqa: F821
     with pytest.raises(ValueError, match="CodedError: 7") as info:  # its next class, that takes them
-        pool.run(program, kind="coded")
+        pool.run(program)
     assert isinstance(info.value, ToolError) and not isinstance(info.value, CodedError)
+
+
+def grouped(kind: str) -> None:
+    """Raises an exception group, as ``asyncio.TaskGroup`` does (``except*`` in the kernel catches its parts)."""
+    if kind == "nested":
+        raise ExceptionGroup("several", [KeyError("a", 3), ExceptionGroup("inner", [NotebookError("ours")])])  # noqa: F821
+    raise BaseExceptionGroup("base", [KeyboardInterrupt(), KeyError("k")])  # noqa: F821
+
+
+async def grouped_by_a_task_group(kind: str) -> None:
+    async def fails() -> None:
+        raise KeyError(kind)
+
+    async with asyncio.TaskGroup() as tasks:  # type: ignore[attr-defined]
+        tasks.create_task(fails())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="ExceptionGroup is Python 3.11's")
+def test_a_programs_exception_group_comes_back_as_a_group_that_except_star_splits(pool: Pool) -> None:
+    calls = {"run": pool.run, "run_stream": lambda p, **kw: pool.run_stream(p, **kw).result(),
+             "run_async": lambda p, **kw: asyncio.run(pool.run_async(p, **kw))}
+    for name, call in calls.items():
+        for program in (grouped, grouped_by_a_task_group):
+            with pytest.raises(ExceptionGroup) as local:  # noqa: F821
+                asyncio.run(program("nested")) if program is grouped_by_a_task_group else program("nested")
+            with pytest.raises(ExceptionGroup) as info:  # noqa: F821
+                call(program, kind="nested")
+            error, expected = info.value, local.value
+            assert isinstance(error, ToolError) and error.worker and "raised on worker" in error.__notes__[-1], name
+            assert (str(error), repr(error), error.message) == (str(expected), repr(expected), expected.message)
+            assert "KeyError" in error.__notes__[-1]  # the worker's traceback shows every sub-exception
+            parts = [error.split(cls)[0] for cls in (KeyError, NotebookError)]  # what `except* cls` catches
+            assert all(isinstance(p, ToolError) and p.__notes__ == error.__notes__ for p in parts if p is not None)
+            caught = [e for part in parts if part is not None for e in part.exceptions]
+            assert [repr(e) for e in caught] == [repr(e) for e in expected.exceptions], name
+            assert all(isinstance(e, ToolError) and e.worker == error.worker for e in caught)
+    with pytest.raises(ExceptionGroup) as info:  # noqa: F821 -- its KeyboardInterrupt comes back as a ToolError
+        pool.run(grouped, kind="base")
+    assert str(info.value) == f"tool 'run_module' failed on worker {info.value.worker}: BaseExceptionGroup: base " \
+                              "(2 sub-exceptions)"
+    interrupt, key = info.value.exceptions
+    assert interrupt.type == "KeyboardInterrupt" and not isinstance(interrupt, KeyboardInterrupt)
+    assert isinstance(key, KeyError) and repr(key) == "KeyError('k')"
+    for copied in (copy.deepcopy(info.value), pickle.loads(pickle.dumps(info.value))):
+        assert isinstance(copied, ExceptionGroup) and isinstance(copied, ToolError)  # noqa: F821
+        assert (repr(copied), copied.worker, copied.__notes__) == (repr(info.value), info.value.worker,
+                                                                   info.value.__notes__)
+    batch = pool.map(grouped, ["nested"], max_errors=2)
+    assert batch.result() == [None]
+    assert batch.records[0]["error"] == {"type": "ExceptionGroup", "message": "several (2 sub-exceptions)"}
 
 
 class FrozenError(ValueError):
@@ -540,3 +585,24 @@ def test_a_programs_error_has_none_of_the_pools_frames_in_its_kernel_traceback(p
     with pytest.raises(UnknownTool) as caught:
         pool.execute("nope")
     assert "_args_json" in [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="ExceptionGroup is Python 3.11's")
+def test_an_exception_group_too_deep_or_too_large_comes_back_bounded(pool: Pool) -> None:
+    def program(kind: str) -> None:
+        if kind == "large":  # its sub-exceptions' messages alone are over the 256,000 characters that come back
+            raise ExceptionGroup("large", [ValueError("x" * 3000) for _ in range(100)])  # noqa: F821
+        group = ValueError("deepest")
+        for depth in range(30):
+            group = ExceptionGroup(f"depth {depth}", [group])  # noqa: F821
+        raise group
+
+    with pytest.raises(ToolError, match=r"ExceptionGroup: large \(100 sub-exceptions\)") as info:
+        pool.run(program, kind="large")
+    assert not isinstance(info.value, ExceptionGroup)  # noqa: F821 -- the note's traceback lists them
+    with pytest.raises(ExceptionGroup) as info:  # noqa: F821
+        pool.run(program, kind="deep")
+    groups = [info.value]
+    while isinstance(groups[-1], ExceptionGroup):  # noqa: F821
+        groups.append(groups[-1].exceptions[0])
+    assert len(groups) == 11 and str(groups[-1]).endswith("ExceptionGroup: depth 19 (1 sub-exception)")

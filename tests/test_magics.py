@@ -385,6 +385,7 @@ def test_lm_switch_and_an_lm_error_is_shown(sh: Shell) -> None:
     ("%dspex lm demo --set temperature=nan", "configure_lm(temperature=...) must be a finite number >= 0, got 'nan'"),
     ("%dspex lm demo --max-tokens 0", "configure_lm(max_tokens=...) must be an int >= 1, got 0"),
     ("%dspex lm demo --set max_tokens=1.5", "configure_lm(max_tokens=...) must be an int >= 1, got 1.5"),
+    ("%dspex lm demo --set api_key=sk-live-0123456789abcdef", "configure_lm(api_key=...) is a connection's: the demo"),
     ('%%dspex predict "q -> a" -o 1x\nx', "-o '1x': expected a Python identifier"),
     ('%%dspex predict "q -> a" -o "a b"\nx', "-o 'a b': expected a Python identifier"),
     ('%%dspex predict "q -> a" -o class\nx', "-o 'class': expected a Python identifier"),

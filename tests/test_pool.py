@@ -190,6 +190,23 @@ def test_worker_env_is_private_and_offline(pool: Pool) -> None:
     assert pool.workers[0].process.address.startswith(f"unix:{socket_dir}/")
 
 
+def test_every_file_the_pool_and_its_journal_make_is_private(pool: Pool, tmp_path: Path) -> None:
+    # was: template.log was 0644, the workers' sockets 0755, and a journal's directory made for it 0755
+    import os
+    import stat
+
+    from dspex_nb.journal import Journal
+
+    journal = Journal(tmp_path / "made" / "journal.sqlite3")  # a directory the journal makes
+    journal.record("batch", "item", {"answer": "secret"})
+    pool.run("question -> answer", question="Private?")
+    made = [journal.path.parent, *journal.path.parent.iterdir(), *pool.backend.dir.iterdir()]
+    modes = {path.name: oct(stat.S_IMODE(os.lstat(path).st_mode)) for path in made}
+    assert {"template.log", "w0-0.sock", "w0-0.health.sock", "w0-0.log", "journal.sqlite3-wal"} <= set(modes)
+    assert modes == {path.name: "0o700" if path.is_dir() else "0o600" for path in made}
+    journal.close()
+
+
 def test_pool_of_four_starts_all_workers() -> None:
     with Pool(workers=4) as four:
         rows = four.status()

@@ -489,6 +489,19 @@ def test_a_programs_exception_keeps_its_attributes_from_an_actor(pool: Pool) -> 
         assert "raised on worker" in info.value.__notes__[-1] and "in program" in info.value.__notes__[-1]
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="ExceptionGroup is Python 3.11's")
+def test_a_programs_exception_group_comes_back_from_an_actor_as_a_group(pool: Pool) -> None:
+    def program(code: int) -> None:
+        raise ExceptionGroup("several", [CodedError(code), KeyError("k")])  # noqa: F821
+
+    for call in (pool.run, lambda p, **kw: pool.run_stream(p, **kw).result(60)):
+        with pytest.raises(ExceptionGroup) as info:  # noqa: F821
+            call(program, code=7)
+        assert isinstance(info.value, ToolError) and str(info.value) == "several (2 sub-exceptions)"
+        coded, _ = info.value.split(CodedError)
+        assert coded is not None and coded.exceptions[0].code == 7
+
+
 def _read_variables() -> list[str | None]:
     return [os.environ.get("DSPEX_TEST_LATER_API_KEY"), os.environ.get("DSPEX_TEST_LATER_PLAIN")]
 

@@ -12,6 +12,7 @@ import pytest
 from helpers import wait_until
 
 from dspex_nb import Pool
+from dspex_nb.errors import CallTimeout
 from dspex_nb.ui import progress
 
 
@@ -89,7 +90,19 @@ def block(started: str) -> str:
     return started
 
 
-@pytest.mark.parametrize("program", [spin, block])
+class Unprintable(Exception):
+    def __str__(self) -> str:  # never returns: the worker's thread is stuck reporting the error, after the program
+        while True:
+            pass
+
+
+def fails_unprintably(started: str) -> str:
+    """A program whose error cannot be formatted."""
+    Path(started).touch()
+    raise Unprintable()
+
+
+@pytest.mark.parametrize("program", [spin, block, fails_unprintably])
 def test_a_cancelled_program_that_goes_on_running_is_ended_by_a_recycle(
         program: Callable[[str], str], tmp_path: Path) -> None:
     started = tmp_path / "started"
@@ -102,6 +115,17 @@ def test_a_cancelled_program_that_goes_on_running_is_ended_by_a_recycle(
         assert row["pid"] != pid and "a cancelled call's program went on running" in row["last_error"]
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         assert pool.run("question -> answer", question="after?").answer.startswith("Demo LM answer to 'after?'")
+
+
+def test_a_call_that_timed_out_while_its_error_is_formatted_is_ended_by_a_recycle(tmp_path: Path) -> None:
+    # Was: the time the call's thread spent in the error's __str__ after its timeout was not counted as the
+    # cancelled program going on (cancelled_running_s stayed 0), so the worker kept a core busy forever
+    with Pool(workers=1, health_interval=0.1, journal=False, cancel_grace=1.0) as pool:
+        pid = pool.status()[0]["pid"]
+        with pytest.raises(CallTimeout):
+            pool.call(fails_unprintably, {"started": str(tmp_path / "started")}, timeout=2)
+        row = wait_until(lambda: recycled(pool, "w0", 1), what="its worker to be recycled")
+        assert row["pid"] != pid and "a cancelled call's program went on running" in row["last_error"]
 
 
 def test_with_cancel_grace_none_a_cancelled_program_that_goes_on_is_shown_not_recycled(tmp_path: Path) -> None:

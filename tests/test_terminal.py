@@ -4,10 +4,12 @@ outside a terminal (a pipe, CI, nbval) the output stays the plain final lines.""
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 
 from dspex_nb import Pool
+from dspex_nb.ui.progress import batch_line, terminal_batch_line
 from dspex_nb.ui.render import _terminal, show_batch, show_run
 
 
@@ -50,7 +52,7 @@ def test_a_batch_shows_one_live_line_in_a_terminal(pool: Pool) -> None:
     finally:
         pool.configure_lm("demo")
     text = screen.getvalue()
-    assert text.count("\r") >= 2 and "items · ok" in text, repr(text)  # the status line, rewritten in place
+    assert text.count("\r") >= 2 and re.search(r"items \(\d+%\) · ok", text), repr(text)  # rewritten in place
     assert text.splitlines()[-1].startswith("batch done: 80 items, 80 ok, 0 failed"), repr(text)
 
 
@@ -122,4 +124,26 @@ def test_the_live_line_fits_the_terminal_so_rewriting_it_leaves_no_rows_behind(p
         pool.configure_lm("demo")
     *live, summary = screen.getvalue().split("\r")
     assert len(live) >= 3 and all(len(line) < 60 for line in live), live
-    assert any(line.endswith("…") for line in live) and summary.startswith("batch done: 40 items")
+    shown = [line for line in live if line.strip()]  # the last clears the line
+    assert all(re.match(r"\d+/40 items \(\d+%\) · ", line) and not line.endswith("…") for line in shown), live
+    assert summary.startswith("batch done: 40 items")
+
+
+SNAPSHOT = {"status": "running", "ok": 1200, "failed": 34, "total": 10_000, "running": 8, "queued": 8758, "rate": 9.87,
+            "elapsed": 125.0, "eta": 7384.0, "retries": 2, "replaced": 0, "from_journal": 0, "tokens_in": 5000,
+            "tokens_out": 800}
+
+
+@pytest.mark.parametrize("columns, line", [
+    (200, "1,234/10,000 items (12%) · ok 1,200 · failed 34 · running 8 · queued 8,758 · 9.9 items/s · 2 min 05 s · "
+          "ETA 2 h 03 min · 5,000 tokens in / 800 out · 2 retried"),
+    (100, "1,234/10,000 items (12%) · ok 1,200 · failed 34 · 9.9 items/s · 2 min 05 s · ETA 2 h 03 min"),
+    (80, "1,234/10,000 items (12%) · failed 34 · 9.9 items/s · ETA 2 h 03 min"),
+    (60, "1,234/10,000 items (12%) · failed 34 · ETA 2 h 03 min"),
+    (20, "1,234/10,000 items…"),
+])
+def test_a_narrow_terminal_leaves_out_the_least_useful_parts_of_the_batch_line_first(columns: int, line: str) -> None:
+    # was: the line was cut at the terminal's width, so the ETA, near its end, went first; as tqdm, it keeps
+    # n/total (with the percentage), the rate and the ETA, and here the failures
+    assert terminal_batch_line(SNAPSHOT, columns) == line
+    assert batch_line(SNAPSHOT).startswith("1,234/10,000 items · ok 1,200 · ")  # the dashboard's line is whole

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import ipywidgets as w
@@ -13,7 +14,8 @@ from dspex_nb import Pool
 from dspex_nb.ui.append import AppendText
 from dspex_nb.ui.progress import batch_line, batch_summary
 from dspex_nb.ui.pump import PUMP
-from dspex_nb.ui.widgets import BatchDashboard, StreamView, _bar_style, _field_html, _table
+from dspex_nb.ui.render import show_pool
+from dspex_nb.ui.widgets import BatchDashboard, PoolDashboard, StreamView, _bar_style, _field_html, _table
 
 
 def snap(status: str, ok: int, failed: int, total: int = 120) -> dict:
@@ -165,3 +167,16 @@ def test_the_dashboard_lists_each_error_once_with_its_items(pool: Pool) -> None:
         "  … 980 more failed items, with 11 other errors"]
     assert shown["text/html"].count("<li>") == 31  # all 31 errors: the HTML lists up to 50
     assert "<li>970 items (30, 31, 32, 33, 34, …): ValueError: rate limited</li>" in shown["text/html"]
+
+
+def test_the_memory_of_a_worker_not_measured_yet_is_not_shown_as_0_mb() -> None:
+    # was: "0 MB" for a worker just started or replaced, whose first health ping (which measures it) is to come
+    with Pool(workers=1, health_interval=60, journal=False) as fresh:  # no health ping for a minute
+        assert fresh.status()[0]["rss_mb"] == 0
+        text = io.StringIO()
+        show_pool(fresh, mode="text", out=text)
+        widget = PoolDashboard(fresh).rendering()
+        for shown in (text.getvalue(), widget["text/plain"]):
+            header, row = shown.splitlines()[1:3]
+            assert row[header.index("memory"):].split()[0] == "-", shown
+        assert "<td style='padding-right:1em'>-</td>" in widget["text/html"] and " MB<" not in widget["text/html"]

@@ -288,11 +288,17 @@ def translate(err: grpc.RpcError, tool: str, timeout: float | None,
 def unary_result(reply: Any, tool: str, worker: str) -> Any:
     """The decoded result of an ExecuteReply, or its ToolError raised."""
     if reply.HasField("error"):
-        e = reply.error
-        raise remote_error(tool, {"type": e.type, "message": e.message, "traceback": e.traceback, "bases": e.bases,
-                                  "attributes": json.loads(e.attributes_json) if e.attributes_json else None,
-                                  "args": json.loads(e.args_json) if e.args_json else None}, worker)
+        raise remote_error(tool, error_info(reply.error), worker)
     return loads(reply.result_json)
+
+
+def error_info(e: Any) -> dict[str, Any]:
+    """A proto ToolError as the worker's ``error_info`` gave it (an exception group's sub-exceptions nested)."""
+    return {"type": e.type, "message": e.message, "traceback": e.traceback, "bases": e.bases,
+            "attributes": json.loads(e.attributes_json) if e.attributes_json else None,
+            "args": json.loads(e.args_json) if e.args_json else None,
+            "group": {"message": e.group_message, "exceptions": [error_info(sub) for sub in e.exceptions]}
+            if e.exceptions else None}
 
 
 class _Ping:

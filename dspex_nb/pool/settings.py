@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dspex_nb import redact
@@ -14,6 +14,12 @@ MAX_CONCURRENCY = 1024  # items (threads) at a time on one worker: concurrency=1
 
 
 DEMO_DELAYS = ("ttft", "per_token", "retry_after")  # the demo LM's knobs that are seconds (see worker.demo_lm)
+DEMO_SETS = frozenset({"model", "engine", "async_engine", "cache"})  # what worker.demo_lm gives dspy.LM itself
+# The connection settings that dspy.LM refuses for an LM with an engine of its own, as the demo's (DSPy's
+# dspy.clients.backend_selection.CLIENT_KEYS; a test checks this holds them all)
+CONNECTION_SETTINGS = frozenset({"api_key", "api_base", "base_url", "headers", "extra_headers", "timeout",
+                                 "api_version", "azure_ad_token_provider", "organization", "project", "extra_query",
+                                 "custom_llm_provider"})
 
 
 class SettingError(ValueError):
@@ -64,6 +70,7 @@ class Checker:
         if kwargs.get("max_tokens") is not None:
             self.integer(key("max_tokens"), kwargs["max_tokens"], 1)
         if model == "demo":
+            self._demo_takes(kwargs, key)
             for delay in DEMO_DELAYS:
                 self.non_negative(key(delay), kwargs.get(delay), "seconds")
             self.integer(key("answer_tokens"), kwargs.get("answer_tokens"), 1, optional=True)
@@ -73,6 +80,18 @@ class Checker:
             if isinstance(v, float) and not math.isfinite(v):
                 self._fail(key(k), "a finite number", value[k])
         return kwargs
+
+    def _demo_takes(self, kwargs: dict[str, Any], key: Callable[[str], str]) -> None:
+        """Refuse a setting the demo LM cannot take: a connection's (``api_key``, ``base_url``...; its value is not
+        shown), which dspy.LM refused as the worker started, with a traceback that named no argument of ours; one
+        it sets itself (``cache``...), which failed with "got multiple values"."""
+        for k, v in kwargs.items():
+            if k in DEMO_SETS or (k in CONNECTION_SETTINGS and v is not None):
+                what = "a connection's" if k in CONNECTION_SETTINGS else "one the demo LM sets itself"
+                raise SettingError(f"{self.owner}({key(k)}=...) is {what}: the demo LM answers offline on each "
+                                   "worker and takes its own knobs (ttft, per_token, answer_tokens...) and dspy.LM's "
+                                   "generation settings (temperature, max_tokens...); drop it, or name a hosted model "
+                                   '(lm="openai/gpt-4o-mini") for it to apply')
 
     def non_negative(self, name: str, value: Any, unit: str = "") -> None:
         """None or a finite number >= 0."""

@@ -9,12 +9,13 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import subprocess
 import threading
 from pathlib import Path
 
 from dspex_nb.errors import WorkerStartError
-from dspex_nb.pool.process import ProcessHandle, start_module
+from dspex_nb.pool.process import ProcessHandle, open_log, start_module
 from dspex_nb.wire import process_state, start_time
 
 FORK_TIMEOUT = 10.0  # seconds a template that has imported DSPy may take to fork before it counts as hung
@@ -34,9 +35,12 @@ class Template:
         self.ended = False  # its stdout ended: it answers nothing more, though it may not have exited yet
         self._ids = itertools.count()
         self._cond = threading.Condition()
-        with open(log_path, "wb") as log:
+        log = open_log(log_path)  # private, as the workers' logs (it was made 0644)
+        try:
             self.proc = start_module(python, "dspex_nb.worker.template", ["--run-id", run_id], env,
                                      stdout=subprocess.PIPE, stderr=log)
+        finally:
+            os.close(log)
         self._reader = threading.Thread(target=self._read, name="dspex-template", daemon=True)
         self._reader.start()
 

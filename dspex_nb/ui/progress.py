@@ -14,7 +14,7 @@ from dspex_nb.pool.calls import Run
 from dspex_nb.words import count
 
 __all__ = ["StreamText", "batch_line", "batch_summary", "error_groups", "error_line", "error_lines", "error_text",
-           "items_text", "pool_rows", "printable", "stats_rows", "text_table"]
+           "items_text", "percent", "pool_rows", "printable", "stats_rows", "terminal_batch_line", "text_table"]
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 control characters but tab and newline
 
@@ -179,17 +179,50 @@ def error_text(error: BaseException | None) -> str:
 
 
 def batch_line(snap: dict[str, Any]) -> str:
-    done = snap["ok"] + snap["failed"]
-    stopped = f"{snap['status']} · " if snap["status"] in ("cancelled", "failed") else ""
-    line = (f"{stopped}{done:,}/{snap['total']:,} items · ok {snap['ok']:,} · failed {snap['failed']:,} · "
-            f"running {snap['running']:,} · queued {snap['queued']:,} · {snap['rate']:.1f} items/s · "
-            f"{seconds(snap['elapsed'])}")
+    """A running batch's status line (the live dashboard's)."""
+    return " · ".join(_batch_parts(snap).values())
+
+
+# The parts of a batch's line a narrow terminal leaves out, the least useful first: what it keeps last is what tqdm
+# keeps, n/total (with its percentage), the rate and the ETA, and the failures
+LEFT_OUT_FIRST = ("queued", "running", "recovery", "usage", "ok", "elapsed", "rate", "failed", "eta")
+
+
+def terminal_batch_line(snap: dict[str, Any], columns: int) -> str:
+    """``batch_line`` with the percentage done, in fewer than ``columns`` characters, for a terminal: its parts
+    ``LEFT_OUT_FIRST`` are left out in that order until it fits (cut short, "…", only where n/total alone does not).
+    A line the terminal wraps is not rewritten by ``\r``, which goes back to the start of its last row only, so
+    each refresh would leave a row behind; a cut at the end dropped the ETA first."""
+    parts = _batch_parts(snap)
+    parts["done"] += f" ({percent(snap['ok'] + snap['failed'], snap['total'])})"
+    for name in (*LEFT_OUT_FIRST, None):
+        line = " · ".join(parts.values())
+        if len(line) < columns:
+            return line
+        parts.pop(name, None)
+    return line[:max(columns - 2, 0)] + "…"
+
+
+def percent(done: int, total: int) -> str:
+    """How much of ``total`` is done, in whole percent rounded down (as the dashboard's bar says it): "41%"."""
+    return f"{100 * done // max(total, 1)}%"
+
+
+def _batch_parts(snap: dict[str, Any]) -> dict[str, str]:
+    """The parts of a batch's status line by name, in the line's order."""
+    parts = {"stopped": snap["status"]} if snap["status"] in ("cancelled", "failed") else {}
+    parts.update(done=f"{snap['ok'] + snap['failed']:,}/{snap['total']:,} items", ok=f"ok {snap['ok']:,}",
+                 failed=f"failed {snap['failed']:,}", running=f"running {snap['running']:,}",
+                 queued=f"queued {snap['queued']:,}", rate=f"{snap['rate']:.1f} items/s",
+                 elapsed=seconds(snap["elapsed"]))
     if snap["status"] == "running" and snap["eta"]:
-        line += f" · ETA {seconds(snap['eta'], 1)}"
+        parts["eta"] = f"ETA {seconds(snap['eta'], 1)}"
     if snap["tokens_in"] or snap["tokens_out"] or snap.get("cost") is not None:
-        line += f" · {usage_text(snap['tokens_in'], snap['tokens_out'], snap.get('cost'))}"
+        parts["usage"] = usage_text(snap["tokens_in"], snap["tokens_out"], snap.get("cost"))
     extras = recovery(snap)
-    return f"{line} · {extras}" if extras else line
+    if extras:
+        parts["recovery"] = extras
+    return parts
 
 
 def usage_text(tokens_in: int, tokens_out: int, cost: float | None = None) -> str:
@@ -239,10 +272,12 @@ POOL_COLUMNS = ("worker", "pid", "state", "running", "calls done", "failed", "ca
 def pool_rows(status: list[dict[str, Any]]) -> list[list[str]]:
     """One row per worker of ``pool.status()``: calls (a batch shard is one call) and the batch items they
     returned are counted apart; a call its caller cancelled is not a failure. A worker where a cancelled call's
-    program goes on running (see ``Pool(cancel_grace=...)``) says so in its state."""
+    program goes on running (see ``Pool(cancel_grace=...)``) says so in its state. The memory of a worker not
+    measured yet (just started or replaced: its first health ping is to come, ``rss_mb`` 0) is "-", not 0 MB."""
     return [[row["worker"], str(row["pid"]), _state(row), str(row["in_flight"]), str(row["done"]), str(row["errors"]),
              str(row["cancelled"]), str(row["items"]), str(row["restarts"]), str(row["recycles"]),
-             f"{row['rss_mb']:.0f} MB", duration(row["uptime"]) if row["uptime"] else "-"] for row in status]
+             f"{row['rss_mb']:.0f} MB" if row["rss_mb"] else "-", duration(row["uptime"]) if row["uptime"] else "-"]
+            for row in status]
 
 
 def _state(row: dict[str, Any]) -> str:

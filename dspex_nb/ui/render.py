@@ -109,7 +109,7 @@ def show_batch(batch: BatchRun, title: str, *, mode: str | None = None, block: b
             if _terminal(out):  # one status line, rewritten in place at most 10 times a second
                 width = 0
                 while not batch.wait(0.1):
-                    line = _fit(progress.batch_line(batch.snapshot()), _columns(out))
+                    line = progress.terminal_batch_line(batch.snapshot(), _columns(out))
                     out.write("\r" + line.ljust(width))
                     out.flush()
                     width = len(line)
@@ -132,12 +132,6 @@ def _columns(out: TextIO) -> int:
         return os.get_terminal_size(out.fileno()).columns
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
         return shutil.get_terminal_size().columns
-
-
-def _fit(line: str, columns: int) -> str:
-    """``line`` cut to less than ``columns`` characters: a line the terminal wraps is not rewritten by ``\r``, which
-    goes back to the start of its last row only, so each refresh would leave a row behind."""
-    return line if len(line) < columns else line[:max(columns - 2, 0)] + "…"
 
 
 def show_handle(handle: Handle) -> None:

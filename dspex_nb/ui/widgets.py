@@ -242,7 +242,7 @@ class BatchDashboard(View):
         snap = batch.snapshot()
         style = _bar_style(snap)
         finished = snap["ok"] + snap["failed"]
-        _set(self.bar, value=finished, bar_style=style, description=f"{100 * finished // max(snap['total'], 1)}%")
+        _set(self.bar, value=finished, bar_style=style, description=progress.percent(finished, snap["total"]))
         warning = f"<br><b>warning:</b> {html.escape(snap['warning'])}" if snap["warning"] else ""
         _set(self.counts, value=html.escape(progress.batch_line(snap)) + warning)
         workers = sorted(set(snap["by_worker"]) | set(snap["active"]))

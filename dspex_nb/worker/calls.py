@@ -13,8 +13,10 @@ Cancelling sets the tool's ``ctx.cancelled``; the producer then closes the tool'
 
 from __future__ import annotations
 
+import builtins
 import collections
 import contextlib
+import functools
 import os
 import threading
 import traceback
@@ -35,6 +37,9 @@ QUEUE_BYTES = 8 * 2**20  # chunks a stream may have waiting for a slow consumer 
 MAX_ATTRIBUTES = 64_000  # characters of an error's attributes (as JSON) kept: those that do not fit are left out
 MAX_TRACEBACK = 100_000  # characters of an error's traceback kept: one that quotes a huge message must not make
 # the error itself too large to send (it was a MessageTooLarge instead of the program's error)
+MAX_GROUP = 4 * MAX_ATTRIBUTES  # characters of an exception group's sub-exceptions (as JSON) that come back
+MAX_GROUP_DEPTH = 10  # groups nested deeper come back without their sub-exceptions (as traceback's max_group_depth)
+_BASE_GROUP: Any = vars(builtins).get("BaseExceptionGroup")  # Python 3.11+
 _DONE = object()
 
 
@@ -105,13 +110,17 @@ def message_of(exc: BaseException) -> str:
     return redact.text(message)
 
 
-def error_info(exc: BaseException) -> dict[str, Any]:
+def error_info(exc: BaseException, depth: int = 0) -> dict[str, Any]:
     """type / message / traceback of an exception, as the client will see them, its classes (``bases``: the
-    kernel raises it as the first of them it has, see ``errors.remote_error``) and its plain ``attributes``."""
+    kernel raises it as the first of them it has, see ``errors.remote_error``), its plain ``attributes`` and, for
+    an exception group, its ``group`` (``_group``). ``depth``: how deep in a group it is; one inside a group has no
+    traceback of its own, as the group's shows it."""
     if issubclass(type(exc), ToolError):  # not isinstance: that reads the exception's __class__, user code
         return {"type": exc.type, "message": redact.text(exc.message), "traceback": ""}
-    info: dict[str, Any] = {"type": type(exc).__name__, "message": message_of(exc), "traceback": _traceback_of(exc)}
-    for key, part in (("bases", _bases), ("attributes", _attributes), ("args", _args)):
+    info: dict[str, Any] = {"type": type(exc).__name__, "message": message_of(exc),
+                            "traceback": "" if depth else _traceback_of(exc)}
+    for key, part in (("bases", _bases), ("attributes", _attributes), ("args", _args),
+                      ("group", functools.partial(_group, depth=depth))):
         try:  # the program's classes' code runs there (a __dict__ or __module__ that raises): it goes without them
             value = part(exc)
         except Exception:
@@ -119,6 +128,27 @@ def error_info(exc: BaseException) -> dict[str, Any]:
         if value is not None and value != {}:  # no args is [], which is kept: the kernel's error then has none
             info[key] = value
     return info
+
+
+def _group(exc: BaseException, depth: int) -> dict[str, Any] | None:
+    """An exception group's ``message`` and its ``exceptions`` (their ``error_info``), read as Python's own
+    fields (not a subclass's properties); None for another exception, one nested deeper than ``MAX_GROUP_DEPTH``,
+    or one whose sub-exceptions do not fit in ``MAX_GROUP`` characters even without their attributes and args
+    (the kernel's error is then not a group; the traceback still lists them)."""
+    if _BASE_GROUP is None or not issubclass(type(exc), _BASE_GROUP) or depth >= MAX_GROUP_DEPTH:
+        return None
+    group = {"message": redact.text(vars(_BASE_GROUP)["message"].__get__(exc)),
+             "exceptions": [error_info(sub, depth + 1) for sub in vars(_BASE_GROUP)["exceptions"].__get__(exc)]}
+    if len(dumps(group)) > MAX_GROUP:
+        group = _without_attributes(group)
+    return group if len(dumps(group)) <= MAX_GROUP else None
+
+
+def _without_attributes(group: dict[str, Any]) -> dict[str, Any]:
+    """``group`` with no attributes or args in its sub-exceptions' infos, nested groups' included."""
+    exceptions = [{key: _without_attributes(value) if key == "group" else value for key, value in sub.items()
+                   if key not in ("attributes", "args")} for sub in group["exceptions"]]
+    return {**group, "exceptions": exceptions}
 
 
 def _traceback_of(exc: BaseException) -> str:
@@ -252,7 +282,7 @@ class Call:
 
     def unary(self) -> tuple[bytes, None] | tuple[None, dict[str, str]]:
         """(the result as JSON, None), or (None, the error's type / message / traceback)."""
-        with self.state.track():
+        with self.state.track(self.ctx.cancelled):
             try:
                 tool, args = self._args()
                 result = drive(tool.run(args, self.ctx), self.ctx, lambda emit: None) if tool.streaming \
@@ -277,7 +307,7 @@ class Call:
             return b'[%d,"%s",%s,%s]' % (next(seq), kind.encode(), data, b"true" if is_final else b"false")
 
         def produce() -> None:
-            with self.state.track():
+            with self.state.track(self.ctx.cancelled):
                 try:
                     final = drive(self._start(), self.ctx, lambda emit: chunks.put(chunk(emit.kind, emit.data), ended))
                     if not self.ctx.cancelled.is_set():

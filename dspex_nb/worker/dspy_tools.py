@@ -433,8 +433,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             if ctx.streaming and not unread and not programs.streamified(program):  # that one streams as it was made to
                 why = "no str output field to stream" if tokens else "its tokens are not streamed, as asked"
                 yield Emit("status", {"message": f"running {_label(program)} ({why})"})
-            with ctx.program_running():
-                output = _awaited(programs.invoke(program, inputs))
+            output = _awaited(programs.invoke(program, inputs))  # in the call's thread, which counts as running
             values = _values_of(output)
             if values is None:
                 return _with_extras(program, steps, trace, output_json(output, costs.tokens(), costs.total),

@@ -80,10 +80,11 @@ def serve(address: str, *, worker_id: str, run_id: str, lm: str, lm_kwargs: dict
                          options=message_options(max_message_mb * 2**20))
     bridge = Bridge(state)
     bridge_pb2_grpc.add_BridgeServicer_to_server(bridge, server)
-    server.add_insecure_port(address)
     health = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
     bridge_pb2_grpc.add_BridgeServicer_to_server(bridge, health)  # the pool only pings it: never busy with work
-    health.add_insecure_port(health_address(address))
+    for grpc_server, at in ((server, address), (health, health_address(address))):
+        grpc_server.add_insecure_port(at)
+        os.chmod(at.removeprefix("unix:"), 0o600)  # as the pool's other files (gRPC made it 0755, by the umask)
     health.start()
     server.start()
     if watch_parent:

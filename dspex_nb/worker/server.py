@@ -9,6 +9,7 @@ import json
 import os
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
@@ -40,10 +41,7 @@ class Bridge(bridge_pb2_grpc.BridgeServicer):
                 context: grpc.ServicerContext) -> bridge_pb2.ExecuteReply:
         result, error = self._call(request, context, streaming=False).unary()
         if error is not None:
-            attributes, args = error.pop("attributes", None), error.pop("args", None)
-            return bridge_pb2.ExecuteReply(error=bridge_pb2.ToolError(
-                **error, attributes_json=json.dumps(attributes) if attributes else "",
-                args_json=json.dumps(args) if args is not None else ""))
+            return bridge_pb2.ExecuteReply(error=tool_error(error))
         return bridge_pb2.ExecuteReply(result_json=result)
 
     def ExecuteStream(self, request: bridge_pb2.ExecuteRequest,
@@ -53,6 +51,16 @@ class Bridge(bridge_pb2_grpc.BridgeServicer):
         context.add_callback(ended.set)
         for message in call.batches(ended, context.is_active):
             yield bridge_pb2.ChunkBatch(chunks_json=message)
+
+
+def tool_error(info: dict[str, Any]) -> bridge_pb2.ToolError:
+    """An ``error_info`` as the proto's ToolError (an exception group's sub-exceptions as nested ones)."""
+    attributes, args, group = info.get("attributes"), info.get("args"), info.get("group") or {}
+    return bridge_pb2.ToolError(
+        type=info["type"], message=info["message"], traceback=info["traceback"], bases=info.get("bases", ()),
+        attributes_json=json.dumps(attributes) if attributes else "",
+        args_json=json.dumps(args) if args is not None else "",
+        group_message=group.get("message", ""), exceptions=[tool_error(sub) for sub in group.get("exceptions", ())])
 
 
 def describe(state: WorkerState) -> dict:

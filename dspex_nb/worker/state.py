@@ -71,13 +71,14 @@ class Slots:
 
 
 class _Active:
-    """``WorkerState.track()``'s block, one for all calls (it keeps nothing of a call's): a class, as a generator's
-    context manager made for each call cost a unary call's handler a sixth of its time."""
+    """``WorkerState.track()``'s block: a class, as a generator's context manager made for each call cost a unary
+    call's handler a sixth of its time."""
 
-    __slots__ = ("state",)
+    __slots__ = ("state", "cancelled")
 
-    def __init__(self, state: WorkerState) -> None:
+    def __init__(self, state: WorkerState, cancelled: CancelEvent) -> None:
         self.state = state
+        self.cancelled = cancelled
 
     def __enter__(self) -> None:
         state = self.state
@@ -86,10 +87,13 @@ class _Active:
         with state._lock:
             state.active += 1
             state.total += 1
+            state._programs[self.cancelled] = state._programs.get(self.cancelled, 0) + 1
 
     def __exit__(self, *exc: object) -> None:
-        with self.state._lock:
-            self.state.active -= 1
+        state = self.state
+        with state._lock:
+            state.active -= 1
+            state._running_ended(self.cancelled)
 
 
 @dataclass
@@ -113,34 +117,40 @@ class WorkerState:
     recursion_limit: int = field(default_factory=sys.getrecursionlimit)  # the least a call starts with (``track``)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _slots: dict[str, list[Any]] = field(default_factory=dict)  # group -> [semaphore, calls using it]
-    _programs: dict[CancelEvent, int] = field(default_factory=dict)  # a call's cancel event -> its programs running
-    _active: _Active = field(init=False, repr=False)
+    _programs: dict[CancelEvent, int] = field(default_factory=dict)  # a call's cancel event -> its threads running
 
     def __post_init__(self) -> None:
         self.sessions = Sessions(self.worker_id, self.session_ttl)
-        self._active = _Active(self)
 
-    def track(self) -> _Active:
-        """Count one request as active while the block runs. A recursion limit that a program lowered
+    def track(self, cancelled: CancelEvent) -> _Active:
+        """Count one request as active while the block runs, and its thread as running for ``cancelled_running``:
+        after its cancel, the call's own thread may go on in code of the program's that is not its run (an error's
+        ``__str__`` that never returns, while the error is reported). A recursion limit that a program lowered
         (``sys.setrecursionlimit(50)``) is raised back to the worker's first: it outlived the call and failed
         every later program on the worker with RecursionError (a limit raised stays, as a deep program needs)."""
-        return self._active
+        return _Active(self, cancelled)
 
     @contextmanager
     def running(self, cancelled: CancelEvent) -> Iterator[None]:
-        """Count a program of the call that ``cancelled`` (its ``CancelEvent``) cancels as running in the block."""
+        """Count a thread running a program of the call that ``cancelled`` (its ``CancelEvent``) cancels as running
+        in the block (an item's, or streamify's, which may outlive the call's own)."""
         with self._lock:
             self._programs[cancelled] = self._programs.get(cancelled, 0) + 1
         try:
             yield
         finally:
             with self._lock:
-                self._programs[cancelled] -= 1
-                if not self._programs[cancelled]:
-                    del self._programs[cancelled]
+                self._running_ended(cancelled)
+
+    def _running_ended(self, cancelled: CancelEvent) -> None:
+        """One thread of the call that ``cancelled`` cancels is no longer running (the lock held)."""
+        self._programs[cancelled] -= 1
+        if not self._programs[cancelled]:
+            del self._programs[cancelled]
 
     def cancelled_running(self) -> float:
-        """Seconds the program of a cancelled call has gone on running since its cancel (the longest; 0: none)."""
+        """Seconds a cancelled call's thread (its own, or one running its program) has gone on running since its
+        cancel (the longest; 0: none)."""
         with self._lock:
             cancels = [event.set_at for event in self._programs if event.set_at is not None]
         return time.monotonic() - min(cancels) if cancels else 0.0

@@ -55,6 +55,33 @@ def test_bad_demo_lm_knobs_are_named(knobs: dict, message: str) -> None:
         Pool(lm="demo", lm_kwargs=knobs)
 
 
+@pytest.mark.parametrize("setting, refusal", [
+    ("api_key", "is a connection's: the demo LM answers offline on each worker"),
+    ("base_url", "is a connection's"),
+    ("cache", "is one the demo LM sets itself"),
+])
+def test_a_setting_the_demo_lm_cannot_take_is_refused_where_it_is_given(pool: Pool, setting: str,
+                                                                         refusal: str) -> None:
+    # was: Pool(lm="demo", lm_kwargs={"api_key": ...}) started no worker, with DSPy's ValueError traceback ("['api_key']
+    # configure a connection DSPy owns..."), and a cache=True a TypeError ("got multiple values")
+    secret = "sk-live-0123456789abcdef"
+    with pytest.raises(ValueError, match=re.escape(f"Pool(lm_kwargs[{setting!r}]=...) {refusal}")) as caught:
+        Pool(lm="demo", lm_kwargs={setting: secret})
+    with pytest.raises(ValueError, match=re.escape(f"configure_lm({setting}=...) {refusal}")) as refused:
+        pool.configure_lm("demo", **{setting: secret})
+    assert secret not in str(caught.value) + str(refused.value)
+    assert pool.lm_kwargs == {}
+    assert Pool(lm="demo", lm_kwargs={"api_key": None}).lm_kwargs == {"api_key": None}  # as dspy.LM takes it
+
+
+def test_the_connection_settings_refused_for_the_demo_lm_are_dspys() -> None:
+    from dspy.clients.backend_selection import CLIENT_KEYS
+
+    from dspex_nb.pool.settings import CONNECTION_SETTINGS
+
+    assert set(CLIENT_KEYS) <= CONNECTION_SETTINGS
+
+
 @pytest.mark.parametrize("option, value", [("concurrency", 0), ("concurrency", 2000), ("item_timeout", -1.0),
                                            ("max_retries", -1), ("shard_size", 0)])
 def test_bad_batch_settings_are_named(pool: Pool, option: str, value: object) -> None:

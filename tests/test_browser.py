@@ -226,10 +226,11 @@ def test_views_in_a_browser_stop_steps_saving_reopening_html_and_dark_theme(lab:
         output(page, 2).screenshot(path=str(ARTIFACTS / "view-stream-finished.png"))
         wire = sum(frames[before:])
         lag = page.evaluate("() => lag")
-        (ARTIFACTS / "stream-20k.txt").write_text(f"answer {answer} chars, {wire} bytes received, max timer lag "
-                                                  f"{lag:.0f} ms\n")
+        (ARTIFACTS / "stream-20k.txt").write_text(f"answer {answer} chars, {wire} bytes in {len(frames) - before} "
+                                                  f"messages, max timer lag {lag:.0f} ms\n")
         assert 0 < lengths[0] < lengths[1] and answer > 100_000, (lengths, answer)
-        assert wire < 8 * answer, f"{wire} bytes on the websocket for a {answer}-character answer"
+        received = len(frames) - before  # each message has a header of its own (~1 KB): a slow machine sends more
+        assert wire < 4 * answer + 2_000 * received, f"{wire} bytes in {received} messages, a {answer}-character answer"
 
         # Stop on a blocking stream
         run(page, 3)

@@ -529,7 +529,9 @@ def record_history(entries: list[dict[str, Any]], program: Any, lm: Any, resolve
     import dspy
     from dspy.clients.base_lm import record_history as record
 
-    modules = dict(program.named_sub_modules()) if isinstance(program, dspy.Module) else {}
+    from dspex_nb.worker.programs import sub_modules  # the names the worker gave, found as fast
+
+    modules = dict(sub_modules(program))
     outer = list(dspy.settings.caller_modules or [])
     for entry in entries:
         if "response" in entry:

@@ -248,7 +248,7 @@ def _tracked(settings: dict[str, Any], history: bool = False, program: Any = Non
     their DSPy history entries, with the names of ``program``'s modules that made each)."""
     settings = dict(settings)
     shipped = settings.pop(_SHIPPED_LM, None)
-    modules = list(program.named_sub_modules()) if isinstance(program, dspy.Module) else []
+    modules = programs.sub_modules(program)
     held = _held_lms(modules)
     named = modules if history else []
     costs = _Costs(keep=history, modules={id(module): name for name, module in named}, lms=held if history else {})
@@ -260,7 +260,7 @@ def _tracked(settings: dict[str, Any], history: bool = False, program: Any = Non
 
 
 def _held_lms(modules: list[tuple[str, Any]]) -> dict[tuple[Any, ...], Any]:
-    """The LMs that ``modules`` (a program's ``named_sub_modules``) hold in their own attributes, by module name and
+    """The LMs that ``modules`` (a program's ``programs.sub_modules``) hold in their own attributes, by module name and
     attribute: a predictor's ``lm`` (``set_lm``), or one a module keeps to call itself (``self.untrusted_model``);
     and those in a list, tuple or dict there (``self.lms = [lm1, lm2]``), by its index or key too."""
     return {(name, attribute, *key): lm for name, module in modules for attribute, value in vars(module).items()

@@ -24,6 +24,7 @@ import os
 import pickle
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -265,6 +266,33 @@ def from_pickle(name: str, payload: str) -> Program:
         # which the kernel's object, run here, never has: each call runs a copy as it was shipped
         made.factory = lambda: _program_of(unpickled(payload))
     return made
+
+
+def sub_modules(program: Any) -> list[tuple[str, Any]]:
+    """``program.named_sub_modules()``, by the same names, without going through a module's ``history``: DSPy
+    appends each LM call's entry there (up to ``max_history_size``, 10,000, on a module instance that runs every
+    call of it), and DSPy's walk read every value of every entry: a batch item of a ChainOfThought took 15 ms to
+    find the LMs it holds, the LM call itself 2."""
+    if not isinstance(program, dspy.Module):
+        return []
+    found: list[tuple[str, Any]] = []
+    queue, seen = deque([("self", program)]), {id(program)}
+    while queue:
+        name, item = queue.popleft()
+        if isinstance(item, dspy.BaseModule):
+            found.append((name, item))
+            parts = [(f"{name}.{key}", value) for key, value in vars(item).items() if key != "history"]
+        elif isinstance(item, (list, tuple)):
+            parts = [(f"{name}[{index}]", value) for index, value in enumerate(item)]
+        elif isinstance(item, dict):
+            parts = [(f"{name}[{key}]", value) for key, value in item.items()]
+        else:
+            continue
+        for part in parts:
+            if id(part[1]) not in seen:
+                seen.add(id(part[1]))
+                queue.append(part)
+    return found
 
 
 def streamified(program: Any) -> bool:

@@ -297,9 +297,18 @@ def kernel_settings(lm: Any = None, env: dict[str, str | None] | None = None) ->
         values["lm"].history, values["lm"].callbacks = [], []  # its calls there come back with the call
     if env:
         values[ENV] = env
-    return _by_value(values, f"the kernel's DSPy settings {sorted(set(values) - {ENV})}",
-                     " (a call on the pool runs under them, as it would in the kernel: give them values that can "
-                     "be pickled, or set them to None around the pool's calls with dspy.context)") if values else ""
+    if not values:
+        return ""
+    try:
+        return _by_value(values, f"the kernel's DSPy settings {sorted(set(values) - {ENV})}",
+                         " (a call on the pool runs under them, as it would in the kernel: give them values that can "
+                         "be pickled, or set them to None around the pool's calls with dspy.context)")
+    except ArgumentError:
+        if lm is not None:  # name the LM where it is the one that cannot be sent, not "the settings ['lm']"
+            named = f"the LM {type(lm).__name__} {getattr(lm, 'model', '')!r} that dspy.context(lm=...) sets"
+            _by_value(values["lm"], f"{named} around this call", " (it travels with the call, as DSPy runs the call "
+                      "on it: give it attributes that can be pickled, or make this call in the kernel)")
+        raise
 
 
 def context_lm() -> Any:

@@ -393,6 +393,25 @@ def test_a_call_runs_on_the_lm_dspy_context_sets_as_in_the_kernel(pool: Pool) ->
     own = dspy.LM("custom/echo", engine=DemoEngine(answer_tokens=2))  # an engine of the user's travels too
     with dspy.context(lm=own):
         assert pool.run(qa, question="Q?").answer == qa(question="Q?").answer
+
+
+def test_an_lm_dspy_context_sets_that_cannot_be_sent_is_named(pool: Pool) -> None:
+    # was: "the kernel's DSPy settings ['lm'] cannot be sent ... set them to None around the pool's calls"
+    import dspy
+
+    from dspex_nb.errors import ArgumentError
+
+    class Streaming(dspy.BaseLM):
+        def __init__(self) -> None:
+            super().__init__("streaming/lm")
+            self.chunks = (chunk for chunk in "ab")  # a generator: pickle cannot send it
+
+    with dspy.context(lm=Streaming()), pytest.raises(
+            ArgumentError, match=r"the LM Streaming 'streaming/lm' that dspy.context\(lm=...\) sets around this call "
+                                 r"cannot be sent to the workers: TypeError: cannot pickle 'generator' object"):
+        pool.run("question -> answer", question="Which LM?")
+
+
 def test_a_pool_takes_the_kernels_reasoning_model_as_dspy_lm_took_it() -> None:
     import dspy
 

@@ -40,7 +40,10 @@ import datetime as dt
 import enum
 import functools
 import inspect
+import os
 import sys
+import time
+import types
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
@@ -183,7 +186,27 @@ def _collection_json(value: list[Any] | dict[Any, Any] | tuple[Any, ...], ship: 
     items = [encode(v, ship) for v in value] if base != "dict" else \
         [[encode(k, ship), encode(v, ship)] for k, v in value.items()]  # type: ignore[union-attr]
     made = {TAG: base, "class": _path(type(value), ship), "items": items}
+    if _struct_sequence(type(value)):
+        return _struct_json(value, made, ship)
     return made if factory is None else {**made, "factory": class_path(factory)}
+
+
+def _struct_sequence(cls: type) -> bool:
+    """Whether ``cls`` is a struct sequence (``time.struct_time``, ``os.stat_result``): a tuple subclass of C code,
+    which ``tuple.__new__`` cannot make, with fields beside its items (a struct_time's ``tm_zone``)."""
+    return issubclass(cls, tuple) and hasattr(cls, "n_sequence_fields") and isinstance(cls.__new__,
+                                                                                       types.BuiltinFunctionType)
+
+
+def _struct_json(value: tuple[Any, ...], made: dict[str, Any], ship: Shipment | None) -> dict[str, Any]:
+    """A struct sequence as its items and its other ``fields``, as its constructor takes them; one that Python cannot
+    make again (``sys.version_info``) has no faithful form."""
+    try:
+        fields = value.__reduce__()[1][1]  # type: ignore[index]
+        type(value)(tuple(value), fields)
+    except Exception:
+        return _opaque(value, f"a {type(value).__name__}, which Python cannot make again: use tuple(value)")
+    return {**made, "fields": {name: encode(field, ship) for name, field in fields.items()}}
 
 
 def plain(value: Any, depth: int = 0) -> bool:
@@ -352,8 +375,10 @@ class Resolver:
         return _STDLIB.get(path) or _imported(path, ("dspy",))
 
 
-_STDLIB = {class_path(cls): cls for cls in (collections.Counter, collections.OrderedDict, collections.defaultdict)}
-# rebuilt from items alone (a defaultdict with its factory, one of _FACTORIES)
+_STRUCTS = (time.struct_time, os.stat_result, os.statvfs_result, os.terminal_size, os.times_result, os.uname_result)
+_STDLIB = {class_path(cls): cls for cls in (collections.Counter, collections.OrderedDict, collections.defaultdict,
+                                            *_STRUCTS)}
+# rebuilt from items alone (a defaultdict with its factory, one of _FACTORIES; a struct sequence with its fields)
 _FACTORIES = {class_path(cls): cls for cls in (list, dict, set, int, float, str, tuple, frozenset, bool,
                                               collections.Counter, collections.OrderedDict)}  # defaultdict(list)...:
 # a factory is called on a missing key, so only these plain types come from data, never a class it names
@@ -534,6 +559,9 @@ def _collection(value: dict[str, Any], resolve: Callable[[str], type | None], wh
     cls = _cls(value, resolve, where)
     if value[TAG] == "tuple":  # as a namedtuple's own _make makes one, with as many items as it has fields
         items = _items(value, resolve, where)
+        if cls in _STRUCTS:  # its own constructor (C code), which checks the items and fields
+            fields = value.get("fields", {})
+            return cls(items, {name: decode(field, resolve, f"{where}.{name}") for name, field in fields.items()})
         if len(items) != len(getattr(cls, "_fields", items)):
             raise NotPortable(f"{where}: a {cls.__name__} has {len(cls._fields)} fields, not {len(items)}", value)
         return tuple.__new__(cls, items)

@@ -1090,6 +1090,23 @@ def test_a_named_tuple_from_data_has_as_many_items_as_fields() -> None:
         typed.decode({**raw, "items": [1, 2, 3]}, typed.Resolver([point]))
 
 
+def local_time(seconds: float) -> Any:
+    import time
+
+    return time.localtime(seconds)
+
+
+def test_a_struct_sequence_comes_back_as_itself(pool: Pool) -> None:
+    # time.struct_time, os.stat_result: tuple subclasses that tuple.__new__ cannot make; since tuple subclasses travel
+    # as their class, a program's time.localtime() came back as NotPortable ("tuple.__new__(time.struct_time) is not
+    # safe"), where it had come back as a plain tuple
+    made = pool.run(local_time, seconds=86400.5)
+    assert made == local_time(86400.5) and type(made).__name__ == "struct_time"
+    assert (made.tm_zone, made.tm_gmtoff) == (local_time(86400.5).tm_zone, local_time(86400.5).tm_gmtoff)
+    with pytest.raises(NotPortable, match="a version_info, which Python cannot make again: use tuple"):
+        typed.decode(typed.encode(sys.version_info))
+
+
 def test_first_calls_of_a_program_at_once_all_get_its_answer(pool: Pool, demo_lm: dspy.LM) -> None:
     program = dspy.Predict("question -> answer, first: bool")  # not shipped before: the calls race to ship it
 

@@ -128,8 +128,14 @@ def kernel_settings(payload: str) -> dict[str, Any]:
     for value in settings.values():
         for attr in [value, *(vars(value).values() if hasattr(value, "__dict__") else ())]:
             if isinstance(attr, dspy.BaseLM):
-                redact.register(getattr(attr, "kwargs", {}))
+                register_key(attr)
     return settings
+
+
+def register_key(lm: Any) -> None:
+    """Mask ``lm``'s key in what comes back: a secret-named setting of its own attributes, dspy.LM's ``kwargs``
+    (``api_key``) or a custom LM's (``self.api_key``), which a client's error may quote."""
+    redact.register({name: value for name, value in vars(lm).items() if name != "history"})
 
 
 def signature_of(program: Any) -> type[dspy.Signature] | None:
@@ -259,7 +265,8 @@ def from_pickle(name: str, payload: str) -> Program:
     program = _program_of(shipped)
     if isinstance(program, dspy.Module):  # a predictor's own LM came along (set_lm): its key is masked too
         for _, predictor in program.named_predictors():
-            redact.register(getattr(getattr(predictor, "lm", None), "kwargs", None))
+            if isinstance(lm := getattr(predictor, "lm", None), dspy.BaseLM):
+                register_key(lm)
     made = make(name, program, set(shipped.get("types", ())))
     if streamified(program):
         # a dspy.streamify'd program: its listeners keep each stream's state (one without allow_reuse streams once),

@@ -181,3 +181,27 @@ def test_the_key_of_an_lm_a_dspy_context_sends_with_a_call_is_masked() -> None:
     shown = repr(described) + str(caught.value) + caught.value.remote_traceback + "".join(caught.value.__notes__)
     assert "127.0.0.1:9" in shown
     assert SECRET not in shown and "url-password-0815" not in shown
+
+
+class KeptKey(dspy.BaseLM):
+    """A custom LM that keeps its key in an attribute of its own, not in dspy.LM's kwargs."""
+
+    def __init__(self, api_key: str) -> None:
+        super().__init__("kept/key")
+        self.api_key = api_key
+
+    def forward(self, prompt=None, messages=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        raise RuntimeError(f"the server refused {self.api_key}")  # as a client's 401 quotes the key it was given
+
+
+def test_the_key_a_custom_lm_keeps_in_an_attribute_is_masked() -> None:
+    # only an LM's kwargs were registered: the key of a dspy.context LM or of a set_lm one came back in clear
+    held = "sk-proj-held-key-0815"  # another key each: a key registered once is masked in every later call
+    program = dspy.Predict("question -> answer")
+    program.set_lm(KeptKey(held))
+    with Pool(workers=1, lm="demo", journal=False) as pool:
+        for key, lm, run in ((held, None, program), (SECRET, KeptKey(SECRET), dspy.Predict("question -> answer"))):
+            with dspy.context(lm=lm) if lm else dspy.context(), pytest.raises(ToolError) as caught:
+                pool.run(run, question="hi")
+            shown = str(caught.value) + caught.value.remote_traceback + "".join(caught.value.__notes__)
+            assert "the server refused ***" in shown and key not in shown

@@ -7,6 +7,7 @@ turn the cell into inputs, call ``Pool``, hand the handle to a renderer. Default
 
 from __future__ import annotations
 
+import _string  # str.format's own field parsing (string.Formatter uses it)
 import argparse
 import builtins
 import contextlib
@@ -127,21 +128,28 @@ HELP = "\n".join(["Run DSPy on a pool of background workers.", ""] + [p.format_h
 
 # -- turning a cell into inputs -----------------------------------------------------------------
 _PLACEHOLDER = re.compile(r"[A-Za-z_]\w*(?:[.\[].*)?")  # {name}, {name.attr}, {name[key]}
-_QUOTED_KEY = re.compile(r"""\[(['"])([^'"\]]*)\1\]""")  # ['key'] or ["key"], as Python writes a key
+_QUOTED_KEY = re.compile(r"""(['"])([^'"\]]*)\1""")  # 'key' or "key" in brackets, as Python writes a key
 
 
 def lookup(field: str, namespace: dict[str, Any]) -> Any:
     """The kernel value a placeholder names, as ``str.format`` finds it; a key in quotes, as Python writes it
-    (``{row['text']}``, which IPython's own ``{}`` takes), is the key without them where ``str.format``'s reading
-    (the quotes as part of the key) finds none."""
-    formatter = string.Formatter()
+    (``{row['text']}``, which IPython's own ``{}`` takes), is that str without them where ``str.format``'s reading
+    (the quotes as part of the key) finds none: ``{row['0']}`` is ``row["0"]``, not ``row[0]``."""
+    first, rest = _string.formatter_field_name_split(field)  # how str.format splits it (string.Formatter's own)
+    value = namespace[first]
+    for is_attribute, key in rest:
+        value = getattr(value, key) if is_attribute else _item(value, key)
+    return value
+
+
+def _item(value: Any, key: Any) -> Any:
     try:
-        return formatter.get_field(field, (), namespace)[0]
+        return value[key]
     except KeyError:
-        unquoted = _QUOTED_KEY.sub(r"[\2]", field)
-        if unquoted == field:
+        quoted = _QUOTED_KEY.fullmatch(key) if isinstance(key, str) else None
+        if quoted is None:
             raise
-        return formatter.get_field(unquoted, (), namespace)[0]
+        return value[quoted.group(2)]
 
 
 def interpolate(text: str, namespace: dict[str, Any]) -> str:

@@ -613,6 +613,9 @@ def test_only_names_in_braces_are_kernel_variables() -> None:
     rows = {"rows": [{"text": "hi", "'q'": "a key with quotes"}]}  # a key as Python writes it, as IPython's {} takes
     assert interpolate("""{rows[0]['text']} {rows[0]["text"]} {rows[0][text]} {rows[0]['q']}""", rows) == \
         "hi hi hi a key with quotes"
+    digits = {"row": {"0": "the str key", 1: "the int key"}}  # a quoted key is a str, as in Python: it was read as
+    assert interpolate("{row['0']} {row[1]}", digits) == "the str key the int key"  # the int 0 (a KeyError)
+    assert interpolate("{row['1']}", {"row": {"1": "str", 1: "int"}}) == "str"  # and gave the int key's value
     for text in ('scores: {"a": 1}', "What does {x: 1} mean?", '{"a": {"b": 2}}', "{}"):  # not names: as written
         assert interpolate(text, ns) == text
 

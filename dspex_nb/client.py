@@ -240,7 +240,8 @@ class Pool(WorkerPool):
         batch = self.batch(items, module=name, concurrency=concurrency, on_item=on_item, timeout=timeout,
                            item_timeout=item_timeout, max_retries=max_retries, journal=journal, max_errors=max_errors,
                            trace=trace is not None)
-        batch.decode = partial(programs.to_output, resolve=batch.resolver, fill_usage=not programs.usage_tracked(),
+        batch.decode = partial(programs.to_output, batch=True, resolve=batch.resolver,
+                               fill_usage=not programs.usage_tracked(),
                                trace=None if trace is None else (trace, program))
         batch.label = f"map {programs.title(program)}"
         return batch

@@ -340,6 +340,12 @@ class CallbacksNotRun(UserWarning):
     """The kernel's DSPy callbacks do not see a call that runs on the pool."""
 
 
+class LMStateNotKept(UserWarning):
+    """An LM changed its own attributes as it answered on the pool (DSPy's ``DummyLM`` given a list, an LM counting
+    its calls), and the kernel's LM cannot take that change: in a batch (each worker changes a copy of its own), or
+    where the new values cannot travel (the pool then refuses that LM's next calls, saying why)."""
+
+
 class TraceIncomplete(UserWarning):
     """Predictor calls of a program on the pool that cannot join the kernel's DSPy trace (``dspy.settings.trace``)."""
 

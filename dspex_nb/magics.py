@@ -558,7 +558,7 @@ class Dspex(Magics):
             signature_inputs(args.signature, pool)
             batch = pool.batch(items, args.signature, module="chain_of_thought" if args.cot else "predict",
                                **options)
-            batch.decode = partial(programs.to_output, resolve=typed.Resolver(),
+            batch.decode = partial(programs.to_output, batch=True, resolve=typed.Resolver(),
                                    fill_usage=not programs.usage_tracked())
         else:
             program = programs.as_program(signature, cot=args.cot) if signature is not None else \

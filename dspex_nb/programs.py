@@ -14,6 +14,7 @@ was shipped with.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -37,8 +38,8 @@ from typing import Any
 import cloudpickle
 
 from dspex_nb import code_digest, typed
-from dspex_nb.errors import ArgumentError, CallbacksNotRun, TraceIncomplete
-from dspex_nb.wire import CACHE, ENV
+from dspex_nb.errors import ArgumentError, CallbacksNotRun, LMStateNotKept, TraceIncomplete
+from dspex_nb.wire import CACHE, ENV, LM_STALE
 
 
 class KernelOnly(TypeError):
@@ -577,6 +578,48 @@ def _held_lm(modules: dict[str, Any], where: Any) -> Any:
     return value if isinstance(value, dspy.BaseLM) else None
 
 
+def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve: typed.Resolver,
+                  batch: bool = False) -> None:
+    """Set on the kernel's LMs the attributes that their copies changed on a worker as they answered (the
+    worker's ``_LMStates``): the one ``dspy.context`` set around the call (``lm``), and those ``program`` holds,
+    by where the worker found them; so the next call starts where this one left, as in the kernel. In a ``batch``
+    each worker changed a copy of its own, and values that cannot travel cannot be set: an ``LMStateNotKept``
+    warning says so, and in the second case the LM is marked (``wire.LM_STALE``), which the pool then refuses to
+    run, as it would not answer as in the kernel (this call's answer is kept)."""
+    from dspex_nb.worker.programs import sub_modules
+
+    modules = {} if batch else dict(sub_modules(program))
+    for change in changes:
+        named = f"the LM {change.get('name')} that {change.get('label')}"
+        changed = sorted(change.get("attributes") or change.get("changed") or change.get("removed") or [])
+        if batch:
+            warnings.warn(f"{named} changed its attribute(s) {changed} as it answered on the pool: in a batch, each "
+                          "worker changes a copy of its own, and the kernel's LM is left as it was", LMStateNotKept,
+                          stacklevel=callers_level())
+            continue
+        target = lm if change.get("lm") is None else _held_lm(modules, change["lm"])
+        if target is None:  # the kernel's program no longer holds it
+            continue
+        try:
+            if "unsent" in change:
+                raise typed.NotPortable(change["unsent"])
+            values = {name: typed.decode(value, resolve, name) for name, value in change.get("attributes", {}).items()}
+        except typed.NotPortable as exc:
+            stale = (f"changed its attribute(s) {changed} on the pool as it answered, which cannot come back to the "
+                     f"kernel ({exc}), so it would not answer as in the kernel; run calls on this LM in the kernel, or "
+                     "use a new one")
+            with contextlib.suppress(AttributeError, TypeError):  # an LM with __slots__ or a read-only attribute
+                setattr(target, LM_STALE, stale)
+            warnings.warn(f"{named} {stale}: this answer is kept, and the pool refuses this LM's next calls",
+                          LMStateNotKept, stacklevel=callers_level())
+            continue
+        for name, value in values.items():
+            setattr(target, name, value)
+        for name in change.get("removed", []):
+            with contextlib.suppress(AttributeError):
+                delattr(target, name)
+
+
 def usage_tracked() -> bool:
     """Whether the kernel's DSPy tracks LM usage now (``dspy.configure(track_usage=True)``, or in a context)."""
     return bool(getattr(getattr(sys.modules.get("dspy"), "settings", None), "track_usage", False))
@@ -591,7 +634,8 @@ def open_usage_tracker() -> list[Any]:
 
 
 def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any] | None = None,
-              program: Any = None, fill_usage: bool = True, lm: Any = None, tracker: list[Any] | None = None) -> Any:
+              program: Any = None, fill_usage: bool = True, lm: Any = None, tracker: list[Any] | None = None,
+              batch: bool = False) -> Any:
     """A DSPy tool's result as the program gave it: a dspy.Prediction of its fields, or its own value; with
     ``trace`` (``open_trace()`` and the kernel's program), its predictor calls are added there, and its LM
     calls' history entries go to DSPy's history (``dspy.inspect_history``, and ``program``'s own where it keeps
@@ -599,7 +643,9 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
     be read again). A Prediction has the LM
     usage DSPy set on it; with ``fill_usage`` (for a call made while the kernel did not track usage, in which
     DSPy sets none), the call's usage where it has none. With ``tracker`` (``open_usage_tracker()``), the call's
-    usage joins that tracker, as its LM calls add theirs in the kernel (one entry per model, with their sums)."""
+    usage joins that tracker, as its LM calls add theirs in the kernel (one entry per model, with their sums). The
+    attributes its LMs changed as they answered are set on the kernel's (``keep_lm_state``; a ``batch`` item's are
+    not, and a warning says so)."""
     import dspy
 
     if tracker and isinstance(result, dict) and isinstance(result.get(typed.USAGE), dict):
@@ -611,6 +657,8 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
         add_to_trace(*trace, steps, resolve)
     if isinstance(result, dict) and typed.HISTORY in result:
         record_history(result.pop(typed.HISTORY), program, lm, resolve)
+    if isinstance(result, dict) and typed.LM_STATE in result:
+        keep_lm_state(result.pop(typed.LM_STATE), program, lm, resolve, batch)
 
     if isinstance(result, dict) and result.get(typed.TAG) == "output":
         output = typed.decode(result["value"], resolve, "output")

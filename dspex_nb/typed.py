@@ -5,7 +5,8 @@ round for inputs). Plain JSON values (str, int, float, bool, None, lists, dicts 
 sent as they are; every other value is a small tagged object ``{"__dspex__": kind, ...}``:
 
 - ``tuple``, ``set``, ``frozenset``, a dict with non-str keys, ``datetime``/``date``/``time``/
-  ``timedelta``, ``Decimal``, ``UUID``, ``bytes``: rebuilt exactly, with no code of anyone's run;
+  ``timedelta``, ``Decimal``, ``UUID``, ``bytes``: rebuilt exactly, with no code of anyone's run; an iterator over
+  a list (``iter(answers)``, as DSPy's ``DummyLM`` keeps its answers) as one over the items it has left;
 - a numpy array or scalar (``np.float64``, ``np.int64``, ``np.ndarray``...): its dtype, shape and raw bytes,
   rebuilt as the same numpy type with the same values, bit for bit (an array of Python objects, or of a
   structured dtype, has no such form: ``NotPortable`` says so);
@@ -65,7 +66,8 @@ TRACE = "__dspex_trace__"  # beside a program's output, where the kernel asked: 
 HISTORY = "__dspex_history__"  # beside a program's output, where the kernel asked: its LM calls' history entries
 HISTORY_MODULES = "__dspex_modules__"  # in such an entry: the names of the program's modules that made it
 HISTORY_LM = "__dspex_lm__"  # and the program's LM that made it: [its module's name, the attribute holding it]
-RESERVED = (USAGE, COMPLETIONS, LM_USAGE, COST, TRACE, HISTORY)
+LM_STATE = "__dspex_lm_state__"  # beside a program's output: the attributes its LMs changed as they answered
+RESERVED = (USAGE, COMPLETIONS, LM_USAGE, COST, TRACE, HISTORY, LM_STATE)
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
 
 
@@ -115,6 +117,10 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
     if type(value) in (tuple, set, frozenset):
         kind = type(value).__name__
         return {TAG: kind, "items": [encode(v, ship) for v in _ordered(value, kind)]}
+    if type(value) is _LIST_ITERATOR:  # iter(items) pickles as (iter, (items,), next index), once at the end as []
+        reduced = value.__reduce__()
+        left = reduced[1][0][reduced[2]:] if len(reduced) > 2 else []
+        return {TAG: "list_iterator", "items": [encode(v, ship) for v in left]}
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return {TAG: type(value).__name__, "iso": value.isoformat()} if type(value) in _TIMES else _opaque(value)
     if isinstance(value, dt.timedelta):
@@ -145,6 +151,7 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
 
 
 _JSON_SCALARS = {bool, int, float, str}
+_LIST_ITERATOR = type(iter([]))
 JSON_INT_BITS = 13_000  # an int longer (3,900 digits) goes as its hex digits: Python refuses to write or read one of
 # more than 4,300 decimal digits (sys.get_int_max_str_digits), as the program's own value 10**5000 is in the kernel
 _NOT_ITSELF = ("a {0}, a subclass of {1} that holds more than its {2}, which would come back as a plain {1}: "
@@ -586,6 +593,7 @@ _DECODERS: dict[str, Callable[[dict[str, Any], Callable[[str], type | None], str
     "tuple": lambda v, r, w: _collection(v, r, w) if "class" in v else tuple(_items(v, r, w)),
     "set": lambda v, r, w: set(_items(v, r, w)),
     "frozenset": lambda v, r, w: frozenset(_items(v, r, w)),
+    "list_iterator": lambda v, r, w: iter(_items(v, r, w)),
     "datetime": lambda v, r, w: dt.datetime.fromisoformat(v["iso"]),
     "date": lambda v, r, w: dt.date.fromisoformat(v["iso"]),
     "time": lambda v, r, w: dt.time.fromisoformat(v["iso"]),

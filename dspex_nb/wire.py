@@ -16,6 +16,8 @@ CACHE = "dspex_cache"  # in the kernel's settings a call carries: its dspy.confi
 # from DSPy's defaults (safe_types as (module, qualname) pairs), so that the workers' DSPy cache is made as the kernel's
 ENV = "dspex_env"  # in the kernel's settings a call carries: its environment variables changed since the pool
 # started ({name: value, or None where deleted}), set on the worker before the program runs
+LM_STALE = "_dspex_stale"  # on an LM in the kernel whose change on a worker could not come back: why, which the
+# worker says when it is sent again (it would not answer as in the kernel)
 
 
 def message_options(limit: int) -> list[tuple[str, int]]:

@@ -23,7 +23,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool, typed
-from dspex_nb.errors import ArgumentError, CallbacksNotRun, ToolError, TraceIncomplete
+from dspex_nb.errors import ArgumentError, CallbacksNotRun, LMStateNotKept, ToolError, TraceIncomplete
 from dspex_nb.typed import NotPortable
 from dspex_nb.worker.demo_lm import make_demo_lm
 
@@ -1895,23 +1895,52 @@ def program(words: list[str]):
     assert str(result.order) == kernel.strip()
 
 
-def test_an_lm_that_changes_itself_as_it_answers_raises_a_clear_error(pool: Pool) -> None:
-    # DSPy's DummyLM given a list gives its next answer at each call; a call on the pool took the next answer of the
-    # worker's copy only, so the kernel's LM gave its next call the first answer again: 'red', 'red'
+def test_an_lm_that_changes_itself_as_it_answers_gives_the_next_answer_as_in_the_kernel(pool: Pool) -> None:
+    # DSPy's DummyLM given a list gives its next answer at each call: a call on the pool took the next answer of the
+    # worker's copy only, so the kernel's LM gave its next call the first answer again ('red', 'red'); then the pool
+    # refused such an LM, after it had answered
     from dspy.utils import DummyLM
 
-    program = dspy.Predict("question -> answer")
-    changes = "DummyLM 'dummy' that dspy.context set around this call changed its attribute\\(s\\) \\['answers'\\]"
-    with dspy.context(lm=DummyLM([{"answer": "red"}, {"answer": "blue"}])):
-        with pytest.raises(NotPortable, match=changes):
-            pool.run(program, question="What color is the sky?")
-        with pytest.raises(NotPortable, match=changes):
-            pool.run_stream(program, question="What color is the sky?").result(60)
-        batch = pool.map(program, ["What color is the sky?"], journal=False)
-        assert batch.result(60) == [None] and batch.records[0]["error"]["type"] == "NotPortable"
-    with dspy.context(lm=DummyLM({"What color is the sky?": {"answer": "blue"}})):  # by the question: unchanged
-        assert pool.run(program, question="What color is the sky?").answer == "blue"
-    program.set_lm(DummyLM([{"answer": "red"}, {"answer": "blue"}]))  # the program's own: 'red' at every call
-    with pytest.raises(NotPortable, match="DummyLM 'dummy' that the program holds in self.lm changed"):
-        pool.run(program, question="What color is the sky?")
-    assert pool.map(program, ["What color is the sky?"], journal=False).result(60) == [None]
+    program, question = dspy.Predict("question -> answer"), "What color is the sky?"
+    answers = [{"answer": "red"}, {"answer": "blue"}, {"answer": "green"}]
+    with dspy.context(lm=DummyLM(answers)):  # as in the kernel: red, blue, green
+        assert [pool.run(program, question=question).answer, pool.run_stream(program, question=question).result(60)
+                .answer, program(question=question).answer] == ["red", "blue", "green"]
+    program.set_lm(DummyLM(answers))  # the program's own LM, as set_lm gives it
+    assert [pool.run(program, question=question).answer for _ in answers] == ["red", "blue", "green"]
+    with dspy.context(lm=DummyLM(answers)), pytest.warns(LMStateNotKept, match="in a batch, each worker changes"):
+        assert pool.map(dspy.Predict("question -> answer"), [question], journal=False).result(60)[0].answer == "red"
+
+
+def test_an_iterator_over_a_list_travels_as_one_over_the_items_it_has_left() -> None:
+    items = iter([1, (2, 3), "x"])  # as DSPy's DummyLM keeps its answers
+    next(items)
+    back = typed.decode(typed.encode(items))
+    assert type(back) is type(items) and list(back) == [(2, 3), "x"] == list(items)
+    assert list(typed.decode(typed.encode(items))) == []  # once at its end
+
+
+def test_an_lm_whose_change_cannot_come_back_keeps_its_answer_and_is_refused_next(pool: Pool) -> None:
+    from dspy.utils import DummyLM
+
+    class Counting(DummyLM):  # a notebook's LM that keeps count of its calls, and one value JSON has no form for
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().forward(*args, **kwargs)
+
+    program, question = dspy.Predict("question -> answer"), "What color is the sky?"
+    counting = Counting({question: {"answer": "blue"}})
+    with dspy.context(lm=counting):
+        assert [pool.run(program, question=question).answer for _ in range(2)] == ["blue", "blue"]
+    assert counting.calls == 2  # as two calls in the kernel leave it
+    odd = Counting({question: {"answer": "blue"}})
+    odd.calls = 1j  # a complex: 1j + 1 has no JSON form
+    with dspy.context(lm=odd):
+        with pytest.warns(LMStateNotKept, match=r"changed its attribute\(s\) \['calls'\] on the pool as it "
+                                                r"answered, which cannot come back.*this answer is kept"):
+            assert pool.run(program, question=question).answer == "blue"
+        with pytest.raises(NotPortable, match="Counting 'dummy' that dspy.context set around this call changed its "
+                                              r"attribute\(s\) \['calls'\] on the pool"):
+            pool.run(program, question=question)
+
+

@@ -33,7 +33,7 @@ from dspy.utils.usage_tracker import UsageTracker
 
 from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError, Cancelled
-from dspex_nb.wire import CACHE, ENV, definition_version, dumps
+from dspex_nb.wire import CACHE, ENV, LM_STALE, definition_version, dumps
 from dspex_nb.worker import programs
 from dspex_nb.worker.calls import MESSAGE_OVERHEAD, message_of
 from dspex_nb.worker.demo_lm import make_demo_lm
@@ -162,6 +162,7 @@ class _Costs:
         self.lms = lms or {}  # (module name, attribute[, index or key]) -> an LM the program holds (a predictor's
         # set_lm one, or one its forward calls itself), whose history DSPy appends the entry to first: the kernel's
         # object of that name gets it in the kernel, not the kernel's DSPy LM
+        self.lm_states: _LMStates | None = None  # set by _tracked
         self._lock = threading.Lock()  # dspy.Parallel's threads append at once
 
     def __len__(self) -> int:
@@ -245,17 +246,20 @@ def _as_json(value: Any) -> Any:
 @contextlib.contextmanager
 def _tracked(settings: dict[str, Any], history: bool = False, program: Any = None) -> Generator[_Costs, None, None]:
     """Run under ``settings``, counting the LM usage and the cost of the calls (and with ``history``, keeping
-    their DSPy history entries, with the names of ``program``'s modules that made each)."""
+    their DSPy history entries, with the names of ``program``'s modules that made each); ``costs.lm_states``
+    watches the LMs the call may change (``_LMStates``)."""
     settings = dict(settings)
     shipped = settings.pop(_SHIPPED_LM, None)
     modules = programs.sub_modules(program)
     held = _held_lms(modules)
     named = modules if history else []
     costs = _Costs(keep=history, modules={id(module): name for name, module in named}, lms=held if history else {})
-    watched = {f"the program holds in {'.'.join(map(str, where))}": lm for where, lm in held.items()}
+    watched: dict[str, tuple[list[Any] | None, Any]] = {
+        f"the program holds in {'.'.join(map(str, where))}": (list(where), lm) for where, lm in held.items()}
     if shipped is not None:
-        watched["dspy.context set around this call"] = shipped
-    with _unchanged(watched), dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]):
+        watched["dspy.context set around this call"] = (None, shipped)
+    costs.lm_states = _LMStates(watched)
+    with dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]):
         yield costs
 
 
@@ -366,25 +370,47 @@ def _settings(ctx: ToolContext, kernel: str) -> dict[str, Any]:
 _SHIPPED_LM = "dspex_shipped_lm"  # in _settings: the LM dspy.context set around the call in the kernel, or None
 
 
-@contextlib.contextmanager
-def _unchanged(lms: dict[str, Any]) -> Generator[None, None, None]:
-    """Raise NotPortable where one of ``lms`` (by what holds it: a copy of the kernel's LM that ``dspy.context`` set,
-    or one the program holds, ``set_lm``) changes its own attributes during the call (other than its history,
-    which comes back with the call), as DSPy's ``DummyLM`` does with a list of answers, which gives the next one at
-    each call: the change does not come back to the kernel's LM, which would give its next call this answer again."""
-    before = {where: _public_state(lm) for where, lm in lms.items()}
-    yield
-    for where, lm in lms.items():
-        was, now = before[where], _public_state(lm)
-        if was is None or now is None:
-            continue
-        changed = sorted(name for name in was.keys() | now.keys() if was.get(name) != now.get(name))
-        if changed:
-            raise typed.NotPortable(
-                f"the LM {type(lm).__name__} {getattr(lm, 'model', '')!r} that {where} changed its attribute(s) "
-                f"{changed} as it answered (the next answer of a DummyLM given a list): a change made on a worker "
-                "does not come back to the kernel's LM, so its next call would not answer as in the kernel; run "
-                "calls on such an LM in the kernel")
+class _LMStates:
+    """The public attributes of the LMs a call may change as it answers (by what holds each: ``[module name,
+    attribute(, index or key)]`` for one the program holds, ``set_lm``; None for the copy of the kernel's LM that
+    ``dspy.context`` set), as DSPy's ``DummyLM`` given a list does (it gives the next answer at each call), or an LM
+    of one's own counting its calls. ``changes()`` are what the kernel sets on its own LMs (``programs.keep_lm_state``),
+    so that its next call starts where this one left, as in the kernel. An LM the kernel marked (``LM_STALE``:
+    a change that could not come back) is refused before the program runs."""
+
+    def __init__(self, lms: dict[str, tuple[list[Any] | None, Any]]) -> None:
+        for label, (_, lm) in lms.items():
+            if stale := getattr(lm, LM_STALE, None):
+                raise typed.NotPortable(f"the LM {_lm_name(lm)} that {label} {stale}")
+        self.lms = lms
+        self.before = {label: _public_state(lm) for label, (_, lm) in lms.items()}
+
+    def changes(self) -> list[dict[str, Any]]:
+        """For each LM whose public attributes changed: where it is, how to name it (``label``, ``name``), the new
+        values as typed JSON (``attributes``), those it no longer has (``removed``), or, for values that cannot
+        travel as typed JSON (a ``DummyLM``'s iterator of answers), why (``unsent``)."""
+        changes = []
+        for label, (where, lm) in self.lms.items():
+            was, now = self.before[label], _public_state(lm)
+            if was is None or now is None:
+                continue
+            changed = sorted(name for name in now if was.get(name) != now[name])
+            removed = sorted(was.keys() - now.keys())
+            if not changed and not removed:
+                continue
+            change: dict[str, Any] = {"lm": where, "label": label, "name": _lm_name(lm), "removed": removed}
+            try:
+                attributes = {name: typed.encode(getattr(lm, name)) for name in changed}
+                why = next(filter(None, (typed.unsendable(value, name) for name, value in attributes.items())), None)
+            except (typed.NotPortable, RecursionError) as exc:
+                attributes, why = {}, str(exc)
+            change.update({"attributes": attributes} if why is None else {"unsent": why, "changed": changed})
+            changes.append(change)
+        return changes
+
+
+def _lm_name(lm: Any) -> str:
+    return f"{type(lm).__name__} {getattr(lm, 'model', '')!r}"
 
 
 def _public_state(lm: Any) -> dict[str, bytes] | None:
@@ -459,6 +485,7 @@ def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs
     ``typed.HISTORY``, the LM calls' history entries kept by ``costs``, the newest that fit in the message."""
     if trace:
         result[typed.TRACE] = _trace_json(program, steps)
+    _with_lm_state(result, costs)
     if costs.entries:  # what the result leaves of its message: the history must not make it too large
         try:
             size = len(dumps(result))
@@ -466,6 +493,13 @@ def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs
             size = 0
         if history := costs.history_json(ctx.worker.max_message_bytes - MESSAGE_OVERHEAD - size - HISTORY_FRAME):
             result[typed.HISTORY] = history
+    return result
+
+
+def _with_lm_state(result: dict[str, Any], costs: _Costs) -> dict[str, Any]:
+    """``result`` with ``typed.LM_STATE``, the changes the call made to its LMs, where it made any."""
+    if costs.lm_states is not None and (changes := costs.lm_states.changes()):
+        result[typed.LM_STATE] = changes
     return result
 
 
@@ -834,7 +868,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
             result = output_json(output, costs.tokens(), costs.total)
             if trace:
                 result[typed.TRACE] = _trace_json(program, steps)
-            return result
+            return _with_lm_state(result, costs)
         finally:
             slots.release()
 

@@ -179,6 +179,7 @@ class Pool(WorkerPool):
         """``run`` (or with ``stream``, ``run_stream``) with options, the inputs given as a dict. A stream without
         ``tokens`` runs the program as ``run`` does (without DSPy's streaming) and streams only its status and end:
         a view of it still has Stop."""
+        settings.check_stream_options("call", on_chunk, None)  # before the program is sent to every worker
         name = self.ensure_defined(program)
         ship = typed.Shipment()
         args = {"name": name, "inputs": programs.sendable(inputs, ship, "run_module", "inputs", "the inputs are"),

@@ -416,6 +416,7 @@ class WorkerPool(Supervision):
                        keep_chunks: int | None = KEEP_CHUNKS, placement: Placement | None = None) -> Run:
         """Start ``tool`` as a stream and return its ``Run`` at once; chunks arrive in order. The Run keeps
         the latest ``keep_chunks`` chunks (None: every one)."""
+        settings.check_stream_options(tool, on_chunk, keep_chunks)
         args_json = self._args_json(tool, args, timeout)
         queued, wall = time.monotonic(), time.time_ns()
         chosen = self._choose(worker, count=True, affinity=affinity, timeout=timeout, placement=placement)

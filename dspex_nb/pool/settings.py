@@ -123,3 +123,13 @@ def _python_number(value: Any) -> Any:
     if type(value) in (bool, int, float) or not isinstance(value, numbers.Real):
         return value
     return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def check_stream_options(tool: str, on_chunk: Any, keep_chunks: Any) -> None:
+    """A stream's options, checked before it is sent: an ``on_chunk`` that cannot be called, or a ``keep_chunks``
+    that keeps no final chunk, failed only once the program had run (its result lost), with a TypeError or an
+    IndexError that named neither."""
+    check = Checker(tool)
+    if on_chunk is not None and not callable(on_chunk):
+        check.instance("on_chunk", on_chunk, (), "None or a function of a chunk")
+    check.integer("keep_chunks", keep_chunks, 1, optional=True)

@@ -157,3 +157,27 @@ def test_an_argument_of_the_wrong_type_is_quoted_without_its_secrets(pool: Pool)
     with pytest.raises(ArgumentError, match="argument 'kwargs' must be") as caught:
         pool.execute("configure_lm", {"model": "demo", "kwargs": [{"api_key": "sk-live-0123456789abcdef"}]})
     assert "sk-live-0123456789abcdef" not in str(caught.value)
+
+
+def _calls_done(pool: Pool) -> int:
+    return sum(row["done"] + row["errors"] for row in pool.status())
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("on_chunk", 5, "count(on_chunk=...) must be None or a function of a chunk, got 5"),
+    ("keep_chunks", 0, "count(keep_chunks=...) must be an int >= 1, got 0"),
+    ("keep_chunks", -1, "count(keep_chunks=...) must be an int >= 1, got -1"),
+    ("keep_chunks", "5", "count(keep_chunks=...) must be an int >= 1, got '5'"),
+    ("keep_chunks", 1.5, "count(keep_chunks=...) must be an int >= 1, got 1.5"),
+])
+def test_a_stream_option_that_would_fail_once_the_call_ran_is_refused_before_it_is_sent(
+        pool: Pool, option: str, value: object, message: str) -> None:
+    """They failed after the worker had run the call (its result lost) with a TypeError or an IndexError."""
+    done = _calls_done(pool)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pool.execute_stream("count", {"n": 3}, **{option: value})
+    assert _calls_done(pool) == done
+    with pytest.raises(ValueError, match=re.escape("call(on_chunk=...) must be None or a function of a chunk")):
+        pool.call(lambda question: question, {"question": "q"}, stream=True, on_chunk=5)
+    assert pool.execute_stream("count", {"n": 3}, keep_chunks=1).result() == {"count": 3}
+

@@ -78,10 +78,37 @@ def encode_args(tool: str, args: dict[str, Any] | None, limit: int) -> bytes:
                 raise ArgumentError(tool, "ArgumentError",
                                     f"argument {key!r} is not JSON-serialisable: {exc}") from None
         raise ArgumentError(tool, "ArgumentError", f"arguments are not JSON-serialisable: {exc}") from None
+    if where := _non_str_key(args):
+        path, key = where
+        inner = "".join(f"[{part!r}]" for part in path[1:])
+        held = (f"argument {path[0]!r}" + (f" (at {path[0]}{inner})" if inner else "") + " has") if path else \
+            "the arguments have"
+        raise ArgumentError(tool, "ArgumentError",
+                            f"{held} the key {key!r} ({type(key).__name__}): arguments travel as JSON, whose keys are "
+                            f"str, so it would arrive as {next(iter(loads(dumps({key: 0}))))!r}; use str keys")
     if len(data) > limit:
         raise MessageTooLarge(f"the arguments of '{tool}' are {len(data) / 2**20:.1f} MiB, over the "
                               f"{limit / 2**20:.0f} MiB message limit; raise it with Pool(max_message_mb=...)")
     return data
+
+
+def _non_str_key(args: dict[str, Any]) -> tuple[tuple[Any, ...], Any] | None:
+    """The first key that is not a str in the dicts of ``args``, with the path to its dict; None where every key is
+    a str. JSON writes an int, float, bool or None key as a str, so ``{1: "a"}`` arrived as ``{"1": "a"}``, and
+    ``{1: "a", "1": "b"}`` as ``{"1": "b"}``, a value lost without a word."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), args)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    return path, key
+                if isinstance(item, (dict, list, tuple)):
+                    stack.append(((*path, key), item))
+        else:
+            stack.extend(((*path, index), item) for index, item in enumerate(value)
+                         if isinstance(item, (dict, list, tuple)))
+    return None
 
 
 def wait_interruptibly(event: threading.Event, timeout: float | None, on_interrupt: Callable[[], None]) -> bool:

@@ -181,3 +181,16 @@ def test_a_stream_option_that_would_fail_once_the_call_ran_is_refused_before_it_
         pool.call(lambda question: question, {"question": "q"}, stream=True, on_chunk=5)
     assert pool.execute_stream("count", {"n": 3}, keep_chunks=1).result() == {"count": 3}
 
+
+@pytest.mark.parametrize("args, message", [
+    ({"x": {1: "a", "1": "b"}}, "argument 'x' has the key 1 (int): arguments travel as JSON, whose keys are str, so "
+                                "it would arrive as '1'"),
+    ({"x": [{"y": {None: 1}}]}, "argument 'x' (at x[0]['y']) has the key None (NoneType): arguments travel as JSON, "
+                                "whose keys are str, so it would arrive as 'null'"),
+    ({2: "b"}, "the arguments have the key 2 (int)"),
+])
+def test_a_key_json_would_turn_into_a_str_is_refused(pool: Pool, args: dict, message: str) -> None:
+    """JSON writes an int or None key as a str: {1: "a", "1": "b"} arrived as {"1": "b"}, a value lost unsaid."""
+    with pytest.raises(ArgumentError, match=re.escape(message)):
+        pool.execute("echo", args)
+    assert pool.execute("echo", {"x": {"1": "a", "y": [{"z": 1}]}}) == {"x": {"1": "a", "y": [{"z": 1}]}}

@@ -10,8 +10,9 @@ from typing import Any, TextIO
 class LogStream:
     """A log stream whose writes cannot raise: where the log cannot be written (a full disk, as a full tmpfs runtime
     directory), the text is dropped, and a line says how much once the log takes text again. In the kernel the same
-    ``print`` goes to the notebook and succeeds; on the worker it must not cost the call its result. Everything else
-    (``fileno``, ``buffer``, ``isatty``...) is the stream's own."""
+    ``print`` goes to the notebook and succeeds; on the worker it must not cost the call its result. ``close`` only
+    flushes: the log is the worker's, and a program that closes ``sys.stdout`` must not fail every later call on the
+    worker that prints. Everything else (``fileno``, ``buffer``, ``isatty``...) is the stream's own."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
@@ -37,6 +38,9 @@ class LogStream:
     def flush(self) -> None:
         with contextlib.suppress(OSError):
             self._stream.flush()
+
+    def close(self) -> None:
+        self.flush()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -444,3 +445,33 @@ def test_processes_a_program_started_end_with_a_sigkilled_kernel(start: str) -> 
         wait_until(lambda: not pid_alive(started), what="the subprocess to end with its worker")
     finally:
         _end([started])
+
+
+CLOSES_ITS_OUTPUT = """import sys
+
+def closes_its_output(question):
+    sys.stdout.close()
+    sys.stderr.close()
+    return dspy.Prediction(answer='closed')
+"""
+
+PRINTS = """import sys
+
+def prints(question):
+    print('printed after the close', question, flush=True)
+    print('and to stderr', question, file=sys.stderr, flush=True)
+    return dspy.Prediction(answer=question)
+"""
+
+
+def test_a_program_that_closes_its_output_fails_no_later_call_on_its_worker(pool: Pool) -> None:
+    # Was: sys.stdout.close() closed the worker's log for good: every later program on that worker that printed (a
+    # batch item, another cell's call) failed with "ValueError: I/O operation on closed file", its result lost
+    pool.define("closes_its_output", CLOSES_ITS_OUTPUT)
+    pool.define("prints", PRINTS)
+    for worker in pool.workers:
+        run = partial(pool.execute, "run_module", worker=worker.id, timeout=30)
+        assert run({"name": "closes_its_output", "inputs": {"question": "q"}})["answer"] == "closed"
+        assert run({"name": "prints", "inputs": {"question": worker.id}})["answer"] == worker.id
+        log = worker.process.log_path.read_text()
+        assert f"printed after the close {worker.id}" in log and f"and to stderr {worker.id}" in log

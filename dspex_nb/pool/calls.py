@@ -382,33 +382,40 @@ class Run(Handle):
         try:
             for chunks in self._source:
                 self._add(chunks)
-                for chunk in chunks if self._on_chunk is not None else ():
-                    if self._cancelled:
-                        break
-                    self._in_callback = True
-                    try:
-                        stop = self._on_chunk(chunk) is False
-                    finally:
-                        self._in_callback = False
-                    if stop:
-                        self.cancel()
-                if self._over:  # a cancel() ended it while the callback ran: what comes after is not its
-                    return
+                if not self._called_back(chunks) or self._over:  # or a cancel() ended it while the callback ran:
+                    return  # what comes after is not its
             if not self._ended:
                 raise DspexError(f"the stream of tool '{self.tool}' on worker {self.worker} ended without its "
                                  "result or error")
         except DspexError as err:  # the transport failed (the worker died, a timeout...)
             if not self._cancelled:
                 self._error = err
-        except StopStream:
-            self.cancel()
-        except BaseException as exc:  # the on_chunk callback failed (SystemExit, asyncio.CancelledError too):
-            # stop the remote work, keep its error for result()
-            if not self._over:
-                self._error = exc
-            self._source.cancel()
         finally:
             self._end()
+
+    def _called_back(self, chunks: list[Chunk]) -> bool:
+        """Give the chunks to ``on_chunk``; False where the reading ends: it raised StopStream (a cancel), or it
+        failed (anything, a dspex error of a pool call it made included, SystemExit and asyncio.CancelledError
+        too), when the remote work is stopped and its error kept for ``result()``."""
+        for chunk in chunks if self._on_chunk is not None else ():
+            if self._cancelled:
+                break
+            self._in_callback = True
+            try:
+                stop = self._on_chunk(chunk) is False
+            except StopStream:
+                self.cancel()
+                return False
+            except BaseException as exc:
+                if not self._over:
+                    self._error = exc
+                self._source.cancel()
+                return False
+            finally:
+                self._in_callback = False
+            if stop:
+                self.cancel()
+        return True
 
     def _end(self) -> None:
         """It has ended: free its worker's place (``on_done``) and wake its waiters; once, whoever comes first."""

@@ -80,6 +80,22 @@ def test_an_on_chunk_callback_raising_a_base_exception_fails_the_run(pool: Pool,
     assert pool.execute("echo", {"alive": True}) == {"alive": True}
 
 
+def test_an_on_chunk_callback_whose_pool_call_fails_stops_the_remote_work(pool: Pool) -> None:
+    # Was: a dspex error out of the callback (a call to the pool in it that failed: ArgumentError, CallTimeout,
+    # WorkerBusy) was taken for the transport's: the run failed and its worker's place was freed, but the stream was
+    # never cancelled, so the worker ran the call on (its LM calls too) with nobody reading it
+    def on_chunk(chunk: Chunk) -> None:
+        if chunk.seq > 10:
+            pool.execute("echo", ["not", "a", "dict"], worker="w1")
+
+    run = pool.execute_stream("count", {"n": 10**9}, worker="w0", on_chunk=on_chunk, timeout=120)
+    with pytest.raises(ArgumentError, match="arguments must be a dict"):
+        run.result(60)
+    assert run.status == "failed"
+    wait_until(lambda: pool.describe("w0")["counters"]["active_requests"] == 0, timeout=30,
+               what="w0 to stop the call whose callback failed")
+
+
 @pytest.mark.parametrize("exit_", CALLBACK_EXITS, ids=lambda exc: type(exc).__name__)
 def test_an_on_item_callback_raising_a_base_exception_fails_the_batch(pool: Pool, exit_: BaseException) -> None:
     def on_item(record: dict) -> None:

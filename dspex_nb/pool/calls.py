@@ -483,6 +483,18 @@ class Run(Handle):
             self._end()
         return True
 
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is None or timeout > 0:
+            self._not_in_own_callback("wait() or result()")
+        return super().wait(timeout)
+
+    def _not_in_own_callback(self, what: str) -> None:
+        """Refuse a wait for this run in its own ``on_chunk`` callback, which holds up the chunks it would wait for:
+        it would never end (a cancel() does not wait there either)."""
+        if threading.current_thread() is self._reader and not self._done.is_set():
+            raise RuntimeError(f"{self!r}: {what} in its own on_chunk callback would wait for chunks the callback "
+                               "holds up; read run.chunks there, or wait once the callback has returned")
+
     @property
     def tokens(self) -> tuple[int, int]:
         """LM (prompt, completion) tokens the call used, once it has finished (0, 0 before, or without LM)."""
@@ -544,6 +556,7 @@ class Run(Handle):
         while True:
             with self._cond:
                 while index >= self.received and not self.done:
+                    self._not_in_own_callback("an iteration")
                     try:
                         self._cond.wait(WAIT_SLICE)
                     except KeyboardInterrupt:

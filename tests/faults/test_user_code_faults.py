@@ -10,9 +10,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import pid_alive, wait_until
@@ -94,6 +95,20 @@ def test_an_on_chunk_callback_whose_pool_call_fails_stops_the_remote_work(pool: 
     assert run.status == "failed"
     wait_until(lambda: pool.describe("w0")["counters"]["active_requests"] == 0, timeout=30,
                what="w0 to stop the call whose callback failed")
+
+
+@pytest.mark.parametrize("waits", [lambda run: run.result(), lambda run: run.wait(5), lambda run: list(run)],
+                         ids=["result", "wait", "iterate"])
+def test_an_on_chunk_callback_that_waits_for_its_own_run_is_told_so(pool: Pool, waits: Callable[[Run], Any]) -> None:
+    # Was: it waited for the chunks it held up: for ever (the run and its worker's place taken until the kernel
+    # restarts), or until its timeout, with "'count' is still running after 5 s"
+    runs: list[Run] = []
+    run = pool.execute_stream("count", {"n": 10**9}, on_chunk=lambda chunk: runs and waits(runs[0]), timeout=120)
+    runs.append(run)
+    with pytest.raises(RuntimeError, match="in its own on_chunk callback would wait for chunks the callback holds up"):
+        run.result(60)
+    assert run.status == "failed"
+    assert all(row["in_flight"] == 0 for row in pool.status())
 
 
 @pytest.mark.parametrize("exit_", CALLBACK_EXITS, ids=lambda exc: type(exc).__name__)

@@ -82,6 +82,7 @@ class BatchRun(Handle):
         self._timeout = timeout
         self._item_timeout = item_timeout
         self._on_item = on_item
+        self._calling_back = threading.local()  # .active in a thread while it runs on_item
         self.watched = on_item is not None
         self._max_retries = max_retries
         self._max_errors = max_errors  # failed items that stop the batch, as DSPy's ParallelExecutor; None: never
@@ -406,10 +407,13 @@ class BatchRun(Handle):
         if last:  # the claims' watcher ends now, not at its next poll; it does nothing for each item: woken for
             self._changed.set()  # every one, it renewed every claim and re-read the journal per item (12x slower)
         if self._on_item is not None:
+            self._calling_back.active = True
             try:
                 self._on_item(record)
             except BaseException as exc:  # the caller's callback broke (SystemExit too): stop the batch, keep
                 self._fail(exc)  # what arrived; result() raises it
+            finally:
+                self._calling_back.active = False
 
     def _fail(self, error: BaseException) -> None:
         """Stop the batch because of ``error`` (``result()`` raises it; finished records are kept)."""
@@ -438,6 +442,11 @@ class BatchRun(Handle):
         """Stop the batch: running shards are cancelled on their workers, queued ones never start."""
         self._cancelled = True
         self._stop_runs()
+
+    callback = "on_item"
+
+    def _in_own_callback(self) -> bool:
+        return getattr(self._calling_back, "active", False)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the batch ends; Ctrl-C (Stop) cancels it, and the KeyboardInterrupt says where its finished

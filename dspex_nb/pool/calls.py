@@ -299,7 +299,21 @@ class Handle(concurrent.futures.Future):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until it ends; Ctrl-C cancels it. False when ``timeout`` passed first."""
+        if timeout is None or timeout > 0:
+            self._not_in_own_callback("wait() or result()")
         return wait_interruptibly(self._done, timeout, self.cancel)
+
+    callback = ""  # the caller's callback it runs: on_chunk, on_item
+
+    def _in_own_callback(self) -> bool:
+        return False
+
+    def _not_in_own_callback(self, what: str) -> None:
+        """Refuse a wait for this handle in its own callback, which holds up what it would wait for: it would never
+        end (a cancel() does not wait there either)."""
+        if self._in_own_callback() and not self._done.is_set():
+            raise RuntimeError(f"{self!r}: {what} in its own {self.callback} callback would wait for what the "
+                               "callback holds up; wait once the callback has returned")
 
 
 _awaiting: set[Handle] = set()  # handles awaited in the main thread now: Ctrl-C cancels them
@@ -461,6 +475,11 @@ class Run(Handle):
             return self.chunks[start:], self.received
 
     # -- caller side -----------------------------------------------------------------
+    callback = "on_chunk"
+
+    def _in_own_callback(self) -> bool:
+        return threading.current_thread() is self._reader
+
     def _cancel(self) -> None:
         """Cancel the call; the worker stops the tool (no further LM calls for it)."""
         self._cancelled = True
@@ -482,18 +501,6 @@ class Run(Handle):
         if not self._done.wait(max(0.0, self._stop_by - time.monotonic())) and self._in_callback:
             self._end()
         return True
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if timeout is None or timeout > 0:
-            self._not_in_own_callback("wait() or result()")
-        return super().wait(timeout)
-
-    def _not_in_own_callback(self, what: str) -> None:
-        """Refuse a wait for this run in its own ``on_chunk`` callback, which holds up the chunks it would wait for:
-        it would never end (a cancel() does not wait there either)."""
-        if threading.current_thread() is self._reader and not self._done.is_set():
-            raise RuntimeError(f"{self!r}: {what} in its own on_chunk callback would wait for chunks the callback "
-                               "holds up; read run.chunks there, or wait once the callback has returned")
 
     @property
     def tokens(self) -> tuple[int, int]:

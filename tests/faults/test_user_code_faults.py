@@ -19,6 +19,7 @@ import pytest
 from helpers import pid_alive, wait_until
 
 from dspex_nb import Pool
+from dspex_nb.batch import BatchRun
 from dspex_nb.errors import ArgumentError, Cancelled, ChunksDropped, DspexError, ToolError, WorkerStartError
 from dspex_nb.pool.calls import Chunk, Run
 from dspex_nb.pool.process import LOG_LIMIT
@@ -105,10 +106,21 @@ def test_an_on_chunk_callback_that_waits_for_its_own_run_is_told_so(pool: Pool, 
     runs: list[Run] = []
     run = pool.execute_stream("count", {"n": 10**9}, on_chunk=lambda chunk: runs and waits(runs[0]), timeout=120)
     runs.append(run)
-    with pytest.raises(RuntimeError, match="in its own on_chunk callback would wait for chunks the callback holds up"):
+    with pytest.raises(RuntimeError, match="in its own on_chunk callback would wait for what the callback holds up"):
         run.result(60)
     assert run.status == "failed"
     assert all(row["in_flight"] == 0 for row in pool.status())
+
+
+def test_an_on_item_callback_that_waits_for_its_own_batch_is_told_so(pool: Pool) -> None:
+    # Was: it waited for the items it held up: for ever, or until its timeout ("still running after 5 s")
+    batches: list[BatchRun] = []
+    batch = pool.batch(["a", "b", "c"], "question -> answer", on_item=lambda record: batches and batches[0].result(),
+                       journal=False)
+    batches.append(batch)
+    with pytest.raises(RuntimeError, match="in its own on_item callback would wait for what the callback holds up"):
+        batch.result(60)
+    assert batch.status == "failed"
 
 
 @pytest.mark.parametrize("exit_", CALLBACK_EXITS, ids=lambda exc: type(exc).__name__)

@@ -1496,15 +1496,23 @@ def test_map_and_evaluate_add_their_predictor_calls_to_the_kernels_trace(shell: 
     assert seen["pool"] == seen["kernel"] and [len(steps) for steps in seen["kernel"]] == [1, 2, 3]
 
 
-def test_dspy_inspect_history_shows_the_pools_calls_as_the_kernels(pool: Pool, demo_lm: dspy.LM) -> None:
+def last_calls(n: int = 1) -> str:
+    """``dspy.inspect_history(n=n)``'s text, its times left out."""
     import io
     import re
 
-    def last_call() -> str:
-        shown = io.StringIO()
-        dspy.inspect_history(n=1, file=shown)
-        return re.sub(r"\[\d{4}-\d\d-\d\dT[\d:.]+\]", "[time]", shown.getvalue())
+    shown = io.StringIO()
+    dspy.inspect_history(n=n, file=shown)
+    return re.sub(r"\[\d{4}-\d\d-\d\dT[\d:.]+\]", "[time]", shown.getvalue())
 
+
+def calls(n: int) -> list[str]:
+    """The last ``n`` calls ``dspy.inspect_history(n=n)`` shows, as a sorted list."""
+    return sorted(last_calls(n).split("[time]"))
+
+
+def test_dspy_inspect_history_shows_the_pools_calls_as_the_kernels(pool: Pool, demo_lm: dspy.LM) -> None:
+    last_call = last_calls
     qa = dspy.ChainOfThought("question -> answer")
     with dspy.context(lm=demo_lm):
         qa(question="Where is the history?")
@@ -1518,6 +1526,27 @@ def test_dspy_inspect_history_shows_the_pools_calls_as_the_kernels(pool: Pool, d
         with dspy.context(disable_history=True):
             pool.run(qa, question="Not kept?")
         assert "Not kept?" not in last_call()
+
+
+def test_map_and_evaluate_join_dspys_history_as_module_batch_and_evaluate(pool: Pool, demo_lm: dspy.LM) -> None:
+    # DSPy's docs read dspy.inspect_history(n=3) after a batch: the pool's batch calls did not join DSPy's history
+    # (it showed the kernel's older calls), nor the program's own, as Module.batch's and Evaluate's threads do
+    qa = dspy.ChainOfThought("question -> answer")
+    questions = ["Which batch is kept?", "What does history show?", "Who reads the history?"]
+    examples = [dspy.Example(question=q, answer="x").with_inputs("question") for q in questions]
+    with dspy.context(lm=demo_lm):
+        qa.batch(examples, num_threads=2, disable_progress_bar=True)
+    in_kernel = calls(3)  # in the order the items finished, here as there
+    assert all(any(q in call for call in in_kernel) for q in questions)
+    for run in (lambda: pool.map(qa, questions, journal=False).result(60),
+                lambda: pool.evaluate(qa, examples, lambda example, pred, trace=None: 1.0, journal=False)):
+        with dspy.context(lm=demo_lm):
+            qa(question="Something else?")  # the last calls are no longer the batch's
+        assert calls(3) != in_kernel
+        before = len(qa.history)
+        run()
+        assert calls(3) == in_kernel
+        assert len(qa.history) == before + len(questions)
 
 
 def test_the_pools_lm_calls_join_the_histories_of_the_modules_and_lm_that_made_them(

@@ -968,6 +968,43 @@ def program(text):
     assert batch.records[1]["error"]["type"] == "NotPortable" and (batch.ok, batch.failed) == (2, 1)
 
 
+def test_a_module_compiled_on_the_pool_comes_back_as_its_state(shell: InteractiveShell, pool: Pool,
+                                                              demo_lm: dspy.LM) -> None:
+    # a module (compiled on a worker) or the exceptions of dspy.Parallel's return_failed_examples=True have no JSON
+    # form: the error said only "return JSON-able values"; it now says what to return, and the state does the job
+    program, _ = define(shell, '''
+trainset = [dspy.Example(question=q, answer=a).with_inputs("question")
+            for q, a in [("What is 2+2?", "4"), ("Capital of France?", "Paris"), ("Colour of the sky?", "blue")]]
+
+def compiled(k: int):
+    return dspy.LabeledFewShot(k=k).compile(dspy.ChainOfThought("question -> answer"), trainset=trainset)
+
+def program(k: int):
+    return compiled(k).dump_state()
+
+class Flaky(dspy.Module):
+    def forward(self, question):
+        raise ValueError("cannot answer " + question)
+
+def failures(questions: list[str]):
+    parallel = dspy.Parallel(num_threads=2, return_failed_examples=True, disable_progress_bar=True)
+    return parallel([(Flaky(), {"question": q}) for q in questions])[2]
+''')
+    ns = shell.user_ns
+    with pytest.raises(NotPortable, match=r"a DSPy module, .* return its state, module.dump_state\(\)"):
+        pool.run(ns["compiled"], k=2)
+    with pytest.raises(NotPortable, match=r"builtins:ValueError, an exception, .* str\(exc\)"):
+        pool.run(ns["failures"], questions=["Why?"])
+    state = pool.run(program, k=2)
+    assert_same(ns["compiled"](2).dump_state(), state)
+    loaded = dspy.ChainOfThought("question -> answer")
+    loaded.load_state(state)
+    question = {"question": "Capital of Italy?"}
+    with dspy.context(lm=demo_lm):
+        assert_same(ns["compiled"](2)(**question), loaded(**question))
+        assert_same(ns["compiled"](2)(**question), pool.run(loaded, **question))
+
+
 def test_an_output_that_contains_itself_is_not_blamed_on_the_program(shell: InteractiveShell, pool: Pool) -> None:
     # its encoding on the worker recursed: the call raised "RecursionError: maximum recursion depth exceeded", as if
     # the program had recursed, while the program returned normally

@@ -538,6 +538,75 @@ def program(where):
 
 inputs = {"where": Point(1, 2)}
 ''', {}),
+    "parallel_returning_failed_examples": ('''
+class Flaky(dspy.Module):  # dspy.Parallel's docs: return_failed_examples gives results, failed examples, exceptions
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        if "fail" in question:
+            raise ValueError("cannot answer " + question)
+        return self.qa(question=question)
+
+flaky = Flaky()
+
+def program(questions: list[str]):
+    parallel = dspy.Parallel(num_threads=2, max_errors=5, return_failed_examples=True, disable_progress_bar=True)
+    results, failed, exceptions = parallel([(flaky, {"question": q}) for q in questions])
+    return dspy.Prediction(results=results, failed=failed, errors=[str(e) for e in exceptions])
+''', {"questions": ["Why?", "please fail", "How?"]}),
+    "ensemble_with_majority": ('''
+from dspy.teleprompt import Ensemble
+
+program = Ensemble(reduce_fn=dspy.majority).compile(
+    [dspy.Predict("question -> answer"), dspy.ChainOfThought("question -> answer")])
+''', {"question": "What is 2+2?"}),
+    "random_search_compiled": ('''
+from dspex_nb import demo_lm
+
+trainset = [dspy.Example(question=q, answer=a).with_inputs("question") for q, a in
+            [("What is 1+1?", "2"), ("Capital of France?", "Paris"), ("Colour of the sky?", "blue"), ("2+3?", "5")]]
+optimizer = dspy.BootstrapFewShotWithRandomSearch(metric=lambda example, pred, trace=None: len(pred.answer) > 0,
+                                                  max_bootstrapped_demos=2, max_labeled_demos=2,
+                                                  num_candidate_programs=2, num_threads=1)
+with dspy.context(lm=demo_lm()):
+    program = optimizer.compile(dspy.ChainOfThought("question -> answer"), trainset=trainset)
+''', {"question": "Capital of Spain?"}),
+    "custom_dspy_type": ('''
+from typing import Any
+
+class Bullet(dspy.Type):  # DSPy's custom types: format() is how the value is put in the prompt
+    text: str
+    level: int = 0
+
+    def format(self) -> list[dict[str, Any]]:
+        return [{"type": "text", "text": "  " * self.level + "* " + self.text}]
+
+class Outline(dspy.Signature):
+    """Expand the outline."""
+    bullets: list[Bullet] = dspy.InputField()
+    summary: str = dspy.OutputField()
+    top: Bullet = dspy.OutputField()
+
+program = dspy.Predict(Outline)
+inputs = {"bullets": [Bullet(text="intro"), Bullet(text="detail", level=1)]}
+''', {}),
+    "multi_turn_history": ('''
+class QA(dspy.Signature):  # the conversation history tutorial's loop: each answer joins the history
+    question: str = dspy.InputField()
+    history: dspy.History = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+predict = dspy.Predict(QA)
+
+def program(questions: list[str]):
+    history = dspy.History(messages=[])
+    for question in questions:
+        outputs = predict(question=question, history=history)
+        history.messages.append({"question": question, **outputs})
+    return history
+''', {"questions": ["Capital of France?", "And Italy?", "And Spain?"]}),
     "saved_and_loaded_whole_program": ('''
 import tempfile
 

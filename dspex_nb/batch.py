@@ -59,7 +59,8 @@ class BatchRun(Handle):
                  item_timeout: float | None, max_errors: int | None = None,
                  on_item: Callable[[dict[str, Any]], Any] | None, journal: Journal | None,
                  program: dict[str, Any], shipped: str = "", resolver: typed.Resolver | None = None,
-                 version: str = "", trace: bool = False) -> None:
+                 version: str = "", trace: bool = False,
+                 on_history: Callable[[list[dict[str, Any]]], Any] | None = None) -> None:
         if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
             raise ArgumentError("batch", "ArgumentError",
                                 f"items must be a list of input dicts or strings, got {type(items).__name__}")
@@ -76,13 +77,15 @@ class BatchRun(Handle):
         self._args = {"signature": signature, "module": module, "concurrency": concurrency, "group": self._owner,
                       **({"settings": settings} if settings else {}),
                       **({"shipped": shipped} if shipped else {}),  # the items' classes and code, by value
-                      **({"trace": True} if trace else {})}  # each item's predictor calls, for the kernel's trace
+                      **({"trace": True} if trace else {}),  # each item's predictor calls, for the kernel's trace
+                      **({"history": True} if on_history else {})}  # its LM calls, for the kernel's DSPy history
         self.resolver = resolver or typed.Resolver()  # the classes of the program and of its items
         self._items = list(items)
         self._timeout = timeout
         self._item_timeout = item_timeout
         self._on_item = on_item
         self._calling_back = threading.local()  # .active in a thread while it runs on_item
+        self._on_history = on_history  # given each item's LM calls' history entries as it arrives
         self.watched = on_item is not None
         self._max_retries = max_retries
         self._max_errors = max_errors  # failed items that stop the batch, as DSPy's ParallelExecutor; None: never
@@ -375,6 +378,7 @@ class BatchRun(Handle):
         if self.records[index] is not None:  # it came back before (again under the lock below)
             return
         ours = record.get("version", self._version) == self._version  # not another definition's, under our key
+        history = record["result"].pop(typed.HISTORY, None) if record["ok"] else None  # not kept in the journal
         if record["ok"] and ours and self._journal is not None and not record.get("journal"):  # first: an item
             self._journal.record(self.key, self._item_keys[index], record["result"])  # counted as finished is kept
         with self._lock:
@@ -406,6 +410,11 @@ class BatchRun(Handle):
                                  f"{self.ok} of {self.total} items that finished, {self._kept()}"))
         if last:  # the claims' watcher ends now, not at its next poll; it does nothing for each item: woken for
             self._changed.set()  # every one, it renewed every claim and re-read the journal per item (12x slower)
+        if history and self._on_history is not None:  # as it comes, as Module.batch's threads record theirs
+            try:
+                self._on_history(history)
+            except Exception as exc:  # an entry the kernel's DSPy cannot take: the batch stops, saying why
+                self._fail(exc)
         if self._on_item is not None:
             self._calling_back.active = True
             try:

@@ -32,7 +32,8 @@ import types
 import typing
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import cloudpickle
@@ -527,7 +528,19 @@ class _History:
     history: list[Any] = []
 
 
-def record_history(entries: list[dict[str, Any]], program: Any, lm: Any, resolve: typed.Resolver) -> None:
+def history_recorder(program: Any, lm: Any) -> Callable[..., None] | None:
+    """For a batch of ``program`` started now: ``record_history`` of each item's entries (with the resolver of the
+    batch's classes, ``resolve=``) as it arrives, inside the kernel's modules around this call, wherever it runs;
+    None where the kernel keeps no history (``wants_history``)."""
+    import dspy
+
+    if not wants_history():
+        return None
+    return partial(record_history, program=program, lm=lm, outer=list(dspy.settings.caller_modules or []))
+
+
+def record_history(entries: list[dict[str, Any]], program: Any, lm: Any, resolve: typed.Resolver,
+                   outer: list[Any] | None = None) -> None:
     """A call's LM history entries recorded as DSPy records them in the kernel: in DSPy's history
     (``dspy.inspect_history``), in that of each of ``program``'s modules that made the call (by the names
     ``typed.HISTORY_MODULES`` gives, with the kernel's modules around the call), and in the history of the kernel's
@@ -535,14 +548,15 @@ def record_history(entries: list[dict[str, Any]], program: Any, lm: Any, resolve
     or one a module holds and calls itself, ``self.untrusted_model``, also in a list or dict, ``self.lms[1]``), else
     the LM of the nearest module around the call that has one, else ``lm`` (the kernel's DSPy LM, where it is the
     pool's); of the same model only. An entry's ``response`` is the object DSPy's LM made (an lm15 ``Response``),
-    rebuilt with ``resolve``; one of another class (litellm's ``ModelResponse``) is a dict of its fields."""
+    rebuilt with ``resolve``; one of another class (litellm's ``ModelResponse``) is a dict of its fields. ``outer``:
+    the kernel's modules around the call (None: those around this thread now)."""
     import dspy
     from dspy.clients.base_lm import record_history as record
 
     from dspex_nb.worker.programs import sub_modules  # the names the worker gave, found as fast
 
     modules = dict(sub_modules(program))
-    outer = list(dspy.settings.caller_modules or [])
+    outer = list(dspy.settings.caller_modules or []) if outer is None else outer
     for entry in entries:
         if "response" in entry:
             try:

@@ -147,7 +147,7 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
     if ship is not None and callable(value):  # code: by value, as programs travel
         ship.objects.append(value)
         return {TAG: "code", "index": len(ship.objects) - 1, "class": class_path(type(value))}
-    return _opaque(value)
+    return _opaque(value, _what_instead(value))
 
 
 _JSON_SCALARS = {bool, int, float, str}
@@ -171,6 +171,20 @@ def _scalar_json(value: str | int | float, ship: Shipment | None) -> dict[str, A
     if _own_state(value):
         return _opaque(value, _NOT_ITSELF.format(type(value).__name__, base.__name__, "value"))
     return {TAG: base.__name__, "class": _path(type(value), ship), "value": _AS_BASE[base](value)}
+
+
+def _what_instead(value: Any) -> str:
+    """For a value with no JSON form that a program may well return, what it has no form as and what to return
+    instead (a DSPy module compiled on the pool; the exceptions of ``return_failed_examples``); else ""."""
+    dspy = sys.modules.get("dspy")
+    if dspy is not None and isinstance(value, dspy.BaseModule):
+        return (f"a {class_path(type(value))}, a DSPy module, which does not come back from a worker as an object: "
+                "return its state, module.dump_state(), and load it into one made in the kernel with load_state()")
+    if isinstance(value, BaseException):
+        return (f"a {class_path(type(value))}, an exception, which comes back as itself only when it is raised: "
+                "raise it, or return what the kernel needs of it, str(exc) (e.g. of the exceptions that "
+                "dspy.Parallel's or Module.batch's return_failed_examples=True give)")
+    return ""
 
 
 def _own_state(value: Any) -> bool:

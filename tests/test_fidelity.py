@@ -538,6 +538,75 @@ def program(where):
 
 inputs = {"where": Point(1, 2)}
 ''', {}),
+    "parallel_returning_failed_examples": ('''
+class Flaky(dspy.Module):  # dspy.Parallel's docs: return_failed_examples gives results, failed examples, exceptions
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        if "fail" in question:
+            raise ValueError("cannot answer " + question)
+        return self.qa(question=question)
+
+flaky = Flaky()
+
+def program(questions: list[str]):
+    parallel = dspy.Parallel(num_threads=2, max_errors=5, return_failed_examples=True, disable_progress_bar=True)
+    results, failed, exceptions = parallel([(flaky, {"question": q}) for q in questions])
+    return dspy.Prediction(results=results, failed=failed, errors=[str(e) for e in exceptions])
+''', {"questions": ["Why?", "please fail", "How?"]}),
+    "ensemble_with_majority": ('''
+from dspy.teleprompt import Ensemble
+
+program = Ensemble(reduce_fn=dspy.majority).compile(
+    [dspy.Predict("question -> answer"), dspy.ChainOfThought("question -> answer")])
+''', {"question": "What is 2+2?"}),
+    "random_search_compiled": ('''
+from dspex_nb import demo_lm
+
+trainset = [dspy.Example(question=q, answer=a).with_inputs("question") for q, a in
+            [("What is 1+1?", "2"), ("Capital of France?", "Paris"), ("Colour of the sky?", "blue"), ("2+3?", "5")]]
+optimizer = dspy.BootstrapFewShotWithRandomSearch(metric=lambda example, pred, trace=None: len(pred.answer) > 0,
+                                                  max_bootstrapped_demos=2, max_labeled_demos=2,
+                                                  num_candidate_programs=2, num_threads=1)
+with dspy.context(lm=demo_lm()):
+    program = optimizer.compile(dspy.ChainOfThought("question -> answer"), trainset=trainset)
+''', {"question": "Capital of Spain?"}),
+    "custom_dspy_type": ('''
+from typing import Any
+
+class Bullet(dspy.Type):  # DSPy's custom types: format() is how the value is put in the prompt
+    text: str
+    level: int = 0
+
+    def format(self) -> list[dict[str, Any]]:
+        return [{"type": "text", "text": "  " * self.level + "* " + self.text}]
+
+class Outline(dspy.Signature):
+    """Expand the outline."""
+    bullets: list[Bullet] = dspy.InputField()
+    summary: str = dspy.OutputField()
+    top: Bullet = dspy.OutputField()
+
+program = dspy.Predict(Outline)
+inputs = {"bullets": [Bullet(text="intro"), Bullet(text="detail", level=1)]}
+''', {}),
+    "multi_turn_history": ('''
+class QA(dspy.Signature):  # the conversation history tutorial's loop: each answer joins the history
+    question: str = dspy.InputField()
+    history: dspy.History = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+predict = dspy.Predict(QA)
+
+def program(questions: list[str]):
+    history = dspy.History(messages=[])
+    for question in questions:
+        outputs = predict(question=question, history=history)
+        history.messages.append({"question": question, **outputs})
+    return history
+''', {"questions": ["Capital of France?", "And Italy?", "And Spain?"]}),
     "saved_and_loaded_whole_program": ('''
 import tempfile
 
@@ -966,6 +1035,43 @@ def program(text):
     batch = pool.map(program, ["a", "lock", "b"], journal=False)  # one such item costs the others nothing
     assert [r and r.text for r in batch.result(60)] == ["a", None, "b"]
     assert batch.records[1]["error"]["type"] == "NotPortable" and (batch.ok, batch.failed) == (2, 1)
+
+
+def test_a_module_compiled_on_the_pool_comes_back_as_its_state(shell: InteractiveShell, pool: Pool,
+                                                              demo_lm: dspy.LM) -> None:
+    # a module (compiled on a worker) or the exceptions of dspy.Parallel's return_failed_examples=True have no JSON
+    # form: the error said only "return JSON-able values"; it now says what to return, and the state does the job
+    program, _ = define(shell, '''
+trainset = [dspy.Example(question=q, answer=a).with_inputs("question")
+            for q, a in [("What is 2+2?", "4"), ("Capital of France?", "Paris"), ("Colour of the sky?", "blue")]]
+
+def compiled(k: int):
+    return dspy.LabeledFewShot(k=k).compile(dspy.ChainOfThought("question -> answer"), trainset=trainset)
+
+def program(k: int):
+    return compiled(k).dump_state()
+
+class Flaky(dspy.Module):
+    def forward(self, question):
+        raise ValueError("cannot answer " + question)
+
+def failures(questions: list[str]):
+    parallel = dspy.Parallel(num_threads=2, return_failed_examples=True, disable_progress_bar=True)
+    return parallel([(Flaky(), {"question": q}) for q in questions])[2]
+''')
+    ns = shell.user_ns
+    with pytest.raises(NotPortable, match=r"a DSPy module, .* return its state, module.dump_state\(\)"):
+        pool.run(ns["compiled"], k=2)
+    with pytest.raises(NotPortable, match=r"builtins:ValueError, an exception, .* str\(exc\)"):
+        pool.run(ns["failures"], questions=["Why?"])
+    state = pool.run(program, k=2)
+    assert_same(ns["compiled"](2).dump_state(), state)
+    loaded = dspy.ChainOfThought("question -> answer")
+    loaded.load_state(state)
+    question = {"question": "Capital of Italy?"}
+    with dspy.context(lm=demo_lm):
+        assert_same(ns["compiled"](2)(**question), loaded(**question))
+        assert_same(ns["compiled"](2)(**question), pool.run(loaded, **question))
 
 
 def test_an_output_that_contains_itself_is_not_blamed_on_the_program(shell: InteractiveShell, pool: Pool) -> None:
@@ -1496,15 +1602,23 @@ def test_map_and_evaluate_add_their_predictor_calls_to_the_kernels_trace(shell: 
     assert seen["pool"] == seen["kernel"] and [len(steps) for steps in seen["kernel"]] == [1, 2, 3]
 
 
-def test_dspy_inspect_history_shows_the_pools_calls_as_the_kernels(pool: Pool, demo_lm: dspy.LM) -> None:
+def last_calls(n: int = 1) -> str:
+    """``dspy.inspect_history(n=n)``'s text, its times left out."""
     import io
     import re
 
-    def last_call() -> str:
-        shown = io.StringIO()
-        dspy.inspect_history(n=1, file=shown)
-        return re.sub(r"\[\d{4}-\d\d-\d\dT[\d:.]+\]", "[time]", shown.getvalue())
+    shown = io.StringIO()
+    dspy.inspect_history(n=n, file=shown)
+    return re.sub(r"\[\d{4}-\d\d-\d\dT[\d:.]+\]", "[time]", shown.getvalue())
 
+
+def calls(n: int) -> list[str]:
+    """The last ``n`` calls ``dspy.inspect_history(n=n)`` shows, as a sorted list."""
+    return sorted(last_calls(n).split("[time]"))
+
+
+def test_dspy_inspect_history_shows_the_pools_calls_as_the_kernels(pool: Pool, demo_lm: dspy.LM) -> None:
+    last_call = last_calls
     qa = dspy.ChainOfThought("question -> answer")
     with dspy.context(lm=demo_lm):
         qa(question="Where is the history?")
@@ -1518,6 +1632,27 @@ def test_dspy_inspect_history_shows_the_pools_calls_as_the_kernels(pool: Pool, d
         with dspy.context(disable_history=True):
             pool.run(qa, question="Not kept?")
         assert "Not kept?" not in last_call()
+
+
+def test_map_and_evaluate_join_dspys_history_as_module_batch_and_evaluate(pool: Pool, demo_lm: dspy.LM) -> None:
+    # DSPy's docs read dspy.inspect_history(n=3) after a batch: the pool's batch calls did not join DSPy's history
+    # (it showed the kernel's older calls), nor the program's own, as Module.batch's and Evaluate's threads do
+    qa = dspy.ChainOfThought("question -> answer")
+    questions = ["Which batch is kept?", "What does history show?", "Who reads the history?"]
+    examples = [dspy.Example(question=q, answer="x").with_inputs("question") for q in questions]
+    with dspy.context(lm=demo_lm):
+        qa.batch(examples, num_threads=2, disable_progress_bar=True)
+    in_kernel = calls(3)  # in the order the items finished, here as there
+    assert all(any(q in call for call in in_kernel) for q in questions)
+    for run in (lambda: pool.map(qa, questions, journal=False).result(60),
+                lambda: pool.evaluate(qa, examples, lambda example, pred, trace=None: 1.0, journal=False)):
+        with dspy.context(lm=demo_lm):
+            qa(question="Something else?")  # the last calls are no longer the batch's
+        assert calls(3) != in_kernel
+        before = len(qa.history)
+        run()
+        assert calls(3) == in_kernel
+        assert len(qa.history) == before + len(questions)
 
 
 def test_the_pools_lm_calls_join_the_histories_of_the_modules_and_lm_that_made_them(

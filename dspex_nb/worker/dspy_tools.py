@@ -496,6 +496,13 @@ def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs
     return result
 
 
+def _without_history(item: dict[str, Any]) -> dict[str, Any]:
+    """A batch item's chunk data without its result's ``typed.HISTORY``."""
+    if not item["ok"] or typed.HISTORY not in item["result"]:
+        return item
+    return {**item, "result": {k: v for k, v in item["result"].items() if k != typed.HISTORY}}
+
+
 def _with_lm_state(result: dict[str, Any], costs: _Costs) -> dict[str, Any]:
     """``result`` with ``typed.LM_STATE``, the changes the call made to its LMs, where it made any."""
     if costs.lm_states is not None and (changes := costs.lm_states.changes()):
@@ -820,12 +827,15 @@ def load_module(ctx: ToolContext, name: str) -> dict[str, str]:
 @tool
 def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", module: str = "predict",
                     concurrency: int = 4, group: str = "", settings: str = "",
-                    shipped: str = "", trace: bool = False) -> Generator[Emit, None, dict[str, Any]]:
+                    shipped: str = "", trace: bool = False,
+                    history: bool = False) -> Generator[Emit, None, dict[str, Any]]:
     """Run ``module`` (predict, chain_of_thought on ``signature``, or a defined module) on every item,
     ``concurrency`` at a time; a "started" chunk {"index"} when an item takes its slot and one item chunk
     per item as it completes. Calls with the same ``group`` (the shards of one batch) share their
     ``concurrency`` on this worker. ``shipped``: the items' classes and code, as for ``run_module``;
-    ``trace``: each item's result has its predictor calls too (``typed.TRACE``), for the kernel's DSPy trace.
+    ``trace``: each item's result has its predictor calls too (``typed.TRACE``), for the kernel's DSPy trace;
+    ``history``: its LM calls' DSPy history entries (``typed.HISTORY``, in its item chunk only), for the kernel's
+    ``dspy.inspect_history``.
 
     Item chunks are {"index", "ok", "result", "worker"} or {"index", "ok": false, "error", "worker"}; of a
     defined module, with the "version" of its definition that ran them (it may be redefined while a batch runs).
@@ -862,13 +872,10 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         try:
             events.put((index, None))
             program, steps = make(), []
-            with _tracked({**settings, "trace": steps} if trace else settings, program=program) as costs, \
+            with _tracked({**settings, "trace": steps} if trace else settings, history, program) as costs, \
                     ctx.program_running():
                 output = _run_to_end(_awaited(programs.invoke(program, inputs)))
-            result = output_json(output, costs.tokens(), costs.total)
-            if trace:
-                result[typed.TRACE] = _trace_json(program, steps)
-            return _with_lm_state(result, costs)
+            return _with_extras(program, steps, trace, output_json(output, costs.tokens(), costs.total), costs, ctx)
         finally:
             slots.release()
 
@@ -897,7 +904,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
                 except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: this item's error
                     data = {"index": i, "ok": False, "worker": worker,
                             "error": {"type": type(exc).__name__, "message": message_of(exc)}}
-                results[i] = data
+                results[i] = _without_history(data)  # the item chunk brings it: the shard's result need not
                 yield Emit("item", data)
         finally:  # a cancelled call does not wait for its items still running (their slots are given back)
             pool.shutdown(wait=False, cancel_futures=True)

@@ -266,9 +266,11 @@ def _tracked(settings: dict[str, Any], history: bool = False, program: Any = Non
 def _held_lms(modules: list[tuple[str, Any]]) -> dict[tuple[Any, ...], Any]:
     """The LMs that ``modules`` (a program's ``programs.sub_modules``) hold in their own attributes, by module name and
     attribute: a predictor's ``lm`` (``set_lm``), or one a module keeps to call itself (``self.untrusted_model``);
-    and those in a list, tuple or dict there (``self.lms = [lm1, lm2]``), by its index or key too."""
+    and those in a list, tuple or dict there (``self.lms = [lm1, lm2]``), by its index or key too. Not in the module's
+    ``history``, which DSPy fills with each call's entry (up to 10,000 on a module instance that runs every item of
+    every batch): walking it made each item slower the longer the worker had run."""
     return {(name, attribute, *key): lm for name, module in modules for attribute, value in vars(module).items()
-            for key, lm in _members(value) if isinstance(lm, dspy.BaseLM)}
+            if attribute != "history" for key, lm in _members(value) if isinstance(lm, dspy.BaseLM)}
 
 
 def _members(value: Any) -> list[tuple[tuple[Any, ...], Any]]:

@@ -93,6 +93,7 @@ class BatchRun(Handle):
         self._progress: dict[str, float] = {}  # worker -> when a shard of this batch was placed, or an item
         # of it started or came back there, last
         self.retries = self.from_journal = self.ok = self.failed = 0
+        self.from_cache = 0  # items of this run whose every LM call DSPy answered from its cache
         self.tokens_in = self.tokens_out = 0  # LM tokens of the items computed in this run (not the journal's)
         self.cost: float | None = None  # their USD cost, where an LM reported one
         self._restarts_before = self._restarts()
@@ -398,6 +399,8 @@ class BatchRun(Handle):
                 self.tokens_in += tokens_in
                 self.tokens_out += tokens_out
                 self.cost = typed.add_cost(self.cost, typed.cost(record["result"]))
+                hits, calls = typed.cached(record["result"])
+                self.from_cache += hits == calls > 0
         if too_many and not record["ok"]:  # DSPy's error, as Module.batch raises it, with what it does not say
             self._fail(Exception("Execution cancelled due to errors or interruption: "
                                  f"{count(self.failed, 'item')} failed (max_errors={self._max_errors}), the last "
@@ -512,7 +515,8 @@ class BatchRun(Handle):
             rate = computed / elapsed if elapsed > 0 else 0.0
             return {"total": self.total, "ok": self.ok, "failed": self.failed, "running": running,
                     "queued": self.total - finished - running, "retries": self.retries,
-                    "from_journal": self.from_journal, "replaced": replaced, "elapsed": elapsed, "rate": rate,
+                    "from_journal": self.from_journal, "from_cache": self.from_cache, "replaced": replaced,
+                    "elapsed": elapsed, "rate": rate,
                     "eta": (self.total - finished) / rate if rate and not self.done else 0.0,
                     "status": self.status, "by_worker": by_worker, "active": active,
                     "tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "cost": self.cost,
@@ -550,7 +554,8 @@ def outputs(record: dict[str, Any]) -> dict[str, Any]:
     if record["ok"]:
         result = record["result"]
         if isinstance(result, dict):
-            return {k: v for k, v in result.items() if k not in (typed.USAGE, typed.LM_USAGE, typed.COST, typed.TRACE)}
+            return {k: v for k, v in result.items()
+                    if k not in (typed.USAGE, typed.LM_USAGE, typed.COST, typed.TRACE, typed.CACHED)}
         return result
     return {"error": error_line(record)}
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Any
 
+import dspy
 import ipywidgets as w
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.display import display
+from openai_server import OpenAIServer
 
 from dspex_nb import Pool
 from dspex_nb.ui.append import AppendText
-from dspex_nb.ui.progress import batch_line, batch_summary
+from dspex_nb.ui.progress import StreamText, batch_line, batch_summary
 from dspex_nb.ui.pump import PUMP
 from dspex_nb.ui.render import show_pool
 from dspex_nb.ui.widgets import BatchDashboard, PoolDashboard, StreamView, _bar_style, _field_html, _table
@@ -180,3 +183,39 @@ def test_the_memory_of_a_worker_not_measured_yet_is_not_shown_as_0_mb() -> None:
             header, row = shown.splitlines()[1:3]
             assert row[header.index("memory"):].split()[0] == "-", shown
         assert "<td style='padding-right:1em'>-</td>" in widget["text/html"] and " MB<" not in widget["text/html"]
+
+
+def finished(handle: Any) -> Any:
+    handle.result(60)
+    return handle
+
+
+def test_an_answer_from_dspys_cache_says_so_rather_than_0_tokens() -> None:
+    # DSPy reports no usage for a cache hit, which streams nothing: the live, text and saved views said "0 tokens"
+    cot = dspy.ChainOfThought("question -> answer")
+
+    def two_calls(question: str) -> list:
+        return [cot(question=question), cot(question=f"{question} again")]
+
+    with OpenAIServer() as server, Pool(workers=1, lm="openai/test-model", journal=False, lm_kwargs={
+            "api_base": server.url, "api_key": "sk-test", "cache": True}) as pool:
+        runs = [finished(pool.run_stream(cot, question="Cached?")) for _ in range(2)]
+        both = finished(pool.run_stream(two_calls, question="Cached?"))  # its first call from the cache, then billed
+        batches = [finished(pool.map(cot, ["one?", "two?", "three?"][:size])) for size in (2, 3)]
+        assert server.count("Cached?") == 2 and server.count("one?") == 1  # "Cached?" and "Cached? again"
+    billed, hit, partly = (StreamText(run) for run in [*runs, both])
+    for text in (billed, hit, partly):
+        text.update()
+    assert runs[0].cached == (0, 0) and "cache" not in billed.summary() and " · LM " in billed.summary()
+    assert runs[1].cached == (1, 1) and runs[1].tokens == (0, 0)
+    assert hit.summary().startswith("done · run_module on w0 · from DSPy's cache · ")
+    assert both.cached == (1, 2) and " · 1 of 2 LM calls from DSPy's cache · " in partly.summary()
+    view = StreamView(runs[1], "cot")
+    view.refresh()
+    assert hit.summary() in view.status.value.replace("&#x27;", "'")  # live
+    saved = view.static()
+    assert saved["text/plain"].splitlines()[-1] == hit.summary()
+    assert "from DSPy&#x27;s cache" in saved["text/html"]
+    first, second = (batch_summary(batch.snapshot()) for batch in batches)
+    assert "cache" not in first and second.endswith("tokens in / 41 out (2 from DSPy's cache)")
+    assert "2 from DSPy's cache" in batch_line(batches[1].snapshot())

@@ -459,6 +459,12 @@ class Run(Handle):
         """USD cost of the call's LM calls, once it has finished; None where no LM reported one."""
         return typed.cost(self._final)
 
+    @property
+    def cached(self) -> tuple[int, int]:
+        """(LM calls DSPy answered from its cache, all LM calls) of the call, once it has finished; (0, 0) where
+        none was a cache hit (a hit reports no tokens: nothing was billed)."""
+        return typed.cached(self._final)
+
     @program_errors_raised_here
     def result(self, timeout: float | None = None) -> Any:
         """The final result (the data of the ``final`` chunk); raises the call's error."""

@@ -115,16 +115,27 @@ class StreamText:
     def summary(self) -> str:
         run = self.run
         state = {"running": "streaming", "done": "done", "failed": "failed", "cancelled": "cancelled"}[run.status]
-        line = f"{state} · {run.tool} on {run.worker} · {count(self.tokens, 'token')} · {run.elapsed:.2f} s"
+        cache = cache_text(*run.cached)
+        shown = cache if cache and not self.tokens else count(self.tokens, "token")  # a hit streams nothing
+        line = f"{state} · {run.tool} on {run.worker} · {shown} · {run.elapsed:.2f} s"
         if self.tokens and run.elapsed > 0:  # tqdm's rate, for the tokens this view shows
             line += f" · {self.tokens / run.elapsed:.1f} tokens/s"
         if any(run.tokens) or run.cost is not None:  # dspy.Parallel's calls have a cost, not tokens
             line += f" · LM {usage_text(*run.tokens, run.cost)}"
+        if cache and self.tokens:
+            line += f" · {cache}"
         if run.status == "failed":
             line += f" · {error_text(run.error)}"
         elif run.status == "running" and self.status:
             line += f" · {self.status}"
         return printable(line)
+
+
+def cache_text(hits: int, calls: int) -> str:
+    """How many of a call's LM calls DSPy answered from its cache (which reports no tokens), if any."""
+    if not hits:
+        return ""
+    return "from DSPy's cache" if hits == calls else f"{hits} of {calls} LM calls from DSPy's cache"
 
 
 def predictor_label(name: str) -> str:
@@ -239,7 +250,7 @@ def cost_text(cost: float) -> str:
 
 
 def recovery(snap: dict[str, Any]) -> str:
-    """Retries, replaced workers and journal hits, when there were any."""
+    """Retries, replaced workers, journal and DSPy cache hits, when there were any."""
     parts = []
     if snap["retries"]:
         parts.append(f"{snap['retries']} retried")
@@ -247,6 +258,8 @@ def recovery(snap: dict[str, Any]) -> str:
         parts.append(f"{count(snap['replaced'], 'worker')} replaced")
     if snap["from_journal"]:
         parts.append(f"{snap['from_journal']} from the journal")
+    if snap.get("from_cache"):  # DSPy reports no tokens for them: nothing was billed
+        parts.append(f"{snap['from_cache']} from DSPy's cache")
     return ", ".join(parts)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import io
 import warnings
 from typing import Any
@@ -18,7 +19,7 @@ from dspex_nb.ui.append import AppendText
 from dspex_nb.ui.progress import StreamText, batch_line, batch_summary
 from dspex_nb.ui.pump import PUMP
 from dspex_nb.ui.render import show_pool
-from dspex_nb.ui.widgets import BatchDashboard, PoolDashboard, StreamView, _bar_style, _field_html, _table
+from dspex_nb.ui.widgets import TWIN_LIMIT, BatchDashboard, PoolDashboard, StreamView, _bar_style, _field_html, _table
 
 
 def snap(status: str, ok: int, failed: int, total: int = 120) -> dict:
@@ -219,3 +220,30 @@ def test_an_answer_from_dspys_cache_says_so_rather_than_0_tokens() -> None:
     first, second = (batch_summary(batch.snapshot()) for batch in batches)
     assert "cache" not in first and second.endswith("tokens in / 41 out (2 from DSPy's cache)")
     assert "2 from DSPy's cache" in batch_line(batches[1].snapshot())
+
+
+def test_a_long_answer_is_saved_once_its_text_twin_keeps_its_start(pool: Pool) -> None:
+    # a finished view's text/plain twin held the whole answer again beside its HTML: a 50,000-token answer was
+    # saved twice in the .ipynb (664 KB for a 317 KB answer)
+    pool.configure_lm("demo", answer_tokens=2000)
+    try:
+        run = pool.execute_stream("chain_of_thought", {"signature": "question -> answer", "inputs": "Long?"})
+        run.result(60)
+    finally:
+        pool.configure_lm("demo")
+    view = StreamView(run, "cot")
+    view.refresh()
+    saved = view.static()
+    answer = run.result()["answer"]
+    assert len(answer) > 10_000
+    assert html.escape(answer.split(": ", 1)[1], quote=False) in saved["text/html"]  # the HTML has it all
+    lines = saved["text/plain"].splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["reasoning", "answer"] and lines[2].startswith("done · ")
+    assert len(saved["text/plain"]) < 2 * TWIN_LIMIT + 500
+    kept, note = lines[1].removeprefix("answer: ").split(" … ")
+    assert answer.startswith(kept) and len(kept) > TWIN_LIMIT * 3 // 4
+    assert note == f"[{len(answer) - len(kept):,} more characters: the whole text is in this output's HTML]"
+    short = StreamView(pool.execute_stream("predict", {"signature": "question -> answer", "inputs": "Short?"}), "p")
+    short.text.run.result(60)
+    short.refresh()
+    assert short.static()["text/plain"].splitlines()[0] == f"answer: {short.text.run.result()['answer']}"

@@ -105,12 +105,14 @@ class StreamText:
             if name in last or name not in streamed:
                 last[name] = field_text(value)
 
-    def lines(self) -> list[str]:
-        """The text fallback: ``field: text`` lines, under a ``[step]`` line per step when there are several."""
+    def lines(self, limit: int | None = None) -> list[str]:
+        """The text fallback: ``field: text`` lines, under a ``[step]`` line per step when there are several; each
+        field's text cut to its first ``limit`` characters (``excerpt``) where given."""
         if len(self.groups) <= 1:
-            return [printable(f"{name}: {text}") for group in self.groups.values() for name, text in group.items()]
+            return [printable(f"{name}: {excerpt(text, limit)}") for group in self.groups.values()
+                    for name, text in group.items()]
         return [printable(line) for step, group in self.groups.items()
-                for line in [f"[{step}]", *(f"  {name}: {text}" for name, text in group.items())]]
+                for line in [f"[{step}]", *(f"  {name}: {excerpt(text, limit)}" for name, text in group.items())]]
 
     def summary(self) -> str:
         run = self.run
@@ -129,6 +131,16 @@ class StreamText:
         elif run.status == "running" and self.status:
             line += f" · {self.status}"
         return printable(line)
+
+
+def excerpt(text: str, limit: int | None) -> str:
+    """``text``, or where it is longer than ``limit`` characters, its start (cut at a space where one is near)
+    and how many characters are left out of it here."""
+    if limit is None or len(text) <= limit:
+        return text
+    space = text.rfind(" ", limit * 3 // 4, limit)
+    kept = text[:space if space > 0 else limit]
+    return f"{kept} … [{len(text) - len(kept):,} more characters: the whole text is in this output's HTML]"
 
 
 def cache_text(hits: int, calls: int) -> str:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import _thread
 import html
 import io
+import time
 import warnings
 from typing import Any
 
 import dspy
 import ipywidgets as w
 import pytest
+from helpers import wait_until
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.display import display
 from openai_server import OpenAIServer
@@ -247,3 +250,33 @@ def test_a_long_answer_is_saved_once_its_text_twin_keeps_its_start(pool: Pool) -
     short.text.run.result(60)
     short.refresh()
     assert short.static()["text/plain"].splitlines()[0] == f"answer: {short.text.run.result()['answer']}"
+
+
+@pytest.mark.parametrize("where", ["body", "wait"])
+def test_stop_in_a_loop_over_a_stream_cancels_it(pool: Pool, where: str) -> None:
+    # Ctrl-C (JupyterLab's Stop) in `for chunk in pool.execute_stream(...)`: where it landed in the loop's body the
+    # call went on to its end on the worker; where it landed in the wait for a chunk, it was cancelled while
+    # holding the lock the stream's reader marks its end under, so the cell stayed busy 5 s more
+    sent: list[bool] = []
+
+    def interrupt_from_the_reader(chunk: Any) -> None:  # while the loop waits for the next chunk
+        if where == "wait" and chunk.kind == "token" and not sent:
+            sent.append(True)
+            _thread.interrupt_main()
+
+    pool.configure_lm("demo", per_token=0.2, answer_tokens=500)  # 2 min of tokens if not stopped
+    try:
+        run = pool.execute_stream("chain_of_thought", {"signature": "question -> answer", "inputs": "Stop me?"},
+                                  on_chunk=interrupt_from_the_reader)
+        with pytest.raises(KeyboardInterrupt):
+            for chunk in run:
+                if where == "body" and chunk.kind == "token":
+                    _thread.interrupt_main()
+                    time.sleep(5)  # the interrupt lands here, in the loop's body
+        if where == "wait":
+            assert run.done  # ended before the interrupt went on
+        assert run.wait(20) and run.status == "cancelled"
+        assert 0 < sum(c.kind == "token" for c in run.chunks) < 20
+        wait_until(lambda: not any(row["in_flight"] for row in pool.status()), what="the workers to be idle")
+    finally:
+        pool.configure_lm("demo")

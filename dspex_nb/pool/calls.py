@@ -84,16 +84,14 @@ def encode_args(tool: str, args: dict[str, Any] | None, limit: int) -> bytes:
     return data
 
 
-def wait_interruptibly(event: threading.Event, timeout: float | None, on_interrupt: Callable[[], None]) -> bool:
-    """Wait for ``event`` in short slices; on KeyboardInterrupt call ``on_interrupt`` and re-raise.
+@contextlib.contextmanager
+def interrupt_calls(on_interrupt: Callable[[], None]) -> Iterator[None]:
+    """On KeyboardInterrupt in the block, call ``on_interrupt`` (after the block let go of its locks) and re-raise.
 
-    A second Ctrl-C that lands while ``Event.wait`` takes its lock back after the first one makes it fail
+    A second Ctrl-C that lands while a ``Condition.wait`` takes its lock back after the first one makes it fail
     with "release unlocked lock": that is an interrupt too."""
-    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        while not event.wait(WAIT_SLICE):
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
+        yield
     except KeyboardInterrupt:
         on_interrupt()
         raise
@@ -102,6 +100,15 @@ def wait_interruptibly(event: threading.Event, timeout: float | None, on_interru
             raise
         on_interrupt()
         raise KeyboardInterrupt from None
+
+
+def wait_interruptibly(event: threading.Event, timeout: float | None, on_interrupt: Callable[[], None]) -> bool:
+    """Wait for ``event`` in short slices; on KeyboardInterrupt call ``on_interrupt`` and re-raise."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with interrupt_calls(on_interrupt):
+        while not event.wait(WAIT_SLICE):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
     return True
 
 
@@ -512,15 +519,17 @@ class Run(Handle):
     def arrivals(self, stacklevel: int = 2) -> Iterator[Chunk]:
         """Every chunk, from the first, as it arrives; ends quietly with the stream, however it ended
         (``result()`` says how). Ctrl-C cancels."""
+        with _stopped_by_sigint(self):  # also where Ctrl-C lands in the loop's body, not in its wait for a chunk
+            yield from self._arrivals(stacklevel + 1)
+
+    def _arrivals(self, stacklevel: int) -> Iterator[Chunk]:
         index, warned = 0, False
         while True:
-            with self._cond:
+            # cancel() outside the lock: it waits for the stream's end, which the stream's reader marks under it
+            # (Ctrl-C kept the cell busy for the 5 s cancel() gives a callback, and left the call running)
+            with interrupt_calls(self.cancel), self._cond:
                 while index >= self.received and not self.done:
-                    try:
-                        self._cond.wait(WAIT_SLICE)
-                    except KeyboardInterrupt:
-                        self.cancel()
-                        raise
+                    self._cond.wait(WAIT_SLICE)
                 if index >= self.received:
                     return
                 if index < self.dropped:  # a reader slower than keep_chunks skips what was dropped: says so, once

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -456,6 +456,11 @@ class BatchRun(Handle):
         return ("run the same batch again: they come from the journal, only the rest is computed"
                 if self._journal is not None and not self._journal.problem else
                 "its handle keeps them (batch = pool.map(...); batch.records), or run it with the journal on")
+
+    def __iter__(self) -> Iterator[Any]:
+        """``result()``'s outputs, in input order: ``for p in pool.map(...)`` waits for the batch as ``result()``
+        does (with its view, whose Stop, as Ctrl-C, cancels it); it raised a TypeError and left the batch running."""
+        yield from self.result()
 
     def result(self, timeout: float | None = None) -> list[Any]:
         """Outputs in input order: each item's output fields, or {"error": "Type: message"} if it failed

@@ -280,3 +280,23 @@ def test_stop_in_a_loop_over_a_stream_cancels_it(pool: Pool, where: str) -> None
         wait_until(lambda: not any(row["in_flight"] for row in pool.status()), what="the workers to be idle")
     finally:
         pool.configure_lm("demo")
+
+
+def shout(question: str, wait: float = 0.0) -> str:
+    import time
+
+    time.sleep(wait)
+    return question.upper()
+
+
+def test_a_loop_over_a_map_gives_its_results_and_stop_cancels_it(pool: Pool) -> None:
+    # `for p in pool.map(...)` raised "TypeError: 'BatchRun' object is not iterable" and left the batch running,
+    # with no handle to stop it
+    assert list(pool.map(shout, ["a", "b", "c"], journal=False)) == ["A", "B", "C"]
+    batch = pool.map(shout, [{"question": f"q{i}", "wait": 0.2} for i in range(200)], concurrency=1, journal=False,
+                     on_item=lambda record: record["index"] == 0 and _thread.interrupt_main())
+    with pytest.raises(KeyboardInterrupt):
+        for _ in batch:
+            pass
+    assert batch.wait(20) and batch.status == "cancelled"
+    assert 0 < batch.ok < 200 and batch.records[0]["ok"]

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,7 @@ class BatchRun(Handle):
         self._progress: dict[str, float] = {}  # worker -> when a shard of this batch was placed, or an item
         # of it started or came back there, last
         self.retries = self.from_journal = self.ok = self.failed = 0
+        self.from_cache = 0  # items of this run whose every LM call DSPy answered from its cache
         self.tokens_in = self.tokens_out = 0  # LM tokens of the items computed in this run (not the journal's)
         self.cost: float | None = None  # their USD cost, where an LM reported one
         self._restarts_before = self._restarts()
@@ -403,6 +404,8 @@ class BatchRun(Handle):
                 self.tokens_in += tokens_in
                 self.tokens_out += tokens_out
                 self.cost = typed.add_cost(self.cost, typed.cost(record["result"]))
+                hits, calls = typed.cached(record["result"])
+                self.from_cache += hits == calls > 0
         if too_many and not record["ok"]:  # DSPy's error, as Module.batch raises it, with what it does not say
             self._fail(Exception("Execution cancelled due to errors or interruption: "
                                  f"{count(self.failed, 'item')} failed (max_errors={self._max_errors}), the last "
@@ -472,6 +475,11 @@ class BatchRun(Handle):
                 if self._journal is not None and not self._journal.problem else
                 "its handle keeps them (batch = pool.map(...); batch.records), or run it with the journal on")
 
+    def __iter__(self) -> Iterator[Any]:
+        """``result()``'s outputs, in input order: ``for p in pool.map(...)`` waits for the batch as ``result()``
+        does (with its view, whose Stop, as Ctrl-C, cancels it); it raised a TypeError and left the batch running."""
+        yield from self.result()
+
     def result(self, timeout: float | None = None) -> list[Any]:
         """Outputs in input order: each item's output fields, or {"error": "Type: message"} if it failed
         (from ``Pool.map``: what the program returned, or None if it failed)."""
@@ -530,7 +538,8 @@ class BatchRun(Handle):
             rate = computed / elapsed if elapsed > 0 else 0.0
             return {"total": self.total, "ok": self.ok, "failed": self.failed, "running": running,
                     "queued": self.total - finished - running, "retries": self.retries,
-                    "from_journal": self.from_journal, "replaced": replaced, "elapsed": elapsed, "rate": rate,
+                    "from_journal": self.from_journal, "from_cache": self.from_cache, "replaced": replaced,
+                    "elapsed": elapsed, "rate": rate,
                     "eta": (self.total - finished) / rate if rate and not self.done else 0.0,
                     "status": self.status, "by_worker": by_worker, "active": active,
                     "tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "cost": self.cost,
@@ -568,7 +577,8 @@ def outputs(record: dict[str, Any]) -> dict[str, Any]:
     if record["ok"]:
         result = record["result"]
         if isinstance(result, dict):
-            return {k: v for k, v in result.items() if k not in (typed.USAGE, typed.LM_USAGE, typed.COST, typed.TRACE)}
+            return {k: v for k, v in result.items()
+                    if k not in (typed.USAGE, typed.LM_USAGE, typed.COST, typed.TRACE, typed.CACHED)}
         return result
     return {"error": error_line(record)}
 

@@ -67,7 +67,8 @@ HISTORY = "__dspex_history__"  # beside a program's output, where the kernel ask
 HISTORY_MODULES = "__dspex_modules__"  # in such an entry: the names of the program's modules that made it
 HISTORY_LM = "__dspex_lm__"  # and the program's LM that made it: [its module's name, the attribute holding it]
 LM_STATE = "__dspex_lm_state__"  # beside a program's output: the attributes its LMs changed as they answered
-RESERVED = (USAGE, COMPLETIONS, LM_USAGE, COST, TRACE, HISTORY, LM_STATE)
+CACHED = "__dspex_cached__"  # beside a program's output: [LM calls DSPy answered from its cache, all its LM calls]
+RESERVED = (USAGE, COMPLETIONS, LM_USAGE, COST, TRACE, HISTORY, LM_STATE, CACHED)
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
 
 
@@ -667,6 +668,14 @@ def cost(result: Any) -> float | None:
     """The USD cost of a DSPy tool's LM calls, from beside its output; None where no LM reported one."""
     value = result.get(COST) if isinstance(result, dict) else None
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def cached(result: Any) -> tuple[int, int]:
+    """(LM calls answered from DSPy's cache, all LM calls) of a DSPy tool's result; (0, 0) where none was a hit."""
+    value = result.get(CACHED) if isinstance(result, dict) else None
+    if isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
+        return value[0], value[1]
+    return 0, 0
 
 
 def add_cost(total: float | None, cost: float | None) -> float | None:

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import _thread
+import html
 import io
+import time
 import warnings
+from typing import Any
 
+import dspy
 import ipywidgets as w
 import pytest
+from helpers import wait_until
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.display import display
+from openai_server import OpenAIServer
 
 from dspex_nb import Pool
 from dspex_nb.ui.append import AppendText
-from dspex_nb.ui.progress import batch_line, batch_summary
+from dspex_nb.ui.progress import StreamText, batch_line, batch_summary
 from dspex_nb.ui.pump import PUMP
 from dspex_nb.ui.render import show_pool
-from dspex_nb.ui.widgets import BatchDashboard, PoolDashboard, StreamView, _bar_style, _field_html, _table
+from dspex_nb.ui.widgets import TWIN_LIMIT, BatchDashboard, PoolDashboard, StreamView, _bar_style, _field_html, _table
 
 
 def snap(status: str, ok: int, failed: int, total: int = 120) -> dict:
@@ -180,3 +187,116 @@ def test_the_memory_of_a_worker_not_measured_yet_is_not_shown_as_0_mb() -> None:
             header, row = shown.splitlines()[1:3]
             assert row[header.index("memory"):].split()[0] == "-", shown
         assert "<td style='padding-right:1em'>-</td>" in widget["text/html"] and " MB<" not in widget["text/html"]
+
+
+def finished(handle: Any) -> Any:
+    handle.result(60)
+    return handle
+
+
+def test_an_answer_from_dspys_cache_says_so_rather_than_0_tokens() -> None:
+    # DSPy reports no usage for a cache hit, which streams nothing: the live, text and saved views said "0 tokens"
+    cot = dspy.ChainOfThought("question -> answer")
+
+    def two_calls(question: str) -> list:
+        return [cot(question=question), cot(question=f"{question} again")]
+
+    with OpenAIServer() as server, Pool(workers=1, lm="openai/test-model", journal=False, lm_kwargs={
+            "api_base": server.url, "api_key": "sk-test", "cache": True}) as pool:
+        runs = [finished(pool.run_stream(cot, question="Cached?")) for _ in range(2)]
+        both = finished(pool.run_stream(two_calls, question="Cached?"))  # its first call from the cache, then billed
+        batches = [finished(pool.map(cot, ["one?", "two?", "three?"][:size])) for size in (2, 3)]
+        assert server.count("Cached?") == 2 and server.count("one?") == 1  # "Cached?" and "Cached? again"
+    billed, hit, partly = (StreamText(run) for run in [*runs, both])
+    for text in (billed, hit, partly):
+        text.update()
+    assert runs[0].cached == (0, 0) and "cache" not in billed.summary() and " · LM " in billed.summary()
+    assert runs[1].cached == (1, 1) and runs[1].tokens == (0, 0)
+    assert hit.summary().startswith("done · run_module on w0 · from DSPy's cache · ")
+    assert both.cached == (1, 2) and " · 1 of 2 LM calls from DSPy's cache · " in partly.summary()
+    view = StreamView(runs[1], "cot")
+    view.refresh()
+    assert hit.summary() in view.status.value.replace("&#x27;", "'")  # live
+    saved = view.static()
+    assert saved["text/plain"].splitlines()[-1] == hit.summary()
+    assert "from DSPy&#x27;s cache" in saved["text/html"]
+    first, second = (batch_summary(batch.snapshot()) for batch in batches)
+    assert "cache" not in first and second.endswith("tokens in / 41 out (2 from DSPy's cache)")
+    assert "2 from DSPy's cache" in batch_line(batches[1].snapshot())
+
+
+def test_a_long_answer_is_saved_once_its_text_twin_keeps_its_start(pool: Pool) -> None:
+    # a finished view's text/plain twin held the whole answer again beside its HTML: a 50,000-token answer was
+    # saved twice in the .ipynb (664 KB for a 317 KB answer)
+    pool.configure_lm("demo", answer_tokens=2000)
+    try:
+        run = pool.execute_stream("chain_of_thought", {"signature": "question -> answer", "inputs": "Long?"})
+        run.result(60)
+    finally:
+        pool.configure_lm("demo")
+    view = StreamView(run, "cot")
+    view.refresh()
+    saved = view.static()
+    answer = run.result()["answer"]
+    assert len(answer) > 10_000
+    assert html.escape(answer.split(": ", 1)[1], quote=False) in saved["text/html"]  # the HTML has it all
+    lines = saved["text/plain"].splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["reasoning", "answer"] and lines[2].startswith("done · ")
+    assert len(saved["text/plain"]) < 2 * TWIN_LIMIT + 500
+    kept, note = lines[1].removeprefix("answer: ").split(" … ")
+    assert answer.startswith(kept) and len(kept) > TWIN_LIMIT * 3 // 4
+    assert note == f"[{len(answer) - len(kept):,} more characters: the whole text is in this output's HTML]"
+    short = StreamView(pool.execute_stream("predict", {"signature": "question -> answer", "inputs": "Short?"}), "p")
+    short.text.run.result(60)
+    short.refresh()
+    assert short.static()["text/plain"].splitlines()[0] == f"answer: {short.text.run.result()['answer']}"
+
+
+@pytest.mark.parametrize("where", ["body", "wait"])
+def test_stop_in_a_loop_over_a_stream_cancels_it(pool: Pool, where: str) -> None:
+    # Ctrl-C (JupyterLab's Stop) in `for chunk in pool.execute_stream(...)`: where it landed in the loop's body the
+    # call went on to its end on the worker; where it landed in the wait for a chunk, it was cancelled while
+    # holding the lock the stream's reader marks its end under, so the cell stayed busy 5 s more
+    sent: list[bool] = []
+
+    def interrupt_from_the_reader(chunk: Any) -> None:  # while the loop waits for the next chunk
+        if where == "wait" and chunk.kind == "token" and not sent:
+            sent.append(True)
+            _thread.interrupt_main()
+
+    pool.configure_lm("demo", per_token=0.2, answer_tokens=500)  # 2 min of tokens if not stopped
+    try:
+        run = pool.execute_stream("chain_of_thought", {"signature": "question -> answer", "inputs": "Stop me?"},
+                                  on_chunk=interrupt_from_the_reader)
+        with pytest.raises(KeyboardInterrupt):
+            for chunk in run:
+                if where == "body" and chunk.kind == "token":
+                    _thread.interrupt_main()
+                    time.sleep(5)  # the interrupt lands here, in the loop's body
+        if where == "wait":
+            assert run.done  # ended before the interrupt went on
+        assert run.wait(20) and run.status == "cancelled"
+        assert 0 < sum(c.kind == "token" for c in run.chunks) < 20
+        wait_until(lambda: not any(row["in_flight"] for row in pool.status()), what="the workers to be idle")
+    finally:
+        pool.configure_lm("demo")
+
+
+def shout(question: str, wait: float = 0.0) -> str:
+    import time
+
+    time.sleep(wait)
+    return question.upper()
+
+
+def test_a_loop_over_a_map_gives_its_results_and_stop_cancels_it(pool: Pool) -> None:
+    # `for p in pool.map(...)` raised "TypeError: 'BatchRun' object is not iterable" and left the batch running,
+    # with no handle to stop it
+    assert list(pool.map(shout, ["a", "b", "c"], journal=False)) == ["A", "B", "C"]
+    batch = pool.map(shout, [{"question": f"q{i}", "wait": 0.2} for i in range(200)], concurrency=1, journal=False,
+                     on_item=lambda record: record["index"] == 0 and _thread.interrupt_main())
+    with pytest.raises(KeyboardInterrupt):
+        for _ in batch:
+            pass
+    assert batch.wait(20) and batch.status == "cancelled"
+    assert 0 < batch.ok < 200 and batch.records[0]["ok"]

@@ -111,16 +111,14 @@ def _non_str_key(args: dict[str, Any]) -> tuple[tuple[Any, ...], Any] | None:
     return None
 
 
-def wait_interruptibly(event: threading.Event, timeout: float | None, on_interrupt: Callable[[], None]) -> bool:
-    """Wait for ``event`` in short slices; on KeyboardInterrupt call ``on_interrupt`` and re-raise.
+@contextlib.contextmanager
+def interrupt_calls(on_interrupt: Callable[[], None]) -> Iterator[None]:
+    """On KeyboardInterrupt in the block, call ``on_interrupt`` (after the block let go of its locks) and re-raise.
 
-    A second Ctrl-C that lands while ``Event.wait`` takes its lock back after the first one makes it fail
+    A second Ctrl-C that lands while a ``Condition.wait`` takes its lock back after the first one makes it fail
     with "release unlocked lock": that is an interrupt too."""
-    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        while not event.wait(WAIT_SLICE):
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
+        yield
     except KeyboardInterrupt:
         on_interrupt()
         raise
@@ -129,6 +127,15 @@ def wait_interruptibly(event: threading.Event, timeout: float | None, on_interru
             raise
         on_interrupt()
         raise KeyboardInterrupt from None
+
+
+def wait_interruptibly(event: threading.Event, timeout: float | None, on_interrupt: Callable[[], None]) -> bool:
+    """Wait for ``event`` in short slices; on KeyboardInterrupt call ``on_interrupt`` and re-raise."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with interrupt_calls(on_interrupt):
+        while not event.wait(WAIT_SLICE):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
     return True
 
 
@@ -512,6 +519,12 @@ class Run(Handle):
         """USD cost of the call's LM calls, once it has finished; None where no LM reported one."""
         return typed.cost(self._final)
 
+    @property
+    def cached(self) -> tuple[int, int]:
+        """(LM calls DSPy answered from its cache, all LM calls) of the call, once it has finished; (0, 0) where
+        none was a cache hit (a hit reports no tokens: nothing was billed)."""
+        return typed.cached(self._final)
+
     @program_errors_raised_here
     def result(self, timeout: float | None = None) -> Any:
         """The final result (the data of the ``final`` chunk); raises the call's error."""
@@ -559,16 +572,18 @@ class Run(Handle):
     def arrivals(self, stacklevel: int = 2) -> Iterator[Chunk]:
         """Every chunk, from the first, as it arrives; ends quietly with the stream, however it ended
         (``result()`` says how). Ctrl-C cancels."""
+        with _stopped_by_sigint(self):  # also where Ctrl-C lands in the loop's body, not in its wait for a chunk
+            yield from self._arrivals(stacklevel + 1)
+
+    def _arrivals(self, stacklevel: int) -> Iterator[Chunk]:
         index, warned = 0, False
         while True:
-            with self._cond:
+            # cancel() outside the lock: it waits for the stream's end, which the stream's reader marks under it
+            # (Ctrl-C kept the cell busy for the 5 s cancel() gives a callback, and left the call running)
+            with interrupt_calls(self.cancel), self._cond:
                 while index >= self.received and not self.done:
                     self._not_in_own_callback("an iteration")
-                    try:
-                        self._cond.wait(WAIT_SLICE)
-                    except KeyboardInterrupt:
-                        self.cancel()
-                        raise
+                    self._cond.wait(WAIT_SLICE)
                 if index >= self.received:
                     return
                 if index < self.dropped:  # a reader slower than keep_chunks skips what was dropped: says so, once

@@ -105,26 +105,49 @@ class StreamText:
             if name in last or name not in streamed:
                 last[name] = field_text(value)
 
-    def lines(self) -> list[str]:
-        """The text fallback: ``field: text`` lines, under a ``[step]`` line per step when there are several."""
+    def lines(self, limit: int | None = None) -> list[str]:
+        """The text fallback: ``field: text`` lines, under a ``[step]`` line per step when there are several; each
+        field's text cut to its first ``limit`` characters (``excerpt``) where given."""
         if len(self.groups) <= 1:
-            return [printable(f"{name}: {text}") for group in self.groups.values() for name, text in group.items()]
+            return [printable(f"{name}: {excerpt(text, limit)}") for group in self.groups.values()
+                    for name, text in group.items()]
         return [printable(line) for step, group in self.groups.items()
-                for line in [f"[{step}]", *(f"  {name}: {text}" for name, text in group.items())]]
+                for line in [f"[{step}]", *(f"  {name}: {excerpt(text, limit)}" for name, text in group.items())]]
 
     def summary(self) -> str:
         run = self.run
         state = {"running": "streaming", "done": "done", "failed": "failed", "cancelled": "cancelled"}[run.status]
-        line = f"{state} · {run.tool} on {run.worker} · {count(self.tokens, 'token')} · {run.elapsed:.2f} s"
+        cache = cache_text(*run.cached)
+        shown = cache if cache and not self.tokens else count(self.tokens, "token")  # a hit streams nothing
+        line = f"{state} · {run.tool} on {run.worker} · {shown} · {run.elapsed:.2f} s"
         if self.tokens and run.elapsed > 0:  # tqdm's rate, for the tokens this view shows
             line += f" · {self.tokens / run.elapsed:.1f} tokens/s"
         if any(run.tokens) or run.cost is not None:  # dspy.Parallel's calls have a cost, not tokens
             line += f" · LM {usage_text(*run.tokens, run.cost)}"
+        if cache and self.tokens:
+            line += f" · {cache}"
         if run.status == "failed":
             line += f" · {error_text(run.error)}"
         elif run.status == "running" and self.status:
             line += f" · {self.status}"
         return printable(line)
+
+
+def excerpt(text: str, limit: int | None) -> str:
+    """``text``, or where it is longer than ``limit`` characters, its start (cut at a space where one is near)
+    and how many characters are left out of it here."""
+    if limit is None or len(text) <= limit:
+        return text
+    space = text.rfind(" ", limit * 3 // 4, limit)
+    kept = text[:space if space > 0 else limit]
+    return f"{kept} … [{len(text) - len(kept):,} more characters: the whole text is in this output's HTML]"
+
+
+def cache_text(hits: int, calls: int) -> str:
+    """How many of a call's LM calls DSPy answered from its cache (which reports no tokens), if any."""
+    if not hits:
+        return ""
+    return "from DSPy's cache" if hits == calls else f"{hits} of {calls} LM calls from DSPy's cache"
 
 
 def predictor_label(name: str) -> str:
@@ -239,7 +262,7 @@ def cost_text(cost: float) -> str:
 
 
 def recovery(snap: dict[str, Any]) -> str:
-    """Retries, replaced workers and journal hits, when there were any."""
+    """Retries, replaced workers, journal and DSPy cache hits, when there were any."""
     parts = []
     if snap["retries"]:
         parts.append(f"{snap['retries']} retried")
@@ -247,6 +270,8 @@ def recovery(snap: dict[str, Any]) -> str:
         parts.append(f"{count(snap['replaced'], 'worker')} replaced")
     if snap["from_journal"]:
         parts.append(f"{snap['from_journal']} from the journal")
+    if snap.get("from_cache"):  # DSPy reports no tokens for them: nothing was billed
+        parts.append(f"{snap['from_cache']} from DSPy's cache")
     return ", ".join(parts)
 
 

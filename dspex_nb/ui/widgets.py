@@ -193,7 +193,7 @@ class StreamView(View):
         summary = self.text.summary()
         return {"text/html": f"<div class='dspex-run'>{self.title.value}{steps}<div style='{MUTED}'>"
                              f"{html.escape(summary)}</div></div>",
-                "text/plain": "\n".join([*self.text.lines(), summary])}
+                "text/plain": "\n".join([*self.text.lines(TWIN_LIMIT), summary])}
 
 
 def _step_html(step: str) -> str:
@@ -207,6 +207,12 @@ def _field_html(name: str, value: str) -> str:
     return f"<div><b>{html.escape(name)}</b><div class='dspex-prose' style='{BOX}'>{MARKDOWN.render(value)}</div></div>"
 
 
+# The characters of each field that a finished view's text/plain twin keeps. A saved notebook needs both forms:
+# JupyterLab (after a restart too), GitHub and nbviewer show the HTML (the answer's markdown rendered, safely) and never
+# the twin; a terminal, nbconvert's LaTeX/PDF and review tools read only the twin; and text/markdown, the one form both
+# could read, is rendered with its raw HTML and images by some viewers. Past this length the HTML alone holds the
+# answer, and the twin its start and where the rest is: a 50,000-token answer was saved twice (664 KB; 349 KB now).
+TWIN_LIMIT = 2000
 BOX = "overflow-wrap:anywhere;max-height:24em;overflow-y:auto"
 STEP = "margin-top:0.6em;border-bottom:1px solid rgba(128,128,128,0.4);opacity:0.85"
 PROSE = f"white-space:pre-wrap;word-break:normal;{BOX}"  # live text, as it streams

@@ -103,11 +103,12 @@ def _check_inputs(tool_name: str, sig: type[dspy.Signature], inputs: Any, where:
     return inputs
 
 
-def output_json(output: Any, usage: dict[str, Any] | None = None, cost: float | None = None) -> Any:
+def output_json(output: Any, usage: dict[str, Any] | None = None, cost: float | None = None,
+                cached: tuple[int, int] = (0, 0)) -> Any:
     """A program's output as typed JSON: a Prediction as its fields (and its own LM usage, ``typed.LM_USAGE``,
     where DSPy set one), anything else wrapped as an output; with the call's LM usage (``typed.USAGE``) where it
-    made LM calls, and their cost (``typed.COST``) where an LM
-    reported one."""
+    made LM calls, their cost (``typed.COST``) where an LM reported one, and (``typed.CACHED``) how many of
+    them DSPy answered from its cache, where any."""
     if type(output) is dspy.Prediction and typed.TAG not in output and not any(k in output for k in typed.RESERVED):
         encoded = _encoded(output)  # its fields at the top, and its completions where they are not just
         result = dict(encoded["fields"])  # those fields (an LM's one answer: the common case, said by no key)
@@ -122,6 +123,8 @@ def output_json(output: Any, usage: dict[str, Any] | None = None, cost: float | 
         result[typed.USAGE] = usage
     if cost is not None:
         result[typed.COST] = cost
+    if cached[0]:
+        result[typed.CACHED] = list(cached)
     return result
 
 
@@ -163,6 +166,8 @@ class _Costs:
         # set_lm one, or one its forward calls itself), whose history DSPy appends the entry to first: the kernel's
         # object of that name gets it in the kernel, not the kernel's DSPy LM
         self.lm_states: _LMStates | None = None  # set by _tracked
+        self.calls = 0  # LM calls made
+        self.hits = 0  # of them, answered from DSPy's cache
         self._lock = threading.Lock()  # dspy.Parallel's threads append at once
 
     def __len__(self) -> int:
@@ -173,6 +178,8 @@ class _Costs:
         # its usage (its usage tracker skips it), and so does this.
         cost = entry.get("cost")
         with self._lock:
+            self.calls += 1
+            self.hits += _cache_hit(entry)
             if isinstance(cost, (int, float)) and entry.get("usage"):
                 self.total = (self.total or 0.0) + cost
             if entry.get("usage"):  # keyed by the LM's model, as DSPy's LMs report it to a tracker
@@ -191,6 +198,12 @@ class _Costs:
         """The usage per model, as ``UsageTracker.get_total_tokens`` gives it."""
         with self._lock:
             return self.usage.get_total_tokens()
+
+    def output_json(self, output: Any) -> Any:
+        """``output_json`` of ``output`` with this call's usage, cost and cache hits."""
+        with self._lock:
+            cached = self.hits, self.calls
+        return output_json(output, self.tokens(), self.total, cached)
 
     def history_json(self, budget: int) -> list[dict[str, Any]]:
         """The kept entries as JSON, as DSPy's ``inspect_history`` reads them: the newest whose JSON fits in
@@ -215,6 +228,22 @@ class _Costs:
             kept.append(json.loads(text))
         kept.reverse()
         return kept
+
+
+_TOKEN_COUNTS = ("total_tokens", "prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
+
+
+def _cache_hit(entry: dict[str, Any]) -> bool:
+    """Whether DSPy answered the LM call of a history entry from its cache. A ``dspy.LM``'s entry does not say so,
+    but it empties the usage of a hit (nothing was billed) where the response, as the cache kept it, still has
+    the usage of the call that filled it; DSPy's ``TypesafeLM`` says ``cache_hit`` in the entry, and a
+    ``BaseLM``'s response read from the cache has it as an attribute."""
+    response = entry.get("response")
+    if entry.get("cache_hit") or getattr(response, "cache_hit", False) is True:
+        return True
+    kept = response.get("usage") if isinstance(response, dict) else getattr(response, "usage", None)
+    counts = [kept.get(key) if isinstance(kept, dict) else getattr(kept, key, None) for key in _TOKEN_COUNTS]
+    return not entry.get("usage") and any(type(n) is int and n > 0 for n in counts)
 
 
 def _response_model(entry: dict[str, Any]) -> str:
@@ -464,8 +493,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             output = _awaited(programs.invoke(program, inputs))  # in the call's thread, which counts as running
             values = _values_of(output)
             if values is None:
-                return _with_extras(program, steps, trace, output_json(output, costs.tokens(), costs.total),
-                                    costs, ctx)
+                return _with_extras(program, steps, trace, costs.output_json(output), costs, ctx)
         for value in values:
             if isinstance(value, StreamResponse):
                 yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
@@ -476,8 +504,8 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
                 final = value
         if final is None:
             raise _no_final()
-    return _with_extras(program, steps, trace, output_json(final.value if isinstance(final, _Boxed) else final,
-                                                           costs.tokens(), costs.total), costs, ctx)
+    return _with_extras(program, steps, trace, costs.output_json(final.value if isinstance(final, _Boxed) else final),
+                        costs, ctx)
 
 
 def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs: _Costs, ctx: ToolContext) -> Any:
@@ -877,7 +905,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
             with _tracked({**settings, "trace": steps} if trace else settings, history, program) as costs, \
                     ctx.program_running():
                 output = _run_to_end(_awaited(programs.invoke(program, inputs)))
-            return _with_extras(program, steps, trace, output_json(output, costs.tokens(), costs.total), costs, ctx)
+            return _with_extras(program, steps, trace, costs.output_json(output), costs, ctx)
         finally:
             slots.release()
 

@@ -385,7 +385,8 @@ def test_a_call_runs_on_the_lm_dspy_context_sets_as_in_the_kernel(pool: Pool) ->
         mapped = pool.map(qa, ["How many floors?"], journal=False).result(60)
     assert [ran.answer, streamed.answer, mapped[0].answer] == [expected.answer] * 3
     assert ran.reasoning == expected.reasoning
-    assert len(short.history) == 3 and short.history[-1]["model"] == "demo/demo"  # the pool's calls joined it
+    # the pool's calls joined it, the map's item too, as Module.batch's threads add theirs
+    assert len(short.history) == 4 and short.history[-1]["model"] == "demo/demo"
     assert pool.run(qa, question="How many floors?").answer != expected.answer  # outside it: the pool's LM
 
     from dspex_nb.worker.demo_lm import DemoEngine

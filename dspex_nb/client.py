@@ -240,7 +240,7 @@ class Pool(WorkerPool):
         trace = programs.open_trace()  # as Module.batch's items, they add their predictor calls there
         batch = self.batch(items, module=name, concurrency=concurrency, on_item=on_item, timeout=timeout,
                            item_timeout=item_timeout, max_retries=max_retries, journal=journal, max_errors=max_errors,
-                           trace=trace is not None, on_history=programs.history_recorder(program, self._call_lm()[0]))
+                           trace=trace is not None, on_history=programs.history_recorder(program))
         batch.decode = partial(programs.to_output, batch=True, resolve=batch.resolver,
                                fill_usage=not programs.usage_tracked(),
                                trace=None if trace is None else (trace, program))
@@ -307,7 +307,7 @@ class Pool(WorkerPool):
               timeout: float | None = None, item_timeout: float | None = None, shard_size: int | None = None,
               max_retries: int = 2, journal: bool = True, max_errors: int | None = None,
               trace: bool = False,
-              on_history: Callable[[list[dict[str, Any]], typed.Resolver], Any] | None = None) -> BatchRun:
+              on_history: Callable[..., Any] | None = None) -> BatchRun:
         """Fan ``items`` (input dicts, or strings for a one-input signature) out over every worker.
 
         ``module`` is "predict", "chain_of_thought" (both need ``signature``) or a defined module;
@@ -317,7 +317,8 @@ class Pool(WorkerPool):
         ``max_errors``, the batch stops once that many items failed (``result()`` raises); without, it runs them all.
         With ``trace``, each item's result also holds the predictor calls it made (``Pool.map`` asks for them inside
         a DSPy trace, to add them there); ``on_history`` is given its LM calls' DSPy history entries (and the batch's
-        resolver) as each item arrives (they are not kept in the journal). Returns a ``BatchRun`` at once.
+        resolver, ``resolve=``, and the kernel's LM that stands for the one they ran on, ``lm=``) as each item arrives
+        (they are not kept in the journal). Returns a ``BatchRun`` at once.
         """
         check = settings.Checker("batch")
         check.integer("concurrency", concurrency, 1, settings.MAX_CONCURRENCY, optional=True)
@@ -335,7 +336,7 @@ class Pool(WorkerPool):
         program = {"module": module, "signature": signature, "lm": self.lm, "lm_kwargs": self.lm_kwargs,
                    "source": defined.get("key"), "format": typed.FORMAT,
                    **({"shipped": hashlib.sha256(shipped.encode()).hexdigest()} if shipped else {})}
-        lm = self._call_lm()[1]
+        history_lm, lm = self._call_lm()
         kernel = programs.kernel_settings(lm)
         if kernel:  # another adapter or LM is another program: the journal keeps their results apart
             program["settings"] = kernel
@@ -349,7 +350,7 @@ class Pool(WorkerPool):
                         on_item=on_item,
                         journal=self.journal if journal else None, program=program, shipped=shipped, resolver=resolver,
                         version=defined.get("version", ""), trace=trace,
-                        on_history=None if on_history is None else partial(on_history, resolve=resolver))
+                        on_history=None if on_history is None else partial(on_history, resolve=resolver, lm=history_lm))
 
 
     def _call_lm(self) -> tuple[Any, Any]:

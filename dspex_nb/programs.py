@@ -528,15 +528,16 @@ class _History:
     history: list[Any] = []
 
 
-def history_recorder(program: Any, lm: Any) -> Callable[..., None] | None:
+def history_recorder(program: Any) -> Callable[..., None] | None:
     """For a batch of ``program`` started now: ``record_history`` of each item's entries (with the resolver of the
-    batch's classes, ``resolve=``) as it arrives, inside the kernel's modules around this call, wherever it runs;
-    None where the kernel keeps no history (``wants_history``)."""
+    batch's classes, ``resolve=``, and the kernel's LM that stands for the one they ran on, ``lm=``) as it arrives,
+    inside the kernel's modules around this call, wherever it runs; None where the kernel keeps no history
+    (``wants_history``)."""
     import dspy
 
     if not wants_history():
         return None
-    return partial(record_history, program=program, lm=lm, outer=list(dspy.settings.caller_modules or []))
+    return partial(record_history, program=program, outer=list(dspy.settings.caller_modules or []))
 
 
 def record_history(entries: list[dict[str, Any]], program: Any, lm: Any, resolve: typed.Resolver,

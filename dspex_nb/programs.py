@@ -606,7 +606,7 @@ def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve:
     modules = {} if batch else dict(sub_modules(program))
     for change in changes:
         named = f"the LM {change.get('name')} that {change.get('label')}"
-        changed = sorted(change.get("attributes") or change.get("changed") or change.get("removed") or [])
+        changed = sorted([*change.get("changed", []), *change.get("removed", [])])
         if batch:
             warnings.warn(f"{named} changed its attribute(s) {changed} as it answered on the pool: in a batch, each "
                           "worker changes a copy of its own, and the kernel's LM is left as it was", LMStateNotKept,

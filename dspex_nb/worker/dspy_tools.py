@@ -154,7 +154,7 @@ class _Costs:
     tracking as it is in the kernel: with ``track_usage`` on, a module that finds no tracker opens one and sets
     its usage on its prediction (``get_lm_usage()``)."""
 
-    def __init__(self, keep: bool = False, modules: dict[int, str] | None = None,
+    def __init__(self, lm_states: _LMStates, keep: bool = False, modules: dict[int, str] | None = None,
                  lms: dict[tuple[Any, ...], Any] | None = None) -> None:
         self.history = self
         self.total: float | None = None  # None until an LM reports a cost (an unpriced model is not free)
@@ -165,7 +165,7 @@ class _Costs:
         self.lms = lms or {}  # (module name, attribute[, index or key]) -> an LM the program holds (a predictor's
         # set_lm one, or one its forward calls itself), whose history DSPy appends the entry to first: the kernel's
         # object of that name gets it in the kernel, not the kernel's DSPy LM
-        self.lm_states: _LMStates | None = None  # set by _tracked
+        self.lm_states = lm_states  # the LMs the call may change as it answers
         self.calls = 0  # LM calls made
         self.hits = 0  # of them, answered from DSPy's cache
         self._lock = threading.Lock()  # dspy.Parallel's threads append at once
@@ -282,12 +282,12 @@ def _tracked(settings: dict[str, Any], history: bool = False, program: Any = Non
     modules = programs.sub_modules(program)
     held = _held_lms(modules)
     named = modules if history else []
-    costs = _Costs(keep=history, modules={id(module): name for name, module in named}, lms=held if history else {})
     watched: dict[str, tuple[list[Any] | None, Any]] = {
         f"the program holds in {'.'.join(map(str, where))}": (list(where), lm) for where, lm in held.items()}
     if shipped is not None:
         watched["dspy.context set around this call"] = (None, shipped)
-    costs.lm_states = _LMStates(watched)
+    costs = _Costs(_LMStates(watched), keep=history, modules={id(module): name for name, module in named},
+                   lms=held if history else {})
     with dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]):
         yield costs
 
@@ -417,9 +417,10 @@ class _LMStates:
         self.before = {label: _public_state(lm) for label, (_, lm) in lms.items()}
 
     def changes(self) -> list[dict[str, Any]]:
-        """For each LM whose public attributes changed: where it is, how to name it (``label``, ``name``), the new
-        values as typed JSON (``attributes``), those it no longer has (``removed``), or, for values that cannot
-        travel as typed JSON (a ``DummyLM``'s iterator of answers), why (``unsent``)."""
+        """For each LM whose public attributes changed: where it is, how to name it (``label``, ``name``), the names
+        of those it changed (``changed``) and no longer has (``removed``), and the new values as typed JSON
+        (``attributes``), or, for values that cannot travel as typed JSON (a ``DummyLM``'s iterator of answers),
+        why (``unsent``)."""
         changes = []
         for label, (where, lm) in self.lms.items():
             was, now = self.before[label], _public_state(lm)
@@ -429,13 +430,14 @@ class _LMStates:
             removed = sorted(was.keys() - now.keys())
             if not changed and not removed:
                 continue
-            change: dict[str, Any] = {"lm": where, "label": label, "name": _lm_name(lm), "removed": removed}
+            change: dict[str, Any] = {"lm": where, "label": label, "name": _lm_name(lm), "changed": changed,
+                                      "removed": removed}
             try:
                 attributes = {name: typed.encode(getattr(lm, name)) for name in changed}
                 why = next(filter(None, (typed.unsendable(value, name) for name, value in attributes.items())), None)
             except (typed.NotPortable, RecursionError) as exc:
                 attributes, why = {}, str(exc)
-            change.update({"attributes": attributes} if why is None else {"unsent": why, "changed": changed})
+            change.update({"attributes": attributes} if why is None else {"unsent": why})
             changes.append(change)
         return changes
 
@@ -511,11 +513,13 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
 def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs: _Costs, ctx: ToolContext) -> Any:
     """``result`` (a program's output as ``output_json`` makes it), with ``typed.TRACE`` where ``trace`` is asked:
     the predictor calls DSPy recorded in ``steps`` (``dspy.settings.trace``) as ``[name, inputs, prediction]``,
-    each predictor by its name in ``program.named_predictors()`` (None for one the program does not hold); and
+    each predictor by its name in ``program.named_predictors()`` (None for one the program does not hold);
+    ``typed.LM_STATE``, the attributes its LMs changed as they answered, where they changed any; and
     ``typed.HISTORY``, the LM calls' history entries kept by ``costs``, the newest that fit in the message."""
     if trace:
         result[typed.TRACE] = _trace_json(program, steps)
-    _with_lm_state(result, costs)
+    if changes := costs.lm_states.changes():
+        result[typed.LM_STATE] = changes
     if costs.entries:  # what the result leaves of its message: the history must not make it too large
         try:
             size = len(dumps(result))
@@ -531,13 +535,6 @@ def _without_history(item: dict[str, Any]) -> dict[str, Any]:
     if not item["ok"] or typed.HISTORY not in item["result"]:
         return item
     return {**item, "result": {k: v for k, v in item["result"].items() if k != typed.HISTORY}}
-
-
-def _with_lm_state(result: dict[str, Any], costs: _Costs) -> dict[str, Any]:
-    """``result`` with ``typed.LM_STATE``, the changes the call made to its LMs, where it made any."""
-    if costs.lm_states is not None and (changes := costs.lm_states.changes()):
-        result[typed.LM_STATE] = changes
-    return result
 
 
 def _trace_json(program: Any, steps: list[Any]) -> list[list[Any]]:

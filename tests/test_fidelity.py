@@ -1000,6 +1000,47 @@ program = Picky()
     assert len(pool.map(program, devset, max_errors=3, journal=False).result(60)) == 5
 
 
+@pytest.mark.parametrize("provide_traceback", [False, True])
+def test_evaluate_logs_a_failed_example_as_dspy_evaluate(provide_traceback: bool, shell: InteractiveShell,
+                                                         pool: Pool, demo_lm: dspy.LM,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # DSPy's ParallelExecutor logs "Error for <example>: <str(exc)>"; the pool's said "ValueError: <message>", the
+    # error's type put in its message, and the metric's callbacks saw a RuntimeError, not the program's error
+    program, _ = define(shell, '''
+class Fussy(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        if question.startswith("bad"):
+            raise KeyError(f"cannot answer {question}")  # str() quotes a KeyError's message
+        return self.qa(question=question)
+
+devset = [dspy.Example(question=q, answer="x").with_inputs("question") for q in ["a?", "bad 1"]]
+
+def metric(example, pred, trace=None):
+    return len(pred.answer) % 2
+
+program = Fussy()
+''')
+    devset, metric = shell.user_ns["devset"], shell.user_ns["metric"]
+
+    def logged() -> list[str]:
+        lines = [r.getMessage().partition("\n")[0] for r in caplog.records if r.name == "dspy.utils.parallelizer"]
+        caplog.clear()
+        return lines
+
+    with caplog.at_level(logging.ERROR, logger="dspy.utils.parallelizer"):
+        with dspy.context(lm=demo_lm):
+            expected = dspy.Evaluate(devset=devset, metric=metric, provide_traceback=provide_traceback)(program)
+        kernel = logged()
+        assert pool.evaluate(program, devset, metric, journal=False,
+                             provide_traceback=provide_traceback).score == expected.score
+        assert logged() == kernel == [f"Error for {devset[1]}: 'cannot answer bad 1'" + (
+            "" if provide_traceback else ". Set `provide_traceback=True` for traceback.")]
+
+
 def test_a_program_from_source_runs_with_its_types_and_source(pool: Pool) -> None:
     info = pool.define("Rated", '''
 from __future__ import annotations  # the user's own: annotations stay strings, resolved by DSPy

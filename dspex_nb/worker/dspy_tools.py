@@ -35,7 +35,7 @@ from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError, Cancelled
 from dspex_nb.wire import CACHE, ENV, LM_STALE, definition_version, dumps
 from dspex_nb.worker import programs
-from dspex_nb.worker.calls import MESSAGE_OVERHEAD, message_of
+from dspex_nb.worker.calls import MESSAGE_OVERHEAD, error_info
 from dspex_nb.worker.demo_lm import make_demo_lm
 from dspex_nb.worker.limits import StopWhenCancelled
 from dspex_nb.worker.state import WorkerState
@@ -530,6 +530,12 @@ def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs
     return result
 
 
+def _item_error(exc: BaseException) -> dict[str, Any]:
+    """A failed item's error as ``error_info`` gives it (so the kernel can raise it as its own class, as
+    ``pool.evaluate`` does for DSPy's Evaluate), less its traceback, which every failed item of a batch would carry."""
+    return {key: value for key, value in error_info(exc).items() if key != "traceback"}
+
+
 def _without_history(item: dict[str, Any]) -> dict[str, Any]:
     """A batch item's chunk data without its result's ``typed.HISTORY``."""
     if not item["ok"] or typed.HISTORY not in item["result"]:
@@ -929,8 +935,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
                 try:
                     data = {"index": i, "ok": True, "result": fut.result(), "worker": worker, **version}
                 except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: this item's error
-                    data = {"index": i, "ok": False, "worker": worker,
-                            "error": {"type": type(exc).__name__, "message": message_of(exc)}}
+                    data = {"index": i, "ok": False, "worker": worker, "error": _item_error(exc)}
                 results[i] = _without_history(data)  # the item chunk brings it: the shard's result need not
                 yield Emit("item", data)
         finally:  # a cancelled call does not wait for its items still running (their slots are given back)

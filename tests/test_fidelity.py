@@ -798,6 +798,48 @@ def streaming():
         assert expected and [chunk["text"] for chunk in run if chunk.kind == "token"] == expected
 
 
+def test_a_streamified_program_with_a_status_message_provider_streams_its_messages(shell: InteractiveShell,
+                                                                                   pool: Pool,
+                                                                                   demo_lm: dspy.LM) -> None:
+    # DSPy's streaming tutorial, "Intermediate Status Streaming": without a listener streamify gives the LM's raw
+    # chunks too, which the pool dropped without a word (a %%dspex cell showed nothing until the end)
+    define(shell, '''
+class MyStatusMessageProvider(dspy.streaming.StatusMessageProvider):
+    def tool_start_status_message(self, instance, inputs):
+        return f"Calling Tool {instance.name} with inputs {inputs}..."
+
+    def tool_end_status_message(self, outputs):
+        return f"Tool finished with output: {outputs}!"
+
+class MyProgram(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.tool = dspy.Tool(lambda x: 2 * x, name="double_the_number")
+        self.predict = dspy.ChainOfThought("num1, num2->sum")
+
+    def forward(self, num, **kwargs):
+        num2 = self.tool(x=num)
+        return self.predict(num1=num, num2=num2)
+
+program = dspy.streamify(MyProgram(), status_message_provider=MyStatusMessageProvider(), async_streaming=False)
+''')
+    with dspy.context(lm=demo_lm):
+        values = list(shell.user_ns["program"](num=3))
+    statuses = [v.message for v in values if isinstance(v, dspy.streaming.StatusMessage)]
+    assert statuses == ["Calling Tool double_the_number with inputs {'kwargs': {'x': 3}}...",
+                        "Tool finished with output: 6!"]
+    raw = [v for v in values[:-1] if not isinstance(v, dspy.streaming.StatusMessage)]
+    assert raw and not any(isinstance(v, dspy.streaming.StreamResponse) for v in raw)  # the LM's own chunks
+    run = pool.run_stream(shell.user_ns["program"], num=3)
+    assert_same(values[-1], run.result(60))
+    said = [chunk["message"] for chunk in run.chunks if chunk.kind == "status"]
+    assert said[:2] == statuses
+    assert len(said) == 3 and said[2].startswith(f"the LM's raw stream chunks ({type(raw[0]).__name__}) that this "
+                                                 "dspy.streamify'd program gives without stream listeners are not "
+                                                 "passed on: give streamify a StreamListener")
+    assert not any(chunk.kind == "token" for chunk in run.chunks)
+
+
 @pytest.mark.parametrize("async_streaming", [True, False])
 def test_a_stream_without_its_final_prediction_raises_a_clear_error(async_streaming: bool, shell: InteractiveShell,
                                                                     pool: Pool) -> None:

@@ -496,18 +496,29 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             values = _values_of(output)
             if values is None:
                 return _with_extras(program, steps, trace, costs.output_json(output), costs, ctx)
+        raw = False
         for value in values:
             if isinstance(value, StreamResponse):
                 yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
                                      "last": value.is_last_chunk, "predictor": value.predict_name})
             elif isinstance(value, StatusMessage):
                 yield Emit("status", {"message": value.message})
-            else:
+            elif isinstance(value, dspy.Prediction):  # a stream's last value
                 final = value
+            elif not raw:  # DSPy passes on the LM's own chunks where the streamify'd program has no listener
+                raw = True
+                yield Emit("status", {"message": _RAW_CHUNKS.format(type(value).__name__)})
         if final is None:
             raise _no_final()
     return _with_extras(program, steps, trace, costs.output_json(final.value if isinstance(final, _Boxed) else final),
                         costs, ctx)
+
+
+# The LM's raw chunks carry its whole reply, field markers and all, for no field: the kernel gets a stream's chunks
+# of a field only, each as a token chunk
+_RAW_CHUNKS = ("the LM's raw stream chunks ({}) that this dspy.streamify'd program gives without stream listeners are "
+               "not passed on: give streamify a StreamListener(signature_field_name=...) for each field to stream, or "
+               "pass the program without streamify, and pool.run_stream streams each str output field")
 
 
 def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs: _Costs, ctx: ToolContext) -> Any:

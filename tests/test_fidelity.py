@@ -607,6 +607,36 @@ def program(questions: list[str]):
         history.messages.append({"question": question, **outputs})
     return history
 ''', {"questions": ["Capital of France?", "And Italy?", "And Spain?"]}),
+    "signature_edited_with_its_methods": ('''
+class QA(dspy.Signature):  # DSPy's signatures API: each method returns a new signature class
+    """Answer questions with short factoid answers."""
+    question: str = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+edited = (QA.with_updated_fields("answer", desc="often between 1 and 5 words", type_=int)
+          .append("confidence", dspy.OutputField(), type_=float)
+          .prepend("context", dspy.InputField(), type_=list[str])
+          .with_instructions("Answer precisely."))
+program = dspy.Predict(edited.delete("context").insert(1, "style", dspy.InputField(), type_=str))
+''', {"question": "How many legs?", "style": "terse"}),
+    "make_signature_from_a_dict": ('''
+program = dspy.ChainOfThought(dspy.make_signature(
+    {"question": (str, dspy.InputField()), "answer": (int, dspy.OutputField(desc="a number"))},
+    "Answer the question with a number.", signature_name="Numeric"))
+''', {"question": "How many legs does a cat have?"}),
+    "gepa_compiled_in_the_kernel": ('''
+from dspex_nb import demo_lm
+
+trainset = [dspy.Example(question=q, answer=a).with_inputs("question") for q, a in
+            [("What is 1+1?", "2"), ("Capital of France?", "Paris"), ("Colour of the sky?", "blue")]]
+
+def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):  # GEPA's metric, with feedback
+    return dspy.Prediction(score=float(len(pred.answer) % 2), feedback="Be shorter.")
+
+with dspy.context(lm=demo_lm()):
+    program = dspy.GEPA(metric=metric, max_metric_calls=8, reflection_lm=demo_lm(), num_threads=1).compile(
+        dspy.ChainOfThought("question -> answer"), trainset=trainset, valset=trainset[:2])
+''', {"question": "Capital of Spain?"}),
     "saved_and_loaded_whole_program": ('''
 import tempfile
 

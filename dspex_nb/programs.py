@@ -39,7 +39,7 @@ from typing import Any
 import cloudpickle
 
 from dspex_nb import code_digest, typed
-from dspex_nb.errors import ArgumentError, CallbacksNotRun, LMStateNotKept, TraceIncomplete
+from dspex_nb.errors import ArgumentError, CallbacksNotRun, LMStateNotKept, TraceIncomplete, remote_error
 from dspex_nb.wire import CACHE, ENV, LM_STALE
 
 
@@ -747,8 +747,8 @@ class Replay:
         record = queue.pop(0)
         if record is None:
             raise RuntimeError("the batch stopped before this example ran")
-        if not record["ok"]:
-            raise RuntimeError(f"{record['error']['type']}: {record['error']['message']}")
+        if not record["ok"]:  # as the program's own error, which DSPy logs as str(exc)
+            raise remote_error("batch_inference", record["error"], record.get("worker", ""))
         return self._decode(record["result"])
 
 

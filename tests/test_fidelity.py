@@ -607,6 +607,36 @@ def program(questions: list[str]):
         history.messages.append({"question": question, **outputs})
     return history
 ''', {"questions": ["Capital of France?", "And Italy?", "And Spain?"]}),
+    "signature_edited_with_its_methods": ('''
+class QA(dspy.Signature):  # DSPy's signatures API: each method returns a new signature class
+    """Answer questions with short factoid answers."""
+    question: str = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+edited = (QA.with_updated_fields("answer", desc="often between 1 and 5 words", type_=int)
+          .append("confidence", dspy.OutputField(), type_=float)
+          .prepend("context", dspy.InputField(), type_=list[str])
+          .with_instructions("Answer precisely."))
+program = dspy.Predict(edited.delete("context").insert(1, "style", dspy.InputField(), type_=str))
+''', {"question": "How many legs?", "style": "terse"}),
+    "make_signature_from_a_dict": ('''
+program = dspy.ChainOfThought(dspy.make_signature(
+    {"question": (str, dspy.InputField()), "answer": (int, dspy.OutputField(desc="a number"))},
+    "Answer the question with a number.", signature_name="Numeric"))
+''', {"question": "How many legs does a cat have?"}),
+    "gepa_compiled_in_the_kernel": ('''
+from dspex_nb import demo_lm
+
+trainset = [dspy.Example(question=q, answer=a).with_inputs("question") for q, a in
+            [("What is 1+1?", "2"), ("Capital of France?", "Paris"), ("Colour of the sky?", "blue")]]
+
+def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):  # GEPA's metric, with feedback
+    return dspy.Prediction(score=float(len(pred.answer) % 2), feedback="Be shorter.")
+
+with dspy.context(lm=demo_lm()):
+    program = dspy.GEPA(metric=metric, max_metric_calls=8, reflection_lm=demo_lm(), num_threads=1).compile(
+        dspy.ChainOfThought("question -> answer"), trainset=trainset, valset=trainset[:2])
+''', {"question": "Capital of Spain?"}),
     "saved_and_loaded_whole_program": ('''
 import tempfile
 
@@ -796,6 +826,48 @@ def streaming():
     for _ in range(pool.size + 1):  # one worker runs it twice at least
         run = pool.run_stream(shell.user_ns["streaming"](), topic="tides")
         assert expected and [chunk["text"] for chunk in run if chunk.kind == "token"] == expected
+
+
+def test_a_streamified_program_with_a_status_message_provider_streams_its_messages(shell: InteractiveShell,
+                                                                                   pool: Pool,
+                                                                                   demo_lm: dspy.LM) -> None:
+    # DSPy's streaming tutorial, "Intermediate Status Streaming": without a listener streamify gives the LM's raw
+    # chunks too, which the pool dropped without a word (a %%dspex cell showed nothing until the end)
+    define(shell, '''
+class MyStatusMessageProvider(dspy.streaming.StatusMessageProvider):
+    def tool_start_status_message(self, instance, inputs):
+        return f"Calling Tool {instance.name} with inputs {inputs}..."
+
+    def tool_end_status_message(self, outputs):
+        return f"Tool finished with output: {outputs}!"
+
+class MyProgram(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.tool = dspy.Tool(lambda x: 2 * x, name="double_the_number")
+        self.predict = dspy.ChainOfThought("num1, num2->sum")
+
+    def forward(self, num, **kwargs):
+        num2 = self.tool(x=num)
+        return self.predict(num1=num, num2=num2)
+
+program = dspy.streamify(MyProgram(), status_message_provider=MyStatusMessageProvider(), async_streaming=False)
+''')
+    with dspy.context(lm=demo_lm):
+        values = list(shell.user_ns["program"](num=3))
+    statuses = [v.message for v in values if isinstance(v, dspy.streaming.StatusMessage)]
+    assert statuses == ["Calling Tool double_the_number with inputs {'kwargs': {'x': 3}}...",
+                        "Tool finished with output: 6!"]
+    raw = [v for v in values[:-1] if not isinstance(v, dspy.streaming.StatusMessage)]
+    assert raw and not any(isinstance(v, dspy.streaming.StreamResponse) for v in raw)  # the LM's own chunks
+    run = pool.run_stream(shell.user_ns["program"], num=3)
+    assert_same(values[-1], run.result(60))
+    said = [chunk["message"] for chunk in run.chunks if chunk.kind == "status"]
+    assert said[:2] == statuses
+    assert len(said) == 3 and said[2].startswith(f"the LM's raw stream chunks ({type(raw[0]).__name__}) that this "
+                                                 "dspy.streamify'd program gives without stream listeners are not "
+                                                 "passed on: give streamify a StreamListener")
+    assert not any(chunk.kind == "token" for chunk in run.chunks)
 
 
 @pytest.mark.parametrize("async_streaming", [True, False])
@@ -998,6 +1070,47 @@ program = Picky()
         with pytest.raises(Exception, match=stopped):
             pool.evaluate(program, devset, metric, journal=False)
     assert len(pool.map(program, devset, max_errors=3, journal=False).result(60)) == 5
+
+
+@pytest.mark.parametrize("provide_traceback", [False, True])
+def test_evaluate_logs_a_failed_example_as_dspy_evaluate(provide_traceback: bool, shell: InteractiveShell,
+                                                         pool: Pool, demo_lm: dspy.LM,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # DSPy's ParallelExecutor logs "Error for <example>: <str(exc)>"; the pool's said "ValueError: <message>", the
+    # error's type put in its message, and the metric's callbacks saw a RuntimeError, not the program's error
+    program, _ = define(shell, '''
+class Fussy(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        if question.startswith("bad"):
+            raise KeyError(f"cannot answer {question}")  # str() quotes a KeyError's message
+        return self.qa(question=question)
+
+devset = [dspy.Example(question=q, answer="x").with_inputs("question") for q in ["a?", "bad 1"]]
+
+def metric(example, pred, trace=None):
+    return len(pred.answer) % 2
+
+program = Fussy()
+''')
+    devset, metric = shell.user_ns["devset"], shell.user_ns["metric"]
+
+    def logged() -> list[str]:
+        lines = [r.getMessage().partition("\n")[0] for r in caplog.records if r.name == "dspy.utils.parallelizer"]
+        caplog.clear()
+        return lines
+
+    with caplog.at_level(logging.ERROR, logger="dspy.utils.parallelizer"):
+        with dspy.context(lm=demo_lm):
+            expected = dspy.Evaluate(devset=devset, metric=metric, provide_traceback=provide_traceback)(program)
+        kernel = logged()
+        assert pool.evaluate(program, devset, metric, journal=False,
+                             provide_traceback=provide_traceback).score == expected.score
+        assert logged() == kernel == [f"Error for {devset[1]}: 'cannot answer bad 1'" + (
+            "" if provide_traceback else ". Set `provide_traceback=True` for traceback.")]
 
 
 def test_a_program_from_source_runs_with_its_types_and_source(pool: Pool) -> None:

@@ -580,6 +580,26 @@ def test_run_a_module_instance_from_the_kernel_fills_its_input_field(sh: Shell) 
     assert sh.ns["r"] == kernel_run(sh.ns["qa"], question="What is DSPy?")
 
 
+@pytest.mark.parametrize("streamify", ["async_streaming=False", "is_async_program=True"])
+def test_run_a_streamified_program_takes_its_programs_input_fields(sh: Shell, streamify: str) -> None:
+    # DSPy's streaming tutorial's program: streamify's function takes (*args, **kwargs), so the cell was refused
+    # ("write one `field: value` line per input field []"), where stream(question=...) runs in the kernel
+    sh(f'''
+import dspy
+from dspy.streaming import StreamListener
+
+def streaming():
+    return dspy.streamify(dspy.ChainOfThought("question, context -> answer"), {streamify},
+                          stream_listeners=[StreamListener(signature_field_name="answer")])
+
+stream = streaming()
+''')
+    out, _ = sh("%%dspex run stream -o r\nquestion: Why is the sky blue?\ncontext: light")
+    assert out.startswith("answer: Demo LM answer")  # the listener's field streams first
+    assert sh.ns["r"] == kernel_run(sh.ns["dspy"].ChainOfThought("question, context -> answer"),
+                                    question="Why is the sky blue?", context="light")
+
+
 def test_run_leaves_out_the_inputs_a_modules_forward_gives_defaults(sh: Shell) -> None:
     sh('''
 import dspy

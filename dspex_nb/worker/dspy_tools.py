@@ -35,7 +35,7 @@ from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError, Cancelled
 from dspex_nb.wire import CACHE, ENV, LM_STALE, definition_version, dumps
 from dspex_nb.worker import programs
-from dspex_nb.worker.calls import MESSAGE_OVERHEAD, message_of
+from dspex_nb.worker.calls import MESSAGE_OVERHEAD, error_info
 from dspex_nb.worker.demo_lm import make_demo_lm
 from dspex_nb.worker.limits import StopWhenCancelled
 from dspex_nb.worker.state import WorkerState
@@ -496,18 +496,29 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             values = _values_of(output)
             if values is None:
                 return _with_extras(program, steps, trace, costs.output_json(output), costs, ctx)
+        raw = False
         for value in values:
             if isinstance(value, StreamResponse):
                 yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
                                      "last": value.is_last_chunk, "predictor": value.predict_name})
             elif isinstance(value, StatusMessage):
                 yield Emit("status", {"message": value.message})
-            else:
+            elif isinstance(value, dspy.Prediction):  # a stream's last value
                 final = value
+            elif not raw:  # DSPy passes on the LM's own chunks where the streamify'd program has no listener
+                raw = True
+                yield Emit("status", {"message": _RAW_CHUNKS.format(type(value).__name__)})
         if final is None:
             raise _no_final()
     return _with_extras(program, steps, trace, costs.output_json(final.value if isinstance(final, _Boxed) else final),
                         costs, ctx)
+
+
+# The LM's raw chunks carry its whole reply, field markers and all, for no field: the kernel gets a stream's chunks
+# of a field only, each as a token chunk
+_RAW_CHUNKS = ("the LM's raw stream chunks ({}) that this dspy.streamify'd program gives without stream listeners are "
+               "not passed on: give streamify a StreamListener(signature_field_name=...) for each field to stream, or "
+               "pass the program without streamify, and pool.run_stream streams each str output field")
 
 
 def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs: _Costs, ctx: ToolContext) -> Any:
@@ -528,6 +539,12 @@ def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs
         if history := costs.history_json(ctx.worker.max_message_bytes - MESSAGE_OVERHEAD - size - HISTORY_FRAME):
             result[typed.HISTORY] = history
     return result
+
+
+def _item_error(exc: BaseException) -> dict[str, Any]:
+    """A failed item's error as ``error_info`` gives it (so the kernel can raise it as its own class, as
+    ``pool.evaluate`` does for DSPy's Evaluate), less its traceback, which every failed item of a batch would carry."""
+    return {key: value for key, value in error_info(exc).items() if key != "traceback"}
 
 
 def _without_history(item: dict[str, Any]) -> dict[str, Any]:
@@ -929,8 +946,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
                 try:
                     data = {"index": i, "ok": True, "result": fut.result(), "worker": worker, **version}
                 except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: this item's error
-                    data = {"index": i, "ok": False, "worker": worker,
-                            "error": {"type": type(exc).__name__, "message": message_of(exc)}}
+                    data = {"index": i, "ok": False, "worker": worker, "error": _item_error(exc)}
                 results[i] = _without_history(data)  # the item chunk brings it: the shard's result need not
                 yield Emit("item", data)
         finally:  # a cancelled call does not wait for its items still running (their slots are given back)

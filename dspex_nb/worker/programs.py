@@ -176,6 +176,8 @@ def describe_inputs(program: Any) -> tuple[list[str], list[str], bool, list[str]
     """(inputs, required, open_ended, optional) of a program instance or function: ``optional`` are the named
     parameters with defaults and the signature's fields a ``**kwargs`` passes on besides them (none where the inputs
     are its signature's fields)."""
+    if streamified(program) and (wrapped := streamified_program(program)) is not None:
+        return describe_inputs(wrapped)  # its streamer takes (*args, **kwargs): the inputs are the program's
     try:
         params = list(inspect.signature(_entry_point(program)).parameters.values())
     except (TypeError, ValueError):
@@ -305,6 +307,23 @@ def sub_modules(program: Any) -> list[tuple[str, Any]]:
 def streamified(program: Any) -> bool:
     """Whether ``program`` was made by ``dspy.streamify``: it returns a stream of its listeners' tokens."""
     return getattr(program, "__module__", None) == dspy.streamify.__module__
+
+
+def streamified_program(streamer: Any) -> Any:
+    """The program a ``dspy.streamify``'d function runs, as DSPy keeps it: the ``program`` its closures hold (under
+    ``dspy.asyncify``'s, or as the bound ``acall`` of ``is_async_program=True``); None where none is found."""
+    functions, seen = deque([streamer]), {id(streamer)}
+    while functions:
+        function = functions.popleft()
+        for name, cell in zip(function.__code__.co_freevars, function.__closure__ or (), strict=True):
+            value = cell.cell_contents
+            if inspect.isfunction(value) and value.__module__.partition(".")[0] == "dspy":
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    functions.append(value)
+            elif name == "program":
+                return value.__self__ if inspect.ismethod(value) else value
+    return None
 
 
 def _program_of(shipped: dict[str, Any]) -> Any:

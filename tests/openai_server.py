@@ -6,7 +6,13 @@ server-sent events with ``usage`` or as one JSON reply. A marker in the last use
 - ``[429]``: the first request with that message gets HTTP 429 with ``Retry-After: 0.2``;
 - ``[500]``: every such request gets HTTP 500;
 - ``[stall]``: the reply never comes (the connection stays open until the server stops);
-- ``[drop]``: the first such request is cut off mid-reply (the connection closes).
+- ``[drop]``: the first such request is cut off mid-reply (the connection closes);
+- ``[401]``: HTTP 401, OpenAI's "Incorrect API key provided" with the request's key in it;
+- ``[400ctx]``: HTTP 400, OpenAI's ``context_length_exceeded``;
+- ``[length]``: the reply stops half-way with ``finish_reason: "length"`` (as at ``max_tokens``);
+- ``[garbled]``: a reply without DSPy's field markers, unless the request asks for JSON (JSONAdapter).
+
+A request with ``n`` gets that many choices; one with ``logprobs`` gets each token's log-probability.
 
 A request that offers ``tools`` (native function calling) gets a call of its first tool, each of the tool's
 parameters given the last user message, as the reply's ``tool_calls``.
@@ -47,6 +53,12 @@ def _tool_calls(body: dict[str, Any], user: str) -> list[dict[str, Any]]:
     arguments = {name: user for name in function.get("parameters", {}).get("properties", {})}
     return [{"id": "call_0", "type": "function",
              "function": {"name": function["name"], "arguments": json.dumps(arguments)}}]
+
+
+def _logprobs(pieces: list[str]) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` of a choice: each token's, made up from its position."""
+    return {"content": [{"token": piece, "logprob": -0.25 * (i % 4), "bytes": list(piece.encode()),
+                         "top_logprobs": []} for i, piece in enumerate(pieces)]}
 
 
 class OpenAIServer:
@@ -106,32 +118,50 @@ class OpenAIServer:
                 if "[stall]" in user:
                     server._stop.wait()
                     return None
+                if "[401]" in user:
+                    key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                    return self._json(401, {"error": {"message": f"Incorrect API key provided: {key}.",
+                                                      "type": "invalid_request_error", "code": "invalid_api_key"}})
+                if "[400ctx]" in user:
+                    return self._json(400, {"error": {
+                        "message": "This model's maximum context length is 16 tokens. However, your messages resulted "
+                                   "in 99 tokens. Please reduce the length of the messages.",
+                        "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}})
+                if "[garbled]" in user and not body.get("response_format") and "a JSON object" not in json.dumps(body):
+                    text = "I will not follow the format."
                 tokens = text.split(" ")
+                finish = "stop"
+                if "[length]" in user:
+                    tokens, finish = tokens[:len(tokens) // 2], "length"
+                    text = " ".join(tokens)
                 usage = {"prompt_tokens": len(json.dumps(body["messages"]).split()),
                          "completion_tokens": len(tokens), "total_tokens": 0}
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                 if "[drop]" in user and attempt == 1:
                     return self._drop(body.get("stream", False))
                 calls = _tool_calls(body, user)
+                finish = "tool_calls" if calls else finish
+                pieces = [t + " " for t in tokens[:-1]] + tokens[-1:]
+                logprobs = _logprobs(pieces) if body.get("logprobs") else None
                 if not body.get("stream"):
+                    message = {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
                     return self._json(200, {
                         "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
                         "model": body["model"], "usage": usage,
-                        "choices": [{"index": 0, "finish_reason": "tool_calls" if calls else "stop",
-                                     "message": {"role": "assistant", "content": text,
-                                                 **({"tool_calls": calls} if calls else {})}}]})
+                        "choices": [{"index": i, "finish_reason": finish, "message": message, "logprobs": logprobs}
+                                    for i in range(body.get("n") or 1)]})
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")
                 self.end_headers()
-                pieces = [t + " " for t in tokens[:-1]] + tokens[-1:]
-                for piece in pieces:
-                    self._event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}, body)
+                for i, piece in enumerate(pieces):
+                    self._event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None,
+                                              "logprobs": logprobs and {"content": logprobs["content"][i:i + 1]}}]},
+                                body)
                 if calls:
                     self._event({"choices": [{"index": 0, "finish_reason": None, "delta": {
                         "tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}}]}, body)
-                self._event({"choices": [{"index": 0, "delta": {},
-                                          "finish_reason": "tool_calls" if calls else "stop"}]}, body)
+                self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}, body)
                 self._event({"choices": [], "usage": usage}, body)
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()

@@ -281,3 +281,47 @@ def test_native_function_calls_come_back_as_in_the_kernel(server: OpenAIServer, 
     assert [call.name for call in expected.outputs.tool_calls] == ["get_weather"]
     assert ran == streamed == expected and isinstance(ran.outputs, dspy.ToolCalls)
     assert ran.outputs.tool_calls[0].execute() == expected.outputs.tool_calls[0].execute()
+
+
+def test_a_reply_the_chat_adapter_cannot_parse_falls_back_to_json_as_in_the_kernel(server: OpenAIServer,
+                                                                                     lm_pool: Pool) -> None:
+    # DSPy's ChatAdapter asks again with JSONAdapter; a streamed call does not (its stream showed the reply), and
+    # run_stream streamed the program: its answer was the AdapterParseError that qa(...) never raises
+    qa, question = dspy.Predict("question -> answer"), "untidy [garbled]"
+    lm = dspy.LM(MODEL, **settings(server))
+    with dspy.context(lm=lm):
+        expected = qa(question=question)
+        ran = lm_pool.run(qa, question=question)
+        streamed = lm_pool.run_stream(qa, question=question).result(60)
+    assert expected.answer.startswith("Demo LM answer to 'untidy [garbled]'")
+    assert ran == streamed == expected
+    outputs = [entry["outputs"] for entry in lm.history]
+    assert outputs[2:4] == outputs[4:] == outputs[:2]  # each: the reply it could not parse, then the JSON one
+
+
+def test_lm_settings_and_errors_give_the_kernels_result(server: OpenAIServer, lm_pool: Pool) -> None:
+    # n completions, logprobs, a rollout_id, a reply cut at max_tokens; an LM's 401 (its key masked) and 400
+    qa = dspy.Predict("question -> answer")
+    cases = [({"n": 3, "temperature": 1.0}, "three?", {}), ({"logprobs": True}, "sure?", {}),
+             ({"temperature": 1.0}, "rollout?", {"config": {"rollout_id": 7}}), ({"max_tokens": 9}, "cut [length]", {})]
+    for options, question, extra in cases:
+        lm = dspy.LM(MODEL, **settings(server, **options))
+        with dspy.context(lm=lm):
+            expected = qa(question=question, **extra)
+            for got in lm_pool.run(qa, question=question, **extra), \
+                    lm_pool.run_stream(qa, question=question, **extra).result(60):
+                assert got == expected and got.completions.answer == expected.completions.answer, options
+                assert got.get("logprobs") == expected.get("logprobs"), options
+        kernel, *pool = ({k: v for k, v in entry.items() if k not in ("timestamp", "uuid", "response")}
+                         for entry in lm.history)
+        assert pool == [kernel, kernel], options
+    for question, error in ("bad key [401]", dspy.LMAuthError), ("too long [400ctx]", dspy.ContextWindowExceededError):
+        with dspy.context(lm=dspy.LM(MODEL, **settings(server))):
+            with pytest.raises(error) as in_kernel:
+                qa(question=question)
+            with pytest.raises(error) as on_pool:
+                lm_pool.run(qa, question=question)
+        assert str(on_pool.value) == str(in_kernel.value).replace("sk-test", "***")
+        assert ("sk-test" in str(in_kernel.value)) == (error is dspy.LMAuthError)
+        assert "sk-test" not in str(on_pool.value)
+

@@ -600,8 +600,8 @@ class _AlwaysPrediction(dspy.Module):
         callbacks = [c for c in dspy.settings.callbacks if not isinstance(c, StatusStreamingCallback)]
         _stop_when(self.ctx.cancelled, callbacks)
         try:
-            with dspy.context(send_stream=_FromThisThread(dspy.settings.send_stream), callbacks=callbacks), \
-                    self.ctx.program_running():
+            with dspy.context(send_stream=_FromThisThread(dspy.settings.send_stream), callbacks=callbacks,
+                              **{UNSEEN_STREAM: True}), self.ctx.program_running():
                 output = _awaited(programs.invoke(self.program, inputs))  # an async program runs to its end here
         finally:
             with self._lock:
@@ -738,6 +738,34 @@ def _threads_see_the_calls_settings() -> None:
 
 
 _threads_see_the_calls_settings()
+
+# The DSPy setting of a program the worker streams for the kernel (pool.run_stream of a module not made to stream):
+# the stream is the pool's, which the program does not know of, so it runs as its call in the kernel runs it
+UNSEEN_STREAM = "dspex_unseen_stream"
+
+
+def _streams_the_program_does_not_see() -> None:
+    """Let a program streamed for the kernel do what it does unstreamed once its LM's reply began to stream.
+
+    DSPy stops a streamed call from doing again what its stream already showed: its ChatAdapter does not fall back
+    to JSONAdapter on a reply it cannot parse. ``qa(...)`` in the kernel streams nothing, so it falls back, and so
+    does the pool's call of it: the kernel gets the result the call gives, and the tokens as they came.
+    """
+    from dspy.clients import execution, lm
+
+    original = execution.stream_emitted
+    if getattr(original, "dspex_nb", False):
+        return
+
+    def stream_emitted() -> None:
+        if not dspy.settings.get(UNSEEN_STREAM):
+            original()
+
+    stream_emitted.dspex_nb = True  # type: ignore[attr-defined]
+    execution.stream_emitted = lm.stream_emitted = stream_emitted
+
+
+_streams_the_program_does_not_see()
 
 
 def _label(program: Any) -> str:

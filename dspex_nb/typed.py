@@ -152,6 +152,8 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
 
 
 _JSON_SCALARS = {bool, int, float, str}
+_SEND = ("pass str, numbers, lists, dicts, datetimes, pydantic models, enums or dataclasses (a DataFrame's column of "
+         "another type converted first, e.g. with .astype(str))")
 _LIST_ITERATOR = type(iter([]))
 JSON_INT_BITS = 13_000  # an int longer (3,900 digits) goes as its hex digits: Python refuses to write or read one of
 # more than 4,300 decimal digits (sys.get_int_max_str_digits), as the program's own value 10**5000 is in the kernel
@@ -352,8 +354,19 @@ def _opaque(value: Any, reason: str = "") -> dict[str, Any]:
     except Exception as failure:  # the class's own __repr__ failed: the value still has no JSON form, and says so
         shown = f"<{type(value).__qualname__} object; its repr() failed: {type(failure).__name__}>"
     text = redact.text(shown, limit=None)
+    send = _how_to_send(value)
     return {TAG: "opaque", "class": class_path(type(value)), "repr": text[:_OPAQUE_REPR],
-            **({"reason": reason} if reason else {})}
+            **({"reason": reason} if reason else {}), **({"send": send} if send else {})}
+
+
+def _how_to_send(value: Any) -> str:
+    """For an input with no JSON form that has a form a program reads as the kernel would mean it, what to pass
+    instead; else "" (the general advice)."""
+    pil = sys.modules.get("PIL.Image")
+    if pil is not None and isinstance(value, pil.Image):
+        return ("wrap it as dspy.Image(value), which DSPy reads as an image (in the kernel DSPy does not convert a raw "
+                "PIL image either: it logs a type mismatch and sends the LM the image's repr as text)")
+    return ""
 
 
 def unsendable(value: Any, where: str) -> str | None:
@@ -369,9 +382,7 @@ def unsendable(value: Any, where: str) -> str | None:
         elif isinstance(part, dict):
             if part.get(TAG) == "opaque":
                 return (f"{at} is a {part.get('class')}, which has no JSON form, so it cannot be sent to the workers "
-                        f"as itself (its repr: {str(part.get('repr'))[:200]}); pass str, numbers, lists, dicts, "
-                        "datetimes, pydantic models, enums or dataclasses (a DataFrame's column of another type "
-                        "converted first, e.g. with .astype(str))")
+                        f"as itself (its repr: {str(part.get('repr'))[:200]}); " + (part.get("send") or _SEND))
             stack.extend((v, f"{at}[{k!r}]") for k, v in reversed(list(part.items())))
     return None
 

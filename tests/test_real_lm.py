@@ -14,6 +14,7 @@ import pytest
 from openai_server import OpenAIServer
 
 from dspex_nb import Pool
+from dspex_nb.errors import ArgumentError
 from dspex_nb.ui.progress import STATS_COLUMNS, StreamText, batch_summary, cost_text, stats_rows
 
 MODEL = "openai/test-model"  # not in DSPy's price list: its calls have no cost
@@ -325,3 +326,34 @@ def test_lm_settings_and_errors_give_the_kernels_result(server: OpenAIServer, lm
         assert ("sk-test" in str(in_kernel.value)) == (error is dspy.LMAuthError)
         assert "sk-test" not in str(on_pool.value)
 
+
+# a 1x1 PNG: an image without Pillow
+PNG = ("data:image/png;base64,"
+       "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+class Describe(dspy.Signature):
+    image: dspy.Image = dspy.InputField()
+    caption: str = dspy.OutputField()
+
+
+def test_an_image_reaches_the_lm_as_in_the_kernel(server: OpenAIServer, lm_pool: Pool) -> None:
+    describe, lm = dspy.Predict(Describe), dspy.LM(MODEL, **settings(server))
+    with dspy.context(lm=lm):
+        expected = describe(image=dspy.Image(PNG))
+        assert lm_pool.run(describe, image=dspy.Image(PNG)) == expected
+    kernel, pool = lm.history
+    assert pool["messages"] == kernel["messages"] and kernel["messages"][1]["content"][1]["image_url"]["url"] == PNG
+
+
+def test_a_raw_pil_image_is_refused_saying_to_wrap_it_as_a_dspy_image(server: OpenAIServer, lm_pool: Pool) -> None:
+    # DSPy (in the kernel too) reads a PIL image as an image only in a dspy.Image: given one raw, it sends its repr
+    image = pytest.importorskip("PIL.Image", reason="Pillow is not installed").new("RGB", (2, 2), (255, 0, 0))
+    describe, lm = dspy.Predict(Describe), dspy.LM(MODEL, **settings(server))
+    with pytest.raises(ArgumentError, match=r"inputs\['image'\] is a PIL.*; wrap it as dspy\.Image\(value\)"):
+        lm_pool.run(describe, image=image)
+    with dspy.context(lm=lm):
+        expected = describe(image=dspy.Image(image))
+        assert lm_pool.run(describe, image=dspy.Image(image)) == expected
+    kernel, pool = lm.history
+    assert pool["messages"] == kernel["messages"]  # the same PNG bytes, byte for byte

@@ -751,10 +751,12 @@ def _streams_the_program_does_not_see() -> None:
     to JSONAdapter on a reply it cannot parse. ``qa(...)`` in the kernel streams nothing, so it falls back, and so
     does the pool's call of it: the kernel gets the result the call gives, and the tokens as they came.
     """
-    from dspy.clients import execution, lm
-
-    original = execution.stream_emitted
-    if getattr(original, "dspex_nb", False):
+    try:
+        from dspy.clients import execution, lm
+    except ImportError:  # another DSPy than the one this was written for: its streamed calls run as DSPy has them
+        return
+    original = getattr(execution, "stream_emitted", None)
+    if original is None or getattr(original, "dspex_nb", False):
         return
 
     def stream_emitted() -> None:

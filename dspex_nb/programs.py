@@ -40,7 +40,7 @@ import cloudpickle
 
 from dspex_nb import code_digest, typed
 from dspex_nb.errors import ArgumentError, CallbacksNotRun, LMStateNotKept, TraceIncomplete
-from dspex_nb.wire import CACHE, ENV, LM_STALE
+from dspex_nb.wire import CACHE, ENV, LM_STALE, LM_VERSION
 
 
 class KernelOnly(TypeError):
@@ -600,7 +600,10 @@ def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve:
     by where the worker found them; so the next call starts where this one left, as in the kernel. In a ``batch``
     each worker changed a copy of its own, and values that cannot travel cannot be set: an ``LMStateNotKept``
     warning says so, and in the second case the LM is marked (``wire.LM_STALE``), which the pool then refuses to
-    run, as it would not answer as in the kernel (this call's answer is kept)."""
+    run, as it would not answer as in the kernel (this call's answer is kept). A change made on a copy older than
+    the kernel's LM (``wire.LM_VERSION``: another call on the pool, sent before this one came back, changed it
+    since) is not kept either: both changed the state the kernel's LM had when they were sent, and the kernel
+    would have made the second change on top of the first; the warning says so."""
     from dspex_nb.worker.programs import sub_modules
 
     modules = {} if batch else dict(sub_modules(program))
@@ -614,6 +617,12 @@ def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve:
             continue
         target = lm if change.get("lm") is None else _held_lm(modules, change["lm"])
         if target is None:  # the kernel's program no longer holds it
+            continue
+        if getattr(target, LM_VERSION, 0) != change.get("version", 0):
+            warnings.warn(f"{named} changed its attribute(s) {changed} as it answered on the pool, but another call "
+                          "on the pool changed it since this one was sent: its change is kept, not this one's (in the "
+                          "kernel, this one would have started where that one left)", LMStateNotKept,
+                          stacklevel=callers_level())
             continue
         try:
             if "unsent" in change:
@@ -633,6 +642,8 @@ def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve:
         for name in change.get("removed", []):
             with contextlib.suppress(AttributeError):
                 delattr(target, name)
+        with contextlib.suppress(AttributeError, TypeError):  # an LM with __slots__: calls in flight go unchecked
+            setattr(target, LM_VERSION, getattr(target, LM_VERSION, 0) + 1)
 
 
 def usage_tracked() -> bool:

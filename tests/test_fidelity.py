@@ -2047,6 +2047,29 @@ def test_an_lm_that_changes_itself_as_it_answers_gives_the_next_answer_as_in_the
         assert pool.map(dspy.Predict("question -> answer"), [question], journal=False).result(60)[0].answer == "red"
 
 
+def test_two_calls_in_flight_on_one_changing_lm_say_that_the_second_change_is_not_kept(pool: Pool) -> None:
+    # two calls sent before either came back each changed a copy of the LM as the kernel had it: the second set its
+    # count over the first's, without a word (1 call counted of 2)
+    from dspy.utils import DummyLM
+
+    class Counting(DummyLM):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().forward(*args, **kwargs)
+
+    program, question = dspy.Predict("question -> answer"), "What color is the sky?"
+    counting = Counting({question: {"answer": "blue"}})
+    with dspy.context(lm=counting):
+        first, second = (pool.run_stream(program, question=question) for _ in range(2))
+        assert first.result(60).answer == "blue"
+        with pytest.warns(LMStateNotKept, match=r"\['calls'\] .*another call on the pool changed it since this one "
+                                                "was sent"):
+            assert second.result(60).answer == "blue"
+        assert counting.calls == 1  # the first call's change, kept
+        assert pool.run(program, question=question).answer == "blue"  # sent after: its change is kept
+    assert counting.calls == 2
+
+
 def test_an_iterator_over_a_list_travels_as_one_over_the_items_it_has_left() -> None:
     items = iter([1, (2, 3), "x"])  # as DSPy's DummyLM keeps its answers
     next(items)

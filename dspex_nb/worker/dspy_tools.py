@@ -33,7 +33,7 @@ from dspy.utils.usage_tracker import UsageTracker
 
 from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError, Cancelled
-from dspex_nb.wire import CACHE, ENV, LM_STALE, definition_version, dumps
+from dspex_nb.wire import CACHE, ENV, LM_STALE, LM_VERSION, definition_version, dumps
 from dspex_nb.worker import programs
 from dspex_nb.worker.calls import MESSAGE_OVERHEAD, message_of
 from dspex_nb.worker.demo_lm import make_demo_lm
@@ -418,9 +418,9 @@ class _LMStates:
 
     def changes(self) -> list[dict[str, Any]]:
         """For each LM whose public attributes changed: where it is, how to name it (``label``, ``name``), the names
-        of those it changed (``changed``) and no longer has (``removed``), and the new values as typed JSON
-        (``attributes``), or, for values that cannot travel as typed JSON (a ``DummyLM``'s iterator of answers),
-        why (``unsent``)."""
+        of those it changed (``changed``) and no longer has (``removed``), the kernel LM's ``LM_VERSION`` this copy
+        was sent at (``version``), and the new values as typed JSON (``attributes``), or, for values that cannot
+        travel as typed JSON (a ``DummyLM``'s iterator of answers), why (``unsent``)."""
         changes = []
         for label, (where, lm) in self.lms.items():
             was, now = self.before[label], _public_state(lm)
@@ -431,7 +431,7 @@ class _LMStates:
             if not changed and not removed:
                 continue
             change: dict[str, Any] = {"lm": where, "label": label, "name": _lm_name(lm), "changed": changed,
-                                      "removed": removed}
+                                      "removed": removed, "version": getattr(lm, LM_VERSION, 0)}
             try:
                 attributes = {name: typed.encode(getattr(lm, name)) for name in changed}
                 why = next(filter(None, (typed.unsendable(value, name) for name, value in attributes.items())), None)

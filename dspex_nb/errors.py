@@ -343,7 +343,8 @@ class CallbacksNotRun(UserWarning):
 class LMStateNotKept(UserWarning):
     """An LM changed its own attributes as it answered on the pool (DSPy's ``DummyLM`` given a list, an LM counting
     its calls), and the kernel's LM cannot take that change: in a batch (each worker changes a copy of its own), or
-    where the new values cannot travel (the pool then refuses that LM's next calls, saying why)."""
+    where the new values cannot travel (the pool then refuses that LM's next calls, saying why), or where another
+    call on the pool changed it after this one was sent."""
 
 
 class TraceIncomplete(UserWarning):

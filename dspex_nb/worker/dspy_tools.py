@@ -25,6 +25,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+import cloudpickle
 import dspy
 from dspy.streaming import StatusMessage, StreamListener, StreamResponse
 from dspy.streaming.messages import StatusStreamingCallback
@@ -446,13 +447,28 @@ def _lm_name(lm: Any) -> str:
     return f"{type(lm).__name__} {getattr(lm, 'model', '')!r}"
 
 
-def _public_state(lm: Any) -> dict[str, bytes] | None:
-    """Each attribute of ``lm`` but its history and private ones, pickled; None for one that cannot be."""
+def _public_state(lm: Any) -> dict[str, bytes | None] | None:
+    """Each attribute of ``lm`` but its history and private ones, pickled (``_pickled``); None for an LM without
+    attributes of its own (``__slots__``)."""
     try:
-        return {name: pickle.dumps(value) for name, value in vars(lm).items()
-                if not name.startswith("_") and name != "history"}
-    except Exception:  # an attribute that cannot be pickled (a client, a notebook's object): not compared
+        attributes = vars(lm)
+    except TypeError:
         return None
+    return {name: _pickled(value) for name, value in attributes.items()
+            if not name.startswith("_") and name != "history"}
+
+
+def _pickled(value: Any) -> bytes | None:
+    """``value`` pickled, by cloudpickle where pickle refuses it (a lambda, an object of a class the notebook defined,
+    which shipped the LM by value); None where neither can (a client): it is not compared, and the others still are
+    (one such attribute left the whole LM unwatched)."""
+    try:
+        return pickle.dumps(value)
+    except Exception:
+        try:
+            return cloudpickle.dumps(value)
+        except Exception:
+            return None
 
 
 def _stop_when(cancelled: CancelEvent, callbacks: list[Any]) -> None:

@@ -607,6 +607,7 @@ def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve:
     from dspex_nb.worker.programs import sub_modules
 
     modules = {} if batch else dict(sub_modules(program))
+    kept: dict[int, str] = {}  # id of a kernel LM this call's changes were set on -> the label of the copy it took
     for change in changes:
         named = f"the LM {change.get('name')} that {change.get('label')}"
         changed = sorted([*change.get("changed", []), *change.get("removed", [])])
@@ -618,11 +619,10 @@ def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve:
         target = lm if change.get("lm") is None else _held_lm(modules, change["lm"])
         if target is None:  # the kernel's program no longer holds it
             continue
-        if getattr(target, LM_VERSION, 0) != change.get("version", 0):
-            warnings.warn(f"{named} changed its attribute(s) {changed} as it answered on the pool, but another call "
-                          "on the pool changed it since this one was sent: its change is kept, not this one's (in the "
-                          "kernel, this one would have started where that one left)", LMStateNotKept,
-                          stacklevel=callers_level())
+        if overtaken := _overtaken(target, change, kept):
+            warnings.warn(f"{named} changed its attribute(s) {changed} as it answered on the pool, but {overtaken}: "
+                          "its change is kept, not this one's (in the kernel, this one would have started where that "
+                          "one left)", LMStateNotKept, stacklevel=callers_level())
             continue
         try:
             if "unsent" in change:
@@ -644,6 +644,19 @@ def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve:
                 delattr(target, name)
         with contextlib.suppress(AttributeError, TypeError):  # an LM with __slots__: calls in flight go unchecked
             setattr(target, LM_VERSION, getattr(target, LM_VERSION, 0) + 1)
+        kept[id(target)] = change.get("label", "")
+
+
+def _overtaken(target: Any, change: dict[str, Any], kept: dict[int, str]) -> str | None:
+    """Why the kernel's LM ``target`` took another copy's change in place of ``change``'s, if it did: the same LM
+    was two copies on the worker (the LM ``dspy.context`` set, which travels with the call, and one the program
+    holds, which travels with the program), or another call on the pool, in flight meanwhile, changed it since
+    this one was sent (``wire.LM_VERSION``)."""
+    if id(target) in kept:
+        return f"on the pool it was also the LM that {kept[id(target)]}, a copy of its own (they travel apart)"
+    if getattr(target, LM_VERSION, 0) != change.get("version", 0):
+        return "another call on the pool changed it since this one was sent"
+    return None
 
 
 def usage_tracked() -> bool:

@@ -2068,6 +2068,21 @@ def test_two_calls_in_flight_on_one_changing_lm_say_that_the_second_change_is_no
         assert counting.calls == 1  # the first call's change, kept
         assert pool.run(program, question=question).answer == "blue"  # sent after: its change is kept
     assert counting.calls == 2
+    judged = Judged(counting)  # the context's LM, held by the program too: two copies on the worker
+    with dspy.context(lm=counting), pytest.warns(LMStateNotKept, match="on the pool it was also the LM that the "
+                                                                       "program holds in self.judge"):
+        assert pool.run(judged, question=question).answer == "blue"
+    assert counting.calls == 3  # one of its two calls
+
+
+class Judged(dspy.Module):
+    def __init__(self, judge: dspy.BaseLM) -> None:
+        super().__init__()
+        self.judge, self.predict = judge, dspy.Predict("question -> answer")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        self.judge(question)
+        return self.predict(question=question)
 
 
 def test_an_lm_holding_a_value_plain_pickle_refuses_still_has_its_changes_kept(pool: Pool) -> None:

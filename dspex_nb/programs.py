@@ -39,7 +39,7 @@ from typing import Any
 import cloudpickle
 
 from dspex_nb import code_digest, typed
-from dspex_nb.errors import ArgumentError, CallbacksNotRun, LMStateNotKept, TraceIncomplete
+from dspex_nb.errors import LM_STATE, ArgumentError, CallbacksNotRun, LMStateNotKept, TraceIncomplete
 from dspex_nb.wire import CACHE, ENV, LM_STALE, LM_VERSION
 
 
@@ -657,6 +657,15 @@ def _overtaken(target: Any, change: dict[str, Any], kept: dict[int, str]) -> str
     if getattr(target, LM_VERSION, 0) != change.get("version", 0):
         return "another call on the pool changed it since this one was sent"
     return None
+
+
+def keep_failed_lm_state(error: BaseException, program: Any, lm: Any, resolve: typed.Resolver) -> None:
+    """``keep_lm_state`` of the changes a failed call's LMs made before it failed (``error`` brings them,
+    ``errors.LM_STATE``), once: a ``DummyLM`` given a list whose answer the program could not parse gives its next
+    one at the next call, as in the kernel."""
+    changes = vars(error).pop(LM_STATE, None)
+    if changes:
+        keep_lm_state(changes, program, lm, resolve)
 
 
 def usage_tracked() -> bool:

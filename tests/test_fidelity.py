@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -2101,6 +2102,40 @@ def test_an_lm_holding_a_value_plain_pickle_refuses_still_has_its_changes_kept(p
     with dspy.context(lm=counting):
         assert [pool.run(program, question=question).answer for _ in range(2)] == ["blue", "blue"]
     assert counting.calls == 2
+
+
+class AnswerChecked(dspy.Module):
+    """A program that raises once its LM answered: "red" is not an answer it takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.predict = dspy.Predict("question -> answer")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        prediction = self.predict(question=question)
+        if prediction.answer == "red":
+            raise ValueError("the sky is not red")
+        return prediction
+
+
+@pytest.mark.parametrize("how", ["run", "run_stream", "run_async", "held"])
+def test_an_lm_that_changed_itself_before_its_program_raised_keeps_the_change(pool: Pool, how: str) -> None:
+    # in the kernel, a DummyLM given a list has given its answer when the program raises: a retry gets the next one;
+    # from the pool, the change came back with a result only, so each retry got the first answer again, for ever
+    from dspy.utils import DummyLM
+
+    program, question = AnswerChecked(), "What color is the sky?"
+    lm = DummyLM([{"answer": "red"}, {"answer": "blue"}])
+    call = {"run": lambda: pool.run(program, question=question),
+            "run_stream": lambda: pool.run_stream(program, question=question).result(60),
+            "run_async": lambda: asyncio.run(pool.run_async(program, question=question)),
+            "held": lambda: pool.run(program, question=question)}[how]
+    if how == "held":
+        program.set_lm(lm)
+    with dspy.context(lm=lm) if how != "held" else contextlib.nullcontext():
+        with pytest.raises(ValueError, match="the sky is not red"):
+            call()
+        assert call().answer == "blue"
 
 
 def test_an_iterator_over_a_list_travels_as_one_over_the_items_it_has_left() -> None:

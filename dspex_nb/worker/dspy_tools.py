@@ -274,10 +274,12 @@ def _as_json(value: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _tracked(settings: dict[str, Any], history: bool = False, program: Any = None) -> Generator[_Costs, None, None]:
+def _tracked(settings: dict[str, Any], history: bool = False, program: Any = None,
+             ctx: ToolContext | None = None) -> Generator[_Costs, None, None]:
     """Run under ``settings``, counting the LM usage and the cost of the calls (and with ``history``, keeping
     their DSPy history entries, with the names of ``program``'s modules that made each); ``costs.lm_states``
-    watches the LMs the call may change (``_LMStates``)."""
+    watches the LMs the call may change (``_LMStates``). Where the call fails, the changes its LMs made go to
+    ``ctx.lm_state``: the kernel keeps them, as DSPy's LM in the kernel keeps them when the program raises."""
     settings = dict(settings)
     shipped = settings.pop(_SHIPPED_LM, None)
     modules = programs.sub_modules(program)
@@ -290,7 +292,12 @@ def _tracked(settings: dict[str, Any], history: bool = False, program: Any = Non
     costs = _Costs(_LMStates(watched), keep=history, modules={id(module): name for name, module in named},
                    lms=held if history else {})
     with dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]):
-        yield costs
+        try:
+            yield costs
+        except BaseException:
+            if ctx is not None:
+                ctx.lm_state = costs.lm_states.changes()
+            raise
 
 
 def _held_lms(modules: list[tuple[str, Any]]) -> dict[tuple[Any, ...], Any]:
@@ -494,7 +501,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
     final: Any = None
     steps: list[Any] = []
     traced = {"trace": steps} if trace else {}
-    with _tracked({**_settings(ctx, settings), **traced}, history, program) as costs:
+    with _tracked({**_settings(ctx, settings), **traced}, history, program, ctx) as costs:
         unread = _adapter_not_streamed() if listeners else None
         if unread:
             listeners = []

@@ -2138,6 +2138,17 @@ def test_an_lm_that_changed_itself_before_its_program_raised_keeps_the_change(po
         assert call().answer == "blue"
 
 
+def test_a_cell_run_again_with_a_new_changing_lm_gives_its_answers_again(small_pool: Pool) -> None:
+    # the worker kept the LM a call came with, by its pickle, and the call changed that one: a new DummyLM given the
+    # same list (the cell run again) started where the first had left ('blue', 'green', then no answer left)
+    from dspy.utils import DummyLM
+
+    program, question = dspy.Predict("question -> answer"), "What color is the sky?"
+    for _ in range(2):
+        with dspy.context(lm=DummyLM([{"answer": "red"}, {"answer": "blue"}])):
+            assert [small_pool.run(program, question=question).answer for _ in range(2)] == ["red", "blue"]
+
+
 def test_an_iterator_over_a_list_travels_as_one_over_the_items_it_has_left() -> None:
     items = iter([1, (2, 3), "x"])  # as DSPy's DummyLM keeps its answers
     next(items)

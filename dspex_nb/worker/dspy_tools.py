@@ -397,7 +397,7 @@ def _settings(ctx: ToolContext, kernel: str) -> dict[str, Any]:
     """What a call runs under: the worker's LM and callbacks, and the kernel's settings (its adapter..., and its
     environment variables changed since the pool started, set here); once the call is cancelled, its program
     makes no further LM call."""
-    kernel_settings = programs.kernel_settings(kernel)
+    kernel_settings = programs.call_settings(kernel)
     settings = {**ctx.worker.dspy_settings(), **kernel_settings}
     programs.use_environment(settings.pop(ENV, {}))
     programs.use_cache(settings.pop(CACHE, {}))

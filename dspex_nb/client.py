@@ -21,7 +21,7 @@ from typing import Any
 
 from dspex_nb import programs, redact, typed
 from dspex_nb.batch import BatchRun
-from dspex_nb.errors import ArgumentError, PoolLMDiffers, program_errors_raised_here
+from dspex_nb.errors import ArgumentError, PoolLMDiffers, ToolError, program_errors_raised_here
 from dspex_nb.journal import Journal
 from dspex_nb.pool import settings
 from dspex_nb.pool.calls import Chunk, Run
@@ -206,18 +206,25 @@ class Pool(WorkerPool):
         Its LM calls join the kernel's DSPy history (``dspy.inspect_history()``; ``program``'s modules' and the kernel
         LM's own histories too, see ``programs.record_history``)."""
         lm, shipped_lm = self._call_lm()
-        decode = partial(programs.to_output, resolve=resolver or typed.Resolver(), trace=trace, program=program,
+        resolver = resolver or typed.Resolver()
+        decode = partial(programs.to_output, resolve=resolver, trace=trace, program=program,
                          fill_usage=not programs.usage_tracked(), lm=lm,
                          tracker=programs.open_usage_tracker())  # with dspy.track_usage() as usage: its calls count
+        failed = partial(programs.keep_failed_lm_state, program=program, lm=lm, resolve=resolver)
         if programs.wants_history():
             args = {**args, "history": True}
         settings = programs.kernel_settings(shipped_lm, self.env_changes.now())  # e.g. dspy.configure(adapter=...)
         if settings:
             args = {**args, "settings": settings}
         if not stream:
-            return decode(self.execute(tool, args, timeout=timeout))
+            try:
+                result = self.execute(tool, args, timeout=timeout)
+            except ToolError as error:
+                failed(error)
+                raise
+            return decode(result)
         run = self.execute_stream(tool, args, timeout=timeout, on_chunk=on_chunk)
-        run.decode = decode
+        run.decode, run.on_error = decode, failed
         return run
 
     def map(self, program: Any, items: Any, *, concurrency: int | None = None,

@@ -104,7 +104,20 @@ REMOTE_ERROR_TYPES: dict[str, type[ToolError]] = {
 }
 
 
+LM_STATE = "_dspex_lm_state"  # on an error from the pool: the changes its program's LMs made before it failed
+
+
 def remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolError:
+    """``_remote_error``, with the changes the program's LMs made before it failed (``LM_STATE``), which
+    ``programs.keep_failed_lm_state`` sets on the kernel's LMs."""
+    error = _remote_error(tool, info, worker)
+    if info.get("lm_state"):
+        with contextlib.suppress(Exception):  # a class of the program's that refuses attributes: they are lost
+            setattr(error, LM_STATE, info["lm_state"])
+    return error
+
+
+def _remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolError:
     """The error the worker reported (``info``: its ``type``, ``message``, ``traceback``, ``bases``,
     ``attributes`` and ``args``, as the worker's ``error_info`` gives them), as the most specific ToolError.
 
@@ -343,7 +356,8 @@ class CallbacksNotRun(UserWarning):
 class LMStateNotKept(UserWarning):
     """An LM changed its own attributes as it answered on the pool (DSPy's ``DummyLM`` given a list, an LM counting
     its calls), and the kernel's LM cannot take that change: in a batch (each worker changes a copy of its own), or
-    where the new values cannot travel (the pool then refuses that LM's next calls, saying why)."""
+    where the new values cannot travel (the pool then refuses that LM's next calls, saying why), or where another
+    call on the pool changed it after this one was sent."""
 
 
 class TraceIncomplete(UserWarning):

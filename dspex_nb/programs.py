@@ -39,8 +39,8 @@ from typing import Any
 import cloudpickle
 
 from dspex_nb import code_digest, typed
-from dspex_nb.errors import ArgumentError, CallbacksNotRun, LMStateNotKept, TraceIncomplete, remote_error
-from dspex_nb.wire import CACHE, ENV, LM_STALE
+from dspex_nb.errors import LM_STATE, ArgumentError, CallbacksNotRun, LMStateNotKept, TraceIncomplete, remote_error
+from dspex_nb.wire import CACHE, ENV, LM_STALE, LM_VERSION
 
 
 class KernelOnly(TypeError):
@@ -600,10 +600,14 @@ def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve:
     by where the worker found them; so the next call starts where this one left, as in the kernel. In a ``batch``
     each worker changed a copy of its own, and values that cannot travel cannot be set: an ``LMStateNotKept``
     warning says so, and in the second case the LM is marked (``wire.LM_STALE``), which the pool then refuses to
-    run, as it would not answer as in the kernel (this call's answer is kept)."""
+    run, as it would not answer as in the kernel (this call's answer is kept). A change made on a copy older than
+    the kernel's LM (``wire.LM_VERSION``: another call on the pool, sent before this one came back, changed it
+    since) is not kept either: both changed the state the kernel's LM had when they were sent, and the kernel
+    would have made the second change on top of the first; the warning says so."""
     from dspex_nb.worker.programs import sub_modules
 
     modules = {} if batch else dict(sub_modules(program))
+    kept: dict[int, str] = {}  # id of a kernel LM this call's changes were set on -> the label of the copy it took
     for change in changes:
         named = f"the LM {change.get('name')} that {change.get('label')}"
         changed = sorted([*change.get("changed", []), *change.get("removed", [])])
@@ -614,6 +618,11 @@ def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve:
             continue
         target = lm if change.get("lm") is None else _held_lm(modules, change["lm"])
         if target is None:  # the kernel's program no longer holds it
+            continue
+        if overtaken := _overtaken(target, change, kept):
+            warnings.warn(f"{named} changed its attribute(s) {changed} as it answered on the pool, but {overtaken}: "
+                          "its change is kept, not this one's (in the kernel, this one would have started where that "
+                          "one left)", LMStateNotKept, stacklevel=callers_level())
             continue
         try:
             if "unsent" in change:
@@ -633,6 +642,30 @@ def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve:
         for name in change.get("removed", []):
             with contextlib.suppress(AttributeError):
                 delattr(target, name)
+        with contextlib.suppress(AttributeError, TypeError):  # an LM with __slots__: calls in flight go unchecked
+            setattr(target, LM_VERSION, getattr(target, LM_VERSION, 0) + 1)
+        kept[id(target)] = change.get("label", "")
+
+
+def _overtaken(target: Any, change: dict[str, Any], kept: dict[int, str]) -> str | None:
+    """Why the kernel's LM ``target`` took another copy's change in place of ``change``'s, if it did: the same LM
+    was two copies on the worker (the LM ``dspy.context`` set, which travels with the call, and one the program
+    holds, which travels with the program), or another call on the pool, in flight meanwhile, changed it since
+    this one was sent (``wire.LM_VERSION``)."""
+    if id(target) in kept:
+        return f"on the pool it was also the LM that {kept[id(target)]}, a copy of its own (they travel apart)"
+    if getattr(target, LM_VERSION, 0) != change.get("version", 0):
+        return "another call on the pool changed it since this one was sent"
+    return None
+
+
+def keep_failed_lm_state(error: BaseException, program: Any, lm: Any, resolve: typed.Resolver) -> None:
+    """``keep_lm_state`` of the changes a failed call's LMs made before it failed (``error`` brings them,
+    ``errors.LM_STATE``), once: a ``DummyLM`` given a list whose answer the program could not parse gives its next
+    one at the next call, as in the kernel."""
+    changes = vars(error).pop(LM_STATE, None)
+    if changes:
+        keep_lm_state(changes, program, lm, resolve)
 
 
 def usage_tracked() -> bool:

@@ -18,6 +18,8 @@ ENV = "dspex_env"  # in the kernel's settings a call carries: its environment va
 # started ({name: value, or None where deleted}), set on the worker before the program runs
 LM_STALE = "_dspex_stale"  # on an LM in the kernel whose change on a worker could not come back: why, which the
 # worker says when it is sent again (it would not answer as in the kernel)
+LM_VERSION = "_dspex_version"  # on an LM in the kernel: how many of its changes on the pool it took; a copy sent with
+# a call has the count it was sent at, so a change made from an older one (a call in flight meanwhile) is not kept
 
 
 def message_options(limit: int) -> list[tuple[str, int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -2158,6 +2159,107 @@ def test_an_lm_that_changes_itself_as_it_answers_gives_the_next_answer_as_in_the
     assert [pool.run(program, question=question).answer for _ in answers] == ["red", "blue", "green"]
     with dspy.context(lm=DummyLM(answers)), pytest.warns(LMStateNotKept, match="in a batch, each worker changes"):
         assert pool.map(dspy.Predict("question -> answer"), [question], journal=False).result(60)[0].answer == "red"
+
+
+def test_two_calls_in_flight_on_one_changing_lm_say_that_the_second_change_is_not_kept(pool: Pool) -> None:
+    # two calls sent before either came back each changed a copy of the LM as the kernel had it: the second set its
+    # count over the first's, without a word (1 call counted of 2)
+    from dspy.utils import DummyLM
+
+    class Counting(DummyLM):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().forward(*args, **kwargs)
+
+    program, question = dspy.Predict("question -> answer"), "What color is the sky?"
+    counting = Counting({question: {"answer": "blue"}})
+    with dspy.context(lm=counting):
+        first, second = (pool.run_stream(program, question=question) for _ in range(2))
+        assert first.result(60).answer == "blue"
+        with pytest.warns(LMStateNotKept, match=r"\['calls'\] .*another call on the pool changed it since this one "
+                                                "was sent"):
+            assert second.result(60).answer == "blue"
+        assert counting.calls == 1  # the first call's change, kept
+        assert pool.run(program, question=question).answer == "blue"  # sent after: its change is kept
+    assert counting.calls == 2
+    judged = Judged(counting)  # the context's LM, held by the program too: two copies on the worker
+    with dspy.context(lm=counting), pytest.warns(LMStateNotKept, match="on the pool it was also the LM that the "
+                                                                       "program holds in self.judge"):
+        assert pool.run(judged, question=question).answer == "blue"
+    assert counting.calls == 3  # one of its two calls
+
+
+class Judged(dspy.Module):
+    def __init__(self, judge: dspy.BaseLM) -> None:
+        super().__init__()
+        self.judge, self.predict = judge, dspy.Predict("question -> answer")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        self.judge(question)
+        return self.predict(question=question)
+
+
+def test_an_lm_holding_a_value_plain_pickle_refuses_still_has_its_changes_kept(pool: Pool) -> None:
+    # the watch pickled the LM's attributes all at once with pickle, which refuses a lambda (cloudpickle, which ships
+    # the LM, takes it): one such attribute left the whole LM unwatched, and its count stayed as it was in the kernel
+    from dspy.utils import DummyLM
+
+    class Counting(DummyLM):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.calls += 1
+            return super().forward(*args, **kwargs)
+
+    program, question = dspy.Predict("question -> answer"), "What color is the sky?"
+    counting = Counting({question: {"answer": "blue"}})
+    counting.calls, counting.clean = 0, lambda text: text.strip()
+    with dspy.context(lm=counting):
+        assert [pool.run(program, question=question).answer for _ in range(2)] == ["blue", "blue"]
+    assert counting.calls == 2
+
+
+class AnswerChecked(dspy.Module):
+    """A program that raises once its LM answered: "red" is not an answer it takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.predict = dspy.Predict("question -> answer")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        prediction = self.predict(question=question)
+        if prediction.answer == "red":
+            raise ValueError("the sky is not red")
+        return prediction
+
+
+@pytest.mark.parametrize("how", ["run", "run_stream", "run_async", "held"])
+def test_an_lm_that_changed_itself_before_its_program_raised_keeps_the_change(pool: Pool, how: str) -> None:
+    # in the kernel, a DummyLM given a list has given its answer when the program raises: a retry gets the next one;
+    # from the pool, the change came back with a result only, so each retry got the first answer again, for ever
+    from dspy.utils import DummyLM
+
+    program, question = AnswerChecked(), "What color is the sky?"
+    lm = DummyLM([{"answer": "red"}, {"answer": "blue"}])
+    call = {"run": lambda: pool.run(program, question=question),
+            "run_stream": lambda: pool.run_stream(program, question=question).result(60),
+            "run_async": lambda: asyncio.run(pool.run_async(program, question=question)),
+            "held": lambda: pool.run(program, question=question)}[how]
+    if how == "held":
+        program.set_lm(lm)
+    with dspy.context(lm=lm) if how != "held" else contextlib.nullcontext():
+        with pytest.raises(ValueError, match="the sky is not red"):
+            call()
+        assert call().answer == "blue"
+
+
+def test_a_cell_run_again_with_a_new_changing_lm_gives_its_answers_again(small_pool: Pool) -> None:
+    # the worker kept the LM a call came with, by its pickle, and the call changed that one: a new DummyLM given the
+    # same list (the cell run again) started where the first had left ('blue', 'green', then no answer left)
+    from dspy.utils import DummyLM
+
+    program, question = dspy.Predict("question -> answer"), "What color is the sky?"
+    for _ in range(2):
+        with dspy.context(lm=DummyLM([{"answer": "red"}, {"answer": "blue"}])):
+            assert [small_pool.run(program, question=question).answer for _ in range(2)] == ["red", "blue"]
 
 
 def test_an_iterator_over_a_list_travels_as_one_over_the_items_it_has_left() -> None:

@@ -45,7 +45,7 @@ class ExecuteRequest(_message.Message):
     def __init__(self, tool: _Optional[str] = ..., args_json: _Optional[bytes] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class ToolError(_message.Message):
-    __slots__ = ("type", "message", "traceback", "bases", "attributes_json", "args_json", "group_message", "exceptions")
+    __slots__ = ("type", "message", "traceback", "bases", "attributes_json", "args_json", "group_message", "exceptions", "lm_state_json")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TRACEBACK_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class ToolError(_message.Message):
     ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     GROUP_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     EXCEPTIONS_FIELD_NUMBER: _ClassVar[int]
+    LM_STATE_JSON_FIELD_NUMBER: _ClassVar[int]
     type: str
     message: str
     traceback: str
@@ -62,7 +63,8 @@ class ToolError(_message.Message):
     args_json: str
     group_message: str
     exceptions: _containers.RepeatedCompositeFieldContainer[ToolError]
-    def __init__(self, type: _Optional[str] = ..., message: _Optional[str] = ..., traceback: _Optional[str] = ..., bases: _Optional[_Iterable[str]] = ..., attributes_json: _Optional[str] = ..., args_json: _Optional[str] = ..., group_message: _Optional[str] = ..., exceptions: _Optional[_Iterable[_Union[ToolError, _Mapping]]] = ...) -> None: ...
+    lm_state_json: str
+    def __init__(self, type: _Optional[str] = ..., message: _Optional[str] = ..., traceback: _Optional[str] = ..., bases: _Optional[_Iterable[str]] = ..., attributes_json: _Optional[str] = ..., args_json: _Optional[str] = ..., group_message: _Optional[str] = ..., exceptions: _Optional[_Iterable[_Union[ToolError, _Mapping]]] = ..., lm_state_json: _Optional[str] = ...) -> None: ...
 
 class ExecuteReply(_message.Message):
     __slots__ = ("result_json", "error")

@@ -384,6 +384,7 @@ class Run(Handle):
         self._final: Any = None
         self._ended = False  # a final chunk (result or error) arrived: a stream that ends without one failed
         self.decode: Callable[[Any], Any] | None = None  # turns the final result into the caller's value
+        self.on_error: Callable[[BaseException], Any] | None = None  # given its error before result() raises it
         self._cond = threading.Condition()
         self.first_chunk_at: float | None = None
         self._stop_by: float | None = None  # when a cancel() stops waiting for the reader (see ``cancel``)
@@ -534,6 +535,8 @@ class Run(Handle):
         if self._cancelled:
             raise Cancelled(f"tool '{self.tool}' on worker {self.worker} was cancelled")
         if self._error is not None:
+            if self.on_error is not None:
+                self.on_error(self._error)
             raise self._error
         return self._final if self.decode is None else self.decode(self._final)
 

@@ -298,7 +298,7 @@ def error_info(e: Any) -> dict[str, Any]:
             "attributes": json.loads(e.attributes_json) if e.attributes_json else None,
             "args": json.loads(e.args_json) if e.args_json else None,
             "group": {"message": e.group_message, "exceptions": [error_info(sub) for sub in e.exceptions]}
-            if e.exceptions else None}
+            if e.exceptions else None, "lm_state": json.loads(e.lm_state_json) if e.lm_state_json else None}
 
 
 class _Ping:

@@ -269,6 +269,12 @@ class Call:
         tool, args = self._args()
         return tool.run(args, self.ctx)
 
+    def error_info(self, exc: BaseException) -> dict[str, Any]:
+        """``error_info`` of the call's error, with the changes its LMs made before it (``lm_state``), which the
+        kernel sets on its LMs as it sets a result's."""
+        info = error_info(exc)
+        return {**info, "lm_state": self.ctx.lm_state} if self.ctx.lm_state else info
+
     def encode(self, value: Any, what: str) -> bytes:
         try:
             data = dumps(value)
@@ -289,7 +295,7 @@ class Call:
                     else tool.call(args, self.ctx)  # a plain function: no generator to drive
                 return self.encode(result, "the result"), None
             except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: an error, not our end
-                return None, error_info(exc)
+                return None, self.error_info(exc)
 
     def batches(self, ended: threading.Event, active: Callable[[], bool]) -> Iterator[bytes]:
         """The chunks, a message (a JSON array of chunks) at a time, until the final (or error) chunk;
@@ -313,7 +319,7 @@ class Call:
                     if not self.ctx.cancelled.is_set():
                         chunks.put(chunk("final", final, is_final=True), ended)
                 except BaseException as exc:  # SystemExit, GeneratorExit... from user code: an error chunk
-                    chunks.put(chunk("error", error_info(exc), is_final=True), ended)
+                    chunks.put(chunk("error", self.error_info(exc), is_final=True), ended)
                 finally:
                     chunks.put(_DONE, ended)
 

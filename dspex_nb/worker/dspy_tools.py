@@ -25,6 +25,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+import cloudpickle
 import dspy
 from dspy.streaming import StatusMessage, StreamListener, StreamResponse
 from dspy.streaming.messages import StatusStreamingCallback
@@ -33,7 +34,7 @@ from dspy.utils.usage_tracker import UsageTracker
 
 from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError, Cancelled
-from dspex_nb.wire import CACHE, ENV, LM_STALE, definition_version, dumps
+from dspex_nb.wire import CACHE, ENV, LM_STALE, LM_VERSION, definition_version, dumps
 from dspex_nb.worker import programs
 from dspex_nb.worker.calls import MESSAGE_OVERHEAD, error_info
 from dspex_nb.worker.demo_lm import make_demo_lm
@@ -273,10 +274,12 @@ def _as_json(value: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _tracked(settings: dict[str, Any], history: bool = False, program: Any = None) -> Generator[_Costs, None, None]:
+def _tracked(settings: dict[str, Any], history: bool = False, program: Any = None,
+             ctx: ToolContext | None = None) -> Generator[_Costs, None, None]:
     """Run under ``settings``, counting the LM usage and the cost of the calls (and with ``history``, keeping
     their DSPy history entries, with the names of ``program``'s modules that made each); ``costs.lm_states``
-    watches the LMs the call may change (``_LMStates``)."""
+    watches the LMs the call may change (``_LMStates``). Where the call fails, the changes its LMs made go to
+    ``ctx.lm_state``: the kernel keeps them, as DSPy's LM in the kernel keeps them when the program raises."""
     settings = dict(settings)
     shipped = settings.pop(_SHIPPED_LM, None)
     modules = programs.sub_modules(program)
@@ -289,7 +292,12 @@ def _tracked(settings: dict[str, Any], history: bool = False, program: Any = Non
     costs = _Costs(_LMStates(watched), keep=history, modules={id(module): name for name, module in named},
                    lms=held if history else {})
     with dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]):
-        yield costs
+        try:
+            yield costs
+        except BaseException:
+            if ctx is not None:
+                ctx.lm_state = costs.lm_states.changes()
+            raise
 
 
 def _held_lms(modules: list[tuple[str, Any]]) -> dict[tuple[Any, ...], Any]:
@@ -389,7 +397,7 @@ def _settings(ctx: ToolContext, kernel: str) -> dict[str, Any]:
     """What a call runs under: the worker's LM and callbacks, and the kernel's settings (its adapter..., and its
     environment variables changed since the pool started, set here); once the call is cancelled, its program
     makes no further LM call."""
-    kernel_settings = programs.kernel_settings(kernel)
+    kernel_settings = programs.call_settings(kernel)
     settings = {**ctx.worker.dspy_settings(), **kernel_settings}
     programs.use_environment(settings.pop(ENV, {}))
     programs.use_cache(settings.pop(CACHE, {}))
@@ -418,9 +426,9 @@ class _LMStates:
 
     def changes(self) -> list[dict[str, Any]]:
         """For each LM whose public attributes changed: where it is, how to name it (``label``, ``name``), the names
-        of those it changed (``changed``) and no longer has (``removed``), and the new values as typed JSON
-        (``attributes``), or, for values that cannot travel as typed JSON (a ``DummyLM``'s iterator of answers),
-        why (``unsent``)."""
+        of those it changed (``changed``) and no longer has (``removed``), the kernel LM's ``LM_VERSION`` this copy
+        was sent at (``version``), and the new values as typed JSON (``attributes``), or, for values that cannot
+        travel as typed JSON (a ``DummyLM``'s iterator of answers), why (``unsent``)."""
         changes = []
         for label, (where, lm) in self.lms.items():
             was, now = self.before[label], _public_state(lm)
@@ -431,7 +439,7 @@ class _LMStates:
             if not changed and not removed:
                 continue
             change: dict[str, Any] = {"lm": where, "label": label, "name": _lm_name(lm), "changed": changed,
-                                      "removed": removed}
+                                      "removed": removed, "version": getattr(lm, LM_VERSION, 0)}
             try:
                 attributes = {name: typed.encode(getattr(lm, name)) for name in changed}
                 why = next(filter(None, (typed.unsendable(value, name) for name, value in attributes.items())), None)
@@ -446,13 +454,28 @@ def _lm_name(lm: Any) -> str:
     return f"{type(lm).__name__} {getattr(lm, 'model', '')!r}"
 
 
-def _public_state(lm: Any) -> dict[str, bytes] | None:
-    """Each attribute of ``lm`` but its history and private ones, pickled; None for one that cannot be."""
+def _public_state(lm: Any) -> dict[str, bytes | None] | None:
+    """Each attribute of ``lm`` but its history and private ones, pickled (``_pickled``); None for an LM without
+    attributes of its own (``__slots__``)."""
     try:
-        return {name: pickle.dumps(value) for name, value in vars(lm).items()
-                if not name.startswith("_") and name != "history"}
-    except Exception:  # an attribute that cannot be pickled (a client, a notebook's object): not compared
+        attributes = vars(lm)
+    except TypeError:
         return None
+    return {name: _pickled(value) for name, value in attributes.items()
+            if not name.startswith("_") and name != "history"}
+
+
+def _pickled(value: Any) -> bytes | None:
+    """``value`` pickled, by cloudpickle where pickle refuses it (a lambda, an object of a class the notebook defined,
+    which shipped the LM by value); None where neither can (a client): it is not compared, and the others still are
+    (one such attribute left the whole LM unwatched)."""
+    try:
+        return pickle.dumps(value)
+    except Exception:
+        try:
+            return cloudpickle.dumps(value)
+        except Exception:
+            return None
 
 
 def _stop_when(cancelled: CancelEvent, callbacks: list[Any]) -> None:
@@ -478,7 +501,7 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
     final: Any = None
     steps: list[Any] = []
     traced = {"trace": steps} if trace else {}
-    with _tracked({**_settings(ctx, settings), **traced}, history, program) as costs:
+    with _tracked({**_settings(ctx, settings), **traced}, history, program, ctx) as costs:
         unread = _adapter_not_streamed() if listeners else None
         if unread:
             listeners = []

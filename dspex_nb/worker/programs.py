@@ -132,6 +132,14 @@ def kernel_settings(payload: str) -> dict[str, Any]:
     return settings
 
 
+def call_settings(payload: str) -> dict[str, Any]:
+    """``kernel_settings`` for one call: loaded again where they hold an LM (one ``dspy.context`` set), which the
+    call may change as it answers (a ``DummyLM`` given a list): the call changed the kept one, and a later call
+    sent the same LM (a cell run again) started where it had left. Not copied: an LM's engine may hold a lock."""
+    settings = kernel_settings(payload)
+    return kernel_settings.__wrapped__(payload) if "lm" in settings else settings
+
+
 def register_key(lm: Any) -> None:
     """Mask ``lm``'s key in what comes back: a secret-named setting of its own attributes, dspy.LM's ``kwargs``
     (``api_key``) or a custom LM's (``self.api_key``), which a client's error may quote."""

@@ -60,7 +60,8 @@ def tool_error(info: dict[str, Any]) -> bridge_pb2.ToolError:
         type=info["type"], message=info["message"], traceback=info["traceback"], bases=info.get("bases", ()),
         attributes_json=json.dumps(attributes) if attributes else "",
         args_json=json.dumps(args) if args is not None else "",
-        group_message=group.get("message", ""), exceptions=[tool_error(sub) for sub in group.get("exceptions", ())])
+        group_message=group.get("message", ""), exceptions=[tool_error(sub) for sub in group.get("exceptions", ())],
+        lm_state_json=json.dumps(info["lm_state"]) if info.get("lm_state") else "")
 
 
 def describe(state: WorkerState) -> dict:

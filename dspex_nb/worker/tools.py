@@ -93,6 +93,8 @@ class ToolContext:
     cancelled: CancelEvent = field(default_factory=CancelEvent)
     session_id: str = ""
     worker: Any = None  # the WorkerState: LM, counters
+    lm_state: list[dict[str, Any]] = field(default_factory=list)  # where the call failed, the changes its LMs made
+    # as they answered before (dspy_tools._LMStates): they come back with its error, as with a result
 
     def program_running(self) -> contextlib.AbstractContextManager[None]:
         """Around code of the program's: the worker counts it as running, and after a cancel, as going on."""

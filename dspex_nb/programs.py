@@ -663,7 +663,10 @@ def keep_failed_lm_state(error: BaseException, program: Any, lm: Any, resolve: t
     """``keep_lm_state`` of the changes a failed call's LMs made before it failed (``error`` brings them,
     ``errors.LM_STATE``), once: a ``DummyLM`` given a list whose answer the program could not parse gives its next
     one at the next call, as in the kernel."""
-    changes = vars(error).pop(LM_STATE, None)
+    try:
+        changes = vars(error).pop(LM_STATE, None)
+    except Exception:  # a class of the program's whose __dict__ raises: remote_error could not set them either
+        return
     if changes:
         keep_lm_state(changes, program, lm, resolve)
 

@@ -518,16 +518,30 @@ def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs
     ``typed.HISTORY``, the LM calls' history entries kept by ``costs``, the newest that fit in the message."""
     if trace:
         result[typed.TRACE] = _trace_json(program, steps)
+    room = ctx.worker.max_message_bytes - MESSAGE_OVERHEAD - HISTORY_FRAME
     if changes := costs.lm_states.changes():
         result[typed.LM_STATE] = changes
+        if (size := _size(result)) > room:  # the LM's new values must not cost the answer its message
+            result[typed.LM_STATE] = [_unsent(change, f"with the answer they are {size / 2**20:.1f} MiB as JSON, "
+                                                      f"over the {ctx.worker.max_message_bytes / 2**20:g} MiB message "
+                                                      "limit") for change in changes]
     if costs.entries:  # what the result leaves of its message: the history must not make it too large
-        try:
-            size = len(dumps(result))
-        except (TypeError, ValueError, RecursionError):  # sending it fails, saying why
-            size = 0
-        if history := costs.history_json(ctx.worker.max_message_bytes - MESSAGE_OVERHEAD - size - HISTORY_FRAME):
+        if history := costs.history_json(room - _size(result)):
             result[typed.HISTORY] = history
     return result
+
+
+def _size(result: Any) -> int:
+    """The bytes of ``result``'s JSON, 0 where it has none (sending it fails, saying why)."""
+    try:
+        return len(dumps(result))
+    except (TypeError, ValueError, RecursionError):
+        return 0
+
+
+def _unsent(change: dict[str, Any], why: str) -> dict[str, Any]:
+    """An LM's ``change`` (``_LMStates.changes``) without its new values, saying ``why`` they stay on the worker."""
+    return {**{key: value for key, value in change.items() if key != "attributes"}, "unsent": change.get("unsent", why)}
 
 
 def _without_history(item: dict[str, Any]) -> dict[str, Any]:

@@ -518,3 +518,31 @@ def test_a_program_that_closes_its_output_fails_no_later_call_on_its_worker(pool
         assert run({"name": "prints", "inputs": {"question": worker.id}})["answer"] == worker.id
         log = worker.process.log_path.read_text()
         assert f"printed after the close {worker.id}" in log and f"and to stderr {worker.id}" in log
+
+
+def test_an_lm_that_grows_past_the_message_limit_as_it_answers_costs_no_answer() -> None:
+    # Was: the attributes an LM changed as it answered came back with the answer, in its message: an LM that kept a
+    # 3 MiB value (its own cache of replies) failed a call on a 2 MiB limit with ResultTooLarge, and every item of a
+    # batch came back None, their answers lost
+    import dspy
+    from dspy.utils import DummyLM
+
+    from dspex_nb.errors import LMStateNotKept
+
+    class Hoarding(DummyLM):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.replies = "x" * 3 * 2**20
+            return super().forward(*args, **kwargs)
+
+    program = dspy.Predict("question -> answer")
+    with Pool(workers=1, lm="demo", max_message_mb=2) as pool:
+        with dspy.context(lm=Hoarding({"q1": {"answer": "a1"}, "q2": {"answer": "a2"}})), \
+                pytest.warns(LMStateNotKept, match="in a batch, each worker changes a copy"):
+            assert [p.answer for p in pool.map(program, ["q1", "q2"], journal=False).result(60)] == ["a1", "a2"]
+        lm = Hoarding({"q3": {"answer": "a3"}})
+        too_large = r"\['replies'\] on the pool as it answered, which cannot come back .*over the 2 MiB message limit"
+        with dspy.context(lm=lm), pytest.warns(LMStateNotKept, match=too_large):
+            assert pool.run(program, question="q3").answer == "a3"
+        with dspy.context(lm=lm), pytest.raises(NotPortable, match=r"changed its attribute\(s\) \['replies'\]"):
+            pool.run(program, question="q3")
+        assert pool.execute("echo", {"alive": True}) == {"alive": True}

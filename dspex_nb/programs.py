@@ -39,7 +39,7 @@ from typing import Any
 import cloudpickle
 
 from dspex_nb import code_digest, typed
-from dspex_nb.errors import ArgumentError, CallbacksNotRun, LMStateNotKept, TraceIncomplete
+from dspex_nb.errors import ArgumentError, CallbacksNotRun, LMStateNotKept, TraceIncomplete, warn_kept
 from dspex_nb.wire import CACHE, ENV, LM_STALE
 
 
@@ -503,10 +503,10 @@ def add_to_trace(trace: list[Any], program: Any, steps: list[Any], resolve: type
 
     predictors = dict(program.named_predictors()) if isinstance(program, dspy.Module) else {}
     if missing := [name for name, _, _ in steps if name not in predictors]:
-        warnings.warn(f"{len(missing)} predictor call(s) of the program on the pool are not in the kernel's DSPy "
-                      "trace (dspy.settings.trace), which optimizers read: their predictors are not the program's "
-                      "own (named_predictors), so the kernel has no object for them; run a dspy.Module instance "
-                      "that holds them as attributes", TraceIncomplete, stacklevel=callers_level())
+        warn_kept(f"{len(missing)} predictor call(s) of the program on the pool are not in the kernel's DSPy trace "
+                  "(dspy.settings.trace), which optimizers read: their predictors are not the program's own "
+                  "(named_predictors), so the kernel has no object for them; run a dspy.Module instance that holds "
+                  "them as attributes", TraceIncomplete, callers_level())
     for name, inputs, outputs in steps:
         if name in predictors:
             if len(trace) >= dspy.settings.max_trace_size:
@@ -608,9 +608,9 @@ def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve:
         named = f"the LM {change.get('name')} that {change.get('label')}"
         changed = sorted([*change.get("changed", []), *change.get("removed", [])])
         if batch:
-            warnings.warn(f"{named} changed its attribute(s) {changed} as it answered on the pool: in a batch, each "
-                          "worker changes a copy of its own, and the kernel's LM is left as it was", LMStateNotKept,
-                          stacklevel=callers_level())
+            warn_kept(f"{named} changed its attribute(s) {changed} as it answered on the pool: in a batch, each "
+                      "worker changes a copy of its own, and the kernel's LM is left as it was", LMStateNotKept,
+                      callers_level())
             continue
         target = lm if change.get("lm") is None else _held_lm(modules, change["lm"])
         if target is None:  # the kernel's program no longer holds it
@@ -625,8 +625,8 @@ def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve:
                      "use a new one")
             with contextlib.suppress(AttributeError, TypeError):  # an LM with __slots__ or a read-only attribute
                 setattr(target, LM_STALE, stale)
-            warnings.warn(f"{named} {stale}: this answer is kept, and the pool refuses this LM's next calls",
-                          LMStateNotKept, stacklevel=callers_level())
+            warn_kept(f"{named} {stale}: this answer is kept, and the pool refuses this LM's next calls",
+                      LMStateNotKept, callers_level())
             continue
         for name, value in values.items():
             setattr(target, name, value)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -546,3 +547,29 @@ def test_an_lm_that_grows_past_the_message_limit_as_it_answers_costs_no_answer()
         with dspy.context(lm=lm), pytest.raises(NotPortable, match=r"changed its attribute\(s\) \['replies'\]"):
             pool.run(program, question="q3")
         assert pool.execute("echo", {"alive": True}) == {"alive": True}
+
+
+def test_a_filter_that_makes_warnings_errors_costs_no_answer_of_an_lm_that_changed(pool: Pool) -> None:
+    # Was: under warnings.simplefilter("error") (pytest's -W error) the LMStateNotKept warning about an LM that changed
+    # as it answered was raised where the answer was read: every item of a map came back None ("its result cannot be
+    # read: LMStateNotKept: ..."), and a call's answer was lost with it, its LM marked all the same
+    import dspy
+    from dspy.utils import DummyLM
+
+    class Counting(DummyLM):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.calls += 1
+            return super().forward(*args, **kwargs)
+
+    program = dspy.Predict("question -> answer")
+    odd = Counting({"q": {"answer": "kept"}})
+    odd.calls = 1j  # no JSON form: once changed, it cannot come back
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with dspy.context(lm=DummyLM([{"answer": "a"}, {"answer": "b"}])):
+            assert [p.answer for p in pool.map(program, ["q1", "q2"], journal=False).result(60)] in (
+                ["a", "a"], ["a", "b"], ["b", "a"])
+        with dspy.context(lm=odd):
+            assert pool.run(program, question="q").answer == "kept"
+            with pytest.raises(NotPortable, match=r"changed its attribute\(s\) \['calls'\]"):
+                pool.run(program, question="q")

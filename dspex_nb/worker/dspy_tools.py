@@ -426,7 +426,7 @@ class _LMStates:
             was, now = self.before[label], _public_state(lm)
             if was is None or now is None:
                 continue
-            changed = sorted(name for name in now if was.get(name) != now[name])
+            changed = sorted(name for name in now if now[name] is not None and was.get(name) != now[name])
             removed = sorted(was.keys() - now.keys())
             if not changed and not removed:
                 continue
@@ -446,12 +446,21 @@ def _lm_name(lm: Any) -> str:
     return f"{type(lm).__name__} {getattr(lm, 'model', '')!r}"
 
 
-def _public_state(lm: Any) -> dict[str, bytes] | None:
-    """Each attribute of ``lm`` but its history and private ones, pickled; None for one that cannot be."""
+def _public_state(lm: Any) -> dict[str, bytes | None] | None:
+    """Each attribute of ``lm`` but its history and private ones, pickled; None for one that cannot be (a client or
+    lock it made, a notebook's lambda), which is not compared: the others are. None for an LM without ``vars``."""
     try:
-        return {name: pickle.dumps(value) for name, value in vars(lm).items()
-                if not name.startswith("_") and name != "history"}
-    except Exception:  # an attribute that cannot be pickled (a client, a notebook's object): not compared
+        attributes = vars(lm)
+    except TypeError:  # __slots__ only
+        return None
+    return {name: _pickled(value) for name, value in list(attributes.items())
+            if not name.startswith("_") and name != "history"}
+
+
+def _pickled(value: Any) -> bytes | None:
+    try:
+        return pickle.dumps(value)
+    except Exception:
         return None
 
 

@@ -573,3 +573,25 @@ def test_a_filter_that_makes_warnings_errors_costs_no_answer_of_an_lm_that_chang
             assert pool.run(program, question="q").answer == "kept"
             with pytest.raises(NotPortable, match=r"changed its attribute\(s\) \['calls'\]"):
                 pool.run(program, question="q")
+
+
+def test_an_lm_holding_a_value_pickle_cannot_take_still_gives_its_next_answer(pool: Pool) -> None:
+    # Was: the worker compared an LM's attributes before and after a call by pickling them all at once: one it could
+    # not pickle (a notebook's lambda, which cloudpickle ships; a lock or client the LM makes as it answers) left the
+    # whole LM unwatched, so DummyLM's next answer or a count of calls was lost without a word
+    import dspy
+    from dspy.utils import DummyLM
+
+    class Tidy(DummyLM):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.calls = getattr(self, "calls", 0) + 1
+            self.guard = threading.Lock()  # made as it answers, as a client often is
+            return super().forward(*args, **kwargs)
+
+    program, question = dspy.Predict("question -> answer"), "What color is the sky?"
+    lm = Tidy([{"answer": "red"}, {"answer": "blue"}, {"answer": "green"}])
+    lm.tidy = lambda text: text.strip()  # noqa: PLW0108
+    with dspy.context(lm=lm):
+        assert [pool.run(program, question=question).answer for _ in range(2)] == ["red", "blue"]
+        assert lm.calls == 2 and lm.tidy(" x ") == "x"
+        assert program(question=question).answer == "green"

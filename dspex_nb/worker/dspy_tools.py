@@ -25,6 +25,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+import cloudpickle
 import dspy
 from dspy.streaming import StatusMessage, StreamListener, StreamResponse
 from dspy.streaming.messages import StatusStreamingCallback
@@ -435,8 +436,9 @@ class _LMStates:
             try:
                 attributes = {name: typed.encode(getattr(lm, name)) for name in changed}
                 why = next(filter(None, (typed.unsendable(value, name) for name, value in attributes.items())), None)
-            except (typed.NotPortable, RecursionError) as exc:
-                attributes, why = {}, str(exc)
+            except Exception as exc:  # NotPortable, RecursionError, or the value's own code failing
+                attributes, why = {}, message_of(exc) if isinstance(exc, typed.NotPortable) else \
+                    f"{type(exc).__name__}: {message_of(exc)}"
             change.update({"attributes": attributes} if why is None else {"unsent": why})
             changes.append(change)
         return changes
@@ -447,8 +449,9 @@ def _lm_name(lm: Any) -> str:
 
 
 def _public_state(lm: Any) -> dict[str, bytes | None] | None:
-    """Each attribute of ``lm`` but its history and private ones, pickled; None for one that cannot be (a client or
-    lock it made, a notebook's lambda), which is not compared: the others are. None for an LM without ``vars``."""
+    """Each attribute of ``lm`` but its history and private ones, pickled (a notebook's class or lambda by value, as
+    cloudpickle ships them); None for one that cannot be (a client or lock it made), which is not compared: the
+    others are. None for an LM without ``vars``."""
     try:
         attributes = vars(lm)
     except TypeError:  # __slots__ only
@@ -460,8 +463,10 @@ def _public_state(lm: Any) -> dict[str, bytes | None] | None:
 def _pickled(value: Any) -> bytes | None:
     try:
         return pickle.dumps(value)
-    except Exception:
-        return None
+    except Exception:  # a class or function made in the notebook is pickled by value
+        with contextlib.suppress(Exception):
+            return cloudpickle.dumps(value)
+    return None
 
 
 def _stop_when(cancelled: CancelEvent, callbacks: list[Any]) -> None:

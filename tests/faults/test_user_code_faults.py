@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -595,3 +596,31 @@ def test_an_lm_holding_a_value_pickle_cannot_take_still_gives_its_next_answer(po
         assert [pool.run(program, question=question).answer for _ in range(2)] == ["red", "blue"]
         assert lm.calls == 2 and lm.tidy(" x ") == "x"
         assert program(question=question).answer == "green"
+
+
+@pytest.mark.parametrize("made", ["whole", "half"])
+def test_an_lm_that_keeps_a_notebook_object_as_it_answers_says_it_cannot_come_back(pool: Pool, made: str) -> None:
+    # Was: an LM that kept an object of a notebook class (pickled by value only) was left unwatched, its changes lost
+    # without a word; watched, an object whose own code fails as it is read (a dataclass without its fields) failed
+    # the call with that error, its answer lost
+    import dspy
+    from dspy.utils import DummyLM
+
+    from dspex_nb.errors import LMStateNotKept
+
+    @dataclasses.dataclass
+    class Reply:
+        text: str
+
+    class Keeping(DummyLM):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.last = Reply("hi") if made == "whole" else object.__new__(Reply)
+            return super().forward(*args, **kwargs)
+
+    program, lm = dspy.Predict("question -> answer"), Keeping({"q": {"answer": made}})
+    why = "a class that did not travel" if made == "whole" else "AttributeError: 'Reply' object has no attribute 'text'"
+    with dspy.context(lm=lm):
+        with pytest.warns(LMStateNotKept, match=rf"\['last'\] on the pool as it answered, which cannot come .*{why}"):
+            assert pool.run(program, question="q").answer == made
+        with pytest.raises(NotPortable, match=r"changed its attribute\(s\) \['last'\]"):
+            pool.run(program, question="q")

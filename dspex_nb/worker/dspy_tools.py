@@ -417,11 +417,11 @@ class _LMStates:
         self.lms = lms
         self.before = {label: _public_state(lm) for label, (_, lm) in lms.items()}
 
-    def changes(self) -> list[dict[str, Any]]:
+    def changes(self, values: bool = True) -> list[dict[str, Any]]:
         """For each LM whose public attributes changed: where it is, how to name it (``label``, ``name``), the names
-        of those it changed (``changed``) and no longer has (``removed``), and the new values as typed JSON
-        (``attributes``), or, for values that cannot travel as typed JSON (a ``DummyLM``'s iterator of answers),
-        why (``unsent``)."""
+        of those it changed (``changed``) and no longer has (``removed``), and, with ``values``, the new values as
+        typed JSON (``attributes``), or, for values that cannot travel as typed JSON (a ``DummyLM``'s iterator of
+        answers), why (``unsent``). A batch item's need no values: the kernel's LM is not set from a batch."""
         changes = []
         for label, (where, lm) in self.lms.items():
             was, now = self.before[label], _public_state(lm)
@@ -433,6 +433,9 @@ class _LMStates:
                 continue
             change: dict[str, Any] = {"lm": where, "label": label, "name": _lm_name(lm), "changed": changed,
                                       "removed": removed}
+            if not values:
+                changes.append(change)
+                continue
             try:
                 attributes = {name: typed.encode(getattr(lm, name)) for name in changed}
                 why = next(filter(None, (typed.unsendable(value, name) for name, value in attributes.items())), None)
@@ -524,16 +527,18 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
                         costs, ctx)
 
 
-def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs: _Costs, ctx: ToolContext) -> Any:
+def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs: _Costs, ctx: ToolContext,
+                 batch: bool = False) -> Any:
     """``result`` (a program's output as ``output_json`` makes it), with ``typed.TRACE`` where ``trace`` is asked:
     the predictor calls DSPy recorded in ``steps`` (``dspy.settings.trace``) as ``[name, inputs, prediction]``,
     each predictor by its name in ``program.named_predictors()`` (None for one the program does not hold);
-    ``typed.LM_STATE``, the attributes its LMs changed as they answered, where they changed any; and
+    ``typed.LM_STATE``, the attributes its LMs changed as they answered, where they changed any (a ``batch``
+    item's by name only: each of its items would carry a copy of a DummyLM's answers, to the journal too); and
     ``typed.HISTORY``, the LM calls' history entries kept by ``costs``, the newest that fit in the message."""
     if trace:
         result[typed.TRACE] = _trace_json(program, steps)
     room = ctx.worker.max_message_bytes - MESSAGE_OVERHEAD - HISTORY_FRAME
-    if changes := costs.lm_states.changes():
+    if changes := costs.lm_states.changes(values=not batch):
         result[typed.LM_STATE] = changes
         if (size := _size(result)) > room:  # the LM's new values must not cost the answer its message
             result[typed.LM_STATE] = [_unsent(change, f"with the answer they are {size / 2**20:.1f} MiB as JSON, "
@@ -930,7 +935,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
             with _tracked({**settings, "trace": steps} if trace else settings, history, program) as costs, \
                     ctx.program_running():
                 output = _run_to_end(_awaited(programs.invoke(program, inputs)))
-            return _with_extras(program, steps, trace, costs.output_json(output), costs, ctx)
+            return _with_extras(program, steps, trace, costs.output_json(output), costs, ctx, batch=True)
         finally:
             slots.release()
 

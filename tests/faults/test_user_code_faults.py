@@ -624,3 +624,18 @@ def test_an_lm_that_keeps_a_notebook_object_as_it_answers_says_it_cannot_come_ba
             assert pool.run(program, question="q").answer == made
         with pytest.raises(NotPortable, match=r"changed its attribute\(s\) \['last'\]"):
             pool.run(program, question="q")
+
+
+def test_a_stop_iteration_a_program_raises_is_reported_as_itself(pool: Pool) -> None:
+    # Was: a program's StopIteration (next() on an empty iterator) left the worker's generator that runs a call, and
+    # Python made it "RuntimeError: generator raised StopIteration" (PEP 479), which the program never raised; a batch
+    # item said StopIteration. One that leaves the program's own generator is that RuntimeError, in the kernel too
+    pool.define("stops", "def stops(question):\n    return next(iter([]), None) or next(iter(()))\n")
+    pool.define("own_generator", "def own_generator(question):\n    def items():\n        yield next(iter(()))\n"
+                                 "    return list(items())\n")
+    for run in (partial(pool.run, "stops"), lambda **inputs: pool.run_stream("stops", **inputs).result(30)):
+        with pytest.raises(ToolError, match=r"failed on worker w\d: StopIteration: \n") as caught:
+            run(question="q")
+        assert not isinstance(caught.value, RuntimeError)
+    with pytest.raises(RuntimeError, match="generator raised StopIteration"):
+        pool.run("own_generator", question="q")

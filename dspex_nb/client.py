@@ -207,7 +207,7 @@ class Pool(WorkerPool):
         LM's own histories too, see ``programs.record_history``)."""
         lm, shipped_lm = self._call_lm()
         decode = partial(programs.to_output, resolve=resolver or typed.Resolver(), trace=trace, program=program,
-                         fill_usage=not programs.usage_tracked(), lm=lm,
+                         fill_usage=not programs.usage_tracked(), lm=lm, held=programs.lms_held(program),
                          tracker=programs.open_usage_tracker())  # with dspy.track_usage() as usage: its calls count
         if programs.wants_history():
             args = {**args, "history": True}

@@ -537,11 +537,28 @@ def history_recorder(program: Any) -> Callable[..., None] | None:
 
     if not wants_history():
         return None
-    return partial(record_history, program=program, outer=list(dspy.settings.caller_modules or []))
+    return partial(record_history, program=program, outer=list(dspy.settings.caller_modules or []),
+                   held=lms_held(program))
+
+
+def lms_held(program: Any) -> dict[tuple[Any, ...], Any]:
+    """The LMs ``program``'s modules hold, by where (``[module name, attribute(, index or key)]``), as the worker
+    names the one that made a call or changed as it answered: taken when the call is made, so that an LM set in
+    their place while it runs (``set_lm``) gets neither the history nor the state of the one it ran on."""
+    from dspex_nb.worker.programs import held_lms, sub_modules
+
+    return held_lms(sub_modules(program))
+
+
+def _held_lm(held: dict[tuple[Any, ...], Any], where: Any) -> Any:
+    """The LM of ``held`` (``lms_held``) at ``where``, as the worker sent it, or None."""
+    if not (isinstance(where, list) and all(type(part) in (str, int) for part in where)):
+        return None
+    return held.get(tuple(where))
 
 
 def record_history(entries: list[dict[str, Any]], program: Any, lm: Any, resolve: typed.Resolver,
-                   outer: list[Any] | None = None) -> None:
+                   held: dict[tuple[Any, ...], Any], outer: list[Any] | None = None) -> None:
     """A call's LM history entries recorded as DSPy records them in the kernel: in DSPy's history
     (``dspy.inspect_history``), in that of each of ``program``'s modules that made the call (by the names
     ``typed.HISTORY_MODULES`` gives, with the kernel's modules around the call), and in the history of the kernel's
@@ -550,7 +567,8 @@ def record_history(entries: list[dict[str, Any]], program: Any, lm: Any, resolve
     the LM of the nearest module around the call that has one, else ``lm`` (the kernel's DSPy LM, where it is the
     pool's); of the same model only. An entry's ``response`` is the object DSPy's LM made (an lm15 ``Response``),
     rebuilt with ``resolve``; one of another class (litellm's ``ModelResponse``) is a dict of its fields. ``outer``:
-    the kernel's modules around the call (None: those around this thread now)."""
+    the kernel's modules around the call (None: those around this thread now); ``held``: ``lms_held`` of the
+    program when the call was made."""
     import dspy
     from dspy.clients.base_lm import record_history as record
 
@@ -565,45 +583,23 @@ def record_history(entries: list[dict[str, Any]], program: Any, lm: Any, resolve
             except typed.NotPortable:  # a class this kernel's DSPy lacks: its typed JSON, readable as it is
                 pass
         callers = [modules[name] for name in entry.pop(typed.HISTORY_MODULES, ()) if name in modules]
-        held = _held_lm(modules, entry.pop(typed.HISTORY_LM, None))
-        own = held or next((module.lm for module in reversed(callers) if getattr(module, "lm", None) is not None), lm)
+        ran = _held_lm(held, entry.pop(typed.HISTORY_LM, None))
+        own = ran or next((module.lm for module in reversed(callers) if getattr(module, "lm", None) is not None), lm)
         client = own if isinstance(getattr(own, "history", None), list) and getattr(
             own, "model", None) == entry.get("model") else _History
         with dspy.context(caller_modules=[*outer, *callers]):
             record(client, entry)
 
 
-def _held_lm(modules: dict[str, Any], where: Any) -> Any:
-    """The LM that the module of ``modules`` named by ``where`` (``[module name, attribute]``, and the index or key
-    where the attribute is a list, tuple or dict of LMs, as the worker found the LM that made a call) holds in the
-    kernel, or None."""
-    import dspy
-
-    if not (isinstance(where, list) and len(where) in (2, 3) and where[0] in modules and isinstance(where[1], str)):
-        return None
-    value = vars(modules[where[0]]).get(where[1])
-    if len(where) == 3:
-        key = where[2]
-        if isinstance(value, (list, tuple)) and isinstance(key, int) and -len(value) <= key < len(value):
-            value = value[key]
-        elif isinstance(value, dict) and isinstance(key, str):
-            value = value.get(key)
-        else:
-            return None
-    return value if isinstance(value, dspy.BaseLM) else None
-
-
-def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve: typed.Resolver,
+def keep_lm_state(changes: list[dict[str, Any]], held: dict[tuple[Any, ...], Any], lm: Any, resolve: typed.Resolver,
                   batch: bool = False) -> None:
     """Set on the kernel's LMs the attributes that their copies changed on a worker as they answered (the
-    worker's ``_LMStates``): the one ``dspy.context`` set around the call (``lm``), and those ``program`` holds,
-    by where the worker found them; so the next call starts where this one left, as in the kernel. In a ``batch``
-    each worker changed a copy of its own, and values that cannot travel cannot be set: an ``LMStateNotKept``
-    warning says so, and in the second case the LM is marked (``wire.LM_STALE``), which the pool then refuses to
-    run, as it would not answer as in the kernel (this call's answer is kept)."""
-    from dspex_nb.worker.programs import sub_modules
-
-    modules = {} if batch else dict(sub_modules(program))
+    worker's ``_LMStates``): the one ``dspy.context`` set around the call (``lm``), and those the program held when
+    the call was made (``held``, ``lms_held``), by where the worker found them; so the next call starts where this
+    one left, as in the kernel. In a ``batch`` each worker changed a copy of its own, and values that cannot travel
+    cannot be set: an ``LMStateNotKept`` warning says so, and in the second case the LM is marked
+    (``wire.LM_STALE``), which the pool then refuses to run, as it would not answer as in the kernel (this call's
+    answer is kept)."""
     for change in changes:
         named = f"the LM {change.get('name')} that {change.get('label')}"
         changed = sorted([*change.get("changed", []), *change.get("removed", [])])
@@ -612,7 +608,7 @@ def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve:
                       "worker changes a copy of its own, and the kernel's LM is left as it was", LMStateNotKept,
                       callers_level())
             continue
-        target = lm if change.get("lm") is None else _held_lm(modules, change["lm"])
+        target = lm if change.get("lm") is None else _held_lm(held, change["lm"])
         if target is None:  # the kernel's program no longer holds it
             continue
         try:
@@ -650,7 +646,7 @@ def open_usage_tracker() -> list[Any]:
 
 def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any] | None = None,
               program: Any = None, fill_usage: bool = True, lm: Any = None, tracker: list[Any] | None = None,
-              batch: bool = False) -> Any:
+              batch: bool = False, held: dict[tuple[Any, ...], Any] | None = None) -> Any:
     """A DSPy tool's result as the program gave it: a dspy.Prediction of its fields, or its own value; with
     ``trace`` (``open_trace()`` and the kernel's program), its predictor calls are added there, and its LM
     calls' history entries go to DSPy's history (``dspy.inspect_history``, and ``program``'s own where it keeps
@@ -660,7 +656,7 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
     DSPy sets none), the call's usage where it has none. With ``tracker`` (``open_usage_tracker()``), the call's
     usage joins that tracker, as its LM calls add theirs in the kernel (one entry per model, with their sums). The
     attributes its LMs changed as they answered are set on the kernel's (``keep_lm_state``; a ``batch`` item's are
-    not, and a warning says so)."""
+    not, and a warning says so). ``held``: ``lms_held`` of ``program`` when the call was made (None: now)."""
     import dspy
 
     if tracker and isinstance(result, dict) and isinstance(result.get(typed.USAGE), dict):
@@ -670,10 +666,12 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
     steps = result.pop(typed.TRACE, None) if isinstance(result, dict) else None
     if trace is not None and steps is not None:
         add_to_trace(*trace, steps, resolve)
-    if isinstance(result, dict) and typed.HISTORY in result:
-        record_history(result.pop(typed.HISTORY), program, lm, resolve)
-    if isinstance(result, dict) and typed.LM_STATE in result:
-        keep_lm_state(result.pop(typed.LM_STATE), program, lm, resolve, batch)
+    if isinstance(result, dict) and (typed.HISTORY in result or typed.LM_STATE in result):
+        held = ({} if batch else lms_held(program)) if held is None else held
+        if typed.HISTORY in result:
+            record_history(result.pop(typed.HISTORY), program, lm, resolve, held)
+        if typed.LM_STATE in result:
+            keep_lm_state(result.pop(typed.LM_STATE), held, lm, resolve, batch)
 
     if isinstance(result, dict) and result.get(typed.TAG) == "output":
         output = typed.decode(result["value"], resolve, "output")

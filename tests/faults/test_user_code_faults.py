@@ -639,3 +639,22 @@ def test_a_stop_iteration_a_program_raises_is_reported_as_itself(pool: Pool) -> 
         assert not isinstance(caught.value, RuntimeError)
     with pytest.raises(RuntimeError, match="generator raised StopIteration"):
         pool.run("own_generator", question="q")
+
+
+def test_an_lm_set_in_the_place_of_one_a_call_runs_on_gets_none_of_its_state(pool: Pool) -> None:
+    # Was: the kernel looked for the program's LM that changed as it answered when the call's result was read, by
+    # where the program held it: an LM set there meanwhile (set_lm while a run_stream ran) got the state of the one
+    # the call ran on, DSPy's DummyLM its answers still to come, so its next call gave the old LM's answer
+    import dspy
+    from dspy.utils import DummyLM
+
+    program = dspy.Predict("question -> answer")
+    ran_on = DummyLM([{"answer": "red"}, {"answer": "blue"}])
+    program.set_lm(ran_on)
+    run = pool.run_stream(program, question="q")
+    run.wait(30)
+    program.set_lm(DummyLM([{"answer": "green"}]))  # the notebook's next cell, while the run's result is unread
+    assert run.result(30).answer == "red"
+    assert program(question="q").answer == "green"  # its own first answer, in the kernel
+    program.set_lm(ran_on)
+    assert pool.run(program, question="q").answer == "blue"  # where the first call left it

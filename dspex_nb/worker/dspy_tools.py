@@ -211,8 +211,9 @@ class _Costs:
         ``budget`` bytes (each holds its whole prompt: a long document's calls fill a message), each with the
         names of the program's modules that made it (``typed.HISTORY_MODULES``). Its ``response`` comes as
         ``_response_json`` gives it; a provider's objects, such as litellm's tool calls, come as their
-        fields; other values that are not JSON, such as a response format's class, as their repr; keys JSON has
-        no form for are left out, and an entry that contains itself."""
+        fields; other values that are not JSON, such as a response format's class, as their repr (or a line saying it
+        failed); keys JSON has no form for are left out, and an entry that contains itself or whose values' own code
+        fails as it is read."""
         with self._lock:
             entries = list(self.entries or ())
         kept = []
@@ -221,7 +222,7 @@ class _Costs:
                 text = json.dumps({**entry, **({"response": _response_json(entry["response"])} if "response" in entry
                                                else {}), typed.HISTORY_MODULES: callers, typed.HISTORY_LM: lm},
                                   default=_as_json, skipkeys=True)
-            except (ValueError, RecursionError):  # a circular reference
+            except Exception:  # a circular reference (ValueError, RecursionError), or its values' own code failing
                 continue
             budget -= len(text) + 2  # ASCII, as the worker's encoder writes it, and its separator
             if budget < 0:
@@ -267,10 +268,13 @@ def _response_json(response: Any) -> Any:
 
 def _as_json(value: Any) -> Any:
     """A history entry's value that JSON has no form for: a pydantic model (litellm's tool calls, which
-    ``inspect_history`` reads as dicts) as its fields, anything else as its repr."""
+    ``inspect_history`` reads as dicts) as its fields, anything else as its repr, or a line saying it failed."""
     from pydantic import BaseModel
 
-    return dict(value) if isinstance(value, BaseModel) else repr(value)
+    try:
+        return dict(value) if isinstance(value, BaseModel) else repr(value)
+    except Exception as exc:  # its own code failed: the entry is kept, inspect_history reads the rest
+        return f"<a {type(value).__name__} whose repr failed: {type(exc).__name__}>"
 
 
 @contextlib.contextmanager

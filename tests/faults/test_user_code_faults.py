@@ -658,3 +658,32 @@ def test_an_lm_set_in_the_place_of_one_a_call_runs_on_gets_none_of_its_state(poo
     assert program(question="q").answer == "green"  # its own first answer, in the kernel
     program.set_lm(ran_on)
     assert pool.run(program, question="q").answer == "blue"  # where the first call left it
+
+
+def test_an_lm_response_whose_repr_fails_costs_no_answer(pool: Pool) -> None:
+    # Was: a call's LM history entries come back as JSON, a value JSON has no form for as its repr: an LM of one's own
+    # whose response held a value whose repr raised failed every call with that error (a batch item too), its answer
+    # lost, where the kernel runs it and keeps the entry
+    from types import SimpleNamespace
+
+    import dspy
+
+    class Sealed:
+        def __repr__(self) -> str:
+            raise RuntimeError("sealed")
+
+    class Own(dspy.BaseLM):
+        def __init__(self) -> None:
+            super().__init__("own/model")
+
+        def forward(self, prompt=None, messages=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            reply = SimpleNamespace(content="[[ ## answer ## ]]\nfine\n\n[[ ## completed ## ]]", tool_calls=None)
+            return SimpleNamespace(choices=[SimpleNamespace(message=reply, finish_reason="stop", logprobs=None)],
+                                   usage={}, model="own/model", sealed=Sealed())
+
+    program, lm = dspy.Predict("question -> answer"), Own()
+    with dspy.context(lm=lm):
+        assert pool.run(program, question="q").answer == "fine"
+        assert pool.run_stream(program, question="q").result(30).answer == "fine"
+        assert [p.answer for p in pool.map(program, ["q"], journal=False).result(30)] == ["fine"]
+    assert [entry["response"] for entry in lm.history] == ["<a SimpleNamespace whose repr failed: RuntimeError>"] * 3

@@ -687,3 +687,27 @@ def test_an_lm_response_whose_repr_fails_costs_no_answer(pool: Pool) -> None:
         assert pool.run_stream(program, question="q").result(30).answer == "fine"
         assert [p.answer for p in pool.map(program, ["q"], journal=False).result(30)] == ["fine"]
     assert [entry["response"] for entry in lm.history] == ["<a SimpleNamespace whose repr failed: RuntimeError>"] * 3
+
+
+def test_an_lm_reporting_token_counts_that_are_no_numbers_costs_no_answer(pool: Pool) -> None:
+    # Was: the pool counts each call's tokens for its status and views with int(): an LM of one's own that reported
+    # "prompt_tokens": "many" (DSPy keeps its usage as it is) failed pool.run with "ValueError: invalid literal for
+    # int()" in the kernel, once the answer had come
+    from types import SimpleNamespace
+
+    import dspy
+
+    class Vague(dspy.BaseLM):
+        def __init__(self) -> None:
+            super().__init__("vague/model")
+
+        def forward(self, prompt=None, messages=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            reply = SimpleNamespace(content="[[ ## answer ## ]]\nfine\n\n[[ ## completed ## ]]", tool_calls=None)
+            return SimpleNamespace(choices=[SimpleNamespace(message=reply, finish_reason="stop", logprobs=None)],
+                                   usage={"prompt_tokens": "many", "completion_tokens": "12"}, model="vague/model")
+
+    program = dspy.Predict("question -> answer")
+    with dspy.context(lm=Vague()):
+        assert pool.run(program, question="q").answer == "fine"
+        run = pool.run_stream(program, question="q")
+        assert run.result(30).answer == "fine" and run.tokens == (0, 12)

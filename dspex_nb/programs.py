@@ -545,6 +545,8 @@ def lms_held(program: Any) -> dict[tuple[Any, ...], Any]:
     """The LMs ``program``'s modules hold, by where (``[module name, attribute(, index or key)]``), as the worker
     names the one that made a call or changed as it answered: taken when the call is made, so that an LM set in
     their place while it runs (``set_lm``) gets neither the history nor the state of the one it ran on."""
+    if "dspy" not in sys.modules:  # no DSPy module to hold one: DSPy is not imported for a call by name
+        return {}
     from dspex_nb.worker.programs import held_lms, sub_modules
 
     return held_lms(sub_modules(program))

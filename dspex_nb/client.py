@@ -206,11 +206,11 @@ class Pool(WorkerPool):
         Its LM calls join the kernel's DSPy history (``dspy.inspect_history()``; ``program``'s modules' and the kernel
         LM's own histories too, see ``programs.record_history``)."""
         lm, shipped_lm = self._call_lm()
-        resolver = resolver or typed.Resolver()
+        resolver, held = resolver or typed.Resolver(), programs.lms_held(program)
         decode = partial(programs.to_output, resolve=resolver, trace=trace, program=program,
-                         fill_usage=not programs.usage_tracked(), lm=lm,
+                         fill_usage=not programs.usage_tracked(), lm=lm, held=held,
                          tracker=programs.open_usage_tracker())  # with dspy.track_usage() as usage: its calls count
-        failed = partial(programs.keep_failed_lm_state, program=program, lm=lm, resolve=resolver)
+        failed = partial(programs.keep_failed_lm_state, held=held, lm=lm, resolve=resolver)
         if programs.wants_history():
             args = {**args, "history": True}
         settings = programs.kernel_settings(shipped_lm, self.env_changes.now())  # e.g. dspy.configure(adapter=...)

@@ -9,6 +9,7 @@ import inspect
 import sys
 import traceback
 import types
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -358,6 +359,15 @@ class LMStateNotKept(UserWarning):
     its calls), and the kernel's LM cannot take that change: in a batch (each worker changes a copy of its own), or
     where the new values cannot travel (the pool then refuses that LM's next calls, saying why), or where another
     call on the pool changed it after this one was sent."""
+
+
+def warn_kept(message: str, category: type[Warning], stacklevel: int) -> None:
+    """``warnings.warn`` about a result that exists, which must not cost it: it never raises, where a filter makes
+    warnings errors (``warnings.simplefilter("error")``, pytest's ``-W error``) or the kernel's ``showwarning``
+    fails. Raised in the thread keeping a batch item, it lost that computed item (the journal's warning, the
+    ``LMStateNotKept`` of an LM that changed as it answered)."""
+    with contextlib.suppress(Exception):
+        warnings.warn(message, category, stacklevel=stacklevel + 1)
 
 
 class TraceIncomplete(UserWarning):

@@ -26,9 +26,10 @@ import sqlite3
 import stat
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
+
+from dspex_nb.errors import warn_kept
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -86,16 +87,6 @@ class JournalWarning(UserWarning):
     """The journal could not keep something (the batch's results are not affected)."""
 
 
-def _warn(message: str, stacklevel: int) -> None:
-    """Warn that the journal could not keep something, without ever raising: a warnings filter that makes warnings
-    errors (``warnings.simplefilter("error")``, pytest's ``-W error``) would otherwise raise it in the batch thread
-    that was keeping an item, which lost that computed item and left ``result()`` waiting for it for ever. The batch
-    reports the problem all the same (its warning line, ``batch.warning``); so it does where a ``showwarning`` of
-    the kernel's own fails."""
-    with contextlib.suppress(Exception):
-        warnings.warn(message, JournalWarning, stacklevel=stacklevel + 1)
-
-
 class Journal:
     """One SQLite file of batch results, safe to use from several threads of one process and from
     several processes at once (WAL)."""
@@ -112,8 +103,8 @@ class Journal:
                 raise
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
             self.path.replace(aside)
-            _warn(f"the batch journal {self.path} could not be read ({exc}); it was moved to {aside} and a new "
-                  "journal started", stacklevel=2)
+            warn_kept(f"the batch journal {self.path} could not be read ({exc}); it was moved to {aside} and a new "
+                      "journal started", JournalWarning, stacklevel=2)
             self._db = self._open()
 
     def _start(self, path: str | Path | None) -> None:
@@ -131,7 +122,7 @@ class Journal:
         journal._db.executescript(SCHEMA)
         journal.problem = (f"could not open the batch journal {journal.path} ({type(reason).__name__}: {reason}); "
                            "batch results are kept in memory: a re-run in this kernel takes them, a later one cannot")
-        _warn(journal.problem, stacklevel=3)
+        warn_kept(journal.problem, JournalWarning, stacklevel=3)
         return journal
 
     def _check_place(self) -> None:
@@ -241,7 +232,7 @@ class Journal:
                 self.problem = (f"could not {what} the batch journal {self.path} ({type(exc).__name__}: {exc}); "
                                 "results are kept in memory (batch.records), but a re-run cannot take them from it")
         if first:
-            _warn(self.problem, stacklevel=3)
+            warn_kept(self.problem, JournalWarning, stacklevel=3)
 
     def claim(self, batch_key: str, item_keys: list[str], owner: str, lease: float) -> set[str]:
         """Claim the items no other live run of this batch holds (for ``lease`` seconds; renew by claiming

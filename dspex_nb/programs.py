@@ -39,7 +39,15 @@ from typing import Any
 import cloudpickle
 
 from dspex_nb import code_digest, typed
-from dspex_nb.errors import LM_STATE, ArgumentError, CallbacksNotRun, LMStateNotKept, TraceIncomplete, remote_error
+from dspex_nb.errors import (
+    LM_STATE,
+    ArgumentError,
+    CallbacksNotRun,
+    LMStateNotKept,
+    TraceIncomplete,
+    remote_error,
+    warn_kept,
+)
 from dspex_nb.wire import CACHE, ENV, LM_STALE, LM_VERSION
 
 
@@ -503,10 +511,10 @@ def add_to_trace(trace: list[Any], program: Any, steps: list[Any], resolve: type
 
     predictors = dict(program.named_predictors()) if isinstance(program, dspy.Module) else {}
     if missing := [name for name, _, _ in steps if name not in predictors]:
-        warnings.warn(f"{len(missing)} predictor call(s) of the program on the pool are not in the kernel's DSPy "
-                      "trace (dspy.settings.trace), which optimizers read: their predictors are not the program's "
-                      "own (named_predictors), so the kernel has no object for them; run a dspy.Module instance "
-                      "that holds them as attributes", TraceIncomplete, stacklevel=callers_level())
+        warn_kept(f"{len(missing)} predictor call(s) of the program on the pool are not in the kernel's DSPy trace "
+                  "(dspy.settings.trace), which optimizers read: their predictors are not the program's own "
+                  "(named_predictors), so the kernel has no object for them; run a dspy.Module instance that holds "
+                  "them as attributes", TraceIncomplete, callers_level())
     for name, inputs, outputs in steps:
         if name in predictors:
             if len(trace) >= dspy.settings.max_trace_size:
@@ -537,11 +545,30 @@ def history_recorder(program: Any) -> Callable[..., None] | None:
 
     if not wants_history():
         return None
-    return partial(record_history, program=program, outer=list(dspy.settings.caller_modules or []))
+    return partial(record_history, program=program, outer=list(dspy.settings.caller_modules or []),
+                   held=lms_held(program))
+
+
+def lms_held(program: Any) -> dict[tuple[Any, ...], Any]:
+    """The LMs ``program``'s modules hold, by where (``[module name, attribute(, index or key)]``), as the worker
+    names the one that made a call or changed as it answered: taken when the call is made, so that an LM set in
+    their place while it runs (``set_lm``) gets neither the history nor the state of the one it ran on."""
+    if "dspy" not in sys.modules:  # no DSPy module to hold one: DSPy is not imported for a call by name
+        return {}
+    from dspex_nb.worker.programs import held_lms, sub_modules
+
+    return held_lms(sub_modules(program))
+
+
+def _held_lm(held: dict[tuple[Any, ...], Any], where: Any) -> Any:
+    """The LM of ``held`` (``lms_held``) at ``where``, as the worker sent it, or None."""
+    if not (isinstance(where, list) and all(type(part) in (str, int) for part in where)):
+        return None
+    return held.get(tuple(where))
 
 
 def record_history(entries: list[dict[str, Any]], program: Any, lm: Any, resolve: typed.Resolver,
-                   outer: list[Any] | None = None) -> None:
+                   held: dict[tuple[Any, ...], Any], outer: list[Any] | None = None) -> None:
     """A call's LM history entries recorded as DSPy records them in the kernel: in DSPy's history
     (``dspy.inspect_history``), in that of each of ``program``'s modules that made the call (by the names
     ``typed.HISTORY_MODULES`` gives, with the kernel's modules around the call), and in the history of the kernel's
@@ -550,7 +577,8 @@ def record_history(entries: list[dict[str, Any]], program: Any, lm: Any, resolve
     the LM of the nearest module around the call that has one, else ``lm`` (the kernel's DSPy LM, where it is the
     pool's); of the same model only. An entry's ``response`` is the object DSPy's LM made (an lm15 ``Response``),
     rebuilt with ``resolve``; one of another class (litellm's ``ModelResponse``) is a dict of its fields. ``outer``:
-    the kernel's modules around the call (None: those around this thread now)."""
+    the kernel's modules around the call (None: those around this thread now); ``held``: ``lms_held`` of the
+    program when the call was made."""
     import dspy
     from dspy.clients.base_lm import record_history as record
 
@@ -565,64 +593,42 @@ def record_history(entries: list[dict[str, Any]], program: Any, lm: Any, resolve
             except typed.NotPortable:  # a class this kernel's DSPy lacks: its typed JSON, readable as it is
                 pass
         callers = [modules[name] for name in entry.pop(typed.HISTORY_MODULES, ()) if name in modules]
-        held = _held_lm(modules, entry.pop(typed.HISTORY_LM, None))
-        own = held or next((module.lm for module in reversed(callers) if getattr(module, "lm", None) is not None), lm)
+        ran = _held_lm(held, entry.pop(typed.HISTORY_LM, None))
+        own = ran or next((module.lm for module in reversed(callers) if getattr(module, "lm", None) is not None), lm)
         client = own if isinstance(getattr(own, "history", None), list) and getattr(
             own, "model", None) == entry.get("model") else _History
         with dspy.context(caller_modules=[*outer, *callers]):
             record(client, entry)
 
 
-def _held_lm(modules: dict[str, Any], where: Any) -> Any:
-    """The LM that the module of ``modules`` named by ``where`` (``[module name, attribute]``, and the index or key
-    where the attribute is a list, tuple or dict of LMs, as the worker found the LM that made a call) holds in the
-    kernel, or None."""
-    import dspy
-
-    if not (isinstance(where, list) and len(where) in (2, 3) and where[0] in modules and isinstance(where[1], str)):
-        return None
-    value = vars(modules[where[0]]).get(where[1])
-    if len(where) == 3:
-        key = where[2]
-        if isinstance(value, (list, tuple)) and isinstance(key, int) and -len(value) <= key < len(value):
-            value = value[key]
-        elif isinstance(value, dict) and isinstance(key, str):
-            value = value.get(key)
-        else:
-            return None
-    return value if isinstance(value, dspy.BaseLM) else None
-
-
-def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve: typed.Resolver,
+def keep_lm_state(changes: list[dict[str, Any]], held: dict[tuple[Any, ...], Any], lm: Any, resolve: typed.Resolver,
                   batch: bool = False) -> None:
     """Set on the kernel's LMs the attributes that their copies changed on a worker as they answered (the
-    worker's ``_LMStates``): the one ``dspy.context`` set around the call (``lm``), and those ``program`` holds,
-    by where the worker found them; so the next call starts where this one left, as in the kernel. In a ``batch``
-    each worker changed a copy of its own, and values that cannot travel cannot be set: an ``LMStateNotKept``
-    warning says so, and in the second case the LM is marked (``wire.LM_STALE``), which the pool then refuses to
-    run, as it would not answer as in the kernel (this call's answer is kept). A change made on a copy older than
-    the kernel's LM (``wire.LM_VERSION``: another call on the pool, sent before this one came back, changed it
-    since) is not kept either: both changed the state the kernel's LM had when they were sent, and the kernel
-    would have made the second change on top of the first; the warning says so."""
-    from dspex_nb.worker.programs import sub_modules
-
-    modules = {} if batch else dict(sub_modules(program))
+    worker's ``_LMStates``): the one ``dspy.context`` set around the call (``lm``), and those the program held when
+    the call was made (``held``, ``lms_held``), by where the worker found them; so the next call starts where this
+    one left, as in the kernel. In a ``batch`` each worker changed a copy of its own, and values that cannot travel
+    cannot be set: an ``LMStateNotKept`` warning says so, and in the second case the LM is marked
+    (``wire.LM_STALE``), which the pool then refuses to run, as it would not answer as in the kernel (this call's
+    answer is kept). A change made on a copy older than the kernel's LM (``wire.LM_VERSION``: another call on the
+    pool, sent before this one came back, changed it since) is not kept either: both changed the state the kernel's
+    LM had when they were sent, and the kernel would have made the second change on top of the first; the warning
+    says so."""
     kept: dict[int, str] = {}  # id of a kernel LM this call's changes were set on -> the label of the copy it took
     for change in changes:
         named = f"the LM {change.get('name')} that {change.get('label')}"
         changed = sorted([*change.get("changed", []), *change.get("removed", [])])
         if batch:
-            warnings.warn(f"{named} changed its attribute(s) {changed} as it answered on the pool: in a batch, each "
-                          "worker changes a copy of its own, and the kernel's LM is left as it was", LMStateNotKept,
-                          stacklevel=callers_level())
+            warn_kept(f"{named} changed its attribute(s) {changed} as it answered on the pool: in a batch, each "
+                      "worker changes a copy of its own, and the kernel's LM is left as it was", LMStateNotKept,
+                      callers_level())
             continue
-        target = lm if change.get("lm") is None else _held_lm(modules, change["lm"])
+        target = lm if change.get("lm") is None else _held_lm(held, change["lm"])
         if target is None:  # the kernel's program no longer holds it
             continue
         if overtaken := _overtaken(target, change, kept):
-            warnings.warn(f"{named} changed its attribute(s) {changed} as it answered on the pool, but {overtaken}: "
-                          "its change is kept, not this one's (in the kernel, this one would have started where that "
-                          "one left)", LMStateNotKept, stacklevel=callers_level())
+            warn_kept(f"{named} changed its attribute(s) {changed} as it answered on the pool, but {overtaken}: its "
+                      "change is kept, not this one's (in the kernel, this one would have started where that one left)",
+                      LMStateNotKept, callers_level())
             continue
         try:
             if "unsent" in change:
@@ -634,8 +640,8 @@ def keep_lm_state(changes: list[dict[str, Any]], program: Any, lm: Any, resolve:
                      "use a new one")
             with contextlib.suppress(AttributeError, TypeError):  # an LM with __slots__ or a read-only attribute
                 setattr(target, LM_STALE, stale)
-            warnings.warn(f"{named} {stale}: this answer is kept, and the pool refuses this LM's next calls",
-                          LMStateNotKept, stacklevel=callers_level())
+            warn_kept(f"{named} {stale}: this answer is kept, and the pool refuses this LM's next calls",
+                      LMStateNotKept, callers_level())
             continue
         for name, value in values.items():
             setattr(target, name, value)
@@ -659,7 +665,8 @@ def _overtaken(target: Any, change: dict[str, Any], kept: dict[int, str]) -> str
     return None
 
 
-def keep_failed_lm_state(error: BaseException, program: Any, lm: Any, resolve: typed.Resolver) -> None:
+def keep_failed_lm_state(error: BaseException, held: dict[tuple[Any, ...], Any], lm: Any,
+                         resolve: typed.Resolver) -> None:
     """``keep_lm_state`` of the changes a failed call's LMs made before it failed (``error`` brings them,
     ``errors.LM_STATE``), once: a ``DummyLM`` given a list whose answer the program could not parse gives its next
     one at the next call, as in the kernel."""
@@ -668,7 +675,7 @@ def keep_failed_lm_state(error: BaseException, program: Any, lm: Any, resolve: t
     except Exception:  # a class of the program's whose __dict__ raises: remote_error could not set them either
         return
     if changes:
-        keep_lm_state(changes, program, lm, resolve)
+        keep_lm_state(changes, held, lm, resolve)
 
 
 def usage_tracked() -> bool:
@@ -686,7 +693,7 @@ def open_usage_tracker() -> list[Any]:
 
 def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any] | None = None,
               program: Any = None, fill_usage: bool = True, lm: Any = None, tracker: list[Any] | None = None,
-              batch: bool = False) -> Any:
+              batch: bool = False, held: dict[tuple[Any, ...], Any] | None = None) -> Any:
     """A DSPy tool's result as the program gave it: a dspy.Prediction of its fields, or its own value; with
     ``trace`` (``open_trace()`` and the kernel's program), its predictor calls are added there, and its LM
     calls' history entries go to DSPy's history (``dspy.inspect_history``, and ``program``'s own where it keeps
@@ -696,7 +703,7 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
     DSPy sets none), the call's usage where it has none. With ``tracker`` (``open_usage_tracker()``), the call's
     usage joins that tracker, as its LM calls add theirs in the kernel (one entry per model, with their sums). The
     attributes its LMs changed as they answered are set on the kernel's (``keep_lm_state``; a ``batch`` item's are
-    not, and a warning says so)."""
+    not, and a warning says so). ``held``: ``lms_held`` of ``program`` when the call was made (None: now)."""
     import dspy
 
     if tracker and isinstance(result, dict) and isinstance(result.get(typed.USAGE), dict):
@@ -706,10 +713,12 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
     steps = result.pop(typed.TRACE, None) if isinstance(result, dict) else None
     if trace is not None and steps is not None:
         add_to_trace(*trace, steps, resolve)
-    if isinstance(result, dict) and typed.HISTORY in result:
-        record_history(result.pop(typed.HISTORY), program, lm, resolve)
-    if isinstance(result, dict) and typed.LM_STATE in result:
-        keep_lm_state(result.pop(typed.LM_STATE), program, lm, resolve, batch)
+    if isinstance(result, dict) and (typed.HISTORY in result or typed.LM_STATE in result):
+        held = ({} if batch else lms_held(program)) if held is None else held
+        if typed.HISTORY in result:
+            record_history(result.pop(typed.HISTORY), program, lm, resolve, held)
+        if typed.LM_STATE in result:
+            keep_lm_state(result.pop(typed.LM_STATE), held, lm, resolve, batch)
 
     if isinstance(result, dict) and result.get(typed.TAG) == "output":
         output = typed.decode(result["value"], resolve, "output")

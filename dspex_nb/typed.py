@@ -671,8 +671,17 @@ def tokens(result: Any) -> tuple[int, int]:
     if not isinstance(usage, dict):
         return 0, 0
     models = [u for u in usage.values() if isinstance(u, dict)]
-    return (sum(int(u.get("prompt_tokens") or 0) for u in models),
-            sum(int(u.get("completion_tokens") or 0) for u in models))
+    return (sum(_count(u.get("prompt_tokens")) for u in models),
+            sum(_count(u.get("completion_tokens")) for u in models))
+
+
+def _count(value: Any) -> int:
+    """A token count as an LM reported it (an int, a float, a str of digits); 0 for one that is no number (an LM of
+    one's own may report anything, which DSPy keeps as it is: the call's answer must not fail on the pool's count)."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 def cost(result: Any) -> float | None:

@@ -117,6 +117,7 @@ def error_info(exc: BaseException, depth: int = 0) -> dict[str, Any]:
     traceback of its own, as the group's shows it."""
     if issubclass(type(exc), ToolError):  # not isinstance: that reads the exception's __class__, user code
         return {"type": exc.type, "message": redact.text(exc.message), "traceback": ""}
+    exc = _as_raised(exc)
     info: dict[str, Any] = {"type": type(exc).__name__, "message": message_of(exc),
                             "traceback": "" if depth else _traceback_of(exc)}
     for key, part in (("bases", _bases), ("attributes", _attributes), ("args", _args),
@@ -128,6 +129,19 @@ def error_info(exc: BaseException, depth: int = 0) -> dict[str, Any]:
         if value is not None and value != {}:  # no args is [], which is kept: the kernel's error then has none
             info[key] = value
     return info
+
+
+def _as_raised(exc: BaseException) -> BaseException:
+    """The ``StopIteration`` the program raised where Python made it a RuntimeError ("generator raised
+    StopIteration", PEP 479) as it left one of the worker's own generators, which a call runs the program in: the
+    kernel sees it as the program's call raises it there. One that left the program's own generator stays the
+    RuntimeError, as it is in the kernel too."""
+    cause, tb = exc.__cause__, exc.__traceback__
+    if type(exc) is not RuntimeError or not isinstance(cause, StopIteration) or tb is None:
+        return exc
+    while tb.tb_next is not None:  # the generator it left is the traceback's last frame
+        tb = tb.tb_next
+    return cause if tb.tb_frame.f_code.co_filename.startswith(_PACKAGE) else exc
 
 
 def _group(exc: BaseException, depth: int) -> dict[str, Any] | None:

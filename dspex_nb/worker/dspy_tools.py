@@ -36,7 +36,7 @@ from dspex_nb import redact, typed
 from dspex_nb.errors import ArgumentError, Cancelled
 from dspex_nb.wire import CACHE, ENV, LM_STALE, LM_VERSION, definition_version, dumps
 from dspex_nb.worker import programs
-from dspex_nb.worker.calls import MESSAGE_OVERHEAD, error_info
+from dspex_nb.worker.calls import MESSAGE_OVERHEAD, error_info, message_of
 from dspex_nb.worker.demo_lm import make_demo_lm
 from dspex_nb.worker.limits import StopWhenCancelled
 from dspex_nb.worker.state import WorkerState
@@ -211,8 +211,9 @@ class _Costs:
         ``budget`` bytes (each holds its whole prompt: a long document's calls fill a message), each with the
         names of the program's modules that made it (``typed.HISTORY_MODULES``). Its ``response`` comes as
         ``_response_json`` gives it; a provider's objects, such as litellm's tool calls, come as their
-        fields; other values that are not JSON, such as a response format's class, as their repr; keys JSON has
-        no form for are left out, and an entry that contains itself."""
+        fields; other values that are not JSON, such as a response format's class, as their repr (or a line saying it
+        failed); keys JSON has no form for are left out, and an entry that contains itself or whose values' own code
+        fails as it is read."""
         with self._lock:
             entries = list(self.entries or ())
         kept = []
@@ -221,7 +222,7 @@ class _Costs:
                 text = json.dumps({**entry, **({"response": _response_json(entry["response"])} if "response" in entry
                                                else {}), typed.HISTORY_MODULES: callers, typed.HISTORY_LM: lm},
                                   default=_as_json, skipkeys=True)
-            except (ValueError, RecursionError):  # a circular reference
+            except Exception:  # a circular reference (ValueError, RecursionError), or its values' own code failing
                 continue
             budget -= len(text) + 2  # ASCII, as the worker's encoder writes it, and its separator
             if budget < 0:
@@ -267,10 +268,13 @@ def _response_json(response: Any) -> Any:
 
 def _as_json(value: Any) -> Any:
     """A history entry's value that JSON has no form for: a pydantic model (litellm's tool calls, which
-    ``inspect_history`` reads as dicts) as its fields, anything else as its repr."""
+    ``inspect_history`` reads as dicts) as its fields, anything else as its repr, or a line saying it failed."""
     from pydantic import BaseModel
 
-    return dict(value) if isinstance(value, BaseModel) else repr(value)
+    try:
+        return dict(value) if isinstance(value, BaseModel) else repr(value)
+    except Exception as exc:  # its own code failed: the entry is kept, inspect_history reads the rest
+        return f"<a {type(value).__name__} whose repr failed: {type(exc).__name__}>"
 
 
 @contextlib.contextmanager
@@ -283,7 +287,7 @@ def _tracked(settings: dict[str, Any], history: bool = False, program: Any = Non
     settings = dict(settings)
     shipped = settings.pop(_SHIPPED_LM, None)
     modules = programs.sub_modules(program)
-    held = _held_lms(modules)
+    held = programs.held_lms(modules)
     named = modules if history else []
     watched: dict[str, tuple[list[Any] | None, Any]] = {
         f"the program holds in {'.'.join(map(str, where))}": (list(where), lm) for where, lm in held.items()}
@@ -298,26 +302,6 @@ def _tracked(settings: dict[str, Any], history: bool = False, program: Any = Non
             if ctx is not None:
                 ctx.lm_state = costs.lm_states.changes()
             raise
-
-
-def _held_lms(modules: list[tuple[str, Any]]) -> dict[tuple[Any, ...], Any]:
-    """The LMs that ``modules`` (a program's ``programs.sub_modules``) hold in their own attributes, by module name and
-    attribute: a predictor's ``lm`` (``set_lm``), or one a module keeps to call itself (``self.untrusted_model``);
-    and those in a list, tuple or dict there (``self.lms = [lm1, lm2]``), by its index or key too. Not in the module's
-    ``history``, which DSPy fills with each call's entry (up to 10,000 on a module instance that runs every item of
-    every batch): walking it made each item slower the longer the worker had run."""
-    return {(name, attribute, *key): lm for name, module in modules for attribute, value in vars(module).items()
-            if attribute != "history" for key, lm in _members(value) if isinstance(lm, dspy.BaseLM)}
-
-
-def _members(value: Any) -> list[tuple[tuple[Any, ...], Any]]:
-    """``value`` itself (key ``()``), and the items of a list or tuple (key ``(index,)``) or of a dict (``(key,)``,
-    its str keys)."""
-    if isinstance(value, (list, tuple)):
-        return [((), value), *(((i,), item) for i, item in enumerate(value))]
-    if isinstance(value, dict):
-        return [((), value), *(((k,), item) for k, item in value.items() if isinstance(k, str))]
-    return [((), value)]
 
 
 def _listeners(program: Any) -> list[StreamListener]:
@@ -424,27 +408,32 @@ class _LMStates:
         self.lms = lms
         self.before = {label: _public_state(lm) for label, (_, lm) in lms.items()}
 
-    def changes(self) -> list[dict[str, Any]]:
+    def changes(self, values: bool = True) -> list[dict[str, Any]]:
         """For each LM whose public attributes changed: where it is, how to name it (``label``, ``name``), the names
         of those it changed (``changed``) and no longer has (``removed``), the kernel LM's ``LM_VERSION`` this copy
-        was sent at (``version``), and the new values as typed JSON (``attributes``), or, for values that cannot
-        travel as typed JSON (a ``DummyLM``'s iterator of answers), why (``unsent``)."""
+        was sent at (``version``), and, with ``values``, the new values as typed JSON (``attributes``), or, for values
+        that cannot travel as typed JSON (a ``DummyLM``'s iterator of answers), why (``unsent``). A batch item's need
+        no values: the kernel's LM is not set from a batch."""
         changes = []
         for label, (where, lm) in self.lms.items():
             was, now = self.before[label], _public_state(lm)
             if was is None or now is None:
                 continue
-            changed = sorted(name for name in now if was.get(name) != now[name])
+            changed = sorted(name for name in now if now[name] is not None and was.get(name) != now[name])
             removed = sorted(was.keys() - now.keys())
             if not changed and not removed:
                 continue
             change: dict[str, Any] = {"lm": where, "label": label, "name": _lm_name(lm), "changed": changed,
                                       "removed": removed, "version": getattr(lm, LM_VERSION, 0)}
+            if not values:
+                changes.append(change)
+                continue
             try:
                 attributes = {name: typed.encode(getattr(lm, name)) for name in changed}
                 why = next(filter(None, (typed.unsendable(value, name) for name, value in attributes.items())), None)
-            except (typed.NotPortable, RecursionError) as exc:
-                attributes, why = {}, str(exc)
+            except Exception as exc:  # NotPortable, RecursionError, or the value's own code failing
+                attributes, why = {}, message_of(exc) if isinstance(exc, typed.NotPortable) else \
+                    f"{type(exc).__name__}: {message_of(exc)}"
             change.update({"attributes": attributes} if why is None else {"unsent": why})
             changes.append(change)
         return changes
@@ -455,13 +444,14 @@ def _lm_name(lm: Any) -> str:
 
 
 def _public_state(lm: Any) -> dict[str, bytes | None] | None:
-    """Each attribute of ``lm`` but its history and private ones, pickled (``_pickled``); None for an LM without
-    attributes of its own (``__slots__``)."""
+    """Each attribute of ``lm`` but its history and private ones, pickled (a notebook's class or lambda by value, as
+    cloudpickle ships them); None for one that cannot be (a client or lock it made), which is not compared: the
+    others are. None for an LM without ``vars``."""
     try:
         attributes = vars(lm)
-    except TypeError:
+    except TypeError:  # __slots__ only
         return None
-    return {name: _pickled(value) for name, value in attributes.items()
+    return {name: _pickled(value) for name, value in list(attributes.items())
             if not name.startswith("_") and name != "history"}
 
 
@@ -544,22 +534,25 @@ _RAW_CHUNKS = ("the LM's raw stream chunks ({}) that this dspy.streamify'd progr
                "pass the program without streamify, and pool.run_stream streams each str output field")
 
 
-def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs: _Costs, ctx: ToolContext) -> Any:
+def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs: _Costs, ctx: ToolContext,
+                 batch: bool = False) -> Any:
     """``result`` (a program's output as ``output_json`` makes it), with ``typed.TRACE`` where ``trace`` is asked:
     the predictor calls DSPy recorded in ``steps`` (``dspy.settings.trace``) as ``[name, inputs, prediction]``,
     each predictor by its name in ``program.named_predictors()`` (None for one the program does not hold);
-    ``typed.LM_STATE``, the attributes its LMs changed as they answered, where they changed any; and
+    ``typed.LM_STATE``, the attributes its LMs changed as they answered, where they changed any (a ``batch``
+    item's by name only: each of its items would carry a copy of a DummyLM's answers, to the journal too); and
     ``typed.HISTORY``, the LM calls' history entries kept by ``costs``, the newest that fit in the message."""
     if trace:
         result[typed.TRACE] = _trace_json(program, steps)
-    if changes := costs.lm_states.changes():
+    room = ctx.worker.max_message_bytes - MESSAGE_OVERHEAD - HISTORY_FRAME
+    if changes := costs.lm_states.changes(values=not batch):
         result[typed.LM_STATE] = changes
+        if (size := _size(result)) > room:  # the LM's new values must not cost the answer its message
+            result[typed.LM_STATE] = [_unsent(change, f"with the answer they are {size / 2**20:.1f} MiB as JSON, "
+                                                      f"over the {ctx.worker.max_message_bytes / 2**20:g} MiB message "
+                                                      "limit") for change in changes]
     if costs.entries:  # what the result leaves of its message: the history must not make it too large
-        try:
-            size = len(dumps(result))
-        except (TypeError, ValueError, RecursionError):  # sending it fails, saying why
-            size = 0
-        if history := costs.history_json(ctx.worker.max_message_bytes - MESSAGE_OVERHEAD - size - HISTORY_FRAME):
+        if history := costs.history_json(room - _size(result)):
             result[typed.HISTORY] = history
     return result
 
@@ -568,6 +561,19 @@ def _item_error(exc: BaseException) -> dict[str, Any]:
     """A failed item's error as ``error_info`` gives it (so the kernel can raise it as its own class, as
     ``pool.evaluate`` does for DSPy's Evaluate), less its traceback, which every failed item of a batch would carry."""
     return {key: value for key, value in error_info(exc).items() if key != "traceback"}
+
+
+def _size(result: Any) -> int:
+    """The bytes of ``result``'s JSON, 0 where it has none (sending it fails, saying why)."""
+    try:
+        return len(dumps(result))
+    except (TypeError, ValueError, RecursionError):
+        return 0
+
+
+def _unsent(change: dict[str, Any], why: str) -> dict[str, Any]:
+    """An LM's ``change`` (``_LMStates.changes``) without its new values, saying ``why`` they stay on the worker."""
+    return {**{key: value for key, value in change.items() if key != "attributes"}, "unsent": change.get("unsent", why)}
 
 
 def _without_history(item: dict[str, Any]) -> dict[str, Any]:
@@ -972,7 +978,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
             with _tracked({**settings, "trace": steps} if trace else settings, history, program) as costs, \
                     ctx.program_running():
                 output = _run_to_end(_awaited(programs.invoke(program, inputs)))
-            return _with_extras(program, steps, trace, costs.output_json(output), costs, ctx)
+            return _with_extras(program, steps, trace, costs.output_json(output), costs, ctx, batch=True)
         finally:
             slots.release()
 

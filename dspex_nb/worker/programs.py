@@ -312,6 +312,26 @@ def sub_modules(program: Any) -> list[tuple[str, Any]]:
     return found
 
 
+def held_lms(modules: list[tuple[str, Any]]) -> dict[tuple[Any, ...], Any]:
+    """The LMs that ``modules`` (a program's ``sub_modules``) hold in their own attributes, by module name and
+    attribute: a predictor's ``lm`` (``set_lm``), or one a module keeps to call itself (``self.untrusted_model``);
+    and those in a list, tuple or dict there (``self.lms = [lm1, lm2]``), by its index or key too. Not in the module's
+    ``history``, which DSPy fills with each call's entry (up to 10,000 on a module instance that runs every item of
+    every batch): walking it made each item slower the longer the worker had run."""
+    return {(name, attribute, *key): lm for name, module in modules for attribute, value in vars(module).items()
+            if attribute != "history" for key, lm in _members(value) if isinstance(lm, dspy.BaseLM)}
+
+
+def _members(value: Any) -> list[tuple[tuple[Any, ...], Any]]:
+    """``value`` itself (key ``()``), and the items of a list or tuple (key ``(index,)``) or of a dict (``(key,)``,
+    its str keys)."""
+    if isinstance(value, (list, tuple)):
+        return [((), value), *(((i,), item) for i, item in enumerate(value))]
+    if isinstance(value, dict):
+        return [((), value), *(((k,), item) for k, item in value.items() if isinstance(k, str))]
+    return [((), value)]
+
+
 def streamified(program: Any) -> bool:
     """Whether ``program`` was made by ``dspy.streamify``: it returns a stream of its listeners' tokens."""
     return getattr(program, "__module__", None) == dspy.streamify.__module__

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -518,3 +520,194 @@ def test_a_program_that_closes_its_output_fails_no_later_call_on_its_worker(pool
         assert run({"name": "prints", "inputs": {"question": worker.id}})["answer"] == worker.id
         log = worker.process.log_path.read_text()
         assert f"printed after the close {worker.id}" in log and f"and to stderr {worker.id}" in log
+
+
+def test_an_lm_that_grows_past_the_message_limit_as_it_answers_costs_no_answer() -> None:
+    # Was: the attributes an LM changed as it answered came back with the answer, in its message: an LM that kept a
+    # 3 MiB value (its own cache of replies) failed a call on a 2 MiB limit with ResultTooLarge, and every item of a
+    # batch came back None, their answers lost
+    import dspy
+    from dspy.utils import DummyLM
+
+    from dspex_nb.errors import LMStateNotKept
+
+    class Hoarding(DummyLM):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.replies = "x" * 3 * 2**20
+            return super().forward(*args, **kwargs)
+
+    program = dspy.Predict("question -> answer")
+    with Pool(workers=1, lm="demo", max_message_mb=2) as pool:
+        with dspy.context(lm=Hoarding({"q1": {"answer": "a1"}, "q2": {"answer": "a2"}})), \
+                pytest.warns(LMStateNotKept, match="in a batch, each worker changes a copy"):
+            assert [p.answer for p in pool.map(program, ["q1", "q2"], journal=False).result(60)] == ["a1", "a2"]
+        lm = Hoarding({"q3": {"answer": "a3"}})
+        too_large = r"\['replies'\] on the pool as it answered, which cannot come back .*over the 2 MiB message limit"
+        with dspy.context(lm=lm), pytest.warns(LMStateNotKept, match=too_large):
+            assert pool.run(program, question="q3").answer == "a3"
+        with dspy.context(lm=lm), pytest.raises(NotPortable, match=r"changed its attribute\(s\) \['replies'\]"):
+            pool.run(program, question="q3")
+        assert pool.execute("echo", {"alive": True}) == {"alive": True}
+
+
+def test_a_filter_that_makes_warnings_errors_costs_no_answer_of_an_lm_that_changed(pool: Pool) -> None:
+    # Was: under warnings.simplefilter("error") (pytest's -W error) the LMStateNotKept warning about an LM that changed
+    # as it answered was raised where the answer was read: every item of a map came back None ("its result cannot be
+    # read: LMStateNotKept: ..."), and a call's answer was lost with it, its LM marked all the same
+    import dspy
+    from dspy.utils import DummyLM
+
+    class Counting(DummyLM):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.calls += 1
+            return super().forward(*args, **kwargs)
+
+    program = dspy.Predict("question -> answer")
+    odd = Counting({"q": {"answer": "kept"}})
+    odd.calls = 1j  # no JSON form: once changed, it cannot come back
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with dspy.context(lm=DummyLM([{"answer": "a"}, {"answer": "b"}])):
+            assert [p.answer for p in pool.map(program, ["q1", "q2"], journal=False).result(60)] in (
+                ["a", "a"], ["a", "b"], ["b", "a"])
+        with dspy.context(lm=odd):
+            assert pool.run(program, question="q").answer == "kept"
+            with pytest.raises(NotPortable, match=r"changed its attribute\(s\) \['calls'\]"):
+                pool.run(program, question="q")
+
+
+def test_an_lm_holding_a_value_pickle_cannot_take_still_gives_its_next_answer(pool: Pool) -> None:
+    # Was: the worker compared an LM's attributes before and after a call by pickling them all at once: one it could
+    # not pickle (a notebook's lambda, which cloudpickle ships; a lock or client the LM makes as it answers) left the
+    # whole LM unwatched, so DummyLM's next answer or a count of calls was lost without a word
+    import dspy
+    from dspy.utils import DummyLM
+
+    class Tidy(DummyLM):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.calls = getattr(self, "calls", 0) + 1
+            self.guard = threading.Lock()  # made as it answers, as a client often is
+            return super().forward(*args, **kwargs)
+
+    program, question = dspy.Predict("question -> answer"), "What color is the sky?"
+    lm = Tidy([{"answer": "red"}, {"answer": "blue"}, {"answer": "green"}])
+    lm.tidy = lambda text: text.strip()  # noqa: PLW0108
+    with dspy.context(lm=lm):
+        assert [pool.run(program, question=question).answer for _ in range(2)] == ["red", "blue"]
+        assert lm.calls == 2 and lm.tidy(" x ") == "x"
+        assert program(question=question).answer == "green"
+
+
+@pytest.mark.parametrize("made", ["whole", "half"])
+def test_an_lm_that_keeps_a_notebook_object_as_it_answers_says_it_cannot_come_back(pool: Pool, made: str) -> None:
+    # Was: an LM that kept an object of a notebook class (pickled by value only) was left unwatched, its changes lost
+    # without a word; watched, an object whose own code fails as it is read (a dataclass without its fields) failed
+    # the call with that error, its answer lost
+    import dspy
+    from dspy.utils import DummyLM
+
+    from dspex_nb.errors import LMStateNotKept
+
+    @dataclasses.dataclass
+    class Reply:
+        text: str
+
+    class Keeping(DummyLM):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.last = Reply("hi") if made == "whole" else object.__new__(Reply)
+            return super().forward(*args, **kwargs)
+
+    program, lm = dspy.Predict("question -> answer"), Keeping({"q": {"answer": made}})
+    why = "a class that did not travel" if made == "whole" else "AttributeError: 'Reply' object has no attribute 'text'"
+    with dspy.context(lm=lm):
+        with pytest.warns(LMStateNotKept, match=rf"\['last'\] on the pool as it answered, which cannot come .*{why}"):
+            assert pool.run(program, question="q").answer == made
+        with pytest.raises(NotPortable, match=r"changed its attribute\(s\) \['last'\]"):
+            pool.run(program, question="q")
+
+
+def test_a_stop_iteration_a_program_raises_is_reported_as_itself(pool: Pool) -> None:
+    # Was: a program's StopIteration (next() on an empty iterator) left the worker's generator that runs a call, and
+    # Python made it "RuntimeError: generator raised StopIteration" (PEP 479), which the program never raised; a batch
+    # item said StopIteration. One that leaves the program's own generator is that RuntimeError, in the kernel too
+    pool.define("stops", "def stops(question):\n    return next(iter([]), None) or next(iter(()))\n")
+    pool.define("own_generator", "def own_generator(question):\n    def items():\n        yield next(iter(()))\n"
+                                 "    return list(items())\n")
+    for run in (partial(pool.run, "stops"), lambda **inputs: pool.run_stream("stops", **inputs).result(30)):
+        with pytest.raises(ToolError, match=r"failed on worker w\d: StopIteration: \n") as caught:
+            run(question="q")
+        assert not isinstance(caught.value, RuntimeError)
+    with pytest.raises(RuntimeError, match="generator raised StopIteration"):
+        pool.run("own_generator", question="q")
+
+
+def test_an_lm_set_in_the_place_of_one_a_call_runs_on_gets_none_of_its_state(pool: Pool) -> None:
+    # Was: the kernel looked for the program's LM that changed as it answered when the call's result was read, by
+    # where the program held it: an LM set there meanwhile (set_lm while a run_stream ran) got the state of the one
+    # the call ran on, DSPy's DummyLM its answers still to come, so its next call gave the old LM's answer
+    import dspy
+    from dspy.utils import DummyLM
+
+    program = dspy.Predict("question -> answer")
+    ran_on = DummyLM([{"answer": "red"}, {"answer": "blue"}])
+    program.set_lm(ran_on)
+    run = pool.run_stream(program, question="q")
+    run.wait(30)
+    program.set_lm(DummyLM([{"answer": "green"}]))  # the notebook's next cell, while the run's result is unread
+    assert run.result(30).answer == "red"
+    assert program(question="q").answer == "green"  # its own first answer, in the kernel
+    program.set_lm(ran_on)
+    assert pool.run(program, question="q").answer == "blue"  # where the first call left it
+
+
+def test_an_lm_response_whose_repr_fails_costs_no_answer(pool: Pool) -> None:
+    # Was: a call's LM history entries come back as JSON, a value JSON has no form for as its repr: an LM of one's own
+    # whose response held a value whose repr raised failed every call with that error (a batch item too), its answer
+    # lost, where the kernel runs it and keeps the entry
+    from types import SimpleNamespace
+
+    import dspy
+
+    class Sealed:
+        def __repr__(self) -> str:
+            raise RuntimeError("sealed")
+
+    class Own(dspy.BaseLM):
+        def __init__(self) -> None:
+            super().__init__("own/model")
+
+        def forward(self, prompt=None, messages=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            reply = SimpleNamespace(content="[[ ## answer ## ]]\nfine\n\n[[ ## completed ## ]]", tool_calls=None)
+            return SimpleNamespace(choices=[SimpleNamespace(message=reply, finish_reason="stop", logprobs=None)],
+                                   usage={}, model="own/model", sealed=Sealed())
+
+    program, lm = dspy.Predict("question -> answer"), Own()
+    with dspy.context(lm=lm):
+        assert pool.run(program, question="q").answer == "fine"
+        assert pool.run_stream(program, question="q").result(30).answer == "fine"
+        assert [p.answer for p in pool.map(program, ["q"], journal=False).result(30)] == ["fine"]
+    assert [entry["response"] for entry in lm.history] == ["<a SimpleNamespace whose repr failed: RuntimeError>"] * 3
+
+
+def test_an_lm_reporting_token_counts_that_are_no_numbers_costs_no_answer(pool: Pool) -> None:
+    # Was: the pool counts each call's tokens for its status and views with int(): an LM of one's own that reported
+    # "prompt_tokens": "many" (DSPy keeps its usage as it is) failed pool.run with "ValueError: invalid literal for
+    # int()" in the kernel, once the answer had come
+    from types import SimpleNamespace
+
+    import dspy
+
+    class Vague(dspy.BaseLM):
+        def __init__(self) -> None:
+            super().__init__("vague/model")
+
+        def forward(self, prompt=None, messages=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            reply = SimpleNamespace(content="[[ ## answer ## ]]\nfine\n\n[[ ## completed ## ]]", tool_calls=None)
+            return SimpleNamespace(choices=[SimpleNamespace(message=reply, finish_reason="stop", logprobs=None)],
+                                   usage={"prompt_tokens": "many", "completion_tokens": "12"}, model="vague/model")
+
+    program = dspy.Predict("question -> answer")
+    with dspy.context(lm=Vague()):
+        assert pool.run(program, question="q").answer == "fine"
+        run = pool.run_stream(program, question="q")
+        assert run.result(30).answer == "fine" and run.tokens == (0, 12)

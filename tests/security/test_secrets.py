@@ -4,6 +4,7 @@ dashboards mask keys and the values of secret-named environment variables."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import dspy
 import pytest
@@ -205,3 +206,31 @@ def test_the_key_a_custom_lm_keeps_in_an_attribute_is_masked() -> None:
                 pool.run(run, question="hi")
             shown = str(caught.value) + caught.value.remote_traceback + "".join(caught.value.__notes__)
             assert "the server refused ***" in shown and key not in shown
+
+
+def test_a_batch_whose_lm_changes_as_it_answers_journals_neither_its_key_nor_its_state(tmp_path: Path) -> None:
+    # Was: each item of a batch brought back the attributes its LM changed (the kernel only names them, as it does not
+    # set a batch's), and the journal kept them with its answer: an LM that counts its calls in its kwargs wrote its
+    # api_key to disk with every item, and DSPy's DummyLM given a list its answers still to come, 8 MB for 300 items
+    from dspy.utils import DummyLM
+
+    from dspex_nb.errors import LMStateNotKept
+    from dspex_nb.journal import Journal
+
+    class Counting(DummyLM):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.kwargs["calls"] = self.kwargs.get("calls", 0) + 1
+            return super().forward(*args, **kwargs)
+
+    items = [f"q{i}" for i in range(20)]
+    listed = DummyLM([{"answer": f"answer {i} {'z' * 50}"} for i in range(len(items))])
+    counting = Counting({item: {"answer": "counted"} for item in items})
+    counting.kwargs["api_key"] = SECRET
+    journal = Journal(tmp_path / "journal.sqlite3")
+    with Pool(workers=1, lm="demo", journal=journal) as pool, pytest.warns(LMStateNotKept, match="in a batch"):
+        for lm in (listed, counting):
+            with dspy.context(lm=lm):
+                assert None not in pool.map(dspy.Predict("question -> answer"), items).result(60)
+    journal.close()
+    kept = b"".join(path.read_bytes() for path in tmp_path.iterdir())
+    assert SECRET.encode() not in kept and kept.count(b"z" * 50) == len(items)  # each answer once, as it came

@@ -300,3 +300,21 @@ def test_a_loop_over_a_map_gives_its_results_and_stop_cancels_it(pool: Pool) -> 
             pass
     assert batch.wait(20) and batch.status == "cancelled"
     assert 0 < batch.ok < 200 and batch.records[0]["ok"]
+
+
+def test_a_call_that_streams_no_tokens_says_its_lm_usage_not_0_tokens(pool: Pool) -> None:
+    # `%%dspex predict --no-stream` (tokens off) and a program that calls no LM streamed nothing, and their views said
+    # "0 tokens" beside the LM's "95 tokens in / 23 out"
+    quiet = pool.call_tool("predict", {"signature": "question -> answer", "inputs": "Quiet?", "tokens": False},
+                           stream=True)
+    no_lm = pool.call(shout, {"question": "no lm"}, stream=True)
+    for run in (quiet, no_lm):
+        run.result(60)
+    view = StreamView(quiet, "predict")
+    view.refresh()
+    summary = view.static()["text/plain"].splitlines()[-1]
+    assert summary.startswith("done · predict on w") and "token" not in summary.split(" · LM ")[0]
+    assert summary.endswith(f" · LM {quiet.tokens[0]} tokens in / {quiet.tokens[1]} out") and quiet.tokens[1] > 0
+    text = StreamText(no_lm)
+    text.update()
+    assert "token" not in text.summary() and text.summary().startswith("done · run_module on w")

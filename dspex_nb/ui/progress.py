@@ -116,10 +116,14 @@ class StreamText:
 
     def summary(self) -> str:
         run = self.run
-        state = {"running": "streaming", "done": "done", "failed": "failed", "cancelled": "cancelled"}[run.status]
+        state = {"running": "streaming" if self.tokens else "running", "done": "done", "failed": "failed",
+                 "cancelled": "cancelled"}[run.status]
         cache = cache_text(*run.cached)
-        shown = cache if cache and not self.tokens else count(self.tokens, "token")  # a hit streams nothing
-        line = f"{state} · {run.tool} on {run.worker} · {shown} · {run.elapsed:.2f} s"
+        # what streamed, if anything: a call without token streaming (--no-stream), a cache hit or a program that
+        # calls no LM streams none, and "0 tokens" beside its LM usage would say it used none
+        streamed = count(self.tokens, "token") if self.tokens else cache
+        line = " · ".join(part for part in (state, f"{run.tool} on {run.worker}", streamed, f"{run.elapsed:.2f} s")
+                          if part)
         if self.tokens and run.elapsed > 0:  # tqdm's rate, for the tokens this view shows
             line += f" · {self.tokens / run.elapsed:.1f} tokens/s"
         if any(run.tokens) or run.cost is not None:  # dspy.Parallel's calls have a cost, not tokens

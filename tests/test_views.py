@@ -318,3 +318,27 @@ def test_a_call_that_streams_no_tokens_says_its_lm_usage_not_0_tokens(pool: Pool
     text = StreamText(no_lm)
     text.update()
     assert "token" not in text.summary() and text.summary().startswith("done · run_module on w")
+
+
+def gated(question: str, gate: str = "") -> str:
+    import os
+    import time
+
+    deadline = time.monotonic() + 30
+    while gate and not os.path.exists(gate):  # this item comes back only once the test opens its gate
+        if time.monotonic() > deadline:
+            raise TimeoutError("the gate was never opened")
+        time.sleep(0.01)
+    return question.upper()
+
+
+def test_a_loop_over_a_map_gives_each_result_as_it_and_those_before_it_arrive(pool: Pool, tmp_path: Any) -> None:
+    # `for p in pool.map(...)` waited for the whole batch before its first result, unlike ipyparallel's map
+    gate = tmp_path / "gate"
+    batch = pool.map(gated, [{"question": "a"}, {"question": "b", "gate": str(gate)}, {"question": "c"}],
+                     journal=False)
+    results = iter(batch)
+    assert next(results) == "A"
+    assert not batch.done and batch.records[1] is None  # item 1 waits for its gate: the first came before it
+    gate.touch()
+    assert list(results) == ["B", "C"] and batch.status == "done"

@@ -145,11 +145,11 @@ def show_handle(handle: Handle) -> None:
     display({"text/plain": repr(handle)}, raw=True)
 
 
-def view_while_waiting(handle: Handle) -> None:
-    """In a live notebook, show ``handle`` while the cell waits for it, unless a view shows it already (the
-    magics', one of an earlier cell): Stop and the kernel's interrupt then both cancel it."""
+def view_while_waiting(handle: Handle, block: bool = True) -> None:
+    """In a live notebook, show ``handle`` while the cell waits for it (``block``: until it ends), unless a view shows
+    it already (the magics', one of an earlier cell): Stop and the kernel's interrupt then both cancel it."""
     if handle not in _viewed and live_frontend():
-        _show(handle, block=True)
+        _show(handle, block=block)
 
 
 def _show(handle: Handle, *, block: bool) -> None:

@@ -67,6 +67,8 @@ class BatchRun(Handle):
         super().__init__()
         self.pool = pool
         self.label = f"batch {module} {signature}".strip()
+        self.caller = "pool.batch(...)"  # what the user called, as its notes name it (pool.map(...), %dspex batch)
+        self.kept_in = "batch = pool.batch(...); batch.records"  # where its finished items are, "" where nowhere
         self.total = len(items)
         self.records: list[dict[str, Any] | None] = [None] * self.total
         self.arrived: list[int] = []  # indices of records in the order they arrived
@@ -477,10 +479,12 @@ class BatchRun(Handle):
         return f"the batch was stopped after {self.ok + self.failed} of {self.total} items; {self._kept()}"
 
     def _kept(self) -> str:
-        """Where the finished items of a stopped batch are (``pool.map(...).result()`` keeps no handle)."""
-        return ("run the same batch again: they come from the journal, only the rest is computed"
-                if self._journal is not None and not self._journal.problem else
-                "its handle keeps them (batch = pool.map(...); batch.records), or run it with the journal on")
+        """Where the finished items of a stopped batch are (``pool.map(...).result()`` and ``pool.evaluate`` keep
+        no handle), in the words of what the user called."""
+        if self._journal is not None and not self._journal.problem:
+            return f"run the same {self.caller} again: they come from the journal, only the rest is computed"
+        where = f"its handle keeps them ({self.kept_in}), or" if self.kept_in else f"{self.caller} keeps no handle:"
+        return f"{where} run it with the journal on"
 
     def __iter__(self) -> Iterator[Any]:
         """``result()``'s outputs in input order, each as soon as it and those before it have arrived (as

@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import html
 import io
+import threading
 import time
 import warnings
 from typing import Any
@@ -342,3 +343,27 @@ def test_a_loop_over_a_map_gives_each_result_as_it_and_those_before_it_arrive(po
     assert not batch.done and batch.records[1] is None  # item 1 waits for its gate: the first came before it
     gate.touch()
     assert list(results) == ["B", "C"] and batch.status == "done"
+
+
+@pytest.mark.parametrize("journal, kept", [
+    (False, "pool.evaluate(...) keeps no handle: run it with the journal on"),
+    (True, "run the same pool.evaluate(...) again: they come from the journal, only the rest is computed"),
+])
+def test_an_interrupted_evaluate_names_pool_evaluate_not_pool_map(pool: Pool, journal: bool, kept: str) -> None:
+    # Ctrl-C in `pool.evaluate(...)` said "its handle keeps them (batch = pool.map(...); batch.records)": a call the
+    # user never made, and a handle pool.evaluate never gives
+    devset = [dspy.Example(question=f"q{i} {journal}", wait=0.1).with_inputs("question", "wait") for i in range(100)]
+
+    def items_done() -> int:
+        return sum(row["items"] for row in pool.status())
+
+    def interrupt_once_running(before: int = items_done()) -> None:
+        wait_until(lambda: items_done() > before, what="the evaluation's first items")
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_running, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        pool.evaluate(shout, devset, lambda example, pred, trace=None: 1.0, num_threads=2, journal=journal)
+    [note] = stopped.value.__notes__
+    assert note.startswith("the batch was stopped after ") and note.endswith(f" of 100 items; {kept}")
+    wait_until(lambda: not any(row["in_flight"] for row in pool.status()), what="the workers to be idle")

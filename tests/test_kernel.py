@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import pytest
 from jupyter_client.manager import KernelManager
 
+from dspex_nb.ui.widgets import UNFINISHED
+
 
 @dataclass
 class Cell:
@@ -97,7 +99,7 @@ def kernel() -> Iterator[Kernel]:
 def test_a_5000_token_stream_sends_few_widget_messages(kernel: Kernel) -> None:
     kernel.run("%dspex lm demo --set answer_tokens=5000 --set per_token=0.0002")
     cell = kernel.run('%%dspex predict "question -> answer" -o p\nA long answer, please.')
-    assert cell.plain == ["<dspex stream: predict 'question -> answer'>"]
+    assert cell.plain == [f"<dspex stream: predict 'question -> answer'> ({UNFINISHED})"]
     assert cell.counts["display_data"] == 1
     assert 3 <= cell.counts["comm_msg"] <= 200, cell.counts  # not one message per token
     assert kernel.value("len(p.answer.split())") == "5000"
@@ -125,7 +127,7 @@ def test_a_long_stream_sends_its_text_once_not_every_tick(kernel: Kernel) -> Non
 def test_batch_dashboard_and_headline_batch(kernel: Kernel) -> None:
     cell = kernel.run('qs = [f"question {i}?" for i in range(50)]\n'
                       '%dspex batch "question -> answer" --items qs -o OUT')
-    assert cell.plain == ["<dspex batch: batch 'question -> answer', 50 items>"]
+    assert cell.plain == [f"<dspex batch: batch 'question -> answer', 50 items> ({UNFINISHED})"]
     assert kernel.value("len(OUT), all(p.answer.startswith(f\"Demo LM answer to 'question {i}?'\") "
                         "for i, p in enumerate(OUT))") == "(50, True)"
 
@@ -514,7 +516,8 @@ def test_a_run_as_a_cells_value_is_a_live_view_whose_answer_is_saved(kernel: Ker
             updates.append((content["transient"]["display_id"], content["data"]))
 
     kernel.collect(kernel.submit("pool.run_stream(qa, question='Shown?')"), on_message=on_message)
-    assert [content["data"]["text/plain"] for content in shown] == ["<dspex stream: run Predict('question -> answer')>"]
+    assert [content["data"]["text/plain"] for content in shown] == [
+        f"<dspex stream: run Predict('question -> answer')> ({UNFINISHED})"]
     assert "application/vnd.jupyter.widget-view+json" in shown[0]["data"]
     data = final_update(kernel, shown[0]["transient"]["display_id"], updates)
     assert "application/vnd.jupyter.widget-view+json" not in data
@@ -537,7 +540,7 @@ def test_stop_on_a_blocking_map_result_cancels_it_and_the_workers_go_idle(kernel
         cell = click_stop_while_blocked(
             kernel, "pool.map(qa, [f'slow {i}?' for i in range(300)], concurrency=1, journal=False).result()")
         assert cell.error.startswith("Cancelled: the batch was cancelled after "), cell.error
-        assert cell.plain == ["<dspex batch: map Predict('question -> answer'), 300 items>"], cell.plain
+        assert cell.plain == [f"<dspex batch: map Predict('question -> answer'), 300 items> ({UNFINISHED})"], cell.plain
         idle = kernel.value(
             "import time\n"
             "deadline = time.monotonic() + 20\n"

@@ -23,7 +23,16 @@ from dspex_nb.ui.append import AppendText
 from dspex_nb.ui.progress import StreamText, batch_line, batch_summary
 from dspex_nb.ui.pump import PUMP
 from dspex_nb.ui.render import show_pool
-from dspex_nb.ui.widgets import TWIN_LIMIT, BatchDashboard, PoolDashboard, StreamView, _bar_style, _field_html, _table
+from dspex_nb.ui.widgets import (
+    TWIN_LIMIT,
+    UNFINISHED,
+    BatchDashboard,
+    PoolDashboard,
+    StreamView,
+    _bar_style,
+    _field_html,
+    _table,
+)
 
 
 def snap(status: str, ok: int, failed: int, total: int = 120) -> dict:
@@ -367,3 +376,22 @@ def test_an_interrupted_evaluate_names_pool_evaluate_not_pool_map(pool: Pool, jo
     [note] = stopped.value.__notes__
     assert note.startswith("the batch was stopped after ") and note.endswith(f" of 100 items; {kept}")
     wait_until(lambda: not any(row["in_flight"] for row in pool.status()), what="the workers to be idle")
+
+
+def test_a_notebook_saved_while_a_view_runs_says_what_the_view_is(pool: Pool) -> None:
+    # a notebook saved while a view still ran kept only the widget's mime type and "<dspex stream: ...>": without
+    # the kernel, nbconvert, GitHub and VS Code showed that placeholder (JupyterLab: "model not found")
+    import nbformat
+    from nbconvert import HTMLExporter, MarkdownExporter
+
+    run = pool.execute_stream("predict", {"signature": "question -> answer", "inputs": "Saved now?"})
+    view = StreamView(run, "predict")
+    bundle = view._repr_mimebundle_()
+    run.result(60)
+    assert "application/vnd.jupyter.widget-view+json" in bundle  # live: the widgets
+    assert bundle["text/plain"] == f"<dspex stream: predict> ({UNFINISHED})"
+    saved = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("%%dspex predict ...", outputs=[
+        nbformat.v4.new_output("display_data", data=bundle)])])
+    exported = html.unescape(HTMLExporter().from_notebook_node(saved)[0])
+    assert "a live view, shown with Jupyter widgets" in exported and "dspex-live" in exported
+    assert "a notebook saved before then keeps no result" in MarkdownExporter().from_notebook_node(saved)[0]

@@ -107,8 +107,13 @@ class View:
     _finished = False
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        """The widgets, and for a reader that cannot show them (nbconvert, GitHub, VS Code without the kernel) what
+        they are: a notebook saved while the view runs keeps this bundle. JupyterLab shows the widget's mime type
+        whenever it is there, and "model not found" without its model (ipywidgets' renderer has no fallback)."""
         bundle = self.root._repr_mimebundle_(**kwargs)
-        bundle["text/plain"] = self.plain
+        note = f"{self.plain} ({UNFINISHED})"
+        bundle.update({"text/plain": note,
+                       "text/html": f"<div class='dspex-live' style='{MUTED}'>{html.escape(note)}</div>"})
         return bundle
 
     def refresh(self) -> bool:
@@ -207,6 +212,10 @@ def _field_html(name: str, value: str) -> str:
     return f"<div><b>{html.escape(name)}</b><div class='dspex-prose' style='{BOX}'>{MARKDOWN.render(value)}</div></div>"
 
 
+# What a live view's output says where its widgets cannot show: its result replaces the output when it ends, so only a
+# notebook saved (or run by nbconvert) before then keeps this
+UNFINISHED = ("a live view, shown with Jupyter widgets by the kernel that runs it; its result replaces it when it "
+              "ends: a notebook saved before then keeps no result")
 # The characters of each field that a finished view's text/plain twin keeps. A saved notebook needs both forms:
 # JupyterLab (after a restart too), GitHub and nbviewer show the HTML (the answer's markdown rendered, safely) and never
 # the twin; a terminal, nbconvert's LaTeX/PDF and review tools read only the twin; and text/markdown, the one form both

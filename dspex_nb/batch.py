@@ -499,10 +499,13 @@ class BatchRun(Handle):
                     if record is None:
                         break
                     yield self._output(record)
+            self.wait()  # the last item has arrived: the batch ends at once, and says whether it stopped short
         except KeyboardInterrupt as stop:
             add_note(stop, self._stopped_note())
             raise
-        self.wait()  # the last item has arrived: the batch ends at once, and says whether it stopped short
+        finally:
+            if self._done.is_set():  # not where the loop was left early (break): the batch goes on, and its view
+                self._final_view()
         self._raise_if_stopped()
 
     def _arrived_at(self, index: int) -> dict[str, Any] | None:

@@ -532,6 +532,33 @@ def test_a_run_as_a_cells_value_is_a_live_view_whose_answer_is_saved(kernel: Ker
         kernel.run("%config Dspex.display = 'auto'")
 
 
+def test_a_loop_over_a_map_shows_its_view_and_its_summary_once_the_loop_ends(kernel: Kernel) -> None:
+    """``for p in pool.map(...)`` shows the batch's view beside the loop, and its summary replaces the view as the loop
+    ends (it came at the pump's next tick, after the cell's next lines: a notebook run by nbconvert kept the widget)."""
+    kernel.run(API)
+    shown: list[dict] = []
+
+    def on_message(kind: str, content: dict) -> None:
+        if kind in ("display_data", "update_display_data"):  # sent at once, as stdout is not
+            shown.append(content)
+
+    kernel.run("from dspex_nb.ui.pump import PUMP\nPUMP.interval = 3")  # its ticks cannot end the view in time
+    try:
+        with kernel.demo_lm("--set ttft=0.3"):  # the batch outlasts its view's first drawing
+            cell = kernel.collect(kernel.submit("answers = [p.answer for p in pool.map(qa, [f'loop {i}?' for i in "
+                                                "range(40)], journal=False)]\ndisplay('after the loop')"),
+                                  on_message=on_message)
+    finally:
+        kernel.run("PUMP.interval = 0.1")
+    assert not cell.error, cell.error
+    view, final, after = shown
+    assert "application/vnd.jupyter.widget-view+json" in view["data"]
+    assert final["transient"]["display_id"] == view["transient"]["display_id"]
+    assert final["data"]["text/plain"].startswith("batch done: 40 items, 40 ok"), final
+    assert after["data"]["text/plain"] == "'after the loop'"
+    assert kernel.value("len(answers), answers[39].startswith(\"Demo LM answer to 'loop 39?'\")") == "(40, True)"
+
+
 def test_stop_on_a_blocking_map_result_cancels_it_and_the_workers_go_idle(kernel: Kernel) -> None:
     """``pool.map(...).result()`` blocks the cell: it shows the batch's dashboard, whose Stop cancels the
     remote work (not only the kernel's interrupt); a handle a view shows already gets no second one."""

@@ -252,6 +252,12 @@ class Handle(concurrent.futures.Future):
                 self.cancel()
                 raise
 
+    def _final_view(self) -> None:
+        """The view that ``_view_while_waiting(block=False)`` showed, made final now that this handle has ended."""
+        from dspex_nb.ui.render import flush_view
+
+        flush_view(self)
+
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.wait(timeout):
             raise TimeoutError(f"still running after {timeout} s")

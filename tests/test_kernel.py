@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 from jupyter_client.manager import KernelManager
 
-from dspex_nb.ui.widgets import UNFINISHED
+from dspex_nb.ui.widgets import CELL, UNFINISHED
 
 
 @dataclass
@@ -148,7 +148,7 @@ def test_pool_dashboard_is_saved_with_the_status_it_shows(kernel: Kernel) -> Non
     plain = data["text/plain"].splitlines()
     assert plain[0] == "pool · 2 workers · lm=demo · running" and plain[1].startswith("worker  pid")
     assert [line.split()[0] for line in plain[2:4]] == ["w0", "w1"]
-    assert ">workers</caption>" in data["text/html"] and "<td style='padding-right:1em'>w1</td>" in data["text/html"]
+    assert ">workers</caption>" in data["text/html"] and f"<td style='{CELL}'>w1</td>" in data["text/html"]
 
 
 def test_background_handle_keeps_updating_after_the_cell_returns(kernel: Kernel) -> None:

@@ -24,6 +24,7 @@ from dspex_nb.ui.progress import StreamText, batch_line, batch_summary
 from dspex_nb.ui.pump import PUMP
 from dspex_nb.ui.render import show_pool
 from dspex_nb.ui.widgets import (
+    CELL,
     TWIN_LIMIT,
     UNFINISHED,
     BatchDashboard,
@@ -74,7 +75,7 @@ def test_a_long_row_is_shortened_with_the_whole_text_one_click_away() -> None:
     long = "Demo LM answer: " + "word " * 200
     table = _table(["item", "result"], [["1", "short"], ["2", long]], "latest results")
     assert "<caption" in table and ">latest results</caption>" in table
-    assert "<td style='padding-right:1em'>short</td>" in table
+    assert "<td style='text-align:left;padding-right:1em'>short</td>" in table
     assert f"<summary>{long[:89]}…</summary>" in table and f">{long}</div></details>" in table
     assert "<details data-key='2/1'>" in table  # its row's first value and its column: it stays open as rows move
 
@@ -177,7 +178,7 @@ def test_the_dashboard_lists_each_error_once_with_its_items(pool: Pool) -> None:
     dashboard.refresh()
     assert dashboard.error_box.titles == ("errors (1,000 items, 31 errors)",)
     assert dashboard.errors.value.count("<tr>") == 1 + 31
-    assert "<td style='padding-right:1em'>970 items (30, 31, 32, 33, 34, …)</td>" in dashboard.errors.value
+    assert f"<td style='{CELL}'>970 items (30, 31, 32, 33, 34, …)</td>" in dashboard.errors.value
     shown = dashboard.static()
     assert shown["text/plain"].splitlines()[1:] == [
         *(f"  item {i}: ValueError: item {i} is bad" for i in range(20)),
@@ -196,7 +197,7 @@ def test_the_memory_of_a_worker_not_measured_yet_is_not_shown_as_0_mb() -> None:
         for shown in (text.getvalue(), widget["text/plain"]):
             header, row = shown.splitlines()[1:3]
             assert row[header.index("memory"):].split()[0] == "-", shown
-        assert "<td style='padding-right:1em'>-</td>" in widget["text/html"] and " MB<" not in widget["text/html"]
+        assert f"<td style='{CELL}'>-</td>" in widget["text/html"] and " MB<" not in widget["text/html"]
 
 
 def finished(handle: Any) -> Any:
@@ -395,3 +396,11 @@ def test_a_notebook_saved_while_a_view_runs_says_what_the_view_is(pool: Pool) ->
     exported = html.unescape(HTMLExporter().from_notebook_node(saved)[0])
     assert "a live view, shown with Jupyter widgets" in exported and "dspex-live" in exported
     assert "a notebook saved before then keeps no result" in MarkdownExporter().from_notebook_node(saved)[0]
+
+
+def test_a_tables_cells_are_aligned_left_as_their_headers_are() -> None:
+    # JupyterLab aligns a rendered table's cells right: under headers aligned left, the pool dashboard's "w0" and its
+    # figures ("0.5 ms" under "queue wait p50") stood apart from the header they belong to
+    table = _table(["worker", "queue wait p50"], [["w0", "0.5 ms"], ["w1", "12 ms"]], "workers")
+    cells = table.count("<td ") + table.count("<th ")
+    assert cells == 6 and table.count("style='text-align:left;padding-right:1em'") == cells

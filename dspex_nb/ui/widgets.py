@@ -36,13 +36,17 @@ def _set(widget: w.Widget, **values: Any) -> None:
                 setattr(widget, key, value)
 
 
+CELL = "text-align:left;padding-right:1em"
+
+
 def _table(columns: tuple[str, ...] | list[str], rows: list[list[str]], title: str = "") -> str:
     """A titled HTML table that scrolls sideways in a narrow window rather than clipping its columns. A long cell's
     key is its row's first value (an item's index, a worker) and its column, so the cell opened stays open as the
-    rows move down (``KeepOpenHTML``)."""
+    rows move down (``KeepOpenHTML``). Every cell is aligned left, as its header and the text twin's columns are
+    (JupyterLab aligns a rendered table's cells right: a worker's "w0" and each figure stood apart from its header)."""
     caption = f"<caption style='text-align:left;font-weight:bold'>{html.escape(title)}</caption>" if title else ""
-    head = "".join(f"<th style='text-align:left;padding-right:1em'>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td style='padding-right:1em'>{_cell(v, key=f'{row[0]}/{i}')}</td>"
+    head = "".join(f"<th style='{CELL}'>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td style='{CELL}'>{_cell(v, key=f'{row[0]}/{i}')}</td>"
                                     for i, v in enumerate(row)) + "</tr>"
                    for row in rows)
     return (f"<div style='overflow-x:auto'><table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody>"

@@ -404,3 +404,15 @@ def test_a_tables_cells_are_aligned_left_as_their_headers_are() -> None:
     table = _table(["worker", "queue wait p50"], [["w0", "0.5 ms"], ["w1", "12 ms"]], "workers")
     cells = table.count("<td ") + table.count("<th ")
     assert cells == 6 and table.count("style='text-align:left;padding-right:1em'") == cells
+
+
+def test_the_pool_tables_write_their_counts_as_their_tokens() -> None:
+    # a long batch's items and chunks were "2050" and "20090" beside "20,010" tokens
+    from dspex_nb.ui.progress import pool_rows, stats_rows
+
+    row = {"worker": "w0", "pid": 7, "state": "ready", "in_flight": 2, "done": 1234, "errors": 0, "cancelled": 0,
+           "items": 2050, "restarts": 0, "recycles": 0, "rss_mb": 80.0, "uptime": 12.0}
+    assert pool_rows([row])[0][3:8] == ["2", "1,234", "0", "0", "2,050"]
+    tool = {"calls": 1500, "errors": 0, "chunks": 20090, "tokens_in": 99, "tokens_out": 20010, "cost": None,
+            "queue_wait": {}, "execution": {}, "first_chunk": {}}
+    assert stats_rows({"tools": {"predict": tool}})[0][:6] == ["predict", "1,500", "0", "20,090", "99", "20,010"]

@@ -38,7 +38,7 @@ from dspex_nb.errors import (
     add_note,
 )
 from dspex_nb.journal import Journal, digest
-from dspex_nb.pool.calls import OWN_THREADS, Chunk, Handle, Run
+from dspex_nb.pool.calls import OWN_THREADS, WAIT_SLICE, Chunk, Handle, Run, interrupt_calls, stopped_by_sigint
 from dspex_nb.pool.executor import Executor, Placement
 from dspex_nb.words import count
 
@@ -67,6 +67,8 @@ class BatchRun(Handle):
         super().__init__()
         self.pool = pool
         self.label = f"batch {module} {signature}".strip()
+        self.caller = "pool.batch(...)"  # what the user called, as its notes name it (pool.map(...), %dspex batch)
+        self.kept_in = "batch = pool.batch(...); batch.records"  # where its finished items are, "" where nowhere
         self.total = len(items)
         self.records: list[dict[str, Any] | None] = [None] * self.total
         self.arrived: list[int] = []  # indices of records in the order they arrived
@@ -91,6 +93,7 @@ class BatchRun(Handle):
         self._max_errors = max_errors  # failed items that stop the batch, as DSPy's ParallelExecutor; None: never
         self._tries = [0] * self.total
         self._lock = threading.Lock()
+        self._arrival = threading.Condition(self._lock)  # notified as each record arrives (and at the end)
         self._runs: dict[Run, _Shard] = {}  # running shards
         self._placed: dict[str, int] = {}  # worker -> shards of this batch it runs (at most SHARDS_PER_WORKER)
         self._alone: set[str] = set()  # workers running a retried item, which runs alone
@@ -387,6 +390,7 @@ class BatchRun(Handle):
                 return
             self.records[index] = record
             self.arrived.append(index)
+            self._arrival.notify_all()
             last = len(self.arrived) == self.total
             if worker := record.get("worker"):
                 self._by_worker[worker] = self._by_worker.get(worker, 0) + 1
@@ -445,6 +449,8 @@ class BatchRun(Handle):
     def _finish(self) -> None:
         self.finished = time.monotonic()
         self._settle()
+        with self._arrival:
+            self._arrival.notify_all()
 
     def _restarts(self) -> int:
         return sum(row["restarts"] for row in self.pool.status())
@@ -466,19 +472,49 @@ class BatchRun(Handle):
         try:
             return super().wait(timeout)
         except KeyboardInterrupt as stop:
-            add_note(stop, f"the batch was stopped after {self.ok + self.failed} of {self.total} items; {self._kept()}")
+            add_note(stop, self._stopped_note())
             raise
 
+    def _stopped_note(self) -> str:
+        return f"the batch was stopped after {self.ok + self.failed} of {self.total} items; {self._kept()}"
+
     def _kept(self) -> str:
-        """Where the finished items of a stopped batch are (``pool.map(...).result()`` keeps no handle)."""
-        return ("run the same batch again: they come from the journal, only the rest is computed"
-                if self._journal is not None and not self._journal.problem else
-                "its handle keeps them (batch = pool.map(...); batch.records), or run it with the journal on")
+        """Where the finished items of a stopped batch are (``pool.map(...).result()`` and ``pool.evaluate`` keep
+        no handle), in the words of what the user called."""
+        if self._journal is not None and not self._journal.problem:
+            return f"run the same {self.caller} again: they come from the journal, only the rest is computed"
+        where = f"its handle keeps them ({self.kept_in}), or" if self.kept_in else f"{self.caller} keeps no handle:"
+        return f"{where} run it with the journal on"
 
     def __iter__(self) -> Iterator[Any]:
-        """``result()``'s outputs, in input order: ``for p in pool.map(...)`` waits for the batch as ``result()``
-        does (with its view, whose Stop, as Ctrl-C, cancels it); it raised a TypeError and left the batch running."""
-        yield from self.result()
+        """``result()``'s outputs in input order, each as soon as it and those before it have arrived (as
+        ipyparallel's ``AsyncMapResult``), not once the whole batch has: ``for p in pool.map(...)`` shows the batch's
+        view meanwhile, whose Stop, as Ctrl-C in the wait or in the loop's body, cancels it. Where the batch stops
+        short (an error, max_errors, a cancel), it raises as ``result()`` does, after the outputs before."""
+        self._view_while_waiting(None, block=False)  # the loop's body runs while the view goes on
+        try:
+            with stopped_by_sigint(self):  # also where Ctrl-C lands in the loop's body, not in the wait
+                for index in range(self.total):
+                    record = self._arrived_at(index)
+                    if record is None:
+                        break
+                    yield self._output(record)
+            self.wait()  # the last item has arrived: the batch ends at once, and says whether it stopped short
+        except KeyboardInterrupt as stop:
+            add_note(stop, self._stopped_note())
+            raise
+        finally:
+            if self._done.is_set():  # not where the loop was left early (break): the batch goes on, and its view
+                self._final_view()
+        self._raise_if_stopped()
+
+    def _arrived_at(self, index: int) -> dict[str, Any] | None:
+        """Item ``index``'s record once it has arrived, or None where the batch ended without it."""
+        with interrupt_calls(self.cancel), self._arrival:
+            while self.records[index] is None and not self._done.is_set():
+                self._not_in_own_callback("an iteration")
+                self._arrival.wait(WAIT_SLICE)
+            return self.records[index]
 
     def result(self, timeout: float | None = None) -> list[Any]:
         """Outputs in input order: each item's output fields, or {"error": "Type: message"} if it failed
@@ -486,14 +522,18 @@ class BatchRun(Handle):
         self._view_while_waiting(timeout)
         if not self.wait(timeout):
             raise TimeoutError(f"the batch is still running after {timeout} s (it goes on)")
+        self._raise_if_stopped()
+        return [self._output(r) for r in self.records]  # type: ignore[arg-type]
+
+    def _raise_if_stopped(self) -> None:
         if self._error is not None:
             raise self._error
         if self._cancelled:
             raise Cancelled(f"the batch was cancelled after {self.ok + self.failed} of {self.total} items; "
                             f"{self._kept()}")
-        if self.decode is not None:
-            return [self._decoded(r) for r in self.records]
-        return [outputs(r) for r in self.records]  # type: ignore[arg-type]
+
+    def _output(self, record: dict[str, Any]) -> Any:
+        return self._decoded(record) if self.decode is not None else outputs(record)
 
     def _decoded(self, record: dict[str, Any] | None) -> Any:
         """An item's output as the program's own value; None if the item failed, or if its output cannot be

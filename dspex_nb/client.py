@@ -252,6 +252,7 @@ class Pool(WorkerPool):
                                fill_usage=not programs.usage_tracked(),
                                trace=None if trace is None else (trace, program))
         batch.label = f"map {programs.title(program)}"
+        batch.caller, batch.kept_in = "pool.map(...)", "batch = pool.map(...); batch.records"
         return batch
 
     def evaluate(self, program: Any, devset: Sequence[Any], metric: Callable[..., Any], *,
@@ -280,6 +281,7 @@ class Pool(WorkerPool):
             settings.Checker("evaluate").integer("num_threads", num_threads, 1, settings.MAX_CONCURRENCY * self.size)
             options["concurrency"] = -(-num_threads // self.size)  # per worker
         batch = self.map(program, devset, max_errors=evaluate.get("max_errors"), **options)
+        batch.caller, batch.kept_in = "pool.evaluate(...)", ""  # it returns a score, never the batch
         if display_progress:
             from dspex_nb.ui.render import show_batch
 

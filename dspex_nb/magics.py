@@ -564,6 +564,7 @@ class Dspex(Magics):
             program = programs.as_program(signature, cot=args.cot) if signature is not None else \
                 self._module(args.module, pool)
             batch = pool.map(program, items, max_errors=len(items) + 1, **options)  # every item, as the built-in
+        batch.caller, batch.kept_in = "%dspex batch", "_.records"  # where _finish puts a stopped batch
         title = f"batch {args.module or args.signature!r}"
         self._show(batch, lambda: show_batch(batch, title, mode=self.display, block=not args.background), args)
 

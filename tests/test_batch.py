@@ -176,8 +176,8 @@ def test_stop_says_where_the_finished_items_are(pool: Pool) -> None:
     threading.Thread(target=stop, daemon=True).start()
     with pytest.raises(KeyboardInterrupt) as stopped:
         batch.result(60)
-    assert stopped.value.__notes__ == ["the batch was stopped after 2 of 4 items; run the same batch again: they "
-                                       "come from the journal, only the rest is computed"]
+    assert stopped.value.__notes__ == ["the batch was stopped after 2 of 4 items; run the same pool.batch(...) again: "
+                                       "they come from the journal, only the rest is computed"]
     again = pool.batch(items, module="Slow", shard_size=1, concurrency=2)
     try:
         assert again.from_journal == 2

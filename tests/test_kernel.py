@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import pytest
 from jupyter_client.manager import KernelManager
 
+from dspex_nb.ui.widgets import CELL, UNFINISHED
+
 
 @dataclass
 class Cell:
@@ -97,7 +99,7 @@ def kernel() -> Iterator[Kernel]:
 def test_a_5000_token_stream_sends_few_widget_messages(kernel: Kernel) -> None:
     kernel.run("%dspex lm demo --set answer_tokens=5000 --set per_token=0.0002")
     cell = kernel.run('%%dspex predict "question -> answer" -o p\nA long answer, please.')
-    assert cell.plain == ["<dspex stream: predict 'question -> answer'>"]
+    assert cell.plain == [f"<dspex stream: predict 'question -> answer'> ({UNFINISHED})"]
     assert cell.counts["display_data"] == 1
     assert 3 <= cell.counts["comm_msg"] <= 200, cell.counts  # not one message per token
     assert kernel.value("len(p.answer.split())") == "5000"
@@ -125,7 +127,7 @@ def test_a_long_stream_sends_its_text_once_not_every_tick(kernel: Kernel) -> Non
 def test_batch_dashboard_and_headline_batch(kernel: Kernel) -> None:
     cell = kernel.run('qs = [f"question {i}?" for i in range(50)]\n'
                       '%dspex batch "question -> answer" --items qs -o OUT')
-    assert cell.plain == ["<dspex batch: batch 'question -> answer', 50 items>"]
+    assert cell.plain == [f"<dspex batch: batch 'question -> answer', 50 items> ({UNFINISHED})"]
     assert kernel.value("len(OUT), all(p.answer.startswith(f\"Demo LM answer to 'question {i}?'\") "
                         "for i, p in enumerate(OUT))") == "(50, True)"
 
@@ -146,7 +148,7 @@ def test_pool_dashboard_is_saved_with_the_status_it_shows(kernel: Kernel) -> Non
     plain = data["text/plain"].splitlines()
     assert plain[0] == "pool · 2 workers · lm=demo · running" and plain[1].startswith("worker  pid")
     assert [line.split()[0] for line in plain[2:4]] == ["w0", "w1"]
-    assert ">workers</caption>" in data["text/html"] and "<td style='padding-right:1em'>w1</td>" in data["text/html"]
+    assert ">workers</caption>" in data["text/html"] and f"<td style='{CELL}'>w1</td>" in data["text/html"]
 
 
 def test_background_handle_keeps_updating_after_the_cell_returns(kernel: Kernel) -> None:
@@ -514,7 +516,8 @@ def test_a_run_as_a_cells_value_is_a_live_view_whose_answer_is_saved(kernel: Ker
             updates.append((content["transient"]["display_id"], content["data"]))
 
     kernel.collect(kernel.submit("pool.run_stream(qa, question='Shown?')"), on_message=on_message)
-    assert [content["data"]["text/plain"] for content in shown] == ["<dspex stream: run Predict('question -> answer')>"]
+    assert [content["data"]["text/plain"] for content in shown] == [
+        f"<dspex stream: run Predict('question -> answer')> ({UNFINISHED})"]
     assert "application/vnd.jupyter.widget-view+json" in shown[0]["data"]
     data = final_update(kernel, shown[0]["transient"]["display_id"], updates)
     assert "application/vnd.jupyter.widget-view+json" not in data
@@ -529,6 +532,33 @@ def test_a_run_as_a_cells_value_is_a_live_view_whose_answer_is_saved(kernel: Ker
         kernel.run("%config Dspex.display = 'auto'")
 
 
+def test_a_loop_over_a_map_shows_its_view_and_its_summary_once_the_loop_ends(kernel: Kernel) -> None:
+    """``for p in pool.map(...)`` shows the batch's view beside the loop, and its summary replaces the view as the loop
+    ends (it came at the pump's next tick, after the cell's next lines: a notebook run by nbconvert kept the widget)."""
+    kernel.run(API)
+    shown: list[dict] = []
+
+    def on_message(kind: str, content: dict) -> None:
+        if kind in ("display_data", "update_display_data"):  # sent at once, as stdout is not
+            shown.append(content)
+
+    kernel.run("from dspex_nb.ui.pump import PUMP\nPUMP.interval = 3")  # its ticks cannot end the view in time
+    try:
+        with kernel.demo_lm("--set ttft=0.3"):  # the batch outlasts its view's first drawing
+            cell = kernel.collect(kernel.submit("answers = [p.answer for p in pool.map(qa, [f'loop {i}?' for i in "
+                                                "range(40)], journal=False)]\ndisplay('after the loop')"),
+                                  on_message=on_message)
+    finally:
+        kernel.run("PUMP.interval = 0.1")
+    assert not cell.error, cell.error
+    view, final, after = shown
+    assert "application/vnd.jupyter.widget-view+json" in view["data"]
+    assert final["transient"]["display_id"] == view["transient"]["display_id"]
+    assert final["data"]["text/plain"].startswith("batch done: 40 items, 40 ok"), final
+    assert after["data"]["text/plain"] == "'after the loop'"
+    assert kernel.value("len(answers), answers[39].startswith(\"Demo LM answer to 'loop 39?'\")") == "(40, True)"
+
+
 def test_stop_on_a_blocking_map_result_cancels_it_and_the_workers_go_idle(kernel: Kernel) -> None:
     """``pool.map(...).result()`` blocks the cell: it shows the batch's dashboard, whose Stop cancels the
     remote work (not only the kernel's interrupt); a handle a view shows already gets no second one."""
@@ -537,7 +567,7 @@ def test_stop_on_a_blocking_map_result_cancels_it_and_the_workers_go_idle(kernel
         cell = click_stop_while_blocked(
             kernel, "pool.map(qa, [f'slow {i}?' for i in range(300)], concurrency=1, journal=False).result()")
         assert cell.error.startswith("Cancelled: the batch was cancelled after "), cell.error
-        assert cell.plain == ["<dspex batch: map Predict('question -> answer'), 300 items>"], cell.plain
+        assert cell.plain == [f"<dspex batch: map Predict('question -> answer'), 300 items> ({UNFINISHED})"], cell.plain
         idle = kernel.value(
             "import time\n"
             "deadline = time.monotonic() + 20\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import html
 import io
+import threading
 import time
 import warnings
 from typing import Any
@@ -22,7 +23,17 @@ from dspex_nb.ui.append import AppendText
 from dspex_nb.ui.progress import StreamText, batch_line, batch_summary
 from dspex_nb.ui.pump import PUMP
 from dspex_nb.ui.render import show_pool
-from dspex_nb.ui.widgets import TWIN_LIMIT, BatchDashboard, PoolDashboard, StreamView, _bar_style, _field_html, _table
+from dspex_nb.ui.widgets import (
+    CELL,
+    TWIN_LIMIT,
+    UNFINISHED,
+    BatchDashboard,
+    PoolDashboard,
+    StreamView,
+    _bar_style,
+    _field_html,
+    _table,
+)
 
 
 def snap(status: str, ok: int, failed: int, total: int = 120) -> dict:
@@ -64,7 +75,7 @@ def test_a_long_row_is_shortened_with_the_whole_text_one_click_away() -> None:
     long = "Demo LM answer: " + "word " * 200
     table = _table(["item", "result"], [["1", "short"], ["2", long]], "latest results")
     assert "<caption" in table and ">latest results</caption>" in table
-    assert "<td style='padding-right:1em'>short</td>" in table
+    assert "<td style='text-align:left;padding-right:1em'>short</td>" in table
     assert f"<summary>{long[:89]}…</summary>" in table and f">{long}</div></details>" in table
     assert "<details data-key='2/1'>" in table  # its row's first value and its column: it stays open as rows move
 
@@ -167,7 +178,7 @@ def test_the_dashboard_lists_each_error_once_with_its_items(pool: Pool) -> None:
     dashboard.refresh()
     assert dashboard.error_box.titles == ("errors (1,000 items, 31 errors)",)
     assert dashboard.errors.value.count("<tr>") == 1 + 31
-    assert "<td style='padding-right:1em'>970 items (30, 31, 32, 33, 34, …)</td>" in dashboard.errors.value
+    assert f"<td style='{CELL}'>970 items (30, 31, 32, 33, 34, …)</td>" in dashboard.errors.value
     shown = dashboard.static()
     assert shown["text/plain"].splitlines()[1:] == [
         *(f"  item {i}: ValueError: item {i} is bad" for i in range(20)),
@@ -186,7 +197,7 @@ def test_the_memory_of_a_worker_not_measured_yet_is_not_shown_as_0_mb() -> None:
         for shown in (text.getvalue(), widget["text/plain"]):
             header, row = shown.splitlines()[1:3]
             assert row[header.index("memory"):].split()[0] == "-", shown
-        assert "<td style='padding-right:1em'>-</td>" in widget["text/html"] and " MB<" not in widget["text/html"]
+        assert f"<td style='{CELL}'>-</td>" in widget["text/html"] and " MB<" not in widget["text/html"]
 
 
 def finished(handle: Any) -> Any:
@@ -300,3 +311,108 @@ def test_a_loop_over_a_map_gives_its_results_and_stop_cancels_it(pool: Pool) -> 
             pass
     assert batch.wait(20) and batch.status == "cancelled"
     assert 0 < batch.ok < 200 and batch.records[0]["ok"]
+
+
+def test_a_call_that_streams_no_tokens_says_its_lm_usage_not_0_tokens(pool: Pool) -> None:
+    # `%%dspex predict --no-stream` (tokens off) and a program that calls no LM streamed nothing, and their views said
+    # "0 tokens" beside the LM's "95 tokens in / 23 out"
+    quiet = pool.call_tool("predict", {"signature": "question -> answer", "inputs": "Quiet?", "tokens": False},
+                           stream=True)
+    no_lm = pool.call(shout, {"question": "no lm"}, stream=True)
+    for run in (quiet, no_lm):
+        run.result(60)
+    view = StreamView(quiet, "predict")
+    view.refresh()
+    summary = view.static()["text/plain"].splitlines()[-1]
+    assert summary.startswith("done · predict on w") and "token" not in summary.split(" · LM ")[0]
+    assert summary.endswith(f" · LM {quiet.tokens[0]} tokens in / {quiet.tokens[1]} out") and quiet.tokens[1] > 0
+    text = StreamText(no_lm)
+    text.update()
+    assert "token" not in text.summary() and text.summary().startswith("done · run_module on w")
+
+
+def gated(question: str, gate: str = "") -> str:
+    import os
+    import time
+
+    deadline = time.monotonic() + 30
+    while gate and not os.path.exists(gate):  # this item comes back only once the test opens its gate
+        if time.monotonic() > deadline:
+            raise TimeoutError("the gate was never opened")
+        time.sleep(0.01)
+    return question.upper()
+
+
+def test_a_loop_over_a_map_gives_each_result_as_it_and_those_before_it_arrive(pool: Pool, tmp_path: Any) -> None:
+    # `for p in pool.map(...)` waited for the whole batch before its first result, unlike ipyparallel's map
+    gate = tmp_path / "gate"
+    batch = pool.map(gated, [{"question": "a"}, {"question": "b", "gate": str(gate)}, {"question": "c"}],
+                     journal=False)
+    results = iter(batch)
+    assert next(results) == "A"
+    assert not batch.done and batch.records[1] is None  # item 1 waits for its gate: the first came before it
+    gate.touch()
+    assert list(results) == ["B", "C"] and batch.status == "done"
+
+
+@pytest.mark.parametrize("journal, kept", [
+    (False, "pool.evaluate(...) keeps no handle: run it with the journal on"),
+    (True, "run the same pool.evaluate(...) again: they come from the journal, only the rest is computed"),
+])
+def test_an_interrupted_evaluate_names_pool_evaluate_not_pool_map(pool: Pool, journal: bool, kept: str) -> None:
+    # Ctrl-C in `pool.evaluate(...)` said "its handle keeps them (batch = pool.map(...); batch.records)": a call the
+    # user never made, and a handle pool.evaluate never gives
+    devset = [dspy.Example(question=f"q{i} {journal}", wait=0.1).with_inputs("question", "wait") for i in range(100)]
+
+    def items_done() -> int:
+        return sum(row["items"] for row in pool.status())
+
+    def interrupt_once_running(before: int = items_done()) -> None:
+        wait_until(lambda: items_done() > before, what="the evaluation's first items")
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_running, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        pool.evaluate(shout, devset, lambda example, pred, trace=None: 1.0, num_threads=2, journal=journal)
+    [note] = stopped.value.__notes__
+    assert note.startswith("the batch was stopped after ") and note.endswith(f" of 100 items; {kept}")
+    wait_until(lambda: not any(row["in_flight"] for row in pool.status()), what="the workers to be idle")
+
+
+def test_a_notebook_saved_while_a_view_runs_says_what_the_view_is(pool: Pool) -> None:
+    # a notebook saved while a view still ran kept only the widget's mime type and "<dspex stream: ...>": without
+    # the kernel, nbconvert, GitHub and VS Code showed that placeholder (JupyterLab: "model not found")
+    import nbformat
+    from nbconvert import HTMLExporter, MarkdownExporter
+
+    run = pool.execute_stream("predict", {"signature": "question -> answer", "inputs": "Saved now?"})
+    view = StreamView(run, "predict")
+    bundle = view._repr_mimebundle_()
+    run.result(60)
+    assert "application/vnd.jupyter.widget-view+json" in bundle  # live: the widgets
+    assert bundle["text/plain"] == f"<dspex stream: predict> ({UNFINISHED})"
+    saved = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("%%dspex predict ...", outputs=[
+        nbformat.v4.new_output("display_data", data=bundle)])])
+    exported = html.unescape(HTMLExporter().from_notebook_node(saved)[0])
+    assert "a live view, shown with Jupyter widgets" in exported and "dspex-live" in exported
+    assert "a notebook saved before then keeps no result" in MarkdownExporter().from_notebook_node(saved)[0]
+
+
+def test_a_tables_cells_are_aligned_left_as_their_headers_are() -> None:
+    # JupyterLab aligns a rendered table's cells right: under headers aligned left, the pool dashboard's "w0" and its
+    # figures ("0.5 ms" under "queue wait p50") stood apart from the header they belong to
+    table = _table(["worker", "queue wait p50"], [["w0", "0.5 ms"], ["w1", "12 ms"]], "workers")
+    cells = table.count("<td ") + table.count("<th ")
+    assert cells == 6 and table.count("style='text-align:left;padding-right:1em'") == cells
+
+
+def test_the_pool_tables_write_their_counts_as_their_tokens() -> None:
+    # a long batch's items and chunks were "2050" and "20090" beside "20,010" tokens
+    from dspex_nb.ui.progress import pool_rows, stats_rows
+
+    row = {"worker": "w0", "pid": 7, "state": "ready", "in_flight": 2, "done": 1234, "errors": 0, "cancelled": 0,
+           "items": 2050, "restarts": 0, "recycles": 0, "rss_mb": 80.0, "uptime": 12.0}
+    assert pool_rows([row])[0][3:8] == ["2", "1,234", "0", "0", "2,050"]
+    tool = {"calls": 1500, "errors": 0, "chunks": 20090, "tokens_in": 99, "tokens_out": 20010, "cost": None,
+            "queue_wait": {}, "execution": {}, "first_chunk": {}}
+    assert stats_rows({"tools": {"predict": tool}})[0][:6] == ["predict", "1,500", "0", "20,090", "99", "20,010"]

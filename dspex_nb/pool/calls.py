@@ -238,18 +238,25 @@ class Handle(concurrent.futures.Future):
 
         show_handle(self)
 
-    def _view_while_waiting(self, timeout: float | None) -> None:
+    def _view_while_waiting(self, timeout: float | None, block: bool = True) -> None:
         """Before ``result()`` blocks the notebook's main thread on a handle that no view shows yet, show one,
-        so the wait has a Stop button and shows what arrives (as ``Module.batch``'s progress bar does there)."""
+        so the wait has a Stop button and shows what arrives (as ``Module.batch``'s progress bar does there);
+        without ``block``, show it and return (an iteration waits for each result itself)."""
         if (timeout is None and not self.watched and not self._done.is_set()
                 and threading.current_thread() is threading.main_thread()):
             from dspex_nb.ui.render import view_while_waiting
 
             try:
-                view_while_waiting(self)
+                view_while_waiting(self, block)
             except KeyboardInterrupt:  # Ctrl-C before the wait began (a view takes a moment): it cancels all the same
                 self.cancel()
                 raise
+
+    def _final_view(self) -> None:
+        """The view that ``_view_while_waiting(block=False)`` showed, made final now that this handle has ended."""
+        from dspex_nb.ui.render import flush_view
+
+        flush_view(self)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.wait(timeout):
@@ -264,7 +271,7 @@ class Handle(concurrent.futures.Future):
     async def _awaited(self) -> Any:
         ended = self._ended_in(asyncio.get_running_loop())
         try:
-            with _stopped_by_sigint(self):
+            with stopped_by_sigint(self):
                 # shielded: a cancel of the awaiting task leaves ``ended`` pending, and the remote work is cancelled
                 # below without ``cancel()``, which would wait for it in the loop (the task raised Cancelled, not
                 # CancelledError)
@@ -328,7 +335,7 @@ _sigint_before: Any = None  # the SIGINT handler while none is
 
 
 @contextlib.contextmanager
-def _stopped_by_sigint(handle: Handle) -> Iterator[None]:
+def stopped_by_sigint(handle: Handle) -> Iterator[None]:
     """While the main thread awaits ``handle``, Ctrl-C (a kernel interrupt) cancels it at once, then goes on to
     the handler there was. ipykernel's handler cancels an async cell only once the cell has ended by itself
     (ipython/ipykernel#881), so ``await pool.run_async(...)`` would run to its end."""
@@ -575,7 +582,7 @@ class Run(Handle):
     def arrivals(self, stacklevel: int = 2) -> Iterator[Chunk]:
         """Every chunk, from the first, as it arrives; ends quietly with the stream, however it ended
         (``result()`` says how). Ctrl-C cancels."""
-        with _stopped_by_sigint(self):  # also where Ctrl-C lands in the loop's body, not in its wait for a chunk
+        with stopped_by_sigint(self):  # also where Ctrl-C lands in the loop's body, not in its wait for a chunk
             yield from self._arrivals(stacklevel + 1)
 
     def _arrivals(self, stacklevel: int) -> Iterator[Chunk]:

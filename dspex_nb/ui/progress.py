@@ -116,10 +116,14 @@ class StreamText:
 
     def summary(self) -> str:
         run = self.run
-        state = {"running": "streaming", "done": "done", "failed": "failed", "cancelled": "cancelled"}[run.status]
+        state = {"running": "streaming" if self.tokens else "running", "done": "done", "failed": "failed",
+                 "cancelled": "cancelled"}[run.status]
         cache = cache_text(*run.cached)
-        shown = cache if cache and not self.tokens else count(self.tokens, "token")  # a hit streams nothing
-        line = f"{state} · {run.tool} on {run.worker} · {shown} · {run.elapsed:.2f} s"
+        # what streamed, if anything: a call without token streaming (--no-stream), a cache hit or a program that
+        # calls no LM streams none, and "0 tokens" beside its LM usage would say it used none
+        streamed = count(self.tokens, "token") if self.tokens else cache
+        line = " · ".join(part for part in (state, f"{run.tool} on {run.worker}", streamed, f"{run.elapsed:.2f} s")
+                          if part)
         if self.tokens and run.elapsed > 0:  # tqdm's rate, for the tokens this view shows
             line += f" · {self.tokens / run.elapsed:.1f} tokens/s"
         if any(run.tokens) or run.cost is not None:  # dspy.Parallel's calls have a cost, not tokens
@@ -298,11 +302,17 @@ def pool_rows(status: list[dict[str, Any]]) -> list[list[str]]:
     """One row per worker of ``pool.status()``: calls (a batch shard is one call) and the batch items they
     returned are counted apart; a call its caller cancelled is not a failure. A worker where a cancelled call's
     program goes on running (see ``Pool(cancel_grace=...)``) says so in its state. The memory of a worker not
-    measured yet (just started or replaced: its first health ping is to come, ``rss_mb`` 0) is "-", not 0 MB."""
-    return [[row["worker"], str(row["pid"]), _state(row), str(row["in_flight"]), str(row["done"]), str(row["errors"]),
-             str(row["cancelled"]), str(row["items"]), str(row["restarts"]), str(row["recycles"]),
+    measured yet (just started or replaced: its first health ping is to come, ``rss_mb`` 0) is "-", not 0 MB. Counts
+    are written as the tokens are, "2,050" (a long batch's items were "2050" beside "20,010" tokens)."""
+    return [[row["worker"], str(row["pid"]), _state(row), *_counts(row["in_flight"], row["done"], row["errors"],
+                                                                  row["cancelled"], row["items"], row["restarts"],
+                                                                  row["recycles"]),
              f"{row['rss_mb']:.0f} MB" if row["rss_mb"] else "-", duration(row["uptime"]) if row["uptime"] else "-"]
             for row in status]
+
+
+def _counts(*values: int) -> list[str]:
+    return [f"{value:,}" for value in values]
 
 
 def _state(row: dict[str, Any]) -> str:
@@ -337,7 +347,7 @@ def stats_rows(summary: dict[str, Any]) -> list[list[str]]:
     def ms(timing: dict[str, float], key: str) -> str:
         return duration(timing[key] / 1e3) if timing else "-"
 
-    return [[tool, str(t["calls"]), str(t["errors"]), str(t["chunks"]), f"{t['tokens_in']:,}", f"{t['tokens_out']:,}",
+    return [[tool, *_counts(t["calls"], t["errors"], t["chunks"], t["tokens_in"], t["tokens_out"]),
              "-" if t["cost"] is None else cost_text(t["cost"]),
              ms(t["queue_wait"], "p50_ms"),
              ms(t["execution"], "p50_ms"), ms(t["execution"], "p95_ms"), ms(t["first_chunk"], "p50_ms")]

@@ -145,11 +145,11 @@ def show_handle(handle: Handle) -> None:
     display({"text/plain": repr(handle)}, raw=True)
 
 
-def view_while_waiting(handle: Handle) -> None:
-    """In a live notebook, show ``handle`` while the cell waits for it, unless a view shows it already (the
-    magics', one of an earlier cell): Stop and the kernel's interrupt then both cancel it."""
+def view_while_waiting(handle: Handle, block: bool = True) -> None:
+    """In a live notebook, show ``handle`` while the cell waits for it (``block``: until it ends), unless a view shows
+    it already (the magics', one of an earlier cell): Stop and the kernel's interrupt then both cancel it."""
     if handle not in _viewed and live_frontend():
-        _show(handle, block=True)
+        _show(handle, block=block)
 
 
 def _show(handle: Handle, *, block: bool) -> None:
@@ -168,7 +168,19 @@ def _show_live(view: Refreshable, wait: Callable[[], object] | None, handle: Han
         wait()
         PUMP.flush(view)
     elif handle is not None:
+        _live_views[handle] = view
         _stop_on_idle_interrupt(handle)
+
+
+_live_views: weakref.WeakKeyDictionary[Handle, Refreshable] = weakref.WeakKeyDictionary()  # views no cell waits for
+
+
+def flush_view(handle: Handle) -> None:
+    """Make the view of ``handle`` that no cell waited for final now, if it is shown (a loop over a batch that just
+    ended): in the cell, not at the pump's next tick, after it, which a notebook run by nbconvert would not keep."""
+    view = _live_views.get(handle)
+    if view is not None:
+        PUMP.flush(view)
 
 
 _background: weakref.WeakSet[Handle] = weakref.WeakSet()  # live views' handles that no cell waits for

@@ -36,13 +36,17 @@ def _set(widget: w.Widget, **values: Any) -> None:
                 setattr(widget, key, value)
 
 
+CELL = "text-align:left;padding-right:1em"
+
+
 def _table(columns: tuple[str, ...] | list[str], rows: list[list[str]], title: str = "") -> str:
     """A titled HTML table that scrolls sideways in a narrow window rather than clipping its columns. A long cell's
     key is its row's first value (an item's index, a worker) and its column, so the cell opened stays open as the
-    rows move down (``KeepOpenHTML``)."""
+    rows move down (``KeepOpenHTML``). Every cell is aligned left, as its header and the text twin's columns are
+    (JupyterLab aligns a rendered table's cells right: a worker's "w0" and each figure stood apart from its header)."""
     caption = f"<caption style='text-align:left;font-weight:bold'>{html.escape(title)}</caption>" if title else ""
-    head = "".join(f"<th style='text-align:left;padding-right:1em'>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td style='padding-right:1em'>{_cell(v, key=f'{row[0]}/{i}')}</td>"
+    head = "".join(f"<th style='{CELL}'>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td style='{CELL}'>{_cell(v, key=f'{row[0]}/{i}')}</td>"
                                     for i, v in enumerate(row)) + "</tr>"
                    for row in rows)
     return (f"<div style='overflow-x:auto'><table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
@@ -107,8 +111,13 @@ class View:
     _finished = False
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        """The widgets, and for a reader that cannot show them (nbconvert, GitHub, VS Code without the kernel) what
+        they are: a notebook saved while the view runs keeps this bundle. JupyterLab shows the widget's mime type
+        whenever it is there, and "model not found" without its model (ipywidgets' renderer has no fallback)."""
         bundle = self.root._repr_mimebundle_(**kwargs)
-        bundle["text/plain"] = self.plain
+        note = f"{self.plain} ({UNFINISHED})"
+        bundle.update({"text/plain": note,
+                       "text/html": f"<div class='dspex-live' style='{MUTED}'>{html.escape(note)}</div>"})
         return bundle
 
     def refresh(self) -> bool:
@@ -207,6 +216,10 @@ def _field_html(name: str, value: str) -> str:
     return f"<div><b>{html.escape(name)}</b><div class='dspex-prose' style='{BOX}'>{MARKDOWN.render(value)}</div></div>"
 
 
+# What a live view's output says where its widgets cannot show: its result replaces the output when it ends, so only a
+# notebook saved (or run by nbconvert) before then keeps this
+UNFINISHED = ("a live view, shown with Jupyter widgets by the kernel that runs it; its result replaces it when it "
+              "ends: a notebook saved before then keeps no result")
 # The characters of each field that a finished view's text/plain twin keeps. A saved notebook needs both forms:
 # JupyterLab (after a restart too), GitHub and nbviewer show the HTML (the answer's markdown rendered, safely) and never
 # the twin; a terminal, nbconvert's LaTeX/PDF and review tools read only the twin; and text/markdown, the one form both

@@ -2251,6 +2251,25 @@ def test_an_lm_that_changed_itself_before_its_program_raised_keeps_the_change(po
         assert call().answer == "blue"
 
 
+@pytest.mark.parametrize("loop", ["for", "async for"])
+def test_a_stream_only_looped_over_leaves_the_history_and_the_lm_as_the_call_left_them(pool: Pool, loop: str) -> None:
+    # what the call did in the kernel (its LM call in the LM's history, the DummyLM's next answer) came only with
+    # result(): a loop over the chunks that never asked for it left the LM giving 'red' again and no history
+    from dspy.utils import DummyLM
+
+    async def chunks_of(run: Any) -> list[Any]:
+        return [chunk async for chunk in run]
+
+    program, question = dspy.Predict("question -> answer"), "What color is the sky?"
+    lm = DummyLM([{"answer": "red"}, {"answer": "blue"}])
+    with dspy.context(lm=lm):
+        run = pool.run_stream(program, question=question)
+        chunks = list(run) if loop == "for" else asyncio.run(chunks_of(run))
+        assert chunks[-1].kind == "final" and len(lm.history) == 1
+        assert run.result().answer == "red" and len(lm.history) == 1  # asked for after all: nothing happens twice
+        assert pool.run(program, question=question).answer == "blue"
+
+
 def test_a_cell_run_again_with_a_new_changing_lm_gives_its_answers_again(small_pool: Pool) -> None:
     # the worker kept the LM a call came with, by its pickle, and the call changed that one: a new DummyLM given the
     # same list (the cell run again) started where the first had left ('blue', 'green', then no answer left)

@@ -392,6 +392,8 @@ class Run(Handle):
         self._ended = False  # a final chunk (result or error) arrived: a stream that ends without one failed
         self.decode: Callable[[Any], Any] | None = None  # turns the final result into the caller's value
         self.on_error: Callable[[BaseException], Any] | None = None  # given its error before result() raises it
+        self._outcome: tuple[bool, Any] | None = None  # decode's, once: (True, the value) or (False, its error)
+        self._decoding = threading.Lock()
         self._cond = threading.Condition()
         self.first_chunk_at: float | None = None
         self._stop_by: float | None = None  # when a cancel() stops waiting for the reader (see ``cancel``)
@@ -545,7 +547,37 @@ class Run(Handle):
             if self.on_error is not None:
                 self.on_error(self._error)
             raise self._error
-        return self._final if self.decode is None else self.decode(self._final)
+        return self.decoded()
+
+    def decoded(self) -> Any:
+        """The final result as ``decode`` makes it (the program's own value), made once: decoding also does in the
+        kernel what the call did there (its LM calls join DSPy's history, the changes of its LMs are set on the
+        kernel's), which must happen once, whoever asks first (``result()``, the view, the end of a loop over the
+        run). Raises what decoding raised."""
+        with self._decoding:
+            if self._outcome is None:
+                try:
+                    self._outcome = True, self._final if self.decode is None else self.decode(self._final)
+                except Exception as exc:  # NotPortable...: each asker gets it
+                    self._outcome = False, exc
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+    def _settle_effects(self) -> None:
+        """At the end of a loop over the run: what ``result()`` does in the kernel besides giving the value, so that
+        a stream read to its end and never asked for its result leaves DSPy's history and the LMs as the call left
+        them, as the same call does in the kernel (a DummyLM given a list gives its next answer next); an error
+        decoding is kept for ``result()``."""
+        if self._cancelled or not self._ended:
+            return
+        if self._error is not None:
+            if self.on_error is not None:
+                self.on_error(self._error)
+        elif self.decode is not None:
+            with contextlib.suppress(Exception):
+                self.decoded()
 
     def _raise_if_cut(self) -> None:
         """Raise the error that ended the stream before its final chunk (its worker died, a timeout, the
@@ -565,6 +597,7 @@ class Run(Handle):
                 yield chunk
             if done and not chunks:
                 self._raise_if_cut()
+                self._settle_effects()
                 return
             if not chunks:
                 await asyncio.to_thread(self._wait_for, index)
@@ -578,6 +611,7 @@ class Run(Handle):
         stream was cut short (``WorkerDied``...). Ctrl-C cancels."""
         yield from self.arrivals(stacklevel=3)
         self._raise_if_cut()
+        self._settle_effects()
 
     def arrivals(self, stacklevel: int = 2) -> Iterator[Chunk]:
         """Every chunk, from the first, as it arrives; ends quietly with the stream, however it ended

@@ -85,7 +85,8 @@ class StreamText:
             if chunk.kind == "status":
                 self.status = chunk["message"]
             elif chunk.kind == "final" and isinstance(chunk.data, dict):
-                self._final(shown_fields(chunk.data, self.run.decode))
+                self._final(shown_fields(chunk.data, None if self.run.decode is None
+                                         else lambda _: self.run.decoded()))  # once: see Run.decoded
         self._join(new)
         return bool(chunks)
 

@@ -77,9 +77,9 @@ class ChunkQueue:
 
     @staticmethod
     def _size(item: Any) -> int:
-        if isinstance(item, Output):
-            return item.size + 1
-        return 0 if item is _DONE else len(item) + 1  # its comma in the message
+        if type(item) is bytes:
+            return len(item) + 1  # its comma in the message
+        return 0 if item is _DONE else item.size + 1
 
     def _wait_for_room(self, ended: threading.Event) -> None:
         """Wait (holding the condition) while the queue is full, until it has room or the RPC has ended."""
@@ -91,7 +91,7 @@ class ChunkQueue:
     def put(self, item: Any, ended: threading.Event) -> None:
         """Queue ``item``, waiting while the queue is full (until it has room, or the RPC has ended)."""
         with self._cond:
-            if item is not _DONE:
+            if self._bytes >= self.limit and item is not _DONE:
                 self._wait_for_room(ended)
             self._items.append(item)
             self._bytes += self._size(item)
@@ -118,13 +118,13 @@ class ChunkQueue:
                 self._bytes += self._size(item)
             self._cond.notify_all()
 
-    def _head(self) -> int:
-        """The size of the queue's first item, made bytes where it is output (no more text joins it then)."""
+    def _head(self) -> Any:
+        """The queue's first item, made bytes where it is output (no more text joins it then)."""
         head = self._items[0]
-        if isinstance(head, Output):
+        if type(head) is Output:
             self._items[0] = head.encode()
             self._bytes += self._size(self._items[0]) - self._size(head)
-        return self._size(self._items[0])
+        return self._items[0]
 
     def take(self, count: int, budget: int, timeout: float, linger: float = 0.0) -> list[Any]:
         """Up to ``count`` chunks whose sizes add up to at most ``budget`` (at least one); [] after ``timeout``.
@@ -137,10 +137,12 @@ class ChunkQueue:
         if more:  # not a wait on the condition: the producer's puts do not wake this thread each time
             self._ended.wait(linger)
         with self._cond:
-            size = self._head()
+            head = self._items[0]
+            size = self._size(head if type(head) is not Output else self._head())
             batch = [self._items.popleft()]
             while self._items and len(batch) < count and batch[-1] is not _DONE:
-                nxt = self._head()
+                head = self._items[0]
+                nxt = self._size(head if type(head) is not Output else self._head())
                 if size + nxt > budget:
                     break
                 batch.append(self._items.popleft())

@@ -257,6 +257,17 @@ def test_define_then_run_and_batch_with_the_module(sh: Shell) -> None:
     assert len(sh.ns["OUT"]) == 50 and sh.ns["OUT"][7].answer.startswith("Demo LM answer to 'question 7?'")
 
 
+def test_run_shows_what_the_program_prints_apart_from_its_answer_and_summary(sh: Shell) -> None:
+    sh("%%dspex define Says\nclass Says(dspy.Module):\n    def __init__(self):\n        super().__init__()\n"
+       "        self.qa = dspy.Predict('question -> answer')\n    def forward(self, question):\n"
+       "        print('searching for', question)\n        return self.qa(question=question)\n")
+    out, _ = sh("%%dspex run Says -o said\nWhere?")
+    lines = out.splitlines()
+    assert lines[0] == "searching for Where?"  # before the fields, on a line of its own
+    assert lines[1] == f"answer: {sh.ns['said'].answer}"
+    assert "searching" not in "".join(lines[1:])
+
+
 def test_a_batch_of_a_module_runs_every_item_past_dspys_max_errors(sh: Shell) -> None:
     """The dashboard's batch shows every item, failed or not (pool.map stops at max_errors, as Module.batch)."""
     sh('''

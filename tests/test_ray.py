@@ -256,6 +256,23 @@ def test_a_print_on_a_full_log_disk_fails_no_call_on_an_actor(pool: Pool) -> Non
     assert pool.run(_prints_on_a_full_disk) == "printed"
 
 
+def _says(question: str) -> str:
+    import sys
+
+    print(f"looking up {question}")
+    print("noted", file=sys.stderr)
+    return question
+
+
+def test_an_actors_prints_reach_the_kernel(pool: Pool, capsys: pytest.CaptureFixture[str]) -> None:
+    assert pool.run(_says, question="unary") == "unary"
+    assert capsys.readouterr() == ("looking up unary\n", "noted\n")
+    run = pool.run_stream(_says, question="streamed")
+    assert run.result() == "streamed"
+    assert capsys.readouterr() == ("looking up streamed\n", "noted\n")
+    assert [chunk.kind for chunk in run.chunks].count("output") == 2
+
+
 def test_kill_worker_reaches_an_actor_on_another_node(pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
     """pool.kill_worker on an actor of another node did nothing, silently: SIGKILL now ends it through Ray, and
     another signal is refused saying why."""

@@ -67,12 +67,22 @@ class ToolError(_message.Message):
     def __init__(self, type: _Optional[str] = ..., message: _Optional[str] = ..., traceback: _Optional[str] = ..., bases: _Optional[_Iterable[str]] = ..., attributes_json: _Optional[str] = ..., args_json: _Optional[str] = ..., group_message: _Optional[str] = ..., exceptions: _Optional[_Iterable[_Union[ToolError, _Mapping]]] = ..., lm_state_json: _Optional[str] = ...) -> None: ...
 
 class ExecuteReply(_message.Message):
-    __slots__ = ("result_json", "error")
+    __slots__ = ("result_json", "error", "output")
     RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     result_json: bytes
     error: ToolError
-    def __init__(self, result_json: _Optional[bytes] = ..., error: _Optional[_Union[ToolError, _Mapping]] = ...) -> None: ...
+    output: _containers.RepeatedCompositeFieldContainer[Output]
+    def __init__(self, result_json: _Optional[bytes] = ..., error: _Optional[_Union[ToolError, _Mapping]] = ..., output: _Optional[_Iterable[_Union[Output, _Mapping]]] = ...) -> None: ...
+
+class Output(_message.Message):
+    __slots__ = ("stream", "text")
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    stream: str
+    text: str
+    def __init__(self, stream: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class ChunkBatch(_message.Message):
     __slots__ = ("chunks_json",)

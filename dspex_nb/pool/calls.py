@@ -12,10 +12,11 @@ import concurrent.futures
 import contextlib
 import json
 import signal
+import sys
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -137,6 +138,16 @@ def wait_interruptibly(event: threading.Event, timeout: float | None, on_interru
             if deadline is not None and time.monotonic() >= deadline:
                 return False
     return True
+
+
+def show_output(output: Iterable[tuple[str, str]]) -> None:
+    """Write what a call wrote on its worker, (stream, text) pairs, to the kernel's own ``sys.stdout`` /
+    ``sys.stderr``, as the program's prints in the kernel go there (a notebook shows them in the cell's output)."""
+    for stream, text in output:
+        target = sys.stderr if stream == "stderr" else sys.stdout
+        with contextlib.suppress(Exception):  # a kernel's stream that fails (closed) costs no result
+            target.write(text)
+            target.flush()
 
 
 class ChunkSource(Protocol):
@@ -466,6 +477,7 @@ class Run(Handle):
         if self.first_chunk_at is None:
             self.first_chunk_at = time.monotonic()
         self.items += sum(chunk.kind == "item" for chunk in chunks)
+        show_output((chunk.data["stream"], chunk.data["text"]) for chunk in chunks if chunk.kind == "output")
         last = chunks[-1]
         if last.kind == "final":
             self._final, self._ended = last.data, True

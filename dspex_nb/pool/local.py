@@ -25,7 +25,7 @@ import grpc
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.errors import CallTimeout, DspexError, MessageTooLarge, WorkerStartError, remote_error
 from dspex_nb.pool import stale
-from dspex_nb.pool.calls import Chunk, decode_chunks
+from dspex_nb.pool.calls import Chunk, decode_chunks, show_output
 from dspex_nb.pool.connection import ConnectionClosed, Died, Health, WorkerSpec, left
 from dspex_nb.pool.process import WORKER_SET, ProcessHandle, WorkerProcess, interpreter, worker_env
 from dspex_nb.pool.template import FORK_TIMEOUT, Template
@@ -286,7 +286,8 @@ def translate(err: grpc.RpcError, tool: str, timeout: float | None,
 
 
 def unary_result(reply: Any, tool: str, worker: str) -> Any:
-    """The decoded result of an ExecuteReply, or its ToolError raised."""
+    """The decoded result of an ExecuteReply, or its ToolError raised, once what the call wrote is written here."""
+    show_output((out.stream, out.text) for out in reply.output)
     if reply.HasField("error"):
         raise remote_error(tool, error_info(reply.error), worker)
     return loads(reply.result_json)

@@ -28,7 +28,7 @@ from typing import Any
 
 from dspex_nb import redact
 from dspex_nb.errors import CallTimeout, DspexError, WorkerDied, WorkerStartError, remote_error
-from dspex_nb.pool.calls import Chunk, decode_chunks
+from dspex_nb.pool.calls import Chunk, decode_chunks, show_output
 from dspex_nb.pool.connection import ConnectionClosed, Died, Health, WorkerSpec, left
 from dspex_nb.pool.local import MAX_SOCKET_PATH
 from dspex_nb.pool.settings import SettingError
@@ -380,7 +380,7 @@ class RayConnection:
         call_id = self._call_id()
         ref = self._submit(self.actor.execute, call_id, tool, args_json, session_id)
         try:
-            result, error = ray.get(ref, timeout=left(timeout, waited))
+            result, error, output = ray.get(ref, timeout=left(timeout, waited))
         except GetTimeoutError:
             self.actor.cancel.options(**CONTROL).remote(call_id)
             raise CallTimeout(f"tool '{tool}' did not finish within its timeout of {timeout} s; "
@@ -390,6 +390,7 @@ class RayConnection:
             raise
         except RayActorError as err:
             raise self._lost(err, died) from None
+        show_output(output)
         if error is not None:
             raise remote_error(tool, error, self.worker_id)
         return json.loads(result)

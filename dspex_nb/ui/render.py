@@ -76,6 +76,8 @@ def _tokens_as_they_come(run: Run, out: TextIO) -> None:
     current: tuple[str, str] | None = None
     first_step = None
     for chunk in run.arrivals():  # the summary line says how it ended
+        if chunk.kind == "output":  # the program's print, which the run wrote: the tokens go on on a line of their own
+            current = None
         if chunk.kind != "token":
             continue
         where = (progress.predictor_label(chunk.data.get("predictor") or ""), chunk["field"])

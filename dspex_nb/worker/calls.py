@@ -28,6 +28,7 @@ from dspex_nb import redact, typed
 from dspex_nb.errors import ResultTooLarge, ToolError, builtin_fields
 from dspex_nb.wire import dumps, loads
 from dspex_nb.worker import tools
+from dspex_nb.worker.output import CALL_OUTPUT, CallOutput, Send
 from dspex_nb.worker.state import WorkerState
 
 MAX_CHUNKS_PER_MESSAGE = 2048
@@ -41,6 +42,21 @@ MAX_GROUP = 4 * MAX_ATTRIBUTES  # characters of an exception group's sub-excepti
 MAX_GROUP_DEPTH = 10  # groups nested deeper come back without their sub-exceptions (as traceback's max_group_depth)
 _BASE_GROUP: Any = vars(builtins).get("BaseExceptionGroup")  # Python 3.11+
 _DONE = object()
+OUTPUT_CHUNK = 64 * 1024  # characters of output in one chunk, at most: JSON escapes may make it 6 times as long
+
+
+class Output:
+    """An "output" chunk still in a stream's queue: the text a call wrote to one stream since its last chunk, which
+    later writes to that stream join while it is the queue's last item (``ChunkQueue.put_output``)."""
+
+    __slots__ = ("seq", "stream", "parts", "size")
+
+    def __init__(self, seq: int, stream: str, text: str) -> None:
+        self.seq, self.stream, self.parts, self.size = seq, stream, [text], len(text)
+
+    def encode(self) -> bytes:
+        text = redact.text("".join(self.parts), limit=None)
+        return b'[%d,"output",%s,false]' % (self.seq, dumps({"stream": self.stream, "text": text}))
 
 
 class ChunkQueue:
@@ -61,20 +77,54 @@ class ChunkQueue:
 
     @staticmethod
     def _size(item: Any) -> int:
-        return 0 if item is _DONE else len(item) + 1  # its comma in the message
+        if type(item) is bytes:
+            return len(item) + 1  # its comma in the message
+        return 0 if item is _DONE else item.size + 1
+
+    def _wait_for_room(self, ended: threading.Event) -> None:
+        """Wait (holding the condition) while the queue is full, until it has room or the RPC has ended."""
+        if self._bytes >= self.limit:
+            self._on_wait()
+        while self._bytes >= self.limit and not ended.is_set():
+            self._cond.wait(0.2)
 
     def put(self, item: Any, ended: threading.Event) -> None:
         """Queue ``item``, waiting while the queue is full (until it has room, or the RPC has ended)."""
         with self._cond:
             if self._bytes >= self.limit and item is not _DONE:
-                self._on_wait()
-            while self._bytes >= self.limit and item is not _DONE and not ended.is_set():
-                self._cond.wait(0.2)
+                self._wait_for_room(ended)
             self._items.append(item)
             self._bytes += self._size(item)
             self._cond.notify_all()
         if item is _DONE:
             self._ended.set()
+
+    def put_output(self, stream: str, text: str, ended: threading.Event, seq: Iterator[int]) -> None:
+        """Queue text the call wrote to ``stream``: it joins the queue's last item where that is output of the same
+        stream not yet taken (many prints, one chunk), up to ``OUTPUT_CHUNK`` characters a chunk."""
+        with self._cond:
+            while text:
+                tail = self._items[-1] if self._items else None
+                if isinstance(tail, Output) and tail.stream == stream and tail.size < OUTPUT_CHUNK:
+                    part, text = text[:OUTPUT_CHUNK - tail.size], text[OUTPUT_CHUNK - tail.size:]
+                    tail.parts.append(part)
+                    tail.size += len(part)
+                    self._bytes += len(part)
+                    continue
+                self._wait_for_room(ended)
+                item = Output(next(seq), stream, text[:OUTPUT_CHUNK])
+                text = text[OUTPUT_CHUNK:]
+                self._items.append(item)
+                self._bytes += self._size(item)
+            self._cond.notify_all()
+
+    def _head(self) -> Any:
+        """The queue's first item, made bytes where it is output (no more text joins it then)."""
+        head = self._items[0]
+        if type(head) is Output:
+            self._items[0] = head.encode()
+            self._bytes += self._size(self._items[0]) - self._size(head)
+        return self._items[0]
 
     def take(self, count: int, budget: int, timeout: float, linger: float = 0.0) -> list[Any]:
         """Up to ``count`` chunks whose sizes add up to at most ``budget`` (at least one); [] after ``timeout``.
@@ -87,10 +137,12 @@ class ChunkQueue:
         if more:  # not a wait on the condition: the producer's puts do not wake this thread each time
             self._ended.wait(linger)
         with self._cond:
+            head = self._items[0]
+            size = self._size(head if type(head) is not Output else self._head())
             batch = [self._items.popleft()]
-            size = self._size(batch[0])
             while self._items and len(batch) < count and batch[-1] is not _DONE:
-                nxt = self._size(self._items[0])
+                head = self._items[0]
+                nxt = self._size(head if type(head) is not Output else self._head())
                 if size + nxt > budget:
                     break
                 batch.append(self._items.popleft())
@@ -263,6 +315,38 @@ def drive(gen: Iterator[tools.Emit], ctx: tools.ToolContext, on_emit: Callable[[
         gen.close()
 
 
+class capturing:  # noqa: N801  (a class, as ``WorkerState.track``: a generator's context manager costs more)
+    """The block's output, and that of the threads it starts (``dspy_tools._threads_see_the_calls_settings``),
+    given to ``send`` (``CallOutput``) until the block ends."""
+
+    __slots__ = ("_output", "_token")
+
+    def __init__(self, send: Send) -> None:
+        self._output = CallOutput(send)
+
+    def __enter__(self) -> None:
+        self._token = CALL_OUTPUT.set(self._output)
+
+    def __exit__(self, *exc: object) -> None:
+        self._output.close()
+        CALL_OUTPUT.reset(self._token)
+
+
+class Collected:
+    """A unary call's output: the writes to one stream in a row joined."""
+
+    def __init__(self) -> None:
+        self._runs: list[tuple[str, list[str]]] = []
+
+    def add(self, stream: str, text: str) -> None:
+        if not self._runs or self._runs[-1][0] != stream:
+            self._runs.append((stream, []))
+        self._runs[-1][1].append(text)
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(stream, redact.text("".join(parts), limit=None)) for stream, parts in self._runs]
+
+
 class Call:
     """A tool call: its context (``ctx.cancelled``) and how to run it unary or as batches of chunks."""
 
@@ -300,16 +384,18 @@ class Call:
                                  "with Pool(max_message_mb=...)")
         return data
 
-    def unary(self) -> tuple[bytes, None] | tuple[None, dict[str, str]]:
-        """(the result as JSON, None), or (None, the error's type / message / traceback)."""
-        with self.state.track(self.ctx.cancelled):
+    def unary(self) -> tuple[bytes | None, dict[str, Any] | None, list[tuple[str, str]]]:
+        """(the result as JSON, None, output), or (None, the error's type / message / traceback, output); output:
+        what the call wrote, as (stream, text) pairs, masked."""
+        output = Collected()
+        with self.state.track(self.ctx.cancelled), capturing(output.add):
             try:
                 tool, args = self._args()
                 result = drive(tool.run(args, self.ctx), self.ctx, lambda emit: None) if tool.streaming \
                     else tool.call(args, self.ctx)  # a plain function: no generator to drive
-                return self.encode(result, "the result"), None
+                return self.encode(result, "the result"), None, output.pairs()
             except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: an error, not our end
-                return None, self.error_info(exc)
+                return None, self.error_info(exc), output.pairs()
 
     def batches(self, ended: threading.Event, active: Callable[[], bool]) -> Iterator[bytes]:
         """The chunks, a message (a JSON array of chunks) at a time, until the final (or error) chunk;
@@ -326,10 +412,15 @@ class Call:
                 data = dumps(error_info(exc))
             return b'[%d,"%s",%s,%s]' % (next(seq), kind.encode(), data, b"true" if is_final else b"false")
 
+        def output(stream: str, text: str) -> None:
+            chunks.put_output(stream, text, ended, seq)
+
         def produce() -> None:
             with self.state.track(self.ctx.cancelled):
                 try:
-                    final = drive(self._start(), self.ctx, lambda emit: chunks.put(chunk(emit.kind, emit.data), ended))
+                    with capturing(output):
+                        final = drive(self._start(), self.ctx,
+                                      lambda emit: chunks.put(chunk(emit.kind, emit.data), ended))
                     if not self.ctx.cancelled.is_set():
                         chunks.put(chunk("final", final, is_final=True), ended)
                 except BaseException as exc:  # SystemExit, GeneratorExit... from user code: an error chunk

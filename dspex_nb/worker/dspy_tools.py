@@ -39,6 +39,7 @@ from dspex_nb.worker import programs
 from dspex_nb.worker.calls import MESSAGE_OVERHEAD, error_info, message_of
 from dspex_nb.worker.demo_lm import make_demo_lm
 from dspex_nb.worker.limits import StopWhenCancelled
+from dspex_nb.worker.output import CALL_OUTPUT
 from dspex_nb.worker.state import WorkerState
 from dspex_nb.worker.tools import CancelEvent, Emit, ToolContext, tool
 
@@ -736,7 +737,8 @@ NOT_FOR_THREADS = frozenset({"send_stream", "trace", "usage_tracker"})
 
 
 def _threads_see_the_calls_settings() -> None:
-    """Let the threads a program starts itself (``threading.Thread``, a ``ThreadPoolExecutor``) call its LM.
+    """Let the threads a program starts itself (``threading.Thread``, a ``ThreadPoolExecutor``) call its LM, and
+    their prints go back with the call's (``output.CALL_OUTPUT``).
 
     In the kernel they see what ``dspy.configure`` set (DSPy: "user threads work"); a worker sets nothing
     globally and runs each call under ``dspy.context``, which DSPy keeps per thread, so there a thread found
@@ -752,11 +754,13 @@ def _threads_see_the_calls_settings() -> None:
 
     def start(self: threading.Thread) -> None:
         overrides = {k: v for k, v in thread_local_overrides.get().items() if k not in NOT_FOR_THREADS}
-        if overrides:
+        output = CALL_OUTPUT.get()  # what it prints goes back with the call's output, as in the kernel to the cell
+        if overrides or output is not None:
             run = self.run
 
             def run_with_settings() -> None:
                 thread_local_overrides.set(dotdict(overrides))  # this thread's own variable
+                CALL_OUTPUT.set(output)
                 run()
 
             self.run = run_with_settings  # type: ignore[method-assign]

@@ -1,10 +1,57 @@
-"""A worker's ``sys.stdout`` and ``sys.stderr``: its log, whose failures never fail the program that prints."""
+"""A worker's ``sys.stdout`` and ``sys.stderr``: its log, whose failures never fail the program that prints, and the
+text a call's threads write there, which goes back to the kernel with the call (``CallOutput``)."""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import logging
+import os
 import sys
+import threading
+from collections.abc import Callable
 from typing import Any, TextIO
+
+OUTPUT_LIMIT = 2**20  # characters of one call's output that go back to the kernel; the rest is in the log only
+Send = Callable[[str, str], None]  # (stream name, text): where a call's output goes as it is written
+
+
+class CallOutput:
+    """What one call's threads write to ``sys.stdout`` / ``sys.stderr`` (``LogStream.write`` hands it here while
+    ``CALL_OUTPUT`` holds it), given to ``send`` as it comes, up to ``OUTPUT_LIMIT`` characters: past it one line
+    on stderr says where the rest is, the worker's log. Nothing is sent once the call has ended (``close``): a thread
+    it left running writes to the log only."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._room = OUTPUT_LIMIT
+        self._lock = threading.Lock()
+        self._open = True
+
+    def write(self, stream: str, text: str) -> None:
+        with self._lock:
+            if not self._open or not self._room or not text:
+                return
+            kept = text[:self._room]
+            self._room -= len(kept)
+            self._send(stream, kept)
+            if not self._room:
+                self._send("stderr", f"\n[dspex: this call printed more than {OUTPUT_LIMIT // 2**20} MB; the rest is "
+                                     f"in the worker's log only: {log_path()}]\n")
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
+
+
+CALL_OUTPUT: contextvars.ContextVar[CallOutput | None] = contextvars.ContextVar("dspex_call_output", default=None)
+
+
+def log_path() -> str:
+    """The file this worker's stderr goes to (its log), or words saying so where it cannot be read."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.readlink(f"/proc/self/fd/{sys.stderr.fileno()}")
+    return "see the worker's log_path"
 
 
 class LogStream:
@@ -14,12 +61,16 @@ class LogStream:
     flushes: the log is the worker's, and a program that closes ``sys.stdout`` must not fail every later call on the
     worker that prints. Everything else (``fileno``, ``buffer``, ``isatty``...) is the stream's own."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, name: str) -> None:
         self._stream = stream
+        self._name = name  # stdout or stderr: the stream a call's output (``CallOutput``) names
         self._lost = 0  # characters dropped since the log last took text
         self._why = ""
 
     def write(self, text: str) -> int:
+        call = CALL_OUTPUT.get()
+        if call is not None:
+            call.write(self._name, text)
         try:
             if self._lost:
                 self._stream.write(f"\n[dspex: {self._lost} characters of output lost here: the log could not be "
@@ -47,8 +98,18 @@ class LogStream:
 
 
 def spare_output() -> None:
-    """Make this process's ``sys.stdout`` and ``sys.stderr`` ``LogStream``s (where they are streams)."""
+    """Make this process's ``sys.stdout`` and ``sys.stderr`` ``LogStream``s (where they are streams), also in the
+    ``logging`` handlers that write to them (one made before this, as by a library the template imported)."""
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, LogStream):
-            setattr(sys, name, LogStream(stream))
+            setattr(sys, name, LogStream(stream, name))
+            for handler in _stream_handlers():
+                if handler.stream is stream:
+                    handler.setStream(getattr(sys, name))
+
+
+def _stream_handlers() -> list[logging.StreamHandler]:
+    loggers = [logging.getLogger(), *(logger for logger in list(logging.Logger.manager.loggerDict.values())
+                                      if isinstance(logger, logging.Logger))]
+    return [handler for logger in loggers for handler in logger.handlers if isinstance(handler, logging.StreamHandler)]

@@ -68,8 +68,8 @@ class RayWorker:
     def describe(self) -> dict[str, Any]:
         return describe(self.state)
 
-    def execute(self, call_id: str, tool: str, args_json: bytes, session_id: str) -> tuple[Any, Any]:
-        """(result JSON, None) or (None, error info), as ``Call.unary``."""
+    def execute(self, call_id: str, tool: str, args_json: bytes, session_id: str) -> tuple[Any, Any, Any]:
+        """(result JSON, None, output) or (None, error info, output), as ``Call.unary``."""
         call = self._open(call_id, Call(self.state, tool, args_json, session_id, streaming=False))
         try:
             return call.unary()

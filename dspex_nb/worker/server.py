@@ -39,10 +39,11 @@ class Bridge(bridge_pb2_grpc.BridgeServicer):
 
     def Execute(self, request: bridge_pb2.ExecuteRequest,
                 context: grpc.ServicerContext) -> bridge_pb2.ExecuteReply:
-        result, error = self._call(request, context, streaming=False).unary()
+        result, error, output = self._call(request, context, streaming=False).unary()
+        written = [bridge_pb2.Output(stream=stream, text=text) for stream, text in output]
         if error is not None:
-            return bridge_pb2.ExecuteReply(error=tool_error(error))
-        return bridge_pb2.ExecuteReply(result_json=result)
+            return bridge_pb2.ExecuteReply(error=tool_error(error), output=written)
+        return bridge_pb2.ExecuteReply(result_json=result, output=written)
 
     def ExecuteStream(self, request: bridge_pb2.ExecuteRequest,
                       context: grpc.ServicerContext) -> Iterator[bridge_pb2.ChunkBatch]:

@@ -602,17 +602,17 @@ def record_history(entries: list[dict[str, Any]], program: Any, lm: Any, resolve
 
 
 def keep_lm_state(changes: list[dict[str, Any]], held: dict[tuple[Any, ...], Any], lm: Any, resolve: typed.Resolver,
-                  batch: bool = False) -> None:
+                  batch: bool = False, answered: bool = True) -> None:
     """Set on the kernel's LMs the attributes that their copies changed on a worker as they answered (the
     worker's ``_LMStates``): the one ``dspy.context`` set around the call (``lm``), and those the program held when
     the call was made (``held``, ``lms_held``), by where the worker found them; so the next call starts where this
     one left, as in the kernel. In a ``batch`` each worker changed a copy of its own, and values that cannot travel
     cannot be set: an ``LMStateNotKept`` warning says so, and in the second case the LM is marked
     (``wire.LM_STALE``), which the pool then refuses to run, as it would not answer as in the kernel (this call's
-    answer is kept). A change made on a copy older than the kernel's LM (``wire.LM_VERSION``: another call on the
-    pool, sent before this one came back, changed it since) is not kept either: both changed the state the kernel's
-    LM had when they were sent, and the kernel would have made the second change on top of the first; the warning
-    says so."""
+    answer is kept, where it ``answered``: not where the call failed). A change made on a copy older than the
+    kernel's LM (``wire.LM_VERSION``: another call on the pool, sent before this one came back, changed it since) is
+    not kept either: both changed the state the kernel's LM had when they were sent, and the kernel would have made
+    the second change on top of the first; the warning says so."""
     kept: dict[int, str] = {}  # id of a kernel LM this call's changes were set on -> the label of the copy it took
     for change in changes:
         named = f"the LM {change.get('name')} that {change.get('label')}"
@@ -640,8 +640,8 @@ def keep_lm_state(changes: list[dict[str, Any]], held: dict[tuple[Any, ...], Any
                      "use a new one")
             with contextlib.suppress(AttributeError, TypeError):  # an LM with __slots__ or a read-only attribute
                 setattr(target, LM_STALE, stale)
-            warn_kept(f"{named} {stale}: this answer is kept, and the pool refuses this LM's next calls",
-                      LMStateNotKept, callers_level())
+            warn_kept(f"{named} {stale}: {'this answer is kept, and ' if answered else ''}the pool refuses this LM's "
+                      "next calls", LMStateNotKept, callers_level())
             continue
         for name, value in values.items():
             setattr(target, name, value)
@@ -675,7 +675,7 @@ def keep_failed_lm_state(error: BaseException, held: dict[tuple[Any, ...], Any],
     except Exception:  # a class of the program's whose __dict__ raises: remote_error could not set them either
         return
     if changes:
-        keep_lm_state(changes, held, lm, resolve)
+        keep_lm_state(changes, held, lm, resolve, answered=False)
 
 
 def usage_tracked() -> bool:

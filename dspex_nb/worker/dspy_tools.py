@@ -299,9 +299,9 @@ def _tracked(settings: dict[str, Any], history: bool = False, program: Any = Non
     with dspy.context(**settings, caller_modules=[*(dspy.settings.caller_modules or []), costs]):
         try:
             yield costs
-        except BaseException:
-            if ctx is not None:
-                ctx.lm_state = costs.lm_states.changes()
+        except BaseException as exc:
+            if ctx is not None and (changes := costs.lm_states.changes()):
+                ctx.lm_state = _fitting(changes, error_info(exc), ctx, "the error")
             raise
 
 
@@ -545,15 +545,10 @@ def _with_extras(program: Any, steps: list[Any], trace: bool, result: Any, costs
     ``typed.HISTORY``, the LM calls' history entries kept by ``costs``, the newest that fit in the message."""
     if trace:
         result[typed.TRACE] = _trace_json(program, steps)
-    room = ctx.worker.max_message_bytes - MESSAGE_OVERHEAD - HISTORY_FRAME
     if changes := costs.lm_states.changes(values=not batch):
-        result[typed.LM_STATE] = changes
-        if (size := _size(result)) > room:  # the LM's new values must not cost the answer its message
-            result[typed.LM_STATE] = [_unsent(change, f"with the answer they are {size / 2**20:.1f} MiB as JSON, "
-                                                      f"over the {ctx.worker.max_message_bytes / 2**20:g} MiB message "
-                                                      "limit") for change in changes]
+        result[typed.LM_STATE] = _fitting(changes, result, ctx, "the answer")
     if costs.entries:  # what the result leaves of its message: the history must not make it too large
-        if history := costs.history_json(room - _size(result)):
+        if history := costs.history_json(_room(ctx) - _size(result)):
             result[typed.HISTORY] = history
     return result
 
@@ -572,9 +567,23 @@ def _size(result: Any) -> int:
         return 0
 
 
-def _unsent(change: dict[str, Any], why: str) -> dict[str, Any]:
-    """An LM's ``change`` (``_LMStates.changes``) without its new values, saying ``why`` they stay on the worker."""
-    return {**{key: value for key, value in change.items() if key != "attributes"}, "unsent": change.get("unsent", why)}
+def _room(ctx: ToolContext) -> int:
+    """The bytes of a message that a call's result (or error) and what goes with it may take."""
+    return ctx.worker.max_message_bytes - MESSAGE_OVERHEAD - HISTORY_FRAME
+
+
+def _fitting(changes: list[dict[str, Any]], beside: dict[str, Any], ctx: ToolContext,
+             what: str) -> list[dict[str, Any]]:
+    """``changes`` (``_LMStates.changes``), without their new values where with ``beside`` (the call's answer or error
+    info, named ``what``) they would not fit in a message: they stay on the worker, saying why, and cost the call
+    neither its answer nor its error."""
+    size = _size({**beside, typed.LM_STATE: changes})
+    if size <= _room(ctx):
+        return changes
+    why = (f"with {what} they are {size / 2**20:.1f} MiB as JSON, over the {ctx.worker.max_message_bytes / 2**20:g} "
+           "MiB message limit")
+    return [{**{key: value for key, value in change.items() if key != "attributes"},
+             "unsent": change.get("unsent", why)} for change in changes]
 
 
 def _without_history(item: dict[str, Any]) -> dict[str, Any]:

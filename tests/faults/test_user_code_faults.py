@@ -537,6 +537,11 @@ def test_an_lm_that_grows_past_the_message_limit_as_it_answers_costs_no_answer()
             return super().forward(*args, **kwargs)
 
     program = dspy.Predict("question -> answer")
+
+    def refusing(question: str) -> None:  # a program that raises once its LM answered
+        program(question=question)
+        raise ValueError("not this one")
+
     with Pool(workers=1, lm="demo", max_message_mb=2) as pool:
         with dspy.context(lm=Hoarding({"q1": {"answer": "a1"}, "q2": {"answer": "a2"}})), \
                 pytest.warns(LMStateNotKept, match="in a batch, each worker changes a copy"):
@@ -547,6 +552,15 @@ def test_an_lm_that_grows_past_the_message_limit_as_it_answers_costs_no_answer()
             assert pool.run(program, question="q3").answer == "a3"
         with dspy.context(lm=lm), pytest.raises(NotPortable, match=r"changed its attribute\(s\) \['replies'\]"):
             pool.run(program, question="q3")
+        # the same change before the program raised came back with its error, unmeasured: the program's ValueError
+        # was lost to MessageTooLarge (run) or ResultTooLarge (run_stream)
+        for call in (pool.run, lambda *args, **inputs: pool.run_stream(*args, **inputs).result(60)):
+            lm = Hoarding({"q4": {"answer": "a4"}})
+            with dspy.context(lm=lm), pytest.warns(LMStateNotKept, match=too_large) as warned, \
+                    pytest.raises(ValueError, match="not this one"):
+                call(refusing, question="q4")
+            said = [str(w.message) for w in warned if issubclass(w.category, LMStateNotKept)]
+            assert "answer is kept" not in said[0]  # there is none: the call failed
         assert pool.execute("echo", {"alive": True}) == {"alive": True}
 
 

@@ -2199,24 +2199,6 @@ class Judged(dspy.Module):
         return self.predict(question=question)
 
 
-def test_an_lm_holding_a_value_plain_pickle_refuses_still_has_its_changes_kept(pool: Pool) -> None:
-    # the watch pickled the LM's attributes all at once with pickle, which refuses a lambda (cloudpickle, which ships
-    # the LM, takes it): one such attribute left the whole LM unwatched, and its count stayed as it was in the kernel
-    from dspy.utils import DummyLM
-
-    class Counting(DummyLM):
-        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            self.calls += 1
-            return super().forward(*args, **kwargs)
-
-    program, question = dspy.Predict("question -> answer"), "What color is the sky?"
-    counting = Counting({question: {"answer": "blue"}})
-    counting.calls, counting.clean = 0, lambda text: text.strip()
-    with dspy.context(lm=counting):
-        assert [pool.run(program, question=question).answer for _ in range(2)] == ["blue", "blue"]
-    assert counting.calls == 2
-
-
 class AnswerChecked(dspy.Module):
     """A program that raises once its LM answered: "red" is not an answer it takes."""
 

@@ -559,6 +559,15 @@ def test_a_loop_over_a_map_shows_its_view_and_its_summary_once_the_loop_ends(ker
     assert kernel.value("len(answers), answers[39].startswith(\"Demo LM answer to 'loop 39?'\")") == "(40, True)"
 
 
+def test_a_batch_looped_over_is_let_go_once_the_loop_ends(kernel: Kernel) -> None:
+    """The view a loop over a map shows beside it no longer keeps its batch once the batch ended: each batch looped
+    over was kept for the kernel's life, with every item's result."""
+    kernel.run(API + "import gc, weakref\n")
+    kernel.run("batch = pool.map(qa, ['let go 1?', 'let go 2?'], journal=False)\n"
+               "answers = [p.answer for p in batch]\nlooped = weakref.ref(batch)\ndel batch")
+    assert kernel.value("gc.collect(); looped() is None") == "True"
+
+
 def test_stop_on_a_blocking_map_result_cancels_it_and_the_workers_go_idle(kernel: Kernel) -> None:
     """``pool.map(...).result()`` blocks the cell: it shows the batch's dashboard, whose Stop cancels the
     remote work (not only the kernel's interrupt); a handle a view shows already gets no second one."""

@@ -170,18 +170,19 @@ def _show_live(view: Refreshable, wait: Callable[[], object] | None, handle: Han
         wait()
         PUMP.flush(view)
     elif handle is not None:
-        _live_views[handle] = view
+        _live_views[handle] = weakref.ref(view)  # not the view itself: it holds the handle, which it would keep
         _stop_on_idle_interrupt(handle)
 
 
-_live_views: weakref.WeakKeyDictionary[Handle, Refreshable] = weakref.WeakKeyDictionary()  # views no cell waits for
+_live_views: weakref.WeakKeyDictionary[Handle, weakref.ref[Refreshable]] = weakref.WeakKeyDictionary()  # views no
+# cell waits for, as the pump holds them until they are final
 
 
 def flush_view(handle: Handle) -> None:
     """Make the view of ``handle`` that no cell waited for final now, if it is shown (a loop over a batch that just
     ended): in the cell, not at the pump's next tick, after it, which a notebook run by nbconvert would not keep."""
-    view = _live_views.get(handle)
-    if view is not None:
+    shown = _live_views.get(handle)
+    if shown is not None and (view := shown()) is not None:
         PUMP.flush(view)
 
 

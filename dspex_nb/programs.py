@@ -715,10 +715,11 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
         add_to_trace(*trace, steps, resolve)
     if isinstance(result, dict) and (typed.HISTORY in result or typed.LM_STATE in result):
         held = ({} if batch else lms_held(program)) if held is None else held
-        if typed.HISTORY in result:
-            record_history(result.pop(typed.HISTORY), program, lm, resolve, held)
-        if typed.LM_STATE in result:
-            keep_lm_state(result.pop(typed.LM_STATE), held, lm, resolve, batch)
+        # each taken in one step: a batch item is decoded by the loop over the batch and by its view's pump at once
+        if (history := result.pop(typed.HISTORY, None)) is not None:
+            record_history(history, program, lm, resolve, held)
+        if (changes := result.pop(typed.LM_STATE, None)) is not None:
+            keep_lm_state(changes, held, lm, resolve, batch)
 
     if isinstance(result, dict) and result.get(typed.TAG) == "output":
         output = typed.decode(result["value"], resolve, "output")

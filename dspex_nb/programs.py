@@ -553,8 +553,9 @@ def lms_held(program: Any) -> dict[tuple[Any, ...], Any]:
     """The LMs ``program``'s modules hold, by where (``[module name, attribute(, index or key)]``), as the worker
     names the one that made a call or changed as it answered: taken when the call is made, so that an LM set in
     their place while it runs (``set_lm``) gets neither the history nor the state of the one it ran on."""
-    if "dspy" not in sys.modules:  # no DSPy module to hold one: DSPy is not imported for a call by name
-        return {}
+    if not any(cls.__name__ == "BaseModule" and cls.__module__.startswith("dspy.") for cls in type(program).__mro__):
+        return {}  # only a module holds one; known without importing DSPy, which a first cell imports in a thread
+        # meanwhile (a signature string's call): the call must not wait for that import
     from dspex_nb.worker.programs import held_lms, sub_modules
 
     return held_lms(sub_modules(program))

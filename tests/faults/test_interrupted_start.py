@@ -54,7 +54,7 @@ def test_ctrl_c_while_a_stream_starts_stops_it(slow_pool: Pool, monkeypatch: pyt
 
 
 def test_ctrl_c_before_result_waits_stops_the_batch(slow_pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
-    def interrupted(handle: object) -> None:  # Ctrl-C while result() looks for a live notebook to show it in
+    def interrupted(handle: object, block: bool) -> None:  # Ctrl-C while result() looks for a notebook to show it in
         raise KeyboardInterrupt
 
     monkeypatch.setattr("dspex_nb.ui.render.view_while_waiting", interrupted)

@@ -644,8 +644,14 @@ def keep_lm_state(changes: list[dict[str, Any]], held: dict[tuple[Any, ...], Any
             warn_kept(f"{named} {stale}: {'this answer is kept, and ' if answered else ''}the pool refuses this LM's "
                       "next calls", LMStateNotKept, callers_level())
             continue
-        for name, value in values.items():
-            setattr(target, name, value)
+        try:
+            for name, value in values.items():
+                setattr(target, name, value)
+        except Exception as exc:  # the LM's own code refused it (a property without a setter): the answer stays
+            warn_kept(f"{named} changed its attribute(s) {changed} as it answered on the pool, but the kernel's LM "
+                      f"refused to take them ({type(exc).__name__}: {exc}), so it does not start where the call left",
+                      LMStateNotKept, callers_level())
+            continue
         for name in change.get("removed", []):
             with contextlib.suppress(AttributeError):
                 delattr(target, name)

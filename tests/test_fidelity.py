@@ -2271,6 +2271,27 @@ def test_an_iterator_over_a_list_travels_as_one_over_the_items_it_has_left() -> 
     assert list(typed.decode(typed.encode(items))) == []  # once at its end
 
 
+def test_an_lm_that_refuses_its_changes_in_the_kernel_keeps_the_answer(pool: Pool) -> None:
+    # the kernel's setattr of a changed attribute raised (an LM's own __setattr__ or a property without a setter):
+    # the call failed with that error after the LM had answered on the pool
+    from dspy.utils import DummyLM
+
+    class Sealed(DummyLM):  # counts its calls where no one may set the count
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.__dict__["calls"] = self.__dict__.get("calls", 0) + 1
+            return super().forward(*args, **kwargs)
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name == "calls":
+                raise AttributeError("calls is counted, not set")
+            super().__setattr__(name, value)
+
+    program, question = dspy.Predict("question -> answer"), "What color is the sky?"
+    with dspy.context(lm=Sealed({question: {"answer": "blue"}})):
+        with pytest.warns(LMStateNotKept, match=r"the kernel's LM refused to take them \(AttributeError: calls is"):
+            assert pool.run(program, question=question).answer == "blue"
+
+
 def test_an_lm_whose_change_cannot_come_back_keeps_its_answer_and_is_refused_next(pool: Pool) -> None:
     from dspy.utils import DummyLM
 

@@ -361,6 +361,13 @@ class LMStateNotKept(UserWarning):
     call on the pool changed it after this one was sent."""
 
 
+class StateNotKept(UserWarning):
+    """A program changed its own state as it ran on the pool (an attribute of one of its modules, a dict or list of
+    the notebook that its code adds to): the change stays on the worker's copy, which the worker then drops, and the
+    kernel's program is as it was, so the next call starts from that state, not from the changed one as in the
+    kernel."""
+
+
 def warn_kept(message: str, category: type[Warning], stacklevel: int) -> None:
     """``warnings.warn`` about a result that exists, which must not cost it: it never raises, where a filter makes
     warnings errors (``warnings.simplefilter("error")``, pytest's ``-W error``) or the kernel's ``showwarning``

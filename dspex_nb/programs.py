@@ -44,6 +44,7 @@ from dspex_nb.errors import (
     ArgumentError,
     CallbacksNotRun,
     LMStateNotKept,
+    StateNotKept,
     TraceIncomplete,
     remote_error,
     warn_kept,
@@ -718,6 +719,8 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
         for model, counts in result[typed.USAGE].items():
             usage_tracker.add_usage(model, counts)
     steps = result.pop(typed.TRACE, None) if isinstance(result, dict) else None
+    if isinstance(result, dict) and (changed := result.pop(typed.STATE_CHANGED, None)):
+        warn_kept(STATE_NOT_KEPT.format(changed), StateNotKept, callers_level())
     if trace is not None and steps is not None:
         add_to_trace(*trace, steps, resolve)
     if isinstance(result, dict) and (typed.HISTORY in result or typed.LM_STATE in result):
@@ -741,6 +744,14 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
     if fill_usage and isinstance(output, dspy.Prediction) and output.get_lm_usage() is None and typed.USAGE in result:
         output.set_lm_usage(result[typed.USAGE])
     return output
+
+
+STATE_NOT_KEPT = (
+    "{0} changed its own state as it ran on the pool (an attribute of one of its modules, or a value of the notebook "
+    "that its code changes, such as a dict or list it adds to): that change stays on the worker and does not come "
+    "back, so the kernel's {0} is as it was and its next call on the pool starts from that state again, where in the "
+    "kernel it would start from the changed one. Return what a call changes and update the notebook's state from the "
+    "result, or run the program in the kernel")
 
 
 def is_signature(value: Any) -> bool:

@@ -24,7 +24,14 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool, typed
-from dspex_nb.errors import ArgumentError, CallbacksNotRun, LMStateNotKept, ToolError, TraceIncomplete
+from dspex_nb.errors import (
+    ArgumentError,
+    CallbacksNotRun,
+    LMStateNotKept,
+    StateNotKept,
+    ToolError,
+    TraceIncomplete,
+)
 from dspex_nb.typed import NotPortable
 from dspex_nb.worker.demo_lm import make_demo_lm
 
@@ -723,6 +730,43 @@ def test_program_gives_the_same_outputs_on_the_pool(name: str, shell: Interactiv
     assert_same(expected, pool.run(program, **inputs), "run")
     assert_same(expected, pool.run_stream(program, **inputs).result(60), "run_stream")
     assert_same([expected, expected], pool.map(program, [inputs, inputs], journal=False).result(60), "map")
+
+
+def test_a_program_that_changes_its_own_state_says_the_change_stays_on_the_worker(shell: InteractiveShell,
+                                                                                pool: Pool, demo_lm: dspy.LM) -> None:
+    # as DSPy's customer service agent tutorial: its tools add to the notebook's dicts (and a module may keep a
+    # memory); each worker kept its own changed copy, so a call's answer depended on the calls that worker had run
+    program, _ = define(shell, '''
+tickets = {}
+
+def file_ticket(request: str) -> str:
+    tickets[f"T{len(tickets)}"] = request
+    return f"T{len(tickets) - 1}"
+
+class Desk(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.reply = dspy.Predict("request, ticket -> reply")
+        self.seen = []
+
+    def forward(self, request):
+        self.seen.append(request)
+        return self.reply(request=request, ticket=file_ticket(request))
+
+program = Desk()
+''')
+    inputs = {"request": "My bag is lost."}
+    with dspy.context(lm=demo_lm):
+        expected = program(**inputs)
+    shell.run_cell("tickets.clear(); program.seen.clear()").raise_error()
+    calls = [lambda: pool.run(program, **inputs)] * 3 + [
+        lambda: pool.run_stream(program, **inputs).result(60),
+        lambda: pool.map(program, [inputs], journal=False).result(60)[0]]
+    for call in calls:  # more calls than workers: each starts from the kernel's state, on whichever worker
+        with pytest.warns(StateNotKept, match="Desk changed its own state as it ran on the pool"):
+            assert_same(expected, call())
+    assert shell.user_ns["tickets"] == {} and program.seen == []
+    assert_same(expected, pool.run(dspy.Predict("request, ticket -> reply"), request=inputs["request"], ticket="T0"))
 
 
 def test_a_tools_traceback_in_react_shows_the_notebooks_cell(shell: InteractiveShell, pool: Pool,

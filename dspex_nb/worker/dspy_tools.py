@@ -924,12 +924,30 @@ def run_module(ctx: ToolContext, name: str, inputs: dict | str, settings: str = 
     streamed call)."""
     if name.startswith("h:"):
         defined, program = ctx.resolve("run_module", name)
+        kept = None  # a session's instance: what a call changes stays for its next calls
     else:
         defined = _defined(ctx, "run_module", name)
-        program = defined.factory()
+        program, kept = defined.factory(), defined.shipped
     resolver = _resolver("run_module", defined.types, shipped)
     inputs = defined.check("run_module", _decode("run_module", inputs, "inputs", resolver), "argument 'inputs'")
-    return (yield from _call(program, inputs, ctx, settings, trace, history, tokens))
+    try:
+        result = yield from _call(program, inputs, ctx, settings, trace, history, tokens)
+    except BaseException:
+        _state_changed(kept, program)  # the next call starts from the kernel's state all the same
+        raise
+    return _with_state(result, kept, program, defined)
+
+
+def _state_changed(kept: programs.ShippedCopy | None, program: Any) -> bool:
+    return kept is not None and kept.changed(program)
+
+
+def _with_state(result: Any, kept: programs.ShippedCopy | None, program: Any, defined: programs.Program) -> Any:
+    """``result``, with ``typed.STATE_CHANGED`` (the program's name) where its call changed the state of the kernel's
+    program that it ran (``ShippedCopy``), for the kernel to say that the change does not reach it."""
+    if _state_changed(kept, program) and isinstance(result, dict):
+        result[typed.STATE_CHANGED] = defined.label or defined.name
+    return result
 
 
 @tool
@@ -969,13 +987,13 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         resolver = _resolver("batch_inference", set(), shipped)
         items = [_check_inputs("batch_inference", sig, item, w, resolver)
                  for item, w in zip(batch_items, where, strict=True)]
-        make = partial(MODULES[module], sig)
+        make, kept, defined = partial(MODULES[module], sig), None, None
     else:
         defined = _defined(ctx, "batch_inference", module)
         resolver = _resolver("batch_inference", defined.types, shipped)
         items = [defined.check("batch_inference", _decode("batch_inference", item, w, resolver), w)
                  for item, w in zip(batch_items, where, strict=True)]
-        make = defined.factory
+        make, kept = defined.factory, defined.shipped
         version = {"version": defined.version}
     settings, worker = _settings(ctx, settings), ctx.worker.worker_id
 
@@ -988,10 +1006,15 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         try:
             events.put((index, None))
             program, steps = make(), []
-            with _tracked({**settings, "trace": steps} if trace else settings, history, program) as costs, \
-                    ctx.program_running():
-                output = _run_to_end(_awaited(programs.invoke(program, inputs)))
-            return _with_extras(program, steps, trace, costs.output_json(output), costs, ctx, batch=True)
+            try:
+                with _tracked({**settings, "trace": steps} if trace else settings, history, program) as costs, \
+                        ctx.program_running():
+                    output = _run_to_end(_awaited(programs.invoke(program, inputs)))
+            except BaseException:
+                _state_changed(kept, program)
+                raise
+            result = _with_extras(program, steps, trace, costs.output_json(output), costs, ctx, batch=True)
+            return result if defined is None else _with_state(result, kept, program, defined)
         finally:
             slots.release()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import importlib
 import inspect
 import io
@@ -24,15 +25,18 @@ import os
 import pickle
 import sys
 import threading
+import types
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import cloudpickle
 import dspy
 
 from dspex_nb import code_digest, redact, typed
 from dspex_nb.errors import ArgumentError
+from dspex_nb.programs import _Pickler, _reduced_state
 from dspex_nb.wire import sole_input
 
 
@@ -50,6 +54,7 @@ class Program:
     # **kwargs pass on besides them (not a signature program's fields, which DSPy does not require either, but a
     # %%dspex run cell must give)
     version: str = ""  # wire.definition_version of what ``define`` / ``define_object`` got
+    shipped: ShippedCopy | None = None  # a program shipped from the kernel: its state as it came (``from_pickle``)
 
     def check(self, tool_name: str, inputs: Any, where: str) -> dict[str, Any]:
         """``inputs`` as keyword arguments: a dict with every required input, or a bare value for one input."""
@@ -282,7 +287,74 @@ def from_pickle(name: str, payload: str) -> Program:
         # a dspy.streamify'd program: its listeners keep each stream's state (one without allow_reuse streams once),
         # which the kernel's object, run here, never has: each call runs a copy as it was shipped
         made.factory = lambda: _program_of(unpickled(payload))
+    elif made.factory() is program:
+        made.shipped = ShippedCopy(payload, program)
+        made.factory = made.shipped.current
     return made
+
+
+class ShippedCopy:
+    """A program shipped from the kernel, run call after call while its calls leave its state as it came: one that
+    changed its own state (an attribute of its modules, a dict or list of the notebook its code adds to) is made
+    again from the payload for the next call, which starts from the state the kernel's program has, as it would in
+    the kernel, where that change does not reach either (``changed`` says so, and the kernel warns)."""
+
+    def __init__(self, payload: str, program: Any) -> None:
+        self.payload, self.program = payload, program
+        self.digest = state_digest(program)
+        self.lock = threading.Lock()
+
+    def current(self) -> Any:
+        return self.program
+
+    def changed(self, program: Any) -> bool:
+        """Whether the call that ran ``program`` (from ``current``) changed its state; if so, the next call gets
+        a fresh copy."""
+        with self.lock:
+            if self.digest is None or program is not self.program or state_digest(program) == self.digest:
+                return False
+            self.program = _program_of(unpickled(self.payload))
+            self.digest = state_digest(self.program)
+            return True
+
+
+def state_digest(program: Any) -> bytes | None:
+    """A digest of ``program``'s state, by value as it travels, without what DSPy changes as it runs it (each
+    module's history and callbacks, its LMs, whose changes the kernel keeps apart), without its classes (by name)
+    and large numpy arrays (by identity, ``_LARGE``); None where it cannot be pickled, which is then not compared."""
+    modules = [module for _, module in sub_modules(program)] if isinstance(program, dspy.Module) else []
+    skipped = {id(value) for module in modules for name in ("history", "callbacks")
+               if (value := vars(module).get(name)) is not None}
+    buffer = io.BytesIO()
+    try:
+        _StatePickler(buffer, skipped).dump(program)
+    except Exception:
+        return None
+    return hashlib.sha256(buffer.getvalue()).digest()
+
+
+_LARGE = 2**20  # bytes of a numpy array that state_digest takes by identity: a call that replaces it is seen, one
+# that changes its values in place is not
+
+
+class _StatePickler(_Pickler):
+    def __init__(self, file: io.BytesIO, skipped: set[int]) -> None:
+        super().__init__(file)
+        self.skipped = skipped
+
+    def reducer_override(self, obj: Any) -> Any:
+        reduced = super().reducer_override(obj)
+        if isinstance(obj, types.FunctionType) and (
+                slots := _reduced_state(reduced, cloudpickle.cloudpickle._make_function, 1)) is not None:
+            slots.pop("_cloudpickle_submodules", None)  # those imported by now, which a call may add to (np.ma)
+        return reduced
+
+    def persistent_id(self, obj: Any) -> str | None:
+        if isinstance(obj, type):  # by its name: pydantic and typing fill caches of a class as it is used
+            return f"{obj.__module__}.{obj.__qualname__}"
+        if getattr(obj, "nbytes", 0) > _LARGE and type(obj).__module__ == "numpy":  # an index: by identity, not
+            return f"array {id(obj)} {obj.dtype} {obj.shape}"  # copied each call (30 MB cost 0.18 s; 0.1 ms now)
+        return "skipped" if id(obj) in self.skipped or isinstance(obj, dspy.BaseLM) else None
 
 
 def sub_modules(program: Any) -> list[tuple[str, Any]]:

@@ -996,6 +996,8 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         make, kept = defined.factory, defined.shipped
         version = {"version": defined.version}
     settings, worker = _settings(ctx, settings), ctx.worker.worker_id
+    shared = make() if kept is not None else None  # a shipped program: its items run one instance (as Module.batch
+    # runs the program's), whose state is checked once, when the last item is done (``_with_state``)
 
     events: queue.SimpleQueue[tuple[int, futures.Future | None]] = queue.SimpleQueue()  # started / done
 
@@ -1005,26 +1007,21 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
             raise Cancelled("the batch was cancelled before this item started")
         try:
             events.put((index, None))
-            program, steps = make(), []
-            try:
-                with _tracked({**settings, "trace": steps} if trace else settings, history, program) as costs, \
-                        ctx.program_running():
-                    output = _run_to_end(_awaited(programs.invoke(program, inputs)))
-            except BaseException:
-                _state_changed(kept, program)
-                raise
-            result = _with_extras(program, steps, trace, costs.output_json(output), costs, ctx, batch=True)
-            return result if defined is None else _with_state(result, kept, program, defined)
+            program, steps = shared or make(), []
+            with _tracked({**settings, "trace": steps} if trace else settings, history, program) as costs, \
+                    ctx.program_running():
+                output = _run_to_end(_awaited(programs.invoke(program, inputs)))
+            return _with_extras(program, steps, trace, costs.output_json(output), costs, ctx, batch=True)
         finally:
             slots.release()
 
     results: list[dict[str, Any] | None] = [None] * len(items)
     with ctx.worker.slots(group, concurrency, ctx.cancelled) as slots:
         pool = futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="item")
+        left = len(items)
         try:
             for i, inputs in enumerate(items):
                 pool.submit(run_one, i, inputs).add_done_callback(partial(lambda i, fut: events.put((i, fut)), i))
-            left = len(items)
             while left:
                 try:
                     i, fut = events.get(timeout=0.2)
@@ -1042,10 +1039,14 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
                     data = {"index": i, "ok": True, "result": fut.result(), "worker": worker, **version}
                 except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: this item's error
                     data = {"index": i, "ok": False, "worker": worker, "error": _item_error(exc)}
+                if not left and _state_changed(kept, shared) and data["ok"]:  # the last item: the kernel warns once
+                    data["result"][typed.STATE_CHANGED] = defined.label or defined.name
                 results[i] = _without_history(data)  # the item chunk brings it: the shard's result need not
                 yield Emit("item", data)
         finally:  # a cancelled call does not wait for its items still running (their slots are given back)
             pool.shutdown(wait=False, cancel_futures=True)
+            if left:  # stopped: the next call starts from the kernel's state all the same
+                _state_changed(kept, shared)
     ok = sum(1 for r in results if r and r["ok"])
     total: dict[str, Any] = {}
     cost: float | None = None

@@ -310,12 +310,13 @@ class ShippedCopy:
     def changed(self, program: Any) -> bool:
         """Whether the call that ran ``program`` (from ``current``) changed its state; if so, the next call gets
         a fresh copy."""
+        if self.digest is None or program is not self.program or state_digest(program) == self.digest:
+            return False  # the digest outside the lock: other calls' checks do not wait for this one's
         with self.lock:
-            if self.digest is None or program is not self.program or state_digest(program) == self.digest:
-                return False
-            self.program = _program_of(unpickled(self.payload))
-            self.digest = state_digest(self.program)
-            return True
+            if program is self.program:  # the first to see the change makes the fresh copy
+                fresh = _program_of(unpickled(self.payload))
+                self.program, self.digest = fresh, state_digest(fresh)
+        return True
 
 
 def state_digest(program: Any) -> bytes | None:

@@ -15,7 +15,7 @@ source is kept in ``linecache`` so ``inspect.getsource`` (``dspy.Refine``) finds
 from __future__ import annotations
 
 import base64
-import functools
+import collections
 import hashlib
 import importlib
 import inspect
@@ -124,25 +124,37 @@ def _types(names: list[tuple[str, str]]) -> list[type]:
     return found
 
 
-@functools.lru_cache(maxsize=16)
-def kernel_settings(payload: str) -> dict[str, Any]:
-    """The kernel's DSPy settings a call came with (``dspex_nb.programs.kernel_settings``); not to be changed.
-    An LM among them (one ``dspy.context`` set) or inside them (a ``TwoStepAdapter``'s extraction model) has its
-    key masked, as the pool's LM has."""
-    settings = _loaded("run", payload, "the kernel's DSPy settings (its adapter)") if payload else {}
-    for value in settings.values():
-        for attr in [value, *(vars(value).values() if hasattr(value, "__dict__") else ())]:
-            if isinstance(attr, dspy.BaseLM):
-                register_key(attr)
-    return settings
+_KEPT_SETTINGS = 16  # the kernel's settings without an LM kept loaded, the most recently used
+_kept_settings: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+_kept_lock = threading.Lock()
 
 
 def call_settings(payload: str) -> dict[str, Any]:
-    """``kernel_settings`` for one call: loaded again where they hold an LM (one ``dspy.context`` set), which the
-    call may change as it answers (a ``DummyLM`` given a list): the call changed the kept one, and a later call
-    sent the same LM (a cell run again) started where it had left. Not copied: an LM's engine may hold a lock."""
-    settings = kernel_settings(payload)
-    return kernel_settings.__wrapped__(payload) if "lm" in settings else settings
+    """The kernel's DSPy settings a call came with (``dspex_nb.programs.kernel_settings``); not to be changed.
+    An LM among them (one ``dspy.context`` set) or inside them (a ``TwoStepAdapter``'s extraction model) has its
+    key masked, as the pool's LM has. Settings without an LM are loaded once and kept for the next calls that
+    bring them; those with one are loaded for each call and not kept: the call may change its LM as it answers (a
+    ``DummyLM`` given a list), and a later call that sent the same LM (a cell run again) would start where it had
+    left; and an LM that changes as it answers comes in new settings each call, which kept, held 16 copies of a
+    large LM (a 30 MB one: 2-3 GB). Not copied: an LM's engine may hold a lock."""
+    if not payload:
+        return {}
+    with _kept_lock:
+        if (kept := _kept_settings.get(payload)) is not None:
+            _kept_settings.move_to_end(payload)
+            return kept
+    settings = _loaded("run", payload, "the kernel's DSPy settings (its adapter)")
+    held = [attr for value in settings.values()
+            for attr in [value, *(vars(value).values() if hasattr(value, "__dict__") else ())]
+            if isinstance(attr, dspy.BaseLM)]
+    for lm in held:
+        register_key(lm)
+    if not held:
+        with _kept_lock:
+            _kept_settings[payload] = settings
+            while len(_kept_settings) > _KEPT_SETTINGS:
+                _kept_settings.popitem(last=False)
+    return settings
 
 
 def register_key(lm: Any) -> None:

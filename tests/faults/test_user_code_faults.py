@@ -725,3 +725,19 @@ def test_an_lm_reporting_token_counts_that_are_no_numbers_costs_no_answer(pool: 
         assert pool.run(program, question="q").answer == "fine"
         run = pool.run_stream(program, question="q")
         assert run.result(30).answer == "fine" and run.tokens == (0, 12)
+
+
+def test_the_settings_a_call_brings_with_an_lm_are_not_kept_on_the_worker() -> None:
+    # the worker kept the 16 newest settings payloads loaded; an LM that changes as it answers comes in new settings
+    # each call, so a 30 MB context LM took a worker to 2-3 GB within 20 calls (each call also loaded it twice)
+    from dspy.utils import DummyLM
+
+    from dspex_nb import programs
+    from dspex_nb.worker import programs as worker_programs
+
+    lm = DummyLM([{"answer": "red"}])
+    with_lm, without = programs.kernel_settings(lm), programs.kernel_settings(env={"DSPEX_TEST_VAR": "1"})
+    first, second = worker_programs.call_settings(with_lm), worker_programs.call_settings(with_lm)
+    assert isinstance(first["lm"], DummyLM) and first["lm"] is not second["lm"]  # a copy per call, none kept
+    assert with_lm not in worker_programs._kept_settings
+    assert worker_programs.call_settings(without) is worker_programs.call_settings(without)  # kept: loaded once

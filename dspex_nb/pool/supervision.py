@@ -17,6 +17,8 @@ from dspex_nb.pool.worker import DRAINING, FAILED, READY, RESTARTING, Worker
 from dspex_nb.words import count
 
 HUNG_AFTER_FAILED_PINGS = 2
+EXIT_WAIT = 1.0  # seconds a worker that missed its pings is given to be seen exiting (one being killed), before it is
+# called hung
 CANCEL_GRACE = 600.0  # Pool(cancel_grace=...)'s default: seconds a cancelled call's program may go on running (it
 # stops at its next LM call; one in flight (a long generation, an LM's retries) runs to its end; a recycle loses the
 # worker's session objects) before its worker is recycled: a loop or a blocking tool of the program would otherwise
@@ -59,12 +61,21 @@ class Supervision:
             except ConnectionClosed:
                 worker.failed_pings += 1
                 if worker.failed_pings >= HUNG_AFTER_FAILED_PINGS:
-                    self._replace(worker, f"stopped answering pings ({worker.failed_pings} missed)",
-                                  expected=worker.state)
+                    self._replace(worker, self._why_unanswered(worker), expected=worker.state)
                 continue
             reason = self._recycle_reason(worker) if worker.state == READY else ""
             if reason:
                 self._drain(worker, reason)
+
+    @staticmethod
+    def _why_unanswered(worker: Worker) -> str:
+        """Why ``worker`` missed its pings: it died (a process killed mid-call closes its socket before it has
+        exited, which a large one under load takes longer to do than the pings took: it was reported hung, not
+        killed), or it hangs."""
+        with contextlib.suppress(TimeoutError):
+            worker.process.wait(EXIT_WAIT)
+            return f"died ({worker.process.ended()})"
+        return f"stopped answering pings ({worker.failed_pings} missed)"
 
     def _recycle_reason(self, worker: Worker) -> str:
         """Why ``worker`` is due to be replaced on purpose (empty when it is not)."""

@@ -46,7 +46,7 @@ def test_a_stopped_template_and_a_killed_kernel_leave_nothing_behind() -> None:
 
 
 def test_a_stopped_template_is_replaced_and_its_worker_reported_dead() -> None:
-    with Pool(workers=1, start="template", start_timeout=2, health_interval=0.1, journal=False) as pool:
+    with Pool(workers=1, start="template", start_timeout=6, health_interval=0.1, journal=False) as pool:
         template = pool.backend.template.proc.pid  # type: ignore[union-attr]
         os.kill(template, signal.SIGSTOP)
         try:

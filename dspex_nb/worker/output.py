@@ -43,7 +43,7 @@ class CallOutput:
                 return
             held = self._held.setdefault(stream, [])
             size = self._size.get(stream, 0)
-            room = self._room + redact.SECRET_ROOM - size  # past it, text can never go: no use holding it
+            room = max(self._room + redact.SECRET_ROOM - size, 0)  # past it, text can never go: none is held
             held.append(text[:room])
             self._size[stream] = size + len(held[-1])
             if len(text) > room:

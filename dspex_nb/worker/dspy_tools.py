@@ -955,7 +955,9 @@ def load_module(ctx: ToolContext, name: str) -> dict[str, str]:
     """Make an instance of a defined module and keep it in the session (e.g. to compile or tune it and
     run that same instance later); returns its handle, which ``run_module`` takes as ``name``."""
     defined = _defined(ctx, "load_module", name)
-    return {"handle": ctx.keep("load_module", (defined, defined.factory()))}
+    instance = defined.shipped.fresh() if defined.shipped is not None else defined.factory()  # not the instance
+    # the program's plain calls run, which starts each from the kernel's state
+    return {"handle": ctx.keep("load_module", (defined, instance))}
 
 
 @tool

@@ -725,3 +725,28 @@ def test_an_lm_reporting_token_counts_that_are_no_numbers_costs_no_answer(pool: 
         assert pool.run(program, question="q").answer == "fine"
         run = pool.run_stream(program, question="q")
         assert run.result(30).answer == "fine" and run.tokens == (0, 12)
+
+
+def test_a_session_instance_of_a_shipped_program_is_its_own(pool: Pool) -> None:
+    # Was: load_module kept the very instance the program's plain calls run, so a plain call started from the state
+    # the session's calls left (4, not 1), and the session's handle then from the plain call's (5, not 4)
+    import dspy
+
+    class Counter(dspy.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, question: str) -> dspy.Prediction:
+            self.calls += 1
+            return dspy.Prediction(answer=str(self.calls))
+
+    pool.define("Counter", Counter())
+    with pool.session("w0", affinity="strict_queue") as session:
+        def run(name: str) -> str:
+            return session.execute("run_module", {"name": name, "inputs": {"question": "q"}})["answer"]
+
+        handle = session.execute("load_module", {"name": "Counter"})["handle"]
+        assert [run(handle) for _ in range(3)] == ["1", "2", "3"]
+        assert run("Counter") == "1"  # from the kernel's state, as each plain call
+        assert run(handle) == "4"  # where the session's own calls left it

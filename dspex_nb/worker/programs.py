@@ -308,8 +308,13 @@ class ShippedCopy:
         return self.program
 
     def fresh(self) -> Any:
-        """A copy of its own as it came (a session's instance, ``load_module``, whose calls change it alone)."""
+        """A copy of its own as it came (a session's instance, ``load_module``, or a batch shard's), whose calls
+        change it alone."""
         return _program_of(unpickled(self.payload))
+
+    def copy_changed(self, copy: Any) -> bool:
+        """Whether the calls that ran ``copy`` (from ``fresh``) changed its state from the one it came with."""
+        return self.digest is not None and state_digest(copy) != self.digest
 
     def changed(self, program: Any) -> bool:
         """Whether the call that ran ``program`` (from ``current``) changed its state; if so, the next call gets

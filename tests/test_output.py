@@ -163,3 +163,38 @@ def test_a_call_that_prints_nothing_brings_no_output_chunk(pool: Pool) -> None:
     run = pool.run_stream(dspy.Predict("question -> answer"), question="Q")
     run.result()
     assert [chunk for chunk in run.chunks if chunk.kind == "output"] == []
+
+
+KEY = "sk-" + "a" * 10 + "b" * 30
+
+
+class PrintsKeyInPieces(dspy.Module):
+    """Prints a secret (``os.environ``'s) as a program may: in two writes with a pause between (a stream's first
+    chunk goes before the second), after 64 KiB of text (a chunk's end), just before the 1 MB a call brings back."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def forward(self, question: str) -> dspy.Prediction:
+        import os
+        key = os.environ["ADV_API_KEY"]
+        if self.how == "pieces":
+            print(key[:13], end="")
+            time.sleep(0.3)
+            print(key[13:])
+        else:
+            print("x" * ((64 * 1024 if self.how == "chunk" else OUTPUT_LIMIT) - 10) + key)
+        return dspy.Prediction(answer=question)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("how", ["pieces", "chunk", "limit"])
+def test_a_secret_is_masked_whole_wherever_its_pieces_go(how: str, stream: bool, pool: Pool,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ADV_API_KEY", KEY)  # set after the pool started, as a notebook's cell sets a key
+    run = pool.call(PrintsKeyInPieces(how), {"question": "Q"}, stream=stream)
+    run.result() if stream else None
+    out = capsys.readouterr().out
+    assert "***" in out and "sk-aaaaaaa" not in out and "bbbbbbb" not in out

@@ -101,8 +101,14 @@ class ChunkQueue:
 
     def put_output(self, stream: str, text: str, ended: threading.Event, seq: Iterator[int]) -> None:
         """Queue text the call wrote to ``stream``: it joins the queue's last item where that is output of the same
-        stream not yet taken (many prints, one chunk), up to ``OUTPUT_CHUNK`` characters a chunk."""
+        stream not yet taken (many prints, one chunk), up to ``OUTPUT_CHUNK`` characters a chunk. Text cut across
+        chunks is masked before it is cut (``Output.encode`` masks a chunk's own text: a secret cut in two would
+        be masked in neither)."""
         with self._cond:
+            tail = self._items[-1] if self._items else None
+            room = OUTPUT_CHUNK - tail.size if isinstance(tail, Output) and tail.stream == stream else OUTPUT_CHUNK
+            if len(text) > max(room, 0):
+                text = redact.text(text, limit=None)
             while text:
                 tail = self._items[-1] if self._items else None
                 if isinstance(tail, Output) and tail.stream == stream and tail.size < OUTPUT_CHUNK:
@@ -388,14 +394,16 @@ class Call:
         """(the result as JSON, None, output), or (None, the error's type / message / traceback, output); output:
         what the call wrote, as (stream, text) pairs, masked."""
         output = Collected()
-        with self.state.track(self.ctx.cancelled), capturing(output.add):
-            try:
-                tool, args = self._args()
-                result = drive(tool.run(args, self.ctx), self.ctx, lambda emit: None) if tool.streaming \
-                    else tool.call(args, self.ctx)  # a plain function: no generator to drive
-                return self.encode(result, "the result"), None, output.pairs()
-            except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: an error, not our end
-                return None, self.error_info(exc), output.pairs()
+        with self.state.track(self.ctx.cancelled):
+            with capturing(output.add):  # its end sends the text of a line not ended
+                try:
+                    tool, args = self._args()
+                    result = drive(tool.run(args, self.ctx), self.ctx, lambda emit: None) if tool.streaming \
+                        else tool.call(args, self.ctx)  # a plain function: no generator to drive
+                    reply: tuple[bytes | None, dict[str, Any] | None] = self.encode(result, "the result"), None
+                except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: an error
+                    reply = None, self.error_info(exc)
+            return *reply, output.pairs()
 
     def batches(self, ended: threading.Event, active: Callable[[], bool]) -> Iterator[bytes]:
         """The chunks, a message (a JSON array of chunks) at a time, until the final (or error) chunk;

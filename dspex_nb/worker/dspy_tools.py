@@ -955,7 +955,9 @@ def load_module(ctx: ToolContext, name: str) -> dict[str, str]:
     """Make an instance of a defined module and keep it in the session (e.g. to compile or tune it and
     run that same instance later); returns its handle, which ``run_module`` takes as ``name``."""
     defined = _defined(ctx, "load_module", name)
-    return {"handle": ctx.keep("load_module", (defined, defined.factory()))}
+    instance = defined.shipped.fresh() if defined.shipped is not None else defined.factory()  # not the instance
+    # the program's plain calls run, which starts each from the kernel's state
+    return {"handle": ctx.keep("load_module", (defined, instance))}
 
 
 @tool
@@ -996,8 +998,9 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         make, kept = defined.factory, defined.shipped
         version = {"version": defined.version}
     settings, worker = _settings(ctx, settings), ctx.worker.worker_id
-    shared = make() if kept is not None else None  # a shipped program: its items run one instance (as Module.batch
-    # runs the program's), whose state is checked once, when the last item is done (``_with_state``)
+    shared = kept.fresh() if kept is not None else None  # a shipped program: its items run one instance (as
+    # Module.batch runs the program's), a copy of the shard's own (a call made while the batch runs starts from the
+    # kernel's state, not from the items'), whose state is checked once, when the last item is done
 
     events: queue.SimpleQueue[tuple[int, futures.Future | None]] = queue.SimpleQueue()  # started / done
 
@@ -1039,14 +1042,12 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
                     data = {"index": i, "ok": True, "result": fut.result(), "worker": worker, **version}
                 except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: this item's error
                     data = {"index": i, "ok": False, "worker": worker, "error": _item_error(exc)}
-                if not left and _state_changed(kept, shared) and data["ok"]:  # the last item: the kernel warns once
+                if not left and kept is not None and data["ok"] and kept.copy_changed(shared):  # the kernel warns once
                     data["result"][typed.STATE_CHANGED] = defined.label or defined.name
                 results[i] = _without_history(data)  # the item chunk brings it: the shard's result need not
                 yield Emit("item", data)
         finally:  # a cancelled call does not wait for its items still running (their slots are given back)
             pool.shutdown(wait=False, cancel_futures=True)
-            if left:  # stopped: the next call starts from the kernel's state all the same
-                _state_changed(kept, shared)
     ok = sum(1 for r in results if r and r["ok"])
     total: dict[str, Any] = {}
     cost: float | None = None

@@ -12,36 +12,86 @@ import threading
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from dspex_nb import redact
+
 OUTPUT_LIMIT = 2**20  # characters of one call's output that go back to the kernel; the rest is in the log only
+HELD = 64 * 1024  # characters of a line held for its end (CallOutput) before part of it goes anyway
 Send = Callable[[str, str], None]  # (stream name, text): where a call's output goes as it is written
 
 
 class CallOutput:
     """What one call's threads write to ``sys.stdout`` / ``sys.stderr`` (``LogStream.write`` hands it here while
     ``CALL_OUTPUT`` holds it), given to ``send`` as it comes, up to ``OUTPUT_LIMIT`` characters: past it one line
-    on stderr says where the rest is, the worker's log. Nothing is sent once the call has ended (``close``): a thread
-    it left running writes to the log only."""
+    on stderr says where the rest is, the worker's log. A stream's text goes a line (or a ``\r`` progress step) at a
+    time, as a terminal's stdout does, so that a secret printed in pieces (``print(key[:10], end="")``, then the
+    rest) reaches the masking (``redact.text``, where the text is made a chunk) whole: the rest of a line goes when
+    the call ends, or, past ``HELD`` characters, masked and up to its last space. Nothing is sent once the call has
+    ended (``close``): a thread it left running writes to the log only."""
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self._room = OUTPUT_LIMIT
+        self._capped = False
         self._lock = threading.Lock()
         self._open = True
+        self._held: dict[str, list[str]] = {}  # each stream's text not yet sent
+        self._size: dict[str, int] = {}
 
     def write(self, stream: str, text: str) -> None:
         with self._lock:
             if not self._open or not self._room or not text:
                 return
-            kept = text[:self._room]
-            self._room -= len(kept)
-            self._send(stream, kept)
-            if not self._room:
-                self._send("stderr", f"\n[dspex: this call printed more than {OUTPUT_LIMIT // 2**20} MB; the rest is "
-                                     f"in the worker's log only: {log_path()}]\n")
+            held = self._held.setdefault(stream, [])
+            size = self._size.get(stream, 0)
+            room = max(self._room + redact.SECRET_ROOM - size, 0)  # past it, text can never go: none is held
+            held.append(text[:room])
+            self._size[stream] = size + len(held[-1])
+            if len(text) > room:
+                self._release(stream, len)
+                self._cap()
+            elif "\n" in text or "\r" in text:
+                self._release(stream, lambda whole: max(whole.rfind("\n"), whole.rfind("\r")) + 1)
+            elif self._size[stream] > HELD:
+                self._release(stream, _up_to_a_space, masked=True)
 
     def close(self) -> None:
         with self._lock:
+            for stream in list(self._held):
+                self._release(stream, len)
             self._open = False
+
+    def _release(self, stream: str, ready: Callable[[str], int], masked: bool = False) -> None:
+        """Send the stream's text held up to where ``ready`` says, within the call's room; hold the rest. Text cut
+        within a line is masked before it is cut (the rest held is masked again with the text that follows it,
+        which masks a secret whose start it holds)."""
+        if not self._room or not self._size.get(stream):
+            return
+        whole = "".join(self._held[stream])
+        if masked:
+            whole = redact.text(whole, limit=None)
+        end = ready(whole)
+        self._held[stream], self._size[stream] = [whole[end:]], len(whole) - end
+        if end:
+            text = whole[:end]
+            if len(text) > self._room:
+                text = redact.text(text, limit=None)[:self._room]
+            self._room -= len(text)
+            self._send(stream, text)
+            if not self._room:
+                self._cap()
+
+    def _cap(self) -> None:
+        """Past the room: say so, once, and send no more."""
+        self._room = 0
+        if not self._capped:
+            self._capped = True
+            self._send("stderr", f"\n[dspex: this call printed more than {OUTPUT_LIMIT // 2**20} MB; the rest is "
+                                 f"in the worker's log only: {log_path()}]\n")
+
+
+def _up_to_a_space(text: str) -> int:
+    """How much of a long line can go: up to its last space, all but its last ``SECRET_ROOM`` characters at least."""
+    return max(text.rfind(" ") + 1, text.rfind("\t") + 1, len(text) - redact.SECRET_ROOM)
 
 
 CALL_OUTPUT: contextvars.ContextVar[CallOutput | None] = contextvars.ContextVar("dspex_call_output", default=None)

@@ -319,6 +319,15 @@ class ShippedCopy:
     def current(self) -> Any:
         return self.program
 
+    def fresh(self) -> Any:
+        """A copy of its own as it came (a session's instance, ``load_module``, or a batch shard's), whose calls
+        change it alone."""
+        return _program_of(unpickled(self.payload))
+
+    def copy_changed(self, copy: Any) -> bool:
+        """Whether the calls that ran ``copy`` (from ``fresh``) changed its state from the one it came with."""
+        return self.digest is not None and state_digest(copy) != self.digest
+
     def changed(self, program: Any) -> bool:
         """Whether the call that ran ``program`` (from ``current``) changed its state; if so, the next call gets
         a fresh copy."""
@@ -326,7 +335,7 @@ class ShippedCopy:
             return False  # the digest outside the lock: other calls' checks do not wait for this one's
         with self.lock:
             if program is self.program:  # the first to see the change makes the fresh copy
-                fresh = _program_of(unpickled(self.payload))
+                fresh = self.fresh()
                 self.program, self.digest = fresh, state_digest(fresh)
         return True
 

@@ -741,3 +741,63 @@ def test_the_settings_a_call_brings_with_an_lm_are_not_kept_on_the_worker() -> N
     assert isinstance(first["lm"], DummyLM) and first["lm"] is not second["lm"]  # a copy per call, none kept
     assert with_lm not in worker_programs._kept_settings
     assert worker_programs.call_settings(without) is worker_programs.call_settings(without)  # kept: loaded once
+
+
+def test_a_session_instance_of_a_shipped_program_is_its_own(pool: Pool) -> None:
+    # Was: load_module kept the very instance the program's plain calls run, so a plain call started from the state
+    # the session's calls left (4, not 1), and the session's handle then from the plain call's (5, not 4)
+    import dspy
+
+    class Counter(dspy.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, question: str) -> dspy.Prediction:
+            self.calls += 1
+            return dspy.Prediction(answer=str(self.calls))
+
+    pool.define("Counter", Counter())
+    with pool.session("w0", affinity="strict_queue") as session:
+        def run(name: str) -> str:
+            return session.execute("run_module", {"name": name, "inputs": {"question": "q"}})["answer"]
+
+        handle = session.execute("load_module", {"name": "Counter"})["handle"]
+        assert [run(handle) for _ in range(3)] == ["1", "2", "3"]
+        assert run("Counter") == "1"  # from the kernel's state, as each plain call
+        assert run(handle) == "4"  # where the session's own calls left it
+
+
+def test_a_call_made_while_a_batch_of_its_program_runs_starts_from_the_kernels_state(pool: Pool,
+                                                                                     tmp_path: Path) -> None:
+    # Was: a shard's items ran the very instance the program's plain calls run, so a pool.run made while a batch
+    # ran in the background (pool.map returns at once) started from the items' changes: 3 calls, not 1
+    import dspy
+
+    class Counter(dspy.Module):
+        def __init__(self, where: str) -> None:
+            super().__init__()
+            self.where, self.calls = where, 0
+
+        def forward(self, question: str) -> dspy.Prediction:
+            self.calls += 1
+            if question.startswith("item"):
+                Path(self.where, question).touch()
+                deadline = time.monotonic() + 60
+                while not Path(self.where, "release").exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)  # the item holds its place until the test's call is done
+            return dspy.Prediction(answer=str(self.calls))
+
+    program = Counter(str(tmp_path))
+    items = [{"question": f"item{i}"} for i in range(4)]
+    batch = pool.map(program, items, journal=False)
+    try:
+        wait_until(lambda: all((tmp_path / item["question"]).exists() for item in items), what="the items to start")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # StateNotKept: the call changed its state, which is the point
+            assert [pool.run(program, question="q").answer for _ in pool.workers] == ["1"] * len(pool.workers)
+    finally:
+        (tmp_path / "release").touch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert all(prediction is not None for prediction in batch.result(60))

@@ -935,17 +935,17 @@ def run_module(ctx: ToolContext, name: str, inputs: dict | str, settings: str = 
     except BaseException:
         _state_changed(kept, program)  # the next call starts from the kernel's state all the same
         raise
-    return _with_state(result, kept, program, defined)
+    return _with_state(result, _state_changed(kept, program), defined)
 
 
 def _state_changed(kept: programs.ShippedCopy | None, program: Any) -> bool:
     return kept is not None and kept.changed(program)
 
 
-def _with_state(result: Any, kept: programs.ShippedCopy | None, program: Any, defined: programs.Program) -> Any:
-    """``result``, with ``typed.STATE_CHANGED`` (the program's name) where its call changed the state of the kernel's
-    program that it ran (``ShippedCopy``), for the kernel to say that the change does not reach it."""
-    if _state_changed(kept, program) and isinstance(result, dict):
+def _with_state(result: Any, changed: bool, defined: programs.Program) -> Any:
+    """``result``, with ``typed.STATE_CHANGED`` (the program's name) where its call ``changed`` the state of the
+    kernel's program that it ran (``ShippedCopy``), for the kernel to say that the change does not reach it."""
+    if changed and isinstance(result, dict):
         result[typed.STATE_CHANGED] = defined.label or defined.name
     return result
 
@@ -1042,8 +1042,8 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
                     data = {"index": i, "ok": True, "result": fut.result(), "worker": worker, **version}
                 except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: this item's error
                     data = {"index": i, "ok": False, "worker": worker, "error": _item_error(exc)}
-                if not left and kept is not None and data["ok"] and kept.copy_changed(shared):  # the kernel warns once
-                    data["result"][typed.STATE_CHANGED] = defined.label or defined.name
+                if not left and kept is not None and data["ok"]:  # the last item: the kernel warns once
+                    data["result"] = _with_state(data["result"], kept.copy_changed(shared), defined)
                 results[i] = _without_history(data)  # the item chunk brings it: the shard's result need not
                 yield Emit("item", data)
         finally:  # a cancelled call does not wait for its items still running (their slots are given back)

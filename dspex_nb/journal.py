@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dspex_nb.errors import warn_kept
+from dspex_nb.wire import kernel_gone, kernel_spec, pid_space
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -237,12 +238,18 @@ class Journal:
     def claim(self, batch_key: str, item_keys: list[str], owner: str, lease: float) -> set[str]:
         """Claim the items no other live run of this batch holds (for ``lease`` seconds; renew by claiming
         again); return the keys that are ``owner``'s now. Two kernels running the same batch on one journal
-        so pay for each item once: the other waits for its result here. On a journal error: all of them."""
-        now = time.time()
+        so pay for each item once: the other waits for its result here. The claims of a run whose kernel is
+        gone (a process of this machine that ended) lapse at once; those of a run elsewhere, when its lease ends.
+        On a journal error: all of them."""
+        now, owner = time.time(), _claimant(owner)
         try:
             with self._lock:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
+                    others = self._db.execute("SELECT DISTINCT owner FROM claims WHERE batch_key = ? AND owner != ? "
+                                              "AND expires >= ?", (batch_key, owner, now)).fetchall()
+                    self._db.executemany("DELETE FROM claims WHERE batch_key = ? AND owner = ?",
+                                         [(batch_key, other) for (other,) in others if _claimant_gone(other)])
                     self._db.executemany(
                         "INSERT INTO claims VALUES (?, ?, ?, ?) ON CONFLICT(batch_key, item_key) DO UPDATE SET "
                         "owner = excluded.owner, expires = excluded.expires "
@@ -264,7 +271,7 @@ class Journal:
         """Give up ``owner``'s claims (its run ended)."""
         try:
             with self._lock:
-                self._db.execute("DELETE FROM claims WHERE batch_key = ? AND owner = ?", (batch_key, owner))
+                self._db.execute("DELETE FROM claims WHERE batch_key = ? AND owner = ?", (batch_key, _claimant(owner)))
         except sqlite3.Error as exc:
             self._failed("release claims in", exc)
 
@@ -293,3 +300,17 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _claimant(run: str) -> str:
+    """A run's name in the claims: ``run`` (its id), the kernel that makes it ("pid:start time") and where that
+    pid means something (host and PID namespace)."""
+    return f"{run} {kernel_spec()} {pid_space()}"
+
+
+def _claimant_gone(claimant: str) -> bool:
+    """The kernel of this claimant has ended: a process of this host and PID namespace, no longer running
+    (without /proc, a start time of "None": never judged)."""
+    _run, kernel, where = (claimant.split(" ", 2) + ["", ""])[:3]
+    return where == pid_space() and not kernel.endswith(":None") and kernel_gone(kernel)
+

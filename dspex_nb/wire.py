@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 from json import encoder
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,17 @@ def kernel_gone(spec: str) -> bool:
     """True when the kernel that KERNEL_ENV names has ended (its pid gone, or reused by another process)."""
     pid, _, started = spec.partition(":")
     return pid.isdigit() and start_time(int(pid)) != started
+
+
+def pid_space() -> str:
+    """Where this process's pids mean what they say: its host and PID namespace. A runtime directory may be shared
+    with a container (pids of its own) or another host (a network file system); a pool there must not be judged
+    dead because its owner's pid is no process here."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # no /proc (macOS): the host alone
+        namespace = ""
+    return f"{platform.node()} {namespace}"
 
 
 def _not_serialisable(value: Any) -> Any:

@@ -23,6 +23,9 @@ os.environ["DSPEX_JOURNAL"] = os.path.join(_run_dir, "journal.sqlite3")
 os.environ["DSPEX_RUNTIME_DIR"] = os.path.join(_run_dir, "run")
 os.makedirs(os.environ["DSPEX_RUNTIME_DIR"], mode=0o700)
 os.environ["DSPY_CACHEDIR"] = os.path.join(_run_dir, "dspy-cache")  # DSPy's cache, which workers share
+# litellm's prices from its own copy (as the pool's workers do): fetching them from GitHub, which CI cannot reach,
+# cost every process of the suite that imports litellm ~8 s of retries.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[Pool]:

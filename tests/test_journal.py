@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,30 @@ def test_a_batch_rerun_takes_finished_items_from_the_journal(tmp_path: Path) -> 
         assert other_program.result() and other_program.from_journal == 0  # another program, another key
         not_journaled = pool.batch(items, "question -> answer", journal=False)
         assert not_journaled.result() == out and not_journaled.from_journal == 0
+
+
+CLAIMER = """
+import sys
+from dspex_nb.journal import Journal
+Journal(sys.argv[1]).claim("b1", ["k1", "k2"], "their-run", lease=600)
+print("claimed", flush=True)
+sys.stdin.read()  # holds its claims (a live kernel) until told to end
+"""
+
+
+def test_a_dead_kernels_claims_lapse_at_once_a_live_ones_hold(tmp_path: Path) -> None:
+    """Was: a batch re-run after its kernel was killed waited out the dead run's 30 s lease before starting."""
+    path = tmp_path / "j.sqlite3"
+    other = subprocess.Popen([sys.executable, "-c", CLAIMER, str(path)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline() == "claimed\n"  # type: ignore[union-attr]
+        journal = Journal(path)
+        assert journal.claim("b1", ["k1", "k2", "k3"], "our-run", lease=600) == {"k3"}  # alive: its items wait
+    finally:
+        other.communicate("")
+    assert journal.claim("b1", ["k1", "k2", "k3"], "our-run", lease=600) == {"k1", "k2", "k3"}
+    journal.close()
 
 
 def test_rate_limiter_spreads_acquisitions() -> None:

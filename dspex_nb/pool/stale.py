@@ -19,7 +19,6 @@ import grp
 import json
 import logging
 import os
-import platform
 import pwd
 import re
 import shutil
@@ -30,7 +29,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from dspex_nb.wire import start_time
+from dspex_nb.wire import pid_space, start_time
 
 log = logging.getLogger(__name__)
 PREFIX = "dspex-"
@@ -104,17 +103,6 @@ def write_owner(directory: Path, run_id: str, workers: list[int]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-
-
-def pid_space() -> str:
-    """Where this process's pids mean what they say: its host and PID namespace. A runtime directory may be shared
-    with a container (pids of its own) or another host (a network file system); a pool there must not be judged
-    dead because its owner's pid is no process here."""
-    try:
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:  # no /proc (macOS): the host alone
-        namespace = ""
-    return f"{platform.node()} {namespace}"
 
 
 def _private(path: Path, kind: int) -> bool:

@@ -340,7 +340,7 @@ def _async_items(make: Callable[[], AsyncIterator[Any]],
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: the call's error
-            items.put(_Failure(exc))
+            items.put(_Failure(exc.error if isinstance(exc, _Carried) else exc))
         finally:
             items.put(end)
 
@@ -376,6 +376,16 @@ def _async_items(make: Callable[[], AsyncIterator[Any]],
 @dataclass
 class _Failure:
     error: BaseException
+
+
+class _Carried(Exception):
+    """A program's ``StopIteration`` (or ``StopAsyncIteration``) on its way through ``dspy.streamify``, which
+    Python would make a RuntimeError ("coroutine raised StopIteration") as it left streamify's coroutines: the
+    kernel gets the program's own error, as from a call not streamed (``_async_items`` takes it out)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
 
 
 def _settings(ctx: ToolContext, kernel: str) -> dict[str, Any]:
@@ -642,6 +652,8 @@ class _AlwaysPrediction(dspy.Module):
             with dspy.context(send_stream=_FromThisThread(dspy.settings.send_stream), callbacks=callbacks,
                               **{UNSEEN_STREAM: True}), self.ctx.program_running():
                 output = _awaited(programs.invoke(self.program, inputs))  # an async program runs to its end here
+        except (StopIteration, StopAsyncIteration) as exc:
+            raise _Carried(exc) from None
         finally:
             with self._lock:
                 self._running -= 1

@@ -84,6 +84,7 @@ class StreamText:
             self._join(new)
             if chunk.kind == "status":
                 self.status = chunk["message"]
+                self._retried(chunk.data.get("retry"))
             elif chunk.kind == "final" and isinstance(chunk.data, dict):
                 self._final(shown_fields(chunk.data, None if self.run.decode is None
                                          else lambda _: self.run.decoded()))  # once: see Run.decoded
@@ -96,6 +97,12 @@ class StreamText:
             group = self.groups.setdefault(step, {})
             group[name] = group.get(name, "") + "".join(texts)
         new.clear()
+
+    def _retried(self, predictor: str | None) -> None:
+        """Forget what ``predictor`` streamed: its call is made again (its reply did not parse), and the next
+        attempt's tokens would run on after those of the reply that is not the answer."""
+        if predictor is not None:
+            self.groups.get(predictor_label(predictor), {}).clear()
 
     def _final(self, fields: dict[str, Any]) -> None:
         """The program's output: its fields in the last step's group (streamed ones are the same text), and

@@ -525,6 +525,8 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             if isinstance(value, StreamResponse):
                 yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
                                      "last": value.is_last_chunk, "predictor": value.predict_name})
+            elif isinstance(value, _Retry):  # the tokens its predictor streamed since its call began are not the answer
+                yield Emit("status", {"message": value.message, "retry": _predictor_name(program, value.predictor)})
             elif isinstance(value, StatusMessage):
                 yield Emit("status", {"message": value.message})
             elif isinstance(value, dspy.Prediction):  # a stream's last value
@@ -536,6 +538,12 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             raise _no_final()
     return _with_extras(program, steps, trace, costs.output_json(final.value if isinstance(final, _Boxed) else final),
                         costs, ctx)
+
+
+def _predictor_name(program: Any, predictor: int) -> str:
+    """The name in ``program.named_predictors()`` of the predictor of id ``predictor`` ("" for none of them)."""
+    return next((name for name, p in program.named_predictors() if id(p) == predictor), "") \
+        if isinstance(program, dspy.Module) else ""
 
 
 # The LM's raw chunks carry its whole reply, field markers and all, for no field: the kernel gets a stream's chunks
@@ -720,6 +728,14 @@ def _no_final() -> typed.NotPortable:
                              "tokens all the same), or run it in the kernel")
 
 
+def _send_status(message: StatusMessage) -> None:
+    """Put ``message`` on the call's DSPy stream, from the program's thread (as DSPy's sync LM calls send)."""
+    stream = dspy.settings.send_stream
+    if stream is not None:
+        with contextlib.suppress(Exception):  # a status line is not worth failing the call for
+            anyio.from_thread.run(stream.send, message)
+
+
 def _parallel_without_streams() -> None:
     """Let ``dspy.Parallel`` / ``Module.batch`` / ``dspy.Evaluate`` run inside a streamed call.
 
@@ -735,13 +751,10 @@ def _parallel_without_streams() -> None:
         return
 
     def execute(self: ParallelExecutor, function: Callable[..., Any], data: Any) -> Any:
-        stream = dspy.settings.send_stream
-        if stream is None:
+        if dspy.settings.send_stream is None:
             return original(self, function, data)
         count = f"{len(data)} " if hasattr(data, "__len__") else ""
-        with contextlib.suppress(Exception):  # a status line is not worth failing the call for
-            anyio.from_thread.run(stream.send, StatusMessage(f"running {count}calls in parallel "
-                                                             "(their tokens are not streamed)"))
+        _send_status(StatusMessage(f"running {count}calls in parallel (their tokens are not streamed)"))
         with dspy.context(send_stream=None):
             return original(self, function, data)
 
@@ -798,27 +811,50 @@ _threads_see_the_calls_settings()
 UNSEEN_STREAM = "dspex_unseen_stream"
 
 
+@dataclass
+class _Retry(StatusMessage):
+    """The status of a predictor's LM call made again after its stream showed some of the reply."""
+
+    predictor: int = 0  # the id of the predictor whose call is made again
+
+
 def _streams_the_program_does_not_see() -> None:
     """Let a program streamed for the kernel do what it does unstreamed once its LM's reply began to stream.
 
     DSPy stops a streamed call from doing again what its stream already showed: its ChatAdapter does not fall back
-    to JSONAdapter on a reply it cannot parse. ``qa(...)`` in the kernel streams nothing, so it falls back, and so
-    does the pool's call of it: the kernel gets the result the call gives, and the tokens as they came.
+    to JSONAdapter on a reply it cannot parse (``dspy.streamify`` raises AdapterParseError there). ``qa(...)`` in the
+    kernel streams nothing, so it falls back, and so does the pool's call of it: the kernel gets the result the call
+    gives. The tokens of the reply that did not parse are not the answer: a ``_Retry`` status says so, and the views
+    drop them (``StreamText``), rather than run the next attempt's on after them.
     """
     try:
-        from dspy.clients import execution, lm
+        from dspy.adapters.chat_adapter import ChatAdapter
+        from dspy.clients import call_context, execution, lm
     except ImportError:  # another DSPy than the one this was written for: its streamed calls run as DSPy has them
         return
     original = getattr(execution, "stream_emitted", None)
-    if original is None or getattr(original, "dspex_nb", False):
+    scopes = getattr(call_context, "_adapter_calls", None)  # the adapter calls running, innermost last
+    fallback = getattr(ChatAdapter, "_make_json_adapter_fallback", None)
+    if original is None or scopes is None or fallback is None or getattr(original, "dspex_nb", False):
         return
 
     def stream_emitted() -> None:
         if not dspy.settings.get(UNSEEN_STREAM):
             original()
+            return
+        for progress in scopes.get():  # what DSPy's would mark emitted, which would stop its fallback
+            progress.dspex_shown = True
+
+    def make_json_adapter_fallback(self: ChatAdapter) -> Any:
+        calls = scopes.get()
+        if calls and getattr(calls[-1], "dspex_shown", False):
+            _send_status(_Retry("asking again with JSONAdapter: ChatAdapter could not parse the reply streamed so "
+                                "far", id(dspy.settings.caller_predict)))
+        return fallback(self)
 
     stream_emitted.dspex_nb = True  # type: ignore[attr-defined]
     execution.stream_emitted = lm.stream_emitted = stream_emitted
+    ChatAdapter._make_json_adapter_fallback = make_json_adapter_fallback  # type: ignore[method-assign]
 
 
 _streams_the_program_does_not_see()

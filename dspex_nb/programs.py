@@ -701,7 +701,8 @@ def open_usage_tracker() -> list[Any]:
 
 def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any] | None = None,
               program: Any = None, fill_usage: bool = True, lm: Any = None, tracker: list[Any] | None = None,
-              batch: bool = False, held: dict[tuple[Any, ...], Any] | None = None) -> Any:
+              batch: bool = False, held: dict[tuple[Any, ...], Any] | None = None,
+              warned: set[str] | None = None) -> Any:
     """A DSPy tool's result as the program gave it: a dspy.Prediction of its fields, or its own value; with
     ``trace`` (``open_trace()`` and the kernel's program), its predictor calls are added there, and its LM
     calls' history entries go to DSPy's history (``dspy.inspect_history``, and ``program``'s own where it keeps
@@ -711,7 +712,8 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
     DSPy sets none), the call's usage where it has none. With ``tracker`` (``open_usage_tracker()``), the call's
     usage joins that tracker, as its LM calls add theirs in the kernel (one entry per model, with their sums). The
     attributes its LMs changed as they answered are set on the kernel's (``keep_lm_state``; a ``batch`` item's are
-    not, and a warning says so). ``held``: ``lms_held`` of ``program`` when the call was made (None: now)."""
+    not, and a warning says so). ``held``: ``lms_held`` of ``program`` when the call was made (None: now).
+    ``warned``: the programs whose ``StateNotKept`` was shown (a pool's), shown once each."""
     import dspy
 
     if tracker and isinstance(result, dict) and isinstance(result.get(typed.USAGE), dict):
@@ -720,7 +722,7 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
             usage_tracker.add_usage(model, counts)
     steps = result.pop(typed.TRACE, None) if isinstance(result, dict) else None
     if isinstance(result, dict) and (changed := result.pop(typed.STATE_CHANGED, None)):
-        warn_kept(STATE_NOT_KEPT.format(changed), StateNotKept, callers_level())
+        _state_not_kept(*changed, warned)
     if trace is not None and steps is not None:
         add_to_trace(*trace, steps, resolve)
     if isinstance(result, dict) and (typed.HISTORY in result or typed.LM_STATE in result):
@@ -752,6 +754,16 @@ STATE_NOT_KEPT = (
     "back, so the kernel's {0} is as it was and its next call on the pool starts from that state again, where in the "
     "kernel it would start from the changed one. Return what a call changes and update the notebook's state from the "
     "result, or run the program in the kernel")
+
+
+def _state_not_kept(name: str, label: str, warned: set[str] | None) -> None:
+    """The ``StateNotKept`` warning of the program ``name`` (``label`` to the user), once per name in ``warned``
+    (a pool's: once per program and pool; a later call's change is the same story, and its answer is right)."""
+    if warned is not None:
+        if name in warned:
+            return
+        warned.add(name)
+    warn_kept(STATE_NOT_KEPT.format(label), StateNotKept, callers_level())
 
 
 def is_signature(value: Any) -> bool:

@@ -981,20 +981,21 @@ def run_module(ctx: ToolContext, name: str, inputs: dict | str, settings: str = 
     try:
         result = yield from _call(program, inputs, ctx, settings, trace, history, tokens)
     except BaseException:
-        _state_changed(kept, program)  # the next call starts from the kernel's state all the same
+        _state_changed(kept, program, inputs)  # the next call starts from the kernel's state all the same
         raise
-    return _with_state(result, _state_changed(kept, program), defined)
+    return _with_state(result, _state_changed(kept, program, inputs), defined)
 
 
-def _state_changed(kept: programs.ShippedCopy | None, program: Any) -> bool:
-    return kept is not None and kept.changed(program)
+def _state_changed(kept: programs.ShippedCopy | None, program: Any, inputs: dict[str, Any]) -> bool:
+    return kept is not None and kept.changed(program, inputs)
 
 
 def _with_state(result: Any, changed: bool, defined: programs.Program) -> Any:
-    """``result``, with ``typed.STATE_CHANGED`` (the program's name) where its call ``changed`` the state of the
-    kernel's program that it ran (``ShippedCopy``), for the kernel to say that the change does not reach it."""
+    """``result``, with ``typed.STATE_CHANGED`` (the program's name, and what the user calls it) where its call
+    ``changed`` the state of the kernel's program that it ran (``ShippedCopy``), for the kernel to say that the change
+    does not reach it."""
     if changed and isinstance(result, dict):
-        result[typed.STATE_CHANGED] = defined.label or defined.name
+        result[typed.STATE_CHANGED] = [defined.name, defined.label or defined.name]
     return result
 
 
@@ -1046,9 +1047,10 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         make, kept = defined.factory, defined.shipped
         version = {"version": defined.version}
     settings, worker = _settings(ctx, settings), ctx.worker.worker_id
-    shared = kept.fresh() if kept is not None else None  # a shipped program: its items run one instance (as
-    # Module.batch runs the program's), a copy of the shard's own (a call made while the batch runs starts from the
-    # kernel's state, not from the items'), whose state is checked once, when the last item is done
+    # a shipped program: its items run one instance (as Module.batch runs the program's), a copy of the shard's own (a
+    # call made while the batch runs starts from the kernel's state, not from the items'), whose state is checked
+    # once, when the last item is done
+    shared, start = kept.fresh_copy() if kept is not None else (None, None)
 
     events: queue.SimpleQueue[tuple[int, futures.Future | None]] = queue.SimpleQueue()  # started / done
 
@@ -1091,7 +1093,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
                 except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: this item's error
                     data = {"index": i, "ok": False, "worker": worker, "error": _item_error(exc)}
                 if not left and kept is not None and data["ok"]:  # the last item: the kernel warns once
-                    data["result"] = _with_state(data["result"], kept.copy_changed(shared), defined)
+                    data["result"] = _with_state(data["result"], kept.copy_changed(shared, start), defined)
                 results[i] = _without_history(data)  # the item chunk brings it: the shard's result need not
                 yield Emit("item", data)
         finally:  # a cancelled call does not wait for its items still running (their slots are given back)

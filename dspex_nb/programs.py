@@ -627,38 +627,61 @@ def keep_lm_state(changes: list[dict[str, Any]], held: dict[tuple[Any, ...], Any
         target = lm if change.get("lm") is None else _held_lm(held, change["lm"])
         if target is None:  # the kernel's program no longer holds it
             continue
-        if overtaken := _overtaken(target, change, kept):
+        values = _new_values(change, resolve)
+        with _LM_STATE_LOCK:  # two calls' results read at once (threads, views) must not both take the same version
+            overtaken = _overtaken(target, change, kept)
+            outcome = None if overtaken else _take_change(target, change, values, changed)
+        if overtaken:
             warn_kept(f"{named} changed its attribute(s) {changed} as it answered on the pool, but {overtaken}: its "
                       "change is kept, not this one's (in the kernel, this one would have started where that one left)",
                       LMStateNotKept, callers_level())
-            continue
-        try:
-            if "unsent" in change:
-                raise typed.NotPortable(change["unsent"])
-            values = {name: typed.decode(value, resolve, name) for name, value in change.get("attributes", {}).items()}
-        except typed.NotPortable as exc:
-            stale = (f"changed its attribute(s) {changed} on the pool as it answered, which cannot come back to the "
-                     f"kernel ({exc}), so it would not answer as in the kernel; run calls on this LM in the kernel, or "
-                     "use a new one")
-            with contextlib.suppress(AttributeError, TypeError):  # an LM with __slots__ or a read-only attribute
-                setattr(target, LM_STALE, stale)
-            warn_kept(f"{named} {stale}: {'this answer is kept, and ' if answered else ''}the pool refuses this LM's "
+        elif isinstance(values, typed.NotPortable):
+            warn_kept(f"{named} {outcome}: {'this answer is kept, and ' if answered else ''}the pool refuses this LM's "
                       "next calls", LMStateNotKept, callers_level())
-            continue
-        try:
-            for name, value in values.items():
-                setattr(target, name, value)
-        except Exception as exc:  # the LM's own code refused it (a property without a setter): the answer stays
+        elif outcome is not None:
             warn_kept(f"{named} changed its attribute(s) {changed} as it answered on the pool, but the kernel's LM "
-                      f"refused to take them ({type(exc).__name__}: {exc}), so it does not start where the call left",
-                      LMStateNotKept, callers_level())
-            continue
-        for name in change.get("removed", []):
-            with contextlib.suppress(AttributeError):
-                delattr(target, name)
-        with contextlib.suppress(AttributeError, TypeError):  # an LM with __slots__: calls in flight go unchecked
-            setattr(target, LM_VERSION, getattr(target, LM_VERSION, 0) + 1)
-        kept[id(target)] = change.get("label", "")
+                      f"refused to take them ({outcome}), so it does not start where the call left", LMStateNotKept,
+                      callers_level())
+        else:
+            kept[id(target)] = change.get("label", "")
+
+
+_LM_STATE_LOCK = threading.Lock()  # keep_lm_state's check of an LM's version and the change it then sets, one step
+
+
+def _new_values(change: dict[str, Any], resolve: typed.Resolver) -> dict[str, Any] | typed.NotPortable:
+    """The attributes a change (``keep_lm_state``) sets, decoded; the ``NotPortable`` that says why it cannot be."""
+    try:
+        if "unsent" in change:
+            raise typed.NotPortable(change["unsent"])
+        return {name: typed.decode(value, resolve, name) for name, value in change.get("attributes", {}).items()}
+    except typed.NotPortable as exc:
+        return exc
+
+
+def _take_change(target: Any, change: dict[str, Any], values: dict[str, Any] | typed.NotPortable,
+                 changed: list[str]) -> str | None:
+    """Set a change's ``values`` on the kernel's LM ``target`` and count it (``wire.LM_VERSION``), or, where they
+    cannot come back, mark it (``wire.LM_STALE``); None where set, else what the warning says: why it is marked,
+    or what the LM's own code raised as it refused them (a property without a setter: the answer stays)."""
+    if isinstance(values, typed.NotPortable):
+        stale = (f"changed its attribute(s) {changed} on the pool as it answered, which cannot come back to the kernel "
+                 f"({values}), so it would not answer as in the kernel; run calls on this LM in the kernel, or use a "
+                 "new one")
+        with contextlib.suppress(AttributeError, TypeError):  # an LM with __slots__ or a read-only attribute
+            setattr(target, LM_STALE, stale)
+        return stale
+    try:
+        for name, value in values.items():
+            setattr(target, name, value)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    for name in change.get("removed", []):
+        with contextlib.suppress(AttributeError):
+            delattr(target, name)
+    with contextlib.suppress(AttributeError, TypeError):  # an LM with __slots__ only: calls in flight go unchecked
+        setattr(target, LM_VERSION, getattr(target, LM_VERSION, 0) + 1)
+    return None
 
 
 def _overtaken(target: Any, change: dict[str, Any], kept: dict[int, str]) -> str | None:

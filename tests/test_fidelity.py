@@ -17,12 +17,14 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import dspy
 import pytest
+from dspy.utils import DummyLM
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool, typed
@@ -2331,6 +2333,68 @@ def test_two_calls_in_flight_on_one_changing_lm_say_that_the_second_change_is_no
                                                                        "program holds in self.judge"):
         assert pool.run(judged, question=question).answer == "blue"
     assert counting.calls == 3  # one of its two calls
+
+
+def test_two_results_read_at_once_keep_one_change_of_their_lm() -> None:
+    # Was: keep_lm_state checked the kernel LM's version, then set a call's change on it, without a lock: two calls'
+    # results read at once (two threads, a view's pump and a cell) both found the version they were sent at, and both
+    # set their change, the second over the first, without a word
+    from dspex_nb import programs
+    from dspex_nb.wire import LM_VERSION
+
+    entered, go = threading.Event(), threading.Event()
+
+    class Held:  # an LM whose code holds the first change half-way through being set
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name == "calls" and not entered.is_set():
+                entered.set()
+                go.wait(30)
+            object.__setattr__(self, name, value)
+
+    lm = Held()
+
+    def keep(calls: int) -> threading.Thread:
+        change = {"lm": None, "label": "dspy.context set around this call", "name": "Held ''", "changed": ["calls"],
+                  "removed": [], "version": 0, "attributes": {"calls": typed.encode(calls)}}
+        thread = threading.Thread(target=programs.keep_lm_state, args=([change], {}, lm, typed.Resolver()))
+        thread.start()
+        return thread
+
+    first = keep(1)
+    assert entered.wait(30)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second = keep(5)
+        second.join(1)  # it waits for the first (or, without the lock, sets its change now)
+        go.set()
+        first.join(30)
+        second.join(30)
+    assert (lm.calls, getattr(lm, LM_VERSION)) == (1, 1)
+    assert [str(w.message) for w in caught] == [
+        "the LM Held '' that dspy.context set around this call changed its attribute(s) ['calls'] as it answered on "
+        "the pool, but another call on the pool changed it since this one was sent: its change is kept, not this "
+        "one's (in the kernel, this one would have started where that one left)"]
+
+
+def test_an_lm_that_counts_its_calls_in_a_slot_gives_the_count_as_in_the_kernel(pool: Pool) -> None:
+    # Was: the attributes of an LM that changed as it answered were read from its __dict__ only: one in __slots__
+    # (a count) changed on the worker's copy alone, though the README says the kernel's LM takes every change
+    program, question = dspy.Predict("question -> answer"), "What color is the sky?"
+    counting = Slotted({question: {"answer": "blue"}})
+    with dspy.context(lm=counting):
+        assert [pool.run(program, question=question).answer,
+                pool.run_stream(program, question=question).result(60).answer] == ["blue", "blue"]
+        assert counting.calls == 2
+        program(question=question)  # in the kernel: it goes on from there
+    assert counting.calls == 3
+
+
+class Slotted(DummyLM):  # an LM class that travels by reference (as an installed package's): its slot with it
+    __slots__ = ("calls",)
+
+    def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        self.calls = getattr(self, "calls", 0) + 1
+        return super().forward(*args, **kwargs)
 
 
 class Judged(dspy.Module):

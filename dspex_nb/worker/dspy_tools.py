@@ -428,8 +428,6 @@ class _LMStates:
         changes = []
         for label, (where, lm) in self.lms.items():
             was, now = self.before[label], _public_state(lm)
-            if was is None or now is None:
-                continue
             changed = sorted(name for name in now if now[name] is not None and was.get(name) != now[name])
             removed = sorted(was.keys() - now.keys())
             if not changed and not removed:
@@ -454,16 +452,25 @@ def _lm_name(lm: Any) -> str:
     return f"{type(lm).__name__} {getattr(lm, 'model', '')!r}"
 
 
-def _public_state(lm: Any) -> dict[str, bytes | None] | None:
-    """Each attribute of ``lm`` but its history and private ones, pickled (a notebook's class or lambda by value, as
-    cloudpickle ships them); None for one that cannot be (a client or lock it made), which is not compared: the
-    others are. None for an LM without ``vars``."""
-    try:
-        attributes = vars(lm)
-    except TypeError:  # __slots__ only
-        return None
-    return {name: _pickled(value) for name, value in list(attributes.items())
+def _public_state(lm: Any) -> dict[str, bytes | None]:
+    """Each attribute of ``lm`` (in its ``__dict__`` or its classes' ``__slots__``) but its history and private ones,
+    pickled (a notebook's class or lambda by value, as cloudpickle ships them); None for one that cannot be (a client
+    or lock it made), which is not compared: the others are."""
+    attributes = dict(getattr(lm, "__dict__", {}))
+    for name in _slots(type(lm)):
+        with contextlib.suppress(AttributeError):  # a slot not set
+            attributes[name] = getattr(lm, name)
+    return {name: _pickled(value) for name, value in attributes.items()
             if not name.startswith("_") and name != "history"}
+
+
+def _slots(cls: type) -> list[str]:
+    """The names of the ``__slots__`` of ``cls`` and its bases."""
+    names = []
+    for base in cls.__mro__:
+        slots = vars(base).get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else list(slots)
+    return names
 
 
 def _pickled(value: Any) -> bytes | None:

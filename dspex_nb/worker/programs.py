@@ -383,12 +383,12 @@ def _attribute_names(program: Any) -> dict[str, set[str]]:
 def _made(program: Any, names: dict[str, set[str]], start: bytes | None) -> bytes | None:
     """Where a call only made attributes of ``program``'s modules that they did not have (``names``) and left the rest
     of its state as it began (of digest ``start``), a digest of those new attributes, by module and name; else None."""
-    modules = [(name, module) for name, module in sub_modules(program) if name in names]
-    new = {id(module): set(vars(module)) - names[name] for name, module in modules}
-    if not any(new.values()) or state_digest(program, new) != start:
+    modules = {id(module): (name, module) for name, module in sub_modules(program) if name in names}
+    new = {key: added for key, (name, module) in modules.items() if (added := set(vars(module)) - names[name])}
+    if not new or state_digest(program, new) != start:
         return None
-    return state_digest({(name, attribute): vars(module)[attribute] for name, module in modules
-                         for attribute in sorted(new[id(module)])})
+    return state_digest({(modules[key][0], attribute): vars(modules[key][1])[attribute] for key, added in new.items()
+                         for attribute in sorted(added)})
 
 
 def state_digest(program: Any, left_out: dict[int, set[str]] | None = None) -> bytes | None:

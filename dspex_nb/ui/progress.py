@@ -99,10 +99,12 @@ class StreamText:
         new.clear()
 
     def _retried(self, predictor: str | None) -> None:
-        """Forget what ``predictor`` streamed: its call is made again (its reply did not parse), and the next
-        attempt's tokens would run on after those of the reply that is not the answer."""
-        if predictor is not None:
-            self.groups.get(predictor_label(predictor), {}).clear()
+        """Empty the fields ``predictor`` streamed: its call is made again (its reply did not parse), and the next
+        attempt's tokens would run on after those of the reply that is not the answer. (DSPy's stream listeners read
+        a reply as the adapter in use where the stream is read writes it: the JSONAdapter a ChatAdapter falls back to
+        is not, so that attempt streams nothing; the result then fills the fields.)"""
+        if predictor is not None and (group := self.groups.get(predictor_label(predictor))):
+            group.update(dict.fromkeys(group, ""))
 
     def _final(self, fields: dict[str, Any]) -> None:
         """The program's output: its fields in the last step's group (streamed ones are the same text), and

@@ -38,7 +38,15 @@ from dspex_nb.errors import (
     add_note,
 )
 from dspex_nb.journal import Journal, digest
-from dspex_nb.pool.calls import OWN_THREADS, WAIT_SLICE, Chunk, Handle, Run, interrupt_calls, stopped_by_sigint
+from dspex_nb.pool.calls import (
+    OWN_THREADS,
+    WAIT_SLICE,
+    Chunk,
+    Handle,
+    Run,
+    interrupt_calls,
+    loop_stopped_by_sigint,
+)
 from dspex_nb.pool.executor import Executor, Placement
 from dspex_nb.words import count
 
@@ -493,12 +501,7 @@ class BatchRun(Handle):
         short (an error, max_errors, a cancel), it raises as ``result()`` does, after the outputs before."""
         self._view_while_waiting(None, block=False)  # the loop's body runs while the view goes on
         try:
-            with stopped_by_sigint(self):  # also where Ctrl-C lands in the loop's body, not in the wait
-                for index in range(self.total):
-                    record = self._arrived_at(index)
-                    if record is None:
-                        break
-                    yield self._output(record)
+            yield from loop_stopped_by_sigint(self, self._outputs())  # also where Ctrl-C lands in the loop's body
             self.wait()  # the last item has arrived: the batch ends at once, and says whether it stopped short
         except KeyboardInterrupt as stop:
             add_note(stop, self._stopped_note())
@@ -507,6 +510,14 @@ class BatchRun(Handle):
             if self._done.is_set():  # not where the loop was left early (break): the batch goes on, and its view
                 self._final_view()
         self._raise_if_stopped()
+
+    def _outputs(self) -> Iterator[Any]:
+        """The outputs in input order, each once it and those before it have arrived, until one never does."""
+        for index in range(self.total):
+            record = self._arrived_at(index)
+            if record is None:
+                return
+            yield self._output(record)
 
     def _arrived_at(self, index: int) -> dict[str, Any] | None:
         """Item ``index``'s record once it has arrived, or None where the batch ended without it."""

@@ -51,6 +51,7 @@ class Pool(WorkerPool):
                 lm_kwargs = {**kernel_kwargs, **(lm_kwargs or {})}
         super().__init__(workers, lm=lm, lm_kwargs=lm_kwargs, **options)
         self._lms_warned: set[str] = set()
+        self._states_warned: set[str] = set()  # the programs whose StateNotKept was shown (programs.to_output)
         self._journal_setting = journal
         self._journal: Journal | None = None
         self._shipped: dict[int, tuple[Any, str]] = {}  # id(program) -> (a weak reference to it, its shipped name)
@@ -208,7 +209,7 @@ class Pool(WorkerPool):
         lm, shipped_lm = self._call_lm()
         resolver, held = resolver or typed.Resolver(), programs.lms_held(program)
         decode = partial(programs.to_output, resolve=resolver, trace=trace, program=program,
-                         fill_usage=not programs.usage_tracked(), lm=lm, held=held,
+                         fill_usage=not programs.usage_tracked(), lm=lm, held=held, warned=self._states_warned,
                          tracker=programs.open_usage_tracker())  # with dspy.track_usage() as usage: its calls count
         failed = partial(programs.keep_failed_lm_state, held=held, lm=lm, resolve=resolver)
         if programs.wants_history():
@@ -248,7 +249,7 @@ class Pool(WorkerPool):
         batch = self.batch(items, module=name, concurrency=concurrency, on_item=on_item, timeout=timeout,
                            item_timeout=item_timeout, max_retries=max_retries, journal=journal, max_errors=max_errors,
                            trace=trace is not None, on_history=programs.history_recorder(program))
-        batch.decode = partial(programs.to_output, batch=True, resolve=batch.resolver,
+        batch.decode = partial(programs.to_output, batch=True, resolve=batch.resolver, warned=self._states_warned,
                                fill_usage=not programs.usage_tracked(),
                                trace=None if trace is None else (trace, program))
         batch.label = f"map {programs.title(program)}"

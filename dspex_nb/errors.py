@@ -365,7 +365,7 @@ class StateNotKept(UserWarning):
     """A program changed its own state as it ran on the pool (an attribute of one of its modules, a dict or list of
     the notebook that its code adds to): the change stays on the worker's copy, which the worker then drops, and the
     kernel's program is as it was, so the next call starts from that state, not from the changed one as in the
-    kernel."""
+    kernel. Shown once per program and pool."""
 
 
 def warn_kept(message: str, category: type[Warning], stacklevel: int) -> None:

@@ -627,38 +627,61 @@ def keep_lm_state(changes: list[dict[str, Any]], held: dict[tuple[Any, ...], Any
         target = lm if change.get("lm") is None else _held_lm(held, change["lm"])
         if target is None:  # the kernel's program no longer holds it
             continue
-        if overtaken := _overtaken(target, change, kept):
+        values = _new_values(change, resolve)
+        with _LM_STATE_LOCK:  # two calls' results read at once (threads, views) must not both take the same version
+            overtaken = _overtaken(target, change, kept)
+            outcome = None if overtaken else _take_change(target, change, values, changed)
+        if overtaken:
             warn_kept(f"{named} changed its attribute(s) {changed} as it answered on the pool, but {overtaken}: its "
                       "change is kept, not this one's (in the kernel, this one would have started where that one left)",
                       LMStateNotKept, callers_level())
-            continue
-        try:
-            if "unsent" in change:
-                raise typed.NotPortable(change["unsent"])
-            values = {name: typed.decode(value, resolve, name) for name, value in change.get("attributes", {}).items()}
-        except typed.NotPortable as exc:
-            stale = (f"changed its attribute(s) {changed} on the pool as it answered, which cannot come back to the "
-                     f"kernel ({exc}), so it would not answer as in the kernel; run calls on this LM in the kernel, or "
-                     "use a new one")
-            with contextlib.suppress(AttributeError, TypeError):  # an LM with __slots__ or a read-only attribute
-                setattr(target, LM_STALE, stale)
-            warn_kept(f"{named} {stale}: {'this answer is kept, and ' if answered else ''}the pool refuses this LM's "
+        elif isinstance(values, typed.NotPortable):
+            warn_kept(f"{named} {outcome}: {'this answer is kept, and ' if answered else ''}the pool refuses this LM's "
                       "next calls", LMStateNotKept, callers_level())
-            continue
-        try:
-            for name, value in values.items():
-                setattr(target, name, value)
-        except Exception as exc:  # the LM's own code refused it (a property without a setter): the answer stays
+        elif outcome is not None:
             warn_kept(f"{named} changed its attribute(s) {changed} as it answered on the pool, but the kernel's LM "
-                      f"refused to take them ({type(exc).__name__}: {exc}), so it does not start where the call left",
-                      LMStateNotKept, callers_level())
-            continue
-        for name in change.get("removed", []):
-            with contextlib.suppress(AttributeError):
-                delattr(target, name)
-        with contextlib.suppress(AttributeError, TypeError):  # an LM with __slots__: calls in flight go unchecked
-            setattr(target, LM_VERSION, getattr(target, LM_VERSION, 0) + 1)
-        kept[id(target)] = change.get("label", "")
+                      f"refused to take them ({outcome}), so it does not start where the call left", LMStateNotKept,
+                      callers_level())
+        else:
+            kept[id(target)] = change.get("label", "")
+
+
+_LM_STATE_LOCK = threading.Lock()  # keep_lm_state's check of an LM's version and the change it then sets, one step
+
+
+def _new_values(change: dict[str, Any], resolve: typed.Resolver) -> dict[str, Any] | typed.NotPortable:
+    """The attributes a change (``keep_lm_state``) sets, decoded; the ``NotPortable`` that says why it cannot be."""
+    try:
+        if "unsent" in change:
+            raise typed.NotPortable(change["unsent"])
+        return {name: typed.decode(value, resolve, name) for name, value in change.get("attributes", {}).items()}
+    except typed.NotPortable as exc:
+        return exc
+
+
+def _take_change(target: Any, change: dict[str, Any], values: dict[str, Any] | typed.NotPortable,
+                 changed: list[str]) -> str | None:
+    """Set a change's ``values`` on the kernel's LM ``target`` and count it (``wire.LM_VERSION``), or, where they
+    cannot come back, mark it (``wire.LM_STALE``); None where set, else what the warning says: why it is marked,
+    or what the LM's own code raised as it refused them (a property without a setter: the answer stays)."""
+    if isinstance(values, typed.NotPortable):
+        stale = (f"changed its attribute(s) {changed} on the pool as it answered, which cannot come back to the kernel "
+                 f"({values}), so it would not answer as in the kernel; run calls on this LM in the kernel, or use a "
+                 "new one")
+        with contextlib.suppress(AttributeError, TypeError):  # an LM with __slots__ or a read-only attribute
+            setattr(target, LM_STALE, stale)
+        return stale
+    try:
+        for name, value in values.items():
+            setattr(target, name, value)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    for name in change.get("removed", []):
+        with contextlib.suppress(AttributeError):
+            delattr(target, name)
+    with contextlib.suppress(AttributeError, TypeError):  # an LM with __slots__ only: calls in flight go unchecked
+        setattr(target, LM_VERSION, getattr(target, LM_VERSION, 0) + 1)
+    return None
 
 
 def _overtaken(target: Any, change: dict[str, Any], kept: dict[int, str]) -> str | None:
@@ -701,7 +724,8 @@ def open_usage_tracker() -> list[Any]:
 
 def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any] | None = None,
               program: Any = None, fill_usage: bool = True, lm: Any = None, tracker: list[Any] | None = None,
-              batch: bool = False, held: dict[tuple[Any, ...], Any] | None = None) -> Any:
+              batch: bool = False, held: dict[tuple[Any, ...], Any] | None = None,
+              warned: set[str] | None = None) -> Any:
     """A DSPy tool's result as the program gave it: a dspy.Prediction of its fields, or its own value; with
     ``trace`` (``open_trace()`` and the kernel's program), its predictor calls are added there, and its LM
     calls' history entries go to DSPy's history (``dspy.inspect_history``, and ``program``'s own where it keeps
@@ -711,7 +735,8 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
     DSPy sets none), the call's usage where it has none. With ``tracker`` (``open_usage_tracker()``), the call's
     usage joins that tracker, as its LM calls add theirs in the kernel (one entry per model, with their sums). The
     attributes its LMs changed as they answered are set on the kernel's (``keep_lm_state``; a ``batch`` item's are
-    not, and a warning says so). ``held``: ``lms_held`` of ``program`` when the call was made (None: now)."""
+    not, and a warning says so). ``held``: ``lms_held`` of ``program`` when the call was made (None: now).
+    ``warned``: the programs whose ``StateNotKept`` was shown (a pool's), shown once each."""
     import dspy
 
     if tracker and isinstance(result, dict) and isinstance(result.get(typed.USAGE), dict):
@@ -720,7 +745,7 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
             usage_tracker.add_usage(model, counts)
     steps = result.pop(typed.TRACE, None) if isinstance(result, dict) else None
     if isinstance(result, dict) and (changed := result.pop(typed.STATE_CHANGED, None)):
-        warn_kept(STATE_NOT_KEPT.format(changed), StateNotKept, callers_level())
+        _state_not_kept(*changed, warned)
     if trace is not None and steps is not None:
         add_to_trace(*trace, steps, resolve)
     if isinstance(result, dict) and (typed.HISTORY in result or typed.LM_STATE in result):
@@ -752,6 +777,16 @@ STATE_NOT_KEPT = (
     "back, so the kernel's {0} is as it was and its next call on the pool starts from that state again, where in the "
     "kernel it would start from the changed one. Return what a call changes and update the notebook's state from the "
     "result, or run the program in the kernel")
+
+
+def _state_not_kept(name: str, label: str, warned: set[str] | None) -> None:
+    """The ``StateNotKept`` warning of the program ``name`` (``label`` to the user), once per name in ``warned``
+    (a pool's: once per program and pool; a later call's change is the same story, and its answer is right)."""
+    if warned is not None:
+        if name in warned:
+            return
+        warned.add(name)
+    warn_kept(STATE_NOT_KEPT.format(label), StateNotKept, callers_level())
 
 
 def is_signature(value: Any) -> bool:

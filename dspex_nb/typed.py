@@ -68,7 +68,8 @@ HISTORY_MODULES = "__dspex_modules__"  # in such an entry: the names of the prog
 HISTORY_LM = "__dspex_lm__"  # and the program's LM that made it: [its module's name, the attribute holding it]
 LM_STATE = "__dspex_lm_state__"  # beside a program's output: the attributes its LMs changed as they answered
 CACHED = "__dspex_cached__"  # beside a program's output: [LM calls DSPy answered from its cache, all its LM calls]
-STATE_CHANGED = "__dspex_state_changed__"  # beside a program's output: its name, where the call changed its state
+STATE_CHANGED = "__dspex_state_changed__"  # beside a program's output: [its name, its label], where the call changed
+# its state
 RESERVED = (USAGE, COMPLETIONS, LM_USAGE, COST, TRACE, HISTORY, LM_STATE, CACHED, STATE_CHANGED)
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
 

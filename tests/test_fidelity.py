@@ -12,15 +12,19 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import subprocess
 import sys
+import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import dspy
 import pytest
+from dspy.utils import DummyLM
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool, typed
@@ -762,11 +766,109 @@ program = Desk()
     calls = [lambda: pool.run(program, **inputs)] * 3 + [
         lambda: pool.run_stream(program, **inputs).result(60),
         lambda: pool.map(program, [inputs], journal=False).result(60)[0]]
-    for call in calls:  # more calls than workers: each starts from the kernel's state, on whichever worker
-        with pytest.warns(StateNotKept, match="Desk changed its own state as it ran on the pool"):
+    with pytest.warns(StateNotKept, match="Desk changed its own state as it ran on the pool"):
+        assert_same(expected, calls[0]())
+    for call in calls[1:]:  # more calls than workers, the same change each: each starts from the kernel's state, on
+        with warnings.catch_warnings(record=True) as caught:  # whichever worker; the warning was said once
+            warnings.simplefilter("always")
             assert_same(expected, call())
+        assert not [w for w in caught if w.category is StateNotKept]
     assert shell.user_ns["tickets"] == {} and program.seen == []
     assert_same(expected, pool.run(dspy.Predict("request, ticket -> reply"), request=inputs["request"], ticket="T0"))
+
+
+def test_a_program_that_makes_a_lock_and_a_cache_on_its_first_call_keeps_them_and_is_warned_of_once(
+        shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # Was: a program that made a lock or a functools.cached_property on its first call changed its state at every
+    # call on the pool (from the kernel's, which has neither): a StateNotKept warning at every call, the program
+    # loaded again from its payload each time and its cache made again, where the kernel makes it once
+    program, _ = define(shell, '''
+import functools, threading
+
+class Lazy(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question, style -> answer")
+
+    @functools.cached_property
+    def style(self):
+        print("making the style")
+        return "short"
+
+    def forward(self, question):
+        if not hasattr(self, "_lock"):
+            self._lock = threading.Lock()
+        with self._lock:
+            return self.qa(question=question, style=self.style)
+
+program = Lazy()
+''')
+    questions = [f"Why {n}?" for n in range(3 * pool.size)]
+    with dspy.context(lm=demo_lm):
+        expected = [program(question=q) for q in questions]
+    lazy = shell.user_ns["Lazy"]()  # as the kernel's was before its calls made them
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()) as out:
+        warnings.simplefilter("always")
+        answers = [pool.run(lazy, question=q) for q in questions]
+    assert_same(expected, answers)
+    assert [str(w.message).split(" changed")[0] for w in caught if w.category is StateNotKept] == ["Lazy"]
+    assert out.getvalue().count("making the style") <= 2 * pool.size < len(questions)  # on each worker: the call
+    # that made it, a second one that made the same (the copy then kept), none after
+
+
+def test_a_memory_a_program_makes_on_its_first_call_is_undone_as_any_change(shell: InteractiveShell, pool: Pool,
+                                                                           demo_lm: dspy.LM) -> None:
+    # what a first call makes is kept only where the next call, on other inputs, makes the same: a memory made on
+    # the first call and added to holds each call's question, so every call starts from the kernel's state
+    define(shell, '''
+class Remembers(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.reply = dspy.Predict("question, earlier: int -> answer")
+
+    def forward(self, question):
+        if not hasattr(self, "memory"):
+            self.memory = []
+        self.memory.append(question)
+        return self.reply(question=question, earlier=len(self.memory) - 1)
+
+program = Remembers()
+''')
+    questions = ["Why?", "Why?", "How?", "Why?", "When?", "How?"] * pool.size
+    with dspy.context(lm=demo_lm):
+        expected = [shell.user_ns["Remembers"]()(question=q) for q in questions]  # each from the kernel's state
+    program = shell.user_ns["Remembers"]()
+    with pytest.warns(StateNotKept, match="Remembers changed its own state"):
+        assert_same(expected, [pool.run(program, question=q) for q in questions])
+    assert not hasattr(program, "memory")
+
+
+def test_a_batch_of_a_program_holding_a_large_array_is_not_taken_for_one_that_changed_it(
+        shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # Was: a shard's copy of the program, loaded again, has arrays of its own, which the state check compares by
+    # identity (past 1 MB): it was compared with the program's, so every batch of a RAG program said StateNotKept
+    program, _ = define(shell, '''
+import numpy as np
+
+class Indexed(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.index = np.zeros(300_000)  # 2.4 MB
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question, replace=False):
+        if replace:
+            self.index = np.ones(300_000)
+        return self.qa(question=question)
+
+program = Indexed()
+''')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(pool.map(program, [f"q{n}" for n in range(4)], journal=False).result(60)) == 4
+    assert not [w for w in caught if w.category is StateNotKept]
+    with pytest.warns(StateNotKept, match="Indexed changed its own state"):
+        pool.map(program, [{"question": "q", "replace": True}], journal=False).result(60)
 
 
 def test_a_tools_traceback_in_react_shows_the_notebooks_cell(shell: InteractiveShell, pool: Pool,
@@ -2231,6 +2333,68 @@ def test_two_calls_in_flight_on_one_changing_lm_say_that_the_second_change_is_no
                                                                        "program holds in self.judge"):
         assert pool.run(judged, question=question).answer == "blue"
     assert counting.calls == 3  # one of its two calls
+
+
+def test_two_results_read_at_once_keep_one_change_of_their_lm() -> None:
+    # Was: keep_lm_state checked the kernel LM's version, then set a call's change on it, without a lock: two calls'
+    # results read at once (two threads, a view's pump and a cell) both found the version they were sent at, and both
+    # set their change, the second over the first, without a word
+    from dspex_nb import programs
+    from dspex_nb.wire import LM_VERSION
+
+    entered, go = threading.Event(), threading.Event()
+
+    class Held:  # an LM whose code holds the first change half-way through being set
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name == "calls" and not entered.is_set():
+                entered.set()
+                go.wait(30)
+            object.__setattr__(self, name, value)
+
+    lm = Held()
+
+    def keep(calls: int) -> threading.Thread:
+        change = {"lm": None, "label": "dspy.context set around this call", "name": "Held ''", "changed": ["calls"],
+                  "removed": [], "version": 0, "attributes": {"calls": typed.encode(calls)}}
+        thread = threading.Thread(target=programs.keep_lm_state, args=([change], {}, lm, typed.Resolver()))
+        thread.start()
+        return thread
+
+    first = keep(1)
+    assert entered.wait(30)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second = keep(5)
+        second.join(1)  # it waits for the first (or, without the lock, sets its change now)
+        go.set()
+        first.join(30)
+        second.join(30)
+    assert (lm.calls, getattr(lm, LM_VERSION)) == (1, 1)
+    assert [str(w.message) for w in caught] == [
+        "the LM Held '' that dspy.context set around this call changed its attribute(s) ['calls'] as it answered on "
+        "the pool, but another call on the pool changed it since this one was sent: its change is kept, not this "
+        "one's (in the kernel, this one would have started where that one left)"]
+
+
+def test_an_lm_that_counts_its_calls_in_a_slot_gives_the_count_as_in_the_kernel(pool: Pool) -> None:
+    # Was: the attributes of an LM that changed as it answered were read from its __dict__ only: one in __slots__
+    # (a count) changed on the worker's copy alone, though the README says the kernel's LM takes every change
+    program, question = dspy.Predict("question -> answer"), "What color is the sky?"
+    counting = Slotted({question: {"answer": "blue"}})
+    with dspy.context(lm=counting):
+        assert [pool.run(program, question=question).answer,
+                pool.run_stream(program, question=question).result(60).answer] == ["blue", "blue"]
+        assert counting.calls == 2
+        program(question=question)  # in the kernel: it goes on from there
+    assert counting.calls == 3
+
+
+class Slotted(DummyLM):  # an LM class that travels by reference (as an installed package's): its slot with it
+    __slots__ = ("calls",)
+
+    def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        self.calls = getattr(self, "calls", 0) + 1
+        return super().forward(*args, **kwargs)
 
 
 class Judged(dspy.Module):

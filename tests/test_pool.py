@@ -454,6 +454,30 @@ def test_an_awaited_call_leaves_a_sigint_handler_installed_after_it_as_it_is(poo
         signal.signal(signal.SIGINT, before)
 
 
+def cell(code: str, namespace: dict[str, Any]) -> None:
+    """Run ``code`` as a notebook cell runs: a frame of its own."""
+    exec(compile(code, "<cell>", "exec"), namespace)  # noqa: S102
+
+
+def test_ctrl_c_in_a_later_cell_leaves_a_suspended_loop_over_a_stream_alone(pool: Pool) -> None:
+    # Was: a loop over a run_stream left suspended (next(it) in one cell) kept its SIGINT handler, so Ctrl-C in any
+    # later cell cancelled that stream too, which Python's KeyboardInterrupt does not; in the loop itself, in its
+    # body or its wait, it still cancels
+    from dspex_nb.errors import Cancelled
+
+    namespace = {"signal": signal, "run": pool.execute_stream("count", {"n": 100, "delay": 0.02})}
+    cell("it = iter(run)\nfirst = next(it)\n", namespace)
+    with pytest.raises(KeyboardInterrupt):
+        cell("signal.raise_signal(signal.SIGINT)\n", namespace)  # a later cell, interrupted
+    cell("rest = list(it)\n", namespace)
+    assert namespace["run"].result(30) == {"count": 100} and len(namespace["rest"]) == 100  # items 1-99, the final
+    namespace["run"] = pool.execute_stream("count", {"n": 100, "delay": 0.02})
+    with pytest.raises(KeyboardInterrupt):
+        cell("for chunk in run:\n    signal.raise_signal(signal.SIGINT)\n", namespace)
+    with pytest.raises(Cancelled):
+        namespace["run"].result(30)
+
+
 def test_a_stopped_pool_leaves_no_file_open() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)

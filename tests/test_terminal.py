@@ -3,13 +3,15 @@ outside a terminal (a pipe, CI, nbval) the output stays the plain final lines.""
 
 from __future__ import annotations
 
+import enum
 import io
 import re
 
+import dspy
 import pytest
 
 from dspex_nb import Pool
-from dspex_nb.ui.progress import batch_line, terminal_batch_line
+from dspex_nb.ui.progress import StreamText, batch_line, terminal_batch_line
 from dspex_nb.ui.render import _terminal, show_batch, show_run
 
 
@@ -147,3 +149,37 @@ def test_a_narrow_terminal_leaves_out_the_least_useful_parts_of_the_batch_line_f
     # n/total (with the percentage), the rate and the ETA, and here the failures
     assert terminal_batch_line(SNAPSHOT, columns) == line
     assert batch_line(SNAPSHOT).startswith("1,234/10,000 items · ok 1,200 · ")  # the dashboard's line is whole
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+class Rate(dspy.Signature):
+    """Rate it."""
+
+    text: str = dspy.InputField()
+    answer: str = dspy.OutputField()
+    level: Level = dspy.OutputField()  # ChatAdapter cannot parse the demo LM's "1": DSPy asks again with JSONAdapter
+
+
+def test_a_call_asked_again_after_its_reply_streamed_shows_the_answer_not_the_first_reply(pool: Pool) -> None:
+    # Was: DSPy's ChatAdapter, which run_stream lets fall back to JSONAdapter as the call does unstreamed (where
+    # dspy.streamify raises AdapterParseError), asked again once the first reply had streamed: a terminal showed that
+    # reply's answer as the answer, and the views ran the next attempt's tokens on after it
+    run = pool.run_stream(dspy.Predict(Rate), text="fine")
+    screen = Terminal()
+    show_run(run, "rate", mode="text", out=screen)
+    answer = run.result(30).answer
+    retry = [chunk.data for chunk in run if chunk.kind == "status" and "retry" in chunk.data]
+    assert retry == [{"message": "asking again with JSONAdapter: ChatAdapter could not parse the reply streamed so far",
+                      "retry": "self"}]
+    first = "".join(chunk["text"] for chunk in run if chunk.kind == "token")
+    assert first != answer  # the reply that did not parse streamed; the JSON one is the answer
+    lines = screen.getvalue().splitlines()
+    assert lines[:2] == [f"answer: {first}", f"({retry[0]['message']})"]
+    assert lines[2:4] == [f"answer: {answer}", "level: <Level.HIGH: 2>"] and lines[4].startswith("done · ")
+    text = StreamText(run)
+    text.update()
+    assert text.groups == {"self": {"answer": answer, "level": "<Level.HIGH: 2>"}}

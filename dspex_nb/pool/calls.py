@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import inspect
 import json
+import os
 import signal
 import sys
 import threading
@@ -18,6 +20,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
+from types import CodeType, FrameType
 from typing import Any, Protocol
 
 from dspex_nb import typed
@@ -341,33 +344,63 @@ class Handle(concurrent.futures.Future):
                                "callback holds up; wait once the callback has returned")
 
 
-_awaiting: set[Handle] = set()  # handles awaited in the main thread now: Ctrl-C cancels them
+Where = tuple[int, CodeType]  # a frame running (its id, with its code: an id alone may be a later frame's)
+_awaiting: dict[Handle, Where | None] = {}  # handles awaited in the main thread now: Ctrl-C cancels them (one a
+# loop goes over, where it lands in that loop's frame: ``loop_stopped_by_sigint``)
 _sigint_before: Any = None  # the SIGINT handler while none is
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # dspex_nb's own directory
 
 
 @contextlib.contextmanager
-def stopped_by_sigint(handle: Handle) -> Iterator[None]:
+def stopped_by_sigint(handle: Handle, where: Where | None = None) -> Iterator[None]:
     """While the main thread awaits ``handle``, Ctrl-C (a kernel interrupt) cancels it at once, then goes on to
-    the handler there was. ipykernel's handler cancels an async cell only once the cell has ended by itself
-    (ipython/ipykernel#881), so ``await pool.run_async(...)`` would run to its end."""
+    the handler there was; with ``where``, only where it lands while that frame runs. ipykernel's handler cancels an
+    async cell only once the cell has ended by itself (ipython/ipykernel#881), so ``await pool.run_async(...)``
+    would run to its end."""
     global _sigint_before
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     if signal.getsignal(signal.SIGINT) is not _cancel_awaited:
         _sigint_before = signal.signal(signal.SIGINT, _cancel_awaited)
-    _awaiting.add(handle)
+    _awaiting[handle] = where
     try:
         yield
     finally:
-        _awaiting.discard(handle)
+        _awaiting.pop(handle, None)
         if not _awaiting and signal.getsignal(signal.SIGINT) is _cancel_awaited:  # not one installed since: kept
             signal.signal(signal.SIGINT, _sigint_before)
 
 
-def _cancel_awaited(signum: int, frame: Any) -> None:
-    for handle in list(_awaiting):  # in a thread: this handler may run while the main thread holds a lock
-        threading.Thread(target=handle.cancel, name="dspex-sigint", daemon=True).start()
+def loop_stopped_by_sigint(handle: Handle, items: Iterator[Any]) -> Iterator[Any]:
+    """``items``, for a loop over ``handle``: Ctrl-C cancels it where it lands in the loop, in the wait for the next
+    item or in the loop's body, as in ``wait()``. A loop left suspended (``next(it)`` in one cell, then other
+    cells) is not awaited: Ctrl-C in code that runs meanwhile, outside the frame that runs the loop, is the
+    KeyboardInterrupt it is without dspex_nb, and the loop's call goes on."""
+    with stopped_by_sigint(handle, _loop_frame(sys._getframe(1))):
+        for item in items:
+            yield item
+            if handle in _awaiting:  # resumed: by the frame that runs the loop now
+                _awaiting[handle] = _loop_frame(sys._getframe(1))
+
+
+def _loop_frame(frame: FrameType | None) -> Where | None:
+    """The frame that runs a loop over one of dspex_nb's generators, ``frame`` or a frame that called it: the first
+    that is not a generator of dspex_nb's (``Run.__iter__`` goes over ``Run.arrivals``); None for none."""
+    while frame is not None and frame.f_code.co_flags & inspect.CO_GENERATOR \
+            and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+    return None if frame is None else (id(frame), frame.f_code)
+
+
+def _cancel_awaited(signum: int, frame: FrameType | None) -> None:
+    running: set[Where] = set()  # the frames Ctrl-C landed in and those that called them
+    while frame is not None:
+        running.add((id(frame), frame.f_code))
+        frame = frame.f_back
+    for handle, where in list(_awaiting.items()):  # in a thread: this handler may run while the main thread holds a
+        if where is None or where in running:  # lock
+            threading.Thread(target=handle.cancel, name="dspex-sigint", daemon=True).start()
     if callable(_sigint_before):
         _sigint_before(signum, frame)
 
@@ -628,8 +661,7 @@ class Run(Handle):
     def arrivals(self, stacklevel: int = 2) -> Iterator[Chunk]:
         """Every chunk, from the first, as it arrives; ends quietly with the stream, however it ended
         (``result()`` says how). Ctrl-C cancels."""
-        with stopped_by_sigint(self):  # also where Ctrl-C lands in the loop's body, not in its wait for a chunk
-            yield from self._arrivals(stacklevel + 1)
+        yield from loop_stopped_by_sigint(self, self._arrivals(stacklevel + 2))
 
     def _arrivals(self, stacklevel: int) -> Iterator[Chunk]:
         index, warned = 0, False

@@ -84,6 +84,7 @@ class StreamText:
             self._join(new)
             if chunk.kind == "status":
                 self.status = chunk["message"]
+                self._retried(chunk.data.get("retry"))
             elif chunk.kind == "final" and isinstance(chunk.data, dict):
                 self._final(shown_fields(chunk.data, None if self.run.decode is None
                                          else lambda _: self.run.decoded()))  # once: see Run.decoded
@@ -96,6 +97,14 @@ class StreamText:
             group = self.groups.setdefault(step, {})
             group[name] = group.get(name, "") + "".join(texts)
         new.clear()
+
+    def _retried(self, predictor: str | None) -> None:
+        """Empty the fields ``predictor`` streamed: its call is made again (its reply did not parse), and the next
+        attempt's tokens would run on after those of the reply that is not the answer. (DSPy's stream listeners read
+        a reply as the adapter in use where the stream is read writes it: the JSONAdapter a ChatAdapter falls back to
+        is not, so that attempt streams nothing; the result then fills the fields.)"""
+        if predictor is not None and (group := self.groups.get(predictor_label(predictor))):
+            group.update(dict.fromkeys(group, ""))
 
     def _final(self, fields: dict[str, Any]) -> None:
         """The program's output: its fields in the last step's group (streamed ones are the same text), and

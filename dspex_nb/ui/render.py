@@ -78,6 +78,12 @@ def _tokens_as_they_come(run: Run, out: TextIO) -> None:
     for chunk in run.arrivals():  # the summary line says how it ended
         if chunk.kind == "output":  # the program's print, which the run wrote: the tokens go on on a line of their own
             current = None
+        if chunk.kind == "status" and chunk.data.get("retry") is not None:
+            # its predictor's call is made again: what it streamed is not the answer, whose fields come at the end
+            out.write(("\n" if current else "") + progress.printable(f"({chunk['message']})") + "\n")
+            step = progress.predictor_label(chunk["retry"])
+            streamed = {where for where in streamed if where[0] != step}
+            current = None
         if chunk.kind != "token":
             continue
         where = (progress.predictor_label(chunk.data.get("predictor") or ""), chunk["field"])

@@ -340,7 +340,7 @@ def _async_items(make: Callable[[], AsyncIterator[Any]],
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: the call's error
-            items.put(_Failure(exc))
+            items.put(_Failure(exc.error if isinstance(exc, _Carried) else exc))
         finally:
             items.put(end)
 
@@ -376,6 +376,16 @@ def _async_items(make: Callable[[], AsyncIterator[Any]],
 @dataclass
 class _Failure:
     error: BaseException
+
+
+class _Carried(Exception):
+    """A program's ``StopIteration`` (or ``StopAsyncIteration``) on its way through ``dspy.streamify``, which
+    Python would make a RuntimeError ("coroutine raised StopIteration") as it left streamify's coroutines: the
+    kernel gets the program's own error, as from a call not streamed (``_async_items`` takes it out)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
 
 
 def _settings(ctx: ToolContext, kernel: str) -> dict[str, Any]:
@@ -418,8 +428,6 @@ class _LMStates:
         changes = []
         for label, (where, lm) in self.lms.items():
             was, now = self.before[label], _public_state(lm)
-            if was is None or now is None:
-                continue
             changed = sorted(name for name in now if now[name] is not None and was.get(name) != now[name])
             removed = sorted(was.keys() - now.keys())
             if not changed and not removed:
@@ -444,16 +452,25 @@ def _lm_name(lm: Any) -> str:
     return f"{type(lm).__name__} {getattr(lm, 'model', '')!r}"
 
 
-def _public_state(lm: Any) -> dict[str, bytes | None] | None:
-    """Each attribute of ``lm`` but its history and private ones, pickled (a notebook's class or lambda by value, as
-    cloudpickle ships them); None for one that cannot be (a client or lock it made), which is not compared: the
-    others are. None for an LM without ``vars``."""
-    try:
-        attributes = vars(lm)
-    except TypeError:  # __slots__ only
-        return None
-    return {name: _pickled(value) for name, value in list(attributes.items())
+def _public_state(lm: Any) -> dict[str, bytes | None]:
+    """Each attribute of ``lm`` (in its ``__dict__`` or its classes' ``__slots__``) but its history and private ones,
+    pickled (a notebook's class or lambda by value, as cloudpickle ships them); None for one that cannot be (a client
+    or lock it made), which is not compared: the others are."""
+    attributes = dict(getattr(lm, "__dict__", {}))
+    for name in _slots(type(lm)):
+        with contextlib.suppress(AttributeError):  # a slot not set
+            attributes[name] = getattr(lm, name)
+    return {name: _pickled(value) for name, value in attributes.items()
             if not name.startswith("_") and name != "history"}
+
+
+def _slots(cls: type) -> list[str]:
+    """The names of the ``__slots__`` of ``cls`` and its bases."""
+    names = []
+    for base in cls.__mro__:
+        slots = vars(base).get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else list(slots)
+    return names
 
 
 def _pickled(value: Any) -> bytes | None:
@@ -515,6 +532,8 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             if isinstance(value, StreamResponse):
                 yield Emit("token", {"field": value.signature_field_name, "text": value.chunk,
                                      "last": value.is_last_chunk, "predictor": value.predict_name})
+            elif isinstance(value, _Retry):  # the tokens its predictor streamed since its call began are not the answer
+                yield Emit("status", {"message": value.message, "retry": _predictor_name(program, value.predictor)})
             elif isinstance(value, StatusMessage):
                 yield Emit("status", {"message": value.message})
             elif isinstance(value, dspy.Prediction):  # a stream's last value
@@ -526,6 +545,12 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             raise _no_final()
     return _with_extras(program, steps, trace, costs.output_json(final.value if isinstance(final, _Boxed) else final),
                         costs, ctx)
+
+
+def _predictor_name(program: Any, predictor: int) -> str:
+    """The name in ``program.named_predictors()`` of the predictor of id ``predictor`` ("" for none of them)."""
+    return next((name for name, p in program.named_predictors() if id(p) == predictor), "") \
+        if isinstance(program, dspy.Module) else ""
 
 
 # The LM's raw chunks carry its whole reply, field markers and all, for no field: the kernel gets a stream's chunks
@@ -642,6 +667,8 @@ class _AlwaysPrediction(dspy.Module):
             with dspy.context(send_stream=_FromThisThread(dspy.settings.send_stream), callbacks=callbacks,
                               **{UNSEEN_STREAM: True}), self.ctx.program_running():
                 output = _awaited(programs.invoke(self.program, inputs))  # an async program runs to its end here
+        except (StopIteration, StopAsyncIteration) as exc:
+            raise _Carried(exc) from None
         finally:
             with self._lock:
                 self._running -= 1
@@ -708,6 +735,14 @@ def _no_final() -> typed.NotPortable:
                              "tokens all the same), or run it in the kernel")
 
 
+def _send_status(message: StatusMessage) -> None:
+    """Put ``message`` on the call's DSPy stream, from the program's thread (as DSPy's sync LM calls send)."""
+    stream = dspy.settings.send_stream
+    if stream is not None:
+        with contextlib.suppress(Exception):  # a status line is not worth failing the call for
+            anyio.from_thread.run(stream.send, message)
+
+
 def _parallel_without_streams() -> None:
     """Let ``dspy.Parallel`` / ``Module.batch`` / ``dspy.Evaluate`` run inside a streamed call.
 
@@ -723,13 +758,10 @@ def _parallel_without_streams() -> None:
         return
 
     def execute(self: ParallelExecutor, function: Callable[..., Any], data: Any) -> Any:
-        stream = dspy.settings.send_stream
-        if stream is None:
+        if dspy.settings.send_stream is None:
             return original(self, function, data)
         count = f"{len(data)} " if hasattr(data, "__len__") else ""
-        with contextlib.suppress(Exception):  # a status line is not worth failing the call for
-            anyio.from_thread.run(stream.send, StatusMessage(f"running {count}calls in parallel "
-                                                             "(their tokens are not streamed)"))
+        _send_status(StatusMessage(f"running {count}calls in parallel (their tokens are not streamed)"))
         with dspy.context(send_stream=None):
             return original(self, function, data)
 
@@ -786,27 +818,50 @@ _threads_see_the_calls_settings()
 UNSEEN_STREAM = "dspex_unseen_stream"
 
 
+@dataclass
+class _Retry(StatusMessage):
+    """The status of a predictor's LM call made again after its stream showed some of the reply."""
+
+    predictor: int = 0  # the id of the predictor whose call is made again
+
+
 def _streams_the_program_does_not_see() -> None:
     """Let a program streamed for the kernel do what it does unstreamed once its LM's reply began to stream.
 
     DSPy stops a streamed call from doing again what its stream already showed: its ChatAdapter does not fall back
-    to JSONAdapter on a reply it cannot parse. ``qa(...)`` in the kernel streams nothing, so it falls back, and so
-    does the pool's call of it: the kernel gets the result the call gives, and the tokens as they came.
+    to JSONAdapter on a reply it cannot parse (``dspy.streamify`` raises AdapterParseError there). ``qa(...)`` in the
+    kernel streams nothing, so it falls back, and so does the pool's call of it: the kernel gets the result the call
+    gives. The tokens of the reply that did not parse are not the answer: a ``_Retry`` status says so, and the views
+    drop them (``StreamText``), rather than run the next attempt's on after them.
     """
     try:
-        from dspy.clients import execution, lm
+        from dspy.adapters.chat_adapter import ChatAdapter
+        from dspy.clients import call_context, execution, lm
     except ImportError:  # another DSPy than the one this was written for: its streamed calls run as DSPy has them
         return
     original = getattr(execution, "stream_emitted", None)
-    if original is None or getattr(original, "dspex_nb", False):
+    scopes = getattr(call_context, "_adapter_calls", None)  # the adapter calls running, innermost last
+    fallback = getattr(ChatAdapter, "_make_json_adapter_fallback", None)
+    if original is None or scopes is None or fallback is None or getattr(original, "dspex_nb", False):
         return
 
     def stream_emitted() -> None:
         if not dspy.settings.get(UNSEEN_STREAM):
             original()
+            return
+        for progress in scopes.get():  # what DSPy's would mark emitted, which would stop its fallback
+            progress.dspex_shown = True
+
+    def make_json_adapter_fallback(self: ChatAdapter) -> Any:
+        calls = scopes.get()
+        if calls and getattr(calls[-1], "dspex_shown", False):
+            _send_status(_Retry("asking again with JSONAdapter: ChatAdapter could not parse the reply streamed so "
+                                "far", id(dspy.settings.caller_predict)))
+        return fallback(self)
 
     stream_emitted.dspex_nb = True  # type: ignore[attr-defined]
     execution.stream_emitted = lm.stream_emitted = stream_emitted
+    ChatAdapter._make_json_adapter_fallback = make_json_adapter_fallback  # type: ignore[method-assign]
 
 
 _streams_the_program_does_not_see()
@@ -933,20 +988,21 @@ def run_module(ctx: ToolContext, name: str, inputs: dict | str, settings: str = 
     try:
         result = yield from _call(program, inputs, ctx, settings, trace, history, tokens)
     except BaseException:
-        _state_changed(kept, program)  # the next call starts from the kernel's state all the same
+        _state_changed(kept, program, inputs)  # the next call starts from the kernel's state all the same
         raise
-    return _with_state(result, _state_changed(kept, program), defined)
+    return _with_state(result, _state_changed(kept, program, inputs), defined)
 
 
-def _state_changed(kept: programs.ShippedCopy | None, program: Any) -> bool:
-    return kept is not None and kept.changed(program)
+def _state_changed(kept: programs.ShippedCopy | None, program: Any, inputs: dict[str, Any]) -> bool:
+    return kept is not None and kept.changed(program, inputs)
 
 
 def _with_state(result: Any, changed: bool, defined: programs.Program) -> Any:
-    """``result``, with ``typed.STATE_CHANGED`` (the program's name) where its call ``changed`` the state of the
-    kernel's program that it ran (``ShippedCopy``), for the kernel to say that the change does not reach it."""
+    """``result``, with ``typed.STATE_CHANGED`` (the program's name, and what the user calls it) where its call
+    ``changed`` the state of the kernel's program that it ran (``ShippedCopy``), for the kernel to say that the change
+    does not reach it."""
     if changed and isinstance(result, dict):
-        result[typed.STATE_CHANGED] = defined.label or defined.name
+        result[typed.STATE_CHANGED] = [defined.name, defined.label or defined.name]
     return result
 
 
@@ -998,9 +1054,10 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         make, kept = defined.factory, defined.shipped
         version = {"version": defined.version}
     settings, worker = _settings(ctx, settings), ctx.worker.worker_id
-    shared = kept.fresh() if kept is not None else None  # a shipped program: its items run one instance (as
-    # Module.batch runs the program's), a copy of the shard's own (a call made while the batch runs starts from the
-    # kernel's state, not from the items'), whose state is checked once, when the last item is done
+    # a shipped program: its items run one instance (as Module.batch runs the program's), a copy of the shard's own (a
+    # call made while the batch runs starts from the kernel's state, not from the items'), whose state is checked
+    # once, when the last item is done
+    shared, start = kept.fresh_copy() if kept is not None else (None, None)
 
     events: queue.SimpleQueue[tuple[int, futures.Future | None]] = queue.SimpleQueue()  # started / done
 
@@ -1043,7 +1100,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
                 except BaseException as exc:  # SystemExit, KeyboardInterrupt... from user code: this item's error
                     data = {"index": i, "ok": False, "worker": worker, "error": _item_error(exc)}
                 if not left and kept is not None and data["ok"]:  # the last item: the kernel warns once
-                    data["result"] = _with_state(data["result"], kept.copy_changed(shared), defined)
+                    data["result"] = _with_state(data["result"], kept.copy_changed(shared, start), defined)
                 results[i] = _without_history(data)  # the item chunk brings it: the shard's result need not
                 yield Emit("item", data)
         finally:  # a cancelled call does not wait for its items still running (their slots are given back)

@@ -655,6 +655,32 @@ def test_a_stop_iteration_a_program_raises_is_reported_as_itself(pool: Pool) -> 
         pool.run("own_generator", question="q")
 
 
+@pytest.mark.parametrize("kind", [StopIteration, StopAsyncIteration])
+def test_a_stop_iteration_a_streamed_module_raises_is_reported_as_itself(pool: Pool, kind: type) -> None:
+    # Was: a module with a str output field, which run_stream streams through dspy.streamify, raised it in
+    # streamify's coroutines, and Python made it "RuntimeError: coroutine raised StopIteration" (pool.run gave
+    # StopIteration, as its call in the kernel does)
+    import dspy
+
+    from dspex_nb.worker.demo_lm import make_demo_lm
+
+    class Stops(dspy.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qa = dspy.Predict("question -> answer")
+
+        def forward(self, question: str) -> dspy.Prediction:
+            self.qa(question=question)
+            raise kind
+
+    with pytest.raises(kind), dspy.context(lm=make_demo_lm()[0]):
+        Stops()(question="q")  # in the kernel, on the demo LM the workers run
+    for run in (pool.run, lambda program, **inputs: pool.run_stream(program, **inputs).result(30)):
+        with pytest.raises(ToolError, match=rf"failed on worker w\d: {kind.__name__}: \n") as caught:
+            run(Stops(), question="q")
+        assert not isinstance(caught.value, RuntimeError)
+
+
 def test_an_lm_set_in_the_place_of_one_a_call_runs_on_gets_none_of_its_state(pool: Pool) -> None:
     # Was: the kernel looked for the program's LM that changed as it answered when the call's result was read, by
     # where the program held it: an LM set there meanwhile (set_lm while a run_stream ran) got the state of the one

@@ -183,3 +183,27 @@ def test_a_call_asked_again_after_its_reply_streamed_shows_the_answer_not_the_fi
     text = StreamText(run)
     text.update()
     assert text.groups == {"self": {"answer": answer, "level": "<Level.HIGH: 2>"}}
+
+
+class AskedTwice(dspy.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        self.qa(question=f"{question} first")
+        return self.qa(question=f"{question} again")
+
+
+def test_a_predictor_called_again_streams_its_field_anew_not_run_on(pool: Pool) -> None:
+    # Was: a module calling one predictor twice (its own loop, ReAct's steps) showed both calls' tokens as one text
+    run = pool.run_stream(AskedTwice(), question="Why?")
+    screen = Terminal()
+    show_run(run, "twice", mode="text", out=screen)
+    answer = run.result(30).answer
+    assert "Why? again" in answer
+    lines = screen.getvalue().splitlines()
+    assert lines[0].startswith("answer: Demo LM answer to 'Why? first'") and lines[1] == f"answer: {answer}"
+    text = StreamText(run)
+    text.update()
+    assert text.groups == {"qa": {"answer": answer}}

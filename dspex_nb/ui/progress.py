@@ -70,6 +70,8 @@ class StreamText:
     tokens: int = 0
     status: str = ""
     _read: int = 0
+    _ended: set[tuple[str, str]] = field(default_factory=set)  # fields whose stream ended: one that streams again
+    # (a predictor called again: a module's own loop, ReAct's steps) shows its new text, not both run together
 
     def update(self) -> bool:
         """Read the chunks that arrived since the last call; True when anything changed."""
@@ -77,8 +79,14 @@ class StreamText:
         new: dict[tuple[str, str], list[str]] = {}  # each field's tokens of this read, joined once: a long stream
         for chunk in chunks:  # read at once must not cost a copy of the field's text per token
             if chunk.kind == "token":
-                new.setdefault((predictor_label(chunk.data.get("predictor") or ""), chunk["field"]), []).append(
-                    chunk["text"])
+                where = (predictor_label(chunk.data.get("predictor") or ""), chunk["field"])
+                if where in self._ended:
+                    self._join(new)
+                    self.groups[where[0]][where[1]] = ""
+                    self._ended.discard(where)
+                new.setdefault(where, []).append(chunk["text"])
+                if chunk.data.get("last"):
+                    self._ended.add(where)
                 self.tokens += bool(chunk["text"])
                 continue
             self._join(new)

@@ -73,6 +73,7 @@ def _tokens_as_they_come(run: Run, out: TextIO) -> None:
     """Print each field's tokens as they arrive (a ``[step] field:`` line where a new one starts), then the
     fields no step streamed and the summary. Ctrl-C stops the run; what arrived stays on the screen."""
     streamed: set[tuple[str, str]] = set()
+    ended: set[tuple[str, str]] = set()  # fields whose stream ended
     current: tuple[str, str] | None = None
     first_step = None
     for chunk in run.arrivals():  # the summary line says how it ended
@@ -88,13 +89,17 @@ def _tokens_as_they_come(run: Run, out: TextIO) -> None:
             continue
         where = (progress.predictor_label(chunk.data.get("predictor") or ""), chunk["field"])
         first_step = where[0] if first_step is None else first_step
-        if where != current:  # a later step of a multi-step module is named
+        if where != current or where in ended:  # a later step of a multi-step module is named; a predictor called
+            # again streams its field on a line of its own
+            ended.discard(where)
             label = f"[{where[0]}] " if where[0] != first_step else ""
             out.write(("\n" if current else "") + progress.printable(f"{label}{where[1]}: "))
             current = where
             streamed.add(where)
         out.write(progress.printable(chunk["text"]))
         out.flush()
+        if chunk.data.get("last"):
+            ended.add(where)
     text = progress.StreamText(run)
     text.update()
     rest = [progress.printable(f"{name}: {value}") for step, group in text.groups.items()

@@ -329,6 +329,8 @@ class ShippedCopy:
         self.payload, self.program = payload, program
         self.digest = state_digest(program)
         self.lock = threading.Lock()
+        self.copies_digest: bytes | None = None
+        self.copies_made = False
 
     def current(self) -> Any:
         return self.program
@@ -336,11 +338,16 @@ class ShippedCopy:
     def fresh(self) -> Any:
         """A copy of its own as it came (a session's instance, ``load_module``, or a batch shard's), whose calls
         change it alone."""
-        return _program_of(unpickled(self.payload))
+        copy = _program_of(unpickled(self.payload))
+        if not self.copies_made:  # the state a copy comes with, the same for every copy (two threads may both take
+            # it): not the first load's (``digest``), whose strings Python interned as it made their code (a
+            # function's parameter names), so that later loads share those and pickle otherwise, by identity
+            self.copies_digest, self.copies_made = state_digest(copy), True
+        return copy
 
     def copy_changed(self, copy: Any) -> bool:
         """Whether the calls that ran ``copy`` (from ``fresh``) changed its state from the one it came with."""
-        return self.digest is not None and state_digest(copy) != self.digest
+        return self.copies_digest is not None and state_digest(copy) != self.copies_digest
 
     def changed(self, program: Any) -> bool:
         """Whether the call that ran ``program`` (from ``current``) changed its state; if so, the next call gets

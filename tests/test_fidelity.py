@@ -671,6 +671,12 @@ def my_function(param1: str, param2: int = 5) -> str:  # DSPy's tools page: a To
 
 program = dspy.Tool(my_function)
 ''', {"param1": "x"}),
+    "completions_of_a_prediction": ('''
+qa = dspy.ChainOfThought("question -> answer", n=3)
+
+def program(question):  # DSPy's modules page: response.completions.answer
+    return qa(question=question).completions
+''', {"question": "Pick a colour"}),
 }
 
 
@@ -700,7 +706,9 @@ def assert_same(kernel: Any, pool: Any, where: str = "output") -> None:
         assert (pool.completions is None) == (kernel.completions is None), f"{where}: completions {pool.completions}"
         if kernel.completions is not None:
             assert_same(dict(kernel.completions.items()), dict(pool.completions.items()), f"{where}.completions")
-    if isinstance(kernel, dspy.Example):
+    if isinstance(kernel, dspy.Completions):
+        assert_same(dict(kernel.items()), dict(pool.items()), where)
+    elif isinstance(kernel, dspy.Example):
         assert_same(dict(kernel.items()), dict(pool.items()), where)
         assert_same({k: v for k, v in vars(kernel).items() if k not in ("_store", "_completions", "_lm_usage")},
                     {k: v for k, v in vars(pool).items() if k not in ("_store", "_completions", "_lm_usage")},

@@ -137,6 +137,8 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
     dspy = sys.modules.get("dspy")
     if dspy is not None and isinstance(value, dspy.Example):  # Prediction is an Example
         return _example_json(value, dspy, ship)
+    if dspy is not None and type(value) is dspy.Completions:  # a Prediction's completions (pred.completions)
+        return {TAG: "completions", "fields": encode({k: list(v) for k, v in value.items()}, ship)}
     if _is_pydantic(value):  # its state, as pydantic pickles it (see the module's docstring)
         state = value.__getstate__()
         return {TAG: "model", "class": _path(type(value), ship), "fields": encode(state["__dict__"], ship),
@@ -491,11 +493,16 @@ def _fields(value: dict[str, Any], resolve: Callable[[str], type | None], where:
     return {k: decode(v, resolve, f"{where}.{k}") for k, v in value["fields"].items()}
 
 
+def _completions(fields: dict[str, list[Any]]) -> Any:
+    from dspy.primitives.prediction import Completions
+
+    return Completions(fields)
+
+
 def _example(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
     """The Example or Prediction (or subclass) with exactly these fields, input keys, completions and LM usage
     (its class's ``__init__`` does not run again, as for a dataclass)."""
     import dspy
-    from dspy.primitives.prediction import Completions
 
     base = dspy.Prediction if value[TAG] == "prediction" else dspy.Example
     cls = _cls(value, resolve, where) if "class" in value else base
@@ -506,8 +513,8 @@ def _example(value: dict[str, Any], resolve: Callable[[str], type | None], where
         obj._input_keys = set(value["inputs"])
     if "completions" in value:
         completions = value["completions"]
-        obj._completions = Completions({k: [v] for k, v in obj._store.items()} if completions == ONE_COMPLETION
-                                       else decode(completions, resolve, f"{where}.completions"))
+        obj._completions = _completions({k: [v] for k, v in obj._store.items()} if completions == ONE_COMPLETION
+                                        else decode(completions, resolve, f"{where}.completions"))
     if "usage" in value:
         obj.set_lm_usage(decode(value["usage"], resolve, f"{where}.usage"))
     attrs = decode(value["attrs"], resolve, f"{where}.attrs") if "class" in value and "attrs" in value else {}
@@ -635,6 +642,7 @@ _DECODERS: dict[str, Callable[[dict[str, Any], Callable[[str], type | None], str
     "dataclass": lambda v, r, w: _dataclass(_cls(v, r, w), _fields(v, r, w)),
     "prediction": _example,
     "example": _example,
+    "completions": lambda v, r, w: _completions(decode(v["fields"], r, f"{w}.completions")),
     "pydantic": lambda v, r, w: _adapter(_pydantic_type(v, w)).validate_json(v["json"]),
     "code": _code,
     "numpy": _numpy,

@@ -737,6 +737,29 @@ def shout(text: str, times: int = 2):
     assert sh.ns["OUT"] == [sh.ns["shout"](w) for w in sh.ns["words"]]
 
 
+def test_run_takes_a_retrievers_query_as_its_call_in_the_kernel(sh: Shell) -> None:
+    # dspy.Retrieve is a Parameter, not a Module: its __call__(*args, **kwargs) passes on to forward(query, k=None),
+    # so the cell was refused ("write one `field: value` line per input field []") where retrieve("bees") runs
+    sh('''
+import dspy
+
+def local_rm(query, k=3, **kwargs):
+    docs = ["Bees find flowers by scent.", "Cats purr.", "Yeast makes bread rise.", "Rain is water."]
+    return [dspy.Prediction(long_text=d) for d in docs[:k]]
+
+dspy.configure(rm=local_rm)
+retrieve = dspy.Retrieve(k=2)
+''')
+    try:
+        sh("%%dspex run retrieve -o r\nbees")
+        assert sh.ns["r"] == sh.ns["retrieve"]("bees")
+        sh("three = 3")
+        sh("%%dspex run retrieve -o r\nquery: bees\nk: {three}")
+        assert sh.ns["r"] == sh.ns["retrieve"]("bees", k=3) and len(sh.ns["r"].passages) == 3
+    finally:
+        sh("dspy.configure(rm=None)")
+
+
 def test_a_signature_without_output_fields_gives_the_kernels_empty_prediction(sh: Shell) -> None:
     # DSPy answers it with a Prediction of no fields, whose repr raises StopIteration: the view showed that repr
     sh('''

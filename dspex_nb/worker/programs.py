@@ -191,11 +191,25 @@ def invoke(program: Any, inputs: dict[str, Any]) -> Any:
 
 def _entry_point(program: Any) -> Callable[..., Any]:
     """What a call runs: a module's ``forward`` (its ``aforward`` where it has only that, or its own ``__call__``
-    where it has neither), a function."""
+    where it has neither), the ``forward`` of another object whose ``__call__`` only passes its arguments on
+    (``dspy.Retrieve``, a ``Parameter``), a function."""
+    cls = type(program)
     if isinstance(program, dspy.Module):
-        return type(program).aforward if _async_only(program) else getattr(  # type: ignore[attr-defined]
-            type(program), "forward", type(program).__call__)
+        return cls.aforward if _async_only(program) else getattr(  # type: ignore[attr-defined]
+            cls, "forward", cls.__call__)
+    if callable(getattr(cls, "forward", None)) and _passes_on(cls.__call__):
+        return cls.forward  # type: ignore[attr-defined]
     return program
+
+
+def _passes_on(function: Any) -> bool:
+    """Whether ``function`` takes nothing but ``self, *args, **kwargs``."""
+    try:
+        kinds = [p.kind for p in inspect.signature(function).parameters.values()]
+    except (TypeError, ValueError):
+        return False
+    return kinds == [inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL,
+                     inspect.Parameter.VAR_KEYWORD]
 
 
 def describe_inputs(program: Any) -> tuple[list[str], list[str], bool, list[str]]:

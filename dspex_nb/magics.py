@@ -209,15 +209,30 @@ def signature_inputs(signature: Any, pool: Pool) -> list[str]:
                          f"'question -> answer' ({exc})") from None
 
 
-def cell_inputs(body: str, names: list[str], required: list[str] | None = None) -> dict[str, str]:
+_OPTION_LINE = re.compile(r"^(lm|config|demos)\s*:\s*(\{[^{}]+\})\s*$")  # what a DSPy predictor's call takes
+# beside its inputs: `lm: {fast}` in a cell passes the kernel's object, as qa(question=..., lm=fast) does
+
+
+def cell_inputs(body: str, names: list[str], required: list[str] | None = None,
+                options: bool = True) -> dict[str, str]:
     """The cell as inputs: one `field: value` line per field, or all of it for the one input field, or for the one
     in ``required`` (unless it starts as a field's line, `question: ...`); the lines of fields not in ``required``
-    (a module's inputs with defaults) may be left out, as in a call in the kernel."""
-    text = body.strip("\n")
+    (a module's inputs with defaults) may be left out, as in a call in the kernel. With ``options``, a line
+    `lm: {name}` (`config`, `demos`) that names no input field is that call option (its ``{name}`` a kernel
+    object: ``typed_value``), not more text of the field before it."""
+    given: dict[str, str] = {}
+    kept = []
+    for line in body.strip("\n").splitlines():
+        match = _OPTION_LINE.match(line) if options else None
+        if match and match.group(1) not in names:
+            given[match.group(1)] = match.group(2)
+        else:
+            kept.append(line)
+    text = "\n".join(kept)
     sole = sole_input(names, names if required is None else required)
     first = re.match(r"\s*(\w+)\s*:", text)
     if sole is not None and not (first and first.group(1) in names):
-        return {sole: text.strip()}
+        return {sole: text.strip(), **given}
     values: dict[str, list[str]] = {}
     current = None
     for line in text.splitlines():
@@ -234,7 +249,7 @@ def cell_inputs(body: str, names: list[str], required: list[str] | None = None) 
     if missing:
         raise UsageError(f"the cell gives no value for input field(s) {missing}: write one `field: value` "
                          f"line per input field {names}")
-    return {name: "\n".join(lines).strip() for name, lines in values.items()}
+    return {**{name: "\n".join(lines).strip() for name, lines in values.items()}, **given}
 
 
 def typed_value(text: str, namespace: dict[str, Any]) -> Any:
@@ -485,7 +500,7 @@ class Dspex(Magics):
 
     def _inputs(self, cell: str, names: list[str], args: argparse.Namespace,
                 required: list[str] | None = None) -> dict[str, Any]:
-        values = cell_inputs(cell, names, required)
+        values = cell_inputs(cell, names, required, options=not args.no_interpolate)
         if args.no_interpolate:
             return values
         return {name: typed_value(text, self.shell.user_ns) for name, text in values.items()}

@@ -789,3 +789,20 @@ def test_the_real_lm_notebooks_error_cell_goes_on_with_a_key(sh: Shell, monkeypa
     sh("HAVE_KEY = True\nMODEL = 'demo'")
     out, _ = sh(cell)
     assert "the cell failed with the LM's error" in out and sh.pool.lm == "demo"
+
+
+def test_a_call_options_line_passes_the_kernels_object_as_the_call_in_the_kernel(sh: Shell) -> None:
+    # Was: `lm: {short}` under `question: Why?` was more text of the question (the LM's repr in it), silently
+    sh('''
+import dspy
+from dspex_nb import demo_lm
+qa_opts = dspy.Predict("question -> answer")
+short = demo_lm(answer_tokens=3)
+''')
+    expected = sh.ns["qa_opts"](question="Why?", lm=sh.ns["short"]).answer
+    assert expected != sh.ns["qa_opts"](question="Why?", lm=demo_lm()).answer  # the option makes a difference
+    for cell in ("question: Why?\nlm: {short}", "Why?\nlm: {short}", "lm: {short}\nquestion: Why?"):
+        sh(f"%%dspex run qa_opts -o r\n{cell}")
+        assert sh.ns["r"].answer == expected, cell
+    sh("%%dspex run qa_opts -o r --no-interpolate\nquestion: Why?\nlm: {short}")  # braces as they are: text
+    assert "lm: {short}" in sh.ns["r"].answer

@@ -213,23 +213,24 @@ _OPTION_LINE = re.compile(r"^(lm|config|demos)\s*:\s*(\{[^{}]+\})\s*$")  # what 
 # beside its inputs: `lm: {fast}` in a cell passes the kernel's object, as qa(question=..., lm=fast) does
 
 
-def cell_inputs(body: str, names: list[str], required: list[str] | None = None,
+def cell_inputs(body: str, names: list[str] | None, required: list[str] | None = None,
                 options: bool = True) -> dict[str, str]:
     """The cell as inputs: one `field: value` line per field, or all of it for the one input field, or for the one
     in ``required`` (unless it starts as a field's line, `question: ...`); the lines of fields not in ``required``
-    (a module's inputs with defaults) may be left out, as in a call in the kernel. With ``options``, a line
-    `lm: {name}` (`config`, `demos`) that names no input field is that call option (its ``{name}`` a kernel
-    object: ``typed_value``), not more text of the field before it."""
+    (a module's inputs with defaults) may be left out, as in a call in the kernel. ``names`` None: a program whose
+    call takes any keyword (``**kwargs``, ``dspy.KNN``): a line per keyword. With ``options``, a line `lm: {name}`
+    (`config`, `demos`) that names no input field is that call option (its ``{name}`` a kernel object:
+    ``typed_value``), not more text of the field before it."""
     given: dict[str, str] = {}
     kept = []
     for line in body.strip("\n").splitlines():
-        match = _OPTION_LINE.match(line) if options else None
+        match = _OPTION_LINE.match(line) if options and names is not None else None
         if match and match.group(1) not in names:
             given[match.group(1)] = match.group(2)
         else:
             kept.append(line)
     text = "\n".join(kept)
-    sole = sole_input(names, names if required is None else required)
+    sole = None if names is None else sole_input(names, names if required is None else required)
     first = re.match(r"\s*(\w+)\s*:", text)
     if sole is not None and not (first and first.group(1) in names):
         return {sole: text.strip(), **given}
@@ -237,15 +238,17 @@ def cell_inputs(body: str, names: list[str], required: list[str] | None = None,
     current = None
     for line in text.splitlines():
         match = re.match(r"^(\w+)\s*:\s?(.*)$", line)
-        if match and match.group(1) in names:
+        if match and (names is None or match.group(1) in names):
             current = match.group(1)
             values[current] = [match.group(2)]
         elif current is None:
             if line.strip():
-                raise UsageError(f"write one `field: value` line per input field {names}; got {line!r}")
+                raise UsageError(f"write one `field: value` line per input field {names}; got {line!r}"
+                                 if names is not None else "this program takes keyword arguments (**kwargs): "
+                                 f"write one `name: value` line per argument; got {line!r}")
         else:
             values[current].append(line)
-    missing = [n for n in (names if required is None else required) if n not in values]
+    missing = [n for n in (names or [] if required is None else required) if n not in values]
     if missing:
         raise UsageError(f"the cell gives no value for input field(s) {missing}: write one `field: value` "
                          f"line per input field {names}")
@@ -498,7 +501,7 @@ class Dspex(Magics):
             return program
         return name if defined is not None else None
 
-    def _inputs(self, cell: str, names: list[str], args: argparse.Namespace,
+    def _inputs(self, cell: str, names: list[str] | None, args: argparse.Namespace,
                 required: list[str] | None = None) -> dict[str, Any]:
         values = cell_inputs(cell, names, required, options=not args.no_interpolate)
         if args.no_interpolate:
@@ -531,7 +534,8 @@ class Dspex(Magics):
         # inputs, which DSPy does not require either, may not
         optional = definition.get("optional") or []
         required = [n for n in definition["inputs"] if n not in optional]
-        inputs = self._inputs(cell, definition["inputs"], args, required)
+        names = None if definition.get("open_ended") and not definition["inputs"] else definition["inputs"]
+        inputs = self._inputs(cell, names, args, required)
         self._stream(lambda pool, stream: pool.call(name, inputs, stream=stream, timeout=args.timeout,
                                                     tokens=not args.no_stream), f"run {args.name}", args)
 

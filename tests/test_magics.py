@@ -806,3 +806,21 @@ short = demo_lm(answer_tokens=3)
         assert sh.ns["r"].answer == expected, cell
     sh("%%dspex run qa_opts -o r --no-interpolate\nquestion: Why?\nlm: {short}")  # braces as they are: text
     assert "lm: {short}" in sh.ns["r"].answer
+
+
+def test_run_gives_a_program_taking_any_keywords_one_line_per_keyword(sh: Shell) -> None:
+    # dspy.KNN's __call__(**kwargs) names no input: the cell was refused ("per input field []")
+    sh('''
+import dspy
+
+def letters(texts):
+    return [[text.count(c) for c in "abcdefghijklmnopqrstuvwxyz"] for text in texts]
+
+trainset = [dspy.Example(question=q, answer=a).with_inputs("question")
+            for q, a in [("bees and flowers", "pollen"), ("cats purring", "content"), ("rain clouds", "water")]]
+knn = dspy.KNN(k=1, trainset=trainset, vectorizer=dspy.Embedder(letters))
+''')
+    sh("%%dspex run knn -o near\nquestion: a cat purring")
+    assert sh.ns["near"] == sh.ns["knn"](question="a cat purring") and sh.ns["near"][0].answer == "content"
+    assert "takes keyword arguments (**kwargs): write one `name: value` line" in sh.usage_error(
+        "%%dspex run knn\na cat purring")

@@ -77,7 +77,7 @@ class Program:
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "inputs": self.inputs, "required": self.required,
-                "optional": self.optional}
+                "optional": self.optional, "open_ended": self.open_ended}
 
 
 _cache_lock = threading.Lock()

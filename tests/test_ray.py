@@ -9,6 +9,7 @@ says why, unless DSPEX_REQUIRE_RAY=1 (set by .ci/run, which installs it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import TWO_STEP, wait_until
+from helpers import TWO_STEP, pid_alive, wait_until
 
 REQUIRED = os.environ.get("DSPEX_REQUIRE_RAY") == "1"
 if not REQUIRED:
@@ -355,6 +356,55 @@ def test_a_pool_starts_a_local_ray_of_its_own_and_ends_it(cluster: str) -> None:
             return True
 
     wait_until(session_empty, timeout=30, what="the pool's Ray instance to end")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it ended meanwhile
+        return b""
+
+
+INTERRUPTED_START = """
+import sys
+from dspex_nb import Pool
+try:
+    Pool(workers=1, backend="ray", journal=False).start()
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+sys.stdin.read()  # a kernel that lives on
+"""
+
+
+def test_a_ray_start_interrupted_midway_leaves_no_ray_process(tmp_path: Path) -> None:
+    """Was: Ctrl-C during the pool's own Ray instance's start (20 s on this machine), or a raylet that did not
+    register in time on a loaded machine, left its gcs_server, dashboard and monitors running for the kernel's
+    life: Ray forgets the processes of a start that failed. The kernel lives on here, as a notebook's does."""
+    from dspex_nb.pool.process import group_members
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dr", dir="/tmp"))  # Ray's socket paths must stay short
+    env = {**os.environ, **LOOPBACK_CLUSTER, "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    kernel = subprocess.Popen([sys.executable, "-c", INTERRUPTED_START], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, start_new_session=True, env=env)
+
+    def others() -> list[int]:  # the Ray processes it started: of its session's group, alive
+        return [pid for pid in group_members(kernel.pid) if pid != kernel.pid and pid_alive(pid)]
+
+    def raylet_started() -> bool:
+        return any(b"raylet" in _cmdline(pid) for pid in others())
+
+    try:
+        wait_until(raylet_started, timeout=120, what="the pool's Ray instance to start its raylet")
+        kernel.send_signal(signal.SIGINT)
+        assert kernel.stdout.readline() == "interrupted\n"  # type: ignore[union-attr]
+        wait_until(lambda: not others(), timeout=30, what="the interrupted start's Ray processes to end")
+        assert not list(ray_tmp.glob("dspex-ray-*"))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(kernel.pid, signal.SIGKILL)
+        kernel.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.parametrize("platform", ["linux", "darwin"])

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from dspex_nb import redact
@@ -32,6 +33,7 @@ from dspex_nb.pool.calls import Chunk, decode_chunks, show_output
 from dspex_nb.pool.connection import ConnectionClosed, Died, Health, WorkerSpec, left
 from dspex_nb.pool.local import MAX_SOCKET_PATH
 from dspex_nb.pool.settings import SettingError
+from dspex_nb.wire import start_time
 
 try:
     import ray
@@ -149,8 +151,50 @@ def _init(address: str | None) -> None:
     try:
         ray.init(**kwargs)
     except BaseException:
-        _remove_private_dir()
+        _end_unfinished_instance()
         raise
+
+
+def _end_unfinished_instance() -> None:
+    """End what a ``ray.init`` that failed midway had started of the pool's own instance (a raylet that did not
+    register in time on a loaded machine, Ctrl-C during its 20 s start): Ray forgets those processes (its
+    gcs_server, dashboard, monitors), which then ran for the kernel's life and wrote their logs into the
+    directory again, readable by all, once it was removed. They are this user's processes that name the
+    instance's private directory on their command line or have a file open in it; then the directory goes."""
+    with contextlib.suppress(Exception):  # one that got as far as a node Ray knows of: Ray's own shutdown
+        ray.shutdown()
+    started = [pid for directory in _private_dir for pid in _processes_using(directory)]
+    for pid in started:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while any(start_time(pid) for pid in started) and time.monotonic() < deadline:  # none writes there after this
+        time.sleep(0.01)
+    _remove_private_dir()
+
+
+def _processes_using(directory: str) -> list[int]:
+    """This user's processes, other than this one, that name ``directory`` on their command line or have a file
+    open in it (none where /proc cannot be read)."""
+    inside = os.path.join(directory, "")
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            with contextlib.suppress(OSError):  # it ended meanwhile, or is not ours to read
+                if entry.stat().st_uid == os.getuid() and (
+                        os.fsencode(inside) in Path(entry.path, "cmdline").read_bytes()
+                        or any(_link(fd.path).startswith(inside) for fd in os.scandir(f"{entry.path}/fd"))):
+                    found.append(int(entry.name))
+    return found
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed meanwhile
+        return ""
 
 
 def _remove_private_dir() -> None:

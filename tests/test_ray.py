@@ -407,6 +407,49 @@ def test_a_ray_start_interrupted_midway_leaves_no_ray_process(tmp_path: Path) ->
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+MAKES_ITS_RAY_DIR = """
+import os, signal, sys
+from dspex_nb.pool import ray_backend
+ray_backend._make_private_dir(sys.argv[1])  # as its pool's Ray start does
+print(ray_backend._private_dir[-1], flush=True)
+if sys.argv[2] == "killed":
+    os.kill(os.getpid(), signal.SIGKILL)  # before its pool ended: the directory stays
+sys.stdin.read()
+"""
+
+
+def test_the_ray_directory_a_killed_kernel_left_is_removed_by_the_next_start(tmp_path: Path) -> None:
+    """Was: each SIGKILLed kernel left its pool's Ray directory (Ray's session logs, what its actors printed) for
+    good. The next pool's own Ray start removes it; not one whose kernel lives, nor one a process still uses (the
+    agents of the killed kernel's raylet linger a minute)."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dr", dir="/tmp"))  # Ray's socket paths must stay short
+    env = {**os.environ, **LOOPBACK_CLUSTER, "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    started: list[subprocess.Popen] = []
+
+    def kernel(how: str) -> Path:
+        started.append(subprocess.Popen([sys.executable, "-c", MAKES_ITS_RAY_DIR, str(ray_tmp), how],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
+        return Path(started[-1].stdout.readline().strip())  # type: ignore[union-attr]
+
+    try:
+        killed, alive, used = kernel("killed"), kernel("alive"), kernel("killed")
+        assert killed.is_dir() and started[0].wait() == -signal.SIGKILL
+        with open(used / "agent.log", "wb") as log:
+            started.append(subprocess.Popen(["sleep", "600"], stdout=log))  # a process that still writes there
+        code = ("from dspex_nb import Pool\n"
+                "with Pool(workers=1, backend='ray', journal=False) as p:\n"
+                "    print(p.execute('echo', {'x': 1}), flush=True)\n")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+        assert run.stdout == "{'x': 1}\n", run.stderr[-3000:]
+        assert sorted(ray_tmp.iterdir()) == sorted([alive, used])
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 @pytest.mark.parametrize("platform", ["linux", "darwin"])
 @pytest.mark.parametrize("variables", [{}, {"TMPDIR": "/var/folders/zz/zyxvpxvq6csfxvn_n0000000000000/T/"},
                                        {"TMPDIR": "/a", "RAY_TMPDIR": "/b"}])

@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -33,7 +34,7 @@ from dspex_nb.pool.calls import Chunk, decode_chunks, show_output
 from dspex_nb.pool.connection import ConnectionClosed, Died, Health, WorkerSpec, left
 from dspex_nb.pool.local import MAX_SOCKET_PATH
 from dspex_nb.pool.settings import SettingError
-from dspex_nb.wire import start_time
+from dspex_nb.wire import kernel_gone, kernel_spec, start_time
 
 try:
     import ray
@@ -61,6 +62,8 @@ _owned = threading.Lock()
 RAY_SOCKET_ROOM = len("/dspex-ray-12345678/ray/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")  # a
 # pool's private directory and the longest socket path Ray makes in it
 _private_dir: list[str] = []  # that instance's directory, of this user only, removed when the instance ends
+PRIVATE_PREFIX = "dspex-ray-"
+KERNEL_FILE = "kernel"  # in that directory: the kernel that made it (wire.kernel_spec), for ``_remove_stale_dirs``
 
 
 class RayBackend:
@@ -142,7 +145,8 @@ def _init(address: str | None) -> None:
             raise WorkerStartError(f"Pool(backend='ray'): Ray's socket paths under {root} ($RAY_TMPDIR, else "
                                    f"$TMPDIR) would be longer than the {MAX_SOCKET_PATH} bytes a Unix socket's "
                                    "path may have; set RAY_TMPDIR to a short directory of your own (e.g. /tmp)")
-        _private_dir.append(tempfile.mkdtemp(prefix="dspex-ray-", dir=root))  # mode 0700
+        _remove_stale_dirs(root)
+        _make_private_dir(root)
         kwargs.update(address="local", _temp_dir=os.path.join(_private_dir[-1], "ray"))  # Ray chmods that 0777
     else:
         if address == "auto":
@@ -195,6 +199,37 @@ def _link(path: str) -> str:
         return os.readlink(path)
     except OSError:  # closed meanwhile
         return ""
+
+
+def _make_private_dir(root: str) -> None:
+    """A directory of this user only (0700) for the pool's own Ray instance, naming this kernel (``KERNEL_FILE``)."""
+    _private_dir.append(tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir=root))
+    try:
+        fd = os.open(os.path.join(_private_dir[-1], KERNEL_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(kernel_spec())
+    except BaseException:  # a full disk
+        _remove_private_dir()
+        raise
+
+
+def _remove_stale_dirs(root: str) -> None:
+    """Remove the Ray directories that this user's kernels left when they ended without closing their pools (a
+    SIGKILLed kernel: its instance ends with it, its directory of logs stayed for good): one that is this user's,
+    private and not a link, whose kernel (``KERNEL_FILE``) is gone, and that no process uses any more."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            if not entry.name.startswith(PRIVATE_PREFIX):
+                continue
+            with contextlib.suppress(OSError, ValueError):  # not such a directory, or not one of ours to read
+                info = os.lstat(entry.path)
+                if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+                    continue
+                fd = os.open(os.path.join(entry.path, KERNEL_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                with os.fdopen(fd, "rb") as record:
+                    kernel = record.read(64).decode()
+                if kernel_gone(kernel) and not _processes_using(entry.path):
+                    shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _remove_private_dir() -> None:

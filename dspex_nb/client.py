@@ -45,6 +45,7 @@ class Pool(WorkerPool):
                  journal: Journal | str | Path | bool = True, **options: Any) -> None:
         settings.Checker("Pool").instance("journal", journal, (Journal, str, Path, bool),
                                           "True, False, a path or a Journal")
+        settings.Checker("Pool").path("journal", journal)
         if lm is None:  # the kernel's DSPy LM, as a program run here would use; without one, the demo LM
             lm, kernel_kwargs = programs.kernel_lm() or ("demo", {})
             if lm_kwargs is None or isinstance(lm_kwargs, dict):  # another value: refused below, named

@@ -19,6 +19,7 @@ fresh one started; a row that cannot be read is skipped (that item runs again).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -94,6 +95,9 @@ class Journal:
 
     def __init__(self, path: str | Path | None = None) -> None:
         self._start(path)
+        if not self.path.name:  # "/", "." (DSPEX_JOURNAL=.): a directory, whose -wal file has no name to go beside
+            raise IsADirectoryError(errno.EISDIR, "a directory, not a file: give the journal a file's path "
+                                                  "(Pool(journal=path) or DSPEX_JOURNAL)", str(self.path))
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # one made here: private, as the file
         if path is None and not os.environ.get("DSPEX_JOURNAL"):
             os.chmod(self.path.parent, 0o700)  # our own directory, made private where it was made otherwise

@@ -9,6 +9,7 @@ says why, unless DSPEX_REQUIRE_RAY=1 (set by .ci/run, which installs it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import TWO_STEP, wait_until
+from helpers import TWO_STEP, pid_alive, wait_until
 
 REQUIRED = os.environ.get("DSPEX_REQUIRE_RAY") == "1"
 if not REQUIRED:
@@ -355,6 +356,98 @@ def test_a_pool_starts_a_local_ray_of_its_own_and_ends_it(cluster: str) -> None:
             return True
 
     wait_until(session_empty, timeout=30, what="the pool's Ray instance to end")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it ended meanwhile
+        return b""
+
+
+INTERRUPTED_START = """
+import sys
+from dspex_nb import Pool
+try:
+    Pool(workers=1, backend="ray", journal=False).start()
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+sys.stdin.read()  # a kernel that lives on
+"""
+
+
+def test_a_ray_start_interrupted_midway_leaves_no_ray_process(tmp_path: Path) -> None:
+    """Was: Ctrl-C during the pool's own Ray instance's start (20 s on this machine), or a raylet that did not
+    register in time on a loaded machine, left its gcs_server, dashboard and monitors running for the kernel's
+    life: Ray forgets the processes of a start that failed. The kernel lives on here, as a notebook's does."""
+    from dspex_nb.pool.process import group_members
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dr", dir="/tmp"))  # Ray's socket paths must stay short
+    env = {**os.environ, **LOOPBACK_CLUSTER, "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    kernel = subprocess.Popen([sys.executable, "-c", INTERRUPTED_START], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, start_new_session=True, env=env)
+
+    def others() -> list[int]:  # the Ray processes it started: of its session's group, alive
+        return [pid for pid in group_members(kernel.pid) if pid != kernel.pid and pid_alive(pid)]
+
+    def raylet_started() -> bool:
+        return any(b"raylet" in _cmdline(pid) for pid in others())
+
+    try:
+        wait_until(raylet_started, timeout=120, what="the pool's Ray instance to start its raylet")
+        kernel.send_signal(signal.SIGINT)
+        assert kernel.stdout.readline() == "interrupted\n"  # type: ignore[union-attr]
+        wait_until(lambda: not others(), timeout=30, what="the interrupted start's Ray processes to end")
+        assert not list(ray_tmp.glob("dspex-ray-*"))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(kernel.pid, signal.SIGKILL)
+        kernel.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+MAKES_ITS_RAY_DIR = """
+import os, signal, sys
+from dspex_nb.pool import ray_backend
+ray_backend._make_private_dir(sys.argv[1])  # as its pool's Ray start does
+print(ray_backend._private_dir[-1], flush=True)
+if sys.argv[2] == "killed":
+    os.kill(os.getpid(), signal.SIGKILL)  # before its pool ended: the directory stays
+sys.stdin.read()
+"""
+
+
+def test_the_ray_directory_a_killed_kernel_left_is_removed_by_the_next_start(tmp_path: Path) -> None:
+    """Was: each SIGKILLed kernel left its pool's Ray directory (Ray's session logs, what its actors printed) for
+    good. The next pool's own Ray start removes it; not one whose kernel lives, nor one a process still uses (the
+    agents of the killed kernel's raylet linger a minute)."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dr", dir="/tmp"))  # Ray's socket paths must stay short
+    env = {**os.environ, **LOOPBACK_CLUSTER, "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    started: list[subprocess.Popen] = []
+
+    def kernel(how: str) -> Path:
+        started.append(subprocess.Popen([sys.executable, "-c", MAKES_ITS_RAY_DIR, str(ray_tmp), how],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
+        return Path(started[-1].stdout.readline().strip())  # type: ignore[union-attr]
+
+    try:
+        killed, alive, used = kernel("killed"), kernel("alive"), kernel("killed")
+        assert killed.is_dir() and started[0].wait() == -signal.SIGKILL
+        with open(used / "agent.log", "wb") as log:
+            started.append(subprocess.Popen(["sleep", "600"], stdout=log))  # a process that still writes there
+        code = ("from dspex_nb import Pool\n"
+                "with Pool(workers=1, backend='ray', journal=False) as p:\n"
+                "    print(p.execute('echo', {'x': 1}), flush=True)\n")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+        assert run.stdout == "{'x': 1}\n", run.stderr[-3000:]
+        assert sorted(ray_tmp.iterdir()) == sorted([alive, used])
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.parametrize("platform", ["linux", "darwin"])

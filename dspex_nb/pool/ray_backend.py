@@ -19,11 +19,13 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from dspex_nb import redact
@@ -32,6 +34,7 @@ from dspex_nb.pool.calls import Chunk, decode_chunks, show_output
 from dspex_nb.pool.connection import ConnectionClosed, Died, Health, WorkerSpec, left
 from dspex_nb.pool.local import MAX_SOCKET_PATH
 from dspex_nb.pool.settings import SettingError
+from dspex_nb.wire import kernel_gone, kernel_spec, start_time
 
 try:
     import ray
@@ -59,6 +62,8 @@ _owned = threading.Lock()
 RAY_SOCKET_ROOM = len("/dspex-ray-12345678/ray/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")  # a
 # pool's private directory and the longest socket path Ray makes in it
 _private_dir: list[str] = []  # that instance's directory, of this user only, removed when the instance ends
+PRIVATE_PREFIX = "dspex-ray-"
+KERNEL_FILE = "kernel"  # in that directory: the kernel that made it (wire.kernel_spec), for ``_remove_stale_dirs``
 
 
 class RayBackend:
@@ -140,7 +145,8 @@ def _init(address: str | None) -> None:
             raise WorkerStartError(f"Pool(backend='ray'): Ray's socket paths under {root} ($RAY_TMPDIR, else "
                                    f"$TMPDIR) would be longer than the {MAX_SOCKET_PATH} bytes a Unix socket's "
                                    "path may have; set RAY_TMPDIR to a short directory of your own (e.g. /tmp)")
-        _private_dir.append(tempfile.mkdtemp(prefix="dspex-ray-", dir=root))  # mode 0700
+        _remove_stale_dirs(root)
+        _make_private_dir(root)
         kwargs.update(address="local", _temp_dir=os.path.join(_private_dir[-1], "ray"))  # Ray chmods that 0777
     else:
         if address == "auto":
@@ -149,8 +155,81 @@ def _init(address: str | None) -> None:
     try:
         ray.init(**kwargs)
     except BaseException:
+        _end_unfinished_instance()
+        raise
+
+
+def _end_unfinished_instance() -> None:
+    """End what a ``ray.init`` that failed midway had started of the pool's own instance (a raylet that did not
+    register in time on a loaded machine, Ctrl-C during its 20 s start): Ray forgets those processes (its
+    gcs_server, dashboard, monitors), which then ran for the kernel's life and wrote their logs into the
+    directory again, readable by all, once it was removed. They are this user's processes that name the
+    instance's private directory on their command line or have a file open in it; then the directory goes."""
+    with contextlib.suppress(Exception):  # one that got as far as a node Ray knows of: Ray's own shutdown
+        ray.shutdown()
+    started = [pid for directory in _private_dir for pid in _processes_using(directory)]
+    for pid in started:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while any(start_time(pid) for pid in started) and time.monotonic() < deadline:  # none writes there after this
+        time.sleep(0.01)
+    _remove_private_dir()
+
+
+def _processes_using(directory: str) -> list[int]:
+    """This user's processes, other than this one, that name ``directory`` on their command line or have a file
+    open in it (none where /proc cannot be read)."""
+    inside = os.path.join(directory, "")
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            with contextlib.suppress(OSError):  # it ended meanwhile, or is not ours to read
+                if entry.stat().st_uid == os.getuid() and (
+                        os.fsencode(inside) in Path(entry.path, "cmdline").read_bytes()
+                        or any(_link(fd.path).startswith(inside) for fd in os.scandir(f"{entry.path}/fd"))):
+                    found.append(int(entry.name))
+    return found
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed meanwhile
+        return ""
+
+
+def _make_private_dir(root: str) -> None:
+    """A directory of this user only (0700) for the pool's own Ray instance, naming this kernel (``KERNEL_FILE``)."""
+    _private_dir.append(tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir=root))
+    try:
+        fd = os.open(os.path.join(_private_dir[-1], KERNEL_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(kernel_spec())
+    except BaseException:  # a full disk
         _remove_private_dir()
         raise
+
+
+def _remove_stale_dirs(root: str) -> None:
+    """Remove the Ray directories that this user's kernels left when they ended without closing their pools (a
+    SIGKILLed kernel: its instance ends with it, its directory of logs stayed for good): one that is this user's,
+    private and not a link, whose kernel (``KERNEL_FILE``) is gone, and that no process uses any more."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            if not entry.name.startswith(PRIVATE_PREFIX):
+                continue
+            with contextlib.suppress(OSError, ValueError):  # not such a directory, or not one of ours to read
+                info = os.lstat(entry.path)
+                if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+                    continue
+                fd = os.open(os.path.join(entry.path, KERNEL_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                with os.fdopen(fd, "rb") as record:
+                    kernel = record.read(64).decode()
+                if kernel_gone(kernel) and not _processes_using(entry.path):
+                    shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _remove_private_dir() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -102,6 +103,12 @@ class Checker:
     def instance(self, name: str, value: Any, kinds: type | tuple[type, ...], expected: str) -> None:
         if not isinstance(value, kinds):
             self._fail(name, expected, value)
+
+    def path(self, name: str, value: Any) -> None:
+        """Where ``value`` is a path: not empty and without a NUL (no file has such a path; it failed later, with
+        "embedded null byte", naming no setting)."""
+        if isinstance(value, (str, os.PathLike)) and (not os.fspath(value) or "\0" in os.fspath(value)):
+            self._fail(name, "a file's path, not empty and without a NUL character", value)
 
     def choice(self, name: str, value: Any, choices: Sequence[str]) -> None:
         if value not in choices:

@@ -170,6 +170,16 @@ def test_a_journal_that_cannot_be_opened_costs_no_batch(tmp_path: Path) -> None:
     assert str(blocked) in batch.warning and "kept in memory" in batch.warning
 
 
+@pytest.mark.parametrize("given", [".", "/"])
+def test_a_journal_path_naming_a_directory_costs_no_batch(given: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # was: ValueError "PosixPath('.') has an empty name" from every batch (DSPEX_JOURNAL=.), where another path
+    # that cannot be a journal gives a journal in memory
+    monkeypatch.setenv("DSPEX_JOURNAL", given)
+    with pytest.warns(JournalWarning, match="a directory, not a file: give the journal a file's path"):
+        journal = Pool(workers=1).journal
+    assert journal is not None and "kept in memory" in str(journal.problem)
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_a_journal_path_that_is_not_a_file_is_refused_untouched(tmp_path: Path, kind: str) -> None:
     # DSPEX_JOURNAL=/dev/null, to turn the journal off: as root, it was made 0600 (every other user's writes to

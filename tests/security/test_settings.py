@@ -36,6 +36,8 @@ from dspex_nb.pool.pool import MAX_LOCAL_WORKERS
     ("max_memory_mb", -5, "max_memory_mb=...) must be a finite number > 0"),
     ("ttl", float("inf"), "ttl=...) must be a finite number > 0"),
     ("start", "fork", "start=...) must be one of ('spawn', 'template')"),
+    ("journal", "", "journal=...) must be a file's path, not empty and without a NUL character, got ''"),
+    ("journal", "j\0.db", "journal=...) must be a file's path, not empty and without a NUL character"),
 ])
 def test_bad_pool_settings_are_named(setting: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")

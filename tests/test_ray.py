@@ -320,33 +320,57 @@ def test_a_notebook_cell_starts_a_pool_on_ray(cluster: str) -> None:
 def test_a_pool_starts_a_local_ray_of_its_own_and_ends_it(cluster: str) -> None:
     """Without an address the pool starts a Ray instance in a directory of this user's own, not joining the
     cluster the last `ray start` recorded in Ray's shared directory (any user may write there: another user's
-    cluster would get the programs and keys), and shutting the pool down ends it and removes its directory."""
+    cluster would get the programs and keys), and shutting the pool down ends it and removes its directory.
+    Was: each SIGKILLed kernel left its pool's Ray directory (Ray's session logs, what its actors printed) for
+    good: the start removes it; not one whose kernel lives, nor one a process still uses (the agents of the killed
+    kernel's raylet linger a minute)."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="dr", dir="/tmp"))  # Ray's socket paths must stay short
     (ray_tmp / "ray").mkdir()
     (ray_tmp / "ray" / "ray_current_cluster").write_text(cluster)  # as `ray start` records the latest cluster
-    code = ("import glob, os, ray\n"
+    env = {**os.environ, **LOOPBACK_CLUSTER, "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    started: list[subprocess.Popen] = []
+
+    def kernel(how: str) -> Path:  # one that made its Ray directory, then was killed or lives on
+        started.append(subprocess.Popen([sys.executable, "-c", MAKES_ITS_RAY_DIR, str(ray_tmp), how],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
+        return Path(started[-1].stdout.readline().strip())  # type: ignore[union-attr]
+
+    code = ("import glob, os, ray, sys\n"
             "from dspex_nb import Pool\n"
+            "def own():\n"
+            "    return [d for d in glob.glob(os.path.join(os.environ['RAY_TMPDIR'], 'dspex-ray-*'))\n"
+            "            if d not in sys.argv[1:]]\n"
             "with Pool(workers=1, backend='ray', journal=False) as p:\n"
             "    print(p.execute('echo', {'x': 1}), flush=True)\n"
             "    print(ray.get_runtime_context().gcs_address)\n"
-            "    own = glob.glob(os.path.join(os.environ['RAY_TMPDIR'], 'dspex-ray-*'))\n"
-            "    print([oct(os.stat(d).st_mode & 0o777) for d in own])\n"
-            "print(ray.is_initialized(), glob.glob(os.path.join(os.environ['RAY_TMPDIR'], 'dspex-ray-*')))\n")
-    env = {**os.environ, **LOOPBACK_CLUSTER, "RAY_TMPDIR": str(ray_tmp)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=env)
+            "    print([oct(os.stat(d).st_mode & 0o777) for d in own()])\n"
+            "print(ray.is_initialized(), own())\n")
     try:
-        out, err = proc.communicate(timeout=180)
+        killed, alive, used = kernel("killed"), kernel("alive"), kernel("killed")
+        assert killed.is_dir() and started[0].wait() == -signal.SIGKILL
+        with open(used / "agent.log", "wb") as log:
+            started.append(subprocess.Popen(["sleep", "600"], stdout=log))  # a process that still writes there
+        proc = subprocess.Popen([sys.executable, "-c", code, str(killed), str(alive), str(used)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env=env)
+        try:
+            out, err = proc.communicate(timeout=180)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        remaining = sorted(ray_tmp.glob("dspex-ray-*"))
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        for process in started:
+            process.kill()
+            process.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     lines = out.splitlines()
     assert len(lines) == 4 and lines[0] == "{'x': 1}", err[-3000:]
     assert lines[1].rpartition(":")[2] != cluster.rpartition(":")[2]  # not the recorded cluster
     assert lines[2] == "['0o700']"
     assert lines[3] == "False []"
+    assert remaining == sorted([alive, used])  # the killed kernel's directory went
 
     def session_empty() -> bool:
         try:
@@ -356,6 +380,17 @@ def test_a_pool_starts_a_local_ray_of_its_own_and_ends_it(cluster: str) -> None:
             return True
 
     wait_until(session_empty, timeout=30, what="the pool's Ray instance to end")
+
+
+MAKES_ITS_RAY_DIR = """
+import os, signal, sys
+from dspex_nb.pool import ray_backend
+ray_backend._make_private_dir(sys.argv[1])  # as its pool's Ray start does
+print(ray_backend._private_dir[-1], flush=True)
+if sys.argv[2] == "killed":
+    os.kill(os.getpid(), signal.SIGKILL)  # before its pool ended: the directory stays
+sys.stdin.read()
+"""
 
 
 def _cmdline(pid: int) -> bytes:
@@ -407,47 +442,6 @@ def test_a_ray_start_interrupted_midway_leaves_no_ray_process(tmp_path: Path) ->
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-MAKES_ITS_RAY_DIR = """
-import os, signal, sys
-from dspex_nb.pool import ray_backend
-ray_backend._make_private_dir(sys.argv[1])  # as its pool's Ray start does
-print(ray_backend._private_dir[-1], flush=True)
-if sys.argv[2] == "killed":
-    os.kill(os.getpid(), signal.SIGKILL)  # before its pool ended: the directory stays
-sys.stdin.read()
-"""
-
-
-def test_the_ray_directory_a_killed_kernel_left_is_removed_by_the_next_start(tmp_path: Path) -> None:
-    """Was: each SIGKILLed kernel left its pool's Ray directory (Ray's session logs, what its actors printed) for
-    good. The next pool's own Ray start removes it; not one whose kernel lives, nor one a process still uses (the
-    agents of the killed kernel's raylet linger a minute)."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="dr", dir="/tmp"))  # Ray's socket paths must stay short
-    env = {**os.environ, **LOOPBACK_CLUSTER, "RAY_TMPDIR": str(ray_tmp)}
-    env.pop("RAY_ADDRESS", None)
-    started: list[subprocess.Popen] = []
-
-    def kernel(how: str) -> Path:
-        started.append(subprocess.Popen([sys.executable, "-c", MAKES_ITS_RAY_DIR, str(ray_tmp), how],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
-        return Path(started[-1].stdout.readline().strip())  # type: ignore[union-attr]
-
-    try:
-        killed, alive, used = kernel("killed"), kernel("alive"), kernel("killed")
-        assert killed.is_dir() and started[0].wait() == -signal.SIGKILL
-        with open(used / "agent.log", "wb") as log:
-            started.append(subprocess.Popen(["sleep", "600"], stdout=log))  # a process that still writes there
-        code = ("from dspex_nb import Pool\n"
-                "with Pool(workers=1, backend='ray', journal=False) as p:\n"
-                "    print(p.execute('echo', {'x': 1}), flush=True)\n")
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
-        assert run.stdout == "{'x': 1}\n", run.stderr[-3000:]
-        assert sorted(ray_tmp.iterdir()) == sorted([alive, used])
-    finally:
-        for process in started:
-            process.kill()
-            process.wait()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.parametrize("platform", ["linux", "darwin"])

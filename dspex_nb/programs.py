@@ -230,8 +230,8 @@ def ship(program: Any) -> Shipped:
             pending = list(collector.names.values())[known:]
     except Exception as exc:
         hint = "" if isinstance(exc, KernelOnly) else (
-            " (it holds something that cannot be pickled, e.g. an open file, a lock or a client; create that inside "
-            "the module's forward or __init__ instead)")
+            " (it holds something that cannot be pickled, e.g. a client, a socket or a file open for writing; create "
+            "that inside the module's forward instead)")
         raise ArgumentError("define", type(exc).__name__, f"{type(program).__name__} cannot be sent to the workers: "
                             f"{type(exc).__name__}: {exc}{hint}") from None
     if collector.callbacks:

@@ -413,6 +413,31 @@ def test_an_lm_dspy_context_sets_that_cannot_be_sent_is_named(pool: Pool) -> Non
         pool.run("question -> answer", question="Which LM?")
 
 
+def test_a_program_that_cannot_be_pickled_is_refused_naming_what_cannot_travel(pool: Pool) -> None:
+    # was: the hint named "a lock" among what cannot be pickled, though a lock travels (made anew on the worker)
+    import socket
+
+    import dspy
+
+    from dspex_nb.errors import ArgumentError
+
+    class Holder(dspy.Module):
+        def __init__(self, thing: object) -> None:
+            super().__init__()
+            self.thing = thing
+            self.qa = dspy.Predict("question -> answer")
+
+        def forward(self, question: str) -> dspy.Prediction:
+            return self.qa(question=question)
+
+    assert pool.run(Holder(threading.Lock()), question="Q?").answer
+    with socket.socket() as client, pytest.raises(ArgumentError, match=r"Holder cannot be sent to the workers: "
+                                                  r"TypeError: cannot pickle 'socket' object \(it holds something that "
+                                                  r"cannot be pickled, e.g. a client, a socket or a file open for "
+                                                  r"writing;"):
+        pool.run(Holder(client), question="Q?")
+
+
 def test_a_pool_takes_the_kernels_reasoning_model_as_dspy_lm_took_it() -> None:
     import dspy
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ from helpers import ROOT, pid_alive, wait_until
 
 from dspex_nb import Chunk, Pool
 from dspex_nb.errors import CallTimeout, Cancelled, WorkerDied
+from dspex_nb.ui.render import show_pool
+from dspex_nb.ui.widgets import PoolDashboard
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +184,13 @@ def test_sigkill_worker_mid_call_is_reported_and_replaced(pool: Pool) -> None:
     assert row["pid"] != old["pid"] and not pid_alive(old["pid"])
     assert pool.execute("whoami", worker="w1") == {"worker": "w1", "pid": row["pid"], "session": ""}
     assert "killed by SIGKILL" in row["last_error"]
+    # was: only pool.status() said why; %dspex status and the pool dashboard showed the restart count alone
+    text = io.StringIO()
+    show_pool(pool, mode="text", out=text)
+    why = f"last error: w1 (pid {old['pid']}) died (killed by SIGKILL)"
+    assert why in text.getvalue().splitlines()
+    dashboard = PoolDashboard(pool).rendering()
+    assert why in dashboard["text/plain"].splitlines() and f"<div>{why}</div>" in dashboard["text/html"]
 
 
 def test_hung_worker_is_replaced(pool: Pool) -> None:

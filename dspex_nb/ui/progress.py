@@ -329,6 +329,12 @@ def pool_rows(status: list[dict[str, Any]]) -> list[list[str]]:
             for row in status]
 
 
+def pool_notes(status: list[dict[str, Any]]) -> list[str]:
+    """Why each worker was last replaced or recycled (or is not recycled for memory), which the table has no room
+    for: ``pool.status()``'s ``last_error``, each of which names its worker."""
+    return [f"last error: {row['last_error']}" for row in status if row.get("last_error")]
+
+
 def _counts(*values: int) -> list[str]:
     return [f"{value:,}" for value in values]
 

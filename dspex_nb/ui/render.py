@@ -246,7 +246,9 @@ def show_pool(pool: Executor, *, mode: str | None = None, out: TextIO | None = N
     out = out or sys.stdout
     state = "running" if pool.running else "stopped"
     out.write(f"pool: {count(pool.size, 'worker')}, lm={pool.lm}, {state}\n")
-    out.write(progress.text_table(progress.POOL_COLUMNS, progress.pool_rows(pool.status())) + "\n")
+    status = pool.status()
+    out.write(progress.text_table(progress.POOL_COLUMNS, progress.pool_rows(status)) + "\n")
+    out.writelines(f"{note}\n" for note in progress.pool_notes(status))
     if show_stats:
         rows = progress.stats_rows(pool.stats())
         if rows:

@@ -342,6 +342,7 @@ class PoolDashboard:
         self.pool = pool
         self.handle: Any = None  # the DisplayHandle it was shown with
         self.last_rows: list[list[str]] = []  # the workers as last seen running
+        self.last_notes: list[str] = []  # and their last errors
         self.shown: dict[str, str] = {}
         self._shown_at = 0.0
 
@@ -363,7 +364,8 @@ class PoolDashboard:
         """The dashboard now: {"text/html": ..., "text/plain": ...}."""
         running = self.pool.running
         if running:
-            self.last_rows = progress.pool_rows(self.pool.status())
+            status = self.pool.status()
+            self.last_rows, self.last_notes = progress.pool_rows(status), progress.pool_notes(status)
         state = "running" if running else "stopped"
         header = f"pool · {count(self.pool.size, 'worker')} · lm={self.pool.lm} · {state}"
         parts, plain = [f"<b>pool</b>{html.escape(header[4:])}"], [header]
@@ -371,6 +373,8 @@ class PoolDashboard:
             caption = "workers" if running else "workers, as last seen before the pool stopped"
             parts.append(_table(progress.POOL_COLUMNS, self.last_rows, caption))
             plain.append(progress.text_table(progress.POOL_COLUMNS, self.last_rows))
+            parts.extend(f"<div>{html.escape(note)}</div>" for note in self.last_notes)
+            plain.extend(self.last_notes)
         rows = progress.stats_rows(self.pool.stats())
         if rows:
             parts.append(_table(progress.STATS_COLUMNS, rows, "calls by tool"))

@@ -122,7 +122,7 @@ def measure(workers: int, items: int, latency: float, concurrency: int, calls: i
     try:
         import ipyparallel as ipp
     except ImportError:
-        print("ipyparallel is not installed (pip install 'dspex_nb[bench]'): its figures are skipped",
+        print("ipyparallel is not installed (pip install 'ipyparallel>=9'): its figures are skipped",
               file=sys.stderr)
     else:
         start = time.perf_counter()

@@ -92,7 +92,7 @@ def main() -> None:
         print(f"{n:>8}{ours:>14.0f}{threads:>17.0f}{ipp_cells[0]}{ideal:>9.0f}{ours / threads:>11.2f}x"
               f"{ipp_cells[1]}{ours / ideal:>9.2f}x")
     if ipp is None:
-        print("ipyparallel is not installed (pip install 'dspex_nb[bench]'): its column is empty", file=sys.stderr)
+        print("ipyparallel is not installed (pip install 'ipyparallel>=9'): its column is empty", file=sys.stderr)
 
 
 if __name__ == "__main__":

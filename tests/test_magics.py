@@ -112,7 +112,7 @@ def test_config_display_widgets_says_what_is_missing(sh: Shell, monkeypatch: pyt
     try:
         _, err = sh('%config Dspex.display = "widgets"')
         assert err == ("dspex: display mode 'widgets' needs ipywidgets, anywidget and markdown-it-py: "
-                       "pip install 'dspex_nb[widgets]'\n")
+                       "pip install 'ipywidgets>=8.1' 'anywidget>=0.9' 'markdown-it-py>=3'\n")
     finally:
         sh('%config Dspex.display = "auto"')
 

@@ -53,5 +53,5 @@ with Pool(workers=1, journal=False) as pool:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert ("refused: display mode 'widgets' needs ipywidgets, anywidget and markdown-it-py: "
-            "pip install 'dspex_nb[widgets]'") in done.stdout
+            "pip install 'ipywidgets>=8.1' 'anywidget>=0.9' 'markdown-it-py>=3'") in done.stdout
     assert "batch done: 2 items, 2 ok, 0 failed" in done.stdout

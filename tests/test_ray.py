@@ -3,7 +3,7 @@
 
 A batch runs on actors of both nodes; an actor SIGKILLed mid-batch loses no item and returns none twice;
 tokens stream from an actor; a define reaches the actor that replaces a dead one; `%dspex start --ray`
-in a notebook run by a real kernel. Needs Ray (`pip install 'dspex_nb[ray]'`): without it the module skips and
+in a notebook run by a real kernel. Needs Ray (`pip install 'ray>=2.40'`): without it the module skips and
 says why, unless DSPEX_REQUIRE_RAY=1 (set by .ci/run, which installs it).
 """
 
@@ -24,7 +24,7 @@ from helpers import TWO_STEP, pid_alive, wait_until
 
 REQUIRED = os.environ.get("DSPEX_REQUIRE_RAY") == "1"
 if not REQUIRED:
-    pytest.importorskip("ray", reason="Ray is not installed: pip install 'dspex_nb[ray]' to run the Ray tests")
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'ray>=2.40' to run the Ray tests")
 import ray  # noqa: E402
 
 from dspex_nb import Pool  # noqa: E402

@@ -63,7 +63,7 @@ def _backends_own(backend: str, python: str | None, address: str | None, resourc
     if backend == "ray" and python is not None:
         raise settings.SettingError(
             f"Pool(python={python!r}) chooses the local workers' Python; a Ray actor runs its node's Python (the one "
-            "`ray start` runs there): install dspex_nb[ray] in it, or leave backend='ray' out")
+            "`ray start` runs there): install ray (pip install 'ray>=2.40') in it, or leave backend='ray' out")
     if backend == "local" and (address is not None or resources):
         given = ", ".join(name for name, value in (("address", address), ("resources", resources)) if value)
         raise settings.SettingError(f"Pool({given}=...) places Ray actors: pass backend='ray' with it")

@@ -42,7 +42,7 @@ try:
     from ray.util.client import ray as ray_client
 except ImportError as exc:  # reported at Pool(backend="ray"), never deep in a call
     raise ImportError(f"Pool(backend='ray') needs Ray in the kernel's Python ({exc}): "
-                      "pip install 'dspex_nb[ray]'") from exc
+                      "pip install 'ray>=2.40'") from exc
 
 SLICE = 0.2  # seconds a stream's reader waits before it checks its deadline and cancellation
 DEAD = -int(signal.SIGKILL)  # the exit code reported for an actor Ray says is dead (``ended`` says how it ended)

@@ -97,5 +97,5 @@ def _tracer() -> Any:
     try:
         from opentelemetry import trace
     except ImportError:
-        raise ImportError("Pool(otel=True) needs opentelemetry-api: pip install 'dspex_nb[otel]'") from None
+        raise ImportError("Pool(otel=True) needs opentelemetry-api: pip install 'opentelemetry-api>=1.20'") from None
     return trace.get_tracer("dspex_nb")

@@ -12,7 +12,7 @@ import os
 MODES = ("auto", "widgets", "text")
 default_mode = "auto"  # the views' mode where a caller names none (the Python API's): %config Dspex.display sets it
 WIDGETS_MISSING = ("display mode 'widgets' needs ipywidgets, anywidget and markdown-it-py: "
-                   "pip install 'dspex_nb[widgets]'")
+                   "pip install 'ipywidgets>=8.1' 'anywidget>=0.9' 'markdown-it-py>=3'")
 
 
 def noninteractive() -> bool:
@@ -32,7 +32,7 @@ def live_frontend(mode: str | None = None) -> bool:
         return mode == "widgets"
     if noninteractive():
         return False
-    if not have_widgets():  # the text views: pip install 'dspex_nb[widgets]' for live ones
+    if not have_widgets():  # the text views (WIDGETS_MISSING says what live ones need)
         return False
     try:
         from IPython import get_ipython

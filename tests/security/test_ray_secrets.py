@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("ray", reason="Ray is not installed: pip install 'dspex_nb[ray]'")
+pytest.importorskip("ray", reason="Ray is not installed: pip install 'ray>=2.40'")
 
 from dspex_nb.pool.connection import WorkerSpec  # noqa: E402
 from dspex_nb.pool.ray_backend import KERNEL_VARIABLES, RayBackend  # noqa: E402

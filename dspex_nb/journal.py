@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dspex_nb.errors import warn_kept
-from dspex_nb.wire import kernel_gone, kernel_spec, pid_space
+from dspex_nb.wire import owner_gone, owner_spec
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -307,14 +307,10 @@ class Journal:
 
 
 def _claimant(run: str) -> str:
-    """A run's name in the claims: ``run`` (its id), the kernel that makes it ("pid:start time") and where that
-    pid means something (host and PID namespace)."""
-    return f"{run} {kernel_spec()} {pid_space()}"
+    """A run's name in the claims: ``run`` (its id) and the kernel that makes it (``wire.owner_spec``)."""
+    return f"{run} {owner_spec()}"
 
 
 def _claimant_gone(claimant: str) -> bool:
-    """The kernel of this claimant has ended: a process of this host and PID namespace, no longer running
-    (without /proc, a start time of "None": never judged)."""
-    _run, kernel, where = (claimant.split(" ", 2) + ["", ""])[:3]
-    return where == pid_space() and not kernel.endswith(":None") and kernel_gone(kernel)
-
+    """The kernel of this claimant has ended (``wire.owner_gone``)."""
+    return owner_gone(claimant.partition(" ")[2])

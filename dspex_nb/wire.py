@@ -81,6 +81,19 @@ def pid_space() -> str:
     return f"{platform.node()} {namespace}"
 
 
+def owner_spec() -> str:
+    """This process as the owner of something others may find and judge (a journal claim, a Ray directory): the
+    kernel (``kernel_spec``) and where its pid means something (``pid_space``)."""
+    return f"{kernel_spec()} {pid_space()}"
+
+
+def owner_gone(owner: str) -> bool:
+    """The process an ``owner_spec`` names has ended: one of this host and PID namespace, no longer running. Never
+    one elsewhere (a container sharing the file, another host), nor one without a start time (no /proc: macOS)."""
+    kernel, _, where = owner.partition(" ")
+    return where == pid_space() and not kernel.endswith(":None") and kernel_gone(kernel)
+
+
 def _not_serialisable(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 

@@ -189,7 +189,7 @@ def test_stop_says_where_the_finished_items_are(pool: Pool) -> None:
 def test_define_then_run_streams_every_predictor(pool: Pool) -> None:
     info = pool.define("TwoStep", TWO_STEP)
     assert info == {"name": "TwoStep", "kind": "module class", "inputs": ["question"], "required": ["question"],
-                    "optional": []}
+                    "optional": [], "open_ended": False}
     run = pool.execute_stream("run_module", {"name": "TwoStep", "inputs": {"question": "Why?"}})
     final = run.result()
     assert final["answer"].startswith("Demo LM answer to 'Why?'")

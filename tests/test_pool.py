@@ -503,6 +503,22 @@ def test_ctrl_c_in_a_later_cell_leaves_a_suspended_loop_over_a_stream_alone(pool
         namespace["run"].result(30)
 
 
+@pytest.mark.parametrize("wrapper", ["def wrap(it):\n    for item in it:\n        yield item\n",
+                                     "def wrap(it):\n    yield from it\n"])
+def test_ctrl_c_in_the_body_of_a_loop_over_a_generator_wrapping_a_stream_cancels_it(pool: Pool, wrapper: str) -> None:
+    # Was: `for chunk in tqdm(run)` (or the notebook's own generator over it): Ctrl-C in the loop's body raised
+    # KeyboardInterrupt and the stream ran on to its end (its handler took the wrapper's frame, suspended while the
+    # body runs, for the loop's)
+    from dspex_nb.errors import Cancelled
+
+    namespace = {"signal": signal, "run": pool.execute_stream("count", {"n": 100, "delay": 0.02})}
+    cell(wrapper, namespace)
+    with pytest.raises(KeyboardInterrupt):
+        cell("for chunk in wrap(run):\n    signal.raise_signal(signal.SIGINT)\n", namespace)
+    with pytest.raises(Cancelled):
+        namespace["run"].result(30)
+
+
 def test_a_stopped_pool_leaves_no_file_open() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)

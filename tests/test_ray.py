@@ -444,6 +444,27 @@ def test_a_ray_start_interrupted_midway_leaves_no_ray_process(tmp_path: Path) ->
 
 
 
+def test_a_ray_directory_is_judged_by_its_kernel_only_where_its_pid_means_that_kernel(tmp_path: Path) -> None:
+    """Was: the next pool's Ray start removed the directory of a kernel whose pid is no process here (a kernel in a
+    container sharing /tmp, with pids of its own; another host on a shared file system), its Ray instance live."""
+    from dspex_nb.pool import ray_backend
+    from dspex_nb.wire import pid_space
+
+    ended = subprocess.run([sys.executable, "-c", "from dspex_nb.wire import kernel_spec; print(kernel_spec())"],
+                           capture_output=True, text=True, check=True).stdout.strip()  # a kernel that has ended
+
+    def ray_dir(name: str, owner: str) -> Path:
+        directory = tmp_path / f"{ray_backend.PRIVATE_PREFIX}{name}"
+        directory.mkdir(mode=0o700)
+        (directory / ray_backend.KERNEL_FILE).write_text(owner)
+        return directory
+
+    elsewhere = ray_dir("container", f"{ended} {pid_space()}-of-a-container")
+    ray_dir("here", f"{ended} {pid_space()}")
+    ray_backend._remove_stale_dirs(str(tmp_path))
+    assert list(tmp_path.iterdir()) == [elsewhere]
+
+
 @pytest.mark.parametrize("platform", ["linux", "darwin"])
 @pytest.mark.parametrize("variables", [{}, {"TMPDIR": "/var/folders/zz/zyxvpxvq6csfxvn_n0000000000000/T/"},
                                        {"TMPDIR": "/a", "RAY_TMPDIR": "/b"}])

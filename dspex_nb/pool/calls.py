@@ -12,7 +12,6 @@ import concurrent.futures
 import contextlib
 import inspect
 import json
-import os
 import signal
 import sys
 import threading
@@ -348,7 +347,6 @@ Where = tuple[int, CodeType]  # a frame running (its id, with its code: an id al
 _awaiting: dict[Handle, Where | None] = {}  # handles awaited in the main thread now: Ctrl-C cancels them (one a
 # loop goes over, where it lands in that loop's frame: ``loop_stopped_by_sigint``)
 _sigint_before: Any = None  # the SIGINT handler while none is
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # dspex_nb's own directory
 
 
 @contextlib.contextmanager
@@ -386,9 +384,9 @@ def loop_stopped_by_sigint(handle: Handle, items: Iterator[Any]) -> Iterator[Any
 
 def _loop_frame(frame: FrameType | None) -> Where | None:
     """The frame that runs a loop over one of dspex_nb's generators, ``frame`` or a frame that called it: the first
-    that is not a generator of dspex_nb's (``Run.__iter__`` goes over ``Run.arrivals``); None for none."""
-    while frame is not None and frame.f_code.co_flags & inspect.CO_GENERATOR \
-            and frame.f_code.co_filename.startswith(_PACKAGE):
+    that is not a generator, dspex_nb's (``Run.__iter__`` goes over ``Run.arrivals``) or one between it and the loop
+    (``tqdm(run)``, the notebook's own), which is suspended while the loop's body runs; None for none."""
+    while frame is not None and frame.f_code.co_flags & inspect.CO_GENERATOR:
         frame = frame.f_back
     return None if frame is None else (id(frame), frame.f_code)
 

@@ -34,7 +34,7 @@ from dspex_nb.pool.calls import Chunk, decode_chunks, show_output
 from dspex_nb.pool.connection import ConnectionClosed, Died, Health, WorkerSpec, left
 from dspex_nb.pool.local import MAX_SOCKET_PATH
 from dspex_nb.pool.settings import SettingError
-from dspex_nb.wire import kernel_gone, kernel_spec, start_time
+from dspex_nb.wire import owner_gone, owner_spec, start_time
 
 try:
     import ray
@@ -63,7 +63,7 @@ RAY_SOCKET_ROOM = len("/dspex-ray-12345678/ray/session_2026-01-01_00-00-00_00000
 # pool's private directory and the longest socket path Ray makes in it
 _private_dir: list[str] = []  # that instance's directory, of this user only, removed when the instance ends
 PRIVATE_PREFIX = "dspex-ray-"
-KERNEL_FILE = "kernel"  # in that directory: the kernel that made it (wire.kernel_spec), for ``_remove_stale_dirs``
+KERNEL_FILE = "kernel"  # in that directory: the kernel that made it (wire.owner_spec), for ``_remove_stale_dirs``
 
 
 class RayBackend:
@@ -207,7 +207,7 @@ def _make_private_dir(root: str) -> None:
     try:
         fd = os.open(os.path.join(_private_dir[-1], KERNEL_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as out:
-            out.write(kernel_spec())
+            out.write(owner_spec())
     except BaseException:  # a full disk
         _remove_private_dir()
         raise
@@ -216,7 +216,8 @@ def _make_private_dir(root: str) -> None:
 def _remove_stale_dirs(root: str) -> None:
     """Remove the Ray directories that this user's kernels left when they ended without closing their pools (a
     SIGKILLed kernel: its instance ends with it, its directory of logs stayed for good): one that is this user's,
-    private and not a link, whose kernel (``KERNEL_FILE``) is gone, and that no process uses any more."""
+    private and not a link, whose kernel (``KERNEL_FILE``) is gone (``wire.owner_gone``: one of this host and PID
+    namespace), and that no process uses any more."""
     with contextlib.suppress(OSError):
         for entry in os.scandir(root):
             if not entry.name.startswith(PRIVATE_PREFIX):
@@ -227,8 +228,8 @@ def _remove_stale_dirs(root: str) -> None:
                     continue
                 fd = os.open(os.path.join(entry.path, KERNEL_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
                 with os.fdopen(fd, "rb") as record:
-                    kernel = record.read(64).decode()
-                if kernel_gone(kernel) and not _processes_using(entry.path):
+                    kernel = record.read(512).decode()
+                if owner_gone(kernel) and not _processes_using(entry.path):
                     shutil.rmtree(entry.path, ignore_errors=True)
 
 

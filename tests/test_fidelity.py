@@ -796,11 +796,10 @@ program = Desk()
     assert_same(expected, pool.run(dspy.Predict("request, ticket -> reply"), request=inputs["request"], ticket="T0"))
 
 
-def test_a_program_that_makes_a_lock_and_a_cache_on_its_first_call_keeps_them_and_is_warned_of_once(
+def test_a_program_that_makes_a_lock_and_a_cache_on_its_first_call_answers_as_in_the_kernel_warned_once(
         shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
     # Was: a program that made a lock or a functools.cached_property on its first call changed its state at every
-    # call on the pool (from the kernel's, which has neither): a StateNotKept warning at every call, the program
-    # loaded again from its payload each time and its cache made again, where the kernel makes it once
+    # call on the pool (from the kernel's, which has neither): a StateNotKept warning at every call
     program, _ = define(shell, '''
 import functools, threading
 
@@ -826,13 +825,30 @@ program = Lazy()
     with dspy.context(lm=demo_lm):
         expected = [program(question=q) for q in questions]
     lazy = shell.user_ns["Lazy"]()  # as the kernel's was before its calls made them
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()) as out:
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("always")
         answers = [pool.run(lazy, question=q) for q in questions]
     assert_same(expected, answers)
     assert [str(w.message).split(" changed")[0] for w in caught if w.category is StateNotKept] == ["Lazy"]
-    assert out.getvalue().count("making the style") <= 2 * pool.size < len(questions)  # on each worker: the call
-    # that made it, a second one that made the same (the copy then kept), none after
+
+
+def test_a_counter_a_program_makes_on_its_first_call_starts_from_the_kernels_state_at_every_call(
+        shell: InteractiveShell, pool: Pool) -> None:
+    # Was (this session, for a while): a copy whose first two calls made the same attributes was kept, so a counter
+    # made on the first call counted on from the third: [1, 1, 2, 1, ...] where each call starts from the kernel's
+    define(shell, '''
+class Counts(dspy.Module):
+    def forward(self, question):
+        self.calls = getattr(self, "calls", 0) + 1
+        return dspy.Prediction(calls=self.calls)
+
+program = Counts()
+''')
+    program = shell.user_ns["Counts"]()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        counts = [pool.run(program, question=f"q{n}").calls for n in range(4 * pool.size)]
+    assert counts == [1] * len(counts) and not hasattr(program, "calls")
 
 
 def test_a_memory_a_program_makes_on_its_first_call_is_undone_as_any_change(shell: InteractiveShell, pool: Pool,

@@ -988,13 +988,13 @@ def run_module(ctx: ToolContext, name: str, inputs: dict | str, settings: str = 
     try:
         result = yield from _call(program, inputs, ctx, settings, trace, history, tokens)
     except BaseException:
-        _state_changed(kept, program, inputs)  # the next call starts from the kernel's state all the same
+        _state_changed(kept, program)  # the next call starts from the kernel's state all the same
         raise
-    return _with_state(result, _state_changed(kept, program, inputs), defined)
+    return _with_state(result, _state_changed(kept, program), defined)
 
 
-def _state_changed(kept: programs.ShippedCopy | None, program: Any, inputs: dict[str, Any]) -> bool:
-    return kept is not None and kept.changed(program, inputs)
+def _state_changed(kept: programs.ShippedCopy | None, program: Any) -> bool:
+    return kept is not None and kept.changed(program)
 
 
 def _with_state(result: Any, changed: bool, defined: programs.Program) -> Any:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import collections
-import copyreg
 import hashlib
 import importlib
 import inspect
@@ -324,29 +323,14 @@ class ShippedCopy:
     """A program shipped from the kernel, run call after call while its calls leave its state as it came: one that
     changed its own state (an attribute of its modules, a dict or list of the notebook its code adds to) is made
     again from the payload for the next call, which starts from the state the kernel's program has, as it would in
-    the kernel, where that change does not reach either (``changed`` says so, and the kernel warns).
-
-    A call that only made attributes the program's modules did not have, the very ones that the call before, on other
-    inputs, made (a lock, a cache, a ``functools.cached_property`` made on the first call, whatever its inputs), is
-    the program setting itself up: the copy it made them on is kept, as the kernel's program would keep them, and the
-    next calls start from it; they are not made again (and the program not loaded again) at every call. Where a later
-    call changes that copy, what it made was state after all (a memory made on the first call): from then on every
-    change is undone, as any other."""
+    the kernel, where that change does not reach either (``changed`` says so, and the kernel warns). That holds for
+    what a call makes too (a lock or a cache made on the first call is made again on the next: a counter or a memory
+    made so is state all the same, and telling them apart would need the calls to come)."""
 
     def __init__(self, payload: str, program: Any) -> None:
-        self.payload = payload
+        self.payload, self.program = payload, program
+        self.digest = state_digest(program)
         self.lock = threading.Lock()
-        self.made: tuple[bytes, bytes] | None = None  # of the last call that changed the program and only made
-        # attributes: the digests of those attributes (``_made``) and of its inputs
-        self.settled = False  # the copy it runs is one a call made attributes on (``made``)
-        self.settles = True  # whether a call that made attributes may leave them: none has changed them since
-        self._start_from(program)
-
-    def _start_from(self, program: Any, digest: bytes | None = None) -> None:
-        """Run ``program`` from now on, whose state is as it is now (of digest ``digest``, where known)."""
-        self.program, self.settled = program, digest is not None
-        self.digest = state_digest(program) if digest is None else digest
-        self.names = _attribute_names(program)
 
     def current(self) -> Any:
         return self.program
@@ -366,56 +350,28 @@ class ShippedCopy:
         compared against the program's: a copy's large arrays are its own (``_LARGE``)."""
         return digest is not None and state_digest(copy) != digest
 
-    def changed(self, program: Any, inputs: dict[str, Any]) -> bool:
-        """Whether the call that ran ``program`` (from ``current``) on ``inputs`` changed its state; if so, the next
-        call gets a fresh copy, but where the call only made the attributes the call before made."""
-        if self.digest is None or program is not self.program:
-            return False
-        after = state_digest(program)  # the digests outside the lock: other calls' checks do not wait for this one's
-        if after == self.digest:
-            return False
-        start, names = self.digest, self.names
-        made = _made(program, names, start) if self.settles else None
-        made_by = None if made is None or (of_inputs := state_digest(inputs)) is None else (made, of_inputs)
+    def changed(self, program: Any) -> bool:
+        """Whether the call that ran ``program`` (from ``current``) changed its state; if so, the next call gets
+        a fresh copy."""
+        if self.digest is None or program is not self.program or state_digest(program) == self.digest:
+            return False  # the digest outside the lock: other calls' checks do not wait for this one's
         with self.lock:
-            if program is self.program and self.digest == start:  # the first to see the change acts on it
-                self.settles = self.settles and not self.settled
-                if self.settles and made_by and self.made and made_by[0] == self.made[0] \
-                        and made_by[1] != self.made[1]:
-                    self._start_from(program, after)
-                else:
-                    self.made = made_by
-                    self._start_from(self.fresh())
+            if program is self.program:  # the first to see the change makes the fresh copy
+                fresh = self.fresh()
+                self.program, self.digest = fresh, state_digest(fresh)
         return True
 
 
-def _attribute_names(program: Any) -> dict[str, set[str]]:
-    """The attributes each of ``program``'s modules has, by the module's name (``sub_modules``)."""
-    return {name: set(vars(module)) for name, module in sub_modules(program)}
-
-
-def _made(program: Any, names: dict[str, set[str]], start: bytes | None) -> bytes | None:
-    """Where a call only made attributes of ``program``'s modules that they did not have (``names``) and left the rest
-    of its state as it began (of digest ``start``), a digest of those new attributes, by module and name; else None."""
-    modules = {id(module): (name, module) for name, module in sub_modules(program) if name in names}
-    new = {key: added for key, (name, module) in modules.items() if (added := set(vars(module)) - names[name])}
-    if not new or state_digest(program, new) != start:
-        return None
-    return state_digest({(modules[key][0], attribute): vars(modules[key][1])[attribute] for key, added in new.items()
-                         for attribute in sorted(added)})
-
-
-def state_digest(program: Any, left_out: dict[int, set[str]] | None = None) -> bytes | None:
+def state_digest(program: Any) -> bytes | None:
     """A digest of ``program``'s state, by value as it travels, without what DSPy changes as it runs it (each
     module's history and callbacks, its LMs, whose changes the kernel keeps apart), without its classes (by name)
-    and large numpy arrays (by identity, ``_LARGE``), and without the attributes ``left_out`` names (by the id of the
-    module that has them); None where it cannot be pickled, which is then not compared."""
+    and large numpy arrays (by identity, ``_LARGE``); None where it cannot be pickled, which is then not compared."""
     modules = [module for _, module in sub_modules(program)] if isinstance(program, dspy.Module) else []
     skipped = {id(value) for module in modules for name in ("history", "callbacks")
                if (value := vars(module).get(name)) is not None}
     buffer = io.BytesIO()
     try:
-        _StatePickler(buffer, skipped, left_out or {}).dump(program)
+        _StatePickler(buffer, skipped).dump(program)
     except Exception:
         return None
     return hashlib.sha256(buffer.getvalue()).digest()
@@ -426,14 +382,11 @@ _LARGE = 2**20  # bytes of a numpy array that state_digest takes by identity: a 
 
 
 class _StatePickler(_Pickler):
-    def __init__(self, file: io.BytesIO, skipped: set[int], left_out: dict[int, set[str]]) -> None:
+    def __init__(self, file: io.BytesIO, skipped: set[int]) -> None:
         super().__init__(file)
         self.skipped = skipped
-        self.left_out = left_out
 
     def reducer_override(self, obj: Any) -> Any:
-        if id(obj) in self.left_out and isinstance(state := obj.__getstate__(), dict):  # a module, as pickle reduces
-            return copyreg.__newobj__, (type(obj),), {k: v for k, v in state.items() if k not in self.left_out[id(obj)]}
         reduced = super().reducer_override(obj)
         if isinstance(obj, types.FunctionType) and (
                 slots := _reduced_state(reduced, cloudpickle.cloudpickle._make_function, 1)) is not None:

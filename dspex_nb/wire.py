@@ -65,9 +65,10 @@ def kernel_spec() -> str:
 
 
 def kernel_gone(spec: str) -> bool:
-    """True when the kernel that KERNEL_ENV names has ended (its pid gone, or reused by another process)."""
+    """True when the kernel that KERNEL_ENV names has ended (its pid gone, or reused by another process); never
+    where its start time was not known (no /proc: macOS), which would take every kernel for gone."""
     pid, _, started = spec.partition(":")
-    return pid.isdigit() and start_time(int(pid)) != started
+    return pid.isdigit() and started != "None" and start_time(int(pid)) != started
 
 
 def pid_space() -> str:
@@ -89,9 +90,9 @@ def owner_spec() -> str:
 
 def owner_gone(owner: str) -> bool:
     """The process an ``owner_spec`` names has ended: one of this host and PID namespace, no longer running. Never
-    one elsewhere (a container sharing the file, another host), nor one without a start time (no /proc: macOS)."""
+    one elsewhere (a container sharing the file, another host), nor one without a start time (``kernel_gone``)."""
     kernel, _, where = owner.partition(" ")
-    return where == pid_space() and not kernel.endswith(":None") and kernel_gone(kernel)
+    return where == pid_space() and kernel_gone(kernel)
 
 
 def _not_serialisable(value: Any) -> Any:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import _thread
+import gc
 import html
 import io
 import threading
 import time
 import warnings
+import weakref
 from typing import Any
 
 import dspy
@@ -416,3 +418,25 @@ def test_the_pool_tables_write_their_counts_as_their_tokens() -> None:
     tool = {"calls": 1500, "errors": 0, "chunks": 20090, "tokens_in": 99, "tokens_out": 20010, "cost": None,
             "queue_wait": {}, "execution": {}, "first_chunk": {}}
     assert stats_rows({"tools": {"predict": tool}})[0][:6] == ["predict", "1,500", "0", "20,090", "99", "20,010"]
+
+
+@pytest.mark.parametrize("kind", ["stream", "batch"])
+def test_a_views_stop_button_does_not_keep_its_run_once_the_view_is_gone(pool: Pool, kind: str) -> None:
+    # the Stop button's click handler held the run, and an ipywidgets widget is in a reference cycle of its own (its
+    # message callbacks hold its methods): a run shown as a cell's value, with its whole result, stayed in the kernel
+    # after its view and the value were gone, until Python's cycle collector happened to run
+    if kind == "stream":
+        handle: Any = pool.run_stream(dspy.Predict("question -> answer"), question="Let go?")
+        view: Any = StreamView(handle, "run")
+    else:
+        handle = pool.map(shout, ["let", "go"], journal=False)
+        view = BatchDashboard(handle, "map")
+    handle.wait(60)
+    view.refresh()
+    gone = weakref.ref(handle)
+    gc.disable()  # what reference counting alone frees
+    try:
+        del handle, view
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import html
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -62,15 +63,27 @@ def _cell(text: str, width: int = 90, key: str = "") -> str:
             f"<div style='{PROSE}'>{html.escape(text)}</div></details>")
 
 
-def stop_button(action: Callable[[], Any]) -> w.Button:
-    """A Stop button that works while the cell that made it still blocks the kernel.
+def stop_button(cancel: Callable[[], Any]) -> w.Button:
+    """A Stop button that calls ``cancel`` (a handle's bound method), and works while the cell that made it still
+    blocks the kernel.
 
     A click is a comm message on the shell channel, which the kernel's main thread only reads once the
     running cell has finished. ipykernel 7 reads every shell message first in its shell-channel thread
     and asks the comm there where to route it (``_reply_subshell_for``, for subshells): this view answers
     a click at that moment, in that thread, so the remote work stops within a round trip. Where the hook
     is missing, the click acts when the kernel reads it, as before.
+
+    The button holds its handle weakly: an ipywidgets widget is in a reference cycle of its own (its message
+    callbacks hold its methods), so a click handler holding the handle kept the run and its result in the kernel
+    after its view had ended and the cell's value was gone, until Python's cycle collector ran.
     """
+    stop = weakref.WeakMethod(cancel)  # type: ignore[arg-type]
+
+    def action() -> None:
+        bound = stop()
+        if bound is not None:
+            bound()
+
     button = w.Button(description="Stop", icon="stop", button_style="warning", layout={"width": "7em"})
     button.on_click(lambda _: action())
     comm = getattr(button, "comm", None)

@@ -440,3 +440,31 @@ def test_a_views_stop_button_does_not_keep_its_run_once_the_view_is_gone(pool: P
         assert gone() is None
     finally:
         gc.enable()
+
+
+
+def test_the_dashboard_decodes_each_latest_result_once_not_at_every_tick(pool: Pool) -> None:
+    # the latest results' rows were made again at every tick of the pump (10 a second) while they were shown, each
+    # item's output decoded as the program's value every time: eight rows of an 800 KB array took 95 ms of each
+    # 100 ms tick, in the pump thread that refreshes every view
+    batch = pool.map(dspy.Predict("question -> answer"), ["one?", "two?", "three?"], journal=False)
+    batch.wait(60)
+    decoded: list[Any] = []
+    decode = batch.decode
+    batch.decode = lambda result: decoded.append(result) or decode(result)  # type: ignore[misc]  # counts them
+    dashboard = BatchDashboard(batch, "map")
+    for _ in range(5):
+        dashboard.refresh()
+    assert len(decoded) == 3
+    assert "answer: Demo LM answer to &#x27;three?&#x27;" in dashboard.latest.value
+
+
+def test_a_long_result_is_cut_in_the_latest_results_not_sent_whole_at_every_tick(pool: Pool) -> None:
+    # a row held its item's whole output: a list of 2,000 records made the latest results 1.7 MB, sent to the browser
+    # at every tick while items arrived
+    batch = pool.map(shout, ["word " * 20_000], journal=False)
+    batch.wait(60)
+    dashboard = BatchDashboard(batch, "map")
+    dashboard.refresh()
+    assert len(dashboard.latest.value) < 6_000
+    assert "… [98,008 more characters in the item&#x27;s result]" in dashboard.latest.value

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import _thread
+import gc
 import html
 import io
 import threading
 import time
 import warnings
+import weakref
 from typing import Any
 
 import dspy
@@ -416,3 +418,53 @@ def test_the_pool_tables_write_their_counts_as_their_tokens() -> None:
     tool = {"calls": 1500, "errors": 0, "chunks": 20090, "tokens_in": 99, "tokens_out": 20010, "cost": None,
             "queue_wait": {}, "execution": {}, "first_chunk": {}}
     assert stats_rows({"tools": {"predict": tool}})[0][:6] == ["predict", "1,500", "0", "20,090", "99", "20,010"]
+
+
+@pytest.mark.parametrize("kind", ["stream", "batch"])
+def test_a_views_stop_button_does_not_keep_its_run_once_the_view_is_gone(pool: Pool, kind: str) -> None:
+    # the Stop button's click handler held the run, and an ipywidgets widget is in a reference cycle of its own (its
+    # message callbacks hold its methods): a run shown as a cell's value, with its whole result, stayed in the kernel
+    # after its view and the value were gone, until Python's cycle collector happened to run
+    if kind == "stream":
+        handle: Any = pool.run_stream(dspy.Predict("question -> answer"), question="Let go?")
+        view: Any = StreamView(handle, "run")
+    else:
+        handle = pool.map(shout, ["let", "go"], journal=False)
+        view = BatchDashboard(handle, "map")
+    handle.wait(60)
+    view.refresh()
+    gone = weakref.ref(handle)
+    gc.disable()  # what reference counting alone frees
+    try:
+        del handle, view
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
+
+def test_the_dashboard_decodes_each_latest_result_once_not_at_every_tick(pool: Pool) -> None:
+    # the latest results' rows were made again at every tick of the pump (10 a second) while they were shown, each
+    # item's output decoded as the program's value every time: eight rows of an 800 KB array took 95 ms of each
+    # 100 ms tick, in the pump thread that refreshes every view
+    batch = pool.map(dspy.Predict("question -> answer"), ["one?", "two?", "three?"], journal=False)
+    batch.wait(60)
+    decoded: list[Any] = []
+    decode = batch.decode
+    batch.decode = lambda result: decoded.append(result) or decode(result)  # type: ignore[misc]  # counts them
+    dashboard = BatchDashboard(batch, "map")
+    for _ in range(5):
+        dashboard.refresh()
+    assert len(decoded) == 3
+    assert "answer: Demo LM answer to &#x27;three?&#x27;" in dashboard.latest.value
+
+
+def test_a_long_result_is_cut_in_the_latest_results_not_sent_whole_at_every_tick(pool: Pool) -> None:
+    # a row held its item's whole output: a list of 2,000 records made the latest results 1.7 MB, sent to the browser
+    # at every tick while items arrived
+    batch = pool.map(shout, ["word " * 20_000], journal=False)
+    batch.wait(60)
+    dashboard = BatchDashboard(batch, "map")
+    dashboard.refresh()
+    assert len(dashboard.latest.value) < 6_000
+    assert "… [98,008 more characters in the item&#x27;s result]" in dashboard.latest.value

@@ -90,6 +90,16 @@ class ArgumentError(ToolError, TypeError):
     """An argument is missing, unexpected, of the wrong type or has a bad value."""
 
 
+class NotSent(ArgumentError):
+    """The kernel could not send a program or a value to the workers (it cannot be pickled): no worker ran anything,
+    so its message is the kernel's reason alone, not a worker tool's failure."""
+
+    def __init__(self, tool: str, type: str, message: str, remote_traceback: str = "", worker: str = "") -> None:
+        super().__init__(tool, type, message, remote_traceback, worker)
+        self.args = (message,)
+        self._shown = message
+
+
 class MessageTooLarge(DspexError, ValueError):
     """A request or reply is over the gRPC message limit."""
 

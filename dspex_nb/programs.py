@@ -44,6 +44,7 @@ from dspex_nb.errors import (
     ArgumentError,
     CallbacksNotRun,
     LMStateNotKept,
+    NotSent,
     StateNotKept,
     TraceIncomplete,
     remote_error,
@@ -229,11 +230,13 @@ def ship(program: Any) -> Shipped:
             collector.dump(pending)
             pending = list(collector.names.values())[known:]
     except Exception as exc:
-        hint = "" if isinstance(exc, KernelOnly) else (
-            " (it holds something that cannot be pickled, e.g. a client, a socket or a file open for writing; create "
-            "that inside the module's forward instead)")
-        raise ArgumentError("define", type(exc).__name__, f"{type(program).__name__} cannot be sent to the workers: "
-                            f"{type(exc).__name__}: {exc}{hint}") from None
+        if isinstance(exc, KernelOnly):
+            raise NotSent("define", type(exc).__name__, f"{type(program).__name__} cannot be sent to the workers: "
+                          f"{type(exc).__name__}: {exc}") from None
+        raise NotSent("define", type(exc).__name__, f"{type(program).__name__} cannot be sent to the workers: "
+                      f"{_unpicklable_part(program, type(program).__name__, exc)} (a program "
+                      "travels pickled; a client, a socket or a file open for writing cannot be: create that inside "
+                      "the module's forward instead)") from None
     if collector.callbacks:
         _callbacks_not_run(collector.callbacks, "of the program's modules (callbacks=[...]), which DSPy does not "
                            "pickle,")
@@ -243,6 +246,52 @@ def ship(program: Any) -> Shipped:
                     "names": list(collector.names.items())})
     payload, key = _payload(collector)
     return Shipped(payload, key, [*collector.types, *_referenced_types(program, collector.modules)])
+
+
+_PART_DEPTH = 12  # levels of attributes, items and closure variables searched for the part that cannot be pickled
+
+
+def _unpicklable_part(value: Any, path: str, error: Exception) -> str:
+    """Why ``value`` (named ``path``) failed to pickle with ``error``: "P (a T) cannot be pickled: E" of its
+    innermost part P that fails itself, searching its attributes, items, class and its functions' variables; "E"
+    where no part of it fails alone."""
+    found = None
+    for _ in range(_PART_DEPTH):
+        failing = next(((name, part, failed) for name, part in _parts(value)
+                        if (failed := _pickle_error(part)) is not None), None)
+        if failing is None:
+            break
+        name, value, error = failing
+        path, found = path + name, value
+    shown = f"{type(error).__name__}: {error}"
+    return shown if found is None else f"{path} (a {type(found).__name__}) cannot be pickled: {shown}"
+
+
+def _parts(value: Any) -> list[tuple[str, Any]]:
+    """The parts of ``value`` that pickling it pickles by value, each with how a path names it."""
+    if isinstance(value, dict):
+        return [(f"[{key!r}]", part) for key, part in value.items()]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [(f"[{i}]", part) for i, part in enumerate(value)]
+    if isinstance(value, types.FunctionType):
+        cells = zip(value.__code__.co_freevars, value.__closure__ or (), strict=True)
+        named = [(name, cell.cell_contents) for name, cell in cells if cell.cell_contents is not value]
+        named += [(name, value.__globals__[name]) for name in value.__code__.co_names if name in value.__globals__]
+        return [(f"'s variable {name!r}", part) for name, part in named]
+    if isinstance(value, type):
+        return [(f".{name}", part) for name, part in vars(value).items() if isinstance(part, types.FunctionType)]
+    if isinstance(value, types.ModuleType) or not hasattr(value, "__dict__"):
+        return []
+    return [*((f".{name}", part) for name, part in vars(value).items()), (f"'s class {type(value).__name__}",
+                                                                          type(value))]
+
+
+def _pickle_error(value: Any) -> Exception | None:
+    try:
+        _Pickler(io.BytesIO()).dump(value)
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _referenced_types(program: Any, modules: set[str]) -> list[type]:
@@ -439,8 +488,8 @@ def _by_value(value: Any, what: str, hint: str = "") -> str:
     try:
         pickler.dump(value)
     except Exception as exc:
-        raise ArgumentError("run", type(exc).__name__,
-                            f"{what} cannot be sent to the workers: {type(exc).__name__}: {exc}{hint}") from None
+        raise NotSent("run", type(exc).__name__,
+                      f"{what} cannot be sent to the workers: {type(exc).__name__}: {exc}{hint}") from None
     return _payload(pickler)[0]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
+import os
+import re
 import signal
 import sys
 import threading
@@ -419,7 +421,7 @@ def test_a_program_that_cannot_be_pickled_is_refused_naming_what_cannot_travel(p
 
     import dspy
 
-    from dspex_nb.errors import ArgumentError
+    from dspex_nb.errors import ArgumentError, NotSent
 
     class Holder(dspy.Module):
         def __init__(self, thing: object) -> None:
@@ -431,11 +433,28 @@ def test_a_program_that_cannot_be_pickled_is_refused_naming_what_cannot_travel(p
             return self.qa(question=question)
 
     assert pool.run(Holder(threading.Lock()), question="Q?").answer
-    with socket.socket() as client, pytest.raises(ArgumentError, match=r"Holder cannot be sent to the workers: "
-                                                  r"TypeError: cannot pickle 'socket' object \(it holds something that "
-                                                  r"cannot be pickled, e.g. a client, a socket or a file open for "
-                                                  r"writing;"):
-        pool.run(Holder(client), question="Q?")
+    with socket.socket() as client:
+        # was: "tool 'define' failed: TypeError: Holder cannot be sent ...", a kernel-side refusal told as if a worker
+        # tool had failed, and no word of which attribute could not be pickled
+        def search(query: str) -> str:
+            return f"{client}: {query}"
+
+        for holder, part, kind in ((Holder(client), "Holder.thing", "socket"),
+                                   (Holder({"search": search}), "Holder.thing['search']'s variable 'client'", "socket"),
+                                   (Holder([open(os.devnull, "w")]), "Holder.thing[0]", "TextIOWrapper")):
+            sends = (lambda h=holder: pool.run(h, question="Q?"), lambda h=holder: pool.map(h, ["Q?"]).result(),
+                     lambda h=holder: pool.run_stream(h, question="Q?").result(),
+                     lambda h=holder: pool.evaluate(h, [dspy.Example(question="Q?").with_inputs("question")],
+                                                    lambda example, pred, trace=None: 1.0))
+            for send in sends:
+                with pytest.raises(ArgumentError, match=rf"^Holder cannot be sent to the workers: {re.escape(part)} "
+                                   rf"\(a {kind}\) cannot be pickled: \w+Error: .* \(a program travels pickled; a "
+                                   r"client, a socket or a file open for writing cannot be: create that inside the "
+                                   r"module's forward instead\)$") as caught:
+                    send()
+                assert isinstance(caught.value, NotSent)
+            if isinstance(holder.thing, list):
+                holder.thing[0].close()
 
 
 def test_a_pool_takes_the_kernels_reasoning_model_as_dspy_lm_took_it() -> None:

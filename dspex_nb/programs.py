@@ -307,6 +307,7 @@ def _referenced_types(program: Any, modules: set[str]) -> list[type]:
     predictors = getattr(program, "predictors", None)
     for predictor in predictors() if callable(predictors) and not isinstance(program, type) else ():
         signature = predictor.signature
+        found.append(signature)  # the signature its completions are made under (dspy.majority reads it)
         for fields in (signature.input_fields, signature.output_fields):
             for info in fields.values():
                 found.extend(typed.types_in(info.annotation))
@@ -812,6 +813,8 @@ def to_output(result: Any, resolve: typed.Resolver, trace: tuple[list[Any], Any]
         completions = result.get(typed.COMPLETIONS, typed.ONE_COMPLETION)  # no key: the fields are its one answer
         if completions is not None:
             tagged["completions"] = completions
+        if typed.SIGNATURE in result:
+            tagged["signature"] = result[typed.SIGNATURE]
         if typed.LM_USAGE in result:
             tagged["usage"] = result[typed.LM_USAGE]
         output = typed.decode(tagged, resolve, "output")

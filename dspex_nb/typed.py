@@ -60,6 +60,7 @@ FORMAT = 5  # this encoding's version, in the journal's batch keys: results kept
 USAGE = "__dspex_usage__"  # beside a program's output: its LM usage per model, as dspy.track_usage counts it
 COMPLETIONS = "__dspex_completions__"  # beside a Prediction's fields: its completions (field -> values)
 ONE_COMPLETION = "fields"  # as the completions: one, that is the fields themselves (n=1)
+SIGNATURE = "__dspex_signature__"  # beside a Prediction's fields: the signature its completions were made under
 LM_USAGE = "__dspex_lm_usage__"  # beside a Prediction's fields: its own get_lm_usage(), where DSPy set one
 COST = "__dspex_cost__"  # beside a program's output: the USD cost of its LM calls, where an LM reported one
 TRACE = "__dspex_trace__"  # beside a program's output, where the kernel asked: its predictor calls (DSPy's trace)
@@ -70,7 +71,7 @@ LM_STATE = "__dspex_lm_state__"  # beside a program's output: the attributes its
 CACHED = "__dspex_cached__"  # beside a program's output: [LM calls DSPy answered from its cache, all its LM calls]
 STATE_CHANGED = "__dspex_state_changed__"  # beside a program's output: [its name, its label], where the call changed
 # its state
-RESERVED = (USAGE, COMPLETIONS, LM_USAGE, COST, TRACE, HISTORY, LM_STATE, CACHED, STATE_CHANGED)
+RESERVED = (USAGE, COMPLETIONS, SIGNATURE, LM_USAGE, COST, TRACE, HISTORY, LM_STATE, CACHED, STATE_CHANGED)
 _OPAQUE_REPR = 2000  # characters of an opaque value's repr kept for the error message
 
 
@@ -138,7 +139,8 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
     if dspy is not None and isinstance(value, dspy.Example):  # Prediction is an Example
         return _example_json(value, dspy, ship)
     if dspy is not None and type(value) is dspy.Completions:  # a Prediction's completions (pred.completions)
-        return {TAG: "completions", "fields": encode({k: list(v) for k, v in value.items()}, ship)}
+        return {TAG: "completions", "fields": encode({k: list(v) for k, v in value.items()}, ship),
+                **_signature_json(value)}
     if _is_pydantic(value):  # its state, as pydantic pickles it (see the module's docstring)
         state = value.__getstate__()
         return {TAG: "model", "class": _path(type(value), ship), "fields": encode(state["__dict__"], ship),
@@ -322,9 +324,34 @@ def _example_json(value: Any, dspy: Any, ship: Shipment | None) -> dict[str, Any
         completions = {k: list(v) for k, v in value._completions.items()}
         one = _only_the_fields(completions, value._store)
         out["completions"] = ONE_COMPLETION if one else encode(completions, ship)
+        out.update(_signature_json(value._completions))
     if kind == "prediction" and value._lm_usage is not None:  # set by DSPy with track_usage on
         out["usage"] = encode(value._lm_usage, ship)
     return out
+
+
+def signature_path(signature: type) -> str:
+    """A signature class's path, with its fields and instructions: ``dspy.Signature("question -> answer")`` makes a
+    class of one path (``StringSignature``) per use, told apart by those."""
+    return f"{class_path(signature)} {signature.signature} {signature.instructions}"
+
+
+def _signature_json(completions: Any) -> dict[str, str]:
+    """The signature ``completions`` were made under (``dspy.majority`` reads it), by its ``signature_path``."""
+    signature = getattr(completions, "signature", None)
+    return {"signature": signature_path(signature)} if isinstance(signature, type) else {}
+
+
+def _signature(value: dict[str, Any], resolve: Callable[[str], type | None]) -> type | None:
+    """The signature class of ``value["signature"]`` where the receiver knows it as the one the sender used (a
+    signature of the program, or DSPy's own), else None, as DSPy's completions made without one."""
+    path = value.get("signature")
+    if path is None:
+        return None
+    cls = resolve(path) or resolve(path.partition(" ")[0])
+    dspy = sys.modules.get("dspy")
+    known = dspy is not None and isinstance(cls, type) and issubclass(cls, dspy.Signature)
+    return cls if known and signature_path(cls) == path else None
 
 
 def _only_the_fields(completions: dict[str, list[Any]], store: dict[str, Any]) -> bool:
@@ -403,7 +430,10 @@ class Resolver:
     """
 
     def __init__(self, known: Iterable[type] = (), objects: Sequence[Any] = ()) -> None:
-        self.known = {class_path(cls): cls for cls in known}
+        dspy = sys.modules.get("dspy")
+        self.known = {path: cls for cls in known for path in (
+            (class_path(cls), signature_path(cls)) if dspy is not None and issubclass(cls, dspy.Signature)
+            else (class_path(cls),))}
         self.objects = objects
 
     def __call__(self, path: str) -> type | None:
@@ -493,10 +523,10 @@ def _fields(value: dict[str, Any], resolve: Callable[[str], type | None], where:
     return {k: decode(v, resolve, f"{where}.{k}") for k, v in value["fields"].items()}
 
 
-def _completions(fields: dict[str, list[Any]]) -> Any:
+def _completions(fields: dict[str, list[Any]], signature: type | None = None) -> Any:
     from dspy.primitives.prediction import Completions
 
-    return Completions(fields)
+    return Completions(fields, signature=signature)
 
 
 def _example(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
@@ -514,7 +544,8 @@ def _example(value: dict[str, Any], resolve: Callable[[str], type | None], where
     if "completions" in value:
         completions = value["completions"]
         obj._completions = _completions({k: [v] for k, v in obj._store.items()} if completions == ONE_COMPLETION
-                                        else decode(completions, resolve, f"{where}.completions"))
+                                        else decode(completions, resolve, f"{where}.completions"),
+                                        _signature(value, resolve))
     if "usage" in value:
         obj.set_lm_usage(decode(value["usage"], resolve, f"{where}.usage"))
     attrs = decode(value["attrs"], resolve, f"{where}.attrs") if "class" in value and "attrs" in value else {}
@@ -642,7 +673,7 @@ _DECODERS: dict[str, Callable[[dict[str, Any], Callable[[str], type | None], str
     "dataclass": lambda v, r, w: _dataclass(_cls(v, r, w), _fields(v, r, w)),
     "prediction": _example,
     "example": _example,
-    "completions": lambda v, r, w: _completions(decode(v["fields"], r, f"{w}.completions")),
+    "completions": lambda v, r, w: _completions(decode(v["fields"], r, f"{w}.completions"), _signature(v, r)),
     "pydantic": lambda v, r, w: _adapter(_pydantic_type(v, w)).validate_json(v["json"]),
     "code": _code,
     "numpy": _numpy,

@@ -941,6 +941,35 @@ program = dspy.LabeledFewShot(k=2).compile(dspy.ChainOfThought("question -> answ
     assert_same(expected, pool.run(program, **question))
 
 
+def test_completions_keep_the_signature_they_were_made_under(shell: InteractiveShell, pool: Pool,
+                                                             demo_lm: dspy.LM) -> None:
+    # was: a returned dspy.Completions (a Prediction's .completions) came back with signature None
+    define(shell, '''
+class Pick(dspy.Signature):
+    """Pick one."""
+    question: str = dspy.InputField()
+    choice: str = dspy.OutputField()
+    why: str = dspy.OutputField()
+
+cot = dspy.ChainOfThought("question -> answer", n=3)
+pick = dspy.Predict(Pick, n=3)
+
+def program(question):  # DSPy's modules page: response.completions
+    return cot(question=question).completions
+''')
+    ns, question = shell.user_ns, {"question": "Pick a colour"}
+    for program, signature in ((ns["cot"], ns["cot"].predict.signature), (ns["pick"], ns["Pick"]),
+                               (ns["program"], ns["cot"].predict.signature)):
+        with dspy.context(lm=demo_lm):
+            expected = program(**question)
+        for got in (pool.run(program, **question), pool.run_stream(program, **question).result(60),
+                    *pool.map(program, [question], journal=False).result(60)):
+            completions = got if isinstance(got, dspy.Completions) else got.completions
+            assert completions.signature is signature
+            kernel = expected if isinstance(expected, dspy.Completions) else expected.completions
+            assert dict(dspy.majority(completions)) == dict(dspy.majority(kernel))
+
+
 def test_programs_that_differ_only_in_types_or_attributes_stay_apart(shell: InteractiveShell, pool: Pool,
                                                                     demo_lm: dspy.LM) -> None:
     as_int, _ = define(shell, 'program = dspy.Predict("question -> answer: int")')

@@ -117,6 +117,8 @@ def output_json(output: Any, usage: dict[str, Any] | None = None, cost: float | 
         completions = encoded.get("completions")
         if completions != typed.ONE_COMPLETION:
             result[typed.COMPLETIONS] = completions  # None: a Prediction made without an LM has none
+        if "signature" in encoded:
+            result[typed.SIGNATURE] = encoded["signature"]
         if "usage" in encoded:
             result[typed.LM_USAGE] = encoded["usage"]
     else:  # a subclass, or fields that would read as ours, stay inside

@@ -601,6 +601,40 @@ def _dataclass(cls: type, fields: dict[str, Any]) -> Any:
     return obj
 
 
+class Readable:
+    """The text a value's repr would read as, for a value that cannot be rebuilt here (its class is the program's
+    only): shown where the value would be, never used as the value."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def readable(value: Any, resolve: Callable[[str], type | None] | None = None) -> Any:
+    """Encoded ``value`` decoded as far as it can be: each part that cannot (a class the receiver lacks) as a
+    ``Readable`` of its class name and parts, as its repr would read (``Point(x=1, y=2)``), the repr the sender made
+    for a value without a JSON form."""
+    try:
+        return decode(value, resolve)
+    except NotPortable:
+        pass
+    if isinstance(value, list):
+        return [readable(v, resolve) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if TAG not in value:
+        return {k: readable(v, resolve) for k, v in value.items()}
+    if value[TAG] == "opaque":
+        return Readable(value["repr"])
+    name = str(value.get("class", value[TAG])).rpartition(":")[2]
+    if isinstance(value.get("fields"), dict):
+        return Readable(f"{name}({', '.join(f'{k}={readable(v, resolve)!r}' for k, v in value['fields'].items())})")
+    parts = value.get("items", value.get("value", value.get("fields")))
+    return Readable(f"{name}({readable(parts, resolve)!r})" if parts is not None else f"<{name}>")
+
+
 def _opaque_error(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> Any:
     if "reason" in value:
         raise NotPortable(f"{where} is {value['reason']} (its repr: {value['repr'][:200]})", value)

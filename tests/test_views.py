@@ -189,6 +189,36 @@ def test_the_dashboard_lists_each_error_once_with_its_items(pool: Pool) -> None:
     assert "<li>970 items (30, 31, 32, 33, 34, …): ValueError: rate limited</li>" in shown["text/html"]
 
 
+POINTS = '''
+import dataclasses, dspy
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    label: str
+
+class Points(dspy.Module):
+    def forward(self, question):
+        return dspy.Prediction(point=Point(len(question), question), answer="ok")
+
+points = Points()
+'''
+
+
+def test_a_row_holding_a_class_the_kernel_lacks_reads_as_its_repr_and_says_why(pool: Pool) -> None:
+    # was: the latest results' row showed the tagged JSON, "point: {'__dspex__': 'dataclass', 'class': ...}"
+    pool.define("points", POINTS)
+    batch = pool.map("points", ["hi", "there"], journal=False)
+    batch.wait()
+    dashboard = BatchDashboard(batch, "b")
+    dashboard.refresh()
+    shown = html.unescape(dashboard.latest.value)
+    assert "point: Point(x=2, label='hi'); answer: ok; NotPortable: output.point is a " in shown
+    assert "a class that did not travel with the program" in shown and "__dspex" not in shown
+    assert batch.result() == [None, None]  # and the result says so, item by item
+    assert all(record["error"]["type"] == "NotPortable" for record in batch.records)
+
+
 def test_the_memory_of_a_worker_not_measured_yet_is_not_shown_as_0_mb() -> None:
     # was: "0 MB" for a worker just started or replaced, whose first health ping (which measures it) is to come
     with Pool(workers=1, health_interval=60, journal=False) as fresh:  # no health ping for a minute

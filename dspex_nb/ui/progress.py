@@ -179,19 +179,25 @@ def predictor_label(name: str) -> str:
 
 def shown_fields(result: dict[str, Any], decode: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """A DSPy tool's result as fields to show: a Prediction's fields, a returned dict's items, or "output".
-    ``decode`` (a run's, from ``Pool.run``/``map``) rebuilds it with the program's own classes, as its result."""
+    ``decode`` (a run's, from ``Pool.run``/``map``) rebuilds it with the program's own classes, as its result; where
+    it cannot (a class the kernel lacks), each such value shows as its repr would read, and "NotPortable" says why
+    the result will not be that value."""
     if decode is not None:
         try:
             value = decode(result)
-        except typed.NotPortable:
-            pass  # shown as JSON below, as far as it goes
-        else:  # a Prediction, or what the program returned
-            fields = fields_of(value)
-            return {"output": value} if fields is None else fields
+        except typed.NotPortable as exc:
+            return {**_readable_fields(result), "NotPortable": str(exc)}
+        fields = fields_of(value)  # a Prediction, or what the program returned
+        return {"output": value} if fields is None else fields
+    return _readable_fields(result)
+
+
+def _readable_fields(result: dict[str, Any]) -> dict[str, Any]:
     if result.get(typed.TAG) != "output":
-        return {name: _shown(value) for name, value in result.items() if name not in typed.RESERVED}
+        return {name: typed.readable(value) for name, value in result.items() if name not in typed.RESERVED}
     value = result["value"]
-    value = _shown(value["fields"] if isinstance(value, dict) and value.get(typed.TAG) == "prediction" else value)
+    value = typed.readable(value["fields"] if isinstance(value, dict) and value.get(typed.TAG) == "prediction"
+                           else value)
     return value if isinstance(value, dict) and all(isinstance(k, str) for k in value) else {"output": value}
 
 
@@ -207,13 +213,6 @@ def fields_of(value: Any) -> dict[str, Any] | None:
 def field_text(value: Any) -> str:
     """A field's value as its line shows it: text as it is, anything else as its repr."""
     return value if isinstance(value, str) else repr(value)
-
-
-def _shown(value: Any) -> Any:
-    try:
-        return typed.decode(value)
-    except typed.NotPortable:  # a class only the program knows: show its JSON
-        return value
 
 
 def error_text(error: BaseException | None) -> str:

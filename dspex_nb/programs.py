@@ -17,6 +17,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib
 import inspect
@@ -68,9 +69,20 @@ class Shipped:
     program resumes from the journal within a kernel session, while one of source defined with
     ``pool.define(name, source)`` resumes in a later session too."""
 
-    payload: str
     key: str
-    types: list[type]  # where two share a path (``dspy.Code["python"]`` makes a class per use), the last wins
+    program: Any
+    pickled: _Pickler
+    collected: list[type]  # the classes the pickle holds by value
+
+    @functools.cached_property
+    def payload(self) -> str:
+        """Made only where the program is installed: a call of one the workers have needs only its key."""
+        return _payload(self.pickled)
+
+    @functools.cached_property
+    def types(self) -> list[type]:
+        """Where two share a path (``dspy.Code["python"]`` makes a class per use), the last wins."""
+        return [*self.collected, *_referenced_types(self.program, self.pickled.modules)]
 
 
 _LOCKS = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threading.RLock}
@@ -244,8 +256,7 @@ def ship(program: Any) -> Shipped:
                if name in linecache.cache and len(linecache.cache[name]) == 4}
     collector.dump({"program": program, "types": collector.types, "sources": sources,
                     "names": list(collector.names.items())})
-    payload, key = _payload(collector)
-    return Shipped(payload, key, [*collector.types, *_referenced_types(program, collector.modules)])
+    return Shipped(_key(collector), program, collector, collector.types)
 
 
 _PART_DEPTH = 12  # levels of attributes, items and closure variables searched for the part that cannot be pickled
@@ -314,18 +325,23 @@ def _referenced_types(program: Any, modules: set[str]) -> list[type]:
     return found
 
 
-def _payload(pickler: _Pickler) -> tuple[str, str]:
-    """What ``pickler`` pickled, for the workers (base64, as a call's argument), and its key (a digest).
+def _payload(pickler: _Pickler) -> str:
+    """What ``pickler`` pickled, for the workers (base64, as a call's argument).
 
     Beside the pickle go the kernel's import path, so that a module it names by reference is imported
     there from where the kernel imports it (such as a folder the notebook added to ``sys.path``, or the
     directory it ``%cd``-ed to), and the digests of the user's modules among those (``code_digest``), so that
-    a worker runs their code as the kernel has it now; an edited module makes another key."""
-    data = pickler.buffer.getvalue()
+    a worker runs their code as the kernel has it now; an edited module makes another key (``_key``)."""
     path = list(dict.fromkeys(os.path.abspath(entry or os.curdir) for entry in sys.path if isinstance(entry, str)))
-    modules = code_digest.digests(pickler.modules)
-    key = hashlib.sha256(data + json.dumps(modules).encode()).hexdigest()
-    return base64.b64encode(pickle.dumps((path, modules, data), protocol=pickle.HIGHEST_PROTOCOL)).decode(), key
+    data = (path, code_digest.digests(pickler.modules), pickler.buffer.getvalue())
+    return base64.b64encode(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)).decode()
+
+
+def _key(pickler: _Pickler) -> str:
+    """The digest of what ``pickler`` pickled and of the user's modules it names (``_payload``)."""
+    digest = hashlib.sha256(pickler.buffer.getbuffer())
+    digest.update(json.dumps(code_digest.digests(pickler.modules)).encode())
+    return digest.hexdigest()
 
 
 SHIPPED_SETTINGS = ("adapter", "allow_tool_async_sync_conversion", "max_errors", "num_threads", "rm",
@@ -491,7 +507,7 @@ def _by_value(value: Any, what: str, hint: str = "") -> str:
     except Exception as exc:
         raise NotSent("run", type(exc).__name__,
                       f"{what} cannot be sent to the workers: {type(exc).__name__}: {exc}{hint}") from None
-    return _payload(pickler)[0]
+    return _payload(pickler)
 
 
 def shipment(ship: typed.Shipment, resolver: typed.Resolver) -> tuple[str, typed.Resolver]:

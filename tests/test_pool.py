@@ -415,6 +415,32 @@ def test_an_lm_dspy_context_sets_that_cannot_be_sent_is_named(pool: Pool) -> Non
         pool.run("question -> answer", question="Which LM?")
 
 
+def test_a_call_of_a_program_the_workers_have_does_not_walk_it_for_its_types(pool: Pool,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # was: each pool.run of a retriever holding 20,000 passages walked them all with DSPy's named_parameters (for
+    # the classes its results may hold, needed only where it is installed) and base64-encoded its 3 MB pickle
+    import dspy
+    from dspy.primitives.base_module import BaseModule
+
+    class Retriever(dspy.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.passages = [f"passage {i}" for i in range(20_000)]
+            self.qa = dspy.Predict("question -> answer")
+
+        def forward(self, question: str) -> dspy.Prediction:
+            return self.qa(question=f"{question} {self.passages[7]}")
+
+    walks: list[str] = []
+    walk = BaseModule.named_parameters
+    monkeypatch.setattr(BaseModule, "named_parameters", lambda self: walks.append(type(self).__name__) or walk(self))
+    program = Retriever()
+    answers = [pool.run(program, question="Q?").answer for _ in range(3)]
+    assert walks == ["Retriever"] and len(set(answers)) == 1  # installed once, then only its key is checked
+    program.passages[7] = "changed"  # a real change is still seen: the program is installed again
+    assert pool.run(program, question="Q?").answer != answers[0] and walks == ["Retriever"] * 2
+
+
 def test_a_program_that_cannot_be_pickled_is_refused_naming_what_cannot_travel(pool: Pool) -> None:
     # was: the hint named "a lock" among what cannot be pickled, though a lock travels (made anew on the worker)
     import socket

@@ -335,6 +335,18 @@ def test_define_errors(sh: Shell) -> None:
     assert "no module named 'Nope'" in sh.usage_error("%%dspex run Nope\nx")
 
 
+def test_running_a_program_that_cannot_be_pickled_says_which_part_and_what_to_do(sh: Shell) -> None:
+    # was: "dspex: tool 'define' failed: TypeError: Holder cannot be sent ...", as if a worker tool had failed
+    sh("import dspy, socket\nclass Holder(dspy.Module):\n    def __init__(self):\n        super().__init__()\n"
+       "        self.client = socket.socket()\n        self.qa = dspy.Predict('question -> answer')\n"
+       "    def forward(self, question):\n        return self.qa(question=question)\nholder = Holder()")
+    err = sh.fails("%%dspex run holder\nWhy?")
+    sh("holder.client.close()")
+    assert err.startswith("dspex: Holder cannot be sent to the workers: Holder.client (a socket) cannot be pickled: "
+                          "TypeError: cannot pickle 'socket' object (a program travels pickled; a client, a socket or "
+                          "a file open for writing cannot be: create that inside the module's forward instead)"), err
+
+
 def test_a_failed_runs_control_characters_are_printed_as_escapes(sh: Shell) -> None:
     # a program's error often quotes the LM's answer (DSPy's parse errors do): the view's summary line showed it
     # escaped, the magic's own "dspex: ValueError: ..." line raw, which could erase lines above or retitle a terminal

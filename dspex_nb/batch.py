@@ -629,7 +629,7 @@ def outputs(record: dict[str, Any]) -> dict[str, Any]:
         result = record["result"]
         if isinstance(result, dict):
             return {k: v for k, v in result.items()
-                    if k not in (typed.USAGE, typed.LM_USAGE, typed.COST, typed.TRACE, typed.CACHED)}
+                    if k not in (typed.USAGE, typed.LM_USAGE, typed.COST, typed.TRACE, typed.CACHED, typed.SIGNATURE)}
         return result
     return {"error": error_line(record)}
 

@@ -885,15 +885,15 @@ def item_inputs(items: Any, tool: str = "map", ship: typed.Shipment | None = Non
 
 
 def sendable(value: Any, ship: typed.Shipment | None, tool: str, where: str, subject: str) -> Any:
-    """``value`` as typed JSON for the workers (an input, an item), or an ArgumentError naming the part of it that
+    """``value`` as typed JSON for the workers (an input, an item), or a NotSent naming the part of it that
     cannot go (``where``: ``items[3]['when']``), or saying that it is too deep (``subject``: "items[3] is")."""
     try:
         encoded = typed.encode(value, ship)
     except RecursionError:
-        raise ArgumentError(tool, "ArgumentError", f"{subject} nested too deeply to be sent to the workers "
-                            f"(over {sys.getrecursionlimit()} levels)") from None
+        raise NotSent(tool, "ArgumentError", f"{subject} nested too deeply to be sent to the workers "
+                      f"(over {sys.getrecursionlimit()} levels)") from None
     if problem := typed.unsendable(encoded, where):
-        raise ArgumentError(tool, "ArgumentError", problem)
+        raise NotSent(tool, "ArgumentError", problem)
     return encoded
 
 

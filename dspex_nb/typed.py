@@ -40,6 +40,7 @@ import dataclasses
 import datetime as dt
 import enum
 import functools
+import hashlib
 import inspect
 import os
 import sys
@@ -331,9 +332,10 @@ def _example_json(value: Any, dspy: Any, ship: Shipment | None) -> dict[str, Any
 
 
 def signature_path(signature: type) -> str:
-    """A signature class's path, with its fields and instructions: ``dspy.Signature("question -> answer")`` makes a
-    class of one path (``StringSignature``) per use, told apart by those."""
-    return f"{class_path(signature)} {signature.signature} {signature.instructions}"
+    """A signature class's path, with its fields and a digest of its instructions: ``dspy.Signature("question ->
+    answer")`` makes a class of one path (``StringSignature``) per use, told apart by those."""
+    instructions = hashlib.sha256(str(signature.instructions).encode()).hexdigest()[:16]
+    return f"{class_path(signature)} {signature.signature} {instructions}"
 
 
 def _signature_json(completions: Any) -> dict[str, str]:

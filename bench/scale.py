@@ -10,10 +10,13 @@ fixed time to first token, so the figures measure the machinery, not a provider.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dspy
 from peers import _engine_batch
@@ -47,27 +50,35 @@ def _importable(directory: str) -> None:
     sys.path.insert(0, directory)
 
 
-def ipyparallel_rate(engines: int, questions: list[str], latency: float, concurrency: int) -> float | None:
-    """Items/s of ipyparallel's map over a local cluster of ``engines``; None when it is not installed."""
+@contextlib.contextmanager
+def ipyparallel_cluster(engines: int) -> Iterator[Any]:
+    """A client of a local ipyparallel cluster of ``engines``, each with DSPy imported; None when ipyparallel is
+    not installed. One cluster serves every row (a row of n workers uses n of its engines): a cluster start
+    takes seconds."""
     try:
         import ipyparallel as ipp
     except ImportError:
-        return None
+        yield None
+        return
     cluster = ipp.Cluster(n=engines, log_level=40)
     client = cluster.start_and_connect_sync()
     try:
         client.wait_for_engines(engines, timeout=120)
         client[:].apply_sync(_importable, str(Path(__file__).resolve().parent))
-        view = client.load_balanced_view()
-        view.map_sync(_engine_batch, [[f"warm {i}"] for i in range(engines)], [latency] * engines,
-                      [concurrency] * engines)  # each engine imports DSPy
-        chunks = [questions[i:i + CHUNK] for i in range(0, len(questions), CHUNK)]
-        started = time.perf_counter()
-        view.map_sync(_engine_batch, chunks, [latency] * len(chunks), [concurrency] * len(chunks))
-        return len(questions) / (time.perf_counter() - started)
+        client[:].apply_sync(_engine_batch, ["warm"], 0.0, 1)  # each engine imports DSPy
+        yield client
     finally:
         client.close()
         cluster.stop_cluster_sync()
+
+
+def ipyparallel_rate(client: Any, engines: int, questions: list[str], latency: float, concurrency: int) -> float:
+    """Items/s of ipyparallel's load-balanced map over ``engines`` engines of ``client``'s cluster."""
+    view = client.load_balanced_view(targets=list(range(engines)))
+    chunks = [questions[i:i + CHUNK] for i in range(0, len(questions), CHUNK)]
+    started = time.perf_counter()
+    view.map_sync(_engine_batch, chunks, [latency] * len(chunks), [concurrency] * len(chunks))
+    return len(questions) / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -82,16 +93,18 @@ def main() -> None:
     print(f"{cores} cores; {args.items} items; demo LM ttft {args.latency} s; {args.concurrency} in flight per worker")
     print(f"{'workers':>8}{'pool items/s':>14}{'threads items/s':>17}{'ipp items/s':>13}{'ideal':>9}"
           f"{'vs threads':>12}{'vs ipp':>9}{'vs ideal':>10}")
-    for n in counts:
-        questions = [f"scale {n} question {i}?" for i in range(args.items)]  # new prompts: no cache hit
-        ours = pool_rate(n, questions, args.latency, args.concurrency)
-        threads = threads_rate(n * args.concurrency, [f"threads {q}" for q in questions], args.latency)
-        ipp = ipyparallel_rate(n, [f"ipp {q}" for q in questions], args.latency, args.concurrency)
-        ideal = n * args.concurrency / args.latency
-        ipp_cells = (f"{ipp:>13.0f}", f"{ours / ipp:>8.2f}x") if ipp else (f"{'-':>13}", f"{'-':>9}")
-        print(f"{n:>8}{ours:>14.0f}{threads:>17.0f}{ipp_cells[0]}{ideal:>9.0f}{ours / threads:>11.2f}x"
-              f"{ipp_cells[1]}{ours / ideal:>9.2f}x")
-    if ipp is None:
+    with ipyparallel_cluster(counts[-1]) as client:
+        for n in counts:
+            questions = [f"scale {n} question {i}?" for i in range(args.items)]  # new prompts: no cache hit
+            ours = pool_rate(n, questions, args.latency, args.concurrency)
+            threads = threads_rate(n * args.concurrency, [f"threads {q}" for q in questions], args.latency)
+            ipp = client and ipyparallel_rate(client, n, [f"ipp {q}" for q in questions], args.latency,
+                                              args.concurrency)
+            ideal = n * args.concurrency / args.latency
+            ipp_cells = (f"{ipp:>13.0f}", f"{ours / ipp:>8.2f}x") if ipp else (f"{'-':>13}", f"{'-':>9}")
+            print(f"{n:>8}{ours:>14.0f}{threads:>17.0f}{ipp_cells[0]}{ideal:>9.0f}{ours / threads:>11.2f}x"
+                  f"{ipp_cells[1]}{ours / ideal:>9.2f}x")
+    if client is None:
         print("ipyparallel is not installed (pip install 'ipyparallel>=9'): its column is empty", file=sys.stderr)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from dspex_nb import programs, redact, typed
 from dspex_nb.batch import BatchRun
-from dspex_nb.errors import ArgumentError, PoolLMDiffers, ToolError, program_errors_raised_here
+from dspex_nb.errors import PoolLMDiffers, ToolError, program_errors_raised_here
 from dspex_nb.journal import Journal
 from dspex_nb.pool import settings
 from dspex_nb.pool.calls import Chunk, Run
@@ -119,9 +119,8 @@ class Pool(WorkerPool):
         original = program
         program = programs.as_program(program)
         if not callable(program):
-            raise ArgumentError("run", "ArgumentError", "the program must be a dspy.Module (class or instance), a "
-                                "signature (class or string), a function or a defined name; got "
-                                f"{type(program).__name__}")
+            raise TypeError("the program must be a dspy.Module (class or instance), a signature (class or string), "
+                            f"a function or a defined name; got {type(program).__name__}")
         shipped = programs.ship(program)
         name = f"_{type(program).__name__}_{shipped.key[:12]}"
         if "resolver" not in self.definitions.get(name, {}):  # not defined yet, or still being defined

@@ -990,6 +990,25 @@ program = streaming()
     assert_same(values[-1], run.result(60))
 
 
+def test_an_asyncified_module_streams_its_fields_as_the_module(shell: InteractiveShell, pool: Pool,
+                                                              demo_lm: dspy.LM) -> None:
+    # DSPy's async tutorial: `dspy.asyncify(program)` is a function, so its stream said "no str output field to
+    # stream" and a %%dspex cell showed nothing until the end, where the module it runs streams each field
+    program, _ = define(shell, 'program = dspy.asyncify(dspy.ChainOfThought("question -> answer"))')
+
+    async def kernel() -> dspy.Prediction:
+        with dspy.context(lm=demo_lm):
+            return await program(question="Why?")
+
+    run = pool.run_stream(program, question="Why?")
+    assert_same(asyncio.run(kernel()), run.result(60))
+    module = pool.run_stream(dspy.ChainOfThought("question -> answer"), question="Why?")
+    module.result(60)
+    tokens = [(c["predictor"], c["field"], c["text"]) for c in run.chunks if c.kind == "token"]
+    assert tokens and tokens == [(c["predictor"], c["field"], c["text"]) for c in module.chunks if c.kind == "token"]
+    assert [c["message"] for c in run.chunks if c.kind == "status"] == []
+
+
 def test_a_streamified_program_made_again_streams_again(shell: InteractiveShell, pool: Pool,
                                                        demo_lm: dspy.LM) -> None:
     # a cell re-run makes the streamify'd program of an earlier cell's predictor anew, with a new listener, which

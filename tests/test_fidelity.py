@@ -680,6 +680,21 @@ qa = dspy.ChainOfThought("question -> answer", n=3)
 def program(question):  # DSPy's modules page: response.completions.answer
     return qa(question=question).completions
 ''', {"question": "Pick a colour"}),
+    "root_models_in_and_out": ('''
+from pydantic import RootModel
+
+class Tags(RootModel[list[str]]):  # its pickled state has no extra or private values: it failed with a KeyError
+    pass
+
+class Retag(dspy.Signature):
+    """Tag the text again."""
+    text: str = dspy.InputField()
+    old: Tags = dspy.InputField()
+    tags: Tags = dspy.OutputField()
+
+program = dspy.Predict(Retag)
+inputs = {"text": "bees and flowers", "old": Tags(["nature"])}
+''', {}),
 }
 
 

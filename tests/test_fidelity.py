@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import threading
+import traceback
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -1551,6 +1552,22 @@ def test_first_calls_of_a_program_at_once_all_get_its_answer(pool: Pool, demo_lm
     with dspy.context(lm=demo_lm):
         expected = [program(question=q) for q in "abcd"]
     assert_same(expected, asyncio.run(together()))
+
+
+def test_a_key_error_reads_as_in_the_kernel_not_as_a_masked_secret(shell: InteractiveShell, pool: Pool) -> None:
+    # a tutorial's metric or tool that reads a missing field: its traceback's last line, "KeyError: 'answer'", was
+    # taken for a secret assigned to a setting named like a key, and showed as "KeyError: '***'"
+    program, _ = define(shell, '''
+def program(question):
+    return {"question": question}["answer"]
+''')
+    with pytest.raises(KeyError) as kernel:
+        program(question="Why?")
+    with pytest.raises(KeyError) as caught:
+        pool.run(program, question="Why?")
+    shown = "".join(traceback.format_exception(caught.value))
+    assert caught.value.args == kernel.value.args == ("answer",)
+    assert caught.value.remote_traceback.rstrip().endswith("KeyError: 'answer'") and "***" not in shown
 
 
 def test_wrong_inputs_and_programs_get_errors_that_name_them(shell: InteractiveShell, pool: Pool) -> None:

@@ -25,11 +25,12 @@ _SECRET_NAME = re.compile(r"key(?!word)|(?<!per_)token(?!s\b|s_|_count|izer)|sec
 # api_key='sk-...', "aws_secret_access_key": "...", ?key=..., Authorization: Bearer ... The match starts at the
 # secret-like part of the name (what comes before it is kept as it is anyway) and the rest of the name is
 # bounded: a pattern that scans a word in both directions takes quadratic time on a long one (a base64 blob
-# in an error message: 10 KB took 5 s, with the GIL held, so a worker missed its pings and was killed).
+# in an error message: 10 KB took 5 s, with the GIL held, so a worker missed its pings and was killed). A name
+# that ends as an exception class's does is no setting: "KeyError: 'answer'" in a traceback is the exception's text.
 _ASSIGNED = re.compile(
     r"""(?i)((?:key(?!word)|(?<!per_)token(?!s\b|s_|_count|izer)|secret|passw(?:or)?d|authoriz\w{0,64}|credential)"""
-    r"""[\w-]{0,64}['"]?\s*[:=]\s*['"]?"""
-    r"""(?:bearer\s+)?)([^'"\s,;&}\])]{4,})""")
+    r"""(?![\w-]{0,64}?(?:error|exception|warning)['"]?\s*[:=])[\w-]{0,64}['"]?\s*[:=]\s*(['"])?"""
+    r"""(?:bearer\s+)?)([^'"\s,;&}\])]{4,})(?(2)(?=['"]|\Z))""")  # a quoted value is one word: key_points="a b" is text
 _BEARER = re.compile(r"(?i)(bearer\s+)([^\s'\",;]{8,})")
 _USERINFO = re.compile(r"(://[^\s/?#@:'\"]{0,256}:)([^\s/?#@'\"]{1,256})(?=@)")  # a URL's password (from the literal
 # "://", which the regex engine finds fast: a scheme before it to match made a MB of text take 0.5 s)

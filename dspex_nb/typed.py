@@ -143,10 +143,11 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
         return {TAG: "completions", "fields": encode({k: list(v) for k, v in value.items()}, ship),
                 **_signature_json(value)}
     if _is_pydantic(value):  # its state, as pydantic pickles it (see the module's docstring)
-        state = value.__getstate__()
+        state = value.__getstate__()  # a RootModel's has no extra or private values: it has none
         return {TAG: "model", "class": _path(type(value), ship), "fields": encode(state["__dict__"], ship),
-                "set": sorted(state["__pydantic_fields_set__"]), "extra": encode(state["__pydantic_extra__"], ship),
-                "private": encode(state["__pydantic_private__"], ship)}
+                "set": sorted(state["__pydantic_fields_set__"]),
+                "extra": encode(state.get("__pydantic_extra__"), ship),
+                "private": encode(state.get("__pydantic_private__"), ship)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         data = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         return {TAG: "dataclass", "class": _path(type(value), ship), "fields": encode(data, ship)}

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import threading
+import traceback
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -680,6 +681,21 @@ qa = dspy.ChainOfThought("question -> answer", n=3)
 def program(question):  # DSPy's modules page: response.completions.answer
     return qa(question=question).completions
 ''', {"question": "Pick a colour"}),
+    "root_models_in_and_out": ('''
+from pydantic import RootModel
+
+class Tags(RootModel[list[str]]):  # its pickled state has no extra or private values: it failed with a KeyError
+    pass
+
+class Retag(dspy.Signature):
+    """Tag the text again."""
+    text: str = dspy.InputField()
+    old: Tags = dspy.InputField()
+    tags: Tags = dspy.OutputField()
+
+program = dspy.Predict(Retag)
+inputs = {"text": "bees and flowers", "old": Tags(["nature"])}
+''', {}),
 }
 
 
@@ -1017,6 +1033,25 @@ program = streaming()
     expected = [(v.predict_name, v.signature_field_name, v.chunk, v.is_last_chunk) for v in values[:-1]]
     assert expected and tokens == expected
     assert_same(values[-1], run.result(60))
+
+
+def test_an_asyncified_module_streams_its_fields_as_the_module(shell: InteractiveShell, pool: Pool,
+                                                              demo_lm: dspy.LM) -> None:
+    # DSPy's async tutorial: `dspy.asyncify(program)` is a function, so its stream said "no str output field to
+    # stream" and a %%dspex cell showed nothing until the end, where the module it runs streams each field
+    program, _ = define(shell, 'program = dspy.asyncify(dspy.ChainOfThought("question -> answer"))')
+
+    async def kernel() -> dspy.Prediction:
+        with dspy.context(lm=demo_lm):
+            return await program(question="Why?")
+
+    run = pool.run_stream(program, question="Why?")
+    assert_same(asyncio.run(kernel()), run.result(60))
+    module = pool.run_stream(dspy.ChainOfThought("question -> answer"), question="Why?")
+    module.result(60)
+    tokens = [(c["predictor"], c["field"], c["text"]) for c in run.chunks if c.kind == "token"]
+    assert tokens and tokens == [(c["predictor"], c["field"], c["text"]) for c in module.chunks if c.kind == "token"]
+    assert [c["message"] for c in run.chunks if c.kind == "status"] == []
 
 
 def test_a_streamified_program_made_again_streams_again(shell: InteractiveShell, pool: Pool,
@@ -1546,6 +1581,22 @@ def test_first_calls_of_a_program_at_once_all_get_its_answer(pool: Pool, demo_lm
     with dspy.context(lm=demo_lm):
         expected = [program(question=q) for q in "abcd"]
     assert_same(expected, asyncio.run(together()))
+
+
+def test_a_key_error_reads_as_in_the_kernel_not_as_a_masked_secret(shell: InteractiveShell, pool: Pool) -> None:
+    # a tutorial's metric or tool that reads a missing field: its traceback's last line, "KeyError: 'answer'", was
+    # taken for a secret assigned to a setting named like a key, and showed as "KeyError: '***'"
+    program, _ = define(shell, '''
+def program(question):
+    return {"question": question}["answer"]
+''')
+    with pytest.raises(KeyError) as kernel:
+        program(question="Why?")
+    with pytest.raises(KeyError) as caught:
+        pool.run(program, question="Why?")
+    shown = "".join(traceback.format_exception(caught.value))
+    assert caught.value.args == kernel.value.args == ("answer",)
+    assert caught.value.remote_traceback.rstrip().endswith("KeyError: 'answer'") and "***" not in shown
 
 
 def test_wrong_inputs_and_programs_get_errors_that_name_them(shell: InteractiveShell, pool: Pool) -> None:

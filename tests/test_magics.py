@@ -623,6 +623,19 @@ stream = streaming()
                                     question="Why is the sky blue?", context="light")
 
 
+def test_run_and_batch_an_asyncified_program_take_its_programs_input_fields(sh: Shell) -> None:
+    # DSPy's async tutorial's program: asyncify's function takes (*args, **kwargs), so the cell was refused ("takes
+    # keyword arguments (**kwargs)") and a batch's string items too ("must be a dict of async_program's inputs []")
+    sh('import dspy\naqa = dspy.asyncify(dspy.ChainOfThought("question -> answer"))\nqs = ["Why?", "How?"]')
+    import asyncio
+
+    expected = [kernel_run(lambda **inputs: asyncio.run(sh.ns["aqa"](**inputs)), question=q) for q in sh.ns["qs"]]
+    sh("%%dspex run aqa -o r\nWhy?")
+    assert sh.ns["r"] == expected[0]
+    sh("%dspex batch --module aqa --items qs --no-journal -o OUT")
+    assert sh.ns["OUT"] == expected
+
+
 def test_run_leaves_out_the_inputs_a_modules_forward_gives_defaults(sh: Shell) -> None:
     sh('''
 import dspy

@@ -159,6 +159,25 @@ def test_a_secret_printed_is_masked(stream: bool, pool: Pool, capsys: pytest.Cap
     assert out.startswith("Authorization: Bearer ") and "abcdefgh0123456789" not in out
 
 
+class PrintsKeyNamedFields(dspy.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.summarize = dspy.Predict("text -> key_points, token_summary")
+
+    def forward(self, text: str) -> dspy.Prediction:
+        prediction = self.summarize(text=text)
+        print(prediction)  # its fields' quoted values were taken for secrets: key_points="*** LM answer ..."
+        return prediction
+
+
+def test_a_printed_prediction_whose_fields_are_named_like_keys_is_shown_as_in_the_kernel(
+        pool: Pool, capsys: pytest.CaptureFixture[str]) -> None:
+    expected, _ = _captured(lambda: PrintsKeyNamedFields()(text="bees"))
+    assert 'key_points="Demo LM answer' in expected
+    pool.run(PrintsKeyNamedFields(), text="bees")
+    assert capsys.readouterr().out == expected
+
+
 def test_a_call_that_prints_nothing_brings_no_output_chunk(pool: Pool) -> None:
     run = pool.run_stream(dspy.Predict("question -> answer"), question="Q")
     run.result()

@@ -308,7 +308,10 @@ def _tracked(settings: dict[str, Any], history: bool = False, program: Any = Non
 
 
 def _listeners(program: Any) -> list[StreamListener]:
-    """New listeners (they keep state) for every str output field of every predictor of ``program``."""
+    """New listeners (they keep state) for every str output field of every predictor of ``program`` (of the module
+    a ``dspy.asyncify``'d function runs)."""
+    if programs.asyncified(program):
+        program = programs.streamified_program(program)
     if not isinstance(program, dspy.Module):
         return []
     return [StreamListener(signature_field_name=field, predict=predictor, predict_name=name, allow_reuse=True)

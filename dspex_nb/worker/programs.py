@@ -215,8 +215,8 @@ def describe_inputs(program: Any) -> tuple[list[str], list[str], bool, list[str]
     """(inputs, required, open_ended, optional) of a program instance or function: ``optional`` are the named
     parameters with defaults and the signature's fields a ``**kwargs`` passes on besides them (none where the inputs
     are its signature's fields)."""
-    if streamified(program) and (wrapped := streamified_program(program)) is not None:
-        return describe_inputs(wrapped)  # its streamer takes (*args, **kwargs): the inputs are the program's
+    if (streamified(program) or asyncified(program)) and (wrapped := streamified_program(program)) is not None:
+        return describe_inputs(wrapped)  # its function takes (*args, **kwargs): the inputs are the program's
     try:
         params = list(inspect.signature(_entry_point(program)).parameters.values())
     except (TypeError, ValueError):
@@ -462,9 +462,15 @@ def streamified(program: Any) -> bool:
     return getattr(program, "__module__", None) == dspy.streamify.__module__
 
 
+def asyncified(program: Any) -> bool:
+    """Whether ``program`` was made by ``dspy.asyncify``: an async function that runs its program in a thread."""
+    return getattr(program, "__module__", None) == dspy.asyncify.__module__
+
+
 def streamified_program(streamer: Any) -> Any:
-    """The program a ``dspy.streamify``'d function runs, as DSPy keeps it: the ``program`` its closures hold (under
-    ``dspy.asyncify``'s, or as the bound ``acall`` of ``is_async_program=True``); None where none is found."""
+    """The program a ``dspy.streamify``'d (or ``dspy.asyncify``'d) function runs, as DSPy keeps it: the ``program``
+    its closures hold (under ``dspy.asyncify``'s, or as the bound ``acall`` of ``is_async_program=True``); None where
+    none is found."""
     functions, seen = deque([streamer]), {id(streamer)}
     while functions:
         function = functions.popleft()

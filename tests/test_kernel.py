@@ -592,3 +592,33 @@ def test_stop_on_a_blocking_map_result_cancels_it_and_the_workers_go_idle(kernel
     watched = kernel.run("seen = []\nlen(pool.map(qa, ['a?', 'b?'], on_item=seen.append, journal=False).result()), "
                          "len(seen)")  # a caller's callback takes the items: no view of its own
     assert "display_data" not in watched.counts and watched.plain[-1] == "(2, 2)", watched.plain
+
+
+def test_a_view_running_when_the_kernel_shuts_down_is_replaced_by_its_final_text() -> None:
+    """Jupyter's Shut Down / Restart Kernel while a background view streams and a cell blocks: the view's widgets
+    stayed in the notebook saved after ("model not found" on reopening), as ipykernel ends the pump's thread before
+    atexit. Its shutdown request now stops the view's work and replaces the view with its final text first."""
+    own = Kernel()
+    try:
+        own.run("%load_ext dspex_nb\n%dspex start -n 2\n%dspex lm demo --set answer_tokens=20000 --set per_token=0.01")
+        shown: list[dict] = []
+        own.collect(own.submit('%%dspex predict "question -> answer" -a -o bg\nin the background'),
+                    on_message=lambda kind, content: shown.append(content) if kind == "display_data" else None)
+        view = shown[0]["transient"]["display_id"]
+        own.run("import time\ndeadline = time.monotonic() + 30\n"
+                "while bg.received < 3 and time.monotonic() < deadline: time.sleep(0.05)")
+        own.submit("bg.wait()")  # a cell that blocks the kernel's main thread, as the browser's restart found it
+        own.kc.shutdown()
+        updates: list[dict] = []
+        deadline = time.monotonic() + 30
+        while not updates and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                msg = own.kc.get_iopub_msg(timeout=1)
+                if msg["msg_type"] == "update_display_data" and msg["content"]["transient"]["display_id"] == view:
+                    updates.append(msg["content"]["data"])
+        assert updates, "the view was not replaced before the kernel ended"
+        assert "application/vnd.jupyter.widget-view+json" not in updates[-1]
+        assert updates[-1]["text/plain"].splitlines()[-1].startswith("cancelled · predict on w"), updates[-1]
+    finally:
+        own.kc.stop_channels()
+        own.km.shutdown_kernel(now=True)

@@ -47,6 +47,22 @@ class Pump:
         if not self._refresh(view):
             self.remove(view)
 
+    def end_all(self) -> None:
+        """Stop the work of every live view and make each one final now: the kernel is shutting down, and a view
+        the pump would have finished at its next tick stayed a widget in the saved notebook ("model not found")."""
+        with self._lock:
+            views = list(self._views)
+        for view in views:
+            end = getattr(view, "end", None)
+            if end is None:  # a pool's dashboard: HTML already, as last shown
+                continue
+            try:
+                with self._refreshing:
+                    end()
+            except Exception:  # the other views, and the kernel's shutdown itself, must go on
+                log.exception("dspex_nb: a view could not be ended at the kernel's shutdown")
+            self.remove(view)
+
     def _refresh(self, view: Refreshable) -> bool:
         try:
             with self._refreshing:

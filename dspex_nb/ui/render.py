@@ -176,6 +176,7 @@ def _show_live(view: Refreshable, wait: Callable[[], object] | None, handle: Han
     """Display ``view``, let the pump refresh it, and (when ``wait`` is given) block until it is final; a view of
     ``handle`` that no cell waits for is stopped by the kernel's interrupt while the kernel is idle."""
     _display(view)
+    _end_views_at_shutdown()
     PUMP.add(view)
     if wait is not None:
         wait()
@@ -183,6 +184,28 @@ def _show_live(view: Refreshable, wait: Callable[[], object] | None, handle: Han
     elif handle is not None:
         _live_views[handle] = weakref.ref(view)  # not the view itself: it holds the handle, which it would keep
         _stop_on_idle_interrupt(handle)
+
+
+def _end_views_at_shutdown() -> None:
+    """Make the kernel's shutdown (Jupyter's shut down or restart of the kernel) stop every live view's work and
+    replace its widgets with its final rendering first. ipykernel's other hooks come too late: it ends the pump's
+    thread, and the connections that carry a display's update, before ``atexit`` runs, so a view that was still
+    running stayed a live widget in the notebook saved after ("model not found" on reopening). Its shutdown request
+    calls ``do_shutdown`` first, while the kernel still sends messages (in its control thread, where a cell that
+    still runs blocks no handler)."""
+    from IPython import get_ipython
+
+    kernel = getattr(get_ipython(), "kernel", None)
+    shutdown = getattr(kernel, "do_shutdown", None)
+    if shutdown is None or getattr(shutdown, "ends_views", False):
+        return
+
+    def do_shutdown(restart: bool) -> Any:
+        PUMP.end_all()
+        return shutdown(restart)
+
+    do_shutdown.ends_views = True  # type: ignore[attr-defined]
+    kernel.do_shutdown = do_shutdown
 
 
 _live_views: weakref.WeakKeyDictionary[Handle, weakref.ref[Refreshable]] = weakref.WeakKeyDictionary()  # views no

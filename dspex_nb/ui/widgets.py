@@ -123,6 +123,7 @@ class View:
 
     root: w.Widget
     plain: str
+    work: Run | BatchRun  # what it shows
     handle: Any = None  # the DisplayHandle it was shown with
     _finished = False
 
@@ -143,6 +144,12 @@ class View:
     def static(self) -> dict[str, str]:
         """The final rendering: {"text/html": ..., "text/plain": ...}."""
         raise NotImplementedError
+
+    def end(self) -> None:
+        """Stop its work and make it final now, whether or not the work has ended yet (the kernel shuts down)."""
+        self.work.cancel()
+        self.refresh()
+        self.finish()
 
     def finish(self) -> None:
         """Replace the live widgets with the static rendering (once)."""
@@ -179,6 +186,7 @@ class StreamView(View):
 
     def __init__(self, run: Run, title: str) -> None:
         self.text = progress.StreamText(run)
+        self.work = run
         self.plain = f"<dspex stream: {title}>"
         self.title = w.HTML(f"<b>{html.escape(title)}</b>")
         self.fields = w.VBox()
@@ -255,7 +263,7 @@ class BatchDashboard(View):
     """Progress bar, counts, items/s, ETA, per-worker activity, latest results and errors, Stop."""
 
     def __init__(self, batch: BatchRun, title: str) -> None:
-        self.batch = batch
+        self.batch = self.work = batch
         self.plain = f"<dspex batch: {title}, {count(batch.total, 'item')}>"
         self.bar = w.IntProgress(value=0, min=0, max=max(batch.total, 1), bar_style="info", description="0%",
                                  style={"description_width": "3.5em"}, layout={"width": "60%"})

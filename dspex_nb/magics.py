@@ -376,6 +376,8 @@ class Dspex(Magics):
         """Stop ``old`` (again: a stop that was interrupted left its workers running) and start pool ``name``
         anew with its settings and definitions."""
         old.shutdown()
+        old.stopped_note = (f"this pool was stopped and pool {name!r} started anew in its place (%dspex restart): "
+                            f"dspex_nb.notebook_pool({name!r}) is the new one")
         python = getattr(old.backend, "python", sys.executable)
         python = "" if python == sys.executable else python
         ray = (old.backend.address or "") if old.backend.name == "ray" else None
@@ -422,6 +424,8 @@ class Dspex(Magics):
             print(f"dspex: no pool {args.pool!r} is running")
             return
         pool.shutdown()
+        pool.stopped_note = (f"%dspex stop stopped this pool: %dspex start, or dspex_nb.notebook_pool({args.pool!r}), "
+                             "starts the notebook's pool anew")
         print("dspex: pool stopped" if args.pool == DEFAULT_POOL else f"dspex: pool {args.pool!r} stopped")
 
     def _restart(self, args: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ from helpers import TWO_STEP, pid_alive, wait_until
 from IPython.core.interactiveshell import InteractiveShell
 
 from dspex_nb import Pool, demo_lm
+from dspex_nb.errors import PoolClosed
 from dspex_nb.magics import CELL_COMMANDS, PARSERS, Dspex
 
 
@@ -489,10 +490,14 @@ def test_a_restart_interrupted_while_stopping_leaves_no_worker_behind(sh: Shell,
 
 
 def test_restart_keeps_settings_and_modules_and_unload_stops_workers(sh: Shell) -> None:
-    old = [r["pid"] for r in sh.pool.status()]
+    before = sh.pool
+    old = [r["pid"] for r in before.status()]
     out, _ = sh("%dspex restart")
     assert "pool of 2 workers ready" in out
     assert not any(pid_alive(p) for p in old)
+    with pytest.raises(PoolClosed, match=r"started anew in its place \(%dspex restart\): "
+                                         r"dspex_nb.notebook_pool\('default'\) is the new one"):
+        before.run("q -> a", q="x")  # a variable that held the pool before the restart says where the pool is
     assert "TwoStep" in sh.pool.definitions
     sh("%%dspex run TwoStep -o r\nagain?")
     assert sh.ns["r"].answer.startswith("Demo LM answer to 'again?'")

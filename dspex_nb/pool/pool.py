@@ -140,6 +140,7 @@ class WorkerPool(Supervision):
         self._queued = 0
         self._restarting: list[threading.Thread] = []  # restart threads, joined by shutdown()
         self.cleaned: list[dict[str, Any]] = []  # what stale cleanup did when this pool started
+        self.stopped_note = ""  # why it is not running, where that is not the user's own shutdown() (the magics')
         self.schemas: dict[str, dict[str, Any]] = {}  # tool name -> argument schema, from Describe at start
         self.definitions: dict[str, dict[str, Any]] = {}  # name -> source, kind, inputs; replayed on new workers
         self.workers: list[Worker] = []
@@ -323,7 +324,8 @@ class WorkerPool(Supervision):
         """The worker for a call now, or None when it must wait (call with the lock held, after
         ``_refuse_if_forked``)."""
         if not self.workers or self._closing.is_set():
-            raise PoolClosed("the pool is not running: start it with Pool.start() or `with Pool(...)`")
+            raise PoolClosed(self.stopped_note or "the pool is not running: start it with Pool.start() or "
+                             "`with Pool(...)`")
         if worker_id is not None and worker_id not in {w.id for w in self.workers}:
             raise ValueError(f"no worker {worker_id!r} in this pool: {[w.id for w in self.workers]}")
         free = [w for w in self.workers if w.state == READY and not (count and (

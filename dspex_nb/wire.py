@@ -23,6 +23,19 @@ LM_VERSION = "_dspex_version"  # on an LM in the kernel: how many of its changes
 # a call has the count it was sent at, so a change made from an older one (a call in flight meanwhile) is not kept
 
 
+def valid_text(text: str) -> str:
+    """``text`` where it is valid Unicode; else with its lone surrogates (``"\\ud800"``, which ``os.fsdecode`` makes of
+    a byte that is not UTF-8 too) written as their escapes, as Python's stderr writes them: a proto string field, a
+    log file and a terminal take no lone surrogate, and one in a print or an error's message must not cost the call."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
 def message_options(limit: int) -> list[tuple[str, int]]:
     """gRPC channel and server options: messages of up to ``limit`` bytes, both ways."""
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import os
 import signal
 import subprocess
@@ -520,6 +521,40 @@ def test_a_program_that_closes_its_output_fails_no_later_call_on_its_worker(pool
         assert run({"name": "prints", "inputs": {"question": worker.id}})["answer"] == worker.id
         log = worker.process.log_path.read_text()
         assert f"printed after the close {worker.id}" in log and f"and to stderr {worker.id}" in log
+
+
+LONE_SURROGATES = """import os
+
+def prints_a_lone_surrogate(question):
+    print('a file named', os.fsdecode(b'caf\\xe9.txt'), question)  # a name that is not UTF-8: a lone surrogate
+    return dspy.Prediction(answer=question)
+
+def raises_a_lone_surrogate(question):
+    raise ValueError('no file ' + os.fsdecode(b'caf\\xe9.txt'))
+"""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_lone_surrogate_in_a_print_or_an_error_costs_neither_the_answer_nor_the_error(pool: Pool,
+                                                                                       stream: bool) -> None:
+    # Was: printing a lone surrogate (os.fsdecode of a file name that is not UTF-8) failed the program's print with
+    # UnicodeEncodeError (the worker's log refused it), and a unary call whose output or error message held one came
+    # back as "DspexError: gRPC error UNKNOWN: Exception calling application" (a proto string must be UTF-8): the
+    # answer, or the program's own ValueError, lost
+    for name in ("prints_a_lone_surrogate", "raises_a_lone_surrogate"):
+        pool.define(name, LONE_SURROGATES)
+
+    def call(name: str) -> Any:
+        result = pool.call(name, {"question": "q"}, stream=stream, timeout=30)
+        return result.result(30) if stream else result
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert call("prints_a_lone_surrogate").answer == "q"
+    assert out.getvalue() == "a file named caf\\udce9.txt q\n"  # escaped, as Python's stderr writes it
+    with pytest.raises(ValueError, match="no file caf") as raised:
+        call("raises_a_lone_surrogate")
+    assert raised.value.args == ("no file caf\udce9.txt",)  # the exception's own arguments, as they were
 
 
 def test_an_lm_that_grows_past_the_message_limit_as_it_answers_costs_no_answer() -> None:

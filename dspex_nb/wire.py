@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -70,6 +71,29 @@ def start_time(pid: int) -> str | None:
     """The start time of ``pid`` (to tell a reused pid apart), or None if it is gone or a zombie."""
     fields = _stat(pid)
     return None if not fields or fields[0] == "Z" else fields[19]
+
+
+def started_by(pid: int) -> list[int]:
+    """The live processes that ``pid`` started, and those they started in turn (also in a session of their own, as
+    ``subprocess.Popen(..., start_new_session=True)`` makes), with the members of the process group it leads (one
+    whose parent ended meanwhile): what must end with it. Without /proc, none."""
+    stats: dict[int, list[str]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and (fields := _stat(int(entry.name))) and fields[0] != "Z":
+                stats[int(entry.name)] = fields
+    children: dict[int, list[int]] = {}
+    for child, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(child)
+    found = {pid} | {member for member, fields in stats.items() if int(fields[2]) == pid}
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    found.discard(pid)
+    return sorted(found)
 
 
 def kernel_spec() -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from dspex_nb import deps, redact
 from dspex_nb.errors import WorkerStartError
-from dspex_nb.wire import KERNEL_ENV, kernel_spec, process_group
+from dspex_nb.wire import KERNEL_ENV, kernel_spec, process_group, start_time, started_by
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 LOG_LIMIT = 8 * 2**20  # bytes a worker's log may reach before the pool cuts it to its end (its last LOG_KEEP)
@@ -129,15 +129,18 @@ class ProcessHandle:
         return code
 
     def kill(self, grace: float = 2.0) -> None:
-        """SIGTERM, then SIGKILL after ``grace`` seconds; wait until it has ended."""
+        """SIGTERM, then SIGKILL after ``grace`` seconds; wait until it has ended. What its programs started goes too,
+        where its own end could not end it (``end_group``, ``end_started``)."""
         if self.exit_code() is None:
+            started = {pid: start_time(pid) for pid in started_by(self.pid)}
             self.signal(signal.SIGTERM)
             try:
                 self.wait(grace)
             except TimeoutError:
                 self.signal(signal.SIGKILL)
-        with contextlib.suppress(TimeoutError):
-            self.wait(10.0)
+            with contextlib.suppress(TimeoutError):
+                self.wait(10.0)
+            end_started(started)
         self.end_group()
 
     def end_group(self) -> None:
@@ -207,6 +210,16 @@ class WorkerProcess(ProcessHandle):
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()  # the worker's parent watch sees EOF
         super().kill(grace)
+
+
+def end_started(started: dict[int, str | None]) -> None:
+    """SIGKILL the processes of ``started`` (pid: start time, as ``started_by`` found them while their worker ran) that
+    still run, the same processes: those in a session of their own, which a worker killed outright (hung, stopped)
+    could not end and its process group does not hold."""
+    for pid, started_at in started.items():
+        if started_at is not None and start_time(pid) == started_at:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def group_members(group: int) -> list[int]:

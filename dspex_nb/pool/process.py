@@ -133,7 +133,7 @@ class ProcessHandle:
         where its own end could not end it (``end_group``, ``end_started``)."""
         if self.exit_code() is None:
             started = {pid: start_time(pid) for pid in started_by(self.pid)}
-            self.signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.wait(grace)
             except TimeoutError:
@@ -142,6 +142,10 @@ class ProcessHandle:
                 self.wait(10.0)
             end_started(started)
         self.end_group()
+
+    def terminate(self) -> None:
+        """Ask it to end (SIGTERM), without waiting (``kill`` waits): many workers end in the time of one."""
+        self.signal(signal.SIGTERM)
 
     def end_group(self) -> None:
         """SIGKILL what is left of its process group once it ended: the processes its programs started (a
@@ -205,11 +209,18 @@ class WorkerProcess(ProcessHandle):
     def exit_code(self) -> int | None:
         return self.proc.poll()
 
+    def terminate(self) -> None:
+        self._close_stdin()
+        super().terminate()
+
     def kill(self, grace: float = 2.0) -> None:
+        self._close_stdin()  # also where it ended by itself: the pipe is ours to close
+        super().kill(grace)
+
+    def _close_stdin(self) -> None:
         if self.proc.stdin and not self.proc.stdin.closed:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()  # the worker's parent watch sees EOF
-        super().kill(grace)
 
 
 def end_started(started: dict[int, str | None]) -> None:

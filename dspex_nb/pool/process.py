@@ -110,6 +110,7 @@ class ProcessHandle:
     address: str
     log_path: Path
     python: str
+    terminated_at: float | None = None  # when ``terminate`` asked it to end (time.monotonic)
 
     def exit_code(self) -> int | None:
         """None while it runs; else its exit code (negative: killed by that signal)."""
@@ -129,13 +130,15 @@ class ProcessHandle:
         return code
 
     def kill(self, grace: float = 2.0) -> None:
-        """SIGTERM, then SIGKILL after ``grace`` seconds; wait until it has ended. What its programs started goes too,
-        where its own end could not end it (``end_group``, ``end_started``)."""
+        """SIGTERM, then SIGKILL ``grace`` seconds after it (counted from ``terminate`` where that came first: workers
+        asked to end at once are all killed then, not each ``grace`` after the one before); wait until it has ended.
+        What its programs started goes too, where its own end could not end it (``end_group``, ``end_started``)."""
         if self.exit_code() is None:
             started = {pid: start_time(pid) for pid in started_by(self.pid)}
-            self.terminate()
+            if self.terminated_at is None:
+                self.terminate()
             try:
-                self.wait(grace)
+                self.wait(max(0.0, self.terminated_at + grace - time.monotonic()))  # type: ignore[operator]
             except TimeoutError:
                 self.signal(signal.SIGKILL)
             with contextlib.suppress(TimeoutError):
@@ -145,6 +148,7 @@ class ProcessHandle:
 
     def terminate(self) -> None:
         """Ask it to end (SIGTERM), without waiting (``kill`` waits): many workers end in the time of one."""
+        self.terminated_at = time.monotonic()
         self.signal(signal.SIGTERM)
 
     def end_group(self) -> None:

@@ -891,7 +891,7 @@ def sendable(value: Any, ship: typed.Shipment | None, tool: str, where: str, sub
         encoded = typed.encode(value, ship)
     except RecursionError:
         raise NotSent(tool, "ArgumentError", f"{subject} nested too deeply to be sent to the workers "
-                      f"(over {sys.getrecursionlimit()} levels)") from None
+                      f"(over {sys.getrecursionlimit()} levels), or a value in it contains itself") from None
     if problem := typed.unsendable(encoded, where):
         raise NotSent(tool, "ArgumentError", problem)
     return encoded

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,19 @@ LM_STALE = "_dspex_stale"  # on an LM in the kernel whose change on a worker cou
 # worker says when it is sent again (it would not answer as in the kernel)
 LM_VERSION = "_dspex_version"  # on an LM in the kernel: how many of its changes on the pool it took; a copy sent with
 # a call has the count it was sent at, so a change made from an older one (a call in flight meanwhile) is not kept
+
+
+def valid_text(text: str) -> str:
+    """``text`` where it is valid Unicode; else with its lone surrogates (``"\\ud800"``, which ``os.fsdecode`` makes of
+    a byte that is not UTF-8 too) written as their escapes, as Python's stderr writes them: a proto string field, a
+    log file and a terminal take no lone surrogate, and one in a print or an error's message must not cost the call."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 def message_options(limit: int) -> list[tuple[str, int]]:
@@ -57,6 +71,29 @@ def start_time(pid: int) -> str | None:
     """The start time of ``pid`` (to tell a reused pid apart), or None if it is gone or a zombie."""
     fields = _stat(pid)
     return None if not fields or fields[0] == "Z" else fields[19]
+
+
+def started_by(pid: int) -> list[int]:
+    """The live processes that ``pid`` started, and those they started in turn (also in a session of their own, as
+    ``subprocess.Popen(..., start_new_session=True)`` makes), with the members of the process group it leads (one
+    whose parent ended meanwhile): what must end with it. Without /proc, none."""
+    stats: dict[int, list[str]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and (fields := _stat(int(entry.name))) and fields[0] != "Z":
+                stats[int(entry.name)] = fields
+    children: dict[int, list[int]] = {}
+    for child, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(child)
+    found = {pid} | {member for member, fields in stats.items() if int(fields[2]) == pid}
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    found.discard(pid)
+    return sorted(found)
 
 
 def kernel_spec() -> str:

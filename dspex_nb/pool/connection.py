@@ -44,7 +44,8 @@ class Pending(Protocol):
 class Connection(Protocol):
     """One worker as the pool reaches it."""
 
-    process: ProcessHandle  # pid, exit_code(), wait(), kill(), signal(), log_tail(), trim_log(), start_failure()
+    # pid, exit_code(), wait(), terminate(), kill(), signal(), log_tail(), trim_log(), start_failure()
+    process: ProcessHandle
 
     def ready(self) -> bool:
         """Whether it answers now (polled while it starts)."""

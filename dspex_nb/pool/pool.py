@@ -202,8 +202,10 @@ class WorkerPool(Supervision):
             worker.state = STOPPED
             worker.close()
         try:
+            for worker in workers:  # all end at once: one after another, 32 workers took 7 s
+                worker.process.terminate()
             for worker in workers:
-                worker.process.kill()  # SIGTERM, and up to its grace period for it to end
+                worker.process.kill()  # up to its grace period for it to end, then SIGKILL
         except BaseException:  # Ctrl-C meanwhile: the others are out of self.workers, so no later call ends them
             for worker in workers:
                 if worker.process.exit_code() is None:  # not one that ended (its pid may be another's by now)

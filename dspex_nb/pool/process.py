@@ -18,7 +18,7 @@ from typing import Any
 
 from dspex_nb import deps, redact
 from dspex_nb.errors import WorkerStartError
-from dspex_nb.wire import KERNEL_ENV, kernel_spec, process_group
+from dspex_nb.wire import KERNEL_ENV, kernel_spec, process_group, start_time, started_by
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 LOG_LIMIT = 8 * 2**20  # bytes a worker's log may reach before the pool cuts it to its end (its last LOG_KEEP)
@@ -110,6 +110,7 @@ class ProcessHandle:
     address: str
     log_path: Path
     python: str
+    terminated_at: float | None = None  # when ``terminate`` asked it to end (time.monotonic)
 
     def exit_code(self) -> int | None:
         """None while it runs; else its exit code (negative: killed by that signal)."""
@@ -129,16 +130,26 @@ class ProcessHandle:
         return code
 
     def kill(self, grace: float = 2.0) -> None:
-        """SIGTERM, then SIGKILL after ``grace`` seconds; wait until it has ended."""
+        """SIGTERM, then SIGKILL ``grace`` seconds after it (counted from ``terminate`` where that came first: workers
+        asked to end at once are all killed then, not each ``grace`` after the one before); wait until it has ended.
+        What its programs started goes too, where its own end could not end it (``end_group``, ``end_started``)."""
         if self.exit_code() is None:
-            self.signal(signal.SIGTERM)
+            started = {pid: start_time(pid) for pid in started_by(self.pid)}
+            if self.terminated_at is None:
+                self.terminate()
             try:
-                self.wait(grace)
+                self.wait(max(0.0, self.terminated_at + grace - time.monotonic()))  # type: ignore[operator]
             except TimeoutError:
                 self.signal(signal.SIGKILL)
-        with contextlib.suppress(TimeoutError):
-            self.wait(10.0)
+            with contextlib.suppress(TimeoutError):
+                self.wait(10.0)
+            end_started(started)
         self.end_group()
+
+    def terminate(self) -> None:
+        """Ask it to end (SIGTERM), without waiting (``kill`` waits): many workers end in the time of one."""
+        self.terminated_at = time.monotonic()
+        self.signal(signal.SIGTERM)
 
     def end_group(self) -> None:
         """SIGKILL what is left of its process group once it ended: the processes its programs started (a
@@ -202,11 +213,28 @@ class WorkerProcess(ProcessHandle):
     def exit_code(self) -> int | None:
         return self.proc.poll()
 
+    def terminate(self) -> None:
+        self._close_stdin()
+        super().terminate()
+
     def kill(self, grace: float = 2.0) -> None:
+        self._close_stdin()  # also where it ended by itself: the pipe is ours to close
+        super().kill(grace)
+
+    def _close_stdin(self) -> None:
         if self.proc.stdin and not self.proc.stdin.closed:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()  # the worker's parent watch sees EOF
-        super().kill(grace)
+
+
+def end_started(started: dict[int, str | None]) -> None:
+    """SIGKILL the processes of ``started`` (pid: start time, as ``started_by`` found them while their worker ran) that
+    still run, the same processes: those in a session of their own, which a worker killed outright (hung, stopped)
+    could not end and its process group does not hold."""
+    for pid, started_at in started.items():
+        if started_at is not None and start_time(pid) == started_at:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def group_members(group: int) -> list[int]:

@@ -357,6 +357,9 @@ class ActorProcess:
             raise TimeoutError(f"actor {self.worker_id} still answers")
         return DEAD
 
+    def terminate(self) -> None:
+        """Nothing: ``kill`` (Ray's ``ray.kill``) ends it at once."""
+
     def kill(self, grace: float = 2.0) -> None:
         with contextlib.suppress(Exception):
             ray.kill(self.actor, no_restart=True)

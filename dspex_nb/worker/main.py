@@ -16,22 +16,34 @@ from typing import Any
 import grpc
 
 from dspex_nb._proto import bridge_pb2_grpc
-from dspex_nb.wire import KERNEL_ENV, health_address, kernel_gone, message_options
+from dspex_nb.wire import KERNEL_ENV, health_address, kernel_gone, message_options, started_by
 from dspex_nb.worker import dspy_tools, tools  # noqa: F401  (importing registers the tools)
 from dspex_nb.worker.limits import LimitLMCalls, RateLimiter
 from dspex_nb.worker.server import Bridge
 from dspex_nb.worker.state import WorkerState
 
 KERNEL_POLL = 0.5  # seconds between checks that the owning kernel still runs
+END_GRACE = 0.5  # seconds the processes programs started have to end on SIGTERM as the worker ends
 
 
 def end_started_processes() -> None:
-    """SIGTERM the processes that programs on this worker started (a ``subprocess``, DSPy's ``PythonInterpreter``),
-    so that none outlives the worker: they are in its process group, which it leads (a session of its own). Not
-    where it leads none: the group would be its starter's."""
+    """End the processes that programs on this worker started (a ``subprocess``, a ``multiprocessing`` pool, DSPy's
+    ``PythonInterpreter``), so that none outlives the worker (``started_by``: also those in a session of their own):
+    SIGTERM, then SIGKILL for those still there after ``END_GRACE`` seconds (one that ignores SIGTERM, as a shell
+    script's ``trap '' TERM``). Within the pool's own grace for a worker's end (``ProcessHandle.kill``)."""
     with contextlib.suppress(Exception):  # nothing here may keep the worker from exiting
-        if os.getpgid(0) == os.getpid():
-            os.killpg(0, signal.SIGTERM)  # this worker too: its handler stops the server, and it is ending anyway
+        me = os.getpid()
+        _signal_each(started_by(me), signal.SIGTERM)
+        deadline = time.monotonic() + END_GRACE
+        while (left := started_by(me)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        _signal_each(left, signal.SIGKILL)
+
+
+def _signal_each(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
 
 
 def _exit_when_stdin_closes(pipe: io.BufferedReader | None) -> None:

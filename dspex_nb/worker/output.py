@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from dspex_nb import redact
+from dspex_nb.wire import valid_text
 
 OUTPUT_LIMIT = 2**20  # characters of one call's output that go back to the kernel; the rest is in the log only
 HELD = 64 * 1024  # characters of a line held for its end (CallOutput) before part of it goes anyway
@@ -118,6 +119,7 @@ class LogStream:
         self._why = ""
 
     def write(self, text: str) -> int:
+        text = valid_text(text)  # a lone surrogate, which the log's encoder and the kernel's stdout refuse, escaped
         call = CALL_OUTPUT.get()
         if call is not None:
             call.write(self._name, text)

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
+from dspex_nb.wire import valid_text
 from dspex_nb.worker import tools
 from dspex_nb.worker.calls import Call
 from dspex_nb.worker.state import WorkerState, rss_bytes
@@ -55,13 +56,16 @@ class Bridge(bridge_pb2_grpc.BridgeServicer):
 
 
 def tool_error(info: dict[str, Any]) -> bridge_pb2.ToolError:
-    """An ``error_info`` as the proto's ToolError (an exception group's sub-exceptions as nested ones)."""
+    """An ``error_info`` as the proto's ToolError (an exception group's sub-exceptions as nested ones); its texts
+    valid Unicode, as a proto string must be (its ``args``, JSON, keep a lone surrogate as it is)."""
     attributes, args, group = info.get("attributes"), info.get("args"), info.get("group") or {}
     return bridge_pb2.ToolError(
-        type=info["type"], message=info["message"], traceback=info["traceback"], bases=info.get("bases", ()),
+        type=info["type"], message=valid_text(info["message"]), traceback=valid_text(info["traceback"]),
+        bases=info.get("bases", ()),
         attributes_json=json.dumps(attributes) if attributes else "",
         args_json=json.dumps(args) if args is not None else "",
-        group_message=group.get("message", ""), exceptions=[tool_error(sub) for sub in group.get("exceptions", ())],
+        group_message=valid_text(group.get("message", "")),
+        exceptions=[tool_error(sub) for sub in group.get("exceptions", ())],
         lm_state_json=json.dumps(info["lm_state"]) if info.get("lm_state") else "")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import os
 import signal
 import subprocess
@@ -492,6 +493,59 @@ def test_processes_a_program_started_end_with_a_sigkilled_kernel(start: str) -> 
         _end([started])
 
 
+STARTS_DETACHED_PROCESSES = """import subprocess
+
+def starts_detached_processes(text):
+    deaf = subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 300"], stdin=subprocess.DEVNULL)
+    own_session = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL, start_new_session=True)
+    return dspy.Prediction(pids=[deaf.pid, own_session.pid])
+"""
+
+KERNEL_OF_DETACHED = """import sys
+from dspex_nb import Pool
+pool = Pool(workers=1, journal=False).start()
+pool.define("starts_detached_processes", sys.argv[1])
+print(*pool.run("starts_detached_processes", text="a").pids, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_processes_deaf_to_sigterm_or_in_a_session_of_their_own_end_with_a_sigkilled_kernel() -> None:
+    """Was: a worker whose kernel was SIGKILLed sent SIGTERM to its process group only: a program's process that
+    ignores SIGTERM (a shell script's trap), or that it started in a session of its own (``start_new_session=True``),
+    lived on for good, reparented to init."""
+    kernel = subprocess.Popen([sys.executable, "-c", KERNEL_OF_DETACHED, STARTS_DETACHED_PROCESSES],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        started = [int(pid) for pid in kernel.stdout.readline().split()]  # type: ignore[union-attr]
+    finally:
+        kernel.kill()
+        kernel.wait()
+    try:
+        assert len(started) == 2
+        wait_until(lambda: not any(pid_alive(pid) for pid in started), what="the processes to end with their worker")
+    finally:
+        _end(started)
+
+
+def test_processes_in_a_session_of_their_own_end_with_a_hung_worker_and_with_the_pool() -> None:
+    """Was: a hung (stopped) worker, killed and replaced, and a pool's shutdown left a program's process in a session
+    of its own running for good (outside the worker's process group, which alone was ended)."""
+    started: list[int] = []
+    try:
+        with Pool(workers=1, health_interval=0.1, ping_timeout=0.5, journal=False) as pool:
+            pool.define("starts_detached_processes", STARTS_DETACHED_PROCESSES)
+            started += pool.run("starts_detached_processes", text="a").pids
+            pool.kill_worker("w0", signal.SIGSTOP)
+            wait_until(lambda: not any(pid_alive(pid) for pid in started), what="the hung worker's processes to end")
+            wait_until(lambda: pool.workers[0].state == "ready", what="the worker's replacement")
+            started += pool.run("starts_detached_processes", text="b").pids
+            assert all(pid_alive(pid) for pid in started[2:])
+        wait_until(lambda: not any(pid_alive(pid) for pid in started), what="the processes to end with the pool")
+    finally:
+        _end(started)
+
+
 CLOSES_ITS_OUTPUT = """import sys
 
 def closes_its_output(question):
@@ -520,6 +574,40 @@ def test_a_program_that_closes_its_output_fails_no_later_call_on_its_worker(pool
         assert run({"name": "prints", "inputs": {"question": worker.id}})["answer"] == worker.id
         log = worker.process.log_path.read_text()
         assert f"printed after the close {worker.id}" in log and f"and to stderr {worker.id}" in log
+
+
+LONE_SURROGATES = """import os
+
+def prints_a_lone_surrogate(question):
+    print('a file named', os.fsdecode(b'caf\\xe9.txt'), question)  # a name that is not UTF-8: a lone surrogate
+    return dspy.Prediction(answer=question)
+
+def raises_a_lone_surrogate(question):
+    raise ValueError('no file ' + os.fsdecode(b'caf\\xe9.txt'))
+"""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_lone_surrogate_in_a_print_or_an_error_costs_neither_the_answer_nor_the_error(pool: Pool,
+                                                                                       stream: bool) -> None:
+    # Was: printing a lone surrogate (os.fsdecode of a file name that is not UTF-8) failed the program's print with
+    # UnicodeEncodeError (the worker's log refused it), and a unary call whose output or error message held one came
+    # back as "DspexError: gRPC error UNKNOWN: Exception calling application" (a proto string must be UTF-8): the
+    # answer, or the program's own ValueError, lost
+    for name in ("prints_a_lone_surrogate", "raises_a_lone_surrogate"):
+        pool.define(name, LONE_SURROGATES)
+
+    def call(name: str) -> Any:
+        result = pool.call(name, {"question": "q"}, stream=stream, timeout=30)
+        return result.result(30) if stream else result
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert call("prints_a_lone_surrogate").answer == "q"
+    assert out.getvalue() == "a file named caf\\udce9.txt q\n"  # escaped, as Python's stderr writes it
+    with pytest.raises(ValueError, match="no file caf") as raised:
+        call("raises_a_lone_surrogate")
+    assert raised.value.args == ("no file caf\udce9.txt",)  # the exception's own arguments, as they were
 
 
 def test_an_lm_that_grows_past_the_message_limit_as_it_answers_costs_no_answer() -> None:

@@ -102,6 +102,17 @@ def test_deep_nesting_and_lone_surrogates_get_clear_errors_or_results(pool: Pool
     assert batch.records[0]["ok"] and batch.records[1] is not None  # the item ran (or failed) on its own
 
 
+def test_an_input_that_contains_itself_is_said_to(pool: Pool) -> None:
+    # Was: "the inputs are nested too deeply to be sent to the workers (over 1000 levels)" for a node that links back
+    # to its parent, which no one would take for nesting
+    node: dict = {"name": "root"}
+    node["children"] = [{"name": "leaf", "parent": node}]
+    with pytest.raises(ArgumentError, match="or a value in it contains itself"):
+        pool.run(lambda tree: tree["name"], tree=node)
+    with pytest.raises(ArgumentError, match="items\\[0\\] is nested too deeply .*, or a value in it contains itself"):
+        pool.map(lambda tree: tree["name"], [{"tree": node}])
+
+
 @pytest.mark.parametrize("settings, message", [({"temperature": float("inf")}, "temperature=...) must be a finite"),
                                                ({"max_tokens": True}, "max_tokens=...) must be an int >= 1"),
                                                ({"per_token": -1}, "per_token=...) must be a finite number >= 0")])

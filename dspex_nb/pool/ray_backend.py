@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,11 @@ class RayBackend:
         self._actor = ray.remote(max_concurrency=max_in_flight + 8,  # every call a pool may send, and spare
                                  concurrency_groups={"control": 4})(_worker_class())
         self._ids = itertools.count()
+        self.run_id = uuid.uuid4().hex[:12]
         self.cwd = os.getcwd()  # the actors' too, where their node has it, as local workers have the kernel's
+
+    def fresh(self) -> RayBackend:
+        return self
 
     def open(self) -> list[dict[str, Any]]:
         self.cwd = os.getcwd()

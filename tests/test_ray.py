@@ -649,3 +649,24 @@ def test_a_call_inside_dspy_context_runs_on_its_lm_on_an_actor(pool: Pool) -> No
     with dspy.context(lm=demo_lm(answer_tokens=2)):  # the pool's LM is demo_lm(): this one answers shorter
         expected = qa(question="Which LM?")
         assert pool.run(qa, question="Which LM?").answer == expected.answer
+
+
+UNPARSABLE_ADDRESS = """
+from dspex_nb import Pool
+from dspex_nb.errors import WorkerStartError
+try:
+    Pool(workers=1, backend="ray", address="127.0.0.1:notaport", journal=False).start()
+except WorkerStartError as exc:
+    print(exc)
+"""
+
+
+def test_a_ray_that_does_not_start_is_a_worker_start_error() -> None:
+    """Was: Ray's own exception (a ValueError here; a bare Exception for a local instance whose raylet did not
+    register in Ray's 30 s on a busy machine): `%dspex start --ray` showed a traceback where a local pool that does
+    not start is a WorkerStartError, its `dspex: ...` lines. In a process of its own: this one is connected."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", UNPARSABLE_ADDRESS], capture_output=True, text=True, timeout=120,
+                         env=env)
+    said = "Pool(address='127.0.0.1:notaport'): this kernel could not join that Ray cluster: ValueError: Unable"
+    assert out.stdout.startswith(said), (out.stdout, out.stderr[-2000:])

@@ -85,6 +85,10 @@ class Backend(Protocol):
     """Starts a pool's workers somewhere: ``open`` once, ``spawn`` per slot and generation, ``close`` once."""
 
     name: str
+    run_id: str  # marks its workers (sockets, call ids)
+
+    def fresh(self) -> Backend:
+        """The backend to open for a start (a local one swaps in the template ``%load_ext`` warmed, if it fits)."""
 
     def open(self) -> list[dict[str, Any]]:
         """Prepare (returns what stale cleanup did, if anything)."""

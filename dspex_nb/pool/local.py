@@ -61,6 +61,11 @@ class LocalBackend:
         self._cleaned: list[dict[str, Any]] = []
         self._owner = os.getpid()  # the process that opened it; a forked child's copy leaves it alone
 
+    def fresh(self) -> LocalBackend:
+        """Itself once opened, else the template %load_ext started, if it matches the settings, environment and
+        directory of now (``take``)."""
+        return self if self.dir is not None else take(self.python, self.start_method, self.env)
+
     def open(self) -> list[dict[str, Any]]:
         if self.dir is None:
             self._owner = os.getpid()

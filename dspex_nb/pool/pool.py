@@ -15,7 +15,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -133,10 +132,9 @@ class WorkerPool(Supervision):
             from dspex_nb.pool.ray_backend import RayBackend  # the ray extra, imported only when asked for
 
             self.backend = RayBackend(address, resources, max_in_flight)
-            self.run_id = uuid.uuid4().hex[:12]
         else:
             self.backend = local.LocalBackend(python, start, env)  # start() may swap in a warmed one
-            self.run_id = self.backend.run_id
+        self.run_id = self.backend.run_id
         self._queued = 0
         self._restarting: list[threading.Thread] = []  # restart threads, joined by shutdown()
         self.cleaned: list[dict[str, Any]] = []  # what stale cleanup did when this pool started
@@ -158,10 +156,8 @@ class WorkerPool(Supervision):
             return self
         self._owner = os.getpid()
         self._closing.clear()
-        if isinstance(self.backend, local.LocalBackend) and self.backend.dir is None:
-            # the template %load_ext started, if it matches the settings, environment and directory of now
-            self.backend = local.take(self.backend.python, self.backend.start_method, self.backend.env)
-            self.run_id = self.backend.run_id
+        self.backend = self.backend.fresh()
+        self.run_id = self.backend.run_id
         try:
             self.cleaned = self.backend.open()
             self.env_changes = environment.Changes(self.backend.follows, self.env or {})  # before any worker starts

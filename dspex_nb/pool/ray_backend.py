@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,11 @@ class RayBackend:
         self._actor = ray.remote(max_concurrency=max_in_flight + 8,  # every call a pool may send, and spare
                                  concurrency_groups={"control": 4})(_worker_class())
         self._ids = itertools.count()
+        self.run_id = uuid.uuid4().hex[:12]
         self.cwd = os.getcwd()  # the actors' too, where their node has it, as local workers have the kernel's
+
+    def fresh(self) -> RayBackend:
+        return self
 
     def open(self) -> list[dict[str, Any]]:
         self.cwd = os.getcwd()
@@ -154,9 +159,19 @@ def _init(address: str | None) -> None:
         kwargs["address"] = address
     try:
         ray.init(**kwargs)
-    except BaseException:
+    except Exception as exc:  # Ray's own: a WorkerStartError, as a local worker's start gives, said in a cell
+        _end_unfinished_instance()
+        raise WorkerStartError(f"{_joining(kwargs['address'])}: {type(exc).__name__}: {redact.text(str(exc))}") from exc
+    except BaseException:  # Ctrl-C
         _end_unfinished_instance()
         raise
+
+
+def _joining(address: str) -> str:
+    if address != "local":
+        return f"Pool(address={address!r}): this kernel could not join that Ray cluster"
+    return ("Pool(backend='ray'): the pool's own Ray instance did not start (on a busy machine, Ray may not see its "
+            "raylet register within the 30 s it allows: try again)")
 
 
 def _end_unfinished_instance() -> None:

@@ -215,6 +215,22 @@ _OPTION_LINE = re.compile(rf"^({'|'.join(CALL_OPTIONS)})\s*:\s*(\{{.*\}})\s*$") 
 # the kernel's object, as qa(question=..., lm=fast) does; `config: {"temperature": 1.0}` a dict, as DSPy's cheatsheet
 
 
+def _option(line: str) -> tuple[str, str] | None:
+    """(option, value) of a call option's line: one ``{...}`` (a kernel variable), or a dict literal (nested too)."""
+    match = _OPTION_LINE.match(line)
+    if match is None or (re.search(r"[{}]", match.group(2)[1:-1]) and _dict_literal(match.group(2)) is None):
+        return None  # `config: {a} and {b}`: text
+    return match.group(1), match.group(2)
+
+
+def _dict_literal(text: str) -> dict[Any, Any] | None:
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def cell_inputs(body: str, names: list[str] | None, required: list[str] | None = None,
                 options: bool = True) -> dict[str, str]:
     """The cell as inputs: one `field: value` line per field, or all of it for the one input field, or for the one
@@ -226,9 +242,9 @@ def cell_inputs(body: str, names: list[str] | None, required: list[str] | None =
     given: dict[str, str] = {}
     kept = []
     for line in body.strip("\n").splitlines():
-        match = _OPTION_LINE.match(line) if options and names is not None else None
-        if match and match.group(1) not in names:
-            given[match.group(1)] = match.group(2)
+        option = _option(line) if options and names is not None else None
+        if option and option[0] not in names:
+            given[option[0]] = option[1]
         else:
             kept.append(line)
     text = "\n".join(kept)
@@ -274,11 +290,8 @@ def option_value(option: str, text: str, namespace: dict[str, Any]) -> Any:
     lone ``{name}`` names, or a dict written as a Python literal; never its text, which no call option takes."""
     if re.fullmatch(r"\s*\{([^{}!:]+)\}\s*", text):
         return typed_value(text, namespace)
-    try:
-        value = ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        value = None
-    if not isinstance(value, dict):
+    value = _dict_literal(text)
+    if value is None:
         raise UsageError(f"{option}: {text.strip()} is neither a kernel variable ({{name}}) nor a dict literal "
                          f"(e.g. {option}: {{\"temperature\": 1.0}}); write {option}: {{name}} of a variable that "
                          "holds it, or --no-interpolate to keep the line as text")

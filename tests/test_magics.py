@@ -848,6 +848,10 @@ fresh = dspy.Predict("question -> answer")
     assert sh.ns["r"].completions.answer == expected.completions.answer
     assert "neither a kernel variable ({name}) nor a dict literal" in sh.usage_error(
         "%%dspex run fresh\nquestion: 1+1\nconfig: {temperature: 1.0}")
+    sh('a, b = "x", "y"')
+    sh("%%dspex run fresh -o r\nquestion: 1+1\nconfig: {a} and {b}")
+    with sh.ns["dspy"].context(lm=demo_lm()):  # two placeholders are the question's text, as before
+        assert sh.ns["r"].answer == sh.ns["fresh"](question="1+1\nconfig: x and y").answer
 
 
 def test_run_gives_a_program_taking_any_keywords_one_line_per_keyword(sh: Shell) -> None:

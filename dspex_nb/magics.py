@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _string  # str.format's own field parsing (string.Formatter uses it)
 import argparse
+import ast
 import builtins
 import contextlib
 import importlib
@@ -209,8 +210,25 @@ def signature_inputs(signature: Any, pool: Pool) -> list[str]:
                          f"'question -> answer' ({exc})") from None
 
 
-_OPTION_LINE = re.compile(r"^(lm|config|demos)\s*:\s*(\{[^{}]+\})\s*$")  # what a DSPy predictor's call takes
-# beside its inputs: `lm: {fast}` in a cell passes the kernel's object, as qa(question=..., lm=fast) does
+CALL_OPTIONS = ("lm", "config", "demos")  # what a DSPy predictor's call takes beside its inputs
+_OPTION_LINE = re.compile(rf"^({'|'.join(CALL_OPTIONS)})\s*:\s*(\{{.*\}})\s*$")  # `lm: {fast}` in a cell passes
+# the kernel's object, as qa(question=..., lm=fast) does; `config: {"temperature": 1.0}` a dict, as DSPy's cheatsheet
+
+
+def _option(line: str) -> tuple[str, str] | None:
+    """(option, value) of a call option's line: one ``{...}`` (a kernel variable), or a dict literal (nested too)."""
+    match = _OPTION_LINE.match(line)
+    if match is None or (re.search(r"[{}]", match.group(2)[1:-1]) and _dict_literal(match.group(2)) is None):
+        return None  # `config: {a} and {b}`: text
+    return match.group(1), match.group(2)
+
+
+def _dict_literal(text: str) -> dict[Any, Any] | None:
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def cell_inputs(body: str, names: list[str] | None, required: list[str] | None = None,
@@ -224,9 +242,9 @@ def cell_inputs(body: str, names: list[str] | None, required: list[str] | None =
     given: dict[str, str] = {}
     kept = []
     for line in body.strip("\n").splitlines():
-        match = _OPTION_LINE.match(line) if options and names is not None else None
-        if match and match.group(1) not in names:
-            given[match.group(1)] = match.group(2)
+        option = _option(line) if options and names is not None else None
+        if option and option[0] not in names:
+            given[option[0]] = option[1]
         else:
             kept.append(line)
     text = "\n".join(kept)
@@ -265,6 +283,19 @@ def typed_value(text: str, namespace: dict[str, Any]) -> Any:
         return lookup(match.group(1), namespace)
     except (KeyError, AttributeError, IndexError, TypeError, ValueError):
         return interpolate(text, namespace)  # raises the clear error
+
+
+def option_value(option: str, text: str, namespace: dict[str, Any]) -> Any:
+    """A call option's value (`lm: {fast}`, `config: {"rollout_id": 1, "temperature": 1.0}`): the kernel object a
+    lone ``{name}`` names, or a dict written as a Python literal; never its text, which no call option takes."""
+    if re.fullmatch(r"\s*\{([^{}!:]+)\}\s*", text):
+        return typed_value(text, namespace)
+    value = _dict_literal(text)
+    if value is None:
+        raise UsageError(f"{option}: {text.strip()} is neither a kernel variable ({{name}}) nor a dict literal "
+                         f"(e.g. {option}: {{\"temperature\": 1.0}}); write {option}: {{name}} of a variable that "
+                         "holds it, or --no-interpolate to keep the line as text")
+    return value
 
 
 def as_items(value: Any, name: str) -> list[Any]:
@@ -510,7 +541,10 @@ class Dspex(Magics):
         values = cell_inputs(cell, names, required, options=not args.no_interpolate)
         if args.no_interpolate:
             return values
-        return {name: typed_value(text, self.shell.user_ns) for name, text in values.items()}
+        options = set(CALL_OPTIONS).difference(names) if names is not None else set()  # as cell_inputs takes them
+        ns = self.shell.user_ns
+        return {name: option_value(name, text, ns) if name in options else typed_value(text, ns)
+                for name, text in values.items()}
 
     def _predict(self, args: argparse.Namespace, cell: str) -> None:
         signature = self._program(args.signature) or args.signature

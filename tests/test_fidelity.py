@@ -1977,6 +1977,36 @@ def test_map_and_evaluate_add_their_predictor_calls_to_the_kernels_trace(shell: 
     assert seen["pool"] == seen["kernel"] and [len(steps) for steps in seen["kernel"]] == [1, 2, 3]
 
 
+def test_a_forward_that_reads_dspys_trace_gets_the_same_answer_on_every_worker(shell: InteractiveShell, pool: Pool,
+                                                                              demo_lm: dspy.LM) -> None:
+    # A forward reading dspy.settings.trace (its last predictor call, how many there are) saw the worker's global
+    # trace: the predictor calls of whatever that worker had run before, so the answer changed from call to call and
+    # from worker to worker. Each call has a trace of its own now, as in the kernel under dspy.context(trace=[])
+    program, _ = define(shell, '''
+class ReadsTrace(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        before = len(dspy.settings.trace)
+        answer = self.qa(question=question).answer
+        return dspy.Prediction(before=before, after=len(dspy.settings.trace), answer=answer,
+                               last=dspy.settings.trace[-1][0] is self.qa)
+
+program = ReadsTrace()
+''')
+    with dspy.context(lm=demo_lm, trace=[]):
+        expected = program(question="Why?")
+    assert (expected.before, expected.after, expected.last) == (0, 1, True)
+    pool.run(dspy.Predict("question -> answer"), question="What ran before?")  # on a worker's trace, were it global
+    got = [pool.run(program, question="Why?") for _ in range(3)]
+    got += pool.map(program, ["Why?"] * 4, journal=False).result(60)
+    got.append(pool.run_stream(program, question="Why?").result(60))
+    for i, pred in enumerate(got):
+        assert_same(expected, pred, f"call {i}")
+
+
 def last_calls(n: int = 1) -> str:
     """``dspy.inspect_history(n=n)``'s text, its times left out."""
     import io

@@ -838,6 +838,27 @@ short = demo_lm(answer_tokens=3)
     assert "lm: {short}" in sh.ns["r"].answer
 
 
+def test_a_config_line_written_as_a_dict_passes_that_dict_as_dspys_cheatsheet_call(sh: Shell) -> None:
+    # DSPy's cheatsheet: predict(question="1+1", config={"rollout_id": 1, "temperature": 1.0}). Written so in a cell,
+    # the dict reached DSPy as its text: "TypeError: 'str' object is not a mapping"
+    sh('''
+import dspy
+from dspex_nb import demo_lm
+fresh = dspy.Predict("question -> answer")
+''')
+    with sh.ns["dspy"].context(lm=demo_lm()):
+        expected = sh.ns["fresh"](question="1+1", config={"rollout_id": 1, "temperature": 1.0, "n": 2})
+    assert len(expected.completions) == 2  # the config made a difference
+    sh('%%dspex run fresh -o r\nquestion: 1+1\nconfig: {"rollout_id": 1, "temperature": 1.0, "n": 2}')
+    assert sh.ns["r"].completions.answer == expected.completions.answer
+    assert "neither a kernel variable ({name}) nor a dict literal" in sh.usage_error(
+        "%%dspex run fresh\nquestion: 1+1\nconfig: {temperature: 1.0}")
+    sh('a, b = "x", "y"')
+    sh("%%dspex run fresh -o r\nquestion: 1+1\nconfig: {a} and {b}")
+    with sh.ns["dspy"].context(lm=demo_lm()):  # two placeholders are the question's text, as before
+        assert sh.ns["r"].answer == sh.ns["fresh"](question="1+1\nconfig: x and y").answer
+
+
 def test_run_gives_a_program_taking_any_keywords_one_line_per_keyword(sh: Shell) -> None:
     # dspy.KNN's __call__(**kwargs) names no input: the cell was refused ("per input field []")
     sh('''

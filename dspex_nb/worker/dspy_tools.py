@@ -503,8 +503,12 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
     """Run ``program`` on ``inputs`` under the worker's LM and the kernel's ``settings``; streamed calls yield
     token chunks per field (without ``tokens``, only a status chunk: the program runs as a unary call runs it,
     without DSPy's streaming, and the stream carries its end and its cancel).
-    With ``trace``, the result has the program's predictor calls too (``_with_extras``);
-    with ``history``, its LM calls' DSPy history entries (``typed.HISTORY``), for the kernel's inspect_history.
+    The call runs under a DSPy trace of its own (as under an optimizer's ``dspy.context(trace=[])``; a batch's
+    items each too): in the worker's global trace a forward that reads ``dspy.settings.trace`` saw the predictor calls
+    of whatever that worker ran before, so its answer depended on the worker, and the trace kept them all (up to
+    ``max_trace_size``, dropped program copies with them). With ``trace``, the result has the program's predictor
+    calls too (``_with_extras``); with ``history``, its LM calls' DSPy history entries (``typed.HISTORY``), for the
+    kernel's inspect_history.
 
     A program with nothing to stream (no str output field) says so in a status chunk and returns its
     result; a program that returns a stream (a ``dspy.streamify``'d one) is run to its end, its tokens
@@ -512,9 +516,8 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
     """
     listeners = _listeners(program) if ctx.streaming and tokens else []
     final: Any = None
-    steps: list[Any] = []
-    traced = {"trace": steps} if trace else {}
-    with _tracked({**_settings(ctx, settings), **traced}, history, program, ctx) as costs:
+    steps: list[Any] = []  # the call's own DSPy trace, sent back with ``trace``
+    with _tracked({**_settings(ctx, settings), "trace": steps}, history, program, ctx) as costs:
         unread = _adapter_not_streamed() if listeners else None
         if unread:
             listeners = []
@@ -1073,7 +1076,7 @@ def batch_inference(ctx: ToolContext, batch_items: list, signature: str = "", mo
         try:
             events.put((index, None))
             program, steps = shared or make(), []
-            with _tracked({**settings, "trace": steps} if trace else settings, history, program) as costs, \
+            with _tracked({**settings, "trace": steps}, history, program) as costs, \
                     ctx.program_running():
                 output = _run_to_end(_awaited(programs.invoke(program, inputs)))
             return _with_extras(program, steps, trace, costs.output_json(output), costs, ctx, batch=True)

@@ -27,10 +27,15 @@ _SECRET_NAME = re.compile(r"key(?!word)|(?<!per_)token(?!s\b|s_|_count|izer)|sec
 # bounded: a pattern that scans a word in both directions takes quadratic time on a long one (a base64 blob
 # in an error message: 10 KB took 5 s, with the GIL held, so a worker missed its pings and was killed). A name
 # that ends as an exception class's does is no setting: "KeyError: 'answer'" in a traceback is the exception's text.
+# A quoted value is masked whole, to its closing quote or its line's end (a password with a space or a comma in it,
+# "Basic dXNl...", a private key's PEM), where the name ends as a secret's does (api_key, aws_secret_access_key,
+# Authorization); where the name only holds such a word (key_points="Demo LM answer ...", a Prediction's field), a
+# quoted value is masked only where it is one word.
+_WORD = r"""[^'"\s,;&}\])]{4,}"""
 _ASSIGNED = re.compile(
     r"""(?i)((?:key(?!word)|(?<!per_)token(?!s\b|s_|_count|izer)|secret|passw(?:or)?d|authoriz\w{0,64}|credential)"""
-    r"""(?![\w-]{0,64}?(?:error|exception|warning)['"]?\s*[:=])[\w-]{0,64}['"]?\s*[:=]\s*(['"])?"""
-    r"""(?:bearer\s+)?)([^'"\s,;&}\])]{4,})(?(2)(?=['"]|\Z))""")  # a quoted value is one word: key_points="a b" is text
+    r"""(?![\w-]{0,64}?(?:error|exception|warning)['"]?\s*[:=])([\w-]{0,64})['"]?\s*[:=]\s*(['"])?"""
+    rf"""(?:bearer\s+)?)(?(3)((?:(?!\3).){{4,}})(?=\3|\n|\Z)|{_WORD})""")
 _BEARER = re.compile(r"(?i)(bearer\s+)([^\s'\",;]{8,})")
 _USERINFO = re.compile(r"(://[^\s/?#@:'\"]{0,256}:)([^\s/?#@'\"]{1,256})(?=@)")  # a URL's password (from the literal
 # "://", which the regex engine finds fast: a scheme before it to match made a MB of text take 0.5 s)
@@ -85,12 +90,21 @@ def text(value: str, limit: int | None = MAX_MESSAGE) -> str:
         cut, value = len(value) - limit - SECRET_ROOM, value[:limit + SECRET_ROOM]
     for secret in secret_values():
         value = value.replace(secret, MASK)
-    value = _ASSIGNED.sub(lambda m: m.group(1) + MASK, value)
+    value = _ASSIGNED.sub(_assigned, value)
     value = _BEARER.sub(lambda m: m.group(1) + MASK, value)
     value = _USERINFO.sub(lambda m: m.group(1) + MASK, value)
     if limit is not None and len(value) > limit:
         value = value[:limit] + f"… ({len(value) - limit + cut} more characters)"
     return value
+
+
+def _assigned(match: re.Match[str]) -> str:
+    """An ``_ASSIGNED`` match with its value masked, or as it is: a quoted text of more than one word under a name
+    that only holds a secret's word."""
+    tail, quoted = match.group(2), match.group(4)
+    if quoted is None or tail in ("", "s") or is_secret_name(tail) or re.fullmatch(_WORD, quoted):
+        return match.group(1) + MASK
+    return match.group(0)
 
 
 def mapping(value: Any) -> Any:

@@ -108,6 +108,21 @@ def test_an_exceptions_args_that_its_str_does_not_show_stay_on_the_worker(secret
     assert caught.value.args == ("Incorrect API key provided: ***", 401) and SECRET not in repr(caught.value)
 
 
+@pytest.mark.parametrize("leak", [
+    "password='correct horse battery staple'", "{'password': 'p@ss,w0rd;secret&x'}",
+    '"Authorization": "Basic dXNlcjpwYXNzd29yZA=="', "headers={'Authorization': 'Token dXNlcjpwYXNzd29yZA'}",
+    'client_secret="s3cr3t&more)text"', "{'x-api-key': 'sk-ant api03 dXNlcjpwYXNz'}"])
+def test_a_quoted_secret_is_masked_whole_whatever_its_characters(leak: str) -> None:
+    shown = text(f"failed with {leak} and more")
+    assert shown.count("***") == 1 and not any(part in shown for part in (
+        "horse", "staple", "w0rd", "dXNl", "Basic", "Token", "more)", "api03")), shown
+
+
+def test_a_quoted_text_of_a_field_named_like_a_key_is_shown() -> None:
+    assert text('key_points="Demo LM answer to x", token_summary="a b"') == (
+        'key_points="Demo LM answer to x", token_summary="a b"')
+
+
 def test_settings_named_like_counts_or_delays_are_shown() -> None:
     from dspex_nb import redact
 

@@ -458,8 +458,14 @@ def test_named_pools_have_their_own_settings(sh: Shell) -> None:
     sh('%%dspex predict "question -> answer" --pool small -o again\nhow big?')
     assert sh.ns["again"] == sh.ns["small_answer"]  # started again as it was: one worker, its LM settings
     assert sh.magics.pools["small"].size == 1 and sh.magics.pools["small"].running
+    small = sh.magics.pools["small"]
     out, _ = sh("%dspex stop --pool small")
     assert out == "dspex: pool 'small' stopped\n" and set(sh.magics.pools) == {"default"}
+    with pytest.raises(PoolClosed, match="%dspex stop stopped this pool"):
+        small.run("q -> a", q="x")
+    small.start().shutdown()  # started and stopped by the user since: the magics' note is not why any more
+    with pytest.raises(PoolClosed, match=r"^the pool is not running: start it with Pool.start\(\)"):
+        small.run("q -> a", q="x")
 
 
 class InterruptedJoin:

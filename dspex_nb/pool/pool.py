@@ -156,6 +156,7 @@ class WorkerPool(Supervision):
             return self
         self._owner = os.getpid()
         self._closing.clear()
+        self.stopped_note = ""
         self.backend = self.backend.fresh()
         self.run_id = self.backend.run_id
         try:

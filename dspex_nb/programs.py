@@ -286,7 +286,7 @@ def _parts(value: Any) -> list[tuple[str, Any]]:
         return [(f"[{i}]", part) for i, part in enumerate(value)]
     if isinstance(value, types.FunctionType):
         cells = zip(value.__code__.co_freevars, value.__closure__ or (), strict=True)
-        named = [(name, cell.cell_contents) for name, cell in cells if cell.cell_contents is not value]
+        named = [(name, part) for name, cell in cells if (part := _cell_value(cell, value)) is not value]
         named += [(name, value.__globals__[name]) for name in value.__code__.co_names if name in value.__globals__]
         return [(f"'s variable {name!r}", part) for name, part in named]
     if isinstance(value, type):
@@ -295,6 +295,14 @@ def _parts(value: Any) -> list[tuple[str, Any]]:
         return []
     return [*((f".{name}", part) for name, part in vars(value).items()), (f"'s class {type(value).__name__}",
                                                                           type(value))]
+
+
+def _cell_value(cell: types.CellType, unset: Any) -> Any:
+    """What a closure's variable holds, ``unset`` where it was never set (or deleted)."""
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return unset
 
 
 def _pickle_error(value: Any) -> Exception | None:

@@ -483,6 +483,36 @@ def test_a_program_that_cannot_be_pickled_is_refused_naming_what_cannot_travel(p
                 holder.thing[0].close()
 
 
+def test_a_program_whose_function_has_an_unset_variable_is_refused_naming_what_cannot_travel(pool: Pool) -> None:
+    import socket
+
+    import dspy
+
+    from dspex_nb.errors import NotSent
+
+    def make_search(client: socket.socket):  # noqa: ANN202
+        def search(query: str) -> str:
+            return f"{client} {fallback}: {query}"
+
+        if not search:
+            fallback = "none"  # never set: search's cell of it stays empty
+        return search
+
+    class Searcher(dspy.Module):
+        def __init__(self, search: object) -> None:
+            super().__init__()
+            self.search = search
+
+        def forward(self, question: str) -> str:
+            return self.search(question)
+
+    with socket.socket() as client:
+        # was: ValueError: Cell is empty, the search for the part that cannot be pickled failing on the unset variable
+        with pytest.raises(NotSent, match=r"^Searcher cannot be sent to the workers: Searcher.search's variable "
+                                          r"'client' \(a socket\) cannot be pickled"):
+            pool.run(Searcher(make_search(client)), question="Q?")
+
+
 def test_a_pool_takes_the_kernels_reasoning_model_as_dspy_lm_took_it() -> None:
     import dspy
 

@@ -132,14 +132,17 @@ class ProcessHandle:
     def kill(self, grace: float = 2.0) -> None:
         """SIGTERM, then SIGKILL ``grace`` seconds after it (counted from ``terminate`` where that came first: workers
         asked to end at once are all killed then, not each ``grace`` after the one before); wait until it has ended.
-        What its programs started goes too, where its own end could not end it (``end_group``, ``end_started``)."""
+        What its programs started goes too, where its own end could not end it (``end_group``, ``end_started``):
+        those of a worker still there after its grace, found (a scan of /proc) only then, while it still holds them;
+        a worker that ends on SIGTERM ends its own."""
         if self.exit_code() is None:
-            started = {pid: start_time(pid) for pid in started_by(self.pid)}
             if self.terminated_at is None:
                 self.terminate()
+            started: dict[int, str | None] = {}
             try:
                 self.wait(max(0.0, self.terminated_at + grace - time.monotonic()))  # type: ignore[operator]
             except TimeoutError:
+                started = {pid: start_time(pid) for pid in started_by(self.pid)}
                 self.signal(signal.SIGKILL)
             with contextlib.suppress(TimeoutError):
                 self.wait(10.0)

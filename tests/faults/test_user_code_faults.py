@@ -27,6 +27,7 @@ from dspex_nb.errors import ArgumentError, Cancelled, ChunksDropped, DspexError,
 from dspex_nb.pool.calls import Chunk, Run
 from dspex_nb.pool.process import LOG_LIMIT
 from dspex_nb.typed import NotPortable
+from dspex_nb.wire import started_by
 
 ODD = ["SystemExit", "KeyboardInterrupt", "GeneratorExit"]
 
@@ -541,6 +542,31 @@ def test_processes_in_a_session_of_their_own_end_with_a_hung_worker_and_with_the
             wait_until(lambda: pool.workers[0].state == "ready", what="the worker's replacement")
             started += pool.run("starts_detached_processes", text="b").pids
             assert all(pid_alive(pid) for pid in started[2:])
+        wait_until(lambda: not any(pid_alive(pid) for pid in started), what="the processes to end with the pool")
+    finally:
+        _end(started)
+
+
+def test_a_pool_whose_workers_end_on_sigterm_scans_no_process_table_as_it_stops(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: pool.shutdown() scanned /proc once per worker for what its programs started (32 workers on a machine of
+    a thousand processes: seconds), though a worker that ends on SIGTERM ends those itself; only a worker still
+    there after its grace is scanned, before its SIGKILL."""
+    from dspex_nb.pool import process
+
+    scanned: list[int] = []
+
+    def counted(pid: int) -> list[int]:
+        scanned.append(pid)
+        return started_by(pid)
+
+    started: list[int] = []
+    try:
+        with Pool(workers=2, journal=False) as pool:
+            pool.define("starts_detached_processes", STARTS_DETACHED_PROCESSES)
+            started += pool.run("starts_detached_processes", text="a").pids
+            monkeypatch.setattr(process, "started_by", counted)
+        assert scanned == []
         wait_until(lambda: not any(pid_alive(pid) for pid in started), what="the processes to end with the pool")
     finally:
         _end(started)

@@ -273,23 +273,30 @@ def cell_inputs(body: str, names: list[str] | None, required: list[str] | None =
     return {**{name: "\n".join(lines).strip() for name, lines in values.items()}, **given}
 
 
+LOOKUP_ERRORS = (KeyError, AttributeError, IndexError, TypeError, ValueError)  # of a {name} that names no value
+_LONE_NAME = re.compile(r"\s*\{([^{}!:]+)\}\s*")  # a value that is one {name}: the kernel's object
+
+
 def typed_value(text: str, namespace: dict[str, Any]) -> Any:
     """A field's value: the kernel object itself when the value is one ``{name}`` (a list stays a list),
     else the text with every {name} interpolated."""
-    match = re.fullmatch(r"\s*\{([^{}!:]+)\}\s*", text)
+    match = _LONE_NAME.fullmatch(text)
     if match is None:
         return interpolate(text, namespace)
     try:
         return lookup(match.group(1), namespace)
-    except (KeyError, AttributeError, IndexError, TypeError, ValueError):
+    except LOOKUP_ERRORS:
         return interpolate(text, namespace)  # raises the clear error
 
 
 def option_value(option: str, text: str, namespace: dict[str, Any]) -> Any:
     """A call option's value (`lm: {fast}`, `config: {"rollout_id": 1, "temperature": 1.0}`): the kernel object a
     lone ``{name}`` names, or a dict written as a Python literal; never its text, which no call option takes."""
-    if re.fullmatch(r"\s*\{([^{}!:]+)\}\s*", text):
-        return typed_value(text, namespace)
+    if match := _LONE_NAME.fullmatch(text):
+        try:
+            return lookup(match.group(1), namespace)
+        except LOOKUP_ERRORS:
+            interpolate(text, namespace)  # raises the clear error where it names a variable; `{1, 2}` (a set) does not
     value = _dict_literal(text)
     if value is None:
         raise UsageError(f"{option}: {text.strip()} is neither a kernel variable ({{name}}) nor a dict literal "

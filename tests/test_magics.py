@@ -859,6 +859,9 @@ fresh = dspy.Predict("question -> answer")
     assert sh.ns["r"].completions.answer == expected.completions.answer
     assert "neither a kernel variable ({name}) nor a dict literal" in sh.usage_error(
         "%%dspex run fresh\nquestion: 1+1\nconfig: {temperature: 1.0}")
+    for typo in ('{"temperature", 1.0}', "{1, 2}"):  # a set, not a dict: was its text, "'str' object is not a mapping"
+        assert "neither a kernel variable ({name}) nor a dict literal" in sh.usage_error(
+            f"%%dspex run fresh\nquestion: 1+1\nconfig: {typo}")
     sh('a, b = "x", "y"')
     sh("%%dspex run fresh -o r\nquestion: 1+1\nconfig: {a} and {b}")
     with sh.ns["dspy"].context(lm=demo_lm()):  # two placeholders are the question's text, as before

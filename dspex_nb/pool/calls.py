@@ -229,15 +229,15 @@ class Handle(concurrent.futures.Future):
         else:
             self.set_result(None)  # the value is this handle's own ``result()``
 
-    def cancel(self) -> bool:
+    def cancel(self, wait: bool = True) -> bool:
         """Stop the remote work; False when it had already ended. As with a ``concurrent.futures.Future``,
         once it returns True the handle is ``done()`` and ``cancelled()`` (it waits the few milliseconds the
         remote work takes to stop, except in a thread that carries handles, such as an ``on_chunk`` callback,
-        which must not wait for itself)."""
+        which must not wait for itself; ``wait=False``: it only asks, as for several handles at once)."""
         if self._done.is_set():
             return False
         self._cancel()
-        if not getattr(OWN_THREADS, "handle", False):
+        if wait and not getattr(OWN_THREADS, "handle", False):
             self._done.wait(CANCEL_WAIT)
         return True
 
@@ -547,7 +547,7 @@ class Run(Handle):
             self._stop_by = time.monotonic() + CANCEL_WAIT
         self._source.cancel()
 
-    def cancel(self) -> bool:
+    def cancel(self, wait: bool = True) -> bool:
         """As ``Handle.cancel``; where the caller's ``on_chunk`` is still running after ``CANCEL_WAIT`` seconds
         (a callback that waits for something that never comes), the run ends as cancelled without it: the remote
         work has stopped, its worker's place is free for other calls, and ``wait()`` and ``result()`` return.
@@ -555,7 +555,7 @@ class Run(Handle):
         if self._done.is_set():
             return False
         self._cancel()
-        if getattr(OWN_THREADS, "handle", False):  # a thread that carries handles must not wait for itself
+        if not wait or getattr(OWN_THREADS, "handle", False):  # a thread that carries handles must not wait for itself
             return True
         assert self._stop_by is not None
         if not self._done.wait(max(0.0, self._stop_by - time.monotonic())) and self._in_callback:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
+SHUTDOWN_WAIT = 2.0  # seconds the kernel's shutdown waits for its live views' work to confirm it stopped
 
 
 class Refreshable(Protocol):
@@ -49,19 +51,24 @@ class Pump:
 
     def end_all(self) -> None:
         """Stop the work of every live view and make each one final now: the kernel is shutting down, and a view
-        the pump would have finished at its next tick stayed a widget in the saved notebook ("model not found")."""
+        the pump would have finished at its next tick stayed a widget in the saved notebook ("model not found").
+        Every view's work is asked to stop first, then all are waited for together, up to ``SHUTDOWN_WAIT``: Jupyter
+        kills a kernel that has not ended 5 s after asking, and a hung worker's call never confirms its cancel."""
         with self._lock:
-            views = list(self._views)
+            views = [view for view in self._views if hasattr(view, "end")]  # not a pool's dashboard: HTML already
         for view in views:
-            end = getattr(view, "end", None)
-            if end is None:  # a pool's dashboard: HTML already, as last shown
-                continue
-            try:
-                with self._refreshing:
-                    end()
-            except Exception:  # the other views, and the kernel's shutdown itself, must go on
-                log.exception("dspex_nb: a view could not be ended at the kernel's shutdown")
+            self._ending(view, lambda view: view.work.cancel(wait=False))
+        deadline = time.monotonic() + SHUTDOWN_WAIT
+        for view in views:
+            self._ending(view, lambda view: view.end(deadline))
             self.remove(view)
+
+    def _ending(self, view: Any, step: Callable[[Any], object]) -> None:
+        try:
+            with self._refreshing:
+                step(view)
+        except Exception:  # the other views, and the kernel's shutdown itself, must go on
+            log.exception("dspex_nb: a view could not be ended at the kernel's shutdown")
 
     def _refresh(self, view: Refreshable) -> bool:
         try:

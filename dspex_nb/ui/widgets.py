@@ -145,9 +145,9 @@ class View:
         """The final rendering: {"text/html": ..., "text/plain": ...}."""
         raise NotImplementedError
 
-    def end(self) -> None:
-        """Stop its work and make it final now, whether or not the work has ended yet (the kernel shuts down)."""
-        self.work.cancel()
+    def end(self, deadline: float) -> None:
+        """Make it final now, its work (asked to stop) ended or not by ``deadline`` (the kernel shuts down)."""
+        self.work.wait(max(0.0, deadline - time.monotonic()))
         self.refresh()
         self.finish()
 

@@ -38,6 +38,7 @@ from dspex_nb.pool.calls import KEEP_CHUNKS, Chunk, Run, encode_args
 from dspex_nb.pool.connection import Backend, ConnectionClosed, WorkerSpec
 from dspex_nb.pool.executor import Placement
 from dspex_nb.pool.local import DEFAULT_START
+from dspex_nb.pool.process import out_of_files
 from dspex_nb.pool.session import Session
 from dspex_nb.pool.supervision import CANCEL_GRACE, Supervision
 from dspex_nb.pool.telemetry import CallRecord, Telemetry
@@ -162,15 +163,18 @@ class WorkerPool(Supervision):
         try:
             self.cleaned = self.backend.open()
             self.env_changes = environment.Changes(self.backend.follows, self.env or {})  # before any worker starts
-            self.workers = [self._spawn(f"w{i}", 0) for i in range(self.size)]
+            for i in range(self.size):  # each kept as it starts: a failure of the next stops those started
+                self.workers.append(self._spawn(f"w{i}", 0))
             deadline = time.monotonic() + self.start_timeout
             for worker in self.workers:
                 self._wait_ready(worker, deadline)
             first = self.workers[0]
             described = first.conn.describe(self.start_timeout, self._death_of(first))
             self.schemas = {t["name"]: t for t in described["tools"]}
-        except BaseException:
+        except BaseException as exc:
             self.shutdown()
+            if (out := out_of_files(exc, self.size)) is not None:
+                raise out from exc
             raise
         _live_pools.add(self)
         self._monitor = threading.Thread(target=self._watch, name="dspex-health", daemon=True)

@@ -28,6 +28,7 @@ from dspex_nb.errors import (
     QueueTimeout,
     UnknownTool,
     WorkerBusy,
+    WorkerDied,
     WorkerStartError,
     add_note,
     program_errors_raised_here,
@@ -37,10 +38,11 @@ from dspex_nb.pool.calls import KEEP_CHUNKS, Chunk, Run, encode_args
 from dspex_nb.pool.connection import Backend, ConnectionClosed, WorkerSpec
 from dspex_nb.pool.executor import Placement
 from dspex_nb.pool.local import DEFAULT_START
+from dspex_nb.pool.process import out_of_files
 from dspex_nb.pool.session import Session
 from dspex_nb.pool.supervision import CANCEL_GRACE, Supervision
 from dspex_nb.pool.telemetry import CallRecord, Telemetry
-from dspex_nb.pool.worker import READY, STOPPED, Worker
+from dspex_nb.pool.worker import FAILED, READY, STOPPED, Worker
 from dspex_nb.schema import validate
 from dspex_nb.words import count
 
@@ -162,15 +164,18 @@ class WorkerPool(Supervision):
         try:
             self.cleaned = self.backend.open()
             self.env_changes = environment.Changes(self.backend.follows, self.env or {})  # before any worker starts
-            self.workers = [self._spawn(f"w{i}", 0) for i in range(self.size)]
+            for i in range(self.size):  # each kept as it starts: a failure of the next stops those started
+                self.workers.append(self._spawn(f"w{i}", 0))
             deadline = time.monotonic() + self.start_timeout
             for worker in self.workers:
                 self._wait_ready(worker, deadline)
             first = self.workers[0]
             described = first.conn.describe(self.start_timeout, self._death_of(first))
             self.schemas = {t["name"]: t for t in described["tools"]}
-        except BaseException:
+        except BaseException as exc:
             self.shutdown()
+            if (out := out_of_files(exc, self.size)) is not None:
+                raise out from exc
             raise
         _live_pools.add(self)
         self._monitor = threading.Thread(target=self._watch, name="dspex-health", daemon=True)
@@ -450,7 +455,7 @@ class WorkerPool(Supervision):
         done: list[str] = []
         try:
             for worker in list(self.workers):
-                info = self.execute(definition["tool"], definition["args"], worker=worker.id)
+                info = self._define_in(worker.id, name, definition)
                 done.append(worker.id)
         except BaseException:
             if previous is None:
@@ -462,6 +467,32 @@ class WorkerPool(Supervision):
             raise
         self.definitions[name] = {**definition, **info, **keep}
         return info
+
+    def _define_in(self, slot: str, name: str, definition: dict[str, Any]) -> dict[str, Any]:
+        """Run ``definition`` on the worker of ``slot``. Where that worker dies or hangs meanwhile (a program of
+        another call stopped it), its replacement replays every definition, this one too, as it starts: once it is
+        ready, the definition goes on there. Where the replacement could not start with it either (a definition
+        that ends every worker it reaches), the first worker's death is the error."""
+        tool, args = definition["tool"], definition["args"]
+        try:
+            return self.execute(tool, args, worker=slot)
+        except WorkerDied as died:
+            if not self._slot_ready(slot, self.start_timeout):
+                add_note(died, f"its replacement did not start with '{name}' defined either: the definition itself "
+                               f"ends the worker it runs on; {self._states()}")
+                raise
+        return self.execute(tool, args, worker=slot)
+
+    def _slot_ready(self, slot: str, timeout: float) -> bool:
+        """Wait until the worker of ``slot`` is ready (True), or its restart failed or the pool stopped (False)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self._closing.is_set() and time.monotonic() < deadline:
+                state = next((w.state for w in self.workers if w.id == slot), FAILED)
+                if state in (READY, FAILED):
+                    return state == READY
+                self._lock.wait(0.1)  # a failed restart notifies no one
+        return False
 
     def _try_on(self, workers: list[str], tool: str, args: dict[str, Any]) -> None:
         """Call ``tool`` on each of ``workers``, best effort: a worker going away meanwhile is replaced, and

@@ -8,7 +8,9 @@ when that pipe closes, so even a SIGKILLed kernel leaves no orphans.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -55,6 +57,23 @@ def trim_log(path: Path, limit: int = LOG_LIMIT, keep: int = LOG_KEEP) -> bool:
     except OSError:  # gone (the pool stopped), or not ours to cut: the next round tries again
         return False
     return True
+
+
+def out_of_files(exc: BaseException, workers: int) -> WorkerStartError | None:
+    """The error for a pool start that ran out of file descriptors (None where ``exc`` is not that): what ran out
+    and what to do, in place of a bare "[Errno 24] Too many open files" from deep in subprocess or a socket."""
+    if not isinstance(exc, OSError) or exc.errno not in (errno.EMFILE, errno.ENFILE):
+        return None
+    return WorkerStartError(f"starting {workers} worker(s) ran out of file descriptors ({exc}): {files_advice()}; "
+                            "nothing of this pool is left running")
+
+
+def files_advice() -> str:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (f"this process may hold {soft} open files (ulimit -n), and each worker takes some here and in the worker "
+            "processes; raise the limit (`ulimit -n 4096` in the shell that starts Jupyter, or "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, ...) before the pool starts), close what holds descriptors, "
+            "or start fewer workers (Pool(workers=...))")
 
 
 def worker_env(extra: dict[str, str] | None) -> dict[str, str]:
@@ -194,8 +213,9 @@ class ProcessHandle:
             if line.startswith(deps.MISSING_MARKER):
                 python, statuses = deps.from_json(line[len(deps.MISSING_MARKER):])
                 return deps.MissingDependency(f"the worker Python {python}", statuses, worker_python=python)
+        advice = f"\nIt ran out of file descriptors: {files_advice()}" if "Too many open files" in text else ""
         return WorkerStartError(f"worker {worker_id} (pid {self.pid}, {self.python}) exited with code {code} "
-                                f"before it was ready; its output:\n{self.log_tail()}")
+                                f"before it was ready; its output:\n{self.log_tail()}{advice}")
 
 
 class WorkerProcess(ProcessHandle):

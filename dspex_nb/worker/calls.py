@@ -307,9 +307,10 @@ def _attributes(exc: BaseException) -> dict[str, Any]:
 
 
 def drive(gen: Iterator[tools.Emit], ctx: tools.ToolContext, on_emit: Callable[[tools.Emit], None]) -> Any:
-    """Run a tool generator to its end (or until cancelled); return its final result."""
+    """Run a tool generator to its end (or until cancelled); return its final result. A call cancelled before it
+    got here (it waited for a thread of the worker, its caller cancelled at once) never starts the tool."""
     try:
-        while True:
+        while not ctx.cancelled.is_set():
             try:
                 emit = next(gen)
             except StopIteration as stop:
@@ -317,6 +318,7 @@ def drive(gen: Iterator[tools.Emit], ctx: tools.ToolContext, on_emit: Callable[[
             if ctx.cancelled.is_set():
                 return None
             on_emit(emit)
+        return None
     finally:
         gen.close()
 

@@ -523,6 +523,8 @@ def _call(program: Any, inputs: dict[str, Any], ctx: ToolContext, settings: str,
             listeners = []
             yield Emit("status", {"message": f"running {_label(program)} (its tokens are not streamed: DSPy's "
                                              f"StreamListener cannot read the fields of {unread})"})
+        if ctx.cancelled.is_set():  # cancelled while the call was made ready (its program, inputs): never started
+            raise Cancelled("the call was cancelled before its program started")
         if listeners:
             always = _AlwaysPrediction(program, ctx)
             streamed = dspy.streamify(always, stream_listeners=listeners)

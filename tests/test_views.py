@@ -182,6 +182,16 @@ def test_each_live_view_holds_the_line_that_says_it_is_over_once_its_kernel_has_
     batch.result()
 
 
+def test_the_stop_button_keeps_its_width_beside_a_long_status_line(pool: Pool) -> None:
+    # in a 400 px window the status line beside it shrank the button to "S…" (flex items shrink by default)
+    run = pool.execute_stream("chain_of_thought", {"signature": "question -> answer", "inputs": "Narrow?"})
+    batch = pool.batch(["a"], "question -> answer", journal=False)
+    for view in (StreamView(run, "cot"), BatchDashboard(batch, "b")):
+        assert (view.stop.layout.width, view.stop.layout.flex) == ("7em", "0 0 auto")
+    run.result()
+    batch.result()
+
+
 def each_fails(question: str) -> str:
     if int(question) < 30:
         raise ValueError(f"item {question} is bad")  # an error of its own

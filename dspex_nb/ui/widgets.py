@@ -88,7 +88,8 @@ def stop_button(cancel: Callable[[], Any]) -> w.Button:
         if bound is not None:
             bound()
 
-    button = w.Button(description="Stop", icon="stop", button_style="warning", layout={"width": "7em"})
+    button = w.Button(description="Stop", icon="stop", button_style="warning",  # not shrunk to "S…" in a narrow
+                      layout={"width": "7em", "flex": "0 0 auto"})  # window by the status line beside it
     button.on_click(lambda _: action())
     comm = getattr(button, "comm", None)
     route = getattr(comm, "_reply_subshell_for", None)

@@ -628,7 +628,7 @@ class Dspex(Magics):
             program = programs.as_program(signature, cot=args.cot) if signature is not None else \
                 self._module(args.module, pool)
             batch = pool.map(program, items, max_errors=len(items) + 1, **options)  # every item, as the built-in
-        batch.caller, batch.kept_in = "%dspex batch", "_.records"  # where _finish puts a stopped batch
+        batch.caller, batch.kept_in = "%dspex batch", _kept(batch, args.output)  # where _show and _finish put it
         title = f"batch {args.module or args.signature!r}"
         self._show(batch, lambda: show_batch(batch, title, mode=self.display, block=not args.background), args)
 
@@ -691,9 +691,8 @@ class Dspex(Magics):
             show()
         except KeyboardInterrupt:
             self._store(args.output, handle)  # nothing computed is lost: `_` (and -o VAR) hold the partial run
-            kept = "_.records" if isinstance(handle, BatchRun) else "_.chunks"
             raise CellInterrupted("interrupted; the remote work was cancelled; what arrived before the interrupt is "
-                                  f"in {kept}" + (f" (and {args.output})" if args.output else "")) from None
+                                  f"in {_kept(handle, args.output)}") from None
         self._finish(handle, args)
 
     def _finish(self, handle: Run | BatchRun, args: argparse.Namespace) -> None:
@@ -706,12 +705,14 @@ class Dspex(Magics):
         try:
             result = handle.result()
         except DspexError as exc:  # stopped (the view's Stop), or an LM or tool error (the view shows it too)
-            self._store(None, handle)  # nothing computed is lost: `_` keeps what arrived
-            kept = "_.records" if isinstance(handle, BatchRun) else "_.chunks"
             if isinstance(exc, Cancelled):  # the user's own choice, as a batch's failed items: the cell goes on
-                print(f"dspex: {_said(exc)}; what arrived before is in {kept}", file=sys.stderr)
+                self._store(args.output, handle)  # as an interrupt does: `_` and -o VAR keep what arrived
+                said, kept = _said(exc), _kept(handle, args.output)  # a batch's says where (its kept_in)
+                print(f"dspex: {said}" + ("" if kept in said else f"; what arrived before is in {kept}"),
+                      file=sys.stderr)
                 return
-            raise CellFailed(f"{_said(exc)}\ndspex: what arrived before is in {kept}") from exc
+            self._store(None, handle)  # nothing computed is lost: `_` keeps what arrived
+            raise CellFailed(f"{_said(exc)}\ndspex: what arrived before is in {_kept(handle, None)}") from exc
         self._store(args.output, result)
 
     def _store(self, name: str | None, value: Any) -> None:
@@ -755,6 +756,11 @@ class CellInterrupted(KeyboardInterrupt):
     """An interrupt (Jupyter's ■) of a dspex command, said as what it left: the cell fails as an interrupted one."""
 
     _render_traceback_ = CellFailed._render_traceback_
+
+
+def _kept(handle: Run | BatchRun, output: str | None) -> str:
+    """Where what a stopped command's handle received is: the -o variable's, else ``_``'s, as ``_store`` puts it."""
+    return f"{output or '_'}.{'records' if isinstance(handle, BatchRun) else 'chunks'}"
 
 
 def _said(error: BaseException) -> str:

@@ -197,8 +197,9 @@ VIEWS_NOTEBOOK = [
 
 def test_views_in_a_browser_stop_steps_saving_reopening_html_and_dark_theme(lab: Lab, browser: Browser) -> None:
     """Stop on a blocking stream and a blocking batch, a two-step module's groups, a 20,000-token stream's
-    bytes, then save, reload, reopen with a new kernel, export to HTML and switch to the dark theme: the
-    answers stay, no "model not found". Screenshots of each view go to test-artifacts/."""
+    bytes, then save, export to HTML, reload, reopen with a new kernel and switch to the dark theme: the
+    answers stay, no "model not found"; a view running when the kernel restarts says it is over. Screenshots of each
+    view go to test-artifacts/."""
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code) for code in VIEWS_NOTEBOOK])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     nbformat.write(nb, lab.root / "views.ipynb")
@@ -307,6 +308,7 @@ def test_views_in_a_browser_stop_steps_saving_reopening_html_and_dark_theme(lab:
         wanted = [steps.inner_text().splitlines()[-2], summary.splitlines()[0],  # the two-step answer, the batch
                   mapped.locator(".dspex-summary").inner_text()]
         saved_views_show_without_widgets(lab.root / "views.ipynb")
+        exports_the_answers_to_html(lab.root / "views.ipynb", wanted)
 
         # reload the page, then reopen the notebook on a new kernel: the answers are there, no widget errors
         page.reload()
@@ -327,8 +329,25 @@ def test_views_in_a_browser_stop_steps_saving_reopening_html_and_dark_theme(lab:
         assert luminance(colour) > 0.5, f"dark theme, dark text: {colour}"
         page.screenshot(path=str(ARTIFACTS / "view-dark-theme.png"), full_page=True)
 
-    html_out = lab.root / "views.html"
-    subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", str(lab.root / "views.ipynb")], check=True,
+        # Kernel > Restart under a running view: JupyterLab drops what the old kernel sends as it stops (its final
+        # rendering), so the view says itself that it is over, and its Stop is disabled
+        run(page, 0)  # the kernel runs the cells in turn: 10 and 11 once the pool is up
+        run(page, 10)
+        run(page, 11)
+        background = output(page, 11).locator(".dspex-field-text").first
+        wait_for(lambda: background.count() and background.inner_text(), "the background run's first tokens")
+        page.locator(".lm-MenuBar-itemLabel", has_text="Kernel").click()
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile("^Restart Kernel")).first.click()
+        page.locator(".jp-Dialog button", has_text="Restart").click()
+        output(page, 11).locator("text=Over: the kernel that ran this view restarted").wait_for(timeout=60_000)
+        assert output(page, 11).locator("button", has_text="Stop").is_disabled()
+        output(page, 11).screenshot(path=str(ARTIFACTS / "view-kernel-restarted.png"))
+        page.locator(".jp-StatusBar-Widget", has_text="Python 3 (ipykernel) | Idle").wait_for(timeout=90_000)
+
+
+def exports_the_answers_to_html(notebook: Path, wanted: list[str]) -> None:
+    html_out = notebook.with_suffix(".html")
+    subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", str(notebook)], check=True,
                    capture_output=True, timeout=120)
     exported = html.unescape(html_out.read_text())
     assert all(text in exported for text in wanted) and "<dspex stream" not in exported

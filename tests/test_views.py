@@ -22,6 +22,7 @@ from openai_server import OpenAIServer
 
 from dspex_nb import Pool
 from dspex_nb.ui.append import AppendText
+from dspex_nb.ui.kernel_gone import KernelGone
 from dspex_nb.ui.progress import StreamText, batch_line, batch_summary
 from dspex_nb.ui.pump import PUMP
 from dspex_nb.ui.render import show_pool
@@ -164,6 +165,31 @@ def test_a_finished_view_closes_every_widget_it_made_and_keeps_no_text_in_them(p
     assert len(tree) > 10 and any(isinstance(widget, AppendText) for widget in tree)
     assert [widget for widget in tree if widget.comm is not None] == []
     assert [widget for widget in tree if isinstance(getattr(widget, "value", None), str) and widget.value] == []
+
+
+def test_each_live_view_holds_the_line_that_says_it_is_over_once_its_kernel_has_gone(pool: Pool) -> None:
+    # a restart from JupyterLab drops what the old kernel sends as it stops, so a running view stayed as last drawn
+    # ("running 8 · ETA 17 s") with a Stop that reached no kernel; the line (browser-side: tests/test_browser.py)
+    # disables the buttons of the view it is in, which it finds by the view's class
+    run = pool.execute_stream("chain_of_thought", {"signature": "question -> answer", "inputs": "Over?"})
+    batch = pool.batch(["a", "b"], "question -> answer", journal=False)
+    for view in (StreamView(run, "cot"), BatchDashboard(batch, "b")):
+        tree = every_widget(view.root)
+        assert "dspex-view" in view.root._dom_classes
+        assert sum(isinstance(widget, KernelGone) for widget in tree) == 1
+        assert any(isinstance(widget, w.Button) and widget.description == "Stop" for widget in tree)
+    run.result()
+    batch.result()
+
+
+def test_the_stop_button_keeps_its_width_beside_a_long_status_line(pool: Pool) -> None:
+    # in a 400 px window the status line beside it shrank the button to "S…" (flex items shrink by default)
+    run = pool.execute_stream("chain_of_thought", {"signature": "question -> answer", "inputs": "Narrow?"})
+    batch = pool.batch(["a"], "question -> answer", journal=False)
+    for view in (StreamView(run, "cot"), BatchDashboard(batch, "b")):
+        assert (view.stop.layout.width, view.stop.layout.flex) == ("7em", "0 0 auto")
+    run.result()
+    batch.result()
 
 
 def each_fails(question: str) -> str:

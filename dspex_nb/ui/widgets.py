@@ -23,6 +23,7 @@ from dspex_nb.pool.executor import Executor
 from dspex_nb.ui import progress
 from dspex_nb.ui.append import AppendText
 from dspex_nb.ui.keep_open import KeepOpenHTML
+from dspex_nb.ui.kernel_gone import KernelGone
 from dspex_nb.words import count
 
 LATEST_ROWS = 8
@@ -87,7 +88,8 @@ def stop_button(cancel: Callable[[], Any]) -> w.Button:
         if bound is not None:
             bound()
 
-    button = w.Button(description="Stop", icon="stop", button_style="warning", layout={"width": "7em"})
+    button = w.Button(description="Stop", icon="stop", button_style="warning",  # not shrunk to "S…" in a narrow
+                      layout={"width": "7em", "flex": "0 0 auto"})  # window by the status line beside it
     button.on_click(lambda _: action())
     comm = getattr(button, "comm", None)
     route = getattr(comm, "_reply_subshell_for", None)
@@ -101,6 +103,13 @@ def stop_button(cancel: Callable[[], Any]) -> w.Button:
 
         comm._reply_subshell_for = early  # type: ignore[union-attr]
     return button
+
+
+def live_root(rows: list[w.Widget]) -> w.VBox:
+    """A live view's box: its rows under a line that says the view is over once its kernel has gone."""
+    root = w.VBox([rows[0], KernelGone(), *rows[1:]])
+    root.add_class("dspex-view")  # where that line finds the buttons it disables
+    return root
 
 
 class _Static:
@@ -194,7 +203,7 @@ class StreamView(View):
         self.stop = stop_button(run.cancel)
         self.step_views: dict[str, tuple[w.HTML, w.VBox]] = {}  # step -> (its title, its fields)
         self.field_views: dict[tuple[str, str], AppendText] = {}
-        self.root = w.VBox([self.title, w.HBox([self.stop, self.status]), self.fields])
+        self.root = live_root([self.title, w.HBox([self.stop, self.status]), self.fields])
 
     def refresh(self) -> bool:
         run = self.text.run
@@ -277,8 +286,8 @@ class BatchDashboard(View):
         self.error_box = w.Accordion(children=[self.errors], titles=("errors (0)",), layout={"display": "none"})
         self.stop = stop_button(batch.cancel)
         self.title = f"<b>{html.escape(title)}</b>"
-        self.root = w.VBox([w.HTML(self.title), w.HBox([self.bar, self.stop]), self.counts,
-                            self.workers, self.latest, self.error_box])
+        self.root = live_root([w.HTML(self.title), w.HBox([self.bar, self.stop]), self.counts, self.workers,
+                               self.latest, self.error_box])
 
     def refresh(self) -> bool:
         batch = self.batch

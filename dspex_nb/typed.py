@@ -19,10 +19,11 @@ sent as they are; every other value is a small tagged object ``{"__dspex__": kin
   type (``defaultdict(list)``); one that holds more than its items or value (attributes, slots, a factory that is
   code) has no faithful form (see ``opaque``): it would come back as the plain value;
 - an ``Enum`` member, a pydantic model (DSPy's own types included), a dataclass: sent with the class's
-  path (``module:qualname``) and rebuilt with the class that a *resolver* finds for that path on the
-  receiving side. Nothing is imported or unpickled to find it: see ``Resolver``. A pydantic model travels
-  as its state (what pydantic's own ``__getstate__`` holds: field values, fields set, extra and private
-  attributes) and is rebuilt as ``__setstate__`` does, without validating again, so it is the same model;
+  path (``module:qualname``), and its token where it travelled from the kernel (``token``: two classes may share
+  a path), and rebuilt with the class that a *resolver* finds for them on the receiving side. Nothing is imported
+  or unpickled to find it: see ``Resolver``. A pydantic model travels as its state (what pydantic's own
+  ``__getstate__`` holds: field values, fields set, extra and private attributes) and is rebuilt as
+  ``__setstate__`` does, without validating again, so it is the same model;
 - ``dspy.Prediction`` / ``dspy.Example`` (and their subclasses, by class path): their fields, the
   Example's input keys, the Prediction's completions and LM usage (``get_lm_usage()``);
 - in the kernel only, code (a function, a class, a ``dspy.Tool``'s function...) is put in a ``Shipment``
@@ -340,11 +341,13 @@ def _pydantic_json(value: Any) -> str | None:
 def _class(cls: type, ship: Shipment | None) -> dict[str, str]:
     """How a value names its class: by its path and, where it has one, its token (``token``); in the kernel
     (``ship``), ``cls`` is noted there so that it travels too, with a token of its own."""
+    path = class_path(cls)
     if ship is not None:
         ship.types.add(cls)
-        token(cls)
+        if _well_known(path) is not cls:  # one of the stdlib's or DSPy's is that class on both sides
+            token(cls)
     mark = _TOKENS.get(cls)
-    return {"class": class_path(cls), **({ID: mark} if mark else {})}
+    return {"class": path, **({ID: mark} if mark else {})}
 
 
 _EXAMPLE_STATE = {"_store", "_demos", "_input_keys", "_completions", "_lm_usage"}
@@ -482,7 +485,7 @@ class Resolver:
     def __call__(self, path: str) -> type | None:
         if path in self.known:
             return self.known[path]
-        return _STDLIB.get(path) or _imported(path, ("dspy",))
+        return _well_known(path)
 
     def knows(self, cls: type) -> bool:
         """Whether ``cls`` itself is among the classes found here (not only another class of its path)."""
@@ -501,6 +504,12 @@ _STDLIB = {class_path(cls): cls for cls in (collections.Counter, collections.Ord
 _FACTORIES = {class_path(cls): cls for cls in (list, dict, set, int, float, str, tuple, frozenset, bool,
                                               collections.Counter, collections.OrderedDict)}  # defaultdict(list)...:
 # a factory is called on a missing key, so only these plain types come from data, never a class it names
+
+
+def _well_known(path: str) -> type | None:
+    """The class at ``path`` that every side knows as itself: one of the stdlib's that travel (``_STDLIB``), or of
+    DSPy's, already imported."""
+    return _STDLIB.get(path) or _imported(path, ("dspy",))
 
 
 def _imported(path: str, packages: tuple[str, ...]) -> type | None:

@@ -120,8 +120,7 @@ class BatchRun(Handle):
         self._version = version  # of the defined module the batch is keyed by (wire.definition_version), or ""
         self.other_version = 0  # items a redefinition of the module computed while the batch ran: not journaled
         self.key = digest(program)
-        self._item_keys = ([digest(typed.without_tokens(item)) for item in self._items]  # journal rows
-                           if journal is not None else [])
+        self._item_keys = [digest(item) for item in self._items] if journal is not None else []  # journal rows
         self._shard_size = shard_size
         try:
             self._start(journal, f"{module} {signature}".strip())

@@ -103,18 +103,15 @@ def token(cls: type) -> str:
 
 
 def with_tokens(classes: Iterable[type]) -> list[tuple[type, str]]:
-    """``classes`` with their tokens, to travel with them (each gets one that has none yet)."""
-    return [(cls, token(cls)) for cls in classes]
+    """Those of ``classes`` that travel by value, with their tokens, to travel with them (each gets one that has none
+    yet)."""
+    return [(cls, token(cls)) for cls in classes if _by_value(cls)]
 
 
-def without_tokens(value: Any) -> Any:
-    """Encoded ``value`` without its classes' tokens, which differ from one kernel session to the next (what keys an
-    item in the journal, where a batch resumes in a later session too)."""
-    if isinstance(value, list):
-        return [without_tokens(v) for v in value]
-    if isinstance(value, dict):
-        return {k: without_tokens(v) for k, v in value.items() if k != ID or TAG not in value}
-    return value
+def _by_value(cls: type) -> bool:
+    """Whether ``cls`` travels by value: not its module's class at its path, which travels by reference and is the
+    same class on both sides (and needs no token, so its values' JSON is the same in a later session)."""
+    return cls.__module__ == "__main__" or _at(class_path(cls)) is not cls
 
 
 def remember(pairs: Iterable[tuple[type, str]]) -> None:
@@ -344,7 +341,7 @@ def _class(cls: type, ship: Shipment | None) -> dict[str, str]:
     path = class_path(cls)
     if ship is not None:
         ship.types.add(cls)
-        if _well_known(path) is not cls:  # one of the stdlib's or DSPy's is that class on both sides
+        if _by_value(cls):
             token(cls)
     mark = _TOKENS.get(cls)
     return {"class": path, **({ID: mark} if mark else {})}
@@ -485,7 +482,7 @@ class Resolver:
     def __call__(self, path: str) -> type | None:
         if path in self.known:
             return self.known[path]
-        return _well_known(path)
+        return _STDLIB.get(path) or _imported(path, ("dspy",))
 
     def knows(self, cls: type) -> bool:
         """Whether ``cls`` itself is among the classes found here (not only another class of its path)."""
@@ -506,17 +503,14 @@ _FACTORIES = {class_path(cls): cls for cls in (list, dict, set, int, float, str,
 # a factory is called on a missing key, so only these plain types come from data, never a class it names
 
 
-def _well_known(path: str) -> type | None:
-    """The class at ``path`` that every side knows as itself: one of the stdlib's that travel (``_STDLIB``), or of
-    DSPy's, already imported."""
-    return _STDLIB.get(path) or _imported(path, ("dspy",))
-
-
 def _imported(path: str, packages: tuple[str, ...]) -> type | None:
     """The class at ``path`` in a module of ``packages`` that is already imported (nothing is imported)."""
+    return _at(path) if path.partition(":")[0].partition(".")[0] in packages else None
+
+
+def _at(path: str) -> type | None:
+    """The class at ``path`` in a module already imported (nothing is imported)."""
     module_name, _, qualname = path.partition(":")
-    if module_name.partition(".")[0] not in packages:
-        return None
     obj: Any = sys.modules.get(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part, None) if obj is not None and part != "<locals>" else None

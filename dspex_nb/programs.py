@@ -81,7 +81,8 @@ class Shipped:
 
     @functools.cached_property
     def types(self) -> list[type]:
-        """Where two share a path (``dspy.Code["python"]`` makes a class per use), the last wins."""
+        """Where two share a path (``dspy.Code["python"]`` makes a class per use, a class defined again in a later
+        cell), a value's class is found by its token (``typed.token``), else the last wins."""
         return [*self.collected, *_referenced_types(self.program, self.pickled.modules)]
 
 
@@ -254,8 +255,8 @@ def ship(program: Any) -> Shipped:
                            "pickle,")
     sources = {name: linecache.cache[name][2] for name in collector.files
                if name in linecache.cache and len(linecache.cache[name]) == 4}
-    collector.dump({"program": program, "types": collector.types, "sources": sources,
-                    "names": list(collector.names.items())})
+    collector.dump({"program": program, "types": collector.types, "tokens": typed.with_tokens(collector.types),
+                    "sources": sources, "names": list(collector.names.items())})
     return Shipped(_key(collector), program, collector, collector.types)
 
 
@@ -523,12 +524,12 @@ def shipment(ship: typed.Shipment, resolver: typed.Resolver) -> tuple[str, typed
     classes that ``resolver``, the program's, does not know as themselves), as the ``shipped`` argument of
     ``run_module`` / ``batch_inference`` ("" when nothing must); and the resolver for the call's result,
     which knows those classes too (a program may return its inputs)."""
-    types = {cls for cls in ship.types if resolver(typed.class_path(cls)) is not cls}
+    types = {cls for cls in ship.types if not resolver.knows(cls)}
     if not types and not ship.objects:
         return "", resolver
-    payload = _by_value(typed.Shipment(types, ship.objects), "the inputs",
+    payload = _by_value(typed.Shipment(types, ship.objects, typed.with_tokens(types)), "the inputs",
                         " (code in them, e.g. a dspy.Tool's function, travels by value and must be picklable)")
-    return payload, typed.Resolver([*resolver.known.values(), *types])
+    return payload, typed.Resolver([*resolver.classes, *types])
 
 
 def as_program(obj: Any, cot: bool = False) -> Any:

@@ -19,10 +19,11 @@ sent as they are; every other value is a small tagged object ``{"__dspex__": kin
   type (``defaultdict(list)``); one that holds more than its items or value (attributes, slots, a factory that is
   code) has no faithful form (see ``opaque``): it would come back as the plain value;
 - an ``Enum`` member, a pydantic model (DSPy's own types included), a dataclass: sent with the class's
-  path (``module:qualname``) and rebuilt with the class that a *resolver* finds for that path on the
-  receiving side. Nothing is imported or unpickled to find it: see ``Resolver``. A pydantic model travels
-  as its state (what pydantic's own ``__getstate__`` holds: field values, fields set, extra and private
-  attributes) and is rebuilt as ``__setstate__`` does, without validating again, so it is the same model;
+  path (``module:qualname``), and its token where it travelled from the kernel (``token``: two classes may share
+  a path), and rebuilt with the class that a *resolver* finds for them on the receiving side. Nothing is imported
+  or unpickled to find it: see ``Resolver``. A pydantic model travels as its state (what pydantic's own
+  ``__getstate__`` holds: field values, fields set, extra and private attributes) and is rebuilt as
+  ``__setstate__`` does, without validating again, so it is the same model;
 - ``dspy.Prediction`` / ``dspy.Example`` (and their subclasses, by class path): their fields, the
   Example's input keys, the Prediction's completions and LM usage (``get_lm_usage()``);
 - in the kernel only, code (a function, a class, a ``dspy.Tool``'s function...) is put in a ``Shipment``
@@ -47,6 +48,7 @@ import sys
 import time
 import types
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any
@@ -88,6 +90,36 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+ID = "id"  # beside a value's class path: its class's token, where it has one
+_TOKENS: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
+
+
+def token(cls: type) -> str:
+    """The kernel's token of ``cls``: the class's identity, which its path is not (a class defined again in a later
+    cell has the path of the one a program's signature still names, and ``dspy.Code["python"]`` makes a class per
+    use). A class travels with its token (``with_tokens``), the worker ``remember``s it for the class it rebuilt, and a
+    value names its class by both, so that each side rebuilds it as the very class the other meant."""
+    return _TOKENS.setdefault(cls, uuid.uuid4().hex)
+
+
+def with_tokens(classes: Iterable[type]) -> list[tuple[type, str]]:
+    """Those of ``classes`` that travel by value, with their tokens, to travel with them (each gets one that has none
+    yet)."""
+    return [(cls, token(cls)) for cls in classes if _by_value(cls)]
+
+
+def _by_value(cls: type) -> bool:
+    """Whether ``cls`` travels by value: not its module's class at its path, which travels by reference and is the
+    same class on both sides (and needs no token, so its values' JSON is the same in a later session)."""
+    return cls.__module__ == "__main__" or _at(class_path(cls)) is not cls
+
+
+def remember(pairs: Iterable[tuple[type, str]]) -> None:
+    """On a worker: the tokens of the classes that came from the kernel (``with_tokens``)."""
+    for cls, mark in pairs:
+        _TOKENS[cls] = mark
+
+
 @dataclasses.dataclass
 class Shipment:
     """What a kernel's inputs send beside their typed JSON, by value: the classes of their values (so that the
@@ -95,6 +127,7 @@ class Shipment:
 
     types: set[type] = dataclasses.field(default_factory=set)
     objects: list[Any] = dataclasses.field(default_factory=list)
+    tokens: list[tuple[type, str]] = dataclasses.field(default_factory=list)  # of ``types`` (``with_tokens``)
 
 
 # -- encoding --------------------------------------------------------------------------------------
@@ -118,7 +151,7 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
     if isinstance(value, (list, dict, tuple)) and type(value) is not tuple:
         return _collection_json(value, ship)
     if isinstance(value, enum.Enum):
-        return {TAG: "enum", "class": _path(type(value), ship), "value": encode(value.value, ship)}
+        return {TAG: "enum", **_class(type(value), ship), "value": encode(value.value, ship)}
     if type(value) in (tuple, set, frozenset):
         kind = type(value).__name__
         return {TAG: kind, "items": [encode(v, ship) for v in _ordered(value, kind)]}
@@ -144,13 +177,13 @@ def encode(value: Any, ship: Shipment | None = None) -> Any:
                 **_signature_json(value)}
     if _is_pydantic(value):  # its state, as pydantic pickles it (see the module's docstring)
         state = value.__getstate__()  # a RootModel's has no extra or private values: it has none
-        return {TAG: "model", "class": _path(type(value), ship), "fields": encode(state["__dict__"], ship),
+        return {TAG: "model", **_class(type(value), ship), "fields": encode(state["__dict__"], ship),
                 "set": sorted(state["__pydantic_fields_set__"]),
                 "extra": encode(state.get("__pydantic_extra__"), ship),
                 "private": encode(state.get("__pydantic_private__"), ship)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         data = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return {TAG: "dataclass", "class": _path(type(value), ship), "fields": encode(data, ship)}
+        return {TAG: "dataclass", **_class(type(value), ship), "fields": encode(data, ship)}
     if isinstance(value, _pydantic_values()) and (text := _pydantic_json(value)) is not None:
         return {TAG: "pydantic", "class": class_path(type(value)), "json": text}  # HttpUrl...
     if ship is not None and callable(value):  # code: by value, as programs travel
@@ -181,7 +214,7 @@ def _scalar_json(value: str | int | float, ship: Shipment | None) -> dict[str, A
     base = next(cls for cls in (str, int, float) if isinstance(value, cls))
     if _own_state(value):
         return _opaque(value, _NOT_ITSELF.format(type(value).__name__, base.__name__, "value"))
-    return {TAG: base.__name__, "class": _path(type(value), ship), "value": _AS_BASE[base](value)}
+    return {TAG: base.__name__, **_class(type(value), ship), "value": _AS_BASE[base](value)}
 
 
 def _what_instead(value: Any) -> str:
@@ -217,7 +250,7 @@ def _collection_json(value: list[Any] | dict[Any, Any] | tuple[Any, ...], ship: 
         return _opaque(value, _NOT_ITSELF.format(type(value).__name__, base, "items"))
     items = [encode(v, ship) for v in value] if base != "dict" else \
         [[encode(k, ship), encode(v, ship)] for k, v in value.items()]  # type: ignore[union-attr]
-    made = {TAG: base, "class": _path(type(value), ship), "items": items}
+    made = {TAG: base, **_class(type(value), ship), "items": items}
     if _struct_sequence(type(value)):
         return _struct_json(value, made, ship)
     return made if factory is None else {**made, "factory": class_path(factory)}
@@ -302,11 +335,16 @@ def _pydantic_json(value: Any) -> str | None:
         return None
 
 
-def _path(cls: type, ship: Shipment | None) -> str:
-    """``cls``'s path, with ``cls`` noted in ``ship`` so that it travels too."""
+def _class(cls: type, ship: Shipment | None) -> dict[str, str]:
+    """How a value names its class: by its path and, where it has one, its token (``token``); in the kernel
+    (``ship``), ``cls`` is noted there so that it travels too, with a token of its own."""
+    path = class_path(cls)
     if ship is not None:
         ship.types.add(cls)
-    return class_path(cls)
+        if _by_value(cls):
+            token(cls)
+    mark = _TOKENS.get(cls)
+    return {"class": path, **({ID: mark} if mark else {})}
 
 
 _EXAMPLE_STATE = {"_store", "_demos", "_input_keys", "_completions", "_lm_usage"}
@@ -317,7 +355,7 @@ def _example_json(value: Any, dspy: Any, ship: Shipment | None) -> dict[str, Any
     kind = "prediction" if isinstance(value, dspy.Prediction) else "example"
     out: dict[str, Any] = {TAG: kind, "fields": {k: encode(v, ship) for k, v in value.items()}}
     if type(value) not in (dspy.Prediction, dspy.Example):
-        out["class"] = _path(type(value), ship)
+        out.update(_class(type(value), ship))
         if attrs := {k: v for k, v in vars(value).items() if k not in _EXAMPLE_STATE}:
             out["attrs"] = encode(attrs, ship)
     if kind == "example" and value._input_keys is not None:
@@ -434,15 +472,26 @@ class Resolver:
 
     def __init__(self, known: Iterable[type] = (), objects: Sequence[Any] = ()) -> None:
         dspy = sys.modules.get("dspy")
-        self.known = {path: cls for cls in known for path in (
+        self.classes = list(dict.fromkeys(known))  # all of them: two may share a path
+        self.known = {path: cls for cls in self.classes for path in (
             (class_path(cls), signature_path(cls)) if dspy is not None and issubclass(cls, dspy.Signature)
             else (class_path(cls),))}
+        self.tokens = {mark: cls for cls in self.classes if (mark := _TOKENS.get(cls))}
         self.objects = objects
 
     def __call__(self, path: str) -> type | None:
         if path in self.known:
             return self.known[path]
         return _STDLIB.get(path) or _imported(path, ("dspy",))
+
+    def knows(self, cls: type) -> bool:
+        """Whether ``cls`` itself is among the classes found here (not only another class of its path)."""
+        return self(class_path(cls)) is cls or any(known is cls for known in self.classes)
+
+    def by_token(self, value: dict[str, Any]) -> type | None:
+        """The class a value names by its token (see ``token``), where it is one of these and has the value's path."""
+        cls = self.tokens.get(value.get(ID))  # type: ignore[arg-type]
+        return cls if cls is not None and class_path(cls) == value["class"] else None
 
 
 _STRUCTS = (time.struct_time, os.stat_result, os.statvfs_result, os.terminal_size, os.times_result, os.uname_result)
@@ -456,9 +505,12 @@ _FACTORIES = {class_path(cls): cls for cls in (list, dict, set, int, float, str,
 
 def _imported(path: str, packages: tuple[str, ...]) -> type | None:
     """The class at ``path`` in a module of ``packages`` that is already imported (nothing is imported)."""
+    return _at(path) if path.partition(":")[0].partition(".")[0] in packages else None
+
+
+def _at(path: str) -> type | None:
+    """The class at ``path`` in a module already imported (nothing is imported)."""
     module_name, _, qualname = path.partition(":")
-    if module_name.partition(".")[0] not in packages:
-        return None
     obj: Any = sys.modules.get(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part, None) if obj is not None and part != "<locals>" else None
@@ -511,7 +563,8 @@ def portable_kind(cls: type) -> str | None:
 
 
 def _cls(value: dict[str, Any], resolve: Callable[[str], type | None], where: str) -> type:
-    cls = resolve(value["class"])
+    by_token = getattr(resolve, "by_token", None)
+    cls = (by_token(value) if by_token is not None else None) or resolve(value["class"])
     if cls is not None and portable_kind(cls) != value[TAG]:
         raise NotPortable(f"{where}: {value['class']} is not a{'n' * (value[TAG] == 'enum')} {value[TAG]} class", value)
     if cls is None:

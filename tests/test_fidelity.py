@@ -2669,3 +2669,68 @@ def test_an_lm_whose_change_cannot_come_back_keeps_its_answer_and_is_refused_nex
             pool.run(program, question=question)
 
 
+
+
+def test_a_class_defined_again_in_a_later_cell_leaves_the_programs_values_of_its_own_class(
+        shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # the class cell run again after the program's: the signature still names the first Item9, which DSPy parses
+    # its output as, while the pool's output came back as the second (the one of that path the kernel saw last)
+    program, _ = define(shell, '''
+class Item9(BaseModel):
+    name: str
+
+class Use9(dspy.Signature):
+    item: Item9 = dspy.InputField()
+    out: Item9 = dspy.OutputField()
+
+program = dspy.Predict(Use9)
+''')
+    shell.run_cell("class Item9(BaseModel):\n    name: str").raise_error()
+    old, new = shell.user_ns["Use9"].output_fields["out"].annotation, shell.user_ns["Item9"]
+    assert old is not new
+    inputs = {"item": new(name="new")}
+    devset = [dspy.Example(**inputs).with_inputs("item")]
+    with dspy.context(lm=demo_lm):
+        expected = program(**inputs)
+        score = dspy.Evaluate(devset=devset, metric=lambda example, pred, trace=None: type(pred.out) is old)(program)
+    assert type(expected.out) is old and score.score == 100
+    assert_same(expected, pool.run(program, **inputs), "run")
+    assert_same(expected, pool.run_stream(program, **inputs).result(60), "run_stream")
+    assert_same([expected, expected], pool.map(program, [inputs, inputs], journal=False).result(60), "map")
+    assert pool.evaluate(program, devset, lambda example, pred, trace=None: type(pred.out) is old,
+                         journal=False).score == 100
+    returned = program_returning_its_inputs(shell)  # each input comes back as the class it was sent as
+    assert_same({"a": inputs["item"], "b": old(name="old")},
+                pool.run(returned, a=inputs["item"], b=old(name="old")), "inputs of two classes of one path")
+
+
+def program_returning_its_inputs(shell: InteractiveShell) -> Any:
+    shell.run_cell("def echo9(a, b):\n    return {'a': a, 'b': b}").raise_error()
+    return shell.user_ns["echo9"]
+
+
+def test_a_signature_with_two_classes_of_one_path_gives_each_field_its_own(shell: InteractiveShell, pool: Pool,
+                                                                          demo_lm: dspy.LM) -> None:
+    # was: NotPortable "the state of a Shadow has names it does not declare" (both read as the last Shadow)
+    program, _ = define(shell, '''
+class Shadow(BaseModel):
+    old: str
+
+OldShadow = Shadow
+
+class Shadow(BaseModel):
+    new: int
+
+class Both(dspy.Signature):
+    first: OldShadow = dspy.InputField()
+    second: Shadow = dspy.OutputField()
+    third: OldShadow = dspy.OutputField()
+
+program = dspy.Predict(Both)
+''')
+    inputs = {"first": shell.user_ns["OldShadow"](old="x")}
+    with dspy.context(lm=demo_lm):
+        expected = program(**inputs)
+    assert type(expected.second) is shell.user_ns["Shadow"] and type(expected.third) is shell.user_ns["OldShadow"]
+    assert_same(expected, pool.run(program, **inputs), "run")
+    assert_same([expected], pool.map(program, [inputs], journal=False).result(60), "map")

@@ -546,6 +546,28 @@ class Emotion(dspy.Signature):
     assert sh.ns["OUT"] == [kernel_run(dspy.Predict(sh.ns["Emotion"]), sentence=s) for s in sh.ns["feelings"]]
 
 
+def test_predict_and_batch_of_a_signature_whose_class_cell_ran_again_give_the_class_it_names(sh: Shell) -> None:
+    # was: the output came back as the class the cell made the second time, not the one the signature names
+    sh('''
+import dspy
+from pydantic import BaseModel
+
+class Item16(BaseModel):
+    name: str
+
+class Use16(dspy.Signature):
+    item: Item16 = dspy.InputField()
+    out: Item16 = dspy.OutputField()
+''')
+    sh("class Item16(BaseModel):\n    name: str\n\nnew16 = Item16(name='new')\nitems16 = [{'item': new16}]")
+    named = sh.ns["Use16"].output_fields["out"].annotation
+    assert named is not sh.ns["Item16"]
+    sh("%%dspex predict Use16 -o r\n{new16}")
+    assert type(sh.ns["r"].out) is named
+    sh("%dspex batch Use16 --items items16 --no-journal -o OUT")
+    assert type(sh.ns["OUT"][0].out) is named
+
+
 def test_a_signature_string_naming_kernel_types_works_as_in_a_cell(sh: Shell) -> None:
     sh('''
 import dspy

@@ -10,6 +10,7 @@ says why, unless DSPEX_REQUIRE_RAY=1 (set by .ci/run, which installs it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import TWO_STEP, pid_alive, wait_until
@@ -649,6 +651,27 @@ def test_a_call_inside_dspy_context_runs_on_its_lm_on_an_actor(pool: Pool) -> No
     with dspy.context(lm=demo_lm(answer_tokens=2)):  # the pool's LM is demo_lm(): this one answers shorter
         expected = qa(question="Which LM?")
         assert pool.run(qa, question="Which LM?").answer == expected.answer
+
+
+def _item_class() -> type:
+    @dataclasses.dataclass
+    class Item:
+        name: str
+
+    return Item
+
+
+def test_two_classes_of_one_path_come_back_each_as_itself_from_an_actor(pool: Pool) -> None:
+    # as a class cell run again: a value came back as the class of its path the kernel had seen last
+    old, new = _item_class(), _item_class()
+
+    def program(item: Any) -> dict[str, Any]:
+        return {"item": item, "made": old(name="made")}
+
+    for call in (pool.run, lambda p, **kw: pool.run_stream(p, **kw).result(60),
+                 lambda p, **kw: pool.map(p, [kw], journal=False).result(60)[0]):
+        got = call(program, item=new(name="sent"))
+        assert (type(got["item"]), type(got["made"])) == (new, old)
 
 
 UNPARSABLE_ADDRESS = """

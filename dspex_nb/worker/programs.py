@@ -308,6 +308,7 @@ def from_pickle(name: str, payload: str) -> Program:
         for _, predictor in program.named_predictors():
             if isinstance(lm := getattr(predictor, "lm", None), dspy.BaseLM):
                 register_key(lm)
+    typed.remember(shipped.get("tokens", ()))  # before its types are found: a Resolver finds them by their tokens
     made = make(name, program, set(shipped.get("types", ())))
     if streamified(program):
         # a dspy.streamify'd program: its listeners keep each stream's state (one without allow_reuse streams once),
@@ -526,7 +527,9 @@ def _last_of(data: bytes) -> Any:
 
 def load_shipment(tool_name: str, payload: str) -> typed.Shipment:
     """The classes and code that came by value with a call's inputs (``programs.shipment`` in the kernel)."""
-    return _loaded(tool_name, payload, "the inputs' classes and code")
+    shipment = _loaded(tool_name, payload, "the inputs' classes and code")
+    typed.remember(shipment.tokens)
+    return shipment
 
 
 def _loaded(tool_name: str, payload: str, what: str) -> Any:

@@ -283,3 +283,24 @@ def test_an_item_does_not_walk_the_lm_history_its_module_instance_keeps(pool: Po
     batch = pool.map(program, [f"question {i}?" for i in range(8)], concurrency=1, journal=False)
     results = [*batch.result(60), pool.run(program, question="question?"), pool.run(program, question="again?")]
     assert [r.walks for r in results] == [0] * 10
+
+
+def test_a_cancelled_batch_call_counts_the_tokens_of_the_items_that_came_back(pool: Pool) -> None:
+    """Was: the pool took a call's LM tokens from its final result only, which a cancelled call never sends, so
+    ``pool.stats()`` and ``%dspex status`` said 0 tokens for a batch stopped after items that used hundreds."""
+    from dspex_nb import typed
+
+    def used() -> tuple[int, int]:
+        row = pool.stats()["tools"].get("batch_inference", {})
+        return row.get("tokens_in", 0), row.get("tokens_out", 0)
+
+    before = used()
+    run = pool.execute_stream("batch_inference", {"signature": "question -> answer", "concurrency": 1,
+                                                  "batch_items": [{"question": f"tokens {i}?"} for i in range(3000)]})
+    wait_until(lambda: run.items >= 3, what="a few items")
+    run.cancel()
+    assert run.status == "cancelled"
+    items = [chunk["result"] for chunk in run.chunks if chunk.kind == "item" and chunk["ok"]]
+    spent = (sum(typed.tokens(r)[0] for r in items), sum(typed.tokens(r)[1] for r in items))
+    assert spent[0] > 0 and run.tokens == spent
+    wait_until(lambda: used() == (before[0] + spent[0], before[1] + spent[1]), what="the call's tokens in the stats")

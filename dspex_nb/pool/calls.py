@@ -426,6 +426,8 @@ class Run(Handle):
         self.keep_chunks = keep_chunks
         self.dropped = 0  # chunks no longer in ``chunks`` (the oldest, beyond keep_chunks)
         self.items = 0  # "item" chunks (batch items) received
+        self._items_used: tuple[int, int, float | None] = (0, 0, None)  # their LM tokens in and out, and cost: what a
+        # call that ends without its final result (cancelled, failed) used, which that result would have said
         self._source = source  # the transport's chunks (a gRPC stream, a Ray generator), errors translated
         self._on_chunk = on_chunk
         self.watched = on_chunk is not None
@@ -507,7 +509,10 @@ class Run(Handle):
         """Keep the chunks of one message (one lock, one wake-up); note the final result or error."""
         if self.first_chunk_at is None:
             self.first_chunk_at = time.monotonic()
-        self.items += sum(chunk.kind == "item" for chunk in chunks)
+        for chunk in chunks:
+            if chunk.kind == "item":
+                self.items += 1
+                self._count_item(chunk.data.get("result") if chunk.data.get("ok") else None)
         show_output((chunk.data["stream"], chunk.data["text"]) for chunk in chunks if chunk.kind == "output")
         last = chunks[-1]
         if last.kind == "final":
@@ -522,6 +527,14 @@ class Run(Handle):
                 del self.chunks[:drop]
                 self.dropped += drop
             self._cond.notify_all()
+
+    def _count_item(self, result: Any) -> None:
+        tokens_in, tokens_out, cost = self._items_used
+        item_in, item_out = typed.tokens(result)
+        item_cost = typed.cost(result)
+        if item_cost is not None:
+            cost = (cost or 0.0) + item_cost
+        self._items_used = (tokens_in + item_in, tokens_out + item_out, cost)
 
     @property
     def received(self) -> int:
@@ -564,13 +577,15 @@ class Run(Handle):
 
     @property
     def tokens(self) -> tuple[int, int]:
-        """LM (prompt, completion) tokens the call used, once it has finished (0, 0 before, or without LM)."""
-        return typed.tokens(self._final)
+        """LM (prompt, completion) tokens the call used, once it has finished (0, 0 before, or without LM); for one
+        that ended without its final result (a cancelled batch), those of the items that came back."""
+        return typed.tokens(self._final) if self._final is not None else self._items_used[:2]
 
     @property
     def cost(self) -> float | None:
-        """USD cost of the call's LM calls, once it has finished; None where no LM reported one."""
-        return typed.cost(self._final)
+        """USD cost of the call's LM calls, once it has finished; None where no LM reported one (as ``tokens`` for a
+        call that ended without its final result)."""
+        return typed.cost(self._final) if self._final is not None else self._items_used[2]
 
     @property
     def cached(self) -> tuple[int, int]:

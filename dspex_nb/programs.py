@@ -72,12 +72,13 @@ class Shipped:
     key: str
     program: Any
     pickled: _Pickler
+    modules: dict[str, str]  # the digests of the user's modules it names (``code_digest``), in its key and payload
     collected: list[type]  # the classes the pickle holds by value
 
     @functools.cached_property
     def payload(self) -> str:
         """Made only where the program is installed: a call of one the workers have needs only its key."""
-        return _payload(self.pickled)
+        return _payload(self.pickled, self.modules)
 
     @functools.cached_property
     def types(self) -> list[type]:
@@ -257,7 +258,8 @@ def ship(program: Any) -> Shipped:
                if name in linecache.cache and len(linecache.cache[name]) == 4}
     collector.dump({"program": program, "types": collector.types, "tokens": typed.with_tokens(collector.types),
                     "sources": sources, "names": list(collector.names.items())})
-    return Shipped(_key(collector), program, collector, collector.types)
+    modules = code_digest.digests(collector.modules)
+    return Shipped(_key(collector, modules), program, collector, modules, collector.types)
 
 
 _PART_DEPTH = 12  # levels of attributes, items and closure variables searched for the part that cannot be pickled
@@ -334,22 +336,22 @@ def _referenced_types(program: Any, modules: set[str]) -> list[type]:
     return found
 
 
-def _payload(pickler: _Pickler) -> str:
+def _payload(pickler: _Pickler, modules: dict[str, str]) -> str:
     """What ``pickler`` pickled, for the workers (base64, as a call's argument).
 
     Beside the pickle go the kernel's import path, so that a module it names by reference is imported
     there from where the kernel imports it (such as a folder the notebook added to ``sys.path``, or the
-    directory it ``%cd``-ed to), and the digests of the user's modules among those (``code_digest``), so that
-    a worker runs their code as the kernel has it now; an edited module makes another key (``_key``)."""
+    directory it ``%cd``-ed to), and the digests of the user's modules among those (``modules``: ``code_digest``),
+    so that a worker runs their code as the kernel has it now; an edited module makes another key (``_key``)."""
     path = list(dict.fromkeys(os.path.abspath(entry or os.curdir) for entry in sys.path if isinstance(entry, str)))
-    data = (path, code_digest.digests(pickler.modules), pickler.buffer.getvalue())
+    data = (path, modules, pickler.buffer.getvalue())
     return base64.b64encode(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)).decode()
 
 
-def _key(pickler: _Pickler) -> str:
-    """The digest of what ``pickler`` pickled and of the user's modules it names (``_payload``)."""
+def _key(pickler: _Pickler, modules: dict[str, str]) -> str:
+    """The digest of what ``pickler`` pickled and of the digests of the user's modules it names (``_payload``)."""
     digest = hashlib.sha256(pickler.buffer.getbuffer())
-    digest.update(json.dumps(code_digest.digests(pickler.modules)).encode())
+    digest.update(json.dumps(modules).encode())
     return digest.hexdigest()
 
 
@@ -516,7 +518,7 @@ def _by_value(value: Any, what: str, hint: str = "") -> str:
     except Exception as exc:
         raise NotSent("run", type(exc).__name__,
                       f"{what} cannot be sent to the workers: {type(exc).__name__}: {exc}{hint}") from None
-    return _payload(pickler)
+    return _payload(pickler, code_digest.digests(pickler.modules))
 
 
 def shipment(ship: typed.Shipment, resolver: typed.Resolver) -> tuple[str, typed.Resolver]:

@@ -455,7 +455,7 @@ class WorkerPool(Supervision):
         done: list[str] = []
         try:
             for worker in list(self.workers):
-                info = self._define_in(worker.id, name, definition)
+                info = self._define_in(worker.id, f"the definition of '{name}'", definition["tool"], definition["args"])
                 done.append(worker.id)
         except BaseException:
             if previous is None:
@@ -468,18 +468,19 @@ class WorkerPool(Supervision):
         self.definitions[name] = {**definition, **info, **keep}
         return info
 
-    def _define_in(self, slot: str, name: str, definition: dict[str, Any]) -> dict[str, Any]:
-        """Run ``definition`` on the worker of ``slot``. Where that worker dies or hangs meanwhile (a program of
-        another call stopped it), its replacement replays every definition, this one too, as it starts: once it is
-        ready, the definition goes on there. Where the replacement could not start with it either (a definition
-        that ends every worker it reaches), the first worker's death is the error."""
-        tool, args = definition["tool"], definition["args"]
+    def _define_in(self, slot: str, what: str, tool: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Call ``tool`` (a definition, the LM: what every worker replays or is given as it starts) on the worker of
+        ``slot``. Where that worker dies or hangs meanwhile (a program of another call stopped it), its replacement
+        starts with ``what`` (the pool's definitions and LM): once it is ready, the call goes on there. Where the
+        replacement could not start with it either (a definition that ends every worker it reaches), the first
+        worker's death is the error."""
         try:
             return self.execute(tool, args, worker=slot)
         except WorkerDied as died:
             if not self._slot_ready(slot, self.start_timeout):
-                add_note(died, f"its replacement did not start with '{name}' defined either: the definition itself "
-                               f"ends the worker it runs on; {self._states()}")
+                why = next((w.last_error for w in self.workers if w.id == slot and w.state == FAILED), "")
+                add_note(died, f"its replacement did not start with {what} either: {what} itself ends the worker "
+                               f"it runs on; {why or self._states()}")
                 raise
         return self.execute(tool, args, worker=slot)
 
@@ -531,16 +532,21 @@ class WorkerPool(Supervision):
         return self.describe()["tools"]
 
     def configure_lm(self, model: str, **kwargs: Any) -> None:
-        """Switch every worker (and any started later) to ``model`` ("demo" or a dspy.LM model string)."""
+        """Switch every worker (and any started later) to ``model`` ("demo" or a dspy.LM model string). A worker that
+        dies or hangs meanwhile is replaced by one that starts with it; where a worker refuses it (bad settings), the
+        workers that took it go back to the previous LM."""
         kwargs = settings.Checker("configure_lm").lm_kwargs(kwargs, model=model)
         previous = self.lm, self.lm_kwargs
         redact.register(kwargs)
         self.lm, self.lm_kwargs = model, kwargs  # first: a worker starting now starts with it
+        done: list[str] = []
         try:
             for worker in list(self.workers):
-                self.execute("configure_lm", {"model": model, "kwargs": kwargs}, worker=worker.id)
+                self._define_in(worker.id, f"the LM {model!r}", "configure_lm", {"model": model, "kwargs": kwargs})
+                done.append(worker.id)
         except BaseException:
             self.lm, self.lm_kwargs = previous
+            self._try_on(done, "configure_lm", {"model": previous[0], "kwargs": previous[1]})
             raise
 
     def kill_worker(self, worker: str, signal_number: int) -> int:

@@ -1,5 +1,5 @@
-"""A definition sent while a worker is hung or dead goes on on its replacement; one that ends every worker it reaches
-fails once, with its own reason."""
+"""A definition or an LM switch sent while a worker is hung or dead goes on on its replacement; one that ends every
+worker it reaches fails once, with its own reason."""
 
 from __future__ import annotations
 
@@ -67,7 +67,27 @@ def test_a_definition_that_ends_every_worker_fails_once_with_its_reason(watched:
     pool = _pool(watched, 2)
     with pytest.raises(WorkerDied, match=r"w0 \(pid \d+\) died \(exit code 3\)") as caught:
         pool.define("Boom", "import os\nos._exit(3)\n")
-    assert "the definition itself ends the worker" in "\n".join(caught.value.__notes__)
+    assert "the definition of 'Boom' itself ends the worker" in "\n".join(caught.value.__notes__)
     assert "Boom" not in pool.definitions
     assert pool.status()[1]["restarts"] == 0  # it went no further than the first worker (and its replacement)
     wait_until(lambda: pool.status()[0]["state"] == "ready", what="w0 to be restarted without the definition")
+
+
+def test_a_hung_worker_of_two_does_not_fail_an_lm_switch(watched: list[Pool]) -> None:
+    pool = _pool(watched, 2)
+    pool.kill_worker("w1", signal.SIGSTOP)
+    pool.configure_lm("demo", answer_tokens=3)  # was: WorkerDied ... stopped answering pings, and w0 alone switched
+    switched = {"model": "demo", "kwargs": {"answer_tokens": 3}}
+    assert [pool.describe(worker=w)["lm"] for w in ("w0", "w1")] == [switched, switched]
+    assert [row["restarts"] for row in pool.status()] == [0, 1]
+
+
+def test_a_bad_lm_fails_with_its_reason_and_switches_no_worker(watched: list[Pool]) -> None:
+    pool = _pool(watched, 2)
+    pool.kill_worker("w0", signal.SIGSTOP)  # the bad LM reaches the replacement of w0 first, as it starts
+    with pytest.raises(WorkerDied) as caught:
+        pool.configure_lm("openai/o1", temperature=0.5)  # DSPy refuses this temperature for a reasoning model
+    assert "LMConfigurationError: [openai/o1] OpenAI's reasoning models require" in "\n".join(caught.value.__notes__)
+    assert pool.lm == "demo"
+    wait_until(lambda: pool.status()[0]["state"] == "ready", timeout=30, what="w0 to be restarted on the demo LM")
+    assert [pool.describe(worker=w)["lm"]["model"] for w in ("w0", "w1")] == ["demo", "demo"]

@@ -105,6 +105,15 @@ def test_predict_unary_gives_typed_fields(pool: Pool) -> None:
     assert isinstance(out["score"], float)
 
 
+def test_the_keys_a_raw_predict_result_carries_beside_its_fields_are_documented(pool: Pool) -> None:
+    """Was: a raw result had __dspex_signature__ beside its fields, which the README's API section did not name."""
+    out = pool.execute("predict", {"signature": "question -> answer", "inputs": {"question": "keys?"}})
+    ours = {key for key in out if key.startswith("__dspex")}
+    assert {"__dspex_signature__", "__dspex_usage__"} <= ours
+    api = (Path(__file__).parents[1] / "README.md").read_text().split("## API", 1)[1].split("\n## ", 1)[0]
+    assert [key for key in sorted(ours) if f"`{key}`" not in api] == []
+
+
 def test_predict_is_deterministic_on_the_demo_lm(pool: Pool) -> None:
     args = {"signature": "question -> answer", "inputs": {"question": "same?"}}
     assert pool.execute("predict", args, worker="w0") == pool.execute("predict", args, worker="w1")

@@ -61,27 +61,31 @@ def process_state(pid: int) -> str | None:
     return fields[0] if fields else None
 
 
-def process_group(pid: int) -> int | None:
-    """The process group of ``pid``, or None if it is gone."""
-    fields = _stat(pid)
-    return int(fields[2]) if fields else None
-
-
 def start_time(pid: int) -> str | None:
     """The start time of ``pid`` (to tell a reused pid apart), or None if it is gone or a zombie."""
     fields = _stat(pid)
     return None if not fields or fields[0] == "Z" else fields[19]
 
 
+def processes(uid: int | None = None) -> dict[int, list[str]]:
+    """The fields of ``/proc/PID/stat`` (state, parent, process group... as ``_stat`` reads them) of every process, or
+    of those of ``uid``, by pid: one scan of /proc. Without /proc, none."""
+    found: dict[int, list[str]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or (fields := _stat(int(entry.name))) is None:
+                continue
+            with contextlib.suppress(OSError):  # it ended meanwhile
+                if uid is None or entry.stat().st_uid == uid:
+                    found[int(entry.name)] = fields
+    return found
+
+
 def started_by(pid: int) -> list[int]:
     """The live processes that ``pid`` started, and those they started in turn (also in a session of their own, as
     ``subprocess.Popen(..., start_new_session=True)`` makes), with the members of the process group it leads (one
     whose parent ended meanwhile): what must end with it. Without /proc, none."""
-    stats: dict[int, list[str]] = {}
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit() and (fields := _stat(int(entry.name))) and fields[0] != "Z":
-                stats[int(entry.name)] = fields
+    stats = {child: fields for child, fields in processes().items() if fields[0] != "Z"}
     children: dict[int, list[int]] = {}
     for child, fields in stats.items():
         children.setdefault(int(fields[1]), []).append(child)
@@ -94,6 +98,18 @@ def started_by(pid: int) -> list[int]:
                 todo.append(child)
     found.discard(pid)
     return sorted(found)
+
+
+def started_any() -> bool:
+    """Whether this process ever started a child: one still there (a zombie too) in its threads' lists of children,
+    or one it waited for, whose page faults ``/proc/self/stat`` adds up (``cminflt``: no process runs without
+    some). True where /proc cannot tell."""
+    try:
+        if int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[8]):
+            return True
+        return any(Path(task.path, "children").read_text().strip() for task in os.scandir("/proc/self/task"))
+    except (OSError, IndexError, ValueError):
+        return True
 
 
 def kernel_spec() -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from dspex_nb import deps, redact
 from dspex_nb.errors import WorkerStartError
-from dspex_nb.wire import KERNEL_ENV, kernel_spec, process_group, start_time, started_by
+from dspex_nb.wire import KERNEL_ENV, kernel_spec, processes, start_time, started_by
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 LOG_LIMIT = 8 * 2**20  # bytes a worker's log may reach before the pool cuts it to its end (its last LOG_KEEP)
@@ -262,15 +262,7 @@ def end_started(started: dict[int, str | None]) -> None:
 
 def group_members(group: int) -> list[int]:
     """The pids of this user's processes in process group ``group`` (from /proc; none where it cannot be read)."""
-    members = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or process_group(int(entry.name)) != group:
-                continue
-            with contextlib.suppress(OSError):  # it ended meanwhile
-                if entry.stat().st_uid == os.getuid():
-                    members.append(int(entry.name))
-    return members
+    return [pid for pid, fields in processes(os.getuid()).items() if int(fields[2]) == group]
 
 
 def interpreter(python: str | None) -> str:

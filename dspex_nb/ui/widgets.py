@@ -271,8 +271,10 @@ MUTED = "opacity:0.75;font-size:0.9em"
 class BatchDashboard(View):
     """Progress bar, counts, items/s, ETA, per-worker activity, latest results and errors, Stop."""
 
+    work: BatchRun
+
     def __init__(self, batch: BatchRun, title: str) -> None:
-        self.batch = self.work = batch
+        self.work = batch
         self.plain = f"<dspex batch: {title}, {count(batch.total, 'item')}>"
         self.bar = w.IntProgress(value=0, min=0, max=max(batch.total, 1), bar_style="info", description="0%",
                                  style={"description_width": "3.5em"}, layout={"width": "60%"})
@@ -290,7 +292,7 @@ class BatchDashboard(View):
                                self.latest, self.error_box])
 
     def refresh(self) -> bool:
-        batch = self.batch
+        batch = self.work
         done = batch.done  # read before the snapshot, so the last refresh always shows the final counts
         snap = batch.snapshot()
         style = _bar_style(snap)
@@ -319,13 +321,13 @@ class BatchDashboard(View):
         """The rows of the items that arrived last, newest first. Each item's row is made once, as it arrives among
         them: its output is decoded as the program's value for it once, not at every tick while it is shown (an
         item of 800 KB took the pump 12 ms a tick, eight rows 95 ms of every 100)."""
-        batch = self.batch
+        batch = self.work
         self._rows = {index: self._rows.get(index) or _latest_row(batch.records[index], batch.decode)  # type: ignore
                       for index in reversed(batch.arrived[-LATEST_ROWS:])}
         return list(self._rows.values())
 
     def static(self) -> dict[str, str]:
-        snap = self.batch.snapshot()
+        snap = self.work.snapshot()
         summary = progress.batch_summary(snap)
         total = max(snap["total"], 1)
         cancelled = snap["total"] - snap["ok"] - snap["failed"]
@@ -333,7 +335,7 @@ class BatchDashboard(View):
                       f"background:{color};height:100%'></div>"
                       for kind, n, color in (("ok", snap["ok"], "#2e7d32"), ("failed", snap["failed"], "#c62828"),
                                              ("cancelled", cancelled, "#9e9e9e")) if n)
-        groups = progress.error_groups(self.batch.records, sorted(self.batch.failures))
+        groups = progress.error_groups(self.work.records, sorted(self.work.failures))
         errors = "".join(f"<li>{_cell(line, 300)}</li>" for line in progress.error_lines(groups, 50))
         details = (f"<details><summary>{_errors_title(groups)}</summary><ul style='max-height:16em;overflow-y:auto'>"
                    f"{errors}</ul></details>" if groups else "")

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from dspex_nb._proto import bridge_pb2_grpc
-from dspex_nb.wire import KERNEL_ENV, health_address, kernel_gone, message_options, started_by
+from dspex_nb.wire import KERNEL_ENV, health_address, kernel_gone, message_options, started_any, started_by
 from dspex_nb.worker import dspy_tools, tools  # noqa: F401  (importing registers the tools)
 from dspex_nb.worker.limits import LimitLMCalls, RateLimiter
 from dspex_nb.worker.server import Bridge
@@ -30,8 +30,11 @@ def end_started_processes() -> None:
     """End the processes that programs on this worker started (a ``subprocess``, a ``multiprocessing`` pool, DSPy's
     ``PythonInterpreter``), so that none outlives the worker (``started_by``: also those in a session of their own):
     SIGTERM, then SIGKILL for those still there after ``END_GRACE`` seconds (one that ignores SIGTERM, as a shell
-    script's ``trap '' TERM``). Within the pool's own grace for a worker's end (``ProcessHandle.kill``)."""
+    script's ``trap '' TERM``). Within the pool's own grace for a worker's end (``ProcessHandle.kill``). A worker
+    that never started a process (``started_any``) does not scan /proc for them."""
     with contextlib.suppress(Exception):  # nothing here may keep the worker from exiting
+        if not started_any():
+            return
         me = os.getpid()
         _signal_each(started_by(me), signal.SIGTERM)
         deadline = time.monotonic() + END_GRACE

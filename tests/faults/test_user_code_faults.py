@@ -572,6 +572,25 @@ def test_a_pool_whose_workers_end_on_sigterm_scans_no_process_table_as_it_stops(
         _end(started)
 
 
+STARTED_ANY = """import subprocess
+from dspex_nb.wire import started_any
+
+def started(start):
+    if start:
+        subprocess.run(["true"], check=True)  # a process it started, and waited for: gone
+    return started_any()
+"""
+
+
+def test_a_worker_scans_for_the_processes_of_its_programs_only_where_one_started_a_process() -> None:
+    """Was: every worker scanned /proc once as it exited, also where no program of its had started anything."""
+    with Pool(workers=1, journal=False) as pool:
+        pool.define("started", STARTED_ANY)
+        assert pool.run("started", start=False) is False  # the worker itself starts none: it would skip the scan
+        assert pool.run("started", start=True) is True
+        assert pool.run("started", start=False) is True
+
+
 CLOSES_ITS_OUTPUT = """import sys
 
 def closes_its_output(question):

@@ -624,12 +624,12 @@ class _Shard:
 
 
 def outputs(record: dict[str, Any]) -> dict[str, Any]:
-    """A tool-level item's output fields (its LM usage and cost stay in its record), or its error."""
+    """A tool-level item's output fields (its LM usage, cost and further completions stay in its record), or its
+    error."""
     if record["ok"]:
         result = record["result"]
         if isinstance(result, dict):
-            return {k: v for k, v in result.items()
-                    if k not in (typed.USAGE, typed.LM_USAGE, typed.COST, typed.TRACE, typed.CACHED, typed.SIGNATURE)}
+            return {k: v for k, v in result.items() if k not in typed.RESERVED}
         return result
     return {"error": error_line(record)}
 

@@ -204,6 +204,13 @@ def test_defined_module_in_a_batch(pool: Pool) -> None:
     assert [o["answer"].split(":")[0] for o in out] == [f"Demo LM answer to 'q{i}'" for i in range(12)]
 
 
+def test_a_batch_of_a_module_with_several_completions_gives_its_fields_alone(pool: Pool) -> None:
+    pool.define("TwoAnswers", dspy.Predict("question -> answer", n=2))
+    out = pool.batch(["q0", "q1"], module="TwoAnswers").result()
+    assert [sorted(o) for o in out] == [["answer"], ["answer"]]
+    assert out[1]["answer"].startswith("Demo LM answer to 'q1'")
+
+
 def test_define_errors_are_clear(pool: Pool) -> None:
     with pytest.raises(SyntaxError):
         pool.define("Broken", "class Broken(:\n")

@@ -5,7 +5,7 @@ A secret is a setting whose name looks like one (``*key*``, ``*token*`` but not 
 as ``max_tokens``, ``*secret*``, ``*password*``, ``authorization``, ``*credential*``, ``cookie``) and the
 value of every environment variable so named, and the password of a URL (``api_base="https://user:pw@host"``,
 ``HTTPS_PROXY``; as written and percent-decoded), which an error may quote without its scheme (``failed to connect
-to user:pw@host``).
+to user:pw@host``), and the value a pydantic ValidationError quotes for a field so named.
 Values are replaced by ``***`` wherever they appear in text; settings so named are masked whole.
 """
 
@@ -39,6 +39,9 @@ _ASSIGNED = re.compile(
 _BEARER = re.compile(r"(?i)(bearer\s+)([^\s'\",;]{8,})")
 _USERINFO = re.compile(r"(://[^\s/?#@:'\"]{0,256}:)([^\s/?#@'\"]{1,256})(?=@)")  # a URL's password (from the literal
 # "://", which the regex engine finds fast: a scheme before it to match made a MB of text take 0.5 s)
+# pydantic's ValidationError: a field's location on a line of its own, then its error quoting the value it was given
+# ("api_key\n  Input should be a valid integer ... [type=int_parsing, input_value='sk-...', input_type=str]")
+_VALIDATION = re.compile(r"(?m)^(\S[^\n]{0,256})(\n  [^\n]*?\[type=[\w.-]+, input_value=)(.*?)(?=, input_type=\w+\]$)")
 _registered: set[str] = set()  # secret values given in settings (an LM's api_key), not in the environment
 
 
@@ -93,6 +96,8 @@ def text(value: str, limit: int | None = MAX_MESSAGE) -> str:
     value = _ASSIGNED.sub(_assigned, value)
     value = _BEARER.sub(lambda m: m.group(1) + MASK, value)
     value = _USERINFO.sub(lambda m: m.group(1) + MASK, value)
+    if "input_value=" in value:
+        value = _VALIDATION.sub(_validated, value)
     if limit is not None and len(value) > limit:
         value = value[:limit] + f"… ({len(value) - limit + cut} more characters)"
     return value
@@ -105,6 +110,14 @@ def _assigned(match: re.Match[str]) -> str:
     if quoted is None or tail in ("", "s") or is_secret_name(tail) or re.fullmatch(_WORD, quoted):
         return match.group(1) + MASK
     return match.group(0)
+
+
+def _validated(match: re.Match[str]) -> str:
+    """A ``_VALIDATION`` match with the value masked where the field's name (its location's last part) is a
+    secret's."""
+    if not is_secret_name(match.group(1).rsplit(".", 1)[-1]):
+        return match.group(0)
+    return match.group(1) + match.group(2) + MASK
 
 
 def mapping(value: Any) -> Any:

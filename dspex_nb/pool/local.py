@@ -70,6 +70,7 @@ class LocalBackend:
         if self.dir is None:
             self._owner = os.getpid()
             root = _socket_root()
+            stale.check_dspy_cache()  # before the template imports DSPy
             self._cleaned = stale.cleanup(root)
             self.dir = Path(tempfile.mkdtemp(prefix=stale.PREFIX, dir=root))  # mode 0700
             self._record_owner()  # at once: a start killed midway leaves a directory stale cleanup can claim

@@ -58,24 +58,64 @@ def runtime_dir() -> Path:
     if not stat.S_ISDIR(info.st_mode):
         raise NotADirectoryError(errno.ENOTDIR, f"{where} is not a directory; set ${RUNTIME_DIR_ENV} to a "
                                                 "directory of your own")
-    for directory in (path, *path.parents):
+    _refuse_unsafe(given, path, where, f"another user could replace a pool's sockets there; set ${RUNTIME_DIR_ENV} "
+                                      "to a directory of your own")
+    return path
+
+
+def check_dspy_cache() -> None:
+    """Refuse DSPy's disk cache where another user could change it: ``$DSPY_CACHEDIR`` (else ``~/.dspy_cache``,
+    as DSPy picks it), which the workers share with the kernel. DSPy keeps its entries as pickles and loads one for
+    every cached LM call: whoever could put a file there would run code in the pool's workers, as this user. So it
+    (or, where it does not exist yet, the directory DSPy would make it in) and every directory above it must be as
+    the runtime directory's (``runtime_dir``), and the cache itself writable by no one else, sticky or not (another
+    user could make its shard directories first)."""
+    given = _dspy_cache_dir()
+    where = f"DSPy's cache directory {given} ($DSPY_CACHEDIR, else ~/.dspy_cache)"
+    harm = ("DSPy loads its entries as pickles, so another user who put a file there would run code in the pool's "
+            "workers; set $DSPY_CACHEDIR to a directory of your own")
+    path = given.resolve()
+    existing = next(directory for directory in (path, *path.parents) if directory.exists())
+    if existing == path and _others_may_write(os.stat(path)):
+        raise PermissionError(f"{where} may be written to by others: {harm}")
+    _refuse_unsafe(given, path, where, harm, start=existing)
+
+
+def _dspy_cache_dir() -> Path:
+    """Where DSPy keeps its disk cache, as it picks it (``dspy.utils.caching.default_cache_dir``), without importing
+    DSPy."""
+    if explicit := os.environ.get("DSPY_CACHEDIR"):
+        return Path(explicit)
+    try:
+        return Path.home() / ".dspy_cache"
+    except RuntimeError:  # no home directory: DSPy's is then relative
+        return Path(".dspy_cache")
+
+
+def _refuse_unsafe(given: Path, path: Path, where: str, harm: str, start: Path | None = None) -> None:
+    """Raise PermissionError where ``path`` (``given``'s real path), or ``start`` (a directory above it) and those
+    above that, is a directory whose entries another user could change (``_unsafe``)."""
+    start = start or path
+    for directory in (start, *start.parents):
         why = _unsafe(os.stat(directory))
         if why:
             if directory != given:
                 why = f"{'leads to' if directory == path else 'is under'} {directory}, which {why}"
-            raise PermissionError(f"{where} {why}: another user could replace a pool's sockets there; "
-                                  f"set ${RUNTIME_DIR_ENV} to a directory of your own")
-    return path
+            raise PermissionError(f"{where} {why}: {harm}")
 
 
 def _unsafe(info: os.stat_result) -> str | None:
     """Why another user could change what a directory of ``info`` holds, or None."""
     if info.st_uid not in (os.getuid(), 0):
         return "belongs to another user"
-    if (info.st_mode & stat.S_IWOTH or info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid)) \
-            and not info.st_mode & stat.S_ISVTX:
+    if _others_may_write(info) and not info.st_mode & stat.S_ISVTX:
         return "may be written to by others but is not sticky"
     return None
+
+
+def _others_may_write(info: os.stat_result) -> bool:
+    """Whether users other than this one may write to a directory of ``info``: every user, or a group not theirs."""
+    return bool(info.st_mode & stat.S_IWOTH or info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid))
 
 
 def _private_group(gid: int) -> bool:

@@ -180,9 +180,9 @@ def error_info(exc: BaseException, depth: int = 0) -> dict[str, Any]:
                             "traceback": "" if depth else _traceback_of(exc)}
     for key, part in (("bases", _bases), ("attributes", _attributes), ("args", _args),
                       ("group", functools.partial(_group, depth=depth))):
-        try:  # the program's classes' code runs there (a __dict__ or __module__ that raises): it goes without them
-            value = part(exc)
-        except Exception:
+        try:  # the program's classes' code runs there (a __dict__ or __module__ that raises, SystemExit too): it
+            value = part(exc)  # goes without them
+        except BaseException:
             continue
         if value is not None and value != {}:  # no args is [], which is kept: the kernel's error then has none
             info[key] = value
@@ -194,7 +194,10 @@ def _as_raised(exc: BaseException) -> BaseException:
     StopIteration", PEP 479) as it left one of the worker's own generators, which a call runs the program in: the
     kernel sees it as the program's call raises it there. One that left the program's own generator stays the
     RuntimeError, as it is in the kernel too."""
-    cause, tb = exc.__cause__, exc.__traceback__
+    try:
+        cause, tb = exc.__cause__, exc.__traceback__  # a property of the program's class may stand there
+    except BaseException:
+        return exc
     if type(exc) is not RuntimeError or not isinstance(cause, StopIteration) or tb is None:
         return exc
     while tb.tb_next is not None:  # the generator it left is the traceback's last frame
@@ -226,10 +229,10 @@ def _without_attributes(group: dict[str, Any]) -> dict[str, Any]:
 def _traceback_of(exc: BaseException) -> str:
     """The exception's traceback as Python prints it, from the program's call on, masked and shortened; where
     user code makes formatting it fail (a ``__notes__`` or ``__cause__`` property that raises), a line that says
-    so, as ``message_of`` does for its str()."""
+    so, as ``message_of`` does for its str() (whatever it raises: a SystemExit there left the call unanswered)."""
     try:
         text = "".join(traceback.format_exception(type(exc), exc, _from_the_program(exc)))
-    except Exception as failure:
+    except BaseException as failure:
         text = f"<the exception's traceback could not be formatted: {type(failure).__name__}>\n"
     return redact.text(text, limit=MAX_TRACEBACK)
 
@@ -278,7 +281,7 @@ def _shows_its_args(exc: BaseException) -> bool:
         return True
     try:
         return str(exc) == BaseException.__str__(exc)
-    except Exception:  # its __str__ failed
+    except BaseException:  # its __str__ failed
         return False
 
 

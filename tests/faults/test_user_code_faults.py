@@ -285,6 +285,42 @@ def test_an_exception_whose_str_fails_is_still_reported_with_its_type(pool: Pool
     assert batch.records[1]["error"]["type"] == "BrokenStr"  # was: the shard's error, for this item and the rest
 
 
+EXITING_EXCEPTIONS = '''
+class ExitingStr(Exception):
+    def __str__(self):
+        raise SystemExit("str() exits")
+
+class InterruptingNotes(Exception):
+    @property
+    def __notes__(self):
+        raise KeyboardInterrupt
+
+def exiting(text):
+    if text == "str":
+        raise ExitingStr("x")
+    if text == "notes":
+        raise InterruptingNotes("the notes interrupt")
+    return dspy.Prediction(text=text)
+'''
+
+
+@pytest.mark.parametrize(("text", "said"), [("str", "ExitingStr: <the exception's str\\(\\) failed: SystemExit>"),
+                                            ("notes", "InterruptingNotes: the notes interrupt")])
+def test_an_exception_whose_own_code_raises_a_base_exception_is_still_reported(pool: Pool, text: str,
+                                                                               said: str) -> None:
+    # was: no answer at all (the worker's thread ended on the SystemExit its report of the error raised), so a call
+    # without a timeout waited forever, and a batch's shard with it
+    pool.define("exiting", EXITING_EXCEPTIONS)
+    with pytest.raises(ToolError, match=said):
+        pool.call("exiting", {"text": text}, timeout=30)
+    with pytest.raises(ToolError, match=said):
+        pool.call("exiting", {"text": text}, stream=True, timeout=30).result(30)
+    batch = pool.map("exiting", ["a", text, "b"], journal=False, max_retries=0, timeout=60)
+    batch.wait(60)
+    assert [r["ok"] for r in batch.records] == [True, False, True]
+    assert batch.records[1]["error"]["type"] in said
+
+
 class BrokenRepr:
     def __repr__(self) -> str:
         raise RuntimeError("repr of user code")

@@ -130,6 +130,37 @@ def test_settings_named_like_counts_or_delays_are_shown() -> None:
     assert [redact.is_secret_name(n) for n in ("token", "api_token", "hf_token", "api_key")] == [True] * 4
 
 
+SETTINGS = """
+import pydantic
+
+class Headers(pydantic.BaseModel):
+    Authorization: int
+
+class Settings(pydantic.BaseModel):
+    api_key: int
+    name: int
+    headers: Headers
+
+def configure(path):
+    key = open(path).read()  # a key kept in a file: no setting or variable of the pool's names it
+    return dspy.Prediction(settings=Settings(api_key=key, name="bob", headers={"Authorization": "Basic " + key}))
+"""
+
+
+def test_the_value_a_validation_error_quotes_for_a_field_named_like_a_key_is_masked(secret_pool: Pool,
+                                                                                       tmp_path: Path) -> None:
+    # was: "api_key\n  Input should be a valid integer ... [type=int_parsing, input_value='sk-...', input_type=str]"
+    # in the error and its traceback, while the traceback's line above it, Settings(api_key=...), was masked
+    other = "sk-from-a-file-0815"
+    (tmp_path / "key").write_text(other)
+    secret_pool.define("configure", SETTINGS)
+    with pytest.raises(ToolError) as caught:
+        secret_pool.run("configure", path=str(tmp_path / "key"))
+    shown = str(caught.value) + caught.value.remote_traceback
+    assert other not in shown and shown.count("input_value=***") == 4  # message and traceback, two fields each
+    assert "input_value='bob'" in shown  # a field not named as a secret shows the value it was given
+
+
 def test_a_result_without_json_form_comes_back_without_the_keys_in_its_repr(secret_pool: Pool) -> None:
     # a value with no JSON form comes back as its repr: in the error, the batch's records (and so the dashboard
     # and the journal); an object holding a key, or os.environ, shows it there

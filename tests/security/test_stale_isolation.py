@@ -125,6 +125,28 @@ def test_pool_json_is_private(pool: Pool) -> None:
     assert oct(os.stat(pool.backend.dir / stale.OWNER_FILE).st_mode & 0o777) == oct(0o600)
 
 
+def test_a_dspy_cache_another_user_could_change_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # DSPy loads its disk cache's entries as pickles, for every cached LM call: another user who could put a file
+    # there (a directory everyone may write to, or one of theirs) ran code in every worker of the pool, as this user
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # sticky, as /tmp is: still, others could make its shard directories first
+    monkeypatch.setenv("DSPY_CACHEDIR", str(shared))
+    with pytest.raises(PermissionError, match=f"DSPy's cache directory {shared} .*may be written to by others"):
+        Pool(workers=1, journal=False).start()
+    assert not list(shared.iterdir())  # no worker made its cache there
+    monkeypatch.setenv("DSPY_CACHEDIR", str(shared / "cache"))  # one DSPy makes in a sticky directory is its own
+    stale.check_dspy_cache()
+    if os.getuid() == 0:  # a directory of another user needs root to make (chown)
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, 65534, 65534)
+        for cache in (theirs, theirs / "cache"):
+            monkeypatch.setenv("DSPY_CACHEDIR", str(cache))
+            with pytest.raises(PermissionError, match="belongs to another user"):
+                stale.check_dspy_cache()
+
+
 @pytest.mark.parametrize("mode", [0o777, 0o775])
 def test_a_runtime_dir_where_others_could_replace_sockets_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                      mode: int) -> None:

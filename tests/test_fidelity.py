@@ -1896,6 +1896,45 @@ def test_a_worker_runs_a_program_as_dspy_does_without_its_warnings(demo_lm: dspy
     assert not [message for message in seen if "discouraged" in message], seen
 
 
+def test_a_programs_warnings_are_warned_in_the_kernel_as_its_own_code_warns_them(
+        shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # a warning made on the pool came back as text on stderr: catch_warnings and pytest.warns did not see it, the
+    # kernel's filters (warnings.filterwarnings("ignore"), as notebooks silence DSPy's deprecations) did not apply,
+    # and each worker showed it once of its own
+    program, _ = define(shell, '''
+import warnings
+
+class CareWarning(UserWarning):
+    pass
+
+def program(x: str):
+    warnings.warn("careful with " + x, CareWarning)
+    return dspy.settings.lm(messages=[{"role": "user", "content": x}])  # DSPy's DeprecationWarning, on this line
+''')
+    care = shell.user_ns["CareWarning"]
+
+    def warned(call: Any) -> list[tuple[type[Warning], str, str, int]]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        return [(w.category, str(w.message), w.filename, w.lineno) for w in caught]
+
+    with dspy.context(lm=demo_lm):
+        expected = warned(lambda: program(x="a"))
+    assert [category for category, *_ in expected] == [care, DeprecationWarning]
+    assert warned(lambda: pool.run(program, x="a")) == expected
+    assert warned(lambda: pool.run_stream(program, x="a").result(60)) == expected
+    assert warned(lambda: pool.map(program, [{"x": "a"}, {"x": "a"}], journal=False).result(60)) == expected * 2
+    with warnings.catch_warnings(record=True) as caught:  # the kernel's filters decide
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("default", category=care)  # once per place, as the kernel's registry counts
+        pool.run(program, x="b")
+        pool.run(program, x="b")
+        warnings.filterwarnings("ignore", category=care)
+        pool.run(program, x="c")
+    assert [str(w.message) for w in caught] == ["careful with b"]
+
+
 def test_the_kernels_dspy_trace_gets_the_predictor_calls_of_a_program_on_the_pool(
         shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
     # DSPy's optimizers (BootstrapFewShot's demos, GEPA's and SIMBA's reflections) and Refine read the predictor

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import logging
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any, TextIO
 
 from dspex_nb import redact
-from dspex_nb.wire import valid_text
+from dspex_nb.wire import WARNINGS, valid_text
 
 OUTPUT_LIMIT = 2**20  # characters of one call's output that go back to the kernel; the rest is in the log only
 HELD = 64 * 1024  # characters of a line held for its end (CallOutput) before part of it goes anyway
@@ -151,7 +153,9 @@ class LogStream:
 
 def spare_output() -> None:
     """Make this process's ``sys.stdout`` and ``sys.stderr`` ``LogStream``s (where they are streams), also in the
-    ``logging`` handlers that write to them (one made before this, as by a library the template imported)."""
+    ``logging`` handlers that write to them (one made before this, as by a library the template imported); a call's
+    warnings go back to the kernel (``forward_warnings``)."""
+    forward_warnings()
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, LogStream):
@@ -165,3 +169,39 @@ def _stream_handlers() -> list[logging.StreamHandler]:
     loggers = [logging.getLogger(), *(logger for logger in list(logging.Logger.manager.loggerDict.values())
                                       if isinstance(logger, logging.Logger))]
     return [handler for logger in loggers for handler in logger.handlers if isinstance(handler, logging.StreamHandler)]
+
+
+def forward_warnings() -> None:
+    """A warning a call's program makes goes back to the kernel, which warns it there as its own code would
+    (``pool.calls.warn_here``): the kernel's filters and once-per-place registry decide whether it shows, and
+    ``warnings.catch_warnings(record=True)`` or ``pytest.warns`` there see it. So every warning passes this worker's
+    own filters (a filter the program sets inside itself still applies). One made outside a call, written to a file
+    of the program's, or made in the worker's own code (DSPy attributes its deprecations to the first frame outside
+    DSPy, which is the worker's where the program is a DSPy module) is written to the log only."""
+    warnings.simplefilter("always")
+    shown = warnings.showwarning
+
+    def showwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    file: TextIO | None = None, line: str | None = None) -> None:
+        call, module = CALL_OUTPUT.get(), _module_at(filename, lineno)
+        if call is None or file is not None or (module or "").partition(".")[0] == "dspex_nb":
+            token = CALL_OUTPUT.set(None)  # the log only: DSPy names the frame that called it, here the worker's
+            try:
+                shown(message, category, filename, lineno, file, line)
+            finally:
+                CALL_OUTPUT.reset(token)
+            return
+        classes = [f"{cls.__module__}:{cls.__qualname__}" for cls in category.__mro__ if issubclass(cls, Warning)]
+        call.write(WARNINGS, json.dumps({"message": str(message), "category": classes, "filename": filename,
+                                         "lineno": lineno, "module": module}, ensure_ascii=False) + "\n")
+
+    warnings.showwarning = showwarning
+
+
+def _module_at(filename: str, lineno: int) -> str | None:
+    """The name of the module whose code at ``filename``:``lineno`` made the warning (the frame ``warnings.warn``'s
+    ``stacklevel`` names), which the kernel's filters match; None where no frame of the stack is there."""
+    frame = sys._getframe(2)
+    while frame is not None and (frame.f_code.co_filename, frame.f_lineno) != (filename, lineno):
+        frame = frame.f_back
+    return None if frame is None else frame.f_globals.get("__name__")

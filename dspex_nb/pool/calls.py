@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import inspect
 import json
+import logging
 import signal
 import sys
 import threading
@@ -34,7 +35,7 @@ from dspex_nb.errors import (
     program_errors_raised_here,
     remote_error,
 )
-from dspex_nb.wire import WARNINGS, dumps, loads
+from dspex_nb.wire import LOGS, WARNINGS, dumps, loads
 from dspex_nb.words import count
 
 WAIT_SLICE = 0.1  # seconds a blocking wait sleeps before it lets KeyboardInterrupt through
@@ -146,8 +147,8 @@ def show_output(output: Iterable[tuple[str, str]]) -> None:
     """Write what a call wrote on its worker, (stream, text) pairs, to the kernel's own ``sys.stdout`` /
     ``sys.stderr``, as the program's prints in the kernel go there (a notebook shows them in the cell's output)."""
     for stream, text in output:
-        if stream == WARNINGS:
-            warn_here(text)
+        if stream in (WARNINGS, LOGS):
+            (warn_here if stream == WARNINGS else log_here)(text)
             continue
         target = sys.stderr if stream == "stderr" else sys.stdout
         with contextlib.suppress(Exception):  # a kernel's stream that fails (closed) costs no result
@@ -178,6 +179,18 @@ def warn_here(text: str) -> None:
 
 
 _REGISTRIES: dict[str | None, dict[Any, Any]] = {}  # the warnings registries of modules the kernel has not imported
+
+
+def log_here(text: str) -> None:
+    """Handle here the records a call logged on its worker (``worker.output.forward_log_records``: one JSON object a
+    line) with the kernel's logger of their name, as a record logged in the kernel is: its level there, its
+    handlers (DSPy's, which ``dspy.disable_logging()`` silences), filters and formatters decide."""
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            record = logging.makeLogRecord(json.loads(line))
+            logger = logging.getLogger(record.name)
+            if logger.isEnabledFor(record.levelno):
+                logger.handle(record)
 
 
 class ChunkSource(Protocol):

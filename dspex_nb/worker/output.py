@@ -11,11 +11,11 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from dspex_nb import redact
-from dspex_nb.wire import WARNINGS, valid_text
+from dspex_nb.wire import LOGS, WARNINGS, valid_text
 
 OUTPUT_LIMIT = 2**20  # characters of one call's output that go back to the kernel; the rest is in the log only
 HELD = 64 * 1024  # characters of a line held for its end (CallOutput) before part of it goes anyway
@@ -154,8 +154,9 @@ class LogStream:
 def spare_output() -> None:
     """Make this process's ``sys.stdout`` and ``sys.stderr`` ``LogStream``s (where they are streams), also in the
     ``logging`` handlers that write to them (one made before this, as by a library the template imported); a call's
-    warnings go back to the kernel (``forward_warnings``)."""
+    warnings and log records go back to the kernel (``forward_warnings``, ``forward_log_records``)."""
     forward_warnings()
+    forward_log_records()
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, LogStream):
@@ -185,11 +186,8 @@ def forward_warnings() -> None:
                     file: TextIO | None = None, line: str | None = None) -> None:
         call, module = CALL_OUTPUT.get(), _module_at(filename, lineno)
         if call is None or file is not None or (module or "").partition(".")[0] == "dspex_nb":
-            token = CALL_OUTPUT.set(None)  # the log only: DSPy names the frame that called it, here the worker's
-            try:
+            with _log_only():  # DSPy names the frame that called it: here the worker's
                 shown(message, category, filename, lineno, file, line)
-            finally:
-                CALL_OUTPUT.reset(token)
             return
         classes = [f"{cls.__module__}:{cls.__qualname__}" for cls in category.__mro__ if issubclass(cls, Warning)]
         call.write(WARNINGS, json.dumps({"message": str(message), "category": classes, "filename": filename,
@@ -205,3 +203,45 @@ def _module_at(filename: str, lineno: int) -> str | None:
     while frame is not None and (frame.f_code.co_filename, frame.f_lineno) != (filename, lineno):
         frame = frame.f_back
     return None if frame is None else frame.f_globals.get("__name__")
+
+
+def forward_log_records() -> None:
+    """A record a call logs (DSPy's warnings, the program's own ``logging``) goes back to the kernel, which handles
+    it there with the logger of its name (``pool.calls.log_here``): the kernel's levels, ``dspy.disable_logging()``,
+    its handlers and formatters decide whether and how it shows, and pytest's ``caplog`` sees it; the worker's log
+    keeps it too. A record this worker's levels leave unmade (a DEBUG one the kernel would show) does not come."""
+    handle = logging.Logger.handle
+
+    def forwarded(self: logging.Logger, record: logging.LogRecord) -> None:
+        call = CALL_OUTPUT.get()
+        made = None if call is None else _record(record)
+        if call is None or made is None:
+            handle(self, record)
+            return
+        call.write(LOGS, made)
+        with _log_only():
+            handle(self, record)
+
+    logging.Logger.handle = forwarded  # type: ignore[method-assign]
+
+
+def _record(record: logging.LogRecord) -> str | None:
+    """The record as one JSON line (its message made, its exception as text), or None where it cannot be."""
+    fields = {name: value for name, value in vars(record).items() if name not in ("args", "exc_info")}
+    try:
+        fields["msg"] = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
+        return json.dumps(fields, ensure_ascii=False, default=str) + "\n"
+    except Exception:
+        return None
+
+
+@contextlib.contextmanager
+def _log_only() -> Iterator[None]:
+    """What is written meanwhile goes to the worker's log only, not back to the kernel with the call."""
+    token = CALL_OUTPUT.set(None)
+    try:
+        yield
+    finally:
+        CALL_OUTPUT.reset(token)

@@ -165,8 +165,8 @@ def warn_here(text: str) -> None:
     for line in text.splitlines():
         with contextlib.suppress(ValueError, KeyError, TypeError):
             made = json.loads(line)
-            category = next((cls for path in made["category"] if isinstance(cls := typed._at(path), type)
-                             and issubclass(cls, Warning)), UserWarning)
+            category = next((cls for path in made["category"]
+                             if (cls := typed.class_at(path)) is not None and issubclass(cls, Warning)), UserWarning)
             module = made["module"]
             registry = vars(sys.modules[module]).setdefault("__warningregistry__", {}) \
                 if module in sys.modules else _REGISTRIES.setdefault(module, {})

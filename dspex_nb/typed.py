@@ -111,7 +111,7 @@ def with_tokens(classes: Iterable[type]) -> list[tuple[type, str]]:
 def _by_value(cls: type) -> bool:
     """Whether ``cls`` travels by value: not its module's class at its path, which travels by reference and is the
     same class on both sides (and needs no token, so its values' JSON is the same in a later session)."""
-    return cls.__module__ == "__main__" or _at(class_path(cls)) is not cls
+    return cls.__module__ == "__main__" or class_at(class_path(cls)) is not cls
 
 
 def remember(pairs: Iterable[tuple[type, str]]) -> None:
@@ -505,10 +505,10 @@ _FACTORIES = {class_path(cls): cls for cls in (list, dict, set, int, float, str,
 
 def _imported(path: str, packages: tuple[str, ...]) -> type | None:
     """The class at ``path`` in a module of ``packages`` that is already imported (nothing is imported)."""
-    return _at(path) if path.partition(":")[0].partition(".")[0] in packages else None
+    return class_at(path) if path.partition(":")[0].partition(".")[0] in packages else None
 
 
-def _at(path: str) -> type | None:
+def class_at(path: str) -> type | None:
     """The class at ``path`` in a module already imported (nothing is imported)."""
     module_name, _, qualname = path.partition(":")
     obj: Any = sys.modules.get(module_name)

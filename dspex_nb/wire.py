@@ -13,6 +13,8 @@ from typing import Any
 
 LM_KWARGS_ENV = "DSPEX_LM_KWARGS"  # the worker's dspy.LM settings, as JSON (not on argv: they may hold a key)
 KERNEL_ENV = "DSPEX_KERNEL"  # "pid:start time" of the kernel that owns a template and its workers
+WARNINGS = "warning"  # the output stream of a call's warnings: one JSON object a line (worker/output.py)
+LOGS = "log"  # the output stream of a call's log records: one JSON object a line (worker/output.py)
 EXIT_MISSING_DEPENDENCIES = 3  # a worker (or template) that cannot import what it needs exits with this
 CACHE = "dspex_cache"  # in the kernel's settings a call carries: its dspy.configure_cache arguments that differ
 # from DSPy's defaults (safe_types as (module, qualname) pairs), so that the workers' DSPy cache is made as the kernel's

@@ -15,6 +15,7 @@ import dataclasses
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -1894,6 +1895,86 @@ def test_a_worker_runs_a_program_as_dspy_does_without_its_warnings(demo_lm: dspy
     finally:
         logger.removeHandler(handler)
     assert not [message for message in seen if "discouraged" in message], seen
+
+
+def test_a_programs_warnings_are_warned_in_the_kernel_as_its_own_code_warns_them(
+        shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
+    # a warning made on the pool came back as text on stderr: catch_warnings and pytest.warns did not see it, the
+    # kernel's filters (warnings.filterwarnings("ignore"), as notebooks silence DSPy's deprecations) did not apply,
+    # and each worker showed it once of its own
+    program, _ = define(shell, '''
+import warnings
+
+class CareWarning(UserWarning):
+    pass
+
+def program(x: str):
+    warnings.warn("careful with " + x, CareWarning)
+    return dspy.settings.lm(messages=[{"role": "user", "content": x}])  # DSPy's DeprecationWarning, on this line
+''')
+    care = shell.user_ns["CareWarning"]
+
+    def warned(call: Any) -> list[tuple[type[Warning], str, str, int]]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        return [(w.category, str(w.message), w.filename, w.lineno) for w in caught]
+
+    with dspy.context(lm=demo_lm):
+        expected = warned(lambda: program(x="a"))
+    assert [category for category, *_ in expected] == [care, DeprecationWarning]
+    assert warned(lambda: pool.run(program, x="a")) == expected
+    assert warned(lambda: pool.run_stream(program, x="a").result(60)) == expected
+    assert warned(lambda: pool.map(program, [{"x": "a"}, {"x": "a"}], journal=False).result(60)) == expected * 2
+    with warnings.catch_warnings(record=True) as caught:  # the kernel's filters decide
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("default", category=care)  # once per place, as the kernel's registry counts
+        pool.run(program, x="b")
+        pool.run(program, x="b")
+        warnings.filterwarnings("ignore", category=care)
+        pool.run(program, x="c")
+    assert [str(w.message) for w in caught] == ["careful with b"]
+
+
+def test_a_programs_log_records_are_handled_by_the_kernels_logging(shell: InteractiveShell, pool: Pool,
+                                                                   demo_lm: dspy.LM,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # DSPy's log records made on the pool were printed as text: dspy.disable_logging() (DSPy's API to silence them)
+    # and the kernel's logger levels did not apply, and no handler of the kernel (caplog, a file) saw them
+    program, _ = define(shell, '''
+import logging
+
+def program(question: str):
+    logging.getLogger("notebook.steps").warning("answering %s", question)
+    return dspy.Predict("question, context -> answer")(question=question)  # DSPy warns: no context
+''')
+    seen: list[tuple[str, int, str]] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append((record.name, record.levelno, record.getMessage()))  # type: ignore
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("dspy").addHandler(handler)
+    try:
+        with dspy.context(lm=demo_lm):
+            program(question="Why?")
+        expected, printed = list(seen), capsys.readouterr().err
+        assert [name for name, *_ in expected] == ["notebook.steps", "dspy.predict.predict"]
+        assert "WARNING dspy.predict.predict: Not all input fields were provided" in printed  # DSPy's format
+        seen.clear()
+        pool.run(program, question="Why?")
+        at = re.compile(r"^\S+ \S+ ", re.M)  # the time it was logged
+        assert (seen, at.sub("", capsys.readouterr().err)) == (expected, at.sub("", printed))
+        seen.clear()
+        dspy.disable_logging()
+        logging.getLogger("notebook").setLevel(logging.ERROR)
+        pool.run(program, question="Why?")
+        pool.run_stream(program, question="Why?").result(60)
+        assert "Missing" not in capsys.readouterr().err
+        assert [name for name, *_ in seen] == ["dspy.predict.predict"] * 2  # the kernel's handler only
+    finally:
+        dspy.enable_logging()
+        logging.getLogger("notebook").setLevel(logging.NOTSET)
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger("dspy").removeHandler(handler)
 
 
 def test_the_kernels_dspy_trace_gets_the_predictor_calls_of_a_program_on_the_pool(

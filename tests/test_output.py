@@ -103,7 +103,7 @@ def test_run_stream_brings_it_as_output_chunks_before_the_tokens(
     out, err = capsys.readouterr()
     assert (out, _untimed(err)) == in_kernel
     outputs = [chunk for chunk in run.chunks if chunk.kind == "output"]
-    assert {chunk["stream"] for chunk in outputs} == {"stdout", "stderr"}
+    assert {chunk["stream"] for chunk in outputs} == {"stdout", "stderr", "log"}  # DSPy's record, as a record
     assert len(outputs) < 5  # coalesced: not a chunk per write (a print is two)
     assert seen.index("output") < seen.index("token") and "output" not in seen[seen.index("token"):]
 

@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import inspect
 import json
+import logging
 import signal
 import sys
 import threading
@@ -34,7 +35,7 @@ from dspex_nb.errors import (
     program_errors_raised_here,
     remote_error,
 )
-from dspex_nb.wire import dumps, loads
+from dspex_nb.wire import LOGS, WARNINGS, dumps, loads
 from dspex_nb.words import count
 
 WAIT_SLICE = 0.1  # seconds a blocking wait sleeps before it lets KeyboardInterrupt through
@@ -146,10 +147,50 @@ def show_output(output: Iterable[tuple[str, str]]) -> None:
     """Write what a call wrote on its worker, (stream, text) pairs, to the kernel's own ``sys.stdout`` /
     ``sys.stderr``, as the program's prints in the kernel go there (a notebook shows them in the cell's output)."""
     for stream, text in output:
+        if stream in (WARNINGS, LOGS):
+            (warn_here if stream == WARNINGS else log_here)(text)
+            continue
         target = sys.stderr if stream == "stderr" else sys.stdout
         with contextlib.suppress(Exception):  # a kernel's stream that fails (closed) costs no result
             target.write(text)
             target.flush()
+
+
+def warn_here(text: str) -> None:
+    """Warn here the warnings a call's program made on its worker (``worker.output.forward_warnings``: one JSON
+    object a line), as ``warnings.warn`` in its code would in the kernel: of its category (where the kernel has that
+    class, else the nearest it has, ``UserWarning`` at least), at its file and line, and under the kernel's filters
+    and the registry of its module, so one shows once per place as in the kernel, and a filter that ignores it ignores
+    it. One that a filter of the kernel makes an error is written to ``sys.stderr``: its call has its result."""
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            made = json.loads(line)
+            category = next((cls for path in made["category"]
+                             if (cls := typed.class_at(path)) is not None and issubclass(cls, Warning)), UserWarning)
+            module = made["module"]
+            registry = vars(sys.modules[module]).setdefault("__warningregistry__", {}) \
+                if module in sys.modules else _REGISTRIES.setdefault(module, {})
+            try:
+                warnings.warn_explicit(made["message"], category, made["filename"], made["lineno"], module, registry)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    sys.stderr.write(warnings.formatwarning(made["message"], category, made["filename"],
+                                                            made["lineno"]))
+
+
+_REGISTRIES: dict[str | None, dict[Any, Any]] = {}  # the warnings registries of modules the kernel has not imported
+
+
+def log_here(text: str) -> None:
+    """Handle here the records a call logged on its worker (``worker.output.forward_log_records``: one JSON object a
+    line) with the kernel's logger of their name, as a record logged in the kernel is: its level there, its
+    handlers (DSPy's, which ``dspy.disable_logging()`` silences), filters and formatters decide."""
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            record = logging.makeLogRecord(json.loads(line))
+            logger = logging.getLogger(record.name)
+            if logger.isEnabledFor(record.levelno):
+                logger.handle(record)
 
 
 class ChunkSource(Protocol):

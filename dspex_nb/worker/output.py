@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import logging
 import os
 import sys
 import threading
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from dspex_nb import redact
-from dspex_nb.wire import valid_text
+from dspex_nb.wire import LOGS, WARNINGS, valid_text
 
 OUTPUT_LIMIT = 2**20  # characters of one call's output that go back to the kernel; the rest is in the log only
 HELD = 64 * 1024  # characters of a line held for its end (CallOutput) before part of it goes anyway
@@ -151,7 +153,10 @@ class LogStream:
 
 def spare_output() -> None:
     """Make this process's ``sys.stdout`` and ``sys.stderr`` ``LogStream``s (where they are streams), also in the
-    ``logging`` handlers that write to them (one made before this, as by a library the template imported)."""
+    ``logging`` handlers that write to them (one made before this, as by a library the template imported); a call's
+    warnings and log records go back to the kernel (``forward_warnings``, ``forward_log_records``)."""
+    forward_warnings()
+    forward_log_records()
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, LogStream):
@@ -165,3 +170,78 @@ def _stream_handlers() -> list[logging.StreamHandler]:
     loggers = [logging.getLogger(), *(logger for logger in list(logging.Logger.manager.loggerDict.values())
                                       if isinstance(logger, logging.Logger))]
     return [handler for logger in loggers for handler in logger.handlers if isinstance(handler, logging.StreamHandler)]
+
+
+def forward_warnings() -> None:
+    """A warning a call's program makes goes back to the kernel, which warns it there as its own code would
+    (``pool.calls.warn_here``): the kernel's filters and once-per-place registry decide whether it shows, and
+    ``warnings.catch_warnings(record=True)`` or ``pytest.warns`` there see it. So every warning passes this worker's
+    own filters (a filter the program sets inside itself still applies). One made outside a call, written to a file
+    of the program's, or made in the worker's own code (DSPy attributes its deprecations to the first frame outside
+    DSPy, which is the worker's where the program is a DSPy module) is written to the log only."""
+    warnings.simplefilter("always")
+    shown = warnings.showwarning
+
+    def showwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    file: TextIO | None = None, line: str | None = None) -> None:
+        call, module = CALL_OUTPUT.get(), _module_at(filename, lineno)
+        if call is None or file is not None or (module or "").partition(".")[0] == "dspex_nb":
+            with _log_only():  # DSPy names the frame that called it: here the worker's
+                shown(message, category, filename, lineno, file, line)
+            return
+        classes = [f"{cls.__module__}:{cls.__qualname__}" for cls in category.__mro__ if issubclass(cls, Warning)]
+        call.write(WARNINGS, json.dumps({"message": str(message), "category": classes, "filename": filename,
+                                         "lineno": lineno, "module": module}, ensure_ascii=False) + "\n")
+
+    warnings.showwarning = showwarning
+
+
+def _module_at(filename: str, lineno: int) -> str | None:
+    """The name of the module whose code at ``filename``:``lineno`` made the warning (the frame ``warnings.warn``'s
+    ``stacklevel`` names), which the kernel's filters match; None where no frame of the stack is there."""
+    frame = sys._getframe(2)
+    while frame is not None and (frame.f_code.co_filename, frame.f_lineno) != (filename, lineno):
+        frame = frame.f_back
+    return None if frame is None else frame.f_globals.get("__name__")
+
+
+def forward_log_records() -> None:
+    """A record a call logs (DSPy's warnings, the program's own ``logging``) goes back to the kernel, which handles
+    it there with the logger of its name (``pool.calls.log_here``): the kernel's levels, ``dspy.disable_logging()``,
+    its handlers and formatters decide whether and how it shows, and pytest's ``caplog`` sees it; the worker's log
+    keeps it too. A record this worker's levels leave unmade (a DEBUG one the kernel would show) does not come."""
+    handle = logging.Logger.handle
+
+    def forwarded(self: logging.Logger, record: logging.LogRecord) -> None:
+        call = CALL_OUTPUT.get()
+        made = None if call is None else _record(record)
+        if call is None or made is None:
+            handle(self, record)
+            return
+        call.write(LOGS, made)
+        with _log_only():
+            handle(self, record)
+
+    logging.Logger.handle = forwarded  # type: ignore[method-assign]
+
+
+def _record(record: logging.LogRecord) -> str | None:
+    """The record as one JSON line (its message made, its exception as text), or None where it cannot be."""
+    fields = {name: value for name, value in vars(record).items() if name not in ("args", "exc_info")}
+    try:
+        fields["msg"] = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
+        return json.dumps(fields, ensure_ascii=False, default=str) + "\n"
+    except Exception:
+        return None
+
+
+@contextlib.contextmanager
+def _log_only() -> Iterator[None]:
+    """What is written meanwhile goes to the worker's log only, not back to the kernel with the call."""
+    token = CALL_OUTPUT.set(None)
+    try:
+        yield
+    finally:
+        CALL_OUTPUT.reset(token)

@@ -1977,6 +1977,31 @@ def program(question: str):
         logging.getLogger("dspy").removeHandler(handler)
 
 
+def test_a_log_record_with_secret_named_extras_still_reaches_the_kernel_masked(shell: InteractiveShell,
+                                                                              pool: Pool) -> None:
+    # the worker masks each output line: a record's JSON with a secret-named number ("api_key": 12345) or a message
+    # with an unclosed quote after a secret's name became no JSON, and the kernel dropped the record
+    program, _ = define(shell, '''
+import logging
+
+def program(question: str):
+    log = logging.getLogger("notebook.secrets")
+    log.warning("calling with %s", question, extra={"api_key": 12345678, "token_id": 4321})
+    log.warning("header Authorization: 'Bearer abcdefghijkl")
+    return question
+''')
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger("notebook.secrets").addHandler(handler)
+    try:
+        assert pool.run(program, question="Why?") == "Why?"
+    finally:
+        logging.getLogger("notebook.secrets").removeHandler(handler)
+    assert [record.getMessage() for record in seen] == ["calling with Why?", "header Authorization: 'Bearer ***"]
+    assert (seen[0].api_key, seen[0].token_id) == ("***", "***")  # type: ignore[attr-defined]
+
+
 def test_the_kernels_dspy_trace_gets_the_predictor_calls_of_a_program_on_the_pool(
         shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
     # DSPy's optimizers (BootstrapFewShot's demos, GEPA's and SIMBA's reflections) and Refine read the predictor

@@ -163,19 +163,21 @@ def warn_here(text: str) -> None:
     and the registry of its module, so one shows once per place as in the kernel, and a filter that ignores it ignores
     it. One that a filter of the kernel makes an error is written to ``sys.stderr``: its call has its result."""
     for line in text.splitlines():
-        with contextlib.suppress(ValueError, KeyError, TypeError):
+        try:
             made = json.loads(line)
             category = next((cls for path in made["category"]
                              if (cls := typed.class_at(path)) is not None and issubclass(cls, Warning)), UserWarning)
-            module = made["module"]
-            registry = vars(sys.modules[module]).setdefault("__warningregistry__", {}) \
-                if module in sys.modules else _REGISTRIES.setdefault(module, {})
-            try:
-                warnings.warn_explicit(made["message"], category, made["filename"], made["lineno"], module, registry)
-            except Exception:
-                with contextlib.suppress(Exception):
-                    sys.stderr.write(warnings.formatwarning(made["message"], category, made["filename"],
-                                                            made["lineno"]))
+            message, filename, lineno, module = made["message"], made["filename"], made["lineno"], made["module"]
+        except (ValueError, KeyError, TypeError):
+            _as_text(line)
+            continue
+        registry = vars(sys.modules[module]).setdefault("__warningregistry__", {}) \
+            if module in sys.modules else _REGISTRIES.setdefault(module, {})
+        try:
+            warnings.warn_explicit(message, category, filename, lineno, module, registry)
+        except Exception:
+            with contextlib.suppress(Exception):
+                sys.stderr.write(warnings.formatwarning(message, category, filename, lineno))
 
 
 _REGISTRIES: dict[str | None, dict[Any, Any]] = {}  # the warnings registries of modules the kernel has not imported
@@ -186,11 +188,21 @@ def log_here(text: str) -> None:
     line) with the kernel's logger of their name, as a record logged in the kernel is: its level there, its
     handlers (DSPy's, which ``dspy.disable_logging()`` silences), filters and formatters decide."""
     for line in text.splitlines():
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
+        try:
             record = logging.makeLogRecord(json.loads(line))
             logger = logging.getLogger(record.name)
-            if logger.isEnabledFor(record.levelno):
-                logger.handle(record)
+        except (ValueError, TypeError, AttributeError):
+            _as_text(line)
+            continue
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
+
+
+def _as_text(line: str) -> None:
+    """A line of a call's warnings or log records that is not one (cut by the call's output limit): shown as it is,
+    not lost."""
+    with contextlib.suppress(Exception):
+        sys.stderr.write(line + "\n")
 
 
 class ChunkSource(Protocol):

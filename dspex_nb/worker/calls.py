@@ -28,7 +28,7 @@ from dspex_nb import redact, typed
 from dspex_nb.errors import ResultTooLarge, ToolError, builtin_fields
 from dspex_nb.wire import dumps, loads
 from dspex_nb.worker import tools
-from dspex_nb.worker.output import CALL_OUTPUT, CallOutput, Send
+from dspex_nb.worker.output import CALL_OUTPUT, CallOutput, Send, masked
 from dspex_nb.worker.state import WorkerState
 
 MAX_CHUNKS_PER_MESSAGE = 2048
@@ -55,7 +55,7 @@ class Output:
         self.seq, self.stream, self.parts, self.size = seq, stream, [text], len(text)
 
     def encode(self) -> bytes:
-        text = redact.text("".join(self.parts), limit=None)
+        text = masked(self.stream, "".join(self.parts))
         return b'[%d,"output",%s,false]' % (self.seq, dumps({"stream": self.stream, "text": text}))
 
 
@@ -355,7 +355,7 @@ class Collected:
         self._runs[-1][1].append(text)
 
     def pairs(self) -> list[tuple[str, str]]:
-        return [(stream, redact.text("".join(parts), limit=None)) for stream, parts in self._runs]
+        return [(stream, masked(stream, "".join(parts))) for stream, parts in self._runs]
 
 
 class Call:

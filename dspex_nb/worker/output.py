@@ -92,6 +92,21 @@ class CallOutput:
                                  f"in the worker's log only: {log_path()}]\n")
 
 
+def masked(stream: str, text: str) -> str:
+    """A stream's text with its secrets masked (``redact``): that of the warnings and log records streams, JSON a
+    line, value by value, so that it stays JSON (a secret-named number, or a quote a masked value leaves open, would
+    else run to the line's end)."""
+    if stream not in (WARNINGS, LOGS):
+        return redact.text(text, limit=None)
+    lines = []
+    for line in text.splitlines(keepends=True):
+        try:
+            lines.append(json.dumps(redact.mapping(json.loads(line)), ensure_ascii=False) + "\n")
+        except ValueError:  # cut (past the call's room): as text
+            lines.append(redact.text(line, limit=None))
+    return "".join(lines)
+
+
 def _up_to_a_space(text: str) -> int:
     """How much of a long line can go: up to its last space, all but its last ``SECRET_ROOM`` characters at least."""
     return max(text.rfind(" ") + 1, text.rfind("\t") + 1, len(text) - redact.SECRET_ROOM)

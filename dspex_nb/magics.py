@@ -39,7 +39,7 @@ from dspex_nb.journal import Journal
 from dspex_nb.pool import local
 from dspex_nb.pool.calls import Run
 from dspex_nb.pool.settings import SettingError
-from dspex_nb.ui import MODES
+from dspex_nb.ui import MODES, rerun
 from dspex_nb.ui.progress import field_text, fields_of, printable, text_table
 from dspex_nb.ui.render import show_batch, show_pool, show_run
 from dspex_nb.wire import sole_input
@@ -686,7 +686,9 @@ class Dspex(Magics):
               f"run it with %%dspex run {args.name}")
 
     def _show(self, handle: Run | BatchRun, show: Callable[[], None], args: argparse.Namespace) -> None:
-        """Show ``handle`` (blocking unless -a), then store its result; interrupted, keep what arrived."""
+        """Show ``handle`` (blocking unless -a), then store its result; interrupted, keep what arrived. The cell run
+        again (its output cleared, view and Stop with it) stops it."""
+        rerun.stop_when_rerun(handle)
         try:
             show()
         except KeyboardInterrupt:
@@ -817,6 +819,7 @@ def load(shell: Any) -> Dspex:
     magics = Dspex(shell=shell)
     shell.register_magics(magics)
     shell.configurables.append(magics)
+    rerun.listen(getattr(shell, "kernel", None))
     if magics.warm:
         try:
             local.warm(magics.python or None)

@@ -39,8 +39,15 @@ class Kernel:
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)
 
-    def submit(self, code: str) -> str:
-        return self.kc.execute(code)
+    def submit(self, code: str, cell_id: str | None = None) -> str:
+        """Send ``code`` to run; with ``cell_id``, as JupyterLab sends a notebook's cell (its id in the metadata)."""
+        if cell_id is None:
+            return self.kc.execute(code)
+        msg = self.kc.session.msg("execute_request", {"code": code, "silent": False, "store_history": True,
+                                                      "user_expressions": {}, "allow_stdin": False,
+                                                      "stop_on_error": True}, metadata={"cellId": cell_id})
+        self.kc.shell_channel.send(msg)
+        return msg["header"]["msg_id"]
 
     def collect(self, msg_id: str, timeout: float = 120, on_message=None) -> Cell:
         """Read iopub until the cell ``msg_id`` goes idle; count messages by type."""
@@ -272,6 +279,42 @@ def test_an_interrupted_blocking_batch_keeps_its_finished_items(kernel: Kernel) 
         done = kernel.value("sum(r is not None and r['ok'] for r in PART.records), PART.status")
         finished, status = done.strip("()").split(", ")
         assert 0 < int(finished) < 400 and status == "'cancelled'"
+
+
+@pytest.mark.parametrize("code", [
+    '%%dspex predict "question -> answer"\nrun me twice',
+    'many = [f"twice {i}?" for i in range(300)]\n%dspex batch "question -> answer" --items many --concurrency 1 '
+    '--no-journal'])
+def test_a_blocking_cell_run_again_while_it_runs_stops_its_first_run_and_runs_now(kernel: Kernel, code: str) -> None:
+    """Shift+Enter on a cell that still runs: JupyterLab clears its output (the first run's view and Stop) and sends
+    it again. The first run stops, as by its Stop (a note, not an error: the second is not aborted), and the second
+    runs at once rather than after minutes of work nobody sees."""
+    with kernel.demo_lm("--set answer_tokens=20000 --set per_token=0.005 --set ttft=0.2"):  # minutes unless stopped
+        first = kernel.submit(code, cell_id="cell-twice")
+        again: list[str] = []
+
+        def run_again_once_shown(kind: str, content: dict) -> None:
+            if kind == "comm_msg" and not again:  # its view is up and moving
+                again.append(kernel.submit("_.status, bool(_.done)", cell_id="cell-twice"))
+
+        cell = kernel.collect(first, timeout=60, on_message=run_again_once_shown)
+        assert again and not cell.error and "cancelled" in cell.stderr, (cell.error, cell.stderr)
+        second = kernel.collect(again[0], timeout=30)
+        assert second.plain == ["('cancelled', True)"], (second.plain, second.error)
+
+
+def test_a_background_cell_run_again_stops_its_earlier_work_and_not_another_cells(kernel: Kernel) -> None:
+    """An -a cell's view is cleared by the cell's next run: its work stops then, rather than going on unseen; the
+    background work of another cell goes on."""
+    with kernel.demo_lm("--set answer_tokens=20000 --set per_token=0.005"):  # minutes unless stopped
+        kernel.collect(kernel.submit('%%dspex predict "question -> answer" -a -o bg\nonce', cell_id="cell-bg"))
+        kernel.collect(kernel.submit('%%dspex predict "question -> answer" -a -o other\nother', cell_id="cell-other"))
+        cell = kernel.collect(kernel.submit(
+            "import time\nold = bg\ndeadline = time.monotonic() + 20\n"
+            "while not old.done and time.monotonic() < deadline: time.sleep(0.05)\nold.status, other.status",
+            cell_id="cell-bg"))
+        kernel.run("other.cancel()")
+    assert cell.plain == ["('cancelled', 'running')"], (cell.plain, cell.error)
 
 
 def final_rendering(kernel: Kernel, code: str) -> dict:

@@ -440,6 +440,8 @@ class Dspex(Magics):
             pool.start()
         except ImportError as exc:  # MissingDependency: the workers' Python lacks dspy (its message says what to run)
             raise UsageError(str(exc)) from None
+        except OSError as exc:  # a runtime directory or DSPy cache it refuses: its message names it and what to do
+            raise CellFailed(exc.strerror or str(exc)) from exc
         self.pools[name] = pool
         on = "" if ray is None else f", Ray actors at {ray or 'a local Ray instance'}"
         print(f"dspex: pool{label} of {count(workers, 'worker')} ready (lm={pool.lm!r}{on}) in "

@@ -316,6 +316,15 @@ class Feel(dspy.Module):
     assert isinstance(sh.ns["r"].mood, sh.ns["Mood"])
 
 
+def test_a_pool_that_cannot_use_its_runtime_directory_says_so_without_a_traceback(
+        sh: Shell, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSPEX_RUNTIME_DIR", str(tmp_path / "missing"))
+    shown = sh.fails("%dspex start -n 1 --pool elsewhere")
+    assert f"the runtime directory {tmp_path / 'missing'} ($DSPEX_RUNTIME_DIR" in shown
+    assert "set $DSPEX_RUNTIME_DIR to a directory of your own" in shown
+    assert "elsewhere" not in sh.magics.pools
+
+
 def test_defined_module_survives_a_worker_restart(sh: Shell) -> None:
     sh('%%dspex define Shout\ndef Shout(text):\n    return {"loud": text.upper()}')
     pool = sh.pool

@@ -1936,6 +1936,26 @@ def program(x: str):
     assert [str(w.message) for w in caught] == ["careful with b"]
 
 
+def test_a_warning_made_in_a_long_loop_costs_no_other_output_of_its_call(shell: InteractiveShell, pool: Pool,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # each warning went back as a line of the call's output: 30,000 of one filled its 1 MB, and what the program
+    # printed after them reached the worker's log only
+    program, _ = define(shell, '''
+import warnings
+
+def program(n: int):
+    for i in range(n):
+        warnings.warn("again", UserWarning)
+    print("after the loop")
+    return n
+''')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pool.run(program, n=30_000) == 30_000
+    assert "after the loop" in capsys.readouterr().out
+    assert 1 <= len(caught) <= 100 and {str(w.message) for w in caught} == {"again"}
+
+
 def test_a_programs_log_records_are_handled_by_the_kernels_logging(shell: InteractiveShell, pool: Pool,
                                                                    demo_lm: dspy.LM,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:

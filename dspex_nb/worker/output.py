@@ -3,6 +3,7 @@ text a call's threads write there, which goes back to the kernel with the call (
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import json
@@ -18,6 +19,7 @@ from dspex_nb import redact
 from dspex_nb.wire import LOGS, WARNINGS, valid_text
 
 OUTPUT_LIMIT = 2**20  # characters of one call's output that go back to the kernel; the rest is in the log only
+WARNED_AGAIN = 100  # times one call sends one warning made again and again (under the kernel's "always" filter)
 HELD = 64 * 1024  # characters of a line held for its end (CallOutput) before part of it goes anyway
 Send = Callable[[str, str], None]  # (stream name, text): where a call's output goes as it is written
 
@@ -39,6 +41,15 @@ class CallOutput:
         self._open = True
         self._held: dict[str, list[str]] = {}  # each stream's text not yet sent
         self._size: dict[str, int] = {}
+        self._warned: collections.Counter[tuple[Any, ...]] = collections.Counter()
+
+    def repeated(self, warning: tuple[Any, ...]) -> bool:
+        """Whether this call has sent ``warning`` (its message, category, file and line) ``WARNED_AGAIN`` times: a
+        warning made in a loop of 100,000 goes back that often, and the call's other output is not lost past
+        ``OUTPUT_LIMIT``."""
+        with self._lock:
+            self._warned[warning] += 1
+            return self._warned[warning] > WARNED_AGAIN
 
     def write(self, stream: str, text: str) -> None:
         with self._lock:
@@ -204,6 +215,8 @@ def forward_warnings() -> None:
             with _log_only():  # DSPy names the frame that called it: here the worker's
                 shown(message, category, filename, lineno, file, line)
             return
+        if call.repeated((str(message), category, filename, lineno)):
+            return  # the kernel has had it often enough from this call: the rest would fill the call's output
         classes = [f"{cls.__module__}:{cls.__qualname__}" for cls in category.__mro__ if issubclass(cls, Warning)]
         call.write(WARNINGS, json.dumps({"message": str(message), "category": classes, "filename": filename,
                                          "lineno": lineno, "module": module}, ensure_ascii=False) + "\n")

@@ -158,13 +158,30 @@ def _init(address: str | None) -> None:
             _refuse_anothers_cluster()
         kwargs["address"] = address
     try:
-        ray.init(**kwargs)
+        with _loopback_only(kwargs["address"] == "local"):
+            ray.init(**kwargs)
     except Exception as exc:  # Ray's own: a WorkerStartError, as a local worker's start gives, said in a cell
         _end_unfinished_instance()
         raise WorkerStartError(f"{_joining(kwargs['address'])}: {type(exc).__name__}: {redact.text(str(exc))}") from exc
     except BaseException:  # Ctrl-C
         _end_unfinished_instance()
         raise
+
+
+@contextlib.contextmanager
+def _loopback_only(local: bool) -> Iterator[None]:
+    """While the pool's own instance starts (``local``), Ray's single-node mode, as on macOS and Windows: its node
+    address is the loopback one, so its gcs_server, raylet, object manager, agents and actors listen on loopback only
+    (Ray binds them to all interfaces for any other address; it takes a given ``_node_ip_address="127.0.0.1"`` for
+    the machine's network address on Linux). Ray reads that mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``) as it is
+    imported; it is this instance's only, so a cluster the kernel joins later is reached at its network address."""
+    constants = ray._private.ray_constants
+    clustered = constants.ENABLE_RAY_CLUSTER
+    constants.ENABLE_RAY_CLUSTER = clustered and not local
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = clustered
 
 
 def _joining(address: str) -> str:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
@@ -730,8 +731,9 @@ def own_ray() -> Iterator[OwnRay]:
         wait_until(lambda: "</cell>" in output.read_text() or kernel.poll() is not None, timeout=240,
                    what="the cell that starts the pool's own Ray")
         text = output.read_text()
-        assert "</cell>" in text, text[-3000:]
-        yield OwnRay(kernel, text.partition("<cell>\n")[2].partition("</cell>")[0], *ray_tmp.glob("dspex-ray-*"))
+        started = list(ray_tmp.glob("dspex-ray-*"))
+        assert "</cell>" in text and started, text[-3000:]
+        yield OwnRay(kernel, text.partition("<cell>\n")[2].partition("</cell>")[0], started[0])
         kernel.communicate(b"\n", timeout=120)
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -780,3 +782,12 @@ def test_the_pools_own_ray_listens_on_loopback_only(own_ray: OwnRay) -> None:
     assert {"gcs_server", "raylet", "ray::RayWorker"} <= names, names  # the start's processes were read
     assert not {pid: [a for a in found if not _loopback(a)] for pid, found in listening.items()
                 if not all(map(_loopback, found))}
+
+
+def test_the_cell_that_starts_the_pools_own_ray_shows_our_line_only(own_ray: OwnRay) -> None:
+    """Was: `%dspex start --ray` printed Ray's start messages into the cell (its token-authentication WARNING,
+    "Started a local Ray instance.") around the pool's line. Now they go to the instance's start log (README says
+    where), and the cell shows the pool's line (with the dashboard's address where Ray has one)."""
+    assert re.fullmatch(r"dspex: pool of 1 worker ready \(lm='demo', Ray actors at a local Ray instance"
+                        r"(, dashboard http://127\.0\.0\.1:\d+)?\) in \d+\.\d s\n", own_ray.cell), own_ray.cell
+    assert "Started a local Ray instance" in (own_ray.ray_dir / "ray-start.log").read_text()

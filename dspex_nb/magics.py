@@ -443,7 +443,7 @@ class Dspex(Magics):
         except OSError as exc:  # a runtime directory or DSPy cache it refuses: its message names it and what to do
             raise CellFailed(exc.strerror or str(exc)) from exc
         self.pools[name] = pool
-        on = "" if ray is None else f", Ray actors at {ray or 'a local Ray instance'}"
+        on = "" if ray is None else f", Ray actors at {ray or 'a local Ray instance'}{_dashboard(pool.backend)}"
         print(f"dspex: pool{label} of {count(workers, 'worker')} ready (lm={pool.lm!r}{on}) in "
               f"{time.monotonic() - started:.1f} s")
         return pool
@@ -733,6 +733,10 @@ class Dspex(Magics):
         hook.___, hook.__, hook._ = hook.__, hook._, value
         if ours and "_" not in vars(builtins):
             self.shell.push({"_": hook._, "__": hook.__, "___": hook.___}, interactive=False)
+
+
+def _dashboard(backend: Any) -> str:
+    return f", dashboard {backend.dashboard}" if backend.dashboard else ""
 
 
 def _unders_are_ipythons(shell: Any) -> bool:

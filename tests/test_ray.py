@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,8 +42,6 @@ LOOPBACK_CLUSTER = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -693,3 +694,100 @@ def test_a_ray_that_does_not_start_is_a_worker_start_error() -> None:
                          env=env)
     said = "Pool(address='127.0.0.1:notaport'): this kernel could not join that Ray cluster: ValueError: Unable"
     assert out.stdout.startswith(said), (out.stdout, out.stderr[-2000:])
+
+
+OWN_RAY_CELL = """
+import sys
+from IPython.terminal.interactiveshell import TerminalInteractiveShell
+shell = TerminalInteractiveShell.instance()
+print("<cell>", flush=True)
+shell.run_cell("%load_ext dspex_nb\\n%dspex start --ray -n 1 --lm demo")
+sys.stderr.flush()
+print("</cell>", flush=True)
+sys.stdin.readline()  # the test reads the pool's processes meanwhile
+shell.run_cell("%dspex stop")
+"""
+
+
+@dataclasses.dataclass
+class OwnRay:
+    kernel: subprocess.Popen
+    cell: str  # what the cell that started the pool showed, stdout and stderr as a terminal shows them
+    ray_dir: Path  # the pool's private Ray directory
+
+
+@pytest.fixture(scope="module")
+def own_ray() -> Iterator[OwnRay]:
+    """An IPython shell, in a session of its own, whose `%dspex start --ray -n 1 --lm demo` started the pool's own
+    Ray (with Ray's defaults: its token authentication on, as a user has it); the pool runs until the module ends."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dr", dir="/tmp"))  # Ray's socket paths must stay short
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *LOOPBACK_CLUSTER)}
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    output = ray_tmp / "terminal.txt"
+    with open(output, "wb") as terminal:
+        kernel = subprocess.Popen([sys.executable, "-c", OWN_RAY_CELL], stdin=subprocess.PIPE, stdout=terminal,
+                                  stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        wait_until(lambda: "</cell>" in output.read_text() or kernel.poll() is not None, timeout=240,
+                   what="the cell that starts the pool's own Ray")
+        text = output.read_text()
+        started = list(ray_tmp.glob("dspex-ray-*"))
+        assert "</cell>" in text and started, text[-3000:]
+        yield OwnRay(kernel, text.partition("<cell>\n")[2].partition("</cell>")[0], started[0])
+        kernel.communicate(b"\n", timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(kernel.pid, signal.SIGKILL)
+        kernel.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _listening(pid: int) -> list[str]:
+    """The addresses process ``pid`` listens on with TCP (its sockets, found in its network namespace's tables)."""
+    sockets = set()
+    with contextlib.suppress(OSError):  # it ended meanwhile
+        for fd in os.scandir(f"/proc/{pid}/fd"):
+            link = os.readlink(fd.path)
+            if link.startswith("socket:["):
+                sockets.add(link[len("socket:["):-1])
+    found = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        with contextlib.suppress(OSError):
+            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and fields[9] in sockets:  # LISTEN
+                    address, port = fields[1].split(":")
+                    raw = bytes.fromhex(address)  # each 32-bit word in host (little-endian) order
+                    ip = socket.inet_ntop(family, b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+                    found.append(f"[{ip}]:{int(port, 16)}")
+    return found
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address[1:].partition("]")[0])
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def test_the_pools_own_ray_listens_on_loopback_only(own_ray: OwnRay) -> None:
+    """Was: the Ray instance the pool starts for itself (no address) had its gcs_server, raylet, object manager,
+    agents and actors listen on every interface (`*:port`), so other hosts of the network could reach a notebook's
+    pool (behind Ray's token only): Ray takes 127.0.0.1 for this machine's network address on Linux. Every process of
+    that start (of the kernel's session, or using its Ray directory), the kernel's own Ray driver included, is read."""
+    from dspex_nb.pool.process import group_members
+    from dspex_nb.pool.ray_backend import _processes_using
+
+    pids = {*group_members(own_ray.kernel.pid), *_processes_using(str(own_ray.ray_dir))}
+    listening = {pid: _listening(pid) for pid in pids}
+    names = {_cmdline(pid).split(b"\0")[0].decode().rpartition("/")[2] for pid, found in listening.items() if found}
+    assert {"gcs_server", "raylet", "ray::RayWorker"} <= names, names  # the start's processes were read
+    assert not {pid: [a for a in found if not _loopback(a)] for pid, found in listening.items()
+                if not all(map(_loopback, found))}
+
+
+def test_the_cell_that_starts_the_pools_own_ray_shows_our_line_only(own_ray: OwnRay) -> None:
+    """Was: `%dspex start --ray` printed Ray's start messages into the cell (its token-authentication WARNING,
+    "Started a local Ray instance.") around the pool's line. Now they go to the instance's start log (README says
+    where), and the cell shows the pool's line (with the dashboard's address where Ray has one)."""
+    assert re.fullmatch(r"dspex: pool of 1 worker ready \(lm='demo', Ray actors at a local Ray instance"
+                        r"(, dashboard http://127\.0\.0\.1:\d+)?\) in \d+\.\d s\n", own_ray.cell), own_ray.cell
+    assert "Started a local Ray instance" in (own_ray.ray_dir / "ray-start.log").read_text()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from dspex_nb.wire import owner_gone, owner_spec, start_time
 
 try:
     import ray
+    from ray._private import ray_constants
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
     from ray.util.client import ray as ray_client
 except ImportError as exc:  # reported at Pool(backend="ray"), never deep in a call
@@ -65,6 +68,7 @@ RAY_SOCKET_ROOM = len("/dspex-ray-12345678/ray/session_2026-01-01_00-00-00_00000
 _private_dir: list[str] = []  # that instance's directory, of this user only, removed when the instance ends
 PRIVATE_PREFIX = "dspex-ray-"
 KERNEL_FILE = "kernel"  # in that directory: the kernel that made it (wire.owner_spec), for ``_remove_stale_dirs``
+START_LOG = "ray-start.log"  # and there, Ray's messages and warnings in the kernel while that instance started
 
 
 class RayBackend:
@@ -80,6 +84,7 @@ class RayBackend:
         self._ids = itertools.count()
         self.run_id = uuid.uuid4().hex[:12]
         self.cwd = os.getcwd()  # the actors' too, where their node has it, as local workers have the kernel's
+        self.dashboard = ""  # the URL of the cluster's Ray dashboard, where it has one
 
     def fresh(self) -> RayBackend:
         return self
@@ -97,7 +102,13 @@ class RayBackend:
                 _same_cluster(self.address)
                 if _owners:
                     _owners.add(self)
+        self.dashboard = _dashboard()
         return []
+
+    @property
+    def log_path(self) -> Path | None:
+        """Where Ray's messages and warnings of the start went, for the pool's own instance (None: a cluster's)."""
+        return Path(_private_dir[-1], START_LOG) if self in _owners and _private_dir else None
 
     @staticmethod
     def follows(name: str, value: str) -> bool:
@@ -158,13 +169,63 @@ def _init(address: str | None) -> None:
             _refuse_anothers_cluster()
         kwargs["address"] = address
     try:
-        ray.init(**kwargs)
+        with _loopback_only(kwargs["address"] == "local"), _messages_to(_private_dir[-1] if _private_dir else None):
+            ray.init(**kwargs)
     except Exception as exc:  # Ray's own: a WorkerStartError, as a local worker's start gives, said in a cell
         _end_unfinished_instance()
         raise WorkerStartError(f"{_joining(kwargs['address'])}: {type(exc).__name__}: {redact.text(str(exc))}") from exc
     except BaseException:  # Ctrl-C
         _end_unfinished_instance()
         raise
+
+
+@contextlib.contextmanager
+def _loopback_only(local: bool) -> Iterator[None]:
+    """While the pool's own instance starts (``local``), Ray's single-node mode, as on macOS and Windows: its node
+    address is the loopback one, so its gcs_server, raylet, object manager, agents and actors listen on loopback only
+    (Ray binds them to all interfaces for any other address; it takes a given ``_node_ip_address="127.0.0.1"`` for
+    the machine's network address on Linux). Ray reads that mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``) as it is
+    imported; it is this instance's only, so a cluster the kernel joins later is reached at its network address."""
+    clustered = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = clustered and not local
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clustered
+
+
+@contextlib.contextmanager
+def _messages_to(directory: str | None) -> Iterator[None]:
+    """Ray's messages and warnings in the kernel while the pool's own instance (in ``directory``) starts (its banner,
+    its token-authentication notice, deprecations) go to ``START_LOG`` there, not into the cell that starts the pool;
+    Ray's errors still show there, and a start that fails says why in its WorkerStartError."""
+    if directory is None:
+        yield
+        return
+    ray_logger = logging.getLogger("ray")
+    shown = [(handler, handler.level) for handler in ray_logger.handlers]
+    fd = os.open(os.path.join(directory, START_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as log, warnings.catch_warnings(record=True) as caught:
+        logged = logging.StreamHandler(log)
+        logged.setFormatter(logging.Formatter(ray_constants.LOGGER_FORMAT))
+        ray_logger.addHandler(logged)
+        for handler, level in shown:
+            handler.setLevel(max(level, logging.ERROR))
+        try:
+            yield
+        finally:
+            ray_logger.removeHandler(logged)
+            for handler, level in shown:
+                handler.setLevel(level)
+            log.writelines(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+
+
+def _dashboard() -> str:
+    """The URL of the Ray dashboard of the cluster this kernel is connected to ("" where it has none)."""
+    with contextlib.suppress(Exception):  # none, or a Ray without one
+        url = ray._private.worker.get_dashboard_url() or ""
+        return url if not url or "://" in url else f"http://{url}"
+    return ""
 
 
 def _joining(address: str) -> str:

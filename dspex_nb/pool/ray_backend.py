@@ -68,6 +68,7 @@ RAY_SOCKET_ROOM = len("/dspex-ray-12345678/ray/session_2026-01-01_00-00-00_00000
 _private_dir: list[str] = []  # that instance's directory, of this user only, removed when the instance ends
 PRIVATE_PREFIX = "dspex-ray-"
 KERNEL_FILE = "kernel"  # in that directory: the kernel that made it (wire.owner_spec), for ``_remove_stale_dirs``
+_RAY_CODE = os.path.dirname(ray.__file__) + os.sep  # where Ray's own warnings are made
 START_LOG = "ray-start.log"  # and there, Ray's messages and warnings in the kernel while that instance started
 
 
@@ -205,7 +206,18 @@ def _messages_to(directory: str | None) -> Iterator[None]:
     ray_logger = logging.getLogger("ray")
     shown = [(handler, handler.level) for handler in ray_logger.handlers]
     fd = os.open(os.path.join(directory, START_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a", encoding="utf-8") as log, warnings.catch_warnings(record=True) as caught:
+    with os.fdopen(fd, "a", encoding="utf-8") as log, warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def showwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                        file: Any = None, line: str | None = None) -> None:
+            """Ray's (made in its code, or attributed to this module's call): to the log; another thread's: shown."""
+            if filename.startswith(_RAY_CODE) or filename == __file__:
+                log.write(warnings.formatwarning(message, category, filename, lineno, line))
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning
         logged = logging.StreamHandler(log)
         logged.setFormatter(logging.Formatter(ray_constants.LOGGER_FORMAT))
         ray_logger.addHandler(logged)
@@ -217,7 +229,6 @@ def _messages_to(directory: str | None) -> Iterator[None]:
             ray_logger.removeHandler(logged)
             for handler, level in shown:
                 handler.setLevel(level)
-            log.writelines(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
 
 
 def _dashboard() -> str:

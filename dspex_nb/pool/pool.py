@@ -173,8 +173,9 @@ class WorkerPool(Supervision):
             described = first.conn.describe(self.start_timeout, self._death_of(first))
             self.schemas = {t["name"]: t for t in described["tools"]}
         except BaseException as exc:
+            out = out_of_files(exc, self.size)  # before the shutdown frees what this start held
             self.shutdown()
-            if (out := out_of_files(exc, self.size)) is not None:
+            if out is not None:
                 raise out from exc
             raise
         _live_pools.add(self)

@@ -61,11 +61,25 @@ def trim_log(path: Path, limit: int = LOG_LIMIT, keep: int = LOG_KEEP) -> bool:
 
 def out_of_files(exc: BaseException, workers: int) -> WorkerStartError | None:
     """The error for a pool start that ran out of file descriptors (None where ``exc`` is not that): what ran out
-    and what to do, in place of a bare "[Errno 24] Too many open files" from deep in subprocess or a socket."""
-    if not isinstance(exc, OSError) or exc.errno not in (errno.EMFILE, errno.ENFILE):
+    and what to do, in place of a bare "[Errno 24] Too many open files" from deep in subprocess or a socket, or a
+    worker said to have exited where this process could no longer open its log or read its state in /proc."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        what = str(exc)
+    elif isinstance(exc, WorkerStartError) and not _descriptor_left():
+        what = "this process can open no more files"
+    else:
         return None
-    return WorkerStartError(f"starting {workers} worker(s) ran out of file descriptors ({exc}): {files_advice()}; "
+    return WorkerStartError(f"starting {workers} worker(s) ran out of file descriptors ({what}): {files_advice()}; "
                             "nothing of this pool is left running")
+
+
+def _descriptor_left() -> bool:
+    """Whether this process can open a file now."""
+    try:
+        os.close(os.open(os.devnull, os.O_RDONLY))
+    except OSError as exc:
+        return exc.errno not in (errno.EMFILE, errno.ENFILE)
+    return True
 
 
 def files_advice() -> str:

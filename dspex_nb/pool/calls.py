@@ -31,8 +31,8 @@ from dspex_nb.errors import (
     MessageTooLarge,
     StopStream,
     ToolError,
+    call_error,
     program_errors_raised_here,
-    remote_error,
 )
 from dspex_nb.wire import dumps, loads
 from dspex_nb.words import count
@@ -519,7 +519,7 @@ class Run(Handle):
             self._final, self._ended = last.data, True
         elif last.kind == "error" and last.is_final:
             self._ended = True
-            self._error = remote_error(self.tool, last.data, self.worker)
+            self._error = call_error(self.tool, last.data, self.worker)
         with self._cond:
             self.chunks.extend(chunks)
             if self.keep_chunks is not None and len(self.chunks) > 2 * self.keep_chunks:  # trim now and then

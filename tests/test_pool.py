@@ -677,3 +677,40 @@ def sleeps(seconds: float) -> float:
 
     time.sleep(seconds)
     return seconds
+
+
+def reads(path: str) -> str:
+    with open(path) as file:
+        return file.read()
+
+
+def moves_to(directory: str) -> str:
+    import os
+
+    os.chdir(directory)
+    return os.getcwd()
+
+
+def test_each_call_runs_in_the_kernels_working_directory(pool: Pool, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Was: workers kept the directory the kernel had when the pool started: a %cd after it never reached them (a
+    # relative path was FileNotFoundError there), and a program's os.chdir stayed on the one worker that ran it
+    (tmp_path / "notes.txt").write_text("the notebook's notes")
+    monkeypatch.chdir(tmp_path)
+    assert pool.run(reads, path="notes.txt") == "the notebook's notes"
+    assert pool.run_stream(reads, path="notes.txt").result(60) == "the notebook's notes"
+    assert pool.map(moves_to, [{"directory": "/"}] * 4, journal=False).result(60) == ["/"] * 4  # on both workers
+    assert pool.map(reads, [{"path": "notes.txt"}] * 4, journal=False).result(60) == ["the notebook's notes"] * 4
+    assert pool.map(moves_to, [{"directory": "."}] * 4, journal=False).result(60) == [os.getcwd()] * 4
+
+
+def test_a_kernel_directory_the_worker_cannot_enter_leaves_it_where_it_is_said_once(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from dspex_nb.worker.state import WorkerState
+
+    state = WorkerState("w0", "run", 2**20)
+    before = os.getcwd()
+    for _ in range(2):
+        state.enter("/no/such/directory/on/this/node")
+    assert os.getcwd() == before
+    assert capsys.readouterr().err.count("cannot work in the kernel's directory /no/such/directory/on/this/node") == 1

@@ -9,6 +9,7 @@ arrives as a ``DspexError`` already translated (``died`` says whether the worker
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -26,6 +27,15 @@ BACKSTOP = 10.0  # seconds past a call's timeout that the kernel waits for its w
 def left(timeout: float | None, waited: float) -> float | None:
     """What is left of a call's ``timeout`` after ``waited`` seconds in the queue."""
     return None if timeout is None else max(0.001, timeout - waited)
+
+
+def kernel_dir() -> str:
+    """The kernel's working directory now, which each call brings to its worker; "" where it was removed (the worker
+    then stays where it is)."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return ""
 
 
 def backstop(timeout: float | None, waited: float) -> float | None:

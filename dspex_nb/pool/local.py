@@ -26,7 +26,7 @@ from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.errors import CallTimeout, DspexError, MessageTooLarge, WorkerStartError, call_error
 from dspex_nb.pool import stale
 from dspex_nb.pool.calls import Chunk, decode_chunks, show_output
-from dspex_nb.pool.connection import BACKSTOP, ConnectionClosed, Died, Health, WorkerSpec, backstop
+from dspex_nb.pool.connection import BACKSTOP, ConnectionClosed, Died, Health, WorkerSpec, backstop, kernel_dir
 from dspex_nb.pool.process import WORKER_SET, ProcessHandle, WorkerProcess, interpreter, worker_env
 from dspex_nb.pool.template import FORK_TIMEOUT, Template
 from dspex_nb.wire import LM_KWARGS_ENV, health_address, loads, message_options
@@ -282,7 +282,7 @@ def _request(tool: str, args_json: bytes, session_id: str, timeout: float | None
     """A call as its worker gets it: with its timeout (what is left of it, which the worker keeps) and the kernel's
     working directory now, which the worker runs it in."""
     return bridge_pb2.ExecuteRequest(tool=tool, args_json=args_json, session_id=session_id, timeout_s=timeout or 0.0,
-                                     waited_s=waited, cwd=os.fsencode(os.getcwd()))
+                                     waited_s=waited, cwd=os.fsencode(kernel_dir()))
 
 
 def translate(err: grpc.RpcError, tool: str, timeout: float | None,

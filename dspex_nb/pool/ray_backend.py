@@ -32,7 +32,7 @@ from typing import Any
 from dspex_nb import redact
 from dspex_nb.errors import CallTimeout, DspexError, WorkerDied, WorkerStartError, call_error
 from dspex_nb.pool.calls import Chunk, decode_chunks, show_output
-from dspex_nb.pool.connection import BACKSTOP, ConnectionClosed, Died, Health, WorkerSpec, backstop
+from dspex_nb.pool.connection import BACKSTOP, ConnectionClosed, Died, Health, WorkerSpec, backstop, kernel_dir
 from dspex_nb.pool.local import MAX_SOCKET_PATH
 from dspex_nb.pool.settings import SettingError
 from dspex_nb.wire import owner_gone, owner_spec, start_time
@@ -476,7 +476,7 @@ class RayConnection:
     def execute(self, tool: str, args_json: bytes, session_id: str, timeout: float | None, waited: float,
                 died: Died) -> Any:
         call_id = self._call_id()
-        ref = self._submit(self.actor.execute, call_id, tool, args_json, session_id, timeout, waited, os.getcwd())
+        ref = self._submit(self.actor.execute, call_id, tool, args_json, session_id, timeout, waited, kernel_dir())
         try:  # the actor keeps the timeout (it answers CallTimeout); this only ends a wait for one that cannot answer
             result, error, output = ray.get(ref, timeout=backstop(timeout, waited))
         except GetTimeoutError:
@@ -497,7 +497,7 @@ class RayConnection:
                died: Died) -> _Stream:
         call_id = self._call_id()
         generator = self._submit(self.actor.stream.options(num_returns="streaming"), call_id, tool, args_json,
-                                 session_id, timeout, waited, os.getcwd())
+                                 session_id, timeout, waited, kernel_dir())
         return _Stream(self, generator, call_id, tool, died)
 
     def describe(self, timeout: float, died: Died) -> dict[str, Any]:

@@ -670,6 +670,9 @@ def test_the_worker_keeps_a_timeout_of_a_program_that_does_not_see_its_cancel(po
         pool.call(sleeps, {"seconds": 30}, timeout=0.5)
     with pytest.raises(CallTimeout, match=r"within its timeout of 0.5 s; the remote work was cancelled"):
         pool.call(sleeps, {"seconds": 30}, stream=True, timeout=0.5).result(60)
+    with pytest.raises(CallTimeout):  # a loop over the stream does not end quietly on a truncated answer
+        for _ in pool.call(sleeps, {"seconds": 30}, stream=True, timeout=0.5):
+            pass
 
 
 def sleeps(seconds: float) -> float:

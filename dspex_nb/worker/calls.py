@@ -460,7 +460,8 @@ class Call:
 
         thread = threading.Thread(target=run, name=f"tool-{self.tool}", daemon=True)
         thread.start()
-        thread.join(self.deadline.remaining())
+        while thread.is_alive() and not self.ctx.cancelled.is_set() and (left := self.deadline.remaining()):
+            thread.join(min(left, 0.2))  # a caller that went away (Ctrl-C) frees this thread at once
         if not self.deadline.expire():  # it ended in time: its reply is being kept, or is
             thread.join()
             return replies[0]

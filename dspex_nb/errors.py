@@ -128,6 +128,17 @@ def remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolEr
     return error
 
 
+TIMEOUT_CLASS = "dspex_nb.errors:CallTimeout"  # a call's timeout, as its worker reports it (``worker.calls.Deadline``)
+
+
+def call_error(tool: str, info: Mapping[str, Any], worker: str = "") -> DspexError:
+    """The error a call ended with on its worker: its timeout, which the worker keeps, as the ``CallTimeout`` it
+    is; else what the tool raised (``remote_error``)."""
+    if list(info.get("bases", ()))[:1] == [TIMEOUT_CLASS]:
+        return CallTimeout(info["message"])
+    return remote_error(tool, info, worker)
+
+
 def _remote_error(tool: str, info: Mapping[str, Any], worker: str = "") -> ToolError:
     """The error the worker reported (``info``: its ``type``, ``message``, ``traceback``, ``bases``,
     ``attributes`` and ``args``, as the worker's ``error_info`` gives them), as the most specific ToolError.

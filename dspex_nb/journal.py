@@ -13,7 +13,8 @@ another user could read or change it (a directory anyone may write to, their -wa
 The journal never costs a result: a write that fails (a full disk, a read-only file) is reported once
 (``Journal.problem``, shown by the batch) and the batch goes on with every result in memory; a file
 that is not a journal (corrupt, truncated) is moved aside, with a warning naming both files, and a
-fresh one started; a row that cannot be read is skipped (that item runs again).
+fresh one started, at open or when a later use finds it so (``Journal._using``); a row that cannot be read is
+skipped (that item runs again).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import sqlite3
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dspex_nb.errors import warn_kept
 from dspex_nb.wire import owner_gone, owner_spec
@@ -57,6 +59,8 @@ CREATE TABLE IF NOT EXISTS items (
 """
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"  # how a database file starts
+WAL_MAGIC = (b"\x37\x7f\x06\x82", b"\x37\x7f\x06\x83")  # and its -wal file
 JOURNAL_TABLES = {"batches", "claims", "items"}
 NOT_A_JOURNAL = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}  # errors that say the file itself is damaged
 
@@ -72,7 +76,13 @@ def _schema_layout() -> dict[str, list[tuple[Any, ...]]]:
         return _layout(db)
 
 
+T = TypeVar("T")
 LAYOUT = _schema_layout()  # what a journal's tables must be: another layout is another version's journal
+
+
+def _damaged(exc: sqlite3.DatabaseError) -> bool:
+    """Whether ``exc`` says the file itself is not a journal (corrupt, garbage), not a full disk or an I/O error."""
+    return (exc.sqlite_errorcode & 0xFF) in NOT_A_JOURNAL
 
 
 def default_path() -> Path:
@@ -104,17 +114,71 @@ class Journal:
         try:
             self._db = self._open()
         except sqlite3.DatabaseError as exc:  # not a journal: keep it aside for the user, start afresh
-            if (exc.sqlite_errorcode & 0xFF) not in NOT_A_JOURNAL:  # a full disk, an I/O error: the file may be fine
+            if not _damaged(exc):  # a full disk, an I/O error: the file may be fine
                 raise
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-            self.path.replace(aside)
-            warn_kept(f"the batch journal {self.path} could not be read ({exc}); it was moved to {aside} and a new "
-                      "journal started", JournalWarning, stacklevel=2)
-            self._db = self._open()
+            self._db = self._renewed(exc, stacklevel=3)
+
+    def _renewed(self, exc: sqlite3.DatabaseError, stacklevel: int) -> sqlite3.Connection:
+        """A new journal in place of the file ``exc`` found damaged, which is moved aside (with its -wal and -shm
+        files) for the user, saying so."""
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.path.replace(aside)
+        for suffix in ("-wal", "-shm"):  # a new journal must not read the damaged one's log
+            with contextlib.suppress(FileNotFoundError):
+                self.path.with_name(self.path.name + suffix).replace(aside.with_name(aside.name + suffix))
+        warn_kept(f"the batch journal {self.path} could not be read ({exc}); it was moved to {aside} and a new "
+                  "journal started", JournalWarning, stacklevel=stacklevel)
+        return self._open()
+
+    def _using(self, action: Callable[[sqlite3.Connection], T]) -> T:
+        """``action(db)`` under the lock, on the file at the journal's path now. SQLite goes on writing through its
+        open files and its cache where the file was written over or replaced while the session used it, so those
+        writes would reach no later session: a file replaced is opened again, and one found damaged (here, or by
+        ``action``) is moved aside and a new journal started, as at open, so that the batches after it are kept."""
+        with self._lock:
+            if self._file is not None and not self._intact():
+                self._reopen(None)
+            try:
+                return action(self._db)
+            except sqlite3.DatabaseError as exc:
+                if not _damaged(exc):
+                    raise
+                self._reopen(exc)
+                return action(self._db)
+
+    def _intact(self) -> bool:
+        """Whether the file at the journal's path is still the one it opened, and reads as SQLite's (its -wal too)."""
+        try:
+            info = os.stat(self.path)
+            if (info.st_dev, info.st_ino) != self._file:
+                return False
+            with open(self.path, "rb") as main:
+                if main.read(len(SQLITE_MAGIC)) not in (SQLITE_MAGIC, b""):
+                    return False
+            with open(self.path.with_name(self.path.name + "-wal"), "rb") as wal:
+                return wal.read(4) in (*WAL_MAGIC, b"")
+        except FileNotFoundError:  # removed (its -wal: checkpointed): SQLite makes it again
+            return True
+
+    def _reopen(self, damage: sqlite3.DatabaseError | None) -> None:
+        """Open the file at the journal's path again; one that ``damage`` (or the opening) finds damaged is moved
+        aside and a new journal started, saying so, once."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+        if damage is None:
+            try:
+                self._db = self._open()
+                return
+            except sqlite3.DatabaseError as exc:
+                if not _damaged(exc):
+                    raise
+                damage = exc
+        self._db = self._renewed(damage, stacklevel=5)
 
     def _start(self, path: str | Path | None) -> None:
         self.path = Path(path) if path is not None else default_path()
         self.problem: str | None = None  # the first write that failed, if one did
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file opened (None: in memory)
         self._lock = threading.Lock()
 
     @classmethod
@@ -173,6 +237,7 @@ class Journal:
                                       "journal of another dspex_nb version?): refusing to use it; give the journal "
                                       "a file of its own (Pool(journal=path) or DSPEX_JOURNAL), or move it aside")
             os.fchmod(fd, 0o600)
+            self._file = (info.st_dev, info.st_ino)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed row survives a process kill
             db.executescript(SCHEMA)
@@ -189,9 +254,8 @@ class Journal:
         """Register batch ``key``; return its finished results by item key (none when the journal fails)."""
         now = time.time()
         try:
-            with self._lock:
-                self._db.execute("INSERT INTO batches VALUES (?, ?, ?, ?) ON CONFLICT(batch_key) DO UPDATE SET "
-                                 "updated = excluded.updated", (key, description, now, now))
+            self._using(lambda db: db.execute("INSERT INTO batches VALUES (?, ?, ?, ?) ON CONFLICT(batch_key) DO "
+                                              "UPDATE SET updated = excluded.updated", (key, description, now, now)))
         except sqlite3.Error as exc:
             self._failed("read", exc)
             return {}
@@ -200,9 +264,8 @@ class Journal:
     def _finished(self, batch_key: str) -> dict[str, dict[str, Any]]:
         """The results kept for a batch, by item key; a damaged row is skipped (that item runs again)."""
         try:
-            with self._lock:
-                rows = self._db.execute("SELECT item_key, result FROM items WHERE batch_key = ?",
-                                        (batch_key,)).fetchall()
+            rows = self._using(lambda db: db.execute("SELECT item_key, result FROM items WHERE batch_key = ?",
+                                                     (batch_key,)).fetchall())
         except sqlite3.Error as exc:
             self._failed("read", exc)
             return {}
@@ -221,9 +284,8 @@ class Journal:
     def record(self, batch_key: str, item_key: str, result: dict[str, Any]) -> bool:
         """Keep one finished item (committed at once); False (and ``problem`` set) when it could not."""
         try:
-            with self._lock:
-                self._db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?)",
-                                 (batch_key, item_key, json.dumps(result), time.time()))
+            row = (batch_key, item_key, json.dumps(result), time.time())
+            self._using(lambda db: db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?)", row))
         except sqlite3.Error as exc:
             self._failed("write to", exc)
             return False
@@ -246,26 +308,31 @@ class Journal:
         gone (a process of this machine that ended) lapse at once; those of a run elsewhere, when its lease ends.
         On a journal error: all of them."""
         now, owner = time.time(), _claimant(owner)
+
+        def claim(db: sqlite3.Connection) -> list[tuple[str]]:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                others = db.execute("SELECT DISTINCT owner FROM claims WHERE batch_key = ? AND owner != ? "
+                                    "AND expires >= ?", (batch_key, owner, now)).fetchall()
+                db.executemany("DELETE FROM claims WHERE batch_key = ? AND owner = ?",
+                               [(batch_key, other) for (other,) in others if _claimant_gone(other)])
+                db.executemany(
+                    "INSERT INTO claims VALUES (?, ?, ?, ?) ON CONFLICT(batch_key, item_key) DO UPDATE SET "
+                    "owner = excluded.owner, expires = excluded.expires "
+                    "WHERE claims.owner = excluded.owner OR claims.expires < ?",
+                    [(batch_key, key, owner, now + lease, now) for key in set(item_keys)])
+                rows = db.execute("SELECT item_key FROM claims WHERE batch_key = ? AND owner = ?",
+                                  (batch_key, owner)).fetchall()
+            except sqlite3.Error:
+                if db.in_transaction:  # SQLite may have rolled back already (a full disk)
+                    with contextlib.suppress(sqlite3.Error):  # a damaged file may refuse that too
+                        db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return rows
+
         try:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    others = self._db.execute("SELECT DISTINCT owner FROM claims WHERE batch_key = ? AND owner != ? "
-                                              "AND expires >= ?", (batch_key, owner, now)).fetchall()
-                    self._db.executemany("DELETE FROM claims WHERE batch_key = ? AND owner = ?",
-                                         [(batch_key, other) for (other,) in others if _claimant_gone(other)])
-                    self._db.executemany(
-                        "INSERT INTO claims VALUES (?, ?, ?, ?) ON CONFLICT(batch_key, item_key) DO UPDATE SET "
-                        "owner = excluded.owner, expires = excluded.expires "
-                        "WHERE claims.owner = excluded.owner OR claims.expires < ?",
-                        [(batch_key, key, owner, now + lease, now) for key in set(item_keys)])
-                    rows = self._db.execute("SELECT item_key FROM claims WHERE batch_key = ? AND owner = ?",
-                                            (batch_key, owner)).fetchall()
-                except sqlite3.Error:
-                    if self._db.in_transaction:  # SQLite may have rolled back already (a full disk)
-                        self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
+            rows = self._using(claim)
         except sqlite3.Error as exc:
             self._failed("claim items in", exc)
             return set(item_keys)
@@ -274,8 +341,8 @@ class Journal:
     def release(self, batch_key: str, owner: str) -> None:
         """Give up ``owner``'s claims (its run ended)."""
         try:
-            with self._lock:
-                self._db.execute("DELETE FROM claims WHERE batch_key = ? AND owner = ?", (batch_key, _claimant(owner)))
+            self._using(lambda db: db.execute("DELETE FROM claims WHERE batch_key = ? AND owner = ?",
+                                              (batch_key, _claimant(owner))))
         except sqlite3.Error as exc:
             self._failed("release claims in", exc)
 
@@ -285,21 +352,22 @@ class Journal:
 
     def batches(self) -> list[dict[str, Any]]:
         """Every journaled batch: key, description, items kept, created, updated."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT b.batch_key, b.description, COUNT(i.item_key), b.created, b.updated FROM batches b "
-                "LEFT JOIN items i ON i.batch_key = b.batch_key GROUP BY b.batch_key ORDER BY b.updated").fetchall()
+        rows = self._using(lambda db: db.execute(
+            "SELECT b.batch_key, b.description, COUNT(i.item_key), b.created, b.updated FROM batches b "
+            "LEFT JOIN items i ON i.batch_key = b.batch_key GROUP BY b.batch_key ORDER BY b.updated").fetchall())
         return [{"key": k, "description": d, "items": n, "created": c, "updated": u} for k, d, n, c, u in rows]
 
     def clear(self, key: str | None = None) -> int:
         """Forget one batch (by key or key prefix, compared as it is: ``_`` and ``%`` are no wildcards here), or
         every batch (no key); returns how many were removed."""
-        prefix = key or ""
-        with self._lock:
-            removed = self._db.execute("DELETE FROM batches WHERE substr(batch_key, 1, ?) = ?",
-                                       (len(prefix), prefix)).rowcount
-            self._db.execute("DELETE FROM items WHERE substr(batch_key, 1, ?) = ?", (len(prefix), prefix))
-        return removed
+        where = (len(key or ""), key or "")
+
+        def clear(db: sqlite3.Connection) -> int:
+            removed = db.execute("DELETE FROM batches WHERE substr(batch_key, 1, ?) = ?", where).rowcount
+            db.execute("DELETE FROM items WHERE substr(batch_key, 1, ?) = ?", where)
+            return removed
+
+        return self._using(clear)
 
     def close(self) -> None:
         with self._lock:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import wait_until
@@ -186,3 +188,28 @@ def test_a_journal_of_another_layout_is_refused_untouched(tmp_path: Path, items:
     assert path.read_bytes() == before
     with pytest.warns(JournalWarning, match="of another layout"):  # a batch runs with a journal in memory instead
         assert Pool(workers=1, journal=path).journal is not None
+
+
+def test_a_journal_written_over_mid_session_is_moved_aside_and_later_batches_are_kept(tmp_path: Path) -> None:
+    # Was: SQLite went on writing through its open files and cache, so the session's later batches seemed kept, but a
+    # later session found the file damaged, moved it aside (moving it aside happened only at open) and paid for every
+    # item again
+    path = tmp_path / "journal.sqlite3"
+
+    def damage(record: dict[str, Any]) -> None:
+        if record["index"] == 0:
+            for file in (path, path.with_name(path.name + "-wal")):
+                file.write_bytes(os.urandom(file.stat().st_size or 4096))
+
+    later = [f"later {i}?" for i in range(4)]
+    with Pool(workers=1, journal=path) as pool:
+        pool.batch(["before?"], "question -> answer").result(60)
+        with pytest.warns(JournalWarning, match=f"{path}.*moved to .*corrupt"):
+            damaged = pool.batch([f"during {i}?" for i in range(4)], "question -> answer", on_item=damage)
+            assert len(damaged.result(60)) == 4
+        assert pool.batch(later, "question -> answer").result(60)
+    assert list(tmp_path.glob("journal.sqlite3.corrupt-*"))
+    with Pool(workers=1, journal=path) as next_session:
+        again = next_session.batch(later, "question -> answer")
+        again.result(60)
+        assert again.from_journal == 4 and next_session.journal is not None and next_session.journal.problem is None

@@ -644,3 +644,76 @@ def test_the_variables_a_call_brings_leave_out_those_the_pool_sets(monkeypatch: 
     assert changes.now() == {"DSPEX_TEST_CHANGED": "after"}
     monkeypatch.setenv("DSPEX_TEST_CHANGED", "before")  # back as it was: the workers are told so
     assert changes.now() == {"DSPEX_TEST_CHANGED": "before"}
+
+
+def test_a_result_made_within_the_timeout_is_kept_however_slowly_its_chunks_are_read(pool: Pool) -> None:
+    # Was: the kernel's gRPC deadline also counted the time its reader spent in on_chunk, so a stream whose worker had
+    # finished well within its timeout raised CallTimeout ("the remote work was cancelled") once the reader fell behind
+    timeout = 1.0
+    started = time.monotonic()
+
+    def slow_reader(chunk: Chunk) -> None:
+        if chunk.kind == "item" and chunk["index"] == 0:  # the reader is held until the work is done and past timeout
+            wait_until(lambda: pool.describe("w1")["counters"]["active_requests"] == 0, what="the call to end")
+            threading.Event().wait(max(0.0, started + 2 * timeout - time.monotonic()))
+
+    run = pool.execute_stream("count", {"n": 5, "delay": 0.05}, on_chunk=slow_reader, timeout=timeout, worker="w1")
+    assert run.result(60) == {"count": 5}  # a message each: the last ones wait in the kernel while the reader is held
+    assert [chunk["index"] for chunk in run if chunk.kind == "item"] == list(range(5))
+
+
+def test_the_worker_keeps_a_timeout_of_a_program_that_does_not_see_its_cancel(pool: Pool) -> None:
+    # the call ends with CallTimeout at its timeout on the worker, also where the program sleeps past it
+    from dspex_nb.errors import CallTimeout
+
+    with pytest.raises(CallTimeout, match=r"tool 'run_module' did not finish within its timeout of 0.5 s"):
+        pool.call(sleeps, {"seconds": 30}, timeout=0.5)
+    with pytest.raises(CallTimeout, match=r"within its timeout of 0.5 s; the remote work was cancelled"):
+        pool.call(sleeps, {"seconds": 30}, stream=True, timeout=0.5).result(60)
+    with pytest.raises(CallTimeout):  # a loop over the stream does not end quietly on a truncated answer
+        for _ in pool.call(sleeps, {"seconds": 30}, stream=True, timeout=0.5):
+            pass
+
+
+def sleeps(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def reads(path: str) -> str:
+    with open(path) as file:
+        return file.read()
+
+
+def moves_to(directory: str) -> str:
+    import os
+
+    os.chdir(directory)
+    return os.getcwd()
+
+
+def test_each_call_runs_in_the_kernels_working_directory(pool: Pool, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Was: workers kept the directory the kernel had when the pool started: a %cd after it never reached them (a
+    # relative path was FileNotFoundError there), and a program's os.chdir stayed on the one worker that ran it
+    (tmp_path / "notes.txt").write_text("the notebook's notes")
+    monkeypatch.chdir(tmp_path)
+    assert pool.run(reads, path="notes.txt") == "the notebook's notes"
+    assert pool.run_stream(reads, path="notes.txt").result(60) == "the notebook's notes"
+    assert pool.map(moves_to, [{"directory": "/"}] * 4, journal=False).result(60) == ["/"] * 4  # on both workers
+    assert pool.map(reads, [{"path": "notes.txt"}] * 4, journal=False).result(60) == ["the notebook's notes"] * 4
+    assert pool.map(moves_to, [{"directory": "."}] * 4, journal=False).result(60) == [os.getcwd()] * 4
+
+
+def test_a_kernel_directory_the_worker_cannot_enter_leaves_it_where_it_is_said_once(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from dspex_nb.worker.state import WorkerState
+
+    state = WorkerState("w0", "run", 2**20)
+    before = os.getcwd()
+    for _ in range(2):
+        state.enter("/no/such/directory/on/this/node")
+    assert os.getcwd() == before
+    assert capsys.readouterr().err.count("cannot work in the kernel's directory /no/such/directory/on/this/node") == 1

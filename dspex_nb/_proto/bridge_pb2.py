@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64spex_nb/_proto/bridge.proto\x12\x08\x64spex.v1\"\r\n\x0bPingRequest\"k\n\tPingReply\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x11\n\trss_bytes\x18\x04 \x01(\x03\x12\x1b\n\x13\x63\x61ncelled_running_s\x18\x05 \x01(\x01\"\x11\n\x0f\x44\x65scribeRequest\"\x1d\n\rDescribeReply\x12\x0c\n\x04json\x18\x01 \x01(\x0c\"E\n\x0e\x45xecuteRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x11\n\targs_json\x18\x02 \x01(\x0c\x12\x12\n\nsession_id\x18\x03 \x01(\t\"\xcf\x01\n\tToolError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\x12\r\n\x05\x62\x61ses\x18\x04 \x03(\t\x12\x17\n\x0f\x61ttributes_json\x18\x05 \x01(\t\x12\x11\n\targs_json\x18\x06 \x01(\t\x12\x15\n\rgroup_message\x18\x07 \x01(\t\x12\'\n\nexceptions\x18\x08 \x03(\x0b\x32\x13.dspex.v1.ToolError\x12\x15\n\rlm_state_json\x18\t \x01(\t\"i\n\x0c\x45xecuteReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\x0c\x12\"\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.dspex.v1.ToolError\x12 \n\x06output\x18\x03 \x03(\x0b\x32\x10.dspex.v1.Output\"&\n\x06Output\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"!\n\nChunkBatch\x12\x13\n\x0b\x63hunks_json\x18\x01 \x01(\x0c\x32\xfc\x01\n\x06\x42ridge\x12\x32\n\x04Ping\x12\x15.dspex.v1.PingRequest\x1a\x13.dspex.v1.PingReply\x12>\n\x08\x44\x65scribe\x12\x19.dspex.v1.DescribeRequest\x1a\x17.dspex.v1.DescribeReply\x12;\n\x07\x45xecute\x12\x18.dspex.v1.ExecuteRequest\x1a\x16.dspex.v1.ExecuteReply\x12\x41\n\rExecuteStream\x12\x18.dspex.v1.ExecuteRequest\x1a\x14.dspex.v1.ChunkBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64spex_nb/_proto/bridge.proto\x12\x08\x64spex.v1\"\r\n\x0bPingRequest\"k\n\tPingReply\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x11\n\trss_bytes\x18\x04 \x01(\x03\x12\x1b\n\x13\x63\x61ncelled_running_s\x18\x05 \x01(\x01\"\x11\n\x0f\x44\x65scribeRequest\"\x1d\n\rDescribeReply\x12\x0c\n\x04json\x18\x01 \x01(\x0c\"w\n\x0e\x45xecuteRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x11\n\targs_json\x18\x02 \x01(\x0c\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\x12\x10\n\x08waited_s\x18\x05 \x01(\x01\x12\x0b\n\x03\x63wd\x18\x06 \x01(\x0c\"\xcf\x01\n\tToolError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\x12\r\n\x05\x62\x61ses\x18\x04 \x03(\t\x12\x17\n\x0f\x61ttributes_json\x18\x05 \x01(\t\x12\x11\n\targs_json\x18\x06 \x01(\t\x12\x15\n\rgroup_message\x18\x07 \x01(\t\x12\'\n\nexceptions\x18\x08 \x03(\x0b\x32\x13.dspex.v1.ToolError\x12\x15\n\rlm_state_json\x18\t \x01(\t\"i\n\x0c\x45xecuteReply\x12\x13\n\x0bresult_json\x18\x01 \x01(\x0c\x12\"\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.dspex.v1.ToolError\x12 \n\x06output\x18\x03 \x03(\x0b\x32\x10.dspex.v1.Output\"&\n\x06Output\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"!\n\nChunkBatch\x12\x13\n\x0b\x63hunks_json\x18\x01 \x01(\x0c\x32\xfc\x01\n\x06\x42ridge\x12\x32\n\x04Ping\x12\x15.dspex.v1.PingRequest\x1a\x13.dspex.v1.PingReply\x12>\n\x08\x44\x65scribe\x12\x19.dspex.v1.DescribeRequest\x1a\x17.dspex.v1.DescribeReply\x12;\n\x07\x45xecute\x12\x18.dspex.v1.ExecuteRequest\x1a\x16.dspex.v1.ExecuteReply\x12\x41\n\rExecuteStream\x12\x18.dspex.v1.ExecuteRequest\x1a\x14.dspex.v1.ChunkBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,15 +40,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEREPLY']._serialized_start=185
   _globals['_DESCRIBEREPLY']._serialized_end=214
   _globals['_EXECUTEREQUEST']._serialized_start=216
-  _globals['_EXECUTEREQUEST']._serialized_end=285
-  _globals['_TOOLERROR']._serialized_start=288
-  _globals['_TOOLERROR']._serialized_end=495
-  _globals['_EXECUTEREPLY']._serialized_start=497
-  _globals['_EXECUTEREPLY']._serialized_end=602
-  _globals['_OUTPUT']._serialized_start=604
-  _globals['_OUTPUT']._serialized_end=642
-  _globals['_CHUNKBATCH']._serialized_start=644
-  _globals['_CHUNKBATCH']._serialized_end=677
-  _globals['_BRIDGE']._serialized_start=680
-  _globals['_BRIDGE']._serialized_end=932
+  _globals['_EXECUTEREQUEST']._serialized_end=335
+  _globals['_TOOLERROR']._serialized_start=338
+  _globals['_TOOLERROR']._serialized_end=545
+  _globals['_EXECUTEREPLY']._serialized_start=547
+  _globals['_EXECUTEREPLY']._serialized_end=652
+  _globals['_OUTPUT']._serialized_start=654
+  _globals['_OUTPUT']._serialized_end=692
+  _globals['_CHUNKBATCH']._serialized_start=694
+  _globals['_CHUNKBATCH']._serialized_end=727
+  _globals['_BRIDGE']._serialized_start=730
+  _globals['_BRIDGE']._serialized_end=982
 # @@protoc_insertion_point(module_scope)

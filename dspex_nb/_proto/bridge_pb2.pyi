@@ -35,14 +35,20 @@ class DescribeReply(_message.Message):
     def __init__(self, json: _Optional[bytes] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("tool", "args_json", "session_id")
+    __slots__ = ("tool", "args_json", "session_id", "timeout_s", "waited_s", "cwd")
     TOOL_FIELD_NUMBER: _ClassVar[int]
     ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    WAITED_S_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
     tool: str
     args_json: bytes
     session_id: str
-    def __init__(self, tool: _Optional[str] = ..., args_json: _Optional[bytes] = ..., session_id: _Optional[str] = ...) -> None: ...
+    timeout_s: float
+    waited_s: float
+    cwd: bytes
+    def __init__(self, tool: _Optional[str] = ..., args_json: _Optional[bytes] = ..., session_id: _Optional[str] = ..., timeout_s: _Optional[float] = ..., waited_s: _Optional[float] = ..., cwd: _Optional[bytes] = ...) -> None: ...
 
 class ToolError(_message.Message):
     __slots__ = ("type", "message", "traceback", "bases", "attributes_json", "args_json", "group_message", "exceptions", "lm_state_json")

@@ -26,14 +26,15 @@ from typing import Any, Protocol
 from dspex_nb import typed
 from dspex_nb.errors import (
     ArgumentError,
+    CallTimeout,
     Cancelled,
     ChunksDropped,
     DspexError,
     MessageTooLarge,
     StopStream,
     ToolError,
+    call_error,
     program_errors_raised_here,
-    remote_error,
 )
 from dspex_nb.wire import LOGS, WARNINGS, dumps, loads
 from dspex_nb.words import count
@@ -512,7 +513,7 @@ class Run(Handle):
                 self._add(chunks)
                 if not self._called_back(chunks) or self._over:  # or a cancel() ended it while the callback ran:
                     return  # what comes after is not its
-            if not self._ended:
+            if not self._ended and self._error is None:
                 raise DspexError(f"the stream of tool '{self.tool}' on worker {self.worker} ended without its "
                                  "result or error")
         except DspexError as err:  # the transport failed (the worker died, a timeout...)
@@ -571,8 +572,8 @@ class Run(Handle):
         if last.kind == "final":
             self._final, self._ended = last.data, True
         elif last.kind == "error" and last.is_final:
-            self._ended = True
-            self._error = remote_error(self.tool, last.data, self.worker)
+            self._error = call_error(self.tool, last.data, self.worker)
+            self._ended = not isinstance(self._error, CallTimeout)  # the worker cut it short: a loop over it raises
         with self._cond:
             self.chunks.extend(chunks)
             if self.keep_chunks is not None and len(self.chunks) > 2 * self.keep_chunks:  # trim now and then

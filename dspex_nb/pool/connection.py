@@ -9,6 +9,7 @@ arrives as a ``DspexError`` already translated (``died`` says whether the worker
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -20,9 +21,28 @@ from dspex_nb.pool.process import ProcessHandle
 Died = Callable[[], DspexError | None]  # for a failed call: the error saying its worker died, or None
 
 
+BACKSTOP = 10.0  # seconds past a call's timeout that the kernel waits for its worker's answer (its CallTimeout)
+
+
 def left(timeout: float | None, waited: float) -> float | None:
     """What is left of a call's ``timeout`` after ``waited`` seconds in the queue."""
     return None if timeout is None else max(0.001, timeout - waited)
+
+
+def kernel_dir() -> str:
+    """The kernel's working directory now, which each call brings to its worker; "" where it was removed (the worker
+    then stays where it is)."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return ""
+
+
+def backstop(timeout: float | None, waited: float) -> float | None:
+    """How long the kernel waits for a unary call's answer: the worker keeps the call's timeout and answers
+    ``CallTimeout`` when it passes, so this only ends the wait for a worker that cannot answer at all."""
+    remaining = left(timeout, waited)
+    return None if remaining is None else remaining + BACKSTOP
 
 
 class ConnectionClosed(Exception):

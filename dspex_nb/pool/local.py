@@ -23,10 +23,10 @@ from typing import Any
 import grpc
 
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
-from dspex_nb.errors import CallTimeout, DspexError, MessageTooLarge, WorkerStartError, remote_error
+from dspex_nb.errors import CallTimeout, DspexError, MessageTooLarge, WorkerStartError, call_error
 from dspex_nb.pool import stale
 from dspex_nb.pool.calls import Chunk, decode_chunks, show_output
-from dspex_nb.pool.connection import ConnectionClosed, Died, Health, WorkerSpec, left
+from dspex_nb.pool.connection import BACKSTOP, ConnectionClosed, Died, Health, WorkerSpec, backstop, kernel_dir
 from dspex_nb.pool.process import WORKER_SET, ProcessHandle, WorkerProcess, interpreter, worker_env
 from dspex_nb.pool.template import FORK_TIMEOUT, Template
 from dspex_nb.wire import LM_KWARGS_ENV, health_address, loads, message_options
@@ -243,10 +243,11 @@ class GrpcConnection:
 
     def execute(self, tool: str, args_json: bytes, session_id: str, timeout: float | None, waited: float,
                 died: Died) -> Any:
-        request = bridge_pb2.ExecuteRequest(tool=tool, args_json=args_json, session_id=session_id)
+        request = _request(tool, args_json, session_id, timeout, waited)
         try:
-            # A blocking call: gRPC turns Ctrl-C into KeyboardInterrupt and cancels the RPC.
-            reply = self.stub.Execute(request, timeout=left(timeout, waited))
+            # A blocking call: gRPC turns Ctrl-C into KeyboardInterrupt and cancels the RPC. The worker keeps the
+            # timeout (it answers CallTimeout); the deadline here only ends a wait for a worker that cannot answer.
+            reply = self.stub.Execute(request, timeout=backstop(timeout, waited))
         except grpc.RpcError as err:
             raise translate(err, tool, timeout, died) from None
         except ValueError:  # its channel was closed: the worker is being replaced, or the pool shut down
@@ -255,9 +256,10 @@ class GrpcConnection:
 
     def stream(self, tool: str, args_json: bytes, session_id: str, timeout: float | None, waited: float,
                died: Died) -> _Stream:
-        request = bridge_pb2.ExecuteRequest(tool=tool, args_json=args_json, session_id=session_id)
-        try:
-            return _Stream(self.stub.ExecuteStream(request, timeout=left(timeout, waited)), tool, timeout, died)
+        request = _request(tool, args_json, session_id, timeout, waited)
+        try:  # no deadline: one would count the time the reader spends in the caller's on_chunk (the worker keeps
+            # the timeout; the health thread ends the stream of a worker that cannot answer, WorkerDied)
+            return _Stream(self.stub.ExecuteStream(request), tool, timeout, died)
         except ValueError:
             raise ConnectionClosed() from None
 
@@ -275,13 +277,21 @@ class GrpcConnection:
         self.health_channel.close()
 
 
+def _request(tool: str, args_json: bytes, session_id: str, timeout: float | None,
+             waited: float) -> bridge_pb2.ExecuteRequest:
+    """A call as its worker gets it: with its timeout (what is left of it, which the worker keeps) and the kernel's
+    working directory now, which the worker runs it in."""
+    return bridge_pb2.ExecuteRequest(tool=tool, args_json=args_json, session_id=session_id, timeout_s=timeout or 0.0,
+                                     waited_s=waited, cwd=os.fsencode(kernel_dir()))
+
+
 def translate(err: grpc.RpcError, tool: str, timeout: float | None,
               worker_died: Died) -> DspexError:
     """The dspex_nb error for a failed gRPC call (``worker_died`` says whether its worker is gone)."""
     code = err.code()
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return CallTimeout(f"tool '{tool}' did not finish within its timeout of {timeout} s; "
-                           "the remote work was cancelled")
+        return CallTimeout(f"tool '{tool}' did not finish within its timeout of {timeout} s, and its worker did not "
+                           f"answer within {BACKSTOP} s after it; the remote work was cancelled")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return MessageTooLarge(f"a message of '{tool}' is over the gRPC size limit ({err.details()}); "
                                "raise it with Pool(max_message_mb=...)")
@@ -295,7 +305,7 @@ def unary_result(reply: Any, tool: str, worker: str) -> Any:
     """The decoded result of an ExecuteReply, or its ToolError raised, once what the call wrote is written here."""
     show_output((out.stream, out.text) for out in reply.output)
     if reply.HasField("error"):
-        raise remote_error(tool, error_info(reply.error), worker)
+        raise call_error(tool, error_info(reply.error), worker)
     return loads(reply.result_json)
 
 

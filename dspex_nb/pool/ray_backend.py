@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from dspex_nb import redact
-from dspex_nb.errors import CallTimeout, DspexError, WorkerDied, WorkerStartError, remote_error
+from dspex_nb.errors import CallTimeout, DspexError, WorkerDied, WorkerStartError, call_error
 from dspex_nb.pool.calls import Chunk, decode_chunks, show_output
-from dspex_nb.pool.connection import ConnectionClosed, Died, Health, WorkerSpec, left
+from dspex_nb.pool.connection import BACKSTOP, ConnectionClosed, Died, Health, WorkerSpec, backstop, kernel_dir
 from dspex_nb.pool.local import MAX_SOCKET_PATH
 from dspex_nb.pool.settings import SettingError
 from dspex_nb.wire import owner_gone, owner_spec, start_time
@@ -548,13 +548,13 @@ class RayConnection:
     def execute(self, tool: str, args_json: bytes, session_id: str, timeout: float | None, waited: float,
                 died: Died) -> Any:
         call_id = self._call_id()
-        ref = self._submit(self.actor.execute, call_id, tool, args_json, session_id)
-        try:
-            result, error, output = ray.get(ref, timeout=left(timeout, waited))
+        ref = self._submit(self.actor.execute, call_id, tool, args_json, session_id, timeout, waited, kernel_dir())
+        try:  # the actor keeps the timeout (it answers CallTimeout); this only ends a wait for one that cannot answer
+            result, error, output = ray.get(ref, timeout=backstop(timeout, waited))
         except GetTimeoutError:
             self.actor.cancel.options(**CONTROL).remote(call_id)
-            raise CallTimeout(f"tool '{tool}' did not finish within its timeout of {timeout} s; "
-                              "the remote work was cancelled") from None
+            raise CallTimeout(f"tool '{tool}' did not finish within its timeout of {timeout} s, and its actor did not "
+                              f"answer within {BACKSTOP} s after it; the remote work was cancelled") from None
         except KeyboardInterrupt:
             self.actor.cancel.options(**CONTROL).remote(call_id)
             raise
@@ -562,15 +562,15 @@ class RayConnection:
             raise self._lost(err, died) from None
         show_output(output)
         if error is not None:
-            raise remote_error(tool, error, self.worker_id)
+            raise call_error(tool, error, self.worker_id)
         return json.loads(result)
 
     def stream(self, tool: str, args_json: bytes, session_id: str, timeout: float | None, waited: float,
                died: Died) -> _Stream:
         call_id = self._call_id()
         generator = self._submit(self.actor.stream.options(num_returns="streaming"), call_id, tool, args_json,
-                                 session_id)
-        return _Stream(self, generator, call_id, tool, left(timeout, waited), timeout, died)
+                                 session_id, timeout, waited, kernel_dir())
+        return _Stream(self, generator, call_id, tool, died)
 
     def describe(self, timeout: float, died: Died) -> dict[str, Any]:
         try:
@@ -600,25 +600,19 @@ class _Ping:
 
 
 class _Stream:
-    """An actor generator's items (batches of chunks) as they come; a deadline, cancel, and death checked
-    between them."""
+    """An actor generator's items (batches of chunks) as they come; cancel and death checked between them. The actor
+    keeps the call's timeout (its stream ends with CallTimeout): a deadline here would count the time the reader
+    spends in the caller's ``on_chunk``."""
 
-    def __init__(self, conn: RayConnection, generator: Any, call_id: str, tool: str, remaining: float | None,
-                 timeout: float | None, died: Died) -> None:
+    def __init__(self, conn: RayConnection, generator: Any, call_id: str, tool: str, died: Died) -> None:
         self._conn, self._generator, self._call_id, self._tool = conn, generator, call_id, tool
-        self._deadline = None if remaining is None else time.monotonic() + remaining
-        self._timeout, self._died = timeout, died
+        self._died = died
         self._cancelled = False
 
     def __iter__(self) -> Iterator[list[Chunk]]:
         try:
             while not self._cancelled:  # a cancelled call ends here at once; the actor stops the tool
-                if self._deadline is not None and time.monotonic() > self._deadline:
-                    self.cancel()
-                    raise CallTimeout(f"tool '{self._tool}' did not finish within its timeout of "
-                                      f"{self._timeout} s; the remote work was cancelled")
-                wait = SLICE if self._deadline is None else max(0.0, min(SLICE, self._deadline - time.monotonic()))
-                ready, _ = ray.wait([self._generator], timeout=wait)
+                ready, _ = ray.wait([self._generator], timeout=SLICE)
                 if not ready:
                     continue
                 try:

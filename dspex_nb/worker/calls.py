@@ -19,13 +19,14 @@ import contextlib
 import functools
 import os
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
 from dspex_nb import redact, typed
-from dspex_nb.errors import ResultTooLarge, ToolError, builtin_fields
+from dspex_nb.errors import CallTimeout, ResultTooLarge, ToolError, builtin_fields
 from dspex_nb.wire import dumps, loads
 from dspex_nb.worker import tools
 from dspex_nb.worker.output import CALL_OUTPUT, CallOutput, Send, masked
@@ -98,6 +99,15 @@ class ChunkQueue:
             self._cond.notify_all()
         if item is _DONE:
             self._ended.set()
+
+    def end_with(self, item: bytes) -> None:
+        """Queue ``item`` and the stream's end at once, without waiting for room (the consumer calls it): a chunk
+        the producer queues after them is never taken."""
+        with self._cond:
+            self._items.extend((item, _DONE))
+            self._bytes += self._size(item)
+            self._cond.notify_all()
+        self._ended.set()
 
     def put_output(self, stream: str, text: str, ended: threading.Event, seq: Iterator[int]) -> None:
         """Queue text the call wrote to ``stream``: it joins the queue's last item where that is output of the same
@@ -358,14 +368,53 @@ class Collected:
         return [(stream, masked(stream, "".join(parts))) for stream, parts in self._runs]
 
 
-class Call:
-    """A tool call: its context (``ctx.cancelled``) and how to run it unary or as batches of chunks."""
+class Deadline:
+    """A call's ``timeout``, kept where its work runs: from the call's arrival, less what it ``waited`` in the pool's
+    queue. It expires the call only while its tool still runs: a result made in time is the call's, however long its
+    reader takes to read it."""
 
-    def __init__(self, state: WorkerState, tool: str, args_json: bytes, session_id: str, streaming: bool) -> None:
+    def __init__(self, timeout: float | None, waited: float = 0.0) -> None:
+        self.timeout = timeout
+        self.at = None if timeout is None else time.monotonic() + max(0.0, timeout - waited)
+        self._lock = threading.Lock()
+        self._outcome = ""  # "ended" (the tool ended first) or "expired"
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
+
+    def passed(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at
+
+    def end(self) -> bool:
+        """The tool ended: True where that was in time (its result or error is the call's)."""
+        with self._lock:
+            self._outcome = self._outcome or "ended"
+            return self._outcome == "ended"
+
+    def expire(self) -> bool:
+        """The timeout passed: True where the tool was still running (the call ends with ``CallTimeout``)."""
+        with self._lock:
+            self._outcome = self._outcome or "expired"
+            return self._outcome == "expired"
+
+    def error(self, tool: str) -> dict[str, Any]:
+        """The call's ``CallTimeout``, as ``error_info`` (the kernel raises it as it is: ``errors.call_error``)."""
+        return error_info(CallTimeout(f"tool '{tool}' did not finish within its timeout of {self.timeout:g} s; "
+                                      "the remote work was cancelled"))
+
+
+class Call:
+    """A tool call: its context (``ctx.cancelled``) and how to run it unary or as batches of chunks, in the kernel's
+    working directory ``cwd``, within its ``deadline``."""
+
+    def __init__(self, state: WorkerState, tool: str, args_json: bytes, session_id: str, streaming: bool,
+                 deadline: Deadline | None = None, cwd: str = "") -> None:
         self.state = state
         self.tool = tool
         self.args_json = args_json
         self.ctx = tools.ToolContext(streaming=streaming, session_id=session_id, worker=state)
+        self.deadline = deadline or Deadline(None)
+        self.cwd = cwd
 
     def _args(self) -> tuple[tools.Tool, Any]:
         tool = tools.get_tool(self.tool)
@@ -397,11 +446,34 @@ class Call:
 
     def unary(self) -> tuple[bytes | None, dict[str, Any] | None, list[tuple[str, str]]]:
         """(the result as JSON, None, output), or (None, the error's type / message / traceback, output); output:
-        what the call wrote, as (stream, text) pairs, masked."""
+        what the call wrote, as (stream, text) pairs, masked. With a deadline, the tool runs in a thread of its own, so
+        that the call answers ``CallTimeout`` when it passes, also while the program is in a call that does not see
+        its cancel (a ``time.sleep``), and the program, cancelled, goes on there as a cancelled program does."""
+        if self.deadline.at is None:
+            return self._unary()
+        replies: list[tuple[bytes | None, dict[str, Any] | None, list[tuple[str, str]]]] = []
+
+        def run() -> None:
+            reply = self._unary()
+            if self.deadline.end():
+                replies.append(reply)
+
+        thread = threading.Thread(target=run, name=f"tool-{self.tool}", daemon=True)
+        thread.start()
+        while thread.is_alive() and not self.ctx.cancelled.is_set() and (left := self.deadline.remaining()):
+            thread.join(min(left, 0.2))  # a caller that went away (Ctrl-C) frees this thread at once
+        if not self.deadline.expire():  # it ended in time: its reply is being kept, or is
+            thread.join()
+            return replies[0]
+        self.ctx.cancelled.set()
+        return None, self.deadline.error(self.tool), []
+
+    def _unary(self) -> tuple[bytes | None, dict[str, Any] | None, list[tuple[str, str]]]:
         output = Collected()
         with self.state.track(self.ctx.cancelled):
             with capturing(output.add):  # its end sends the text of a line not ended
                 try:
+                    self.state.enter(self.cwd)
                     tool, args = self._args()
                     result = drive(tool.run(args, self.ctx), self.ctx, lambda emit: None) if tool.streaming \
                         else tool.call(args, self.ctx)  # a plain function: no generator to drive
@@ -432,20 +504,31 @@ class Call:
             with self.state.track(self.ctx.cancelled):
                 try:
                     with capturing(output):
+                        self.state.enter(self.cwd)
                         final = drive(self._start(), self.ctx,
                                       lambda emit: chunks.put(chunk(emit.kind, emit.data), ended))
-                    if not self.ctx.cancelled.is_set():
+                    if self.deadline.end() and not self.ctx.cancelled.is_set():
                         chunks.put(chunk("final", final, is_final=True), ended)
                 except BaseException as exc:  # SystemExit, GeneratorExit... from user code: an error chunk
-                    chunks.put(chunk("error", self.error_info(exc), is_final=True), ended)
+                    if self.deadline.end():
+                        chunks.put(chunk("error", self.error_info(exc), is_final=True), ended)
                 finally:
                     chunks.put(_DONE, ended)
+
+        def expire() -> None:
+            """The deadline passed: a tool still running is cancelled, and the stream ends with its CallTimeout
+            after the chunks it made in time."""
+            if self.deadline.passed() and self.deadline.expire():
+                self.ctx.cancelled.set()
+                chunks.end_with(chunk("error", self.deadline.error(self.tool), is_final=True))
 
         threading.Thread(target=produce, name=f"tool-{self.tool}", daemon=True).start()
         budget = self.state.max_message_bytes - MESSAGE_OVERHEAD
         linger = 0.0  # the first chunk (a first token) goes at once
         while True:
-            batch = chunks.take(MAX_CHUNKS_PER_MESSAGE, budget, timeout=0.5, linger=linger)
+            expire()
+            remaining = self.deadline.remaining()  # None, or 0 once passed (the stream's end is queued, or coming)
+            batch = chunks.take(MAX_CHUNKS_PER_MESSAGE, budget, timeout=min(0.5, remaining or 0.5), linger=linger)
             if not batch:
                 if not active():
                     return

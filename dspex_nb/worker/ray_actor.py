@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from dspex_nb.worker.calls import Call
+from dspex_nb.worker.calls import Call, Deadline
 from dspex_nb.worker.main import new_state
 from dspex_nb.worker.output import spare_output
 from dspex_nb.worker.server import describe
@@ -68,16 +68,20 @@ class RayWorker:
     def describe(self) -> dict[str, Any]:
         return describe(self.state)
 
-    def execute(self, call_id: str, tool: str, args_json: bytes, session_id: str) -> tuple[Any, Any, Any]:
-        """(result JSON, None, output) or (None, error info, output), as ``Call.unary``."""
-        call = self._open(call_id, Call(self.state, tool, args_json, session_id, streaming=False))
+    def execute(self, call_id: str, tool: str, args_json: bytes, session_id: str, timeout: float | None = None,
+                waited: float = 0.0, cwd: str = "") -> tuple[Any, Any, Any]:
+        """(result JSON, None, output) or (None, error info, output), as ``Call.unary``; ``timeout`` (less ``waited``
+        in the pool's queue) is kept here, and the call runs in the kernel's directory ``cwd`` where this node has
+        it."""
+        call = self._open(call_id, Call(self.state, tool, args_json, session_id, False, Deadline(timeout, waited), cwd))
         try:
             return call.unary()
         finally:
             self._close(call_id)
 
-    def stream(self, call_id: str, tool: str, args_json: bytes, session_id: str) -> Iterator[bytes]:
-        call = self._open(call_id, Call(self.state, tool, args_json, session_id, streaming=True))
+    def stream(self, call_id: str, tool: str, args_json: bytes, session_id: str, timeout: float | None = None,
+               waited: float = 0.0, cwd: str = "") -> Iterator[bytes]:
+        call = self._open(call_id, Call(self.state, tool, args_json, session_id, True, Deadline(timeout, waited), cwd))
         ended = self._calls[call_id][1]
         try:
             yield from call.batches(ended, lambda: not ended.is_set())

@@ -16,7 +16,7 @@ import grpc
 from dspex_nb._proto import bridge_pb2, bridge_pb2_grpc
 from dspex_nb.wire import valid_text
 from dspex_nb.worker import tools
-from dspex_nb.worker.calls import Call
+from dspex_nb.worker.calls import Call, Deadline
 from dspex_nb.worker.state import WorkerState, rss_bytes
 
 
@@ -33,7 +33,9 @@ class Bridge(bridge_pb2_grpc.BridgeServicer):
         return bridge_pb2.DescribeReply(json=json.dumps(describe(self.state)).encode())
 
     def _call(self, request: bridge_pb2.ExecuteRequest, context: grpc.ServicerContext, streaming: bool) -> Call:
-        call = Call(self.state, request.tool, request.args_json, request.session_id, streaming)
+        deadline = Deadline(request.timeout_s or None, request.waited_s)
+        call = Call(self.state, request.tool, request.args_json, request.session_id, streaming, deadline,
+                    os.fsdecode(request.cwd))
         if not context.add_callback(call.ctx.cancelled.set):  # the call ended (cancelled) before it got here
             call.ctx.cancelled.set()
         return call

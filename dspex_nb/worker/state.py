@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -18,6 +19,13 @@ from dspex_nb.worker.sessions import Sessions
 
 if TYPE_CHECKING:
     from dspex_nb.worker.tools import CancelEvent
+
+
+def _where() -> str:
+    try:
+        return os.getcwd()
+    except OSError:
+        return "a directory that was removed"
 
 
 def rss_bytes() -> int:
@@ -118,6 +126,8 @@ class WorkerState:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _slots: dict[str, list[Any]] = field(default_factory=dict)  # group -> [semaphore, calls using it]
     _programs: dict[CancelEvent, int] = field(default_factory=dict)  # a call's cancel event -> its threads running
+    _cwd_lock: threading.Lock = field(default_factory=threading.Lock)
+    _cwd_missing: set[str] = field(default_factory=set)  # the kernel's directories this machine lacks (said once)
 
     def __post_init__(self) -> None:
         self.sessions = Sessions(self.worker_id, self.session_ttl)
@@ -177,6 +187,26 @@ class WorkerState:
                 entry[1] -= 1
                 if group and not entry[1]:
                     del self._slots[group]
+
+    def enter(self, cwd: str) -> None:
+        """Work in the kernel's working directory ``cwd``, which each call brings, as its program works there in the
+        kernel: a notebook's ``%cd`` after the pool started reaches the workers, and a program's ``os.chdir`` does
+        not outlive its call on the one worker that ran it. The directory is the process's, but the calls of a worker
+        all come from one kernel and want the same one: it changes only where it differs. One this machine does not
+        have (a Ray node) leaves the worker where it is, said once on the call's stderr."""
+        if not cwd:
+            return
+        with self._cwd_lock:
+            with contextlib.suppress(OSError):  # the directory the worker is in was removed
+                if os.getcwd() == cwd:
+                    return
+            try:
+                os.chdir(cwd)
+            except OSError as exc:
+                if cwd not in self._cwd_missing:
+                    self._cwd_missing.add(cwd)
+                    print(f"dspex: worker {self.worker_id} cannot work in the kernel's directory {cwd} "
+                          f"({exc.strerror}); its calls run in {_where()}", file=sys.stderr)
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:

@@ -40,8 +40,11 @@ _BEARER = re.compile(r"(?i)(bearer\s+)([^\s'\",;]{8,})")
 _USERINFO = re.compile(r"(://[^\s/?#@:'\"]{0,256}:)([^\s/?#@'\"]{1,256})(?=@)")  # a URL's password (from the literal
 # "://", which the regex engine finds fast: a scheme before it to match made a MB of text take 0.5 s)
 # pydantic's ValidationError: a field's location on a line of its own, then its error quoting the value it was given
-# ("api_key\n  Input should be a valid integer ... [type=int_parsing, input_value='sk-...', input_type=str]")
-_VALIDATION = re.compile(r"(?m)^(\S[^\n]{0,256})(\n  [^\n]*?\[type=[\w.-]+, input_value=)(.*?)(?=, input_type=\w+\]$)")
+# ("api_key\n  Input should be a valid integer ... [type=int_parsing, input_value='sk-...', input_type=str]"), whose
+# value pydantic cuts to 50 characters or so: bounded here, or a line of many "[type=x, input_value=" took each to its
+# end (quadratic: 330 KB of them printed held the worker's GIL for two minutes)
+_VALIDATION = re.compile(
+    r"(?m)^(\S[^\n]{0,256})(\n  [^\n]*?\[type=[\w.-]+, input_value=)(.{0,128}?)(?=, input_type=\w+\]$)")
 _registered: set[str] = set()  # secret values given in settings (an LM's api_key), not in the environment
 
 

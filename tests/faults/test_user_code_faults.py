@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import logging
 import os
 import signal
 import subprocess
@@ -256,6 +257,27 @@ def test_an_error_quoting_a_long_blob_is_reported_and_the_worker_lives(pool: Poo
     batch = pool.map("blob", ["a"], journal=False, max_retries=0)
     batch.wait(60)
     assert batch.records[0]["error"]["type"] == "ValueError"
+    assert restarts(pool) == before
+
+
+def test_a_log_record_of_many_validation_error_parts_reaches_the_kernel_and_the_worker_lives(pool: Pool) -> None:
+    # the pattern that masks a pydantic ValidationError's input_value took each "[type=x, input_value=" of a line to
+    # the line's end (quadratic): a log record quoting 900 KB of them held its worker's GIL for many minutes as the
+    # worker masked it, so the worker missed its pings and was killed, and the call failed with WorkerDied
+    before = restarts(pool)
+    pool.define("parts", "import logging\n"
+                         "def parts(n):\n"
+                         "    logging.getLogger('notebook.parts').warning('x\\n  ' + '[type=a, input_value=' * n)\n"
+                         "    return n\n")
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger("notebook.parts").addHandler(handler)
+    try:
+        assert pool.call("parts", {"n": 45_000}, timeout=600) == 45_000
+    finally:
+        logging.getLogger("notebook.parts").removeHandler(handler)
+    assert [record.getMessage().count("[type=a, input_value=") for record in seen] == [45_000]
     assert restarts(pool) == before
 
 

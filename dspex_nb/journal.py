@@ -85,6 +85,36 @@ def _damaged(exc: sqlite3.DatabaseError) -> bool:
     return (exc.sqlite_errorcode & 0xFF) in NOT_A_JOURNAL
 
 
+_held_lock = threading.Lock()
+_held: dict[tuple[int, int], list[int]] = {}  # a journal file this process uses, (device, inode) -> [its users, fds]
+
+
+def _hold(fd: int) -> tuple[int, int]:
+    """Keep ``fd``, a journal file this process just opened, open while a journal of this process uses that file
+    (``_let_go``): closing any descriptor of a file drops every POSIX lock the process holds on it, SQLite's too (the
+    shared lock that tells another process closing its connection to the journal that this one still uses the -wal:
+    without it, that process deletes the -wal as the file's last user, and this one's later rows with it)."""
+    info = os.fstat(fd)
+    file = (info.st_dev, info.st_ino)
+    with _held_lock:
+        held = _held.setdefault(file, [0])
+        held[0] += 1
+        held.append(fd)
+    return file
+
+
+def _let_go(file: tuple[int, int]) -> None:
+    """A journal of this process no longer uses ``file`` (its connection is closed): once none does, its
+    descriptors are closed."""
+    with _held_lock:
+        held = _held[file]
+        held[0] -= 1
+        if not held[0]:
+            del _held[file]
+            for fd in held[1:]:
+                os.close(fd)
+
+
 def default_path() -> Path:
     return Path(os.environ.get("DSPEX_JOURNAL") or Path.home() / ".cache" / "dspex_nb" / "journal.sqlite3")
 
@@ -147,14 +177,15 @@ class Journal:
                 return action(self._db)
 
     def _intact(self) -> bool:
-        """Whether the file at the journal's path is still the one it opened, and reads as SQLite's (its -wal too)."""
+        """Whether the file at the journal's path is still the one it opened, and reads as SQLite's (its -wal too).
+        The file is read through the descriptor kept for it (``_hold``): one opened and closed here would drop
+        SQLite's locks on it."""
         try:
             info = os.stat(self.path)
             if (info.st_dev, info.st_ino) != self._file:
                 return False
-            with open(self.path, "rb") as main:
-                if main.read(len(SQLITE_MAGIC)) not in (SQLITE_MAGIC, b""):
-                    return False
+            if os.pread(_held[self._file][1], len(SQLITE_MAGIC), 0) not in (SQLITE_MAGIC, b""):
+                return False
             with open(self.path.with_name(self.path.name + "-wal"), "rb") as wal:
                 return wal.read(4) in (*WAL_MAGIC, b"")
         except FileNotFoundError:  # removed (its -wal: checkpointed): SQLite makes it again
@@ -163,8 +194,7 @@ class Journal:
     def _reopen(self, damage: sqlite3.DatabaseError | None) -> None:
         """Open the file at the journal's path again; one that ``damage`` (or the opening) finds damaged is moved
         aside and a new journal started, saying so, once."""
-        with contextlib.suppress(sqlite3.Error):
-            self._db.close()
+        self._close()
         if damage is None:
             try:
                 self._db = self._open()
@@ -217,7 +247,7 @@ class Journal:
         # database of another application
         self._check_place()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)  # a FIFO: no wait
-        db = None
+        self._file, db = _hold(fd), None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):  # /dev/null: made 0600 (root may), every other user's writes failed
@@ -237,7 +267,6 @@ class Journal:
                                       "journal of another dspex_nb version?): refusing to use it; give the journal "
                                       "a file of its own (Pool(journal=path) or DSPEX_JOURNAL), or move it aside")
             os.fchmod(fd, 0o600)
-            self._file = (info.st_dev, info.st_ino)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed row survives a process kill
             db.executescript(SCHEMA)
@@ -245,9 +274,9 @@ class Journal:
         except BaseException:
             if db is not None:
                 db.close()
+            _let_go(self._file)
+            self._file = None
             raise
-        finally:
-            os.close(fd)
         return db
 
     def open_batch(self, key: str, description: str) -> dict[str, dict[str, Any]]:
@@ -371,7 +400,15 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        """Close the connection, then let go of its file (``_hold``)."""
+        with contextlib.suppress(sqlite3.Error):
             self._db.close()
+        if self._file is not None:
+            _let_go(self._file)
+            self._file = None
 
 
 def _claimant(run: str) -> str:

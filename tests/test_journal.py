@@ -213,3 +213,30 @@ def test_a_journal_written_over_mid_session_is_moved_aside_and_later_batches_are
         again = next_session.batch(later, "question -> answer")
         again.result(60)
         assert again.from_journal == 4 and next_session.journal is not None and next_session.journal.problem is None
+
+
+ANOTHER_SESSION = """
+import sys
+from dspex_nb.journal import Journal
+journal = Journal(sys.argv[1])
+journal.record("b", sys.argv[2], {"a": sys.argv[2]})
+journal.close()
+"""
+
+
+def test_rows_written_after_another_session_closed_the_journal_are_kept(tmp_path: Path) -> None:
+    # Was: the journal opened (and, on each use, read) its file by a descriptor of its own and closed it, which drops
+    # every POSIX lock of the process on the file, SQLite's shared one too: another kernel closing its journal then
+    # took itself for the last user and deleted the -wal, and every row this session wrote after it was lost (its
+    # next session paid for those items again); a second journal of this process closing did the same
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.record("b", "first", {"a": "first"})
+    subprocess.run([sys.executable, "-c", ANOTHER_SESSION, str(path), "other"], check=True)
+    Journal(path).close()  # a second pool of this kernel, shut down
+    journal.record("b", "after", {"a": "after"})
+    found = subprocess.run([sys.executable, "-c", "import sqlite3, sys; print(sorted(k for (k,) in sqlite3.connect("
+                            "sys.argv[1]).execute('SELECT item_key FROM items')))", str(path)],
+                           check=True, capture_output=True, text=True).stdout
+    journal.close()
+    assert found == "['after', 'first', 'other']\n"

@@ -182,13 +182,16 @@ class Journal:
         SQLite's locks on it."""
         try:
             info = os.stat(self.path)
-            if (info.st_dev, info.st_ino) != self._file:
-                return False
-            if os.pread(_held[self._file][1], len(SQLITE_MAGIC), 0) not in (SQLITE_MAGIC, b""):
-                return False
+        except FileNotFoundError:  # removed (to start afresh): rows written to it would reach no later session
+            return False
+        if (info.st_dev, info.st_ino) != self._file:
+            return False
+        if os.pread(_held[self._file][1], len(SQLITE_MAGIC), 0) not in (SQLITE_MAGIC, b""):
+            return False
+        try:
             with open(self.path.with_name(self.path.name + "-wal"), "rb") as wal:
                 return wal.read(4) in (*WAL_MAGIC, b"")
-        except FileNotFoundError:  # removed (its -wal: checkpointed): SQLite makes it again
+        except FileNotFoundError:  # checkpointed and removed: SQLite makes it again
             return True
 
     def _reopen(self, damage: sqlite3.DatabaseError | None) -> None:

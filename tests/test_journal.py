@@ -240,3 +240,16 @@ def test_rows_written_after_another_session_closed_the_journal_are_kept(tmp_path
                            check=True, capture_output=True, text=True).stdout
     journal.close()
     assert found == "['after', 'first', 'other']\n"
+
+
+def test_rows_written_after_the_journal_was_removed_mid_session_are_kept(tmp_path: Path) -> None:
+    # Was: a journal whose file was removed while a kernel used it (rm, to start afresh) went on writing to the
+    # removed file, and the next session found none of the rows written since
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.record("b", "first", {"a": "first"})
+    for file in tmp_path.iterdir():
+        file.unlink()
+    journal.record("b", "after", {"a": "after"})
+    journal.close()
+    assert Journal(path).open_batch("b", "") == {"after": {"a": "after"}}

@@ -2022,6 +2022,33 @@ def program(question: str):
     assert (seen[0].api_key, seen[0].token_id) == ("***", "***")  # type: ignore[attr-defined]
 
 
+def test_a_streamed_calls_many_log_records_each_reach_the_kernel_as_records(shell: InteractiveShell, pool: Pool,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # the worker cut a stream's output into chunks of 64K characters anywhere, a record's JSON line too: the records
+    # cut so showed as fragments of JSON on stderr, and their handlers never saw them
+    program, _ = define(shell, '''
+import logging
+
+def program(n: int):
+    for i in range(n):
+        logging.getLogger("notebook.many").warning("record %d %s", i, "x" * 40_000)
+    return n
+''')
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    many = logging.getLogger("notebook.many")
+    many.addHandler(handler)
+    many.propagate = False
+    try:
+        assert pool.run_stream(program, n=20).result(60) == 20
+    finally:
+        many.removeHandler(handler)
+        many.propagate = True
+    assert [record.getMessage().split()[1] for record in seen] == [str(i) for i in range(20)]
+    assert capsys.readouterr().err == ""
+
+
 def test_the_kernels_dspy_trace_gets_the_predictor_calls_of_a_program_on_the_pool(
         shell: InteractiveShell, pool: Pool, demo_lm: dspy.LM) -> None:
     # DSPy's optimizers (BootstrapFewShot's demos, GEPA's and SIMBA's reflections) and Refine read the predictor

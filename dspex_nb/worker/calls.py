@@ -27,7 +27,7 @@ from typing import Any
 
 from dspex_nb import redact, typed
 from dspex_nb.errors import CallTimeout, ResultTooLarge, ToolError, builtin_fields
-from dspex_nb.wire import dumps, loads
+from dspex_nb.wire import LOGS, WARNINGS, dumps, loads
 from dspex_nb.worker import tools
 from dspex_nb.worker.output import CALL_OUTPUT, CallOutput, Send, masked
 from dspex_nb.worker.state import WorkerState
@@ -43,7 +43,8 @@ MAX_GROUP = 4 * MAX_ATTRIBUTES  # characters of an exception group's sub-excepti
 MAX_GROUP_DEPTH = 10  # groups nested deeper come back without their sub-exceptions (as traceback's max_group_depth)
 _BASE_GROUP: Any = vars(builtins).get("BaseExceptionGroup")  # Python 3.11+
 _DONE = object()
-OUTPUT_CHUNK = 64 * 1024  # characters of output in one chunk, at most: JSON escapes may make it 6 times as long
+OUTPUT_CHUNK = 64 * 1024  # characters of output in one chunk, at most (a longer warning or log record line goes whole):
+# JSON escapes may make it 6 times as long
 
 
 class Output:
@@ -113,23 +114,27 @@ class ChunkQueue:
         """Queue text the call wrote to ``stream``: it joins the queue's last item where that is output of the same
         stream not yet taken (many prints, one chunk), up to ``OUTPUT_CHUNK`` characters a chunk. Text cut across
         chunks is masked before it is cut (``Output.encode`` masks a chunk's own text: a secret cut in two would
-        be masked in neither)."""
+        be masked in neither). The warnings and log records streams, JSON a line, are cut at lines' ends only: a
+        line cut in two is JSON in neither chunk, and the kernel could show it as text only."""
+        lines = stream in (WARNINGS, LOGS)
         with self._cond:
             tail = self._items[-1] if self._items else None
             room = OUTPUT_CHUNK - tail.size if isinstance(tail, Output) and tail.stream == stream else OUTPUT_CHUNK
-            if len(text) > max(room, 0):
+            if len(text) > max(room, 0) and not lines:
                 text = redact.text(text, limit=None)
             while text:
                 tail = self._items[-1] if self._items else None
-                if isinstance(tail, Output) and tail.stream == stream and tail.size < OUTPUT_CHUNK:
-                    part, text = text[:OUTPUT_CHUNK - tail.size], text[OUTPUT_CHUNK - tail.size:]
+                if isinstance(tail, Output) and tail.stream == stream and tail.size < OUTPUT_CHUNK and \
+                        (end := _cut(text, OUTPUT_CHUNK - tail.size, lines)):
+                    part, text = text[:end], text[end:]
                     tail.parts.append(part)
                     tail.size += len(part)
                     self._bytes += len(part)
                     continue
                 self._wait_for_room(ended)
-                item = Output(next(seq), stream, text[:OUTPUT_CHUNK])
-                text = text[OUTPUT_CHUNK:]
+                end = _cut(text, OUTPUT_CHUNK, lines) or text.find("\n") + 1 or len(text)  # a longer line: whole
+                item = Output(next(seq), stream, text[:end])
+                text = text[end:]
                 self._items.append(item)
                 self._bytes += self._size(item)
             self._cond.notify_all()
@@ -166,6 +171,14 @@ class ChunkQueue:
             self._bytes -= size
             self._cond.notify_all()
             return batch
+
+
+def _cut(text: str, room: int, lines: bool) -> int:
+    """How much of ``text`` goes into a chunk with ``room`` characters left: what fits, or, of a stream of ``lines``,
+    the whole lines that fit."""
+    if not lines or len(text) <= room:
+        return min(len(text), room)
+    return text.rfind("\n", 0, room) + 1
 
 
 def message_of(exc: BaseException) -> str:

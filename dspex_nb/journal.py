@@ -63,6 +63,7 @@ SQLITE_MAGIC = b"SQLite format 3\x00"  # how a database file starts
 WAL_MAGIC = (b"\x37\x7f\x06\x82", b"\x37\x7f\x06\x83")  # and its -wal file
 JOURNAL_TABLES = {"batches", "claims", "items"}
 NOT_A_JOURNAL = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}  # errors that say the file itself is damaged
+FAILURES = (sqlite3.Error, OSError)  # a use's: SQLite's, or the file's when it is opened again or moved aside
 
 
 def _layout(db: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
@@ -82,7 +83,7 @@ LAYOUT = _schema_layout()  # what a journal's tables must be: another layout is 
 
 def _damaged(exc: sqlite3.DatabaseError) -> bool:
     """Whether ``exc`` says the file itself is not a journal (corrupt, garbage), not a full disk or an I/O error."""
-    return (exc.sqlite_errorcode & 0xFF) in NOT_A_JOURNAL
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in NOT_A_JOURNAL  # none: a closed one's ProgrammingError
 
 
 _held_lock = threading.Lock()
@@ -288,7 +289,7 @@ class Journal:
         try:
             self._using(lambda db: db.execute("INSERT INTO batches VALUES (?, ?, ?, ?) ON CONFLICT(batch_key) DO "
                                               "UPDATE SET updated = excluded.updated", (key, description, now, now)))
-        except sqlite3.Error as exc:
+        except FAILURES as exc:
             self._failed("read", exc)
             return {}
         return self._finished(key)
@@ -298,7 +299,7 @@ class Journal:
         try:
             rows = self._using(lambda db: db.execute("SELECT item_key, result FROM items WHERE batch_key = ?",
                                                      (batch_key,)).fetchall())
-        except sqlite3.Error as exc:
+        except FAILURES as exc:
             self._failed("read", exc)
             return {}
         kept = {}
@@ -318,7 +319,7 @@ class Journal:
         try:
             row = (batch_key, item_key, json.dumps(result), time.time())
             self._using(lambda db: db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?)", row))
-        except sqlite3.Error as exc:
+        except FAILURES as exc:
             self._failed("write to", exc)
             return False
         return True
@@ -365,7 +366,7 @@ class Journal:
 
         try:
             rows = self._using(claim)
-        except sqlite3.Error as exc:
+        except FAILURES as exc:
             self._failed("claim items in", exc)
             return set(item_keys)
         return {key for (key,) in rows} & set(item_keys)
@@ -375,7 +376,7 @@ class Journal:
         try:
             self._using(lambda db: db.execute("DELETE FROM claims WHERE batch_key = ? AND owner = ?",
                                               (batch_key, _claimant(owner))))
-        except sqlite3.Error as exc:
+        except FAILURES as exc:
             self._failed("release claims in", exc)
 
     def results(self, batch_key: str, item_keys: set[str]) -> dict[str, dict[str, Any]]:

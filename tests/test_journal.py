@@ -253,3 +253,18 @@ def test_rows_written_after_the_journal_was_removed_mid_session_are_kept(tmp_pat
     journal.record("b", "after", {"a": "after"})
     journal.close()
     assert Journal(path).open_batch("b", "") == {"after": {"a": "after"}}
+
+
+def test_a_journal_that_cannot_be_opened_again_mid_session_costs_no_result(tmp_path: Path) -> None:
+    # Was: a journal replaced mid-session by what it refuses to open (a link) raised OSError out of record(), and
+    # the batch lost the item it was keeping, where the journal's failures are reported and cost no result
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    assert journal.record("b", "first", {"a": "first"})
+    (tmp_path / "elsewhere.sqlite3").write_bytes(path.read_bytes())
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere.sqlite3")
+    with pytest.warns(JournalWarning, match="could not write to the batch journal"):
+        assert journal.record("b", "after", {"a": "after"}) is False
+    assert journal.open_batch("b", "") == {} and journal.claim("b", ["x"], "run", 30.0) == {"x"}
+    journal.release("b", "run")

@@ -69,7 +69,9 @@ def check_dspy_cache() -> None:
     every cached LM call: whoever could put a file there would run code in the pool's workers, as this user. So it
     (or, where it does not exist yet, the directory DSPy would make it in) and every directory above it must be as
     the runtime directory's (``runtime_dir``), and the cache itself writable by no one else, sticky or not (another
-    user could make its shard directories first)."""
+    user could make its shard directories first). Within the home directory, the walk stops below it: whoever may
+    change the home (its owner in a container that runs the notebook as another uid, as OpenShift does; ``nobody``
+    on an NFS home) can change its startup files too, and the cache adds nothing to that."""
     given = _dspy_cache_dir()
     where = f"DSPy's cache directory {given} ($DSPY_CACHEDIR, else ~/.dspy_cache)"
     harm = ("DSPy loads its entries as pickles, so another user who put a file there would run code in the pool's "
@@ -78,7 +80,14 @@ def check_dspy_cache() -> None:
     existing = next(directory for directory in (path, *path.parents) if directory.exists())
     if existing == path and _others_may_write(os.stat(path)):
         raise PermissionError(f"{where} may be written to by others: {harm}")
-    _refuse_unsafe(given, path, where, harm, start=existing)
+    _refuse_unsafe(given, path, where, harm, start=existing, stop=_home())
+
+
+def _home() -> Path | None:
+    try:
+        return Path.home().resolve()
+    except (RuntimeError, OSError):  # no home directory
+        return None
 
 
 def _dspy_cache_dir() -> Path:
@@ -92,11 +101,15 @@ def _dspy_cache_dir() -> Path:
         return Path(".dspy_cache")
 
 
-def _refuse_unsafe(given: Path, path: Path, where: str, harm: str, start: Path | None = None) -> None:
+def _refuse_unsafe(given: Path, path: Path, where: str, harm: str, start: Path | None = None,
+                   stop: Path | None = None) -> None:
     """Raise PermissionError where ``path`` (``given``'s real path), or ``start`` (a directory above it) and those
-    above that, is a directory whose entries another user could change (``_unsafe``)."""
+    above that, up to ``stop`` (not included) where it is one of them, is a directory whose entries another user
+    could change (``_unsafe``)."""
     start = start or path
     for directory in (start, *start.parents):
+        if directory == stop:
+            return
         why = _unsafe(os.stat(directory))
         if why:
             if directory != given:

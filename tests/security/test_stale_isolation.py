@@ -145,6 +145,16 @@ def test_a_dspy_cache_another_user_could_change_is_refused(tmp_path: Path, monke
             monkeypatch.setenv("DSPY_CACHEDIR", str(cache))
             with pytest.raises(PermissionError, match="belongs to another user"):
                 stale.check_dspy_cache()
+        # a home of another uid (a container that runs the notebook as a random uid, as OpenShift does; an NFS home
+        # of `nobody`) was refused, and with it every pool: whoever may change the home may change its startup files
+        monkeypatch.setenv("HOME", str(theirs))
+        monkeypatch.delenv("DSPY_CACHEDIR")
+        stale.check_dspy_cache()
+        (theirs / ".dspy_cache").mkdir(mode=0o700)
+        stale.check_dspy_cache()
+        os.chmod(theirs / ".dspy_cache", 0o777)  # the cache itself still may not be others'
+        with pytest.raises(PermissionError, match="may be written to by others"):
+            stale.check_dspy_cache()
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o775])

@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import json
 import keyword
+import os
 import re
 import shlex
 import sqlite3
@@ -441,7 +442,8 @@ class Dspex(Magics):
         except ImportError as exc:  # MissingDependency: the workers' Python lacks dspy (its message says what to run)
             raise UsageError(str(exc)) from None
         except OSError as exc:  # a runtime directory or DSPy cache it refuses: its message names it and what to do
-            raise CellFailed(exc.strerror or str(exc)) from exc
+            ours = exc.strerror and exc.errno and exc.strerror != os.strerror(exc.errno)  # else the system's own,
+            raise CellFailed(exc.strerror if ours else str(exc)) from exc  # with its file name
         self.pools[name] = pool
         on = "" if ray is None else f", Ray actors at {ray or 'a local Ray instance'}{_dashboard(pool.backend)}"
         print(f"dspex: pool{label} of {count(workers, 'worker')} ready (lm={pool.lm!r}{on}) in "

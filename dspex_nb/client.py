@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 import sqlite3
 import sys
 import threading
@@ -31,6 +32,9 @@ from dspex_nb.wire import definition_version
 EVALUATE_OPTIONS = frozenset({"display_table", "max_errors", "provide_traceback", "save_as_csv", "save_as_json",
                               "callback_metadata"})  # dspy.Evaluate's, passed on to it as they are
 MAP_OPTIONS = frozenset({"concurrency", "on_item", "timeout", "item_timeout", "max_retries", "journal"})
+
+_SHIPPED_KEY = 12  # hex digits of a shipped program's key in the name it runs under
+_SHIPPED_NAME = re.compile(rf"_\w+_[0-9a-f]{{{_SHIPPED_KEY}}}")
 
 
 class Pool(WorkerPool):
@@ -108,13 +112,18 @@ class Pool(WorkerPool):
                                      "key": shipped.key, "version": definition_version(shipped.payload)},
                               resolver=typed.Resolver(shipped.types))
 
+    def defined_names(self) -> list[str]:
+        """The names defined with ``define`` (``%%dspex define``), without those ``ensure_defined`` ships a
+        program under, which no one wrote."""
+        return sorted(name for name in self.definitions if not _SHIPPED_NAME.fullmatch(name))
+
     def ensure_defined(self, program: Any) -> str:
         """The name ``program`` runs under: a defined name as it is, else the program is shipped under a name
         of its own (again only when it changed, e.g. after compiling it)."""
         if isinstance(program, str) and not programs.is_signature(program):
             if program not in self.definitions:
                 raise ValueError(f"no program named {program!r} on this pool (defined: "
-                                 f"{sorted(self.definitions) or 'none'}); pass the program itself or pool.define it")
+                                 f"{self.defined_names() or 'none'}); pass the program itself or pool.define it")
             return program
         original = program
         program = programs.as_program(program)
@@ -122,7 +131,7 @@ class Pool(WorkerPool):
             raise TypeError("the program must be a dspy.Module (class or instance), a signature (class or string), "
                             f"a function or a defined name; got {type(program).__name__}")
         shipped = programs.ship(program)
-        name = f"_{type(program).__name__}_{shipped.key[:12]}"
+        name = f"_{type(program).__name__}_{shipped.key[:_SHIPPED_KEY]}"
         if "resolver" not in self.definitions.get(name, {}):  # not defined yet, or still being defined
             self._refuse_if_forked()  # before the lock, which a thread of the parent may have held at a fork
             with self._installing:

@@ -490,7 +490,7 @@ class Dspex(Magics):
             print(f"Dspex.{name} = {getattr(self, name)!r}")
         for name, pool in self.pools.items():
             print(f"pool {name!r}: {pool!r}, lm_kwargs={redact.mapping(pool.lm_kwargs)}, "
-                  f"modules={sorted(pool.definitions)}")
+                  f"modules={pool.defined_names()}")
 
     def _lm(self, args: argparse.Namespace) -> None:
         settings = dict(_setting(s) for s in args.set)
@@ -557,8 +557,19 @@ class Dspex(Magics):
         return {name: option_value(name, text, ns) if name in options else typed_value(text, ns)
                 for name, text in values.items()}
 
+    def _signature(self, text: str) -> Any:
+        """A ``%%dspex predict`` / ``batch`` signature: the kernel's class (or a string naming kernel types as
+        one), else the string, which a worker parses. A bare name is never a signature string (DSPy's have a
+        ``->``): one the kernel lacks is the user's, refused here, not a failed call on a worker."""
+        signature = self._program(text)
+        if signature is None and text.isidentifier():
+            raise UsageError(f"{text!r} names no signature class of the kernel: run the cell that defines it "
+                             f"(class {text}(dspy.Signature): ...), or give a signature string, e.g. "
+                             "'question -> answer'")
+        return signature or text
+
     def _predict(self, args: argparse.Namespace, cell: str) -> None:
-        signature = self._program(args.signature) or args.signature
+        signature = self._signature(args.signature)
         inputs = self._inputs(cell, signature_inputs(signature, self._require_pool(args.pool)), args)
         if isinstance(signature, str) and typed.plain(inputs):  # the built-in tools take JSON as it is
             tool = "chain_of_thought" if args.cot else "predict"
@@ -576,7 +587,7 @@ class Dspex(Magics):
         program = self._module(args.name, pool)
         if program is None:
             raise UsageError(f"no module named {args.name!r}: define it with %%dspex define {args.name}, or make "
-                             f"{args.name} a dspy.Module in the kernel (defined: {sorted(pool.definitions) or 'none'})")
+                             f"{args.name} a dspy.Module in the kernel (defined: {pool.defined_names() or 'none'})")
         name = pool.ensure_defined(program)
         definition = pool.definitions[name]
         # a forward's parameters with defaults may be left out (all of them, where each has one); a predictor's
@@ -618,12 +629,12 @@ class Dspex(Magics):
         pool = self._require_pool(args.pool)
         options = {"concurrency": args.concurrency, "timeout": args.timeout, "item_timeout": args.item_timeout,
                    "journal": not args.no_journal}
-        signature = self._program(args.signature) if args.signature else None
+        signature = self._signature(args.signature) if args.signature else None
         if args.module and self._module(args.module, pool) is None:
             raise UsageError(f"--module {args.module}: no module of that name is defined (%%dspex define) or in "
-                             f"the kernel (defined: {sorted(pool.definitions) or 'none'})")
-        if args.signature and signature is None:  # a signature string: the built-in tools
-            signature_inputs(args.signature, pool)
+                             f"the kernel (defined: {pool.defined_names() or 'none'})")
+        if isinstance(signature, str):  # a signature string: the built-in tools
+            signature_inputs(signature, pool)
             batch = pool.batch(items, args.signature, module="chain_of_thought" if args.cot else "predict",
                                **options)
             batch.decode = partial(programs.to_output, batch=True, resolve=typed.Resolver(),

@@ -915,3 +915,21 @@ knn = dspy.KNN(k=1, trainset=trainset, vectorizer=dspy.Embedder(letters))
     assert sh.ns["near"] == sh.ns["knn"](question="a cat purring") and sh.ns["near"][0].answer == "content"
     assert "takes keyword arguments (**kwargs): write one `name: value` line" in sh.usage_error(
         "%%dspex run knn\na cat purring")
+
+
+def test_a_signature_or_module_name_the_kernel_lacks_is_refused_without_a_failed_call(sh: Shell) -> None:
+    # Was: `%%dspex predict Emotoin` (a typo) went to a worker as a signature string, so `%dspex status` counted a
+    # failed call the user never made, and the error said "expected 'inputs -> outputs'" of a class name; and the
+    # names listed with an unknown module were those the pool ships kernel programs under (_ChainOfThought_9f3e...)
+    sh('import dspy\nqa17 = dspy.ChainOfThought("question -> answer")\nsentences17 = ["i am happy"]')
+    sh("%%dspex run qa17\nWhy?")  # shipped under a name of its own, which no one wrote
+    sh("%%dspex define TwoStep\n" + TWO_STEP)
+    failed = sum(worker["errors"] for worker in sh.pool.status())
+    for cell in ("%%dspex predict Emotoin\ni am happy", "%dspex batch Emotoin --items sentences17 --no-journal"):
+        assert "'Emotoin' names no signature class of the kernel" in sh.usage_error(cell)
+    assert sum(worker["errors"] for worker in sh.pool.status()) == failed
+    for cell in ("%%dspex run Nope17\nx", "%dspex batch --module Nope17 --items sentences17"):
+        error = sh.usage_error(cell)
+        assert "(defined: ['TwoStep'" in error and "_ChainOfThought_" not in error, error
+    out, _ = sh("%dspex config")
+    assert "TwoStep" in out and "_ChainOfThought_" not in out

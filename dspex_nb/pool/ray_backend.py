@@ -70,6 +70,8 @@ PRIVATE_PREFIX = "dspex-ray-"
 KERNEL_FILE = "kernel"  # in that directory: the kernel that made it (wire.owner_spec), for ``_remove_stale_dirs``
 _RAY_CODE = os.path.dirname(ray.__file__) + os.sep  # where Ray's own warnings are made
 START_LOG = "ray-start.log"  # and there, Ray's messages and warnings in the kernel while that instance started
+OWN_STARTS = 2  # tries of the pool's own instance where its raylet was late (Ray allows it 30 s, however busy the
+RAYLET_LATE = "timed out during startup"  # machine is), in the error Ray then raises
 
 
 class RayBackend:
@@ -156,28 +158,36 @@ def _init(address: str | None) -> None:
     running on the machine, whoever started it).
     """
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
-    if address in (None, "local"):
+    local = address in (None, "local")
+    if local:
         root = _ray_temp_root()
         if len(os.fsencode(root)) + RAY_SOCKET_ROOM > MAX_SOCKET_PATH:
             raise WorkerStartError(f"Pool(backend='ray'): Ray's socket paths under {root} ($RAY_TMPDIR, else "
                                    f"$TMPDIR) would be longer than the {MAX_SOCKET_PATH} bytes a Unix socket's "
                                    "path may have; set RAY_TMPDIR to a short directory of your own (e.g. /tmp)")
         _remove_stale_dirs(root)
-        _make_private_dir(root)
-        kwargs.update(address="local", _temp_dir=os.path.join(_private_dir[-1], "ray"))  # Ray chmods that 0777
+        kwargs["address"] = "local"
     else:
         if address == "auto":
             _refuse_anothers_cluster()
         kwargs["address"] = address
-    try:
-        with _loopback_only(kwargs["address"] == "local"), _messages_to(_private_dir[-1] if _private_dir else None):
-            ray.init(**kwargs)
-    except Exception as exc:  # Ray's own: a WorkerStartError, as a local worker's start gives, said in a cell
-        _end_unfinished_instance()
-        raise WorkerStartError(f"{_joining(kwargs['address'])}: {type(exc).__name__}: {redact.text(str(exc))}") from exc
-    except BaseException:  # Ctrl-C
-        _end_unfinished_instance()
-        raise
+    for attempt in range(1, (OWN_STARTS if local else 1) + 1):
+        if local:
+            _make_private_dir(root)
+            kwargs["_temp_dir"] = os.path.join(_private_dir[-1], "ray")  # Ray chmods that 0777
+        try:
+            with _loopback_only(local), _messages_to(_private_dir[-1] if local else None):
+                ray.init(**kwargs)
+            return
+        except Exception as exc:  # Ray's own: a WorkerStartError, as a local worker's start gives, said in a cell
+            _end_unfinished_instance()
+            if local and attempt < OWN_STARTS and RAYLET_LATE in str(exc):
+                continue
+            raise WorkerStartError(f"{_joining(kwargs['address'])}: {type(exc).__name__}: "
+                                   f"{redact.text(str(exc))}") from exc
+        except BaseException:  # Ctrl-C
+            _end_unfinished_instance()
+            raise
 
 
 @contextlib.contextmanager
@@ -242,8 +252,9 @@ def _dashboard() -> str:
 def _joining(address: str) -> str:
     if address != "local":
         return f"Pool(address={address!r}): this kernel could not join that Ray cluster"
-    return ("Pool(backend='ray'): the pool's own Ray instance did not start (on a busy machine, Ray may not see its "
-            "raylet register within the 30 s it allows: try again)")
+    return (f"Pool(backend='ray'): the pool's own Ray instance did not start (on a busy machine, Ray may not see its "
+            f"raylet register within the 30 s it allows; it was tried {OWN_STARTS} times: try again when the machine "
+            "is less busy)")
 
 
 def _end_unfinished_instance() -> None:

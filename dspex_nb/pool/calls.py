@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import json
 import logging
+import queue
 import signal
 import sys
 import threading
@@ -134,7 +135,34 @@ def interrupt_calls(on_interrupt: Callable[[], None]) -> Iterator[None]:
         raise KeyboardInterrupt from None
 
 
-def wait_interruptibly(event: threading.Event, timeout: float | None, on_interrupt: Callable[[], None]) -> bool:
+class Latch:
+    """A ``threading.Event`` that Ctrl-C cannot break. ``Event.wait`` takes its condition's lock in Python code, and
+    a KeyboardInterrupt that lands just after the lock's acquire leaves it held: then ``set()`` (in the reader
+    thread) and the cancel's own wait hang for good. Here a wait is one call that holds nothing when interrupted."""
+
+    def __init__(self) -> None:
+        self._set = False
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()  # put never waits
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        self._wake.put(None)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._set:
+            return True
+        try:
+            self._wake.get(timeout=timeout)
+        except queue.Empty:
+            return self._set
+        self._wake.put(None)  # for the next waiter (one interrupted before this line: _set tells the next)
+        return True
+
+
+def wait_interruptibly(event: Latch, timeout: float | None, on_interrupt: Callable[[], None]) -> bool:
     """Wait for ``event`` in short slices; on KeyboardInterrupt call ``on_interrupt`` and re-raise."""
     deadline = None if timeout is None else time.monotonic() + timeout
     with interrupt_calls(on_interrupt):
@@ -253,7 +281,7 @@ class Handle(concurrent.futures.Future):
 
     def __init__(self) -> None:
         super().__init__()
-        self._done = threading.Event()
+        self._done = Latch()
         self._cancelled = False
         self._error: BaseException | None = None
         self.started = time.monotonic()

@@ -354,6 +354,7 @@ class Dspex(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self.pools: dict[str, Pool] = {}  # by name (--pool NAME); the magics' own pools
+        self._starting = threading.Lock()  # one start of a pool its first users (threads, notebook_pool) share
         ui.default_mode = self.display
 
     @observe("display")
@@ -404,12 +405,13 @@ class Dspex(Magics):
 
     # -- pool control ---------------------------------------------------------------------------
     def _require_pool(self, name: str) -> Pool:
-        pool = self.pools.get(name)
-        if pool is None:
-            pool = self._start_pool(name, self.workers, self.lm, self.python, first_use=True)
-        elif not pool.running:  # stopped under it (an interrupted %dspex restart, pool.shutdown()): as it was
-            pool = self._again(name, pool)
-        return pool
+        with self._starting:  # 32 notebook threads calling notebook_pool() at once start one pool, not 15
+            pool = self.pools.get(name)
+            if pool is None:
+                pool = self._start_pool(name, self.workers, self.lm, self.python, first_use=True)
+            elif not pool.running:  # stopped under it (an interrupted %dspex restart, pool.shutdown()): as it was
+                pool = self._again(name, pool)
+            return pool
 
     def _again(self, name: str, old: Pool) -> Pool:
         """Stop ``old`` (again: a stop that was interrupted left its workers running) and start pool ``name``

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -323,6 +325,26 @@ def test_a_pool_that_cannot_use_its_runtime_directory_says_so_without_a_tracebac
     assert f"the runtime directory {tmp_path / 'missing'} ($DSPEX_RUNTIME_DIR" in shown
     assert "set $DSPEX_RUNTIME_DIR to a directory of your own" in shown
     assert "elsewhere" not in sh.magics.pools
+
+
+def test_threads_that_ask_for_a_pool_at_once_share_one_start(sh: Shell) -> None:
+    # each thread that found no pool started one of its own: 8 threads, up to 8 pools, all but the last one
+    # forgotten by the magics and running until the kernel's end
+    from dspex_nb import notebook_pool
+
+    barrier = threading.Barrier(8)
+
+    def ask() -> Pool:
+        barrier.wait()
+        return notebook_pool("racing")
+
+    with concurrent.futures.ThreadPoolExecutor(8) as threads:
+        pools = list(threads.map(lambda _: ask(), range(8)))
+    try:
+        assert len({id(pool) for pool in pools}) == 1
+        assert sh.capsys.readouterr().out.count("pool 'racing' of ") == 1  # one "ready" line
+    finally:
+        sh("%dspex stop --pool racing")
 
 
 def test_defined_module_survives_a_worker_restart(sh: Shell) -> None:

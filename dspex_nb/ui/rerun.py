@@ -11,6 +11,7 @@ note, not an error, so ipykernel's stop-on-error does not abort the request that
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from typing import Any
@@ -33,7 +34,8 @@ def listen(kernel: Any) -> None:
     kernel._dspex_rerun = True
 
     def on_recv(msg: list[Any]) -> Any:
-        _arrived(kernel.session, msg)
+        with contextlib.suppress(Exception):  # never at the cost of the message, which ipykernel routes on here
+            _arrived(kernel.session, msg)
         return route(msg)
 
     thread.io_loop.add_callback(stream.on_recv, on_recv, copy=False)  # in the thread the stream belongs to
